@@ -1,0 +1,60 @@
+"""sharedpool: one connection cap across many worker processes.
+
+A coordinator process owns each resource's global budget and hands out
+leases over a Unix socket; every process keeps its own real connections in a
+local :class:`ConnectionPool`, each covered by a lease.
+"""
+
+from .client import Client, Lease
+from .config import CoordinatorConfig, PoolConfig, Resource, default_socket_path
+from .coordinator import Coordinator, CoordinatorRunning
+from .errors import (
+    AccessDenied,
+    ConfigError,
+    ConnectTimeout,
+    CoordinatorUnavailable,
+    LeaseDenied,
+    PoolClosed,
+    PoolMisuse,
+    PoolTimeout,
+    ProtocolError,
+    RemoteProtocolError,
+    ResourceUnavailable,
+    SharedPoolError,
+    TooManyWaiters,
+    UnknownResource,
+)
+from .pool import ConnectionPool, ConnectionWrapper, PooledConnection, PoolStatus, pooled
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AccessDenied",
+    "Client",
+    "ConfigError",
+    "ConnectTimeout",
+    "ConnectionPool",
+    "ConnectionWrapper",
+    "Coordinator",
+    "CoordinatorConfig",
+    "CoordinatorRunning",
+    "CoordinatorUnavailable",
+    "Lease",
+    "LeaseDenied",
+    "PoolClosed",
+    "PoolConfig",
+    "PoolMisuse",
+    "PoolStatus",
+    "PoolTimeout",
+    "PooledConnection",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "Resource",
+    "ResourceUnavailable",
+    "SharedPoolError",
+    "TooManyWaiters",
+    "UnknownResource",
+    "__version__",
+    "default_socket_path",
+    "pooled",
+]

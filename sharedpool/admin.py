@@ -1,0 +1,65 @@
+"""Admin verbs, run inside the coordinator: pause, resume, drain, resize,
+end_session, reload. Each returns a reply payload and the ledger's effects."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .config import CoordinatorConfig
+
+if TYPE_CHECKING:
+    from .ledger import Effect
+    from .server import Server
+
+VERBS = ("pause", "resume", "drain", "resize", "end_session", "reload")
+
+
+def _resource(server: Server, args: dict[str, Any]) -> str:
+    name = args.get("resource")
+    if name not in server.ledger.resources:
+        known = ", ".join(sorted(server.ledger.resources))
+        raise ValueError(f"no resource {name!r} (known: {known})")
+    return str(name)
+
+
+def run_admin(server: Server, verb: str, args: dict[str, Any], now: float) -> tuple[Any, list[Effect]]:
+    """Carry out one admin verb; raises ValueError naming what was wrong."""
+    ledger = server.ledger
+    if verb == "pause":
+        name = _resource(server, args)
+        return {"resource": name, "paused": True}, ledger.pause(name)
+    if verb == "resume":
+        name = _resource(server, args)
+        return {"resource": name, "paused": False}, ledger.resume(name, now)
+    if verb == "drain":
+        name = _resource(server, args)
+        return {"resource": name, "draining": True}, ledger.drain(name)
+    if verb == "resize":
+        name = _resource(server, args)
+        size = args.get("max_size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"max_size must be an integer >= 1, got {size!r}")
+        return {"resource": name, "max_size": size}, ledger.resize(name, size, now)
+    if verb == "end_session":
+        pid = args.get("pid")
+        if not isinstance(pid, int):
+            raise ValueError(f"pid must be an integer, got {pid!r}")
+        effects = ledger.end_session(pid)
+        if not effects:
+            raise ValueError(f"no session with pid {pid}")
+        return {"pid": pid, "sessions": len(effects)}, effects
+    if verb == "reload":
+        return reload_config(server, now)
+    raise ValueError(f"unknown verb {verb!r}; one of {', '.join(VERBS)}")
+
+
+def reload_config(server: Server, now: float) -> tuple[Any, list[Effect]]:
+    """Re-read the config file; resources are added or their limits replaced."""
+    path = server.config.config_file
+    if not path:
+        raise ValueError("the coordinator was not started with --config; nothing to reload")
+    fresh = CoordinatorConfig.load(path, socket_path=server.config.socket_path)
+    effects: list[Effect] = []
+    for name, limits in fresh.resources.items():
+        effects += server.ledger.set_limits(name, limits, now)
+    return {"reloaded": path, "resources": sorted(fresh.resources)}, effects

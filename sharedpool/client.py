@@ -1,0 +1,600 @@
+"""One process's session to the coordinator: leases over a Unix socket.
+
+Threads share one socket. Whoever waits for a reply reads the socket itself
+(leader/follower), so a lease round trip costs no thread hand-off. A small
+background thread wakes every few milliseconds to pick up what arrives
+unasked (reclaims, admin pushes, a dead coordinator), to send coalesced
+reports, and to reconnect with backoff — re-registering the leases this
+process still holds (I4). After ``fork()`` the child never touches the
+parent's socket: it closes its copy and starts its own session lazily (I7).
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import select
+import socket
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import protocol as p
+from .config import default_socket_path
+from .errors import (
+    AccessDenied,
+    CoordinatorUnavailable,
+    PoolTimeout,
+    RemoteProtocolError,
+    SharedPoolError,
+    denial_error,
+)
+
+log = logging.getLogger("sharedpool.client")
+
+#: Background tick: how late an unasked message (a reclaim) may be noticed.
+TICK = 0.005
+#: Reports are coalesced and sent at most this often.
+REPORT_INTERVAL = 0.2
+#: Reconnect backoff bounds.
+BACKOFF_MIN, BACKOFF_MAX = 0.02, 1.0
+#: How long a reply may lag behind the coordinator's own deadline.
+GRACE = 0.5
+
+
+@dataclass(eq=False)
+class Lease:
+    """A granted lease, as this process sees it."""
+
+    id: int
+    resource: str
+    token: int
+    granted_at: float = field(default_factory=time.monotonic)
+
+    def __repr__(self) -> str:
+        age = time.monotonic() - self.granted_at
+        return f"<Lease {self.id} {self.resource!r} token={self.token} age={age:.3f}s>"
+
+
+@dataclass(eq=False)
+class _Pending:
+    msg: p.Message
+    done: bool = False
+    result: Any = None
+    error: BaseException | None = None
+    abandoned: bool = False
+
+
+class Client:
+    """A session to one coordinator, shared by every pool of this process.
+
+    Use :meth:`for_path` to get the process's shared client for a socket.
+    """
+
+    def __init__(self, socket_path: str | None = None, *, name: str | None = None,
+                 connect_timeout: float = 5.0) -> None:
+        self.socket_path = socket_path or default_socket_path()
+        self.name = name or os.path.basename(sys.argv[0] or "python")
+        self.connect_timeout = connect_timeout
+        self._init_state()
+        _ALL.add(self)
+
+    def _init_state(self) -> None:
+        self._pid = os.getpid()
+        self._sock: socket.socket | None = None
+        self._conn: p.Connection | None = None
+        self._send_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())
+        self._pending: dict[int, _Pending] = {}
+        self._reqs = itertools.count(1)
+        self._held: dict[int, Lease] = {}
+        self._owed: dict[str, int] = {}
+        self._reclaim_handlers: dict[str, list[Callable[[], None]]] = {}
+        self._push_handlers: list[Callable[[str, str | None, dict[str, Any]], None]] = []
+        self._state_providers: list[Callable[[], list[list[Any]]]] = []
+        self._failures: dict[str, int] = {}
+        self._successes: set[str] = set()
+        self._last_report: Any = None
+        self._jobs: list[Callable[[], None]] = []
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._next_attempt = 0.0
+        self._backoff = BACKOFF_MIN
+        self.session_id: int | None = None
+        self.server_pid: int | None = None
+        #: resource name -> limits, as the coordinator announced them
+        self.limits: dict[str, dict[str, Any]] = {}
+        self.last_error: str | None = None
+        self.reconnects = 0
+
+    def __repr__(self) -> str:
+        state = "connected" if self._sock is not None else ("closed" if self._closed else "disconnected")
+        return (f"<Client {self.socket_path} {state} session={self.session_id} "
+                f"leases={len(self._held)} waiting={len(self._pending)}>")
+
+    # ---------------------------------------------------------------- public
+
+    @classmethod
+    def for_path(cls, socket_path: str | None = None) -> Client:
+        """This process's shared client for ``socket_path`` (made on first use)."""
+        path = socket_path or default_socket_path()
+        with _REGISTRY_LOCK:
+            client = _SHARED.get(path)
+            if client is None or client._closed:
+                client = _SHARED[path] = cls(path)
+            return client
+
+    @property
+    def connected(self) -> bool:
+        self._checkpid()
+        return self._sock is not None
+
+    @property
+    def held(self) -> dict[int, Lease]:
+        """Leases this process holds, by id."""
+        self._checkpid()
+        return dict(self._held)
+
+    def acquire(self, resource: str, timeout: float | None = None, *, site: str | None = None) -> Lease:
+        """Block until the coordinator grants a lease of ``resource``.
+
+        ``timeout`` None waits the resource's default; 0 does not queue.
+        Raises PoolTimeout, a LeaseDenied subclass, or CoordinatorUnavailable
+        (the coordinator could not be reached before the deadline)."""
+        self._checkpid()
+        start = time.monotonic()
+        req = next(self._reqs)
+        pending = _Pending(p.Acquire(req, resource, timeout, site))
+        # The coordinator keeps the real deadline; ours only guards a lost reply.
+        local = None if timeout is None else start + timeout + GRACE
+        self._request(req, pending, local, "acquire")
+        if pending.error is not None:
+            raise pending.error
+        lease: Lease = pending.result
+        return lease
+
+    def release(self, lease: Lease) -> None:
+        """Give a lease back. Its connection must already be closed. No reply."""
+        self._checkpid()
+        with self._cond:
+            if self._held.pop(lease.id, None) is None:
+                return  # already released, or lost with a previous coordinator
+            owed = self._owed.get(lease.resource, 0)
+            if owed:
+                self._owed[lease.resource] = owed - 1
+        self._send_quiet(p.Release(lease.id))
+
+    def owes(self, resource: str) -> int:
+        """How many leases of ``resource`` the coordinator asked us to give back."""
+        return self._owed.get(resource, 0)
+
+    def inspect(self, what: str, timeout: float = 5.0, **filters: Any) -> Any:
+        """Ask the coordinator for resources, sessions, leases or server info."""
+        return self._call(lambda req: p.Inspect(req, what, filters), timeout)
+
+    def admin(self, verb: str, timeout: float = 5.0, **args: Any) -> Any:
+        """Run an admin verb (pause, resume, drain, resize, end_session, reload)."""
+        return self._call(lambda req: p.Admin(req, verb, args), timeout)
+
+    def report_failure(self, resource: str) -> None:
+        """Count a failed connect; sent with the next coalesced report."""
+        with self._cond:
+            self._failures[resource] = self._failures.get(resource, 0) + 1
+        self._wake.set()
+
+    def report_success(self, resource: str) -> None:
+        if resource in self._successes and not self._failures:
+            return
+        with self._cond:
+            self._successes.add(resource)
+
+    def on_reclaim(self, resource: str, handler: Callable[[], None]) -> None:
+        """``handler()`` is called from the background thread when the
+        coordinator asks for leases of ``resource`` back."""
+        self._reclaim_handlers.setdefault(resource, []).append(handler)
+
+    def on_push(self, handler: Callable[[str, str | None, dict[str, Any]], None]) -> None:
+        self._push_handlers.append(handler)
+
+    def add_state_provider(self, provider: Callable[[], list[list[Any]]]) -> None:
+        """``provider()`` returns ``[lease, state, backend_pid, site]`` rows for reports."""
+        self._state_providers.append(provider)
+
+    def remove_handlers(self, *handlers: Any) -> None:
+        for handler in handlers:
+            for lst in self._reclaim_handlers.values():
+                if handler in lst:
+                    lst.remove(handler)
+            for lst2 in (self._push_handlers, self._state_providers):
+                if handler in lst2:
+                    lst2.remove(handler)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        """End the session; the coordinator returns (fences) any lease still held."""
+        if self._pid != os.getpid():
+            self._after_fork()
+        self._closed = True
+        self._wake.set()
+        self._disconnect("client closed", retry=False)
+        self._fail_all(CoordinatorUnavailable("client closed"))
+        with _REGISTRY_LOCK:
+            if _SHARED.get(self.socket_path) is self:
+                del _SHARED[self.socket_path]
+
+    # ---------------------------------------------------------------- requests
+
+    def _call(self, make: Callable[[int], p.Message], timeout: float) -> Any:
+        self._checkpid()
+        req = next(self._reqs)
+        pending = _Pending(make(req))
+        self._request(req, pending, time.monotonic() + timeout, "request")
+        if pending.error is not None:
+            raise pending.error
+        return pending.result
+
+    def _request(self, req: int, pending: _Pending, deadline: float | None, what: str) -> None:
+        if self._closed:
+            raise CoordinatorUnavailable("client is closed")
+        self._ensure_thread()
+        with self._cond:
+            self._pending[req] = pending
+            # Decided under the same lock as _connect's re-send snapshot, so a
+            # request is sent exactly once per session.
+            connected = self._sock is not None
+        if connected:
+            self._send_quiet(pending.msg)
+        else:
+            self._try_connect(deadline)
+        try:
+            self._wait(pending, deadline)
+        finally:
+            with self._cond:
+                self._pending.pop(req, None)
+                if not pending.done:
+                    pending.abandoned = True
+        if not pending.done:
+            if self._sock is not None and isinstance(pending.msg, p.Acquire):
+                self._send_quiet(p.Cancel(req))
+            if self._sock is None:
+                pending.error = CoordinatorUnavailable(
+                    f"coordinator at {self.socket_path} unreachable: {self.last_error}")
+            else:
+                pending.error = PoolTimeout(f"{what} got no reply in time")
+
+    def _wait(self, pending: _Pending, deadline: float | None) -> None:
+        """Leader/follower: read the socket ourselves unless another thread is."""
+        while True:
+            with self._cond:
+                if pending.done:
+                    return
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return
+                lead = self._sock is not None and self._read_lock.acquire(blocking=False)
+                if not lead:
+                    # Not connected, or another thread reads: wait to be told.
+                    self._cond.wait(TICK * 4 if remaining is None else min(remaining, TICK * 4))
+                    continue
+            try:
+                self._read_until(pending, deadline)
+            finally:
+                self._read_lock.release()
+                with self._cond:
+                    self._cond.notify_all()
+
+    def _read_until(self, pending: _Pending, deadline: float | None) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        while not pending.done:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return
+            # Bound each wait so a reconnect elsewhere is noticed.
+            wait_ms = 200 if remaining is None else max(0, min(200, int(remaining * 1000) + 1))
+            if not poller.poll(wait_ms):
+                if self._sock is not sock:
+                    return
+                continue
+            if not self._read_available(sock, block=True):
+                return
+
+    def _read_available(self, sock: socket.socket, block: bool) -> bool:
+        """Read what is there and dispatch it; False if the session died."""
+        try:
+            data = sock.recv(65536) if block else sock.recv(65536, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True
+        except OSError as exc:
+            self._disconnect(f"read failed: {exc}")
+            return False
+        if not data:
+            self._disconnect("coordinator closed the connection")
+            return False
+        conn = self._conn
+        if conn is None:
+            return False
+        conn.receive_data(data)
+        try:
+            messages = conn.events()
+        except RemoteProtocolError as exc:
+            self._disconnect(f"coordinator sent a bad frame: {exc}")
+            return False
+        for msg in messages:
+            self._dispatch(msg)
+        return True
+
+    def _dispatch(self, msg: p.Message) -> None:
+        if isinstance(msg, p.Grant):
+            lease = Lease(msg.lease, msg.resource, msg.token)
+            with self._cond:
+                pending = self._pending.get(msg.req)
+                if pending is not None and not pending.done and not pending.abandoned:
+                    self._held[lease.id] = lease
+                    pending.result, pending.done = lease, True
+                    self._cond.notify_all()
+                    return
+            # Granted after the caller gave up: hand it straight back (no leak).
+            self._send_quiet(p.Release(msg.lease))
+        elif isinstance(msg, p.Deny | p.Reply | p.Error) and msg.req is not None:
+            with self._cond:
+                pending = self._pending.get(msg.req)
+                if pending is None:
+                    return
+                if isinstance(msg, p.Reply):
+                    pending.result = msg.data
+                elif isinstance(msg, p.Deny):
+                    pending.error = denial_error(msg.reason, msg.message)
+                else:
+                    pending.error = _error_from(msg)
+                pending.done = True
+                self._cond.notify_all()
+        elif isinstance(msg, p.Reclaim):
+            with self._cond:
+                self._owed[msg.resource] = max(0, msg.count)
+                if msg.count > 0:
+                    self._jobs.extend(self._reclaim_handlers.get(msg.resource, ()))
+            self._wake.set()
+        elif isinstance(msg, p.Push):
+            with self._cond:
+                for handler in self._push_handlers:
+                    self._jobs.append(lambda h=handler: h(msg.verb, msg.resource, msg.args))
+            self._wake.set()
+        elif isinstance(msg, p.Error):
+            log.warning("coordinator error: %s: %s", msg.code, msg.message)
+            if msg.fatal:
+                self.last_error = f"{msg.code}: {msg.message}"
+                if msg.code == "access_denied":
+                    self._fail_all(AccessDenied(msg.message))
+
+    # ---------------------------------------------------------------- connection
+
+    def _try_connect(self, deadline: float | None) -> None:
+        """Connect now unless a backoff is running (then the thread retries)."""
+        if self._closed or time.monotonic() < self._next_attempt:
+            return
+        with self._send_lock:
+            if self._sock is not None:
+                return
+            try:
+                self._connect()
+            except (OSError, SharedPoolError) as exc:
+                self.last_error = str(exc)
+                self._next_attempt = time.monotonic() + self._backoff
+                self._backoff = min(self._backoff * 2, BACKOFF_MAX)
+                if isinstance(exc, AccessDenied):
+                    self._fail_all(exc)
+                return
+        self._backoff = BACKOFF_MIN
+
+    def _connect(self) -> None:
+        # Called with the send lock held: nothing is sent on a half-made session.
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.connect_timeout)
+            sock.connect(self.socket_path)
+            conn = p.Connection(p.CLIENT)
+            with self._cond:
+                held = [[lease.resource, lease.id, lease.token, "idle", None] for lease in self._held.values()]
+            sock.sendall(conn.send(p.Hello(p.PROTOCOL_VERSION, os.getpid(), self.name, held)))
+            welcome = None
+            while welcome is None:
+                data = sock.recv(65536)
+                if not data:
+                    raise CoordinatorUnavailable("coordinator closed the connection during hello")
+                conn.receive_data(data)
+                for msg in conn.events():
+                    if isinstance(msg, p.Error):
+                        raise _error_from(msg)
+                    if isinstance(msg, p.Welcome):
+                        welcome = msg
+            sock.settimeout(None)
+        except BaseException:
+            sock.close()
+            raise
+        with self._cond:
+            self._sock, self._conn = sock, conn
+            self.session_id, self.server_pid = welcome.session, welcome.server_pid
+            self.limits = welcome.resources
+            self._last_report = None
+            # Re-send what was waiting when the old session died.
+            resend = [pd.msg for pd in self._pending.values() if not pd.done]
+            self._cond.notify_all()
+        if held or self.reconnects:
+            log.warning("reconnected to coordinator %s (session %s), re-registered %d lease(s)",
+                        self.socket_path, welcome.session, len(held))
+        self.reconnects += 1
+        for msg in resend:
+            sock.sendall(p.encode(msg))
+
+    def _disconnect(self, why: str, retry: bool = True) -> None:
+        with self._cond:
+            sock, self._sock, self._conn = self._sock, None, None
+            self.session_id = None
+            self._owed.clear()
+            if retry and not self._closed:
+                self.last_error = why
+            self._cond.notify_all()
+        if sock is not None:
+            if not self._closed:
+                log.warning("lost coordinator %s: %s; will reconnect", self.socket_path, why)
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def _send_quiet(self, msg: p.Message) -> None:
+        """Send one frame; a dead socket is noticed here and by the reader."""
+        sock = self._sock
+        if sock is None:
+            return
+        data = p.encode(msg)
+        with self._send_lock:
+            if self._sock is not sock:
+                return
+            try:
+                sock.sendall(data)
+            except OSError as exc:
+                if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.EBADF):
+                    log.warning("send to coordinator failed: %s", exc)
+                self._disconnect(f"send failed: {exc}")
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._cond:
+            for pending in self._pending.values():
+                if not pending.done:
+                    pending.error, pending.done = error, True
+            self._cond.notify_all()
+
+    # ---------------------------------------------------------------- background
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            with _REGISTRY_LOCK:
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(
+                        target=_background, args=(weakref.ref(self),),
+                        name=f"sharedpool-client-{os.getpid()}", daemon=True)
+                    self._thread.start()
+
+    def _tick(self) -> None:
+        sock = self._sock
+        if sock is None:
+            if (self._pending or self._held) and not self._closed:
+                self._try_connect(None)
+        elif self._read_lock.acquire(blocking=False):
+            try:
+                self._read_available(sock, block=False)
+            finally:
+                self._read_lock.release()
+                with self._cond:
+                    self._cond.notify_all()
+        with self._cond:
+            jobs, self._jobs = self._jobs, []
+        for job in jobs:
+            try:
+                job()
+            except Exception:  # noqa: BLE001 - a handler's bug must not kill the thread
+                log.exception("sharedpool background job failed")
+        self._maybe_report()
+
+    def _maybe_report(self) -> None:
+        now = time.monotonic()
+        if self._sock is None or now - getattr(self, "_reported_at", 0.0) < REPORT_INTERVAL:
+            return
+        self._reported_at = now
+        states: list[list[Any]] = []
+        for provider in list(self._state_providers):
+            try:
+                states.extend(provider())
+            except Exception:  # noqa: BLE001
+                log.exception("state provider failed")
+        with self._cond:
+            failures, self._failures = self._failures, {}
+            ok, self._successes = sorted(self._successes), set()
+        if not failures and not ok and states == self._last_report:
+            return  # nothing new: reports are coalesced, not periodic
+        self._last_report = states
+        self._send_quiet(p.Report(states, failures, ok))
+
+    # ---------------------------------------------------------------- fork
+
+    def _checkpid(self) -> None:
+        if self._pid != _PID[0]:
+            with _REGISTRY_LOCK:
+                if self._pid != _PID[0]:
+                    self._after_fork()
+
+    def _after_fork(self) -> None:
+        # The inherited socket is the parent's session: close our copy of the
+        # fd (no shutdown, no bytes sent) so the parent's death is still seen
+        # by the coordinator, then start afresh. The parent's leases stay its own.
+        inherited = self._sock
+        self._init_state()
+        if inherited is not None:
+            try:
+                inherited.close()
+            except OSError:
+                pass
+
+
+def _error_from(msg: p.Error) -> SharedPoolError:
+    if msg.code == "access_denied":
+        return AccessDenied(msg.message)
+    if msg.code in ("protocol_error", "hello_timeout", "not_reading"):
+        return CoordinatorUnavailable(f"{msg.code}: {msg.message}")
+    return SharedPoolError(f"{msg.code}: {msg.message}")
+
+
+def _background(ref: weakref.ref[Client]) -> None:
+    while True:
+        client = ref()
+        if client is None or client._closed or client._pid != _PID[0]:
+            return
+        wake = client._wake
+        del client
+        wake.wait(TICK)
+        wake.clear()
+        client = ref()
+        if client is None:
+            return
+        try:
+            client._tick()
+        except Exception:  # noqa: BLE001
+            log.exception("sharedpool client background tick failed")
+        del client
+
+
+_REGISTRY_LOCK = threading.RLock()
+_SHARED: dict[str, Client] = {}
+_ALL: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+#: This process's pid, refreshed in the child at fork: a pid check without a syscall.
+_PID = [os.getpid()]
+
+
+def current_pid() -> int:
+    """The pid as of the last fork (cheap; kept current by an at-fork hook)."""
+    return _PID[0]
+
+
+def _reset_after_fork() -> None:
+    global _REGISTRY_LOCK
+    _PID[0] = os.getpid()
+    _REGISTRY_LOCK = threading.RLock()
+    for client in list(_ALL):
+        client._after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)

@@ -1,0 +1,148 @@
+"""Close a connection and wait until the server has really let go of it (I1).
+
+``psycopg``'s ``close()`` sends Terminate and returns at once; the PostgreSQL
+backend is still running its exit callbacks and is still counted in
+``pg_stat_activity`` (and holds its PGPROC slot). A process that releases its
+lease right after ``close()`` lets another process connect while PostgreSQL
+sees ``max_size + 1`` connections.
+
+PostgreSQL leaves its socket open on purpose until the backend process dies
+(``socket_close()`` in ``pqcomm.c``: "This allows clients to perform a
+synchronous close"): the exit order is ``shmem_exit`` (removes the backend
+from ``pg_stat_activity``, frees the PGPROC) -> ``on_proc_exit`` callbacks ->
+``exit()``, and only then does the kernel close the socket. So EOF on the
+client's socket proves the backend is gone. We keep a ``dup()`` of the fd
+across ``close()`` and wait for that EOF.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import os
+import select
+import socket
+import time
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+_READ_CHUNK = 65536
+
+
+def socket_fd(conn: object) -> int | None:
+    """Return the OS socket fd behind ``conn``, or None if it has none (or is closed).
+
+    Looks at ``conn.fileno()`` (psycopg, sockets) and then at ``conn._sock``
+    (redis-py's ``Connection`` keeps its socket there, ``None`` when disconnected).
+    """
+    for obj in (conn, getattr(conn, "_sock", None)):
+        fileno = getattr(obj, "fileno", None)
+        if obj is None or not callable(fileno):
+            continue
+        try:
+            fd = fileno()
+        except Exception:  # psycopg raises OperationalError once the connection is closed
+            continue
+        if isinstance(fd, int) and fd >= 0:
+            return fd
+    return None
+
+
+def close_and_confirm(conn: object, timeout: float) -> bool:
+    """Close ``conn``; return True once the server side is confirmed gone.
+
+    Returns True when the server closed its end within ``timeout`` seconds, or
+    when there is nothing to confirm (no socket, e.g. ``sqlite3``); False when
+    the bound passed first (e.g. the backend is still busy with a query and has
+    not read our Terminate yet). An exception from ``close()`` is logged and the
+    confirmation still runs. Sync connections only; never call it on a
+    connection inherited across ``fork()`` (I7): it shuts the socket down.
+    """
+    close = getattr(conn, "close", None)
+    # redis-py's Connection has disconnect(), which does shutdown(SHUT_RDWR): after
+    # that our dup would read EOF at once whatever the server does. So for it we
+    # half-close and wait first, and disconnect afterwards.
+    close_after = not callable(close)
+    if close_after:
+        close = getattr(conn, "disconnect", None)
+    if not callable(close):
+        raise TypeError(f"close_and_confirm: {type(conn).__name__} has no close() method")
+    deadline = time.monotonic() + max(timeout, 0.0)
+    sock = _dup_socket(conn)
+    try:
+        if not close_after:
+            _call_close(close, conn)
+        if sock is None:
+            confirmed = True
+        else:
+            # Send our FIN too: if close() did not get a Terminate out (broken
+            # connection, close() raised), the server still sees EOF and exits.
+            # A dup shares the socket, so this also covers the original fd.
+            with contextlib.suppress(OSError):  # already shut down or reset
+                sock.shutdown(socket.SHUT_WR)
+            confirmed = _wait_eof(sock, deadline)
+        if close_after:
+            _call_close(close, conn)
+        return confirmed
+    finally:
+        if sock is not None:
+            sock.close()  # the dup must never leak, whatever happened above
+
+
+def _dup_socket(conn: object) -> socket.socket | None:
+    """A socket object owning a dup of ``conn``'s fd, so it outlives ``close()``."""
+    fd = socket_fd(conn)
+    if fd is None:
+        return None
+    try:
+        dupfd = os.dup(fd)
+    except OSError:
+        return None  # the fd is already invalid: nothing left to watch
+    try:
+        # Takes ownership of dupfd. We never call setblocking(): O_NONBLOCK lives
+        # in the open file description the connection still shares with us.
+        return socket.socket(fileno=dupfd)
+    except OSError:
+        os.close(dupfd)  # not a socket (e.g. a pipe): no EOF we can rely on
+        return None
+
+
+def _call_close(close: Callable[[], object], conn: object) -> None:
+    """Call ``close()``; an error is logged, a coroutine (async connection) is refused."""
+    try:
+        result = close()
+    except Exception:
+        # The connection may be half-closed already; the EOF wait still tells
+        # us whether the server let go, which is all the caller needs.
+        log.debug("close() of %s raised; confirming anyway", type(conn).__name__, exc_info=True)
+        return
+    if inspect.isawaitable(result):
+        if inspect.iscoroutine(result):
+            result.close()  # never awaited: avoid the "never awaited" warning
+        raise TypeError("close_and_confirm needs a sync connection; close() returned an awaitable")
+
+
+def _wait_eof(sock: socket.socket, deadline: float) -> bool:
+    """Drain ``sock`` until the peer closes it (True) or ``deadline`` passes (False)."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)  # POLLHUP / POLLERR come unasked
+    while True:
+        remaining = deadline - time.monotonic()
+        if not poller.poll(max(remaining, 0.0) * 1000.0):
+            return False
+        try:
+            data = sock.recv(_READ_CHUNK, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            data = b"\0"  # spurious wake-up: not EOF, poll again
+        except ConnectionResetError:
+            return True  # RST: the peer's socket is closed just the same
+        except OSError as exc:
+            # ETIMEDOUT, EHOSTUNREACH...: the path is dead, the server may not be.
+            log.debug("close_and_confirm: recv failed (%s); not confirmed", exc)
+            return False
+        if not data:
+            return True  # orderly EOF: the server process closed its end
+        if remaining <= 0:
+            return False  # bytes still arriving at the deadline

@@ -1,0 +1,307 @@
+"""Configuration: the local pool's knobs, a resource's global limits, and loading them.
+
+Every value is checked when the object is made, so a bad value fails where it
+was written, with a :class:`~sharedpool.errors.ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+SOCKET_ENV = "SHAREDPOOL_SOCKET"
+AWAY_POLICIES = ("wait", "fallback")
+
+
+def default_socket_path() -> str:
+    """The socket path used when none is given.
+
+    ``$SHAREDPOOL_SOCKET`` if set; else ``$XDG_RUNTIME_DIR/sharedpool/sharedpool.sock``;
+    else ``/tmp/sharedpool-<uid>/sharedpool.sock``. The coordinator, the pools and
+    the CLI all resolve it the same way.
+    """
+    env = os.environ.get(SOCKET_ENV)
+    if env:
+        return env
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime):
+        return os.path.join(runtime, "sharedpool", "sharedpool.sock")
+    return os.path.join("/tmp", f"sharedpool-{os.getuid()}", "sharedpool.sock")
+
+
+def _number(
+    name: str,
+    value: Any,
+    *,
+    minimum: float = 0.0,
+    integer: bool = False,
+    optional: bool = False,
+    strict_min: bool = False,
+) -> Any:
+    if value is None and optional:
+        return None
+    kinds: tuple[type, ...] = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        want = "an integer" if integer else "a number"
+        if optional:
+            want += " or None"
+        raise ConfigError(name, f"must be {want}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(name, f"must be finite, got {value!r}")
+    if value < minimum or (strict_min and value == minimum):
+        op = ">" if strict_min else ">="
+        raise ConfigError(name, f"must be {op} {minimum:g}, got {value!r}")
+    return value
+
+
+def _bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(name, f"must be true or false, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """Knobs of one process's local pool (the seed's names and defaults).
+
+    ``min_size`` connections are kept open when leases allow; ``max_size`` caps
+    this process's pool (the global cap is the resource's). Times are seconds.
+    """
+
+    min_size: int = 5
+    max_size: int = 20
+    connection_timeout: float = 30.0
+    acquire_timeout: float = 10.0
+    idle_timeout: float = 300.0
+    max_lifetime: float = 3600.0
+    validation_interval: float = 30.0
+    test_on_acquire: bool = True
+    test_on_release: bool = False
+    #: A connection used less than this long ago is not re-validated on acquire.
+    validation_bypass: float = 0.5
+    #: Checked out longer than this: warn with the acquiring stack (None: off).
+    leak_detection_threshold: float | None = None
+    #: While the coordinator is away: "wait" for it, or "fallback" to a local cap.
+    coordinator_away: str = "wait"
+    #: The per-process cap used while away when ``coordinator_away="fallback"``.
+    fallback_max_size: int = 1
+    #: Longest wait, after close(), for the server to drop a socket connection.
+    close_confirm_timeout: float = 2.0
+
+    def __post_init__(self) -> None:
+        _number("min_size", self.min_size, integer=True)
+        _number("max_size", self.max_size, integer=True, minimum=1)
+        if self.min_size > self.max_size:
+            raise ConfigError(
+                "min_size", f"must be <= max_size ({self.max_size}), got {self.min_size}"
+            )
+        for name in (
+            "connection_timeout",
+            "idle_timeout",
+            "max_lifetime",
+            "validation_interval",
+        ):
+            _number(name, getattr(self, name), strict_min=True)
+        _number("acquire_timeout", self.acquire_timeout)
+        _number("validation_bypass", self.validation_bypass)
+        _number("close_confirm_timeout", self.close_confirm_timeout)
+        _number(
+            "leak_detection_threshold",
+            self.leak_detection_threshold,
+            optional=True,
+            strict_min=True,
+        )
+        _bool("test_on_acquire", self.test_on_acquire)
+        _bool("test_on_release", self.test_on_release)
+        if self.coordinator_away not in AWAY_POLICIES:
+            raise ConfigError(
+                "coordinator_away",
+                f"must be one of {', '.join(AWAY_POLICIES)}, got {self.coordinator_away!r}",
+            )
+        _number("fallback_max_size", self.fallback_max_size, integer=True, minimum=1)
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any], where: str = "pool") -> PoolConfig:
+        """Build from a TOML table / dict, rejecting unknown keys by name."""
+        return _from_mapping(cls, data, where)
+
+
+@dataclass(frozen=True)
+class Resource:
+    """A named global budget, enforced by the coordinator across all processes.
+
+    ``max_size`` is the hard cap on leases (so on open connections).
+    ``max_per_process`` caps one session; ``min_per_process`` is a floor that
+    reclaim never takes from a session; ``max_waiting`` bounds the queue
+    (``None``: unbounded). ``acquire_timeout`` is the default wait when the
+    client does not give one. ``quarantine_delay`` is how long a dead
+    session's slots stay fenced when no check can confirm its connections are
+    gone; with ``monitor_dsn`` set the coordinator asks PostgreSQL instead.
+    """
+
+    max_size: int
+    max_per_process: int | None = None
+    min_per_process: int = 0
+    max_waiting: int | None = None
+    acquire_timeout: float = 10.0
+    fairness_quantum: float = 0.05
+    quarantine_delay: float = 0.05
+    monitor_dsn: str | None = None
+    fence_action: str = "wait"
+    fence_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        _number("max_size", self.max_size, integer=True, minimum=1)
+        _number("max_per_process", self.max_per_process, integer=True, minimum=1, optional=True)
+        _number("min_per_process", self.min_per_process, integer=True)
+        if self.min_per_process > self.max_size:
+            raise ConfigError("min_per_process", f"must be <= max_size ({self.max_size})")
+        _number("max_waiting", self.max_waiting, integer=True, optional=True)
+        _number("acquire_timeout", self.acquire_timeout)
+        _number("fairness_quantum", self.fairness_quantum)
+        _number("quarantine_delay", self.quarantine_delay)
+        _number("fence_timeout", self.fence_timeout, strict_min=True)
+        if self.monitor_dsn is not None and not isinstance(self.monitor_dsn, str):
+            raise ConfigError("monitor_dsn", f"must be a string, got {self.monitor_dsn!r}")
+        if self.fence_action not in ("wait", "terminate"):
+            raise ConfigError(
+                "fence_action", f"must be 'wait' or 'terminate', got {self.fence_action!r}"
+            )
+
+    @classmethod
+    def coerce(cls, name: str, spec: Any) -> Resource:
+        """Accept ``4``, ``Resource(...)`` or a mapping of its fields."""
+        if isinstance(spec, Resource):
+            return spec
+        if isinstance(spec, int) and not isinstance(spec, bool):
+            return cls(max_size=spec)
+        if isinstance(spec, dict):
+            return _from_mapping(cls, spec, f"resources.{name}")
+        raise ConfigError(
+            f"resources.{name}", f"must be a max_size integer, a Resource or a table, got {spec!r}"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The limits as plain data (the monitor DSN is left out: it may hold a password)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "monitor_dsn"}
+
+
+def check_resource_name(name: Any) -> str:
+    """A resource name is a non-empty string of at most 200 characters."""
+    if not isinstance(name, str) or not name or len(name) > 200:
+        raise ConfigError("resource", f"must be a non-empty name, got {name!r}")
+    return name
+
+
+def coerce_resources(resources: Any) -> dict[str, Resource]:
+    """Normalise ``{"pg": 4, "api": Resource(...)}`` into ``{name: Resource}``."""
+    if not isinstance(resources, dict) or not resources:
+        raise ConfigError("resources", f"must be a non-empty mapping of name to limits, got {resources!r}")
+    return {check_resource_name(k): Resource.coerce(k, v) for k, v in resources.items()}
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """Everything ``sharedpool serve`` needs; loadable from TOML.
+
+    ``allowed_uids``/``allowed_gids``: peers admitted (default: our own uid).
+    ``admin_uids``: peers allowed admin verbs (default: our own uid).
+    ``group``: with it, the socket is 0660 and owned by that group.
+    """
+
+    socket_path: str = field(default_factory=default_socket_path)
+    resources: dict[str, Resource] = field(default_factory=dict)
+    allowed_uids: tuple[int, ...] = ()
+    allowed_gids: tuple[int, ...] = ()
+    admin_uids: tuple[int, ...] = ()
+    group: str | None = None
+    max_frame: int = 1 << 20
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    config_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.socket_path, str) or not self.socket_path:
+            raise ConfigError("socket", f"must be a path, got {self.socket_path!r}")
+        object.__setattr__(self, "resources", coerce_resources(self.resources))
+        for name in ("allowed_uids", "allowed_gids", "admin_uids"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+            ):
+                raise ConfigError(name, f"must be a list of ids >= 0, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        _number("max_frame", self.max_frame, integer=True, minimum=1024)
+        _number("metrics_port", self.metrics_port, integer=True, optional=True)
+        if self.metrics_port is not None and self.metrics_port > 65535:
+            raise ConfigError("metrics_port", f"must be <= 65535, got {self.metrics_port}")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], **overrides: Any) -> CoordinatorConfig:
+        """Read a TOML file; keyword overrides (e.g. from CLI flags) win."""
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+        section = dict(data.get("coordinator", {}))
+        if "socket" in section:
+            section["socket_path"] = section.pop("socket")
+        resources = {**data.get("resources", {}), **overrides.pop("resources", {})}
+        section.update({k: v for k, v in overrides.items() if v is not None})
+        section["resources"] = resources
+        section["config_file"] = str(Path(path).resolve())
+        return _from_mapping(cls, section, "coordinator")
+
+
+def _from_mapping(cls: Any, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(where, f"must be a table, got {data!r}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"{where}.{unknown[0]}", f"unknown setting; allowed: {', '.join(sorted(known))}"
+        )
+    try:
+        return cls(**data)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}.{exc.field}", exc.detail) from None
+    except TypeError as exc:  # a required field missing
+        raise ConfigError(where, str(exc)) from None
+
+
+def parse_resource_flag(text: str) -> tuple[str, Resource]:
+    """Parse ``pg=20`` or ``pg=20,max_per_process=4`` from ``--resource``."""
+    name, sep, rest = text.partition("=")
+    if not sep or not name:
+        raise ConfigError("--resource", f"expected NAME=MAX_SIZE[,key=value...], got {text!r}")
+    parts = rest.split(",")
+    spec: dict[str, Any] = {}
+    try:
+        spec["max_size"] = int(parts[0])
+    except ValueError:
+        raise ConfigError(f"--resource {name}", f"max_size must be an integer, got {parts[0]!r}") from None
+    for part in parts[1:]:
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise ConfigError(f"--resource {name}", f"expected key=value, got {part!r}")
+        spec[key.strip()] = _scalar(value.strip())
+    return check_resource_name(name), Resource.coerce(name, spec)
+
+
+def _scalar(text: str) -> Any:
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)

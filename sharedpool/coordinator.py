@@ -1,0 +1,256 @@
+"""The coordinator: binds the socket safely and runs the server, in the
+foreground (``sharedpool serve``) or as a child process (:meth:`Coordinator.start`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import grp
+import logging
+import os
+import signal
+import socket
+import stat
+from typing import Any
+
+from .config import CoordinatorConfig, Resource, default_socket_path
+from .errors import ConfigError, SharedPoolError
+
+log = logging.getLogger("sharedpool.coordinator")
+
+
+class CoordinatorRunning(SharedPoolError, OSError):
+    """Another coordinator is live on that socket path."""
+
+
+def _private_dir(path: str) -> None:
+    """Make sure the socket's directory exists and only its owner can write it (I6)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    st = os.stat(directory)
+    if st.st_uid != os.getuid():
+        raise ConfigError("socket", f"directory {directory} belongs to uid {st.st_uid}, not to us")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(
+            "socket",
+            f"directory {directory} is writable by others (mode {stat.S_IMODE(st.st_mode):o}); "
+            "put the socket in a directory only its owner can write",
+        )
+
+
+def _clear_stale(path: str) -> None:
+    """Remove a dead coordinator's socket file; never steal a live one."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError("socket", f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            log.info("removing stale socket %s", path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return
+        raise
+    finally:
+        probe.close()
+    raise CoordinatorRunning(f"a coordinator is already serving {path}; refusing to start a second one")
+
+
+def bind_socket(config: CoordinatorConfig) -> socket.socket:
+    """A listening Unix socket, 0600 (0660 with a group), in a private directory."""
+    path = config.socket_path
+    _private_dir(path)
+    _clear_stale(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)  # no window in which the socket is more open than 0600
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    if config.group is not None:
+        try:
+            gid = grp.getgrnam(config.group).gr_gid
+        except KeyError:
+            sock.close()
+            os.unlink(path)
+            raise ConfigError("group", f"no group named {config.group!r}") from None
+        os.chown(path, -1, gid)
+        os.chmod(path, 0o660)
+    sock.listen(512)
+    sock.setblocking(False)
+    return sock
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+async def _serve(config: CoordinatorConfig, sock: socket.socket, ready: Any = None) -> None:
+    from .server import Server, SessionProtocol
+
+    loop = asyncio.get_running_loop()
+    server = Server(config)
+    aserver = await loop.create_unix_server(lambda: SessionProtocol(server), sock=sock)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(server))
+    metrics = None
+    if config.metrics_port is not None:
+        from .metrics import serve_metrics
+
+        metrics = serve_metrics(server, config.metrics_host, config.metrics_port)
+    log.info("coordinator pid=%s serving %s: %s", os.getpid(), config.socket_path,
+             ", ".join(f"{n}={r.max_size}" for n, r in config.resources.items()))
+    if ready is not None:
+        ready()
+    await stop.wait()
+    log.info("coordinator stopping: %d session(s) open", len(server.sessions))
+    aserver.close()
+    for session in list(server.sessions.values()):
+        if session.transport is not None:
+            session.transport.close()
+    await asyncio.sleep(0)
+    if metrics is not None:
+        metrics.shutdown()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(config.socket_path)
+
+
+def _reload(server: Any) -> None:
+    from .admin import reload_config
+
+    try:
+        data, effects = reload_config(server, server.loop.time())
+    except (ValueError, OSError) as exc:
+        log.error("reload failed, limits unchanged: %s", exc)
+        return
+    server.apply(effects)
+    server.flush()
+    log.warning("reloaded %s", data["reloaded"])
+
+
+def run(config: CoordinatorConfig, ready: Any = None) -> None:
+    """Bind and serve in this process until SIGTERM/SIGINT."""
+    sock = bind_socket(config)
+    loop = _new_loop()
+    try:
+        loop.run_until_complete(_serve(config, sock, ready))
+    finally:
+        loop.close()
+
+
+def _child(config: CoordinatorConfig, pipe: Any) -> None:
+    # Runs in the forked child: report readiness or the reason we could not start.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent; it stops us
+    try:
+        run(config, ready=lambda: pipe.send(("ok", os.getpid())))
+    except (SharedPoolError, OSError) as exc:
+        pipe.send(("error", exc))
+        os._exit(1)
+
+
+class Coordinator:
+    """Owns the global budget of one host's resources.
+
+    ``Coordinator(path, resources={"pg": 20})`` then :meth:`start` (a child
+    process) or :meth:`serve_forever` (this process). As a context manager it
+    starts and stops the child.
+    """
+
+    def __init__(
+        self,
+        socket_path: str | None = None,
+        resources: dict[str, int | Resource | dict[str, Any]] | None = None,
+        *,
+        config: CoordinatorConfig | None = None,
+        **options: Any,
+    ) -> None:
+        if config is None:
+            config = CoordinatorConfig(
+                socket_path=socket_path or default_socket_path(),
+                resources=resources or {},  # type: ignore[arg-type]
+                **options,
+            )
+        self.config = config
+        self._process: Any = None
+
+    @property
+    def socket_path(self) -> str:
+        return self.config.socket_path
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    def __repr__(self) -> str:
+        state = f"pid={self.pid}" if self._process is not None and self._process.is_alive() else "stopped"
+        res = ", ".join(f"{n}={r.max_size}" for n, r in self.config.resources.items())
+        return f"<Coordinator {self.socket_path} {state} | {res}>"
+
+    def start(self, timeout: float = 10.0) -> Coordinator:
+        """Run the coordinator in a child process; return once it accepts sessions."""
+        import multiprocess
+
+        ctx = multiprocess.get_context("fork")
+        ours, theirs = ctx.Pipe(duplex=False)
+        self._process = ctx.Process(target=_child, args=(self.config, theirs), daemon=True,
+                                    name="sharedpool-coordinator")
+        self._process.start()
+        theirs.close()
+        if not ours.poll(timeout):
+            self.stop()
+            raise SharedPoolError(f"coordinator did not start within {timeout:g}s")
+        try:
+            status, detail = ours.recv()
+        except EOFError:
+            status, detail = "error", "coordinator process died while starting"
+        ours.close()
+        if status != "ok":
+            self._process.join(5)
+            self._process = None
+            if isinstance(detail, BaseException):
+                raise detail
+            raise SharedPoolError(str(detail))
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM the child and wait; SIGKILL it if it does not go."""
+        proc, self._process = self._process, None
+        if proc is None:
+            return
+        if proc.is_alive():
+            os.kill(proc.pid, signal.SIGTERM)
+            proc.join(timeout)
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.join(5)
+
+    def kill(self) -> None:
+        """SIGKILL the child at once (for tests of recovery)."""
+        proc, self._process = self._process, None
+        if proc is not None and proc.is_alive():
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.join(5)
+
+    def serve_forever(self) -> None:
+        """Serve in this process until SIGTERM or SIGINT."""
+        run(self.config)
+
+    def __enter__(self) -> Coordinator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

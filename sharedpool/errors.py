@@ -1,0 +1,101 @@
+"""The one exception hierarchy of sharedpool.
+
+Every error we raise derives from :class:`SharedPoolError`, and also from the
+builtin a user's existing ``except`` clause would name: a timeout is a
+``TimeoutError``, a bad value a ``ValueError``, a lost coordinator a
+``ConnectionError``.
+"""
+
+from __future__ import annotations
+
+
+class SharedPoolError(Exception):
+    """Root of every error raised by sharedpool."""
+
+
+class ConfigError(SharedPoolError, ValueError):
+    """A configuration value or argument is invalid; ``field`` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        self.detail = message
+        super().__init__(f"{field}: {message}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # picklable across processes
+        return type(self), (self.field, self.detail)
+
+
+class PoolTimeout(SharedPoolError, TimeoutError):
+    """No connection (or no lease) could be had before the deadline."""
+
+
+class ConnectTimeout(SharedPoolError, TimeoutError):
+    """The connection factory did not return within ``connection_timeout``."""
+
+
+class PoolClosed(SharedPoolError):
+    """The pool is closed (or draining) and hands out no connections."""
+
+
+class PoolMisuse(SharedPoolError, ValueError):
+    """A wrapper released twice, or released to a pool that did not make it."""
+
+
+class LeaseDenied(SharedPoolError):
+    """The coordinator refused a lease; ``reason`` is its machine-readable code."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        self.detail = message
+        super().__init__(f"{message} ({reason})")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return type(self), (self.reason, self.detail)
+
+
+class UnknownResource(LeaseDenied, LookupError):
+    """The coordinator has no resource of that name."""
+
+
+class TooManyWaiters(LeaseDenied):
+    """The resource already has ``max_waiting`` acquires queued."""
+
+
+class ResourceUnavailable(LeaseDenied):
+    """The resource is paused, draining, or failing to connect; try later."""
+
+
+class CoordinatorUnavailable(SharedPoolError, ConnectionError):
+    """The coordinator could not be reached, or the session to it was lost."""
+
+
+class AccessDenied(SharedPoolError, PermissionError):
+    """The coordinator refused this peer (uid/gid not allowed, or not an admin)."""
+
+
+class ProtocolError(SharedPoolError):
+    """A frame broke the wire protocol."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We tried to send something the protocol does not allow (a bug here)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent bytes that are not a valid frame or message."""
+
+
+_DENIAL_CLASSES: dict[str, type[LeaseDenied]] = {
+    "unknown_resource": UnknownResource,
+    "too_many_waiters": TooManyWaiters,
+    "paused": ResourceUnavailable,
+    "draining": ResourceUnavailable,
+    "failing": ResourceUnavailable,
+}
+
+
+def denial_error(reason: str, message: str) -> SharedPoolError:
+    """Translate a coordinator's deny frame into the exception a caller sees."""
+    if reason == "timeout":
+        return PoolTimeout(message)
+    return _DENIAL_CLASSES.get(reason, LeaseDenied)(reason, message)

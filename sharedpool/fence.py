@@ -1,0 +1,155 @@
+"""The fence: confirm that a dead session's server-side connections are gone (I2).
+
+When a client process dies, its leases must not be handed out again while the
+server still counts its connections, or the cap (I1) breaks from the server's
+side. A PostgreSQL backend whose client was SIGKILLed lingers for about a
+millisecond when idle (it reads EOF at once), but a busy one runs its query to
+the end before it notices - with ``pg_sleep(5)``, five seconds. So the
+coordinator keeps the leases quarantined until a :data:`FenceCheck` reports the
+pids gone, or falls back to its configured delay when the check cannot answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Collection
+from typing import Any, Literal, Protocol
+
+from sharedpool.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+FenceAction = Literal["wait", "terminate"]
+_ACTIONS = ("wait", "terminate")
+
+
+class FenceCheck(Protocol):
+    """An async check a resource supplies: given server-side ids, return those still present.
+
+    An empty result confirms the fence. A check that cannot tell returns its
+    input unchanged (and logs why); it should not raise for an outage.
+    """
+
+    async def __call__(self, pids: Collection[int], /) -> set[int]: ...
+
+
+def pg_fence_check(
+    dsn: str, *, action: FenceAction = "wait", timeout: float = 10.0, poll_interval: float = 0.005
+) -> FenceCheck:
+    """The :class:`FenceCheck` of a PostgreSQL resource: :func:`wait_backends_gone` on ``dsn``."""
+
+    async def check(pids: Collection[int], /) -> set[int]:
+        return await wait_backends_gone(
+            dsn, pids, action=action, timeout=timeout, poll_interval=poll_interval
+        )
+
+    return check
+
+
+async def wait_backends_gone(
+    dsn: str,
+    pids: Collection[int],
+    *,
+    action: str = "wait",
+    timeout: float = 10.0,
+    poll_interval: float = 0.005,
+) -> set[int]:
+    """Poll ``pg_stat_activity`` until none of ``pids`` is there; return those still present.
+
+    With ``action="terminate"``, ``pg_terminate_backend()`` is called first on
+    each client backend still present (a busy backend otherwise stays until its
+    query ends). Returns the empty set once confirmed, or the pids still present
+    when ``timeout`` ran out. If the monitor connection cannot be made (or is
+    lost) a warning names the host - never the DSN, which may hold a password -
+    and the pids come back unconfirmed, so the caller falls back to its delay.
+    """
+    if action not in _ACTIONS:
+        raise ConfigError("action", f"must be one of {_ACTIONS}, not {action!r}")
+    if not timeout > 0:
+        raise ConfigError("timeout", f"must be > 0, not {timeout!r}")
+    if not poll_interval > 0:
+        raise ConfigError("poll_interval", f"must be > 0, not {poll_interval!r}")
+    remaining = {int(pid) for pid in pids}
+    if not remaining:
+        return remaining  # nothing to fence: no need for a connection
+    try:
+        import psycopg
+    except ImportError:
+        raise ConfigError("monitor_dsn", "needs psycopg: pip install 'sharedpool[pg]'") from None
+    params = _parse_dsn(psycopg, dsn)
+    host = _host_of(params)
+    # Name the monitor connection so it is recognisable (and not counted as a
+    # worker's) in pg_stat_activity, unless the DSN names it already.
+    extra: dict[str, Any] = {}
+    if "application_name" not in params:
+        extra["application_name"] = "sharedpool-fence"
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    conn: Any = None
+    try:
+        # One deadline for everything, connect included: a hung server must not
+        # hold the fence longer than the caller allowed.
+        async with asyncio.timeout_at(deadline):
+            conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True, **extra)
+            if action == "terminate":
+                await _terminate(psycopg, conn, remaining)
+            while True:
+                # autocommit: every statement gets a fresh pg_stat_activity
+                # snapshot (inside one transaction it would be frozen).
+                cur = await conn.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE pid = ANY(%s)", (list(remaining),)
+                )
+                remaining = {row[0] for row in await cur.fetchall()}
+                if not remaining or loop.time() + poll_interval >= deadline:
+                    return remaining
+                await asyncio.sleep(poll_interval)
+    except TimeoutError:
+        if conn is None:
+            log.warning("fence: no monitor connection to %s within %.3gs", host, timeout)
+        return remaining
+    except psycopg.Error as exc:
+        # libpq's connection errors never contain the password; parse errors
+        # could, but _parse_dsn() has already parsed the DSN.
+        log.warning("fence: cannot query pg_stat_activity on %s: %s", host, exc)
+        return remaining
+    finally:
+        if conn is not None:
+            await conn.close()
+
+
+async def _terminate(psycopg: Any, conn: Any, pids: set[int]) -> None:
+    """``pg_terminate_backend()`` each client backend of ``pids`` still present.
+
+    One statement per pid, so that one refusal (a superuser's backend, a
+    missing privilege) does not stop the others. Only ``client backend`` rows:
+    a recycled pid may belong to an autovacuum worker or a walsender.
+    """
+    for pid in sorted(pids):
+        try:
+            await conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE pid = %s AND backend_type = 'client backend'"
+                " AND pid <> pg_backend_pid()",
+                (pid,),
+            )
+        except psycopg.Error as exc:
+            if conn.broken or conn.closed:
+                raise  # the monitor connection itself is gone: the caller handles it
+            log.warning("fence: pg_terminate_backend(%d) refused: %s", pid, exc)
+
+
+def _parse_dsn(psycopg: Any, dsn: str) -> dict[str, Any]:
+    """``dsn`` as a dict; a malformed DSN is a ConfigError naming ``monitor_dsn``."""
+    try:
+        return dict(psycopg.conninfo.conninfo_to_dict(dsn))
+    except psycopg.Error:
+        # Not chained: libpq's parse error quotes pieces of the DSN (maybe the password).
+        raise ConfigError("monitor_dsn", "not a valid PostgreSQL connection string") from None
+
+
+def _host_of(params: dict[str, Any]) -> str:
+    """Host (and port) for log lines: never the whole DSN, which may hold a password."""
+    host = params.get("host") or params.get("hostaddr") or "the default socket"
+    port = params.get("port")
+    return f"{host}:{port}" if port else str(host)

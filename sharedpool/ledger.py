@@ -1,0 +1,667 @@
+"""The lease ledger: a pure state machine of grants, waiters, reclaims and fences.
+
+Rules of this module:
+
+* No I/O and no clock: every call takes ``now`` (seconds, monotonic), and
+  returns the *effects* the server must carry out — grant this request, deny
+  that one, ask that session to give leases back, fence these leases. The
+  server turns effects into frames; tests read them directly.
+* I1: for every resource, live leases + fenced leases <= ``max_size`` after
+  every call, except where a resize or re-registration has pushed it over —
+  then nothing is granted until it is back under.
+* I2: closing a session removes its waiters and fences its leases; fenced
+  leases keep counting against the cap until :meth:`Ledger.unfence` or their
+  delay passes, then waiters are served.
+* I3: waiters of a resource are served first come, first served (skipping
+  only those blocked by their own ``max_per_process``); when the resource is
+  at its cap, sessions that hold leases (preferring reported-idle ones) are
+  asked to give some back.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .config import Resource
+
+IDLE, BUSY, NEW = "idle", "busy", "new"
+STATES = (IDLE, BUSY)
+#: Connect failures in a row, across all sessions, before waiters are failed fast.
+FAILURE_THRESHOLD = 5
+#: How long a failing resource denies acquires before letting one try again.
+FAILURE_BACKOFF = 1.0
+
+
+@dataclass(eq=False)
+class Lease:
+    """The right to hold one open connection to one resource."""
+
+    id: int
+    resource: str
+    session: int
+    token: int
+    granted_at: float
+    state: str = NEW
+    state_since: float = 0.0
+    backend_pid: int | None = None
+    site: str | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<Lease {self.id} {self.resource!r} session={self.session} "
+            f"token={self.token} {self.state}>"
+        )
+
+
+@dataclass(eq=False)
+class Waiter:
+    session: int
+    req: int
+    resource: str
+    since: float
+    deadline: float
+    site: str | None = None
+    active: bool = True
+
+
+@dataclass(eq=False)
+class Session:
+    id: int
+    pid: int
+    name: str
+    uid: int | None
+    connected_at: float
+    last_report: float | None = None
+    leases: dict[int, Lease] = field(default_factory=dict)
+    waiting: dict[int, Waiter] = field(default_factory=dict)
+    #: resource -> leases we asked this session to give back
+    asked: dict[str, int] = field(default_factory=dict)
+    #: resource -> leases held (kept in step with ``leases``)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def held(self, resource: str) -> int:
+        return self.counts.get(resource, 0)
+
+    def add(self, lease: Lease) -> None:
+        self.leases[lease.id] = lease
+        self.counts[lease.resource] = self.counts.get(lease.resource, 0) + 1
+
+    def remove(self, lease_id: int) -> Lease | None:
+        lease = self.leases.pop(lease_id, None)
+        if lease is not None:
+            self.counts[lease.resource] -= 1
+        return lease
+
+    def __repr__(self) -> str:
+        return f"<Session {self.id} pid={self.pid} leases={len(self.leases)} waiting={len(self.waiting)}>"
+
+
+@dataclass(eq=False)
+class Fenced:
+    lease: Lease
+    pid: int
+    until: float
+
+
+@dataclass(eq=False)
+class ResourceState:
+    name: str
+    limits: Resource
+    live: dict[int, Lease] = field(default_factory=dict)
+    fenced: dict[int, Fenced] = field(default_factory=dict)
+    waiters: deque[Waiter] = field(default_factory=deque)
+    paused: bool = False
+    draining: bool = False
+    fail_streak: int = 0
+    failing_until: float | None = None
+    grants: int = 0
+    timeouts: int = 0
+    denials: int = 0
+    reclaims: int = 0
+    peak: int = 0
+    #: sessions currently asked to give leases back
+    askees: set[int] = field(default_factory=set)
+
+    @property
+    def leased(self) -> int:
+        return len(self.live) + len(self.fenced)
+
+    @property
+    def free(self) -> int:
+        return max(0, self.limits.max_size - self.leased)
+
+
+# ------------------------------------------------------------------- effects
+
+
+@dataclass(frozen=True)
+class Granted:
+    session: int
+    req: int
+    lease: Lease
+
+
+@dataclass(frozen=True)
+class Denied:
+    session: int
+    req: int
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class AskReclaim:
+    """Ask ``session`` to hold ``count`` fewer leases of ``resource`` (0 withdraws)."""
+
+    session: int
+    resource: str
+    count: int
+
+
+@dataclass(frozen=True)
+class StartFence:
+    """A dead session's leases were fenced; the server may confirm them gone early."""
+
+    resource: str
+    pid: int
+    leases: tuple[int, ...]
+    backend_pids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A request that made no sense (unknown lease, duplicate req): an error reply."""
+
+    session: int
+    code: str
+    message: str
+    req: int | None = None
+
+
+@dataclass(frozen=True)
+class Notify:
+    """Push an admin decision to a session."""
+
+    session: int
+    verb: str
+    resource: str | None
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+Effect = Granted | Denied | AskReclaim | StartFence | Problem | Notify
+
+
+class Ledger:
+    """Every lease of every resource on one coordinator."""
+
+    def __init__(self, resources: dict[str, Resource], *, id_base: int = 1) -> None:
+        self.resources = {name: ResourceState(name, r) for name, r in resources.items()}
+        self.sessions: dict[int, Session] = {}
+        self._next_id = id_base
+        self._session_ids = itertools.count(1)
+        self._deadlines: list[tuple[float, int, Waiter]] = []
+        self._seq = itertools.count()
+
+    def __repr__(self) -> str:
+        parts = [f"{r.name} {r.leased}/{r.limits.max_size} w{len(r.waiters)}" for r in self.resources.values()]
+        return f"<Ledger sessions={len(self.sessions)} | {', '.join(parts)}>"
+
+    # ------------------------------------------------------------- sessions
+
+    def open_session(
+        self, pid: int, name: str, now: float, *, uid: int | None = None, held: list[Any] = ()  # type: ignore[assignment]
+    ) -> tuple[int, list[Effect]]:
+        """Register a process. ``held`` re-registers leases it kept across a
+        coordinator restart: ``[resource, lease, token, state, backend_pid]``.
+        They are accepted even beyond the cap (the connections exist); the cap
+        then blocks grants until the resource is back under it."""
+        sid = next(self._session_ids)
+        session = Session(sid, pid, name, uid, now)
+        self.sessions[sid] = session
+        effects: list[Effect] = []
+        for entry in held:
+            try:
+                resource, lease_id, token, state, backend_pid = entry
+            except (TypeError, ValueError):
+                effects.append(Problem(sid, "bad_held", f"cannot re-register {entry!r}"))
+                continue
+            res = self.resources.get(resource)
+            if res is None or not isinstance(lease_id, int) or self._find_lease(lease_id):
+                effects.append(
+                    Problem(sid, "bad_held", f"lease {lease_id!r} of {resource!r} not re-registered")
+                )
+                continue
+            lease = Lease(
+                lease_id, resource, sid, int(token), now,
+                state if state in STATES else NEW, now,
+                backend_pid if isinstance(backend_pid, int) else None,
+            )
+            session.add(lease)
+            res.live[lease_id] = lease
+            res.peak = max(res.peak, res.leased)
+            self._next_id = max(self._next_id, lease_id + 1, lease.token + 1)
+        return sid, effects
+
+    def close_session(self, sid: int, now: float) -> list[Effect]:
+        """The session ended (clean exit, crash, socket closed): withdraw its
+        waiters and fence its leases."""
+        session = self.sessions.pop(sid, None)
+        if session is None:
+            return []
+        effects: list[Effect] = []
+        touched = set()
+        for res in self.resources.values():
+            if sid in res.askees:
+                res.askees.discard(sid)
+                touched.add(res.name)
+        for waiter in session.waiting.values():
+            waiter.active = False
+            self.resources[waiter.resource].waiters.remove(waiter)
+            touched.add(waiter.resource)
+        by_resource: dict[str, list[Lease]] = {}
+        for lease in session.leases.values():
+            by_resource.setdefault(lease.resource, []).append(lease)
+        for name, leases in by_resource.items():
+            res = self.resources[name]
+            delay = res.limits.fence_timeout if res.limits.monitor_dsn else res.limits.quarantine_delay
+            for lease in leases:
+                del res.live[lease.id]
+                if delay > 0:
+                    res.fenced[lease.id] = Fenced(lease, session.pid, now + delay)
+            if delay > 0:
+                effects.append(
+                    StartFence(
+                        name,
+                        session.pid,
+                        tuple(lease.id for lease in leases),
+                        tuple(lease.backend_pid for lease in leases if lease.backend_pid),
+                    )
+                )
+            touched.add(name)
+        for name in touched:
+            effects += self._pump(self.resources[name], now)
+        return effects
+
+    # ------------------------------------------------------------- leases
+
+    def acquire(
+        self,
+        sid: int,
+        req: int,
+        resource: str,
+        now: float,
+        timeout: float | None = None,
+        site: str | None = None,
+    ) -> list[Effect]:
+        """Grant at once, queue, or deny. ``timeout`` None: the resource's default;
+        0: never queue."""
+        session = self.sessions[sid]
+        res = self.resources.get(resource)
+        if res is None:
+            known = ", ".join(sorted(self.resources)) or "none"
+            return [Denied(sid, req, "unknown_resource", f"no resource {resource!r} (known: {known})")]
+        if req in session.waiting:
+            return [Problem(sid, "duplicate_request", f"request {req} is already waiting", req)]
+        if res.draining:
+            res.denials += 1
+            return [Denied(sid, req, "draining", f"resource {resource!r} is draining")]
+        if res.failing_until is not None:
+            if now < res.failing_until:
+                res.denials += 1
+                return [
+                    Denied(sid, req, "failing", f"connections to {resource!r} are failing; retry later")
+                ]
+            res.failing_until = None  # let this one try: it probes recovery
+        if timeout is None:
+            timeout = res.limits.acquire_timeout
+        if not res.waiters and not res.paused and self._can_grant(res, session):
+            return [self._grant(res, session, req, now, site)]
+        if timeout <= 0:
+            res.timeouts += 1
+            return [Denied(sid, req, "timeout", self._why_full(res, session))]
+        if res.limits.max_waiting is not None and len(res.waiters) >= res.limits.max_waiting:
+            res.denials += 1
+            return [
+                Denied(
+                    sid, req, "too_many_waiters",
+                    f"{len(res.waiters)} acquires already wait for {resource!r} (max_waiting)",
+                )
+            ]
+        waiter = Waiter(sid, req, resource, now, now + timeout, site)
+        res.waiters.append(waiter)
+        session.waiting[req] = waiter
+        heapq.heappush(self._deadlines, (waiter.deadline, next(self._seq), waiter))
+        return self._pump(res, now)
+
+    def cancel(self, sid: int, req: int, now: float) -> list[Effect]:
+        """The client stopped waiting. If the grant already went out, the
+        client gives it back with a release."""
+        session = self.sessions[sid]
+        waiter = session.waiting.pop(req, None)
+        if waiter is None:
+            return []
+        waiter.active = False
+        res = self.resources[waiter.resource]
+        res.waiters.remove(waiter)
+        return self._pump(res, now)
+
+    def release(self, sid: int, lease_id: int, now: float) -> list[Effect]:
+        session = self.sessions[sid]
+        lease = session.remove(lease_id)
+        if lease is None:
+            return [Problem(sid, "unknown_lease", f"lease {lease_id} is not held by this session")]
+        res = self.resources[lease.resource]
+        del res.live[lease_id]
+        asked = session.asked.get(lease.resource, 0)
+        if asked:
+            session.asked[lease.resource] = asked - 1
+            res.reclaims += 1
+        return self._pump(res, now)
+
+    def report(
+        self,
+        sid: int,
+        states: list[Any],
+        now: float,
+        failures: dict[str, Any] | None = None,
+        ok: list[Any] = (),  # type: ignore[assignment]
+    ) -> list[Effect]:
+        """Coalesced lease states and connect outcomes from one session."""
+        session = self.sessions[sid]
+        session.last_report = now
+        touched: set[str] = set()
+        for entry in states:
+            if not isinstance(entry, list) or len(entry) != 4:
+                return [Problem(sid, "bad_report", f"state entry {entry!r} is not [lease, state, pid, site]")]
+            lease_id, state, backend_pid, site = entry
+            lease = session.leases.get(lease_id) if isinstance(lease_id, int) else None
+            if lease is None or state not in STATES:
+                continue  # a release may have overtaken the report
+            if lease.state != state:
+                lease.state, lease.state_since = state, now
+                touched.add(lease.resource)
+            if isinstance(backend_pid, int):
+                lease.backend_pid = backend_pid
+            lease.site = site if isinstance(site, str) else None
+        effects: list[Effect] = []
+        for name in ok:
+            res = self.resources.get(name) if isinstance(name, str) else None
+            if res is not None:
+                res.fail_streak, res.failing_until = 0, None
+        for name, count in (failures or {}).items():
+            res = self.resources.get(name)
+            if res is None or not isinstance(count, int) or count <= 0:
+                continue
+            res.fail_streak += count
+            if res.fail_streak >= FAILURE_THRESHOLD and res.failing_until is None:
+                res.failing_until = now + FAILURE_BACKOFF
+                for waiter in list(res.waiters):
+                    effects.append(self._drop_waiter(res, waiter, "failing",
+                                                     f"connections to {name!r} are failing"))
+        for name in touched:
+            effects += self._rebalance(self.resources[name])
+        return effects
+
+    def unfence(self, resource: str, lease_ids: list[int] | tuple[int, ...], now: float) -> list[Effect]:
+        """The resource confirmed a dead session's connections are gone."""
+        res = self.resources.get(resource)
+        if res is None:
+            return []
+        for lease_id in lease_ids:
+            res.fenced.pop(lease_id, None)
+        return self._pump(res, now)
+
+    def tick(self, now: float) -> list[Effect]:
+        """Time passed: expire waiters and fences that are due."""
+        effects: list[Effect] = []
+        touched: set[str] = set()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, waiter = heapq.heappop(self._deadlines)
+            if not waiter.active:
+                continue
+            res = self.resources[waiter.resource]
+            res.timeouts += 1
+            effects.append(self._drop_waiter(res, waiter, "timeout", self._why_full(res, None)))
+            touched.add(res.name)
+        for res in self.resources.values():
+            due = [lid for lid, f in res.fenced.items() if f.until <= now]
+            for lid in due:
+                del res.fenced[lid]
+            if due:
+                touched.add(res.name)
+        for name in touched:
+            effects += self._pump(self.resources[name], now)
+        return effects
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`tick` next has something to do."""
+        while self._deadlines and not self._deadlines[0][2].active:
+            heapq.heappop(self._deadlines)
+        times = [self._deadlines[0][0]] if self._deadlines else []
+        for res in self.resources.values():
+            times.extend(f.until for f in res.fenced.values())
+        return min(times) if times else None
+
+    # ------------------------------------------------------------- admin
+
+    def pause(self, resource: str) -> list[Effect]:
+        res = self._res(resource)
+        res.paused = True
+        return self._notify_holders(res, "pause")
+
+    def resume(self, resource: str, now: float) -> list[Effect]:
+        res = self._res(resource)
+        res.paused = res.draining = False
+        return self._notify_holders(res, "resume") + self._pump(res, now)
+
+    def drain(self, resource: str) -> list[Effect]:
+        """No new grants; waiters are denied; every pool closes its connections."""
+        res = self._res(resource)
+        res.draining = True
+        effects: list[Effect] = [
+            self._drop_waiter(res, w, "draining", f"resource {resource!r} is draining")
+            for w in list(res.waiters)
+        ]
+        return effects + self._notify_holders(res, "drain")
+
+    def resize(self, resource: str, max_size: int, now: float) -> list[Effect]:
+        """Change the cap live; shrinking asks holders to give back the excess."""
+        res = self._res(resource)
+        res.limits = replace(res.limits, max_size=max_size)
+        return self._notify_holders(res, "resize", {"max_size": max_size}) + self._pump(res, now)
+
+    def set_limits(self, resource: str, limits: Resource, now: float) -> list[Effect]:
+        """Add a resource or replace its limits (config reload)."""
+        res = self.resources.get(resource)
+        if res is None:
+            self.resources[resource] = ResourceState(resource, limits)
+            return []
+        res.limits = limits
+        return self._pump(res, now)
+
+    def end_session(self, pid: int) -> list[Effect]:
+        """Tell every session of ``pid`` to close its connections and let go."""
+        return [Notify(s.id, "end_session", None) for s in self.sessions.values() if s.pid == pid]
+
+    # ------------------------------------------------------------- inspection
+
+    def snapshot_resources(self, now: float) -> list[dict[str, Any]]:
+        out = []
+        for res in self.resources.values():
+            states = [lease.state for lease in res.live.values()]
+            out.append({
+                "name": res.name,
+                "max_size": res.limits.max_size,
+                "leased": res.leased,
+                "in_use": states.count(BUSY),
+                "idle": states.count(IDLE),
+                "connecting": states.count(NEW),
+                "fenced": len(res.fenced),
+                "waiting": len(res.waiters),
+                "longest_wait_s": round(now - res.waiters[0].since, 6) if res.waiters else 0.0,
+                "grants": res.grants,
+                "timeouts": res.timeouts,
+                "denials": res.denials,
+                "reclaims": res.reclaims,
+                "peak": res.peak,
+                "paused": res.paused,
+                "draining": res.draining,
+                "failing": res.failing_until is not None,
+                "limits": res.limits.as_dict(),
+            })
+        return out
+
+    def snapshot_sessions(self, now: float) -> list[dict[str, Any]]:
+        return [
+            {
+                "session": s.id,
+                "pid": s.pid,
+                "name": s.name,
+                "uid": s.uid,
+                "leases": len(s.leases),
+                "waiters": len(s.waiting),
+                "connected_s": round(now - s.connected_at, 6),
+                "last_report_s": None if s.last_report is None else round(now - s.last_report, 6),
+            }
+            for s in self.sessions.values()
+        ]
+
+    def snapshot_leases(self, now: float, resource: str | None = None, pid: int | None = None) -> list[dict[str, Any]]:
+        out = []
+        for s in self.sessions.values():
+            if pid is not None and s.pid != pid:
+                continue
+            for lease in s.leases.values():
+                if resource is not None and lease.resource != resource:
+                    continue
+                out.append({
+                    "id": lease.id,
+                    "resource": lease.resource,
+                    "session": s.id,
+                    "pid": s.pid,
+                    "state": lease.state,
+                    "token": lease.token,
+                    "age_s": round(now - lease.granted_at, 6),
+                    "state_s": round(now - lease.state_since, 6),
+                    "backend_pid": lease.backend_pid,
+                    "site": lease.site,
+                })
+        return out
+
+    # ------------------------------------------------------------- internals
+
+    def _res(self, name: str) -> ResourceState:
+        res = self.resources.get(name)
+        if res is None:
+            raise KeyError(name)
+        return res
+
+    def _find_lease(self, lease_id: int) -> Lease | None:
+        for res in self.resources.values():
+            if lease_id in res.live:
+                return res.live[lease_id]
+            if lease_id in res.fenced:
+                return res.fenced[lease_id].lease
+        return None
+
+    def _can_grant(self, res: ResourceState, session: Session) -> bool:
+        if res.leased >= res.limits.max_size:
+            return False
+        cap = res.limits.max_per_process
+        return cap is None or session.held(res.name) < cap
+
+    def _why_full(self, res: ResourceState, session: Session | None) -> str:
+        if res.paused:
+            return f"resource {res.name!r} is paused"
+        cap = res.limits.max_per_process
+        if session is not None and cap is not None and session.held(res.name) >= cap:
+            return f"this process holds max_per_process={cap} leases of {res.name!r}"
+        return f"all {res.limits.max_size} leases of {res.name!r} are held"
+
+    def _grant(self, res: ResourceState, session: Session, req: int, now: float, site: str | None) -> Granted:
+        lease_id = self._next_id
+        self._next_id += 1
+        lease = Lease(lease_id, res.name, session.id, lease_id, now, NEW, now, None, site)
+        session.add(lease)
+        res.live[lease_id] = lease
+        res.grants += 1
+        res.peak = max(res.peak, res.leased)
+        return Granted(session.id, req, lease)
+
+    def _drop_waiter(self, res: ResourceState, waiter: Waiter, reason: str, message: str) -> Denied:
+        waiter.active = False
+        res.waiters.remove(waiter)
+        del self.sessions[waiter.session].waiting[waiter.req]
+        return Denied(waiter.session, waiter.req, reason, message)
+
+    def _pump(self, res: ResourceState, now: float) -> list[Effect]:
+        """Serve waiters in order while there is room, then rebalance reclaims."""
+        effects: list[Effect] = []
+        if not res.paused:
+            blocked: set[int] = set()
+            while res.waiters and res.leased < res.limits.max_size:
+                waiter = next((w for w in res.waiters if w.session not in blocked), None)
+                if waiter is None:
+                    break
+                session = self.sessions[waiter.session]
+                if not self._can_grant(res, session):
+                    blocked.add(session.id)
+                    continue
+                res.waiters.remove(waiter)
+                waiter.active = False
+                del session.waiting[waiter.req]
+                effects.append(self._grant(res, session, waiter.req, now, waiter.site))
+        return effects + self._rebalance(res)
+
+    def _rebalance(self, res: ResourceState) -> list[Effect]:
+        """Decide how many leases each holder should give back, and tell those
+        whose share changed. Need = servable waiters + excess over the cap,
+        less the free slots and the fenced leases that will free up."""
+        waiting_sessions = {w.session for w in res.waiters}
+        servable = 0
+        if not res.paused:
+            seen: dict[int, int] = {}
+            cap = res.limits.max_per_process
+            for w in res.waiters:
+                held = self.sessions[w.session].held(res.name) + seen.get(w.session, 0)
+                if cap is None or held < cap:
+                    servable += 1
+                    seen[w.session] = seen.get(w.session, 0) + 1
+        excess = max(0, res.leased - res.limits.max_size)
+        need = max(0, servable - res.free - len(res.fenced)) + excess
+        if need == 0 and not res.askees:  # the common case: nothing asked, nothing to ask
+            return []
+        holders = [
+            s for s in self.sessions.values()
+            if s.id not in waiting_sessions and s.held(res.name) > res.limits.min_per_process
+        ]
+        if excess:  # shrinking: everyone holding may give back, waiters or not
+            holders = [s for s in self.sessions.values() if s.held(res.name) > res.limits.min_per_process]
+
+        def idle_count(s: Session) -> int:
+            return sum(1 for lease in s.leases.values() if lease.resource == res.name and lease.state == IDLE)
+
+        holders.sort(key=lambda s: (-idle_count(s), -s.held(res.name), s.id))
+        plan: dict[int, int] = {}
+        for s in holders:
+            if need <= 0:
+                break
+            give = min(need, s.held(res.name) - res.limits.min_per_process)
+            plan[s.id] = give
+            need -= give
+        effects: list[Effect] = []
+        for sid in res.askees | plan.keys():
+            s = self.sessions[sid]
+            want = plan.get(sid, 0)
+            if s.asked.get(res.name, 0) != want:
+                s.asked[res.name] = want
+                effects.append(AskReclaim(sid, res.name, want))
+        res.askees = {sid for sid, n in plan.items() if n > 0}
+        return effects
+
+    def _notify_holders(self, res: ResourceState, verb: str, args: dict[str, Any] | None = None) -> list[Effect]:
+        return [Notify(s.id, verb, res.name, dict(args or {})) for s in self.sessions.values()]

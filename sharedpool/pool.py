@@ -1,0 +1,764 @@
+"""The local pool: this process's real connections, each covered by a lease.
+
+Checkout and checkin of a connection already open touch one lock and one
+deque, nothing else. Opening (lease round trip + factory), closing (close,
+confirm the server let go, release the lease) and validation happen outside
+the lock: the locked sections only decide, and return what to do.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+import traceback
+import uuid
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from enum import Enum
+from typing import Any, Generic, TypeVar
+
+from .client import Client, Lease, current_pid
+from .closing import close_and_confirm
+from .config import SOCKET_ENV, PoolConfig, check_resource_name
+from .errors import (
+    ConfigError,
+    ConnectTimeout,
+    PoolClosed,
+    PoolMisuse,
+    PoolTimeout,
+    SharedPoolError,
+)
+
+log = logging.getLogger("sharedpool.pool")
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Connections abandoned in a forked child: the parent's, kept referenced so
+#: that no destructor ever closes them from the child (I7).
+_INHERITED: list[Any] = []
+
+
+class PoolStatus(Enum):
+    ACTIVE = "active"
+    DRAINING = "draining"
+    CLOSED = "closed"
+
+
+class ConnectionWrapper(Generic[T]):
+    """One open connection and its bookkeeping. Times are ``time.monotonic()``."""
+
+    __slots__ = (
+        "id", "conn", "created_at", "last_used", "in_use", "pool", "lease",
+        "backend_pid", "checked_out_at", "site", "health_check_count", "warned",
+    )
+
+    def __init__(self, conn: T, pool: ConnectionPool[T], lease: Lease | None) -> None:
+        now = time.monotonic()
+        self.id = uuid.uuid4().hex
+        self.conn = conn
+        self.created_at = now
+        self.last_used = now
+        self.in_use = False
+        self.pool = pool
+        self.lease = lease
+        self.backend_pid = _backend_pid(conn)
+        self.checked_out_at = 0.0
+        self.site: str | None = None
+        self.health_check_count = 0
+        self.warned = False
+
+    def __repr__(self) -> str:
+        state = "in use" if self.in_use else "idle"
+        lease = f" lease={self.lease.id}" if self.lease else ""
+        age = time.monotonic() - self.created_at
+        return f"<ConnectionWrapper {self.id[:8]} {state}{lease} age={age:.1f}s>"
+
+
+class _Waiter:
+    __slots__ = ("event", "wrapper", "error", "connect_deadline", "abandoned", "has_opener")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.wrapper: ConnectionWrapper[Any] | None = None
+        self.error: BaseException | None = None
+        self.connect_deadline: float | None = None  # set while our opener runs the factory
+        self.abandoned = False  # gave up on a connect that overran connection_timeout
+        self.has_opener = False
+
+
+def _backend_pid(conn: Any) -> int | None:
+    info = getattr(conn, "info", None)  # psycopg 3
+    pid = getattr(info, "backend_pid", None)
+    if isinstance(pid, int):
+        return pid
+    getter = getattr(conn, "get_backend_pid", None)  # psycopg2
+    if callable(getter):
+        try:
+            value = getter()
+            return value if isinstance(value, int) else None
+        except Exception:  # noqa: BLE001
+            return None
+    return None
+
+
+class ConnectionPool(Generic[T]):
+    """A pool of connections made by ``factory``, capped locally by
+    ``config.max_size`` and globally by the coordinator's ``resource``.
+
+    ``coordinator`` is the socket path; None falls back to ``$SHAREDPOOL_SOCKET``,
+    and without either the pool is standalone (process-local, no leases).
+    """
+
+    def __init__(
+        self,
+        factory: Callable[[], T],
+        config: PoolConfig | None = None,
+        *,
+        resource: str = "default",
+        coordinator: str | None = None,
+        check: Callable[[T], Any] | None = None,
+        name: str | None = None,
+    ) -> None:
+        import os
+
+        if not callable(factory):
+            raise ConfigError("factory", f"must be callable, got {factory!r}")
+        if config is not None and not isinstance(config, PoolConfig):
+            raise ConfigError("config", f"must be a PoolConfig, got {type(config).__name__}")
+        if check is not None and not callable(check):
+            raise ConfigError("check", f"must be callable, got {check!r}")
+        self.factory = factory
+        self.config = config or PoolConfig()
+        self.resource = check_resource_name(resource)
+        self.coordinator = coordinator if coordinator is not None else os.environ.get(SOCKET_ENV)
+        self.name = name or f"pool-{self.resource}"
+        self.check = check
+        self._init_state()
+
+    def _init_state(self) -> None:
+        self._pid = current_pid()
+        self._lock = threading.Lock()
+        self._returned = threading.Condition(self._lock)
+        self._idle: deque[ConnectionWrapper[T]] = deque()
+        self._all: dict[str, ConnectionWrapper[T]] = {}
+        self._waiters: deque[_Waiter] = deque()
+        self._opening = 0
+        self.status = PoolStatus.ACTIVE
+        self._stop = threading.Event()
+        self._maintenance: threading.Thread | None = None
+        self._client: Client | None = None
+        self._handlers: tuple[Any, ...] = ()
+        self._m = dict.fromkeys((
+            "total_created", "total_acquired", "total_released", "total_closed",
+            "acquire_timeouts", "connect_errors", "validation_failures", "reclaimed",
+            "leases_acquired", "lease_wait_ms", "requests_queued", "requests_wait_ms",
+            "connections_ms", "leaks_suspected",
+        ), 0)
+        self._start_maintenance()
+
+    # ------------------------------------------------------------------ repr / stats
+
+    def __repr__(self) -> str:
+        with self._lock:
+            in_use = len(self._all) - len(self._idle)
+            text = (f"<ConnectionPool {self.name!r} {self.status.value} resource={self.resource!r}"
+                    f" | Connections: {in_use} in use, {len(self._idle)} idle, {self._opening} opening"
+                    f" | Requests: {len(self._waiters)} waiting>")
+        return text
+
+    def get_size(self) -> int:
+        """Open connections (idle + in use)."""
+        return len(self._all)
+
+    def get_in_use(self) -> int:
+        return len(self._all) - len(self._idle)
+
+    def get_metrics(self) -> dict[str, Any]:
+        """The seed's counters plus lease figures."""
+        with self._lock:
+            m = dict(self._m)
+            m.update(
+                current_size=len(self._all),
+                in_use=len(self._all) - len(self._idle),
+                available=len(self._idle),
+                waiting=len(self._waiters),
+                opening=self._opening,
+                status=self.status.value,
+                leases_held=sum(1 for w in self._all.values() if w.lease is not None),
+                coordinated=self.coordinator is not None,
+            )
+        return m
+
+    def get_stats(self) -> dict[str, int]:
+        """psycopg_pool-style figures (``pool_size``, ``requests_waiting``...)."""
+        with self._lock:
+            m = self._m
+            return {
+                "pool_min": self.config.min_size,
+                "pool_max": self.config.max_size,
+                "pool_size": len(self._all) + self._opening,
+                "pool_available": len(self._idle),
+                "requests_waiting": len(self._waiters),
+                "requests_num": m["total_acquired"],
+                "requests_queued": m["requests_queued"],
+                "requests_wait_ms": m["requests_wait_ms"],
+                "requests_errors": m["acquire_timeouts"] + m["connect_errors"],
+                "connections_num": m["total_created"],
+                "connections_ms": m["connections_ms"],
+                "connections_errors": m["connect_errors"],
+                "connections_lost": m["validation_failures"],
+                "leases_held": sum(1 for w in self._all.values() if w.lease is not None),
+                "leases_acquired": m["leases_acquired"],
+                "lease_wait_ms": m["lease_wait_ms"],
+                "leases_reclaimed": m["reclaimed"],
+            }
+
+    # ------------------------------------------------------------------ checkout
+
+    def acquire(self, timeout: float | None = None) -> ConnectionWrapper[T]:
+        """Check a connection out. ``timeout`` None: ``config.acquire_timeout``;
+        0: only if one is free now (or can be opened)."""
+        if self._pid != current_pid():
+            self._after_fork()
+        wrapper = None
+        with self._lock:
+            if self.status is not PoolStatus.ACTIVE:
+                raise PoolClosed(f"pool {self.name!r} is {self.status.value}")
+            if self._idle and not self._waiters:  # the fast path
+                wrapper = self._idle.pop()
+                wrapper.in_use = True
+                self._m["total_acquired"] += 1
+        if wrapper is not None:
+            now = time.monotonic()
+            if self.config.test_on_acquire and now - wrapper.last_used > self.config.validation_bypass:
+                if not self._validate(wrapper):
+                    self._discard(wrapper)
+                    return self._acquire_slow(timeout, time.monotonic())
+            wrapper.checked_out_at = now
+            if self.config.leak_detection_threshold is not None:
+                wrapper.site = _call_site()
+            return wrapper
+        return self._acquire_slow(timeout, time.monotonic())
+
+    def _acquire_slow(self, timeout: float | None, start: float) -> ConnectionWrapper[T]:
+        wait = self.config.acquire_timeout if timeout is None else timeout
+        if wait < 0:
+            raise ConfigError("timeout", f"must be >= 0 or None, got {timeout!r}")
+        deadline = start + wait
+        while True:  # one deadline for every retry (a failed validation loops)
+            waiter = _Waiter()
+            with self._lock:
+                if self.status is not PoolStatus.ACTIVE:
+                    raise PoolClosed(f"pool {self.name!r} is {self.status.value}")
+                wrapper = None
+                if self._idle and not self._waiters:
+                    wrapper = self._idle.pop()
+                    wrapper.in_use = True
+                else:
+                    self._waiters.append(waiter)
+                    self._m["requests_queued"] += 1
+                    openers = self._plan_growth()
+            if wrapper is None:
+                self._start_openers(openers, deadline)
+                wrapper = self._wait(waiter, deadline, start)
+            now = time.monotonic()
+            if (self.config.test_on_acquire and now - wrapper.last_used > self.config.validation_bypass
+                    and not self._validate(wrapper)):
+                self._discard(wrapper)
+                continue
+            with self._lock:
+                self._m["total_acquired"] += 1
+                self._m["requests_wait_ms"] += int((now - start) * 1000)
+            wrapper.checked_out_at = now
+            if self.config.leak_detection_threshold is not None:
+                wrapper.site = _call_site()
+            return wrapper
+
+    def _wait(self, waiter: _Waiter, deadline: float, start: float) -> ConnectionWrapper[T]:
+        while True:
+            until = deadline
+            if waiter.connect_deadline is not None:
+                until = min(until, waiter.connect_deadline)
+            waiter.event.wait(max(0.0, until - time.monotonic()))
+            with self._lock:
+                if waiter.wrapper is not None:
+                    return waiter.wrapper
+                if waiter.error is not None:
+                    raise waiter.error
+                now = time.monotonic()
+                connect_late = waiter.connect_deadline is not None and now >= waiter.connect_deadline
+                if now < deadline and not connect_late:
+                    waiter.event.clear()  # every set() happens under the lock: none is lost
+                    continue
+                self._waiters.remove(waiter)
+                if connect_late:
+                    waiter.abandoned = True
+                    self._m["connect_errors"] += 1
+                    raise ConnectTimeout(
+                        f"pool {self.name!r}: the connection factory did not return within "
+                        f"connection_timeout={self.config.connection_timeout:g}s")
+                self._m["acquire_timeouts"] += 1
+                raise PoolTimeout(
+                    f"pool {self.name!r}: no connection within {deadline - start:.3g}s "
+                    f"({len(self._all)} open, {len(self._all) - len(self._idle)} in use, "
+                    f"max_size={self.config.max_size})")
+
+    def _plan_growth(self) -> list[_Waiter]:
+        """Under the lock: which waiters get a new connection opened for them."""
+        room = self.config.max_size - len(self._all) - self._opening
+        need = len(self._waiters) - self._opening
+        n = min(room, need)
+        if n <= 0:
+            return []
+        self._opening += n
+        chosen = [w for w in self._waiters if not w.has_opener][:n]
+        for w in chosen:
+            w.has_opener = True
+        # An opener always delivers to the oldest waiter; its own waiter only
+        # decides where a connect error or timeout is reported.
+        return chosen + [_Waiter() for _ in range(n - len(chosen))]
+
+    def _start_openers(self, waiters: list[_Waiter], deadline: float) -> None:
+        for waiter in waiters:
+            threading.Thread(target=self._open, args=(waiter, deadline),
+                             name=f"sharedpool-open-{self.resource}", daemon=True).start()
+
+    def _open(self, waiter: _Waiter, deadline: float) -> None:
+        """Opener thread: lease, then factory; deliver to the oldest waiter."""
+        lease = None
+        client = self._get_client()
+        try:
+            if client is not None:
+                t0 = time.monotonic()
+                lease = client.acquire(self.resource, max(0.0, deadline - t0))
+            t1 = time.monotonic()
+            with self._lock:
+                if lease is not None:
+                    self._m["leases_acquired"] += 1
+                    self._m["lease_wait_ms"] += int((t1 - t0) * 1000)
+                waiter.connect_deadline = t1 + self.config.connection_timeout
+                waiter.event.set()  # the waiter re-arms its wait with the connect deadline
+            conn = self.factory()
+        except BaseException as exc:  # noqa: BLE001 - delivered to the waiter, not lost
+            if client is not None and lease is not None:
+                client.report_failure(self.resource)
+                client.release(lease)  # no connection was made: nothing to confirm
+            self._open_failed(waiter, exc, connected=lease is not None or client is None)
+            return
+        wrapper = ConnectionWrapper(conn, self, lease)
+        if client is not None:
+            client.report_success(self.resource)
+        if waiter.abandoned:  # the caller gave up on a slow connect: close, then release
+            log.warning("pool %r: a connect finished after connection_timeout; closing it", self.name)
+            with self._lock:
+                self._opening -= 1
+                openers = self._plan_growth()
+            self._close(wrapper)
+            self._start_openers(openers, deadline)
+            return
+        with self._lock:
+            self._opening -= 1
+            self._m["total_created"] += 1
+            self._m["connections_ms"] += int((time.monotonic() - t1) * 1000)
+            self._all[wrapper.id] = wrapper
+            closing = self.status is not PoolStatus.ACTIVE
+            if closing:
+                del self._all[wrapper.id]
+            else:
+                self._hand_over(wrapper)
+            openers = self._plan_growth()
+        if closing:
+            self._close(wrapper)
+        self._start_openers(openers, deadline)
+
+    def _open_failed(self, waiter: _Waiter, exc: BaseException, connected: bool) -> None:
+        if not isinstance(exc, SharedPoolError):
+            log.warning("pool %r: connect failed: %s", self.name, exc)
+        with self._lock:
+            self._opening -= 1
+            if connected:
+                self._m["connect_errors"] += 1
+            target = waiter if waiter in self._waiters else None
+            if target is not None:
+                self._waiters.remove(target)
+                target.error = exc
+                target.event.set()
+            openers = self._plan_growth()
+        self._start_openers(openers, time.monotonic() + self.config.acquire_timeout)
+
+    def _hand_over(self, wrapper: ConnectionWrapper[T]) -> None:
+        """Under the lock: give a free connection to the oldest waiter, or park it."""
+        if self._waiters:
+            waiter = self._waiters.popleft()
+            wrapper.in_use = True
+            waiter.wrapper = wrapper
+            waiter.event.set()
+        else:
+            wrapper.in_use = False
+            self._idle.append(wrapper)
+
+    # ------------------------------------------------------------------ checkin
+
+    def release(self, wrapper: ConnectionWrapper[T]) -> None:
+        """Check a connection back in (closed instead if expired, invalid,
+        owed to the coordinator, or the pool is draining/closed)."""
+        if wrapper.pool is not self:
+            raise PoolMisuse(f"{wrapper!r} does not belong to pool {self.name!r}")
+        if self._pid != current_pid():
+            self._after_fork()
+        healthy = not self.config.test_on_release or self._validate(wrapper)
+        now = time.monotonic()
+        client = self._client
+        with self._lock:
+            if not wrapper.in_use or self._all.get(wrapper.id) is not wrapper:
+                raise PoolMisuse(f"{wrapper!r} was already released (or made in another process)")
+            self._m["total_released"] += 1
+            wrapper.last_used = now
+            if (
+                healthy
+                and self.status is PoolStatus.ACTIVE
+                and now - wrapper.created_at <= self.config.max_lifetime
+                and (client is None or not self._owes(client, wrapper, now))
+            ):
+                self._hand_over(wrapper)
+                return
+            wrapper.in_use = False
+            del self._all[wrapper.id]
+            openers = self._plan_growth()
+            self._returned.notify_all()
+        self._close(wrapper)
+        self._start_openers(openers, now + self.config.acquire_timeout)
+
+    def _owes(self, client: Client, wrapper: ConnectionWrapper[T], now: float) -> bool:
+        # The coordinator asked for leases back: give this one unless it is
+        # younger than the fairness quantum (then a later checkin pays).
+        if wrapper.lease is None or not client.owes(self.resource):
+            return False
+        quantum = client.limits.get(self.resource, {}).get("fairness_quantum", 0.0)
+        if now - wrapper.lease.granted_at < quantum:
+            return False
+        self._m["reclaimed"] += 1
+        return True
+
+    # ------------------------------------------------------------------ context managers
+
+    @contextmanager
+    def connection(self, timeout: float | None = None) -> Iterator[T]:
+        """``with pool.connection() as conn:`` — the raw connection, returned on exit."""
+        wrapper = self.acquire(timeout)
+        try:
+            yield wrapper.conn
+        finally:
+            self.release(wrapper)
+
+    def __enter__(self) -> ConnectionPool[T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ closing
+
+    def _discard(self, wrapper: ConnectionWrapper[T]) -> None:
+        """A checked-out connection failed validation: forget it and close it."""
+        with self._lock:
+            self._all.pop(wrapper.id, None)
+            wrapper.in_use = False
+            self._m["validation_failures"] += 1
+        self._close(wrapper)
+
+    def _close(self, wrapper: ConnectionWrapper[T]) -> None:
+        """Close, confirm the server let go (bounded), then give the lease back (I1)."""
+        confirmed = close_and_confirm(wrapper.conn, self.config.close_confirm_timeout)
+        if not confirmed:
+            log.warning("pool %r: server did not drop connection %s within %.1fs; releasing its "
+                        "lease anyway", self.name, wrapper.id[:8], self.config.close_confirm_timeout)
+        if wrapper.lease is not None and self._client is not None:
+            self._client.release(wrapper.lease)
+            wrapper.lease = None
+        with self._lock:
+            self._m["total_closed"] += 1
+
+    def drain(self, timeout: float = 30.0) -> None:
+        """Stop handing out connections; wait (up to ``timeout``) for those in
+        use to come back, and close them all. :meth:`resume` reopens."""
+        self._shut(PoolStatus.DRAINING, timeout)
+
+    def resume(self) -> None:
+        """After :meth:`drain`: hand out connections again."""
+        with self._lock:
+            if self.status is PoolStatus.DRAINING:
+                self.status = PoolStatus.ACTIVE
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Close the pool: waiters fail with PoolClosed, idle connections close
+        now, in-use ones when they come back (waiting up to ``timeout``)."""
+        if self._pid != current_pid():
+            self._after_fork()
+        self._stop.set()
+        self._shut(PoolStatus.CLOSED, timeout)
+        if self._client is not None:
+            self._client.remove_handlers(*self._handlers)
+
+    def _shut(self, status: PoolStatus, timeout: float) -> None:
+        with self._lock:
+            if self.status is PoolStatus.CLOSED:
+                return
+            self.status = status
+            idle = list(self._idle)
+            self._idle.clear()
+            for w in idle:
+                del self._all[w.id]
+            waiters = list(self._waiters)
+            self._waiters.clear()
+            for waiter in waiters:
+                waiter.error = PoolClosed(f"pool {self.name!r} is {status.value}")
+                waiter.event.set()
+        for wrapper in idle:
+            self._close(wrapper)
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._all and self.status is status:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    log.warning("pool %r: %d connection(s) still in use after %.1fs", self.name,
+                                len(self._all), timeout)
+                    break
+                self._returned.wait(remaining)
+
+    # ------------------------------------------------------------------ validation
+
+    def _validate(self, wrapper: ConnectionWrapper[T]) -> bool:
+        conn = wrapper.conn
+        try:
+            if self.check is not None:
+                result = self.check(conn)
+                ok = result is None or bool(result)
+            elif callable(getattr(conn, "ping", None)):
+                conn.ping()  # type: ignore[attr-defined]
+                ok = True
+            elif callable(getattr(conn, "is_valid", None)):
+                ok = bool(conn.is_valid())  # type: ignore[attr-defined]
+            else:
+                ok = not getattr(conn, "closed", False)
+        except Exception as exc:  # noqa: BLE001 - any failure means "not usable"
+            log.info("pool %r: connection %s failed validation: %s", self.name, wrapper.id[:8], exc)
+            ok = False
+        if ok:
+            wrapper.health_check_count += 1
+            wrapper.last_used = time.monotonic()
+        return ok
+
+    # ------------------------------------------------------------------ coordinator
+
+    def _get_client(self) -> Client | None:
+        if self.coordinator is None:
+            return None
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    client = Client.for_path(self.coordinator)
+                    reclaim = self._on_reclaim
+                    push = self._on_push
+                    states = self._lease_states
+                    client.on_reclaim(self.resource, reclaim)
+                    client.on_push(push)
+                    client.add_state_provider(states)
+                    self._handlers = (reclaim, push, states)
+                    self._client = client
+        return self._client
+
+    def _on_reclaim(self) -> None:
+        """Background thread: the coordinator wants leases back; give idle ones now."""
+        client = self._client
+        if client is None:
+            return
+        victims = []
+        with self._lock:
+            owed = client.owes(self.resource)
+            while owed > len(victims) and self._idle:
+                wrapper = self._idle.popleft()  # the coldest first
+                del self._all[wrapper.id]
+                victims.append(wrapper)
+            self._m["reclaimed"] += len(victims)
+        for wrapper in victims:
+            self._close(wrapper)
+
+    def _on_push(self, verb: str, resource: str | None, args: dict[str, Any]) -> None:
+        if resource not in (None, self.resource):
+            return
+        log.warning("pool %r: coordinator says %s %s", self.name, verb, args or "")
+        if verb == "drain":
+            self.drain(timeout=0)
+        elif verb == "resume":
+            self.resume()
+        elif verb == "end_session":
+            self.close(timeout=0)
+
+    def _lease_states(self) -> list[list[Any]]:
+        with self._lock:
+            return [
+                [w.lease.id, "busy" if w.in_use else "idle", w.backend_pid, w.site]
+                for w in self._all.values() if w.lease is not None
+            ]
+
+    # ------------------------------------------------------------------ maintenance
+
+    def _start_maintenance(self) -> None:
+        self._maintenance = threading.Thread(
+            target=_maintain, args=(weakref.ref(self), self._stop),
+            name=f"sharedpool-maintain-{self.resource}", daemon=True)
+        self._maintenance.start()
+
+    def _maintain_once(self) -> None:
+        now = time.monotonic()
+        cfg = self.config
+        expired = []
+        to_check = []
+        with self._lock:
+            if self.status is not PoolStatus.ACTIVE:
+                return
+            keep = len(self._all)
+            for wrapper in list(self._idle):
+                too_old = now - wrapper.created_at > cfg.max_lifetime
+                too_idle = now - wrapper.last_used > cfg.idle_timeout and keep > cfg.min_size
+                if too_old or too_idle:
+                    self._idle.remove(wrapper)
+                    del self._all[wrapper.id]
+                    expired.append(wrapper)
+                    keep -= 1
+                elif now - wrapper.last_used > cfg.validation_interval:
+                    to_check.append(wrapper)
+            for wrapper in to_check:  # checked out to the maintenance thread meanwhile
+                self._idle.remove(wrapper)
+                wrapper.in_use = True
+            missing = cfg.min_size - len(self._all) - self._opening
+        for wrapper in expired:
+            self._close(wrapper)
+        for wrapper in to_check:
+            if self._validate(wrapper):
+                with self._lock:
+                    self._hand_over(wrapper)
+            else:
+                self._discard(wrapper)
+        if missing > 0:
+            self._fill(missing)
+        self._check_leaks(now)
+
+    def _fill(self, count: int) -> None:
+        """Top up to min_size, taking a lease only if one is free right now."""
+        for _ in range(count):
+            with self._lock:
+                if len(self._all) + self._opening >= self.config.min_size or self.status is not PoolStatus.ACTIVE:
+                    return
+                self._opening += 1
+            client = self._get_client()
+            lease = None
+            try:
+                if client is not None:
+                    lease = client.acquire(self.resource, 0)
+                conn = self.factory()
+            except Exception as exc:  # noqa: BLE001 - retried next round
+                if lease is not None and client is not None:
+                    client.release(lease)
+                with self._lock:
+                    self._opening -= 1
+                log.debug("pool %r: top-up to min_size stopped: %s", self.name, exc)
+                return
+            wrapper = ConnectionWrapper(conn, self, lease)
+            with self._lock:
+                self._opening -= 1
+                self._m["total_created"] += 1
+                self._all[wrapper.id] = wrapper
+                self._hand_over(wrapper)
+
+    def _check_leaks(self, now: float) -> None:
+        threshold = self.config.leak_detection_threshold
+        if threshold is None:
+            return
+        with self._lock:
+            suspects = [w for w in self._all.values()
+                        if w.in_use and not w.warned and now - w.checked_out_at > threshold]
+            for w in suspects:
+                w.warned = True
+            self._m["leaks_suspected"] += len(suspects)
+        for w in suspects:
+            log.warning("pool %r: connection %s checked out for %.1fs (leak_detection_threshold=%gs); "
+                        "acquired at:\n%s", self.name, w.id[:8], now - w.checked_out_at, threshold,
+                        w.site or "(unknown)")
+
+    # ------------------------------------------------------------------ fork
+
+    def _after_fork(self) -> None:
+        # The parent's connections are not ours: keep them referenced so no
+        # destructor closes them under the parent, and start empty (I7).
+        _INHERITED.extend(self._all.values())
+        self._init_state()
+
+
+def _maintain(ref: weakref.ref[ConnectionPool[Any]], stop: threading.Event) -> None:
+    first = True
+    while True:
+        pool = ref()
+        if pool is None or pool._pid != current_pid():
+            return
+        interval = min(pool.config.validation_interval, 1.0)
+        if not first:
+            del pool
+            if stop.wait(interval):
+                return
+            pool = ref()
+            if pool is None:
+                return
+        first = False
+        try:
+            pool._maintain_once()
+        except Exception:  # noqa: BLE001 - keep maintaining
+            log.exception("sharedpool pool maintenance failed")
+        del pool
+
+
+def _call_site() -> str:
+    stack = traceback.extract_stack(limit=12)[:-3]
+    frames = [f for f in stack if "sharedpool" not in f.filename and "contextlib" not in f.filename]
+    return "".join(traceback.format_list(frames[-6:] or stack[-3:]))
+
+
+class PooledConnection(Generic[T]):
+    """Context manager over a checked-out wrapper: ``with PooledConnection(pool, w) as conn``.
+    Attribute access is passed through to the raw connection."""
+
+    def __init__(self, pool: ConnectionPool[T], wrapper: ConnectionWrapper[T]) -> None:
+        self.pool = pool
+        self.wrapper = wrapper
+
+    def __enter__(self) -> T:
+        return self.wrapper.conn
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.release(self.wrapper)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.wrapper.conn, name)
+
+    def __repr__(self) -> str:
+        return f"<PooledConnection {self.wrapper!r}>"
+
+
+def pooled(pool: ConnectionPool[Any], timeout: float | None = None) -> Callable[[F], F]:
+    """Decorator: call the function with a checked-out connection as its first argument."""
+
+    def decorator(func: F) -> F:
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with pool.connection(timeout) as conn:
+                return func(conn, *args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorator

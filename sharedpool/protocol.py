@@ -1,0 +1,383 @@
+"""The wire protocol, with no I/O: bytes in, messages out; messages in, bytes out.
+
+Rules of this module:
+
+* A frame is a 4-byte big-endian length, then that many bytes of one msgpack
+  map. The map has an ``"op"`` key naming the message; the other keys are the
+  message's fields, checked against :data:`SCHEMAS`. Anything else — a frame
+  over ``max_frame``, bytes that are not msgpack, a missing or mistyped field,
+  an op the peer may not send, an op before the handshake — raises
+  :class:`RemoteProtocolError`, and the connection is dead from then on.
+* The first message is the client's ``hello``, answered by ``welcome``.
+* Everything that decides what may be sent when lives in this file; the
+  server and the client are thin shells that move bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import msgpack
+
+from .errors import LocalProtocolError, RemoteProtocolError
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_FRAME = 1 << 20
+_HEADER = struct.Struct(">I")
+
+CLIENT = "client"
+SERVER = "server"
+
+_NUM = (int, float)
+_OPT_NUM = (int, float, type(None))
+_OPT_INT = (int, type(None))
+_OPT_STR = (str, type(None))
+
+
+class Message:
+    """Base of every message; ``op`` is its name on the wire."""
+
+    __slots__ = ()
+    op: ClassVar[str]
+    sender: ClassVar[str]
+
+    def to_wire(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+        data["op"] = self.op
+        return data
+
+
+# ----------------------------------------------------------------- client -> server
+
+
+@dataclass(slots=True)
+class Hello(Message):
+    """Opens a session. ``held`` re-registers leases after a coordinator restart:
+    a list of ``[resource, lease, token, state, backend_pid]``."""
+
+    op = "hello"
+    sender = CLIENT
+    version: int
+    pid: int
+    name: str
+    held: list[Any] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Acquire(Message):
+    """Ask for a lease; ``timeout`` None means the resource's default, 0 means don't queue."""
+
+    op = "acquire"
+    sender = CLIENT
+    req: int
+    resource: str
+    timeout: float | None = None
+    site: str | None = None
+
+
+@dataclass(slots=True)
+class Cancel(Message):
+    """Withdraw a queued acquire (the client gave up waiting)."""
+
+    op = "cancel"
+    sender = CLIENT
+    req: int
+
+
+@dataclass(slots=True)
+class Release(Message):
+    """Give a lease back; its connection is already closed. No reply."""
+
+    op = "release"
+    sender = CLIENT
+    lease: int
+
+
+@dataclass(slots=True)
+class Report(Message):
+    """Coalesced state, sent without waiting: ``states`` is a list of
+    ``[lease, "idle" | "busy", backend_pid | None, site | None]``; ``failures``
+    counts connect failures per resource since the last report; ``ok`` lists
+    resources that connected fine since."""
+
+    op = "report"
+    sender = CLIENT
+    states: list[Any] = field(default_factory=list)
+    failures: dict[str, Any] = field(default_factory=dict)
+    ok: list[Any] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Inspect(Message):
+    """Ask what the coordinator knows: ``what`` is resources, sessions or leases."""
+
+    op = "inspect"
+    sender = CLIENT
+    req: int
+    what: str
+    filters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Admin(Message):
+    """An admin verb: pause, resume, drain, resize, end_session, reload."""
+
+    op = "admin"
+    sender = CLIENT
+    req: int
+    verb: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------- server -> client
+
+
+@dataclass(slots=True)
+class Welcome(Message):
+    op = "welcome"
+    sender = SERVER
+    version: int
+    session: int
+    server_pid: int
+    resources: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Grant(Message):
+    op = "grant"
+    sender = SERVER
+    req: int
+    lease: int
+    resource: str
+    token: int
+
+
+@dataclass(slots=True)
+class Deny(Message):
+    """An acquire refused: ``reason`` is timeout, unknown_resource,
+    too_many_waiters, paused, draining, failing, or cancelled."""
+
+    op = "deny"
+    sender = SERVER
+    req: int
+    reason: str
+    message: str
+
+
+@dataclass(slots=True)
+class Reclaim(Message):
+    """Give back ``count`` leases of ``resource``: idle ones now, else at checkin.
+    ``count`` 0 withdraws an earlier request."""
+
+    op = "reclaim"
+    sender = SERVER
+    resource: str
+    count: int
+
+
+@dataclass(slots=True)
+class Push(Message):
+    """An admin decision the pools must act on: drain, pause, resume, resize, end_session."""
+
+    op = "push"
+    sender = SERVER
+    verb: str
+    resource: str | None = None
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Reply(Message):
+    """The answer to inspect or admin."""
+
+    op = "reply"
+    sender = SERVER
+    req: int
+    data: Any = None
+
+
+@dataclass(slots=True)
+class Error(Message):
+    """Something the peer did was wrong; ``req`` ties it to a request if any.
+    With ``fatal`` the server closes the session after sending it."""
+
+    op = "error"
+    sender = SERVER
+    code: str
+    message: str
+    req: int | None = None
+    fatal: bool = False
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.op: cls
+    for cls in (
+        Hello, Acquire, Cancel, Release, Report, Inspect, Admin,
+        Welcome, Grant, Deny, Reclaim, Push, Reply, Error,
+    )
+}
+
+#: Field name -> accepted Python types, per op. Fields with defaults may be absent.
+SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
+    "hello": {"version": (int,), "pid": (int,), "name": (str,), "held": (list,)},
+    "acquire": {"req": (int,), "resource": (str,), "timeout": _OPT_NUM, "site": _OPT_STR},
+    "cancel": {"req": (int,)},
+    "release": {"lease": (int,)},
+    "report": {"states": (list,), "failures": (dict,), "ok": (list,)},
+    "inspect": {"req": (int,), "what": (str,), "filters": (dict,)},
+    "admin": {"req": (int,), "verb": (str,), "args": (dict,)},
+    "welcome": {"version": (int,), "session": (int,), "server_pid": (int,), "resources": (dict,)},
+    "grant": {"req": (int,), "lease": (int,), "resource": (str,), "token": (int,)},
+    "deny": {"req": (int,), "reason": (str,), "message": (str,)},
+    "reclaim": {"resource": (str,), "count": (int,)},
+    "push": {"verb": (str,), "resource": _OPT_STR, "args": (dict,)},
+    "reply": {"req": (int,), "data": (object,)},
+    "error": {"code": (str,), "message": (str,), "req": _OPT_INT, "fatal": (bool,)},
+}
+_REQUIRED: dict[str, frozenset[str]] = {
+    op: frozenset(
+        f.name
+        for f in fields(cls)  # type: ignore[arg-type]
+        if f.default is f.default_factory  # both MISSING: no default
+    )
+    for op, cls in MESSAGE_TYPES.items()
+}
+
+
+def _check_fields(op: str, data: dict[str, Any]) -> None:
+    schema = SCHEMAS[op]
+    for key, value in data.items():
+        kinds = schema.get(key)
+        if kinds is None:
+            raise RemoteProtocolError(f"{op}: unknown field {key!r}")
+        if isinstance(value, bool) and bool not in kinds and object not in kinds:
+            raise RemoteProtocolError(f"{op}: field {key!r} must not be a boolean")
+        if not isinstance(value, kinds):
+            raise RemoteProtocolError(
+                f"{op}: field {key!r} has type {type(value).__name__}, "
+                f"expected {' or '.join(k.__name__ for k in kinds)}"
+            )
+    missing = _REQUIRED[op] - data.keys()
+    if missing:
+        raise RemoteProtocolError(f"{op}: missing field {sorted(missing)[0]!r}")
+
+
+def decode_body(body: bytes, sender: str) -> Message:
+    """Turn one frame body into a message the ``sender`` role may send."""
+    try:
+        data = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise RemoteProtocolError(f"frame is not valid msgpack: {exc}") from None
+    if not isinstance(data, dict):
+        raise RemoteProtocolError(f"frame must be a map, got {type(data).__name__}")
+    op = data.pop("op", None)
+    if not isinstance(op, str):
+        raise RemoteProtocolError("frame has no 'op' string")
+    cls = MESSAGE_TYPES.get(op)
+    if cls is None:
+        raise RemoteProtocolError(f"unknown op {op[:40]!r}")
+    if cls.sender != sender:
+        raise RemoteProtocolError(f"op {op!r} may not be sent by the {sender}")
+    _check_fields(op, data)
+    return cls(**data)
+
+
+def encode(message: Message, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
+    """Frame one message; raises LocalProtocolError if it would not fit."""
+    body = msgpack.packb(message.to_wire(), use_bin_type=True)
+    if len(body) > max_frame:
+        raise LocalProtocolError(f"{message.op} frame of {len(body)} bytes exceeds {max_frame}")
+    return _HEADER.pack(len(body)) + body
+
+
+class Connection:
+    """One end of a session's byte stream.
+
+    Feed received bytes to :meth:`receive_data`, pull messages with
+    :meth:`next_event` (``None`` means more bytes are needed), and turn
+    outgoing messages into bytes with :meth:`send`. After a
+    RemoteProtocolError the connection refuses to go on.
+    """
+
+    def __init__(self, role: str, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        if role not in (CLIENT, SERVER):
+            raise ValueError(f"role must be {CLIENT!r} or {SERVER!r}, got {role!r}")
+        self.role = role
+        self.peer = SERVER if role == CLIENT else CLIENT
+        self.max_frame = max_frame
+        self._buf = bytearray()
+        self._pos = 0
+        self.handshaken = False
+        self.broken: str | None = None
+
+    def __repr__(self) -> str:
+        state = "broken" if self.broken else ("ready" if self.handshaken else "handshake")
+        return f"<protocol.Connection {self.role} {state} buffered={len(self._buf) - self._pos}>"
+
+    def receive_data(self, data: bytes) -> None:
+        self._buf += data
+
+    def next_event(self) -> Message | None:
+        if self.broken:
+            raise RemoteProtocolError(f"connection already broken: {self.broken}")
+        try:
+            return self._next_event()
+        except RemoteProtocolError as exc:
+            self.broken = str(exc)
+            raise
+
+    def _next_event(self) -> Message | None:
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos < 4:
+            return None
+        (size,) = _HEADER.unpack_from(buf, pos)
+        if size > self.max_frame:
+            raise RemoteProtocolError(f"frame of {size} bytes exceeds the limit of {self.max_frame}")
+        end = pos + 4 + size
+        if len(buf) < end:
+            return None
+        body = bytes(buf[pos + 4 : end])
+        if end == len(buf):
+            buf.clear()
+            self._pos = 0
+        else:
+            self._pos = end
+            if end > 65536:  # compact now and then, not on every frame
+                del buf[:end]
+                self._pos = 0
+        msg = decode_body(body, self.peer)
+        if not self.handshaken:
+            expected = "hello" if self.role == SERVER else "welcome"
+            if msg.op != expected and msg.op != "error":
+                raise RemoteProtocolError(f"expected {expected!r} first, got {msg.op!r}")
+            if isinstance(msg, Hello) and msg.version != PROTOCOL_VERSION:
+                raise RemoteProtocolError(
+                    f"protocol version {msg.version} not supported (this side speaks {PROTOCOL_VERSION})"
+                )
+            self.handshaken = msg.op != "error"
+        elif isinstance(msg, (Hello, Welcome)):
+            raise RemoteProtocolError(f"{msg.op!r} sent twice")
+        return msg
+
+    def events(self) -> list[Message]:
+        """Every complete message buffered so far."""
+        out = []
+        while (msg := self.next_event()) is not None:
+            out.append(msg)
+        return out
+
+    def send(self, message: Message) -> bytes:
+        if message.sender != self.role:
+            raise LocalProtocolError(f"a {self.role} may not send {message.op!r}")
+        first = "hello" if self.role == CLIENT else "welcome"
+        if self.role == CLIENT and not self._sent_first and message.op != first:
+            raise LocalProtocolError(f"{first!r} must be sent first, not {message.op!r}")
+        if message.op == first:
+            if self._sent_first:
+                raise LocalProtocolError(f"{first!r} already sent")
+            self._sent_first = True
+        return encode(message, self.max_frame)
+
+    _sent_first = False

@@ -1,0 +1,336 @@
+"""The asyncio shell around the ledger: sockets in, ledger calls, frames out.
+
+Each accepted Unix-socket peer is one session. Bytes go through the pure
+:mod:`protocol`; decisions come from the pure :mod:`ledger` as effects; this
+module only moves bytes, keeps the timer for the ledger's next deadline, and
+runs fence checks. A peer that breaks the protocol loses its session (its
+leases are fenced like any dead session's); nobody else notices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import struct
+import time
+from typing import Any
+
+from . import protocol as p
+from .config import CoordinatorConfig, Resource
+from .errors import RemoteProtocolError
+from .ledger import (
+    AskReclaim,
+    Denied,
+    Effect,
+    Granted,
+    Ledger,
+    Notify,
+    Problem,
+    StartFence,
+)
+
+log = logging.getLogger("sharedpool.coordinator")
+
+#: A session that has not said hello within this long is closed.
+HELLO_TIMEOUT = 10.0
+_PEERCRED = struct.Struct("3i")
+
+
+def peer_credentials(sock: Any) -> tuple[int, int, int] | None:
+    """(pid, uid, gid) of a Unix-socket peer, from SO_PEERCRED."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    except (OSError, AttributeError):
+        return None
+    pid, uid, gid = _PEERCRED.unpack(raw)
+    return pid, uid, gid
+
+
+class SessionProtocol(asyncio.Protocol):
+    """One client process's session."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.conn = p.Connection(p.SERVER, server.config.max_frame)
+        self.transport: asyncio.Transport | None = None
+        self.sid: int | None = None
+        self.pid = 0
+        self.uid: int | None = None
+        self.gid: int | None = None
+        self.out: list[bytes] = []
+        self._hello_timer: asyncio.TimerHandle | None = None
+        self.closing = False
+
+    def __repr__(self) -> str:
+        return f"<SessionProtocol session={self.sid} pid={self.pid} uid={self.uid}>"
+
+    # -- asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        creds = peer_credentials(transport.get_extra_info("socket"))
+        if creds is not None:
+            self.pid, self.uid, self.gid = creds
+        if not self.server.peer_allowed(self.uid, self.gid):
+            log.warning("refused peer pid=%s uid=%s gid=%s: not in allowed uids/gids",
+                        self.pid, self.uid, self.gid)
+            self.fail("access_denied", f"uid {self.uid} / gid {self.gid} may not use this coordinator")
+            return
+        self._hello_timer = asyncio.get_running_loop().call_later(
+            HELLO_TIMEOUT, self.fail, "hello_timeout", f"no hello within {HELLO_TIMEOUT:g}s"
+        )
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self.conn.receive_data(data)
+        server = self.server
+        try:
+            while (msg := self.conn.next_event()) is not None:
+                server.handle(self, msg)
+        except RemoteProtocolError as exc:
+            log.warning("session %s pid=%s: bad frame: %s", self.sid, self.pid, exc)
+            self.fail("protocol_error", str(exc))
+        server.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+        self.closing = True
+        self.server.session_ended(self)
+
+    # -- output
+
+    def send(self, msg: p.Message) -> None:
+        if self.closing:
+            return
+        self.out.append(self.conn.send(msg) if msg.op == "welcome" else p.encode(msg, self.conn.max_frame))
+        self.server.dirty.add(self)
+
+    def flush(self) -> None:
+        if self.out and self.transport is not None and not self.closing:
+            self.transport.write(b"".join(self.out))
+            if self.transport.get_write_buffer_size() > self.server.max_buffer:
+                self.out.clear()
+                log.warning("session %s pid=%s does not read its replies; ending it", self.sid, self.pid)
+                self.fail("not_reading", "the client stopped reading replies")
+                return
+        self.out.clear()
+
+    def fail(self, code: str, message: str) -> None:
+        """Send a fatal error and end the session."""
+        if self.closing or self.transport is None:
+            return
+        self.closing = True
+        try:
+            self.transport.write(p.encode(p.Error(code, message, None, True)))
+        except Exception:  # noqa: BLE001 - the peer may be gone already
+            pass
+        self.transport.close()
+
+    def hello_done(self) -> None:
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
+
+
+class Server:
+    """Owns the ledger, the sessions and the timer."""
+
+    def __init__(self, config: CoordinatorConfig) -> None:
+        self.config = config
+        loop = asyncio.get_event_loop()
+        self.loop = loop
+        # Lease ids and fencing tokens only grow, across restarts too: start
+        # from the wall clock in microseconds.
+        self.ledger = Ledger(dict(config.resources), id_base=time.time_ns() // 1000)
+        self.sessions: dict[int, SessionProtocol] = {}
+        self.dirty: set[SessionProtocol] = set()
+        self.max_buffer = max(4 * config.max_frame, 1 << 20)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._fences: set[asyncio.Task[None]] = set()
+        self.own_uid = os.getuid()
+        self.started = time.time()
+        self.on_change: list[Any] = []  # observers (metrics)
+
+    # -- access
+
+    def peer_allowed(self, uid: int | None, gid: int | None) -> bool:
+        if uid is None:  # no SO_PEERCRED (not Linux): fall back on file permissions
+            return True
+        uids = self.config.allowed_uids or (self.own_uid,)
+        return uid in uids or (gid is not None and gid in self.config.allowed_gids)
+
+    def is_admin(self, uid: int | None) -> bool:
+        return uid is None or uid in (self.config.admin_uids or (self.own_uid,))
+
+    # -- dispatch
+
+    def handle(self, session: SessionProtocol, msg: p.Message) -> None:
+        now = self.loop.time()
+        ledger = self.ledger
+        if isinstance(msg, p.Hello):
+            session.hello_done()
+            sid, effects = ledger.open_session(
+                session.pid or msg.pid, msg.name, now, uid=session.uid, held=msg.held
+            )
+            session.sid = sid
+            self.sessions[sid] = session
+            log.info("session %s connected: pid=%s name=%s re-registered=%d",
+                     sid, session.pid or msg.pid, msg.name, len(msg.held))
+            session.send(p.Welcome(
+                p.PROTOCOL_VERSION, sid, os.getpid(),
+                {name: r.limits.as_dict() for name, r in ledger.resources.items()},
+            ))
+            self.apply(effects)
+            return
+        sid = session.sid
+        assert sid is not None  # the protocol admits nothing before hello
+        if isinstance(msg, p.Acquire):
+            self.apply(ledger.acquire(sid, msg.req, msg.resource, now, msg.timeout, msg.site))
+        elif isinstance(msg, p.Release):
+            self.apply(ledger.release(sid, msg.lease, now))
+        elif isinstance(msg, p.Cancel):
+            self.apply(ledger.cancel(sid, msg.req, now))
+        elif isinstance(msg, p.Report):
+            self.apply(ledger.report(sid, msg.states, now, msg.failures, msg.ok))
+        elif isinstance(msg, p.Inspect):
+            session.send(p.Reply(msg.req, self.inspect(msg.what, msg.filters, now, msg.req, session)))
+        elif isinstance(msg, p.Admin):
+            self.admin(session, msg, now)
+        else:  # the protocol only lets client ops through
+            session.send(p.Error("unexpected_op", f"op {msg.op!r} is not handled", None))
+        self._changed()
+
+    def apply(self, effects: list[Effect]) -> None:
+        for eff in effects:
+            if isinstance(eff, Granted):
+                lease = eff.lease
+                log.debug("grant lease=%s resource=%s session=%s", lease.id, lease.resource, eff.session)
+                self._send(eff.session, p.Grant(eff.req, lease.id, lease.resource, lease.token))
+            elif isinstance(eff, Denied):
+                log.debug("deny req=%s session=%s: %s", eff.req, eff.session, eff.reason)
+                self._send(eff.session, p.Deny(eff.req, eff.reason, eff.message))
+            elif isinstance(eff, AskReclaim):
+                log.info("reclaim: asking session %s for %d lease(s) of %s", eff.session, eff.count, eff.resource)
+                self._send(eff.session, p.Reclaim(eff.resource, eff.count))
+            elif isinstance(eff, Notify):
+                self._send(eff.session, p.Push(eff.verb, eff.resource, eff.args))
+            elif isinstance(eff, Problem):
+                self._send(eff.session, p.Error(eff.code, eff.message, eff.req))
+            elif isinstance(eff, StartFence):
+                self._start_fence(eff)
+        self._reschedule()
+
+    def _send(self, sid: int, msg: p.Message) -> None:
+        session = self.sessions.get(sid)
+        if session is not None:
+            session.send(msg)
+
+    def flush(self) -> None:
+        dirty, self.dirty = self.dirty, set()
+        for session in dirty:
+            session.flush()
+
+    def session_ended(self, session: SessionProtocol) -> None:
+        self.dirty.discard(session)
+        if session.sid is None or self.sessions.pop(session.sid, None) is None:
+            return
+        held = len(self.ledger.sessions[session.sid].leases)
+        log.info("session %s ended: pid=%s, %d lease(s) returned", session.sid, session.pid, held)
+        self.apply(self.ledger.close_session(session.sid, self.loop.time()))
+        self.flush()
+        self._changed()
+
+    # -- time
+
+    def _reschedule(self) -> None:
+        at = self.ledger.next_deadline()
+        if at == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = None if at is None else self.loop.call_at(at, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = self._timer_at = None
+        self.apply(self.ledger.tick(self.loop.time()))
+        self.flush()
+        self._changed()
+
+    # -- fences
+
+    def _start_fence(self, eff: StartFence) -> None:
+        limits = self.ledger.resources[eff.resource].limits
+        log.info("fence: %d lease(s) of %s from dead pid %s quarantined (backends %s)",
+                 len(eff.leases), eff.resource, eff.pid, list(eff.backend_pids))
+        if limits.monitor_dsn is None:
+            return  # the ledger's quarantine delay ends the fence
+        task = self.loop.create_task(self._fence(eff, limits))
+        self._fences.add(task)
+        task.add_done_callback(self._fences.discard)
+
+    async def _fence(self, eff: StartFence, limits: Resource) -> None:
+        from .fence import wait_backends_gone
+
+        remaining: set[int] = set(eff.backend_pids)
+        if eff.backend_pids:
+            try:
+                remaining = await wait_backends_gone(
+                    limits.monitor_dsn or "", eff.backend_pids,
+                    action=limits.fence_action, timeout=limits.fence_timeout,
+                )
+            except Exception as exc:  # noqa: BLE001 - keep the fence; its timeout ends it
+                log.warning("fence check for %s failed: %s", eff.resource, exc)
+                return
+        if remaining:
+            log.warning("fence: backends %s of dead pid %s still present; slots stay fenced until "
+                        "fence_timeout", sorted(remaining), eff.pid)
+            return
+        log.info("fence: backends of dead pid %s gone; %d slot(s) of %s free",
+                 eff.pid, len(eff.leases), eff.resource)
+        self.apply(self.ledger.unfence(eff.resource, eff.leases, self.loop.time()))
+        self.flush()
+        self._changed()
+
+    # -- inspect and admin
+
+    def inspect(self, what: str, filters: dict[str, Any], now: float, req: int,
+                session: SessionProtocol) -> Any:
+        ledger = self.ledger
+        if what == "resources":
+            return {"resources": ledger.snapshot_resources(now)}
+        if what == "sessions":
+            return {"sessions": ledger.snapshot_sessions(now)}
+        if what == "leases":
+            return {"leases": ledger.snapshot_leases(now, filters.get("resource"), filters.get("pid"))}
+        if what == "server":
+            return {"pid": os.getpid(), "socket": self.config.socket_path,
+                    "uptime_s": round(time.time() - self.started, 3), "sessions": len(self.sessions)}
+        session.send(p.Error("bad_request", f"cannot inspect {what!r}; "
+                             "use resources, sessions, leases or server", req))
+        return None
+
+    def admin(self, session: SessionProtocol, msg: p.Admin, now: float) -> None:
+        if not self.is_admin(session.uid):
+            log.warning("refused admin %r from pid=%s uid=%s", msg.verb, session.pid, session.uid)
+            session.send(p.Error("access_denied", f"uid {session.uid} may not use admin verbs", msg.req))
+            return
+        from .admin import run_admin  # admin verbs live beside the CLI's
+
+        try:
+            data, effects = run_admin(self, msg.verb, msg.args, now)
+        except (KeyError, ValueError, TypeError) as exc:
+            session.send(p.Error("bad_request", f"{msg.verb}: {exc}", msg.req))
+            return
+        log.warning("admin %s %s by pid=%s", msg.verb, msg.args, session.pid)
+        self.apply(effects)
+        session.send(p.Reply(msg.req, data))
+
+    def _changed(self) -> None:
+        for observer in self.on_change:
+            observer(self)
