@@ -54,7 +54,7 @@ class ConnectionWrapper(Generic[T]):
 
     __slots__ = (
         "id", "conn", "created_at", "last_used", "in_use", "pool", "lease",
-        "backend_pid", "checked_out_at", "site", "health_check_count", "warned",
+        "backend_pid", "checked_out_at", "site", "health_check_count", "warned", "checked_at",
     )
 
     def __init__(self, conn: T, pool: ConnectionPool[T], lease: Lease | None) -> None:
@@ -71,6 +71,7 @@ class ConnectionWrapper(Generic[T]):
         self.site: str | None = None
         self.health_check_count = 0
         self.warned = False
+        self.checked_at = now  # last validated (or connected): validation recency, not idleness
 
     def __repr__(self) -> str:
         state = "in use" if self.in_use else "idle"
@@ -225,6 +226,8 @@ class ConnectionPool(Generic[T]):
         0: only if one is free now (or can be opened)."""
         if self._pid != current_pid():
             self._after_fork()
+        if timeout is not None and timeout < 0:
+            raise ConfigError("timeout", f"must be >= 0 or None, got {timeout!r}")
         wrapper = None
         with self._lock:
             if self.status is not PoolStatus.ACTIVE:
@@ -235,7 +238,8 @@ class ConnectionPool(Generic[T]):
                 self._m["total_acquired"] += 1
         if wrapper is not None:
             now = time.monotonic()
-            if self.config.test_on_acquire and now - wrapper.last_used > self.config.validation_bypass:
+            if (self.config.test_on_acquire
+                    and now - max(wrapper.last_used, wrapper.checked_at) > self.config.validation_bypass):
                 if not self._validate(wrapper):
                     self._discard(wrapper)
                     return self._acquire_slow(timeout, time.monotonic())
@@ -247,8 +251,6 @@ class ConnectionPool(Generic[T]):
 
     def _acquire_slow(self, timeout: float | None, start: float) -> ConnectionWrapper[T]:
         wait = self.config.acquire_timeout if timeout is None else timeout
-        if wait < 0:
-            raise ConfigError("timeout", f"must be >= 0 or None, got {timeout!r}")
         deadline = start + wait
         while True:  # one deadline for every retry (a failed validation loops)
             waiter = _Waiter()
@@ -267,7 +269,9 @@ class ConnectionPool(Generic[T]):
                 self._start_openers(openers, deadline)
                 wrapper = self._wait(waiter, deadline, start)
             now = time.monotonic()
-            if (self.config.test_on_acquire and now - wrapper.last_used > self.config.validation_bypass
+            fresh = wrapper.last_used == wrapper.created_at  # never checked in: just connected
+            if (self.config.test_on_acquire and not fresh
+                    and now - max(wrapper.last_used, wrapper.checked_at) > self.config.validation_bypass
                     and not self._validate(wrapper)):
                 self._discard(wrapper)
                 continue
@@ -551,7 +555,7 @@ class ConnectionPool(Generic[T]):
             ok = False
         if ok:
             wrapper.health_check_count += 1
-            wrapper.last_used = time.monotonic()
+            wrapper.checked_at = time.monotonic()
         return ok
 
     # ------------------------------------------------------------------ coordinator
@@ -632,7 +636,7 @@ class ConnectionPool(Generic[T]):
                     del self._all[wrapper.id]
                     expired.append(wrapper)
                     keep -= 1
-                elif now - wrapper.last_used > cfg.validation_interval:
+                elif now - max(wrapper.last_used, wrapper.checked_at) > cfg.validation_interval:
                     to_check.append(wrapper)
             for wrapper in to_check:  # checked out to the maintenance thread meanwhile
                 self._idle.remove(wrapper)

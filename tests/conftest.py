@@ -1,0 +1,39 @@
+"""Shared fixtures: a private coordinator per test, PostgreSQL, unique names."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from pg_helpers import pg  # noqa: F401  (re-exported fixture)
+
+from sharedpool import Coordinator
+
+
+@pytest.fixture
+def sock_path(tmp_path: Any) -> str:
+    """A socket path of this test's own, under tmp_path."""
+    return str(tmp_path / "sp.sock")
+
+
+@pytest.fixture
+def start_coordinator(sock_path: str) -> Iterator[Callable[..., Coordinator]]:
+    """Start a coordinator (child process) on this test's socket; stopped after the test."""
+    started: list[Coordinator] = []
+
+    def start(resources: dict[str, Any], path: str | None = None, **options: Any) -> Coordinator:
+        coord = Coordinator(path or sock_path, resources, **options).start()
+        started.append(coord)
+        return coord
+
+    yield start
+    for coord in started:
+        coord.stop()
+
+
+@pytest.fixture
+def app_name() -> str:
+    """A unique PostgreSQL application_name, to count this test's backends only."""
+    return f"sp-test-{uuid.uuid4().hex[:10]}"

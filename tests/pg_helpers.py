@@ -1,0 +1,51 @@
+"""The test PostgreSQL: its DSN, and skip (or fail) when it is not running.
+
+A plain module so that conftest.py and test modules can import it. Tests skip
+with a hint to start PostgreSQL, unless ``SHAREDPOOL_REQUIRE_PG=1`` (CI), where
+a missing server must fail the run instead of hiding it behind skips.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import pytest
+
+
+def pg_dsn() -> str:
+    """The DSN of the test database (trust auth, no password)."""
+    return "host=127.0.0.1 port=5432 dbname=test user=postgres"
+
+
+@functools.cache
+def _problem() -> str | None:
+    """Why PostgreSQL cannot be used, or None; probed once per process."""
+    try:
+        import psycopg
+    except ImportError:
+        return "psycopg is not installed: pip install -e '.[test]'"
+    try:
+        psycopg.connect(pg_dsn(), connect_timeout=3).close()
+    except psycopg.Error as exc:
+        return (
+            f"PostgreSQL ({pg_dsn()}) is not reachable ({str(exc).strip()}); start it "
+            "(database 'test', user 'postgres', trust auth)"
+        )
+    return None
+
+
+def require_pg() -> str:
+    """Return :func:`pg_dsn`, or skip the test (fail it if SHAREDPOOL_REQUIRE_PG=1)."""
+    problem = _problem()
+    if problem is not None:
+        if os.environ.get("SHAREDPOOL_REQUIRE_PG") == "1":
+            pytest.fail(f"{problem} [SHAREDPOOL_REQUIRE_PG=1]", pytrace=False)
+        pytest.skip(problem)
+    return pg_dsn()
+
+
+@pytest.fixture
+def pg() -> str:
+    """Fixture form of :func:`require_pg` (re-export it from conftest.py to use it by name)."""
+    return require_pg()

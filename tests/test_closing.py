@@ -1,0 +1,193 @@
+"""close_and_confirm: the backend is gone from pg_stat_activity when it returns True.
+
+Measured on PostgreSQL 15 (loopback TCP, 2 CPUs): a plain ``close()`` left the
+backend visible to an immediate pg_stat_activity query in 171/500 and 32/500
+iterations of two runs (6-34%); close_and_confirm in 0/1000, for ~2.3 ms median
+per close (the backend's own exit time).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from pg_helpers import require_pg
+
+from sharedpool.closing import close_and_confirm, socket_fd
+
+
+def _app() -> str:
+    return f"sp-test-{uuid.uuid4().hex[:8]}"
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture
+def dsn() -> str:
+    return require_pg()
+
+
+@pytest.fixture
+def monitor(dsn: str) -> Iterator[psycopg.Connection]:
+    # autocommit: each query sees a fresh pg_stat_activity snapshot.
+    with psycopg.connect(dsn, autocommit=True, application_name=_app()) as conn:
+        yield conn
+
+
+def _visible(monitor: psycopg.Connection, pid: int) -> bool:
+    row = monitor.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
+    assert row is not None
+    return bool(row[0])
+
+
+class _End:
+    """A connection-like object around one end of a socketpair."""
+
+    def __init__(self, sock: socket.socket, *, fail_close: bool = False) -> None:
+        self.sock = sock
+        self.fail_close = fail_close
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+        if self.fail_close:
+            raise RuntimeError("boom")
+
+
+@pytest.mark.pg
+def test_backend_gone_every_time(dsn: str, monitor: psycopg.Connection) -> None:
+    app = _app()
+    for _ in range(200):
+        conn = psycopg.connect(dsn, application_name=app, autocommit=True)
+        pid = conn.info.backend_pid
+        assert close_and_confirm(conn, 5.0)
+        assert conn.closed
+        assert not _visible(monitor, pid)
+
+
+@pytest.mark.pg
+def test_busy_backend_is_not_confirmed(dsn: str, monitor: psycopg.Connection) -> None:
+    # The backend reads our Terminate only after its query: not confirmed, still counted.
+    conn = psycopg.connect(dsn, application_name=_app(), autocommit=True)
+    pid = conn.info.backend_pid
+    conn.pgconn.send_query(b"SELECT pg_sleep(1)")
+    fds = _open_fds()
+    assert not close_and_confirm(conn, 0.2)
+    assert _visible(monitor, pid)
+    assert _open_fds() == fds - 1  # the connection's fd closed, and no dup left behind
+
+
+@pytest.mark.pg
+def test_already_closed_psycopg(dsn: str) -> None:
+    conn = psycopg.connect(dsn, application_name=_app())
+    conn.close()
+    assert socket_fd(conn) is None
+    assert close_and_confirm(conn, 1.0)
+
+
+def test_sqlite_has_nothing_to_confirm() -> None:
+    conn = sqlite3.connect(":memory:")
+    assert socket_fd(conn) is None
+    assert close_and_confirm(conn, 1.0)
+    with pytest.raises(sqlite3.ProgrammingError):
+        conn.execute("SELECT 1")
+
+
+def test_peer_closes_later_drained() -> None:
+    ours, peer = socket.socketpair()
+    fds = _open_fds()
+
+    def serve() -> None:
+        time.sleep(0.05)
+        peer.sendall(b"x" * 200_000)  # more than a socket buffer: must be drained
+        peer.close()
+
+    t = threading.Thread(target=serve)
+    t.start()
+    assert close_and_confirm(_End(ours), 5.0)
+    t.join()
+    assert _open_fds() == fds - 2
+
+
+def test_peer_never_closes_times_out_without_leak() -> None:
+    ours, peer = socket.socketpair()
+    fds = _open_fds()
+    start = time.monotonic()
+    assert not close_and_confirm(_End(ours), 0.1)
+    assert 0.09 <= time.monotonic() - start < 2.0
+    assert _open_fds() == fds - 1
+    assert peer.recv(1) == b""  # our half-close reached the peer
+    peer.close()
+    ours, peer = socket.socketpair()
+    assert not close_and_confirm(_End(ours), 0.0)  # a zero bound: one look, no wait
+    peer.close()
+
+
+def test_close_that_raises_still_confirms(caplog: pytest.LogCaptureFixture) -> None:
+    ours, peer = socket.socketpair()
+    fds = _open_fds()
+    def serve() -> None:  # answers our FIN with its own, like a server that exits on EOF
+        peer.recv(1)
+        peer.close()
+
+    t = threading.Thread(target=serve)
+    t.start()
+    with caplog.at_level(logging.DEBUG, logger="sharedpool.closing"):
+        assert close_and_confirm(_End(ours, fail_close=True), 5.0)
+    t.join()
+    assert "raised" in caplog.text
+    assert _open_fds() == fds - 2
+
+
+def test_async_close_refused_without_leak() -> None:
+    ours, peer = socket.socketpair()
+
+    class AsyncConn:
+        def fileno(self) -> int:
+            return ours.fileno()
+
+        async def close(self) -> None:
+            ours.close()
+
+    fds = _open_fds()
+    with pytest.raises(TypeError, match="sync connection"):
+        close_and_confirm(AsyncConn(), 1.0)
+    assert _open_fds() == fds
+    ours.close()
+    peer.close()
+
+
+def test_no_close_method() -> None:
+    with pytest.raises(TypeError, match="no close"):
+        close_and_confirm(object(), 1.0)
+
+
+def test_redis_connection_confirmed() -> None:
+    redis = pytest.importorskip("redis")
+    monitor = redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=1)
+    try:
+        monitor.ping()
+    except redis.ConnectionError:
+        pytest.skip("Redis at 127.0.0.1:6379 is not running")
+    for _ in range(50):
+        conn = redis.Connection(host="127.0.0.1", port=6379)
+        conn.connect()
+        conn.send_command("CLIENT", "ID")
+        client_id = conn.read_response()
+        assert socket_fd(conn) is not None
+        assert close_and_confirm(conn, 5.0)
+        assert socket_fd(conn) is None
+        assert monitor.execute_command("CLIENT", "LIST", "ID", client_id) in (b"", "")
+    monitor.close()
