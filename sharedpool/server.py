@@ -124,8 +124,12 @@ class SessionProtocol(asyncio.Protocol):
         if self.closing or self.transport is None:
             return
         self.closing = True
+        self.server.dirty.discard(self)
         try:
-            self.transport.write(p.encode(p.Error(code, message, None, True)))
+            # What was already decided (a welcome, grants) goes out before the error.
+            self.out.append(p.encode(p.Error(code, message, None, True)))
+            self.transport.write(b"".join(self.out))
+            self.out.clear()
         except Exception:  # noqa: BLE001 - the peer may be gone already
             pass
         self.transport.close()

@@ -49,3 +49,52 @@ def require_pg() -> str:
 def pg() -> str:
     """Fixture form of :func:`require_pg` (re-export it from conftest.py to use it by name)."""
     return require_pg()
+
+
+class BackendSampler:
+    """Counts this test's backends in ``pg_stat_activity`` every few ms, in a thread.
+
+    ``peak`` is the most PostgreSQL itself ever showed at once: the I1 check
+    from the database's side, not from our counters."""
+
+    def __init__(self, app_name: str, interval: float = 0.002) -> None:
+        import threading
+
+        self.app_name = app_name
+        self.interval = interval
+        self.peak = 0
+        self.samples = 0
+        self.over: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psycopg
+
+        with psycopg.connect(pg_dsn(), autocommit=True, application_name="sp-sampler") as conn:
+            while not self._stop.is_set():
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                    (self.app_name,),
+                ).fetchone()
+                n = int(row[0]) if row else 0
+                self.peak = max(self.peak, n)
+                self.samples += 1
+                self._stop.wait(self.interval)
+
+    def count_now(self) -> int:
+        import psycopg
+
+        with psycopg.connect(pg_dsn(), autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (self.app_name,)
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    def __enter__(self) -> BackendSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)

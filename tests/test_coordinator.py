@@ -1,0 +1,345 @@
+"""A real coordinator process and real client sessions (no PostgreSQL needed)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import msgpack
+import pytest
+
+from sharedpool import (
+    Client,
+    ConfigError,
+    Coordinator,
+    CoordinatorRunning,
+    CoordinatorUnavailable,
+    PoolTimeout,
+    Resource,
+    UnknownResource,
+)
+from sharedpool import protocol as p
+
+
+def leased(client: Client, resource: str = "r") -> int:
+    for row in client.inspect("resources")["resources"]:
+        if row["name"] == resource:
+            return int(row["leased"])
+    raise AssertionError(f"no resource {resource}")
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+@contextmanager
+def holder(sock_path: str, resource: str, count: int, query: str = "") -> Iterator[subprocess.Popen[str]]:
+    """A separate process holding ``count`` leases until killed."""
+    code = textwrap.dedent(f"""
+        import sys, time
+        from sharedpool import Client
+        c = Client({sock_path!r})
+        leases = [c.acquire({resource!r}, timeout=10) for _ in range({count})]
+        print("ready", flush=True)
+        time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+def test_grant_release_and_inspect(start_coordinator: Any, sock_path: str) -> None:
+    start_coordinator({"r": 2})
+    c = Client(sock_path)
+    try:
+        a = c.acquire("r", timeout=2)
+        b = c.acquire("r", timeout=2)
+        assert a.id != b.id and b.token > a.token
+        assert leased(c) == 2
+        assert "token=" in repr(a) and "session=" in repr(c)
+        c.release(a)
+        c.release(b)
+        wait_for(lambda: leased(c) == 0, what="release to land")
+    finally:
+        c.close()
+
+
+def test_cap_timeout_and_zero_timeout(start_coordinator: Any, sock_path: str) -> None:
+    start_coordinator({"r": 1})
+    c = Client(sock_path)
+    try:
+        c.acquire("r", timeout=2)
+        t0 = time.monotonic()
+        with pytest.raises(PoolTimeout):
+            c.acquire("r", timeout=0)
+        assert time.monotonic() - t0 < 0.5
+        t0 = time.monotonic()
+        with pytest.raises(PoolTimeout) as info:
+            c.acquire("r", timeout=0.3)
+        assert 0.25 < time.monotonic() - t0 < 3
+        assert "all 1 leases" in str(info.value)
+    finally:
+        c.close()
+
+
+def test_unknown_resource_is_a_clear_error(start_coordinator: Any, sock_path: str) -> None:
+    start_coordinator({"r": 1})
+    c = Client(sock_path)
+    try:
+        with pytest.raises(UnknownResource, match="no resource 'nope'") as info:
+            c.acquire("nope", timeout=1)
+        assert isinstance(info.value, LookupError)
+        assert c.acquire("r", timeout=1)  # the session goes on
+    finally:
+        c.close()
+
+
+def test_waiters_served_first_come_first_served(start_coordinator: Any, sock_path: str) -> None:
+    start_coordinator({"r": 1})
+    owner = Client(sock_path)
+    lease = owner.acquire("r", timeout=2)
+    order: list[int] = []
+    clients = [Client(sock_path) for _ in range(4)]
+
+    def wait(i: int) -> None:
+        got = clients[i].acquire("r", timeout=10)
+        order.append(i)
+        clients[i].release(got)
+
+    threads = []
+    try:
+        for i in range(4):
+            threads.append(threading.Thread(target=wait, args=(i,)))
+            threads[-1].start()
+            wait_for(lambda i=i: owner.inspect("resources")["resources"][0]["waiting"] == i + 1)
+        owner.release(lease)
+        for t in threads:
+            t.join(10)
+        assert order == [0, 1, 2, 3]
+    finally:
+        for c in [owner, *clients]:
+            c.close()
+
+
+def test_clean_close_returns_leases(start_coordinator: Any, sock_path: str) -> None:
+    start_coordinator({"r": Resource(max_size=2, quarantine_delay=0)})
+    a, b = Client(sock_path), Client(sock_path)
+    try:
+        a.acquire("r", timeout=1)
+        a.acquire("r", timeout=1)
+        assert leased(b) == 2
+        a.close()
+        wait_for(lambda: leased(b) == 0, what="leases of a closed session to return")
+        assert b.acquire("r", timeout=1)
+    finally:
+        b.close()
+
+
+def test_sigkilled_worker_slots_go_to_a_waiter(start_coordinator: Any, sock_path: str) -> None:
+    start_coordinator({"r": Resource(max_size=2, quarantine_delay=0.05)})
+    c = Client(sock_path)
+    try:
+        with holder(sock_path, "r", 2) as proc:
+            assert leased(c) == 2
+            result: list[Any] = []
+            t = threading.Thread(target=lambda: result.append(c.acquire("r", timeout=10)))
+            t.start()
+            wait_for(lambda: c.inspect("resources")["resources"][0]["waiting"] == 1)
+            t0 = time.monotonic()
+            os.kill(proc.pid, signal.SIGKILL)
+            t.join(10)
+            elapsed = time.monotonic() - t0
+        assert result, "the waiter never got the dead worker's slot"
+        assert elapsed < 2.0  # generous: the quarantine is 50 ms
+        sessions = c.inspect("sessions")["sessions"]
+        assert [s["pid"] for s in sessions] == [os.getpid()]
+    finally:
+        c.close()
+
+
+def test_fenced_slots_count_against_the_cap(start_coordinator: Any, sock_path: str) -> None:
+    start_coordinator({"r": Resource(max_size=1, quarantine_delay=1.0)})
+    c = Client(sock_path)
+    try:
+        with holder(sock_path, "r", 1) as proc:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+        wait_for(lambda: c.inspect("resources")["resources"][0]["fenced"] == 1)
+        with pytest.raises(PoolTimeout):  # still fenced: the cap holds
+            c.acquire("r", timeout=0)
+        assert c.acquire("r", timeout=5)  # after the delay the slot is free
+    finally:
+        c.close()
+
+
+def _raw_session(path: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(path)
+    return s
+
+
+def _read_frames(s: socket.socket) -> list[dict[str, Any]]:
+    data = b""
+    while True:
+        try:
+            chunk = s.recv(65536)
+        except (TimeoutError, ConnectionResetError):
+            break
+        if not chunk:
+            break
+        data += chunk
+    frames = []
+    while len(data) >= 4:
+        (n,) = struct.unpack(">I", data[:4])
+        frames.append(msgpack.unpackb(data[4 : 4 + n]))
+        data = data[4 + n :]
+    return frames
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\x00\x00\x00\x05garbage",  # not msgpack
+        struct.pack(">I", 1 << 30),  # oversized frame header
+        p.encode(p.Acquire(1, "r", 1.0)),  # an op before hello
+        struct.pack(">I", 3) + msgpack.packb([1, 2]),  # not a map
+    ],
+    ids=["garbage", "oversized", "before-hello", "not-a-map"],
+)
+def test_bad_frames_end_only_that_session(start_coordinator: Any, sock_path: str, payload: bytes) -> None:
+    start_coordinator({"r": 2})
+    good = Client(sock_path)
+    try:
+        lease = good.acquire("r", timeout=2)
+        bad = _raw_session(sock_path)
+        bad.sendall(payload)
+        frames = _read_frames(bad)  # the coordinator answers with an error, then closes
+        bad.close()
+        assert frames and frames[-1]["op"] == "error" and frames[-1]["fatal"] is True
+        assert frames[-1]["code"] == "protocol_error"
+        good.release(lease)
+        assert good.acquire("r", timeout=2)  # nobody else noticed
+        assert len(good.inspect("sessions")["sessions"]) == 1
+    finally:
+        good.close()
+
+
+def test_unknown_op_after_hello_is_an_error_reply(start_coordinator: Any, sock_path: str) -> None:
+    start_coordinator({"r": 1})
+    s = _raw_session(sock_path)
+    try:
+        s.sendall(p.encode(p.Hello(p.PROTOCOL_VERSION, os.getpid(), "raw")))
+        body = msgpack.packb({"op": "frobnicate", "req": 1})
+        s.sendall(struct.pack(">I", len(body)) + body)
+        frames = _read_frames(s)
+        assert frames[0]["op"] == "welcome"
+        assert frames[-1]["op"] == "error" and "unknown op" in frames[-1]["message"]
+    finally:
+        s.close()
+
+
+def test_socket_is_private_and_live_socket_is_not_stolen(start_coordinator: Any, sock_path: str) -> None:
+    start_coordinator({"r": 1})
+    assert stat.S_IMODE(os.stat(sock_path).st_mode) == 0o600
+    with pytest.raises(CoordinatorRunning, match="already serving"):
+        Coordinator(sock_path, {"r": 1}).start()
+    c = Client(sock_path)  # the first one is unharmed
+    try:
+        assert c.acquire("r", timeout=1)
+    finally:
+        c.close()
+
+
+def test_stale_socket_is_replaced(start_coordinator: Any, sock_path: str) -> None:
+    first = start_coordinator({"r": 1})
+    first.kill()  # SIGKILL: the socket file stays behind
+    assert os.path.exists(sock_path)
+    start_coordinator({"r": 1})
+    c = Client(sock_path)
+    try:
+        assert c.acquire("r", timeout=2)
+    finally:
+        c.close()
+
+
+def test_directory_writable_by_others_is_refused(tmp_path: Any) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(ConfigError, match="writable by others"):
+        Coordinator(str(shared / "sp.sock"), {"r": 1}).start()
+
+
+def test_no_coordinator_is_a_connection_error(sock_path: str) -> None:
+    c = Client(sock_path)
+    try:
+        with pytest.raises(CoordinatorUnavailable) as info:
+            c.acquire("r", timeout=0.2)
+        assert isinstance(info.value, ConnectionError)
+    finally:
+        c.close()
+
+
+def test_restart_reregisters_held_leases(start_coordinator: Any, sock_path: str) -> None:
+    first = start_coordinator({"r": 2})
+    c = Client(sock_path)
+    try:
+        lease = c.acquire("r", timeout=2)
+        first.kill()
+        start_coordinator({"r": 2})
+        # The client notices, reconnects and re-registers the lease it holds.
+        wait_for(lambda: c.connected and leased(c) == 1, timeout=10, what="re-registration")
+        rows = c.inspect("leases")["leases"]
+        assert [r["id"] for r in rows] == [lease.id]
+        second = c.acquire("r", timeout=2)
+        assert second.token > lease.token  # tokens keep growing across the restart
+        with pytest.raises(PoolTimeout):
+            c.acquire("r", timeout=0)  # I1 across the restart
+    finally:
+        c.close()
+
+
+def test_acquire_waits_for_a_restarting_coordinator(start_coordinator: Any, sock_path: str) -> None:
+    first = start_coordinator({"r": 1})
+    c = Client(sock_path)
+    try:
+        c.release(c.acquire("r", timeout=2))
+        first.kill()
+        threading.Timer(0.5, lambda: start_coordinator({"r": 1})).start()
+        t0 = time.monotonic()
+        assert c.acquire("r", timeout=10)
+        assert time.monotonic() - t0 >= 0.4
+    finally:
+        c.close()
+
+
+def test_sigterm_stops_and_removes_socket(start_coordinator: Any, sock_path: str) -> None:
+    coord = start_coordinator({"r": 1})
+    pid = coord.pid
+    assert pid is not None
+    coord.stop()
+    assert not os.path.exists(sock_path)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)

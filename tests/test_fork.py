@@ -1,0 +1,75 @@
+"""I7: a pool or client inherited across fork() never uses the parent's socket
+or connections; the child starts its own session lazily."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import psycopg
+from pg_helpers import pg_dsn
+
+from sharedpool import Client, ConnectionPool, PoolConfig
+
+
+def _run_in_child(fn: Any) -> int:
+    """Fork; run ``fn`` in the child; its return value (0 = ok) is the exit code."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            code = fn()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_forked_client_starts_its_own_session(start_coordinator: Any, sock_path: str) -> None:
+    start_coordinator({"r": 4})
+    parent = Client(sock_path)
+    lease = parent.acquire("r", timeout=2)
+    parent_session = parent.session_id
+
+    def child() -> int:
+        got = parent.acquire("r", timeout=2)  # the same object, now in the child
+        sessions = parent.inspect("sessions")["sessions"]
+        mine = [s for s in sessions if s["pid"] == os.getpid()]
+        ok = parent.session_id != parent_session and len(mine) == 1 and lease.id not in parent.held
+        parent.release(got)
+        return 0 if ok else 3
+
+    try:
+        assert _run_in_child(child) == 0
+        # The parent's session and lease are untouched by the child's life and death.
+        rows = parent.inspect("leases")["leases"]
+        assert [r["id"] for r in rows] == [lease.id]
+        assert parent.session_id == parent_session
+    finally:
+        parent.close()
+
+
+def test_forked_pool_never_touches_parent_connections(pg: str, start_coordinator: Any,
+                                                      sock_path: str, app_name: str) -> None:
+    start_coordinator({"pg": 4})
+    pool = ConnectionPool(
+        lambda: psycopg.connect(pg_dsn(), application_name=app_name, autocommit=True),
+        PoolConfig(min_size=0, max_size=2), resource="pg", coordinator=sock_path,
+    )
+    with pool.connection() as conn:
+        parent_backend = conn.info.backend_pid
+
+    def child() -> int:
+        with pool.connection() as conn:  # a new connection, its own lease
+            mine = conn.info.backend_pid
+        pool.close()  # closes only the child's connections
+        return 0 if mine != parent_backend else 4
+
+    try:
+        assert _run_in_child(child) == 0
+        with pool.connection() as conn:  # the parent's connection still works
+            assert conn.info.backend_pid == parent_backend
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert pool.get_metrics()["total_created"] == 1
+    finally:
+        pool.close()

@@ -1,0 +1,88 @@
+"""I1 seen from PostgreSQL's side: many processes, one cap, pg_stat_activity never over it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pg_helpers import BackendSampler, pg_dsn
+
+from sharedpool import Client, Resource
+
+WORKER = str(Path(__file__).with_name("pg_worker.py"))
+
+
+def spawn(sock: str, app: str, iterations: int, *extra: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    return subprocess.Popen(
+        [sys.executable, WORKER, sock, "pg", app, str(iterations), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 120) -> dict[str, Any]:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-2000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_eight_processes_never_exceed_the_cap(pg: str, start_coordinator: Any, sock_path: str,
+                                              app_name: str) -> None:
+    start_coordinator({"pg": Resource(max_size=3, acquire_timeout=60)})
+    with BackendSampler(app_name) as sampler:
+        procs = [spawn(sock_path, app_name, 150) for _ in range(8)]
+        try:
+            results = [finish(p) for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait(10)
+        time.sleep(0.05)
+    assert all(r["n_errors"] == 0 for r in results), [r["errors"] for r in results]
+    assert sum(r["done"] for r in results) == 8 * 2 * 150
+    assert sampler.samples > 100
+    assert sampler.peak <= 3, f"PostgreSQL saw {sampler.peak} connections with a cap of 3"
+    assert sampler.peak == 3, "the cap was never reached: the test proves nothing"
+    assert sampler.count_now() == 0  # every connection closed after the workers stopped
+    c = Client(sock_path)
+    try:
+        row = c.inspect("resources")["resources"][0]
+        assert row["leased"] == 0 and row["peak"] == 3
+    finally:
+        c.close()
+
+
+def test_sigkilled_worker_slot_goes_to_a_waiting_worker(pg: str, start_coordinator: Any,
+                                                        sock_path: str, app_name: str) -> None:
+    # The fence asks PostgreSQL whether the dead worker's backend is gone.
+    start_coordinator({"pg": Resource(max_size=2, monitor_dsn=pg_dsn(), acquire_timeout=60)})
+    c = Client(sock_path)
+    with BackendSampler(app_name) as sampler:
+        # Two workers hold both slots for a long time; a third waits.
+        holders = [spawn(sock_path, app_name, 1, "1", "1", "30") for _ in range(2)]
+        try:
+            deadline = time.monotonic() + 20
+            while c.inspect("resources")["resources"][0]["leased"] < 2:
+                assert time.monotonic() < deadline, "holders never got their leases"
+                time.sleep(0.02)
+            waiter = spawn(sock_path, app_name, 5, "1", "1")
+            while c.inspect("resources")["resources"][0]["waiting"] < 1:
+                assert time.monotonic() < deadline, "the third worker never queued"
+                time.sleep(0.02)
+            os.kill(holders[0].pid, signal.SIGKILL)
+            result = finish(waiter, timeout=30)
+        finally:
+            for p in holders:
+                if p.poll() is None:
+                    p.kill()
+                p.wait(10)
+    assert result["done"] == 5 and result["n_errors"] == 0
+    assert sampler.peak <= 2, f"PostgreSQL saw {sampler.peak} connections with a cap of 2"
+    c.close()
