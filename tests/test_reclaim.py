@@ -1,0 +1,168 @@
+"""I3 across processes: idle slots move to where they are needed, busy ones at
+checkin after the fairness quantum; limits per process; no lease lost to a race."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sharedpool import (
+    Client,
+    ConnectionPool,
+    PoolConfig,
+    PoolTimeout,
+    Resource,
+    TooManyWaiters,
+)
+from sharedpool.testing import FakeFactory
+
+HOLDER = str(Path(__file__).with_name("pool_holder.py"))
+
+
+@contextmanager
+def holder(sock: str, size: int, count: int, mode: str, seconds: float = 30) -> Iterator[subprocess.Popen[str]]:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    proc = subprocess.Popen([sys.executable, HOLDER, sock, "r", str(size), str(count), mode, str(seconds)],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+def held_by(client: Client, pid: int) -> int:
+    return sum(s["leases"] for s in client.inspect("sessions")["sessions"] if s["pid"] == pid)
+
+
+def local_pool(sock: str, size: int = 2) -> ConnectionPool[Any]:
+    return ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=size), resource="r",
+                          coordinator=sock)
+
+
+def test_idle_slots_are_reclaimed_within_milliseconds(start_coordinator: Any, sock_path: str) -> None:
+    start_coordinator({"r": 3})
+    with holder(sock_path, 4, 3, "idle") as proc:
+        pool = local_pool(sock_path)
+        try:
+            t0 = time.monotonic()
+            with pool.connection(timeout=5):
+                waited = time.monotonic() - t0
+            client = Client.for_path(sock_path)
+            assert held_by(client, proc.pid) == 2
+        finally:
+            pool.close()
+    assert waited < 1.0, f"reclaim took {waited:.3f}s (idle_timeout is 300s)"
+
+
+def test_busy_process_gives_back_at_checkin(start_coordinator: Any, sock_path: str) -> None:
+    start_coordinator({"r": Resource(max_size=3, fairness_quantum=0.05)})
+    with holder(sock_path, 3, 3, "busy", seconds=20) as proc:
+        pool = local_pool(sock_path)
+        try:
+            t0 = time.monotonic()
+            for _ in range(5):  # repeatedly: the busy process must not starve us
+                with pool.connection(timeout=10) as conn:
+                    conn.execute()
+                    time.sleep(0.01)
+                pool.close()  # give our lease back each time, then come again
+                pool = local_pool(sock_path)
+            elapsed = time.monotonic() - t0
+        finally:
+            pool.close()
+        assert proc.poll() is None  # the busy one kept working
+    assert elapsed < 10
+
+
+def test_max_waiting_fails_fast(start_coordinator: Any, sock_path: str) -> None:
+    start_coordinator({"r": Resource(max_size=1, max_waiting=1)})
+    a, b, c = Client(sock_path), Client(sock_path), Client(sock_path)
+    try:
+        a.acquire("r", timeout=1)
+        t = threading.Thread(target=lambda: pytest.raises(PoolTimeout, b.acquire, "r", 1.0))
+        t.start()
+        deadline = time.monotonic() + 5
+        while a.inspect("resources")["resources"][0]["waiting"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        with pytest.raises(TooManyWaiters, match="max_waiting"):
+            c.acquire("r", timeout=5)
+        assert time.monotonic() - t0 < 0.5
+        t.join(5)
+    finally:
+        for x in (a, b, c):
+            x.close()
+
+
+def test_min_per_process_is_never_reclaimed(start_coordinator: Any, sock_path: str) -> None:
+    start_coordinator({"r": Resource(max_size=2, min_per_process=2)})
+    with holder(sock_path, 2, 2, "idle"):
+        pool = local_pool(sock_path)
+        try:
+            with pytest.raises(PoolTimeout):
+                pool.acquire(timeout=0.5)
+        finally:
+            pool.close()
+
+
+def test_max_per_process(start_coordinator: Any, sock_path: str) -> None:
+    start_coordinator({"r": Resource(max_size=4, max_per_process=2)})
+    c, other = Client(sock_path), Client(sock_path)
+    try:
+        c.acquire("r", timeout=1)
+        c.acquire("r", timeout=1)
+        with pytest.raises(PoolTimeout, match="max_per_process"):
+            c.acquire("r", timeout=0)
+        assert other.acquire("r", timeout=1)  # the cap is per session, not global
+    finally:
+        c.close()
+        other.close()
+
+
+def test_timeouts_racing_grants_leak_nothing(start_coordinator: Any, sock_path: str) -> None:
+    """Waiters that give up at the moment their grant arrives hand it back."""
+    start_coordinator({"r": Resource(max_size=2, quarantine_delay=0)})
+    clients = [Client(sock_path) for _ in range(4)]
+    stop = time.monotonic() + 3
+    counts = [0, 0]
+
+    def churn(c: Client, i: int) -> None:
+        while time.monotonic() < stop:
+            try:
+                lease = c.acquire("r", timeout=0.001 * (1 + i))
+            except PoolTimeout:
+                counts[1] += 1
+                continue
+            counts[0] += 1
+            c.release(lease)
+
+    threads = [threading.Thread(target=churn, args=(c, i)) for i, c in enumerate(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert counts[0] > 50 and counts[1] > 0, counts
+    for c in clients:
+        assert c.held == {}
+    probe = Client(sock_path)
+    try:
+        deadline = time.monotonic() + 5
+        while probe.inspect("resources")["resources"][0]["leased"]:
+            assert time.monotonic() < deadline, "a lease leaked"
+            time.sleep(0.02)
+    finally:
+        for c in [*clients, probe]:
+            c.close()
