@@ -172,6 +172,13 @@ class Client:
                 self._owed[lease.resource] = owed - 1
         self._send_quiet(p.Release(lease.id))
 
+    def ensure_connected(self) -> bool:
+        """Whether a session is up, trying to connect first (unless in a backoff)."""
+        self._checkpid()
+        if self._sock is None and not self._closed:
+            self._try_connect(None)
+        return self._sock is not None
+
     def owes(self, resource: str) -> int:
         """How many leases of ``resource`` the coordinator asked us to give back."""
         return self._owed.get(resource, 0)

@@ -337,8 +337,8 @@ class ConnectionPool(Generic[T]):
         lease = None
         client = self._get_client()
         try:
-            if client is not None:
-                t0 = time.monotonic()
+            t0 = time.monotonic()
+            if client is not None and not self._use_fallback(client):
                 lease = client.acquire(self.resource, max(0.0, deadline - t0))
             t1 = time.monotonic()
             with self._lock:
@@ -418,6 +418,8 @@ class ConnectionPool(Generic[T]):
         healthy = not self.config.test_on_release or self._validate(wrapper)
         now = time.monotonic()
         client = self._client
+        if client is not None and wrapper.lease is None and client.ensure_connected():
+            healthy = False  # a fallback connection: the coordinator is back, so it goes
         with self._lock:
             if not wrapper.in_use or self._all.get(wrapper.id) is not wrapper:
                 raise PoolMisuse(f"{wrapper!r} was already released (or made in another process)")
@@ -437,6 +439,19 @@ class ConnectionPool(Generic[T]):
             self._returned.notify_all()
         self._close(wrapper)
         self._start_openers(openers, now + self.config.acquire_timeout)
+
+    def _use_fallback(self, client: Client) -> bool:
+        """coordinator_away="fallback": with the coordinator unreachable, open
+        up to ``fallback_max_size`` connections without a lease."""
+        if self.config.coordinator_away != "fallback" or client.ensure_connected():
+            return False
+        with self._lock:
+            unleased = sum(1 for w in self._all.values() if w.lease is None)
+        if unleased >= self.config.fallback_max_size:
+            return False  # wait for the coordinator like everyone else
+        log.warning("pool %r: coordinator %s unreachable; opening a connection without a lease "
+                    "(coordinator_away=fallback)", self.name, self.coordinator)
+        return True
 
     def _owes(self, client: Client, wrapper: ConnectionWrapper[T], now: float) -> bool:
         # The coordinator asked for leases back: give this one unless it is

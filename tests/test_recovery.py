@@ -1,0 +1,118 @@
+"""I4: the coordinator is killed and restarted; pools keep working and nothing is lost."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from sharedpool import Client, ConnectionPool, PoolConfig, PoolTimeout, SharedPoolError
+from sharedpool.testing import FakeFactory
+
+
+def leased(client: Client) -> int:
+    return int(client.inspect("resources")["resources"][0]["leased"])
+
+
+def make_pool(sock: str, factory: FakeFactory, **cfg: Any) -> ConnectionPool[Any]:
+    cfg.setdefault("min_size", 0)
+    cfg.setdefault("max_size", 2)
+    return ConnectionPool(factory, PoolConfig(**cfg), resource="r", coordinator=sock)
+
+
+def test_held_connections_work_while_the_coordinator_is_away(start_coordinator: Any,
+                                                             sock_path: str) -> None:
+    first = start_coordinator({"r": 2})
+    factory = FakeFactory()
+    pool = make_pool(sock_path, factory)
+    try:
+        with pool.connection() as conn:
+            conn.execute()
+        first.kill()
+        for _ in range(100):  # the fast path needs no coordinator
+            with pool.connection(timeout=1) as conn:
+                assert conn.execute() == 1
+        start_coordinator({"r": 2})
+        probe = Client(sock_path)
+        deadline = time.monotonic() + 10
+        while leased(probe) != 1:
+            assert time.monotonic() < deadline, "the pool's lease was not re-registered"
+            time.sleep(0.02)
+        probe.close()
+        assert factory.calls == 1
+    finally:
+        pool.close()
+
+
+def test_new_connections_wait_for_the_coordinator(start_coordinator: Any, sock_path: str) -> None:
+    first = start_coordinator({"r": 2})
+    pool = make_pool(sock_path, FakeFactory())
+    try:
+        with pool.connection():
+            pass
+        first.kill()
+        held = pool.acquire()  # the one connection we have
+        threading.Timer(0.5, lambda: start_coordinator({"r": 2})).start()
+        t0 = time.monotonic()
+        with pool.connection(timeout=10) as conn:  # needs a new lease: waits, then succeeds
+            assert conn.execute() == 1
+        assert time.monotonic() - t0 >= 0.4
+        pool.release(held)
+    finally:
+        pool.close()
+
+
+def test_rebuilt_ledger_never_grants_beyond_the_cap(start_coordinator: Any, sock_path: str) -> None:
+    first = start_coordinator({"r": 3})
+    a, b = Client(sock_path), Client(sock_path)
+    try:
+        a.acquire("r", timeout=1)
+        a.acquire("r", timeout=1)
+        b.acquire("r", timeout=1)
+        first.kill()
+        start_coordinator({"r": 2})  # restarted with a smaller cap: 3 re-registered > 2
+        deadline = time.monotonic() + 10
+        while not (a.connected and b.connected and leased(a) == 3):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        with pytest.raises(PoolTimeout):
+            b.acquire("r", timeout=0)
+        a.release(next(iter(a.held.values())))
+        with pytest.raises(PoolTimeout):  # 2 held, cap 2: still nothing to grant
+            b.acquire("r", timeout=0)
+        a.release(next(iter(a.held.values())))
+        assert b.acquire("r", timeout=2)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_wait_policy_times_out_without_a_coordinator(sock_path: str) -> None:
+    pool = make_pool(sock_path, FakeFactory())
+    try:
+        with pytest.raises(SharedPoolError) as info:
+            pool.acquire(timeout=0.3)
+        assert isinstance(info.value, (TimeoutError, ConnectionError))
+    finally:
+        pool.close()
+
+
+def test_fallback_policy_opens_a_local_cap_then_hands_back(start_coordinator: Any,
+                                                           sock_path: str) -> None:
+    factory = FakeFactory()
+    pool = make_pool(sock_path, factory, coordinator_away="fallback", fallback_max_size=1)
+    try:
+        w = pool.acquire(timeout=2)  # no coordinator: one connection without a lease
+        assert w.lease is None
+        with pytest.raises(SharedPoolError):  # the local fallback cap is 1
+            pool.acquire(timeout=0.3)
+        start_coordinator({"r": 2})
+        pool.release(w)  # the coordinator is back: the unleased connection goes
+        assert w.conn.closed
+        with pool.connection(timeout=5):
+            pass
+        assert all(x.lease is not None for x in pool._all.values())
+    finally:
+        pool.close()
