@@ -1,0 +1,86 @@
+"""I6: only allowed peers get a session; admin verbs can be restricted further.
+
+A real process running as another user (uid/gid 65534, via setpriv) talks to
+the coordinator; the socket is group-accessible so that the kernel lets it
+connect and the coordinator's SO_PEERCRED check is what decides."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+NOBODY = 65534
+
+pytestmark = pytest.mark.skipif(
+    os.getuid() != 0 or shutil.which("setpriv") is None,
+    reason="needs root and setpriv (util-linux) to run a peer as another user",
+)
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[str]:
+    # tmp_path's parents are 0700; this test needs a directory another user can
+    # traverse (not write): 0711 under /tmp, removed afterwards.
+    path = tempfile.mkdtemp(prefix="sp-access-", dir="/tmp")
+    os.chmod(path, 0o711)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def run_as_nobody(sock: str, body: str) -> subprocess.CompletedProcess[str]:
+    code = textwrap.dedent(f"""
+        import sys
+        from sharedpool import Client, AccessDenied, SharedPoolError
+        c = Client({sock!r})
+        try:
+{textwrap.indent(textwrap.dedent(body), " " * 12)}
+        except AccessDenied as exc:
+            print("DENIED", exc)
+        finally:
+            c.close()
+    """)
+    return subprocess.run(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+         sys.executable, "-c", code],
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_socket_mode_with_group(start_coordinator: Any, shared_dir: str) -> None:
+    sock = os.path.join(shared_dir, "sp.sock")
+    start_coordinator({"r": 1}, path=sock, group="nogroup")
+    st = os.stat(sock)
+    assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == NOBODY
+
+
+def test_peer_with_wrong_uid_is_refused(start_coordinator: Any, shared_dir: str) -> None:
+    sock = os.path.join(shared_dir, "sp.sock")
+    start_coordinator({"r": 1}, path=sock, group="nogroup")  # allowed: our own uid only
+    out = run_as_nobody(sock, 'print("GRANTED", c.acquire("r", timeout=2))')
+    assert "DENIED" in out.stdout, out.stdout + out.stderr
+    assert "uid 65534" in out.stdout
+    assert "GRANTED" not in out.stdout
+
+
+def test_allowed_gid_is_admitted_but_not_admin(start_coordinator: Any, shared_dir: str) -> None:
+    sock = os.path.join(shared_dir, "sp.sock")
+    start_coordinator({"r": 1}, path=sock, group="nogroup", allowed_gids=[NOBODY])
+    out = run_as_nobody(sock, """
+        print("GRANTED", c.acquire("r", timeout=2).id)
+        c.admin("pause", resource="r")
+        print("PAUSED")
+    """)
+    assert "GRANTED" in out.stdout, out.stdout + out.stderr
+    assert "DENIED" in out.stdout and "admin" in out.stdout
+    assert "PAUSED" not in out.stdout
