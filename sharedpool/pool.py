@@ -16,12 +16,11 @@ import traceback
 import uuid
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from enum import Enum
 from typing import Any, Generic, TypeVar
 
-from .client import Client, Lease, current_pid
+from .client import _PID, Client, Lease, current_pid
 from .closing import close_and_confirm
 from .config import SOCKET_ENV, PoolConfig, check_resource_name
 from .errors import (
@@ -143,6 +142,11 @@ class ConnectionPool(Generic[T]):
 
     def _init_state(self) -> None:
         self._pid = current_pid()
+        # Config read on every checkout, kept as plain attributes.
+        self._bypass = self.config.validation_bypass if self.config.test_on_acquire else None
+        self._leaks = self.config.leak_detection_threshold is not None
+        self._test_on_release = self.config.test_on_release
+        self._max_lifetime = self.config.max_lifetime
         self._lock = threading.Lock()
         self._returned = threading.Condition(self._lock)
         self._idle: deque[ConnectionWrapper[T]] = deque()
@@ -224,7 +228,7 @@ class ConnectionPool(Generic[T]):
     def acquire(self, timeout: float | None = None) -> ConnectionWrapper[T]:
         """Check a connection out. ``timeout`` None: ``config.acquire_timeout``;
         0: only if one is free now (or can be opened)."""
-        if self._pid != current_pid():
+        if self._pid != _PID[0]:
             self._after_fork()
         if timeout is not None and timeout < 0:
             raise ConfigError("timeout", f"must be >= 0 or None, got {timeout!r}")
@@ -238,13 +242,13 @@ class ConnectionPool(Generic[T]):
                 self._m["total_acquired"] += 1
         if wrapper is not None:
             now = time.monotonic()
-            if (self.config.test_on_acquire
-                    and now - max(wrapper.last_used, wrapper.checked_at) > self.config.validation_bypass):
-                if not self._validate(wrapper):
-                    self._discard(wrapper)
-                    return self._acquire_slow(timeout, time.monotonic())
             wrapper.checked_out_at = now
-            if self.config.leak_detection_threshold is not None:
+            bypass = self._bypass
+            if (bypass is not None and now - wrapper.last_used > bypass
+                    and now - wrapper.checked_at > bypass and not self._validate(wrapper)):
+                self._discard(wrapper)
+                return self._acquire_slow(timeout, time.monotonic())
+            if self._leaks:
                 wrapper.site = _call_site()
             return wrapper
         return self._acquire_slow(timeout, time.monotonic())
@@ -413,9 +417,9 @@ class ConnectionPool(Generic[T]):
         owed to the coordinator, or the pool is draining/closed)."""
         if wrapper.pool is not self:
             raise PoolMisuse(f"{wrapper!r} does not belong to pool {self.name!r}")
-        if self._pid != current_pid():
+        if self._pid != _PID[0]:
             self._after_fork()
-        healthy = not self.config.test_on_release or self._validate(wrapper)
+        healthy = not self._test_on_release or self._validate(wrapper)
         now = time.monotonic()
         client = self._client
         if client is not None and wrapper.lease is None and client.ensure_connected():
@@ -428,7 +432,7 @@ class ConnectionPool(Generic[T]):
             if (
                 healthy
                 and self.status is PoolStatus.ACTIVE
-                and now - wrapper.created_at <= self.config.max_lifetime
+                and now - wrapper.created_at <= self._max_lifetime
                 and (client is None or not self._owes(client, wrapper, now))
             ):
                 self._hand_over(wrapper)
@@ -466,14 +470,9 @@ class ConnectionPool(Generic[T]):
 
     # ------------------------------------------------------------------ context managers
 
-    @contextmanager
-    def connection(self, timeout: float | None = None) -> Iterator[T]:
+    def connection(self, timeout: float | None = None) -> _Checkout[T]:
         """``with pool.connection() as conn:`` — the raw connection, returned on exit."""
-        wrapper = self.acquire(timeout)
-        try:
-            yield wrapper.conn
-        finally:
-            self.release(wrapper)
+        return _Checkout(self, timeout)
 
     def __enter__(self) -> ConnectionPool[T]:
         return self
@@ -517,7 +516,7 @@ class ConnectionPool(Generic[T]):
     def close(self, timeout: float = 5.0) -> None:
         """Close the pool: waiters fail with PoolClosed, idle connections close
         now, in-use ones when they come back (waiting up to ``timeout``)."""
-        if self._pid != current_pid():
+        if self._pid != _PID[0]:
             self._after_fork()
         self._stop.set()
         self._shut(PoolStatus.CLOSED, timeout)
@@ -673,7 +672,8 @@ class ConnectionPool(Generic[T]):
         """Top up to min_size, taking a lease only if one is free right now."""
         for _ in range(count):
             with self._lock:
-                if len(self._all) + self._opening >= self.config.min_size or self.status is not PoolStatus.ACTIVE:
+                if (len(self._all) + self._opening >= self.config.min_size
+                        or self.status is not PoolStatus.ACTIVE):
                     return
                 self._opening += 1
             client = self._get_client()
@@ -746,6 +746,22 @@ def _call_site() -> str:
     stack = traceback.extract_stack(limit=12)[:-3]
     frames = [f for f in stack if "sharedpool" not in f.filename and "contextlib" not in f.filename]
     return "".join(traceback.format_list(frames[-6:] or stack[-3:]))
+
+
+class _Checkout(Generic[T]):
+    # A plain class, not @contextmanager: this is on the checkout fast path.
+    __slots__ = ("pool", "timeout", "wrapper")
+
+    def __init__(self, pool: ConnectionPool[T], timeout: float | None) -> None:
+        self.pool = pool
+        self.timeout = timeout
+
+    def __enter__(self) -> T:
+        self.wrapper = self.pool.acquire(self.timeout)
+        return self.wrapper.conn
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.release(self.wrapper)
 
 
 class PooledConnection(Generic[T]):
