@@ -88,6 +88,7 @@ class Client:
     def _init_state(self) -> None:
         self._pid = os.getpid()
         self._sock: socket.socket | None = None
+        self._poller: Any = None  # select.poll on _sock; only the reading thread uses it
         self._conn: p.Connection | None = None
         self._send_lock = threading.Lock()
         self._read_lock = threading.Lock()
@@ -298,11 +299,9 @@ class Client:
                     self._cond.notify_all()
 
     def _read_until(self, pending: _Pending, deadline: float | None) -> None:
-        sock = self._sock
-        if sock is None:
+        sock, poller = self._sock, self._poller
+        if sock is None or poller is None:
             return
-        poller = select.poll()
-        poller.register(sock, select.POLLIN)
         while not pending.done:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
@@ -429,8 +428,10 @@ class Client:
         except BaseException:
             sock.close()
             raise
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
         with self._cond:
-            self._sock, self._conn = sock, conn
+            self._sock, self._conn, self._poller = sock, conn, poller
             self.session_id, self.server_pid = welcome.session, welcome.server_pid
             self.limits = welcome.resources
             self._last_report = None
