@@ -116,7 +116,8 @@ def run(workers: int, cap: int, seconds: float, coord_restarts: int, seed: int) 
     from sharedpool import Client, Coordinator, Resource
 
     rnd = random.Random(seed)
-    ctx = multiprocess.get_context("fork")
+    # Not fork: the sampler thread may be inside libpq when we fork a worker.
+    ctx = multiprocess.get_context("spawn")
     sock = os.path.join(tempfile.mkdtemp(prefix="sp-chaos-"), "sp.sock")
     app = f"sp-chaos-{uuid.uuid4().hex[:8]}"
     resources = {"pg": Resource(max_size=cap, monitor_dsn=DSN, fence_action="terminate",

@@ -225,6 +225,17 @@ class Client:
                 if handler in lst2:
                     lst2.remove(handler)  # type: ignore[arg-type]
 
+    def close_if_unused(self) -> bool:
+        """Close the session if no pool uses it and it holds and awaits nothing
+        (the last pool of a process closing ends the process's session)."""
+        with self._cond:
+            busy = (self._held or self._pending or self._push_handlers or self._state_providers
+                    or any(self._reclaim_handlers.values()))
+        if busy:
+            return False
+        self.close()
+        return True
+
     def close(self) -> None:
         """End the session; the coordinator returns (fences) any lease still held."""
         if self._pid != os.getpid():

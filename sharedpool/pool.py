@@ -522,6 +522,7 @@ class ConnectionPool(Generic[T]):
         self._shut(PoolStatus.CLOSED, timeout)
         if self._client is not None:
             self._client.remove_handlers(*self._handlers)
+            self._client.close_if_unused()
 
     def _shut(self, status: PoolStatus, timeout: float) -> None:
         with self._lock:
