@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +46,11 @@ def _number(
 ) -> Any:
     if value is None and optional:
         return None
-    kinds: tuple[type, ...] = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (integer and not isinstance(value, int))
+    ):
         want = "an integer" if integer else "a number"
         if optional:
             want += " or None"
@@ -162,13 +165,18 @@ class Resource:
         _number("min_per_process", self.min_per_process, integer=True)
         if self.min_per_process > self.max_size:
             raise ConfigError("min_per_process", f"must be <= max_size ({self.max_size})")
+        if self.max_per_process is not None and self.min_per_process > self.max_per_process:
+            raise ConfigError(
+                "min_per_process", f"must be <= max_per_process ({self.max_per_process})"
+            )
         _number("max_waiting", self.max_waiting, integer=True, optional=True)
         _number("acquire_timeout", self.acquire_timeout)
         _number("fairness_quantum", self.fairness_quantum)
         _number("quarantine_delay", self.quarantine_delay)
         _number("fence_timeout", self.fence_timeout, strict_min=True)
-        if self.monitor_dsn is not None and not isinstance(self.monitor_dsn, str):
-            raise ConfigError("monitor_dsn", f"must be a string, got {self.monitor_dsn!r}")
+        dsn = self.monitor_dsn
+        if dsn is not None and (not isinstance(dsn, str) or not dsn):
+            raise ConfigError("monitor_dsn", f"must be a non-empty string or None, got {dsn!r}")
         if self.fence_action not in ("wait", "terminate"):
             raise ConfigError(
                 "fence_action", f"must be 'wait' or 'terminate', got {self.fence_action!r}"
@@ -202,7 +210,9 @@ def check_resource_name(name: Any) -> str:
 def coerce_resources(resources: Any) -> dict[str, Resource]:
     """Normalise ``{"pg": 4, "api": Resource(...)}`` into ``{name: Resource}``."""
     if not isinstance(resources, dict) or not resources:
-        raise ConfigError("resources", f"must be a non-empty mapping of name to limits, got {resources!r}")
+        raise ConfigError(
+            "resources", f"must be a non-empty mapping of name to limits, got {resources!r}"
+        )
     return {check_resource_name(k): Resource.coerce(k, v) for k, v in resources.items()}
 
 
@@ -237,6 +247,8 @@ class CoordinatorConfig:
             ):
                 raise ConfigError(name, f"must be a list of ids >= 0, got {value!r}")
             object.__setattr__(self, name, tuple(value))
+        if self.group is not None and (not isinstance(self.group, str) or not self.group):
+            raise ConfigError("group", f"must be a group name or None, got {self.group!r}")
         _number("max_frame", self.max_frame, integer=True, minimum=1024)
         _number("metrics_port", self.metrics_port, integer=True, optional=True)
         if self.metrics_port is not None and self.metrics_port > 65535:
@@ -252,12 +264,21 @@ class CoordinatorConfig:
             raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+        unknown = sorted(set(data) - {"coordinator", "resources"})
+        if unknown:
+            raise ConfigError(
+                unknown[0], f"unknown table in {path}; allowed: coordinator, resources"
+            )
+        for table in ("coordinator", "resources"):
+            if not isinstance(data.get(table, {}), dict):
+                raise ConfigError(table, f"must be a table, got {data[table]!r}")
         section = dict(data.get("coordinator", {}))
         if "socket" in section:
             section["socket_path"] = section.pop("socket")
         resources = {**data.get("resources", {}), **overrides.pop("resources", {})}
         section.update({k: v for k, v in overrides.items() if v is not None})
-        section["resources"] = resources
+        # Coerced here, so a bad limit is named resources.NAME.FIELD as the file spells it.
+        section["resources"] = coerce_resources(resources)
         section["config_file"] = str(Path(path).resolve())
         return _from_mapping(cls, section, "coordinator")
 
@@ -266,11 +287,17 @@ def _from_mapping(cls: Any, data: dict[str, Any], where: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(where, f"must be a table, got {data!r}")
     known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(map(str, set(data) - known))
     if unknown:
         raise ConfigError(
             f"{where}.{unknown[0]}", f"unknown setting; allowed: {', '.join(sorted(known))}"
         )
+    required = [
+        f.name for f in fields(cls)
+        if f.default is MISSING and f.default_factory is MISSING and f.name not in data
+    ]
+    if required:
+        raise ConfigError(f"{where}.{required[0]}", "is required")
     try:
         return cls(**data)
     except ConfigError as exc:
@@ -289,7 +316,9 @@ def parse_resource_flag(text: str) -> tuple[str, Resource]:
     try:
         spec["max_size"] = int(parts[0])
     except ValueError:
-        raise ConfigError(f"--resource {name}", f"max_size must be an integer, got {parts[0]!r}") from None
+        raise ConfigError(
+            f"--resource {name}", f"max_size must be an integer, got {parts[0]!r}"
+        ) from None
     for part in parts[1:]:
         key, sep, value = part.partition("=")
         if not sep:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -34,6 +35,19 @@ STATES = (IDLE, BUSY)
 FAILURE_THRESHOLD = 5
 #: How long a failing resource denies acquires before letting one try again.
 FAILURE_BACKOFF = 1.0
+#: Re-registered lease ids and tokens must stay below this, so that the ids
+#: granted after them still fit a msgpack integer.
+MAX_ID = 1 << 63
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """A repr for messages: a peer's 1 MB name must not make a frame over the limit."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_ID
 
 
 @dataclass(eq=False)
@@ -97,7 +111,10 @@ class Session:
         return lease
 
     def __repr__(self) -> str:
-        return f"<Session {self.id} pid={self.pid} leases={len(self.leases)} waiting={len(self.waiting)}>"
+        return (
+            f"<Session {self.id} pid={self.pid} leases={len(self.leases)} "
+            f"waiting={len(self.waiting)}>"
+        )
 
 
 @dataclass(eq=False)
@@ -207,7 +224,10 @@ class Ledger:
         self._seq = itertools.count()
 
     def __repr__(self) -> str:
-        parts = [f"{r.name} {r.leased}/{r.limits.max_size} w{len(r.waiters)}" for r in self.resources.values()]
+        parts = [
+            f"{r.name} {r.leased}/{r.limits.max_size} w{len(r.waiters)}"
+            for r in self.resources.values()
+        ]
         return f"<Ledger sessions={len(self.sessions)} | {', '.join(parts)}>"
 
     # ------------------------------------------------------------- sessions
@@ -227,24 +247,51 @@ class Ledger:
             try:
                 resource, lease_id, token, state, backend_pid = entry
             except (TypeError, ValueError):
-                effects.append(Problem(sid, "bad_held", f"cannot re-register {entry!r}"))
+                effects.append(Problem(sid, "bad_held", f"cannot re-register {_short(entry)}"))
                 continue
-            res = self.resources.get(resource)
-            if res is None or not isinstance(lease_id, int) or self._find_lease(lease_id):
-                effects.append(
-                    Problem(sid, "bad_held", f"lease {lease_id!r} of {resource!r} not re-registered")
-                )
+            res = self.resources.get(resource) if isinstance(resource, str) else None
+            if res is None or not _is_id(lease_id) or not _is_id(token):
+                why = f"lease {_short(lease_id)} of {_short(resource)} not re-registered"
+                effects.append(Problem(sid, "bad_held", why))
                 continue
-            lease = Lease(
-                lease_id, resource, sid, int(token), now,
-                state if state in STATES else NEW, now,
-                backend_pid if isinstance(backend_pid, int) else None,
-            )
+            lease = self._adopt(res, session, lease_id, token)
+            if lease is None:
+                if self._find_lease(lease_id):
+                    why = f"lease {lease_id} of {resource!r} is held elsewhere"
+                    effects.append(Problem(sid, "bad_held", why))
+                    continue
+                lease = Lease(lease_id, resource, sid, token, now)
+                res.live[lease_id] = lease
+            lease.state = state if state in STATES else NEW
+            lease.state_since = now
+            lease.backend_pid = backend_pid if _is_id(backend_pid) else None
             session.add(lease)
-            res.live[lease_id] = lease
             res.peak = max(res.peak, res.leased)
             self._next_id = max(self._next_id, lease_id + 1, lease.token + 1)
         return sid, effects
+
+    def _adopt(
+        self, res: ResourceState, session: Session, lease_id: int, token: int
+    ) -> Lease | None:
+        """The same process reconnected (its old session was dropped, or has not
+        been noticed gone yet) and still holds this lease's connection: move the
+        lease to the new session. It never stopped counting against the cap, so
+        handing it on after its fence would put one connection too many on the
+        resource."""
+        fenced = res.fenced.get(lease_id)
+        if fenced is not None and fenced.pid == session.pid and fenced.lease.token == token:
+            del res.fenced[lease_id]
+            lease = fenced.lease
+            res.live[lease_id] = lease
+        else:
+            live = res.live.get(lease_id)
+            owner = None if live is None else self.sessions.get(live.session)
+            if live is None or live.token != token or owner is None or owner.pid != session.pid:
+                return None
+            owner.remove(lease_id)
+            lease = live
+        lease.session = session.id
+        return lease
 
     def close_session(self, sid: int, now: float) -> list[Effect]:
         """The session ended (clean exit, crash, socket closed): withdraw its
@@ -267,7 +314,8 @@ class Ledger:
             by_resource.setdefault(lease.resource, []).append(lease)
         for name, leases in by_resource.items():
             res = self.resources[name]
-            delay = res.limits.fence_timeout if res.limits.monitor_dsn else res.limits.quarantine_delay
+            limits = res.limits
+            delay = limits.fence_timeout if limits.monitor_dsn else limits.quarantine_delay
             for lease in leases:
                 del res.live[lease.id]
                 if delay > 0:
@@ -303,7 +351,8 @@ class Ledger:
         res = self.resources.get(resource)
         if res is None:
             known = ", ".join(sorted(self.resources)) or "none"
-            return [Denied(sid, req, "unknown_resource", f"no resource {resource!r} (known: {known})")]
+            why = f"no resource {_short(resource)} (known: {known})"
+            return [Denied(sid, req, "unknown_resource", why)]
         if req in session.waiting:
             return [Problem(sid, "duplicate_request", f"request {req} is already waiting", req)]
         if res.draining:
@@ -312,13 +361,16 @@ class Ledger:
         if res.failing_until is not None:
             if now < res.failing_until:
                 res.denials += 1
-                return [
-                    Denied(sid, req, "failing", f"connections to {resource!r} are failing; retry later")
-                ]
+                why = f"connections to {resource!r} are failing; retry later"
+                return [Denied(sid, req, "failing", why)]
             res.failing_until = None  # let this one try: it probes recovery
         if timeout is None:
             timeout = res.limits.acquire_timeout
-        if not res.waiters and not res.paused and self._can_grant(res, session):
+        elif math.isnan(timeout):  # would never expire, and would stall the deadline heap
+            return [Problem(sid, "bad_request", "acquire timeout must be a number, got nan", req)]
+        if not res.paused and self._can_grant(res, session) and not any(
+            self._can_grant(res, self.sessions[w.session]) for w in res.waiters
+        ):  # nobody queued could take the slot: only waiters blocked by max_per_process
             return [self._grant(res, session, req, now, site)]
         if timeout <= 0:
             res.timeouts += 1
@@ -376,7 +428,8 @@ class Ledger:
         touched: set[str] = set()
         for entry in states:
             if not isinstance(entry, list) or len(entry) != 4:
-                return [Problem(sid, "bad_report", f"state entry {entry!r} is not [lease, state, pid, site]")]
+                why = f"state entry {_short(entry)} is not [lease, state, pid, site]"
+                return [Problem(sid, "bad_report", why)]
             lease_id, state, backend_pid, site = entry
             lease = session.leases.get(lease_id) if isinstance(lease_id, int) else None
             if lease is None or state not in STATES:
@@ -406,7 +459,9 @@ class Ledger:
             effects += self._rebalance(self.resources[name])
         return effects
 
-    def unfence(self, resource: str, lease_ids: list[int] | tuple[int, ...], now: float) -> list[Effect]:
+    def unfence(
+        self, resource: str, lease_ids: list[int] | tuple[int, ...], now: float
+    ) -> list[Effect]:
         """The resource confirmed a dead session's connections are gone."""
         res = self.resources.get(resource)
         if res is None:
@@ -530,7 +585,9 @@ class Ledger:
             for s in self.sessions.values()
         ]
 
-    def snapshot_leases(self, now: float, resource: str | None = None, pid: int | None = None) -> list[dict[str, Any]]:
+    def snapshot_leases(
+        self, now: float, resource: str | None = None, pid: int | None = None
+    ) -> list[dict[str, Any]]:
         out = []
         for s in self.sessions.values():
             if pid is not None and s.pid != pid:
@@ -582,7 +639,9 @@ class Ledger:
             return f"this process holds max_per_process={cap} leases of {res.name!r}"
         return f"all {res.limits.max_size} leases of {res.name!r} are held"
 
-    def _grant(self, res: ResourceState, session: Session, req: int, now: float, site: str | None) -> Granted:
+    def _grant(
+        self, res: ResourceState, session: Session, req: int, now: float, site: str | None
+    ) -> Granted:
         lease_id = self._next_id
         self._next_id += 1
         lease = Lease(lease_id, res.name, session.id, lease_id, now, NEW, now, None, site)
@@ -640,10 +699,15 @@ class Ledger:
             if s.id not in waiting_sessions and s.held(res.name) > res.limits.min_per_process
         ]
         if excess:  # shrinking: everyone holding may give back, waiters or not
-            holders = [s for s in self.sessions.values() if s.held(res.name) > res.limits.min_per_process]
+            holders = [
+                s for s in self.sessions.values() if s.held(res.name) > res.limits.min_per_process
+            ]
 
         def idle_count(s: Session) -> int:
-            return sum(1 for lease in s.leases.values() if lease.resource == res.name and lease.state == IDLE)
+            return sum(
+                1 for lease in s.leases.values()
+                if lease.resource == res.name and lease.state == IDLE
+            )
 
         holders.sort(key=lambda s: (-idle_count(s), -s.held(res.name), s.id))
         plan: dict[int, int] = {}
@@ -663,5 +727,7 @@ class Ledger:
         res.askees = {sid for sid, n in plan.items() if n > 0}
         return effects
 
-    def _notify_holders(self, res: ResourceState, verb: str, args: dict[str, Any] | None = None) -> list[Effect]:
+    def _notify_holders(
+        self, res: ResourceState, verb: str, args: dict[str, Any] | None = None
+    ) -> list[Effect]:
         return [Notify(s.id, verb, res.name, dict(args or {})) for s in self.sessions.values()]

@@ -36,6 +36,12 @@ _OPT_INT = (int, type(None))
 _OPT_STR = (str, type(None))
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    """A repr for error messages: a peer's 1 MB key must not make a 1 MB error frame."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class Message:
     """Base of every message; ``op`` is its name on the wire."""
 
@@ -251,7 +257,7 @@ def _check_fields(op: str, data: dict[str, Any]) -> None:
     for key, value in data.items():
         kinds = schema.get(key)
         if kinds is None:
-            raise RemoteProtocolError(f"{op}: unknown field {key!r}")
+            raise RemoteProtocolError(f"{op}: unknown field {_short(key)}")
         if isinstance(value, bool) and bool not in kinds and object not in kinds:
             raise RemoteProtocolError(f"{op}: field {key!r} must not be a boolean")
         if not isinstance(value, kinds):
@@ -286,7 +292,10 @@ def decode_body(body: bytes, sender: str) -> Message:
 
 def encode(message: Message, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
     """Frame one message; raises LocalProtocolError if it would not fit."""
-    body = msgpack.packb(message.to_wire(), use_bin_type=True)
+    try:
+        body = msgpack.packb(message.to_wire(), use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:  # an object msgpack cannot hold
+        raise LocalProtocolError(f"{message.op} cannot be encoded: {exc}") from None
     if len(body) > max_frame:
         raise LocalProtocolError(f"{message.op} frame of {len(body)} bytes exceeds {max_frame}")
     return _HEADER.pack(len(body)) + body
@@ -334,7 +343,9 @@ class Connection:
             return None
         (size,) = _HEADER.unpack_from(buf, pos)
         if size > self.max_frame:
-            raise RemoteProtocolError(f"frame of {size} bytes exceeds the limit of {self.max_frame}")
+            raise RemoteProtocolError(
+                f"frame of {size} bytes exceeds the limit of {self.max_frame}"
+            )
         end = pos + 4 + size
         if len(buf) < end:
             return None
@@ -352,9 +363,10 @@ class Connection:
             expected = "hello" if self.role == SERVER else "welcome"
             if msg.op != expected and msg.op != "error":
                 raise RemoteProtocolError(f"expected {expected!r} first, got {msg.op!r}")
-            if isinstance(msg, Hello) and msg.version != PROTOCOL_VERSION:
+            if isinstance(msg, (Hello, Welcome)) and msg.version != PROTOCOL_VERSION:
                 raise RemoteProtocolError(
-                    f"protocol version {msg.version} not supported (this side speaks {PROTOCOL_VERSION})"
+                    f"protocol version {msg.version} not supported "
+                    f"(this side speaks {PROTOCOL_VERSION})"
                 )
             self.handshaken = msg.op != "error"
         elif isinstance(msg, (Hello, Welcome)):
@@ -369,15 +381,24 @@ class Connection:
         return out
 
     def send(self, message: Message) -> bytes:
+        """Frame ``message``, refusing (LocalProtocolError) anything the peer's
+        :meth:`next_event` would reject: a wrong role, an op before the
+        handshake, a mistyped field. The checks cost a decode; the shells use
+        :func:`encode` directly for the hot ops once the handshake is done."""
         if message.sender != self.role:
             raise LocalProtocolError(f"a {self.role} may not send {message.op!r}")
         first = "hello" if self.role == CLIENT else "welcome"
-        if self.role == CLIENT and not self._sent_first and message.op != first:
+        if not self._sent_first and message.op not in (first, "error"):
             raise LocalProtocolError(f"{first!r} must be sent first, not {message.op!r}")
+        if message.op == first and self._sent_first:
+            raise LocalProtocolError(f"{first!r} already sent")
+        data = encode(message, self.max_frame)
+        try:
+            decode_body(data[_HEADER.size :], self.role)
+        except RemoteProtocolError as exc:
+            raise LocalProtocolError(f"the peer would refuse this frame: {exc}") from None
         if message.op == first:
-            if self._sent_first:
-                raise LocalProtocolError(f"{first!r} already sent")
             self._sent_first = True
-        return encode(message, self.max_frame)
+        return data
 
     _sent_first = False

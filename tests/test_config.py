@@ -1,0 +1,382 @@
+"""Configuration: every bad value is a ConfigError (a ValueError) naming its field."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sharedpool.config import (
+    SOCKET_ENV,
+    CoordinatorConfig,
+    PoolConfig,
+    Resource,
+    check_resource_name,
+    coerce_resources,
+    default_socket_path,
+    parse_resource_flag,
+)
+from sharedpool.errors import ConfigError, SharedPoolError
+
+NAN, INF = float("nan"), float("inf")
+
+
+def _raises_field(field: str, fn: Any, *args: Any, **kwargs: Any) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        fn(*args, **kwargs)
+    exc = info.value
+    assert exc.field == field, f"expected field {field!r}, got {exc.field!r}: {exc}"
+    assert str(exc).startswith(f"{field}: ")
+    return exc
+
+
+# ------------------------------------------------------------------- errors
+
+
+def test_config_error_is_a_value_error_and_pickles() -> None:
+    exc = ConfigError("max_size", "must be >= 1, got 0")
+    assert isinstance(exc, ValueError)
+    assert isinstance(exc, SharedPoolError)
+    back = pickle.loads(pickle.dumps(exc))
+    assert (back.field, back.detail, str(back)) == (exc.field, exc.detail, str(exc))
+
+
+# ------------------------------------------------------------------- PoolConfig
+
+
+def test_pool_config_keeps_the_seed_defaults() -> None:
+    c = PoolConfig()
+    assert (c.min_size, c.max_size) == (5, 20)
+    assert (c.connection_timeout, c.acquire_timeout) == (30.0, 10.0)
+    assert (c.idle_timeout, c.max_lifetime, c.validation_interval) == (300.0, 3600.0, 30.0)
+    assert (c.test_on_acquire, c.test_on_release) == (True, False)
+    assert c.coordinator_away == "wait"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("min_size", -1),
+        ("min_size", 1.5),
+        ("min_size", "5"),
+        ("min_size", True),
+        ("min_size", None),
+        ("max_size", 0),
+        ("max_size", None),
+        ("max_size", 2.0),
+        ("connection_timeout", 0),
+        ("connection_timeout", -1),
+        ("connection_timeout", NAN),
+        ("connection_timeout", INF),
+        ("connection_timeout", "30"),
+        ("acquire_timeout", -0.1),
+        ("acquire_timeout", NAN),
+        ("acquire_timeout", False),
+        ("idle_timeout", 0),
+        ("max_lifetime", 0.0),
+        ("validation_interval", -5),
+        ("test_on_acquire", 1),
+        ("test_on_acquire", "yes"),
+        ("test_on_release", None),
+        ("validation_bypass", -0.5),
+        ("leak_detection_threshold", 0),
+        ("leak_detection_threshold", "1"),
+        ("coordinator_away", "bogus"),
+        ("coordinator_away", ["wait"]),
+        ("fallback_max_size", 0),
+        ("close_confirm_timeout", -1),
+    ],
+)
+def test_pool_config_rejects_bad_values_naming_the_field(field: str, value: Any) -> None:
+    exc = _raises_field(field, PoolConfig, **{field: value})
+    assert repr(value) in str(exc) or field == "min_size"
+
+
+def test_pool_config_min_size_above_max_size_names_min_size() -> None:
+    exc = _raises_field("min_size", PoolConfig, min_size=3, max_size=2)
+    assert "max_size (2)" in str(exc)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"acquire_timeout": 0},
+        {"min_size": 0},
+        {"min_size": 4, "max_size": 4},
+        {"connection_timeout": 1},  # an int where a float is expected
+        {"leak_detection_threshold": None},
+        {"leak_detection_threshold": 0.5},
+        {"coordinator_away": "fallback", "fallback_max_size": 3},
+        {"validation_bypass": 0},
+    ],
+)
+def test_pool_config_accepts_edge_values(kwargs: dict[str, Any]) -> None:
+    config = PoolConfig(**kwargs)
+    for key, value in kwargs.items():
+        assert getattr(config, key) == value
+
+
+def test_pool_config_from_mapping() -> None:
+    assert PoolConfig.from_mapping({"max_size": 3, "min_size": 1}).max_size == 3
+    exc = _raises_field("pool.bogus", PoolConfig.from_mapping, {"bogus": 1})
+    assert "allowed:" in str(exc) and "max_size" in str(exc)
+    _raises_field("pool.max_size", PoolConfig.from_mapping, {"max_size": 0})
+    _raises_field("pool", PoolConfig.from_mapping, [("max_size", 3)])
+    _raises_field("worker.idle_timeout", PoolConfig.from_mapping, {"idle_timeout": 0}, "worker")
+
+
+def test_from_mapping_with_non_string_keys_is_a_config_error() -> None:
+    _raises_field("pool.1", PoolConfig.from_mapping, {1: 2, "bogus": 3, "max_size": 3})
+
+
+# ------------------------------------------------------------------- Resource
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"max_size": 0}, "max_size"),
+        ({"max_size": "4"}, "max_size"),
+        ({"max_size": True}, "max_size"),
+        ({"max_size": None}, "max_size"),
+        ({"max_size": 4, "max_per_process": 0}, "max_per_process"),
+        ({"max_size": 4, "max_per_process": 1.5}, "max_per_process"),
+        ({"max_size": 4, "min_per_process": -1}, "min_per_process"),
+        ({"max_size": 4, "min_per_process": 5}, "min_per_process"),
+        ({"max_size": 4, "max_per_process": 1, "min_per_process": 2}, "min_per_process"),
+        ({"max_size": 4, "max_waiting": -1}, "max_waiting"),
+        ({"max_size": 4, "max_waiting": 2.5}, "max_waiting"),
+        ({"max_size": 4, "acquire_timeout": -1}, "acquire_timeout"),
+        ({"max_size": 4, "acquire_timeout": NAN}, "acquire_timeout"),
+        ({"max_size": 4, "fairness_quantum": -0.1}, "fairness_quantum"),
+        ({"max_size": 4, "quarantine_delay": -1}, "quarantine_delay"),
+        ({"max_size": 4, "quarantine_delay": INF}, "quarantine_delay"),
+        ({"max_size": 4, "fence_timeout": 0}, "fence_timeout"),
+        ({"max_size": 4, "monitor_dsn": 5}, "monitor_dsn"),
+        ({"max_size": 4, "monitor_dsn": ""}, "monitor_dsn"),
+        ({"max_size": 4, "fence_action": "kill"}, "fence_action"),
+        ({"max_size": 4, "fence_action": None}, "fence_action"),
+    ],
+)
+def test_resource_rejects_bad_values_naming_the_field(kwargs: dict[str, Any], field: str) -> None:
+    _raises_field(field, Resource, **kwargs)
+
+
+def test_resource_defaults_and_as_dict_hides_the_dsn() -> None:
+    r = Resource(max_size=4, monitor_dsn="postgresql://u:secret@h/db", max_waiting=0)
+    assert r.max_per_process is None and r.min_per_process == 0 and r.max_waiting == 0
+    data = r.as_dict()
+    assert "monitor_dsn" not in data and "secret" not in repr(data)
+    assert data["max_size"] == 4 and data["fence_action"] == "wait"
+
+
+def test_resource_coerce() -> None:
+    assert Resource.coerce("pg", 4) == Resource(max_size=4)
+    r = Resource(max_size=2, max_per_process=1)
+    assert Resource.coerce("pg", r) is r
+    assert Resource.coerce("pg", {"max_size": 3, "max_waiting": 1}) == Resource(3, max_waiting=1)
+    bads: tuple[Any, ...] = (True, "4", 4.0, None, [4])
+    for bad in bads:
+        _raises_field("resources.pg", Resource.coerce, "pg", bad)
+    _raises_field("resources.pg.max_size", Resource.coerce, "pg", {"max_size": 0})
+    _raises_field("resources.pg.bogus", Resource.coerce, "pg", {"max_size": 1, "bogus": 1})
+    # a required field left out is named too, not a TypeError's text about __init__
+    _raises_field("resources.pg.max_size", Resource.coerce, "pg", {"max_waiting": 1})
+
+
+def test_check_resource_name() -> None:
+    assert check_resource_name("pg-main") == "pg-main"
+    assert check_resource_name("x" * 200)
+    for bad in ("", "x" * 201, 5, None, b"pg"):
+        _raises_field("resource", check_resource_name, bad)
+
+
+def test_coerce_resources() -> None:
+    out = coerce_resources({"pg": 4, "api": Resource(2), "redis": {"max_size": 1}})
+    assert out == {"pg": Resource(4), "api": Resource(2), "redis": Resource(1)}
+    bads: tuple[Any, ...] = ({}, None, [("pg", 4)], 4)
+    for bad in bads:
+        _raises_field("resources", coerce_resources, bad)
+    _raises_field("resource", coerce_resources, {"": 4})
+    _raises_field("resources.pg.max_per_process", coerce_resources,
+                  {"pg": {"max_size": 4, "max_per_process": 0}})
+
+
+# ------------------------------------------------------------------- CoordinatorConfig
+
+
+def test_coordinator_config_checks_its_fields() -> None:
+    ok: dict[str, Any] = {"socket_path": "/tmp/x.sock", "resources": {"pg": 2}}
+    config = CoordinatorConfig(**ok, allowed_uids=[1000], admin_uids=(0,))  # type: ignore[arg-type]
+    assert config.resources == {"pg": Resource(2)}
+    assert config.allowed_uids == (1000,) and config.admin_uids == (0,)
+    _raises_field("socket", CoordinatorConfig, socket_path="", resources={"pg": 2})
+    _raises_field("socket", CoordinatorConfig, socket_path=None, resources={"pg": 2})
+    _raises_field("resources", CoordinatorConfig, socket_path="/tmp/x.sock")
+    for name in ("allowed_uids", "allowed_gids", "admin_uids"):
+        for bad in ([-1], [True], ["0"], 0, None):
+            _raises_field(name, CoordinatorConfig, **ok, **{name: bad})
+    _raises_field("max_frame", CoordinatorConfig, **ok, max_frame=1023)
+    _raises_field("metrics_port", CoordinatorConfig, **ok, metrics_port=65536)
+    _raises_field("metrics_port", CoordinatorConfig, **ok, metrics_port="9000")
+    _raises_field("group", CoordinatorConfig, **ok, group=1000)
+    _raises_field("group", CoordinatorConfig, **ok, group="")
+    assert CoordinatorConfig(**ok, group="staff", metrics_port=0).group == "staff"
+
+
+def test_coordinator_config_default_socket_comes_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv(SOCKET_ENV, str(tmp_path / "s.sock"))
+    assert CoordinatorConfig(resources={"pg": Resource(1)}).socket_path == str(tmp_path / "s.sock")
+
+
+# ------------------------------------------------------------------- TOML
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "sharedpool.toml"
+    path.write_text(text)
+    return path
+
+
+def test_load_toml(tmp_path: Path) -> None:
+    path = _write(tmp_path, """
+[coordinator]
+socket = "/tmp/sp-test.sock"
+allowed_uids = [0, 1000]
+max_frame = 65536
+
+[resources.pg]
+max_size = 20
+max_per_process = 4
+acquire_timeout = 2.5
+
+[resources]
+api = 3
+""")
+    config = CoordinatorConfig.load(path)
+    assert config.socket_path == "/tmp/sp-test.sock"
+    assert config.allowed_uids == (0, 1000) and config.max_frame == 65536
+    assert config.resources == {
+        "pg": Resource(20, max_per_process=4, acquire_timeout=2.5),
+        "api": Resource(3),
+    }
+    assert config.config_file == str(path.resolve())
+
+
+def test_load_toml_overrides_win(tmp_path: Path) -> None:
+    path = _write(tmp_path, '[coordinator]\nsocket = "/a.sock"\n[resources]\npg = 2\napi = 1\n')
+    config = CoordinatorConfig.load(
+        path, socket_path="/b.sock", metrics_port=None, resources={"pg": Resource(5)}
+    )
+    assert config.socket_path == "/b.sock"
+    assert config.metrics_port is None  # a None override leaves the file's value alone
+    assert config.resources == {"pg": Resource(5), "api": Resource(1)}
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ('[coordinator]\nbogus = 1\n[resources]\npg = 2\n', "coordinator.bogus"),
+        ('[resources.pg]\nmax_size = 2\nbogus = 1\n', "resources.pg.bogus"),
+        ('[resources.pg]\nmax_size = 0\n', "resources.pg.max_size"),
+        ('[resources.pg]\nmax_per_process = 2\n', "resources.pg.max_size"),
+        ('[resources]\npg = "many"\n', "resources.pg"),
+        ('[resources]\n"" = 2\n', "resource"),
+        ('[coordinatr]\nsocket = "/a.sock"\n[resources]\npg = 2\n', "coordinatr"),
+        ('coordinator = 5\n[resources]\npg = 2\n', "coordinator"),
+        ('resources = 5\n', "resources"),
+        ('[coordinator]\nsocket = "/a.sock"\n', "resources"),
+        ('[coordinator]\nmax_frame = 10\n[resources]\npg = 2\n', "coordinator.max_frame"),
+        ('[coordinator]\nsocket = ""\n[resources]\npg = 2\n', "coordinator.socket"),
+        ('[coordinator]\ngroup = 7\n[resources]\npg = 2\n', "coordinator.group"),
+    ],
+)
+def test_load_toml_errors_name_the_field(tmp_path: Path, text: str, field: str) -> None:
+    _raises_field(field, CoordinatorConfig.load, _write(tmp_path, text))
+
+
+def test_load_bad_toml(tmp_path: Path) -> None:
+    exc = _raises_field("config", CoordinatorConfig.load, _write(tmp_path, "[resources\npg = 2\n"))
+    assert "not valid TOML" in str(exc)
+
+
+def test_load_missing_file(tmp_path: Path) -> None:
+    exc = _raises_field("config", CoordinatorConfig.load, tmp_path / "nope.toml")
+    assert "cannot read" in str(exc) and "nope.toml" in str(exc)
+    _raises_field("config", CoordinatorConfig.load, tmp_path)  # a directory
+
+
+# ------------------------------------------------------------------- --resource
+
+
+def test_parse_resource_flag() -> None:
+    assert parse_resource_flag("pg=20") == ("pg", Resource(20))
+    name, r = parse_resource_flag(
+        "pg=20,max_per_process=4, acquire_timeout = 2.5,max_waiting=none,"
+        "monitor_dsn=postgresql://u@h/db?sslmode=disable,fence_action=terminate"
+    )
+    assert name == "pg"
+    assert r == Resource(
+        20, max_per_process=4, acquire_timeout=2.5, max_waiting=None,
+        monitor_dsn="postgresql://u@h/db?sslmode=disable", fence_action="terminate",
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("pg", "--resource"),
+        ("=20", "--resource"),
+        ("", "--resource"),
+        ("pg=", "--resource pg"),
+        ("pg=many", "--resource pg"),
+        ("pg=2.5", "--resource pg"),
+        ("pg=20,max_per_process", "--resource pg"),
+        ("pg=20,", "--resource pg"),
+        ("pg=0", "resources.pg.max_size"),
+        ("pg=20,bogus=1", "resources.pg.bogus"),
+        ("pg=20,max_per_process=true", "resources.pg.max_per_process"),
+        ("pg=20,acquire_timeout=nan", "resources.pg.acquire_timeout"),
+        ("pg=20,fence_action=kill", "resources.pg.fence_action"),
+        ("x" * 201 + "=2", "resource"),
+    ],
+)
+def test_parse_resource_flag_errors(text: str, field: str) -> None:
+    _raises_field(field, parse_resource_flag, text)
+
+
+# ------------------------------------------------------------------- socket path
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    monkeypatch.delenv(SOCKET_ENV, raising=False)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    return monkeypatch
+
+
+def test_default_socket_path_prefers_the_env_var(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    clean_env.setenv(SOCKET_ENV, "/run/app/sp.sock")
+    clean_env.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert default_socket_path() == "/run/app/sp.sock"
+
+
+def test_default_socket_path_uses_the_runtime_dir(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    clean_env.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert default_socket_path() == str(tmp_path / "sharedpool" / "sharedpool.sock")
+    clean_env.setenv(SOCKET_ENV, "")  # empty means unset
+    assert default_socket_path() == str(tmp_path / "sharedpool" / "sharedpool.sock")
+
+
+def test_default_socket_path_falls_back_to_tmp(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    fallback = f"/tmp/sharedpool-{os.getuid()}/sharedpool.sock"
+    assert default_socket_path() == fallback
+    clean_env.setenv("XDG_RUNTIME_DIR", str(tmp_path / "missing"))
+    assert default_socket_path() == fallback
+    clean_env.setenv("XDG_RUNTIME_DIR", "")
+    assert default_socket_path() == fallback

@@ -1,0 +1,1095 @@
+"""The lease ledger: unit tests, then a hypothesis state machine for I1–I3.
+
+The ledger is pure: time is an argument and the results are effect objects,
+so every test here runs without sockets, processes or sleeps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pytest
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from sharedpool import protocol as p
+from sharedpool.config import Resource
+from sharedpool.errors import ConfigError
+from sharedpool.ledger import (
+    BUSY,
+    FAILURE_BACKOFF,
+    FAILURE_THRESHOLD,
+    IDLE,
+    MAX_ID,
+    NEW,
+    AskReclaim,
+    Denied,
+    Effect,
+    Granted,
+    Ledger,
+    Notify,
+    Problem,
+    StartFence,
+)
+
+T0 = 1000.0
+E = TypeVar("E")
+
+
+def ledger(**resources: Any) -> Ledger:
+    return Ledger({name: Resource.coerce(name, spec) for name, spec in resources.items()})
+
+
+def session(lg: Ledger, pid: int = 100, name: str = "w", now: float = T0, **kw: Any) -> int:
+    sid, effects = lg.open_session(pid, name, now, **kw)
+    assert effects == []
+    return sid
+
+
+def granted(effects: list[Effect]) -> Granted:
+    grants = [e for e in effects if isinstance(e, Granted)]
+    assert len(grants) == 1, effects
+    return grants[0]
+
+
+def grant(lg: Ledger, sid: int, req: int, resource: str = "pg", now: float = T0, **kw: Any) -> int:
+    """Acquire that must be granted at once; returns the lease id."""
+    return granted(lg.acquire(sid, req, resource, now, **kw)).lease.id
+
+
+def queued(effects: list[Effect]) -> bool:
+    """Neither granted nor refused (reclaim asks may go out)."""
+    return not [e for e in effects if isinstance(e, (Granted, Denied, Problem))]
+
+
+def of(kind: type[E], effects: list[Effect]) -> list[E]:
+    return [e for e in effects if isinstance(e, kind)]
+
+
+def only(kind: type[E], effects: list[Effect]) -> E:
+    """The one effect there is, which must be a ``kind``."""
+    assert len(effects) == 1 and isinstance(effects[0], kind), effects
+    return effects[0]
+
+
+def idle(lg: Ledger, sid: int, now: float = T0) -> list[Effect]:
+    """Report every lease of the session idle."""
+    states = [[lid, IDLE, None, None] for lid in lg.sessions[sid].leases]
+    return lg.report(sid, states, now)
+
+
+# ------------------------------------------------------------------- grants and waiters
+
+
+def test_grant_at_once() -> None:
+    lg = ledger(pg=2)
+    a = session(lg, pid=7)
+    g = granted(lg.acquire(a, 1, "pg", T0, site="app.py:3"))
+    lease = g.lease
+    assert (g.session, g.req) == (a, 1)
+    assert (lease.resource, lease.session, lease.token, lease.state) == ("pg", a, lease.id, NEW)
+    assert lease.granted_at == T0 and lease.site == "app.py:3"
+    assert lg.resources["pg"].leased == 1
+    assert "pg 1/2 w0" in repr(lg) and f"Lease {lease.id}" in repr(lease)
+    assert "leases=1" in repr(lg.sessions[a])
+
+
+def test_waiters_are_served_first_come_first_served() -> None:
+    lg = ledger(pg=1)
+    a, b, c, d = (session(lg, pid=i) for i in range(4))
+    lease = grant(lg, a, 1)
+    for sid in (b, c, d):
+        assert queued(lg.acquire(sid, 1, "pg", T0, timeout=5))
+    order = []
+    for step in range(3):
+        g = granted(lg.release(lg.resources["pg"].live[lease].session, lease, T0 + step))
+        order.append(g.session)
+        lease = g.lease.id
+    assert order == [b, c, d]
+
+
+def test_timeout_zero_is_denied_at_once() -> None:
+    lg = ledger(pg=1)
+    a, b = session(lg), session(lg)
+    grant(lg, a, 1)
+    deny = only(Denied, lg.acquire(b, 1, "pg", T0, timeout=0))
+    assert isinstance(deny, Denied) and (deny.session, deny.req, deny.reason) == (b, 1, "timeout")
+    assert "all 1 leases of 'pg' are held" in deny.message
+    assert lg.acquire(b, 2, "pg", T0, timeout=-3) == [Denied(b, 2, "timeout", deny.message)]
+    assert not lg.resources["pg"].waiters and lg.resources["pg"].timeouts == 2
+
+
+def test_default_timeout_is_the_resources_acquire_timeout() -> None:
+    lg = ledger(pg=Resource(1, acquire_timeout=2.5))
+    a, b = session(lg), session(lg)
+    grant(lg, a, 1)
+    assert queued(lg.acquire(b, 1, "pg", T0))
+    assert lg.next_deadline() == T0 + 2.5
+    assert lg.tick(T0 + 2.4) == []
+    [deny] = of(Denied, lg.tick(T0 + 2.5))
+    assert isinstance(deny, Denied) and (deny.req, deny.reason) == (1, "timeout")
+    assert lg.next_deadline() is None
+    assert lg.sessions[b].waiting == {}
+
+
+def test_tick_expires_waiters_in_deadline_order() -> None:
+    lg = ledger(pg=1)
+    a, b = session(lg), session(lg)
+    grant(lg, a, 1)
+    for req, timeout in ((1, 3.0), (2, 1.0), (3, 2.0), (4, 10.0)):
+        assert queued(lg.acquire(b, req, "pg", T0, timeout=timeout))
+    effects = lg.tick(T0 + 2.0)
+    assert [(e.req, e.reason) for e in of(Denied, effects)] == [(2, "timeout"), (3, "timeout")]
+    assert [w.req for w in lg.resources["pg"].waiters] == [1, 4]
+    assert lg.next_deadline() == T0 + 3.0
+    assert lg.tick(T0 + 2.0) == []  # nothing twice
+
+
+def test_unknown_resource() -> None:
+    lg = ledger(pg=1, api=2)
+    a = session(lg)
+    deny = only(Denied, lg.acquire(a, 1, "nope", T0))
+    assert isinstance(deny, Denied) and deny.reason == "unknown_resource"
+    assert "'nope'" in deny.message and "api, pg" in deny.message
+
+
+def test_unknown_resource_message_stays_short() -> None:
+    """A 1 MB name must not come back as a deny over the frame limit."""
+    lg = ledger(pg=1)
+    deny = only(Denied, lg.acquire(session(lg), 1, "x" * 1_000_000, T0))
+    assert len(deny.message) < 200
+    p.encode(p.Deny(deny.req, deny.reason, deny.message), 1024)
+
+
+def test_duplicate_request_is_a_problem() -> None:
+    lg = ledger(pg=1)
+    a, b = session(lg), session(lg)
+    grant(lg, a, 1)
+    assert queued(lg.acquire(b, 9, "pg", T0, timeout=1))
+    prob = only(Problem, lg.acquire(b, 9, "pg", T0, timeout=1))
+    assert isinstance(prob, Problem) and (prob.code, prob.req) == ("duplicate_request", 9)
+    assert len(lg.resources["pg"].waiters) == 1
+
+
+def test_nan_timeout_is_refused_and_does_not_stall_other_timeouts() -> None:
+    """Regression: a NaN deadline at the top of the heap stopped every waiter
+    of every resource from ever timing out."""
+    lg = ledger(pg=1)
+    a, b = session(lg), session(lg)
+    grant(lg, a, 1)
+    prob = only(Problem, lg.acquire(b, 1, "pg", T0, timeout=math.nan))
+    assert isinstance(prob, Problem) and (prob.code, prob.req) == ("bad_request", 1)
+    assert queued(lg.acquire(b, 2, "pg", T0, timeout=1.0))
+    assert [(e.req, e.reason) for e in of(Denied, lg.tick(T0 + 5))] == [(2, "timeout")]
+
+
+def test_infinite_timeout_waits_until_served() -> None:
+    lg = ledger(pg=1)
+    a, b = session(lg), session(lg)
+    lease = grant(lg, a, 1)
+    assert queued(lg.acquire(b, 1, "pg", T0, timeout=math.inf))
+    assert lg.tick(T0 + 1e9) == []
+    assert granted(lg.release(a, lease, T0 + 1e9)).session == b
+
+
+# ------------------------------------------------------------------- max_per_process, max_waiting
+
+
+def test_max_per_process_skips_a_blocked_head_waiter() -> None:
+    lg = ledger(pg=Resource(3, max_per_process=1))
+    a, b, c = session(lg), session(lg), session(lg)
+    grant(lg, a, 1)
+    assert lg.acquire(a, 2, "pg", T0, timeout=5) == []  # blocked by its own cap
+    assert granted(lg.acquire(b, 1, "pg", T0, timeout=5)).session == b
+    # Regression: with only blocked waiters queued and a slot free, timeout=0
+    # was denied ("all 3 leases are held") instead of granted.
+    assert granted(lg.acquire(c, 1, "pg", T0, timeout=0)).session == c
+    assert [w.req for w in lg.resources["pg"].waiters] == [2]
+
+
+def test_blocked_head_waiter_is_not_starved() -> None:
+    lg = ledger(pg=Resource(2, max_per_process=1))
+    a, b, c = session(lg), session(lg), session(lg)
+    la = grant(lg, a, 1)
+    assert lg.acquire(a, 2, "pg", T0, timeout=5) == []  # head, blocked
+    lb = grant(lg, b, 1)
+    assert queued(lg.acquire(c, 1, "pg", T0, timeout=5))  # behind it
+    # A gives its lease back: its own queued request comes first, not C's.
+    assert granted(lg.release(a, la, T0 + 1)).session == a
+    # B gives back: A is at its cap again, so C is next.
+    assert granted(lg.release(b, lb, T0 + 2)).session == c
+
+
+def test_blocked_waiter_does_not_hold_up_others_behind_it() -> None:
+    lg = ledger(pg=Resource(2, max_per_process=1))
+    a, b, c = session(lg), session(lg), session(lg)
+    grant(lg, a, 1)
+    lb = grant(lg, b, 1)
+    assert queued(lg.acquire(a, 2, "pg", T0, timeout=5))
+    assert queued(lg.acquire(c, 1, "pg", T0, timeout=5))
+    assert granted(lg.release(b, lb, T0)).session == c
+
+
+def test_max_waiting() -> None:
+    lg = ledger(pg=Resource(1, max_waiting=2))
+    a, b = session(lg), session(lg)
+    grant(lg, a, 1)
+    assert queued(lg.acquire(b, 1, "pg", T0, timeout=5))
+    assert queued(lg.acquire(b, 2, "pg", T0, timeout=5))
+    deny = only(Denied, lg.acquire(b, 3, "pg", T0, timeout=5))
+    assert isinstance(deny, Denied) and deny.reason == "too_many_waiters"
+    assert "max_waiting" in deny.message and lg.resources["pg"].denials == 1
+
+
+def test_max_waiting_zero_never_queues_but_still_grants() -> None:
+    lg = ledger(pg=Resource(1, max_waiting=0))
+    a, b = session(lg), session(lg)
+    grant(lg, a, 1)
+    assert of(Denied, lg.acquire(b, 1, "pg", T0, timeout=5))[0].reason == "too_many_waiters"
+
+
+# ------------------------------------------------------------------- cancel and release
+
+
+def test_cancel_withdraws_a_waiter_without_an_answer() -> None:
+    lg = ledger(pg=1)
+    a, b, c = session(lg), session(lg), session(lg)
+    lease = grant(lg, a, 1)
+    lg.acquire(b, 1, "pg", T0, timeout=5)
+    lg.acquire(c, 1, "pg", T0, timeout=5)
+    assert lg.cancel(b, 1, T0) == []
+    assert lg.cancel(b, 1, T0) == []  # twice: nothing
+    assert lg.cancel(b, 77, T0) == []  # never asked: nothing
+    assert granted(lg.release(a, lease, T0)).session == c
+    assert lg.tick(T0 + 10) == []  # the cancelled waiter never times out either
+
+
+def test_release_of_an_unknown_lease_is_a_problem() -> None:
+    lg = ledger(pg=2)
+    a, b = session(lg), session(lg)
+    lease = grant(lg, a, 1)
+    prob = only(Problem, lg.release(a, 12345, T0))
+    assert isinstance(prob, Problem) and prob.code == "unknown_lease" and prob.session == a
+    assert only(Problem, lg.release(b, lease, T0)).code == "unknown_lease"  # another's lease
+    assert lg.resources["pg"].leased == 1
+    assert lg.release(a, lease, T0) == []
+    assert only(Problem, lg.release(a, lease, T0)).code == "unknown_lease"  # twice
+
+
+# ------------------------------------------------------------------- sessions and fences
+
+
+def test_close_session_fences_its_leases_for_the_quarantine_delay() -> None:
+    lg = ledger(pg=Resource(2, quarantine_delay=0.5))
+    a, b = session(lg, pid=41), session(lg, pid=42)
+    l1, l2 = grant(lg, a, 1), grant(lg, a, 2)
+    lg.report(a, [[l1, BUSY, 9001, None], [l2, IDLE, None, None]], T0)
+    assert queued(lg.acquire(b, 1, "pg", T0, timeout=5))
+    [fence] = lg.close_session(a, T0 + 1)
+    assert fence == StartFence("pg", 41, (l1, l2), (9001,))
+    res = lg.resources["pg"]
+    assert res.live == {} and set(res.fenced) == {l1, l2} and res.leased == 2
+    assert lg.next_deadline() == T0 + 1.5
+    assert lg.tick(T0 + 1.4) == []
+    g = granted(lg.tick(T0 + 1.5))
+    assert g.session == b and res.fenced == {}
+    assert lg.close_session(a, T0 + 2) == []  # unknown session: nothing
+
+
+def test_quarantine_delay_zero_frees_at_once() -> None:
+    lg = ledger(pg=Resource(1, quarantine_delay=0))
+    a, b = session(lg), session(lg)
+    grant(lg, a, 1)
+    lg.acquire(b, 1, "pg", T0, timeout=5)
+    effects = lg.close_session(a, T0)
+    assert of(StartFence, effects) == [] and granted(effects).session == b
+
+
+def test_monitor_dsn_fences_for_fence_timeout() -> None:
+    lg = ledger(pg=Resource(1, quarantine_delay=0, monitor_dsn="postgresql:///x", fence_timeout=7))
+    a = session(lg, pid=5)
+    lease = grant(lg, a, 1)
+    assert lg.close_session(a, T0) == [StartFence("pg", 5, (lease,), ())]
+    assert lg.resources["pg"].fenced[lease].until == T0 + 7
+
+
+def test_unfence_frees_early() -> None:
+    lg = ledger(pg=Resource(1, quarantine_delay=30))
+    a, b = session(lg), session(lg)
+    lease = grant(lg, a, 1)
+    lg.acquire(b, 1, "pg", T0, timeout=60)
+    lg.close_session(a, T0)
+    assert lg.unfence("pg", [], T0) == []
+    assert granted(lg.unfence("pg", (lease,), T0 + 0.01)).session == b
+    assert lg.unfence("pg", (lease,), T0) == []  # again: nothing
+    assert lg.unfence("nope", (lease,), T0) == []
+
+
+def test_close_session_withdraws_its_waiters() -> None:
+    lg = ledger(pg=1)
+    a, b, c = session(lg), session(lg), session(lg)
+    lease = grant(lg, a, 1)
+    lg.acquire(b, 1, "pg", T0, timeout=5)
+    lg.acquire(c, 1, "pg", T0, timeout=5)
+    assert lg.close_session(b, T0) == []  # no answer to a dead session
+    assert granted(lg.release(a, lease, T0)).session == c
+    assert lg.tick(T0 + 10) == []
+
+
+def test_reregistration_beyond_the_cap_blocks_grants_until_below() -> None:
+    lg = ledger(pg=2)
+    held = [["pg", 501, 501, IDLE, 11], ["pg", 502, 502, BUSY, None], ["pg", 503, 503, "new", None]]
+    a = session(lg, pid=1, held=held)
+    b = session(lg, pid=2)
+    res = lg.resources["pg"]
+    assert res.leased == 3 and res.peak == 3
+    leases = lg.sessions[a].leases
+    assert [leases[i].state for i in (501, 502, 503)] == [IDLE, BUSY, NEW]
+    assert leases[501].backend_pid == 11
+    assert only(Denied, lg.acquire(b, 1, "pg", T0, timeout=0)).reason == "timeout"
+    lg.acquire(b, 2, "pg", T0, timeout=10)
+    assert of(Granted, lg.release(a, 501, T0)) == []  # 2 of 2: still at the cap
+    g = granted(lg.release(a, 502, T0))
+    assert g.session == b and g.lease.id > 503  # ids keep growing past re-registered ones
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "pg",  # not a list
+        ["pg", 1, 1, "idle"],  # too short
+        ["nope", 1, 1, "idle", None],  # unknown resource
+        [["pg"], 1, 1, "idle", None],  # unhashable resource (used to raise TypeError)
+        ["pg", "1", 1, "idle", None],  # lease id not an int
+        ["pg", True, 1, "idle", None],  # bool is not an id
+        ["pg", 1, "x", "idle", None],  # token not an int (used to raise ValueError)
+        ["pg", 1, 1.5, "idle", None],
+        ["pg", -1, 1, "idle", None],
+        ["pg", MAX_ID, 1, "idle", None],  # would push new ids past what msgpack holds
+        ["pg", 1, 2**64 - 1, "idle", None],
+    ],
+)
+def test_bad_held_entries_are_problems_not_crashes(entry: Any) -> None:
+    lg = ledger(pg=2)
+    sid, effects = lg.open_session(1, "w", T0, held=[entry, ["pg", 9, 9, "idle", None]])
+    [prob] = effects
+    assert isinstance(prob, Problem) and prob.code == "bad_held" and prob.session == sid
+    assert len(prob.message) < 200
+    assert list(lg.sessions[sid].leases) == [9]  # the good entry still counts
+    assert granted(lg.acquire(sid, 1, "pg", T0)).lease.id == 10
+
+
+def test_a_lease_held_by_another_process_cannot_be_claimed() -> None:
+    lg = ledger(pg=Resource(2, quarantine_delay=1))
+    a = session(lg, pid=1)
+    lease = grant(lg, a, 1)
+    token = lg.sessions[a].leases[lease].token
+    def claim(pid: int, token: int) -> tuple[int, Problem]:
+        sid, effects = lg.open_session(pid, "claimant", T0, held=[["pg", lease, token, IDLE, None]])
+        return sid, only(Problem, effects)
+
+    sid, prob = claim(2, token)
+    assert prob.code == "bad_held" and lg.sessions[sid].leases == {}
+    lg.close_session(a, T0)  # fenced now: still not another process's
+    assert claim(2, token)[1].code == "bad_held"
+    assert claim(1, token + 1)[1].code == "bad_held"  # the same process, but a wrong token
+    sid, effects = lg.open_session(1, "same process", T0, held=[["pg", lease, token, IDLE, None]])
+    assert effects == [] and lg.resources["pg"].live[lease].session == sid  # taken back
+    assert lg.resources["pg"].fenced == {}
+
+
+def test_reconnect_during_the_fence_takes_the_lease_back() -> None:
+    """Regression: a process whose session was dropped (e.g. it stopped
+    reading) reconnects and re-registers the connection it still holds. The
+    fenced lease was refused as a duplicate, then freed by the fence's end and
+    granted elsewhere: one connection over the cap."""
+    lg = ledger(pg=Resource(1, quarantine_delay=0.05))
+    a = session(lg, pid=1)
+    g = granted(lg.acquire(a, 1, "pg", T0)).lease
+    lg.close_session(a, T0 + 1)
+    a2 = session(lg, pid=1, now=T0 + 1.02, held=[["pg", g.id, g.token, IDLE, 77]])
+    res = lg.resources["pg"]
+    assert res.fenced == {} and res.live[g.id].session == a2 and res.leased == 1
+    assert lg.sessions[a2].leases[g.id].backend_pid == 77
+    b = session(lg, pid=2)
+    assert lg.tick(T0 + 2) == []
+    assert only(Denied, lg.acquire(b, 1, "pg", T0 + 2, timeout=0)).reason == "timeout"
+    lg.acquire(b, 2, "pg", T0 + 2, timeout=5)
+    assert granted(lg.release(a2, g.id, T0 + 2)).session == b
+
+
+def test_reconnect_before_the_old_session_is_noticed_gone() -> None:
+    lg = ledger(pg=Resource(1, quarantine_delay=0.05))
+    a = session(lg, pid=1)
+    g = granted(lg.acquire(a, 1, "pg", T0)).lease
+    a2 = session(lg, pid=1, held=[["pg", g.id, g.token, BUSY, None]])
+    assert lg.sessions[a].leases == {} and lg.sessions[a].held("pg") == 0
+    assert lg.close_session(a, T0) == []  # nothing left to fence
+    assert lg.resources["pg"].live[g.id].session == a2
+
+
+def test_lease_ids_and_tokens_strictly_grow() -> None:
+    lg = Ledger({"pg": Resource(3, quarantine_delay=0)}, id_base=5000)
+    a = session(lg)
+    seen = []
+    for req in range(20):
+        lease = granted(lg.acquire(a, req, "pg", T0)).lease
+        assert lease.id == lease.token
+        seen.append(lease.id)
+        lg.release(a, lease.id, T0)
+    assert seen[0] == 5000 and seen == sorted(set(seen))
+    session(lg, pid=9, held=[["pg", 10_000, 20_000, IDLE, None]])
+    assert grant(lg, a, 99) > 20_000
+
+
+# ------------------------------------------------------------------- reclaim
+
+
+def test_reclaim_asks_the_session_holding_idle_leases() -> None:
+    lg = ledger(pg=2)
+    a, b, c = session(lg), session(lg), session(lg)
+    grant(lg, a, 1)
+    lc = grant(lg, c, 1)
+    lg.report(a, [[lid, BUSY, None, None] for lid in lg.sessions[a].leases], T0)
+    idle(lg, c)
+    assert lg.acquire(b, 1, "pg", T0, timeout=5) == [AskReclaim(c, "pg", 1)]
+    assert granted(lg.release(c, lc, T0)).session == b  # asked and given: no withdrawal
+    assert lg.sessions[c].asked["pg"] == 0 and lg.resources["pg"].reclaims == 1
+
+
+def test_reclaim_is_withdrawn_when_the_waiter_is_served_elsewhere() -> None:
+    lg = ledger(pg=2)
+    a, b, c = session(lg), session(lg), session(lg)
+    la = grant(lg, a, 1)
+    grant(lg, c, 1)
+    idle(lg, c)
+    assert lg.acquire(b, 1, "pg", T0, timeout=5) == [AskReclaim(c, "pg", 1)]
+    effects = lg.release(a, la, T0)
+    assert granted(effects).session == b
+    assert of(AskReclaim, effects) == [AskReclaim(c, "pg", 0)]
+
+
+def test_reclaim_is_withdrawn_when_the_waiter_times_out() -> None:
+    lg = ledger(pg=1)
+    a, b = session(lg), session(lg)
+    grant(lg, a, 1)
+    idle(lg, a)
+    assert lg.acquire(b, 1, "pg", T0, timeout=1) == [AskReclaim(a, "pg", 1)]
+    effects = lg.tick(T0 + 1)
+    assert of(Denied, effects)[0].reason == "timeout"
+    assert of(AskReclaim, effects) == [AskReclaim(a, "pg", 0)]
+
+
+def test_reclaim_is_withdrawn_when_the_waiter_cancels_or_dies() -> None:
+    lg = ledger(pg=1)
+    a, b = session(lg), session(lg)
+    grant(lg, a, 1)
+    lg.acquire(b, 1, "pg", T0, timeout=9)
+    assert lg.cancel(b, 1, T0) == [AskReclaim(a, "pg", 0)]
+    lg.acquire(b, 2, "pg", T0, timeout=9)
+    assert lg.close_session(b, T0) == [AskReclaim(a, "pg", 0)]
+
+
+def test_reclaim_prefers_idle_then_bigger_holders() -> None:
+    lg = ledger(pg=4)
+    a, b, c, w = (session(lg) for _ in range(4))
+    for sid, n in ((a, 2), (b, 1), (c, 1)):
+        for req in range(n):
+            grant(lg, sid, req)
+    assert lg.acquire(w, 1, "pg", T0, timeout=5) == [AskReclaim(a, "pg", 1)]  # the biggest
+    assert idle(lg, c) == [AskReclaim(a, "pg", 0), AskReclaim(c, "pg", 1)]  # idle wins
+
+
+def test_reclaim_asks_for_one_per_servable_waiter() -> None:
+    lg = ledger(pg=Resource(3, max_per_process=2))
+    a, x, w = session(lg), session(lg), session(lg)
+    grant(lg, a, 1), grant(lg, a, 2), grant(lg, x, 1)
+    for req in (1, 2, 3):  # the third is past w's own cap: nobody is asked for it
+        assert queued(lg.acquire(w, req, "pg", T0, timeout=5))
+    assert {sid: s.asked.get("pg", 0) for sid, s in lg.sessions.items()} == {a: 2, x: 0, w: 0}
+
+
+def test_min_per_process_is_never_asked_for() -> None:
+    lg = ledger(pg=Resource(2, min_per_process=1))
+    a, b, c = session(lg), session(lg), session(lg)
+    grant(lg, a, 1)
+    grant(lg, c, 1)
+    idle(lg, a), idle(lg, c)
+    assert lg.acquire(b, 1, "pg", T0, timeout=5) == []  # each holds only its floor
+    lg2 = ledger(pg=Resource(2, min_per_process=1))
+    a, b = session(lg2), session(lg2)
+    grant(lg2, a, 1), grant(lg2, a, 2)
+    assert lg2.acquire(b, 1, "pg", T0, timeout=5) == [AskReclaim(a, "pg", 1)]
+
+
+def test_a_waiting_session_is_not_asked() -> None:
+    lg = ledger(pg=2)
+    a, b = session(lg), session(lg)
+    grant(lg, a, 1)
+    grant(lg, b, 1)
+    assert lg.acquire(a, 2, "pg", T0, timeout=5) == [AskReclaim(b, "pg", 1)]
+    assert of(AskReclaim, lg.acquire(b, 2, "pg", T0, timeout=5)) == [AskReclaim(b, "pg", 0)]
+
+
+def test_resize_down_asks_for_the_excess() -> None:
+    lg = ledger(pg=4)
+    a, b, w = session(lg), session(lg), session(lg)
+    la = [grant(lg, a, i) for i in range(3)]
+    grant(lg, b, 1)
+    effects = lg.resize("pg", 2, T0)
+    assert {e.session for e in of(Notify, effects)} == {a, b, w}
+    assert of(Notify, effects)[0].args == {"max_size": 2} and of(Notify, effects)[0].verb == "resize"
+    assert of(AskReclaim, effects) == [AskReclaim(a, "pg", 2)]
+    assert lg.resources["pg"].limits.max_size == 2
+    lg.acquire(w, 1, "pg", T0, timeout=5)
+    assert of(Granted, lg.release(a, la[0], T0)) == []  # 3 of 2
+    assert of(Granted, lg.release(a, la[1], T0)) == []  # 2 of 2
+    assert granted(lg.release(a, la[2], T0)).session == w
+
+
+def test_resize_up_serves_waiters_and_bad_sizes_are_config_errors() -> None:
+    lg = ledger(pg=Resource(1, min_per_process=1))
+    a, b = session(lg), session(lg)
+    grant(lg, a, 1)
+    lg.acquire(b, 1, "pg", T0, timeout=5)
+    assert granted(lg.resize("pg", 2, T0)).session == b
+    with pytest.raises(ConfigError) as info:
+        lg.resize("pg", 0, T0)
+    assert info.value.field == "max_size"
+    with pytest.raises(KeyError):
+        lg.resize("nope", 3, T0)
+
+
+# ------------------------------------------------------------------- admin
+
+
+def test_pause_queues_and_resume_serves() -> None:
+    lg = ledger(pg=2)
+    a, b = session(lg), session(lg)
+    effects = lg.pause("pg")
+    notified = {(n.session, n.verb, n.resource) for n in of(Notify, effects)}
+    assert notified == {(a, "pause", "pg"), (b, "pause", "pg")}
+    assert lg.acquire(a, 1, "pg", T0, timeout=5) == []  # queued although a slot is free
+    deny = only(Denied, lg.acquire(b, 1, "pg", T0, timeout=0))
+    assert deny.reason == "timeout" and "paused" in deny.message
+    effects = lg.resume("pg", T0)
+    assert [n.verb for n in of(Notify, effects)] == ["resume", "resume"]
+    assert granted(effects).session == a
+
+
+def test_drain_denies_waiters_and_new_acquires() -> None:
+    lg = ledger(pg=1)
+    a, b = session(lg), session(lg)
+    grant(lg, a, 1)
+    lg.acquire(b, 1, "pg", T0, timeout=5)
+    effects = lg.drain("pg")
+    assert [(d.session, d.req, d.reason) for d in of(Denied, effects)] == [(b, 1, "draining")]
+    assert {n.session for n in of(Notify, effects)} == {a, b}
+    assert only(Denied, lg.acquire(b, 2, "pg", T0)).reason == "draining"
+    lg.resume("pg", T0)
+    assert queued(lg.acquire(b, 3, "pg", T0, timeout=5))
+
+
+def test_admin_on_an_unknown_resource_is_a_key_error() -> None:
+    lg = ledger(pg=1)
+    for call in (lambda: lg.pause("x"), lambda: lg.resume("x", T0), lambda: lg.drain("x")):
+        with pytest.raises(KeyError):
+            call()
+
+
+def test_end_session_notifies_every_session_of_the_pid() -> None:
+    lg = ledger(pg=1)
+    a1, a2, b = session(lg, pid=1), session(lg, pid=1), session(lg, pid=2)
+    assert lg.end_session(1) == [Notify(a1, "end_session", None), Notify(a2, "end_session", None)]
+    assert lg.end_session(3) == [] and b
+
+
+def test_set_limits_adds_or_replaces() -> None:
+    lg = ledger(pg=1)
+    a, b = session(lg), session(lg)
+    grant(lg, a, 1)
+    lg.acquire(b, 1, "pg", T0, timeout=5)
+    assert lg.set_limits("api", Resource(3), T0) == []
+    assert grant(lg, a, 2, "api")
+    assert granted(lg.set_limits("pg", Resource(2), T0)).session == b
+
+
+# ------------------------------------------------------------------- failures
+
+
+def test_failure_reports_past_the_threshold_fail_fast_then_recover() -> None:
+    lg = ledger(pg=1)
+    a, b, c = session(lg), session(lg), session(lg)
+    grant(lg, a, 1)
+    lg.acquire(b, 1, "pg", T0, timeout=30)
+    assert lg.report(c, [], T0, failures={"pg": FAILURE_THRESHOLD - 2}) == []
+    effects = lg.report(a, [], T0 + 0.1, failures={"pg": 2, "nope": 5})  # streak crosses it
+    [deny] = of(Denied, effects)
+    assert (deny.session, deny.reason) == (b, "failing")
+    assert only(Denied, lg.acquire(c, 1, "pg", T0 + 0.5)).reason == "failing"
+    assert lg.snapshot_resources(T0)[0]["failing"] is True
+    # After the backoff one acquire is let through to probe.
+    lg.release(a, next(iter(lg.sessions[a].leases)), T0 + 0.5)
+    assert granted(lg.acquire(c, 2, "pg", T0 + 0.1 + FAILURE_BACKOFF)).session == c
+    # Still failing: the next report fails fast again at once.
+    lg.acquire(b, 3, "pg", T0 + 2, timeout=30)
+    assert of(Denied, lg.report(c, [], T0 + 2, failures={"pg": 1}))[0].req == 3
+    # A success resets the streak: acquires wait normally again.
+    lg.report(c, [], T0 + 2, ok=["pg", "nope", 5])
+    assert lg.resources["pg"].fail_streak == 0
+    assert queued(lg.acquire(b, 4, "pg", T0 + 2, timeout=30))
+
+
+def test_bad_failure_counts_are_ignored() -> None:
+    lg = ledger(pg=1)
+    a = session(lg)
+    for failures in ({"pg": -50}, {"pg": "9"}, {"pg": 0}, {5: 9}):
+        lg.report(a, [], T0, failures=failures)  # type: ignore[arg-type]
+    assert lg.resources["pg"].fail_streak == 0
+
+
+# ------------------------------------------------------------------- reports and snapshots
+
+
+def test_report_updates_lease_states() -> None:
+    lg = ledger(pg=2)
+    a = session(lg)
+    l1 = grant(lg, a, 1)
+    states = [[l1, BUSY, 4321, "app.py:9"], [999, IDLE, 1, None], [l1, "??", 1, None]]
+    assert lg.report(a, states, T0 + 1) == []  # unknown leases and states are skipped
+    lease = lg.sessions[a].leases[l1]
+    assert (lease.state, lease.state_since, lease.backend_pid, lease.site) == (BUSY, T0 + 1, 4321, "app.py:9")
+    assert lg.sessions[a].last_report == T0 + 1
+    prob = only(Problem, lg.report(a, [[l1, IDLE, None]], T0))
+    assert isinstance(prob, Problem) and prob.code == "bad_report"
+    prob = only(Problem, lg.report(a, ["x" * 100_000], T0))
+    assert len(prob.message) < 200
+
+
+def test_snapshots() -> None:
+    lg = ledger(pg=Resource(2, monitor_dsn="postgresql://u:secret@h/db"), api=1)
+    a, b = session(lg, pid=11, name="web"), session(lg, pid=12, uid=1000)
+    l1, l2 = grant(lg, a, 1), grant(lg, a, 2)
+    lg.report(a, [[l1, IDLE, 55, "x.py:1"], [l2, BUSY, None, None]], T0 + 1)
+    lg.acquire(b, 1, "pg", T0 + 1, timeout=5)
+    grant(lg, b, 2, "api")
+    [pg, api] = lg.snapshot_resources(T0 + 3)
+    assert pg["name"] == "pg" and pg["max_size"] == 2 and pg["leased"] == 2
+    assert (pg["in_use"], pg["idle"], pg["connecting"], pg["fenced"]) == (1, 1, 0, 0)
+    assert pg["waiting"] == 1 and pg["longest_wait_s"] == 2.0 and pg["grants"] == 2 and pg["peak"] == 2
+    assert (pg["paused"], pg["draining"], pg["failing"]) == (False, False, False)
+    assert "monitor_dsn" not in pg["limits"] and "secret" not in repr(pg)
+    assert api["leased"] == 1 and api["connecting"] == 1
+    sessions = lg.snapshot_sessions(T0 + 3)
+    summary = [(s["session"], s["pid"], s["leases"], s["waiters"]) for s in sessions]
+    assert summary == [(a, 11, 2, 0), (b, 12, 1, 1)]
+    assert sessions[0]["last_report_s"] == 2.0 and sessions[1]["last_report_s"] is None
+    assert sessions[1]["uid"] == 1000 and sessions[0]["connected_s"] == 3.0
+    leases = lg.snapshot_leases(T0 + 3)
+    assert {x["id"] for x in leases} == {l1, l2, lg.snapshot_leases(T0, resource="api")[0]["id"]}
+    [one] = lg.snapshot_leases(T0 + 3, resource="pg", pid=11)[:1]
+    assert one["backend_pid"] == 55 and one["site"] == "x.py:1" and one["state"] == IDLE
+    assert one["age_s"] == 3.0 and one["state_s"] == 2.0
+    assert lg.snapshot_leases(T0, pid=99) == []
+    # Every snapshot goes over the wire as a reply.
+    for data in (pg, sessions, leases, {"resources": [pg, api]}):
+        reply = p.Reply(1, data)
+        conn = p.Connection(p.CLIENT)
+        conn.send(p.Hello(p.PROTOCOL_VERSION, 1, "x"))
+        conn.receive_data(p.encode(p.Welcome(p.PROTOCOL_VERSION, 1, 1)) + p.encode(reply))
+        assert conn.events()[1] == reply
+
+
+def test_fenced_leases_show_in_the_snapshot() -> None:
+    lg = ledger(pg=Resource(2, quarantine_delay=1))
+    a = session(lg)
+    grant(lg, a, 1)
+    lg.close_session(a, T0)
+    [pg] = lg.snapshot_resources(T0)
+    assert (pg["leased"], pg["fenced"]) == (1, 1)
+    assert lg.snapshot_leases(T0) == [] and lg.snapshot_sessions(T0) == []
+
+
+# ------------------------------------------------------------------- state machine (I1–I3)
+
+DENY_REASONS = {"timeout", "unknown_resource", "too_many_waiters", "draining", "failing"}
+
+
+@dataclass
+class Req:
+    resource: str
+    deadline: float
+    seq: int | None = None  # set once queued: the order it joined the queue
+
+
+@st.composite
+def resource_limits(draw: st.DrawFn) -> Resource:
+    max_size = draw(st.integers(1, 4))
+    per_process = draw(st.none() | st.integers(1, 3))
+    floor = draw(st.integers(0, min(1, max_size, per_process or max_size)))
+    monitored = draw(st.booleans())
+    return Resource(
+        max_size,
+        max_per_process=per_process,
+        min_per_process=floor,
+        max_waiting=draw(st.none() | st.integers(0, 4)),
+        acquire_timeout=draw(st.sampled_from([0.0, 0.5, 2.0, 2.0])),
+        quarantine_delay=draw(st.sampled_from([0.0, 0.1, 1.0])),
+        monitor_dsn="postgresql:///monitor" if monitored else None,
+        fence_timeout=draw(st.sampled_from([0.2, 2.0])),
+    )
+
+
+class LedgerMachine(RuleBasedStateMachine):
+    """Drives a Ledger with random calls and keeps a model of what the effects
+    said: who holds which lease, which requests still wait for an answer,
+    which leases are fenced until when. Every effect is checked as it is
+    applied, and the ledger is checked against the model after every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lg = Ledger({})
+        self.now = T0
+        self.pids = itertools.count(1)
+        self.reqs = itertools.count(1)
+        self.seqs = itertools.count()
+        self.sessions: dict[int, int] = {}  # sid -> pid
+        self.held: dict[int, tuple[int, str, int]] = {}  # lease -> (sid, resource, token)
+        self.fenced: dict[int, tuple[str, float, int, int]] = {}  # lease -> (res, until, pid, token)
+        self.outstanding: dict[tuple[int, int], Req] = {}  # (sid, req) -> request
+        self.max_id = 0
+        self.over: set[str] = set()  # resources a resize or re-registration pushed over the cap
+
+    # -- model helpers
+
+    def limits(self, r: str) -> Resource:
+        return self.lg.resources[r].limits
+
+    def leased(self, r: str) -> int:
+        return sum(1 for _, res, _ in self.held.values() if res == r) + sum(
+            1 for res, *_ in self.fenced.values() if res == r
+        )
+
+    def count(self, sid: int, r: str) -> int:
+        return sum(1 for s, res, _ in self.held.values() if s == sid and res == r)
+
+    def blocked(self, sid: int, r: str) -> bool:
+        cap = self.limits(r).max_per_process
+        return cap is not None and self.count(sid, r) >= cap
+
+    def queued(self, r: str) -> list[tuple[int, int]]:
+        waiting = [
+            (q.seq, key) for key, q in self.outstanding.items() if q.resource == r and q.seq is not None
+        ]
+        return [key for _, key in sorted(waiting)]
+
+    def note_over(self, r: str) -> None:
+        if self.leased(r) > self.limits(r).max_size:
+            self.over.add(r)
+
+    def apply(self, effects: list[Effect], *, problems: tuple[str, ...] = ()) -> None:
+        for e in effects:
+            if isinstance(e, Granted):
+                self.on_grant(e)
+            elif isinstance(e, Denied):
+                assert (e.session, e.req) in self.outstanding, f"deny of a request not waiting: {e}"
+                assert e.reason in DENY_REASONS, e
+                del self.outstanding[(e.session, e.req)]
+            elif isinstance(e, AskReclaim):
+                event(f"reclaim asked ({'withdraw' if e.count == 0 else 'give'})")
+                assert e.session in self.sessions, e
+                floor = self.limits(e.resource).min_per_process
+                assert 0 <= e.count <= max(0, self.count(e.session, e.resource) - floor), e
+                if e.count and self.leased(e.resource) <= self.limits(e.resource).max_size:
+                    waiting = {sid for sid, _ in self.queued(e.resource)}
+                    assert e.session not in waiting, f"asked a session that waits itself: {e}"
+            elif isinstance(e, Notify):
+                assert e.session in self.sessions, e
+            elif isinstance(e, Problem):
+                assert e.code in problems, f"unexpected problem {e}"
+            else:
+                assert isinstance(e, StartFence), e
+
+    def on_grant(self, e: Granted) -> None:
+        key = (e.session, e.req)
+        assert key in self.outstanding, f"grant for a request that is not waiting: {e}"
+        req = self.outstanding.pop(key)
+        lease, r = e.lease, e.lease.resource
+        assert r == req.resource and lease.session == e.session and e.session in self.sessions
+        # ids and tokens only grow
+        assert lease.id > self.max_id and lease.token == lease.id, (lease, self.max_id)
+        self.max_id = lease.id
+        # I1: a grant only ever fills a free slot
+        assert self.leased(r) < self.limits(r).max_size, f"grant over the cap: {e}"
+        assert not self.blocked(e.session, r), f"grant past max_per_process: {e}"
+        assert not self.lg.resources[r].paused
+        # FIFO: everyone queued ahead (or, for an immediate grant, anyone queued)
+        # is blocked by their own max_per_process.
+        for sid, other in self.queued(r):
+            if req.seq is not None and self.outstanding[(sid, other)].seq > req.seq:  # type: ignore[operator]
+                break
+            assert self.blocked(sid, r), f"{e} overtook waiting request {(sid, other)}"
+        self.held[lease.id] = (e.session, r, lease.token)
+        event("grant of a queued request" if req.seq is not None else "grant at once")
+        if any(self.blocked(sid, r) for sid, _ in self.queued(r)):
+            event("grant past a blocked waiter")
+
+    # -- rules
+
+    @initialize(configs=st.lists(resource_limits(), min_size=1, max_size=2), n=st.integers(2, 4))
+    def setup(self, configs: list[Resource], n: int) -> None:
+        self.lg = Ledger({f"r{i}": r for i, r in enumerate(configs)})
+        for _ in range(n):
+            self.open_session()
+
+    def names(self) -> list[str]:
+        return sorted(self.lg.resources)
+
+    @rule()
+    def open_session(self) -> None:
+        pid = next(self.pids)
+        sid, effects = self.lg.open_session(pid, f"w{pid}", self.now)
+        assert effects == []
+        self.sessions[sid] = pid
+
+    @precondition(lambda self: self.sessions)
+    @rule(data=st.data())
+    def close_session(self, data: st.DataObject) -> None:
+        sid = data.draw(st.sampled_from(sorted(self.sessions)))
+        self.close(sid)
+
+    def close(self, sid: int) -> None:
+        pid = self.sessions.pop(sid)
+        mine = sorted(lid for lid, (s, _, _) in self.held.items() if s == sid)
+        fences: dict[str, list[int]] = {}
+        for lid in mine:
+            _, r, token = self.held.pop(lid)
+            limits = self.limits(r)
+            delay = limits.fence_timeout if limits.monitor_dsn else limits.quarantine_delay
+            if delay > 0:
+                self.fenced[lid] = (r, self.now + delay, pid, token)
+                fences.setdefault(r, []).append(lid)
+        for key in [k for k in self.outstanding if k[0] == sid]:
+            del self.outstanding[key]
+        effects = self.lg.close_session(sid, self.now)
+        started = {(f.resource, f.pid, tuple(sorted(f.leases))) for f in of(StartFence, effects)}
+        assert started == {(r, pid, tuple(ids)) for r, ids in fences.items()}
+        self.apply(effects)
+        # I2: nothing of the dead session is live any more
+        for res in self.lg.resources.values():
+            assert not set(mine) & set(res.live)
+
+    @precondition(lambda self: self.sessions)
+    @rule(data=st.data(), early=st.booleans())
+    def reconnect(self, data: st.DataObject, early: bool) -> None:
+        """The same process comes back with the leases it still holds, after its
+        old session was closed (then they are fenced, or freed with no delay),
+        or before the coordinator noticed the old one gone (``early``)."""
+        old = data.draw(st.sampled_from(sorted(self.sessions)))
+        pid = self.sessions[old]
+        mine = sorted(lid for lid, (s, _, _) in self.held.items() if s == old)
+        entries: list[list[Any]] = [[self.held[lid][1], lid, self.held[lid][2], IDLE, None] for lid in mine]
+        if not early:
+            self.close(old)
+        sid, effects = self.lg.open_session(pid, f"w{pid}", self.now, held=entries)
+        self.apply(effects)
+        self.sessions[sid] = pid
+        for r, lid, token, _, _ in entries:
+            if self.fenced.pop(lid, None):
+                event("reconnect took a fenced lease back")
+            self.held[lid] = (sid, r, token)
+            self.max_id = max(self.max_id, lid)
+            self.note_over(r)
+        if early:
+            self.close(old)
+
+    @rule(data=st.data(), n=st.integers(1, 2))
+    def register_foreign(self, data: st.DataObject, n: int) -> None:
+        """Leases kept across a coordinator restart: may push a resource over its cap."""
+        r = data.draw(st.sampled_from(self.names()))
+        pid = next(self.pids)
+        ids = [self.max_id + 1000 * (i + 1) for i in range(n)]  # from an earlier life
+        held = [[r, i, i, BUSY, 7] for i in ids]
+        sid, effects = self.lg.open_session(pid, "restarted", self.now, held=held)
+        assert effects == []
+        self.sessions[sid] = pid
+        for i in ids:
+            self.held[i] = (sid, r, i)
+            self.max_id = max(self.max_id, i)
+        self.note_over(r)
+
+    @precondition(lambda self: self.sessions)
+    @rule(data=st.data(), n=st.integers(1, 4))
+    def acquire(self, data: st.DataObject, n: int) -> None:
+        """A few acquires at the same instant, from random sessions."""
+        for _ in range(n):
+            sid = data.draw(st.sampled_from(sorted(self.sessions)))
+            r = data.draw(st.sampled_from([*self.names() * 4, "nope"]))
+            timeout = data.draw(st.none() | st.sampled_from([0, -1, 0.05, 0.3, 1.0, 4.0]))
+            self.acquire_one(sid, r, timeout)
+
+    def acquire_one(self, sid: int, r: str, timeout: float | None) -> None:
+        req = next(self.reqs)
+        wait = (self.limits(r).acquire_timeout if timeout is None else timeout) if r != "nope" else 0
+        self.outstanding[(sid, req)] = Req(r, self.now + wait)
+        ahead = len(self.queued(r))
+        effects = self.lg.acquire(sid, req, r, self.now, timeout)
+        for deny in of(Denied, effects):
+            if deny.req != req:
+                continue
+            event(f"acquire: denied {deny.reason}")
+            res = self.lg.resources.get(r)
+            if deny.reason == "timeout":  # only when it really could not be granted now
+                assert res is not None and wait <= 0
+                assert res.paused or res.leased >= res.limits.max_size or self.blocked(sid, r), deny
+            elif deny.reason == "too_many_waiters":
+                assert res is not None and res.limits.max_waiting is not None
+                assert ahead >= res.limits.max_waiting
+            elif deny.reason == "unknown_resource":
+                assert r == "nope"
+        if of(Granted, effects):
+            event("acquire: granted")
+        self.apply(effects)
+        if (sid, req) in self.outstanding:
+            event("acquire: queued")
+            assert wait > 0, "a request that may not wait was queued"
+            self.outstanding[(sid, req)].seq = next(self.seqs)
+
+    @precondition(lambda self: self.held)
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        lid = data.draw(st.sampled_from(sorted(self.held)))
+        sid, _, _ = self.held.pop(lid)
+        self.apply(self.lg.release(sid, lid, self.now))
+
+    @precondition(lambda self: self.sessions)
+    @rule(data=st.data())
+    def release_unknown(self, data: st.DataObject) -> None:
+        sid = data.draw(st.sampled_from(sorted(self.sessions)))
+        lid = data.draw(st.sampled_from(sorted(set(self.held) | set(self.fenced) | {-5})))
+        if self.held.get(lid, (None,))[0] == sid:
+            return
+        effects = self.lg.release(sid, lid, self.now)
+        assert [type(e) for e in effects] == [Problem]
+        self.apply(effects, problems=("unknown_lease",))
+
+    @precondition(lambda self: self.outstanding)
+    @rule(data=st.data())
+    def cancel(self, data: st.DataObject) -> None:
+        sid, req = data.draw(st.sampled_from(sorted(self.outstanding)))
+        del self.outstanding[(sid, req)]  # no answer may come for it now
+        self.apply(self.lg.cancel(sid, req, self.now))
+
+    @precondition(lambda self: self.sessions)
+    @rule(
+        data=st.data(),
+        fail=st.sampled_from([0] * 6 + [1, FAILURE_THRESHOLD]),
+        ok=st.booleans(),
+    )
+    def report(self, data: st.DataObject, fail: int, ok: bool) -> None:
+        sid = data.draw(st.sampled_from(sorted(self.sessions)))
+        mine = sorted(lid for lid, (s, _, _) in self.held.items() if s == sid)
+        states = [[lid, data.draw(st.sampled_from([IDLE, BUSY])), None, None] for lid in mine]
+        r = data.draw(st.sampled_from(self.names()))
+        failures = {r: fail} if fail else {}
+        self.apply(self.lg.report(sid, states, self.now, failures, [r] if ok else []))
+
+    @rule(dt=st.sampled_from([0.0, 0.01, 0.1, 0.5, 1.0, 3.0, 100.0]))
+    def tick(self, dt: float) -> None:
+        """Time passes; far enough ahead, every request is answered and every fence gone."""
+        self.now += dt
+        self.advance()
+        if dt == 100.0:
+            assert not self.outstanding and not self.fenced
+
+    def advance(self) -> None:
+        for lid in [lid for lid, f in self.fenced.items() if f[1] <= self.now]:
+            event("fence expired")
+            del self.fenced[lid]
+        self.apply(self.lg.tick(self.now))
+        late = [k for k, q in self.outstanding.items() if q.deadline <= self.now]
+        assert not late, f"requests past their deadline still unanswered: {late}"
+        for r in self.names():
+            assert all(f.until > self.now for f in self.lg.resources[r].fenced.values())
+
+    @precondition(lambda self: self.fenced)
+    @rule(data=st.data())
+    def unfence(self, data: st.DataObject) -> None:
+        r = data.draw(st.sampled_from(sorted({f[0] for f in self.fenced.values()})))
+        ids = data.draw(st.lists(st.sampled_from(sorted(self.fenced)), max_size=3, unique=True))
+        for lid in ids:
+            if self.fenced[lid][0] == r:
+                del self.fenced[lid]
+        self.apply(self.lg.unfence(r, ids, self.now))
+
+    @rule(data=st.data())
+    def resize(self, data: st.DataObject) -> None:
+        r = data.draw(st.sampled_from(self.names()))
+        size = data.draw(st.integers(max(1, self.limits(r).min_per_process), 5))
+        self.apply(self.lg.resize(r, size, self.now))
+        self.note_over(r)
+
+    @rule(data=st.data(), verb=st.sampled_from(["pause", "resume", "resume", "pause", "drain"]))
+    def admin(self, data: st.DataObject, verb: str) -> None:
+        r = data.draw(st.sampled_from(self.names()))
+        if verb == "pause":
+            self.apply(self.lg.pause(r))
+        elif verb == "resume":
+            self.apply(self.lg.resume(r, self.now))
+        else:
+            self.apply(self.lg.drain(r))
+            assert not self.queued(r)
+
+    # -- checks after every step
+
+    @invariant()
+    def ledger_matches_the_model(self) -> None:
+        lg = self.lg
+        assert set(lg.sessions) == set(self.sessions)
+        for sid, s in lg.sessions.items():
+            mine = {lid for lid, (owner, _, _) in self.held.items() if owner == sid}
+            assert set(s.leases) == mine
+            for r in self.names():
+                assert s.held(r) == self.count(sid, r)
+        for r, res in lg.resources.items():
+            assert set(res.live) == {lid for lid, (_, res_, _) in self.held.items() if res_ == r}
+            assert set(res.fenced) == {lid for lid, f in self.fenced.items() if f[0] == r}
+            assert all(f.until == self.fenced[lid][1] for lid, f in res.fenced.items())
+            assert [(w.session, w.req) for w in res.waiters] == self.queued(r)
+            assert res.askees <= set(lg.sessions)
+        deadlines = [q.deadline for q in self.outstanding.values() if q.seq is not None]
+        deadlines += [f[1] for f in self.fenced.values()]
+        assert lg.next_deadline() == (min(deadlines) if deadlines else None)
+
+    @invariant()
+    def cap_holds(self) -> None:  # I1
+        for r, res in self.lg.resources.items():
+            if res.leased <= res.limits.max_size:
+                self.over.discard(r)
+            else:
+                event("over the cap after resize/re-registration")
+                assert r in self.over, f"{r} over its cap without a resize or re-registration"
+
+    @invariant()
+    def waiters_are_served_when_there_is_room(self) -> None:  # I3
+        for r, res in self.lg.resources.items():
+            if res.draining or res.failing_until is not None and self.now < res.failing_until:
+                assert not res.waiters
+            if res.paused or res.leased >= res.limits.max_size:
+                continue
+            stuck = [key for key in self.queued(r) if not self.blocked(key[0], r)]
+            assert not stuck, f"{r} has {res.free} free slot(s) but {stuck} still wait"
+
+
+LedgerMachine.TestCase.settings = settings(
+    max_examples=200,
+    stateful_step_count=50,
+    deadline=None,
+    report_multiple_bugs=False,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+test_ledger_state_machine = LedgerMachine.TestCase
