@@ -1,0 +1,432 @@
+"""The ``sharedpool`` command: serve | status | leases | sessions | top | admin verbs | demo.
+
+Every error a user can cause ends in one line on stderr and an exit code:
+2 for bad flags or configuration (the line names the field), 1 for a
+coordinator that is not there, refuses us, or refuses the request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import select
+import shlex
+import socket
+import sys
+import termios
+import time
+import tty
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn
+
+import click
+import psutil
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from .client import Client
+from .config import CoordinatorConfig, default_socket_path, parse_resource_flag
+from .errors import AccessDenied, ConfigError, CoordinatorUnavailable, SharedPoolError
+
+#: Lease states as the CLI shows them (the wire says busy / new).
+STATE_NAMES = {"busy": "in_use", "new": "connecting"}
+
+
+class Failed(click.ClickException):
+    """A runtime failure: one line, exit code 1."""
+
+    exit_code = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        ctx = click.get_current_context(silent=True)
+        self.where = ctx.command_path if ctx is not None else "sharedpool"
+
+
+class BadConfig(Failed):
+    """A bad flag or configuration value: one line naming the field, exit code 2."""
+
+    exit_code = 2
+
+
+def _unavailable(path: str, why: object) -> NoReturn:
+    raise Failed(f"no coordinator at {path}: {why}; start one with `sharedpool serve`")
+
+
+@contextlib.contextmanager
+def connect(socket_path: str | None) -> Iterator[Client]:
+    """A client session for one command; coordinator errors become one-line failures."""
+    path = socket_path or default_socket_path()
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:  # fail fast: the client itself would retry until its timeout
+        probe.connect(path)
+    except OSError as exc:
+        _unavailable(path, exc.strerror or exc)
+    finally:
+        probe.close()
+    client = Client(path, name="sharedpool-cli", connect_timeout=2.0)
+    try:
+        yield client
+    except AccessDenied as exc:
+        raise Failed(f"access denied by the coordinator at {path}: {exc}") from None
+    except CoordinatorUnavailable as exc:
+        _unavailable(path, exc)
+    except SharedPoolError as exc:
+        raise Failed(str(exc)) from None
+    finally:
+        client.close()
+
+
+# ------------------------------------------------------------------ data
+
+
+_ProcInfo = tuple[str | None, list[str] | None]
+
+
+def _process(pid: int, cache: dict[int, _ProcInfo]) -> _ProcInfo:
+    if pid not in cache:
+        try:
+            proc = psutil.Process(pid)
+            with proc.oneshot():
+                cache[pid] = (proc.name(), proc.cmdline())
+        except psutil.Error:
+            cache[pid] = (None, None)
+    return cache[pid]
+
+
+def get_resources(client: Client) -> list[dict[str, Any]]:
+    """``status`` rows, as the coordinator reports them."""
+    return list(client.inspect("resources")["resources"])
+
+
+def get_sessions(client: Client) -> list[dict[str, Any]]:
+    """Connected processes, leaving out this command's own session."""
+    rows = client.inspect("sessions")["sessions"]
+    return [s for s in rows if s["session"] != client.session_id]
+
+
+def get_leases(client: Client, resource: str | None = None, pid: int | None = None) -> list[dict[str, Any]]:
+    """Leases with the holder's process name and command line (looked up locally)."""
+    filters: dict[str, Any] = {k: v for k, v in (("resource", resource), ("pid", pid)) if v is not None}
+    cache: dict[int, _ProcInfo] = {}
+    rows = []
+    for lease in client.inspect("leases", **filters)["leases"]:
+        name, cmdline = _process(int(lease["pid"]), cache)
+        state = STATE_NAMES.get(lease["state"], lease["state"])
+        rows.append({**lease, "state": state, "process_name": name, "cmdline": cmdline})
+    return rows
+
+
+# ------------------------------------------------------------------ tables
+
+
+def duration(seconds: float | None) -> str:
+    """``850ms``, ``12.3s``, ``4m05s``, ``2h10m``; ``-`` for None."""
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+
+
+def _table(title: str, columns: str, rows: list[list[Any]]) -> Table:
+    table = Table(title=title, title_justify="left", expand=False)
+    for col in columns.split("|"):
+        wide = col in ("command", "site")
+        left = wide or col in ("resource", "name", "process", "state")
+        table.add_column(col, overflow="ellipsis" if wide else "fold", no_wrap=wide,
+                         max_width=60 if wide else None, justify="left" if left else "right")
+    for row in rows:
+        table.add_row(*(str(v) for v in row))
+    return table
+
+
+def _res_state(r: dict[str, Any]) -> str:
+    flags = [f for f in ("paused", "draining", "failing") if r.get(f)]
+    return ",".join(flags) or "active"
+
+
+def resources_table(resources: list[dict[str, Any]]) -> Table:
+    """One row per resource."""
+    return _table(
+        "resources",
+        "resource|cap|leased|in use|idle|connecting|fenced|waiting|longest wait|grants|timeouts|"
+        "reclaims|state",
+        [[r["name"], r["max_size"], r["leased"], r["in_use"], r["idle"], r.get("connecting", 0),
+          r.get("fenced", 0), r["waiting"], duration(r.get("longest_wait_s") or 0.0) if r["waiting"] else "-",
+          r["grants"], r["timeouts"], r["reclaims"], _res_state(r)] for r in resources],
+    )
+
+
+def sessions_table(sessions: list[dict[str, Any]]) -> Table:
+    """One row per connected process."""
+    return _table(
+        "sessions", "pid|name|leases|waiters|connected|last report",
+        [[s["pid"], s["name"], s["leases"], s["waiters"], duration(s["connected_s"]) + " ago",
+          "-" if s["last_report_s"] is None else duration(s["last_report_s"]) + " ago"] for s in sessions],
+    )
+
+
+def leases_table(leases: list[dict[str, Any]]) -> Table:
+    """One row per lease."""
+    return _table(
+        "leases", "lease|resource|pid|process|command|state|age|in state|site",
+        [[lease["id"], lease["resource"], lease["pid"], lease["process_name"] or "?",
+          shlex.join(lease["cmdline"]) if lease["cmdline"] else "?",
+          lease["state"] + (" (leak?)" if lease.get("suspected_leak") else ""),
+          duration(lease["age_s"]), duration(lease["state_s"]), lease.get("site") or "-"]
+         for lease in leases],
+    )
+
+
+def make_console() -> Console:
+    """A console for stdout; wide when not a terminal so that tables keep their rows."""
+    if sys.stdout.isatty():
+        return Console()
+    return Console(width=int(os.environ.get("COLUMNS") or 200), soft_wrap=False)
+
+
+def _emit(as_json: bool, data: dict[str, Any], *tables: RenderableType) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        make_console().print(*tables)
+
+
+# ------------------------------------------------------------------ commands
+
+
+_socket_option = click.option(
+    "--socket", "socket_path", metavar="PATH", default=None,
+    help="Coordinator socket (default: $SHAREDPOOL_SOCKET, else the per-user runtime dir).",
+)
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="sharedpool")
+def cli() -> None:
+    """One global connection cap across many worker processes."""
+
+
+@cli.command()
+@_socket_option
+@click.option("--resource", "resource_flags", multiple=True, metavar="NAME=MAX[,key=value...]",
+              help="A resource and its limits (repeatable).")
+@click.option("--config", "config_file", metavar="FILE.toml", help="TOML file; flags override it.")
+@click.option("--group", help="Make the socket 0660, owned by this group.")
+@click.option("--allow-uid", multiple=True, type=int, help="Admit peers with this uid (repeatable).")
+@click.option("--allow-gid", multiple=True, type=int, help="Admit peers with this gid (repeatable).")
+@click.option("--admin-uid", multiple=True, type=int, help="Allow admin verbs to this uid (repeatable).")
+@click.option("--metrics-port", type=int, help="Serve Prometheus metrics on this port.")
+@click.option("--metrics-host", help="Metrics address (default 127.0.0.1).")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+def serve(socket_path: str | None, resource_flags: tuple[str, ...], config_file: str | None,
+          group: str | None, allow_uid: tuple[int, ...], allow_gid: tuple[int, ...],
+          admin_uid: tuple[int, ...], metrics_port: int | None, metrics_host: str | None,
+          log_level: str) -> None:
+    """Run the coordinator in the foreground (SIGTERM stops it, SIGHUP reloads --config)."""
+    from .coordinator import CoordinatorRunning, run
+
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        resources = dict(parse_resource_flag(text) for text in resource_flags)
+        options: dict[str, Any] = {
+            "socket_path": socket_path, "group": group, "allowed_uids": allow_uid or None,
+            "allowed_gids": allow_gid or None, "admin_uids": admin_uid or None,
+            "metrics_port": metrics_port, "metrics_host": metrics_host,
+        }
+        options = {k: v for k, v in options.items() if v is not None}
+        if config_file is not None:
+            config = CoordinatorConfig.load(config_file, resources=resources, **options)
+        elif not resources:
+            raise ConfigError("resources", "none given; pass --resource NAME=MAX (repeatable) "
+                              "or --config FILE.toml with a [resources] table")
+        else:
+            config = CoordinatorConfig(resources=resources, **options)  # type: ignore[arg-type]
+        run(config)
+    except ConfigError as exc:
+        raise BadConfig(str(exc)) from None
+    except CoordinatorRunning as exc:
+        raise Failed(str(exc)) from None
+    except OSError as exc:
+        raise Failed(f"cannot serve: {exc}") from None
+
+
+@cli.command()
+@_socket_option
+@_json_option
+def status(socket_path: str | None, as_json: bool) -> None:
+    """One row per resource: cap, leased, in use, idle, waiting, counters."""
+    with connect(socket_path) as client:
+        info = client.inspect("server")
+        resources = get_resources(client)
+    title = Text(f"coordinator pid {info['pid']} at {info['socket']}, up {duration(info['uptime_s'])}")
+    _emit(as_json, {"coordinator": info, "resources": resources}, title, resources_table(resources))
+
+
+@cli.command()
+@_socket_option
+@_json_option
+@click.option("--resource", help="Only leases of this resource.")
+@click.option("--pid", type=int, help="Only leases held by this process.")
+def leases(socket_path: str | None, as_json: bool, resource: str | None, pid: int | None) -> None:
+    """One row per lease, with the holding process's name and command line."""
+    with connect(socket_path) as client:
+        rows = get_leases(client, resource, pid)
+    _emit(as_json, {"leases": rows}, leases_table(rows))
+
+
+@cli.command()
+@_socket_option
+@_json_option
+def sessions(socket_path: str | None, as_json: bool) -> None:
+    """One row per connected process."""
+    with connect(socket_path) as client:
+        rows = get_sessions(client)
+    _emit(as_json, {"sessions": rows}, sessions_table(rows))
+
+
+@cli.command()
+@_socket_option
+@click.option("--interval", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
+              help="Seconds between refreshes.")
+@click.option("--iterations", type=click.IntRange(min=1), help="Stop after this many refreshes.")
+def top(socket_path: str | None, interval: float, iterations: int | None) -> None:
+    """A live view of resources and sessions; q or Ctrl-C quits."""
+    with connect(socket_path) as client, contextlib.suppress(KeyboardInterrupt):
+        run_top(client, interval, iterations)
+
+
+def _frame(client: Client, interval: float) -> RenderableType:
+    stamp = time.strftime("%H:%M:%S")
+    try:
+        res, ses = get_resources(client), get_sessions(client)
+    except SharedPoolError as exc:
+        return Text(f"sharedpool top  {client.socket_path}  {stamp}  coordinator unreachable: {exc}")
+    head = Text(f"sharedpool top  {client.socket_path}  {stamp}  every {interval:g}s  (q quits)")
+    return Group(head, resources_table(res), sessions_table(ses))
+
+
+def run_top(client: Client, interval: float, iterations: int | None) -> None:
+    """Refresh until q, Ctrl-C or ``iterations``; keys are read only from a terminal."""
+    console = make_console()
+    fd = sys.stdin.fileno() if sys.stdin is not None and sys.stdin.isatty() else None
+    saved = termios.tcgetattr(fd) if fd is not None else None
+    count = 0
+
+    def wait() -> bool:  # False: quit
+        if fd is None:
+            time.sleep(interval)
+            return True
+        deadline = time.monotonic() + interval
+        while (left := deadline - time.monotonic()) > 0:
+            if select.select([fd], [], [], left)[0] and os.read(fd, 64).lower().count(b"q"):
+                return False
+        return True
+
+    def step(show: Callable[[RenderableType], None]) -> bool:
+        nonlocal count
+        show(_frame(client, interval))
+        count += 1
+        return (iterations is None or count < iterations) and wait()
+
+    try:
+        if fd is not None:
+            tty.setcbreak(fd)
+        if console.is_terminal:
+            with Live(console=console, auto_refresh=False, transient=False) as live:
+                while step(lambda r: live.update(r, refresh=True)):
+                    pass
+        else:
+            while step(console.print):
+                pass
+    finally:
+        if fd is not None and saved is not None:
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def _admin_command(name: str, verb: str, doc: str, say: str, *params: Callable[[Any], Any]) -> None:
+    """Define ``sharedpool NAME`` running admin ``verb``; ``say`` formats the reply."""
+
+    def command(socket_path: str | None, as_json: bool, **args: Any) -> None:
+        with connect(socket_path) as client:
+            data = client.admin(verb, **args)
+        click.echo(json.dumps(data, indent=2) if as_json else say.format_map(
+            {k: ", ".join(v) if isinstance(v, list) else v for k, v in data.items()}))
+
+    command.__doc__ = doc
+    for param in reversed((_socket_option, _json_option, *params)):
+        command = param(command)
+    cli.command(name)(command)
+
+
+_resource_arg = click.argument("resource")
+_admin_command("pause", "pause", "No new grants for RESOURCE; waiters wait.",
+               "paused {resource}: no new grants, waiters wait", _resource_arg)
+_admin_command("resume", "resume", "Grant leases of RESOURCE again (undoes pause and drain).",
+               "resumed {resource}", _resource_arg)
+_admin_command("drain", "drain", "No new grants; idle connections close now, in-use ones at checkin.",
+               "draining {resource}: idle connections close now, in-use ones at checkin", _resource_arg)
+_admin_command("resize", "resize", "Change RESOURCE's cap live; shrinking reclaims down to it.",
+               "resized {resource}: max_size={max_size}", _resource_arg,
+               click.option("--max-size", type=click.IntRange(min=1), required=True, help="The new cap."))
+_admin_command("end-session", "end_session", "Ask process PID to close its connections and give "
+               "its leases back.", "asked pid {pid} to end {sessions} session(s)",
+               click.argument("pid", type=int))
+_admin_command("reload", "reload", "Re-read the coordinator's --config file (as SIGHUP does).",
+               "reloaded {reloaded}: resources {resources}")
+
+
+@cli.command()
+@click.option("--workers", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--max-size", type=click.IntRange(min=1), default=3, show_default=True,
+              help="The global cap on leases of resource 'demo'.")
+@click.option("--seconds", type=click.FloatRange(min=0.1), default=5.0, show_default=True)
+@click.option("--pool-size", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Each worker's local pool max_size.")
+@click.option("--dsn", help="Use PostgreSQL (psycopg) instead of SQLite.")
+@click.option("--socket", "socket_path", metavar="PATH",
+              help="Socket for the embedded coordinator (default: a fresh private temp dir).")
+@click.pass_context
+def demo(ctx: click.Context, workers: int, max_size: int, seconds: float, pool_size: int,
+         dsn: str | None, socket_path: str | None) -> None:
+    """N worker processes share a cap of M leases; prove the cap held."""
+    from .demo import run_demo
+
+    try:
+        code = run_demo(workers=workers, max_size=max_size, seconds=seconds, pool_size=pool_size,
+                        dsn=dsn, socket_path=socket_path, console=make_console())
+    except ConfigError as exc:
+        raise BadConfig(str(exc)) from None
+    except (SharedPoolError, OSError) as exc:
+        raise Failed(str(exc)) from None
+    ctx.exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: usage errors in one line, never a traceback for them."""
+    try:
+        code = cli.main(args=argv, prog_name="sharedpool", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        exc.show()
+        code = exc.exit_code
+    except click.ClickException as exc:
+        ctx = getattr(exc, "ctx", None)
+        where = getattr(exc, "where", ctx.command_path if ctx is not None else "sharedpool")
+        click.echo(f"{where}: error: {exc.format_message()}", err=True)
+        code = exc.exit_code
+    except click.Abort:
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)

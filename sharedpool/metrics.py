@@ -1,0 +1,188 @@
+"""Prometheus metrics of a running coordinator (``sharedpool serve --metrics-port N``).
+
+The HTTP server is prometheus_client's own, on a private
+:class:`~prometheus_client.CollectorRegistry`, in a daemon thread. Figures are
+read at scrape time by :class:`LedgerCollector`.
+
+Thread safety: the ledger is plain dicts and deques owned by the asyncio
+loop's thread, and the scrape runs in an HTTP thread. Reading them from there
+could see a dict change size mid-iteration. So the collector never touches the
+ledger itself: it schedules :func:`_snapshot` on the loop with
+``loop.call_soon_threadsafe`` and waits (bounded) on a
+:class:`concurrent.futures.Future` for the copy. The snapshot is taken between
+two loop callbacks, so it is consistent, and the loop never blocks on a lock
+held by a scrape. A loop that does not answer in time (stopping, or stuck)
+makes the scrape fail with an error rather than hang or read torn state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+from prometheus_client.registry import Collector
+
+from .errors import SharedPoolError
+
+log = logging.getLogger("sharedpool.metrics")
+
+#: How long a scrape waits for the event loop to hand over a snapshot.
+SNAPSHOT_TIMEOUT = 2.0
+
+#: Lease states as the ``state`` label of ``sharedpool_leases``, and the
+#: ``snapshot_resources`` key each is read from.
+LEASE_STATES = {"idle": "idle", "in_use": "in_use", "connecting": "connecting", "fenced": "fenced"}
+
+#: Counters: metric name (without ``_total``) -> snapshot key, help text.
+COUNTERS = {
+    "sharedpool_grants": ("grants", "Leases granted"),
+    "sharedpool_timeouts": ("timeouts", "Acquires that timed out waiting for a lease"),
+    "sharedpool_reclaims": ("reclaims", "Leases given back after the coordinator asked"),
+    "sharedpool_denials": ("denials", "Acquires refused (paused, draining, failing, too many waiters)"),
+}
+
+
+def _snapshot(server: Any) -> dict[str, Any]:
+    """Copy what the metrics need; runs on the event loop's thread."""
+    now = server.loop.time()
+    return {
+        "resources": server.ledger.snapshot_resources(now),
+        "sessions": len(server.sessions),
+    }
+
+
+def take_snapshot(server: Any, timeout: float = SNAPSHOT_TIMEOUT) -> dict[str, Any]:
+    """From any thread: a consistent copy of the ledger's figures, taken on the loop."""
+    try:
+        if asyncio.get_running_loop() is server.loop:
+            return _snapshot(server)  # already on the loop: waiting would deadlock
+    except RuntimeError:
+        pass  # not on any loop: the usual case, a scrape thread
+    future: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return  # the scrape gave up already
+        try:
+            future.set_result(_snapshot(server))
+        except BaseException as exc:  # noqa: BLE001 - handed to the scraping thread
+            future.set_exception(exc)
+
+    server.loop.call_soon_threadsafe(run)  # RuntimeError once the loop is closed
+    try:
+        return future.result(timeout)
+    finally:
+        future.cancel()
+
+
+class LedgerCollector(Collector):
+    """Reads the coordinator's ledger at scrape time."""
+
+    def __init__(self, server: Any, timeout: float = SNAPSHOT_TIMEOUT) -> None:
+        self.server = server
+        self.timeout = timeout
+
+    def describe(self) -> list[Any]:
+        """Nothing up front: keeps registration from scraping the ledger."""
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        """Yield one family per metric, one sample per resource (and state)."""
+        snap = take_snapshot(self.server, self.timeout)
+        resources: list[dict[str, Any]] = snap["resources"]
+        leases = GaugeMetricFamily(
+            "sharedpool_leases", "Leases of a resource by state", labels=["resource", "state"]
+        )
+        max_size = GaugeMetricFamily(
+            "sharedpool_max_size", "Cap on leases of a resource", labels=["resource"]
+        )
+        waiting = GaugeMetricFamily(
+            "sharedpool_waiting", "Acquires waiting for a lease", labels=["resource"]
+        )
+        longest = GaugeMetricFamily(
+            "sharedpool_longest_wait_seconds", "How long the oldest waiter has waited",
+            labels=["resource"],
+        )
+        peak = GaugeMetricFamily(
+            "sharedpool_peak_leases", "Most leases held at once since start", labels=["resource"]
+        )
+        counters = {
+            name: CounterMetricFamily(name, text, labels=["resource"])
+            for name, (_, text) in COUNTERS.items()
+        }
+        waits = HistogramMetricFamily(
+            "sharedpool_lease_wait_seconds", "Time from acquire to grant", labels=["resource"]
+        )
+        have_waits = False
+        for res in resources:
+            name = str(res["name"])
+            for state, key in LEASE_STATES.items():
+                leases.add_metric([name, state], float(res.get(key, 0)))
+            max_size.add_metric([name], float(res["max_size"]))
+            waiting.add_metric([name], float(res["waiting"]))
+            longest.add_metric([name], float(res.get("longest_wait_s", 0.0)))
+            peak.add_metric([name], float(res.get("peak", 0)))
+            for metric, (key, _) in COUNTERS.items():
+                counters[metric].add_metric([name], float(res.get(key, 0)))
+            hist = res.get("wait_histogram")
+            if hist:  # present once the server records wait times (see module docs)
+                have_waits = True
+                buckets = [(_le(le), float(count)) for le, count in hist["buckets"]]
+                waits.add_metric([name], buckets, float(hist["sum"]))
+        yield from (leases, max_size, waiting, longest, peak, *counters.values())
+        if have_waits:
+            yield waits
+        sessions = GaugeMetricFamily("sharedpool_sessions", "Client processes connected")
+        sessions.add_metric([], float(snap["sessions"]))
+        yield sessions
+
+
+def _le(bound: Any) -> str:
+    return "+Inf" if bound is None or bound == float("inf") else repr(float(bound))
+
+
+class MetricsUnavailable(SharedPoolError, OSError):
+    """The metrics endpoint could not listen (port in use, bad address)."""
+
+
+class MetricsServer:
+    """A running metrics endpoint; :meth:`shutdown` stops it."""
+
+    def __init__(self, httpd: Any, thread: Any, registry: CollectorRegistry) -> None:
+        self.httpd = httpd
+        self.thread = thread
+        self.registry = registry
+
+    @property
+    def port(self) -> int:
+        """The port actually bound (useful with port 0)."""
+        return int(self.httpd.server_address[1])
+
+    def shutdown(self) -> None:
+        """Stop serving and close the listening socket."""
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(5)
+
+
+def serve_metrics(server: Any, host: str, port: int) -> MetricsServer:
+    """Serve ``/metrics`` for ``server`` (a :class:`sharedpool.server.Server`) on host:port."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(LedgerCollector(server))
+    try:
+        httpd, thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise MetricsUnavailable(
+            f"metrics_port {port}: cannot listen on {host}: {exc.strerror or exc}") from None
+    metrics = MetricsServer(httpd, thread, registry)
+    log.info("metrics on http://%s:%d/metrics", host, metrics.port)
+    return metrics

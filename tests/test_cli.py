@@ -1,0 +1,451 @@
+"""The ``sharedpool`` command, run as real subprocesses against a real ``sharedpool serve``
+with real worker processes holding real leases.
+
+Every process a test starts is stopped by its pid; every test has its own socket
+under ``tmp_path``. The helpers here are imported by test_metrics.py and test_demo.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import pty
+import queue
+import re
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import termios
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ENV = {**os.environ, "COLUMNS": "200", "PYTHONIOENCODING": "utf-8", "PYTHONUNBUFFERED": "1"}
+ENV.pop("SHAREDPOOL_SOCKET", None)
+
+# A worker: a pool on resource "demo" holding HOLD connections (the first in use,
+# the rest idle), then obeying commands from stdin, one reply line each.
+WORKER = r"""
+import json, sqlite3, sys, time
+from sharedpool import ConnectionPool, PoolConfig
+sock, hold = sys.argv[1], int(sys.argv[2])
+pool = ConnectionPool(lambda: sqlite3.connect(":memory:", check_same_thread=False),
+                      PoolConfig(min_size=0, max_size=5, test_on_acquire=False),
+                      resource="demo", coordinator=sock)
+held = [pool.acquire(timeout=10) for _ in range(hold)]
+for w in held[1:]:
+    pool.release(w)
+held = held[:1]
+print("ready", flush=True)
+for line in sys.stdin:
+    cmd, *args = line.split()
+    try:
+        if cmd == "acquire":
+            start = time.monotonic()
+            held.append(pool.acquire(timeout=float(args[0])))
+            print(f"got {time.monotonic() - start:.3f}", flush=True)
+        elif cmd == "release":
+            pool.release(held.pop())
+            print("released", flush=True)
+        elif cmd == "metrics":
+            print("metrics " + json.dumps(pool.get_metrics()), flush=True)
+    except Exception as exc:
+        print(f"error {type(exc).__name__}: {exc}", flush=True)
+"""
+
+
+def sp(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m sharedpool ARGS`` to completion."""
+    return subprocess.run([sys.executable, "-m", "sharedpool", *args], capture_output=True,
+                          text=True, env=ENV, timeout=timeout)
+
+
+def sp_json(*args: str) -> Any:
+    out = sp(*args, "--json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def stop(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM) -> None:
+    """Stop one process we started, by its pid: signal, wait, SIGKILL if it lingers."""
+    if proc.poll() is None:
+        os.kill(proc.pid, sig)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def connectable(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+class Serve:
+    """``sharedpool serve`` as a subprocess; its log goes to a file."""
+
+    def __init__(self, tmp_path: Path, *args: str, resource: str = "demo=3") -> None:
+        self.socket = str(tmp_path / "sp.sock")
+        self.log = tmp_path / "serve.log"
+        extra = ["--resource", resource] if resource else []
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "sharedpool", "serve", "--socket", self.socket, *extra, *args],
+                stdout=log, stderr=subprocess.STDOUT, env=ENV, text=True)
+        wait_for(lambda: connectable(self.socket) or self.proc.poll() is not None, 15, "serve")
+        assert self.proc.poll() is None, self.log.read_text()
+
+    def status(self, name: str = "demo") -> dict[str, Any]:
+        rows = sp_json("status", "--socket", self.socket)["resources"]
+        return next(r for r in rows if r["name"] == name)
+
+
+class Worker:
+    """A worker process holding leases, driven line by line over stdin/stdout."""
+
+    def __init__(self, serve: Serve, hold: int = 1) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", WORKER, serve.socket, str(hold)], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV)
+        self.pid = self.proc.pid
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        assert self.expect(15) == "ready"
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.strip())
+
+    def send(self, command: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+
+    def expect(self, timeout: float = 10.0) -> str:
+        return self.lines.get(timeout=timeout)
+
+    def silent_for(self, seconds: float) -> bool:
+        try:
+            self.lines.get(timeout=seconds)
+        except queue.Empty:
+            return True
+        return False
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Serve]:
+    server = Serve(tmp_path)
+    yield server
+    stop(server.proc)
+
+
+@pytest.fixture
+def workers() -> Iterator[list[Worker]]:
+    started: list[Worker] = []
+    yield started
+    for worker in started:
+        stop(worker.proc)
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """The cells of each row of a rich table (box drawing or ASCII)."""
+    return [[c.strip() for c in re.split(r"[│|┃]", line)[1:-1]]
+            for line in text.splitlines() if re.match(r"^\s*[│|┃]", line)]
+
+
+def states_reported(serve: Serve, in_use: int, idle: int) -> bool:
+    res = serve.status()
+    return res["in_use"] == in_use and res["idle"] == idle
+
+
+# ------------------------------------------------------------------ inspection
+
+
+def test_status_leases_sessions_json_and_tables(serve: Serve, workers: list[Worker]) -> None:
+    workers.append(worker := Worker(serve, hold=2))
+    wait_for(lambda: states_reported(serve, 1, 1), what="lease states reported")
+
+    status = sp_json("status", "--socket", serve.socket)
+    (res,) = status["resources"]
+    for key in ("name", "max_size", "leased", "in_use", "idle", "waiting", "longest_wait_s",
+                "grants", "timeouts", "reclaims", "paused", "draining"):
+        assert key in res
+    assert (res["name"], res["max_size"], res["leased"], res["in_use"], res["idle"],
+            res["waiting"]) == ("demo", 3, 2, 1, 1, 0)
+    assert status["coordinator"]["pid"] == serve.proc.pid
+
+    leases = sp_json("leases", "--socket", serve.socket)["leases"]
+    assert len(leases) == 2
+    for lease in leases:
+        assert {"id", "resource", "pid", "state", "age_s", "state_s", "site", "process_name",
+                "cmdline"} <= lease.keys()
+        assert (lease["resource"], lease["pid"]) == ("demo", worker.pid)
+        assert lease["process_name"].startswith("python")
+        assert lease["cmdline"][:2] == [sys.executable, "-c"]
+        assert lease["age_s"] >= lease["state_s"] >= 0
+    assert sorted(lease["state"] for lease in leases) == ["idle", "in_use"]
+    assert sp_json("leases", "--socket", serve.socket, "--pid", str(worker.pid))["leases"]
+    assert sp_json("leases", "--socket", serve.socket, "--pid", "1")["leases"] == []
+    assert sp_json("leases", "--socket", serve.socket, "--resource", "other")["leases"] == []
+
+    (session,) = sp_json("sessions", "--socket", serve.socket)["sessions"]  # not the CLI's own
+    assert (session["pid"], session["leases"], session["waiters"]) == (worker.pid, 2, 0)
+    assert {"name", "connected_s", "last_report_s"} <= session.keys()
+
+    out = sp("status", "--socket", serve.socket)
+    assert out.returncode == 0, out.stderr
+    row = next(r for r in table_rows(out.stdout) if r and r[0] == "demo")
+    assert row[:8] == ["demo", "3", "2", "1", "1", "0", "0", "0"]
+    assert row[-1] == "active"
+
+    out = sp("leases", "--socket", serve.socket)
+    rows = [r for r in table_rows(out.stdout) if r and r[0].isdigit()]
+    assert sorted(int(r[0]) for r in rows) == sorted(lease["id"] for lease in leases)
+    assert {r[2] for r in rows} == {str(worker.pid)}
+    assert sorted(r[5] for r in rows) == ["idle", "in_use"]
+    assert all(r[3].startswith("python") and "-c" in r[4] for r in rows)
+
+    out = sp("sessions", "--socket", serve.socket)
+    (row,) = [r for r in table_rows(out.stdout) if r and r[0] == str(worker.pid)]
+    assert row[2:4] == ["2", "0"]
+
+
+def test_missing_coordinator_is_one_clear_line(tmp_path: Path) -> None:
+    path = str(tmp_path / "nobody.sock")
+    for command in ("status", "leases", "sessions", "top"):
+        start = time.monotonic()
+        out = sp(command, "--socket", path)
+        assert out.returncode == 1
+        assert out.stderr.strip().count("\n") == 0, out.stderr
+        assert f"no coordinator at {path}" in out.stderr
+        assert "start one with `sharedpool serve`" in out.stderr
+        assert "Traceback" not in out.stderr and out.stdout == ""
+        assert time.monotonic() - start < 5
+
+
+# ------------------------------------------------------------------ admin verbs
+
+
+def test_pause_then_resume(serve: Serve, workers: list[Worker]) -> None:
+    workers.append(worker := Worker(serve))
+    out = sp("pause", "demo", "--socket", serve.socket)
+    assert out.returncode == 0 and "paused demo" in out.stdout
+    assert serve.status()["paused"] is True
+    worker.send("acquire 20")
+    assert worker.silent_for(1.0), "acquire was granted while paused"
+    wait_for(lambda: serve.status()["waiting"] == 1, what="the acquire to queue")
+    assert sp_json("resume", "demo", "--socket", serve.socket) == {"resource": "demo",
+                                                                   "paused": False}
+    assert worker.expect(10).startswith("got ")
+    res = serve.status()
+    assert (res["paused"], res["waiting"], res["leased"]) == (False, 0, 2)
+
+
+def test_resize(serve: Serve, workers: list[Worker]) -> None:
+    workers.append(worker := Worker(serve))
+    out = sp("resize", "demo", "--max-size", "1", "--socket", serve.socket)
+    assert out.returncode == 0 and "max_size=1" in out.stdout
+    assert serve.status()["max_size"] == 1
+    worker.send("acquire 0.5")
+    assert worker.expect(10).startswith("error PoolTimeout")
+    assert sp_json("resize", "demo", "--max-size", "4", "--socket", serve.socket)["max_size"] == 4
+    worker.send("acquire 5")
+    assert worker.expect(10).startswith("got ")
+    assert (serve.status()["max_size"], serve.status()["leased"]) == (4, 2)
+
+
+def test_drain_closes_idle_now_and_in_use_at_checkin(serve: Serve, workers: list[Worker]) -> None:
+    workers.append(worker := Worker(serve, hold=2))
+    wait_for(lambda: states_reported(serve, 1, 1), what="lease states reported")
+    out = sp("drain", "demo", "--socket", serve.socket)
+    assert out.returncode == 0 and "draining demo" in out.stdout
+    wait_for(lambda: serve.status()["leased"] == 1, what="the idle connection's lease to return")
+    assert serve.status()["draining"] is True
+    worker.send("metrics")
+    metrics = json.loads(worker.expect().removeprefix("metrics "))
+    assert (metrics["status"], metrics["current_size"], metrics["in_use"]) == ("draining", 1, 1)
+    worker.send("release")
+    assert worker.expect() == "released"
+    wait_for(lambda: serve.status()["leased"] == 0, what="the in-use lease to return at checkin")
+    worker.send("acquire 1")
+    assert worker.expect().startswith("error PoolClosed")
+
+
+def test_end_session(serve: Serve, workers: list[Worker]) -> None:
+    workers.append(worker := Worker(serve, hold=2))
+    out = sp("end-session", str(worker.pid), "--socket", serve.socket)
+    assert out.returncode == 0, out.stderr
+    assert f"asked pid {worker.pid}" in out.stdout
+    # Its pool closes: the idle connection now, the one in use when it comes back.
+    wait_for(lambda: serve.status()["leased"] == 1, what="the idle connection's lease to return")
+    worker.send("release")
+    assert worker.expect() == "released"
+    wait_for(lambda: serve.status()["leased"] == 0, what="the in-use lease to return")
+    worker.send("acquire 1")
+    assert worker.expect().startswith("error PoolClosed")
+    out = sp("end-session", "1", "--socket", serve.socket)
+    assert out.returncode == 1 and "no session with pid 1" in out.stderr
+
+
+def test_admin_errors_are_one_line(serve: Serve) -> None:
+    out = sp("pause", "nope", "--socket", serve.socket)
+    assert out.returncode == 1
+    assert out.stderr.count("\n") == 1 and "no resource 'nope'" in out.stderr
+    out = sp("reload", "--socket", serve.socket)
+    assert out.returncode == 1 and "--config" in out.stderr
+
+
+def test_admin_refused_to_non_admin_uid(tmp_path: Path) -> None:
+    server = Serve(tmp_path, "--admin-uid", "4242424")
+    try:
+        out = sp("pause", "demo", "--socket", server.socket)
+        assert out.returncode == 1
+        assert "access denied" in out.stderr and out.stderr.count("\n") == 1
+        assert server.status()["paused"] is False  # inspection is still allowed
+    finally:
+        stop(server.proc)
+
+
+def test_reload_and_sighup(tmp_path: Path) -> None:
+    config = tmp_path / "sp.toml"
+    config.write_text("[resources]\ndemo = 3\n")
+    server = Serve(tmp_path, "--config", str(config), resource="")
+    try:
+        config.write_text("[resources]\ndemo = 5\nextra = { max_size = 2 }\n")
+        out = sp("reload", "--socket", server.socket)
+        assert out.returncode == 0, out.stderr
+        assert "extra" in out.stdout
+        assert server.status()["max_size"] == 5 and server.status("extra")["max_size"] == 2
+        config.write_text("[resources]\ndemo = 7\n")
+        os.kill(server.proc.pid, signal.SIGHUP)
+        wait_for(lambda: server.status()["max_size"] == 7, what="SIGHUP reload")
+    finally:
+        stop(server.proc)
+
+
+# ------------------------------------------------------------------ serve
+
+
+@pytest.mark.parametrize(("args", "field"), [
+    (["--resource", "demo=lots"], "--resource demo"),
+    (["--resource", "demo=0"], "max_size"),
+    (["--resource", "demo=2,max_waitng=3"], "max_waitng"),
+    (["--resource", "demo=2", "--metrics-port", "99999"], "metrics_port"),
+    (["--resource", "demo=2", "--metrics-port", "many"], "--metrics-port"),
+    (["--resource", "demo=2", "--allow-uid", "-1"], "allowed_uids"),
+    (["--resource", "demo=2", "--bogus"], "--bogus"),
+    ([], "resources"),
+])
+def test_serve_bad_flags_exit_2_with_one_line(tmp_path: Path, args: list[str], field: str) -> None:
+    out = sp("serve", "--socket", str(tmp_path / "sp.sock"), *args)
+    assert out.returncode == 2, out
+    assert out.stderr.count("\n") == 1, out.stderr
+    assert field in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "sp.sock").exists()
+
+
+def test_serve_bad_config_file_names_the_field(tmp_path: Path) -> None:
+    config = tmp_path / "sp.toml"
+    config.write_text("[resources]\npg = { max_size = -2 }\n")
+    out = sp("serve", "--socket", str(tmp_path / "sp.sock"), "--config", str(config))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "resources.pg.max_size" in out.stderr
+    out = sp("serve", "--socket", str(tmp_path / "sp.sock"), "--config", str(tmp_path / "no.toml"))
+    assert out.returncode == 2 and "cannot read" in out.stderr
+
+
+def test_serve_refuses_a_second_coordinator(serve: Serve, tmp_path: Path) -> None:
+    out = sp("serve", "--socket", serve.socket, "--resource", "demo=1")
+    assert out.returncode == 1 and out.stderr.count("\n") == 1
+    assert "already serving" in out.stderr
+
+
+def test_sigterm_stops_serve_and_removes_socket(tmp_path: Path, workers: list[Worker]) -> None:
+    server = Serve(tmp_path)
+    try:
+        workers.append(Worker(server))
+        os.kill(server.proc.pid, signal.SIGTERM)
+        assert server.proc.wait(10) == 0
+        assert not os.path.exists(server.socket)
+        assert "Traceback" not in server.log.read_text()
+    finally:
+        stop(server.proc)
+
+
+# ------------------------------------------------------------------ top
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\r")
+
+
+def test_top_in_a_terminal_refreshes_and_quits_on_q(serve: Serve, workers: list[Worker]) -> None:
+    workers.append(worker := Worker(serve))
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sharedpool", "top", "--socket", serve.socket, "--interval", "0.2"],
+        stdin=slave, stdout=slave, stderr=slave, env={**ENV, "TERM": "xterm-256color"},
+        start_new_session=True)
+    os.close(slave)
+    seen = bytearray()
+
+    def screen() -> str:
+        ready, _, _ = select.select([master], [], [], 0.1)
+        if ready:
+            with contextlib.suppress(OSError):  # EIO: the child closed the terminal
+                seen.extend(os.read(master, 65536))
+        return ANSI.sub("", seen.decode("utf-8", "replace"))
+
+    def leased_shown(n: int) -> bool:
+        return re.search(rf"demo\s*│\s*3\s*│\s*{n}\s*│", screen()) is not None
+
+    try:
+        wait_for(lambda: leased_shown(1), 15, "top to show 1 lease")
+        worker.send("acquire 5")
+        assert worker.expect().startswith("got ")
+        wait_for(lambda: leased_shown(2), 15, "top to refresh and show 2 leases")
+        assert len(re.findall(r"sharedpool top", screen())) >= 2
+        os.write(master, b"q")
+        deadline = time.monotonic() + 10
+        while proc.poll() is None and time.monotonic() < deadline:
+            screen()  # keep draining the terminal while it exits
+        assert proc.returncode == 0, screen()[-2000:]
+        assert "Traceback" not in screen()
+    finally:
+        stop(proc)
+        os.close(master)
+
+
+def test_top_without_a_terminal_runs_n_iterations(serve: Serve) -> None:
+    out = sp("top", "--socket", serve.socket, "--interval", "0.1", "--iterations", "3")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("sharedpool top") == 3
+    assert any(r and r[0] == "demo" for r in table_rows(out.stdout))

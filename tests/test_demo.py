@@ -1,0 +1,60 @@
+"""``sharedpool demo`` end to end: real worker processes, a real coordinator, and
+(with ``--dsn``) PostgreSQL's own count of connections."""
+
+from __future__ import annotations
+
+import re
+
+import psutil
+from pg_helpers import require_pg
+from test_cli import sp, table_rows
+
+
+def figure(out: str, label: str) -> int:
+    row = next(r for r in table_rows(out) if r and r[0].startswith(label))
+    match = re.match(r"\d+", row[1])
+    assert match, row
+    return int(match.group())
+
+
+def worker_rows(out: str) -> list[list[str]]:
+    return [r for r in table_rows(out) if len(r) == 7 and r[0].isdigit()]
+
+
+def check_run(out: str, workers: int, cap: int) -> None:
+    assert figure(out, "cap") == cap
+    assert 1 <= figure(out, "most leases ever held at once") <= cap
+    assert figure(out, "most leases seen by sampling") <= cap
+    rows = worker_rows(out)
+    assert len(rows) == workers
+    for row in rows:
+        checkouts, waits, timeouts, errors = map(int, row[2:6])
+        assert checkouts >= 1 and waits >= 1  # the first acquire of an empty pool queues
+        assert errors == 0, row
+        assert not psutil.pid_exists(int(row[1])) or psutil.Process(int(row[1])).status() == \
+            psutil.STATUS_ZOMBIE, f"worker {row[1]} still running"
+    assert f"cap held: never more than {cap} leases at once" in out
+
+
+def test_demo_sqlite_cap_holds() -> None:
+    out = sp("demo", "--workers", "4", "--max-size", "2", "--seconds", "2", timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+    check_run(out.stdout, workers=4, cap=2)
+    assert "leases held now" in out.stdout  # progress lines, even without a terminal
+
+
+def test_demo_postgresql_cap_holds_as_postgresql_counts_it() -> None:
+    dsn = require_pg()
+    out = sp("demo", "--workers", "6", "--max-size", "3", "--seconds", "2", "--dsn", dsn,
+             timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    check_run(out.stdout, workers=6, cap=3)
+    assert 1 <= figure(out.stdout, "most connections PostgreSQL saw") <= 3
+    assert "(and PostgreSQL agrees)" in out.stdout
+
+
+def test_demo_bad_arguments_exit_2() -> None:
+    out = sp("demo", "--workers", "0")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "--workers" in out.stderr

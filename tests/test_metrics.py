@@ -1,0 +1,155 @@
+"""``sharedpool serve --metrics-port``: scraped over HTTP while real workers hold
+real leases, parsed with prometheus_client's own parser."""
+
+from __future__ import annotations
+
+import socket
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+from test_cli import Serve, Worker, sp, stop, wait_for
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample as {(name, sorted labels): value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        assert reply.status == 200
+        text = reply.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def value(samples: dict[Any, float], name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+def test_metrics_follow_the_ledger(tmp_path: Path) -> None:
+    port = free_port()
+    server = Serve(tmp_path, "--metrics-port", str(port), "--resource", "other=7", resource="demo=2")
+    workers: list[Worker] = []
+    try:
+        workers.append(Worker(server, hold=2))
+
+        def reported() -> Any:
+            m = scrape(port)
+            return m if value(m, "sharedpool_leases", resource="demo", state="idle") == 1 else None
+
+        m = wait_for(reported, what="lease states in the metrics")
+        assert value(m, "sharedpool_leases", resource="demo", state="in_use") == 1
+        assert value(m, "sharedpool_leases", resource="demo", state="connecting") == 0
+        assert value(m, "sharedpool_leases", resource="demo", state="fenced") == 0
+        assert value(m, "sharedpool_max_size", resource="demo") == 2
+        assert value(m, "sharedpool_max_size", resource="other") == 7
+        assert value(m, "sharedpool_waiting", resource="demo") == 0
+        assert value(m, "sharedpool_grants_total", resource="demo") == 2
+        assert value(m, "sharedpool_timeouts_total", resource="demo") == 0
+        assert value(m, "sharedpool_denials_total", resource="demo") == 0
+        assert value(m, "sharedpool_reclaims_total", resource="demo") == 0
+        assert value(m, "sharedpool_sessions") == 1  # scrapes are not sessions
+
+        # A second worker at the cap: the first one's idle lease is reclaimed for it.
+        workers.append(second := Worker(server, hold=0))
+        second.send("acquire 5")
+        assert second.expect().startswith("got ")
+        m = scrape(port)
+        assert value(m, "sharedpool_reclaims_total", resource="demo") == 1
+        assert value(m, "sharedpool_grants_total", resource="demo") == 3
+        assert value(m, "sharedpool_sessions") == 2
+
+        # Both leases in use: a third acquire waits (a gauge), then times out (a counter).
+        second.send("acquire 1.5")
+
+        def waiting() -> Any:
+            m = scrape(port)
+            return m if value(m, "sharedpool_waiting", resource="demo") == 1 else None
+
+        m = wait_for(waiting, what="a waiter in the metrics")
+        assert value(m, "sharedpool_longest_wait_seconds", resource="demo") >= 0
+        assert second.expect().startswith("error PoolTimeout")
+        # The pool's own deadline can beat the coordinator's by a few ms.
+        m = wait_for(lambda: (m := scrape(port)) and value(
+            m, "sharedpool_timeouts_total", resource="demo") == 1 and m, what="the timeout count")
+        assert value(m, "sharedpool_waiting", resource="demo") == 0
+
+        assert sp("pause", "demo", "--socket", server.socket).returncode == 0
+        second.send("acquire 0")
+        assert second.expect().startswith("error")
+        m = scrape(port)
+        assert value(m, "sharedpool_timeouts_total", resource="demo") == 2
+        assert value(m, "sharedpool_peak_leases", resource="demo") == 2
+    finally:
+        for worker in workers:
+            stop(worker.proc)
+        stop(server.proc)
+    # SIGTERM stopped the HTTP server too.
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_metrics_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        out = sp("serve", "--socket", str(tmp_path / "sp.sock"), "--resource", "demo=1",
+                 "--metrics-port", str(port))
+    assert out.returncode == 1, out
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("sharedpool serve: error: ")
+    assert f"metrics_port {port}: cannot listen on 127.0.0.1: Address already in use" in out.stderr
+
+
+def test_collector_reads_the_ledger_on_the_loop_thread(tmp_path: Path) -> None:
+    """In process: a real Server on a real event loop in its own thread; scrapes come
+    from other threads and get a copy taken on the loop, or an error once it stops."""
+    import asyncio
+    import threading
+
+    import pytest
+
+    from sharedpool.config import CoordinatorConfig
+    from sharedpool.metrics import serve_metrics, take_snapshot
+    from sharedpool.server import Server
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def make() -> Server:
+        return Server(CoordinatorConfig(socket_path=str(tmp_path / "unused.sock"),
+                                        resources={"r": 2}))
+
+    server = asyncio.run_coroutine_threadsafe(make(), loop).result(5)
+
+    async def grant() -> None:
+        sid, _ = server.ledger.open_session(4242, "t", loop.time())
+        server.ledger.acquire(sid, 1, "r", loop.time())
+
+    asyncio.run_coroutine_threadsafe(grant(), loop).result(5)
+    metrics = serve_metrics(server, "127.0.0.1", 0)  # port 0: the OS picks, .port tells
+    try:
+        m = scrape(metrics.port)
+        assert value(m, "sharedpool_leases", resource="r", state="connecting") == 1
+        assert value(m, "sharedpool_grants_total", resource="r") == 1
+        assert value(m, "sharedpool_max_size", resource="r") == 2
+        assert value(m, "sharedpool_sessions") == 0  # the ledger's session has no socket
+    finally:
+        metrics.shutdown()
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+    with pytest.raises(TimeoutError):  # a stopped loop never answers: no torn read
+        take_snapshot(server, timeout=0.2)
+    loop.close()
+    with pytest.raises(RuntimeError):
+        take_snapshot(server, timeout=0.2)
