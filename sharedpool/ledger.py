@@ -682,6 +682,7 @@ class Ledger:
         less the free slots and the fenced leases that will free up."""
         waiting_sessions = {w.session for w in res.waiters}
         servable = 0
+        head: int | None = None  # the session the next free slot goes to
         if not res.paused:
             seen: dict[int, int] = {}
             cap = res.limits.max_per_process
@@ -690,18 +691,21 @@ class Ledger:
                 if cap is None or held < cap:
                     servable += 1
                     seen[w.session] = seen.get(w.session, 0) + 1
+                    if head is None:
+                        head = w.session
         excess = max(0, res.leased - res.limits.max_size)
         need = max(0, servable - res.free - len(res.fenced)) + excess
         if need == 0 and not res.askees:  # the common case: nothing asked, nothing to ask
             return []
+        # Every holder above its floor may be asked, waiting or not: a busy
+        # process that also queues for more must not starve one that holds
+        # nothing (it gives back at checkin, after the fairness quantum). Only
+        # the head waiter's own session is spared: its give-back would come
+        # straight back to it. Without waiters (shrinking), everyone is asked.
         holders = [
             s for s in self.sessions.values()
-            if s.id not in waiting_sessions and s.held(res.name) > res.limits.min_per_process
+            if s.held(res.name) > res.limits.min_per_process and (s.id != head or excess)
         ]
-        if excess:  # shrinking: everyone holding may give back, waiters or not
-            holders = [
-                s for s in self.sessions.values() if s.held(res.name) > res.limits.min_per_process
-            ]
 
         def idle_count(s: Session) -> int:
             return sum(
@@ -709,7 +713,9 @@ class Ledger:
                 if lease.resource == res.name and lease.state == IDLE
             )
 
-        holders.sort(key=lambda s: (-idle_count(s), -s.held(res.name), s.id))
+        # Idle leases first (free to give), then sessions not waiting themselves
+        # (no churn), then the largest holders.
+        holders.sort(key=lambda s: (-idle_count(s), s.id in waiting_sessions, -s.held(res.name), s.id))
         plan: dict[int, int] = {}
         for s in holders:
             if need <= 0:

@@ -323,7 +323,12 @@ class Connection:
 
     def __repr__(self) -> str:
         state = "broken" if self.broken else ("ready" if self.handshaken else "handshake")
-        return f"<protocol.Connection {self.role} {state} buffered={len(self._buf) - self._pos}>"
+        return f"<protocol.Connection {self.role} {state} buffered={self.buffered}>"
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet part of a complete frame."""
+        return len(self._buf) - self._pos
 
     def receive_data(self, data: bytes) -> None:
         self._buf += data

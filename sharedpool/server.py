@@ -35,6 +35,8 @@ log = logging.getLogger("sharedpool.coordinator")
 
 #: A session that has not said hello within this long is closed.
 HELLO_TIMEOUT = 10.0
+#: A frame begun but not finished within this long ends the session.
+FRAME_TIMEOUT = 30.0
 _PEERCRED = struct.Struct("3i")
 
 
@@ -61,6 +63,7 @@ class SessionProtocol(asyncio.Protocol):
         self.gid: int | None = None
         self.out: list[bytes] = []
         self._hello_timer: asyncio.TimerHandle | None = None
+        self._frame_timer: asyncio.TimerHandle | None = None
         self.closing = False
 
     def __repr__(self) -> str:
@@ -94,10 +97,20 @@ class SessionProtocol(asyncio.Protocol):
             log.warning("session %s pid=%s: bad frame: %s", self.sid, self.pid, exc)
             self.fail("protocol_error", str(exc))
         server.flush()
+        # A half-sent frame must not hold the session open for ever.
+        if self.conn.buffered:
+            if self._frame_timer is None:
+                self._frame_timer = asyncio.get_running_loop().call_later(
+                    FRAME_TIMEOUT, self.fail, "frame_timeout",
+                    f"frame not completed within {FRAME_TIMEOUT:g}s")
+        elif self._frame_timer is not None:
+            self._frame_timer.cancel()
+            self._frame_timer = None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._hello_timer is not None:
-            self._hello_timer.cancel()
+        for timer in (self._hello_timer, self._frame_timer):
+            if timer is not None:
+                timer.cancel()
         self.closing = True
         self.server.session_ended(self)
 
@@ -152,7 +165,7 @@ class Server:
         self.ledger = Ledger(dict(config.resources), id_base=time.time_ns() // 1000)
         self.sessions: dict[int, SessionProtocol] = {}
         self.dirty: set[SessionProtocol] = set()
-        self.max_buffer = max(4 * config.max_frame, 1 << 20)
+        self.max_buffer = 2 * config.max_frame  # unread replies beyond this: the peer is not reading
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._fences: set[asyncio.Task[None]] = set()

@@ -99,3 +99,20 @@ def test_fuzz_script_runs_standalone(start_coordinator: Any, sock_path: str) -> 
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "a normal client still works" in out.stdout
+
+
+def test_half_sent_frame_ends_the_session(start_coordinator: Any, sock_path: str,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sharedpool.server, "FRAME_TIMEOUT", 0.3)
+    start_coordinator({"r": 1})
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(sock_path)
+    s.sendall(p.encode(p.Hello(p.PROTOCOL_VERSION, os.getpid(), "slow")))
+    s.sendall(p.encode(p.Inspect(1, "server", {}))[:7])  # a frame begun, never finished
+    data = _read_until_closed(s)
+    s.close()
+    conn = p.Connection(p.CLIENT)
+    conn.receive_data(data)
+    events = conn.events()
+    assert isinstance(events[-1], p.Error) and events[-1].code == "frame_timeout"
+    check_normal_client(sock_path)

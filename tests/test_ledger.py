@@ -526,13 +526,46 @@ def test_min_per_process_is_never_asked_for() -> None:
     assert lg2.acquire(b, 1, "pg", T0, timeout=5) == [AskReclaim(a, "pg", 1)]
 
 
-def test_a_waiting_session_is_not_asked() -> None:
+def test_a_waiting_holder_is_asked_unless_it_is_next_in_line() -> None:
     lg = ledger(pg=2)
     a, b = session(lg), session(lg)
     grant(lg, a, 1)
     grant(lg, b, 1)
     assert lg.acquire(a, 2, "pg", T0, timeout=5) == [AskReclaim(b, "pg", 1)]
-    assert of(AskReclaim, lg.acquire(b, 2, "pg", T0, timeout=5)) == [AskReclaim(b, "pg", 0)]
+    # b queues too: it is still asked (a is next in line, b is not), and a is
+    # asked for b's waiter, but not for its own.
+    assert of(AskReclaim, lg.acquire(b, 2, "pg", T0, timeout=5)) == []
+    assert lg.sessions[a].asked.get("pg", 0) == 0 and lg.sessions[b].asked["pg"] == 1
+
+
+def test_busy_holders_that_also_wait_cannot_starve_an_empty_session() -> None:
+    """Three sessions hold a lease each and queue for more; a fourth holds none.
+    Each give-back serves the head waiter, so the fourth is served in turn."""
+    lg = ledger(pg=3)
+    holders = [session(lg) for _ in range(3)]
+    for i, s in enumerate(holders):
+        grant(lg, s, i + 1)
+    req = 100
+    for s in holders:
+        lg.acquire(s, req, "pg", T0, timeout=60)
+        req += 1
+    x = session(lg)
+    lg.acquire(x, 1, "pg", T0, timeout=60)
+    served_x = False
+    for _ in range(10):  # each round: an asked session gives one lease back at checkin
+        asked = [sid for sid, sess in lg.sessions.items() if sess.asked.get("pg", 0) > 0]
+        assert asked, "nobody was asked to give a lease back: the waiters would starve"
+        giver = lg.sessions[asked[0]]
+        lease_id = next(lid for lid, lease in giver.leases.items() if lease.resource == "pg")
+        effects = lg.release(giver.id, lease_id, T0)
+        granted = of(Granted, effects)
+        assert len(granted) == 1
+        if granted[0].session == x:
+            served_x = True
+            break
+        lg.acquire(granted[0].session, req, "pg", T0, timeout=60)  # it wants more again
+        req += 1
+    assert served_x
 
 
 def test_resize_down_asks_for_the_excess() -> None:
@@ -805,8 +838,12 @@ class LedgerMachine(RuleBasedStateMachine):
                 floor = self.limits(e.resource).min_per_process
                 assert 0 <= e.count <= max(0, self.count(e.session, e.resource) - floor), e
                 if e.count and self.leased(e.resource) <= self.limits(e.resource).max_size:
-                    waiting = {sid for sid, _ in self.queued(e.resource)}
-                    assert e.session not in waiting, f"asked a session that waits itself: {e}"
+                    # Only the head waiter's session is spared (its give-back would
+                    # come straight back to it); other waiting holders may be asked.
+                    cap = self.limits(e.resource).max_per_process
+                    head = next((sid for sid, _ in self.queued(e.resource)
+                                 if cap is None or self.count(sid, e.resource) < cap), None)
+                    assert e.session != head, f"asked the next-in-line session: {e}"
             elif isinstance(e, Notify):
                 assert e.session in self.sessions, e
             elif isinstance(e, Problem):
