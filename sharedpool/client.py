@@ -15,8 +15,8 @@ import errno
 import itertools
 import logging
 import os
-import select
 import socket
+import struct
 import sys
 import threading
 import time
@@ -46,6 +46,8 @@ REPORT_INTERVAL = 0.2
 BACKOFF_MIN, BACKOFF_MAX = 0.02, 1.0
 #: How long a reply may lag behind the coordinator's own deadline.
 GRACE = 0.5
+#: SO_RCVTIMEO of the session socket: how long one blocking read may last.
+_RCV_SLICE = struct.pack("ll", 0, 50_000)
 
 
 @dataclass(eq=False)
@@ -88,7 +90,6 @@ class Client:
     def _init_state(self) -> None:
         self._pid = os.getpid()
         self._sock: socket.socket | None = None
-        self._poller: Any = None  # select.poll on _sock; only the reading thread uses it
         self._conn: p.Connection | None = None
         self._send_lock = threading.Lock()
         self._read_lock = threading.Lock()
@@ -310,20 +311,16 @@ class Client:
                     self._cond.notify_all()
 
     def _read_until(self, pending: _Pending, deadline: float | None) -> None:
-        sock, poller = self._sock, self._poller
-        if sock is None or poller is None:
+        sock = self._sock
+        if sock is None:
             return
         while not pending.done:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
+            if deadline is not None and time.monotonic() >= deadline:
                 return
-            # Bound each wait so a reconnect elsewhere is noticed.
-            wait_ms = 200 if remaining is None else max(0, min(200, int(remaining * 1000) + 1))
-            if not poller.poll(wait_ms):
-                if self._sock is not sock:
-                    return
-                continue
-            if not self._read_available(sock, block=True):
+            # A blocking recv, bounded by the socket's SO_RCVTIMEO slice (no
+            # poll() first: one syscall per reply); between slices we look at
+            # the deadline and at a reconnect made elsewhere.
+            if not self._read_available(sock, block=True) or self._sock is not sock:
                 return
 
     def _read_available(self, sock: socket.socket, block: bool) -> bool:
@@ -439,10 +436,9 @@ class Client:
         except BaseException:
             sock.close()
             raise
-        poller = select.poll()
-        poller.register(sock, select.POLLIN)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _RCV_SLICE)
         with self._cond:
-            self._sock, self._conn, self._poller = sock, conn, poller
+            self._sock, self._conn = sock, conn
             self.session_id, self.server_pid = welcome.session, welcome.server_pid
             self.limits = welcome.resources
             self._last_report = None

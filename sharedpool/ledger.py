@@ -50,7 +50,7 @@ def _is_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_ID
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Lease:
     """The right to hold one open connection to one resource."""
 
@@ -71,7 +71,7 @@ class Lease:
         )
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Waiter:
     session: int
     req: int
@@ -82,7 +82,7 @@ class Waiter:
     active: bool = True
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Session:
     id: int
     pid: int
@@ -117,14 +117,14 @@ class Session:
         )
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Fenced:
     lease: Lease
     pid: int
     until: float
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class ResourceState:
     name: str
     limits: Resource
@@ -155,14 +155,14 @@ class ResourceState:
 # ------------------------------------------------------------------- effects
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Granted:
     session: int
     req: int
     lease: Lease
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Denied:
     session: int
     req: int
@@ -170,7 +170,7 @@ class Denied:
     message: str
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class AskReclaim:
     """Ask ``session`` to hold ``count`` fewer leases of ``resource`` (0 withdraws)."""
 
@@ -179,7 +179,7 @@ class AskReclaim:
     count: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StartFence:
     """A dead session's leases were fenced; the server may confirm them gone early."""
 
@@ -189,7 +189,7 @@ class StartFence:
     backend_pids: tuple[int, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Problem:
     """A request that made no sense (unknown lease, duplicate req): an error reply."""
 
@@ -199,7 +199,7 @@ class Problem:
     req: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Notify:
     """Push an admin decision to a session."""
 
@@ -680,6 +680,8 @@ class Ledger:
         """Decide how many leases each holder should give back, and tell those
         whose share changed. Need = servable waiters + excess over the cap,
         less the free slots and the fenced leases that will free up."""
+        if not res.waiters and not res.askees and res.leased <= res.limits.max_size:
+            return []  # the common case: nobody waits, nobody was asked
         waiting_sessions = {w.session for w in res.waiters}
         servable = 0
         head: int | None = None  # the session the next free slot goes to

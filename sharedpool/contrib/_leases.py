@@ -1,0 +1,566 @@
+"""LeaseBook: the leases of one host-library pool (shared by the contrib integrations).
+
+Each integration keeps its host library's pool (and its behaviour: pre-ping,
+recycle, events, max_lifetime, stats...) and only makes every connection it
+opens ride on a lease: the lease is taken before the socket exists and given
+back after the socket is closed and the server confirmed it let go (I1).
+The book also answers the coordinator's reclaim requests (give idle
+connections back so a waiter in another process can have one), reports idle /
+busy states for them, and keeps fork safety: a child never closes nor
+releases what its parent holds (I7).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ..client import Client, Lease, current_pid
+from ..closing import close_and_confirm, socket_fd
+from ..config import SOCKET_ENV, check_resource_name
+from ..errors import ConfigError, PoolTimeout
+
+__all__ = ["LeaseBook"]
+
+log = logging.getLogger("sharedpool.contrib")
+
+T = TypeVar("T")
+
+_COUNTERS = ("leases_acquired", "lease_wait_ms", "lease_timeouts", "lease_errors",
+             "leases_released", "leases_reclaimed", "leases_unused", "lease_waits_served_locally",
+             "closes_unconfirmed")
+
+
+@dataclass(eq=False)
+class _Entry:
+    key: Any
+    lease: Lease | None
+    backend_pid: int | None = None
+
+
+@dataclass(eq=False)
+class _Wait:
+    lease: Lease | None = None
+    error: BaseException | None = None
+    done: bool = False
+    abandoned: bool = False
+
+
+@dataclass(frozen=True)
+class _Granted:
+    lease: Lease
+
+
+class _Withdrawn(Exception):  # noqa: N818 - internal: the caller stopped waiting
+    """The acquire was withdrawn before the coordinator answered."""
+
+
+class _CancellableAcquire:
+    """``client.acquire(resource, timeout)`` that another thread can withdraw.
+
+    The client has no public way to cancel a queued acquire yet, so this uses
+    its request machinery the way ``Client.acquire`` does, and sends the same
+    Cancel its own timeout path sends. Without that machinery (another client
+    version) it falls back to a plain acquire that runs to its end."""
+
+    def __init__(self, client: Client, resource: str, timeout: float | None) -> None:
+        self.client, self.resource, self.timeout = client, resource, timeout
+        self._pending: Any = None
+        self._withdrawn = False
+
+    def run(self) -> Lease:
+        client = self.client
+        try:
+            from .. import protocol as p
+            from ..client import GRACE, _Pending
+
+            client._checkpid()
+            req = next(client._reqs)
+            pending = _Pending(p.Acquire(req, self.resource, self.timeout, None))
+        except (AttributeError, ImportError):
+            return client.acquire(self.resource, self.timeout)
+        with client._cond:
+            if self._withdrawn:
+                raise _Withdrawn()
+            self._pending = pending
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout + GRACE
+        client._request(req, pending, deadline, "acquire")
+        if isinstance(pending.error, _Withdrawn):
+            # After our Acquire went out (or was never sent): the coordinator
+            # drops the waiter; a grant that crossed it is handed back by the
+            # client, which finds no caller for it.
+            client._send_quiet(p.Cancel(req))
+        if pending.error is not None:
+            raise pending.error
+        lease: Lease = pending.result
+        return lease
+
+    def withdraw(self) -> None:
+        """Stop waiting (from another thread); ``run()`` then raises _Withdrawn."""
+        cond = getattr(self.client, "_cond", None)
+        if cond is None:
+            return  # the plain acquire fallback runs to its end; its lease goes back unused
+        with cond:
+            self._withdrawn = True
+            pending = self._pending
+            if pending is not None and not pending.done:
+                pending.error, pending.done = _Withdrawn(), True
+                cond.notify_all()
+
+
+class _CloseVia:
+    """What :func:`close_and_confirm` sees: the key's socket, closed by ``closer``."""
+
+    def __init__(self, key: Any, closer: Callable[[], object]) -> None:
+        self._key = key
+        self.close = closer
+
+    def fileno(self) -> int:
+        fd = socket_fd(self._key)
+        if fd is None:
+            raise OSError("no socket")
+        return fd
+
+
+class _DisconnectVia:
+    """Like :class:`_CloseVia`, for closers that shut the socket down both ways
+    (redis-py's ``disconnect()``): close_and_confirm half-closes and waits first."""
+
+    def __init__(self, key: Any, closer: Callable[[], object]) -> None:
+        self._sock = getattr(key, "_sock", None)
+        self.disconnect = closer
+
+
+def backend_pid(conn: Any) -> int | None:
+    """The PostgreSQL backend pid of a psycopg 3 / psycopg2 connection, else None."""
+    pid = getattr(getattr(conn, "info", None), "backend_pid", None)
+    if isinstance(pid, int):
+        return pid
+    getter = getattr(conn, "get_backend_pid", None)
+    if callable(getter):
+        try:
+            value = getter()
+        except Exception:  # noqa: BLE001 - a closed connection has none
+            return None
+        return value if isinstance(value, int) else None
+    return None
+
+
+class LeaseBook:
+    """The leases of one host-library pool, keyed by connection object.
+
+    ``coordinator`` is the socket path; None falls back to ``$SHAREDPOOL_SOCKET``
+    and, without either, the book only tracks connections (no leases), like a
+    standalone pool. ``idle()`` returns the pool's idle connections (for the
+    idle / busy reports); ``reclaim(n)`` closes up to ``n`` idle ones and
+    returns how many it closed. Both are called from the client's background
+    thread and must not block for long.
+    """
+
+    def __init__(self, resource: str, coordinator: str | None = None, *,
+                 confirm_timeout: float = 2.0,
+                 idle: Callable[[], Iterable[Any]] | None = None,
+                 reclaim: Callable[[int], int] | None = None) -> None:
+        if not isinstance(confirm_timeout, int | float) or confirm_timeout < 0:
+            raise ConfigError("confirm_timeout", f"must be a number >= 0, got {confirm_timeout!r}")
+        self.resource = check_resource_name(resource)
+        self.coordinator = coordinator if coordinator is not None else os.environ.get(SOCKET_ENV)
+        self.confirm_timeout = float(confirm_timeout)
+        self._idle = idle
+        self._reclaim = reclaim
+        self._counters = dict.fromkeys(_COUNTERS, 0)
+        self._inherited: dict[int, Any] = {}
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = current_pid()
+        self._lock = threading.Lock()
+        self._entries: dict[int, _Entry] = {}
+        self._returned = threading.Condition(threading.Lock())
+        self._waiting = 0
+        self._recheck: threading.Timer | None = None
+        self._client: Client | None = None
+        self._handlers: tuple[Any, ...] = ()
+
+    def __repr__(self) -> str:
+        return (f"<LeaseBook {self.resource!r} coordinator={self.coordinator!r} "
+                f"connections={len(self._entries)}>")
+
+    def __len__(self) -> int:
+        self._checkpid()
+        return len(self._entries)
+
+    # ------------------------------------------------------------------ fork
+
+    def _checkpid(self) -> None:
+        if self._pid != current_pid():
+            # Everything we tracked is the parent's: never close it, never
+            # release its lease. Weak references where possible, so that the
+            # child does not keep the parent's connections alive.
+            for entry in self._entries.values():
+                try:
+                    self._inherited[id(entry.key)] = weakref.ref(entry.key)
+                except TypeError:
+                    self._inherited[id(entry.key)] = entry.key
+            self._reset()
+
+    def inherited(self, key: Any) -> bool:
+        """Whether ``key`` was opened by a parent process before a fork (I7)."""
+        self._checkpid()
+        ref = self._inherited.get(id(key))
+        if ref is None:
+            return False
+        obj = ref() if isinstance(ref, weakref.ref) else ref
+        return obj is key
+
+    # ------------------------------------------------------------------ coordinator
+
+    @property
+    def client(self) -> Client | None:
+        """This process's client for the coordinator (None without one)."""
+        self._checkpid()
+        if self.coordinator is None:
+            return None
+        client = Client.for_path(self.coordinator)
+        if client is not self._client:
+            self._register(client)
+        return client
+
+    def bind(self, idle: Callable[[], Iterable[Any]] | None,
+             reclaim: Callable[[int], int] | None) -> None:
+        """Point the idle / reclaim callbacks at a (new) pool."""
+        self._idle, self._reclaim = idle, reclaim
+
+    def _register(self, client: Client) -> None:
+        ref = weakref.ref(self)
+
+        def on_reclaim() -> None:
+            book = ref()
+            if book is not None:
+                book._on_reclaim()
+
+        def states() -> list[list[Any]]:
+            book = ref()
+            return [] if book is None else book._states()
+
+        with self._lock:
+            if self._client is client:
+                return
+            if self._client is not None:
+                self._client.remove_handlers(*self._handlers)
+            client.on_reclaim(self.resource, on_reclaim)
+            client.add_state_provider(states)
+            self._client, self._handlers = client, (on_reclaim, states)
+
+    def shutdown(self) -> None:
+        """Stop answering reclaims and reporting states (the pool is closed)."""
+        self._checkpid()
+        with self._lock:
+            client, handlers = self._client, self._handlers
+            self._client, self._handlers = None, ()
+        if client is not None:
+            client.remove_handlers(*handlers)
+
+    def _on_reclaim(self) -> None:
+        client = self._client
+        if client is None or self._reclaim is None or self._pid != current_pid():
+            return
+        owed = client.owes(self.resource)
+        if owed > 0:
+            given = self._reclaim(owed)
+            if given:
+                log.debug("gave back %d %r lease(s) on reclaim", given, self.resource)
+
+    def _states(self) -> list[list[Any]]:
+        if self._pid != current_pid():
+            return []
+        idle_ids = {id(c) for c in self._idle()} if self._idle is not None else set()
+        with self._lock:
+            entries = list(self._entries.values())
+        return [[e.lease.id, "idle" if id(e.key) in idle_ids else "busy", e.backend_pid, None]
+                for e in entries if e.lease is not None]
+
+    # ------------------------------------------------------------------ open
+
+    def acquire(self, key: Any, timeout: float | None = None,
+                local: Callable[[], Any] | None = None) -> Any:
+        """Take a lease for ``key`` before its socket is opened (waits up to
+        ``timeout``; None: the resource's default). Raises what the client
+        raises (PoolTimeout, LeaseDenied, CoordinatorUnavailable).
+
+        With ``local``, the wait also ends when ``local()`` returns something
+        other than None — a connection of the same pool came back, so the
+        caller needs no new one: that value is returned, and the lease, when
+        it comes, goes straight back. ``local()`` is called with the book's
+        condition held; the pool calls :meth:`notify_returned` at checkin.
+        Returns None once the lease is held under ``key``."""
+        client = self.client
+        lease = None
+        if client is not None:
+            if local is None:
+                lease = self._acquire(client, timeout)
+            else:
+                got = self._lease_or_local(client, timeout, local)
+                if not isinstance(got, _Granted):
+                    return got
+                lease = got.lease
+        with self._lock:
+            old = self._entries.pop(id(key), None)
+            self._entries[id(key)] = _Entry(key, lease)
+        if old is not None and old.key is key and old.lease is not None and client is not None:
+            log.warning("a %r connection re-opened without being closed; releasing its old lease",
+                        self.resource)
+            self._release(client, old.lease)
+        return None
+
+    def _acquire(self, client: Client, timeout: float | None) -> Lease:
+        t0 = time.monotonic()
+        try:
+            lease = client.acquire(self.resource, timeout)
+        except PoolTimeout:
+            self.count("lease_timeouts")
+            raise
+        except Exception:
+            self.count("lease_errors")
+            raise
+        self.count("leases_acquired")
+        self.count("lease_wait_ms", int((time.monotonic() - t0) * 1000))
+        return lease
+
+    def _lease_or_local(self, client: Client, timeout: float | None,
+                        local: Callable[[], Any]) -> Any:
+        """Wait for a lease in a helper thread while watching ``local()``. When
+        ``local()`` wins, the acquire is withdrawn at the coordinator: a process
+        whose own connections serve it must not stay queued there (a waiting
+        session is never asked to give leases back)."""
+        wait = _Wait()
+        cond = self._returned
+        request = _CancellableAcquire(client, self.resource, timeout)
+
+        def helper() -> None:
+            t0 = time.monotonic()
+            try:
+                lease = request.run()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                if isinstance(exc, PoolTimeout):
+                    self.count("lease_timeouts")
+                elif not isinstance(exc, _Withdrawn):
+                    self.count("lease_errors")
+                with cond:
+                    wait.error, wait.done = exc, True
+                    cond.notify_all()
+                return
+            self.count("leases_acquired")
+            self.count("lease_wait_ms", int((time.monotonic() - t0) * 1000))
+            with cond:
+                unused = wait.abandoned
+                wait.lease, wait.done = lease, True
+                cond.notify_all()
+            if unused:  # granted just as we withdrew: no connection was opened under it
+                self._release(client, lease)
+                self.count("leases_unused")
+
+        threading.Thread(target=helper, name=f"sharedpool-lease-{self.resource}", daemon=True).start()
+        with cond:
+            self._waiting += 1
+            try:
+                while True:
+                    if wait.done:
+                        if wait.error is not None:
+                            raise wait.error
+                        assert wait.lease is not None
+                        return _Granted(wait.lease)
+                    got = local()
+                    if got is not None:
+                        wait.abandoned = True
+                        request.withdraw()
+                        self.count("lease_waits_served_locally")
+                        return got
+                    cond.wait(0.25)  # notified on checkin and on the helper's answer
+            finally:
+                self._waiting -= 1
+
+    def notify_returned(self) -> None:
+        """A connection was checked in: wake the acquires waiting with ``local``.
+        Nearly free when nobody waits (the checkin fast path calls it)."""
+        if self._waiting:
+            with self._returned:
+                self._returned.notify_all()
+
+    def opened(self, key: Any, failed: bool = False) -> None:
+        """``key``'s connect finished: report the outcome to the coordinator.
+        A failed connect with no socket left gives its lease straight back."""
+        client = self._client
+        if failed:
+            entry = self._pop(key)
+            if client is not None and entry is not None and entry.lease is not None:
+                client.report_failure(self.resource)
+                self._release(client, entry.lease)
+            return
+        entry = self._entries.get(id(key))
+        if entry is not None:
+            entry.backend_pid = backend_pid(key)
+        if client is not None:
+            client.report_success(self.resource)
+
+    def connect(self, factory: Callable[[], T], timeout: float | None = None) -> T:
+        """Take a lease, then call ``factory``; the connection it returns is the key.
+        If the factory fails, the lease goes straight back and the error propagates."""
+        placeholder = object()
+        self.acquire(placeholder, timeout)
+        try:
+            conn = factory()
+        except BaseException:
+            self.opened(placeholder, failed=True)
+            raise
+        self.rekey(placeholder, conn)
+        self.opened(conn)
+        return conn
+
+    def rekey(self, old: Any, new: Any) -> None:
+        """The lease taken under ``old`` (a placeholder) now covers ``new``."""
+        with self._lock:
+            entry = self._entries.get(id(old))
+            if entry is not None and entry.key is old:
+                del self._entries[id(old)]
+                entry.key = new
+                self._entries[id(new)] = entry
+
+    # ------------------------------------------------------------------ close
+
+    def owns(self, key: Any) -> bool:
+        """Whether this process opened ``key`` through this book (leased or not)."""
+        self._checkpid()
+        entry = self._entries.get(id(key))
+        return entry is not None and entry.key is key
+
+    def _pop(self, key: Any) -> _Entry | None:
+        with self._lock:
+            entry = self._entries.get(id(key))
+            if entry is None or entry.key is not key:
+                return None
+            del self._entries[id(key)]
+        return entry
+
+    def close(self, key: Any, closer: Callable[[], object] | None = None, *,
+              half_close_first: bool = False, reclaimed: bool = False) -> bool:
+        """Close ``key`` (``closer()``, default ``key.close()``), confirm the
+        server let go (bounded by ``confirm_timeout``), then release its lease.
+
+        A connection inherited across fork is never touched (returns False).
+        ``half_close_first`` is for closers that shut the socket down both ways
+        (redis-py): we send our FIN and wait for the server's before calling it.
+        Returns whether the close was confirmed."""
+        self._checkpid()
+        if self.inherited(key):
+            return False
+        entry = self._pop(key)
+        if closer is None:
+            target: Any = key
+        elif half_close_first:
+            target = _DisconnectVia(key, closer)
+        else:
+            target = _CloseVia(key, closer)
+        try:
+            confirmed = close_and_confirm(target, self.confirm_timeout)
+        finally:
+            if entry is not None and entry.lease is not None:
+                client = self._client
+                if client is not None:
+                    self._release(client, entry.lease)
+                if reclaimed:
+                    self.count("leases_reclaimed")
+        if not confirmed:
+            self.count("closes_unconfirmed")
+            log.warning("%r: the server did not drop a connection within %.1fs; releasing its "
+                        "lease anyway", self.resource, self.confirm_timeout)
+        return confirmed
+
+    def forget(self, key: Any) -> None:
+        """Release ``key``'s lease without closing it: only for a connection
+        whose socket is already gone (a broken connection the pool dropped)."""
+        self._checkpid()
+        entry = self._pop(key)
+        if entry is not None and entry.lease is not None and self._client is not None:
+            self._release(self._client, entry.lease)
+
+    def sweep(self, gone: Callable[[Any], bool]) -> int:
+        """Release the leases of tracked connections for which ``gone(conn)`` is
+        true (dropped by the host pool without a close). Returns how many."""
+        self._checkpid()
+        with self._lock:
+            keys = [e.key for e in self._entries.values()]
+        dead = []
+        for key in keys:
+            try:
+                if gone(key):
+                    dead.append(key)
+            except Exception:  # noqa: BLE001 - a probe that fails says nothing
+                continue
+        for key in dead:
+            self.close(key)
+        return len(dead)
+
+    def _release(self, client: Client, lease: Lease) -> None:
+        client.release(lease)
+        self.count("leases_released")
+
+    # ------------------------------------------------------------------ reclaim
+
+    def owes_back(self, key: Any) -> bool:
+        """Whether ``key`` should be closed at checkin instead of pooled: the
+        coordinator asked for leases back and this one is older than the
+        resource's fairness quantum. Cheap: the checkin fast path calls it."""
+        client = self._client
+        if client is None or not client.owes(self.resource) or self._pid != current_pid():
+            return False
+        entry = self._entries.get(id(key))
+        if entry is None or entry.key is not key or entry.lease is None:
+            return False
+        quantum = client.limits.get(self.resource, {}).get("fairness_quantum", 0.0)
+        age = time.monotonic() - entry.lease.granted_at
+        if age >= quantum:
+            return True
+        # Too young to pay now; it may sit idle from here on, and the reclaim
+        # request came once: look again when the quantum has passed.
+        self._recheck_after(quantum - age)
+        return False
+
+    def _recheck_after(self, delay: float) -> None:
+        with self._lock:
+            if self._recheck is not None:
+                return
+            timer = self._recheck = threading.Timer(delay + 0.001, self._recheck_now)
+        timer.daemon = True
+        timer.start()
+
+    def _recheck_now(self) -> None:
+        with self._lock:
+            self._recheck = None
+        try:
+            self._on_reclaim()
+        except Exception:  # noqa: BLE001 - a timer thread has nobody to raise to
+            log.exception("sharedpool: giving back leases on reclaim failed")
+
+    # ------------------------------------------------------------------ stats
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to one of the lease counters (see :meth:`stats`)."""
+        with self._lock:
+            self._counters[name] += n
+
+    def stats(self, reset: bool = False) -> dict[str, int]:
+        """Lease counters plus ``leases_held`` (a measure, never reset)."""
+        self._checkpid()
+        with self._lock:
+            out = dict(self._counters)
+            out["leases_held"] = sum(1 for e in self._entries.values() if e.lease is not None)
+            if reset:
+                self._counters = dict.fromkeys(_COUNTERS, 0)
+        return out

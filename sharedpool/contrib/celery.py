@@ -1,0 +1,160 @@
+"""celery: the worker's parent process owns the coordinator, the pool children attach.
+
+One call, next to the app::
+
+    from celery import Celery
+    from sharedpool.contrib.celery import setup
+
+    app = Celery("proj", broker="redis://127.0.0.1:6379/0")
+    setup(app, resources={"pg": 4})
+
+It connects four signals:
+
+* ``worker_init`` (parent, before the pool forks): start the embedded
+  coordinator, unless one is already listening (``socket=`` or
+  ``$SHAREDPOOL_SOCKET`` naming an external ``sharedpool serve``); set
+  ``$SHAREDPOOL_SOCKET`` for the children; and point the pools and engines
+  made at import time, before the socket was known, at it;
+* ``worker_process_init`` (each prefork child): nothing eager — pools and
+  clients are fork-aware and open the child's own session on first use;
+* ``worker_process_shutdown`` (each child, as it exits): close its leased
+  connections and end its session, so its slots return at once;
+* ``worker_shutdown`` (parent): the same for the parent (``solo`` and
+  ``threads`` pools run tasks there), then stop the coordinator we started.
+
+Nothing happens in processes that only send tasks. A child killed outright
+(``SIGKILL``, the OOM killer) loses its session with its socket; the
+coordinator fences its leases until its connections are gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import Celery, signals
+
+from ..config import SOCKET_ENV
+from ..errors import ConfigError
+from ._embedded import (
+    EmbeddedCoordinator,
+    EmbeddedStartError,
+    adopt_process_pools,
+    coordinator_listening,
+    private_socket_path,
+    release_process,
+)
+
+__all__ = ["CelerySharedPool", "setup"]
+
+log = logging.getLogger("sharedpool.celery")
+
+
+@dataclass
+class CelerySharedPool:
+    """What :func:`setup` connected; ``coordinator`` is set while ours runs."""
+
+    app: Celery
+    socket: str | None
+    embedded: EmbeddedCoordinator | None
+    close_timeout: float
+    coordinator: EmbeddedCoordinator | None = None
+    handlers: list[Any] = field(default_factory=list)
+
+    @property
+    def socket_path(self) -> str | None:
+        """The socket in use once the worker started (``$SHAREDPOOL_SOCKET`` in its processes)."""
+        return os.environ.get(SOCKET_ENV) if self.socket is None else self.socket
+
+    def worker_init(self, sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", self.app) is not self.app:
+            return
+        path = self.socket or os.environ.get(SOCKET_ENV) or private_socket_path("celery")
+        if coordinator_listening(path):
+            log.info("sharedpool: using the coordinator already serving %s", path)
+        elif self.embedded is None:
+            raise EmbeddedStartError(
+                f"sharedpool: no coordinator is listening on {path}, and setup() got no "
+                "resources to start one with; pass resources={'name': max_size, ...}")
+        else:
+            self.embedded.move(path)
+            self.embedded.start()
+            self.coordinator = self.embedded
+            limits = ", ".join(f"{n}={r.max_size}"
+                               for n, r in self.embedded.config.resources.items())
+            log.info("sharedpool: coordinator pid %s serving %s (%s)",
+                     self.embedded.pid, path, limits)
+        os.environ[SOCKET_ENV] = path
+        self.socket = path
+        adopted = adopt_process_pools(path)
+        if adopted:
+            log.info("sharedpool: %d pool(s) made before the worker started now lease from %s",
+                     adopted, path)
+
+    def worker_process_init(self, **_: Any) -> None:
+        if self.socket is not None:
+            os.environ[SOCKET_ENV] = self.socket
+
+    def worker_process_shutdown(self, **_: Any) -> None:
+        try:
+            release_process(self.close_timeout)
+        except Exception:  # noqa: BLE001 - the child is exiting; the fence covers the rest
+            log.exception("sharedpool: releasing leases at child exit failed")
+
+    def worker_shutdown(self, sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", self.app) is not self.app:
+            return
+        self.worker_process_shutdown()
+        running, self.coordinator = self.coordinator, None
+        if running is not None:
+            running.stop()
+            log.info("sharedpool: coordinator for %s stopped", running.socket_path)
+
+    def disconnect(self) -> None:
+        """Disconnect the signal handlers (tests, or an app set up twice)."""
+        for sig, handler in self.handlers:
+            sig.disconnect(handler)
+        self.handlers.clear()
+
+
+def setup(
+    app: Celery,
+    resources: Mapping[str, Any] | None = None,
+    *,
+    socket: str | None = None,
+    restart: bool = True,
+    close_timeout: float = 5.0,
+    log_level: str = "warning",
+    **options: Any,
+) -> CelerySharedPool:
+    """Connect the worker signals for ``app``. ``resources`` as for
+    :class:`~sharedpool.Coordinator` (``{"pg": 4}``, or ``Resource(...)`` values);
+    ``socket`` the coordinator's path (default ``$SHAREDPOOL_SOCKET`` when the
+    worker starts, else a private path). ``restart``: restart the embedded
+    coordinator if it dies. ``close_timeout``: how long an exiting child waits
+    for connections still in use. ``log_level``: the coordinator's stderr log.
+    Other keywords go to :class:`~sharedpool.CoordinatorConfig`.
+
+    Limits are checked here, so a bad one fails when the app is imported."""
+    if not isinstance(app, Celery):
+        raise ConfigError("app", f"must be a Celery app, got {type(app).__name__}")
+    if close_timeout < 0:
+        raise ConfigError("close_timeout", f"must be >= 0, got {close_timeout!r}")
+    embedded = None
+    if resources is not None:
+        # Checked now; the path is decided when the worker starts.
+        embedded = EmbeddedCoordinator(socket or "unset.sock", resources, restart=restart,
+                                       log_level=log_level, **options)
+    state = CelerySharedPool(app, socket, embedded, close_timeout)
+    for sig, handler in (
+        (signals.worker_init, state.worker_init),
+        (signals.worker_process_init, state.worker_process_init),
+        (signals.worker_process_shutdown, state.worker_process_shutdown),
+        (signals.worker_shutdown, state.worker_shutdown),
+    ):
+        sig.connect(handler, weak=False)
+        state.handlers.append((sig, handler))
+    return state

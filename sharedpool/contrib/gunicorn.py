@@ -1,0 +1,133 @@
+"""gunicorn server hooks: the master owns the coordinator, the workers attach to it.
+
+In ``gunicorn.conf.py``::
+
+    from sharedpool.contrib.gunicorn import hooks
+
+    workers = 8
+    on_starting, post_fork, worker_exit, on_exit = hooks(resources={"pg": 4})
+
+* when the config is read, the socket path is chosen and ``$SHAREDPOOL_SOCKET``
+  set, so every pool made afterwards (in a worker, or in the master with
+  ``preload_app``) finds the coordinator without being told;
+* ``on_starting`` (master): start the embedded coordinator, unless one is
+  already listening on that path (``socket=`` or ``$SHAREDPOOL_SOCKET`` naming
+  an external ``sharedpool serve``);
+* ``post_fork`` (worker): nothing to do eagerly; pools and clients are
+  fork-aware and open their own session on first use;
+* ``worker_exit`` (worker): close the worker's leased connections and end its
+  session, so its slots return at once;
+* ``on_exit`` (master): stop the coordinator we started.
+
+A worker that dies without running ``worker_exit`` (SIGKILL after gunicorn's
+timeout, the OOM killer) loses its session when the kernel closes its socket;
+the coordinator fences its leases and frees them once its connections are gone.
+
+Works with any worker class that forks from the master (``sync``, ``gthread``...).
+This module does not import gunicorn.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+from ..config import SOCKET_ENV
+from ..errors import ConfigError, SharedPoolError
+from ._embedded import (
+    EmbeddedCoordinator,
+    EmbeddedStartError,
+    coordinator_listening,
+    private_socket_path,
+    release_process,
+)
+
+__all__ = ["GunicornHooks", "hooks"]
+
+log = logging.getLogger("sharedpool.gunicorn")
+
+
+class GunicornHooks(NamedTuple):
+    """The four server hooks, in the order ``hooks()`` returns them."""
+
+    on_starting: Callable[[Any], None]
+    post_fork: Callable[[Any, Any], None]
+    worker_exit: Callable[[Any, Any], None]
+    on_exit: Callable[[Any], None]
+
+
+#: The coordinator this master started (module-level: gunicorn's SIGHUP reload
+#: re-reads the config file, and the new hooks must still know it).
+_EMBEDDED: dict[str, EmbeddedCoordinator] = {}
+
+
+def hooks(
+    resources: Mapping[str, Any] | None = None,
+    socket: str | None = None,
+    *,
+    restart: bool = True,
+    close_timeout: float = 5.0,
+    log_level: str = "warning",
+    **options: Any,
+) -> GunicornHooks:
+    """Make the hooks. ``resources`` as for :class:`~sharedpool.Coordinator`
+    (``{"pg": 4}`` or ``{"pg": Resource(max_size=4, ...)}``); ``socket`` the
+    coordinator's path (default ``$SHAREDPOOL_SOCKET``, else a private path).
+
+    ``restart``: restart the embedded coordinator if it dies. ``close_timeout``:
+    how long ``worker_exit`` waits for connections still in use. ``log_level``:
+    the coordinator's stderr logging. Other keywords go to
+    :class:`~sharedpool.CoordinatorConfig` (``allowed_uids``, ``metrics_port``...).
+    """
+    path = socket or os.environ.get(SOCKET_ENV) or private_socket_path("gunicorn")
+    embedded = _EMBEDDED.get(path)
+    if embedded is None and resources is not None:
+        # Checked now: a bad limit fails when gunicorn reads its config, naming the field.
+        embedded = EmbeddedCoordinator(path, resources, restart=restart,
+                                       log_level=log_level, **options)
+    if close_timeout < 0:
+        raise ConfigError("close_timeout", f"must be >= 0, got {close_timeout!r}")
+    os.environ[SOCKET_ENV] = path
+
+    def on_starting(server: Any) -> None:
+        if path in _EMBEDDED:
+            return
+        if coordinator_listening(path):
+            server.log.info("sharedpool: using the coordinator already serving %s", path)
+            return
+        if embedded is None:
+            raise EmbeddedStartError(
+                f"sharedpool: no coordinator is listening on {path}, and hooks() got no "
+                "resources to start one with; pass resources={'name': max_size, ...}")
+        try:
+            embedded.start()
+        except SharedPoolError as exc:
+            # gunicorn prints a RuntimeError as one line ("Error: ...") and exits 1.
+            raise EmbeddedStartError(f"sharedpool: cannot start the coordinator: {exc}") from None
+        _EMBEDDED[path] = embedded
+        limits = ", ".join(f"{n}={r.max_size}" for n, r in embedded.config.resources.items())
+        server.log.info("sharedpool: coordinator pid %s serving %s (%s)", embedded.pid, path, limits)
+
+    def post_fork(server: Any, worker: Any) -> None:
+        # The client is fork-aware and connects on first use; only make sure the
+        # path is what the workers see, whatever the app did to the environment.
+        os.environ[SOCKET_ENV] = path
+
+    def worker_exit(server: Any, worker: Any) -> None:
+        # gunicorn also calls this in the master for a worker already gone: nothing of ours.
+        if getattr(worker, "pid", None) != os.getpid():
+            return
+        try:
+            release_process(close_timeout)
+        except Exception:  # noqa: BLE001 - the worker is exiting; the fence covers the rest
+            log.exception("sharedpool: releasing leases at worker exit failed")
+
+    def on_exit(server: Any) -> None:
+        running = _EMBEDDED.pop(path, None)
+        if running is not None:
+            running.stop()
+            server.log.info("sharedpool: coordinator for %s stopped", path)
+
+    return GunicornHooks(on_starting, post_fork, worker_exit, on_exit)

@@ -1,0 +1,233 @@
+"""psycopg 3: a ``psycopg_pool.ConnectionPool`` whose connections are leased.
+
+    from sharedpool.contrib.psycopg import ConnectionPool
+
+    with ConnectionPool("host=db dbname=app", resource="pg", min_size=2, max_size=8) as pool:
+        with pool.connection() as conn:
+            conn.execute("SELECT 1")
+
+It *is* a :class:`psycopg_pool.ConnectionPool` (same arguments, same methods,
+same background workers, ``check`` / ``configure`` / ``reset``, ``max_lifetime``,
+``max_idle``, ``resize()``, ``drain()``, stats), plus ``resource=`` and
+``coordinator=``. Each connection the pool's workers open first takes a lease
+(waiting up to ``lease_timeout``, default the pool's ``timeout``); a lease
+that does not come in time counts as a failed connect attempt, so psycopg_pool
+retries with its backoff as it would for an unreachable server. A connection
+is closed (and the close confirmed) before its lease goes back, on every path
+the pool closes one; a broken connection the pool merely drops gives its
+lease back before the pool opens the replacement.
+
+With a global cap smaller than the sum of the pools' ``min_size``, pools wait
+for leases rather than fail (``open(wait=True)`` may time out, as it would on
+a slow server). When the coordinator asks for leases back, idle connections
+are closed and the pool shrinks (below ``min_size`` if need be; it grows back
+on demand).
+
+psycopg_pool pools are not fork-safe: make (or ``open()``) the pool in the
+process that uses it. A pool opened before a fork refuses to serve in the child.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+import psycopg
+import psycopg_pool
+from psycopg import errors as e
+from psycopg.pq import TransactionStatus
+from psycopg_pool.abc import CT
+
+from ..client import current_pid
+from ._leases import LeaseBook
+
+__all__ = ["ConnectionPool"]
+
+log = logging.getLogger("sharedpool.contrib.psycopg")
+
+
+class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
+    """:class:`psycopg_pool.ConnectionPool` with leased connections.
+
+    ``resource``: the coordinator's resource to lease from. ``coordinator``:
+    its socket path (None: ``$SHAREDPOOL_SOCKET``; with neither, nothing is
+    leased). ``lease_timeout``: how long opening one connection waits for a
+    lease (None: the pool's ``timeout``). ``confirm_timeout``: how long a close
+    waits for the server to drop the connection. Every other argument is
+    psycopg_pool's.
+    """
+
+    def __init__(self, conninfo: Any = "", *, resource: str, coordinator: str | None = None,
+                 lease_timeout: float | None = None, confirm_timeout: float = 2.0,
+                 configure: Any = None, **kwargs: Any) -> None:
+        # Ready before psycopg_pool's __init__, which may open the pool and
+        # start connecting in its workers at once.
+        self._sp_book = LeaseBook(resource, coordinator, confirm_timeout=confirm_timeout,
+                                  idle=self._sp_idle, reclaim=self._sp_reclaim)
+        self._sp_lease_timeout = lease_timeout
+        self._sp_configure = configure
+        self._sp_opened_in: int | None = None
+        self._sp_local = threading.local()
+        self._sp_closing = False
+        super().__init__(conninfo, configure=self._sp_configure_conn if configure else None, **kwargs)
+
+    @property
+    def lease_book(self) -> LeaseBook:
+        return self._sp_book
+
+    # ------------------------------------------------------------------ stats
+
+    def get_stats(self) -> dict[str, int]:
+        """psycopg_pool's stats plus ``leases_held``, ``leases_acquired``,
+        ``lease_wait_ms``, ``lease_timeouts``, ``leases_reclaimed``..."""
+        stats = super().get_stats()
+        stats.update(self._sp_book.stats())
+        return stats
+
+    def pop_stats(self) -> dict[str, int]:
+        stats = super().pop_stats()
+        stats.update(self._sp_book.stats(reset=True))
+        return stats
+
+    # ------------------------------------------------------------------ open / use
+
+    def _open(self) -> None:
+        if self._closed:
+            self._sp_opened_in = current_pid()
+        super()._open()
+
+    def getconn(self, timeout: float | None = None) -> CT:
+        if self._sp_opened_in not in (None, current_pid()):
+            raise psycopg_pool.PoolClosed(
+                f"the pool {self.name!r} was opened in process {self._sp_opened_in}, before a fork: "
+                "psycopg_pool pools do not survive fork(); make or open() the pool in the child")
+        return super().getconn(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._sp_closing = True  # ends the workers' lease waits, so they stop in time
+        self._sp_book.notify_returned()
+        super().close(timeout)
+        if self._sp_opened_in in (None, current_pid()):
+            self._sp_book.sweep(_gone)
+            self._sp_book.shutdown()
+
+    # ------------------------------------------------------------------ connect / close
+
+    def _sp_timeout(self) -> float:
+        return self._sp_lease_timeout if self._sp_lease_timeout is not None else self.timeout
+
+    def _add_connection(self, attempt: Any, growing: bool = False) -> None:
+        # A worker task: lease first. The wait ends early if the pool closes,
+        # or if the connection is no longer needed (it was to serve clients
+        # that a returned connection has served meanwhile).
+        book = self._sp_book
+        book.sweep(_gone)  # dropped broken connections give their lease back first
+        key = object()
+        try:
+            not_needed = book.acquire(key, self._sp_timeout(), local=self._sp_not_needed)
+        except Exception as exc:  # noqa: BLE001 - psycopg_pool's retry and backoff handle it
+            self._sp_local.lease_error = exc
+        else:
+            if not_needed is not None:
+                with self._lock:
+                    self._nconns -= 1
+                    if growing:
+                        self._growing = False
+                    if self._waiting and not self._closed:
+                        self._maybe_grow_pool()
+                return
+            self._sp_local.lease_key = key
+        try:
+            super()._add_connection(attempt, growing)
+        finally:
+            self._sp_local.lease_error = None
+            if getattr(self._sp_local, "lease_key", None) is key:  # _connect never ran
+                self._sp_local.lease_key = None
+                book.opened(key, failed=True)
+
+    def _sp_not_needed(self) -> bool | None:
+        if self._sp_closing or self._closed or (not self._waiting and self._nconns > self._min_size):
+            return True
+        return None
+
+    def _connect(self, timeout: float | None = None) -> CT:
+        book = self._sp_book
+        error = getattr(self._sp_local, "lease_error", None)
+        if error is not None:
+            self._sp_local.lease_error = None
+            raise error  # no lease: a failed attempt, retried with psycopg_pool's backoff
+        connect = super()._connect
+        key = getattr(self._sp_local, "lease_key", None)
+        if key is None:
+            return book.connect(lambda: connect(timeout), self._sp_timeout())
+        self._sp_local.lease_key = None
+        try:
+            conn = connect(timeout)
+        except BaseException:
+            book.opened(key, failed=True)
+            raise
+        book.rekey(key, conn)
+        book.opened(conn)
+        return conn
+
+    def _sp_configure_conn(self, conn: CT) -> None:
+        """The user's ``configure``; a connection it fails on (or leaves in a
+        transaction) is closed here, since psycopg_pool would only drop it."""
+        try:
+            self._sp_configure(conn)
+            status = conn.pgconn.transaction_status
+            if status != TransactionStatus.IDLE:
+                raise e.ProgrammingError(
+                    f"connection left in status {TransactionStatus(status).name} by configure "
+                    f"function {self._sp_configure}: discarded")
+        except BaseException:
+            self._sp_book.close(conn, lambda: self._sp_close_now(conn))  # not leased yet: confirm only
+            raise
+
+    def _close_connection(self, conn: CT) -> None:
+        self._sp_book.close(conn, lambda: self._sp_close_now(conn))
+
+    def _sp_close_now(self, conn: CT) -> None:
+        conn._pool = None  # type: ignore[attr-defined]  # psycopg_pool's own mark
+        conn.close()
+
+    def _add_to_pool(self, conn: CT) -> None:
+        if not self._closed and self._sp_book.owes_back(conn):
+            # The coordinator wants a lease back: this connection pays, and the
+            # pool shrinks by one (it grows again if clients are waiting).
+            self._sp_book.count("leases_reclaimed")
+            self._close_connection(conn)
+            with self._lock:
+                self._nconns -= 1
+                if self._waiting:
+                    self._maybe_grow_pool()
+            return
+        super()._add_to_pool(conn)
+        self._sp_book.notify_returned()  # a lease wait may no longer be needed
+
+    # ------------------------------------------------------------------ reclaim
+
+    def _sp_idle(self) -> Iterable[Any]:
+        with self._lock:
+            return list(self._pool)
+
+    def _sp_reclaim(self, count: int) -> int:
+        if self._closed or self._sp_opened_in != current_pid():
+            return 0
+        victims: list[CT] = []
+        with self._lock:
+            while len(victims) < count and self._pool:
+                victims.append(self._pool.popleft())  # the one idle longest
+                self._nconns -= 1
+            self._nconns_min = min(self._nconns_min, len(self._pool))
+        for conn in victims:
+            self._close_connection(conn)
+        self._sp_book.count("leases_reclaimed", len(victims))
+        return len(victims)
+
+
+def _gone(conn: Any) -> bool:
+    """A psycopg connection whose socket libpq already dropped (broken or closed)."""
+    return isinstance(conn, psycopg.Connection) and conn.closed

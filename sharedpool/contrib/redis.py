@@ -1,0 +1,212 @@
+"""redis-py: a ``BlockingConnectionPool`` whose connections are leased.
+
+    import redis
+    from sharedpool.contrib.redis import BlockingConnectionPool
+
+    pool = BlockingConnectionPool(host="127.0.0.1", resource="redis", max_connections=8, timeout=20)
+    r = redis.Redis(connection_pool=pool)
+    r.set("k", "v")
+
+It *is* a :class:`redis.BlockingConnectionPool` (same arguments, blocking
+``get_connection`` with ``timeout``, LIFO reuse, health checks, fork reset),
+plus ``resource=``, ``coordinator=``, ``lease_timeout=`` (None: the pool's
+``timeout``) and ``confirm_timeout=``. redis-py connects lazily: the lease is
+taken when a connection object opens its socket, and given back when the
+socket is closed (``disconnect()``: errors, ``pool.disconnect()``,
+``pool.close()``) and the server confirmed it dropped the client. A thread that
+waits for a lease takes a connection another thread checks in meanwhile.
+
+A lease that does not come in time raises :class:`sharedpool.PoolTimeout` (a
+``TimeoutError``) from ``get_connection``. Call ``pool.disconnect()`` (or
+``pool.close()``) at shutdown: ``Redis.close()`` leaves a pool it was given
+open. After a fork, redis-py resets the pool in the child; the parent's
+connections and leases are left alone and the child opens its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+import redis
+from redis.connection import Connection
+
+from ._leases import LeaseBook
+
+__all__ = ["BlockingConnectionPool", "LeasedConnectionMixin"]
+
+log = logging.getLogger("sharedpool.contrib.redis")
+
+
+class _UseAnother(Exception):  # noqa: N818 - internal signal, never escapes get_connection
+    """A connected connection came back while we waited for a lease: use it."""
+
+
+class LeasedConnectionMixin:
+    """Mixed into the pool's ``connection_class``: a socket only under a lease.
+
+    The pool makes one subclass per pool (see ``BlockingConnectionPool``), whose
+    ``_sp_pool`` refers (weakly) to it."""
+
+    _sp_pool: weakref.ref[BlockingConnectionPool]
+    _sock: Any
+    pid: int
+
+    def connect_check_health(self, check_health: bool = True,
+                             retry_socket_connect: bool = True) -> None:
+        if self._sock:
+            return
+        pool = self._sp_pool()
+        if pool is None:  # the pool is gone; behave like a plain connection
+            super().connect_check_health(check_health, retry_socket_connect)  # type: ignore[misc]
+            return
+        book = pool.lease_book
+        local = pool._sp_connected_idle if pool._sp_local_wait() else None
+        if book.acquire(self, pool._sp_timeout(), local=local) is not None:
+            raise _UseAnother()
+        try:
+            super().connect_check_health(check_health, retry_socket_connect)  # type: ignore[misc]
+        except BaseException:
+            if self._sock is None:  # no socket left: the lease goes straight back
+                book.opened(self, failed=True)
+            raise
+        book.opened(self)
+
+    def disconnect(self, *args: Any, **kwargs: Any) -> None:
+        parent = super().disconnect  # type: ignore[misc]
+        pool = self._sp_pool()
+        # Made in another process (inherited across fork): redis-py closes our
+        # copy of the fd without shutdown(), and the lease is the parent's (I7).
+        if pool is None or self._sock is None or self.pid != os.getpid():
+            parent(*args, **kwargs)
+            return
+        book = pool.lease_book
+        if not book.owns(self):
+            parent(*args, **kwargs)
+            return
+        # redis-py's disconnect() shuts the socket down both ways, which would
+        # fake the server's EOF: send our FIN and wait for the server's first.
+        book.close(self, lambda: parent(*args, **kwargs), half_close_first=True)
+
+
+class BlockingConnectionPool(redis.BlockingConnectionPool):
+    """:class:`redis.BlockingConnectionPool` whose connections each hold a lease of ``resource``.
+
+    ``coordinator``: the coordinator's socket path (None: ``$SHAREDPOOL_SOCKET``;
+    with neither, nothing is leased). ``lease_timeout``: how long opening a
+    connection waits for a lease (None: the pool's ``timeout``; None there too:
+    the resource's default). ``confirm_timeout``: how long a close waits for
+    the server to drop the client. Every other argument is redis-py's.
+    """
+
+    def __init__(self, max_connections: int = 50, timeout: float | None = 20, *,
+                 resource: str, coordinator: str | None = None, lease_timeout: float | None = None,
+                 confirm_timeout: float = 2.0, connection_class: type[Any] = Connection,
+                 **kwargs: Any) -> None:
+        self._sp_book = LeaseBook(resource, coordinator, confirm_timeout=confirm_timeout,
+                                  idle=self._sp_idle, reclaim=self._sp_reclaim)
+        self._sp_lease_timeout = lease_timeout
+        self._sp_local = threading.local()
+        leased = type(f"Leased{connection_class.__name__}", (LeasedConnectionMixin, connection_class),
+                      {"_sp_pool": weakref.ref(self), "__module__": __name__})
+        super().__init__(max_connections=max_connections, timeout=timeout,
+                         connection_class=leased, **kwargs)
+
+    @property
+    def lease_book(self) -> LeaseBook:
+        return self._sp_book
+
+    def lease_stats(self) -> dict[str, int]:
+        """Lease counters: ``leases_held``, ``leases_acquired``, ``lease_wait_ms``..."""
+        return self._sp_book.stats()
+
+    def _sp_timeout(self) -> float | None:
+        return self._sp_lease_timeout if self._sp_lease_timeout is not None else self.timeout
+
+    # ------------------------------------------------------------------ checkout / checkin
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        self._sp_local.handing_out = True
+        try:
+            while True:
+                try:
+                    return super().get_connection(*args, **kwargs)
+                except _UseAnother:
+                    continue  # the unconnected one went back to the queue's far end
+        finally:
+            self._sp_local.handing_out = False
+
+    def _sp_local_wait(self) -> bool:
+        """Whether a lease wait may end with another connection of ours: only
+        inside get_connection, and only if this pool has other connections."""
+        return bool(getattr(self._sp_local, "handing_out", False)) and len(self._connections) > 1
+
+    def release(self, connection: Any) -> None:
+        if self.pid == os.getpid():
+            inner = getattr(connection, "_conn", connection)  # CacheProxyConnection wraps one
+            if inner._sock is not None and self._sp_book.owes_back(inner):
+                # The coordinator wants a lease back: this connection pays.
+                self._sp_book.count("leases_reclaimed")
+                connection.disconnect()
+        super().release(connection)
+        if self.pid != os.getpid():
+            return
+        if not getattr(connection, "_conn", connection).is_connected:
+            self._sp_to_far_end(connection)  # handed out last: connected ones go first
+        else:
+            self._sp_book.notify_returned()
+
+    def _sp_to_far_end(self, connection: Any) -> None:
+        q: Any = self.pool
+        with q.mutex:
+            try:
+                q.queue.remove(connection)
+            except ValueError:
+                return  # taken already, or not put back (pool reset)
+            if isinstance(q, queue.LifoQueue):
+                q.queue.insert(0, connection)
+            else:
+                q.queue.append(connection)
+
+    # ------------------------------------------------------------------ reclaim
+
+    def _sp_connected(self, conn: Any) -> bool:
+        return conn is not None and getattr(conn, "_conn", conn)._sock is not None
+
+    def _sp_idle(self) -> Iterable[Any]:
+        if self.pid != os.getpid():
+            return []
+        with self.pool.mutex:
+            return [getattr(c, "_conn", c) for c in self.pool.queue if self._sp_connected(c)]
+
+    def _sp_connected_idle(self) -> bool | None:
+        with self.pool.mutex:
+            return True if any(self._sp_connected(c) for c in self.pool.queue) else None
+
+    def _sp_reclaim(self, count: int) -> int:
+        """Disconnect up to ``count`` idle connections, the coldest first."""
+        if self.pid != os.getpid():
+            return 0
+        q: Any = self.pool
+        with q.mutex:
+            order = list(q.queue) if isinstance(q, queue.LifoQueue) else list(reversed(q.queue))
+            picked = [c for c in order if self._sp_connected(c)][:count]
+            for conn in picked:
+                q.queue.remove(conn)
+        for conn in picked:
+            try:
+                conn.disconnect()
+                self._sp_book.count("leases_reclaimed")
+            finally:
+                with q.mutex:
+                    if isinstance(q, queue.LifoQueue):
+                        q.queue.insert(0, conn)
+                    else:
+                        q.queue.append(conn)
+                    q.not_empty.notify()
+        return len(picked)

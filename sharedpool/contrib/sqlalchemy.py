@@ -1,0 +1,394 @@
+"""SQLAlchemy: an Engine whose QueuePool leases every DBAPI connection.
+
+    from sharedpool.contrib.sqlalchemy import create_engine
+
+    engine = create_engine("postgresql+psycopg://app@db/app", resource="pg",
+                           pool_size=5, max_overflow=5, pool_pre_ping=True)
+
+The engine is a plain SQLAlchemy :class:`~sqlalchemy.engine.Engine`; its pool
+is a :class:`LeasedQueuePool`, a :class:`~sqlalchemy.pool.QueuePool` that
+takes a lease before each DBAPI connect (so ``do_connect`` / ``connect``
+events, ``pool_recycle``, ``pool_pre_ping`` reconnects all ride on one) and
+gives it back once that DBAPI connection is closed and the server confirmed
+it (after the pool's ``close`` event, which fires before the real close).
+Everything else — ``pool_size``, ``max_overflow``, ``pool_timeout``,
+``pool_use_lifo``, events, ``engine.dispose()`` — is QueuePool's own.
+
+Fork: ``engine.dispose(close=False)`` in a child, as SQLAlchemy recommends,
+leaves the parent's connections and leases alone and the child opens its own.
+The pool also notices a fork by itself: a child never gets the parent's
+connections from it (I7), even without the dispose.
+
+When the coordinator asks for leases back (another process waits at the cap),
+idle connections are closed, and so are connections checked in while leases
+are owed; the pool slot stays and reconnects (under a new lease) when needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import sqlalchemy
+from sqlalchemy import exc
+from sqlalchemy.engine import Engine
+from sqlalchemy.pool import QueuePool
+from sqlalchemy.pool.base import ConnectionPoolEntry
+from sqlalchemy.util import queue as sqla_queue
+
+from ..client import current_pid
+from ..errors import ConfigError, PoolTimeout
+from ._leases import LeaseBook
+
+__all__ = ["LeaseTimeout", "LeasedQueuePool", "attach", "create_engine"]
+
+log = logging.getLogger("sharedpool.contrib.sqlalchemy")
+
+
+class LeaseTimeout(exc.TimeoutError, PoolTimeout):
+    """No lease within the pool's timeout: the global cap is reached.
+
+    Both SQLAlchemy's pool ``TimeoutError`` (what an exhausted QueuePool
+    raises) and sharedpool's :class:`~sharedpool.PoolTimeout`."""
+
+
+class LeasedQueuePool(QueuePool):
+    """A QueuePool whose DBAPI connections each hold a lease of ``resource``.
+
+    Takes QueuePool's arguments plus ``resource``, ``coordinator`` (socket
+    path; None: ``$SHAREDPOOL_SOCKET``), ``lease_timeout`` (None: the pool's
+    ``timeout``) and ``confirm_timeout`` (how long a close waits for the
+    server to drop the socket). Most users want :func:`create_engine`.
+    """
+
+    def __init__(self, creator: Any, *, resource: str | None = None, coordinator: str | None = None,
+                 lease_timeout: float | None = None, confirm_timeout: float = 2.0,
+                 book: LeaseBook | None = None, **kw: Any) -> None:
+        if book is None and resource is not None:
+            book = LeaseBook(resource, coordinator, confirm_timeout=confirm_timeout)
+        # Set before QueuePool.__init__, which wraps the creator.
+        self._sp_book: LeaseBook | None = book
+        self._sp_lease_timeout = lease_timeout
+        self._sp_pid = current_pid()
+        self._sp_retired = False
+        self._sp_local = threading.local()
+        super().__init__(creator, **kw)
+        if book is not None:
+            book.bind(self._sp_idle, self._sp_reclaim)
+
+    @property
+    def lease_book(self) -> LeaseBook:
+        """The leases of this pool (shared with the pools ``recreate()`` makes)."""
+        if self._sp_book is None:
+            raise ConfigError("resource", "this LeasedQueuePool was made without a resource")
+        return self._sp_book
+
+    def lease_stats(self) -> dict[str, int]:
+        """Lease counters: ``leases_held``, ``leases_acquired``, ``lease_wait_ms``..."""
+        return self.lease_book.stats()
+
+    def status(self) -> str:
+        held = self._sp_book.stats()["leases_held"] if self._sp_book is not None else 0
+        return f"{super().status()} Leases held: {held}"
+
+    # ------------------------------------------------------------------ connect
+
+    def _sp_timeout(self) -> float:
+        return self._sp_lease_timeout if self._sp_lease_timeout is not None else self._timeout
+
+    def _should_wrap_creator(self, creator: Any) -> Any:
+        invoke = super()._should_wrap_creator(creator)
+
+        def leased_creator(record: ConnectionPoolEntry) -> Any:
+            book = self._sp_book
+            if book is None:
+                raise ConfigError("resource", "this LeasedQueuePool was made without a resource")
+            key = getattr(self._sp_local, "lease_key", None)
+            if key is None:  # a reconnect (recycle, invalidation): lease here and now
+                with _lease_timeout(book, self._sp_timeout()):
+                    return book.connect(lambda: invoke(record), self._sp_timeout())
+            self._sp_local.lease_key = None  # taken by _create_connection just before
+            try:
+                conn = invoke(record)
+            except BaseException:
+                book.opened(key, failed=True)
+                raise
+            book.rekey(key, conn)
+            book.opened(conn)
+            return conn
+
+        return leased_creator
+
+    def _sp_leased(self) -> bool:
+        return self._sp_book is not None and self._sp_book.coordinator is not None
+
+    def _sp_lease_first(self) -> ConnectionPoolEntry | None:
+        """Take a lease for the connection the caller is about to open, and
+        leave it for the creator. If a peer thread checks a live connection in
+        meanwhile, return that record instead (the local queue must not sit
+        idle while we wait at the global cap)."""
+        book = self._sp_book
+        assert book is not None
+        key = object()
+        local = self._sp_take_live if self.checkedout() > 1 else None
+        with _lease_timeout(book, self._sp_timeout()):
+            returned = book.acquire(key, self._sp_timeout(), local=local)
+        if returned is not None:
+            return returned  # type: ignore[no-any-return]
+        self._sp_local.lease_key = key
+        return None
+
+    def _sp_unused_lease(self) -> None:
+        """The connect failed before the creator took the lease: give it back."""
+        key = getattr(self._sp_local, "lease_key", None)
+        if key is not None and self._sp_book is not None:
+            self._sp_local.lease_key = None
+            self._sp_book.opened(key, failed=True)
+
+    def _create_connection(self) -> ConnectionPoolEntry:
+        # QueuePool._do_get counted us as one more connection.
+        if self._sp_leased():
+            live = self._sp_lease_first()
+            if live is not None:
+                self._dec_overflow()  # we did not grow after all
+                return live
+            try:
+                record = super()._create_connection()
+            finally:
+                self._sp_unused_lease()
+        else:
+            record = super()._create_connection()
+        record._sp_pid = current_pid()  # type: ignore[attr-defined]
+        return record
+
+    def _sp_take_live(self) -> ConnectionPoolEntry | None:
+        """Take a record with an open connection from the queue, if there is one."""
+        queue: Any = self._pool
+        with queue.mutex:
+            for record in reversed(queue.queue) if queue.use_lifo else queue.queue:
+                if record.dbapi_connection is not None:
+                    queue.queue.remove(record)
+                    queue.not_full.notify()
+                    return record  # type: ignore[no-any-return]
+        return None
+
+    def _sp_put_back_empty(self, record: ConnectionPoolEntry) -> None:
+        """Park a record whose connection was closed (its slot stays, as after an
+        invalidation) where it is handed out last: live ones go first."""
+        queue: Any = self._pool
+        with queue.mutex:
+            full = queue.maxsize > 0 and len(queue.queue) >= queue.maxsize
+            if not full:
+                if queue.use_lifo:
+                    queue.queue.appendleft(record)
+                else:
+                    queue.queue.append(record)
+                queue.not_empty.notify()
+        if full:
+            self._dec_overflow()
+
+    # ------------------------------------------------------------------ close
+
+    def _close_connection(self, connection: Any, *, terminate: bool = False) -> None:
+        book = self._sp_book
+        close = super()._close_connection
+        if book is None:
+            close(connection, terminate=terminate)
+        elif book.inherited(connection):
+            log.debug("not closing a connection inherited across fork: the parent's (I7)")
+        elif not book.owns(connection):
+            close(connection, terminate=terminate)  # opened before attach(): no lease
+        else:
+            book.close(connection, lambda: close(connection, terminate=terminate))
+
+    # ------------------------------------------------------------------ checkout / checkin
+
+    def _do_get(self) -> ConnectionPoolEntry:
+        if self._sp_pid != current_pid():
+            self._sp_after_fork()
+        record = super()._do_get()
+        if record.dbapi_connection is None and self._sp_leased():
+            # An empty slot (its connection was given back): it reconnects in
+            # get_connection() right after this, under a lease taken here, or
+            # gives way to a live connection a peer checks in meanwhile.
+            try:
+                live = self._sp_lease_first()
+            except BaseException:
+                self._sp_put_back_empty(record)
+                raise
+            if live is not None:
+                self._sp_put_back_empty(record)
+                return live
+        return record
+
+    def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
+        pid = current_pid()
+        if self._sp_pid != pid:
+            self._sp_after_fork()
+        if getattr(record, "_sp_pid", pid) != pid:
+            return  # the parent's, checked in by the child: neither pooled nor closed (I7)
+        conn = record.dbapi_connection
+        book = self._sp_book
+        if book is None:
+            super()._do_return_conn(record)
+        elif self._sp_retired:
+            record.close()  # 'close' event, then close, confirm, release
+        elif conn is not None and book.owes_back(conn):
+            # The coordinator wants a lease back: this connection pays; its
+            # slot stays, empty, and reconnects (under a new lease) when needed.
+            book.count("leases_reclaimed")
+            try:
+                record.close()
+            finally:
+                self._sp_put_back_empty(record)
+        else:
+            super()._do_return_conn(record)
+            book.notify_returned()
+
+    # ------------------------------------------------------------------ dispose / recreate / fork
+
+    def dispose(self) -> None:
+        if self._sp_pid != current_pid():
+            self._sp_after_fork()  # only the child's own connections are closed
+        super().dispose()
+
+    def recreate(self) -> LeasedQueuePool:
+        new = super().recreate()
+        assert isinstance(new, LeasedQueuePool)
+        new._sp_book = self._sp_book
+        new._sp_lease_timeout = self._sp_lease_timeout
+        if self._sp_book is not None:
+            self._sp_book.bind(new._sp_idle, new._sp_reclaim)
+        self._sp_retire()
+        return new
+
+    def _sp_retire(self) -> None:
+        """This pool is being replaced (``engine.dispose()``). In its own
+        process, close what is idle now and what is checked in later (nobody
+        else would, and their leases would never come back). After a fork,
+        touch nothing: it all belongs to the parent."""
+        self._sp_retired = True
+        if self._sp_pid != current_pid():
+            return
+        while True:
+            try:
+                record = self._pool.get(False)
+            except sqla_queue.Empty:
+                return
+            record.close()
+
+    def _sp_after_fork(self) -> None:
+        # Start empty, like a new pool: the inherited records and their DBAPI
+        # connections are the parent's, never handed out here nor closed.
+        self._pool = self._queue_class(self._pool.maxsize, use_lifo=self._pool.use_lifo)
+        self._overflow = 0 - self._pool.maxsize
+        self._overflow_lock = threading.Lock()
+        self._sp_pid = current_pid()
+
+    # ------------------------------------------------------------------ reclaim
+
+    def _sp_idle(self) -> Iterable[Any]:
+        if self._sp_pid != current_pid():
+            return []
+        queue = self._pool
+        with queue.mutex:  # type: ignore[attr-defined]
+            return [r.dbapi_connection for r in queue.queue  # type: ignore[attr-defined]
+                    if r.dbapi_connection is not None]
+
+    def _sp_reclaim(self, count: int) -> int:
+        """Close up to ``count`` idle connections, the coldest first; their
+        slots stay, empty, handed out after the live ones."""
+        book = self._sp_book
+        if book is None or self._sp_retired or self._sp_pid != current_pid():
+            return 0
+        queue: Any = self._pool
+        picked: list[ConnectionPoolEntry] = []
+        with queue.mutex:
+            # LIFO hands out from the right: the left is coldest. FIFO from the left.
+            order = list(queue.queue) if queue.use_lifo else list(reversed(queue.queue))
+            for record in order:
+                if len(picked) >= count:
+                    break
+                if record.dbapi_connection is not None and book.owns(record.dbapi_connection):
+                    picked.append(record)
+            for record in picked:
+                queue.queue.remove(record)
+        for record in picked:
+            try:
+                record.close()
+                book.count("leases_reclaimed")
+            finally:
+                self._sp_put_back_empty(record)
+        return len(picked)
+
+
+@contextmanager
+def _lease_timeout(book: LeaseBook, timeout: float) -> Iterator[None]:
+    """sharedpool's PoolTimeout for a lease, raised as SQLAlchemy's pool TimeoutError too."""
+    try:
+        yield
+    except PoolTimeout as e:
+        if isinstance(e, LeaseTimeout):
+            raise
+        raise LeaseTimeout(f"no {book.resource!r} lease within {timeout:g}s: {e}") from e
+
+
+def attach(engine: Engine, resource: str, coordinator: str | None = None, *,
+           lease_timeout: float | None = None, confirm_timeout: float = 2.0) -> Engine:
+    """Make an existing engine's QueuePool lease its connections, in place.
+
+    Replaces ``engine.pool`` with a :class:`LeasedQueuePool` of the same
+    settings and events (as ``engine.dispose()`` does); the idle connections
+    the old pool had (unleased) are closed. Attach before the engine is used:
+    it refuses while connections are checked out. Returns ``engine``."""
+    pool = engine.pool
+    if isinstance(pool, LeasedQueuePool):
+        raise ConfigError("engine", "already leases its connections (attach() was called before)")
+    if type(pool) is not QueuePool:
+        raise ConfigError("engine", f"needs a QueuePool (the default for server databases), "
+                                    f"has {type(pool).__name__}")
+    if pool.checkedout():
+        raise ConfigError("engine", f"has {pool.checkedout()} connection(s) checked out; attach "
+                                    "before the engine is used")
+    book = LeaseBook(resource, coordinator, confirm_timeout=confirm_timeout)
+    # The same arguments QueuePool.recreate() passes.
+    engine.pool = LeasedQueuePool(
+        pool._creator,
+        pool_size=pool._pool.maxsize,
+        max_overflow=pool._max_overflow,
+        pre_ping=pool._pre_ping,
+        use_lifo=pool._pool.use_lifo,
+        timeout=pool._timeout,
+        recycle=pool._recycle,
+        echo=pool.echo,
+        logging_name=pool._orig_logging_name,
+        reset_on_return=pool._reset_on_return,
+        _dispatch=pool.dispatch,
+        dialect=pool._dialect,
+        book=book,
+        lease_timeout=lease_timeout,
+    )
+    pool.dispose()
+    return engine
+
+
+def create_engine(url: Any, *, resource: str, coordinator: str | None = None,
+                  lease_timeout: float | None = None, confirm_timeout: float = 2.0,
+                  **kwargs: Any) -> Engine:
+    """:func:`sqlalchemy.create_engine`, whose pool leases every connection of ``resource``.
+
+    ``coordinator``: the coordinator's socket path (None: ``$SHAREDPOOL_SOCKET``;
+    with neither, nothing is leased). ``lease_timeout``: how long a connect
+    waits for a lease (None: ``pool_timeout``); past it, :class:`LeaseTimeout`.
+    Every other argument is SQLAlchemy's (``pool_size``, ``max_overflow``,
+    ``pool_pre_ping``, ``pool_recycle``, ``pool_timeout``, ``pool_use_lifo``...)."""
+    poolclass = kwargs.get("poolclass")
+    if poolclass is not None and poolclass is not QueuePool:
+        raise ConfigError("poolclass", f"only QueuePool can be leased, got {poolclass!r}")
+    if "pool" in kwargs:
+        raise ConfigError("pool", "pass a URL and pool arguments, or use attach() on your engine")
+    return attach(sqlalchemy.create_engine(url, **kwargs), resource, coordinator,
+                  lease_timeout=lease_timeout, confirm_timeout=confirm_timeout)
