@@ -223,6 +223,10 @@ class CoordinatorConfig:
     ``allowed_uids``/``allowed_gids``: peers admitted (default: our own uid).
     ``admin_uids``: peers allowed admin verbs (default: our own uid).
     ``group``: with it, the socket is 0660 and owned by that group.
+    ``restart_grace``: after a restart (a dead coordinator's socket found, or
+    a clean stop with leases out), grant nothing for this long, so that every
+    process still holding connections re-registers them first. It must
+    exceed the clients' longest reconnect backoff (1 s).
     """
 
     socket_path: str = field(default_factory=default_socket_path)
@@ -235,6 +239,7 @@ class CoordinatorConfig:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     config_file: str | None = None
+    restart_grace: float = 1.5
 
     def __post_init__(self) -> None:
         if not isinstance(self.socket_path, str) or not self.socket_path:
@@ -250,6 +255,7 @@ class CoordinatorConfig:
         if self.group is not None and (not isinstance(self.group, str) or not self.group):
             raise ConfigError("group", f"must be a group name or None, got {self.group!r}")
         _number("max_frame", self.max_frame, integer=True, minimum=1024)
+        _number("restart_grace", self.restart_grace)
         _number("metrics_port", self.metrics_port, integer=True, optional=True)
         if self.metrics_port is not None and self.metrics_port > 65535:
             raise ConfigError("metrics_port", f"must be <= 65535, got {self.metrics_port}")

@@ -40,12 +40,13 @@ def _private_dir(path: str) -> None:
         )
 
 
-def _clear_stale(path: str) -> None:
-    """Remove a dead coordinator's socket file; never steal a live one."""
+def _clear_stale(path: str) -> bool:
+    """Remove a dead coordinator's socket file (True if there was one); never
+    steal a live one."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return
+        return False
     if not stat.S_ISSOCK(st.st_mode):
         raise ConfigError("socket", f"{path} exists and is not a socket; refusing to replace it")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -54,21 +55,31 @@ def _clear_stale(path: str) -> None:
         probe.connect(path)
     except OSError as exc:
         if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
-            log.info("removing stale socket %s", path)
+            log.warning("removing the socket of a dead coordinator: %s", path)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-            return
+            return True
         raise
     finally:
         probe.close()
     raise CoordinatorRunning(f"a coordinator is already serving {path}; refusing to start a second one")
 
 
-def bind_socket(config: CoordinatorConfig) -> socket.socket:
-    """A listening Unix socket, 0600 (0660 with a group), in a private directory."""
+def restart_marker(config: CoordinatorConfig) -> str:
+    """Left by a clean stop while leases were out: the next start is a restart."""
+    return config.socket_path + ".restart"
+
+
+def bind_socket(config: CoordinatorConfig) -> tuple[socket.socket, bool]:
+    """A listening Unix socket, 0600 (0660 with a group), in a private directory,
+    and whether this start is a restart (processes may still hold leases)."""
     path = config.socket_path
     _private_dir(path)
-    _clear_stale(path)
+    restarted = _clear_stale(path)
+    marker = restart_marker(config)
+    if os.path.exists(marker):
+        restarted = True
+        os.unlink(marker)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)  # no window in which the socket is more open than 0600
     try:
@@ -86,7 +97,7 @@ def bind_socket(config: CoordinatorConfig) -> socket.socket:
         os.chmod(path, 0o660)
     sock.listen(512)
     sock.setblocking(False)
-    return sock
+    return sock, restarted
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -97,11 +108,15 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-async def _serve(config: CoordinatorConfig, sock: socket.socket, ready: Any = None) -> None:
+async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool,
+                 ready: Any = None) -> None:
     from .server import Server, SessionProtocol
 
     loop = asyncio.get_running_loop()
-    server = Server(config)
+    server = Server(config, hold=config.restart_grace if restarted else 0.0)
+    if restarted and config.restart_grace:
+        log.warning("coordinator restarted: granting nothing for %.1fs while processes "
+                    "re-register the leases they hold", config.restart_grace)
     aserver = await loop.create_unix_server(lambda: SessionProtocol(server), sock=sock)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -118,6 +133,10 @@ async def _serve(config: CoordinatorConfig, sock: socket.socket, ready: Any = No
         ready()
     await stop.wait()
     log.info("coordinator stopping: %d session(s) open", len(server.sessions))
+    if any(s.leases for s in server.ledger.sessions.values()):
+        # Processes keep their connections: the next coordinator must wait for them.
+        with contextlib.suppress(OSError), open(restart_marker(config), "w") as f:
+            f.write(f"{os.getpid()}\n")
     aserver.close()
     for session in list(server.sessions.values()):
         if session.transport is not None:
@@ -144,10 +163,10 @@ def _reload(server: Any) -> None:
 
 def run(config: CoordinatorConfig, ready: Any = None) -> None:
     """Bind and serve in this process until SIGTERM/SIGINT."""
-    sock = bind_socket(config)
+    sock, restarted = bind_socket(config)
     loop = _new_loop()
     try:
-        loop.run_until_complete(_serve(config, sock, ready))
+        loop.run_until_complete(_serve(config, sock, restarted, ready))
     finally:
         loop.close()
 

@@ -215,7 +215,12 @@ Effect = Granted | Denied | AskReclaim | StartFence | Problem | Notify
 class Ledger:
     """Every lease of every resource on one coordinator."""
 
-    def __init__(self, resources: dict[str, Resource], *, id_base: int = 1) -> None:
+    def __init__(self, resources: dict[str, Resource], *, id_base: int = 1,
+                 hold_until: float | None = None) -> None:
+        """``hold_until``: grant nothing before this time. A restarted coordinator
+        uses it so that every process still holding leases re-registers them
+        before anything new is handed out (I1 across a restart)."""
+        self.hold_until = hold_until
         self.resources = {name: ResourceState(name, r) for name, r in resources.items()}
         self.sessions: dict[int, Session] = {}
         self._next_id = id_base
@@ -368,13 +373,13 @@ class Ledger:
             timeout = res.limits.acquire_timeout
         elif math.isnan(timeout):  # would never expire, and would stall the deadline heap
             return [Problem(sid, "bad_request", "acquire timeout must be a number, got nan", req)]
-        if not res.paused and self._can_grant(res, session) and not any(
+        if not res.paused and not self._holding(now) and self._can_grant(res, session) and not any(
             self._can_grant(res, self.sessions[w.session]) for w in res.waiters
         ):  # nobody queued could take the slot: only waiters blocked by max_per_process
             return [self._grant(res, session, req, now, site)]
         if timeout <= 0:
             res.timeouts += 1
-            return [Denied(sid, req, "timeout", self._why_full(res, session))]
+            return [Denied(sid, req, "timeout", self._why_full(res, session, now))]
         if res.limits.max_waiting is not None and len(res.waiters) >= res.limits.max_waiting:
             res.denials += 1
             return [
@@ -474,6 +479,9 @@ class Ledger:
         """Time passed: expire waiters and fences that are due."""
         effects: list[Effect] = []
         touched: set[str] = set()
+        if self.hold_until is not None and now >= self.hold_until:
+            self.hold_until = None  # re-registration window over: serve the queues
+            touched.update(self.resources)
         while self._deadlines and self._deadlines[0][0] <= now:
             _, _, waiter = heapq.heappop(self._deadlines)
             if not waiter.active:
@@ -497,6 +505,8 @@ class Ledger:
         while self._deadlines and not self._deadlines[0][2].active:
             heapq.heappop(self._deadlines)
         times = [self._deadlines[0][0]] if self._deadlines else []
+        if self.hold_until is not None:
+            times.append(self.hold_until)
         for res in self.resources.values():
             times.extend(f.until for f in res.fenced.values())
         return min(times) if times else None
@@ -625,13 +635,18 @@ class Ledger:
                 return res.fenced[lease_id].lease
         return None
 
+    def _holding(self, now: float) -> bool:
+        return self.hold_until is not None and now < self.hold_until
+
     def _can_grant(self, res: ResourceState, session: Session) -> bool:
         if res.leased >= res.limits.max_size:
             return False
         cap = res.limits.max_per_process
         return cap is None or session.held(res.name) < cap
 
-    def _why_full(self, res: ResourceState, session: Session | None) -> str:
+    def _why_full(self, res: ResourceState, session: Session | None, now: float | None = None) -> str:
+        if now is not None and self._holding(now):
+            return "the coordinator restarted; it grants nothing until processes re-register their leases"
         if res.paused:
             return f"resource {res.name!r} is paused"
         cap = res.limits.max_per_process
@@ -660,7 +675,7 @@ class Ledger:
     def _pump(self, res: ResourceState, now: float) -> list[Effect]:
         """Serve waiters in order while there is room, then rebalance reclaims."""
         effects: list[Effect] = []
-        if not res.paused:
+        if not res.paused and not self._holding(now):
             blocked: set[int] = set()
             while res.waiters and res.leased < res.limits.max_size:
                 waiter = next((w for w in res.waiters if w.session not in blocked), None)

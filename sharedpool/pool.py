@@ -639,12 +639,16 @@ class ConnectionPool(Generic[T]):
         cfg = self.config
         expired = []
         to_check = []
+        client = self._client
+        # Fallback connections (opened without a lease while the coordinator
+        # was away) go once it is back, idle ones here, in-use ones at checkin.
+        back = client is not None and client.connected
         with self._lock:
             if self.status is not PoolStatus.ACTIVE:
                 return
             keep = len(self._all)
             for wrapper in list(self._idle):
-                too_old = now - wrapper.created_at > cfg.max_lifetime
+                too_old = now - wrapper.created_at > cfg.max_lifetime or (back and wrapper.lease is None)
                 too_idle = now - wrapper.last_used > cfg.idle_timeout and keep > cfg.min_size
                 if too_old or too_idle:
                     self._idle.remove(wrapper)

@@ -156,13 +156,14 @@ class SessionProtocol(asyncio.Protocol):
 class Server:
     """Owns the ledger, the sessions and the timer."""
 
-    def __init__(self, config: CoordinatorConfig) -> None:
+    def __init__(self, config: CoordinatorConfig, hold: float = 0.0) -> None:
         self.config = config
         loop = asyncio.get_event_loop()
         self.loop = loop
         # Lease ids and fencing tokens only grow, across restarts too: start
         # from the wall clock in microseconds.
-        self.ledger = Ledger(dict(config.resources), id_base=time.time_ns() // 1000)
+        self.ledger = Ledger(dict(config.resources), id_base=time.time_ns() // 1000,
+                             hold_until=loop.time() + hold if hold > 0 else None)
         self.sessions: dict[int, SessionProtocol] = {}
         self.dirty: set[SessionProtocol] = set()
         self.max_buffer = 2 * config.max_frame  # unread replies beyond this: the peer is not reading
@@ -172,6 +173,7 @@ class Server:
         self.own_uid = os.getuid()
         self.started = time.time()
         self.on_change: list[Any] = []  # observers (metrics)
+        self._reschedule()  # a restart hold ends on its own timer
 
     # -- access
 

@@ -1130,3 +1130,20 @@ LedgerMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 test_ledger_state_machine = LedgerMachine.TestCase
+
+
+def test_restart_hold_grants_nothing_until_it_ends() -> None:
+    """A restarted coordinator waits for re-registrations before granting (I1 across restarts)."""
+    lg = Ledger({"pg": Resource(2)}, hold_until=T0 + 1.0)
+    late = session(lg)
+    effects = lg.acquire(late, 1, "pg", T0, timeout=5)  # queued, not granted
+    assert of(Granted, effects) == []
+    denied = lg.acquire(late, 2, "pg", T0, timeout=0)
+    assert of(Denied, denied)[0].reason == "timeout" and "restarted" in of(Denied, denied)[0].message
+    assert lg.next_deadline() == T0 + 1.0
+    # Meanwhile a process that kept two connections re-registers them.
+    _, problems = lg.open_session(99, "kept", T0 + 0.5, held=[["pg", 10**9, 10**9, "busy", None],
+                                                                ["pg", 10**9 + 1, 10**9 + 1, "idle", None]])
+    assert problems == []
+    assert of(Granted, lg.tick(T0 + 1.0)) == []  # the hold is over, but the cap is full
+    assert lg.resources["pg"].leased == 2 and len(lg.resources["pg"].waiters) == 1

@@ -111,15 +111,48 @@ def test_fallback_policy_opens_a_local_cap_then_hands_back(start_coordinator: An
         start_coordinator({"r": 2})
         pool.release(w)
         # Once the client is reconnected (after its backoff), the unleased
-        # connection is closed at its next checkin.
+        # connection is closed: at checkin, or by maintenance while idle.
         deadline = time.monotonic() + 10
         while not w.conn.closed:
             assert time.monotonic() < deadline, "the fallback connection was never handed back"
             time.sleep(0.05)
-            with pool.connection(timeout=5):
-                pass
         with pool.connection(timeout=5):
             pass
         assert all(x.lease is not None for x in pool._all.values())
     finally:
         pool.close()
+
+
+def test_restart_waits_for_reregistration_before_granting(start_coordinator: Any,
+                                                          sock_path: str) -> None:
+    """I1 across a restart: a process that kept its connections re-registers
+    them before a newcomer is granted anything, however fast the newcomer is."""
+    first = start_coordinator({"r": 2})
+    keeper, newcomer = Client(sock_path), Client(sock_path)
+    try:
+        keeper.acquire("r", timeout=1)
+        keeper.acquire("r", timeout=1)
+        first.kill()  # its socket file stays: the next start knows it is a restart
+        start_coordinator({"r": 2})
+        with pytest.raises(PoolTimeout):
+            newcomer.acquire("r", timeout=2.5)  # the cap is still full: keeper re-registered
+        assert leased(newcomer) == 2
+        keeper.release(next(iter(keeper.held.values())))
+        assert newcomer.acquire("r", timeout=2)
+    finally:
+        keeper.close()
+        newcomer.close()
+
+
+def test_clean_stop_with_leases_out_is_a_restart_too(start_coordinator: Any, sock_path: str) -> None:
+    first = start_coordinator({"r": 1})
+    keeper, newcomer = Client(sock_path), Client(sock_path)
+    try:
+        keeper.acquire("r", timeout=1)
+        first.stop()  # SIGTERM: clean, but a process still holds a connection
+        start_coordinator({"r": 1})
+        with pytest.raises(PoolTimeout):
+            newcomer.acquire("r", timeout=2.5)
+    finally:
+        keeper.close()
+        newcomer.close()
