@@ -20,6 +20,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import math
@@ -35,6 +36,8 @@ STATES = (IDLE, BUSY)
 FAILURE_THRESHOLD = 5
 #: How long a failing resource denies acquires before letting one try again.
 FAILURE_BACKOFF = 1.0
+#: Upper bounds (seconds) of the lease wait histogram's buckets.
+WAIT_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
 #: Re-registered lease ids and tokens must stay below this, so that the ids
 #: granted after them still fit a msgpack integer.
 MAX_ID = 1 << 63
@@ -63,6 +66,7 @@ class Lease:
     state_since: float = 0.0
     backend_pid: int | None = None
     site: str | None = None
+    suspected_leak: bool = False
 
     def __repr__(self) -> str:
         return (
@@ -142,6 +146,9 @@ class ResourceState:
     peak: int = 0
     #: sessions currently asked to give leases back
     askees: set[int] = field(default_factory=set)
+    #: lease waits: count per WAIT_BUCKETS bound (+ one for larger), and their sum
+    wait_counts: list[int] = field(default_factory=lambda: [0] * (len(WAIT_BUCKETS) + 1))
+    wait_sum: float = 0.0
 
     @property
     def leased(self) -> int:
@@ -432,10 +439,11 @@ class Ledger:
         session.last_report = now
         touched: set[str] = set()
         for entry in states:
-            if not isinstance(entry, list) or len(entry) != 4:
-                why = f"state entry {_short(entry)} is not [lease, state, pid, site]"
+            if not isinstance(entry, list) or len(entry) not in (4, 5):
+                why = f"state entry {_short(entry)} is not [lease, state, pid, site, leak?]"
                 return [Problem(sid, "bad_report", why)]
-            lease_id, state, backend_pid, site = entry
+            lease_id, state, backend_pid, site = entry[:4]
+            leak = len(entry) == 5 and entry[4] is True
             lease = session.leases.get(lease_id) if isinstance(lease_id, int) else None
             if lease is None or state not in STATES:
                 continue  # a release may have overtaken the report
@@ -445,6 +453,7 @@ class Ledger:
             if isinstance(backend_pid, int):
                 lease.backend_pid = backend_pid
             lease.site = site if isinstance(site, str) else None
+            lease.suspected_leak = leak
         effects: list[Effect] = []
         for name in ok:
             res = self.resources.get(name) if isinstance(name, str) else None
@@ -577,6 +586,13 @@ class Ledger:
                 "draining": res.draining,
                 "failing": res.failing_until is not None,
                 "limits": res.limits.as_dict(),
+                "wait_histogram": {
+                    "buckets": [
+                        [bound, count] for bound, count in zip(
+                            [*WAIT_BUCKETS, None], itertools.accumulate(res.wait_counts), strict=True)
+                    ],
+                    "sum": res.wait_sum,
+                },
             })
         return out
 
@@ -616,6 +632,7 @@ class Ledger:
                     "state_s": round(now - lease.state_since, 6),
                     "backend_pid": lease.backend_pid,
                     "site": lease.site,
+                    "suspected_leak": lease.suspected_leak,
                 })
         return out
 
@@ -655,7 +672,8 @@ class Ledger:
         return f"all {res.limits.max_size} leases of {res.name!r} are held"
 
     def _grant(
-        self, res: ResourceState, session: Session, req: int, now: float, site: str | None
+        self, res: ResourceState, session: Session, req: int, now: float, site: str | None,
+        waited: float = 0.0,
     ) -> Granted:
         lease_id = self._next_id
         self._next_id += 1
@@ -664,6 +682,8 @@ class Ledger:
         res.live[lease_id] = lease
         res.grants += 1
         res.peak = max(res.peak, res.leased)
+        res.wait_counts[bisect.bisect_left(WAIT_BUCKETS, waited)] += 1
+        res.wait_sum += waited
         return Granted(session.id, req, lease)
 
     def _drop_waiter(self, res: ResourceState, waiter: Waiter, reason: str, message: str) -> Denied:
@@ -688,7 +708,8 @@ class Ledger:
                 res.waiters.remove(waiter)
                 waiter.active = False
                 del session.waiting[waiter.req]
-                effects.append(self._grant(res, session, waiter.req, now, waiter.site))
+                effects.append(
+                    self._grant(res, session, waiter.req, now, waiter.site, now - waiter.since))
         return effects + self._rebalance(res)
 
     def _rebalance(self, res: ResourceState) -> list[Effect]:

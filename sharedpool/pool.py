@@ -429,6 +429,7 @@ class ConnectionPool(Generic[T]):
                 raise PoolMisuse(f"{wrapper!r} was already released (or made in another process)")
             self._m["total_released"] += 1
             wrapper.last_used = now
+            wrapper.warned = False
             if (
                 healthy
                 and self.status is PoolStatus.ACTIVE
@@ -622,7 +623,8 @@ class ConnectionPool(Generic[T]):
     def _lease_states(self) -> list[list[Any]]:
         with self._lock:
             return [
-                [w.lease.id, "busy" if w.in_use else "idle", w.backend_pid, w.site]
+                [w.lease.id, "busy" if w.in_use else "idle", w.backend_pid, w.site,
+                 w.in_use and w.warned]
                 for w in self._all.values() if w.lease is not None
             ]
 
@@ -731,7 +733,8 @@ def _maintain(ref: weakref.ref[ConnectionPool[Any]], stop: threading.Event) -> N
         pool = ref()
         if pool is None or pool._pid != current_pid():
             return
-        interval = min(pool.config.validation_interval, 1.0)
+        interval = min(pool.config.validation_interval, 1.0,
+                       (pool.config.leak_detection_threshold or 2.0) / 2)
         if not first:
             del pool
             if stop.wait(interval):

@@ -105,7 +105,8 @@ class Release(Message):
 @dataclass(slots=True)
 class Report(Message):
     """Coalesced state, sent without waiting: ``states`` is a list of
-    ``[lease, "idle" | "busy", backend_pid | None, site | None]``; ``failures``
+    ``[lease, "idle" | "busy", backend_pid | None, site | None, suspected_leak]``
+    (the last is optional); ``failures``
     counts connect failures per resource since the last report; ``ok`` lists
     resources that connected fine since."""
 

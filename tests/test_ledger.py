@@ -1147,3 +1147,16 @@ def test_restart_hold_grants_nothing_until_it_ends() -> None:
     assert problems == []
     assert of(Granted, lg.tick(T0 + 1.0)) == []  # the hold is over, but the cap is full
     assert lg.resources["pg"].leased == 2 and len(lg.resources["pg"].waiters) == 1
+
+
+def test_wait_histogram_counts_every_grant() -> None:
+    lg = ledger(pg=1)
+    a, b = session(lg), session(lg)
+    first = of(Granted, lg.acquire(a, 1, "pg", T0, timeout=5))[0]
+    lg.acquire(b, 1, "pg", T0, timeout=5)
+    lg.release(a, first.lease.id, T0 + 0.03)  # b waited 30 ms
+    hist = lg.snapshot_resources(T0 + 0.03)[0]["wait_histogram"]
+    counts = dict((bound, n) for bound, n in hist["buckets"])
+    assert counts[0.0005] == 1  # a: granted at once
+    assert counts[0.01] == 1 and counts[0.05] == 2 and counts[None] == 2  # cumulative
+    assert abs(hist["sum"] - 0.03) < 1e-9
