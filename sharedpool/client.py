@@ -255,12 +255,15 @@ class Client:
         self._checkpid()
         req = next(self._reqs)
         pending = _Pending(make(req))
-        self._request(req, pending, time.monotonic() + timeout, "request")
+        self._request(req, pending, time.monotonic() + timeout, "request", patient=False)
         if pending.error is not None:
             raise pending.error
         return pending.result
 
-    def _request(self, req: int, pending: _Pending, deadline: float | None, what: str) -> None:
+    def _request(self, req: int, pending: _Pending, deadline: float | None, what: str,
+                 patient: bool = True) -> None:
+        """Send and wait. Impatient requests (inspect, admin) fail at once when
+        the coordinator cannot be reached; acquires wait for it to come back."""
         if self._closed:
             raise CoordinatorUnavailable("client is closed")
         self._ensure_thread()
@@ -272,7 +275,13 @@ class Client:
         if connected:
             self._send_quiet(pending.msg)
         else:
-            self._try_connect(deadline)
+            self._try_connect(deadline, force=not patient)
+            if not patient and self._sock is None:
+                with self._cond:
+                    self._pending.pop(req, None)
+                pending.error = CoordinatorUnavailable(
+                    f"no coordinator at {self.socket_path}: {self.last_error}")
+                return
         try:
             self._wait(pending, deadline)
         finally:
@@ -393,9 +402,10 @@ class Client:
 
     # ---------------------------------------------------------------- connection
 
-    def _try_connect(self, deadline: float | None) -> None:
-        """Connect now unless a backoff is running (then the thread retries)."""
-        if self._closed or time.monotonic() < self._next_attempt:
+    def _try_connect(self, deadline: float | None, force: bool = False) -> None:
+        """Connect now unless a backoff is running (then the thread retries);
+        ``force`` tries regardless of the backoff."""
+        if self._closed or (time.monotonic() < self._next_attempt and not force):
             return
         with self._send_lock:
             if self._sock is not None:
