@@ -117,35 +117,37 @@ async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool
     if restarted and config.restart_grace:
         log.warning("coordinator restarted: granting nothing for %.1fs while processes "
                     "re-register the leases they hold", config.restart_grace)
-    aserver = await loop.create_unix_server(lambda: SessionProtocol(server), sock=sock)
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(server))
     metrics = None
-    if config.metrics_port is not None:
+    if config.metrics_port is not None:  # before accepting anyone: a busy port fails the start
         from .metrics import serve_metrics
 
         metrics = serve_metrics(server, config.metrics_host, config.metrics_port)
-    log.info("coordinator pid=%s serving %s: %s", os.getpid(), config.socket_path,
-             ", ".join(f"{n}={r.max_size}" for n, r in config.resources.items()))
-    if ready is not None:
-        ready()
-    await stop.wait()
-    log.info("coordinator stopping: %d session(s) open", len(server.sessions))
-    if any(s.leases for s in server.ledger.sessions.values()):
-        # Processes keep their connections: the next coordinator must wait for them.
-        with contextlib.suppress(OSError), open(restart_marker(config), "w") as f:
-            f.write(f"{os.getpid()}\n")
-    aserver.close()
-    for session in list(server.sessions.values()):
-        if session.transport is not None:
-            session.transport.close()
-    await asyncio.sleep(0)
-    if metrics is not None:
-        metrics.shutdown()
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(config.socket_path)
+    try:
+        aserver = await loop.create_unix_server(lambda: SessionProtocol(server), sock=sock)
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: _reload(server))
+        log.info("coordinator pid=%s serving %s: %s", os.getpid(), config.socket_path,
+                 ", ".join(f"{n}={r.max_size}" for n, r in config.resources.items()))
+        if ready is not None:
+            ready()
+        await stop.wait()
+        log.info("coordinator stopping: %d session(s) open", len(server.sessions))
+        if any(s.leases for s in server.ledger.sessions.values()):
+            # Processes keep their connections: the next coordinator must wait for them.
+            with contextlib.suppress(OSError), open(restart_marker(config), "w") as f:
+                f.write(f"{os.getpid()}\n")
+        aserver.close()
+        for session in list(server.sessions.values()):
+            if session.transport is not None:
+                session.transport.close()
+        await asyncio.sleep(0)
+    finally:
+        if metrics is not None:
+            metrics.shutdown()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(config.socket_path)
 
 
 def _reload(server: Any) -> None:
