@@ -1,0 +1,109 @@
+"""The fence end to end: a worker SIGKILLed in the middle of a query leaves its
+backend running; other workers hammer the same resource; PostgreSQL must never
+see more than the cap (I1, I2)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pg_helpers import BackendSampler, pg_dsn
+from test_pg_cap import finish, spawn
+
+from sharedpool import Client, Resource
+
+HERE = Path(__file__).parent
+
+
+def busy_worker(sock: str, app: str, seconds: float) -> subprocess.Popen[str]:
+    code = textwrap.dedent(f"""
+        import psycopg
+        from pg_helpers import pg_dsn
+        from sharedpool import ConnectionPool, PoolConfig
+        pool = ConnectionPool(lambda: psycopg.connect(pg_dsn(), application_name={app!r}, autocommit=True),
+                              PoolConfig(min_size=0, max_size=1), resource="pg", coordinator={sock!r})
+        with pool.connection(timeout=30) as conn:
+            print("querying", conn.info.backend_pid, flush=True)
+            conn.execute("SELECT pg_sleep({seconds})")
+    """)
+    env = {**os.environ, "PYTHONPATH": str(HERE)}
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.mark.parametrize("action", ["wait", "terminate"])
+def test_worker_killed_mid_query_never_puts_pg_over_the_cap(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str, action: str) -> None:
+    cap = 3
+    start_coordinator({"pg": Resource(max_size=cap, monitor_dsn=pg_dsn(), fence_action=action,
+                                      fence_timeout=20, acquire_timeout=60)})
+    probe = Client(sock_path)
+    with BackendSampler(app_name) as sampler:
+        victim = busy_worker(sock_path, app_name, 3.0)
+        try:
+            assert victim.stdout is not None
+            line = victim.stdout.readline().split()
+            assert line and line[0] == "querying", line
+            backend = int(line[1])
+            # Others hammer the same resource: they want every slot.
+            hammer = [spawn(sock_path, app_name, 60, "2", "2") for _ in range(4)]
+            time.sleep(0.3)
+            os.kill(victim.pid, signal.SIGKILL)
+            victim.wait(10)
+            results = [finish(p, timeout=120) for p in hammer]
+        finally:
+            if victim.poll() is None:
+                victim.kill()
+                victim.wait(10)
+    assert all(r["n_errors"] == 0 for r in results), [r["errors"] for r in results]
+    assert sampler.peak <= cap, f"PostgreSQL saw {sampler.peak} connections with a cap of {cap}"
+    assert sampler.peak == cap
+    import psycopg
+
+    with psycopg.connect(pg_dsn(), autocommit=True) as conn:
+        gone = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (backend,)).fetchone()
+    assert gone == (0,)
+    assert probe.inspect("resources")["resources"][0]["leased"] == 0
+    probe.close()
+
+
+def test_failing_connects_fail_waiters_fast_and_recover(start_coordinator: Any, sock_path: str) -> None:
+    """A burst of connect failures reported by processes makes the coordinator
+    fail waiters at once instead of letting each time out; it recovers by itself."""
+    from sharedpool import ConnectionPool, PoolConfig, ResourceUnavailable
+    from sharedpool.testing import FakeFactory
+
+    start_coordinator({"pg": Resource(max_size=2, acquire_timeout=30)})
+    factory = FakeFactory(fail=OSError("connection refused"))
+    pool = ConnectionPool(factory, PoolConfig(min_size=0, max_size=2), resource="pg",
+                          coordinator=sock_path)
+    try:
+        for _ in range(6):  # each caller gets the real error
+            with pytest.raises(OSError, match="connection refused"):
+                pool.acquire(timeout=5)
+        time.sleep(0.5)  # the failures reach the coordinator in a coalesced report
+        t0 = time.monotonic()
+        with pytest.raises((ResourceUnavailable, OSError)):
+            pool.acquire(timeout=20)
+        assert time.monotonic() - t0 < 5, "waiters should fail fast while connects fail"
+        factory.fail = None  # the database is back
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with pool.connection(timeout=5) as conn:
+                    assert conn.execute() == 1
+                break
+            except ResourceUnavailable:
+                assert time.monotonic() < deadline, "never recovered"
+                time.sleep(0.2)
+        probe = Client(sock_path)
+        assert probe.inspect("resources")["resources"][0]["failing"] is False
+        probe.close()
+    finally:
+        pool.close()
