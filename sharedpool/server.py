@@ -225,24 +225,35 @@ class Server:
         self._changed()
 
     def apply(self, effects: list[Effect]) -> None:
+        debug = log.isEnabledFor(logging.DEBUG)
         for eff in effects:
             if isinstance(eff, Granted):
                 lease = eff.lease
-                log.debug("grant lease=%s resource=%s session=%s", lease.id, lease.resource, eff.session)
+                if debug:
+                    log.debug("grant pid=%s resource=%s lease=%s", self._pid(eff.session),
+                              lease.resource, lease.id)
                 self._send(eff.session, p.Grant(eff.req, lease.id, lease.resource, lease.token))
             elif isinstance(eff, Denied):
-                log.debug("deny req=%s session=%s: %s", eff.req, eff.session, eff.reason)
+                if debug:
+                    log.debug("deny pid=%s req=%s: %s (%s)", self._pid(eff.session), eff.req,
+                              eff.reason, eff.message)
                 self._send(eff.session, p.Deny(eff.req, eff.reason, eff.message))
             elif isinstance(eff, AskReclaim):
-                log.info("reclaim: asking session %s for %d lease(s) of %s", eff.session, eff.count, eff.resource)
+                log.info("reclaim pid=%s resource=%s: give back %d lease(s)",
+                         self._pid(eff.session), eff.resource, eff.count)
                 self._send(eff.session, p.Reclaim(eff.resource, eff.count))
             elif isinstance(eff, Notify):
                 self._send(eff.session, p.Push(eff.verb, eff.resource, eff.args))
             elif isinstance(eff, Problem):
+                log.warning("pid=%s: %s: %s", self._pid(eff.session), eff.code, eff.message)
                 self._send(eff.session, p.Error(eff.code, eff.message, eff.req))
             elif isinstance(eff, StartFence):
                 self._start_fence(eff)
         self._reschedule()
+
+    def _pid(self, sid: int) -> int | None:
+        session = self.sessions.get(sid)
+        return session.pid if session is not None else None
 
     def _send(self, sid: int, msg: p.Message) -> None:
         session = self.sessions.get(sid)
