@@ -419,25 +419,34 @@ class ConnectionPool(Generic[T]):
             raise PoolMisuse(f"{wrapper!r} does not belong to pool {self.name!r}")
         if self._pid != _PID[0]:
             self._after_fork()
-        healthy = not self._test_on_release or self._validate(wrapper)
         now = time.monotonic()
+        # Decided before taking the lock, which then only guards the hand-over.
+        keep = (now - wrapper.created_at <= self._max_lifetime
+                and (not self._test_on_release or self._validate(wrapper)))
         client = self._client
-        if client is not None and wrapper.lease is None and client.ensure_connected():
-            healthy = False  # a fallback connection: the coordinator is back, so it goes
+        owed = False
+        if client is not None and keep:
+            if wrapper.lease is None:  # a fallback connection goes once the coordinator is back
+                keep = not client.ensure_connected()
+            else:
+                owed = self._owes(client, wrapper, now)
         with self._lock:
             if not wrapper.in_use or self._all.get(wrapper.id) is not wrapper:
                 raise PoolMisuse(f"{wrapper!r} was already released (or made in another process)")
             self._m["total_released"] += 1
             wrapper.last_used = now
             wrapper.warned = False
-            if (
-                healthy
-                and self.status is PoolStatus.ACTIVE
-                and now - wrapper.created_at <= self._max_lifetime
-                and (client is None or not self._owes(client, wrapper, now))
-            ):
-                self._hand_over(wrapper)
+            if keep and not owed and self.status is PoolStatus.ACTIVE:
+                if self._waiters:
+                    waiter = self._waiters.popleft()
+                    waiter.wrapper = wrapper
+                    waiter.event.set()
+                else:
+                    wrapper.in_use = False
+                    self._idle.append(wrapper)
                 return
+            if owed:
+                self._m["reclaimed"] += 1
             wrapper.in_use = False
             del self._all[wrapper.id]
             openers = self._plan_growth()
@@ -464,10 +473,7 @@ class ConnectionPool(Generic[T]):
         if wrapper.lease is None or not client.owes(self.resource):
             return False
         quantum = client.limits.get(self.resource, {}).get("fairness_quantum", 0.0)
-        if now - wrapper.lease.granted_at < quantum:
-            return False
-        self._m["reclaimed"] += 1
-        return True
+        return now - wrapper.lease.granted_at >= quantum
 
     # ------------------------------------------------------------------ context managers
 
