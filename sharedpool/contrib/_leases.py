@@ -46,6 +46,8 @@ class _Entry:
 
 @dataclass(eq=False)
 class _Wait:
+    owner: Any = None
+    offered: Any = None
     lease: Lease | None = None
     error: BaseException | None = None
     done: bool = False
@@ -184,6 +186,7 @@ class LeaseBook:
         self._entries: dict[int, _Entry] = {}
         self._returned = threading.Condition(threading.Lock())
         self._waiting = 0
+        self._waits: list[_Wait] = []
         self._recheck: threading.Timer | None = None
         self._client: Client | None = None
         self._handlers: tuple[Any, ...] = ()
@@ -289,7 +292,7 @@ class LeaseBook:
     # ------------------------------------------------------------------ open
 
     def acquire(self, key: Any, timeout: float | None = None,
-                local: Callable[[], Any] | None = None) -> Any:
+                local: Callable[[], Any] | None = None, owner: Any = None) -> Any:
         """Take a lease for ``key`` before its socket is opened (waits up to
         ``timeout``; None: the resource's default). Raises what the client
         raises (PoolTimeout, LeaseDenied, CoordinatorUnavailable).
@@ -298,7 +301,8 @@ class LeaseBook:
         other than None — a connection of the same pool came back, so the
         caller needs no new one: that value is returned, and the lease, when
         it comes, goes straight back. ``local()`` is called with the book's
-        condition held; the pool calls :meth:`notify_returned` at checkin.
+        condition held; the pool calls :meth:`notify_returned` at checkin, or
+        hands a connection over with :meth:`offer` (same ``owner``: the pool).
         Returns None once the lease is held under ``key``."""
         client = self.client
         lease = None
@@ -306,7 +310,7 @@ class LeaseBook:
             if local is None:
                 lease = self._acquire(client, timeout)
             else:
-                got = self._lease_or_local(client, timeout, local)
+                got = self._lease_or_local(client, timeout, local, owner)
                 if not isinstance(got, _Granted):
                     return got
                 lease = got.lease
@@ -334,12 +338,12 @@ class LeaseBook:
         return lease
 
     def _lease_or_local(self, client: Client, timeout: float | None,
-                        local: Callable[[], Any]) -> Any:
+                        local: Callable[[], Any], owner: Any) -> Any:
         """Wait for a lease in a helper thread while watching ``local()``. When
         ``local()`` wins, the acquire is withdrawn at the coordinator: a process
         whose own connections serve it must not stay queued there (a waiting
         session is never asked to give leases back)."""
-        wait = _Wait()
+        wait = _Wait(owner=owner)
         cond = self._returned
         request = _CancellableAcquire(client, self.resource, timeout)
 
@@ -368,23 +372,54 @@ class LeaseBook:
 
         threading.Thread(target=helper, name=f"sharedpool-lease-{self.resource}", daemon=True).start()
         with cond:
+            self._waits.append(wait)
             self._waiting += 1
             try:
                 while True:
+                    got = wait.offered
+                    if got is None and not wait.done:
+                        got = local()
+                    if got is not None:
+                        # Served here: withdraw the acquire, or give back a
+                        # lease that came at the same moment.
+                        wait.abandoned = True
+                        if wait.done and wait.lease is not None:
+                            lease_back = wait.lease
+                        else:
+                            lease_back = None
+                            request.withdraw()
+                        self.count("lease_waits_served_locally")
+                        break
                     if wait.done:
                         if wait.error is not None:
                             raise wait.error
                         assert wait.lease is not None
                         return _Granted(wait.lease)
-                    got = local()
-                    if got is not None:
-                        wait.abandoned = True
-                        request.withdraw()
-                        self.count("lease_waits_served_locally")
-                        return got
-                    cond.wait(0.25)  # notified on checkin and on the helper's answer
+                    cond.wait(0.25)  # notified on checkin, offers and the helper's answer
             finally:
                 self._waiting -= 1
+                self._waits.remove(wait)
+        if lease_back is not None:
+            self._release(client, lease_back)
+            self.count("leases_unused")
+        return got
+
+    def offer(self, conn: Any, owner: Any = None) -> bool:
+        """Hand a connection being checked in straight to the oldest acquire
+        waiting with ``local`` (it returns it). Without this, the thread that
+        checks in takes its connection straight back, the waiter never gets
+        one, and its process stays queued at the coordinator, never asked to
+        give back. False (nearly free) when nobody waits."""
+        if not self._waiting:
+            return False
+        with self._returned:
+            for wait in self._waits:
+                if (wait.owner is owner and not wait.done and not wait.abandoned
+                        and wait.offered is None):
+                    wait.offered = conn
+                    self._returned.notify_all()
+                    return True
+        return False
 
     def notify_returned(self) -> None:
         """A connection was checked in: wake the acquires waiting with ``local``.
@@ -481,14 +516,6 @@ class LeaseBook:
             log.warning("%r: the server did not drop a connection within %.1fs; releasing its "
                         "lease anyway", self.resource, self.confirm_timeout)
         return confirmed
-
-    def forget(self, key: Any) -> None:
-        """Release ``key``'s lease without closing it: only for a connection
-        whose socket is already gone (a broken connection the pool dropped)."""
-        self._checkpid()
-        entry = self._pop(key)
-        if entry is not None and entry.lease is not None and self._client is not None:
-            self._release(self._client, entry.lease)
 
     def sweep(self, gone: Callable[[Any], bool]) -> int:
         """Release the leases of tracked connections for which ``gone(conn)`` is

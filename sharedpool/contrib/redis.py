@@ -40,11 +40,21 @@ from ._leases import LeaseBook
 
 __all__ = ["BlockingConnectionPool", "LeasedConnectionMixin"]
 
+if not hasattr(redis.connection.AbstractConnection, "connect_check_health"):  # pragma: no cover
+    # Older redis-py opens sockets elsewhere: leasing would silently not happen.
+    raise ImportError(f"sharedpool.contrib.redis needs a redis-py whose connections have "
+                      f"connect_check_health() (this is redis-py {redis.__version__}); upgrade redis")
+
 log = logging.getLogger("sharedpool.contrib.redis")
 
 
 class _UseAnother(Exception):  # noqa: N818 - internal signal, never escapes get_connection
-    """A connected connection came back while we waited for a lease: use it."""
+    """A connected connection came back while we waited for a lease: use it
+    (``connection``, when it was handed to us; else take one from the queue)."""
+
+    def __init__(self, connection: Any = None) -> None:
+        super().__init__()
+        self.connection = connection
 
 
 class LeasedConnectionMixin:
@@ -67,8 +77,9 @@ class LeasedConnectionMixin:
             return
         book = pool.lease_book
         local = pool._sp_connected_idle if pool._sp_local_wait() else None
-        if book.acquire(self, pool._sp_timeout(), local=local) is not None:
-            raise _UseAnother()
+        other = book.acquire(self, pool._sp_timeout(), local=local, owner=pool)
+        if other is not None:
+            raise _UseAnother(None if other is True else other)
         try:
             super().connect_check_health(check_health, retry_socket_connect)  # type: ignore[misc]
         except BaseException:
@@ -136,15 +147,17 @@ class BlockingConnectionPool(redis.BlockingConnectionPool):
             while True:
                 try:
                     return super().get_connection(*args, **kwargs)
-                except _UseAnother:
-                    continue  # the unconnected one went back to the queue's far end
+                except _UseAnother as use:
+                    # The unconnected one went back to the queue's far end.
+                    if use.connection is not None:
+                        return use.connection  # handed over at checkin, still counted in use
         finally:
             self._sp_local.handing_out = False
 
     def _sp_local_wait(self) -> bool:
-        """Whether a lease wait may end with another connection of ours: only
-        inside get_connection, and only if this pool has other connections."""
-        return bool(getattr(self._sp_local, "handing_out", False)) and len(self._connections) > 1
+        """Whether a lease wait may end with another connection of ours: inside
+        get_connection (always then: a peer may be connecting right now)."""
+        return bool(getattr(self._sp_local, "handing_out", False))
 
     def release(self, connection: Any) -> None:
         if self.pid == os.getpid():
@@ -153,6 +166,9 @@ class BlockingConnectionPool(redis.BlockingConnectionPool):
                 # The coordinator wants a lease back: this connection pays.
                 self._sp_book.count("leases_reclaimed")
                 connection.disconnect()
+            elif (inner._sock is not None and self.owns_connection(connection)
+                  and not connection.should_reconnect() and self._sp_book.offer(connection, owner=self)):
+                return  # handed, still in use, to a thread waiting for a lease
         super().release(connection)
         if self.pid != os.getpid():
             return

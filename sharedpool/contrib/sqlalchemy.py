@@ -22,6 +22,9 @@ connections from it (I7), even without the dispose.
 When the coordinator asks for leases back (another process waits at the cap),
 idle connections are closed, and so are connections checked in while leases
 are owed; the pool slot stays and reconnects (under a new lease) when needed.
+A thread that waits for a lease is handed the next connection a peer thread
+checks in (and its queued acquire is withdrawn), so threads of one process
+share its connections before asking the coordinator for more.
 """
 
 from __future__ import annotations
@@ -133,9 +136,11 @@ class LeasedQueuePool(QueuePool):
         book = self._sp_book
         assert book is not None
         key = object()
-        local = self._sp_take_live if self.checkedout() > 1 else None
+        # Always watched, even when no peer seems to hold a connection: one may
+        # be opening right now, and a wait nothing local can end keeps this
+        # process queued at the coordinator, where it is not asked to give back.
         with _lease_timeout(book, self._sp_timeout()):
-            returned = book.acquire(key, self._sp_timeout(), local=local)
+            returned = book.acquire(key, self._sp_timeout(), local=self._sp_take_live, owner=self)
         if returned is not None:
             return returned  # type: ignore[no-any-return]
         self._sp_local.lease_key = key
@@ -244,7 +249,7 @@ class LeasedQueuePool(QueuePool):
                 record.close()
             finally:
                 self._sp_put_back_empty(record)
-        else:
+        elif conn is None or not book.offer(record, owner=self):  # to a thread waiting for a lease first
             super()._do_return_conn(record)
             book.notify_returned()
 

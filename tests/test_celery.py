@@ -1,0 +1,219 @@
+"""The celery integration, end to end: the real example app under a real celery
+worker (prefork, concurrency 8) on the Redis broker, a global PostgreSQL cap of
+3, checked from pg_stat_activity."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pg_helpers import BackendSampler
+
+from sharedpool import Client, ConfigError, SharedPoolError
+
+pytest.importorskip("celery")
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "celery_app"
+REDIS_URL = "redis://127.0.0.1:6379/15"
+PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+CAP = 3
+CONCURRENCY = 8
+
+
+def require_redis() -> None:
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except redis.RedisError as exc:
+        problem = f"Redis ({REDIS_URL}) is not reachable ({exc}); start it"
+        if os.environ.get("SHAREDPOOL_REQUIRE_PG") == "1":
+            pytest.fail(problem, pytrace=False)
+        pytest.skip(problem)
+
+
+def die_with_parent() -> None:
+    """preexec_fn: SIGTERM this child when the test process dies (no orphaned workers)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+class CeleryWorker:
+    """``celery -A tasks worker`` on a queue of its own, in its own session."""
+
+    def __init__(self, tmp_path: Path, sock: str, app_name: str) -> None:
+        self.sock = sock
+        self.queue = f"sp-test-{uuid.uuid4().hex[:10]}"
+        self.log_path = tmp_path / "celery.log"
+        self.env = {
+            **os.environ,
+            "EXAMPLE_REDIS_URL": REDIS_URL,
+            "EXAMPLE_PG_URL": PG_URL,
+            "EXAMPLE_CAP": str(CAP),
+            "EXAMPLE_QUEUE": self.queue,
+            "EXAMPLE_APP_NAME": app_name,
+            "EXAMPLE_SOCKET": sock,
+            "EXAMPLE_COORDINATOR_LOG": "info",
+        }
+        self.env.pop("SHAREDPOOL_SOCKET", None)
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-P", "prefork",
+                 "-c", str(CONCURRENCY), "-n", f"{self.queue}@%h", "--without-gossip",
+                 "--without-mingle", "--without-heartbeat", "--loglevel=info"],
+                cwd=EXAMPLE, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, preexec_fn=die_with_parent,
+            )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        def ready() -> bool:
+            assert self.proc.poll() is None, f"celery exited:\n{self.log()[-3000:]}"
+            return " ready." in self.log()
+
+        wait_for(ready, timeout, "the celery worker")
+
+    def run_tasks(self, count: int, sleep: float = 0.005) -> dict[str, Any]:
+        """The example's client: send ``count`` tasks, check each result."""
+        out = subprocess.run([sys.executable, "run.py", str(count), str(sleep)], cwd=EXAMPLE,
+                             env=self.env, capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM (warm shutdown) to the worker's main process, by pid, and wait."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def cleanup(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        import redis
+
+        r = redis.Redis.from_url(REDIS_URL)
+        r.delete(self.queue, f"_kombu.binding.{self.queue}")
+        r.close()
+
+
+@pytest.fixture
+def celery_worker(pg: str, tmp_path: Path, sock_path: str,
+                  app_name: str) -> Iterator[Callable[[], CeleryWorker]]:
+    require_redis()
+    started: list[CeleryWorker] = []
+
+    def start() -> CeleryWorker:
+        worker = CeleryWorker(tmp_path, sock_path, app_name)
+        started.append(worker)
+        worker.wait_ready()
+        return worker
+
+    yield start
+    for worker in started:
+        worker.cleanup()
+
+
+def resource_row(sock: str) -> dict[str, Any]:
+    c = Client(sock)
+    try:
+        return dict(c.inspect("resources")["resources"][0])
+    finally:
+        c.close()
+
+
+def settled(sock: str) -> dict[str, Any] | None:
+    row = resource_row(sock)
+    return row if row["in_use"] == 0 else None
+
+
+def test_prefork_children_share_a_cap_of_three(celery_worker: Callable[[], CeleryWorker],
+                                               app_name: str) -> None:
+    worker = celery_worker()
+    probe = Client(worker.sock)
+    try:
+        coordinator = int(probe.inspect("server")["pid"])
+    finally:
+        probe.close()
+    with BackendSampler(app_name) as sampler:
+        summary = worker.run_tasks(300)
+        # The engine was made at import, before the socket was known: it was adopted.
+        row = wait_for(lambda: settled(worker.sock), 5, "the leases to settle idle")
+        assert row["grants"] > 0 and row["leased"] <= CAP and row["waiting"] == 0, row
+        assert worker.stop() == 0, worker.log()[-3000:]
+        # Every child closed its connections and ended its session before the
+        # parent stopped the coordinator: no lease was left.
+        assert "coordinator stopping: 0 session(s) open" in worker.log(), worker.log()[-3000:]
+        assert sampler.count_now() == 0, "connections left after the worker stopped"
+    wait_for(lambda: not pid_alive(coordinator), 5, "the coordinator to exit")
+    assert not os.path.exists(worker.sock)
+    assert summary["n_errors"] == 0, summary["errors"]
+    assert summary["ok"] == 300 and not summary["wrong"], summary
+    assert summary["workers"] > CAP, f"only {summary['workers']} children ran tasks"
+    assert sampler.samples > 50
+    assert sampler.peak <= CAP, f"PostgreSQL saw {sampler.peak} connections with a cap of {CAP}"
+    assert sampler.peak == CAP, "the cap was never reached: the test proves nothing"
+
+
+def test_setup_checks_limits_when_the_app_is_made() -> None:
+    from celery import Celery
+
+    from sharedpool.contrib.celery import setup
+
+    app = Celery("sp-test-config")
+    with pytest.raises(ConfigError) as err:
+        setup(app, resources={"pg": {"max_size": 2, "max_waitng": 3}})
+    assert err.value.field == "resources.pg.max_waitng"
+    with pytest.raises(ConfigError) as err:
+        setup(object(), resources={"pg": 2})  # type: ignore[arg-type]
+    assert err.value.field == "app"
+    # A process that only sends tasks: setup() connects signals and starts nothing.
+    state = setup(app, resources={"pg": 2})
+    try:
+        assert state.coordinator is None
+    finally:
+        state.disconnect()
+
+
+def test_worker_without_resources_or_coordinator_fails_clearly(sock_path: str) -> None:
+    from celery import Celery
+
+    from sharedpool.contrib.celery import setup
+
+    app = Celery("sp-test-none")
+    state = setup(app, socket=sock_path)
+    try:
+        with pytest.raises(SharedPoolError, match="no coordinator is listening"):
+            state.worker_init(sender=type("Worker", (), {"app": app})())
+    finally:
+        state.disconnect()

@@ -1,0 +1,257 @@
+"""sharedpool.contrib.psycopg on a real PostgreSQL: the cap seen from
+pg_stat_activity across forked workers whose min_size alone exceeds it, a
+broken connection's lease coming back, reclaim, fork refusal, stats."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import pytest
+from pg_helpers import BackendSampler, pg_dsn
+from psycopg_pool import PoolClosed
+
+from sharedpool import Client, Resource
+from sharedpool.contrib.psycopg import ConnectionPool
+
+pytestmark = pytest.mark.pg
+
+
+def make_pool(sock: str, app: str, **kw: Any) -> ConnectionPool[Any]:
+    kw.setdefault("timeout", 20)
+    kw.setdefault("open", True)
+    return ConnectionPool(pg_dsn(), resource="pg", coordinator=sock,
+                          kwargs={"application_name": app, "autocommit": True}, **kw)
+
+
+def leased(sock: str) -> int:
+    c = Client(sock)
+    try:
+        return int(c.inspect("resources")["resources"][0]["leased"])
+    finally:
+        c.close()
+
+
+def wait_leased(sock: str, want: int, timeout: float = 5.0) -> int:
+    deadline = time.monotonic() + timeout
+    while (n := leased(sock)) != want and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return n
+
+
+def run_forked(target: Callable[..., dict[str, Any]], *args: Any, n: int = 1) -> list[dict[str, Any]]:
+    """Run ``target(*args)`` in ``n`` forked children; return what each returned."""
+    ctx = multiprocessing.get_context("fork")
+    results: Any = ctx.Queue()
+    procs = [ctx.Process(target=_child, args=(results, target, *args)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    try:
+        out = [results.get(timeout=60) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.exitcode is None:
+                p.kill()
+    assert [p.exitcode for p in procs] == [0] * n, out
+    return out
+
+
+def _child(results: Any, target: Callable[..., dict[str, Any]], *args: Any) -> None:
+    try:
+        results.put(target(*args))
+    except BaseException as exc:
+        results.put({"error": repr(exc)})
+        raise
+
+
+def _hammer(sock: str, app: str, threads: int, iterations: int) -> dict[str, Any]:
+    done, errors = [0], []
+    lock = threading.Lock()
+    with make_pool(sock, app, min_size=2, max_size=4) as pool:
+
+        def work() -> None:
+            for _ in range(iterations):
+                try:
+                    with pool.connection() as conn:
+                        conn.execute("SELECT pg_sleep(0.002)")
+                    with lock:
+                        done[0] += 1
+                except Exception as exc:  # noqa: BLE001 - reported to the test
+                    errors.append(repr(exc))
+
+        ts = [threading.Thread(target=work) for _ in range(threads)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        stats = pool.get_stats()
+    return {"done": done[0], "errors": errors[:3], "stats": stats,
+            "held_after": pool.get_stats()["leases_held"]}
+
+
+def test_forked_workers_never_exceed_the_cap(pg: str, start_coordinator: Any, sock_path: str,
+                                             app_name: str) -> None:
+    start_coordinator({"pg": Resource(max_size=3, acquire_timeout=20, fairness_quantum=0.25)})
+    # 5 pools with min_size 2 (10) and max_size 4 (20) under a cap of 3: they wait, not fail.
+    with BackendSampler(app_name) as sampler:
+        results = run_forked(_hammer, sock_path, app_name, 3, 30, n=5)
+    assert all(not r.get("error") and not r["errors"] for r in results), results
+    assert sum(r["done"] for r in results) == 5 * 3 * 30
+    assert all(r["held_after"] == 0 for r in results)
+    assert all(r["stats"]["leases_acquired"] >= 1 for r in results)
+    assert sampler.samples > 50
+    assert sampler.peak <= 3, f"PostgreSQL saw {sampler.peak} connections with a cap of 3"
+    assert sampler.peak == 3, "the cap was never reached: the test proves nothing"
+    assert wait_leased(sock_path, 0) == 0
+    assert sampler.count_now() == 0
+
+
+def test_broken_connection_gives_its_lease_back(pg: str, start_coordinator: Any, sock_path: str,
+                                                app_name: str) -> None:
+    start_coordinator({"pg": Resource(max_size=1, acquire_timeout=5)})
+    with make_pool(sock_path, app_name, min_size=1, max_size=1, timeout=10,
+                   check=ConnectionPool.check_connection) as pool:
+        pool.wait(5)
+        with pool.connection() as conn:
+            first = conn.info.backend_pid
+        with psycopg.connect(pg_dsn(), autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (first,))
+        # check= finds it broken; psycopg_pool drops it. Cap 1: the replacement
+        # connects only if the broken one's lease came back.
+        with pool.connection() as conn:
+            second = conn.info.backend_pid
+            conn.execute("SELECT 1")
+        assert second != first
+        stats = pool.get_stats()
+        assert stats["leases_held"] == 1 and stats["leases_released"] == 1
+        assert stats["connections_lost"] >= 1  # psycopg_pool's own stats still count
+        assert leased(sock_path) == 1
+    assert pool.get_stats()["leases_held"] == 0
+    assert wait_leased(sock_path, 0) == 0
+    assert BackendSampler(app_name).count_now() == 0
+
+
+def test_lease_goes_back_only_after_the_backend_is_gone(pg: str, start_coordinator: Any,
+                                                        sock_path: str, app_name: str) -> None:
+    start_coordinator({"pg": Resource(max_size=1)})
+    seen: list[int] = []
+
+    def wait() -> None:  # another session, waiting for the only lease
+        c = Client(sock_path)
+        try:
+            lease = c.acquire("pg", 10)
+            seen.append(BackendSampler(app_name).count_now())
+            c.release(lease)
+        finally:
+            c.close()
+
+    with make_pool(sock_path, app_name, min_size=0, max_size=1) as pool:
+        conn = pool.getconn()
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        time.sleep(0.1)
+        # Busy for 0.5 s: the backend reads our Terminate only then. Returned
+        # mid-query, psycopg_pool closes it.
+        conn.pgconn.send_query(b"SELECT pg_sleep(0.5)")
+        t0 = time.monotonic()
+        pool.putconn(conn)
+        assert time.monotonic() - t0 >= 0.3, "the close was not confirmed"
+        waiter.join(10)
+    assert seen == [0], f"the lease went back while PostgreSQL still had {seen} backend(s)"
+
+
+def test_max_lifetime_replaces_connections_under_lease(pg: str, start_coordinator: Any,
+                                                       sock_path: str, app_name: str) -> None:
+    start_coordinator({"pg": Resource(max_size=2)})
+    with make_pool(sock_path, app_name, min_size=2, max_size=2, max_lifetime=0.5) as pool:
+        pool.wait(5)
+        with pool.connection() as a, pool.connection() as b:
+            old = {a.info.backend_pid, b.info.backend_pid}
+        time.sleep(0.6)
+        for _ in range(2):  # expired: closed on return (confirmed, released), replaced
+            with pool.connection() as a, pool.connection() as b:
+                pass
+        deadline = time.monotonic() + 5
+        while pool.get_stats()["pool_available"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with pool.connection() as a, pool.connection() as b:
+            assert not {a.info.backend_pid, b.info.backend_pid} & old
+        stats = pool.get_stats()
+        assert stats["leases_held"] == 2 and stats["leases_released"] == 2
+        assert leased(sock_path) == 2 and BackendSampler(app_name).count_now() == 2
+    assert wait_leased(sock_path, 0) == 0
+    assert BackendSampler(app_name).count_now() == 0
+
+
+def test_resize_past_the_cap_waits_and_close_ends_the_wait(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    start_coordinator({"pg": Resource(max_size=2, acquire_timeout=30)})
+    pool = make_pool(sock_path, app_name, min_size=2, max_size=2)
+    pool.wait(5)
+    pool.resize(3, 3)  # the third connection waits for a lease; the pool keeps serving
+    c = Client(sock_path)
+    try:
+        deadline = time.monotonic() + 5
+        while c.inspect("resources")["resources"][0]["waiting"] < 1:
+            assert time.monotonic() < deadline, "the pool never asked for a third lease"
+            time.sleep(0.02)
+        for _ in range(5):
+            with pool.connection() as conn:
+                conn.execute("SELECT 1")
+        t0 = time.monotonic()
+        pool.close()
+        assert time.monotonic() - t0 < 3, "close() waited for the workers' lease wait"
+        assert wait_leased(sock_path, 0) == 0
+        assert BackendSampler(app_name).count_now() == 0
+    finally:
+        c.close()
+
+
+def _child_needs_one(sock: str, app: str) -> dict[str, Any]:
+    t0 = time.monotonic()
+    with make_pool(sock, app, min_size=0, max_size=1, timeout=10) as pool, pool.connection() as conn:
+        conn.execute("SELECT 1")
+    return {"waited": time.monotonic() - t0}
+
+
+def test_idle_connections_are_reclaimed_for_a_waiting_process(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    start_coordinator({"pg": Resource(max_size=2, acquire_timeout=10)})
+    with make_pool(sock_path, app_name, min_size=2, max_size=2) as pool:
+        pool.wait(5)  # two idle connections hold the whole cap
+        [child] = run_forked(_child_needs_one, sock_path, app_name)
+        assert "error" not in child, child
+        assert child["waited"] < 5, "the idle connection was not reclaimed"
+        stats = pool.get_stats()
+        assert stats["leases_reclaimed"] >= 1 and stats["pool_size"] <= 1
+        with pool.connection() as conn:  # grows back on demand
+            conn.execute("SELECT 1")
+    assert wait_leased(sock_path, 0) == 0
+
+
+def _child_uses_inherited(pool: ConnectionPool[Any]) -> dict[str, Any]:
+    try:
+        pool.getconn(timeout=1)
+    except PoolClosed as exc:
+        return {"refused": str(exc)}
+    return {"refused": None}
+
+
+def test_a_pool_opened_before_fork_refuses_to_serve_in_the_child(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    start_coordinator({"pg": Resource(max_size=2)})
+    with make_pool(sock_path, app_name, min_size=1, max_size=1) as pool:
+        pool.wait(5)
+        with pool.connection() as conn:
+            parent = conn.info.backend_pid
+        [child] = run_forked(_child_uses_inherited, pool)
+        assert child["refused"] and "fork" in child["refused"]
+        with pool.connection() as conn:  # the parent's connection is untouched
+            assert conn.info.backend_pid == parent
+        assert leased(sock_path) == 1
+    assert wait_leased(sock_path, 0) == 0

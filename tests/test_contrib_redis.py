@@ -1,0 +1,231 @@
+"""sharedpool.contrib.redis on a real Redis: the cap seen from CLIENT LIST
+across forked workers, fork safety, reclaim, errors and lazy connects."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from sharedpool import Client, PoolTimeout, Resource
+from sharedpool.contrib.redis import BlockingConnectionPool
+
+HOST, PORT = "127.0.0.1", 6379
+
+
+@pytest.fixture
+def redis_name() -> Iterator[str]:
+    """A client name (and key prefix) of this test's own; skips without Redis
+    (fails instead with SHAREDPOOL_REQUIRE_REDIS=1)."""
+    try:
+        redis.Redis(host=HOST, port=PORT, socket_connect_timeout=2).ping()
+    except redis.RedisError as exc:
+        why = f"Redis at {HOST}:{PORT} is not reachable ({exc}); start redis-server"
+        if os.environ.get("SHAREDPOOL_REQUIRE_REDIS") == "1":
+            pytest.fail(why, pytrace=False)
+        pytest.skip(why)
+    name = f"sp-test-{uuid.uuid4().hex[:10]}"
+    yield name
+    r = redis.Redis(host=HOST, port=PORT)
+    keys = list(r.scan_iter(f"{name}*"))
+    if keys:
+        r.delete(*keys)
+    r.close()
+
+
+def clients_named(name: str) -> int:
+    r = redis.Redis(host=HOST, port=PORT)
+    try:
+        return sum(1 for c in r.client_list() if c.get("name") == name)
+    finally:
+        r.close()
+
+
+class ClientSampler:
+    """Counts this test's Redis clients (CLIENT LIST, by name) every few ms, in a thread."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.peak, self.samples = name, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        r = redis.Redis(host=HOST, port=PORT)
+        while not self._stop.is_set():
+            n = sum(1 for c in r.client_list() if c.get("name") == self.name)
+            self.peak, self.samples = max(self.peak, n), self.samples + 1
+            self._stop.wait(0.002)
+        r.close()
+
+    def __enter__(self) -> ClientSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def make_pool(sock: str, name: str, **kw: Any) -> BlockingConnectionPool:
+    kw.setdefault("timeout", 20)
+    return BlockingConnectionPool(host=HOST, port=PORT, client_name=name, resource="redis",
+                                  coordinator=sock, **kw)
+
+
+def leased(sock: str) -> int:
+    c = Client(sock)
+    try:
+        return int(c.inspect("resources")["resources"][0]["leased"])
+    finally:
+        c.close()
+
+
+def wait_leased(sock: str, want: int, timeout: float = 5.0) -> int:
+    deadline = time.monotonic() + timeout
+    while (n := leased(sock)) != want and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return n
+
+
+def run_forked(target: Callable[..., dict[str, Any]], *args: Any, n: int = 1) -> list[dict[str, Any]]:
+    """Run ``target(*args)`` in ``n`` forked children; return what each returned."""
+    ctx = multiprocessing.get_context("fork")
+    results: Any = ctx.Queue()
+    procs = [ctx.Process(target=_child, args=(results, target, *args)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    try:
+        out = [results.get(timeout=60) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.exitcode is None:
+                p.kill()
+    assert [p.exitcode for p in procs] == [0] * n, out
+    return out
+
+
+def _child(results: Any, target: Callable[..., dict[str, Any]], *args: Any) -> None:
+    try:
+        results.put(target(*args))
+    except BaseException as exc:
+        results.put({"error": repr(exc)})
+        raise
+
+
+def _hammer(pool: BlockingConnectionPool, name: str, threads: int, iterations: int) -> dict[str, Any]:
+    # The pool was made in the parent: redis-py resets it here, and so do the leases.
+    r = redis.Redis(connection_pool=pool)
+    done, errors = [0], []
+    lock = threading.Lock()
+    key = f"{name}:{os.getpid()}"
+
+    def work() -> None:
+        for _ in range(iterations):
+            try:
+                r.incr(key)
+                with r.pipeline() as pipe:
+                    pipe.get(key)
+                    pipe.execute()
+                with lock:
+                    done[0] += 1
+            except Exception as exc:  # noqa: BLE001 - reported to the test
+                errors.append(repr(exc))
+
+    ts = [threading.Thread(target=work) for _ in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    stats = pool.lease_stats()
+    count = int(r.get(key) or 0)
+    pool.disconnect()
+    return {"done": done[0], "count": count, "errors": errors[:3], "stats": stats,
+            "held_after": pool.lease_stats()["leases_held"]}
+
+
+def test_forked_workers_never_exceed_the_cap(start_coordinator: Any, sock_path: str,
+                                             redis_name: str) -> None:
+    start_coordinator({"redis": Resource(max_size=3, acquire_timeout=20, fairness_quantum=0.25)})
+    pool = make_pool(sock_path, redis_name, max_connections=4)  # 5 x 4 wanted, cap 3
+    with ClientSampler(redis_name) as sampler:
+        results = run_forked(_hammer, pool, redis_name, 4, 100, n=5)
+    assert all(not r.get("error") and not r["errors"] for r in results), results
+    assert sum(r["done"] for r in results) == 5 * 4 * 100
+    assert all(r["count"] == 4 * 100 for r in results)
+    assert all(r["held_after"] == 0 for r in results)
+    assert sampler.samples > 50
+    assert sampler.peak <= 3, f"Redis saw {sampler.peak} clients with a cap of 3"
+    assert sampler.peak == 3, "the cap was never reached: the test proves nothing"
+    assert wait_leased(sock_path, 0) == 0
+    assert clients_named(redis_name) == 0
+
+
+def _child_ping(pool: BlockingConnectionPool) -> dict[str, Any]:
+    r = redis.Redis(connection_pool=pool)
+    client_id = r.client_id()
+    pool.disconnect()  # the child's own connection only
+    return {"id": client_id}
+
+
+def test_fork_child_opens_its_own_and_leaves_the_parents_alone(
+        start_coordinator: Any, sock_path: str, redis_name: str) -> None:
+    start_coordinator({"redis": Resource(max_size=3)})
+    pool = make_pool(sock_path, redis_name, max_connections=2)
+    r = redis.Redis(connection_pool=pool)
+    parent = r.client_id()  # connected and idle in the pool when we fork
+    [child] = run_forked(_child_ping, pool)
+    assert "error" not in child, child
+    assert child["id"] != parent
+    assert wait_leased(sock_path, 1) == 1  # the parent's lease, not released by the child
+    assert r.client_id() == parent  # the parent's socket was not shut down
+    pool.disconnect()
+    assert leased(sock_path) == 0 and clients_named(redis_name) == 0
+
+
+def _child_needs_one(sock: str, name: str) -> dict[str, Any]:
+    pool = make_pool(sock, name, max_connections=1, timeout=10)
+    t0 = time.monotonic()
+    redis.Redis(connection_pool=pool).ping()
+    waited = time.monotonic() - t0
+    pool.disconnect()
+    return {"waited": waited}
+
+
+def test_idle_connections_are_reclaimed_for_a_waiting_process(
+        start_coordinator: Any, sock_path: str, redis_name: str) -> None:
+    start_coordinator({"redis": Resource(max_size=2, acquire_timeout=10)})
+    pool = make_pool(sock_path, redis_name, max_connections=2)
+    a, b = pool.get_connection(), pool.get_connection()
+    pool.release(a)
+    pool.release(b)  # two idle connections hold the whole cap
+    [child] = run_forked(_child_needs_one, sock_path, redis_name)
+    assert "error" not in child, child
+    assert child["waited"] < 5, "the idle connection was not reclaimed"
+    assert pool.lease_stats()["leases_reclaimed"] >= 1
+    assert redis.Redis(connection_pool=pool).ping()  # reconnects (under a lease) when needed
+    pool.disconnect()
+    assert wait_leased(sock_path, 0) == 0 and clients_named(redis_name) == 0
+
+
+def test_no_lease_in_time_raises_and_leaks_nothing(start_coordinator: Any, sock_path: str,
+                                                   redis_name: str) -> None:
+    start_coordinator({"redis": Resource(max_size=1)})
+    holder = make_pool(sock_path, redis_name, max_connections=1)
+    held = holder.get_connection()  # in use: cannot be reclaimed
+    pool = make_pool(sock_path, redis_name, max_connections=1, lease_timeout=0.3)
+    with pytest.raises(PoolTimeout):
+        redis.Redis(connection_pool=pool).ping()
+    assert pool.lease_stats()["lease_timeouts"] == 1 and pool.lease_stats()["leases_held"] == 0
+    holder.release(held)
+    holder.disconnect()  # same process: its session waits, so reclaim would not ask it
+    assert redis.Redis(connection_pool=pool).ping()  # the failed connect left nothing behind
+    pool.disconnect()
+    assert wait_leased(sock_path, 0) == 0 and clients_named(redis_name) == 0

@@ -1,0 +1,315 @@
+"""sharedpool.contrib.sqlalchemy on a real PostgreSQL: the cap seen from
+pg_stat_activity across forked workers, pre-ping after a terminated backend,
+recycle and events, fork with dispose(close=False), reclaim of idle connections."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import pytest
+from pg_helpers import BackendSampler, pg_dsn
+from sqlalchemy import event, text
+from sqlalchemy.engine import Engine
+
+from sharedpool import Client, ConfigError, Resource
+from sharedpool.contrib.sqlalchemy import LeasedQueuePool, attach, create_engine
+
+pytestmark = pytest.mark.pg
+
+URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def engine_for(sock: str, app: str, **kw: Any) -> Engine:
+    kw.setdefault("pool_timeout", 20)
+    return create_engine(URL, resource="pg", coordinator=sock,
+                         connect_args={"application_name": app}, **kw)
+
+
+def leased(sock: str) -> int:
+    c = Client(sock)
+    try:
+        return int(c.inspect("resources")["resources"][0]["leased"])
+    finally:
+        c.close()
+
+
+def wait_leased(sock: str, want: int, timeout: float = 5.0) -> int:
+    deadline = time.monotonic() + timeout
+    while (n := leased(sock)) != want and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return n
+
+
+def backend_pid(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+
+
+def run_forked(target: Callable[..., dict[str, Any]], *args: Any, n: int = 1) -> list[dict[str, Any]]:
+    """Run ``target(*args)`` in ``n`` forked children; return what each returned."""
+    ctx = multiprocessing.get_context("fork")
+    results: Any = ctx.Queue()
+    procs = [ctx.Process(target=_child, args=(results, target, *args)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    try:
+        out = [results.get(timeout=60) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.exitcode is None:
+                p.kill()
+    assert [p.exitcode for p in procs] == [0] * n, out
+    return out
+
+
+def _child(results: Any, target: Callable[..., dict[str, Any]], *args: Any) -> None:
+    try:
+        results.put(target(*args))
+    except BaseException as exc:
+        results.put({"error": repr(exc)})
+        raise
+
+
+def _hammer(engine: Engine, threads: int, iterations: int) -> dict[str, Any]:
+    engine.dispose(close=False)  # SQLAlchemy's advice for a forked child
+    done, errors = [0], []
+    lock = threading.Lock()
+
+    def work() -> None:
+        for _ in range(iterations):
+            try:
+                with engine.connect() as conn:
+                    conn.execute(text("SELECT pg_sleep(0.002)"))
+                with lock:
+                    done[0] += 1
+            except Exception as exc:  # noqa: BLE001 - reported to the test
+                errors.append(repr(exc))
+
+    ts = [threading.Thread(target=work) for _ in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    pool = engine.pool
+    assert isinstance(pool, LeasedQueuePool)
+    stats = pool.lease_stats()
+    engine.dispose()
+    return {"done": done[0], "errors": errors[:3], "stats": stats,
+            "held_after": pool.lease_stats()["leases_held"]}
+
+
+def test_forked_workers_never_exceed_the_cap(pg: str, start_coordinator: Any, sock_path: str,
+                                             app_name: str) -> None:
+    # A quantum well above a PostgreSQL connect: leases move between busy
+    # processes at most that often (each move is a close and a connect).
+    start_coordinator({"pg": Resource(max_size=3, acquire_timeout=20, fairness_quantum=0.25)})
+    # 5 processes x (pool_size 2 + max_overflow 1) = 15 connections wanted, cap 3.
+    engine = engine_for(sock_path, app_name, pool_size=2, max_overflow=1, pool_pre_ping=True)
+    with BackendSampler(app_name) as sampler:
+        results = run_forked(_hammer, engine, 3, 20, n=5)
+    assert all(not r.get("error") and not r["errors"] for r in results), results
+    assert sum(r["done"] for r in results) == 5 * 3 * 20
+    assert all(r["held_after"] == 0 for r in results)
+    assert sampler.samples > 50
+    assert sampler.peak <= 3, f"PostgreSQL saw {sampler.peak} connections with a cap of 3"
+    assert sampler.peak == 3, "the cap was never reached: the test proves nothing"
+    assert wait_leased(sock_path, 0) == 0
+    assert sampler.count_now() == 0
+
+
+def _busy_for(engine: Engine, threads: int, seconds: float) -> dict[str, Any]:
+    engine.dispose(close=False)
+    done, worst, errors = [0], [0.0], []
+    lock = threading.Lock()
+    end = time.monotonic() + seconds
+
+    def work() -> None:
+        while time.monotonic() < end:
+            t0 = time.monotonic()
+            try:
+                with engine.connect() as conn:
+                    waited = time.monotonic() - t0
+                    conn.execute(text("SELECT pg_sleep(0.005)"))
+            except Exception as exc:  # noqa: BLE001 - reported to the test
+                errors.append(repr(exc))
+                continue
+            with lock:
+                done[0] += 1
+                worst[0] = max(worst[0], waited)
+
+    ts = [threading.Thread(target=work) for _ in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    engine.dispose()
+    return {"done": done[0], "worst": worst[0], "errors": errors[:3]}
+
+
+def test_busy_threaded_workers_all_make_progress(pg: str, start_coordinator: Any, sock_path: str,
+                                                 app_name: str) -> None:
+    # gthread-style: every process always has a thread wanting one more
+    # connection than it holds. Threads must be served by the connections
+    # their peers check in, and stop queueing at the coordinator then, or the
+    # holders are never asked to give back and the other processes starve.
+    start_coordinator({"pg": Resource(max_size=2, acquire_timeout=20, fairness_quantum=0.1)})
+    engine = engine_for(sock_path, app_name, pool_size=4, max_overflow=0)
+    with BackendSampler(app_name) as sampler:
+        results = run_forked(_busy_for, engine, 4, 2.0, n=4)
+    assert all(not r.get("error") and not r["errors"] for r in results), results
+    done = sorted(r["done"] for r in results)
+    assert done[0] >= 10 and done[0] >= done[-1] / 5, f"queries done per process: {done}"
+    assert sampler.peak <= 2
+    assert wait_leased(sock_path, 0) == 0
+
+
+def test_pre_ping_replaces_a_terminated_backend_without_leaking_its_lease(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    start_coordinator({"pg": Resource(max_size=1, acquire_timeout=5)})
+    engine = engine_for(sock_path, app_name, pool_size=1, max_overflow=0, pool_pre_ping=True,
+                        pool_timeout=5)
+    first = backend_pid(engine)
+    with psycopg.connect(pg_dsn(), autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (first,))
+        deadline = time.monotonic() + 5
+        while admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (first,)).fetchone():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    # Cap 1: the replacement can only connect if the dead one's lease came back.
+    second = backend_pid(engine)
+    assert second != first
+    pool = engine.pool
+    assert isinstance(pool, LeasedQueuePool)
+    stats = pool.lease_stats()
+    assert (stats["leases_acquired"], stats["leases_released"], stats["leases_held"]) == (2, 1, 1)
+    assert leased(sock_path) == 1
+    engine.dispose()
+    assert leased(sock_path) == 0
+    assert BackendSampler(app_name).count_now() == 0
+
+
+def first_grant_sees(sock: str, app: str) -> tuple[threading.Thread, list[int]]:
+    """A thread of another session waiting for the (only) lease; once granted, it
+    counts our backends in pg_stat_activity: with the cap at 1, it must see 0."""
+    seen: list[int] = []
+
+    def wait() -> None:
+        c = Client(sock)
+        try:
+            lease = c.acquire("pg", 10)
+            seen.append(BackendSampler(app).count_now())
+            c.release(lease)
+        finally:
+            c.close()
+
+    t = threading.Thread(target=wait)
+    t.start()
+    return t, seen
+
+
+def test_lease_goes_back_only_after_the_backend_is_gone(pg: str, start_coordinator: Any,
+                                                        sock_path: str, app_name: str) -> None:
+    start_coordinator({"pg": Resource(max_size=1)})
+    engine = engine_for(sock_path, app_name, pool_size=1, max_overflow=0)
+    raw = engine.raw_connection()
+    waiter, seen = first_grant_sees(sock_path, app_name)
+    time.sleep(0.1)  # queued behind our lease
+    # The backend is busy for 0.5 s: it reads our Terminate only then.
+    raw.dbapi_connection.pgconn.send_query(b"SELECT pg_sleep(0.5)")  # type: ignore[union-attr]
+    t0 = time.monotonic()
+    raw.invalidate()  # the DBAPI connection is closed now
+    assert time.monotonic() - t0 >= 0.3, "the close was not confirmed"
+    waiter.join(10)
+    assert seen == [0], f"the lease went back while PostgreSQL still had {seen} backend(s)"
+    engine.dispose()
+
+
+def test_recycle_and_pool_events_still_work(pg: str, start_coordinator: Any, sock_path: str,
+                                            app_name: str) -> None:
+    start_coordinator({"pg": Resource(max_size=2)})
+    engine = engine_for(sock_path, app_name, pool_size=1, max_overflow=0, pool_recycle=1)
+    seen: list[str] = []
+    event.listen(engine, "connect", lambda *a: seen.append("connect"))
+    event.listen(engine, "close", lambda *a: seen.append("close"))
+    event.listen(engine, "checkout", lambda *a: seen.append("checkout"))
+    first = backend_pid(engine)
+    time.sleep(1.1)
+    second = backend_pid(engine)  # recycled on checkout: closed, then reconnected
+    assert second != first
+    assert seen == ["connect", "checkout", "close", "connect", "checkout"]
+    assert leased(sock_path) == 1
+    engine.dispose()
+    assert seen[-1] == "close" and leased(sock_path) == 0
+
+
+def _child_query(engine: Engine, dispose: bool) -> dict[str, Any]:
+    if dispose:
+        engine.dispose(close=False)
+    pid = backend_pid(engine)
+    engine.dispose()  # closes the child's own connection only
+    return {"pid": pid}
+
+
+@pytest.mark.parametrize("dispose", [True, False], ids=["dispose-close-false", "no-dispose"])
+def test_fork_child_opens_its_own_and_leaves_the_parents_alone(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str, dispose: bool) -> None:
+    start_coordinator({"pg": Resource(max_size=3)})
+    engine = engine_for(sock_path, app_name, pool_size=1, max_overflow=0)
+    parent = backend_pid(engine)  # idle in the pool, leased, when we fork
+    [child] = run_forked(_child_query, engine, dispose)
+    assert "error" not in child, child
+    assert child["pid"] != parent
+    assert wait_leased(sock_path, 1) == 1  # the parent's lease, not released by the child
+    assert backend_pid(engine) == parent  # the parent's connection still works
+    engine.dispose()
+    assert leased(sock_path) == 0
+
+
+def _child_needs_one(engine: Engine) -> dict[str, Any]:
+    engine.dispose(close=False)
+    t0 = time.monotonic()
+    backend_pid(engine)
+    waited = time.monotonic() - t0
+    engine.dispose()
+    return {"waited": waited}
+
+
+def test_idle_connections_are_reclaimed_for_a_waiting_process(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    start_coordinator({"pg": Resource(max_size=2, acquire_timeout=10)})
+    engine = engine_for(sock_path, app_name, pool_size=2, max_overflow=0)
+    with engine.connect(), engine.connect():
+        pass  # both now idle in the parent's pool, holding the whole cap
+    [child] = run_forked(_child_needs_one, engine)
+    assert "error" not in child, child
+    assert child["waited"] < 5, "the idle connection was not reclaimed"
+    pool = engine.pool
+    assert isinstance(pool, LeasedQueuePool)
+    stats = pool.lease_stats()
+    assert stats["leases_reclaimed"] >= 1 and stats["leases_held"] == 1
+    assert pool.checkedin() == 2  # the reclaimed one's slot stays, empty
+    with engine.connect(), engine.connect():  # both serve; the empty one reconnects
+        pass
+    engine.dispose()
+    assert wait_leased(sock_path, 0) == 0
+
+
+def test_attach_refuses_what_it_cannot_lease(pg: str, sock_path: str) -> None:
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    with pytest.raises(ConfigError, match="QueuePool"):
+        attach(sqlalchemy.create_engine(URL, poolclass=NullPool), "pg", sock_path)
+    engine = sqlalchemy.create_engine(URL)
+    with engine.connect(), pytest.raises(ConfigError, match="checked out"):
+        attach(engine, "pg", sock_path)
+    engine.dispose()
+    attached = attach(engine, "pg", sock_path)
+    with pytest.raises(ConfigError, match="already"):
+        attach(attached, "pg", sock_path)

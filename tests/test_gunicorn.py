@@ -1,0 +1,398 @@
+"""The gunicorn integration, end to end: the real example app under real gunicorn,
+8 workers, a global PostgreSQL cap of 3, checked from pg_stat_activity."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pg_helpers import BackendSampler
+
+from sharedpool import Client, ConfigError, SharedPoolError
+
+pytest.importorskip("gunicorn")
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "gunicorn_app"
+CAP = 3
+WORKERS = 8
+PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def die_with_parent() -> None:
+    """preexec_fn: SIGTERM this child when the test process dies (no orphaned servers)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes (its parent has not reaped it yet).
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+class Gunicorn:
+    """The example app under gunicorn, in its own session; logs under tmp_path."""
+
+    def __init__(self, tmp_path: Path, sock: str, app_name: str, worker_class: str,
+                 extra: list[str] | None = None) -> None:
+        self.port = free_port()
+        self.sock = sock
+        self.log_path = tmp_path / "gunicorn.log"
+        env = {
+            **os.environ,
+            "EXAMPLE_BIND": f"127.0.0.1:{self.port}",
+            "EXAMPLE_WORKERS": str(WORKERS),
+            "EXAMPLE_CAP": str(CAP),
+            "EXAMPLE_APP_NAME": app_name,
+            "EXAMPLE_SOCKET": sock,
+            "EXAMPLE_PG_URL": PG_URL,
+            "EXAMPLE_WORKER_CLASS": worker_class,
+            "EXAMPLE_THREADS": "4" if worker_class == "gthread" else "1",
+            "EXAMPLE_COORDINATOR_LOG": "info",
+        }
+        env.pop("SHAREDPOOL_SOCKET", None)
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gunicorn", "-c", str(EXAMPLE / "gunicorn.conf.py"),
+                 "--chdir", str(EXAMPLE), *(extra or []), "app:app"],
+                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def coordinator_pid(self) -> int:
+        found = re.search(r"sharedpool: coordinator pid (\d+) serving", self.log())
+        assert found, self.log()[-3000:]
+        return int(found.group(1))
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        def ready() -> bool:
+            assert self.proc.poll() is None, f"gunicorn exited:\n{self.log()[-3000:]}"
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as resp:
+                    return bool(resp.status == 200)
+            except OSError:
+                return False
+
+        wait_for(ready, timeout, "gunicorn to answer")
+        wait_for(lambda: self.log().count("Booting worker") >= WORKERS, timeout, "8 workers")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM the master (by pid) and wait for it."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill_group(self) -> None:
+        """Teardown: SIGKILL what is left of gunicorn's own process group."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def gunicorn(pg: str, tmp_path: Path, sock_path: str,
+             app_name: str) -> Iterator[Callable[..., Gunicorn]]:
+    started: list[Gunicorn] = []
+
+    def start(worker_class: str = "sync", extra: list[str] | None = None) -> Gunicorn:
+        server = Gunicorn(tmp_path, sock_path, app_name, worker_class, extra)
+        started.append(server)
+        server.wait_ready()
+        return server
+
+    yield start
+    for server in started:
+        server.kill_group()
+
+
+class Load:
+    """``total`` GET requests from ``threads`` client threads; counts outcomes."""
+
+    def __init__(self, url: str, total: int, threads: int = 8, sleep: float = 0.005) -> None:
+        self.url = f"{url}?sleep={sleep}"
+        self.left = total
+        self.lock = threading.Lock()
+        self.ok: Counter[int] = Counter()  # worker pid -> requests served
+        self.errors: list[str] = []
+        self.threads = [threading.Thread(target=self._run) for _ in range(threads)]
+
+    def _run(self) -> None:
+        while True:
+            with self.lock:
+                if self.left == 0:
+                    return
+                self.left -= 1
+            try:
+                with urllib.request.urlopen(self.url, timeout=60) as resp:
+                    body = json.loads(resp.read())
+                with self.lock:
+                    self.ok[body["worker"]] += 1
+            except Exception as exc:  # noqa: BLE001 - counted, asserted by the test
+                with self.lock:
+                    self.errors.append(f"{type(exc).__name__}: {exc}")
+
+    def start(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def join(self, timeout: float = 120.0) -> Load:
+        deadline = time.monotonic() + timeout
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        assert not any(t.is_alive() for t in self.threads), "load did not finish"
+        return self
+
+    @property
+    def done(self) -> int:
+        return sum(self.ok.values())
+
+
+def resource_row(sock: str) -> dict[str, Any]:
+    c = Client(sock)
+    try:
+        return dict(c.inspect("resources")["resources"][0])
+    finally:
+        c.close()
+
+
+def settled(sock: str) -> dict[str, Any] | None:
+    """The resource row once no lease is in use, else None."""
+    row = resource_row(sock)
+    return row if row["in_use"] == 0 else None
+
+
+def leases(sock: str, **filters: Any) -> list[dict[str, Any]]:
+    c = Client(sock)
+    try:
+        return list(c.inspect("leases", **filters)["leases"])
+    finally:
+        c.close()
+
+
+def assert_shut_down_clean(server: Gunicorn, sampler: BackendSampler) -> None:
+    coordinator = server.coordinator_pid()
+    assert server.stop() == 0, server.log()[-3000:]
+    # Every worker closed its connections (confirmed) and ended its session
+    # before the master stopped the coordinator.
+    assert "coordinator stopping: 0 session(s) open" in server.log(), server.log()[-3000:]
+    assert sampler.count_now() == 0, "connections left after gunicorn stopped"
+    wait_for(lambda: not pid_alive(coordinator), 5, "the coordinator to exit")
+    assert not os.path.exists(server.sock), "the coordinator left its socket behind"
+
+
+@pytest.mark.parametrize("worker_class", ["sync", "gthread"])
+def test_eight_workers_share_a_cap_of_three(gunicorn: Callable[..., Gunicorn], app_name: str,
+                                            worker_class: str) -> None:
+    server = gunicorn(worker_class)
+    with BackendSampler(app_name) as sampler:
+        load = Load(server.url, total=400, threads=8).start().join()
+        # The coordinator learns idle / busy from coalesced reports: give it a moment.
+        row = wait_for(lambda: settled(server.sock), 5, "the leases to settle idle")
+        assert row["leased"] <= CAP and row["waiting"] == 0, row
+        assert_shut_down_clean(server, sampler)
+    assert load.errors == [], load.errors[:5]
+    assert load.done == 400
+    assert len(load.ok) > CAP, f"only workers {sorted(load.ok)} served: the cap was not shared"
+    assert sampler.samples > 50
+    assert sampler.peak <= CAP, f"PostgreSQL saw {sampler.peak} connections with a cap of {CAP}"
+    assert sampler.peak == CAP, "the cap was never reached: the test proves nothing"
+
+
+def test_sigkilled_worker_gives_its_slots_back(gunicorn: Callable[..., Gunicorn],
+                                              app_name: str) -> None:
+    server = gunicorn("sync")
+    with BackendSampler(app_name) as sampler:
+        load = Load(server.url, total=600, threads=8, sleep=0.01).start()
+        # A worker that holds a lease right now, mid-load.
+        victim = wait_for(lambda: next((int(r["pid"]) for r in leases(server.sock)), None),
+                          20, "a worker holding a lease")
+        served_before = set(load.ok)
+        os.kill(victim, signal.SIGKILL)
+        # Its session ends with the socket; its slots leave the fence and are leased again.
+        wait_for(lambda: not leases(server.sock, pid=victim), 10, "the dead worker's leases")
+        wait_for(lambda: resource_row(server.sock)["fenced"] == 0, 10, "the fence to lift")
+        load.join()
+        after = wait_for(lambda: settled(server.sock), 5, "the leases to settle idle")
+        assert after["leased"] <= CAP and after["waiting"] == 0, after
+        assert_shut_down_clean(server, sampler)
+    assert server.log().count("Booting worker") > WORKERS, "gunicorn did not replace the worker"
+    replacements = set(load.ok) - served_before - {victim}
+    assert replacements, "no request was served by a replacement worker"
+    # Only what was in flight on the killed worker may fail (a sync worker runs one request).
+    assert len(load.errors) <= 1, load.errors
+    assert load.done + len(load.errors) == 600
+    assert sampler.peak <= CAP, f"PostgreSQL saw {sampler.peak} connections with a cap of {CAP}"
+    assert sampler.peak == CAP
+
+
+def test_coordinator_outlives_recycled_workers(gunicorn: Callable[..., Gunicorn],
+                                               app_name: str) -> None:
+    # Workers exit and are replaced all the time (max_requests); none takes the
+    # coordinator with it, and each gives its leases back on the way out. With
+    # preload_app, so that the engine is made in the master and replacements boot fast.
+    server = gunicorn("sync", extra=["--max-requests", "5", "--preload"])
+    coordinator = server.coordinator_pid()
+    with BackendSampler(app_name) as sampler:
+        load = Load(server.url, total=160, threads=8).start().join()
+        assert pid_alive(coordinator), "a worker's exit took the coordinator down"
+        assert server.log().count("Booting worker") >= 2 * WORKERS, "workers were not recycled"
+        row = wait_for(lambda: settled(server.sock), 5, "the leases to settle idle")
+        assert row["leased"] <= CAP and row["fenced"] == 0, row
+        assert_shut_down_clean(server, sampler)
+    assert load.errors == [], load.errors[:5]
+    assert sampler.peak <= CAP, f"PostgreSQL saw {sampler.peak} connections with a cap of {CAP}"
+
+
+def test_worker_killed_by_gunicorn_timeout_gives_its_slots_back(
+        gunicorn: Callable[..., Gunicorn], app_name: str) -> None:
+    # One request outlives gunicorn's --timeout: the master aborts (SIGABRT) that
+    # worker. The other requests never wait for a lease (2 threads, cap 3), so
+    # none of them outlives the short timeout too.
+    server = gunicorn("sync", extra=["--timeout", "2", "--graceful-timeout", "5"])
+    with BackendSampler(app_name) as sampler:
+        stuck = Load(server.url, total=1, threads=1, sleep=5).start()
+        load = Load(server.url, total=300, threads=2, sleep=0.01).start()
+        stuck.join()
+        load.join()
+        wait_for(lambda: "WORKER TIMEOUT" in server.log(), 10, "gunicorn's timeout")
+        row = wait_for(lambda: settled(server.sock), 10, "the leases to settle idle")
+        assert row["leased"] <= CAP and row["fenced"] == 0, row
+        assert_shut_down_clean(server, sampler)
+    assert stuck.done == 0 and len(stuck.errors) == 1, "the stuck request should have failed"
+    assert load.errors == [], load.errors[:5]
+    assert sampler.peak <= CAP, f"PostgreSQL saw {sampler.peak} connections with a cap of {CAP}"
+
+
+def test_external_coordinator_is_used_and_left_running(
+        gunicorn: Callable[..., Gunicorn], start_coordinator: Callable[..., Any], sock_path: str,
+        app_name: str) -> None:
+    external = start_coordinator({"pg": CAP})
+    server = gunicorn("sync")
+    assert "using the coordinator already serving" in server.log()
+    with BackendSampler(app_name) as sampler:
+        load = Load(server.url, total=80, threads=8).start().join()
+        assert server.stop() == 0
+        assert sampler.count_now() == 0
+    assert load.errors == [], load.errors[:5]
+    assert sampler.peak <= CAP
+    # Not ours to stop: still serving, and every worker's lease came back.
+    row = resource_row(sock_path)
+    assert row["leased"] == 0 and row["fenced"] == 0, row
+    assert external.pid is not None and pid_alive(external.pid)
+
+
+_MASTER = """
+import sys, time
+from sharedpool.contrib._embedded import EmbeddedCoordinator
+coordinator = EmbeddedCoordinator(sys.argv[1], {"r": 2}, log_level="info").start()
+print(coordinator.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def _server_pid(client: Client) -> int | None:
+    try:
+        return int(client.inspect("server", timeout=1)["pid"])
+    except SharedPoolError:
+        return None
+
+
+def test_embedded_coordinator_restarts_and_dies_with_its_master(sock_path: str) -> None:
+    master = subprocess.Popen([sys.executable, "-c", _MASTER, sock_path], stdout=subprocess.PIPE,
+                              text=True, start_new_session=True, preexec_fn=die_with_parent)
+    try:
+        assert master.stdout is not None
+        first = int(master.stdout.readline())
+        client = Client(sock_path)
+        lease = client.acquire("r", timeout=5)
+        os.kill(first, signal.SIGKILL)
+        # The master's watch thread restarts it; our lease is re-registered (I4).
+        second = wait_for(lambda: (_server_pid(client) or first) != first and _server_pid(client),
+                          20, "a restarted coordinator")
+        wait_for(lambda: [r["id"] for r in client.inspect("leases")["leases"]] == [lease.id],
+                 10, "the lease to be re-registered")
+        client.release(lease)
+        client.close()
+        # The master dies without a word: the coordinator sees its lifeline close and stops.
+        os.kill(master.pid, signal.SIGKILL)
+        master.wait(10)
+        wait_for(lambda: not pid_alive(second), 10, "the coordinator to follow its master")
+        assert not os.path.exists(sock_path)
+    finally:
+        if master.poll() is None:
+            master.kill()
+            master.wait(10)
+
+
+def test_bad_limits_fail_when_gunicorn_reads_its_config(monkeypatch: pytest.MonkeyPatch,
+                                                         sock_path: str) -> None:
+    from sharedpool.contrib.gunicorn import hooks
+
+    monkeypatch.delenv("SHAREDPOOL_SOCKET", raising=False)
+    with pytest.raises(ConfigError) as err:
+        hooks(resources={"pg": {"max_size": 0}}, socket=sock_path)
+    assert err.value.field == "resources.pg.max_size"
+    with pytest.raises(ConfigError) as err:
+        hooks(resources={"pg": 2}, socket=sock_path, metrics_prot=9000)
+    assert err.value.field == "options"
+    assert "SHAREDPOOL_SOCKET" not in os.environ
+
+
+def test_no_coordinator_and_no_resources_is_one_clear_error(tmp_path: Path,
+                                                            sock_path: str) -> None:
+    conf = tmp_path / "gunicorn.conf.py"
+    conf.write_text("from sharedpool.contrib.gunicorn import hooks\n"
+                    f"on_starting, post_fork, worker_exit, on_exit = hooks(socket={sock_path!r})\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", str(conf), "-b", f"127.0.0.1:{free_port()}",
+         "--chdir", str(EXAMPLE), "app:app"],
+        capture_output=True, text=True, timeout=60, preexec_fn=die_with_parent,
+    )
+    assert proc.returncode == 1
+    assert "Error: sharedpool: no coordinator is listening on" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
