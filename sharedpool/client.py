@@ -29,6 +29,7 @@ from . import protocol as p
 from .config import default_socket_path
 from .errors import (
     AccessDenied,
+    AcquireCancelled,
     CoordinatorUnavailable,
     PoolTimeout,
     RemoteProtocolError,
@@ -71,6 +72,52 @@ class _Pending:
     result: Any = None
     error: BaseException | None = None
     abandoned: bool = False
+    taken: bool = False  # the lease was handed to the caller: too late to cancel
+
+
+class AcquireRequest:
+    """An acquire sent to the coordinator: :meth:`wait` for its lease, or
+    :meth:`cancel` it from another thread."""
+
+    __slots__ = ("client", "req", "_pending", "_deadline")
+
+    def __init__(self, client: Client, req: int, pending: _Pending, deadline: float | None) -> None:
+        self.client, self.req = client, req
+        self._pending, self._deadline = pending, deadline
+
+    def __repr__(self) -> str:
+        state = "done" if self._pending.done else "waiting"
+        return f"<AcquireRequest {self.req} {self._pending.msg.resource!r} {state}>"  # type: ignore[attr-defined]
+
+    def wait(self) -> Lease:
+        """The lease; raises PoolTimeout, a LeaseDenied subclass,
+        CoordinatorUnavailable, or AcquireCancelled."""
+        client, pending = self.client, self._pending
+        client._finish(self.req, pending, self._deadline, "acquire")
+        with client._cond:
+            if pending.error is None:
+                pending.taken = True
+                lease: Lease = pending.result
+                return lease
+        raise pending.error
+
+    def cancel(self) -> bool:
+        """Withdraw the request. False if :meth:`wait` already returned its
+        lease; otherwise :meth:`wait` raises AcquireCancelled and a lease
+        granted meanwhile goes straight back to the coordinator."""
+        client, pending = self.client, self._pending
+        with client._cond:
+            if pending.taken:
+                return False
+            granted = pending.result if pending.done and pending.error is None else None
+            pending.result, pending.error = None, AcquireCancelled("acquire cancelled")
+            pending.done = True
+            client._cond.notify_all()
+        if granted is not None:
+            client.release(granted)
+        elif client._sock is not None:
+            client._send_quiet(p.Cancel(self.req))
+        return True
 
 
 class Client:
@@ -151,17 +198,20 @@ class Client:
         ``timeout`` None waits the resource's default; 0 does not queue.
         Raises PoolTimeout, a LeaseDenied subclass, or CoordinatorUnavailable
         (the coordinator could not be reached before the deadline)."""
+        return self.request(resource, timeout, site=site).wait()
+
+    def request(self, resource: str, timeout: float | None = None, *,
+                site: str | None = None) -> AcquireRequest:
+        """Send an acquire now; :meth:`AcquireRequest.wait` for the lease, or
+        :meth:`AcquireRequest.cancel` it from any thread (a pool whose waiter
+        was served by a checkin withdraws its request this way)."""
         self._checkpid()
-        start = time.monotonic()
         req = next(self._reqs)
         pending = _Pending(p.Acquire(req, resource, timeout, site))
         # The coordinator keeps the real deadline; ours only guards a lost reply.
-        local = None if timeout is None else start + timeout + GRACE
-        self._request(req, pending, local, "acquire")
-        if pending.error is not None:
-            raise pending.error
-        lease: Lease = pending.result
-        return lease
+        local = None if timeout is None else time.monotonic() + timeout + GRACE
+        self._submit(req, pending, local, patient=True)
+        return AcquireRequest(self, req, pending, local)
 
     def release(self, lease: Lease) -> None:
         """Give a lease back. Its connection must already be closed. No reply."""
@@ -255,15 +305,17 @@ class Client:
         self._checkpid()
         req = next(self._reqs)
         pending = _Pending(make(req))
-        self._request(req, pending, time.monotonic() + timeout, "request", patient=False)
+        deadline = time.monotonic() + timeout
+        if self._submit(req, pending, deadline, patient=False):
+            self._finish(req, pending, deadline, "request")
         if pending.error is not None:
             raise pending.error
         return pending.result
 
-    def _request(self, req: int, pending: _Pending, deadline: float | None, what: str,
-                 patient: bool = True) -> None:
-        """Send and wait. Impatient requests (inspect, admin) fail at once when
-        the coordinator cannot be reached; acquires wait for it to come back."""
+    def _submit(self, req: int, pending: _Pending, deadline: float | None, patient: bool) -> bool:
+        """Send a request (or connect, which sends it). Impatient requests
+        (inspect, admin) fail at once, returning False, when the coordinator
+        cannot be reached; acquires wait for it to come back."""
         if self._closed:
             raise CoordinatorUnavailable("client is closed")
         self._ensure_thread()
@@ -281,7 +333,11 @@ class Client:
                     self._pending.pop(req, None)
                 pending.error = CoordinatorUnavailable(
                     f"no coordinator at {self.socket_path}: {self.last_error}")
-                return
+                return False
+        return True
+
+    def _finish(self, req: int, pending: _Pending, deadline: float | None, what: str) -> None:
+        """Wait for the reply; on a lost or late one, withdraw and say why."""
         try:
             self._wait(pending, deadline)
         finally:

@@ -33,6 +33,10 @@ class ConnectTimeout(SharedPoolError, TimeoutError):
     """The connection factory did not return within ``connection_timeout``."""
 
 
+class AcquireCancelled(SharedPoolError):
+    """An acquire request was withdrawn by its owner before it was granted."""
+
+
 class PoolClosed(SharedPoolError):
     """The pool is closed (or draining) and hands out no connections."""
 

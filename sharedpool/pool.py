@@ -20,7 +20,7 @@ from collections.abc import Callable
 from enum import Enum
 from typing import Any, Generic, TypeVar
 
-from .client import _PID, Client, Lease, current_pid
+from .client import _PID, AcquireRequest, Client, Lease, current_pid
 from .closing import close_and_confirm
 from .config import SOCKET_ENV, PoolConfig, check_resource_name
 from .errors import (
@@ -153,6 +153,8 @@ class ConnectionPool(Generic[T]):
         self._all: dict[str, ConnectionWrapper[T]] = {}
         self._waiters: deque[_Waiter] = deque()
         self._opening = 0
+        #: openers' lease requests still queued at the coordinator
+        self._lease_requests: set[AcquireRequest] = set()
         self.status = PoolStatus.ACTIVE
         self._stop = threading.Event()
         self._maintenance: threading.Thread | None = None
@@ -343,7 +345,14 @@ class ConnectionPool(Generic[T]):
         try:
             t0 = time.monotonic()
             if client is not None and not self._use_fallback(client):
-                lease = client.acquire(self.resource, max(0.0, deadline - t0))
+                ticket = client.request(self.resource, max(0.0, deadline - t0))
+                with self._lock:
+                    self._lease_requests.add(ticket)
+                try:
+                    lease = ticket.wait()
+                finally:
+                    with self._lock:
+                        self._lease_requests.discard(ticket)
             t1 = time.monotonic()
             with self._lock:
                 if lease is not None:
@@ -424,33 +433,49 @@ class ConnectionPool(Generic[T]):
         keep = (now - wrapper.created_at <= self._max_lifetime
                 and (not self._test_on_release or self._validate(wrapper)))
         client = self._client
-        owed = False
+        owed = young = False
         if client is not None and keep:
             if wrapper.lease is None:  # a fallback connection goes once the coordinator is back
                 keep = not client.ensure_connected()
-            else:
-                owed = self._owes(client, wrapper, now)
+            elif client.owes(self.resource):
+                owed = True
+                quantum = client.limits.get(self.resource, {}).get("fairness_quantum", 0.0)
+                young = now - wrapper.lease.granted_at < quantum
+        stale: set[AcquireRequest] = set()
         with self._lock:
             if not wrapper.in_use or self._all.get(wrapper.id) is not wrapper:
                 raise PoolMisuse(f"{wrapper!r} was already released (or made in another process)")
             self._m["total_released"] += 1
             wrapper.last_used = now
             wrapper.warned = False
+            # Owed to the coordinator: give it back now, unless a thread of ours
+            # waits for it and its lease is younger than the fairness quantum.
+            if owed and young and self._waiters:
+                owed = False
             if keep and not owed and self.status is PoolStatus.ACTIVE:
-                if self._waiters:
-                    waiter = self._waiters.popleft()
-                    waiter.wrapper = wrapper
-                    waiter.event.set()
-                else:
+                if not self._waiters:
                     wrapper.in_use = False
                     self._idle.append(wrapper)
-                return
-            if owed:
-                self._m["reclaimed"] += 1
-            wrapper.in_use = False
-            del self._all[wrapper.id]
-            openers = self._plan_growth()
-            self._returned.notify_all()
+                    return
+                waiter = self._waiters.popleft()
+                waiter.wrapper = wrapper
+                waiter.event.set()
+                if self._waiters or not self._lease_requests:
+                    return
+                # Nobody waits any more: withdraw the openers' lease requests,
+                # or this process would stay queued at the coordinator.
+                stale, self._lease_requests = self._lease_requests, set()
+            else:
+                if owed:
+                    self._m["reclaimed"] += 1
+                wrapper.in_use = False
+                del self._all[wrapper.id]
+                openers = self._plan_growth()
+                self._returned.notify_all()
+        if stale:
+            for ticket in stale:
+                ticket.cancel()
+            return
         self._close(wrapper)
         self._start_openers(openers, now + self.config.acquire_timeout)
 
@@ -466,14 +491,6 @@ class ConnectionPool(Generic[T]):
         log.warning("pool %r: coordinator %s unreachable; opening a connection without a lease "
                     "(coordinator_away=fallback)", self.name, self.coordinator)
         return True
-
-    def _owes(self, client: Client, wrapper: ConnectionWrapper[T], now: float) -> bool:
-        # The coordinator asked for leases back: give this one unless it is
-        # younger than the fairness quantum (then a later checkin pays).
-        if wrapper.lease is None or not client.owes(self.resource):
-            return False
-        quantum = client.limits.get(self.resource, {}).get("fairness_quantum", 0.0)
-        return now - wrapper.lease.granted_at >= quantum
 
     # ------------------------------------------------------------------ context managers
 

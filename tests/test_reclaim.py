@@ -166,3 +166,66 @@ def test_timeouts_racing_grants_leak_nothing(start_coordinator: Any, sock_path: 
     finally:
         for c in [*clients, probe]:
             c.close()
+
+
+def _acquire_elsewhere(sock: str, timeout: float = 20) -> subprocess.Popen[str]:
+    """Another process asking for one lease; prints how long it waited."""
+    code = ("import time; from sharedpool import Client; c = Client(%r); t = time.monotonic(); "
+            "c.acquire('r', timeout=%r); print(round(time.monotonic() - t, 3), flush=True)") % (sock, timeout)
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+
+
+def _waited(proc: subprocess.Popen[str]) -> float:
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    return float(out.strip())
+
+
+def test_young_lease_checked_in_idle_is_given_back_at_once(start_coordinator: Any, sock_path: str) -> None:
+    """The fairness quantum protects a busy process from churn, not an idle lease."""
+    start_coordinator({"r": Resource(max_size=1, fairness_quantum=5.0)})
+    pool = local_pool(sock_path, size=1)
+    try:
+        w = pool.acquire(timeout=5)
+        other = _acquire_elsewhere(sock_path)
+        client = Client.for_path(sock_path)
+        deadline = time.monotonic() + 10
+        while client.owes("r") == 0:  # the coordinator asked us for the lease back
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        pool.release(w)  # young (< 5 s), but nobody here needs it: it goes
+        assert _waited(other) < 3.0
+        assert w.conn.closed
+    finally:
+        pool.close()
+
+
+def test_served_waiter_withdraws_its_lease_request(start_coordinator: Any, sock_path: str) -> None:
+    """A thread that queued for a new lease but got a checked-in connection
+    must not leave its process queued at the coordinator (it would be spared
+    from reclaim while holding an idle lease)."""
+    start_coordinator({"r": 1})
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=2, acquire_timeout=15),
+                          resource="r", coordinator=sock_path)
+    try:
+        first = pool.acquire(timeout=5)
+        got: list[Any] = []
+        t = threading.Thread(target=lambda: got.append(pool.acquire(timeout=15)))
+        t.start()
+        client = Client.for_path(sock_path)
+        deadline = time.monotonic() + 5
+        while client.inspect("resources")["resources"][0]["waiting"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        pool.release(first)  # handed to the waiting thread; its lease request is withdrawn
+        t.join(5)
+        assert got and got[0] is first
+        deadline = time.monotonic() + 5
+        while client.inspect("resources")["resources"][0]["waiting"]:
+            assert time.monotonic() < deadline, "the stale lease request is still queued"
+            time.sleep(0.01)
+        pool.release(got[0])  # idle now
+        other = _acquire_elsewhere(sock_path)
+        assert _waited(other) < 3.0  # reclaimed from us at once, not after our 15 s timeout
+    finally:
+        pool.close()
