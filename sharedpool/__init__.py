@@ -5,11 +5,12 @@ leases over a Unix socket; every process keeps its own real connections in a
 local :class:`ConnectionPool`, each covered by a lease.
 """
 
-from .client import Client, Lease
+from .client import AcquireRequest, Client, Lease
 from .config import CoordinatorConfig, PoolConfig, Resource, default_socket_path
 from .coordinator import Coordinator, CoordinatorRunning
 from .errors import (
     AccessDenied,
+    AcquireCancelled,
     ConfigError,
     ConnectTimeout,
     CoordinatorUnavailable,
@@ -25,11 +26,14 @@ from .errors import (
     UnknownResource,
 )
 from .pool import ConnectionPool, ConnectionWrapper, PooledConnection, PoolStatus, pooled
+from .process import release_process
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AccessDenied",
+    "AcquireCancelled",
+    "AcquireRequest",
     "Client",
     "ConfigError",
     "ConnectTimeout",
@@ -57,4 +61,5 @@ __all__ = [
     "__version__",
     "default_socket_path",
     "pooled",
+    "release_process",
 ]

@@ -11,7 +11,9 @@ parent's socket: it closes its copy and starts its own session lazily (I7).
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import itertools
 import logging
 import os
@@ -447,7 +449,7 @@ class Client:
         elif isinstance(msg, p.Push):
             with self._cond:
                 for handler in self._push_handlers:
-                    self._jobs.append(lambda h=handler: h(msg.verb, msg.resource, msg.args))
+                    self._jobs.append(functools.partial(handler, msg.verb, msg.resource, msg.args))
             self._wake.set()
         elif isinstance(msg, p.Error):
             log.warning("coordinator error: %s: %s", msg.code, msg.message)
@@ -485,7 +487,8 @@ class Client:
             sock.connect(self.socket_path)
             conn = p.Connection(p.CLIENT)
             with self._cond:
-                held = [[lease.resource, lease.id, lease.token, "idle", None] for lease in self._held.values()]
+                held = [[lease.resource, lease.id, lease.token, "idle", None]
+                        for lease in self._held.values()]
             sock.sendall(conn.send(p.Hello(p.PROTOCOL_VERSION, os.getpid(), self.name, held)))
             welcome = None
             while welcome is None:
@@ -529,10 +532,8 @@ class Client:
         if sock is not None:
             if not self._closed:
                 log.warning("lost coordinator %s: %s; will reconnect", self.socket_path, why)
-            try:
+            with contextlib.suppress(OSError):
                 sock.close()
-            except OSError:
-                pass
 
     def _send_quiet(self, msg: p.Message) -> None:
         """Send one frame; a dead socket is noticed here and by the reader."""
@@ -623,10 +624,8 @@ class Client:
         inherited = self._sock
         self._init_state()
         if inherited is not None:
-            try:
+            with contextlib.suppress(OSError):
                 inherited.close()
-            except OSError:
-                pass
 
 
 def _error_from(msg: p.Error) -> SharedPoolError:

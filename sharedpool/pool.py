@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 import time
 import traceback
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from enum import Enum
 from typing import Any, Generic, TypeVar
 
+from . import process
 from .client import _PID, AcquireRequest, Client, Lease, current_pid
 from .closing import close_and_confirm
 from .config import SOCKET_ENV, PoolConfig, check_resource_name
@@ -124,8 +126,6 @@ class ConnectionPool(Generic[T]):
         check: Callable[[T], Any] | None = None,
         name: str | None = None,
     ) -> None:
-        import os
-
         if not callable(factory):
             raise ConfigError("factory", f"must be callable, got {factory!r}")
         if config is not None and not isinstance(config, PoolConfig):
@@ -135,10 +135,24 @@ class ConnectionPool(Generic[T]):
         self.factory = factory
         self.config = config or PoolConfig()
         self.resource = check_resource_name(resource)
-        self.coordinator = coordinator if coordinator is not None else os.environ.get(SOCKET_ENV)
+        self._coordinator = coordinator
         self.name = name or f"pool-{self.resource}"
         self.check = check
         self._init_state()
+        process.register(self)
+
+    @property
+    def coordinator(self) -> str | None:
+        """The coordinator's socket path: the one given, else ``$SHAREDPOOL_SOCKET``
+        as it is when first needed (a gunicorn or celery parent may set it after
+        the pool was made), else None: a standalone pool."""
+        if self._coordinator is None and self._client is None:
+            return os.environ.get(SOCKET_ENV)
+        return self._coordinator if self._client is None else self._client.socket_path
+
+    def release_for_exit(self, timeout: float) -> None:
+        """At process exit: close every connection (see :func:`sharedpool.release_process`)."""
+        self.close(timeout)
 
     def _init_state(self) -> None:
         self._pid = current_pid()
@@ -188,7 +202,7 @@ class ConnectionPool(Generic[T]):
     def get_metrics(self) -> dict[str, Any]:
         """The seed's counters plus lease figures."""
         with self._lock:
-            m = dict(self._m)
+            m: dict[str, Any] = dict(self._m)
             m.update(
                 current_size=len(self._all),
                 in_use=len(self._all) - len(self._idle),
@@ -621,7 +635,7 @@ class ConnectionPool(Generic[T]):
         client = self._client
         if client is None:
             return
-        victims = []
+        victims: list[ConnectionWrapper[T]] = []
         with self._lock:
             owed = client.owes(self.resource)
             while owed > len(victims) and self._idle:

@@ -193,15 +193,15 @@ class Server:
         ledger = self.ledger
         if isinstance(msg, p.Hello):
             session.hello_done()
-            sid, effects = ledger.open_session(
+            new_sid, effects = ledger.open_session(
                 session.pid or msg.pid, msg.name, now, uid=session.uid, held=msg.held
             )
-            session.sid = sid
-            self.sessions[sid] = session
+            session.sid = new_sid
+            self.sessions[new_sid] = session
             log.info("session %s connected: pid=%s name=%s re-registered=%d",
-                     sid, session.pid or msg.pid, msg.name, len(msg.held))
+                     new_sid, session.pid or msg.pid, msg.name, len(msg.held))
             session.send(p.Welcome(
-                p.PROTOCOL_VERSION, sid, os.getpid(),
+                p.PROTOCOL_VERSION, new_sid, os.getpid(),
                 {name: r.limits.as_dict() for name, r in ledger.resources.items()},
             ))
             self.apply(effects)

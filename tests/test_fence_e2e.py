@@ -66,10 +66,23 @@ def test_worker_killed_mid_query_never_puts_pg_over_the_cap(
     assert sampler.peak == cap
     import psycopg
 
+    # The killed worker's backend ends with its query ("wait") or at once
+    # ("terminate"); until then its slot stays fenced.
+    deadline = time.monotonic() + 15
     with psycopg.connect(pg_dsn(), autocommit=True) as conn:
-        gone = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (backend,)).fetchone()
-    assert gone == (0,)
-    assert probe.inspect("resources")["resources"][0]["leased"] == 0
+        while True:
+            fenced = probe.inspect("resources")["resources"][0]["fenced"]
+            present = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
+                                   (backend,)).fetchone() != (0,)
+            if not fenced:
+                assert not present, "the fence was lifted while the backend still ran"
+                break
+            assert time.monotonic() < deadline, "the killed worker's backend never went away"
+            time.sleep(0.05)
+    deadline = time.monotonic() + 5
+    while probe.inspect("resources")["resources"][0]["leased"]:
+        assert time.monotonic() < deadline, "the fenced slot was never freed"
+        time.sleep(0.05)
     probe.close()
 
 

@@ -29,7 +29,8 @@ HOLDER = str(Path(__file__).with_name("pool_holder.py"))
 
 
 @contextmanager
-def holder(sock: str, size: int, count: int, mode: str, seconds: float = 30) -> Iterator[subprocess.Popen[str]]:
+def holder(sock: str, size: int, count: int, mode: str,
+           seconds: float = 30) -> Iterator[subprocess.Popen[str]]:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
     proc = subprocess.Popen([sys.executable, HOLDER, sock, "r", str(size), str(count), mode, str(seconds)],
                             stdout=subprocess.PIPE, text=True, env=env)
@@ -170,8 +171,8 @@ def test_timeouts_racing_grants_leak_nothing(start_coordinator: Any, sock_path: 
 
 def _acquire_elsewhere(sock: str, timeout: float = 20) -> subprocess.Popen[str]:
     """Another process asking for one lease; prints how long it waited."""
-    code = ("import time; from sharedpool import Client; c = Client(%r); t = time.monotonic(); "
-            "c.acquire('r', timeout=%r); print(round(time.monotonic() - t, 3), flush=True)") % (sock, timeout)
+    code = (f"import time; from sharedpool import Client; c = Client({sock!r}); t = time.monotonic(); "
+            f"c.acquire('r', timeout={timeout!r}); print(round(time.monotonic() - t, 3), flush=True)")
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
 
 

@@ -14,8 +14,7 @@ embedded coordinator is a separate program, started with ``subprocess``:
 * watched by a thread that restarts it if it dies unexpectedly (clients
   reconnect and re-register their leases, I4), whoever reaped it.
 
-Also here: what a worker does at exit (:func:`release_process`) and how a
-pool made before the socket was known joins it (:func:`adopt_process_pools`).
+Also here: what a worker does at exit (:func:`release_process`).
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
-import gc
 import json
 import logging
 import os
@@ -364,84 +362,11 @@ def _child_main() -> None:
 # ---------------------------------------------------------------------- this process's pools
 
 
-def _instances(*classes: type) -> dict[type, list[Any]]:
-    """Live objects of each of ``classes`` in this process, in one pass over the
-    heap (``type()`` only: never a proxy's ``__class__``)."""
-    found: dict[type, list[Any]] = {cls: [] for cls in classes}
-    for obj in gc.get_objects():
-        kind = type(obj)
-        for cls in classes:
-            if issubclass(kind, cls):
-                found[cls].append(obj)
-    return found
-
-
-def adopt_process_pools(socket_path: str) -> int:
-    """Point pools made before the socket was known at ``socket_path``.
-
-    They read ``$SHAREDPOOL_SOCKET`` when made, found none, and would run
-    unleased (uncapped). Only those that hold no connection yet are adopted:
-    :class:`~sharedpool.ConnectionPool`, :class:`~sharedpool.leasing.LeaseKeeper`
-    and the contrib integrations' lease books. Returns how many were adopted."""
-    from ..leasing import LeaseKeeper
-    from ..pool import ConnectionPool
-    from ._leases import LeaseBook
-
-    live = _instances(ConnectionPool, LeaseKeeper, LeaseBook)
-    adopted = 0
-    for pool in live[ConnectionPool]:
-        if pool.coordinator is None and pool.get_size() == 0:
-            pool.coordinator = socket_path
-            adopted += 1
-    holders: list[LeaseKeeper | LeaseBook] = [*live[LeaseKeeper], *live[LeaseBook]]
-    for holder in holders:
-        if holder.coordinator is None and len(holder) == 0:
-            holder.coordinator = socket_path
-            adopted += 1
-    return adopted
-
-
 def release_process(timeout: float = 5.0) -> None:
-    """At a worker's exit: close this process's leased connections (confirmed
-    closed, then each lease goes back), then end its coordinator sessions.
+    """At a worker's exit: see :func:`sharedpool.process.release_process`."""
+    from ..process import release_process as release
 
-    Covers :class:`~sharedpool.ConnectionPool` (waits up to ``timeout`` for
-    connections in use), :class:`~sharedpool.leasing.LeaseKeeper` and the
-    contrib integrations' lease books (SQLAlchemy, psycopg_pool, redis-py),
-    whose tracked connections are closed under the host pool: it is exiting."""
-    from ..client import Client
-    from ..leasing import LeaseKeeper
-    from ..pool import ConnectionPool
-    from ._leases import LeaseBook
-
-    live = _instances(ConnectionPool, LeaseKeeper, LeaseBook, Client)
-    for pool in live[ConnectionPool]:
-        try:
-            pool.close(timeout)
-        except Exception:  # noqa: BLE001 - release the rest whatever one pool does
-            log.exception("closing %r at worker exit failed", pool)
-    for keeper in live[LeaseKeeper]:
-        keeper._checkpid()  # made before fork: the parent's connections are not ours (I7)
-        for conn, _lease in list(keeper._leases.values()):
-            _close_one(keeper.close, conn)
-    for book in live[LeaseBook]:
-        book._checkpid()
-        for entry in list(book._entries.values()):
-            if _closable(entry.key):  # not a placeholder of a connect in flight
-                _close_one(book.close, entry.key)
-    for client in live[Client]:
-        client.close()
-
-
-def _closable(conn: Any) -> bool:
-    return callable(getattr(conn, "close", None)) or callable(getattr(conn, "disconnect", None))
-
-
-def _close_one(close: Any, conn: Any) -> None:
-    try:
-        close(conn)
-    except Exception:  # noqa: BLE001 - the worker is exiting; the fence covers the rest
-        log.exception("closing a leased connection at worker exit failed")
+    release(timeout)
 
 
 # ---------------------------------------------------------------------- fork and exit

@@ -21,10 +21,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from .. import process
 from ..client import Client, Lease, current_pid
 from ..closing import close_and_confirm, socket_fd
 from ..config import SOCKET_ENV, check_resource_name
-from ..errors import ConfigError, PoolTimeout
+from ..errors import AcquireCancelled, ConfigError, PoolTimeout
 
 __all__ = ["LeaseBook"]
 
@@ -59,61 +60,19 @@ class _Granted:
     lease: Lease
 
 
-class _Withdrawn(Exception):  # noqa: N818 - internal: the caller stopped waiting
-    """The acquire was withdrawn before the coordinator answered."""
-
-
 class _CancellableAcquire:
-    """``client.acquire(resource, timeout)`` that another thread can withdraw.
-
-    The client has no public way to cancel a queued acquire yet, so this uses
-    its request machinery the way ``Client.acquire`` does, and sends the same
-    Cancel its own timeout path sends. Without that machinery (another client
-    version) it falls back to a plain acquire that runs to its end."""
+    """``client.request()``: an acquire another thread can withdraw."""
 
     def __init__(self, client: Client, resource: str, timeout: float | None) -> None:
-        self.client, self.resource, self.timeout = client, resource, timeout
-        self._pending: Any = None
-        self._withdrawn = False
+        self.ticket = client.request(resource, timeout)
 
     def run(self) -> Lease:
-        client = self.client
-        try:
-            from .. import protocol as p
-            from ..client import GRACE, _Pending
-
-            client._checkpid()
-            req = next(client._reqs)
-            pending = _Pending(p.Acquire(req, self.resource, self.timeout, None))
-        except (AttributeError, ImportError):
-            return client.acquire(self.resource, self.timeout)
-        with client._cond:
-            if self._withdrawn:
-                raise _Withdrawn()
-            self._pending = pending
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout + GRACE
-        client._request(req, pending, deadline, "acquire")
-        if isinstance(pending.error, _Withdrawn):
-            # After our Acquire went out (or was never sent): the coordinator
-            # drops the waiter; a grant that crossed it is handed back by the
-            # client, which finds no caller for it.
-            client._send_quiet(p.Cancel(req))
-        if pending.error is not None:
-            raise pending.error
-        lease: Lease = pending.result
-        return lease
+        return self.ticket.wait()
 
     def withdraw(self) -> None:
-        """Stop waiting (from another thread); ``run()`` then raises _Withdrawn."""
-        cond = getattr(self.client, "_cond", None)
-        if cond is None:
-            return  # the plain acquire fallback runs to its end; its lease goes back unused
-        with cond:
-            self._withdrawn = True
-            pending = self._pending
-            if pending is not None and not pending.done:
-                pending.error, pending.done = _Withdrawn(), True
-                cond.notify_all()
+        """Stop waiting (from another thread); ``run()`` then raises
+        AcquireCancelled, and a lease granted meanwhile goes back."""
+        self.ticket.cancel()
 
 
 class _CloseVia:
@@ -172,13 +131,33 @@ class LeaseBook:
         if not isinstance(confirm_timeout, int | float) or confirm_timeout < 0:
             raise ConfigError("confirm_timeout", f"must be a number >= 0, got {confirm_timeout!r}")
         self.resource = check_resource_name(resource)
-        self.coordinator = coordinator if coordinator is not None else os.environ.get(SOCKET_ENV)
+        self._coordinator = coordinator
         self.confirm_timeout = float(confirm_timeout)
         self._idle = idle
         self._reclaim = reclaim
         self._counters = dict.fromkeys(_COUNTERS, 0)
         self._inherited: dict[int, Any] = {}
         self._reset()
+        process.register(self)
+
+    @property
+    def coordinator(self) -> str | None:
+        """The socket given, else ``$SHAREDPOOL_SOCKET`` as it is when first needed."""
+        if self._coordinator is None and self._client is None:
+            return os.environ.get(SOCKET_ENV)
+        return self._coordinator if self._client is None else self._client.socket_path
+
+    def release_for_exit(self, timeout: float) -> None:
+        """At process exit: close every tracked connection under the host pool
+        (it is exiting too), each confirmed, then its lease released."""
+        self._checkpid()  # made before fork: the parent's connections are not ours (I7)
+        for entry in list(self._entries.values()):
+            key = entry.key
+            if callable(getattr(key, "close", None)) or callable(getattr(key, "disconnect", None)):
+                try:
+                    self.close(key)
+                except Exception:  # noqa: BLE001 - exiting; the fence covers the rest
+                    log.exception("closing a leased connection at exit failed")
 
     def _reset(self) -> None:
         self._pid = current_pid()
@@ -354,7 +333,7 @@ class LeaseBook:
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 if isinstance(exc, PoolTimeout):
                     self.count("lease_timeouts")
-                elif not isinstance(exc, _Withdrawn):
+                elif not isinstance(exc, AcquireCancelled):
                     self.count("lease_errors")
                 with cond:
                     wait.error, wait.done = exc, True

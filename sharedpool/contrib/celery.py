@@ -42,7 +42,6 @@ from ..errors import ConfigError
 from ._embedded import (
     EmbeddedCoordinator,
     EmbeddedStartError,
-    adopt_process_pools,
     coordinator_listening,
     private_socket_path,
     release_process,
@@ -87,12 +86,10 @@ class CelerySharedPool:
                                for n, r in self.embedded.config.resources.items())
             log.info("sharedpool: coordinator pid %s serving %s (%s)",
                      self.embedded.pid, path, limits)
+        # Pools made at import time (before this) read the socket when they first
+        # open a connection, so they lease from this coordinator too.
         os.environ[SOCKET_ENV] = path
         self.socket = path
-        adopted = adopt_process_pools(path)
-        if adopted:
-            log.info("sharedpool: %d pool(s) made before the worker started now lease from %s",
-                     adopted, path)
 
     def worker_process_init(self, **_: Any) -> None:
         if self.socket is not None:
