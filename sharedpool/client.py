@@ -257,6 +257,12 @@ class Client:
         with self._cond:
             self._successes.add(resource)
 
+    def report_soon(self) -> None:
+        """Send the next report at once, not after the coalescing interval (a
+        new connection's backend pid matters to the fence)."""
+        self._reported_at = 0.0
+        self._wake.set()
+
     def on_reclaim(self, resource: str, handler: Callable[[], None]) -> None:
         """``handler()`` is called from the background thread when the
         coordinator asks for leases of ``resource`` back."""

@@ -405,6 +405,8 @@ class ConnectionPool(Generic[T]):
             openers = self._plan_growth()
         if closing:
             self._close(wrapper)
+        elif client is not None and wrapper.backend_pid is not None:
+            client.report_soon()  # the fence needs this backend pid should we die
         self._start_openers(openers, deadline)
 
     def _open_failed(self, waiter: _Waiter, exc: BaseException, connected: bool) -> None:

@@ -307,6 +307,7 @@ class Server:
     async def _fence(self, eff: StartFence, limits: Resource) -> None:
         from .fence import wait_backends_gone
 
+        started = self.loop.time()
         remaining: set[int] = set(eff.backend_pids)
         if eff.backend_pids:
             try:
@@ -321,6 +322,10 @@ class Server:
             log.warning("fence: backends %s of dead pid %s still present; slots stay fenced until "
                         "fence_timeout", sorted(remaining), eff.pid)
             return
+        if len(eff.backend_pids) < len(eff.leases):
+            # Some connections never reported a backend pid (still connecting,
+            # or opened just before the death): for them, the quarantine delay.
+            await asyncio.sleep(max(0.0, started + limits.quarantine_delay - self.loop.time()))
         log.info("fence: backends of dead pid %s gone; %d slot(s) of %s free",
                  eff.pid, len(eff.leases), eff.resource)
         self.apply(self.ledger.unfence(eff.resource, eff.leases, self.loop.time()))
