@@ -23,6 +23,7 @@ import logging
 import os
 import select
 import socket
+import threading
 import time
 from collections.abc import Callable
 
@@ -50,7 +51,12 @@ def socket_fd(conn: object) -> int | None:
     return None
 
 
-def close_and_confirm(conn: object, timeout: float) -> bool:
+#: How long a close not confirmed in time is still watched in the background.
+LATE_TIMEOUT = 60.0
+
+
+def close_and_confirm(conn: object, timeout: float, *,
+                      on_late: Callable[[bool], object] | None = None) -> bool:
     """Close ``conn``; return True once the server side is confirmed gone.
 
     Returns True when the server closed its end within ``timeout`` seconds, or
@@ -59,6 +65,12 @@ def close_and_confirm(conn: object, timeout: float) -> bool:
     not read our Terminate yet). An exception from ``close()`` is logged and the
     confirmation still runs. Sync connections only; never call it on a
     connection inherited across ``fork()`` (I7): it shuts the socket down.
+
+    A connection busy with a query is cancelled first (psycopg), so that its
+    backend reads our Terminate now rather than when the query ends. With
+    ``on_late``, a close not confirmed within ``timeout`` goes on being
+    watched in a background thread (up to :data:`LATE_TIMEOUT`), which then
+    calls ``on_late(confirmed)``: the caller keeps the lease until then.
     """
     close = getattr(conn, "close", None)
     # redis-py's Connection has disconnect(), which does shutdown(SHUT_RDWR): after
@@ -72,6 +84,7 @@ def close_and_confirm(conn: object, timeout: float) -> bool:
     deadline = time.monotonic() + max(timeout, 0.0)
     sock = _dup_socket(conn)
     try:
+        _cancel_if_busy(conn)
         if not close_after:
             _call_close(close, conn)
         if sock is None:
@@ -83,12 +96,40 @@ def close_and_confirm(conn: object, timeout: float) -> bool:
             with contextlib.suppress(OSError):  # already shut down or reset
                 sock.shutdown(socket.SHUT_WR)
             confirmed = _wait_eof(sock, deadline)
+            if not confirmed and on_late is not None:
+                watched, sock = sock, None  # the watcher owns the dup now
+                threading.Thread(target=_watch_late, args=(watched, on_late), daemon=True,
+                                 name="sharedpool-close-confirm").start()
         if close_after:
             _call_close(close, conn)
         return confirmed
     finally:
         if sock is not None:
             sock.close()  # the dup must never leak, whatever happened above
+
+
+def _watch_late(sock: socket.socket, on_late: Callable[[bool], object]) -> None:
+    try:
+        confirmed = _wait_eof(sock, time.monotonic() + LATE_TIMEOUT)
+    finally:
+        sock.close()
+    if not confirmed:
+        log.warning("a closed connection's server end is still open after %.0fs more; "
+                    "giving its lease back", LATE_TIMEOUT)
+    on_late(confirmed)
+
+
+def _cancel_if_busy(conn: object) -> None:
+    """Cancel a query in flight (psycopg 3: transaction status ACTIVE)."""
+    status = getattr(getattr(conn, "info", None), "transaction_status", None)
+    if status is None or int(status) != 1:  # pq.TransactionStatus.ACTIVE
+        return
+    cancel = getattr(conn, "cancel_safe", None) or getattr(conn, "cancel", None)
+    if callable(cancel):
+        try:
+            cancel()
+        except Exception:  # noqa: BLE001 - best effort: the close still follows
+            log.debug("cancelling a busy connection before closing it failed", exc_info=True)
 
 
 def _dup_socket(conn: object) -> socket.socket | None:

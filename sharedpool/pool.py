@@ -531,14 +531,28 @@ class ConnectionPool(Generic[T]):
         self._close(wrapper)
 
     def _close(self, wrapper: ConnectionWrapper[T]) -> None:
-        """Close, confirm the server let go (bounded), then give the lease back (I1)."""
-        confirmed = close_and_confirm(wrapper.conn, self.config.close_confirm_timeout)
-        if not confirmed:
-            log.warning("pool %r: server did not drop connection %s within %.1fs; releasing its "
-                        "lease anyway", self.name, wrapper.id[:8], self.config.close_confirm_timeout)
-        if wrapper.lease is not None and self._client is not None:
-            self._client.release(wrapper.lease)
-            wrapper.lease = None
+        """Close, confirm the server let go, then give the lease back (I1). A
+        close not confirmed within close_confirm_timeout keeps its lease until
+        it is (watched in the background, bounded)."""
+        lease, client = wrapper.lease, self._client
+        wrapper.lease = None
+
+        def late(confirmed: bool) -> None:
+            if client is not None and lease is not None:
+                client.release(lease)
+
+        keep = lease is not None and client is not None
+        try:
+            confirmed = close_and_confirm(wrapper.conn, self.config.close_confirm_timeout,
+                                          on_late=late if keep else None)
+        except Exception:  # noqa: BLE001 - e.g. an object with no close(): still give the lease back
+            log.exception("pool %r: closing connection %s failed", self.name, wrapper.id[:8])
+            confirmed = True
+        if confirmed:
+            late(True)
+        elif keep:
+            log.warning("pool %r: server has not dropped connection %s after %.1fs; its lease is "
+                        "kept until it does", self.name, wrapper.id[:8], self.config.close_confirm_timeout)
         with self._lock:
             self._m["total_closed"] += 1
 

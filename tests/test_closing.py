@@ -78,14 +78,17 @@ def test_backend_gone_every_time(dsn: str, monitor: psycopg.Connection) -> None:
 
 
 @pytest.mark.pg
-def test_busy_backend_is_not_confirmed(dsn: str, monitor: psycopg.Connection) -> None:
-    # The backend reads our Terminate only after its query: not confirmed, still counted.
+def test_busy_backend_is_cancelled_then_confirmed(dsn: str, monitor: psycopg.Connection) -> None:
+    # A backend reads our Terminate only after its query: so the query is
+    # cancelled first, and the close is confirmed in milliseconds, not seconds.
     conn = psycopg.connect(dsn, application_name=_app(), autocommit=True)
     pid = conn.info.backend_pid
-    conn.pgconn.send_query(b"SELECT pg_sleep(1)")
+    conn.pgconn.send_query(b"SELECT pg_sleep(5)")
     fds = _open_fds()
-    assert not close_and_confirm(conn, 0.2)
-    assert _visible(monitor, pid)
+    start = time.monotonic()
+    assert close_and_confirm(conn, 3.0)
+    assert time.monotonic() - start < 3.0
+    assert not _visible(monitor, pid)
     assert _open_fds() == fds - 1  # the connection's fd closed, and no dup left behind
 
 
@@ -119,6 +122,23 @@ def test_peer_closes_later_drained() -> None:
     assert close_and_confirm(_End(ours), 5.0)
     t.join()
     assert _open_fds() == fds - 2
+
+
+def test_late_confirmation_is_watched_in_the_background() -> None:
+    ours, peer = socket.socketpair()
+    fds = _open_fds()
+    results: list[bool] = []
+    done = threading.Event()
+
+    def late(confirmed: bool) -> None:
+        results.append(confirmed)
+        done.set()
+
+    threading.Timer(0.4, peer.close).start()
+    assert not close_and_confirm(_End(ours), 0.05, on_late=late)  # not yet
+    assert done.wait(5) and results == [True]  # the watcher saw the server let go
+    time.sleep(0.05)
+    assert _open_fds() == fds - 2  # our socket, the peer's, and the watcher's dup all closed
 
 
 def test_peer_never_closes_times_out_without_leak() -> None:

@@ -481,19 +481,27 @@ class LeaseBook:
             target = _DisconnectVia(key, closer)
         else:
             target = _CloseVia(key, closer)
+        client = self._client
+        lease = entry.lease if entry is not None else None
+
+        def late(confirmed: bool) -> None:
+            if client is not None and lease is not None:
+                self._release(client, lease)
+
         try:
-            confirmed = close_and_confirm(target, self.confirm_timeout)
-        finally:
-            if entry is not None and entry.lease is not None:
-                client = self._client
-                if client is not None:
-                    self._release(client, entry.lease)
-                if reclaimed:
-                    self.count("leases_reclaimed")
+            confirmed = close_and_confirm(target, self.confirm_timeout,
+                                          on_late=late if lease is not None else None)
+        except BaseException:
+            late(False)  # no watcher was started: the lease must not leak
+            raise
+        if confirmed:
+            late(True)
+        if reclaimed and lease is not None:
+            self.count("leases_reclaimed")
         if not confirmed:
             self.count("closes_unconfirmed")
-            log.warning("%r: the server did not drop a connection within %.1fs; releasing its "
-                        "lease anyway", self.resource, self.confirm_timeout)
+            log.warning("%r: the server has not dropped a connection after %.1fs; its lease is "
+                        "kept until it does", self.resource, self.confirm_timeout)
         return confirmed
 
     def sweep(self, gone: Callable[[Any], bool]) -> int:
