@@ -189,6 +189,11 @@ class Coordinator:
     ``Coordinator(path, resources={"pg": 20})`` then :meth:`start` (a child
     process) or :meth:`serve_forever` (this process). As a context manager it
     starts and stops the child.
+
+    Not for a process that forks workers after :meth:`start` (a gunicorn
+    master): the workers inherit the child-process bookkeeping and the first
+    one to exit would stop the coordinator. Use ``sharedpool.contrib.gunicorn``
+    / ``.celery`` (they run it as a separate program) or ``sharedpool serve``.
     """
 
     def __init__(
