@@ -52,7 +52,7 @@ def test_worker_killed_mid_query_never_puts_pg_over_the_cap(
             assert line and line[0] == "querying", line
             backend = int(line[1])
             # Others hammer the same resource: they want every slot.
-            hammer = [spawn(sock_path, app_name, 60, "2", "2") for _ in range(4)]
+            hammer = [spawn(sock_path, app_name, 100, "2", "2", "0.005") for _ in range(4)]
             time.sleep(0.3)
             os.kill(victim.pid, signal.SIGKILL)
             victim.wait(10)
