@@ -25,8 +25,9 @@ from .errors import (
     TooManyWaiters,
     UnknownResource,
 )
-from .pool import ConnectionPool, ConnectionWrapper, PooledConnection, PoolStatus, pooled
+from .pool import ConnectionPool, PoolStatus
 from .process import release_process
+from .wrapper import ConnectionWrapper, PooledConnection, pooled
 
 __version__ = "0.1.0"
 

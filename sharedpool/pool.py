@@ -8,13 +8,10 @@ the lock: the locked sections only decide, and return what to do.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import threading
 import time
-import traceback
-import uuid
 import weakref
 from collections import deque
 from collections.abc import Callable
@@ -22,7 +19,7 @@ from enum import Enum
 from typing import Any, Generic, TypeVar
 
 from . import process
-from .client import _PID, AcquireRequest, Client, Lease, current_pid
+from .client import _PID, AcquireRequest, Client, current_pid
 from .closing import close_and_confirm
 from .config import SOCKET_ENV, PoolConfig, check_resource_name
 from .errors import (
@@ -33,6 +30,7 @@ from .errors import (
     PoolTimeout,
     SharedPoolError,
 )
+from .wrapper import ConnectionWrapper, _call_site, _Checkout
 
 log = logging.getLogger("sharedpool.pool")
 
@@ -50,37 +48,6 @@ class PoolStatus(Enum):
     CLOSED = "closed"
 
 
-class ConnectionWrapper(Generic[T]):
-    """One open connection and its bookkeeping. Times are ``time.monotonic()``."""
-
-    __slots__ = (
-        "id", "conn", "created_at", "last_used", "in_use", "pool", "lease",
-        "backend_pid", "checked_out_at", "site", "health_check_count", "warned", "checked_at",
-    )
-
-    def __init__(self, conn: T, pool: ConnectionPool[T], lease: Lease | None) -> None:
-        now = time.monotonic()
-        self.id = uuid.uuid4().hex
-        self.conn = conn
-        self.created_at = now
-        self.last_used = now
-        self.in_use = False
-        self.pool = pool
-        self.lease = lease
-        self.backend_pid = _backend_pid(conn)
-        self.checked_out_at = 0.0
-        self.site: str | None = None
-        self.health_check_count = 0
-        self.warned = False
-        self.checked_at = now  # last validated (or connected): validation recency, not idleness
-
-    def __repr__(self) -> str:
-        state = "in use" if self.in_use else "idle"
-        lease = f" lease={self.lease.id}" if self.lease else ""
-        age = time.monotonic() - self.created_at
-        return f"<ConnectionWrapper {self.id[:8]} {state}{lease} age={age:.1f}s>"
-
-
 class _Waiter:
     __slots__ = ("event", "wrapper", "error", "connect_deadline", "abandoned", "has_opener")
 
@@ -91,21 +58,6 @@ class _Waiter:
         self.connect_deadline: float | None = None  # set while our opener runs the factory
         self.abandoned = False  # gave up on a connect that overran connection_timeout
         self.has_opener = False
-
-
-def _backend_pid(conn: Any) -> int | None:
-    info = getattr(conn, "info", None)  # psycopg 3
-    pid = getattr(info, "backend_pid", None)
-    if isinstance(pid, int):
-        return pid
-    getter = getattr(conn, "get_backend_pid", None)  # psycopg2
-    if callable(getter):
-        try:
-            value = getter()
-            return value if isinstance(value, int) else None
-        except Exception:  # noqa: BLE001
-            return None
-    return None
 
 
 class ConnectionPool(Generic[T]):
@@ -801,60 +753,3 @@ def _maintain(ref: weakref.ref[ConnectionPool[Any]], stop: threading.Event) -> N
         except Exception:  # noqa: BLE001 - keep maintaining
             log.exception("sharedpool pool maintenance failed")
         del pool
-
-
-def _call_site() -> str:
-    stack = traceback.extract_stack(limit=12)[:-3]
-    frames = [f for f in stack if "sharedpool" not in f.filename and "contextlib" not in f.filename]
-    return "".join(traceback.format_list(frames[-6:] or stack[-3:]))
-
-
-class _Checkout(Generic[T]):
-    # A plain class, not @contextmanager: this is on the checkout fast path.
-    __slots__ = ("pool", "timeout", "wrapper")
-
-    def __init__(self, pool: ConnectionPool[T], timeout: float | None) -> None:
-        self.pool = pool
-        self.timeout = timeout
-
-    def __enter__(self) -> T:
-        self.wrapper = self.pool.acquire(self.timeout)
-        return self.wrapper.conn
-
-    def __exit__(self, *exc: object) -> None:
-        self.pool.release(self.wrapper)
-
-
-class PooledConnection(Generic[T]):
-    """Context manager over a checked-out wrapper: ``with PooledConnection(pool, w) as conn``.
-    Attribute access is passed through to the raw connection."""
-
-    def __init__(self, pool: ConnectionPool[T], wrapper: ConnectionWrapper[T]) -> None:
-        self.pool = pool
-        self.wrapper = wrapper
-
-    def __enter__(self) -> T:
-        return self.wrapper.conn
-
-    def __exit__(self, *exc: object) -> None:
-        self.pool.release(self.wrapper)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.wrapper.conn, name)
-
-    def __repr__(self) -> str:
-        return f"<PooledConnection {self.wrapper!r}>"
-
-
-def pooled(pool: ConnectionPool[Any], timeout: float | None = None) -> Callable[[F], F]:
-    """Decorator: call the function with a checked-out connection as its first argument."""
-
-    def decorator(func: F) -> F:
-        @functools.wraps(func)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            with pool.connection(timeout) as conn:
-                return func(conn, *args, **kwargs)
-
-        return wrapper  # type: ignore[return-value]
-
-    return decorator

@@ -1,0 +1,121 @@
+"""What a checkout hands out: the connection wrapper, the context managers and
+the decorator over a pool."""
+
+from __future__ import annotations
+
+import functools
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from .client import Lease
+    from .pool import ConnectionPool
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class ConnectionWrapper(Generic[T]):
+    """One open connection and its bookkeeping. Times are ``time.monotonic()``."""
+
+    __slots__ = (
+        "id", "conn", "created_at", "last_used", "in_use", "pool", "lease",
+        "backend_pid", "checked_out_at", "site", "health_check_count", "warned", "checked_at",
+    )
+
+    def __init__(self, conn: T, pool: ConnectionPool[T], lease: Lease | None) -> None:
+        now = time.monotonic()
+        self.id = uuid.uuid4().hex
+        self.conn = conn
+        self.created_at = now
+        self.last_used = now
+        self.in_use = False
+        self.pool = pool
+        self.lease = lease
+        self.backend_pid = _backend_pid(conn)
+        self.checked_out_at = 0.0
+        self.site: str | None = None
+        self.health_check_count = 0
+        self.warned = False
+        self.checked_at = now  # last validated (or connected): validation recency, not idleness
+
+    def __repr__(self) -> str:
+        state = "in use" if self.in_use else "idle"
+        lease = f" lease={self.lease.id}" if self.lease else ""
+        age = time.monotonic() - self.created_at
+        return f"<ConnectionWrapper {self.id[:8]} {state}{lease} age={age:.1f}s>"
+
+
+def _backend_pid(conn: Any) -> int | None:
+    info = getattr(conn, "info", None)  # psycopg 3
+    pid = getattr(info, "backend_pid", None)
+    if isinstance(pid, int):
+        return pid
+    getter = getattr(conn, "get_backend_pid", None)  # psycopg2
+    if callable(getter):
+        try:
+            value = getter()
+            return value if isinstance(value, int) else None
+        except Exception:  # noqa: BLE001
+            return None
+    return None
+
+
+def _call_site() -> str:
+    stack = traceback.extract_stack(limit=12)[:-3]
+    frames = [f for f in stack if "sharedpool" not in f.filename and "contextlib" not in f.filename]
+    return "".join(traceback.format_list(frames[-6:] or stack[-3:]))
+
+
+class _Checkout(Generic[T]):
+    # A plain class, not @contextmanager: this is on the checkout fast path.
+    __slots__ = ("pool", "timeout", "wrapper")
+
+    def __init__(self, pool: ConnectionPool[T], timeout: float | None) -> None:
+        self.pool = pool
+        self.timeout = timeout
+
+    def __enter__(self) -> T:
+        self.wrapper = self.pool.acquire(self.timeout)
+        return self.wrapper.conn
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.release(self.wrapper)
+
+
+class PooledConnection(Generic[T]):
+    """Context manager over a checked-out wrapper: ``with PooledConnection(pool, w) as conn``.
+    Attribute access is passed through to the raw connection."""
+
+    def __init__(self, pool: ConnectionPool[T], wrapper: ConnectionWrapper[T]) -> None:
+        self.pool = pool
+        self.wrapper = wrapper
+
+    def __enter__(self) -> T:
+        return self.wrapper.conn
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.release(self.wrapper)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.wrapper.conn, name)
+
+    def __repr__(self) -> str:
+        return f"<PooledConnection {self.wrapper!r}>"
+
+
+def pooled(pool: ConnectionPool[Any], timeout: float | None = None) -> Callable[[F], F]:
+    """Decorator: call the function with a checked-out connection as its first argument."""
+
+    def decorator(func: F) -> F:
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with pool.connection(timeout) as conn:
+                return func(conn, *args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorator
