@@ -13,7 +13,7 @@ from typing import Any
 
 from ._common import Settings, console, machine_info, sharedpool_missing
 
-MODULES = ("checkout", "roundtrip", "lease_ops")
+MODULES = ("checkout", "roundtrip", "lease_ops", "fairness", "pgbouncer", "skew")
 
 
 def _runner(name: str) -> Callable[[Settings], dict[str, Any]]:

@@ -1,0 +1,121 @@
+"""Fairness at the cap (issue 3.7): 8 processes in tight ``SELECT 1`` loops through
+sharedpool with a global cap of 4, against 4 direct psycopg connections.
+
+    python -m benchmarks.fairness [--seconds 5] [--rounds 3] [--quanta 0.05,0.2,1.0] [--json PATH]
+
+sharedpool: 8 processes, each a local pool (1 thread, max_size 4) under one
+coordinator whose resource ``pg`` has ``max_size=4``. Direct: 4 processes, each one
+psycopg connection, the same loop. Every process must make progress. When a process
+waits at the cap, holders give a lease back at checkin once it is older than the
+resource's ``fairness_quantum``: a close + reconnect per hand-off. The run is repeated
+for each quantum in ``--quanta`` (the first is the headline, by default the shipped
+default) to show what the quantum trades: total throughput against evenness and the
+longest stall. Contenders alternate within each round; ratios are taken per round,
+then the median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+from typing import Any
+
+from ._common import Settings, console, report_skips, sharedpool_missing
+from ._fleet import FleetResult, Proc, alternate, coordinator, new_app, pg_missing, ratios, run_fleet
+from ._report import bounded_args, no_progress, ratio_table, summarize, write_json
+
+PROCS, CAP = 8, 4
+TARGET_TOTAL, TARGET_SPREAD = 0.9, 0.5
+DIRECT = f"direct x{CAP}"
+SWEEP = (0.2, 1.0)
+
+
+def default_quantum() -> float:
+    """The shipped ``Resource.fairness_quantum`` default (0.05 if sharedpool does not import)."""
+    try:
+        from sharedpool import Resource
+    except Exception:  # a package being written can fail in any way
+        return 0.05
+    return next(float(f.default) for f in fields(Resource) if f.name == "fairness_quantum")  # type: ignore[arg-type]
+
+
+def sp_name(quantum: float) -> str:
+    return f"sharedpool q={quantum:g}s"
+
+
+def direct_fleet(seconds: float, n: int = CAP) -> FleetResult:
+    """``n`` processes, each one direct psycopg connection in a SELECT 1 loop."""
+    return run_fleet([Proc("direct")] * n, seconds, app=new_app("direct"))
+
+
+def sharedpool_fleet(seconds: float, quantum: float | None = None, procs: int = PROCS,
+                     cap: int = CAP) -> FleetResult:
+    """``procs`` processes, each a local pool (1 thread, max_size ``cap``) under one global ``cap``."""
+    limits = {} if quantum is None else {"fairness_quantum": quantum}
+    with coordinator(cap, **limits) as sock:
+        return run_fleet([Proc("pool", max_size=cap)] * procs, seconds, app=new_app("sp"), sock=sock)
+
+
+def measure(seconds: float, rounds: int, quiet: float, quanta: list[float]) -> dict[str, Any]:
+    console.rule("[bold]Fairness at the cap (issue 3.7)")
+    console.print(f"{PROCS} processes x 1 thread in SELECT 1 loops, global cap {CAP} (local max_size {CAP}), "
+                  f"against {CAP} direct connections; {rounds} rounds of {seconds:g}s windows; "
+                  f"fairness_quantum {', '.join(f'{q:g}s' for q in quanta)} (first: headline)")
+    if why := pg_missing():
+        report_skips({"all": f"PostgreSQL not reachable: {why}"})
+        return {"skipped": {"all": why}}
+    skipped: dict[str, str] = {}
+    if missing := sharedpool_missing():
+        skipped.update({sp_name(q): f"sharedpool not usable ({missing})" for q in quanta})
+    contenders = {DIRECT: lambda: direct_fleet(seconds)}
+    for q in quanta:
+        contenders[sp_name(q)] = lambda q=q: sharedpool_fleet(seconds, q)  # type: ignore[misc]
+    per_round = alternate(contenders, rounds, skipped,
+                          progress=lambda m: console.print(f"[dim]{m}[/dim]"), quiet=quiet)
+    summary = summarize(per_round, f"Queries/s, median of {rounds} rounds of {seconds:g}s")
+    checks = []
+    for i, q in enumerate(quanta):
+        name, tag = sp_name(q), " (headline)" if i == 0 else ""
+        if name in per_round:
+            checks += [(f"{name} / {DIRECT} queries/s{tag}", ratios(per_round, name, DIRECT), TARGET_TOTAL),
+                       (f"{name} slowest / fastest process{tag}", [r.spread() for r in per_round[name]],
+                        TARGET_SPREAD)]
+    rows = ratio_table(checks)
+    stalled = no_progress(per_round)
+    report_skips(skipped)
+    return {"unit": "queries per second (SELECT 1, autocommit)", "processes": PROCS, "cap": CAP,
+            "seconds": seconds, "rounds": rounds, "quanta": quanta, "contenders": summary,
+            "ratios": rows, "no_progress": stalled, "skipped": skipped}
+
+
+def run(settings: Settings) -> dict[str, Any]:
+    """Entry point of ``python -m benchmarks``."""
+    q = default_quantum()
+    return measure(settings.pick(2.0, 5.0), settings.rounds, settings.pick(0.0, 30.0),
+                   [q] + [s for s in SWEEP if s != q])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quanta", default=None,
+                    help="comma-separated fairness quanta in seconds; the first is the headline "
+                         "(default: the shipped default, then 0.2 and 1.0)")
+    args = bounded_args(ap, argv, seconds=5.0, rounds=3)
+    q = default_quantum()
+    quanta = [q] + [s for s in SWEEP if s != q]
+    if args.quanta:
+        try:
+            quanta = [float(v) for v in args.quanta.split(",") if v.strip()]
+        except ValueError:
+            ap.error(f"--quanta: comma-separated numbers, got {args.quanta!r}")
+        if not quanta or any(v < 0 or v > 60 for v in quanta):
+            ap.error("--quanta: one or more numbers between 0 and 60")
+    res = measure(args.seconds, args.rounds, args.wait_quiet, quanta)
+    if args.json:
+        write_json(args.json, res)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
