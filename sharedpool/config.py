@@ -153,7 +153,7 @@ class Resource:
     min_per_process: int = 0
     max_waiting: int | None = None
     acquire_timeout: float = 10.0
-    fairness_quantum: float = 0.05
+    fairness_quantum: float = 0.2
     quarantine_delay: float = 0.05
     monitor_dsn: str | None = None
     fence_action: str = "wait"

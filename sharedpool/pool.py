@@ -35,6 +35,10 @@ from .wrapper import ConnectionWrapper, _call_site, _Checkout
 log = logging.getLogger("sharedpool.pool")
 
 T = TypeVar("T")
+
+#: A young lease owed to the coordinator and checked in stays this long; if
+#: it is still idle then (nobody here wanted it again), it is given back.
+IDLE_GIVE_BACK = 0.01
 F = TypeVar("F", bound=Callable[..., Any])
 
 #: Connections abandoned in a forked child: the parent's, kept referenced so
@@ -118,6 +122,7 @@ class ConnectionPool(Generic[T]):
         self._idle: deque[ConnectionWrapper[T]] = deque()
         self._all: dict[str, ConnectionWrapper[T]] = {}
         self._waiters: deque[_Waiter] = deque()
+        self._recheck_pending = False
         self._opening = 0
         #: openers' lease requests still queued at the coordinator
         self._lease_requests: set[AcquireRequest] = set()
@@ -408,22 +413,30 @@ class ConnectionPool(Generic[T]):
             elif client.owes(self.resource):
                 owed = True
                 quantum = client.limits.get(self.resource, {}).get("fairness_quantum", 0.0)
-                young = now - wrapper.lease.granted_at < quantum
+                # Counted from when the connection became usable, not from the
+                # grant: connecting can take a good part of a short quantum.
+                young = now - wrapper.created_at < quantum
         stale: set[AcquireRequest] = set()
+        recheck = False
         with self._lock:
             if not wrapper.in_use or self._all.get(wrapper.id) is not wrapper:
                 raise PoolMisuse(f"{wrapper!r} was already released (or made in another process)")
             self._m["total_released"] += 1
             wrapper.last_used = now
             wrapper.warned = False
-            # Owed to the coordinator: give it back now, unless a thread of ours
-            # waits for it and its lease is younger than the fairness quantum.
-            if owed and young and self._waiters:
+            # Owed to the coordinator: give it back now if it is older than the
+            # fairness quantum. A younger one stays; should it still be idle a
+            # moment later (nobody here wanted it again), it goes then.
+            if owed and young:
                 owed = False
+                recheck = not self._recheck_pending
+                self._recheck_pending = True
             if keep and not owed and self.status is PoolStatus.ACTIVE:
                 if not self._waiters:
                     wrapper.in_use = False
                     self._idle.append(wrapper)
+                    if recheck:
+                        self._schedule_recheck()
                     return
                 waiter = self._waiters.popleft()
                 waiter.wrapper = wrapper
@@ -446,6 +459,17 @@ class ConnectionPool(Generic[T]):
             return
         self._close(wrapper)
         self._start_openers(openers, now + self.config.acquire_timeout)
+
+    def _schedule_recheck(self) -> None:
+        # One timer at a time per pool, only while leases are owed: not per checkin.
+        timer = threading.Timer(IDLE_GIVE_BACK, self._recheck_owed)
+        timer.daemon = True
+        timer.start()
+
+    def _recheck_owed(self) -> None:
+        with self._lock:
+            self._recheck_pending = False
+        self._on_reclaim()
 
     def _use_fallback(self, client: Client) -> bool:
         """coordinator_away="fallback": with the coordinator unreachable, open
