@@ -493,8 +493,9 @@ class Client:
             sock.connect(self.socket_path)
             conn = p.Connection(p.CLIENT)
             with self._cond:
-                held = [[lease.resource, lease.id, lease.token, "idle", None]
-                        for lease in self._held.values()]
+                held_ids = list(self._held)
+                held: list[Any] = [[lease.resource, lease.id, lease.token, "idle", None]
+                                   for lease in self._held.values()]
             sock.sendall(conn.send(p.Hello(p.PROTOCOL_VERSION, os.getpid(), self.name, held)))
             welcome = None
             while welcome is None:
@@ -517,8 +518,11 @@ class Client:
             self.session_id, self.server_pid = welcome.session, welcome.server_pid
             self.limits = welcome.resources
             self._last_report = None
-            # Re-send what was waiting when the old session died.
-            resend = [pd.msg for pd in self._pending.values() if not pd.done]
+            # Re-send what was waiting when the old session died, and release
+            # what was let go while the handshake ran (its Release was dropped:
+            # there was no session to send it on).
+            resend: list[p.Message] = [pd.msg for pd in self._pending.values() if not pd.done]
+            resend += [p.Release(lid) for lid in held_ids if lid not in self._held]
             self._cond.notify_all()
         if held or self.reconnects:
             log.warning("reconnected to coordinator %s (session %s), re-registered %d lease(s)",

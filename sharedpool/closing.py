@@ -98,7 +98,11 @@ def close_and_confirm(conn: object, timeout: float, *,
             confirmed = _wait_eof(sock, deadline)
             if not confirmed and on_late is not None:
                 watched, sock = sock, None  # the watcher owns the dup now
-                threading.Thread(target=_watch_late, args=(watched, on_late), daemon=True,
+                # A disconnect() that shuts the socket down would fake the EOF:
+                # the watcher calls it after the real one.
+                after = (close, conn) if close_after else None
+                close_after = False
+                threading.Thread(target=_watch_late, args=(watched, on_late, after), daemon=True,
                                  name="sharedpool-close-confirm").start()
         if close_after:
             _call_close(close, conn)
@@ -108,11 +112,14 @@ def close_and_confirm(conn: object, timeout: float, *,
             sock.close()  # the dup must never leak, whatever happened above
 
 
-def _watch_late(sock: socket.socket, on_late: Callable[[bool], object]) -> None:
+def _watch_late(sock: socket.socket, on_late: Callable[[bool], object],
+                after: tuple[Callable[[], object], object] | None) -> None:
     try:
         confirmed = _wait_eof(sock, time.monotonic() + LATE_TIMEOUT)
     finally:
         sock.close()
+        if after is not None:
+            _call_close(*after)
     if not confirmed:
         log.warning("a closed connection's server end is still open after %.0fs more; "
                     "giving its lease back", LATE_TIMEOUT)

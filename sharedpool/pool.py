@@ -123,6 +123,7 @@ class ConnectionPool(Generic[T]):
         self._all: dict[str, ConnectionWrapper[T]] = {}
         self._waiters: deque[_Waiter] = deque()
         self._recheck_pending = False
+        self._fallback_opening = 0
         self._opening = 0
         #: openers' lease requests still queued at the coordinator
         self._lease_requests: set[AcquireRequest] = set()
@@ -313,9 +314,10 @@ class ConnectionPool(Generic[T]):
         """Opener thread: lease, then factory; deliver to the oldest waiter."""
         lease = None
         client = self._get_client()
+        fallback = client is not None and self._use_fallback(client)
         try:
             t0 = time.monotonic()
-            if client is not None and not self._use_fallback(client):
+            if client is not None and not fallback:
                 ticket = client.request(self.resource, max(0.0, deadline - t0))
                 with self._lock:
                     self._lease_requests.add(ticket)
@@ -331,7 +333,12 @@ class ConnectionPool(Generic[T]):
                     self._m["lease_wait_ms"] += int((t1 - t0) * 1000)
                 waiter.connect_deadline = t1 + self.config.connection_timeout
                 waiter.event.set()  # the waiter re-arms its wait with the connect deadline
-            conn = self.factory()
+            try:
+                conn = self.factory()
+            finally:
+                if fallback:  # made (then counted in _all) or failed: no longer under way
+                    with self._lock:
+                        self._fallback_opening -= 1
         except BaseException as exc:  # noqa: BLE001 - delivered to the waiter, not lost
             if client is not None and lease is not None:
                 client.report_failure(self.resource)
@@ -429,13 +436,13 @@ class ConnectionPool(Generic[T]):
             # moment later (nobody here wanted it again), it goes then.
             if owed and young:
                 owed = False
-                recheck = not self._recheck_pending
-                self._recheck_pending = True
+                recheck = True
             if keep and not owed and self.status is PoolStatus.ACTIVE:
                 if not self._waiters:
                     wrapper.in_use = False
                     self._idle.append(wrapper)
-                    if recheck:
+                    if recheck and not self._recheck_pending:
+                        self._recheck_pending = True
                         self._schedule_recheck()
                     return
                 waiter = self._waiters.popleft()
@@ -477,9 +484,12 @@ class ConnectionPool(Generic[T]):
         if self.config.coordinator_away != "fallback" or client.ensure_connected():
             return False
         with self._lock:
-            unleased = sum(1 for w in self._all.values() if w.lease is None)
-        if unleased >= self.config.fallback_max_size:
-            return False  # wait for the coordinator like everyone else
+            # Counted with the fallback connects still under way: concurrent
+            # openers must not each see room for one more.
+            unleased = sum(1 for w in self._all.values() if w.lease is None) + self._fallback_opening
+            if unleased >= self.config.fallback_max_size:
+                return False  # wait for the coordinator like everyone else
+            self._fallback_opening += 1
         log.warning("pool %r: coordinator %s unreachable; opening a connection without a lease "
                     "(coordinator_away=fallback)", self.name, self.coordinator)
         return True
@@ -498,13 +508,28 @@ class ConnectionPool(Generic[T]):
 
     # ------------------------------------------------------------------ closing
 
-    def _discard(self, wrapper: ConnectionWrapper[T]) -> None:
-        """A checked-out connection failed validation: forget it and close it."""
+    def _discard(self, wrapper: ConnectionWrapper[T], validation: bool = True) -> None:
+        """Forget a checked-out connection and close it (it failed validation,
+        or the pool stopped being active); its slot may serve a waiter."""
         with self._lock:
             self._all.pop(wrapper.id, None)
             wrapper.in_use = False
-            self._m["validation_failures"] += 1
+            if validation:
+                self._m["validation_failures"] += 1
+            openers = self._plan_growth()
+            self._returned.notify_all()
         self._close(wrapper)
+        self._start_openers(openers, time.monotonic() + self.config.acquire_timeout)
+
+    def _park(self, wrapper: ConnectionWrapper[T]) -> None:
+        """Hand a connection made or checked by maintenance to a waiter, or idle;
+        closed instead if the pool is no longer active."""
+        with self._lock:
+            active = self.status is PoolStatus.ACTIVE
+            if active:
+                self._hand_over(wrapper)
+        if not active:
+            self._discard(wrapper, validation=False)
 
     def _close(self, wrapper: ConnectionWrapper[T]) -> None:
         """Close, confirm the server let go, then give the lease back (I1). A
@@ -565,9 +590,12 @@ class ConnectionPool(Generic[T]):
                 del self._all[w.id]
             waiters = list(self._waiters)
             self._waiters.clear()
+            requests, self._lease_requests = self._lease_requests, set()
             for waiter in waiters:
                 waiter.error = PoolClosed(f"pool {self.name!r} is {status.value}")
                 waiter.event.set()
+        for ticket in requests:  # a closed pool must not take grants ahead of others
+            ticket.cancel()
         for wrapper in idle:
             self._close(wrapper)
         deadline = time.monotonic() + timeout
@@ -696,8 +724,7 @@ class ConnectionPool(Generic[T]):
             self._close(wrapper)
         for wrapper in to_check:
             if self._validate(wrapper):
-                with self._lock:
-                    self._hand_over(wrapper)
+                self._park(wrapper)
             else:
                 self._discard(wrapper)
         if missing > 0:
@@ -730,7 +757,8 @@ class ConnectionPool(Generic[T]):
                 self._opening -= 1
                 self._m["total_created"] += 1
                 self._all[wrapper.id] = wrapper
-                self._hand_over(wrapper)
+                wrapper.in_use = True
+            self._park(wrapper)
 
     def _check_leaks(self, now: float) -> None:
         threshold = self.config.leak_detection_threshold

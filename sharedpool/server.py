@@ -359,7 +359,7 @@ class Server:
 
         try:
             data, effects = run_admin(self, msg.verb, msg.args, now)
-        except (KeyError, ValueError, TypeError) as exc:
+        except (KeyError, ValueError, TypeError, OSError) as exc:
             session.send(p.Error("bad_request", f"{msg.verb}: {exc}", msg.req))
             return
         log.warning("admin %s %s by pid=%s", msg.verb, msg.args, session.pid)

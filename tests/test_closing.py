@@ -84,6 +84,7 @@ def test_busy_backend_is_cancelled_then_confirmed(dsn: str, monitor: psycopg.Con
     conn = psycopg.connect(dsn, application_name=_app(), autocommit=True)
     pid = conn.info.backend_pid
     conn.pgconn.send_query(b"SELECT pg_sleep(5)")
+    time.sleep(0.3)  # let the query start: a cancel that arrives before it is ignored
     fds = _open_fds()
     start = time.monotonic()
     assert close_and_confirm(conn, 3.0)
