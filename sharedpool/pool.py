@@ -23,6 +23,7 @@ from .client import _PID, AcquireRequest, Client, current_pid
 from .closing import close_and_confirm
 from .config import SOCKET_ENV, PoolConfig, check_resource_name
 from .errors import (
+    AcquireCancelled,
     ConfigError,
     ConnectTimeout,
     PoolClosed,
@@ -381,6 +382,12 @@ class ConnectionPool(Generic[T]):
             if connected:
                 self._m["connect_errors"] += 1
             target = waiter if waiter in self._waiters else None
+            if target is None and self._waiters and not isinstance(
+                    exc, (AcquireCancelled, PoolTimeout, ConnectTimeout)):
+                # Our waiter was served meanwhile: the error (a denial, a failed
+                # connect) goes to the oldest waiter rather than nowhere, or a
+                # coordinator denying at once would have us retrying in a loop.
+                target = self._waiters[0]
             if target is not None:
                 self._waiters.remove(target)
                 target.error = exc
