@@ -4,15 +4,14 @@ broken connection's lease coming back, reclaim, fork refusal, stats."""
 
 from __future__ import annotations
 
-import multiprocessing
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import psycopg
 import pytest
 from pg_helpers import BackendSampler, pg_dsn
+from proc_helpers import leased, run_forked, wait_leased
 from psycopg_pool import PoolClosed
 
 from sharedpool import Client, Resource
@@ -26,47 +25,6 @@ def make_pool(sock: str, app: str, **kw: Any) -> ConnectionPool[Any]:
     kw.setdefault("open", True)
     return ConnectionPool(pg_dsn(), resource="pg", coordinator=sock,
                           kwargs={"application_name": app, "autocommit": True}, **kw)
-
-
-def leased(sock: str) -> int:
-    c = Client(sock)
-    try:
-        return int(c.inspect("resources")["resources"][0]["leased"])
-    finally:
-        c.close()
-
-
-def wait_leased(sock: str, want: int, timeout: float = 5.0) -> int:
-    deadline = time.monotonic() + timeout
-    while (n := leased(sock)) != want and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return n
-
-
-def run_forked(target: Callable[..., dict[str, Any]], *args: Any, n: int = 1) -> list[dict[str, Any]]:
-    """Run ``target(*args)`` in ``n`` forked children; return what each returned."""
-    ctx = multiprocessing.get_context("fork")
-    results: Any = ctx.Queue()
-    procs = [ctx.Process(target=_child, args=(results, target, *args)) for _ in range(n)]
-    for p in procs:
-        p.start()
-    try:
-        out = [results.get(timeout=60) for _ in procs]
-    finally:
-        for p in procs:
-            p.join(10)
-            if p.exitcode is None:
-                p.kill()
-    assert [p.exitcode for p in procs] == [0] * n, out
-    return out
-
-
-def _child(results: Any, target: Callable[..., dict[str, Any]], *args: Any) -> None:
-    try:
-        results.put(target(*args))
-    except BaseException as exc:
-        results.put({"error": repr(exc)})
-        raise
 
 
 def _hammer(sock: str, app: str, threads: int, iterations: int) -> dict[str, Any]:

@@ -3,18 +3,18 @@ across forked workers, fork safety, reclaim, errors and lazy connects."""
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis
+from proc_helpers import leased, run_forked, wait_leased
 
-from sharedpool import Client, PoolTimeout, Resource
+from sharedpool import PoolTimeout, Resource
 from sharedpool.contrib.redis import BlockingConnectionPool
 
 HOST, PORT = "127.0.0.1", 6379
@@ -77,47 +77,6 @@ def make_pool(sock: str, name: str, **kw: Any) -> BlockingConnectionPool:
     kw.setdefault("timeout", 20)
     return BlockingConnectionPool(host=HOST, port=PORT, client_name=name, resource="redis",
                                   coordinator=sock, **kw)
-
-
-def leased(sock: str) -> int:
-    c = Client(sock)
-    try:
-        return int(c.inspect("resources")["resources"][0]["leased"])
-    finally:
-        c.close()
-
-
-def wait_leased(sock: str, want: int, timeout: float = 5.0) -> int:
-    deadline = time.monotonic() + timeout
-    while (n := leased(sock)) != want and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return n
-
-
-def run_forked(target: Callable[..., dict[str, Any]], *args: Any, n: int = 1) -> list[dict[str, Any]]:
-    """Run ``target(*args)`` in ``n`` forked children; return what each returned."""
-    ctx = multiprocessing.get_context("fork")
-    results: Any = ctx.Queue()
-    procs = [ctx.Process(target=_child, args=(results, target, *args)) for _ in range(n)]
-    for p in procs:
-        p.start()
-    try:
-        out = [results.get(timeout=60) for _ in procs]
-    finally:
-        for p in procs:
-            p.join(10)
-            if p.exitcode is None:
-                p.kill()
-    assert [p.exitcode for p in procs] == [0] * n, out
-    return out
-
-
-def _child(results: Any, target: Callable[..., dict[str, Any]], *args: Any) -> None:
-    try:
-        results.put(target(*args))
-    except BaseException as exc:
-        results.put({"error": repr(exc)})
-        raise
 
 
 def _hammer(pool: BlockingConnectionPool, name: str, threads: int, iterations: int) -> dict[str, Any]:
