@@ -73,3 +73,40 @@ def test_forked_pool_never_touches_parent_connections(pg: str, start_coordinator
         assert pool.get_metrics()["total_created"] == 1
     finally:
         pool.close()
+
+
+def test_two_threads_of_a_child_reset_the_pool_once(start_coordinator: Any, sock_path: str) -> None:
+    import threading
+
+    from sharedpool.testing import FakeFactory
+
+    start_coordinator({"r": 4})
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=4), resource="r",
+                          coordinator=sock_path)
+    with pool.connection():
+        pass
+
+    def child() -> int:
+        barrier = threading.Barrier(2)
+        got: list[Any] = []
+
+        def take() -> None:
+            barrier.wait()
+            got.append(pool.acquire(timeout=5))
+
+        threads = [threading.Thread(target=take) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        ok = len(got) == 2 and pool.get_size() == 2 and pool.get_metrics()["opening"] == 0
+        for w in got:
+            pool.release(w)
+        pool.close()
+        return 0 if ok else 5
+
+    try:
+        assert _run_in_child(child) == 0
+        assert pool.get_size() == 1  # the parent's pool is untouched
+    finally:
+        pool.close()
