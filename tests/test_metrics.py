@@ -85,8 +85,9 @@ def test_metrics_follow_the_ledger(tmp_path: Path) -> None:
         assert sp("pause", "demo", "--socket", server.socket).returncode == 0
         second.send("acquire 0")
         assert second.expect().startswith("error")
-        m = scrape(port)
-        assert value(m, "sharedpool_timeouts_total", resource="demo") == 2
+        # The pool's zero deadline passes before its lease request reaches the coordinator.
+        m = wait_for(lambda: (m := scrape(port)) and value(
+            m, "sharedpool_timeouts_total", resource="demo") == 2 and m, what="the second timeout")
         assert value(m, "sharedpool_peak_leases", resource="demo") == 2
     finally:
         for worker in workers:
