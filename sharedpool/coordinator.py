@@ -144,6 +144,8 @@ async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool
                 session.transport.close()
         await asyncio.sleep(0)
     finally:
+        if server.monitors is not None:
+            await server.monitors.aclose()
         if metrics is not None:
             metrics.shutdown()
         with contextlib.suppress(FileNotFoundError):

@@ -170,6 +170,7 @@ class Server:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._fences: set[asyncio.Task[None]] = set()
+        self.monitors: Any = None  # fence.MonitorConnections, made on the first fence
         self.own_uid = os.getuid()
         self.started = time.time()
         self.on_change: list[Any] = []  # observers (metrics)
@@ -305,8 +306,10 @@ class Server:
         task.add_done_callback(self._fences.discard)
 
     async def _fence(self, eff: StartFence, limits: Resource) -> None:
-        from .fence import wait_backends_gone
+        from .fence import MonitorConnections, wait_backends_gone
 
+        if self.monitors is None:
+            self.monitors = MonitorConnections()
         started = self.loop.time()
         remaining: set[int] = set(eff.backend_pids)
         if eff.backend_pids:
@@ -314,6 +317,7 @@ class Server:
                 remaining = await wait_backends_gone(
                     limits.monitor_dsn or "", eff.backend_pids,
                     action=limits.fence_action, timeout=limits.fence_timeout,
+                    monitors=self.monitors,
                 )
             except Exception as exc:  # noqa: BLE001 - keep the fence; its timeout ends it
                 log.warning("fence check for %s failed: %s", eff.resource, exc)
