@@ -50,3 +50,18 @@ def _child(results: Any, target: Callable[..., dict[str, Any]], *args: Any) -> N
     except BaseException as exc:
         results.put({"error": repr(exc)})
         raise
+
+
+def resource_row(sock: str) -> dict[str, Any]:
+    """The coordinator's row for its first resource."""
+    c = Client(sock)
+    try:
+        return dict(c.inspect("resources")["resources"][0])
+    finally:
+        c.close()
+
+
+def settled(sock: str) -> dict[str, Any] | None:
+    """The resource row once no lease is in use, else None."""
+    row = resource_row(sock)
+    return row if row["in_use"] == 0 else None

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from pg_helpers import BackendSampler
+from proc_helpers import settled
 
 from sharedpool import Client, ConfigError, SharedPoolError
 
@@ -142,19 +143,6 @@ def celery_worker(pg: str, tmp_path: Path, sock_path: str,
     yield start
     for worker in started:
         worker.cleanup()
-
-
-def resource_row(sock: str) -> dict[str, Any]:
-    c = Client(sock)
-    try:
-        return dict(c.inspect("resources")["resources"][0])
-    finally:
-        c.close()
-
-
-def settled(sock: str) -> dict[str, Any] | None:
-    row = resource_row(sock)
-    return row if row["in_use"] == 0 else None
 
 
 def test_prefork_children_share_a_cap_of_three(celery_worker: Callable[[], CeleryWorker],

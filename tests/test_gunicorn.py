@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from pg_helpers import BackendSampler
+from proc_helpers import resource_row, settled
 
 from sharedpool import Client, ConfigError, SharedPoolError
 
@@ -190,20 +191,6 @@ class Load:
     @property
     def done(self) -> int:
         return sum(self.ok.values())
-
-
-def resource_row(sock: str) -> dict[str, Any]:
-    c = Client(sock)
-    try:
-        return dict(c.inspect("resources")["resources"][0])
-    finally:
-        c.close()
-
-
-def settled(sock: str) -> dict[str, Any] | None:
-    """The resource row once no lease is in use, else None."""
-    row = resource_row(sock)
-    return row if row["in_use"] == 0 else None
 
 
 def leases(sock: str, **filters: Any) -> list[dict[str, Any]]:
