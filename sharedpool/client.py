@@ -2,10 +2,12 @@
 
 Threads share one socket. Whoever waits for a reply reads the socket itself
 (leader/follower), so a lease round trip costs no thread hand-off. A small
-background thread wakes every few milliseconds to pick up what arrives
-unasked (reclaims, admin pushes, a dead coordinator), to send coalesced
-reports, and to reconnect with backoff — re-registering the leases this
-process still holds (I4). After ``fork()`` the child never touches the
+background thread sleeps in ``poll()`` on the socket and a wake-up pipe: it
+picks up what arrives unasked (reclaims, admin pushes, a dead coordinator)
+while no caller is reading, runs timers and handler jobs, sends coalesced
+reports, and reconnects with backoff — re-registering the leases this process
+still holds (I4). It wakes only when there is something to do: a busy worker
+on a saturated machine pays for no idle ticks. After ``fork()`` the child never touches the
 parent's socket: it closes its copy and starts its own session lazily (I7).
 """
 
@@ -14,9 +16,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import heapq
 import itertools
 import logging
 import os
+import select
 import socket
 import struct
 import sys
@@ -41,8 +45,11 @@ from .errors import (
 
 log = logging.getLogger("sharedpool.client")
 
-#: Background tick: how late an unasked message (a reclaim) may be noticed.
-TICK = 0.005
+#: How long a follower waits before looking again whether it should lead.
+FOLLOW_WAIT = 0.02
+#: The background thread wakes at least this often (a safety net; it is woken
+#: by data, timers and the wake-up pipe, never by polling).
+IDLE_WAKE = 1.0
 #: Reports are coalesced and sent at most this often.
 REPORT_INTERVAL = 0.2
 #: Reconnect backoff bounds.
@@ -147,14 +154,22 @@ class Client:
         self._reqs = itertools.count(1)
         self._held: dict[int, Lease] = {}
         self._owed: dict[str, int] = {}
-        self._reclaim_handlers: dict[str, list[Callable[[], None]]] = {}
+        self._reclaim_handlers: dict[str, list[Callable[[], object]]] = {}
         self._push_handlers: list[Callable[[str, str | None, dict[str, Any]], None]] = []
         self._state_providers: list[Callable[[], list[list[Any]]]] = []
         self._failures: dict[str, int] = {}
         self._successes: set[str] = set()
         self._last_report: Any = None
-        self._jobs: list[Callable[[], None]] = []
-        self._wake = threading.Event()
+        self._jobs: list[Callable[[], object]] = []
+        self._timers: list[tuple[float, int, Callable[[], object]]] = []
+        self._timer_seq = itertools.count()
+        # The background thread sleeps in poll() on this pair's read end.
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._woken = False
+        self._parked = False  # the background thread waits for a leader to finish reading
+        self._reported_at = 0.0
         self._closed = False
         self._thread: threading.Thread | None = None
         self._next_attempt = 0.0
@@ -249,7 +264,7 @@ class Client:
         """Count a failed connect; sent with the next coalesced report."""
         with self._cond:
             self._failures[resource] = self._failures.get(resource, 0) + 1
-        self._wake.set()
+        self._notify()
 
     def report_success(self, resource: str) -> None:
         if resource in self._successes and not self._failures:
@@ -261,9 +276,9 @@ class Client:
         """Send the next report at once, not after the coalescing interval (a
         new connection's backend pid matters to the fence)."""
         self._reported_at = 0.0
-        self._wake.set()
+        self._notify()
 
-    def on_reclaim(self, resource: str, handler: Callable[[], None]) -> None:
+    def on_reclaim(self, resource: str, handler: Callable[[], object]) -> None:
         """``handler()`` is called from the background thread when the
         coordinator asks for leases of ``resource`` back."""
         self._reclaim_handlers.setdefault(resource, []).append(handler)
@@ -300,7 +315,7 @@ class Client:
         if self._pid != os.getpid():
             self._after_fork()
         self._closed = True
-        self._wake.set()
+        self._notify()
         self._disconnect("client closed", retry=False)
         self._fail_all(CoordinatorUnavailable("client closed"))
         with _REGISTRY_LOCK:
@@ -374,14 +389,13 @@ class Client:
                 lead = self._sock is not None and self._read_lock.acquire(blocking=False)
                 if not lead:
                     # Not connected, or another thread reads: wait to be told.
-                    self._cond.wait(TICK * 4 if remaining is None else min(remaining, TICK * 4))
+                    self._cond.wait(FOLLOW_WAIT if remaining is None else min(remaining, FOLLOW_WAIT))
                     continue
             try:
                 self._read_until(pending, deadline)
             finally:
                 self._read_lock.release()
-                with self._cond:
-                    self._cond.notify_all()
+                self._done_reading()
 
     def _read_until(self, pending: _Pending, deadline: float | None) -> None:
         sock = self._sock
@@ -451,12 +465,12 @@ class Client:
                 self._owed[msg.resource] = max(0, msg.count)
                 if msg.count > 0:
                     self._jobs.extend(self._reclaim_handlers.get(msg.resource, ()))
-            self._wake.set()
+            self._notify()
         elif isinstance(msg, p.Push):
             with self._cond:
                 for handler in self._push_handlers:
                     self._jobs.append(functools.partial(handler, msg.verb, msg.resource, msg.args))
-            self._wake.set()
+            self._notify()
         elif isinstance(msg, p.Error):
             log.warning("coordinator error: %s: %s", msg.code, msg.message)
             if msg.fatal:
@@ -530,6 +544,7 @@ class Client:
         self.reconnects += 1
         for msg in resend:
             sock.sendall(p.encode(msg))
+        self._notify()  # the background thread watches the new socket from now on
 
     def _disconnect(self, why: str, retry: bool = True) -> None:
         with self._cond:
@@ -544,6 +559,7 @@ class Client:
                 log.warning("lost coordinator %s: %s; will reconnect", self.socket_path, why)
             with contextlib.suppress(OSError):
                 sock.close()
+            self._notify()  # the background thread may be polling the closed socket
 
     def _send_quiet(self, msg: p.Message) -> None:
         """Send one frame; a dead socket is noticed here and by the reader."""
@@ -579,7 +595,60 @@ class Client:
                         name=f"sharedpool-client-{os.getpid()}", daemon=True)
                     self._thread.start()
 
+    def call_later(self, delay: float, job: Callable[[], object]) -> None:
+        """Run ``job()`` on the background thread after ``delay`` seconds (one
+        thread for every timer of the process: no thread per timer)."""
+        self._checkpid()
+        when = time.monotonic() + max(0.0, delay)
+        with self._cond:
+            first = not self._timers or when < self._timers[0][0]
+            heapq.heappush(self._timers, (when, next(self._timer_seq), job))
+        self._ensure_thread()
+        if first:
+            self._notify()
+
+    def _notify(self) -> None:
+        """Wake the background thread (from any thread; cheap when it is already woken)."""
+        if self._woken:
+            return
+        self._woken = True
+        with contextlib.suppress(OSError):  # full (it is awake anyway) or closed after a fork
+            self._wake_w.send(b"\0")
+
+    def _done_reading(self) -> None:
+        """A leader stopped reading: followers may lead, and a background
+        thread that left the socket to it watches it again."""
+        with self._cond:
+            self._cond.notify_all()
+            parked, self._parked = self._parked, False
+        if parked:
+            self._notify()
+
+    def _plan_sleep(self) -> tuple[socket.socket | None, float]:
+        """What the background thread waits on next: the session socket unless
+        a leader reads it (the leader dispatches what arrives), and for how long."""
+        now = time.monotonic()
+        due = now + IDLE_WAKE
+        with self._cond:
+            if self._jobs:
+                return None, 0.0
+            if self._timers:
+                due = min(due, self._timers[0][0])
+            sock = self._sock
+            if sock is None:
+                if (self._pending or self._held) and not self._closed:
+                    due = min(due, max(self._next_attempt, now + BACKOFF_MIN / 2))
+            elif self._state_providers or self._failures or self._successes:
+                due = min(due, self._reported_at + REPORT_INTERVAL)
+            if sock is not None and self._read_lock.locked():
+                self._parked, sock = True, None  # _done_reading wakes us
+        return sock, max(0.0, due - now)
+
     def _tick(self) -> None:
+        self._woken = False
+        with contextlib.suppress(OSError):  # drained (BlockingIOError) or closed
+            while self._wake_r.recv(4096):
+                pass
         sock = self._sock
         if sock is None:
             if (self._pending or self._held) and not self._closed:
@@ -589,10 +658,12 @@ class Client:
                 self._read_available(sock, block=False)
             finally:
                 self._read_lock.release()
-                with self._cond:
-                    self._cond.notify_all()
+                self._done_reading()
+        now = time.monotonic()
         with self._cond:
             jobs, self._jobs = self._jobs, []
+            while self._timers and self._timers[0][0] <= now:
+                jobs.append(heapq.heappop(self._timers)[2])
         for job in jobs:
             try:
                 job()
@@ -602,7 +673,7 @@ class Client:
 
     def _maybe_report(self) -> None:
         now = time.monotonic()
-        if self._sock is None or now - getattr(self, "_reported_at", 0.0) < REPORT_INTERVAL:
+        if self._sock is None or now - self._reported_at < REPORT_INTERVAL:
             return
         self._reported_at = now
         states: list[list[Any]] = []
@@ -647,14 +718,26 @@ def _error_from(msg: p.Error) -> SharedPoolError:
 
 
 def _background(ref: weakref.ref[Client]) -> None:
+    poller = select.poll()
     while True:
         client = ref()
         if client is None or client._closed or client._pid != _PID[0]:
             return
-        wake = client._wake
-        del client
-        wake.wait(TICK)
-        wake.clear()
+        wake = client._wake_r
+        sock, timeout = client._plan_sleep()
+        del client  # the client may be collected while we sleep
+        watched = [wake] if sock is None else [wake, sock]
+        try:
+            for s in watched:
+                poller.register(s, select.POLLIN)
+            if timeout > 0:
+                poller.poll(timeout * 1000.0)
+        except (OSError, ValueError):  # a socket closed under us: look again
+            pass
+        finally:
+            for s in watched:
+                with contextlib.suppress(OSError, ValueError, KeyError):
+                    poller.unregister(s)
         client = ref()
         if client is None:
             return

@@ -38,7 +38,10 @@ log = logging.getLogger("sharedpool.pool")
 T = TypeVar("T")
 
 #: A young lease owed to the coordinator and checked in stays this long; if
-#: it is still idle then (nobody here wanted it again), it is given back.
+#: it is still idle then (nobody here wanted it again), it is given back. While
+#: it keeps being used, the look is repeated at doubling intervals (bounded by
+#: the fairness quantum, after which it goes at checkin anyway): a busy holder
+#: pays a handful of wake-ups per quantum, not one per 10 ms.
 IDLE_GIVE_BACK = 0.01
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -128,6 +131,7 @@ class ConnectionPool(Generic[T]):
         self._all: dict[str, ConnectionWrapper[T]] = {}
         self._waiters: deque[_Waiter] = deque()
         self._recheck_pending = False
+        self._recheck_delay = IDLE_GIVE_BACK
         self._fallback_opening = 0
         self._opening = 0
         #: openers' lease requests still queued at the coordinator
@@ -452,9 +456,12 @@ class ConnectionPool(Generic[T]):
                 if not self._waiters:
                     wrapper.in_use = False
                     self._idle.append(wrapper)
-                    if recheck and not self._recheck_pending:
+                    if recheck and not self._recheck_pending and client is not None:
+                        # One timer at a time per pool, only while leases are owed.
+                        # (Lock order pool -> client: the client never calls a pool
+                        # while holding its own lock.)
                         self._recheck_pending = True
-                        self._schedule_recheck()
+                        client.call_later(self._recheck_delay, self._recheck_owed)
                     return
                 waiter = self._waiters.popleft()
                 waiter.wrapper = wrapper
@@ -478,16 +485,17 @@ class ConnectionPool(Generic[T]):
         self._close(wrapper)
         self._start_openers(openers, now + self.config.acquire_timeout)
 
-    def _schedule_recheck(self) -> None:
-        # One timer at a time per pool, only while leases are owed: not per checkin.
-        timer = threading.Timer(IDLE_GIVE_BACK, self._recheck_owed)
-        timer.daemon = True
-        timer.start()
-
     def _recheck_owed(self) -> None:
         with self._lock:
             self._recheck_pending = False
-        self._on_reclaim()
+        gave = self._on_reclaim()
+        client = self._client
+        with self._lock:
+            if gave or client is None or not client.owes(self.resource):
+                self._recheck_delay = IDLE_GIVE_BACK
+            else:  # still in use here: look again later, and less often
+                quantum = client.limits.get(self.resource, {}).get("fairness_quantum", 0.0)
+                self._recheck_delay = max(IDLE_GIVE_BACK, min(self._recheck_delay * 2, quantum))
 
     def _use_fallback(self, client: Client) -> bool:
         """coordinator_away="fallback": with the coordinator unreachable, open
@@ -661,11 +669,12 @@ class ConnectionPool(Generic[T]):
                     self._client = client
         return self._client
 
-    def _on_reclaim(self) -> None:
-        """Background thread: the coordinator wants leases back; give idle ones now."""
+    def _on_reclaim(self) -> int:
+        """Background thread: the coordinator wants leases back; give idle ones
+        now. Returns how many were given back."""
         client = self._client
         if client is None:
-            return
+            return 0
         victims: list[ConnectionWrapper[T]] = []
         with self._lock:
             owed = client.owes(self.resource)
@@ -676,6 +685,7 @@ class ConnectionPool(Generic[T]):
             self._m["reclaimed"] += len(victims)
         for wrapper in victims:
             self._close(wrapper)
+        return len(victims)
 
     def _on_push(self, verb: str, resource: str | None, args: dict[str, Any]) -> None:
         if resource not in (None, self.resource):

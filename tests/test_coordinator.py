@@ -343,3 +343,54 @@ def test_sigterm_stops_and_removes_socket(start_coordinator: Any, sock_path: str
     assert not os.path.exists(sock_path)
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_background_thread_sleeps_while_idle_and_runs_timers(start_coordinator: Any, sock_path: str) -> None:
+    # A busy worker must not pay for idle ticks: the client's thread wakes for
+    # data, timers and reports, not every few milliseconds.
+    start_coordinator({"r": 2})
+    c = Client(sock_path)
+    try:
+        lease = c.acquire("r", timeout=5)
+        ticks = 0
+        real_tick = c._tick
+
+        def counting_tick() -> None:
+            nonlocal ticks
+            ticks += 1
+            real_tick()
+
+        c._tick = counting_tick  # type: ignore[method-assign]
+        time.sleep(0.6)
+        assert ticks <= 3, f"{ticks} background wake-ups in 0.6 s with nothing to do"
+        fired: list[float] = []
+        t0 = time.monotonic()
+        for delay in (0.15, 0.05, 0.1):  # out of order: the earliest runs first
+            c.call_later(delay, lambda d=delay: fired.append(d))
+        wait_for(lambda: len(fired) == 3, 5.0, "timers")
+        assert fired == [0.05, 0.1, 0.15]
+        assert time.monotonic() - t0 >= 0.15
+        c.release(lease)
+    finally:
+        c.close()
+
+
+def test_unasked_reclaim_is_seen_at_once_by_an_idle_client(start_coordinator: Any, sock_path: str) -> None:
+    # Nobody reads the socket in the idle holder: its background thread must
+    # wake on the coordinator's Reclaim (poll on the socket, not a timer).
+    start_coordinator({"r": 1})
+    holder_client, waiter = Client(sock_path), Client(sock_path)
+    try:
+        lease = holder_client.acquire("r", timeout=5)
+        asked = threading.Event()
+        holder_client.on_reclaim("r", asked.set)
+        t0 = time.monotonic()
+        ticket = waiter.request("r", timeout=5)
+        assert asked.wait(2.0), "reclaim never reached the idle holder"
+        noticed = time.monotonic() - t0
+        holder_client.release(lease)
+        ticket.wait()
+        assert noticed < 0.5, f"reclaim noticed after {noticed:.3f}s"
+    finally:
+        holder_client.close()
+        waiter.close()

@@ -166,7 +166,7 @@ class LeaseBook:
         self._returned = threading.Condition(threading.Lock())
         self._waiting = 0
         self._waits: list[_Wait] = []
-        self._recheck: threading.Timer | None = None
+        self._recheck = False  # a recheck is scheduled
         self._client: Client | None = None
         self._handlers: tuple[Any, ...] = ()
 
@@ -547,16 +547,16 @@ class LeaseBook:
         return False
 
     def _recheck_after(self, delay: float) -> None:
+        client = self._client
         with self._lock:
-            if self._recheck is not None:
+            if self._recheck or client is None:
                 return
-            timer = self._recheck = threading.Timer(delay + 0.001, self._recheck_now)
-        timer.daemon = True
-        timer.start()
+            self._recheck = True
+        client.call_later(delay + 0.001, self._recheck_now)  # on the client's thread
 
     def _recheck_now(self) -> None:
         with self._lock:
-            self._recheck = None
+            self._recheck = False
         try:
             self._on_reclaim()
         except Exception:  # noqa: BLE001 - a timer thread has nobody to raise to
