@@ -38,7 +38,7 @@ def summarize(per_round: dict[str, list[FleetResult]], title: str,
     t = table(title, cols)
     out: dict[str, Any] = {}
     for name, res in per_round.items():
-        row = {
+        row: dict[str, Any] = {
             "processes": len(res[0].procs),
             "queries_per_s": median([r.rate() for r in res]),
             **{f"{role}_queries_per_s": median([r.rate(role) for r in res]) for role in roles},

@@ -9,9 +9,9 @@ psycopg connection, the same loop. Every process must make progress. When a proc
 waits at the cap, holders give a lease back at checkin once it is older than the
 resource's ``fairness_quantum``: a close + reconnect per hand-off. The run is repeated
 for each quantum in ``--quanta`` (the first is the headline, by default the shipped
-default) to show what the quantum trades: total throughput against evenness and the
-longest stall. Contenders alternate within each round; ratios are taken per round,
-then the median.
+default, ``auto``: 50 hand-off times, measured by each pool) to show what the quantum
+trades: total throughput against evenness and the longest stall. Contenders alternate
+within each round; ratios are taken per round, then the median.
 """
 
 from __future__ import annotations
@@ -28,20 +28,38 @@ from ._report import bounded_args, no_progress, ratio_table, summarize, write_js
 PROCS, CAP = 8, 4
 TARGET_TOTAL, TARGET_SPREAD = 0.9, 0.5
 DIRECT = f"direct x{CAP}"
-SWEEP = (0.2, 1.0)
+SWEEP: tuple[float | str, ...] = (0.2, 1.0)
 
 
-def default_quantum() -> float:
-    """The shipped ``Resource.fairness_quantum`` default (0.05 if sharedpool does not import)."""
+def default_quantum() -> float | str:
+    """The shipped ``Resource.fairness_quantum`` default ("auto" if sharedpool does not import)."""
     try:
         from sharedpool import Resource
     except Exception:  # a package being written can fail in any way
-        return 0.05
-    return next(float(f.default) for f in fields(Resource) if f.name == "fairness_quantum")  # type: ignore[arg-type]
+        return "auto"
+    return next(f.default for f in fields(Resource) if f.name == "fairness_quantum")  # type: ignore[return-value]
 
 
-def sp_name(quantum: float) -> str:
-    return f"sharedpool q={quantum:g}s"
+def sp_name(quantum: float | str) -> str:
+    return f"sharedpool q={quantum:g}s" if isinstance(quantum, int | float) else f"sharedpool q={quantum}"
+
+
+def parse_quanta(text: str) -> list[float | str]:
+    """``"auto,0.2,1"`` -> ``["auto", 0.2, 1.0]``; ValueError names what is wrong."""
+    out: list[float | str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if part == "auto":
+            out.append(part)
+            continue
+        value = float(part)
+        if not 0 <= value <= 60:
+            raise ValueError(f"{part}: seconds between 0 and 60")
+        out.append(value)
+    if not out:
+        raise ValueError("no quantum given")
+    return out
 
 
 def direct_fleet(seconds: float, n: int = CAP) -> FleetResult:
@@ -49,7 +67,7 @@ def direct_fleet(seconds: float, n: int = CAP) -> FleetResult:
     return run_fleet([Proc("direct")] * n, seconds, app=new_app("direct"))
 
 
-def sharedpool_fleet(seconds: float, quantum: float | None = None, procs: int = PROCS,
+def sharedpool_fleet(seconds: float, quantum: float | str | None = None, procs: int = PROCS,
                      cap: int = CAP) -> FleetResult:
     """``procs`` processes, each a local pool (1 thread, max_size ``cap``) under one global ``cap``."""
     limits = {} if quantum is None else {"fairness_quantum": quantum}
@@ -57,11 +75,12 @@ def sharedpool_fleet(seconds: float, quantum: float | None = None, procs: int = 
         return run_fleet([Proc("pool", max_size=cap)] * procs, seconds, app=new_app("sp"), sock=sock)
 
 
-def measure(seconds: float, rounds: int, quiet: float, quanta: list[float]) -> dict[str, Any]:
+def measure(seconds: float, rounds: int, quiet: float, quanta: list[float | str]) -> dict[str, Any]:
     console.rule("[bold]Fairness at the cap (issue 3.7)")
     console.print(f"{PROCS} processes x 1 thread in SELECT 1 loops, global cap {CAP} (local max_size {CAP}), "
                   f"against {CAP} direct connections; {rounds} rounds of {seconds:g}s windows; "
-                  f"fairness_quantum {', '.join(f'{q:g}s' for q in quanta)} (first: headline)")
+                  f"fairness_quantum {', '.join(sp_name(q)[len('sharedpool q='):] for q in quanta)} "
+                  "(first: headline)")
     if why := pg_missing():
         report_skips({"all": f"PostgreSQL not reachable: {why}"})
         return {"skipped": {"all": why}}
@@ -99,18 +118,16 @@ def run(settings: Settings) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quanta", default=None,
-                    help="comma-separated fairness quanta in seconds; the first is the headline "
-                         "(default: the shipped default, then 0.2 and 1.0)")
+                    help="comma-separated fairness quanta in seconds or 'auto'; the first is the "
+                         "headline (default: the shipped default, then 0.2 and 1.0)")
     args = bounded_args(ap, argv, seconds=5.0, rounds=3)
     q = default_quantum()
     quanta = [q] + [s for s in SWEEP if s != q]
     if args.quanta:
         try:
-            quanta = [float(v) for v in args.quanta.split(",") if v.strip()]
-        except ValueError:
-            ap.error(f"--quanta: comma-separated numbers, got {args.quanta!r}")
-        if not quanta or any(v < 0 or v > 60 for v in quanta):
-            ap.error("--quanta: one or more numbers between 0 and 60")
+            quanta = parse_quanta(args.quanta)
+        except ValueError as exc:
+            ap.error(f"--quanta: comma-separated seconds (0..60) or 'auto', got {args.quanta!r} ({exc})")
     res = measure(args.seconds, args.rounds, args.wait_quiet, quanta)
     if args.json:
         write_json(args.json, res)

@@ -124,11 +124,11 @@ def pgbouncer(exe: str, pool: int = CAP, timeout: float = 15.0) -> Iterator[str]
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def measure(seconds: float, rounds: int, quiet: float, quantum: float | None = None) -> dict[str, Any]:
+def measure(seconds: float, rounds: int, quiet: float, quantum: float | str | None = None) -> dict[str, Any]:
     console.rule("[bold]sharedpool vs PgBouncer vs direct (issue 5.8)")
     console.print(f"{PROCS} processes in SELECT 1 loops; sharedpool and PgBouncer (transaction mode) capped "
                   f"at {CAP} server connections; {rounds} rounds of {seconds:g}s windows; sharedpool "
-                  f"fairness_quantum {'the default' if quantum is None else f'{quantum:g}s'}")
+                  f"fairness_quantum {'the default' if quantum is None else quantum}")
     if why := pg_missing():
         report_skips({"all": f"PostgreSQL not reachable: {why}"})
         return {"skipped": {"all": why}}

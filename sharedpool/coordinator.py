@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import stat
+from collections.abc import Mapping
 from typing import Any
 
 from .config import CoordinatorConfig, Resource, default_socket_path
@@ -201,7 +202,7 @@ class Coordinator:
     def __init__(
         self,
         socket_path: str | None = None,
-        resources: dict[str, int | Resource | dict[str, Any]] | None = None,
+        resources: Mapping[str, int | Resource | dict[str, Any]] | None = None,
         *,
         config: CoordinatorConfig | None = None,
         **options: Any,
@@ -209,7 +210,7 @@ class Coordinator:
         if config is None:
             config = CoordinatorConfig(
                 socket_path=socket_path or default_socket_path(),
-                resources=resources or {},  # type: ignore[arg-type]
+                resources=dict(resources or {}),  # type: ignore[arg-type]
                 **options,
             )
         self.config = config

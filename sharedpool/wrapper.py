@@ -79,10 +79,10 @@ class _Checkout(Generic[T]):
         self.timeout = timeout
 
     def __enter__(self) -> T:
-        self.wrapper = self.pool.acquire(self.timeout)
-        return self.wrapper.conn
+        wrapper = self.wrapper = self.pool.acquire(self.timeout)
+        return wrapper.conn
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self.pool.release(self.wrapper)
 
 

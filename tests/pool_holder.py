@@ -1,6 +1,6 @@
 """A worker for reclaim tests: a pool of fake connections under a lease.
 
-    python pool_holder.py SOCKET RESOURCE POOL_SIZE COUNT MODE [SECONDS]
+    python pool_holder.py SOCKET RESOURCE POOL_SIZE COUNT MODE [SECONDS [CONNECT_DELAY]]
 
 MODE ``idle``: check COUNT connections out, return them, sleep (they sit idle).
 MODE ``busy``: COUNT threads check out in a loop, holding each for 10 ms.
@@ -22,7 +22,7 @@ def main() -> None:
     sock, resource = sys.argv[1:3]
     size, count, mode = int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
     seconds = float(sys.argv[6]) if len(sys.argv) > 6 else 30.0
-    factory = FakeFactory()
+    factory = FakeFactory(delay=float(sys.argv[7]) if len(sys.argv) > 7 else 0.0)
     pool = ConnectionPool(factory, PoolConfig(min_size=0, max_size=size, acquire_timeout=30),
                           resource=resource, coordinator=sock)
     held = [pool.acquire() for _ in range(count)]

@@ -152,6 +152,8 @@ def test_from_mapping_with_non_string_keys_is_a_config_error() -> None:
         ({"max_size": 4, "acquire_timeout": -1}, "acquire_timeout"),
         ({"max_size": 4, "acquire_timeout": NAN}, "acquire_timeout"),
         ({"max_size": 4, "fairness_quantum": -0.1}, "fairness_quantum"),
+        ({"max_size": 4, "fairness_quantum": "fast"}, "fairness_quantum"),
+        ({"max_size": 4, "fairness_quantum": None}, "fairness_quantum"),
         ({"max_size": 4, "quarantine_delay": -1}, "quarantine_delay"),
         ({"max_size": 4, "quarantine_delay": INF}, "quarantine_delay"),
         ({"max_size": 4, "fence_timeout": 0}, "fence_timeout"),
@@ -163,6 +165,15 @@ def test_from_mapping_with_non_string_keys_is_a_config_error() -> None:
 )
 def test_resource_rejects_bad_values_naming_the_field(kwargs: dict[str, Any], field: str) -> None:
     _raises_field(field, Resource, **kwargs)
+
+
+def test_fairness_quantum_is_auto_by_default_or_a_number_from_any_source(tmp_path: Any) -> None:
+    assert Resource(max_size=4).fairness_quantum == "auto"
+    assert Resource(max_size=4, fairness_quantum=0.3).fairness_quantum == 0.3
+    assert parse_resource_flag("pg=4,fairness_quantum=auto")[1].fairness_quantum == "auto"
+    assert parse_resource_flag("pg=4,fairness_quantum=0.5")[1].fairness_quantum == 0.5
+    with pytest.raises(ConfigError, match=r'fairness_quantum.*"auto".*got \'soon\''):
+        parse_resource_flag("pg=4,fairness_quantum=soon")
 
 
 def test_resource_defaults_and_as_dict_hides_the_dsn() -> None:

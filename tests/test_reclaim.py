@@ -30,10 +30,10 @@ HOLDER = str(Path(__file__).with_name("pool_holder.py"))
 
 @contextmanager
 def holder(sock: str, size: int, count: int, mode: str,
-           seconds: float = 30) -> Iterator[subprocess.Popen[str]]:
+           seconds: float = 30, connect_delay: float = 0.0) -> Iterator[subprocess.Popen[str]]:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-    proc = subprocess.Popen([sys.executable, HOLDER, sock, "r", str(size), str(count), mode, str(seconds)],
-                            stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, HOLDER, sock, "r", str(size), str(count), mode, str(seconds),
+                             str(connect_delay)], stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready"
@@ -85,6 +85,25 @@ def test_busy_process_gives_back_at_checkin(start_coordinator: Any, sock_path: s
             pool.close()
         assert proc.poll() is None  # the busy one kept working
     assert elapsed < 10
+
+
+@pytest.mark.parametrize(("connect_delay", "low", "high"), [(0.0, 0.0, 1.0), (0.05, 1.5, 6.0)])
+def test_auto_quantum_follows_what_a_hand_off_costs(start_coordinator: Any, sock_path: str,
+                                                     connect_delay: float, low: float, high: float) -> None:
+    # fairness_quantum="auto" (the default): a holder whose connects are cheap
+    # gives its busy slot back within the 0.05 s floor; one whose connects
+    # take 50 ms keeps it for 50 x (connect + close), capped at 2 s.
+    start_coordinator({"r": Resource(max_size=1)})
+    with holder(sock_path, 1, 1, "busy", seconds=20, connect_delay=connect_delay) as proc:
+        pool = local_pool(sock_path, 1)
+        try:
+            t0 = time.monotonic()
+            with pool.connection(timeout=10):
+                waited = time.monotonic() - t0
+        finally:
+            pool.close()
+        assert proc.poll() is None
+    assert low <= waited <= high, f"waited {waited:.3f}s for the busy holder's slot"
 
 
 def test_max_waiting_fails_fast(start_coordinator: Any, sock_path: str) -> None:

@@ -18,7 +18,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .. import process
@@ -26,6 +26,7 @@ from ..client import Client, Lease, current_pid
 from ..closing import close_and_confirm, socket_fd
 from ..config import SOCKET_ENV, check_resource_name
 from ..errors import AcquireCancelled, ConfigError, PoolTimeout
+from ..handoff import HandOffCost
 
 __all__ = ["LeaseBook"]
 
@@ -43,6 +44,7 @@ class _Entry:
     key: Any
     lease: Lease | None
     backend_pid: int | None = None
+    since: float = field(default_factory=time.monotonic)  # leased (before the connect)
 
 
 @dataclass(eq=False)
@@ -167,6 +169,7 @@ class LeaseBook:
         self._waiting = 0
         self._waits: list[_Wait] = []
         self._recheck = False  # a recheck is scheduled
+        self._handoff = HandOffCost()
         self._client: Client | None = None
         self._handlers: tuple[Any, ...] = ()
 
@@ -420,6 +423,7 @@ class LeaseBook:
         entry = self._entries.get(id(key))
         if entry is not None:
             entry.backend_pid = backend_pid(key)
+            self._handoff.connected(time.monotonic() - entry.since)
         if client is not None:
             client.report_success(self.resource)
 
@@ -488,6 +492,7 @@ class LeaseBook:
             if client is not None and lease is not None:
                 self._release(client, lease)
 
+        t0 = time.monotonic()
         try:
             confirmed = close_and_confirm(target, self.confirm_timeout,
                                           on_late=late if lease is not None else None)
@@ -495,6 +500,7 @@ class LeaseBook:
             late(False)  # no watcher was started: the lease must not leak
             raise
         if confirmed:
+            self._handoff.closed(time.monotonic() - t0)
             late(True)
         if reclaimed and lease is not None:
             self.count("leases_reclaimed")
@@ -537,7 +543,7 @@ class LeaseBook:
         entry = self._entries.get(id(key))
         if entry is None or entry.key is not key or entry.lease is None:
             return False
-        quantum = client.limits.get(self.resource, {}).get("fairness_quantum", 0.0)
+        quantum = self._handoff.quantum(client.limits.get(self.resource, {}).get("fairness_quantum"))
         age = time.monotonic() - entry.lease.granted_at
         if age >= quantum:
             return True
