@@ -125,6 +125,7 @@ async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool
         metrics = serve_metrics(server, config.metrics_host, config.metrics_port)
     try:
         aserver = await loop.create_unix_server(lambda: SessionProtocol(server), sock=sock)
+        server.warm_monitors()
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)

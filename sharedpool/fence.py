@@ -55,13 +55,17 @@ class MonitorConnections:
 
     def __init__(self) -> None:
         self._conns: dict[str, Any] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
 
     async def get(self, psycopg: Any, dsn: str, **extra: Any) -> Any:
-        conn = self._conns.get(dsn)
-        if conn is None or conn.closed or conn.broken:
-            conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True, **extra)
-            self._conns[dsn] = conn
-        return conn
+        # One connect at a time per DSN: a fence starting while the warm-up
+        # connects waits for it instead of opening a second connection.
+        async with self._locks.setdefault(dsn, asyncio.Lock()):
+            conn = self._conns.get(dsn)
+            if conn is None or conn.closed or conn.broken:
+                conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True, **extra)
+                self._conns[dsn] = conn
+            return conn
 
     async def discard(self, dsn: str, conn: Any) -> None:
         """A connection in an unknown state (an error, a timeout mid-query): drop it."""
@@ -109,12 +113,7 @@ async def wait_backends_gone(
     except ImportError:
         raise ConfigError("monitor_dsn", "needs psycopg: pip install 'sharedpool[pg]'") from None
     params = _parse_dsn(psycopg, dsn)
-    host = _host_of(params)
-    # Name the monitor connection so it is recognisable (and not counted as a
-    # worker's) in pg_stat_activity, unless the DSN names it already.
-    extra: dict[str, Any] = {}
-    if "application_name" not in params:
-        extra["application_name"] = "sharedpool-fence"
+    host, extra = _host_of(params), _monitor_extra(params)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     conn: Any = None
@@ -154,6 +153,36 @@ async def wait_backends_gone(
     finally:
         if conn is not None and monitors is None:
             await conn.close()
+
+
+async def warm_monitor(monitors: MonitorConnections, dsn: str, timeout: float = 10.0) -> bool:
+    """Open ``dsn``'s monitor connection ahead of the first fence (at start-up,
+    where a worker may die before anything else happened). False, with a
+    warning naming the host, if it cannot be made now; a fence retries."""
+    try:
+        import psycopg
+    except ImportError:
+        log.warning("fence: monitor_dsn is set but psycopg is not installed: pip install 'sharedpool[pg]'")
+        return False
+    try:
+        params = _parse_dsn(psycopg, dsn)
+    except ConfigError as exc:
+        log.warning("fence: %s", exc)
+        return False
+    try:
+        async with asyncio.timeout(timeout):
+            await monitors.get(psycopg, dsn, **_monitor_extra(params))
+    except (TimeoutError, psycopg.Error) as exc:
+        log.warning("fence: no monitor connection to %s yet (%s); the first fence will retry",
+                    _host_of(params), exc or "timeout")
+        return False
+    return True
+
+
+def _monitor_extra(params: dict[str, Any]) -> dict[str, Any]:
+    # Name the monitor connection so it is recognisable (and not counted as a
+    # worker's) in pg_stat_activity, unless the DSN names it already.
+    return {} if "application_name" in params else {"application_name": "sharedpool-fence"}
 
 
 async def _terminate(psycopg: Any, conn: Any, pids: set[int]) -> None:

@@ -169,7 +169,7 @@ class Server:
         self.max_buffer = 2 * config.max_frame  # unread replies beyond this: the peer is not reading
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
-        self._fences: set[asyncio.Task[None]] = set()
+        self._fences: set[asyncio.Task[Any]] = set()
         self.monitors: Any = None  # fence.MonitorConnections, made on the first fence
         self.own_uid = os.getuid()
         self.started = time.time()
@@ -304,6 +304,18 @@ class Server:
         task = self.loop.create_task(self._fence(eff, limits))
         self._fences.add(task)
         task.add_done_callback(self._fences.discard)
+
+    def warm_monitors(self) -> None:
+        """Open the fence's monitor connections now: the first dead worker
+        must not also pay for a connect (4-20 ms here, far more at start-up)."""
+        from .fence import MonitorConnections, warm_monitor
+
+        if self.monitors is None:
+            self.monitors = MonitorConnections()
+        for dsn in {r.limits.monitor_dsn for r in self.ledger.resources.values() if r.limits.monitor_dsn}:
+            task = self.loop.create_task(warm_monitor(self.monitors, dsn))
+            self._fences.add(task)
+            task.add_done_callback(self._fences.discard)
 
     async def _fence(self, eff: StartFence, limits: Resource) -> None:
         from .fence import MonitorConnections, wait_backends_gone

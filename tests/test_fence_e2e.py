@@ -120,3 +120,21 @@ def test_failing_connects_fail_waiters_fast_and_recover(start_coordinator: Any, 
         probe.close()
     finally:
         pool.close()
+
+
+def test_monitor_connection_is_open_before_anyone_dies(pg: str, start_coordinator: Any,
+                                                       app_name: str) -> None:
+    # The first dead worker must not also pay for the monitor's connect (that
+    # was the tail of the chaos run's slot-return times).
+    import psycopg
+
+    start_coordinator({"pg": Resource(max_size=2, monitor_dsn=f"{pg_dsn()} application_name={app_name}")})
+    deadline = time.monotonic() + 10
+    with psycopg.connect(pg_dsn(), autocommit=True) as conn:
+        while True:
+            row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                               (app_name,)).fetchone()
+            if row == (1,):
+                break
+            assert time.monotonic() < deadline, f"no monitor connection yet: {row}"
+            time.sleep(0.05)
