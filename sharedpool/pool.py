@@ -138,6 +138,7 @@ class ConnectionPool(Generic[T]):
         self._recheck_pending = False
         self._recheck_delay = IDLE_GIVE_BACK
         self._acquired = self._released = 0  # counters of the fast paths
+        self._giving = 0  # give-backs to the coordinator closing, their leases not yet released
         self._handoff = HandOffCost()
         self._fallback_opening = 0
         self._opening = 0
@@ -479,6 +480,12 @@ class ConnectionPool(Generic[T]):
             if owed and young:
                 owed = False
                 recheck = True
+            elif owed and client is not None:
+                # Concurrent checkins read the same count: only as many give
+                # back as are owed beyond the give-backs already under way.
+                owed = client.owes(self.resource) > self._giving
+                if owed:
+                    self._giving += 1
             if keep and not owed and self.status is PoolStatus.ACTIVE:
                 if not self._waiters:
                     wrapper.in_use = False
@@ -509,7 +516,7 @@ class ConnectionPool(Generic[T]):
             for ticket in stale:
                 ticket.cancel()
             return
-        self._close(wrapper)
+        self._close(wrapper, giving=owed)
         self._start_openers(openers, now + self.config.acquire_timeout)
 
     def _quantum(self, client: Client) -> float:
@@ -580,16 +587,22 @@ class ConnectionPool(Generic[T]):
         if not active:
             self._discard(wrapper, validation=False)
 
-    def _close(self, wrapper: ConnectionWrapper[T]) -> None:
+    def _close(self, wrapper: ConnectionWrapper[T], giving: bool = False) -> None:
         """Close, confirm the server let go, then give the lease back (I1). A
         close not confirmed within close_confirm_timeout keeps its lease until
-        it is (watched in the background, bounded)."""
+        it is (watched in the background, bounded). ``giving``: a give-back to
+        the coordinator, counted in ``_giving`` until its lease is released."""
         lease, client = wrapper.lease, self._client
         wrapper.lease = None
+        pid = self._pid
 
         def late(confirmed: bool) -> None:
             if client is not None and lease is not None:
                 client.release(lease)
+            if giving:
+                with self._lock:
+                    if self._pid == pid:  # not reset by a fork meanwhile
+                        self._giving -= 1
 
         keep = lease is not None and client is not None
         t0 = time.monotonic()
@@ -605,6 +618,8 @@ class ConnectionPool(Generic[T]):
         elif keep:
             log.warning("pool %r: server has not dropped connection %s after %.1fs; its lease is "
                         "kept until it does", self.name, wrapper.id[:8], self.config.close_confirm_timeout)
+        elif giving:
+            late(False)  # no lease to keep: only the give-back count to settle
         with self._lock:
             self._m["total_closed"] += 1
 
@@ -709,14 +724,18 @@ class ConnectionPool(Generic[T]):
             return 0
         victims: list[ConnectionWrapper[T]] = []
         with self._lock:
-            owed = client.owes(self.resource)
-            while owed > len(victims) and self._idle:
-                wrapper = self._idle.popleft()  # the coldest first
-                del self._all[wrapper.id]
-                victims.append(wrapper)
+            owed = client.owes(self.resource) - self._giving
+            for wrapper in list(self._idle):  # the coldest first
+                if len(victims) >= owed:
+                    break
+                if wrapper.lease is not None:  # a fallback connection frees no lease
+                    self._idle.remove(wrapper)
+                    del self._all[wrapper.id]
+                    victims.append(wrapper)
             self._m["reclaimed"] += len(victims)
+            self._giving += len(victims)
         for wrapper in victims:
-            self._close(wrapper)
+            self._close(wrapper, giving=True)
         return len(victims)
 
     def _on_push(self, verb: str, resource: str | None, args: dict[str, Any]) -> None:

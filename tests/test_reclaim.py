@@ -249,3 +249,44 @@ def test_served_waiter_withdraws_its_lease_request(start_coordinator: Any, sock_
         assert _waited(other) < 3.0  # reclaimed from us at once, not after our 15 s timeout
     finally:
         pool.close()
+
+
+def test_concurrent_checkins_give_back_only_what_is_owed(start_coordinator: Any, sock_path: str) -> None:
+    # Two threads check in old connections while one lease is owed: one closes
+    # (slowly), the other must see that give-back under way and keep its own.
+    start_coordinator({"r": Resource(max_size=2, fairness_quantum=0)})
+    gate = threading.Event()
+
+    class SlowClose(FakeFactory):
+        def __call__(self) -> Any:
+            conn = super().__call__()
+            real = conn.close
+
+            def close() -> None:
+                gate.wait(5)
+                real()
+
+            conn.close = close  # type: ignore[method-assign]
+            return conn
+
+    factory = SlowClose()
+    pool = ConnectionPool(factory, PoolConfig(min_size=0, max_size=2), resource="r", coordinator=sock_path)
+    try:
+        a, b = pool.acquire(timeout=5), pool.acquire(timeout=5)
+        client = Client.for_path(sock_path)
+        client._owed["r"] = 1  # as if the coordinator had asked for one lease back
+        first = threading.Thread(target=pool.release, args=(a,))
+        first.start()
+        deadline = time.monotonic() + 5
+        while pool._giving != 1:
+            assert time.monotonic() < deadline, "the first checkin never started giving back"
+            time.sleep(0.005)
+        pool.release(b)  # while the first give-back is still closing
+        gate.set()
+        first.join(5)
+        assert len(factory.open) == 1, f"gave back {2 - len(factory.open)} with 1 owed"
+        assert pool.get_stats()["leases_held"] == 1 and pool._giving == 0
+        assert client.owes("r") == 0
+    finally:
+        gate.set()
+        pool.close()

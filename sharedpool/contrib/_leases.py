@@ -353,6 +353,7 @@ class LeaseBook:
                 self.count("leases_unused")
 
         threading.Thread(target=helper, name=f"sharedpool-lease-{self.resource}", daemon=True).start()
+        withdraw = False
         with cond:
             self._waits.append(wait)
             self._waiting += 1
@@ -368,8 +369,10 @@ class LeaseBook:
                         if wait.done and wait.lease is not None:
                             lease_back = wait.lease
                         else:
-                            lease_back = None
-                            request.withdraw()
+                            # Withdrawn below, outside the lock (it sends a frame).
+                            # A grant arriving meanwhile finds us abandoned and
+                            # goes back from the helper.
+                            lease_back, withdraw = None, True
                         self.count("lease_waits_served_locally")
                         break
                     if wait.done:
@@ -381,6 +384,8 @@ class LeaseBook:
             finally:
                 self._waiting -= 1
                 self._waits.remove(wait)
+        if withdraw:
+            request.withdraw()
         if lease_back is not None:
             self._release(client, lease_back)
             self.count("leases_unused")
