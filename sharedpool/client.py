@@ -50,6 +50,11 @@ FOLLOW_WAIT = 0.02
 #: The background thread wakes at least this often (a safety net; it is woken
 #: by data, timers and the wake-up pipe, never by polling).
 IDLE_WAKE = 1.0
+#: While a caller reads the socket the background thread leaves it alone and
+#: looks again after this long, doubling while the read goes on. A leader
+#: that finishes wakes it only after such a long read: waking it after every
+#: lease round trip would cost each round trip two context switches.
+PARK_RECHECK = 0.005
 #: Reports are coalesced and sent at most this often.
 REPORT_INTERVAL = 0.2
 #: Reconnect backoff bounds.
@@ -169,6 +174,7 @@ class Client:
         self._wake_w.setblocking(False)
         self._woken = False
         self._parked = False  # the background thread waits for a leader to finish reading
+        self._parked_since = self._park_wait = 0.0
         self._reported_at = 0.0
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -616,12 +622,15 @@ class Client:
             self._wake_w.send(b"\0")
 
     def _done_reading(self) -> None:
-        """A leader stopped reading: followers may lead, and a background
-        thread that left the socket to it watches it again."""
+        """A leader stopped reading: followers may lead; a background thread
+        that left the socket to a long read is woken to watch it again (after
+        a short one, it looks again on its own within PARK_RECHECK)."""
         with self._cond:
             self._cond.notify_all()
-            parked, self._parked = self._parked, False
-        if parked:
+            wake = self._parked and time.monotonic() - self._parked_since >= 2 * PARK_RECHECK
+            if wake:
+                self._parked = False
+        if wake:
             self._notify()
 
     def _plan_sleep(self) -> tuple[socket.socket | None, float]:
@@ -641,7 +650,15 @@ class Client:
             elif self._state_providers or self._failures or self._successes:
                 due = min(due, self._reported_at + REPORT_INTERVAL)
             if sock is not None and self._read_lock.locked():
-                self._parked, sock = True, None  # _done_reading wakes us
+                # A leader reads and dispatches what arrives: leave the socket
+                # to it, and look again later (or when _done_reading wakes us).
+                if self._parked:
+                    self._park_wait = min(self._park_wait * 2, IDLE_WAKE)
+                else:
+                    self._parked, self._parked_since, self._park_wait = True, now, PARK_RECHECK
+                due, sock = min(due, now + self._park_wait), None
+            else:
+                self._parked = False
         return sock, max(0.0, due - now)
 
     def _tick(self) -> None:
