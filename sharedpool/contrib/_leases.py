@@ -570,7 +570,7 @@ class LeaseBook:
             self._recheck = False
         try:
             self._on_reclaim()
-        except Exception:  # noqa: BLE001 - a timer thread has nobody to raise to
+        except Exception:  # noqa: BLE001 - the client's thread has nobody to raise to
             log.exception("sharedpool: giving back leases on reclaim failed")
 
     # ------------------------------------------------------------------ stats
