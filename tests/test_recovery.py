@@ -8,7 +8,14 @@ from typing import Any
 
 import pytest
 
-from sharedpool import Client, ConnectionPool, PoolConfig, PoolTimeout, SharedPoolError
+from sharedpool import (
+    Client,
+    ConnectionPool,
+    CoordinatorUnavailable,
+    PoolConfig,
+    PoolTimeout,
+    SharedPoolError,
+)
 from sharedpool.testing import FakeFactory
 
 
@@ -68,14 +75,21 @@ def test_rebuilt_ledger_never_grants_beyond_the_cap(start_coordinator: Any, sock
     first = start_coordinator({"r": 3})
     a, b = Client(sock_path), Client(sock_path)
     try:
-        a.acquire("r", timeout=1)
-        a.acquire("r", timeout=1)
-        b.acquire("r", timeout=1)
+        a.acquire("r", timeout=10)
+        a.acquire("r", timeout=10)
+        b.acquire("r", timeout=10)
         first.kill()
         start_coordinator({"r": 2})  # restarted with a smaller cap: 3 re-registered > 2
         deadline = time.monotonic() + 10
-        while not (a.connected and b.connected and leased(a) == 3):
-            assert time.monotonic() < deadline
+
+        def reregistered() -> bool:
+            try:  # a client may not have noticed the old coordinator's death yet
+                return a.connected and b.connected and leased(a) == 3
+            except CoordinatorUnavailable:
+                return False
+
+        while not reregistered():
+            assert time.monotonic() < deadline, "the clients never re-registered their leases"
             time.sleep(0.02)
         with pytest.raises(PoolTimeout):
             b.acquire("r", timeout=0)
