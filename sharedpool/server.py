@@ -170,7 +170,7 @@ class Server:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._fences: set[asyncio.Task[Any]] = set()
-        self.monitors: Any = None  # fence.MonitorConnections, made on the first fence
+        self.monitors: Any = None  # fence.MonitorConnections, made by warm_monitors() or a fence
         self.own_uid = os.getuid()
         self.started = time.time()
         self.on_change: list[Any] = []  # observers (metrics)
