@@ -87,7 +87,9 @@ def test_busy_process_gives_back_at_checkin(start_coordinator: Any, sock_path: s
     assert elapsed < 10
 
 
-@pytest.mark.parametrize(("connect_delay", "low", "high"), [(0.0, 0.0, 1.0), (0.05, 1.5, 6.0)])
+# Bounds are generous: the holder's connection is a little older than our
+# request (it was made before "ready"), and the machine may be loaded.
+@pytest.mark.parametrize(("connect_delay", "low", "high"), [(0.0, 0.0, 0.7), (0.05, 0.8, 6.0)])
 def test_auto_quantum_follows_what_a_hand_off_costs(start_coordinator: Any, sock_path: str,
                                                      connect_delay: float, low: float, high: float) -> None:
     # fairness_quantum="auto" (the default): a holder whose connects are cheap
