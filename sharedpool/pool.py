@@ -467,7 +467,7 @@ class ConnectionPool(Generic[T]):
                 # grant: connecting can take a good part of a short quantum.
                 young = now - wrapper.created_at < self._quantum(client)
         stale: set[AcquireRequest] = set()
-        recheck = False
+        recheck = arm = kept = False
         with self._lock:
             if not wrapper.in_use or self._all.get(wrapper.id) is not wrapper:
                 raise PoolMisuse(f"{wrapper!r} was already released (or made in another process)")
@@ -487,24 +487,21 @@ class ConnectionPool(Generic[T]):
                 if owed:
                     self._giving += 1
             if keep and not owed and self.status is PoolStatus.ACTIVE:
+                kept = True
                 if not self._waiters:
                     wrapper.in_use = False
                     self._idle.append(wrapper)
-                    if recheck and not self._recheck_pending and client is not None:
-                        # One timer at a time per pool, only while leases are owed.
-                        # (Lock order pool -> client: the client never calls a pool
-                        # while holding its own lock.)
-                        self._recheck_pending = True
-                        client.call_later(self._recheck_delay, self._recheck_owed)
-                    return
-                waiter = self._waiters.popleft()
-                waiter.wrapper = wrapper
-                waiter.event.set()
-                if self._waiters or not self._lease_requests:
-                    return
-                # Nobody waits any more: withdraw the openers' lease requests,
-                # or this process would stay queued at the coordinator.
-                stale, self._lease_requests = self._lease_requests, set()
+                    # One timer at a time per pool, only while leases are owed.
+                    arm = recheck and not self._recheck_pending
+                    self._recheck_pending |= arm
+                else:
+                    waiter = self._waiters.popleft()
+                    waiter.wrapper = wrapper
+                    waiter.event.set()
+                    if not self._waiters and self._lease_requests:
+                        # Nobody waits any more: withdraw the openers' lease requests,
+                        # or this process would stay queued at the coordinator.
+                        stale, self._lease_requests = self._lease_requests, set()
             else:
                 if owed:
                     self._m["reclaimed"] += 1
@@ -512,9 +509,13 @@ class ConnectionPool(Generic[T]):
                 del self._all[wrapper.id]
                 openers = self._plan_growth()
                 self._returned.notify_all()
-        if stale:
-            for ticket in stale:
-                ticket.cancel()
+        # Outside the lock: arming the timer wakes the client's thread (a send),
+        # and a cancel sends a frame.
+        if arm and client is not None:
+            client.call_later(self._recheck_delay, self._recheck_owed)
+        for ticket in stale:
+            ticket.cancel()
+        if kept:
             return
         self._close(wrapper, giving=owed)
         self._start_openers(openers, now + self.config.acquire_timeout)

@@ -1,9 +1,12 @@
-"""Helpers shared by the integration tests: the coordinator's lease count, and
-running a function in forked children (multiprocessing, fork start method)."""
+"""Helpers shared by the integration tests: the coordinator's lease count,
+running a function in forked children (multiprocessing, fork start method),
+threads hammering a pool, and reading a raw socket until the peer closes it."""
 
 from __future__ import annotations
 
 import multiprocessing
+import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -65,3 +68,41 @@ def settled(sock: str) -> dict[str, Any] | None:
     """The resource row once no lease is in use, else None."""
     row = resource_row(sock)
     return row if row["in_use"] == 0 else None
+
+
+def hammer(threads: int, iterations: int, op: Callable[[], object]) -> tuple[int, list[str]]:
+    """Run ``op()`` ``iterations`` times in each of ``threads`` threads; return
+    (how many succeeded, the first three errors)."""
+    done, errors = [0], []
+    lock = threading.Lock()
+
+    def work() -> None:
+        for _ in range(iterations):
+            try:
+                op()
+                with lock:
+                    done[0] += 1
+            except Exception as exc:  # noqa: BLE001 - reported to the test
+                errors.append(repr(exc))
+
+    ts = [threading.Thread(target=work) for _ in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return done[0], errors[:3]
+
+
+def read_until_closed(s: socket.socket, timeout: float = 5.0) -> bytes:
+    """Everything the peer sends until it closes (or resets, or goes quiet for ``timeout``)."""
+    s.settimeout(timeout)
+    data = b""
+    while True:
+        try:
+            chunk = s.recv(65536)
+        except (TimeoutError, ConnectionResetError):
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data

@@ -10,24 +10,11 @@ from typing import Any
 
 import pytest
 from fuzz_frames import check_normal_client, fuzz
+from proc_helpers import read_until_closed
 
 import sharedpool.server
 from sharedpool import Client
 from sharedpool import protocol as p
-
-
-def _read_until_closed(s: socket.socket, timeout: float = 5.0) -> bytes:
-    s.settimeout(timeout)
-    data = b""
-    while True:
-        try:
-            chunk = s.recv(65536)
-        except (TimeoutError, ConnectionResetError):
-            break
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 def test_fuzz_100k_frames_then_a_normal_client_works(start_coordinator: Any, sock_path: str) -> None:
@@ -53,7 +40,7 @@ def test_client_that_never_speaks_is_closed(start_coordinator: Any, sock_path: s
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(sock_path)
     t0 = time.monotonic()
-    data = _read_until_closed(s)
+    data = read_until_closed(s)
     s.close()
     assert 0.2 < time.monotonic() - t0 < 4
     conn = p.Connection(p.CLIENT)
@@ -109,7 +96,7 @@ def test_half_sent_frame_ends_the_session(start_coordinator: Any, sock_path: str
     s.connect(sock_path)
     s.sendall(p.encode(p.Hello(p.PROTOCOL_VERSION, os.getpid(), "slow")))
     s.sendall(p.encode(p.Inspect(1, "server", {}))[:7])  # a frame begun, never finished
-    data = _read_until_closed(s)
+    data = read_until_closed(s)
     s.close()
     conn = p.Connection(p.CLIENT)
     conn.receive_data(data)

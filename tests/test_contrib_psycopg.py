@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 from pg_helpers import BackendSampler, pg_dsn
-from proc_helpers import leased, run_forked, wait_leased
+from proc_helpers import hammer, leased, run_forked, wait_leased
 from psycopg_pool import PoolClosed
 
 from sharedpool import Client, Resource
@@ -28,27 +28,15 @@ def make_pool(sock: str, app: str, **kw: Any) -> ConnectionPool[Any]:
 
 
 def _hammer(sock: str, app: str, threads: int, iterations: int) -> dict[str, Any]:
-    done, errors = [0], []
-    lock = threading.Lock()
     with make_pool(sock, app, min_size=2, max_size=4) as pool:
 
-        def work() -> None:
-            for _ in range(iterations):
-                try:
-                    with pool.connection() as conn:
-                        conn.execute("SELECT pg_sleep(0.002)")
-                    with lock:
-                        done[0] += 1
-                except Exception as exc:  # noqa: BLE001 - reported to the test
-                    errors.append(repr(exc))
+        def query() -> None:
+            with pool.connection() as conn:
+                conn.execute("SELECT pg_sleep(0.002)")
 
-        ts = [threading.Thread(target=work) for _ in range(threads)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
+        done, errors = hammer(threads, iterations, query)
         stats = pool.get_stats()
-    return {"done": done[0], "errors": errors[:3], "stats": stats,
+    return {"done": done, "errors": errors, "stats": stats,
             "held_after": pool.get_stats()["leases_held"]}
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import redis
-from proc_helpers import leased, run_forked, wait_leased
+from proc_helpers import hammer, leased, run_forked, wait_leased
 
 from sharedpool import PoolTimeout, Resource
 from sharedpool.contrib.redis import BlockingConnectionPool
@@ -82,31 +82,19 @@ def make_pool(sock: str, name: str, **kw: Any) -> BlockingConnectionPool:
 def _hammer(pool: BlockingConnectionPool, name: str, threads: int, iterations: int) -> dict[str, Any]:
     # The pool was made in the parent: redis-py resets it here, and so do the leases.
     r = redis.Redis(connection_pool=pool)
-    done, errors = [0], []
-    lock = threading.Lock()
     key = f"{name}:{os.getpid()}"
 
-    def work() -> None:
-        for _ in range(iterations):
-            try:
-                r.incr(key)
-                with r.pipeline() as pipe:
-                    pipe.get(key)
-                    pipe.execute()
-                with lock:
-                    done[0] += 1
-            except Exception as exc:  # noqa: BLE001 - reported to the test
-                errors.append(repr(exc))
+    def ops() -> None:
+        r.incr(key)
+        with r.pipeline() as pipe:
+            pipe.get(key)
+            pipe.execute()
 
-    ts = [threading.Thread(target=work) for _ in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
+    done, errors = hammer(threads, iterations, ops)
     stats = pool.lease_stats()
     count = int(r.get(key) or 0)
     pool.disconnect()
-    return {"done": done[0], "count": count, "errors": errors[:3], "stats": stats,
+    return {"done": done, "count": count, "errors": errors, "stats": stats,
             "held_after": pool.lease_stats()["leases_held"]}
 
 

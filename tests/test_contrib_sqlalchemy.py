@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 from pg_helpers import BackendSampler, pg_dsn
-from proc_helpers import leased, run_forked, wait_leased
+from proc_helpers import hammer, leased, run_forked, wait_leased
 from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
 
@@ -36,29 +36,17 @@ def engine_for(sock: str, app: str, **kw: Any) -> Engine:
 
 def _hammer(engine: Engine, threads: int, iterations: int) -> dict[str, Any]:
     engine.dispose(close=False)  # SQLAlchemy's advice for a forked child
-    done, errors = [0], []
-    lock = threading.Lock()
 
-    def work() -> None:
-        for _ in range(iterations):
-            try:
-                with engine.connect() as conn:
-                    conn.execute(text("SELECT pg_sleep(0.002)"))
-                with lock:
-                    done[0] += 1
-            except Exception as exc:  # noqa: BLE001 - reported to the test
-                errors.append(repr(exc))
+    def query() -> None:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_sleep(0.002)"))
 
-    ts = [threading.Thread(target=work) for _ in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
+    done, errors = hammer(threads, iterations, query)
     pool = engine.pool
     assert isinstance(pool, LeasedQueuePool)
     stats = pool.lease_stats()
     engine.dispose()
-    return {"done": done[0], "errors": errors[:3], "stats": stats,
+    return {"done": done, "errors": errors, "stats": stats,
             "held_after": pool.lease_stats()["leases_held"]}
 
 

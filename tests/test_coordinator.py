@@ -18,6 +18,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from proc_helpers import read_until_closed
 
 from sharedpool import (
     Client,
@@ -201,15 +202,7 @@ def _raw_session(path: str) -> socket.socket:
 
 
 def _read_frames(s: socket.socket) -> list[dict[str, Any]]:
-    data = b""
-    while True:
-        try:
-            chunk = s.recv(65536)
-        except (TimeoutError, ConnectionResetError):
-            break
-        if not chunk:
-            break
-        data += chunk
+    data = read_until_closed(s)
     frames = []
     while len(data) >= 4:
         (n,) = struct.unpack(">I", data[:4])

@@ -437,12 +437,18 @@ class LeaseBook:
         If the factory fails, the lease goes straight back and the error propagates."""
         placeholder = object()
         self.acquire(placeholder, timeout)
+        return self.open_under(placeholder, factory)
+
+    def open_under(self, key: Any, factory: Callable[[], T]) -> T:
+        """Call ``factory`` under the lease taken for ``key`` (a placeholder); the
+        connection it returns becomes the key. If the factory fails, the lease
+        goes straight back and the error propagates."""
         try:
             conn = factory()
         except BaseException:
-            self.opened(placeholder, failed=True)
+            self.opened(key, failed=True)
             raise
-        self.rekey(placeholder, conn)
+        self.rekey(key, conn)
         self.opened(conn)
         return conn
 

@@ -163,14 +163,7 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
         if key is None:
             return book.connect(lambda: connect(timeout), self._sp_timeout())
         self._sp_local.lease_key = None
-        try:
-            conn = connect(timeout)
-        except BaseException:
-            book.opened(key, failed=True)
-            raise
-        book.rekey(key, conn)
-        book.opened(conn)
-        return conn
+        return book.open_under(key, lambda: connect(timeout))
 
     def _sp_configure_conn(self, conn: CT) -> None:
         """The user's ``configure``; a connection it fails on (or leaves in a

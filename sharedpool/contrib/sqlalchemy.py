@@ -114,14 +114,7 @@ class LeasedQueuePool(QueuePool):
                 with _lease_timeout(book, self._sp_timeout()):
                     return book.connect(lambda: invoke(record), self._sp_timeout())
             self._sp_local.lease_key = None  # taken by _create_connection just before
-            try:
-                conn = invoke(record)
-            except BaseException:
-                book.opened(key, failed=True)
-                raise
-            book.rekey(key, conn)
-            book.opened(conn)
-            return conn
+            return book.open_under(key, lambda: invoke(record))
 
         return leased_creator
 
