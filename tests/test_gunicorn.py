@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from pg_helpers import BackendSampler
 from proc_helpers import resource_row, settled
@@ -125,7 +126,12 @@ class Gunicorn:
         """SIGTERM the master (by pid) and wait for it."""
         if self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGTERM)
-        return self.proc.wait(timeout)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            left = [f"{p.pid} {p.name()} {p.status()}" for p in psutil.Process(self.proc.pid).children(True)]
+            raise AssertionError(f"gunicorn did not stop in {timeout} s; its processes left: "
+                                 f"{left}\n{self.log()[-4000:]}") from None
 
     def kill_group(self) -> None:
         """Teardown: SIGKILL what is left of gunicorn's own process group."""
@@ -383,3 +389,65 @@ def test_no_coordinator_and_no_resources_is_one_clear_error(tmp_path: Path,
     assert proc.returncode == 1
     assert "Error: sharedpool: no coordinator is listening on" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
+
+
+_SLOW_BORN = """
+import signal, time
+from sharedpool.contrib.gunicorn import hooks
+
+on_starting, _post_fork, worker_exit, on_exit = hooks(resources={{"r": 2}}, socket={sock!r},
+                                                      log_level="info")
+
+
+def post_fork(server, worker):
+    if {lose!r}:  # as CPython does with a signal that beats the child's after-fork code
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print("sharedpool-test: worker born", flush=True)
+    # The window between fork() and gunicorn's init_signals(), held open: the
+    # master's SIGTERM comes in the first part, its second one in the last.
+    time.sleep(0.8)
+    _post_fork(server, worker)
+    time.sleep(0.8)
+"""
+
+_HELLO_APP = """
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Length", "2")])
+    return [b"ok"]
+"""
+
+
+@pytest.mark.parametrize("lose", [False, True], ids=["queued-by-the-arbiter", "lost"])
+def test_stop_during_worker_birth_is_not_lost(tmp_path: Path, sock_path: str, lose: bool) -> None:
+    # A SIGTERM that reaches a worker before its init_signals() goes to the
+    # arbiter's inherited handler (gunicorn #1910), or is dropped outright when it
+    # beats CPython's after-fork code; either way gunicorn would wait its whole
+    # graceful_timeout (20 s here) for the worker. The hooks deliver the first kind
+    # once the worker listens, and the master sends the signal again after 1 s.
+    (tmp_path / "hello.py").write_text(_HELLO_APP)
+    conf = tmp_path / "gunicorn.conf.py"
+    conf.write_text(_SLOW_BORN.format(sock=sock_path, lose=lose))
+    log_path = tmp_path / "gunicorn.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", str(conf), "-b", f"127.0.0.1:{free_port()}",
+             "-w", "2", "--graceful-timeout", "20", "--chdir", str(tmp_path), "hello:app"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
+    try:
+        wait_for(lambda: log_path.read_text().count("sharedpool-test: worker born") == 2, 30,
+                 "both workers to be forked")
+        os.kill(proc.pid, signal.SIGTERM)  # the master passes it on while both are being born
+        started = time.monotonic()
+        try:
+            status = proc.wait(15)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"gunicorn still stopping after 15 s:\n{log_path.read_text()}") from None
+        text = log_path.read_text()
+        assert status == 0 and time.monotonic() - started < 10, text[-3000:]
+        assert "SIGKILL" not in text and "coordinator stopping: 0 session(s) open" in text, text
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)

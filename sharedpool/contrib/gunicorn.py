@@ -14,10 +14,16 @@ In ``gunicorn.conf.py``::
   already listening on that path (``socket=`` or ``$SHAREDPOOL_SOCKET`` naming
   an external ``sharedpool serve``);
 * ``post_fork`` (worker): nothing to do eagerly; pools and clients are
-  fork-aware and open their own session on first use;
+  fork-aware and open their own session on first use (it only makes sure a
+  stop signal that arrives before gunicorn's worker listens is not lost);
 * ``worker_exit`` (worker): close the worker's leased connections and end its
   session, so its slots return at once;
 * ``on_exit`` (master): stop the coordinator we started.
+
+A stopping master also sends its stop signal a second time, after a second, to
+workers still running: one forked just before the stop can miss the first, and
+gunicorn would otherwise wait ``graceful_timeout`` for it before the hooks can
+end the sessions and stop the coordinator.
 
 A worker that dies without running ``worker_exit`` (SIGKILL after gunicorn's
 timeout, the OOM killer) loses its session when the kernel closes its socket;
@@ -29,8 +35,12 @@ This module does not import gunicorn.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import queue
+import signal
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -45,6 +55,10 @@ from ._embedded import (
 )
 
 __all__ = ["GunicornHooks", "hooks"]
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+#: When a stopping master sends its stop signal to the workers once more.
+RESEND_AFTER = 1.0
 
 log = logging.getLogger("sharedpool.gunicorn")
 
@@ -92,6 +106,7 @@ def hooks(
     os.environ[SOCKET_ENV] = path
 
     def on_starting(server: Any) -> None:
+        _resend_stop_signal(server)
         if path in _EMBEDDED:
             return
         if coordinator_listening(path):
@@ -114,6 +129,7 @@ def hooks(
         # The client is fork-aware and connects on first use; only make sure the
         # path is what the workers see, whatever the app did to the environment.
         os.environ[SOCKET_ENV] = path
+        _keep_early_stop_signals(server, worker)
 
     def worker_exit(server: Any, worker: Any) -> None:
         # gunicorn also calls this in the master for a worker already gone: nothing of ours.
@@ -131,3 +147,79 @@ def hooks(
             server.log.info("sharedpool: coordinator for %s stopped", path)
 
     return GunicornHooks(on_starting, post_fork, worker_exit, on_exit)
+
+
+def _resend_stop_signal(server: Any) -> None:
+    """Make a stopping master send its stop signal again, once, after RESEND_AFTER.
+
+    A worker forked just before the master stops can miss the master's SIGTERM
+    altogether: if it arrives before the child first runs, CPython's after-fork
+    code clears it as one meant for the parent. gunicorn then waits the whole
+    ``graceful_timeout`` (30 s by default) for a worker that never heard it. A
+    second SIGTERM to a worker already stopping only sets the same flag again.
+    """
+    stop = getattr(server, "stop", None)
+    if stop is None or getattr(stop, "_sharedpool_resends", False):
+        return
+
+    def stop_and_resend(graceful: bool = True) -> None:
+        signum = signal.SIGTERM if graceful else signal.SIGQUIT
+
+        def resend() -> None:
+            for pid in list(getattr(server, "WORKERS", ())):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signum)
+
+        timer = threading.Timer(RESEND_AFTER, resend)
+        timer.daemon = True
+        timer.start()
+        try:
+            stop(graceful)
+        finally:
+            timer.cancel()
+
+    stop_and_resend._sharedpool_resends = True  # type: ignore[attr-defined]
+    server.stop = stop_and_resend
+
+
+def _keep_early_stop_signals(server: Any, worker: Any) -> None:
+    """Deliver a stop signal that reached this worker before gunicorn listened for it.
+
+    Between ``fork()`` and the worker's ``init_signals()``, a SIGTERM from the
+    master runs the arbiter's handler inherited by the child and lands on the
+    child's copy of the arbiter's queue, where nothing reads it (gunicorn issue
+    #1910). The master then waits the whole ``graceful_timeout`` for a worker
+    that never heard it; under ``max_requests`` recycling that happens on any
+    stop that meets a worker being born. Here: take the stop signals queued so
+    far, catch any that come before ``init_signals()``, and send them again to
+    this process once gunicorn's own handlers are in place.
+    """
+    init_signals = getattr(worker, "init_signals", None)
+    if init_signals is None:
+        return
+    pending: list[int] = []
+
+    def catch(signum: int, frame: Any) -> None:
+        pending.append(signum)
+
+    for signum in _STOP_SIGNALS:  # first: from here on nothing goes to the queue
+        signal.signal(signum, catch)
+    early = getattr(server, "SIG_QUEUE", None)
+    if isinstance(early, list):  # gunicorn < 23
+        pending.extend(early)
+        early.clear()
+    elif early is not None:
+        while True:
+            try:
+                pending.append(early.get_nowait())
+            except queue.Empty:
+                break
+
+
+    def init_signals_then_replay() -> None:
+        init_signals()
+        for signum in dict.fromkeys(pending):  # once each, in order of arrival
+            if signum in _STOP_SIGNALS:
+                os.kill(os.getpid(), signum)
+
+    worker.init_signals = init_signals_then_replay
