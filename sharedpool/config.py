@@ -236,6 +236,9 @@ class CoordinatorConfig:
     a clean stop with leases out), grant nothing for this long, so that every
     process still holding connections re-registers them first. It must
     exceed the clients' longest reconnect backoff (1 s).
+    ``hello_timeout``: a session that has not said hello within this long is
+    closed. ``frame_timeout``: a frame begun but not finished within this long
+    ends the session.
     """
 
     socket_path: str = field(default_factory=default_socket_path)
@@ -249,6 +252,8 @@ class CoordinatorConfig:
     metrics_host: str = "127.0.0.1"
     config_file: str | None = None
     restart_grace: float = 1.5
+    hello_timeout: float = 10.0
+    frame_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.socket_path, str) or not self.socket_path:
@@ -265,6 +270,8 @@ class CoordinatorConfig:
             raise ConfigError("group", f"must be a group name or None, got {self.group!r}")
         _number("max_frame", self.max_frame, integer=True, minimum=1024)
         _number("restart_grace", self.restart_grace)
+        _number("hello_timeout", self.hello_timeout, strict_min=True)
+        _number("frame_timeout", self.frame_timeout, strict_min=True)
         _number("metrics_port", self.metrics_port, integer=True, optional=True)
         if self.metrics_port is not None and self.metrics_port > 65535:
             raise ConfigError("metrics_port", f"must be <= 65535, got {self.metrics_port}")

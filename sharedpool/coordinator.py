@@ -1,5 +1,5 @@
 """The coordinator: binds the socket safely and runs the server, in the
-foreground (``sharedpool serve``) or as a child process (:meth:`Coordinator.start`)."""
+foreground (``sharedpool serve``) or as a child program (:meth:`Coordinator.start`)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,13 @@ import signal
 import socket
 import stat
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import CoordinatorConfig, Resource, default_socket_path
 from .errors import ConfigError, SharedPoolError
+
+if TYPE_CHECKING:
+    from .program import EmbeddedCoordinator
 
 log = logging.getLogger("sharedpool.coordinator")
 
@@ -177,16 +180,6 @@ def run(config: CoordinatorConfig, ready: Any = None) -> None:
         loop.close()
 
 
-def _child(config: CoordinatorConfig, pipe: Any) -> None:
-    # Runs in the forked child: report readiness or the reason we could not start.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent; it stops us
-    try:
-        run(config, ready=lambda: pipe.send(("ok", os.getpid())))
-    except (SharedPoolError, OSError) as exc:
-        pipe.send(("error", exc))
-        os._exit(1)
-
-
 class Coordinator:
     """Owns the global budget of one host's resources.
 
@@ -194,10 +187,10 @@ class Coordinator:
     process) or :meth:`serve_forever` (this process). As a context manager it
     starts and stops the child.
 
-    Not for a process that forks workers after :meth:`start` (a gunicorn
-    master): the workers inherit the child-process bookkeeping and the first
-    one to exit would stop the coordinator. Use ``sharedpool.contrib.gunicorn``
-    / ``.celery`` (they run it as a separate program) or ``sharedpool serve``.
+    The child is a separate program (:mod:`sharedpool.program`), not a fork
+    of this process: safe from a process with threads, or one that forks
+    workers later. It stops with this process, even one killed by SIGKILL. Its
+    log goes to stderr at the level of this process's ``sharedpool`` logger.
     """
 
     def __init__(
@@ -215,7 +208,7 @@ class Coordinator:
                 **options,
             )
         self.config = config
-        self._process: Any = None
+        self._program: EmbeddedCoordinator | None = None
 
     @property
     def socket_path(self) -> str:
@@ -223,57 +216,42 @@ class Coordinator:
 
     @property
     def pid(self) -> int | None:
-        return None if self._process is None else self._process.pid
+        """The child's pid while it runs."""
+        return None if self._program is None else self._program.pid
 
     def __repr__(self) -> str:
-        state = f"pid={self.pid}" if self._process is not None and self._process.is_alive() else "stopped"
+        state = f"pid={self.pid}" if self.pid is not None else "stopped"
         res = ", ".join(f"{n}={r.max_size}" for n, r in self.config.resources.items())
         return f"<Coordinator {self.socket_path} {state} | {res}>"
 
     def start(self, timeout: float = 10.0) -> Coordinator:
-        """Run the coordinator in a child process; return once it accepts sessions."""
-        import multiprocess
+        """Run the coordinator in a child process; return once it accepts sessions.
 
-        ctx = multiprocess.get_context("fork")
-        ours, theirs = ctx.Pipe(duplex=False)
-        self._process = ctx.Process(target=_child, args=(self.config, theirs), daemon=True,
-                                    name="sharedpool-coordinator")
-        self._process.start()
-        theirs.close()
-        if not ours.poll(timeout):
-            self.stop()
-            raise SharedPoolError(f"coordinator did not start within {timeout:g}s")
-        try:
-            status, detail = ours.recv()
-        except EOFError:
-            status, detail = "error", "coordinator process died while starting"
-        ours.close()
-        if status != "ok":
-            self._process.join(5)
-            self._process = None
-            if isinstance(detail, BaseException):
-                raise detail
-            raise SharedPoolError(str(detail))
+        Raises :class:`CoordinatorRunning` if a live coordinator has the path,
+        :class:`ConfigError` for a bad socket directory, :class:`SharedPoolError`
+        if it does not start within ``timeout`` seconds."""
+        from .program import EmbeddedCoordinator
+
+        level = logging.getLevelName(logging.getLogger("sharedpool").getEffectiveLevel())
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            level = "WARNING"  # a custom level number: the program knows only the standard ones
+        program = EmbeddedCoordinator(config=self.config, restart=False, log_level=level,
+                                      start_timeout=timeout)
+        program.start()
+        self._program = program
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM the child and wait; SIGKILL it if it does not go."""
-        proc, self._process = self._process, None
-        if proc is None:
-            return
-        if proc.is_alive():
-            os.kill(proc.pid, signal.SIGTERM)
-            proc.join(timeout)
-            if proc.is_alive():
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.join(5)
+        program, self._program = self._program, None
+        if program is not None:
+            program.stop(timeout)
 
     def kill(self) -> None:
         """SIGKILL the child at once (for tests of recovery)."""
-        proc, self._process = self._process, None
-        if proc is not None and proc.is_alive():
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.join(5)
+        program, self._program = self._program, None
+        if program is not None:
+            program.kill()
 
     def serve_forever(self) -> None:
         """Serve in this process until SIGTERM or SIGINT."""

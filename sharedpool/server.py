@@ -33,10 +33,6 @@ from .ledger import (
 
 log = logging.getLogger("sharedpool.coordinator")
 
-#: A session that has not said hello within this long is closed.
-HELLO_TIMEOUT = 10.0
-#: A frame begun but not finished within this long ends the session.
-FRAME_TIMEOUT = 30.0
 _PEERCRED = struct.Struct("3i")
 
 
@@ -81,8 +77,9 @@ class SessionProtocol(asyncio.Protocol):
                         self.pid, self.uid, self.gid)
             self.fail("access_denied", f"uid {self.uid} / gid {self.gid} may not use this coordinator")
             return
+        wait = self.server.config.hello_timeout
         self._hello_timer = asyncio.get_running_loop().call_later(
-            HELLO_TIMEOUT, self.fail, "hello_timeout", f"no hello within {HELLO_TIMEOUT:g}s"
+            wait, self.fail, "hello_timeout", f"no hello within {wait:g}s"
         )
 
     def data_received(self, data: bytes) -> None:
@@ -100,9 +97,9 @@ class SessionProtocol(asyncio.Protocol):
         # A half-sent frame must not hold the session open for ever.
         if self.conn.buffered:
             if self._frame_timer is None:
+                wait = server.config.frame_timeout
                 self._frame_timer = asyncio.get_running_loop().call_later(
-                    FRAME_TIMEOUT, self.fail, "frame_timeout",
-                    f"frame not completed within {FRAME_TIMEOUT:g}s")
+                    wait, self.fail, "frame_timeout", f"frame not completed within {wait:g}s")
         elif self._frame_timer is not None:
             self._frame_timer.cancel()
             self._frame_timer = None

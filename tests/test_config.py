@@ -235,6 +235,9 @@ def test_coordinator_config_checks_its_fields() -> None:
     _raises_field("metrics_port", CoordinatorConfig, **ok, metrics_port="9000")
     _raises_field("group", CoordinatorConfig, **ok, group=1000)
     _raises_field("group", CoordinatorConfig, **ok, group="")
+    for name in ("hello_timeout", "frame_timeout"):
+        for bad in (0, -1, "5", float("inf")):
+            _raises_field(name, CoordinatorConfig, **ok, **{name: bad})
     assert CoordinatorConfig(**ok, group="staff", metrics_port=0).group == "staff"
 
 

@@ -1,0 +1,394 @@
+"""The coordinator as a separate program, owned by this process.
+
+:meth:`sharedpool.Coordinator.start` and the gunicorn / celery integrations
+run the coordinator this way, never as a forked copy of the caller: a process
+with threads may hold a lock (a log stream's, say) at the moment it forks, and
+the copy then waits on it forever; a gunicorn master's forked helpers would be
+reaped by its ``waitpid(-1)`` and would inherit its exit handlers. So the
+coordinator is ``python -c`` started with ``subprocess``:
+
+* in its own session (terminal signals go to the owner only);
+* with a *lifeline*: its stdin is a pipe whose write end only the owner keeps
+  (forked children close their copy), so when the owner dies, even by SIGKILL,
+  the coordinator sees EOF and stops - it never outlives its owner;
+* optionally watched by a thread that restarts it if it dies unexpectedly
+  (clients reconnect and re-register their leases, I4), whoever reaped it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import secrets
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from .config import CoordinatorConfig, default_socket_path
+from .coordinator import CoordinatorRunning
+from .errors import ConfigError, SharedPoolError
+
+log = logging.getLogger("sharedpool.program")
+
+T = TypeVar("T")
+
+#: Restart back-off bounds (seconds) after an unexpected coordinator death.
+RESTART_MIN, RESTART_MAX = 0.2, 30.0
+
+_CHILD_CODE = "from sharedpool.program import _child_main; _child_main()"
+
+
+class EmbeddedStartError(SharedPoolError, RuntimeError):
+    """The embedded coordinator could not be started."""
+
+
+def private_socket_path(prefix: str) -> str:
+    """A fresh socket path for one server's coordinator, in the per-user runtime dir."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime):
+        base = os.path.join(runtime, "sharedpool")
+    else:
+        base = os.path.join("/tmp", f"sharedpool-{os.getuid()}")
+    return os.path.join(base, f"{prefix}-{os.getpid()}-{secrets.token_hex(3)}.sock")
+
+
+def coordinator_listening(path: str, timeout: float = 1.0) -> bool:
+    """Whether something accepts connections on the Unix socket ``path``."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(timeout)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+class EmbeddedCoordinator:
+    """``sharedpool serve`` as a child program of this (master) process.
+
+    ``resources`` and ``options`` are :class:`~sharedpool.CoordinatorConfig`'s,
+    checked here, in the caller, so that a bad limit fails where it was written.
+    """
+
+    def __init__(self, socket_path: str | None = None, resources: Mapping[str, Any] | None = None,
+                 *, config: CoordinatorConfig | None = None, restart: bool = True,
+                 log_level: str = "warning", start_timeout: float = 30.0, **options: Any) -> None:
+        if config is None:
+            try:
+                config = CoordinatorConfig(socket_path=socket_path or default_socket_path(),
+                                           resources=dict(resources or {}), **options)
+            except TypeError as exc:  # an unknown keyword
+                raise ConfigError("options", str(exc)) from None
+        elif socket_path is not None or resources is not None or options:
+            raise ConfigError("config", "give either config= or socket_path/resources/options")
+        self.config = config
+        level = logging.getLevelName(str(log_level).upper())
+        if not isinstance(level, int):
+            raise ConfigError("log_level", f"must be debug, info, warning or error, got {log_level!r}")
+        self.log_level = str(log_level).upper()
+        self.restart = restart
+        self.start_timeout = start_timeout
+        self.restarts = 0
+        self._owner = os.getpid()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._lifeline: int | None = None  # write end of the coordinator's stdin
+        _INSTANCES.add(self)
+
+    @property
+    def socket_path(self) -> str:
+        return self.config.socket_path
+
+    @property
+    def pid(self) -> int | None:
+        """The coordinator's pid while it runs."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.returncode is None else None
+
+    def __repr__(self) -> str:
+        return f"<EmbeddedCoordinator {self.socket_path} pid={self.pid} restarts={self.restarts}>"
+
+    def move(self, socket_path: str) -> None:
+        """Serve on another path (before :meth:`start`)."""
+        if self._proc is not None:
+            raise SharedPoolError("move() a coordinator before starting it")
+        self.config = dataclasses.replace(self.config, socket_path=socket_path)
+
+    def start(self) -> EmbeddedCoordinator:
+        """Start the coordinator; return once it accepts sessions."""
+        if os.getpid() != self._owner:
+            raise SharedPoolError("an embedded coordinator belongs to the process that made it")
+        self._stopping.clear()
+        self._launch()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM the coordinator (it closes its sessions and removes its socket) and
+        wait; SIGKILL it if it does not go. A no-op in a forked child."""
+        if os.getpid() != self._owner:
+            return
+        self._stopping.set()
+        with self._lock:
+            proc, self._proc = self._proc, None
+            lifeline, self._lifeline = self._lifeline, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            _signal(proc, signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("coordinator pid %s ignored SIGTERM for %.0fs; killing it",
+                            proc.pid, timeout)
+                _signal(proc, signal.SIGKILL)
+                proc.wait(5)
+        _close_fd(lifeline)
+
+    def kill(self) -> None:
+        """SIGKILL the coordinator at once and do not restart it; its socket file
+        stays behind, as after a crash (for tests of recovery)."""
+        if os.getpid() != self._owner:
+            return
+        self._stopping.set()
+        with self._lock:
+            proc, self._proc = self._proc, None
+            lifeline, self._lifeline = self._lifeline, None
+        if proc is not None:
+            _signal(proc, signal.SIGKILL)
+            proc.wait(5)
+        _close_fd(lifeline)
+
+    # ------------------------------------------------------------------ internals
+
+    def _launch(self) -> None:
+        proc, lifeline = self._spawn()
+        with self._lock:
+            self._proc, self._lifeline = proc, lifeline
+        if self.restart:
+            threading.Thread(target=self._watch, args=(proc,), daemon=True,
+                             name="sharedpool-coordinator-watch").start()
+
+    def _spawn(self) -> tuple[subprocess.Popen[bytes], int]:
+        """Start the program; return it and the write end of its lifeline (raw fds
+        only: a forked child closes its copy without touching any lock)."""
+        payload = json.dumps({**dataclasses.asdict(self.config), "log_level": self.log_level})
+        ready_r, ready_w = os.pipe()  # both close-on-exec; pass_fds hands ready_w over
+        life_r, life_w = os.pipe()
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _CHILD_CODE, str(ready_w), "sharedpool-coordinator",
+                 self.socket_path],
+                stdin=life_r, pass_fds=(ready_w,), start_new_session=True, env=_child_env(),
+            )
+        except BaseException:
+            for fd in (ready_r, life_w):
+                os.close(fd)
+            raise
+        finally:
+            os.close(ready_w)
+            os.close(life_r)
+        try:
+            # A pipe buffer holds it. If the program died at once, the status says so.
+            with contextlib.suppress(BrokenPipeError):
+                os.write(life_w, payload.encode() + b"\n")
+            status = _read_status(ready_r, time.monotonic() + self.start_timeout)
+        except BaseException:
+            _signal(proc, signal.SIGKILL)
+            proc.wait(5)
+            os.close(life_w)
+            raise
+        finally:
+            os.close(ready_r)
+        if status is not None and "ok" in _parse(status):
+            log.info("coordinator pid %s serving %s", proc.pid, self.socket_path)
+            return proc, life_w
+        if status is None:
+            _signal(proc, signal.SIGKILL)
+        try:
+            code = proc.wait(5)
+        except subprocess.TimeoutExpired:
+            code = None
+        os.close(life_w)
+        if status is None:
+            raise EmbeddedStartError(
+                f"coordinator for {self.socket_path} exited (code {code}) before it was ready; "
+                "its error is on stderr" if code is not None else
+                f"coordinator for {self.socket_path} did not start within {self.start_timeout:g}s")
+        raise _error_from_status(status)
+
+    def _watch(self, proc: subprocess.Popen[bytes]) -> None:
+        code = proc.wait()  # whoever reaps it (gunicorn's waitpid(-1) too), this returns
+        delay = RESTART_MIN
+        while not self._stopping.is_set():
+            with self._lock:
+                if self._proc is not proc:
+                    return
+            log.error("coordinator pid %s for %s died (code %s); restarting it in %.1fs",
+                      proc.pid, self.socket_path, code, delay)
+            if self._stopping.wait(delay):
+                return
+            try:
+                new, lifeline = self._spawn()
+            except (SharedPoolError, OSError) as exc:
+                log.error("restarting the coordinator failed: %s", exc)
+                delay = min(delay * 2, RESTART_MAX)
+                continue
+            old: int | None
+            with self._lock:
+                if self._stopping.is_set() or self._proc is not proc:
+                    stale, old = True, lifeline
+                else:
+                    stale, old = False, self._lifeline
+                    self._proc, self._lifeline = new, lifeline
+            _close_fd(old)
+            if stale:  # stop() ran meanwhile: do not leave it behind
+                _signal(new, signal.SIGTERM)
+                new.wait(10)
+                return
+            self.restarts += 1
+            proc, delay = new, RESTART_MIN
+            code = proc.wait()
+
+    def _forget(self) -> None:
+        """In a forked child: drop our copy of the lifeline; never touch the process."""
+        if os.getpid() == self._owner:
+            return
+        proc, self._proc = self._proc, None
+        lifeline, self._lifeline = self._lifeline, None
+        _close_fd(lifeline)
+        if proc is not None:
+            proc.returncode = 0  # not ours to wait for: no poll/kill from this process
+        self._lock = threading.Lock()
+
+
+def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
+    if proc.poll() is None:  # never signal a pid that may already be reused
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, sig)
+
+
+def _close_fd(fd: int | None) -> None:
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _child_env() -> dict[str, str]:
+    """The master's environment, with this copy of sharedpool importable first."""
+    env = dict(os.environ)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = [here, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env
+
+
+def _read_status(fd: int, deadline: float) -> str | None:
+    """One status line from the child, or None on EOF or timeout."""
+    data = b""
+    while b"\n" not in data:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return None
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return None
+        data += chunk
+    return data.split(b"\n", 1)[0].decode("utf-8", "replace")
+
+
+def _parse(status: str) -> dict[str, Any]:
+    try:
+        info = json.loads(status)
+    except ValueError:
+        return {"error": status}
+    return info if isinstance(info, dict) else {"error": status}
+
+
+def _error_from_status(status: str) -> SharedPoolError:
+    info = _parse(status)
+    kind, message = info.get("type"), str(info.get("error"))
+    if kind == "ConfigError":
+        return ConfigError(str(info.get("field")), str(info.get("detail")))
+    if kind == "CoordinatorRunning":
+        return CoordinatorRunning(message)
+    return EmbeddedStartError(f"coordinator failed to start: {message}")
+
+
+# ---------------------------------------------------------------------- the child program
+
+
+def _child_main() -> None:
+    """Entry point of the coordinator program: config on stdin, then stdin is the lifeline."""
+    from .coordinator import run
+
+    ready_fd = int(sys.argv[1])
+    # Raw reads on fd 0 only: a thread blocked in a buffered read would hold the
+    # buffer's lock at interpreter exit (a fatal error).
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = os.read(0, 1)  # byte by byte: nothing past the line is consumed
+        if not chunk:
+            sys.exit("sharedpool-coordinator: no configuration on stdin")
+        line += chunk
+    data = json.loads(line)
+    logging.basicConfig(
+        level=data.pop("log_level", "WARNING"), stream=sys.stderr,
+        format="%(asctime)s [%(process)d] [sharedpool-coordinator] %(levelname)s %(message)s")
+
+    def report(status: dict[str, Any]) -> None:
+        nonlocal ready_fd
+        if ready_fd >= 0:
+            os.write(ready_fd, json.dumps(status).encode() + b"\n")
+            os.close(ready_fd)
+            ready_fd = -1
+
+    def lifeline() -> None:
+        while os.read(0, 4096):
+            pass
+        log.warning("the server process that started this coordinator is gone; stopping")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=lifeline, daemon=True, name="lifeline").start()
+    try:
+        config = CoordinatorConfig(**data)
+        run(config, ready=lambda: report({"ok": os.getpid()}))
+    except ConfigError as exc:
+        report({"type": "ConfigError", "field": exc.field, "detail": exc.detail,
+                "error": str(exc)})
+        sys.exit(2)
+    except (SharedPoolError, OSError) as exc:
+        report({"type": type(exc).__name__, "error": str(exc)})
+        sys.exit(1)
+
+
+# ---------------------------------------------------------------------- fork and exit
+
+_INSTANCES: weakref.WeakSet[EmbeddedCoordinator] = weakref.WeakSet()
+
+
+def _forget_in_child() -> None:
+    for inst in list(_INSTANCES):
+        inst._forget()
+
+
+def _stop_at_exit() -> None:
+    for inst in list(_INSTANCES):
+        inst.stop(timeout=5.0)
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+atexit.register(_stop_at_exit)
