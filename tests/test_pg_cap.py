@@ -36,7 +36,9 @@ def test_eight_processes_never_exceed_the_cap(pg: str, start_coordinator: Any, s
                                               app_name: str) -> None:
     start_coordinator({"pg": Resource(max_size=3, acquire_timeout=60)})
     with BackendSampler(app_name) as sampler:
-        procs = [spawn(sock_path, app_name, 150) for _ in range(8)]
+        # Each checkout holds its connection 2 ms: however staggered the eight
+        # start-ups, their work overlaps and the cap is reached.
+        procs = [spawn(sock_path, app_name, 150, "4", "2", "0.002") for _ in range(8)]
         try:
             results = [finish(p) for p in procs]
         finally:
