@@ -228,8 +228,10 @@ class Coordinator:
         """Run the coordinator in a child process; return once it accepts sessions.
 
         Raises :class:`CoordinatorRunning` if a live coordinator has the path,
-        :class:`ConfigError` for a bad socket directory, :class:`SharedPoolError`
-        if it does not start within ``timeout`` seconds."""
+        :class:`ConfigError` for a bad socket directory, an error that is both a
+        :class:`SharedPoolError` and an :class:`OSError` (with the child's
+        ``errno``) if binding fails, and :class:`SharedPoolError` if it does not
+        start within ``timeout`` seconds."""
         from .program import EmbeddedCoordinator
 
         level = logging.getLevelName(logging.getLogger("sharedpool").getEffectiveLevel())

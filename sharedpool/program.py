@@ -33,15 +33,13 @@ import threading
 import time
 import weakref
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Any
 
 from .config import CoordinatorConfig, default_socket_path
 from .coordinator import CoordinatorRunning
 from .errors import ConfigError, SharedPoolError
 
 log = logging.getLogger("sharedpool.program")
-
-T = TypeVar("T")
 
 #: Restart back-off bounds (seconds) after an unexpected coordinator death.
 RESTART_MIN, RESTART_MAX = 0.2, 30.0
@@ -51,6 +49,11 @@ _CHILD_CODE = "from sharedpool.program import _child_main; _child_main()"
 
 class EmbeddedStartError(SharedPoolError, RuntimeError):
     """The embedded coordinator could not be started."""
+
+
+class CoordinatorStartError(SharedPoolError, OSError):
+    """The coordinator program met an OS error starting (bind, socket directory...):
+    ``errno`` and ``strerror`` are the child's."""
 
 
 def private_socket_path(prefix: str) -> str:
@@ -77,10 +80,11 @@ def coordinator_listening(path: str, timeout: float = 1.0) -> bool:
 
 
 class EmbeddedCoordinator:
-    """``sharedpool serve`` as a child program of this (master) process.
+    """``sharedpool serve`` as a child program of this (owner) process.
 
-    ``resources`` and ``options`` are :class:`~sharedpool.CoordinatorConfig`'s,
-    checked here, in the caller, so that a bad limit fails where it was written.
+    ``resources`` and ``options`` are :class:`~sharedpool.CoordinatorConfig`'s
+    (or a whole ``config=``), checked here, in the caller, so that a bad limit
+    fails where it was written. ``restart``: start it again if it dies.
     """
 
     def __init__(self, socket_path: str | None = None, resources: Mapping[str, Any] | None = None,
@@ -145,18 +149,18 @@ class EmbeddedCoordinator:
         with self._lock:
             proc, self._proc = self._proc, None
             lifeline, self._lifeline = self._lifeline, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            _signal(proc, signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("coordinator pid %s ignored SIGTERM for %.0fs; killing it",
-                            proc.pid, timeout)
-                _signal(proc, signal.SIGKILL)
-                proc.wait(5)
-        _close_fd(lifeline)
+        try:
+            if proc is not None and proc.poll() is None:
+                _signal(proc, signal.SIGTERM)
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    log.warning("coordinator pid %s ignored SIGTERM for %.0fs; killing it",
+                                proc.pid, timeout)
+                    _signal(proc, signal.SIGKILL)
+                    proc.wait(5)
+        finally:
+            _close_fd(lifeline)  # EOF on its stdin: it stops even if the waits failed
 
     def kill(self) -> None:
         """SIGKILL the coordinator at once and do not restart it; its socket file
@@ -167,10 +171,12 @@ class EmbeddedCoordinator:
         with self._lock:
             proc, self._proc = self._proc, None
             lifeline, self._lifeline = self._lifeline, None
-        if proc is not None:
-            _signal(proc, signal.SIGKILL)
-            proc.wait(5)
-        _close_fd(lifeline)
+        try:
+            if proc is not None:
+                _signal(proc, signal.SIGKILL)
+                proc.wait(5)
+        finally:
+            _close_fd(lifeline)
 
     # ------------------------------------------------------------------ internals
 
@@ -190,7 +196,7 @@ class EmbeddedCoordinator:
         life_r, life_w = os.pipe()
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-c", _CHILD_CODE, str(ready_w), "sharedpool-coordinator",
+                [sys.executable, "-P", "-c", _CHILD_CODE, str(ready_w), "sharedpool-coordinator",
                  self.socket_path],
                 stdin=life_r, pass_fds=(ready_w,), start_new_session=True, env=_child_env(),
             )
@@ -205,7 +211,8 @@ class EmbeddedCoordinator:
             # A pipe buffer holds it. If the program died at once, the status says so.
             with contextlib.suppress(BrokenPipeError):
                 os.write(life_w, payload.encode() + b"\n")
-            status = _read_status(ready_r, time.monotonic() + self.start_timeout)
+            deadline = time.monotonic() + self.start_timeout
+            status = _read_status(ready_r, deadline)
         except BaseException:
             _signal(proc, signal.SIGKILL)
             proc.wait(5)
@@ -213,6 +220,7 @@ class EmbeddedCoordinator:
             raise
         finally:
             os.close(ready_r)
+        timed_out = status is None and time.monotonic() >= deadline
         if status is not None and "ok" in _parse(status):
             log.info("coordinator pid %s serving %s", proc.pid, self.socket_path)
             return proc, life_w
@@ -225,9 +233,10 @@ class EmbeddedCoordinator:
         os.close(life_w)
         if status is None:
             raise EmbeddedStartError(
+                f"coordinator for {self.socket_path} did not start within {self.start_timeout:g}s"
+                if timed_out or code is None else
                 f"coordinator for {self.socket_path} exited (code {code}) before it was ready; "
-                "its error is on stderr" if code is not None else
-                f"coordinator for {self.socket_path} did not start within {self.start_timeout:g}s")
+                "its error is on stderr")
         raise _error_from_status(status)
 
     def _watch(self, proc: subprocess.Popen[bytes]) -> None:
@@ -325,6 +334,13 @@ def _error_from_status(status: str) -> SharedPoolError:
         return ConfigError(str(info.get("field")), str(info.get("detail")))
     if kind == "CoordinatorRunning":
         return CoordinatorRunning(message)
+    if kind == "MetricsUnavailable":
+        from .metrics import MetricsUnavailable
+
+        return MetricsUnavailable(message)
+    if isinstance(info.get("errno"), int):
+        text = message.split("] ", 1)[-1]  # str() of the child's OSError leads with its errno
+        return CoordinatorStartError(info["errno"], f"coordinator failed to start: {text}")
     return EmbeddedStartError(f"coordinator failed to start: {message}")
 
 
@@ -371,7 +387,8 @@ def _child_main() -> None:
                 "error": str(exc)})
         sys.exit(2)
     except (SharedPoolError, OSError) as exc:
-        report({"type": type(exc).__name__, "error": str(exc)})
+        report({"type": type(exc).__name__, "error": str(exc),
+                "errno": exc.errno if isinstance(exc, OSError) else None})
         sys.exit(1)
 
 

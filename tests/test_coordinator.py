@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import msgpack
+import psutil
 import pytest
 from proc_helpers import read_until_closed
 
@@ -28,6 +29,7 @@ from sharedpool import (
     CoordinatorUnavailable,
     PoolTimeout,
     Resource,
+    SharedPoolError,
     UnknownResource,
 )
 from sharedpool import protocol as p
@@ -387,3 +389,41 @@ def test_unasked_reclaim_is_seen_at_once_by_an_idle_client(start_coordinator: An
     finally:
         holder_client.close()
         waiter.close()
+
+
+def test_start_failure_keeps_the_os_error(tmp_path: Any) -> None:
+    # The child's OSError comes back as one: errno kept, still a SharedPoolError.
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(OSError) as err:
+        Coordinator(str(tmp_path / "a-file" / "sp.sock"), {"r": 1}).start()
+    assert isinstance(err.value, SharedPoolError)
+    assert err.value.errno is not None and "a-file" in str(err.value)
+
+
+_OWNER = """
+import sys, time
+from sharedpool import Coordinator
+coordinator = Coordinator(sys.argv[1], {"r": 1}).start()
+print(coordinator.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_coordinator_stops_when_its_owner_is_killed(sock_path: str) -> None:
+    owner = subprocess.Popen([sys.executable, "-c", _OWNER, sock_path], stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert owner.stdout is not None
+        child = int(owner.stdout.readline())
+        c = Client(sock_path)
+        assert c.acquire("r", timeout=5)
+        c.close()
+        owner.kill()  # SIGKILL: no exit handler runs; the lifeline pipe closes
+        owner.wait(10)
+        wait_for(lambda: not psutil.pid_exists(child) or psutil.Process(child).status() == "zombie",
+                 timeout=10, what="the coordinator to follow its owner")
+        assert not os.path.exists(sock_path)
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait(10)

@@ -135,6 +135,11 @@ def hooks(
         # gunicorn also calls this in the master for a worker already gone: nothing of ours.
         if getattr(worker, "pid", None) != os.getpid():
             return
+        if threading.current_thread() is threading.main_thread():
+            # Stopping already: a second stop signal (the master's resend) must not
+            # cut this short with gunicorn's sys.exit() in the middle of the release.
+            for signum in _STOP_SIGNALS:
+                signal.signal(signum, signal.SIG_IGN)
         try:
             release_process(close_timeout)
         except Exception:  # noqa: BLE001 - the worker is exiting; the fence covers the rest
@@ -166,9 +171,13 @@ def _resend_stop_signal(server: Any) -> None:
         signum = signal.SIGTERM if graceful else signal.SIGQUIT
 
         def resend() -> None:
-            for pid in list(getattr(server, "WORKERS", ())):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signum)
+            # A pid leaves WORKERS just after the master reaps it; the kernel hands
+            # pids out in sequence, so none is reused within that instant.
+            workers = getattr(server, "WORKERS", {})
+            for pid in list(workers):
+                if pid in workers:  # not reaped meanwhile
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signum)
 
         timer = threading.Timer(RESEND_AFTER, resend)
         timer.daemon = True
@@ -205,16 +214,18 @@ def _keep_early_stop_signals(server: Any, worker: Any) -> None:
     for signum in _STOP_SIGNALS:  # first: from here on nothing goes to the queue
         signal.signal(signum, catch)
     early = getattr(server, "SIG_QUEUE", None)
-    if isinstance(early, list):  # gunicorn < 23
-        pending.extend(early)
-        early.clear()
-    elif early is not None:
-        while True:
-            try:
-                pending.append(early.get_nowait())
-            except queue.Empty:
-                break
-
+    try:
+        if isinstance(early, list):  # gunicorn < 23
+            pending.extend(early)
+            early.clear()
+        elif early is not None:
+            while True:
+                try:
+                    pending.append(early.get_nowait())
+                except queue.Empty:
+                    break
+    except Exception:  # noqa: BLE001 - another gunicorn's queue: the master's resend covers it
+        log.debug("sharedpool: cannot read the arbiter's signal queue", exc_info=True)
 
     def init_signals_then_replay() -> None:
         init_signals()
