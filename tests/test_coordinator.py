@@ -427,3 +427,17 @@ def test_coordinator_stops_when_its_owner_is_killed(sock_path: str) -> None:
         if owner.poll() is None:
             owner.kill()
             owner.wait(10)
+
+
+def test_program_takes_a_config_or_its_parts_not_both(sock_path: str) -> None:
+    from sharedpool.config import CoordinatorConfig
+    from sharedpool.program import EmbeddedCoordinator
+
+    config = CoordinatorConfig(socket_path=sock_path, resources={"r": 1})  # type: ignore[dict-item]
+    assert EmbeddedCoordinator(config=config).config is config
+    with pytest.raises(ConfigError) as err:
+        EmbeddedCoordinator(sock_path, config=config)
+    assert err.value.field == "config"
+    with pytest.raises(ConfigError) as err:
+        EmbeddedCoordinator(sock_path, {"r": 1}, max_fram=4096)
+    assert err.value.field == "options"
