@@ -324,6 +324,9 @@ class Client:
         self._notify()
         self._disconnect("client closed", retry=False)
         self._fail_all(CoordinatorUnavailable("client closed"))
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            self._close_wake()  # else the background thread does, on its way out
         with _REGISTRY_LOCK:
             if _SHARED.get(self.socket_path) is self:
                 del _SHARED[self.socket_path]
@@ -613,6 +616,11 @@ class Client:
         if first:
             self._notify()
 
+    def _close_wake(self) -> None:
+        for sock in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                sock.close()
+
     def _notify(self) -> None:
         """Wake the background thread (from any thread; cheap when it is already woken)."""
         if self._woken:
@@ -719,11 +727,12 @@ class Client:
         # The inherited socket is the parent's session: close our copy of the
         # fd (no shutdown, no bytes sent) so the parent's death is still seen
         # by the coordinator, then start afresh. The parent's leases stay its own.
-        inherited = self._sock
+        inherited = [self._sock, self._wake_r, self._wake_w]  # the parent's; ours are made anew
         self._init_state()
-        if inherited is not None:
-            with contextlib.suppress(OSError):
-                inherited.close()
+        for sock in inherited:
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.close()
 
 
 def _error_from(msg: p.Error) -> SharedPoolError:
@@ -738,7 +747,10 @@ def _background(ref: weakref.ref[Client]) -> None:
     poller = select.poll()
     while True:
         client = ref()
-        if client is None or client._closed or client._pid != _PID[0]:
+        if client is None or client._pid != _PID[0]:
+            return
+        if client._closed:
+            client._close_wake()
             return
         wake = client._wake_r
         sock, timeout = client._plan_sleep()

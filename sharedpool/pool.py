@@ -223,6 +223,8 @@ class ConnectionPool(Generic[T]):
         # processes in SELECT 1 loops lose ~2 % of throughput per microsecond).
         if self._pid != _PID[0]:
             self._after_fork()
+        if timeout is not None and timeout < 0:  # bad input fails whatever the pool holds
+            raise ConfigError("timeout", f"must be >= 0 or None, got {timeout!r}")
         with self._lock:
             if self._idle and not self._waiters and self.status is _ACTIVE:
                 wrapper = self._idle.pop()
@@ -243,8 +245,6 @@ class ConnectionPool(Generic[T]):
         return wrapper
 
     def _acquire_slow(self, timeout: float | None, start: float) -> ConnectionWrapper[T]:
-        if timeout is not None and timeout < 0:
-            raise ConfigError("timeout", f"must be >= 0 or None, got {timeout!r}")
         wait = self.config.acquire_timeout if timeout is None else timeout
         deadline = start + wait
         while True:  # one deadline for every retry (a failed validation loops)

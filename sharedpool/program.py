@@ -143,12 +143,7 @@ class EmbeddedCoordinator:
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM the coordinator (it closes its sessions and removes its socket) and
         wait; SIGKILL it if it does not go. A no-op in a forked child."""
-        if os.getpid() != self._owner:
-            return
-        self._stopping.set()
-        with self._lock:
-            proc, self._proc = self._proc, None
-            lifeline, self._lifeline = self._lifeline, None
+        proc, lifeline = self._detach()
         try:
             if proc is not None and proc.poll() is None:
                 _signal(proc, signal.SIGTERM)
@@ -165,12 +160,7 @@ class EmbeddedCoordinator:
     def kill(self) -> None:
         """SIGKILL the coordinator at once and do not restart it; its socket file
         stays behind, as after a crash (for tests of recovery)."""
-        if os.getpid() != self._owner:
-            return
-        self._stopping.set()
-        with self._lock:
-            proc, self._proc = self._proc, None
-            lifeline, self._lifeline = self._lifeline, None
+        proc, lifeline = self._detach()
         try:
             if proc is not None:
                 _signal(proc, signal.SIGKILL)
@@ -179,6 +169,17 @@ class EmbeddedCoordinator:
             _close_fd(lifeline)
 
     # ------------------------------------------------------------------ internals
+
+    def _detach(self) -> tuple[subprocess.Popen[bytes] | None, int | None]:
+        """Stop watching and take the process and its lifeline out (None, None in a
+        forked child: never ours to signal)."""
+        if os.getpid() != self._owner:
+            return None, None
+        self._stopping.set()
+        with self._lock:
+            proc, self._proc = self._proc, None
+            lifeline, self._lifeline = self._lifeline, None
+        return proc, lifeline
 
     def _launch(self) -> None:
         proc, lifeline = self._spawn()

@@ -298,9 +298,7 @@ class Server:
                  len(eff.leases), eff.resource, eff.pid, list(eff.backend_pids))
         if limits.monitor_dsn is None:
             return  # the ledger's quarantine delay ends the fence
-        task = self.loop.create_task(self._fence(eff, limits))
-        self._fences.add(task)
-        task.add_done_callback(self._fences.discard)
+        self._track(self._fence(eff, limits))
 
     def warm_monitors(self) -> None:
         """Open the fence's monitor connections now: the first dead worker
@@ -310,9 +308,13 @@ class Server:
         if self.monitors is None:
             self.monitors = MonitorConnections()
         for dsn in {r.limits.monitor_dsn for r in self.ledger.resources.values() if r.limits.monitor_dsn}:
-            task = self.loop.create_task(warm_monitor(self.monitors, dsn))
-            self._fences.add(task)
-            task.add_done_callback(self._fences.discard)
+            self._track(warm_monitor(self.monitors, dsn))
+
+    def _track(self, coro: Any) -> None:
+        """Run ``coro`` as a task kept until it ends (cancelled at shutdown)."""
+        task = self.loop.create_task(coro)
+        self._fences.add(task)
+        task.add_done_callback(self._fences.discard)
 
     async def _fence(self, eff: StartFence, limits: Resource) -> None:
         from .fence import MonitorConnections, wait_backends_gone

@@ -110,3 +110,37 @@ def test_two_threads_of_a_child_reset_the_pool_once(start_coordinator: Any, sock
         assert pool.get_size() == 1  # the parent's pool is untouched
     finally:
         pool.close()
+
+
+def _sockets_open() -> set[int]:
+    """Inodes of this process's open sockets (fd numbers get reused; inodes do not)."""
+    inodes = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            st = os.stat(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        inodes.add(st.st_ino)
+    return inodes
+
+
+def test_client_fds_are_closed_in_a_child_and_at_close(start_coordinator: Any,
+                                                       sock_path: str) -> None:
+    # The background thread's wake-up pair is per process: a child closes the
+    # parent's copies (a forking server would otherwise gather them), and
+    # close() leaves no fd behind.
+    start_coordinator({"r": 1})
+    client = Client(sock_path)
+    client.release(client.acquire("r", timeout=2))  # the background thread runs
+    pair = {os.fstat(client._wake_r.fileno()).st_ino, os.fstat(client._wake_w.fileno()).st_ino}
+
+    def child() -> int:
+        return 0 if not pair & _sockets_open() else 5
+
+    assert _run_in_child(child) == 0
+    assert pair <= _sockets_open()  # the parent's own are untouched
+    thread = client._thread
+    client.close()
+    assert thread is not None
+    thread.join(5)
+    assert not pair & _sockets_open()

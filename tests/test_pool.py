@@ -375,3 +375,7 @@ def test_bad_arguments() -> None:
         ConnectionPool(FakeFactory(), resource="")
     with make_pool() as pool, pytest.raises(ConfigError, match="timeout"):
         pool.acquire(timeout=-1)
+    with make_pool() as pool:
+        pool.release(pool.acquire())  # an idle connection: the fast path checks it too
+        with pytest.raises(ConfigError, match="timeout"):
+            pool.acquire(timeout=-1)
