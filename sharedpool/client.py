@@ -159,6 +159,11 @@ class Client:
         self._reqs = itertools.count(1)
         self._held: dict[int, Lease] = {}
         self._owed: dict[str, int] = {}
+        #: resource -> fairness quantum the coordinator sent with its reclaim
+        self._quanta: dict[str, float] = {}
+        #: resource -> this process's hand-off cost (seconds), and the last sent
+        self._costs: dict[str, float] = {}
+        self._sent_costs: dict[str, float] = {}
         self._reclaim_handlers: dict[str, list[Callable[[], object]]] = {}
         self._push_handlers: list[Callable[[str, str | None, dict[str, Any]], None]] = []
         self._state_providers: list[Callable[[], list[list[Any]]]] = []
@@ -257,6 +262,19 @@ class Client:
     def owes(self, resource: str) -> int:
         """How many leases of ``resource`` the coordinator asked us to give back."""
         return self._owed.get(resource, 0)
+
+    def quantum(self, resource: str) -> float | None:
+        """The fairness quantum the coordinator last asked for with a reclaim of
+        ``resource`` (None: it has not said; the pool decides)."""
+        return self._quanta.get(resource)
+
+    def report_cost(self, resource: str, seconds: float) -> None:
+        """What moving a slot of ``resource`` costs this process (connect +
+        confirmed close); sent with the next report when it has changed."""
+        cost = round(seconds, 4)  # 0.1 ms: no report for noise below that
+        if self._costs.get(resource) != cost:
+            self._costs[resource] = cost
+            self._notify()
 
     def inspect(self, what: str, timeout: float = 5.0, **filters: Any) -> Any:
         """Ask the coordinator for resources, sessions, leases or server info."""
@@ -472,6 +490,8 @@ class Client:
         elif isinstance(msg, p.Reclaim):
             with self._cond:
                 self._owed[msg.resource] = max(0, msg.count)
+                if msg.quantum is not None:
+                    self._quanta[msg.resource] = float(msg.quantum)
                 if msg.count > 0:
                     self._jobs.extend(self._reclaim_handlers.get(msg.resource, ()))
             self._notify()
@@ -541,6 +561,7 @@ class Client:
             self.session_id, self.server_pid = welcome.session, welcome.server_pid
             self.limits = welcome.resources
             self._last_report = None
+            self._sent_costs = {}  # a new coordinator knows none of them
             # Re-send what was waiting when the old session died, and release
             # what was let go while the handshake ran (its Release was dropped:
             # there was no session to send it on).
@@ -560,6 +581,7 @@ class Client:
             sock, self._sock, self._conn = self._sock, None, None
             self.session_id = None
             self._owed.clear()
+            self._quanta.clear()
             if retry and not self._closed:
                 self.last_error = why
             self._cond.notify_all()
@@ -655,7 +677,8 @@ class Client:
             if sock is None:
                 if (self._pending or self._held) and not self._closed:
                     due = min(due, max(self._next_attempt, now + BACKOFF_MIN / 2))
-            elif self._state_providers or self._failures or self._successes:
+            elif (self._state_providers or self._failures or self._successes
+                  or self._costs != self._sent_costs):
                 due = min(due, self._reported_at + REPORT_INTERVAL)
             if sock is not None and self._read_lock.locked():
                 # A leader reads and dispatches what arrives: leave the socket
@@ -710,10 +733,11 @@ class Client:
         with self._cond:
             failures, self._failures = self._failures, {}
             ok, self._successes = sorted(self._successes), set()
-        if not failures and not ok and states == self._last_report:
+        costs = dict(self._costs)
+        if not failures and not ok and states == self._last_report and costs == self._sent_costs:
             return  # nothing new: reports are coalesced, not periodic
-        self._last_report = states
-        self._send_quiet(p.Report(states, failures, ok))
+        self._last_report, self._sent_costs = states, costs
+        self._send_quiet(p.Report(states, failures, ok, costs))
 
     # ---------------------------------------------------------------- fork
 

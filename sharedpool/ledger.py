@@ -15,7 +15,9 @@ Rules of this module:
 * I3: waiters of a resource are served first come, first served (skipping
   only those blocked by their own ``max_per_process``); when the resource is
   at its cap, sessions that hold leases (preferring reported-idle ones) are
-  asked to give some back.
+  asked to give some back, at checkin once their connection is older than
+  the resource's fairness quantum (a number, or with "auto" one quantum for
+  every holder from the median hand-off cost the sessions report).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .config import Resource
+from .handoff import auto_quantum
 
 IDLE, BUSY, NEW = "idle", "busy", "new"
 STATES = (IDLE, BUSY)
@@ -41,6 +44,8 @@ WAIT_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
 #: Re-registered lease ids and tokens must stay below this, so that the ids
 #: granted after them still fit a msgpack integer.
 MAX_ID = 1 << 63
+#: A reported hand-off cost above this many seconds is taken for a bad report.
+MAX_COST = 3600.0
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -100,6 +105,8 @@ class Session:
     asked: dict[str, int] = field(default_factory=dict)
     #: resource -> leases held (kept in step with ``leases``)
     counts: dict[str, int] = field(default_factory=dict)
+    #: resource -> seconds a hand-off costs this session, as last reported
+    costs: dict[str, float] = field(default_factory=dict)
 
     def held(self, resource: str) -> int:
         return self.counts.get(resource, 0)
@@ -179,11 +186,14 @@ class Denied:
 
 @dataclass(slots=True)
 class AskReclaim:
-    """Ask ``session`` to hold ``count`` fewer leases of ``resource`` (0 withdraws)."""
+    """Ask ``session`` to hold ``count`` fewer leases of ``resource`` (0 withdraws);
+    busy ones go at checkin once older than ``quantum`` seconds (None: the
+    session's own choice, as no hand-off cost is known yet)."""
 
     session: int
     resource: str
     count: int
+    quantum: float | None = None
 
 
 @dataclass(slots=True)
@@ -433,10 +443,17 @@ class Ledger:
         now: float,
         failures: dict[str, Any] | None = None,
         ok: list[Any] = (),  # type: ignore[assignment]
+        costs: dict[str, Any] | None = None,
     ) -> list[Effect]:
-        """Coalesced lease states and connect outcomes from one session."""
+        """Coalesced lease states, connect outcomes and hand-off costs from one session."""
         session = self.sessions[sid]
         session.last_report = now
+        for name, cost in (costs or {}).items():
+            if type(cost) not in (int, float) or not 0 <= cost <= MAX_COST:
+                why = f"hand-off cost {_short(cost)} of {_short(name)} is not seconds in [0, {MAX_COST:g}]"
+                return [Problem(sid, "bad_report", why)]
+            if name in self.resources:
+                session.costs[name] = float(cost)
         touched: set[str] = set()
         for entry in states:
             if not isinstance(entry, list) or len(entry) not in (4, 5):
@@ -585,6 +602,7 @@ class Ledger:
                 "paused": res.paused,
                 "draining": res.draining,
                 "failing": res.failing_until is not None,
+                "fairness_quantum_s": self.quantum(res.name),
                 "limits": res.limits.as_dict(),
                 "wait_histogram": {
                     "buckets": [
@@ -762,14 +780,30 @@ class Ledger:
             plan[s.id] = give
             need -= give
         effects: list[Effect] = []
+        quantum = self.quantum(res.name) if plan else None
         for sid in res.askees | plan.keys():
             s = self.sessions[sid]
             want = plan.get(sid, 0)
             if s.asked.get(res.name, 0) != want:
                 s.asked[res.name] = want
-                effects.append(AskReclaim(sid, res.name, want))
+                effects.append(AskReclaim(sid, res.name, want, quantum if want else None))
         res.askees = {sid for sid, n in plan.items() if n > 0}
         return effects
+
+    def quantum(self, resource: str) -> float | None:
+        """The fairness quantum holders of ``resource`` are asked to keep to: the
+        configured number, or for "auto" the one implied by the median of the
+        hand-off costs sessions report (None while none has reported). One
+        figure for every holder, so that turns are of equal length."""
+        setting = self.resources[resource].limits.fairness_quantum
+        if not isinstance(setting, str):
+            return float(setting)
+        costs = sorted(s.costs[resource] for s in self.sessions.values() if resource in s.costs)
+        if not costs:
+            return None
+        mid = len(costs) // 2
+        median = costs[mid] if len(costs) % 2 else (costs[mid - 1] + costs[mid]) / 2
+        return auto_quantum(median)
 
     def _notify_holders(
         self, res: ResourceState, verb: str, args: dict[str, Any] | None = None

@@ -23,7 +23,8 @@ import msgpack
 
 from .errors import LocalProtocolError, RemoteProtocolError
 
-PROTOCOL_VERSION = 1
+#: 2: ``report`` carries hand-off ``costs``, ``reclaim`` a ``quantum``.
+PROTOCOL_VERSION = 2
 DEFAULT_MAX_FRAME = 1 << 20
 _HEADER = struct.Struct(">I")
 
@@ -108,13 +109,17 @@ class Report(Message):
     ``[lease, "idle" | "busy", backend_pid | None, site | None, suspected_leak]``
     (the last is optional); ``failures``
     counts connect failures per resource since the last report; ``ok`` lists
-    resources that connected fine since."""
+    resources that connected fine since; ``costs`` maps a resource to what
+    moving one of its slots costs this process (seconds of connect + confirmed
+    close, a moving average), from which the coordinator sets the auto
+    fairness quantum."""
 
     op = "report"
     sender = CLIENT
     states: list[Any] = field(default_factory=list)
     failures: dict[str, Any] = field(default_factory=dict)
     ok: list[Any] = field(default_factory=list)
+    costs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -176,13 +181,15 @@ class Deny(Message):
 
 @dataclass(slots=True)
 class Reclaim(Message):
-    """Give back ``count`` leases of ``resource``: idle ones now, else at checkin.
-    ``count`` 0 withdraws an earlier request."""
+    """Give back ``count`` leases of ``resource``: idle ones now, else at checkin
+    once the connection is older than ``quantum`` seconds (None: the pool's own
+    choice). ``count`` 0 withdraws an earlier request."""
 
     op = "reclaim"
     sender = SERVER
     resource: str
     count: int
+    quantum: float | None = None
 
 
 @dataclass(slots=True)
@@ -233,13 +240,13 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "acquire": {"req": (int,), "resource": (str,), "timeout": _OPT_NUM, "site": _OPT_STR},
     "cancel": {"req": (int,)},
     "release": {"lease": (int,)},
-    "report": {"states": (list,), "failures": (dict,), "ok": (list,)},
+    "report": {"states": (list,), "failures": (dict,), "ok": (list,), "costs": (dict,)},
     "inspect": {"req": (int,), "what": (str,), "filters": (dict,)},
     "admin": {"req": (int,), "verb": (str,), "args": (dict,)},
     "welcome": {"version": (int,), "session": (int,), "server_pid": (int,), "resources": (dict,)},
     "grant": {"req": (int,), "lease": (int,), "resource": (str,), "token": (int,)},
     "deny": {"req": (int,), "reason": (str,), "message": (str,)},
-    "reclaim": {"resource": (str,), "count": (int,)},
+    "reclaim": {"resource": (str,), "count": (int,), "quantum": _OPT_NUM},
     "push": {"verb": (str,), "resource": _OPT_STR, "args": (dict,)},
     "reply": {"req": (int,), "data": (object,)},
     "error": {"code": (str,), "message": (str,), "req": _OPT_INT, "fatal": (bool,)},

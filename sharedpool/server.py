@@ -213,7 +213,7 @@ class Server:
         elif isinstance(msg, p.Cancel):
             self.apply(ledger.cancel(sid, msg.req, now))
         elif isinstance(msg, p.Report):
-            self.apply(ledger.report(sid, msg.states, now, msg.failures, msg.ok))
+            self.apply(ledger.report(sid, msg.states, now, msg.failures, msg.ok, msg.costs))
         elif isinstance(msg, p.Inspect):
             session.send(p.Reply(msg.req, self.inspect(msg.what, msg.filters, now, msg.req, session)))
         elif isinstance(msg, p.Admin):
@@ -239,7 +239,7 @@ class Server:
             elif isinstance(eff, AskReclaim):
                 log.info("reclaim pid=%s resource=%s: give back %d lease(s)",
                          self._pid(eff.session), eff.resource, eff.count)
-                self._send(eff.session, p.Reclaim(eff.resource, eff.count))
+                self._send(eff.session, p.Reclaim(eff.resource, eff.count, eff.quantum))
             elif isinstance(eff, Notify):
                 self._send(eff.session, p.Push(eff.verb, eff.resource, eff.args))
             elif isinstance(eff, Problem):

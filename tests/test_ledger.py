@@ -19,6 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from sharedpool import protocol as p
 from sharedpool.config import Resource
 from sharedpool.errors import ConfigError
+from sharedpool.handoff import AUTO_MIN, auto_quantum
 from sharedpool.ledger import (
     BUSY,
     FAILURE_BACKOFF,
@@ -675,6 +676,39 @@ def test_failure_reports_past_the_threshold_fail_fast_then_recover() -> None:
     lg.report(c, [], T0 + 2, ok=["pg", "nope", 5])
     assert lg.resources["pg"].fail_streak == 0
     assert queued(lg.acquire(b, 4, "pg", T0 + 2, timeout=30))
+
+
+def test_auto_quantum_is_one_figure_from_the_median_reported_cost() -> None:
+    # Every holder is asked to keep to the same quantum, so turns are even:
+    # the one implied by the median hand-off cost the sessions report.
+    lg = ledger(pg=1)
+    a, w = session(lg), session(lg)
+    grant(lg, a, 1)
+    assert lg.quantum("pg") is None  # nobody reported: each pool uses its own
+    for cost in (0.002, 0.010, 0.030):
+        assert lg.report(session(lg), [], T0, costs={"pg": cost, "elsewhere": 9.0}) == []
+    assert lg.report(a, [], T0, costs={"pg": 0.5}) == []  # one costly process moves the median a step
+    ask = only(AskReclaim, lg.acquire(w, 1, "pg", T0, timeout=5))
+    assert (ask.session, ask.count) == (a, 1) and ask.quantum == pytest.approx(auto_quantum(0.020))
+    assert lg.snapshot_resources(T0)[0]["fairness_quantum_s"] == ask.quantum
+    # A withdrawal carries no quantum; a fixed setting is sent as it is.
+    assert lg.cancel(w, 1, T0) == [AskReclaim(a, "pg", 0, None)]
+    fixed = Ledger({"pg": Resource(max_size=1, fairness_quantum=0.3)})
+    b, v = session(fixed), session(fixed)
+    grant(fixed, b, 1)
+    assert only(AskReclaim, fixed.acquire(v, 1, "pg", T0, timeout=5)).quantum == 0.3
+    cheap = ledger(pg=1)
+    assert cheap.report(session(cheap), [], T0, costs={"pg": 0}) == []
+    assert cheap.quantum("pg") == AUTO_MIN
+
+
+@pytest.mark.parametrize("cost", [-0.1, "0.1", None, True, math.nan, math.inf, 1e9, [0.1]])
+def test_bad_hand_off_costs_are_problems(cost: Any) -> None:
+    lg = ledger(pg=1)
+    a = session(lg)
+    prob = only(Problem, lg.report(a, [], T0, costs={"pg": cost}))
+    assert prob.code == "bad_report" and "hand-off cost" in prob.message and "'pg'" in prob.message
+    assert lg.sessions[a].costs == {} and lg.quantum("pg") is None
 
 
 def test_bad_failure_counts_are_ignored() -> None:

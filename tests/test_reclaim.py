@@ -108,6 +108,36 @@ def test_auto_quantum_follows_what_a_hand_off_costs(start_coordinator: Any, sock
     assert low <= waited <= high, f"waited {waited:.3f}s for the busy holder's slot"
 
 
+def test_holders_keep_to_the_coordinators_quantum(start_coordinator: Any, sock_path: str) -> None:
+    # The holder's own connects take 50 ms: on its own it would keep its busy
+    # slot for 2 s (as above). Two other processes report cheap hand-offs, so
+    # the median, and the one quantum the coordinator sends with its reclaim,
+    # is the 0.05 s floor, and the holder keeps to that.
+    start_coordinator({"r": Resource(max_size=1)})
+    others = [Client(sock_path) for _ in range(2)]
+    try:
+        for c in others:
+            assert c.ensure_connected()
+            c.report_cost("r", 0.0001)
+        with holder(sock_path, 1, 1, "busy", seconds=20, connect_delay=0.05) as proc:
+            deadline = time.monotonic() + 5
+            while others[0].inspect("resources")["resources"][0]["fairness_quantum_s"] != 0.05:
+                assert time.monotonic() < deadline, "the cheap costs never reached the coordinator"
+                time.sleep(0.02)
+            pool = local_pool(sock_path, 1)
+            try:
+                t0 = time.monotonic()
+                with pool.connection(timeout=10):
+                    waited = time.monotonic() - t0
+            finally:
+                pool.close()
+            assert proc.poll() is None
+    finally:
+        for c in others:
+            c.close()
+    assert waited <= 0.7, f"waited {waited:.3f}s: the holder kept its own 2 s quantum"
+
+
 def test_max_waiting_fails_fast(start_coordinator: Any, sock_path: str) -> None:
     start_coordinator({"r": Resource(max_size=1, max_waiting=1)})
     a, b, c = Client(sock_path), Client(sock_path), Client(sock_path)
