@@ -12,12 +12,16 @@ Every process is joined, and killed by pid if it does not end in time.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import multiprocessing
 import os
 import queue
 import random
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -35,7 +39,9 @@ SETUP_TIMEOUT = 60.0
 class Proc:
     """One worker process. ``mode``: "direct" (one psycopg connection per thread),
     "pool" (sharedpool ConnectionPool; coordinated when the fleet has a socket,
-    standalone otherwise) or "psycopg_pool" (a fixed psycopg_pool of ``max_size``)."""
+    standalone otherwise), "psycopg_pool" (a fixed psycopg_pool of ``max_size``)
+    or "turns" (one thread; ``groups`` groups of processes take turns of ``turn``
+    seconds by the clock, this one in group ``group``, a new connection per turn)."""
 
     mode: str
     threads: int = 1
@@ -45,6 +51,9 @@ class Proc:
     query: str = "SELECT 1"
     dsn: str = DSN
     role: str = "worker"
+    turn: float = 1.0
+    group: int = 0
+    groups: int = 1
 
 
 @dataclass
@@ -56,6 +65,8 @@ class FleetResult:
     errors: dict[str, int] = field(default_factory=dict)
     load: float = 0.0  # 1-minute load average at the end of the window (others' work included)
     busy_before: float = 0.0  # other runnable tasks just before the run (see wait_quiet)
+    #: the coordinator's resource row after the run (sharedpool fleets), e.g. fairness_quantum_s
+    resource: dict[str, Any] = field(default_factory=dict)
 
     def rate(self, role: str | None = None) -> float:
         return sum(p["count"] for p in self.procs if role in (None, p["role"])) / self.seconds
@@ -104,8 +115,52 @@ def coordinator(cap: int, **limits: Any) -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _setup(spec: Proc, sock: str | None, app: str) -> tuple[Callable[[int], Any], Callable[[], int],
-                                                             Callable[[], None]]:
+def resource_row(sock: str, name: str = "pg") -> dict[str, Any]:
+    """The coordinator's row for resource ``name`` (``sharedpool status --json``, run as
+    a separate program: this process must stay free of threads for its next fork)."""
+    try:
+        out = subprocess.run([sys.executable, "-m", "sharedpool", "status", "--json", "--socket", sock],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        return next((r for r in json.loads(out)["resources"] if r["name"] == name), {})
+    except (subprocess.SubprocessError, OSError, ValueError, KeyError):  # a figure less, not a failed run
+        return {}
+
+
+class _Turns:
+    """Turn-taking with no coordinator at all: the clock says whose turn it is,
+    and each turn opens a new connection. What moving slots by reconnecting
+    costs by itself: no messages, no waiting, no confirmed close."""
+
+    def __init__(self, connect: Callable[[], Any], spec: Proc, window: Any) -> None:
+        self.connect, self.spec, self.window = connect, spec, window
+        self.conn: Any = None
+        self.turn_end = 0.0
+        self.connects = 0
+
+    def checkout(self, i: int) -> Any:
+        now = time.monotonic()
+        if self.conn is not None and now >= self.turn_end:
+            self.conn.close()
+            self.conn = None
+        if self.conn is None:
+            turn, groups = self.spec.turn, self.spec.groups
+            k = math.floor((now - self.window[0]) / turn)
+            wait = (self.spec.group - k) % groups  # turns until ours
+            if wait:
+                time.sleep(max(0.0, self.window[0] + (k + wait) * turn - now))
+                k += wait
+            self.turn_end = self.window[0] + (k + 1) * turn
+            self.conn = self.connect()
+            self.connects += 1
+        return contextlib.nullcontext(self.conn)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+
+def _setup(spec: Proc, sock: str | None, app: str, window: Any) -> tuple[
+        Callable[[int], Any], Callable[[], int], Callable[[], None]]:
     """(checkout(thread index) -> context manager, connects so far, close)."""
     import psycopg
 
@@ -122,6 +177,9 @@ def _setup(spec: Proc, sock: str | None, app: str) -> tuple[Callable[[int], Any]
                 c.close()
 
         return (lambda i: contextlib.nullcontext(conns[i])), (lambda: len(conns)), close_all
+    if spec.mode == "turns":
+        turns = _Turns(connect, spec, window)
+        return turns.checkout, (lambda: turns.connects), turns.close
     if spec.mode == "pool":
         from sharedpool import ConnectionPool, PoolConfig
 
@@ -142,7 +200,7 @@ def _setup(spec: Proc, sock: str | None, app: str) -> tuple[Callable[[int], Any]
 
 def _worker(idx: int, spec: Proc, sock: str | None, app: str, window: Any, go: Any, out: Any) -> None:
     try:
-        checkout, connects, close = _setup(spec, sock, app)
+        checkout, connects, close = _setup(spec, sock, app, window)
     except BaseException as exc:  # reported to the parent
         out.put(("error", idx, f"{type(exc).__name__}: {exc}"))
         return
@@ -213,8 +271,10 @@ class Sampler(threading.Thread):
 
 
 def run_fleet(specs: Sequence[Proc], seconds: float, *, app: str, sock: str | None = None,
-              warmup: float = 0.5) -> FleetResult:
-    """Run ``specs`` for ``warmup + seconds``; figures cover the last ``seconds`` only."""
+              warmup: float = 0.5, probe: Callable[[], dict[str, Any]] | None = None) -> FleetResult:
+    """Run ``specs`` for ``warmup + seconds``; figures cover the last ``seconds`` only.
+    ``probe()``, if given, is called once in the middle of the window; what it returns
+    becomes the result's ``resource``."""
     ctx = multiprocessing.get_context("fork")  # no thread, no connection open here now
     go, out = ctx.Event(), ctx.Queue()
     window = ctx.Array("d", 2, lock=False)
@@ -236,6 +296,10 @@ def run_fleet(specs: Sequence[Proc], seconds: float, *, app: str, sock: str | No
         window[0] = time.monotonic() + warmup
         window[1] = window[0] + seconds
         go.set()
+        probed: dict[str, Any] = {}
+        if probe is not None:
+            time.sleep(max(0.0, window[0] + seconds / 2 - time.monotonic()))
+            probed = probe()
         while len(results) < len(procs):
             kind, idx, detail = out.get(timeout=warmup + seconds + 60.0)
             results[idx] = detail
@@ -256,7 +320,8 @@ def run_fleet(specs: Sequence[Proc], seconds: float, *, app: str, sock: str | No
     for r in results.values():
         errors.update(r["errors"])
     return FleetResult(seconds, [results[i] for i in range(len(procs))],
-                       sampler.peak if sampler else 0, sampler.samples if sampler else 0, dict(errors), load)
+                       sampler.peak if sampler else 0, sampler.samples if sampler else 0, dict(errors), load,
+                       resource=probed)
 
 
 def others_running(samples: int = 10, interval: float = 0.05) -> float:

@@ -9,9 +9,16 @@ psycopg connection, the same loop. Every process must make progress. When a proc
 waits at the cap, holders give a lease back at checkin once it is older than the
 resource's ``fairness_quantum``: a close + reconnect per hand-off. The run is repeated
 for each quantum in ``--quanta`` (the first is the headline, by default the shipped
-default, ``auto``: 50 hand-off times, measured by each pool) to show what the quantum
+default, ``auto``: 120 hand-off times, one figure set by the coordinator from what the
+pools measure) to show what the quantum
 trades: total throughput against evenness and the longest stall. Contenders alternate
 within each round; ratios are taken per round, then the median.
+
+A third peer, "turns by the clock", has no coordinator at all: the 8 processes form
+2 groups that take 1 s turns by the clock, each turn a new connection. It is what
+moving slots by reconnecting costs by itself on this machine, without messages,
+waiting or confirmed closes; the gap between it and sharedpool at the same quantum
+is sharedpool's own. The quantum the coordinator set for "auto" is printed per round.
 """
 
 from __future__ import annotations
@@ -22,12 +29,25 @@ from dataclasses import fields
 from typing import Any
 
 from ._common import Settings, console, report_skips, sharedpool_missing
-from ._fleet import FleetResult, Proc, alternate, coordinator, new_app, pg_missing, ratios, run_fleet
+from ._fleet import (
+    FleetResult,
+    Proc,
+    alternate,
+    coordinator,
+    new_app,
+    pg_missing,
+    ratios,
+    resource_row,
+    run_fleet,
+)
 from ._report import bounded_args, no_progress, ratio_table, summarize, write_json
 
 PROCS, CAP = 8, 4
 TARGET_TOTAL, TARGET_SPREAD = 0.9, 0.5
 DIRECT = f"direct x{CAP}"
+#: The clock-driven turns peer: every process reconnects once per TURN seconds.
+TURN = 1.0
+TURNS = f"turns by the clock, {TURN:g}s (no coordinator)"
 SWEEP: tuple[float | str, ...] = (0.2, 1.0)
 
 
@@ -72,7 +92,16 @@ def sharedpool_fleet(seconds: float, quantum: float | str | None = None, procs: 
     """``procs`` processes, each a local pool (1 thread, max_size ``cap``) under one global ``cap``."""
     limits = {} if quantum is None else {"fairness_quantum": quantum}
     with coordinator(cap, **limits) as sock:
-        return run_fleet([Proc("pool", max_size=cap)] * procs, seconds, app=new_app("sp"), sock=sock)
+        return run_fleet([Proc("pool", max_size=cap)] * procs, seconds, app=new_app("sp"), sock=sock,
+                         probe=lambda: resource_row(sock))
+
+
+def turns_fleet(seconds: float, turn: float = TURN, procs: int = PROCS, cap: int = CAP) -> FleetResult:
+    """No coordinator: ``procs`` processes in ``procs // cap`` groups take turns of ``turn``
+    seconds by the clock, reconnecting each turn, so at most ``cap`` connections at a time."""
+    groups = procs // cap
+    return run_fleet([Proc("turns", turn=turn, group=i % groups, groups=groups) for i in range(procs)],
+                     seconds, app=new_app("turns"))
 
 
 def measure(seconds: float, rounds: int, quiet: float, quanta: list[float | str]) -> dict[str, Any]:
@@ -87,13 +116,14 @@ def measure(seconds: float, rounds: int, quiet: float, quanta: list[float | str]
     skipped: dict[str, str] = {}
     if missing := sharedpool_missing():
         skipped.update({sp_name(q): f"sharedpool not usable ({missing})" for q in quanta})
-    contenders = {DIRECT: lambda: direct_fleet(seconds)}
+    contenders = {DIRECT: lambda: direct_fleet(seconds), TURNS: lambda: turns_fleet(seconds)}
     for q in quanta:
         contenders[sp_name(q)] = lambda q=q: sharedpool_fleet(seconds, q)  # type: ignore[misc]
     per_round = alternate(contenders, rounds, skipped,
                           progress=lambda m: console.print(f"[dim]{m}[/dim]"), quiet=quiet)
     summary = summarize(per_round, f"Queries/s, median of {rounds} rounds of {seconds:g}s")
-    checks = []
+    checks: list[tuple[str, list[float], float | None]] = [
+        (f"{TURNS} / {DIRECT} queries/s", ratios(per_round, TURNS, DIRECT), None)]
     for i, q in enumerate(quanta):
         name, tag = sp_name(q), " (headline)" if i == 0 else ""
         if name in per_round:
@@ -101,11 +131,18 @@ def measure(seconds: float, rounds: int, quiet: float, quanta: list[float | str]
                        (f"{name} slowest / fastest process{tag}", [r.spread() for r in per_round[name]],
                         TARGET_SPREAD)]
     rows = ratio_table(checks)
+    quanta_set = {}
+    for q in quanta:
+        seen = [r.resource.get("fairness_quantum_s") for r in per_round.get(sp_name(q), [])]
+        if seen:
+            quanta_set[sp_name(q)] = seen
+            console.print(f"{sp_name(q)}: quantum the coordinator set, per round: "
+                          + " ".join("-" if v is None else f"{v:.2f}s" for v in seen))
     stalled = no_progress(per_round)
     report_skips(skipped)
     return {"unit": "queries per second (SELECT 1, autocommit)", "processes": PROCS, "cap": CAP,
             "seconds": seconds, "rounds": rounds, "quanta": quanta, "contenders": summary,
-            "ratios": rows, "no_progress": stalled, "skipped": skipped}
+            "ratios": rows, "no_progress": stalled, "skipped": skipped, "quantum_set_s": quanta_set}
 
 
 def run(settings: Settings) -> dict[str, Any]:

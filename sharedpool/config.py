@@ -145,9 +145,9 @@ class Resource:
     (``None``: unbounded). ``acquire_timeout`` is the default wait when the
     client does not give one. ``fairness_quantum``: a process holding a
     connection others wait for gives it back at checkin once it is this old
-    (seconds); ``"auto"`` picks 50 times what a hand-off costs (connect +
-    confirmed close, measured by each pool), within 0.05-2 s (see
-    :mod:`sharedpool.handoff`). ``quarantine_delay`` is how long a dead
+    (seconds); ``"auto"`` picks 120 times what a hand-off costs (connect +
+    confirmed close, measured by the pools; the coordinator takes the median),
+    within 0.05-2 s (see :mod:`sharedpool.handoff`). ``quarantine_delay`` is how long a dead
     session's slots stay fenced when no check can confirm its connections are
     gone; with ``monitor_dsn`` set the coordinator asks PostgreSQL instead.
     """

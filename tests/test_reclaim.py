@@ -94,7 +94,7 @@ def test_auto_quantum_follows_what_a_hand_off_costs(start_coordinator: Any, sock
                                                      connect_delay: float, low: float, high: float) -> None:
     # fairness_quantum="auto" (the default): a holder whose connects are cheap
     # gives its busy slot back within the 0.05 s floor; one whose connects
-    # take 50 ms keeps it for 50 x (connect + close), capped at 2 s.
+    # take 50 ms keeps it for 120 x (connect + close), capped at 2 s.
     start_coordinator({"r": Resource(max_size=1)})
     with holder(sock_path, 1, 1, "busy", seconds=20, connect_delay=connect_delay) as proc:
         pool = local_pool(sock_path, 1)
