@@ -129,7 +129,9 @@ def resource_row(sock: str, name: str = "pg") -> dict[str, Any]:
 class _Turns:
     """Turn-taking with no coordinator at all: the clock says whose turn it is,
     and each turn opens a new connection. What moving slots by reconnecting
-    costs by itself: no messages, no waiting, no confirmed close."""
+    costs by itself: no messages, no waiting, no confirmed close (so at a turn's
+    end PostgreSQL may briefly count one backend more than the cap: the old one
+    is still exiting)."""
 
     def __init__(self, connect: Callable[[], Any], spec: Proc, window: Any) -> None:
         self.connect, self.spec, self.window = connect, spec, window
