@@ -19,6 +19,7 @@ import functools
 import heapq
 import itertools
 import logging
+import math
 import os
 import select
 import socket
@@ -271,9 +272,13 @@ class Client:
     def report_cost(self, resource: str, seconds: float) -> None:
         """What moving a slot of ``resource`` costs this process (connect +
         confirmed close); sent with the next report when it has changed."""
+        if not 0 <= seconds < 3600:  # NaN and inf fail too: never sent, never fatal
+            return
+        self._checkpid()
         cost = round(seconds, 4)  # 0.1 ms: no report for noise below that
         if self._costs.get(resource) != cost:
             self._costs[resource] = cost
+            self._ensure_thread()  # the reports go out from the background thread
             self._notify()
 
     def inspect(self, what: str, timeout: float = 5.0, **filters: Any) -> Any:
@@ -490,9 +495,13 @@ class Client:
         elif isinstance(msg, p.Reclaim):
             with self._cond:
                 self._owed[msg.resource] = max(0, msg.count)
-                if msg.quantum is not None:
-                    self._quanta[msg.resource] = float(msg.quantum)
                 if msg.count > 0:
+                    # No figure (or a senseless one): the pool decides itself.
+                    quantum = msg.quantum
+                    if quantum is not None and 0 <= quantum < math.inf:
+                        self._quanta[msg.resource] = float(quantum)
+                    else:
+                        self._quanta.pop(msg.resource, None)
                     self._jobs.extend(self._reclaim_handlers.get(msg.resource, ()))
             self._notify()
         elif isinstance(msg, p.Push):

@@ -10,10 +10,12 @@ is served and the more of the machine goes into hand-offs.
 ``fairness_quantum = "auto"`` (the default) sets the quantum from what
 hand-offs cost: :data:`AUTO_FACTOR` times a connect + confirmed-close time,
 within [:data:`AUTO_MIN`, :data:`AUTO_MAX`] (:func:`auto_quantum`). Each pool
-keeps moving averages of its own (:class:`HandOffCost`) and reports them; the
-coordinator takes the median over the processes and sends that quantum with
-its reclaim requests, so every holder of a resource takes turns of the same
-length. A pool uses its own figure only until the coordinator has one.
+keeps moving averages of its own (:class:`HandOffCost`) and reports them (the
+contrib integrations too); the coordinator takes the median over the
+processes and sends that quantum with its reclaim requests, and again to the
+holders already asked whenever it moves by more than a fifth, so every holder
+of a resource takes turns of the same length. A pool uses its own figure only
+until the coordinator has one.
 
 A hand-off costs much more than its own connect + close time. Measured on a
 2-core machine with PostgreSQL 15 on loopback (8 processes in ``SELECT 1``
@@ -29,7 +31,10 @@ gets the floor; a remote database behind TLS gets the ceiling.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .client import Client
 
 #: The auto quantum is this many hand-off times ...
 AUTO_FACTOR = 120.0
@@ -79,6 +84,20 @@ class HandOffCost:
 
     def _update(self) -> None:
         self.auto = auto_quantum(self.cost or 0.0)
+
+    def tell(self, client: Client | None, resource: str) -> None:
+        """Report our hand-off cost of ``resource`` to the coordinator (coalesced)."""
+        cost = self.cost
+        if client is not None and cost is not None:
+            client.report_cost(resource, cost)
+
+    def quantum_for(self, client: Client, resource: str) -> float:
+        """The quantum to keep to: the coordinator's (one for every holder of
+        ``resource``), else the configured one, else our own auto one."""
+        quantum = client.quantum(resource)
+        if quantum is not None:
+            return quantum
+        return self.quantum(client.limits.get(resource, {}).get("fairness_quantum"))
 
     def quantum(self, setting: Any) -> float:
         """The fairness quantum to apply: ``setting`` if it is a number, else the auto one."""

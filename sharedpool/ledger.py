@@ -46,6 +46,9 @@ WAIT_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
 MAX_ID = 1 << 63
 #: A reported hand-off cost above this many seconds is taken for a bad report.
 MAX_COST = 3600.0
+#: Askees are sent a new quantum when it moves by more than this fraction
+#: (costs are moving averages; every small step would be a frame to each).
+QUANTUM_STEP = 0.2
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -153,6 +156,8 @@ class ResourceState:
     peak: int = 0
     #: sessions currently asked to give leases back
     askees: set[int] = field(default_factory=set)
+    #: the fairness quantum those askees were last sent
+    quantum_sent: float | None = None
     #: lease waits: count per WAIT_BUCKETS bound (+ one for larger), and their sum
     wait_counts: list[int] = field(default_factory=lambda: [0] * (len(WAIT_BUCKETS) + 1))
     wait_sum: float = 0.0
@@ -244,6 +249,8 @@ class Ledger:
         self._session_ids = itertools.count(1)
         self._deadlines: list[tuple[float, int, Waiter]] = []
         self._seq = itertools.count()
+        #: resource -> quantum() as last computed; dropped when costs, sessions or limits change
+        self._quanta: dict[str, float | None] = {}
 
     def __repr__(self) -> str:
         parts = [
@@ -322,7 +329,9 @@ class Ledger:
         if session is None:
             return []
         effects: list[Effect] = []
-        touched = set()
+        touched = set(session.costs)  # the median moves: askees may need the new quantum
+        for name in session.costs:
+            self._quanta.pop(name, None)
         for res in self.resources.values():
             if sid in res.askees:
                 res.askees.discard(sid)
@@ -353,7 +362,8 @@ class Ledger:
                 )
             touched.add(name)
         for name in touched:
-            effects += self._pump(self.resources[name], now)
+            if name in self.resources:
+                effects += self._pump(self.resources[name], now)
         return effects
 
     # ------------------------------------------------------------- leases
@@ -448,13 +458,18 @@ class Ledger:
         """Coalesced lease states, connect outcomes and hand-off costs from one session."""
         session = self.sessions[sid]
         session.last_report = now
+        effects: list[Effect] = []
+        touched: set[str] = set()
         for name, cost in (costs or {}).items():
             if type(cost) not in (int, float) or not 0 <= cost <= MAX_COST:
+                # The rest of the report still counts: one bad figure must not
+                # blind the ledger to this session's lease states.
                 why = f"hand-off cost {_short(cost)} of {_short(name)} is not seconds in [0, {MAX_COST:g}]"
-                return [Problem(sid, "bad_report", why)]
-            if name in self.resources:
+                effects.append(Problem(sid, "bad_report", why))
+            elif name in self.resources and session.costs.get(name) != cost:
                 session.costs[name] = float(cost)
-        touched: set[str] = set()
+                self._quanta.pop(name, None)
+                touched.add(name)
         for entry in states:
             if not isinstance(entry, list) or len(entry) not in (4, 5):
                 why = f"state entry {_short(entry)} is not [lease, state, pid, site, leak?]"
@@ -471,7 +486,6 @@ class Ledger:
                 lease.backend_pid = backend_pid
             lease.site = site if isinstance(site, str) else None
             lease.suspected_leak = leak
-        effects: list[Effect] = []
         for name in ok:
             res = self.resources.get(name) if isinstance(name, str) else None
             if res is not None:
@@ -572,6 +586,7 @@ class Ledger:
             self.resources[resource] = ResourceState(resource, limits)
             return []
         res.limits = limits
+        self._quanta.pop(resource, None)
         return self._pump(res, now)
 
     def end_session(self, pid: int) -> list[Effect]:
@@ -780,7 +795,14 @@ class Ledger:
             plan[s.id] = give
             need -= give
         effects: list[Effect] = []
-        quantum = self.quantum(res.name) if plan else None
+        quantum = res.quantum_sent
+        if plan and _moved(quantum, new := self.quantum(res.name)):
+            quantum = res.quantum_sent = new
+            # Holders asked before the figure was known (or before it moved)
+            # hear it again; they keep their count.
+            for sid in res.askees & plan.keys():
+                if self.sessions[sid].asked.get(res.name, 0) == plan[sid]:
+                    effects.append(AskReclaim(sid, res.name, plan[sid], quantum))
         for sid in res.askees | plan.keys():
             s = self.sessions[sid]
             want = plan.get(sid, 0)
@@ -795,17 +817,28 @@ class Ledger:
         configured number, or for "auto" the one implied by the median of the
         hand-off costs sessions report (None while none has reported). One
         figure for every holder, so that turns are of equal length."""
+        if resource in self._quanta:
+            return self._quanta[resource]
         setting = self.resources[resource].limits.fairness_quantum
+        quantum: float | None
         if not isinstance(setting, str):
-            return float(setting)
-        costs = sorted(s.costs[resource] for s in self.sessions.values() if resource in s.costs)
-        if not costs:
-            return None
-        mid = len(costs) // 2
-        median = costs[mid] if len(costs) % 2 else (costs[mid - 1] + costs[mid]) / 2
-        return auto_quantum(median)
+            quantum = float(setting)
+        elif costs := sorted(s.costs[resource] for s in self.sessions.values() if resource in s.costs):
+            mid = len(costs) // 2
+            quantum = auto_quantum(costs[mid] if len(costs) % 2 else (costs[mid - 1] + costs[mid]) / 2)
+        else:
+            quantum = None
+        self._quanta[resource] = quantum
+        return quantum
 
     def _notify_holders(
         self, res: ResourceState, verb: str, args: dict[str, Any] | None = None
     ) -> list[Effect]:
         return [Notify(s.id, verb, res.name, dict(args or {})) for s in self.sessions.values()]
+
+
+def _moved(old: float | None, new: float | None) -> bool:
+    """Whether askees told ``old`` should now hear ``new``."""
+    if old is None or new is None:
+        return new is not None
+    return abs(new - old) > QUANTUM_STEP * old

@@ -353,7 +353,7 @@ class ConnectionPool(Generic[T]):
             try:
                 conn = self.factory()
                 self._handoff.connected(time.monotonic() - t1)
-                self._report_cost(client)
+                self._handoff.tell(client, self.resource)
             finally:
                 if fallback:  # made (then counted in _all) or failed: no longer under way
                     with self._lock:
@@ -522,18 +522,7 @@ class ConnectionPool(Generic[T]):
         self._start_openers(openers, now + self.config.acquire_timeout)
 
     def _quantum(self, client: Client) -> float:
-        """The fairness quantum the coordinator sent with its reclaim (one for
-        every holder of the resource), else the configured one, else the auto
-        one from our own hand-off costs."""
-        quantum = client._quanta.get(self.resource)
-        if quantum is not None:
-            return quantum
-        return self._handoff.quantum(client.limits.get(self.resource, {}).get("fairness_quantum"))
-
-    def _report_cost(self, client: Client | None) -> None:
-        cost = self._handoff.cost
-        if client is not None and cost is not None:
-            client.report_cost(self.resource, cost)
+        return self._handoff.quantum_for(client, self.resource)
 
     def _recheck_owed(self) -> None:
         with self._lock:
@@ -626,7 +615,7 @@ class ConnectionPool(Generic[T]):
             confirmed = True
         if confirmed:
             self._handoff.closed(time.monotonic() - t0)
-            self._report_cost(client)
+            self._handoff.tell(client, self.resource)
             late(True)
         elif keep:
             log.warning("pool %r: server has not dropped connection %s after %.1fs; its lease is "
@@ -832,7 +821,7 @@ class ConnectionPool(Generic[T]):
                 t0 = time.monotonic()
                 conn = self.factory()
                 self._handoff.connected(time.monotonic() - t0)
-                self._report_cost(client)
+                self._handoff.tell(client, self.resource)
             except Exception as exc:  # noqa: BLE001 - retried next round
                 if lease is not None and client is not None:
                     client.release(lease)

@@ -201,3 +201,22 @@ def test_a_pool_opened_before_fork_refuses_to_serve_in_the_child(
             assert conn.info.backend_pid == parent
         assert leased(sock_path) == 1
     assert wait_leased(sock_path, 0) == 0
+
+
+def test_hand_off_costs_reach_the_coordinator(pg: str, start_coordinator: Any, sock_path: str,
+                                               app_name: str) -> None:
+    # The integrations report what a connect + confirmed close cost them, like
+    # sharedpool's own pool, so their turns follow the coordinator's quantum.
+    start_coordinator({"pg": Resource(max_size=2)})
+    probe = Client(sock_path)
+    try:
+        with make_pool(sock_path, app_name, min_size=0, max_size=1) as pool:
+            with pool.connection() as conn:
+                conn.execute("SELECT 1")
+            deadline = time.monotonic() + 5
+            while (quantum := probe.inspect("resources")["resources"][0]["fairness_quantum_s"]) is None:
+                assert time.monotonic() < deadline, "no hand-off cost reached the coordinator"
+                time.sleep(0.05)
+        assert 0.05 <= quantum <= 2.0
+    finally:
+        probe.close()

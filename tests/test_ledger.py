@@ -19,7 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from sharedpool import protocol as p
 from sharedpool.config import Resource
 from sharedpool.errors import ConfigError
-from sharedpool.handoff import AUTO_MIN, auto_quantum
+from sharedpool.handoff import AUTO_MAX, AUTO_MIN, auto_quantum
 from sharedpool.ledger import (
     BUSY,
     FAILURE_BACKOFF,
@@ -685,11 +685,13 @@ def test_auto_quantum_is_one_figure_from_the_median_reported_cost() -> None:
     a, w = session(lg), session(lg)
     grant(lg, a, 1)
     assert lg.quantum("pg") is None  # nobody reported: each pool uses its own
-    for cost in (0.002, 0.010, 0.030):
+    for cost in (0.002, 0.004, 0.006):
         assert lg.report(session(lg), [], T0, costs={"pg": cost, "elsewhere": 9.0}) == []
     assert lg.report(a, [], T0, costs={"pg": 0.5}) == []  # one costly process moves the median a step
+    # Median of 2, 4, 6 and 500 ms: 5 ms (the mean, 128 ms, would give the 2 s ceiling).
+    assert lg.quantum("pg") == pytest.approx(auto_quantum(0.005)) and auto_quantum(0.005) < AUTO_MAX
     ask = only(AskReclaim, lg.acquire(w, 1, "pg", T0, timeout=5))
-    assert (ask.session, ask.count) == (a, 1) and ask.quantum == pytest.approx(auto_quantum(0.020))
+    assert (ask.session, ask.count, ask.quantum) == (a, 1, lg.quantum("pg"))
     assert lg.snapshot_resources(T0)[0]["fairness_quantum_s"] == ask.quantum
     # A withdrawal carries no quantum; a fixed setting is sent as it is.
     assert lg.cancel(w, 1, T0) == [AskReclaim(a, "pg", 0, None)]
@@ -702,13 +704,39 @@ def test_auto_quantum_is_one_figure_from_the_median_reported_cost() -> None:
     assert cheap.quantum("pg") == AUTO_MIN
 
 
+def test_holders_already_asked_hear_a_quantum_that_moved() -> None:
+    lg = ledger(pg=1)
+    a, w = session(lg), session(lg)
+    grant(lg, a, 1)
+    assert only(AskReclaim, lg.acquire(w, 1, "pg", T0, timeout=5)) == AskReclaim(a, "pg", 1, None)
+    # The first costs arrive after the ask: the holder hears the figure, same count.
+    assert lg.report(w, [], T0, costs={"pg": 0.004}) == [AskReclaim(a, "pg", 1, auto_quantum(0.004))]
+    # A small step of the median is not worth a frame; a large one is.
+    assert lg.report(w, [], T0, costs={"pg": 0.0045}) == []
+    assert lg.report(w, [], T0, costs={"pg": 0.001}) == [AskReclaim(a, "pg", 1, auto_quantum(0.001))]
+    # A reload that fixes the quantum reaches the holder too.
+    effects = lg.set_limits("pg", Resource(max_size=1, fairness_quantum=0.7), T0)
+    assert of(AskReclaim, effects) == [AskReclaim(a, "pg", 1, 0.7)]
+    # Costs leave with their session: the median moves back.
+    other = session(lg)
+    lg.report(other, [], T0, costs={"pg": 0.5})
+    lg.set_limits("pg", Resource(max_size=1), T0)
+    assert lg.quantum("pg") == pytest.approx(auto_quantum((0.001 + 0.5) / 2))
+    lg.close_session(other, T0)
+    assert lg.quantum("pg") == pytest.approx(auto_quantum(0.001))
+
+
 @pytest.mark.parametrize("cost", [-0.1, "0.1", None, True, math.nan, math.inf, 1e9, [0.1]])
 def test_bad_hand_off_costs_are_problems(cost: Any) -> None:
-    lg = ledger(pg=1)
+    lg = ledger(pg=1, db=1)
     a = session(lg)
-    prob = only(Problem, lg.report(a, [], T0, costs={"pg": cost}))
+    lease = grant(lg, a, 1)
+    effects = lg.report(a, [[lease, BUSY, 77, None]], T0, costs={"db": 0.004, "pg": cost})
+    prob = only(Problem, effects)
     assert prob.code == "bad_report" and "hand-off cost" in prob.message and "'pg'" in prob.message
-    assert lg.sessions[a].costs == {} and lg.quantum("pg") is None
+    assert lg.quantum("pg") is None
+    # The rest of the report still counts.
+    assert lg.sessions[a].costs == {"db": 0.004} and lg.sessions[a].leases[lease].backend_pid == 77
 
 
 def test_bad_failure_counts_are_ignored() -> None:

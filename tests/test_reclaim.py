@@ -3,6 +3,7 @@ checkin after the fairness quantum; limits per process; no lease lost to a race.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from sharedpool import (
     Resource,
     TooManyWaiters,
 )
+from sharedpool import protocol as p
 from sharedpool.testing import FakeFactory
 
 HOLDER = str(Path(__file__).with_name("pool_holder.py"))
@@ -108,18 +110,35 @@ def test_auto_quantum_follows_what_a_hand_off_costs(start_coordinator: Any, sock
     assert low <= waited <= high, f"waited {waited:.3f}s for the busy holder's slot"
 
 
-def test_holders_keep_to_the_coordinators_quantum(start_coordinator: Any, sock_path: str) -> None:
+@pytest.mark.parametrize(("costs_first", "bound"), [(True, 0.7), (False, 1.2)])
+def test_holders_keep_to_the_coordinators_quantum(start_coordinator: Any, sock_path: str,
+                                                  costs_first: bool, bound: float) -> None:
     # The holder's own connects take 50 ms: on its own it would keep its busy
     # slot for 2 s (as above). Two other processes report cheap hand-offs, so
     # the median, and the one quantum the coordinator sends with its reclaim,
-    # is the 0.05 s floor, and the holder keeps to that.
+    # is the 0.05 s floor, and the holder keeps to that. Without costs_first
+    # the reclaim may go out before the costs arrive; the holder hears the
+    # quantum once they do.
     start_coordinator({"r": Resource(max_size=1)})
     others = [Client(sock_path) for _ in range(2)]
     try:
-        for c in others:
-            assert c.ensure_connected()
-            c.report_cost("r", 0.0001)
         with holder(sock_path, 1, 1, "busy", seconds=20, connect_delay=0.05) as proc:
+            if not costs_first:
+                pool = local_pool(sock_path, 1)
+                waiter = threading.Thread(target=lambda: pool.connection(timeout=10).__enter__())
+                t0 = time.monotonic()
+                waiter.start()
+                time.sleep(0.1)  # queued, and the holder asked, with no cheap cost known
+            for c in others:
+                assert c.ensure_connected()
+                c.report_cost("r", 0.0001)
+            if not costs_first:
+                waiter.join(10)
+                waited = time.monotonic() - t0
+                pool.close()
+                assert not waiter.is_alive()
+                assert waited <= bound, f"waited {waited:.3f}s: the holder never heard the new quantum"
+                return
             deadline = time.monotonic() + 5
             while others[0].inspect("resources")["resources"][0]["fairness_quantum_s"] != 0.05:
                 assert time.monotonic() < deadline, "the cheap costs never reached the coordinator"
@@ -135,7 +154,27 @@ def test_holders_keep_to_the_coordinators_quantum(start_coordinator: Any, sock_p
     finally:
         for c in others:
             c.close()
-    assert waited <= 0.7, f"waited {waited:.3f}s: the holder kept its own 2 s quantum"
+    assert waited <= bound, f"waited {waited:.3f}s: the holder kept its own 2 s quantum"
+
+
+def test_a_senseless_quantum_or_cost_is_ignored(start_coordinator: Any, sock_path: str) -> None:
+    # A quantum the pool cannot keep to (inf would starve the waiters) falls
+    # back to the pool's own; a cost that is not seconds is never sent.
+    start_coordinator({"r": 1})
+    client = Client(sock_path)
+    try:
+        assert client.ensure_connected()
+        client._dispatch(p.Reclaim("r", 1, 0.5))
+        assert client.quantum("r") == 0.5
+        for bad in (math.inf, math.nan, -1.0, None):
+            client._dispatch(p.Reclaim("r", 1, 0.5))
+            client._dispatch(p.Reclaim("r", 1, bad))
+            assert client.quantum("r") is None, bad
+        for cost in (math.nan, math.inf, -0.1):
+            client.report_cost("r", cost)
+        assert client._costs == {}
+    finally:
+        client.close()
 
 
 def test_max_waiting_fails_fast(start_coordinator: Any, sock_path: str) -> None:

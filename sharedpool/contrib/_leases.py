@@ -429,6 +429,7 @@ class LeaseBook:
         if entry is not None:
             entry.backend_pid = backend_pid(key)
             self._handoff.connected(time.monotonic() - entry.since)
+            self._handoff.tell(client, self.resource)
         if client is not None:
             client.report_success(self.resource)
 
@@ -512,6 +513,7 @@ class LeaseBook:
             raise
         if confirmed:
             self._handoff.closed(time.monotonic() - t0)
+            self._handoff.tell(client, self.resource)
             late(True)
         if reclaimed and lease is not None:
             self.count("leases_reclaimed")
@@ -554,7 +556,7 @@ class LeaseBook:
         entry = self._entries.get(id(key))
         if entry is None or entry.key is not key or entry.lease is None:
             return False
-        quantum = self._handoff.quantum(client.limits.get(self.resource, {}).get("fairness_quantum"))
+        quantum = self._handoff.quantum_for(client, self.resource)
         age = time.monotonic() - entry.lease.granted_at
         if age >= quantum:
             return True
