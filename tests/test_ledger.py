@@ -897,6 +897,13 @@ class LedgerMachine(RuleBasedStateMachine):
             elif isinstance(e, AskReclaim):
                 event(f"reclaim asked ({'withdraw' if e.count == 0 else 'give'})")
                 assert e.session in self.sessions, e
+                setting = self.limits(e.resource).fairness_quantum
+                if e.count == 0:
+                    assert e.quantum is None, e
+                elif isinstance(setting, str):  # auto: none known yet, or within the bounds
+                    assert e.quantum is None or AUTO_MIN <= e.quantum <= AUTO_MAX, e
+                else:
+                    assert e.quantum == setting, e
                 floor = self.limits(e.resource).min_per_process
                 assert 0 <= e.count <= max(0, self.count(e.session, e.resource) - floor), e
                 if e.count and self.leased(e.resource) <= self.limits(e.resource).max_size:
@@ -1095,7 +1102,12 @@ class LedgerMachine(RuleBasedStateMachine):
         states = [[lid, data.draw(st.sampled_from([IDLE, BUSY])), None, None] for lid in mine]
         r = data.draw(st.sampled_from(self.names()))
         failures = {r: fail} if fail else {}
-        self.apply(self.lg.report(sid, states, self.now, failures, [r] if ok else []))
+        costs = data.draw(st.dictionaries(
+            st.sampled_from([*self.names(), "unknown"]),
+            st.one_of(st.floats(0, 0.03), st.sampled_from([0, 0.0001, -1.0, math.nan, "1"])), max_size=2))
+        bad = any(type(v) not in (int, float) or not v >= 0 for v in costs.values())
+        self.apply(self.lg.report(sid, states, self.now, failures, [r] if ok else [], costs),
+                   problems=("bad_report",) if bad else ())
 
     @rule(dt=st.sampled_from([0.0, 0.01, 0.1, 0.5, 1.0, 3.0, 100.0]))
     def tick(self, dt: float) -> None:
@@ -1163,6 +1175,16 @@ class LedgerMachine(RuleBasedStateMachine):
         deadlines = [q.deadline for q in self.outstanding.values() if q.seq is not None]
         deadlines += [f[1] for f in self.fenced.values()]
         assert lg.next_deadline() == (min(deadlines) if deadlines else None)
+
+    @invariant()
+    def askees_know_the_quantum(self) -> None:
+        # Whatever moved the quantum (costs, a session leaving, a reload), the
+        # holders asked have been told a figure within a fifth of it.
+        for r, res in self.lg.resources.items():
+            quantum = self.lg.quantum(r)
+            if res.askees and quantum is not None:
+                sent = res.quantum_sent
+                assert sent is not None and abs(sent - quantum) <= 0.2 * sent, (r, sent, quantum)
 
     @invariant()
     def cap_holds(self) -> None:  # I1
