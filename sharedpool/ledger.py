@@ -473,7 +473,8 @@ class Ledger:
         for entry in states:
             if not isinstance(entry, list) or len(entry) not in (4, 5):
                 why = f"state entry {_short(entry)} is not [lease, state, pid, site, leak?]"
-                return [Problem(sid, "bad_report", why)]
+                effects.append(Problem(sid, "bad_report", why))
+                break  # the entries after a malformed one are not trusted; the rest of the report is
             lease_id, state, backend_pid, site = entry[:4]
             leak = len(entry) == 5 and entry[4] is True
             lease = session.leases.get(lease_id) if isinstance(lease_id, int) else None

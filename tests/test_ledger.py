@@ -763,6 +763,10 @@ def test_report_updates_lease_states() -> None:
     assert isinstance(prob, Problem) and prob.code == "bad_report"
     prob = only(Problem, lg.report(a, ["x" * 100_000], T0))
     assert len(prob.message) < 200
+    # Entries after a malformed one are dropped; the failures and costs still count.
+    prob = only(Problem, lg.report(a, [[l1, "bad"], [l1, IDLE, 1, None]], T0, {"pg": 1}, [], {"pg": 0.004}))
+    assert lg.sessions[a].leases[l1].state == BUSY and lg.resources["pg"].fail_streak == 1
+    assert lg.sessions[a].costs == {"pg": 0.004}
 
 
 def test_snapshots() -> None:
