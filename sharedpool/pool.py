@@ -725,10 +725,19 @@ class ConnectionPool(Generic[T]):
         if client is None:
             return 0
         victims: list[ConnectionWrapper[T]] = []
+        now = time.monotonic()
+        arm = False
         with self._lock:
             owed = client.owes(self.resource) - self._giving
             for wrapper in list(self._idle):  # the coldest first
                 if len(victims) >= owed:
+                    break
+                if now - wrapper.last_used < IDLE_GIVE_BACK:
+                    # Checked in a moment ago: in a busy loop it is out again
+                    # in microseconds, and taking it would cut its turn short.
+                    # Look again once it has sat idle for a while.
+                    arm = not self._recheck_pending
+                    self._recheck_pending = True
                     break
                 if wrapper.lease is not None:  # a fallback connection frees no lease
                     self._idle.remove(wrapper)
@@ -736,6 +745,8 @@ class ConnectionPool(Generic[T]):
                     victims.append(wrapper)
             self._m["reclaimed"] += len(victims)
             self._giving += len(victims)
+        if arm:
+            client.call_later(IDLE_GIVE_BACK, self._recheck_owed)
         for wrapper in victims:
             self._close(wrapper, giving=True)
         return len(victims)

@@ -177,6 +177,31 @@ def test_a_senseless_quantum_or_cost_is_ignored(start_coordinator: Any, sock_pat
         client.close()
 
 
+def test_a_connection_checked_in_a_moment_ago_is_not_taken_at_once(start_coordinator: Any,
+                                                                   sock_path: str) -> None:
+    # A reclaim that lands in the microseconds between a busy loop's checkin
+    # and its next checkout must not cut the turn short; a connection that
+    # then stays idle goes a moment later.
+    start_coordinator({"r": 1})
+    pool = local_pool(sock_path, 1)
+    try:
+        with pool.connection():
+            pass
+        client = pool._client
+        assert client is not None
+        with client._cond:
+            client._owed["r"] = 1  # stands in for a Reclaim frame
+        assert pool._on_reclaim() == 0
+        assert pool.get_size() == 1
+        deadline = time.monotonic() + 5
+        while pool.get_size():
+            assert time.monotonic() < deadline, "the idle connection was never given back"
+            time.sleep(0.005)
+        assert pool.get_metrics()["reclaimed"] == 1
+    finally:
+        pool.close()
+
+
 def test_max_waiting_fails_fast(start_coordinator: Any, sock_path: str) -> None:
     start_coordinator({"r": Resource(max_size=1, max_waiting=1)})
     a, b, c = Client(sock_path), Client(sock_path), Client(sock_path)
