@@ -25,7 +25,7 @@ hand-off times (0.4 s) lost ~28 % of the throughput of 4 direct connections,
 ~10 %. Much of it is the kernel's doing: a new client/backend pair often
 lands split across the two CPUs, and a split pair runs far slower (every
 query wakes the other CPU) until the next hand-off. Hence 120 hand-off
-times: about 1 s there. A cheap resource (Redis: well under a millisecond)
+times: about 1-1.6 s there. A cheap resource (Redis: well under a millisecond)
 gets the floor; a remote database behind TLS gets the ceiling.
 """
 
