@@ -125,7 +125,11 @@ def test_holders_keep_to_the_coordinators_quantum(start_coordinator: Any, sock_p
         with holder(sock_path, 1, 1, "busy", seconds=20, connect_delay=0.05) as proc:
             if not costs_first:
                 pool = local_pool(sock_path, 1)
-                waiter = threading.Thread(target=lambda: pool.connection(timeout=10).__enter__())
+                def wait() -> None:
+                    with pool.connection(timeout=10):
+                        pass
+
+                waiter = threading.Thread(target=wait)
                 t0 = time.monotonic()
                 waiter.start()
                 time.sleep(0.1)  # queued, and the holder asked, with no cheap cost known
