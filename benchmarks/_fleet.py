@@ -63,7 +63,7 @@ class FleetResult:
     errors: dict[str, int] = field(default_factory=dict)
     load: float = 0.0  # 1-minute load average at the end of the window (others' work included)
     busy_before: float = 0.0  # other runnable tasks just before the run (see wait_quiet)
-    #: the coordinator's resource row after the run (sharedpool fleets), e.g. fairness_quantum_s
+    #: the coordinator's resource row, probed mid-window (sharedpool fleets), e.g. fairness_quantum_s
     resource: dict[str, Any] = field(default_factory=dict)
 
     def rate(self, role: str | None = None) -> float:

@@ -98,7 +98,8 @@ def sharedpool_fleet(seconds: float, quantum: float | str | None = None, procs: 
 
 def turns_fleet(seconds: float, turn: float = TURN, procs: int = PROCS, cap: int = CAP) -> FleetResult:
     """No coordinator: ``procs`` processes in ``procs // cap`` groups take turns of ``turn``
-    seconds by the clock, reconnecting each turn, so at most ``cap`` connections at a time."""
+    seconds by the clock, reconnecting each turn: ``cap`` connections at a time, give or take
+    a backend still exiting at a turn's end."""
     groups = procs // cap
     return run_fleet([Proc("turns", turn=turn, group=i % groups, groups=groups) for i in range(procs)],
                      seconds, app=new_app("turns"))
