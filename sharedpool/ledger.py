@@ -329,7 +329,9 @@ class Ledger:
         if session is None:
             return []
         effects: list[Effect] = []
-        touched = set(session.costs)  # the median moves: askees may need the new quantum
+        # The median moves: askees may need the new quantum. (Costs are kept
+        # only for known resources, and resources are never removed.)
+        touched = set(session.costs)
         for name in session.costs:
             self._quanta.pop(name, None)
         for res in self.resources.values():
@@ -362,8 +364,7 @@ class Ledger:
                 )
             touched.add(name)
         for name in touched:
-            if name in self.resources:
-                effects += self._pump(self.resources[name], now)
+            effects += self._pump(self.resources[name], now)
         return effects
 
     # ------------------------------------------------------------- leases
