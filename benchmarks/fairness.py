@@ -19,6 +19,9 @@ A third peer, "turns by the clock", has no coordinator at all: the 8 processes f
 moving slots by reconnecting costs by itself on this machine, without messages,
 waiting or confirmed closes; the gap between it and sharedpool at the same quantum
 is sharedpool's own. The quantum the coordinator set for "auto" is printed per round.
+
+"direct x4 (again)" is the direct peer once more in every round: its ratio to the
+first is what the machine's noise alone does to a ratio in this run.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ from ._report import bounded_args, no_progress, ratio_table, summarize, write_js
 PROCS, CAP = 8, 4
 TARGET_TOTAL, TARGET_SPREAD = 0.9, 0.5
 DIRECT = f"direct x{CAP}"
+#: The same as DIRECT, run again in every round: how far two runs of one thing differ here.
+AGAIN = f"{DIRECT} (again)"
 #: The clock-driven turns peer: every process reconnects once per TURN seconds.
 TURN = 1.0
 TURNS = f"turns by the clock, {TURN:g}s (no coordinator)"
@@ -117,13 +122,15 @@ def measure(seconds: float, rounds: int, quiet: float, quanta: list[float | str]
     skipped: dict[str, str] = {}
     if missing := sharedpool_missing():
         skipped.update({sp_name(q): f"sharedpool not usable ({missing})" for q in quanta})
-    contenders = {DIRECT: lambda: direct_fleet(seconds), TURNS: lambda: turns_fleet(seconds)}
+    contenders = {DIRECT: lambda: direct_fleet(seconds), AGAIN: lambda: direct_fleet(seconds),
+                  TURNS: lambda: turns_fleet(seconds)}
     for q in quanta:
         contenders[sp_name(q)] = lambda q=q: sharedpool_fleet(seconds, q)  # type: ignore[misc]
     per_round = alternate(contenders, rounds, skipped,
                           progress=lambda m: console.print(f"[dim]{m}[/dim]"), quiet=quiet)
     summary = summarize(per_round, f"Queries/s, median of {rounds} rounds of {seconds:g}s")
     checks: list[tuple[str, list[float], float | None]] = [
+        (f"{AGAIN} / {DIRECT} queries/s (the noise)", ratios(per_round, AGAIN, DIRECT), None),
         (f"{TURNS} / {DIRECT} queries/s", ratios(per_round, TURNS, DIRECT), None)]
     for i, q in enumerate(quanta):
         name, tag = sp_name(q), " (headline)" if i == 0 else ""

@@ -147,7 +147,7 @@ class Resource:
     connection others wait for gives it back at checkin once it is this old
     (seconds); ``"auto"`` picks 120 times what a hand-off costs (connect +
     confirmed close, measured by the pools; the coordinator takes the median),
-    within 0.05-2 s (see :mod:`sharedpool.handoff`). ``quarantine_delay`` is how long a dead
+    within 0.05-1 s (see :mod:`sharedpool.handoff`). ``quarantine_delay`` is how long a dead
     session's slots stay fenced when no check can confirm its connections are
     gone; with ``monitor_dsn`` set the coordinator asks PostgreSQL instead.
     """

@@ -25,8 +25,17 @@ hand-off times (0.4 s) lost ~28 % of the throughput of 4 direct connections,
 ~10 %. Much of it is the kernel's doing: a new client/backend pair often
 lands split across the two CPUs, and a split pair runs far slower (every
 query wakes the other CPU) until the next hand-off. Hence 120 hand-off
-times: about 1-1.6 s there. A cheap resource (Redis: well under a millisecond)
-gets the floor; a remote database behind TLS gets the ceiling.
+times: about 1-1.6 s there, before the ceiling.
+
+The ceiling is 1 s, for what waiters see: a waiter waits about one quantum
+per turn, and a process gets a fair share of a few seconds only if turns are
+short against them. On a slower 2-core machine (connect + close 8-17 ms and
+more under that load, so auto came to 1-2 s) turns of up to 2 s gave 0.48x
+and 0.56x slowest / fastest process in 5 s windows (0.31x in one round),
+against 0.68-0.71x for 1 s turns, and no throughput that stood out of the
+noise (0.75x and 0.86x of 4 direct connections, against 0.82x twice). A
+cheap resource (Redis: well under a millisecond) gets the floor; PostgreSQL
+under load, or a remote database behind TLS, gets the ceiling.
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ if TYPE_CHECKING:
 #: The auto quantum is this many hand-off times ...
 AUTO_FACTOR = 120.0
 #: ... and at least / at most this many seconds.
-AUTO_MIN, AUTO_MAX = 0.05, 2.0
+AUTO_MIN, AUTO_MAX = 0.05, 1.0
 #: Weight of a new measurement in the moving averages.
 _ALPHA = 0.2
 
