@@ -291,8 +291,10 @@ class Client:
 
     def report_failure(self, resource: str) -> None:
         """Count a failed connect; sent with the next coalesced report."""
+        self._checkpid()
         with self._cond:
             self._failures[resource] = self._failures.get(resource, 0) + 1
+        self._ensure_thread()  # the reports go out from the background thread
         self._notify()
 
     def report_success(self, resource: str) -> None:

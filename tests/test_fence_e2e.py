@@ -122,6 +122,27 @@ def test_failing_connects_fail_waiters_fast_and_recover(start_coordinator: Any, 
         pool.close()
 
 
+def test_failures_reported_on_a_bare_client_reach_the_coordinator(start_coordinator: Any,
+                                                                  sock_path: str) -> None:
+    # A client that never made a request has no background thread yet: the
+    # report must start it, or the failures wait for a request that may never come.
+    from sharedpool.ledger import FAILURE_THRESHOLD
+
+    start_coordinator({"pg": 2})
+    reporter, probe = Client(sock_path), Client(sock_path)
+    try:
+        assert reporter.ensure_connected()
+        for _ in range(FAILURE_THRESHOLD):
+            reporter.report_failure("pg")
+        deadline = time.monotonic() + 5
+        while not probe.inspect("resources")["resources"][0]["failing"]:
+            assert time.monotonic() < deadline, "the failures never reached the coordinator"
+            time.sleep(0.05)
+    finally:
+        reporter.close()
+        probe.close()
+
+
 def test_monitor_connection_is_open_before_anyone_dies(pg: str, start_coordinator: Any,
                                                        app_name: str) -> None:
     # The first dead worker must not also pay for the monitor's connect (that
