@@ -629,6 +629,8 @@ class Client:
     # ---------------------------------------------------------------- background
 
     def _ensure_thread(self) -> None:
+        if self._closed:  # a report after close() has nobody to go to: no thread for it
+            return
         if self._thread is None or not self._thread.is_alive():
             with _REGISTRY_LOCK:
                 if self._thread is None or not self._thread.is_alive():

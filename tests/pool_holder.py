@@ -4,7 +4,8 @@
 
 MODE ``idle``: check COUNT connections out, return them, sleep (they sit idle).
 MODE ``busy``: COUNT threads check out in a loop, holding each for 10 ms.
-Prints ``ready`` once the connections exist, then a JSON summary at the end.
+Prints ``ready T`` once the connections exist (T: the oldest one's ``time.monotonic()``,
+one clock for every process on Linux), then a JSON summary at the end.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ def main() -> None:
     pool = ConnectionPool(factory, PoolConfig(min_size=0, max_size=size, acquire_timeout=30),
                           resource=resource, coordinator=sock)
     held = [pool.acquire() for _ in range(count)]
+    ready = f"ready {min(w.created_at for w in held)!r}"
     stop = time.monotonic() + seconds
     done = [0]
     if mode == "idle":
         for w in held:
             pool.release(w)
-        print("ready", flush=True)
+        print(ready, flush=True)
         while time.monotonic() < stop:
             time.sleep(0.05)
     else:
@@ -48,7 +50,7 @@ def main() -> None:
         threads = [threading.Thread(target=loop) for _ in range(count)]
         for t in threads:
             t.start()
-        print("ready", flush=True)
+        print(ready, flush=True)
         for t in threads:
             t.join()
     m = pool.get_metrics()

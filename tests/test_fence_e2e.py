@@ -138,6 +138,11 @@ def test_failures_reported_on_a_bare_client_reach_the_coordinator(start_coordina
         while not probe.inspect("resources")["resources"][0]["failing"]:
             assert time.monotonic() < deadline, "the failures never reached the coordinator"
             time.sleep(0.05)
+        reporter.close()
+        thread = reporter._thread
+        reporter.report_failure("pg")  # after close(): nobody to send it to, and no thread for it
+        reporter.report_cost("pg", 0.01)
+        assert reporter._thread is thread, "a closed client started a thread"
     finally:
         reporter.close()
         probe.close()

@@ -688,7 +688,7 @@ def test_auto_quantum_is_one_figure_from_the_median_reported_cost() -> None:
     for cost in (0.002, 0.004, 0.006):
         assert lg.report(session(lg), [], T0, costs={"pg": cost, "elsewhere": 9.0}) == []
     assert lg.report(a, [], T0, costs={"pg": 0.5}) == []  # one costly process moves the median a step
-    # Median of 2, 4, 6 and 500 ms: 5 ms (the mean, 128 ms, would give the 2 s ceiling).
+    # Median of 2, 4, 6 and 500 ms: 5 ms (the mean, 128 ms, would give the 1 s ceiling).
     assert lg.quantum("pg") == pytest.approx(auto_quantum(0.005)) and auto_quantum(0.005) < AUTO_MAX
     ask = only(AskReclaim, lg.acquire(w, 1, "pg", T0, timeout=5))
     assert (ask.session, ask.count, ask.quantum) == (a, 1, lg.quantum("pg"))

@@ -25,6 +25,7 @@ from sharedpool import (
     TooManyWaiters,
 )
 from sharedpool import protocol as p
+from sharedpool.handoff import AUTO_MAX
 from sharedpool.testing import FakeFactory
 
 HOLDER = str(Path(__file__).with_name("pool_holder.py"))
@@ -38,7 +39,9 @@ def holder(sock: str, size: int, count: int, mode: str,
                              str(connect_delay)], stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "ready"
+        word, connected_at = proc.stdout.readline().split()
+        assert word == "ready"
+        proc.connected_at = float(connected_at)  # type: ignore[attr-defined]  # the oldest connection's
         yield proc
     finally:
         if proc.poll() is None:
@@ -89,9 +92,9 @@ def test_busy_process_gives_back_at_checkin(start_coordinator: Any, sock_path: s
     assert elapsed < 10
 
 
-# The holder's connection is a little older than our request (it was made
-# before "ready"), so the expensive holder gives its slot back a little before
-# the 1 s ceiling; 0.5 s leaves room for a loaded machine on both sides.
+# The holder counts its turn from when its connection was made, a little
+# before "ready": the expensive holder gives its slot back that much before
+# the 1 s ceiling. 0.5 s leaves room for a loaded machine on both sides.
 @pytest.mark.parametrize(("connect_delay", "low", "high"), [(0.0, 0.0, 0.5), (0.05, 0.5, 6.0)])
 def test_auto_quantum_follows_what_a_hand_off_costs(start_coordinator: Any, sock_path: str,
                                                      connect_delay: float, low: float, high: float) -> None:
@@ -108,18 +111,21 @@ def test_auto_quantum_follows_what_a_hand_off_costs(start_coordinator: Any, sock
         finally:
             pool.close()
         assert proc.poll() is None
-    assert low <= waited <= high, f"waited {waited:.3f}s for the busy holder's slot"
+    age = t0 - proc.connected_at  # type: ignore[attr-defined]
+    assert low <= waited <= high, f"waited {waited:.3f}s for the busy holder's slot ({age:.3f}s old)"
 
 
 @pytest.mark.parametrize(("costs_first", "bound"), [(True, 0.5), (False, 0.6)])
 def test_holders_keep_to_the_coordinators_quantum(start_coordinator: Any, sock_path: str,
                                                   costs_first: bool, bound: float) -> None:
     # The holder's own connects take 50 ms: on its own it would keep its busy
-    # slot for the 1 s ceiling, less its connection's age (as above). Two
-    # other processes report cheap hand-offs, so the median, and the one
-    # quantum the coordinator sends with its reclaim, is the 0.05 s floor, and
-    # the holder keeps to that. Without costs_first the reclaim goes out
-    # before the costs arrive; the holder hears the quantum once they do.
+    # slot for the 1 s ceiling, counted from when it connected. Two other
+    # processes report cheap hand-offs, so the median, and the one quantum
+    # the coordinator sends with its reclaim, is the 0.05 s floor, and the
+    # holder keeps to that. Without costs_first the reclaim goes out before
+    # the costs arrive; the holder hears the quantum once they do. The holder
+    # starts last, so that keeping its own quantum would show as a wait well
+    # over the bound.
     start_coordinator({"r": Resource(max_size=1)})
     others = [Client(sock_path) for _ in range(2)]
     pool = local_pool(sock_path, 1)
@@ -137,16 +143,18 @@ def test_holders_keep_to_the_coordinators_quantum(start_coordinator: Any, sock_p
 
     waiter = threading.Thread(target=wait)
     try:
+        if costs_first:
+            report_cheap_costs()
+            deadline = time.monotonic() + 5
+            while others[0].inspect("resources")["resources"][0]["fairness_quantum_s"] != 0.05:
+                assert time.monotonic() < deadline, "the cheap costs never reached the coordinator"
+                time.sleep(0.02)
         with holder(sock_path, 1, 1, "busy", seconds=20, connect_delay=0.05) as proc:
-            if costs_first:
-                report_cheap_costs()
-                deadline = time.monotonic() + 5
-                while others[0].inspect("resources")["resources"][0]["fairness_quantum_s"] != 0.05:
-                    assert time.monotonic() < deadline, "the cheap costs never reached the coordinator"
-                    time.sleep(0.02)
-                waiter.start()
-            else:
-                waiter.start()
+            age = time.monotonic() - proc.connected_at  # type: ignore[attr-defined]
+            # Else this test could not tell the two quanta apart.
+            assert AUTO_MAX - age > bound + 0.1, f"the holder's connection was {age:.3f}s old already"
+            waiter.start()
+            if not costs_first:
                 time.sleep(0.1)  # queued, and the holder asked, with no cheap cost known
                 report_cheap_costs()
             waiter.join(10)
