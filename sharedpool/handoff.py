@@ -32,10 +32,11 @@ per turn, and a process gets a fair share of a few seconds only if turns are
 short against them. On a slower 2-core machine (connect + close 8-17 ms and
 more under that load, so auto came to 1-2 s) turns of up to 2 s gave 0.48x
 and 0.56x slowest / fastest process in 5 s windows (0.31x in one round),
-against 0.68-0.71x for 1 s turns, and no throughput that stood out of the
-noise (0.75x and 0.86x of 4 direct connections, against 0.82x twice). A
-cheap resource (Redis: well under a millisecond) gets the floor; PostgreSQL
-under load, or a remote database behind TLS, gets the ceiling.
+against 0.68-0.71x for 1 s turns (0.64x, worst round 0.45x, in a later
+10-round run), and no throughput that stood out of the noise (0.75x and
+0.86x of 4 direct connections, against 0.82x twice). A cheap resource
+(Redis: well under a millisecond) gets the floor; PostgreSQL under load, or
+a remote database behind TLS, gets the ceiling.
 """
 
 from __future__ import annotations
