@@ -23,7 +23,7 @@ from typing import Any
 
 import msgpack
 
-from sharedpool import Client
+from sharedpool import Client, ResourceUnavailable
 from sharedpool import protocol as p
 
 _VALUES: list[Any] = [0, -1, 1, 2**40, 2**63 - 1, -(2**63), 1.5, float("inf"), "", "pg", "x" * 300,
@@ -131,13 +131,41 @@ def fuzz(path: str, frames: int, seed: int = 1, malformed_every: int = 100) -> d
                 s = _session(path)
                 sessions += 1
     s.close()
+    _wait_sessions_ended(path)
     return {"frames": sent, "sessions": sessions, "sessions_ended": ended}
 
 
-def check_normal_client(path: str) -> None:
+def _wait_sessions_ended(path: str, timeout: float = 30.0) -> None:
+    """Wait until the coordinator has ended every fuzz session. It reads each
+    session in its own time, so right after we hang up the last ones may still
+    be open there, a queued acquire of theirs still able to take a slot."""
     client = Client(path)
     try:
-        lease = client.acquire("r", timeout=5)
+        deadline = time.monotonic() + timeout
+        while any(s["name"] == "fuzz" for s in client.inspect("sessions")["sessions"]):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"fuzz sessions still open at the coordinator after {timeout:g}s")
+            time.sleep(0.05)
+    finally:
+        client.close()
+
+
+def check_normal_client(path: str, timeout: float = 10.0) -> None:
+    """A normal client gets a lease of "r" and gives it back. The fuzzer's
+    well-formed reports of connect failures may have left "r" failing: the
+    coordinator then says so (ResourceUnavailable) for a second, and a
+    normal client tries again, as a pool would."""
+    client = Client(path)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                lease = client.acquire("r", timeout=5)
+                break
+            except ResourceUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
         client.release(lease)
     finally:
         client.close()
