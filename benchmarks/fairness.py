@@ -116,6 +116,10 @@ def measure(seconds: float, rounds: int, quiet: float, quanta: list[float | str]
                   f"against {CAP} direct connections; {rounds} rounds of {seconds:g}s windows; "
                   f"fairness_quantum {', '.join(sp_name(q)[len('sharedpool q='):] for q in quanta)} "
                   "(first: headline)")
+    if seconds < 5 * TURN:
+        console.print(f"[yellow]{seconds:g}s windows hold only a few turns of about {TURN:g}s: whichever "
+                      "process gets one turn more than another sets slowest/fastest; take the "
+                      "5 s default for that figure[/yellow]")
     if why := pg_missing():
         report_skips({"all": f"PostgreSQL not reachable: {why}"})
         return {"skipped": {"all": why}}
