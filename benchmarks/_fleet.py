@@ -19,7 +19,6 @@ import queue
 import random
 import shutil
 import signal
-import socket
 import tempfile
 import threading
 import time
@@ -114,34 +113,18 @@ def coordinator(cap: int, **limits: Any) -> Iterator[str]:
 
 
 def resource_row(sock: str, name: str = "pg") -> dict[str, Any]:
-    """The coordinator's row for resource ``name``, asked over a plain socket with
-    the protocol module: no client thread, and next to no CPU taken from the run."""
-    from sharedpool import protocol as p
+    """The coordinator's row for resource ``name`` ({} if it cannot be had)."""
+    from sharedpool import Client
     from sharedpool.errors import SharedPoolError
 
-    conn = p.Connection(p.CLIENT)
+    client = Client(sock)
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(5.0)
-            s.connect(sock)
-            s.sendall(conn.send(p.Hello(p.PROTOCOL_VERSION, os.getpid(), "bench-probe")))
-            sent = False
-            while True:
-                data = s.recv(1 << 16)
-                if not data:
-                    return {}
-                conn.receive_data(data)
-                for msg in conn.events():
-                    if isinstance(msg, p.Welcome) and not sent:
-                        s.sendall(conn.send(p.Inspect(1, "resources")))
-                        sent = True
-                    elif isinstance(msg, p.Reply):
-                        rows = msg.data.get("resources", []) if isinstance(msg.data, dict) else []
-                        return next((r for r in rows if isinstance(r, dict) and r.get("name") == name), {})
-                    elif isinstance(msg, p.Error):
-                        return {}
-    except (OSError, ValueError, SharedPoolError):  # a figure less, not a failed run
+        rows = client.inspect("resources")["resources"]
+    except (OSError, SharedPoolError):  # a figure less, not a failed run
         return {}
+    finally:
+        client.close()
+    return next((r for r in rows if r.get("name") == name), {})
 
 
 class _Turns:

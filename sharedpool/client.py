@@ -43,6 +43,7 @@ from .errors import (
     SharedPoolError,
     denial_error,
 )
+from .handoff import MAX_COST
 
 log = logging.getLogger("sharedpool.client")
 
@@ -272,7 +273,7 @@ class Client:
     def report_cost(self, resource: str, seconds: float) -> None:
         """What moving a slot of ``resource`` costs this process (connect +
         confirmed close); sent with the next report when it has changed."""
-        if not 0 <= seconds < 3600:  # NaN and inf fail too: never sent, never fatal
+        if not 0 <= seconds <= MAX_COST:  # NaN and inf fail too: never sent, never fatal
             return
         self._checkpid()
         cost = round(seconds, 4)  # 0.1 ms: no report for noise below that

@@ -50,6 +50,9 @@ if TYPE_CHECKING:
 AUTO_FACTOR = 120.0
 #: ... and at least / at most this many seconds.
 AUTO_MIN, AUTO_MAX = 0.05, 1.0
+#: A hand-off cost above this many seconds is a bad figure: never sent, and
+#: refused by the coordinator.
+MAX_COST = 3600.0
 #: Weight of a new measurement in the moving averages.
 _ALPHA = 0.2
 

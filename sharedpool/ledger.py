@@ -26,12 +26,13 @@ import bisect
 import heapq
 import itertools
 import math
+import statistics
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .config import Resource
-from .handoff import auto_quantum
+from .handoff import MAX_COST, auto_quantum
 
 IDLE, BUSY, NEW = "idle", "busy", "new"
 STATES = (IDLE, BUSY)
@@ -44,8 +45,6 @@ WAIT_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
 #: Re-registered lease ids and tokens must stay below this, so that the ids
 #: granted after them still fit a msgpack integer.
 MAX_ID = 1 << 63
-#: A reported hand-off cost above this many seconds is taken for a bad report.
-MAX_COST = 3600.0
 #: Askees are sent a new quantum when it moves by more than this fraction
 #: (costs are moving averages; every small step would be a frame to each).
 QUANTUM_STEP = 0.2
@@ -825,9 +824,8 @@ class Ledger:
         quantum: float | None
         if not isinstance(setting, str):
             quantum = float(setting)
-        elif costs := sorted(s.costs[resource] for s in self.sessions.values() if resource in s.costs):
-            mid = len(costs) // 2
-            quantum = auto_quantum(costs[mid] if len(costs) % 2 else (costs[mid - 1] + costs[mid]) / 2)
+        elif costs := [s.costs[resource] for s in self.sessions.values() if resource in s.costs]:
+            quantum = auto_quantum(statistics.median(costs))
         else:
             quantum = None
         self._quanta[resource] = quantum
