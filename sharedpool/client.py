@@ -187,6 +187,7 @@ class Client:
         self._thread: threading.Thread | None = None
         self._next_attempt = 0.0
         self._backoff = BACKOFF_MIN
+        self._reconnect_asked = False
         self.session_id: int | None = None
         self.server_pid: int | None = None
         #: resource name -> limits, as the coordinator announced them
@@ -260,6 +261,22 @@ class Client:
         if self._sock is None and not self._closed:
             self._try_connect(None)
         return self._sock is not None
+
+    def reconnect_soon(self) -> None:
+        """Have the background thread try to connect (once for any number of
+        asks; a running backoff is respected). For callers that must not block
+        on a coordinator that accepts but does not answer."""
+        self._checkpid()
+        with self._cond:
+            if self._reconnect_asked or self._sock is not None or self._closed:
+                return
+            self._reconnect_asked = True
+        self.call_later(0.0, self._reconnect_job)
+
+    def _reconnect_job(self) -> None:
+        with self._cond:
+            self._reconnect_asked = False
+        self._try_connect(None)
 
     def owes(self, resource: str) -> int:
         """How many leases of ``resource`` the coordinator asked us to give back."""

@@ -142,6 +142,8 @@ class ConnectionPool(Generic[T]):
         self._handoff = HandOffCost()
         self._fallback_opening = 0
         self._opening = 0
+        #: connections taken out of _all and not yet closed (lease not yet released)
+        self._closing = 0
         #: openers' lease requests still queued at the coordinator
         self._lease_requests: set[AcquireRequest] = set()
         self.status = PoolStatus.ACTIVE
@@ -160,6 +162,7 @@ class ConnectionPool(Generic[T]):
     # ------------------------------------------------------------------ repr / stats
 
     def __repr__(self) -> str:
+        self._checkpid()
         with self._lock:
             in_use = len(self._all) - len(self._idle)
             text = (f"<ConnectionPool {self.name!r} {self.status.value} resource={self.resource!r}"
@@ -169,13 +172,17 @@ class ConnectionPool(Generic[T]):
 
     def get_size(self) -> int:
         """Open connections (idle + in use)."""
+        self._checkpid()
         return len(self._all)
 
     def get_in_use(self) -> int:
+        """Connections checked out now."""
+        self._checkpid()
         return len(self._all) - len(self._idle)
 
     def get_metrics(self) -> dict[str, Any]:
         """The seed's counters plus lease figures."""
+        self._checkpid()
         with self._lock:
             m: dict[str, Any] = dict(self._m, total_acquired=self._acquired, total_released=self._released)
             m.update(
@@ -192,6 +199,7 @@ class ConnectionPool(Generic[T]):
 
     def get_stats(self) -> dict[str, int]:
         """psycopg_pool-style figures (``pool_size``, ``requests_waiting``...)."""
+        self._checkpid()
         with self._lock:
             m = self._m
             return {
@@ -218,7 +226,8 @@ class ConnectionPool(Generic[T]):
 
     def acquire(self, timeout: float | None = None) -> ConnectionWrapper[T]:
         """Check a connection out. ``timeout`` None: ``config.acquire_timeout``;
-        0: only if one is free now (or can be opened)."""
+        0: only if one is idle now (else PoolTimeout at once; a connection is
+        still opened in the background if there is room, and stays idle)."""
         # The fast path: every statement here costs each query a little (8
         # processes in SELECT 1 loops lose ~2 % of throughput per microsecond).
         if self._pid != _PID[0]:
@@ -236,18 +245,31 @@ class ConnectionPool(Generic[T]):
             return self._acquire_slow(timeout, _monotonic())
         now = wrapper.checked_out_at = _monotonic()
         bypass = self._bypass
-        if (bypass is not None and now - wrapper.last_used > bypass
-                and now - wrapper.checked_at > bypass and not self._validate(wrapper)):
-            self._discard(wrapper)
-            return self._acquire_slow(timeout, _monotonic())
+        if bypass is not None and now - wrapper.last_used > bypass and now - wrapper.checked_at > bypass:
+            try:
+                valid = self._validate(wrapper)
+            except BaseException:  # KeyboardInterrupt mid-check: it may be mid-query
+                self._discard(wrapper, validation=False)
+                raise
+            if not valid:
+                self._discard(wrapper)
+                return self._acquire_slow(timeout, now, retry=True)
         if self._leaks:
             wrapper.site = _call_site()
         return wrapper
 
-    def _acquire_slow(self, timeout: float | None, start: float) -> ConnectionWrapper[T]:
+    def _acquire_slow(self, timeout: float | None, start: float, retry: bool = False) -> ConnectionWrapper[T]:
         wait = self.config.acquire_timeout if timeout is None else timeout
         deadline = start + wait
         while True:  # one deadline for every retry (a failed validation loops)
+            if retry and wait > 0 and time.monotonic() >= deadline:
+                # Idle connections kept failing validation until the time was up
+                # (with no time to wait, each idle one is still tried once).
+                with self._lock:
+                    self._m["acquire_timeouts"] += 1
+                raise PoolTimeout(f"pool {self.name!r}: no valid connection within {wait:.3g}s "
+                                  "(idle connections failed validation)")
+            retry = True
             waiter = _Waiter()
             with self._lock:
                 if self.status is not PoolStatus.ACTIVE:
@@ -260,14 +282,23 @@ class ConnectionPool(Generic[T]):
                     self._waiters.append(waiter)
                     self._m["requests_queued"] += 1
                     openers = self._plan_growth()
-            if wrapper is None:
-                self._start_openers(openers, deadline)
-                wrapper = self._wait(waiter, deadline, start)
-            now = time.monotonic()
-            fresh = wrapper.last_used == wrapper.created_at  # never checked in: just connected
-            if (self.config.test_on_acquire and not fresh
-                    and now - max(wrapper.last_used, wrapper.checked_at) > self.config.validation_bypass
-                    and not self._validate(wrapper)):
+            checking = wrapper
+            try:
+                if wrapper is None:
+                    self._start_openers(openers, deadline)
+                    wrapper = checking = self._wait(waiter, deadline, start)
+                now = time.monotonic()
+                fresh = wrapper.last_used == wrapper.created_at  # never checked in: just connected
+                valid = (not self.config.test_on_acquire or fresh
+                         or now - max(wrapper.last_used, wrapper.checked_at) <= self.config.validation_bypass
+                         or self._validate(wrapper))
+            except BaseException:
+                # Also what a signal handler raises while we wait (celery's soft
+                # time limit, KeyboardInterrupt): no connection may stay handed
+                # to a caller that is gone.
+                self._forsake(waiter, checking)
+                raise
+            if not valid:
                 self._discard(wrapper)
                 continue
             with self._lock:
@@ -307,6 +338,19 @@ class ConnectionPool(Generic[T]):
                     f"({len(self._all)} open, {len(self._all) - len(self._idle)} in use, "
                     f"max_size={self.config.max_size})")
 
+    def _forsake(self, waiter: _Waiter, checking: ConnectionWrapper[T] | None) -> None:
+        """The caller of ``waiter`` left with an exception. Dequeue it; check in
+        a connection that reached it meanwhile, or close the one whose
+        validation was cut short (it may be mid-query)."""
+        with self._lock:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+            handed = waiter.wrapper if checking is None else None
+        if checking is not None:
+            self._discard(checking, validation=False)
+        elif handed is not None:
+            self.release(handed)
+
     def _plan_growth(self) -> list[_Waiter]:
         """Under the lock: which waiters get a new connection opened for them."""
         room = self.config.max_size - len(self._all) - self._opening
@@ -337,12 +381,22 @@ class ConnectionPool(Generic[T]):
             if client is not None and not fallback:
                 ticket = client.request(self.resource, max(0.0, deadline - t0))
                 with self._lock:
-                    self._lease_requests.add(ticket)
+                    # A close() that ran since the request went out did not see it.
+                    active = self.status is PoolStatus.ACTIVE
+                    if active:
+                        self._lease_requests.add(ticket)
+                if not active:
+                    ticket.cancel()
                 try:
                     lease = ticket.wait()
                 finally:
                     with self._lock:
                         self._lease_requests.discard(ticket)
+                        active = self.status is PoolStatus.ACTIVE
+                if not active:  # granted as the pool closed: no connect, the lease goes back
+                    client.release(lease)
+                    lease = None
+                    raise PoolClosed(f"pool {self.name!r} is {self.status.value}")
             t1 = time.monotonic()
             with self._lock:
                 if lease is not None:
@@ -371,6 +425,7 @@ class ConnectionPool(Generic[T]):
             log.warning("pool %r: a connect finished after connection_timeout; closing it", self.name)
             with self._lock:
                 self._opening -= 1
+                self._closing += 1
                 openers = self._plan_growth()
             self._close(wrapper)
             self._start_openers(openers, deadline)
@@ -383,6 +438,7 @@ class ConnectionPool(Generic[T]):
             closing = self.status is not PoolStatus.ACTIVE
             if closing:
                 del self._all[wrapper.id]
+                self._closing += 1
             else:
                 self._hand_over(wrapper)
             openers = self._plan_growth()
@@ -429,7 +485,12 @@ class ConnectionPool(Generic[T]):
     def release(self, wrapper: ConnectionWrapper[T]) -> None:
         """Check a connection back in (closed instead if expired, invalid,
         owed to the coordinator, or the pool is draining/closed)."""
-        if wrapper.pool is not self:
+        try:
+            mine = wrapper.pool is self
+        except AttributeError:
+            raise PoolMisuse(f"release() takes the ConnectionWrapper that acquire() returned, got "
+                             f"{type(wrapper).__name__} (pool.connection() checks in by itself)") from None
+        if not mine:
             raise PoolMisuse(f"{wrapper!r} does not belong to pool {self.name!r}")
         if self._pid != _PID[0]:
             self._after_fork()
@@ -454,14 +515,23 @@ class ConnectionPool(Generic[T]):
         self._release_slow(wrapper, now)
 
     def _release_slow(self, wrapper: ConnectionWrapper[T], now: float) -> None:
+        if not wrapper.in_use or self._all.get(wrapper.id) is not wrapper:
+            # Before anything touches the connection: in a forked child it is
+            # the parent's, and must not be used here (I7).
+            raise PoolMisuse(f"{wrapper!r} was already released (or made in another process)")
         # Decided before taking the lock, which then only guards the hand-over.
         keep = (now - wrapper.created_at <= self._max_lifetime
                 and (not self._test_on_release or self._validate(wrapper)))
         client = self._client
         owed = young = False
         if client is not None and keep:
-            if wrapper.lease is None:  # a fallback connection goes once the coordinator is back
-                keep = not client.ensure_connected()
+            if wrapper.lease is None:
+                # A fallback connection goes once the coordinator is back. Not
+                # reconnected here: a hung coordinator would hold up a checkin
+                # for its connect timeout; the client's thread tries instead.
+                keep = not client.connected
+                if keep:
+                    client.reconnect_soon()
             elif client.owes(self.resource):
                 owed = True
                 # Counted from when the connection became usable, not from the
@@ -508,8 +578,8 @@ class ConnectionPool(Generic[T]):
                     self._m["reclaimed"] += 1
                 wrapper.in_use = False
                 del self._all[wrapper.id]
+                self._closing += 1
                 openers = self._plan_growth()
-                self._returned.notify_all()
         # Outside the lock: arming the timer wakes the client's thread (a send),
         # and a cancel sends a frame.
         if arm and client is not None:
@@ -570,11 +640,11 @@ class ConnectionPool(Generic[T]):
         or the pool stopped being active); its slot may serve a waiter."""
         with self._lock:
             self._all.pop(wrapper.id, None)
+            self._closing += 1
             wrapper.in_use = False
             if validation:
                 self._m["validation_failures"] += 1
             openers = self._plan_growth()
-            self._returned.notify_all()
         self._close(wrapper)
         self._start_openers(openers, time.monotonic() + self.config.acquire_timeout)
 
@@ -592,7 +662,18 @@ class ConnectionPool(Generic[T]):
         """Close, confirm the server let go, then give the lease back (I1). A
         close not confirmed within close_confirm_timeout keeps its lease until
         it is (watched in the background, bounded). ``giving``: a give-back to
-        the coordinator, counted in ``_giving`` until its lease is released."""
+        the coordinator, counted in ``_giving`` until its lease is released.
+        The caller counted ``wrapper`` in ``_closing`` when it took it out of ``_all``."""
+        try:
+            self._close_counted(wrapper, giving)
+        finally:
+            with self._lock:
+                if self._pid == _PID[0]:  # not reset by a fork meanwhile
+                    self._closing -= 1
+                    self._m["total_closed"] += 1
+                self._returned.notify_all()
+
+    def _close_counted(self, wrapper: ConnectionWrapper[T], giving: bool) -> None:
         lease, client = wrapper.lease, self._client
         wrapper.lease = None
         pid = self._pid
@@ -622,16 +703,16 @@ class ConnectionPool(Generic[T]):
                         "kept until it does", self.name, wrapper.id[:8], self.config.close_confirm_timeout)
         elif giving:
             late(False)  # no lease to keep: only the give-back count to settle
-        with self._lock:
-            self._m["total_closed"] += 1
 
     def drain(self, timeout: float = 30.0) -> None:
         """Stop handing out connections; wait (up to ``timeout``) for those in
         use to come back, and close them all. :meth:`resume` reopens."""
+        self._checkpid()
         self._shut(PoolStatus.DRAINING, timeout)
 
     def resume(self) -> None:
         """After :meth:`drain`: hand out connections again."""
+        self._checkpid()
         with self._lock:
             if self.status is PoolStatus.DRAINING:
                 self.status = PoolStatus.ACTIVE
@@ -639,8 +720,7 @@ class ConnectionPool(Generic[T]):
     def close(self, timeout: float = 5.0) -> None:
         """Close the pool: waiters fail with PoolClosed, idle connections close
         now, in-use ones when they come back (waiting up to ``timeout``)."""
-        if self._pid != _PID[0]:
-            self._after_fork()
+        self._checkpid()
         self._stop.set()
         self._shut(PoolStatus.CLOSED, timeout)
         if self._client is not None:
@@ -656,6 +736,7 @@ class ConnectionPool(Generic[T]):
             self._idle.clear()
             for w in idle:
                 del self._all[w.id]
+            self._closing += len(idle)
             waiters = list(self._waiters)
             self._waiters.clear()
             requests, self._lease_requests = self._lease_requests, set()
@@ -668,11 +749,13 @@ class ConnectionPool(Generic[T]):
             self._close(wrapper)
         deadline = time.monotonic() + timeout
         with self._lock:
-            while self._all and self.status is status:
+            # Done once every connection is closed and its lease released,
+            # not merely checked in.
+            while (self._all or self._closing) and self.status is status:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    log.warning("pool %r: %d connection(s) still in use after %.1fs", self.name,
-                                len(self._all), timeout)
+                    log.warning("pool %r: %d connection(s) still in use, %d closing, after %.1fs",
+                                self.name, len(self._all), self._closing, timeout)
                     break
                 self._returned.wait(remaining)
 
@@ -742,6 +825,7 @@ class ConnectionPool(Generic[T]):
                 if wrapper.lease is not None:  # a fallback connection frees no lease
                     self._idle.remove(wrapper)
                     del self._all[wrapper.id]
+                    self._closing += 1
                     victims.append(wrapper)
             self._m["reclaimed"] += len(victims)
             self._giving += len(victims)
@@ -797,6 +881,7 @@ class ConnectionPool(Generic[T]):
                 if too_old or too_idle:
                     self._idle.remove(wrapper)
                     del self._all[wrapper.id]
+                    self._closing += 1
                     expired.append(wrapper)
                     keep -= 1
                 elif now - max(wrapper.last_used, wrapper.checked_at) > cfg.validation_interval:
@@ -864,6 +949,12 @@ class ConnectionPool(Generic[T]):
                         w.site or "(unknown)")
 
     # ------------------------------------------------------------------ fork
+
+    def _checkpid(self) -> None:
+        """In a forked child, first forget the parent's state (its lock may be
+        held for good by a thread that does not exist here)."""
+        if self._pid != _PID[0]:
+            self._after_fork()
 
     def _after_fork(self) -> None:
         # The parent's connections are not ours: keep them referenced so no

@@ -1,0 +1,250 @@
+"""The local pool at its edges: a wait cut short by a signal, validations that
+eat the timeout, close() racing checkins and openers, a hung coordinator,
+misuse, and the state seen in a forked child."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from sharedpool import Client, ConnectionPool, PoolClosed, PoolConfig, PoolMisuse, PoolTimeout
+from sharedpool.testing import FakeConnection, FakeFactory
+
+
+class Interrupted(BaseException):
+    """What celery's soft time limit or a Ctrl-C does: raised from a signal handler.
+    (A BaseException, like KeyboardInterrupt: an Exception raised inside a
+    connection check counts as a failed check.)"""
+
+
+@pytest.fixture
+def alarm() -> Iterator[None]:
+    def raise_it(*_: object) -> None:
+        raise Interrupted("the signal handler raised")
+
+    old = signal.signal(signal.SIGALRM, raise_it)
+    yield
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, old)
+
+
+@pytest.fixture(autouse=True)
+def _no_env_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SHAREDPOOL_SOCKET", raising=False)
+
+
+def test_a_wait_cut_short_by_a_signal_leaves_no_connection_behind(
+        alarm: None, start_coordinator: Any, sock_path: str) -> None:
+    start_coordinator({"r": 1})
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1), resource="r",
+                          coordinator=sock_path)
+    try:
+        held = pool.acquire(timeout=5)
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(Interrupted):
+            pool.acquire(timeout=5)  # waits: the only connection is out
+        assert pool.get_stats()["requests_waiting"] == 0
+        pool.release(held)
+        # Before, the checkin went to the interrupted caller's waiter: in use for good.
+        again = pool.acquire(timeout=2)
+        assert again is held
+        pool.release(again)
+        assert pool.get_in_use() == 0
+    finally:
+        pool.close()
+
+
+def test_a_validation_cut_short_closes_that_connection(alarm: None) -> None:
+    def slow_check(conn: FakeConnection) -> bool:
+        time.sleep(5)
+        return True
+
+    factory = FakeFactory()
+    pool = ConnectionPool(factory, PoolConfig(min_size=0, max_size=1, validation_bypass=0),
+                          check=slow_check, coordinator=None)
+    try:
+        pool.release(pool.acquire())
+        time.sleep(0.01)
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(Interrupted):
+            pool.acquire(timeout=5)
+        # It may be mid-query: closed, not put back.
+        assert factory.made[0].closed
+        assert pool.get_size() == 0 and pool.get_in_use() == 0
+    finally:
+        pool.close()
+
+
+def test_failing_validations_do_not_stretch_the_acquire_timeout() -> None:
+    def failing_check(conn: FakeConnection) -> bool:
+        time.sleep(0.3)  # a ping to a server that stopped answering
+        return False
+
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=10, validation_bypass=0),
+                          check=failing_check, coordinator=None)
+    try:
+        out = [pool.acquire() for _ in range(10)]
+        for w in out:
+            pool.release(w)
+        time.sleep(0.01)
+        t0 = time.monotonic()
+        with pytest.raises(PoolTimeout, match="failed validation"):
+            pool.acquire(timeout=0.5)
+        # Before, every idle connection was tried, each with a new clock: 3 s and more.
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        pool.close()
+
+
+class SlowClose(FakeConnection):
+    def close(self) -> None:
+        time.sleep(0.3)
+        super().close()
+
+
+def test_close_returns_once_checked_in_connections_are_closed_and_released(
+        start_coordinator: Any, sock_path: str) -> None:
+    start_coordinator({"r": 2})
+    pool = ConnectionPool(SlowClose, PoolConfig(min_size=0, max_size=2), resource="r",
+                          coordinator=sock_path)
+    w = pool.acquire(timeout=5)
+    client = pool._client
+    assert client is not None
+    releaser = threading.Timer(0.1, pool.release, args=(w,))
+    releaser.start()
+    pool.close(timeout=5)  # the checkin comes while close() waits
+    releaser.join()
+    assert w.conn.closed
+    assert client.held == {}
+    assert not client.connected  # the last pool's close ended the session
+
+
+def test_a_fallback_checkin_does_not_wait_for_a_hung_coordinator(
+        start_coordinator: Any, sock_path: str) -> None:
+    coord = start_coordinator({"r": 1})
+    client = Client.for_path(sock_path)
+    client.connect_timeout = 1.0
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1, coordinator_away="fallback"),
+                          resource="r", coordinator=sock_path)
+    os.kill(coord.pid, signal.SIGSTOP)  # accepts (the kernel does), never answers
+    try:
+        w = pool.acquire(timeout=10)  # after one connect attempt timed out: a fallback connection
+        assert w.lease is None
+        time.sleep(0.3)  # past the reconnect backoff: a checkin could try again
+        t0 = time.monotonic()
+        pool.release(w)
+        # Before, the checkin itself reconnected: connect_timeout (1 s here, 5 s by default).
+        assert time.monotonic() - t0 < 0.5
+    finally:
+        os.kill(coord.pid, signal.SIGCONT)
+        pool.close()
+
+
+def test_release_of_anything_but_a_wrapper_is_a_clear_error() -> None:
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1), coordinator=None)
+    with pool.connection() as conn, pytest.raises(PoolMisuse, match="ConnectionWrapper"):
+        pool.release(conn)  # type: ignore[arg-type]
+    with pytest.raises(PoolMisuse, match="NoneType"):
+        pool.release(None)  # type: ignore[arg-type]
+    pool.close()
+
+
+def test_a_pool_closed_while_its_lease_request_goes_out_takes_no_grant(
+        start_coordinator: Any, sock_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    start_coordinator({"r": 1})
+    holder = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1), resource="r",
+                            coordinator=sock_path, name="holder")
+    held = holder.acquire(timeout=5)
+    factory = FakeFactory()
+    pool = ConnectionPool(factory, PoolConfig(min_size=0, max_size=1), resource="r",
+                          coordinator=sock_path, name="late")
+    client = Client.for_path(sock_path)
+    request = client.request
+    gate = threading.Event()
+
+    def slow_request(*args: Any, **kwargs: Any) -> Any:
+        ticket = request(*args, **kwargs)
+        gate.wait(5)  # the opener is descheduled right after the request went out
+        return ticket
+
+    monkeypatch.setattr(client, "request", slow_request)
+    errors: list[BaseException] = []
+
+    def take() -> None:
+        try:
+            pool.acquire(timeout=5)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    taker = threading.Thread(target=take)
+    taker.start()
+    time.sleep(0.2)
+    pool.close(timeout=0.5)
+    gate.set()
+    taker.join(5)
+    assert errors and isinstance(errors[0], PoolClosed)
+    time.sleep(0.2)
+    assert _waiting(client, "r") == 0  # the closed pool's request was withdrawn
+    holder.release(held)
+    again = holder.acquire(timeout=5)  # nobody else queued: it comes back to us
+    assert factory.calls == 0
+    holder.release(again)
+    holder.close()
+
+
+def _waiting(client: Client, resource: str) -> int:
+    rows = client.inspect("resources")["resources"]
+    return next(r["waiting"] for r in rows if r["name"] == resource)
+
+
+def test_stats_in_a_forked_child_do_not_wait_on_the_parents_lock() -> None:
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1), coordinator=None)
+    pool.release(pool.acquire())
+    locked, done = threading.Event(), threading.Event()
+
+    def hold_lock() -> None:
+        with pool._lock:
+            locked.set()
+            done.wait(10)
+
+    t = threading.Thread(target=hold_lock)
+    t.start()
+    locked.wait(5)
+    pid = os.fork()
+    if pid == 0:  # the child: the thread holding the lock does not exist here
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)  # a hang here ends the child
+        signal.alarm(5)
+        code = 0 if pool.get_stats()["pool_size"] == 0 and pool.get_size() == 0 else 1
+        os._exit(code)
+    done.set()
+    t.join()
+    _, status = os.waitpid(pid, 0)
+    pool.close()
+    assert os.waitstatus_to_exitcode(status) == 0  # not -SIGALRM (hung), not 1 (parent's state)
+
+
+def test_a_release_in_a_forked_child_never_touches_the_parents_connection() -> None:
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1, test_on_release=True),
+                          coordinator=None)
+    w = pool.acquire()
+    pid = os.fork()
+    if pid == 0:  # a fork inside `with pool.connection()`: the child leaves the block too
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.alarm(5)
+        pings = w.conn.pings
+        try:
+            pool.release(w)
+            code = 1
+        except PoolMisuse:
+            code = 0 if w.conn.pings == pings else 2  # 2: it pinged the parent's connection
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    pool.release(w)
+    pool.close()
+    assert os.waitstatus_to_exitcode(status) == 0
