@@ -29,7 +29,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .client import Client
-from .config import CoordinatorConfig, default_socket_path, parse_resource_flag
+from .config import CoordinatorConfig, default_socket_path, parse_resource_flags
 from .errors import AccessDenied, ConfigError, CoordinatorUnavailable, SharedPoolError
 
 #: Lease states as the CLI shows them (the wire says busy / new).
@@ -221,7 +221,8 @@ def cli() -> None:
 @cli.command()
 @_socket_option
 @click.option("--resource", "resource_flags", multiple=True, metavar="NAME=MAX[,key=value...]",
-              help="A resource and its limits (repeatable).")
+              help="A resource and its limits (repeatable); with --config, the fields given "
+                   "override that resource's table and the rest come from the file.")
 @click.option("--config", "config_file", metavar="FILE.toml", help="TOML file; flags override it.")
 @click.option("--group", help="Make the socket 0660, owned by this group.")
 @click.option("--allow-uid", multiple=True, type=int, help="Admit peers with this uid (repeatable).")
@@ -241,7 +242,7 @@ def serve(socket_path: str | None, resource_flags: tuple[str, ...], config_file:
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        resources = dict(parse_resource_flag(text) for text in resource_flags)
+        resources = parse_resource_flags(resource_flags)
         options: dict[str, Any] = {
             "socket_path": socket_path, "group": group, "allowed_uids": allow_uid or None,
             "allowed_gids": allow_gid or None, "admin_uids": admin_uid or None,
