@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -337,6 +338,29 @@ def _merge_resources(from_file: dict[str, Any], flags: Any) -> dict[str, Any]:
             spec = {**base, **spec}
         merged[name] = spec
     return merged
+
+
+def config_from_parts(socket_path: Any, resources: Any, config: Any,
+                      options: dict[str, Any]) -> CoordinatorConfig:
+    """The config of ``Coordinator(...)`` and the embedded program: a whole
+    ``config=``, or a socket path, resources and options - never both, since
+    one of them would be silently ignored."""
+    if config is not None:
+        if socket_path is not None or resources is not None or options:
+            raise ConfigError("config", "give either config= or socket_path/resources/options")
+        if not isinstance(config, CoordinatorConfig):
+            raise ConfigError("config", f"must be a CoordinatorConfig, got {config!r}")
+        return config
+    if resources is not None and not isinstance(resources, Mapping):
+        raise ConfigError("resources", "must be a mapping of name to limits, e.g. {'pg': 20}, "
+                          f"got {resources!r}")
+    allowed = sorted(f.name for f in fields(CoordinatorConfig)
+                     if f.name not in ("socket_path", "resources", "overrides"))
+    unknown = sorted(map(str, set(options) - set(allowed)))
+    if unknown:
+        raise ConfigError("options", f"unknown option {unknown[0]!r}; allowed: {', '.join(allowed)}")
+    return CoordinatorConfig(socket_path=socket_path or default_socket_path(),
+                             resources=dict(resources or {}), **options)
 
 
 def _from_mapping(cls: Any, data: dict[str, Any], where: str) -> Any:

@@ -15,7 +15,7 @@ import stat
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from .config import CoordinatorConfig, Resource, default_socket_path
+from .config import CoordinatorConfig, Resource, config_from_parts
 from .errors import ConfigError, SharedPoolError
 
 if TYPE_CHECKING:
@@ -195,19 +195,13 @@ class Coordinator:
 
     def __init__(
         self,
-        socket_path: str | None = None,
+        socket_path: str | os.PathLike[str] | None = None,
         resources: Mapping[str, int | Resource | dict[str, Any]] | None = None,
         *,
         config: CoordinatorConfig | None = None,
         **options: Any,
     ) -> None:
-        if config is None:
-            config = CoordinatorConfig(
-                socket_path=socket_path or default_socket_path(),
-                resources=dict(resources or {}),  # type: ignore[arg-type]
-                **options,
-            )
-        self.config = config
+        self.config = config_from_parts(socket_path, resources, config, options)
         self._program: EmbeddedCoordinator | None = None
 
     @property

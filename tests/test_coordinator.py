@@ -441,3 +441,27 @@ def test_program_takes_a_config_or_its_parts_not_both(sock_path: str) -> None:
     with pytest.raises(ConfigError) as err:
         EmbeddedCoordinator(sock_path, {"r": 1}, max_fram=4096)
     assert err.value.field == "options"
+
+
+def test_coordinator_takes_a_config_or_its_parts_and_names_bad_arguments(sock_path: str) -> None:
+    from pathlib import Path
+
+    from sharedpool.config import CoordinatorConfig
+
+    config = CoordinatorConfig(socket_path=sock_path, resources={"r": 1})  # type: ignore[dict-item]
+    assert Coordinator(config=config).config is config
+    for args, kwargs in [((sock_path,), {}), ((None, {"r": 2}), {}), ((), {"hello_timeout": 1})]:
+        with pytest.raises(ConfigError) as err:  # the parts used to be dropped without a word
+            Coordinator(*args, config=config, **kwargs)
+        assert err.value.field == "config" and "either config=" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        Coordinator(config={"resources": {"r": 1}})  # type: ignore[arg-type]
+    assert err.value.field == "config"
+    with pytest.raises(ConfigError) as err:
+        Coordinator(sock_path, "r")  # type: ignore[arg-type]
+    assert err.value.field == "resources" and "mapping" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        Coordinator(sock_path, {"r": 1}, bogus=1)
+    assert err.value.field == "options" and "'bogus'" in str(err.value)
+    assert "max_frame" in str(err.value)  # what is allowed
+    assert Coordinator(Path(sock_path), {"r": 1}).socket_path == sock_path
