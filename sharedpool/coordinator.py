@@ -122,11 +122,13 @@ async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool
         log.warning("coordinator restarted: granting nothing for %.1fs while processes "
                     "re-register the leases they hold", config.restart_grace)
     metrics = None
-    if config.metrics_port is not None:  # before accepting anyone: a busy port fails the start
-        from .metrics import serve_metrics
-
-        metrics = serve_metrics(server, config.metrics_host, config.metrics_port)
     try:
+        if config.metrics_port is not None:  # before accepting anyone: a busy port fails the start
+            from .metrics import serve_metrics
+
+            # Inside the try: a start that fails here must not leave its socket
+            # behind, or the next start takes it for a dead coordinator's.
+            metrics = serve_metrics(server, config.metrics_host, config.metrics_port)
         aserver = await loop.create_unix_server(lambda: SessionProtocol(server), sock=sock)
         server.warm_monitors()
         stop = asyncio.Event()
