@@ -28,10 +28,15 @@ class CoordinatorRunning(SharedPoolError, OSError):
     """Another coordinator is live on that socket path."""
 
 
-def _private_dir(path: str) -> None:
-    """Make sure the socket's directory exists and only its owner can write it (I6)."""
+def _private_dir(path: str, gid: int | None = None) -> None:
+    """Make sure the socket's directory exists and only its owner can write it (I6).
+
+    With a group (``gid``), a directory made here is 0750 and that group's:
+    its members must be able to reach the 0660 socket in it, and still may not
+    write there (replace the socket, say)."""
     directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
+    created = not os.path.isdir(directory)
+    if created:
         os.makedirs(directory, mode=0o700, exist_ok=True)
     st = os.stat(directory)
     if st.st_uid != os.getuid():
@@ -42,6 +47,24 @@ def _private_dir(path: str) -> None:
             f"directory {directory} is writable by others (mode {stat.S_IMODE(st.st_mode):o}); "
             "put the socket in a directory only its owner can write",
         )
+    if gid is None:
+        return
+    if created:
+        os.chown(directory, -1, gid)
+        os.chmod(directory, 0o750)  # explicit: makedirs' mode is cut by the umask
+    elif not (st.st_mode & stat.S_IXOTH or (st.st_gid == gid and st.st_mode & stat.S_IXGRP)):
+        log.warning("socket directory %s (mode %o, gid %d) cannot be entered by group %d: "
+                    "its members will not reach the socket", directory,
+                    stat.S_IMODE(st.st_mode), st.st_gid, gid)
+
+
+def _group_id(config: CoordinatorConfig) -> int | None:
+    if config.group is None:
+        return None
+    try:
+        return grp.getgrnam(config.group).gr_gid
+    except KeyError:
+        raise ConfigError("group", f"no group named {config.group!r}") from None
 
 
 def _clear_stale(path: str) -> bool:
@@ -78,7 +101,8 @@ def bind_socket(config: CoordinatorConfig) -> tuple[socket.socket, bool]:
     """A listening Unix socket, 0600 (0660 with a group), in a private directory,
     and whether this start is a restart (processes may still hold leases)."""
     path = config.socket_path
-    _private_dir(path)
+    gid = _group_id(config)
+    _private_dir(path, gid)
     restarted = _clear_stale(path)
     marker = restart_marker(config)
     if os.path.exists(marker):
@@ -90,13 +114,7 @@ def bind_socket(config: CoordinatorConfig) -> tuple[socket.socket, bool]:
         sock.bind(path)
     finally:
         os.umask(old)
-    if config.group is not None:
-        try:
-            gid = grp.getgrnam(config.group).gr_gid
-        except KeyError:
-            sock.close()
-            os.unlink(path)
-            raise ConfigError("group", f"no group named {config.group!r}") from None
+    if gid is not None:
         os.chown(path, -1, gid)
         os.chmod(path, 0o660)
     sock.listen(512)
