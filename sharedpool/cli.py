@@ -358,14 +358,21 @@ def run_top(client: Client, interval: float, iterations: int | None) -> None:
             termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
-def _admin_command(name: str, verb: str, doc: str, say: str, *params: Callable[[Any], Any]) -> None:
-    """Define ``sharedpool NAME`` running admin ``verb``; ``say`` formats the reply."""
+def _admin_command(name: str, verb: str, doc: str, say: str | Callable[[dict[str, Any]], str],
+                   *params: Callable[[Any], Any]) -> None:
+    """Define ``sharedpool NAME`` running admin ``verb``; ``say`` formats the reply
+    (a format string over its fields, lists joined, or a function of it)."""
 
     def command(socket_path: str | None, as_json: bool, **args: Any) -> None:
         with connect(socket_path) as client:
             data = client.admin(verb, **args)
-        click.echo(json.dumps(data, indent=2) if as_json else say.format_map(
-            {k: ", ".join(v) if isinstance(v, list) else v for k, v in data.items()}))
+        if as_json:
+            click.echo(json.dumps(data, indent=2))
+        elif callable(say):
+            click.echo(say(data))
+        else:
+            click.echo(say.format_map({k: ", ".join(v) if isinstance(v, list) else v
+                                       for k, v in data.items()}))
 
     command.__doc__ = doc
     for param in reversed((_socket_option, _json_option, *params)):
@@ -386,8 +393,23 @@ _admin_command("resize", "resize", "Change RESOURCE's cap live; shrinking reclai
 _admin_command("end-session", "end_session", "Ask process PID to close its connections and give "
                "its leases back.", "asked pid {pid} to end {sessions} session(s)",
                click.argument("pid", type=int))
-_admin_command("reload", "reload", "Re-read the coordinator's --config file (as SIGHUP does).",
-               "reloaded {reloaded}: resources {resources}")
+
+
+def _said_reload(data: dict[str, Any]) -> str:
+    """The reload's reply, with what it did not apply on lines of their own."""
+    lines = [f"reloaded {data['reloaded']}: resources {', '.join(data['resources'])}"]
+    if data.get("needs_restart"):
+        lines.append("not applied, changed [coordinator] settings take a restart: "
+                     + ", ".join(data["needs_restart"]))
+    if data.get("kept"):
+        lines.append("no longer in the file, still served with their current limits until a "
+                     "restart: " + ", ".join(data["kept"]))
+    return "\n".join(lines)
+
+
+_admin_command("reload", "reload", "Re-read the coordinator's --config file, with its --resource and "
+               "other flags laid over it again (as SIGHUP does). Only resource limits change live.",
+               _said_reload)
 
 
 @cli.command()

@@ -187,7 +187,7 @@ def _reload(server: Any) -> None:
         return
     server.apply(effects)
     server.flush()
-    log.warning("reloaded %s", data["reloaded"])
+    log.warning("reloaded %s: resources %s", data["reloaded"], ", ".join(data["resources"]))
 
 
 def run(config: CoordinatorConfig, ready: Any = None) -> None:

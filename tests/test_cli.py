@@ -351,6 +351,38 @@ def test_reload_and_sighup(tmp_path: Path) -> None:
         stop(server.proc)
 
 
+def test_reload_keeps_flags_and_reports_what_it_did_not_apply(tmp_path: Path) -> None:
+    config = tmp_path / "sp.toml"
+    config.write_text("[resources.demo]\nmax_size = 20\nmax_per_process = 4\n"
+                      "[resources.old]\nmax_size = 2\n")
+    server = Serve(tmp_path, "--config", str(config), resource="demo=5")
+    try:
+        # The flag overrides max_size only; the file's other limits stay.
+        assert server.status()["max_size"] == 5
+        assert server.status()["limits"]["max_per_process"] == 4
+        out = sp("reload", "--socket", server.socket)
+        assert out.returncode == 0, out.stderr
+        assert server.status()["max_size"] == 5  # not the file's 20: the flag is applied again
+        assert "restart" not in out.stdout  # nothing changed that a reload cannot apply
+        config.write_text("[coordinator]\nhello_timeout = 3\nadmin_uids = [0, 4242]\n"
+                          "[resources.demo]\nmax_size = 20\nmax_per_process = 3\n")
+        out = sp("reload", "--socket", server.socket)
+        assert out.returncode == 0, out.stderr
+        said = {line.split(":")[0]: line for line in out.stdout.splitlines()}
+        restart = said["not applied, changed [coordinator] settings take a restart"]
+        assert "hello_timeout" in restart and "admin_uids" in restart
+        assert said["no longer in the file, still served with their current limits until a "
+                    "restart"].endswith(": old")
+        assert server.status()["max_size"] == 5 and server.status()["limits"]["max_per_process"] == 3
+        assert server.status("old")["max_size"] == 2  # kept until a restart, as said
+        data = sp_json("reload", "--socket", server.socket)
+        assert sorted(data["needs_restart"]) == ["admin_uids", "hello_timeout"] and data["kept"] == ["old"]
+        os.kill(server.proc.pid, signal.SIGHUP)
+        wait_for(lambda: server.log.read_text().count("take a restart") >= 3, what="SIGHUP's warning")
+    finally:
+        stop(server.proc)
+
+
 # ------------------------------------------------------------------ serve
 
 
