@@ -205,6 +205,12 @@ def _emit(as_json: bool, data: dict[str, Any], *tables: RenderableType) -> None:
 # ------------------------------------------------------------------ commands
 
 
+#: Bounds of integer arguments: a value the wire (msgpack, int64) or the OS (pid_t)
+#: cannot hold is refused here, at once, not sent to time out.
+INT64_MAX = 2**63 - 1
+PID_MAX = 2**31 - 1
+_pid_type = click.IntRange(min=1, max=PID_MAX)
+
 _socket_option = click.option(
     "--socket", "socket_path", metavar="PATH", default=None,
     help="Coordinator socket (default: $SHAREDPOOL_SOCKET, else the per-user runtime dir).",
@@ -281,7 +287,7 @@ def status(socket_path: str | None, as_json: bool) -> None:
 @_socket_option
 @_json_option
 @click.option("--resource", help="Only leases of this resource.")
-@click.option("--pid", type=int, help="Only leases held by this process.")
+@click.option("--pid", type=_pid_type, help="Only leases held by this process.")
 def leases(socket_path: str | None, as_json: bool, resource: str | None, pid: int | None) -> None:
     """One row per lease, with the holding process's name and command line."""
     with connect(socket_path) as client:
@@ -389,10 +395,11 @@ _admin_command("drain", "drain", "No new grants; idle connections close now, in-
                "draining {resource}: idle connections close now, in-use ones at checkin", _resource_arg)
 _admin_command("resize", "resize", "Change RESOURCE's cap live; shrinking reclaims down to it.",
                "resized {resource}: max_size={max_size}", _resource_arg,
-               click.option("--max-size", type=click.IntRange(min=1), required=True, help="The new cap."))
+               click.option("--max-size", type=click.IntRange(min=1, max=INT64_MAX), required=True,
+                            help="The new cap."))
 _admin_command("end-session", "end_session", "Ask process PID to close its connections and give "
                "its leases back.", "asked pid {pid} to end {sessions} session(s)",
-               click.argument("pid", type=int))
+               click.argument("pid", type=_pid_type))
 
 
 def _said_reload(data: dict[str, Any]) -> str:

@@ -323,6 +323,24 @@ def test_admin_errors_are_one_line(serve: Serve) -> None:
     assert out.returncode == 1 and "--config" in out.stderr
 
 
+@pytest.mark.parametrize(("args", "name"), [
+    (["resize", "demo", "--max-size", "99999999999999999999999"], "--max-size"),
+    (["resize", "demo", "--max-size", "0"], "--max-size"),
+    (["end-session", "99999999999999999999999"], "PID"),
+    (["end-session", "0"], "PID"),
+    (["leases", "--pid", "99999999999999999999999"], "--pid"),
+    (["leases", "--pid", "-1"], "--pid"),
+])
+def test_out_of_range_numbers_are_refused_at_once(serve: Serve, args: list[str], name: str) -> None:
+    started = time.monotonic()
+    out = sp(*args, "--socket", serve.socket)
+    # Not sent: msgpack cannot carry it, and the request used to time out after 5 s.
+    assert time.monotonic() - started < 4
+    assert out.returncode == 2, out
+    assert out.stderr.count("\n") == 1 and name in out.stderr and "range" in out.stderr, out.stderr
+    assert "no reply" not in out.stderr
+
+
 def test_admin_refused_to_non_admin_uid(tmp_path: Path) -> None:
     server = Serve(tmp_path, "--admin-uid", "4242424")
     try:
