@@ -3,6 +3,8 @@ end_session, reload. Each returns a reply payload and the ledger's effects."""
 
 from __future__ import annotations
 
+import logging
+from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 from .config import CoordinatorConfig
@@ -12,6 +14,10 @@ if TYPE_CHECKING:
     from .server import Server
 
 VERBS = ("pause", "resume", "drain", "resize", "end_session", "reload")
+#: What a reload applies (resources) or that is not a setting (the file, the flags).
+_LIVE_FIELDS = ("resources", "config_file", "overrides")
+
+log = logging.getLogger("sharedpool.coordinator")
 
 
 def _resource(server: Server, args: dict[str, Any]) -> str:
@@ -54,12 +60,38 @@ def run_admin(server: Server, verb: str, args: dict[str, Any], now: float) -> tu
 
 
 def reload_config(server: Server, now: float) -> tuple[Any, list[Effect]]:
-    """Re-read the config file; resources are added or their limits replaced."""
-    path = server.config.config_file
+    """Re-read the config file, with the flags the coordinator was started with
+    laid over it again; resources are added or their limits replaced.
+
+    Only resource limits change live. A changed ``[coordinator]`` field, and a
+    resource gone from the file, are reported (reply and log), not applied."""
+    running = server.config
+    path = running.config_file
     if not path:
         raise ValueError("the coordinator was not started with --config; nothing to reload")
-    fresh = CoordinatorConfig.load(path, socket_path=server.config.socket_path)
+    fresh = CoordinatorConfig.load(path, **running.overrides)
     effects: list[Effect] = []
     for name, limits in fresh.resources.items():
         effects += server.ledger.set_limits(name, limits, now)
-    return {"reloaded": path, "resources": sorted(fresh.resources)}, effects
+    needs_restart = _fixed_fields_changed(running, fresh)
+    # Leases of a resource may be out; dropping it would strand them. It stays.
+    kept = sorted(set(server.ledger.resources) - set(fresh.resources))
+    if needs_restart:
+        log.warning("reload of %s: changed [coordinator] fields not applied, they take a restart: %s",
+                    path, ", ".join(needs_restart))
+    if kept:
+        log.warning("reload of %s: resources no longer configured are still served with their "
+                    "current limits until a restart: %s", path, ", ".join(kept))
+    return {"reloaded": path, "resources": sorted(fresh.resources),
+            "needs_restart": needs_restart, "kept": kept}, effects
+
+
+def _fixed_fields_changed(running: CoordinatorConfig, fresh: CoordinatorConfig) -> list[str]:
+    """The ``[coordinator]`` fields (as the file names them) whose new value
+    differs: they were read once, at start (socket, access lists, frame size...)."""
+    changed = []
+    for f in fields(CoordinatorConfig):
+        if f.name in _LIVE_FIELDS or getattr(running, f.name) == getattr(fresh, f.name):
+            continue
+        changed.append("socket" if f.name == "socket_path" else f.name)
+    return changed

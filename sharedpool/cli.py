@@ -29,7 +29,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .client import Client
-from .config import CoordinatorConfig, default_socket_path, parse_resource_flag
+from .config import CoordinatorConfig, default_socket_path, parse_resource_flags
 from .errors import AccessDenied, ConfigError, CoordinatorUnavailable, SharedPoolError
 
 #: Lease states as the CLI shows them (the wire says busy / new).
@@ -205,6 +205,12 @@ def _emit(as_json: bool, data: dict[str, Any], *tables: RenderableType) -> None:
 # ------------------------------------------------------------------ commands
 
 
+#: Bounds of integer arguments: a value the wire (msgpack, int64) or the OS (pid_t)
+#: cannot hold is refused here, at once, not sent to time out.
+INT64_MAX = 2**63 - 1
+PID_MAX = 2**31 - 1
+_pid_type = click.IntRange(min=1, max=PID_MAX)
+
 _socket_option = click.option(
     "--socket", "socket_path", metavar="PATH", default=None,
     help="Coordinator socket (default: $SHAREDPOOL_SOCKET, else the per-user runtime dir).",
@@ -221,7 +227,8 @@ def cli() -> None:
 @cli.command()
 @_socket_option
 @click.option("--resource", "resource_flags", multiple=True, metavar="NAME=MAX[,key=value...]",
-              help="A resource and its limits (repeatable).")
+              help="A resource and its limits (repeatable); with --config, the fields given "
+                   "override that resource's table and the rest come from the file.")
 @click.option("--config", "config_file", metavar="FILE.toml", help="TOML file; flags override it.")
 @click.option("--group", help="Make the socket 0660, owned by this group.")
 @click.option("--allow-uid", multiple=True, type=int, help="Admit peers with this uid (repeatable).")
@@ -241,7 +248,7 @@ def serve(socket_path: str | None, resource_flags: tuple[str, ...], config_file:
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        resources = dict(parse_resource_flag(text) for text in resource_flags)
+        resources = parse_resource_flags(resource_flags)
         options: dict[str, Any] = {
             "socket_path": socket_path, "group": group, "allowed_uids": allow_uid or None,
             "allowed_gids": allow_gid or None, "admin_uids": admin_uid or None,
@@ -280,7 +287,7 @@ def status(socket_path: str | None, as_json: bool) -> None:
 @_socket_option
 @_json_option
 @click.option("--resource", help="Only leases of this resource.")
-@click.option("--pid", type=int, help="Only leases held by this process.")
+@click.option("--pid", type=_pid_type, help="Only leases held by this process.")
 def leases(socket_path: str | None, as_json: bool, resource: str | None, pid: int | None) -> None:
     """One row per lease, with the holding process's name and command line."""
     with connect(socket_path) as client:
@@ -357,14 +364,21 @@ def run_top(client: Client, interval: float, iterations: int | None) -> None:
             termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
-def _admin_command(name: str, verb: str, doc: str, say: str, *params: Callable[[Any], Any]) -> None:
-    """Define ``sharedpool NAME`` running admin ``verb``; ``say`` formats the reply."""
+def _admin_command(name: str, verb: str, doc: str, say: str | Callable[[dict[str, Any]], str],
+                   *params: Callable[[Any], Any]) -> None:
+    """Define ``sharedpool NAME`` running admin ``verb``; ``say`` formats the reply
+    (a format string over its fields, lists joined, or a function of it)."""
 
     def command(socket_path: str | None, as_json: bool, **args: Any) -> None:
         with connect(socket_path) as client:
             data = client.admin(verb, **args)
-        click.echo(json.dumps(data, indent=2) if as_json else say.format_map(
-            {k: ", ".join(v) if isinstance(v, list) else v for k, v in data.items()}))
+        if as_json:
+            click.echo(json.dumps(data, indent=2))
+        elif callable(say):
+            click.echo(say(data))
+        else:
+            click.echo(say.format_map({k: ", ".join(v) if isinstance(v, list) else v
+                                       for k, v in data.items()}))
 
     command.__doc__ = doc
     for param in reversed((_socket_option, _json_option, *params)):
@@ -381,12 +395,28 @@ _admin_command("drain", "drain", "No new grants; idle connections close now, in-
                "draining {resource}: idle connections close now, in-use ones at checkin", _resource_arg)
 _admin_command("resize", "resize", "Change RESOURCE's cap live; shrinking reclaims down to it.",
                "resized {resource}: max_size={max_size}", _resource_arg,
-               click.option("--max-size", type=click.IntRange(min=1), required=True, help="The new cap."))
+               click.option("--max-size", type=click.IntRange(min=1, max=INT64_MAX), required=True,
+                            help="The new cap."))
 _admin_command("end-session", "end_session", "Ask process PID to close its connections and give "
                "its leases back.", "asked pid {pid} to end {sessions} session(s)",
-               click.argument("pid", type=int))
-_admin_command("reload", "reload", "Re-read the coordinator's --config file (as SIGHUP does).",
-               "reloaded {reloaded}: resources {resources}")
+               click.argument("pid", type=_pid_type))
+
+
+def _said_reload(data: dict[str, Any]) -> str:
+    """The reload's reply, with what it did not apply on lines of their own."""
+    lines = [f"reloaded {data['reloaded']}: resources {', '.join(data['resources'])}"]
+    if data.get("needs_restart"):
+        lines.append("not applied, changed [coordinator] settings take a restart: "
+                     + ", ".join(data["needs_restart"]))
+    if data.get("kept"):
+        lines.append("no longer in the file, still served with their current limits until a "
+                     "restart: " + ", ".join(data["kept"]))
+    return "\n".join(lines)
+
+
+_admin_command("reload", "reload", "Re-read the coordinator's --config file, with its --resource and "
+               "other flags laid over it again (as SIGHUP does). Only resource limits change live.",
+               _said_reload)
 
 
 @cli.command()

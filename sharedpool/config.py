@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -254,8 +255,12 @@ class CoordinatorConfig:
     restart_grace: float = 1.5
     hello_timeout: float = 10.0
     frame_timeout: float = 30.0
+    #: What :meth:`load` took from flags over the file; a reload applies them again.
+    overrides: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.socket_path, os.PathLike):
+            object.__setattr__(self, "socket_path", os.fspath(self.socket_path))
         if not isinstance(self.socket_path, str) or not self.socket_path:
             raise ConfigError("socket", f"must be a path, got {self.socket_path!r}")
         object.__setattr__(self, "resources", coerce_resources(self.resources))
@@ -275,10 +280,21 @@ class CoordinatorConfig:
         _number("metrics_port", self.metrics_port, integer=True, optional=True)
         if self.metrics_port is not None and self.metrics_port > 65535:
             raise ConfigError("metrics_port", f"must be <= 65535, got {self.metrics_port}")
+        if not isinstance(self.metrics_host, str) or not self.metrics_host:
+            raise ConfigError("metrics_host", f"must be a host name or address, got {self.metrics_host!r}")
+        if not isinstance(self.overrides, dict):
+            raise ConfigError("overrides", f"must be a mapping, got {self.overrides!r}")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], **overrides: Any) -> CoordinatorConfig:
-        """Read a TOML file; keyword overrides (e.g. from CLI flags) win."""
+        """Read a TOML file; keyword overrides (e.g. from CLI flags) win.
+
+        A ``resources`` override given as a mapping of fields is merged over the
+        file's table of that name (``--resource pg=5`` changes max_size only); an
+        integer or a :class:`Resource` replaces it. The overrides are kept in
+        :attr:`overrides` so that a reload applies them again.
+        """
+        kept = {k: v for k, v in overrides.items() if v is not None}
         try:
             with open(path, "rb") as f:
                 data = tomllib.load(f)
@@ -295,14 +311,56 @@ class CoordinatorConfig:
             if not isinstance(data.get(table, {}), dict):
                 raise ConfigError(table, f"must be a table, got {data[table]!r}")
         section = dict(data.get("coordinator", {}))
+        if "overrides" in section:  # a field for flags, not for the file
+            raise ConfigError("coordinator.overrides", "unknown setting")
         if "socket" in section:
             section["socket_path"] = section.pop("socket")
-        resources = {**data.get("resources", {}), **overrides.pop("resources", {})}
+        resources = _merge_resources(data.get("resources", {}), overrides.pop("resources", None) or {})
         section.update({k: v for k, v in overrides.items() if v is not None})
         # Coerced here, so a bad limit is named resources.NAME.FIELD as the file spells it.
         section["resources"] = coerce_resources(resources)
         section["config_file"] = str(Path(path).resolve())
+        section["overrides"] = kept
         return _from_mapping(cls, section, "coordinator")
+
+
+def _merge_resources(from_file: dict[str, Any], flags: Any) -> dict[str, Any]:
+    """The file's resources with the overrides laid over them, field by field
+    where both are tables (a flag names only the limits it changes)."""
+    if not isinstance(flags, dict):
+        raise ConfigError("resources", f"must be a mapping of name to limits, got {flags!r}")
+    merged = dict(from_file)
+    for name, spec in flags.items():
+        base = from_file.get(name)
+        if isinstance(base, int) and not isinstance(base, bool):
+            base = {"max_size": base}
+        if isinstance(spec, dict) and isinstance(base, dict):
+            spec = {**base, **spec}
+        merged[name] = spec
+    return merged
+
+
+def config_from_parts(socket_path: Any, resources: Any, config: Any,
+                      options: dict[str, Any]) -> CoordinatorConfig:
+    """The config of ``Coordinator(...)`` and the embedded program: a whole
+    ``config=``, or a socket path, resources and options - never both, since
+    one of them would be silently ignored."""
+    if config is not None:
+        if socket_path is not None or resources is not None or options:
+            raise ConfigError("config", "give either config= or socket_path/resources/options")
+        if not isinstance(config, CoordinatorConfig):
+            raise ConfigError("config", f"must be a CoordinatorConfig, got {config!r}")
+        return config
+    if resources is not None and not isinstance(resources, Mapping):
+        raise ConfigError("resources", "must be a mapping of name to limits, e.g. {'pg': 20}, "
+                          f"got {resources!r}")
+    allowed = sorted(f.name for f in fields(CoordinatorConfig)
+                     if f.name not in ("socket_path", "resources", "overrides"))
+    unknown = sorted(map(str, set(options) - set(allowed)))
+    if unknown:
+        raise ConfigError("options", f"unknown option {unknown[0]!r}; allowed: {', '.join(allowed)}")
+    return CoordinatorConfig(socket_path=socket_path or default_socket_path(),
+                             resources=dict(resources or {}), **options)
 
 
 def _from_mapping(cls: Any, data: dict[str, Any], where: str) -> Any:
@@ -330,6 +388,13 @@ def _from_mapping(cls: Any, data: dict[str, Any], where: str) -> Any:
 
 def parse_resource_flag(text: str) -> tuple[str, Resource]:
     """Parse ``pg=20`` or ``pg=20,max_per_process=4`` from ``--resource``."""
+    name, spec = resource_flag_fields(text)
+    return name, Resource.coerce(name, spec)
+
+
+def resource_flag_fields(text: str) -> tuple[str, dict[str, Any]]:
+    """The fields one ``--resource`` flag gives, checked as a resource of their
+    own; :meth:`CoordinatorConfig.load` lays them over the file's table."""
     name, sep, rest = text.partition("=")
     if not sep or not name:
         raise ConfigError("--resource", f"expected NAME=MAX_SIZE[,key=value...], got {text!r}")
@@ -345,8 +410,23 @@ def parse_resource_flag(text: str) -> tuple[str, Resource]:
         key, sep, value = part.partition("=")
         if not sep:
             raise ConfigError(f"--resource {name}", f"expected key=value, got {part!r}")
-        spec[key.strip()] = _scalar(value.strip())
-    return check_resource_name(name), Resource.coerce(name, spec)
+        key = key.strip()
+        if key in spec:  # which one was meant? say so rather than keep the last
+            raise ConfigError(f"--resource {name}", f"{key} given twice in {text!r}")
+        spec[key] = _scalar(value.strip())
+    Resource.coerce(check_resource_name(name), spec)  # a bad value is named here, by the flag's name
+    return name, spec
+
+
+def parse_resource_flags(texts: Any) -> dict[str, dict[str, Any]]:
+    """Every ``--resource`` flag's fields by name; a name given twice is an error."""
+    flags: dict[str, dict[str, Any]] = {}
+    for text in texts:
+        name, spec = resource_flag_fields(text)
+        if name in flags:
+            raise ConfigError(f"--resource {name}", "given twice; give each resource once")
+        flags[name] = spec
+    return flags
 
 
 def _scalar(text: str) -> Any:

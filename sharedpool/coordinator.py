@@ -15,7 +15,7 @@ import stat
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from .config import CoordinatorConfig, Resource, default_socket_path
+from .config import CoordinatorConfig, Resource, config_from_parts
 from .errors import ConfigError, SharedPoolError
 
 if TYPE_CHECKING:
@@ -28,10 +28,15 @@ class CoordinatorRunning(SharedPoolError, OSError):
     """Another coordinator is live on that socket path."""
 
 
-def _private_dir(path: str) -> None:
-    """Make sure the socket's directory exists and only its owner can write it (I6)."""
+def _private_dir(path: str, gid: int | None = None) -> None:
+    """Make sure the socket's directory exists and only its owner can write it (I6).
+
+    With a group (``gid``), a directory made here is 0750 and that group's:
+    its members must be able to reach the 0660 socket in it, and still may not
+    write there (replace the socket, say)."""
     directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
+    created = not os.path.isdir(directory)
+    if created:
         os.makedirs(directory, mode=0o700, exist_ok=True)
     st = os.stat(directory)
     if st.st_uid != os.getuid():
@@ -42,6 +47,24 @@ def _private_dir(path: str) -> None:
             f"directory {directory} is writable by others (mode {stat.S_IMODE(st.st_mode):o}); "
             "put the socket in a directory only its owner can write",
         )
+    if gid is None:
+        return
+    if created:
+        os.chown(directory, -1, gid)
+        os.chmod(directory, 0o750)  # explicit: makedirs' mode is cut by the umask
+    elif not (st.st_mode & stat.S_IXOTH or (st.st_gid == gid and st.st_mode & stat.S_IXGRP)):
+        log.warning("socket directory %s (mode %o, gid %d) cannot be entered by group %d: "
+                    "its members will not reach the socket", directory,
+                    stat.S_IMODE(st.st_mode), st.st_gid, gid)
+
+
+def _group_id(config: CoordinatorConfig) -> int | None:
+    if config.group is None:
+        return None
+    try:
+        return grp.getgrnam(config.group).gr_gid
+    except KeyError:
+        raise ConfigError("group", f"no group named {config.group!r}") from None
 
 
 def _clear_stale(path: str) -> bool:
@@ -78,7 +101,8 @@ def bind_socket(config: CoordinatorConfig) -> tuple[socket.socket, bool]:
     """A listening Unix socket, 0600 (0660 with a group), in a private directory,
     and whether this start is a restart (processes may still hold leases)."""
     path = config.socket_path
-    _private_dir(path)
+    gid = _group_id(config)
+    _private_dir(path, gid)
     restarted = _clear_stale(path)
     marker = restart_marker(config)
     if os.path.exists(marker):
@@ -90,13 +114,7 @@ def bind_socket(config: CoordinatorConfig) -> tuple[socket.socket, bool]:
         sock.bind(path)
     finally:
         os.umask(old)
-    if config.group is not None:
-        try:
-            gid = grp.getgrnam(config.group).gr_gid
-        except KeyError:
-            sock.close()
-            os.unlink(path)
-            raise ConfigError("group", f"no group named {config.group!r}") from None
+    if gid is not None:
         os.chown(path, -1, gid)
         os.chmod(path, 0o660)
     sock.listen(512)
@@ -122,11 +140,13 @@ async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool
         log.warning("coordinator restarted: granting nothing for %.1fs while processes "
                     "re-register the leases they hold", config.restart_grace)
     metrics = None
-    if config.metrics_port is not None:  # before accepting anyone: a busy port fails the start
-        from .metrics import serve_metrics
-
-        metrics = serve_metrics(server, config.metrics_host, config.metrics_port)
     try:
+        if config.metrics_port is not None:  # before accepting anyone: a busy port fails the start
+            from .metrics import serve_metrics
+
+            # Inside the try: a start that fails here must not leave its socket
+            # behind, or the next start takes it for a dead coordinator's.
+            metrics = serve_metrics(server, config.metrics_host, config.metrics_port)
         aserver = await loop.create_unix_server(lambda: SessionProtocol(server), sock=sock)
         server.warm_monitors()
         stop = asyncio.Event()
@@ -167,7 +187,7 @@ def _reload(server: Any) -> None:
         return
     server.apply(effects)
     server.flush()
-    log.warning("reloaded %s", data["reloaded"])
+    log.warning("reloaded %s: resources %s", data["reloaded"], ", ".join(data["resources"]))
 
 
 def run(config: CoordinatorConfig, ready: Any = None) -> None:
@@ -195,19 +215,13 @@ class Coordinator:
 
     def __init__(
         self,
-        socket_path: str | None = None,
+        socket_path: str | os.PathLike[str] | None = None,
         resources: Mapping[str, int | Resource | dict[str, Any]] | None = None,
         *,
         config: CoordinatorConfig | None = None,
         **options: Any,
     ) -> None:
-        if config is None:
-            config = CoordinatorConfig(
-                socket_path=socket_path or default_socket_path(),
-                resources=dict(resources or {}),  # type: ignore[arg-type]
-                **options,
-            )
-        self.config = config
+        self.config = config_from_parts(socket_path, resources, config, options)
         self._program: EmbeddedCoordinator | None = None
 
     @property

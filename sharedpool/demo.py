@@ -11,6 +11,7 @@ connections) ever seen at once, and each worker's checkouts and waits.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import shutil
@@ -72,6 +73,9 @@ def _worker(index: int, socket_path: str, dsn: str | None, db_path: str, app: st
             gate: Any, counts: Any, results: Any) -> None:
     """One worker process: two threads doing checkouts until the gate's end time."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    # A failing connect would log a warning per attempt, hundreds a second; the
+    # table counts them and shows the last one.
+    logging.getLogger("sharedpool.pool").setLevel(logging.ERROR)
     pool: ConnectionPool[Any] = ConnectionPool(
         _factory(dsn, db_path, app), PoolConfig(min_size=0, max_size=pool_size, test_on_acquire=False),
         resource=RESOURCE, coordinator=socket_path, name=f"demo-worker-{index}")
@@ -160,14 +164,23 @@ def _sample_coordinator(client: Client, peaks: Peaks, stop: threading.Event) -> 
 def _sample_pg(dsn: str, app: str, peaks: Peaks, stop: threading.Event) -> None:
     import psycopg
 
-    with psycopg.connect(dsn, application_name=f"{app}-sampler", autocommit=True) as conn:
-        while not stop.is_set():
-            row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
-                               (app,)).fetchone()
-            peaks.pg_now = int(row[0]) if row else 0
-            peaks.most_pg = max(peaks.most_pg, peaks.pg_now)
-            peaks.pg_samples += 1
-            stop.wait(PG_SAMPLE_EVERY)
+    try:
+        with psycopg.connect(dsn, application_name=f"{app}-sampler", autocommit=True) as conn:
+            while not stop.is_set():
+                row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                                   (app,)).fetchone()
+                peaks.pg_now = int(row[0]) if row else 0
+                peaks.most_pg = max(peaks.most_pg, peaks.pg_now)
+                peaks.pg_samples += 1
+                stop.wait(PG_SAMPLE_EVERY)
+    except Exception as exc:  # noqa: BLE001 - shown at the end in one line; the verdict counts samples
+        peaks.errors.append(f"PostgreSQL sample: {_one_line(exc)}")
+
+
+def _one_line(exc: BaseException) -> str:
+    """psycopg's messages run over several lines (connection attempts, hints)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
 def _progress(peaks: Peaks, counts: Any, started: float, seconds: float, cap: int,
@@ -318,6 +331,16 @@ def _collect(results: Any, workers: int, timeout: float) -> list[dict[str, Any]]
     return [rows[i] for i in sorted(rows)]
 
 
+def _failure(rows: list[dict[str, Any]], peaks: Peaks, dsn: str | None) -> str | None:
+    """Why the run proves nothing (PostgreSQL never counted, or no checkout), if so."""
+    if dsn and not peaks.pg_samples:
+        return "PostgreSQL was never reached to count its connections; check --dsn"
+    if not sum(int(r.get("checkouts") or 0) for r in rows):
+        errors = [r["last_error"] for r in rows if r.get("last_error")]
+        return "no checkout succeeded" + (f" (last error: {errors[-1]})" if errors else "")
+    return None
+
+
 def _report(console: Console, cap: int, peaks: Peaks, rows: list[dict[str, Any]], procs: list[Any],
             dsn: str | None, interrupted: bool) -> int:
     seen = {row["index"] for row in rows}
@@ -331,6 +354,10 @@ def _report(console: Console, cap: int, peaks: Peaks, rows: list[dict[str, Any]]
     held = max(peaks.coordinator_peak, peaks.most_leased) <= cap and (not dsn or peaks.most_pg <= cap)
     if interrupted:
         console.print("interrupted: figures cover the run so far")
+    failure = _failure(rows, peaks, dsn)
+    if held and failure:  # nothing was shown, so nothing was proved
+        console.print(f"demo failed: {failure}")
+        return 1
     if held:
         console.print(f"cap held: never more than {cap} leases at once"
                       + (" (and PostgreSQL agrees)" if dsn else ""))

@@ -85,6 +85,17 @@ class LocalProtocolError(ProtocolError):
     """We tried to send something the protocol does not allow (a bug here)."""
 
 
+class FrameTooLarge(LocalProtocolError):
+    """A message we were to send encodes to ``size`` bytes, over the frame ``limit``."""
+
+    def __init__(self, op: str, size: int, limit: int) -> None:
+        self.op, self.size, self.limit = op, size, limit
+        super().__init__(f"{op} frame of {size} bytes exceeds {limit}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, int, int]]:
+        return type(self), (self.op, self.size, self.limit)
+
+
 class RemoteProtocolError(ProtocolError):
     """The peer sent bytes that are not a valid frame or message."""
 

@@ -45,6 +45,9 @@ WAIT_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
 #: Re-registered lease ids and tokens must stay below this, so that the ids
 #: granted after them still fit a msgpack integer.
 MAX_ID = 1 << 63
+#: A call site is kept to this many characters: a peer's megabyte-long site
+#: must not make every ``leases`` listing too large for a frame.
+MAX_SITE = 4096
 #: Askees are sent a new quantum when it moves by more than this fraction
 #: (costs are moving averages; every small step would be a frame to each).
 QUANTUM_STEP = 0.2
@@ -54,6 +57,12 @@ def _short(value: Any, limit: int = 60) -> str:
     """A repr for messages: a peer's 1 MB name must not make a frame over the limit."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _site(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return None
+    return value if len(value) <= MAX_SITE else value[: MAX_SITE - 3] + "..."
 
 
 def _is_id(value: Any) -> bool:
@@ -403,7 +412,7 @@ class Ledger:
         if not res.paused and not self._holding(now) and self._can_grant(res, session) and not any(
             self._can_grant(res, self.sessions[w.session]) for w in res.waiters
         ):  # nobody queued could take the slot: only waiters blocked by max_per_process
-            return [self._grant(res, session, req, now, site)]
+            return [self._grant(res, session, req, now, _site(site))]
         if timeout <= 0:
             res.timeouts += 1
             return [Denied(sid, req, "timeout", self._why_full(res, session, now))]
@@ -415,7 +424,7 @@ class Ledger:
                     f"{len(res.waiters)} acquires already wait for {resource!r} (max_waiting)",
                 )
             ]
-        waiter = Waiter(sid, req, resource, now, now + timeout, site)
+        waiter = Waiter(sid, req, resource, now, now + timeout, _site(site))
         res.waiters.append(waiter)
         session.waiting[req] = waiter
         heapq.heappush(self._deadlines, (waiter.deadline, next(self._seq), waiter))
@@ -485,7 +494,7 @@ class Ledger:
                 touched.add(lease.resource)
             if isinstance(backend_pid, int):
                 lease.backend_pid = backend_pid
-            lease.site = site if isinstance(site, str) else None
+            lease.site = _site(site)
             lease.suspected_leak = leak
         for name in ok:
             res = self.resources.get(name) if isinstance(name, str) else None

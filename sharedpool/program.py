@@ -35,7 +35,7 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
-from .config import CoordinatorConfig, default_socket_path
+from .config import CoordinatorConfig, config_from_parts
 from .coordinator import CoordinatorRunning
 from .errors import ConfigError, SharedPoolError
 
@@ -87,18 +87,11 @@ class EmbeddedCoordinator:
     fails where it was written. ``restart``: start it again if it dies.
     """
 
-    def __init__(self, socket_path: str | None = None, resources: Mapping[str, Any] | None = None,
+    def __init__(self, socket_path: str | os.PathLike[str] | None = None,
+                 resources: Mapping[str, Any] | None = None,
                  *, config: CoordinatorConfig | None = None, restart: bool = True,
                  log_level: str = "warning", start_timeout: float = 30.0, **options: Any) -> None:
-        if config is None:
-            try:
-                config = CoordinatorConfig(socket_path=socket_path or default_socket_path(),
-                                           resources=dict(resources or {}), **options)
-            except TypeError as exc:  # an unknown keyword
-                raise ConfigError("options", str(exc)) from None
-        elif socket_path is not None or resources is not None or options:
-            raise ConfigError("config", "give either config= or socket_path/resources/options")
-        self.config = config
+        self.config = config_from_parts(socket_path, resources, config, options)
         level = logging.getLevelName(str(log_level).upper())
         if not isinstance(level, int):
             raise ConfigError("log_level", f"must be debug, info, warning or error, got {log_level!r}")

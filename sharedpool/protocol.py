@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
-from .errors import LocalProtocolError, RemoteProtocolError
+from .errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
 
 #: 2: ``report`` carries hand-off ``costs``, ``reclaim`` a ``quantum``.
 PROTOCOL_VERSION = 2
@@ -321,7 +321,7 @@ def encode(message: Message, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
     except (TypeError, ValueError, OverflowError) as exc:  # an object msgpack cannot hold
         raise LocalProtocolError(f"{message.op} cannot be encoded: {exc}") from None
     if len(body) > max_frame:
-        raise LocalProtocolError(f"{message.op} frame of {len(body)} bytes exceeds {max_frame}")
+        raise FrameTooLarge(message.op, len(body), max_frame)
     return _HEADER.pack(len(body)) + body
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from . import protocol as p
 from .config import CoordinatorConfig, Resource
-from .errors import RemoteProtocolError
+from .errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
 from .ledger import (
     AskReclaim,
     Denied,
@@ -116,8 +116,29 @@ class SessionProtocol(asyncio.Protocol):
     def send(self, msg: p.Message) -> None:
         if self.closing:
             return
-        self.out.append(self.conn.send(msg) if msg.op == "welcome" else p.encode(msg, self.conn.max_frame))
+        try:
+            frame = self.conn.send(msg) if msg.op == "welcome" else p.encode(msg, self.conn.max_frame)
+        except LocalProtocolError as exc:
+            self._unsendable(msg, exc)
+            return
+        self.out.append(frame)
         self.server.dirty.add(self)
+
+    def _unsendable(self, msg: p.Message, exc: LocalProtocolError) -> None:
+        """A reply that cannot be framed (a listing of many leases, too large)
+        fails its request, not the session: the peer asked nothing wrong, and a
+        dropped session would only reconnect and ask again."""
+        req = getattr(msg, "req", None)
+        log.warning("session %s pid=%s: cannot send %s: %s", self.sid, self.pid, msg.op, exc)
+        if req is None:  # no request to fail: the session cannot go on without this message
+            self.fail("internal_error", f"the coordinator could not send {msg.op}: {exc}")
+        elif isinstance(exc, FrameTooLarge):
+            self.send(p.Error("reply_too_large", f"the reply is {exc.size} bytes, over the "
+                              f"{exc.limit}-byte frame limit; ask for less, e.g. leases of one "
+                              "resource or one process (sharedpool leases --resource NAME / --pid PID)",
+                              req))
+        else:
+            self.send(p.Error("reply_unencodable", f"the reply cannot be encoded: {exc}", req))
 
     def flush(self) -> None:
         if self.out and self.transport is not None and not self.closing:
@@ -215,7 +236,10 @@ class Server:
         elif isinstance(msg, p.Report):
             self.apply(ledger.report(sid, msg.states, now, msg.failures, msg.ok, msg.costs))
         elif isinstance(msg, p.Inspect):
-            session.send(p.Reply(msg.req, self.inspect(msg.what, msg.filters, now, msg.req, session)))
+            try:
+                session.send(p.Reply(msg.req, self.inspect(msg.what, msg.filters, now)))
+            except ValueError as exc:  # the one answer is the error: no empty reply after it
+                session.send(p.Error("bad_request", str(exc), msg.req))
         elif isinstance(msg, p.Admin):
             self.admin(session, msg, now)
         else:  # the protocol only lets client ops through
@@ -350,8 +374,8 @@ class Server:
 
     # -- inspect and admin
 
-    def inspect(self, what: str, filters: dict[str, Any], now: float, req: int,
-                session: SessionProtocol) -> Any:
+    def inspect(self, what: str, filters: dict[str, Any], now: float) -> Any:
+        """The data an inspect asks for; ValueError for what there is none of."""
         ledger = self.ledger
         if what == "resources":
             return {"resources": ledger.snapshot_resources(now)}
@@ -362,9 +386,7 @@ class Server:
         if what == "server":
             return {"pid": os.getpid(), "socket": self.config.socket_path,
                     "uptime_s": round(time.time() - self.started, 3), "sessions": len(self.sessions)}
-        session.send(p.Error("bad_request", f"cannot inspect {what!r}; "
-                             "use resources, sessions, leases or server", req))
-        return None
+        raise ValueError(f"cannot inspect {what[:60]!r}; use resources, sessions, leases or server")
 
     def admin(self, session: SessionProtocol, msg: p.Admin, now: float) -> None:
         if not self.is_admin(session.uid):

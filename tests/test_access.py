@@ -84,3 +84,43 @@ def test_allowed_gid_is_admitted_but_not_admin(start_coordinator: Any, shared_di
     assert "GRANTED" in out.stdout, out.stdout + out.stderr
     assert "DENIED" in out.stdout and "admin" in out.stdout
     assert "PAUSED" not in out.stdout
+
+
+_REACH = """
+import os, sys
+from sharedpool import Client
+c = Client(sys.argv[1], connect_timeout=3)
+try:
+    print("GRANTED", c.acquire("r", timeout=2).id)
+finally:
+    c.close()
+try:
+    open(os.path.join(os.path.dirname(sys.argv[1]), "intruder"), "w")
+    print("WROTE")
+except PermissionError:
+    print("NOT WRITABLE")
+"""
+
+
+def test_group_member_reaches_a_socket_in_a_directory_made_for_it(start_coordinator: Any,
+                                                                   shared_dir: str) -> None:
+    # The coordinator makes the socket's directory: with a group it must let the
+    # group in (0750), or the 0660 socket is out of the members' reach.
+    sock = os.path.join(shared_dir, "run", "sp.sock")
+    start_coordinator({"r": 1}, path=sock, group="nogroup", allowed_gids=[NOBODY])
+    st = os.stat(os.path.dirname(sock))
+    assert stat.S_IMODE(st.st_mode) == 0o750 and st.st_gid == NOBODY and st.st_uid == os.getuid()
+    out = subprocess.run(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+         sys.executable, "-c", _REACH, sock],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert "GRANTED" in out.stdout, out.stdout + out.stderr
+    assert "NOT WRITABLE" in out.stdout, out.stdout + out.stderr
+
+
+def test_without_a_group_the_directory_made_is_owner_only(start_coordinator: Any,
+                                                          shared_dir: str) -> None:
+    sock = os.path.join(shared_dir, "run", "sp.sock")
+    start_coordinator({"r": 1}, path=sock)
+    assert stat.S_IMODE(os.stat(os.path.dirname(sock)).st_mode) == 0o700

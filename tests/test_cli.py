@@ -323,6 +323,24 @@ def test_admin_errors_are_one_line(serve: Serve) -> None:
     assert out.returncode == 1 and "--config" in out.stderr
 
 
+@pytest.mark.parametrize(("args", "name"), [
+    (["resize", "demo", "--max-size", "99999999999999999999999"], "--max-size"),
+    (["resize", "demo", "--max-size", "0"], "--max-size"),
+    (["end-session", "99999999999999999999999"], "PID"),
+    (["end-session", "0"], "PID"),
+    (["leases", "--pid", "99999999999999999999999"], "--pid"),
+    (["leases", "--pid", "-1"], "--pid"),
+])
+def test_out_of_range_numbers_are_refused_at_once(serve: Serve, args: list[str], name: str) -> None:
+    started = time.monotonic()
+    out = sp(*args, "--socket", serve.socket)
+    # Not sent: msgpack cannot carry it, and the request used to time out after 5 s.
+    assert time.monotonic() - started < 4
+    assert out.returncode == 2, out
+    assert out.stderr.count("\n") == 1 and name in out.stderr and "range" in out.stderr, out.stderr
+    assert "no reply" not in out.stderr
+
+
 def test_admin_refused_to_non_admin_uid(tmp_path: Path) -> None:
     server = Serve(tmp_path, "--admin-uid", "4242424")
     try:
@@ -347,6 +365,38 @@ def test_reload_and_sighup(tmp_path: Path) -> None:
         config.write_text("[resources]\ndemo = 7\n")
         os.kill(server.proc.pid, signal.SIGHUP)
         wait_for(lambda: server.status()["max_size"] == 7, what="SIGHUP reload")
+    finally:
+        stop(server.proc)
+
+
+def test_reload_keeps_flags_and_reports_what_it_did_not_apply(tmp_path: Path) -> None:
+    config = tmp_path / "sp.toml"
+    config.write_text("[resources.demo]\nmax_size = 20\nmax_per_process = 4\n"
+                      "[resources.old]\nmax_size = 2\n")
+    server = Serve(tmp_path, "--config", str(config), resource="demo=5")
+    try:
+        # The flag overrides max_size only; the file's other limits stay.
+        assert server.status()["max_size"] == 5
+        assert server.status()["limits"]["max_per_process"] == 4
+        out = sp("reload", "--socket", server.socket)
+        assert out.returncode == 0, out.stderr
+        assert server.status()["max_size"] == 5  # not the file's 20: the flag is applied again
+        assert "restart" not in out.stdout  # nothing changed that a reload cannot apply
+        config.write_text("[coordinator]\nhello_timeout = 3\nadmin_uids = [0, 4242]\n"
+                          "[resources.demo]\nmax_size = 20\nmax_per_process = 3\n")
+        out = sp("reload", "--socket", server.socket)
+        assert out.returncode == 0, out.stderr
+        said = {line.split(":")[0]: line for line in out.stdout.splitlines()}
+        restart = said["not applied, changed [coordinator] settings take a restart"]
+        assert "hello_timeout" in restart and "admin_uids" in restart
+        assert said["no longer in the file, still served with their current limits until a "
+                    "restart"].endswith(": old")
+        assert server.status()["max_size"] == 5 and server.status()["limits"]["max_per_process"] == 3
+        assert server.status("old")["max_size"] == 2  # kept until a restart, as said
+        data = sp_json("reload", "--socket", server.socket)
+        assert sorted(data["needs_restart"]) == ["admin_uids", "hello_timeout"] and data["kept"] == ["old"]
+        os.kill(server.proc.pid, signal.SIGHUP)
+        wait_for(lambda: server.log.read_text().count("take a restart") >= 3, what="SIGHUP's warning")
     finally:
         stop(server.proc)
 

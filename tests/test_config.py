@@ -18,6 +18,7 @@ from sharedpool.config import (
     coerce_resources,
     default_socket_path,
     parse_resource_flag,
+    parse_resource_flags,
 )
 from sharedpool.errors import ConfigError, SharedPoolError
 
@@ -239,6 +240,13 @@ def test_coordinator_config_checks_its_fields() -> None:
         for bad in (0, -1, "5", float("inf")):
             _raises_field(name, CoordinatorConfig, **ok, **{name: bad})
     assert CoordinatorConfig(**ok, group="staff", metrics_port=0).group == "staff"
+    for bad in (5, "", None, b"127.0.0.1"):  # 5 used to be a TypeError from getaddrinfo
+        _raises_field("metrics_host", CoordinatorConfig, **ok, metrics_host=bad)
+
+
+def test_coordinator_config_takes_a_path_object() -> None:
+    config = CoordinatorConfig(socket_path=Path("/tmp/x.sock"), resources={"pg": 2})  # type: ignore[arg-type]
+    assert config.socket_path == "/tmp/x.sock" and isinstance(config.socket_path, str)
 
 
 def test_coordinator_config_default_socket_comes_from_the_environment(
@@ -290,6 +298,38 @@ def test_load_toml_overrides_win(tmp_path: Path) -> None:
     assert config.socket_path == "/b.sock"
     assert config.metrics_port is None  # a None override leaves the file's value alone
     assert config.resources == {"pg": Resource(5), "api": Resource(1)}
+
+
+def test_load_resource_fields_merge_over_the_files_table(tmp_path: Path) -> None:
+    path = _write(tmp_path, """
+[resources.pg]
+max_size = 20
+max_per_process = 4
+monitor_dsn = "dbname=test"
+fence_action = "terminate"
+
+[resources]
+api = 3
+""")
+    flags = parse_resource_flags(["pg=5", "api=4,max_waiting=2", "new=1"])
+    config = CoordinatorConfig.load(path, resources=flags)
+    assert config.resources == {
+        "pg": Resource(5, max_per_process=4, monitor_dsn="dbname=test", fence_action="terminate"),
+        "api": Resource(4, max_waiting=2),
+        "new": Resource(1),
+    }
+    assert config.overrides == {"resources": flags}  # kept for a reload
+    # Merged limits are checked together: a flag's max_size below the file's floor.
+    path.write_text('[resources.pg]\nmax_size = 20\nmin_per_process = 10\n')
+    _raises_field("resources.pg.min_per_process", CoordinatorConfig.load, path,
+                  resources=parse_resource_flags(["pg=5"]))
+
+
+def test_load_keeps_none_overrides_out_and_refuses_them_in_the_file(tmp_path: Path) -> None:
+    path = _write(tmp_path, '[resources]\npg = 2\n')
+    assert CoordinatorConfig.load(path, metrics_port=None, group="g").overrides == {"group": "g"}
+    path.write_text('[coordinator]\noverrides = {}\n[resources]\npg = 2\n')
+    _raises_field("coordinator.overrides", CoordinatorConfig.load, path)
 
 
 @pytest.mark.parametrize(
@@ -362,6 +402,16 @@ def test_parse_resource_flag() -> None:
 )
 def test_parse_resource_flag_errors(text: str, field: str) -> None:
     _raises_field(field, parse_resource_flag, text)
+
+
+def test_a_resource_or_a_key_given_twice_is_refused() -> None:
+    exc = _raises_field("--resource pg", parse_resource_flags, ["pg=3", "api=1", "pg=5"])
+    assert "given twice" in str(exc)
+    exc = _raises_field("--resource pg", parse_resource_flags, ["pg=3,max_size=5"])
+    assert "max_size given twice" in str(exc)
+    exc = _raises_field("--resource pg", parse_resource_flag, "pg=3,max_waiting=1,max_waiting=2")
+    assert "max_waiting given twice" in str(exc)
+    assert parse_resource_flags(["pg=3", "api=1"]) == {"pg": {"max_size": 3}, "api": {"max_size": 1}}
 
 
 # ------------------------------------------------------------------- socket path

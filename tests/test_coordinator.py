@@ -441,3 +441,98 @@ def test_program_takes_a_config_or_its_parts_not_both(sock_path: str) -> None:
     with pytest.raises(ConfigError) as err:
         EmbeddedCoordinator(sock_path, {"r": 1}, max_fram=4096)
     assert err.value.field == "options"
+
+
+def test_coordinator_takes_a_config_or_its_parts_and_names_bad_arguments(sock_path: str) -> None:
+    from pathlib import Path
+
+    from sharedpool.config import CoordinatorConfig
+
+    config = CoordinatorConfig(socket_path=sock_path, resources={"r": 1})  # type: ignore[dict-item]
+    assert Coordinator(config=config).config is config
+    for args, kwargs in [((sock_path,), {}), ((None, {"r": 2}), {}), ((), {"hello_timeout": 1})]:
+        with pytest.raises(ConfigError) as err:  # the parts used to be dropped without a word
+            Coordinator(*args, config=config, **kwargs)
+        assert err.value.field == "config" and "either config=" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        Coordinator(config={"resources": {"r": 1}})  # type: ignore[arg-type]
+    assert err.value.field == "config"
+    with pytest.raises(ConfigError) as err:
+        Coordinator(sock_path, "r")  # type: ignore[arg-type]
+    assert err.value.field == "resources" and "mapping" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        Coordinator(sock_path, {"r": 1}, bogus=1)
+    assert err.value.field == "options" and "'bogus'" in str(err.value)
+    assert "max_frame" in str(err.value)  # what is allowed
+    assert Coordinator(Path(sock_path), {"r": 1}).socket_path == sock_path
+
+
+def _next_frame(s: socket.socket, buf: bytearray) -> dict[str, Any]:
+    """The next whole frame from ``s`` (``buf`` keeps what came after it)."""
+    while True:
+        if len(buf) >= 4:
+            (n,) = struct.unpack(">I", buf[:4])
+            if len(buf) >= 4 + n:
+                frame: dict[str, Any] = msgpack.unpackb(bytes(buf[4 : 4 + n]))
+                del buf[: 4 + n]
+                return frame
+        chunk = s.recv(65536)
+        assert chunk, "the coordinator closed the session"
+        buf += chunk
+
+
+def test_unknown_inspect_gets_one_error_and_no_reply(start_coordinator: Any, sock_path: str) -> None:
+    start_coordinator({"r": 1})
+    s, buf = _raw_session(sock_path), bytearray()
+    try:
+        s.sendall(p.encode(p.Hello(p.PROTOCOL_VERSION, os.getpid(), "raw")))
+        assert _next_frame(s, buf)["op"] == "welcome"
+        s.sendall(p.encode(p.Inspect(7, "bogus", {})) + p.encode(p.Inspect(8, "server", {})))
+        frames = [_next_frame(s, buf)]
+        while frames[-1].get("req") != 8:  # the second request's reply marks the end of the first's
+            frames.append(_next_frame(s, buf))
+        first = [f for f in frames if f.get("req") == 7]
+        assert [f["op"] for f in first] == ["error"], first  # once, and no Reply{data: None} after it
+        assert first[0]["code"] == "bad_request" and "'bogus'" in first[0]["message"]
+        assert frames[-1]["op"] == "reply" and frames[-1]["data"]["pid"] > 0
+    finally:
+        s.close()
+
+
+def test_reply_over_the_frame_limit_fails_that_request_not_the_session(
+        start_coordinator: Any, sock_path: str) -> None:
+    from sharedpool.ledger import MAX_SITE
+
+    start_coordinator({"r": 10}, max_frame=16384)
+    holder_s, buf = _raw_session(sock_path), bytearray()
+    c = Client(sock_path)
+    try:
+        holder_s.sendall(p.encode(p.Hello(p.PROTOCOL_VERSION, os.getpid(), "raw")))
+        assert _next_frame(holder_s, buf)["op"] == "welcome"
+        leases = []
+        for req in range(1, 6):  # 5 leases with 5000-character sites: over 16 KiB listed
+            holder_s.sendall(p.encode(p.Acquire(req, "r", 2.0)))
+            grant = _next_frame(holder_s, buf)
+            assert grant["op"] == "grant", grant
+            leases.append(grant["lease"])
+            holder_s.sendall(p.encode(p.Report([[grant["lease"], "busy", None, "s" * 5000]])))
+        holder_s.sendall(p.encode(p.Inspect(99, "server", {})))  # its reply: every report is in
+        assert _next_frame(holder_s, buf)["req"] == 99
+        c.inspect("server")
+        session = c.session_id
+        with pytest.raises(SharedPoolError) as err:
+            c.inspect("leases")
+        assert "reply_too_large" in str(err.value) and "16384" in str(err.value)
+        assert "--resource" in str(err.value) and "--pid" in str(err.value)
+        assert c.session_id == session  # the session was kept: no reconnect, no re-send
+        assert c.inspect("server")["sessions"] == 2
+        assert c.inspect("leases", resource="nope")["leases"] == []  # a filter's answer fits
+        for lease in leases[:2]:
+            holder_s.sendall(p.encode(p.Release(lease)))
+        wait_for(lambda: leased(c) == 3, what="two releases")
+        # What is stored of a site is bounded (5000 -> MAX_SITE), so 3 leases fit in 16 KiB.
+        rows = c.inspect("leases")["leases"]
+        assert len(rows) == 3 and all(len(row["site"]) == MAX_SITE for row in rows)
+    finally:
+        c.close()
+        holder_s.close()

@@ -58,3 +58,15 @@ def test_demo_bad_arguments_exit_2() -> None:
     out = sp("demo", "--workers", "0")
     assert out.returncode == 2 and out.stderr.count("\n") == 1
     assert "--workers" in out.stderr
+
+
+def test_demo_with_postgresql_unreachable_fails_in_a_few_clear_lines() -> None:
+    out = sp("demo", "--dsn", "host=127.0.0.1 port=1 dbname=test user=postgres", "--workers", "1",
+             "--seconds", "0.5", timeout=60)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr + out.stdout  # the sampler thread's used to escape
+    assert "cap held" not in out.stdout and "PostgreSQL agrees" not in out.stdout
+    assert "demo failed: PostgreSQL was never reached" in out.stdout
+    sampler = [line for line in out.stdout.splitlines() if line.startswith("sampler: PostgreSQL")]
+    assert len(sampler) == 1 and "Connection refused" in sampler[0], out.stdout
+    assert out.stderr.count("connect failed") == 0, out.stderr  # counted in the table instead

@@ -26,6 +26,7 @@ from sharedpool.ledger import (
     FAILURE_THRESHOLD,
     IDLE,
     MAX_ID,
+    MAX_SITE,
     NEW,
     AskReclaim,
     Denied,
@@ -748,6 +749,18 @@ def test_bad_failure_counts_are_ignored() -> None:
 
 
 # ------------------------------------------------------------------- reports and snapshots
+
+
+def test_a_peers_long_call_site_is_kept_bounded() -> None:
+    lg = ledger(pg=3)
+    a = session(lg)
+    l1 = grant(lg, a, 1, site="a" * 1_000_000)
+    assert len(lg.sessions[a].leases[l1].site or "") == MAX_SITE
+    lg.report(a, [[l1, BUSY, None, "b" * 1_000_000]], T0)
+    site = lg.sessions[a].leases[l1].site or ""
+    assert len(site) == MAX_SITE and site.endswith("...")
+    lg.report(a, [[l1, BUSY, None, "c" * MAX_SITE]], T0)
+    assert lg.sessions[a].leases[l1].site == "c" * MAX_SITE  # one that fits is kept whole
 
 
 def test_report_updates_lease_states() -> None:

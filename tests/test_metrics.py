@@ -109,6 +109,12 @@ def test_metrics_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
     assert "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1].startswith("sharedpool serve: error: ")
     assert f"metrics_port {port}: cannot listen on 127.0.0.1: Address already in use" in out.stderr
+    # No socket left behind: the next start would take it for a dead coordinator's.
+    assert not (tmp_path / "sp.sock").exists()
+    out = sp("serve", "--socket", str(tmp_path / "sp.sock"), "--resource", "demo=1",
+             "--metrics-port", "0", "--metrics-host", "no-such-host.invalid")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out
+    assert not (tmp_path / "sp.sock").exists()
 
 
 def test_collector_reads_the_ledger_on_the_loop_thread(tmp_path: Path) -> None:
