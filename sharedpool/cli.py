@@ -57,6 +57,12 @@ def _unavailable(path: str, why: object) -> NoReturn:
     raise Failed(f"no coordinator at {path}: {why}; start one with `sharedpool serve`")
 
 
+def _unusable(path: str, exc: Exception) -> NoReturn:
+    """Something listens at ``path`` but no session could be had with it."""
+    why = str(exc).removeprefix(f"no coordinator at {path}: ")
+    raise Failed(f"cannot use the coordinator at {path}: {why}")
+
+
 @contextlib.contextmanager
 def connect(socket_path: str | None) -> Iterator[Client]:
     """A client session for one command; coordinator errors become one-line failures."""
@@ -65,8 +71,10 @@ def connect(socket_path: str | None) -> Iterator[Client]:
     probe.settimeout(2.0)
     try:  # fail fast: the client itself would retry until its timeout
         probe.connect(path)
-    except OSError as exc:
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
         _unavailable(path, exc.strerror or exc)
+    except OSError as exc:  # there is something, but not for us (EACCES, not a socket...)
+        _unusable(path, exc)
     finally:
         probe.close()
     client = Client(path, name="sharedpool-cli", connect_timeout=2.0)
@@ -75,7 +83,7 @@ def connect(socket_path: str | None) -> Iterator[Client]:
     except AccessDenied as exc:
         raise Failed(f"access denied by the coordinator at {path}: {exc}") from None
     except CoordinatorUnavailable as exc:
-        _unavailable(path, exc)
+        _unusable(path, exc)
     except SharedPoolError as exc:
         raise Failed(str(exc)) from None
     finally:
@@ -320,6 +328,8 @@ def _frame(client: Client, interval: float) -> RenderableType:
     stamp = time.strftime("%H:%M:%S")
     try:
         res, ses = get_resources(client), get_sessions(client)
+    except AccessDenied:
+        raise  # not a state to watch: it will not change while we look
     except SharedPoolError as exc:
         return Text(f"sharedpool top  {client.socket_path}  {stamp}  coordinator unreachable: {exc}")
     head = Text(f"sharedpool top  {client.socket_path}  {stamp}  every {interval:g}s  (q quits)")

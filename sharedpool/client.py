@@ -406,8 +406,9 @@ class Client:
             if not patient and self._sock is None:
                 with self._cond:
                     self._pending.pop(req, None)
-                pending.error = CoordinatorUnavailable(
-                    f"no coordinator at {self.socket_path}: {self.last_error}")
+                if pending.error is None:  # else the coordinator said why (AccessDenied): keep it
+                    pending.error = CoordinatorUnavailable(
+                        f"no coordinator at {self.socket_path}: {self.last_error}")
                 return False
         return True
 
@@ -568,11 +569,21 @@ class Client:
                 held_ids = list(self._held)
                 held: list[Any] = [[lease.resource, lease.id, lease.token, "idle", None]
                                    for lease in self._held.values()]
-            sock.sendall(conn.send(p.Hello(p.PROTOCOL_VERSION, os.getpid(), self.name, held)))
+            hello = conn.send(p.Hello(p.PROTOCOL_VERSION, os.getpid(), self.name, held))
+            try:
+                sock.sendall(hello)
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                # A refused peer gets an error frame and is hung up on at once,
+                # maybe before our hello is out: read why before saying "broken pipe".
+                cut: OSError | None = exc
+            else:
+                cut = None
             welcome = None
             while welcome is None:
                 data = sock.recv(65536)
                 if not data:
+                    if cut is not None:
+                        raise cut
                     raise CoordinatorUnavailable("coordinator closed the connection during hello")
                 conn.receive_data(data)
                 for msg in conn.events():

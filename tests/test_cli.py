@@ -251,6 +251,19 @@ def test_missing_coordinator_is_one_clear_line(tmp_path: Path) -> None:
         assert time.monotonic() - start < 5
 
 
+def test_a_refusing_coordinator_is_named_as_such_not_as_missing(start_coordinator: Any,
+                                                                 sock_path: str) -> None:
+    start_coordinator({"r": 1}, allowed_uids=[os.getuid() + 12345])  # not us
+    # A few times: the refusal may hang up before our hello is out (EPIPE).
+    for command in ("status", "leases", "status", "top", "status"):
+        out = sp(command, "--socket", sock_path, *(["--iterations", "1"] if command == "top" else []))
+        assert out.returncode == 1, (command, out.stdout, out.stderr)
+        assert out.stderr.strip().count("\n") == 0, out.stderr
+        assert "access denied by the coordinator" in out.stderr, out.stderr
+        assert f"uid {os.getuid()}" in out.stderr
+        assert "start one" not in out.stderr and "Traceback" not in out.stderr
+
+
 # ------------------------------------------------------------------ admin verbs
 
 
