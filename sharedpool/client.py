@@ -65,6 +65,10 @@ BACKOFF_MIN, BACKOFF_MAX = 0.02, 1.0
 GRACE = 0.5
 #: SO_RCVTIMEO of the session socket: how long one blocking read may last.
 _RCV_SLICE = struct.pack("ll", 0, 50_000)
+#: How long one frame may take to go out. A coordinator that is alive but does
+#: not read (stopped, wedged) would otherwise, once the socket buffer is full,
+#: hold a checkin or a release forever; past this, the session counts as lost.
+SEND_TIMEOUT = 10.0
 
 
 @dataclass(eq=False)
@@ -596,6 +600,8 @@ class Client:
             sock.close()
             raise
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _RCV_SLICE)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        struct.pack("ll", int(SEND_TIMEOUT), int(SEND_TIMEOUT % 1 * 1_000_000)))
         with self._cond:
             self._sock, self._conn = sock, conn
             self.session_id, self.server_pid = welcome.session, welcome.server_pid
@@ -612,8 +618,12 @@ class Client:
             log.warning("reconnected to coordinator %s (session %s), re-registered %d lease(s)",
                         self.socket_path, welcome.session, len(held))
         self.reconnects += 1
-        for msg in resend:
-            sock.sendall(p.encode(msg))
+        try:
+            for msg in resend:
+                sock.sendall(p.encode(msg))
+        except OSError as exc:  # not reading, or gone again: this session is over
+            self._disconnect(f"send failed: {exc}")
+            return
         self._notify()  # the background thread watches the new socket from now on
 
     def _disconnect(self, why: str, retry: bool = True) -> None:
@@ -643,8 +653,11 @@ class Client:
                 return
             try:
                 sock.sendall(data)
-            except OSError as exc:
-                if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.EBADF):
+            except OSError as exc:  # a frame half out is a broken stream: the session ends
+                if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    log.warning("coordinator %s has not read for %gs; dropping the session",
+                                self.socket_path, SEND_TIMEOUT)
+                elif exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.EBADF):
                     log.warning("send to coordinator failed: %s", exc)
                 self._disconnect(f"send failed: {exc}")
 

@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 
 from sharedpool import Client, ConnectionPool, PoolClosed, PoolConfig, PoolMisuse, PoolTimeout
+from sharedpool import client as client_module
+from sharedpool import protocol as p
 from sharedpool.testing import FakeConnection, FakeFactory
 
 
@@ -144,6 +146,33 @@ def test_a_fallback_checkin_does_not_wait_for_a_hung_coordinator(
     finally:
         os.kill(coord.pid, signal.SIGCONT)
         pool.close()
+
+
+def test_a_coordinator_that_stops_reading_cannot_hold_a_sender_forever(
+        start_coordinator: Any, sock_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(client_module, "SEND_TIMEOUT", 0.5, raising=False)
+    coord = start_coordinator({"r": 1})
+    client = Client(sock_path)
+    client.inspect("resources")  # a session is up
+    big = p.Inspect(0, "resources", {"pad": "x" * 500_000})
+    sent = threading.Event()
+
+    def send_until_lost() -> None:  # 100 MB at most: far beyond any socket buffer
+        for _ in range(200):
+            client._send_quiet(big)  # what a release or a report goes through
+            if not client.connected:
+                break
+        sent.set()
+
+    os.kill(coord.pid, signal.SIGSTOP)
+    try:
+        threading.Thread(target=send_until_lost, daemon=True).start()
+        # Before, the send blocked for as long as the coordinator did not read.
+        assert sent.wait(10), "a send still blocks on a coordinator that does not read"
+        assert not client.connected
+    finally:
+        os.kill(coord.pid, signal.SIGCONT)
+        client.close()
 
 
 def test_release_of_anything_but_a_wrapper_is_a_clear_error() -> None:
