@@ -126,10 +126,23 @@ def _watch_late(sock: socket.socket, on_late: Callable[[bool], object],
     on_late(confirmed)
 
 
-def _cancel_if_busy(conn: object) -> None:
-    """Cancel a query in flight (psycopg 3: transaction status ACTIVE)."""
+#: libpq's PQtransactionStatus values (psycopg 3 and psycopg2 alike).
+ACTIVE, INTRANS, INERROR = 1, 2, 3
+
+
+def transaction_status(conn: object) -> int | None:
+    """libpq's transaction status of ``conn`` (``conn.info.transaction_status``
+    in psycopg 3 and psycopg2), None for a connection that has none."""
     status = getattr(getattr(conn, "info", None), "transaction_status", None)
-    if status is None or int(status) != 1:  # pq.TransactionStatus.ACTIVE
+    try:
+        return None if status is None else int(status)
+    except (TypeError, ValueError):
+        return None
+
+
+def _cancel_if_busy(conn: object) -> None:
+    """Cancel a query in flight (transaction status ACTIVE)."""
+    if transaction_status(conn) != ACTIVE:
         return
     cancel = getattr(conn, "cancel_safe", None) or getattr(conn, "cancel", None)
     if callable(cancel):

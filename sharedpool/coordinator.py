@@ -169,6 +169,7 @@ async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool
                 session.transport.close()
         await asyncio.sleep(0)
     finally:
+        await server.cancel_tasks()  # before the monitors they may be using close
         if server.monitors is not None:
             await server.monitors.aclose()
         if metrics is not None:

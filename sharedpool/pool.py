@@ -20,7 +20,7 @@ from typing import Any, Generic, TypeVar
 
 from . import process
 from .client import _PID, AcquireRequest, Client, current_pid
-from .closing import close_and_confirm
+from .closing import ACTIVE, INERROR, INTRANS, close_and_confirm, transaction_status
 from .config import SOCKET_ENV, PoolConfig, check_resource_name
 from .errors import (
     AcquireCancelled,
@@ -513,6 +513,31 @@ class ConnectionPool(Generic[T]):
                     self._idle.append(wrapper)
                     return
         self._release_slow(wrapper, now)
+
+    def release_after_error(self, wrapper: ConnectionWrapper[T]) -> None:
+        """Check in a connection whose ``with`` block ended in an exception.
+
+        One still running a query (the exception came from a signal handler:
+        a celery soft time limit, a timeout alarm) is closed, which cancels the
+        query; one left in a transaction (psycopg, psycopg2) is rolled back, or
+        closed if that fails. The next caller gets a connection at rest.
+        """
+        self._checkpid()
+        if not (getattr(wrapper, "pool", None) is self and wrapper.in_use
+                and self._all.get(wrapper.id) is wrapper):
+            self.release(wrapper)  # raises PoolMisuse, touching nothing
+            return
+        status = transaction_status(wrapper.conn)
+        if status in (INTRANS, INERROR):
+            try:
+                wrapper.conn.rollback()  # type: ignore[attr-defined]
+                status = transaction_status(wrapper.conn)
+            except Exception as exc:  # noqa: BLE001 - then it is closed instead
+                log.info("pool %r: rollback of connection %s failed: %s", self.name, wrapper.id[:8], exc)
+        if status in (ACTIVE, INTRANS, INERROR):
+            self._discard(wrapper, validation=False)
+        else:
+            self.release(wrapper)
 
     def _release_slow(self, wrapper: ConnectionWrapper[T], now: float) -> None:
         if not wrapper.in_use or self._all.get(wrapper.id) is not wrapper:

@@ -341,6 +341,13 @@ class Server:
         self._fences.add(task)
         task.add_done_callback(self._fences.discard)
 
+    async def cancel_tasks(self) -> None:
+        """At shutdown: end fence checks and monitor warm-ups still running."""
+        tasks = list(self._fences)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     async def _fence(self, eff: StartFence, limits: Resource) -> None:
         from .fence import MonitorConnections, wait_backends_gone
 
@@ -359,15 +366,19 @@ class Server:
                 log.warning("fence check for %s failed: %s", eff.resource, exc)
                 return
         if remaining:
-            log.warning("fence: backends %s of dead pid %s still present; slots stay fenced until "
-                        "fence_timeout", sorted(remaining), eff.pid)
+            # Either seen still there or never checked (the monitor could not
+            # connect: fence.py said so above): the slots wait either way.
+            log.warning("fence: backends %s of dead pid %s not confirmed gone; slots stay fenced "
+                        "until fence_timeout (%gs)", sorted(remaining), eff.pid, limits.fence_timeout)
             return
-        if len(eff.backend_pids) < len(eff.leases):
+        unknown = len(eff.leases) - len(eff.backend_pids)
+        if unknown > 0:
             # Some connections never reported a backend pid (still connecting,
             # or opened just before the death): for them, the quarantine delay.
             await asyncio.sleep(max(0.0, started + limits.quarantine_delay - self.loop.time()))
-        log.info("fence: backends of dead pid %s gone; %d slot(s) of %s free",
-                 eff.pid, len(eff.leases), eff.resource)
+        log.info("fence: dead pid %s: backends %s gone, %d lease(s) with no backend pid known "
+                 "freed after quarantine_delay; %d slot(s) of %s free",
+                 eff.pid, sorted(eff.backend_pids), max(0, unknown), len(eff.leases), eff.resource)
         self.apply(self.ledger.unfence(eff.resource, eff.leases, self.loop.time()))
         self.flush()
         self._changed()

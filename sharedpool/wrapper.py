@@ -83,7 +83,10 @@ class _Checkout(Generic[T]):
         return wrapper.conn
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self.pool.release(self.wrapper)
+        if exc_type is None:
+            self.pool.release(self.wrapper)
+        else:
+            self.pool.release_after_error(self.wrapper)
 
 
 class PooledConnection(Generic[T]):
@@ -97,8 +100,11 @@ class PooledConnection(Generic[T]):
     def __enter__(self) -> T:
         return self.wrapper.conn
 
-    def __exit__(self, *exc: object) -> None:
-        self.pool.release(self.wrapper)
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.pool.release(self.wrapper)
+        else:
+            self.pool.release_after_error(self.wrapper)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.wrapper.conn, name)

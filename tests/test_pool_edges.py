@@ -277,3 +277,52 @@ def test_a_release_in_a_forked_child_never_touches_the_parents_connection() -> N
     pool.release(w)
     pool.close()
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _pg_pool(pg: str, app_name: str, **cfg: Any) -> ConnectionPool[Any]:
+    import psycopg
+
+    cfg.setdefault("min_size", 0)
+    cfg.setdefault("max_size", 1)
+    return ConnectionPool(lambda: psycopg.connect(pg, application_name=app_name), PoolConfig(**cfg),
+                          coordinator=None)
+
+
+def test_a_query_cut_short_by_a_signal_does_not_come_back_busy(
+        alarm: None, pg: str, app_name: str) -> None:
+    pool = _pg_pool(pg, app_name)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        t0 = time.monotonic()
+        with pytest.raises(Interrupted), pool.connection() as conn:
+            first = conn.info.backend_pid
+            conn.execute("SELECT pg_sleep(10)")
+        # Closed, and its query cancelled: not put back running it.
+        assert time.monotonic() - t0 < 5
+        with pool.connection() as conn:
+            assert conn.info.backend_pid != first
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        pool.close()
+
+
+def test_a_transaction_left_open_by_an_exception_is_rolled_back(pg: str, app_name: str) -> None:
+    pool = _pg_pool(pg, app_name)
+    try:
+        with pytest.raises(ValueError), pool.connection() as conn:
+            first = conn.info.backend_pid
+            conn.execute("CREATE TEMP TABLE leftover (x int)")
+            raise ValueError("the caller's own error")
+        with pool.connection() as conn:
+            assert conn.info.backend_pid == first  # kept: a rollback was enough
+            assert conn.info.transaction_status == 0  # IDLE
+            assert conn.execute("SELECT to_regclass('pg_temp.leftover')").fetchone() == (None,)
+        import psycopg
+
+        with pytest.raises(psycopg.errors.DivisionByZero), pool.connection() as conn:
+            conn.execute("SELECT 1 / 0")  # INERROR: also rolled back
+        with pool.connection() as conn:
+            assert conn.info.transaction_status == 0
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        pool.close()
