@@ -325,6 +325,13 @@ class Client:
         with self._cond:
             self._successes.add(resource)
 
+    def report_now(self) -> None:
+        """Send a report from the calling thread now, if a session is up (the
+        fence must know a new connection's backend pid before it is used)."""
+        self._checkpid()
+        self._reported_at = 0.0
+        self._maybe_report()
+
     def report_soon(self) -> None:
         """Send the next report at once, not after the coalescing interval (a
         new connection's backend pid matters to the fence)."""

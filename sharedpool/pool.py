@@ -93,10 +93,13 @@ class ConnectionPool(Generic[T]):
         resource: str = "default",
         coordinator: str | None = None,
         check: Callable[[T], Any] | None = None,
+        configure: Callable[[T], Any] | None = None,
         name: str | None = None,
     ) -> None:
         if not callable(factory):
             raise ConfigError("factory", f"must be callable, got {factory!r}")
+        if configure is not None and not callable(configure):
+            raise ConfigError("configure", f"must be callable, got {configure!r}")
         if config is not None and not isinstance(config, PoolConfig):
             raise ConfigError("config", f"must be a PoolConfig, got {type(config).__name__}")
         if check is not None and not callable(check):
@@ -107,6 +110,10 @@ class ConnectionPool(Generic[T]):
         self._coordinator = coordinator
         self.name = name or f"pool-{self.resource}"
         self.check = check
+        #: Run on each new connection before its first use (setup SQL): the
+        #: connection's backend pid has reached the coordinator by then, so
+        #: the fence covers a worker killed during it.
+        self.configure = configure
         self._init_state()
         process.register(self)
 
@@ -439,14 +446,45 @@ class ConnectionPool(Generic[T]):
             if closing:
                 del self._all[wrapper.id]
                 self._closing += 1
-            else:
+            elif self.configure is None:
                 self._hand_over(wrapper)
+            else:  # counted and reported (as busy), handed out once configured
+                wrapper.in_use = True
             openers = self._plan_growth()
         if closing:
             self._close(wrapper)
+        elif self.configure is not None:
+            if client is not None and wrapper.backend_pid is not None:
+                client.report_now()  # before any query of ours runs on it
+            self._configure(wrapper, waiter)
         elif client is not None and wrapper.backend_pid is not None:
             client.report_soon()  # the fence needs this backend pid should we die
         self._start_openers(openers, deadline)
+
+    def _configure(self, wrapper: ConnectionWrapper[T], waiter: _Waiter) -> None:
+        """Run ``configure`` on a new connection, then hand it out; one it fails
+        on is closed and the error goes to a waiter, as a failed connect's does."""
+        assert self.configure is not None
+        try:
+            self.configure(wrapper.conn)
+        except BaseException as exc:  # noqa: BLE001 - delivered to the waiter, not lost
+            with self._lock:
+                del self._all[wrapper.id]
+                self._closing += 1
+                self._opening += 1  # _open_failed settles it as for a failed connect
+            self._close(wrapper)
+            self._open_failed(waiter, exc, connected=True)
+            return
+        with self._lock:
+            active = self.status is PoolStatus.ACTIVE
+            if active:
+                self._hand_over(wrapper)
+            else:
+                del self._all[wrapper.id]
+                self._closing += 1
+                self._returned.notify_all()
+        if not active:
+            self._close(wrapper)
 
     def _open_failed(self, waiter: _Waiter, exc: BaseException, connected: bool) -> None:
         if not isinstance(exc, SharedPoolError):

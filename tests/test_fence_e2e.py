@@ -164,3 +164,43 @@ def test_monitor_connection_is_open_before_anyone_dies(pg: str, start_coordinato
                 break
             assert time.monotonic() < deadline, f"no monitor connection yet: {row}"
             time.sleep(0.05)
+
+
+def test_a_worker_killed_in_configure_is_fenced_by_its_backend(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    # Setup SQL in configure= runs after the backend pid reached the coordinator:
+    # a worker killed during it leaves a backend the fence knows and ends.
+    start_coordinator({"pg": Resource(max_size=1, monitor_dsn=pg_dsn(), fence_action="terminate",
+                                      fence_timeout=20, acquire_timeout=60)})
+    code = textwrap.dedent(f"""
+        import psycopg
+        from pg_helpers import pg_dsn
+        from sharedpool import ConnectionPool, PoolConfig
+
+        def configure(conn):
+            print("configuring", conn.info.backend_pid, flush=True)
+            conn.execute("SELECT pg_sleep(4)")
+
+        pool = ConnectionPool(lambda: psycopg.connect(pg_dsn(), application_name={app_name!r},
+                                                      autocommit=True),
+                              PoolConfig(min_size=0, max_size=1), resource="pg",
+                              coordinator={sock_path!r}, configure=configure)
+        with pool.connection(timeout=30) as conn:
+            print("used", flush=True)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(HERE)}
+    with BackendSampler(app_name) as sampler:
+        victim = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+        try:
+            assert victim.stdout is not None
+            line = victim.stdout.readline().split()
+            assert line and line[0] == "configuring", line
+            os.kill(victim.pid, signal.SIGKILL)  # at once: before any periodic report
+            victim.wait(10)
+            result = finish(spawn(sock_path, app_name, 5, "1", "1", "0"), timeout=60)
+        finally:
+            if victim.poll() is None:
+                victim.kill()
+                victim.wait(10)
+    assert result["n_errors"] == 0, result["errors"]
+    assert sampler.peak <= 1, f"PostgreSQL saw {sampler.peak} connections with a cap of 1"

@@ -326,3 +326,29 @@ def test_a_transaction_left_open_by_an_exception_is_rolled_back(pg: str, app_nam
             assert conn.execute("SELECT 1").fetchone() == (1,)
     finally:
         pool.close()
+
+
+def test_configure_runs_once_per_connection_and_a_failure_reaches_the_caller(
+        start_coordinator: Any, sock_path: str) -> None:
+    start_coordinator({"r": 1})
+    seen: list[FakeConnection] = []
+    factory = FakeFactory()
+
+    def configure(conn: FakeConnection) -> None:
+        seen.append(conn)
+        if len(seen) == 1:
+            raise RuntimeError("SET search_path failed")
+
+    pool = ConnectionPool(factory, PoolConfig(min_size=0, max_size=1), resource="r",
+                          coordinator=sock_path, configure=configure)
+    try:
+        with pytest.raises(RuntimeError, match="search_path"):
+            pool.acquire(timeout=5)
+        assert factory.made[0].closed and pool.get_size() == 0
+        assert pool._client is not None and pool._client.held == {}  # its lease went back
+        for _ in range(3):
+            with pool.connection(timeout=5) as conn:
+                assert conn is factory.made[1]
+        assert seen == factory.made  # once per connection, not per checkout
+    finally:
+        pool.close()
