@@ -83,8 +83,8 @@ def test_broken_connection_gives_its_lease_back(pg: str, start_coordinator: Any,
     assert BackendSampler(app_name).count_now() == 0
 
 
-def test_lease_goes_back_only_after_the_backend_is_gone(pg: str, start_coordinator: Any,
-                                                        sock_path: str, app_name: str) -> None:
+def test_busy_connection_is_cancelled_and_its_lease_goes_back_after_the_backend(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
     start_coordinator({"pg": Resource(max_size=1)})
     seen: list[int] = []
 
@@ -102,13 +102,16 @@ def test_lease_goes_back_only_after_the_backend_is_gone(pg: str, start_coordinat
         waiter = threading.Thread(target=wait)
         waiter.start()
         time.sleep(0.1)
-        # Busy for 0.5 s: the backend reads our Terminate only then. Returned
-        # mid-query, psycopg_pool closes it.
-        conn.pgconn.send_query(b"SELECT pg_sleep(0.5)")
+        # Returned mid-query (a task cut short), psycopg_pool closes it: the
+        # query is cancelled first, else the backend reads our Terminate only
+        # when it ends and the lease is held until then.
+        conn.pgconn.send_query(b"SELECT pg_sleep(10)")
         t0 = time.monotonic()
         pool.putconn(conn)
-        assert time.monotonic() - t0 >= 0.3, "the close was not confirmed"
-        waiter.join(10)
+        assert time.monotonic() - t0 < 1.5, "the busy query was not cancelled"
+        waiter.join(3)
+        assert not waiter.is_alive(), "the lease did not come back promptly"
+        assert pool.get_stats()["closes_unconfirmed"] == 0
     assert seen == [0], f"the lease went back while PostgreSQL still had {seen} backend(s)"
 
 

@@ -159,20 +159,24 @@ def first_grant_sees(sock: str, app: str) -> tuple[threading.Thread, list[int]]:
     return t, seen
 
 
-def test_lease_goes_back_only_after_the_backend_is_gone(pg: str, start_coordinator: Any,
-                                                        sock_path: str, app_name: str) -> None:
+def test_busy_connection_is_cancelled_and_its_lease_goes_back_after_the_backend(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
     start_coordinator({"pg": Resource(max_size=1)})
     engine = engine_for(sock_path, app_name, pool_size=1, max_overflow=0)
     raw = engine.raw_connection()
     waiter, seen = first_grant_sees(sock_path, app_name)
     time.sleep(0.1)  # queued behind our lease
-    # The backend is busy for 0.5 s: it reads our Terminate only then.
-    raw.dbapi_connection.pgconn.send_query(b"SELECT pg_sleep(0.5)")  # type: ignore[union-attr]
+    # Busy (a task cut short mid-query): the query is cancelled before the
+    # close, else the backend reads our Terminate only when it ends and the
+    # lease is held until then.
+    raw.dbapi_connection.pgconn.send_query(b"SELECT pg_sleep(10)")  # type: ignore[union-attr]
     t0 = time.monotonic()
     raw.invalidate()  # the DBAPI connection is closed now
-    assert time.monotonic() - t0 >= 0.3, "the close was not confirmed"
-    waiter.join(10)
+    assert time.monotonic() - t0 < 1.5, "the busy query was not cancelled"
+    waiter.join(3)
+    assert not waiter.is_alive(), "the lease did not come back promptly"
     assert seen == [0], f"the lease went back while PostgreSQL still had {seen} backend(s)"
+    assert engine.pool.lease_stats()["closes_unconfirmed"] == 0  # type: ignore[attr-defined]
     engine.dispose()
 
 
