@@ -17,6 +17,7 @@ from psycopg_pool import PoolClosed
 from sharedpool import Client, Resource
 from sharedpool.contrib.psycopg import ConnectionPool
 from sharedpool.handoff import AUTO_MAX, AUTO_MIN
+from sharedpool.process import release_process
 
 pytestmark = pytest.mark.pg
 
@@ -224,3 +225,38 @@ def test_hand_off_costs_reach_the_coordinator(pg: str, start_coordinator: Any, s
         assert AUTO_MIN <= quantum <= AUTO_MAX
     finally:
         probe.close()
+
+
+def _exit_mid_query(sock: str, app: str) -> dict[str, Any]:
+    """A worker exiting (release_process) while one of its threads is mid-query."""
+    pool = make_pool(sock, app, min_size=1, max_size=1)
+    pool.wait(5)
+    out: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            with pool.connection() as conn:
+                out["row"] = conn.execute("SELECT 42 FROM pg_sleep(1)").fetchone()[0]  # type: ignore[index]
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            out["query_error"] = repr(exc)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    release_process(5.0)
+    out["took"] = time.monotonic() - t0
+    thread.join(5)
+    out["held"] = pool.get_stats()["leases_held"]
+    return out
+
+
+def test_release_process_waits_for_a_query_in_flight(pg: str, start_coordinator: Any,
+                                                      sock_path: str, app_name: str) -> None:
+    start_coordinator({"pg": Resource(max_size=2)})
+    [child] = run_forked(_exit_mid_query, sock_path, app_name)
+    assert child.get("row") == 42, child  # not "the connection is closed"
+    assert 0.5 < child["took"] < 4, child  # until the query ended, not the whole timeout
+    assert child["held"] == 0
+    assert wait_leased(sock_path, 0) == 0
+    assert BackendSampler(app_name).count_now() == 0

@@ -17,6 +17,7 @@ from sqlalchemy.engine import Engine
 
 from sharedpool import Client, ConfigError, Resource
 from sharedpool.contrib.sqlalchemy import LeasedQueuePool, attach, create_engine
+from sharedpool.process import release_process
 
 pytestmark = pytest.mark.pg
 
@@ -263,3 +264,40 @@ def test_attach_refuses_what_it_cannot_lease(pg: str, sock_path: str) -> None:
     attached = attach(engine, "pg", sock_path)
     with pytest.raises(ConfigError, match="already"):
         attach(attached, "pg", sock_path)
+
+
+def _exit_mid_query(engine: Engine) -> dict[str, Any]:
+    """A worker exiting (release_process) while one of its threads is mid-query."""
+    engine.dispose(close=False)
+    out: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            with engine.connect() as conn:
+                out["row"] = conn.execute(text("SELECT 42 FROM pg_sleep(1)")).scalar()
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            out["query_error"] = repr(exc)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    release_process(5.0)
+    out["took"] = time.monotonic() - t0
+    thread.join(5)
+    pool = engine.pool
+    assert isinstance(pool, LeasedQueuePool)
+    out["held"] = pool.lease_stats()["leases_held"]
+    return out
+
+
+def test_release_process_waits_for_a_query_in_flight(pg: str, start_coordinator: Any,
+                                                      sock_path: str, app_name: str) -> None:
+    start_coordinator({"pg": Resource(max_size=2)})
+    engine = engine_for(sock_path, app_name, pool_size=1, max_overflow=0)
+    [child] = run_forked(_exit_mid_query, engine)
+    assert child.get("row") == 42, child  # not "the connection is closed"
+    assert 0.5 < child["took"] < 4, child  # until the query ended, not the whole timeout
+    assert child["held"] == 0
+    assert wait_leased(sock_path, 0) == 0
+    assert BackendSampler(app_name).count_now() == 0

@@ -103,6 +103,11 @@ class _DisconnectVia:
         self.disconnect = closer
 
 
+def _closable(key: Any) -> bool:
+    """A connection (not a placeholder for one being opened)."""
+    return callable(getattr(key, "close", None)) or callable(getattr(key, "disconnect", None))
+
+
 def backend_pid(conn: Any) -> int | None:
     """The PostgreSQL backend pid of a psycopg 3 / psycopg2 connection, else None."""
     pid = getattr(getattr(conn, "info", None), "backend_pid", None)
@@ -154,15 +159,58 @@ class LeaseBook:
 
     def release_for_exit(self, timeout: float) -> None:
         """At process exit: close every tracked connection under the host pool
-        (it is exiting too), each confirmed, then its lease released."""
+        (it is exiting too), each confirmed, then its lease released.
+
+        Idle connections are closed at once; one in use (another thread is
+        mid-query) is closed once checked in, or when ``timeout`` has passed."""
         self._checkpid()  # made before fork: the parent's connections are not ours (I7)
-        for entry in list(self._entries.values()):
-            key = entry.key
-            if callable(getattr(key, "close", None)) or callable(getattr(key, "disconnect", None)):
-                try:
-                    self.close(key)
-                except Exception:  # noqa: BLE001 - exiting; the fence covers the rest
-                    log.exception("closing a leased connection at exit failed")
+        deadline = time.monotonic() + max(timeout, 0.0)
+        while True:
+            in_use = self._close_idle_for_exit()
+            remaining = deadline - time.monotonic()
+            if not in_use or remaining <= 0:
+                break
+            self._wait_returned(min(remaining, 0.05))
+        for key in in_use:  # out of time: their queries fail, the leases come back
+            self._close_for_exit(key)
+
+    def _close_idle_for_exit(self) -> list[Any]:
+        """Close the idle connections; return those still in use."""
+        with self._lock:
+            keys = [e.key for e in self._entries.values() if _closable(e.key)]
+        idle = self._idle_ids()
+        in_use = []
+        for key in keys:
+            if idle is None or id(key) in idle:
+                self._close_for_exit(key)
+            else:
+                in_use.append(key)
+        return in_use
+
+    def _idle_ids(self) -> set[int] | None:
+        """The ids of the pool's idle connections; None when it cannot tell."""
+        if self._idle is None:
+            return None
+        try:
+            return {id(c) for c in self._idle()}
+        except Exception:  # noqa: BLE001 - exiting: treat everything as idle
+            log.exception("listing the idle connections at exit failed")
+            return None
+
+    def _wait_returned(self, timeout: float) -> None:
+        """Sleep until a connection is checked in (:meth:`notify_returned`) or ``timeout``."""
+        with self._returned:
+            self._waiting += 1  # makes notify_returned() wake us
+            try:
+                self._returned.wait(timeout)
+            finally:
+                self._waiting -= 1
+
+    def _close_for_exit(self, key: Any) -> None:
+        try:
+            self.close(key)
+        except Exception:  # noqa: BLE001 - exiting; the fence covers the rest
+            log.exception("closing a leased connection at exit failed")
 
     def _reset(self) -> None:
         self._pid = current_pid()
