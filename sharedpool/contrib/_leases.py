@@ -220,6 +220,7 @@ class LeaseBook:
         self._waiting = 0
         self._waits: list[_Wait] = []
         self._recheck = False  # a recheck is scheduled
+        self._closing = 0  # leases of closed connections, kept until the server lets go
         self._handoff = HandOffCost()
         self._client: Client | None = None
         self._handlers: tuple[Any, ...] = ()
@@ -555,10 +556,18 @@ class LeaseBook:
             cancel_if_busy(key)
         client = self._client
         lease = entry.lease if entry is not None else None
+        if lease is not None:
+            self._count_closing(1)
+        released = False
 
         def late(confirmed: bool) -> None:
-            if client is not None and lease is not None:
+            nonlocal released
+            if lease is None or released:
+                return
+            released = True
+            if client is not None:
                 self._release(client, lease)
+            self._count_closing(-1)
 
         t0 = time.monotonic()
         try:
@@ -644,12 +653,20 @@ class LeaseBook:
         with self._lock:
             self._counters[name] += n
 
+    def _count_closing(self, n: int) -> None:
+        with self._lock:
+            self._closing += n
+
     def stats(self, reset: bool = False) -> dict[str, int]:
-        """Lease counters plus ``leases_held`` (a measure, never reset)."""
+        """Lease counters plus two measures, never reset: ``leases_held`` (as
+        the coordinator counts them: including ``leases_closing``, those of
+        connections closed whose server has not let go yet)."""
         self._checkpid()
         with self._lock:
             out = dict(self._counters)
-            out["leases_held"] = sum(1 for e in self._entries.values() if e.lease is not None)
+            out["leases_closing"] = self._closing
+            out["leases_held"] = self._closing + sum(
+                1 for e in self._entries.values() if e.lease is not None)
             if reset:
                 self._counters = dict.fromkeys(_COUNTERS, 0)
         return out
