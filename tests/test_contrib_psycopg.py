@@ -17,6 +17,7 @@ from psycopg_pool import PoolClosed
 from sharedpool import Client, Resource
 from sharedpool.contrib.psycopg import ConnectionPool
 from sharedpool.handoff import AUTO_MAX, AUTO_MIN
+from sharedpool.process import release_process
 
 pytestmark = pytest.mark.pg
 
@@ -83,8 +84,8 @@ def test_broken_connection_gives_its_lease_back(pg: str, start_coordinator: Any,
     assert BackendSampler(app_name).count_now() == 0
 
 
-def test_lease_goes_back_only_after_the_backend_is_gone(pg: str, start_coordinator: Any,
-                                                        sock_path: str, app_name: str) -> None:
+def test_busy_connection_is_cancelled_and_its_lease_goes_back_after_the_backend(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
     start_coordinator({"pg": Resource(max_size=1)})
     seen: list[int] = []
 
@@ -102,13 +103,16 @@ def test_lease_goes_back_only_after_the_backend_is_gone(pg: str, start_coordinat
         waiter = threading.Thread(target=wait)
         waiter.start()
         time.sleep(0.1)
-        # Busy for 0.5 s: the backend reads our Terminate only then. Returned
-        # mid-query, psycopg_pool closes it.
-        conn.pgconn.send_query(b"SELECT pg_sleep(0.5)")
+        # Returned mid-query (a task cut short), psycopg_pool closes it: the
+        # query is cancelled first, else the backend reads our Terminate only
+        # when it ends and the lease is held until then.
+        conn.pgconn.send_query(b"SELECT pg_sleep(10)")
         t0 = time.monotonic()
         pool.putconn(conn)
-        assert time.monotonic() - t0 >= 0.3, "the close was not confirmed"
-        waiter.join(10)
+        assert time.monotonic() - t0 < 1.5, "the busy query was not cancelled"
+        waiter.join(3)
+        assert not waiter.is_alive(), "the lease did not come back promptly"
+        assert pool.get_stats()["closes_unconfirmed"] == 0
     assert seen == [0], f"the lease went back while PostgreSQL still had {seen} backend(s)"
 
 
@@ -221,3 +225,38 @@ def test_hand_off_costs_reach_the_coordinator(pg: str, start_coordinator: Any, s
         assert AUTO_MIN <= quantum <= AUTO_MAX
     finally:
         probe.close()
+
+
+def _exit_mid_query(sock: str, app: str) -> dict[str, Any]:
+    """A worker exiting (release_process) while one of its threads is mid-query."""
+    pool = make_pool(sock, app, min_size=1, max_size=1)
+    pool.wait(5)
+    out: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            with pool.connection() as conn:
+                out["row"] = conn.execute("SELECT 42 FROM pg_sleep(1)").fetchone()[0]  # type: ignore[index]
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            out["query_error"] = repr(exc)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    release_process(5.0)
+    out["took"] = time.monotonic() - t0
+    thread.join(5)
+    out["held"] = pool.get_stats()["leases_held"]
+    return out
+
+
+def test_release_process_waits_for_a_query_in_flight(pg: str, start_coordinator: Any,
+                                                      sock_path: str, app_name: str) -> None:
+    start_coordinator({"pg": Resource(max_size=2)})
+    [child] = run_forked(_exit_mid_query, sock_path, app_name)
+    assert child.get("row") == 42, child  # not "the connection is closed"
+    assert 0.5 < child["took"] < 4, child  # until the query ended, not the whole timeout
+    assert child["held"] == 0
+    assert wait_leased(sock_path, 0) == 0
+    assert BackendSampler(app_name).count_now() == 0

@@ -15,7 +15,7 @@ import redis
 from proc_helpers import hammer, leased, run_forked, wait_leased
 
 from sharedpool import PoolTimeout, Resource
-from sharedpool.contrib.redis import BlockingConnectionPool
+from sharedpool.contrib.redis import BlockingConnectionPool, LeaseTimeout
 
 HOST, PORT = "127.0.0.1", 6379
 
@@ -168,8 +168,11 @@ def test_no_lease_in_time_raises_and_leaks_nothing(start_coordinator: Any, sock_
     holder = make_pool(sock_path, redis_name, max_connections=1)
     held = holder.get_connection()  # in use: cannot be reclaimed
     pool = make_pool(sock_path, redis_name, max_connections=1, lease_timeout=0.3)
-    with pytest.raises(PoolTimeout):
+    with pytest.raises(LeaseTimeout) as caught:
         redis.Redis(connection_pool=pool).ping()
+    # What `except redis.RedisError` (redis-py's own exhaustion error) and
+    # `except sharedpool.PoolTimeout` both catch.
+    assert isinstance(caught.value, redis.ConnectionError) and isinstance(caught.value, PoolTimeout)
     assert pool.lease_stats()["lease_timeouts"] == 1 and pool.lease_stats()["leases_held"] == 0
     holder.release(held)
     holder.disconnect()  # same process: its session waits, so reclaim would not ask it

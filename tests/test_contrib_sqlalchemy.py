@@ -17,6 +17,7 @@ from sqlalchemy.engine import Engine
 
 from sharedpool import Client, ConfigError, Resource
 from sharedpool.contrib.sqlalchemy import LeasedQueuePool, attach, create_engine
+from sharedpool.process import release_process
 
 pytestmark = pytest.mark.pg
 
@@ -159,20 +160,24 @@ def first_grant_sees(sock: str, app: str) -> tuple[threading.Thread, list[int]]:
     return t, seen
 
 
-def test_lease_goes_back_only_after_the_backend_is_gone(pg: str, start_coordinator: Any,
-                                                        sock_path: str, app_name: str) -> None:
+def test_busy_connection_is_cancelled_and_its_lease_goes_back_after_the_backend(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
     start_coordinator({"pg": Resource(max_size=1)})
     engine = engine_for(sock_path, app_name, pool_size=1, max_overflow=0)
     raw = engine.raw_connection()
     waiter, seen = first_grant_sees(sock_path, app_name)
     time.sleep(0.1)  # queued behind our lease
-    # The backend is busy for 0.5 s: it reads our Terminate only then.
-    raw.dbapi_connection.pgconn.send_query(b"SELECT pg_sleep(0.5)")  # type: ignore[union-attr]
+    # Busy (a task cut short mid-query): the query is cancelled before the
+    # close, else the backend reads our Terminate only when it ends and the
+    # lease is held until then.
+    raw.dbapi_connection.pgconn.send_query(b"SELECT pg_sleep(10)")  # type: ignore[union-attr]
     t0 = time.monotonic()
     raw.invalidate()  # the DBAPI connection is closed now
-    assert time.monotonic() - t0 >= 0.3, "the close was not confirmed"
-    waiter.join(10)
+    assert time.monotonic() - t0 < 1.5, "the busy query was not cancelled"
+    waiter.join(3)
+    assert not waiter.is_alive(), "the lease did not come back promptly"
     assert seen == [0], f"the lease went back while PostgreSQL still had {seen} backend(s)"
+    assert engine.pool.lease_stats()["closes_unconfirmed"] == 0  # type: ignore[attr-defined]
     engine.dispose()
 
 
@@ -259,3 +264,40 @@ def test_attach_refuses_what_it_cannot_lease(pg: str, sock_path: str) -> None:
     attached = attach(engine, "pg", sock_path)
     with pytest.raises(ConfigError, match="already"):
         attach(attached, "pg", sock_path)
+
+
+def _exit_mid_query(engine: Engine) -> dict[str, Any]:
+    """A worker exiting (release_process) while one of its threads is mid-query."""
+    engine.dispose(close=False)
+    out: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            with engine.connect() as conn:
+                out["row"] = conn.execute(text("SELECT 42 FROM pg_sleep(1)")).scalar()
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            out["query_error"] = repr(exc)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    release_process(5.0)
+    out["took"] = time.monotonic() - t0
+    thread.join(5)
+    pool = engine.pool
+    assert isinstance(pool, LeasedQueuePool)
+    out["held"] = pool.lease_stats()["leases_held"]
+    return out
+
+
+def test_release_process_waits_for_a_query_in_flight(pg: str, start_coordinator: Any,
+                                                      sock_path: str, app_name: str) -> None:
+    start_coordinator({"pg": Resource(max_size=2)})
+    engine = engine_for(sock_path, app_name, pool_size=1, max_overflow=0)
+    [child] = run_forked(_exit_mid_query, engine)
+    assert child.get("row") == 42, child  # not "the connection is closed"
+    assert 0.5 < child["took"] < 4, child  # until the query ended, not the whole timeout
+    assert child["held"] == 0
+    assert wait_leased(sock_path, 0) == 0
+    assert BackendSampler(app_name).count_now() == 0

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from .. import process
 from ..client import Client, Lease, current_pid
-from ..closing import close_and_confirm, socket_fd
+from ..closing import cancel_if_busy, close_and_confirm, socket_fd
 from ..config import SOCKET_ENV, check_resource_name
 from ..errors import AcquireCancelled, ConfigError, PoolTimeout
 from ..handoff import HandOffCost
@@ -78,7 +78,10 @@ class _CancellableAcquire:
 
 
 class _CloseVia:
-    """What :func:`close_and_confirm` sees: the key's socket, closed by ``closer``."""
+    """What :func:`close_and_confirm` sees: the key's socket, closed by ``closer``.
+
+    It hides the key's busy state: cancel a query in flight on the key itself
+    before closing through this (see :meth:`LeaseBook.close`)."""
 
     def __init__(self, key: Any, closer: Callable[[], object]) -> None:
         self._key = key
@@ -98,6 +101,11 @@ class _DisconnectVia:
     def __init__(self, key: Any, closer: Callable[[], object]) -> None:
         self._sock = getattr(key, "_sock", None)
         self.disconnect = closer
+
+
+def _closable(key: Any) -> bool:
+    """A connection (not a placeholder for one being opened)."""
+    return callable(getattr(key, "close", None)) or callable(getattr(key, "disconnect", None))
 
 
 def backend_pid(conn: Any) -> int | None:
@@ -151,15 +159,58 @@ class LeaseBook:
 
     def release_for_exit(self, timeout: float) -> None:
         """At process exit: close every tracked connection under the host pool
-        (it is exiting too), each confirmed, then its lease released."""
+        (it is exiting too), each confirmed, then its lease released.
+
+        Idle connections are closed at once; one in use (another thread is
+        mid-query) is closed once checked in, or when ``timeout`` has passed."""
         self._checkpid()  # made before fork: the parent's connections are not ours (I7)
-        for entry in list(self._entries.values()):
-            key = entry.key
-            if callable(getattr(key, "close", None)) or callable(getattr(key, "disconnect", None)):
-                try:
-                    self.close(key)
-                except Exception:  # noqa: BLE001 - exiting; the fence covers the rest
-                    log.exception("closing a leased connection at exit failed")
+        deadline = time.monotonic() + max(timeout, 0.0)
+        while True:
+            in_use = self._close_idle_for_exit()
+            remaining = deadline - time.monotonic()
+            if not in_use or remaining <= 0:
+                break
+            self._wait_returned(min(remaining, 0.05))
+        for key in in_use:  # out of time: their queries fail, the leases come back
+            self._close_for_exit(key)
+
+    def _close_idle_for_exit(self) -> list[Any]:
+        """Close the idle connections; return those still in use."""
+        with self._lock:
+            keys = [e.key for e in self._entries.values() if _closable(e.key)]
+        idle = self._idle_ids()
+        in_use = []
+        for key in keys:
+            if idle is None or id(key) in idle:
+                self._close_for_exit(key)
+            else:
+                in_use.append(key)
+        return in_use
+
+    def _idle_ids(self) -> set[int] | None:
+        """The ids of the pool's idle connections; None when it cannot tell."""
+        if self._idle is None:
+            return None
+        try:
+            return {id(c) for c in self._idle()}
+        except Exception:  # noqa: BLE001 - exiting: treat everything as idle
+            log.exception("listing the idle connections at exit failed")
+            return None
+
+    def _wait_returned(self, timeout: float) -> None:
+        """Sleep until a connection is checked in (:meth:`notify_returned`) or ``timeout``."""
+        with self._returned:
+            self._waiting += 1  # makes notify_returned() wake us
+            try:
+                self._returned.wait(timeout)
+            finally:
+                self._waiting -= 1
+
+    def _close_for_exit(self, key: Any) -> None:
+        try:
+            self.close(key)
+        except Exception:  # noqa: BLE001 - exiting; the fence covers the rest
+            log.exception("closing a leased connection at exit failed")
 
     def _reset(self) -> None:
         self._pid = current_pid()
@@ -169,6 +220,7 @@ class LeaseBook:
         self._waiting = 0
         self._waits: list[_Wait] = []
         self._recheck = False  # a recheck is scheduled
+        self._closing = 0  # leases of closed connections, kept until the server lets go
         self._handoff = HandOffCost()
         self._client: Client | None = None
         self._handlers: tuple[Any, ...] = ()
@@ -497,12 +549,25 @@ class LeaseBook:
             target = _DisconnectVia(key, closer)
         else:
             target = _CloseVia(key, closer)
+        if target is not key:
+            # close_and_confirm cancels a busy query only on what it is given;
+            # uncancelled, the backend reads our Terminate when the query ends
+            # (a task cut short mid-query) and the lease is held until then.
+            cancel_if_busy(key)
         client = self._client
         lease = entry.lease if entry is not None else None
+        if lease is not None:
+            self._count_closing(1)
+        released = False
 
         def late(confirmed: bool) -> None:
-            if client is not None and lease is not None:
+            nonlocal released
+            if lease is None or released:
+                return
+            released = True
+            if client is not None:
                 self._release(client, lease)
+            self._count_closing(-1)
 
         t0 = time.monotonic()
         try:
@@ -588,12 +653,20 @@ class LeaseBook:
         with self._lock:
             self._counters[name] += n
 
+    def _count_closing(self, n: int) -> None:
+        with self._lock:
+            self._closing += n
+
     def stats(self, reset: bool = False) -> dict[str, int]:
-        """Lease counters plus ``leases_held`` (a measure, never reset)."""
+        """Lease counters plus two measures, never reset: ``leases_held`` (as
+        the coordinator counts them: including ``leases_closing``, those of
+        connections closed whose server has not let go yet)."""
         self._checkpid()
         with self._lock:
             out = dict(self._counters)
-            out["leases_held"] = sum(1 for e in self._entries.values() if e.lease is not None)
+            out["leases_closing"] = self._closing
+            out["leases_held"] = self._closing + sum(
+                1 for e in self._entries.values() if e.lease is not None)
             if reset:
                 self._counters = dict.fromkeys(_COUNTERS, 0)
         return out

@@ -29,6 +29,15 @@ A worker that dies without running ``worker_exit`` (SIGKILL after gunicorn's
 timeout, the OOM killer) loses its session when the kernel closes its socket;
 the coordinator fences its leases and frees them once its connections are gone.
 
+``preload_app``: the app is imported before ``on_starting``, so before the
+embedded coordinator runs. Making pools at import time is fine (they connect
+on first use), but a query at import time waits ``pool_timeout`` for a lease
+and fails with CoordinatorUnavailable. Query in the workers, or run
+``sharedpool serve`` (and pass its ``socket=``) so that a coordinator is
+already listening. The coordinator is not started when the config is read:
+gunicorn also reads it for ``--check-config`` and before ``--daemon`` forks the
+master away from the process that would own the coordinator.
+
 Works with any worker class that forks from the master (``sync``, ``gthread``...).
 This module does not import gunicorn.
 """

@@ -80,7 +80,8 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
     # ------------------------------------------------------------------ stats
 
     def get_stats(self) -> dict[str, int]:
-        """psycopg_pool's stats plus ``leases_held``, ``leases_acquired``,
+        """psycopg_pool's stats plus ``leases_held`` (including ``leases_closing``:
+        connections closed whose server has not let go yet), ``leases_acquired``,
         ``lease_wait_ms``, ``lease_timeouts``, ``leases_reclaimed``..."""
         stats = super().get_stats()
         stats.update(self._sp_book.stats())

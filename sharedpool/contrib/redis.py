@@ -16,8 +16,10 @@ socket is closed (``disconnect()``: errors, ``pool.disconnect()``,
 ``pool.close()``) and the server confirmed it dropped the client. A thread that
 waits for a lease takes a connection another thread checks in meanwhile.
 
-A lease that does not come in time raises :class:`sharedpool.PoolTimeout` (a
-``TimeoutError``) from ``get_connection``. Call ``pool.disconnect()`` (or
+A lease that does not come in time raises :class:`LeaseTimeout` from
+``get_connection``: a ``redis.ConnectionError`` (what redis-py raises when its
+own pool is exhausted, so ``except redis.RedisError`` catches both) and a
+:class:`sharedpool.PoolTimeout`. Call ``pool.disconnect()`` (or
 ``pool.close()``) at shutdown: ``Redis.close()`` leaves a pool it was given
 open. After a fork, redis-py resets the pool in the child; the parent's
 connections and leases are left alone and the child opens its own.
@@ -36,9 +38,10 @@ from typing import Any
 import redis
 from redis.connection import Connection
 
+from ..errors import PoolTimeout
 from ._leases import LeaseBook
 
-__all__ = ["BlockingConnectionPool", "LeasedConnectionMixin"]
+__all__ = ["BlockingConnectionPool", "LeaseTimeout", "LeasedConnectionMixin"]
 
 if not hasattr(redis.connection.AbstractConnection, "connect_check_health"):  # pragma: no cover
     # Older redis-py opens sockets elsewhere: leasing would silently not happen.
@@ -46,6 +49,14 @@ if not hasattr(redis.connection.AbstractConnection, "connect_check_health"):  # 
                       f"connect_check_health() (this is redis-py {redis.__version__}); upgrade redis")
 
 log = logging.getLogger("sharedpool.contrib.redis")
+
+
+class LeaseTimeout(redis.ConnectionError, PoolTimeout):
+    """No lease within the pool's timeout: the global cap is reached.
+
+    Both redis-py's ``ConnectionError`` (what an exhausted
+    BlockingConnectionPool raises: ``No connection available.``) and
+    sharedpool's :class:`~sharedpool.PoolTimeout`."""
 
 
 class _UseAnother(Exception):  # noqa: N818 - internal signal, never escapes get_connection
@@ -77,7 +88,13 @@ class LeasedConnectionMixin:
             return
         book = pool.lease_book
         local = pool._sp_connected_idle if pool._sp_local_wait() else None
-        other = book.acquire(self, pool._sp_timeout(), local=local, owner=pool)
+        try:
+            other = book.acquire(self, pool._sp_timeout(), local=local, owner=pool)
+        except PoolTimeout as exc:
+            if isinstance(exc, LeaseTimeout):
+                raise
+            # A plain PoolTimeout would slip past `except redis.RedisError`.
+            raise LeaseTimeout(f"no {book.resource!r} lease in time: {exc}") from exc
         if other is not None:
             raise _UseAnother(None if other is True else other)
         try:

@@ -1,0 +1,39 @@
+"""LeaseBook (what every contrib integration leases through) on its own, with
+plain TCP sockets as connections: what it reports while a close is unconfirmed."""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+from proc_helpers import leased, wait_leased
+
+from sharedpool import Resource
+from sharedpool.contrib._leases import LeaseBook
+
+
+def test_a_lease_still_closing_counts_as_held(start_coordinator: Any, sock_path: str) -> None:
+    start_coordinator({"pg": Resource(max_size=1)})
+    book = LeaseBook("pg", sock_path, confirm_timeout=0.2)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        conn = book.connect(lambda: socket.create_connection(server.getsockname()))
+        peer, _ = server.accept()
+        try:
+            assert book.stats()["leases_held"] == 1
+            # The server has not let go (a busy backend): the lease stays out,
+            # and the book says so, as the coordinator does.
+            assert not book.close(conn)
+            stats = book.stats()
+            assert stats["leases_held"] == 1 and stats["leases_closing"] == 1, stats
+            assert leased(sock_path) == 1
+        finally:
+            peer.close()
+        deadline = time.monotonic() + 5
+        while book.stats()["leases_held"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+    stats = book.stats()
+    assert stats["leases_held"] == 0 and stats["leases_closing"] == 0, stats
+    assert stats["closes_unconfirmed"] == 1 and stats["leases_released"] == 1
+    assert wait_leased(sock_path, 0) == 0
+    book.shutdown()
