@@ -163,6 +163,27 @@ def test_resize_past_the_cap_waits_and_close_ends_the_wait(
         c.close()
 
 
+def test_lease_waits_leave_a_worker_free_for_returns(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    # min_size above the cap: the pool waits for leases it will not get soon.
+    # With reset=, psycopg_pool returns connections through its workers: were
+    # they all in lease waits, a connection put back would not come back.
+    start_coordinator({"pg": Resource(max_size=2, acquire_timeout=30)})
+    pool = make_pool(sock_path, app_name, min_size=8, max_size=8, timeout=5,
+                     reset=lambda conn: None)
+    try:
+        wait_leased(sock_path, 2)
+        time.sleep(0.5)  # every spare worker is in a lease wait by now
+        for _ in range(4):
+            t0 = time.monotonic()
+            with pool.connection(timeout=3) as conn:
+                conn.execute("SELECT 1")
+            assert time.monotonic() - t0 < 1.5, "a returned connection was stuck behind lease waits"
+    finally:
+        pool.close()  # the last return may still be queued for a worker: closed all the same
+    assert wait_leased(sock_path, 0) == 0
+
+
 def _child_needs_one(sock: str, app: str) -> dict[str, Any]:
     t0 = time.monotonic()
     with make_pool(sock, app, min_size=0, max_size=1, timeout=10) as pool, pool.connection() as conn:

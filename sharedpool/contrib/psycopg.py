@@ -19,9 +19,10 @@ lease back before the pool opens the replacement.
 
 With a global cap smaller than the sum of the pools' ``min_size``, pools wait
 for leases rather than fail (``open(wait=True)`` may time out, as it would on
-a slow server). When the coordinator asks for leases back, idle connections
-are closed and the pool shrinks (below ``min_size`` if need be; it grows back
-on demand).
+a slow server). Those waits take at most ``num_workers - 1`` of the pool's
+workers: one stays free to return connections (``reset=``) and check them.
+When the coordinator asks for leases back, idle connections are closed and
+the pool shrinks (below ``min_size`` if need be; it grows back on demand).
 
 psycopg_pool pools are not fork-safe: make (or ``open()``) the pool in the
 process that uses it. A pool opened before a fork refuses to serve in the child.
@@ -39,6 +40,7 @@ import psycopg_pool
 from psycopg import errors as e
 from psycopg.pq import TransactionStatus
 from psycopg_pool.abc import CT
+from psycopg_pool.pool import AddConnection
 
 from ..client import current_pid
 from ._leases import LeaseBook
@@ -46,6 +48,10 @@ from ._leases import LeaseBook
 __all__ = ["ConnectionPool"]
 
 log = logging.getLogger("sharedpool.contrib.psycopg")
+
+#: Seconds before an AddConnection that found every spare worker in a lease
+#: wait tries again.
+WAIT_SLOT_RETRY = 0.1
 
 
 class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
@@ -71,6 +77,13 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
         self._sp_opened_in: int | None = None
         self._sp_local = threading.local()
         self._sp_closing = False
+        #: connections put back and queued for a worker to return (with reset=)
+        self._sp_returning: dict[int, Any] = {}
+        # Lease waits run on psycopg_pool's workers, which also return
+        # connections (with reset=) and check them: one worker stays free of them.
+        workers = kwargs.get("num_workers", 3)
+        spare = workers - 1 if isinstance(workers, int) else 2
+        self._sp_wait_slots = threading.BoundedSemaphore(max(1, spare))
         super().__init__(conninfo, configure=self._sp_configure_conn if configure else None, **kwargs)
 
     @property
@@ -110,11 +123,29 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
         self._sp_closing = True  # ends the workers' lease waits, so they stop in time
         self._sp_book.notify_returned()
         super().close(timeout)
+        with self._lock:
+            dropped, self._sp_returning = list(self._sp_returning.values()), {}
+        for conn in dropped:
+            # Put back just before the close: psycopg_pool's workers skip the
+            # queued return once the pool is closed, leaving the connection
+            # open (and its lease held) with nobody to close it.
+            self._close_connection(conn)
         if self._sp_opened_in in (None, current_pid()):
             self._sp_book.sweep(_gone)
             self._sp_book.shutdown()
 
     # ------------------------------------------------------------------ connect / close
+
+    def _putconn(self, conn: CT, from_getconn: bool) -> None:
+        if self._reset:  # returned by a worker task, which a close() may skip
+            with self._lock:
+                self._sp_returning[id(conn)] = conn
+        super()._putconn(conn, from_getconn)
+
+    def _return_connection(self, conn: CT, from_getconn: bool) -> None:
+        with self._lock:
+            self._sp_returning.pop(id(conn), None)
+        super()._return_connection(conn, from_getconn)
 
     def _sp_timeout(self) -> float:
         return self._sp_lease_timeout if self._sp_lease_timeout is not None else self.timeout
@@ -125,6 +156,14 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
         # that a returned connection has served meanwhile).
         book = self._sp_book
         book.sweep(_gone)  # dropped broken connections give their lease back first
+        if not self._sp_wait_slots.acquire(blocking=False):
+            # Every other worker waits for a lease: try again shortly rather
+            # than take the last free one (this task keeps its place in _nconns).
+            if self._sp_closing or self._closed:
+                self._sp_not_adding(growing)
+            else:
+                self.schedule_task(AddConnection(self, attempt, growing=growing), WAIT_SLOT_RETRY)
+            return
         key = object()
         try:
             not_needed = book.acquire(key, self._sp_timeout(), local=self._sp_not_needed)
@@ -132,14 +171,11 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
             self._sp_local.lease_error = exc
         else:
             if not_needed is not None:
-                with self._lock:
-                    self._nconns -= 1
-                    if growing:
-                        self._growing = False
-                    if self._waiting and not self._closed:
-                        self._maybe_grow_pool()
+                self._sp_not_adding(growing)
                 return
             self._sp_local.lease_key = key
+        finally:
+            self._sp_wait_slots.release()
         try:
             super()._add_connection(attempt, growing)
         finally:
@@ -147,6 +183,15 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
             if getattr(self._sp_local, "lease_key", None) is key:  # _connect never ran
                 self._sp_local.lease_key = None
                 book.opened(key, failed=True)
+
+    def _sp_not_adding(self, growing: bool) -> None:
+        """An AddConnection task ends without a connection: uncount it."""
+        with self._lock:
+            self._nconns -= 1
+            if growing:
+                self._growing = False
+            if self._waiting and not self._closed:
+                self._maybe_grow_pool()
 
     def _sp_not_needed(self) -> bool | None:
         if self._sp_closing or self._closed or (not self._waiting and self._nconns > self._min_size):
