@@ -179,3 +179,24 @@ def test_no_lease_in_time_raises_and_leaks_nothing(start_coordinator: Any, sock_
     assert redis.Redis(connection_pool=pool).ping()  # the failed connect left nothing behind
     pool.disconnect()
     assert wait_leased(sock_path, 0) == 0 and clients_named(redis_name) == 0
+
+
+def test_a_refused_wait_is_a_redis_connection_error(start_coordinator: Any, sock_path: str,
+                                                   redis_name: str) -> None:
+    from sharedpool import TooManyWaiters
+    from sharedpool.contrib.redis import LeaseRefused
+
+    start_coordinator({"redis": Resource(max_size=1, max_waiting=0)})
+    holder = make_pool(sock_path, redis_name, max_connections=1)
+    held = holder.get_connection()
+    pool = make_pool(sock_path, redis_name, max_connections=1)
+    try:
+        with pytest.raises(LeaseRefused) as caught:
+            redis.Redis(connection_pool=pool).ping()
+        assert isinstance(caught.value, redis.ConnectionError)
+        assert isinstance(caught.value, TooManyWaiters)
+    finally:
+        holder.release(held)
+        holder.disconnect()
+        pool.disconnect()
+    assert wait_leased(sock_path, 0) == 0

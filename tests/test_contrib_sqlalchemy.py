@@ -301,3 +301,28 @@ def test_release_process_waits_for_a_query_in_flight(pg: str, start_coordinator:
     assert child["held"] == 0
     assert wait_leased(sock_path, 0) == 0
     assert BackendSampler(app_name).count_now() == 0
+
+
+def test_a_refused_wait_is_sqlalchemys_pool_timeout_error(pg: str, start_coordinator: Any,
+                                                          sock_path: str, app_name: str) -> None:
+    from sqlalchemy import exc
+
+    from sharedpool import TooManyWaiters
+    from sharedpool.contrib.sqlalchemy import LeaseRefused
+
+    start_coordinator({"pg": Resource(max_size=1, max_waiting=0)})
+    holder = engine_for(sock_path, app_name)
+    other = engine_for(sock_path, app_name)
+    try:
+        with holder.connect() as held:
+            held.execute(text("SELECT 1"))
+            with pytest.raises(LeaseRefused) as caught, other.connect():
+                pass
+        # What `except sqlalchemy.exc.TimeoutError` (an exhausted QueuePool)
+        # and `except sharedpool.TooManyWaiters` both catch.
+        assert isinstance(caught.value, exc.TimeoutError)
+        assert isinstance(caught.value, TooManyWaiters)
+    finally:
+        holder.dispose()
+        other.dispose()
+    assert wait_leased(sock_path, 0) == 0

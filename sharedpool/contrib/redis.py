@@ -38,10 +38,10 @@ from typing import Any
 import redis
 from redis.connection import Connection
 
-from ..errors import PoolTimeout
+from ..errors import PoolTimeout, TooManyWaiters
 from ._leases import LeaseBook
 
-__all__ = ["BlockingConnectionPool", "LeaseTimeout", "LeasedConnectionMixin"]
+__all__ = ["BlockingConnectionPool", "LeaseRefused", "LeaseTimeout", "LeasedConnectionMixin"]
 
 if not hasattr(redis.connection.AbstractConnection, "connect_check_health"):  # pragma: no cover
     # Older redis-py opens sockets elsewhere: leasing would silently not happen.
@@ -57,6 +57,12 @@ class LeaseTimeout(redis.ConnectionError, PoolTimeout):
     Both redis-py's ``ConnectionError`` (what an exhausted
     BlockingConnectionPool raises: ``No connection available.``) and
     sharedpool's :class:`~sharedpool.PoolTimeout`."""
+
+
+class LeaseRefused(redis.ConnectionError, TooManyWaiters):
+    """The coordinator would not queue another wait (the resource's
+    ``max_waiting``): refused at once, as a redis-py ``ConnectionError`` and
+    sharedpool's :class:`~sharedpool.TooManyWaiters`."""
 
 
 class _UseAnother(Exception):  # noqa: N818 - internal signal, never escapes get_connection
@@ -95,6 +101,10 @@ class LeasedConnectionMixin:
                 raise
             # A plain PoolTimeout would slip past `except redis.RedisError`.
             raise LeaseTimeout(f"no {book.resource!r} lease in time: {exc}") from exc
+        except TooManyWaiters as exc:
+            if isinstance(exc, LeaseRefused):
+                raise
+            raise LeaseRefused(exc.reason, f"no {book.resource!r} lease: {exc.detail}") from exc
         if other is not None:
             raise _UseAnother(None if other is True else other)
         try:

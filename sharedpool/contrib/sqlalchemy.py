@@ -43,10 +43,10 @@ from sqlalchemy.pool.base import ConnectionPoolEntry
 from sqlalchemy.util import queue as sqla_queue
 
 from ..client import current_pid
-from ..errors import ConfigError, PoolTimeout
+from ..errors import ConfigError, PoolTimeout, TooManyWaiters
 from ._leases import LeaseBook
 
-__all__ = ["LeaseTimeout", "LeasedQueuePool", "attach", "create_engine"]
+__all__ = ["LeaseRefused", "LeaseTimeout", "LeasedQueuePool", "attach", "create_engine"]
 
 log = logging.getLogger("sharedpool.contrib.sqlalchemy")
 
@@ -56,6 +56,12 @@ class LeaseTimeout(exc.TimeoutError, PoolTimeout):
 
     Both SQLAlchemy's pool ``TimeoutError`` (what an exhausted QueuePool
     raises) and sharedpool's :class:`~sharedpool.PoolTimeout`."""
+
+
+class LeaseRefused(exc.TimeoutError, TooManyWaiters):
+    """The coordinator would not queue another wait (the resource's
+    ``max_waiting``): refused at once, as SQLAlchemy's pool ``TimeoutError``
+    and sharedpool's :class:`~sharedpool.TooManyWaiters`."""
 
 
 class LeasedQueuePool(QueuePool):
@@ -332,6 +338,10 @@ def _lease_timeout(book: LeaseBook, timeout: float) -> Iterator[None]:
         if isinstance(e, LeaseTimeout):
             raise
         raise LeaseTimeout(f"no {book.resource!r} lease within {timeout:g}s: {e}") from e
+    except TooManyWaiters as e:  # an exhausted pool to whoever catches SQLAlchemy's error
+        if isinstance(e, LeaseRefused):
+            raise
+        raise LeaseRefused(e.reason, f"no {book.resource!r} lease: {e.detail}") from e
 
 
 def attach(engine: Engine, resource: str, coordinator: str | None = None, *,
