@@ -127,7 +127,7 @@ def _watch_late(sock: socket.socket, on_late: Callable[[bool], object],
 
 
 #: libpq's PQtransactionStatus values (psycopg 3 and psycopg2 alike).
-ACTIVE, INTRANS, INERROR = 1, 2, 3
+ACTIVE, INTRANS, INERROR, UNKNOWN = 1, 2, 3, 4
 
 
 def transaction_status(conn: object) -> int | None:

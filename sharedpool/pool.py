@@ -9,6 +9,7 @@ the lock: the locked sections only decide, and return what to do.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -20,7 +21,7 @@ from typing import Any, Generic, TypeVar
 
 from . import process
 from .client import _PID, AcquireRequest, Client, current_pid
-from .closing import ACTIVE, INERROR, INTRANS, close_and_confirm, transaction_status
+from .closing import ACTIVE, INERROR, INTRANS, UNKNOWN, close_and_confirm, transaction_status
 from .config import SOCKET_ENV, PoolConfig, check_resource_name
 from .errors import (
     AcquireCancelled,
@@ -149,7 +150,8 @@ class ConnectionPool(Generic[T]):
         self._handoff = HandOffCost()
         self._fallback_opening = 0
         self._opening = 0
-        #: connections taken out of _all and not yet closed (lease not yet released)
+        #: connections taken out of _all and not yet closed (lease not yet
+        #: released, unless their close is still unconfirmed: then a watcher has it)
         self._closing = 0
         #: openers' lease requests still queued at the coordinator
         self._lease_requests: set[AcquireRequest] = set()
@@ -454,37 +456,39 @@ class ConnectionPool(Generic[T]):
         if closing:
             self._close(wrapper)
         elif self.configure is not None:
-            if client is not None and wrapper.backend_pid is not None:
-                client.report_now()  # before any query of ours runs on it
-            self._configure(wrapper, waiter)
+            error = self._setup(wrapper, client)
+            if error is None:
+                self._park(wrapper)  # handed out, or closed if the pool closed meanwhile
+            else:  # reaches a waiter as a failed connect's error does
+                with self._lock:
+                    self._opening += 1  # _open_failed settles it as for a failed connect
+                self._open_failed(waiter, error, connected=True)
         elif client is not None and wrapper.backend_pid is not None:
             client.report_soon()  # the fence needs this backend pid should we die
         self._start_openers(openers, deadline)
 
-    def _configure(self, wrapper: ConnectionWrapper[T], waiter: _Waiter) -> None:
-        """Run ``configure`` on a new connection, then hand it out; one it fails
-        on is closed and the error goes to a waiter, as a failed connect's does."""
+    def _setup(self, wrapper: ConnectionWrapper[T], client: Client | None) -> BaseException | None:
+        """A new connection, counted and marked in use by the pool itself: report
+        its backend pid, then run ``configure`` on it. One it fails on is closed
+        (then its lease released) and the error returned."""
         assert self.configure is not None
+        # The pool's own, not a caller's: leak detection must not time it.
+        wrapper.checked_out_at = math.inf
+        if client is not None and wrapper.backend_pid is not None:
+            try:
+                client.report_now()  # before any query of ours runs on it
+            except Exception:  # noqa: BLE001 - the periodic report carries it still
+                log.exception("pool %r: reporting a new connection's backend pid failed", self.name)
         try:
             self.configure(wrapper.conn)
-        except BaseException as exc:  # noqa: BLE001 - delivered to the waiter, not lost
+        except BaseException as exc:  # noqa: BLE001 - returned to the caller, not lost
+            log.warning("pool %r: configure failed on a new connection: %s", self.name, exc)
             with self._lock:
                 del self._all[wrapper.id]
                 self._closing += 1
-                self._opening += 1  # _open_failed settles it as for a failed connect
             self._close(wrapper)
-            self._open_failed(waiter, exc, connected=True)
-            return
-        with self._lock:
-            active = self.status is PoolStatus.ACTIVE
-            if active:
-                self._hand_over(wrapper)
-            else:
-                del self._all[wrapper.id]
-                self._closing += 1
-                self._returned.notify_all()
-        if not active:
-            self._close(wrapper)
+            return exc
+        return None
 
     def _open_failed(self, waiter: _Waiter, exc: BaseException, connected: bool) -> None:
         if not isinstance(exc, SharedPoolError):
@@ -566,6 +570,10 @@ class ConnectionPool(Generic[T]):
             self.release(wrapper)  # raises PoolMisuse, touching nothing
             return
         status = transaction_status(wrapper.conn)
+        closed = getattr(wrapper.conn, "closed", False)  # psycopg: bool, psycopg2: 0/1/2
+        if status == UNKNOWN or (isinstance(closed, int) and closed):
+            self._discard(wrapper, validation=False)  # broken: no use keeping it
+            return
         if status in (INTRANS, INERROR):
             try:
                 wrapper.conn.rollback()  # type: ignore[attr-defined]
@@ -994,6 +1002,8 @@ class ConnectionPool(Generic[T]):
                 self._m["total_created"] += 1
                 self._all[wrapper.id] = wrapper
                 wrapper.in_use = True
+            if self.configure is not None and self._setup(wrapper, client) is not None:
+                return  # retried next round
             self._park(wrapper)
 
     def _check_leaks(self, now: float) -> None:

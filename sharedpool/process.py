@@ -9,6 +9,7 @@ end. Pools register themselves when made; the registry holds them weakly.
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from typing import Any, Protocol
 
@@ -30,13 +31,15 @@ def register(pool: _Releasable) -> None:
 def release_process(timeout: float = 5.0) -> None:
     """Close this process's leased connections and end its coordinator sessions.
 
-    Pools wait up to ``timeout`` for connections in use. Pools inherited
-    across ``fork()`` release nothing of the parent's (I7)."""
+    Pools wait up to ``timeout`` in all (one deadline, however many pools)
+    for connections in use. Pools inherited across ``fork()`` release nothing
+    of the parent's (I7)."""
     from .client import _ALL
 
+    deadline = time.monotonic() + timeout
     for pool in list(_POOLS):
         try:
-            pool.release_for_exit(timeout)
+            pool.release_for_exit(max(0.0, deadline - time.monotonic()))
         except Exception:  # noqa: BLE001 - release the rest whatever one pool does
             log.exception("releasing %r at exit failed", pool)
     for client in list(_ALL):

@@ -253,17 +253,19 @@ def _exit_mid_query(sock: str, app: str) -> dict[str, Any]:
     pool = make_pool(sock, app, min_size=1, max_size=1)
     pool.wait(5)
     out: dict[str, Any] = {}
+    checked_out = threading.Event()
 
     def work() -> None:
         try:
             with pool.connection() as conn:
+                checked_out.set()
                 out["row"] = conn.execute("SELECT 42 FROM pg_sleep(1)").fetchone()[0]  # type: ignore[index]
         except Exception as exc:  # noqa: BLE001 - reported to the test
             out["query_error"] = repr(exc)
 
     thread = threading.Thread(target=work)
     thread.start()
-    time.sleep(0.2)
+    assert checked_out.wait(10)  # in use from here: the exit must wait for it
     t0 = time.monotonic()
     release_process(5.0)
     out["took"] = time.monotonic() - t0

@@ -270,17 +270,19 @@ def _exit_mid_query(engine: Engine) -> dict[str, Any]:
     """A worker exiting (release_process) while one of its threads is mid-query."""
     engine.dispose(close=False)
     out: dict[str, Any] = {}
+    checked_out = threading.Event()
 
     def work() -> None:
         try:
             with engine.connect() as conn:
+                checked_out.set()
                 out["row"] = conn.execute(text("SELECT 42 FROM pg_sleep(1)")).scalar()
         except Exception as exc:  # noqa: BLE001 - reported to the test
             out["query_error"] = repr(exc)
 
     thread = threading.Thread(target=work)
     thread.start()
-    time.sleep(0.2)
+    assert checked_out.wait(10)  # in use from here: the exit must wait for it
     t0 = time.monotonic()
     release_process(5.0)
     out["took"] = time.monotonic() - t0

@@ -169,24 +169,39 @@ def test_monitor_connection_is_open_before_anyone_dies(pg: str, start_coordinato
 def test_a_worker_killed_in_configure_is_fenced_by_its_backend(
         pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
     # Setup SQL in configure= runs after the backend pid reached the coordinator:
-    # a worker killed during it leaves a backend the fence knows and ends.
+    # a worker killed during it leaves a busy backend the fence knows and ends.
     start_coordinator({"pg": Resource(max_size=1, monitor_dsn=pg_dsn(), fence_action="terminate",
                                       fence_timeout=20, acquire_timeout=60)})
     code = textwrap.dedent(f"""
+        import os, signal
         import psycopg
         from pg_helpers import pg_dsn
         from sharedpool import ConnectionPool, PoolConfig
+        from sharedpool.client import Client
+
+        # Only report_now() may tell the coordinator the backend pid here: the
+        # background thread's own reports are switched off.
+        maybe_report, report_now, now = Client._maybe_report, Client.report_now, [False]
+        Client._maybe_report = lambda self: maybe_report(self) if now[0] else None
+        def only_now(self):
+            now[0] = True
+            try:
+                report_now(self)
+            finally:
+                now[0] = False
+        Client.report_now = only_now
 
         def configure(conn):
             print("configuring", conn.info.backend_pid, flush=True)
-            conn.execute("SELECT pg_sleep(4)")
+            conn.pgconn.send_query(b"SELECT pg_sleep(4)")  # busy, then gone mid-query
+            conn.pgconn.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
 
         pool = ConnectionPool(lambda: psycopg.connect(pg_dsn(), application_name={app_name!r},
                                                       autocommit=True),
                               PoolConfig(min_size=0, max_size=1), resource="pg",
                               coordinator={sock_path!r}, configure=configure)
-        with pool.connection(timeout=30) as conn:
-            print("used", flush=True)
+        pool.acquire(timeout=30)
     """)
     env = {**os.environ, "PYTHONPATH": str(HERE)}
     with BackendSampler(app_name) as sampler:
@@ -195,8 +210,7 @@ def test_a_worker_killed_in_configure_is_fenced_by_its_backend(
             assert victim.stdout is not None
             line = victim.stdout.readline().split()
             assert line and line[0] == "configuring", line
-            os.kill(victim.pid, signal.SIGKILL)  # at once: before any periodic report
-            victim.wait(10)
+            assert victim.wait(10) == -signal.SIGKILL
             result = finish(spawn(sock_path, app_name, 5, "1", "1", "0"), timeout=60)
         finally:
             if victim.poll() is None:

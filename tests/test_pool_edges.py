@@ -8,7 +8,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -26,14 +26,27 @@ class Interrupted(BaseException):
 
 
 @pytest.fixture
-def alarm() -> Iterator[None]:
+def interrupt() -> Iterator[Callable[[float], None]]:
+    """``interrupt(s)``: in ``s`` seconds, a signal handler raises Interrupted in
+    the main thread. SIGUSR1 from a timer thread, so that pytest-timeout's
+    SIGALRM stays armed."""
     def raise_it(*_: object) -> None:
         raise Interrupted("the signal handler raised")
 
-    old = signal.signal(signal.SIGALRM, raise_it)
-    yield
-    signal.setitimer(signal.ITIMER_REAL, 0)
-    signal.signal(signal.SIGALRM, old)
+    main = threading.main_thread().ident
+    assert main is not None
+    timers: list[threading.Timer] = []
+
+    def schedule(seconds: float) -> None:
+        timers.append(threading.Timer(seconds, signal.pthread_kill, args=(main, signal.SIGUSR1)))
+        timers[-1].start()
+
+    old = signal.signal(signal.SIGUSR1, raise_it)
+    yield schedule
+    for t in timers:
+        t.cancel()
+        t.join()
+    signal.signal(signal.SIGUSR1, old)
 
 
 @pytest.fixture(autouse=True)
@@ -42,13 +55,13 @@ def _no_env_socket(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_a_wait_cut_short_by_a_signal_leaves_no_connection_behind(
-        alarm: None, start_coordinator: Any, sock_path: str) -> None:
+        interrupt: Callable[[float], None], start_coordinator: Any, sock_path: str) -> None:
     start_coordinator({"r": 1})
     pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1), resource="r",
                           coordinator=sock_path)
     try:
         held = pool.acquire(timeout=5)
-        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        interrupt(0.2)
         with pytest.raises(Interrupted):
             pool.acquire(timeout=5)  # waits: the only connection is out
         assert pool.get_stats()["requests_waiting"] == 0
@@ -62,7 +75,7 @@ def test_a_wait_cut_short_by_a_signal_leaves_no_connection_behind(
         pool.close()
 
 
-def test_a_validation_cut_short_closes_that_connection(alarm: None) -> None:
+def test_a_validation_cut_short_closes_that_connection(interrupt: Callable[[float], None]) -> None:
     def slow_check(conn: FakeConnection) -> bool:
         time.sleep(5)
         return True
@@ -73,7 +86,7 @@ def test_a_validation_cut_short_closes_that_connection(alarm: None) -> None:
     try:
         pool.release(pool.acquire())
         time.sleep(0.01)
-        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        interrupt(0.2)
         with pytest.raises(Interrupted):
             pool.acquire(timeout=5)
         # It may be mid-query: closed, not put back.
@@ -197,8 +210,11 @@ def test_a_pool_closed_while_its_lease_request_goes_out_takes_no_grant(
     request = client.request
     gate = threading.Event()
 
+    requested = threading.Event()
+
     def slow_request(*args: Any, **kwargs: Any) -> Any:
         ticket = request(*args, **kwargs)
+        requested.set()
         gate.wait(5)  # the opener is descheduled right after the request went out
         return ticket
 
@@ -213,13 +229,15 @@ def test_a_pool_closed_while_its_lease_request_goes_out_takes_no_grant(
 
     taker = threading.Thread(target=take)
     taker.start()
-    time.sleep(0.2)
+    assert requested.wait(5)
     pool.close(timeout=0.5)
     gate.set()
     taker.join(5)
     assert errors and isinstance(errors[0], PoolClosed)
-    time.sleep(0.2)
-    assert _waiting(client, "r") == 0  # the closed pool's request was withdrawn
+    deadline = time.monotonic() + 5
+    while _waiting(client, "r"):  # the closed pool's request is withdrawn
+        assert time.monotonic() < deadline, "the closed pool stayed queued at the coordinator"
+        time.sleep(0.02)
     holder.release(held)
     again = holder.acquire(timeout=5)  # nobody else queued: it comes back to us
     assert factory.calls == 0
@@ -289,13 +307,13 @@ def _pg_pool(pg: str, app_name: str, **cfg: Any) -> ConnectionPool[Any]:
 
 
 def test_a_query_cut_short_by_a_signal_does_not_come_back_busy(
-        alarm: None, pg: str, app_name: str) -> None:
+        interrupt: Callable[[float], None], pg: str, app_name: str) -> None:
     pool = _pg_pool(pg, app_name)
     try:
-        signal.setitimer(signal.ITIMER_REAL, 0.2)
         t0 = time.monotonic()
         with pytest.raises(Interrupted), pool.connection() as conn:
             first = conn.info.backend_pid
+            interrupt(0.2)
             conn.execute("SELECT pg_sleep(10)")
         # Closed, and its query cancelled: not put back running it.
         assert time.monotonic() - t0 < 5
@@ -350,5 +368,65 @@ def test_configure_runs_once_per_connection_and_a_failure_reaches_the_caller(
             with pool.connection(timeout=5) as conn:
                 assert conn is factory.made[1]
         assert seen == factory.made  # once per connection, not per checkout
+    finally:
+        pool.close()
+
+
+def test_configure_runs_on_connections_the_min_size_top_up_opens() -> None:
+    configured: list[FakeConnection] = []
+    factory = FakeFactory()
+    pool = ConnectionPool(factory, PoolConfig(min_size=2, max_size=2), coordinator=None,
+                          configure=configured.append)
+    try:
+        deadline = time.monotonic() + 5
+        while pool.get_size() < 2:
+            assert time.monotonic() < deadline, "the top-up to min_size never ran"
+            time.sleep(0.02)
+        assert configured == factory.made
+        with pool.connection() as conn:
+            assert conn in configured
+    finally:
+        pool.close()
+
+
+def test_a_connection_being_configured_is_no_suspected_leak() -> None:
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1, leak_detection_threshold=0.2),
+                          coordinator=None, configure=lambda conn: time.sleep(0.8))
+    try:
+        with pool.connection(timeout=5):
+            pass
+        assert pool.get_metrics()["leaks_suspected"] == 0
+    finally:
+        pool.close()
+
+
+def test_release_process_waits_one_timeout_in_all_not_one_per_pool() -> None:
+    pid = os.fork()
+    if pid == 0:  # a worker at exit, two pools each with a connection that never comes back
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.alarm(10)
+        from sharedpool.process import release_process
+
+        pools = [ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1), coordinator=None)
+                 for _ in range(2)]
+        held = [p.acquire() for p in pools]
+        t0 = time.monotonic()
+        release_process(1.0)
+        took = time.monotonic() - t0
+        os._exit(0 if 0.9 < took < 1.8 and len(held) == 2 else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0  # 1: it took a timeout per pool (2 s)
+
+
+def test_a_connection_broken_in_a_failing_block_is_not_kept() -> None:
+    factory = FakeFactory()
+    pool = ConnectionPool(factory, PoolConfig(min_size=0, max_size=1), coordinator=None)
+    try:
+        with pytest.raises(ConnectionError), pool.connection() as conn:
+            conn.close()  # the server went away under the caller
+            conn.execute()
+        assert pool.get_size() == 0  # not parked for the next caller to find broken
+        with pool.connection() as conn:
+            assert conn is factory.made[1]
     finally:
         pool.close()

@@ -31,8 +31,9 @@ the coordinator fences its leases and frees them once its connections are gone.
 
 ``preload_app``: the app is imported before ``on_starting``, so before the
 embedded coordinator runs. Making pools at import time is fine (they connect
-on first use), but a query at import time waits ``pool_timeout`` for a lease
-and fails with CoordinatorUnavailable. Query in the workers, or run
+on first use), but a query at import time fails: the integrations' pools wait
+``pool_timeout`` and raise CoordinatorUnavailable, sharedpool's own
+ConnectionPool waits ``acquire_timeout`` and raises PoolTimeout. Query in the workers, or run
 ``sharedpool serve`` (and pass its ``socket=``) so that a coordinator is
 already listening. The coordinator is not started when the config is read:
 gunicorn also reads it for ``--check-config`` and before ``--daemon`` forks the

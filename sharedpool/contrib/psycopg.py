@@ -20,7 +20,8 @@ lease back before the pool opens the replacement.
 With a global cap smaller than the sum of the pools' ``min_size``, pools wait
 for leases rather than fail (``open(wait=True)`` may time out, as it would on
 a slow server). Those waits take at most ``num_workers - 1`` of the pool's
-workers: one stays free to return connections (``reset=``) and check them.
+workers: one stays free to return connections (``reset=``) and check them
+(with ``num_workers=1``, the one worker may wait: give it two or more).
 When the coordinator asks for leases back, idle connections are closed and
 the pool shrinks (below ``min_size`` if need be; it grows back on demand).
 
