@@ -482,7 +482,6 @@ class ConnectionPool(Generic[T]):
         try:
             self.configure(wrapper.conn)
         except BaseException as exc:  # noqa: BLE001 - returned to the caller, not lost
-            log.warning("pool %r: configure failed on a new connection: %s", self.name, exc)
             with self._lock:
                 del self._all[wrapper.id]
                 self._closing += 1
@@ -492,7 +491,7 @@ class ConnectionPool(Generic[T]):
 
     def _open_failed(self, waiter: _Waiter, exc: BaseException, connected: bool) -> None:
         if not isinstance(exc, SharedPoolError):
-            log.warning("pool %r: connect failed: %s", self.name, exc)
+            log.warning("pool %r: opening a connection failed (connect or configure): %s", self.name, exc)
         with self._lock:
             self._opening -= 1
             if connected:
@@ -1002,7 +1001,8 @@ class ConnectionPool(Generic[T]):
                 self._m["total_created"] += 1
                 self._all[wrapper.id] = wrapper
                 wrapper.in_use = True
-            if self.configure is not None and self._setup(wrapper, client) is not None:
+            if self.configure is not None and (error := self._setup(wrapper, client)) is not None:
+                log.warning("pool %r: top-up to min_size: configure failed: %s", self.name, error)
                 return  # retried next round
             self._park(wrapper)
 

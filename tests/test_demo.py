@@ -69,4 +69,4 @@ def test_demo_with_postgresql_unreachable_fails_in_a_few_clear_lines() -> None:
     assert "demo failed: PostgreSQL was never reached" in out.stdout
     sampler = [line for line in out.stdout.splitlines() if line.startswith("sampler: PostgreSQL")]
     assert len(sampler) == 1 and "Connection refused" in sampler[0], out.stdout
-    assert out.stderr.count("connect failed") == 0, out.stderr  # counted in the table instead
+    assert out.stderr.count("opening a connection failed") == 0, out.stderr  # counted in the table instead
