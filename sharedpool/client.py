@@ -187,6 +187,7 @@ class Client:
         self._parked = False  # the background thread waits for a leader to finish reading
         self._parked_since = self._park_wait = 0.0
         self._reported_at = 0.0
+        self._report_lock = threading.Lock()
         self._closed = False
         self._thread: threading.Thread | None = None
         self._next_attempt = 0.0
@@ -782,6 +783,12 @@ class Client:
         self._maybe_report()
 
     def _maybe_report(self) -> None:
+        # One at a time: report_now() runs on a pool's thread, and a report
+        # built earlier but sent later would undo a newer one's backend pids.
+        with self._report_lock:
+            self._report_locked()
+
+    def _report_locked(self) -> None:
         now = time.monotonic()
         if self._sock is None or now - self._reported_at < REPORT_INTERVAL:
             return

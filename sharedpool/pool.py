@@ -20,7 +20,7 @@ from enum import Enum
 from typing import Any, Generic, TypeVar
 
 from . import process
-from .client import _PID, AcquireRequest, Client, current_pid
+from .client import _PID, AcquireRequest, Client, Lease, current_pid
 from .closing import ACTIVE, INERROR, INTRANS, UNKNOWN, close_and_confirm, transaction_status
 from .config import SOCKET_ENV, PoolConfig, check_resource_name
 from .errors import (
@@ -388,24 +388,7 @@ class ConnectionPool(Generic[T]):
         try:
             t0 = time.monotonic()
             if client is not None and not fallback:
-                ticket = client.request(self.resource, max(0.0, deadline - t0))
-                with self._lock:
-                    # A close() that ran since the request went out did not see it.
-                    active = self.status is PoolStatus.ACTIVE
-                    if active:
-                        self._lease_requests.add(ticket)
-                if not active:
-                    ticket.cancel()
-                try:
-                    lease = ticket.wait()
-                finally:
-                    with self._lock:
-                        self._lease_requests.discard(ticket)
-                        active = self.status is PoolStatus.ACTIVE
-                if not active:  # granted as the pool closed: no connect, the lease goes back
-                    client.release(lease)
-                    lease = None
-                    raise PoolClosed(f"pool {self.name!r} is {self.status.value}")
+                lease = self._take_lease(client, deadline)
             t1 = time.monotonic()
             with self._lock:
                 if lease is not None:
@@ -466,6 +449,28 @@ class ConnectionPool(Generic[T]):
         elif client is not None and wrapper.backend_pid is not None:
             client.report_soon()  # the fence needs this backend pid should we die
         self._start_openers(openers, deadline)
+
+    def _take_lease(self, client: Client, deadline: float) -> Lease:
+        """Opener thread: a lease for one more connection. Withdrawn if the pool
+        closes meanwhile; one granted as it closed goes back unused (PoolClosed)."""
+        ticket = client.request(self.resource, max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            # A close() that ran since the request went out did not see it.
+            active = self.status is PoolStatus.ACTIVE
+            if active:
+                self._lease_requests.add(ticket)
+        if not active:
+            ticket.cancel()
+        try:
+            lease = ticket.wait()
+        finally:
+            with self._lock:
+                self._lease_requests.discard(ticket)
+                active = self.status is PoolStatus.ACTIVE
+        if not active:
+            client.release(lease)
+            raise PoolClosed(f"pool {self.name!r} is {self.status.value}")
+        return lease
 
     def _setup(self, wrapper: ConnectionWrapper[T], client: Client | None) -> BaseException | None:
         """A new connection, counted and marked in use by the pool itself: report
