@@ -84,7 +84,7 @@ def close_and_confirm(conn: object, timeout: float, *,
     deadline = time.monotonic() + max(timeout, 0.0)
     sock = _dup_socket(conn)
     try:
-        cancel_if_busy(conn)
+        _cancel_if_busy(conn)
         if not close_after:
             _call_close(close, conn)
         if sock is None:
@@ -140,7 +140,7 @@ def transaction_status(conn: object) -> int | None:
         return None
 
 
-def cancel_if_busy(conn: object) -> None:
+def _cancel_if_busy(conn: object) -> None:
     """Cancel a query in flight (transaction status ACTIVE), so that its
     backend reads a Terminate sent next now rather than when the query ends.
     Anything else (no ``info``, not busy) is left alone."""

@@ -1,6 +1,7 @@
 """Helpers shared by the integration tests: the coordinator's lease count,
 running a function in forked children (multiprocessing, fork start method),
-threads hammering a pool, and reading a raw socket until the peer closes it."""
+threads hammering a pool, a worker exiting mid-query, and reading a raw
+socket until the peer closes it."""
 
 from __future__ import annotations
 
@@ -9,9 +10,38 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 from sharedpool import Client
+
+
+def exit_mid_query(checkout: Callable[[], AbstractContextManager[Any]],
+                   query: Callable[[Any], Any]) -> dict[str, Any]:
+    """A worker exiting (``release_process(5)``) while one of its threads runs
+    ``query(conn)`` on a connection from ``checkout()``: what the query gave
+    (``row``, or ``query_error``) and how long the exit ``took``."""
+    from sharedpool.process import release_process
+
+    out: dict[str, Any] = {}
+    checked_out = threading.Event()
+
+    def work() -> None:
+        try:
+            with checkout() as conn:
+                checked_out.set()
+                out["row"] = query(conn)
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            out["query_error"] = repr(exc)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    assert checked_out.wait(10)  # in use from here: the exit must wait for it
+    t0 = time.monotonic()
+    release_process(5.0)
+    out["took"] = time.monotonic() - t0
+    thread.join(5)
+    return out
 
 
 def leased(sock: str) -> int:

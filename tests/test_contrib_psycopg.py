@@ -11,13 +11,12 @@ from typing import Any
 import psycopg
 import pytest
 from pg_helpers import BackendSampler, pg_dsn
-from proc_helpers import hammer, leased, run_forked, wait_leased
+from proc_helpers import exit_mid_query, hammer, leased, run_forked, wait_leased
 from psycopg_pool import PoolClosed
 
 from sharedpool import Client, Resource
 from sharedpool.contrib.psycopg import ConnectionPool
 from sharedpool.handoff import AUTO_MAX, AUTO_MIN
-from sharedpool.process import release_process
 
 pytestmark = pytest.mark.pg
 
@@ -249,27 +248,10 @@ def test_hand_off_costs_reach_the_coordinator(pg: str, start_coordinator: Any, s
 
 
 def _exit_mid_query(sock: str, app: str) -> dict[str, Any]:
-    """A worker exiting (release_process) while one of its threads is mid-query."""
     pool = make_pool(sock, app, min_size=1, max_size=1)
     pool.wait(5)
-    out: dict[str, Any] = {}
-    checked_out = threading.Event()
-
-    def work() -> None:
-        try:
-            with pool.connection() as conn:
-                checked_out.set()
-                out["row"] = conn.execute("SELECT 42 FROM pg_sleep(1)").fetchone()[0]  # type: ignore[index]
-        except Exception as exc:  # noqa: BLE001 - reported to the test
-            out["query_error"] = repr(exc)
-
-    thread = threading.Thread(target=work)
-    thread.start()
-    assert checked_out.wait(10)  # in use from here: the exit must wait for it
-    t0 = time.monotonic()
-    release_process(5.0)
-    out["took"] = time.monotonic() - t0
-    thread.join(5)
+    out = exit_mid_query(pool.connection,
+                         lambda conn: conn.execute("SELECT 42 FROM pg_sleep(1)").fetchone()[0])
     out["held"] = pool.get_stats()["leases_held"]
     return out
 

@@ -11,13 +11,12 @@ from typing import Any
 import psycopg
 import pytest
 from pg_helpers import BackendSampler, pg_dsn
-from proc_helpers import hammer, leased, run_forked, wait_leased
+from proc_helpers import exit_mid_query, hammer, leased, run_forked, wait_leased
 from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
 
 from sharedpool import Client, ConfigError, Resource
 from sharedpool.contrib.sqlalchemy import LeasedQueuePool, attach, create_engine
-from sharedpool.process import release_process
 
 pytestmark = pytest.mark.pg
 
@@ -267,26 +266,9 @@ def test_attach_refuses_what_it_cannot_lease(pg: str, sock_path: str) -> None:
 
 
 def _exit_mid_query(engine: Engine) -> dict[str, Any]:
-    """A worker exiting (release_process) while one of its threads is mid-query."""
     engine.dispose(close=False)
-    out: dict[str, Any] = {}
-    checked_out = threading.Event()
-
-    def work() -> None:
-        try:
-            with engine.connect() as conn:
-                checked_out.set()
-                out["row"] = conn.execute(text("SELECT 42 FROM pg_sleep(1)")).scalar()
-        except Exception as exc:  # noqa: BLE001 - reported to the test
-            out["query_error"] = repr(exc)
-
-    thread = threading.Thread(target=work)
-    thread.start()
-    assert checked_out.wait(10)  # in use from here: the exit must wait for it
-    t0 = time.monotonic()
-    release_process(5.0)
-    out["took"] = time.monotonic() - t0
-    thread.join(5)
+    out = exit_mid_query(engine.connect,
+                         lambda conn: conn.execute(text("SELECT 42 FROM pg_sleep(1)")).scalar())
     pool = engine.pool
     assert isinstance(pool, LeasedQueuePool)
     out["held"] = pool.lease_stats()["leases_held"]

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from .. import process
 from ..client import Client, Lease, current_pid
-from ..closing import cancel_if_busy, close_and_confirm, socket_fd
+from ..closing import close_and_confirm, socket_fd
 from ..config import SOCKET_ENV, check_resource_name
 from ..errors import AcquireCancelled, ConfigError, PoolTimeout
 from ..handoff import HandOffCost
@@ -78,14 +78,20 @@ class _CancellableAcquire:
 
 
 class _CloseVia:
-    """What :func:`close_and_confirm` sees: the key's socket, closed by ``closer``.
+    """What :func:`close_and_confirm` sees: the key's socket, closed by ``closer``,
+    and the key's busy state, so that a query in flight is cancelled first
+    (else the backend reads our Terminate only when the query ends)."""
 
-    It hides the key's busy state: cancel a query in flight on the key itself
-    before closing through this (see :meth:`LeaseBook.close`)."""
+    _FORWARDED = frozenset(("info", "cancel_safe", "cancel"))
 
     def __init__(self, key: Any, closer: Callable[[], object]) -> None:
         self._key = key
         self.close = closer
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _CloseVia._FORWARDED:
+            return getattr(self._key, name)
+        raise AttributeError(name)
 
     def fileno(self) -> int:
         fd = socket_fd(self._key)
@@ -549,11 +555,6 @@ class LeaseBook:
             target = _DisconnectVia(key, closer)
         else:
             target = _CloseVia(key, closer)
-        if target is not key:
-            # close_and_confirm cancels a busy query only on what it is given;
-            # uncancelled, the backend reads our Terminate when the query ends
-            # (a task cut short mid-query) and the lease is held until then.
-            cancel_if_busy(key)
         client = self._client
         lease = entry.lease if entry is not None else None
         if lease is not None:
