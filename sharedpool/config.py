@@ -142,15 +142,17 @@ class Resource:
 
     ``max_size`` is the hard cap on leases (so on open connections).
     ``max_per_process`` caps one session; ``min_per_process`` is a floor that
-    reclaim never takes from a session; ``max_waiting`` bounds the queue
-    (``None``: unbounded). ``acquire_timeout`` is the default wait when the
-    client does not give one. ``fairness_quantum``: a process holding a
-    connection others wait for gives it back at checkin once it is this old
-    (seconds); ``"auto"`` picks 120 times what a hand-off costs (connect +
-    confirmed close, measured by the pools; the coordinator takes the median),
-    within 0.05-1 s (see :mod:`sharedpool.handoff`). ``quarantine_delay`` is how long a dead
-    session's slots stay fenced when no check can confirm its connections are
-    gone; with ``monitor_dsn`` set the coordinator asks PostgreSQL instead.
+    reclaim never takes from a session; ``max_waiting`` bounds the acquires
+    queued for a free lease (``None``: unbounded; one that waits only because
+    its own process holds ``max_per_process`` is not counted, nor refused).
+    ``acquire_timeout`` is the default wait when the client does not give one.
+    ``fairness_quantum``: a process holding a connection others wait for gives it
+    back at checkin once it is this old (seconds); ``"auto"`` picks 120 times what a
+    hand-off costs (connect + confirmed close, measured by the pools; the
+    coordinator takes the median), within 0.05-1 s (see :mod:`sharedpool.handoff`).
+    ``quarantine_delay`` is how long a dead session's slots stay fenced when no
+    check can confirm its connections are gone; with ``monitor_dsn`` set the
+    coordinator asks PostgreSQL instead.
     """
 
     max_size: int

@@ -416,14 +416,22 @@ class Ledger:
         if timeout <= 0:
             res.timeouts += 1
             return [Denied(sid, req, "timeout", self._why_full(res, session, now))]
-        if res.limits.max_waiting is not None and len(res.waiters) >= res.limits.max_waiting:
-            res.denials += 1
-            return [
-                Denied(
-                    sid, req, "too_many_waiters",
-                    f"{len(res.waiters)} acquires already wait for {resource!r} (max_waiting)",
-                )
-            ]
+        if res.limits.max_waiting is not None:
+            # Only acquires that wait for a free slot count: one held back by its
+            # own process's max_per_process waits for that process's own leases,
+            # and a greedy process queueing many of those must not lock others out.
+            ahead, _, per_session = self._servable(res)
+            cap = res.limits.max_per_process
+            own = cap is None or session.held(resource) + per_session.get(sid, 0) < cap
+            if own and ahead >= res.limits.max_waiting:
+                res.denials += 1
+                return [
+                    Denied(
+                        sid, req, "too_many_waiters",
+                        f"{ahead} acquires already wait for a free lease of {resource!r} "
+                        f"(max_waiting={res.limits.max_waiting})",
+                    )
+                ]
         waiter = Waiter(sid, req, resource, now, now + timeout, _site(site))
         res.waiters.append(waiter)
         session.waiting[req] = waiter
@@ -695,6 +703,23 @@ class Ledger:
                 return res.fenced[lease_id].lease
         return None
 
+    def _servable(self, res: ResourceState) -> tuple[int, int | None, dict[int, int]]:
+        """The waiters a free slot could go to, in queue order: how many, the
+        first one's session, and how many per session. A waiter is not
+        servable while its session's leases plus its servable waiters ahead
+        reach ``max_per_process``."""
+        count, head = 0, None
+        seen: dict[int, int] = {}
+        cap = res.limits.max_per_process
+        for w in res.waiters:
+            n = seen.get(w.session, 0)
+            if cap is None or self.sessions[w.session].held(res.name) + n < cap:
+                count += 1
+                seen[w.session] = n + 1
+                if head is None:
+                    head = w.session
+        return count, head, seen
+
     def _holding(self, now: float) -> bool:
         return self.hold_until is not None and now < self.hold_until
 
@@ -765,15 +790,7 @@ class Ledger:
         servable = 0
         head: int | None = None  # the session the next free slot goes to
         if not res.paused:
-            seen: dict[int, int] = {}
-            cap = res.limits.max_per_process
-            for w in res.waiters:
-                held = self.sessions[w.session].held(res.name) + seen.get(w.session, 0)
-                if cap is None or held < cap:
-                    servable += 1
-                    seen[w.session] = seen.get(w.session, 0) + 1
-                    if head is None:
-                        head = w.session
+            servable, head, _ = self._servable(res)
         excess = max(0, res.leased - res.limits.max_size)
         need = max(0, servable - res.free - len(res.fenced)) + excess
         if need == 0 and not res.askees:  # the common case: nothing asked, nothing to ask

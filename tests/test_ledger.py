@@ -254,6 +254,26 @@ def test_max_waiting_zero_never_queues_but_still_grants() -> None:
     assert of(Denied, lg.acquire(b, 1, "pg", T0, timeout=5))[0].reason == "too_many_waiters"
 
 
+def test_max_waiting_counts_only_acquires_a_free_slot_could_serve() -> None:
+    # A process at its max_per_process queues more (a pool with more threads
+    # than its share): those wait for its own leases, and must not use up
+    # max_waiting so that another process is refused.
+    lg = ledger(pg=Resource(3, max_per_process=1, max_waiting=1))
+    a, b, c = session(lg), session(lg), session(lg)
+    grant(lg, a, 1)
+    for req in range(2, 6):  # over its cap, never refused by max_waiting
+        assert queued(lg.acquire(a, req, "pg", T0, timeout=5))
+    assert granted(lg.acquire(b, 1, "pg", T0, timeout=5)).session == b
+    grant(lg, c, 1)  # the cap is reached: 3 held
+    d = session(lg)
+    assert queued(lg.acquire(d, 1, "pg", T0, timeout=5))  # the one servable waiter
+    deny = only(Denied, lg.acquire(session(lg), 1, "pg", T0, timeout=5))
+    assert isinstance(deny, Denied) and deny.reason == "too_many_waiters"
+    assert deny.message.startswith("1 acquires already wait") and "max_waiting=1" in deny.message
+    # D's second waits behind its first (its own cap): not refused either.
+    assert queued(lg.acquire(d, 2, "pg", T0, timeout=5))
+
+
 # ------------------------------------------------------------------- cancel and release
 
 
@@ -899,6 +919,18 @@ class LedgerMachine(RuleBasedStateMachine):
         ]
         return [key for _, key in sorted(waiting)]
 
+    def servable_ahead(self, sid: int, r: str) -> tuple[int, bool]:
+        """Queued acquires of ``r`` a free slot could go to (each session's
+        first ones, up to what its max_per_process leaves), and whether one
+        more from ``sid`` would be such an acquire."""
+        cap = self.limits(r).max_per_process
+        seen: dict[int, int] = {}
+        for s, _ in self.queued(r):
+            if cap is None or self.count(s, r) + seen.get(s, 0) < cap:
+                seen[s] = seen.get(s, 0) + 1
+        own = cap is None or self.count(sid, r) + seen.get(sid, 0) < cap
+        return sum(seen.values()), own
+
     def note_over(self, r: str) -> None:
         if self.leased(r) > self.limits(r).max_size:
             self.over.add(r)
@@ -1059,7 +1091,7 @@ class LedgerMachine(RuleBasedStateMachine):
         req = next(self.reqs)
         wait = (self.limits(r).acquire_timeout if timeout is None else timeout) if r != "nope" else 0
         self.outstanding[(sid, req)] = Req(r, self.now + wait)
-        ahead = len(self.queued(r))
+        ahead, own = self.servable_ahead(sid, r) if r != "nope" else (0, True)
         effects = self.lg.acquire(sid, req, r, self.now, timeout)
         for deny in of(Denied, effects):
             if deny.req != req:
@@ -1071,7 +1103,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 assert res.paused or res.leased >= res.limits.max_size or self.blocked(sid, r), deny
             elif deny.reason == "too_many_waiters":
                 assert res is not None and res.limits.max_waiting is not None
-                assert ahead >= res.limits.max_waiting
+                assert own and ahead >= res.limits.max_waiting
             elif deny.reason == "unknown_resource":
                 assert r == "nope"
         if of(Granted, effects):
@@ -1080,6 +1112,8 @@ class LedgerMachine(RuleBasedStateMachine):
         if (sid, req) in self.outstanding:
             event("acquire: queued")
             assert wait > 0, "a request that may not wait was queued"
+            cap = self.limits(r).max_waiting
+            assert cap is None or not own or ahead < cap, "queued beyond max_waiting"
             self.outstanding[(sid, req)].seq = next(self.seqs)
 
     @precondition(lambda self: self.held)

@@ -233,6 +233,40 @@ def test_max_waiting_fails_fast(start_coordinator: Any, sock_path: str) -> None:
             x.close()
 
 
+def test_max_waiting_ignores_a_pool_queued_behind_its_own_cap(start_coordinator: Any, sock_path: str) -> None:
+    # A pool with more threads than max_per_process queues lease requests that
+    # only its own leases can serve: they must not count against max_waiting.
+    start_coordinator({"r": Resource(max_size=3, max_per_process=1, max_waiting=1)})
+    pool = local_pool(sock_path, size=4)
+    other = Client(sock_path)
+    held = pool.acquire(timeout=2)
+    errors: list[BaseException] = []
+
+    def wait_in_pool() -> None:
+        try:
+            pool.release(pool.acquire(timeout=3))
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=wait_in_pool) for _ in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 5
+        while other.inspect("resources")["resources"][0]["waiting"] < 3:
+            assert time.monotonic() < deadline, "the pool's lease requests never queued"
+            time.sleep(0.01)
+        lease = other.acquire("r", timeout=1)  # before: TooManyWaiters (3 waiting >= 1)
+        other.release(lease)
+        pool.release(held)  # the pool's own threads take turns on it
+        for t in threads:
+            t.join(5)
+        assert errors == []
+    finally:
+        other.close()
+        pool.close()
+
+
 def test_min_per_process_is_never_reclaimed(start_coordinator: Any, sock_path: str) -> None:
     start_coordinator({"r": Resource(max_size=2, min_per_process=2)})
     with holder(sock_path, 2, 2, "idle"):
