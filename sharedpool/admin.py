@@ -71,8 +71,21 @@ def reload_config(server: Server, now: float) -> tuple[Any, list[Effect]]:
         raise ValueError("the coordinator was not started with --config; nothing to reload")
     fresh = CoordinatorConfig.load(path, **running.overrides)
     effects: list[Effect] = []
+    # What the reload changes in the live limits: the file's edits, and also
+    # what a `resize` set since (the file's value wins; said, not silent).
+    changed: dict[str, dict[str, list[Any]]] = {}
     for name, limits in fresh.resources.items():
+        res = server.ledger.resources.get(name)
+        if res is not None:
+            diff = {f.name: [getattr(res.limits, f.name), getattr(limits, f.name)] for f in fields(limits)
+                    if getattr(res.limits, f.name) != getattr(limits, f.name)}
+            if diff:
+                changed[name] = diff
         effects += server.ledger.set_limits(name, limits, now)
+    if changed:
+        log.info("reload of %s changed %s", path, "; ".join(
+            f"{name}: " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in diff.items())
+            for name, diff in changed.items()))
     needs_restart = _fixed_fields_changed(running, fresh)
     # Leases of a resource may be out; dropping it would strand them. It stays.
     kept = sorted(set(server.ledger.resources) - set(fresh.resources))
@@ -82,7 +95,7 @@ def reload_config(server: Server, now: float) -> tuple[Any, list[Effect]]:
     if kept:
         log.warning("reload of %s: resources no longer configured are still served with their "
                     "current limits until a restart: %s", path, ", ".join(kept))
-    return {"reloaded": path, "resources": sorted(fresh.resources),
+    return {"reloaded": path, "resources": sorted(fresh.resources), "changed": changed,
             "needs_restart": needs_restart, "kept": kept}, effects
 
 

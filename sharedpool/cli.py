@@ -29,7 +29,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .client import Client
-from .config import CoordinatorConfig, default_socket_path, parse_resource_flags
+from .config import SOCKET_ENV, CoordinatorConfig, default_socket_path, parse_resource_flags, tmp_socket_path
 from .errors import AccessDenied, ConfigError, CoordinatorUnavailable, SharedPoolError
 
 #: Lease states as the CLI shows them (the wire says busy / new).
@@ -63,10 +63,20 @@ def _unusable(path: str, exc: Exception) -> NoReturn:
     raise Failed(f"cannot use the coordinator at {path}: {why}")
 
 
+def _default_path() -> str:
+    """The default socket path; if it does not exist, the one a coordinator started
+    without ``$XDG_RUNTIME_DIR`` (a systemd service, cron) would have used, if that exists."""
+    path = default_socket_path()
+    if os.environ.get(SOCKET_ENV) or os.path.exists(path):
+        return path
+    fallback = tmp_socket_path()
+    return fallback if os.path.exists(fallback) else path
+
+
 @contextlib.contextmanager
 def connect(socket_path: str | None) -> Iterator[Client]:
     """A client session for one command; coordinator errors become one-line failures."""
-    path = socket_path or default_socket_path()
+    path = socket_path or _default_path()
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(2.0)
     try:  # fail fast: the client itself would retry until its timeout
@@ -287,6 +297,9 @@ def status(socket_path: str | None, as_json: bool) -> None:
     with connect(socket_path) as client:
         info = client.inspect("server")
         resources = get_resources(client)
+    # The server counts this command's own session too; `sessions` and the
+    # sharedpool_sessions metric do not.
+    info = {**info, "sessions": max(0, int(info["sessions"]) - 1)}
     title = Text(f"coordinator pid {info['pid']} at {info['socket']}, up {duration(info['uptime_s'])}")
     _emit(as_json, {"coordinator": info, "resources": resources}, title, resources_table(resources))
 
@@ -401,20 +414,24 @@ _admin_command("pause", "pause", "No new grants for RESOURCE; waiters wait.",
                "paused {resource}: no new grants, waiters wait", _resource_arg)
 _admin_command("resume", "resume", "Grant leases of RESOURCE again (undoes pause and drain).",
                "resumed {resource}", _resource_arg)
-_admin_command("drain", "drain", "No new grants; idle connections close now, in-use ones at checkin.",
+_admin_command("drain", "drain", "No new grants: checkouts in every pool fail at once (PoolClosed) "
+               "until resume; idle connections close now, in-use ones at checkin.",
                "draining {resource}: idle connections close now, in-use ones at checkin", _resource_arg)
 _admin_command("resize", "resize", "Change RESOURCE's cap live; shrinking reclaims down to it.",
                "resized {resource}: max_size={max_size}", _resource_arg,
                click.option("--max-size", type=click.IntRange(min=1, max=INT64_MAX), required=True,
                             help="The new cap."))
-_admin_command("end-session", "end_session", "Ask process PID to close its connections and give "
-               "its leases back.", "asked pid {pid} to end {sessions} session(s)",
+_admin_command("end-session", "end_session", "Close process PID's pools for good and give their "
+               "leases back: the process's later checkouts fail (PoolClosed) until it is restarted.",
+               "asked pid {pid} to end {sessions} session(s)",
                click.argument("pid", type=_pid_type))
 
 
 def _said_reload(data: dict[str, Any]) -> str:
     """The reload's reply, with what it did not apply on lines of their own."""
     lines = [f"reloaded {data['reloaded']}: resources {', '.join(data['resources'])}"]
+    for name, diff in sorted((data.get("changed") or {}).items()):
+        lines.append(f"changed {name}: " + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in diff.items()))
     if data.get("needs_restart"):
         lines.append("not applied, changed [coordinator] settings take a restart: "
                      + ", ".join(data["needs_restart"]))

@@ -18,6 +18,8 @@ from .errors import ConfigError
 
 SOCKET_ENV = "SHAREDPOOL_SOCKET"
 AWAY_POLICIES = ("wait", "fallback")
+#: Longest path a Unix socket can be bound to (sun_path is 108 bytes on Linux).
+MAX_SOCKET_PATH = 107
 
 
 def default_socket_path() -> str:
@@ -33,6 +35,11 @@ def default_socket_path() -> str:
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime and os.path.isdir(runtime):
         return os.path.join(runtime, "sharedpool", "sharedpool.sock")
+    return tmp_socket_path()
+
+
+def tmp_socket_path() -> str:
+    """The default socket path without ``$XDG_RUNTIME_DIR`` (a systemd service, cron)."""
     return os.path.join("/tmp", f"sharedpool-{os.getuid()}", "sharedpool.sock")
 
 
@@ -265,6 +272,11 @@ class CoordinatorConfig:
             object.__setattr__(self, "socket_path", os.fspath(self.socket_path))
         if not isinstance(self.socket_path, str) or not self.socket_path:
             raise ConfigError("socket", f"must be a path, got {self.socket_path!r}")
+        if "\0" in self.socket_path:
+            raise ConfigError("socket", f"must not contain a NUL byte, got {self.socket_path!r}")
+        if len(os.fsencode(self.socket_path)) > MAX_SOCKET_PATH:
+            raise ConfigError("socket", f"{self.socket_path} is too long for a Unix socket "
+                              f"({len(os.fsencode(self.socket_path))} bytes, at most {MAX_SOCKET_PATH})")
         object.__setattr__(self, "resources", coerce_resources(self.resources))
         for name in ("allowed_uids", "allowed_gids", "admin_uids"):
             value = getattr(self, name)
@@ -313,8 +325,12 @@ class CoordinatorConfig:
             if not isinstance(data.get(table, {}), dict):
                 raise ConfigError(table, f"must be a table, got {data[table]!r}")
         section = dict(data.get("coordinator", {}))
-        if "overrides" in section:  # a field for flags, not for the file
-            raise ConfigError("coordinator.overrides", "unknown setting")
+        # The file's own vocabulary: ``socket``, not the field name ``socket_path``;
+        # ``resources`` is its own table; ``config_file`` and ``overrides`` are not settings.
+        allowed = sorted({f.name for f in fields(cls)} - _NOT_IN_FILE | {"socket"})
+        unknown = sorted(map(str, set(section) - set(allowed)))
+        if unknown:
+            raise ConfigError(f"coordinator.{unknown[0]}", f"unknown setting; allowed: {', '.join(allowed)}")
         if "socket" in section:
             section["socket_path"] = section.pop("socket")
         resources = _merge_resources(data.get("resources", {}), overrides.pop("resources", None) or {})
@@ -324,6 +340,10 @@ class CoordinatorConfig:
         section["config_file"] = str(Path(path).resolve())
         section["overrides"] = kept
         return _from_mapping(cls, section, "coordinator")
+
+
+#: CoordinatorConfig fields a ``[coordinator]`` table may not set.
+_NOT_IN_FILE = {"socket_path", "resources", "config_file", "overrides"}
 
 
 def _merge_resources(from_file: dict[str, Any], flags: Any) -> dict[str, Any]:

@@ -79,7 +79,7 @@ def _worker(index: int, socket_path: str, dsn: str | None, db_path: str, app: st
     pool: ConnectionPool[Any] = ConnectionPool(
         _factory(dsn, db_path, app), PoolConfig(min_size=0, max_size=pool_size, test_on_acquire=False),
         resource=RESOURCE, coordinator=socket_path, name=f"demo-worker-{index}")
-    end = gate.wait_for_start(index)
+    gate.wait_for_start(index)
     tally = {"checkouts": 0, "timeouts": 0, "errors": 0}
     last_error: list[str] = []
     lock = threading.Lock()
@@ -87,7 +87,7 @@ def _worker(index: int, socket_path: str, dsn: str | None, db_path: str, app: st
 
     def loop(slot: int) -> None:
         done = 0
-        while time.monotonic() < end:
+        while time.monotonic() < gate.end.value:  # the parent ends it early on Ctrl-C
             try:
                 with pool.connection(timeout=ACQUIRE_TIMEOUT) as conn:
                     conn.execute(query).fetchone()
@@ -284,7 +284,8 @@ def run_demo(*, workers: int = 8, max_size: int = 3, seconds: float = 5.0, pool_
             _watch(console, peaks, counts, started, seconds, max_size, dsn, procs, end)
         except KeyboardInterrupt:
             interrupted = True
-        rows = _collect(results, workers, 0.5 if interrupted else ACQUIRE_TIMEOUT + 5)
+            gate.end.value = 0.0  # workers stop after their current checkout and report
+        rows = _collect(results, workers, 2.0 if interrupted else ACQUIRE_TIMEOUT + 5)
         stop.set()
         for thread in samplers:
             thread.join(5)
@@ -296,7 +297,7 @@ def run_demo(*, workers: int = 8, max_size: int = 3, seconds: float = 5.0, pool_
             sampler_client.close()
         coordinator.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-    return _report(console, max_size, peaks, rows, procs, dsn, interrupted)
+    return _report(console, max_size, peaks, rows, procs, dsn, interrupted, sum(counts))
 
 
 def _watch(console: Console, peaks: Peaks, counts: Any, started: float, seconds: float, cap: int,
@@ -331,18 +332,21 @@ def _collect(results: Any, workers: int, timeout: float) -> list[dict[str, Any]]
     return [rows[i] for i in sorted(rows)]
 
 
-def _failure(rows: list[dict[str, Any]], peaks: Peaks, dsn: str | None) -> str | None:
-    """Why the run proves nothing (PostgreSQL never counted, or no checkout), if so."""
+def _failure(rows: list[dict[str, Any]], peaks: Peaks, dsn: str | None,
+             counted: int = 0) -> str | None:
+    """Why the run proves nothing (PostgreSQL never counted, or no checkout), if so.
+    ``counted``: the checkouts the workers counted live (a worker that was stopped
+    before it reported has no row)."""
     if dsn and not peaks.pg_samples:
         return "PostgreSQL was never reached to count its connections; check --dsn"
-    if not sum(int(r.get("checkouts") or 0) for r in rows):
+    if not max(counted, sum(int(r.get("checkouts") or 0) for r in rows)):
         errors = [r["last_error"] for r in rows if r.get("last_error")]
         return "no checkout succeeded" + (f" (last error: {errors[-1]})" if errors else "")
     return None
 
 
 def _report(console: Console, cap: int, peaks: Peaks, rows: list[dict[str, Any]], procs: list[Any],
-            dsn: str | None, interrupted: bool) -> int:
+            dsn: str | None, interrupted: bool, counted: int = 0) -> int:
     seen = {row["index"] for row in rows}
     for i, proc in enumerate(procs):
         if i not in seen:
@@ -354,7 +358,7 @@ def _report(console: Console, cap: int, peaks: Peaks, rows: list[dict[str, Any]]
     held = max(peaks.coordinator_peak, peaks.most_leased) <= cap and (not dsn or peaks.most_pg <= cap)
     if interrupted:
         console.print("interrupted: figures cover the run so far")
-    failure = _failure(rows, peaks, dsn)
+    failure = _failure(rows, peaks, dsn, counted)
     if held and failure:  # nothing was shown, so nothing was proved
         console.print(f"demo failed: {failure}")
         return 1

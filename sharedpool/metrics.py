@@ -47,7 +47,7 @@ COUNTERS = {
     "sharedpool_grants": ("grants", "Leases granted"),
     "sharedpool_timeouts": ("timeouts", "Acquires that timed out waiting for a lease"),
     "sharedpool_reclaims": ("reclaims", "Leases given back after the coordinator asked"),
-    "sharedpool_denials": ("denials", "Acquires refused (paused, draining, failing, too many waiters)"),
+    "sharedpool_denials": ("denials", "Acquires refused (draining, failing, too many waiters)"),
 }
 
 

@@ -201,6 +201,7 @@ def test_status_leases_sessions_json_and_tables(serve: Serve, workers: list[Work
     assert (res["name"], res["max_size"], res["leased"], res["in_use"], res["idle"],
             res["waiting"]) == ("demo", 3, 2, 1, 1, 0)
     assert status["coordinator"]["pid"] == serve.proc.pid
+    assert status["coordinator"]["sessions"] == 1  # the worker's; not this command's own
 
     leases = sp_json("leases", "--socket", serve.socket)["leases"]
     assert len(leases) == 2
@@ -378,6 +379,13 @@ def test_reload_and_sighup(tmp_path: Path) -> None:
         config.write_text("[resources]\ndemo = 7\n")
         os.kill(server.proc.pid, signal.SIGHUP)
         wait_for(lambda: server.status()["max_size"] == 7, what="SIGHUP reload")
+        # A live resize is replaced by the file's value at the next reload: said so.
+        assert sp("resize", "demo", "--max-size", "9", "--socket", server.socket).returncode == 0
+        out = sp("reload", "--socket", server.socket)
+        assert out.returncode == 0, out.stderr
+        assert "changed demo: max_size 9 -> 7" in out.stdout.splitlines()
+        assert server.status()["max_size"] == 7
+        assert sp_json("reload", "--socket", server.socket)["changed"] == {}
     finally:
         stop(server.proc)
 
@@ -512,3 +520,26 @@ def test_top_without_a_terminal_runs_n_iterations(serve: Serve) -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("sharedpool top") == 3
     assert any(r and r[0] == "demo" for r in table_rows(out.stdout))
+
+
+def test_default_socket_falls_back_to_the_tmp_one_a_service_would_use(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A coordinator started without $XDG_RUNTIME_DIR (systemd, cron) listens on the
+    # /tmp default; an operator's shell has XDG_RUNTIME_DIR set and looked elsewhere.
+    from sharedpool import cli
+
+    runtime, service = tmp_path / "run", tmp_path / "tmp" / "sharedpool.sock"
+    runtime.mkdir()
+    service.parent.mkdir()
+    monkeypatch.delenv("SHAREDPOOL_SOCKET", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    monkeypatch.setattr(cli, "tmp_socket_path", lambda: str(service))
+    mine = str(runtime / "sharedpool" / "sharedpool.sock")
+    assert cli._default_path() == mine  # neither exists: the usual default, named in errors
+    service.touch()
+    assert cli._default_path() == str(service)
+    (runtime / "sharedpool").mkdir()
+    Path(mine).touch()
+    assert cli._default_path() == mine  # ours exists: never second-guessed
+    monkeypatch.setenv("SHAREDPOOL_SOCKET", str(tmp_path / "given.sock"))
+    assert cli._default_path() == str(tmp_path / "given.sock")

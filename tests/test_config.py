@@ -348,10 +348,30 @@ def test_load_keeps_none_overrides_out_and_refuses_them_in_the_file(tmp_path: Pa
         ('[coordinator]\nmax_frame = 10\n[resources]\npg = 2\n', "coordinator.max_frame"),
         ('[coordinator]\nsocket = ""\n[resources]\npg = 2\n', "coordinator.socket"),
         ('[coordinator]\ngroup = 7\n[resources]\npg = 2\n', "coordinator.group"),
+        # Before: silently ignored (the [resources] table and the file are not settings here).
+        ('[coordinator]\nresources = { pg = 9 }\n[resources]\npg = 2\n', "coordinator.resources"),
+        ('[coordinator]\nconfig_file = "/x.toml"\n[resources]\npg = 2\n', "coordinator.config_file"),
+        # Before: a traceback from bind() / "AF_UNIX path too long" naming no field.
+        ('[coordinator]\nsocket = "/tmp/a\\u0000b.sock"\n[resources]\npg = 2\n', "coordinator.socket"),
+        (f'[coordinator]\nsocket = "/tmp/{"d" * 120}.sock"\n[resources]\npg = 2\n', "coordinator.socket"),
     ],
 )
 def test_load_toml_errors_name_the_field(tmp_path: Path, text: str, field: str) -> None:
     _raises_field(field, CoordinatorConfig.load, _write(tmp_path, text))
+
+
+def test_unknown_coordinator_setting_lists_the_files_own_names(tmp_path: Path) -> None:
+    exc = _raises_field("coordinator.sockett", CoordinatorConfig.load,
+                        _write(tmp_path, '[coordinator]\nsockett = "/a.sock"\n[resources]\npg = 2\n'))
+    allowed = str(exc).split("allowed: ", 1)[1].split(", ")
+    assert "socket" in allowed and "metrics_port" in allowed
+    assert not {"socket_path", "resources", "config_file", "overrides"} & set(allowed)
+
+
+def test_socket_path_too_long_names_the_limit() -> None:
+    exc = _raises_field("socket", CoordinatorConfig, socket_path="/tmp/" + "s" * 200,
+                        resources={"pg": 1})
+    assert "at most 107" in str(exc)
 
 
 def test_load_bad_toml(tmp_path: Path) -> None:

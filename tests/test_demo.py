@@ -4,10 +4,14 @@
 from __future__ import annotations
 
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import psutil
 from pg_helpers import require_pg
-from test_cli import sp, table_rows
+from test_cli import ENV, sp, table_rows
 
 
 def figure(out: str, label: str) -> int:
@@ -70,3 +74,26 @@ def test_demo_with_postgresql_unreachable_fails_in_a_few_clear_lines() -> None:
     sampler = [line for line in out.stdout.splitlines() if line.startswith("sampler: PostgreSQL")]
     assert len(sampler) == 1 and "Connection refused" in sampler[0], out.stdout
     assert out.stderr.count("opening a connection failed") == 0, out.stderr  # counted in the table instead
+
+
+def test_demo_interrupted_reports_the_run_so_far() -> None:
+    # Ctrl-C used to kill the workers before they reported: "demo failed: no
+    # checkout succeeded", exit 1, after thousands of checkouts.
+    proc = subprocess.Popen([sys.executable, "-m", "sharedpool", "demo", "--workers", "2", "--max-size", "1",
+                             "--seconds", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ENV)
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 30
+        while "leases held now" not in proc.stdout.readline():  # a progress line: it runs
+            assert time.monotonic() < deadline and proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 0, out + err
+    assert "Traceback" not in err and "demo failed" not in out
+    assert "interrupted: figures cover the run so far" in out
+    assert sum(int(r[2]) for r in worker_rows(out)) >= 1
