@@ -218,6 +218,11 @@ class Client:
             return client
 
     @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran (then :meth:`for_path` makes a new client)."""
+        return self._closed
+
+    @property
     def connected(self) -> bool:
         self._checkpid()
         return self._sock is not None
@@ -247,6 +252,14 @@ class Client:
         # The coordinator keeps the real deadline; ours only guards a lost reply.
         local = None if timeout is None else time.monotonic() + timeout + GRACE
         self._submit(req, pending, local, patient=True)
+        if local is None:
+            # "The resource's default", as the coordinator announced it (known
+            # once connected): without a bound, a coordinator that stops
+            # answering holds this acquire for ever. Doubled: a reload may have
+            # raised the default since the welcome.
+            default = self.limits.get(resource, {}).get("acquire_timeout")
+            if isinstance(default, int | float) and not isinstance(default, bool) and 0 <= default < math.inf:
+                local = time.monotonic() + 2 * default + GRACE
         return AcquireRequest(self, req, pending, local)
 
     def release(self, lease: Lease) -> None:
@@ -264,6 +277,7 @@ class Client:
         """Whether a session is up, trying to connect first (unless in a backoff)."""
         self._checkpid()
         if self._sock is None and not self._closed:
+            self._ensure_thread()  # a session needs its reader: reclaims and pushes come unasked
             self._try_connect(None)
         return self._sock is not None
 
@@ -362,7 +376,11 @@ class Client:
 
     def close_if_unused(self) -> bool:
         """Close the session if no pool uses it and it holds and awaits nothing
-        (the last pool of a process closing ends the process's session)."""
+        (the last pool of a process closing ends the process's session).
+
+        A pool that got this client from :meth:`for_path` a moment before, and
+        has not registered its handlers yet, finds it :attr:`closed` and asks
+        :meth:`for_path` again."""
         with self._cond:
             busy = (self._held or self._pending or self._push_handlers or self._state_providers
                     or any(self._reclaim_handlers.values()))
@@ -407,6 +425,8 @@ class Client:
             raise CoordinatorUnavailable("client is closed")
         self._ensure_thread()
         with self._cond:
+            if self._closed:  # close() ran since the check above: its _fail_all missed us
+                raise CoordinatorUnavailable("client is closed")
             self._pending[req] = pending
             # Decided under the same lock as _connect's re-send snapshot, so a
             # request is sent exactly once per session.
@@ -447,6 +467,9 @@ class Client:
         while True:
             with self._cond:
                 if pending.done:
+                    return
+                if self._closed:
+                    pending.error, pending.done = CoordinatorUnavailable("client closed"), True
                     return
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -553,14 +576,31 @@ class Client:
 
     def _try_connect(self, deadline: float | None, force: bool = False) -> None:
         """Connect now unless a backoff is running (then the thread retries);
-        ``force`` tries regardless of the backoff."""
+        ``force`` tries regardless of the backoff. A caller's ``deadline``
+        bounds both the wait for another thread's attempt and the handshake:
+        a coordinator that accepts but does not answer must not hold an
+        acquire(timeout=0.1) for connect_timeout."""
         if self._closed or (time.monotonic() < self._next_attempt and not force):
             return
-        with self._send_lock:
-            if self._sock is not None:
+        limit = self.connect_timeout
+        if deadline is not None:
+            limit = min(limit, deadline - time.monotonic())
+            if limit <= 0:
                 return
+        if not self._send_lock.acquire(timeout=limit):
+            return  # another thread's attempt runs on; it re-sends our request
+        try:
+            if self._sock is not None or self._closed:
+                return
+            now = time.monotonic()
+            if now < self._next_attempt and not force:
+                return  # the attempt we waited behind failed: its backoff holds for us too
+            if deadline is not None:
+                limit = min(self.connect_timeout, deadline - now)
+                if limit <= 0:
+                    return
             try:
-                self._connect()
+                early = self._connect(limit)
             except (OSError, SharedPoolError) as exc:
                 self.last_error = str(exc)
                 self._next_attempt = time.monotonic() + self._backoff
@@ -568,13 +608,22 @@ class Client:
                 if isinstance(exc, AccessDenied):
                     self._fail_all(exc)
                 return
+        finally:
+            self._send_lock.release()
         self._backoff = BACKOFF_MIN
+        # Frames that came in the welcome's recv() (a reclaim, a push, an
+        # error): dispatched now, outside the send lock (a dispatch may send).
+        for msg in early:
+            self._dispatch(msg)
 
-    def _connect(self) -> None:
+    def _connect(self, limit: float) -> list[p.Message]:
         # Called with the send lock held: nothing is sent on a half-made session.
+        # Returns what arrived behind the welcome, for the caller to dispatch.
+        # ``limit`` bounds the whole handshake, not each step of it.
+        end = time.monotonic() + limit
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.settimeout(self.connect_timeout)
+            sock.settimeout(limit)
             sock.connect(self.socket_path)
             conn = p.Connection(p.CLIENT)
             with self._cond:
@@ -591,7 +640,12 @@ class Client:
             else:
                 cut = None
             welcome = None
+            early: list[p.Message] = []
             while welcome is None:
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("timed out")
+                sock.settimeout(left)
                 data = sock.recv(65536)
                 if not data:
                     if cut is not None:
@@ -599,9 +653,11 @@ class Client:
                     raise CoordinatorUnavailable("coordinator closed the connection during hello")
                 conn.receive_data(data)
                 for msg in conn.events():
-                    if isinstance(msg, p.Error):
+                    if welcome is not None:
+                        early.append(msg)  # the session's first frames: not to be lost
+                    elif isinstance(msg, p.Error):
                         raise _error_from(msg)
-                    if isinstance(msg, p.Welcome):
+                    elif isinstance(msg, p.Welcome):
                         welcome = msg
             sock.settimeout(None)
         except BaseException:
@@ -611,6 +667,12 @@ class Client:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
                         struct.pack("ll", int(SEND_TIMEOUT), int(SEND_TIMEOUT % 1 * 1_000_000)))
         with self._cond:
+            if self._closed:
+                # close() ran during the handshake: it saw no session to end,
+                # so this one must not start (it would hold the re-registered
+                # leases until the process exits).
+                sock.close()
+                raise CoordinatorUnavailable("client closed during the handshake")
             self._sock, self._conn = sock, conn
             self.session_id, self.server_pid = welcome.session, welcome.server_pid
             self.limits = welcome.resources
@@ -631,8 +693,9 @@ class Client:
                 sock.sendall(p.encode(msg))
         except OSError as exc:  # not reading, or gone again: this session is over
             self._disconnect(f"send failed: {exc}")
-            return
+            return []
         self._notify()  # the background thread watches the new socket from now on
+        return early
 
     def _disconnect(self, why: str, retry: bool = True) -> None:
         with self._cond:
@@ -756,10 +819,13 @@ class Client:
         return sock, max(0.0, due - now)
 
     def _tick(self) -> None:
-        self._woken = False
         with contextlib.suppress(OSError):  # drained (BlockingIOError) or closed
             while self._wake_r.recv(4096):
                 pass
+        # Cleared only after the drain: cleared before it, a _notify() in
+        # between had its byte drained here yet left _woken set, and every
+        # later _notify() was swallowed until the next IDLE_WAKE.
+        self._woken = False
         sock = self._sock
         if sock is None:
             if (self._pending or self._held) and not self._closed:
@@ -848,18 +914,22 @@ def _background(ref: weakref.ref[Client]) -> None:
         wake = client._wake_r
         sock, timeout = client._plan_sleep()
         del client  # the client may be collected while we sleep
-        watched = [wake] if sock is None else [wake, sock]
+        # By fd number: unregister(sock) after another thread closed the
+        # socket during the poll would look up fileno() -1, fail, and leave
+        # the dead fd registered; every later poll() would then return
+        # POLLNVAL at once and this thread would spin.
+        watched = [wake.fileno()] if sock is None else [wake.fileno(), sock.fileno()]
         try:
-            for s in watched:
-                poller.register(s, select.POLLIN)
+            for fd in watched:
+                poller.register(fd, select.POLLIN)
             if timeout > 0:
                 poller.poll(timeout * 1000.0)
         except (OSError, ValueError):  # a socket closed under us: look again
             pass
         finally:
-            for s in watched:
+            for fd in watched:
                 with contextlib.suppress(OSError, ValueError, KeyError):
-                    poller.unregister(s)
+                    poller.unregister(fd)
         client = ref()
         if client is None:
             return

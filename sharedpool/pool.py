@@ -862,9 +862,9 @@ class ConnectionPool(Generic[T]):
     def _get_client(self) -> Client | None:
         if self.coordinator is None:
             return None
-        if self._client is None:
+        if self._client is None or self._client_lost():
             with self._lock:
-                if self._client is None:
+                if self._client is None or self._client_lost():
                     client = Client.for_path(self.coordinator)
                     reclaim = self._on_reclaim
                     push = self._on_push
@@ -875,6 +875,12 @@ class ConnectionPool(Generic[T]):
                     self._handlers = (reclaim, push, states)
                     self._client = client
         return self._client
+
+    def _client_lost(self) -> bool:
+        # Another pool's close_if_unused() closed the shared client between our
+        # for_path() and our handlers going in: an open pool takes a new one.
+        client = self._client
+        return client is not None and client.closed and self.status is not PoolStatus.CLOSED
 
     def _on_reclaim(self) -> int:
         """Background thread: the coordinator wants leases back; give idle ones
