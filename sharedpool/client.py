@@ -505,19 +505,22 @@ class Client:
         except BlockingIOError:
             return True
         except OSError as exc:
-            self._disconnect(f"read failed: {exc}")
+            self._disconnect(f"read failed: {exc}", only=sock)
             return False
         if not data:
-            self._disconnect("coordinator closed the connection")
+            self._disconnect("coordinator closed the connection", only=sock)
             return False
-        conn = self._conn
+        with self._cond:
+            # The session may have ended, and a new one begun, while we read:
+            # what the old one sent goes with it, never into the new parser.
+            conn = self._conn if self._sock is sock else None
         if conn is None:
             return False
         conn.receive_data(data)
         try:
             messages = conn.events()
         except RemoteProtocolError as exc:
-            self._disconnect(f"coordinator sent a bad frame: {exc}")
+            self._disconnect(f"coordinator sent a bad frame: {exc}", only=sock)
             return False
         for msg in messages:
             self._dispatch(msg)
@@ -697,8 +700,14 @@ class Client:
         self._notify()  # the background thread watches the new socket from now on
         return early
 
-    def _disconnect(self, why: str, retry: bool = True) -> None:
+    def _disconnect(self, why: str, retry: bool = True, only: socket.socket | None = None) -> None:
+        """End the session (``only``: if it is still the one on that socket;
+        a reader that saw an old socket fail must not end its successor)."""
         with self._cond:
+            if only is not None and self._sock is not only:
+                with contextlib.suppress(OSError):
+                    only.close()
+                return
             sock, self._sock, self._conn = self._sock, None, None
             self.session_id = None
             self._owed.clear()
@@ -730,7 +739,7 @@ class Client:
                                 self.socket_path, SEND_TIMEOUT)
                 elif exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.EBADF):
                     log.warning("send to coordinator failed: %s", exc)
-                self._disconnect(f"send failed: {exc}")
+                self._disconnect(f"send failed: {exc}", only=sock)
 
     def _fail_all(self, error: BaseException) -> None:
         with self._cond:

@@ -244,3 +244,26 @@ def test_a_pool_replaces_a_shared_client_closed_under_it(start_coordinator: Any,
     assert pool._client is not None and pool._client.closed  # a closed pool does not open a new one
     pool._get_client()
     assert pool._client.closed
+
+
+def test_a_reader_of_an_old_socket_leaves_the_new_session_alone(
+        start_coordinator: Any, sock_path: str) -> None:
+    # A caller still reading the socket of a session that ended (a send failed
+    # elsewhere) while a new session was made: its read error ended the new
+    # session too, and data it read went into the new session's parser.
+    start_coordinator({"r": Resource(max_size=1)})
+    client = Client(sock_path)
+    try:
+        assert client.ensure_connected()
+        old = client._sock
+        assert old is not None
+        client._disconnect("a send failed elsewhere")  # closes the old socket
+        assert client.ensure_connected()
+        new, session = client._sock, client.session_id
+        assert new is not None and new is not old
+        assert client._read_available(old, block=False) is False  # the old one: read fails
+        assert client._sock is new and client.session_id == session
+        lease = client.acquire("r", timeout=2)  # and the new session still works
+        client.release(lease)
+    finally:
+        client.close()
