@@ -77,8 +77,10 @@ def reload_config(server: Server, now: float) -> tuple[Any, list[Effect]]:
     for name, limits in fresh.resources.items():
         res = server.ledger.resources.get(name)
         if res is not None:
-            diff = {f.name: [getattr(res.limits, f.name), getattr(limits, f.name)] for f in fields(limits)
-                    if getattr(res.limits, f.name) != getattr(limits, f.name)}
+            was, now_is = res.limits.as_dict(), limits.as_dict()  # no monitor DSN: it may hold a password
+            diff: dict[str, list[Any]] = {k: [was[k], now_is[k]] for k in was if was[k] != now_is[k]}
+            if res.limits.monitor_dsn != limits.monitor_dsn:
+                diff["monitor_dsn"] = ["(hidden)", "(hidden)"]
             if diff:
                 changed[name] = diff
         effects += server.ledger.set_limits(name, limits, now)

@@ -386,6 +386,10 @@ def test_reload_and_sighup(tmp_path: Path) -> None:
         assert "changed demo: max_size 9 -> 7" in out.stdout.splitlines()
         assert server.status()["max_size"] == 7
         assert sp_json("reload", "--socket", server.socket)["changed"] == {}
+        config.write_text('[resources.demo]\nmax_size = 7\nmonitor_dsn = "postgresql://u:s3cret@h/db"\n')
+        out = sp("reload", "--socket", server.socket)
+        assert "changed demo: monitor_dsn (hidden) -> (hidden)" in out.stdout.splitlines()
+        assert "s3cret" not in out.stdout + server.log.read_text()
     finally:
         stop(server.proc)
 
