@@ -37,6 +37,7 @@ from .config import default_socket_path
 from .errors import (
     AccessDenied,
     AcquireCancelled,
+    ConfigError,
     CoordinatorUnavailable,
     PoolTimeout,
     RemoteProtocolError,
@@ -247,6 +248,8 @@ class Client:
         :meth:`AcquireRequest.cancel` it from any thread (a pool whose waiter
         was served by a checkin withdraws its request this way)."""
         self._checkpid()
+        if timeout is not None and not timeout >= 0:  # NaN fails too
+            raise ConfigError("timeout", f"must be >= 0 or None, got {timeout!r}")
         req = next(self._reqs)
         pending = _Pending(p.Acquire(req, resource, timeout, site))
         # The coordinator keeps the real deadline; ours only guards a lost reply.

@@ -13,12 +13,13 @@ import threading
 import time
 from typing import Any
 
+import pytest
 from fake_coordinator import FakeCoordinator
 
 from sharedpool import ConnectionPool, Coordinator, PoolConfig, Resource
 from sharedpool import protocol as p
 from sharedpool.client import Client
-from sharedpool.errors import CoordinatorUnavailable, PoolTimeout, SharedPoolError
+from sharedpool.errors import ConfigError, CoordinatorUnavailable, PoolTimeout, SharedPoolError
 from sharedpool.testing import FakeFactory
 
 
@@ -265,5 +266,18 @@ def test_a_reader_of_an_old_socket_leaves_the_new_session_alone(
         assert client._sock is new and client.session_id == session
         lease = client.acquire("r", timeout=2)  # and the new session still works
         client.release(lease)
+    finally:
+        client.close()
+
+
+def test_a_negative_timeout_is_bad_input_not_a_timeout(start_coordinator: Any, sock_path: str) -> None:
+    # Was PoolTimeout, with a slot free; the pool already said ConfigError.
+    start_coordinator({"r": Resource(max_size=1)})
+    client = Client(sock_path)
+    try:
+        for bad in (-1.0, float("nan")):
+            with pytest.raises(ConfigError, match="timeout"):
+                client.acquire("r", timeout=bad)
+        client.release(client.acquire("r", timeout=0))  # a free slot: granted at once
     finally:
         client.close()
