@@ -144,6 +144,9 @@ class ConnectionPool(Generic[T]):
         self._all: dict[str, ConnectionWrapper[T]] = {}
         self._waiters: deque[_Waiter] = deque()
         self._recheck_pending = False
+        # The quantum as of the last arming of a recheck: the checkin fast
+        # path compares with it instead of asking the client each time.
+        self._armed_quantum = 0.0
         self._recheck_delay = IDLE_GIVE_BACK
         self._acquired = self._released = 0  # counters of the fast paths
         self._giving = 0  # give-backs to the coordinator closing, their leases not yet released
@@ -548,7 +551,7 @@ class ConnectionPool(Generic[T]):
         if age <= self._max_lifetime and not self._test_on_release and (
                 client is None or (wrapper.lease is not None and (
                     not client._owed.get(self.resource)
-                    or (self._recheck_pending and age < self._quantum(client))))):
+                    or (self._recheck_pending and age < self._armed_quantum)))):
             with self._lock:
                 if (wrapper.in_use and not self._waiters and self.status is _ACTIVE
                         and self._all.get(wrapper.id) is wrapper):
@@ -599,6 +602,7 @@ class ConnectionPool(Generic[T]):
                 and (not self._test_on_release or self._validate(wrapper)))
         client = self._client
         owed = young = False
+        quantum = 0.0
         if client is not None and keep:
             if wrapper.lease is None:
                 # A fallback connection goes once the coordinator is back. Not
@@ -611,7 +615,8 @@ class ConnectionPool(Generic[T]):
                 owed = True
                 # Counted from when the connection became usable, not from the
                 # grant: connecting can take a good part of a short quantum.
-                young = now - wrapper.created_at < self._quantum(client)
+                quantum = self._quantum(client)
+                young = now - wrapper.created_at < quantum
         stale: set[AcquireRequest] = set()
         recheck = arm = kept = False
         with self._lock:
@@ -639,7 +644,8 @@ class ConnectionPool(Generic[T]):
                     self._idle.append(wrapper)
                     # One timer at a time per pool, only while leases are owed.
                     arm = recheck and not self._recheck_pending
-                    self._recheck_pending |= arm
+                    if arm:
+                        self._recheck_pending, self._armed_quantum = True, quantum
                 else:
                     waiter = self._waiters.popleft()
                     waiter.wrapper = wrapper
@@ -901,7 +907,8 @@ class ConnectionPool(Generic[T]):
                     # in microseconds, and taking it would cut its turn short.
                     # Look again once it has sat idle for a while.
                     arm = not self._recheck_pending
-                    self._recheck_pending = True
+                    if arm:
+                        self._recheck_pending, self._armed_quantum = True, self._quantum(client)
                     break
                 if wrapper.lease is not None:  # a fallback connection frees no lease
                     self._idle.remove(wrapper)
