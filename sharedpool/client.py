@@ -432,10 +432,11 @@ class Client:
                 raise CoordinatorUnavailable("client is closed")
             self._pending[req] = pending
             # Decided under the same lock as _connect's re-send snapshot, so a
-            # request is sent exactly once per session.
-            connected = self._sock is not None
-        if connected:
-            self._send_quiet(pending.msg)
+            # request is sent exactly once per session: on this socket, or by
+            # the re-send of a session made since (never by both).
+            sock = self._sock
+        if sock is not None:
+            self._send_quiet(pending.msg, sock)
         else:
             self._try_connect(deadline, force=not patient)
             if not patient and self._sock is None:
@@ -725,9 +726,11 @@ class Client:
                 sock.close()
             self._notify()  # the background thread may be polling the closed socket
 
-    def _send_quiet(self, msg: p.Message) -> None:
-        """Send one frame; a dead socket is noticed here and by the reader."""
-        sock = self._sock
+    def _send_quiet(self, msg: p.Message, sock: socket.socket | None = None) -> None:
+        """Send one frame (on ``sock`` only, if given: not on a session made
+        since); a dead socket is noticed here and by the reader."""
+        if sock is None:
+            sock = self._sock
         if sock is None:
             return
         data = p.encode(msg)

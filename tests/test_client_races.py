@@ -281,3 +281,34 @@ def test_a_negative_timeout_is_bad_input_not_a_timeout(start_coordinator: Any, s
         client.release(client.acquire("r", timeout=0))  # a free slot: granted at once
     finally:
         client.close()
+
+
+class _ReconnectBeforeSend(Client):
+    """The session is replaced between _submit's decision to send and the send
+    (the new session's re-send of pending requests already carried it)."""
+
+    race = False
+
+    def _send_quiet(self, msg: p.Message, *args: Any) -> None:
+        if self.race and isinstance(msg, p.Acquire):
+            self.race = False
+            self._disconnect("a send failed elsewhere")
+            assert self.ensure_connected()
+        super()._send_quiet(msg, *args)
+
+
+def test_a_request_goes_out_once_across_a_reconnect(start_coordinator: Any, sock_path: str) -> None:
+    # It went out twice (re-send on connect, then our own send on the new
+    # socket): the coordinator answered duplicate_request, failing the acquire.
+    start_coordinator({"r": Resource(max_size=1)})
+    holder, client = Client(sock_path), _ReconnectBeforeSend(sock_path)
+    try:
+        held = holder.acquire("r", timeout=2)  # full: the request waits, so a copy is a duplicate
+        assert client.ensure_connected()
+        client.race = True
+        threading.Timer(0.3, holder.release, (held,)).start()
+        lease = client.acquire("r", timeout=3)
+        client.release(lease)
+    finally:
+        holder.close()
+        client.close()
