@@ -70,7 +70,12 @@ def _default_path() -> str:
     if os.environ.get(SOCKET_ENV) or os.path.exists(path):
         return path
     fallback = tmp_socket_path()
-    return fallback if os.path.exists(fallback) else path
+    try:  # only a directory of our own that nobody else can write to (no squatter's socket)
+        info = os.stat(os.path.dirname(fallback))
+    except OSError:
+        return path
+    mine = info.st_uid == os.getuid() and not info.st_mode & 0o022
+    return fallback if mine and os.path.exists(fallback) else path
 
 
 @contextlib.contextmanager

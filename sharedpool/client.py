@@ -148,9 +148,12 @@ class Client:
     """
 
     def __init__(self, socket_path: str | None = None, *, name: str | None = None,
-                 connect_timeout: float = 5.0) -> None:
+                 connect_timeout: float | None = 5.0) -> None:
         self.socket_path = socket_path or default_socket_path()
         self.name = name or os.path.basename(sys.argv[0] or "python")
+        if connect_timeout is not None and not 0 < connect_timeout < math.inf:  # NaN fails too
+            raise ConfigError("connect_timeout", f"must be a number of seconds > 0 or None, "
+                              f"got {connect_timeout!r}")
         self.connect_timeout = connect_timeout
         self._init_state()
         _ALL.add(self)
@@ -584,30 +587,29 @@ class Client:
     def _try_connect(self, deadline: float | None, force: bool = False) -> None:
         """Connect now unless a backoff is running (then the thread retries);
         ``force`` tries regardless of the backoff. A caller's ``deadline``
-        bounds both the wait for another thread's attempt and the handshake:
-        a coordinator that accepts but does not answer must not hold an
-        acquire(timeout=0.1) for connect_timeout."""
+        bounds the wait for another thread's attempt and, while this process
+        holds no leases, the handshake too: a coordinator that accepts but
+        does not answer must not hold an acquire(timeout=0.1) for
+        connect_timeout. A hello that re-registers held leases is never cut
+        short: the coordinator would fence leases whose connections live on."""
         if self._closed or (time.monotonic() < self._next_attempt and not force):
             return
-        limit = self.connect_timeout
-        if deadline is not None:
-            limit = min(limit, deadline - time.monotonic())
-            if limit <= 0:
-                return
-        if not self._send_lock.acquire(timeout=limit):
+        wait = _bound(self.connect_timeout, deadline)
+        if wait is not None and wait <= 0:
+            return
+        if not self._send_lock.acquire(timeout=-1 if wait is None else wait):
             return  # another thread's attempt runs on; it re-sends our request
+        early: list[p.Message] = []
         try:
             if self._sock is not None or self._closed:
                 return
-            now = time.monotonic()
-            if now < self._next_attempt and not force:
+            if time.monotonic() < self._next_attempt and not force:
                 return  # the attempt we waited behind failed: its backoff holds for us too
-            if deadline is not None:
-                limit = min(self.connect_timeout, deadline - now)
-                if limit <= 0:
-                    return
+            limit = self.connect_timeout if self._held else _bound(self.connect_timeout, deadline)
+            if limit is not None and limit <= 0:
+                return
             try:
-                early = self._connect(limit)
+                sock, early = self._connect(limit)
             except (OSError, SharedPoolError) as exc:
                 self.last_error = str(exc)
                 self._next_attempt = time.monotonic() + self._backoff
@@ -619,15 +621,18 @@ class Client:
             self._send_lock.release()
         self._backoff = BACKOFF_MIN
         # Frames that came in the welcome's recv() (a reclaim, a push, an
-        # error): dispatched now, outside the send lock (a dispatch may send).
+        # error): dispatched now, outside the send lock (a dispatch may send),
+        # and only while that session lasts (not into a later one).
         for msg in early:
+            if self._sock is not sock:
+                break
             self._dispatch(msg)
 
-    def _connect(self, limit: float) -> list[p.Message]:
+    def _connect(self, limit: float | None) -> tuple[socket.socket, list[p.Message]]:
         # Called with the send lock held: nothing is sent on a half-made session.
-        # Returns what arrived behind the welcome, for the caller to dispatch.
-        # ``limit`` bounds the whole handshake, not each step of it.
-        end = time.monotonic() + limit
+        # Returns the session's socket and what arrived behind the welcome, for
+        # the caller to dispatch. ``limit`` bounds the whole handshake (None: no bound).
+        end = None if limit is None else time.monotonic() + limit
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(limit)
@@ -649,10 +654,11 @@ class Client:
             welcome = None
             early: list[p.Message] = []
             while welcome is None:
-                left = end - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError("timed out")
-                sock.settimeout(left)
+                if end is not None:
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError("timed out")
+                    sock.settimeout(left)
                 data = sock.recv(65536)
                 if not data:
                     if cut is not None:
@@ -700,9 +706,9 @@ class Client:
                 sock.sendall(p.encode(msg))
         except OSError as exc:  # not reading, or gone again: this session is over
             self._disconnect(f"send failed: {exc}")
-            return []
+            return sock, []
         self._notify()  # the background thread watches the new socket from now on
-        return early
+        return sock, early
 
     def _disconnect(self, why: str, retry: bool = True, only: socket.socket | None = None) -> None:
         """End the session (``only``: if it is still the one on that socket;
@@ -907,6 +913,14 @@ class Client:
             if sock is not None:
                 with contextlib.suppress(OSError):
                     sock.close()
+
+
+def _bound(timeout: float | None, deadline: float | None) -> float | None:
+    """Seconds left under both ``timeout`` and ``deadline`` (None: unbounded)."""
+    if deadline is None:
+        return timeout
+    left = deadline - time.monotonic()
+    return left if timeout is None else min(timeout, left)
 
 
 def _error_from(msg: p.Error) -> SharedPoolError:

@@ -151,7 +151,8 @@ class Resource:
     ``max_per_process`` caps one session; ``min_per_process`` is a floor that
     reclaim never takes from a session; ``max_waiting`` bounds the acquires
     queued for a free lease (``None``: unbounded; one that waits only because
-    its own process holds ``max_per_process`` is not counted, nor refused).
+    its own process holds ``max_per_process`` is not counted: a process may
+    queue that many of those itself).
     ``acquire_timeout`` is the default wait when the client does not give one.
     ``fairness_quantum``: a process holding a connection others wait for gives it
     back at checkin once it is this old (seconds); ``"auto"`` picks 120 times what a

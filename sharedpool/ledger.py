@@ -420,18 +420,19 @@ class Ledger:
             # Only acquires that wait for a free slot count: one held back by its
             # own process's max_per_process waits for that process's own leases,
             # and a greedy process queueing many of those must not lock others out.
+            # Those are bounded per process instead, by the same number.
+            most = res.limits.max_waiting
             ahead, _, per_session = self._servable(res)
             cap = res.limits.max_per_process
-            own = cap is None or session.held(resource) + per_session.get(sid, 0) < cap
-            if own and ahead >= res.limits.max_waiting:
+            if cap is None or session.held(resource) + per_session.get(sid, 0) < cap:
+                count, what = ahead, f"acquires already wait for a free lease of {resource!r}"
+            else:
+                count = sum(1 for w in session.waiting.values() if w.resource == resource)
+                what = (f"acquires of {resource!r} from this process already wait behind its "
+                        f"max_per_process={cap}")
+            if count >= most:
                 res.denials += 1
-                return [
-                    Denied(
-                        sid, req, "too_many_waiters",
-                        f"{ahead} acquires already wait for a free lease of {resource!r} "
-                        f"(max_waiting={res.limits.max_waiting})",
-                    )
-                ]
+                return [Denied(sid, req, "too_many_waiters", f"{count} {what} (max_waiting={most})")]
         waiter = Waiter(sid, req, resource, now, now + timeout, _site(site))
         res.waiters.append(waiter)
         session.waiting[req] = waiter

@@ -898,6 +898,8 @@ class ConnectionPool(Generic[T]):
         now = time.monotonic()
         arm = False
         with self._lock:
+            if self._recheck_pending:  # a reclaim also brings a quantum that moved
+                self._armed_quantum = self._quantum(client)
             owed = client.owes(self.resource) - self._giving
             for wrapper in list(self._idle):  # the coldest first
                 if len(victims) >= owed:

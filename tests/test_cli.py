@@ -541,6 +541,9 @@ def test_default_socket_falls_back_to_the_tmp_one_a_service_would_use(
     mine = str(runtime / "sharedpool" / "sharedpool.sock")
     assert cli._default_path() == mine  # neither exists: the usual default, named in errors
     service.touch()
+    service.parent.chmod(0o777)  # anyone could have put a socket there: not trusted
+    assert cli._default_path() == mine
+    service.parent.chmod(0o700)
     assert cli._default_path() == str(service)
     (runtime / "sharedpool").mkdir()
     Path(mine).touch()

@@ -18,7 +18,7 @@ from fake_coordinator import FakeCoordinator
 
 from sharedpool import ConnectionPool, Coordinator, PoolConfig, Resource
 from sharedpool import protocol as p
-from sharedpool.client import Client
+from sharedpool.client import Client, Lease
 from sharedpool.errors import ConfigError, CoordinatorUnavailable, PoolTimeout, SharedPoolError
 from sharedpool.testing import FakeFactory
 
@@ -312,3 +312,33 @@ def test_a_request_goes_out_once_across_a_reconnect(start_coordinator: Any, sock
     finally:
         holder.close()
         client.close()
+
+
+def test_connect_timeout_none_means_no_bound_and_bad_values_are_refused(
+        start_coordinator: Any, sock_path: str) -> None:
+    start_coordinator({"r": Resource(max_size=1)})
+    client = Client(sock_path, connect_timeout=None)  # was a TypeError in every connect
+    try:
+        client.release(client.acquire("r", timeout=2))
+    finally:
+        client.close()
+    for bad in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="connect_timeout"):
+            Client(sock_path, connect_timeout=bad)
+
+
+def test_a_hello_that_re_registers_leases_is_not_cut_short(sock_path: str) -> None:
+    # A caller's short deadline bounds a handshake only while the process holds
+    # no leases: cut short after the hello went out, the coordinator would
+    # fence leases whose connections live on.
+    fake = FakeCoordinator(sock_path, hello_delays=(0.5,))
+    client = Client(sock_path)
+    try:
+        client._held[7] = Lease(7, "r", 7)  # kept across a coordinator restart
+        client._try_connect(time.monotonic() + 0.1, force=True)
+        assert client._sock is not None, "the handshake was given up after the hello went out"
+        assert fake.conns[0][1]["eof"] is None
+    finally:
+        client._held.clear()
+        client.close()
+        fake.stop()

@@ -257,20 +257,26 @@ def test_max_waiting_zero_never_queues_but_still_grants() -> None:
 def test_max_waiting_counts_only_acquires_a_free_slot_could_serve() -> None:
     # A process at its max_per_process queues more (a pool with more threads
     # than its share): those wait for its own leases, and must not use up
-    # max_waiting so that another process is refused.
-    lg = ledger(pg=Resource(3, max_per_process=1, max_waiting=1))
+    # max_waiting so that another process is refused. They are bounded per
+    # process instead (a raw client could queue thousands).
+    lg = ledger(pg=Resource(3, max_per_process=1, max_waiting=2))
     a, b, c = session(lg), session(lg), session(lg)
     grant(lg, a, 1)
-    for req in range(2, 6):  # over its cap, never refused by max_waiting
-        assert queued(lg.acquire(a, req, "pg", T0, timeout=5))
-    assert granted(lg.acquire(b, 1, "pg", T0, timeout=5)).session == b
+    assert queued(lg.acquire(a, 2, "pg", T0, timeout=5))
+    assert queued(lg.acquire(a, 3, "pg", T0, timeout=5))
+    deny = only(Denied, lg.acquire(a, 4, "pg", T0, timeout=5))
+    assert isinstance(deny, Denied) and deny.reason == "too_many_waiters"
+    assert deny.message == ("2 acquires of 'pg' from this process already wait behind its "
+                            "max_per_process=1 (max_waiting=2)")
+    assert granted(lg.acquire(b, 1, "pg", T0, timeout=5)).session == b  # before: refused
     grant(lg, c, 1)  # the cap is reached: 3 held
-    d = session(lg)
-    assert queued(lg.acquire(d, 1, "pg", T0, timeout=5))  # the one servable waiter
+    d, e = session(lg), session(lg)
+    assert queued(lg.acquire(d, 1, "pg", T0, timeout=5))  # servable waiters: 1
+    assert queued(lg.acquire(e, 1, "pg", T0, timeout=5))  # 2
     deny = only(Denied, lg.acquire(session(lg), 1, "pg", T0, timeout=5))
     assert isinstance(deny, Denied) and deny.reason == "too_many_waiters"
-    assert deny.message.startswith("1 acquires already wait") and "max_waiting=1" in deny.message
-    # D's second waits behind its first (its own cap): not refused either.
+    assert deny.message == "2 acquires already wait for a free lease of 'pg' (max_waiting=2)"
+    # D's second waits behind its first (its own cap): counted as D's, not refused.
     assert queued(lg.acquire(d, 2, "pg", T0, timeout=5))
 
 
@@ -1092,6 +1098,9 @@ class LedgerMachine(RuleBasedStateMachine):
         wait = (self.limits(r).acquire_timeout if timeout is None else timeout) if r != "nope" else 0
         self.outstanding[(sid, req)] = Req(r, self.now + wait)
         ahead, own = self.servable_ahead(sid, r) if r != "nope" else (0, True)
+        mine = sum(1 for s, _ in self.queued(r) if s == sid) if r != "nope" else 0
+        most = self.limits(r).max_waiting if r != "nope" else None
+        full = most is not None and (ahead >= most if own else mine >= most)
         effects = self.lg.acquire(sid, req, r, self.now, timeout)
         for deny in of(Denied, effects):
             if deny.req != req:
@@ -1103,7 +1112,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 assert res.paused or res.leased >= res.limits.max_size or self.blocked(sid, r), deny
             elif deny.reason == "too_many_waiters":
                 assert res is not None and res.limits.max_waiting is not None
-                assert own and ahead >= res.limits.max_waiting
+                assert full, (ahead, own, mine)
             elif deny.reason == "unknown_resource":
                 assert r == "nope"
         if of(Granted, effects):
@@ -1112,8 +1121,7 @@ class LedgerMachine(RuleBasedStateMachine):
         if (sid, req) in self.outstanding:
             event("acquire: queued")
             assert wait > 0, "a request that may not wait was queued"
-            cap = self.limits(r).max_waiting
-            assert cap is None or not own or ahead < cap, "queued beyond max_waiting"
+            assert not full, "queued beyond max_waiting"
             self.outstanding[(sid, req)].seq = next(self.seqs)
 
     @precondition(lambda self: self.held)

@@ -235,16 +235,17 @@ def test_max_waiting_fails_fast(start_coordinator: Any, sock_path: str) -> None:
 
 def test_max_waiting_ignores_a_pool_queued_behind_its_own_cap(start_coordinator: Any, sock_path: str) -> None:
     # A pool with more threads than max_per_process queues lease requests that
-    # only its own leases can serve: they must not count against max_waiting.
-    start_coordinator({"r": Resource(max_size=3, max_per_process=1, max_waiting=1)})
+    # only its own leases can serve: they must not count against max_waiting,
+    # or another process finding the resource full is refused instead of queued.
+    start_coordinator({"r": Resource(max_size=2, max_per_process=1, max_waiting=3)})
     pool = local_pool(sock_path, size=4)
-    other = Client(sock_path)
+    holder, other = Client(sock_path), Client(sock_path)
     held = pool.acquire(timeout=2)
     errors: list[BaseException] = []
 
     def wait_in_pool() -> None:
         try:
-            pool.release(pool.acquire(timeout=3))
+            pool.release(pool.acquire(timeout=5))
         except BaseException as exc:  # noqa: BLE001 - asserted below
             errors.append(exc)
 
@@ -256,13 +257,16 @@ def test_max_waiting_ignores_a_pool_queued_behind_its_own_cap(start_coordinator:
         while other.inspect("resources")["resources"][0]["waiting"] < 3:
             assert time.monotonic() < deadline, "the pool's lease requests never queued"
             time.sleep(0.01)
-        lease = other.acquire("r", timeout=1)  # before: TooManyWaiters (3 waiting >= 1)
+        first = holder.acquire("r", timeout=1)  # the resource is full now
+        threading.Timer(0.3, holder.release, (first,)).start()
+        lease = other.acquire("r", timeout=3)  # before: TooManyWaiters at once (3 waiting >= 3)
         other.release(lease)
         pool.release(held)  # the pool's own threads take turns on it
         for t in threads:
-            t.join(5)
+            t.join(10)
         assert errors == []
     finally:
+        holder.close()
         other.close()
         pool.close()
 
