@@ -1,7 +1,7 @@
 """Helpers shared by the integration tests: the coordinator's lease count,
 running a function in forked children (multiprocessing, fork start method),
-threads hammering a pool, a worker exiting mid-query, and reading a raw
-socket until the peer closes it."""
+threads hammering a pool, a worker exiting mid-query, a thread whose
+exception the test looks at, and reading a raw socket until the peer closes it."""
 
 from __future__ import annotations
 
@@ -14,6 +14,19 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from sharedpool import Client
+
+
+def start_recording(fn: Callable[[], object], errors: list[BaseException]) -> threading.Thread:
+    """Start ``fn()`` in a thread; what it raises is appended to ``errors``."""
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - the test looks at it
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
 
 
 def exit_mid_query(checkout: Callable[[], AbstractContextManager[Any]],

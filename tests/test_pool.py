@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+from proc_helpers import start_recording
 
 from sharedpool import (
     ConfigError,
@@ -251,15 +252,7 @@ def test_close_fails_waiters_and_closes_connections() -> None:
     pool = make_pool(factory, max_size=1)
     w = pool.acquire()
     errors: list[BaseException] = []
-
-    def wait() -> None:
-        try:
-            pool.acquire(timeout=5)
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-
-    t = threading.Thread(target=wait)
-    t.start()
+    t = start_recording(lambda: pool.acquire(timeout=5), errors)
     time.sleep(0.1)
     closer = threading.Thread(target=pool.close, kwargs={"timeout": 2})
     closer.start()

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from proc_helpers import start_recording
 
 from sharedpool import Client, ConnectionPool, PoolClosed, PoolConfig, PoolMisuse, PoolTimeout
 from sharedpool import client as client_module
@@ -220,15 +221,7 @@ def test_a_pool_closed_while_its_lease_request_goes_out_takes_no_grant(
 
     monkeypatch.setattr(client, "request", slow_request)
     errors: list[BaseException] = []
-
-    def take() -> None:
-        try:
-            pool.acquire(timeout=5)
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-
-    taker = threading.Thread(target=take)
-    taker.start()
+    taker = start_recording(lambda: pool.acquire(timeout=5), errors)
     assert requested.wait(5)
     pool.close(timeout=0.5)
     gate.set()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from proc_helpers import start_recording
 
 from sharedpool import (
     Client,
@@ -242,17 +243,8 @@ def test_max_waiting_ignores_a_pool_queued_behind_its_own_cap(start_coordinator:
     holder, other = Client(sock_path), Client(sock_path)
     held = pool.acquire(timeout=2)
     errors: list[BaseException] = []
-
-    def wait_in_pool() -> None:
-        try:
-            pool.release(pool.acquire(timeout=5))
-        except BaseException as exc:  # noqa: BLE001 - asserted below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=wait_in_pool) for _ in range(3)]
+    threads = [start_recording(lambda: pool.release(pool.acquire(timeout=5)), errors) for _ in range(3)]
     try:
-        for t in threads:
-            t.start()
         deadline = time.monotonic() + 5
         while other.inspect("resources")["resources"][0]["waiting"] < 3:
             assert time.monotonic() < deadline, "the pool's lease requests never queued"
