@@ -365,6 +365,10 @@ class Client:
         self._reclaim_handlers.setdefault(resource, []).append(handler)
 
     def on_push(self, handler: Callable[[str, str | None, dict[str, Any]], None]) -> None:
+        """``handler(verb, resource, args)`` is called from the background thread
+        for what the coordinator pushes: drain, resume, resize, end_session, and
+        revoke (``args["lease"]`` was not re-registered after a restart: close
+        its connection; the client has already forgotten the lease)."""
         self._push_handlers.append(handler)
 
     def add_state_provider(self, provider: Callable[[], list[list[Any]]]) -> None:
@@ -572,6 +576,11 @@ class Client:
             self._notify()
         elif isinstance(msg, p.Push):
             with self._cond:
+                lease_id = msg.args.get("lease")
+                if msg.verb == "revoke" and isinstance(lease_id, int):
+                    # Not counted by the coordinator: never re-registered nor
+                    # released again (its id may be another process's now).
+                    self._held.pop(lease_id, None)
                 for handler in self._push_handlers:
                     self._jobs.append(functools.partial(handler, msg.verb, msg.resource, msg.args))
             self._notify()

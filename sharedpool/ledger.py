@@ -53,6 +53,17 @@ MAX_SITE = 4096
 QUANTUM_STEP = 0.2
 
 
+def _refused(sid: int, resource: Any, lease_id: Any, why: str) -> list[Effect]:
+    """A held lease not re-registered: an error reply and, when the lease can be
+    named, a "revoke" push. Its connection counts nowhere now, so the process
+    must close it rather than keep using (and re-registering) it."""
+    effects: list[Effect] = [Problem(sid, "bad_held", why)]
+    if _is_id(lease_id):
+        name = resource if isinstance(resource, str) else None
+        effects.append(Notify(sid, "revoke", name, {"lease": lease_id, "why": why}))
+    return effects
+
+
 def _short(value: Any, limit: int = 60) -> str:
     """A repr for messages: a peer's 1 MB name must not make a frame over the limit."""
     text = repr(value)
@@ -275,7 +286,9 @@ class Ledger:
         """Register a process. ``held`` re-registers leases it kept across a
         coordinator restart: ``[resource, lease, token, state, backend_pid]``.
         They are accepted even beyond the cap (the connections exist); the cap
-        then blocks grants until the resource is back under it."""
+        then blocks grants until the resource is back under it. One that cannot
+        be (its resource is gone, another process holds its id) is revoked: the
+        process is told to close its connection."""
         sid = next(self._session_ids)
         session = Session(sid, pid, name, uid, now)
         self.sessions[sid] = session
@@ -289,13 +302,13 @@ class Ledger:
             res = self.resources.get(resource) if isinstance(resource, str) else None
             if res is None or not _is_id(lease_id) or not _is_id(token):
                 why = f"lease {_short(lease_id)} of {_short(resource)} not re-registered"
-                effects.append(Problem(sid, "bad_held", why))
+                effects += _refused(sid, resource, lease_id, why)
                 continue
             lease = self._adopt(res, session, lease_id, token)
             if lease is None:
                 if self._find_lease(lease_id):
                     why = f"lease {lease_id} of {resource!r} is held elsewhere"
-                    effects.append(Problem(sid, "bad_held", why))
+                    effects += _refused(sid, resource, lease_id, why)
                     continue
                 lease = Lease(lease_id, resource, sid, token, now)
                 res.live[lease_id] = lease

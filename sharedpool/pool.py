@@ -928,6 +928,9 @@ class ConnectionPool(Generic[T]):
     def _on_push(self, verb: str, resource: str | None, args: dict[str, Any]) -> None:
         if resource not in (None, self.resource):
             return
+        if verb == "revoke":
+            self._revoke(args.get("lease"), args.get("why"))
+            return
         log.warning("pool %r: coordinator says %s %s", self.name, verb, args or "")
         if verb == "drain":
             self.drain(timeout=0)
@@ -935,6 +938,29 @@ class ConnectionPool(Generic[T]):
             self.resume()
         elif verb == "end_session":
             self.close(timeout=0)
+
+    def _revoke(self, lease_id: Any, why: Any) -> None:
+        """The coordinator did not take this lease back after a restart: its
+        connection counts against no cap now. Closed at once if idle, else at
+        its checkin (a connection without a lease goes while the coordinator
+        is up, like a fallback one). Nothing is released: the client has
+        forgotten the lease, whose id may be another process's by now."""
+        with self._lock:
+            found = [w for w in self._all.values() if w.lease is not None and w.lease.id == lease_id]
+            victims = []
+            for wrapper in found:
+                wrapper.lease = None
+                if not wrapper.in_use:
+                    self._idle.remove(wrapper)
+                    del self._all[wrapper.id]
+                    self._closing += 1
+                    victims.append(wrapper)
+        for wrapper in found:
+            log.warning("pool %r: coordinator revoked lease %s (%s); connection %s is closed %s",
+                        self.name, lease_id, why, wrapper.id[:8],
+                        "now" if wrapper in victims else "when it is checked in")
+        for wrapper in victims:
+            self._close(wrapper)
 
     def _lease_states(self) -> list[list[Any]]:
         with self._lock:

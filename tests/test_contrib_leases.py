@@ -37,3 +37,30 @@ def test_a_lease_still_closing_counts_as_held(start_coordinator: Any, sock_path:
     assert stats["closes_unconfirmed"] == 1 and stats["leases_released"] == 1
     assert wait_leased(sock_path, 0) == 0
     book.shutdown()
+
+
+def test_a_lease_the_restarted_coordinator_refuses_is_dropped(start_coordinator: Any,
+                                                              sock_path: str) -> None:
+    """Restarted without the resource, the coordinator cannot re-register the
+    book's lease. The host library owns the connection, so the book does not
+    close it, but stops counting, reporting and releasing that lease."""
+    first = start_coordinator({"pg": Resource(max_size=1)})
+    book = LeaseBook("pg", sock_path, confirm_timeout=0.2)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        conn = book.connect(lambda: socket.create_connection(server.getsockname()))
+        peer, _ = server.accept()
+        try:
+            assert book.stats()["leases_held"] == 1
+            first.kill()
+            start_coordinator({"other": Resource(max_size=1)})
+            deadline = time.monotonic() + 10
+            while book.stats()["leases_held"]:
+                assert time.monotonic() < deadline, "the refused lease is still counted as held"
+                time.sleep(0.02)
+            assert book._states() == [] and book.client is not None and book.client.held == {}
+            book.close(conn)  # closed by its owner later: nothing to release
+            stats = book.stats()
+            assert stats["leases_released"] == 0 and stats["leases_closing"] == 0, stats
+        finally:
+            peer.close()
+    book.shutdown()

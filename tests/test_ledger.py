@@ -404,9 +404,18 @@ def test_reregistration_beyond_the_cap_blocks_grants_until_below() -> None:
 def test_bad_held_entries_are_problems_not_crashes(entry: Any) -> None:
     lg = ledger(pg=2)
     sid, effects = lg.open_session(1, "w", T0, held=[entry, ["pg", 9, 9, "idle", None]])
-    [prob] = effects
+    prob, *revoked = effects
     assert isinstance(prob, Problem) and prob.code == "bad_held" and prob.session == sid
     assert len(prob.message) < 200
+    # A lease that can be named is revoked: its connection counts nowhere now.
+    lease_id = entry[1] if isinstance(entry, list) and len(entry) == 5 else None
+    if isinstance(lease_id, int) and not isinstance(lease_id, bool) and 0 <= lease_id < MAX_ID:
+        [revoke] = revoked
+        assert isinstance(revoke, Notify) and revoke.session == sid and revoke.verb == "revoke"
+        assert revoke.args["lease"] == lease_id
+        assert revoke.resource == (entry[0] if isinstance(entry[0], str) else None)
+    else:
+        assert revoked == []
     assert list(lg.sessions[sid].leases) == [9]  # the good entry still counts
     assert granted(lg.acquire(sid, 1, "pg", T0)).lease.id == 10
 
@@ -418,7 +427,11 @@ def test_a_lease_held_by_another_process_cannot_be_claimed() -> None:
     token = lg.sessions[a].leases[lease].token
     def claim(pid: int, token: int) -> tuple[int, Problem]:
         sid, effects = lg.open_session(pid, "claimant", T0, held=[["pg", lease, token, IDLE, None]])
-        return sid, only(Problem, effects)
+        prob, revoke = effects  # refused, and the claimant told to close that connection
+        assert isinstance(revoke, Notify) and (revoke.verb, revoke.resource) == ("revoke", "pg")
+        assert revoke.session == sid and revoke.args["lease"] == lease
+        assert isinstance(prob, Problem)
+        return sid, prob
 
     sid, prob = claim(2, token)
     assert prob.code == "bad_held" and lg.sessions[sid].leases == {}

@@ -170,3 +170,34 @@ def test_clean_stop_with_leases_out_is_a_restart_too(start_coordinator: Any, soc
     finally:
         keeper.close()
         newcomer.close()
+
+
+def test_a_lease_the_restarted_coordinator_refuses_is_closed_not_kept(start_coordinator: Any,
+                                                                      sock_path: str) -> None:
+    """Restarted without the resource, the coordinator cannot re-register the
+    pool's leases: their connections count against no cap, so the pool closes
+    them (an idle one at once, one in use at its checkin) instead of keeping
+    them, and re-registering them, for ever."""
+    first = start_coordinator({"r": 2})
+    factory = FakeFactory()
+    pool = make_pool(sock_path, factory)
+    try:
+        idle_one, busy_one = pool.acquire(timeout=5), pool.acquire(timeout=5)
+        pool.release(idle_one)
+        first.kill()
+        start_coordinator({"other": 2})  # "r" is gone from the new config
+        client = pool._client
+        assert client is not None
+        deadline = time.monotonic() + 10
+        while not idle_one.conn.closed:
+            assert time.monotonic() < deadline, "the idle connection of a refused lease stayed open"
+            time.sleep(0.02)
+        assert client.held == {}  # forgotten: neither re-registered again nor released
+        assert busy_one.conn.execute() == 1  # a query under way is not cut short
+        assert not busy_one.conn.closed
+        pool.release(busy_one)
+        assert busy_one.conn.closed
+        assert factory.open == [] and pool.get_size() == 0
+        assert pool.get_stats()["leases_held"] == 0
+    finally:
+        pool.close()

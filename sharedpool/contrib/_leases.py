@@ -292,6 +292,11 @@ class LeaseBook:
             book = ref()
             return [] if book is None else book._states()
 
+        def on_push(verb: str, resource: str | None, args: dict[str, Any]) -> None:
+            book = ref()
+            if book is not None and verb == "revoke" and resource in (None, book.resource):
+                book._revoke(args.get("lease"), args.get("why"))
+
         with self._lock:
             if self._client is client:
                 return
@@ -299,7 +304,8 @@ class LeaseBook:
                 self._client.remove_handlers(*self._handlers)
             client.on_reclaim(self.resource, on_reclaim)
             client.add_state_provider(states)
-            self._client, self._handlers = client, (on_reclaim, states)
+            client.on_push(on_push)
+            self._client, self._handlers = client, (on_reclaim, states, on_push)
 
     def shutdown(self) -> None:
         """Stop answering reclaims and reporting states (the pool is closed)."""
@@ -319,6 +325,21 @@ class LeaseBook:
             given = self._reclaim(owed)
             if given:
                 log.debug("gave back %d %r lease(s) on reclaim", given, self.resource)
+
+    def _revoke(self, lease_id: Any, why: Any) -> None:
+        """The coordinator did not take this lease back after a restart. The
+        host library owns the connection, so it is not closed here: it is
+        tracked without a lease (not reported, never released) until the host
+        pool closes it, and said loudly, since it counts against no cap."""
+        if self._pid != current_pid():
+            return
+        with self._lock:
+            found = [e for e in self._entries.values() if e.lease is not None and e.lease.id == lease_id]
+            for entry in found:
+                entry.lease = None
+        if found:
+            log.warning("%r lease %s revoked by the coordinator (%s): its connection stays open, "
+                        "counted nowhere, until the pool closes it", self.resource, lease_id, why)
 
     def _states(self) -> list[list[Any]]:
         if self._pid != current_pid():
