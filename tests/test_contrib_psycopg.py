@@ -265,3 +265,19 @@ def test_release_process_waits_for_a_query_in_flight(pg: str, start_coordinator:
     assert child["held"] == 0
     assert wait_leased(sock_path, 0) == 0
     assert BackendSampler(app_name).count_now() == 0
+
+
+def test_close_with_a_connection_checked_out_gives_its_lease_back(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    """App shutdown while a request still runs: close(), then the request
+    returns its connection, which psycopg_pool closes; its lease goes back
+    too (before, close() had dropped the client the release needed)."""
+    start_coordinator({"pg": Resource(max_size=2)})
+    pool = make_pool(sock_path, app_name, min_size=1, max_size=2)
+    pool.wait(10)
+    conn = pool.getconn()
+    pool.close()
+    pool.putconn(conn)
+    assert conn.closed
+    assert wait_leased(sock_path, 0) == 0
+    assert pool.get_stats()["leases_held"] == 0

@@ -310,3 +310,62 @@ def test_a_refused_wait_is_sqlalchemys_pool_timeout_error(pg: str, start_coordin
         holder.dispose()
         other.dispose()
     assert wait_leased(sock_path, 0) == 0
+
+
+def test_an_engine_dropped_without_dispose_gives_its_leases_back(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    """Plain SQLAlchemy closes the connections of an engine that is garbage-
+    collected; so do we, and their leases come back (after the close is
+    confirmed). Before, each dropped engine kept its leases for the life of
+    the process: after max_size of them, every process waited at the cap."""
+    import gc
+
+    start_coordinator({"pg": Resource(max_size=2, acquire_timeout=3)})
+    for _ in range(3):  # one more engine than the cap
+        engine = engine_for(sock_path, app_name, pool_timeout=3)
+        assert backend_pid(engine)
+        del engine
+        gc.collect()
+        assert wait_leased(sock_path, 0) == 0
+    with psycopg.connect(pg_dsn(), autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                           (app_name,)).fetchone()
+    assert row is not None and row[0] == 0
+
+
+def test_a_signal_while_waiting_for_a_lease_leaks_nothing(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    """celery's soft time limit (or an alarm, or Ctrl-C) raises in the thread
+    that waits for a lease. The acquire is withdrawn (or a lease granted at
+    that moment goes back): the next checkout of this process, and the other
+    processes, get the slot once it is free."""
+    import signal
+
+    class SoftLimit(Exception):
+        pass
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise SoftLimit
+
+    start_coordinator({"pg": Resource(max_size=1, acquire_timeout=10)})
+    other = Client(sock_path)
+    held = other.acquire("pg", timeout=5)  # another process holds the only slot
+    engine = engine_for(sock_path, app_name, pool_timeout=10)
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with pytest.raises(SoftLimit), engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        other.release(held)
+        assert backend_pid(engine)  # this process gets the slot again
+        pool = engine.pool
+        assert isinstance(pool, LeasedQueuePool)
+        engine.dispose()
+        assert pool.lease_stats()["leases_held"] == 0
+        assert wait_leased(sock_path, 0) == 0
+        again = other.acquire("pg", timeout=5)  # and so does the other one
+        other.release(again)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        other.close()

@@ -455,3 +455,46 @@ def test_stop_during_worker_birth_is_not_lost(tmp_path: Path, sock_path: str, lo
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+class _FakeMaster:
+    """What the hooks read of gunicorn's Arbiter."""
+
+    def __init__(self) -> None:
+        import logging
+        import types
+
+        self.cfg = types.SimpleNamespace(env_orig={})
+        self.log = logging.getLogger("test-gunicorn-master")
+
+
+def test_binary_upgrade_keeps_one_coordinator(start_coordinator: Any, sock_path: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """USR2: gunicorn execs the new master with its original environment. The
+    hooks put the socket path there, so the new master finds the coordinator
+    the old one started (one budget, not two); once the old master stops it,
+    the new master starts its own on the same path and the leases held
+    meanwhile are re-registered with it (I4)."""
+    from sharedpool.contrib.gunicorn import hooks
+
+    monkeypatch.delenv("SHAREDPOOL_SOCKET", raising=False)
+    old_coordinator = start_coordinator({"r": 1})  # the old master's
+    monkeypatch.setenv("GUNICORN_PID", "1")  # what gunicorn sets in a re-exec'd master
+    new_master = _FakeMaster()
+    on_starting, _, _, on_exit = hooks(resources={"r": 1}, socket=sock_path)
+    client = Client(sock_path)
+    try:
+        on_starting(new_master)
+        assert new_master.cfg.env_orig["SHAREDPOOL_SOCKET"] == sock_path  # for the next upgrade
+        first = _server_pid(client)
+        assert first == old_coordinator.pid  # used, not a second budget
+        lease = client.acquire("r", timeout=5)  # a new worker's connection
+        old_coordinator.stop()  # the old master exits
+        wait_for(lambda: (_server_pid(client) or first) != first, 20, "the new master's coordinator")
+        wait_for(lambda: [r["id"] for r in client.inspect("leases")["leases"]] == [lease.id],
+                 10, "the lease to be re-registered")
+        client.release(lease)
+    finally:
+        client.close()
+        on_exit(new_master)
+    assert not os.path.exists(sock_path)

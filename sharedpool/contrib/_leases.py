@@ -44,6 +44,8 @@ class _Entry:
     key: Any
     lease: Lease | None
     backend_pid: int | None = None
+    #: the client the lease came from: it goes back there even after shutdown()
+    client: Client | None = None
     since: float = field(default_factory=time.monotonic)  # leased (before the connect)
 
 
@@ -129,6 +131,50 @@ def backend_pid(conn: Any) -> int | None:
     return None
 
 
+class _Left:
+    """What a book leaves behind when it is garbage-collected (its pool was
+    dropped without close() / dispose()): the connections it still tracks."""
+
+    __slots__ = ("entries", "pid", "confirm_timeout", "resource")
+
+    def __init__(self, resource: str, confirm_timeout: float) -> None:
+        self.entries: dict[int, _Entry] = {}
+        self.pid = current_pid()
+        self.resource, self.confirm_timeout = resource, confirm_timeout
+
+
+def _close_left(left: _Left) -> None:
+    """Finalizer of a collected book: close its connections (confirmed), then
+    release their leases, in a thread (a finalizer must not block)."""
+    if left.pid != current_pid():
+        return  # the parent's (I7)
+    entries = [e for e in left.entries.values() if e.lease is not None or _closable(e.key)]
+    left.entries = {}
+    if not entries:
+        return
+    log.warning("%r: a pool was garbage-collected without close()/dispose(); closing its %d "
+                "connection(s) and returning their leases", left.resource, len(entries))
+
+    def run() -> None:
+        for entry in entries:
+            client, lease = entry.client, entry.lease
+
+            def back(confirmed: bool, client: Client | None = client,
+                     lease: Lease | None = lease) -> None:
+                if client is not None and lease is not None:
+                    client.release(lease)
+            if not _closable(entry.key):  # a lease taken for a connection never opened
+                back(True)
+                continue
+            try:
+                if close_and_confirm(entry.key, left.confirm_timeout, on_late=back):
+                    back(True)
+            except Exception:  # noqa: BLE001 - the session's end covers the rest
+                log.exception("closing a connection of a collected %r pool failed", left.resource)
+
+    threading.Thread(target=run, name=f"sharedpool-orphans-{left.resource}", daemon=True).start()
+
+
 class LeaseBook:
     """The leases of one host-library pool, keyed by connection object.
 
@@ -143,7 +189,8 @@ class LeaseBook:
     def __init__(self, resource: str, coordinator: str | None = None, *,
                  confirm_timeout: float = 2.0,
                  idle: Callable[[], Iterable[Any]] | None = None,
-                 reclaim: Callable[[int], int] | None = None) -> None:
+                 reclaim: Callable[[int], int] | None = None,
+                 close_when_collected: bool = True) -> None:
         if not isinstance(confirm_timeout, int | float) or confirm_timeout < 0:
             raise ConfigError("confirm_timeout", f"must be a number >= 0, got {confirm_timeout!r}")
         self.resource = check_resource_name(resource)
@@ -153,7 +200,12 @@ class LeaseBook:
         self._reclaim = reclaim
         self._counters = dict.fromkeys(_COUNTERS, 0)
         self._inherited: dict[int, Any] = {}
+        self._left = _Left(self.resource, self.confirm_timeout)
         self._reset()
+        if close_when_collected:
+            # Holds the tracked connections: only for pools whose connections do
+            # not refer back to the pool (else the pool is never collected).
+            weakref.finalize(self, _close_left, self._left).atexit = False
         process.register(self)
 
     @property
@@ -222,6 +274,9 @@ class LeaseBook:
         self._pid = current_pid()
         self._lock = threading.Lock()
         self._entries: dict[int, _Entry] = {}
+        left = getattr(self, "_left", None)
+        if left is not None:  # after fork: the finalizer sees the child's entries
+            left.entries, left.pid = self._entries, self._pid
         self._returned = threading.Condition(threading.Lock())
         self._waiting = 0
         self._waits: list[_Wait] = []
@@ -377,7 +432,7 @@ class LeaseBook:
                 lease = got.lease
         with self._lock:
             old = self._entries.pop(id(key), None)
-            self._entries[id(key)] = _Entry(key, lease)
+            self._entries[id(key)] = _Entry(key, lease, client=client if lease is not None else None)
         if old is not None and old.key is key and old.lease is not None and client is not None:
             log.warning("a %r connection re-opened without being closed; releasing its old lease",
                         self.resource)
@@ -432,6 +487,30 @@ class LeaseBook:
                 self.count("leases_unused")
 
         threading.Thread(target=helper, name=f"sharedpool-lease-{self.resource}", daemon=True).start()
+        withdraw = False
+        try:
+            return self._wait_lease_or_local(wait, local, request, client)
+        except BaseException:
+            # Interrupted (a signal handler's exception: celery's soft time limit,
+            # KeyboardInterrupt...): nobody will take a lease granted from now on.
+            lease_back = None
+            with cond:
+                if not wait.abandoned:
+                    wait.abandoned = True
+                    if not wait.done:
+                        withdraw = True
+                    elif wait.lease is not None:
+                        lease_back = wait.lease
+            if withdraw:
+                request.withdraw()
+            if lease_back is not None:
+                self._release(client, lease_back)
+                self.count("leases_unused")
+            raise
+
+    def _wait_lease_or_local(self, wait: _Wait, local: Callable[[], Any],
+                             request: _CancellableAcquire, client: Client) -> Any:
+        cond = self._returned
         withdraw = False
         with cond:
             self._waits.append(wait)
@@ -500,6 +579,8 @@ class LeaseBook:
         client = self._client
         if failed:
             entry = self._pop(key)
+            if entry is not None and entry.client is not None:
+                client = entry.client
             if client is not None and entry is not None and entry.lease is not None:
                 client.report_failure(self.resource)
                 self._release(client, entry.lease)
@@ -576,7 +657,7 @@ class LeaseBook:
             target = _DisconnectVia(key, closer)
         else:
             target = _CloseVia(key, closer)
-        client = self._client
+        client = entry.client if entry is not None and entry.client is not None else self._client
         lease = entry.lease if entry is not None else None
         if lease is not None:
             self._count_closing(1)

@@ -117,10 +117,21 @@ def hooks(
 
     def on_starting(server: Any) -> None:
         _resend_stop_signal(server)
+        # gunicorn's binary upgrade (USR2) execs the new master with cfg.env_orig:
+        # without this it would pick another path and start a second budget.
+        env_orig = getattr(getattr(server, "cfg", None), "env_orig", None)
+        if isinstance(env_orig, dict):
+            env_orig[SOCKET_ENV] = path
         if path in _EMBEDDED:
             return
         if coordinator_listening(path):
             server.log.info("sharedpool: using the coordinator already serving %s", path)
+            if embedded is not None and os.environ.get("GUNICORN_PID"):
+                # We are the new master of a USR2 upgrade: the old master owns that
+                # coordinator and stops it when it exits; take over then (its
+                # clients re-register their leases within restart_grace: I4).
+                threading.Thread(target=_take_over, args=(server, path, embedded),
+                                 name="sharedpool-takeover", daemon=True).start()
             return
         if embedded is None:
             raise EmbeddedStartError(
@@ -162,6 +173,19 @@ def hooks(
             server.log.info("sharedpool: coordinator for %s stopped", path)
 
     return GunicornHooks(on_starting, post_fork, worker_exit, on_exit)
+
+
+def _take_over(server: Any, path: str, embedded: EmbeddedCoordinator) -> None:
+    """Start our coordinator once the one the old master owned has stopped."""
+    while coordinator_listening(path, timeout=0.5):
+        threading.Event().wait(0.2)
+    try:
+        embedded.start()
+    except SharedPoolError as exc:
+        server.log.error("sharedpool: cannot take over the coordinator on %s: %s", path, exc)
+        return
+    _EMBEDDED[path] = embedded
+    server.log.info("sharedpool: coordinator pid %s took over %s", embedded.pid, path)
 
 
 def _resend_stop_signal(server: Any) -> None:

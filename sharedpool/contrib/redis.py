@@ -146,8 +146,11 @@ class BlockingConnectionPool(redis.BlockingConnectionPool):
                  resource: str, coordinator: str | None = None, lease_timeout: float | None = None,
                  confirm_timeout: float = 2.0, connection_class: type[Any] = Connection,
                  **kwargs: Any) -> None:
+        # redis-py's connections refer to their pool (maint_notifications handler):
+        # a book finalizer holding them would keep the pool alive for ever.
         self._sp_book = LeaseBook(resource, coordinator, confirm_timeout=confirm_timeout,
-                                  idle=self._sp_idle, reclaim=self._sp_reclaim)
+                                  idle=self._sp_idle, reclaim=self._sp_reclaim,
+                                  close_when_collected=False)
         self._sp_lease_timeout = lease_timeout
         self._sp_local = threading.local()
         leased = type(f"Leased{connection_class.__name__}", (LeasedConnectionMixin, connection_class),
