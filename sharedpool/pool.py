@@ -8,6 +8,7 @@ the lock: the locked sections only decide, and return what to do.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -54,6 +55,12 @@ _INHERITED: list[Any] = []
 #: (a parent thread may have held the old one at the fork).
 _FORK_LOCK = [threading.Lock()]
 os.register_at_fork(after_in_child=lambda: _FORK_LOCK.__setitem__(0, threading.Lock()))
+
+
+def _valid_timeout(value: Any) -> bool:
+    """A finite number of seconds >= 0 (NaN, inf, bools and strings are not)."""
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and 0 <= value < math.inf)
 
 
 class PoolStatus(Enum):
@@ -153,6 +160,10 @@ class ConnectionPool(Generic[T]):
         self._handoff = HandOffCost()
         self._fallback_opening = 0
         self._opening = 0
+        #: openings in _opening that no waiter may count on: connects whose
+        #: caller gave up (connection_timeout) and min_size top-ups
+        self._stalled = 0
+        self._filling = False
         #: connections taken out of _all and not yet closed (lease not yet
         #: released, unless their close is still unconfirmed: then a watcher has it)
         self._closing = 0
@@ -244,31 +255,41 @@ class ConnectionPool(Generic[T]):
         # processes in SELECT 1 loops lose ~2 % of throughput per microsecond).
         if self._pid != _PID[0]:
             self._after_fork()
-        if timeout is not None and timeout < 0:  # bad input fails whatever the pool holds
-            raise ConfigError("timeout", f"must be >= 0 or None, got {timeout!r}")
-        with self._lock:
-            if self._idle and not self._waiters and self.status is _ACTIVE:
-                wrapper = self._idle.pop()
-                wrapper.in_use = True
-                self._acquired += 1
-            else:
-                wrapper = None
-        if wrapper is None:
-            return self._acquire_slow(timeout, _monotonic())
-        now = wrapper.checked_out_at = _monotonic()
-        bypass = self._bypass
-        if bypass is not None and now - wrapper.last_used > bypass and now - wrapper.checked_at > bypass:
-            try:
-                valid = self._validate(wrapper)
-            except BaseException:  # KeyboardInterrupt mid-check: it may be mid-query
-                self._discard(wrapper, validation=False)
-                raise
-            if not valid:
-                self._discard(wrapper)
-                return self._acquire_slow(timeout, now, retry=True)
-        if self._leaks:
-            wrapper.site = _call_site()
-        return wrapper
+        if timeout is not None and not _valid_timeout(timeout):  # bad input fails whatever the pool holds
+            raise ConfigError("timeout", f"must be a number of seconds >= 0 or None, got {timeout!r}")
+        wrapper = None
+        try:  # free unless raised: an exception from a signal handler must not strand the connection
+            with self._lock:
+                if self._idle and not self._waiters and self.status is _ACTIVE:
+                    # Subscript and del, not pop(): no call, so no signal handler
+                    # runs between taking the connection and marking it ours.
+                    wrapper = self._idle[-1]
+                    del self._idle[-1]
+                    wrapper.in_use = True
+                    self._acquired += 1
+            if wrapper is not None:
+                now = wrapper.checked_out_at = _monotonic()
+                bypass = self._bypass
+                if (bypass is not None and now - wrapper.last_used > bypass
+                        and now - wrapper.checked_at > bypass):
+                    try:
+                        valid = self._validate(wrapper)
+                    except BaseException:  # KeyboardInterrupt mid-check: it may be mid-query
+                        self._discard(wrapper, validation=False)
+                        wrapper = None
+                        raise
+                    if not valid:
+                        self._discard(wrapper)
+                        wrapper = None
+                        return self._acquire_slow(timeout, now, retry=True)
+                if self._leaks:
+                    wrapper.site = _call_site()
+                return wrapper
+        except BaseException:
+            if wrapper is not None and wrapper.in_use and self._all.get(wrapper.id) is wrapper:
+                self.release(wrapper)  # taken for a caller that is gone: check it back in
+            raise
+        return self._acquire_slow(timeout, _monotonic())
 
     def _acquire_slow(self, timeout: float | None, start: float, retry: bool = False) -> ConnectionWrapper[T]:
         wait = self.config.acquire_timeout if timeout is None else timeout
@@ -313,13 +334,17 @@ class ConnectionPool(Generic[T]):
             if not valid:
                 self._discard(wrapper)
                 continue
-            with self._lock:
-                self._acquired += 1
-                self._m["requests_wait_ms"] += int((now - start) * 1000)
-            wrapper.checked_out_at = now
-            if self.config.leak_detection_threshold is not None:
-                wrapper.site = _call_site()
-            return wrapper
+            try:  # as in acquire(): a signal here must not strand the connection
+                with self._lock:
+                    self._acquired += 1
+                    self._m["requests_wait_ms"] += int((now - start) * 1000)
+                wrapper.checked_out_at = now
+                if self.config.leak_detection_threshold is not None:
+                    wrapper.site = _call_site()
+                return wrapper
+            except BaseException:
+                self.release(wrapper)
+                raise
 
     def _wait(self, waiter: _Waiter, deadline: float, start: float) -> ConnectionWrapper[T]:
         while True:
@@ -340,6 +365,7 @@ class ConnectionPool(Generic[T]):
                 self._waiters.remove(waiter)
                 if connect_late:
                     waiter.abandoned = True
+                    self._stalled += 1  # its opener no longer serves anyone: new waiters get their own
                     self._m["connect_errors"] += 1
                     raise ConnectTimeout(
                         f"pool {self.name!r}: the connection factory did not return within "
@@ -366,7 +392,7 @@ class ConnectionPool(Generic[T]):
     def _plan_growth(self) -> list[_Waiter]:
         """Under the lock: which waiters get a new connection opened for them."""
         room = self.config.max_size - len(self._all) - self._opening
-        need = len(self._waiters) - self._opening
+        need = len(self._waiters) - (self._opening - self._stalled)
         n = min(room, need)
         if n <= 0:
             return []
@@ -401,11 +427,12 @@ class ConnectionPool(Generic[T]):
                 waiter.event.set()  # the waiter re-arms its wait with the connect deadline
             try:
                 conn = self.factory()
-                self._handoff.connected(time.monotonic() - t1)
-                self._handoff.tell(client, self.resource)
             finally:
-                if fallback:  # made (then counted in _all) or failed: no longer under way
-                    with self._lock:
+                with self._lock:
+                    waiter.connect_deadline = None  # done: nobody may give up on it any more
+                    if waiter.abandoned:
+                        self._stalled -= 1
+                    if fallback:  # made (then counted in _all) or failed: no longer under way
                         self._fallback_opening -= 1
         except BaseException as exc:  # noqa: BLE001 - delivered to the waiter, not lost
             if client is not None and lease is not None:
@@ -414,6 +441,11 @@ class ConnectionPool(Generic[T]):
             self._open_failed(waiter, exc, connected=lease is not None or client is None)
             return
         wrapper = ConnectionWrapper(conn, self, lease)
+        try:  # after the connect: a failure here must not release the lease of an open connection
+            self._handoff.connected(time.monotonic() - t1)
+            self._handoff.tell(client, self.resource)
+        except Exception:  # noqa: BLE001
+            log.exception("pool %r: reporting the connect time failed", self.name)
         if client is not None:
             client.report_success(self.resource)
         if waiter.abandoned:  # the caller gave up on a slow connect: close, then release
@@ -438,7 +470,9 @@ class ConnectionPool(Generic[T]):
                 self._hand_over(wrapper)
             else:  # counted and reported (as busy), handed out once configured
                 wrapper.in_use = True
-            openers = self._plan_growth()
+            # One being configured goes to a waiter next: no opener for that waiter
+            # (a failed configure plans again, in _open_failed).
+            openers = self._plan_growth() if closing or self.configure is None else []
         if closing:
             self._close(wrapper)
         elif self.configure is not None:
@@ -543,24 +577,31 @@ class ConnectionPool(Generic[T]):
             raise PoolMisuse(f"{wrapper!r} does not belong to pool {self.name!r}")
         if self._pid != _PID[0]:
             self._after_fork()
-        now = _monotonic()
-        client = self._client
-        age = now - wrapper.created_at
-        # The fast path: kept, nobody waits here, and nothing owed to the
-        # coordinator (or owed, but still young and a recheck already armed).
-        if age <= self._max_lifetime and not self._test_on_release and (
-                client is None or (wrapper.lease is not None and (
-                    not client._owed.get(self.resource)
-                    or (self._recheck_pending and age < self._armed_quantum)))):
-            with self._lock:
-                if (wrapper.in_use and not self._waiters and self.status is _ACTIVE
-                        and self._all.get(wrapper.id) is wrapper):
-                    self._released += 1
-                    wrapper.last_used = now
-                    wrapper.warned = False
-                    wrapper.in_use = False
-                    self._idle.append(wrapper)
-                    return
+        done = False
+        try:  # free unless raised: a signal before the checkin took effect must not strand it
+            now = _monotonic()
+            client = self._client
+            age = now - wrapper.created_at
+            # The fast path: kept, nobody waits here, and nothing owed to the
+            # coordinator (or owed, but still young and a recheck already armed).
+            if age <= self._max_lifetime and not self._test_on_release and (
+                    client is None or (wrapper.lease is not None and (
+                        not client._owed.get(self.resource)
+                        or (self._recheck_pending and age < self._armed_quantum)))):
+                with self._lock:
+                    if (wrapper.in_use and not self._waiters and self.status is _ACTIVE
+                            and self._all.get(wrapper.id) is wrapper):
+                        done = True  # no call from here to the append: no signal handler runs between
+                        self._released += 1
+                        wrapper.last_used = now
+                        wrapper.warned = False
+                        wrapper.in_use = False
+                        self._idle.append(wrapper)
+                        return
+        except BaseException:
+            if not done:  # nothing happened yet: check it in the slow way, then let the exception go on
+                self._release_slow(wrapper, _monotonic())
+            raise
         self._release_slow(wrapper, now)
 
     def release_after_error(self, wrapper: ConnectionWrapper[T]) -> None:
@@ -776,8 +817,11 @@ class ConnectionPool(Generic[T]):
             log.exception("pool %r: closing connection %s failed", self.name, wrapper.id[:8])
             confirmed = True
         if confirmed:
-            self._handoff.closed(time.monotonic() - t0)
-            self._handoff.tell(client, self.resource)
+            try:  # bookkeeping: a failure here must not keep the lease of a closed connection
+                self._handoff.closed(time.monotonic() - t0)
+                self._handoff.tell(client, self.resource)
+            except Exception:  # noqa: BLE001
+                log.exception("pool %r: reporting the close time failed", self.name)
             late(True)
         elif keep:
             log.warning("pool %r: server has not dropped connection %s after %.1fs; its lease is "
@@ -809,6 +853,8 @@ class ConnectionPool(Generic[T]):
             self._client.close_if_unused()
 
     def _shut(self, status: PoolStatus, timeout: float) -> None:
+        if not _valid_timeout(timeout):  # NaN would spin below, inf overflows the wait
+            raise ConfigError("timeout", f"must be a number of seconds >= 0, got {timeout!r}")
         with self._lock:
             if self.status is PoolStatus.CLOSED:
                 return
@@ -1014,8 +1060,21 @@ class ConnectionPool(Generic[T]):
             else:
                 self._discard(wrapper)
         if missing > 0:
-            self._fill(missing)
+            with self._lock:
+                start, self._filling = not self._filling, True
+            if start:  # a hanging factory must not stall maintenance (leaks, lifetime, validation)
+                threading.Thread(target=self._fill_in_background, args=(missing,),
+                                 name=f"sharedpool-fill-{self.resource}", daemon=True).start()
         self._check_leaks(now)
+
+    def _fill_in_background(self, count: int) -> None:
+        pid = self._pid
+        try:
+            self._fill(count)
+        finally:
+            with self._lock:
+                if self._pid == pid:
+                    self._filling = False
 
     def _fill(self, count: int) -> None:
         """Top up to min_size, taking a lease only if one is free right now."""
@@ -1025,6 +1084,7 @@ class ConnectionPool(Generic[T]):
                         or self.status is not PoolStatus.ACTIVE):
                     return
                 self._opening += 1
+                self._stalled += 1
             client = self._get_client()
             lease = None
             try:
@@ -1032,18 +1092,21 @@ class ConnectionPool(Generic[T]):
                     lease = client.acquire(self.resource, 0)
                 t0 = time.monotonic()
                 conn = self.factory()
-                self._handoff.connected(time.monotonic() - t0)
-                self._handoff.tell(client, self.resource)
             except Exception as exc:  # noqa: BLE001 - retried next round
                 if lease is not None and client is not None:
                     client.release(lease)
                 with self._lock:
                     self._opening -= 1
+                    self._stalled -= 1
                 log.debug("pool %r: top-up to min_size stopped: %s", self.name, exc)
                 return
             wrapper = ConnectionWrapper(conn, self, lease)
+            with contextlib.suppress(Exception):  # as in _open: the connection is open, keep it counted
+                self._handoff.connected(time.monotonic() - t0)
+                self._handoff.tell(client, self.resource)
             with self._lock:
                 self._opening -= 1
+                self._stalled -= 1
                 self._m["total_created"] += 1
                 self._all[wrapper.id] = wrapper
                 wrapper.in_use = True

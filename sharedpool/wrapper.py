@@ -65,7 +65,9 @@ def _backend_pid(conn: Any) -> int | None:
 
 
 def _call_site() -> str:
-    stack = traceback.extract_stack(limit=12)[:-3]
+    # Only _call_site itself is cut here: the pool's own frames (one or two,
+    # by the path the checkout took) go with the filter below.
+    stack = traceback.extract_stack(limit=12)[:-1]
     frames = [f for f in stack if "sharedpool" not in f.filename and "contextlib" not in f.filename]
     return "".join(traceback.format_list(frames[-6:] or stack[-3:]))
 

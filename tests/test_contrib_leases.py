@@ -64,3 +64,26 @@ def test_a_lease_the_restarted_coordinator_refuses_is_dropped(start_coordinator:
         finally:
             peer.close()
     book.shutdown()
+
+
+def test_failing_bookkeeping_loses_no_lease(start_coordinator: Any, sock_path: str,
+                                            monkeypatch: Any) -> None:
+    """Reporting connect and close times can fail (a thread that cannot start):
+    the connect still counts, and the close still gives the lease back."""
+    from sharedpool.handoff import HandOffCost
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(HandOffCost, "tell", broken)
+    start_coordinator({"pg": Resource(max_size=1)})
+    book = LeaseBook("pg", sock_path, confirm_timeout=2.0)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        conn = book.connect(lambda: socket.create_connection(server.getsockname()))
+        peer, _ = server.accept()
+        assert book.stats()["leases_held"] == 1
+        peer.close()  # the server lets go as soon as we do
+        assert book.close(conn)
+    assert book.stats()["leases_held"] == 0
+    assert wait_leased(sock_path, 0) == 0
+    book.shutdown()

@@ -4,6 +4,7 @@ misuse, and the state seen in a forked child."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
@@ -12,9 +13,18 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from proc_helpers import start_recording
+from proc_helpers import start_recording, wait_leased
 
-from sharedpool import Client, ConnectionPool, PoolClosed, PoolConfig, PoolMisuse, PoolTimeout
+from sharedpool import (
+    Client,
+    ConfigError,
+    ConnectionPool,
+    ConnectTimeout,
+    PoolClosed,
+    PoolConfig,
+    PoolMisuse,
+    PoolTimeout,
+)
 from sharedpool import client as client_module
 from sharedpool import protocol as p
 from sharedpool.testing import FakeConnection, FakeFactory
@@ -422,4 +432,175 @@ def test_a_connection_broken_in_a_failing_block_is_not_kept() -> None:
         with pool.connection() as conn:
             assert conn is factory.made[1]
     finally:
+        pool.close()
+
+
+def test_a_connect_stuck_past_connection_timeout_does_not_stop_growth() -> None:
+    """The caller of a connect that overran connection_timeout gets a
+    ConnectTimeout; that connect may hang on. The next callers get connections
+    of their own (the pool has room), instead of waiting on the stuck one
+    until their acquire_timeout."""
+    unblock = threading.Event()
+    calls = [0]
+
+    def factory() -> FakeConnection:
+        calls[0] += 1
+        if calls[0] == 1:
+            unblock.wait(10)  # a SYN to a dead host
+        return FakeConnection()
+
+    pool = ConnectionPool(factory, PoolConfig(min_size=0, max_size=3, connection_timeout=0.3,
+                                              acquire_timeout=5.0))
+    try:
+        with pytest.raises(ConnectTimeout):
+            pool.acquire()
+        t0 = time.monotonic()
+        wrapper = pool.acquire()
+        assert time.monotonic() - t0 < 2.5, "waited on the stuck connect"
+        pool.release(wrapper)
+    finally:
+        unblock.set()
+        pool.close()
+
+
+def test_a_hanging_top_up_does_not_stall_maintenance() -> None:
+    """min_size top-ups connect on a thread of their own: while one hangs,
+    leak detection (and lifetime, idle and validation checks) go on."""
+    unblock = threading.Event()
+    calls = [0]
+
+    def factory() -> FakeConnection:
+        calls[0] += 1
+        if calls[0] >= 2:
+            unblock.wait(10)
+        return FakeConnection()
+
+    pool = ConnectionPool(factory, PoolConfig(min_size=2, max_size=4, connection_timeout=1.0,
+                                              leak_detection_threshold=0.3))
+    try:
+        wrapper = pool.acquire(timeout=5)  # the one connection made; held past the threshold
+        deadline = time.monotonic() + 5
+        while not pool.get_metrics()["leaks_suspected"]:
+            assert time.monotonic() < deadline, "leak detection stalled behind a hanging top-up"
+            time.sleep(0.05)
+        pool.release(wrapper)
+    finally:
+        unblock.set()
+        pool.close()
+
+
+def test_configure_opens_one_connection_per_cold_acquire() -> None:
+    """The connection being configured goes to the waiter: no second connect
+    (and, coordinated, no second lease) is started for that waiter."""
+    factory = FakeFactory()
+    pool = ConnectionPool(factory, PoolConfig(min_size=0, max_size=4),
+                          configure=lambda conn: time.sleep(0.2))
+    try:
+        wrapper = pool.acquire(timeout=5)
+        time.sleep(0.3)  # a second opener would have connected by now
+        assert factory.calls == 1 and pool.get_size() == 1
+        pool.release(wrapper)
+    finally:
+        pool.close()
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan, "1", True])
+def test_bad_timeouts_are_config_errors(bad: Any) -> None:
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1))
+    held = pool.acquire()  # the only connection is in use: every call below would wait
+    try:
+        for call in (lambda: pool.acquire(timeout=bad), lambda: pool.drain(timeout=bad),
+                     lambda: pool.close(timeout=bad)):
+            t0 = time.monotonic()
+            with pytest.raises(ConfigError) as info:
+                call()
+            assert info.value.field == "timeout" and time.monotonic() - t0 < 1
+    finally:
+        pool.release(held)
+        pool.close()
+
+
+def test_the_leak_site_names_the_line_that_checked_out() -> None:
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=2,
+                                                    leak_detection_threshold=30))
+    try:
+        def handler_that_leaks() -> Any:
+            return pool.acquire()
+
+        slow = handler_that_leaks()  # no idle connection: the slow path
+        pool.release(slow)
+        fast = handler_that_leaks()  # the idle one: the fast path
+        for wrapper in (slow, fast):
+            assert wrapper.site is not None and "in handler_that_leaks" in wrapper.site, wrapper.site
+        pool.release(fast)
+    finally:
+        pool.close()
+
+
+def test_an_exception_between_checkout_and_caller_checks_the_connection_back_in(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a signal handler does when it raises at the wrong moment (celery's
+    soft time limit, an alarm): here, while leak detection records the call
+    site, and while a checkin is under way. The connection must not stay
+    'in use' for ever, with its lease."""
+    from sharedpool import pool as pool_module
+
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=2,
+                                                    leak_detection_threshold=30))
+    real_site, real_clock = pool_module._call_site, pool_module._monotonic
+    try:
+        for path in ("slow", "fast"):  # the first checkout opens, the second reuses
+            def raising_site() -> str:
+                raise Interrupted("the signal handler raised")
+
+            monkeypatch.setattr(pool_module, "_call_site", raising_site)
+            with pytest.raises(Interrupted):
+                pool.acquire()
+            monkeypatch.setattr(pool_module, "_call_site", real_site)
+            assert pool.get_in_use() == 0 and pool.get_size() == 1, path
+        wrapper = pool.acquire()
+        calls = [0]
+
+        def raising_clock() -> float:
+            calls[0] += 1
+            if calls[0] == 1:
+                raise Interrupted("the signal handler raised")
+            return real_clock()
+
+        monkeypatch.setattr(pool_module, "_monotonic", raising_clock)
+        with pytest.raises(Interrupted):
+            pool.release(wrapper)
+        monkeypatch.setattr(pool_module, "_monotonic", real_clock)
+        assert pool.get_in_use() == 0
+        with pytest.raises(PoolMisuse):  # it did go back: a second checkin is misuse
+            pool.release(wrapper)
+    finally:
+        pool.close()
+
+
+def test_an_error_after_the_connect_keeps_the_lease_with_the_open_connection(
+        start_coordinator: Any, sock_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bookkeeping that fails after the factory returned (here: reporting the
+    connect time) must not give the lease back while the connection is open
+    (I1): the connection is used, under its lease."""
+    from sharedpool.handoff import HandOffCost
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(HandOffCost, "tell", broken)
+    start_coordinator({"r": 2})
+    factory = FakeFactory()
+    pool = ConnectionPool(factory, PoolConfig(min_size=0, max_size=2), resource="r",
+                          coordinator=sock_path)
+    probe = Client(sock_path)
+    try:
+        wrapper = pool.acquire(timeout=5)
+        assert wrapper.lease is not None and len(factory.open) == 1
+        assert probe.inspect("resources")["resources"][0]["leased"] == 1
+        pool.release(wrapper)
+        pool.close()  # closing reports its time too: the lease still goes back
+        assert factory.open == [] and wait_leased(sock_path, 0) == 0
+    finally:
+        probe.close()
         pool.close()
