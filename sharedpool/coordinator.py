@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import errno
 import grp
+import json
 import logging
 import os
 import signal
@@ -97,16 +98,31 @@ def restart_marker(config: CoordinatorConfig) -> str:
     return config.socket_path + ".restart"
 
 
-def bind_socket(config: CoordinatorConfig) -> tuple[socket.socket, bool]:
+def _read_marker(marker: str) -> list[Any]:
+    """The fenced leases a clean stop left in its marker ([] for the old
+    one-line format or an unreadable file)."""
+    try:
+        with open(marker) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return []
+    fenced = data.get("fenced") if isinstance(data, dict) else None
+    return fenced if isinstance(fenced, list) else []
+
+
+def bind_socket(config: CoordinatorConfig) -> tuple[socket.socket, bool, list[Any]]:
     """A listening Unix socket, 0600 (0660 with a group), in a private directory,
-    and whether this start is a restart (processes may still hold leases)."""
+    whether this start is a restart (processes may still hold leases), and the
+    leases the previous coordinator had fenced when it stopped."""
     path = config.socket_path
     gid = _group_id(config)
     _private_dir(path, gid)
     restarted = _clear_stale(path)
     marker = restart_marker(config)
+    fenced: list[Any] = []
     if os.path.exists(marker):
         restarted = True
+        fenced = _read_marker(marker)
         os.unlink(marker)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)  # no window in which the socket is more open than 0600
@@ -119,7 +135,7 @@ def bind_socket(config: CoordinatorConfig) -> tuple[socket.socket, bool]:
         os.chmod(path, 0o660)
     sock.listen(512)
     sock.setblocking(False)
-    return sock, restarted
+    return sock, restarted, fenced
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -131,7 +147,7 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 
 async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool,
-                 ready: Any = None) -> None:
+                 ready: Any = None, fenced: list[Any] | None = None) -> None:
     from .server import Server, SessionProtocol
 
     loop = asyncio.get_running_loop()
@@ -149,6 +165,8 @@ async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool
             metrics = serve_metrics(server, config.metrics_host, config.metrics_port)
         aserver = await loop.create_unix_server(lambda: SessionProtocol(server), sock=sock)
         server.warm_monitors()
+        if fenced:  # a dead process's backend may still count on the server
+            server.apply(server.ledger.restore_fenced(fenced, loop.time()))
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
@@ -159,10 +177,13 @@ async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool
             ready()
         await stop.wait()
         log.info("coordinator stopping: %d session(s) open", len(server.sessions))
-        if any(s.leases for s in server.ledger.sessions.values()):
-            # Processes keep their connections: the next coordinator must wait for them.
+        fenced_now = server.ledger.fenced_state(loop.time())
+        if fenced_now or any(s.leases for s in server.ledger.sessions.values()):
+            # Processes keep their connections: the next coordinator must wait for
+            # them. Dead ones' fenced slots are handed over: their backends may
+            # still be on the server (a query running on), and count there.
             with contextlib.suppress(OSError), open(restart_marker(config), "w") as f:
-                f.write(f"{os.getpid()}\n")
+                json.dump({"pid": os.getpid(), "fenced": fenced_now}, f)
         aserver.close()
         for session in list(server.sessions.values()):
             if session.transport is not None:
@@ -193,10 +214,10 @@ def _reload(server: Any) -> None:
 
 def run(config: CoordinatorConfig, ready: Any = None) -> None:
     """Bind and serve in this process until SIGTERM/SIGINT."""
-    sock, restarted = bind_socket(config)
+    sock, restarted, fenced = bind_socket(config)
     loop = _new_loop()
     try:
-        loop.run_until_complete(_serve(config, sock, restarted, ready))
+        loop.run_until_complete(_serve(config, sock, restarted, ready, fenced))
     finally:
         loop.close()
 

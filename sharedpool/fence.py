@@ -123,6 +123,18 @@ async def wait_backends_gone(
         async with asyncio.timeout_at(deadline):
             if monitors is not None:
                 conn = await monitors.get(psycopg, dsn, **extra)
+                try:
+                    # The cached connection may have died while idle (server
+                    # restart, idle_session_timeout, pg_terminate_backend): one
+                    # cheap round trip finds out, and a fresh one is made at once
+                    # instead of leaving this fence to run out its timeout.
+                    await conn.execute("SELECT 1")
+                except psycopg.OperationalError:
+                    if not (conn.broken or conn.closed):
+                        raise
+                    await monitors.discard(dsn, conn)
+                    conn = None
+                    conn = await monitors.get(psycopg, dsn, **extra)
             else:
                 conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True, **extra)
             if action == "terminate":

@@ -48,6 +48,13 @@ MAX_ID = 1 << 63
 #: A call site is kept to this many characters: a peer's megabyte-long site
 #: must not make every ``leases`` listing too large for a frame.
 MAX_SITE = 4096
+#: A session's name is kept to this many characters: one peer's near-1 MB
+#: name must not make every ``sessions`` listing too large for a frame.
+MAX_NAME = 256
+#: Acquires one session may have queued at once (whatever max_waiting says):
+#: each queued acquire makes every later one walk the queue, so a single peer
+#: queueing tens of thousands would stall the coordinator for seconds.
+MAX_SESSION_WAITING = 1024
 #: Askees are sent a new quantum when it moves by more than this fraction
 #: (costs are moving averages; every small step would be a frame to each).
 QUANTUM_STEP = 0.2
@@ -290,6 +297,8 @@ class Ledger:
         be (its resource is gone, another process holds its id) is revoked: the
         process is told to close its connection."""
         sid = next(self._session_ids)
+        if len(name) > MAX_NAME:
+            name = name[: MAX_NAME - 3] + "..."
         session = Session(sid, pid, name, uid, now)
         self.sessions[sid] = session
         effects: list[Effect] = []
@@ -388,6 +397,41 @@ class Ledger:
             effects += self._pump(self.resources[name], now)
         return effects
 
+    def fenced_state(self, now: float) -> list[list[Any]]:
+        """Every fenced lease as plain data, for a clean stop to hand to the next
+        coordinator: ``[resource, lease, token, pid, seconds_left, backend_pid]``."""
+        return [
+            [res.name, f.lease.id, f.lease.token, f.pid, max(0.0, f.until - now), f.lease.backend_pid]
+            for res in self.resources.values() for f in res.fenced.values()
+        ]
+
+    def restore_fenced(self, entries: list[Any], now: float) -> list[Effect]:
+        """Fence again what the previous coordinator had fenced when it stopped
+        (its dead processes' backends may still be there): they count against the
+        cap until their time is up or a fence check confirms them gone."""
+        groups: dict[tuple[str, int], list[Lease]] = {}
+        for entry in entries:
+            try:
+                name, lease_id, token, pid, left, backend_pid = entry
+            except (TypeError, ValueError):
+                continue
+            res = self.resources.get(name) if isinstance(name, str) else None
+            if (res is None or not _is_id(lease_id) or not _is_id(token) or not isinstance(pid, int)
+                    or type(left) not in (int, float) or not left >= 0 or self._find_lease(lease_id)):
+                continue
+            limits = res.limits
+            longest = max(limits.fence_timeout, limits.quarantine_delay)
+            lease = Lease(lease_id, name, 0, token, now,
+                          backend_pid=backend_pid if _is_id(backend_pid) else None)
+            res.fenced[lease_id] = Fenced(lease, pid, now + min(float(left), longest))
+            self._next_id = max(self._next_id, lease_id + 1, token + 1)
+            groups.setdefault((name, pid), []).append(lease)
+        return [
+            StartFence(name, pid, tuple(x.id for x in leases),
+                       tuple(x.backend_pid for x in leases if x.backend_pid))
+            for (name, pid), leases in groups.items()
+        ]
+
     # ------------------------------------------------------------- leases
 
     def acquire(
@@ -429,6 +473,11 @@ class Ledger:
         if timeout <= 0:
             res.timeouts += 1
             return [Denied(sid, req, "timeout", self._why_full(res, session, now))]
+        if len(session.waiting) >= MAX_SESSION_WAITING:
+            res.denials += 1
+            why = (f"this process already has {len(session.waiting)} acquires queued "
+                   f"(at most {MAX_SESSION_WAITING})")
+            return [Denied(sid, req, "too_many_waiters", why)]
         if res.limits.max_waiting is not None:
             # Only acquires that wait for a free slot count: one held back by its
             # own process's max_per_process waits for that process's own leases,
@@ -576,6 +625,14 @@ class Ledger:
         """When :meth:`tick` next has something to do."""
         while self._deadlines and not self._deadlines[0][2].active:
             heapq.heappop(self._deadlines)
+        if len(self._deadlines) > 64:
+            # Granted, cancelled and dropped waiters stay in the heap until
+            # their deadline reaches the top; behind one long-lived waiter that
+            # is never, and each holds its site string. Rebuild once most are dead.
+            active = sum(len(r.waiters) for r in self.resources.values())
+            if len(self._deadlines) > 2 * active + 64:
+                self._deadlines = [e for e in self._deadlines if e[2].active]
+                heapq.heapify(self._deadlines)
         times = [self._deadlines[0][0]] if self._deadlines else []
         if self.hold_until is not None:
             times.append(self.hold_until)

@@ -61,6 +61,7 @@ class SessionProtocol(asyncio.Protocol):
         self._hello_timer: asyncio.TimerHandle | None = None
         self._frame_timer: asyncio.TimerHandle | None = None
         self.closing = False
+        self._lost = False
 
     def __repr__(self) -> str:
         return f"<SessionProtocol session={self.sid} pid={self.pid} uid={self.uid}>"
@@ -87,15 +88,21 @@ class SessionProtocol(asyncio.Protocol):
             return
         self.conn.receive_data(data)
         server = self.server
+        completed = False
         try:
             while (msg := self.conn.next_event()) is not None:
+                completed = True
                 server.handle(self, msg)
         except RemoteProtocolError as exc:
             log.warning("session %s pid=%s: bad frame: %s", self.sid, self.pid, exc)
             self.fail("protocol_error", str(exc))
         server.flush()
+        if completed and self._frame_timer is not None:
+            # The frame the timer was for is complete: time the next one afresh.
+            self._frame_timer.cancel()
+            self._frame_timer = None
         # A half-sent frame must not hold the session open for ever.
-        if self.conn.buffered:
+        if self.conn.buffered and not self.closing:
             if self._frame_timer is None:
                 wait = server.config.frame_timeout
                 self._frame_timer = asyncio.get_running_loop().call_later(
@@ -109,6 +116,7 @@ class SessionProtocol(asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
         self.closing = True
+        self._lost = True
         self.server.session_ended(self)
 
     # -- output
@@ -163,7 +171,14 @@ class SessionProtocol(asyncio.Protocol):
             self.out.clear()
         except Exception:  # noqa: BLE001 - the peer may be gone already
             pass
-        self.transport.close()
+        transport = self.transport
+        transport.close()
+        if transport.get_write_buffer_size():
+            # close() waits for the unread output to drain, which a peer that
+            # does not read never lets happen: the session (its leases, its fd)
+            # would live on. Give it a moment to read the error, then cut it.
+            asyncio.get_running_loop().call_later(
+                1.0, lambda: None if self._lost else transport.abort())
 
     def hello_done(self) -> None:
         if self._hello_timer is not None:

@@ -53,8 +53,9 @@ def test_client_that_stops_reading_is_ended(start_coordinator: Any, sock_path: s
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(sock_path)
     s.sendall(p.encode(p.Hello(p.PROTOCOL_VERSION, os.getpid(), "deaf")))
-    frame = p.encode(p.Inspect(1, "resources", {}))
-    s.settimeout(10)
+    s.sendall(p.encode(p.Acquire(1, "r", 5.0)))  # it holds the one slot
+    frame = p.encode(p.Inspect(2, "resources", {}))
+    s.settimeout(5)
     sent = 0
     try:
         # Ask for replies and never read them, until the coordinator gives up on us.
@@ -63,14 +64,46 @@ def test_client_that_stops_reading_is_ended(start_coordinator: Any, sock_path: s
             s.sendall(frame * 100)
             sent += 100
     except OSError:
-        pass  # the coordinator closed the session (EPIPE / reset)
+        pass  # the coordinator cut the session (EPIPE / reset), or stopped reading us
+    try:
+        assert sent < 1_000_000
+        # Ended by the coordinator, not by our hanging up (the socket is still
+        # open here): its slot comes back, and only that session ended.
+        assert bystander.acquire("r", timeout=5)
+        assert len(bystander.inspect("sessions")["sessions"]) == 1
     finally:
         s.close()
-    assert sent < 1_000_000
-    # Only that session ended.
-    assert len(bystander.inspect("sessions")["sessions"]) == 1
-    assert bystander.acquire("r", timeout=2)
-    bystander.close()
+        bystander.close()
+
+
+def test_frame_timeout_is_per_frame(start_coordinator: Any, sock_path: str) -> None:
+    """A peer whose frames each arrive within frame_timeout is not cut off
+    because the reads, over a longer time, kept ending in the middle of one."""
+    start_coordinator({"r": 1}, frame_timeout=0.5)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(sock_path)
+    try:
+        s.sendall(p.encode(p.Hello(p.PROTOCOL_VERSION, os.getpid(), "steady")))
+        report = p.encode(p.Report([], {}, ["r"], {}))
+        half = len(report) // 2
+        s.sendall(report[:half])
+        for _ in range(30):  # 1.5 s, 3 frame_timeouts: each frame completes in 50 ms
+            time.sleep(0.05)
+            s.sendall(report[half:] + report[:half])
+        time.sleep(0.05)
+        s.sendall(report[half:])
+        s.sendall(p.encode(p.Inspect(7, "resources", {})))
+        s.settimeout(5)
+        conn = p.Connection(p.CLIENT)  # expects the welcome first
+        seen: list[Any] = []
+        while not any(isinstance(m, p.Reply) for m in seen):
+            data = s.recv(65536)
+            assert data, f"the session was ended: {seen}"
+            conn.receive_data(data)
+            seen += list(conn.events())
+        assert not any(isinstance(m, p.Error) for m in seen), seen
+    finally:
+        s.close()
 
 
 def test_fuzz_script_runs_standalone(start_coordinator: Any, sock_path: str) -> None:

@@ -218,3 +218,54 @@ def test_a_worker_killed_in_configure_is_fenced_by_its_backend(
                 victim.wait(10)
     assert result["n_errors"] == 0, result["errors"]
     assert sampler.peak <= 1, f"PostgreSQL saw {sampler.peak} connections with a cap of 1"
+
+
+def test_a_lost_monitor_connection_is_replaced_at_the_next_death(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    """The coordinator's cached monitoring connection died while idle (a server
+    restart, idle_session_timeout, pg_terminate_backend): the next dead
+    worker's fence makes a new one at once instead of running out its
+    fence_timeout with PostgreSQL up and the backend long gone."""
+    import psycopg
+
+    monitor_app = f"{app_name}-monitor"
+    start_coordinator({"pg": Resource(max_size=1, fence_timeout=8, acquire_timeout=30,
+                                      monitor_dsn=f"{pg_dsn()} application_name={monitor_app}")})
+    with psycopg.connect(pg_dsn(), autocommit=True) as admin:
+        deadline = time.monotonic() + 10
+        while admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                            "WHERE application_name = %s", (monitor_app,)).fetchone() != (1,):
+            assert time.monotonic() < deadline, "the monitor connection never showed up"
+            time.sleep(0.05)
+    code = textwrap.dedent(f"""
+        import time
+        import psycopg
+        from pg_helpers import pg_dsn
+        from sharedpool import ConnectionPool, PoolConfig
+        pool = ConnectionPool(lambda: psycopg.connect(pg_dsn(), application_name={app_name!r},
+                                                      autocommit=True),
+                              PoolConfig(min_size=0, max_size=1), resource="pg",
+                              coordinator={sock_path!r})
+        with pool.connection(timeout=30) as conn:
+            conn.execute("SELECT 1")
+        print("idle", flush=True)  # its lease held, its backend idle: gone at once with it
+        time.sleep(60)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(HERE)}
+    victim = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert victim.stdout is not None
+        assert victim.stdout.readline().startswith("idle")
+        waiter = Client(sock_path)
+        try:
+            os.kill(victim.pid, signal.SIGKILL)
+            victim.wait(10)
+            t0 = time.monotonic()
+            waiter.release(waiter.acquire("pg", timeout=20))
+            assert time.monotonic() - t0 < 4, "the fence waited on its dead monitor connection"
+        finally:
+            waiter.close()
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait(10)

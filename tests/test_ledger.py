@@ -1316,3 +1316,60 @@ def test_wait_histogram_counts_every_grant() -> None:
     assert counts[0.0005] == 1  # a: granted at once
     assert counts[0.01] == 1 and counts[0.05] == 2 and counts[None] == 2  # cumulative
     assert abs(hist["sum"] - 0.03) < 1e-9
+
+
+def test_withdrawn_waiters_do_not_pile_up_in_the_deadline_heap() -> None:
+    """Behind one live waiter with an early deadline, thousands queued and
+    withdrawn by another process must not stay in memory until their own
+    deadlines come round."""
+    lg = ledger(pg=1)
+    grant(lg, session(lg, pid=1), 1)
+    assert queued(lg.acquire(session(lg, pid=2), 1, "pg", T0, timeout=100))
+    churn = session(lg, pid=3)
+    for req in range(1, 2001):
+        assert queued(lg.acquire(churn, req, "pg", T0, timeout=3600))
+        lg.cancel(churn, req, T0)
+        lg.next_deadline()
+    assert len(lg._deadlines) < 200
+    assert lg.next_deadline() == T0 + 100
+
+
+def test_one_process_may_queue_only_so_many_acquires() -> None:
+    from sharedpool.ledger import MAX_SESSION_WAITING
+
+    lg = ledger(pg=1)
+    grant(lg, session(lg, pid=1), 1)
+    flood = session(lg, pid=2)
+    for req in range(1, MAX_SESSION_WAITING + 1):
+        assert queued(lg.acquire(flood, req, "pg", T0, timeout=60))
+    denied = only(Denied, lg.acquire(flood, MAX_SESSION_WAITING + 1, "pg", T0, timeout=60))
+    assert denied.reason == "too_many_waiters" and str(MAX_SESSION_WAITING) in denied.message
+    assert queued(lg.acquire(session(lg, pid=3), 1, "pg", T0, timeout=60))  # others still queue
+
+
+def test_a_long_session_name_is_cut() -> None:
+    from sharedpool.ledger import MAX_NAME
+
+    lg = ledger(pg=1)
+    sid = session(lg, name="x" * 1_000_000)
+    assert len(lg.sessions[sid].name) == MAX_NAME
+
+
+def test_fences_survive_a_clean_restart() -> None:
+    """What a stopping coordinator hands to the next one: the fenced leases of
+    dead processes, re-fenced for the time they had left (bounded by the
+    resource's own fence limits), counted against the cap meanwhile."""
+    old = ledger(pg=Resource(1, quarantine_delay=5))
+    dead = session(old, pid=7)
+    lease = grant(old, dead, 1)
+    old.close_session(dead, T0)
+    state = old.fenced_state(T0 + 1)
+    assert state == [["pg", lease, old.resources["pg"].fenced[lease].lease.token, 7, 4.0, None]]
+    new = ledger(pg=Resource(1, quarantine_delay=5))
+    [start] = new.restore_fenced(state + [["gone", 1, 1, 1, 1.0, None], "junk", ["pg", -1, 1, 1, 1, None]],
+                                 T0 + 50)
+    assert isinstance(start, StartFence) and start.leases == (lease,)
+    newcomer = session(new, pid=8)
+    assert queued(new.acquire(newcomer, 1, "pg", T0 + 50, timeout=60))  # still fenced
+    late = granted(new.tick(T0 + 54.1))  # its 4 s are up
+    assert late.session == newcomer and late.lease.id > lease  # ids are never reused

@@ -201,3 +201,27 @@ def test_a_lease_the_restarted_coordinator_refuses_is_closed_not_kept(start_coor
         assert pool.get_stats()["leases_held"] == 0
     finally:
         pool.close()
+
+
+def test_a_clean_restart_keeps_the_fence_of_a_dead_process(start_coordinator: Any,
+                                                          sock_path: str) -> None:
+    """A dead process's slot is fenced (its backend may still run a query) when
+    the coordinator is stopped and started again: the new one fences it for
+    the time that was left, instead of handing it out at once (I1)."""
+    from sharedpool import Resource
+
+    first = start_coordinator({"r": Resource(max_size=1, quarantine_delay=6)})
+    dead, newcomer = Client(sock_path), Client(sock_path)
+    try:
+        dead.acquire("r", timeout=5)
+        dead.close()  # gone with its lease: fenced for quarantine_delay
+        first.stop()  # SIGTERM: a clean stop, no session holds a lease
+        t0 = time.monotonic()
+        start_coordinator({"r": Resource(max_size=1, quarantine_delay=6)})
+        with pytest.raises(PoolTimeout):  # past the restart grace, still fenced
+            newcomer.acquire("r", timeout=2.5)
+        lease = newcomer.acquire("r", timeout=10)  # once the fence's time is up
+        assert time.monotonic() - t0 < 9
+        newcomer.release(lease)
+    finally:
+        newcomer.close()
