@@ -151,6 +151,7 @@ async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool
     from .server import Server, SessionProtocol
 
     loop = asyncio.get_running_loop()
+    own = _file_id(config.socket_path)  # just bound: the file we may remove at the end
     server = Server(config, hold=config.restart_grace if restarted else 0.0)
     if restarted and config.restart_grace:
         log.warning("coordinator restarted: granting nothing for %.1fs while processes "
@@ -195,8 +196,20 @@ async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool
             await server.monitors.aclose()
         if metrics is not None:
             metrics.shutdown()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(config.socket_path)
+        # Only our own socket file: a coordinator that took over may have bound
+        # the path since we stopped accepting (gunicorn USR2).
+        if _file_id(config.socket_path) == own:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(config.socket_path)
+
+
+def _file_id(path: str) -> tuple[int, int, int] | None:
+    # With the change time: a file made right after ours was removed may reuse its inode.
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_ctime_ns
 
 
 def _reload(server: Any) -> None:

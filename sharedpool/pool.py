@@ -462,6 +462,7 @@ class ConnectionPool(Generic[T]):
             self._m["total_created"] += 1
             self._m["connections_ms"] += int((time.monotonic() - t1) * 1000)
             self._all[wrapper.id] = wrapper
+            self._drop_revoked(wrapper, client)
             closing = self.status is not PoolStatus.ACTIVE
             if closing:
                 del self._all[wrapper.id]
@@ -846,6 +847,8 @@ class ConnectionPool(Generic[T]):
         """Close the pool: waiters fail with PoolClosed, idle connections close
         now, in-use ones when they come back (waiting up to ``timeout``)."""
         self._checkpid()
+        if not _valid_timeout(timeout):  # before anything stops: a refused close changes nothing
+            raise ConfigError("timeout", f"must be a number of seconds >= 0, got {timeout!r}")
         self._stop.set()
         self._shut(PoolStatus.CLOSED, timeout)
         if self._client is not None:
@@ -1008,6 +1011,18 @@ class ConnectionPool(Generic[T]):
         for wrapper in victims:
             self._close(wrapper)
 
+    def _drop_revoked(self, wrapper: ConnectionWrapper[T], client: Client | None) -> None:
+        """Under the lock, as a new connection goes into _all: a lease revoked
+        while it was connecting (the client forgot it before _revoke could find
+        the connection) counts nowhere; treat it as revoked in use (closed at
+        checkin). The client forgets the lease before the revoke job runs, so a
+        revoke is seen either here or by _revoke."""
+        lease = wrapper.lease
+        if lease is not None and client is not None and lease.id not in client._held:
+            log.warning("pool %r: lease %s was revoked while its connection %s was opening; "
+                        "closing it at checkin", self.name, lease.id, wrapper.id[:8])
+            wrapper.lease = None
+
     def _lease_states(self) -> list[list[Any]]:
         with self._lock:
             return [
@@ -1109,6 +1124,7 @@ class ConnectionPool(Generic[T]):
                 self._stalled -= 1
                 self._m["total_created"] += 1
                 self._all[wrapper.id] = wrapper
+                self._drop_revoked(wrapper, client)
                 wrapper.in_use = True
             if self.configure is not None and (error := self._setup(wrapper, client)) is not None:
                 log.warning("pool %r: top-up to min_size: configure failed: %s", self.name, error)

@@ -536,3 +536,22 @@ def test_reply_over_the_frame_limit_fails_that_request_not_the_session(
     finally:
         c.close()
         holder_s.close()
+
+
+def test_a_stopping_coordinator_removes_only_its_own_socket(tmp_path: Any) -> None:
+    """A successor may bind the path while the old one finishes stopping
+    (gunicorn's USR2 take-over): the old one must not unlink the new socket."""
+    from sharedpool import Coordinator
+
+    path = str(tmp_path / "sp.sock")
+    old = Coordinator(path, {"r": 1}).start()
+    try:
+        os.unlink(path)  # what a successor does: its own socket on the same path
+        successor = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        successor.bind(path)
+    finally:
+        old.stop()
+    try:
+        assert os.path.exists(path)
+    finally:
+        successor.close()

@@ -225,3 +225,66 @@ def test_a_clean_restart_keeps_the_fence_of_a_dead_process(start_coordinator: An
         newcomer.release(lease)
     finally:
         newcomer.close()
+
+
+def test_a_lease_refused_while_its_connection_opens_is_not_kept(start_coordinator: Any,
+                                                                sock_path: str) -> None:
+    """The revoke can come while the factory still runs under the lease: the
+    connection it then returns counts nowhere either, and is closed at its
+    checkin instead of being kept as a leased one."""
+    connecting, go_on = threading.Event(), threading.Event()
+    factory = FakeFactory()
+
+    def slow() -> Any:
+        connecting.set()
+        go_on.wait(20)
+        return factory()
+
+    first = start_coordinator({"r": 2})
+    pool = ConnectionPool(slow, PoolConfig(min_size=0, max_size=2, acquire_timeout=30,
+                                           connection_timeout=30), resource="r", coordinator=sock_path)
+    got: list[Any] = []
+    opener = threading.Thread(target=lambda: got.append(pool.acquire(timeout=25)))
+    try:
+        opener.start()
+        assert connecting.wait(10)
+        client = pool._client
+        assert client is not None and len(client.held) == 1
+        first.kill()
+        start_coordinator({"other": 2})  # "r" is gone from the new config
+        deadline = time.monotonic() + 10
+        while client.held:
+            assert time.monotonic() < deadline, "the revoke never reached the client"
+            time.sleep(0.02)
+        time.sleep(0.2)  # the pool's revoke job has run, and found nothing yet
+        go_on.set()
+        opener.join(10)
+        [wrapper] = got
+        assert wrapper.lease is None
+        pool.release(wrapper)
+        assert wrapper.conn.closed and pool.get_stats()["leases_held"] == 0
+    finally:
+        go_on.set()
+        opener.join(10)
+        pool.close()
+
+
+def test_a_refused_close_leaves_the_pool_maintained() -> None:
+    """close(timeout=nan) is a ConfigError that changes nothing: maintenance
+    (here: max_lifetime) goes on."""
+    import math
+
+    from sharedpool import ConfigError
+
+    factory = FakeFactory()
+    pool = ConnectionPool(factory, PoolConfig(min_size=0, max_size=1, max_lifetime=0.5))
+    try:
+        pool.release(pool.acquire())
+        with pytest.raises(ConfigError):
+            pool.close(timeout=math.nan)
+        deadline = time.monotonic() + 5
+        while factory.open:
+            assert time.monotonic() < deadline, "maintenance stopped: an expired connection stayed"
+            time.sleep(0.05)
+    finally:
+        pool.close()

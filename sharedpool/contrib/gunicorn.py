@@ -51,6 +51,7 @@ import os
 import queue
 import signal
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -69,6 +70,8 @@ __all__ = ["GunicornHooks", "hooks"]
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 #: When a stopping master sends its stop signal to the workers once more.
 RESEND_AFTER = 1.0
+#: How long a take-over waits for the old coordinator's socket file to go.
+TAKEOVER_GRACE = 5.0
 
 log = logging.getLogger("sharedpool.gunicorn")
 
@@ -176,14 +179,27 @@ def hooks(
 
 
 def _take_over(server: Any, path: str, embedded: EmbeddedCoordinator) -> None:
-    """Start our coordinator once the one the old master owned has stopped."""
-    while coordinator_listening(path, timeout=0.5):
-        threading.Event().wait(0.2)
-    try:
-        embedded.start()
-    except SharedPoolError as exc:
-        server.log.error("sharedpool: cannot take over the coordinator on %s: %s", path, exc)
-        return
+    """Start our coordinator once the one the old master owned has stopped.
+
+    It stops accepting before its shutdown ends (metrics port, socket file):
+    wait for its socket file to go (bounded: a crashed one leaves it), and
+    retry a start that fails meanwhile instead of giving up for good."""
+    delay = 0.2
+    while True:
+        while coordinator_listening(path, timeout=0.5):
+            threading.Event().wait(0.2)
+        gone_by = time.monotonic() + TAKEOVER_GRACE
+        while os.path.exists(path) and time.monotonic() < gone_by:
+            threading.Event().wait(0.05)
+        try:
+            embedded.start()
+        except SharedPoolError as exc:
+            server.log.error("sharedpool: cannot take over the coordinator on %s yet: %s; "
+                             "retrying in %.1fs", path, exc, delay)
+            threading.Event().wait(delay)
+            delay = min(delay * 2, 5.0)
+            continue
+        break
     _EMBEDDED[path] = embedded
     server.log.info("sharedpool: coordinator pid %s took over %s", embedded.pid, path)
 
