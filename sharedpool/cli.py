@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import select
 import shlex
@@ -234,6 +235,16 @@ INT64_MAX = 2**63 - 1
 PID_MAX = 2**31 - 1
 _pid_type = click.IntRange(min=1, max=PID_MAX)
 
+
+class _Seconds(click.FloatRange):
+    """A FloatRange that also refuses nan and inf (which compare false to any bound)."""
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number of seconds.", param, ctx)
+        return rv
+
 _socket_option = click.option(
     "--socket", "socket_path", metavar="PATH", default=None,
     help="Coordinator socket (default: $SHAREDPOOL_SOCKET, else the per-user runtime dir).",
@@ -333,7 +344,7 @@ def sessions(socket_path: str | None, as_json: bool) -> None:
 
 @cli.command()
 @_socket_option
-@click.option("--interval", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
+@click.option("--interval", type=_Seconds(min=0.05), default=1.0, show_default=True,
               help="Seconds between refreshes.")
 @click.option("--iterations", type=click.IntRange(min=1), help="Stop after this many refreshes.")
 def top(socket_path: str | None, interval: float, iterations: int | None) -> None:
@@ -455,7 +466,7 @@ _admin_command("reload", "reload", "Re-read the coordinator's --config file, wit
 @click.option("--workers", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--max-size", type=click.IntRange(min=1), default=3, show_default=True,
               help="The global cap on leases of resource 'demo'.")
-@click.option("--seconds", type=click.FloatRange(min=0.1), default=5.0, show_default=True)
+@click.option("--seconds", type=_Seconds(min=0.1), default=5.0, show_default=True)
 @click.option("--pool-size", type=click.IntRange(min=1), default=4, show_default=True,
               help="Each worker's local pool max_size.")
 @click.option("--dsn", help="Use PostgreSQL (psycopg) instead of SQLite.")

@@ -20,6 +20,9 @@ SOCKET_ENV = "SHAREDPOOL_SOCKET"
 AWAY_POLICIES = ("wait", "fallback")
 #: Longest path a Unix socket can be bound to (sun_path is 108 bytes on Linux).
 MAX_SOCKET_PATH = 107
+#: Largest integer the wire (msgpack int64) can carry: a limit above it could
+#: never be sent in a welcome, so every new session would be refused.
+MAX_INT = 2**63 - 1
 
 
 def default_socket_path() -> str:
@@ -68,6 +71,8 @@ def _number(
     if value < minimum or (strict_min and value == minimum):
         op = ">" if strict_min else ">="
         raise ConfigError(name, f"must be {op} {minimum:g}, got {value!r}")
+    if isinstance(value, int) and value > MAX_INT:
+        raise ConfigError(name, f"must be <= {MAX_INT}, got {value!r}")
     return value
 
 
@@ -315,7 +320,7 @@ class CoordinatorConfig:
                 data = tomllib.load(f)
         except OSError as exc:
             raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:  # TOML is UTF-8 only
             raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
         unknown = sorted(set(data) - {"coordinator", "resources"})
         if unknown:

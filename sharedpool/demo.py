@@ -73,6 +73,7 @@ def _worker(index: int, socket_path: str, dsn: str | None, db_path: str, app: st
             gate: Any, counts: Any, results: Any) -> None:
     """One worker process: two threads doing checkouts until the gate's end time."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's handler is not ours
     # A failing connect would log a warning per attempt, hundreds a second; the
     # table counts them and shows the last one.
     logging.getLogger("sharedpool.pool").setLevel(logging.ERROR)
@@ -87,7 +88,8 @@ def _worker(index: int, socket_path: str, dsn: str | None, db_path: str, app: st
 
     def loop(slot: int) -> None:
         done = 0
-        while time.monotonic() < gate.end.value:  # the parent ends it early on Ctrl-C
+        # the parent ends it early on Ctrl-C; a parent gone (killed) ends it too
+        while time.monotonic() < gate.end.value and os.getppid() == gate.parent:
             try:
                 with pool.connection(timeout=ACQUIRE_TIMEOUT) as conn:
                     conn.execute(query).fetchone()
@@ -123,11 +125,14 @@ class _Gate:
         self.ready = ctx.Queue()
         self.go = ctx.Event()
         self.end = ctx.Value("d", 0.0, lock=False)
+        self.parent = os.getpid()  # the workers' parent: nobody else will say go
 
     def wait_for_start(self, index: int) -> float:
         """In a worker: say ready, wait for go; return the monotonic end time."""
         self.ready.put(index)
-        self.go.wait()
+        while not self.go.wait(0.5):
+            if os.getppid() != self.parent:  # killed before it said go: do not wait for ever
+                os._exit(1)
         return float(self.end.value)
 
     def open(self, procs: list[Any], seconds: float, timeout: float = 60.0) -> float:
@@ -194,6 +199,11 @@ def _progress(peaks: Peaks, counts: Any, started: float, seconds: float, cap: in
     return Text(line)
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM (``timeout``, a supervisor): leave through run_demo's clean-up."""
+    raise SystemExit(128 + signum)
+
+
 def _stop_process(proc: Any, timeout: float) -> None:
     """Join; then SIGTERM; then SIGKILL — always by this process's own pid."""
     proc.join(timeout)
@@ -257,6 +267,9 @@ def run_demo(*, workers: int = 8, max_size: int = 3, seconds: float = 5.0, pool_
     sampler_client: Client | None = None
     rows: list[dict[str, Any]] = []
     interrupted = False
+    # SIGTERM only in the main thread (signal.signal refuses elsewhere).
+    main = threading.current_thread() is threading.main_thread()
+    previous_term = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main else None
     try:
         coordinator.start()
         if dsn:
@@ -289,7 +302,13 @@ def run_demo(*, workers: int = 8, max_size: int = 3, seconds: float = 5.0, pool_
         stop.set()
         for thread in samplers:
             thread.join(5)
+    except SystemExit:  # SIGTERM: stop the workers at once, clean up, exit 143
+        interrupted = True
+        gate.end.value = 0.0
+        raise
     finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous_term)
         stop.set()
         for proc in procs:
             _stop_process(proc, 0 if interrupted else 5)

@@ -37,7 +37,7 @@ def require_redis() -> None:
         redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
     except redis.RedisError as exc:
         problem = f"Redis ({REDIS_URL}) is not reachable ({exc}); start it"
-        if os.environ.get("SHAREDPOOL_REQUIRE_PG") == "1":
+        if os.environ.get("SHAREDPOOL_REQUIRE_REDIS") == "1":
             pytest.fail(problem, pytrace=False)
         pytest.skip(problem)
 

@@ -550,3 +550,15 @@ def test_default_socket_falls_back_to_the_tmp_one_a_service_would_use(
     assert cli._default_path() == mine  # ours exists: never second-guessed
     monkeypatch.setenv("SHAREDPOOL_SOCKET", str(tmp_path / "given.sock"))
     assert cli._default_path() == str(tmp_path / "given.sock")
+
+
+@pytest.mark.parametrize(("args", "name"), [
+    (["demo", "--seconds", "nan"], "--seconds"),
+    (["demo", "--seconds", "inf"], "--seconds"),
+    (["top", "--interval", "nan"], "--interval"),
+    (["top", "--interval", "inf"], "--interval"),
+])
+def test_non_finite_seconds_are_refused(args: list[str], name: str) -> None:
+    out = sp(*args)
+    assert out.returncode == 2, out
+    assert out.stderr.count("\n") == 1 and name in out.stderr and "finite" in out.stderr, out.stderr

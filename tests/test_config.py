@@ -464,3 +464,19 @@ def test_default_socket_path_falls_back_to_tmp(clean_env: pytest.MonkeyPatch, tm
     assert default_socket_path() == fallback
     clean_env.setenv("XDG_RUNTIME_DIR", "")
     assert default_socket_path() == fallback
+
+
+def test_load_toml_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes("# caf\xe9\n[resources]\npg = 2\n".encode("latin-1"))
+    exc = _raises_field("config", CoordinatorConfig.load, path)
+    assert "not valid TOML" in str(exc)
+
+
+def test_limits_beyond_what_the_wire_carries_are_refused(tmp_path: Path) -> None:
+    """A welcome carries every limit as a 64-bit integer: a larger one used to
+    start a coordinator that then refused every session."""
+    _raises_field("max_size", Resource, max_size=2**63)
+    _raises_field("resources.pg.max_waiting", CoordinatorConfig.load,
+                  _write(tmp_path, f"[resources.pg]\nmax_size = 2\nmax_waiting = {2**64}\n"))
+    assert Resource(max_size=2**63 - 1).max_size == 2**63 - 1

@@ -97,3 +97,33 @@ def test_demo_interrupted_reports_the_run_so_far() -> None:
     assert "Traceback" not in err and "demo failed" not in out
     assert "interrupted: figures cover the run so far" in out
     assert sum(int(r[2]) for r in worker_rows(out)) >= 1
+
+
+def test_demo_stopped_by_sigterm_cleans_up() -> None:
+    """``timeout``, CI or a supervisor stop the demo with SIGTERM: it exits 143
+    at once and leaves no worker behind (they used to run on for the rest of
+    --seconds, or for ever if it was stopped during start-up)."""
+    proc = subprocess.Popen([sys.executable, "-m", "sharedpool", "demo", "--workers", "3", "--max-size", "1",
+                             "--seconds", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ENV)
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 30
+        while "leases held now" not in proc.stdout.readline():  # a progress line: it runs
+            assert time.monotonic() < deadline and proc.poll() is None
+        workers = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        assert workers
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 143, out + err
+    assert "Traceback" not in err
+    deadline = time.monotonic() + 10
+    alive = workers
+    while alive := [pid for pid in alive if psutil.pid_exists(pid)
+                    and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]:
+        assert time.monotonic() < deadline, f"left behind: {alive}"
+        time.sleep(0.1)
