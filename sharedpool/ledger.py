@@ -162,6 +162,8 @@ class Fenced:
     lease: Lease
     pid: int
     until: float
+    #: the StartFence that fenced it: a check of an older fence must not end this one
+    fence: int = 0
 
 
 @dataclass(eq=False, slots=True)
@@ -235,6 +237,8 @@ class StartFence:
     pid: int
     leases: tuple[int, ...]
     backend_pids: tuple[int, ...]
+    #: pass back to :meth:`Ledger.unfence`: it ends this fence only
+    fence: int = field(default=0, compare=False)
 
 
 @dataclass(slots=True)
@@ -275,6 +279,7 @@ class Ledger:
         self._session_ids = itertools.count(1)
         self._deadlines: list[tuple[float, int, Waiter]] = []
         self._seq = itertools.count()
+        self._fences = itertools.count(1)
         #: resource -> quantum() as last computed; dropped when costs, sessions or limits change
         self._quanta: dict[str, float | None] = {}
 
@@ -302,6 +307,7 @@ class Ledger:
         session = Session(sid, pid, name, uid, now)
         self.sessions[sid] = session
         effects: list[Effect] = []
+        touched: set[str] = set()
         for entry in held:
             try:
                 resource, lease_id, token, state, backend_pid = entry
@@ -327,6 +333,12 @@ class Ledger:
             session.add(lease)
             res.peak = max(res.peak, res.leased)
             self._next_id = max(self._next_id, lease_id + 1, lease.token + 1)
+            touched.add(res.name)
+        # A fenced lease taken back no longer frees a slot, an old session's
+        # lease moved here no longer counts there, leases kept across a restart
+        # may push the resource over its cap: what is owed has changed.
+        for name in touched:
+            effects += self._pump(self.resources[name], now)
         return sid, effects
 
     def _adopt(
@@ -379,10 +391,11 @@ class Ledger:
             res = self.resources[name]
             limits = res.limits
             delay = limits.fence_timeout if limits.monitor_dsn else limits.quarantine_delay
+            fence = next(self._fences)
             for lease in leases:
                 del res.live[lease.id]
                 if delay > 0:
-                    res.fenced[lease.id] = Fenced(lease, session.pid, now + delay)
+                    res.fenced[lease.id] = Fenced(lease, session.pid, now + delay, fence)
             if delay > 0:
                 effects.append(
                     StartFence(
@@ -390,6 +403,7 @@ class Ledger:
                         session.pid,
                         tuple(lease.id for lease in leases),
                         tuple(lease.backend_pid for lease in leases if lease.backend_pid),
+                        fence,
                     )
                 )
             touched.add(name)
@@ -410,6 +424,7 @@ class Ledger:
         (its dead processes' backends may still be there): they count against the
         cap until their time is up or a fence check confirms them gone."""
         groups: dict[tuple[str, int], list[Lease]] = {}
+        serials: dict[tuple[str, int], int] = {}
         for entry in entries:
             try:
                 name, lease_id, token, pid, left, backend_pid = entry
@@ -423,12 +438,13 @@ class Ledger:
             longest = max(limits.fence_timeout, limits.quarantine_delay)
             lease = Lease(lease_id, name, 0, token, now,
                           backend_pid=backend_pid if _is_id(backend_pid) else None)
-            res.fenced[lease_id] = Fenced(lease, pid, now + min(float(left), longest))
+            fence = serials.setdefault((name, pid), next(self._fences))
+            res.fenced[lease_id] = Fenced(lease, pid, now + min(float(left), longest), fence)
             self._next_id = max(self._next_id, lease_id + 1, token + 1)
             groups.setdefault((name, pid), []).append(lease)
         return [
             StartFence(name, pid, tuple(x.id for x in leases),
-                       tuple(x.backend_pid for x in leases if x.backend_pid))
+                       tuple(x.backend_pid for x in leases if x.backend_pid), serials[(name, pid)])
             for (name, pid), leases in groups.items()
         ]
 
@@ -581,19 +597,26 @@ class Ledger:
                 for waiter in list(res.waiters):
                     effects.append(self._drop_waiter(res, waiter, "failing",
                                                      f"connections to {name!r} are failing"))
+                touched.add(name)  # the waiters are gone: withdraw what was asked for them
         for name in touched:
             effects += self._rebalance(self.resources[name])
         return effects
 
     def unfence(
-        self, resource: str, lease_ids: list[int] | tuple[int, ...], now: float
+        self, resource: str, lease_ids: list[int] | tuple[int, ...], now: float,
+        fence: int | None = None,
     ) -> list[Effect]:
-        """The resource confirmed a dead session's connections are gone."""
+        """The resource confirmed a dead session's connections are gone.
+        ``fence``: the StartFence's, so that the check of an earlier fence of a
+        lease (taken back by a reconnect, fenced again since) does not end the
+        later one."""
         res = self.resources.get(resource)
         if res is None:
             return []
         for lease_id in lease_ids:
-            res.fenced.pop(lease_id, None)
+            fenced = res.fenced.get(lease_id)
+            if fenced is not None and (fence is None or fenced.fence == fence):
+                del res.fenced[lease_id]
         return self._pump(res, now)
 
     def tick(self, now: float) -> list[Effect]:
@@ -645,7 +668,9 @@ class Ledger:
     def pause(self, resource: str) -> list[Effect]:
         res = self._res(resource)
         res.paused = True
-        return self._notify_holders(res, "pause")
+        # Nothing is granted while paused: holders asked to give back for the
+        # waiters are withdrawn (only an excess over the cap is still asked for).
+        return self._notify_holders(res, "pause") + self._rebalance(res)
 
     def resume(self, resource: str, now: float) -> list[Effect]:
         res = self._res(resource)
@@ -660,7 +685,7 @@ class Ledger:
             self._drop_waiter(res, w, "draining", f"resource {resource!r} is draining")
             for w in list(res.waiters)
         ]
-        return effects + self._notify_holders(res, "drain")
+        return effects + self._notify_holders(res, "drain") + self._rebalance(res)
 
     def resize(self, resource: str, max_size: int, now: float) -> list[Effect]:
         """Change the cap live; shrinking asks holders to give back the excess."""
@@ -860,8 +885,9 @@ class Ledger:
         waiting_sessions = {w.session for w in res.waiters}
         servable = 0
         head: int | None = None  # the session the next free slot goes to
+        per_session: dict[int, int] = {}
         if not res.paused:
-            servable, head, _ = self._servable(res)
+            servable, head, per_session = self._servable(res)
         excess = max(0, res.leased - res.limits.max_size)
         need = max(0, servable - res.free - len(res.fenced)) + excess
         if need == 0 and not res.askees:  # the common case: nothing asked, nothing to ask
@@ -892,6 +918,13 @@ class Ledger:
             give = min(need, s.held(res.name) - res.limits.min_per_process)
             plan[s.id] = give
             need -= give
+        # Nobody but the head holds what could be given: sparing it would leave
+        # the waiters of other sessions behind it until its own acquire times
+        # out. One give-back serves its waiter; then the next session is at the
+        # head, and it is asked as any holder is.
+        if (need > 0 and not plan and head is not None and len(per_session) > 1
+                and self.sessions[head].held(res.name) > res.limits.min_per_process):
+            plan[head] = 1
         effects: list[Effect] = []
         quantum = res.quantum_sent
         if plan and _moved(quantum, new := self.quantum(res.name)):

@@ -394,7 +394,7 @@ class Server:
         log.info("fence: dead pid %s: backends %s gone, %d lease(s) with no backend pid known "
                  "freed after quarantine_delay; %d slot(s) of %s free",
                  eff.pid, sorted(eff.backend_pids), max(0, unknown), len(eff.leases), eff.resource)
-        self.apply(self.ledger.unfence(eff.resource, eff.leases, self.loop.time()))
+        self.apply(self.ledger.unfence(eff.resource, eff.leases, self.loop.time(), eff.fence))
         self.flush()
         self._changed()
 

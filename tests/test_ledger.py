@@ -371,7 +371,8 @@ def test_close_session_withdraws_its_waiters() -> None:
 def test_reregistration_beyond_the_cap_blocks_grants_until_below() -> None:
     lg = ledger(pg=2)
     held = [["pg", 501, 501, IDLE, 11], ["pg", 502, 502, BUSY, None], ["pg", 503, 503, "new", None]]
-    a = session(lg, pid=1, held=held)
+    a, effects = lg.open_session(1, "w", T0, held=held)
+    assert effects == [AskReclaim(a, "pg", 1)]  # the excess is asked back at once
     b = session(lg, pid=2)
     res = lg.resources["pg"]
     assert res.leased == 3 and res.peak == 3
@@ -980,7 +981,12 @@ class LedgerMachine(RuleBasedStateMachine):
                     cap = self.limits(e.resource).max_per_process
                     head = next((sid for sid, _ in self.queued(e.resource)
                                  if cap is None or self.count(sid, e.resource) < cap), None)
-                    assert e.session != head, f"asked the next-in-line session: {e}"
+                    # ... unless nobody else could give one back: then sparing it
+                    # would leave the waiters behind it stuck until it times out.
+                    others = [sid for sid in self.sessions if sid != head
+                              and self.count(sid, e.resource) > floor]
+                    assert e.session != head or (not others and e.count == 1), (
+                        f"asked the next-in-line session: {e}")
             elif isinstance(e, Notify):
                 assert e.session in self.sessions, e
             elif isinstance(e, Problem):
@@ -1070,7 +1076,6 @@ class LedgerMachine(RuleBasedStateMachine):
         if not early:
             self.close(old)
         sid, effects = self.lg.open_session(pid, f"w{pid}", self.now, held=entries)
-        self.apply(effects)
         self.sessions[sid] = pid
         for r, lid, token, _, _ in entries:
             if self.fenced.pop(lid, None):
@@ -1078,6 +1083,7 @@ class LedgerMachine(RuleBasedStateMachine):
             self.held[lid] = (sid, r, token)
             self.max_id = max(self.max_id, lid)
             self.note_over(r)
+        self.apply(effects)
         if early:
             self.close(old)
 
@@ -1089,12 +1095,12 @@ class LedgerMachine(RuleBasedStateMachine):
         ids = [self.max_id + 1000 * (i + 1) for i in range(n)]  # from an earlier life
         held = [[r, i, i, BUSY, 7] for i in ids]
         sid, effects = self.lg.open_session(pid, "restarted", self.now, held=held)
-        assert effects == []
         self.sessions[sid] = pid
         for i in ids:
             self.held[i] = (sid, r, i)
             self.max_id = max(self.max_id, i)
         self.note_over(r)
+        self.apply(effects)
 
     @precondition(lambda self: self.sessions)
     @rule(data=st.data(), n=st.integers(1, 4))
@@ -1300,7 +1306,7 @@ def test_restart_hold_grants_nothing_until_it_ends() -> None:
     # Meanwhile a process that kept two connections re-registers them.
     _, problems = lg.open_session(99, "kept", T0 + 0.5, held=[["pg", 10**9, 10**9, "busy", None],
                                                                 ["pg", 10**9 + 1, 10**9 + 1, "idle", None]])
-    assert problems == []
+    assert of(Problem, problems) == []  # (it is asked to give one back for the waiter)
     assert of(Granted, lg.tick(T0 + 1.0)) == []  # the hold is over, but the cap is full
     assert lg.resources["pg"].leased == 2 and len(lg.resources["pg"].waiters) == 1
 
@@ -1373,3 +1379,71 @@ def test_fences_survive_a_clean_restart() -> None:
     assert queued(new.acquire(newcomer, 1, "pg", T0 + 50, timeout=60))  # still fenced
     late = granted(new.tick(T0 + 54.1))  # its 4 s are up
     assert late.session == newcomer and late.lease.id > lease  # ids are never reused
+
+
+def asked(lg: Ledger, resource: str = "pg") -> dict[int, int]:
+    return {sid: s.asked.get(resource, 0) for sid, s in lg.sessions.items()}
+
+
+def test_the_only_holder_is_asked_even_when_it_is_next_in_line() -> None:
+    """A pool with more threads than connections keeps an acquire queued while
+    it holds every lease; a process behind it, holding nothing, must not wait
+    until that acquire times out (I3). The head gives one back (it goes to its
+    own waiter, first in line), then it is asked as any holder is."""
+    lg = ledger(pg=2)
+    a, b = session(lg, pid=1), session(lg, pid=2)
+    leases = [grant(lg, a, 1), grant(lg, a, 2)]
+    lg.report(a, [[lid, BUSY, None, None] for lid in leases], T0)
+    lg.acquire(a, 3, "pg", T0, timeout=60)
+    effects = lg.acquire(b, 1, "pg", T0 + 0.001, timeout=60)
+    assert only(AskReclaim, effects) == AskReclaim(a, "pg", 1)
+    assert granted(lg.release(a, leases[0], T0 + 1)).session == a  # its own waiter was first
+    assert asked(lg)[a] == 1  # b is next in line now: a is asked again
+    assert granted(lg.release(a, leases[1], T0 + 2)).session == b
+
+
+def test_a_reconnect_that_takes_a_fenced_lease_back_asks_for_it() -> None:
+    """The waiter was counting on the fence to end; the lease is live again, in
+    a session that holds it idle: that session is asked to give it back."""
+    lg = ledger(pg=Resource(1, quarantine_delay=0.05))
+    a, b = session(lg, pid=1), session(lg, pid=2)
+    lease = grant(lg, a, 1)
+    lg.report(a, [[lease, IDLE, None, None]], T0)
+    lg.acquire(b, 1, "pg", T0, timeout=10)
+    lg.close_session(a, T0 + 0.001)  # fenced: the ask is withdrawn, the fence will free it
+    a2, effects = lg.open_session(1, "w", T0 + 0.002, held=[["pg", lease, lease, IDLE, None]])
+    assert effects == [AskReclaim(a2, "pg", 1)]
+
+
+@pytest.mark.parametrize("verb", ["failing", "pause", "drain"])
+def test_asks_are_withdrawn_when_nothing_may_be_granted(verb: str) -> None:
+    """Every waiter dropped (connections failing, drain) or grants stopped
+    (pause): a holder asked to give back for them is told it owes nothing."""
+    lg = ledger(pg=1)
+    a, b, c = session(lg, pid=1), session(lg, pid=2), session(lg, pid=3)
+    lease = grant(lg, a, 1)
+    lg.report(a, [[lease, BUSY, None, None]], T0)
+    assert only(AskReclaim, lg.acquire(b, 1, "pg", T0, timeout=10)).count == 1
+    if verb == "failing":
+        effects = lg.report(c, [], T0, failures={"pg": FAILURE_THRESHOLD})
+    else:
+        effects = getattr(lg, verb)("pg")
+    assert AskReclaim(a, "pg", 0) in of(AskReclaim, effects)
+    assert asked(lg)[a] == 0
+
+
+def test_the_check_of_an_earlier_fence_does_not_end_a_later_one() -> None:
+    """A process reconnected, took its fenced lease back, and was killed again
+    mid-query: the first fence's late confirmation must not end the second
+    (its backend may still be running), only the second's own may."""
+    lg = Ledger({"pg": Resource(1, monitor_dsn="host=x", fence_timeout=10.0, quarantine_delay=0.05)})
+    a, b = session(lg, pid=7), session(lg, pid=8)
+    lease = grant(lg, a, 1)
+    [first] = of(StartFence, lg.close_session(a, T0))
+    a2, _ = lg.open_session(7, "w", T0 + 0.01, held=[["pg", lease, lease, BUSY, None]])
+    lg.report(a2, [[lease, BUSY, 4242, None]], T0 + 0.02)
+    lg.acquire(b, 1, "pg", T0 + 0.02, timeout=30)
+    [second] = of(StartFence, lg.close_session(a2, T0 + 0.03))
+    assert second.fence != first.fence
+    assert of(Granted, lg.unfence("pg", first.leases, T0 + 0.05, first.fence)) == []
+    assert granted(lg.unfence("pg", second.leases, T0 + 0.06, second.fence)).session == b
