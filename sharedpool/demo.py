@@ -74,6 +74,7 @@ def _worker(index: int, socket_path: str, dsn: str | None, db_path: str, app: st
     """One worker process: two threads doing checkouts until the gate's end time."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's handler is not ours
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked by the parent around fork
     # A failing connect would log a warning per attempt, hundreds a second; the
     # table counts them and shows the last one.
     logging.getLogger("sharedpool.pool").setLevel(logging.ERROR)
@@ -274,12 +275,19 @@ def run_demo(*, workers: int = 8, max_size: int = 3, seconds: float = 5.0, pool_
         coordinator.start()
         if dsn:
             import psycopg  # noqa: F401 - imported once here, inherited by every worker
-        # Fork every worker before this process starts any thread.
-        for i in range(workers):
-            proc = ctx.Process(target=_worker, name=f"sharedpool-demo-{i}", daemon=True,
-                               args=(i, sock, dsn, db_path, app, pool_size, gate, counts, results))
-            proc.start()
-            procs.append(proc)
+        # Fork every worker before this process starts any thread. SIGTERM is
+        # held back meanwhile: its handler would otherwise run inside an at-fork
+        # hook, where the SystemExit it raises is printed and dropped.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}) if main else None
+        try:
+            for i in range(workers):
+                proc = ctx.Process(target=_worker, name=f"sharedpool-demo-{i}", daemon=True,
+                                   args=(i, sock, dsn, db_path, app, pool_size, gate, counts, results))
+                proc.start()
+                procs.append(proc)
+        finally:
+            if mask is not None:  # a SIGTERM that came meanwhile is handled here
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         started = gate.open(procs, seconds)
         end = started + seconds
         sampler_client = Client(sock, name="sharedpool-demo-sampler")

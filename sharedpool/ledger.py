@@ -540,7 +540,10 @@ class Ledger:
         if asked:
             session.asked[lease.resource] = asked - 1
             res.reclaims += 1
-        return self._pump(res, now)
+        # A give-back goes past the giver's own waiters: handed straight back
+        # to it, it would only be a close and a reconnect in that process (the
+        # head, asked because nobody else could give), and it would be asked again.
+        return self._pump(res, now, giver=sid if asked else None)
 
     def report(
         self,
@@ -856,15 +859,21 @@ class Ledger:
         del self.sessions[waiter.session].waiting[waiter.req]
         return Denied(waiter.session, waiter.req, reason, message)
 
-    def _pump(self, res: ResourceState, now: float) -> list[Effect]:
-        """Serve waiters in order while there is room, then rebalance reclaims."""
+    def _pump(self, res: ResourceState, now: float, giver: int | None = None) -> list[Effect]:
+        """Serve waiters in order while there is room, then rebalance reclaims.
+        ``giver``: the session that gave a lease back; the first grant skips its
+        own waiters unless nobody else can take it."""
         effects: list[Effect] = []
         if not res.paused and not self._holding(now):
             blocked: set[int] = set()
             while res.waiters and res.leased < res.limits.max_size:
-                waiter = next((w for w in res.waiters if w.session not in blocked), None)
+                waiter = next((w for w in res.waiters
+                               if w.session not in blocked and w.session != giver), None)
                 if waiter is None:
-                    break
+                    if giver is None:
+                        break
+                    giver = None  # nobody else can take it: its own waiter may
+                    continue
                 session = self.sessions[waiter.session]
                 if not self._can_grant(res, session):
                     blocked.add(session.id)
@@ -874,6 +883,7 @@ class Ledger:
                 del session.waiting[waiter.req]
                 effects.append(
                     self._grant(res, session, waiter.req, now, waiter.site, now - waiter.since))
+                giver = None  # only the slot given back passes the giver by
         return effects + self._rebalance(res)
 
     def _rebalance(self, res: ResourceState) -> list[Effect]:

@@ -127,3 +127,33 @@ def test_demo_stopped_by_sigterm_cleans_up() -> None:
                     and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]:
         assert time.monotonic() < deadline, f"left behind: {alive}"
         time.sleep(0.1)
+
+
+_TERM_DURING_FORK = """
+import os, signal
+from rich.console import Console
+from sharedpool import demo
+
+fired = []
+def hook():  # runs in the demo right after it forked a worker
+    if not fired:
+        fired.append(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # room for the eval loop to run a Python-level handler here
+            pass
+os.register_at_fork(after_in_parent=hook)
+try:
+    demo.run_demo(workers=2, max_size=1, seconds=3.0, console=Console(file=open(os.devnull, "w")))
+except SystemExit as exc:
+    print("exit", exc.code)
+else:
+    print("ran to the end")
+"""
+
+
+def test_demo_sigterm_while_forking_workers_still_stops_it() -> None:
+    """A handler run inside an at-fork hook has its SystemExit printed and
+    dropped: the demo held SIGTERM back while forking, so it is not lost."""
+    out = subprocess.run([sys.executable, "-c", _TERM_DURING_FORK], capture_output=True, text=True,
+                         env=ENV, timeout=60)
+    assert out.stdout.strip() == "exit 143", out.stdout + out.stderr

@@ -915,6 +915,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.outstanding: dict[tuple[int, int], Req] = {}  # (sid, req) -> request
         self.max_id = 0
         self.over: set[str] = set()  # resources a resize or re-registration pushed over the cap
+        self.giver: int | None = None  # the session whose give-back is being granted
 
     # -- model helpers
 
@@ -1012,7 +1013,10 @@ class LedgerMachine(RuleBasedStateMachine):
         for sid, other in self.queued(r):
             if req.seq is not None and self.outstanding[(sid, other)].seq > req.seq:  # type: ignore[operator]
                 break
+            if sid == self.giver:
+                continue  # its own give-back does not come straight back to it
             assert self.blocked(sid, r), f"{e} overtook waiting request {(sid, other)}"
+        self.giver = None  # only the first grant after a give-back may pass the giver
         self.held[lease.id] = (e.session, r, lease.token)
         event("grant of a queued request" if req.seq is not None else "grant at once")
         if any(self.blocked(sid, r) for sid, _ in self.queued(r)):
@@ -1147,8 +1151,13 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def release(self, data: st.DataObject) -> None:
         lid = data.draw(st.sampled_from(sorted(self.held)))
-        sid, _, _ = self.held.pop(lid)
-        self.apply(self.lg.release(sid, lid, self.now))
+        sid, r, _ = self.held.pop(lid)
+        # A give-back (the session was asked) may pass the giver's own waiters.
+        self.giver = sid if self.lg.sessions[sid].asked.get(r, 0) else None
+        try:
+            self.apply(self.lg.release(sid, lid, self.now))
+        finally:
+            self.giver = None
 
     @precondition(lambda self: self.sessions)
     @rule(data=st.data())
@@ -1397,9 +1406,21 @@ def test_the_only_holder_is_asked_even_when_it_is_next_in_line() -> None:
     lg.acquire(a, 3, "pg", T0, timeout=60)
     effects = lg.acquire(b, 1, "pg", T0 + 0.001, timeout=60)
     assert only(AskReclaim, effects) == AskReclaim(a, "pg", 1)
-    assert granted(lg.release(a, leases[0], T0 + 1)).session == a  # its own waiter was first
-    assert asked(lg)[a] == 1  # b is next in line now: a is asked again
-    assert granted(lg.release(a, leases[1], T0 + 2)).session == b
+    # Its give-back goes to b, past its own waiter (which would only reconnect).
+    assert granted(lg.release(a, leases[0], T0 + 1)).session == b
+    assert asked(lg)[a] == 0
+
+
+def test_the_head_gives_back_once_however_many_acquires_it_has_queued() -> None:
+    lg = ledger(pg=3)
+    a, b = session(lg, pid=1), session(lg, pid=2)
+    leases = [grant(lg, a, req) for req in range(3)]
+    lg.report(a, [[lid, BUSY, None, None] for lid in leases], T0)
+    for req in range(3, 6):
+        lg.acquire(a, req, "pg", T0, timeout=60)
+    assert only(AskReclaim, lg.acquire(b, 1, "pg", T0 + 0.001, timeout=60)) == AskReclaim(a, "pg", 1)
+    assert granted(lg.release(a, leases[0], T0 + 1)).session == b
+    assert asked(lg)[a] == 0
 
 
 def test_a_reconnect_that_takes_a_fenced_lease_back_asks_for_it() -> None:
