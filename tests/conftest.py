@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -10,6 +11,20 @@ import pytest
 from pg_helpers import pg  # noqa: F401  (re-exported fixture)
 
 from sharedpool import Coordinator
+from sharedpool.config import SOCKET_ENV
+
+
+@pytest.fixture(autouse=True)
+def _socket_env_stays_put() -> Iterator[None]:
+    """$SHAREDPOOL_SOCKET as it was before each test, after it: code under test
+    (gunicorn's hooks(), a demo) sets it in os.environ, and a pool made later in
+    the same worker process would look for that long-gone coordinator."""
+    before = os.environ.get(SOCKET_ENV)
+    yield
+    if before is None:
+        os.environ.pop(SOCKET_ENV, None)
+    else:
+        os.environ[SOCKET_ENV] = before
 
 
 @pytest.fixture

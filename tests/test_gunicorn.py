@@ -477,7 +477,9 @@ def test_binary_upgrade_keeps_one_coordinator(start_coordinator: Any, sock_path:
     meanwhile are re-registered with it (I4)."""
     from sharedpool.contrib.gunicorn import hooks
 
-    monkeypatch.delenv("SHAREDPOOL_SOCKET", raising=False)
+    # hooks() sets it in os.environ: set here first, so that the test's end
+    # removes it again (a delenv of an absent variable records nothing).
+    monkeypatch.setenv("SHAREDPOOL_SOCKET", sock_path)
     old_coordinator = start_coordinator({"r": 1})  # the old master's
     monkeypatch.setenv("GUNICORN_PID", "1")  # what gunicorn sets in a re-exec'd master
     new_master = _FakeMaster()
