@@ -8,19 +8,17 @@ the lock: the locked sections only decide, and return what to do.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable
 from enum import Enum
 from typing import Any, Generic, TypeVar
 
-from . import process
+from . import maintenance, process
 from .client import _PID, AcquireRequest, Client, Lease, current_pid
 from .closing import ACTIVE, INERROR, INTRANS, UNKNOWN, close_and_confirm, transaction_status
 from .config import SOCKET_ENV, PoolConfig, check_resource_name
@@ -1034,117 +1032,7 @@ class ConnectionPool(Generic[T]):
     # ------------------------------------------------------------------ maintenance
 
     def _start_maintenance(self) -> None:
-        self._maintenance = threading.Thread(
-            target=_maintain, args=(weakref.ref(self), self._stop),
-            name=f"sharedpool-maintain-{self.resource}", daemon=True)
-        self._maintenance.start()
-
-    def _maintain_once(self) -> None:
-        now = time.monotonic()
-        cfg = self.config
-        expired = []
-        to_check = []
-        client = self._client
-        # Fallback connections (opened without a lease while the coordinator
-        # was away) go once it is back, idle ones here, in-use ones at checkin.
-        back = client is not None and client.connected
-        with self._lock:
-            if self.status is not PoolStatus.ACTIVE:
-                return
-            keep = len(self._all)
-            for wrapper in list(self._idle):
-                too_old = now - wrapper.created_at > cfg.max_lifetime or (back and wrapper.lease is None)
-                too_idle = now - wrapper.last_used > cfg.idle_timeout and keep > cfg.min_size
-                if too_old or too_idle:
-                    self._idle.remove(wrapper)
-                    del self._all[wrapper.id]
-                    self._closing += 1
-                    expired.append(wrapper)
-                    keep -= 1
-                elif now - max(wrapper.last_used, wrapper.checked_at) > cfg.validation_interval:
-                    to_check.append(wrapper)
-            for wrapper in to_check:  # checked out to the maintenance thread meanwhile
-                self._idle.remove(wrapper)
-                wrapper.in_use = True
-            missing = cfg.min_size - len(self._all) - self._opening
-        for wrapper in expired:
-            self._close(wrapper)
-        for wrapper in to_check:
-            if self._validate(wrapper):
-                self._park(wrapper)
-            else:
-                self._discard(wrapper)
-        if missing > 0:
-            with self._lock:
-                start, self._filling = not self._filling, True
-            if start:  # a hanging factory must not stall maintenance (leaks, lifetime, validation)
-                threading.Thread(target=self._fill_in_background, args=(missing,),
-                                 name=f"sharedpool-fill-{self.resource}", daemon=True).start()
-        self._check_leaks(now)
-
-    def _fill_in_background(self, count: int) -> None:
-        pid = self._pid
-        try:
-            self._fill(count)
-        finally:
-            with self._lock:
-                if self._pid == pid:
-                    self._filling = False
-
-    def _fill(self, count: int) -> None:
-        """Top up to min_size, taking a lease only if one is free right now."""
-        for _ in range(count):
-            with self._lock:
-                if (len(self._all) + self._opening >= self.config.min_size
-                        or self.status is not PoolStatus.ACTIVE):
-                    return
-                self._opening += 1
-                self._stalled += 1
-            client = self._get_client()
-            lease = None
-            try:
-                if client is not None:
-                    lease = client.acquire(self.resource, 0)
-                t0 = time.monotonic()
-                conn = self.factory()
-            except Exception as exc:  # noqa: BLE001 - retried next round
-                if lease is not None and client is not None:
-                    client.release(lease)
-                with self._lock:
-                    self._opening -= 1
-                    self._stalled -= 1
-                log.debug("pool %r: top-up to min_size stopped: %s", self.name, exc)
-                return
-            wrapper = ConnectionWrapper(conn, self, lease)
-            with contextlib.suppress(Exception):  # as in _open: the connection is open, keep it counted
-                self._handoff.connected(time.monotonic() - t0)
-                self._handoff.tell(client, self.resource)
-            with self._lock:
-                self._opening -= 1
-                self._stalled -= 1
-                self._m["total_created"] += 1
-                self._all[wrapper.id] = wrapper
-                self._drop_revoked(wrapper, client)
-                wrapper.in_use = True
-            if self.configure is not None and (error := self._setup(wrapper, client)) is not None:
-                log.warning("pool %r: top-up to min_size: configure failed: %s", self.name, error)
-                return  # retried next round
-            self._park(wrapper)
-
-    def _check_leaks(self, now: float) -> None:
-        threshold = self.config.leak_detection_threshold
-        if threshold is None:
-            return
-        with self._lock:
-            suspects = [w for w in self._all.values()
-                        if w.in_use and not w.warned and now - w.checked_out_at > threshold]
-            for w in suspects:
-                w.warned = True
-            self._m["leaks_suspected"] += len(suspects)
-        for w in suspects:
-            log.warning("pool %r: connection %s checked out for %.1fs (leak_detection_threshold=%gs); "
-                        "acquired at:\n%s", self.name, w.id[:8], now - w.checked_out_at, threshold,
-                        w.site or "(unknown)")
+        self._maintenance = maintenance.start(self)
 
     # ------------------------------------------------------------------ fork
 
@@ -1164,25 +1052,3 @@ class ConnectionPool(Generic[T]):
             _INHERITED.extend(self._all.values())
             self._init_state()
 
-
-def _maintain(ref: weakref.ref[ConnectionPool[Any]], stop: threading.Event) -> None:
-    first = True
-    while True:
-        pool = ref()
-        if pool is None or pool._pid != current_pid():
-            return
-        interval = min(pool.config.validation_interval, 1.0,
-                       (pool.config.leak_detection_threshold or 2.0) / 2)
-        if not first:
-            del pool
-            if stop.wait(interval):
-                return
-            pool = ref()
-            if pool is None:
-                return
-        first = False
-        try:
-            pool._maintain_once()
-        except Exception:  # noqa: BLE001 - keep maintaining
-            log.exception("sharedpool pool maintenance failed")
-        del pool

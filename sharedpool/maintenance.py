@@ -1,0 +1,176 @@
+"""What a local pool's background thread does, once a second or so: close idle
+connections past ``max_lifetime`` or ``idle_timeout`` (and fallback ones once
+the coordinator is back), validate those idle past ``validation_interval``,
+top up to ``min_size`` (on a thread of its own: a hanging factory must not
+stall the rest), and warn of connections checked out past
+``leak_detection_threshold``.
+
+The thread holds only a weak reference to its pool, so a pool nobody uses any
+more is collected and the thread ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from .client import current_pid
+from .wrapper import ConnectionWrapper
+
+if TYPE_CHECKING:
+    from .pool import ConnectionPool
+
+log = logging.getLogger("sharedpool.pool")
+
+
+def start(pool: ConnectionPool[Any]) -> threading.Thread:
+    """Start ``pool``'s maintenance thread; it stops when ``pool._stop`` is set,
+    the pool is collected, or the process is a forked child."""
+    thread = threading.Thread(target=_run, args=(weakref.ref(pool), pool._stop),
+                              name=f"sharedpool-maintain-{pool.resource}", daemon=True)
+    thread.start()
+    return thread
+
+
+def _run(ref: weakref.ref[ConnectionPool[Any]], stop: threading.Event) -> None:
+    first = True
+    while True:
+        pool = ref()
+        if pool is None or pool._pid != current_pid():
+            return
+        interval = min(pool.config.validation_interval, 1.0,
+                       (pool.config.leak_detection_threshold or 2.0) / 2)
+        if not first:
+            del pool
+            if stop.wait(interval):
+                return
+            pool = ref()
+            if pool is None:
+                return
+        first = False
+        try:
+            maintain_once(pool)
+        except Exception:  # noqa: BLE001 - keep maintaining
+            log.exception("sharedpool pool maintenance failed")
+        del pool
+
+
+def maintain_once(pool: ConnectionPool[Any]) -> None:
+    """One round: expiry, validation, top-up, leak warnings."""
+    from .pool import PoolStatus
+
+    now = time.monotonic()
+    cfg = pool.config
+    expired = []
+    to_check = []
+    client = pool._client
+    # Fallback connections (opened without a lease while the coordinator
+    # was away) go once it is back, idle ones here, in-use ones at checkin.
+    back = client is not None and client.connected
+    with pool._lock:
+        if pool.status is not PoolStatus.ACTIVE:
+            return
+        keep = len(pool._all)
+        for wrapper in list(pool._idle):
+            too_old = now - wrapper.created_at > cfg.max_lifetime or (back and wrapper.lease is None)
+            too_idle = now - wrapper.last_used > cfg.idle_timeout and keep > cfg.min_size
+            if too_old or too_idle:
+                pool._idle.remove(wrapper)
+                del pool._all[wrapper.id]
+                pool._closing += 1
+                expired.append(wrapper)
+                keep -= 1
+            elif now - max(wrapper.last_used, wrapper.checked_at) > cfg.validation_interval:
+                to_check.append(wrapper)
+        for wrapper in to_check:  # checked out to the maintenance thread meanwhile
+            pool._idle.remove(wrapper)
+            wrapper.in_use = True
+        missing = cfg.min_size - len(pool._all) - pool._opening
+    for wrapper in expired:
+        pool._close(wrapper)
+    for wrapper in to_check:
+        if pool._validate(wrapper):
+            pool._park(wrapper)
+        else:
+            pool._discard(wrapper)
+    if missing > 0:
+        with pool._lock:
+            begin, pool._filling = not pool._filling, True
+        if begin:  # a hanging factory must not stall maintenance (leaks, lifetime, validation)
+            threading.Thread(target=_fill_in_background, args=(pool, missing),
+                             name=f"sharedpool-fill-{pool.resource}", daemon=True).start()
+    check_leaks(pool, now)
+
+
+def _fill_in_background(pool: ConnectionPool[Any], count: int) -> None:
+    pid = pool._pid
+    try:
+        fill(pool, count)
+    finally:
+        with pool._lock:
+            if pool._pid == pid:  # not reset by a fork meanwhile
+                pool._filling = False
+
+
+def fill(pool: ConnectionPool[Any], count: int) -> None:
+    """Top up to min_size, taking a lease only if one is free right now."""
+    from .pool import PoolStatus
+
+    for _ in range(count):
+        with pool._lock:
+            if (len(pool._all) + pool._opening >= pool.config.min_size
+                    or pool.status is not PoolStatus.ACTIVE):
+                return
+            pool._opening += 1
+            pool._stalled += 1  # no waiter counts on a top-up
+        client = pool._get_client()
+        lease = None
+        try:
+            if client is not None:
+                lease = client.acquire(pool.resource, 0)
+            t0 = time.monotonic()
+            conn = pool.factory()
+        except Exception as exc:  # noqa: BLE001 - retried next round
+            if lease is not None and client is not None:
+                client.release(lease)
+            with pool._lock:
+                pool._opening -= 1
+                pool._stalled -= 1
+            log.debug("pool %r: top-up to min_size stopped: %s", pool.name, exc)
+            return
+        wrapper = ConnectionWrapper(conn, pool, lease)
+        with contextlib.suppress(Exception):  # as in _open: the connection is open, keep it counted
+            pool._handoff.connected(time.monotonic() - t0)
+            pool._handoff.tell(client, pool.resource)
+        with pool._lock:
+            pool._opening -= 1
+            pool._stalled -= 1
+            pool._m["total_created"] += 1
+            pool._all[wrapper.id] = wrapper
+            pool._drop_revoked(wrapper, client)
+            wrapper.in_use = True
+        if pool.configure is not None and (error := pool._setup(wrapper, client)) is not None:
+            log.warning("pool %r: top-up to min_size: configure failed: %s", pool.name, error)
+            return  # retried next round
+        pool._park(wrapper)
+
+
+def check_leaks(pool: ConnectionPool[Any], now: float) -> None:
+    """Warn (once each) of connections checked out past leak_detection_threshold."""
+    threshold = pool.config.leak_detection_threshold
+    if threshold is None:
+        return
+    with pool._lock:
+        suspects = [w for w in pool._all.values()
+                    if w.in_use and not w.warned and now - w.checked_out_at > threshold]
+        for w in suspects:
+            w.warned = True
+        pool._m["leaks_suspected"] += len(suspects)
+    for w in suspects:
+        log.warning("pool %r: connection %s checked out for %.1fs (leak_detection_threshold=%gs); "
+                    "acquired at:\n%s", pool.name, w.id[:8], now - w.checked_out_at, threshold,
+                    w.site or "(unknown)")
