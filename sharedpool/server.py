@@ -408,7 +408,12 @@ class Server:
         if what == "sessions":
             return {"sessions": ledger.snapshot_sessions(now)}
         if what == "leases":
-            return {"leases": ledger.snapshot_leases(now, filters.get("resource"), filters.get("pid"))}
+            resource = filters.get("resource")
+            if resource is not None and resource not in ledger.resources:
+                # An empty list would read as "none held"; a typo must say so.
+                known = ", ".join(sorted(ledger.resources))
+                raise ValueError(f"no resource {str(resource)[:60]!r} (known: {known})")
+            return {"leases": ledger.snapshot_leases(now, resource, filters.get("pid"))}
         if what == "server":
             return {"pid": os.getpid(), "socket": self.config.socket_path,
                     "uptime_s": round(time.time() - self.started, 3), "sessions": len(self.sessions)}

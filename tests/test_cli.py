@@ -215,7 +215,8 @@ def test_status_leases_sessions_json_and_tables(serve: Serve, workers: list[Work
     assert sorted(lease["state"] for lease in leases) == ["idle", "in_use"]
     assert sp_json("leases", "--socket", serve.socket, "--pid", str(worker.pid))["leases"]
     assert sp_json("leases", "--socket", serve.socket, "--pid", "1")["leases"] == []
-    assert sp_json("leases", "--socket", serve.socket, "--resource", "other")["leases"] == []
+    other = sp("leases", "--socket", serve.socket, "--resource", "other", "--json")
+    assert other.returncode == 1 and "no resource 'other' (known: demo)" in other.stderr
 
     (session,) = sp_json("sessions", "--socket", serve.socket)["sessions"]  # not the CLI's own
     assert (session["pid"], session["leases"], session["waiters"]) == (worker.pid, 2, 0)
@@ -335,6 +336,9 @@ def test_admin_errors_are_one_line(serve: Serve) -> None:
     assert out.stderr.count("\n") == 1 and "no resource 'nope'" in out.stderr
     out = sp("reload", "--socket", serve.socket)
     assert out.returncode == 1 and "--config" in out.stderr
+    out = sp("leases", "--resource", "nope", "--socket", serve.socket)  # not an empty table
+    assert out.returncode == 1
+    assert out.stderr.count("\n") == 1 and "no resource 'nope'" in out.stderr, out.stderr
 
 
 @pytest.mark.parametrize(("args", "name"), [

@@ -526,7 +526,7 @@ def test_reply_over_the_frame_limit_fails_that_request_not_the_session(
         assert "--resource" in str(err.value) and "--pid" in str(err.value)
         assert c.session_id == session  # the session was kept: no reconnect, no re-send
         assert c.inspect("server")["sessions"] == 2
-        assert c.inspect("leases", resource="nope")["leases"] == []  # a filter's answer fits
+        assert c.inspect("leases", pid=1)["leases"] == []  # a filter's answer fits
         for lease in leases[:2]:
             holder_s.sendall(p.encode(p.Release(lease)))
         wait_for(lambda: leased(c) == 3, what="two releases")
