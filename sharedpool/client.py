@@ -471,7 +471,9 @@ class Client:
                 pending.error = CoordinatorUnavailable(
                     f"coordinator at {self.socket_path} unreachable: {self.last_error}")
             else:
-                pending.error = PoolTimeout(f"{what} got no reply in time")
+                maybe = " (it may still be carried out)" if isinstance(pending.msg, p.Admin) else ""
+                pending.error = PoolTimeout(
+                    f"{what} got no reply in time from the coordinator at {self.socket_path}{maybe}")
 
     def _wait(self, pending: _Pending, deadline: float | None) -> None:
         """Leader/follower: read the socket ourselves unless another thread is."""

@@ -342,3 +342,20 @@ def test_a_hello_that_re_registers_leases_is_not_cut_short(sock_path: str) -> No
         client._held.clear()
         client.close()
         fake.stop()
+
+
+def test_an_unanswered_admin_names_the_coordinator_and_what_may_have_happened(sock_path: str) -> None:
+    """The scripted coordinator answers no admin or inspect: the error says
+    which coordinator was silent, and that an admin verb may still be applied."""
+    fake = FakeCoordinator(sock_path)
+    client = Client(sock_path)
+    try:
+        with pytest.raises(PoolTimeout) as err:
+            client.admin("pause", timeout=0.3, resource="pg")
+        assert sock_path in str(err.value) and "may still be carried out" in str(err.value)
+        with pytest.raises(PoolTimeout) as err:
+            client.inspect("resources", timeout=0.3)
+        assert sock_path in str(err.value) and "may still" not in str(err.value)
+    finally:
+        client.close()
+        fake.stop()
