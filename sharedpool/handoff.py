@@ -41,10 +41,13 @@ a remote database behind TLS, gets the ceiling.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .client import Client
+
+log = logging.getLogger("sharedpool.pool")
 
 #: The auto quantum is this many hand-off times ...
 AUTO_FACTOR = 120.0
@@ -99,10 +102,17 @@ class HandOffCost:
         self.auto = auto_quantum(self.cost or 0.0)
 
     def tell(self, client: Client | None, resource: str) -> None:
-        """Report our hand-off cost of ``resource`` to the coordinator (coalesced)."""
+        """Report our hand-off cost of ``resource`` to the coordinator (coalesced).
+        Never raises: it is called right after a connect or a confirmed close,
+        where a failed report (a thread that cannot start) must not undo the
+        lease bookkeeping of a connection that exists, or no longer does."""
         cost = self.cost
-        if client is not None and cost is not None:
+        if client is None or cost is None:
+            return
+        try:
             client.report_cost(resource, cost)
+        except Exception:  # noqa: BLE001 - a figure less for the auto quantum
+            log.exception("reporting the hand-off cost of %r failed", resource)
 
     def quantum_for(self, client: Client, resource: str) -> float:
         """The quantum to keep to: the coordinator's (one for every holder of

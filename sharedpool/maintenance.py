@@ -11,7 +11,6 @@ more is collected and the thread ends.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -143,16 +142,17 @@ def fill(pool: ConnectionPool[Any], count: int) -> None:
             log.debug("pool %r: top-up to min_size stopped: %s", pool.name, exc)
             return
         wrapper = ConnectionWrapper(conn, pool, lease)
-        with contextlib.suppress(Exception):  # as in _open: the connection is open, keep it counted
-            pool._handoff.connected(time.monotonic() - t0)
-            pool._handoff.tell(client, pool.resource)
+        pool._handoff.connected(time.monotonic() - t0)
+        pool._handoff.tell(client, pool.resource)
         with pool._lock:
             pool._opening -= 1
             pool._stalled -= 1
             pool._m["total_created"] += 1
             pool._all[wrapper.id] = wrapper
-            pool._drop_revoked(wrapper, client)
+            revoked = pool._drop_revoked(wrapper, client)
             wrapper.in_use = True
+        if revoked:
+            pool._warn_revoked(wrapper)
         if pool.configure is not None and (error := pool._setup(wrapper, client)) is not None:
             log.warning("pool %r: top-up to min_size: configure failed: %s", pool.name, error)
             return  # retried next round

@@ -439,11 +439,8 @@ class ConnectionPool(Generic[T]):
             self._open_failed(waiter, exc, connected=lease is not None or client is None)
             return
         wrapper = ConnectionWrapper(conn, self, lease)
-        try:  # after the connect: a failure here must not release the lease of an open connection
-            self._handoff.connected(time.monotonic() - t1)
-            self._handoff.tell(client, self.resource)
-        except Exception:  # noqa: BLE001
-            log.exception("pool %r: reporting the connect time failed", self.name)
+        self._handoff.connected(time.monotonic() - t1)
+        self._handoff.tell(client, self.resource)
         if client is not None:
             client.report_success(self.resource)
         if waiter.abandoned:  # the caller gave up on a slow connect: close, then release
@@ -460,7 +457,7 @@ class ConnectionPool(Generic[T]):
             self._m["total_created"] += 1
             self._m["connections_ms"] += int((time.monotonic() - t1) * 1000)
             self._all[wrapper.id] = wrapper
-            self._drop_revoked(wrapper, client)
+            revoked = self._drop_revoked(wrapper, client)
             closing = self.status is not PoolStatus.ACTIVE
             if closing:
                 del self._all[wrapper.id]
@@ -472,6 +469,8 @@ class ConnectionPool(Generic[T]):
             # One being configured goes to a waiter next: no opener for that waiter
             # (a failed configure plans again, in _open_failed).
             openers = self._plan_growth() if closing or self.configure is None else []
+        if revoked:
+            self._warn_revoked(wrapper)
         if closing:
             self._close(wrapper)
         elif self.configure is not None:
@@ -816,11 +815,8 @@ class ConnectionPool(Generic[T]):
             log.exception("pool %r: closing connection %s failed", self.name, wrapper.id[:8])
             confirmed = True
         if confirmed:
-            try:  # bookkeeping: a failure here must not keep the lease of a closed connection
-                self._handoff.closed(time.monotonic() - t0)
-                self._handoff.tell(client, self.resource)
-            except Exception:  # noqa: BLE001
-                log.exception("pool %r: reporting the close time failed", self.name)
+            self._handoff.closed(time.monotonic() - t0)
+            self._handoff.tell(client, self.resource)
             late(True)
         elif keep:
             log.warning("pool %r: server has not dropped connection %s after %.1fs; its lease is "
@@ -1009,17 +1005,22 @@ class ConnectionPool(Generic[T]):
         for wrapper in victims:
             self._close(wrapper)
 
-    def _drop_revoked(self, wrapper: ConnectionWrapper[T], client: Client | None) -> None:
+    def _drop_revoked(self, wrapper: ConnectionWrapper[T], client: Client | None) -> bool:
         """Under the lock, as a new connection goes into _all: a lease revoked
         while it was connecting (the client forgot it before _revoke could find
         the connection) counts nowhere; treat it as revoked in use (closed at
         checkin). The client forgets the lease before the revoke job runs, so a
-        revoke is seen either here or by _revoke."""
+        revoke is seen either here or by _revoke. True if it was: the caller
+        says so with :meth:`_warn_revoked`, once out of the lock."""
         lease = wrapper.lease
         if lease is not None and client is not None and lease.id not in client._held:
-            log.warning("pool %r: lease %s was revoked while its connection %s was opening; "
-                        "closing it at checkin", self.name, lease.id, wrapper.id[:8])
             wrapper.lease = None
+            return True
+        return False
+
+    def _warn_revoked(self, wrapper: ConnectionWrapper[T]) -> None:
+        log.warning("pool %r: a lease was revoked while connection %s was opening; "
+                    "closing it at checkin", self.name, wrapper.id[:8])
 
     def _lease_states(self) -> list[list[Any]]:
         with self._lock:

@@ -3,35 +3,46 @@ plain TCP sockets as connections: what it reports while a close is unconfirmed."
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from proc_helpers import leased, wait_leased
 
-from sharedpool import Resource
+from sharedpool import Client, Resource
 from sharedpool.contrib._leases import LeaseBook
+
+
+@contextlib.contextmanager
+def leased_socket(book: LeaseBook) -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A TCP connection opened through ``book`` (under a lease) to a local
+    server: yields (our end, the server's end); the server's end is closed on
+    the way out, which lets a close of ours be confirmed."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        conn = book.connect(lambda: socket.create_connection(server.getsockname()))
+        peer, _ = server.accept()
+        try:
+            yield conn, peer
+        finally:
+            peer.close()
 
 
 def test_a_lease_still_closing_counts_as_held(start_coordinator: Any, sock_path: str) -> None:
     start_coordinator({"pg": Resource(max_size=1)})
     book = LeaseBook("pg", sock_path, confirm_timeout=0.2)
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        conn = book.connect(lambda: socket.create_connection(server.getsockname()))
-        peer, _ = server.accept()
-        try:
-            assert book.stats()["leases_held"] == 1
-            # The server has not let go (a busy backend): the lease stays out,
-            # and the book says so, as the coordinator does.
-            assert not book.close(conn)
-            stats = book.stats()
-            assert stats["leases_held"] == 1 and stats["leases_closing"] == 1, stats
-            assert leased(sock_path) == 1
-        finally:
-            peer.close()
-        deadline = time.monotonic() + 5
-        while book.stats()["leases_held"] and time.monotonic() < deadline:
-            time.sleep(0.02)
+    with leased_socket(book) as (conn, _):
+        assert book.stats()["leases_held"] == 1
+        # The server has not let go (a busy backend): the lease stays out,
+        # and the book says so, as the coordinator does.
+        assert not book.close(conn)
+        stats = book.stats()
+        assert stats["leases_held"] == 1 and stats["leases_closing"] == 1, stats
+        assert leased(sock_path) == 1
+    deadline = time.monotonic() + 5
+    while book.stats()["leases_held"] and time.monotonic() < deadline:
+        time.sleep(0.02)
     stats = book.stats()
     assert stats["leases_held"] == 0 and stats["leases_closing"] == 0, stats
     assert stats["closes_unconfirmed"] == 1 and stats["leases_released"] == 1
@@ -46,23 +57,18 @@ def test_a_lease_the_restarted_coordinator_refuses_is_dropped(start_coordinator:
     close it, but stops counting, reporting and releasing that lease."""
     first = start_coordinator({"pg": Resource(max_size=1)})
     book = LeaseBook("pg", sock_path, confirm_timeout=0.2)
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        conn = book.connect(lambda: socket.create_connection(server.getsockname()))
-        peer, _ = server.accept()
-        try:
-            assert book.stats()["leases_held"] == 1
-            first.kill()
-            start_coordinator({"other": Resource(max_size=1)})
-            deadline = time.monotonic() + 10
-            while book.stats()["leases_held"]:
-                assert time.monotonic() < deadline, "the refused lease is still counted as held"
-                time.sleep(0.02)
-            assert book._states() == [] and book.client is not None and book.client.held == {}
-            book.close(conn)  # closed by its owner later: nothing to release
-            stats = book.stats()
-            assert stats["leases_released"] == 0 and stats["leases_closing"] == 0, stats
-        finally:
-            peer.close()
+    with leased_socket(book) as (conn, _):
+        assert book.stats()["leases_held"] == 1
+        first.kill()
+        start_coordinator({"other": Resource(max_size=1)})
+        deadline = time.monotonic() + 10
+        while book.stats()["leases_held"]:
+            assert time.monotonic() < deadline, "the refused lease is still counted as held"
+            time.sleep(0.02)
+        assert book._states() == [] and book.client is not None and book.client.held == {}
+        book.close(conn)  # closed by its owner later: nothing to release
+        stats = book.stats()
+        assert stats["leases_released"] == 0 and stats["leases_closing"] == 0, stats
     book.shutdown()
 
 
@@ -70,17 +76,13 @@ def test_failing_bookkeeping_loses_no_lease(start_coordinator: Any, sock_path: s
                                             monkeypatch: Any) -> None:
     """Reporting connect and close times can fail (a thread that cannot start):
     the connect still counts, and the close still gives the lease back."""
-    from sharedpool.handoff import HandOffCost
-
     def broken(*_: object) -> None:
         raise RuntimeError("can't start new thread")
 
-    monkeypatch.setattr(HandOffCost, "tell", broken)
+    monkeypatch.setattr(Client, "report_cost", broken)  # what a thread that cannot start does
     start_coordinator({"pg": Resource(max_size=1)})
     book = LeaseBook("pg", sock_path, confirm_timeout=2.0)
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        conn = book.connect(lambda: socket.create_connection(server.getsockname()))
-        peer, _ = server.accept()
+    with leased_socket(book) as (conn, peer):
         assert book.stats()["leases_held"] == 1
         peer.close()  # the server lets go as soon as we do
         assert book.close(conn)

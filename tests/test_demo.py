@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import psutil
 from pg_helpers import require_pg
@@ -76,23 +78,31 @@ def test_demo_with_postgresql_unreachable_fails_in_a_few_clear_lines() -> None:
     assert out.stderr.count("opening a connection failed") == 0, out.stderr  # counted in the table instead
 
 
-def test_demo_interrupted_reports_the_run_so_far() -> None:
-    # Ctrl-C used to kill the workers before they reported: "demo failed: no
-    # checkout succeeded", exit 1, after thousands of checkouts.
-    proc = subprocess.Popen([sys.executable, "-m", "sharedpool", "demo", "--workers", "2", "--max-size", "1",
-                             "--seconds", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=ENV)
+@contextlib.contextmanager
+def running_demo(workers: int) -> Iterator[subprocess.Popen[str]]:
+    """``sharedpool demo`` for 60 s, yielded once it prints progress (it runs);
+    killed by pid on the way out if the test has not ended it."""
+    proc = subprocess.Popen([sys.executable, "-m", "sharedpool", "demo", "--workers", str(workers),
+                             "--max-size", "1", "--seconds", "60"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
     try:
         assert proc.stdout is not None
         deadline = time.monotonic() + 30
         while "leases held now" not in proc.stdout.readline():  # a progress line: it runs
             assert time.monotonic() < deadline and proc.poll() is None
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
+        yield proc
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_demo_interrupted_reports_the_run_so_far() -> None:
+    # Ctrl-C used to kill the workers before they reported: "demo failed: no
+    # checkout succeeded", exit 1, after thousands of checkouts.
+    with running_demo(workers=2) as proc:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, out + err
     assert "Traceback" not in err and "demo failed" not in out
     assert "interrupted: figures cover the run so far" in out
@@ -103,22 +113,11 @@ def test_demo_stopped_by_sigterm_cleans_up() -> None:
     """``timeout``, CI or a supervisor stop the demo with SIGTERM: it exits 143
     at once and leaves no worker behind (they used to run on for the rest of
     --seconds, or for ever if it was stopped during start-up)."""
-    proc = subprocess.Popen([sys.executable, "-m", "sharedpool", "demo", "--workers", "3", "--max-size", "1",
-                             "--seconds", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=ENV)
-    try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + 30
-        while "leases held now" not in proc.stdout.readline():  # a progress line: it runs
-            assert time.monotonic() < deadline and proc.poll() is None
+    with running_demo(workers=3) as proc:
         workers = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
         assert workers
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
     assert proc.returncode == 143, out + err
     assert "Traceback" not in err
     deadline = time.monotonic() + 10

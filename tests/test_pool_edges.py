@@ -583,12 +583,10 @@ def test_an_error_after_the_connect_keeps_the_lease_with_the_open_connection(
     """Bookkeeping that fails after the factory returned (here: reporting the
     connect time) must not give the lease back while the connection is open
     (I1): the connection is used, under its lease."""
-    from sharedpool.handoff import HandOffCost
-
     def broken(*_: object) -> None:
         raise RuntimeError("can't start new thread")
 
-    monkeypatch.setattr(HandOffCost, "tell", broken)
+    monkeypatch.setattr(Client, "report_cost", broken)  # what a thread that cannot start does
     start_coordinator({"r": 2})
     factory = FakeFactory()
     pool = ConnectionPool(factory, PoolConfig(min_size=0, max_size=2), resource="r",

@@ -588,11 +588,8 @@ class LeaseBook:
         entry = self._entries.get(id(key))
         if entry is not None:
             entry.backend_pid = backend_pid(key)
-            try:  # bookkeeping: must not fail a connect that worked
-                self._handoff.connected(time.monotonic() - entry.since)
-                self._handoff.tell(client, self.resource)
-            except Exception:  # noqa: BLE001
-                log.exception("%r: reporting the connect time failed", self.resource)
+            self._handoff.connected(time.monotonic() - entry.since)
+            self._handoff.tell(client, self.resource)
         if client is not None:
             client.report_success(self.resource)
 
@@ -683,11 +680,8 @@ class LeaseBook:
             late(False)  # no watcher was started: the lease must not leak
             raise
         if confirmed:
-            try:  # bookkeeping: a failure here must not keep the lease of a closed connection
-                self._handoff.closed(time.monotonic() - t0)
-                self._handoff.tell(client, self.resource)
-            except Exception:  # noqa: BLE001
-                log.exception("%r: reporting the close time failed", self.resource)
+            self._handoff.closed(time.monotonic() - t0)
+            self._handoff.tell(client, self.resource)
             late(True)
         if reclaimed and lease is not None:
             self.count("leases_reclaimed")
