@@ -500,3 +500,41 @@ def test_binary_upgrade_keeps_one_coordinator(start_coordinator: Any, sock_path:
         client.close()
         on_exit(new_master)
     assert not os.path.exists(sock_path)
+
+
+def test_master_exit_during_a_take_over_start_stops_what_it_started(
+        start_coordinator: Any, sock_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """on_exit that comes while the USR2 take-over is starting its coordinator
+    (serving already, not yet registered) stops that coordinator too, instead of
+    leaving it running with its socket file behind the exited master."""
+    from sharedpool.contrib import gunicorn
+    from sharedpool.program import EmbeddedCoordinator
+
+    started: list[EmbeddedCoordinator] = []
+    real_start = EmbeddedCoordinator.start
+
+    def slow_start(self: EmbeddedCoordinator) -> EmbeddedCoordinator:
+        real_start(self)
+        started.append(self)
+        time.sleep(1.0)  # the take-over thread is descheduled right here
+        return self
+
+    monkeypatch.setenv("SHAREDPOOL_SOCKET", sock_path)
+    old_coordinator = start_coordinator({"r": 1})
+    monkeypatch.setattr(EmbeddedCoordinator, "start", slow_start)
+    monkeypatch.setenv("GUNICORN_PID", "1")
+    new_master = _FakeMaster()
+    on_starting, _, _, on_exit = gunicorn.hooks(resources={"r": 1}, socket=sock_path)
+    try:
+        on_starting(new_master)
+        old_coordinator.stop()
+        wait_for(lambda: bool(started), 20, "the take-over to start its coordinator")
+        pid = started[0].pid
+        assert pid is not None
+        on_exit(new_master)  # the new master exits at once
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        assert not os.path.exists(sock_path)
+    finally:
+        for leftover in started:
+            leftover.stop()
+        gunicorn._EMBEDDED.pop(sock_path, None)

@@ -88,6 +88,8 @@ class GunicornHooks(NamedTuple):
 #: The coordinator this master started (module-level: gunicorn's SIGHUP reload
 #: re-reads the config file, and the new hooks must still know it).
 _EMBEDDED: dict[str, EmbeddedCoordinator] = {}
+#: USR2 take-overs waiting for the old master's coordinator to stop.
+_TAKEOVERS: dict[str, _TakeOver] = {}
 
 
 def hooks(
@@ -133,7 +135,8 @@ def hooks(
                 # We are the new master of a USR2 upgrade: the old master owns that
                 # coordinator and stops it when it exits; take over then (its
                 # clients re-register their leases within restart_grace: I4).
-                threading.Thread(target=_take_over, args=(server, path, embedded),
+                takeover = _TAKEOVERS[path] = _TakeOver()
+                threading.Thread(target=_take_over, args=(server, path, embedded, takeover),
                                  name="sharedpool-takeover", daemon=True).start()
             return
         if embedded is None:
@@ -170,6 +173,9 @@ def hooks(
             log.exception("sharedpool: releasing leases at worker exit failed")
 
     def on_exit(server: Any) -> None:
+        takeover = _TAKEOVERS.pop(path, None)
+        if takeover is not None:
+            takeover.cancel()  # after this, a take-over has registered its coordinator or never will
         running = _EMBEDDED.pop(path, None)
         if running is not None:
             running.stop()
@@ -178,30 +184,51 @@ def hooks(
     return GunicornHooks(on_starting, post_fork, worker_exit, on_exit)
 
 
-def _take_over(server: Any, path: str, embedded: EmbeddedCoordinator) -> None:
+class _TakeOver:
+    """A USR2 take-over in progress: ``on_exit`` cancels it, so that a coordinator
+    it is starting at that moment is registered (and stopped) or not started."""
+
+    def __init__(self) -> None:
+        self.cancelled = threading.Event()
+        self.lock = threading.Lock()
+
+    def cancel(self) -> None:
+        with self.lock:  # waits out a start under way
+            self.cancelled.set()
+
+
+def _take_over(server: Any, path: str, embedded: EmbeddedCoordinator, takeover: _TakeOver) -> None:
     """Start our coordinator once the one the old master owned has stopped.
 
     It stops accepting before its shutdown ends (metrics port, socket file):
     wait for its socket file to go (bounded: a crashed one leaves it), and
     retry a start that fails meanwhile instead of giving up for good."""
     delay = 0.2
-    while True:
+    cancelled = takeover.cancelled
+    while not cancelled.is_set():
         while coordinator_listening(path, timeout=0.5):
-            threading.Event().wait(0.2)
+            if cancelled.wait(0.2):
+                return
         gone_by = time.monotonic() + TAKEOVER_GRACE
         while os.path.exists(path) and time.monotonic() < gone_by:
-            threading.Event().wait(0.05)
-        try:
-            embedded.start()
-        except SharedPoolError as exc:
-            server.log.error("sharedpool: cannot take over the coordinator on %s yet: %s; "
-                             "retrying in %.1fs", path, exc, delay)
-            threading.Event().wait(delay)
-            delay = min(delay * 2, 5.0)
-            continue
-        break
-    _EMBEDDED[path] = embedded
-    server.log.info("sharedpool: coordinator pid %s took over %s", embedded.pid, path)
+            if cancelled.wait(0.05):
+                return
+        with takeover.lock:
+            if cancelled.is_set():
+                return
+            try:
+                embedded.start()
+            except SharedPoolError as exc:
+                server.log.error("sharedpool: cannot take over the coordinator on %s yet: %s; "
+                                 "retrying in %.1fs", path, exc, delay)
+            else:
+                # Registered before on_exit can look: it stops this one.
+                _EMBEDDED[path] = embedded
+                _TAKEOVERS.pop(path, None)
+                server.log.info("sharedpool: coordinator pid %s took over %s", embedded.pid, path)
+                return
+        cancelled.wait(delay)
+        delay = min(delay * 2, 5.0)
 
 
 def _resend_stop_signal(server: Any) -> None:
