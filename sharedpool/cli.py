@@ -353,24 +353,29 @@ def top(socket_path: str | None, interval: float, iterations: int | None) -> Non
         run_top(client, interval, iterations)
 
 
-def _frame(client: Client, interval: float) -> RenderableType:
+def _frame(client: Client, interval: float) -> tuple[RenderableType, SharedPoolError | None]:
+    """One refresh, and the error if the coordinator did not answer it."""
     stamp = time.strftime("%H:%M:%S")
     try:
         res, ses = get_resources(client), get_sessions(client)
     except AccessDenied:
         raise  # not a state to watch: it will not change while we look
     except SharedPoolError as exc:
-        return Text(f"sharedpool top  {client.socket_path}  {stamp}  coordinator unreachable: {exc}")
+        return Text(f"sharedpool top  {client.socket_path}  {stamp}  coordinator unreachable: {exc}"), exc
     head = Text(f"sharedpool top  {client.socket_path}  {stamp}  every {interval:g}s  (q quits)")
-    return Group(head, resources_table(res), sessions_table(ses))
+    return Group(head, resources_table(res), sessions_table(ses)), None
 
 
 def run_top(client: Client, interval: float, iterations: int | None) -> None:
-    """Refresh until q, Ctrl-C or ``iterations``; keys are read only from a terminal."""
+    """Refresh until q, Ctrl-C or ``iterations``; keys are read only from a terminal.
+
+    With ``iterations`` (a script's use), a last refresh the coordinator did not
+    answer raises it, so the exit code says so."""
     console = make_console()
     fd = sys.stdin.fileno() if sys.stdin is not None and sys.stdin.isatty() else None
     saved = termios.tcgetattr(fd) if fd is not None else None
     count = 0
+    failed: SharedPoolError | None = None
 
     def wait() -> bool:  # False: quit
         if fd is None:
@@ -383,8 +388,9 @@ def run_top(client: Client, interval: float, iterations: int | None) -> None:
         return True
 
     def step(show: Callable[[RenderableType], None]) -> bool:
-        nonlocal count
-        show(_frame(client, interval))
+        nonlocal count, failed
+        view, failed = _frame(client, interval)
+        show(view)
         count += 1
         return (iterations is None or count < iterations) and wait()
 
@@ -401,6 +407,8 @@ def run_top(client: Client, interval: float, iterations: int | None) -> None:
     finally:
         if fd is not None and saved is not None:
             termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+    if iterations is not None and count == iterations and failed is not None:
+        raise failed
 
 
 def _admin_command(name: str, verb: str, doc: str, say: str | Callable[[dict[str, Any]], str],

@@ -253,6 +253,18 @@ def test_missing_coordinator_is_one_clear_line(tmp_path: Path) -> None:
         assert time.monotonic() - start < 5
 
 
+def test_top_for_a_script_fails_when_its_last_refresh_got_no_answer(tmp_path: Path) -> None:
+    path = str(tmp_path / "mute.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as mute:
+        mute.bind(path)
+        mute.listen(8)  # connects succeed; nobody ever answers
+        out = sp("top", "--socket", path, "--iterations", "1", "--interval", "0.1")
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    assert "coordinator unreachable" in out.stdout  # the frame it showed
+    assert out.stderr.strip().count("\n") == 0 and path in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_a_refusing_coordinator_is_named_as_such_not_as_missing(start_coordinator: Any,
                                                                  sock_path: str) -> None:
     start_coordinator({"r": 1}, allowed_uids=[os.getuid() + 12345])  # not us
