@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from .config import CoordinatorConfig
 
 if TYPE_CHECKING:
-    from .ledger import Effect
+    from .effects import Effect
     from .server import Server
 
 VERBS = ("pause", "resume", "drain", "resize", "end_session", "reload")

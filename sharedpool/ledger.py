@@ -18,6 +18,9 @@ Rules of this module:
   asked to give some back, at checkin once their connection is older than
   the resource's fairness quantum (a number, or with "auto" one quantum for
   every holder from the median hand-off cost the sessions report).
+
+The records it keeps are in :mod:`.records`, the effects it returns in
+:mod:`.effects`, and who is asked to give leases back in :mod:`.reclaim`.
 """
 
 from __future__ import annotations
@@ -27,21 +30,28 @@ import heapq
 import itertools
 import math
 import statistics
-from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 from .config import Resource
+from .effects import Denied, Effect, Granted, Notify, Problem, StartFence
 from .handoff import MAX_COST, auto_quantum
+from .reclaim import rebalance, servable
+from .records import (
+    NEW,
+    STATES,
+    WAIT_BUCKETS,
+    Fenced,
+    Lease,
+    ResourceState,
+    Session,
+    Waiter,
+)
 
-IDLE, BUSY, NEW = "idle", "busy", "new"
-STATES = (IDLE, BUSY)
 #: Connect failures in a row, across all sessions, before waiters are failed fast.
 FAILURE_THRESHOLD = 5
 #: How long a failing resource denies acquires before letting one try again.
 FAILURE_BACKOFF = 1.0
-#: Upper bounds (seconds) of the lease wait histogram's buckets.
-WAIT_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
 #: Re-registered lease ids and tokens must stay below this, so that the ids
 #: granted after them still fit a msgpack integer.
 MAX_ID = 1 << 63
@@ -55,9 +65,6 @@ MAX_NAME = 256
 #: each queued acquire makes every later one walk the queue, so a single peer
 #: queueing tens of thousands would stall the coordinator for seconds.
 MAX_SESSION_WAITING = 1024
-#: Askees are sent a new quantum when it moves by more than this fraction
-#: (costs are moving averages; every small step would be a frame to each).
-QUANTUM_STEP = 0.2
 
 
 def _refused(sid: int, resource: Any, lease_id: Any, why: str) -> list[Effect]:
@@ -85,183 +92,6 @@ def _site(value: Any) -> str | None:
 
 def _is_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_ID
-
-
-@dataclass(eq=False, slots=True)
-class Lease:
-    """The right to hold one open connection to one resource."""
-
-    id: int
-    resource: str
-    session: int
-    token: int
-    granted_at: float
-    state: str = NEW
-    state_since: float = 0.0
-    backend_pid: int | None = None
-    site: str | None = None
-    suspected_leak: bool = False
-
-    def __repr__(self) -> str:
-        return (
-            f"<Lease {self.id} {self.resource!r} session={self.session} "
-            f"token={self.token} {self.state}>"
-        )
-
-
-@dataclass(eq=False, slots=True)
-class Waiter:
-    session: int
-    req: int
-    resource: str
-    since: float
-    deadline: float
-    site: str | None = None
-    active: bool = True
-
-
-@dataclass(eq=False, slots=True)
-class Session:
-    id: int
-    pid: int
-    name: str
-    uid: int | None
-    connected_at: float
-    last_report: float | None = None
-    leases: dict[int, Lease] = field(default_factory=dict)
-    waiting: dict[int, Waiter] = field(default_factory=dict)
-    #: resource -> leases we asked this session to give back
-    asked: dict[str, int] = field(default_factory=dict)
-    #: resource -> leases held (kept in step with ``leases``)
-    counts: dict[str, int] = field(default_factory=dict)
-    #: resource -> seconds a hand-off costs this session, as last reported
-    costs: dict[str, float] = field(default_factory=dict)
-
-    def held(self, resource: str) -> int:
-        return self.counts.get(resource, 0)
-
-    def add(self, lease: Lease) -> None:
-        self.leases[lease.id] = lease
-        self.counts[lease.resource] = self.counts.get(lease.resource, 0) + 1
-
-    def remove(self, lease_id: int) -> Lease | None:
-        lease = self.leases.pop(lease_id, None)
-        if lease is not None:
-            self.counts[lease.resource] -= 1
-        return lease
-
-    def __repr__(self) -> str:
-        return (
-            f"<Session {self.id} pid={self.pid} leases={len(self.leases)} "
-            f"waiting={len(self.waiting)}>"
-        )
-
-
-@dataclass(eq=False, slots=True)
-class Fenced:
-    lease: Lease
-    pid: int
-    until: float
-    #: the StartFence that fenced it: a check of an older fence must not end this one
-    fence: int = 0
-
-
-@dataclass(eq=False, slots=True)
-class ResourceState:
-    name: str
-    limits: Resource
-    live: dict[int, Lease] = field(default_factory=dict)
-    fenced: dict[int, Fenced] = field(default_factory=dict)
-    waiters: deque[Waiter] = field(default_factory=deque)
-    paused: bool = False
-    draining: bool = False
-    fail_streak: int = 0
-    failing_until: float | None = None
-    grants: int = 0
-    timeouts: int = 0
-    denials: int = 0
-    reclaims: int = 0
-    peak: int = 0
-    #: sessions currently asked to give leases back
-    askees: set[int] = field(default_factory=set)
-    #: the fairness quantum those askees were last sent
-    quantum_sent: float | None = None
-    #: lease waits: count per WAIT_BUCKETS bound (+ one for larger), and their sum
-    wait_counts: list[int] = field(default_factory=lambda: [0] * (len(WAIT_BUCKETS) + 1))
-    wait_sum: float = 0.0
-
-    @property
-    def leased(self) -> int:
-        return len(self.live) + len(self.fenced)
-
-    @property
-    def free(self) -> int:
-        return max(0, self.limits.max_size - self.leased)
-
-
-# ------------------------------------------------------------------- effects
-
-
-@dataclass(slots=True)
-class Granted:
-    session: int
-    req: int
-    lease: Lease
-
-
-@dataclass(slots=True)
-class Denied:
-    session: int
-    req: int
-    reason: str
-    message: str
-
-
-@dataclass(slots=True)
-class AskReclaim:
-    """Ask ``session`` to hold ``count`` fewer leases of ``resource`` (0 withdraws);
-    busy ones go at checkin once older than ``quantum`` seconds (None: the
-    session's own choice, as no hand-off cost is known yet)."""
-
-    session: int
-    resource: str
-    count: int
-    quantum: float | None = None
-
-
-@dataclass(slots=True)
-class StartFence:
-    """A dead session's leases were fenced; the server may confirm them gone early."""
-
-    resource: str
-    pid: int
-    leases: tuple[int, ...]
-    backend_pids: tuple[int, ...]
-    #: pass back to :meth:`Ledger.unfence`: it ends this fence only
-    fence: int = field(default=0, compare=False)
-
-
-@dataclass(slots=True)
-class Problem:
-    """A request that made no sense (unknown lease, duplicate req): an error reply."""
-
-    session: int
-    code: str
-    message: str
-    req: int | None = None
-
-
-@dataclass(slots=True)
-class Notify:
-    """Push an admin decision to a session."""
-
-    session: int
-    verb: str
-    resource: str | None
-    args: dict[str, Any] = field(default_factory=dict)
-
-
-Effect = Granted | Denied | AskReclaim | StartFence | Problem | Notify
 
 
 class Ledger:
@@ -500,7 +330,7 @@ class Ledger:
             # and a greedy process queueing many of those must not lock others out.
             # Those are bounded per process instead, by the same number.
             most = res.limits.max_waiting
-            ahead, _, per_session = self._servable(res)
+            ahead, _, per_session = servable(res, self.sessions)
             cap = res.limits.max_per_process
             if cap is None or session.held(resource) + per_session.get(sid, 0) < cap:
                 count, what = ahead, f"acquires already wait for a free lease of {resource!r}"
@@ -713,78 +543,19 @@ class Ledger:
     # ------------------------------------------------------------- inspection
 
     def snapshot_resources(self, now: float) -> list[dict[str, Any]]:
-        out = []
-        for res in self.resources.values():
-            states = [lease.state for lease in res.live.values()]
-            out.append({
-                "name": res.name,
-                "max_size": res.limits.max_size,
-                "leased": res.leased,
-                "in_use": states.count(BUSY),
-                "idle": states.count(IDLE),
-                "connecting": states.count(NEW),
-                "fenced": len(res.fenced),
-                "waiting": len(res.waiters),
-                "longest_wait_s": round(now - res.waiters[0].since, 6) if res.waiters else 0.0,
-                "grants": res.grants,
-                "timeouts": res.timeouts,
-                "denials": res.denials,
-                "reclaims": res.reclaims,
-                "peak": res.peak,
-                "paused": res.paused,
-                "draining": res.draining,
-                "failing": res.failing_until is not None,
-                "fairness_quantum_s": self.quantum(res.name),
-                "limits": res.limits.as_dict(),
-                "wait_histogram": {
-                    "buckets": [
-                        [bound, count] for bound, count in zip(
-                            [*WAIT_BUCKETS, None], itertools.accumulate(res.wait_counts), strict=True)
-                    ],
-                    "sum": res.wait_sum,
-                },
-            })
-        return out
+        return [res.snapshot(now, self.quantum(res.name)) for res in self.resources.values()]
 
     def snapshot_sessions(self, now: float) -> list[dict[str, Any]]:
-        return [
-            {
-                "session": s.id,
-                "pid": s.pid,
-                "name": s.name,
-                "uid": s.uid,
-                "leases": len(s.leases),
-                "waiters": len(s.waiting),
-                "connected_s": round(now - s.connected_at, 6),
-                "last_report_s": None if s.last_report is None else round(now - s.last_report, 6),
-            }
-            for s in self.sessions.values()
-        ]
+        return [s.snapshot(now) for s in self.sessions.values()]
 
     def snapshot_leases(
         self, now: float, resource: str | None = None, pid: int | None = None
     ) -> list[dict[str, Any]]:
-        out = []
-        for s in self.sessions.values():
-            if pid is not None and s.pid != pid:
-                continue
-            for lease in s.leases.values():
-                if resource is not None and lease.resource != resource:
-                    continue
-                out.append({
-                    "id": lease.id,
-                    "resource": lease.resource,
-                    "session": s.id,
-                    "pid": s.pid,
-                    "state": lease.state,
-                    "token": lease.token,
-                    "age_s": round(now - lease.granted_at, 6),
-                    "state_s": round(now - lease.state_since, 6),
-                    "backend_pid": lease.backend_pid,
-                    "site": lease.site,
-                    "suspected_leak": lease.suspected_leak,
-                })
-        return out
+        return [
+            lease.snapshot(now, s.pid)
+            for s in self.sessions.values() if pid is None or s.pid == pid
+            for lease in s.leases.values() if resource is None or lease.resource == resource
+        ]
 
     # ------------------------------------------------------------- internals
 
@@ -801,23 +572,6 @@ class Ledger:
             if lease_id in res.fenced:
                 return res.fenced[lease_id].lease
         return None
-
-    def _servable(self, res: ResourceState) -> tuple[int, int | None, dict[int, int]]:
-        """The waiters a free slot could go to, in queue order: how many, the
-        first one's session, and how many per session. A waiter is not
-        servable while its session's leases plus its servable waiters ahead
-        reach ``max_per_process``."""
-        count, head = 0, None
-        seen: dict[int, int] = {}
-        cap = res.limits.max_per_process
-        for w in res.waiters:
-            n = seen.get(w.session, 0)
-            if cap is None or self.sessions[w.session].held(res.name) + n < cap:
-                count += 1
-                seen[w.session] = n + 1
-                if head is None:
-                    head = w.session
-        return count, head, seen
 
     def _holding(self, now: float) -> bool:
         return self.hold_until is not None and now < self.hold_until
@@ -886,73 +640,6 @@ class Ledger:
                 giver = None  # only the slot given back passes the giver by
         return effects + self._rebalance(res)
 
-    def _rebalance(self, res: ResourceState) -> list[Effect]:
-        """Decide how many leases each holder should give back, and tell those
-        whose share changed. Need = servable waiters + excess over the cap,
-        less the free slots and the fenced leases that will free up."""
-        if not res.waiters and not res.askees and res.leased <= res.limits.max_size:
-            return []  # the common case: nobody waits, nobody was asked
-        waiting_sessions = {w.session for w in res.waiters}
-        servable = 0
-        head: int | None = None  # the session the next free slot goes to
-        per_session: dict[int, int] = {}
-        if not res.paused:
-            servable, head, per_session = self._servable(res)
-        excess = max(0, res.leased - res.limits.max_size)
-        need = max(0, servable - res.free - len(res.fenced)) + excess
-        if need == 0 and not res.askees:  # the common case: nothing asked, nothing to ask
-            return []
-        # Every holder above its floor may be asked, waiting or not: a busy
-        # process that also queues for more must not starve one that holds
-        # nothing (it gives back at checkin, after the fairness quantum). Only
-        # the head waiter's own session is spared: its give-back would come
-        # straight back to it. Without waiters (shrinking), everyone is asked.
-        holders = [
-            s for s in self.sessions.values()
-            if s.held(res.name) > res.limits.min_per_process and (s.id != head or excess)
-        ]
-
-        def idle_count(s: Session) -> int:
-            return sum(
-                1 for lease in s.leases.values()
-                if lease.resource == res.name and lease.state == IDLE
-            )
-
-        # Idle leases first (free to give), then sessions not waiting themselves
-        # (no churn), then the largest holders.
-        holders.sort(key=lambda s: (-idle_count(s), s.id in waiting_sessions, -s.held(res.name), s.id))
-        plan: dict[int, int] = {}
-        for s in holders:
-            if need <= 0:
-                break
-            give = min(need, s.held(res.name) - res.limits.min_per_process)
-            plan[s.id] = give
-            need -= give
-        # Nobody but the head holds what could be given: sparing it would leave
-        # the waiters of other sessions behind it until its own acquire times
-        # out. One give-back serves its waiter; then the next session is at the
-        # head, and it is asked as any holder is.
-        if (need > 0 and not plan and head is not None and len(per_session) > 1
-                and self.sessions[head].held(res.name) > res.limits.min_per_process):
-            plan[head] = 1
-        effects: list[Effect] = []
-        quantum = res.quantum_sent
-        if plan and _moved(quantum, new := self.quantum(res.name)):
-            quantum = res.quantum_sent = new
-            # Holders asked before the figure was known (or before it moved)
-            # hear it again; they keep their count.
-            for sid in res.askees & plan.keys():
-                if self.sessions[sid].asked.get(res.name, 0) == plan[sid]:
-                    effects.append(AskReclaim(sid, res.name, plan[sid], quantum))
-        for sid in res.askees | plan.keys():
-            s = self.sessions[sid]
-            want = plan.get(sid, 0)
-            if s.asked.get(res.name, 0) != want:
-                s.asked[res.name] = want
-                effects.append(AskReclaim(sid, res.name, want, quantum if want else None))
-        res.askees = {sid for sid, n in plan.items() if n > 0}
-        return effects
-
     def quantum(self, resource: str) -> float | None:
         """The fairness quantum holders of ``resource`` are asked to keep to: the
         configured number, or for "auto" the one implied by the median of the
@@ -971,14 +658,10 @@ class Ledger:
         self._quanta[resource] = quantum
         return quantum
 
+    def _rebalance(self, res: ResourceState) -> list[Effect]:
+        return rebalance(res, self.sessions, lambda: self.quantum(res.name))
+
     def _notify_holders(
         self, res: ResourceState, verb: str, args: dict[str, Any] | None = None
     ) -> list[Effect]:
         return [Notify(s.id, verb, res.name, dict(args or {})) for s in self.sessions.values()]
-
-
-def _moved(old: float | None, new: float | None) -> bool:
-    """Whether askees told ``old`` should now hear ``new``."""
-    if old is None or new is None:
-        return new is not None
-    return abs(new - old) > QUANTUM_STEP * old

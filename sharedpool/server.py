@@ -19,17 +19,9 @@ from typing import Any
 
 from . import protocol as p
 from .config import CoordinatorConfig, Resource
+from .effects import AskReclaim, Denied, Effect, Granted, Notify, Problem, StartFence
 from .errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
-from .ledger import (
-    AskReclaim,
-    Denied,
-    Effect,
-    Granted,
-    Ledger,
-    Notify,
-    Problem,
-    StartFence,
-)
+from .ledger import Ledger
 
 log = logging.getLogger("sharedpool.coordinator")
 

@@ -18,25 +18,11 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from sharedpool import protocol as p
 from sharedpool.config import Resource
+from sharedpool.effects import AskReclaim, Denied, Effect, Granted, Notify, Problem, StartFence
 from sharedpool.errors import ConfigError
 from sharedpool.handoff import AUTO_MAX, AUTO_MIN, auto_quantum
-from sharedpool.ledger import (
-    BUSY,
-    FAILURE_BACKOFF,
-    FAILURE_THRESHOLD,
-    IDLE,
-    MAX_ID,
-    MAX_SITE,
-    NEW,
-    AskReclaim,
-    Denied,
-    Effect,
-    Granted,
-    Ledger,
-    Notify,
-    Problem,
-    StartFence,
-)
+from sharedpool.ledger import FAILURE_BACKOFF, FAILURE_THRESHOLD, MAX_ID, MAX_SITE, Ledger
+from sharedpool.records import BUSY, IDLE, NEW
 
 T0 = 1000.0
 E = TypeVar("E")

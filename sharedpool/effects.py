@@ -1,0 +1,73 @@
+"""What the ledger returns for its server to carry out: grant or deny a
+request, ask a session to give leases back, start a fence, answer with an
+error, push an admin decision. Plain data, so that tests read them directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .records import Lease
+
+
+@dataclass(slots=True)
+class Granted:
+    session: int
+    req: int
+    lease: Lease
+
+
+@dataclass(slots=True)
+class Denied:
+    session: int
+    req: int
+    reason: str
+    message: str
+
+
+@dataclass(slots=True)
+class AskReclaim:
+    """Ask ``session`` to hold ``count`` fewer leases of ``resource`` (0 withdraws);
+    busy ones go at checkin once older than ``quantum`` seconds (None: the
+    session's own choice, as no hand-off cost is known yet)."""
+
+    session: int
+    resource: str
+    count: int
+    quantum: float | None = None
+
+
+@dataclass(slots=True)
+class StartFence:
+    """A dead session's leases were fenced; the server may confirm them gone early."""
+
+    resource: str
+    pid: int
+    leases: tuple[int, ...]
+    backend_pids: tuple[int, ...]
+    #: pass back to :meth:`Ledger.unfence`: it ends this fence only
+    fence: int = field(default=0, compare=False)
+
+
+@dataclass(slots=True)
+class Problem:
+    """A request that made no sense (unknown lease, duplicate req): an error reply."""
+
+    session: int
+    code: str
+    message: str
+    req: int | None = None
+
+
+@dataclass(slots=True)
+class Notify:
+    """Push an admin decision to a session."""
+
+    session: int
+    verb: str
+    resource: str | None
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+Effect = Granted | Denied | AskReclaim | StartFence | Problem | Notify

@@ -1,0 +1,112 @@
+"""Reclaim: which holders of a resource are asked to give leases back, and how
+many, so that waiters elsewhere are served (I3). Pure functions over the
+ledger's records; :class:`~sharedpool.ledger.Ledger` calls them after every
+change that can move what is owed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .effects import AskReclaim, Effect
+from .records import IDLE, ResourceState, Session
+
+#: Askees are sent a new quantum when it moves by more than this fraction
+#: (costs are moving averages; every small step would be a frame to each).
+QUANTUM_STEP = 0.2
+
+
+def servable(res: ResourceState, sessions: dict[int, Session]) -> tuple[int, int | None, dict[int, int]]:
+    """The waiters a free slot could go to, in queue order: how many, the
+    first one's session, and how many per session. A waiter is not
+    servable while its session's leases plus its servable waiters ahead
+    reach ``max_per_process``."""
+    count, head = 0, None
+    seen: dict[int, int] = {}
+    cap = res.limits.max_per_process
+    for w in res.waiters:
+        n = seen.get(w.session, 0)
+        if cap is None or sessions[w.session].held(res.name) + n < cap:
+            count += 1
+            seen[w.session] = n + 1
+            if head is None:
+                head = w.session
+    return count, head, seen
+
+
+def rebalance(
+    res: ResourceState, sessions: dict[int, Session], current_quantum: Callable[[], float | None]
+) -> list[Effect]:
+    """Decide how many leases each holder should give back, and tell those
+    whose share changed. Need = servable waiters + excess over the cap,
+    less the free slots and the fenced leases that will free up.
+    ``current_quantum``: the fairness quantum now (asked for only when needed)."""
+    if not res.waiters and not res.askees and res.leased <= res.limits.max_size:
+        return []  # the common case: nobody waits, nobody was asked
+    waiting_sessions = {w.session for w in res.waiters}
+    takers = 0  # waiters a free slot could go to
+    head: int | None = None  # the session the next free slot goes to
+    per_session: dict[int, int] = {}
+    if not res.paused:
+        takers, head, per_session = servable(res, sessions)
+    excess = max(0, res.leased - res.limits.max_size)
+    need = max(0, takers - res.free - len(res.fenced)) + excess
+    if need == 0 and not res.askees:  # the common case: nothing asked, nothing to ask
+        return []
+    # Every holder above its floor may be asked, waiting or not: a busy
+    # process that also queues for more must not starve one that holds
+    # nothing (it gives back at checkin, after the fairness quantum). Only
+    # the head waiter's own session is spared: its give-back would come
+    # straight back to it. Without waiters (shrinking), everyone is asked.
+    holders = [
+        s for s in sessions.values()
+        if s.held(res.name) > res.limits.min_per_process and (s.id != head or excess)
+    ]
+
+    def idle_count(s: Session) -> int:
+        return sum(
+            1 for lease in s.leases.values()
+            if lease.resource == res.name and lease.state == IDLE
+        )
+
+    # Idle leases first (free to give), then sessions not waiting themselves
+    # (no churn), then the largest holders.
+    holders.sort(key=lambda s: (-idle_count(s), s.id in waiting_sessions, -s.held(res.name), s.id))
+    plan: dict[int, int] = {}
+    for s in holders:
+        if need <= 0:
+            break
+        give = min(need, s.held(res.name) - res.limits.min_per_process)
+        plan[s.id] = give
+        need -= give
+    # Nobody but the head holds what could be given: sparing it would leave
+    # the waiters of other sessions behind it until its own acquire times
+    # out. One give-back serves its waiter; then the next session is at the
+    # head, and it is asked as any holder is.
+    if (need > 0 and not plan and head is not None and len(per_session) > 1
+            and sessions[head].held(res.name) > res.limits.min_per_process):
+        plan[head] = 1
+    effects: list[Effect] = []
+    quantum = res.quantum_sent
+    if plan and _moved(quantum, new := current_quantum()):
+        quantum = res.quantum_sent = new
+        # Holders asked before the figure was known (or before it moved)
+        # hear it again; they keep their count.
+        for sid in res.askees & plan.keys():
+            if sessions[sid].asked.get(res.name, 0) == plan[sid]:
+                effects.append(AskReclaim(sid, res.name, plan[sid], quantum))
+    for sid in res.askees | plan.keys():
+        s = sessions[sid]
+        want = plan.get(sid, 0)
+        if s.asked.get(res.name, 0) != want:
+            s.asked[res.name] = want
+            effects.append(AskReclaim(sid, res.name, want, quantum if want else None))
+    res.askees = {sid for sid, n in plan.items() if n > 0}
+    return effects
+
+
+def _moved(old: float | None, new: float | None) -> bool:
+    """Whether askees told ``old`` should now hear ``new``."""
+    if old is None or new is None:
+        return new is not None
+    return abs(new - old) > QUANTUM_STEP * old

@@ -1,0 +1,194 @@
+"""What the ledger keeps: a record per lease, waiter, session, fenced lease
+and resource, and how each looks in an ``inspect`` reply.
+
+Plain data with no rules of their own beyond bookkeeping that must stay in
+step (a session's per-resource counts); the rules live in :mod:`.ledger`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import Resource
+
+IDLE, BUSY, NEW = "idle", "busy", "new"
+#: The states a process may report for a lease (NEW is the ledger's own).
+STATES = (IDLE, BUSY)
+#: Upper bounds (seconds) of the lease wait histogram's buckets.
+WAIT_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
+
+
+@dataclass(eq=False, slots=True)
+class Lease:
+    """The right to hold one open connection to one resource."""
+
+    id: int
+    resource: str
+    session: int
+    token: int
+    granted_at: float
+    state: str = NEW
+    state_since: float = 0.0
+    backend_pid: int | None = None
+    site: str | None = None
+    suspected_leak: bool = False
+
+    def __repr__(self) -> str:
+        return (
+            f"<Lease {self.id} {self.resource!r} session={self.session} "
+            f"token={self.token} {self.state}>"
+        )
+
+    def snapshot(self, now: float, pid: int) -> dict[str, Any]:
+        """A row of ``inspect leases``; ``pid``: its session's process."""
+        return {
+            "id": self.id,
+            "resource": self.resource,
+            "session": self.session,
+            "pid": pid,
+            "state": self.state,
+            "token": self.token,
+            "age_s": round(now - self.granted_at, 6),
+            "state_s": round(now - self.state_since, 6),
+            "backend_pid": self.backend_pid,
+            "site": self.site,
+            "suspected_leak": self.suspected_leak,
+        }
+
+
+@dataclass(eq=False, slots=True)
+class Waiter:
+    session: int
+    req: int
+    resource: str
+    since: float
+    deadline: float
+    site: str | None = None
+    active: bool = True
+
+
+@dataclass(eq=False, slots=True)
+class Session:
+    id: int
+    pid: int
+    name: str
+    uid: int | None
+    connected_at: float
+    last_report: float | None = None
+    leases: dict[int, Lease] = field(default_factory=dict)
+    waiting: dict[int, Waiter] = field(default_factory=dict)
+    #: resource -> leases we asked this session to give back
+    asked: dict[str, int] = field(default_factory=dict)
+    #: resource -> leases held (kept in step with ``leases``)
+    counts: dict[str, int] = field(default_factory=dict)
+    #: resource -> seconds a hand-off costs this session, as last reported
+    costs: dict[str, float] = field(default_factory=dict)
+
+    def held(self, resource: str) -> int:
+        return self.counts.get(resource, 0)
+
+    def add(self, lease: Lease) -> None:
+        self.leases[lease.id] = lease
+        self.counts[lease.resource] = self.counts.get(lease.resource, 0) + 1
+
+    def remove(self, lease_id: int) -> Lease | None:
+        lease = self.leases.pop(lease_id, None)
+        if lease is not None:
+            self.counts[lease.resource] -= 1
+        return lease
+
+    def __repr__(self) -> str:
+        return (
+            f"<Session {self.id} pid={self.pid} leases={len(self.leases)} "
+            f"waiting={len(self.waiting)}>"
+        )
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """A row of ``inspect sessions``."""
+        return {
+            "session": self.id,
+            "pid": self.pid,
+            "name": self.name,
+            "uid": self.uid,
+            "leases": len(self.leases),
+            "waiters": len(self.waiting),
+            "connected_s": round(now - self.connected_at, 6),
+            "last_report_s": None if self.last_report is None else round(now - self.last_report, 6),
+        }
+
+
+@dataclass(eq=False, slots=True)
+class Fenced:
+    lease: Lease
+    pid: int
+    until: float
+    #: the StartFence that fenced it: a check of an older fence must not end this one
+    fence: int = 0
+
+
+@dataclass(eq=False, slots=True)
+class ResourceState:
+    name: str
+    limits: Resource
+    live: dict[int, Lease] = field(default_factory=dict)
+    fenced: dict[int, Fenced] = field(default_factory=dict)
+    waiters: deque[Waiter] = field(default_factory=deque)
+    paused: bool = False
+    draining: bool = False
+    fail_streak: int = 0
+    failing_until: float | None = None
+    grants: int = 0
+    timeouts: int = 0
+    denials: int = 0
+    reclaims: int = 0
+    peak: int = 0
+    #: sessions currently asked to give leases back
+    askees: set[int] = field(default_factory=set)
+    #: the fairness quantum those askees were last sent
+    quantum_sent: float | None = None
+    #: lease waits: count per WAIT_BUCKETS bound (+ one for larger), and their sum
+    wait_counts: list[int] = field(default_factory=lambda: [0] * (len(WAIT_BUCKETS) + 1))
+    wait_sum: float = 0.0
+
+    @property
+    def leased(self) -> int:
+        return len(self.live) + len(self.fenced)
+
+    @property
+    def free(self) -> int:
+        return max(0, self.limits.max_size - self.leased)
+
+    def snapshot(self, now: float, quantum: float | None) -> dict[str, Any]:
+        """A row of ``inspect resources``; ``quantum``: the fairness quantum in force."""
+        states = [lease.state for lease in self.live.values()]
+        return {
+            "name": self.name,
+            "max_size": self.limits.max_size,
+            "leased": self.leased,
+            "in_use": states.count(BUSY),
+            "idle": states.count(IDLE),
+            "connecting": states.count(NEW),
+            "fenced": len(self.fenced),
+            "waiting": len(self.waiters),
+            "longest_wait_s": round(now - self.waiters[0].since, 6) if self.waiters else 0.0,
+            "grants": self.grants,
+            "timeouts": self.timeouts,
+            "denials": self.denials,
+            "reclaims": self.reclaims,
+            "peak": self.peak,
+            "paused": self.paused,
+            "draining": self.draining,
+            "failing": self.failing_until is not None,
+            "fairness_quantum_s": quantum,
+            "limits": self.limits.as_dict(),
+            "wait_histogram": {
+                "buckets": [
+                    [bound, count] for bound, count in zip(
+                        [*WAIT_BUCKETS, None], itertools.accumulate(self.wait_counts), strict=True)
+                ],
+                "sum": self.wait_sum,
+            },
+        }
