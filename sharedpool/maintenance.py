@@ -17,6 +17,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from . import giveback
 from .client import current_pid
 from .wrapper import ConnectionWrapper
 
@@ -149,10 +150,10 @@ def fill(pool: ConnectionPool[Any], count: int) -> None:
             pool._stalled -= 1
             pool._m["total_created"] += 1
             pool._all[wrapper.id] = wrapper
-            revoked = pool._drop_revoked(wrapper, client)
+            revoked = giveback.drop_revoked(pool, wrapper, client)
             wrapper.in_use = True
         if revoked:
-            pool._warn_revoked(wrapper)
+            giveback.warn_revoked(pool, wrapper)
         if pool.configure is not None and (error := pool._setup(wrapper, client)) is not None:
             log.warning("pool %r: top-up to min_size: configure failed: %s", pool.name, error)
             return  # retried next round

@@ -16,9 +16,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 from enum import Enum
+from functools import partial
 from typing import Any, Generic, TypeVar
 
-from . import maintenance, process
+from . import giveback, maintenance, process
 from .client import _PID, AcquireRequest, Client, Lease, current_pid
 from .closing import ACTIVE, INERROR, INTRANS, UNKNOWN, close_and_confirm, transaction_status
 from .config import SOCKET_ENV, PoolConfig, check_resource_name
@@ -31,20 +32,13 @@ from .errors import (
     PoolTimeout,
     SharedPoolError,
 )
+from .giveback import IDLE_GIVE_BACK
 from .handoff import HandOffCost
 from .wrapper import ConnectionWrapper, _call_site, _Checkout
 
 log = logging.getLogger("sharedpool.pool")
 
 T = TypeVar("T")
-
-#: A young lease owed to the coordinator and checked in stays this long; if
-#: it is still idle then (nobody here wanted it again), it is given back. While
-#: it keeps being used, the look is repeated at doubling intervals (bounded by
-#: the fairness quantum, after which it goes at checkin anyway): a busy holder
-#: pays a handful of wake-ups per quantum, not one per 10 ms.
-IDLE_GIVE_BACK = 0.01
-F = TypeVar("F", bound=Callable[..., Any])
 
 #: Connections abandoned in a forked child: the parent's, kept referenced so
 #: that no destructor ever closes them from the child (I7).
@@ -457,7 +451,7 @@ class ConnectionPool(Generic[T]):
             self._m["total_created"] += 1
             self._m["connections_ms"] += int((time.monotonic() - t1) * 1000)
             self._all[wrapper.id] = wrapper
-            revoked = self._drop_revoked(wrapper, client)
+            revoked = giveback.drop_revoked(self, wrapper, client)
             closing = self.status is not PoolStatus.ACTIVE
             if closing:
                 del self._all[wrapper.id]
@@ -470,7 +464,7 @@ class ConnectionPool(Generic[T]):
             # (a failed configure plans again, in _open_failed).
             openers = self._plan_growth() if closing or self.configure is None else []
         if revoked:
-            self._warn_revoked(wrapper)
+            giveback.warn_revoked(self, wrapper)
         if closing:
             self._close(wrapper)
         elif self.configure is not None:
@@ -703,7 +697,7 @@ class ConnectionPool(Generic[T]):
         # Outside the lock: arming the timer wakes the client's thread (a send),
         # and a cancel sends a frame.
         if arm and client is not None:
-            client.call_later(self._recheck_delay, self._recheck_owed)
+            client.call_later(self._recheck_delay, partial(giveback.recheck_owed, self))
         for ticket in stale:
             ticket.cancel()
         if kept:
@@ -713,17 +707,6 @@ class ConnectionPool(Generic[T]):
 
     def _quantum(self, client: Client) -> float:
         return self._handoff.quantum_for(client, self.resource)
-
-    def _recheck_owed(self) -> None:
-        with self._lock:
-            self._recheck_pending = False
-        gave = self._on_reclaim()
-        client = self._client
-        with self._lock:
-            if gave or client is None or not client.owes(self.resource):
-                self._recheck_delay = IDLE_GIVE_BACK
-            else:  # still in use here: look again later, and less often
-                self._recheck_delay = max(IDLE_GIVE_BACK, min(self._recheck_delay * 2, self._quantum(client)))
 
     def _use_fallback(self, client: Client) -> bool:
         """coordinator_away="fallback": with the coordinator unreachable, open
@@ -915,9 +898,9 @@ class ConnectionPool(Generic[T]):
             with self._lock:
                 if self._client is None or self._client_lost():
                     client = Client.for_path(self.coordinator)
-                    reclaim = self._on_reclaim
-                    push = self._on_push
-                    states = self._lease_states
+                    reclaim = partial(giveback.reclaim_idle, self)
+                    push = partial(giveback.on_push, self)
+                    states = partial(giveback.lease_states, self)
                     client.on_reclaim(self.resource, reclaim)
                     client.on_push(push)
                     client.add_state_provider(states)
@@ -930,105 +913,6 @@ class ConnectionPool(Generic[T]):
         # for_path() and our handlers going in: an open pool takes a new one.
         client = self._client
         return client is not None and client.closed and self.status is not PoolStatus.CLOSED
-
-    def _on_reclaim(self) -> int:
-        """Background thread: the coordinator wants leases back; give idle ones
-        now. Returns how many were given back."""
-        client = self._client
-        if client is None:
-            return 0
-        victims: list[ConnectionWrapper[T]] = []
-        now = time.monotonic()
-        arm = False
-        with self._lock:
-            if self._recheck_pending:  # a reclaim also brings a quantum that moved
-                self._armed_quantum = self._quantum(client)
-            owed = client.owes(self.resource) - self._giving
-            for wrapper in list(self._idle):  # the coldest first
-                if len(victims) >= owed:
-                    break
-                if now - wrapper.last_used < IDLE_GIVE_BACK:
-                    # Checked in a moment ago: in a busy loop it is out again
-                    # in microseconds, and taking it would cut its turn short.
-                    # Look again once it has sat idle for a while.
-                    arm = not self._recheck_pending
-                    if arm:
-                        self._recheck_pending, self._armed_quantum = True, self._quantum(client)
-                    break
-                if wrapper.lease is not None:  # a fallback connection frees no lease
-                    self._idle.remove(wrapper)
-                    del self._all[wrapper.id]
-                    self._closing += 1
-                    victims.append(wrapper)
-            self._m["reclaimed"] += len(victims)
-            self._giving += len(victims)
-        if arm:
-            client.call_later(IDLE_GIVE_BACK, self._recheck_owed)
-        for wrapper in victims:
-            self._close(wrapper, giving=True)
-        return len(victims)
-
-    def _on_push(self, verb: str, resource: str | None, args: dict[str, Any]) -> None:
-        if resource not in (None, self.resource):
-            return
-        if verb == "revoke":
-            self._revoke(args.get("lease"), args.get("why"))
-            return
-        log.warning("pool %r: coordinator says %s %s", self.name, verb, args or "")
-        if verb == "drain":
-            self.drain(timeout=0)
-        elif verb == "resume":
-            self.resume()
-        elif verb == "end_session":
-            self.close(timeout=0)
-
-    def _revoke(self, lease_id: Any, why: Any) -> None:
-        """The coordinator did not take this lease back after a restart: its
-        connection counts against no cap now. Closed at once if idle, else at
-        its checkin (a connection without a lease goes while the coordinator
-        is up, like a fallback one). Nothing is released: the client has
-        forgotten the lease, whose id may be another process's by now."""
-        with self._lock:
-            found = [w for w in self._all.values() if w.lease is not None and w.lease.id == lease_id]
-            victims = []
-            for wrapper in found:
-                wrapper.lease = None
-                if not wrapper.in_use:
-                    self._idle.remove(wrapper)
-                    del self._all[wrapper.id]
-                    self._closing += 1
-                    victims.append(wrapper)
-        for wrapper in found:
-            log.warning("pool %r: coordinator revoked lease %s (%s); connection %s is closed %s",
-                        self.name, lease_id, why, wrapper.id[:8],
-                        "now" if wrapper in victims else "when it is checked in")
-        for wrapper in victims:
-            self._close(wrapper)
-
-    def _drop_revoked(self, wrapper: ConnectionWrapper[T], client: Client | None) -> bool:
-        """Under the lock, as a new connection goes into _all: a lease revoked
-        while it was connecting (the client forgot it before _revoke could find
-        the connection) counts nowhere; treat it as revoked in use (closed at
-        checkin). The client forgets the lease before the revoke job runs, so a
-        revoke is seen either here or by _revoke. True if it was: the caller
-        says so with :meth:`_warn_revoked`, once out of the lock."""
-        lease = wrapper.lease
-        if lease is not None and client is not None and lease.id not in client._held:
-            wrapper.lease = None
-            return True
-        return False
-
-    def _warn_revoked(self, wrapper: ConnectionWrapper[T]) -> None:
-        log.warning("pool %r: a lease was revoked while connection %s was opening; "
-                    "closing it at checkin", self.name, wrapper.id[:8])
-
-    def _lease_states(self) -> list[list[Any]]:
-        with self._lock:
-            return [
-                [w.lease.id, "busy" if w.in_use else "idle", w.backend_pid, w.site,
-                 w.in_use and w.warned]
-                for w in self._all.values() if w.lease is not None
-            ]
 
     # ------------------------------------------------------------------ maintenance
 

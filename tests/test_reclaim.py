@@ -24,6 +24,7 @@ from sharedpool import (
     PoolTimeout,
     Resource,
     TooManyWaiters,
+    giveback,
 )
 from sharedpool import protocol as p
 from sharedpool.handoff import AUTO_MAX
@@ -202,7 +203,7 @@ def test_a_connection_checked_in_a_moment_ago_is_not_taken_at_once(start_coordin
         assert client is not None
         with client._cond:
             client._owed["r"] = 1  # stands in for a Reclaim frame
-        assert pool._on_reclaim() == 0
+        assert giveback.reclaim_idle(pool) == 0
         assert pool.get_size() == 1
         deadline = time.monotonic() + 5
         while pool.get_size():

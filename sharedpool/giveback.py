@@ -1,0 +1,150 @@
+"""What the coordinator asks of a local pool, run on the client's thread: give
+idle leases back (a reclaim, and the later look at a lease still owed after
+its checkin), close the connection of a revoked lease, and obey an admin push
+(drain, resume, end_session). Also what the client reports of the pool's
+leases. Each decides under the pool's lock and closes outside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from .wrapper import ConnectionWrapper
+
+if TYPE_CHECKING:
+    from .client import Client
+    from .pool import ConnectionPool
+
+log = logging.getLogger("sharedpool.pool")
+
+#: A young lease owed to the coordinator and checked in stays this long; if
+#: it is still idle then (nobody here wanted it again), it is given back. While
+#: it keeps being used, the look is repeated at doubling intervals (bounded by
+#: the fairness quantum, after which it goes at checkin anyway): a busy holder
+#: pays a handful of wake-ups per quantum, not one per 10 ms.
+IDLE_GIVE_BACK = 0.01
+
+
+def reclaim_idle(pool: ConnectionPool[Any]) -> int:
+    """Background thread: the coordinator wants leases back; give idle ones
+    now. Returns how many were given back."""
+    client = pool._client
+    if client is None:
+        return 0
+    victims: list[ConnectionWrapper[Any]] = []
+    now = time.monotonic()
+    arm = False
+    with pool._lock:
+        if pool._recheck_pending:  # a reclaim also brings a quantum that moved
+            pool._armed_quantum = pool._quantum(client)
+        owed = client.owes(pool.resource) - pool._giving
+        for wrapper in list(pool._idle):  # the coldest first
+            if len(victims) >= owed:
+                break
+            if now - wrapper.last_used < IDLE_GIVE_BACK:
+                # Checked in a moment ago: in a busy loop it is out again
+                # in microseconds, and taking it would cut its turn short.
+                # Look again once it has sat idle for a while.
+                arm = not pool._recheck_pending
+                if arm:
+                    pool._recheck_pending, pool._armed_quantum = True, pool._quantum(client)
+                break
+            if wrapper.lease is not None:  # a fallback connection frees no lease
+                pool._idle.remove(wrapper)
+                del pool._all[wrapper.id]
+                pool._closing += 1
+                victims.append(wrapper)
+        pool._m["reclaimed"] += len(victims)
+        pool._giving += len(victims)
+    if arm:
+        client.call_later(IDLE_GIVE_BACK, partial(recheck_owed, pool))
+    for wrapper in victims:
+        pool._close(wrapper, giving=True)
+    return len(victims)
+
+
+def on_push(pool: ConnectionPool[Any], verb: str, resource: str | None, args: dict[str, Any]) -> None:
+    """An admin decision or a revoke the coordinator pushed to this process."""
+    if resource not in (None, pool.resource):
+        return
+    if verb == "revoke":
+        revoke(pool, args.get("lease"), args.get("why"))
+        return
+    log.warning("pool %r: coordinator says %s %s", pool.name, verb, args or "")
+    if verb == "drain":
+        pool.drain(timeout=0)
+    elif verb == "resume":
+        pool.resume()
+    elif verb == "end_session":
+        pool.close(timeout=0)
+
+
+def revoke(pool: ConnectionPool[Any], lease_id: Any, why: Any) -> None:
+    """The coordinator did not take this lease back after a restart: its
+    connection counts against no cap now. Closed at once if idle, else at
+    its checkin (a connection without a lease goes while the coordinator
+    is up, like a fallback one). Nothing is released: the client has
+    forgotten the lease, whose id may be another process's by now."""
+    with pool._lock:
+        found = [w for w in pool._all.values() if w.lease is not None and w.lease.id == lease_id]
+        victims = []
+        for wrapper in found:
+            wrapper.lease = None
+            if not wrapper.in_use:
+                pool._idle.remove(wrapper)
+                del pool._all[wrapper.id]
+                pool._closing += 1
+                victims.append(wrapper)
+    for wrapper in found:
+        log.warning("pool %r: coordinator revoked lease %s (%s); connection %s is closed %s",
+                    pool.name, lease_id, why, wrapper.id[:8],
+                    "now" if wrapper in victims else "when it is checked in")
+    for wrapper in victims:
+        pool._close(wrapper)
+
+
+def drop_revoked(pool: ConnectionPool[Any], wrapper: ConnectionWrapper[Any], client: Client | None) -> bool:
+    """Under the lock, as a new connection goes into _all: a lease revoked
+    while it was connecting (the client forgot it before revoke() could find
+    the connection) counts nowhere; treat it as revoked in use (closed at
+    checkin). The client forgets the lease before the revoke job runs, so a
+    revoke is seen either here or by revoke(). True if it was: the caller
+    says so with :func:`warn_revoked`, once out of the lock."""
+    lease = wrapper.lease
+    if lease is not None and client is not None and lease.id not in client._held:
+        wrapper.lease = None
+        return True
+    return False
+
+
+def warn_revoked(pool: ConnectionPool[Any], wrapper: ConnectionWrapper[Any]) -> None:
+    """Said once out of the lock, for a connection :func:`drop_revoked` caught."""
+    log.warning("pool %r: a lease was revoked while connection %s was opening; "
+                "closing it at checkin", pool.name, wrapper.id[:8])
+
+
+def lease_states(pool: ConnectionPool[Any]) -> list[list[Any]]:
+    """What the client reports of this pool's leases: id, state, backend pid, site, leak."""
+    with pool._lock:
+        return [
+            [w.lease.id, "busy" if w.in_use else "idle", w.backend_pid, w.site,
+             w.in_use and w.warned]
+            for w in pool._all.values() if w.lease is not None
+        ]
+
+
+def recheck_owed(pool: ConnectionPool[Any]) -> None:
+    """A lease still owed after a checkin: give it back if it has sat idle since,
+    else look again later, and less often."""
+    with pool._lock:
+        pool._recheck_pending = False
+    gave = reclaim_idle(pool)
+    client = pool._client
+    with pool._lock:
+        if gave or client is None or not client.owes(pool.resource):
+            pool._recheck_delay = IDLE_GIVE_BACK
+        else:  # still in use here: look again later, and less often
+            pool._recheck_delay = max(IDLE_GIVE_BACK, min(pool._recheck_delay * 2, pool._quantum(client)))
