@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import protocol as p
-from .config import default_socket_path
+from .config import check_socket_path, default_socket_path
 from .errors import (
     AccessDenied,
     AcquireCancelled,
@@ -149,7 +149,8 @@ class Client:
 
     def __init__(self, socket_path: str | None = None, *, name: str | None = None,
                  connect_timeout: float | None = 5.0) -> None:
-        self.socket_path = socket_path or default_socket_path()
+        self.socket_path = check_socket_path(
+            "socket_path", default_socket_path() if socket_path is None else socket_path)
         self.name = name or os.path.basename(sys.argv[0] or "python")
         if connect_timeout is not None and not 0 < connect_timeout < math.inf:  # NaN fails too
             raise ConfigError("connect_timeout", f"must be a number of seconds > 0 or None, "
@@ -214,7 +215,8 @@ class Client:
     @classmethod
     def for_path(cls, socket_path: str | None = None) -> Client:
         """This process's shared client for ``socket_path`` (made on first use)."""
-        path = socket_path or default_socket_path()
+        path = check_socket_path(
+            "socket_path", default_socket_path() if socket_path is None else socket_path)
         with _REGISTRY_LOCK:
             client = _SHARED.get(path)
             if client is None or client._closed:

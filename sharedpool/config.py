@@ -225,6 +225,35 @@ class Resource:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "monitor_dsn"}
 
 
+def check_socket_path(name: str, value: Any) -> str:
+    """A path a Unix socket can have (str or os.PathLike, no NUL, at most
+    MAX_SOCKET_PATH bytes), as a str; else a ConfigError naming ``name``."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value:
+        raise ConfigError(name, f"must be a path, got {value!r}")
+    if "\0" in value:
+        raise ConfigError(name, f"must not contain a NUL byte, got {value!r}")
+    size = len(os.fsencode(value))
+    if size > MAX_SOCKET_PATH:
+        raise ConfigError(name, f"{value} is too long for a Unix socket "
+                          f"({size} bytes, at most {MAX_SOCKET_PATH})")
+    return value
+
+
+def check_seconds(name: str, value: Any, *, optional: bool = False) -> Any:
+    """A finite number of seconds >= 0 (or None when ``optional``); else a
+    ConfigError naming ``name``."""
+    return _number(name, value, optional=optional)
+
+
+def env_socket_path() -> str | None:
+    """``$SHAREDPOOL_SOCKET``, None when unset or empty (empty means unset, as
+    in the shell), checked as a socket path naming the variable."""
+    value = os.environ.get(SOCKET_ENV)
+    return check_socket_path(SOCKET_ENV, value) if value else None
+
+
 def check_resource_name(name: Any) -> str:
     """A resource name is a non-empty string of at most 200 characters."""
     if not isinstance(name, str) or not name or len(name) > 200:
@@ -274,15 +303,7 @@ class CoordinatorConfig:
     overrides: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.socket_path, os.PathLike):
-            object.__setattr__(self, "socket_path", os.fspath(self.socket_path))
-        if not isinstance(self.socket_path, str) or not self.socket_path:
-            raise ConfigError("socket", f"must be a path, got {self.socket_path!r}")
-        if "\0" in self.socket_path:
-            raise ConfigError("socket", f"must not contain a NUL byte, got {self.socket_path!r}")
-        if len(os.fsencode(self.socket_path)) > MAX_SOCKET_PATH:
-            raise ConfigError("socket", f"{self.socket_path} is too long for a Unix socket "
-                              f"({len(os.fsencode(self.socket_path))} bytes, at most {MAX_SOCKET_PATH})")
+        object.__setattr__(self, "socket_path", check_socket_path("socket", self.socket_path))
         object.__setattr__(self, "resources", coerce_resources(self.resources))
         for name in ("allowed_uids", "allowed_gids", "admin_uids"):
             value = getattr(self, name)

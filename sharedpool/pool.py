@@ -22,7 +22,7 @@ from typing import Any, Generic, TypeVar
 from . import giveback, maintenance, process
 from .client import _PID, AcquireRequest, Client, Lease, current_pid
 from .closing import ACTIVE, INERROR, INTRANS, UNKNOWN, close_and_confirm, transaction_status
-from .config import SOCKET_ENV, PoolConfig, check_resource_name
+from .config import PoolConfig, check_resource_name, check_socket_path, env_socket_path
 from .errors import (
     AcquireCancelled,
     ConfigError,
@@ -107,7 +107,7 @@ class ConnectionPool(Generic[T]):
         self.factory = factory
         self.config = config or PoolConfig()
         self.resource = check_resource_name(resource)
-        self._coordinator = coordinator
+        self._coordinator = None if coordinator is None else check_socket_path("coordinator", coordinator)
         self.name = name or f"pool-{self.resource}"
         self.check = check
         #: Run on each new connection before its first use (setup SQL): the
@@ -123,7 +123,7 @@ class ConnectionPool(Generic[T]):
         as it is when first needed (a gunicorn or celery parent may set it after
         the pool was made), else None: a standalone pool."""
         if self._coordinator is None and self._client is None:
-            return os.environ.get(SOCKET_ENV)
+            return env_socket_path()
         return self._coordinator if self._client is None else self._client.socket_path
 
     def release_for_exit(self, timeout: float) -> None:
@@ -284,6 +284,8 @@ class ConnectionPool(Generic[T]):
         return self._acquire_slow(timeout, _monotonic())
 
     def _acquire_slow(self, timeout: float | None, start: float, retry: bool = False) -> ConnectionWrapper[T]:
+        if self._client is None and self._coordinator is None:
+            env_socket_path()  # a bad $SHAREDPOOL_SOCKET is the caller's error, not an opener's
         wait = self.config.acquire_timeout if timeout is None else timeout
         deadline = start + wait
         while True:  # one deadline for every retry (a failed validation loops)

@@ -13,7 +13,6 @@ releases what its parent holds (I7).
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 import weakref
@@ -24,7 +23,7 @@ from typing import Any, TypeVar
 from .. import process
 from ..client import Client, Lease, current_pid
 from ..closing import close_and_confirm, socket_fd
-from ..config import SOCKET_ENV, check_resource_name
+from ..config import check_resource_name, check_socket_path, env_socket_path
 from ..errors import AcquireCancelled, ConfigError, PoolTimeout
 from ..handoff import HandOffCost
 
@@ -194,7 +193,7 @@ class LeaseBook:
         if not isinstance(confirm_timeout, int | float) or confirm_timeout < 0:
             raise ConfigError("confirm_timeout", f"must be a number >= 0, got {confirm_timeout!r}")
         self.resource = check_resource_name(resource)
-        self._coordinator = coordinator
+        self._coordinator = None if coordinator is None else check_socket_path("coordinator", coordinator)
         self.confirm_timeout = float(confirm_timeout)
         self._idle = idle
         self._reclaim = reclaim
@@ -212,7 +211,7 @@ class LeaseBook:
     def coordinator(self) -> str | None:
         """The socket given, else ``$SHAREDPOOL_SOCKET`` as it is when first needed."""
         if self._coordinator is None and self._client is None:
-            return os.environ.get(SOCKET_ENV)
+            return env_socket_path()
         return self._coordinator if self._client is None else self._client.socket_path
 
     def release_for_exit(self, timeout: float) -> None:

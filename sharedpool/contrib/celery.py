@@ -37,7 +37,7 @@ from typing import Any
 
 from celery import Celery, signals
 
-from ..config import SOCKET_ENV
+from ..config import SOCKET_ENV, check_seconds
 from ..errors import ConfigError
 from ._embedded import (
     EmbeddedCoordinator,
@@ -138,8 +138,7 @@ def setup(
     Limits are checked here, so a bad one fails when the app is imported."""
     if not isinstance(app, Celery):
         raise ConfigError("app", f"must be a Celery app, got {type(app).__name__}")
-    if close_timeout < 0:
-        raise ConfigError("close_timeout", f"must be >= 0, got {close_timeout!r}")
+    check_seconds("close_timeout", close_timeout)
     embedded = None
     if resources is not None:
         # Checked now; the path is decided when the worker starts.

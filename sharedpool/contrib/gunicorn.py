@@ -55,8 +55,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
-from ..config import SOCKET_ENV
-from ..errors import ConfigError, SharedPoolError
+from ..config import SOCKET_ENV, check_seconds
+from ..errors import SharedPoolError
 from ._embedded import (
     EmbeddedCoordinator,
     EmbeddedStartError,
@@ -116,8 +116,7 @@ def hooks(
         # Checked now: a bad limit fails when gunicorn reads its config, naming the field.
         embedded = EmbeddedCoordinator(path, resources, restart=restart,
                                        log_level=log_level, **options)
-    if close_timeout < 0:
-        raise ConfigError("close_timeout", f"must be >= 0, got {close_timeout!r}")
+    check_seconds("close_timeout", close_timeout)
     os.environ[SOCKET_ENV] = path
 
     def on_starting(server: Any) -> None:

@@ -43,6 +43,7 @@ from sqlalchemy.pool.base import ConnectionPoolEntry
 from sqlalchemy.util import queue as sqla_queue
 
 from ..client import current_pid
+from ..config import check_seconds
 from ..errors import ConfigError, PoolTimeout, TooManyWaiters
 from ._leases import LeaseBook
 
@@ -80,7 +81,7 @@ class LeasedQueuePool(QueuePool):
             book = LeaseBook(resource, coordinator, confirm_timeout=confirm_timeout)
         # Set before QueuePool.__init__, which wraps the creator.
         self._sp_book: LeaseBook | None = book
-        self._sp_lease_timeout = lease_timeout
+        self._sp_lease_timeout = check_seconds("lease_timeout", lease_timeout, optional=True)
         self._sp_pid = current_pid()
         self._sp_retired = False
         self._sp_local = threading.local()

@@ -1,0 +1,128 @@
+"""Bad arguments to the public constructors and hooks fail where they are
+written, as a ConfigError naming the argument, never as a TypeError from deep
+inside or an error only at the first checkout (I5)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from sharedpool import Client, ConfigError, ConnectionPool, PoolConfig
+from sharedpool.config import MAX_SOCKET_PATH, SOCKET_ENV
+from sharedpool.testing import FakeFactory
+
+TOO_LONG = "/tmp/" + "x" * MAX_SOCKET_PATH
+
+
+@pytest.mark.parametrize("bad", [5, b"/tmp/x.sock", "", "/tmp/a\0b", TOO_LONG])
+def test_a_pool_coordinator_that_is_no_socket_path_is_refused(bad: Any) -> None:
+    with pytest.raises(ConfigError) as err:
+        ConnectionPool(FakeFactory(), PoolConfig(min_size=0), coordinator=bad)
+    assert err.value.field == "coordinator"
+
+
+@pytest.mark.parametrize("bad", [5, "", TOO_LONG])
+def test_a_client_socket_path_that_is_no_socket_path_is_refused(bad: Any) -> None:
+    with pytest.raises(ConfigError) as err:
+        Client(bad)
+    assert err.value.field == "socket_path"
+    with pytest.raises(ConfigError):
+        Client.for_path(bad)
+
+
+def test_a_bad_coordinator_leaves_no_client_ticking(caplog: pytest.LogCaptureFixture) -> None:
+    """It used to fail only at acquire, with a TypeError, and leave a shared
+    client behind that logged a traceback every few milliseconds."""
+    with caplog.at_level(logging.ERROR), pytest.raises(ConfigError):
+        ConnectionPool(FakeFactory(), PoolConfig(min_size=0), coordinator=5)  # type: ignore[arg-type]
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+def test_an_empty_socket_variable_means_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As in the shell (and as the CLI and default_socket_path() read it): the
+    pool is standalone and serves at once, instead of waiting for a coordinator
+    at the path ''."""
+    monkeypatch.setenv(SOCKET_ENV, "")
+    with ConnectionPool(FakeFactory(), PoolConfig(min_size=0, acquire_timeout=1)) as pool:
+        assert pool.coordinator is None
+        with pool.connection(timeout=1):
+            pass
+        assert pool.get_metrics()["coordinated"] is False
+
+
+def test_a_socket_variable_too_long_for_a_socket_names_the_variable(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(SOCKET_ENV, TOO_LONG)
+    with (ConnectionPool(FakeFactory(), PoolConfig(min_size=0, acquire_timeout=1)) as pool,
+          pytest.raises(ConfigError) as err):
+        pool.acquire()
+    assert err.value.field == SOCKET_ENV and "too long" in str(err.value)
+
+
+def _gunicorn(**kw: Any) -> Any:
+    from sharedpool.contrib.gunicorn import hooks
+
+    saved = os.environ.get(SOCKET_ENV)
+    try:
+        return hooks(resources={"pg": 1}, socket="/tmp/sp-args-never-started.sock", **kw)
+    finally:  # hooks() sets it for the workers; a failed call must not matter here
+        if saved is None:
+            os.environ.pop(SOCKET_ENV, None)
+        else:
+            os.environ[SOCKET_ENV] = saved
+
+
+def _celery(**kw: Any) -> Any:
+    pytest.importorskip("celery")
+    from celery import Celery
+
+    from sharedpool.contrib.celery import setup
+
+    state = setup(Celery("sp-test-args"), resources={"pg": 1}, **kw)
+    state.disconnect()
+    return state
+
+
+def _sqlalchemy(**kw: Any) -> Any:
+    from sharedpool.contrib.sqlalchemy import create_engine
+
+    kw.setdefault("coordinator", "/tmp/sp-args.sock")
+    return create_engine("postgresql+psycopg://postgres@127.0.0.1/test", resource="pg", **kw)
+
+
+def _psycopg(**kw: Any) -> Any:
+    from sharedpool.contrib.psycopg import ConnectionPool as PsycopgPool
+
+    kw.setdefault("coordinator", "/tmp/sp-args.sock")
+    return PsycopgPool("dbname=test", resource="pg", open=False, **kw)
+
+
+def _redis(**kw: Any) -> Any:
+    from sharedpool.contrib.redis import BlockingConnectionPool
+
+    kw.setdefault("coordinator", "/tmp/sp-args.sock")
+    return BlockingConnectionPool(resource="redis", **kw)
+
+
+@pytest.mark.parametrize(("make", "field", "bad"), [
+    (_gunicorn, "close_timeout", "5"),
+    (_gunicorn, "close_timeout", -1),
+    (_celery, "close_timeout", "x"),
+    (_celery, "close_timeout", float("nan")),
+    (_sqlalchemy, "lease_timeout", -1),
+    (_sqlalchemy, "lease_timeout", "1"),
+    (_psycopg, "lease_timeout", -1),
+    (_redis, "lease_timeout", "x"),
+    (_redis, "lease_timeout", float("inf")),
+    (_sqlalchemy, "coordinator", 5),
+    (_redis, "coordinator", ""),
+])
+def test_integration_arguments_are_checked_when_made(make: Callable[..., Any], field: str,
+                                                     bad: Any) -> None:
+    with pytest.raises(ConfigError) as err:
+        make(**{field: bad})
+    assert err.value.field == field, err.value
