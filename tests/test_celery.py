@@ -19,7 +19,7 @@ import pytest
 from pg_helpers import BackendSampler
 from proc_helpers import settled
 
-from sharedpool import Client, ConfigError, SharedPoolError
+from sharedpool import Client, ConfigError
 
 pytest.importorskip("celery")
 
@@ -201,7 +201,45 @@ def test_worker_without_resources_or_coordinator_fails_clearly(sock_path: str) -
     app = Celery("sp-test-none")
     state = setup(app, socket=sock_path)
     try:
-        with pytest.raises(SharedPoolError, match="no coordinator is listening"):
+        # SystemExit: celery would log any Exception from a signal handler and
+        # start the worker anyway, every child without a cap.
+        with pytest.raises(SystemExit, match="no coordinator is listening"):
             state.worker_init(sender=type("Worker", (), {"app": app})())
     finally:
         state.disconnect()
+
+
+_FAILING_APP = """
+from celery import Celery
+from sharedpool.contrib.celery import setup
+
+app = Celery("sp_failing", broker="{broker}")
+setup(app, resources={{"pg": 1}}, socket={sock!r}, metrics_port={port})
+"""
+
+
+def test_a_worker_whose_coordinator_cannot_start_does_not_start(tmp_path: Path,
+                                                                 sock_path: str) -> None:
+    """The real worker: a coordinator that fails to start (here its metrics port
+    is taken) stops the worker with one line, instead of children running with
+    no cap (celery swallows an Exception raised from worker_init)."""
+    require_redis()
+    import socket as sockets
+
+    with sockets.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        (tmp_path / "failing_app.py").write_text(
+            _FAILING_APP.format(broker=REDIS_URL, sock=sock_path, port=port))
+        env = {k: v for k, v in os.environ.items() if k != "SHAREDPOOL_SOCKET"}
+        out = subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "failing_app", "worker", "-P", "prefork",
+             "-c", "2", "--without-gossip", "--without-mingle", "--without-heartbeat"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+            preexec_fn=die_with_parent)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0, text[-3000:]
+    assert "cannot start the coordinator" in text and f"metrics_port {port}" in text, text[-3000:]
+    assert " ready." not in text
+    assert not os.path.exists(sock_path)

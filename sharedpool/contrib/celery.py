@@ -14,7 +14,9 @@ It connects four signals:
   coordinator, unless one is already listening (``socket=`` or
   ``$SHAREDPOOL_SOCKET`` naming an external ``sharedpool serve``); set
   ``$SHAREDPOOL_SOCKET`` for the children; and point the pools and engines
-  made at import time, before the socket was known, at it;
+  made at import time, before the socket was known, at it. A coordinator
+  that cannot start stops the worker (SystemExit, one line): celery logs an
+  Exception from a signal handler and goes on, with no cap on the children;
 * ``worker_process_init`` (each prefork child): nothing eager — pools and
   clients are fork-aware and open the child's own session on first use;
 * ``worker_process_shutdown`` (each child, as it exits): close its leased
@@ -38,7 +40,7 @@ from typing import Any
 from celery import Celery, signals
 
 from ..config import SOCKET_ENV, check_seconds
-from ..errors import ConfigError
+from ..errors import ConfigError, SharedPoolError
 from ._embedded import (
     EmbeddedCoordinator,
     EmbeddedStartError,
@@ -71,6 +73,15 @@ class CelerySharedPool:
     def worker_init(self, sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", self.app) is not self.app:
             return
+        try:
+            self._start()
+        except SharedPoolError as exc:
+            # celery logs an exception from a signal handler and carries on: the
+            # children would then run with no cap at all. Stop the worker instead,
+            # with one line on stderr (as gunicorn does).
+            raise SystemExit(str(exc)) from exc
+
+    def _start(self) -> None:
         path = self.socket or os.environ.get(SOCKET_ENV) or private_socket_path("celery")
         if coordinator_listening(path):
             log.info("sharedpool: using the coordinator already serving %s", path)
@@ -80,7 +91,10 @@ class CelerySharedPool:
                 "resources to start one with; pass resources={'name': max_size, ...}")
         else:
             self.embedded.move(path)
-            self.embedded.start()
+            try:
+                self.embedded.start()
+            except SharedPoolError as exc:
+                raise EmbeddedStartError(f"sharedpool: cannot start the coordinator: {exc}") from exc
             self.coordinator = self.embedded
             limits = ", ".join(f"{n}={r.max_size}"
                                for n, r in self.embedded.config.resources.items())
