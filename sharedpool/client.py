@@ -160,7 +160,6 @@ class Client:
         _ALL.add(self)
 
     def _init_state(self) -> None:
-        self._pid = os.getpid()
         self._sock: socket.socket | None = None
         self._conn: p.Connection | None = None
         self._send_lock = threading.Lock()
@@ -204,6 +203,9 @@ class Client:
         self.limits: dict[str, dict[str, Any]] = {}
         self.last_error: str | None = None
         self.reconnects = 0
+        # Last: a reset after fork that fails above (no fds left for the wake
+        # pair) is tried again at the next call instead of counting as done.
+        self._pid = os.getpid()
 
     def __repr__(self) -> str:
         state = "connected" if self._sock is not None else ("closed" if self._closed else "disconnected")
@@ -920,12 +922,17 @@ class Client:
         # The inherited socket is the parent's session: close our copy of the
         # fd (no shutdown, no bytes sent) so the parent's death is still seen
         # by the coordinator, then start afresh. The parent's leases stay its own.
-        inherited = [self._sock, self._wake_r, self._wake_w]  # the parent's; ours are made anew
-        self._init_state()
-        for sock in inherited:
+        # Closed first: if making ours fails, the parent's session must still end
+        # with the parent. A client closed before the fork stays closed.
+        for sock in (self._sock, self._wake_r, self._wake_w):  # the parent's
             if sock is not None:
                 with contextlib.suppress(OSError):
                     sock.close()
+        closed = self._closed
+        self._init_state()
+        if closed:
+            self._closed = True
+            self._close_wake()
 
 
 def _bound(timeout: float | None, deadline: float | None) -> float | None:
@@ -1001,7 +1008,10 @@ def _reset_after_fork() -> None:
     _PID[0] = os.getpid()
     _REGISTRY_LOCK = threading.RLock()
     for client in list(_ALL):
-        client._after_fork()
+        try:
+            client._after_fork()
+        except Exception:  # noqa: BLE001 - the others still reset; this one retries on use
+            log.exception("resetting %r after fork failed", client)
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)

@@ -130,7 +130,7 @@ class ConnectionPool(Generic[T]):
         """At process exit: close every connection (see :func:`sharedpool.release_process`)."""
         self.close(timeout)
 
-    def _init_state(self) -> None:
+    def _init_state(self, status: PoolStatus = PoolStatus.ACTIVE, maintain: bool = True) -> None:
         self._pid = current_pid()
         # Config read on every checkout, kept as plain attributes.
         self._bypass = self.config.validation_bypass if self.config.test_on_acquire else None
@@ -161,7 +161,7 @@ class ConnectionPool(Generic[T]):
         self._closing = 0
         #: openers' lease requests still queued at the coordinator
         self._lease_requests: set[AcquireRequest] = set()
-        self.status = PoolStatus.ACTIVE
+        self.status = status
         self._stop = threading.Event()
         self._maintenance: threading.Thread | None = None
         self._client: Client | None = None
@@ -172,7 +172,8 @@ class ConnectionPool(Generic[T]):
             "leases_acquired", "lease_wait_ms", "requests_queued", "requests_wait_ms",
             "connections_ms", "leaks_suspected",
         ), 0)
-        self._start_maintenance()
+        if maintain:
+            self._start_maintenance()
 
     # ------------------------------------------------------------------ repr / stats
 
@@ -286,6 +287,8 @@ class ConnectionPool(Generic[T]):
     def _acquire_slow(self, timeout: float | None, start: float, retry: bool = False) -> ConnectionWrapper[T]:
         if self._client is None and self._coordinator is None:
             env_socket_path()  # a bad $SHAREDPOOL_SOCKET is the caller's error, not an opener's
+        if self._maintenance is None:  # a forked child's first checkout
+            self._start_maintenance()
         wait = self.config.acquire_timeout if timeout is None else timeout
         deadline = start + wait
         while True:  # one deadline for every retry (a failed validation loops)
@@ -919,7 +922,9 @@ class ConnectionPool(Generic[T]):
     # ------------------------------------------------------------------ maintenance
 
     def _start_maintenance(self) -> None:
-        self._maintenance = maintenance.start(self)
+        with self._lock:  # once, and never for a pool closed meanwhile
+            if self._maintenance is None and self.status is PoolStatus.ACTIVE:
+                self._maintenance = maintenance.start(self)
 
     # ------------------------------------------------------------------ fork
 
@@ -937,5 +942,13 @@ class ConnectionPool(Generic[T]):
             if self._pid == _PID[0]:
                 return
             _INHERITED.extend(self._all.values())
-            self._init_state()
+            # A pool closed before the fork stays closed. An open one starts its
+            # maintenance (min_size top-ups) at its first checkout here, not now:
+            # a child that only closes it (a worker's exit) must open nothing.
+            closed = self.status is PoolStatus.CLOSED
+            self._init_state(PoolStatus.CLOSED if closed else PoolStatus.ACTIVE, maintain=False)
+
+    def connections_at_fork(self) -> list[Any]:
+        """The connections this pool holds (in a forked child: the parent's)."""
+        return [wrapper.conn for wrapper in list(self._all.values())]
 

@@ -1,23 +1,38 @@
-"""This process's pools, so that a worker about to exit can give everything back.
+"""This process's pools, so that a worker about to exit can give everything back,
+and a forked child cannot touch the parent's connections.
 
 gunicorn's ``worker_exit`` and celery's ``worker_process_shutdown`` call
 :func:`release_process`: every pool closes its connections (each close
 confirmed, then its lease released) and the process's coordinator sessions
 end. Pools register themselves when made; the registry holds them weakly.
+
+In a forked child, the sockets of the connections every pool held at the fork
+are made dead ends (:func:`_cut_inherited`): the child's copy of such a socket
+would keep the parent's database backend alive after the parent died (the
+server sees no close while any copy is open: PostgreSQL over the cap once the
+parent's leases are freed), and a stray use in the child (a reset on checkin)
+would write into the parent's session.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import socket
 import time
 import weakref
 from typing import Any, Protocol
+
+from .closing import socket_fd
 
 log = logging.getLogger("sharedpool")
 
 
 class _Releasable(Protocol):
     def release_for_exit(self, timeout: float) -> None: ...
+
+    def connections_at_fork(self) -> list[Any]: ...
 
 
 _POOLS: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -44,3 +59,36 @@ def release_process(timeout: float = 5.0) -> None:
             log.exception("releasing %r at exit failed", pool)
     for client in list(_ALL):
         client.close()
+
+
+def _cut_inherited() -> None:
+    """In a forked child, first thing: point the fd of every connection the
+    pools held at the fork at a socket whose peer is closed. The parent's
+    sockets lose this process's copy (no bytes sent, no shutdown: the parent's
+    sessions go on), and anything here that still uses such a connection reads
+    EOF, as from a server that hung up. The fd numbers stay taken, so nothing
+    new is opened under a number an old connection object still holds."""
+    fds: set[int] = set()
+    for pool in list(_POOLS):
+        try:
+            conns = pool.connections_at_fork()
+        except Exception:  # noqa: BLE001 - a hook must not fail the fork; the others still count
+            continue
+        for conn in conns:
+            fd = socket_fd(conn)
+            if fd is not None:
+                fds.add(fd)
+    if not fds:
+        return
+    try:
+        dead, peer = socket.socketpair()
+    except OSError:  # out of fds: leave them (closing would free numbers old objects still hold)
+        return
+    peer.close()
+    with dead:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.dup2(dead.fileno(), fd, inheritable=False)
+
+
+os.register_at_fork(after_in_child=_cut_inherited)

@@ -144,3 +144,154 @@ def test_client_fds_are_closed_in_a_child_and_at_close(start_coordinator: Any,
     assert thread is not None
     thread.join(5)
     assert not pair & _sockets_open()
+
+
+def _backends(app_name: str) -> int:
+    with psycopg.connect(pg_dsn(), autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                           (app_name,)).fetchone()
+    return int(row[0]) if row else -1
+
+
+_PARENT_DIES = """
+import os, sys, time
+import psycopg
+from sharedpool import ConnectionPool, PoolConfig
+dsn, app, sock = sys.argv[1:4]
+pool = ConnectionPool(lambda: psycopg.connect(dsn, application_name=app, autocommit=True),
+                      PoolConfig(min_size=0, max_size=2), resource="pg", coordinator=sock)
+a, b = pool.acquire(), pool.acquire()
+pool.release(a); pool.release(b)
+child = os.fork()
+if child == 0:  # a long-lived helper that never uses the pool
+    os.close(1)  # the test reads the parent's stdout to its end
+    os.close(2)
+    time.sleep(30)
+    os._exit(0)
+print(child, flush=True)
+os._exit(0)  # the parent dies without closing anything
+"""
+
+
+def test_a_child_holds_no_copy_of_the_parents_database_sockets(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    """The parent dies, its forked child lives on: the parent's backends must go
+    with the parent (its leases are freed at once). A child holding copies of
+    the parent's sockets kept them open, and PostgreSQL went over the cap."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    start_coordinator({"pg": 2})
+    proc = subprocess.run([sys.executable, "-c", _PARENT_DIES, pg_dsn(), app_name, sock_path],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    helper = int(proc.stdout.split()[0])
+    try:
+        assert os.path.exists(f"/proc/{helper}")
+        deadline = time.monotonic() + 5
+        while (count := _backends(app_name)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert count == 0, f"{count} backend(s) of the dead parent still there while its child lives"
+        assert os.path.exists(f"/proc/{helper}")  # the child was alive all along
+        assert _backends(app_name) == 0
+    finally:
+        os.kill(helper, signal.SIGKILL)
+
+
+def test_a_childs_stray_use_of_an_inherited_connection_cannot_reach_the_parents_session(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    """SQLAlchemy's reset-on-return (a ROLLBACK) ran in the child on the parent's
+    socket, and the parent silently lost its open transaction."""
+    import sqlalchemy as sa
+
+    from sharedpool.contrib.sqlalchemy import create_engine
+
+    start_coordinator({"pg": 3})
+    engine = create_engine(f"postgresql+psycopg://postgres@127.0.0.1:5432/test?application_name={app_name}",
+                           resource="pg", coordinator=sock_path, pool_size=2, max_overflow=0)
+    try:
+        fairy = engine.raw_connection()
+        cur = fairy.cursor()
+        cur.execute("CREATE TEMP TABLE t (x int)")
+        cur.execute("INSERT INTO t VALUES (1)")  # a transaction open at the fork
+
+        def child() -> int:
+            fairy.close()  # checks the inherited checkout in: SQLAlchemy resets it
+            return 0
+
+        assert _run_in_child(child) == 0
+        cur.execute("SELECT count(*) FROM t")
+        assert cur.fetchone() == (1,)  # still in the parent's transaction
+        fairy.commit()
+        fairy.close()
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT 1")).scalar() == 1
+    finally:
+        engine.dispose()
+
+
+def test_a_pool_or_client_closed_before_the_fork_stays_closed_in_the_child(
+        start_coordinator: Any, sock_path: str) -> None:
+    from sharedpool import PoolClosed, SharedPoolError
+    from sharedpool.testing import FakeFactory
+
+    start_coordinator({"r": 4})
+    factory = FakeFactory()
+    pool = ConnectionPool(factory, PoolConfig(min_size=2, max_size=4), resource="r",
+                          coordinator=sock_path)
+    pool.close()
+    client = Client(sock_path)
+    client.inspect("server")
+    client.close()
+
+    def child() -> int:
+        import time
+
+        size = pool.get_size()  # a read-only look used to reopen it
+        try:
+            pool.acquire(timeout=1)
+            return 5
+        except PoolClosed:
+            pass
+        time.sleep(0.5)  # a revived pool's maintenance topped up to min_size by now
+        if size or pool.get_size() or factory.calls or pool.status.value != "closed":
+            return 6
+        try:
+            client.inspect("server", timeout=1)
+            return 7
+        except SharedPoolError:
+            return 0 if client.closed else 8
+
+    assert _run_in_child(child) == 0
+
+
+def test_a_child_that_only_releases_at_exit_opens_nothing(start_coordinator: Any,
+                                                          sock_path: str) -> None:
+    """A worker's exit hook (release_process) in a child that never used the
+    inherited pool: its maintenance used to start and top up to min_size first."""
+    from sharedpool import release_process
+    from sharedpool.testing import FakeFactory
+
+    start_coordinator({"r": 8})
+    factory = FakeFactory()
+    pool = ConnectionPool(factory, PoolConfig(min_size=3, max_size=4), resource="r",
+                          coordinator=sock_path)
+    try:
+        import time
+
+        deadline = time.monotonic() + 5
+        while pool.get_size() < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        calls_in_parent = factory.calls
+
+        def child() -> int:
+            pool.get_size()  # noticed the fork
+            time.sleep(0.3)
+            release_process(1.0)
+            return 0 if factory.calls == calls_in_parent else 9
+
+        assert _run_in_child(child) == 0
+    finally:
+        pool.close()

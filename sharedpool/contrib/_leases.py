@@ -307,6 +307,10 @@ class LeaseBook:
                     self._inherited[id(entry.key)] = entry.key
             self._reset()
 
+    def connections_at_fork(self) -> list[Any]:
+        """The connections tracked here (in a forked child: the parent's)."""
+        return [e.key for e in list(self._entries.values()) if _closable(e.key)]
+
     def inherited(self, key: Any) -> bool:
         """Whether ``key`` was opened by a parent process before a fork (I7)."""
         self._checkpid()
