@@ -72,7 +72,7 @@ class SessionProtocol(asyncio.Protocol):
             return
         wait = self.server.config.hello_timeout
         self._hello_timer = asyncio.get_running_loop().call_later(
-            wait, self.fail, "hello_timeout", f"no hello within {wait:g}s"
+            wait, self._time_out, "hello_timeout", f"no hello within {wait:g}s"
         )
 
     def data_received(self, data: bytes) -> None:
@@ -98,7 +98,7 @@ class SessionProtocol(asyncio.Protocol):
             if self._frame_timer is None:
                 wait = server.config.frame_timeout
                 self._frame_timer = asyncio.get_running_loop().call_later(
-                    wait, self.fail, "frame_timeout", f"frame not completed within {wait:g}s")
+                    wait, self._time_out, "frame_timeout", f"frame not completed within {wait:g}s")
         elif self._frame_timer is not None:
             self._frame_timer.cancel()
             self._frame_timer = None
@@ -149,6 +149,11 @@ class SessionProtocol(asyncio.Protocol):
                 self.fail("not_reading", "the client stopped reading replies")
                 return
         self.out.clear()
+
+    def _time_out(self, code: str, message: str) -> None:
+        if not self.closing:
+            log.warning("session %s pid=%s: %s; ending it", self.sid, self.pid, message)
+        self.fail(code, message)
 
     def fail(self, code: str, message: str) -> None:
         """Send a fatal error and end the session."""

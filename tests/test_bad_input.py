@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 from fuzz_frames import check_normal_client, fuzz
 from proc_helpers import read_until_closed
 
@@ -32,7 +33,8 @@ def test_fuzz_100k_frames_then_a_normal_client_works(start_coordinator: Any, soc
         other.close()
 
 
-def test_client_that_never_speaks_is_closed(start_coordinator: Any, sock_path: str) -> None:
+def test_client_that_never_speaks_is_closed(start_coordinator: Any, sock_path: str,
+                                            capfd: pytest.CaptureFixture[str]) -> None:
     start_coordinator({"r": 1}, hello_timeout=0.3)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(sock_path)
@@ -44,6 +46,7 @@ def test_client_that_never_speaks_is_closed(start_coordinator: Any, sock_path: s
     conn.receive_data(data)
     err = conn.next_event()
     assert isinstance(err, p.Error) and err.code == "hello_timeout" and err.fatal
+    assert "no hello within 0.3s; ending it" in capfd.readouterr().err  # the coordinator's log
     check_normal_client(sock_path)
 
 
@@ -118,7 +121,8 @@ def test_fuzz_script_runs_standalone(start_coordinator: Any, sock_path: str) -> 
     assert "a normal client still works" in out.stdout
 
 
-def test_half_sent_frame_ends_the_session(start_coordinator: Any, sock_path: str) -> None:
+def test_half_sent_frame_ends_the_session(start_coordinator: Any, sock_path: str,
+                                          capfd: pytest.CaptureFixture[str]) -> None:
     start_coordinator({"r": 1}, frame_timeout=0.3)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(sock_path)
@@ -130,4 +134,5 @@ def test_half_sent_frame_ends_the_session(start_coordinator: Any, sock_path: str
     conn.receive_data(data)
     events = conn.events()
     assert isinstance(events[-1], p.Error) and events[-1].code == "frame_timeout"
+    assert "frame not completed within 0.3s; ending it" in capfd.readouterr().err
     check_normal_client(sock_path)
