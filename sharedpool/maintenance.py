@@ -172,6 +172,9 @@ def check_leaks(pool: ConnectionPool[Any], now: float) -> None:
             w.warned = True
         pool._m["leaks_suspected"] += len(suspects)
     for w in suspects:
-        log.warning("pool %r: connection %s checked out for %.1fs (leak_detection_threshold=%gs); "
-                    "acquired at:\n%s", pool.name, w.id[:8], now - w.checked_out_at, threshold,
-                    w.site or "(unknown)")
+        # The pid, resource and lease id are what `sharedpool leases` shows for it.
+        lease = "none" if w.lease is None else w.lease.id
+        log.warning("pool %r: connection %s (pid %s, resource %r, lease %s) checked out for "
+                    "%.1fs (leak_detection_threshold=%gs); acquired at:\n%s",
+                    pool.name, w.id[:8], pool._pid, pool.resource, lease,
+                    now - w.checked_out_at, threshold, w.site or "(unknown)")

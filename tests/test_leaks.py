@@ -39,6 +39,8 @@ def test_leak_is_logged_with_the_acquiring_stack_and_reported(
             assert time.monotonic() < deadline, rows
             time.sleep(0.05)
         assert "hold_too_long" in rows[0]["site"]
+        # The warning names what `sharedpool leases` shows for it.
+        assert f"(pid {rows[0]['pid']}, resource 'r', lease {rows[0]['id']})" in warnings[0]
         pool.release(w)
         deadline = time.monotonic() + 5
         while probe.inspect("leases")["leases"][0]["suspected_leak"]:
