@@ -241,17 +241,23 @@ def check_socket_path(name: str, value: Any) -> str:
     return value
 
 
-def check_seconds(name: str, value: Any, *, optional: bool = False) -> Any:
-    """A finite number of seconds >= 0 (or None when ``optional``); else a
-    ConfigError naming ``name``."""
+def check_seconds(name: str, value: Any, *, optional: bool = False, forever: bool = False) -> Any:
+    """A finite number of seconds >= 0 (or None when ``optional``, or inf when
+    ``forever``: a wait with no end); else a ConfigError naming ``name``."""
+    if forever and value == math.inf and not isinstance(value, bool):
+        return value
     return _number(name, value, optional=optional)
 
 
 def env_socket_path() -> str | None:
-    """``$SHAREDPOOL_SOCKET``, None when unset or empty (empty means unset, as
-    in the shell), checked as a socket path naming the variable."""
+    """``$SHAREDPOOL_SOCKET`` for a pool: None when unset (a process-local pool),
+    else checked as a socket path naming the variable. Set but empty is an
+    error: a pool must not quietly run uncapped because a template left it blank."""
     value = os.environ.get(SOCKET_ENV)
-    return check_socket_path(SOCKET_ENV, value) if value else None
+    if value == "":
+        raise ConfigError(SOCKET_ENV, "is set but empty: unset it for a process-local pool, "
+                          "or set it to the coordinator's socket path")
+    return None if value is None else check_socket_path(SOCKET_ENV, value)
 
 
 def check_resource_name(name: Any) -> str:

@@ -127,9 +127,9 @@ def fill(pool: ConnectionPool[Any], count: int) -> None:
                 return
             pool._opening += 1
             pool._stalled += 1  # no waiter counts on a top-up
-        client = pool._get_client()
-        lease = None
+        client = lease = None
         try:
+            client = pool._get_client()  # a bad $SHAREDPOOL_SOCKET raises: undo the counts
             if client is not None:
                 lease = client.acquire(pool.resource, 0)
             t0 = time.monotonic()

@@ -22,7 +22,7 @@ from typing import Any, Generic, TypeVar
 from . import giveback, maintenance, process
 from .client import _PID, AcquireRequest, Client, Lease, current_pid
 from .closing import ACTIVE, INERROR, INTRANS, UNKNOWN, close_and_confirm, transaction_status
-from .config import PoolConfig, check_resource_name, check_socket_path, env_socket_path
+from .config import SOCKET_ENV, PoolConfig, check_resource_name, check_socket_path, env_socket_path
 from .errors import (
     AcquireCancelled,
     ConfigError,
@@ -122,9 +122,9 @@ class ConnectionPool(Generic[T]):
         """The coordinator's socket path: the one given, else ``$SHAREDPOOL_SOCKET``
         as it is when first needed (a gunicorn or celery parent may set it after
         the pool was made), else None: a standalone pool."""
-        if self._coordinator is None and self._client is None:
-            return env_socket_path()
-        return self._coordinator if self._client is None else self._client.socket_path
+        if self._client is not None:
+            return self._client.socket_path
+        return self._coordinator if self._coordinator is not None else os.environ.get(SOCKET_ENV) or None
 
     def release_for_exit(self, timeout: float) -> None:
         """At process exit: close every connection (see :func:`sharedpool.release_process`)."""
@@ -409,8 +409,12 @@ class ConnectionPool(Generic[T]):
     def _open(self, waiter: _Waiter, deadline: float) -> None:
         """Opener thread: lease, then factory; deliver to the oldest waiter."""
         lease = None
-        client = self._get_client()
-        fallback = client is not None and self._use_fallback(client)
+        try:
+            client = self._get_client()
+            fallback = client is not None and self._use_fallback(client)
+        except BaseException as exc:  # noqa: BLE001 - a $SHAREDPOOL_SOCKET gone bad: to the waiter
+            self._open_failed(waiter, exc, connected=False)
+            return
         try:
             t0 = time.monotonic()
             if client is not None and not fallback:
@@ -897,12 +901,17 @@ class ConnectionPool(Generic[T]):
     # ------------------------------------------------------------------ coordinator
 
     def _get_client(self) -> Client | None:
-        if self.coordinator is None:
+        if self._client is not None and not self._client_lost():
+            return self._client
+        # Checked here, not in the property: a bad $SHAREDPOOL_SOCKET fails what
+        # needs the coordinator, never a metrics read or a repr.
+        path = self._coordinator if self._client is None else self._client.socket_path
+        if path is None and (path := env_socket_path()) is None:
             return None
         if self._client is None or self._client_lost():
             with self._lock:
                 if self._client is None or self._client_lost():
-                    client = Client.for_path(self.coordinator)
+                    client = Client.for_path(path)
                     reclaim = partial(giveback.reclaim_idle, self)
                     push = partial(giveback.on_push, self)
                     states = partial(giveback.lease_states, self)

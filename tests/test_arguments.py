@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import os
+import pathlib
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -42,25 +44,40 @@ def test_a_bad_coordinator_leaves_no_client_ticking(caplog: pytest.LogCaptureFix
     assert not [r for r in caplog.records if r.exc_info]
 
 
-def test_an_empty_socket_variable_means_unset(monkeypatch: pytest.MonkeyPatch) -> None:
-    """As in the shell (and as the CLI and default_socket_path() read it): the
-    pool is standalone and serves at once, instead of waiting for a coordinator
-    at the path ''."""
+def test_an_empty_socket_variable_is_an_error_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Set but empty (a template that left it blank) must neither run the pool
+    uncapped nor guess a path: the checkout fails, naming the variable. Reading
+    the pool's figures does not fail."""
     monkeypatch.setenv(SOCKET_ENV, "")
     with ConnectionPool(FakeFactory(), PoolConfig(min_size=0, acquire_timeout=1)) as pool:
-        assert pool.coordinator is None
-        with pool.connection(timeout=1):
-            pass
-        assert pool.get_metrics()["coordinated"] is False
+        with pytest.raises(ConfigError) as err:
+            pool.acquire()
+        assert err.value.field == SOCKET_ENV and "empty" in str(err.value)
+        assert pool.get_metrics()["current_size"] == 0 and repr(pool)
 
 
 def test_a_socket_variable_too_long_for_a_socket_names_the_variable(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, sock_path: str, start_coordinator: Any) -> None:
+    """In the caller, at checkout; the min_size top-up thread fails quietly and
+    keeps no count of openings that never happened (the pool, once the variable
+    is right, has all of its connections)."""
+    start_coordinator({"default": 4})
     monkeypatch.setenv(SOCKET_ENV, TOO_LONG)
-    with (ConnectionPool(FakeFactory(), PoolConfig(min_size=0, acquire_timeout=1)) as pool,
-          pytest.raises(ConfigError) as err):
-        pool.acquire()
-    assert err.value.field == SOCKET_ENV and "too long" in str(err.value)
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=2, max_size=3, acquire_timeout=2))
+    try:
+        with pytest.raises(ConfigError) as err:
+            pool.acquire()
+        assert err.value.field == SOCKET_ENV and "too long" in str(err.value)
+        assert pool.get_metrics()["coordinated"] is True  # figures still read
+        time.sleep(0.3)  # a top-up round has run
+        assert pool.get_stats()["pool_size"] == 0
+        monkeypatch.setenv(SOCKET_ENV, sock_path)
+        held = [pool.acquire() for _ in range(3)]
+        assert pool.get_metrics()["leases_held"] == 3
+        for w in held:
+            pool.release(w)
+    finally:
+        pool.close()
 
 
 def _gunicorn(**kw: Any) -> Any:
@@ -68,7 +85,8 @@ def _gunicorn(**kw: Any) -> Any:
 
     saved = os.environ.get(SOCKET_ENV)
     try:
-        return hooks(resources={"pg": 1}, socket="/tmp/sp-args-never-started.sock", **kw)
+        kw.setdefault("socket", "/tmp/sp-args-never-started.sock")
+        return hooks(resources={"pg": 1}, **kw)
     finally:  # hooks() sets it for the workers; a failed call must not matter here
         if saved is None:
             os.environ.pop(SOCKET_ENV, None)
@@ -117,12 +135,35 @@ def _redis(**kw: Any) -> Any:
     (_sqlalchemy, "lease_timeout", "1"),
     (_psycopg, "lease_timeout", -1),
     (_redis, "lease_timeout", "x"),
-    (_redis, "lease_timeout", float("inf")),
     (_sqlalchemy, "coordinator", 5),
     (_redis, "coordinator", ""),
+    (_gunicorn, "socket", 5),
+    (_gunicorn, "socket", TOO_LONG),
+    (_celery, "socket", 5),
+    (_celery, "socket", ""),
 ])
 def test_integration_arguments_are_checked_when_made(make: Callable[..., Any], field: str,
                                                      bad: Any) -> None:
     with pytest.raises(ConfigError) as err:
         make(**{field: bad})
     assert err.value.field == field, err.value
+
+
+def test_a_lease_wait_may_be_forever_but_not_nan() -> None:
+    import math
+
+    pool = _redis(lease_timeout=math.inf)
+    pool.disconnect()
+    with pytest.raises(ConfigError):
+        _redis(lease_timeout=math.nan)
+
+
+def test_integration_socket_paths_may_be_path_objects(tmp_path: pathlib.Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from sharedpool.contrib.gunicorn import hooks
+
+    path = tmp_path / "sp.sock"
+    assert _celery(socket=path).socket == str(path)
+    monkeypatch.setenv(SOCKET_ENV, "/tmp/elsewhere.sock")  # put back after the test
+    hooks(resources={"pg": 1}, socket=path)
+    assert os.environ[SOCKET_ENV] == str(path)  # what the workers will read

@@ -13,6 +13,7 @@ releases what its parent holds (I7).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import weakref
@@ -23,7 +24,7 @@ from typing import Any, TypeVar
 from .. import process
 from ..client import Client, Lease, current_pid
 from ..closing import close_and_confirm, socket_fd
-from ..config import check_resource_name, check_socket_path, env_socket_path
+from ..config import SOCKET_ENV, check_resource_name, check_socket_path, env_socket_path
 from ..errors import AcquireCancelled, ConfigError, PoolTimeout
 from ..handoff import HandOffCost
 
@@ -210,9 +211,9 @@ class LeaseBook:
     @property
     def coordinator(self) -> str | None:
         """The socket given, else ``$SHAREDPOOL_SOCKET`` as it is when first needed."""
-        if self._coordinator is None and self._client is None:
-            return env_socket_path()
-        return self._coordinator if self._client is None else self._client.socket_path
+        if self._client is not None:
+            return self._client.socket_path
+        return self._coordinator if self._coordinator is not None else os.environ.get(SOCKET_ENV) or None
 
     def release_for_exit(self, timeout: float) -> None:
         """At process exit: close every tracked connection under the host pool
@@ -326,9 +327,11 @@ class LeaseBook:
     def client(self) -> Client | None:
         """This process's client for the coordinator (None without one)."""
         self._checkpid()
-        if self.coordinator is None:
+        # Checked here (a bad $SHAREDPOOL_SOCKET names itself), not in the property.
+        path = self._coordinator if self._client is None else self._client.socket_path
+        if path is None and (path := env_socket_path()) is None:
             return None
-        client = Client.for_path(self.coordinator)
+        client = Client.for_path(path)
         if client is not self._client:
             self._register(client)
         return client

@@ -39,7 +39,7 @@ from typing import Any
 
 from celery import Celery, signals
 
-from ..config import SOCKET_ENV, check_seconds
+from ..config import SOCKET_ENV, check_seconds, check_socket_path
 from ..errors import ConfigError, SharedPoolError
 from ._embedded import (
     EmbeddedCoordinator,
@@ -80,6 +80,9 @@ class CelerySharedPool:
             # children would then run with no cap at all. Stop the worker instead,
             # with one line on stderr (as gunicorn does).
             raise SystemExit(str(exc)) from exc
+        except Exception as exc:
+            log.exception("sharedpool: starting the coordinator failed")
+            raise SystemExit(f"sharedpool: cannot start the coordinator: {exc!r}") from exc
 
     def _start(self) -> None:
         path = self.socket or os.environ.get(SOCKET_ENV) or private_socket_path("celery")
@@ -135,7 +138,7 @@ def setup(
     app: Celery,
     resources: Mapping[str, Any] | None = None,
     *,
-    socket: str | None = None,
+    socket: str | os.PathLike[str] | None = None,
     restart: bool = True,
     close_timeout: float = 5.0,
     log_level: str = "warning",
@@ -153,12 +156,13 @@ def setup(
     if not isinstance(app, Celery):
         raise ConfigError("app", f"must be a Celery app, got {type(app).__name__}")
     check_seconds("close_timeout", close_timeout)
+    given = None if socket is None else check_socket_path("socket", socket)
     embedded = None
     if resources is not None:
         # Checked now; the path is decided when the worker starts.
-        embedded = EmbeddedCoordinator(socket or "unset.sock", resources, restart=restart,
+        embedded = EmbeddedCoordinator(given or "unset.sock", resources, restart=restart,
                                        log_level=log_level, **options)
-    state = CelerySharedPool(app, socket, embedded, close_timeout)
+    state = CelerySharedPool(app, given, embedded, close_timeout)
     for sig, handler in (
         (signals.worker_init, state.worker_init),
         (signals.worker_process_init, state.worker_process_init),

@@ -55,7 +55,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
-from ..config import SOCKET_ENV, check_seconds
+from ..config import SOCKET_ENV, check_seconds, check_socket_path
 from ..errors import SharedPoolError
 from ._embedded import (
     EmbeddedCoordinator,
@@ -94,7 +94,7 @@ _TAKEOVERS: dict[str, _TakeOver] = {}
 
 def hooks(
     resources: Mapping[str, Any] | None = None,
-    socket: str | None = None,
+    socket: str | os.PathLike[str] | None = None,
     *,
     restart: bool = True,
     close_timeout: float = 5.0,
@@ -110,7 +110,8 @@ def hooks(
     the coordinator's stderr logging. Other keywords go to
     :class:`~sharedpool.CoordinatorConfig` (``allowed_uids``, ``metrics_port``...).
     """
-    path = socket or os.environ.get(SOCKET_ENV) or private_socket_path("gunicorn")
+    given = None if socket is None else check_socket_path("socket", socket)
+    path = given or os.environ.get(SOCKET_ENV) or private_socket_path("gunicorn")
     embedded = _EMBEDDED.get(path)
     if embedded is None and resources is not None:
         # Checked now: a bad limit fails when gunicorn reads its config, naming the field.

@@ -74,7 +74,7 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
         # start connecting in its workers at once.
         self._sp_book = LeaseBook(resource, coordinator, confirm_timeout=confirm_timeout,
                                   idle=self._sp_idle, reclaim=self._sp_reclaim)
-        self._sp_lease_timeout = check_seconds("lease_timeout", lease_timeout, optional=True)
+        self._sp_lease_timeout = check_seconds("lease_timeout", lease_timeout, optional=True, forever=True)
         self._sp_configure = configure
         self._sp_opened_in: int | None = None
         self._sp_local = threading.local()

@@ -152,7 +152,7 @@ class BlockingConnectionPool(redis.BlockingConnectionPool):
         self._sp_book = LeaseBook(resource, coordinator, confirm_timeout=confirm_timeout,
                                   idle=self._sp_idle, reclaim=self._sp_reclaim,
                                   close_when_collected=False)
-        self._sp_lease_timeout = check_seconds("lease_timeout", lease_timeout, optional=True)
+        self._sp_lease_timeout = check_seconds("lease_timeout", lease_timeout, optional=True, forever=True)
         self._sp_local = threading.local()
         leased = type(f"Leased{connection_class.__name__}", (LeasedConnectionMixin, connection_class),
                       {"_sp_pool": weakref.ref(self), "__module__": __name__})

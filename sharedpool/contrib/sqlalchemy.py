@@ -81,7 +81,7 @@ class LeasedQueuePool(QueuePool):
             book = LeaseBook(resource, coordinator, confirm_timeout=confirm_timeout)
         # Set before QueuePool.__init__, which wraps the creator.
         self._sp_book: LeaseBook | None = book
-        self._sp_lease_timeout = check_seconds("lease_timeout", lease_timeout, optional=True)
+        self._sp_lease_timeout = check_seconds("lease_timeout", lease_timeout, optional=True, forever=True)
         self._sp_pid = current_pid()
         self._sp_retired = False
         self._sp_local = threading.local()
