@@ -39,10 +39,11 @@ import redis
 from redis.connection import Connection
 
 from ..config import check_seconds
-from ..errors import PoolTimeout, TooManyWaiters
+from ..errors import PoolTimeout, ResourceUnavailable, TooManyWaiters
 from ._leases import LeaseBook
 
-__all__ = ["BlockingConnectionPool", "LeaseRefused", "LeaseTimeout", "LeasedConnectionMixin"]
+__all__ = ["BlockingConnectionPool", "LeaseRefused", "LeaseTimeout", "LeaseUnavailable",
+           "LeasedConnectionMixin"]
 
 if not hasattr(redis.connection.AbstractConnection, "connect_check_health"):  # pragma: no cover
     # Older redis-py opens sockets elsewhere: leasing would silently not happen.
@@ -64,6 +65,13 @@ class LeaseRefused(redis.ConnectionError, TooManyWaiters):
     """The coordinator would not queue another wait (the resource's
     ``max_waiting``): refused at once, as a redis-py ``ConnectionError`` and
     sharedpool's :class:`~sharedpool.TooManyWaiters`."""
+
+
+class LeaseUnavailable(redis.ConnectionError, ResourceUnavailable):
+    """The coordinator grants no lease for now (the resource is failing: connects
+    fail everywhere; or draining): a redis-py ``ConnectionError``, what a server
+    that is down raises (so redis-py's ``Retry`` retries it), and sharedpool's
+    :class:`~sharedpool.ResourceUnavailable`."""
 
 
 class _UseAnother(Exception):  # noqa: N818 - internal signal, never escapes get_connection
@@ -106,6 +114,10 @@ class LeasedConnectionMixin:
             if isinstance(exc, LeaseRefused):
                 raise
             raise LeaseRefused(exc.reason, f"no {book.resource!r} lease: {exc.detail}") from exc
+        except ResourceUnavailable as exc:
+            if isinstance(exc, LeaseUnavailable):
+                raise
+            raise LeaseUnavailable(exc.reason, f"no {book.resource!r} lease: {exc.detail}") from exc
         if other is not None:
             raise _UseAnother(None if other is True else other)
         try:

@@ -44,7 +44,7 @@ from sqlalchemy.util import queue as sqla_queue
 
 from ..client import current_pid
 from ..config import check_seconds
-from ..errors import ConfigError, PoolTimeout, TooManyWaiters
+from ..errors import ConfigError, PoolTimeout, ResourceUnavailable, TooManyWaiters
 from ._leases import LeaseBook
 
 __all__ = ["LeaseRefused", "LeaseTimeout", "LeasedQueuePool", "attach", "create_engine"]
@@ -343,6 +343,10 @@ def _lease_timeout(book: LeaseBook, timeout: float) -> Iterator[None]:
         if isinstance(e, LeaseRefused):
             raise
         raise LeaseRefused(e.reason, f"no {book.resource!r} lease: {e.detail}") from e
+    except ResourceUnavailable as e:
+        # Failing (connects fail everywhere), draining: what SQLAlchemy raises for
+        # a database that is down is an OperationalError, with the cause as .orig.
+        raise exc.OperationalError(None, None, e) from e
 
 
 def attach(engine: Engine, resource: str, coordinator: str | None = None, *,

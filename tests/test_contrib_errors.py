@@ -1,0 +1,68 @@
+"""While the coordinator refuses leases because connects to a resource fail
+everywhere, the integrations raise what the host library raises for a server
+that is down, so that `except OperationalError` / `except redis.ConnectionError`
+(and redis-py's Retry) keep working through an outage."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from sharedpool import Client, ResourceUnavailable
+from sharedpool.ledger import FAILURE_THRESHOLD
+
+
+@pytest.fixture
+def failing(start_coordinator: Any, sock_path: str) -> Iterator[str]:
+    """A coordinator whose resources 'pg' and 'redis' are failing (for the next second)."""
+    start_coordinator({"pg": 2, "redis": 2})
+    reporter = Client(sock_path)
+    try:
+        assert reporter.ensure_connected()
+        for resource in ("pg", "redis"):
+            for _ in range(FAILURE_THRESHOLD):
+                reporter.report_failure(resource)
+        deadline = time.monotonic() + 5
+        while not all(r["failing"] for r in reporter.inspect("resources")["resources"]):
+            assert time.monotonic() < deadline, "the failures never reached the coordinator"
+            time.sleep(0.01)
+        yield sock_path
+    finally:
+        reporter.close()
+
+
+def test_sqlalchemy_raises_operational_error(failing: str) -> None:
+    import sqlalchemy
+
+    from sharedpool.contrib.sqlalchemy import create_engine
+
+    engine = create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/test", resource="pg",
+                           coordinator=failing, pool_timeout=5)
+    try:
+        with pytest.raises(sqlalchemy.exc.OperationalError) as err, engine.connect():
+            pass
+        assert isinstance(err.value.orig, ResourceUnavailable)
+        assert "failing" in str(err.value)
+        assert engine.pool.lease_stats()["leases_held"] == 0  # type: ignore[attr-defined]
+    finally:
+        engine.dispose()
+
+
+def test_redis_raises_connection_error(failing: str) -> None:
+    import redis
+
+    from sharedpool.contrib.redis import BlockingConnectionPool, LeaseUnavailable
+
+    pool = BlockingConnectionPool(host="127.0.0.1", port=6379, resource="redis",
+                                  coordinator=failing, timeout=5)
+    client = redis.Redis(connection_pool=pool, retry=None)
+    try:
+        with pytest.raises(redis.ConnectionError) as err:
+            client.ping()
+        assert isinstance(err.value, LeaseUnavailable) and isinstance(err.value, ResourceUnavailable)
+        assert err.value.reason == "failing"
+    finally:
+        pool.disconnect()
