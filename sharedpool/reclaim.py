@@ -53,30 +53,36 @@ def rebalance(
     need = max(0, takers - res.free - len(res.fenced)) + excess
     if need == 0 and not res.askees:  # the common case: nothing asked, nothing to ask
         return []
-    # Every holder above its floor may be asked, waiting or not: a busy
-    # process that also queues for more must not starve one that holds
-    # nothing (it gives back at checkin, after the fairness quantum). Only
-    # the head waiter's own session is spared: its give-back would come
-    # straight back to it. Without waiters (shrinking), everyone is asked.
-    holders = [
-        s for s in sessions.values()
-        if s.held(res.name) > res.limits.min_per_process and (s.id != head or excess)
-    ]
-
     def idle_count(s: Session) -> int:
         return sum(
             1 for lease in s.leases.values()
             if lease.resource == res.name and lease.state == IDLE
         )
 
+    # Every holder above its floor may be asked, waiting or not: a busy
+    # process that also queues for more must not starve one that holds
+    # nothing (it gives back at checkin, after the fairness quantum). The
+    # head waiter's own session is asked only for leases it reports idle:
+    # another of its pools (two engines on one resource) waits while one
+    # sits on idle connections, and the give-back comes back to the waiter;
+    # a busy lease of its own would only make a round trip. Without waiters
+    # (shrinking), everyone is asked.
+    idle = {s.id: idle_count(s) for s in sessions.values() if s.held(res.name)}
+    holders = [
+        s for s in sessions.values()
+        if s.held(res.name) > res.limits.min_per_process
+        and (s.id != head or excess or idle.get(s.id))
+    ]
     # Idle leases first (free to give), then sessions not waiting themselves
     # (no churn), then the largest holders.
-    holders.sort(key=lambda s: (-idle_count(s), s.id in waiting_sessions, -s.held(res.name), s.id))
+    holders.sort(key=lambda s: (-idle.get(s.id, 0), s.id in waiting_sessions, -s.held(res.name), s.id))
     plan: dict[int, int] = {}
     for s in holders:
         if need <= 0:
             break
         give = min(need, s.held(res.name) - res.limits.min_per_process)
+        if s.id == head and not excess:
+            give = min(give, idle[s.id])
         plan[s.id] = give
         need -= give
     # Nobody but the head holds what could be given: sparing it would leave

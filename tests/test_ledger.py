@@ -566,6 +566,25 @@ def test_a_waiting_holder_is_asked_unless_it_is_next_in_line() -> None:
     assert lg.sessions[a].asked.get("pg", 0) == 0 and lg.sessions[b].asked["pg"] == 1
 
 
+def test_the_head_session_is_asked_for_what_it_holds_idle() -> None:
+    """Two pools of one process on one resource: one sits on idle connections
+    while the other waits. The process is asked for its idle leases (not its
+    busy ones), and the lease it gives back goes to its own waiter."""
+    lg = ledger(pg=3)
+    a, b = session(lg), session(lg)
+    l1, l2 = grant(lg, a, 1), grant(lg, a, 2)
+    grant(lg, b, 1)
+    lg.report(a, [[l1, IDLE, None, None], [l2, BUSY, None, None]], T0)
+    lg.report(b, [[lid, BUSY, None, None] for lid in lg.sessions[b].leases], T0)
+    assert of(AskReclaim, lg.acquire(a, 3, "pg", T0, timeout=5)) == [AskReclaim(a, "pg", 1)]
+    assert granted(lg.release(a, l1, T0 + 0.01)).session == a
+    assert lg.sessions[a].asked.get("pg", 0) == 0
+    # With nothing idle, the waiting session is not asked for its busy leases
+    # (b, busy and not waiting, is: it gives back at checkin).
+    assert of(AskReclaim, lg.acquire(a, 4, "pg", T0, timeout=5)) == [AskReclaim(b, "pg", 1)]
+    assert lg.sessions[a].asked.get("pg", 0) == 0
+
+
 def test_busy_holders_that_also_wait_cannot_starve_an_empty_session() -> None:
     """Three sessions hold a lease each and queue for more; a fourth holds none.
     Each give-back serves the head waiter, so the fourth is served in turn."""

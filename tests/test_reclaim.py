@@ -75,6 +75,33 @@ def test_idle_slots_are_reclaimed_within_milliseconds(start_coordinator: Any, so
     assert waited < 1.0, f"reclaim took {waited:.3f}s (idle_timeout is 300s)"
 
 
+def test_a_pool_sitting_on_idle_slots_gives_one_to_a_sibling_pool(start_coordinator: Any,
+                                                                  sock_path: str) -> None:
+    """Two pools of one process on one resource (two engines, say): the second
+    used to wait its whole timeout while the first held the cap idle, though a
+    pool in another process would have been served in milliseconds."""
+    start_coordinator({"r": 2})
+    first, second = local_pool(sock_path), local_pool(sock_path)
+    probe = Client(sock_path)
+    try:
+        held = [first.acquire(), first.acquire()]
+        for w in held:
+            first.release(w)
+        deadline = time.monotonic() + 5
+        while {r["state"] for r in probe.inspect("leases")["leases"]} != {"idle"}:
+            assert time.monotonic() < deadline, "the idle states never reached the coordinator"
+            time.sleep(0.02)
+        t0 = time.monotonic()
+        with second.connection(timeout=4):
+            waited = time.monotonic() - t0
+        assert first.get_size() == 1
+    finally:
+        second.close()
+        first.close()
+        probe.close()
+    assert waited < 2.0, f"the sibling pool waited {waited:.2f}s"
+
+
 def test_busy_process_gives_back_at_checkin(start_coordinator: Any, sock_path: str) -> None:
     start_coordinator({"r": Resource(max_size=3, fairness_quantum=0.05)})
     with holder(sock_path, 3, 3, "busy", seconds=20) as proc:
