@@ -200,3 +200,25 @@ def test_a_refused_wait_is_a_redis_connection_error(start_coordinator: Any, sock
         holder.disconnect()
         pool.disconnect()
     assert wait_leased(sock_path, 0) == 0
+
+
+def test_reset_gives_back_the_idle_connections_leases(start_coordinator: Any, sock_path: str,
+                                                      redis_name: str) -> None:
+    """redis-py's reset() forgets the pool's connections: the idle ones kept
+    their sockets and leases (the lease book still tracked them), so the pool
+    could not connect again until the process exited."""
+    start_coordinator({"redis": 3})
+    pool = make_pool(sock_path, redis_name, max_connections=3, timeout=2)
+    try:
+        conns = [pool.get_connection() for _ in range(3)]
+        for conn in conns:
+            conn.send_command("PING")
+            conn.read_response()
+            pool.release(conn)
+        assert clients_named(redis_name) == 3
+        pool.reset()
+        assert clients_named(redis_name) == 0
+        assert pool.lease_stats()["leases_held"] == 0
+        assert redis.Redis(connection_pool=pool).ping()  # a fresh connection, a fresh lease
+    finally:
+        pool.disconnect()

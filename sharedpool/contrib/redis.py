@@ -237,6 +237,19 @@ class BlockingConnectionPool(redis.BlockingConnectionPool):
     def _sp_connected(self, conn: Any) -> bool:
         return conn is not None and getattr(conn, "_conn", conn)._sock is not None
 
+    def reset(self) -> None:
+        """redis-py's reset: the pool forgets its connections (at init, after a
+        fork, or when a caller asks). In the process that made them, the idle
+        ones are disconnected first (confirmed, their leases back): forgotten,
+        they kept their sockets and leases, which the lease book still counts."""
+        if getattr(self, "pid", None) == os.getpid() and hasattr(self, "pool"):
+            for conn in self._sp_idle():
+                try:
+                    conn.disconnect()
+                except Exception:  # noqa: BLE001 - reset the rest whatever one does
+                    log.exception("disconnecting a connection at reset failed")
+        super().reset()
+
     def _sp_idle(self) -> Iterable[Any]:
         if self.pid != os.getpid():
             return []
