@@ -53,6 +53,8 @@ class _Entry:
 class _Wait:
     owner: Any = None
     offered: Any = None
+    #: how to put ``offered`` back where it came from, if the waiter never takes it
+    back: Callable[[], object] | None = None
     lease: Lease | None = None
     error: BaseException | None = None
     done: bool = False
@@ -498,9 +500,11 @@ class LeaseBook:
             return self._wait_lease_or_local(wait, local, request, client)
         except BaseException:
             # Interrupted (a signal handler's exception: celery's soft time limit,
-            # KeyboardInterrupt...): nobody will take a lease granted from now on.
+            # KeyboardInterrupt...): nobody will take a lease granted from now on,
+            # nor the connection a checkin handed us a moment ago.
             lease_back = None
             with cond:
+                offered, back, wait.offered = wait.offered, wait.back, None
                 if not wait.abandoned:
                     wait.abandoned = True
                     if not wait.done:
@@ -512,6 +516,11 @@ class LeaseBook:
             if lease_back is not None:
                 self._release(client, lease_back)
                 self.count("leases_unused")
+            if offered is not None and back is not None:
+                try:
+                    back()  # checked in again: to another waiter, or to the pool
+                except Exception:  # noqa: BLE001 - the caller's exception goes on
+                    log.exception("returning a connection handed to an interrupted wait failed")
             raise
 
     def _wait_lease_or_local(self, wait: _Wait, local: Callable[[], Any],
@@ -523,7 +532,7 @@ class LeaseBook:
             self._waiting += 1
             try:
                 while True:
-                    got = wait.offered
+                    got, wait.offered = wait.offered, None  # an offer is ours from here
                     if got is None and not wait.done:
                         got = local()
                     if got is not None:
@@ -555,19 +564,20 @@ class LeaseBook:
             self.count("leases_unused")
         return got
 
-    def offer(self, conn: Any, owner: Any = None) -> bool:
+    def offer(self, conn: Any, owner: Any = None, back: Callable[[], object] | None = None) -> bool:
         """Hand a connection being checked in straight to the oldest acquire
         waiting with ``local`` (it returns it). Without this, the thread that
         checks in takes its connection straight back, the waiter never gets
         one, and its process stays queued at the coordinator, never asked to
-        give back. False (nearly free) when nobody waits."""
+        give back. False (nearly free) when nobody waits. ``back``: checks the
+        connection in again if the waiter is interrupted before it takes it."""
         if not self._waiting:
             return False
         with self._returned:
             for wait in self._waits:
                 if (wait.owner is owner and not wait.done and not wait.abandoned
                         and wait.offered is None):
-                    wait.offered = conn
+                    wait.offered, wait.back = conn, back
                     self._returned.notify_all()
                     return True
         return False

@@ -210,7 +210,8 @@ class BlockingConnectionPool(redis.BlockingConnectionPool):
                 self._sp_book.count("leases_reclaimed")
                 connection.disconnect()
             elif (inner._sock is not None and self.owns_connection(connection)
-                  and not connection.should_reconnect() and self._sp_book.offer(connection, owner=self)):
+                  and not connection.should_reconnect() and self._sp_book.offer(connection, owner=self,
+                                                          back=lambda: self.release(connection))):
                 return  # handed, still in use, to a thread waiting for a lease
         super().release(connection)
         if self.pid != os.getpid():

@@ -249,7 +249,8 @@ class LeasedQueuePool(QueuePool):
                 record.close()
             finally:
                 self._sp_put_back_empty(record)
-        elif conn is None or not book.offer(record, owner=self):  # to a thread waiting for a lease first
+        elif conn is None or not book.offer(record, owner=self,  # to a thread waiting for a lease first
+                                            back=lambda: self._do_return_conn(record)):
             super()._do_return_conn(record)
             book.notify_returned()
 
