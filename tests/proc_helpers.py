@@ -149,3 +149,13 @@ def read_until_closed(s: socket.socket, timeout: float = 5.0) -> bytes:
             break
         data += chunk
     return data
+
+
+def held_once_confirmed(held: Callable[[], int], timeout: float = 10.0) -> int:
+    """Leases a pool still holds after its close, once the server has confirmed
+    the closes: a lease is held until the server lets go (I1), which on a loaded
+    machine can outlast close() (the rest is confirmed in the background)."""
+    deadline = time.monotonic() + timeout
+    while (count := held()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return count

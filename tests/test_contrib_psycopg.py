@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 from pg_helpers import BackendSampler, pg_dsn
-from proc_helpers import exit_mid_query, hammer, leased, run_forked, wait_leased
+from proc_helpers import exit_mid_query, hammer, held_once_confirmed, leased, run_forked, wait_leased
 from psycopg_pool import PoolClosed
 
 from sharedpool import Client, Resource
@@ -38,7 +38,7 @@ def _hammer(sock: str, app: str, threads: int, iterations: int) -> dict[str, Any
         done, errors = hammer(threads, iterations, query)
         stats = pool.get_stats()
     return {"done": done, "errors": errors, "stats": stats,
-            "held_after": pool.get_stats()["leases_held"]}
+            "held_after": held_once_confirmed(lambda: pool.get_stats()["leases_held"])}
 
 
 def test_forked_workers_never_exceed_the_cap(pg: str, start_coordinator: Any, sock_path: str,

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import redis
-from proc_helpers import hammer, leased, run_forked, wait_leased
+from proc_helpers import hammer, held_once_confirmed, leased, run_forked, wait_leased
 
 from sharedpool import PoolTimeout, Resource
 from sharedpool.contrib.redis import BlockingConnectionPool, LeaseTimeout
@@ -95,7 +95,7 @@ def _hammer(pool: BlockingConnectionPool, name: str, threads: int, iterations: i
     count = int(r.get(key) or 0)
     pool.disconnect()
     return {"done": done, "count": count, "errors": errors, "stats": stats,
-            "held_after": pool.lease_stats()["leases_held"]}
+            "held_after": held_once_confirmed(lambda: pool.lease_stats()["leases_held"])}
 
 
 def test_forked_workers_never_exceed_the_cap(start_coordinator: Any, sock_path: str,

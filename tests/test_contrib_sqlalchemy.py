@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 from pg_helpers import BackendSampler, pg_dsn
-from proc_helpers import exit_mid_query, hammer, leased, run_forked, wait_leased
+from proc_helpers import exit_mid_query, hammer, held_once_confirmed, leased, run_forked, wait_leased
 from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
 
@@ -46,13 +46,8 @@ def _hammer(engine: Engine, threads: int, iterations: int) -> dict[str, Any]:
     assert isinstance(pool, LeasedQueuePool)
     stats = pool.lease_stats()
     engine.dispose()
-    # A lease is held until the server confirms the close (I1); on a loaded
-    # machine that can outlast dispose() (the rest is confirmed in the background).
-    deadline = time.monotonic() + 10
-    while pool.lease_stats()["leases_held"] and time.monotonic() < deadline:
-        time.sleep(0.02)
     return {"done": done, "errors": errors, "stats": stats,
-            "held_after": pool.lease_stats()["leases_held"]}
+            "held_after": held_once_confirmed(lambda: pool.lease_stats()["leases_held"])}
 
 
 def test_forked_workers_never_exceed_the_cap(pg: str, start_coordinator: Any, sock_path: str,
