@@ -55,6 +55,10 @@ def socket_fd(conn: object) -> int | None:
 LATE_TIMEOUT = 60.0
 
 
+class NotClosable(TypeError):
+    """The object has neither ``close()`` nor ``disconnect()``: nothing was done."""
+
+
 def close_and_confirm(conn: object, timeout: float, *,
                       on_late: Callable[[bool], object] | None = None) -> bool:
     """Close ``conn``; return True once the server side is confirmed gone.
@@ -70,7 +74,11 @@ def close_and_confirm(conn: object, timeout: float, *,
     backend reads our Terminate now rather than when the query ends. With
     ``on_late``, a close not confirmed within ``timeout`` goes on being
     watched in a background thread (up to :data:`LATE_TIMEOUT`), which then
-    calls ``on_late(confirmed)``: the caller keeps the lease until then.
+    calls ``on_late(confirmed)``: the caller keeps the lease until then. So
+    does an exception that interrupts the close (a signal handler's: celery's
+    soft time limit, Ctrl-C): our end is shut for writing, the watcher takes
+    over, and the exception goes on. With ``on_late``, anything raised but
+    :class:`NotClosable` means ``on_late`` has been or will be called.
     """
     close = getattr(conn, "close", None)
     # redis-py's Connection has disconnect(), which does shutdown(SHUT_RDWR): after
@@ -80,10 +88,12 @@ def close_and_confirm(conn: object, timeout: float, *,
     if close_after:
         close = getattr(conn, "disconnect", None)
     if not callable(close):
-        raise TypeError(f"close_and_confirm: {type(conn).__name__} has no close() method")
+        raise NotClosable(f"close_and_confirm: {type(conn).__name__} has no close() method")
     deadline = time.monotonic() + max(timeout, 0.0)
-    sock = _dup_socket(conn)
+    sock = None
+    handed = False  # to a watcher thread, which calls on_late
     try:
+        sock = _dup_socket(conn)
         _cancel_if_busy(conn)
         if not close_after:
             _call_close(close, conn)
@@ -97,19 +107,36 @@ def close_and_confirm(conn: object, timeout: float, *,
                 sock.shutdown(socket.SHUT_WR)
             confirmed = _wait_eof(sock, deadline)
             if not confirmed and on_late is not None:
-                watched, sock = sock, None  # the watcher owns the dup now
                 # A disconnect() that shuts the socket down would fake the EOF:
                 # the watcher calls it after the real one.
                 after = (close, conn) if close_after else None
                 close_after = False
-                threading.Thread(target=_watch_late, args=(watched, on_late, after), daemon=True,
-                                 name="sharedpool-close-confirm").start()
+                watched, sock, handed = sock, None, True  # the watcher owns the dup now
+                _start_watcher(watched, on_late, after)
         if close_after:
             _call_close(close, conn)
         return confirmed
+    except BaseException:
+        # Cut short (a signal handler's exception): the lease must neither leak
+        # nor go back before the server lets go.
+        if on_late is not None and not handed:
+            if sock is None:
+                on_late(True)  # no socket: nothing to confirm
+            else:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_WR)
+                watched, sock = sock, None
+                _start_watcher(watched, on_late, (close, conn) if close_after else None)
+        raise
     finally:
         if sock is not None:
             sock.close()  # the dup must never leak, whatever happened above
+
+
+def _start_watcher(sock: socket.socket, on_late: Callable[[bool], object],
+                   after: tuple[Callable[[], object], object] | None) -> None:
+    threading.Thread(target=_watch_late, args=(sock, on_late, after), daemon=True,
+                     name="sharedpool-close-confirm").start()
 
 
 def _watch_late(sock: socket.socket, on_late: Callable[[bool], object],

@@ -21,7 +21,7 @@ from typing import Any, Generic, TypeVar
 
 from . import giveback, maintenance, process
 from .client import _PID, AcquireRequest, Client, Lease, current_pid
-from .closing import ACTIVE, INERROR, INTRANS, UNKNOWN, close_and_confirm, transaction_status
+from .closing import ACTIVE, INERROR, INTRANS, UNKNOWN, NotClosable, close_and_confirm, transaction_status
 from .config import SOCKET_ENV, PoolConfig, check_resource_name, check_socket_path, env_socket_path
 from .errors import (
     AcquireCancelled,
@@ -803,9 +803,16 @@ class ConnectionPool(Generic[T]):
         try:
             confirmed = close_and_confirm(wrapper.conn, self.config.close_confirm_timeout,
                                           on_late=late if keep else None)
-        except Exception:  # noqa: BLE001 - e.g. an object with no close(): still give the lease back
+        except NotClosable:  # nothing to close: give the lease back
             log.exception("pool %r: closing connection %s failed", self.name, wrapper.id[:8])
             confirmed = True
+        except BaseException:
+            # Cut short (a signal handler's exception): close_and_confirm left
+            # the confirmation to a watcher, which calls late(); the caller
+            # gets the exception.
+            if not keep and giving:
+                late(False)
+            raise
         if confirmed:
             self._handoff.closed(time.monotonic() - t0)
             self._handoff.tell(client, self.resource)

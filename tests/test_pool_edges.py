@@ -602,3 +602,49 @@ def test_an_error_after_the_connect_keeps_the_lease_with_the_open_connection(
     finally:
         probe.close()
         pool.close()
+
+
+@pytest.mark.parametrize("base", [KeyboardInterrupt, Exception])
+def test_a_signal_during_a_close_keeps_the_lease_until_the_server_lets_go(
+        start_coordinator: Any, sock_path: str, base: type[BaseException]) -> None:
+    """A connection past max_lifetime is closed at checkin, and the checkin waits
+    for the server to drop it; a signal handler's exception (celery's soft time
+    limit is an Exception) arrives meanwhile. It reaches the caller, and the
+    lease stays held until the server lets go: it leaked for good
+    (KeyboardInterrupt), or went back at once with the server still holding the
+    connection (an Exception, swallowed)."""
+    import socket
+
+    class SoftLimit(base):  # type: ignore[misc,valid-type]
+        pass
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise SoftLimit
+
+    start_coordinator({"r": 2})
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    kept: list[socket.socket] = []  # the server's ends, open until the test drops them
+    pool = ConnectionPool(lambda: socket.create_connection(server.getsockname()),
+                          PoolConfig(min_size=0, max_size=1, max_lifetime=0.1,
+                                     close_confirm_timeout=3.0),
+                          resource="r", coordinator=sock_path)
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        wrapper = pool.acquire()
+        kept.append(server.accept()[0])
+        time.sleep(0.2)  # past max_lifetime: the checkin closes it
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with pytest.raises(SoftLimit):
+            pool.release(wrapper)
+        assert wait_leased(sock_path, 1, timeout=0.5) == 1  # the server has not let go
+        kept.pop().close()
+        assert wait_leased(sock_path, 0) == 0  # now it has: the watcher gives the lease back
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        for end in kept:
+            end.close()
+        pool.close()
+        server.close()

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from .. import process
 from ..client import Client, Lease, current_pid
-from ..closing import close_and_confirm, socket_fd
+from ..closing import NotClosable, close_and_confirm, socket_fd
 from ..config import SOCKET_ENV, check_resource_name, check_socket_path, env_socket_path
 from ..errors import AcquireCancelled, ConfigError, PoolTimeout
 from ..handoff import HandOffCost
@@ -692,9 +692,11 @@ class LeaseBook:
         try:
             confirmed = close_and_confirm(target, self.confirm_timeout,
                                           on_late=late if lease is not None else None)
-        except BaseException:
-            late(False)  # no watcher was started: the lease must not leak
+        except NotClosable:
+            late(True)  # nothing was closed, nor will be: the lease must not leak
             raise
+        # Anything else cut the close short (a signal handler's exception):
+        # close_and_confirm left the confirmation, and late(), to a watcher.
         if confirmed:
             self._handoff.closed(time.monotonic() - t0)
             self._handoff.tell(client, self.resource)
