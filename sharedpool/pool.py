@@ -66,7 +66,8 @@ _monotonic = time.monotonic
 
 
 class _Waiter:
-    __slots__ = ("event", "wrapper", "error", "connect_deadline", "abandoned", "has_opener")
+    __slots__ = ("event", "wrapper", "error", "connect_deadline", "abandoned", "has_opener",
+                 "planned")
 
     def __init__(self) -> None:
         self.event = threading.Event()
@@ -75,6 +76,7 @@ class _Waiter:
         self.connect_deadline: float | None = None  # set while our opener runs the factory
         self.abandoned = False  # gave up on a connect that overran connection_timeout
         self.has_opener = False
+        self.planned = False  # an opener for it is counted in _opening and has not run yet
 
 
 class ConnectionPool(Generic[T]):
@@ -301,6 +303,8 @@ class ConnectionPool(Generic[T]):
                                   "(idle connections failed validation)")
             retry = True
             waiter = _Waiter()
+            openers: list[_Waiter] = []
+            started = False
             with self._lock:
                 if self.status is not PoolStatus.ACTIVE:
                     raise PoolClosed(f"pool {self.name!r} is {self.status.value}")
@@ -316,6 +320,7 @@ class ConnectionPool(Generic[T]):
             try:
                 if wrapper is None:
                     self._start_openers(openers, deadline)
+                    started = True
                     wrapper = checking = self._wait(waiter, deadline, start)
                 now = time.monotonic()
                 fresh = wrapper.last_used == wrapper.created_at  # never checked in: just connected
@@ -327,6 +332,8 @@ class ConnectionPool(Generic[T]):
                 # time limit, KeyboardInterrupt): no connection may stay handed
                 # to a caller that is gone.
                 self._forsake(waiter, checking)
+                if not started:  # cut short before _start_openers could see to its own
+                    self._unplan(openers)
                 raise
             if not valid:
                 self._discard(wrapper)
@@ -395,19 +402,41 @@ class ConnectionPool(Generic[T]):
             return []
         self._opening += n
         chosen = [w for w in self._waiters if not w.has_opener][:n]
-        for w in chosen:
-            w.has_opener = True
         # An opener always delivers to the oldest waiter; its own waiter only
         # decides where a connect error or timeout is reported.
-        return chosen + [_Waiter() for _ in range(n - len(chosen))]
+        openers = chosen + [_Waiter() for _ in range(n - len(chosen))]
+        for w in openers:
+            w.has_opener = w.planned = True
+        return openers
+
+    def _unplan(self, openers: list[_Waiter]) -> None:
+        """The caller was cut short (a signal handler's exception, no thread to be
+        had) between planning ``openers`` and their threads running: those that
+        never ran must not count as opening, or a lone caller would wait for
+        them for ever. One that runs later finds itself unplanned and stops."""
+        with self._lock:
+            for w in openers:
+                if w.planned:
+                    w.planned = w.has_opener = False
+                    self._opening -= 1
+            more = self._plan_growth()  # other callers' waiters may have counted on them
+        self._start_openers(more, time.monotonic() + self.config.acquire_timeout)
 
     def _start_openers(self, waiters: list[_Waiter], deadline: float) -> None:
-        for waiter in waiters:
-            threading.Thread(target=self._open, args=(waiter, deadline),
-                             name=f"sharedpool-open-{self.resource}", daemon=True).start()
+        try:
+            for waiter in waiters:
+                threading.Thread(target=self._open, args=(waiter, deadline),
+                                 name=f"sharedpool-open-{self.resource}", daemon=True).start()
+        except BaseException:
+            self._unplan(waiters)
+            raise
 
     def _open(self, waiter: _Waiter, deadline: float) -> None:
         """Opener thread: lease, then factory; deliver to the oldest waiter."""
+        with self._lock:
+            if not waiter.planned:
+                return  # unplanned: its starter was cut short and uncounted it
+            waiter.planned = False
         lease = None
         try:
             client = self._get_client()

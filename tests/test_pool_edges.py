@@ -648,3 +648,39 @@ def test_a_signal_during_a_close_keeps_the_lease_until_the_server_lets_go(
             end.close()
         pool.close()
         server.close()
+
+
+@pytest.mark.parametrize("where", ["entry", "thread-start"])
+def test_a_signal_before_the_opener_runs_does_not_wedge_the_pool(where: str) -> None:
+    """A signal handler's exception as the caller starts the opener thread (at
+    _start_openers' entry, or inside Thread.start(), which waits for the thread
+    and is where handlers run) left one phantom 'opening': every later lone
+    acquire waited its whole timeout for an opener that never ran."""
+    import sys
+
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=2, acquire_timeout=1))
+    target = (ConnectionPool._start_openers if where == "entry" else threading.Thread.start).__code__
+    fired = []
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if event == "call" and frame.f_code is target and not fired:
+            if where == "entry" and not frame.f_locals.get("waiters"):
+                return None
+            fired.append(True)
+            raise KeyboardInterrupt  # as a handler running at that instruction would
+        return None
+
+    try:
+        sys.settrace(tracer)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                pool.acquire(timeout=1)
+        finally:
+            sys.settrace(None)
+        assert fired and "0 opening" in repr(pool), repr(pool)
+        start = time.monotonic()
+        with pool.connection(timeout=3):
+            pass
+        assert time.monotonic() - start < 2
+    finally:
+        pool.close()
