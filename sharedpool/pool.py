@@ -319,7 +319,7 @@ class ConnectionPool(Generic[T]):
             checking = wrapper
             try:
                 if wrapper is None:
-                    self._start_openers(openers, deadline)
+                    self._start_openers(openers, deadline, replan=False)
                     started = True
                     wrapper = checking = self._wait(waiter, deadline, start)
                 now = time.monotonic()
@@ -332,7 +332,7 @@ class ConnectionPool(Generic[T]):
                 # time limit, KeyboardInterrupt): no connection may stay handed
                 # to a caller that is gone.
                 self._forsake(waiter, checking)
-                if not started:  # cut short before _start_openers could see to its own
+                if not started:  # cut short before its openers ran: uncount them, with our waiter gone
                     self._unplan(openers)
                 raise
             if not valid:
@@ -409,7 +409,7 @@ class ConnectionPool(Generic[T]):
             w.has_opener = w.planned = True
         return openers
 
-    def _unplan(self, openers: list[_Waiter]) -> None:
+    def _unplan(self, openers: list[_Waiter], replan: bool = True) -> None:
         """The caller was cut short (a signal handler's exception, no thread to be
         had) between planning ``openers`` and their threads running: those that
         never ran must not count as opening, or a lone caller would wait for
@@ -419,16 +419,18 @@ class ConnectionPool(Generic[T]):
                 if w.planned:
                     w.planned = w.has_opener = False
                     self._opening -= 1
-            more = self._plan_growth()  # other callers' waiters may have counted on them
+            more = self._plan_growth() if replan else []  # other waiters may have counted on them
         self._start_openers(more, time.monotonic() + self.config.acquire_timeout)
 
-    def _start_openers(self, waiters: list[_Waiter], deadline: float) -> None:
+    def _start_openers(self, waiters: list[_Waiter], deadline: float, replan: bool = True) -> None:
+        """``replan``: if cut short, plan again for the waiters (False: the caller
+        does, once its own waiter is out of the queue)."""
         try:
             for waiter in waiters:
                 threading.Thread(target=self._open, args=(waiter, deadline),
                                  name=f"sharedpool-open-{self.resource}", daemon=True).start()
         except BaseException:
-            self._unplan(waiters)
+            self._unplan(waiters, replan)
             raise
 
     def _open(self, waiter: _Waiter, deadline: float) -> None:
