@@ -222,3 +222,41 @@ def test_reset_gives_back_the_idle_connections_leases(start_coordinator: Any, so
         assert redis.Redis(connection_pool=pool).ping()  # a fresh connection, a fresh lease
     finally:
         pool.disconnect()
+
+
+def test_a_signal_as_the_lease_wait_starts_leaks_no_lease(start_coordinator: Any, sock_path: str,
+                                                          redis_name: str) -> None:
+    """A signal handler's exception inside Thread.start() (it waits for the new
+    thread: handlers run there) as a checkout starts waiting for its lease: the
+    acquire already sent is withdrawn, or its lease given back. It was held for
+    good, with no connection under it."""
+    import sys
+
+    from sharedpool.contrib import _leases
+
+    start_coordinator({"redis": 2})
+    pool = make_pool(sock_path, redis_name, max_connections=2, timeout=2)
+    client = redis.Redis(connection_pool=pool)
+    waiting_code = _leases.LeaseBook._lease_or_local.__code__
+    fired = []
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if (event == "call" and frame.f_code is threading.Thread.start.__code__ and not fired
+                and frame.f_back is not None and frame.f_back.f_code is waiting_code):
+            fired.append(True)
+            raise KeyboardInterrupt
+        return None
+
+    try:
+        sys.settrace(tracer)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                client.ping()
+        finally:
+            sys.settrace(None)
+        assert fired
+        assert wait_leased(sock_path, 0) == 0
+        assert client.ping()  # and the pool goes on
+    finally:
+        pool.disconnect()
+    assert wait_leased(sock_path, 0) == 0

@@ -438,9 +438,16 @@ class LeaseBook:
                 if not isinstance(got, _Granted):
                     return got
                 lease = got.lease
-        with self._lock:
-            old = self._entries.pop(id(key), None)
-            self._entries[id(key)] = _Entry(key, lease, client=client if lease is not None else None)
+        try:
+            with self._lock:
+                old = self._entries.pop(id(key), None)
+                self._entries[id(key)] = _Entry(key, lease, client=client if lease is not None else None)
+        except BaseException:
+            # Cut short before the lease was recorded (a signal handler's exception):
+            # nothing will open under it, nor release it.
+            if lease is not None and client is not None and id(key) not in self._entries:
+                self._release(client, lease)
+            raise
         if old is not None and old.key is key and old.lease is not None and client is not None:
             log.warning("a %r connection re-opened without being closed; releasing its old lease",
                         self.resource)
@@ -469,7 +476,7 @@ class LeaseBook:
         session is never asked to give leases back)."""
         wait = _Wait(owner=owner)
         cond = self._returned
-        request = _CancellableAcquire(client, self.resource, timeout)
+        withdraw = False
 
         def helper() -> None:
             t0 = time.monotonic()
@@ -494,9 +501,13 @@ class LeaseBook:
                 self._release(client, lease)
                 self.count("leases_unused")
 
-        threading.Thread(target=helper, name=f"sharedpool-lease-{self.resource}", daemon=True).start()
-        withdraw = False
+        # Sends the acquire. From here on in the try: Thread.start() waits for the
+        # thread, and signal handlers run there; a lease granted after such an
+        # exception goes back.
+        request = _CancellableAcquire(client, self.resource, timeout)
         try:
+            threading.Thread(target=helper, name=f"sharedpool-lease-{self.resource}",
+                             daemon=True).start()
             return self._wait_lease_or_local(wait, local, request, client)
         except BaseException:
             # Interrupted (a signal handler's exception: celery's soft time limit,
