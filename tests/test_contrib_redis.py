@@ -220,8 +220,18 @@ def test_reset_gives_back_the_idle_connections_leases(start_coordinator: Any, so
         assert clients_named(redis_name) == 0
         assert pool.lease_stats()["leases_held"] == 0
         assert redis.Redis(connection_pool=pool).ping()  # a fresh connection, a fresh lease
+        # One checked out across a reset is closed when it comes back (redis-py
+        # would drop it as it is, socket and lease with it).
+        out = pool.get_connection()
+        out.send_command("PING")
+        out.read_response()
+        pool.reset()
+        pool.release(out)
+        assert pool.lease_stats()["leases_held"] == 0 and clients_named(redis_name) == 0
+        assert redis.Redis(connection_pool=pool).ping()
     finally:
         pool.disconnect()
+    assert wait_leased(sock_path, 0) == 0
 
 
 def test_a_signal_as_the_lease_wait_starts_leaks_no_lease(start_coordinator: Any, sock_path: str,

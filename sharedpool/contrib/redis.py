@@ -202,9 +202,20 @@ class BlockingConnectionPool(redis.BlockingConnectionPool):
         get_connection (always then: a peer may be connecting right now)."""
         return bool(getattr(self._sp_local, "handing_out", False))
 
+    def make_connection(self) -> Any:
+        connection = super().make_connection()
+        connection._sp_generation = self._sp_generation  # which reset() it belongs after
+        return connection
+
     def release(self, connection: Any) -> None:
         if self.pid == os.getpid():
             inner = getattr(connection, "_conn", connection)  # CacheProxyConnection wraps one
+            if getattr(connection, "_sp_generation", self._sp_generation) != self._sp_generation:
+                # Checked out before a reset(): the pool has forgotten it (its queue
+                # has an empty slot for it already) and redis-py would drop it as it
+                # is, socket and lease with it. Close it: the lease goes back.
+                connection.disconnect()
+                return
             if inner._sock is not None and self._sp_book.owes_back(inner):
                 # The coordinator wants a lease back: this connection pays.
                 self._sp_book.count("leases_reclaimed")
@@ -249,6 +260,8 @@ class BlockingConnectionPool(redis.BlockingConnectionPool):
                     conn.disconnect()
                 except Exception:  # noqa: BLE001 - reset the rest whatever one does
                     log.exception("disconnecting a connection at reset failed")
+        # Those checked out now are closed when they come back (see release()).
+        self._sp_generation = getattr(self, "_sp_generation", 0) + 1
         super().reset()
 
     def _sp_idle(self) -> Iterable[Any]:
