@@ -53,6 +53,8 @@ def socket_fd(conn: object) -> int | None:
 
 #: How long a close not confirmed in time is still watched in the background.
 LATE_TIMEOUT = 60.0
+#: How long it is watched in the caller's thread instead when no thread can be started.
+NO_THREAD_WAIT = 5.0
 
 
 class NotClosable(TypeError):
@@ -135,21 +137,28 @@ def close_and_confirm(conn: object, timeout: float, *,
 
 def _start_watcher(sock: socket.socket, on_late: Callable[[bool], object],
                    after: tuple[Callable[[], object], object] | None) -> None:
-    threading.Thread(target=_watch_late, args=(sock, on_late, after), daemon=True,
-                     name="sharedpool-close-confirm").start()
+    """Watch in the background; with no thread to be had, here, for at most
+    :data:`NO_THREAD_WAIT` (on_late must be called either way: the lease)."""
+    thread = threading.Thread(target=_watch_late, args=(sock, on_late, after), daemon=True,
+                              name="sharedpool-close-confirm")
+    try:
+        thread.start()
+    except RuntimeError:  # "can't start new thread": it never ran
+        _watch_late(sock, on_late, after, NO_THREAD_WAIT)
 
 
 def _watch_late(sock: socket.socket, on_late: Callable[[bool], object],
-                after: tuple[Callable[[], object], object] | None) -> None:
+                after: tuple[Callable[[], object], object] | None,
+                limit: float = LATE_TIMEOUT) -> None:
     try:
-        confirmed = _wait_eof(sock, time.monotonic() + LATE_TIMEOUT)
+        confirmed = _wait_eof(sock, time.monotonic() + limit)
     finally:
         sock.close()
         if after is not None:
             _call_close(*after)
     if not confirmed:
         log.warning("a closed connection's server end is still open after %.0fs more; "
-                    "giving its lease back", LATE_TIMEOUT)
+                    "giving its lease back", limit)
     on_late(confirmed)
 
 

@@ -483,8 +483,10 @@ class ConnectionPool(Generic[T]):
                 self._opening -= 1
                 self._closing += 1
                 openers = self._plan_growth()
-            self._close(wrapper)
-            self._start_openers(openers, deadline)
+            try:
+                self._close(wrapper)
+            finally:  # a close cut short must not strand the openers planned
+                self._start_openers(openers, deadline)
             return
         with self._lock:
             self._opening -= 1
@@ -505,19 +507,21 @@ class ConnectionPool(Generic[T]):
             openers = self._plan_growth() if closing or self.configure is None else []
         if revoked:
             giveback.warn_revoked(self, wrapper)
-        if closing:
-            self._close(wrapper)
-        elif self.configure is not None:
-            error = self._setup(wrapper, client)
-            if error is None:
-                self._park(wrapper)  # handed out, or closed if the pool closed meanwhile
-            else:  # reaches a waiter as a failed connect's error does
-                with self._lock:
-                    self._opening += 1  # _open_failed settles it as for a failed connect
-                self._open_failed(waiter, error, connected=True)
-        elif client is not None and wrapper.backend_pid is not None:
-            client.report_soon()  # the fence needs this backend pid should we die
-        self._start_openers(openers, deadline)
+        try:
+            if closing:
+                self._close(wrapper)
+            elif self.configure is not None:
+                error = self._setup(wrapper, client)
+                if error is None:
+                    self._park(wrapper)  # handed out, or closed if the pool closed meanwhile
+                else:  # reaches a waiter as a failed connect's error does
+                    with self._lock:
+                        self._opening += 1  # _open_failed settles it as for a failed connect
+                    self._open_failed(waiter, error, connected=True)
+            elif client is not None and wrapper.backend_pid is not None:
+                client.report_soon()  # the fence needs this backend pid should we die
+        finally:  # whatever failed above, the openers planned must run
+            self._start_openers(openers, deadline)
 
     def _take_lease(self, client: Client, deadline: float) -> Lease:
         """Opener thread: a lease for one more connection. Withdrawn if the pool
@@ -742,8 +746,10 @@ class ConnectionPool(Generic[T]):
             ticket.cancel()
         if kept:
             return
-        self._close(wrapper, giving=owed)
-        self._start_openers(openers, now + self.config.acquire_timeout)
+        try:
+            self._close(wrapper, giving=owed)
+        finally:  # a close cut short (a signal handler's exception) must not strand them
+            self._start_openers(openers, now + self.config.acquire_timeout)
 
     def _quantum(self, client: Client) -> float:
         return self._handoff.quantum_for(client, self.resource)
@@ -788,8 +794,10 @@ class ConnectionPool(Generic[T]):
             if validation:
                 self._m["validation_failures"] += 1
             openers = self._plan_growth()
-        self._close(wrapper)
-        self._start_openers(openers, time.monotonic() + self.config.acquire_timeout)
+        try:
+            self._close(wrapper)
+        finally:  # a close cut short (a signal handler's exception) must not strand them
+            self._start_openers(openers, time.monotonic() + self.config.acquire_timeout)
 
     def _park(self, wrapper: ConnectionWrapper[T]) -> None:
         """Hand a connection made or checked by maintenance to a waiter, or idle;

@@ -684,3 +684,98 @@ def test_a_signal_before_the_opener_runs_does_not_wedge_the_pool(where: str) -> 
         assert time.monotonic() - start < 2
     finally:
         pool.close()
+
+
+def test_a_close_cut_short_at_checkin_still_starts_the_waiters_opener(
+        start_coordinator: Any, sock_path: str) -> None:
+    """The checkin of a connection past max_lifetime closes it and plans an
+    opener for a thread waiting meanwhile; a signal handler's exception during
+    the close's confirmation skipped starting it, and with max_size=1 the pool
+    never handed out a connection again."""
+    import socket
+
+    class SoftLimit(Exception):
+        pass
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise SoftLimit
+
+    start_coordinator({"r": 2})
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    kept: list[socket.socket] = []
+    pool = ConnectionPool(lambda: socket.create_connection(server.getsockname()),
+                          PoolConfig(min_size=0, max_size=1, max_lifetime=0.1,
+                                     close_confirm_timeout=3.0, acquire_timeout=5),
+                          resource="r", coordinator=sock_path)
+    served: list[float] = []
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        wrapper = pool.acquire()
+        kept.append(server.accept()[0])
+
+        def waiter() -> None:
+            t0 = time.monotonic()
+            with pool.connection(timeout=5):
+                served.append(time.monotonic() - t0)
+
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        time.sleep(0.2)  # queued behind our checkout; our connection is past max_lifetime
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with pytest.raises(SoftLimit):
+            pool.release(wrapper)
+        thread.join(8)
+        assert served and served[0] < 4, served
+        assert "0 opening" in repr(pool), repr(pool)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        for end in kept:
+            end.close()
+        pool.close()
+        server.close()
+
+
+def test_no_thread_for_the_close_watcher_still_gives_the_lease_back(
+        start_coordinator: Any, sock_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A close not confirmed in time is watched in a background thread; when no
+    thread can be started (a thread limit), it is watched in the caller's
+    thread instead, bounded, and the lease goes back once the server lets go.
+    It was held for good."""
+    import socket
+
+    server_ends: list[socket.socket] = []
+
+    class Conn:
+        def __init__(self) -> None:
+            self.sock, end = socket.socketpair()
+            server_ends.append(end)
+
+        def fileno(self) -> int:
+            return self.sock.fileno()
+
+        def close(self) -> None:
+            self.sock.close()
+
+    start_coordinator({"r": 1})
+    pool = ConnectionPool(Conn, PoolConfig(min_size=0, max_size=1, close_confirm_timeout=0.2),
+                          resource="r", coordinator=sock_path)
+    pool.release(pool.acquire())
+    real_start = threading.Thread.start
+
+    def start(self: threading.Thread) -> None:
+        if self.name == "sharedpool-close-confirm":
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+
+    letting_go = threading.Timer(0.6, lambda: [end.close() for end in server_ends])
+    letting_go.start()
+    monkeypatch.setattr(threading.Thread, "start", start)
+    try:
+        pool.close(timeout=2)
+    finally:
+        monkeypatch.undo()
+        letting_go.join(5)
+    assert wait_leased(sock_path, 0, timeout=2) == 0
