@@ -149,8 +149,7 @@ class Client:
 
     def __init__(self, socket_path: str | None = None, *, name: str | None = None,
                  connect_timeout: float | None = 5.0) -> None:
-        self.socket_path = check_socket_path(
-            "socket_path", default_socket_path() if socket_path is None else socket_path)
+        self.socket_path = _socket_path(socket_path)
         self.name = name or os.path.basename(sys.argv[0] or "python")
         if connect_timeout is not None and not 0 < connect_timeout < math.inf:  # NaN fails too
             raise ConfigError("connect_timeout", f"must be a number of seconds > 0 or None, "
@@ -217,8 +216,7 @@ class Client:
     @classmethod
     def for_path(cls, socket_path: str | None = None) -> Client:
         """This process's shared client for ``socket_path`` (made on first use)."""
-        path = check_socket_path(
-            "socket_path", default_socket_path() if socket_path is None else socket_path)
+        path = _socket_path(socket_path)
         with _REGISTRY_LOCK:
             client = _SHARED.get(path)
             if client is None or client._closed:
@@ -933,6 +931,11 @@ class Client:
         if closed:
             self._closed = True
             self._close_wake()
+
+
+def _socket_path(given: Any) -> str:
+    """The path given (checked, as a str), else the default one."""
+    return check_socket_path("socket_path", default_socket_path() if given is None else given)
 
 
 def _bound(timeout: float | None, deadline: float | None) -> float | None:

@@ -27,13 +27,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("sharedpool.pool")
 
 
-def start(pool: ConnectionPool[Any]) -> threading.Thread:
-    """Start ``pool``'s maintenance thread; it stops when ``pool._stop`` is set,
-    the pool is collected, or the process is a forked child."""
-    thread = threading.Thread(target=_run, args=(weakref.ref(pool), pool._stop),
-                              name=f"sharedpool-maintain-{pool.resource}", daemon=True)
-    thread.start()
-    return thread
+def thread_for(pool: ConnectionPool[Any]) -> threading.Thread:
+    """``pool``'s maintenance thread, not started; it stops when ``pool._stop`` is
+    set, the pool is collected, or the process is a forked child."""
+    return threading.Thread(target=_run, args=(weakref.ref(pool), pool._stop),
+                            name=f"sharedpool-maintain-{pool.resource}", daemon=True)
 
 
 def _run(ref: weakref.ref[ConnectionPool[Any]], stop: threading.Event) -> None:

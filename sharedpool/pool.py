@@ -287,8 +287,6 @@ class ConnectionPool(Generic[T]):
         return self._acquire_slow(timeout, _monotonic())
 
     def _acquire_slow(self, timeout: float | None, start: float, retry: bool = False) -> ConnectionWrapper[T]:
-        if self._client is None and self._coordinator is None:
-            env_socket_path()  # a bad $SHAREDPOOL_SOCKET is the caller's error, not an opener's
         if self._maintenance is None:  # a forked child's first checkout
             self._start_maintenance()
         wait = self.config.acquire_timeout if timeout is None else timeout
@@ -483,10 +481,7 @@ class ConnectionPool(Generic[T]):
                 self._opening -= 1
                 self._closing += 1
                 openers = self._plan_growth()
-            try:
-                self._close(wrapper)
-            finally:  # a close cut short must not strand the openers planned
-                self._start_openers(openers, deadline)
+            self._close_then_open(wrapper, openers, deadline)
             return
         with self._lock:
             self._opening -= 1
@@ -746,10 +741,7 @@ class ConnectionPool(Generic[T]):
             ticket.cancel()
         if kept:
             return
-        try:
-            self._close(wrapper, giving=owed)
-        finally:  # a close cut short (a signal handler's exception) must not strand them
-            self._start_openers(openers, now + self.config.acquire_timeout)
+        self._close_then_open(wrapper, openers, now + self.config.acquire_timeout, giving=owed)
 
     def _quantum(self, client: Client) -> float:
         return self._handoff.quantum_for(client, self.resource)
@@ -794,10 +786,7 @@ class ConnectionPool(Generic[T]):
             if validation:
                 self._m["validation_failures"] += 1
             openers = self._plan_growth()
-        try:
-            self._close(wrapper)
-        finally:  # a close cut short (a signal handler's exception) must not strand them
-            self._start_openers(openers, time.monotonic() + self.config.acquire_timeout)
+        self._close_then_open(wrapper, openers, time.monotonic() + self.config.acquire_timeout)
 
     def _park(self, wrapper: ConnectionWrapper[T]) -> None:
         """Hand a connection made or checked by maintenance to a waiter, or idle;
@@ -823,6 +812,16 @@ class ConnectionPool(Generic[T]):
                     self._closing -= 1
                     self._m["total_closed"] += 1
                 self._returned.notify_all()
+
+    def _close_then_open(self, wrapper: ConnectionWrapper[T], openers: list[_Waiter],
+                         deadline: float, giving: bool = False) -> None:
+        """Close ``wrapper``, then start the ``openers`` planned with its slot, even
+        if the close is cut short (a signal handler's exception goes on to the
+        caller; the waiters still get their openers)."""
+        try:
+            self._close(wrapper, giving)
+        finally:
+            self._start_openers(openers, deadline)
 
     def _close_counted(self, wrapper: ConnectionWrapper[T], giving: bool) -> None:
         lease, client = wrapper.lease, self._client
@@ -978,8 +977,10 @@ class ConnectionPool(Generic[T]):
 
     def _start_maintenance(self) -> None:
         with self._lock:  # once, and never for a pool closed meanwhile
-            if self._maintenance is None and self.status is PoolStatus.ACTIVE:
-                self._maintenance = maintenance.start(self)
+            if self._maintenance is not None or self.status is not PoolStatus.ACTIVE:
+                return
+            self._maintenance = thread = maintenance.thread_for(self)
+        thread.start()  # outside the lock: start() waits for the new thread
 
     # ------------------------------------------------------------------ fork
 

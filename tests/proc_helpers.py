@@ -1,16 +1,19 @@
 """Helpers shared by the integration tests: the coordinator's lease count,
 running a function in forked children (multiprocessing, fork start method),
 threads hammering a pool, a worker exiting mid-query, a thread whose
-exception the test looks at, and reading a raw socket until the peer closes it."""
+exception the test looks at, reading a raw socket until the peer closes it, a
+SIGALRM that raises (a signal handler's exception, as celery's soft time
+limit), and a server slow to let go of a closed client."""
 
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from sharedpool import Client
@@ -159,3 +162,46 @@ def held_once_confirmed(held: Callable[[], int], timeout: float = 10.0) -> int:
     while (count := held()) and time.monotonic() < deadline:
         time.sleep(0.02)
     return count
+
+
+@contextmanager
+def alarm_raises(exc: type[BaseException]) -> Iterator[None]:
+    """Within: SIGALRM raises ``exc`` (arm it with ``signal.setitimer``); the
+    timer and the old handler are put back at the end."""
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise exc
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+class HoldingServer:
+    """A TCP server on loopback that keeps its end of each connection open until
+    the test lets go of it (``let_go()``): a close is not confirmed before then."""
+
+    def __init__(self) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.address = self.listener.getsockname()
+        self.ends: list[socket.socket] = []
+
+    def connect(self) -> socket.socket:
+        """The client side of a new connection (a pool's factory)."""
+        return socket.create_connection(self.address)
+
+    def accept(self) -> None:
+        self.ends.append(self.listener.accept()[0])
+
+    def let_go(self) -> None:
+        while self.ends:
+            self.ends.pop().close()
+
+    def close(self) -> None:
+        self.let_go()
+        self.listener.close()

@@ -11,7 +11,15 @@ from typing import Any
 import psycopg
 import pytest
 from pg_helpers import BackendSampler, pg_dsn
-from proc_helpers import exit_mid_query, hammer, held_once_confirmed, leased, run_forked, wait_leased
+from proc_helpers import (
+    alarm_raises,
+    exit_mid_query,
+    hammer,
+    held_once_confirmed,
+    leased,
+    run_forked,
+    wait_leased,
+)
 from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
 
@@ -344,18 +352,15 @@ def test_a_signal_while_waiting_for_a_lease_leaks_nothing(
     class SoftLimit(Exception):
         pass
 
-    def on_alarm(signum: int, frame: Any) -> None:
-        raise SoftLimit
-
     start_coordinator({"pg": Resource(max_size=1, acquire_timeout=10)})
     other = Client(sock_path)
     held = other.acquire("pg", timeout=5)  # another process holds the only slot
     engine = engine_for(sock_path, app_name, pool_timeout=10)
-    old = signal.signal(signal.SIGALRM, on_alarm)
     try:
-        signal.setitimer(signal.ITIMER_REAL, 0.3)
-        with pytest.raises(SoftLimit), engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
+        with alarm_raises(SoftLimit):
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            with pytest.raises(SoftLimit), engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
         other.release(held)
         assert backend_pid(engine)  # this process gets the slot again
         pool = engine.pool
@@ -366,8 +371,6 @@ def test_a_signal_while_waiting_for_a_lease_leaks_nothing(
         again = other.acquire("pg", timeout=5)  # and so does the other one
         other.release(again)
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
         other.close()
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from proc_helpers import start_recording, wait_leased
+from proc_helpers import HoldingServer, alarm_raises, start_recording, wait_leased
 
 from sharedpool import (
     Client,
@@ -604,6 +604,14 @@ def test_an_error_after_the_connect_keeps_the_lease_with_the_open_connection(
         pool.close()
 
 
+def _expiring_pool(server: HoldingServer, sock_path: str, **config: Any) -> ConnectionPool[Any]:
+    """One connection at most, closed at its checkin (past max_lifetime); the
+    close waits up to 3 s for the server to let go."""
+    return ConnectionPool(server.connect, PoolConfig(min_size=0, max_size=1, max_lifetime=0.1,
+                                                     close_confirm_timeout=3.0, **config),
+                          resource="r", coordinator=sock_path)
+
+
 @pytest.mark.parametrize("base", [KeyboardInterrupt, Exception])
 def test_a_signal_during_a_close_keeps_the_lease_until_the_server_lets_go(
         start_coordinator: Any, sock_path: str, base: type[BaseException]) -> None:
@@ -613,39 +621,26 @@ def test_a_signal_during_a_close_keeps_the_lease_until_the_server_lets_go(
     lease stays held until the server lets go: it leaked for good
     (KeyboardInterrupt), or went back at once with the server still holding the
     connection (an Exception, swallowed)."""
-    import socket
 
     class SoftLimit(base):  # type: ignore[misc,valid-type]
         pass
 
-    def on_alarm(signum: int, frame: Any) -> None:
-        raise SoftLimit
-
     start_coordinator({"r": 2})
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(4)
-    kept: list[socket.socket] = []  # the server's ends, open until the test drops them
-    pool = ConnectionPool(lambda: socket.create_connection(server.getsockname()),
-                          PoolConfig(min_size=0, max_size=1, max_lifetime=0.1,
-                                     close_confirm_timeout=3.0),
-                          resource="r", coordinator=sock_path)
-    old = signal.signal(signal.SIGALRM, on_alarm)
+    server = HoldingServer()
+    pool = _expiring_pool(server, sock_path)
     try:
-        wrapper = pool.acquire()
-        kept.append(server.accept()[0])
-        time.sleep(0.2)  # past max_lifetime: the checkin closes it
-        signal.setitimer(signal.ITIMER_REAL, 0.3)
-        with pytest.raises(SoftLimit):
-            pool.release(wrapper)
+        with alarm_raises(SoftLimit):
+            wrapper = pool.acquire()
+            server.accept()
+            time.sleep(0.2)  # past max_lifetime: the checkin closes it
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            with pytest.raises(SoftLimit):
+                pool.release(wrapper)
         assert wait_leased(sock_path, 1, timeout=0.5) == 1  # the server has not let go
-        kept.pop().close()
+        server.let_go()
         assert wait_leased(sock_path, 0) == 0  # now it has: the watcher gives the lease back
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-        for end in kept:
-            end.close()
+        server.let_go()
         pool.close()
         server.close()
 
@@ -692,48 +687,35 @@ def test_a_close_cut_short_at_checkin_still_starts_the_waiters_opener(
     opener for a thread waiting meanwhile; a signal handler's exception during
     the close's confirmation skipped starting it, and with max_size=1 the pool
     never handed out a connection again."""
-    import socket
 
     class SoftLimit(Exception):
         pass
 
-    def on_alarm(signum: int, frame: Any) -> None:
-        raise SoftLimit
-
     start_coordinator({"r": 2})
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(8)
-    kept: list[socket.socket] = []
-    pool = ConnectionPool(lambda: socket.create_connection(server.getsockname()),
-                          PoolConfig(min_size=0, max_size=1, max_lifetime=0.1,
-                                     close_confirm_timeout=3.0, acquire_timeout=5),
-                          resource="r", coordinator=sock_path)
+    server = HoldingServer()
+    pool = _expiring_pool(server, sock_path, acquire_timeout=5)
     served: list[float] = []
-    old = signal.signal(signal.SIGALRM, on_alarm)
     try:
-        wrapper = pool.acquire()
-        kept.append(server.accept()[0])
+        with alarm_raises(SoftLimit):
+            wrapper = pool.acquire()
+            server.accept()
 
-        def waiter() -> None:
-            t0 = time.monotonic()
-            with pool.connection(timeout=5):
-                served.append(time.monotonic() - t0)
+            def waiter() -> None:
+                t0 = time.monotonic()
+                with pool.connection(timeout=5):
+                    served.append(time.monotonic() - t0)
 
-        thread = threading.Thread(target=waiter)
-        thread.start()
-        time.sleep(0.2)  # queued behind our checkout; our connection is past max_lifetime
-        signal.setitimer(signal.ITIMER_REAL, 0.3)
-        with pytest.raises(SoftLimit):
-            pool.release(wrapper)
-        thread.join(8)
+            thread = threading.Thread(target=waiter)
+            thread.start()
+            time.sleep(0.2)  # queued behind our checkout; our connection is past max_lifetime
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            with pytest.raises(SoftLimit):
+                pool.release(wrapper)
+            thread.join(8)
         assert served and served[0] < 4, served
         assert "0 opening" in repr(pool), repr(pool)
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-        for end in kept:
-            end.close()
+        server.let_go()
         pool.close()
         server.close()
 
