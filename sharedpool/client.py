@@ -2,12 +2,10 @@
 
 Threads share one socket. Whoever waits for a reply reads the socket itself
 (leader/follower), so a lease round trip costs no thread hand-off. A small
-background thread sleeps in ``poll()`` on the socket and a wake-up pipe: it
-picks up what arrives unasked (reclaims, admin pushes, a dead coordinator)
-while no caller is reading, runs timers and handler jobs, sends coalesced
-reports, and reconnects with backoff — re-registering the leases this process
-still holds (I4). It wakes only when there is something to do: a busy worker
-on a saturated machine pays for no idle ticks. After ``fork()`` the child never touches the
+background thread (:mod:`sharedpool.background`) picks up what arrives
+unasked while no caller is reading, runs timers and handler jobs, sends
+coalesced reports, and reconnects with backoff — re-registering the leases
+this process still holds (I4). After ``fork()`` the child never touches the
 parent's socket: it closes its copy and starts its own session lazily (I7).
 """
 
@@ -21,9 +19,7 @@ import itertools
 import logging
 import math
 import os
-import select
 import socket
-import struct
 import sys
 import threading
 import time
@@ -32,7 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import background
 from . import protocol as p
+from .background import BACKOFF_MAX, BACKOFF_MIN, PARK_RECHECK
 from .config import check_socket_path, default_socket_path
 from .errors import (
     AccessDenied,
@@ -45,31 +43,14 @@ from .errors import (
     denial_error,
 )
 from .handoff import MAX_COST
+from .handshake import SEND_TIMEOUT, error_from, shake_hands
 
 log = logging.getLogger("sharedpool.client")
 
 #: How long a follower waits before looking again whether it should lead.
 FOLLOW_WAIT = 0.02
-#: The background thread wakes at least this often (a safety net; it is woken
-#: by data, timers and the wake-up pipe, never by polling).
-IDLE_WAKE = 1.0
-#: While a caller reads the socket the background thread leaves it alone and
-#: looks again after this long, doubling while the read goes on. A leader
-#: that finishes wakes it only after such a long read: waking it after every
-#: lease round trip would cost each round trip two context switches.
-PARK_RECHECK = 0.005
-#: Reports are coalesced and sent at most this often.
-REPORT_INTERVAL = 0.2
-#: Reconnect backoff bounds.
-BACKOFF_MIN, BACKOFF_MAX = 0.02, 1.0
 #: How long a reply may lag behind the coordinator's own deadline.
 GRACE = 0.5
-#: SO_RCVTIMEO of the session socket: how long one blocking read may last.
-_RCV_SLICE = struct.pack("ll", 0, 50_000)
-#: How long one frame may take to go out. A coordinator that is alive but does
-#: not read (stopped, wedged) would otherwise, once the socket buffer is full,
-#: hold a checkin or a release forever; past this, the session counts as lost.
-SEND_TIMEOUT = 10.0
 
 
 @dataclass(eq=False)
@@ -353,7 +334,7 @@ class Client:
         fence must know a new connection's backend pid before it is used)."""
         self._checkpid()
         self._reported_at = 0.0
-        self._maybe_report()
+        background.send_report(self)
 
     def report_soon(self) -> None:
         """Send the next report at once, not after the coalescing interval (a
@@ -563,7 +544,7 @@ class Client:
                 elif isinstance(msg, p.Deny):
                     pending.error = denial_error(msg.reason, msg.message)
                 else:
-                    pending.error = _error_from(msg)
+                    pending.error = error_from(msg)
                 pending.done = True
                 self._cond.notify_all()
         elif isinstance(msg, p.Reclaim):
@@ -645,53 +626,17 @@ class Client:
         # Called with the send lock held: nothing is sent on a half-made session.
         # Returns the session's socket and what arrived behind the welcome, for
         # the caller to dispatch. ``limit`` bounds the whole handshake (None: no bound).
-        end = None if limit is None else time.monotonic() + limit
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(limit)
-            sock.connect(self.socket_path)
-            conn = p.Connection(p.CLIENT)
+        held_ids: list[int] = []
+        held: list[Any] = []
+
+        def hello() -> p.Hello:
             with self._cond:
-                held_ids = list(self._held)
-                held: list[Any] = [[lease.resource, lease.id, lease.token, "idle", None]
-                                   for lease in self._held.values()]
-            hello = conn.send(p.Hello(p.PROTOCOL_VERSION, os.getpid(), self.name, held))
-            try:
-                sock.sendall(hello)
-            except (BrokenPipeError, ConnectionResetError) as exc:
-                # A refused peer gets an error frame and is hung up on at once,
-                # maybe before our hello is out: read why before saying "broken pipe".
-                cut: OSError | None = exc
-            else:
-                cut = None
-            welcome = None
-            early: list[p.Message] = []
-            while welcome is None:
-                if end is not None:
-                    left = end - time.monotonic()
-                    if left <= 0:
-                        raise TimeoutError("timed out")
-                    sock.settimeout(left)
-                data = sock.recv(65536)
-                if not data:
-                    if cut is not None:
-                        raise cut
-                    raise CoordinatorUnavailable("coordinator closed the connection during hello")
-                conn.receive_data(data)
-                for msg in conn.events():
-                    if welcome is not None:
-                        early.append(msg)  # the session's first frames: not to be lost
-                    elif isinstance(msg, p.Error):
-                        raise _error_from(msg)
-                    elif isinstance(msg, p.Welcome):
-                        welcome = msg
-            sock.settimeout(None)
-        except BaseException:
-            sock.close()
-            raise
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _RCV_SLICE)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
-                        struct.pack("ll", int(SEND_TIMEOUT), int(SEND_TIMEOUT % 1 * 1_000_000)))
+                held_ids.extend(self._held)
+                held.extend([lease.resource, lease.id, lease.token, "idle", None]
+                            for lease in self._held.values())
+            return p.Hello(p.PROTOCOL_VERSION, os.getpid(), self.name, held)
+
+        sock, conn, welcome, early = shake_hands(self.socket_path, limit, hello)
         with self._cond:
             if self._closed:
                 # close() ran during the handshake: it saw no session to end,
@@ -782,7 +727,7 @@ class Client:
             with _REGISTRY_LOCK:
                 if self._thread is None or not self._thread.is_alive():
                     self._thread = threading.Thread(
-                        target=_background, args=(weakref.ref(self),),
+                        target=background.run, args=(weakref.ref(self),),
                         name=f"sharedpool-client-{os.getpid()}", daemon=True)
                     self._thread.start()
 
@@ -823,91 +768,6 @@ class Client:
         if wake:
             self._notify()
 
-    def _plan_sleep(self) -> tuple[socket.socket | None, float]:
-        """What the background thread waits on next: the session socket unless
-        a leader reads it (the leader dispatches what arrives), and for how long."""
-        now = time.monotonic()
-        due = now + IDLE_WAKE
-        with self._cond:
-            if self._jobs:
-                return None, 0.0
-            if self._timers:
-                due = min(due, self._timers[0][0])
-            sock = self._sock
-            if sock is None:
-                if (self._pending or self._held) and not self._closed:
-                    due = min(due, max(self._next_attempt, now + BACKOFF_MIN / 2))
-            elif (self._state_providers or self._failures or self._successes
-                  or self._costs != self._sent_costs):
-                due = min(due, self._reported_at + REPORT_INTERVAL)
-            if sock is not None and self._read_lock.locked():
-                # A leader reads and dispatches what arrives: leave the socket
-                # to it, and look again later (or when _done_reading wakes us).
-                if self._parked:
-                    self._park_wait = min(self._park_wait * 2, IDLE_WAKE)
-                else:
-                    self._parked, self._parked_since, self._park_wait = True, now, PARK_RECHECK
-                due, sock = min(due, now + self._park_wait), None
-            else:
-                self._parked = False
-        return sock, max(0.0, due - now)
-
-    def _tick(self) -> None:
-        with contextlib.suppress(OSError):  # drained (BlockingIOError) or closed
-            while self._wake_r.recv(4096):
-                pass
-        # Cleared only after the drain: cleared before it, a _notify() in
-        # between had its byte drained here yet left _woken set, and every
-        # later _notify() was swallowed until the next IDLE_WAKE.
-        self._woken = False
-        sock = self._sock
-        if sock is None:
-            if (self._pending or self._held) and not self._closed:
-                self._try_connect(None)
-        elif self._read_lock.acquire(blocking=False):
-            try:
-                self._read_available(sock, block=False)
-            finally:
-                self._read_lock.release()
-                self._done_reading()
-        now = time.monotonic()
-        with self._cond:
-            jobs, self._jobs = self._jobs, []
-            while self._timers and self._timers[0][0] <= now:
-                jobs.append(heapq.heappop(self._timers)[2])
-        for job in jobs:
-            try:
-                job()
-            except Exception:  # noqa: BLE001 - a handler's bug must not kill the thread
-                log.exception("sharedpool background job failed")
-        self._maybe_report()
-
-    def _maybe_report(self) -> None:
-        # One at a time: report_now() runs on a pool's thread, and a report
-        # built earlier but sent later would undo a newer one's backend pids.
-        with self._report_lock:
-            self._report_locked()
-
-    def _report_locked(self) -> None:
-        now = time.monotonic()
-        if self._sock is None or now - self._reported_at < REPORT_INTERVAL:
-            return
-        self._reported_at = now
-        states: list[list[Any]] = []
-        for provider in list(self._state_providers):
-            try:
-                states.extend(provider())
-            except Exception:  # noqa: BLE001
-                log.exception("state provider failed")
-        with self._cond:
-            failures, self._failures = self._failures, {}
-            ok, self._successes = sorted(self._successes), set()
-        costs = dict(self._costs)
-        if not failures and not ok and states == self._last_report and costs == self._sent_costs:
-            return  # nothing new: reports are coalesced, not periodic
-        self._last_report, self._sent_costs = states, costs
-        self._send_quiet(p.Report(states, failures, ok, costs))
-
     # ---------------------------------------------------------------- fork
 
     def _checkpid(self) -> None:
@@ -944,52 +804,6 @@ def _bound(timeout: float | None, deadline: float | None) -> float | None:
         return timeout
     left = deadline - time.monotonic()
     return left if timeout is None else min(timeout, left)
-
-
-def _error_from(msg: p.Error) -> SharedPoolError:
-    if msg.code == "access_denied":
-        return AccessDenied(msg.message)
-    if msg.code in ("protocol_error", "hello_timeout", "not_reading"):
-        return CoordinatorUnavailable(f"{msg.code}: {msg.message}")
-    return SharedPoolError(f"{msg.code}: {msg.message}")
-
-
-def _background(ref: weakref.ref[Client]) -> None:
-    poller = select.poll()
-    while True:
-        client = ref()
-        if client is None or client._pid != _PID[0]:
-            return
-        if client._closed:
-            client._close_wake()
-            return
-        wake = client._wake_r
-        sock, timeout = client._plan_sleep()
-        del client  # the client may be collected while we sleep
-        # By fd number: unregister(sock) after another thread closed the
-        # socket during the poll would look up fileno() -1, fail, and leave
-        # the dead fd registered; every later poll() would then return
-        # POLLNVAL at once and this thread would spin.
-        watched = [wake.fileno()] if sock is None else [wake.fileno(), sock.fileno()]
-        try:
-            for fd in watched:
-                poller.register(fd, select.POLLIN)
-            if timeout > 0:
-                poller.poll(timeout * 1000.0)
-        except (OSError, ValueError):  # a socket closed under us: look again
-            pass
-        finally:
-            for fd in watched:
-                with contextlib.suppress(OSError, ValueError, KeyError):
-                    poller.unregister(fd)
-        client = ref()
-        if client is None:
-            return
-        try:
-            client._tick()
-        except Exception:  # noqa: BLE001
-            log.exception("sharedpool client background tick failed")
-        del client
 
 
 _REGISTRY_LOCK = threading.RLock()

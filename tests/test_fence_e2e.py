@@ -177,12 +177,13 @@ def test_a_worker_killed_in_configure_is_fenced_by_its_backend(
         import psycopg
         from pg_helpers import pg_dsn
         from sharedpool import ConnectionPool, PoolConfig
+        from sharedpool import background
         from sharedpool.client import Client
 
         # Only report_now() may tell the coordinator the backend pid here: the
         # background thread's own reports are switched off.
-        maybe_report, report_now, now = Client._maybe_report, Client.report_now, [False]
-        Client._maybe_report = lambda self: maybe_report(self) if now[0] else None
+        send_report, report_now, now = background.send_report, Client.report_now, [False]
+        background.send_report = lambda client: send_report(client) if now[0] else None
         def only_now(self):
             now[0] = True
             try:

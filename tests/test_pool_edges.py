@@ -24,8 +24,8 @@ from sharedpool import (
     PoolConfig,
     PoolMisuse,
     PoolTimeout,
+    handshake,
 )
-from sharedpool import client as client_module
 from sharedpool import protocol as p
 from sharedpool.testing import FakeConnection, FakeFactory
 
@@ -174,7 +174,7 @@ def test_a_fallback_checkin_does_not_wait_for_a_hung_coordinator(
 
 def test_a_coordinator_that_stops_reading_cannot_hold_a_sender_forever(
         start_coordinator: Any, sock_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(client_module, "SEND_TIMEOUT", 0.5, raising=False)
+    monkeypatch.setattr(handshake, "SEND_TIMEOUT", 0.5)
     coord = start_coordinator({"r": 1})
     client = Client(sock_path)
     client.inspect("resources")  # a session is up
