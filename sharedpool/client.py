@@ -141,6 +141,7 @@ class Client:
 
     def _init_state(self) -> None:
         self._sock: socket.socket | None = None
+        self._connecting: socket.socket | None = None  # a session still in its handshake
         self._conn: p.Connection | None = None
         self._send_lock = threading.Lock()
         self._read_lock = threading.Lock()
@@ -636,15 +637,24 @@ class Client:
                             for lease in self._held.values())
             return p.Hello(p.PROTOCOL_VERSION, os.getpid(), self.name, held)
 
-        sock, conn, welcome, early = shake_hands(self.socket_path, limit, hello)
+        # Kept where a fork finds it: the child must close its copy of a
+        # half-made session too, or the parent's death would go unseen.
+        sock = self._connecting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            conn, welcome, early = shake_hands(sock, self.socket_path, limit, hello)
+        except BaseException:
+            self._connecting = None
+            raise
         with self._cond:
             if self._closed:
                 # close() ran during the handshake: it saw no session to end,
                 # so this one must not start (it would hold the re-registered
                 # leases until the process exits).
+                self._connecting = None
                 sock.close()
                 raise CoordinatorUnavailable("client closed during the handshake")
-            self._sock, self._conn = sock, conn
+            # Never in neither attribute, for the same reason.
+            self._sock, self._conn, self._connecting = sock, conn, None
             self.session_id, self.server_pid = welcome.session, welcome.server_pid
             self.limits = welcome.resources
             self._last_report = None
@@ -782,7 +792,7 @@ class Client:
         # by the coordinator, then start afresh. The parent's leases stay its own.
         # Closed first: if making ours fails, the parent's session must still end
         # with the parent. A client closed before the fork stays closed.
-        for sock in (self._sock, self._wake_r, self._wake_w):  # the parent's
+        for sock in (self._sock, self._connecting, self._wake_r, self._wake_w):  # the parent's
             if sock is not None:
                 with contextlib.suppress(OSError):
                     sock.close()

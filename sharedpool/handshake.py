@@ -25,19 +25,20 @@ _RCV_SLICE = struct.pack("ll", 0, 50_000)
 SEND_TIMEOUT = 10.0
 
 
-def shake_hands(path: str, limit: float | None, hello: Callable[[], p.Hello]
-                ) -> tuple[socket.socket, p.Connection, p.Welcome, list[p.Message]]:
-    """Connect to ``path`` and run the handshake within ``limit`` seconds (None:
-    no bound). ``hello()`` makes the HELLO once the socket is connected.
+def shake_hands(sock: socket.socket, path: str, limit: float | None, hello: Callable[[], p.Hello]
+                ) -> tuple[p.Connection, p.Welcome, list[p.Message]]:
+    """Connect the new Unix stream socket ``sock`` to ``path`` and run the
+    handshake within ``limit`` seconds (None: no bound). ``hello()`` makes the
+    HELLO once the socket is connected. The caller makes the socket, so that
+    it can find it while the handshake runs (a fork must close the child's copy).
 
-    Returns the socket, its protocol state, the WELCOME, and the frames that
-    arrived behind it (the session's first: not to be lost). Raises OSError
+    Returns the protocol state, the WELCOME, and the frames that arrived
+    behind it (the session's first: not to be lost). Raises OSError
     (TimeoutError past ``limit``), the coordinator's refusal as an error
     (AccessDenied, CoordinatorUnavailable), or CoordinatorUnavailable if it
-    hung up; the socket is closed then.
+    hung up; ``sock`` is closed then.
     """
     end = None if limit is None else time.monotonic() + limit
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(limit)
         sock.connect(path)
@@ -79,7 +80,7 @@ def shake_hands(path: str, limit: float | None, hello: Callable[[], p.Hello]
     except BaseException:
         sock.close()
         raise
-    return sock, conn, welcome, early
+    return conn, welcome, early
 
 
 def error_from(msg: p.Error) -> SharedPoolError:

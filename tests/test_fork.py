@@ -295,3 +295,62 @@ def test_a_child_that_only_releases_at_exit_opens_nothing(start_coordinator: Any
         assert _run_in_child(child) == 0
     finally:
         pool.close()
+
+
+_FORK_IN_HANDSHAKE = """
+import os, sys, threading, time
+from sharedpool import Client
+client = Client(sys.argv[1])
+got = []
+thread = threading.Thread(target=lambda: got.append(client.acquire("r", 10)))
+thread.start()
+time.sleep(0.5)  # the handshake is under way: the coordinator is stopped
+child = os.fork()
+if child == 0:  # a long-lived helper that never uses sharedpool
+    os.close(1)
+    os.close(2)
+    time.sleep(30)
+    os._exit(0)
+print(child, flush=True)
+thread.join(15)
+print(len(got), flush=True)
+os._exit(0)  # the parent dies holding its lease
+"""
+
+
+def test_a_fork_during_the_handshake_leaves_the_child_no_copy_of_the_parents_session(
+        start_coordinator: Any, sock_path: str) -> None:
+    """The child closed only the session socket already made: one still in its
+    handshake at the fork stayed open in the child, and the dead parent's
+    session and lease lived on for as long as the child did."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    coord = start_coordinator({"r": 2})
+    os.kill(coord.pid, signal.SIGSTOP)  # accepts, but does not answer the hello yet
+    helper = None
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", _FORK_IN_HANDSHAKE, sock_path],
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        helper = int(proc.stdout.readline())
+        os.kill(coord.pid, signal.SIGCONT)
+        assert proc.stdout.readline().strip() == "1"  # the parent got its lease
+        assert proc.wait(15) == 0
+        watcher = Client(sock_path)
+        try:
+            deadline = time.monotonic() + 5
+            while ((rows := watcher.inspect("leases")["leases"]) or any(
+                    s["pid"] == proc.pid for s in watcher.inspect("sessions")["sessions"])) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert rows == [], "the dead parent's lease lives on in its child"
+            assert os.path.exists(f"/proc/{helper}")  # the child was alive all along
+        finally:
+            watcher.close()
+    finally:
+        os.kill(coord.pid, signal.SIGCONT)
+        if helper is not None:
+            os.kill(helper, signal.SIGKILL)
