@@ -567,6 +567,7 @@ class ConnectionPool(Generic[T]):
             log.warning("pool %r: opening a connection failed (connect or configure): %s", self.name, exc)
         with self._lock:
             self._opening -= 1
+            self._returned.notify_all()  # a close() may be waiting for this opener
             if connected:
                 self._m["connect_errors"] += 1
             target = waiter if waiter in self._waiters else None
@@ -812,6 +813,17 @@ class ConnectionPool(Generic[T]):
                     self._closing -= 1
                     self._m["total_closed"] += 1
                 self._returned.notify_all()
+            self._end_session_if_done()
+
+    def _end_session_if_done(self) -> None:
+        """A closed pool's last connection is gone (closed and its lease given
+        back): end the process's session unless something else uses it.
+        close() asks too, but finds it busy while connections it waited for
+        in vain (in use, still opening, a close not yet confirmed) hold leases."""
+        client = self._client
+        if (client is not None and self.status is PoolStatus.CLOSED and self._pid == _PID[0]
+                and not self._all and not self._closing and not self._opening):
+            client.close_if_unused()
 
     def _close_then_open(self, wrapper: ConnectionWrapper[T], openers: list[_Waiter],
                          deadline: float, giving: bool = False) -> None:
@@ -835,6 +847,8 @@ class ConnectionPool(Generic[T]):
                 with self._lock:
                     if self._pid == pid:  # not reset by a fork meanwhile
                         self._giving -= 1
+            if self._pid == pid:
+                self._end_session_if_done()
 
         keep = lease is not None and client is not None
         t0 = time.monotonic()
@@ -912,11 +926,13 @@ class ConnectionPool(Generic[T]):
         with self._lock:
             # Done once every connection is closed and its lease released,
             # not merely checked in.
-            while (self._all or self._closing) and self.status is status:
+            # A connection still being opened is closed once made: waited for too.
+            while (self._all or self._closing or self._opening) and self.status is status:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    log.warning("pool %r: %d connection(s) still in use, %d closing, after %.1fs",
-                                self.name, len(self._all), self._closing, timeout)
+                    log.warning("pool %r: %d connection(s) still in use, %d closing, %d opening, "
+                                "after %.1fs", self.name, len(self._all), self._closing,
+                                self._opening, timeout)
                     break
                 self._returned.wait(remaining)
 

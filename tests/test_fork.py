@@ -241,7 +241,8 @@ def test_a_pool_or_client_closed_before_the_fork_stays_closed_in_the_child(
     factory = FakeFactory()
     pool = ConnectionPool(factory, PoolConfig(min_size=2, max_size=4), resource="r",
                           coordinator=sock_path)
-    pool.close()
+    pool.close()  # waits for the top-up connections under way, and closes them
+    calls = factory.calls
     client = Client(sock_path)
     client.inspect("server")
     client.close()
@@ -256,7 +257,7 @@ def test_a_pool_or_client_closed_before_the_fork_stays_closed_in_the_child(
         except PoolClosed:
             pass
         time.sleep(0.5)  # a revived pool's maintenance topped up to min_size by now
-        if size or pool.get_size() or factory.calls or pool.status.value != "closed":
+        if size or pool.get_size() or factory.calls != calls or pool.status.value != "closed":
             return 6
         try:
             client.inspect("server", timeout=1)

@@ -151,6 +151,61 @@ def test_close_returns_once_checked_in_connections_are_closed_and_released(
     assert not client.connected  # the last pool's close ended the session
 
 
+def test_close_waits_for_the_connections_being_opened(start_coordinator: Any, sock_path: str) -> None:
+    # Before, close() returned while openers were inside the factory: their
+    # connections were opened (and counted by the server) after it returned.
+    start_coordinator({"r": 3})
+    factory = FakeFactory(delay=0.4)
+    pool = ConnectionPool(factory, PoolConfig(min_size=0, max_size=5, acquire_timeout=5),
+                          resource="r", coordinator=sock_path)
+    errors: list[BaseException] = []
+
+    def use() -> None:
+        try:
+            with pool.connection():
+                pass
+        except PoolClosed as exc:
+            errors.append(exc)
+
+    users = [threading.Thread(target=use) for _ in range(4)]
+    for t in users:
+        t.start()
+    deadline = time.monotonic() + 5
+    while factory.calls < 3 and time.monotonic() < deadline:  # three openers in the factory
+        time.sleep(0.01)
+    assert factory.calls == 3
+    client = pool._client
+    assert client is not None
+    pool.close(timeout=5)
+    assert len(factory.made) == 3 and factory.open == []  # made while close() waited, then closed
+    assert client.held == {}
+    assert not client.connected  # and the session ended with the last pool
+    for t in users:
+        t.join(5)
+    assert len(errors) == 4
+
+
+def test_a_closed_pool_ends_its_session_once_its_last_connection_comes_back(
+        start_coordinator: Any, sock_path: str) -> None:
+    # Before, a close() that could not finish (a connection still in use) left
+    # the process's session, its thread and its socket open for good.
+    start_coordinator({"r": 1})
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1), resource="r",
+                          coordinator=sock_path)
+    w = pool.acquire(timeout=5)
+    client = pool._client
+    assert client is not None
+    pool.close(timeout=0)  # returns at once: the connection is still out
+    assert client.connected and len(client.held) == 1
+    pool.release(w)
+    assert w.conn.closed and client.held == {}
+    assert not client.connected
+    thread = client._thread
+    if thread is not None:  # the session's background thread ends with it
+        thread.join(5)
+        assert not thread.is_alive()
+
+
 def test_a_fallback_checkin_does_not_wait_for_a_hung_coordinator(
         start_coordinator: Any, sock_path: str) -> None:
     coord = start_coordinator({"r": 1})
