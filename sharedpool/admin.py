@@ -7,6 +7,7 @@ import logging
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
+from . import protocol as p
 from .config import CoordinatorConfig
 
 if TYPE_CHECKING:
@@ -24,7 +25,7 @@ def _resource(server: Server, args: dict[str, Any]) -> str:
     name = args.get("resource")
     if name not in server.ledger.resources:
         known = ", ".join(sorted(server.ledger.resources))
-        raise ValueError(f"no resource {name!r} (known: {known})")
+        raise ValueError(f"no resource {p.brief(name)} (known: {known})")
     return str(name)
 
 
@@ -44,19 +45,19 @@ def run_admin(server: Server, verb: str, args: dict[str, Any], now: float) -> tu
         name = _resource(server, args)
         size = args.get("max_size")
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-            raise ValueError(f"max_size must be an integer >= 1, got {size!r}")
+            raise ValueError(f"max_size must be an integer >= 1, got {p.brief(size)}")
         return {"resource": name, "max_size": size}, ledger.resize(name, size, now)
     if verb == "end_session":
         pid = args.get("pid")
         if not isinstance(pid, int):
-            raise ValueError(f"pid must be an integer, got {pid!r}")
+            raise ValueError(f"pid must be an integer, got {p.brief(pid)}")
         effects = ledger.end_session(pid)
         if not effects:
             raise ValueError(f"no session with pid {pid}")
         return {"pid": pid, "sessions": len(effects)}, effects
     if verb == "reload":
         return reload_config(server, now)
-    raise ValueError(f"unknown verb {verb!r}; one of {', '.join(VERBS)}")
+    raise ValueError(f"unknown verb {p.brief(verb)}; one of {', '.join(VERBS)}")
 
 
 def reload_config(server: Server, now: float) -> tuple[Any, list[Effect]]:

@@ -31,7 +31,7 @@ from typing import Any
 from . import background
 from . import protocol as p
 from .background import BACKOFF_MAX, BACKOFF_MIN, PARK_RECHECK
-from .config import check_socket_path, default_socket_path
+from .config import check_resource_name, check_socket_path, default_socket_path
 from .errors import (
     AccessDenied,
     AcquireCancelled,
@@ -235,8 +235,14 @@ class Client:
         :meth:`AcquireRequest.cancel` it from any thread (a pool whose waiter
         was served by a checkin withdraws its request this way)."""
         self._checkpid()
-        if timeout is not None and not timeout >= 0:  # NaN fails too
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)
+                                    or not timeout >= 0):  # NaN fails too
             raise ConfigError("timeout", f"must be >= 0 or None, got {timeout!r}")
+        # Refused here: a frame the coordinator refuses ends the session, and the
+        # reconnect would send it again, and again.
+        check_resource_name(resource)
+        if site is not None and not isinstance(site, str):
+            raise ConfigError("site", f"must be a string or None, got {site!r}")
         req = next(self._reqs)
         pending = _Pending(p.Acquire(req, resource, timeout, site))
         # The coordinator keeps the real deadline; ours only guards a lost reply.
@@ -310,6 +316,8 @@ class Client:
 
     def inspect(self, what: str, timeout: float = 5.0, **filters: Any) -> Any:
         """Ask the coordinator for resources, sessions, leases or server info."""
+        if not isinstance(what, str):
+            raise ConfigError("what", f"must be resources, sessions, leases or server, got {what!r}")
         return self._call(lambda req: p.Inspect(req, what, filters), timeout)
 
     def admin(self, verb: str, timeout: float = 5.0, **args: Any) -> Any:

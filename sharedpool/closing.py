@@ -223,13 +223,19 @@ def _call_close(close: Callable[[], object], conn: object) -> None:
         raise TypeError("close_and_confirm needs a sync connection; close() returned an awaitable")
 
 
+_POLL_SLICE = 3600.0
+
+
 def _wait_eof(sock: socket.socket, deadline: float) -> bool:
     """Drain ``sock`` until the peer closes it (True) or ``deadline`` passes (False)."""
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)  # POLLHUP / POLLERR come unasked
     while True:
         remaining = deadline - time.monotonic()
-        if not poller.poll(max(remaining, 0.0) * 1000.0):
+        # poll() takes milliseconds in a C int (24.8 days at most): wait in slices.
+        if not poller.poll(min(max(remaining, 0.0), _POLL_SLICE) * 1000.0):
+            if remaining > _POLL_SLICE:
+                continue
             return False
         try:
             data = sock.recv(_READ_CHUNK, socket.MSG_DONTWAIT)

@@ -213,7 +213,10 @@ class Resource:
         if isinstance(spec, Resource):
             return spec
         if isinstance(spec, int) and not isinstance(spec, bool):
-            return cls(max_size=spec)
+            try:
+                return cls(max_size=spec)
+            except ConfigError as exc:  # name the resource, as for a table
+                raise ConfigError(f"resources.{name}.{exc.field}", exc.detail) from None
         if isinstance(spec, dict):
             return _from_mapping(cls, spec, f"resources.{name}")
         raise ConfigError(

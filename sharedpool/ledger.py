@@ -36,6 +36,7 @@ from typing import Any
 from .config import Resource
 from .effects import Denied, Effect, Granted, Notify, Problem, StartFence
 from .handoff import MAX_COST, auto_quantum
+from .protocol import brief
 from .reclaim import rebalance, servable
 from .records import (
     NEW,
@@ -55,6 +56,9 @@ FAILURE_BACKOFF = 1.0
 #: Re-registered lease ids and tokens must stay below this, so that the ids
 #: granted after them still fit a msgpack integer.
 MAX_ID = 1 << 63
+#: Re-registered ids stay below this: the ids granted after them (id + 1 onwards)
+#: must stay below MAX_ID, or the next restart could not take them back.
+MAX_HELD_ID = 1 << 62
 #: A call site is kept to this many characters: a peer's megabyte-long site
 #: must not make every ``leases`` listing too large for a frame.
 MAX_SITE = 4096
@@ -72,16 +76,12 @@ def _refused(sid: int, resource: Any, lease_id: Any, why: str) -> list[Effect]:
     named, a "revoke" push. Its connection counts nowhere now, so the process
     must close it rather than keep using (and re-registering) it."""
     effects: list[Effect] = [Problem(sid, "bad_held", why)]
-    if _is_id(lease_id):
+    # Any id the wire could carry is named: a lease not taken back must be closed,
+    # or it is a connection the cap no longer counts.
+    if isinstance(lease_id, int) and not isinstance(lease_id, bool) and 0 <= lease_id < 1 << 64:
         name = resource if isinstance(resource, str) else None
         effects.append(Notify(sid, "revoke", name, {"lease": lease_id, "why": why}))
     return effects
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    """A repr for messages: a peer's 1 MB name must not make a frame over the limit."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _site(value: Any) -> str | None:
@@ -90,8 +90,8 @@ def _site(value: Any) -> str | None:
     return value if len(value) <= MAX_SITE else value[: MAX_SITE - 3] + "..."
 
 
-def _is_id(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_ID
+def _is_id(value: Any, bound: int = MAX_ID) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < bound
 
 
 class Ledger:
@@ -136,17 +136,27 @@ class Ledger:
             name = name[: MAX_NAME - 3] + "..."
         session = Session(sid, pid, name, uid, now)
         self.sessions[sid] = session
+        try:
+            return sid, self._register_held(session, held, now)
+        except BaseException:
+            # Half-registered (an entry that could not even be described): the
+            # server never learns this sid, so no one would ever close it.
+            self.close_session(sid, now)
+            raise
+
+    def _register_held(self, session: Session, held: list[Any], now: float) -> list[Effect]:
+        sid = session.id
         effects: list[Effect] = []
         touched: set[str] = set()
         for entry in held:
             try:
                 resource, lease_id, token, state, backend_pid = entry
             except (TypeError, ValueError):
-                effects.append(Problem(sid, "bad_held", f"cannot re-register {_short(entry)}"))
+                effects.append(Problem(sid, "bad_held", f"cannot re-register {brief(entry)}"))
                 continue
             res = self.resources.get(resource) if isinstance(resource, str) else None
-            if res is None or not _is_id(lease_id) or not _is_id(token):
-                why = f"lease {_short(lease_id)} of {_short(resource)} not re-registered"
+            if res is None or not _is_id(lease_id, MAX_HELD_ID) or not _is_id(token, MAX_HELD_ID):
+                why = f"lease {brief(lease_id)} of {brief(resource)} not re-registered"
                 effects += _refused(sid, resource, lease_id, why)
                 continue
             lease = self._adopt(res, session, lease_id, token)
@@ -169,7 +179,7 @@ class Ledger:
         # may push the resource over its cap: what is owed has changed.
         for name in touched:
             effects += self._pump(self.resources[name], now)
-        return sid, effects
+        return effects
 
     def _adopt(
         self, res: ResourceState, session: Session, lease_id: int, token: int
@@ -295,7 +305,7 @@ class Ledger:
         res = self.resources.get(resource)
         if res is None:
             known = ", ".join(sorted(self.resources)) or "none"
-            why = f"no resource {_short(resource)} (known: {known})"
+            why = f"no resource {brief(resource)} (known: {known})"
             return [Denied(sid, req, "unknown_resource", why)]
         if req in session.waiting:
             return [Problem(sid, "duplicate_request", f"request {req} is already waiting", req)]
@@ -393,7 +403,7 @@ class Ledger:
             if type(cost) not in (int, float) or not 0 <= cost <= MAX_COST:
                 # The rest of the report still counts: one bad figure must not
                 # blind the ledger to this session's lease states.
-                why = f"hand-off cost {_short(cost)} of {_short(name)} is not seconds in [0, {MAX_COST:g}]"
+                why = f"hand-off cost {brief(cost)} of {brief(name)} is not seconds in [0, {MAX_COST:g}]"
                 effects.append(Problem(sid, "bad_report", why))
             elif name in self.resources and session.costs.get(name) != cost:
                 session.costs[name] = float(cost)
@@ -401,7 +411,7 @@ class Ledger:
                 touched.add(name)
         for entry in states:
             if not isinstance(entry, list) or len(entry) not in (4, 5):
-                why = f"state entry {_short(entry)} is not [lease, state, pid, site, leak?]"
+                why = f"state entry {brief(entry)} is not [lease, state, pid, site, leak?]"
                 effects.append(Problem(sid, "bad_report", why))
                 break  # the entries after a malformed one are not trusted; the rest of the report is
             lease_id, state, backend_pid, site = entry[:4]

@@ -353,7 +353,8 @@ class ConnectionPool(Generic[T]):
             until = deadline
             if waiter.connect_deadline is not None:
                 until = min(until, waiter.connect_deadline)
-            waiter.event.wait(max(0.0, until - time.monotonic()))
+            # In slices: a wait beyond threading.TIMEOUT_MAX raises OverflowError.
+            waiter.event.wait(min(max(0.0, until - time.monotonic()), 3600.0))
             with self._lock:
                 if waiter.wrapper is not None:
                     return waiter.wrapper
@@ -934,7 +935,7 @@ class ConnectionPool(Generic[T]):
                                 "after %.1fs", self.name, len(self._all), self._closing,
                                 self._opening, timeout)
                     break
-                self._returned.wait(remaining)
+                self._returned.wait(min(remaining, 3600.0))
 
     # ------------------------------------------------------------------ validation
 

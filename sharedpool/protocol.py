@@ -15,6 +15,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import reprlib
 import struct
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
@@ -37,9 +38,15 @@ _OPT_INT = (int, type(None))
 _OPT_STR = (str, type(None))
 
 
-def _short(value: Any, limit: int = 60) -> str:
-    """A repr for error messages: a peer's 1 MB key must not make a 1 MB error frame."""
-    text = repr(value)
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 3
+_REPR.maxstring = _REPR.maxother = 80
+
+
+def brief(value: Any, limit: int = 60) -> str:
+    """A repr of a peer's value for messages and logs: its 1 MB string must not
+    make a frame over the limit, nor its 1000-deep list a RecursionError."""
+    text = _REPR.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -275,7 +282,7 @@ def _check_fields(op: str, data: dict[str, Any]) -> None:
     exact = _EXACT[op]
     for key, value in data.items():
         if key not in exact:
-            raise RemoteProtocolError(f"{op}: unknown field {_short(key)}")
+            raise RemoteProtocolError(f"{op}: unknown field {brief(key)}")
         kinds = exact[key]
         if kinds is not None and type(value) not in kinds:
             _type_error(op, key, value)

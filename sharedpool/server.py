@@ -88,6 +88,10 @@ class SessionProtocol(asyncio.Protocol):
         except RemoteProtocolError as exc:
             log.warning("session %s pid=%s: bad frame: %s", self.sid, self.pid, exc)
             self.fail("protocol_error", str(exc))
+        except Exception as exc:  # noqa: BLE001 - a frame we failed to handle: end this session only
+            log.error("session %s pid=%s: frame not handled (%s: %s); ending the session",
+                      self.sid, self.pid, type(exc).__name__, p.brief(str(exc), 200))
+            self.fail("internal_error", f"the coordinator could not handle a frame: {type(exc).__name__}")
         server.flush()
         if completed and self._frame_timer is not None:
             # The frame the timer was for is complete: time the next one afresh.
@@ -406,10 +410,10 @@ class Server:
             return {"sessions": ledger.snapshot_sessions(now)}
         if what == "leases":
             resource = filters.get("resource")
-            if resource is not None and resource not in ledger.resources:
+            if resource is not None and (not isinstance(resource, str) or resource not in ledger.resources):
                 # An empty list would read as "none held"; a typo must say so.
                 known = ", ".join(sorted(ledger.resources))
-                raise ValueError(f"no resource {str(resource)[:60]!r} (known: {known})")
+                raise ValueError(f"no resource {p.brief(resource)} (known: {known})")
             return {"leases": ledger.snapshot_leases(now, resource, filters.get("pid"))}
         if what == "server":
             return {"pid": os.getpid(), "socket": self.config.socket_path,
@@ -428,7 +432,7 @@ class Server:
         except (KeyError, ValueError, TypeError, OSError) as exc:
             session.send(p.Error("bad_request", f"{msg.verb}: {exc}", msg.req))
             return
-        log.warning("admin %s %s by pid=%s", msg.verb, msg.args, session.pid)
+        log.warning("admin %s %s by pid=%s", msg.verb, p.brief(msg.args, 200), session.pid)
         self.apply(effects)
         session.send(p.Reply(msg.req, data))
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from sharedpool import Client, ConfigError, ConnectionPool, PoolConfig
+from sharedpool import Client, ConfigError, ConnectionPool, Coordinator, PoolConfig
 from sharedpool.config import MAX_SOCKET_PATH, SOCKET_ENV
 from sharedpool.testing import FakeFactory
 
@@ -141,6 +141,9 @@ def _redis(**kw: Any) -> Any:
     (_gunicorn, "socket", TOO_LONG),
     (_celery, "socket", 5),
     (_celery, "socket", ""),
+    (_redis, "confirm_timeout", float("nan")),  # disconnect() raised ValueError deep inside
+    (_psycopg, "confirm_timeout", float("inf")),
+    (_sqlalchemy, "confirm_timeout", True),
 ])
 def test_integration_arguments_are_checked_when_made(make: Callable[..., Any], field: str,
                                                      bad: Any) -> None:
@@ -167,3 +170,40 @@ def test_integration_socket_paths_may_be_path_objects(tmp_path: pathlib.Path,
     monkeypatch.setenv(SOCKET_ENV, "/tmp/elsewhere.sock")  # put back after the test
     hooks(resources={"pg": 1}, socket=path)
     assert os.environ[SOCKET_ENV] == str(path)  # what the workers will read
+
+
+@pytest.mark.parametrize(("call", "field"), [
+    (lambda c: c.acquire(5), "resource"),
+    (lambda c: c.acquire("", 1), "resource"),
+    (lambda c: c.acquire("r", "5"), "timeout"),
+    (lambda c: c.acquire("r", 1, site=5), "site"),
+    (lambda c: c.inspect(5), "what"),
+], ids=["resource-int", "resource-empty", "timeout-str", "site-int", "what-int"])
+def test_client_arguments_are_refused_before_anything_is_sent(
+        start_coordinator: Any, sock_path: str, call: Callable[[Client], Any], field: str) -> None:
+    # Before, the frame went out, the coordinator ended the session for it, and
+    # the reconnect sent it again: thousands of sessions a second, for every
+    # pool sharing the client, and acquire(5) never returned.
+    start_coordinator({"r": 1})
+    client = Client(sock_path)
+    try:
+        client.inspect("server")  # a session is up
+        session = client.session_id
+        with pytest.raises(ConfigError) as err:
+            call(client)
+        assert err.value.field == field
+        time.sleep(0.2)
+        assert client.session_id == session and client.reconnects == 1
+    finally:
+        client.close()
+
+
+def test_a_resource_in_the_short_form_is_named_in_its_error(tmp_path: pathlib.Path) -> None:
+    from sharedpool.config import CoordinatorConfig
+
+    path = tmp_path / "sp.toml"
+    path.write_text("[resources]\npg = 2\napi = 0\n")
+    for make in (lambda: CoordinatorConfig.load(path), lambda: Coordinator(str(tmp_path / "s"), {"api": 0})):
+        with pytest.raises(ConfigError) as err:
+            make()
+        assert err.value.field == "resources.api.max_size"  # as for a table: which resource

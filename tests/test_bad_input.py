@@ -136,3 +136,96 @@ def test_half_sent_frame_ends_the_session(start_coordinator: Any, sock_path: str
     assert isinstance(events[-1], p.Error) and events[-1].code == "frame_timeout"
     assert "frame not completed within 0.3s; ending it" in capfd.readouterr().err
     check_normal_client(sock_path)
+
+
+def _raw_frame(body: dict[str, Any]) -> bytes:
+    """A frame of anything msgpack can carry, checked by no encoder of ours."""
+    import struct
+
+    import msgpack
+
+    data = msgpack.packb(body, use_bin_type=True)
+    return struct.pack(">I", len(data)) + data
+
+
+def _nested(depth: int) -> Any:
+    value: Any = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_a_hello_with_a_deeply_nested_entry_leaves_no_ghost_session(
+        start_coordinator: Any, sock_path: str) -> None:
+    # Before, describing the bad entry raised RecursionError half-way through
+    # the hello: the ledger kept a session (and its re-registered lease) that
+    # the server never learned of, so that slot was lost until a restart.
+    start_coordinator({"r": 1})
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(sock_path)
+    held = [["r", 4242, 4242, "idle", None], _nested(1000)]
+    s.sendall(_raw_frame({"op": "hello", "version": p.PROTOCOL_VERSION, "pid": os.getpid(),
+                          "name": "deep", "held": held}))
+    s.settimeout(2)
+    welcome = p.Connection(p.CLIENT)
+    welcome.receive_data(s.recv(65536))
+    assert isinstance(welcome.next_event(), p.Welcome)  # the bad entry is a problem, not a crash
+    s.close()
+    client = Client(sock_path)
+    try:
+        lease = client.acquire("r", timeout=3)  # the slot came back with the session
+        client.release(lease)
+        assert [x["name"] for x in client.inspect("sessions")["sessions"]] != ["deep"]
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("frame", [
+    {"op": "inspect", "req": 1, "what": "leases", "filters": {"resource": [1]}},
+    {"op": "inspect", "req": 1, "what": "leases", "filters": {"resource": _nested(1000)}},
+    {"op": "admin", "req": 1, "verb": "resize", "args": {"resource": "r", "max_size": _nested(1000)}},
+], ids=["unhashable-resource", "deep-resource", "deep-size"])
+def test_odd_values_get_an_error_reply_and_the_session_goes_on(
+        start_coordinator: Any, sock_path: str, frame: dict[str, Any]) -> None:
+    # Before, these raised TypeError / RecursionError inside the server: the
+    # session was dropped with a traceback in the log and no reply.
+    start_coordinator({"r": 1})
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(sock_path)
+    s.settimeout(3)
+    conn = p.Connection(p.CLIENT)
+    s.sendall(conn.send(p.Hello(p.PROTOCOL_VERSION, os.getpid(), "odd")))
+    s.sendall(_raw_frame(frame))
+    s.sendall(conn.send(p.Inspect(2, "server", {})))  # still served afterwards
+    events: list[Any] = []
+    while not any(isinstance(e, p.Reply) and e.req == 2 for e in events):
+        data = s.recv(65536)
+        assert data, f"session ended; got {events}"
+        conn.receive_data(data)
+        events += conn.events()
+    s.close()
+    [error] = [e for e in events if isinstance(e, p.Error)]
+    assert error.req == 1 and not error.fatal and len(error.message) < 300
+
+
+def test_admin_with_a_deep_argument_is_carried_out_and_answered(
+        start_coordinator: Any, sock_path: str) -> None:
+    # Before, logging the arguments raised RecursionError after the pause took
+    # effect: no reply, and no push to the pools.
+    start_coordinator({"r": 1})
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(sock_path)
+    s.settimeout(3)
+    conn = p.Connection(p.CLIENT)
+    s.sendall(conn.send(p.Hello(p.PROTOCOL_VERSION, os.getpid(), "admin")))
+    s.sendall(_raw_frame({"op": "admin", "req": 1, "verb": "pause",
+                          "args": {"resource": "r", "note": _nested(1000)}}))
+    events: list[Any] = []
+    while not any(getattr(e, "req", None) == 1 for e in events):
+        data = s.recv(65536)
+        assert data, f"session ended; got {events}"
+        conn.receive_data(data)
+        events += conn.events()
+    s.close()
+    assert any(isinstance(e, p.Reply) and e.req == 1 for e in events), events
+    assert any(isinstance(e, p.Push) and e.verb == "pause" for e in events), events

@@ -125,6 +125,15 @@ def test_peer_closes_later_drained() -> None:
     assert _open_fds() == fds - 2
 
 
+def test_a_confirmation_bound_beyond_what_poll_takes_still_waits() -> None:
+    # poll() takes milliseconds in a C int (24.8 days): a close_confirm_timeout
+    # of 35 days raised OverflowError at every close, and pool.close() stopped
+    # at the first, leaving the rest open with their leases held.
+    ours, peer = socket.socketpair()
+    threading.Timer(0.05, peer.close).start()
+    assert close_and_confirm(_End(ours), 3e6)
+
+
 def test_late_confirmation_is_watched_in_the_background() -> None:
     ours, peer = socket.socketpair()
     fds = _open_fds()

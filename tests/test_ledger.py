@@ -21,7 +21,7 @@ from sharedpool.config import Resource
 from sharedpool.effects import AskReclaim, Denied, Effect, Granted, Notify, Problem, StartFence
 from sharedpool.errors import ConfigError
 from sharedpool.handoff import AUTO_MAX, AUTO_MIN, auto_quantum
-from sharedpool.ledger import FAILURE_BACKOFF, FAILURE_THRESHOLD, MAX_ID, MAX_SITE, Ledger
+from sharedpool.ledger import FAILURE_BACKOFF, FAILURE_THRESHOLD, MAX_HELD_ID, MAX_ID, MAX_SITE, Ledger
 from sharedpool.records import BUSY, IDLE, NEW
 
 T0 = 1000.0
@@ -385,6 +385,8 @@ def test_reregistration_beyond_the_cap_blocks_grants_until_below() -> None:
         ["pg", 1, 1.5, "idle", None],
         ["pg", -1, 1, "idle", None],
         ["pg", MAX_ID, 1, "idle", None],  # would push new ids past what msgpack holds
+        ["pg", MAX_ID - 1, 1, "idle", None],  # so would this: the next grant would be MAX_ID
+        ["pg", 1, MAX_ID - 1, "idle", None],
         ["pg", 1, 2**64 - 1, "idle", None],
     ],
 )
@@ -396,7 +398,7 @@ def test_bad_held_entries_are_problems_not_crashes(entry: Any) -> None:
     assert len(prob.message) < 200
     # A lease that can be named is revoked: its connection counts nowhere now.
     lease_id = entry[1] if isinstance(entry, list) and len(entry) == 5 else None
-    if isinstance(lease_id, int) and not isinstance(lease_id, bool) and 0 <= lease_id < MAX_ID:
+    if isinstance(lease_id, int) and not isinstance(lease_id, bool) and 0 <= lease_id < 2**64:
         [revoke] = revoked
         assert isinstance(revoke, Notify) and revoke.session == sid and revoke.verb == "revoke"
         assert revoke.args["lease"] == lease_id
@@ -405,6 +407,34 @@ def test_bad_held_entries_are_problems_not_crashes(entry: Any) -> None:
         assert revoked == []
     assert list(lg.sessions[sid].leases) == [9]  # the good entry still counts
     assert granted(lg.acquire(sid, 1, "pg", T0)).lease.id == 10
+
+
+def test_re_registered_ids_leave_room_for_the_ids_granted_after_them() -> None:
+    # Before, a hello could re-register 2**63 - 1: every later grant got an id
+    # past MAX_ID, which the next coordinator refused to take back without a
+    # revoke, so the process kept a connection no cap counted.
+    lg = ledger(pg=3)
+    sid, _ = lg.open_session(1, "w", T0, held=[["pg", MAX_HELD_ID - 1, 5, "idle", None]])
+    assert list(lg.sessions[sid].leases) == [MAX_HELD_ID - 1]
+    later = granted(lg.acquire(sid, 1, "pg", T0)).lease.id
+    assert MAX_HELD_ID <= later < MAX_ID
+    other = ledger(pg=1)  # the next coordinator: a lease it cannot take back is always revoked
+    sid2, effects = other.open_session(1, "w", T0, held=[["pg", later, 6, "idle", None]])
+    assert of(Notify, effects) and of(Notify, effects)[0].args["lease"] == later
+    assert lg.sessions[sid].leases and not other.sessions[sid2].leases
+
+
+def test_a_hello_entry_too_deep_to_describe_is_a_problem_not_a_crash() -> None:
+    # Before, the repr() of a 1000-deep entry raised RecursionError half-way
+    # through open_session, leaving a session nobody would ever close.
+    deep: Any = 0
+    for _ in range(1000):
+        deep = [deep]
+    lg = ledger(pg=2)
+    sid, effects = lg.open_session(1, "w", T0, held=[["pg", 9, 9, "idle", None], deep])
+    [prob] = of(Problem, effects)
+    assert prob.code == "bad_held" and len(prob.message) < 200
+    assert list(lg.sessions[sid].leases) == [9]
 
 
 def test_a_lease_held_by_another_process_cannot_be_claimed() -> None:

@@ -816,3 +816,17 @@ def test_no_thread_for_the_close_watcher_still_gives_the_lease_back(
         monkeypatch.undo()
         letting_go.join(5)
     assert wait_leased(sock_path, 0, timeout=2) == 0
+
+
+def test_waits_longer_than_a_lock_can_wait_at_once_still_work() -> None:
+    # threading's waits top out at ~9.2e9 s (TIMEOUT_MAX): acquire(timeout=1e10)
+    # raised OverflowError as soon as it had to wait.
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1, acquire_timeout=1e10))
+    held = pool.acquire(timeout=5)
+    threading.Timer(0.1, pool.release, args=(held,)).start()
+    again = pool.acquire(timeout=1e10)
+    assert again is held
+    threading.Timer(0.1, pool.release, args=(again,)).start()
+    assert pool.acquire() is held  # the configured default, as large
+    pool.release(held)
+    pool.close(timeout=1e10)

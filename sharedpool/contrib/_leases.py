@@ -24,8 +24,8 @@ from typing import Any, TypeVar
 from .. import process
 from ..client import Client, Lease, current_pid
 from ..closing import NotClosable, close_and_confirm, socket_fd
-from ..config import SOCKET_ENV, check_resource_name, check_socket_path, env_socket_path
-from ..errors import AcquireCancelled, ConfigError, PoolTimeout
+from ..config import SOCKET_ENV, check_resource_name, check_seconds, check_socket_path, env_socket_path
+from ..errors import AcquireCancelled, PoolTimeout
 from ..handoff import HandOffCost
 
 __all__ = ["LeaseBook"]
@@ -193,8 +193,7 @@ class LeaseBook:
                  idle: Callable[[], Iterable[Any]] | None = None,
                  reclaim: Callable[[int], int] | None = None,
                  close_when_collected: bool = True) -> None:
-        if not isinstance(confirm_timeout, int | float) or confirm_timeout < 0:
-            raise ConfigError("confirm_timeout", f"must be a number >= 0, got {confirm_timeout!r}")
+        check_seconds("confirm_timeout", confirm_timeout)  # NaN, inf and True are no timeouts
         self.resource = check_resource_name(resource)
         self._coordinator = None if coordinator is None else check_socket_path("coordinator", coordinator)
         self.confirm_timeout = float(confirm_timeout)
