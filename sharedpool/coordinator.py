@@ -179,7 +179,9 @@ async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool
         await stop.wait()
         log.info("coordinator stopping: %d session(s) open", len(server.sessions))
         fenced_now = server.ledger.fenced_state(loop.time())
-        if fenced_now or any(s.leases for s in server.ledger.sessions.values()):
+        # Still in a restart's grace: processes may hold leases not re-registered yet.
+        holding = server.ledger.hold_until is not None and loop.time() < server.ledger.hold_until
+        if fenced_now or holding or any(s.leases for s in server.ledger.sessions.values()):
             # Processes keep their connections: the next coordinator must wait for
             # them. Dead ones' fenced slots are handed over: their backends may
             # still be on the server (a query running on), and count there.

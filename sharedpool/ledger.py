@@ -343,6 +343,10 @@ class Ledger:
             ahead, _, per_session = servable(res, self.sessions)
             cap = res.limits.max_per_process
             if cap is None or session.held(resource) + per_session.get(sid, 0) < cap:
+                # In a restart's grace everything queues: those the free slots
+                # will serve when it ends do not wait for a free lease.
+                if self._holding(now):
+                    ahead = max(0, ahead - res.free)
                 count, what = ahead, f"acquires already wait for a free lease of {resource!r}"
             else:
                 count = sum(1 for w in session.waiting.values() if w.resource == resource)
@@ -669,7 +673,10 @@ class Ledger:
         return quantum
 
     def _rebalance(self, res: ResourceState) -> list[Effect]:
-        return rebalance(res, self.sessions, lambda: self.quantum(res.name))
+        # While a restart's hold lasts nothing can be granted: as when paused,
+        # holders are not asked to give back for waiters (only any excess).
+        return rebalance(res, self.sessions, lambda: self.quantum(res.name),
+                         holding=self.hold_until is not None)
 
     def _notify_holders(
         self, res: ResourceState, verb: str, args: dict[str, Any] | None = None

@@ -35,7 +35,8 @@ def servable(res: ResourceState, sessions: dict[int, Session]) -> tuple[int, int
 
 
 def rebalance(
-    res: ResourceState, sessions: dict[int, Session], current_quantum: Callable[[], float | None]
+    res: ResourceState, sessions: dict[int, Session], current_quantum: Callable[[], float | None],
+    holding: bool = False,
 ) -> list[Effect]:
     """Decide how many leases each holder should give back, and tell those
     whose share changed. Need = servable waiters + excess over the cap,
@@ -47,7 +48,7 @@ def rebalance(
     takers = 0  # waiters a free slot could go to
     head: int | None = None  # the session the next free slot goes to
     per_session: dict[int, int] = {}
-    if not res.paused:
+    if not res.paused and not holding:
         takers, head, per_session = servable(res, sessions)
     excess = max(0, res.leased - res.limits.max_size)
     need = max(0, takers - res.free - len(res.fenced)) + excess

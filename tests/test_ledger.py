@@ -1354,9 +1354,38 @@ def test_restart_hold_grants_nothing_until_it_ends() -> None:
     # Meanwhile a process that kept two connections re-registers them.
     _, problems = lg.open_session(99, "kept", T0 + 0.5, held=[["pg", 10**9, 10**9, "busy", None],
                                                                 ["pg", 10**9 + 1, 10**9 + 1, "idle", None]])
-    assert of(Problem, problems) == []  # (it is asked to give one back for the waiter)
-    assert of(Granted, lg.tick(T0 + 1.0)) == []  # the hold is over, but the cap is full
+    assert of(Problem, problems) == []
+    # Not asked to give one back while nothing can be granted: it would close a
+    # working connection for a waiter that must wait anyway (before, every
+    # restart under contention closed the re-registered connections at once).
+    assert of(AskReclaim, problems) == []
+    effects = lg.tick(T0 + 1.0)
+    assert of(Granted, effects) == []  # the hold is over, but the cap is full
+    assert [a.count for a in of(AskReclaim, effects)] == [1]  # now it is asked, for the waiter
     assert lg.resources["pg"].leased == 2 and len(lg.resources["pg"].waiters) == 1
+
+
+def test_restart_hold_still_asks_back_what_is_over_the_cap() -> None:
+    lg = Ledger({"pg": Resource(1)}, hold_until=T0 + 1.0)
+    sid, effects = lg.open_session(99, "kept", T0, held=[["pg", 7, 7, "idle", None],
+                                                        ["pg", 8, 8, "idle", None]])
+    assert [(a.session, a.count) for a in of(AskReclaim, effects)] == [(sid, 1)]
+
+
+def test_max_waiting_in_a_restart_hold_counts_only_what_free_slots_cannot_serve() -> None:
+    # Before, acquires queued only by the hold counted as waiting for a free
+    # lease: with 10 free slots and max_waiting=1, the second was refused.
+    lg = Ledger({"pg": Resource(10, max_waiting=1)}, hold_until=T0 + 1.0)
+    a = session(lg)
+    for req in (1, 2, 3):
+        assert of(Denied, lg.acquire(a, req, "pg", T0, timeout=5)) == []
+    assert len(of(Granted, lg.tick(T0 + 1.0))) == 3
+    full = Ledger({"pg": Resource(1, max_waiting=1)}, hold_until=T0 + 1.0)
+    b = session(full)
+    assert of(Denied, full.acquire(b, 1, "pg", T0, timeout=5)) == []  # the free slot's
+    assert of(Denied, full.acquire(b, 2, "pg", T0, timeout=5)) == []  # the one waiter allowed
+    [denied] = of(Denied, full.acquire(b, 3, "pg", T0, timeout=5))
+    assert denied.reason == "too_many_waiters"
 
 
 def test_wait_histogram_counts_every_grant() -> None:

@@ -172,6 +172,48 @@ def test_clean_stop_with_leases_out_is_a_restart_too(start_coordinator: Any, soc
         newcomer.close()
 
 
+_KEEPER = """
+import sys
+from sharedpool import Client
+client = Client(sys.argv[1])
+client.acquire("r", timeout=5)
+client.acquire("r", timeout=5)
+print("holding", flush=True)
+sys.stdin.readline()
+client.close()
+"""
+
+
+def test_a_coordinator_stopped_in_its_restart_grace_hands_the_grace_on(
+        start_coordinator: Any, sock_path: str) -> None:
+    """Before, a coordinator stopped (SIGTERM) before the survivors had
+    re-registered wrote no restart marker (its own ledger held no lease), so
+    the next one granted at once what they still held: over the cap."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    first = start_coordinator({"r": 2})
+    keeper = subprocess.Popen([sys.executable, "-c", _KEEPER, sock_path], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert keeper.stdout is not None and keeper.stdout.readline().strip() == "holding"
+        os.kill(keeper.pid, signal.SIGSTOP)  # it cannot re-register while we look
+        first.kill()
+        start_coordinator({"r": 2}, restart_grace=5.0).stop()  # stopped inside its grace
+        start_coordinator({"r": 2}, restart_grace=1.0)
+        newcomer = Client(sock_path)
+        try:
+            with pytest.raises(PoolTimeout):
+                newcomer.acquire("r", timeout=0.5)  # the grace was handed on: nothing granted yet
+        finally:
+            newcomer.close()
+    finally:
+        os.kill(keeper.pid, signal.SIGCONT)
+        keeper.communicate("stop\n", timeout=10)
+
+
 def test_a_lease_the_restarted_coordinator_refuses_is_closed_not_kept(start_coordinator: Any,
                                                                       sock_path: str) -> None:
     """Restarted without the resource, the coordinator cannot re-register the
