@@ -252,11 +252,18 @@ class Client:
             # "The resource's default", as the coordinator announced it (known
             # once connected): without a bound, a coordinator that stops
             # answering holds this acquire for ever. Doubled: a reload may have
-            # raised the default since the welcome.
-            default = self.limits.get(resource, {}).get("acquire_timeout")
-            if isinstance(default, int | float) and not isinstance(default, bool) and 0 <= default < math.inf:
+            # raised the default since the welcome. Not known yet: _wait bounds it.
+            default = self._default_timeout(resource)
+            if default is not None:
                 local = time.monotonic() + 2 * default + GRACE
         return AcquireRequest(self, req, pending, local)
+
+    def _default_timeout(self, resource: str) -> float | None:
+        """The resource's acquire_timeout as the coordinator announced it (None: not known)."""
+        default = self.limits.get(resource, {}).get("acquire_timeout")
+        if isinstance(default, int | float) and not isinstance(default, bool) and 0 <= default < math.inf:
+            return float(default)
+        return None
 
     def release(self, lease: Lease) -> None:
         """Give a lease back. Its connection must already be closed. No reply."""
@@ -468,7 +475,14 @@ class Client:
                     f"{what} got no reply in time from the coordinator at {self.socket_path}{maybe}")
 
     def _wait(self, pending: _Pending, deadline: float | None) -> None:
-        """Leader/follower: read the socket ourselves unless another thread is."""
+        """Leader/follower: read the socket ourselves unless another thread is.
+
+        No ``deadline``: an acquire with the resource's default timeout, sent
+        before any session announced it. It gets that default (doubled, as in
+        :meth:`request`) once a session does, and ends when no session could
+        be had for ``connect_timeout`` (then CoordinatorUnavailable)."""
+        resource = pending.msg.resource if deadline is None and isinstance(pending.msg, p.Acquire) else None
+        since = time.monotonic()
         while True:
             with self._cond:
                 if pending.done:
@@ -476,6 +490,15 @@ class Client:
                 if self._closed:
                     pending.error, pending.done = CoordinatorUnavailable("client closed"), True
                     return
+                if deadline is None and resource is not None:
+                    now = time.monotonic()
+                    default = self._default_timeout(resource)
+                    if default is not None:
+                        deadline = since + 2 * default + GRACE
+                    elif self._sock is not None:
+                        since = now  # a session is up: the unreachable clock starts afresh
+                    elif self.connect_timeout is not None and now - since > self.connect_timeout + GRACE:
+                        return  # _finish says why: unreachable
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return

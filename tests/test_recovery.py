@@ -113,6 +113,30 @@ def test_wait_policy_times_out_without_a_coordinator(sock_path: str) -> None:
         pool.close()
 
 
+@pytest.mark.parametrize("coordinator", ["none", "stopped"])
+def test_an_acquire_with_the_default_timeout_ends_when_no_coordinator_is_reached(
+        start_coordinator: Any, sock_path: str, coordinator: str) -> None:
+    """Before, Client.acquire(resource) with no timeout, from a client that
+    never had a session, waited for ever: the resource's default was unknown."""
+    import os
+    import signal
+
+    coord = None
+    if coordinator == "stopped":  # accepts (the kernel does), never answers the hello
+        coord = start_coordinator({"r": 1})
+        os.kill(coord.pid, signal.SIGSTOP)
+    client = Client(sock_path, connect_timeout=0.5)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(CoordinatorUnavailable):
+            client.acquire("r")
+        assert time.monotonic() - t0 < 5  # connect_timeout, the grace, one more try
+    finally:
+        client.close()
+        if coord is not None:
+            os.kill(coord.pid, signal.SIGCONT)
+
+
 def test_fallback_policy_opens_a_local_cap_then_hands_back(start_coordinator: Any,
                                                            sock_path: str) -> None:
     factory = FakeFactory()
