@@ -75,6 +75,7 @@ class _Pending:
     error: BaseException | None = None
     abandoned: bool = False
     taken: bool = False  # the lease was handed to the caller: too late to cancel
+    fail_if_lost: bool = False  # fails when its session is lost, rather than waiting for the next
 
 
 class AcquireRequest:
@@ -230,10 +231,15 @@ class Client:
         return self.request(resource, timeout, site=site).wait()
 
     def request(self, resource: str, timeout: float | None = None, *,
-                site: str | None = None) -> AcquireRequest:
+                site: str | None = None, fail_if_lost: bool = False) -> AcquireRequest:
         """Send an acquire now; :meth:`AcquireRequest.wait` for the lease, or
         :meth:`AcquireRequest.cancel` it from any thread (a pool whose waiter
-        was served by a checkin withdraws its request this way)."""
+        was served by a checkin withdraws its request this way).
+
+        ``fail_if_lost``: if the session it went out on is lost, :meth:`wait`
+        raises CoordinatorUnavailable instead of re-sending it to the next
+        coordinator (a pool with ``coordinator_away="fallback"`` then opens
+        a connection without a lease)."""
         self._checkpid()
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)
                                     or not timeout >= 0):  # NaN fails too
@@ -244,7 +250,7 @@ class Client:
         if site is not None and not isinstance(site, str):
             raise ConfigError("site", f"must be a string or None, got {site!r}")
         req = next(self._reqs)
-        pending = _Pending(p.Acquire(req, resource, timeout, site))
+        pending = _Pending(p.Acquire(req, resource, timeout, site), fail_if_lost=fail_if_lost)
         # The coordinator keeps the real deadline; ours only guards a lost reply.
         local = None if timeout is None else time.monotonic() + timeout + GRACE
         self._submit(req, pending, local, patient=True)
@@ -723,6 +729,11 @@ class Client:
             self._quanta.clear()
             if retry and not self._closed:
                 self.last_error = why
+            if sock is not None:
+                for pending in self._pending.values():
+                    if pending.fail_if_lost and not pending.done:
+                        pending.error = CoordinatorUnavailable(f"lost coordinator {self.socket_path}: {why}")
+                        pending.done = True
             self._cond.notify_all()
         if sock is not None:
             if not self._closed:

@@ -27,6 +27,7 @@ from .errors import (
     AcquireCancelled,
     ConfigError,
     ConnectTimeout,
+    CoordinatorUnavailable,
     PoolClosed,
     PoolMisuse,
     PoolTimeout,
@@ -447,8 +448,17 @@ class ConnectionPool(Generic[T]):
             return
         try:
             t0 = time.monotonic()
-            if client is not None and not fallback:
-                lease = self._take_lease(client, deadline)
+            while client is not None and not fallback:
+                try:
+                    lease = self._take_lease(client, deadline)
+                    break
+                except CoordinatorUnavailable:
+                    # The coordinator went away while we waited: with "fallback",
+                    # open without a lease if there is room, else wait on.
+                    if (self.config.coordinator_away != "fallback" or client.closed
+                            or time.monotonic() >= deadline):
+                        raise
+                    fallback = self._use_fallback(client)
             t1 = time.monotonic()
             with self._lock:
                 if lease is not None:
@@ -522,7 +532,8 @@ class ConnectionPool(Generic[T]):
     def _take_lease(self, client: Client, deadline: float) -> Lease:
         """Opener thread: a lease for one more connection. Withdrawn if the pool
         closes meanwhile; one granted as it closed goes back unused (PoolClosed)."""
-        ticket = client.request(self.resource, max(0.0, deadline - time.monotonic()))
+        ticket = client.request(self.resource, max(0.0, deadline - time.monotonic()),
+                                fail_if_lost=self.config.coordinator_away == "fallback")
         with self._lock:
             # A close() that ran since the request went out did not see it.
             active = self.status is PoolStatus.ACTIVE

@@ -161,6 +161,42 @@ def test_fallback_policy_opens_a_local_cap_then_hands_back(start_coordinator: An
         pool.close()
 
 
+@pytest.mark.parametrize("policy", ["fallback", "wait"])
+def test_an_acquire_queued_when_the_coordinator_dies_falls_back_only_if_asked(
+        start_coordinator: Any, sock_path: str, policy: str) -> None:
+    """Before, an acquire already queued at the coordinator when it died waited
+    out its whole timeout even with coordinator_away="fallback"."""
+    coord = start_coordinator({"r": 1})
+    holder = Client(sock_path)
+    holder.acquire("r", timeout=2)  # someone else holds the only slot
+    pool = make_pool(sock_path, FakeFactory(), max_size=1, coordinator_away=policy,
+                     fallback_max_size=1)
+    got: list[Any] = []
+
+    def want() -> None:
+        try:
+            got.append(pool.acquire(timeout=4))
+        except SharedPoolError as exc:
+            got.append(exc)
+
+    try:
+        t = threading.Thread(target=want)
+        t.start()
+        time.sleep(0.3)  # queued at the coordinator
+        t0 = time.monotonic()
+        coord.kill()
+        t.join(10)
+        if policy == "fallback":
+            assert got and not isinstance(got[0], Exception), got
+            assert got[0].lease is None and time.monotonic() - t0 < 2  # without waiting it out
+            pool.release(got[0])
+        else:  # it waits for the coordinator to come back, as documented
+            assert got and isinstance(got[0], PoolTimeout), got
+    finally:
+        pool.close()
+        holder.close()
+
+
 def test_restart_waits_for_reregistration_before_granting(start_coordinator: Any,
                                                           sock_path: str) -> None:
     """I1 across a restart: a process that kept its connections re-registers
