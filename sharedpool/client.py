@@ -575,7 +575,7 @@ class Client:
         elif isinstance(msg, p.Deny | p.Reply | p.Error) and msg.req is not None:
             with self._cond:
                 pending = self._pending.get(msg.req)
-                if pending is None:
+                if pending is None or pending.done:  # cancelled or failed meanwhile: that stands
                     return
                 if isinstance(msg, p.Reply):
                     pending.result = msg.data

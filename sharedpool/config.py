@@ -76,6 +76,10 @@ def _number(
     return value
 
 
+#: The largest frame a 4-byte length prefix can announce.
+MAX_FRAME_LIMIT = (1 << 32) - 1
+
+
 def _bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(name, f"must be true or false, got {value!r}")
@@ -324,6 +328,8 @@ class CoordinatorConfig:
         if self.group is not None and (not isinstance(self.group, str) or not self.group):
             raise ConfigError("group", f"must be a group name or None, got {self.group!r}")
         _number("max_frame", self.max_frame, integer=True, minimum=1024)
+        if self.max_frame > MAX_FRAME_LIMIT:  # the length prefix is 4 bytes
+            raise ConfigError("max_frame", f"must be at most {MAX_FRAME_LIMIT}, got {self.max_frame!r}")
         _number("restart_grace", self.restart_grace)
         _number("hello_timeout", self.hello_timeout, strict_min=True)
         _number("frame_timeout", self.frame_timeout, strict_min=True)

@@ -35,7 +35,7 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
-from .config import CoordinatorConfig, config_from_parts
+from .config import CoordinatorConfig, check_seconds, config_from_parts
 from .coordinator import CoordinatorRunning
 from .errors import ConfigError, SharedPoolError
 
@@ -96,8 +96,10 @@ class EmbeddedCoordinator:
         if not isinstance(level, int):
             raise ConfigError("log_level", f"must be debug, info, warning or error, got {log_level!r}")
         self.log_level = str(log_level).upper()
+        if not isinstance(restart, bool):  # "no" would mean yes
+            raise ConfigError("restart", f"must be True or False, got {restart!r}")
         self.restart = restart
-        self.start_timeout = start_timeout
+        self.start_timeout = check_seconds("start_timeout", start_timeout)
         self.restarts = 0
         self._owner = os.getpid()
         self._lock = threading.Lock()

@@ -207,3 +207,13 @@ def test_a_resource_in_the_short_form_is_named_in_its_error(tmp_path: pathlib.Pa
         with pytest.raises(ConfigError) as err:
             make()
         assert err.value.field == "resources.api.max_size"  # as for a table: which resource
+
+
+def test_embedded_coordinator_options_are_checked(tmp_path: pathlib.Path) -> None:
+    from sharedpool.contrib.gunicorn import hooks
+
+    for field, kw in (("restart", {"restart": "no"}), ("max_frame", {"max_frame": 1 << 33}),
+                      ("start_timeout", {"start_timeout": -1})):
+        with pytest.raises(ConfigError) as err:
+            hooks(resources={"pg": 1}, socket=tmp_path / f"{field}.sock", **kw)
+        assert err.value.field == field

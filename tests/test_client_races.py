@@ -359,3 +359,29 @@ def test_an_unanswered_admin_names_the_coordinator_and_what_may_have_happened(so
     finally:
         client.close()
         fake.stop()
+
+
+class _DenyOnCancel(FakeCoordinator):
+    """Queues every acquire; answers a Cancel with a late Deny of that request."""
+
+    def on_message(self, idx: int, s: socket.socket, conn: p.Connection, msg: p.Message) -> None:
+        if isinstance(msg, p.Cancel):
+            s.sendall(p.encode(p.Deny(msg.req, "timeout", "no lease in time")))
+        elif not isinstance(msg, p.Acquire):
+            super().on_message(idx, s, conn, msg)
+
+
+def test_a_denial_arriving_after_a_cancel_does_not_replace_it(sock_path: str) -> None:
+    from sharedpool.errors import AcquireCancelled
+
+    fake = _DenyOnCancel(sock_path)
+    client = Client(sock_path)
+    try:
+        ticket = client.request("r", timeout=5)
+        assert ticket.cancel()
+        time.sleep(0.2)  # the coordinator's Deny is in
+        with pytest.raises(AcquireCancelled):  # before: the late denial's PoolTimeout
+            ticket.wait()
+    finally:
+        client.close()
+        fake.stop()
