@@ -69,6 +69,12 @@ class ResourceUnavailable(LeaseDenied):
     """The resource is paused, draining, or failing to connect; try later."""
 
 
+class ResourceDraining(ResourceUnavailable, PoolClosed):
+    """The resource is draining (``sharedpool drain``): what a pool that learns it
+    from a refused lease raises, so that ``except PoolClosed`` catches it as it
+    does for pools told by the drain's push."""
+
+
 class CoordinatorUnavailable(SharedPoolError, ConnectionError):
     """The coordinator could not be reached, or the session to it was lost."""
 
@@ -104,7 +110,7 @@ _DENIAL_CLASSES: dict[str, type[LeaseDenied]] = {
     "unknown_resource": UnknownResource,
     "too_many_waiters": TooManyWaiters,
     "paused": ResourceUnavailable,
-    "draining": ResourceUnavailable,
+    "draining": ResourceDraining,
     "failing": ResourceUnavailable,
 }
 

@@ -375,10 +375,17 @@ class ConnectionPool(Generic[T]):
                         f"pool {self.name!r}: the connection factory did not return within "
                         f"connection_timeout={self.config.connection_timeout:g}s")
                 self._m["acquire_timeouts"] += 1
+                client = self._client
+                away = ""
+                # (attributes only: no client lock is taken under the pool's lock)
+                if client is not None and not client.closed and client._sock is None:
+                    # Why no lease came: a wrong or dead socket must say so.
+                    away = (f"; coordinator at {client.socket_path} unreachable"
+                            + (f": {client.last_error}" if client.last_error else ""))
                 raise PoolTimeout(
                     f"pool {self.name!r}: no connection within {deadline - start:.3g}s "
                     f"({len(self._all)} open, {len(self._all) - len(self._idle)} in use, "
-                    f"max_size={self.config.max_size})")
+                    f"max_size={self.config.max_size}){away}")
 
     def _forsake(self, waiter: _Waiter, checking: ConnectionWrapper[T] | None) -> None:
         """The caller of ``waiter`` left with an exception. Dequeue it; check in

@@ -162,6 +162,8 @@ def test_prefork_children_share_a_cap_of_three(celery_worker: Callable[[], Celer
         # Every child closed its connections and ended its session before the
         # parent stopped the coordinator: no lease was left.
         assert "coordinator stopping: 0 session(s) open" in worker.log(), worker.log()[-3000:]
+        # Where it listens, for `sharedpool status --socket`: logged once celery's logging is up.
+        assert f"sharedpool: coordinator pid {coordinator} serving {worker.sock}" in worker.log()
         assert sampler.count_now() == 0, "connections left after the worker stopped"
     wait_for(lambda: not pid_alive(coordinator), 5, "the coordinator to exit")
     assert not os.path.exists(worker.sock)

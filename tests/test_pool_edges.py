@@ -830,3 +830,15 @@ def test_waits_longer_than_a_lock_can_wait_at_once_still_work() -> None:
     assert pool.acquire() is held  # the configured default, as large
     pool.release(held)
     pool.close(timeout=1e10)
+
+
+def test_a_pool_timeout_with_no_coordinator_says_so(tmp_path: Any) -> None:
+    # Before: only "no connection within 0.3s (0 open, ...)": nothing said the
+    # socket was wrong or its coordinator dead.
+    path = str(tmp_path / "nobody.sock")
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1), resource="r", coordinator=path)
+    try:
+        with pytest.raises(PoolTimeout, match=f"coordinator at {path} unreachable"):
+            pool.acquire(timeout=0.3)
+    finally:
+        pool.close()

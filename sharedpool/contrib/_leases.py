@@ -25,7 +25,7 @@ from .. import process
 from ..client import Client, Lease, current_pid
 from ..closing import NotClosable, close_and_confirm, socket_fd
 from ..config import SOCKET_ENV, check_resource_name, check_seconds, check_socket_path, env_socket_path
-from ..errors import AcquireCancelled, PoolTimeout
+from ..errors import AcquireCancelled, PoolClosed, PoolTimeout
 from ..handoff import HandOffCost
 
 __all__ = ["LeaseBook"]
@@ -199,6 +199,8 @@ class LeaseBook:
         self.confirm_timeout = float(confirm_timeout)
         self._idle = idle
         self._reclaim = reclaim
+        #: What an admin push said: "draining" (until resume) or "ended" (for good).
+        self._admin_state: str | None = None
         self._counters = dict.fromkeys(_COUNTERS, 0)
         self._inherited: dict[int, Any] = {}
         self._left = _Left(self.resource, self.confirm_timeout)
@@ -356,8 +358,12 @@ class LeaseBook:
 
         def on_push(verb: str, resource: str | None, args: dict[str, Any]) -> None:
             book = ref()
-            if book is not None and verb == "revoke" and resource in (None, book.resource):
+            if book is None or resource not in (None, book.resource):
+                return
+            if verb == "revoke":
                 book._revoke(args.get("lease"), args.get("why"))
+            elif verb in ("drain", "end_session", "resume"):
+                book._on_admin(verb)
 
         with self._lock:
             if self._client is client:
@@ -387,6 +393,24 @@ class LeaseBook:
             given = self._reclaim(owed)
             if given:
                 log.debug("gave back %d %r lease(s) on reclaim", given, self.resource)
+
+    def _on_admin(self, verb: str) -> None:
+        """drain / end_session: idle connections close now (leases back), in-use
+        ones at checkin (owes_back); after end_session no new lease is taken."""
+        if self._pid != current_pid():
+            return
+        if verb == "resume":
+            if self._admin_state == "draining":
+                self._admin_state = None
+            return
+        if self._admin_state != "ended":
+            self._admin_state = "ended" if verb == "end_session" else "draining"
+        if self._reclaim is not None:
+            with self._lock:
+                count = len(self._entries)
+            given = self._reclaim(count) if count else 0
+            log.warning("%r: coordinator says %s; closed %d idle connection(s), in-use ones close "
+                        "at checkin", self.resource, verb, given)
 
     def _revoke(self, lease_id: Any, why: Any) -> None:
         """The coordinator did not take this lease back after a restart. The
@@ -427,6 +451,9 @@ class LeaseBook:
         condition held; the pool calls :meth:`notify_returned` at checkin, or
         hands a connection over with :meth:`offer` (same ``owner``: the pool).
         Returns None once the lease is held under ``key``."""
+        if self._admin_state == "ended":
+            raise PoolClosed(f"{self.resource!r}: this process's session was ended by an admin "
+                             "(sharedpool end-session); restart the process")
         client = self.client
         lease = None
         if client is not None:
@@ -747,6 +774,9 @@ class LeaseBook:
         coordinator asked for leases back and this one is older than the
         resource's fairness quantum. Cheap: the checkin fast path calls it."""
         client = self._client
+        if self._admin_state is not None and self._pid == current_pid():
+            entry = self._entries.get(id(key))
+            return entry is not None and entry.key is key and entry.lease is not None
         if client is None or not client.owes(self.resource) or self._pid != current_pid():
             return False
         entry = self._entries.get(id(key))

@@ -64,6 +64,9 @@ class CelerySharedPool:
     close_timeout: float
     coordinator: EmbeddedCoordinator | None = None
     handlers: list[Any] = field(default_factory=list)
+    #: What worker_init had to say; logged again at worker_ready (celery's logging
+    #: is not set up yet at worker_init, so an info line there is dropped).
+    started_line: str | None = None
 
     @property
     def socket_path(self) -> str | None:
@@ -87,7 +90,8 @@ class CelerySharedPool:
     def _start(self) -> None:
         path = self.socket or os.environ.get(SOCKET_ENV) or private_socket_path("celery")
         if coordinator_listening(path):
-            log.info("sharedpool: using the coordinator already serving %s", path)
+            self.started_line = f"sharedpool: using the coordinator already serving {path}"
+            log.info("%s", self.started_line)
         elif self.embedded is None:
             raise EmbeddedStartError(
                 f"sharedpool: no coordinator is listening on {path}, and setup() got no "
@@ -101,12 +105,16 @@ class CelerySharedPool:
             self.coordinator = self.embedded
             limits = ", ".join(f"{n}={r.max_size}"
                                for n, r in self.embedded.config.resources.items())
-            log.info("sharedpool: coordinator pid %s serving %s (%s)",
-                     self.embedded.pid, path, limits)
+            self.started_line = f"sharedpool: coordinator pid {self.embedded.pid} serving {path} ({limits})"
+            log.info("%s", self.started_line)
         # Pools made at import time (before this) read the socket when they first
         # open a connection, so they lease from this coordinator too.
         os.environ[SOCKET_ENV] = path
         self.socket = path
+
+    def worker_ready(self, sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", self.app) is self.app and self.started_line:
+            log.info("%s", self.started_line)
 
     def worker_process_init(self, **_: Any) -> None:
         if self.socket is not None:
@@ -165,6 +173,7 @@ def setup(
     state = CelerySharedPool(app, given, embedded, close_timeout)
     for sig, handler in (
         (signals.worker_init, state.worker_init),
+        (signals.worker_ready, state.worker_ready),
         (signals.worker_process_init, state.worker_process_init),
         (signals.worker_process_shutdown, state.worker_process_shutdown),
         (signals.worker_shutdown, state.worker_shutdown),

@@ -1,0 +1,105 @@
+"""Admin verbs reach the integrations' pools too: `drain` closes their idle
+connections now and in-use ones at checkin, `resume` lets them lease again,
+`end-session` ends a process's pools for good. Before, the integrations
+(SQLAlchemy, redis-py, psycopg_pool) acted on no push but "revoke": the verbs
+answered success and the connections lived on."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from pg_helpers import pg_dsn
+from proc_helpers import wait_leased
+
+from sharedpool import Client, PoolClosed, ResourceUnavailable
+
+
+@pytest.fixture
+def admin(start_coordinator: Any, sock_path: str) -> Iterator[Client]:
+    start_coordinator({"pg": 2, "redis": 2})
+    client = Client(sock_path, name="admin")
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def _backends(app_name: str) -> int:
+    import psycopg
+
+    with psycopg.connect(pg_dsn(), autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                           (app_name,)).fetchone()
+    return int(row[0]) if row else -1
+
+
+def _leased(admin: Client, name: str) -> int:
+    return next(int(r["leased"]) for r in admin.inspect("resources")["resources"] if r["name"] == name)
+
+
+def _until(check: Any, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_drain_and_resume_reach_a_sqlalchemy_engine(admin: Client, sock_path: str, app_name: str) -> None:
+    import sqlalchemy
+    from sqlalchemy import text
+
+    from sharedpool.contrib.sqlalchemy import create_engine
+
+    engine = create_engine(f"postgresql+psycopg://postgres@127.0.0.1:5432/test?application_name={app_name}",
+                           resource="pg", coordinator=sock_path, pool_size=2, max_overflow=0,
+                           pool_timeout=2)
+    try:
+        busy = engine.connect()
+        busy.execute(text("SELECT 1"))
+        with engine.connect() as idle:
+            idle.execute(text("SELECT 1"))  # checked in: idle in the engine's pool
+        assert wait_leased(sock_path, 2) == 2
+        admin.admin("drain", resource="pg")
+        assert _until(lambda: _backends(app_name) == 1), "the idle connection was not closed"
+        assert wait_leased(sock_path, 1) == 1
+        with pytest.raises(sqlalchemy.exc.OperationalError) as err, engine.connect():
+            pass
+        assert isinstance(err.value.orig, ResourceUnavailable) and isinstance(err.value.orig, PoolClosed)
+        busy.close()  # in use during the drain: closed at its checkin
+        assert _until(lambda: _backends(app_name) == 0), "the in-use connection outlived its checkin"
+        assert wait_leased(sock_path, 0) == 0
+        admin.admin("resume", resource="pg")
+        with engine.connect() as conn:  # leases again
+            assert conn.execute(text("SELECT 1")).scalar() == 1
+    finally:
+        engine.dispose()
+
+
+def test_end_session_ends_a_redis_pool_for_good(admin: Client, sock_path: str) -> None:
+    import os
+
+    import redis
+
+    from sharedpool.contrib.redis import BlockingConnectionPool
+
+    pool = BlockingConnectionPool(host="127.0.0.1", port=6379, resource="redis",
+                                  coordinator=sock_path, max_connections=2, timeout=2)
+    client = redis.Redis(connection_pool=pool, retry=None)
+    try:
+        assert client.ping()
+        assert _leased(admin, "redis") == 1
+        admin.admin("end_session", pid=os.getpid(), timeout=5)  # this process: the admin client too
+        assert _until(lambda: _leased(admin, "redis") == 0), "the redis lease was kept"
+        with pytest.raises(PoolClosed):
+            client.ping()
+        time.sleep(0.3)  # the client reconnects; the pool still refuses
+        with pytest.raises(PoolClosed):
+            client.ping()
+        assert _leased(admin, "redis") == 0
+    finally:
+        pool.disconnect()
