@@ -103,3 +103,22 @@ def test_end_session_ends_a_redis_pool_for_good(admin: Client, sock_path: str) -
         assert _leased(admin, "redis") == 0
     finally:
         pool.disconnect()
+
+
+def test_drain_and_resume_reach_a_psycopg_pool(admin: Client, sock_path: str, app_name: str) -> None:
+    from sharedpool.contrib.psycopg import ConnectionPool as PsycopgPool
+
+    pool = PsycopgPool(f"{pg_dsn()} application_name={app_name}", resource="pg", coordinator=sock_path,
+                       min_size=0, max_size=2, timeout=2, open=True)
+    try:
+        with pool.connection() as conn:
+            conn.execute("SELECT 1")
+        assert _until(lambda: _backends(app_name) == 1)
+        admin.admin("drain", resource="pg")
+        assert _until(lambda: _backends(app_name) == 0), "the idle connection was not closed"
+        assert _until(lambda: _leased(admin, "pg") == 0)
+        admin.admin("resume", resource="pg")
+        with pool.connection() as conn:  # leases again
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        pool.close()
