@@ -17,7 +17,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from . import giveback
+from . import giveback, opening
 from .client import current_pid
 from .wrapper import ConnectionWrapper
 
@@ -152,7 +152,7 @@ def fill(pool: ConnectionPool[Any], count: int) -> None:
             wrapper.in_use = True
         if revoked:
             giveback.warn_revoked(pool, wrapper)
-        if pool.configure is not None and (error := pool._setup(wrapper, client)) is not None:
+        if pool.configure is not None and (error := opening.setup(pool, wrapper, client)) is not None:
             log.warning("pool %r: top-up to min_size: configure failed: %s", pool.name, error)
             return  # retried next round
         pool._park(wrapper)

@@ -19,19 +19,16 @@ from enum import Enum
 from functools import partial
 from typing import Any, Generic, TypeVar
 
-from . import giveback, maintenance, process
-from .client import _PID, AcquireRequest, Client, Lease, current_pid
+from . import giveback, maintenance, opening, process
+from .client import _PID, AcquireRequest, Client, current_pid
 from .closing import ACTIVE, INERROR, INTRANS, UNKNOWN, NotClosable, close_and_confirm, transaction_status
 from .config import SOCKET_ENV, PoolConfig, check_resource_name, check_socket_path, env_socket_path
 from .errors import (
-    AcquireCancelled,
     ConfigError,
     ConnectTimeout,
-    CoordinatorUnavailable,
     PoolClosed,
     PoolMisuse,
     PoolTimeout,
-    SharedPoolError,
 )
 from .giveback import IDLE_GIVE_BACK
 from .handoff import HandOffCost
@@ -188,6 +185,11 @@ class ConnectionPool(Generic[T]):
                     f" | Connections: {in_use} in use, {len(self._idle)} idle, {self._opening} opening"
                     f" | Requests: {len(self._waiters)} waiting>")
         return text
+
+    @property
+    def _active(self) -> bool:
+        """Handing out connections (not draining, not closed)."""
+        return self.status is _ACTIVE
 
     def get_size(self) -> int:
         """Open connections (idle + in use)."""
@@ -434,174 +436,11 @@ class ConnectionPool(Generic[T]):
         does, once its own waiter is out of the queue)."""
         try:
             for waiter in waiters:
-                threading.Thread(target=self._open, args=(waiter, deadline),
+                threading.Thread(target=opening.run, args=(self, waiter, deadline),
                                  name=f"sharedpool-open-{self.resource}", daemon=True).start()
         except BaseException:
             self._unplan(waiters, replan)
             raise
-
-    def _open(self, waiter: _Waiter, deadline: float) -> None:
-        """Opener thread: lease, then factory; deliver to the oldest waiter."""
-        with self._lock:
-            if not waiter.planned:
-                return  # unplanned: its starter was cut short and uncounted it
-            waiter.planned = False
-        lease = None
-        try:
-            client = self._get_client()
-            fallback = client is not None and self._use_fallback(client)
-        except BaseException as exc:  # noqa: BLE001 - a $SHAREDPOOL_SOCKET gone bad: to the waiter
-            self._open_failed(waiter, exc, connected=False)
-            return
-        try:
-            t0 = time.monotonic()
-            while client is not None and not fallback:
-                try:
-                    lease = self._take_lease(client, deadline)
-                    break
-                except CoordinatorUnavailable:
-                    # The coordinator went away while we waited: with "fallback",
-                    # open without a lease if there is room, else wait on.
-                    if (self.config.coordinator_away != "fallback" or client.closed
-                            or time.monotonic() >= deadline):
-                        raise
-                    fallback = self._use_fallback(client)
-            t1 = time.monotonic()
-            with self._lock:
-                if lease is not None:
-                    self._m["leases_acquired"] += 1
-                    self._m["lease_wait_ms"] += int((t1 - t0) * 1000)
-                waiter.connect_deadline = t1 + self.config.connection_timeout
-                waiter.event.set()  # the waiter re-arms its wait with the connect deadline
-            try:
-                conn = self.factory()
-            finally:
-                with self._lock:
-                    waiter.connect_deadline = None  # done: nobody may give up on it any more
-                    if waiter.abandoned:
-                        self._stalled -= 1
-                    if fallback:  # made (then counted in _all) or failed: no longer under way
-                        self._fallback_opening -= 1
-        except BaseException as exc:  # noqa: BLE001 - delivered to the waiter, not lost
-            if client is not None and lease is not None:
-                client.report_failure(self.resource)
-                client.release(lease)  # no connection was made: nothing to confirm
-            self._open_failed(waiter, exc, connected=lease is not None or client is None)
-            return
-        wrapper = ConnectionWrapper(conn, self, lease)
-        self._handoff.connected(time.monotonic() - t1)
-        self._handoff.tell(client, self.resource)
-        if client is not None:
-            client.report_success(self.resource)
-        if waiter.abandoned:  # the caller gave up on a slow connect: close, then release
-            log.warning("pool %r: a connect finished after connection_timeout; closing it", self.name)
-            with self._lock:
-                self._opening -= 1
-                self._closing += 1
-                openers = self._plan_growth()
-            self._close_then_open(wrapper, openers, deadline)
-            return
-        with self._lock:
-            self._opening -= 1
-            self._m["total_created"] += 1
-            self._m["connections_ms"] += int((time.monotonic() - t1) * 1000)
-            self._all[wrapper.id] = wrapper
-            revoked = giveback.drop_revoked(self, wrapper, client)
-            closing = self.status is not PoolStatus.ACTIVE
-            if closing:
-                del self._all[wrapper.id]
-                self._closing += 1
-            elif self.configure is None:
-                self._hand_over(wrapper)
-            else:  # counted and reported (as busy), handed out once configured
-                wrapper.in_use = True
-            # One being configured goes to a waiter next: no opener for that waiter
-            # (a failed configure plans again, in _open_failed).
-            openers = self._plan_growth() if closing or self.configure is None else []
-        if revoked:
-            giveback.warn_revoked(self, wrapper)
-        try:
-            if closing:
-                self._close(wrapper)
-            elif self.configure is not None:
-                error = self._setup(wrapper, client)
-                if error is None:
-                    self._park(wrapper)  # handed out, or closed if the pool closed meanwhile
-                else:  # reaches a waiter as a failed connect's error does
-                    with self._lock:
-                        self._opening += 1  # _open_failed settles it as for a failed connect
-                    self._open_failed(waiter, error, connected=True)
-            elif client is not None and wrapper.backend_pid is not None:
-                client.report_soon()  # the fence needs this backend pid should we die
-        finally:  # whatever failed above, the openers planned must run
-            self._start_openers(openers, deadline)
-
-    def _take_lease(self, client: Client, deadline: float) -> Lease:
-        """Opener thread: a lease for one more connection. Withdrawn if the pool
-        closes meanwhile; one granted as it closed goes back unused (PoolClosed)."""
-        ticket = client.request(self.resource, max(0.0, deadline - time.monotonic()),
-                                fail_if_lost=self.config.coordinator_away == "fallback")
-        with self._lock:
-            # A close() that ran since the request went out did not see it.
-            active = self.status is PoolStatus.ACTIVE
-            if active:
-                self._lease_requests.add(ticket)
-        if not active:
-            ticket.cancel()
-        try:
-            lease = ticket.wait()
-        finally:
-            with self._lock:
-                self._lease_requests.discard(ticket)
-                active = self.status is PoolStatus.ACTIVE
-        if not active:
-            client.release(lease)
-            raise PoolClosed(f"pool {self.name!r} is {self.status.value}")
-        return lease
-
-    def _setup(self, wrapper: ConnectionWrapper[T], client: Client | None) -> BaseException | None:
-        """A new connection, counted and marked in use by the pool itself: report
-        its backend pid, then run ``configure`` on it. One it fails on is closed
-        (then its lease released) and the error returned."""
-        assert self.configure is not None
-        # The pool's own, not a caller's: leak detection must not time it.
-        wrapper.checked_out_at = math.inf
-        if client is not None and wrapper.backend_pid is not None:
-            try:
-                client.report_now()  # before any query of ours runs on it
-            except Exception:  # noqa: BLE001 - the periodic report carries it still
-                log.exception("pool %r: reporting a new connection's backend pid failed", self.name)
-        try:
-            self.configure(wrapper.conn)
-        except BaseException as exc:  # noqa: BLE001 - returned to the caller, not lost
-            with self._lock:
-                del self._all[wrapper.id]
-                self._closing += 1
-            self._close(wrapper)
-            return exc
-        return None
-
-    def _open_failed(self, waiter: _Waiter, exc: BaseException, connected: bool) -> None:
-        if not isinstance(exc, SharedPoolError):
-            log.warning("pool %r: opening a connection failed (connect or configure): %s", self.name, exc)
-        with self._lock:
-            self._opening -= 1
-            self._returned.notify_all()  # a close() may be waiting for this opener
-            if connected:
-                self._m["connect_errors"] += 1
-            target = waiter if waiter in self._waiters else None
-            if target is None and self._waiters and not isinstance(
-                    exc, (AcquireCancelled, PoolTimeout, ConnectTimeout)):
-                # Our waiter was served meanwhile: the error (a denial, a failed
-                # connect) goes to the oldest waiter rather than nowhere, or a
-                # coordinator denying at once would have us retrying in a loop.
-                target = self._waiters[0]
-            if target is not None:
-                self._waiters.remove(target)
-                target.error = exc
-                target.event.set()
-            openers = self._plan_growth()
-        self._start_openers(openers, time.monotonic() + self.config.acquire_timeout)
 
     def _hand_over(self, wrapper: ConnectionWrapper[T]) -> None:
         """Under the lock: give a free connection to the oldest waiter, or park it."""

@@ -1,0 +1,200 @@
+"""A pool's opener: the thread that makes one connection for the waiters.
+
+A lease first (I1: no connection without one), then the factory, then the
+connection goes to the oldest waiter, or is closed if the pool stopped being
+active meanwhile. A failed lease or connect reaches a waiter as its error,
+never nowhere. The planning (how many openers, for whom) stays in the pool,
+under its lock; what happens here runs outside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import giveback
+from .errors import (
+    AcquireCancelled,
+    ConnectTimeout,
+    CoordinatorUnavailable,
+    PoolClosed,
+    PoolTimeout,
+    SharedPoolError,
+)
+from .wrapper import ConnectionWrapper
+
+if TYPE_CHECKING:
+    from .client import Client, Lease
+    from .pool import ConnectionPool, _Waiter
+
+log = logging.getLogger("sharedpool.pool")
+
+
+def run(pool: ConnectionPool[Any], waiter: _Waiter, deadline: float) -> None:
+    """Opener thread: lease, then factory; deliver to the oldest waiter."""
+    with pool._lock:
+        if not waiter.planned:
+            return  # unplanned: its starter was cut short and uncounted it
+        waiter.planned = False
+    lease = None
+    try:
+        client = pool._get_client()
+        fallback = client is not None and pool._use_fallback(client)
+    except BaseException as exc:  # noqa: BLE001 - a $SHAREDPOOL_SOCKET gone bad: to the waiter
+        failed(pool, waiter, exc, connected=False)
+        return
+    try:
+        t0 = time.monotonic()
+        while client is not None and not fallback:
+            try:
+                lease = take_lease(pool, client, deadline)
+                break
+            except CoordinatorUnavailable:
+                # The coordinator went away while we waited: with "fallback",
+                # open without a lease if there is room, else wait on.
+                if (pool.config.coordinator_away != "fallback" or client.closed
+                        or time.monotonic() >= deadline):
+                    raise
+                fallback = pool._use_fallback(client)
+        t1 = time.monotonic()
+        with pool._lock:
+            if lease is not None:
+                pool._m["leases_acquired"] += 1
+                pool._m["lease_wait_ms"] += int((t1 - t0) * 1000)
+            waiter.connect_deadline = t1 + pool.config.connection_timeout
+            waiter.event.set()  # the waiter re-arms its wait with the connect deadline
+        try:
+            conn = pool.factory()
+        finally:
+            with pool._lock:
+                waiter.connect_deadline = None  # done: nobody may give up on it any more
+                if waiter.abandoned:
+                    pool._stalled -= 1
+                if fallback:  # made (then counted in _all) or failed: no longer under way
+                    pool._fallback_opening -= 1
+    except BaseException as exc:  # noqa: BLE001 - delivered to the waiter, not lost
+        if client is not None and lease is not None:
+            client.report_failure(pool.resource)
+            client.release(lease)  # no connection was made: nothing to confirm
+        failed(pool, waiter, exc, connected=lease is not None or client is None)
+        return
+    wrapper = ConnectionWrapper(conn, pool, lease)
+    pool._handoff.connected(time.monotonic() - t1)
+    pool._handoff.tell(client, pool.resource)
+    if client is not None:
+        client.report_success(pool.resource)
+    if waiter.abandoned:  # the caller gave up on a slow connect: close, then release
+        log.warning("pool %r: a connect finished after connection_timeout; closing it", pool.name)
+        with pool._lock:
+            pool._opening -= 1
+            pool._closing += 1
+            openers = pool._plan_growth()
+        pool._close_then_open(wrapper, openers, deadline)
+        return
+    with pool._lock:
+        pool._opening -= 1
+        pool._m["total_created"] += 1
+        pool._m["connections_ms"] += int((time.monotonic() - t1) * 1000)
+        pool._all[wrapper.id] = wrapper
+        revoked = giveback.drop_revoked(pool, wrapper, client)
+        closing = not pool._active
+        if closing:
+            del pool._all[wrapper.id]
+            pool._closing += 1
+        elif pool.configure is None:
+            pool._hand_over(wrapper)
+        else:  # counted and reported (as busy), handed out once configured
+            wrapper.in_use = True
+        # One being configured goes to a waiter next: no opener for that waiter
+        # (a failed configure plans again, in failed()).
+        openers = pool._plan_growth() if closing or pool.configure is None else []
+    if revoked:
+        giveback.warn_revoked(pool, wrapper)
+    try:
+        if closing:
+            pool._close(wrapper)
+        elif pool.configure is not None:
+            error = setup(pool, wrapper, client)
+            if error is None:
+                pool._park(wrapper)  # handed out, or closed if the pool closed meanwhile
+            else:  # reaches a waiter as a failed connect's error does
+                with pool._lock:
+                    pool._opening += 1  # failed() settles it as for a failed connect
+                failed(pool, waiter, error, connected=True)
+        elif client is not None and wrapper.backend_pid is not None:
+            client.report_soon()  # the fence needs this backend pid should we die
+    finally:  # whatever failed above, the openers planned must run
+        pool._start_openers(openers, deadline)
+
+
+def take_lease(pool: ConnectionPool[Any], client: Client, deadline: float) -> Lease:
+    """Opener thread: a lease for one more connection. Withdrawn if the pool
+    closes meanwhile; one granted as it closed goes back unused (PoolClosed)."""
+    ticket = client.request(pool.resource, max(0.0, deadline - time.monotonic()),
+                            fail_if_lost=pool.config.coordinator_away == "fallback")
+    with pool._lock:
+        # A close() that ran since the request went out did not see it.
+        active = pool._active
+        if active:
+            pool._lease_requests.add(ticket)
+    if not active:
+        ticket.cancel()
+    try:
+        lease = ticket.wait()
+    finally:
+        with pool._lock:
+            pool._lease_requests.discard(ticket)
+            active = pool._active
+    if not active:
+        client.release(lease)
+        raise PoolClosed(f"pool {pool.name!r} is {pool.status.value}")
+    return lease
+
+
+def setup(pool: ConnectionPool[Any], wrapper: ConnectionWrapper[Any],
+          client: Client | None) -> BaseException | None:
+    """A new connection, counted and marked in use by the pool itself: report
+    its backend pid, then run ``configure`` on it. One it fails on is closed
+    (then its lease released) and the error returned."""
+    assert pool.configure is not None
+    # The pool's own, not a caller's: leak detection must not time it.
+    wrapper.checked_out_at = math.inf
+    if client is not None and wrapper.backend_pid is not None:
+        try:
+            client.report_now()  # before any query of ours runs on it
+        except Exception:  # noqa: BLE001 - the periodic report carries it still
+            log.exception("pool %r: reporting a new connection's backend pid failed", pool.name)
+    try:
+        pool.configure(wrapper.conn)
+    except BaseException as exc:  # noqa: BLE001 - returned to the caller, not lost
+        with pool._lock:
+            del pool._all[wrapper.id]
+            pool._closing += 1
+        pool._close(wrapper)
+        return exc
+    return None
+
+
+def failed(pool: ConnectionPool[Any], waiter: _Waiter, exc: BaseException, connected: bool) -> None:
+    if not isinstance(exc, SharedPoolError):
+        log.warning("pool %r: opening a connection failed (connect or configure): %s", pool.name, exc)
+    with pool._lock:
+        pool._opening -= 1
+        pool._returned.notify_all()  # a close() may be waiting for this opener
+        if connected:
+            pool._m["connect_errors"] += 1
+        target = waiter if waiter in pool._waiters else None
+        if target is None and pool._waiters and not isinstance(
+                exc, (AcquireCancelled, PoolTimeout, ConnectTimeout)):
+            # Our waiter was served meanwhile: the error (a denial, a failed
+            # connect) goes to the oldest waiter rather than nowhere, or a
+            # coordinator denying at once would have us retrying in a loop.
+            target = pool._waiters[0]
+        if target is not None:
+            pool._waiters.remove(target)
+            target.error = exc
+            target.event.set()
+        openers = pool._plan_growth()
+    pool._start_openers(openers, time.monotonic() + pool.config.acquire_timeout)
