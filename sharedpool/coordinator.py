@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import grp
 import json
 import logging
@@ -39,6 +40,11 @@ def _private_dir(path: str, gid: int | None = None) -> None:
     created = not os.path.isdir(directory)
     if created:
         os.makedirs(directory, mode=0o700, exist_ok=True)
+    # Another user who can swap a component of the path (its own symlink in a
+    # sticky /tmp, a directory it owns or can write above ours) can move the
+    # socket out from under us later: check the path as spelled and as resolved.
+    _check_chain(directory)
+    _check_chain(os.path.realpath(directory))
     st = os.stat(directory)
     if st.st_uid != os.getuid():
         raise ConfigError("socket", f"directory {directory} belongs to uid {st.st_uid}, not to us")
@@ -57,6 +63,28 @@ def _private_dir(path: str, gid: int | None = None) -> None:
         log.warning("socket directory %s (mode %o, gid %d) cannot be entered by group %d: "
                     "its members will not reach the socket", directory,
                     stat.S_IMODE(st.st_mode), st.st_gid, gid)
+
+
+def _check_chain(directory: str) -> None:
+    """Every entry on the way to ``directory`` is ours or root's, or sits in a
+    directory that nobody else can write (sticky: only the entry's owner may
+    rename it)."""
+    trusted = (0, os.getuid())
+    parent = "/"
+    for part in [p for p in directory.split("/") if p]:
+        entry = os.path.join(parent, part)
+        st_entry = os.lstat(entry)
+        st_parent = os.stat(parent)
+        open_parent = st_parent.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        if st_parent.st_uid not in trusted or (open_parent and not st_parent.st_mode & stat.S_ISVTX):
+            raise ConfigError("socket", f"{parent} can be changed by others; "
+                              f"put the socket where only its owner and root can change the path")
+        if stat.S_ISLNK(st_entry.st_mode) and st_entry.st_uid not in trusted:
+            raise ConfigError("socket", f"{entry} is a symlink of uid {st_entry.st_uid}, not ours")
+        if open_parent and st_entry.st_uid not in trusted:
+            raise ConfigError("socket", f"{entry} belongs to uid {st_entry.st_uid} in a shared "
+                              f"directory {parent}")
+        parent = entry
 
 
 def _group_id(config: CoordinatorConfig) -> int | None:
@@ -117,23 +145,38 @@ def bind_socket(config: CoordinatorConfig) -> tuple[socket.socket, bool, list[An
     path = config.socket_path
     gid = _group_id(config)
     _private_dir(path, gid)
-    restarted = _clear_stale(path)
-    marker = restart_marker(config)
-    fenced: list[Any] = []
-    if os.path.exists(marker):
-        restarted = True
-        fenced = _read_marker(marker)
-        os.unlink(marker)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)  # no window in which the socket is more open than 0600
+    # Probe, unlink and bind under one lock: two starters that both found a dead
+    # coordinator's socket must not both bind (the second unlinking the first's).
+    lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        sock.bind(path)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        restarted = _clear_stale(path)
+        marker = restart_marker(config)
+        fenced: list[Any] = []
+        if os.path.exists(marker):
+            restarted = True
+            fenced = _read_marker(marker)
+            os.unlink(marker)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # no window in which the socket is more open than 0600
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        try:
+            if gid is not None:
+                os.chown(path, -1, gid)
+                os.chmod(path, 0o660)
+            sock.listen(512)
+        except BaseException:
+            # Bound but never served: left there, it would pass for a dead
+            # coordinator's socket and make the next start hold its grants.
+            sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            raise
     finally:
-        os.umask(old)
-    if gid is not None:
-        os.chown(path, -1, gid)
-        os.chmod(path, 0o660)
-    sock.listen(512)
+        os.close(lock)  # releases the flock
     sock.setblocking(False)
     return sock, restarted, fenced
 

@@ -38,6 +38,20 @@ def peer_credentials(sock: Any) -> tuple[int, int, int] | None:
     return pid, uid, gid
 
 
+#: Linux's SO_PEERGROUPS (4.13+): the peer's supplementary groups at connect time.
+_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+
+
+def peer_groups(sock: Any) -> tuple[int, ...]:
+    """The supplementary gids of a Unix-socket peer (() where unknown)."""
+    try:
+        # Python caps the buffer at 1024 bytes: 256 groups.
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 1024)
+    except (OSError, AttributeError):
+        return ()
+    return struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
+
+
 class SessionProtocol(asyncio.Protocol):
     """One client process's session."""
 
@@ -65,7 +79,8 @@ class SessionProtocol(asyncio.Protocol):
         creds = peer_credentials(transport.get_extra_info("socket"))
         if creds is not None:
             self.pid, self.uid, self.gid = creds
-        if not self.server.peer_allowed(self.uid, self.gid):
+        groups = peer_groups(transport.get_extra_info("socket")) if self.server.config.allowed_gids else ()
+        if not self.server.peer_allowed(self.uid, self.gid, groups):
             log.warning("refused peer pid=%s uid=%s gid=%s: not in allowed uids/gids",
                         self.pid, self.uid, self.gid)
             self.fail("access_denied", f"uid {self.uid} / gid {self.gid} may not use this coordinator")
@@ -212,11 +227,12 @@ class Server:
 
     # -- access
 
-    def peer_allowed(self, uid: int | None, gid: int | None) -> bool:
+    def peer_allowed(self, uid: int | None, gid: int | None, groups: tuple[int, ...] = ()) -> bool:
         if uid is None:  # no SO_PEERCRED (not Linux): fall back on file permissions
             return True
         uids = self.config.allowed_uids or (self.own_uid,)
-        return uid in uids or (gid is not None and gid in self.config.allowed_gids)
+        gids = self.config.allowed_gids
+        return uid in uids or (gid is not None and gid in gids) or any(g in gids for g in groups)
 
     def is_admin(self, uid: int | None) -> bool:
         return uid is None or uid in (self.config.admin_uids or (self.own_uid,))

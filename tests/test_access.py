@@ -38,7 +38,8 @@ def shared_dir() -> Iterator[str]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def run_as_nobody(sock: str, body: str) -> subprocess.CompletedProcess[str]:
+def run_as_nobody(sock: str, body: str, ids: tuple[str, ...] = (
+        f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups")) -> subprocess.CompletedProcess[str]:
     code = textwrap.dedent(f"""
         import sys
         from sharedpool import Client, AccessDenied, SharedPoolError
@@ -51,8 +52,7 @@ def run_as_nobody(sock: str, body: str) -> subprocess.CompletedProcess[str]:
             c.close()
     """)
     return subprocess.run(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-         sys.executable, "-c", code],
+        ["setpriv", *ids, sys.executable, "-c", code],
         capture_output=True, text=True, timeout=60,
     )
 
@@ -84,6 +84,17 @@ def test_allowed_gid_is_admitted_but_not_admin(start_coordinator: Any, shared_di
     assert "GRANTED" in out.stdout, out.stdout + out.stderr
     assert "DENIED" in out.stdout and "admin" in out.stdout
     assert "PAUSED" not in out.stdout
+
+
+def test_an_allowed_gid_counts_as_a_supplementary_group_too(start_coordinator: Any, shared_dir: str) -> None:
+    # Before, only the peer's primary gid was matched: a service user added to
+    # the group (usermod -aG) reached the 0660 socket and was refused.
+    sock = os.path.join(shared_dir, "sp.sock")
+    start_coordinator({"r": 1}, path=sock, group="nogroup", allowed_gids=[NOBODY])
+    out = run_as_nobody(sock, """
+        print("GRANTED", c.acquire("r", timeout=2).id)
+    """, ids=(f"--reuid={NOBODY - 1}", f"--regid={NOBODY - 1}", f"--groups={NOBODY}"))
+    assert "GRANTED" in out.stdout, out.stdout + out.stderr
 
 
 _REACH = """

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import multiprocessing
 import os
 import signal
 import socket
@@ -558,3 +561,90 @@ def test_a_stopping_coordinator_removes_only_its_own_socket(tmp_path: Any) -> No
         assert os.path.exists(path)
     finally:
         successor.close()
+
+
+def test_a_socket_directory_others_can_swap_is_refused(tmp_path: Any) -> None:
+    # Before, only the last directory was checked, through symlinks: ours inside
+    # a directory anyone can write could be renamed away and replaced, and
+    # another user's symlink to a directory of ours was taken for ours (the
+    # link's owner could later point it at its own coordinator).
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)  # not sticky: anyone may rename what is in it
+    (open_dir / "ours").mkdir(mode=0o700)
+    with pytest.raises(ConfigError, match="can be changed by others"):
+        Coordinator(str(open_dir / "ours" / "sp.sock"), {"r": 1}).start()
+    if os.getuid() == 0:  # a symlink owned by someone else needs root to make
+        real = tmp_path / "real"
+        real.mkdir(mode=0o700)
+        link = tmp_path / "link"
+        link.symlink_to(real)
+        os.lchown(link, 65534, 65534)
+        with pytest.raises(ConfigError, match="symlink of uid 65534"):
+            Coordinator(str(link / "sp.sock"), {"r": 1}).start()
+
+
+def test_a_start_that_fails_after_binding_leaves_no_socket(tmp_path: Any) -> None:
+    # Before, the socket file stayed: the next start took it for a dead
+    # coordinator's and held every grant for restart_grace.
+    from sharedpool.config import CoordinatorConfig
+    from sharedpool.coordinator import bind_socket
+
+    path = tmp_path / "sp.sock"
+    config = CoordinatorConfig(socket_path=str(path), resources={"r": 1})
+    real_listen = socket.socket.listen
+
+    def failing_listen(self: socket.socket, *args: Any) -> None:
+        raise OSError(errno.EPERM, "refused for the test")
+
+    socket.socket.listen = failing_listen  # type: ignore[method-assign]
+    try:
+        with pytest.raises(OSError, match="refused for the test"):
+            bind_socket(config)
+    finally:
+        socket.socket.listen = real_listen  # type: ignore[method-assign]
+    assert not path.exists()
+    sock, restarted, _ = bind_socket(config)
+    sock.close()
+    assert not restarted
+
+
+def _start_racing(config: Any, go: Any, results: Any) -> None:
+    from sharedpool.coordinator import bind_socket
+
+    go.wait(5)
+    try:
+        sock, _, _ = bind_socket(config)
+    except Exception as exc:  # the loser: a live coordinator found  # noqa: BLE001
+        results.put(f"refused: {type(exc).__name__}")
+        return
+    results.put("bound")
+    time.sleep(0.3)  # alive (listening) while the other tries
+    sock.close()
+
+
+def test_two_starters_on_a_dead_coordinators_socket_never_both_bind(tmp_path: Any) -> None:
+    # Before, both could probe the dead socket, and the second unlink the
+    # first's live socket and bind its own: two budgets behind one path.
+    from sharedpool.config import CoordinatorConfig
+
+    path = str(tmp_path / "sp.sock")
+    config = CoordinatorConfig(socket_path=path, resources={"r": 1})
+    ctx = multiprocessing.get_context("fork")
+    both = 0
+    for _ in range(30):
+        dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        dead.bind(path)
+        dead.close()  # a dead coordinator's socket file
+        go, results = ctx.Event(), ctx.Queue()
+        procs = [ctx.Process(target=_start_racing, args=(config, go, results)) for _ in range(2)]
+        for proc in procs:
+            proc.start()
+        go.set()
+        outcome = [results.get(timeout=10) for _ in procs]
+        for proc in procs:
+            proc.join(10)
+        both += outcome.count("bound") == 2
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    assert both == 0, f"both starters bound in {both} of 30 tries"
