@@ -147,7 +147,8 @@ def bind_socket(config: CoordinatorConfig) -> tuple[socket.socket, bool, list[An
     _private_dir(path, gid)
     # Probe, unlink and bind under one lock: two starters that both found a dead
     # coordinator's socket must not both bind (the second unlinking the first's).
-    lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    # The lock is on the (private, checked) directory: no lock file left behind.
+    lock = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         restarted = _clear_stale(path)
