@@ -92,7 +92,7 @@ def plan_sleep(client: Client) -> tuple[socket.socket | None, float]:
             due = min(due, client._timers[0][0])
         sock = client._sock
         if sock is None:
-            if (client._pending or client._held) and not client._closed:
+            if client._wants_session():
                 due = min(due, max(client._next_attempt, now + BACKOFF_MIN / 2))
         elif (client._state_providers or client._failures or client._successes
               or client._costs != client._sent_costs):
@@ -109,6 +109,7 @@ def plan_sleep(client: Client) -> tuple[socket.socket | None, float]:
             client._parked = False
     return sock, max(0.0, due - now)
 
+
 def tick(client: Client) -> None:
     with contextlib.suppress(OSError):  # drained (BlockingIOError) or closed
         while client._wake_r.recv(4096):
@@ -119,7 +120,7 @@ def tick(client: Client) -> None:
     client._woken = False
     sock = client._sock
     if sock is None:
-        if (client._pending or client._held) and not client._closed:
+        if client._wants_session():
             client._try_connect(None)
     elif client._read_lock.acquire(blocking=False):
         try:

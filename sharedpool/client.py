@@ -373,7 +373,9 @@ class Client:
         """``handler(verb, resource, args)`` is called from the background thread
         for what the coordinator pushes: drain, resume, resize, end_session, and
         revoke (``args["lease"]`` was not re-registered after a restart: close
-        its connection; the client has already forgotten the lease)."""
+        its connection; the client has already forgotten the lease). After a
+        reconnect, ``"welcome"`` with ``args["resources"]``: the new session's
+        limits and state (``"draining"``), for what the old session pushed."""
         self._push_handlers.append(handler)
 
     def add_state_provider(self, provider: Callable[[], list[list[Any]]]) -> None:
@@ -694,6 +696,12 @@ class Client:
             self._sock, self._conn, self._connecting = sock, conn, None
             self.session_id, self.server_pid = welcome.session, welcome.server_pid
             self.limits = welcome.resources
+            if self.reconnects:
+                # A new session after a lost one: what was pushed on the old one
+                # may no longer hold (a drain the restarted coordinator knows nothing of).
+                for handler in self._push_handlers:
+                    self._jobs.append(functools.partial(handler, "welcome", None,
+                                                        {"resources": welcome.resources}))
             self._last_report = None
             self._sent_costs = {}  # a new coordinator knows none of them
             # Re-send what was waiting when the old session died, and release
@@ -714,6 +722,13 @@ class Client:
             return sock, []
         self._notify()  # the background thread watches the new socket from now on
         return sock, early
+
+    def _wants_session(self) -> bool:
+        """Whether a lost session is to be made again by the background thread:
+        leases to re-register, requests waiting, or pools that had a session
+        (their pushes, and a drain ended by a restart, come through it)."""
+        return not self._closed and bool(self._pending or self._held
+                                         or (self._push_handlers and self.reconnects))
 
     def _disconnect(self, why: str, retry: bool = True, only: socket.socket | None = None) -> None:
         """End the session (``only``: if it is still the one on that socket;

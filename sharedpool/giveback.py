@@ -73,10 +73,20 @@ def on_push(pool: ConnectionPool[Any], verb: str, resource: str | None, args: di
     if verb == "revoke":
         revoke(pool, args.get("lease"), args.get("why"))
         return
+    if verb == "welcome":  # a new session: a drain the coordinator no longer knows is over
+        state = args.get("resources", {}).get(pool.resource)
+        if pool._drained_by_coordinator and isinstance(state, dict) and state.get("draining") is False:
+            log.warning("pool %r: the coordinator's drain ended with its session; resuming", pool.name)
+            pool._drained_by_coordinator = False
+            pool.resume()
+        return
     log.warning("pool %r: coordinator says %s %s", pool.name, verb, args or "")
     if verb == "drain":
+        was_active = pool._active
         pool.drain(timeout=0)
+        pool._drained_by_coordinator = was_active  # a drain of our own stays ours to end
     elif verb == "resume":
+        pool._drained_by_coordinator = False
         pool.resume()
     elif verb == "end_session":
         pool.close(timeout=0)

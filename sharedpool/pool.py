@@ -149,6 +149,7 @@ class ConnectionPool(Generic[T]):
         self._recheck_delay = IDLE_GIVE_BACK
         self._acquired = self._released = 0  # counters of the fast paths
         self._giving = 0  # give-backs to the coordinator closing, their leases not yet released
+        self._drained_by_coordinator = False  # by a drain push (not by our own drain())
         self._handoff = HandOffCost()
         self._fallback_opening = 0
         self._opening = 0

@@ -251,10 +251,11 @@ class Server:
             self.sessions[new_sid] = session
             log.info("session %s connected: pid=%s name=%s re-registered=%d",
                      new_sid, session.pid or msg.pid, msg.name, len(msg.held))
-            session.send(p.Welcome(
-                p.PROTOCOL_VERSION, new_sid, os.getpid(),
-                {name: r.limits.as_dict() for name, r in ledger.resources.items()},
-            ))
+            # Limits, and whether a drain is on: a pool drained by a coordinator
+            # that has since been restarted learns here that it is over.
+            state = {name: {**r.limits.as_dict(), "draining": r.draining}
+                     for name, r in ledger.resources.items()}
+            session.send(p.Welcome(p.PROTOCOL_VERSION, new_sid, os.getpid(), state))
             self.apply(effects)
             return
         sid = session.sid

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any
@@ -118,7 +119,6 @@ def test_an_acquire_with_the_default_timeout_ends_when_no_coordinator_is_reached
         start_coordinator: Any, sock_path: str, coordinator: str) -> None:
     """Before, Client.acquire(resource) with no timeout, from a client that
     never had a session, waited for ever: the resource's default was unknown."""
-    import os
     import signal
 
     coord = None
@@ -249,7 +249,6 @@ def test_a_coordinator_stopped_in_its_restart_grace_hands_the_grace_on(
     """Before, a coordinator stopped (SIGTERM) before the survivors had
     re-registered wrote no restart marker (its own ledger held no lease), so
     the next one granted at once what they still held: over the cap."""
-    import os
     import signal
     import subprocess
     import sys
@@ -388,5 +387,50 @@ def test_a_refused_close_leaves_the_pool_maintained() -> None:
         while factory.open:
             assert time.monotonic() < deadline, "maintenance stopped: an expired connection stayed"
             time.sleep(0.05)
+    finally:
+        pool.close()
+
+
+def test_a_drain_ends_with_the_coordinator_that_ordered_it(start_coordinator: Any, sock_path: str) -> None:
+    """Before, after a drain and a coordinator restart, the pools stayed drained
+    for good while the new coordinator (and `status`) knew of no drain."""
+    first = start_coordinator({"r": 2})
+    pool = make_pool(sock_path, FakeFactory())
+    admin = Client(sock_path)
+    try:
+        pool.release(pool.acquire(timeout=2))
+        admin.admin("drain", resource="r")
+        deadline = time.monotonic() + 5
+        while pool.status.value != "draining":
+            assert time.monotonic() < deadline, "the drain never reached the pool"
+            time.sleep(0.02)
+        first.stop()
+        start_coordinator({"r": 2}, restart_grace=0.2)
+        deadline = time.monotonic() + 10
+        while pool.status.value != "active":  # at the reconnect
+            assert time.monotonic() < deadline, "the pool stayed drained after the restart"
+            time.sleep(0.05)
+        with pool.connection(timeout=5):
+            pass
+    finally:
+        pool.close()
+        admin.close()
+
+
+def test_a_drain_of_the_pools_own_is_not_ended_by_a_new_session() -> None:
+    from sharedpool import giveback
+
+    pool = make_pool("/nonexistent/sp.sock", FakeFactory())
+    try:
+        pool.drain(timeout=0)  # the application's own
+        giveback.on_push(pool, "drain", "r", {})  # and then the coordinator's
+        giveback.on_push(pool, "welcome", None, {"resources": {"r": {"draining": False}}})
+        assert pool.status.value == "draining"
+        pool.resume()
+        giveback.on_push(pool, "drain", "r", {})  # the coordinator's alone
+        giveback.on_push(pool, "welcome", None, {"resources": {"r": {"draining": True}}})
+        assert pool.status.value == "draining"  # the new session says it goes on
+        giveback.on_push(pool, "welcome", None, {"resources": {"r": {"draining": False}}})
+        assert pool.status.value == "active"
     finally:
         pool.close()

@@ -364,6 +364,10 @@ class LeaseBook:
                 book._revoke(args.get("lease"), args.get("why"))
             elif verb in ("drain", "end_session", "resume"):
                 book._on_admin(verb)
+            elif verb == "welcome":  # a new session: a drain the coordinator no longer knows is over
+                state = args.get("resources", {}).get(book.resource)
+                if isinstance(state, dict) and state.get("draining") is False:
+                    book._on_admin("resume")
 
         with self._lock:
             if self._client is client:
