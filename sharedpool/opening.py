@@ -100,16 +100,20 @@ def run(pool: ConnectionPool[Any], waiter: _Waiter, deadline: float) -> None:
         pool._all[wrapper.id] = wrapper
         revoked = giveback.drop_revoked(pool, wrapper, client)
         closing = not pool._active
+        # The fence must know the backend pid before any query of a caller runs
+        # on it: should this process die mid-query, that backend counts.
+        report_first = client is not None and wrapper.backend_pid is not None
+        direct = pool.configure is None and not report_first
         if closing:
             del pool._all[wrapper.id]
             pool._closing += 1
-        elif pool.configure is None:
+        elif direct:
             pool._hand_over(wrapper)
-        else:  # counted and reported (as busy), handed out once configured
+        else:  # counted and reported (as busy), handed out once reported / configured
             wrapper.in_use = True
-        # One being configured goes to a waiter next: no opener for that waiter
+        # One held back goes to a waiter next: no opener for that waiter
         # (a failed configure plans again, in failed()).
-        openers = pool._plan_growth() if closing or pool.configure is None else []
+        openers = pool._plan_growth() if closing or direct else []
     if revoked:
         giveback.warn_revoked(pool, wrapper)
     try:
@@ -123,8 +127,13 @@ def run(pool: ConnectionPool[Any], waiter: _Waiter, deadline: float) -> None:
                 with pool._lock:
                     pool._opening += 1  # failed() settles it as for a failed connect
                 failed(pool, waiter, error, connected=True)
-        elif client is not None and wrapper.backend_pid is not None:
-            client.report_soon()  # the fence needs this backend pid should we die
+        elif not direct:  # held back for the report (report_first: client is set)
+            try:
+                if client is not None:
+                    client.report_now()
+            except Exception:  # noqa: BLE001 - the periodic report carries it still
+                log.exception("pool %r: reporting a new connection's backend pid failed", pool.name)
+            pool._park(wrapper)  # handed out, or closed if the pool closed meanwhile
     finally:  # whatever failed above, the openers planned must run
         pool._start_openers(openers, deadline)
 

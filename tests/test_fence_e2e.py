@@ -270,3 +270,76 @@ def test_a_lost_monitor_connection_is_replaced_at_the_next_death(
         if victim.poll() is None:
             victim.kill()
             victim.wait(10)
+
+
+_REPORTS_ONLY_NOW = """
+import os, signal, sys, time
+import psycopg
+from pg_helpers import pg_dsn
+from sharedpool import ConnectionPool, PoolConfig, background
+from sharedpool.client import Client
+
+# Only report_now() may tell the coordinator a backend pid here: the background
+# thread's own (coalesced, up to 0.2 s late) reports are switched off.
+send_report, report_now, now = background.send_report, Client.report_now, [False]
+background.send_report = lambda client: send_report(client) if now[0] else None
+def only_now(self):
+    now[0] = True
+    try:
+        report_now(self)
+    finally:
+        now[0] = False
+Client.report_now = only_now
+sock, app, kind = sys.argv[1:4]
+
+def busy_then_die(conns):
+    for conn in conns:
+        conn.pgconn.send_query(b"SELECT pg_sleep(4)")  # busy, then gone mid-query
+        conn.pgconn.flush()
+    print("busy", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+connect = lambda: psycopg.connect(pg_dsn(), application_name=app, autocommit=True)
+if kind == "opener":  # a connection an opener thread made for the caller
+    pool = ConnectionPool(connect, PoolConfig(min_size=0, max_size=2), resource="pg", coordinator=sock)
+    busy_then_die([pool.acquire(timeout=30).conn, pool.acquire(timeout=30).conn])
+elif kind == "topup":  # one maintenance made to reach min_size
+    pool = ConnectionPool(connect, PoolConfig(min_size=2, max_size=2), resource="pg", coordinator=sock)
+    first = pool.acquire(timeout=30)
+    deadline = time.monotonic() + 20
+    while pool.get_size() < 2 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    busy_then_die([first.conn, pool.acquire(timeout=30).conn])
+else:  # an integration's: SQLAlchemy
+    from sharedpool.contrib.sqlalchemy import create_engine
+    engine = create_engine(f"postgresql+psycopg://postgres@127.0.0.1:5432/test?application_name={app}",
+                           resource="pg", coordinator=sock, pool_size=2, max_overflow=0)
+    held = [engine.raw_connection() for _ in range(2)]  # kept: a dropped one goes back to the pool
+    busy_then_die([fairy.driver_connection for fairy in held])
+"""
+
+
+@pytest.mark.parametrize("kind", ["opener", "topup", "sqlalchemy"])
+def test_a_new_connections_backend_is_known_before_it_is_used(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str, kind: str) -> None:
+    # Before, the backend pid went out with a later, coalesced report (or, for
+    # the integrations, not at all): a worker killed mid-query on a new
+    # connection left a backend the fence never knew, and its slot was handed
+    # on while the query ran on (PostgreSQL over the cap).
+    start_coordinator({"pg": Resource(max_size=2, monitor_dsn=pg_dsn(), fence_action="terminate",
+                                      fence_timeout=20, acquire_timeout=60)})
+    env = {**os.environ, "PYTHONPATH": str(HERE)}
+    with BackendSampler(app_name) as sampler:
+        victim = subprocess.Popen([sys.executable, "-c", _REPORTS_ONLY_NOW, sock_path, app_name, kind],
+                                  stdout=subprocess.PIPE, text=True, env=env)
+        try:
+            assert victim.stdout is not None
+            assert victim.stdout.readline().strip() == "busy"
+            assert victim.wait(10) == -signal.SIGKILL
+            result = finish(spawn(sock_path, app_name, 10, "2", "2", "0.1"), timeout=60)
+        finally:
+            if victim.poll() is None:
+                victim.kill()
+                victim.wait(10)
+    assert result["n_errors"] == 0, result["errors"]
+    assert sampler.peak <= 2, f"PostgreSQL saw {sampler.peak} connections with a cap of 2"
