@@ -126,22 +126,26 @@ def restart_marker(config: CoordinatorConfig) -> str:
     return config.socket_path + ".restart"
 
 
-def _read_marker(marker: str) -> list[Any]:
-    """The fenced leases a clean stop left in its marker ([] for the old
-    one-line format or an unreadable file)."""
+def _read_marker(marker: str) -> dict[str, list[Any]]:
+    """What a clean stop handed on in its marker: ``"fenced"``, the dead
+    processes' leases still fenced, and ``"held"``, the live processes' leases
+    (each [] when absent, for the old one-line format or an unreadable file)."""
     try:
         with open(marker) as f:
             data = json.load(f)
     except (OSError, ValueError):
-        return []
-    fenced = data.get("fenced") if isinstance(data, dict) else None
-    return fenced if isinstance(fenced, list) else []
+        data = None
+    out: dict[str, list[Any]] = {}
+    for key in ("fenced", "held"):
+        value = data.get(key) if isinstance(data, dict) else None
+        out[key] = value if isinstance(value, list) else []
+    return out
 
 
-def bind_socket(config: CoordinatorConfig) -> tuple[socket.socket, bool, list[Any]]:
+def bind_socket(config: CoordinatorConfig) -> tuple[socket.socket, bool, dict[str, list[Any]]]:
     """A listening Unix socket, 0600 (0660 with a group), in a private directory,
-    whether this start is a restart (processes may still hold leases), and the
-    leases the previous coordinator had fenced when it stopped."""
+    whether this start is a restart (processes may still hold leases), and what
+    the previous coordinator handed on when it stopped (see :func:`_read_marker`)."""
     path = config.socket_path
     gid = _group_id(config)
     _private_dir(path, gid)
@@ -153,10 +157,10 @@ def bind_socket(config: CoordinatorConfig) -> tuple[socket.socket, bool, list[An
         fcntl.flock(lock, fcntl.LOCK_EX)
         restarted = _clear_stale(path)
         marker = restart_marker(config)
-        fenced: list[Any] = []
+        handed: dict[str, list[Any]] = {}
         if os.path.exists(marker):
             restarted = True
-            fenced = _read_marker(marker)
+            handed = _read_marker(marker)
             os.unlink(marker)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)  # no window in which the socket is more open than 0600
@@ -179,7 +183,7 @@ def bind_socket(config: CoordinatorConfig) -> tuple[socket.socket, bool, list[An
     finally:
         os.close(lock)  # releases the flock
     sock.setblocking(False)
-    return sock, restarted, fenced
+    return sock, restarted, handed
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -191,7 +195,7 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 
 async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool,
-                 ready: Any = None, fenced: list[Any] | None = None) -> None:
+                 ready: Any = None, handed: dict[str, list[Any]] | None = None) -> None:
     from .server import Server, SessionProtocol
 
     loop = asyncio.get_running_loop()
@@ -210,8 +214,11 @@ async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool
             metrics = serve_metrics(server, config.metrics_host, config.metrics_port)
         aserver = await loop.create_unix_server(lambda: SessionProtocol(server), sock=sock)
         server.warm_monitors()
-        if fenced:  # a dead process's backend may still count on the server
-            server.apply(server.ledger.restore_fenced(fenced, loop.time()))
+        handed = handed or {}
+        if handed.get("held"):  # live processes' leases: counted until re-registered
+            server.apply(server.ledger.restore_held(handed["held"], loop.time()))
+        if handed.get("fenced"):  # a dead process's backend may still count on the server
+            server.apply(server.ledger.restore_fenced(handed["fenced"], loop.time()))
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
@@ -223,14 +230,17 @@ async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool
         await stop.wait()
         log.info("coordinator stopping: %d session(s) open", len(server.sessions))
         fenced_now = server.ledger.fenced_state(loop.time())
+        held_now = server.ledger.held_state()
         # Still in a restart's grace: processes may hold leases not re-registered yet.
         holding = server.ledger.hold_until is not None and loop.time() < server.ledger.hold_until
-        if fenced_now or holding or any(s.leases for s in server.ledger.sessions.values()):
+        if fenced_now or holding or held_now:
             # Processes keep their connections: the next coordinator must wait for
             # them. Dead ones' fenced slots are handed over: their backends may
-            # still be on the server (a query running on), and count there.
+            # still be on the server (a query running on), and count there. So
+            # are live ones' leases: one that dies before re-registering them
+            # may leave a query running too.
             with contextlib.suppress(OSError), open(restart_marker(config), "w") as f:
-                json.dump({"pid": os.getpid(), "fenced": fenced_now}, f)
+                json.dump({"pid": os.getpid(), "fenced": fenced_now, "held": held_now}, f)
         aserver.close()
         for session in list(server.sessions.values()):
             if session.transport is not None:
@@ -273,10 +283,10 @@ def _reload(server: Any) -> None:
 
 def run(config: CoordinatorConfig, ready: Any = None) -> None:
     """Bind and serve in this process until SIGTERM/SIGINT."""
-    sock, restarted, fenced = bind_socket(config)
+    sock, restarted, handed = bind_socket(config)
     loop = _new_loop()
     try:
-        loop.run_until_complete(_serve(config, sock, restarted, ready, fenced))
+        loop.run_until_complete(_serve(config, sock, restarted, ready, handed))
     finally:
         loop.close()
 

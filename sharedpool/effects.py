@@ -48,6 +48,9 @@ class StartFence:
     backend_pids: tuple[int, ...]
     #: pass back to :meth:`Ledger.unfence`: it ends this fence only
     fence: int = field(default=0, compare=False)
+    #: False: terminate (``fence_action="terminate"``) only once no process has
+    #: ``pid``; else only wait for the backends (it may be alive, just late)
+    terminate: bool = field(default=True, compare=False)
 
 
 @dataclass(slots=True)

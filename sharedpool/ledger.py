@@ -110,6 +110,10 @@ class Ledger:
         self._deadlines: list[tuple[float, int, Waiter]] = []
         self._seq = itertools.count()
         self._fences = itertools.count(1)
+        #: fence serial -> (resource, pid): leases live processes held when the
+        #: previous coordinator stopped, fenced to their process until it
+        #: re-registers them; fenced as a dead session's when the hold ends
+        self._awaited: dict[int, tuple[str, int]] = {}
         #: resource -> quantum() as last computed; dropped when costs, sessions or limits change
         self._quanta: dict[str, float | None] = {}
 
@@ -252,12 +256,59 @@ class Ledger:
         return effects
 
     def fenced_state(self, now: float) -> list[list[Any]]:
-        """Every fenced lease as plain data, for a clean stop to hand to the next
-        coordinator: ``[resource, lease, token, pid, seconds_left, backend_pid]``."""
+        """Every fenced lease of a dead process as plain data, for a clean stop
+        to hand to the next coordinator:
+        ``[resource, lease, token, pid, seconds_left, backend_pid]``."""
         return [
             [res.name, f.lease.id, f.lease.token, f.pid, max(0.0, f.until - now), f.lease.backend_pid]
-            for res in self.resources.values() for f in res.fenced.values()
+            for res in self.resources.values() for f in res.fenced.values() if f.fence not in self._awaited
         ]
+
+    def held_state(self) -> list[list[Any]]:
+        """Every lease a live process holds, or is still awaited from after the
+        previous stop, for a clean stop to hand on: ``[resource, lease, token,
+        pid, backend_pid]``. A process that dies before re-registering them with
+        the next coordinator may leave a query running; they are fenced then."""
+        out: list[list[Any]] = []
+        for res in self.resources.values():
+            for lease in res.live.values():
+                session = self.sessions.get(lease.session)
+                if session is not None:
+                    out.append([res.name, lease.id, lease.token, session.pid, lease.backend_pid])
+            out += [[res.name, f.lease.id, f.lease.token, f.pid, f.lease.backend_pid]
+                    for f in res.fenced.values() if f.fence in self._awaited]
+        return out
+
+    def restore_held(self, entries: list[Any], now: float) -> list[Effect]:
+        """What live processes held when the previous coordinator stopped: each
+        lease counts, fenced to its process, until that process re-registers it
+        (:meth:`_adopt`). One not re-registered when the restart hold ends was a
+        process that died meanwhile: its leases are fenced then as a dead
+        session's (terminated only once its pid is gone: it may merely be
+        late). Nothing is restored outside a hold."""
+        if self.hold_until is None:
+            return []
+        serials: dict[tuple[str, int], int] = {}
+        for entry in entries:
+            try:
+                name, lease_id, token, pid, backend_pid = entry
+            except (TypeError, ValueError):
+                continue
+            res = self.resources.get(name) if isinstance(name, str) else None
+            if (res is None or not _is_id(lease_id) or not _is_id(token) or not isinstance(pid, int)
+                    or isinstance(pid, bool) or self._find_lease(lease_id)):
+                continue
+            limits = res.limits
+            after = limits.fence_timeout if limits.monitor_dsn else limits.quarantine_delay
+            fence = serials.get((name, pid))
+            if fence is None:
+                fence = serials[(name, pid)] = next(self._fences)
+                self._awaited[fence] = (name, pid)
+            lease = Lease(lease_id, name, 0, token, now,
+                          backend_pid=backend_pid if _is_id(backend_pid) else None)
+            res.fenced[lease_id] = Fenced(lease, pid, self.hold_until + after, fence)
+            self._next_id = max(self._next_id, lease_id + 1, token + 1)
+        return []
 
     def restore_fenced(self, entries: list[Any], now: float) -> list[Effect]:
         """Fence again what the previous coordinator had fenced when it stopped
@@ -473,6 +524,7 @@ class Ledger:
         if self.hold_until is not None and now >= self.hold_until:
             self.hold_until = None  # re-registration window over: serve the queues
             touched.update(self.resources)
+            effects += self._fence_unclaimed()
         while self._deadlines and self._deadlines[0][0] <= now:
             _, _, waiter = heapq.heappop(self._deadlines)
             if not waiter.active:
@@ -489,6 +541,19 @@ class Ledger:
                 touched.add(res.name)
         for name in touched:
             effects += self._pump(self.resources[name], now)
+        return effects
+
+    def _fence_unclaimed(self) -> list[Effect]:
+        """The restart hold ended: leases handed on as held that no process
+        re-registered are a dead process's; its backends may still be busy."""
+        effects: list[Effect] = []
+        awaited, self._awaited = self._awaited, {}
+        for fence, (name, pid) in awaited.items():
+            left = [f.lease for f in self.resources[name].fenced.values() if f.fence == fence]
+            if left:
+                effects.append(StartFence(name, pid, tuple(x.id for x in left),
+                                          tuple(x.backend_pid for x in left if x.backend_pid),
+                                          fence, terminate=False))
         return effects
 
     def next_deadline(self) -> float | None:

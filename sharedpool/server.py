@@ -52,6 +52,18 @@ def peer_groups(sock: Any) -> tuple[int, ...]:
     return struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
 
 
+def _pid_gone(pid: int) -> bool:
+    """True only if no process has ``pid`` (a pid in use, or one we may not
+    signal, may still be the process: not gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 class SessionProtocol(asyncio.Protocol):
     """One client process's session."""
 
@@ -392,7 +404,8 @@ class Server:
             try:
                 remaining = await wait_backends_gone(
                     limits.monitor_dsn or "", eff.backend_pids,
-                    action=limits.fence_action, timeout=limits.fence_timeout,
+                    action=limits.fence_action if eff.terminate or _pid_gone(eff.pid) else "wait",
+                    timeout=limits.fence_timeout,
                     monitors=self.monitors,
                 )
             except Exception as exc:  # noqa: BLE001 - keep the fence; its timeout ends it

@@ -343,3 +343,46 @@ def test_a_new_connections_backend_is_known_before_it_is_used(
                 victim.wait(10)
     assert result["n_errors"] == 0, result["errors"]
     assert sampler.peak <= 2, f"PostgreSQL saw {sampler.peak} connections with a cap of 2"
+
+
+_QUERYING = """
+import sys, psycopg
+from pg_helpers import pg_dsn
+from sharedpool import ConnectionPool, PoolConfig
+sock, app = sys.argv[1:3]
+pool = ConnectionPool(lambda: psycopg.connect(pg_dsn(), application_name=app, autocommit=True),
+                      PoolConfig(min_size=0, max_size=1), resource="pg", coordinator=sock)
+with pool.connection() as conn:
+    print("querying", flush=True)
+    conn.execute("SELECT pg_sleep(5)")
+"""
+
+
+def test_a_worker_that_dies_while_the_coordinator_restarts_is_fenced(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    """Before, a clean stop handed on only dead processes' fences: a worker
+    killed between the stop and its re-registration was forgotten, and the new
+    coordinator granted its slot while its query still ran."""
+    limits = {"pg": Resource(max_size=1, monitor_dsn=pg_dsn(), fence_action="terminate",
+                             fence_timeout=20, acquire_timeout=60)}
+    first = start_coordinator(limits)
+    env = {**os.environ, "PYTHONPATH": str(HERE)}
+    with BackendSampler(app_name) as sampler:
+        victim = subprocess.Popen([sys.executable, "-c", _QUERYING, sock_path, app_name],
+                                  stdout=subprocess.PIPE, text=True, env=env)
+        try:
+            assert victim.stdout is not None and victim.stdout.readline().strip() == "querying"
+            time.sleep(0.3)  # its backend pid has reached the coordinator
+            first.stop()  # a clean stop: a deploy, a config change
+            victim.kill()  # and the worker dies meanwhile
+            victim.wait(10)
+            start_coordinator(limits)
+            t0 = time.monotonic()
+            result = finish(spawn(sock_path, app_name, 3, "1", "1", "0"), timeout=60)
+        finally:
+            if victim.poll() is None:
+                victim.kill()
+                victim.wait(10)
+    assert result["n_errors"] == 0, result["errors"]
+    assert sampler.peak <= 1, f"PostgreSQL saw {sampler.peak} connections with a cap of 1"
+    assert time.monotonic() - t0 < 4.5  # the dead worker's backend was ended, not waited out

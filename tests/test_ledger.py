@@ -1536,3 +1536,37 @@ def test_the_check_of_an_earlier_fence_does_not_end_a_later_one() -> None:
     assert second.fence != first.fence
     assert of(Granted, lg.unfence("pg", first.leases, T0 + 0.05, first.fence)) == []
     assert granted(lg.unfence("pg", second.leases, T0 + 0.06, second.fence)).session == b
+
+
+def test_leases_handed_on_as_held_count_until_re_registered_and_are_fenced_if_never() -> None:
+    # Before, a clean stop handed on only dead processes' fences: a process that
+    # died before re-registering with the next coordinator was forgotten, and
+    # its slot granted after the hold while its query still ran.
+    old = ledger(pg=2)
+    a, b = session(old, pid=11), session(old, pid=22)
+    la = grant(old, a, 1)
+    lb = grant(old, b, 1)
+    old.report(a, [[la, "busy", 5011, None]], T0)
+    held = old.held_state()
+    assert sorted(row[3] for row in held) == [11, 22] and old.fenced_state(T0) == []
+    new = Ledger({"pg": Resource(2, quarantine_delay=0.5)}, hold_until=T0 + 1.5)
+    assert new.restore_held(held, T0) == []
+    assert new.resources["pg"].leased == 2  # both count: nothing for a newcomer
+    c = session(new, pid=33)
+    assert of(Granted, new.acquire(c, 1, "pg", T0 + 0.1, timeout=10)) == []
+    # pid 22 comes back and re-registers; pid 11 died in the gap.
+    sid22, effects = new.open_session(22, "w", T0 + 0.5, held=[["pg", lb, lb, "idle", None]])
+    assert of(Problem, effects) == [] and list(new.sessions[sid22].leases) == [lb]
+    assert new.held_state() and any(row[3] == 11 for row in new.held_state())  # still awaited
+    effects = new.tick(T0 + 1.5)  # the hold ends
+    [fence] = of(StartFence, effects)
+    assert (fence.pid, fence.leases, fence.backend_pids, fence.terminate) == (11, (la,), (5011,), False)
+    assert of(Granted, effects) == []  # pid 11's slot stays fenced: its query may still run
+    assert of(Granted, new.unfence("pg", fence.leases, T0 + 1.6, fence.fence))  # gone: the waiter is served
+    assert new.resources["pg"].leased == 2 and new.sessions[c].held("pg") == 1
+
+
+def test_nothing_is_restored_as_held_outside_a_restart_hold() -> None:
+    lg = ledger(pg=1)
+    assert lg.restore_held([["pg", 5, 5, 11, None]], T0) == []
+    assert lg.resources["pg"].leased == 0
