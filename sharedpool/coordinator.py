@@ -142,6 +142,12 @@ def _read_marker(marker: str) -> dict[str, list[Any]]:
     return out
 
 
+def _write_marker(marker: str, handed: dict[str, list[Any]]) -> None:
+    with contextlib.suppress(OSError), open(marker, "w") as f:
+        json.dump({"pid": os.getpid(), "fenced": handed.get("fenced", []),
+                   "held": handed.get("held", [])}, f)
+
+
 def bind_socket(config: CoordinatorConfig) -> tuple[socket.socket, bool, dict[str, list[Any]]]:
     """A listening Unix socket, 0600 (0660 with a group), in a private directory,
     whether this start is a restart (processes may still hold leases), and what
@@ -179,6 +185,8 @@ def bind_socket(config: CoordinatorConfig) -> tuple[socket.socket, bool, dict[st
             sock.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+            if restarted:  # this start took the evidence of a restart away: put it back
+                _write_marker(marker, handed)
             raise
     finally:
         os.close(lock)  # releases the flock
@@ -205,6 +213,7 @@ async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool
         log.warning("coordinator restarted: granting nothing for %.1fs while processes "
                     "re-register the leases they hold", config.restart_grace)
     metrics = None
+    served = False
     try:
         if config.metrics_port is not None:  # before accepting anyone: a busy port fails the start
             from .metrics import serve_metrics
@@ -227,6 +236,7 @@ async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool
                  ", ".join(f"{n}={r.max_size}" for n, r in config.resources.items()))
         if ready is not None:
             ready()
+        served = True
         await stop.wait()
         log.info("coordinator stopping: %d session(s) open", len(server.sessions))
         fenced_now = server.ledger.fenced_state(loop.time())
@@ -257,6 +267,8 @@ async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool
         if _file_id(config.socket_path) == own:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(config.socket_path)
+            if restarted and not served:  # a failed start hands the restart on
+                _write_marker(restart_marker(config), handed or {})
 
 
 def _file_id(path: str) -> tuple[int, int, int] | None:

@@ -397,7 +397,7 @@ class Ledger:
                 # In a restart's grace everything queues: those the free slots
                 # will serve when it ends do not wait for a free lease.
                 if self._holding(now):
-                    ahead = max(0, ahead - res.free)
+                    ahead -= res.free  # below 0: a free slot serves this one too
                 count, what = ahead, f"acquires already wait for a free lease of {resource!r}"
             else:
                 count = sum(1 for w in session.waiting.values() if w.resource == resource)

@@ -402,12 +402,24 @@ class Server:
         remaining: set[int] = set(eff.backend_pids)
         if eff.backend_pids:
             try:
-                remaining = await wait_backends_gone(
-                    limits.monitor_dsn or "", eff.backend_pids,
-                    action=limits.fence_action if eff.terminate or _pid_gone(eff.pid) else "wait",
-                    timeout=limits.fence_timeout,
-                    monitors=self.monitors,
-                )
+                deadline = started + limits.fence_timeout
+                gone = eff.terminate or _pid_gone(eff.pid)
+                while True:
+                    # A live but late process keeps its backends; one that dies
+                    # meanwhile gets the configured action as soon as it is gone.
+                    left = max(deadline - self.loop.time(), 0.001)
+                    slice_end = self.loop.time() + (left if gone else min(left, 0.25))
+                    remaining = await wait_backends_gone(
+                        limits.monitor_dsn or "", remaining,
+                        action=limits.fence_action if gone else "wait",
+                        timeout=slice_end - self.loop.time(),
+                        monitors=self.monitors,
+                    )
+                    now = self.loop.time()
+                    # Done, out of time, or back early unconfirmed (no monitor: logged).
+                    if gone or not remaining or now >= deadline or now < slice_end - 0.05:
+                        break
+                    gone = _pid_gone(eff.pid)
             except Exception as exc:  # noqa: BLE001 - keep the fence; its timeout ends it
                 log.warning("fence check for %s failed: %s", eff.resource, exc)
                 return

@@ -607,6 +607,17 @@ def test_a_start_that_fails_after_binding_leaves_no_socket(tmp_path: Any) -> Non
     sock, restarted, _ = bind_socket(config)
     sock.close()
     assert not restarted
+    # But a start that found a dead coordinator's socket, then failed, hands
+    # the restart on: the next start must still hold its grants for the grace.
+    socket.socket.listen = failing_listen  # type: ignore[method-assign]
+    try:
+        with pytest.raises(OSError, match="refused for the test"):
+            bind_socket(config)  # the socket left above is a dead coordinator's
+    finally:
+        socket.socket.listen = real_listen  # type: ignore[method-assign]
+    sock, restarted, _ = bind_socket(config)
+    sock.close()
+    assert restarted
 
 
 def _start_racing(config: Any, go: Any, results: Any) -> None:

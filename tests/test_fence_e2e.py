@@ -350,11 +350,12 @@ import sys, psycopg
 from pg_helpers import pg_dsn
 from sharedpool import ConnectionPool, PoolConfig
 sock, app = sys.argv[1:3]
+seconds = float(sys.argv[3]) if len(sys.argv) > 3 else 5.0
 pool = ConnectionPool(lambda: psycopg.connect(pg_dsn(), application_name=app, autocommit=True),
                       PoolConfig(min_size=0, max_size=1), resource="pg", coordinator=sock)
 with pool.connection() as conn:
     print("querying", flush=True)
-    conn.execute("SELECT pg_sleep(5)")
+    conn.execute("SELECT pg_sleep(%s)", (seconds,))
 """
 
 
@@ -386,3 +387,36 @@ def test_a_worker_that_dies_while_the_coordinator_restarts_is_fenced(
     assert result["n_errors"] == 0, result["errors"]
     assert sampler.peak <= 1, f"PostgreSQL saw {sampler.peak} connections with a cap of 1"
     assert time.monotonic() - t0 < 4.5  # the dead worker's backend was ended, not waited out
+
+
+def test_a_late_process_that_dies_after_the_restart_grace_is_terminated(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    """A process alive but late when the grace ended keeps its backend; once
+    it is gone the fence ends its query (before, only at the end of the grace
+    was it checked, then the whole fence_timeout waited out and the slot
+    handed on beside the still-running query)."""
+    limits = {"pg": Resource(max_size=1, monitor_dsn=pg_dsn(), fence_action="terminate",
+                             fence_timeout=3, acquire_timeout=60)}
+    first = start_coordinator(limits)
+    env = {**os.environ, "PYTHONPATH": str(HERE)}
+    with BackendSampler(app_name) as sampler:  # a query longer than fence_timeout
+        victim = subprocess.Popen([sys.executable, "-c", _QUERYING, sock_path, app_name, "15"],
+                                  stdout=subprocess.PIPE, text=True, env=env)
+        try:
+            assert victim.stdout is not None and victim.stdout.readline().strip() == "querying"
+            time.sleep(0.3)  # its backend pid has reached the coordinator
+            os.kill(victim.pid, signal.SIGSTOP)  # late: it will not re-register in time
+            first.stop()
+            start_coordinator(limits, restart_grace=0.5)
+            time.sleep(0.8)  # the grace is over; the process is alive
+            victim.kill()
+            victim.wait(10)
+            t0 = time.monotonic()
+            result = finish(spawn(sock_path, app_name, 3, "1", "1", "0"), timeout=60)
+        finally:
+            if victim.poll() is None:
+                victim.kill()
+                victim.wait(10)
+    assert result["n_errors"] == 0, result["errors"]
+    assert sampler.peak <= 1, f"PostgreSQL saw {sampler.peak} connections with a cap of 1"
+    assert time.monotonic() - t0 < 2.5  # ended when the process went, not at fence_timeout

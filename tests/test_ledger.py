@@ -1386,6 +1386,10 @@ def test_max_waiting_in_a_restart_hold_counts_only_what_free_slots_cannot_serve(
     assert of(Denied, full.acquire(b, 2, "pg", T0, timeout=5)) == []  # the one waiter allowed
     [denied] = of(Denied, full.acquire(b, 3, "pg", T0, timeout=5))
     assert denied.reason == "too_many_waiters"
+    none = Ledger({"pg": Resource(2, max_waiting=0)}, hold_until=T0 + 1.0)
+    c = session(none)
+    assert of(Denied, none.acquire(c, 1, "pg", T0, timeout=5)) == []  # max_waiting=0 too
+    assert len(of(Granted, none.tick(T0 + 1.0))) == 1
 
 
 def test_wait_histogram_counts_every_grant() -> None:
