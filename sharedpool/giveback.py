@@ -84,7 +84,8 @@ def on_push(pool: ConnectionPool[Any], verb: str, resource: str | None, args: di
     if verb == "drain":
         was_active = pool._active
         pool.drain(timeout=0)
-        pool._drained_by_coordinator = was_active  # a drain of our own stays ours to end
+        if was_active:  # a drain of our own stays ours to end; a repeated push changes nothing
+            pool._drained_by_coordinator = True
     elif verb == "resume":
         pool._drained_by_coordinator = False
         pool.resume()

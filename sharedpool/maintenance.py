@@ -138,6 +138,8 @@ def fill(pool: ConnectionPool[Any], count: int) -> None:
             with pool._lock:
                 pool._opening -= 1
                 pool._stalled -= 1
+                pool._returned.notify_all()  # a close() or drain() may be waiting for it
+            pool._end_session_if_done()
             log.debug("pool %r: top-up to min_size stopped: %s", pool.name, exc)
             return
         wrapper = ConnectionWrapper(conn, pool, lease)

@@ -206,4 +206,5 @@ def failed(pool: ConnectionPool[Any], waiter: _Waiter, exc: BaseException, conne
             target.error = exc
             target.event.set()
         openers = pool._plan_growth()
+    pool._end_session_if_done()  # a closed pool's last opening failed: its session may end
     pool._start_openers(openers, time.monotonic() + pool.config.acquire_timeout)

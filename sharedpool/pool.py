@@ -429,6 +429,7 @@ class ConnectionPool(Generic[T]):
                 if w.planned:
                     w.planned = w.has_opener = False
                     self._opening -= 1
+            self._returned.notify_all()  # a close() may be waiting for them
             more = self._plan_growth() if replan else []  # other waiters may have counted on them
         self._start_openers(more, time.monotonic() + self.config.acquire_timeout)
 
@@ -744,6 +745,7 @@ class ConnectionPool(Generic[T]):
         """After :meth:`drain`: hand out connections again."""
         self._checkpid()
         with self._lock:
+            self._drained_by_coordinator = False  # whoever drained it, it is resumed now
             if self.status is PoolStatus.DRAINING:
                 self.status = PoolStatus.ACTIVE
 

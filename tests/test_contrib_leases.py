@@ -89,3 +89,28 @@ def test_failing_bookkeeping_loses_no_lease(start_coordinator: Any, sock_path: s
     assert book.stats()["leases_held"] == 0
     assert wait_leased(sock_path, 0) == 0
     book.shutdown()
+
+
+def test_a_drain_heard_by_the_parent_does_not_stick_in_a_forked_child(
+        start_coordinator: Any, sock_path: str) -> None:
+    # Before, the child inherited the drain and, its own session opening after
+    # the resume was pushed, closed every connection at checkin for good.
+    import os
+
+    start_coordinator({"pg": Resource(max_size=2)})
+    book = LeaseBook("pg", sock_path, confirm_timeout=0.2)
+    with leased_socket(book):
+        pass
+    book._on_admin("drain")
+    assert book._admin_state == "draining"
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            book._checkpid()
+            code = 0 if book._admin_state is None else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    book._on_admin("resume")

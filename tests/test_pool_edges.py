@@ -842,3 +842,48 @@ def test_a_pool_timeout_with_no_coordinator_says_so(tmp_path: Any) -> None:
             pool.acquire(timeout=0.3)
     finally:
         pool.close()
+
+
+def test_close_does_not_wait_out_its_timeout_for_a_failed_top_up() -> None:
+    # Before, a min_size top-up whose connect failed never woke close(), which
+    # waits for connections being opened: it slept its whole timeout.
+    factory = FakeFactory(delay=0.3, fail=OSError("refused"))
+    pool = ConnectionPool(factory, PoolConfig(min_size=1, max_size=1))
+    deadline = time.monotonic() + 5
+    while factory.calls == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)  # the top-up is inside the factory
+    t0 = time.monotonic()
+    pool.close(timeout=8)
+    assert time.monotonic() - t0 < 3
+
+
+def test_a_closed_pool_ends_its_session_when_its_last_opening_fails(
+        start_coordinator: Any, sock_path: str) -> None:
+    # Before, only a connection closed after close() ended the session: one
+    # whose connect failed left the session, its thread and socket for good.
+    start_coordinator({"r": 2})
+    factory = FakeFactory(delay=0.5, fail=OSError("refused"))
+    pool = ConnectionPool(factory, PoolConfig(min_size=0, max_size=1, acquire_timeout=5), resource="r",
+                          coordinator=sock_path)
+    errors: list[BaseException] = []
+
+    def want() -> None:
+        try:
+            pool.acquire()
+        except (OSError, PoolClosed) as exc:  # the connect's error, or the close
+            errors.append(exc)
+
+    t = threading.Thread(target=want, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 5
+    while factory.calls == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    client = pool._client
+    assert client is not None
+    pool.close(timeout=0.1)  # returns while the opener is still inside the factory
+    deadline = time.monotonic() + 5
+    while not client.closed and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert client.closed, "the closed pool's session outlived its last (failed) opening"
+    t.join(5)
+    assert len(errors) == 1

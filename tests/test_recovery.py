@@ -432,5 +432,14 @@ def test_a_drain_of_the_pools_own_is_not_ended_by_a_new_session() -> None:
         assert pool.status.value == "draining"  # the new session says it goes on
         giveback.on_push(pool, "welcome", None, {"resources": {"r": {"draining": False}}})
         assert pool.status.value == "active"
+        giveback.on_push(pool, "drain", "r", {})
+        giveback.on_push(pool, "drain", "r", {})  # an operator who drained twice
+        giveback.on_push(pool, "welcome", None, {"resources": {"r": {"draining": False}}})
+        assert pool.status.value == "active"
+        giveback.on_push(pool, "drain", "r", {})
+        pool.resume()  # the owner resumed it, and later drains it again, itself
+        pool.drain(timeout=0)
+        giveback.on_push(pool, "welcome", None, {"resources": {"r": {"draining": False}}})
+        assert pool.status.value == "draining"
     finally:
         pool.close()

@@ -309,6 +309,10 @@ class LeaseBook:
                     self._inherited[id(entry.key)] = weakref.ref(entry.key)
                 except TypeError:
                     self._inherited[id(entry.key)] = entry.key
+            if self._admin_state == "draining":
+                # The parent's session heard the drain; the child's may never
+                # hear its end (a resume pushed before it connected).
+                self._admin_state = None
             self._reset()
 
     def connections_at_fork(self) -> list[Any]:
