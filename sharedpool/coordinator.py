@@ -136,7 +136,7 @@ def _read_marker(marker: str) -> dict[str, list[Any]]:
     except (OSError, ValueError):
         data = None
     out: dict[str, list[Any]] = {}
-    for key in ("fenced", "held"):
+    for key in ("fenced", "held", "late"):
         value = data.get(key) if isinstance(data, dict) else None
         out[key] = value if isinstance(value, list) else []
     return out
@@ -145,7 +145,7 @@ def _read_marker(marker: str) -> dict[str, list[Any]]:
 def _write_marker(marker: str, handed: dict[str, list[Any]]) -> None:
     with contextlib.suppress(OSError), open(marker, "w") as f:
         json.dump({"pid": os.getpid(), "fenced": handed.get("fenced", []),
-                   "held": handed.get("held", [])}, f)
+                   "held": handed.get("held", []), "late": handed.get("late", [])}, f)
 
 
 def bind_socket(config: CoordinatorConfig) -> tuple[socket.socket, bool, dict[str, list[Any]]]:
@@ -227,7 +227,8 @@ async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool
         if handed.get("held"):  # live processes' leases: counted until re-registered
             server.apply(server.ledger.restore_held(handed["held"], loop.time()))
         if handed.get("fenced"):  # a dead process's backend may still count on the server
-            server.apply(server.ledger.restore_fenced(handed["fenced"], loop.time()))
+            server.apply(server.ledger.restore_fenced(handed["fenced"], loop.time(),
+                                                      handed.get("late", [])))
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
@@ -241,6 +242,7 @@ async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool
         log.info("coordinator stopping: %d session(s) open", len(server.sessions))
         fenced_now = server.ledger.fenced_state(loop.time())
         held_now = server.ledger.held_state()
+        late_now = server.ledger.late_state()
         # Still in a restart's grace: processes may hold leases not re-registered yet.
         holding = server.ledger.hold_until is not None and loop.time() < server.ledger.hold_until
         if fenced_now or holding or held_now:
@@ -250,7 +252,8 @@ async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool
             # are live ones' leases: one that dies before re-registering them
             # may leave a query running too.
             with contextlib.suppress(OSError), open(restart_marker(config), "w") as f:
-                json.dump({"pid": os.getpid(), "fenced": fenced_now, "held": held_now}, f)
+                json.dump({"pid": os.getpid(), "fenced": fenced_now, "held": held_now,
+                           "late": late_now}, f)
         aserver.close()
         for session in list(server.sessions.values()):
             if session.transport is not None:

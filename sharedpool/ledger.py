@@ -114,6 +114,9 @@ class Ledger:
         #: previous coordinator stopped, fenced to their process until it
         #: re-registers them; fenced as a dead session's when the hold ends
         self._awaited: dict[int, tuple[str, int]] = {}
+        #: fence serials of such leases fenced when the hold ended: their process
+        #: may be alive, only late; a clean stop hands that on (``late_state``)
+        self._late: set[int] = set()
         #: resource -> quantum() as last computed; dropped when costs, sessions or limits change
         self._quanta: dict[str, float | None] = {}
 
@@ -173,7 +176,8 @@ class Ledger:
                 res.live[lease_id] = lease
             lease.state = state if state in STATES else NEW
             lease.state_since = now
-            lease.backend_pid = backend_pid if _is_id(backend_pid) else None
+            if _is_id(backend_pid):  # else keep what was known (a marker's held row)
+                lease.backend_pid = backend_pid
             session.add(lease)
             res.peak = max(res.peak, res.leased)
             self._next_id = max(self._next_id, lease_id + 1, lease.token + 1)
@@ -264,6 +268,13 @@ class Ledger:
             for res in self.resources.values() for f in res.fenced.values() if f.fence not in self._awaited
         ]
 
+    def late_state(self) -> list[int]:
+        """Lease ids of :meth:`fenced_state` whose process may still be alive
+        (handed on as held, never re-registered): terminated only once its pid
+        is gone."""
+        return [f.lease.id for res in self.resources.values() for f in res.fenced.values()
+                if f.fence in self._late]
+
     def held_state(self) -> list[list[Any]]:
         """Every lease a live process holds, or is still awaited from after the
         previous stop, for a clean stop to hand on: ``[resource, lease, token,
@@ -310,12 +321,13 @@ class Ledger:
             self._next_id = max(self._next_id, lease_id + 1, token + 1)
         return []
 
-    def restore_fenced(self, entries: list[Any], now: float) -> list[Effect]:
+    def restore_fenced(self, entries: list[Any], now: float, late: Any = ()) -> list[Effect]:
         """Fence again what the previous coordinator had fenced when it stopped
         (its dead processes' backends may still be there): they count against the
         cap until their time is up or a fence check confirms them gone."""
-        groups: dict[tuple[str, int], list[Lease]] = {}
-        serials: dict[tuple[str, int], int] = {}
+        late_ids = {x for x in late if _is_id(x)} if isinstance(late, list | tuple | set) else set()
+        groups: dict[tuple[str, int, bool], list[Lease]] = {}
+        serials: dict[tuple[str, int, bool], int] = {}
         for entry in entries:
             try:
                 name, lease_id, token, pid, left, backend_pid = entry
@@ -329,14 +341,20 @@ class Ledger:
             longest = max(limits.fence_timeout, limits.quarantine_delay)
             lease = Lease(lease_id, name, 0, token, now,
                           backend_pid=backend_pid if _is_id(backend_pid) else None)
-            fence = serials.setdefault((name, pid), next(self._fences))
+            key = (name, pid, lease_id in late_ids)
+            if key not in serials:
+                serials[key] = next(self._fences)
+                if key[2]:
+                    self._late.add(serials[key])
+            fence = serials[key]
             res.fenced[lease_id] = Fenced(lease, pid, now + min(float(left), longest), fence)
             self._next_id = max(self._next_id, lease_id + 1, token + 1)
-            groups.setdefault((name, pid), []).append(lease)
+            groups.setdefault(key, []).append(lease)
         return [
             StartFence(name, pid, tuple(x.id for x in leases),
-                       tuple(x.backend_pid for x in leases if x.backend_pid), serials[(name, pid)])
-            for (name, pid), leases in groups.items()
+                       tuple(x.backend_pid for x in leases if x.backend_pid), serials[(name, pid, is_late)],
+                       terminate=not is_late)
+            for (name, pid, is_late), leases in groups.items()
         ]
 
     # ------------------------------------------------------------- leases
@@ -551,6 +569,7 @@ class Ledger:
         for fence, (name, pid) in awaited.items():
             left = [f.lease for f in self.resources[name].fenced.values() if f.fence == fence]
             if left:
+                self._late.add(fence)
                 effects.append(StartFence(name, pid, tuple(x.id for x in left),
                                           tuple(x.backend_pid for x in left if x.backend_pid),
                                           fence, terminate=False))

@@ -1574,3 +1574,33 @@ def test_nothing_is_restored_as_held_outside_a_restart_hold() -> None:
     lg = ledger(pg=1)
     assert lg.restore_held([["pg", 5, 5, 11, None]], T0) == []
     assert lg.resources["pg"].leased == 0
+
+
+def test_a_late_process_stays_late_across_a_second_restart() -> None:
+    # Before, a lease fenced as unclaimed at the end of a grace was handed on
+    # by the next clean stop like a dead process's: the coordinator after that
+    # terminated the backend of a process that was alive, only late.
+    b = Ledger({"pg": Resource(1)}, hold_until=T0 + 1.0)
+    b.restore_held([["pg", 7, 7, 11, 5011]], T0)
+    [unclaimed] = of(StartFence, b.tick(T0 + 1.0))
+    assert unclaimed.terminate is False
+    fenced, late = b.fenced_state(T0 + 1.1), b.late_state()
+    assert [row[1] for row in fenced] == [7] and late == [7]
+    c = Ledger({"pg": Resource(1)}, hold_until=T0 + 3.0)
+    [again] = of(StartFence, c.restore_fenced(fenced, T0 + 2.0, late))
+    assert (again.pid, again.leases, again.backend_pids, again.terminate) == (11, (7,), (5011,), False)
+    d = Ledger({"pg": Resource(1)})  # a dead process's fence stays one that may terminate
+    [dead] = of(StartFence, d.restore_fenced(fenced, T0 + 2.0))
+    assert dead.terminate is True
+
+
+def test_re_registering_a_lease_keeps_the_backend_pid_already_known() -> None:
+    # The hello carries no backend pid: re-registering wiped the one the
+    # previous coordinator handed on, and the fence of a death right after
+    # knew no backend to wait for.
+    lg = Ledger({"pg": Resource(1)}, hold_until=T0 + 1.0)
+    lg.restore_held([["pg", 7, 7, 11, 5011]], T0)
+    sid, effects = lg.open_session(11, "w", T0 + 0.2, held=[["pg", 7, 7, "idle", None]])
+    assert of(Problem, effects) == []
+    [fence] = of(StartFence, lg.close_session(sid, T0 + 0.3))
+    assert fence.backend_pids == (5011,)
