@@ -73,12 +73,19 @@ def on_push(pool: ConnectionPool[Any], verb: str, resource: str | None, args: di
     if verb == "revoke":
         revoke(pool, args.get("lease"), args.get("why"))
         return
-    if verb == "welcome":  # a new session: a drain the coordinator no longer knows is over
+    if verb == "welcome":  # a new session: a drain it knows nothing of is over; one ordered meanwhile is on
         state = args.get("resources", {}).get(pool.resource)
-        if pool._drained_by_coordinator and isinstance(state, dict) and state.get("draining") is False:
+        if not isinstance(state, dict):
+            return
+        if pool._drained_by_coordinator and state.get("draining") is False:
             log.warning("pool %r: the coordinator's drain ended with its session; resuming", pool.name)
             pool._drained_by_coordinator = False
             pool.resume()
+        elif state.get("draining") is True and pool._active:
+            # A drain ordered while we had no session (it was pushed to the others only).
+            log.warning("pool %r: the coordinator is draining %r; draining", pool.name, pool.resource)
+            pool.drain(timeout=0)
+            pool._drained_by_coordinator = True
         return
     log.warning("pool %r: coordinator says %s %s", pool.name, verb, args or "")
     if verb == "drain":

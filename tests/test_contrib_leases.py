@@ -114,3 +114,19 @@ def test_a_drain_heard_by_the_parent_does_not_stick_in_a_forked_child(
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     book._on_admin("resume")
+
+
+def test_a_drain_ordered_while_an_integration_had_no_session_is_heard_at_its_welcome(
+        start_coordinator: Any, sock_path: str) -> None:
+    start_coordinator({"pg": Resource(max_size=2)})
+    book = LeaseBook("pg", sock_path, confirm_timeout=0.2)
+    with leased_socket(book):
+        pass
+    client = book.client
+    assert client is not None
+    for handler in list(client._push_handlers):  # what a reconnect's welcome runs
+        handler("welcome", None, {"resources": {"pg": {"draining": True}}})
+    assert book._admin_state == "draining"  # before: ignored, its connections kept serving
+    for handler in list(client._push_handlers):
+        handler("welcome", None, {"resources": {"pg": {"draining": False}}})
+    assert book._admin_state is None

@@ -441,5 +441,12 @@ def test_a_drain_of_the_pools_own_is_not_ended_by_a_new_session() -> None:
         pool.drain(timeout=0)
         giveback.on_push(pool, "welcome", None, {"resources": {"r": {"draining": False}}})
         assert pool.status.value == "draining"
+        pool.resume()
+        # A drain ordered while this process had no session (pushed to the others
+        # only): the welcome of its next session says so (before, it kept serving).
+        giveback.on_push(pool, "welcome", None, {"resources": {"r": {"draining": True}}})
+        assert pool.status.value == "draining"
+        giveback.on_push(pool, "welcome", None, {"resources": {"r": {"draining": False}}})
+        assert pool.status.value == "active"
     finally:
         pool.close()

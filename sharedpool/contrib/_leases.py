@@ -372,6 +372,8 @@ class LeaseBook:
                 state = args.get("resources", {}).get(book.resource)
                 if isinstance(state, dict) and state.get("draining") is False:
                     book._on_admin("resume")
+                elif isinstance(state, dict) and state.get("draining") is True and book._admin_state is None:
+                    book._on_admin("drain")  # ordered while we had no session
 
         with self._lock:
             if self._client is client:
