@@ -53,6 +53,8 @@ def socket_fd(conn: object) -> int | None:
 
 #: How long a close not confirmed in time is still watched in the background.
 LATE_TIMEOUT = 60.0
+#: After a busy connection's cancel, how long before it is cancelled once more.
+RECANCEL_AFTER = 0.2
 #: How long it is watched in the caller's thread instead when no thread can be started.
 NO_THREAD_WAIT = 5.0
 
@@ -96,7 +98,7 @@ def close_and_confirm(conn: object, timeout: float, *,
     handed = False  # to a watcher thread, which calls on_late
     try:
         sock = _dup_socket(conn)
-        _cancel_if_busy(conn)
+        again = _cancel_if_busy(conn)
         if not close_after:
             _call_close(close, conn)
         if sock is None:
@@ -107,7 +109,15 @@ def close_and_confirm(conn: object, timeout: float, *,
             # A dup shares the socket, so this also covers the original fd.
             with contextlib.suppress(OSError):  # already shut down or reset
                 sock.shutdown(socket.SHUT_WR)
-            confirmed = _wait_eof(sock, deadline)
+            if again is not None:
+                # A cancel that reached the backend before it began the query
+                # (just sent) cancels nothing: look once more after a moment.
+                confirmed = _wait_eof(sock, min(deadline, time.monotonic() + RECANCEL_AFTER))
+                if not confirmed and time.monotonic() < deadline:
+                    _best_effort(again)
+                    confirmed = _wait_eof(sock, deadline)
+            else:
+                confirmed = _wait_eof(sock, deadline)
             if not confirmed and on_late is not None:
                 # A disconnect() that shuts the socket down would fake the EOF:
                 # the watcher calls it after the real one.
@@ -176,18 +186,31 @@ def transaction_status(conn: object) -> int | None:
         return None
 
 
-def _cancel_if_busy(conn: object) -> None:
+def _cancel_if_busy(conn: object) -> Callable[[], object] | None:
     """Cancel a query in flight (transaction status ACTIVE), so that its
     backend reads a Terminate sent next now rather than when the query ends.
-    Anything else (no ``info``, not busy) is left alone."""
+    Anything else (no ``info``, not busy) is left alone. Returns how to cancel
+    again once the connection is closed (psycopg 3's ``PGcancel``), or None."""
     if transaction_status(conn) != ACTIVE:
-        return
+        return None
+    again = None
+    get_cancel = getattr(getattr(conn, "pgconn", None), "get_cancel", None)
+    if callable(get_cancel):
+        try:
+            again = get_cancel().cancel  # works without the connection: taken before the close
+        except Exception:  # noqa: BLE001 - then only the one cancel below
+            again = None
     cancel = getattr(conn, "cancel_safe", None) or getattr(conn, "cancel", None)
     if callable(cancel):
-        try:
-            cancel()
-        except Exception:  # noqa: BLE001 - best effort: the close still follows
-            log.debug("cancelling a busy connection before closing it failed", exc_info=True)
+        _best_effort(cancel)
+    return again
+
+
+def _best_effort(cancel: Callable[[], object]) -> None:
+    try:
+        cancel()
+    except Exception:  # noqa: BLE001 - best effort: the close still follows
+        log.debug("cancelling a busy connection before closing it failed", exc_info=True)
 
 
 def _dup_socket(conn: object) -> socket.socket | None:

@@ -94,6 +94,25 @@ def test_busy_backend_is_cancelled_then_confirmed(dsn: str, monitor: psycopg.Con
 
 
 @pytest.mark.pg
+def test_a_cancel_that_came_before_the_query_began_is_sent_again(
+        dsn: str, monitor: psycopg.Connection) -> None:
+    # A query sent just before the close (a soft time limit right after the
+    # send): the cancel can reach the backend before it starts the query, and
+    # cancel nothing. Before, the close then waited out its whole bound (the
+    # test below: the first cancel is lost on purpose).
+    conn = psycopg.connect(dsn, application_name=_app(), autocommit=True)
+    pid = conn.info.backend_pid
+    conn.pgconn.send_query(b"SELECT pg_sleep(10)")
+    conn.pgconn.flush()
+    time.sleep(0.2)  # running now
+    conn.cancel_safe = lambda: None  # type: ignore[method-assign]  # the first cancel is lost
+    start = time.monotonic()
+    assert close_and_confirm(conn, 3.0)
+    assert time.monotonic() - start < 1.5
+    assert not _visible(monitor, pid)
+
+
+@pytest.mark.pg
 def test_already_closed_psycopg(dsn: str) -> None:
     conn = psycopg.connect(dsn, application_name=_app())
     conn.close()
