@@ -263,8 +263,9 @@ class Server:
             self.sessions[new_sid] = session
             log.info("session %s connected: pid=%s name=%s re-registered=%d",
                      new_sid, session.pid or msg.pid, msg.name, len(msg.held))
-            # Limits, and whether a drain is on: a pool drained by a coordinator
-            # that has since been restarted learns here that it is over.
+            # Limits, and whether a drain is on: after a reconnect, a pool learns
+            # here that a drain it was told of is over (a restarted coordinator),
+            # or that one was ordered while it had no session.
             state = {name: {**r.limits.as_dict(), "draining": r.draining}
                      for name, r in ledger.resources.items()}
             session.send(p.Welcome(p.PROTOCOL_VERSION, new_sid, os.getpid(), state))
