@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pytest
-from hypothesis import HealthCheck, event, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -1604,3 +1604,60 @@ def test_re_registering_a_lease_keeps_the_backend_pid_already_known() -> None:
     assert of(Problem, effects) == []
     [fence] = of(StartFence, lg.close_session(sid, T0 + 0.3))
     assert fence.backend_pids == (5011,)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    cap=st.integers(1, 4),
+    holdings=st.lists(st.integers(0, 3), min_size=1, max_size=4),  # leases per live process
+    back=st.lists(st.booleans(), min_size=4, max_size=4),  # which processes re-register
+    newcomers=st.integers(0, 4),
+    dies_late=st.booleans(),
+)
+def test_a_clean_restart_never_grants_beyond_the_cap(cap: int, holdings: list[int], back: list[bool],
+                                                   newcomers: int, dies_late: bool) -> None:
+    """I1 across restarts, as a property: whatever the processes held at a clean
+    stop, and whichever of them come back, the next coordinator (and the one
+    after it) grants nothing while live and unclaimed leases fill the cap, and
+    never hands out an id already taken."""
+    old = Ledger({"pg": Resource(cap, max_per_process=None)})
+    owned: dict[int, list[list[Any]]] = {}  # pid -> its re-registration entries
+    for i, n in enumerate(holdings):
+        pid = 100 + i
+        sid = session(old, pid=pid)
+        for req in range(n):
+            effects = old.acquire(sid, req + 1, "pg", T0, timeout=0)
+            for g in of(Granted, effects):
+                owned.setdefault(pid, []).append(["pg", g.lease.id, g.lease.token, "idle", None])
+    restored_ids = {e[1] for entries in owned.values() for e in entries}
+    new = Ledger({"pg": Resource(cap)}, hold_until=T0 + 1.0)
+    new.restore_held(old.held_state(), T0)
+    new.restore_fenced(old.fenced_state(T0), T0, old.late_state())
+    assert new.resources["pg"].leased == len(restored_ids)
+    for i, pid in enumerate(sorted(owned)):
+        if back[i]:
+            _, effects = new.open_session(pid, "w", T0 + 0.1, held=owned[pid])
+            assert of(Problem, effects) == []
+    granted_ids: list[int] = []
+    others = [session(new, pid=900 + k) for k in range(newcomers)]
+    for k, sid in enumerate(others):
+        granted_ids += [g.lease.id for g in of(Granted, new.acquire(sid, k + 1, "pg", T0 + 0.2, timeout=5))]
+    assert granted_ids == []  # the hold grants nothing
+    effects = new.tick(T0 + 1.0)
+    granted_ids += [g.lease.id for g in of(Granted, effects)]
+    unclaimed = [f for f in of(StartFence, effects)]
+    assert all(f.terminate is False for f in unclaimed)
+    assert {lid for f in unclaimed for lid in f.leases} == {
+        e[1] for i, pid in enumerate(sorted(owned)) if not back[i] for e in owned[pid]}
+    assert new.resources["pg"].leased <= max(cap, len(restored_ids))
+    assert len(new.resources["pg"].live) - sum(1 for lid in new.resources["pg"].live if lid in restored_ids) \
+        == len(granted_ids)
+    assert not set(granted_ids) & restored_ids
+    if len(restored_ids) >= cap:
+        assert granted_ids == []  # the cap was full of what is still held or maybe still running
+    if dies_late:  # and the coordinator after that keeps the unclaimed ones late
+        third = Ledger({"pg": Resource(cap)}, hold_until=T0 + 3.0)
+        third.restore_held(new.held_state(), T0 + 2.0)
+        again = third.restore_fenced(new.fenced_state(T0 + 2.0), T0 + 2.0, new.late_state())
+        assert all(f.terminate is False for f in of(StartFence, again))
+        assert third.resources["pg"].leased == new.resources["pg"].leased
