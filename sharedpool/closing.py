@@ -114,7 +114,11 @@ def close_and_confirm(conn: object, timeout: float, *,
                 # (just sent) cancels nothing: look once more after a moment.
                 confirmed = _wait_eof(sock, min(deadline, time.monotonic() + RECANCEL_AFTER))
                 if not confirmed and time.monotonic() < deadline:
-                    _best_effort(again)
+                    # In a thread: a cancel connects to the server and may block
+                    # (a server that does not answer); the wait stays bounded.
+                    with contextlib.suppress(RuntimeError):  # no thread to be had: the wait goes on
+                        threading.Thread(target=_best_effort, args=(again,), daemon=True,
+                                         name="sharedpool-cancel").start()
                     confirmed = _wait_eof(sock, deadline)
             else:
                 confirmed = _wait_eof(sock, deadline)
