@@ -94,8 +94,8 @@ def on_push(pool: ConnectionPool[Any], verb: str, resource: str | None, args: di
         if was_active:  # a drain of our own stays ours to end; a repeated push changes nothing
             pool._drained_by_coordinator = True
     elif verb == "resume":
-        pool._drained_by_coordinator = False
-        pool.resume()
+        if pool._drained_by_coordinator:  # a drain of our own stays ours to end
+            pool.resume()  # clears the mark
     elif verb == "end_session":
         pool.close(timeout=0)
 

@@ -110,6 +110,22 @@ def test_a_cancel_that_came_before_the_query_began_is_sent_again(
     assert close_and_confirm(conn, 3.0)
     assert time.monotonic() - start < 1.5
     assert not _visible(monitor, pid)
+    # The same through an integration's close (a host pool's closer): before,
+    # the wrapper it closes through hid what the second cancel needs.
+    from sharedpool.contrib._leases import LeaseBook
+
+    book = LeaseBook("r", coordinator=None, close_when_collected=False)
+    conn = psycopg.connect(dsn, application_name=_app(), autocommit=True)
+    pid = conn.info.backend_pid
+    conn.pgconn.send_query(b"SELECT pg_sleep(10)")
+    conn.pgconn.flush()
+    time.sleep(0.2)
+    conn.cancel_safe = lambda: None  # type: ignore[method-assign]
+    start = time.monotonic()
+    assert book.close(conn, conn.close)
+    assert time.monotonic() - start < 1.5
+    assert not _visible(monitor, pid)
+    book.shutdown()
 
 
 @pytest.mark.pg

@@ -448,5 +448,8 @@ def test_a_drain_of_the_pools_own_is_not_ended_by_a_new_session() -> None:
         assert pool.status.value == "draining"
         giveback.on_push(pool, "welcome", None, {"resources": {"r": {"draining": False}}})
         assert pool.status.value == "active"
+        pool.drain(timeout=0)  # the application's own drain: an admin resume does not end it
+        giveback.on_push(pool, "resume", "r", {})
+        assert pool.status.value == "draining"
     finally:
         pool.close()

@@ -86,7 +86,7 @@ class _CloseVia:
     and the key's busy state, so that a query in flight is cancelled first
     (else the backend reads our Terminate only when the query ends)."""
 
-    _FORWARDED = frozenset(("info", "cancel_safe", "cancel"))
+    _FORWARDED = frozenset(("info", "cancel_safe", "cancel", "pgconn"))
 
     def __init__(self, key: Any, closer: Callable[[], object]) -> None:
         self._key = key
