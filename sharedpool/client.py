@@ -353,10 +353,14 @@ class Client:
 
     def report_now(self) -> None:
         """Send a report from the calling thread now, if a session is up (the
-        fence must know a new connection's backend pid before it is used)."""
-        self._checkpid()
-        self._reported_at = 0.0
-        background.send_report(self)
+        fence must know a new connection's backend pid before it is used).
+        Never raises: a failure is logged, and the periodic report carries it."""
+        try:
+            self._checkpid()
+            self._reported_at = 0.0
+            background.send_report(self)
+        except Exception:  # noqa: BLE001 - the caller's connection is good; the report is not vital now
+            log.exception("reporting to coordinator %s failed", self.socket_path)
 
     def report_soon(self) -> None:
         """Send the next report at once, not after the coalescing interval (a

@@ -250,7 +250,9 @@ def _call_close(close: Callable[[], object], conn: object) -> None:
         raise TypeError("close_and_confirm needs a sync connection; close() returned an awaitable")
 
 
-_POLL_SLICE = 3600.0
+#: The longest single wait: poll() takes milliseconds in a C int (24.8 days) and
+#: threading's waits stop at TIMEOUT_MAX; longer bounds are waited in slices.
+WAIT_SLICE = 3600.0
 
 
 def _wait_eof(sock: socket.socket, deadline: float) -> bool:
@@ -260,8 +262,8 @@ def _wait_eof(sock: socket.socket, deadline: float) -> bool:
     while True:
         remaining = deadline - time.monotonic()
         # poll() takes milliseconds in a C int (24.8 days at most): wait in slices.
-        if not poller.poll(min(max(remaining, 0.0), _POLL_SLICE) * 1000.0):
-            if remaining > _POLL_SLICE:
+        if not poller.poll(min(max(remaining, 0.0), WAIT_SLICE) * 1000.0):
+            if remaining > WAIT_SLICE:
                 continue
             return False
         try:

@@ -158,10 +158,7 @@ def fill(pool: ConnectionPool[Any], count: int) -> None:
             log.warning("pool %r: top-up to min_size: configure failed: %s", pool.name, error)
             return  # retried next round
         if pool.configure is None and client is not None and wrapper.backend_pid is not None:
-            try:
-                client.report_now()  # the fence must know its backend pid before it is used
-            except Exception:  # noqa: BLE001 - the periodic report carries it still
-                log.exception("pool %r: reporting a new connection's backend pid failed", pool.name)
+            client.report_now()  # the fence must know its backend pid before it is used
         pool._park(wrapper)
 
 

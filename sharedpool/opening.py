@@ -128,11 +128,8 @@ def run(pool: ConnectionPool[Any], waiter: _Waiter, deadline: float) -> None:
                     pool._opening += 1  # failed() settles it as for a failed connect
                 failed(pool, waiter, error, connected=True)
         elif not direct:  # held back for the report (report_first: client is set)
-            try:
-                if client is not None:
-                    client.report_now()
-            except Exception:  # noqa: BLE001 - the periodic report carries it still
-                log.exception("pool %r: reporting a new connection's backend pid failed", pool.name)
+            if client is not None:
+                client.report_now()
             pool._park(wrapper)  # handed out, or closed if the pool closed meanwhile
     finally:  # whatever failed above, the openers planned must run
         pool._start_openers(openers, deadline)
@@ -171,10 +168,7 @@ def setup(pool: ConnectionPool[Any], wrapper: ConnectionWrapper[Any],
     # The pool's own, not a caller's: leak detection must not time it.
     wrapper.checked_out_at = math.inf
     if client is not None and wrapper.backend_pid is not None:
-        try:
-            client.report_now()  # before any query of ours runs on it
-        except Exception:  # noqa: BLE001 - the periodic report carries it still
-            log.exception("pool %r: reporting a new connection's backend pid failed", pool.name)
+        client.report_now()  # before any query of ours runs on it
     try:
         pool.configure(wrapper.conn)
     except BaseException as exc:  # noqa: BLE001 - returned to the caller, not lost

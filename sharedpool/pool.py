@@ -21,7 +21,16 @@ from typing import Any, Generic, TypeVar
 
 from . import giveback, maintenance, opening, process
 from .client import _PID, AcquireRequest, Client, current_pid
-from .closing import ACTIVE, INERROR, INTRANS, UNKNOWN, NotClosable, close_and_confirm, transaction_status
+from .closing import (
+    ACTIVE,
+    INERROR,
+    INTRANS,
+    UNKNOWN,
+    WAIT_SLICE,
+    NotClosable,
+    close_and_confirm,
+    transaction_status,
+)
 from .config import SOCKET_ENV, PoolConfig, check_resource_name, check_socket_path, env_socket_path
 from .errors import (
     ConfigError,
@@ -358,7 +367,7 @@ class ConnectionPool(Generic[T]):
             if waiter.connect_deadline is not None:
                 until = min(until, waiter.connect_deadline)
             # In slices: a wait beyond threading.TIMEOUT_MAX raises OverflowError.
-            waiter.event.wait(min(max(0.0, until - time.monotonic()), 3600.0))
+            waiter.event.wait(min(max(0.0, until - time.monotonic()), WAIT_SLICE))
             with self._lock:
                 if waiter.wrapper is not None:
                     return waiter.wrapper
@@ -795,7 +804,7 @@ class ConnectionPool(Generic[T]):
                                 "after %.1fs", self.name, len(self._all), self._closing,
                                 self._opening, timeout)
                     break
-                self._returned.wait(min(remaining, 3600.0))
+                self._returned.wait(min(remaining, WAIT_SLICE))
 
     # ------------------------------------------------------------------ validation
 

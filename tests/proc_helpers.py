@@ -8,6 +8,7 @@ limit), and a server slow to let go of a closed client."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 import socket
 import threading
@@ -73,6 +74,19 @@ def wait_leased(sock: str, want: int, timeout: float = 5.0) -> int:
     while (n := leased(sock)) != want and time.monotonic() < deadline:
         time.sleep(0.02)
     return n
+
+
+def run_in_child(fn: Callable[[], int]) -> int:
+    """Fork; run ``fn`` in the child; its return value (0 = ok) is the exit code."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            code = fn()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
 
 
 def run_forked(target: Callable[..., dict[str, Any]], *args: Any, n: int = 1) -> list[dict[str, Any]]:

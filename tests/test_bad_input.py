@@ -180,6 +180,27 @@ def test_a_hello_with_a_deeply_nested_entry_leaves_no_ghost_session(
         client.close()
 
 
+def _after_hello(sock_path: str, *frames: bytes | p.Message, until: Any) -> list[Any]:
+    """A session's hello, then ``frames`` (raw bytes, or messages to encode);
+    what comes back until a frame for which ``until(frame)`` holds (the
+    session ending before that fails the test)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(sock_path)
+    s.settimeout(3)
+    conn = p.Connection(p.CLIENT)
+    s.sendall(conn.send(p.Hello(p.PROTOCOL_VERSION, os.getpid(), "odd")))
+    for frame in frames:
+        s.sendall(frame if isinstance(frame, bytes) else conn.send(frame))
+    events: list[Any] = []
+    while not any(until(e) for e in events):
+        data = s.recv(65536)
+        assert data, f"session ended; got {events}"
+        conn.receive_data(data)
+        events += conn.events()
+    s.close()
+    return events
+
+
 @pytest.mark.parametrize("frame", [
     {"op": "inspect", "req": 1, "what": "leases", "filters": {"resource": [1]}},
     {"op": "inspect", "req": 1, "what": "leases", "filters": {"resource": _nested(1000)}},
@@ -190,20 +211,8 @@ def test_odd_values_get_an_error_reply_and_the_session_goes_on(
     # Before, these raised TypeError / RecursionError inside the server: the
     # session was dropped with a traceback in the log and no reply.
     start_coordinator({"r": 1})
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect(sock_path)
-    s.settimeout(3)
-    conn = p.Connection(p.CLIENT)
-    s.sendall(conn.send(p.Hello(p.PROTOCOL_VERSION, os.getpid(), "odd")))
-    s.sendall(_raw_frame(frame))
-    s.sendall(conn.send(p.Inspect(2, "server", {})))  # still served afterwards
-    events: list[Any] = []
-    while not any(isinstance(e, p.Reply) and e.req == 2 for e in events):
-        data = s.recv(65536)
-        assert data, f"session ended; got {events}"
-        conn.receive_data(data)
-        events += conn.events()
-    s.close()
+    events = _after_hello(sock_path, _raw_frame(frame), p.Inspect(2, "server", {}),  # still served after
+                          until=lambda e: isinstance(e, p.Reply) and e.req == 2)
     [error] = [e for e in events if isinstance(e, p.Error)]
     assert error.req == 1 and not error.fatal and len(error.message) < 300
 
@@ -213,19 +222,8 @@ def test_admin_with_a_deep_argument_is_carried_out_and_answered(
     # Before, logging the arguments raised RecursionError after the pause took
     # effect: no reply, and no push to the pools.
     start_coordinator({"r": 1})
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect(sock_path)
-    s.settimeout(3)
-    conn = p.Connection(p.CLIENT)
-    s.sendall(conn.send(p.Hello(p.PROTOCOL_VERSION, os.getpid(), "admin")))
-    s.sendall(_raw_frame({"op": "admin", "req": 1, "verb": "pause",
-                          "args": {"resource": "r", "note": _nested(1000)}}))
-    events: list[Any] = []
-    while not any(getattr(e, "req", None) == 1 for e in events):
-        data = s.recv(65536)
-        assert data, f"session ended; got {events}"
-        conn.receive_data(data)
-        events += conn.events()
-    s.close()
+    deep = _raw_frame({"op": "admin", "req": 1, "verb": "pause",
+                       "args": {"resource": "r", "note": _nested(1000)}})
+    events = _after_hello(sock_path, deep, until=lambda e: getattr(e, "req", None) == 1)
     assert any(isinstance(e, p.Reply) and e.req == 1 for e in events), events
     assert any(isinstance(e, p.Push) and e.verb == "pause" for e in events), events

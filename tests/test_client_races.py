@@ -385,3 +385,21 @@ def test_a_denial_arriving_after_a_cancel_does_not_replace_it(sock_path: str) ->
     finally:
         client.close()
         fake.stop()
+
+
+def test_report_now_never_raises(sock_path: str, monkeypatch: pytest.MonkeyPatch,
+                                 caplog: pytest.LogCaptureFixture) -> None:
+    # The openers, the top-up and the integrations call it with a good new
+    # connection in hand: a failed report must not fail (or leak) that connection.
+    from sharedpool import background
+
+    def broken(client: Client) -> None:
+        raise RuntimeError("report broke")
+
+    monkeypatch.setattr(background, "send_report", broken)
+    client = Client(sock_path)
+    try:
+        client.report_now()
+        assert "reporting to coordinator" in caplog.text and "report broke" in caplog.text
+    finally:
+        client.close()

@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from proc_helpers import leased, wait_leased
+from proc_helpers import leased, run_in_child, wait_leased
 
 from sharedpool import Client, Resource
 from sharedpool.contrib._leases import LeaseBook
@@ -91,37 +91,34 @@ def test_failing_bookkeeping_loses_no_lease(start_coordinator: Any, sock_path: s
     book.shutdown()
 
 
-def test_a_drain_heard_by_the_parent_does_not_stick_in_a_forked_child(
-        start_coordinator: Any, sock_path: str) -> None:
-    # Before, the child inherited the drain and, its own session opening after
-    # the resume was pushed, closed every connection at checkin for good.
-    import os
-
+def _book_with_a_session(start_coordinator: Any, sock_path: str) -> LeaseBook:
+    """A book of resource "pg" (cap 2) that has had a connection: its session is up."""
     start_coordinator({"pg": Resource(max_size=2)})
     book = LeaseBook("pg", sock_path, confirm_timeout=0.2)
     with leased_socket(book):
         pass
+    return book
+
+
+def test_a_drain_heard_by_the_parent_does_not_stick_in_a_forked_child(
+        start_coordinator: Any, sock_path: str) -> None:
+    # Before, the child inherited the drain and, its own session opening after
+    # the resume was pushed, closed every connection at checkin for good.
+    book = _book_with_a_session(start_coordinator, sock_path)
     book._on_admin("drain")
     assert book._admin_state == "draining"
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            book._checkpid()
-            code = 0 if book._admin_state is None else 3
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+
+    def child() -> int:
+        book._checkpid()
+        return 0 if book._admin_state is None else 3
+
+    assert run_in_child(child) == 0
     book._on_admin("resume")
 
 
 def test_a_drain_ordered_while_an_integration_had_no_session_is_heard_at_its_welcome(
         start_coordinator: Any, sock_path: str) -> None:
-    start_coordinator({"pg": Resource(max_size=2)})
-    book = LeaseBook("pg", sock_path, confirm_timeout=0.2)
-    with leased_socket(book):
-        pass
+    book = _book_with_a_session(start_coordinator, sock_path)
     client = book.client
     assert client is not None
     for handler in list(client._push_handlers):  # what a reconnect's welcome runs

@@ -4,12 +4,14 @@ see more than the cap (I1, I2)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +24,38 @@ from sharedpool import Client, Resource
 HERE = Path(__file__).parent
 
 
-def busy_worker(sock: str, app: str, seconds: float) -> subprocess.Popen[str]:
-    code = textwrap.dedent(f"""
-        import psycopg
-        from pg_helpers import pg_dsn
-        from sharedpool import ConnectionPool, PoolConfig
-        pool = ConnectionPool(lambda: psycopg.connect(pg_dsn(), application_name={app!r}, autocommit=True),
-                              PoolConfig(min_size=0, max_size=1), resource="pg", coordinator={sock!r})
-        with pool.connection(timeout=30) as conn:
-            print("querying", conn.info.backend_pid, flush=True)
-            conn.execute("SELECT pg_sleep({seconds})")
-    """)
+@contextlib.contextmanager
+def child(code: str, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """``python -c code *args`` with the tests' helpers importable, its stdout a
+    pipe; killed (by pid) on the way out if still running."""
     env = {**os.environ, "PYTHONPATH": str(HERE)}
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+_BUSY = """
+import sys, psycopg
+from pg_helpers import pg_dsn
+from sharedpool import ConnectionPool, PoolConfig
+sock, app, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+pool = ConnectionPool(lambda: psycopg.connect(pg_dsn(), application_name=app, autocommit=True),
+                      PoolConfig(min_size=0, max_size=1), resource="pg", coordinator=sock)
+with pool.connection(timeout=30) as conn:
+    print("querying", conn.info.backend_pid, flush=True)
+    conn.execute("SELECT pg_sleep(%s)", (seconds,))
+"""
+
+
+def busy_worker(sock: str, app: str,
+                seconds: float) -> contextlib.AbstractContextManager[subprocess.Popen[str]]:
+    """A worker in a ``seconds``-long query; it prints ``querying BACKEND_PID`` first."""
+    return child(_BUSY, sock, app, str(seconds))
 
 
 @pytest.mark.parametrize("action", ["wait", "terminate"])
@@ -44,23 +65,17 @@ def test_worker_killed_mid_query_never_puts_pg_over_the_cap(
     start_coordinator({"pg": Resource(max_size=cap, monitor_dsn=pg_dsn(), fence_action=action,
                                       fence_timeout=20, acquire_timeout=60)})
     probe = Client(sock_path)
-    with BackendSampler(app_name) as sampler:
-        victim = busy_worker(sock_path, app_name, 3.0)
-        try:
-            assert victim.stdout is not None
-            line = victim.stdout.readline().split()
-            assert line and line[0] == "querying", line
-            backend = int(line[1])
-            # Others hammer the same resource: they want every slot.
-            hammer = [spawn(sock_path, app_name, 100, "2", "2", "0.005") for _ in range(4)]
-            time.sleep(0.3)
-            os.kill(victim.pid, signal.SIGKILL)
-            victim.wait(10)
-            results = [finish(p, timeout=120) for p in hammer]
-        finally:
-            if victim.poll() is None:
-                victim.kill()
-                victim.wait(10)
+    with BackendSampler(app_name) as sampler, busy_worker(sock_path, app_name, 3.0) as victim:
+        assert victim.stdout is not None
+        line = victim.stdout.readline().split()
+        assert line and line[0] == "querying", line
+        backend = int(line[1])
+        # Others hammer the same resource: they want every slot.
+        hammer = [spawn(sock_path, app_name, 100, "2", "2", "0.005") for _ in range(4)]
+        time.sleep(0.3)
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait(10)
+        results = [finish(p, timeout=120) for p in hammer]
     assert all(r["n_errors"] == 0 for r in results), [r["errors"] for r in results]
     assert sampler.peak <= cap, f"PostgreSQL saw {sampler.peak} connections with a cap of {cap}"
     assert sampler.peak == cap
@@ -166,61 +181,6 @@ def test_monitor_connection_is_open_before_anyone_dies(pg: str, start_coordinato
             time.sleep(0.05)
 
 
-def test_a_worker_killed_in_configure_is_fenced_by_its_backend(
-        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
-    # Setup SQL in configure= runs after the backend pid reached the coordinator:
-    # a worker killed during it leaves a busy backend the fence knows and ends.
-    start_coordinator({"pg": Resource(max_size=1, monitor_dsn=pg_dsn(), fence_action="terminate",
-                                      fence_timeout=20, acquire_timeout=60)})
-    code = textwrap.dedent(f"""
-        import os, signal
-        import psycopg
-        from pg_helpers import pg_dsn
-        from sharedpool import ConnectionPool, PoolConfig
-        from sharedpool import background
-        from sharedpool.client import Client
-
-        # Only report_now() may tell the coordinator the backend pid here: the
-        # background thread's own reports are switched off.
-        send_report, report_now, now = background.send_report, Client.report_now, [False]
-        background.send_report = lambda client: send_report(client) if now[0] else None
-        def only_now(self):
-            now[0] = True
-            try:
-                report_now(self)
-            finally:
-                now[0] = False
-        Client.report_now = only_now
-
-        def configure(conn):
-            print("configuring", conn.info.backend_pid, flush=True)
-            conn.pgconn.send_query(b"SELECT pg_sleep(4)")  # busy, then gone mid-query
-            conn.pgconn.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-
-        pool = ConnectionPool(lambda: psycopg.connect(pg_dsn(), application_name={app_name!r},
-                                                      autocommit=True),
-                              PoolConfig(min_size=0, max_size=1), resource="pg",
-                              coordinator={sock_path!r}, configure=configure)
-        pool.acquire(timeout=30)
-    """)
-    env = {**os.environ, "PYTHONPATH": str(HERE)}
-    with BackendSampler(app_name) as sampler:
-        victim = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
-        try:
-            assert victim.stdout is not None
-            line = victim.stdout.readline().split()
-            assert line and line[0] == "configuring", line
-            assert victim.wait(10) == -signal.SIGKILL
-            result = finish(spawn(sock_path, app_name, 5, "1", "1", "0"), timeout=60)
-        finally:
-            if victim.poll() is None:
-                victim.kill()
-                victim.wait(10)
-    assert result["n_errors"] == 0, result["errors"]
-    assert sampler.peak <= 1, f"PostgreSQL saw {sampler.peak} connections with a cap of 1"
-
-
 def test_a_lost_monitor_connection_is_replaced_at_the_next_death(
         pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
     """The coordinator's cached monitoring connection died while idle (a server
@@ -252,9 +212,7 @@ def test_a_lost_monitor_connection_is_replaced_at_the_next_death(
         print("idle", flush=True)  # its lease held, its backend idle: gone at once with it
         time.sleep(60)
     """)
-    env = {**os.environ, "PYTHONPATH": str(HERE)}
-    victim = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
-    try:
+    with child(code) as victim:
         assert victim.stdout is not None
         assert victim.stdout.readline().startswith("idle")
         waiter = Client(sock_path)
@@ -266,10 +224,6 @@ def test_a_lost_monitor_connection_is_replaced_at_the_next_death(
             assert time.monotonic() - t0 < 4, "the fence waited on its dead monitor connection"
         finally:
             waiter.close()
-    finally:
-        if victim.poll() is None:
-            victim.kill()
-            victim.wait(10)
 
 
 _REPORTS_ONLY_NOW = """
@@ -300,7 +254,11 @@ def busy_then_die(conns):
     os.kill(os.getpid(), signal.SIGKILL)
 
 connect = lambda: psycopg.connect(pg_dsn(), application_name=app, autocommit=True)
-if kind == "opener":  # a connection an opener thread made for the caller
+if kind == "configure":  # setup SQL in configure= (it runs once the pid is reported)
+    pool = ConnectionPool(connect, PoolConfig(min_size=0, max_size=2), resource="pg", coordinator=sock,
+                          configure=lambda conn: busy_then_die([conn]))
+    pool.acquire(timeout=30)
+elif kind == "opener":  # a connection an opener thread made for the caller
     pool = ConnectionPool(connect, PoolConfig(min_size=0, max_size=2), resource="pg", coordinator=sock)
     busy_then_die([pool.acquire(timeout=30).conn, pool.acquire(timeout=30).conn])
 elif kind == "topup":  # one maintenance made to reach min_size
@@ -319,7 +277,7 @@ else:  # an integration's: SQLAlchemy
 """
 
 
-@pytest.mark.parametrize("kind", ["opener", "topup", "sqlalchemy"])
+@pytest.mark.parametrize("kind", ["configure", "opener", "topup", "sqlalchemy"])
 def test_a_new_connections_backend_is_known_before_it_is_used(
         pg: str, start_coordinator: Any, sock_path: str, app_name: str, kind: str) -> None:
     # Before, the backend pid went out with a later, coalesced report (or, for
@@ -328,35 +286,13 @@ def test_a_new_connections_backend_is_known_before_it_is_used(
     # on while the query ran on (PostgreSQL over the cap).
     start_coordinator({"pg": Resource(max_size=2, monitor_dsn=pg_dsn(), fence_action="terminate",
                                       fence_timeout=20, acquire_timeout=60)})
-    env = {**os.environ, "PYTHONPATH": str(HERE)}
-    with BackendSampler(app_name) as sampler:
-        victim = subprocess.Popen([sys.executable, "-c", _REPORTS_ONLY_NOW, sock_path, app_name, kind],
-                                  stdout=subprocess.PIPE, text=True, env=env)
-        try:
-            assert victim.stdout is not None
-            assert victim.stdout.readline().strip() == "busy"
-            assert victim.wait(10) == -signal.SIGKILL
-            result = finish(spawn(sock_path, app_name, 10, "2", "2", "0.1"), timeout=60)
-        finally:
-            if victim.poll() is None:
-                victim.kill()
-                victim.wait(10)
+    with BackendSampler(app_name) as sampler, child(_REPORTS_ONLY_NOW, sock_path, app_name, kind) as victim:
+        assert victim.stdout is not None
+        assert victim.stdout.readline().strip() == "busy"
+        assert victim.wait(10) == -signal.SIGKILL
+        result = finish(spawn(sock_path, app_name, 10, "2", "2", "0.1"), timeout=60)
     assert result["n_errors"] == 0, result["errors"]
     assert sampler.peak <= 2, f"PostgreSQL saw {sampler.peak} connections with a cap of 2"
-
-
-_QUERYING = """
-import sys, psycopg
-from pg_helpers import pg_dsn
-from sharedpool import ConnectionPool, PoolConfig
-sock, app = sys.argv[1:3]
-seconds = float(sys.argv[3]) if len(sys.argv) > 3 else 5.0
-pool = ConnectionPool(lambda: psycopg.connect(pg_dsn(), application_name=app, autocommit=True),
-                      PoolConfig(min_size=0, max_size=1), resource="pg", coordinator=sock)
-with pool.connection() as conn:
-    print("querying", flush=True)
-    conn.execute("SELECT pg_sleep(%s)", (seconds,))
-"""
 
 
 def test_a_worker_that_dies_while_the_coordinator_restarts_is_fenced(
@@ -367,23 +303,15 @@ def test_a_worker_that_dies_while_the_coordinator_restarts_is_fenced(
     limits = {"pg": Resource(max_size=1, monitor_dsn=pg_dsn(), fence_action="terminate",
                              fence_timeout=20, acquire_timeout=60)}
     first = start_coordinator(limits)
-    env = {**os.environ, "PYTHONPATH": str(HERE)}
-    with BackendSampler(app_name) as sampler:
-        victim = subprocess.Popen([sys.executable, "-c", _QUERYING, sock_path, app_name],
-                                  stdout=subprocess.PIPE, text=True, env=env)
-        try:
-            assert victim.stdout is not None and victim.stdout.readline().strip() == "querying"
-            time.sleep(0.3)  # its backend pid has reached the coordinator
-            first.stop()  # a clean stop: a deploy, a config change
-            victim.kill()  # and the worker dies meanwhile
-            victim.wait(10)
-            start_coordinator(limits)
-            t0 = time.monotonic()
-            result = finish(spawn(sock_path, app_name, 3, "1", "1", "0"), timeout=60)
-        finally:
-            if victim.poll() is None:
-                victim.kill()
-                victim.wait(10)
+    with BackendSampler(app_name) as sampler, busy_worker(sock_path, app_name, 5.0) as victim:
+        assert victim.stdout is not None and victim.stdout.readline().startswith("querying")
+        time.sleep(0.3)  # its backend pid has reached the coordinator
+        first.stop()  # a clean stop: a deploy, a config change
+        victim.kill()  # and the worker dies meanwhile
+        victim.wait(10)
+        start_coordinator(limits)
+        t0 = time.monotonic()
+        result = finish(spawn(sock_path, app_name, 3, "1", "1", "0"), timeout=60)
     assert result["n_errors"] == 0, result["errors"]
     assert sampler.peak <= 1, f"PostgreSQL saw {sampler.peak} connections with a cap of 1"
     assert time.monotonic() - t0 < 4.5  # the dead worker's backend was ended, not waited out
@@ -398,25 +326,18 @@ def test_a_late_process_that_dies_after_the_restart_grace_is_terminated(
     limits = {"pg": Resource(max_size=1, monitor_dsn=pg_dsn(), fence_action="terminate",
                              fence_timeout=3, acquire_timeout=60)}
     first = start_coordinator(limits)
-    env = {**os.environ, "PYTHONPATH": str(HERE)}
-    with BackendSampler(app_name) as sampler:  # a query longer than fence_timeout
-        victim = subprocess.Popen([sys.executable, "-c", _QUERYING, sock_path, app_name, "15"],
-                                  stdout=subprocess.PIPE, text=True, env=env)
-        try:
-            assert victim.stdout is not None and victim.stdout.readline().strip() == "querying"
-            time.sleep(0.3)  # its backend pid has reached the coordinator
-            os.kill(victim.pid, signal.SIGSTOP)  # late: it will not re-register in time
-            first.stop()
-            start_coordinator(limits, restart_grace=0.5)
-            time.sleep(0.8)  # the grace is over; the process is alive
-            victim.kill()
-            victim.wait(10)
-            t0 = time.monotonic()
-            result = finish(spawn(sock_path, app_name, 3, "1", "1", "0"), timeout=60)
-        finally:
-            if victim.poll() is None:
-                victim.kill()
-                victim.wait(10)
+    # A query longer than fence_timeout.
+    with BackendSampler(app_name) as sampler, busy_worker(sock_path, app_name, 15.0) as victim:
+        assert victim.stdout is not None and victim.stdout.readline().startswith("querying")
+        time.sleep(0.3)  # its backend pid has reached the coordinator
+        os.kill(victim.pid, signal.SIGSTOP)  # late: it will not re-register in time
+        first.stop()
+        start_coordinator(limits, restart_grace=0.5)
+        time.sleep(0.8)  # the grace is over; the process is alive
+        victim.kill()
+        victim.wait(10)
+        t0 = time.monotonic()
+        result = finish(spawn(sock_path, app_name, 3, "1", "1", "0"), timeout=60)
     assert result["n_errors"] == 0, result["errors"]
     assert sampler.peak <= 1, f"PostgreSQL saw {sampler.peak} connections with a cap of 1"
     assert time.monotonic() - t0 < 2.5  # ended when the process went, not at fence_timeout

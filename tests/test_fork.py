@@ -8,21 +8,9 @@ from typing import Any
 
 import psycopg
 from pg_helpers import pg_dsn
+from proc_helpers import run_in_child
 
 from sharedpool import Client, ConnectionPool, PoolConfig
-
-
-def _run_in_child(fn: Any) -> int:
-    """Fork; run ``fn`` in the child; its return value (0 = ok) is the exit code."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        code = 1
-        try:
-            code = fn()
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
 
 
 def test_forked_client_starts_its_own_session(start_coordinator: Any, sock_path: str) -> None:
@@ -40,7 +28,7 @@ def test_forked_client_starts_its_own_session(start_coordinator: Any, sock_path:
         return 0 if ok else 3
 
     try:
-        assert _run_in_child(child) == 0
+        assert run_in_child(child) == 0
         # The parent's session and lease are untouched by the child's life and death.
         rows = parent.inspect("leases")["leases"]
         assert [r["id"] for r in rows] == [lease.id]
@@ -66,7 +54,7 @@ def test_forked_pool_never_touches_parent_connections(pg: str, start_coordinator
         return 0 if mine != parent_backend else 4
 
     try:
-        assert _run_in_child(child) == 0
+        assert run_in_child(child) == 0
         with pool.connection() as conn:  # the parent's connection still works
             assert conn.info.backend_pid == parent_backend
             assert conn.execute("SELECT 1").fetchone() == (1,)
@@ -106,7 +94,7 @@ def test_two_threads_of_a_child_reset_the_pool_once(start_coordinator: Any, sock
         return 0 if ok else 5
 
     try:
-        assert _run_in_child(child) == 0
+        assert run_in_child(child) == 0
         assert pool.get_size() == 1  # the parent's pool is untouched
     finally:
         pool.close()
@@ -137,7 +125,7 @@ def test_client_fds_are_closed_in_a_child_and_at_close(start_coordinator: Any,
     def child() -> int:
         return 0 if not pair & _sockets_open() else 5
 
-    assert _run_in_child(child) == 0
+    assert run_in_child(child) == 0
     assert pair <= _sockets_open()  # the parent's own are untouched
     thread = client._thread
     client.close()
@@ -221,7 +209,7 @@ def test_a_childs_stray_use_of_an_inherited_connection_cannot_reach_the_parents_
             fairy.close()  # checks the inherited checkout in: SQLAlchemy resets it
             return 0
 
-        assert _run_in_child(child) == 0
+        assert run_in_child(child) == 0
         cur.execute("SELECT count(*) FROM t")
         assert cur.fetchone() == (1,)  # still in the parent's transaction
         fairy.commit()
@@ -265,7 +253,7 @@ def test_a_pool_or_client_closed_before_the_fork_stays_closed_in_the_child(
         except SharedPoolError:
             return 0 if client.closed else 8
 
-    assert _run_in_child(child) == 0
+    assert run_in_child(child) == 0
 
 
 def test_a_child_that_only_releases_at_exit_opens_nothing(start_coordinator: Any,
@@ -293,7 +281,7 @@ def test_a_child_that_only_releases_at_exit_opens_nothing(start_coordinator: Any
             release_process(1.0)
             return 0 if factory.calls == calls_in_parent else 9
 
-        assert _run_in_child(child) == 0
+        assert run_in_child(child) == 0
     finally:
         pool.close()
 

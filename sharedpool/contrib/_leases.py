@@ -656,10 +656,7 @@ class LeaseBook:
         if client is not None:
             client.report_success(self.resource)
             if entry is not None and entry.backend_pid is not None:
-                try:
-                    client.report_now()  # the fence must know it before any query runs
-                except Exception:  # noqa: BLE001 - the periodic report carries it still
-                    log.exception("reporting a new connection's backend pid failed")
+                client.report_now()  # the fence must know it before any query runs
 
     def connect(self, factory: Callable[[], T], timeout: float | None = None) -> T:
         """Take a lease, then call ``factory``; the connection it returns is the key.
