@@ -69,6 +69,25 @@ class PoolStatus(Enum):
 
 
 _ACTIVE = PoolStatus.ACTIVE
+
+def _txn_status(wrapper: ConnectionWrapper[Any]) -> int | None:
+    """libpq's transaction status of the wrapper's connection (None: it has none).
+    The same reading at checkin and after a rollback, so the two cannot disagree."""
+    if wrapper.txn is None:
+        return transaction_status(wrapper.conn)
+    try:
+        return wrapper.txn()
+    except Exception:  # noqa: BLE001 - psycopg2 raises for a closed connection
+        return UNKNOWN
+
+
+#: What a normal checkin does with a connection not at rest, by libpq transaction status.
+_UNSETTLED = {
+    ACTIVE: "with a query still running: closed",
+    INTRANS: "inside a transaction: rolled back (commit inside the block, or use autocommit)",
+    INERROR: "inside a failed transaction: rolled back",
+    UNKNOWN: "closed or broken: discarded",
+}
 _monotonic = time.monotonic
 
 
@@ -144,6 +163,7 @@ class ConnectionPool(Generic[T]):
         # Config read on every checkout, kept as plain attributes.
         self._bypass = self.config.validation_bypass if self.config.test_on_acquire else None
         self._leaks = self.config.leak_detection_threshold is not None
+        self._told_unsettled = False  # the first connection checked in not at rest is logged at warning
         self._test_on_release = self.config.test_on_release
         self._max_lifetime = self.config.max_lifetime
         self._lock = threading.Lock()
@@ -478,6 +498,11 @@ class ConnectionPool(Generic[T]):
             raise PoolMisuse(f"{wrapper!r} does not belong to pool {self.name!r}")
         if self._pid != _PID[0]:
             self._after_fork()
+        if wrapper.txn is not None and wrapper.in_use and self._all.get(wrapper.id) is wrapper:
+            status = _txn_status(wrapper)
+            if status:  # not at rest (libpq's IDLE is 0)
+                self._check_in_unsettled(wrapper, status)
+                return
         done = False
         try:  # free unless raised: a signal before the checkin took effect must not strand it
             now = _monotonic()
@@ -518,7 +543,7 @@ class ConnectionPool(Generic[T]):
                 and self._all.get(wrapper.id) is wrapper):
             self.release(wrapper)  # raises PoolMisuse, touching nothing
             return
-        status = transaction_status(wrapper.conn)
+        status = _txn_status(wrapper)
         closed = getattr(wrapper.conn, "closed", False)  # psycopg: bool, psycopg2: 0/1/2
         if status == UNKNOWN or (isinstance(closed, int) and closed):
             self._discard(wrapper, validation=False)  # broken: no use keeping it
@@ -526,13 +551,31 @@ class ConnectionPool(Generic[T]):
         if status in (INTRANS, INERROR):
             try:
                 wrapper.conn.rollback()  # type: ignore[attr-defined]
-                status = transaction_status(wrapper.conn)
+                status = _txn_status(wrapper)
             except Exception as exc:  # noqa: BLE001 - then it is closed instead
                 log.info("pool %r: rollback of connection %s failed: %s", self.name, wrapper.id[:8], exc)
         if status in (ACTIVE, INTRANS, INERROR):
             self._discard(wrapper, validation=False)
         else:
             self.release(wrapper)
+
+    def _check_in_unsettled(self, wrapper: ConnectionWrapper[T], status: int) -> None:
+        # Checked in without an exception, yet not at rest: the next caller must
+        # not inherit an open transaction (its locks, its uncommitted rows) nor
+        # a dead connection. As psycopg_pool's putconn does, and SQLAlchemy's
+        # reset on return: roll back, or close.
+        first = not self._told_unsettled
+        self._told_unsettled = True
+        log.log(logging.WARNING if first else logging.DEBUG,
+                "pool %r: connection %s checked in %s%s", self.name, wrapper.id[:8],
+                _UNSETTLED.get(status, f"with transaction status {status}: closed"),
+                " (later ones are logged at debug level)" if first else "")
+        try:
+            self.release_after_error(wrapper)
+        except BaseException:  # cut short (a signal mid-rollback): closed, never stranded
+            if wrapper.in_use and self._all.get(wrapper.id) is wrapper:
+                self._discard(wrapper, validation=False)
+            raise
 
     def _release_slow(self, wrapper: ConnectionWrapper[T], now: float) -> None:
         if not wrapper.in_use or self._all.get(wrapper.id) is not wrapper:

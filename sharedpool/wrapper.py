@@ -4,6 +4,7 @@ the decorator over a pool."""
 from __future__ import annotations
 
 import functools
+import operator
 import time
 import traceback
 import uuid
@@ -24,6 +25,7 @@ class ConnectionWrapper(Generic[T]):
     __slots__ = (
         "id", "conn", "created_at", "last_used", "in_use", "pool", "lease",
         "backend_pid", "checked_out_at", "site", "health_check_count", "warned", "checked_at",
+        "txn",
     )
 
     def __init__(self, conn: T, pool: ConnectionPool[T], lease: Lease | None) -> None:
@@ -41,6 +43,8 @@ class ConnectionWrapper(Generic[T]):
         self.health_check_count = 0
         self.warned = False
         self.checked_at = now  # last validated (or connected): validation recency, not idleness
+        #: reads libpq's transaction status at checkin (0: at rest), None for other connections
+        self.txn = _txn_probe(conn)
 
     def __repr__(self) -> str:
         state = "in use" if self.in_use else "idle"
@@ -62,6 +66,20 @@ def _backend_pid(conn: Any) -> int | None:
         except Exception:  # noqa: BLE001
             return None
     return None
+
+
+_TXN_STATUS = operator.attrgetter("transaction_status")
+
+
+def _txn_probe(conn: Any) -> Callable[[], int] | None:
+    """A cheap reader of ``conn``'s transaction status, for every checkin:
+    psycopg 3's ``pgconn.transaction_status`` (no ``conn.info`` object made),
+    psycopg2's ``get_transaction_status()``; None for other connections."""
+    pgconn = getattr(conn, "pgconn", None)
+    if pgconn is not None and hasattr(pgconn, "transaction_status"):
+        return functools.partial(_TXN_STATUS, pgconn)
+    getter = getattr(conn, "get_transaction_status", None)
+    return getter if callable(getter) else None
 
 
 def _call_site() -> str:

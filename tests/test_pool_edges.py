@@ -4,6 +4,8 @@ misuse, and the state seen in a forked child."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import signal
@@ -400,6 +402,67 @@ def test_a_transaction_left_open_by_an_exception_is_rolled_back(pg: str, app_nam
         with pool.connection() as conn:
             assert conn.info.transaction_status == 0
             assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        pool.close()
+
+
+@pytest.mark.parametrize("left", ["open transaction", "failed transaction", "closed", "terminated"])
+def test_a_connection_checked_in_not_at_rest_without_an_exception_is_reset(
+        left: str, pg: str, app_name: str, caplog: pytest.LogCaptureFixture) -> None:
+    # No exception left the block, yet the connection is not at rest: the next
+    # caller must not inherit the transaction (its rows, its locks) or a dead
+    # connection. psycopg_pool's putconn and SQLAlchemy's reset on return do the same.
+    import psycopg
+
+    pool = _pg_pool(pg, app_name, validation_bypass=60.0)  # no ping at checkout to hide it
+    try:
+        with pool.connection() as conn:
+            conn.execute("SELECT 1")
+            conn.commit()
+        caplog.set_level(logging.DEBUG, logger="sharedpool.pool")
+        with pool.connection() as conn:
+            first = conn.info.backend_pid
+            if left == "open transaction":
+                conn.execute("CREATE TEMP TABLE leftover (x int)")
+            elif left == "failed transaction":
+                with contextlib.suppress(psycopg.errors.DivisionByZero):
+                    conn.execute("SELECT 1 / 0")
+            elif left == "closed":
+                conn.close()
+            else:
+                with psycopg.connect(pg, autocommit=True) as admin:
+                    admin.execute("SELECT pg_terminate_backend(%s)", (first,))
+                with contextlib.suppress(psycopg.OperationalError):
+                    conn.execute("SELECT 1")
+        with pool.connection() as conn:
+            assert conn.info.transaction_status == 0  # IDLE
+            assert conn.execute("SELECT to_regclass('pg_temp.leftover')").fetchone() == (None,)
+            conn.commit()
+            if left.endswith("transaction"):
+                assert conn.info.backend_pid == first  # a rollback was enough
+            else:
+                assert conn.info.backend_pid != first
+        warned = [r for r in caplog.records if r.levelno == logging.WARNING and "checked in" in r.getMessage()]
+        assert len(warned) == 1, caplog.text
+        assert {"open transaction": "rolled back", "failed transaction": "rolled back",
+                "closed": "discarded", "terminated": "discarded"}[left] in warned[0].getMessage()
+        assert pool.get_stats()["pool_size"] == 1
+    finally:
+        pool.close()
+
+
+def test_a_normal_checkin_at_rest_keeps_the_connection_and_logs_nothing(
+        pg: str, app_name: str, caplog: pytest.LogCaptureFixture) -> None:
+    pool = _pg_pool(pg, app_name)
+    caplog.set_level(logging.DEBUG, logger="sharedpool.pool")
+    try:
+        with pool.connection() as conn:
+            first = conn.info.backend_pid
+            conn.execute("SELECT 1")
+            conn.commit()
+        with pool.connection() as conn:
+            assert conn.info.backend_pid == first
+        assert "checked in" not in caplog.text
     finally:
         pool.close()
 
