@@ -410,10 +410,13 @@ class ConnectionPool(Generic[T]):
                 client = self._client
                 away = ""
                 # (attributes only: no client lock is taken under the pool's lock)
-                if client is not None and not client.closed and client._sock is None:
-                    # Why no lease came: a wrong or dead socket must say so.
-                    away = (f"; coordinator at {client.socket_path} unreachable"
-                            + (f": {client.last_error}" if client.last_error else ""))
+                if client is not None and not client.closed and client._sock is None and client.last_error:
+                    # Why no lease came: a wrong or dead socket must say so (one
+                    # not tried yet, or being connected to, is not "unreachable").
+                    away = f"; coordinator at {client.socket_path} unreachable: {client.last_error}"
+                elif self._lease_requests:
+                    away = (f"; still waiting for a lease of resource {self.resource!r} from the "
+                            "coordinator (the global cap is taken)")
                 raise PoolTimeout(
                     f"pool {self.name!r}: no connection within {deadline - start:.3g}s "
                     f"({len(self._all)} open, {len(self._all) - len(self._idle)} in use, "

@@ -907,6 +907,42 @@ def test_a_pool_timeout_with_no_coordinator_says_so(tmp_path: Any) -> None:
         pool.close()
 
 
+def test_a_pool_timeout_does_not_call_a_coordinator_not_yet_reached_unreachable(
+        start_coordinator: Any, sock_path: str) -> None:
+    # Before: a fresh pool's acquire(timeout=0) said the (running) coordinator
+    # was "unreachable": its session is made lazily, by the opener.
+    start_coordinator({"r": 1})
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1), resource="r", coordinator=sock_path)
+    try:
+        with pytest.raises(PoolTimeout) as err:
+            pool.acquire(timeout=0)
+        assert "unreachable" not in str(err.value)
+        deadline = time.monotonic() + 5
+        while not pool.get_stats()["pool_available"] and time.monotonic() < deadline:
+            time.sleep(0.01)  # the background opener, which timeout=0 still starts
+        pool.release(pool.acquire(timeout=0))
+    finally:
+        pool.close()
+
+
+def test_a_pool_timeout_at_the_global_cap_says_it_waited_for_a_lease(
+        start_coordinator: Any, sock_path: str) -> None:
+    # Before: "no connection within 0.3s (0 open, 0 in use, max_size=2)", nothing
+    # about the coordinator: as if the pool itself were stuck.
+    start_coordinator({"r": 1})
+    holder = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1), resource="r",
+                            coordinator=sock_path)
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=2), resource="r", coordinator=sock_path)
+    try:
+        held = holder.acquire(timeout=5)
+        with pytest.raises(PoolTimeout, match="still waiting for a lease of resource 'r' from the coordinator"):
+            pool.acquire(timeout=0.3)
+        holder.release(held)
+    finally:
+        pool.close()
+        holder.close()
+
+
 def test_close_does_not_wait_out_its_timeout_for_a_failed_top_up() -> None:
     # Before, a min_size top-up whose connect failed never woke close(), which
     # waits for connections being opened: it slept its whole timeout.
