@@ -135,12 +135,21 @@ def fill(pool: ConnectionPool[Any], count: int) -> None:
         except Exception as exc:  # noqa: BLE001 - retried next round
             if lease is not None and client is not None:
                 client.release(lease)
+            connecting = lease is not None or client is None  # the factory failed, not the lease
             with pool._lock:
                 pool._opening -= 1
                 pool._stalled -= 1
                 pool._returned.notify_all()  # a close() or drain() may be waiting for it
+                if connecting:
+                    pool._m["connect_errors"] += 1
+                first = connecting and not pool._top_up_failing
+                pool._top_up_failing = pool._top_up_failing or connecting
             pool._end_session_if_done()
-            log.debug("pool %r: top-up to min_size stopped: %s", pool.name, exc)
+            # Nobody waits on a top-up to see its error: a database that is down
+            # must still show, once, not at every maintenance round.
+            log.log(logging.WARNING if first else logging.DEBUG,
+                    "pool %r: top-up to min_size stopped: %s%s", pool.name, exc,
+                    " (until one succeeds, later failures are logged at debug level)" if first else "")
             return
         wrapper = ConnectionWrapper(conn, pool, lease)
         pool._handoff.connected(time.monotonic() - t0)
@@ -148,6 +157,7 @@ def fill(pool: ConnectionPool[Any], count: int) -> None:
         with pool._lock:
             pool._opening -= 1
             pool._stalled -= 1
+            pool._top_up_failing = False
             pool._m["total_created"] += 1
             pool._all[wrapper.id] = wrapper
             revoked = giveback.drop_revoked(pool, wrapper, client)

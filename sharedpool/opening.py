@@ -90,6 +90,7 @@ def run(pool: ConnectionPool[Any], waiter: _Waiter, deadline: float) -> None:
         with pool._lock:
             pool._opening -= 1
             pool._closing += 1
+            pool._m["total_created"] += 1  # made, if too late: total_closed counts its close
             openers = pool._plan_growth()
         pool._close_then_open(wrapper, openers, deadline)
         return

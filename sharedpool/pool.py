@@ -164,6 +164,7 @@ class ConnectionPool(Generic[T]):
         self._bypass = self.config.validation_bypass if self.config.test_on_acquire else None
         self._leaks = self.config.leak_detection_threshold is not None
         self._told_unsettled = False  # the first connection checked in not at rest is logged at warning
+        self._top_up_failing = False  # the first failed min_size top-up is logged at warning
         self._test_on_release = self.config.test_on_release
         self._max_lifetime = self.config.max_lifetime
         self._lock = threading.Lock()
@@ -189,6 +190,7 @@ class ConnectionPool(Generic[T]):
         #: connections taken out of _all and not yet closed (lease not yet
         #: released, unless their close is still unconfirmed: then a watcher has it)
         self._closing = 0
+        self._leases_closing = 0  # of those, the ones whose lease waits for the server to let go
         #: openers' lease requests still queued at the coordinator
         self._lease_requests: set[AcquireRequest] = set()
         self.status = status
@@ -198,7 +200,7 @@ class ConnectionPool(Generic[T]):
         self._handlers: tuple[Any, ...] = ()
         self._m = dict.fromkeys((
             "total_created", "total_closed",
-            "acquire_timeouts", "connect_errors", "validation_failures", "reclaimed",
+            "acquire_timeouts", "connect_errors", "request_errors", "validation_failures", "reclaimed",
             "leases_acquired", "lease_wait_ms", "requests_queued", "requests_wait_ms",
             "connections_ms", "leaks_suspected",
         ), 0)
@@ -243,7 +245,8 @@ class ConnectionPool(Generic[T]):
                 waiting=len(self._waiters),
                 opening=self._opening,
                 status=self.status.value,
-                leases_held=sum(1 for w in self._all.values() if w.lease is not None),
+                leases_held=self._leases_held(),
+                leases_closing=self._leases_closing,
                 coordinated=self.coordinator is not None,
             )
         return m
@@ -259,19 +262,25 @@ class ConnectionPool(Generic[T]):
                 "pool_size": len(self._all) + self._opening,
                 "pool_available": len(self._idle),
                 "requests_waiting": len(self._waiters),
-                "requests_num": self._acquired,
+                "requests_num": self._acquired + m["request_errors"],
                 "requests_queued": m["requests_queued"],
                 "requests_wait_ms": m["requests_wait_ms"],
-                "requests_errors": m["acquire_timeouts"] + m["connect_errors"],
+                "requests_errors": m["request_errors"],
                 "connections_num": m["total_created"],
                 "connections_ms": m["connections_ms"],
                 "connections_errors": m["connect_errors"],
                 "connections_lost": m["validation_failures"],
-                "leases_held": sum(1 for w in self._all.values() if w.lease is not None),
+                "leases_held": self._leases_held(),
+                "leases_closing": self._leases_closing,
                 "leases_acquired": m["leases_acquired"],
                 "lease_wait_ms": m["lease_wait_ms"],
                 "leases_reclaimed": m["reclaimed"],
             }
+
+    def _leases_held(self) -> int:
+        # As the coordinator counts them: with those of connections closed
+        # whose server has not let go yet. Called under the lock.
+        return self._leases_closing + sum(1 for w in self._all.values() if w.lease is not None)
 
     # ------------------------------------------------------------------ checkout
 
@@ -330,6 +339,7 @@ class ConnectionPool(Generic[T]):
                 # (with no time to wait, each idle one is still tried once).
                 with self._lock:
                     self._m["acquire_timeouts"] += 1
+                    self._m["request_errors"] += 1
                 raise PoolTimeout(f"pool {self.name!r}: no valid connection within {wait:.3g}s "
                                   "(idle connections failed validation)")
             retry = True
@@ -391,14 +401,18 @@ class ConnectionPool(Generic[T]):
             with self._lock:
                 if waiter.wrapper is not None:
                     return waiter.wrapper
-                if waiter.error is not None:
-                    raise waiter.error
                 now = time.monotonic()
+                if waiter.error is not None:
+                    self._m["request_errors"] += 1
+                    self._m["requests_wait_ms"] += int((now - start) * 1000)
+                    raise waiter.error
                 connect_late = waiter.connect_deadline is not None and now >= waiter.connect_deadline
                 if now < deadline and not connect_late:
                     waiter.event.clear()  # every set() happens under the lock: none is lost
                     continue
                 self._waiters.remove(waiter)
+                self._m["request_errors"] += 1
+                self._m["requests_wait_ms"] += int((now - start) * 1000)
                 if connect_late:
                     waiter.abandoned = True
                     self._stalled += 1  # its opener no longer serves anyone: new waiters get their own
@@ -586,8 +600,9 @@ class ConnectionPool(Generic[T]):
             # the parent's, and must not be used here (I7).
             raise PoolMisuse(f"{wrapper!r} was already released (or made in another process)")
         # Decided before taking the lock, which then only guards the hand-over.
-        keep = (now - wrapper.created_at <= self._max_lifetime
-                and (not self._test_on_release or self._validate(wrapper)))
+        expired = now - wrapper.created_at > self._max_lifetime
+        lost = not expired and self._test_on_release and not self._validate(wrapper)
+        keep = not expired and not lost
         client = self._client
         owed = young = False
         quantum = 0.0
@@ -645,6 +660,8 @@ class ConnectionPool(Generic[T]):
             else:
                 if owed:
                     self._m["reclaimed"] += 1
+                if lost:
+                    self._m["validation_failures"] += 1
                 wrapper.in_use = False
                 del self._all[wrapper.id]
                 self._closing += 1
@@ -755,17 +772,22 @@ class ConnectionPool(Generic[T]):
         wrapper.lease = None
         pid = self._pid
 
+        keep = lease is not None and client is not None
+
         def late(confirmed: bool) -> None:
             if client is not None and lease is not None:
                 client.release(lease)
-            if giving:
+            if keep or giving:
                 with self._lock:
                     if self._pid == pid:  # not reset by a fork meanwhile
-                        self._giving -= 1
+                        self._leases_closing -= keep
+                        self._giving -= giving
             if self._pid == pid:
                 self._end_session_if_done()
 
-        keep = lease is not None and client is not None
+        if keep:
+            with self._lock:
+                self._leases_closing += 1
         t0 = time.monotonic()
         try:
             confirmed = close_and_confirm(wrapper.conn, self.config.close_confirm_timeout,
