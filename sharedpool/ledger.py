@@ -34,7 +34,7 @@ from dataclasses import replace
 from typing import Any
 
 from .config import Resource
-from .effects import Denied, Effect, Granted, Notify, Problem, StartFence
+from .effects import AskReclaim, Denied, Effect, Granted, Notify, Problem, StartFence
 from .handoff import MAX_COST, auto_quantum
 from .protocol import brief
 from .reclaim import rebalance, servable
@@ -450,13 +450,19 @@ class Ledger:
         res = self.resources[lease.resource]
         del res.live[lease_id]
         asked = session.asked.get(lease.resource, 0)
+        effects: list[Effect] = []
         if asked:
             session.asked[lease.resource] = asked - 1
             res.reclaims += 1
+            if asked == 1:
+                # All given back: say so. A count sent earlier may have been
+                # worked out before some of these releases arrived, and the
+                # process would go on owing, closing a connection for nobody.
+                effects.append(AskReclaim(sid, lease.resource, 0))
         # A give-back goes past the giver's own waiters: handed straight back
         # to it, it would only be a close and a reconnect in that process (the
         # head, asked because nobody else could give), and it would be asked again.
-        return self._pump(res, now, giver=sid if asked else None)
+        return effects + self._pump(res, now, giver=sid if asked else None)
 
     def report(
         self,
@@ -706,6 +712,8 @@ class Ledger:
         return Granted(session.id, req, lease)
 
     def _drop_waiter(self, res: ResourceState, waiter: Waiter, reason: str, message: str) -> Denied:
+        if reason != "timeout":  # refused while queued (drain, failing): a denial, as at acquire
+            res.denials += 1
         waiter.active = False
         res.waiters.remove(waiter)
         del self.sessions[waiter.session].waiting[waiter.req]

@@ -307,9 +307,11 @@ class Server:
                               eff.reason, eff.message)
                 self._send(eff.session, p.Deny(eff.req, eff.reason, eff.message))
             elif isinstance(eff, AskReclaim):
-                log.info("reclaim pid=%s resource=%s: give back %d lease(s), quantum %s",
-                         self._pid(eff.session), eff.resource, eff.count,
-                         "unknown" if eff.quantum is None else f"{eff.quantum:.3g}s")
+                if eff.count or debug:  # "nothing owed now" follows every completed give-back
+                    log.log(logging.INFO if eff.count else logging.DEBUG,
+                            "reclaim pid=%s resource=%s: give back %d lease(s), quantum %s",
+                            self._pid(eff.session), eff.resource, eff.count,
+                            "unknown" if eff.quantum is None else f"{eff.quantum:.3g}s")
                 self._send(eff.session, p.Reclaim(eff.resource, eff.count, eff.quantum))
             elif isinstance(eff, Notify):
                 self._send(eff.session, p.Push(eff.verb, eff.resource, eff.args))

@@ -519,6 +519,22 @@ def test_reclaim_asks_the_session_holding_idle_leases() -> None:
     assert lg.sessions[c].asked["pg"] == 0 and lg.resources["pg"].reclaims == 1
 
 
+def test_a_completed_give_back_says_nothing_is_owed_any_more() -> None:
+    # A count sent while some of the session's releases were still on their
+    # way is too high once they arrive; the process went on owing a lease the
+    # coordinator no longer asked for (and closed a connection at checkin for
+    # nobody). The release that ends what was asked says 0.
+    lg = ledger(pg=3)
+    a = session(lg)
+    la = [grant(lg, a, req) for req in range(3)]
+    lg.resize("pg", 1, T0)  # two of a's leases are asked back
+    assert lg.sessions[a].asked["pg"] == 2
+    assert of(AskReclaim, lg.release(a, la[0], T0)) == []  # one still asked
+    assert of(AskReclaim, lg.release(a, la[1], T0)) == [AskReclaim(a, "pg", 0)]
+    assert lg.sessions[a].asked["pg"] == 0
+    assert of(AskReclaim, lg.release(a, la[2], T0)) == []  # never asked for: nothing to say
+
+
 def test_reclaim_is_withdrawn_when_the_waiter_is_served_elsewhere() -> None:
     lg = ledger(pg=2)
     a, b, c = session(lg), session(lg), session(lg)
@@ -1661,3 +1677,23 @@ def test_a_clean_restart_never_grants_beyond_the_cap(cap: int, holdings: list[in
         again = third.restore_fenced(new.fenced_state(T0 + 2.0), T0 + 2.0, new.late_state())
         assert all(f.terminate is False for f in of(StartFence, again))
         assert third.resources["pg"].leased == new.resources["pg"].leased
+
+
+def test_acquires_refused_while_queued_count_as_denials() -> None:
+    # Before: counted in denials only when refused on arrival; the queued ones
+    # a drain or failing connects turned away counted nowhere.
+    lg = ledger(pg=1)
+    a, b = session(lg), session(lg)
+    grant(lg, a, 1)
+    assert queued(lg.acquire(b, 1, "pg", T0, timeout=10))
+    assert of(Denied, lg.drain("pg"))[0].reason == "draining"
+    assert lg.resources["pg"].denials == 1
+    assert of(Denied, lg.acquire(b, 2, "pg", T0, timeout=10))[0].reason == "draining"
+    assert lg.resources["pg"].denials == 2
+
+    lg = ledger(pg=1)
+    a, b = session(lg), session(lg)
+    grant(lg, a, 1)
+    assert queued(lg.acquire(b, 1, "pg", T0, timeout=10))
+    assert of(Denied, lg.report(a, [], T0, failures={"pg": 5}))[0].reason == "failing"
+    assert (lg.resources["pg"].denials, lg.resources["pg"].timeouts) == (1, 0)

@@ -442,7 +442,8 @@ def test_a_connection_checked_in_not_at_rest_without_an_exception_is_reset(
                 assert conn.info.backend_pid == first  # a rollback was enough
             else:
                 assert conn.info.backend_pid != first
-        warned = [r for r in caplog.records if r.levelno == logging.WARNING and "checked in" in r.getMessage()]
+        warned = [r for r in caplog.records
+                  if r.levelno == logging.WARNING and "checked in" in r.getMessage()]
         assert len(warned) == 1, caplog.text
         assert {"open transaction": "rolled back", "failed transaction": "rolled back",
                 "closed": "discarded", "terminated": "discarded"}[left] in warned[0].getMessage()
@@ -912,7 +913,8 @@ def test_a_pool_timeout_does_not_call_a_coordinator_not_yet_reached_unreachable(
     # Before: a fresh pool's acquire(timeout=0) said the (running) coordinator
     # was "unreachable": its session is made lazily, by the opener.
     start_coordinator({"r": 1})
-    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1), resource="r", coordinator=sock_path)
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1), resource="r",
+                          coordinator=sock_path)
     try:
         with pytest.raises(PoolTimeout) as err:
             pool.acquire(timeout=0)
@@ -932,10 +934,11 @@ def test_a_pool_timeout_at_the_global_cap_says_it_waited_for_a_lease(
     start_coordinator({"r": 1})
     holder = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1), resource="r",
                             coordinator=sock_path)
-    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=2), resource="r", coordinator=sock_path)
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=2), resource="r",
+                          coordinator=sock_path)
     try:
         held = holder.acquire(timeout=5)
-        with pytest.raises(PoolTimeout, match="still waiting for a lease of resource 'r' from the coordinator"):
+        with pytest.raises(PoolTimeout, match="still waiting for a lease of resource 'r' from the"):
             pool.acquire(timeout=0.3)
         holder.release(held)
     finally:
@@ -1024,7 +1027,8 @@ def test_a_connect_that_overran_its_timeout_is_counted_created_and_closed() -> N
         pool.close()
 
 
-def test_leases_held_counts_a_close_the_server_has_not_confirmed(start_coordinator: Any, sock_path: str) -> None:
+def test_leases_held_counts_a_close_the_server_has_not_confirmed(
+        start_coordinator: Any, sock_path: str) -> None:
     # Before: leases_held 0 while the coordinator counted the lease (kept until
     # the server lets go); the integrations' figures already counted it.
     start_coordinator({"r": 2})

@@ -454,3 +454,37 @@ def test_concurrent_checkins_give_back_only_what_is_owed(start_coordinator: Any,
     finally:
         gate.set()
         pool.close()
+
+
+def test_a_process_owes_nothing_once_what_was_asked_is_given_back(
+        start_coordinator: Any, sock_path: str) -> None:
+    # A shrink asks two processes for leases; as their releases cross the
+    # coordinator's new counts, one was left owing a lease nobody asked for,
+    # and its next connection was closed at checkin with nobody waiting.
+    start_coordinator({"r": Resource(max_size=6, fairness_quantum=0.05)})
+    admin, other = Client(sock_path, name="admin"), Client(sock_path, name="other")
+    factory = FakeFactory()
+    pool = ConnectionPool(factory, PoolConfig(min_size=0, max_size=6, test_on_acquire=False),
+                          resource="r", coordinator=sock_path)
+    try:
+        mine = [pool.acquire(timeout=5) for _ in range(3)]
+        theirs = [other.acquire("r", 5) for _ in range(3)]
+        admin.admin("resize", resource="r", max_size=1)
+        time.sleep(0.4)  # asked, and past the quantum
+        for w in mine:
+            pool.release(w)
+        for lease in theirs:
+            other.release(lease)
+        admin.admin("resize", resource="r", max_size=6)
+        deadline = time.monotonic() + 5
+        while pool._client is not None and pool._client.owes("r") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert pool._client is not None and pool._client.owes("r") == 0
+        made = len(factory.made)
+        pool.release(pool.acquire(timeout=5))
+        time.sleep(0.1)  # an owed connection is looked at again after 10 ms
+        assert pool.get_size() == 1 and not any(c.closed for c in factory.made[made:])
+    finally:
+        pool.close()
+        other.close()
+        admin.close()
