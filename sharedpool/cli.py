@@ -8,6 +8,7 @@ coordinator that is not there, refuses us, or refuses the request.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -82,7 +83,12 @@ def _default_path() -> str:
 @contextlib.contextmanager
 def connect(socket_path: str | None) -> Iterator[Client]:
     """A client session for one command; coordinator errors become one-line failures."""
-    path = socket_path or _default_path()
+    if socket_path == "":
+        raise BadConfig("--socket: must be the coordinator's socket path, got ''")
+    try:
+        path = _default_path() if socket_path is None else socket_path
+    except ConfigError as exc:  # $SHAREDPOOL_SOCKET set but empty
+        raise BadConfig(str(exc)) from None
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(2.0)
     try:  # fail fast: the client itself would retry until its timeout
@@ -170,7 +176,7 @@ def _table(title: str, columns: str, rows: list[list[Any]]) -> Table:
         table.add_column(col, overflow="ellipsis" if wide else "fold", no_wrap=wide,
                          max_width=60 if wide else None, justify="left" if left else "right")
     for row in rows:
-        table.add_row(*(str(v) for v in row))
+        table.add_row(*(Text(str(v)) for v in row))  # data (process titles, call sites), not markup
     return table
 
 
@@ -510,4 +516,15 @@ def main(argv: list[str] | None = None) -> None:
         code = exc.exit_code
     except click.Abort:
         code = 130
+    except BrokenPipeError:  # `sharedpool leases | head`: the reader left, nothing to say
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        code = 1
+    except OSError as exc:  # the output could not be written (a full disk, /dev/full)
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+            raise
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        click.echo(f"sharedpool: error: cannot write the output: {exc}", err=True)
+        code = 1
     sys.exit(code if isinstance(code, int) else 0)

@@ -178,6 +178,9 @@ class Client:
         self._thread: threading.Thread | None = None
         self._next_attempt = 0.0
         self._backoff = BACKOFF_MIN
+        #: the last session ended on a bad frame from the coordinator: its
+        #: backoff holds across the next connect, until a frame reads fine
+        self._sick = False
         self._reconnect_asked = False
         self.session_id: int | None = None
         self.server_pid: int | None = None
@@ -561,7 +564,12 @@ class Client:
             messages = conn.events()
         except RemoteProtocolError as exc:
             self._disconnect(f"coordinator sent a bad frame: {exc}", only=sock)
+            self._sick = True
+            self._next_attempt = time.monotonic() + self._backoff
+            self._backoff = min(self._backoff * 2, BACKOFF_MAX)
             return False
+        if messages and self._sick:
+            self._sick, self._backoff = False, BACKOFF_MIN
         for msg in messages:
             self._dispatch(msg)
         return True
@@ -657,7 +665,8 @@ class Client:
                 return
         finally:
             self._send_lock.release()
-        self._backoff = BACKOFF_MIN
+        if not self._sick:  # a coordinator that welcomes, then sends garbage, is not hammered
+            self._backoff = BACKOFF_MIN
         # Frames that came in the welcome's recv() (a reclaim, a push, an
         # error): dispatched now, outside the send lock (a dispatch may send),
         # and only while that session lasts (not into a later one).

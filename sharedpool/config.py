@@ -33,6 +33,9 @@ def default_socket_path() -> str:
     the CLI all resolve it the same way.
     """
     env = os.environ.get(SOCKET_ENV)
+    if env == "":  # as for a pool (env_socket_path): a blank template value is a mistake
+        raise ConfigError(SOCKET_ENV, "is set but empty: unset it for the default path, "
+                          "or set it to the coordinator's socket path")
     if env:
         return env
     runtime = os.environ.get("XDG_RUNTIME_DIR")
@@ -294,6 +297,9 @@ class CoordinatorConfig:
     a clean stop with leases out), grant nothing for this long, so that every
     process still holding connections re-registers them first. It must
     exceed the clients' longest reconnect backoff (1 s).
+    ``max_frame``: the largest frame accepted from a peer; replies stay within
+    1 MiB, what clients read (a larger one is refused as ``reply_too_large``),
+    and the welcome listing every resource must fit.
     ``hello_timeout``: a session that has not said hello within this long is
     closed. ``frame_timeout``: a frame begun but not finished within this long
     ends the session.
@@ -330,6 +336,7 @@ class CoordinatorConfig:
         _number("max_frame", self.max_frame, integer=True, minimum=1024)
         if self.max_frame > MAX_FRAME_LIMIT:  # the length prefix is 4 bytes
             raise ConfigError("max_frame", f"must be at most {MAX_FRAME_LIMIT}, got {self.max_frame!r}")
+        _check_welcome_fits(self.resources, self.max_frame)
         _number("restart_grace", self.restart_grace)
         _number("hello_timeout", self.hello_timeout, strict_min=True)
         _number("frame_timeout", self.frame_timeout, strict_min=True)
@@ -382,6 +389,18 @@ class CoordinatorConfig:
         section["config_file"] = str(Path(path).resolve())
         section["overrides"] = kept
         return _from_mapping(cls, section, "coordinator")
+
+
+def _check_welcome_fits(resources: dict[str, Resource], max_frame: int) -> None:
+    """Every session opens with a welcome listing every resource's limits: one
+    that does not fit in a frame would refuse every session."""
+    from . import protocol as p
+
+    state = {name: {**res.as_dict(), "draining": False} for name, res in resources.items()}
+    size = len(p.encode(p.Welcome(p.PROTOCOL_VERSION, MAX_INT, MAX_INT, state), MAX_FRAME_LIMIT))
+    if size > min(max_frame, p.DEFAULT_MAX_FRAME):
+        raise ConfigError("max_frame", f"must be at least {size} for the welcome listing "
+                          f"{len(resources)} resource(s), got {max_frame}")
 
 
 #: CoordinatorConfig fields a ``[coordinator]`` table may not set.

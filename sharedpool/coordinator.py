@@ -57,7 +57,11 @@ def _private_dir(path: str, gid: int | None = None) -> None:
     if gid is None:
         return
     if created:
-        os.chown(directory, -1, gid)
+        try:
+            _give_to_group(directory, gid)
+        except ConfigError:
+            os.rmdir(directory)  # made here a moment ago: not left behind
+            raise
         os.chmod(directory, 0o750)  # explicit: makedirs' mode is cut by the umask
     elif not (st.st_mode & stat.S_IXOTH or (st.st_gid == gid and st.st_mode & stat.S_IXGRP)):
         log.warning("socket directory %s (mode %o, gid %d) cannot be entered by group %d: "
@@ -148,6 +152,18 @@ def _write_marker(marker: str, handed: dict[str, list[Any]]) -> None:
                    "held": handed.get("held", []), "late": handed.get("late", [])}, f)
 
 
+def _give_to_group(path: str, gid: int) -> None:
+    try:
+        os.chown(path, -1, gid)
+    except PermissionError:
+        try:
+            name = repr(grp.getgrgid(gid).gr_name)
+        except KeyError:
+            name = "that group"
+        raise ConfigError("group", f"cannot give {path} to group {name} (gid {gid}): only root or a "
+                          f"member of it can, and uid {os.getuid()} is not one") from None
+
+
 def bind_socket(config: CoordinatorConfig) -> tuple[socket.socket, bool, dict[str, list[Any]]]:
     """A listening Unix socket, 0600 (0660 with a group), in a private directory,
     whether this start is a restart (processes may still hold leases), and what
@@ -176,7 +192,7 @@ def bind_socket(config: CoordinatorConfig) -> tuple[socket.socket, bool, dict[st
             os.umask(old)
         try:
             if gid is not None:
-                os.chown(path, -1, gid)
+                _give_to_group(path, gid)
                 os.chmod(path, 0o660)
             sock.listen(512)
         except BaseException:

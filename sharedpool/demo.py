@@ -237,7 +237,7 @@ def _results_table(cap: int, peaks: Peaks, rows: list[dict[str, Any]], dsn: str 
     for row in rows:
         workers.add_row(*(str(row.get(k, "-")) for k in ("index", "pid", "checkouts", "waits",
                                                          "timeouts", "errors")),
-                        row.get("last_error") or "")
+                        Text(row.get("last_error") or ""))  # an error's text, not markup
     workers.add_row("all", "", *(str(sum(int(r.get(k) or 0) for r in rows))
                                  for k in ("checkouts", "waits", "timeouts", "errors")), "")
     return Group(summary, workers)
@@ -381,13 +381,13 @@ def _report(console: Console, cap: int, peaks: Peaks, rows: list[dict[str, Any]]
     rows.sort(key=lambda r: r["index"])
     console.print(_results_table(cap, peaks, rows, dsn))
     for error in dict.fromkeys(peaks.errors):
-        console.print(f"sampler: {error}")
+        console.print(f"sampler: {error}", markup=False)
     held = max(peaks.coordinator_peak, peaks.most_leased) <= cap and (not dsn or peaks.most_pg <= cap)
     if interrupted:
         console.print("interrupted: figures cover the run so far")
     failure = _failure(rows, peaks, dsn, counted)
     if held and failure:  # nothing was shown, so nothing was proved
-        console.print(f"demo failed: {failure}")
+        console.print(f"demo failed: {failure}", markup=False)
         return 1
     if held:
         console.print(f"cap held: never more than {cap} leases at once"

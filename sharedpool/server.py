@@ -148,7 +148,14 @@ class SessionProtocol(asyncio.Protocol):
         if self.closing:
             return
         try:
-            frame = self.conn.send(msg) if msg.op == "welcome" else p.encode(msg, self.conn.max_frame)
+            # Clients read frames of at most DEFAULT_MAX_FRAME (handshake.py): a
+            # larger max_frame bounds what we accept, never what we send.
+            limit = min(self.conn.max_frame, p.DEFAULT_MAX_FRAME)
+            if msg.op == "welcome":
+                p.encode(msg, limit)  # raises FrameTooLarge before the state changes
+                frame = self.conn.send(msg)
+            else:
+                frame = p.encode(msg, limit)
         except LocalProtocolError as exc:
             self._unsendable(msg, exc)
             return

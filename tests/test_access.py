@@ -135,3 +135,27 @@ def test_without_a_group_the_directory_made_is_owner_only(start_coordinator: Any
     sock = os.path.join(shared_dir, "run", "sp.sock")
     start_coordinator({"r": 1}, path=sock)
     assert stat.S_IMODE(os.stat(os.path.dirname(sock)).st_mode) == 0o700
+
+
+@pytest.mark.parametrize("made", ["directory", "socket"])
+def test_a_group_the_user_cannot_give_files_to_is_a_config_error(shared_dir: str, made: str) -> None:
+    # Before: "cannot serve: [Errno 1] Operation not permitted: '.../d'", exit 1,
+    # and the directory made for the socket left behind (0700).
+    home = os.path.join(shared_dir, "nb")
+    os.mkdir(home, 0o700)
+    os.chown(home, NOBODY, NOBODY)
+    if made == "socket":  # the directory exists already: the socket's chown fails
+        os.mkdir(os.path.join(home, "d"), 0o700)
+        os.chown(os.path.join(home, "d"), NOBODY, NOBODY)
+    sock = os.path.join(home, "d", "sp.sock")
+    env = {k: v for k, v in os.environ.items() if k != "SHAREDPOOL_SOCKET"}
+    out = subprocess.run(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+         sys.executable, "-m", "sharedpool", "serve", "--socket", sock, "--group", "root",
+         "--resource", "r=1"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+    assert out.returncode == 2, out
+    assert "group" in out.stderr and "'root'" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert os.path.isdir(os.path.join(home, "d")) == (made == "socket")  # not left behind
+    assert not os.path.exists(sock)

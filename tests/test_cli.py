@@ -29,6 +29,8 @@ from typing import Any
 
 import pytest
 
+from sharedpool import Client
+
 ENV = {**os.environ, "COLUMNS": "200", "PYTHONIOENCODING": "utf-8", "PYTHONUNBUFFERED": "1"}
 ENV.pop("SHAREDPOOL_SOCKET", None)
 
@@ -577,3 +579,62 @@ def test_non_finite_seconds_are_refused(args: list[str], name: str) -> None:
     out = sp(*args)
     assert out.returncode == 2, out
     assert out.stderr.count("\n") == 1 and name in out.stderr and "finite" in out.stderr, out.stderr
+
+
+def test_a_reply_too_large_for_clients_is_one_error_not_a_reconnect_loop(
+        start_coordinator: Any, sock_path: str) -> None:
+    # max_frame raised to 4 MiB: the coordinator sent a 1.2 MB reply that every
+    # client reads as a bad frame (they take 1 MiB at most), and the CLI
+    # reconnected ~40 times a second for 5 s before failing with "unreachable".
+    start_coordinator({"r": 400}, max_frame=4 << 20)
+    holder = Client(sock_path)
+    try:
+        for _ in range(300):
+            holder.acquire("r", 5, site="x" * 4000)  # ~1.2 MB of call sites in a leases listing
+        t0 = time.monotonic()
+        out = sp("leases", "--socket", sock_path, timeout=30)
+        assert out.returncode == 1 and time.monotonic() - t0 < 10, out
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and "reply_too_large" in lines[0], out.stderr[-2000:]
+        sessions = Client(sock_path)
+        try:
+            assert len(sessions.inspect("sessions")["sessions"]) == 2  # the holder and us: no pile-up
+        finally:
+            sessions.close()
+    finally:
+        holder.close()
+
+
+def test_table_cells_are_data_not_markup() -> None:
+    # A process title "gunicorn: worker [myapp]" lost its "[myapp]"; an argument
+    # "[/health]" made `sharedpool leases` fail with a rich MarkupError.
+    from rich.console import Console
+
+    from sharedpool.cli import _table
+
+    console = Console(record=True, width=200)
+    console.print(_table("leases", "process|site", [["gunicorn: worker [myapp]", "w = pools[i].acquire()"],
+                                                     ["celery [/health]", "[bold]x[/bold]"]]))
+    text = console.export_text()
+    for shown in ("gunicorn: worker [myapp]", "pools[i]", "celery [/health]", "[bold]x[/bold]"):
+        assert shown in text, text
+
+
+def test_an_empty_socket_setting_is_an_error_not_the_default_path(tmp_path: Path) -> None:
+    # Before: $SHAREDPOOL_SOCKET="" and --socket '' quietly meant the default
+    # path (another coordinator, perhaps), while pools refuse an empty variable.
+    out = subprocess.run([sys.executable, "-m", "sharedpool", "status"], capture_output=True, text=True,
+                         env={**ENV, "SHAREDPOOL_SOCKET": ""}, timeout=30)
+    assert out.returncode == 2 and "SHAREDPOOL_SOCKET" in out.stderr and "empty" in out.stderr, out
+    out = sp("status", "--socket", "")
+    assert out.returncode == 2 and "--socket" in out.stderr, out
+
+
+def test_output_that_cannot_be_written_is_one_line(start_coordinator: Any, sock_path: str) -> None:
+    # Before: an OSError traceback (No space left on device).
+    start_coordinator({"r": 1})
+    with open("/dev/full", "w") as full:
+        out = subprocess.run([sys.executable, "-m", "sharedpool", "status", "--json", "--socket", sock_path],
+                             stdout=full, stderr=subprocess.PIPE, text=True, env=ENV, timeout=30)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 1 and "cannot write" in lines[0], out.stderr

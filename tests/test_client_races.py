@@ -9,6 +9,7 @@ import os
 import random
 import signal
 import socket
+import struct
 import threading
 import time
 from typing import Any
@@ -403,3 +404,25 @@ def test_report_now_never_raises(sock_path: str, monkeypatch: pytest.MonkeyPatch
         assert "reporting to coordinator" in caplog.text and "report broke" in caplog.text
     finally:
         client.close()
+
+
+class _WelcomeThenGarbage(FakeCoordinator):
+    def on_message(self, idx: int, s: Any, conn: p.Connection, msg: p.Message) -> None:
+        if isinstance(msg, p.Acquire):  # a frame no client can read: ends the session
+            s.sendall(struct.pack(">I", 5) + b"\xc1\xc1\xc1\xc1\xc1")
+        else:
+            super().on_message(idx, s, conn, msg)
+
+
+def test_a_coordinator_that_welcomes_then_sends_bad_frames_is_not_hammered(sock_path: str) -> None:
+    # Before: every connect reset the backoff, so connect, bad frame, reconnect
+    # (re-sending the queued acquire) ran in a tight loop: ~40 sessions a second.
+    fake = _WelcomeThenGarbage(sock_path)
+    client = Client(sock_path)
+    try:
+        with pytest.raises(SharedPoolError):
+            client.acquire("r", 2.0)
+        assert len(fake.conns) <= 10, len(fake.conns)  # backoff doubling from 20 ms to 1 s
+    finally:
+        client.close()
+        fake.stop()

@@ -453,8 +453,9 @@ def test_default_socket_path_prefers_the_env_var(clean_env: pytest.MonkeyPatch, 
 def test_default_socket_path_uses_the_runtime_dir(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
     clean_env.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     assert default_socket_path() == str(tmp_path / "sharedpool" / "sharedpool.sock")
-    clean_env.setenv(SOCKET_ENV, "")  # empty means unset
-    assert default_socket_path() == str(tmp_path / "sharedpool" / "sharedpool.sock")
+    clean_env.setenv(SOCKET_ENV, "")  # set but empty: a mistake, as for a pool (not another path)
+    with pytest.raises(ConfigError, match=f"{SOCKET_ENV}.*empty"):
+        default_socket_path()
 
 
 def test_default_socket_path_falls_back_to_tmp(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -480,3 +481,13 @@ def test_limits_beyond_what_the_wire_carries_are_refused(tmp_path: Path) -> None
     _raises_field("resources.pg.max_waiting", CoordinatorConfig.load,
                   _write(tmp_path, f"[resources.pg]\nmax_size = 2\nmax_waiting = {2**64}\n"))
     assert Resource(max_size=2**63 - 1).max_size == 2**63 - 1
+
+
+def test_a_max_frame_too_small_for_the_welcome_is_refused(tmp_path: Path) -> None:
+    # Before: accepted; the coordinator served, then refused every session
+    # ("could not send welcome: welcome frame of 1535 bytes exceeds 1024").
+    resources = {f"db{i}": Resource(max_size=5) for i in range(8)}
+    with pytest.raises(ConfigError, match=r"max_frame.*at least \d+ for the welcome listing 8 resource"):
+        CoordinatorConfig(socket_path=str(tmp_path / "s.sock"), resources=resources, max_frame=1024)
+    CoordinatorConfig(socket_path=str(tmp_path / "s.sock"), resources=dict(list(resources.items())[:1]),
+                      max_frame=1024)
