@@ -159,6 +159,8 @@ class Client:
         self._reclaim_handlers: dict[str, list[Callable[[], object]]] = {}
         self._push_handlers: list[Callable[[str, str | None, dict[str, Any]], None]] = []
         self._state_providers: list[Callable[[], list[list[Any]]]] = []
+        # Re-entrant: a finalizer may remove handlers on a thread adding one.
+        self._handlers_lock = threading.RLock()
         self._failures: dict[str, int] = {}
         self._successes: set[str] = set()
         self._last_report: Any = None
@@ -256,16 +258,26 @@ class Client:
         pending = _Pending(p.Acquire(req, resource, timeout, site), fail_if_lost=fail_if_lost)
         # The coordinator keeps the real deadline; ours only guards a lost reply.
         local = None if timeout is None else time.monotonic() + timeout + GRACE
-        self._submit(req, pending, local, patient=True)
-        if local is None:
-            # "The resource's default", as the coordinator announced it (known
-            # once connected): without a bound, a coordinator that stops
-            # answering holds this acquire for ever. Doubled: a reload may have
-            # raised the default since the welcome. Not known yet: _wait bounds it.
-            default = self._default_timeout(resource)
-            if default is not None:
-                local = time.monotonic() + 2 * default + GRACE
-        return AcquireRequest(self, req, pending, local)
+        try:
+            self._submit(req, pending, local, patient=True)
+            if local is None:
+                # "The resource's default", as the coordinator announced it (known
+                # once connected): without a bound, a coordinator that stops
+                # answering holds this acquire for ever. Doubled: a reload may have
+                # raised the default since the welcome. Not known yet: _wait bounds it.
+                default = self._default_timeout(resource)
+                if default is not None:
+                    local = time.monotonic() + 2 * default + GRACE
+            return AcquireRequest(self, req, pending, local)
+        except BaseException:
+            # Cut short once the acquire may be out (a signal handler's exception:
+            # celery's soft time limit, Ctrl-C): nobody holds a ticket to wait for
+            # or cancel it. Withdrawn here: a grant already in goes back, and one
+            # still to come finds no pending request, so _dispatch hands it back.
+            AcquireRequest(self, req, pending, None).cancel()
+            with self._cond:
+                self._pending.pop(req, None)
+            raise
 
     def _default_timeout(self, resource: str) -> float | None:
         """The resource's acquire_timeout as the coordinator announced it (None: not known)."""
@@ -371,10 +383,16 @@ class Client:
         self._reported_at = 0.0
         self._notify()
 
+    # The handler lists are replaced, never changed in place: a removal (from a
+    # finalizer, run by the garbage collector at any allocation) must not
+    # disturb a loop over them in progress.
+
     def on_reclaim(self, resource: str, handler: Callable[[], object]) -> None:
         """``handler()`` is called from the background thread when the
         coordinator asks for leases of ``resource`` back."""
-        self._reclaim_handlers.setdefault(resource, []).append(handler)
+        with self._handlers_lock:
+            handlers = self._reclaim_handlers
+            self._reclaim_handlers = {**handlers, resource: [*handlers.get(resource, ()), handler]}
 
     def on_push(self, handler: Callable[[str, str | None, dict[str, Any]], None]) -> None:
         """``handler(verb, resource, args)`` is called from the background thread
@@ -383,20 +401,21 @@ class Client:
         its connection; the client has already forgotten the lease). After a
         reconnect, ``"welcome"`` with ``args["resources"]``: the new session's
         limits and state (``"draining"``), for what the old session pushed."""
-        self._push_handlers.append(handler)
+        with self._handlers_lock:
+            self._push_handlers = [*self._push_handlers, handler]
 
     def add_state_provider(self, provider: Callable[[], list[list[Any]]]) -> None:
         """``provider()`` returns ``[lease, state, backend_pid, site]`` rows for reports."""
-        self._state_providers.append(provider)
+        with self._handlers_lock:
+            self._state_providers = [*self._state_providers, provider]
 
     def remove_handlers(self, *handlers: Any) -> None:
-        for handler in handlers:
-            for lst in self._reclaim_handlers.values():
-                if handler in lst:
-                    lst.remove(handler)
-            for lst2 in (self._push_handlers, self._state_providers):
-                if handler in lst2:
-                    lst2.remove(handler)  # type: ignore[arg-type]
+        """Forget handlers and state providers given to the methods above."""
+        with self._handlers_lock:
+            self._reclaim_handlers = {resource: [h for h in hs if h not in handlers]
+                                      for resource, hs in self._reclaim_handlers.items()}
+            self._push_handlers = [h for h in self._push_handlers if h not in handlers]
+            self._state_providers = [h for h in self._state_providers if h not in handlers]
 
     def close_if_unused(self) -> bool:
         """Close the session if no pool uses it and it holds and awaits nothing

@@ -384,6 +384,10 @@ class LeaseBook:
             client.add_state_provider(states)
             client.on_push(on_push)
             self._client, self._handlers = client, (on_reclaim, states, on_push)
+        # A book collected with its pool (engines made and dropped by the hundred)
+        # must not leave its handlers behind in the process's client: every
+        # reclaim and report would walk them, and the session would never end.
+        weakref.finalize(self, client.remove_handlers, on_reclaim, states, on_push).atexit = False
 
     def shutdown(self) -> None:
         """Stop answering reclaims and reporting states (the pool is closed)."""
@@ -514,7 +518,7 @@ class LeaseBook:
         cond = self._returned
         withdraw = False
 
-        def helper() -> None:
+        def helper(request: _CancellableAcquire) -> None:
             t0 = time.monotonic()
             try:
                 lease = request.run()
@@ -540,9 +544,10 @@ class LeaseBook:
         # Sends the acquire. From here on in the try: Thread.start() waits for the
         # thread, and signal handlers run there; a lease granted after such an
         # exception goes back.
-        request = _CancellableAcquire(client, self.resource, timeout)
+        request: _CancellableAcquire | None = None
         try:
-            threading.Thread(target=helper, name=f"sharedpool-lease-{self.resource}",
+            request = _CancellableAcquire(client, self.resource, timeout)  # cut short: request() withdrew it
+            threading.Thread(target=helper, args=(request,), name=f"sharedpool-lease-{self.resource}",
                              daemon=True).start()
             return self._wait_lease_or_local(wait, local, request, client)
         except BaseException:
@@ -558,7 +563,7 @@ class LeaseBook:
                         withdraw = True
                     elif wait.lease is not None:
                         lease_back = wait.lease
-            if withdraw:
+            if withdraw and request is not None:
                 request.withdraw()
             if lease_back is not None:
                 self._release(client, lease_back)

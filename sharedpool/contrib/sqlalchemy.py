@@ -339,7 +339,8 @@ def _lease_timeout(book: LeaseBook, timeout: float) -> Iterator[None]:
     except PoolTimeout as e:
         if isinstance(e, LeaseTimeout):
             raise
-        raise LeaseTimeout(f"no {book.resource!r} lease within {timeout:g}s: {e}") from e
+        within = "the resource's acquire_timeout" if timeout is None else f"{timeout:g}s"
+        raise LeaseTimeout(f"no {book.resource!r} lease within {within}: {e}") from e
     except TooManyWaiters as e:  # an exhausted pool to whoever catches SQLAlchemy's error
         if isinstance(e, LeaseRefused):
             raise
