@@ -285,3 +285,19 @@ def test_close_with_a_connection_checked_out_gives_its_lease_back(
     assert conn.closed
     assert wait_leased(sock_path, 0) == 0
     assert pool.get_stats()["leases_held"] == 0
+
+
+def test_a_connection_closed_by_its_user_after_the_pool_closed_gives_its_lease_back(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    """close(), then the request closes its connection itself instead of
+    returning it: nothing swept for it any more, so its lease stayed held (and
+    counted against the cap everywhere) until the process exited."""
+    start_coordinator({"pg": Resource(max_size=2)})
+    pool = make_pool(sock_path, app_name, min_size=1, max_size=2)
+    pool.wait(10)
+    conn = pool.getconn()
+    pool.close()
+    assert leased(sock_path) == 1
+    conn.close()
+    assert wait_leased(sock_path, 0, timeout=3) == 0
+    assert pool.get_stats()["leases_held"] == 0

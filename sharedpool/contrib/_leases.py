@@ -780,6 +780,30 @@ class LeaseBook:
             self.close(key)
         return len(dead)
 
+    def sweep_until_empty(self, gone: Callable[[Any], bool], every: float = 0.5) -> None:
+        """For a host pool closed with connections still out (its user's to
+        return or close): sweep every ``every`` seconds, on the client's
+        background thread, until none is tracked, so that one closed directly
+        rather than returned gives its lease back then, not at the process's exit."""
+        client = self._client
+        if client is None:
+            return
+        ref = weakref.ref(self)
+
+        def again() -> None:
+            book = ref()
+            if book is None or book._pid != current_pid():
+                return
+            book.sweep(gone)
+            with book._lock:
+                left = bool(book._entries)
+            if left:
+                client.call_later(every, again)
+
+        with self._lock:
+            if self._entries:
+                client.call_later(every, again)
+
     def _release(self, client: Client, lease: Lease) -> None:
         client.release(lease)
         self.count("leases_released")

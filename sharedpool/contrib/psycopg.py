@@ -134,6 +134,7 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
             self._close_connection(conn)
         if self._sp_opened_in in (None, current_pid()):
             self._sp_book.sweep(_gone)
+            self._sp_book.sweep_until_empty(_gone)  # connections still out: closed by their users
             self._sp_book.shutdown()
 
     # ------------------------------------------------------------------ connect / close
