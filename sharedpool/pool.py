@@ -69,6 +69,8 @@ class PoolStatus(Enum):
 
 
 _ACTIVE = PoolStatus.ACTIVE
+_monotonic = time.monotonic
+
 
 def _txn_status(wrapper: ConnectionWrapper[Any]) -> int | None:
     """libpq's transaction status of the wrapper's connection (None: it has none).
@@ -88,7 +90,6 @@ _UNSETTLED = {
     INERROR: "inside a failed transaction: rolled back",
     UNKNOWN: "closed or broken: discarded",
 }
-_monotonic = time.monotonic
 
 
 class _Waiter:
