@@ -11,6 +11,7 @@ parent's socket: it closes its copy and starts its own session lazily (I7).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import functools
@@ -122,6 +123,16 @@ class AcquireRequest:
             client._send_quiet(p.Cancel(self.req))
         return True
 
+    def _drop(self) -> None:
+        """Its caller is gone (an exception): withdraw it unless it is settled
+        (its lease handed over, or :meth:`wait` gave up and withdrew it)."""
+        with self.client._cond:
+            pending = self._pending
+            settled = pending.taken or pending.abandoned or pending.error is not None
+            self.client._pending.pop(self.req, None)
+        if not settled:
+            self.cancel()
+
 
 class Client:
     """A session to one coordinator, shared by every pool of this process.
@@ -159,8 +170,9 @@ class Client:
         self._reclaim_handlers: dict[str, list[Callable[[], object]]] = {}
         self._push_handlers: list[Callable[[str, str | None, dict[str, Any]], None]] = []
         self._state_providers: list[Callable[[], list[list[Any]]]] = []
-        # Re-entrant: a finalizer may remove handlers on a thread adding one.
-        self._handlers_lock = threading.RLock()
+        self._handlers_lock = threading.Lock()
+        #: handlers of collected owners, queued by their finalizers (see forget_later)
+        self._dead_handlers: collections.deque[tuple[Any, ...]] = collections.deque()
         self._failures: dict[str, int] = {}
         self._successes: set[str] = set()
         self._last_report: Any = None
@@ -233,10 +245,19 @@ class Client:
         ``timeout`` None waits the resource's default; 0 does not queue.
         Raises PoolTimeout, a LeaseDenied subclass, or CoordinatorUnavailable
         (the coordinator could not be reached before the deadline)."""
-        return self.request(resource, timeout, site=site).wait()
+        tickets: list[AcquireRequest] = []
+        try:
+            return self.request(resource, timeout, site=site, _into=tickets).wait()
+        except BaseException:
+            # Also a signal handler's exception between request() and the end of
+            # wait(): the acquire is withdrawn, or a lease granted meanwhile goes back.
+            for ticket in tickets:
+                ticket._drop()
+            raise
 
     def request(self, resource: str, timeout: float | None = None, *,
-                site: str | None = None, fail_if_lost: bool = False) -> AcquireRequest:
+                site: str | None = None, fail_if_lost: bool = False,
+                _into: list[AcquireRequest] | None = None) -> AcquireRequest:
         """Send an acquire now; :meth:`AcquireRequest.wait` for the lease, or
         :meth:`AcquireRequest.cancel` it from any thread (a pool whose waiter
         was served by a checkin withdraws its request this way).
@@ -244,7 +265,11 @@ class Client:
         ``fail_if_lost``: if the session it went out on is lost, :meth:`wait`
         raises CoordinatorUnavailable instead of re-sending it to the next
         coordinator (a pool with ``coordinator_away="fallback"`` then opens
-        a connection without a lease)."""
+        a connection without a lease).
+
+        ``_into`` (internal): the ticket is appended to it before this returns,
+        so that a caller interrupted right after (a signal handler's exception
+        lands between any two instructions) can still withdraw it."""
         self._checkpid()
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)
                                     or not timeout >= 0):  # NaN fails too
@@ -268,15 +293,19 @@ class Client:
                 default = self._default_timeout(resource)
                 if default is not None:
                     local = time.monotonic() + 2 * default + GRACE
-            return AcquireRequest(self, req, pending, local)
+            ticket = AcquireRequest(self, req, pending, local)
+            if _into is not None:
+                _into.append(ticket)
+            return ticket
         except BaseException:
             # Cut short once the acquire may be out (a signal handler's exception:
             # celery's soft time limit, Ctrl-C): nobody holds a ticket to wait for
             # or cancel it. Withdrawn here: a grant already in goes back, and one
             # still to come finds no pending request, so _dispatch hands it back.
-            AcquireRequest(self, req, pending, None).cancel()
-            with self._cond:
-                self._pending.pop(req, None)
+            if _into is None or not _into:
+                AcquireRequest(self, req, pending, None).cancel()
+                with self._cond:
+                    self._pending.pop(req, None)
             raise
 
     def _default_timeout(self, resource: str) -> float | None:
@@ -383,14 +412,16 @@ class Client:
         self._reported_at = 0.0
         self._notify()
 
-    # The handler lists are replaced, never changed in place: a removal (from a
-    # finalizer, run by the garbage collector at any allocation) must not
-    # disturb a loop over them in progress.
+    # The handler lists are replaced, never changed in place: a loop over them
+    # in progress is not disturbed. Owners collected by the garbage collector
+    # (which runs at any allocation, inside these methods too) only queue their
+    # handlers (forget_later); the next change, or close_if_unused, drops them.
 
     def on_reclaim(self, resource: str, handler: Callable[[], object]) -> None:
         """``handler()`` is called from the background thread when the
         coordinator asks for leases of ``resource`` back."""
         with self._handlers_lock:
+            self._drop_dead_handlers()
             handlers = self._reclaim_handlers
             self._reclaim_handlers = {**handlers, resource: [*handlers.get(resource, ()), handler]}
 
@@ -402,20 +433,37 @@ class Client:
         reconnect, ``"welcome"`` with ``args["resources"]``: the new session's
         limits and state (``"draining"``), for what the old session pushed."""
         with self._handlers_lock:
+            self._drop_dead_handlers()
             self._push_handlers = [*self._push_handlers, handler]
 
     def add_state_provider(self, provider: Callable[[], list[list[Any]]]) -> None:
         """``provider()`` returns ``[lease, state, backend_pid, site]`` rows for reports."""
         with self._handlers_lock:
+            self._drop_dead_handlers()
             self._state_providers = [*self._state_providers, provider]
 
     def remove_handlers(self, *handlers: Any) -> None:
         """Forget handlers and state providers given to the methods above."""
         with self._handlers_lock:
-            self._reclaim_handlers = {resource: [h for h in hs if h not in handlers]
-                                      for resource, hs in self._reclaim_handlers.items()}
-            self._push_handlers = [h for h in self._push_handlers if h not in handlers]
-            self._state_providers = [h for h in self._state_providers if h not in handlers]
+            self._drop_dead_handlers(handlers)
+
+    def forget_later(self, *handlers: Any) -> None:
+        """:meth:`remove_handlers` for a finalizer: takes no lock and builds
+        nothing (the garbage collector may run it inside any of these methods);
+        the handlers go at the next change of the lists, or close_if_unused."""
+        self._dead_handlers.append(handlers)
+
+    def _drop_dead_handlers(self, also: tuple[Any, ...] = ()) -> None:
+        # Called with _handlers_lock held.
+        gone = list(also)
+        while self._dead_handlers:
+            gone.extend(self._dead_handlers.popleft())
+        if not gone:
+            return
+        self._reclaim_handlers = {resource: [h for h in hs if h not in gone]
+                                  for resource, hs in self._reclaim_handlers.items()}
+        self._push_handlers = [h for h in self._push_handlers if h not in gone]
+        self._state_providers = [h for h in self._state_providers if h not in gone]
 
     def close_if_unused(self) -> bool:
         """Close the session if no pool uses it and it holds and awaits nothing
@@ -424,6 +472,8 @@ class Client:
         A pool that got this client from :meth:`for_path` a moment before, and
         has not registered its handlers yet, finds it :attr:`closed` and asks
         :meth:`for_path` again."""
+        with self._handlers_lock:
+            self._drop_dead_handlers()
         with self._cond:
             busy = (self._held or self._pending or self._push_handlers or self._state_providers
                     or any(self._reclaim_handlers.values()))
@@ -492,14 +542,15 @@ class Client:
         """Wait for the reply; on a lost or late one, withdraw and say why."""
         try:
             self._wait(pending, deadline)
-        finally:
+        finally:  # also when cut short (a signal handler's exception): withdrawn
             with self._cond:
                 self._pending.pop(req, None)
-                if not pending.done:
+                lost = not pending.done
+                if lost:
                     pending.abandoned = True
-        if not pending.done:
-            if self._sock is not None and isinstance(pending.msg, p.Acquire):
+            if lost and self._sock is not None and isinstance(pending.msg, p.Acquire):
                 self._send_quiet(p.Cancel(req))
+        if not pending.done:
             if self._sock is None:
                 pending.error = CoordinatorUnavailable(
                     f"coordinator at {self.socket_path} unreachable: {self.last_error}")

@@ -397,7 +397,9 @@ def _check_welcome_fits(resources: dict[str, Resource], max_frame: int) -> None:
     from . import protocol as p
 
     state = {name: {**res.as_dict(), "draining": False} for name, res in resources.items()}
-    size = len(p.encode(p.Welcome(p.PROTOCOL_VERSION, MAX_INT, MAX_INT, state), MAX_FRAME_LIMIT))
+    # The frame limit is on the body (after the 4-byte length); session and pid
+    # at their widest in practice (32 bits: 5 bytes of msgpack each).
+    size = len(p.encode(p.Welcome(p.PROTOCOL_VERSION, 2**32 - 1, 2**32 - 1, state), MAX_FRAME_LIMIT)) - 4
     if size > min(max_frame, p.DEFAULT_MAX_FRAME):
         raise ConfigError("max_frame", f"must be at least {size} for the welcome listing "
                           f"{len(resources)} resource(s), got {max_frame}")

@@ -111,6 +111,7 @@ def revoke(pool: ConnectionPool[Any], lease_id: Any, why: Any) -> None:
         victims = []
         for wrapper in found:
             wrapper.lease = None
+            pool._leased -= 1
             if not wrapper.in_use:
                 pool._idle.remove(wrapper)
                 del pool._all[wrapper.id]
@@ -134,6 +135,7 @@ def drop_revoked(pool: ConnectionPool[Any], wrapper: ConnectionWrapper[Any], cli
     lease = wrapper.lease
     if lease is not None and client is not None and lease.id not in client._held:
         wrapper.lease = None
+        pool._leased -= 1
         return True
     return False
 

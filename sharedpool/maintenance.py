@@ -160,6 +160,7 @@ def fill(pool: ConnectionPool[Any], count: int) -> None:
             pool._top_up_failing = False
             pool._m["total_created"] += 1
             pool._all[wrapper.id] = wrapper
+            pool._leased += lease is not None
             revoked = giveback.drop_revoked(pool, wrapper, client)
             wrapper.in_use = True
         if revoked:

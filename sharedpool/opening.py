@@ -90,6 +90,7 @@ def run(pool: ConnectionPool[Any], waiter: _Waiter, deadline: float) -> None:
         with pool._lock:
             pool._opening -= 1
             pool._closing += 1
+            pool._leased += lease is not None
             pool._m["total_created"] += 1  # made, if too late: total_closed counts its close
             openers = pool._plan_growth()
         pool._close_then_open(wrapper, openers, deadline)
@@ -99,6 +100,7 @@ def run(pool: ConnectionPool[Any], waiter: _Waiter, deadline: float) -> None:
         pool._m["total_created"] += 1
         pool._m["connections_ms"] += int((time.monotonic() - t1) * 1000)
         pool._all[wrapper.id] = wrapper
+        pool._leased += lease is not None
         revoked = giveback.drop_revoked(pool, wrapper, client)
         closing = not pool._active
         # The fence must know the backend pid before any query of a caller runs

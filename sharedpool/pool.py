@@ -191,7 +191,8 @@ class ConnectionPool(Generic[T]):
         #: connections taken out of _all and not yet closed (lease not yet
         #: released, unless their close is still unconfirmed: then a watcher has it)
         self._closing = 0
-        self._leases_closing = 0  # of those, the ones whose lease waits for the server to let go
+        #: leases of this pool's connections, in _all or being closed (released once the server let go)
+        self._leased = 0
         #: openers' lease requests still queued at the coordinator
         self._lease_requests: set[AcquireRequest] = set()
         self.status = status
@@ -246,8 +247,8 @@ class ConnectionPool(Generic[T]):
                 waiting=len(self._waiters),
                 opening=self._opening,
                 status=self.status.value,
-                leases_held=self._leases_held(),
-                leases_closing=self._leases_closing,
+                leases_held=self._leased,
+                leases_closing=self._leases_closing(),
                 coordinated=self.coordinator is not None,
             )
         return m
@@ -271,17 +272,18 @@ class ConnectionPool(Generic[T]):
                 "connections_ms": m["connections_ms"],
                 "connections_errors": m["connect_errors"],
                 "connections_lost": m["validation_failures"],
-                "leases_held": self._leases_held(),
-                "leases_closing": self._leases_closing,
+                "leases_held": self._leased,
+                "leases_closing": self._leases_closing(),
                 "leases_acquired": m["leases_acquired"],
                 "lease_wait_ms": m["lease_wait_ms"],
                 "leases_reclaimed": m["reclaimed"],
             }
 
-    def _leases_held(self) -> int:
-        # As the coordinator counts them: with those of connections closed
-        # whose server has not let go yet. Called under the lock.
-        return self._leases_closing + sum(1 for w in self._all.values() if w.lease is not None)
+    def _leases_closing(self) -> int:
+        # Leases of connections out of _all, closed or being closed, whose
+        # server has not let go yet (leases_held counts them, as the
+        # coordinator does). Called under the lock.
+        return self._leased - sum(1 for w in self._all.values() if w.lease is not None)
 
     # ------------------------------------------------------------------ checkout
 
@@ -319,6 +321,8 @@ class ConnectionPool(Generic[T]):
                     if not valid:
                         self._discard(wrapper)
                         wrapper = None
+                        with self._lock:
+                            self._acquired -= 1  # counted again by the retry, served or not
                         return self._acquire_slow(timeout, now, retry=True)
                 if self._leaks:
                     wrapper.site = _call_site()
@@ -781,14 +785,11 @@ class ConnectionPool(Generic[T]):
             if keep or giving:
                 with self._lock:
                     if self._pid == pid:  # not reset by a fork meanwhile
-                        self._leases_closing -= keep
+                        self._leased -= keep
                         self._giving -= giving
             if self._pid == pid:
                 self._end_session_if_done()
 
-        if keep:
-            with self._lock:
-                self._leases_closing += 1
         t0 = time.monotonic()
         try:
             confirmed = close_and_confirm(wrapper.conn, self.config.close_confirm_timeout,

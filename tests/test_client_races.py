@@ -426,3 +426,35 @@ def test_a_coordinator_that_welcomes_then_sends_bad_frames_is_not_hammered(sock_
     finally:
         client.close()
         fake.stop()
+
+
+def test_a_signal_as_an_acquire_starts_waiting_leaks_no_lease(
+        start_coordinator: Any, sock_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Between request() and the try inside wait(): the lease granted next was
+    # held by the client and by nobody else (another process timed out at the cap).
+    import sharedpool.client as client_module
+
+    class SoftLimit(Exception):
+        pass
+
+    start_coordinator({"r": 1})
+    real = client_module.AcquireRequest.wait
+    fire = [1]
+
+    def interrupted(self: Any) -> Any:
+        if fire[0]:
+            fire[0] = 0
+            time.sleep(0.2)  # granted meanwhile
+            raise SoftLimit("as a signal handler would")
+        return real(self)
+
+    monkeypatch.setattr(client_module.AcquireRequest, "wait", interrupted)
+    client, other = Client(sock_path), Client(sock_path)
+    try:
+        with pytest.raises(SoftLimit):
+            client.acquire("r", 5)
+        other.release(other.acquire("r", 3))  # the slot is free again
+        assert not client._held and not client._pending
+    finally:
+        client.close()
+        other.close()

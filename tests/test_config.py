@@ -491,3 +491,7 @@ def test_a_max_frame_too_small_for_the_welcome_is_refused(tmp_path: Path) -> Non
         CoordinatorConfig(socket_path=str(tmp_path / "s.sock"), resources=resources, max_frame=1024)
     CoordinatorConfig(socket_path=str(tmp_path / "s.sock"), resources=dict(list(resources.items())[:1]),
                       max_frame=1024)
+    # The limit is on the frame's body, with real-sized ids: 5 resources (a
+    # welcome of 1,021 bytes) still fit in 1024, as a coordinator serves them.
+    five = {f"database{i}": Resource(max_size=5) for i in range(5)}
+    CoordinatorConfig(socket_path=str(tmp_path / "s.sock"), resources=five, max_frame=1024)

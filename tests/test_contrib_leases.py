@@ -127,3 +127,42 @@ def test_a_drain_ordered_while_an_integration_had_no_session_is_heard_at_its_wel
     for handler in list(client._push_handlers):
         handler("welcome", None, {"resources": {"pg": {"draining": False}}})
     assert book._admin_state is None
+
+
+def test_a_collected_books_handlers_go_even_when_collected_mid_registration(tmp_path: Any) -> None:
+    # The garbage collector may run a dropped book's finalizer inside another
+    # book's registration (same thread, at any allocation): its removal was
+    # overwritten by the registration's copy of the list, and the dead book's
+    # handlers stayed (the session could never end). Swept over collection points.
+    import gc
+
+    from sharedpool.client import Client
+
+    path = str(tmp_path / "none.sock")  # registering handlers needs no session
+    client = Client.for_path(path)
+    try:
+        for threshold in range(1, 120):
+            gc.collect()
+            gc.disable()
+            try:
+                dead = LeaseBook("pg", path)
+                assert dead.client is client
+                dead.cycle = dead  # type: ignore[attr-defined]  # only the cyclic collector frees it
+                del dead
+                live = LeaseBook("pg", path)
+                gc.set_threshold(threshold)
+                gc.enable()
+                assert live.client is client  # registers its three handlers
+            finally:
+                gc.disable()
+                gc.set_threshold(700)
+                gc.enable()
+            gc.collect()
+            live.shutdown()
+            del live
+            gc.collect()
+            client.remove_handlers()  # nothing named: only what finalizers queued
+            assert (client._push_handlers, client._state_providers) == ([], []), threshold
+            assert not any(client._reclaim_handlers.values()), threshold
+    finally:
+        client.close()

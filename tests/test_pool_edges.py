@@ -1083,3 +1083,49 @@ def test_a_connection_failing_its_test_on_release_is_counted_lost() -> None:
         assert pool.get_stats()["pool_size"] == 0
     finally:
         pool.close()
+
+
+def test_a_checkout_retried_after_a_failed_validation_counts_once() -> None:
+    # The idle connection counted as a request, failed its ping, and the retry
+    # counted the same request again: 2 requests gave requests_num 3.
+    factory = FakeFactory()
+    pool = ConnectionPool(factory, PoolConfig(min_size=0, max_size=1, validation_bypass=0))
+    try:
+        pool.release(pool.acquire(timeout=5))
+        factory.made[0].healthy = False  # its next ping fails
+        pool.release(pool.acquire(timeout=5))  # a new connection, after one failed validation
+        stats = pool.get_stats()
+        assert (stats["requests_num"], stats["requests_errors"], stats["connections_lost"]) == (2, 0, 1)
+    finally:
+        pool.close()
+
+
+def test_leases_held_counts_every_connection_a_close_is_working_through(
+        start_coordinator: Any, sock_path: str) -> None:
+    # close() closes idle connections one after the other, each waiting for the
+    # server; those still waiting their turn had left the pool's count (1 held
+    # while the coordinator counted 3).
+    start_coordinator({"r": 3})
+    server = HoldingServer()
+    pool = ConnectionPool(server.connect, PoolConfig(min_size=0, max_size=3, close_confirm_timeout=0.3,
+                                                     test_on_acquire=False),
+                          resource="r", coordinator=sock_path)
+    try:
+        held = [pool.acquire(timeout=5) for _ in range(3)]
+        for _ in held:
+            server.accept()
+        for w in held:
+            pool.release(w)
+        closer = threading.Thread(target=pool.close, kwargs={"timeout": 5})
+        closer.start()
+        time.sleep(0.15)  # the first close is waiting for the server
+        assert pool.get_stats()["leases_held"] == 3
+        closer.join(10)
+        assert pool.get_stats()["leases_held"] == 3  # none confirmed: all kept
+        server.let_go()
+        assert wait_leased(sock_path, 0) == 0
+        assert (pool.get_stats()["leases_held"], pool.get_stats()["leases_closing"]) == (0, 0)
+    finally:
+        server.let_go()
+        pool.close()
+        server.close()

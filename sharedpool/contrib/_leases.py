@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .. import process
-from ..client import Client, Lease, current_pid
+from ..client import AcquireRequest, Client, Lease, current_pid
 from ..closing import NotClosable, close_and_confirm, socket_fd
 from ..config import SOCKET_ENV, check_resource_name, check_seconds, check_socket_path, env_socket_path
 from ..errors import AcquireCancelled, PoolClosed, PoolTimeout
@@ -69,8 +69,9 @@ class _Granted:
 class _CancellableAcquire:
     """``client.request()``: an acquire another thread can withdraw."""
 
-    def __init__(self, client: Client, resource: str, timeout: float | None) -> None:
-        self.ticket = client.request(resource, timeout)
+    def __init__(self, client: Client, resource: str, timeout: float | None,
+                 into: list[AcquireRequest]) -> None:
+        self.ticket = client.request(resource, timeout, _into=into)
 
     def run(self) -> Lease:
         return self.ticket.wait()
@@ -387,7 +388,7 @@ class LeaseBook:
         # A book collected with its pool (engines made and dropped by the hundred)
         # must not leave its handlers behind in the process's client: every
         # reclaim and report would walk them, and the session would never end.
-        weakref.finalize(self, client.remove_handlers, on_reclaim, states, on_push).atexit = False
+        weakref.finalize(self, client.forget_later, on_reclaim, states, on_push).atexit = False
 
     def shutdown(self) -> None:
         """Stop answering reclaims and reporting states (the pool is closed)."""
@@ -544,9 +545,9 @@ class LeaseBook:
         # Sends the acquire. From here on in the try: Thread.start() waits for the
         # thread, and signal handlers run there; a lease granted after such an
         # exception goes back.
-        request: _CancellableAcquire | None = None
+        tickets: list[AcquireRequest] = []  # the acquire, once sent: withdrawable before we hold it
         try:
-            request = _CancellableAcquire(client, self.resource, timeout)  # cut short: request() withdrew it
+            request = _CancellableAcquire(client, self.resource, timeout, tickets)
             threading.Thread(target=helper, args=(request,), name=f"sharedpool-lease-{self.resource}",
                              daemon=True).start()
             return self._wait_lease_or_local(wait, local, request, client)
@@ -563,8 +564,9 @@ class LeaseBook:
                         withdraw = True
                     elif wait.lease is not None:
                         lease_back = wait.lease
-            if withdraw and request is not None:
-                request.withdraw()
+            if withdraw:
+                for ticket in tickets:
+                    ticket.cancel()
             if lease_back is not None:
                 self._release(client, lease_back)
                 self.count("leases_unused")
