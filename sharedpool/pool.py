@@ -50,10 +50,6 @@ T = TypeVar("T")
 #: Connections abandoned in a forked child: the parent's, kept referenced so
 #: that no destructor ever closes them from the child (I7).
 _INHERITED: list[Any] = []
-#: Guards the reset of pools in a forked child; a fresh lock in each child
-#: (a parent thread may have held the old one at the fork).
-_FORK_LOCK = [threading.Lock()]
-os.register_at_fork(after_in_child=lambda: _FORK_LOCK.__setitem__(0, threading.Lock()))
 
 
 def _valid_timeout(value: Any) -> bool:
@@ -950,7 +946,7 @@ class ConnectionPool(Generic[T]):
         # The parent's connections are not ours: keep them referenced so no
         # destructor closes them under the parent, and start empty (I7).
         # Serialized: two threads of the child may notice the fork at once.
-        with _FORK_LOCK[0]:
+        with process.FORK_LOCK[0]:
             if self._pid == _PID[0]:
                 return
             _INHERITED.extend(self._all.values())

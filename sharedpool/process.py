@@ -20,11 +20,19 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 import time
 import weakref
 from typing import Any, Protocol
 
 from .closing import socket_fd
+
+#: Guards the reset of a pool (ours, or an integration's book and pool) in a
+#: forked child: two of its threads may notice the fork at once, and the second
+#: must not reset away what the first did since. Re-entrant (one reset may lead
+#: to another); a fresh lock in each child (a parent thread may have held it).
+FORK_LOCK = [threading.RLock()]
+os.register_at_fork(after_in_child=lambda: FORK_LOCK.__setitem__(0, threading.RLock()))
 
 log = logging.getLogger("sharedpool")
 

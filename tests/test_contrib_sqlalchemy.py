@@ -4,6 +4,7 @@ recycle and events, fork with dispose(close=False), reclaim of idle connections.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any
@@ -18,6 +19,7 @@ from proc_helpers import (
     held_once_confirmed,
     leased,
     run_forked,
+    run_in_child,
     wait_leased,
 )
 from sqlalchemy import event, text
@@ -536,3 +538,76 @@ def test_a_signal_as_the_acquire_call_returns_leaks_no_lease(
     finally:
         engine.dispose()
     assert wait_leased(sock_path, 0) == 0
+
+
+@pytest.mark.parametrize("pause", ["book", "pool"])
+def test_two_threads_of_a_child_meeting_the_fork_at_once_lose_nothing(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str, pause: str) -> None:
+    """Two threads of a forked child (gthread, celery threads) first use an
+    inherited engine at once; the second is switched out right after reading
+    the stale pid (a pause stands in for that). Before, it filed the first one's
+    new connection as the parent's (never closed here: its lease held for the
+    child's life), or reset the pool's checkouts away (checkedout() -1, over
+    pool_size). The child's figures also start from zero, not the parent's."""
+    import threading
+
+    from sharedpool.contrib import _leases
+    from sharedpool.contrib import sqlalchemy as sp_sqlalchemy
+
+    start_coordinator({"pg": 5})
+    engine = engine_for(sock_path, app_name, pool_size=2, max_overflow=0, pool_timeout=5)
+    assert backend_pid(engine)  # the parent used it: one idle connection, counters > 0
+
+    def child() -> int:
+        module = _leases if pause == "book" else sp_sqlalchemy
+        real = module.current_pid
+        paused: list[int] = []
+
+        def slow_pid() -> int:
+            if threading.current_thread().name == "B" and not paused:
+                paused.append(1)
+                time.sleep(0.3)  # B switched out here
+            return real()
+
+        pool = engine.pool
+        assert isinstance(pool, LeasedQueuePool)
+        fresh_counts = pool.lease_stats()["leases_acquired"] == 0  # not the parent's
+        module.current_pid = slow_pid  # type: ignore[assignment]
+        done_b = threading.Event()
+
+        def a() -> None:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+                done_b.wait(5)
+
+        def b() -> None:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            done_b.set()
+
+        ta, tb = threading.Thread(target=a, name="A"), threading.Thread(target=b, name="B")
+        tb.start()
+        time.sleep(0.05)
+        ta.start()
+        ta.join(10)
+        tb.join(10)
+        module.current_pid = real  # type: ignore[assignment]
+        if pool.checkedout() != 0:
+            return 4
+        engine.dispose()
+        client = Client(sock_path)
+        try:
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                mine = [x for x in client.inspect("leases")["leases"] if x["pid"] == os.getpid()]
+                if not mine:
+                    return 0 if fresh_counts else 3
+                time.sleep(0.05)
+            return 5  # a lease of this child outlived dispose()
+        finally:
+            client.close()
+
+    try:
+        assert run_in_child(child) == 0  # 3: the parent's counts, 4: checkouts lost, 5: a lease kept
+    finally:
+        engine.dispose()

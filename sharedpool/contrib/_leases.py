@@ -301,7 +301,13 @@ class LeaseBook:
     # ------------------------------------------------------------------ fork
 
     def _checkpid(self) -> None:
-        if self._pid != current_pid():
+        if self._pid == current_pid():
+            return
+        # Serialized: a second thread that noticed the fork too must not file
+        # the first one's new connections as the parent's, nor reset them away.
+        with process.FORK_LOCK[0]:
+            if self._pid == current_pid():
+                return
             # Everything we tracked is the parent's: never close it, never
             # release its lease. Weak references where possible, so that the
             # child does not keep the parent's connections alive.
@@ -314,6 +320,7 @@ class LeaseBook:
                 # The parent's session heard the drain; the child's may never
                 # hear its end (a resume pushed before it connected).
                 self._admin_state = None
+            self._counters = dict.fromkeys(_COUNTERS, 0)  # the parent's counts are not ours
             self._reset()
 
     def connections_at_fork(self) -> list[Any]:

@@ -45,6 +45,7 @@ from sqlalchemy.util import queue as sqla_queue
 from ..client import current_pid
 from ..config import check_seconds
 from ..errors import ConfigError, PoolTimeout, ResourceUnavailable, TooManyWaiters
+from ..process import FORK_LOCK
 from ._leases import LeaseBook
 
 __all__ = ["LeaseRefused", "LeaseTimeout", "LeasedQueuePool", "attach", "create_engine"]
@@ -289,10 +290,15 @@ class LeasedQueuePool(QueuePool):
     def _sp_after_fork(self) -> None:
         # Start empty, like a new pool: the inherited records and their DBAPI
         # connections are the parent's, never handed out here nor closed.
-        self._pool = self._queue_class(self._pool.maxsize, use_lifo=self._pool.use_lifo)
-        self._overflow = 0 - self._pool.maxsize
-        self._overflow_lock = threading.Lock()
-        self._sp_pid = current_pid()
+        # Serialized: a second thread of the child that noticed the fork too
+        # must not reset away the checkouts of the first.
+        with FORK_LOCK[0]:
+            if self._sp_pid == current_pid():
+                return
+            self._pool = self._queue_class(self._pool.maxsize, use_lifo=self._pool.use_lifo)
+            self._overflow = 0 - self._pool.maxsize
+            self._overflow_lock = threading.Lock()
+            self._sp_pid = current_pid()
 
     # ------------------------------------------------------------------ reclaim
 
