@@ -549,8 +549,6 @@ def test_two_threads_of_a_child_meeting_the_fork_at_once_lose_nothing(
     new connection as the parent's (never closed here: its lease held for the
     child's life), or reset the pool's checkouts away (checkedout() -1, over
     pool_size). The child's figures also start from zero, not the parent's."""
-    import threading
-
     from sharedpool.contrib import _leases
     from sharedpool.contrib import sqlalchemy as sp_sqlalchemy
 
