@@ -450,8 +450,11 @@ class Client:
     def forget_later(self, *handlers: Any) -> None:
         """:meth:`remove_handlers` for a finalizer: takes no lock and builds
         nothing (the garbage collector may run it inside any of these methods);
-        the handlers go at the next change of the lists, or close_if_unused."""
+        the background thread, woken here, drops them (or the next change of
+        the lists, or close_if_unused)."""
         self._dead_handlers.append(handlers)
+        with contextlib.suppress(Exception):  # a finalizer must not raise (closed, forked)
+            self._notify()
 
     def _drop_dead_handlers(self, also: tuple[Any, ...] = ()) -> None:
         # Called with _handlers_lock held.

@@ -156,7 +156,6 @@ class ConnectionPool(Generic[T]):
         self.close(timeout)
 
     def _init_state(self, status: PoolStatus = PoolStatus.ACTIVE, maintain: bool = True) -> None:
-        self._pid = current_pid()
         # Config read on every checkout, kept as plain attributes.
         self._bypass = self.config.validation_bypass if self.config.test_on_acquire else None
         self._leaks = self.config.leak_detection_threshold is not None
@@ -202,6 +201,9 @@ class ConnectionPool(Generic[T]):
             "leases_acquired", "lease_wait_ms", "requests_queued", "requests_wait_ms",
             "connections_ms", "leaks_suspected",
         ), 0)
+        # Set last: a thread of a forked child that sees it current (and so
+        # skips _after_fork's lock) must find the child's state all made.
+        self._pid = current_pid()
         if maintain:
             self._start_maintenance()
 

@@ -4,6 +4,7 @@ plain TCP sockets as connections: what it reports while a close is unconfirmed."
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -166,3 +167,119 @@ def test_a_collected_books_handlers_go_even_when_collected_mid_registration(tmp_
             assert not any(client._reclaim_handlers.values()), threshold
     finally:
         client.close()
+
+
+def test_an_acquire_interrupted_as_it_returns_is_forgotten_too(
+        start_coordinator: Any, sock_path: str, monkeypatch: Any) -> None:
+    # Withdrawn, but left in the client's pending requests (no wait() would
+    # ever pop it): the client counted as busy for good, so the session could
+    # not end with the last pool, and it was made again after every restart.
+    import pytest
+
+    from sharedpool.contrib import _leases
+
+    class SoftLimit(Exception):
+        pass
+
+    start_coordinator({"r": 1})
+    book = LeaseBook("r", sock_path)
+    real = _leases._CancellableAcquire.__init__
+
+    def interrupted(self: Any, *args: Any) -> None:
+        real(self, *args)
+        raise SoftLimit("as a signal handler would")  # after request() returned
+
+    monkeypatch.setattr(_leases._CancellableAcquire, "__init__", interrupted)
+    with pytest.raises(SoftLimit):
+        book.acquire(object(), 3, local=lambda: None)
+    client = book.client
+    assert client is not None and not client._pending
+    assert wait_leased(sock_path, 0) == 0
+    book.shutdown()
+    assert client.close_if_unused()
+
+
+def test_a_collected_books_handlers_do_not_keep_the_session_wanted(
+        start_coordinator: Any, sock_path: str) -> None:
+    # The last book of a process collected: its handlers were only queued, and
+    # nothing dropped them; the client still wanted a session (it would make
+    # one again after a coordinator restart, with no pool left).
+    import gc
+
+    from sharedpool.testing import FakeConnection
+
+    start_coordinator({"r": 2})
+    book = LeaseBook("r", sock_path)
+    conn = book.connect(FakeConnection, 3)
+    book.close(conn, conn.close)
+    client = book.client
+    assert client is not None and client._push_handlers
+    del book, conn
+    gc.collect()
+    deadline = time.monotonic() + 3
+    while (client._push_handlers or client._state_providers) and time.monotonic() < deadline:
+        time.sleep(0.02)  # the background thread, woken by the finalizer, drops them
+    assert not client._push_handlers and not client._state_providers
+    assert not client._wants_session()
+    client.close()
+
+
+def test_a_thread_of_a_child_arriving_mid_reset_waits_for_it(start_coordinator: Any, sock_path: str) -> None:
+    # The book's reset in a forked child set the pid first: thread B, arriving
+    # just after, skipped the fork lock and filed its lease in the old entries,
+    # which thread A then replaced: B's lease was never released. A pause in the
+    # reset (its first lock made) stands in for the thread switch.
+    import threading
+    import types
+
+    from sharedpool.contrib import _leases
+    from sharedpool.testing import FakeConnection
+
+    start_coordinator({"r": 5})
+    book = LeaseBook("r", sock_path)
+    parents = book.connect(FakeConnection, 3)
+
+    def child() -> int:
+        real_threading = _leases.threading
+        paused: list[int] = []
+
+        class Slow(types.ModuleType):
+            def __getattr__(self, name: str) -> Any:
+                return getattr(real_threading, name)
+
+            def Lock(self) -> Any:  # noqa: N802 - threading's name
+                if threading.current_thread().name == "A" and not paused:
+                    paused.append(1)
+                    time.sleep(0.5)
+                return real_threading.Lock()
+
+        _leases.threading = Slow("threading")  # type: ignore[assignment]
+        got: dict[str, Any] = {}
+
+        def run(name: str) -> None:
+            got[name] = book.connect(FakeConnection, 3)
+
+        threads = [threading.Thread(target=run, args=(n,), name=n) for n in "AB"]
+        threads[0].start()
+        time.sleep(0.1)
+        threads[1].start()
+        for t in threads:
+            t.join(10)
+        _leases.threading = real_threading
+        for conn in got.values():
+            book.close(conn, conn.close)
+        client = Client(sock_path)
+        try:
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                if not [x for x in client.inspect("leases")["leases"] if x["pid"] == os.getpid()]:
+                    return 0
+                time.sleep(0.05)
+            return 7  # a lease kept after both were closed
+        finally:
+            client.close()
+
+    try:
+        assert run_in_child(child) == 0
+    finally:
+        book.close(parents, parents.close)

@@ -4,6 +4,8 @@ or connections; the child starts its own session lazily."""
 from __future__ import annotations
 
 import os
+import threading
+import time
 from typing import Any
 
 import psycopg
@@ -11,6 +13,7 @@ from pg_helpers import pg_dsn
 from proc_helpers import run_in_child
 
 from sharedpool import Client, ConnectionPool, PoolConfig
+from sharedpool.testing import FakeFactory
 
 
 def test_forked_client_starts_its_own_session(start_coordinator: Any, sock_path: str) -> None:
@@ -343,3 +346,52 @@ def test_a_fork_during_the_handshake_leaves_the_child_no_copy_of_the_parents_ses
         os.kill(coord.pid, signal.SIGCONT)
         if helper is not None:
             os.kill(helper, signal.SIGKILL)
+
+
+def test_a_thread_that_finds_the_fork_reset_begun_waits_for_it_to_end() -> None:
+    # A forked child's thread A resets the pool; _init_state set the pid first,
+    # so thread B, arriving a moment later, saw it current, skipped the reset
+    # and checked out the parent's idle connection (I7), then could not check
+    # it in. A pause inside the reset stands in for the thread switch.
+    factory = FakeFactory()
+    pool = ConnectionPool(factory, PoolConfig(min_size=0, max_size=2))
+    pool.release(pool.acquire(timeout=5))  # the parent's: idle
+    parents = {id(c) for c in factory.made}
+
+    def child() -> int:
+        real = pool.config
+        paused: list[int] = []
+
+        class SlowConfig:
+            def __getattr__(self, name: str) -> Any:
+                if name == "validation_bypass" and threading.current_thread().name == "A" and not paused:
+                    paused.append(1)
+                    time.sleep(0.5)  # A: inside the reset
+                return getattr(real, name)
+
+        pool.config = SlowConfig()  # type: ignore[assignment]
+        got: dict[str, Any] = {}
+
+        def run(name: str) -> None:
+            try:
+                got[name] = pool.acquire(timeout=3)
+            except Exception as exc:  # noqa: BLE001 - judged below
+                got[name] = exc
+
+        threads = [threading.Thread(target=run, args=(n,), name=n) for n in "AB"]
+        threads[0].start()
+        time.sleep(0.1)
+        threads[1].start()
+        for t in threads:
+            t.join(10)
+        pool.config = real
+        for w in got.values():
+            if isinstance(w, Exception) or id(w.conn) in parents:
+                return 7
+            pool.release(w)
+        return 0
+
+    try:
+        assert run_in_child(child) == 0  # 7: the parent's connection was handed out here
+    finally:
+        pool.close()

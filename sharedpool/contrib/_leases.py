@@ -275,12 +275,14 @@ class LeaseBook:
             log.exception("closing a leased connection at exit failed")
 
     def _reset(self) -> None:
-        self._pid = current_pid()
+        # _pid is set last: a thread of a forked child that sees it current
+        # (and skips _checkpid's lock) must find the child's state all made.
+        pid = current_pid()
         self._lock = threading.Lock()
         self._entries: dict[int, _Entry] = {}
         left = getattr(self, "_left", None)
         if left is not None:  # after fork: the finalizer sees the child's entries
-            left.entries, left.pid = self._entries, self._pid
+            left.entries, left.pid = self._entries, pid
         self._returned = threading.Condition(threading.Lock())
         self._waiting = 0
         self._waits: list[_Wait] = []
@@ -289,6 +291,7 @@ class LeaseBook:
         self._handoff = HandOffCost()
         self._client: Client | None = None
         self._handlers: tuple[Any, ...] = ()
+        self._pid = pid
 
     def __repr__(self) -> str:
         return (f"<LeaseBook {self.resource!r} coordinator={self.coordinator!r} "
@@ -573,7 +576,7 @@ class LeaseBook:
                         lease_back = wait.lease
             if withdraw:
                 for ticket in tickets:
-                    ticket.cancel()
+                    ticket._drop()  # withdrawn and forgotten: no wait() will ever pop it
             if lease_back is not None:
                 self._release(client, lease_back)
                 self.count("leases_unused")
