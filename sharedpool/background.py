@@ -118,9 +118,8 @@ def tick(client: Client) -> None:
     # between had its byte drained here yet left _woken set, and every
     # later _notify() was swallowed until the next IDLE_WAKE.
     client._woken = False
-    if client._dead_handlers:  # a collected pool's: they must not keep the session wanted
-        with client._handlers_lock:
-            client._drop_dead_handlers()
+    if client._handler_changes:  # a collected pool's handlers must not keep the session wanted
+        client._change_handlers()
     sock = client._sock
     if sock is None:
         if client._wants_session():

@@ -170,9 +170,10 @@ class Client:
         self._reclaim_handlers: dict[str, list[Callable[[], object]]] = {}
         self._push_handlers: list[Callable[[str, str | None, dict[str, Any]], None]] = []
         self._state_providers: list[Callable[[], list[list[Any]]]] = []
-        self._handlers_lock = threading.Lock()
-        #: handlers of collected owners, queued by their finalizers (see forget_later)
-        self._dead_handlers: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._handlers_lock = threading.RLock()
+        #: changes to the handler lists not applied yet (see _change_handlers)
+        self._handler_changes: collections.deque[Callable[[], None]] = collections.deque()
+        self._changing_handlers = False
         self._failures: dict[str, int] = {}
         self._successes: set[str] = set()
         self._last_report: Any = None
@@ -413,17 +414,21 @@ class Client:
         self._notify()
 
     # The handler lists are replaced, never changed in place: a loop over them
-    # in progress is not disturbed. Owners collected by the garbage collector
-    # (which runs at any allocation, inside these methods too) only queue their
-    # handlers (forget_later); the next change, or close_if_unused, drops them.
+    # in progress is not disturbed. Each change is queued, then applied by
+    # whichever thread is not already applying changes: the garbage collector
+    # runs finalizers at any allocation, inside a change too, and one that
+    # closes a pool (or a lease book's, forget_later) must neither wait for the
+    # lock its own thread holds nor have its change overwritten by the change
+    # it interrupted. Its change waits in the queue for the outer one to apply.
 
     def on_reclaim(self, resource: str, handler: Callable[[], object]) -> None:
         """``handler()`` is called from the background thread when the
         coordinator asks for leases of ``resource`` back."""
-        with self._handlers_lock:
-            self._drop_dead_handlers()
+        def add() -> None:
             handlers = self._reclaim_handlers
             self._reclaim_handlers = {**handlers, resource: [*handlers.get(resource, ()), handler]}
+
+        self._change_handlers(add)
 
     def on_push(self, handler: Callable[[str, str | None, dict[str, Any]], None]) -> None:
         """``handler(verb, resource, args)`` is called from the background thread
@@ -432,37 +437,47 @@ class Client:
         its connection; the client has already forgotten the lease). After a
         reconnect, ``"welcome"`` with ``args["resources"]``: the new session's
         limits and state (``"draining"``), for what the old session pushed."""
-        with self._handlers_lock:
-            self._drop_dead_handlers()
+        def add() -> None:
             self._push_handlers = [*self._push_handlers, handler]
+
+        self._change_handlers(add)
 
     def add_state_provider(self, provider: Callable[[], list[list[Any]]]) -> None:
         """``provider()`` returns ``[lease, state, backend_pid, site]`` rows for reports."""
-        with self._handlers_lock:
-            self._drop_dead_handlers()
+        def add() -> None:
             self._state_providers = [*self._state_providers, provider]
+
+        self._change_handlers(add)
 
     def remove_handlers(self, *handlers: Any) -> None:
         """Forget handlers and state providers given to the methods above."""
-        with self._handlers_lock:
-            self._drop_dead_handlers(handlers)
+        self._change_handlers(functools.partial(self._remove_handlers, handlers))
 
     def forget_later(self, *handlers: Any) -> None:
         """:meth:`remove_handlers` for a finalizer: takes no lock and builds
-        nothing (the garbage collector may run it inside any of these methods);
-        the background thread, woken here, drops them (or the next change of
-        the lists, or close_if_unused)."""
-        self._dead_handlers.append(handlers)
+        nothing; the background thread, woken here, applies it (or the next
+        change of the lists, or close_if_unused)."""
+        self._handler_changes.append(functools.partial(self._remove_handlers, handlers))
         with contextlib.suppress(Exception):  # a finalizer must not raise (closed, forked)
             self._notify()
 
-    def _drop_dead_handlers(self, also: tuple[Any, ...] = ()) -> None:
-        # Called with _handlers_lock held.
-        gone = list(also)
-        while self._dead_handlers:
-            gone.extend(self._dead_handlers.popleft())
-        if not gone:
-            return
+    def _change_handlers(self, change: Callable[[], None] | None = None) -> bool:
+        """Queue ``change``, then apply every queued change unless this thread
+        is already doing so (re-entered by a finalizer): False then."""
+        if change is not None:
+            self._handler_changes.append(change)
+        with self._handlers_lock:  # re-entrant: a finalizer on this thread never waits for it
+            if self._changing_handlers:
+                return False
+            self._changing_handlers = True
+            try:
+                while self._handler_changes:
+                    self._handler_changes.popleft()()
+            finally:
+                self._changing_handlers = False
+        return True
+
+    def _remove_handlers(self, gone: tuple[Any, ...]) -> None:
         self._reclaim_handlers = {resource: [h for h in hs if h not in gone]
                                   for resource, hs in self._reclaim_handlers.items()}
         self._push_handlers = [h for h in self._push_handlers if h not in gone]
@@ -475,8 +490,7 @@ class Client:
         A pool that got this client from :meth:`for_path` a moment before, and
         has not registered its handlers yet, finds it :attr:`closed` and asks
         :meth:`for_path` again."""
-        with self._handlers_lock:
-            self._drop_dead_handlers()
+        self._change_handlers()  # what finalizers queued
         with self._cond:
             busy = (self._held or self._pending or self._push_handlers or self._state_providers
                     or any(self._reclaim_handlers.values()))

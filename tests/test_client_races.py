@@ -5,6 +5,7 @@ in with the welcome. Each test failed before its fix."""
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import signal
@@ -458,3 +459,59 @@ def test_a_signal_as_an_acquire_starts_waiting_leaks_no_lease(
     finally:
         client.close()
         other.close()
+
+
+class _ClosesItsPool:
+    """An app object that closes its pool when dropped; a cycle, so freed by the collector."""
+
+    def __init__(self, pool: Any, done: list[str]) -> None:
+        self.pool, self.done, self.me = pool, done, self
+
+    def __del__(self) -> None:
+        self.pool.close(timeout=1)
+        self.done.append("closed")
+
+
+def _register_as_a_finalizer_closes(client: Client, pool: Any, threshold: int, done: list[str]) -> None:
+    gc.collect()
+    _ClosesItsPool(pool, done)  # garbage from here on, freed at the next collection
+    gc.set_threshold(threshold)
+    try:
+        client.add_state_provider(lambda: [])
+    finally:
+        gc.set_threshold(700, 10, 10)
+    done.append("returned")
+
+
+def test_a_finalizer_closing_a_pool_inside_a_handler_change_does_not_hang(
+        start_coordinator: Any, sock_path: str) -> None:
+    # The collector runs finalizers at any allocation; one that closes a pool
+    # (an app object dropping its pool) inside another pool's registration
+    # waited for the handler lock its own thread held: that thread hung for
+    # good (the client's background thread too, when it was the one). Swept
+    # over collection points; each attempt bounded.
+    start_coordinator({"r": 4})
+    keeper = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1), resource="r",
+                            coordinator=sock_path)
+    keeper.release(keeper.acquire(timeout=5))
+    client = keeper._client
+    assert client is not None
+    hung = False
+    try:
+        for threshold in range(1, 8):
+            other = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1), resource="r",
+                                   coordinator=sock_path)
+            other.release(other.acquire(timeout=5))
+            done: list[str] = []
+            thread = threading.Thread(target=_register_as_a_finalizer_closes,
+                                      args=(client, other, threshold, done), daemon=True)
+            thread.start()
+            thread.join(5)
+            hung = thread.is_alive()
+            assert not hung, f"hung at threshold {threshold}"
+            gc.collect()
+            assert "returned" in done and "closed" in done, (threshold, done)
+            assert other.status.value == "closed"
+    finally:
+        if not hung:  # a hung thread holds the client's lock: closing would hang too
+            keeper.close()
