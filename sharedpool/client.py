@@ -602,6 +602,10 @@ class Client:
                     elif self.connect_timeout is not None and now - since > self.connect_timeout + GRACE:
                         return  # _finish says why: unreachable
                 remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and self._sock is None and isinstance(pending.msg, p.Acquire):
+                    # No session holds the acquire, so no coordinator keeps its
+                    # deadline: the grace for a lost reply does not apply.
+                    remaining -= GRACE
                 if remaining is not None and remaining <= 0:
                     return
                 lead = self._sock is not None and self._read_lock.acquire(blocking=False)

@@ -135,21 +135,13 @@ def fill(pool: ConnectionPool[Any], count: int) -> None:
         except Exception as exc:  # noqa: BLE001 - retried next round
             if lease is not None and client is not None:
                 client.release(lease)
-            connecting = lease is not None or client is None  # the factory failed, not the lease
             with pool._lock:
                 pool._opening -= 1
                 pool._stalled -= 1
                 pool._returned.notify_all()  # a close() or drain() may be waiting for it
-                if connecting:
-                    pool._m["connect_errors"] += 1
-                first = connecting and not pool._top_up_failing
-                pool._top_up_failing = pool._top_up_failing or connecting
             pool._end_session_if_done()
-            # Nobody waits on a top-up to see its error: a database that is down
-            # must still show, once, not at every maintenance round.
-            log.log(logging.WARNING if first else logging.DEBUG,
-                    "pool %r: top-up to min_size stopped: %s%s", pool.name, exc,
-                    " (until one succeeds, later failures are logged at debug level)" if first else "")
+            # The factory failed, not the lease: a failed connect.
+            _top_up_failed(pool, "stopped", exc, connect=lease is not None or client is None)
             return
         wrapper = ConnectionWrapper(conn, pool, lease)
         pool._handoff.connected(time.monotonic() - t0)
@@ -157,7 +149,6 @@ def fill(pool: ConnectionPool[Any], count: int) -> None:
         with pool._lock:
             pool._opening -= 1
             pool._stalled -= 1
-            pool._top_up_failing = False
             pool._m["total_created"] += 1
             pool._all[wrapper.id] = wrapper
             pool._leased += lease is not None
@@ -166,11 +157,27 @@ def fill(pool: ConnectionPool[Any], count: int) -> None:
         if revoked:
             giveback.warn_revoked(pool, wrapper)
         if pool.configure is not None and (error := opening.setup(pool, wrapper, client)) is not None:
-            log.warning("pool %r: top-up to min_size: configure failed: %s", pool.name, error)
+            _top_up_failed(pool, "configure failed", error, connect=True)  # as for a caller's checkout
             return  # retried next round
+        with pool._lock:
+            pool._top_up_failing = False  # connected (and configured): the next failure warns again
         if pool.configure is None and client is not None and wrapper.backend_pid is not None:
             client.report_now()  # the fence must know its backend pid before it is used
         pool._park(wrapper)
+
+
+def _top_up_failed(pool: ConnectionPool[Any], what: str, error: object, connect: bool) -> None:
+    """Count a failed top-up connect (connections_errors) and log it: nobody
+    waits on a top-up to see its error, and a database that is down must still
+    show, once at warning, not at every maintenance round."""
+    with pool._lock:
+        if connect:
+            pool._m["connect_errors"] += 1
+        first = connect and not pool._top_up_failing
+        pool._top_up_failing = pool._top_up_failing or connect
+    log.log(logging.WARNING if first else logging.DEBUG, "pool %r: top-up to min_size %s: %s%s",
+            pool.name, what, error,
+            " (until one succeeds, later failures are logged at debug level)" if first else "")
 
 
 def check_leaks(pool: ConnectionPool[Any], now: float) -> None:

@@ -515,3 +515,17 @@ def test_a_finalizer_closing_a_pool_inside_a_handler_change_does_not_hang(
     finally:
         if not hung:  # a hung thread holds the client's lock: closing would hang too
             keeper.close()
+
+
+def test_an_acquire_with_no_coordinator_fails_at_its_timeout(tmp_path: Any) -> None:
+    # No session holds it, so no coordinator keeps its deadline: the half
+    # second of grace for a lost reply made it fail 0.5 s late (pool_timeout=0.2
+    # of the SQLAlchemy and redis integrations failed after 0.7 s).
+    client = Client(str(tmp_path / "nobody.sock"))
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(CoordinatorUnavailable):
+            client.acquire("r", 2.0)
+        assert time.monotonic() - t0 < 2.4  # was 2.5 at the least
+    finally:
+        client.close()

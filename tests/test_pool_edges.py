@@ -1051,12 +1051,24 @@ def test_leases_held_counts_a_close_the_server_has_not_confirmed(
         server.close()
 
 
-def test_failed_top_ups_are_counted_and_the_first_is_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("fails", ["connect", "configure"])
+def test_failed_top_ups_are_counted_and_the_first_is_a_warning(
+        caplog: pytest.LogCaptureFixture, fails: str) -> None:
     # Before: min_size top-ups that failed counted nowhere and logged at debug
-    # only: with nobody acquiring, a database that was down did not show at all.
+    # only (a failed connect: with nobody acquiring, a database that was down did
+    # not show at all) or at warning every round (a failed configure).
     caplog.set_level(logging.DEBUG, logger="sharedpool.pool")
-    factory = FakeFactory(fail=OSError("connection refused"))
-    pool = ConnectionPool(factory, PoolConfig(min_size=1, max_size=1, validation_interval=0.05))
+    factory = FakeFactory()
+    broken = [True]
+
+    def configure(conn: FakeConnection) -> None:
+        if broken[0]:
+            raise OSError("connection refused")
+
+    if fails == "connect":
+        factory.fail = OSError("connection refused")
+    pool = ConnectionPool(factory, PoolConfig(min_size=1, max_size=1, validation_interval=0.05),
+                          configure=configure if fails == "configure" else None)
     try:
         deadline = time.monotonic() + 5
         while factory.calls < 3 and time.monotonic() < deadline:
@@ -1064,7 +1076,7 @@ def test_failed_top_ups_are_counted_and_the_first_is_a_warning(caplog: pytest.Lo
         assert pool.get_stats()["connections_errors"] >= 2
         warned = [r for r in caplog.records if r.levelno == logging.WARNING and "top-up" in r.getMessage()]
         assert len(warned) == 1 and "connection refused" in warned[0].getMessage(), caplog.text
-        factory.fail = None  # recovers by itself
+        factory.fail, broken[0] = None, False  # recovers by itself
         while not pool.get_stats()["pool_available"] and time.monotonic() < deadline:
             time.sleep(0.02)
         assert pool.get_stats()["pool_available"] == 1
