@@ -426,7 +426,8 @@ class Client:
         coordinator asks for leases of ``resource`` back."""
         def add() -> None:
             handlers = self._reclaim_handlers
-            self._reclaim_handlers = {**handlers, resource: [*handlers.get(resource, ()), handler]}
+            if handler not in handlers.get(resource, ()):
+                self._reclaim_handlers = {**handlers, resource: [*handlers.get(resource, ()), handler]}
 
         self._change_handlers(add)
 
@@ -438,14 +439,16 @@ class Client:
         reconnect, ``"welcome"`` with ``args["resources"]``: the new session's
         limits and state (``"draining"``), for what the old session pushed."""
         def add() -> None:
-            self._push_handlers = [*self._push_handlers, handler]
+            if handler not in self._push_handlers:
+                self._push_handlers = [*self._push_handlers, handler]
 
         self._change_handlers(add)
 
     def add_state_provider(self, provider: Callable[[], list[list[Any]]]) -> None:
         """``provider()`` returns ``[lease, state, backend_pid, site]`` rows for reports."""
         def add() -> None:
-            self._state_providers = [*self._state_providers, provider]
+            if provider not in self._state_providers:
+                self._state_providers = [*self._state_providers, provider]
 
         self._change_handlers(add)
 
@@ -472,7 +475,11 @@ class Client:
             self._changing_handlers = True
             try:
                 while self._handler_changes:
-                    self._handler_changes.popleft()()
+                    # Dequeued once applied: cut short by a signal handler's
+                    # exception, it stays for the next applier (each change can
+                    # be applied twice), never lost to the thread that queued it.
+                    self._handler_changes[0]()
+                    self._handler_changes.popleft()
             finally:
                 self._changing_handlers = False
         return True
@@ -490,7 +497,11 @@ class Client:
         A pool that got this client from :meth:`for_path` a moment before, and
         has not registered its handlers yet, finds it :attr:`closed` and asks
         :meth:`for_path` again."""
-        self._change_handlers()  # what finalizers queued
+        if not self._change_handlers():  # what finalizers queued
+            # Re-entered (a finalizer inside a change on this thread): the
+            # changes are applied when it returns; look again after that.
+            self.call_later(0.0, self.close_if_unused)
+            return False
         with self._cond:
             busy = (self._held or self._pending or self._push_handlers or self._state_providers
                     or any(self._reclaim_handlers.values()))
@@ -585,7 +596,9 @@ class Client:
         be had for ``connect_timeout`` (then CoordinatorUnavailable)."""
         resource = pending.msg.resource if deadline is None and isinstance(pending.msg, p.Acquire) else None
         since = time.monotonic()
+        tried = False  # the last connect attempt, made here at the deadline with no session
         while True:
+            try_now = False
             with self._cond:
                 if pending.done:
                     return
@@ -604,15 +617,23 @@ class Client:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and self._sock is None and isinstance(pending.msg, p.Acquire):
                     # No session holds the acquire, so no coordinator keeps its
-                    # deadline: the grace for a lost reply does not apply.
+                    # deadline: the grace for a lost reply does not apply. But the
+                    # background thread's backoff may not try again before the
+                    # deadline: one last attempt here, for a coordinator just back.
                     remaining -= GRACE
-                if remaining is not None and remaining <= 0:
+                    try_now = remaining <= 0 and not tried
+                if remaining is not None and remaining <= 0 and not try_now:
                     return
-                lead = self._sock is not None and self._read_lock.acquire(blocking=False)
-                if not lead:
+                lead = not try_now and self._sock is not None and self._read_lock.acquire(blocking=False)
+                if try_now:
+                    tried = True
+                elif not lead:
                     # Not connected, or another thread reads: wait to be told.
                     self._cond.wait(FOLLOW_WAIT if remaining is None else min(remaining, FOLLOW_WAIT))
                     continue
+            if try_now:  # outside the lock: a connect is I/O
+                self._try_connect(deadline, force=True)
+                continue
             try:
                 self._read_until(pending, deadline)
             finally:

@@ -529,3 +529,74 @@ def test_an_acquire_with_no_coordinator_fails_at_its_timeout(tmp_path: Any) -> N
         assert time.monotonic() - t0 < 2.4  # was 2.5 at the least
     finally:
         client.close()
+
+
+def test_a_handler_change_cut_short_in_another_threads_applier_is_not_lost(tmp_path: Any) -> None:
+    # The applier took a queued change off the queue before running it: a
+    # signal handler's exception there lost another thread's registration (its
+    # pool never heard reclaims or pushes), silently.
+    client = Client(str(tmp_path / "none.sock"))
+    handler, provider = (lambda verb, resource, args: None), (lambda: [])
+    calls: list[int] = []
+
+    def queued_by_another_thread() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # as a signal handler would, mid-change
+        client._push_handlers = [*client._push_handlers, handler]
+
+    try:
+        client._handler_changes.append(queued_by_another_thread)
+        with pytest.raises(KeyboardInterrupt):
+            client.add_state_provider(provider)  # this thread applies the queue
+        client.remove_handlers()  # the next applier
+        assert client._push_handlers == [handler] and client._state_providers == [provider]
+    finally:
+        client.close()
+
+
+def test_an_acquire_tries_once_more_at_its_deadline_when_the_coordinator_is_back(
+        start_coordinator: Any, sock_path: str) -> None:
+    # With no session, the grace for a lost reply is not waited out; but the
+    # background thread's backoff (up to 1 s) may not try again before the
+    # deadline: a coordinator back 0.2 s before it was never reached.
+    client = Client(sock_path)
+    try:
+        with pytest.raises(CoordinatorUnavailable):
+            client.acquire("r", 0.2)  # nobody there yet
+        start_coordinator({"r": 1})
+        client._next_attempt = time.monotonic() + 30  # a long backoff in progress
+        lease = client.acquire("r", 0.5)
+        client.release(lease)
+    finally:
+        client.close()
+
+
+def test_the_last_pools_close_inside_a_handler_change_still_ends_the_session(
+        start_coordinator: Any, sock_path: str) -> None:
+    # A finalizer closing the process's last pool ran inside a handler change:
+    # its removal waited in the queue, close_if_unused saw a user and said no,
+    # and nothing looked again: the session never ended.
+    start_coordinator({"r": 1})
+    client = Client(sock_path)
+
+    def handler(verb: str, resource: str | None, args: dict[str, Any]) -> None:
+        pass
+
+    client.on_push(handler)
+    client.release(client.acquire("r", 5))
+    answers: list[bool] = []
+
+    def a_finalizer_runs_here() -> None:
+        client.remove_handlers(handler)  # queued: we are inside a change
+        answers.append(client.close_if_unused())
+
+    try:
+        client._change_handlers(a_finalizer_runs_here)
+        assert answers == [False]
+        deadline = time.monotonic() + 3
+        while not client.closed and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert client.closed
+    finally:
+        client.close()
