@@ -426,7 +426,7 @@ class Client:
         coordinator asks for leases of ``resource`` back."""
         def add() -> None:
             handlers = self._reclaim_handlers
-            if handler not in handlers.get(resource, ()):
+            if not any(h is handler for h in handlers.get(resource, ())):
                 self._reclaim_handlers = {**handlers, resource: [*handlers.get(resource, ()), handler]}
 
         self._change_handlers(add)
@@ -439,7 +439,7 @@ class Client:
         reconnect, ``"welcome"`` with ``args["resources"]``: the new session's
         limits and state (``"draining"``), for what the old session pushed."""
         def add() -> None:
-            if handler not in self._push_handlers:
+            if not any(h is handler for h in self._push_handlers):
                 self._push_handlers = [*self._push_handlers, handler]
 
         self._change_handlers(add)
@@ -447,7 +447,7 @@ class Client:
     def add_state_provider(self, provider: Callable[[], list[list[Any]]]) -> None:
         """``provider()`` returns ``[lease, state, backend_pid, site]`` rows for reports."""
         def add() -> None:
-            if provider not in self._state_providers:
+            if not any(h is provider for h in self._state_providers):
                 self._state_providers = [*self._state_providers, provider]
 
         self._change_handlers(add)
@@ -478,17 +478,23 @@ class Client:
                     # Dequeued once applied: cut short by a signal handler's
                     # exception, it stays for the next applier (each change can
                     # be applied twice), never lost to the thread that queued it.
-                    self._handler_changes[0]()
+                    try:
+                        self._handler_changes[0]()
+                    except Exception:  # a change that fails fails once (not a signal's exception)
+                        self._handler_changes.popleft()
+                        raise
                     self._handler_changes.popleft()
             finally:
                 self._changing_handlers = False
         return True
 
     def _remove_handlers(self, gone: tuple[Any, ...]) -> None:
-        self._reclaim_handlers = {resource: [h for h in hs if h not in gone]
+        # By identity: a handler's own __eq__ is not ours to call.
+        ids = {id(h) for h in gone}
+        self._reclaim_handlers = {resource: [h for h in hs if id(h) not in ids]
                                   for resource, hs in self._reclaim_handlers.items()}
-        self._push_handlers = [h for h in self._push_handlers if h not in gone]
-        self._state_providers = [h for h in self._state_providers if h not in gone]
+        self._push_handlers = [h for h in self._push_handlers if id(h) not in ids]
+        self._state_providers = [h for h in self._state_providers if id(h) not in ids]
 
     def close_if_unused(self) -> bool:
         """Close the session if no pool uses it and it holds and awaits nothing
@@ -596,9 +602,7 @@ class Client:
         be had for ``connect_timeout`` (then CoordinatorUnavailable)."""
         resource = pending.msg.resource if deadline is None and isinstance(pending.msg, p.Acquire) else None
         since = time.monotonic()
-        tried = False  # the last connect attempt, made here at the deadline with no session
         while True:
-            try_now = False
             with self._cond:
                 if pending.done:
                     return
@@ -615,25 +619,13 @@ class Client:
                     elif self.connect_timeout is not None and now - since > self.connect_timeout + GRACE:
                         return  # _finish says why: unreachable
                 remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and self._sock is None and isinstance(pending.msg, p.Acquire):
-                    # No session holds the acquire, so no coordinator keeps its
-                    # deadline: the grace for a lost reply does not apply. But the
-                    # background thread's backoff may not try again before the
-                    # deadline: one last attempt here, for a coordinator just back.
-                    remaining -= GRACE
-                    try_now = remaining <= 0 and not tried
-                if remaining is not None and remaining <= 0 and not try_now:
+                if remaining is not None and remaining <= 0:
                     return
-                lead = not try_now and self._sock is not None and self._read_lock.acquire(blocking=False)
-                if try_now:
-                    tried = True
-                elif not lead:
+                lead = self._sock is not None and self._read_lock.acquire(blocking=False)
+                if not lead:
                     # Not connected, or another thread reads: wait to be told.
                     self._cond.wait(FOLLOW_WAIT if remaining is None else min(remaining, FOLLOW_WAIT))
                     continue
-            if try_now:  # outside the lock: a connect is I/O
-                self._try_connect(deadline, force=True)
-                continue
             try:
                 self._read_until(pending, deadline)
             finally:
