@@ -303,7 +303,7 @@ class Client:
             # celery's soft time limit, Ctrl-C): nobody holds a ticket to wait for
             # or cancel it. Withdrawn here: a grant already in goes back, and one
             # still to come finds no pending request, so _dispatch hands it back.
-            if _into is None or not _into:
+            if not _into:  # not yet handed to the caller: withdrawn here
                 AcquireRequest(self, req, pending, None).cancel()
                 with self._cond:
                     self._pending.pop(req, None)

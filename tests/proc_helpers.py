@@ -3,7 +3,8 @@ running a function in forked children (multiprocessing, fork start method),
 threads hammering a pool, a worker exiting mid-query, a thread whose
 exception the test looks at, reading a raw socket until the peer closes it, a
 SIGALRM that raises (a signal handler's exception, as celery's soft time
-limit), and a server slow to let go of a closed client."""
+limit), an exception injected once where a signal could land, threads started
+a moment apart, and a server slow to let go of a closed client."""
 
 from __future__ import annotations
 
@@ -74,6 +75,53 @@ def wait_leased(sock: str, want: int, timeout: float = 5.0) -> int:
     while (n := leased(sock)) != want and time.monotonic() < deadline:
         time.sleep(0.02)
     return n
+
+
+def no_leases_of(sock: str, pid: int, timeout: float = 3.0) -> bool:
+    """Whether the coordinator holds no lease of ``pid`` (waiting up to ``timeout``)."""
+    client = Client(sock)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if not [x for x in client.inspect("leases")["leases"] if x["pid"] == pid]:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+    finally:
+        client.close()
+
+
+def interrupt_once(monkeypatch: Any, owner: type, name: str, exc: BaseException, *,
+                   after: bool = False, pause: float = 0.0) -> None:
+    """Make ``owner.name`` raise ``exc`` at its next call, as a signal handler's
+    exception would land there: before the real method runs (after ``pause``
+    seconds), or just after it returned (``after``). Later calls are the real ones."""
+    real = getattr(owner, name)
+    fire = [True]
+
+    def interrupted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not fire[0]:
+            return real(self, *args, **kwargs)
+        fire[0] = False
+        if after:
+            real(self, *args, **kwargs)
+        time.sleep(pause)
+        raise exc
+
+    monkeypatch.setattr(owner, name, interrupted)
+
+
+def run_staggered(target: Callable[[str], object], names: str, gap: float) -> None:
+    """Run ``target(name)`` in a thread named ``name`` for each of ``names``,
+    started ``gap`` seconds apart in that order; return once all have ended."""
+    threads = [threading.Thread(target=target, args=(n,), name=n) for n in names]
+    for i, thread in enumerate(threads):
+        if i:
+            time.sleep(gap)
+        thread.start()
+    for thread in threads:
+        thread.join(10)
 
 
 def run_in_child(fn: Callable[[], int]) -> int:

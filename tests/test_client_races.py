@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from fake_coordinator import FakeCoordinator
+from proc_helpers import interrupt_once
 
 from sharedpool import ConnectionPool, Coordinator, PoolConfig, Resource
 from sharedpool import protocol as p
@@ -435,24 +436,12 @@ def test_a_signal_as_an_acquire_starts_waiting_leaks_no_lease(
     # held by the client and by nobody else (another process timed out at the cap).
     import sharedpool.client as client_module
 
-    class SoftLimit(Exception):
-        pass
-
     start_coordinator({"r": 1})
-    real = client_module.AcquireRequest.wait
-    fire = [1]
-
-    def interrupted(self: Any) -> Any:
-        if fire[0]:
-            fire[0] = 0
-            time.sleep(0.2)  # granted meanwhile
-            raise SoftLimit("as a signal handler would")
-        return real(self)
-
-    monkeypatch.setattr(client_module.AcquireRequest, "wait", interrupted)
+    # As wait() starts, 0.2 s after the acquire went out: granted meanwhile.
+    interrupt_once(monkeypatch, client_module.AcquireRequest, "wait", KeyboardInterrupt(), pause=0.2)
     client, other = Client(sock_path), Client(sock_path)
     try:
-        with pytest.raises(SoftLimit):
+        with pytest.raises(KeyboardInterrupt):
             client.acquire("r", 5)
         other.release(other.acquire("r", 3))  # the slot is free again
         assert not client._held and not client._pending

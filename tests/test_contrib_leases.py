@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from proc_helpers import leased, run_in_child, wait_leased
+from proc_helpers import interrupt_once, leased, no_leases_of, run_in_child, run_staggered, wait_leased
 
 from sharedpool import Client, Resource
 from sharedpool.contrib._leases import LeaseBook
@@ -178,19 +178,11 @@ def test_an_acquire_interrupted_as_it_returns_is_forgotten_too(
 
     from sharedpool.contrib import _leases
 
-    class SoftLimit(Exception):
-        pass
-
     start_coordinator({"r": 1})
     book = LeaseBook("r", sock_path)
-    real = _leases._CancellableAcquire.__init__
-
-    def interrupted(self: Any, *args: Any) -> None:
-        real(self, *args)
-        raise SoftLimit("as a signal handler would")  # after request() returned
-
-    monkeypatch.setattr(_leases._CancellableAcquire, "__init__", interrupted)
-    with pytest.raises(SoftLimit):
+    # After request() returned, before the caller holds the ticket.
+    interrupt_once(monkeypatch, _leases._CancellableAcquire, "__init__", KeyboardInterrupt(), after=True)
+    with pytest.raises(KeyboardInterrupt):
         book.acquire(object(), 3, local=lambda: None)
     client = book.client
     assert client is not None and not client._pending
@@ -259,25 +251,11 @@ def test_a_thread_of_a_child_arriving_mid_reset_waits_for_it(start_coordinator: 
         def run(name: str) -> None:
             got[name] = book.connect(FakeConnection, 3)
 
-        threads = [threading.Thread(target=run, args=(n,), name=n) for n in "AB"]
-        threads[0].start()
-        time.sleep(0.1)
-        threads[1].start()
-        for t in threads:
-            t.join(10)
+        run_staggered(run, "AB", 0.1)
         _leases.threading = real_threading
         for conn in got.values():
             book.close(conn, conn.close)
-        client = Client(sock_path)
-        try:
-            deadline = time.monotonic() + 3
-            while time.monotonic() < deadline:
-                if not [x for x in client.inspect("leases")["leases"] if x["pid"] == os.getpid()]:
-                    return 0
-                time.sleep(0.05)
-            return 7  # a lease kept after both were closed
-        finally:
-            client.close()
+        return 0 if no_leases_of(sock_path, os.getpid()) else 7  # 7: a lease kept after both were closed
 
     try:
         assert run_in_child(child) == 0

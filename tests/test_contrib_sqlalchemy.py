@@ -17,9 +17,12 @@ from proc_helpers import (
     exit_mid_query,
     hammer,
     held_once_confirmed,
+    interrupt_once,
     leased,
+    no_leases_of,
     run_forked,
     run_in_child,
+    run_staggered,
     wait_leased,
 )
 from sqlalchemy import event, text
@@ -431,33 +434,31 @@ def test_a_signal_just_after_a_checkin_handed_over_its_connection_loses_nothing(
     assert wait_leased(sock_path, 0) == 0
 
 
-def test_a_signal_as_the_acquire_is_sent_leaks_no_lease(
+class _SoftLimit(Exception):
+    """What a signal handler raises (celery's soft time limit is an Exception)."""
+
+
+@pytest.mark.parametrize("where", ["as the acquire is sent", "as the acquire call returns"])
+def test_a_signal_around_the_acquire_leaks_no_lease(
         pg: str, start_coordinator: Any, sock_path: str, app_name: str,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, where: str) -> None:
     """The exception lands inside Client.request(), once the acquire is out but
     before any ticket exists to wait for or cancel it (where random SIGALRMs
-    landed in 5 runs of 6). Before, the lease granted next was held by the
-    process and owned by nobody, for good: with a cap of 1, the resource was
-    dead for every process."""
+    landed in 5 runs of 6); or one instruction later, the ticket made and
+    returned, before the caller holds it. Before, the lease granted next was
+    held by the process and owned by nobody, for good: with a cap of 1, the
+    resource was dead for every process."""
     import sharedpool.client as client_module
-
-    class SoftLimit(Exception):
-        pass
+    from sharedpool.contrib import _leases
 
     start_coordinator({"pg": Resource(max_size=1, acquire_timeout=3)})
     engine = engine_for(sock_path, app_name, pool_timeout=3)
-    real = client_module.AcquireRequest.__init__
-    fire = [1]
-
-    def interrupted(self: Any, *args: Any) -> None:  # runs in request(), after the send
-        if fire[0]:
-            fire[0] = 0
-            raise SoftLimit("as a signal handler would")
-        real(self, *args)
-
-    monkeypatch.setattr(client_module.AcquireRequest, "__init__", interrupted)
+    if where == "as the acquire is sent":  # AcquireRequest() runs in request(), after the send
+        interrupt_once(monkeypatch, client_module.AcquireRequest, "__init__", _SoftLimit())
+    else:
+        interrupt_once(monkeypatch, _leases._CancellableAcquire, "__init__", _SoftLimit(), after=True)
     try:
-        with pytest.raises(SoftLimit):
+        with pytest.raises(_SoftLimit):
             engine.connect()
         assert wait_leased(sock_path, 0) == 0  # granted, then handed straight back
         assert backend_pid(engine)  # the next checkout is served
@@ -508,38 +509,6 @@ def test_engines_made_and_dropped_leave_no_handlers_behind(
     assert client.close_if_unused()  # the session ends: nothing of the dropped engines is left
 
 
-def test_a_signal_as_the_acquire_call_returns_leaks_no_lease(
-        pg: str, start_coordinator: Any, sock_path: str, app_name: str,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """One instruction later than the test above: the acquire's ticket was made
-    and returned, and the exception lands before the caller holds it."""
-    from sharedpool.contrib import _leases
-
-    class SoftLimit(Exception):
-        pass
-
-    start_coordinator({"pg": Resource(max_size=1, acquire_timeout=3)})
-    engine = engine_for(sock_path, app_name, pool_timeout=3)
-    real = _leases._CancellableAcquire.__init__
-    fire = [1]
-
-    def interrupted(self: Any, *args: Any) -> None:
-        real(self, *args)
-        if fire[0]:
-            fire[0] = 0
-            raise SoftLimit("as a signal handler would")
-
-    monkeypatch.setattr(_leases._CancellableAcquire, "__init__", interrupted)
-    try:
-        with pytest.raises(SoftLimit):
-            engine.connect()
-        assert wait_leased(sock_path, 0) == 0
-        assert backend_pid(engine)
-    finally:
-        engine.dispose()
-    assert wait_leased(sock_path, 0) == 0
-
-
 @pytest.mark.parametrize("pause", ["book", "pool"])
 def test_two_threads_of_a_child_meeting_the_fork_at_once_lose_nothing(
         pg: str, start_coordinator: Any, sock_path: str, app_name: str, pause: str) -> None:
@@ -573,37 +542,22 @@ def test_two_threads_of_a_child_meeting_the_fork_at_once_lose_nothing(
         module.current_pid = slow_pid  # type: ignore[assignment]
         done_b = threading.Event()
 
-        def a() -> None:
+        def use(name: str) -> None:
             with engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
-                done_b.wait(5)
+                if name == "A":
+                    done_b.wait(5)  # holds its connection until B is done
+            if name == "B":
+                done_b.set()
 
-        def b() -> None:
-            with engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
-            done_b.set()
-
-        ta, tb = threading.Thread(target=a, name="A"), threading.Thread(target=b, name="B")
-        tb.start()
-        time.sleep(0.05)
-        ta.start()
-        ta.join(10)
-        tb.join(10)
+        run_staggered(use, "BA", 0.05)  # B first: it is the one switched out
         module.current_pid = real  # type: ignore[assignment]
         if pool.checkedout() != 0:
             return 4
         engine.dispose()
-        client = Client(sock_path)
-        try:
-            deadline = time.monotonic() + 3
-            while time.monotonic() < deadline:
-                mine = [x for x in client.inspect("leases")["leases"] if x["pid"] == os.getpid()]
-                if not mine:
-                    return 0 if fresh_counts else 3
-                time.sleep(0.05)
+        if not no_leases_of(sock_path, os.getpid()):
             return 5  # a lease of this child outlived dispose()
-        finally:
-            client.close()
+        return 0 if fresh_counts else 3
 
     try:
         assert run_in_child(child) == 0  # 3: the parent's counts, 4: checkouts lost, 5: a lease kept

@@ -10,7 +10,7 @@ from typing import Any
 
 import psycopg
 from pg_helpers import pg_dsn
-from proc_helpers import run_in_child
+from proc_helpers import run_in_child, run_staggered
 
 from sharedpool import Client, ConnectionPool, PoolConfig
 from sharedpool.testing import FakeFactory
@@ -378,12 +378,7 @@ def test_a_thread_that_finds_the_fork_reset_begun_waits_for_it_to_end() -> None:
             except Exception as exc:  # noqa: BLE001 - judged below
                 got[name] = exc
 
-        threads = [threading.Thread(target=run, args=(n,), name=n) for n in "AB"]
-        threads[0].start()
-        time.sleep(0.1)
-        threads[1].start()
-        for t in threads:
-            t.join(10)
+        run_staggered(run, "AB", 0.1)
         pool.config = real
         for w in got.values():
             if isinstance(w, Exception) or id(w.conn) in parents:

@@ -802,19 +802,18 @@ class LeaseBook:
             return
         ref = weakref.ref(self)
 
-        def again() -> None:
+        def again(first: bool = False) -> None:
             book = ref()
             if book is None or book._pid != current_pid():
                 return
-            book.sweep(gone)
+            if not first:
+                book.sweep(gone)
             with book._lock:
                 left = bool(book._entries)
-            if left:
+            if left:  # armed outside the book's lock: call_later takes the client's
                 client.call_later(every, again)
 
-        with self._lock:
-            if self._entries:
-                client.call_later(every, again)
+        again(first=True)
 
     def _release(self, client: Client, lease: Lease) -> None:
         client.release(lease)
