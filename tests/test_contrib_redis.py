@@ -270,3 +270,49 @@ def test_a_signal_as_the_lease_wait_starts_leaks_no_lease(start_coordinator: Any
     finally:
         pool.disconnect()
     assert wait_leased(sock_path, 0) == 0
+
+
+def test_a_pool_dropped_without_disconnect_gives_its_leases_back(
+        start_coordinator: Any, sock_path: str, redis_name: str) -> None:
+    """A pool garbage-collected without disconnect() (made per task, say): its
+    connection's lease stayed held until the process exited, so with a cap of
+    1 the second such pool waited out its timeout. Each lease now goes back
+    once Redis has dropped the client (CLIENT LIST never shows two)."""
+    import gc
+
+    start_coordinator({"redis": Resource(max_size=1)})
+    with ClientSampler(redis_name) as sampler:
+        for i in range(5):
+            pool = make_pool(sock_path, redis_name, max_connections=1, timeout=3)
+            r = redis.Redis(connection_pool=pool)
+            assert r.incr(f"{redis_name}:n") == i + 1  # within 3 s: the last pool's lease came back
+            del pool, r
+            gc.collect()  # redis-py's connections refer to their pool: a cycle
+    assert sampler.peak == 1
+    assert wait_leased(sock_path, 0) == 0 and clients_named(redis_name) == 0
+
+
+def test_a_connection_kept_after_its_pool_was_dropped_keeps_its_lease(
+        start_coordinator: Any, sock_path: str, redis_name: str) -> None:
+    """With RESP2 a connection does not refer to its pool: the pool can go while
+    the connection is still in use. It keeps working and keeps its lease (I1)
+    until it is collected too."""
+    import gc
+
+    start_coordinator({"redis": Resource(max_size=1)})
+    pool = make_pool(sock_path, redis_name, max_connections=1, protocol=2)
+    conn = pool.get_connection()
+    del pool
+    gc.collect()
+    conn.send_command("PING")
+    assert conn.read_response() in (b"PONG", "PONG")
+    other = make_pool(sock_path, redis_name, max_connections=1, timeout=0.3)
+    with pytest.raises(LeaseTimeout):
+        redis.Redis(connection_pool=other).ping()
+    del conn
+    gc.collect()
+    assert wait_leased(sock_path, 0) == 0 and clients_named(redis_name) == 0
+    other.timeout = 5
+    assert redis.Redis(connection_pool=other).ping()
+    other.disconnect()
+    assert wait_leased(sock_path, 0) == 0

@@ -12,13 +12,14 @@ releases what its parent holds (I7).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from .. import process
@@ -47,6 +48,7 @@ class _Entry:
     #: the client the lease came from: it goes back there even after shutdown()
     client: Client | None = None
     since: float = field(default_factory=time.monotonic)  # leased (before the connect)
+    pid: int = field(default_factory=current_pid)
 
 
 @dataclass(eq=False)
@@ -176,6 +178,43 @@ def _close_left(left: _Left) -> None:
                 log.exception("closing a connection of a collected %r pool failed", left.resource)
 
     threading.Thread(target=run, name=f"sharedpool-orphans-{left.resource}", daemon=True).start()
+
+
+_orphans_warned: set[str] = set()
+
+
+def close_orphan(entry: _Entry, sock: Any, resource: str, confirm_timeout: float) -> None:
+    """Close ``sock``, the socket of a connection whose book is gone (its pool
+    was garbage-collected with it: the connection's own ``__del__`` calls this),
+    then release ``entry``'s lease once the server has let go. All of it in a
+    thread: a finalizer must neither block nor take the client's lock, which
+    the collecting thread may hold. The caller has detached ``sock`` from its
+    connection and must not shut it down for reading (that fakes the EOF)."""
+    lease, client = entry.lease, entry.client
+    entry.lease = None
+    if lease is None or client is None or entry.pid != current_pid():
+        sock.close()
+        return
+    level = logging.DEBUG if resource in _orphans_warned else logging.WARNING
+    _orphans_warned.add(resource)
+    log.log(level, "%r: a pool was garbage-collected without disconnect(); closing its "
+            "connection and returning its lease", resource)
+
+    def back(confirmed: bool) -> None:
+        client.release(lease)
+
+    def run() -> None:
+        try:
+            # A socket's close() leaves the dup open: the FIN goes out, the EOF is real.
+            if close_and_confirm(sock, confirm_timeout, on_late=back):
+                back(True)
+        except Exception:  # noqa: BLE001 - the session's end covers the rest
+            log.exception("closing a connection of a collected %r pool failed", resource)
+
+    try:
+        threading.Thread(target=run, name=f"sharedpool-orphan-{resource}", daemon=True).start()
+    except RuntimeError:  # no thread to be had: the lease stays held until the session ends
+        sock.close()
 
 
 class LeaseBook:
@@ -712,13 +751,27 @@ class LeaseBook:
         entry = self._entries.get(id(key))
         return entry is not None and entry.key is key
 
+    def orphan_closer(self, key: Any) -> Callable[[Any], None] | None:
+        """For a connection to keep (None if ``key`` is not tracked): called with
+        its detached socket once this book is gone, it closes the socket and
+        gives the lease back (see :func:`close_orphan`)."""
+        entry = self._entries.get(id(key))
+        if entry is None or entry.key is not key:
+            return None
+        return functools.partial(close_orphan, entry, resource=self.resource,
+                                 confirm_timeout=self.confirm_timeout)
+
     def _pop(self, key: Any) -> _Entry | None:
+        """Stop tracking ``key``; the record returned is the only one left
+        holding its lease (a connection keeping it sees it no longer does)."""
         with self._lock:
             entry = self._entries.get(id(key))
             if entry is None or entry.key is not key:
                 return None
             del self._entries[id(key)]
-        return entry
+            popped = replace(entry)
+            entry.lease = None
+        return popped
 
     def close(self, key: Any, closer: Callable[[], object] | None = None, *,
               half_close_first: bool = False, reclaimed: bool = False) -> bool:

@@ -21,7 +21,8 @@ A lease that does not come in time raises :class:`LeaseTimeout` from
 own pool is exhausted, so ``except redis.RedisError`` catches both) and a
 :class:`sharedpool.PoolTimeout`. Call ``pool.disconnect()`` (or
 ``pool.close()``) at shutdown: ``Redis.close()`` leaves a pool it was given
-open. After a fork, redis-py resets the pool in the child; the parent's
+open (a pool garbage-collected with its connections gives their leases back
+then, with a warning). After a fork, redis-py resets the pool in the child; the parent's
 connections and leases are left alone and the child opens its own.
 """
 
@@ -32,7 +33,7 @@ import os
 import queue
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis
@@ -90,6 +91,8 @@ class LeasedConnectionMixin:
     ``_sp_pool`` refers (weakly) to it."""
 
     _sp_pool: weakref.ref[BlockingConnectionPool]
+    #: closes the socket and gives the lease back once the pool is gone (close_orphan)
+    _sp_orphan: Callable[[Any], None] | None = None
     _sock: Any
     pid: int
 
@@ -127,14 +130,27 @@ class LeasedConnectionMixin:
                 book.opened(self, failed=True)
             raise
         book.opened(self)
+        self._sp_orphan = book.orphan_closer(self)
 
     def disconnect(self, *args: Any, **kwargs: Any) -> None:
         parent = super().disconnect  # type: ignore[misc]
         pool = self._sp_pool()
         # Made in another process (inherited across fork): redis-py closes our
         # copy of the fd without shutdown(), and the lease is the parent's (I7).
-        if pool is None or self._sock is None or self.pid != os.getpid():
+        if self._sock is None or self.pid != os.getpid():
             parent(*args, **kwargs)
+            return
+        if pool is None:
+            # Our own __del__: the pool was collected with us (dropped without
+            # disconnect()). redis-py's shutdown would fake the server's EOF:
+            # the socket is taken away first, closed and confirmed elsewhere.
+            orphan = getattr(self, "_sp_orphan", None)
+            sock = self._sock
+            if orphan is not None:
+                self._sock = None
+            parent(*args, **kwargs)
+            if orphan is not None:
+                orphan(sock)
             return
         book = pool.lease_book
         if not book.owns(self):
