@@ -6,6 +6,7 @@ answered success and the connections lived on."""
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -122,3 +123,63 @@ def test_drain_and_resume_reach_a_psycopg_pool(admin: Client, sock_path: str, ap
             assert conn.execute("SELECT 1").fetchone() == (1,)
     finally:
         pool.close()
+
+
+@pytest.mark.parametrize("integration", ["sqlalchemy", "psycopg_pool", "redis"])
+def test_a_revoked_lease_closes_an_integrations_connections(
+        start_coordinator: Any, sock_path: str, app_name: str, integration: str) -> None:
+    """A coordinator restarted without the resource revokes the leases it cannot
+    take back: those connections count against no cap. They stayed open, in
+    the host pool, for as long as it kept them; now the idle one is closed at
+    once and the one in use at its checkin, like a sharedpool pool's."""
+    first = start_coordinator({"pg": 2})
+    dsn = f"{pg_dsn()} application_name={app_name}"
+    opened = functools.partial(_backends, app_name)
+    if integration == "redis":
+        import redis
+
+        from sharedpool.contrib.redis import BlockingConnectionPool
+
+        rpool = BlockingConnectionPool(host="127.0.0.1", port=6379, client_name=app_name, resource="pg",
+                                       coordinator=sock_path, max_connections=2, timeout=5)
+        held = rpool.get_connection()
+        redis.Redis(connection_pool=rpool).ping()
+
+        def opened() -> int:
+            r = redis.Redis(host="127.0.0.1", port=6379)
+            try:
+                return sum(1 for c in r.client_list() if c.get("name") == app_name)
+            finally:
+                r.close()
+
+        check_in, close = (lambda: rpool.release(held)), rpool.disconnect
+    elif integration == "sqlalchemy":
+        from sqlalchemy import text
+
+        from sharedpool.contrib.sqlalchemy import create_engine
+
+        engine = create_engine(f"postgresql+psycopg://postgres@127.0.0.1:5432/test?application_name={app_name}",
+                               resource="pg", coordinator=sock_path, pool_size=2, max_overflow=0)
+        busy = engine.connect()
+        busy.execute(text("SELECT 1"))
+        with engine.connect() as idle:
+            idle.execute(text("SELECT 1"))
+        check_in, close = busy.close, engine.dispose
+    else:
+        from sharedpool.contrib.psycopg import ConnectionPool as PsycopgPool
+
+        pool = PsycopgPool(dsn, resource="pg", coordinator=sock_path, min_size=0, max_size=2,
+                           timeout=5, open=True)
+        raw = pool.getconn()
+        with pool.connection() as conn:
+            conn.execute("SELECT 1")
+        check_in, close = (lambda: pool.putconn(raw)), pool.close
+    try:
+        assert _until(lambda: opened() == 2)
+        first.kill()
+        start_coordinator({"other": 2})  # "pg" is gone from the new configuration
+        assert _until(lambda: opened() == 1, 10), "the idle revoked connection stayed open"
+        check_in()
+        assert _until(lambda: opened() == 0), "the revoked connection outlived its checkin"
+    finally:
+        close()

@@ -49,6 +49,8 @@ class _Entry:
     client: Client | None = None
     since: float = field(default_factory=time.monotonic)  # leased (before the connect)
     pid: int = field(default_factory=current_pid)
+    #: the coordinator did not take the lease back after a restart: close at checkin
+    revoked: bool = False
 
 
 @dataclass(eq=False)
@@ -327,6 +329,7 @@ class LeaseBook:
         self._waits: list[_Wait] = []
         self._recheck = False  # a recheck is scheduled
         self._closing = 0  # leases of closed connections, kept until the server lets go
+        self._revoked = 0  # tracked connections whose lease was revoked
         self._handoff = HandOffCost()
         self._client: Client | None = None
         self._handlers: tuple[Any, ...] = ()
@@ -477,19 +480,26 @@ class LeaseBook:
                         "at checkin", self.resource, verb, given)
 
     def _revoke(self, lease_id: Any, why: Any) -> None:
-        """The coordinator did not take this lease back after a restart. The
-        host library owns the connection, so it is not closed here: it is
-        tracked without a lease (not reported, never released) until the host
-        pool closes it, and said loudly, since it counts against no cap."""
+        """The coordinator did not take this lease back after a restart: its
+        connection counts against no cap now. It is tracked without a lease
+        (not reported, never released) and closed at its checkin
+        (:meth:`owes_back`); as many idle connections as were revoked are
+        closed now, through the host pool. When a resource left the
+        configuration every lease of the book is revoked, so that is all of
+        its idle ones; otherwise a revoked idle one may wait for its next use."""
         if self._pid != current_pid():
             return
         with self._lock:
             found = [e for e in self._entries.values() if e.lease is not None and e.lease.id == lease_id]
             for entry in found:
-                entry.lease = None
-        if found:
-            log.warning("%r lease %s revoked by the coordinator (%s): its connection stays open, "
-                        "counted nowhere, until the pool closes it", self.resource, lease_id, why)
+                entry.lease, entry.revoked = None, True
+            self._revoked += len(found)
+        if not found:
+            return
+        closed = self._reclaim(len(found)) if self._reclaim is not None else 0
+        log.warning("%r lease %s revoked by the coordinator (%s): its connection counts against no "
+                    "cap; %s", self.resource, lease_id, why,
+                    "an idle connection was closed" if closed else "it is closed at its checkin")
 
     def _states(self) -> list[list[Any]]:
         if self._pid != current_pid():
@@ -769,6 +779,7 @@ class LeaseBook:
             if entry is None or entry.key is not key:
                 return None
             del self._entries[id(key)]
+            self._revoked -= entry.revoked
             popped = replace(entry)
             entry.lease = None
         return popped
@@ -879,6 +890,10 @@ class LeaseBook:
         coordinator asked for leases back and this one is older than the
         resource's fairness quantum. Cheap: the checkin fast path calls it."""
         client = self._client
+        if self._revoked and self._pid == current_pid():
+            entry = self._entries.get(id(key))
+            if entry is not None and entry.key is key and entry.revoked:
+                return True
         if self._admin_state is not None and self._pid == current_pid():
             entry = self._entries.get(id(key))
             return entry is not None and entry.key is key and entry.lease is not None
