@@ -8,7 +8,6 @@ import contextlib
 import errno
 import fcntl
 import grp
-import json
 import logging
 import os
 import signal
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import CoordinatorConfig, Resource, config_from_parts
 from .errors import ConfigError, SharedPoolError
+from .marker import MarkerKeeper, handed_on, marker_path, read_marker, remove_marker, write_marker
 
 if TYPE_CHECKING:
     from .program import EmbeddedCoordinator
@@ -126,30 +126,8 @@ def _clear_stale(path: str) -> bool:
 
 
 def restart_marker(config: CoordinatorConfig) -> str:
-    """Left by a clean stop while leases were out: the next start is a restart."""
-    return config.socket_path + ".restart"
-
-
-def _read_marker(marker: str) -> dict[str, list[Any]]:
-    """What a clean stop handed on in its marker: ``"fenced"``, the dead
-    processes' leases still fenced, and ``"held"``, the live processes' leases
-    (each [] when absent, for the old one-line format or an unreadable file)."""
-    try:
-        with open(marker) as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        data = None
-    out: dict[str, list[Any]] = {}
-    for key in ("fenced", "held", "late"):
-        value = data.get(key) if isinstance(data, dict) else None
-        out[key] = value if isinstance(value, list) else []
-    return out
-
-
-def _write_marker(marker: str, handed: dict[str, list[Any]]) -> None:
-    with contextlib.suppress(OSError), open(marker, "w") as f:
-        json.dump({"pid": os.getpid(), "fenced": handed.get("fenced", []),
-                   "held": handed.get("held", []), "late": handed.get("late", [])}, f)
+    """Kept while serving, left by a stop while leases were out: the next start is a restart."""
+    return marker_path(config.socket_path)
 
 
 def _give_to_group(path: str, gid: int) -> None:
@@ -182,8 +160,8 @@ def bind_socket(config: CoordinatorConfig) -> tuple[socket.socket, bool, dict[st
         handed: dict[str, list[Any]] = {}
         if os.path.exists(marker):
             restarted = True
-            handed = _read_marker(marker)
-            os.unlink(marker)
+            handed = read_marker(marker)
+            remove_marker(marker)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)  # no window in which the socket is more open than 0600
         try:
@@ -202,7 +180,7 @@ def bind_socket(config: CoordinatorConfig) -> tuple[socket.socket, bool, dict[st
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             if restarted:  # this start took the evidence of a restart away: put it back
-                _write_marker(marker, handed)
+                write_marker(marker, handed)
             raise
     finally:
         os.close(lock)  # releases the flock
@@ -245,6 +223,10 @@ async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool
         if handed.get("fenced"):  # a dead process's backend may still count on the server
             server.apply(server.ledger.restore_fenced(handed["fenced"], loop.time(),
                                                       handed.get("late", [])))
+        # Kept current from here on: a SIGKILL hands on nearly what a clean stop would.
+        keeper = MarkerKeeper(restart_marker(config), loop)
+        keeper.write(handed_on(server, loop.time()))
+        server.on_change.append(keeper.changed)
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
@@ -256,20 +238,13 @@ async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool
         served = True
         await stop.wait()
         log.info("coordinator stopping: %d session(s) open", len(server.sessions))
-        fenced_now = server.ledger.fenced_state(loop.time())
-        held_now = server.ledger.held_state()
-        late_now = server.ledger.late_state()
-        # Still in a restart's grace: processes may hold leases not re-registered yet.
-        holding = server.ledger.hold_until is not None and loop.time() < server.ledger.hold_until
-        if fenced_now or holding or held_now:
-            # Processes keep their connections: the next coordinator must wait for
-            # them. Dead ones' fenced slots are handed over: their backends may
-            # still be on the server (a query running on), and count there. So
-            # are live ones' leases: one that dies before re-registering them
-            # may leave a query running too.
-            with contextlib.suppress(OSError), open(restart_marker(config), "w") as f:
-                json.dump({"pid": os.getpid(), "fenced": fenced_now, "held": held_now,
-                           "late": late_now}, f)
+        # Processes keep their connections: the next coordinator must wait for
+        # them. Dead ones' fenced slots are handed over: their backends may
+        # still be on the server (a query running on), and count there. So are
+        # live ones' leases: one that dies before re-registering them may leave
+        # a query running too. Before we stop accepting: a coordinator that
+        # takes the path over after that owns the marker.
+        keeper.stop(server)
         aserver.close()
         for session in list(server.sessions.values()):
             if session.transport is not None:
@@ -287,7 +262,7 @@ async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(config.socket_path)
             if restarted and not served:  # a failed start hands the restart on
-                _write_marker(restart_marker(config), handed or {})
+                write_marker(restart_marker(config), handed or {})
 
 
 def _file_id(path: str) -> tuple[int, int, int] | None:

@@ -328,6 +328,81 @@ def test_a_clean_restart_keeps_the_fence_of_a_dead_process(start_coordinator: An
         newcomer.close()
 
 
+def test_a_sigkilled_coordinator_hands_on_the_fence_of_a_dead_process(start_coordinator: Any,
+                                                                     sock_path: str) -> None:
+    """As a clean stop does: the marker is kept current while serving. Before,
+    a coordinator killed with SIGKILL handed nothing on, and the dead
+    process's slot was free once the restart grace had passed (its backend
+    possibly still running a query: over the cap as the server counts)."""
+    from sharedpool import Resource
+
+    first = start_coordinator({"r": Resource(max_size=1, quarantine_delay=6)})
+    dead, newcomer = Client(sock_path), Client(sock_path)
+    try:
+        dead.acquire("r", timeout=5)
+        dead.close()  # gone with its lease: fenced for quarantine_delay
+        time.sleep(0.3)  # the fence is on the marker within 20 ms
+        first.kill()
+        t0 = time.monotonic()
+        start_coordinator({"r": Resource(max_size=1, quarantine_delay=6)}, restart_grace=0.5)
+        with pytest.raises(PoolTimeout):  # past the restart grace, still fenced
+            newcomer.acquire("r", timeout=2.0)
+        lease = newcomer.acquire("r", timeout=10)  # once the fence's time is up
+        assert time.monotonic() - t0 < 9
+        newcomer.release(lease)
+    finally:
+        newcomer.close()
+
+
+def test_a_sigkilled_coordinator_hands_on_the_leases_of_a_process_dying_meanwhile(
+        start_coordinator: Any, sock_path: str) -> None:
+    """A process holding a lease dies while the coordinator is down (killed
+    with SIGKILL): it never re-registers, and its backend may still run a
+    query. Its lease was on the marker: fenced once the grace ends, not free."""
+    from sharedpool import Resource
+
+    limits = Resource(max_size=1, quarantine_delay=4)
+    first = start_coordinator({"r": limits})
+    holder, newcomer = Client(sock_path), Client(sock_path)
+    try:
+        holder.acquire("r", timeout=5)
+        time.sleep(0.3)
+        first.kill()
+        holder.close()  # dies while no coordinator is up
+        t0 = time.monotonic()
+        start_coordinator({"r": limits}, restart_grace=0.5)
+        with pytest.raises(PoolTimeout):  # the grace, then the fence
+            newcomer.acquire("r", timeout=2.5)
+        lease = newcomer.acquire("r", timeout=10)
+        assert time.monotonic() - t0 < 8
+        newcomer.release(lease)
+    finally:
+        holder.close()
+        newcomer.close()
+
+
+def test_a_clean_stop_with_nothing_out_leaves_no_marker(start_coordinator: Any, sock_path: str) -> None:
+    """The marker kept while serving goes when nothing is left to hand on: the
+    next start is a fresh one, granting at once."""
+    first = start_coordinator({"r": 1})
+    client = Client(sock_path)
+    try:
+        lease = client.acquire("r", timeout=5)
+        time.sleep(0.2)
+        assert os.path.exists(sock_path + ".restart")
+        client.release(lease)
+        time.sleep(0.2)
+        assert not os.path.exists(sock_path + ".restart")
+        first.stop()
+        assert not os.path.exists(sock_path + ".restart")
+        start_coordinator({"r": 1}, restart_grace=30)
+        t0 = time.monotonic()
+        client.release(client.acquire("r", timeout=5))
+        assert time.monotonic() - t0 < 5  # no restart grace held it
+    finally:
+        client.close()
+
+
 def test_a_lease_refused_while_its_connection_opens_is_not_kept(start_coordinator: Any,
                                                                 sock_path: str) -> None:
     """The revoke can come while the factory still runs under the lease: the

@@ -1,0 +1,131 @@
+"""The restart marker: what a coordinator hands on to the next one on its path.
+
+A file next to the socket (``<socket>.restart``) holding the dead processes'
+fenced leases (their backends may still run a query), the live processes'
+leases (counted until re-registered; fenced if their process died meanwhile)
+and which fences may belong to a live process. A start that finds it is a
+restart (see :func:`sharedpool.coordinator.bind_socket`).
+
+A clean stop used to be the only writer, so a coordinator killed with SIGKILL
+handed nothing on: a dead worker's slot was free once ``restart_grace`` had
+passed, its query possibly still running. :class:`MarkerKeeper` keeps the
+file current while serving instead, coalesced to one write per
+:data:`KEEP_EVERY` at most, each atomic (a rename): a SIGKILL loses only the
+changes of that last moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from typing import Any
+
+log = logging.getLogger("sharedpool.coordinator")
+
+#: The longest a change waits before the marker shows it.
+KEEP_EVERY = 0.02
+
+_KEYS = ("fenced", "held", "late")
+
+
+def marker_path(socket_path: str) -> str:
+    """Where the coordinator serving ``socket_path`` keeps its marker."""
+    return socket_path + ".restart"
+
+
+def read_marker(path: str) -> dict[str, list[Any]]:
+    """What the previous coordinator handed on: ``"fenced"``, the dead
+    processes' leases still fenced, ``"held"``, the live processes' leases,
+    and ``"late"`` (each [] when absent, for an old format or an unreadable file)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        data = None
+    out: dict[str, list[Any]] = {}
+    for key in _KEYS:
+        value = data.get(key) if isinstance(data, dict) else None
+        out[key] = value if isinstance(value, list) else []
+    return out
+
+
+def write_marker(path: str, handed: dict[str, list[Any]]) -> None:
+    """Write the marker whole or not at all (a SIGKILL mid-write leaves the
+    previous one); an error is logged: the coordinator serves on."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump({"pid": os.getpid(), **{k: handed.get(k, []) for k in _KEYS}}, f)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.error("cannot write the restart marker %s: %s", path, exc)
+
+
+def remove_marker(path: str) -> None:
+    for name in (path, path + ".tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
+
+
+def handed_on(server: Any, now: float) -> dict[str, list[Any]] | None:
+    """What this coordinator would hand on now; None when nothing (no lease
+    out, no fence, not inside a restart's grace: the next start is a fresh one)."""
+    ledger = server.ledger
+    handed = {"fenced": ledger.fenced_state(now), "held": ledger.held_state(),
+              "late": ledger.late_state()}
+    # Inside a restart's grace: processes may hold leases not re-registered yet.
+    holding = ledger.hold_until is not None and now < ledger.hold_until
+    return handed if holding or any(handed.values()) else None
+
+
+def _without_time_left(handed: dict[str, list[Any]] | None) -> Any:
+    # A fence's time left changes by itself; rewritten only on a real change
+    # (the time left then is never shorter than the true one: on the safe side).
+    if handed is None:
+        return None
+    return (handed["held"], handed["late"], [entry[:4] + entry[5:] for entry in handed["fenced"]])
+
+
+class MarkerKeeper:
+    """Keeps the marker current while a coordinator serves (a server observer)."""
+
+    def __init__(self, path: str, loop: asyncio.AbstractEventLoop,
+                 every: float = KEEP_EVERY) -> None:
+        self.path, self._loop, self._every = path, loop, every
+        self._timer: asyncio.TimerHandle | None = None
+        self._last: Any = None
+        self._stopped = False
+
+    def __repr__(self) -> str:
+        return f"<MarkerKeeper {self.path} pending={self._timer is not None}>"
+
+    def changed(self, server: Any) -> None:
+        """The ledger may have changed: write within :data:`KEEP_EVERY`."""
+        if self._timer is None and not self._stopped:
+            self._timer = self._loop.call_later(self._every, self._keep, server)
+
+    def _keep(self, server: Any) -> None:
+        self._timer = None
+        self.write(handed_on(server, self._loop.time()), only_if_changed=True)
+
+    def write(self, handed: dict[str, list[Any]] | None, only_if_changed: bool = False) -> None:
+        """Write ``handed`` (None: remove the marker)."""
+        shape = _without_time_left(handed)
+        if only_if_changed and shape == self._last:
+            return
+        self._last = shape
+        if handed is None:
+            remove_marker(self.path)
+        else:
+            write_marker(self.path, handed)
+
+    def stop(self, server: Any) -> None:
+        """At a clean stop: write what is handed on now, and keep no more."""
+        self._stopped = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.write(handed_on(server, self._loop.time()))
