@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import redis
 from pg_helpers import pg  # noqa: F401  (re-exported fixture)
 
 from sharedpool import Coordinator
@@ -52,3 +53,26 @@ def start_coordinator(sock_path: str) -> Iterator[Callable[..., Coordinator]]:
 def app_name() -> str:
     """A unique PostgreSQL application_name, to count this test's backends only."""
     return f"sp-test-{uuid.uuid4().hex[:10]}"
+
+
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+
+
+@pytest.fixture
+def redis_name() -> Iterator[str]:
+    """A client name (and key prefix) of this test's own; skips without Redis
+    (fails instead with SHAREDPOOL_REQUIRE_REDIS=1)."""
+    try:
+        redis.Redis(host=REDIS_HOST, port=REDIS_PORT, socket_connect_timeout=2).ping()
+    except redis.RedisError as exc:
+        why = f"Redis at {REDIS_HOST}:{REDIS_PORT} is not reachable ({exc}); start redis-server"
+        if os.environ.get("SHAREDPOOL_REQUIRE_REDIS") == "1":
+            pytest.fail(why, pytrace=False)
+        pytest.skip(why)
+    name = f"sp-test-{uuid.uuid4().hex[:10]}"
+    yield name
+    r = redis.Redis(host=REDIS_HOST, port=REDIS_PORT)
+    keys = list(r.scan_iter(f"{name}*"))
+    if keys:
+        r.delete(*keys)
+    r.close()

@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,26 +16,6 @@ from sharedpool import PoolTimeout, Resource
 from sharedpool.contrib.redis import BlockingConnectionPool, LeaseTimeout
 
 HOST, PORT = "127.0.0.1", 6379
-
-
-@pytest.fixture
-def redis_name() -> Iterator[str]:
-    """A client name (and key prefix) of this test's own; skips without Redis
-    (fails instead with SHAREDPOOL_REQUIRE_REDIS=1)."""
-    try:
-        redis.Redis(host=HOST, port=PORT, socket_connect_timeout=2).ping()
-    except redis.RedisError as exc:
-        why = f"Redis at {HOST}:{PORT} is not reachable ({exc}); start redis-server"
-        if os.environ.get("SHAREDPOOL_REQUIRE_REDIS") == "1":
-            pytest.fail(why, pytrace=False)
-        pytest.skip(why)
-    name = f"sp-test-{uuid.uuid4().hex[:10]}"
-    yield name
-    r = redis.Redis(host=HOST, port=PORT)
-    keys = list(r.scan_iter(f"{name}*"))
-    if keys:
-        r.delete(*keys)
-    r.close()
 
 
 def clients_named(name: str) -> int:
