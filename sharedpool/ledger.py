@@ -545,18 +545,21 @@ class Ledger:
         """Time passed: expire waiters and fences that are due."""
         effects: list[Effect] = []
         touched: set[str] = set()
-        if self.hold_until is not None and now >= self.hold_until:
-            self.hold_until = None  # re-registration window over: serve the queues
-            touched.update(self.resources)
-            effects += self._fence_unclaimed()
+        # Waiters first, while the hold is still known: one whose time ran out
+        # in a restart's hold is told so, not that every lease is held.
         while self._deadlines and self._deadlines[0][0] <= now:
             _, _, waiter = heapq.heappop(self._deadlines)
             if not waiter.active:
                 continue
             res = self.resources[waiter.resource]
             res.timeouts += 1
-            effects.append(self._drop_waiter(res, waiter, "timeout", self._why_full(res, None)))
+            why = self._why_full(res, None, waiter.deadline)
+            effects.append(self._drop_waiter(res, waiter, "timeout", why))
             touched.add(res.name)
+        if self.hold_until is not None and now >= self.hold_until:
+            self.hold_until = None  # re-registration window over: serve the queues
+            touched.update(self.resources)
+            effects += self._fence_unclaimed()
         for res in self.resources.values():
             due = [lid for lid, f in res.fenced.items() if f.until <= now]
             for lid in due:

@@ -1,4 +1,4 @@
-"""The lease ledger: unit tests, then a hypothesis state machine for I1–I3.
+"""The lease ledger: unit tests, then a hypothesis state machine for I1–I4.
 
 The ledger is pure: time is an argument and the results are effect objects,
 so every test here runs without sockets, processes or sleeps.
@@ -7,8 +7,9 @@ so every test here runs without sockets, processes or sleeps.
 from __future__ import annotations
 
 import itertools
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import pytest
@@ -917,7 +918,7 @@ def test_fenced_leases_show_in_the_snapshot() -> None:
     assert lg.snapshot_leases(T0) == [] and lg.snapshot_sessions(T0) == []
 
 
-# ------------------------------------------------------------------- state machine (I1–I3)
+# ------------------------------------------------------------------- state machine (I1–I4)
 
 DENY_REASONS = {"timeout", "unknown_resource", "too_many_waiters", "draining", "failing"}
 
@@ -951,7 +952,9 @@ class LedgerMachine(RuleBasedStateMachine):
     """Drives a Ledger with random calls and keeps a model of what the effects
     said: who holds which lease, which requests still wait for an answer,
     which leases are fenced until when. Every effect is checked as it is
-    applied, and the ledger is checked against the model after every step."""
+    applied, and the ledger is checked against the model after every step.
+    The model knows of restart holds, and of processes away across a restart:
+    :class:`RestartMachine` adds the rules that make them."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -967,6 +970,14 @@ class LedgerMachine(RuleBasedStateMachine):
         self.max_id = 0
         self.over: set[str] = set()  # resources a resize or re-registration pushed over the cap
         self.giver: int | None = None  # the session whose give-back is being granted
+        # -- restarts (I4)
+        self.base: dict[str, Resource] = {}  # the config file's resources, as first written
+        self.hold: float | None = None  # the ledger's restart hold, until a tick ends it
+        self.grace_end = T0  # when the current coordinator's grace ended (or ends)
+        self.away: dict[int, dict[int, tuple[str, int]]] = {}  # pid -> lease -> (resource, token)
+        self.awaited: set[int] = set()  # fenced: handed on as held, awaited from their process
+        self.unclaimed: set[int] = set()  # fenced when a hold ended unclaimed (the process may be late)
+        self.vanished: set[int] = set()  # pids that died while away: never come back
 
     # -- model helpers
 
@@ -1002,6 +1013,10 @@ class LedgerMachine(RuleBasedStateMachine):
                 seen[s] = seen.get(s, 0) + 1
         own = cap is None or self.count(sid, r) + seen.get(sid, 0) < cap
         return sum(seen.values()), own
+
+    @staticmethod
+    def delay(limits: Resource) -> float:
+        return limits.fence_timeout if limits.monitor_dsn else limits.quarantine_delay
 
     def note_over(self, r: str) -> None:
         if self.leased(r) > self.limits(r).max_size:
@@ -1059,7 +1074,9 @@ class LedgerMachine(RuleBasedStateMachine):
         # ids and tokens only grow
         assert lease.id > self.max_id and lease.token == lease.id, (lease, self.max_id)
         self.max_id = lease.id
-        # I1: a grant only ever fills a free slot
+        # I4: nothing is granted before the processes had the grace to re-register
+        assert self.hold is None, f"grant in a restart hold: {e}"
+        # I1: a grant only ever fills a free slot (re-registered + granted + fenced < cap)
         assert self.leased(r) < self.limits(r).max_size, f"grant over the cap: {e}"
         assert not self.blocked(e.session, r), f"grant past max_per_process: {e}"
         assert not self.lg.resources[r].paused
@@ -1074,6 +1091,8 @@ class LedgerMachine(RuleBasedStateMachine):
         self.giver = None  # only the first grant after a give-back may pass the giver
         self.held[lease.id] = (e.session, r, lease.token)
         event("grant of a queued request" if req.seq is not None else "grant at once")
+        if self.away and any(r == res for ls in self.away.values() for res, _ in ls.values()):
+            event("grant while a process holding leases is still away")
         if any(self.blocked(sid, r) for sid, _ in self.queued(r)):
             event("grant past a blocked waiter")
 
@@ -1081,7 +1100,8 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @initialize(configs=st.lists(resource_limits(), min_size=1, max_size=2), n=st.integers(2, 4))
     def setup(self, configs: list[Resource], n: int) -> None:
-        self.lg = Ledger({f"r{i}": r for i, r in enumerate(configs)})
+        self.base = {f"r{i}": r for i, r in enumerate(configs)}
+        self.lg = Ledger(dict(self.base))
         for _ in range(n):
             self.open_session()
 
@@ -1178,6 +1198,8 @@ class LedgerMachine(RuleBasedStateMachine):
         ahead, own = self.servable_ahead(sid, r) if r != "nope" else (0, True)
         mine = sum(1 for s, _ in self.queued(r) if s == sid) if r != "nope" else 0
         most = self.limits(r).max_waiting if r != "nope" else None
+        if own and self.hold is not None and r != "nope":  # those the free slots serve at the hold's end
+            ahead -= max(0, self.limits(r).max_size - self.leased(r))
         full = most is not None and (ahead >= most if own else mine >= most)
         effects = self.lg.acquire(sid, req, r, self.now, timeout)
         for deny in of(Denied, effects):
@@ -1187,7 +1209,8 @@ class LedgerMachine(RuleBasedStateMachine):
             res = self.lg.resources.get(r)
             if deny.reason == "timeout":  # only when it really could not be granted now
                 assert res is not None and wait <= 0
-                assert res.paused or res.leased >= res.limits.max_size or self.blocked(sid, r), deny
+                assert (res.paused or self.hold is not None or res.leased >= res.limits.max_size
+                        or self.blocked(sid, r)), deny
             elif deny.reason == "too_many_waiters":
                 assert res is not None and res.limits.max_waiting is not None
                 assert full, (ahead, own, mine)
@@ -1218,7 +1241,8 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def release_unknown(self, data: st.DataObject) -> None:
         sid = data.draw(st.sampled_from(sorted(self.sessions)))
-        lid = data.draw(st.sampled_from(sorted(set(self.held) | set(self.fenced) | {-5})))
+        away = {lid for ls in self.away.values() for lid in ls}
+        lid = data.draw(st.sampled_from(sorted(set(self.held) | set(self.fenced) | away | {-5})))
         if self.held.get(lid, (None,))[0] == sid:
             return
         effects = self.lg.release(sid, lid, self.now)
@@ -1257,26 +1281,55 @@ class LedgerMachine(RuleBasedStateMachine):
         self.now += dt
         self.advance()
         if dt == 100.0:
-            assert not self.outstanding and not self.fenced
+            assert not self.outstanding and not self.fenced and self.hold is None
 
     def advance(self) -> None:
+        unclaimed: set[tuple[str, int, tuple[int, ...]]] = set()
+        hold = self.hold
+        expired = {key: q.deadline for key, q in self.outstanding.items() if q.deadline <= self.now}
+        if self.hold is not None and self.now >= self.hold:
+            # The hold ends: what no process took back is fenced as a dead (or
+            # late) process's, for its fence delay from the hold's end at most.
+            groups: dict[tuple[str, int], list[int]] = {}
+            for lid in self.awaited:
+                r, _, pid, _ = self.fenced[lid]
+                groups.setdefault((r, pid), []).append(lid)
+            unclaimed = {(r, pid, tuple(sorted(ids))) for (r, pid), ids in groups.items()}
+            self.unclaimed |= self.awaited
+            self.awaited.clear()
+            self.hold = None
+            event("restart hold ended")
+            if any(self.away.values()):
+                event("restart hold ended with a process still away")
         for lid in [lid for lid, f in self.fenced.items() if f[1] <= self.now]:
             event("fence expired")
             del self.fenced[lid]
-        self.apply(self.lg.tick(self.now))
+            self.unclaimed.discard(lid)
+        effects = self.lg.tick(self.now)
+        fences = of(StartFence, effects)
+        assert {(f.resource, f.pid, tuple(sorted(f.leases))) for f in fences} == unclaimed, effects
+        assert len(fences) == len(unclaimed) and not any(f.terminate for f in fences)
+        for deny in of(Denied, effects):  # a wait that ran out in a restart hold says so
+            if hold is not None and expired[(deny.session, deny.req)] < hold:
+                assert "restarted" in deny.message, deny
+        self.apply(effects)
         late = [k for k, q in self.outstanding.items() if q.deadline <= self.now]
         assert not late, f"requests past their deadline still unanswered: {late}"
         for r in self.names():
             assert all(f.until > self.now for f in self.lg.resources[r].fenced.values())
 
-    @precondition(lambda self: self.fenced)
+    @precondition(lambda self: set(self.fenced) - self.awaited)
     @rule(data=st.data())
     def unfence(self, data: st.DataObject) -> None:
-        r = data.draw(st.sampled_from(sorted({f[0] for f in self.fenced.values()})))
-        ids = data.draw(st.lists(st.sampled_from(sorted(self.fenced)), max_size=3, unique=True))
+        # Leases awaited in a restart hold had no StartFence: nothing can confirm them gone yet.
+        started = sorted(set(self.fenced) - self.awaited)
+        r = data.draw(st.sampled_from(sorted({self.fenced[lid][0] for lid in started})))
+        ids = data.draw(st.lists(st.sampled_from(started), max_size=3, unique=True))
         for lid in ids:
             if self.fenced[lid][0] == r:
                 del self.fenced[lid]
+                self.awaited.discard(lid)
+                self.unclaimed.discard(lid)
         self.apply(self.lg.unfence(r, ids, self.now))
 
     @rule(data=st.data())
@@ -1316,6 +1369,8 @@ class LedgerMachine(RuleBasedStateMachine):
             assert res.askees <= set(lg.sessions)
         deadlines = [q.deadline for q in self.outstanding.values() if q.seq is not None]
         deadlines += [f[1] for f in self.fenced.values()]
+        deadlines += [self.hold] if self.hold is not None else []
+        assert lg.hold_until == self.hold
         assert lg.next_deadline() == (min(deadlines) if deadlines else None)
 
     @invariant()
@@ -1342,7 +1397,7 @@ class LedgerMachine(RuleBasedStateMachine):
         for r, res in self.lg.resources.items():
             if res.draining or res.failing_until is not None and self.now < res.failing_until:
                 assert not res.waiters
-            if res.paused or res.leased >= res.limits.max_size:
+            if res.paused or self.hold is not None or res.leased >= res.limits.max_size:
                 continue
             stuck = [key for key in self.queued(r) if not self.blocked(key[0], r)]
             assert not stuck, f"{r} has {res.free} free slot(s) but {stuck} still wait"
@@ -1356,6 +1411,208 @@ LedgerMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 test_ledger_state_machine = LedgerMachine.TestCase
+
+
+class RestartMachine(LedgerMachine):
+    """LedgerMachine with coordinator restarts (I4), in its own run so that
+    the rules of I1–I3 keep their share of the steps of the first.
+
+    ``restart`` replaces the ledger by a fresh one, built as the coordinator
+    builds it (the config file's resources, ids from a clock ahead of every id
+    out, a hold of ``restart_grace`` when it is a restart, and after a clean
+    stop what the old one handed on). The processes keep what they hold
+    (``away``) until they reconnect and re-register it (``come_back``), close
+    a connection meanwhile, or die (``vanish``). Checked on top of the
+    LedgerMachine's checks: nothing is granted in the hold, nor after it while
+    re-registered + granted + fenced >= the cap; no lease is lost or held
+    twice; leases of processes that never came back are only fenced, and not
+    past the grace plus their fence delay."""
+
+    # -- coordinator restarts (I4)
+
+    def new_config(self, data: st.DataObject) -> dict[str, Resource]:
+        """The config file the restarted coordinator reads: as first written (a
+        live resize is lost), or edited meanwhile: a cap changed, a resource
+        (other than the first) dropped."""
+        config: dict[str, Resource] = {}
+        for name, limits in self.base.items():
+            edits = ["same", "same", "same", "resize"] + (["drop"] if name != "r0" else [])
+            edit = data.draw(st.sampled_from(edits))
+            if edit == "drop":
+                event("restart: a resource dropped from the config")
+                continue
+            if edit == "resize":
+                limits = replace(limits, max_size=data.draw(st.integers(max(1, limits.min_per_process), 5)))
+            config[name] = limits
+        return config
+
+    @rule(data=st.data(), clean=st.booleans(), grace=st.sampled_from([1.5, 1.5, 0.5, 0.0]),
+          gap=st.sampled_from([1, 1, 1000]))
+    def restart(self, data: st.DataObject, clean: bool, grace: float, gap: int) -> None:
+        """The coordinator is killed (SIGKILL: nothing handed on, its socket left
+        behind) or stopped (SIGTERM: the marker hands on held and fenced leases
+        if there were any), and started again as ``coordinator._serve`` and
+        ``Server`` do it. Every process keeps the connections it holds."""
+        old, now = self.lg, self.now
+        handed: dict[str, Any] = {}
+        if clean:
+            fenced_now, held_now, late_now = old.fenced_state(now), old.held_state(), old.late_state()
+            holding = old.hold_until is not None and now < old.hold_until
+            # What a clean stop hands on: every lease a live process holds or is
+            # awaited from, and every other fence with the time it has left.
+            held_rows = {(r, lid, token, self.sessions[sid]) for lid, (sid, r, token) in self.held.items()}
+            held_rows |= {(f[0], lid, f[3], f[2]) for lid, f in self.fenced.items() if lid in self.awaited}
+            assert {tuple(row[:4]) for row in held_now} == held_rows
+            assert len(held_now) == len(held_rows)
+            fenced_rows = {(f[0], lid, f[3], f[2], max(0.0, f[1] - now))
+                           for lid, f in self.fenced.items() if lid not in self.awaited}
+            assert {tuple(row[:5]) for row in fenced_now} == fenced_rows
+            assert len(fenced_now) == len(fenced_rows)
+            assert set(late_now) == self.unclaimed & set(self.fenced) - self.awaited
+            restarted = bool(fenced_now or holding or held_now)  # else no marker, no socket left
+            if restarted:
+                # Through JSON, as the restart marker carries it.
+                handed = json.loads(json.dumps({"fenced": fenced_now, "held": held_now, "late": late_now}))
+        else:
+            restarted = True  # the dead coordinator's socket is found
+        event(f"restart: {'clean' if clean else 'crash'}{'' if restarted else ' (nothing out)'}")
+        config = self.new_config(data)
+        hold = grace if restarted else 0.0
+        # Server(): ids from the wall clock in microseconds, ahead of every id out.
+        self.lg = Ledger(dict(config), id_base=self.max_id + gap,
+                         hold_until=now + hold if hold > 0 else None)
+        # Every process keeps what it holds; its requests went with its session.
+        for lid, (sid, r, token) in self.held.items():
+            self.away.setdefault(self.sessions[sid], {})[lid] = (r, token)
+        old_fenced, old_awaited, old_unclaimed = self.fenced, self.awaited, self.unclaimed
+        self.sessions, self.held, self.outstanding = {}, {}, {}
+        self.fenced, self.awaited, self.unclaimed = {}, set(), set()
+        self.over, self.giver = set(), None
+        self.hold, self.grace_end = self.lg.hold_until, now + hold
+        if handed.get("held"):
+            assert self.lg.restore_held(handed["held"], now) == []
+            if self.hold is not None:  # counted, fenced to their process, until it re-registers
+                for r, lid, token, pid, _ in handed["held"]:
+                    if r in config:
+                        self.fenced[lid] = (r, self.hold + self.delay(config[r]), pid, token)
+                        self.awaited.add(lid)
+        if handed.get("fenced"):
+            effects = self.lg.restore_fenced(handed["fenced"], now, handed.get("late", []))
+            groups: dict[tuple[str, int, bool], list[int]] = {}
+            for lid, (r, until, pid, token) in old_fenced.items():
+                if lid in old_awaited or r not in config:
+                    continue
+                limits = config[r]
+                longest = max(limits.fence_timeout, limits.quarantine_delay)
+                self.fenced[lid] = (r, now + min(max(0.0, until - now), longest), pid, token)
+                late = lid in old_unclaimed
+                if late:
+                    self.unclaimed.add(lid)
+                groups.setdefault((r, pid, late), []).append(lid)
+            fences = of(StartFence, effects)
+            assert len(fences) == len(effects) == len(groups), effects
+            assert {(f.resource, f.pid, tuple(sorted(f.leases)), f.terminate) for f in fences} == {
+                (r, pid, tuple(sorted(ids)), not late) for (r, pid, late), ids in groups.items()}
+            self.apply(effects)
+        elif old_fenced.keys() - old_awaited:
+            # A crash forgets the fences of processes that died before it: only
+            # the grace stands between their backends and new grants.
+            event("restart: fences of dead processes forgotten")
+        for r in self.names():
+            self.note_over(r)  # a smaller cap in the new config: nothing granted until below
+        if self.hold is None and any(self.away.values()):
+            event("restart with no grace while processes hold leases")
+
+    @precondition(lambda self: self.away)
+    @rule(data=st.data())
+    def come_back(self, data: st.DataObject) -> None:
+        """A process that kept its connections across a restart reconnects and
+        re-registers them, as the client's hello does (state idle, no backend
+        pid), in the grace or late. A lease of a resource the new config does
+        not have is revoked: the process closes its connection."""
+        pid = data.draw(st.sampled_from(sorted(self.away)))
+        mine = self.away.pop(pid)
+        entries: list[list[Any]] = data.draw(st.permutations(
+            [[r, lid, token, IDLE, None] for lid, (r, token) in sorted(mine.items())]))
+        event("come back: in the grace" if self.hold is not None else "come back: late")
+        sid, effects = self.lg.open_session(pid, f"w{pid}", self.now, held=entries)
+        self.sessions[sid] = pid
+        revoked: set[int] = set()
+        for r, lid, token, _, _ in entries:
+            if r not in self.lg.resources:
+                revoked.add(lid)
+                continue
+            fenced = self.fenced.pop(lid, None)
+            if fenced is not None:  # handed on as held, or fenced unclaimed: taken back
+                assert fenced[0] == r and fenced[2] == pid and fenced[3] == token, (lid, fenced, pid)
+                event("come back: took back a lease the ledger kept for it")
+                self.awaited.discard(lid)
+                self.unclaimed.discard(lid)
+            else:
+                event("come back: registered a lease the ledger did not know")
+            assert lid not in self.held
+            self.held[lid] = (sid, r, token)
+        for r in {r for _, (r, _) in mine.items() if r in self.lg.resources}:
+            self.note_over(r)
+            if r in self.over:
+                event("come back: over the cap")
+        revokes = [n for n in of(Notify, effects) if n.verb == "revoke"]
+        assert sorted(n.args["lease"] for n in revokes) == sorted(revoked), effects
+        assert all(pr.code == "bad_held" for pr in of(Problem, effects))
+        assert len(of(Problem, effects)) == len(revoked), effects
+        assert not of(Granted, effects), "a re-registration never frees a slot"
+        self.apply(effects, problems=("bad_held",) if revoked else ())
+
+    @precondition(lambda self: any(self.away.values()))
+    @rule(data=st.data())
+    def close_while_away(self, data: st.DataObject) -> None:
+        """A process closes a connection before it reconnects: it will not
+        re-register that lease (the ledger, if it was handed on, keeps it
+        fenced to the process until the hold ends and its fence with it)."""
+        pid = data.draw(st.sampled_from(sorted(p for p, ls in self.away.items() if ls)))
+        lid = data.draw(st.sampled_from(sorted(self.away[pid])))
+        del self.away[pid][lid]
+
+    @precondition(lambda self: self.away)
+    @rule(data=st.data())
+    def vanish(self, data: st.DataObject) -> None:
+        """A process dies before it reconnects: it never comes back."""
+        pid = data.draw(st.sampled_from(sorted(self.away)))
+        del self.away[pid]
+        self.vanished.add(pid)
+
+    @invariant()
+    def no_lease_lost_or_duplicated(self) -> None:  # I4
+        lg = self.lg
+        where: dict[int, tuple[str, str]] = {}
+        for r, res in lg.resources.items():
+            for kind, ids in (("live", res.live), ("fenced", res.fenced)):
+                for lid in ids:
+                    assert lid not in where, f"lease {lid} both {where[lid]} and {(kind, r)}"
+                    where[lid] = (kind, r)
+        away = [lid for ls in self.away.values() for lid in ls]
+        assert len(away) == len(set(away)) and not set(away) & set(self.held)
+        for pid, ls in self.away.items():
+            for lid, (r, token) in ls.items():
+                # Not live in a session; at most kept fenced to its own process.
+                if lid in where:
+                    assert where[lid] == ("fenced", r), (lid, where[lid])
+                    f = lg.resources[r].fenced[lid]
+                    assert (f.pid, f.lease.token) == (pid, token)
+        assert self.awaited <= set(self.fenced) and (self.hold is not None or not self.awaited)
+        # Once the grace is over, a process that never came back blocks nobody
+        # beyond its fence: its leases are only fenced, until the grace's end
+        # plus the fence delay at most.
+        for res in lg.resources.values():
+            longest = max(res.limits.fence_timeout, res.limits.quarantine_delay)
+            for lid, f in res.fenced.items():
+                if f.pid in self.vanished:
+                    assert f.until <= self.grace_end + longest, (lid, f.until, self.grace_end)
+                    assert lid in self.awaited or lid in self.unclaimed
+
+
+RestartMachine.TestCase.settings = LedgerMachine.TestCase.settings
+test_restart_state_machine = RestartMachine.TestCase
 
 
 def test_restart_hold_grants_nothing_until_it_ends() -> None:
@@ -1379,6 +1636,21 @@ def test_restart_hold_grants_nothing_until_it_ends() -> None:
     assert of(Granted, effects) == []  # the hold is over, but the cap is full
     assert [a.count for a in of(AskReclaim, effects)] == [1]  # now it is asked, for the waiter
     assert lg.resources["pg"].leased == 2 and len(lg.resources["pg"].waiters) == 1
+
+
+def test_a_wait_that_runs_out_in_a_restart_hold_says_so() -> None:
+    # Before, its denial said "all 2 leases of 'pg' are held" with none held.
+    lg = Ledger({"pg": Resource(2)}, hold_until=T0 + 1.0)
+    sid = session(lg)
+    assert queued(lg.acquire(sid, 1, "pg", T0, timeout=0.5))
+    assert queued(lg.acquire(sid, 2, "pg", T0, timeout=0.9))
+    assert queued(lg.acquire(sid, 3, "pg", T0, timeout=1.5))
+    [first] = of(Denied, lg.tick(T0 + 0.5))
+    assert first.reason == "timeout" and "restarted" in first.message
+    effects = lg.tick(T0 + 1.2)  # a late tick: the hold and the second wait ran out together
+    [second] = of(Denied, effects)
+    assert second.req == 2 and "restarted" in second.message
+    assert granted(effects).req == 3
 
 
 def test_restart_hold_still_asks_back_what_is_over_the_cap() -> None:
