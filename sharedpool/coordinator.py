@@ -16,6 +16,7 @@ import stat
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from .background import BACKOFF_MAX
 from .config import CoordinatorConfig, Resource, config_from_parts
 from .errors import ConfigError, SharedPoolError
 from .marker import MarkerKeeper, handed_on, marker_path, read_marker, remove_marker, write_marker
@@ -197,7 +198,8 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 
 async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool,
-                 ready: Any = None, handed: dict[str, list[Any]] | None = None) -> None:
+                 ready: Any = None, handed: dict[str, list[Any]] | None = None,
+                 early: list[int] | None = None) -> None:
     from .server import Server, SessionProtocol
 
     loop = asyncio.get_running_loop()
@@ -206,6 +208,11 @@ async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool
     if restarted and config.restart_grace:
         log.warning("coordinator restarted: granting nothing for %.1fs while processes "
                     "re-register the leases they hold", config.restart_grace)
+    if restarted and config.restart_grace < BACKOFF_MAX:
+        log.warning("restart_grace=%gs is shorter than the clients' longest reconnect backoff "
+                    "(%gs): a process still holding connections may re-register them only after "
+                    "newcomers were granted theirs (over the cap meanwhile)",
+                    config.restart_grace, BACKOFF_MAX)
     metrics = None
     served = False
     try:
@@ -231,6 +238,8 @@ async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: _reload(server))
+        if early:  # a stop asked for before the handlers above existed
+            stop.set()
         log.info("coordinator pid=%s serving %s: %s", os.getpid(), config.socket_path,
                  ", ".join(f"{n}={r.max_size}" for n, r in config.resources.items()))
         if ready is not None:
@@ -289,12 +298,22 @@ def _reload(server: Any) -> None:
 
 def run(config: CoordinatorConfig, ready: Any = None) -> None:
     """Bind and serve in this process until SIGTERM/SIGINT."""
-    sock, restarted, handed = bind_socket(config)
-    loop = _new_loop()
+    # The socket is connectable from bind_socket() on, before the loop's own
+    # handlers exist: a SIGTERM then must still stop us cleanly (socket
+    # removed, marker written), not kill us with the socket left behind.
+    early: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: early.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        loop.run_until_complete(_serve(config, sock, restarted, ready, handed))
+        sock, restarted, handed = bind_socket(config)
+        loop = _new_loop()
+        try:
+            loop.run_until_complete(_serve(config, sock, restarted, ready, handed, early))
+        finally:
+            loop.close()
     finally:
-        loop.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class Coordinator:

@@ -493,6 +493,45 @@ def test_sigterm_stops_serve_and_removes_socket(tmp_path: Path, workers: list[Wo
         stop(server.proc)
 
 
+def test_sigterm_as_soon_as_serve_accepts_stops_it_cleanly(tmp_path: Path) -> None:
+    """The socket accepts before the event loop's signal handlers exist: a
+    SIGTERM in that window killed serve outright, its socket left behind (the
+    next start took it for a crash: a restart, granting nothing for a while)."""
+    for _ in range(3):
+        server = Serve(tmp_path)
+        try:
+            os.kill(server.proc.pid, signal.SIGTERM)
+            assert server.proc.wait(10) == 0, server.log.read_text()
+            assert not os.path.exists(server.socket)
+        finally:
+            stop(server.proc)
+
+
+def test_a_restart_with_a_grace_below_the_reconnect_backoff_is_warned(tmp_path: Path) -> None:
+    """A restart_grace shorter than the clients' 1 s longest backoff lets
+    newcomers in before a process holding connections is back: said at start."""
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(tmp_path / "sp.sock"))
+    stale.close()  # a dead coordinator's socket: this start is a restart
+    (tmp_path / "sp.toml").write_text("[coordinator]\nrestart_grace = 0.2\n[resources]\ndemo = 1\n")
+    server = Serve(tmp_path, "--config", str(tmp_path / "sp.toml"), resource="")
+    try:
+        time.sleep(0.5)  # past the grace: stopped inside it, the next start would be a restart too
+        os.kill(server.proc.pid, signal.SIGTERM)
+        assert server.proc.wait(10) == 0
+        log = server.log.read_text()
+        assert "restart_grace=0.2s is shorter than the clients' longest reconnect backoff" in log
+    finally:
+        stop(server.proc)
+    server = Serve(tmp_path, "--config", str(tmp_path / "sp.toml"), resource="")  # not a restart
+    try:
+        os.kill(server.proc.pid, signal.SIGTERM)
+        assert server.proc.wait(10) == 0
+        assert "reconnect backoff" not in server.log.read_text()
+    finally:
+        stop(server.proc)
+
+
 # ------------------------------------------------------------------ top
 
 
