@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from .background import BACKOFF_MAX
 from .config import CoordinatorConfig, Resource, config_from_parts
 from .errors import ConfigError, SharedPoolError
-from .marker import MarkerKeeper, handed_on, marker_path, read_marker, remove_marker, write_marker
+from .marker import MarkerKeeper, handed_on, marker_path, read_marker, write_marker
 
 if TYPE_CHECKING:
     from .program import EmbeddedCoordinator
@@ -161,8 +161,11 @@ def bind_socket(config: CoordinatorConfig) -> tuple[socket.socket, bool, dict[st
         handed: dict[str, list[Any]] = {}
         if os.path.exists(marker):
             restarted = True
+            # Left in place: our keeper replaces it (atomically) once the
+            # restored state is in our ledger. Removed here, a SIGKILL (or a
+            # SIGTERM before the handlers are in) during the start would hand
+            # nothing on: neither the fences nor even that this is a restart.
             handed = read_marker(marker)
-            remove_marker(marker)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)  # no window in which the socket is more open than 0600
         try:

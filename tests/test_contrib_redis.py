@@ -294,3 +294,56 @@ def test_a_connection_kept_after_its_pool_was_dropped_keeps_its_lease(
     assert redis.Redis(connection_pool=other).ping()
     other.disconnect()
     assert wait_leased(sock_path, 0) == 0
+
+
+def test_a_connection_kept_after_its_pool_was_dropped_does_not_reconnect_unleased(
+        start_coordinator: Any, sock_path: str, redis_name: str) -> None:
+    """Its disconnect() (redis-py's, on an error before a retry) gives the lease
+    back; a reconnect then would be a socket under no lease: with a cap of 1,
+    two Redis clients. It fails instead."""
+    import gc
+
+    start_coordinator({"redis": Resource(max_size=1)})
+    pool = make_pool(sock_path, redis_name, max_connections=1, protocol=2)
+    conn = pool.get_connection()
+    del pool
+    gc.collect()
+    conn.disconnect()
+    assert wait_leased(sock_path, 0) == 0
+    other = make_pool(sock_path, redis_name, max_connections=1, timeout=5)
+    try:
+        assert redis.Redis(connection_pool=other).ping()
+        with pytest.raises(redis.ConnectionError, match="garbage-collected"):
+            conn.send_command("PING")
+        assert clients_named(redis_name) == 1
+    finally:
+        other.disconnect()
+    assert wait_leased(sock_path, 0) == 0
+
+
+@pytest.mark.parametrize("hot", ["first", "second"])
+def test_revoked_idle_connections_are_the_ones_closed(start_coordinator: Any, sock_path: str,
+                                                       redis_name: str, hot: str) -> None:
+    """A restart without the resource revokes both leases of two idle
+    connections. Each revoke closed "the coldest idle one": when that was the
+    other (still leased) connection, the second revoke found nothing left to
+    close and the first revoked connection stayed open, counted nowhere."""
+    first = start_coordinator({"redis": 2})
+    pool = make_pool(sock_path, redis_name, max_connections=2, timeout=5)
+    try:
+        c1, c2 = pool.get_connection(), pool.get_connection()
+        for c in (c1, c2):
+            c.send_command("PING")
+            c.read_response()
+        for c in ((c2, c1) if hot == "first" else (c1, c2)):
+            pool.release(c)
+        assert clients_named(redis_name) == 2
+        first.kill()
+        start_coordinator({"other": 2})  # "redis" left the configuration
+        deadline = time.monotonic() + 10
+        while clients_named(redis_name) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert clients_named(redis_name) == 0, "a revoked idle connection stayed open"
+        assert pool.lease_book._revoked == 0
+    finally:
+        pool.disconnect()

@@ -528,3 +528,44 @@ def test_a_drain_of_the_pools_own_is_not_ended_by_a_new_session() -> None:
         assert pool.status.value == "draining"
     finally:
         pool.close()
+
+
+def test_a_start_leaves_the_marker_until_its_keeper_replaces_it(tmp_path: Any) -> None:
+    """bind_socket took the marker away, and the keeper wrote it again only
+    later in _serve (40-60 ms of imports and set-up): a coordinator SIGKILLed
+    (or SIGTERMed before its handlers were in) right after binding handed
+    nothing on, not even that the next start is a restart."""
+    from sharedpool.config import CoordinatorConfig
+    from sharedpool.coordinator import bind_socket
+    from sharedpool.marker import marker_path, read_marker, write_marker
+
+    path = str(tmp_path / "c.sock")
+    fenced = [["r", 7, 7, 12345, 30.0, None]]
+    write_marker(marker_path(path), {"fenced": fenced})
+    sock, restarted, handed = bind_socket(CoordinatorConfig(socket_path=path, resources={"r": 1}))
+    try:
+        assert restarted and handed["fenced"] == fenced
+        assert read_marker(marker_path(path))["fenced"] == fenced  # still there for the next start
+    finally:
+        sock.close()
+        os.unlink(path)
+
+
+def test_a_marker_write_that_failed_is_tried_again(tmp_path: Any) -> None:
+    """The keeper remembered what it meant to write before writing it: after a
+    failed write the same state was never written (the marker stayed stale)."""
+    import asyncio
+
+    from sharedpool.marker import MarkerKeeper, read_marker
+
+    path = str(tmp_path / "missing" / "c.sock.restart")
+    loop = asyncio.new_event_loop()
+    try:
+        keeper = MarkerKeeper(path, loop)
+        handed = {"fenced": [], "held": [["r", 7, 7, 12345, None]], "late": []}
+        keeper.write(handed)  # no such directory: logged, not written
+        os.mkdir(tmp_path / "missing")
+        keeper.write(handed, only_if_changed=True)
+        assert read_marker(path)["held"] == handed["held"]
+    finally:
+        loop.close()

@@ -479,14 +479,22 @@ class LeaseBook:
             log.warning("%r: coordinator says %s; closed %d idle connection(s), in-use ones close "
                         "at checkin", self.resource, verb, given)
 
+    def revoked(self, key: Any) -> bool:
+        """Whether ``key``'s lease was revoked: the host pool's reclaim closes
+        such idle connections before any other (see :meth:`_revoke`)."""
+        if not self._revoked or self._pid != current_pid():
+            return False
+        entry = self._entries.get(id(key))
+        return entry is not None and entry.key is key and entry.revoked
+
     def _revoke(self, lease_id: Any, why: Any) -> None:
         """The coordinator did not take this lease back after a restart: its
         connection counts against no cap now. It is tracked without a lease
         (not reported, never released) and closed at its checkin
-        (:meth:`owes_back`); as many idle connections as were revoked are
-        closed now, through the host pool. When a resource left the
-        configuration every lease of the book is revoked, so that is all of
-        its idle ones; otherwise a revoked idle one may wait for its next use."""
+        (:meth:`owes_back`); if idle, it is closed now, through the host
+        pool's reclaim, which takes revoked connections first (a count alone
+        would close the coldest idle one: another, still leased connection,
+        leaving the revoked one open, idle, counted nowhere)."""
         if self._pid != current_pid():
             return
         with self._lock:
@@ -496,7 +504,11 @@ class LeaseBook:
             self._revoked += len(found)
         if not found:
             return
-        closed = self._reclaim(len(found)) if self._reclaim is not None else 0
+        closed = 0
+        if self._reclaim is not None:
+            idle = self._idle_ids()
+            count = len(found) if idle is None else sum(1 for e in found if id(e.key) in idle)
+            closed = self._reclaim(count) if count else 0
         log.warning("%r lease %s revoked by the coordinator (%s): its connection counts against no "
                     "cap; %s", self.resource, lease_id, why,
                     "an idle connection was closed" if closed else "it is closed at its checkin")

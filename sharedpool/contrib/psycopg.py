@@ -259,7 +259,12 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
         if self._closed or self._sp_opened_in != current_pid():
             return 0
         victims: list[CT] = []
+        book = self._sp_book
         with self._lock:
+            for conn in [c for c in self._pool if book.revoked(c)][:count]:  # revoked ones first
+                self._pool.remove(conn)
+                victims.append(conn)
+                self._nconns -= 1
             while len(victims) < count and self._pool:
                 victims.append(self._pool.popleft())  # the one idle longest
                 self._nconns -= 1

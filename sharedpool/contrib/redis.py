@@ -101,9 +101,13 @@ class LeasedConnectionMixin:
         if self._sock:
             return
         pool = self._sp_pool()
-        if pool is None:  # the pool is gone; behave like a plain connection
-            super().connect_check_health(check_health, retry_socket_connect)  # type: ignore[misc]
-            return
+        if pool is None:
+            # The pool was collected (this connection kept by its caller): no
+            # book to lease from. A plain connect would be a socket under no
+            # lease (I1), e.g. redis-py's retry after an error whose
+            # disconnect() gave the lease back.
+            raise redis.ConnectionError("this connection's sharedpool BlockingConnectionPool was "
+                                        "garbage-collected: it cannot connect again without a lease")
         book = pool.lease_book
         local = pool._sp_connected_idle if pool._sp_local_wait() else None
         try:
@@ -297,6 +301,8 @@ class BlockingConnectionPool(redis.BlockingConnectionPool):
         q: Any = self.pool
         with q.mutex:
             order = list(q.queue) if isinstance(q, queue.LifoQueue) else list(reversed(q.queue))
+            book = self._sp_book
+            order.sort(key=lambda c: not book.revoked(getattr(c, "_conn", c)))  # revoked ones first
             picked = [c for c in order if self._sp_connected(c)][:count]
             for conn in picked:
                 q.queue.remove(conn)

@@ -321,6 +321,7 @@ class LeasedQueuePool(QueuePool):
         with queue.mutex:
             # LIFO hands out from the right: the left is coldest. FIFO from the left.
             order = list(queue.queue) if queue.use_lifo else list(reversed(queue.queue))
+            order.sort(key=lambda r: not book.revoked(r.dbapi_connection))  # revoked ones first
             for record in order:
                 if len(picked) >= count:
                     break
