@@ -60,7 +60,7 @@ def test_background_thread_does_not_spin_while_the_coordinator_is_away(tmp_path:
         try:
             client.acquire("r", timeout=2)  # held: the client keeps trying to reconnect
             time.sleep(0.2)  # the background thread polls the session socket
-            leader, _ = in_thread(lambda c=client: c.acquire("r", timeout=5))  # reads it too
+            leader, _ = in_thread(lambda c=client: c.acquire("r", timeout=2))  # reads it, past the 1 s
             time.sleep(0.05)
             coord.kill()
             time.sleep(0.2)
