@@ -296,6 +296,7 @@ def _reload(server: Any) -> None:
         return
     server.apply(effects)
     server.flush()
+    server._changed()  # as after any message: the marker shows what a raised cap granted
     log.warning("reloaded %s: resources %s", data["reloaded"], ", ".join(data["resources"]))
 
 

@@ -412,6 +412,36 @@ def test_reload_and_sighup(tmp_path: Path) -> None:
         stop(server.proc)
 
 
+def test_a_sighup_reload_that_grants_is_on_the_restart_marker(tmp_path: Path) -> None:
+    """A reload that raises a cap grants queued acquires at once: the marker
+    kept for a SIGKILLed coordinator's successor must show those leases
+    without waiting for some later message."""
+    from sharedpool import Client
+
+    config = tmp_path / "sp.toml"
+    config.write_text("[resources]\ndemo = 1\n")
+    server = Serve(tmp_path, "--config", str(config), resource="")
+    holder, waiter = Client(server.socket), Client(server.socket)
+    try:
+        holder.acquire("demo", timeout=5)
+        got: list[Any] = []
+        thread = threading.Thread(target=lambda: got.append(waiter.acquire("demo", timeout=10)))
+        thread.start()
+        wait_for(lambda: server.status()["waiting"] == 1, what="the queued acquire")
+        time.sleep(0.2)  # the marker shows the one lease
+        config.write_text("[resources]\ndemo = 2\n")
+        os.kill(server.proc.pid, signal.SIGHUP)
+        thread.join(10)
+        assert got, "the reload did not grant the queued acquire"
+        time.sleep(0.2)  # no message since the grant: only the reload can have written it
+        marker = json.loads(Path(server.socket + ".restart").read_text())
+        assert len(marker["held"]) == 2, marker
+    finally:
+        holder.close()
+        waiter.close()
+        stop(server.proc)
+
+
 def test_reload_keeps_flags_and_reports_what_it_did_not_apply(tmp_path: Path) -> None:
     config = tmp_path / "sp.toml"
     config.write_text("[resources.demo]\nmax_size = 20\nmax_per_process = 4\n"
