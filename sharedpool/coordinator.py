@@ -241,8 +241,11 @@ async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: _reload(server))
-        if early:  # a stop asked for before the handlers above existed
-            stop.set()
+        if early:  # asked for before the handlers above existed
+            if signal.SIGTERM in early or signal.SIGINT in early:
+                stop.set()
+            elif signal.SIGHUP in early:
+                _reload(server)
         log.info("coordinator pid=%s serving %s: %s", os.getpid(), config.socket_path,
                  ", ".join(f"{n}={r.max_size}" for n, r in config.resources.items()))
         if ready is not None:
@@ -271,10 +274,12 @@ async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool
         # Only our own socket file: a coordinator that took over may have bound
         # the path since we stopped accepting (gunicorn USR2).
         if _file_id(config.socket_path) == own:
+            if restarted and not served:  # a failed start hands the restart on
+                # Before the socket goes: once it has, another start may bind
+                # the path and its keeper write the marker (the same .tmp file).
+                write_marker(restart_marker(config), handed or {})
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(config.socket_path)
-            if restarted and not served:  # a failed start hands the restart on
-                write_marker(restart_marker(config), handed or {})
 
 
 def _file_id(path: str) -> tuple[int, int, int] | None:
@@ -304,10 +309,11 @@ def run(config: CoordinatorConfig, ready: Any = None) -> None:
     """Bind and serve in this process until SIGTERM/SIGINT."""
     # The socket is connectable from bind_socket() on, before the loop's own
     # handlers exist: a SIGTERM then must still stop us cleanly (socket
-    # removed, marker written), not kill us with the socket left behind.
+    # removed, marker written), not kill us with the socket left behind; a
+    # SIGHUP (a reload: SIG_DFL would kill us the same way) is done once serving.
     early: list[int] = []
     previous = {sig: signal.signal(sig, lambda signum, frame: early.append(signum))
-                for sig in (signal.SIGTERM, signal.SIGINT)}
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
         sock, restarted, handed = bind_socket(config)
         loop = _new_loop()

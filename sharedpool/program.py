@@ -210,9 +210,18 @@ class EmbeddedCoordinator:
             deadline = time.monotonic() + self.start_timeout
             status = _read_status(ready_r, deadline)
         except BaseException:
-            _signal(proc, signal.SIGKILL)
-            proc.wait(5)
-            os.close(life_w)
+            # (KeyboardInterrupt...) It may have bound its socket already: a
+            # SIGTERM stops it cleanly (its socket removed) from before its bind
+            # on; SIGKILL would leave the socket, and the next start would take
+            # it for a crashed coordinator's (a restart, granting nothing for a while).
+            _signal(proc, signal.SIGTERM)
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                _signal(proc, signal.SIGKILL)
+                proc.wait(5)
+            finally:
+                os.close(life_w)  # its lifeline ends: it stops even if we were cut short here
             raise
         finally:
             os.close(ready_r)
@@ -364,9 +373,16 @@ def _child_main() -> None:
     def report(status: dict[str, Any]) -> None:
         nonlocal ready_fd
         if ready_fd >= 0:
-            os.write(ready_fd, json.dumps(status).encode() + b"\n")
-            os.close(ready_fd)
-            ready_fd = -1
+            fd, ready_fd = ready_fd, -1
+            try:
+                os.write(fd, json.dumps(status).encode() + b"\n")
+            except BrokenPipeError:
+                # The owner is gone (it died while we started): nobody to tell.
+                # Its lifeline's SIGTERM stops us, cleanly, like any other stop.
+                log.warning("the server process that started this coordinator is not "
+                            "reading its status (gone?)")
+            finally:
+                os.close(fd)
 
     def lifeline() -> None:
         while os.read(0, 4096):

@@ -537,6 +537,22 @@ def test_sigterm_as_soon_as_serve_accepts_stops_it_cleanly(tmp_path: Path) -> No
             stop(server.proc)
 
 
+def test_sighup_as_soon_as_serve_accepts_reloads_and_does_not_kill_it(tmp_path: Path) -> None:
+    """SIGHUP is a reload; before the event loop's handlers existed it was
+    SIG_DFL: serve died, its socket left behind (the next start a restart)."""
+    for _ in range(3):
+        server = Serve(tmp_path)
+        try:
+            os.kill(server.proc.pid, signal.SIGHUP)
+            time.sleep(0.5)
+            assert server.proc.poll() is None, server.log.read_text()
+            os.kill(server.proc.pid, signal.SIGTERM)
+            assert server.proc.wait(10) == 0, server.log.read_text()
+            assert not os.path.exists(server.socket)
+        finally:
+            stop(server.proc)
+
+
 def test_a_restart_with_a_grace_below_the_reconnect_backoff_is_warned(tmp_path: Path) -> None:
     """A restart_grace shorter than the clients' 1 s longest backoff lets
     newcomers in before a process holding connections is back: said at start."""

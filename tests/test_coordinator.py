@@ -435,6 +435,74 @@ def test_coordinator_stops_when_its_owner_is_killed(sock_path: str) -> None:
             owner.wait(10)
 
 
+_OWNER_INTERRUPTED = """
+import sys
+from sharedpool import Coordinator
+try:
+    Coordinator(sys.argv[1], {"r": 1}).start()
+except KeyboardInterrupt:
+    pass
+"""
+
+
+def test_a_start_interrupted_in_its_owner_leaves_no_socket(tmp_path: Any) -> None:
+    """Ctrl-C in the owner while start() waits: the program was SIGKILLed, its
+    socket (bound already) left behind; the next start took it for a crash."""
+    for i in range(3):
+        path = str(tmp_path / f"c{i}.sock")
+        owner = subprocess.Popen([sys.executable, "-c", _OWNER_INTERRUPTED, path],
+                                 stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: os.path.exists(path) or owner.poll() is not None, 15, "the bind")  # noqa: B023
+            os.kill(owner.pid, signal.SIGINT)
+            owner.wait(20)
+            assert not os.path.exists(path)
+        finally:
+            if owner.poll() is None:
+                owner.kill()
+                owner.wait(10)
+
+
+def test_an_owner_gone_while_its_coordinator_starts_stops_it_cleanly(tmp_path: Any) -> None:
+    """Its status pipe has no reader left: the write failed (BrokenPipeError),
+    the start with it, a traceback and exit 1 instead of the lifeline's clean stop."""
+    import dataclasses
+    import json
+
+    from sharedpool.config import CoordinatorConfig
+    from sharedpool.marker import marker_path, read_marker, write_marker
+    from sharedpool.program import _CHILD_CODE, _child_env
+
+    path = str(tmp_path / "c.sock")
+    fenced = [["r", 7, 7, 2**22 + 12345, 30.0, None]]
+    write_marker(marker_path(path), {"fenced": fenced})  # a restart: what it hands on matters
+    config = CoordinatorConfig(socket_path=path, resources={"r": 1})
+    ready_r, ready_w = os.pipe()
+    life_r, life_w = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-P", "-c", _CHILD_CODE, str(ready_w), "x", path],
+                            stdin=life_r, pass_fds=(ready_w,), start_new_session=True,
+                            env=_child_env(), stderr=subprocess.PIPE)
+    os.close(ready_w)
+    os.close(life_r)
+    try:
+        os.write(life_w, json.dumps({**dataclasses.asdict(config), "log_level": "WARNING"}).encode() + b"\n")
+        os.close(ready_r)  # the owner is gone: nobody reads the status ...
+        wait_for(lambda: os.path.exists(path) or proc.poll() is not None, 15, "the bind")
+        os.close(life_w)  # ... and its lifeline ends
+        life_w = -1
+        assert proc.wait(15) == 0
+        assert proc.stderr is not None
+        assert "Traceback" not in proc.stderr.read().decode()
+        assert not os.path.exists(path)
+        assert read_marker(marker_path(path))["fenced"][0][:4] == fenced[0][:4]
+    finally:
+        if life_w >= 0:
+            os.close(life_w)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
 def test_program_takes_a_config_or_its_parts_not_both(sock_path: str) -> None:
     from sharedpool.config import CoordinatorConfig
     from sharedpool.program import EmbeddedCoordinator
