@@ -150,6 +150,8 @@ def fill(pool: ConnectionPool[Any], count: int) -> None:
             pool._opening -= 1
             pool._stalled -= 1
             pool._m["total_created"] += 1
+            pool._m["connections_ms"] += int((time.monotonic() - t0) * 1000)
+            pool._m["leases_acquired"] += lease is not None  # as an opener's lease is counted
             pool._all[wrapper.id] = wrapper
             pool._leased += lease is not None
             revoked = giveback.drop_revoked(pool, wrapper, client)

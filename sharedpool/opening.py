@@ -78,7 +78,11 @@ def run(pool: ConnectionPool[Any], waiter: _Waiter, deadline: float) -> None:
         if client is not None and lease is not None:
             client.report_failure(pool.resource)
             client.release(lease)  # no connection was made: nothing to confirm
-        failed(pool, waiter, exc, connected=lease is not None or client is None)
+        # A lease wait that ran out with the deadline of the waiter it was
+        # started for (the coordinator away): that waiter has had its
+        # PoolTimeout, and the error is no one else's.
+        expired = lease is None and not fallback and time.monotonic() >= deadline
+        failed(pool, waiter, exc, connected=lease is not None or client is None, expired=expired)
         return
     wrapper = ConnectionWrapper(conn, pool, lease)
     pool._handoff.connected(time.monotonic() - t1)
@@ -183,7 +187,8 @@ def setup(pool: ConnectionPool[Any], wrapper: ConnectionWrapper[Any],
     return None
 
 
-def failed(pool: ConnectionPool[Any], waiter: _Waiter, exc: BaseException, connected: bool) -> None:
+def failed(pool: ConnectionPool[Any], waiter: _Waiter, exc: BaseException, connected: bool,
+           expired: bool = False) -> None:
     if not isinstance(exc, SharedPoolError):
         log.warning("pool %r: opening a connection failed (connect or configure): %s", pool.name, exc)
     with pool._lock:
@@ -192,7 +197,7 @@ def failed(pool: ConnectionPool[Any], waiter: _Waiter, exc: BaseException, conne
         if connected:
             pool._m["connect_errors"] += 1
         target = waiter if waiter in pool._waiters else None
-        if target is None and pool._waiters and not isinstance(
+        if target is None and pool._waiters and not expired and not isinstance(
                 exc, (AcquireCancelled, PoolTimeout, ConnectTimeout)):
             # Our waiter was served meanwhile: the error (a denial, a failed
             # connect) goes to the oldest waiter rather than nowhere, or a

@@ -868,9 +868,12 @@ class ConnectionPool(Generic[T]):
             while (self._all or self._closing or self._opening) and self.status is status:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    log.warning("pool %r: %d connection(s) still in use, %d closing, %d opening, "
-                                "after %.1fs", self.name, len(self._all), self._closing,
-                                self._opening, timeout)
+                    # timeout=0 (an admin drain or end-session pushed by the
+                    # coordinator, or asked so): not waiting was the request.
+                    log.log(logging.WARNING if timeout > 0 else logging.DEBUG,
+                            "pool %r: %d connection(s) still in use, %d closing, %d opening, "
+                            "after %.1fs", self.name, len(self._all), self._closing,
+                            self._opening, timeout)
                     break
                 self._returned.wait(min(remaining, WAIT_SLICE))
 

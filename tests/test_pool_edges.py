@@ -908,6 +908,22 @@ def test_a_pool_timeout_with_no_coordinator_says_so(tmp_path: Any) -> None:
         pool.close()
 
 
+def test_every_acquire_with_no_coordinator_waits_its_timeout_and_raises_pool_timeout(tmp_path: Any) -> None:
+    # Before: the acquires alternated: PoolTimeout after the timeout, then
+    # CoordinatorUnavailable after 0.5 s (the first one's opener, failing after
+    # its waiter had gone, handed its error to the next waiter).
+    path = str(tmp_path / "nobody.sock")
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1), resource="r", coordinator=path)
+    try:
+        for _ in range(3):
+            t0 = time.monotonic()
+            with pytest.raises(PoolTimeout, match="unreachable"):
+                pool.acquire(timeout=0.6)
+            assert time.monotonic() - t0 >= 0.55
+    finally:
+        pool.close()
+
+
 def test_a_pool_timeout_does_not_call_a_coordinator_not_yet_reached_unreachable(
         start_coordinator: Any, sock_path: str) -> None:
     # Before: a fresh pool's acquire(timeout=0) said the (running) coordinator
@@ -1091,6 +1107,22 @@ def test_failed_top_ups_are_counted_and_the_first_is_a_warning(
         while not pool.get_stats()["pool_available"] and time.monotonic() < deadline:
             time.sleep(0.02)
         assert pool.get_stats()["pool_available"] == 1
+    finally:
+        pool.close()
+
+
+def test_top_up_leases_count_in_leases_acquired(start_coordinator: Any, sock_path: str) -> None:
+    # Before: a pool filled to min_size showed leases_held 2 but leases_acquired 0
+    # (and connections_ms 0): only an opener's leases were counted.
+    start_coordinator({"r": 4})
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=2, max_size=2), resource="r",
+                          coordinator=sock_path)
+    try:
+        deadline = time.monotonic() + 5
+        while pool.get_stats()["pool_available"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        stats = pool.get_stats()
+        assert stats["leases_held"] == 2 and stats["leases_acquired"] == 2, stats
     finally:
         pool.close()
 
