@@ -134,6 +134,7 @@ class ConnectionPool(Generic[T]):
         self.resource = check_resource_name(resource)
         self._coordinator = None if coordinator is None else check_socket_path("coordinator", coordinator)
         self.name = name or f"pool-{self.resource}"
+        self._said_standalone = False
         self.check = check
         #: Run on each new connection before its first use (setup SQL): the
         #: connection's backend pid has reached the coordinator by then, so
@@ -909,6 +910,11 @@ class ConnectionPool(Generic[T]):
         # needs the coordinator, never a metrics read or a repr.
         path = self._coordinator if self._client is None else self._client.socket_path
         if path is None and (path := env_socket_path()) is None:
+            if self.resource != "default" and not self._said_standalone:
+                self._said_standalone = True  # a resource named, but no cap: said once
+                log.warning("pool %r: no coordinator for resource %r (neither coordinator= nor "
+                            "$%s): its connections are capped only by its own max_size",
+                            self.name, self.resource, SOCKET_ENV)
             return None
         if self._client is None or self._client_lost():
             with self._lock:

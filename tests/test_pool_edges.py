@@ -1184,3 +1184,27 @@ def test_leases_held_counts_every_connection_a_close_is_working_through(
         server.let_go()
         pool.close()
         server.close()
+
+
+def test_a_named_resource_with_no_coordinator_is_said_once(caplog: Any, monkeypatch: Any) -> None:
+    """resource= names a cap, but with neither coordinator= nor $SHAREDPOOL_SOCKET
+    the pool is process-local: said once per pool (a user who started
+    `sharedpool serve` at its default path expected a cap); an unnamed one
+    (resource "default") is a plain local pool, said nothing."""
+    from sharedpool.config import SOCKET_ENV
+    from sharedpool.contrib._leases import LeaseBook
+
+    monkeypatch.delenv(SOCKET_ENV, raising=False)
+    caplog.set_level(logging.WARNING, logger="sharedpool")
+    with ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=2), resource="pg") as pool:
+        for _ in range(3):
+            with pool.connection():
+                pass
+    with ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=2)) as plain, plain.connection():
+        pass
+    book = LeaseBook("pg")
+    assert book.client is None and book.client is None
+    said = [r.getMessage() for r in caplog.records if "no coordinator" in r.getMessage()]
+    assert len(said) == 2, said
+    assert "pool 'pool-pg'" in said[0] and "capped only by its own max_size" in said[0]
+    assert said[1].startswith("'pg': no coordinator")

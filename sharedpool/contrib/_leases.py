@@ -245,6 +245,7 @@ class LeaseBook:
         self._admin_state: str | None = None
         self._counters = dict.fromkeys(_COUNTERS, 0)
         self._inherited: dict[int, Any] = {}
+        self._said_standalone = False
         self._left = _Left(self.resource, self.confirm_timeout)
         self._reset()
         if close_when_collected:
@@ -390,6 +391,11 @@ class LeaseBook:
         # Checked here (a bad $SHAREDPOOL_SOCKET names itself), not in the property.
         path = self._coordinator if self._client is None else self._client.socket_path
         if path is None and (path := env_socket_path()) is None:
+            if not self._said_standalone:
+                self._said_standalone = True
+                log.warning("%r: no coordinator (neither coordinator= nor $%s): connections "
+                            "are opened without leases, capped only by the pool's own size",
+                            self.resource, SOCKET_ENV)
             return None
         client = Client.for_path(path)
         if client is not self._client:
