@@ -727,3 +727,20 @@ def test_two_starters_on_a_dead_coordinators_socket_never_both_bind(tmp_path: An
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
     assert both == 0, f"both starters bound in {both} of 30 tries"
+
+
+def test_a_running_coordinator_is_compared_with_what_a_server_declares(
+        start_coordinator: Any, sock_path: str) -> None:
+    """gunicorn's hooks and celery's setup() use a coordinator already
+    listening as it is: a resource it lacks (every checkout fails) or a
+    different cap was not said (new-user walkthrough)."""
+    from sharedpool import Resource
+    from sharedpool.contrib._embedded import compare_served
+
+    start_coordinator({"pg": 3, "other": 1})
+    assert compare_served(sock_path, {"pg": Resource(max_size=3)}) == []
+    lines = compare_served(sock_path, {"pg": Resource(max_size=4), "redis": Resource(max_size=2)})
+    assert lines == ["its cap for 'pg' is 3, not the 4 declared here: its own configuration is in force",
+                     "it does not serve 'redis' (declared here with max_size=2): every checkout of "
+                     "'redis' fails"]
+

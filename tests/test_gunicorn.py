@@ -307,6 +307,7 @@ def test_external_coordinator_is_used_and_left_running(
     external = start_coordinator({"pg": CAP})
     server = gunicorn("sync")
     assert "using the coordinator already serving" in server.log()
+    assert "sharedpool: the coordinator at" not in server.log()  # it serves what was declared
     with BackendSampler(app_name) as sampler:
         load = Load(server.url, total=80, threads=8).start().join()
         assert server.stop() == 0

@@ -44,6 +44,7 @@ from ..errors import ConfigError, SharedPoolError
 from ._embedded import (
     EmbeddedCoordinator,
     EmbeddedStartError,
+    compare_served,
     coordinator_listening,
     private_socket_path,
     release_process,
@@ -92,6 +93,9 @@ class CelerySharedPool:
         if coordinator_listening(path):
             self.started_line = f"sharedpool: using the coordinator already serving {path}"
             log.info("%s", self.started_line)
+            if self.embedded is not None:
+                for line in compare_served(path, self.embedded.config.resources):
+                    log.warning("sharedpool: the coordinator at %s: %s", path, line)
         elif self.embedded is None:
             raise EmbeddedStartError(
                 f"sharedpool: no coordinator is listening on {path}, and setup() got no "

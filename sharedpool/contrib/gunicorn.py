@@ -60,6 +60,7 @@ from ..errors import SharedPoolError
 from ._embedded import (
     EmbeddedCoordinator,
     EmbeddedStartError,
+    compare_served,
     coordinator_listening,
     private_socket_path,
     release_process,
@@ -131,6 +132,9 @@ def hooks(
             return
         if coordinator_listening(path):
             server.log.info("sharedpool: using the coordinator already serving %s", path)
+            if embedded is not None and not os.environ.get("GUNICORN_PID"):
+                for line in compare_served(path, embedded.config.resources):
+                    server.log.warning("sharedpool: the coordinator at %s: %s", path, line)
             if embedded is not None and os.environ.get("GUNICORN_PID"):
                 # We are the new master of a USR2 upgrade: the old master owns that
                 # coordinator and stops it when it exits; take over then (its
