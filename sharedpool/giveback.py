@@ -87,7 +87,10 @@ def on_push(pool: ConnectionPool[Any], verb: str, resource: str | None, args: di
             pool.drain(timeout=0)
             pool._drained_by_coordinator = True
         return
-    log.warning("pool %r: coordinator says %s %s", pool.name, verb, args or "")
+    # An operator's verb, said in every worker: info, but for the end of this
+    # process's pools for good.
+    log.log(logging.WARNING if verb == "end_session" else logging.INFO,
+            "pool %r: coordinator says %s %s", pool.name, verb, args or "")
     if verb == "drain":
         was_active = pool._active
         pool.drain(timeout=0)

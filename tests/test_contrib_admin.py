@@ -183,3 +183,40 @@ def test_a_revoked_lease_closes_an_integrations_connections(
         assert _until(lambda: opened() == 0), "the revoked connection outlived its checkin"
     finally:
         close()
+
+
+def test_an_operators_drain_is_info_in_each_worker_and_end_session_a_warning(
+        admin: Client, sock_path: str, caplog: Any) -> None:
+    """Every worker logs what the coordinator pushed: a drain or resume an
+    operator ordered is not a fault (at warning, a fleet reporting to Sentry
+    got one event per worker per verb); the end of a process's pools is."""
+    import logging
+    import os
+
+    from sharedpool import ConnectionPool, PoolConfig
+    from sharedpool.contrib._leases import LeaseBook
+    from sharedpool.testing import FakeFactory
+
+    caplog.set_level(logging.INFO, logger="sharedpool")
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=2), resource="pg",
+                          coordinator=sock_path)
+    book = LeaseBook("pg", sock_path, reclaim=lambda n: 0)
+    try:
+        with pool.connection():
+            pass
+        assert book.client is not None
+
+        def said(verb: str) -> list[int]:
+            return [r.levelno for r in caplog.records if f"coordinator says {verb}" in r.getMessage()]
+
+        admin.admin("drain", resource="pg")
+        assert _until(lambda: len(said("drain")) == 2), caplog.text
+        admin.admin("resume", resource="pg")
+        assert _until(lambda: len(said("resume")) == 1), caplog.text
+        assert set(said("drain") + said("resume")) == {logging.INFO}
+        admin.admin("end_session", pid=os.getpid(), timeout=5)
+        assert _until(lambda: len(said("end_session")) == 2), caplog.text
+        assert set(said("end_session")) == {logging.WARNING}
+    finally:
+        book.shutdown()
+        pool.close()

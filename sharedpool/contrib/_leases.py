@@ -482,8 +482,9 @@ class LeaseBook:
             with self._lock:
                 count = len(self._entries)
             given = self._reclaim(count) if count else 0
-            log.warning("%r: coordinator says %s; closed %d idle connection(s), in-use ones close "
-                        "at checkin", self.resource, verb, given)
+            log.log(logging.WARNING if verb == "end_session" else logging.INFO,
+                    "%r: coordinator says %s; closed %d idle connection(s), in-use ones close "
+                    "at checkin", self.resource, verb, given)
 
     def revoked(self, key: Any) -> bool:
         """Whether ``key``'s lease was revoked: the host pool's reclaim closes
