@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import giveback, opening
 from .client import current_pid
+from .errors import AccessDenied, UnknownResource
 from .wrapper import ConnectionWrapper
 
 if TYPE_CHECKING:
@@ -140,8 +141,11 @@ def fill(pool: ConnectionPool[Any], count: int) -> None:
                 pool._stalled -= 1
                 pool._returned.notify_all()  # a close() or drain() may be waiting for it
             pool._end_session_if_done()
-            # The factory failed, not the lease: a failed connect.
-            _top_up_failed(pool, "stopped", exc, connect=lease is not None or client is None)
+            # The factory failed, not the lease: a failed connect. A lease refused
+            # for good (a resource name the coordinator does not know, a peer it
+            # does not admit) is said as loudly: no checkout will get one either.
+            _top_up_failed(pool, "stopped", exc, connect=lease is not None or client is None,
+                           loud=isinstance(exc, (UnknownResource, AccessDenied)))
             return
         wrapper = ConnectionWrapper(conn, pool, lease)
         pool._handoff.connected(time.monotonic() - t0)
@@ -168,15 +172,17 @@ def fill(pool: ConnectionPool[Any], count: int) -> None:
         pool._park(wrapper)
 
 
-def _top_up_failed(pool: ConnectionPool[Any], what: str, error: object, connect: bool) -> None:
+def _top_up_failed(pool: ConnectionPool[Any], what: str, error: object, connect: bool,
+                   loud: bool = False) -> None:
     """Count a failed top-up connect (connections_errors) and log it: nobody
     waits on a top-up to see its error, and a database that is down must still
-    show, once at warning, not at every maintenance round."""
+    show, once at warning, not at every maintenance round. ``loud``: not a
+    connect, but as much worth saying (a lease refused for good)."""
     with pool._lock:
         if connect:
             pool._m["connect_errors"] += 1
-        first = connect and not pool._top_up_failing
-        pool._top_up_failing = pool._top_up_failing or connect
+        first = (connect or loud) and not pool._top_up_failing
+        pool._top_up_failing = pool._top_up_failing or connect or loud
     log.log(logging.WARNING if first else logging.DEBUG, "pool %r: top-up to min_size %s: %s%s",
             pool.name, what, error,
             " (until one succeeds, later failures are logged at debug level)" if first else "")

@@ -1208,3 +1208,25 @@ def test_a_named_resource_with_no_coordinator_is_said_once(caplog: Any, monkeypa
     assert len(said) == 2, said
     assert "pool 'pool-pg'" in said[0] and "capped only by its own max_size" in said[0]
     assert said[1].startswith("'pg': no coordinator")
+
+
+def test_a_min_size_top_up_refused_an_unknown_resource_is_said_once(
+        start_coordinator: Any, sock_path: str, caplog: Any) -> None:
+    """resource='pgg' (a typo) with min_size=2: the top-up's lease was refused
+    every round with no word above debug; a checkout fails at once and says
+    why, but an app warming its pool at start heard nothing."""
+    start_coordinator({"pg": 2})
+    caplog.set_level(logging.DEBUG, logger="sharedpool")
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=2, max_size=2), resource="pgg",
+                          coordinator=sock_path)
+    try:
+        deadline = time.monotonic() + 10
+        while sum("top-up to min_size" in r.getMessage() for r in caplog.records) < 2:
+            assert time.monotonic() < deadline, "fewer than two top-up rounds ran"
+            time.sleep(0.05)
+        said = [r for r in caplog.records if "top-up to min_size" in r.getMessage()]
+        assert [r.levelno for r in said[:2]] == [logging.WARNING, logging.DEBUG]
+        assert "pgg" in said[0].getMessage()
+        assert pool.get_size() == 0
+    finally:
+        pool.close()
