@@ -145,9 +145,10 @@ class LeasedConnectionMixin:
             parent(*args, **kwargs)
             return
         if pool is None:
-            # Our own __del__: the pool was collected with us (dropped without
-            # disconnect()). redis-py's shutdown would fake the server's EOF:
-            # the socket is taken away first, closed and confirmed elsewhere.
+            # The pool was collected (dropped without disconnect()): this is our
+            # own __del__, or a disconnect of a connection its caller kept.
+            # redis-py's shutdown would fake the server's EOF: the socket is
+            # taken away first, closed and confirmed elsewhere, then released.
             orphan = getattr(self, "_sp_orphan", None)
             sock = self._sock
             if orphan is not None:
