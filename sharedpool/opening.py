@@ -80,8 +80,11 @@ def run(pool: ConnectionPool[Any], waiter: _Waiter, deadline: float) -> None:
             client.release(lease)  # no connection was made: nothing to confirm
         # A lease wait that ran out with the deadline of the waiter it was
         # started for (the coordinator away): that waiter has had its
-        # PoolTimeout, and the error is no one else's.
-        expired = lease is None and not fallback and time.monotonic() >= deadline
+        # PoolTimeout, and the error is no one else's. Only a lease wait: a
+        # standalone pool's failed connect (client None, lease None too) is
+        # an error for the next waiter, however late it came.
+        expired = (client is not None and lease is None and not fallback
+                   and time.monotonic() >= deadline)
         failed(pool, waiter, exc, connected=lease is not None or client is None, expired=expired)
         return
     wrapper = ConnectionWrapper(conn, pool, lease)

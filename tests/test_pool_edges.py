@@ -924,6 +924,39 @@ def test_every_acquire_with_no_coordinator_waits_its_timeout_and_raises_pool_tim
         pool.close()
 
 
+def test_a_standalone_connect_failing_after_its_waiter_left_reaches_the_next_waiter() -> None:
+    # Before: the opener of a waiter that timed out counted its late connect
+    # error as an expired lease wait (client and lease both None): the next
+    # waiter never saw the error, the factory ran again, and it got PoolTimeout.
+    calls = []
+
+    def factory() -> Any:
+        calls.append(1)
+        time.sleep(0.6)
+        raise ConnectionError("db down")
+
+    pool = ConnectionPool(factory, PoolConfig(min_size=0, max_size=1, connection_timeout=30))
+    got: dict[str, Any] = {}
+
+    def second() -> None:
+        try:
+            pool.acquire(timeout=3)
+        except BaseException as exc:  # noqa: BLE001 - recorded for the assert
+            got["error"] = exc
+
+    try:
+        with pytest.raises(PoolTimeout):
+            threading.Timer(0.05, second).start()
+            pool.acquire(timeout=0.2)
+        deadline = time.monotonic() + 5
+        while "error" not in got and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert isinstance(got.get("error"), ConnectionError), got
+        assert len(calls) == 1
+    finally:
+        pool.close(timeout=3)
+
+
 def test_a_pool_timeout_does_not_call_a_coordinator_not_yet_reached_unreachable(
         start_coordinator: Any, sock_path: str) -> None:
     # Before: a fresh pool's acquire(timeout=0) said the (running) coordinator
