@@ -19,7 +19,15 @@ from typing import TYPE_CHECKING, Any
 from .background import BACKOFF_MAX
 from .config import CoordinatorConfig, Resource, config_from_parts
 from .errors import ConfigError, SharedPoolError
-from .marker import MarkerKeeper, handed_on, marker_path, read_marker, write_marker
+from .marker import (
+    MarkerKeeper,
+    forget_backends,
+    from_another_boot,
+    handed_on,
+    marker_path,
+    read_marker,
+    write_marker,
+)
 
 if TYPE_CHECKING:
     from .program import EmbeddedCoordinator
@@ -146,7 +154,7 @@ def _give_to_group(path: str, gid: int) -> None:
 def bind_socket(config: CoordinatorConfig) -> tuple[socket.socket, bool, dict[str, list[Any]]]:
     """A listening Unix socket, 0600 (0660 with a group), in a private directory,
     whether this start is a restart (processes may still hold leases), and what
-    the previous coordinator handed on when it stopped (see :func:`_read_marker`)."""
+    the previous coordinator handed on when it stopped (see :func:`~sharedpool.marker.read_marker`)."""
     path = config.socket_path
     gid = _group_id(config)
     _private_dir(path, gid)
@@ -228,6 +236,10 @@ async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool
         aserver = await loop.create_unix_server(lambda: SessionProtocol(server), sock=sock)
         server.warm_monitors()
         handed = handed or {}
+        if from_another_boot(handed):
+            log.info("the restart marker was written before this host rebooted: its leases "
+                     "count through the hold, without their backends' pids (maybe others' now)")
+            handed = forget_backends(handed)
         if handed.get("held"):  # live processes' leases: counted until re-registered
             server.apply(server.ledger.restore_held(handed["held"], loop.time()))
         if handed.get("fenced"):  # a dead process's backend may still count on the server

@@ -35,35 +35,71 @@ KEEP_DUTY = 10
 
 _KEYS = ("fenced", "held", "late")
 
+_BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+def boot_id() -> str | None:
+    """This boot of the host (Linux), None where unknown."""
+    try:
+        with open(_BOOT_ID) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
 
 def marker_path(socket_path: str) -> str:
     """Where the coordinator serving ``socket_path`` keeps its marker."""
     return socket_path + ".restart"
 
 
-def read_marker(path: str) -> dict[str, list[Any]]:
+def read_marker(path: str) -> dict[str, Any]:
     """What the previous coordinator handed on: ``"fenced"``, the dead
     processes' leases still fenced, ``"held"``, the live processes' leases,
-    and ``"late"`` (each [] when absent, for an old format or an unreadable file)."""
+    and ``"late"`` (each [] when absent, for an old format or an unreadable file);
+    ``"boot"``, the host's boot it was written in (None when not said)."""
     try:
         with open(path) as f:
             data = json.load(f)
     except (OSError, ValueError):
         data = None
-    out: dict[str, list[Any]] = {}
+    out: dict[str, Any] = {}
     for key in _KEYS:
         value = data.get(key) if isinstance(data, dict) else None
         out[key] = value if isinstance(value, list) else []
+    boot = data.get("boot") if isinstance(data, dict) else None
+    out["boot"] = boot if isinstance(boot, str) else None
     return out
 
 
-def write_marker(path: str, handed: dict[str, list[Any]]) -> bool:
+def from_another_boot(handed: dict[str, Any]) -> bool:
+    """Whether ``handed`` was written before the host rebooted."""
+    boot, now = handed.get("boot"), boot_id()
+    return boot is not None and now is not None and boot != now
+
+
+def forget_backends(handed: dict[str, Any]) -> dict[str, Any]:
+    """A marker from before a reboot: every process it names is gone, and its
+    pids, as the backend pids it lists, may belong to others now (a fence
+    would wait on, or terminate, someone else's connection). Its leases still
+    count, through the hold and then ``quarantine_delay``, as leases whose
+    backend was never known."""
+    out = dict(handed)
+    out["fenced"] = [[*e[:5], None] if isinstance(e, list) and len(e) == 6 else e
+                     for e in handed.get("fenced", [])]
+    out["held"] = [[*e[:4], None] if isinstance(e, list) and len(e) == 5 else e
+                   for e in handed.get("held", [])]
+    return out
+
+
+def write_marker(path: str, handed: dict[str, Any]) -> bool:
     """Write the marker whole or not at all (a SIGKILL mid-write leaves the
-    previous one); an error is logged (False): the coordinator serves on."""
+    previous one); an error is logged (False): the coordinator serves on.
+    Stamped with this boot, unless ``handed`` says which (one read back)."""
     tmp = path + ".tmp"
     # One-shot dumps (C encoder) and one write: json.dump() writes piece by
     # piece, ~5x slower, and the keeper runs on the coordinator's event loop.
-    data = json.dumps({"pid": os.getpid(), **{k: handed.get(k, []) for k in _KEYS}},
+    boot = handed["boot"] if "boot" in handed else boot_id()
+    data = json.dumps({"pid": os.getpid(), "boot": boot, **{k: handed.get(k, []) for k in _KEYS}},
                       separators=(",", ":"))
     try:
         with open(tmp, "w") as f:

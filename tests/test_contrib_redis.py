@@ -347,3 +347,31 @@ def test_revoked_idle_connections_are_the_ones_closed(start_coordinator: Any, so
         assert pool.lease_book._revoked == 0
     finally:
         pool.disconnect()
+
+
+def test_a_script_that_never_disconnects_exits(start_coordinator: Any, sock_path: str,
+                                               redis_name: str) -> None:
+    """Most redis-py programs never call disconnect(): at interpreter exit the
+    pool and its connections are collected, and the connection's __del__ gave
+    its lease back from a new thread. Thread.start() then waits for a thread
+    that never runs: the program hung at exit, forever (Python 3.11), after a
+    warning that it had done something wrong."""
+    import subprocess
+    import sys
+    import textwrap
+
+    start_coordinator({"redis": 2})
+    code = textwrap.dedent(f"""
+        import redis
+        from sharedpool.contrib.redis import BlockingConnectionPool
+        pool = BlockingConnectionPool(host={HOST!r}, port={PORT}, client_name={redis_name!r},
+                                      resource="redis", coordinator={sock_path!r})
+        print(redis.Redis(connection_pool=pool).ping(), flush=True)
+    """)
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the program hung at its exit")
+    assert (out.returncode, out.stdout.strip()) == (0, "True"), out.stderr
+    assert "garbage-collected" not in out.stderr, out.stderr
+    assert wait_leased(sock_path, 0) == 0

@@ -341,3 +341,51 @@ def test_a_late_process_that_dies_after_the_restart_grace_is_terminated(
     assert result["n_errors"] == 0, result["errors"]
     assert sampler.peak <= 1, f"PostgreSQL saw {sampler.peak} connections with a cap of 1"
     assert time.monotonic() - t0 < 2.5  # ended when the process went, not at fence_timeout
+
+
+@pytest.mark.parametrize("key", ["held", "fenced"])
+def test_a_marker_from_before_a_reboot_fences_no_one_elses_backend(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str, key: str) -> None:
+    """The marker is kept while serving, so a power loss leaves it behind; in a
+    socket directory that outlives a reboot, the next boot's coordinator
+    fenced the pids it names, by then maybe someone else's: it terminated
+    an unrelated backend that had the recorded pid (and, with "wait", held
+    the slot for fence_timeout). A marker from another boot names no one."""
+    import psycopg
+
+    from sharedpool.marker import marker_path, write_marker
+
+    innocent = psycopg.connect(pg_dsn(), application_name=app_name, autocommit=True)
+    try:
+        backend, gone_pid, lease_id = innocent.info.backend_pid, 4_194_000, 1_700_000_000_000_000
+        rows = {"held": [["pg", lease_id, lease_id, gone_pid, backend]],
+                "fenced": [["pg", lease_id, lease_id, gone_pid, 20.0, backend]]}
+        write_marker(marker_path(sock_path), {key: rows[key], "boot": "a-boot-before-this-one"})
+        start_coordinator({"pg": Resource(max_size=1, monitor_dsn=pg_dsn(), fence_action="terminate",
+                                          fence_timeout=20, acquire_timeout=60)}, restart_grace=1.5)
+        client = Client(sock_path, name="after-reboot")
+        try:
+            t0 = time.monotonic()
+            lease = client.acquire("pg", timeout=30)
+            waited = time.monotonic() - t0
+            client.release(lease)
+        finally:
+            client.close()
+        assert innocent.execute("SELECT 1").fetchone() == (1,)  # not terminated
+        assert waited < 1.5 + 5, f"the slot stayed fenced {waited:.1f}s"
+    finally:
+        innocent.close()
+
+
+def test_the_marker_says_which_boot_wrote_it(tmp_path: Any) -> None:
+    from sharedpool.marker import boot_id, forget_backends, from_another_boot, read_marker, write_marker
+
+    path = str(tmp_path / "c.sock.restart")
+    write_marker(path, {"held": [["r", 7, 7, 123, 456]]})
+    handed = read_marker(path)
+    assert handed["boot"] == boot_id() and not from_another_boot(handed)
+    # A failed start writes back what it read: the boot it was written in stays.
+    write_marker(path, {**handed, "boot": "another"})
+    handed = read_marker(path)
+    assert from_another_boot(handed) == (boot_id() is not None)
+    assert forget_backends(handed)["held"] == [["r", 7, 7, 123, None]]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 import threading
 import time
 import weakref
@@ -194,7 +195,10 @@ def close_orphan(entry: _Entry, sock: Any, resource: str, confirm_timeout: float
     connection and must not shut it down for reading (that fakes the EOF)."""
     lease, client = entry.lease, entry.client
     entry.lease = None
-    if lease is None or client is None or entry.pid != current_pid():
+    # At interpreter exit (module globals collected): a thread started now never
+    # runs, and Thread.start() waited for it forever (3.11; 3.12+ refuses). The
+    # process is ending: so is its session, and the coordinator fences the lease.
+    if lease is None or client is None or entry.pid != current_pid() or sys.is_finalizing():
         sock.close()
         return
     level = logging.DEBUG if resource in _orphans_warned else logging.WARNING
