@@ -523,30 +523,21 @@ def test_sigterm_stops_serve_and_removes_socket(tmp_path: Path, workers: list[Wo
         stop(server.proc)
 
 
-def test_sigterm_as_soon_as_serve_accepts_stops_it_cleanly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_signal_as_soon_as_serve_accepts_is_handled(tmp_path: Path, sig: int) -> None:
     """The socket accepts before the event loop's signal handlers exist: a
-    SIGTERM in that window killed serve outright, its socket left behind (the
-    next start took it for a crash: a restart, granting nothing for a while)."""
+    SIGTERM in that window killed serve outright, and so did a SIGHUP (a
+    reload, SIG_DFL then), its socket left behind (the next start took it for
+    a crash: a restart, granting nothing for a while). A SIGTERM stops it
+    cleanly; after a SIGHUP it serves on."""
     for _ in range(3):
         server = Serve(tmp_path)
         try:
-            os.kill(server.proc.pid, signal.SIGTERM)
-            assert server.proc.wait(10) == 0, server.log.read_text()
-            assert not os.path.exists(server.socket)
-        finally:
-            stop(server.proc)
-
-
-def test_sighup_as_soon_as_serve_accepts_reloads_and_does_not_kill_it(tmp_path: Path) -> None:
-    """SIGHUP is a reload; before the event loop's handlers existed it was
-    SIG_DFL: serve died, its socket left behind (the next start a restart)."""
-    for _ in range(3):
-        server = Serve(tmp_path)
-        try:
-            os.kill(server.proc.pid, signal.SIGHUP)
-            time.sleep(0.5)
-            assert server.proc.poll() is None, server.log.read_text()
-            os.kill(server.proc.pid, signal.SIGTERM)
+            os.kill(server.proc.pid, sig)
+            if sig == signal.SIGHUP:
+                time.sleep(0.5)
+                assert server.proc.poll() is None, server.log.read_text()
+                os.kill(server.proc.pid, signal.SIGTERM)
             assert server.proc.wait(10) == 0, server.log.read_text()
             assert not os.path.exists(server.socket)
         finally:
