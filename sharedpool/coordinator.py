@@ -19,9 +19,11 @@ from typing import TYPE_CHECKING, Any
 from .background import BACKOFF_MAX
 from .config import CoordinatorConfig, Resource, config_from_parts
 from .errors import ConfigError, SharedPoolError
+from .fence import MonitorConnections
 from .marker import (
     MarkerKeeper,
     forget_backends,
+    forget_reused,
     from_another_boot,
     handed_on,
     marker_path,
@@ -233,13 +235,18 @@ async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool
             # Inside the try: a start that fails here must not leave its socket
             # behind, or the next start takes it for a dead coordinator's.
             metrics = serve_metrics(server, config.metrics_host, config.metrics_port)
-        aserver = await loop.create_unix_server(lambda: SessionProtocol(server), sock=sock)
-        server.warm_monitors()
         handed = handed or {}
         if from_another_boot(handed):
             log.info("the restart marker was written before this host rebooted: its leases "
                      "count through the hold, without their backends' pids (maybe others' now)")
             handed = forget_backends(handed)
+        elif handed:
+            # Before accepting: with no hold (restart_grace=0) a newcomer could
+            # otherwise be granted before the fences below count.
+            server.monitors = server.monitors or MonitorConnections()
+            handed = await forget_reused(handed, config.resources, server.monitors)
+        aserver = await loop.create_unix_server(lambda: SessionProtocol(server), sock=sock)
+        server.warm_monitors()
         if handed.get("held"):  # live processes' leases: counted until re-registered
             server.apply(server.ledger.restore_held(handed["held"], loop.time()))
         if handed.get("fenced"):  # a dead process's backend may still count on the server

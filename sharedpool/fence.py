@@ -108,6 +108,66 @@ async def wait_backends_gone(
     remaining = {int(pid) for pid in pids}
     if not remaining:
         return remaining  # nothing to fence: no need for a connection
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+
+    async def poll(psycopg: Any, conn: Any) -> None:
+        nonlocal remaining
+        if action == "terminate":
+            await _terminate(psycopg, conn, remaining)
+        while True:
+            # autocommit: every statement gets a fresh pg_stat_activity
+            # snapshot (inside one transaction it would be frozen).
+            cur = await conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE pid = ANY(%s)", (list(remaining),)
+            )
+            remaining = {row[0] for row in await cur.fetchall()}
+            if not remaining or loop.time() + poll_interval >= deadline:
+                return
+            await asyncio.sleep(poll_interval)
+
+    await _on_monitor(dsn, deadline, monitors, poll)
+    return remaining
+
+
+async def backends_started_since(
+    dsn: str,
+    pids: Collection[int],
+    seconds: float,
+    *,
+    timeout: float = 1.0,
+    monitors: MonitorConnections | None = None,
+) -> set[int] | None:
+    """Those of ``pids`` whose backend started less than ``seconds`` ago, by
+    the server's own clock: a backend pid recorded longer ago than that is
+    someone else's now. None when the server cannot be asked within
+    ``timeout`` (logged as :func:`wait_backends_gone` does)."""
+    ask = {int(pid) for pid in pids}
+    if not ask:
+        return set()
+    loop = asyncio.get_running_loop()
+    found: set[int] | None = None
+
+    async def query(psycopg: Any, conn: Any) -> None:
+        nonlocal found
+        cur = await conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE pid = ANY(%s)"
+            " AND backend_start > clock_timestamp() - make_interval(secs => %s)",
+            (sorted(ask), float(seconds)),
+        )
+        found = {row[0] for row in await cur.fetchall()}
+
+    await _on_monitor(dsn, loop.time() + timeout, monitors, query)
+    return found
+
+
+async def _on_monitor(dsn: str, deadline: float, monitors: MonitorConnections | None,
+                      work: Any) -> None:
+    """Run ``work(psycopg, conn)`` on a monitor connection to ``dsn``, all of it
+    (connect included) before ``deadline``: a hung server must not hold a
+    fence longer than the caller allowed. An outage, a timeout or a lost
+    connection ends it early with a warning that names the host - never the
+    DSN, which may hold a password; ``work`` leaves what it found so far."""
     try:
         import psycopg
     except ImportError:
@@ -115,11 +175,9 @@ async def wait_backends_gone(
     params = _parse_dsn(psycopg, dsn)
     host, extra = _host_of(params), _monitor_extra(params)
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    started = loop.time()
     conn: Any = None
     try:
-        # One deadline for everything, connect included: a hung server must not
-        # hold the fence longer than the caller allowed.
         async with asyncio.timeout_at(deadline):
             if monitors is not None:
                 conn = await monitors.get(psycopg, dsn, **extra)
@@ -137,31 +195,18 @@ async def wait_backends_gone(
                     conn = await monitors.get(psycopg, dsn, **extra)
             else:
                 conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True, **extra)
-            if action == "terminate":
-                await _terminate(psycopg, conn, remaining)
-            while True:
-                # autocommit: every statement gets a fresh pg_stat_activity
-                # snapshot (inside one transaction it would be frozen).
-                cur = await conn.execute(
-                    "SELECT pid FROM pg_stat_activity WHERE pid = ANY(%s)", (list(remaining),)
-                )
-                remaining = {row[0] for row in await cur.fetchall()}
-                if not remaining or loop.time() + poll_interval >= deadline:
-                    return remaining
-                await asyncio.sleep(poll_interval)
+            await work(psycopg, conn)
     except TimeoutError:
         if conn is None:
-            log.warning("fence: no monitor connection to %s within %.3gs", host, timeout)
+            log.warning("fence: no monitor connection to %s within %.3gs", host, deadline - started)
         elif monitors is not None:
             await monitors.discard(dsn, conn)
-        return remaining
     except psycopg.Error as exc:
         # libpq's connection errors never contain the password; parse errors
         # could, but _parse_dsn() has already parsed the DSN.
         log.warning("fence: cannot query pg_stat_activity on %s: %s", host, exc)
         if monitors is not None and conn is not None:
             await monitors.discard(dsn, conn)
-        return remaining
     finally:
         if conn is not None and monitors is None:
             await conn.close()

@@ -20,9 +20,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import time
 from typing import Any
+
+from .fence import backends_started_since
 
 log = logging.getLogger("sharedpool.coordinator")
 
@@ -56,7 +59,8 @@ def read_marker(path: str) -> dict[str, Any]:
     """What the previous coordinator handed on: ``"fenced"``, the dead
     processes' leases still fenced, ``"held"``, the live processes' leases,
     and ``"late"`` (each [] when absent, for an old format or an unreadable file);
-    ``"boot"``, the host's boot it was written in (None when not said)."""
+    ``"boot"``, the host's boot it was written in, and ``"mono"``, the
+    boot's monotonic clock when it was written (each None when not said)."""
     try:
         with open(path) as f:
             data = json.load(f)
@@ -68,6 +72,9 @@ def read_marker(path: str) -> dict[str, Any]:
         out[key] = value if isinstance(value, list) else []
     boot = data.get("boot") if isinstance(data, dict) else None
     out["boot"] = boot if isinstance(boot, str) else None
+    mono: Any = data.get("mono") if isinstance(data, dict) else None
+    finite = isinstance(mono, int | float) and not isinstance(mono, bool) and math.isfinite(mono)
+    out["mono"] = float(mono) if finite else None
     return out
 
 
@@ -77,18 +84,77 @@ def from_another_boot(handed: dict[str, Any]) -> bool:
     return boot is not None and now is not None and boot != now
 
 
-def forget_backends(handed: dict[str, Any]) -> dict[str, Any]:
-    """A marker from before a reboot: every process it names is gone, and its
-    pids, as the backend pids it lists, may belong to others now (a fence
-    would wait on, or terminate, someone else's connection). Its leases still
-    count, through the hold and then ``quarantine_delay``, as leases whose
-    backend was never known."""
-    out = dict(handed)
-    out["fenced"] = [[*e[:5], None] if isinstance(e, list) and len(e) == 6 else e
-                     for e in handed.get("fenced", [])]
-    out["held"] = [[*e[:4], None] if isinstance(e, list) and len(e) == 5 else e
-                   for e in handed.get("held", [])]
+def marker_age(handed: dict[str, Any]) -> float | None:
+    """Seconds since ``handed`` was written, on this boot's monotonic clock
+    (unmoved by wall-clock steps); None when unknown or from another boot."""
+    mono = handed.get("mono")
+    if mono is None or from_another_boot(handed):
+        return None
+    return max(0.0, time.monotonic() - mono)
+
+
+def backends_named(handed: dict[str, Any]) -> dict[str, set[int]]:
+    """The backend pids ``handed`` lists, by resource."""
+    out: dict[str, set[int]] = {}
+    for entry in _backend_entries(handed):
+        out.setdefault(entry[0], set()).add(entry[-1])
     return out
+
+
+def forget_backends(handed: dict[str, Any],
+                    which: dict[str, set[int]] | None = None) -> dict[str, Any]:
+    """``handed`` without the backend pids ``which`` names (by resource; None:
+    all of them). A marker from before a reboot names only gone processes, and
+    pids, backend pids among them, that may belong to others now; so does one
+    whose backend pids were reused since it was written (a fence would wait
+    on, or terminate, someone else's connection). Their leases still count,
+    through the hold and then ``quarantine_delay``, as leases whose backend
+    was never known."""
+    drop = {id(e) for e in _backend_entries(handed)
+            if which is None or e[-1] in which.get(e[0], ())}
+    out = dict(handed)
+    for key in ("fenced", "held"):
+        out[key] = [[*e[:-1], None] if id(e) in drop else e for e in handed.get(key, [])]
+    return out
+
+
+#: A backend started less than this before the marker was written may still
+#: be one it names (the server's clock against ours, the query's own time).
+REUSE_SLACK = 1.0
+
+
+async def forget_reused(handed: dict[str, Any], resources: dict[str, Any], monitors: Any,
+                        timeout: float = 1.0) -> dict[str, Any]:
+    """``handed`` without the backend pids that PostgreSQL has given to a
+    backend started since it was written. A coordinator down long enough
+    (or a marker left long enough) for a pid to come round again would
+    otherwise fence, or with ``fence_action="terminate"`` terminate, someone
+    else's connection. Asked of each resource with a ``monitor_dsn``, within
+    ``timeout`` each; one that cannot tell keeps its pids (logged)."""
+    age = marker_age(handed)
+    if age is None or age <= REUSE_SLACK:
+        return handed  # too recent for a pid to have come round (or from another boot)
+    reused: dict[str, set[int]] = {}
+    for name, pids in backends_named(handed).items():
+        limits = resources.get(name)
+        dsn = getattr(limits, "monitor_dsn", None)
+        if dsn:
+            found = await backends_started_since(dsn, pids, age - REUSE_SLACK,
+                                                 timeout=timeout, monitors=monitors)
+            if found:
+                log.info("restart marker (%.0fs old): %s backend pid(s) %s now belong to "
+                         "newer backends: not fenced", age, name, sorted(found))
+                reused[name] = found
+    return forget_backends(handed, reused) if reused else handed
+
+
+def _backend_entries(handed: dict[str, Any]) -> list[list[Any]]:
+    # fenced: [resource, lease, token, pid, seconds_left, backend_pid];
+    # held: [resource, lease, token, pid, backend_pid]. Anything else the
+    # ledger's restore skips, as it does malformed entries.
+    return [e for key, n in (("fenced", 6), ("held", 5)) for e in handed.get(key, [])
+            if isinstance(e, list) and len(e) == n and isinstance(e[0], str)
+            and type(e[-1]) is int and e[-1] > 0]
 
 
 def write_marker(path: str, handed: dict[str, Any]) -> bool:
@@ -99,8 +165,11 @@ def write_marker(path: str, handed: dict[str, Any]) -> bool:
     # One-shot dumps (C encoder) and one write: json.dump() writes piece by
     # piece, ~5x slower, and the keeper runs on the coordinator's event loop.
     boot = handed["boot"] if "boot" in handed else boot_id()
-    data = json.dumps({"pid": os.getpid(), "boot": boot, **{k: handed.get(k, []) for k in _KEYS}},
-                      separators=(",", ":"))
+    # When the backend pids it lists were last seen in use: a backend started
+    # later with one of them is someone else's (read back: kept).
+    mono = handed["mono"] if "mono" in handed else time.monotonic()
+    data = json.dumps({"pid": os.getpid(), "boot": boot, "mono": mono,
+                       **{k: handed.get(k, []) for k in _KEYS}}, separators=(",", ":"))
     try:
         with open(tmp, "w") as f:
             f.write(data)

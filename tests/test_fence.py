@@ -26,7 +26,7 @@ import pytest
 from pg_helpers import require_pg
 
 from sharedpool.errors import ConfigError
-from sharedpool.fence import FenceCheck, pg_fence_check, wait_backends_gone
+from sharedpool.fence import FenceCheck, backends_started_since, pg_fence_check, wait_backends_gone
 
 pytestmark = pytest.mark.pg
 
@@ -170,6 +170,20 @@ def test_terminate_live_idle_backend(dsn: str) -> None:
 def test_unknown_and_empty_pids(dsn: str) -> None:
     assert asyncio.run(wait_backends_gone(dsn, [os.getpid()], timeout=2.0)) == set()
     assert asyncio.run(wait_backends_gone(dsn, [], timeout=2.0)) == set()
+
+
+def test_backends_started_since(dsn: str) -> None:
+    """What a restart asks of a marker's backend pids: which were started
+    since it was written (by the server's clock), i.e. are someone else's."""
+    with psycopg.connect(dsn, application_name=_app()) as conn:
+        pid = conn.info.backend_pid
+        assert asyncio.run(backends_started_since(dsn, [pid, os.getpid()], 600.0)) == {pid}
+        time.sleep(0.2)
+        assert asyncio.run(backends_started_since(dsn, {pid}, 0.1)) == set()
+        assert asyncio.run(backends_started_since(dsn, [], 600.0)) == set()
+    # A server that cannot be asked: None, not "none of them" (the caller keeps them all).
+    port = _free_port()
+    assert asyncio.run(backends_started_since(f"host=127.0.0.1 port={port}", {7}, 60.0)) is None
 
 
 def test_monitor_unreachable_returns_pids_and_hides_password(

@@ -377,8 +377,60 @@ def test_a_marker_from_before_a_reboot_fences_no_one_elses_backend(
         innocent.close()
 
 
+@pytest.mark.parametrize("key", ["held", "fenced"])
+def test_a_marker_older_than_a_backend_fences_only_its_own_backends(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str, key: str) -> None:
+    """On the same boot, a coordinator down long enough for PostgreSQL to give
+    a recorded backend pid to a new backend terminated that newcomer (someone
+    else's). The marker says when it was written: a backend started since is
+    not one it names; one older than the marker still is, and is ended."""
+    import psycopg
+
+    from sharedpool.marker import marker_path, write_marker
+
+    ours = psycopg.connect(pg_dsn(), application_name=app_name, autocommit=True)
+    time.sleep(2.5)
+    # Written 0.1 s after ours started: `newer` (started 2.4 s after the
+    # marker, whose backend pid stands for a pid come round) is not its.
+    written = time.monotonic() - 2.4
+    newer = psycopg.connect(pg_dsn(), application_name=app_name, autocommit=True)
+    try:
+        gone_pid, rows = 4_194_000, []
+        for n, conn in enumerate((ours, newer)):
+            lease_id = 1_700_000_000_000_000 + n
+            rows.append({"held": ["pg", lease_id, lease_id, gone_pid, conn.info.backend_pid],
+                         "fenced": ["pg", lease_id, lease_id, gone_pid, 20.0,
+                                    conn.info.backend_pid]}[key])
+        write_marker(marker_path(sock_path), {key: rows, "mono": written})
+        start_coordinator({"pg": Resource(max_size=1, monitor_dsn=pg_dsn(), fence_action="terminate",
+                                          fence_timeout=20, acquire_timeout=60)}, restart_grace=1.5)
+        client = Client(sock_path, name="after-a-long-stop")
+        try:
+            t0 = time.monotonic()
+            lease = client.acquire("pg", timeout=30)
+            waited = time.monotonic() - t0
+            client.release(lease)
+        finally:
+            client.close()
+        assert newer.execute("SELECT 1").fetchone() == (1,)  # not terminated
+        with pytest.raises(psycopg.OperationalError):
+            ours.execute("SELECT 1")  # terminated, as any fenced backend of a dead process
+        assert waited < 1.5 + 5, f"the slot stayed fenced {waited:.1f}s"
+    finally:
+        ours.close()
+        newer.close()
+
+
 def test_the_marker_says_which_boot_wrote_it(tmp_path: Any) -> None:
-    from sharedpool.marker import boot_id, forget_backends, from_another_boot, read_marker, write_marker
+    from sharedpool.marker import (
+        backends_named,
+        boot_id,
+        forget_backends,
+        from_another_boot,
+        marker_age,
+        read_marker,
+        write_marker,
+    )
 
     path = str(tmp_path / "c.sock.restart")
     write_marker(path, {"held": [["r", 7, 7, 123, 456]]})
@@ -389,3 +441,17 @@ def test_the_marker_says_which_boot_wrote_it(tmp_path: Any) -> None:
     handed = read_marker(path)
     assert from_another_boot(handed) == (boot_id() is not None)
     assert forget_backends(handed)["held"] == [["r", 7, 7, 123, None]]
+    assert marker_age(handed) is None  # another boot's clock
+    # When it was written, on this boot's monotonic clock; a write-back keeps it.
+    write_marker(path, {**handed, "boot": boot_id()})
+    age = marker_age(read_marker(path))
+    assert age is not None and 0 <= age < 60
+    write_marker(path, {**handed, "boot": boot_id(), "mono": handed["mono"] - 100})
+    age = marker_age(read_marker(path))
+    assert age is not None and age >= 100
+    two = {"fenced": [["r", 1, 1, 5, 2.0, 10], ["s", 2, 2, 5, 2.0, 10]],
+           "held": [["r", 3, 3, 6, 11], ["r", 4, 4, 6, None]]}
+    assert backends_named(two) == {"r": {10, 11}, "s": {10}}
+    assert forget_backends(two, {"r": {10, 11}}) == {
+        "fenced": [["r", 1, 1, 5, 2.0, None], ["s", 2, 2, 5, 2.0, 10]],
+        "held": [["r", 3, 3, 6, None], ["r", 4, 4, 6, None]]}
