@@ -25,6 +25,7 @@ import os
 import time
 from typing import Any
 
+from .errors import ConfigError
 from .fence import backends_started_since
 
 log = logging.getLogger("sharedpool.coordinator")
@@ -73,8 +74,11 @@ def read_marker(path: str) -> dict[str, Any]:
     boot = data.get("boot") if isinstance(data, dict) else None
     out["boot"] = boot if isinstance(boot, str) else None
     mono: Any = data.get("mono") if isinstance(data, dict) else None
-    finite = isinstance(mono, int | float) and not isinstance(mono, bool) and math.isfinite(mono)
-    out["mono"] = float(mono) if finite else None
+    try:  # an int too big for a float (hand-written) must not stop the start
+        mono = float(mono) if isinstance(mono, int | float) and not isinstance(mono, bool) else None
+    except OverflowError:
+        mono = None
+    out["mono"] = mono if mono is not None and math.isfinite(mono) else None
     return out
 
 
@@ -129,22 +133,33 @@ async def forget_reused(handed: dict[str, Any], resources: dict[str, Any], monit
     backend started since it was written. A coordinator down long enough
     (or a marker left long enough) for a pid to come round again would
     otherwise fence, or with ``fence_action="terminate"`` terminate, someone
-    else's connection. Asked of each resource with a ``monitor_dsn``, within
-    ``timeout`` each; one that cannot tell keeps its pids (logged)."""
+    else's connection. Asked of each resource with a ``monitor_dsn``, all
+    within ``timeout``; one that cannot tell keeps its pids (logged)."""
     age = marker_age(handed)
     if age is None or age <= REUSE_SLACK:
         return handed  # too recent for a pid to have come round (or from another boot)
-    reused: dict[str, set[int]] = {}
+    asks: list[tuple[str, set[int], str]] = []
     for name, pids in backends_named(handed).items():
-        limits = resources.get(name)
-        dsn = getattr(limits, "monitor_dsn", None)
+        dsn = getattr(resources.get(name), "monitor_dsn", None)
         if dsn:
-            found = await backends_started_since(dsn, pids, age - REUSE_SLACK,
-                                                 timeout=timeout, monitors=monitors)
-            if found:
-                log.info("restart marker (%.0fs old): %s backend pid(s) %s now belong to "
-                         "newer backends: not fenced", age, name, sorted(found))
-                reused[name] = found
+            asks.append((name, pids, dsn))
+
+    async def ask(name: str, pids: set[int], dsn: str) -> set[int] | None:
+        try:
+            return await backends_started_since(dsn, pids, age - REUSE_SLACK,
+                                                timeout=timeout, monitors=monitors)
+        except ConfigError as exc:  # a malformed DSN, no psycopg: the fence logs it too
+            log.warning("restart marker: cannot ask %s which backend pids are reused: %s", name, exc)
+            return None
+
+    # All at once: one hung server holds the start for ``timeout``, not once per resource.
+    results = await asyncio.gather(*(ask(*a) for a in asks))
+    reused: dict[str, set[int]] = {}
+    for (name, _, _), found in zip(asks, results, strict=True):
+        if found:
+            log.info("restart marker (%.0fs old): %s backend pid(s) %s now belong to "
+                     "newer backends: not fenced", age, name, sorted(found))
+            reused[name] = found
     return forget_backends(handed, reused) if reused else handed
 
 

@@ -455,3 +455,39 @@ def test_the_marker_says_which_boot_wrote_it(tmp_path: Any) -> None:
     assert forget_backends(two, {"r": {10, 11}}) == {
         "fenced": [["r", 1, 1, 5, 2.0, None], ["s", 2, 2, 5, 2.0, 10]],
         "held": [["r", 3, 3, 6, None], ["r", 4, 4, 6, None]]}
+
+
+def test_a_malformed_marker_or_monitor_does_not_stop_a_restart(
+        tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A restart with an old marker asks each monitor_dsn about its pids: a
+    hand-written huge "mono", a malformed DSN (or no psycopg) made the start
+    fail - every start, the marker being handed back - and a hung server held
+    it a second per resource (12 resources: past Coordinator.start's 10 s)."""
+    import asyncio
+    import logging
+    import socket
+
+    from sharedpool.fence import MonitorConnections
+    from sharedpool.marker import forget_reused, read_marker
+
+    path = str(tmp_path / "c.sock.restart")
+    with open(path, "w") as f:
+        f.write('{"held":[["r",7,7,123,456]],"mono":1' + "0" * 400 + "}")
+    handed = read_marker(path)
+    assert handed["mono"] is None and handed["held"] == [["r", 7, 7, 123, 456]]
+
+    old = {"held": [["r", 7, 7, 123, 456]], "mono": time.monotonic() - 5}
+    bad = {"r": Resource(max_size=1, monitor_dsn="host=x password='s3cr3t")}
+    with caplog.at_level(logging.WARNING):
+        assert asyncio.run(forget_reused(old, bad, MonitorConnections())) == old
+    assert "monitor_dsn" in caplog.text and "s3cr3t" not in caplog.text
+
+    with socket.socket() as srv:  # a server that never answers
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(64)
+        dsn = f"host=127.0.0.1 port={srv.getsockname()[1]}"
+        many = {"held": [[f"r{i}", i, i, 123, 456] for i in range(8)], "mono": time.monotonic() - 5}
+        hung = {f"r{i}": Resource(max_size=1, monitor_dsn=dsn) for i in range(8)}
+        t0 = time.monotonic()
+        assert asyncio.run(forget_reused(many, hung, MonitorConnections(), timeout=0.3)) == many
+        assert time.monotonic() - t0 < 1.2  # 0.3 s for all, not 8 x 0.3 s
