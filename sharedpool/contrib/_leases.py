@@ -564,13 +564,24 @@ class LeaseBook:
         try:
             with self._lock:
                 old = self._entries.pop(id(key), None)
-                self._entries[id(key)] = _Entry(key, lease, client=client if lease is not None else None)
+                entry = _Entry(key, lease, client=client if lease is not None else None)
+                self._entries[id(key)] = entry
+                # Revoked between the grant and here: _revoke() found no entry
+                # to mark (the client forgets the lease before its job runs).
+                revoked = lease is not None and client is not None and lease.id not in client._held
+                if revoked:
+                    entry.lease, entry.revoked = None, True
+                    self._revoked += 1
         except BaseException:
             # Cut short before the lease was recorded (a signal handler's exception):
             # nothing will open under it, nor release it.
             if lease is not None and client is not None and id(key) not in self._entries:
                 self._release(client, lease)
             raise
+        if revoked:
+            log.warning("%r lease %s revoked by the coordinator as it was granted: the connection "
+                        "counts against no cap; it is closed at its checkin", self.resource,
+                        lease.id if lease is not None else None)
         if old is not None and old.key is key and old.lease is not None and client is not None:
             log.warning("a %r connection re-opened without being closed; releasing its old lease",
                         self.resource)
