@@ -28,6 +28,7 @@ from .marker import (
     handed_on,
     marker_path,
     read_marker,
+    time_left_now,
     write_marker,
 )
 
@@ -244,7 +245,7 @@ async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool
             # Before accepting: with no hold (restart_grace=0) a newcomer could
             # otherwise be granted before the fences below count.
             server.monitors = server.monitors or MonitorConnections()
-            handed = await forget_reused(handed, config.resources, server.monitors)
+            handed = time_left_now(await forget_reused(handed, config.resources, server.monitors))
         aserver = await loop.create_unix_server(lambda: SessionProtocol(server), sock=sock)
         server.warm_monitors()
         if handed.get("held"):  # live processes' leases: counted until re-registered

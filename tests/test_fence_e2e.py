@@ -421,6 +421,27 @@ def test_a_marker_older_than_a_backend_fences_only_its_own_backends(
         newer.close()
 
 
+def test_a_restored_fence_lasts_only_the_time_it_had_left(
+        start_coordinator: Any, sock_path: str) -> None:
+    """The marker keeps a fence's time left as of its last write (rewritten
+    only on real changes): a coordinator restarted from it fenced for all of
+    that again, however long ago it was written."""
+    from sharedpool.marker import marker_path, write_marker
+
+    lease_id = 1_700_000_000_000_000
+    write_marker(marker_path(sock_path), {"fenced": [["r", lease_id, lease_id, 4_194_000, 20.0, None]],
+                                          "mono": time.monotonic() - 18.5})
+    start_coordinator({"r": Resource(max_size=1, acquire_timeout=60)}, restart_grace=0.5)
+    client = Client(sock_path, name="after-the-marker")
+    try:
+        t0 = time.monotonic()
+        client.release(client.acquire("r", timeout=15))
+        waited = time.monotonic() - t0
+    finally:
+        client.close()
+    assert waited < 1.5 + 3, f"the fence lasted {waited:.1f}s of a marker with 1.5 s left"
+
+
 def test_the_marker_says_which_boot_wrote_it(tmp_path: Any) -> None:
     from sharedpool.marker import (
         backends_named,
@@ -429,6 +450,7 @@ def test_the_marker_says_which_boot_wrote_it(tmp_path: Any) -> None:
         from_another_boot,
         marker_age,
         read_marker,
+        time_left_now,
         write_marker,
     )
 
@@ -452,6 +474,10 @@ def test_the_marker_says_which_boot_wrote_it(tmp_path: Any) -> None:
     two = {"fenced": [["r", 1, 1, 5, 2.0, 10], ["s", 2, 2, 5, 2.0, 10]],
            "held": [["r", 3, 3, 6, 11], ["r", 4, 4, 6, None]]}
     assert backends_named(two) == {"r": {10, 11}, "s": {10}}
+    assert time_left_now({**two, "mono": time.monotonic() - 1.5, "boot": boot_id()})["fenced"] == [
+        ["r", 1, 1, 5, pytest.approx(0.5, abs=0.2), 10], ["s", 2, 2, 5, pytest.approx(0.5, abs=0.2), 10]]
+    assert time_left_now({**two, "mono": time.monotonic() - 9})["fenced"][0][4] == 0.0
+    assert time_left_now({**two, "mono": None}) == {**two, "mono": None}  # unknown age: all of it
     assert forget_backends(two, {"r": {10, 11}}) == {
         "fenced": [["r", 1, 1, 5, 2.0, None], ["s", 2, 2, 5, 2.0, 10]],
         "held": [["r", 3, 3, 6, None], ["r", 4, 4, 6, None]]}
