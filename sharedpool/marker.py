@@ -101,11 +101,12 @@ def time_left_now(handed: dict[str, Any]) -> dict[str, Any]:
     """``handed`` with each fence's time left counted from now: less the
     marker's age (the keeper rewrites it only on real changes, so the time
     left it holds is that of its last write). Unchanged when the age is
-    unknown: a fence then lasts longer than it had left, never shorter."""
+    unknown: a fence then lasts longer than it had left, never shorter.
+    Stamped now, as its time left is (a failed start writes it back)."""
     age = marker_age(handed)
     if not age:
         return handed
-    out = dict(handed)
+    out = {**handed, "mono": handed["mono"] + age}
     out["fenced"] = [[*e[:4], max(0.0, e[4] - age), e[5]]
                      if isinstance(e, list) and len(e) == 6 and type(e[4]) in (int, float) else e
                      for e in handed.get("fenced", [])]

@@ -477,6 +477,9 @@ def test_the_marker_says_which_boot_wrote_it(tmp_path: Any) -> None:
     assert time_left_now({**two, "mono": time.monotonic() - 1.5, "boot": boot_id()})["fenced"] == [
         ["r", 1, 1, 5, pytest.approx(0.5, abs=0.2), 10], ["s", 2, 2, 5, pytest.approx(0.5, abs=0.2), 10]]
     assert time_left_now({**two, "mono": time.monotonic() - 9})["fenced"][0][4] == 0.0
+    # Stamped as of its new time left: written back by a failed start, not counted down twice.
+    once = time_left_now({**two, "mono": time.monotonic() - 1.5, "boot": boot_id()})
+    assert time_left_now(once)["fenced"][0][4] == pytest.approx(0.5, abs=0.2)
     assert time_left_now({**two, "mono": None}) == {**two, "mono": None}  # unknown age: all of it
     assert forget_backends(two, {"r": {10, 11}}) == {
         "fenced": [["r", 1, 1, 5, 2.0, None], ["s", 2, 2, 5, 2.0, 10]],
