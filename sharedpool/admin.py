@@ -8,7 +8,8 @@ from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 from . import protocol as p
-from .config import CoordinatorConfig
+from .config import CoordinatorConfig, check_welcome_fits
+from .errors import ConfigError
 
 if TYPE_CHECKING:
     from .effects import Effect
@@ -71,6 +72,14 @@ def reload_config(server: Server, now: float) -> tuple[Any, list[Effect]]:
     if not path:
         raise ValueError("the coordinator was not started with --config; nothing to reload")
     fresh = CoordinatorConfig.load(path, **running.overrides)
+    # Checked against the frame size in force (a new max_frame takes a restart): every
+    # session opens with a welcome listing every resource, the kept ones too.
+    served = {**{name: res.limits for name, res in server.ledger.resources.items()}, **fresh.resources}
+    try:
+        check_welcome_fits(served, running.max_frame)
+    except ConfigError as exc:
+        raise ConfigError(exc.field, f"{exc.detail} (the running coordinator's; a new max_frame "
+                          "takes a restart)") from None
     effects: list[Effect] = []
     # What the reload changes in the live limits: the file's edits, and also
     # what a `resize` set since (the file's value wins; said, not silent).

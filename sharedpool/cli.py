@@ -222,7 +222,11 @@ def make_console() -> Console:
     """A console for stdout; wide when not a terminal so that tables keep their rows."""
     if sys.stdout.isatty():
         return Console()
-    return Console(width=int(os.environ.get("COLUMNS") or 200), soft_wrap=False)
+    columns = os.environ.get("COLUMNS", "")
+    # As rich itself reads it: a value that is no positive width (unset, "abc", 0) is
+    # ignored, not a traceback, nor a table cut down to nothing.
+    width = int(columns) if columns.strip().isdigit() and int(columns) > 0 else 200
+    return Console(width=width, soft_wrap=False)
 
 
 def _emit(as_json: bool, data: dict[str, Any], *tables: RenderableType) -> None:

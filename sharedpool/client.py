@@ -144,7 +144,9 @@ class Client:
                  connect_timeout: float | None = 5.0) -> None:
         self.socket_path = _socket_path(socket_path)
         self.name = name or os.path.basename(sys.argv[0] or "python")
-        if connect_timeout is not None and not 0 < connect_timeout < math.inf:  # NaN fails too
+        if connect_timeout is not None and (  # NaN fails too; "5" and True are no seconds
+                isinstance(connect_timeout, bool) or not isinstance(connect_timeout, int | float)
+                or not 0 < connect_timeout < math.inf):
             raise ConfigError("connect_timeout", f"must be a number of seconds > 0 or None, "
                               f"got {connect_timeout!r}")
         self.connect_timeout = connect_timeout

@@ -336,7 +336,7 @@ class CoordinatorConfig:
         _number("max_frame", self.max_frame, integer=True, minimum=1024)
         if self.max_frame > MAX_FRAME_LIMIT:  # the length prefix is 4 bytes
             raise ConfigError("max_frame", f"must be at most {MAX_FRAME_LIMIT}, got {self.max_frame!r}")
-        _check_welcome_fits(self.resources, self.max_frame)
+        check_welcome_fits(self.resources, self.max_frame)
         _number("restart_grace", self.restart_grace)
         _number("hello_timeout", self.hello_timeout, strict_min=True)
         _number("frame_timeout", self.frame_timeout, strict_min=True)
@@ -388,10 +388,18 @@ class CoordinatorConfig:
         section["resources"] = coerce_resources(resources)
         section["config_file"] = str(Path(path).resolve())
         section["overrides"] = kept
-        return _from_mapping(cls, section, "coordinator")
+        try:
+            return _from_mapping(cls, section, "coordinator")
+        except ConfigError as exc:
+            # A value from a flag or keyword, not from the file: named as it is
+            # without a file (``socket``, ``metrics_port``), not as a [coordinator] key.
+            name = exc.field.removeprefix("coordinator.")
+            if name in {"socket" if k == "socket_path" else k for k in kept}:
+                raise ConfigError(name, exc.detail) from None
+            raise
 
 
-def _check_welcome_fits(resources: dict[str, Resource], max_frame: int) -> None:
+def check_welcome_fits(resources: dict[str, Resource], max_frame: int) -> None:
     """Every session opens with a welcome listing every resource's limits: one
     that does not fit in a frame would refuse every session."""
     from . import protocol as p

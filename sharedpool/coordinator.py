@@ -51,7 +51,10 @@ def _private_dir(path: str, gid: int | None = None) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     created = not os.path.isdir(directory)
     if created:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        except FileExistsError:  # makedirs says "File exists" of a file where the directory goes
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), directory) from None
     # Another user who can swap a component of the path (its own symlink in a
     # sticky /tmp, a directory it owns or can write above ours) can move the
     # socket out from under us later: check the path as spelled and as resolved.
@@ -181,6 +184,11 @@ def bind_socket(config: CoordinatorConfig) -> tuple[socket.socket, bool, dict[st
         old = os.umask(0o177)  # no window in which the socket is more open than 0600
         try:
             sock.bind(path)
+        except OSError as exc:  # bind's own error names no path ("[Errno 13] Permission denied")
+            sock.close()
+            if exc.errno is None or exc.filename is not None:
+                raise
+            raise OSError(exc.errno, exc.strerror, path) from None
         finally:
             os.umask(old)
         try:

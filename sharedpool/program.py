@@ -79,6 +79,15 @@ def coordinator_listening(path: str, timeout: float = 1.0) -> bool:
     return True
 
 
+def check_embedded_options(options: Mapping[str, Any]) -> None:
+    """The integrations' ``**options`` are CoordinatorConfig fields; the path is their
+    ``socket=`` (else a TypeError from deep inside), and ``config=`` is not taken."""
+    for name, instead in (("socket_path", "give the path as socket="),
+                          ("config", "give the resources and options themselves")):
+        if name in options:
+            raise ConfigError(name, f"not an option here: {instead}")
+
+
 class EmbeddedCoordinator:
     """``sharedpool serve`` as a child program of this (owner) process.
 

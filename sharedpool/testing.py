@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -32,14 +33,19 @@ def running_coordinator(
 ) -> Iterator[Coordinator]:
     """Start a coordinator in a child process; yield it; stop it.
 
-    Without ``socket_path`` the socket goes in a fresh private temp directory."""
-    path = str(socket_path) if socket_path else os.path.join(
-        tempfile.mkdtemp(prefix="sharedpool-"), "sharedpool.sock")
-    coordinator = Coordinator(path, resources, **options).start()
+    Without ``socket_path`` the socket goes in a fresh private temp directory,
+    removed at the end (with what the coordinator left there: nothing reuses it)."""
+    made = None if socket_path else tempfile.mkdtemp(prefix="sharedpool-")
+    path = str(socket_path) if made is None else os.path.join(made, "sharedpool.sock")
     try:
-        yield coordinator
+        coordinator = Coordinator(path, resources, **options).start()
+        try:
+            yield coordinator
+        finally:
+            coordinator.stop()
     finally:
-        coordinator.stop()
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
 
 
 class FakeConnection:

@@ -36,6 +36,13 @@ def test_a_client_socket_path_that_is_no_socket_path_is_refused(bad: Any) -> Non
         Client.for_path(bad)
 
 
+@pytest.mark.parametrize("bad", ["5", True, 0, float("nan")])
+def test_a_client_connect_timeout_that_is_no_seconds_is_refused(bad: Any) -> None:
+    with pytest.raises(ConfigError) as err:  # "5" was a TypeError from a comparison
+        Client("/tmp/sp-args.sock", connect_timeout=bad)
+    assert err.value.field == "connect_timeout"
+
+
 def test_a_bad_coordinator_leaves_no_client_ticking(caplog: pytest.LogCaptureFixture) -> None:
     """It used to fail only at acquire, with a TypeError, and leave a shared
     client behind that logged a traceback every few milliseconds."""
@@ -144,6 +151,10 @@ def _redis(**kw: Any) -> Any:
     (_redis, "confirm_timeout", float("nan")),  # disconnect() raised ValueError deep inside
     (_psycopg, "confirm_timeout", float("inf")),
     (_sqlalchemy, "confirm_timeout", True),
+    # Before: a TypeError (EmbeddedCoordinator got multiple values for socket_path).
+    (_gunicorn, "socket_path", "/tmp/sp-args.sock"),
+    (_celery, "socket_path", "/tmp/sp-args.sock"),
+    (_gunicorn, "config", None),  # was silently ignored
 ])
 def test_integration_arguments_are_checked_when_made(make: Callable[..., Any], field: str,
                                                      bad: Any) -> None:

@@ -714,3 +714,41 @@ def test_output_that_cannot_be_written_is_one_line(start_coordinator: Any, sock_
                              stdout=full, stderr=subprocess.PIPE, text=True, env=ENV, timeout=30)
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 1 and len(lines) == 1 and "cannot write" in lines[0], out.stderr
+
+
+@pytest.mark.parametrize("columns", ["abc", "0", "-5"])
+def test_a_columns_variable_that_is_no_width_is_ignored(start_coordinator: Any, sock_path: str,
+                                                         columns: str) -> None:
+    # Before: "abc" was a ValueError traceback, "0" printed nothing at all (exit 0).
+    start_coordinator({"r": 1})
+    out = subprocess.run([sys.executable, "-m", "sharedpool", "status", "--socket", sock_path],
+                         capture_output=True, text=True, env={**ENV, "COLUMNS": columns}, timeout=30)
+    assert out.returncode == 0 and not out.stderr, out
+    assert [row[0] for row in table_rows(out.stdout)[1:]] == ["r"], out.stdout
+
+
+def test_a_socket_path_through_a_file_says_it_is_not_a_directory(tmp_path: Path) -> None:
+    # Before: "cannot serve: [Errno 17] File exists: '.../plain'".
+    (tmp_path / "plain").write_text("")
+    for path in (tmp_path / "plain" / "sp.sock", tmp_path / "plain" / "sub" / "sp.sock"):
+        out = sp("serve", "--socket", str(path), "--resource", "demo=1")
+        assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+        assert "Not a directory: " in out.stderr and str(path.parent) in out.stderr
+
+
+def test_a_reload_whose_welcome_would_not_fit_the_running_frame_size_is_refused(tmp_path: Path) -> None:
+    """max_frame takes a restart: a reload that adds resources must fit the one in
+    force, not the file's new one. Before, it was applied, and from then on every
+    new session was refused ("could not send welcome")."""
+    config = tmp_path / "sp.toml"
+    config.write_text("[coordinator]\nmax_frame = 1024\n[resources]\ndemo = 1\n")
+    server = Serve(tmp_path, "--config", str(config), resource="")
+    try:
+        many = "".join(f"resource_number_{i} = {{ max_size = 5, acquire_timeout = 3.5 }}\n"
+                       for i in range(40))
+        config.write_text(f"[coordinator]\nmax_frame = 1048576\n[resources]\ndemo = 1\n{many}")
+        out = sp("reload", "--socket", server.socket)
+        assert out.returncode == 1 and "max_frame" in out.stderr and "restart" in out.stderr, out
+        assert [r["name"] for r in sp_json("status", "--socket", server.socket)["resources"]] == ["demo"]
+    finally:
+        stop(server.proc)

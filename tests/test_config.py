@@ -360,6 +360,17 @@ def test_load_toml_errors_name_the_field(tmp_path: Path, text: str, field: str) 
     _raises_field(field, CoordinatorConfig.load, _write(tmp_path, text))
 
 
+def test_a_bad_value_from_a_flag_is_not_blamed_on_the_file(tmp_path: Path) -> None:
+    # Before: `serve --config F --metrics-port 99999` said "coordinator.metrics_port",
+    # a key the file does not have.
+    path = _write(tmp_path, "[coordinator]\nhello_timeout = 0\n[resources]\npg = 2\n")
+    _raises_field("coordinator.hello_timeout", CoordinatorConfig.load, path)  # the file's own
+    path = _write(tmp_path, "[resources]\npg = 2\n")
+    _raises_field("metrics_port", CoordinatorConfig.load, path, metrics_port=99999)
+    _raises_field("socket", CoordinatorConfig.load, path, socket_path="")
+    _raises_field("allowed_uids", CoordinatorConfig.load, path, allowed_uids=(-1,))
+
+
 def test_unknown_coordinator_setting_lists_the_files_own_names(tmp_path: Path) -> None:
     exc = _raises_field("coordinator.sockett", CoordinatorConfig.load,
                         _write(tmp_path, '[coordinator]\nsockett = "/a.sock"\n[resources]\npg = 2\n'))

@@ -744,3 +744,38 @@ def test_a_running_coordinator_is_compared_with_what_a_server_declares(
                      "it does not serve 'redis' (declared here with max_size=2): every checkout of "
                      "'redis' fails"]
 
+
+
+def test_a_bind_that_fails_names_the_socket_path(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: "cannot serve: [Errno 13] Permission denied", naming nothing (a
+    # directory of ours without write permission, a read-only mount).
+    from sharedpool.config import CoordinatorConfig
+    from sharedpool.coordinator import bind_socket
+
+    path = tmp_path / "sp.sock"
+
+    def failing_bind(self: socket.socket, *args: Any) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(socket.socket, "bind", failing_bind)
+    with pytest.raises(PermissionError) as err:
+        bind_socket(CoordinatorConfig(socket_path=str(path), resources={"r": 1}))
+    assert err.value.filename == str(path) and str(path) in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_running_coordinator_leaves_no_temp_directory(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: every call left a /tmp/sharedpool-XXXX directory (with a restart
+    # marker when leases were out), a bad limit one too.
+    import tempfile
+
+    from sharedpool.testing import running_coordinator
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with running_coordinator({"r": 1}) as coord:
+        client = Client(coord.socket_path)
+        client.acquire("r", timeout=5)  # still out at the stop: a marker is written
+    client.close()
+    with pytest.raises(ConfigError), running_coordinator({"r": 0}):
+        pass
+    assert list(tmp_path.iterdir()) == []

@@ -10,6 +10,7 @@ from typing import Any
 from ..program import (
     EmbeddedCoordinator,
     EmbeddedStartError,
+    check_embedded_options,
     coordinator_listening,
     private_socket_path,
 )
@@ -17,6 +18,7 @@ from ..program import (
 __all__ = [
     "EmbeddedCoordinator",
     "EmbeddedStartError",
+    "check_embedded_options",
     "compare_served",
     "coordinator_listening",
     "private_socket_path",

@@ -44,6 +44,7 @@ from ..errors import ConfigError, SharedPoolError
 from ._embedded import (
     EmbeddedCoordinator,
     EmbeddedStartError,
+    check_embedded_options,
     compare_served,
     coordinator_listening,
     private_socket_path,
@@ -168,6 +169,7 @@ def setup(
     if not isinstance(app, Celery):
         raise ConfigError("app", f"must be a Celery app, got {type(app).__name__}")
     check_seconds("close_timeout", close_timeout)
+    check_embedded_options(options)
     given = None if socket is None else check_socket_path("socket", socket)
     embedded = None
     if resources is not None:

@@ -60,6 +60,7 @@ from ..errors import SharedPoolError
 from ._embedded import (
     EmbeddedCoordinator,
     EmbeddedStartError,
+    check_embedded_options,
     compare_served,
     coordinator_listening,
     private_socket_path,
@@ -111,6 +112,7 @@ def hooks(
     the coordinator's stderr logging. Other keywords go to
     :class:`~sharedpool.CoordinatorConfig` (``allowed_uids``, ``metrics_port``...).
     """
+    check_embedded_options(options)
     given = None if socket is None else check_socket_path("socket", socket)
     path = given or os.environ.get(SOCKET_ENV) or private_socket_path("gunicorn")
     embedded = _EMBEDDED.get(path)
