@@ -98,7 +98,7 @@ def reload_config(server: Server, now: float) -> tuple[Any, list[Effect]]:
         log.info("reload of %s changed %s", path, "; ".join(
             f"{name}: " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in diff.items())
             for name, diff in changed.items()))
-    needs_restart = _fixed_fields_changed(running, fresh)
+    needs_restart = fixed_fields_changed(running, fresh)
     # Leases of a resource may be out; dropping it would strand them. It stays.
     kept = sorted(set(server.ledger.resources) - set(fresh.resources))
     if needs_restart:
@@ -111,7 +111,7 @@ def reload_config(server: Server, now: float) -> tuple[Any, list[Effect]]:
             "needs_restart": needs_restart, "kept": kept}, effects
 
 
-def _fixed_fields_changed(running: CoordinatorConfig, fresh: CoordinatorConfig) -> list[str]:
+def fixed_fields_changed(running: CoordinatorConfig, fresh: CoordinatorConfig) -> list[str]:
     """The ``[coordinator]`` fields (as the file names them) whose new value
     differs: they were read once, at start (socket, access lists, frame size...)."""
     changed = []

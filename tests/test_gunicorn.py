@@ -539,3 +539,39 @@ def test_master_exit_during_a_take_over_start_stops_what_it_started(
         for leftover in started:
             leftover.stop()
         gunicorn._EMBEDDED.pop(sock_path, None)
+
+
+def test_sighup_reread_keeps_the_coordinator_the_master_started(
+        sock_path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """SIGHUP: gunicorn re-reads its config in the master (hooks() runs again)
+    and forks new workers, with no on_starting. Those workers must still find
+    the coordinator the master started, not a path a changed socket= names with
+    nothing listening there; and limits it does not apply are said, not dropped."""
+    import logging
+
+    from sharedpool.contrib import gunicorn
+
+    monkeypatch.setenv("SHAREDPOOL_SOCKET", sock_path)  # hooks() sets it: restored after the test
+    master = _FakeMaster()
+    on_starting, _, _, _ = gunicorn.hooks(resources={"r": 1}, socket=sock_path)
+    moved = str(tmp_path / "moved.sock")
+    try:
+        on_starting(master)
+        with caplog.at_level(logging.WARNING, logger="sharedpool.gunicorn"):
+            _, post_fork, _, on_exit = gunicorn.hooks(resources={"r": 2, "s": 1}, socket=moved)
+        post_fork(master, object())  # a worker forked after the reload
+        assert os.environ["SHAREDPOOL_SOCKET"] == sock_path
+        assert f"socket {moved} not applied" in caplog.text, caplog.text
+        assert "r: max_size 1 -> 2; resource 's' added" in caplog.text, caplog.text
+        client = Client(sock_path)
+        try:
+            assert [row["max_size"] for row in client.inspect("resources")["resources"]] == [1]
+        finally:
+            client.close()
+        on_exit(master)  # the reloaded hooks stop the coordinator the master started
+        assert not os.path.exists(sock_path)
+    finally:
+        leftover = gunicorn._EMBEDDED.pop(sock_path, None)
+        if leftover is not None:
+            leftover.stop()

@@ -55,7 +55,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
-from ..config import SOCKET_ENV, check_seconds, check_socket_path
+from ..admin import fixed_fields_changed
+from ..config import SOCKET_ENV, CoordinatorConfig, check_seconds, check_socket_path
 from ..errors import SharedPoolError
 from ._embedded import (
     EmbeddedCoordinator,
@@ -115,11 +116,27 @@ def hooks(
     check_embedded_options(options)
     given = None if socket is None else check_socket_path("socket", socket)
     path = given or os.environ.get(SOCKET_ENV) or private_socket_path("gunicorn")
+    served = next(iter(_EMBEDDED), None)
+    if served is not None and path != served:
+        # gunicorn's SIGHUP re-read a changed socket= in a master whose coordinator
+        # serves another path: workers sent there would find nothing listening.
+        log.warning("sharedpool: gunicorn reloaded its config: socket %s not applied, the "
+                    "coordinator this master started serves %s until gunicorn restarts",
+                    path, served)
+        path = served
     embedded = _EMBEDDED.get(path)
-    if embedded is None and resources is not None:
+    if resources is not None:
         # Checked now: a bad limit fails when gunicorn reads its config, naming the field.
-        embedded = EmbeddedCoordinator(path, resources, restart=restart,
-                                       log_level=log_level, **options)
+        fresh = EmbeddedCoordinator(path, resources, restart=restart,
+                                    log_level=log_level, **options)
+        if embedded is None:
+            embedded = fresh
+        else:  # a SIGHUP re-read: the running coordinator keeps its settings, said so
+            changes = _changed_settings(embedded.config, fresh.config)
+            if changes:
+                log.warning("sharedpool: gunicorn reloaded its config, but the coordinator this "
+                            "master started keeps its settings until gunicorn restarts "
+                            "(`sharedpool resize` changes a cap live): %s", "; ".join(changes))
     check_seconds("close_timeout", close_timeout)
     os.environ[SOCKET_ENV] = path
 
@@ -188,6 +205,25 @@ def hooks(
             server.log.info("sharedpool: coordinator for %s stopped", path)
 
     return GunicornHooks(on_starting, post_fork, worker_exit, on_exit)
+
+
+def _changed_settings(running: CoordinatorConfig, fresh: CoordinatorConfig) -> list[str]:
+    """What a re-read config changes against the coordinator's: one entry per
+    resource added, removed or with other limits, and per other setting."""
+    out = []
+    for name, limits in fresh.resources.items():
+        was = running.resources.get(name)
+        if was is None:
+            out.append(f"resource {name!r} added")
+        elif was != limits:
+            old, new = was.as_dict(), limits.as_dict()  # no monitor DSN: it may hold a password
+            diff = [f"{k} {old[k]!r} -> {new[k]!r}" for k in old if old[k] != new[k]]
+            if was.monitor_dsn != limits.monitor_dsn:
+                diff.append("monitor_dsn")
+            out.append(f"{name}: {', '.join(diff)}")
+    out += [f"resource {name!r} removed" for name in running.resources if name not in fresh.resources]
+    out += [f"{field} changed" for field in fixed_fields_changed(running, fresh) if field != "socket"]
+    return out
 
 
 class _TakeOver:
