@@ -31,7 +31,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .client import Client
-from .config import PoolConfig, Resource
+from .config import PoolConfig, Resource, check_socket_path
 from .coordinator import Coordinator
 from .errors import PoolTimeout
 from .pool import ConnectionPool
@@ -250,6 +250,8 @@ def run_demo(*, workers: int = 8, max_size: int = 3, seconds: float = 5.0, pool_
     import multiprocess
 
     console = console or Console()
+    if socket_path is not None:  # '' is a blank left by a script, not "a temp dir"
+        socket_path = check_socket_path("socket", socket_path)
     workdir = tempfile.mkdtemp(prefix="sharedpool-demo-")  # 0700: a private socket directory
     sock = socket_path or os.path.join(workdir, "sharedpool.sock")
     db_path = os.path.join(workdir, "demo.sqlite3")

@@ -64,6 +64,9 @@ def test_demo_bad_arguments_exit_2() -> None:
     out = sp("demo", "--workers", "0")
     assert out.returncode == 2 and out.stderr.count("\n") == 1
     assert "--workers" in out.stderr
+    # As for serve and status: an empty --socket is a blank, not "a temp dir" (it ran one).
+    out = sp("demo", "--socket", "", "--seconds", "0.1")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "socket" in out.stderr, out
 
 
 def test_demo_with_postgresql_unreachable_fails_in_a_few_clear_lines() -> None:
