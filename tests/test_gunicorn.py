@@ -575,3 +575,59 @@ def test_sighup_reread_keeps_the_coordinator_the_master_started(
         leftover = gunicorn._EMBEDDED.pop(sock_path, None)
         if leftover is not None:
             leftover.stop()
+
+
+def test_sighup_reread_with_a_bad_limit_keeps_the_master(
+        sock_path: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A bad limit in a SIGHUP re-read is not applied (the coordinator keeps its
+    settings): said, not raised. gunicorn exits the master, and with it every
+    worker, on an exception from its config file."""
+    import logging
+
+    from sharedpool.contrib import gunicorn
+
+    monkeypatch.setenv("SHAREDPOOL_SOCKET", sock_path)
+    master = _FakeMaster()
+    on_starting, _, _, _ = gunicorn.hooks(resources={"r": 1}, socket=sock_path)
+    try:
+        on_starting(master)
+        with caplog.at_level(logging.WARNING, logger="sharedpool.gunicorn"):
+            _, _, _, on_exit = gunicorn.hooks(resources={"r": 0}, socket=sock_path)
+        assert "resources.r.max_size" in caplog.text, caplog.text
+        on_exit(master)
+        assert not os.path.exists(sock_path)
+    finally:
+        leftover = gunicorn._EMBEDDED.pop(sock_path, None)
+        if leftover is not None:
+            leftover.stop()
+
+
+def test_sighup_during_a_take_over_keeps_its_path(start_coordinator: Any, sock_path: str,
+                                                  tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGHUP re-read in a USR2 master whose take-over is still waiting: its
+    workers go to the path taken over, and on_exit stops what the take-over started."""
+    from sharedpool.contrib import gunicorn
+
+    monkeypatch.setenv("SHAREDPOOL_SOCKET", sock_path)
+    old_coordinator = start_coordinator({"r": 1})
+    monkeypatch.setenv("GUNICORN_PID", "1")
+    master = _FakeMaster()
+    on_starting, _, _, _ = gunicorn.hooks(resources={"r": 1}, socket=sock_path)
+    client = Client(sock_path)
+    try:
+        on_starting(master)  # the take-over waits for the old master's coordinator
+        _, post_fork, _, on_exit = gunicorn.hooks(resources={"r": 1},
+                                                  socket=str(tmp_path / "moved.sock"))
+        post_fork(master, object())
+        assert os.environ["SHAREDPOOL_SOCKET"] == sock_path
+        first = _server_pid(client)
+        old_coordinator.stop()
+        wait_for(lambda: (_server_pid(client) or first) != first, 20, "the take-over")
+        on_exit(master)
+        assert not os.path.exists(sock_path)
+    finally:
+        client.close()
+        leftover = gunicorn._EMBEDDED.pop(sock_path, None)
+        if leftover is not None:
+            leftover.stop()

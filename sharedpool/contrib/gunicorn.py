@@ -57,7 +57,7 @@ from typing import Any, NamedTuple
 
 from ..admin import fixed_fields_changed
 from ..config import SOCKET_ENV, CoordinatorConfig, check_seconds, check_socket_path
-from ..errors import SharedPoolError
+from ..errors import ConfigError, SharedPoolError
 from ._embedded import (
     EmbeddedCoordinator,
     EmbeddedStartError,
@@ -116,7 +116,8 @@ def hooks(
     check_embedded_options(options)
     given = None if socket is None else check_socket_path("socket", socket)
     path = given or os.environ.get(SOCKET_ENV) or private_socket_path("gunicorn")
-    served = next(iter(_EMBEDDED), None)
+    # Or the one a USR2 take-over is waiting to start (registered once it has).
+    served = next(iter(_EMBEDDED), None) or next(iter(_TAKEOVERS), None)
     if served is not None and path != served:
         # gunicorn's SIGHUP re-read a changed socket= in a master whose coordinator
         # serves another path: workers sent there would find nothing listening.
@@ -127,16 +128,25 @@ def hooks(
     embedded = _EMBEDDED.get(path)
     if resources is not None:
         # Checked now: a bad limit fails when gunicorn reads its config, naming the field.
-        fresh = EmbeddedCoordinator(path, resources, restart=restart,
-                                    log_level=log_level, **options)
-        if embedded is None:
-            embedded = fresh
-        else:  # a SIGHUP re-read: the running coordinator keeps its settings, said so
-            changes = _changed_settings(embedded.config, fresh.config)
-            if changes:
-                log.warning("sharedpool: gunicorn reloaded its config, but the coordinator this "
-                            "master started keeps its settings until gunicorn restarts "
-                            "(`sharedpool resize` changes a cap live): %s", "; ".join(changes))
+        try:
+            fresh = EmbeddedCoordinator(path, resources, restart=restart,
+                                        log_level=log_level, **options)
+        except ConfigError as exc:
+            if embedded is None:
+                raise
+            # A SIGHUP re-read: gunicorn exits the master (and its workers) on an error
+            # here, for a setting the running coordinator would not apply anyway.
+            log.warning("sharedpool: gunicorn reloaded its config, but the coordinator this "
+                        "master started keeps its settings until gunicorn restarts: %s", exc)
+        else:
+            if embedded is None:
+                embedded = fresh
+            else:  # a SIGHUP re-read: the running coordinator keeps its settings, said so
+                changes = _changed_settings(embedded.config, fresh.config)
+                if changes:
+                    log.warning("sharedpool: gunicorn reloaded its config, but the coordinator "
+                                "this master started keeps its settings until gunicorn restarts "
+                                "(`sharedpool resize` changes a cap live): %s", "; ".join(changes))
     check_seconds("close_timeout", close_timeout)
     os.environ[SOCKET_ENV] = path
 
