@@ -347,7 +347,8 @@ class Ledger:
                 if key[2]:
                     self._late.add(serials[key])
             fence = serials[key]
-            res.fenced[lease_id] = Fenced(lease, pid, now + min(float(left), longest), fence)
+            # min() before float(): an int too big for a float (a hand-written marker).
+            res.fenced[lease_id] = Fenced(lease, pid, now + float(min(left, longest)), fence)
             self._next_id = max(self._next_id, lease_id + 1, token + 1)
             groups.setdefault(key, []).append(lease)
         return [

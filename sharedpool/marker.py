@@ -107,10 +107,17 @@ def time_left_now(handed: dict[str, Any]) -> dict[str, Any]:
     if not age:
         return handed
     out = {**handed, "mono": handed["mono"] + age}
-    out["fenced"] = [[*e[:4], max(0.0, e[4] - age), e[5]]
-                     if isinstance(e, list) and len(e) == 6 and type(e[4]) in (int, float) else e
-                     for e in handed.get("fenced", [])]
+    out["fenced"] = [_less(e, age) for e in handed.get("fenced", [])]
     return out
+
+
+def _less(entry: Any, age: float) -> Any:
+    if not (isinstance(entry, list) and len(entry) == 6 and type(entry[4]) in (int, float)):
+        return entry  # malformed: the ledger's restore skips it
+    try:
+        return [*entry[:4], max(0.0, entry[4] - age), entry[5]]
+    except OverflowError:  # an int too big for a float: hand-written; all of it
+        return entry
 
 
 def backends_named(handed: dict[str, Any]) -> dict[str, set[int]]:

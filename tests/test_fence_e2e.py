@@ -481,6 +481,8 @@ def test_the_marker_says_which_boot_wrote_it(tmp_path: Any) -> None:
     once = time_left_now({**two, "mono": time.monotonic() - 1.5, "boot": boot_id()})
     assert time_left_now(once)["fenced"][0][4] == pytest.approx(0.5, abs=0.2)
     assert time_left_now({**two, "mono": None}) == {**two, "mono": None}  # unknown age: all of it
+    huge = [["r", 1, 1, 5, 10**400, None]]  # hand-written: was an OverflowError at each start
+    assert time_left_now({"fenced": huge, "mono": time.monotonic() - 1})["fenced"] == huge
     assert forget_backends(two, {"r": {10, 11}}) == {
         "fenced": [["r", 1, 1, 5, 2.0, None], ["s", 2, 2, 5, 2.0, 10]],
         "held": [["r", 3, 3, 6, None], ["r", 4, 4, 6, None]]}

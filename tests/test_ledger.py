@@ -1748,6 +1748,10 @@ def test_fences_survive_a_clean_restart() -> None:
     assert queued(new.acquire(newcomer, 1, "pg", T0 + 50, timeout=60))  # still fenced
     late = granted(new.tick(T0 + 54.1))  # its 4 s are up
     assert late.session == newcomer and late.lease.id > lease  # ids are never reused
+    # A time left too big for a float (a hand-written marker): the resource's own bound.
+    other = ledger(pg=Resource(1, quarantine_delay=5))
+    [start] = other.restore_fenced([["pg", lease, 1, 7, 10**400, None]], T0)
+    assert other.resources["pg"].fenced[lease].until == T0 + 10  # max(fence_timeout, quarantine)
 
 
 def asked(lg: Ledger, resource: str = "pg") -> dict[int, int]:
