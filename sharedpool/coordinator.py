@@ -288,6 +288,7 @@ async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool
         # a query running too. Before we stop accepting: a coordinator that
         # takes the path over after that owns the marker.
         keeper.stop(server)
+        server.stopping = True
         aserver.close()
         for session in list(server.sessions.values()):
             if session.transport is not None:

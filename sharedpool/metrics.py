@@ -92,36 +92,20 @@ class LedgerCollector(Collector):
         self.timeout = timeout
 
     def describe(self) -> list[Any]:
-        """Nothing up front: keeps registration from scraping the ledger."""
-        return []
+        """The families, with no samples: registration learns the names (so that
+        ``/metrics?name[]=...`` finds them) without scraping the ledger."""
+        return list(_families().values())
 
     def collect(self) -> Iterator[Any]:
         """Yield one family per metric, one sample per resource (and state)."""
         snap = take_snapshot(self.server, self.timeout)
         resources: list[dict[str, Any]] = snap["resources"]
-        leases = GaugeMetricFamily(
-            "sharedpool_leases", "Leases of a resource by state", labels=["resource", "state"]
-        )
-        max_size = GaugeMetricFamily(
-            "sharedpool_max_size", "Cap on leases of a resource", labels=["resource"]
-        )
-        waiting = GaugeMetricFamily(
-            "sharedpool_waiting", "Acquires waiting for a lease", labels=["resource"]
-        )
-        longest = GaugeMetricFamily(
-            "sharedpool_longest_wait_seconds", "How long the oldest waiter has waited",
-            labels=["resource"],
-        )
-        peak = GaugeMetricFamily(
-            "sharedpool_peak_leases", "Most leases held at once since start", labels=["resource"]
-        )
-        counters = {
-            name: CounterMetricFamily(name, text, labels=["resource"])
-            for name, (_, text) in COUNTERS.items()
-        }
-        waits = HistogramMetricFamily(
-            "sharedpool_lease_wait_seconds", "Time from acquire to grant", labels=["resource"]
-        )
+        families = _families()
+        leases, max_size, waiting, longest, peak, waits, sessions = (families[name] for name in (
+            "sharedpool_leases", "sharedpool_max_size", "sharedpool_waiting",
+            "sharedpool_longest_wait_seconds", "sharedpool_peak_leases",
+            "sharedpool_lease_wait_seconds", "sharedpool_sessions"))
+        counters = {name: families[name] for name in COUNTERS}
         have_waits = False
         for res in resources:
             name = str(res["name"])
@@ -141,9 +125,28 @@ class LedgerCollector(Collector):
         yield from (leases, max_size, waiting, longest, peak, *counters.values())
         if have_waits:
             yield waits
-        sessions = GaugeMetricFamily("sharedpool_sessions", "Client processes connected")
         sessions.add_metric([], float(snap["sessions"]))
         yield sessions
+
+
+def _families() -> dict[str, Any]:
+    """Every metric family, empty, by name."""
+    resource = ["resource"]
+    families: list[Any] = [
+        GaugeMetricFamily("sharedpool_leases", "Leases of a resource by state",
+                          labels=["resource", "state"]),
+        GaugeMetricFamily("sharedpool_max_size", "Cap on leases of a resource", labels=resource),
+        GaugeMetricFamily("sharedpool_waiting", "Acquires waiting for a lease", labels=resource),
+        GaugeMetricFamily("sharedpool_longest_wait_seconds", "How long the oldest waiter has waited",
+                          labels=resource),
+        GaugeMetricFamily("sharedpool_peak_leases", "Most leases held at once since start",
+                          labels=resource),
+        *(CounterMetricFamily(name, text, labels=resource) for name, (_, text) in COUNTERS.items()),
+        HistogramMetricFamily("sharedpool_lease_wait_seconds", "Time from acquire to grant",
+                              labels=resource),
+        GaugeMetricFamily("sharedpool_sessions", "Client processes connected"),
+    ]
+    return {family.name: family for family in families}
 
 
 def _le(bound: Any) -> str:
@@ -184,5 +187,6 @@ def serve_metrics(server: Any, host: str, port: int) -> MetricsServer:
         raise MetricsUnavailable(
             f"metrics_port {port}: cannot listen on {host}: {exc.strerror or exc}") from None
     metrics = MetricsServer(httpd, thread, registry)
-    log.info("metrics on http://%s:%d/metrics", host, metrics.port)
+    # An IPv6 address goes in brackets, or the URL logged is not one to paste.
+    log.info("metrics on http://%s:%d/metrics", f"[{host}]" if ":" in host else host, metrics.port)
     return metrics

@@ -242,6 +242,9 @@ class Server:
         self.own_uid = os.getuid()
         self.started = time.time()
         self.on_change: list[Any] = []  # observers (metrics)
+        #: Set once the stop has handed the leases on: sessions we close then are
+        #: live processes keeping their connections, not dead ones to fence.
+        self.stopping = False
         self._reschedule()  # a restart hold ends on its own timer
 
     # -- access
@@ -346,6 +349,8 @@ class Server:
     def session_ended(self, session: SessionProtocol) -> None:
         self.dirty.discard(session)
         if session.sid is None or self.sessions.pop(session.sid, None) is None:
+            return
+        if self.stopping:
             return
         held = len(self.ledger.sessions[session.sid].leases)
         log.info("session %s ended: pid=%s, %d lease(s) returned", session.sid, session.pid, held)

@@ -514,11 +514,15 @@ def test_serve_refuses_a_second_coordinator(serve: Serve, tmp_path: Path) -> Non
 def test_sigterm_stops_serve_and_removes_socket(tmp_path: Path, workers: list[Worker]) -> None:
     server = Serve(tmp_path)
     try:
-        workers.append(Worker(server))
+        workers.append(worker := Worker(server))
         os.kill(server.proc.pid, signal.SIGTERM)
         assert server.proc.wait(10) == 0
         assert not os.path.exists(server.socket)
-        assert "Traceback" not in server.log.read_text()
+        log = server.log.read_text()
+        assert "Traceback" not in log
+        # The worker lives on with its connection (handed on to the next start):
+        # the log must not call it dead, nor its lease returned and fenced.
+        assert f"dead pid {worker.pid}" not in log and "1 lease(s) returned" not in log, log
     finally:
         stop(server.proc)
 

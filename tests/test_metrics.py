@@ -8,6 +8,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from test_cli import Serve, Worker, sp, stop, wait_for
 
@@ -18,9 +19,9 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def scrape(port: int, query: str = "") -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample as {(name, sorted labels): value}."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics{query}", timeout=10) as reply:
         assert reply.status == 200
         text = reply.read().decode()
     samples = {}
@@ -123,8 +124,6 @@ def test_collector_reads_the_ledger_on_the_loop_thread(tmp_path: Path) -> None:
     import asyncio
     import threading
 
-    import pytest
-
     from sharedpool.config import CoordinatorConfig
     from sharedpool.metrics import serve_metrics, take_snapshot
     from sharedpool.server import Server
@@ -151,6 +150,10 @@ def test_collector_reads_the_ledger_on_the_loop_thread(tmp_path: Path) -> None:
         assert value(m, "sharedpool_grants_total", resource="r") == 1
         assert value(m, "sharedpool_max_size", resource="r") == 2
         assert value(m, "sharedpool_sessions") == 0  # the ledger's session has no socket
+        # prometheus_client's own filter finds the families by name (it found none).
+        m = scrape(metrics.port, "?name[]=sharedpool_grants_total&name[]=sharedpool_sessions")
+        assert m == {("sharedpool_grants_total", (("resource", "r"),)): 1,
+                     ("sharedpool_sessions", ()): 0}
     finally:
         metrics.shutdown()
     loop.call_soon_threadsafe(loop.stop)
@@ -160,3 +163,25 @@ def test_collector_reads_the_ledger_on_the_loop_thread(tmp_path: Path) -> None:
     loop.close()
     with pytest.raises(RuntimeError):
         take_snapshot(server, timeout=0.2)
+
+
+def test_an_ipv6_metrics_address_is_logged_as_a_url(tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+    import logging
+
+    from sharedpool.config import CoordinatorConfig
+    from sharedpool.metrics import serve_metrics
+    from sharedpool.server import Server
+
+    async def make() -> Server:
+        return Server(CoordinatorConfig(socket_path=str(tmp_path / "unused.sock"), resources={"r": 1}))
+
+    server = asyncio.run(make())
+    caplog.set_level(logging.INFO, "sharedpool.metrics")
+    try:
+        metrics = serve_metrics(server, "::1", 0)
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    metrics.shutdown()
+    assert f"metrics on http://[::1]:{metrics.port}/metrics" in caplog.text
