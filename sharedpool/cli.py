@@ -182,6 +182,8 @@ def _table(title: str, columns: str, rows: list[list[Any]]) -> Table:
 
 def _res_state(r: dict[str, Any]) -> str:
     flags = [f for f in ("paused", "draining", "failing") if r.get(f)]
+    if r.get("restart_hold_s") is not None:  # granting nothing while processes re-register
+        flags.append(f"restart hold {duration(r['restart_hold_s'])}")
     return ",".join(flags) or "active"
 
 

@@ -90,7 +90,7 @@ def on_push(pool: ConnectionPool[Any], verb: str, resource: str | None, args: di
     # An operator's verb, said in every worker: info, but for the end of this
     # process's pools for good.
     log.log(logging.WARNING if verb == "end_session" else logging.INFO,
-            "pool %r: coordinator says %s %s", pool.name, verb, args or "")
+            "pool %r: coordinator says %s%s", pool.name, verb, f" {args}" if args else "")
     if verb == "drain":
         was_active = pool._active
         pool.drain(timeout=0)

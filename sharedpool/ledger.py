@@ -651,7 +651,10 @@ class Ledger:
     # ------------------------------------------------------------- inspection
 
     def snapshot_resources(self, now: float) -> list[dict[str, Any]]:
-        return [res.snapshot(now, self.quantum(res.name)) for res in self.resources.values()]
+        # Inside a restart's grace nothing is granted: seconds left of it, else None.
+        hold = round(self.hold_until - now, 3) if self._holding(now) and self.hold_until else None
+        return [{**res.snapshot(now, self.quantum(res.name)), "restart_hold_s": hold}
+                for res in self.resources.values()]
 
     def snapshot_sessions(self, now: float) -> list[dict[str, Any]]:
         return [s.snapshot(now) for s in self.sessions.values()]

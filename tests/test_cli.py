@@ -548,6 +548,32 @@ def test_a_signal_as_soon_as_serve_accepts_is_handled(tmp_path: Path, sig: int) 
             stop(server.proc)
 
 
+def test_status_shows_a_restart_hold(tmp_path: Path) -> None:
+    """Inside a restart's grace nothing is granted; status said "active" (an
+    operator could not tell why every acquire waited)."""
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(tmp_path / "sp.sock"))
+    stale.close()  # a dead coordinator's socket: this start is a restart
+    (tmp_path / "sp.toml").write_text("[coordinator]\nrestart_grace = 30\n[resources]\ndemo = 1\n")
+    server = Serve(tmp_path, "--config", str(tmp_path / "sp.toml"), resource="")
+    try:
+        [row] = sp_json("status", "--socket", server.socket)["resources"]
+        assert 25 < row["restart_hold_s"] <= 30, row
+        out = sp("status", "--socket", server.socket)
+        assert out.returncode == 0 and "restart hold" in out.stdout, out
+    finally:
+        stop(server.proc)
+    # Stopped inside its grace, it handed that on: without the marker, not a restart.
+    (tmp_path / "sp.sock.restart").unlink()
+    server = Serve(tmp_path, "--config", str(tmp_path / "sp.toml"), resource="")
+    try:
+        [row] = sp_json("status", "--socket", server.socket)["resources"]
+        assert row["restart_hold_s"] is None, row
+        assert "restart hold" not in sp("status", "--socket", server.socket).stdout
+    finally:
+        stop(server.proc)
+
+
 def test_a_restart_with_a_grace_below_the_reconnect_backoff_is_warned(tmp_path: Path) -> None:
     """A restart_grace shorter than the clients' 1 s longest backoff lets
     newcomers in before a process holding connections is back: said at start."""
