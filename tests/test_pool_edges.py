@@ -980,16 +980,20 @@ def test_a_pool_timeout_at_the_global_cap_says_it_waited_for_a_lease(
         start_coordinator: Any, sock_path: str) -> None:
     # Before: "no connection within 0.3s (0 open, 0 in use, max_size=2)", nothing
     # about the coordinator: as if the pool itself were stuck.
-    start_coordinator({"r": 1})
+    start_coordinator({"r": 2})
     holder = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1), resource="r",
                             coordinator=sock_path)
     pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=2), resource="r",
                           coordinator=sock_path)
     try:
-        held = holder.acquire(timeout=5)
+        # The pool's session made first: under a loaded suite, making it could take
+        # longer than the timeout below, and no request would be out yet to name.
+        mine = pool.acquire(timeout=10)
+        held = holder.acquire(timeout=10)
         with pytest.raises(PoolTimeout, match="still waiting for a lease of resource 'r' from the"):
-            pool.acquire(timeout=1.0)  # time for the opener's request to be out, even under load
+            pool.acquire(timeout=1.0)
         holder.release(held)
+        pool.release(mine)
     finally:
         pool.close()
         holder.close()
