@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import sys
 import threading
 import time
 import weakref
@@ -29,6 +28,7 @@ from ..closing import NotClosable, close_and_confirm, socket_fd
 from ..config import SOCKET_ENV, check_resource_name, check_seconds, check_socket_path, env_socket_path
 from ..errors import AcquireCancelled, PoolClosed, PoolTimeout
 from ..handoff import HandOffCost
+from ._orphans import Left, closable, close_left, close_orphan
 
 __all__ = ["LeaseBook"]
 
@@ -119,11 +119,6 @@ class _DisconnectVia:
         self.disconnect = closer
 
 
-def _closable(key: Any) -> bool:
-    """A connection (not a placeholder for one being opened)."""
-    return callable(getattr(key, "close", None)) or callable(getattr(key, "disconnect", None))
-
-
 def backend_pid(conn: Any) -> int | None:
     """The PostgreSQL backend pid of a psycopg 3 / psycopg2 connection, else None."""
     pid = getattr(getattr(conn, "info", None), "backend_pid", None)
@@ -137,90 +132,6 @@ def backend_pid(conn: Any) -> int | None:
             return None
         return value if isinstance(value, int) else None
     return None
-
-
-class _Left:
-    """What a book leaves behind when it is garbage-collected (its pool was
-    dropped without close() / dispose()): the connections it still tracks."""
-
-    __slots__ = ("entries", "pid", "confirm_timeout", "resource")
-
-    def __init__(self, resource: str, confirm_timeout: float) -> None:
-        self.entries: dict[int, _Entry] = {}
-        self.pid = current_pid()
-        self.resource, self.confirm_timeout = resource, confirm_timeout
-
-
-def _close_left(left: _Left) -> None:
-    """Finalizer of a collected book: close its connections (confirmed), then
-    release their leases, in a thread (a finalizer must not block)."""
-    if left.pid != current_pid():
-        return  # the parent's (I7)
-    entries = [e for e in left.entries.values() if e.lease is not None or _closable(e.key)]
-    left.entries = {}
-    if not entries:
-        return
-    log.warning("%r: a pool was garbage-collected without close()/dispose(); closing its %d "
-                "connection(s) and returning their leases", left.resource, len(entries))
-
-    def run() -> None:
-        for entry in entries:
-            client, lease = entry.client, entry.lease
-
-            def back(confirmed: bool, client: Client | None = client,
-                     lease: Lease | None = lease) -> None:
-                if client is not None and lease is not None:
-                    client.release(lease)
-            if not _closable(entry.key):  # a lease taken for a connection never opened
-                back(True)
-                continue
-            try:
-                if close_and_confirm(entry.key, left.confirm_timeout, on_late=back):
-                    back(True)
-            except Exception:  # noqa: BLE001 - the session's end covers the rest
-                log.exception("closing a connection of a collected %r pool failed", left.resource)
-
-    threading.Thread(target=run, name=f"sharedpool-orphans-{left.resource}", daemon=True).start()
-
-
-_orphans_warned: set[str] = set()
-
-
-def close_orphan(entry: _Entry, sock: Any, resource: str, confirm_timeout: float) -> None:
-    """Close ``sock``, the socket of a connection whose book is gone (its pool
-    was garbage-collected with it: the connection's own ``__del__`` calls this),
-    then release ``entry``'s lease once the server has let go. All of it in a
-    thread: a finalizer must neither block nor take the client's lock, which
-    the collecting thread may hold. The caller has detached ``sock`` from its
-    connection and must not shut it down for reading (that fakes the EOF)."""
-    lease, client = entry.lease, entry.client
-    entry.lease = None
-    # At interpreter exit (module globals collected): a thread started now never
-    # runs, and Thread.start() waited for it forever (3.11; 3.12+ refuses). The
-    # process is ending: so is its session, and the coordinator fences the lease.
-    if lease is None or client is None or entry.pid != current_pid() or sys.is_finalizing():
-        sock.close()
-        return
-    level = logging.DEBUG if resource in _orphans_warned else logging.WARNING
-    _orphans_warned.add(resource)
-    log.log(level, "%r: a pool was garbage-collected without disconnect(); closing its "
-            "connection and returning its lease", resource)
-
-    def back(confirmed: bool) -> None:
-        client.release(lease)
-
-    def run() -> None:
-        try:
-            # A socket's close() leaves the dup open: the FIN goes out, the EOF is real.
-            if close_and_confirm(sock, confirm_timeout, on_late=back):
-                back(True)
-        except Exception:  # noqa: BLE001 - the session's end covers the rest
-            log.exception("closing a connection of a collected %r pool failed", resource)
-
-    try:
-        threading.Thread(target=run, name=f"sharedpool-orphan-{resource}", daemon=True).start()
-    except RuntimeError:  # no thread to be had: the lease stays held until the session ends
-        sock.close()
 
 
 class LeaseBook:
@@ -250,12 +161,12 @@ class LeaseBook:
         self._counters = dict.fromkeys(_COUNTERS, 0)
         self._inherited: dict[int, Any] = {}
         self._said_standalone = False
-        self._left = _Left(self.resource, self.confirm_timeout)
+        self._left = Left(self.resource, self.confirm_timeout)
         self._reset()
         if close_when_collected:
             # Holds the tracked connections: only for pools whose connections do
             # not refer back to the pool (else the pool is never collected).
-            weakref.finalize(self, _close_left, self._left).atexit = False
+            weakref.finalize(self, close_left, self._left).atexit = False
         process.register(self)
 
     @property
@@ -285,7 +196,7 @@ class LeaseBook:
     def _close_idle_for_exit(self) -> list[Any]:
         """Close the idle connections; return those still in use."""
         with self._lock:
-            keys = [e.key for e in self._entries.values() if _closable(e.key)]
+            keys = [e.key for e in self._entries.values() if closable(e.key)]
         idle = self._idle_ids()
         in_use = []
         for key in keys:
@@ -375,7 +286,7 @@ class LeaseBook:
 
     def connections_at_fork(self) -> list[Any]:
         """The connections tracked here (in a forked child: the parent's)."""
-        return [e.key for e in list(self._entries.values()) if _closable(e.key)]
+        return [e.key for e in list(self._entries.values()) if closable(e.key)]
 
     def inherited(self, key: Any) -> bool:
         """Whether ``key`` was opened by a parent process before a fork (I7)."""
