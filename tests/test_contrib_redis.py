@@ -159,6 +159,33 @@ def test_no_lease_in_time_raises_and_leaks_nothing(start_coordinator: Any, sock_
     assert wait_leased(sock_path, 0) == 0 and clients_named(redis_name) == 0
 
 
+def test_redis_py_retries_do_not_wait_for_a_lease_again(start_coordinator: Any, sock_path: str,
+                                                        redis_name: str) -> None:
+    """A Retry given to the pool retries a connect that raised a ConnectionError,
+    LeaseTimeout included: its attempts share one lease timeout, as redis-py's
+    exhausted pool raises after its ``timeout`` whatever the Retry says."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    start_coordinator({"redis": Resource(max_size=1)})
+    holder = make_pool(sock_path, redis_name, max_connections=1)
+    held = holder.get_connection()
+    pool = make_pool(sock_path, redis_name, max_connections=1, timeout=0.5, retry=Retry(NoBackoff(), 3))
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(LeaseTimeout):
+            redis.Redis(connection_pool=pool).ping()
+        assert time.monotonic() - t0 < 1.5  # not 4 x 0.5 s
+        assert pool.lease_stats()["lease_timeouts"] == 4  # each retry asked once more
+        holder.release(held)
+        holder.disconnect()
+        assert redis.Redis(connection_pool=pool).ping()  # the next connect waits in full again
+    finally:
+        pool.disconnect()
+        holder.disconnect()
+    assert wait_leased(sock_path, 0) == 0 and clients_named(redis_name) == 0
+
+
 def test_a_refused_wait_is_a_redis_connection_error(start_coordinator: Any, sock_path: str,
                                                    redis_name: str) -> None:
     from sharedpool import TooManyWaiters

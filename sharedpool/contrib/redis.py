@@ -32,6 +32,7 @@ import logging
 import os
 import queue
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -95,6 +96,21 @@ class LeasedConnectionMixin:
     _sp_orphan: Callable[[Any], None] | None = None
     _sock: Any
     pid: int
+    #: when the lease wait of the connect() under way ends, whatever redis-py retries
+    _sp_deadline: float | None = None
+
+    def connect(self) -> None:
+        # redis-py retries a connect that raised a ConnectionError (retry=,
+        # retry_on_timeout=, retry_on_error=), and LeaseTimeout is one: each
+        # attempt would wait the whole lease timeout again (4 times with 3
+        # retries), where redis-py's own exhausted pool raises after its timeout.
+        pool = self._sp_pool()
+        timeout = pool._sp_timeout() if pool is not None else None
+        self._sp_deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            super().connect()  # type: ignore[misc]
+        finally:
+            self._sp_deadline = None
 
     def connect_check_health(self, check_health: bool = True,
                              retry_socket_connect: bool = True) -> None:
@@ -110,8 +126,11 @@ class LeasedConnectionMixin:
                                         "garbage-collected: it cannot connect again without a lease")
         book = pool.lease_book
         local = pool._sp_connected_idle if pool._sp_local_wait() else None
+        timeout = pool._sp_timeout()
+        if self._sp_deadline is not None:  # a retry: what is left of the first attempt's wait
+            timeout = max(0.0, self._sp_deadline - time.monotonic())
         try:
-            other = book.acquire(self, pool._sp_timeout(), local=local, owner=pool)
+            other = book.acquire(self, timeout, local=local, owner=pool)
         except PoolTimeout as exc:
             if isinstance(exc, LeaseTimeout):
                 raise
