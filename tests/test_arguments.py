@@ -140,6 +140,7 @@ def _redis(**kw: Any) -> Any:
     (_celery, "close_timeout", float("nan")),
     (_sqlalchemy, "lease_timeout", -1),
     (_sqlalchemy, "lease_timeout", "1"),
+    (_sqlalchemy, "pool_timeout", -1),  # was "timeout", at the first connect
     (_psycopg, "lease_timeout", -1),
     (_redis, "lease_timeout", "x"),
     (_sqlalchemy, "coordinator", 5),

@@ -88,6 +88,8 @@ class LeasedQueuePool(QueuePool):
         self._sp_local = threading.local()
         super().__init__(creator, **kw)
         if book is not None:
+            if lease_timeout is None:  # the lease wait is pool_timeout's: named as the user gave it
+                check_seconds("pool_timeout", self._timeout)
             book.bind(self._sp_idle, self._sp_reclaim)
 
     @property
