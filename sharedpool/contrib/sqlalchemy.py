@@ -89,7 +89,7 @@ class LeasedQueuePool(QueuePool):
         super().__init__(creator, **kw)
         if book is not None:
             if lease_timeout is None:  # the lease wait is pool_timeout's: named as the user gave it
-                check_seconds("pool_timeout", self._timeout)
+                check_seconds("pool_timeout", self._timeout, optional=True, forever=True)
             book.bind(self._sp_idle, self._sp_reclaim)
 
     @property
