@@ -147,6 +147,7 @@ def test_a_collected_books_handlers_go_even_when_collected_mid_registration(tmp_
     gc.freeze()  # every collection below looks at this test's objects only: ~10x faster
     try:
         for threshold in range(1, 120):
+            client = Client.for_path(path)  # the last book's shutdown() closed the one before
             gc.collect()
             gc.disable()
             try:

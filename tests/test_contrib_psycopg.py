@@ -301,3 +301,31 @@ def test_a_connection_closed_by_its_user_after_the_pool_closed_gives_its_lease_b
     conn.close()
     assert wait_leased(sock_path, 0, timeout=3) == 0
     assert pool.get_stats()["leases_held"] == 0
+
+
+def test_closing_the_pool_ends_the_process_session(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    """As sharedpool's own pools do: the last pool of a process closing ends
+    its session (the coordinator counted it on, and logged it lost at a
+    stop), once a connection still out at close() is back."""
+    start_coordinator({"pg": Resource(max_size=2)})
+    pool = make_pool(sock_path, app_name, min_size=1, max_size=2)
+    pool.wait(10)
+    conn = pool.getconn()
+    watch = Client(sock_path, name="watch")
+
+    def sessions() -> list[str]:
+        return [s["name"] for s in watch.inspect("sessions")["sessions"] if s["name"] != "watch"]
+
+    try:
+        assert len(sessions()) == 1
+        pool.close()
+        assert len(sessions()) == 1  # a connection is still out: its lease is held
+        pool.putconn(conn)
+        deadline = time.monotonic() + 5
+        while sessions() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sessions() == []
+    finally:
+        watch.close()
+    assert pool.get_stats()["leases_held"] == 0

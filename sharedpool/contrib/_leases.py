@@ -249,6 +249,7 @@ class LeaseBook:
         self._handoff = HandOffCost()
         self._client: Client | None = None
         self._handlers: tuple[Any, ...] = ()
+        self._shut = False  # shutdown(): the last lease back may end the session
         self._pid = pid
 
     def __repr__(self) -> str:
@@ -369,8 +370,12 @@ class LeaseBook:
         with self._lock:
             client, handlers = self._client, self._handlers
             self._client, self._handlers = None, ()
+            self._shut = True
         if client is not None:
             client.remove_handlers(*handlers)
+            # As our own pools do: the process's session ends with its last
+            # user (else the coordinator counts it, and logs it lost at a stop).
+            client.close_if_unused()
 
     def _on_reclaim(self) -> None:
         client = self._client
@@ -827,6 +832,8 @@ class LeaseBook:
     def _release(self, client: Client, lease: Lease) -> None:
         client.release(lease)
         self.count("leases_released")
+        if self._shut:  # a connection still out at shutdown() came back: maybe the last
+            client.close_if_unused()
 
     # ------------------------------------------------------------------ reclaim
 
