@@ -167,21 +167,26 @@ def test_redis_py_retries_do_not_wait_for_a_lease_again(start_coordinator: Any, 
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    start_coordinator({"redis": Resource(max_size=1)})
+    start_coordinator({"redis": Resource(max_size=1, acquire_timeout=0.5)})
     holder = make_pool(sock_path, redis_name, max_connections=1)
     held = holder.get_connection()
-    pool = make_pool(sock_path, redis_name, max_connections=1, timeout=0.5, retry=Retry(NoBackoff(), 3))
+    # timeout=None: the resource's acquire_timeout; retries=-1: for ever (was a
+    # loop of acquires that did not wait once the first had timed out)
+    pools = [make_pool(sock_path, redis_name, max_connections=1, timeout=timeout, retry=Retry(NoBackoff(), n))
+             for timeout, n in ((0.5, 3), (None, 3), (0.5, -1))]
     try:
-        t0 = time.monotonic()
-        with pytest.raises(LeaseTimeout):
-            redis.Redis(connection_pool=pool).ping()
-        assert time.monotonic() - t0 < 1.5  # not 4 x 0.5 s
-        assert pool.lease_stats()["lease_timeouts"] == 4  # each retry asked once more
+        for pool in pools:
+            t0 = time.monotonic()
+            with pytest.raises(LeaseTimeout):
+                redis.Redis(connection_pool=pool).ping()
+            assert time.monotonic() - t0 < 1.5  # not 4 x 0.5 s
+            assert pool.lease_stats()["lease_timeouts"] == 1  # the wait is spent: not asked again
         holder.release(held)
         holder.disconnect()
-        assert redis.Redis(connection_pool=pool).ping()  # the next connect waits in full again
+        assert redis.Redis(connection_pool=pools[0]).ping()  # the next connect waits in full again
     finally:
-        pool.disconnect()
+        for pool in pools:
+            pool.disconnect()
         holder.disconnect()
     assert wait_leased(sock_path, 0) == 0 and clients_named(redis_name) == 0
 

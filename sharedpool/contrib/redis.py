@@ -85,6 +85,24 @@ class _UseAnother(Exception):  # noqa: N818 - internal signal, never escapes get
         self.connection = connection
 
 
+class _WaitSpent(BaseException):  # noqa: N818 - internal signal, past redis-py's Retry
+    """A connect()'s lease wait ended with ``error``: that ends the connect.
+    A BaseException: no ``retry_on_error`` list retries it."""
+
+    def __init__(self, error: LeaseTimeout) -> None:
+        super().__init__()
+        self.error = error
+
+
+def _lease_timeout(resource: str, exc: PoolTimeout) -> LeaseTimeout:
+    if isinstance(exc, LeaseTimeout):
+        return exc
+    # A plain PoolTimeout would slip past `except redis.RedisError`.
+    error = LeaseTimeout(f"no {resource!r} lease in time: {exc}")
+    error.__cause__ = exc
+    return error
+
+
 class LeasedConnectionMixin:
     """Mixed into the pool's ``connection_class``: a socket only under a lease.
 
@@ -98,19 +116,27 @@ class LeasedConnectionMixin:
     pid: int
     #: when the lease wait of the connect() under way ends, whatever redis-py retries
     _sp_deadline: float | None = None
+    #: a connect() is under way (its deadline may be None: the resource's default)
+    _sp_connecting: bool = False
 
     def connect(self) -> None:
         # redis-py retries a connect that raised a ConnectionError (retry=,
         # retry_on_timeout=, retry_on_error=), and LeaseTimeout is one: each
         # attempt would wait the whole lease timeout again (4 times with 3
         # retries), where redis-py's own exhausted pool raises after its timeout.
+        if self._sp_connecting:  # nested: the outer connect's wait is shared
+            super().connect()  # type: ignore[misc]
+            return
         pool = self._sp_pool()
         timeout = pool._sp_timeout() if pool is not None else None
         self._sp_deadline = None if timeout is None else time.monotonic() + timeout
+        self._sp_connecting = True
         try:
             super().connect()  # type: ignore[misc]
+        except _WaitSpent as spent:
+            raise spent.error from spent.error.__cause__
         finally:
-            self._sp_deadline = None
+            self._sp_deadline, self._sp_connecting = None, False
 
     def connect_check_health(self, check_health: bool = True,
                              retry_socket_connect: bool = True) -> None:
@@ -132,10 +158,13 @@ class LeasedConnectionMixin:
         try:
             other = book.acquire(self, timeout, local=local, owner=pool)
         except PoolTimeout as exc:
-            if isinstance(exc, LeaseTimeout):
-                raise
-            # A plain PoolTimeout would slip past `except redis.RedisError`.
-            raise LeaseTimeout(f"no {book.resource!r} lease in time: {exc}") from exc
+            error = _lease_timeout(book.resource, exc)
+            if self._sp_connecting:
+                # The connect's wait is spent: another attempt would ask again
+                # without waiting, in a loop with retries=-1 (for ever) and
+                # never queued behind other waiters. connect() raises it.
+                raise _WaitSpent(error) from None
+            raise error from error.__cause__
         except TooManyWaiters as exc:
             if isinstance(exc, LeaseRefused):
                 raise
