@@ -551,6 +551,12 @@ class LeaseBook:
                 self._release(client, lease)
                 self.count("leases_unused")
 
+        # A waiting session is asked for the leases it last reported idle
+        # (another of its pools may sit on them). This pool's own are all out
+        # now, or it would not wait: say so first. Else a report from a moment
+        # ago, when they were idle, has this wait (served here a moment later)
+        # answered by the close of one of ours and a reconnect for nobody.
+        client.report_now()
         # Sends the acquire. From here on in the try: Thread.start() waits for the
         # thread, and signal handlers run there; a lease granted after such an
         # exception goes back.
