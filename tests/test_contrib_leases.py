@@ -300,3 +300,28 @@ def test_a_lease_revoked_as_it_is_granted_is_not_kept(sock_path: str) -> None:
     finally:
         book.shutdown()
         fake.stop()
+
+
+def test_a_book_replaces_a_shared_client_closed_under_it(
+        start_coordinator: Any, sock_path: str, monkeypatch: Any) -> None:
+    # An integration pool's shutdown() ends the shared session (close_if_unused)
+    # when nothing uses it: between another book's for_path() and its handlers
+    # going in, that book registered on the closed client and its acquire
+    # failed with CoordinatorUnavailable("client is closed").
+    start_coordinator({"r": 1})
+    book = LeaseBook("r", sock_path)
+    register = LeaseBook._register
+
+    def closed_first(self: LeaseBook, client: Client) -> None:
+        monkeypatch.setattr(LeaseBook, "_register", register)  # once
+        client.close()  # what the other pool's close_if_unused() did
+        register(self, client)
+
+    monkeypatch.setattr(LeaseBook, "_register", closed_first)
+    key = object()
+    book.acquire(key, 3, local=lambda: None)
+    client = book.client
+    assert client is not None and not client.closed and len(client.held) == 1
+    book.opened(key, failed=True)
+    book.shutdown()
+    assert client.closed

@@ -316,6 +316,11 @@ class LeaseBook:
         client = Client.for_path(path)
         if client is not self._client:
             self._register(client)
+            if client.closed:
+                # Another pool's shutdown() ended the shared session (close_if_unused)
+                # between for_path() and our handlers going in: take a new one.
+                client = Client.for_path(path)
+                self._register(client)
         return client
 
     def bind(self, idle: Callable[[], Iterable[Any]] | None,
