@@ -12,7 +12,7 @@ import pytest
 import redis
 from proc_helpers import hammer, held_once_confirmed, leased, run_forked, wait_leased
 
-from sharedpool import PoolTimeout, Resource
+from sharedpool import Client, PoolTimeout, Resource
 from sharedpool.contrib.redis import BlockingConnectionPool, LeaseTimeout
 
 HOST, PORT = "127.0.0.1", 6379
@@ -242,6 +242,56 @@ def test_redis_py_retries_do_not_wait_for_a_lease_again(start_coordinator: Any, 
             pool.disconnect()
         holder.disconnect()
     assert wait_leased(sock_path, 0) == 0 and clients_named(redis_name) == 0
+
+
+@pytest.mark.parametrize("retries", [3, -1])
+def test_a_command_whose_connection_dropped_waits_for_a_lease_once(
+        start_coordinator: Any, sock_path: str, redis_name: str, retries: int) -> None:
+    """A command whose connection dropped reconnects inside the command's own
+    retries (not through connect()): each attempt waited the whole lease
+    timeout again (3 x 1 s with 3 retries; with retries=-1, until a lease came)."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    start_coordinator({"redis": Resource(max_size=1, acquire_timeout=5)})
+    pool = make_pool(sock_path, redis_name, max_connections=1, timeout=0.5,
+                     retry=Retry(NoBackoff(), retries), retry_on_error=[redis.ConnectionError])
+    other = make_pool(sock_path, redis_name, max_connections=1, timeout=10)
+    r = redis.Redis(connection_pool=pool, single_connection_client=True)
+    got: list[Any] = []
+    try:
+        assert r.ping()
+        # Another process queues for the one lease, then our connection drops:
+        # its lease goes back to that waiter.
+        waiter = threading.Thread(target=lambda: got.append(other.get_connection()), daemon=True)
+        waiter.start()
+        watch = Client(sock_path)
+        try:
+            deadline = time.monotonic() + 5
+            while (watch.inspect("resources")["resources"][0]["waiting"] < 1
+                   and time.monotonic() < deadline):
+                time.sleep(0.01)
+        finally:
+            watch.close()
+        admin = redis.Redis(host="127.0.0.1", port=6379)
+        mine = [c["id"] for c in admin.client_list() if c.get("name") == redis_name]
+        for client_id in mine[:1]:
+            admin.client_kill_filter(_id=client_id)
+        admin.close()
+        t0 = time.monotonic()
+        with pytest.raises(LeaseTimeout):
+            r.ping()
+        assert time.monotonic() - t0 < 1.2  # one 0.5 s wait, not one per attempt
+        assert pool.lease_stats()["lease_timeouts"] == 1
+        waiter.join(10)
+        assert got, "the other pool never got the lease"
+    finally:
+        r.close()
+        for conn in got:
+            other.release(conn)
+        other.disconnect()
+        pool.disconnect()
+    assert wait_leased(sock_path, 0) == 0
 
 
 def test_a_refused_wait_is_a_redis_connection_error(start_coordinator: Any, sock_path: str,

@@ -86,7 +86,7 @@ class _UseAnother(Exception):  # noqa: N818 - internal signal, never escapes get
 
 
 class _WaitSpent(BaseException):  # noqa: N818 - internal signal, past redis-py's Retry
-    """A connect()'s lease wait ended with ``error``: that ends the connect.
+    """A retried call's lease wait ended with ``error``: that ends the call.
     A BaseException: no ``retry_on_error`` list retries it."""
 
     def __init__(self, error: LeaseTimeout) -> None:
@@ -103,6 +103,27 @@ def _lease_timeout(resource: str, exc: PoolTimeout) -> LeaseTimeout:
     return error
 
 
+class _OneLeaseWait:
+    """A leased connection's ``retry``, as redis-py sees it: the user's Retry
+    (everything else is its own), whose ``call_with_retry`` runs under
+    :meth:`LeasedConnectionMixin._sp_one_wait`. redis-py retries a connect,
+    and a command whose connection dropped (reconnecting inside it), on a
+    ConnectionError, and LeaseTimeout is one: each attempt would wait the
+    whole lease timeout again, and with ``retries=-1`` for ever."""
+
+    __slots__ = ("_conn", "_inner")
+
+    def __init__(self, conn: LeasedConnectionMixin, inner: Any) -> None:
+        self._conn, self._inner = conn, inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def call_with_retry(self, do: Callable[[], Any], fail: Callable[..., Any],
+                        *args: Any, **kwargs: Any) -> Any:
+        return self._conn._sp_one_wait(lambda: self._inner.call_with_retry(do, fail, *args, **kwargs))
+
+
 class LeasedConnectionMixin:
     """Mixed into the pool's ``connection_class``: a socket only under a lease.
 
@@ -114,29 +135,37 @@ class LeasedConnectionMixin:
     _sp_orphan: Callable[[Any], None] | None = None
     _sock: Any
     pid: int
-    #: when the lease wait of the connect() under way ends, whatever redis-py retries
+    #: when the lease wait of the retried call under way ends (set at its first wait)
     _sp_deadline: float | None = None
-    #: a connect() is under way (its deadline may be None: the resource's default)
+    #: a retried call (connect(), a command...) is under way: its attempts share one wait
     _sp_connecting: bool = False
+    _sp_retry: Any = None
 
-    def connect(self) -> None:
-        # redis-py retries a connect that raised a ConnectionError (retry=,
-        # retry_on_timeout=, retry_on_error=), and LeaseTimeout is one: each
-        # attempt would wait the whole lease timeout again (4 times with 3
-        # retries), where redis-py's own exhausted pool raises after its timeout.
-        if self._sp_connecting:  # nested: the outer connect's wait is shared
-            super().connect()  # type: ignore[misc]
-            return
-        pool = self._sp_pool()
-        timeout = pool._sp_timeout() if pool is not None else None
-        self._sp_deadline = None if timeout is None else time.monotonic() + timeout
+    @property
+    def retry(self) -> Any:
+        return _OneLeaseWait(self, self._sp_retry)
+
+    @retry.setter
+    def retry(self, value: Any) -> None:  # redis-py sets it (__init__, the pool's set_retry)
+        self._sp_retry = value
+
+    def _sp_one_wait(self, run: Callable[[], Any]) -> Any:
+        """Run a retried call (a connect, a command) whose attempts share one
+        lease wait; once it is spent, the call raises the LeaseTimeout,
+        without another attempt (as redis-py's own exhausted pool does)."""
+        if self._sp_connecting:  # nested (a connect inside a command): the outer wait
+            return run()
         self._sp_connecting = True
         try:
-            super().connect()  # type: ignore[misc]
+            return run()
         except _WaitSpent as spent:
             raise spent.error from spent.error.__cause__
         finally:
             self._sp_deadline, self._sp_connecting = None, False
+
+    def connect(self) -> None:
+        # Also when redis-py's connect() does not go through its retry (older versions).
+        self._sp_one_wait(super().connect)  # type: ignore[misc]
 
     def connect_check_health(self, check_health: bool = True,
                              retry_socket_connect: bool = True) -> None:
@@ -153,16 +182,22 @@ class LeasedConnectionMixin:
         book = pool.lease_book
         local = pool._sp_connected_idle if pool._sp_local_wait() else None
         timeout = pool._sp_timeout()
-        if self._sp_deadline is not None:  # a retry: what is left of the first attempt's wait
+        if self._sp_connecting and timeout is not None:
+            # A retried call: its first wait sets the deadline (not the call's
+            # start: a command may have run a while before its connection
+            # dropped), its retries wait what is left. (None: each wait is the
+            # resource's acquire_timeout; one that runs out ends the call.)
+            if self._sp_deadline is None:
+                self._sp_deadline = time.monotonic() + timeout
             timeout = max(0.0, self._sp_deadline - time.monotonic())
         try:
             other = book.acquire(self, timeout, local=local, owner=pool)
         except PoolTimeout as exc:
             error = _lease_timeout(book.resource, exc)
             if self._sp_connecting:
-                # The connect's wait is spent: another attempt would ask again
+                # The call's wait is spent: another attempt would ask again
                 # without waiting, in a loop with retries=-1 (for ever) and
-                # never queued behind other waiters. connect() raises it.
+                # never queued behind other waiters. _sp_one_wait raises it.
                 raise _WaitSpent(error) from None
             raise error from error.__cause__
         except TooManyWaiters as exc:
