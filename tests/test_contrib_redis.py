@@ -294,6 +294,59 @@ def test_a_command_whose_connection_dropped_waits_for_a_lease_once(
     assert wait_leased(sock_path, 0) == 0
 
 
+def test_a_command_that_connected_lazily_waits_again_when_its_connection_drops(
+        start_coordinator: Any, sock_path: str, redis_name: str) -> None:
+    """The wait of a command's lazy connect (its connection was closed since
+    the last one) ended with that connect: a drop 1 s into the command found
+    the shared wait spent and raised LeaseTimeout at once, without waiting."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    start_coordinator({"redis": Resource(max_size=1, acquire_timeout=5)})
+    pool = make_pool(sock_path, redis_name, max_connections=1, timeout=0.5,
+                     retry=Retry(NoBackoff(), 3), retry_on_error=[redis.ConnectionError])
+    other = make_pool(sock_path, redis_name, max_connections=1, timeout=10)
+    r = redis.Redis(connection_pool=pool, single_connection_client=True)
+    got: list[Any] = []
+    killed: list[float] = []
+
+    def drop_while_another_waits() -> None:
+        time.sleep(1.0)  # BLPOP under way
+        threading.Thread(target=lambda: got.append(other.get_connection()), daemon=True).start()
+        watch = Client(sock_path)
+        try:
+            deadline = time.monotonic() + 5
+            while (watch.inspect("resources")["resources"][0]["waiting"] < 1
+                   and time.monotonic() < deadline):
+                time.sleep(0.01)
+        finally:
+            watch.close()
+        admin = redis.Redis(host=HOST, port=PORT)
+        for c in admin.client_list():
+            if c.get("name") == redis_name and c.get("cmd") == "blpop":
+                admin.client_kill_filter(_id=c["id"])
+        admin.close()
+        killed.append(time.monotonic())
+
+    try:
+        assert r.ping()
+        assert r.connection is not None
+        r.connection.disconnect()  # the next command connects lazily, inside its retries
+        dropper = threading.Thread(target=drop_while_another_waits, daemon=True)
+        dropper.start()
+        with pytest.raises(LeaseTimeout):
+            r.blpop([f"{redis_name}:none"], 4)
+        assert killed and time.monotonic() - killed[0] > 0.4  # a whole 0.5 s wait
+        dropper.join(10)
+    finally:
+        r.close()
+        for conn in got:
+            other.release(conn)
+        other.disconnect()
+        pool.disconnect()
+    assert wait_leased(sock_path, 0) == 0
+
+
 def test_a_refused_wait_is_a_redis_connection_error(start_coordinator: Any, sock_path: str,
                                                    redis_name: str) -> None:
     from sharedpool import TooManyWaiters

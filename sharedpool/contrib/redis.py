@@ -218,6 +218,9 @@ class LeasedConnectionMixin:
             raise
         book.opened(self)
         self._sp_orphan = book.orphan_closer(self)
+        # That wait is over: a drop later in the same call (a command that
+        # connected lazily, then ran a while) waits afresh.
+        self._sp_deadline = None
 
     def disconnect(self, *args: Any, **kwargs: Any) -> None:
         parent = super().disconnect  # type: ignore[misc]
