@@ -117,6 +117,8 @@ class _OneLeaseWait:
         self._conn, self._inner = conn, inner
 
     def __getattr__(self, name: str) -> Any:
+        if name in _OneLeaseWait.__slots__:  # not set yet (copy.copy): no recursion
+            raise AttributeError(name)
         return getattr(self._inner, name)
 
     def call_with_retry(self, do: Callable[[], Any], fail: Callable[..., Any],
