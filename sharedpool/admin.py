@@ -8,7 +8,7 @@ from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 from . import protocol as p
-from .config import CoordinatorConfig, check_welcome_fits
+from .config import CoordinatorConfig, Resource, check_welcome_fits
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -86,13 +86,8 @@ def reload_config(server: Server, now: float) -> tuple[Any, list[Effect]]:
     changed: dict[str, dict[str, list[Any]]] = {}
     for name, limits in fresh.resources.items():
         res = server.ledger.resources.get(name)
-        if res is not None:
-            was, now_is = res.limits.as_dict(), limits.as_dict()  # no monitor DSN: it may hold a password
-            diff: dict[str, list[Any]] = {k: [was[k], now_is[k]] for k in was if was[k] != now_is[k]}
-            if res.limits.monitor_dsn != limits.monitor_dsn:
-                diff["monitor_dsn"] = ["(hidden)", "(hidden)"]
-            if diff:
-                changed[name] = diff
+        if res is not None and (diff := limits_changed(res.limits, limits)):
+            changed[name] = diff
         effects += server.ledger.set_limits(name, limits, now)
     if changed:
         log.info("reload of %s changed %s", path, "; ".join(
@@ -109,6 +104,16 @@ def reload_config(server: Server, now: float) -> tuple[Any, list[Effect]]:
                     "current limits until a restart: %s", path, ", ".join(kept))
     return {"reloaded": path, "resources": sorted(fresh.resources), "changed": changed,
             "needs_restart": needs_restart, "kept": kept}, effects
+
+
+def limits_changed(was: Resource, now: Resource) -> dict[str, list[Any]]:
+    """Each limit that differs, as [old, new]; the monitor DSN only as changed
+    (it may hold a password)."""
+    old, new = was.as_dict(), now.as_dict()
+    diff: dict[str, list[Any]] = {k: [old[k], new[k]] for k in old if old[k] != new[k]}
+    if was.monitor_dsn != now.monitor_dsn:
+        diff["monitor_dsn"] = ["(hidden)", "(hidden)"]
+    return diff
 
 
 def fixed_fields_changed(running: CoordinatorConfig, fresh: CoordinatorConfig) -> list[str]:

@@ -55,7 +55,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
-from ..admin import fixed_fields_changed
+from ..admin import fixed_fields_changed, limits_changed
 from ..config import SOCKET_ENV, CoordinatorConfig, check_seconds, check_socket_path
 from ..errors import ConfigError, SharedPoolError
 from ._embedded import (
@@ -225,12 +225,8 @@ def _changed_settings(running: CoordinatorConfig, fresh: CoordinatorConfig) -> l
         was = running.resources.get(name)
         if was is None:
             out.append(f"resource {name!r} added")
-        elif was != limits:
-            old, new = was.as_dict(), limits.as_dict()  # no monitor DSN: it may hold a password
-            diff = [f"{k} {old[k]!r} -> {new[k]!r}" for k in old if old[k] != new[k]]
-            if was.monitor_dsn != limits.monitor_dsn:
-                diff.append("monitor_dsn")
-            out.append(f"{name}: {', '.join(diff)}")
+        elif diff := limits_changed(was, limits):
+            out.append(f"{name}: " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in diff.items()))
     out += [f"resource {name!r} removed" for name in running.resources if name not in fresh.resources]
     out += [f"{field} changed" for field in fixed_fields_changed(running, fresh) if field != "socket"]
     return out
