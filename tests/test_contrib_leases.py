@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -325,3 +326,41 @@ def test_a_book_replaces_a_shared_client_closed_under_it(
     book.opened(key, failed=True)
     book.shutdown()
     assert client.closed
+
+
+def test_shutdown_during_a_lease_wait_still_ends_the_session(start_coordinator: Any, sock_path: str) -> None:
+    # A pool closed while one of its lease waits was queued (a psycopg_pool
+    # worker at close): shutdown()'s close_if_unused() found the acquire pending,
+    # and when it was withdrawn nobody asked again: the session stayed for good.
+    start_coordinator({"r": 1})
+    other = Client(sock_path)
+    held = other.acquire("r", timeout=5)
+    book = LeaseBook("r", sock_path)
+    closing = threading.Event()
+    errors: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            book.acquire(object(), 5, local=lambda: True if closing.is_set() else None)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    client = book.client
+    assert client is not None
+    deadline = time.monotonic() + 5
+    while not client._pending and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert client._pending
+    book.shutdown()  # the acquire is still queued: the session stays for now
+    closing.set()
+    book.notify_returned()
+    waiter.join(5)
+    deadline = time.monotonic() + 3
+    while not client.closed and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not errors
+    assert client.closed, "the session outlived the book's last lease wait"
+    other.release(held)
+    other.close()

@@ -545,6 +545,10 @@ class LeaseBook:
                 with cond:
                     wait.error, wait.done = exc, True
                     cond.notify_all()
+                if self._shut:
+                    # Withdrawn by a pool closing meanwhile: shutdown() found this
+                    # acquire pending and left the session open; it may end now.
+                    client.close_if_unused()
                 return
             self.count("leases_acquired")
             self.count("lease_wait_ms", int((time.monotonic() - t0) * 1000))
