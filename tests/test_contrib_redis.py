@@ -244,12 +244,34 @@ def test_redis_py_retries_do_not_wait_for_a_lease_again(start_coordinator: Any, 
     assert wait_leased(sock_path, 0) == 0 and clients_named(redis_name) == 0
 
 
+def _until_someone_waits(sock: str) -> None:
+    """Until the coordinator shows a waiter (5 s at most)."""
+    watch = Client(sock)
+    try:
+        deadline = time.monotonic() + 5
+        while watch.inspect("resources")["resources"][0]["waiting"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        watch.close()
+
+
+def _kill_clients(name: str, cmd: str | None = None) -> None:
+    """CLIENT KILL our connections named ``name`` (those running ``cmd``, if given)."""
+    admin = redis.Redis(host=HOST, port=PORT)
+    try:
+        for c in admin.client_list():
+            if c.get("name") == name and cmd in (None, c.get("cmd")):
+                admin.client_kill_filter(_id=c["id"])
+    finally:
+        admin.close()
+
+
 @pytest.mark.parametrize("retries", [3, -1])
 def test_a_command_whose_connection_dropped_waits_for_a_lease_once(
         start_coordinator: Any, sock_path: str, redis_name: str, retries: int) -> None:
     """A command whose connection dropped reconnects inside the command's own
     retries (not through connect()): each attempt waited the whole lease
-    timeout again (3 x 1 s with 3 retries; with retries=-1, until a lease came)."""
+    timeout again (3 x 0.5 s with 3 retries; with retries=-1, until a lease came)."""
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
@@ -265,19 +287,8 @@ def test_a_command_whose_connection_dropped_waits_for_a_lease_once(
         # its lease goes back to that waiter.
         waiter = threading.Thread(target=lambda: got.append(other.get_connection()), daemon=True)
         waiter.start()
-        watch = Client(sock_path)
-        try:
-            deadline = time.monotonic() + 5
-            while (watch.inspect("resources")["resources"][0]["waiting"] < 1
-                   and time.monotonic() < deadline):
-                time.sleep(0.01)
-        finally:
-            watch.close()
-        admin = redis.Redis(host="127.0.0.1", port=6379)
-        mine = [c["id"] for c in admin.client_list() if c.get("name") == redis_name]
-        for client_id in mine[:1]:
-            admin.client_kill_filter(_id=client_id)
-        admin.close()
+        _until_someone_waits(sock_path)
+        _kill_clients(redis_name)
         t0 = time.monotonic()
         with pytest.raises(LeaseTimeout):
             r.ping()
@@ -313,19 +324,8 @@ def test_a_command_that_connected_lazily_waits_again_when_its_connection_drops(
     def drop_while_another_waits() -> None:
         time.sleep(1.0)  # BLPOP under way
         threading.Thread(target=lambda: got.append(other.get_connection()), daemon=True).start()
-        watch = Client(sock_path)
-        try:
-            deadline = time.monotonic() + 5
-            while (watch.inspect("resources")["resources"][0]["waiting"] < 1
-                   and time.monotonic() < deadline):
-                time.sleep(0.01)
-        finally:
-            watch.close()
-        admin = redis.Redis(host=HOST, port=PORT)
-        for c in admin.client_list():
-            if c.get("name") == redis_name and c.get("cmd") == "blpop":
-                admin.client_kill_filter(_id=c["id"])
-        admin.close()
+        _until_someone_waits(sock_path)
+        _kill_clients(redis_name, "blpop")
         killed.append(time.monotonic())
 
     try:
