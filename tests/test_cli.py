@@ -548,14 +548,20 @@ def test_a_signal_as_soon_as_serve_accepts_is_handled(tmp_path: Path, sig: int) 
             stop(server.proc)
 
 
+def _serve_restarted(tmp_path: Path, grace: float) -> Serve:
+    """``serve --config`` (resource demo=1, ``restart_grace``) started as a
+    restart: a dead coordinator's socket is left at its path."""
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(tmp_path / "sp.sock"))
+    stale.close()
+    (tmp_path / "sp.toml").write_text(f"[coordinator]\nrestart_grace = {grace}\n[resources]\ndemo = 1\n")
+    return Serve(tmp_path, "--config", str(tmp_path / "sp.toml"), resource="")
+
+
 def test_status_shows_a_restart_hold(tmp_path: Path) -> None:
     """Inside a restart's grace nothing is granted; status said "active" (an
     operator could not tell why every acquire waited)."""
-    stale = socket.socket(socket.AF_UNIX)
-    stale.bind(str(tmp_path / "sp.sock"))
-    stale.close()  # a dead coordinator's socket: this start is a restart
-    (tmp_path / "sp.toml").write_text("[coordinator]\nrestart_grace = 30\n[resources]\ndemo = 1\n")
-    server = Serve(tmp_path, "--config", str(tmp_path / "sp.toml"), resource="")
+    server = _serve_restarted(tmp_path, 30)
     try:
         [row] = sp_json("status", "--socket", server.socket)["resources"]
         assert 25 < row["restart_hold_s"] <= 30, row
@@ -577,11 +583,7 @@ def test_status_shows_a_restart_hold(tmp_path: Path) -> None:
 def test_a_restart_with_a_grace_below_the_reconnect_backoff_is_warned(tmp_path: Path) -> None:
     """A restart_grace shorter than the clients' 1 s longest backoff lets
     newcomers in before a process holding connections is back: said at start."""
-    stale = socket.socket(socket.AF_UNIX)
-    stale.bind(str(tmp_path / "sp.sock"))
-    stale.close()  # a dead coordinator's socket: this start is a restart
-    (tmp_path / "sp.toml").write_text("[coordinator]\nrestart_grace = 0.2\n[resources]\ndemo = 1\n")
-    server = Serve(tmp_path, "--config", str(tmp_path / "sp.toml"), resource="")
+    server = _serve_restarted(tmp_path, 0.2)
     try:
         time.sleep(0.5)  # past the grace: stopped inside it, the next start would be a restart too
         os.kill(server.proc.pid, signal.SIGTERM)

@@ -3,9 +3,11 @@ across forked workers, fork safety, reclaim, errors and lazy connects."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -266,42 +268,58 @@ def _kill_clients(name: str, cmd: str | None = None) -> None:
         admin.close()
 
 
-@pytest.mark.parametrize("retries", [3, -1])
-def test_a_command_whose_connection_dropped_waits_for_a_lease_once(
-        start_coordinator: Any, sock_path: str, redis_name: str, retries: int) -> None:
-    """A command whose connection dropped reconnects inside the command's own
-    retries (not through connect()): each attempt waited the whole lease
-    timeout again (3 x 0.5 s with 3 retries; with retries=-1, until a lease came)."""
+@contextlib.contextmanager
+def _retrying_client_and_a_rival(sock: str, name: str, retries: int) -> Iterator[
+        tuple[BlockingConnectionPool, redis.Redis, Callable[[], None], list[Any]]]:
+    """A one-connection client whose pool retries ConnectionErrors ``retries``
+    times with a 0.5 s lease wait, on a cap of 1 (the coordinator started by
+    the caller), and ``queue()``: another pool waits for that one lease, its
+    connection in the list yielded once it has it. All closed at the end."""
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    start_coordinator({"redis": Resource(max_size=1, acquire_timeout=5)})
-    pool = make_pool(sock_path, redis_name, max_connections=1, timeout=0.5,
+    pool = make_pool(sock, name, max_connections=1, timeout=0.5,
                      retry=Retry(NoBackoff(), retries), retry_on_error=[redis.ConnectionError])
-    other = make_pool(sock_path, redis_name, max_connections=1, timeout=10)
+    other = make_pool(sock, name, max_connections=1, timeout=10)
     r = redis.Redis(connection_pool=pool, single_connection_client=True)
     got: list[Any] = []
+
+    def queue() -> None:
+        threading.Thread(target=lambda: got.append(other.get_connection()), daemon=True).start()
+        _until_someone_waits(sock)
+
     try:
-        assert r.ping()
-        # Another process queues for the one lease, then our connection drops:
-        # its lease goes back to that waiter.
-        waiter = threading.Thread(target=lambda: got.append(other.get_connection()), daemon=True)
-        waiter.start()
-        _until_someone_waits(sock_path)
-        _kill_clients(redis_name)
-        t0 = time.monotonic()
-        with pytest.raises(LeaseTimeout):
-            r.ping()
-        assert time.monotonic() - t0 < 1.2  # one 0.5 s wait, not one per attempt
-        assert pool.lease_stats()["lease_timeouts"] == 1
-        waiter.join(10)
-        assert got, "the other pool never got the lease"
+        yield pool, r, queue, got
     finally:
         r.close()
         for conn in got:
             other.release(conn)
         other.disconnect()
         pool.disconnect()
+
+
+@pytest.mark.parametrize("retries", [3, -1])
+def test_a_command_whose_connection_dropped_waits_for_a_lease_once(
+        start_coordinator: Any, sock_path: str, redis_name: str, retries: int) -> None:
+    """A command whose connection dropped reconnects inside the command's own
+    retries (not through connect()): each attempt waited the whole lease
+    timeout again (3 x 0.5 s with 3 retries; with retries=-1, until a lease came)."""
+    start_coordinator({"redis": Resource(max_size=1, acquire_timeout=5)})
+    with _retrying_client_and_a_rival(sock_path, redis_name, retries) as (pool, r, queue, got):
+        assert r.ping()
+        # Another process queues for the one lease, then our connection drops:
+        # its lease goes back to that waiter.
+        queue()
+        _kill_clients(redis_name)
+        t0 = time.monotonic()
+        with pytest.raises(LeaseTimeout):
+            r.ping()
+        assert time.monotonic() - t0 < 1.2  # one 0.5 s wait, not one per attempt
+        assert pool.lease_stats()["lease_timeouts"] == 1
+        deadline = time.monotonic() + 10
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert got, "the other pool never got the lease"
     assert wait_leased(sock_path, 0) == 0
 
 
@@ -310,25 +328,16 @@ def test_a_command_that_connected_lazily_waits_again_when_its_connection_drops(
     """The wait of a command's lazy connect (its connection was closed since
     the last one) ended with that connect: a drop 1 s into the command found
     the shared wait spent and raised LeaseTimeout at once, without waiting."""
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-
     start_coordinator({"redis": Resource(max_size=1, acquire_timeout=5)})
-    pool = make_pool(sock_path, redis_name, max_connections=1, timeout=0.5,
-                     retry=Retry(NoBackoff(), 3), retry_on_error=[redis.ConnectionError])
-    other = make_pool(sock_path, redis_name, max_connections=1, timeout=10)
-    r = redis.Redis(connection_pool=pool, single_connection_client=True)
-    got: list[Any] = []
     killed: list[float] = []
+    with _retrying_client_and_a_rival(sock_path, redis_name, 3) as (_, r, queue, _got):
 
-    def drop_while_another_waits() -> None:
-        time.sleep(1.0)  # BLPOP under way
-        threading.Thread(target=lambda: got.append(other.get_connection()), daemon=True).start()
-        _until_someone_waits(sock_path)
-        _kill_clients(redis_name, "blpop")
-        killed.append(time.monotonic())
+        def drop_while_another_waits() -> None:
+            time.sleep(1.0)  # BLPOP under way
+            queue()
+            _kill_clients(redis_name, "blpop")
+            killed.append(time.monotonic())
 
-    try:
         assert r.ping()
         assert r.connection is not None
         r.connection.disconnect()  # the next command connects lazily, inside its retries
@@ -338,12 +347,6 @@ def test_a_command_that_connected_lazily_waits_again_when_its_connection_drops(
             r.blpop([f"{redis_name}:none"], 4)
         assert killed and time.monotonic() - killed[0] > 0.4  # a whole 0.5 s wait
         dropper.join(10)
-    finally:
-        r.close()
-        for conn in got:
-            other.release(conn)
-        other.disconnect()
-        pool.disconnect()
     assert wait_leased(sock_path, 0) == 0
 
 

@@ -343,6 +343,25 @@ def test_a_late_process_that_dies_after_the_restart_grace_is_terminated(
     assert time.monotonic() - t0 < 2.5  # ended when the process went, not at fence_timeout
 
 
+def _restart_from_marker(start_coordinator: Any, sock: str, resource: str = "pg",
+                         limits: Resource | None = None, grace: float = 1.5,
+                         timeout: float = 30) -> float:
+    """Start a coordinator on ``sock`` (a marker written there: a restart) and
+    time one acquire of ``resource`` there; by default a PostgreSQL resource
+    of 1 whose fence terminates. Returns the seconds waited."""
+    if limits is None:
+        limits = Resource(max_size=1, monitor_dsn=pg_dsn(), fence_action="terminate",
+                          fence_timeout=20, acquire_timeout=60)
+    start_coordinator({resource: limits}, restart_grace=grace)
+    client = Client(sock, name="after-the-marker")
+    try:
+        t0 = time.monotonic()
+        client.release(client.acquire(resource, timeout=timeout))
+        return time.monotonic() - t0
+    finally:
+        client.close()
+
+
 @pytest.mark.parametrize("key", ["held", "fenced"])
 def test_a_marker_from_before_a_reboot_fences_no_one_elses_backend(
         pg: str, start_coordinator: Any, sock_path: str, app_name: str, key: str) -> None:
@@ -361,16 +380,7 @@ def test_a_marker_from_before_a_reboot_fences_no_one_elses_backend(
         rows = {"held": [["pg", lease_id, lease_id, gone_pid, backend]],
                 "fenced": [["pg", lease_id, lease_id, gone_pid, 20.0, backend]]}
         write_marker(marker_path(sock_path), {key: rows[key], "boot": "a-boot-before-this-one"})
-        start_coordinator({"pg": Resource(max_size=1, monitor_dsn=pg_dsn(), fence_action="terminate",
-                                          fence_timeout=20, acquire_timeout=60)}, restart_grace=1.5)
-        client = Client(sock_path, name="after-reboot")
-        try:
-            t0 = time.monotonic()
-            lease = client.acquire("pg", timeout=30)
-            waited = time.monotonic() - t0
-            client.release(lease)
-        finally:
-            client.close()
+        waited = _restart_from_marker(start_coordinator, sock_path)
         assert innocent.execute("SELECT 1").fetchone() == (1,)  # not terminated
         assert waited < 1.5 + 5, f"the slot stayed fenced {waited:.1f}s"
     finally:
@@ -402,16 +412,7 @@ def test_a_marker_older_than_a_backend_fences_only_its_own_backends(
                          "fenced": ["pg", lease_id, lease_id, gone_pid, 20.0,
                                     conn.info.backend_pid]}[key])
         write_marker(marker_path(sock_path), {key: rows, "mono": written})
-        start_coordinator({"pg": Resource(max_size=1, monitor_dsn=pg_dsn(), fence_action="terminate",
-                                          fence_timeout=20, acquire_timeout=60)}, restart_grace=1.5)
-        client = Client(sock_path, name="after-a-long-stop")
-        try:
-            t0 = time.monotonic()
-            lease = client.acquire("pg", timeout=30)
-            waited = time.monotonic() - t0
-            client.release(lease)
-        finally:
-            client.close()
+        waited = _restart_from_marker(start_coordinator, sock_path)
         assert newer.execute("SELECT 1").fetchone() == (1,)  # not terminated
         with pytest.raises(psycopg.OperationalError):
             ours.execute("SELECT 1")  # terminated, as any fenced backend of a dead process
@@ -431,14 +432,8 @@ def test_a_restored_fence_lasts_only_the_time_it_had_left(
     lease_id = 1_700_000_000_000_000
     write_marker(marker_path(sock_path), {"fenced": [["r", lease_id, lease_id, 4_194_000, 20.0, None]],
                                           "mono": time.monotonic() - 18.5})
-    start_coordinator({"r": Resource(max_size=1, acquire_timeout=60)}, restart_grace=0.5)
-    client = Client(sock_path, name="after-the-marker")
-    try:
-        t0 = time.monotonic()
-        client.release(client.acquire("r", timeout=15))
-        waited = time.monotonic() - t0
-    finally:
-        client.close()
+    waited = _restart_from_marker(start_coordinator, sock_path, "r", Resource(max_size=1, acquire_timeout=60),
+                                  grace=0.5, timeout=15)
     assert waited < 1.5 + 3, f"the fence lasted {waited:.1f}s of a marker with 1.5 s left"
 
 
