@@ -48,8 +48,10 @@ def run(pool: ConnectionPool[Any], waiter: _Waiter, deadline: float) -> None:
     try:
         t0 = time.monotonic()
         while client is not None and not fallback:
+            waiter.leasing = True
             try:
                 lease = take_lease(pool, client, deadline)
+                waiter.leasing = False
                 break
             except CoordinatorUnavailable:
                 # The coordinator went away while we waited: with "fallback",

@@ -90,7 +90,7 @@ _UNSETTLED = {
 
 class _Waiter:
     __slots__ = ("event", "wrapper", "error", "connect_deadline", "abandoned", "has_opener",
-                 "planned")
+                 "planned", "leasing")
 
     def __init__(self) -> None:
         self.event = threading.Event()
@@ -100,6 +100,9 @@ class _Waiter:
         self.abandoned = False  # gave up on a connect that overran connection_timeout
         self.has_opener = False
         self.planned = False  # an opener for it is counted in _opening and has not run yet
+        #: its opener asked the coordinator for a lease and got none (yet): what a
+        #: timeout says, even when that request timed out a moment before it
+        self.leasing = False
 
 
 class ConnectionPool(Generic[T]):
@@ -432,7 +435,7 @@ class ConnectionPool(Generic[T]):
                     # Why no lease came: a wrong or dead socket must say so (one
                     # not tried yet, or being connected to, is not "unreachable").
                     away = f"; coordinator at {client.socket_path} unreachable: {client.last_error}"
-                elif self._lease_requests:
+                elif self._lease_requests or waiter.leasing:
                     away = (f"; still waiting for a lease of resource {self.resource!r} from the "
                             "coordinator (the global cap is taken)")
                 raise PoolTimeout(

@@ -999,6 +999,38 @@ def test_a_pool_timeout_at_the_global_cap_says_it_waited_for_a_lease(
         holder.close()
 
 
+def test_a_timeout_as_the_lease_request_ends_still_says_it_waited_for_a_lease(
+        start_coordinator: Any, sock_path: str, monkeypatch: Any) -> None:
+    # The opener's lease request times out at the same deadline as its waiter:
+    # when the opener had dropped it first (a loaded machine; once in a full
+    # run), the waiter's PoolTimeout said nothing about the coordinator.
+    from sharedpool import opening
+
+    take_lease = opening.take_lease
+
+    def ended_first(pool: Any, client: Any, deadline: float) -> Any:
+        try:
+            return take_lease(pool, client, deadline - 0.3)
+        except PoolTimeout:
+            time.sleep(max(0.0, deadline - time.monotonic()) + 0.1)  # the waiter looks meanwhile
+            raise
+
+    monkeypatch.setattr(opening, "take_lease", ended_first)
+    start_coordinator({"r": 1})
+    holder = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1), resource="r",
+                            coordinator=sock_path)
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1), resource="r",
+                          coordinator=sock_path)
+    try:
+        held = holder.acquire(timeout=10)
+        with pytest.raises(PoolTimeout, match="still waiting for a lease of resource 'r' from the"):
+            pool.acquire(timeout=1.0)
+        holder.release(held)
+    finally:
+        pool.close()
+        holder.close()
+
+
 def test_close_does_not_wait_out_its_timeout_for_a_failed_top_up() -> None:
     # Before, a min_size top-up whose connect failed never woke close(), which
     # waits for connections being opened: it slept its whole timeout.
