@@ -141,15 +141,17 @@ class LeasedConnectionMixin:
     _sp_deadline: float | None = None
     #: a retried call (connect(), a command...) is under way: its attempts share one wait
     _sp_connecting: bool = False
-    _sp_retry: Any = None
+    _sp_retry: Any = None  # the view of the Retry redis-py gave (made once per assignment)
 
     @property
     def retry(self) -> Any:
-        return _OneLeaseWait(self, self._sp_retry)
+        return self._sp_retry
 
     @retry.setter
     def retry(self, value: Any) -> None:  # redis-py sets it (__init__, the pool's set_retry)
-        self._sp_retry = value
+        # Another leased connection's view (copied over): this one's own, over the same Retry.
+        inner = value._inner if isinstance(value, _OneLeaseWait) else value
+        self._sp_retry = _OneLeaseWait(self, inner)
 
     def _sp_one_wait(self, run: Callable[[], Any]) -> Any:
         """Run a retried call (a connect, a command) whose attempts share one
