@@ -222,13 +222,24 @@ def leases_table(leases: list[dict[str, Any]]) -> Table:
 
 def make_console() -> Console:
     """A console for stdout; wide when not a terminal so that tables keep their rows."""
+    # A size that is no positive number ("abc", 0, "²", which str.isdigit() takes
+    # for one) is ignored, not a traceback from inside rich, which reads both
+    # itself, nor a table cut down to nothing.
+    sizes = {name: _positive_int(os.environ.get(name, "")) for name in ("COLUMNS", "LINES")}
+    for name, size in sizes.items():
+        if size is None:
+            os.environ.pop(name, None)
     if sys.stdout.isatty():
         return Console()
-    columns = os.environ.get("COLUMNS", "")
-    # As rich itself reads it: a value that is no positive width (unset, "abc", 0) is
-    # ignored, not a traceback, nor a table cut down to nothing.
-    width = int(columns) if columns.strip().isdigit() and int(columns) > 0 else 200
-    return Console(width=width, soft_wrap=False)
+    return Console(width=sizes["COLUMNS"] or 200, soft_wrap=False)
+
+
+def _positive_int(text: str) -> int | None:
+    try:
+        value = int(text) if text.strip().isascii() else 0
+    except ValueError:
+        return None
+    return value if value > 0 else None
 
 
 def _emit(as_json: bool, data: dict[str, Any], *tables: RenderableType) -> None:

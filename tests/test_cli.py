@@ -748,15 +748,37 @@ def test_output_that_cannot_be_written_is_one_line(start_coordinator: Any, sock_
     assert out.returncode == 1 and len(lines) == 1 and "cannot write" in lines[0], out.stderr
 
 
-@pytest.mark.parametrize("columns", ["abc", "0", "-5"])
+@pytest.mark.parametrize("columns", ["abc", "0", "-5", "\u00b2"])
 def test_a_columns_variable_that_is_no_width_is_ignored(start_coordinator: Any, sock_path: str,
                                                          columns: str) -> None:
-    # Before: "abc" was a ValueError traceback, "0" printed nothing at all (exit 0).
+    # Before: "abc" was a ValueError traceback, "0" printed nothing at all (exit 0);
+    # "²" (a digit to str.isdigit(), not to int()) a traceback until later.
     start_coordinator({"r": 1})
     out = subprocess.run([sys.executable, "-m", "sharedpool", "status", "--socket", sock_path],
                          capture_output=True, text=True, env={**ENV, "COLUMNS": columns}, timeout=30)
     assert out.returncode == 0 and not out.stderr, out
     assert [row[0] for row in table_rows(out.stdout)[1:]] == ["r"], out.stdout
+
+
+def test_sizes_that_are_no_numbers_are_ignored_on_a_terminal_too(start_coordinator: Any,
+                                                                 sock_path: str) -> None:
+    # On a terminal rich reads COLUMNS and LINES itself: "²" was a traceback from inside it.
+    start_coordinator({"r": 1})
+    main, side = os.openpty()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "sharedpool", "status", "--socket", sock_path],
+                              stdin=side, stdout=side, stderr=subprocess.PIPE, text=True, timeout=30,
+                              env={**ENV, "COLUMNS": "\u00b2", "LINES": "\u00b3"})
+        os.set_blocking(main, False)
+        shown = b""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(main, 65536):
+                shown += chunk
+    finally:
+        os.close(main)
+        os.close(side)
+    assert proc.returncode == 0 and not proc.stderr, proc.stderr
+    assert b"r" in shown and b"Traceback" not in shown, shown
 
 
 def test_a_socket_path_through_a_file_says_it_is_not_a_directory(tmp_path: Path) -> None:
