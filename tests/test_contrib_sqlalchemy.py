@@ -269,6 +269,10 @@ def test_attach_refuses_what_it_cannot_lease(pg: str, sock_path: str) -> None:
 
     with pytest.raises(ConfigError, match="QueuePool"):
         attach(sqlalchemy.create_engine(URL, poolclass=NullPool), "pg", sock_path)
+    # An async driver's engine (what create_async_engine wraps): said so, not
+    # "needs a QueuePool ... has AsyncAdaptedQueuePool".
+    with pytest.raises(ConfigError, match="asyncio engine"):
+        create_engine(URL.replace("+psycopg:", "+psycopg_async:"), resource="pg", coordinator=sock_path)
     engine = sqlalchemy.create_engine(URL)
     with engine.connect(), pytest.raises(ConfigError, match="checked out"):
         attach(engine, "pg", sock_path)

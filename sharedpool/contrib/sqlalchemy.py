@@ -372,6 +372,9 @@ def attach(engine: Engine, resource: str, coordinator: str | None = None, *,
     pool = engine.pool
     if isinstance(pool, LeasedQueuePool):
         raise ConfigError("engine", "already leases its connections (attach() was called before)")
+    if getattr(pool, "_is_asyncio", False):  # an AsyncAdaptedQueuePool, or an AsyncEngine's
+        raise ConfigError("engine", "is an asyncio engine (create_async_engine, an async driver): "
+                                    "only engines with a synchronous driver lease their connections")
     if type(pool) is not QueuePool:
         raise ConfigError("engine", f"needs a QueuePool (the default for server databases), "
                                     f"has {type(pool).__name__}")
