@@ -505,16 +505,21 @@ class Client:
         A pool that got this client from :meth:`for_path` a moment before, and
         has not registered its handlers yet, finds it :attr:`closed` and asks
         :meth:`for_path` again."""
-        if not self._change_handlers():  # what finalizers queued
-            # Re-entered (a finalizer inside a change on this thread): the
-            # changes are applied when it returns; look again after that.
-            self.call_later(0.0, self.close_if_unused)
-            return False
-        with self._cond:
-            busy = (self._held or self._pending or self._push_handlers or self._state_providers
-                    or any(self._reclaim_handlers.values()))
-        if busy:
-            return False
+        # Decided and marked closed under the lock that handler changes take:
+        # a pool registering meanwhile either is seen here (busy) or finds the
+        # client closed once registered, never a client about to close (its
+        # lease would be lost with the session while its connection stays open).
+        with self._handlers_lock:
+            if not self._change_handlers():  # what finalizers queued
+                # Re-entered (a finalizer inside a change on this thread): the
+                # changes are applied when it returns; look again after that.
+                self.call_later(0.0, self.close_if_unused)
+                return False
+            with self._cond:
+                if (self._held or self._pending or self._push_handlers or self._state_providers
+                        or any(self._reclaim_handlers.values())):
+                    return False
+                self._closed = True
         self.close()
         return True
 

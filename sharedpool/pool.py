@@ -921,7 +921,9 @@ class ConnectionPool(Generic[T]):
             return None
         if self._client is None or self._client_lost():
             with self._lock:
-                if self._client is None or self._client_lost():
+                # Again until registered on an open one: one closed by another
+                # pool's close_if_unused() before our handlers went in is lost.
+                while self._client is None or self._client_lost():
                     client = Client.for_path(path)
                     reclaim = partial(giveback.reclaim_idle, self)
                     push = partial(giveback.on_push, self)

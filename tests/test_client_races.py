@@ -250,6 +250,53 @@ def test_a_pool_replaces_a_shared_client_closed_under_it(start_coordinator: Any,
     assert pool._client.closed
 
 
+def test_a_pool_that_registers_while_the_shared_client_closes_keeps_its_lease(
+        start_coordinator: Any, sock_path: str) -> None:
+    # close_if_unused() found nothing using the shared client, then closed it. A
+    # pool whose handlers went in between, and whose lease was granted on that
+    # client, lost the lease with the session while its connection stayed open
+    # (uncounted by the cap).
+    start_coordinator({"r": Resource(max_size=1)})
+    client = Client.for_path(sock_path)
+    assert client.ensure_connected()
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1), resource="r",
+                          coordinator=sock_path)
+    cond, closer, got = client._cond, threading.current_thread(), []
+
+    class Between:
+        """The busy check's lock: as the closer leaves it, the pool checks out."""
+
+        def __enter__(self) -> Any:
+            return cond.__enter__()
+
+        def __exit__(self, *exc: Any) -> Any:
+            out = cond.__exit__(*exc)
+            if threading.current_thread() is closer and not got:
+                got.append(None)
+                taker = threading.Thread(target=lambda: got.append(pool.acquire(timeout=5)))
+                taker.start()
+                taker.join(1.0)  # with the fix it waits for the decision, then takes a new client
+            return out
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(cond, name)
+
+    client._cond = Between()  # type: ignore[assignment]
+    try:
+        assert client.close_if_unused()
+        client._cond = cond
+        deadline = time.monotonic() + 10
+        while len(got) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(got) == 2 and got[1] is not None
+        assert pool._client is not client and pool._client is not None
+        assert not pool._client.closed and len(pool._client.held) == 1
+        pool.release(got[1])
+    finally:
+        client._cond = cond
+        pool.close()
+
+
 def test_a_reader_of_an_old_socket_leaves_the_new_session_alone(
         start_coordinator: Any, sock_path: str) -> None:
     # A caller still reading the socket of a session that ended (a send failed

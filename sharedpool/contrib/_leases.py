@@ -314,13 +314,13 @@ class LeaseBook:
                             self.resource, SOCKET_ENV)
             return None
         client = Client.for_path(path)
-        if client is not self._client:
+        while client is not self._client or client.closed:
             self._register(client)
-            if client.closed:
-                # Another pool's shutdown() ended the shared session (close_if_unused)
-                # between for_path() and our handlers going in: take a new one.
-                client = Client.for_path(path)
-                self._register(client)
+            if not client.closed:
+                break
+            # Another pool's shutdown() ended the shared session (close_if_unused)
+            # between for_path() and our handlers going in: take a new one.
+            client = Client.for_path(path)
         return client
 
     def bind(self, idle: Callable[[], Iterable[Any]] | None,
