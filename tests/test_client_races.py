@@ -437,6 +437,43 @@ def test_a_denial_arriving_after_a_cancel_does_not_replace_it(sock_path: str) ->
         fake.stop()
 
 
+class _GrantOnCancel(FakeCoordinator):
+    """Answers an acquire only when it is cancelled, with a grant: the grant
+    crossed the cancel of a caller that gave up."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.acquires: dict[int, p.Acquire] = {}
+        self.released: list[int] = []
+
+    def on_message(self, idx: int, s: socket.socket, conn: p.Connection, msg: p.Message) -> None:
+        if isinstance(msg, p.Acquire):
+            self.acquires[msg.req] = msg
+        elif isinstance(msg, p.Cancel):
+            acquire = self.acquires.pop(msg.req)
+            s.sendall(p.encode(p.Grant(msg.req, 77, acquire.resource, 77)))
+        elif isinstance(msg, p.Release):
+            self.released.append(msg.lease)
+        else:
+            super().on_message(idx, s, conn, msg)
+
+
+def test_a_grant_that_crosses_the_cancel_of_a_timed_out_acquire_goes_back(sock_path: str) -> None:
+    fake = _GrantOnCancel(sock_path)
+    client = Client(sock_path)
+    try:
+        with pytest.raises(PoolTimeout):
+            client.acquire("r", timeout=0.2)
+        deadline = time.monotonic() + 5
+        while fake.released != [77]:
+            assert time.monotonic() < deadline, f"the late grant was kept: {fake.released}"
+            time.sleep(0.02)
+        assert client.held == {}
+    finally:
+        client.close()
+        fake.stop()
+
+
 def test_report_now_never_raises(sock_path: str, monkeypatch: pytest.MonkeyPatch,
                                  caplog: pytest.LogCaptureFixture) -> None:
     # The openers, the top-up and the integrations call it with a good new

@@ -101,6 +101,41 @@ def test_worker_killed_mid_query_never_puts_pg_over_the_cap(
     probe.close()
 
 
+_BARE = """
+import sys, time
+from sharedpool import Client
+client = Client(sys.argv[1])
+lease = client.acquire("pg", timeout=10)
+print("held", lease.id, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_dead_workers_lease_with_no_backend_pid_known_waits_the_quarantine_delay(
+        pg: str, start_coordinator: Any, sock_path: str) -> None:
+    """A lease whose connection never reported a backend pid (it was still
+    connecting) cannot be checked in pg_stat_activity: its slot waits for
+    quarantine_delay, not freed at once by a check that had nothing to look for."""
+    start_coordinator({"pg": Resource(max_size=1, monitor_dsn=pg_dsn(), quarantine_delay=1.5,
+                                      fence_timeout=20, acquire_timeout=30)})
+    probe = Client(sock_path)
+    try:
+        with child(_BARE, sock_path) as victim:
+            assert victim.stdout is not None
+            line = victim.stdout.readline().split()
+            assert line and line[0] == "held", line
+            os.kill(victim.pid, signal.SIGKILL)
+            victim.wait(10)
+            t0 = time.monotonic()
+            lease = probe.acquire("pg", timeout=15)
+            waited = time.monotonic() - t0
+        assert waited >= 1.2, f"the slot was free after {waited:.2f}s, before quarantine_delay"
+        assert waited < 10, f"the slot waited {waited:.2f}s: fence_timeout, not quarantine_delay"
+        probe.release(lease)
+    finally:
+        probe.close()
+
+
 def test_failing_connects_fail_waiters_fast_and_recover(start_coordinator: Any, sock_path: str) -> None:
     """A burst of connect failures reported by processes makes the coordinator
     fail waiters at once instead of letting each time out; it recovers by itself."""

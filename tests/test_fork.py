@@ -259,6 +259,36 @@ def test_a_pool_or_client_closed_before_the_fork_stays_closed_in_the_child(
     assert run_in_child(child) == 0
 
 
+def test_a_child_never_lets_the_parents_connection_objects_be_collected(
+        start_coordinator: Any, sock_path: str) -> None:
+    # A driver that closes its connection when collected (psycopg2, sqlite3)
+    # would close the parent's connection from the child once the pool forgot it.
+    import gc
+    import weakref
+
+    from sharedpool.testing import FakeConnection
+
+    start_coordinator({"r": 2})
+    # FakeConnection itself, not a FakeFactory: that would keep a reference of its own.
+    pool = ConnectionPool(FakeConnection, PoolConfig(min_size=0, max_size=1), resource="r",
+                          coordinator=sock_path)
+    with pool.connection() as conn:
+        parents = weakref.ref(conn)
+    del conn
+
+    def child() -> int:
+        with pool.connection() as mine:  # the reset: the pool starts empty here
+            fresh = mine is not parents()
+        gc.collect()
+        pool.close()
+        return 0 if fresh and parents() is not None else 5
+
+    try:
+        assert run_in_child(child) == 0
+    finally:
+        pool.close()
+
+
 def test_a_child_that_only_releases_at_exit_opens_nothing(start_coordinator: Any,
                                                           sock_path: str) -> None:
     """A worker's exit hook (release_process) in a child that never used the

@@ -344,6 +344,20 @@ def test_unfence_frees_early() -> None:
     assert lg.unfence("nope", (lease,), T0) == []
 
 
+def test_fenced_leases_about_to_come_free_spare_the_live_holders() -> None:
+    # A dead process's fenced slot serves the waiter once its fence ends:
+    # asking a live holder too would close a working connection for nobody.
+    lg = ledger(pg=Resource(2, quarantine_delay=1.0))
+    a, dead, b = session(lg, pid=1), session(lg, pid=2), session(lg, pid=3)
+    grant(lg, a, 1)
+    idle(lg, a)
+    grant(lg, dead, 1)
+    lg.close_session(dead, T0)
+    effects = lg.acquire(b, 1, "pg", T0, timeout=5)
+    assert queued(effects) and of(AskReclaim, effects) == []
+    assert granted(lg.tick(T0 + 1.0)).session == b
+
+
 def test_close_session_withdraws_its_waiters() -> None:
     lg = ledger(pg=1)
     a, b, c = session(lg), session(lg), session(lg)
@@ -1678,6 +1692,16 @@ def test_max_waiting_in_a_restart_hold_counts_only_what_free_slots_cannot_serve(
     c = session(none)
     assert of(Denied, none.acquire(c, 1, "pg", T0, timeout=5)) == []  # max_waiting=0 too
     assert len(of(Granted, none.tick(T0 + 1.0))) == 1
+
+
+def test_an_acquire_as_the_restart_hold_ends_does_not_pass_those_queued_in_it() -> None:
+    # The hold is over by the clock, its tick not in yet: those queued during
+    # the hold are served first (I3), not a newcomer that finds the slot free.
+    lg = Ledger({"pg": Resource(1)}, hold_until=T0 + 1.0)
+    early, late = session(lg, pid=1), session(lg, pid=2)
+    assert queued(lg.acquire(early, 1, "pg", T0, timeout=5))
+    assert granted(lg.acquire(late, 1, "pg", T0 + 1.01, timeout=5)).session == early
+    assert [w.session for w in lg.resources["pg"].waiters] == [late]
 
 
 def test_wait_histogram_counts_every_grant() -> None:

@@ -839,6 +839,41 @@ def test_a_close_cut_short_at_checkin_still_starts_the_waiters_opener(
         server.close()
 
 
+def test_a_connection_handed_to_a_waiter_whose_caller_is_gone_is_checked_back_in(
+        start_coordinator: Any, sock_path: str) -> None:
+    """A checkin hands the connection to a waiting acquire, and a signal
+    handler's exception ends that acquire before it returns the connection:
+    it must go back to the pool, not stay checked out (with its lease) for good."""
+
+    class SoftLimit(Exception):
+        pass
+
+    start_coordinator({"r": 1})
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1), resource="r",
+                          coordinator=sock_path)
+    held = pool.acquire(timeout=5)
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        pool.release(held)  # handed to the acquire waiting below...
+        raise SoftLimit  # ...which is cut short before it sees it
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(SoftLimit):
+            pool.acquire(timeout=5)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    try:
+        assert pool.get_in_use() == 0
+        again = pool.acquire(timeout=1)
+        assert again is held
+        pool.release(again)
+    finally:
+        pool.close()
+
+
 def test_no_thread_for_the_close_watcher_still_gives_the_lease_back(
         start_coordinator: Any, sock_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A close not confirmed in time is watched in a background thread; when no
