@@ -329,3 +329,34 @@ def test_closing_the_pool_ends_the_process_session(
     finally:
         watch.close()
     assert pool.get_stats()["leases_held"] == 0
+
+
+def test_callers_that_gave_up_are_not_kept_as_waiting_for_a_lease(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    """A pool starved by the cap (another process holds every lease) sees its
+    getconn() calls time out. psycopg_pool forgets a timed-out caller only when
+    a connection is put back, which such a pool may not see for hours: the
+    callers pile up (each with its PoolTimeout and traceback), and counted as
+    waiting they keep the pool asking the coordinator for a lease, which it
+    takes, and opens a connection with, for nobody."""
+    from psycopg_pool import PoolTimeout as PsycopgPoolTimeout
+
+    start_coordinator({"pg": 1})
+    other = Client(sock_path, name="other")
+    lease = other.acquire("pg", timeout=5)
+    # The pool's lease wait outlasts its callers' waits: it must end with them.
+    pool = make_pool(sock_path, app_name, min_size=0, max_size=1, timeout=0.05, lease_timeout=5,
+                     open=True)
+    try:
+        for _ in range(20):
+            with pytest.raises(PsycopgPoolTimeout):
+                pool.getconn(timeout=0.05)
+        assert pool.get_stats().get("requests_waiting", 0) == 0
+        time.sleep(0.6)  # the lease wait looks whether it is still needed every 0.25 s
+        other.release(lease)
+        time.sleep(1.0)  # a lease wait still going on for the callers gone would take it now
+        assert leased(sock_path) == 0
+        assert pool.get_stats()["leases_held"] == 0
+    finally:
+        pool.close()
+        other.close()

@@ -107,6 +107,11 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
         stats.update(self._sp_book.stats(reset=True))
         return stats
 
+    def _get_measures(self) -> dict[str, int]:
+        with self._lock:
+            self._sp_prune_waiting()  # requests_waiting: the callers still waiting, not those gone
+        return super()._get_measures()
+
     # ------------------------------------------------------------------ open / use
 
     def _open(self) -> None:
@@ -119,7 +124,27 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
             raise psycopg_pool.PoolClosed(
                 f"the pool {self.name!r} was opened in process {self._sp_opened_in}, before a fork: "
                 "psycopg_pool pools do not survive fork(); make or open() the pool in the child")
+        if self._waiting:  # nearly free when nobody waits
+            with self._lock:
+                self._sp_prune_waiting()
         return super().getconn(timeout)
+
+    def _sp_waiting(self) -> bool:
+        """Whether a getconn() still waits (a copy of the queue: no lock taken)."""
+        return any(w.conn is None and w.error is None for w in list(self._waiting))
+
+    def _sp_prune_waiting(self) -> bool:
+        """Drop the getconn() calls that gave up (timed out, interrupted); say
+        whether any still waits. Called with the pool's lock held. psycopg_pool
+        forgets them only when a connection is put back, which a pool starved
+        by the global cap may not see for hours: they would pile up, and
+        counted as waiting they keep a lease asked for, taken for nobody."""
+        waiting = self._waiting
+        live = [w for w in waiting if w.conn is None and w.error is None]
+        if len(live) != len(waiting):
+            waiting.clear()
+            waiting.extend(live)
+        return bool(live)
 
     def close(self, timeout: float = 5.0) -> None:
         self._sp_closing = True  # ends the workers' lease waits, so they stop in time
@@ -169,7 +194,11 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
             return
         key = object()
         try:
-            not_needed = book.acquire(key, self._sp_timeout(), local=self._sp_not_needed)
+            # Looked at first too: a retry (psycopg_pool's backoff, after a lease
+            # wait that timed out) may come when the callers it was for are gone,
+            # and a grant that comes at once is taken before the wait looks.
+            not_needed = self._sp_not_needed() or book.acquire(key, self._sp_timeout(),
+                                                               local=self._sp_not_needed)
         except Exception as exc:  # noqa: BLE001 - psycopg_pool's retry and backoff handle it
             self._sp_local.lease_error = exc
         else:
@@ -193,11 +222,11 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
             self._nconns -= 1
             if growing:
                 self._growing = False
-            if self._waiting and not self._closed:
+            if self._sp_prune_waiting() and not self._closed:
                 self._maybe_grow_pool()
 
     def _sp_not_needed(self) -> bool | None:
-        if self._sp_closing or self._closed or (not self._waiting and self._nconns > self._min_size):
+        if self._sp_closing or self._closed or (not self._sp_waiting() and self._nconns > self._min_size):
             return True
         return None
 
@@ -243,7 +272,7 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
             self._close_connection(conn)
             with self._lock:
                 self._nconns -= 1
-                if self._waiting:
+                if self._sp_prune_waiting():
                     self._maybe_grow_pool()
             return
         super()._add_to_pool(conn)
