@@ -301,6 +301,24 @@ def test_worker_killed_by_gunicorn_timeout_gives_its_slots_back(
     assert sampler.peak <= CAP, f"PostgreSQL saw {sampler.peak} connections with a cap of {CAP}"
 
 
+def test_stop_past_graceful_timeout_leaves_no_backend_behind(gunicorn: Callable[..., Gunicorn],
+                                                             app_name: str) -> None:
+    # A request outlives --graceful-timeout: the stopping master SIGKILLs its worker,
+    # whose backend runs on in pg_sleep(). The master must stop its coordinator only
+    # once the fence saw that backend go: a gunicorn restarted at once (on a private
+    # path, the default) would otherwise open the whole cap beside it.
+    server = gunicorn("sync", extra=["--graceful-timeout", "1"])
+    with BackendSampler(app_name) as sampler:
+        stuck = Load(server.url, total=1, threads=1, sleep=4).start()
+        wait_for(lambda: any(r["state"] == "busy" for r in leases(server.sock)), 10,
+                 "the long request to hold its lease")
+        assert server.stop() == 0, server.log()[-3000:]
+        assert sampler.count_now() == 0, "gunicorn exited with a killed worker's query still running"
+        stuck.join()
+    assert stuck.done == 0 and len(stuck.errors) == 1, "the long request should have been cut"
+    assert not os.path.exists(server.sock)
+
+
 def test_external_coordinator_is_used_and_left_running(
         gunicorn: Callable[..., Gunicorn], start_coordinator: Callable[..., Any], sock_path: str,
         app_name: str) -> None:
@@ -318,6 +336,44 @@ def test_external_coordinator_is_used_and_left_running(
     row = resource_row(sock_path)
     assert row["leased"] == 0 and row["fenced"] == 0, row
     assert external.pid is not None and pid_alive(external.pid)
+
+
+def test_daemonized_master_starts_and_stops_its_coordinator(pg: str, tmp_path: Path, sock_path: str,
+                                                             app_name: str) -> None:
+    # --daemon forks the master away after gunicorn read its config (where the
+    # hooks made the coordinator): the daemon must still be able to start it.
+    port, pidfile, log_path = free_port(), tmp_path / "gunicorn.pid", tmp_path / "gunicorn.log"
+    env = {**os.environ, "EXAMPLE_BIND": f"127.0.0.1:{port}", "EXAMPLE_WORKERS": "2",
+           "EXAMPLE_CAP": str(CAP), "EXAMPLE_APP_NAME": app_name, "EXAMPLE_SOCKET": sock_path,
+           "EXAMPLE_PG_URL": PG_URL, "EXAMPLE_COORDINATOR_LOG": "info"}
+    env.pop("SHAREDPOOL_SOCKET", None)
+    launcher = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", str(EXAMPLE / "gunicorn.conf.py"), "--chdir",
+         str(EXAMPLE), "--daemon", "--pid", str(pidfile), "--log-file", str(log_path),
+         "--capture-output", "app:app"], env=env, capture_output=True, text=True, timeout=30)
+    assert launcher.returncode == 0, launcher.stderr
+    master = 0
+    try:
+        master = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 30, "pidfile"))
+        with BackendSampler(app_name) as sampler:
+            load = Load(f"http://127.0.0.1:{port}/", total=40, threads=4)
+            # The first requests may meet a listener whose workers are still booting.
+            wait_for(lambda: "Booting worker" in log_path.read_text() or not pid_alive(master), 30,
+                     "a worker")
+            load.start().join()
+            log = log_path.read_text(errors="replace")
+            assert load.errors == [], f"{load.errors[:3]}\n{log[-3000:]}"
+            found = re.search(r"sharedpool: coordinator pid (\d+) serving", log)
+            assert found, log[-3000:]
+            os.kill(master, signal.SIGTERM)
+            wait_for(lambda: not pid_alive(master), 30, "the daemon to stop")
+            assert sampler.count_now() == 0
+        wait_for(lambda: not pid_alive(int(found.group(1))), 5, "the coordinator to exit")
+        assert not os.path.exists(sock_path), "the coordinator left its socket behind"
+        assert sampler.peak <= CAP
+    finally:
+        if master and pid_alive(master):  # the daemon leads its own session and group
+            os.killpg(master, signal.SIGKILL)
 
 
 _MASTER = """

@@ -18,7 +18,9 @@ In ``gunicorn.conf.py``::
   stop signal that arrives before gunicorn's worker listens is not lost);
 * ``worker_exit`` (worker): close the worker's leased connections and end its
   session, so its slots return at once;
-* ``on_exit`` (master): stop the coordinator we started.
+* ``on_exit`` (master): stop the coordinator we started, once the slots of
+  workers gunicorn killed after ``graceful_timeout`` have left the fence
+  (at most ``fence_timeout``): a query such a worker left running counts on.
 
 A stopping master also sends its stop signal a second time, after a second, to
 workers still running: one forked just before the stop can miss the first, and
@@ -149,8 +151,16 @@ def hooks(
                                 "(`sharedpool resize` changes a cap live): %s", "; ".join(changes))
     check_seconds("close_timeout", close_timeout)
     os.environ[SOCKET_ENV] = path
+    read_by = os.getpid()
 
     def on_starting(server: Any) -> None:
+        nonlocal embedded
+        _note_killed_workers(server)
+        if embedded is not None and path not in _EMBEDDED and os.getpid() != read_by:
+            # --daemon forks the master away after gunicorn read this config: an
+            # embedded coordinator only starts in the process that made it.
+            embedded = EmbeddedCoordinator(config=embedded.config, restart=restart,
+                                           log_level=log_level)
         _resend_stop_signal(server)
         # gunicorn's binary upgrade (USR2) execs the new master with cfg.env_orig:
         # without this it would pick another path and start a second budget.
@@ -211,10 +221,42 @@ def hooks(
             takeover.cancel()  # after this, a take-over has registered its coordinator or never will
         running = _EMBEDDED.pop(path, None)
         if running is not None:
+            killed = getattr(server, "_sharedpool_killed", None)
+            if killed:
+                _wait_for_fence(path, running.config, killed)
             running.stop()
             server.log.info("sharedpool: coordinator for %s stopped", path)
 
     return GunicornHooks(on_starting, post_fork, worker_exit, on_exit)
+
+
+def _wait_for_fence(path: str, config: CoordinatorConfig, killed: set[int]) -> None:
+    """Before stopping our coordinator: wait (up to the longest ``fence_timeout``) for
+    the slots of the workers gunicorn SIGKILLed past ``graceful_timeout`` to leave the fence.
+
+    Killed mid-query, such a worker's backend runs on until its query ends; stopped
+    now, the coordinator would hand it on only to a successor on this very path, and
+    a restarted gunicorn on another (private) path would open the whole cap beside it."""
+    from ..client import Client
+
+    deadline = time.monotonic() + max(r.fence_timeout for r in config.resources.values()) + 1.0
+    client = Client(path, name="sharedpool-gunicorn-exit")
+    try:
+        while time.monotonic() < deadline:
+            rows = client.inspect("resources", timeout=1.0)["resources"]
+            sessions = client.inspect("sessions", timeout=1.0)["sessions"]
+            # A killed worker's session ends once the coordinator reads EOF on it; its
+            # leases are fenced from then on.
+            if (all(not r.get("fenced") for r in rows)
+                    and not any(s.get("pid") in killed for s in sessions)):
+                return
+            time.sleep(0.05)
+        log.warning("sharedpool: stopping the coordinator on %s with the slots of killed "
+                    "workers still fenced: their queries may still run on the server", path)
+    except SharedPoolError as exc:  # not answering: nothing to wait for
+        log.debug("sharedpool: cannot ask the coordinator about its fence: %s", exc)
+    finally:
+        client.close()
 
 
 def _changed_settings(running: CoordinatorConfig, fresh: CoordinatorConfig) -> list[str]:
@@ -277,6 +319,24 @@ def _take_over(server: Any, path: str, embedded: EmbeddedCoordinator, takeover: 
                 return
         cancelled.wait(delay)
         delay = min(delay * 2, 5.0)
+
+
+def _note_killed_workers(server: Any) -> None:
+    """Make the master remember the workers it SIGKILLs (those a stop found still
+    running after ``graceful_timeout``): ``on_exit`` waits for their fence."""
+    kill_workers = getattr(server, "kill_workers", None)
+    if kill_workers is None or getattr(kill_workers, "_sharedpool_notes", False):
+        return
+    killed: set[int] = set()
+
+    def kill_and_note(sig: int) -> None:
+        if sig == signal.SIGKILL:
+            killed.update(getattr(server, "WORKERS", {}))
+        kill_workers(sig)
+
+    kill_and_note._sharedpool_notes = True  # type: ignore[attr-defined]
+    server.kill_workers = kill_and_note
+    server._sharedpool_killed = killed
 
 
 def _resend_stop_signal(server: Any) -> None:
