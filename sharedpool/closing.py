@@ -128,7 +128,7 @@ def close_and_confirm(conn: object, timeout: float, *,
                 after = (close, conn) if close_after else None
                 close_after = False
                 watched, sock, handed = sock, None, True  # the watcher owns the dup now
-                _start_watcher(watched, on_late, after)
+                start_watcher(watched, on_late, after)
         if close_after:
             _call_close(close, conn)
         return confirmed
@@ -142,14 +142,14 @@ def close_and_confirm(conn: object, timeout: float, *,
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_WR)
                 watched, sock = sock, None
-                _start_watcher(watched, on_late, (close, conn) if close_after else None)
+                start_watcher(watched, on_late, (close, conn) if close_after else None)
         raise
     finally:
         if sock is not None:
             sock.close()  # the dup must never leak, whatever happened above
 
 
-def _start_watcher(sock: socket.socket, on_late: Callable[[bool], object],
+def start_watcher(sock: socket.socket, on_late: Callable[[bool], object],
                    after: tuple[Callable[[], object], object] | None) -> None:
     """Watch in the background; with no thread to be had, here, for at most
     :data:`NO_THREAD_WAIT` (on_late must be called either way: the lease)."""

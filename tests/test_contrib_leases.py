@@ -364,3 +364,88 @@ def test_shutdown_during_a_lease_wait_still_ends_the_session(start_coordinator: 
     assert client.closed, "the session outlived the book's last lease wait"
     other.release(held)
     other.close()
+
+
+class _SoftTimeLimit(Exception):
+    """What a signal handler raises mid-connect (celery's SoftTimeLimitExceeded)."""
+
+
+def test_a_connect_cut_short_once_its_socket_exists_keeps_the_lease_until_the_server_lets_go(
+        start_coordinator: Any, sock_path: str) -> None:
+    """A signal handler's exception (celery's soft time limit, Ctrl-C) lands in
+    the driver's connect once its socket exists (psycopg: in wait_conn, the
+    PGconn in its generator). Nobody gets the half-made connection, but it stays
+    open, held by the exception's frames, until collected, and its PostgreSQL
+    backend with it: the lease went back at once (seen: PostgreSQL at 2 with a
+    cap of 1 under `celery worker --soft-time-limit`)."""
+    import pytest
+
+    start_coordinator({"pg": Resource(max_size=1)})
+    book = LeaseBook("pg", sock_path, confirm_timeout=0.2)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        def connect() -> socket.socket:
+            half_made = socket.create_connection(server.getsockname())  # noqa: F841 - in this frame
+            raise _SoftTimeLimit()
+
+        with pytest.raises(_SoftTimeLimit) as err:
+            book.connect(connect, 3)
+        peer, _ = server.accept()
+        with peer:
+            time.sleep(0.3)
+            assert leased(sock_path) == 1, "the lease went back while the server still had the connection"
+            peer.settimeout(5)
+            assert peer.recv(1) == b"", "the server was not told the connection is over"
+        assert wait_leased(sock_path, 0) == 0
+        del err
+    book.shutdown()
+
+
+def test_a_connect_failing_on_its_own_gives_the_lease_back_at_once(
+        start_coordinator: Any, sock_path: str) -> None:
+    import pytest
+
+    start_coordinator({"pg": Resource(max_size=1)})
+    book = LeaseBook("pg", sock_path, confirm_timeout=0.2)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+    with pytest.raises(ConnectionRefusedError):
+        book.connect(lambda: socket.create_connection(("127.0.0.1", port)), 3)
+    assert leased(sock_path) == 0
+    book.shutdown()
+
+
+def test_a_postgresql_connect_cut_short_never_puts_postgresql_over_the_cap(
+        start_coordinator: Any, sock_path: str, pg: str, app_name: str) -> None:
+    """The same with libpq: the PGconn (what psycopg's connect generator holds
+    while it waits) is connected when the exception lands. PostgreSQL must
+    never show more backends than the coordinator has leases out."""
+    import psycopg
+    import pytest
+
+    start_coordinator({"pg": Resource(max_size=1)})
+    book = LeaseBook("pg", sock_path, confirm_timeout=0.5)
+
+    def connect() -> Any:
+        pgconn = psycopg.pq.PGconn.connect(f"{pg} application_name={app_name}".encode())  # noqa: F841
+        raise _SoftTimeLimit()
+
+    def backends(mon: Any) -> int:
+        row = mon.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                          (app_name,)).fetchone()
+        return int(row[0])
+
+    with psycopg.connect(pg, autocommit=True) as mon:
+        with pytest.raises(_SoftTimeLimit) as err:  # err keeps the PGconn alive
+            book.connect(connect, 3)
+        deadline = time.monotonic() + 5
+        while True:
+            out = leased(sock_path)  # first: a lease goes back only after its backend is gone
+            n = backends(mon)
+            assert n <= out, f"PostgreSQL has {n} backend(s) of ours, {out} lease(s) out"
+            if n == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        assert n == 0, "the half-made connection's backend was not ended"
+        assert wait_leased(sock_path, 0) == 0
+        del err
+    book.shutdown()

@@ -27,6 +27,7 @@ from ..client import AcquireRequest, Client, Lease, current_pid
 from ..closing import NotClosable, close_and_confirm, socket_fd
 from ..config import SOCKET_ENV, check_resource_name, check_seconds, check_socket_path, env_socket_path
 from ..errors import AcquireCancelled, PoolClosed, PoolTimeout
+from ..halfmade import half_made_sockets, let_go_of, open_fds
 from ..handoff import HandOffCost
 from ._orphans import Left, closable, close_left, close_orphan
 
@@ -700,14 +701,37 @@ class LeaseBook:
         """Call ``factory`` under the lease taken for ``key`` (a placeholder); the
         connection it returns becomes the key. If the factory fails, the lease
         goes straight back and the error propagates."""
+        before = open_fds()
         try:
             conn = factory()
-        except BaseException:
-            self.opened(key, failed=True)
+        except BaseException as exc:
+            stray = half_made_sockets(exc, before)
+            if stray:  # cut short (a signal handler's exception) with a socket open
+                self._fail_after(key, stray)
+            else:
+                self.opened(key, failed=True)
             raise
         self.rekey(key, conn)
         self.opened(conn)
         return conn
+
+    def _fail_after(self, key: Any, fds: list[int]) -> None:
+        """A connect cut short left sockets open (a half-made connection held by
+        the exception's frames until collected): its lease goes back once the
+        server has let go of them, as for a close (I1)."""
+        entry = self._pop(key)
+        client = entry.client if entry is not None and entry.client is not None else self._client
+        lease = entry.lease if entry is not None else None
+        if client is None or lease is None:
+            return
+        client.report_failure(self.resource)
+        self._count_closing(1)
+
+        def done(confirmed: bool) -> None:
+            self._release(client, lease)
+            self._count_closing(-1)
+
+        let_go_of(fds, done)
 
     def rekey(self, old: Any, new: Any) -> None:
         """The lease taken under ``old`` (a placeholder) now covers ``new``."""
