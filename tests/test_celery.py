@@ -70,7 +70,7 @@ def pid_alive(pid: int) -> bool:
 class CeleryWorker:
     """``celery -A tasks worker`` on a queue of its own, in its own session."""
 
-    def __init__(self, tmp_path: Path, sock: str, app_name: str) -> None:
+    def __init__(self, tmp_path: Path, sock: str, app_name: str, extra: tuple[str, ...] = ()) -> None:
         self.sock = sock
         self.queue = f"sp-test-{uuid.uuid4().hex[:10]}"
         self.log_path = tmp_path / "celery.log"
@@ -89,7 +89,7 @@ class CeleryWorker:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-P", "prefork",
                  "-c", str(CONCURRENCY), "-n", f"{self.queue}@%h", "--without-gossip",
-                 "--without-mingle", "--without-heartbeat", "--loglevel=info"],
+                 "--without-mingle", "--without-heartbeat", "--loglevel=info", *extra],
                 cwd=EXAMPLE, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, preexec_fn=die_with_parent,
             )
@@ -130,12 +130,12 @@ class CeleryWorker:
 
 @pytest.fixture
 def celery_worker(pg: str, tmp_path: Path, sock_path: str,
-                  app_name: str) -> Iterator[Callable[[], CeleryWorker]]:
+                  app_name: str) -> Iterator[Callable[..., CeleryWorker]]:
     require_redis()
     started: list[CeleryWorker] = []
 
-    def start() -> CeleryWorker:
-        worker = CeleryWorker(tmp_path, sock_path, app_name)
+    def start(*extra: str) -> CeleryWorker:
+        worker = CeleryWorker(tmp_path, sock_path, app_name, extra)
         started.append(worker)
         worker.wait_ready()
         return worker
@@ -145,7 +145,7 @@ def celery_worker(pg: str, tmp_path: Path, sock_path: str,
         worker.cleanup()
 
 
-def test_prefork_children_share_a_cap_of_three(celery_worker: Callable[[], CeleryWorker],
+def test_prefork_children_share_a_cap_of_three(celery_worker: Callable[..., CeleryWorker],
                                                app_name: str) -> None:
     worker = celery_worker()
     probe = Client(worker.sock)
@@ -173,6 +173,26 @@ def test_prefork_children_share_a_cap_of_three(celery_worker: Callable[[], Celer
     assert sampler.samples > 50
     assert sampler.peak <= CAP, f"PostgreSQL saw {sampler.peak} connections with a cap of {CAP}"
     assert sampler.peak == CAP, "the cap was never reached: the test proves nothing"
+
+
+def test_a_stop_waits_for_a_child_killed_mid_query(celery_worker: Callable[..., CeleryWorker],
+                                                   app_name: str) -> None:
+    # The hard time limit SIGKILLs a child inside pg_sleep(5): its backend runs on.
+    # A worker stopped meanwhile stopped its coordinator at once, with that slot
+    # fenced; a celery restarted at once on a new private path would open the whole
+    # cap beside the running query. The stop now waits for the fence (bounded).
+    worker = celery_worker("--time-limit", "1")
+    sender = subprocess.Popen([sys.executable, "run.py", "1", "5"], cwd=EXAMPLE, env=worker.env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with BackendSampler(app_name) as sampler:
+            wait_for(lambda: sampler.count_now() == 1, 30, "the task's query to start")
+            wait_for(lambda: "Hard time limit" in worker.log(), 30, "the hard time limit")
+            assert worker.stop() == 0, worker.log()[-3000:]
+            assert sampler.count_now() == 0, "the worker stopped with a killed child's query running"
+    finally:
+        sender.kill()
+        sender.wait(10)
 
 
 def test_setup_checks_limits_when_the_app_is_made() -> None:

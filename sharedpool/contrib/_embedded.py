@@ -4,9 +4,13 @@ at exit (:func:`release_process`)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+import time
+from collections.abc import Collection, Mapping
 from typing import Any
 
+from ..config import CoordinatorConfig
+from ..errors import SharedPoolError
 from ..program import (
     EmbeddedCoordinator,
     EmbeddedStartError,
@@ -23,7 +27,10 @@ __all__ = [
     "coordinator_listening",
     "private_socket_path",
     "release_process",
+    "wait_for_fences",
 ]
+
+log = logging.getLogger("sharedpool.embedded")
 
 
 def release_process(timeout: float = 5.0) -> None:
@@ -59,3 +66,39 @@ def compare_served(path: str, declared: Mapping[str, Any]) -> list[str]:
                        "declared here: its own configuration is in force")
     return out
 
+
+
+def wait_for_fences(path: str, config: CoordinatorConfig, killed: Collection[int] = ()) -> None:
+    """Before a server stops the coordinator it started: wait until nothing is
+    fenced and the sessions of the ``killed`` worker pids have ended (at most the
+    longest ``fence_timeout`` or ``quarantine_delay``, plus a second).
+
+    A worker killed mid-query (past gunicorn's ``graceful_timeout``, celery's hard
+    time limit) leaves its backend running until the query ends. Stopped now, the
+    coordinator hands that on only to a successor on this very path: a server
+    restarted at once on another (private) path would open the whole cap beside it.
+    Nothing fenced, nothing killed: one round trip."""
+    from ..client import Client
+
+    bound = max((max(r.fence_timeout, r.quarantine_delay) for r in config.resources.values()),
+                default=0.0)
+    deadline = time.monotonic() + bound + 1.0
+    client = Client(path, name="sharedpool-server-exit")
+    try:
+        while True:
+            rows = client.inspect("resources", timeout=1.0)["resources"]
+            # A killed worker's session ends once the coordinator reads EOF on it;
+            # its leases are fenced from then on.
+            sessions = client.inspect("sessions", timeout=1.0)["sessions"] if killed else []
+            if (all(not r.get("fenced") for r in rows)
+                    and not any(s.get("pid") in killed for s in sessions)):
+                return
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        log.warning("sharedpool: stopping the coordinator on %s with slots still fenced: "
+                    "queries of killed workers may still run on the server", path)
+    except SharedPoolError as exc:  # not answering: nothing to wait for
+        log.debug("sharedpool: cannot ask the coordinator about its fence: %s", exc)
+    finally:
+        client.close()

@@ -49,6 +49,7 @@ from ._embedded import (
     coordinator_listening,
     private_socket_path,
     release_process,
+    wait_for_fences,
 )
 
 __all__ = ["CelerySharedPool", "setup"]
@@ -137,6 +138,7 @@ class CelerySharedPool:
         self.worker_process_shutdown()
         running, self.coordinator = self.coordinator, None
         if running is not None:
+            wait_for_fences(running.socket_path, running.config)  # children killed mid-query
             running.stop()
             log.info("sharedpool: coordinator for %s stopped", running.socket_path)
 

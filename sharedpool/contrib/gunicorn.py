@@ -68,6 +68,7 @@ from ._embedded import (
     coordinator_listening,
     private_socket_path,
     release_process,
+    wait_for_fences,
 )
 
 __all__ = ["GunicornHooks", "hooks"]
@@ -223,40 +224,11 @@ def hooks(
         if running is not None:
             killed = getattr(server, "_sharedpool_killed", None)
             if killed:
-                _wait_for_fence(path, running.config, killed)
+                wait_for_fences(path, running.config, killed)
             running.stop()
             server.log.info("sharedpool: coordinator for %s stopped", path)
 
     return GunicornHooks(on_starting, post_fork, worker_exit, on_exit)
-
-
-def _wait_for_fence(path: str, config: CoordinatorConfig, killed: set[int]) -> None:
-    """Before stopping our coordinator: wait (up to the longest ``fence_timeout``) for
-    the slots of the workers gunicorn SIGKILLed past ``graceful_timeout`` to leave the fence.
-
-    Killed mid-query, such a worker's backend runs on until its query ends; stopped
-    now, the coordinator would hand it on only to a successor on this very path, and
-    a restarted gunicorn on another (private) path would open the whole cap beside it."""
-    from ..client import Client
-
-    deadline = time.monotonic() + max(r.fence_timeout for r in config.resources.values()) + 1.0
-    client = Client(path, name="sharedpool-gunicorn-exit")
-    try:
-        while time.monotonic() < deadline:
-            rows = client.inspect("resources", timeout=1.0)["resources"]
-            sessions = client.inspect("sessions", timeout=1.0)["sessions"]
-            # A killed worker's session ends once the coordinator reads EOF on it; its
-            # leases are fenced from then on.
-            if (all(not r.get("fenced") for r in rows)
-                    and not any(s.get("pid") in killed for s in sessions)):
-                return
-            time.sleep(0.05)
-        log.warning("sharedpool: stopping the coordinator on %s with the slots of killed "
-                    "workers still fenced: their queries may still run on the server", path)
-    except SharedPoolError as exc:  # not answering: nothing to wait for
-        log.debug("sharedpool: cannot ask the coordinator about its fence: %s", exc)
-    finally:
-        client.close()
 
 
 def _changed_settings(running: CoordinatorConfig, fresh: CoordinatorConfig) -> list[str]:
