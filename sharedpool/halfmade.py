@@ -60,22 +60,28 @@ def half_made_sockets(exc: BaseException,
             if id(value) in seen:
                 continue
             seen.add(id(value))
-            if _generator_like(value):
-                if depth < 4:
-                    look(_generator_values(value), depth + 1)
-                continue
-            if type(value) in (tuple, list) and depth < 4:  # a call's *args (logging's)
-                look(list(value), depth + 1)
-                continue
-            fd = socket_fd(value)
-            if fd is None and _is_pgconn(value):
-                try:
-                    fd = value.socket
-                except Exception:  # noqa: BLE001 - psycopg raises once the PGconn is closed
-                    fd = None
-                fd = fd if isinstance(fd, int) else None
-            if fd is not None and fd >= 0 and _identity(fd) not in before:
-                found.add(fd)
+            # One that raises when looked at (a proxy outside its context) is skipped:
+            # an error here would replace the connect's own, and keep its lease.
+            with contextlib.suppress(Exception):
+                look_at(value, depth)
+
+    def look_at(value: Any, depth: int) -> None:
+        if _generator_like(value):
+            if depth < 4:
+                look(_generator_values(value), depth + 1)
+            return
+        if type(value) in (tuple, list) and depth < 4:  # a call's *args (logging's)
+            look(list(value), depth + 1)
+            return
+        fd = socket_fd(value)
+        if fd is None and _is_pgconn(value):
+            try:
+                fd = value.socket
+            except Exception:  # noqa: BLE001 - psycopg raises once the PGconn is closed
+                fd = None
+            fd = fd if isinstance(fd, int) else None
+        if fd is not None and fd >= 0 and _identity(fd) not in before:
+            found.add(fd)
 
     # And the exceptions it interrupted: a connect's result travels in a
     # StopIteration (psycopg's wait_conn) while a `with` block exits.
@@ -102,8 +108,10 @@ def _is_pgconn(value: object) -> bool:
 
 
 def _generator_like(value: object) -> bool:
-    return (hasattr(value, "gi_frame") or hasattr(value, "cr_frame")) and callable(
-        getattr(value, "send", None))
+    # Asked of the type: an object's own __getattr__ (a Mock says yes to
+    # anything, a context-bound proxy raises) is not consulted.
+    kind = type(value)
+    return (hasattr(kind, "gi_frame") or hasattr(kind, "cr_frame")) and hasattr(kind, "send")
 
 
 def _generator_values(gen: Any) -> list[Any]:

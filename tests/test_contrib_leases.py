@@ -449,3 +449,33 @@ def test_a_postgresql_connect_cut_short_never_puts_postgresql_over_the_cap(
         assert wait_leased(sock_path, 0) == 0
         del err
     book.shutdown()
+
+
+def test_a_connect_error_survives_objects_that_raise_when_looked_at(
+        start_coordinator: Any, sock_path: str) -> None:
+    """What the failed connect's frames hold is looked into for half-made
+    sockets: a plain Mock (a user's test double of the driver) or a proxy
+    outside its context must not replace the connect's error, nor keep its lease."""
+    from unittest import mock
+
+    import pytest
+
+    class Proxy:  # as werkzeug's LocalProxy outside an app context
+        def __getattr__(self, name: str) -> Any:
+            raise RuntimeError("working outside of application context")
+
+    start_coordinator({"pg": Resource(max_size=1)})
+    book = LeaseBook("pg", sock_path, confirm_timeout=0.2)
+    driver = mock.Mock(side_effect=ConnectionRefusedError("refused"))
+    with pytest.raises(ConnectionRefusedError):
+        book.connect(lambda: driver("dbname=test"), 3)
+    assert leased(sock_path) == 0
+
+    def connect() -> Any:
+        app = Proxy()  # noqa: F841 - in this frame
+        raise ConnectionRefusedError("refused")
+
+    with pytest.raises(ConnectionRefusedError):
+        book.connect(connect, 3)
+    assert leased(sock_path) == 0
+    book.shutdown()

@@ -687,3 +687,31 @@ def test_sighup_during_a_take_over_keeps_its_path(start_coordinator: Any, sock_p
         leftover = gunicorn._EMBEDDED.pop(sock_path, None)
         if leftover is not None:
             leftover.stop()
+
+
+def test_a_daemonized_master_keeps_the_start_timeout(monkeypatch: pytest.MonkeyPatch,
+                                                     sock_path: str) -> None:
+    """--daemon: the coordinator is made again in the daemon, with every setting given."""
+    from sharedpool.contrib import gunicorn as integration
+    from sharedpool.program import EmbeddedCoordinator
+
+    monkeypatch.setenv("SHAREDPOOL_SOCKET", sock_path)  # hooks() sets it: put back after
+    hooks = integration.hooks({"pg": 2}, socket=sock_path, start_timeout=77)
+    started: list[EmbeddedCoordinator] = []
+    monkeypatch.setattr(EmbeddedCoordinator, "start", lambda self: started.append(self) or self)
+    real_pid = os.getpid()
+    monkeypatch.setattr(os, "getpid", lambda: real_pid + 1)  # as the daemon forked from the reader
+
+    class Server:
+        log = __import__("logging").getLogger("test")
+        cfg = None
+        WORKERS: dict[int, Any] = {}
+
+        def kill_workers(self, sig: int) -> None:
+            pass
+
+    try:
+        hooks.on_starting(Server())
+        assert [e.start_timeout for e in started] == [77]
+    finally:
+        integration._EMBEDDED.pop(sock_path, None)

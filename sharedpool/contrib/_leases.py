@@ -701,11 +701,15 @@ class LeaseBook:
         """Call ``factory`` under the lease taken for ``key`` (a placeholder); the
         connection it returns becomes the key. If the factory fails, the lease
         goes straight back and the error propagates."""
-        before = open_fds()
+        before: frozenset[tuple[int, int, int]] | None = None
         try:
+            before = open_fds()  # in the try: a signal's exception here must give the lease back
             conn = factory()
         except BaseException as exc:
-            stray = half_made_sockets(exc, before)
+            try:
+                stray = half_made_sockets(exc, before)
+            except Exception:  # noqa: BLE001 - never in place of the connect's own error
+                stray = []
             if stray:  # cut short (a signal handler's exception) with a socket open
                 self._fail_after(key, stray)
             else:

@@ -161,7 +161,7 @@ def hooks(
             # --daemon forks the master away after gunicorn read this config: an
             # embedded coordinator only starts in the process that made it.
             embedded = EmbeddedCoordinator(config=embedded.config, restart=restart,
-                                           log_level=log_level)
+                                           log_level=log_level, start_timeout=embedded.start_timeout)
         _resend_stop_signal(server)
         # gunicorn's binary upgrade (USR2) execs the new master with cfg.env_orig:
         # without this it would pick another path and start a second budget.
