@@ -67,7 +67,6 @@ def compare_served(path: str, declared: Mapping[str, Any]) -> list[str]:
     return out
 
 
-
 def wait_for_fences(path: str, config: CoordinatorConfig, killed: Collection[int] = ()) -> None:
     """Before a server stops the coordinator it started: wait until nothing is
     fenced and the sessions of the ``killed`` worker pids have ended (at most the
