@@ -75,12 +75,8 @@ def half_made_sockets(exc: BaseException,
             return
         fd = socket_fd(value)
         if fd is None and _is_pgconn(value):
-            try:
-                fd = value.socket
-            except Exception:  # noqa: BLE001 - psycopg raises once the PGconn is closed
-                fd = None
-            fd = fd if isinstance(fd, int) else None
-        if fd is not None and fd >= 0 and _identity(fd) not in before:
+            fd = value.socket  # raises once the PGconn is closed: skipped by look()
+        if isinstance(fd, int) and fd >= 0 and _identity(fd) not in before:
             found.add(fd)
 
     # And the exceptions it interrupted: a connect's result travels in a
@@ -154,15 +150,16 @@ def let_go_of(fds: list[int], on_done: Callable[[bool], object]) -> None:
         on_done(True)
         return
     lock = threading.Lock()
-    left, all_confirmed = [len(socks)], [True]
+    left, all_confirmed = len(socks), True
 
     def one(confirmed: bool) -> None:
+        nonlocal left, all_confirmed
         with lock:
-            left[0] -= 1
-            all_confirmed[0] = all_confirmed[0] and confirmed
-            last = left[0] == 0
+            left -= 1
+            all_confirmed = all_confirmed and confirmed
+            last = left == 0
         if last:
-            on_done(all_confirmed[0])
+            on_done(all_confirmed)
 
     for sock in socks:
         start_watcher(sock, one, None)

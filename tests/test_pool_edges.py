@@ -1016,22 +1016,32 @@ def test_a_pool_timeout_at_the_global_cap_says_it_waited_for_a_lease(
     # Before: "no connection within 0.3s (0 open, 0 in use, max_size=2)", nothing
     # about the coordinator: as if the pool itself were stuck.
     start_coordinator({"r": 2})
-    holder = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1), resource="r",
-                            coordinator=sock_path)
-    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=2), resource="r",
-                          coordinator=sock_path)
+    holder, pool = _holder_and_pool(sock_path, max_size=2)
     try:
         # The pool's session made first: under a loaded suite, making it could take
         # longer than the timeout below, and no request would be out yet to name.
         mine = pool.acquire(timeout=10)
-        held = holder.acquire(timeout=10)
-        with pytest.raises(PoolTimeout, match="still waiting for a lease of resource 'r' from the"):
-            pool.acquire(timeout=1.0)
-        holder.release(held)
+        _times_out_waiting_for_a_lease(holder, pool)
         pool.release(mine)
     finally:
         pool.close()
         holder.close()
+
+
+def _holder_and_pool(sock_path: str, max_size: int) -> tuple[ConnectionPool[Any], ConnectionPool[Any]]:
+    """A pool of one connection that takes the last lease of "r", and a pool left waiting."""
+    holder = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1), resource="r",
+                            coordinator=sock_path)
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=max_size), resource="r",
+                          coordinator=sock_path)
+    return holder, pool
+
+
+def _times_out_waiting_for_a_lease(holder: ConnectionPool[Any], pool: ConnectionPool[Any]) -> None:
+    held = holder.acquire(timeout=10)
+    with pytest.raises(PoolTimeout, match="still waiting for a lease of resource 'r' from the"):
+        pool.acquire(timeout=1.0)
+    holder.release(held)
 
 
 def test_a_timeout_as_the_lease_request_ends_still_says_it_waited_for_a_lease(
@@ -1052,15 +1062,9 @@ def test_a_timeout_as_the_lease_request_ends_still_says_it_waited_for_a_lease(
 
     monkeypatch.setattr(opening, "take_lease", ended_first)
     start_coordinator({"r": 1})
-    holder = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1), resource="r",
-                            coordinator=sock_path)
-    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1), resource="r",
-                          coordinator=sock_path)
+    holder, pool = _holder_and_pool(sock_path, max_size=1)
     try:
-        held = holder.acquire(timeout=10)
-        with pytest.raises(PoolTimeout, match="still waiting for a lease of resource 'r' from the"):
-            pool.acquire(timeout=1.0)
-        holder.release(held)
+        _times_out_waiting_for_a_lease(holder, pool)
     finally:
         pool.close()
         holder.close()

@@ -668,9 +668,12 @@ class LeaseBook:
             with self._returned:
                 self._returned.notify_all()
 
-    def opened(self, key: Any, failed: bool = False) -> None:
+    def opened(self, key: Any, failed: bool = False, stray: list[int] | None = None) -> None:
         """``key``'s connect finished: report the outcome to the coordinator.
-        A failed connect with no socket left gives its lease straight back."""
+        A failed connect gives its lease back: at once with no socket left, else
+        once the server has let go of the ``stray`` sockets it left open (a
+        connect cut short, its half-made connection held by the exception's
+        frames until collected), as after a close (I1)."""
         client = self._client
         if failed:
             entry = self._pop(key)
@@ -678,7 +681,10 @@ class LeaseBook:
                 client = entry.client
             if client is not None and entry is not None and entry.lease is not None:
                 client.report_failure(self.resource)
-                self._release(client, entry.lease)
+                if stray:
+                    self._release_after(client, entry.lease, stray)
+                else:
+                    self._release(client, entry.lease)
             return
         entry = self._entries.get(id(key))
         if entry is not None:
@@ -699,8 +705,8 @@ class LeaseBook:
 
     def open_under(self, key: Any, factory: Callable[[], T]) -> T:
         """Call ``factory`` under the lease taken for ``key`` (a placeholder); the
-        connection it returns becomes the key. If the factory fails, the lease
-        goes straight back and the error propagates."""
+        connection it returns becomes the key. If the factory fails, the error
+        propagates and the lease goes back (see :meth:`opened`)."""
         before: frozenset[tuple[int, int, int]] | None = None
         try:
             before = open_fds()  # in the try: a signal's exception here must give the lease back
@@ -710,26 +716,14 @@ class LeaseBook:
                 stray = half_made_sockets(exc, before)
             except Exception:  # noqa: BLE001 - never in place of the connect's own error
                 stray = []
-            if stray:  # cut short (a signal handler's exception) with a socket open
-                self._fail_after(key, stray)
-            else:
-                self.opened(key, failed=True)
+            self.opened(key, failed=True, stray=stray)  # stray: cut short, a socket left open
             raise
         self.rekey(key, conn)
         self.opened(conn)
         return conn
 
-    def _fail_after(self, key: Any, fds: list[int]) -> None:
-        """A connect cut short left sockets open (a half-made connection held by
-        the exception's frames until collected): its lease goes back once the
-        server has let go of them, as for a close (I1)."""
-        entry = self._pop(key)
-        client = entry.client if entry is not None and entry.client is not None else self._client
-        lease = entry.lease if entry is not None else None
-        if client is None or lease is None:
-            return
-        client.report_failure(self.resource)
-        self._count_closing(1)
+    def _release_after(self, client: Client, lease: Lease, fds: list[int]) -> None:
+        self._count_closing(1)  # counted as closing until the server lets go
 
         def done(confirmed: bool) -> None:
             self._release(client, lease)

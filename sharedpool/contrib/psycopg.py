@@ -131,7 +131,7 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
 
     def _sp_waiting(self) -> bool:
         """Whether a getconn() still waits (a copy of the queue: no lock taken)."""
-        return any(w.conn is None and w.error is None for w in list(self._waiting))
+        return any(map(_still_waiting, list(self._waiting)))
 
     def _sp_prune_waiting(self) -> bool:
         """Drop the getconn() calls that gave up (timed out, interrupted); say
@@ -140,7 +140,7 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
         by the global cap may not see for hours: they would pile up, and
         counted as waiting they keep a lease asked for, taken for nobody."""
         waiting = self._waiting
-        live = [w for w in waiting if w.conn is None and w.error is None]
+        live = [w for w in waiting if _still_waiting(w)]
         if len(live) != len(waiting):
             waiting.clear()
             waiting.extend(live)
@@ -302,6 +302,11 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
             self._close_connection(conn)
         self._sp_book.count("leases_reclaimed", len(victims))
         return len(victims)
+
+
+def _still_waiting(waiter: Any) -> bool:
+    # psycopg_pool's WaitingClient: a connection or an error set means it is over.
+    return waiter.conn is None and waiter.error is None
 
 
 def _gone(conn: Any) -> bool:
