@@ -355,6 +355,7 @@ class ConnectionPool(Generic[T]):
             started = False
             with self._lock:
                 if self.status is not PoolStatus.ACTIVE:
+                    self._m["request_errors"] += 1  # a refused checkout is a failed request too
                     raise PoolClosed(f"pool {self.name!r} is {self.status.value}")
                 wrapper = None
                 if self._idle and not self._waiters:

@@ -1134,6 +1134,25 @@ def test_stats_count_failed_requests_and_their_wait_as_psycopg_pool_does() -> No
         pool.close()
 
 
+def test_stats_count_a_checkout_refused_by_a_draining_or_closed_pool() -> None:
+    # Before: a checkout that raised PoolClosed (drained, or `sharedpool drain`)
+    # was counted in neither requests_num nor requests_errors.
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1))
+    try:
+        with pool.connection(timeout=5):
+            pass
+        pool.drain(timeout=5)
+        with pytest.raises(PoolClosed):
+            pool.acquire(timeout=0)
+        pool.resume()
+        with pool.connection(timeout=5):
+            pass
+        stats = pool.get_stats()
+        assert (stats["requests_num"], stats["requests_errors"]) == (3, 1)
+    finally:
+        pool.close()
+
+
 def test_a_connect_that_overran_its_timeout_is_counted_created_and_closed() -> None:
     # Before: total_created 0, total_closed 1 once the late connection was closed.
     factory = FakeFactory(delay=0.4)
