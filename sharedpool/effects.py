@@ -51,6 +51,11 @@ class StartFence:
     #: False: terminate (``fence_action="terminate"``) only once no process has
     #: ``pid``; else only wait for the backends (it may be alive, just late)
     terminate: bool = field(default=True, compare=False)
+    #: backend pid -> (earliest, latest) its backend can have started, on the
+    #: ledger's clock: the grant (None: unknown) and the pid's first report. A
+    #: backend started outside that is not the lease's (its pid was reused, or
+    #: reported wrongly): the fence never terminates it.
+    started: dict[int, tuple[float | None, float]] = field(default_factory=dict, compare=False)
 
 
 @dataclass(slots=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any, Literal, Protocol
 
 from sharedpool.errors import ConfigError
@@ -89,12 +89,17 @@ async def wait_backends_gone(
     timeout: float = 10.0,
     poll_interval: float = 0.005,
     monitors: MonitorConnections | None = None,
+    started: Mapping[int, tuple[float | None, float]] | None = None,
 ) -> set[int]:
     """Poll ``pg_stat_activity`` until none of ``pids`` is there; return those still present.
 
     With ``action="terminate"``, ``pg_terminate_backend()`` is called first on
     each client backend still present (a busy backend otherwise stays until its
-    query ends). Returns the empty set once confirmed, or the pids still present
+    query ends); ``started`` bounds that: pid -> (earliest or None, latest) the
+    backend can have started, on the running loop's clock (``loop.time()``).
+    A backend started outside its bounds is another connection that has the pid
+    now (or was reported wrongly): it is waited for, never terminated.
+    Returns the empty set once confirmed, or the pids still present
     when ``timeout`` ran out. If the monitor connection cannot be made (or is
     lost) a warning names the host - never the DSN, which may hold a password -
     and the pids come back unconfirmed, so the caller falls back to its delay.
@@ -114,7 +119,7 @@ async def wait_backends_gone(
     async def poll(psycopg: Any, conn: Any) -> None:
         nonlocal remaining
         if action == "terminate":
-            await _terminate(psycopg, conn, remaining)
+            await _terminate(psycopg, conn, remaining, started or {})
         while True:
             # autocommit: every statement gets a fresh pg_stat_activity
             # snapshot (inside one transaction it would be frozen).
@@ -242,25 +247,54 @@ def _monitor_extra(params: dict[str, Any]) -> dict[str, Any]:
     return {} if "application_name" in params else {"application_name": "sharedpool-fence"}
 
 
-async def _terminate(psycopg: Any, conn: Any, pids: set[int]) -> None:
-    """``pg_terminate_backend()`` each client backend of ``pids`` still present.
+#: Seconds (plus a thousandth of the lease's age, for two clocks' drift) by which
+#: a backend may seem to have started outside its lease's bounds and still be its.
+START_SLACK = 1.0
+
+
+async def _terminate(psycopg: Any, conn: Any, pids: set[int],
+                     started: Mapping[int, tuple[float | None, float]]) -> None:
+    """``pg_terminate_backend()`` each client backend of ``pids`` still present
+    that started within its ``started`` bounds (see :func:`wait_backends_gone`).
 
     One statement per pid, so that one refusal (a superuser's backend, a
     missing privilege) does not stop the others. Only ``client backend`` rows:
     a recycled pid may belong to an autovacuum worker or a walsender.
     """
+    loop = asyncio.get_running_loop()
     for pid in sorted(pids):
+        # The bounds as ages, by the server's own clock: the backend must be at
+        # least ``young`` seconds old (it was there when its pid was reported)
+        # and at most ``old`` (its connection was opened after the grant).
+        young: float | None = None
+        old: float | None = None
+        if pid in started:
+            earliest, latest = started[pid]
+            now = loop.time()
+            slack = START_SLACK + (now - (latest if earliest is None else earliest)) / 1000
+            young = now - latest - slack
+            old = None if earliest is None else now - earliest + slack
         try:
-            await conn.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE pid = %s AND backend_type = 'client backend'"
-                " AND pid <> pg_backend_pid()",
-                (pid,),
+            cur = await conn.execute(
+                "SELECT ok, CASE WHEN ok THEN pg_terminate_backend(pid) END FROM ("
+                " SELECT pid, (%(young)s::float8 IS NULL OR backend_start <= clock_timestamp()"
+                "   - make_interval(secs => %(young)s::float8))"
+                "  AND (%(old)s::float8 IS NULL OR backend_start >= clock_timestamp()"
+                "   - make_interval(secs => %(old)s::float8)) AS ok"
+                " FROM pg_stat_activity WHERE pid = %(pid)s AND backend_type = 'client backend'"
+                " AND pid <> pg_backend_pid()) AS s",
+                {"pid": pid, "young": young, "old": old},
             )
+            row = await cur.fetchone()
         except psycopg.Error as exc:
             if conn.broken or conn.closed:
                 raise  # the monitor connection itself is gone: the caller handles it
             log.warning("fence: pg_terminate_backend(%d) refused: %s", pid, exc)
+            continue
+        if row is not None and not row[0]:
+            log.warning("fence: backend %d started outside the lease it was reported for (a pid "
+                        "reused since, a wrong report, or a lease re-registered unknown): "
+                        "not terminated, only waited for", pid)
 
 
 def _parse_dsn(psycopg: Any, dsn: str) -> dict[str, Any]:

@@ -94,6 +94,25 @@ def _is_id(value: Any, bound: int = MAX_ID) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < bound
 
 
+def _fence_of(name: str, pid: int, leases: list[Lease], fence: int, terminate: bool = True) -> StartFence:
+    """The StartFence of a dead process's ``leases``, with when each backend can
+    have started: a reused pid, or one reported wrongly, must not get some
+    other connection terminated."""
+    started: dict[int, tuple[float | None, float]] = {}
+    for lease in leases:
+        if lease.backend_pid:
+            earliest, latest = lease.opened_after, lease.pid_since
+            if lease.backend_pid in started:  # one pid for two leases: one is wrong; both must fit
+                was_earliest, was_latest = started[lease.backend_pid]
+                if earliest is None or (was_earliest is not None and was_earliest > earliest):
+                    earliest = was_earliest
+                latest = min(latest, was_latest)
+            started[lease.backend_pid] = (earliest, latest)
+    return StartFence(name, pid, tuple(x.id for x in leases),
+                      tuple(x.backend_pid for x in leases if x.backend_pid), fence,
+                      terminate=terminate, started=started)
+
+
 class Ledger:
     """Every lease of every resource on one coordinator."""
 
@@ -172,12 +191,16 @@ class Ledger:
                     why = f"lease {lease_id} of {resource!r} is held elsewhere"
                     effects += _refused(sid, resource, lease_id, why)
                     continue
-                lease = Lease(lease_id, resource, sid, token, now)
+                # Its connection is older than this, but which backend is its
+                # rests on this hello alone (no grant, no predecessor's record):
+                # the fence waits for a backend that started before, never ends it.
+                lease = Lease(lease_id, resource, sid, token, now, opened_after=now)
                 res.live[lease_id] = lease
             lease.state = state if state in STATES else NEW
             lease.state_since = now
-            if _is_id(backend_pid):  # else keep what was known (a marker's held row)
-                lease.backend_pid = backend_pid
+            # No pid given: keep what was known (a marker's held row).
+            if _is_id(backend_pid) and backend_pid != lease.backend_pid:
+                lease.backend_pid, lease.pid_since = backend_pid, now
             session.add(lease)
             res.peak = max(res.peak, res.leased)
             self._next_id = max(self._next_id, lease_id + 1, lease.token + 1)
@@ -245,15 +268,7 @@ class Ledger:
                 if delay > 0:
                     res.fenced[lease.id] = Fenced(lease, session.pid, now + delay, fence)
             if delay > 0:
-                effects.append(
-                    StartFence(
-                        name,
-                        session.pid,
-                        tuple(lease.id for lease in leases),
-                        tuple(lease.backend_pid for lease in leases if lease.backend_pid),
-                        fence,
-                    )
-                )
+                effects.append(_fence_of(name, session.pid, leases, fence))
             touched.add(name)
         for name in touched:
             effects += self._pump(self.resources[name], now)
@@ -316,7 +331,7 @@ class Ledger:
                 fence = serials[(name, pid)] = next(self._fences)
                 self._awaited[fence] = (name, pid)
             lease = Lease(lease_id, name, 0, token, now,
-                          backend_pid=backend_pid if _is_id(backend_pid) else None)
+                          backend_pid=backend_pid if _is_id(backend_pid) else None, pid_since=now)
             res.fenced[lease_id] = Fenced(lease, pid, self.hold_until + after, fence)
             self._next_id = max(self._next_id, lease_id + 1, token + 1)
         return []
@@ -340,7 +355,7 @@ class Ledger:
             limits = res.limits
             longest = max(limits.fence_timeout, limits.quarantine_delay)
             lease = Lease(lease_id, name, 0, token, now,
-                          backend_pid=backend_pid if _is_id(backend_pid) else None)
+                          backend_pid=backend_pid if _is_id(backend_pid) else None, pid_since=now)
             key = (name, pid, lease_id in late_ids)
             if key not in serials:
                 serials[key] = next(self._fences)
@@ -351,12 +366,8 @@ class Ledger:
             res.fenced[lease_id] = Fenced(lease, pid, now + float(min(left, longest)), fence)
             self._next_id = max(self._next_id, lease_id + 1, token + 1)
             groups.setdefault(key, []).append(lease)
-        return [
-            StartFence(name, pid, tuple(x.id for x in leases),
-                       tuple(x.backend_pid for x in leases if x.backend_pid), serials[(name, pid, is_late)],
-                       terminate=not is_late)
-            for (name, pid, is_late), leases in groups.items()
-        ]
+        return [_fence_of(name, pid, leases, serials[(name, pid, is_late)], terminate=not is_late)
+                for (name, pid, is_late), leases in groups.items()]
 
     # ------------------------------------------------------------- leases
 
@@ -502,8 +513,8 @@ class Ledger:
             if lease.state != state:
                 lease.state, lease.state_since = state, now
                 touched.add(lease.resource)
-            if isinstance(backend_pid, int):
-                lease.backend_pid = backend_pid
+            if isinstance(backend_pid, int) and backend_pid != lease.backend_pid:
+                lease.backend_pid, lease.pid_since = backend_pid, now
             lease.site = _site(site)
             lease.suspected_leak = leak
         for name in ok:
@@ -580,9 +591,7 @@ class Ledger:
             left = [f.lease for f in self.resources[name].fenced.values() if f.fence == fence]
             if left:
                 self._late.add(fence)
-                effects.append(StartFence(name, pid, tuple(x.id for x in left),
-                                          tuple(x.backend_pid for x in left if x.backend_pid),
-                                          fence, terminate=False))
+                effects.append(_fence_of(name, pid, left, fence, terminate=False))
         return effects
 
     def next_deadline(self) -> float | None:
@@ -709,7 +718,8 @@ class Ledger:
     ) -> Granted:
         lease_id = self._next_id
         self._next_id += 1
-        lease = Lease(lease_id, res.name, session.id, lease_id, now, NEW, now, None, site)
+        lease = Lease(lease_id, res.name, session.id, lease_id, now, NEW, now, None, site,
+                      opened_after=now)
         session.add(lease)
         res.live[lease_id] = lease
         res.grants += 1

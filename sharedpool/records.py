@@ -35,6 +35,12 @@ class Lease:
     backend_pid: int | None = None
     site: str | None = None
     suspected_leak: bool = False
+    #: When ``backend_pid`` was first reported: its backend had started by then.
+    pid_since: float = 0.0
+    #: Its connection was opened after this: when this coordinator granted it (or
+    #: a process re-registered it unknown: only a backend since is known to be
+    #: its); None for one the previous coordinator handed on (restart marker).
+    opened_after: float | None = None
 
     def __repr__(self) -> str:
         return (

@@ -271,8 +271,10 @@ class Server:
             )
             session.sid = new_sid
             self.sessions[new_sid] = session
+            # The name as a short repr: a peer's megabyte of name (or its line
+            # breaks) would otherwise go into the log at every reconnect.
             log.info("session %s connected: pid=%s name=%s re-registered=%d",
-                     new_sid, session.pid or msg.pid, msg.name, len(msg.held))
+                     new_sid, session.pid or msg.pid, p.brief(msg.name, 100), len(msg.held))
             # Limits, and whether a drain is on: after a reconnect, a pool learns
             # here that a drain it was told of is over (a restarted coordinator),
             # or that one was ordered while it had no session.
@@ -429,6 +431,7 @@ class Server:
                         action=limits.fence_action if gone else "wait",
                         timeout=slice_end - self.loop.time(),
                         monitors=self.monitors,
+                        started=eff.started,
                     )
                     now = self.loop.time()
                     # Done, out of time, or back early unconfirmed (no monitor: logged).

@@ -180,6 +180,27 @@ def test_a_hello_with_a_deeply_nested_entry_leaves_no_ghost_session(
         client.close()
 
 
+def test_a_huge_name_is_not_logged_whole(start_coordinator: Any, sock_path: str,
+                                          capfd: pytest.CaptureFixture[str],
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    # Before, the "session connected" line carried the whole name: a peer's
+    # 500 kB name (or one with line breaks) went into the log at every hello.
+    caplog.set_level("INFO", logger="sharedpool")  # the coordinator logs at our level
+    start_coordinator({"r": 1})
+    name = "x" * 500_000 + "\nFORGED log line"
+    client = Client(sock_path, name=name)
+    try:
+        [row] = client.inspect("sessions")["sessions"]
+        assert len(row["name"]) <= 256
+    finally:
+        client.close()
+    time.sleep(0.2)  # the coordinator's log line is written
+    err = capfd.readouterr().err
+    assert "connected: pid=" in err
+    assert max(len(line) for line in err.splitlines()) < 1000
+    assert not any(line.startswith("FORGED") for line in err.splitlines())
+
+
 def _after_hello(sock_path: str, *frames: bytes | p.Message, until: Any) -> list[Any]:
     """A session's hello, then ``frames`` (raw bytes, or messages to encode);
     what comes back until a frame for which ``until(frame)`` holds (the

@@ -167,6 +167,38 @@ def test_terminate_live_idle_backend(dsn: str) -> None:
             conn.execute("SELECT 1")
 
 
+async def _terminate_if_started(dsn: str, pid: int, earliest_ago: float | None,
+                                latest_ago: float) -> set[int]:
+    """wait_backends_gone(action="terminate") on ``pid``, told its backend
+    started after ``earliest_ago`` and before ``latest_ago`` seconds ago."""
+    now = asyncio.get_running_loop().time()
+    window = (None if earliest_ago is None else now - earliest_ago, now - latest_ago)
+    return await wait_backends_gone(dsn, {pid}, action="terminate", timeout=0.3,
+                                    started={pid: window})
+
+
+@pytest.mark.parametrize("earliest_ago,latest_ago", [
+    (None, 5.0),  # its pid was reported 5 s ago: the backend there now came later (pid reused)
+    (-1.0, -1.0),  # its lease was granted after the backend started: reported wrongly
+])
+def test_terminate_spares_a_backend_started_outside_its_lease(
+        dsn: str, monkeypatch: pytest.MonkeyPatch, earliest_ago: float | None,
+        latest_ago: float) -> None:
+    monkeypatch.setattr("sharedpool.fence.START_SLACK", 0.0)
+    with psycopg.connect(dsn, application_name=_app()) as conn:
+        pid = conn.info.backend_pid
+        assert asyncio.run(_terminate_if_started(dsn, pid, earliest_ago, latest_ago)) == {pid}
+        conn.execute("SELECT 1")  # not terminated: another connection's backend
+
+
+def test_terminate_ends_a_backend_started_within_its_lease(dsn: str) -> None:
+    with psycopg.connect(dsn, application_name=_app()) as conn:
+        pid = conn.info.backend_pid
+        assert asyncio.run(_terminate_if_started(dsn, pid, 5.0, 0.0)) == set()
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("SELECT 1")
+
+
 def test_unknown_and_empty_pids(dsn: str) -> None:
     assert asyncio.run(wait_backends_gone(dsn, [os.getpid()], timeout=2.0)) == set()
     assert asyncio.run(wait_backends_gone(dsn, [], timeout=2.0)) == set()

@@ -136,6 +136,48 @@ def test_a_dead_workers_lease_with_no_backend_pid_known_waits_the_quarantine_del
         probe.close()
 
 
+_WRONG_PID = """
+import sys, time
+from sharedpool import Client
+sock, pid = sys.argv[1], int(sys.argv[2])
+client = Client(sock)
+lease = client.acquire("pg", timeout=10)
+client.add_state_provider(lambda: [[lease.id, "busy", pid, None]])  # a connection it does not own
+client.report_now()
+print("reported", flush=True)
+time.sleep(60)
+"""
+
+
+def test_terminate_spares_a_backend_a_dead_worker_reported_but_did_not_open(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    """A worker reports the backend pid of a connection that is not its own (an
+    integration's bug, or a pid it recorded long ago that PostgreSQL has given
+    to a newer backend since), then dies: before, the fence called
+    pg_terminate_backend on that other connection. One that started before the
+    lease was granted cannot be the lease's: it is waited for (fence_timeout),
+    not terminated."""
+    import psycopg
+
+    start_coordinator({"pg": Resource(max_size=1, monitor_dsn=pg_dsn(), fence_action="terminate",
+                                      fence_timeout=2, acquire_timeout=30)})
+    with psycopg.connect(pg_dsn(), application_name=app_name, autocommit=True) as other:
+        time.sleep(1.3)  # it started before the worker's lease, by more than the fence's 1 s slack
+        with child(_WRONG_PID, sock_path, str(other.info.backend_pid)) as worker:
+            assert worker.stdout is not None and worker.stdout.readline().strip() == "reported"
+            time.sleep(0.2)  # the report has reached the coordinator
+            os.kill(worker.pid, signal.SIGKILL)
+            worker.wait(10)
+            probe = Client(sock_path)
+            try:
+                t0 = time.monotonic()
+                probe.release(probe.acquire("pg", timeout=20))  # the slot comes back at fence_timeout
+                assert time.monotonic() - t0 < 10
+            finally:
+                probe.close()
+        assert other.execute("SELECT 1").fetchone() == (1,), "the fence ended another connection"
+
+
 def test_failing_connects_fail_waiters_fast_and_recover(start_coordinator: Any, sock_path: str) -> None:
     """A burst of connect failures reported by processes makes the coordinator
     fail waiters at once instead of letting each time out; it recovers by itself."""

@@ -332,6 +332,24 @@ def test_monitor_dsn_fences_for_fence_timeout() -> None:
     assert lg.resources["pg"].fenced[lease].until == T0 + 7
 
 
+def test_a_fence_bounds_when_each_backend_can_have_started() -> None:
+    """The fence terminates (fence_action="terminate") only a backend started
+    between its lease's grant and the first report of its pid: a pid reported
+    long ago and reused since, or a wrong pid of an older connection, belongs to
+    some other connection. A lease re-registered that the ledger did not know
+    has only the process's word for its backend: none that started before is ended."""
+    lg = ledger(pg=Resource(4, monitor_dsn="postgresql:///x"))
+    a = session(lg, pid=5)
+    l1, l2 = grant(lg, a, 1, now=T0), grant(lg, a, 2, now=T0 + 1)
+    lg.report(a, [[l1, BUSY, 9001, None], [l2, IDLE, 9002, None]], T0 + 2)
+    lg.report(a, [[l1, IDLE, 9001, None], [l2, IDLE, 9003, None]], T0 + 3)  # l2 has a new backend
+    held = session(lg, pid=6, held=[["pg", 10**9, 10**9, IDLE, 9004]], now=T0 + 4)
+    [fence] = lg.close_session(a, T0 + 5)
+    assert fence.started == {9001: (T0, T0 + 2), 9003: (T0 + 1, T0 + 3)}
+    [fence] = lg.close_session(held, T0 + 6)
+    assert fence.started == {9004: (T0 + 4, T0 + 4)}
+
+
 def test_unfence_frees_early() -> None:
     lg = ledger(pg=Resource(1, quarantine_delay=30))
     a, b = session(lg), session(lg)
