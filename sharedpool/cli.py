@@ -256,6 +256,9 @@ def _emit(as_json: bool, data: dict[str, Any], *tables: RenderableType) -> None:
 #: cannot hold is refused here, at once, not sent to time out.
 INT64_MAX = 2**63 - 1
 PID_MAX = 2**31 - 1
+#: Each demo worker is a process with a few threads: more is a fork bomb, not a demo
+#: (and 10**23 was an OverflowError from inside multiprocessing).
+DEMO_WORKERS_MAX = 1024
 _pid_type = click.IntRange(min=1, max=PID_MAX)
 
 
@@ -263,10 +266,10 @@ class _Seconds(click.FloatRange):
     """A FloatRange that also refuses nan and inf (which compare false to any bound)."""
 
     def convert(self, value: Any, param: Any, ctx: Any) -> Any:
-        rv = super().convert(value, param, ctx)
-        if not math.isfinite(rv):
+        rv = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(rv):  # said before the range: "inf is not in the range" hides why
             self.fail(f"{value!r} is not a finite number of seconds.", param, ctx)
-        return rv
+        return super().convert(rv, param, ctx)
 
 _socket_option = click.option(
     "--socket", "socket_path", metavar="PATH", default=None,
@@ -367,7 +370,7 @@ def sessions(socket_path: str | None, as_json: bool) -> None:
 
 @cli.command()
 @_socket_option
-@click.option("--interval", type=_Seconds(min=0.05), default=1.0, show_default=True,
+@click.option("--interval", type=_Seconds(min=0.05, max=86400), default=1.0, show_default=True,
               help="Seconds between refreshes.")
 @click.option("--iterations", type=click.IntRange(min=1), help="Stop after this many refreshes.")
 def top(socket_path: str | None, interval: float, iterations: int | None) -> None:
@@ -494,11 +497,11 @@ _admin_command("reload", "reload", "Re-read the coordinator's --config file, wit
 
 
 @cli.command()
-@click.option("--workers", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--max-size", type=click.IntRange(min=1), default=3, show_default=True,
+@click.option("--workers", type=click.IntRange(min=1, max=DEMO_WORKERS_MAX), default=8, show_default=True)
+@click.option("--max-size", type=click.IntRange(min=1, max=INT64_MAX), default=3, show_default=True,
               help="The global cap on leases of resource 'demo'.")
 @click.option("--seconds", type=_Seconds(min=0.1), default=5.0, show_default=True)
-@click.option("--pool-size", type=click.IntRange(min=1), default=4, show_default=True,
+@click.option("--pool-size", type=click.IntRange(min=1, max=INT64_MAX), default=4, show_default=True,
               help="Each worker's local pool max_size.")
 @click.option("--dsn", help="Use PostgreSQL (psycopg) instead of SQLite.")
 @click.option("--socket", "socket_path", metavar="PATH",

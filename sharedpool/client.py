@@ -32,7 +32,7 @@ from typing import Any
 from . import background
 from . import protocol as p
 from .background import BACKOFF_MAX, BACKOFF_MIN, PARK_RECHECK
-from .config import check_resource_name, check_socket_path, default_socket_path
+from .config import MAX_INT, check_resource_name, check_socket_path, default_socket_path
 from .errors import (
     AccessDenied,
     AcquireCancelled,
@@ -274,9 +274,9 @@ class Client:
         so that a caller interrupted right after (a signal handler's exception
         lands between any two instructions) can still withdraw it."""
         self._checkpid()
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)
-                                    or not timeout >= 0):  # NaN fails too
-            raise ConfigError("timeout", f"must be >= 0 or None, got {timeout!r}")
+        if timeout is not None and not _seconds(timeout, 0.0):  # NaN fails too
+            raise ConfigError("timeout", f"must be a number of seconds >= 0 (an integer at most "
+                              f"{MAX_INT}) or None, got {timeout!r}")
         # Refused here: a frame the coordinator refuses ends the session, and the
         # reconnect would send it again, and again.
         check_resource_name(resource)
@@ -542,6 +542,9 @@ class Client:
 
     def _call(self, make: Callable[[int], p.Message], timeout: float) -> Any:
         self._checkpid()
+        if not _seconds(timeout, 0.0, strict=True):
+            raise ConfigError("timeout", f"must be a number of seconds > 0 (an integer at most "
+                              f"{MAX_INT}), got {timeout!r}")
         req = next(self._reqs)
         pending = _Pending(make(req))
         deadline = time.monotonic() + timeout
@@ -557,6 +560,10 @@ class Client:
         cannot be reached; acquires wait for it to come back."""
         if self._closed:
             raise CoordinatorUnavailable("client is closed")
+        # Framed before it is registered: one that cannot be (an argument msgpack
+        # cannot carry) must fail here, not stay pending and break the re-send
+        # of every request behind it at each reconnect.
+        data = p.encode(pending.msg)
         self._ensure_thread()
         with self._cond:
             if self._closed:  # close() ran since the check above: its _fail_all missed us
@@ -567,15 +574,15 @@ class Client:
             # the re-send of a session made since (never by both).
             sock = self._sock
         if sock is not None:
-            self._send_quiet(pending.msg, sock)
+            self._send_quiet(pending.msg, sock, data)
         else:
             self._try_connect(deadline, force=not patient)
             if not patient and self._sock is None:
                 with self._cond:
                     self._pending.pop(req, None)
                 if pending.error is None:  # else the coordinator said why (AccessDenied): keep it
-                    pending.error = CoordinatorUnavailable(
-                        f"no coordinator at {self.socket_path}: {self.last_error}")
+                    pending.error = CoordinatorUnavailable(  # no error yet: not tried in the time given
+                        f"no coordinator at {self.socket_path}: {self.last_error or 'not reached in time'}")
                 return False
         return True
 
@@ -762,7 +769,7 @@ class Client:
                 return
             if time.monotonic() < self._next_attempt and not force:
                 return  # the attempt we waited behind failed: its backoff holds for us too
-            limit = self.connect_timeout if self._held else _bound(self.connect_timeout, deadline)
+            limit = _bound(self.connect_timeout, None if self._held else deadline)
             if limit is not None and limit <= 0:
                 return
             try:
@@ -881,14 +888,17 @@ class Client:
                 sock.close()
             self._notify()  # the background thread may be polling the closed socket
 
-    def _send_quiet(self, msg: p.Message, sock: socket.socket | None = None) -> None:
+    def _send_quiet(self, msg: p.Message, sock: socket.socket | None = None,
+                    data: bytes | None = None) -> None:
         """Send one frame (on ``sock`` only, if given: not on a session made
-        since); a dead socket is noticed here and by the reader."""
+        since); a dead socket is noticed here and by the reader. ``data``:
+        ``msg`` already framed."""
         if sock is None:
             sock = self._sock
         if sock is None:
             return
-        data = p.encode(msg)
+        if data is None:
+            data = p.encode(msg)
         with self._send_lock:
             if self._sock is not sock:
                 return
@@ -990,11 +1000,23 @@ def _socket_path(given: Any) -> str:
 
 
 def _bound(timeout: float | None, deadline: float | None) -> float | None:
-    """Seconds left under both ``timeout`` and ``deadline`` (None: unbounded)."""
-    if deadline is None:
-        return timeout
-    left = deadline - time.monotonic()
-    return left if timeout is None else min(timeout, left)
+    """Seconds left under both ``timeout`` and ``deadline`` (None: unbounded,
+    as is a wait too long for a lock or a socket timeout: they raise
+    OverflowError beyond threading.TIMEOUT_MAX, some 292 years)."""
+    left = timeout
+    if deadline is not None:
+        left = deadline - time.monotonic() if timeout is None else min(timeout, deadline - time.monotonic())
+    return None if left is not None and left >= threading.TIMEOUT_MAX else left
+
+
+def _seconds(value: Any, minimum: float, strict: bool = False) -> bool:
+    """A number of seconds >= ``minimum`` (> with ``strict``; inf included)
+    that the wire carries: no NaN, bool or string, no integer beyond int64."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    if isinstance(value, int) and value > MAX_INT:
+        return False
+    return value > minimum if strict else value >= minimum
 
 
 _REGISTRY_LOCK = threading.RLock()

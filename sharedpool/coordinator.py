@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .background import BACKOFF_MAX
-from .config import CoordinatorConfig, Resource, config_from_parts
+from .config import CoordinatorConfig, Resource, check_seconds, config_from_parts
 from .errors import ConfigError, SharedPoolError
 from .fence import MonitorConnections
 from .marker import (
@@ -414,6 +414,7 @@ class Coordinator:
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM the child and wait; SIGKILL it if it does not go."""
+        check_seconds("timeout", timeout)  # before the child is let go: a refused stop changes nothing
         program, self._program = self._program, None
         if program is not None:
             program.stop(timeout)

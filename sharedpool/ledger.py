@@ -513,7 +513,9 @@ class Ledger:
             if lease.state != state:
                 lease.state, lease.state_since = state, now
                 touched.add(lease.resource)
-            if isinstance(backend_pid, int) and backend_pid != lease.backend_pid:
+            # As hello's held rows: a bool or a pid beyond int64 is no backend (it
+            # would be sent to PostgreSQL by the fence, and shown in listings).
+            if _is_id(backend_pid) and backend_pid != lease.backend_pid:
                 lease.backend_pid, lease.pid_since = backend_pid, now
             lease.site = _site(site)
             lease.suspected_leak = leak

@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sharedpool.pool")
 
+#: The shortest pause between rounds: a validation_interval or leak threshold
+#: of a few microseconds (both only have to be > 0) must not make a busy loop.
+MIN_INTERVAL = 0.01
+
 
 def thread_for(pool: ConnectionPool[Any]) -> threading.Thread:
     """``pool``'s maintenance thread, not started; it stops when ``pool._stop`` is
@@ -41,8 +45,8 @@ def _run(ref: weakref.ref[ConnectionPool[Any]], stop: threading.Event) -> None:
         pool = ref()
         if pool is None or pool._pid != current_pid():
             return
-        interval = min(pool.config.validation_interval, 1.0,
-                       (pool.config.leak_detection_threshold or 2.0) / 2)
+        interval = max(MIN_INTERVAL, min(pool.config.validation_interval, 1.0,
+                                         (pool.config.leak_detection_threshold or 2.0) / 2))
         if not first:
             del pool
             if stop.wait(interval):

@@ -31,7 +31,7 @@ from .closing import (
     close_and_confirm,
     transaction_status,
 )
-from .config import SOCKET_ENV, PoolConfig, check_resource_name, check_socket_path, env_socket_path
+from .config import MAX_INT, SOCKET_ENV, PoolConfig, check_resource_name, check_socket_path, env_socket_path
 from .errors import (
     ConfigError,
     ConnectTimeout,
@@ -53,9 +53,10 @@ _INHERITED: list[Any] = []
 
 
 def _valid_timeout(value: Any) -> bool:
-    """A finite number of seconds >= 0 (NaN, inf, bools and strings are not)."""
+    """A finite number of seconds >= 0 (NaN, inf, bools and strings are not, nor
+    an integer too large for a float deadline)."""
     return (isinstance(value, int | float) and not isinstance(value, bool)
-            and 0 <= value < math.inf)
+            and 0 <= value < math.inf and (isinstance(value, float) or value <= MAX_INT))
 
 
 class PoolStatus(Enum):

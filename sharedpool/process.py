@@ -26,6 +26,7 @@ import weakref
 from typing import Any, Protocol
 
 from .closing import socket_fd
+from .config import check_seconds
 
 #: Guards the reset of a pool (ours, or an integration's book and pool) in a
 #: forked child: two of its threads may notice the fork at once, and the second
@@ -59,6 +60,9 @@ def release_process(timeout: float = 5.0) -> None:
     of the parent's (I7)."""
     from .client import _ALL
 
+    # Before anything is released: inf would fail each pool's close() (logged,
+    # the pool left open), "5" would release nothing.
+    check_seconds("timeout", timeout)
     deadline = time.monotonic() + timeout
     for pool in list(_POOLS):
         try:

@@ -147,6 +147,7 @@ class EmbeddedCoordinator:
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM the coordinator (it closes its sessions and removes its socket) and
         wait; SIGKILL it if it does not go. A no-op in a forked child."""
+        check_seconds("timeout", timeout)  # before it is signalled: a refused stop changes nothing
         proc, lifeline = self._detach()
         try:
             if proc is not None and proc.poll() is None:
@@ -324,8 +325,11 @@ def _read_status(fd: int, deadline: float) -> str | None:
     data = b""
     while b"\n" not in data:
         left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
+        if left <= 0:
             return None
+        # In slices: select() raises OverflowError for a start_timeout of 300 years.
+        if not select.select([fd], [], [], min(left, 3600.0))[0]:
+            continue
         chunk = os.read(fd, 4096)
         if not chunk:
             return None

@@ -5,6 +5,7 @@ inside or an error only at the first checkout (I5)."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pathlib
 import time
@@ -13,8 +14,17 @@ from typing import Any
 
 import pytest
 
-from sharedpool import Client, ConfigError, ConnectionPool, Coordinator, PoolConfig
+from sharedpool import (
+    Client,
+    ConfigError,
+    ConnectionPool,
+    Coordinator,
+    PoolConfig,
+    PoolStatus,
+    release_process,
+)
 from sharedpool.config import MAX_SOCKET_PATH, SOCKET_ENV
+from sharedpool.errors import LocalProtocolError
 from sharedpool.testing import FakeFactory
 
 TOO_LONG = "/tmp/" + "x" * MAX_SOCKET_PATH
@@ -151,6 +161,16 @@ def _redis(**kw: Any) -> Any:
     (_celery, "socket", ""),
     (_redis, "confirm_timeout", float("nan")),  # disconnect() raised ValueError deep inside
     (_psycopg, "confirm_timeout", float("inf")),
+    # The pool's own timeout is the lease wait: -1 and nan failed every connect
+    # (seen as a PoolTimeout), and made the redis pool's lease wait 0.
+    (_psycopg, "timeout", -1),
+    (_psycopg, "timeout", float("nan")),
+    (_redis, "timeout", "5"),
+    (_redis, "timeout", float("nan")),
+    # inf: the pools' own waits (threading) raise OverflowError with it at the cap.
+    (_psycopg, "timeout", math.inf),
+    (_redis, "timeout", math.inf),
+    (_sqlalchemy, "pool_timeout", math.inf),
     (_sqlalchemy, "confirm_timeout", True),
     # Before: a TypeError (EmbeddedCoordinator got multiple values for socket_path).
     (_gunicorn, "socket_path", "/tmp/sp-args.sock"),
@@ -190,7 +210,16 @@ def test_integration_socket_paths_may_be_path_objects(tmp_path: pathlib.Path,
     (lambda c: c.acquire("r", "5"), "timeout"),
     (lambda c: c.acquire("r", 1, site=5), "site"),
     (lambda c: c.inspect(5), "what"),
-], ids=["resource-int", "resource-empty", "timeout-str", "site-int", "what-int"])
+    # Beyond what the wire carries: was a LocalProtocolError, and sent before a
+    # session was up, an acquire that waited for ever for a grant never asked for.
+    (lambda c: c.acquire("r", 2**64), "timeout"),
+    (lambda c: c.inspect("server", timeout="5"), "timeout"),  # was a TypeError
+    # Was "no coordinator at PATH: None" with the coordinator there, or a
+    # PoolTimeout for an admin verb that may have been carried out.
+    (lambda c: c.admin("pause", timeout=0, resource="r"), "timeout"),
+    (lambda c: c.inspect("server", timeout=math.nan), "timeout"),
+], ids=["resource-int", "resource-empty", "timeout-str", "site-int", "what-int", "timeout-2**64",
+        "inspect-timeout-str", "admin-timeout-0", "inspect-timeout-nan"])
 def test_client_arguments_are_refused_before_anything_is_sent(
         start_coordinator: Any, sock_path: str, call: Callable[[Client], Any], field: str) -> None:
     # Before, the frame went out, the coordinator ended the session for it, and
@@ -229,3 +258,87 @@ def test_embedded_coordinator_options_are_checked(tmp_path: pathlib.Path) -> Non
         with pytest.raises(ConfigError) as err:
             hooks(resources={"pg": 1}, socket=tmp_path / f"{field}.sock", **kw)
         assert err.value.field == field
+
+
+def test_a_request_that_cannot_be_framed_fails_alone(sock_path: str) -> None:
+    """It used to stay pending: at the next session the re-send stopped at it,
+    and the requests behind it were never sent (an inspect timed out with the
+    coordinator up)."""
+    coord = Coordinator(sock_path, {"r": 1}).start()
+    client = Client(sock_path)
+    try:
+        client.inspect("server")
+        with pytest.raises(LocalProtocolError):
+            client.admin("resize", resource="r", max_size=2**64)  # no msgpack integer
+        coord.kill()
+        coord = Coordinator(sock_path, {"r": 1}).start()  # the client re-sends what is pending
+        assert client.inspect("server", timeout=5)["pid"] == coord.pid
+    finally:
+        client.close()
+        coord.stop()
+
+
+@pytest.mark.parametrize(("connect_timeout", "timeout"), [(1e10, None), (None, math.inf), (None, 1e308)])
+def test_waits_longer_than_a_lock_can_take_are_no_overflow(
+        start_coordinator: Any, sock_path: str, connect_timeout: float | None, timeout: float | None) -> None:
+    # Both are accepted; they were an OverflowError from a lock or socket
+    # timeout beyond threading.TIMEOUT_MAX at every acquire.
+    start_coordinator({"r": 1})
+    client = Client(sock_path, connect_timeout=connect_timeout)
+    try:
+        client.release(client.acquire("r", timeout))
+    finally:
+        client.close()
+
+
+def test_a_tiny_leak_threshold_or_validation_interval_is_no_busy_loop(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from sharedpool import maintenance
+
+    rounds: list[int] = []
+    real = maintenance.maintain_once
+    monkeypatch.setattr(maintenance, "maintain_once", lambda pool: (rounds.append(1), real(pool)))
+    for kwargs in ({"leak_detection_threshold": 5e-324}, {"validation_interval": 1e-300}):
+        rounds.clear()
+        pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, **kwargs))
+        try:
+            pool.release(pool.acquire())
+            time.sleep(0.5)
+        finally:
+            pool.close()
+        assert len(rounds) < 150, (kwargs, len(rounds))  # a busy loop made tens of thousands
+
+
+def test_a_start_timeout_of_centuries_starts(sock_path: str) -> None:
+    coord = Coordinator(sock_path, {"r": 1}).start(1e10)  # select() raised OverflowError
+    try:
+        assert coord.pid is not None
+    finally:
+        coord.stop()
+
+
+def test_a_bad_stop_timeout_stops_nothing(start_coordinator: Any, sock_path: str) -> None:
+    # "5" was a TypeError once the child had been sent SIGTERM and let go of (a zombie).
+    coord = start_coordinator({"r": 1})
+    with pytest.raises(ConfigError) as err:
+        coord.stop("5")
+    assert err.value.field == "timeout" and coord.pid is not None
+    client = Client(sock_path)
+    try:
+        assert client.inspect("server")["pid"] == coord.pid
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("bad", ["5", math.inf])
+def test_release_process_refuses_a_bad_timeout_before_releasing_anything(bad: Any) -> None:
+    # "5" was a TypeError; inf failed each pool's close() (logged) and left it open.
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0))
+    held = pool.acquire()
+    try:
+        with pytest.raises(ConfigError) as err:
+            release_process(bad)
+        assert err.value.field == "timeout" and pool.status is PoolStatus.ACTIVE
+    finally:
+        pool.release(held)
+        pool.close()

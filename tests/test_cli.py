@@ -689,6 +689,17 @@ def test_non_finite_seconds_are_refused(args: list[str], name: str) -> None:
     assert out.stderr.count("\n") == 1 and name in out.stderr and "finite" in out.stderr, out.stderr
 
 
+@pytest.mark.parametrize(("args", "name"), [
+    (["top", "--interval", "1e308"], "--interval"),  # an OverflowError traceback from time.sleep
+    (["demo", "--pool-size", str(2**64), "--seconds", "0.1"], "--pool-size"),  # a traceback per worker
+    (["demo", "--workers", str(10**23), "--seconds", "0.1"], "--workers"),  # OverflowError, deep inside
+])
+def test_numbers_too_large_to_use_are_refused(args: list[str], name: str) -> None:
+    out = sp(*args)
+    assert out.returncode == 2, out
+    assert out.stderr.count("\n") == 1 and name in out.stderr and "range" in out.stderr, out.stderr
+
+
 def test_a_reply_too_large_for_clients_is_one_error_not_a_reconnect_loop(
         start_coordinator: Any, sock_path: str) -> None:
     # max_frame raised to 4 MiB: the coordinator sent a 1.2 MB reply that every

@@ -332,6 +332,21 @@ def test_monitor_dsn_fences_for_fence_timeout() -> None:
     assert lg.resources["pg"].fenced[lease].until == T0 + 7
 
 
+def test_a_report_takes_only_a_backend_pid_the_wire_can_hold() -> None:
+    """Before, any int went: True or 2**70 became the lease's backend pid, sent
+    to PostgreSQL by the fence and shown in listings (hello's held rows already
+    refused them)."""
+    lg = ledger(pg=Resource(4, monitor_dsn="postgresql:///x"))
+    a = session(lg, pid=5)
+    lease = grant(lg, a, 1, now=T0)
+    lg.report(a, [[lease, BUSY, 9001, None]], T0 + 1)
+    for bad in (True, 2**70, -1, 1.5, "9002"):
+        lg.report(a, [[lease, IDLE, bad, None]], T0 + 2)
+        assert lg.resources["pg"].live[lease].backend_pid == 9001
+    [fence] = lg.close_session(a, T0 + 3)
+    assert fence.backend_pids == (9001,)
+
+
 def test_a_fence_bounds_when_each_backend_can_have_started() -> None:
     """The fence terminates (fence_action="terminate") only a backend started
     between its lease's grant and the first report of its pid: a pid reported

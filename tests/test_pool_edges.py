@@ -623,7 +623,8 @@ def test_configure_opens_one_connection_per_cold_acquire() -> None:
         pool.close()
 
 
-@pytest.mark.parametrize("bad", [math.inf, math.nan, "1", True])
+@pytest.mark.parametrize("bad", [math.inf, math.nan, "1", True,
+                                 pytest.param(10**400, id="10**400")])  # no float deadline for it
 def test_bad_timeouts_are_config_errors(bad: Any) -> None:
     pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1))
     held = pool.acquire()  # the only connection is in use: every call below would wait

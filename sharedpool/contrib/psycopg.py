@@ -75,6 +75,11 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
         self._sp_book = LeaseBook(resource, coordinator, confirm_timeout=confirm_timeout,
                                   idle=self._sp_idle, reclaim=self._sp_reclaim)
         self._sp_lease_timeout = check_seconds("lease_timeout", lease_timeout, optional=True, forever=True)
+        if lease_timeout is None and "timeout" in kwargs:
+            # The lease wait is the pool's timeout: a bad one (-1, nan, "5") failed
+            # every connect, seen only as a PoolTimeout. Named as the user gave it;
+            # not inf, with which psycopg_pool's own wait raises OverflowError.
+            check_seconds("timeout", kwargs["timeout"])
         self._sp_configure = configure
         self._sp_opened_in: int | None = None
         self._sp_local = threading.local()
