@@ -25,7 +25,9 @@ from .ledger import Ledger
 
 log = logging.getLogger("sharedpool.coordinator")
 
-_PEERCRED = struct.Struct("3i")
+#: struct ucred: a signed pid_t, then unsigned uid_t and gid_t (a uid of 2**31 or
+#: more, as user namespaces hand out, must not read as negative and never match)
+_PEERCRED = struct.Struct("iII")
 
 
 def peer_credentials(sock: Any) -> tuple[int, int, int] | None:
@@ -474,7 +476,10 @@ class Server:
                 # An empty list would read as "none held"; a typo must say so.
                 known = ", ".join(sorted(ledger.resources))
                 raise ValueError(f"no resource {p.brief(resource)} (known: {known})")
-            return {"leases": ledger.snapshot_leases(now, resource, filters.get("pid"))}
+            pid = filters.get("pid")
+            if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int)):
+                raise ValueError(f"pid {p.brief(pid)} is not a process id")  # not "none held"
+            return {"leases": ledger.snapshot_leases(now, resource, pid)}
         if what == "server":
             return {"pid": os.getpid(), "socket": self.config.socket_path,
                     "uptime_s": round(time.time() - self.started, 3), "sessions": len(self.sessions)}

@@ -159,3 +159,17 @@ def test_a_group_the_user_cannot_give_files_to_is_a_config_error(shared_dir: str
     assert "group" in out.stderr and "'root'" in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert os.path.isdir(os.path.join(home, "d")) == (made == "socket")  # not left behind
     assert not os.path.exists(sock)
+
+
+def test_peer_credentials_read_uid_and_gid_unsigned() -> None:
+    # Before ("3i"), a uid or gid of 2**31 or more (user namespaces hand them
+    # out) read as negative and could never match allowed_uids / allowed_gids.
+    import struct
+
+    from sharedpool.server import peer_credentials
+
+    class Peer:
+        def getsockopt(self, level: int, option: int, size: int) -> bytes:
+            return struct.pack("iII", 4242, 2**32 - 2, 2**31)
+
+    assert peer_credentials(Peer()) == (4242, 2**32 - 2, 2**31)

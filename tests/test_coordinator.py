@@ -122,6 +122,20 @@ def test_unknown_resource_is_a_clear_error(start_coordinator: Any, sock_path: st
         c.close()
 
 
+def test_a_leases_listing_refuses_a_pid_that_is_not_one(start_coordinator: Any, sock_path: str) -> None:
+    # Before: [] ("none held") for pid="5" or 1.5, where a bad resource is an error.
+    start_coordinator({"r": 1})
+    c = Client(sock_path)
+    try:
+        lease = c.acquire("r", timeout=1)
+        for bad in ("5", 1.5, [1], True):
+            with pytest.raises(SharedPoolError, match="is not a process id"):
+                c.inspect("leases", pid=bad)
+        assert [row["id"] for row in c.inspect("leases", pid=os.getpid())["leases"]] == [lease.id]
+    finally:
+        c.close()
+
+
 def test_waiters_served_first_come_first_served(start_coordinator: Any, sock_path: str) -> None:
     start_coordinator({"r": 1})
     owner = Client(sock_path)
