@@ -257,10 +257,11 @@ async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool
         aserver = await loop.create_unix_server(lambda: SessionProtocol(server), sock=sock)
         server.warm_monitors()
         if handed.get("held"):  # live processes' leases: counted until re-registered
-            server.apply(server.ledger.restore_held(handed["held"], loop.time()))
+            server.apply(server.ledger.restore_held(handed["held"], loop.time(),
+                                                    handed.get("started", [])))
         if handed.get("fenced"):  # a dead process's backend may still count on the server
             server.apply(server.ledger.restore_fenced(handed["fenced"], loop.time(),
-                                                      handed.get("late", [])))
+                                                      handed.get("late", []), handed.get("started", [])))
         # Kept current from here on: a SIGKILL hands on nearly what a clean stop would.
         keeper = MarkerKeeper(restart_marker(config), loop)
         keeper.write(handed_on(server, loop.time()))

@@ -113,6 +113,36 @@ def _fence_of(name: str, pid: int, leases: list[Lease], fence: int, terminate: b
                       terminate=terminate, started=started)
 
 
+def _age(value: Any) -> float | None:
+    # Under 1e9 s: a hand-written int too big for a float must not stop the start.
+    return float(value) if type(value) in (int, float) and 0 <= value < 1e9 else None
+
+
+def _started_ages(started: Any) -> dict[int, tuple[float | None, float]]:
+    """A marker's ``started`` rows (see :meth:`Ledger.started_state`) by lease;
+    malformed ones left out (their lease's backend is then bounded only by the restart)."""
+    out: dict[int, tuple[float | None, float]] = {}
+    for row in started if isinstance(started, list | tuple) else ():
+        if isinstance(row, list) and len(row) == 3 and _is_id(row[0]):
+            granted, reported = _age(row[1]), _age(row[2])
+            if reported is not None and (granted is not None or row[1] is None):
+                out[row[0]] = (granted, reported)
+    return out
+
+
+def _restored(lease_id: int, name: str, token: int, backend_pid: Any, now: float,
+              ages: dict[int, tuple[float | None, float]]) -> Lease:
+    """A lease the previous coordinator handed on: its backend started before
+    this restart, and within what that coordinator knew of it (``ages``), if anything."""
+    lease = Lease(lease_id, name, 0, token, now,
+                  backend_pid=backend_pid if _is_id(backend_pid) else None, pid_since=now)
+    if lease.backend_pid and lease_id in ages:
+        granted, reported = ages[lease_id]
+        lease.opened_after = None if granted is None else now - granted
+        lease.pid_since = now - reported
+    return lease
+
+
 class Ledger:
     """Every lease of every resource on one coordinator."""
 
@@ -283,6 +313,18 @@ class Ledger:
             for res in self.resources.values() for f in res.fenced.values() if f.fence not in self._awaited
         ]
 
+    def started_state(self, now: float) -> list[list[Any]]:
+        """When the backend of each lease :meth:`held_state` and
+        :meth:`fenced_state` name can have started, as ages at ``now``:
+        ``[lease, seconds_since_grant or None, seconds_since_pid_reported]``.
+        The next coordinator's fence terminates only a backend started within
+        them (a pid reused before the restart is someone else's)."""
+        leases = [lease for res in self.resources.values()
+                  for lease in (*res.live.values(), *(f.lease for f in res.fenced.values()))]
+        # To the millisecond (the fence allows a second): the marker is rewritten often.
+        return [[x.id, None if x.opened_after is None else round(max(0.0, now - x.opened_after), 3),
+                 round(max(0.0, now - x.pid_since), 3)] for x in leases if x.backend_pid]
+
     def late_state(self) -> list[int]:
         """Lease ids of :meth:`fenced_state` whose process may still be alive
         (handed on as held, never re-registered): terminated only once its pid
@@ -305,16 +347,18 @@ class Ledger:
                     for f in res.fenced.values() if f.fence in self._awaited]
         return out
 
-    def restore_held(self, entries: list[Any], now: float) -> list[Effect]:
+    def restore_held(self, entries: list[Any], now: float, started: Any = ()) -> list[Effect]:
         """What live processes held when the previous coordinator stopped: each
         lease counts, fenced to its process, until that process re-registers it
         (:meth:`_adopt`). One not re-registered when the restart hold ends was a
         process that died meanwhile: its leases are fenced then as a dead
         session's (terminated only once its pid is gone: it may merely be
-        late). Nothing is restored outside a hold."""
+        late). Nothing is restored outside a hold. ``started``: the previous
+        coordinator's :meth:`started_state`, its ages counted to ``now``."""
         if self.hold_until is None:
             return []
         serials: dict[tuple[str, int], int] = {}
+        ages = _started_ages(started)
         for entry in entries:
             try:
                 name, lease_id, token, pid, backend_pid = entry
@@ -330,17 +374,19 @@ class Ledger:
             if fence is None:
                 fence = serials[(name, pid)] = next(self._fences)
                 self._awaited[fence] = (name, pid)
-            lease = Lease(lease_id, name, 0, token, now,
-                          backend_pid=backend_pid if _is_id(backend_pid) else None, pid_since=now)
+            lease = _restored(lease_id, name, token, backend_pid, now, ages)
             res.fenced[lease_id] = Fenced(lease, pid, self.hold_until + after, fence)
             self._next_id = max(self._next_id, lease_id + 1, token + 1)
         return []
 
-    def restore_fenced(self, entries: list[Any], now: float, late: Any = ()) -> list[Effect]:
+    def restore_fenced(self, entries: list[Any], now: float, late: Any = (),
+                       started: Any = ()) -> list[Effect]:
         """Fence again what the previous coordinator had fenced when it stopped
         (its dead processes' backends may still be there): they count against the
-        cap until their time is up or a fence check confirms them gone."""
+        cap until their time is up or a fence check confirms them gone.
+        ``started``: as for :meth:`restore_held`."""
         late_ids = {x for x in late if _is_id(x)} if isinstance(late, list | tuple | set) else set()
+        ages = _started_ages(started)
         groups: dict[tuple[str, int, bool], list[Lease]] = {}
         serials: dict[tuple[str, int, bool], int] = {}
         for entry in entries:
@@ -354,8 +400,7 @@ class Ledger:
                 continue
             limits = res.limits
             longest = max(limits.fence_timeout, limits.quarantine_delay)
-            lease = Lease(lease_id, name, 0, token, now,
-                          backend_pid=backend_pid if _is_id(backend_pid) else None, pid_since=now)
+            lease = _restored(lease_id, name, token, backend_pid, now, ages)
             key = (name, pid, lease_id in late_ids)
             if key not in serials:
                 serials[key] = next(self._fences)

@@ -37,7 +37,7 @@ KEEP_EVERY = 0.02
 #: every 20 ms would take most of it (acquire p99 from 0.4 to 10 ms).
 KEEP_DUTY = 10
 
-_KEYS = ("fenced", "held", "late")
+_KEYS = ("fenced", "held", "late", "started")
 
 _BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
@@ -104,11 +104,27 @@ def time_left_now(handed: dict[str, Any]) -> dict[str, Any]:
     unknown: a fence then lasts longer than it had left, never shorter.
     Stamped now, as its time left is (a failed start writes it back)."""
     age = marker_age(handed)
+    if age is None and handed.get("started"):
+        # Ages as of an unknown moment: a grant would seem later than it was,
+        # and the lease's own backend too old to be its (never terminated).
+        return {**handed, "started": []}
     if not age:
         return handed
     out = {**handed, "mono": handed["mono"] + age}
     out["fenced"] = [_less(e, age) for e in handed.get("fenced", [])]
+    out["started"] = [_older(e, age) for e in handed.get("started", [])]
     return out
+
+
+def _older(entry: Any, age: float) -> Any:
+    # [lease, seconds_since_grant or None, seconds_since_pid_reported], as of the write
+    if not (isinstance(entry, list) and len(entry) == 3 and type(entry[2]) in (int, float)
+            and (entry[1] is None or type(entry[1]) in (int, float))):
+        return entry  # malformed: the ledger's restore skips it
+    try:
+        return [entry[0], None if entry[1] is None else entry[1] + age, entry[2] + age]
+    except OverflowError:  # an int too big for a float: hand-written; skipped by the restore
+        return entry
 
 
 def _less(entry: Any, age: float) -> Any:
@@ -232,7 +248,11 @@ def handed_on(server: Any, now: float) -> dict[str, list[Any]] | None:
               "late": ledger.late_state()}
     # Inside a restart's grace: processes may hold leases not re-registered yet.
     holding = ledger.hold_until is not None and now < ledger.hold_until
-    return handed if holding or any(handed.values()) else None
+    if not (holding or any(handed.values())):
+        return None
+    # Ages as of this write (its "mono"): the next coordinator counts them on.
+    handed["started"] = ledger.started_state(now)
+    return handed
 
 
 def _without_time_left(handed: dict[str, list[Any]] | None) -> Any:
@@ -240,6 +260,7 @@ def _without_time_left(handed: dict[str, list[Any]] | None) -> Any:
     # (the time left then is never shorter than the true one: on the safe side).
     if handed is None:
         return None
+    # The ages in "started" grow by themselves too (what else changes them changes a row).
     return (handed["held"], handed["late"], [entry[:4] + entry[5:] for entry in handed["fenced"]])
 
 

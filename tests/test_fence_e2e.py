@@ -178,6 +178,80 @@ def test_terminate_spares_a_backend_a_dead_worker_reported_but_did_not_open(
         assert other.execute("SELECT 1").fetchone() == (1,), "the fence ended another connection"
 
 
+@pytest.mark.parametrize("how", ["stop", "kill"])
+def test_terminate_spares_a_backend_outside_its_lease_across_a_coordinator_restart(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str, how: str) -> None:
+    """As above, with the coordinator restarted (clean stop, or SIGKILL) while
+    the worker held its lease: the new coordinator took the lease from the
+    marker with no grant time and its pid as first reported at the restart, so
+    any backend started before the restart fit, and the other connection was
+    pg_terminate_backend'ed. The marker hands on when each lease's backend can
+    have started."""
+    import psycopg
+
+    limits = {"pg": Resource(max_size=1, monitor_dsn=pg_dsn(), fence_action="terminate",
+                             fence_timeout=2, acquire_timeout=30)}
+    first = start_coordinator(limits)
+    with psycopg.connect(pg_dsn(), application_name=app_name, autocommit=True) as other:
+        time.sleep(1.3)  # it started before the worker's lease, by more than the fence's 1 s slack
+        with child(_WRONG_PID, sock_path, str(other.info.backend_pid)) as worker:
+            assert worker.stdout is not None and worker.stdout.readline().strip() == "reported"
+            time.sleep(0.2)  # the report has reached the coordinator, and the marker
+            if how == "stop":
+                first.stop()
+            else:
+                first.kill()
+            start_coordinator(limits, restart_grace=1.5)
+            probe = Client(sock_path)
+            try:
+                deadline = time.monotonic() + 10
+                while not any(s["pid"] == worker.pid for s in probe.inspect("sessions")["sessions"]):
+                    assert time.monotonic() < deadline, "the worker never re-registered"
+                    time.sleep(0.05)
+                os.kill(worker.pid, signal.SIGKILL)
+                worker.wait(10)
+                probe.release(probe.acquire("pg", timeout=20))  # the slot comes back at fence_timeout
+            finally:
+                probe.close()
+        assert other.execute("SELECT 1").fetchone() == (1,), "the fence ended another connection"
+
+
+def test_terminate_ends_a_dead_workers_backend_across_a_coordinator_restart(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    """The other side of the test above: the worker's own backend, busy in a
+    long query, is still terminated by the fence of a coordinator restarted
+    (SIGKILL, its marker written seconds before) while the worker held it."""
+    import psycopg
+
+    limits = {"pg": Resource(max_size=1, monitor_dsn=pg_dsn(), fence_action="terminate",
+                             fence_timeout=30, acquire_timeout=60)}
+    first = start_coordinator(limits)
+    with busy_worker(sock_path, app_name, 60.0) as worker:
+        assert worker.stdout is not None
+        line = worker.stdout.readline().split()
+        assert line and line[0] == "querying", line
+        backend = int(line[1])
+        time.sleep(2.0)  # the marker is older than the fence's 1 s slack when the new one reads it
+        first.kill()
+        start_coordinator(limits, restart_grace=1.0)
+        probe = Client(sock_path)
+        try:
+            deadline = time.monotonic() + 10
+            while not any(s["pid"] == worker.pid for s in probe.inspect("sessions")["sessions"]):
+                assert time.monotonic() < deadline, "the worker never re-registered"
+                time.sleep(0.05)
+            os.kill(worker.pid, signal.SIGKILL)
+            worker.wait(10)
+            t0 = time.monotonic()
+            probe.release(probe.acquire("pg", timeout=40))
+            assert time.monotonic() - t0 < 10, "the worker's backend was waited for, not terminated"
+        finally:
+            probe.close()
+    with psycopg.connect(pg_dsn(), autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
+                            (backend,)).fetchone() == (0,)
+
+
 def test_failing_connects_fail_waiters_fast_and_recover(start_coordinator: Any, sock_path: str) -> None:
     """A burst of connect failures reported by processes makes the coordinator
     fail waiters at once instead of letting each time out; it recovers by itself."""
@@ -555,6 +629,12 @@ def test_the_marker_says_which_boot_wrote_it(tmp_path: Any) -> None:
     assert time_left_now({**two, "mono": None}) == {**two, "mono": None}  # unknown age: all of it
     huge = [["r", 1, 1, 5, 10**400, None]]  # hand-written: was an OverflowError at each start
     assert time_left_now({"fenced": huge, "mono": time.monotonic() - 1})["fenced"] == huge
+    # When each backend can have started, as ages: counted on like the time left.
+    started = {**two, "started": [[1, 3.0, 2.0], [3, None, 2.0], ["junk"]]}
+    assert time_left_now({**started, "mono": time.monotonic() - 1.5})["started"] == [
+        [1, pytest.approx(4.5, abs=0.2), pytest.approx(3.5, abs=0.2)],
+        [3, None, pytest.approx(3.5, abs=0.2)], ["junk"]]
+    assert time_left_now({**started, "mono": None})["started"] == []  # as of when? not used
     assert forget_backends(two, {"r": {10, 11}}) == {
         "fenced": [["r", 1, 1, 5, 2.0, None], ["s", 2, 2, 5, 2.0, 10]],
         "held": [["r", 3, 3, 6, None], ["r", 4, 4, 6, None]]}

@@ -365,6 +365,36 @@ def test_a_fence_bounds_when_each_backend_can_have_started() -> None:
     assert fence.started == {9004: (T0 + 4, T0 + 4)}
 
 
+def test_a_restart_hands_on_when_each_backend_can_have_started() -> None:
+    """The next coordinator bounds a lease's backend as this one did: restored
+    with no grant time and its pid as if first reported at the restart, any
+    backend older than the restart fit, and a pid reused before it (or a wrong
+    one, of a connection older than the grant) got someone else's connection
+    terminated after the restart."""
+    old = ledger(pg=Resource(4, monitor_dsn="postgresql:///x"))
+    live, dead = session(old, pid=5), session(old, pid=6)
+    l1, l2 = grant(old, live, 1, now=T0), grant(old, dead, 2, now=T0 + 1)
+    old.report(live, [[l1, BUSY, 9001, None]], T0 + 2)
+    old.report(dead, [[l2, BUSY, 9002, None]], T0 + 3)
+    old.close_session(dead, T0 + 4)
+    handed = json.loads(json.dumps({"held": old.held_state(), "fenced": old.fenced_state(T0 + 5),
+                                    "started": old.started_state(T0 + 5)}))
+    assert sorted(handed["started"]) == [[l1, 5.0, 3.0], [l2, 4.0, 2.0]]
+    new = Ledger({"pg": Resource(4, monitor_dsn="postgresql:///x")}, hold_until=T0 + 7)
+    bad = [["x", 1, 1], [l1, "1", 1], [l1, None, None], [l1, -1.0, 1.0], [l1, 1.0, math.nan],
+           [l1, 1, 10**400]]
+    new.restore_held(handed["held"], T0 + 5, handed["started"] + bad)  # malformed rows: left out
+    [fence] = new.restore_fenced(handed["fenced"], T0 + 5, [], handed["started"])
+    assert fence.started == {9002: (T0 + 1, T0 + 3)}
+    again = session(new, pid=5, held=[["pg", l1, l1, IDLE, None]], now=T0 + 6)
+    [fence] = of(StartFence, new.close_session(again, T0 + 8))
+    assert fence.started == {9001: (T0, T0 + 2)}
+    # An older marker (no "started"), or a malformed row: bounded by the restart only.
+    third = Ledger({"pg": Resource(4, monitor_dsn="postgresql:///x")}, hold_until=T0 + 7)
+    [fence] = third.restore_fenced(handed["fenced"], T0 + 5, [], [[l2, "1", 2.0]])
+    assert fence.started == {9002: (None, T0 + 5)}
+
+
 def test_unfence_frees_early() -> None:
     lg = ledger(pg=Resource(1, quarantine_delay=30))
     a, b = session(lg), session(lg)
