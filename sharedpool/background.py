@@ -166,4 +166,5 @@ def _report_locked(client: Client) -> None:
     if not failures and not ok and states == client._last_report and costs == client._sent_costs:
         return  # nothing new: reports are coalesced, not periodic
     client._last_report, client._sent_costs = states, costs
-    client._send_quiet(p.Report(states, failures, ok, costs))
+    report = p.Report(states, failures, ok, costs)
+    client._send_quiet(report, data=p.encode_report(report))

@@ -130,8 +130,26 @@ def _process(pid: int, cache: dict[int, _ProcInfo]) -> _ProcInfo:
 
 
 def get_resources(client: Client) -> list[dict[str, Any]]:
-    """``status`` rows, as the coordinator reports them."""
-    return list(client.inspect("resources")["resources"])
+    """``status`` rows, as the coordinator reports them: in parts when they do
+    not fit in one reply (some 1,900 resources), named by the welcome."""
+    try:
+        return list(client.inspect("resources")["resources"])
+    except SharedPoolError as exc:
+        if not str(exc).startswith("reply_too_large:") or not client.limits:
+            raise
+    return _resources_in_parts(client, list(client.limits))
+
+
+def _resources_in_parts(client: Client, names: list[str]) -> list[dict[str, Any]]:
+    try:
+        return list(client.inspect("resources", names=names)["resources"])
+    except SharedPoolError as exc:
+        # 64 rows fit many times over: still too large, the coordinator ignores
+        # ``names`` (an older one), and halving again would never end better.
+        if not str(exc).startswith("reply_too_large:") or len(names) <= 64:
+            raise
+    half = len(names) // 2
+    return _resources_in_parts(client, names[:half]) + _resources_in_parts(client, names[half:])
 
 
 def get_sessions(client: Client) -> list[dict[str, Any]]:

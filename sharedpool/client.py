@@ -799,13 +799,22 @@ class Client:
         # the caller to dispatch. ``limit`` bounds the whole handshake (None: no bound).
         held_ids: list[int] = []
         held: list[Any] = []
+        dropped: list[Lease] = []
 
         def hello() -> p.Hello:
             with self._cond:
-                held_ids.extend(self._held)
-                held.extend([lease.resource, lease.id, lease.token, "idle", None]
-                            for lease in self._held.values())
-            return p.Hello(p.PROTOCOL_VERSION, os.getpid(), self.name, held)
+                leases = list(self._held.values())
+            msg = p.Hello(p.PROTOCOL_VERSION, os.getpid(), self.name,
+                          [[lease.resource, lease.id, lease.token, "idle", None] for lease in leases])
+            # A hello over the frame limit could never be sent: the process
+            # would stay without a session for good, every lease it holds
+            # uncounted. What does not fit is given up below instead.
+            fits = p.held_that_fits(msg)
+            msg.held[fits:] = []
+            held.extend(msg.held)
+            held_ids.extend(lease.id for lease in leases[:fits])
+            dropped.extend(leases[fits:])
+            return msg
 
         # Kept where a fork finds it: the child must close its copy of a
         # half-made session too, or the parent's death would go unseen.
@@ -840,7 +849,19 @@ class Client:
             # there was no session to send it on).
             resend: list[p.Message] = [pd.msg for pd in self._pending.values() if not pd.done]
             resend += [p.Release(lid) for lid in held_ids if lid not in self._held]
+            # Leases the hello had no room for count against no cap now: their
+            # connections are closed, as those of leases the coordinator revoked.
+            revoked = [lease for lease in dropped if self._held.pop(lease.id, None) is not None]
+            why = "the hello that re-registers held leases had no room for it"
+            for lease in revoked:
+                for handler in self._push_handlers:
+                    self._jobs.append(functools.partial(handler, "revoke", lease.resource,
+                                                        {"lease": lease.id, "why": why}))
             self._cond.notify_all()
+        if revoked:
+            log.warning("coordinator %s: %d held lease(s) did not fit in the hello (frame limit %d "
+                        "bytes) and were not re-registered; their connections are closed",
+                        self.socket_path, len(revoked), p.DEFAULT_MAX_FRAME)
         if held or self.reconnects:
             log.warning("reconnected to coordinator %s (session %s), re-registered %d lease(s)",
                         self.socket_path, welcome.session, len(held))

@@ -10,6 +10,7 @@ import fcntl
 import grp
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
@@ -335,8 +336,25 @@ def _reload(server: Any) -> None:
     log.warning("reloaded %s: resources %s", data["reloaded"], ", ".join(data["resources"]))
 
 
+def raise_fd_limit() -> int:
+    """Make the hard limit of open files ours too; return the limit in force.
+    A session is an open file: past the soft limit (1024 under systemd by
+    default), libuv accepts each new session and closes it at once, with no
+    error and no log line, and those processes cannot lease."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):  # above the kernel's nr_open: keep ours
+            pass
+    return soft
+
+
 def run(config: CoordinatorConfig, ready: Any = None) -> None:
     """Bind and serve in this process until SIGTERM/SIGINT."""
+    raise_fd_limit()
     # The socket is connectable from bind_socket() on, before the loop's own
     # handlers exist: a SIGTERM then must still stop us cleanly (socket
     # removed, marker written), not kill us with the socket left behind; a

@@ -157,6 +157,12 @@ class Ledger:
         self._next_id = id_base
         self._session_ids = itertools.count(1)
         self._deadlines: list[tuple[float, int, Waiter]] = []
+        #: (until, seq, resource, fenced) of every fence: the next one to end
+        #: without a pass over all fenced leases on every call (a dead process
+        #: with thousands of leases made each op cost thousands of steps).
+        #: Lifted, taken back or ended entries stay until they reach the top.
+        self._fence_ends: list[tuple[float, int, str, Fenced]] = []
+        self._fence_ends_max = 64
         self._seq = itertools.count()
         self._fences = itertools.count(1)
         #: fence serial -> (resource, pid): leases live processes held when the
@@ -296,7 +302,7 @@ class Ledger:
             for lease in leases:
                 del res.live[lease.id]
                 if delay > 0:
-                    res.fenced[lease.id] = Fenced(lease, session.pid, now + delay, fence)
+                    self._fence(res, Fenced(lease, session.pid, now + delay, fence))
             if delay > 0:
                 effects.append(_fence_of(name, session.pid, leases, fence))
             touched.add(name)
@@ -359,6 +365,7 @@ class Ledger:
             return []
         serials: dict[tuple[str, int], int] = {}
         ages = _started_ages(started)
+        known = self._lease_ids()
         for entry in entries:
             try:
                 name, lease_id, token, pid, backend_pid = entry
@@ -366,8 +373,9 @@ class Ledger:
                 continue
             res = self.resources.get(name) if isinstance(name, str) else None
             if (res is None or not _is_id(lease_id) or not _is_id(token) or not isinstance(pid, int)
-                    or isinstance(pid, bool) or self._find_lease(lease_id)):
+                    or isinstance(pid, bool) or lease_id in known):
                 continue
+            known.add(lease_id)
             limits = res.limits
             after = limits.fence_timeout if limits.monitor_dsn else limits.quarantine_delay
             fence = serials.get((name, pid))
@@ -375,7 +383,7 @@ class Ledger:
                 fence = serials[(name, pid)] = next(self._fences)
                 self._awaited[fence] = (name, pid)
             lease = _restored(lease_id, name, token, backend_pid, now, ages)
-            res.fenced[lease_id] = Fenced(lease, pid, self.hold_until + after, fence)
+            self._fence(res, Fenced(lease, pid, self.hold_until + after, fence))
             self._next_id = max(self._next_id, lease_id + 1, token + 1)
         return []
 
@@ -389,6 +397,7 @@ class Ledger:
         ages = _started_ages(started)
         groups: dict[tuple[str, int, bool], list[Lease]] = {}
         serials: dict[tuple[str, int, bool], int] = {}
+        known = self._lease_ids()
         for entry in entries:
             try:
                 name, lease_id, token, pid, left, backend_pid = entry
@@ -396,8 +405,9 @@ class Ledger:
                 continue
             res = self.resources.get(name) if isinstance(name, str) else None
             if (res is None or not _is_id(lease_id) or not _is_id(token) or not isinstance(pid, int)
-                    or type(left) not in (int, float) or not left >= 0 or self._find_lease(lease_id)):
+                    or type(left) not in (int, float) or not left >= 0 or lease_id in known):
                 continue
+            known.add(lease_id)
             limits = res.limits
             longest = max(limits.fence_timeout, limits.quarantine_delay)
             lease = _restored(lease_id, name, token, backend_pid, now, ages)
@@ -408,7 +418,7 @@ class Ledger:
                     self._late.add(serials[key])
             fence = serials[key]
             # min() before float(): an int too big for a float (a hand-written marker).
-            res.fenced[lease_id] = Fenced(lease, pid, now + float(min(left, longest)), fence)
+            self._fence(res, Fenced(lease, pid, now + float(min(left, longest)), fence))
             self._next_id = max(self._next_id, lease_id + 1, token + 1)
             groups.setdefault(key, []).append(lease)
         return [_fence_of(name, pid, leases, serials[(name, pid, is_late)], terminate=not is_late)
@@ -619,12 +629,12 @@ class Ledger:
             self.hold_until = None  # re-registration window over: serve the queues
             touched.update(self.resources)
             effects += self._fence_unclaimed()
-        for res in self.resources.values():
-            due = [lid for lid, f in res.fenced.items() if f.until <= now]
-            for lid in due:
-                del res.fenced[lid]
-            if due:
-                touched.add(res.name)
+        ends = self._fence_ends
+        while ends and ends[0][0] <= now:
+            entry = heapq.heappop(ends)
+            if self._fence_current(entry):
+                del self.resources[entry[2]].fenced[entry[3].lease.id]
+                touched.add(entry[2])
         for name in touched:
             effects += self._pump(self.resources[name], now)
         return effects
@@ -653,11 +663,21 @@ class Ledger:
             if len(self._deadlines) > 2 * active + 64:
                 self._deadlines = [e for e in self._deadlines if e[2].active]
                 heapq.heapify(self._deadlines)
+        ends = self._fence_ends
+        while ends and not self._fence_current(ends[0]):
+            heapq.heappop(ends)
+        if len(ends) > self._fence_ends_max:
+            # As for the waiters: fences lifted early (the monitor saw the
+            # backends go) would stay for their whole fence_timeout. Looked
+            # at once the heap has doubled, not by counting on every call.
+            self._fence_ends = ends = [e for e in ends if self._fence_current(e)]
+            heapq.heapify(ends)
+            self._fence_ends_max = 2 * len(ends) + 64
         times = [self._deadlines[0][0]] if self._deadlines else []
         if self.hold_until is not None:
             times.append(self.hold_until)
-        for res in self.resources.values():
-            times.extend(f.until for f in res.fenced.values())
+        if ends:
+            times.append(ends[0][0])
         return min(times) if times else None
 
     # ------------------------------------------------------------- admin
@@ -706,11 +726,12 @@ class Ledger:
 
     # ------------------------------------------------------------- inspection
 
-    def snapshot_resources(self, now: float) -> list[dict[str, Any]]:
+    def snapshot_resources(self, now: float, names: set[str] | None = None) -> list[dict[str, Any]]:
+        """Rows of ``inspect resources``; ``names``: only those resources."""
         # Inside a restart's grace nothing is granted: seconds left of it, else None.
         hold = round(self.hold_until - now, 3) if self._holding(now) and self.hold_until else None
         return [{**res.snapshot(now, self.quantum(res.name)), "restart_hold_s": hold}
-                for res in self.resources.values()]
+                for res in self.resources.values() if names is None or res.name in names]
 
     def snapshot_sessions(self, now: float) -> list[dict[str, Any]]:
         return [s.snapshot(now) for s in self.sessions.values()]
@@ -731,6 +752,20 @@ class Ledger:
         if res is None:
             raise KeyError(name)
         return res
+
+    def _fence(self, res: ResourceState, fenced: Fenced) -> None:
+        res.fenced[fenced.lease.id] = fenced
+        heapq.heappush(self._fence_ends, (fenced.until, next(self._seq), res.name, fenced))
+
+    def _fence_current(self, entry: tuple[float, int, str, Fenced]) -> bool:
+        """Whether a :attr:`_fence_ends` entry is still a fence in force."""
+        fenced = entry[3]
+        return self.resources[entry[2]].fenced.get(fenced.lease.id) is fenced
+
+    def _lease_ids(self) -> set[int]:
+        """Every lease id in the ledger, live or fenced: one pass for a restore of
+        thousands of entries, not a search of every resource for each of them."""
+        return {lid for res in self.resources.values() for ids in (res.live, res.fenced) for lid in ids}
 
     def _find_lease(self, lease_id: int) -> Lease | None:
         for res in self.resources.values():

@@ -198,8 +198,13 @@ def check_leaks(pool: ConnectionPool[Any], now: float) -> None:
     if threshold is None:
         return
     with pool._lock:
+        # Only checkouts stamped since the last checkin: a connection handed to
+        # a waiter is in use a moment before that waiter's thread stamps it,
+        # with the last checkout's time still there (0.0 for a new one: a
+        # "leak" as old as the host's uptime, with no call site).
         suspects = [w for w in pool._all.values()
-                    if w.in_use and not w.warned and now - w.checked_out_at > threshold]
+                    if w.in_use and not w.warned and w.checked_out_at >= w.last_used
+                    and now - w.checked_out_at > threshold]
         for w in suspects:
             w.warned = True
         pool._m["leaks_suspected"] += len(suspects)

@@ -54,12 +54,6 @@ def rebalance(
     need = max(0, takers - res.free - len(res.fenced)) + excess
     if need == 0 and not res.askees:  # the common case: nothing asked, nothing to ask
         return []
-    def idle_count(s: Session) -> int:
-        return sum(
-            1 for lease in s.leases.values()
-            if lease.resource == res.name and lease.state == IDLE
-        )
-
     # Every holder above its floor may be asked, waiting or not: a busy
     # process that also queues for more must not starve one that holds
     # nothing (it gives back at checkin, after the fairness quantum). The
@@ -68,23 +62,30 @@ def rebalance(
     # sits on idle connections, and the give-back comes back to the waiter;
     # a busy lease of its own would only make a round trip. Without waiters
     # (shrinking), everyone is asked.
-    idle = {s.id: idle_count(s) for s in sessions.values() if s.held(res.name)}
-    holders = [
-        s for s in sessions.values()
-        if s.held(res.name) > res.limits.min_per_process
-        and (s.id != head or excess or idle.get(s.id))
-    ]
+    # Holders are found from the resource's own leases, not by a pass over
+    # every session: hundreds of sessions queued at a small cap made each
+    # event cost a pass over all of them, and serving the queue O(n^2).
+    held: dict[int, int] = {}
+    idle: dict[int, int] = {}
+    for lease in res.live.values():
+        if lease.session not in sessions:  # never so today; asked below, it must exist
+            continue
+        held[lease.session] = held.get(lease.session, 0) + 1
+        if lease.state == IDLE:
+            idle[lease.session] = idle.get(lease.session, 0) + 1
+    floor = res.limits.min_per_process
+    holders = [sid for sid, n in held.items() if n > floor and (sid != head or excess or idle.get(sid))]
     # Idle leases first (free to give), then sessions not waiting themselves
     # (no churn), then the largest holders.
-    holders.sort(key=lambda s: (-idle.get(s.id, 0), s.id in waiting_sessions, -s.held(res.name), s.id))
+    holders.sort(key=lambda sid: (-idle.get(sid, 0), sid in waiting_sessions, -held[sid], sid))
     plan: dict[int, int] = {}
-    for s in holders:
+    for sid in holders:
         if need <= 0:
             break
-        give = min(need, s.held(res.name) - res.limits.min_per_process)
-        if s.id == head and not excess:
-            give = min(give, idle[s.id])
-        plan[s.id] = give
+        give = min(need, held[sid] - floor)
+        if sid == head and not excess:
+            give = min(give, idle.get(sid, 0))
+        plan[sid] = give
         need -= give
     # Nobody but the head holds what could be given: sparing it would leave
     # the waiters of other sessions behind it until its own acquire times

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import socket
 import struct
 import time
@@ -28,6 +29,9 @@ log = logging.getLogger("sharedpool.coordinator")
 #: struct ucred: a signed pid_t, then unsigned uid_t and gid_t (a uid of 2**31 or
 #: more, as user namespaces hand out, must not read as negative and never match)
 _PEERCRED = struct.Struct("iII")
+#: Open files the coordinator keeps besides its sessions (its socket, monitor
+#: connections, the marker, logs, metrics).
+FD_RESERVE = 64
 
 
 def peer_credentials(sock: Any) -> tuple[int, int, int] | None:
@@ -247,6 +251,9 @@ class Server:
         #: Set once the stop has handed the leases on: sessions we close then are
         #: live processes keeping their connections, not dead ones to fence.
         self.stopping = False
+        #: sessions beyond this many come near the open-files limit (said once)
+        self.fd_sessions = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - FD_RESERVE
+        self._fd_warned = False
         self._reschedule()  # a restart hold ends on its own timer
 
     # -- access
@@ -277,6 +284,11 @@ class Server:
             # breaks) would otherwise go into the log at every reconnect.
             log.info("session %s connected: pid=%s name=%s re-registered=%d",
                      new_sid, session.pid or msg.pid, p.brief(msg.name, 100), len(msg.held))
+            if len(self.sessions) >= self.fd_sessions and not self._fd_warned:
+                self._fd_warned = True  # past the limit, sessions are dropped unseen: say so now
+                log.warning("%d sessions: near the open-files limit (%d); sessions past it are "
+                            "closed as they connect; raise it (ulimit -n, systemd LimitNOFILE=)",
+                            len(self.sessions), self.fd_sessions + FD_RESERVE)
             # Limits, and whether a drain is on: after a reconnect, a pool learns
             # here that a drain it was told of is over (a restarted coordinator),
             # or that one was ordered while it had no session.
@@ -467,7 +479,12 @@ class Server:
         """The data an inspect asks for; ValueError for what there is none of."""
         ledger = self.ledger
         if what == "resources":
-            return {"resources": ledger.snapshot_resources(now)}
+            names = filters.get("names")
+            if names is not None and (not isinstance(names, list)
+                                      or not all(isinstance(n, str) for n in names)):
+                raise ValueError(f"names must be a list of resource names, got {p.brief(names)}")
+            # A part of them: all at once may not fit in a reply (some 1,900 resources).
+            return {"resources": ledger.snapshot_resources(now, None if names is None else set(names))}
         if what == "sessions":
             return {"sessions": ledger.snapshot_sessions(now)}
         if what == "leases":

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from sharedpool import Client
+from sharedpool import Client, SharedPoolError
 
 ENV = {**os.environ, "COLUMNS": "200", "PYTHONIOENCODING": "utf-8", "PYTHONUNBUFFERED": "1"}
 ENV.pop("SHAREDPOOL_SOCKET", None)
@@ -556,6 +556,24 @@ def _serve_restarted(tmp_path: Path, grace: float) -> Serve:
     stale.close()
     (tmp_path / "sp.toml").write_text(f"[coordinator]\nrestart_grace = {grace}\n[resources]\ndemo = 1\n")
     return Serve(tmp_path, "--config", str(tmp_path / "sp.toml"), resource="")
+
+
+def test_status_of_more_resources_than_one_reply_holds(start_coordinator: Any, sock_path: str) -> None:
+    """Before: with some 1,900 resources (a config the coordinator accepts: its
+    welcome fits) `status` and `top` failed with reply_too_large, whose hint
+    (`leases --resource`) did not help. They ask for the rows in parts now."""
+    names = [f"tenant-{i:04d}" for i in range(2100)]
+    start_coordinator(dict.fromkeys(names, 2))
+    client = Client(sock_path)
+    try:
+        with pytest.raises(SharedPoolError, match="reply_too_large"):
+            client.inspect("resources")
+        rows = client.inspect("resources", names=names[5:7])["resources"]
+        assert [r["name"] for r in rows] == names[5:7]
+    finally:
+        client.close()
+    rows = sp_json("status", "--socket", sock_path)["resources"]
+    assert [r["name"] for r in rows] == names
 
 
 def test_status_shows_a_restart_hold(tmp_path: Path) -> None:
