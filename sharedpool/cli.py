@@ -321,7 +321,7 @@ def serve(socket_path: str | None, resource_flags: tuple[str, ...], config_file:
           admin_uid: tuple[int, ...], metrics_port: int | None, metrics_host: str | None,
           log_level: str) -> None:
     """Run the coordinator in the foreground (SIGTERM stops it, SIGHUP reloads --config)."""
-    from .coordinator import CoordinatorRunning, run
+    from .coordinator import CoordinatorFailed, CoordinatorRunning, run
 
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -343,7 +343,7 @@ def serve(socket_path: str | None, resource_flags: tuple[str, ...], config_file:
         run(config)
     except ConfigError as exc:
         raise BadConfig(str(exc)) from None
-    except CoordinatorRunning as exc:
+    except (CoordinatorRunning, CoordinatorFailed) as exc:
         raise Failed(str(exc)) from None
     except OSError as exc:
         raise Failed(f"cannot serve: {exc}") from None

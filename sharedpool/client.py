@@ -686,7 +686,7 @@ class Client:
             self._next_attempt = time.monotonic() + self._backoff
             self._backoff = min(self._backoff * 2, BACKOFF_MAX)
             return False
-        if messages and self._sick:
+        if self._sick and any(not (isinstance(m, p.Error) and m.fatal) for m in messages):
             self._sick, self._backoff = False, BACKOFF_MIN
         for msg in messages:
             self._dispatch(msg)
@@ -745,6 +745,13 @@ class Client:
                 self.last_error = f"{msg.code}: {msg.message}"
                 if msg.code == "access_denied":
                     self._fail_all(AccessDenied(msg.message))
+                # The coordinator ends this session (a frame it could not handle,
+                # out of memory): the reconnect re-sends what is pending, which
+                # may end the next one too. Backed off as after a bad frame, or
+                # it would be a session every millisecond, each logged there.
+                self._sick = True
+                self._next_attempt = time.monotonic() + self._backoff
+                self._backoff = min(self._backoff * 2, BACKOFF_MAX)
 
     # ---------------------------------------------------------------- connection
 

@@ -18,6 +18,7 @@ across ``close()`` and wait for that EOF.
 from __future__ import annotations
 
 import contextlib
+import errno
 import inspect
 import logging
 import os
@@ -98,6 +99,10 @@ def close_and_confirm(conn: object, timeout: float, *,
     handed = False  # to a watcher thread, which calls on_late
     try:
         sock = _dup_socket(conn)
+        if isinstance(sock, _Borrowed):
+            # No fd to spare for a dup: we watch the connection's own, which
+            # must then stay open until the server end is seen closed.
+            close_after = True
         again = _cancel_if_busy(conn)
         if not close_after:
             _call_close(close, conn)
@@ -217,15 +222,31 @@ def _best_effort(cancel: Callable[[], object]) -> None:
         log.debug("cancelling a busy connection before closing it failed", exc_info=True)
 
 
+class _Borrowed(socket.socket):
+    """A socket object on the connection's own fd: closing it lets go of the
+    fd (the connection's ``close()`` closes it), never closes it."""
+
+    def close(self) -> None:
+        self.detach()
+
+
 def _dup_socket(conn: object) -> socket.socket | None:
-    """A socket object owning a dup of ``conn``'s fd, so it outlives ``close()``."""
+    """A socket object owning a dup of ``conn``'s fd, so it outlives ``close()``;
+    at the open-file limit, a :class:`_Borrowed` one on the fd itself."""
     fd = socket_fd(conn)
     if fd is None:
         return None
     try:
         dupfd = os.dup(fd)
-    except OSError:
-        return None  # the fd is already invalid: nothing left to watch
+    except OSError as exc:
+        if exc.errno == errno.EBADF:
+            return None  # the fd is already invalid: nothing left to watch
+        # EMFILE: no fd for a dup. "Nothing to watch" would confirm a close
+        # the server has not seen (a busy backend runs on: over the cap).
+        try:
+            return _Borrowed(fileno=fd)
+        except OSError:
+            return None  # not a socket
     try:
         # Takes ownership of dupfd. We never call setblocking(): O_NONBLOCK lives
         # in the open file description the connection still shares with us.

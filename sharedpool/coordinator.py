@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import grp
 import logging
 import os
@@ -41,6 +42,21 @@ log = logging.getLogger("sharedpool.coordinator")
 
 class CoordinatorRunning(SharedPoolError, OSError):
     """Another coordinator is live on that socket path."""
+
+
+class CoordinatorFailed(SharedPoolError, RuntimeError):
+    """The coordinator stopped on its own: it could not go on safely (out of memory)."""
+
+
+def _on_loop_error(server: Any, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The event loop's exception handler. Out of memory in a callback (a
+    session's end, a timer, a fence) may have left the ledger half-changed:
+    the coordinator stops, rather than serve on half-alive. Anything else is
+    logged as asyncio does."""
+    if isinstance(context.get("exception"), MemoryError):
+        server.fail_hard(f"out of memory ({context.get('message') or 'in a callback'})")
+    with contextlib.suppress(MemoryError):
+        loop.default_exception_handler(context)
 
 
 def _private_dir(path: str, gid: int | None = None) -> None:
@@ -245,6 +261,9 @@ async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool
             # Inside the try: a start that fails here must not leave its socket
             # behind, or the next start takes it for a dead coordinator's.
             metrics = serve_metrics(server, config.metrics_host, config.metrics_port)
+        stop = asyncio.Event()
+        server.on_fatal.append(stop.set)
+        loop.set_exception_handler(functools.partial(_on_loop_error, server))
         handed = handed or {}
         if from_another_boot(handed):
             log.info("the restart marker was written before this host rebooted: its leases "
@@ -267,7 +286,6 @@ async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool
         keeper = MarkerKeeper(restart_marker(config), loop)
         keeper.write(handed_on(server, loop.time()))
         server.on_change.append(keeper.changed)
-        stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: _reload(server))
@@ -309,8 +327,15 @@ async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool
                 # Before the socket goes: once it has, another start may bind
                 # the path and its keeper write the marker (the same .tmp file).
                 write_marker(restart_marker(config), handed or {})
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 os.unlink(config.socket_path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # a disk gone read-only: the stop itself went fine
+                log.warning("cannot remove the socket %s: %s; the next start takes it for a "
+                            "dead coordinator's", config.socket_path, exc)
+    if server.fatal is not None:
+        raise CoordinatorFailed(f"coordinator stopped: {server.fatal}")
 
 
 def _file_id(path: str) -> tuple[int, int, int] | None:

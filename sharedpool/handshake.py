@@ -60,11 +60,12 @@ def shake_hands(sock: socket.socket, path: str, limit: float | None, hello: Call
                 if left <= 0:
                     raise TimeoutError("timed out")
                 sock.settimeout(left)
-            data = sock.recv(65536)
+            try:
+                data = sock.recv(65536)
+            except ConnectionResetError as exc:
+                raise _hung_up(exc) from None
             if not data:
-                if cut is not None:
-                    raise cut
-                raise CoordinatorUnavailable("coordinator closed the connection during hello")
+                raise _hung_up(cut)
             conn.receive_data(data)
             for msg in conn.events():
                 if welcome is not None:
@@ -81,6 +82,15 @@ def shake_hands(sock: socket.socket, path: str, limit: float | None, hello: Call
         sock.close()
         raise
     return conn, welcome, early
+
+
+def _hung_up(exc: OSError | None) -> CoordinatorUnavailable:
+    """The coordinator closed the connection before its welcome, with no word
+    why: so it does at its open-file limit (libuv accepts and closes each new
+    session at once), or while it stops."""
+    cause = f" ({exc.strerror})" if exc is not None and exc.strerror else ""
+    return CoordinatorUnavailable(f"coordinator closed the connection during hello{cause}: it "
+                                  "does so at its open-file limit (see its log), or while stopping")
 
 
 def error_from(msg: p.Error) -> SharedPoolError:

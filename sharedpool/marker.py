@@ -36,6 +36,11 @@ KEEP_EVERY = 0.02
 #: thousands of leases a keep takes milliseconds of the event loop, and a keep
 #: every 20 ms would take most of it (acquire p99 from 0.4 to 10 ms).
 KEEP_DUTY = 10
+#: While the marker cannot be written (a full or read-only disk, no fd left),
+#: it is tried again this often, changes or not: under load a try at every
+#: change logged an error every 20 ms for as long as the disk stayed full, and
+#: with no change a marker left stale was never written once the disk came back.
+RETRY_EVERY = 1.0
 
 _KEYS = ("fenced", "held", "late", "started")
 
@@ -215,6 +220,16 @@ def write_marker(path: str, handed: dict[str, Any]) -> bool:
     """Write the marker whole or not at all (a SIGKILL mid-write leaves the
     previous one); an error is logged (False): the coordinator serves on.
     Stamped with this boot, unless ``handed`` says which (one read back)."""
+    try:
+        _write_marker(path, handed)
+    except OSError as exc:
+        log.error("cannot write the restart marker %s: %s", path, exc)
+        return False
+    return True
+
+
+def _write_marker(path: str, handed: dict[str, Any]) -> None:
+    """:func:`write_marker`, raising its OSError."""
     tmp = path + ".tmp"
     # One-shot dumps (C encoder) and one write: json.dump() writes piece by
     # piece, ~5x slower, and the keeper runs on the coordinator's event loop.
@@ -228,10 +243,10 @@ def write_marker(path: str, handed: dict[str, Any]) -> bool:
         with open(tmp, "w") as f:
             f.write(data)
         os.replace(tmp, path)
-    except OSError as exc:
-        log.error("cannot write the restart marker %s: %s", path, exc)
-        return False
-    return True
+    except OSError:
+        with contextlib.suppress(OSError):  # a part written to a full disk: its space back
+            os.unlink(tmp)
+        raise
 
 
 def remove_marker(path: str) -> None:
@@ -274,6 +289,7 @@ class MarkerKeeper:
         self._last: Any = None
         self._cost = 0.0  # what the last keep took (s)
         self._stopped = False
+        self._failing = False  # the last write failed (logged once, until one succeeds)
 
     def __repr__(self) -> str:
         return f"<MarkerKeeper {self.path} pending={self._timer is not None}>"
@@ -282,7 +298,7 @@ class MarkerKeeper:
         """The ledger may have changed: write within :data:`KEEP_EVERY` (or
         :data:`KEEP_DUTY` times what the last keep cost, if longer)."""
         if self._timer is None and not self._stopped:
-            delay = max(self._every, KEEP_DUTY * self._cost)
+            delay = max(self._every, KEEP_DUTY * self._cost, RETRY_EVERY if self._failing else 0.0)
             self._timer = self._loop.call_later(delay, self._keep, server)
 
     def _keep(self, server: Any) -> None:
@@ -290,21 +306,31 @@ class MarkerKeeper:
         t0 = time.perf_counter()
         self.write(handed_on(server, self._loop.time()), only_if_changed=True)
         self._cost = time.perf_counter() - t0
+        if self._failing:
+            self.changed(server)  # tried again in RETRY_EVERY, whether anything changes or not
 
     def write(self, handed: dict[str, list[Any]] | None, only_if_changed: bool = False) -> None:
         """Write ``handed`` (None: remove the marker)."""
         shape = _without_time_left(handed)
-        if only_if_changed and shape == self._last:
-            return
-        if handed is None:
+        if not (only_if_changed and shape == self._last):
             try:
-                remove_marker(self.path)
+                if handed is None:
+                    remove_marker(self.path)
+                else:
+                    _write_marker(self.path, handed)
             except OSError as exc:
-                log.error("cannot remove the restart marker %s: %s", self.path, exc)
-                return  # tried again at the next change
-        elif not write_marker(self.path, handed):
-            return  # not written: tried again at the next change
-        self._last = shape
+                if self._failing:  # said once: not a line per try while the disk stays full
+                    log.debug("restart marker %s still not written: %s", self.path, exc)
+                else:
+                    log.error("cannot %s the restart marker %s: %s; trying again every %gs "
+                              "(a coordinator killed meanwhile hands on what it last wrote)",
+                              "remove" if handed is None else "write", self.path, exc, RETRY_EVERY)
+                self._failing = True
+                return
+            self._last = shape
+        if self._failing:
+            self._failing = False
+            log.warning("restart marker %s is current again", self.path)
 
     def stop(self, server: Any) -> None:
         """At a clean stop: write what is handed on now, and keep no more."""
@@ -312,4 +338,5 @@ class MarkerKeeper:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._failing = False  # the last write matters most: a failure is logged at error
         self.write(handed_on(server, self._loop.time()))

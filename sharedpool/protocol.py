@@ -305,6 +305,8 @@ def decode_body(body: bytes, sender: str) -> Message:
     """Turn one frame body into a message the ``sender`` role may send."""
     try:
         data = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
+    except MemoryError:  # ours to report, not the peer's: its frame may be fine
+        raise
     except Exception as exc:  # msgpack raises several unrelated types
         raise RemoteProtocolError(f"frame is not valid msgpack: {exc}") from None
     if not isinstance(data, dict):

@@ -114,13 +114,22 @@ class SessionProtocol(asyncio.Protocol):
         self.conn.receive_data(data)
         server = self.server
         completed = False
+        handling = False
         try:
             while (msg := self.conn.next_event()) is not None:
-                completed = True
+                completed = handling = True
                 server.handle(self, msg)
+                handling = False
         except RemoteProtocolError as exc:
             log.warning("session %s pid=%s: bad frame: %s", self.sid, self.pid, exc)
             self.fail("protocol_error", str(exc))
+        except MemoryError:
+            if handling:  # the ledger may be half-changed: only a restart is safe
+                server.fail_hard(f"out of memory handling a frame of session {self.sid}")
+            else:  # decoding it: nothing changed yet; its frame goes with the session
+                log.error("session %s pid=%s: out of memory decoding a frame; ending the session",
+                          self.sid, self.pid)
+                self.fail("out_of_memory", "the coordinator ran out of memory reading a frame")
         except Exception as exc:  # noqa: BLE001 - a frame we failed to handle: end this session only
             log.error("session %s pid=%s: frame not handled (%s: %s); ending the session",
                       self.sid, self.pid, type(exc).__name__, p.brief(str(exc), 200))
@@ -254,7 +263,23 @@ class Server:
         #: sessions beyond this many come near the open-files limit (said once)
         self.fd_sessions = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - FD_RESERVE
         self._fd_warned = False
+        #: Why the coordinator must stop (see :meth:`fail_hard`); the serve loop
+        #: stops on it through ``on_fatal`` and exits with an error.
+        self.fatal: str | None = None
+        self.on_fatal: list[Any] = []
         self._reschedule()  # a restart hold ends on its own timer
+
+    def fail_hard(self, why: str) -> None:
+        """Stop the coordinator: out of memory in the middle of a change, the
+        ledger may have lost a lease, or granted one nobody was told of, and
+        serving on would keep that for good. A restart rebuilds it from what
+        the processes re-register (I4)."""
+        if self.fatal is None:
+            self.fatal = why
+            log.critical("%s; stopping: a restarted coordinator rebuilds the ledger from the "
+                         "leases the processes re-register", why)
+        for stop in self.on_fatal:
+            stop()
 
     # -- access
 

@@ -256,3 +256,70 @@ def test_redis_connection_confirmed() -> None:
         assert socket_fd(conn) is None
         assert monitor.execute_command("CLIENT", "LIST", "ID", client_id) in (b"", "")
     monitor.close()
+
+
+def _no_fd_for_dup(monkeypatch: pytest.MonkeyPatch) -> None:
+    """os.dup() as at the open-file limit (EMFILE), for close_and_confirm only."""
+    import errno
+
+    import sharedpool.closing as closing
+
+    def dup(fd: int) -> int:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(closing.os, "dup", dup)
+
+
+@pytest.mark.pg
+def test_at_the_open_file_limit_a_close_is_still_confirmed(
+        dsn: str, monitor: psycopg.Connection, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A process at its fd limit has no fd for the dup: the close was then taken
+    # as confirmed at once ("nothing to watch") and the lease went back while
+    # the backend ran on (here a query whose cancel was lost, as it is when the
+    # cancel's own connect finds no fd either): over the cap as PostgreSQL counts.
+    conn = psycopg.connect(dsn, application_name=_app(), autocommit=True)
+    pid = conn.info.backend_pid
+    conn.pgconn.send_query(b"SELECT pg_sleep(1.5)")
+    conn.pgconn.flush()
+    time.sleep(0.2)
+    fds = _open_fds()
+    _no_fd_for_dup(monkeypatch)
+    import sharedpool.closing as closing
+
+    monkeypatch.setattr(closing, "_cancel_if_busy", lambda conn: None)  # its connect fails too
+    assert not close_and_confirm(conn, 0.3)  # the backend is still there
+    assert _visible(monitor, pid)
+    # Watched on the connection's own fd, closed once (no double close).
+    assert _open_fds() == fds - 1 and conn.closed
+    conn = psycopg.connect(dsn, application_name=_app(), autocommit=True)
+    pid = conn.info.backend_pid
+    fds = _open_fds()
+    assert close_and_confirm(conn, 5.0)  # idle: our FIN ends it, then it is confirmed
+    assert not _visible(monitor, pid)
+    assert _open_fds() == fds - 1 and conn.closed
+
+
+def test_at_the_open_file_limit_a_late_close_is_watched(monkeypatch: pytest.MonkeyPatch) -> None:
+    ours, peer = socket.socketpair()
+    fds = _open_fds()
+    closed: list[bool] = []
+    results: list[bool] = []
+    done = threading.Event()
+
+    class Conn(_End):
+        def close(self) -> None:  # the connection's own close comes after the server's
+            closed.append(bool(results))
+            super().close()
+
+    def late(confirmed: bool) -> None:
+        results.append(confirmed)
+        done.set()
+
+    _no_fd_for_dup(monkeypatch)
+    threading.Timer(0.3, peer.close).start()
+    assert not close_and_confirm(Conn(ours), 0.05, on_late=late)
+    assert peer.fileno() == -1 or peer.recv(1) == b""  # our FIN went out on its fd
+    assert done.wait(5) and results == [True]
+    assert closed == [False]  # closed once, after the server end was seen gone
+    time.sleep(0.05)
+    assert _open_fds() == fds - 2

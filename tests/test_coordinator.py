@@ -799,3 +799,184 @@ def test_running_coordinator_leaves_no_temp_directory(monkeypatch: pytest.Monkey
         assert os.listdir(top) == []
     finally:
         shutil.rmtree(top, ignore_errors=True)
+
+
+#: ``sharedpool serve`` with one MemoryError where argv[1] says (a Ledger method's first call).
+_SERVE_SHORT_OF_MEMORY = """
+import sys
+from sharedpool import ledger
+name = sys.argv.pop(1)
+real = getattr(ledger.Ledger, name)
+calls = []
+def short(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 1:
+        raise MemoryError
+    return real(*args, **kwargs)
+setattr(ledger.Ledger, name, short)
+from sharedpool.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize("where", ["close_session", "release"])
+def test_out_of_memory_mid_change_stops_the_coordinator(sock_path: str, where: str) -> None:
+    # Out of memory in the middle of a ledger change (a session's end: a
+    # callback of the loop; a release: a frame being handled) left the
+    # coordinator serving on half-alive: the ended session's lease was never
+    # returned (a slot lost for good) with only asyncio's "Exception in callback"
+    # in the log. It stops now (exit 1, said why), for a restart to rebuild the
+    # ledger from what the processes re-register.
+    proc = subprocess.Popen([sys.executable, "-c", _SERVE_SHORT_OF_MEMORY, where, "serve",
+                             "--socket", sock_path, "--resource", "r=2"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: os.path.exists(sock_path) or proc.poll() is not None, what="the socket")
+        client = Client(sock_path, connect_timeout=2.0)
+        lease = client.acquire("r", 2.0)
+        if where == "release":
+            client.release(lease)
+        client.close()
+        assert proc.wait(10) == 1
+        err = proc.communicate(timeout=10)[1]
+        assert "CRITICAL" in err and "out of memory" in err, err
+        assert "coordinator stopped: out of memory" in err.splitlines()[-1]
+        assert not os.path.exists(sock_path)  # a clean stop: its socket removed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
+_SERVE_NO_MEMORY_FOR_ONE_FRAME = """
+import msgpack
+from sharedpool import protocol
+real = msgpack.unpackb
+def unpackb(body, **kwargs):
+    if b"short-of-memory" in body:
+        raise MemoryError
+    return real(body, **kwargs)
+protocol.msgpack = type("m", (), {"unpackb": staticmethod(unpackb), "packb": staticmethod(msgpack.packb)})
+from sharedpool.cli import main
+main()
+"""
+
+
+def test_out_of_memory_decoding_a_frame_ends_that_session_only(sock_path: str) -> None:
+    # Decoding changes nothing: the session whose frame could not be read ends
+    # (as before), the coordinator serves on; but its log no longer blames the
+    # peer's frame ("bad frame: frame is not valid msgpack: ").
+    proc = subprocess.Popen([sys.executable, "-c", _SERVE_NO_MEMORY_FOR_ONE_FRAME, "serve",
+                             "--socket", sock_path, "--resource", "r=2"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: os.path.exists(sock_path) or proc.poll() is not None, what="the socket")
+        victim, other = Client(sock_path, connect_timeout=2.0), Client(sock_path, connect_timeout=2.0)
+        other.release(other.acquire("r", 2.0))
+        with pytest.raises(SharedPoolError):
+            victim.acquire("r", 0.5, site="short-of-memory")  # waits 1 s (GRACE)
+        other.release(other.acquire("r", 2.0))  # the others go on
+        victim.close()
+        other.close()
+        proc.terminate()
+        assert proc.wait(10) == 0
+        err = proc.communicate(timeout=10)[1]
+        assert "out of memory decoding a frame; ending the session" in err, err
+        assert "bad frame" not in err
+        # The victim's reconnects re-sent that frame, and were not backed off:
+        # ~2,000 sessions (4 log lines each) in its 1 s of waiting. Now 20 ms,
+        # 40 ms, ... between them, as after a bad frame from the coordinator.
+        sessions = err.count("ending the session")
+        assert 1 <= sessions <= 12, sessions
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
+#: ``sharedpool serve`` with its open-file limits set to argv[1] (soft) and argv[2] (hard).
+_SERVE_WITH_FILE_LIMIT = """
+import resource, sys
+soft, hard = int(sys.argv.pop(1)), int(sys.argv.pop(1))
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+from sharedpool.cli import main
+main()
+"""
+
+
+def _serve_with_file_limit(sock_path: str, soft: int, hard: int) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-c", _SERVE_WITH_FILE_LIMIT, str(soft), str(hard), "serve",
+                             "--socket", sock_path, "--resource", "r=2"],
+                            stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: os.path.exists(sock_path) or proc.poll() is not None, what="the socket")
+    return proc
+
+
+def test_at_its_open_file_limit_the_refused_clients_are_told_why(sock_path: str) -> None:
+    # At the limit uvloop (libuv) accepts each new session and closes it at
+    # once: no spin, and the sessions in hand go on; but the refused saw
+    # "[Errno 32] Broken pipe" (or "Connection reset by peer"), after their timeout.
+    from sharedpool.handshake import shake_hands
+
+    proc = _serve_with_file_limit(sock_path, 48, 48)  # no room to raise it
+    sessions: list[socket.socket] = []
+    try:
+        refused = None
+        for _ in range(60):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                shake_hands(sock, sock_path, 2.0, lambda: p.Hello(p.PROTOCOL_VERSION, os.getpid(), "t", []))
+            except CoordinatorUnavailable as exc:
+                refused = exc
+                break
+            sessions.append(sock)
+        assert refused is not None and "open-file limit" in str(refused), refused
+        for sock in sessions[-5:]:  # room again: served at once
+            sock.close()
+        client = Client(sock_path, connect_timeout=2.0)
+        client.release(client.acquire("r", 2.0))
+        client.close()
+        proc.terminate()
+        assert proc.wait(10) == 0
+        err = proc.communicate(timeout=10)[1]
+        assert err.count("near the open-files limit") == 1, err
+    finally:
+        for sock in sessions:
+            sock.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
+
+_SERVE_ON_A_DISK_GONE_READ_ONLY = """
+import errno, os, signal, sys
+real = os.unlink
+def unlink(path, *args, **kwargs):
+    if str(path) == sys.argv[-3]:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+    return real(path, *args, **kwargs)
+os.unlink = unlink
+from sharedpool.cli import main
+main()
+"""
+
+
+def test_a_stop_that_cannot_remove_its_socket_is_still_a_clean_stop(sock_path: str) -> None:
+    # A disk gone read-only: the stop went fine but ended with "sharedpool
+    # serve: error: cannot serve: [Errno 30] Read-only file system" and exit 1.
+    proc = subprocess.Popen([sys.executable, "-c", _SERVE_ON_A_DISK_GONE_READ_ONLY, "serve",
+                             "--socket", sock_path, "--resource", "r=2"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: os.path.exists(sock_path) or proc.poll() is not None, what="the socket")
+        proc.terminate()
+        assert proc.wait(10) == 0
+        err = proc.communicate(timeout=10)[1]
+        assert "cannot remove the socket" in err and "cannot serve" not in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sock_path)

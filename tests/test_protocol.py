@@ -642,3 +642,16 @@ def test_fuzz_server_before_hello(data: bytes, chunks: list[int]) -> None:
 @given(JUNK, st.lists(st.integers(1, 16), max_size=20))
 def test_fuzz_client_after_welcome(data: bytes, chunks: list[int]) -> None:
     _feed_until_broken(client_ready(), data, chunks)
+
+
+def test_out_of_memory_decoding_is_not_a_bad_frame(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A coordinator short of memory said "frame is not valid msgpack: " of a
+    # good frame, and blamed the peer for it in its log.
+    frame = p.encode(p.Report([[7, "idle", None, None]], {}, [], {}))
+
+    def unpackb(*args: Any, **kwargs: Any) -> Any:
+        raise MemoryError
+
+    monkeypatch.setattr(p.msgpack, "unpackb", unpackb)
+    with pytest.raises(MemoryError):
+        p.decode_body(frame[4:], p.CLIENT)

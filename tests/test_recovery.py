@@ -551,3 +551,54 @@ def test_a_marker_write_that_failed_is_tried_again(tmp_path: Any) -> None:
         assert read_marker(path)["held"] == handed["held"]
     finally:
         loop.close()
+
+
+def test_a_marker_that_cannot_be_written_is_said_once_and_tried_again(
+        tmp_path: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full or read-only disk under load: every change logged an error (one
+    every 20 ms for as long as the disk stayed full), and once it came back a
+    marker left stale was written only at the next change of the ledger."""
+    import asyncio
+    import logging
+    import types
+
+    from sharedpool import marker
+
+    monkeypatch.setattr(marker, "RETRY_EVERY", 0.05, raising=False)
+    path = str(tmp_path / "missing" / "c.sock.restart")
+    held: list[list[Any]] = []
+    ledger = types.SimpleNamespace(fenced_state=lambda now: [], held_state=lambda: list(held),
+                                   late_state=lambda: [], started_state=lambda now: [],
+                                   hold_until=None)
+    server = types.SimpleNamespace(ledger=ledger)
+    loop = asyncio.new_event_loop()
+    try:
+        keeper = marker.MarkerKeeper(path, loop, every=0.002)
+        with caplog.at_level(logging.DEBUG, logger="sharedpool.coordinator"):
+            for i in range(20):  # a lease granted every few ms, none written
+                held.append(["r", 100 + i, 100 + i, 12345, None])
+                keeper.changed(server)
+                loop.run_until_complete(asyncio.sleep(0.01))
+            errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+            assert len(errors) == 1 and "trying again" in errors[0], errors
+            os.mkdir(tmp_path / "missing")  # the disk is back; the ledger changes no more
+            loop.run_until_complete(asyncio.sleep(0.3))
+        assert marker.read_marker(path)["held"] == held
+        assert "current again" in caplog.text
+    finally:
+        loop.close()
+
+
+def test_a_marker_write_that_fails_leaves_no_part_behind(tmp_path: Any,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from sharedpool import marker
+
+    def full(src: str, dst: str) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(marker.os, "replace", full)
+    path = str(tmp_path / "c.sock.restart")
+    assert not marker.write_marker(path, {"held": [["r", 7, 7, 12345, None]]})
+    assert os.listdir(tmp_path) == []  # the .tmp's blocks are not kept on a full disk
