@@ -129,27 +129,29 @@ def _process(pid: int, cache: dict[int, _ProcInfo]) -> _ProcInfo:
     return cache[pid]
 
 
-def get_resources(client: Client) -> list[dict[str, Any]]:
+def get_resources(client: Client, timeout: float = 5.0) -> list[dict[str, Any]]:
     """``status`` rows, as the coordinator reports them: in parts when they do
-    not fit in one reply (some 1,900 resources), named by the welcome."""
+    not fit in one reply (some 1,900 resources), named by the welcome.
+    ``timeout``: of each request."""
     try:
-        return list(client.inspect("resources")["resources"])
+        return list(client.inspect("resources", timeout)["resources"])
     except SharedPoolError as exc:
         if not str(exc).startswith("reply_too_large:") or not client.limits:
             raise
-    return _resources_in_parts(client, list(client.limits))
+    return _resources_in_parts(client, list(client.limits), timeout)
 
 
-def _resources_in_parts(client: Client, names: list[str]) -> list[dict[str, Any]]:
+def _resources_in_parts(client: Client, names: list[str], timeout: float) -> list[dict[str, Any]]:
     try:
-        return list(client.inspect("resources", names=names)["resources"])
+        return list(client.inspect("resources", timeout, names=names)["resources"])
     except SharedPoolError as exc:
         # 64 rows fit many times over: still too large, the coordinator ignores
         # ``names`` (an older one), and halving again would never end better.
         if not str(exc).startswith("reply_too_large:") or len(names) <= 64:
             raise
     half = len(names) // 2
-    return _resources_in_parts(client, names[:half]) + _resources_in_parts(client, names[half:])
+    return (_resources_in_parts(client, names[:half], timeout)
+            + _resources_in_parts(client, names[half:], timeout))
 
 
 def get_sessions(client: Client) -> list[dict[str, Any]]:

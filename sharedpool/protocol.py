@@ -356,32 +356,50 @@ REPORT_FRAME = 64 * 1024
 
 
 def encode_report(report: Report, limit: int = REPORT_FRAME) -> bytes:
-    """Frame ``report``, its lease states split across as many reports as it
-    takes to keep each frame within ``limit``: a pool of thousands of leases
-    (each row with its call site, under leak detection) made one frame over
-    the limit that could never be sent, and the coordinator never heard of
-    those leases' states or backend pids. It takes each row on its own; the
-    failures, successes and costs go with the first. A row too large alone
-    goes without its site."""
+    """Frame ``report``, split across as many reports as it takes to keep each
+    frame within ``limit``: a pool of thousands of leases (each row with its
+    call site, under leak detection) made one frame over the limit that could
+    never be sent, and the coordinator never heard of those leases' states or
+    backend pids. The coordinator takes every entry of every field on its own,
+    so costs, successes and failures are split too (a process using a few
+    thousand resources has that many costs, all in every report): each entry
+    goes in exactly one frame, and a resource's success never in a later one
+    than its failures (it would clear the streak they add to). A row too
+    large alone goes without its site."""
     try:
         return encode(report, limit)
     except FrameTooLarge:
         pass
-    room = limit - len(encode(Report([], report.failures, report.ok, report.costs), limit)) - 5
-    parts: list[list[Any]] = [[]]
+    # Each of the four fields' headers may grow to 5 bytes (array32/map32).
+    room = limit - len(encode(Report(), limit)) - 4 * 4
+    items: list[tuple[str, Any, Any]] = [
+        *(("costs", name, cost) for name, cost in report.costs.items()),
+        *(("ok", name, None) for name in report.ok),
+        *(("failures", name, count) for name, count in report.failures.items()),
+        *(("states", row, None) for row in report.states),
+    ]
+    parts = [Report()]
     left = room
-    for row in report.states:
-        size = len(msgpack.packb(row, use_bin_type=True))
-        if size > room and isinstance(row, list) and len(row) > 3:
-            row = [*row[:3], None, *row[4:]]
-            size = len(msgpack.packb(row, use_bin_type=True))
-        if parts[-1] and size > left:
-            parts.append([])
+    for kind, key, value in items:
+        size = len(msgpack.packb(key, use_bin_type=True))
+        if kind == "states" and size > room and isinstance(key, list) and len(key) > 3:
+            key = [*key[:3], None, *key[4:]]
+            size = len(msgpack.packb(key, use_bin_type=True))
+        elif kind in ("costs", "failures"):
+            size += len(msgpack.packb(value, use_bin_type=True))
+        part = parts[-1]
+        if size > left and (part.states or part.ok or part.failures or part.costs):
+            part = Report()
+            parts.append(part)
             left = room
-        parts[-1].append(row)
+        if kind == "states":
+            part.states.append(key)
+        elif kind == "ok":
+            part.ok.append(key)
+        else:
+            getattr(part, kind)[key] = value
         left -= size
-    first = encode(Report(parts[0], report.failures, report.ok, report.costs), limit)
-    return first + b"".join(encode(Report(part), limit) for part in parts[1:])
+    return b"".join(encode(part, limit) for part in parts)
 
 
 class Connection:

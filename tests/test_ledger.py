@@ -1409,6 +1409,16 @@ class LedgerMachine(RuleBasedStateMachine):
                 self.unclaimed.discard(lid)
         self.apply(self.lg.unfence(r, ids, self.now))
 
+    @precondition(lambda self: self.fenced)
+    @rule()
+    def compact_fence_heap(self) -> None:
+        """The fence-expiry heap is rebuilt (without its lifted and taken-back
+        entries) once it has doubled: only at scale, so forced here. Every fence
+        in force must stay in it (the checks after tick and of next_deadline)."""
+        self.lg._fence_ends_max = 0
+        self.lg.next_deadline()
+        event("fence heap rebuilt")
+
     @rule(data=st.data())
     def resize(self, data: st.DataObject) -> None:
         r = data.draw(st.sampled_from(self.names()))
@@ -1599,6 +1609,15 @@ class RestartMachine(LedgerMachine):
             self.note_over(r)  # a smaller cap in the new config: nothing granted until below
         if self.hold is None and any(self.away.values()):
             event("restart with no grace while processes hold leases")
+
+    @precondition(lambda self: set(self.fenced) - self.awaited)
+    @rule(data=st.data(), grace=st.sampled_from([1.5, 0.5, 0.0]))
+    def stop_with_fences(self, data: st.DataObject, grace: float) -> None:
+        """A clean stop while dead processes' leases are fenced: the next
+        coordinator fences them again (restore_fenced), each until its time is
+        up. Rare among the ``restart`` rule's draws, so made a rule of its own."""
+        event("restart: dead processes' fences handed on")
+        self.restart(data, True, grace, 1)
 
     @precondition(lambda self: self.away)
     @rule(data=st.data())
@@ -1892,6 +1911,26 @@ def test_a_restore_does_not_search_every_resource_for_each_lease() -> None:
     lg.restore_fenced(fenced + [[names[0], 1000, 1000, 9, 1.0, None]], T0)  # held already: skipped
     assert resources.passes <= 2
     assert sum(len(res.fenced) for res in resources.values()) == 1000
+
+
+def test_a_lease_fenced_again_keeps_its_later_fence_end() -> None:
+    """The expiry heap keeps the entry of a fence taken back (its process came
+    back) until it reaches the top: due, it must not end the lease's later
+    fence (its process died again), nor leave it out of next_deadline()."""
+    lg = ledger(pg={"max_size": 1, "quarantine_delay": 1.0, "acquire_timeout": 10})
+    first = session(lg, pid=7)
+    lease = grant(lg, first, 1)
+    lg.close_session(first, T0)  # fenced until T0 + 1
+    again, _ = lg.open_session(7, "w", T0 + 0.5, held=[["pg", lease, lease, "idle", None]])
+    assert lease in lg.resources["pg"].live and not lg.resources["pg"].fenced  # taken back
+    lg.close_session(again, T0 + 0.5)  # fenced again, until T0 + 1.5
+    other = session(lg, pid=8, now=T0 + 0.5)
+    assert queued(lg.acquire(other, 1, "pg", T0 + 0.5))
+    assert lg._fence_ends[0][0] == T0 + 1.0  # the first fence's entry, still on top
+    assert not of(Granted, lg.tick(T0 + 1.0))  # its end is not the later fence's
+    assert list(lg.resources["pg"].fenced) == [lease]
+    assert lg.next_deadline() == T0 + 1.5
+    assert granted(lg.tick(T0 + 1.5)).session == other
 
 
 def test_lifted_fences_do_not_pile_up_in_the_expiry_heap() -> None:

@@ -53,6 +53,60 @@ def test_encode_report_splits_the_states_across_frames_within_the_limit() -> Non
     assert alone["states"] == [[1, "busy", 2, None]]
 
 
+def test_encode_report_splits_costs_successes_and_failures_too() -> None:
+    """Before: only the states were split; costs (one per resource the process
+    measured, all of them in every report), successes and failures went whole
+    in the first frame. Past 64 KiB of them (~1,000 resources of 60-character
+    names) every report raised FrameTooLarge, though it fitted the 1 MiB frame
+    before the split: no state or backend pid of the process ever reached the
+    coordinator again."""
+    names = [f"tenant-{i:04d}-" + "x" * 50 for i in range(3000)]
+    costs = dict.fromkeys(names, 0.0123)
+    ok, failures = names[::2], dict.fromkeys(names[::3], 2)
+    rows = [[i, "busy", 1000 + i, SITE, False] for i in range(500)]
+    data = p.encode_report(p.Report(rows, failures, ok, costs))
+    frames = decode_frames(data)
+    assert len(frames) > 1 and all(len(msgpack.packb(f)) <= p.REPORT_FRAME for f in frames)
+    # Every entry once, in order; the coordinator takes each frame as a report.
+    assert [row for f in frames for row in f["states"]] == rows
+    assert [name for f in frames for name in f["ok"]] == ok
+    assert {k: v for f in frames for k, v in f["costs"].items()} == costs
+    assert sum(len(f["costs"]) for f in frames) == len(costs)
+    assert {k: v for f in frames for k, v in f["failures"].items()} == failures
+    assert sum(len(f["failures"]) for f in frames) == len(failures)
+    # A success clears the failure streak its failures add to: never after them.
+    first = {name: i for i, f in enumerate(frames) for name in f["failures"]}
+    assert all(i <= first[name] for i, f in enumerate(frames) for name in f["ok"] if name in first)
+    server = p.Connection(p.SERVER)
+    server.receive_data(p.encode(p.Hello(p.PROTOCOL_VERSION, 1, "w")) + data)
+    assert len([m for m in server.events() if isinstance(m, p.Report)]) == len(frames)
+
+
+def test_the_costs_of_many_resources_do_not_stop_every_report(
+        start_coordinator: Any, sock_path: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The same, end to end: a process that measured its hand-off cost on 1,500
+    resources, each in every report (109 kB, over the 64 KiB a report frame
+    now takes): its lease's state and backend pid never reached the coordinator."""
+    names = [f"tenant-{i:04d}-" + "x" * 50 for i in range(1500)]
+    start_coordinator(dict.fromkeys(names, 2))
+    client = Client(sock_path)
+    try:
+        lease = client.acquire(names[0], timeout=5)
+        client.add_state_provider(lambda: [[lease.id, "busy", 4242, None]])
+        for name in names:
+            client.report_cost(name, 0.0123)
+        with caplog.at_level(logging.WARNING, logger="sharedpool.client"):
+            client.report_now()
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        deadline = time.monotonic() + 5
+        while (row := client.inspect("leases", resource=names[0])["leases"][0])["backend_pid"] != 4242:
+            assert time.monotonic() < deadline, row
+            time.sleep(0.05)
+        assert row["state"] == "busy"
+    finally:
+        client.close()
+
+
 def test_a_report_too_large_for_one_frame_still_reaches_the_coordinator(
         start_coordinator: Any, sock_path: str, caplog: pytest.LogCaptureFixture) -> None:
     """Before: a process with ~1,200 connections in use under leak detection
@@ -132,6 +186,54 @@ def test_a_coordinator_of_thousands_of_resources_starts_in_a_moment(tmp_path: An
             client.close()
     finally:
         coordinator.stop()
+
+
+def _lease_and_die(sock_path: str, resource: str) -> None:
+    """A process that takes a lease and dies holding it (its session ends)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(sock_path)
+        conn = p.Connection(p.CLIENT)
+        s.sendall(conn.send(p.Hello(p.PROTOCOL_VERSION, os.getpid(), "dies")))
+        seen: list[p.Message] = []
+        while not any(isinstance(m, p.Grant) for m in seen):
+            data = s.recv(1 << 20)
+            assert data, seen
+            conn.receive_data(data)
+            events = conn.events()
+            if any(isinstance(m, p.Welcome) for m in events):
+                s.sendall(p.encode(p.Acquire(1, resource, 1.0)))
+            seen += events
+
+
+def test_a_server_stopping_its_coordinator_waits_for_the_fences_of_thousands_of_resources(
+        start_coordinator: Any, sock_path: str) -> None:
+    """Before: gunicorn's and celery's exit asked for every resource's row in one
+    reply; with some 1,900 resources that is reply_too_large, read as "not
+    answering": the wait for a killed worker's fence ended at once and the
+    coordinator was stopped with its slots fenced (a server restarted on another
+    path would open the whole cap beside the backends still running). The
+    comparison of what a server declares with what is served failed the same way."""
+    from sharedpool import Resource
+    from sharedpool.contrib._embedded import compare_served, wait_for_fences
+
+    resources: dict[str, Any] = {f"tenant-{i:04d}": 2 for i in range(2100)}
+    resources["tenant-0000"] = Resource(2, quarantine_delay=2.0)
+    coordinator = start_coordinator(resources)
+    _lease_and_die(sock_path, "tenant-0000")
+    client = Client(sock_path)
+    try:
+        deadline = time.monotonic() + 5
+        while not client.inspect("resources", names=["tenant-0000"])["resources"][0]["fenced"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        started = time.monotonic()
+        wait_for_fences(sock_path, coordinator.config)
+        assert time.monotonic() - started > 1.0  # until the fence is over
+        assert client.inspect("resources", names=["tenant-0000"])["resources"][0]["fenced"] == 0
+    finally:
+        client.close()
+    assert compare_served(sock_path, {"tenant-0001": Resource(2)}) == []
 
 
 def _serve_with_fd_limit(sock_path: str, soft: int, hard: int) -> subprocess.Popen[bytes]:

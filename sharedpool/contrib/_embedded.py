@@ -45,11 +45,12 @@ def compare_served(path: str, declared: Mapping[str, Any]) -> list[str]:
     this server declared (``{name: Resource}``): its configuration is the one
     in force, so a resource it lacks fails every checkout (UnknownResource)
     and a different cap is not the one written here. One line per difference."""
+    from ..cli import get_resources
     from ..client import Client
 
     client = Client(path, name="sharedpool-compare")
     try:
-        rows = client.inspect("resources", timeout=2.0)["resources"]
+        rows = get_resources(client, timeout=2.0)  # in parts: some 1,900 resources fill one reply
     except Exception as exc:  # noqa: BLE001 - what it serves is unknown: said so, never fatal
         return [f"its resources could not be compared with the ones declared here: {exc}"]
     finally:
@@ -77,6 +78,7 @@ def wait_for_fences(path: str, config: CoordinatorConfig, killed: Collection[int
     coordinator hands that on only to a successor on this very path: a server
     restarted at once on another (private) path would open the whole cap beside it.
     Nothing fenced, nothing killed: one round trip."""
+    from ..cli import get_resources
     from ..client import Client
 
     bound = max((max(r.fence_timeout, r.quarantine_delay) for r in config.resources.values()),
@@ -85,7 +87,9 @@ def wait_for_fences(path: str, config: CoordinatorConfig, killed: Collection[int
     client = Client(path, name="sharedpool-server-exit")
     try:
         while True:
-            rows = client.inspect("resources", timeout=1.0)["resources"]
+            # In parts: with some 1,900 resources one reply is too large, and
+            # that error read as "not answering" ended the wait at once.
+            rows = get_resources(client, timeout=1.0)
             # A killed worker's session ends once the coordinator reads EOF on it;
             # its leases are fenced from then on.
             sessions = client.inspect("sessions", timeout=1.0)["sessions"] if killed else []
