@@ -299,7 +299,11 @@ class CoordinatorConfig:
     exceed the clients' longest reconnect backoff (1 s).
     ``max_frame``: the largest frame accepted from a peer; replies stay within
     1 MiB, what clients read (a larger one is refused as ``reply_too_large``),
-    and the welcome listing every resource must fit.
+    and the welcome listing every resource must fit. Clients do not learn it:
+    they send reports in frames of up to 64 KiB and a reconnect's hello of up
+    to 1 MiB (some 2,000 held leases per 64 KiB), so below 64 KiB a busy
+    process's report ends its session, and a hello re-registering more held
+    leases than fit is refused.
     ``hello_timeout``: a session that has not said hello within this long is
     closed. ``frame_timeout``: a frame begun but not finished within this long
     ends the session.
