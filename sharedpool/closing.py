@@ -135,6 +135,13 @@ def close_and_confirm(conn: object, timeout: float, *,
                 watched, sock, handed = sock, None, True  # the watcher owns the dup now
                 start_watcher(watched, on_late, after)
         if close_after:
+            if sock is not None:
+                # Let go of the fd first: a signal's exception inside close(), once it
+                # has closed the fd, must not leave us shutting down and watching a
+                # number another thread may already have been given (at the fd limit,
+                # the very next open gets it). Confirmed by now, or not waited for.
+                sock.close()
+                sock = None
             _call_close(close, conn)
         return confirmed
     except BaseException:
@@ -228,6 +235,10 @@ class _Borrowed(socket.socket):
 
     def close(self) -> None:
         self.detach()
+
+    # Dropped without close() (a signal's exception before a watcher took it):
+    # socket's own finalizer would close the connection's fd behind its back.
+    __del__ = close
 
 
 def _dup_socket(conn: object) -> socket.socket | None:

@@ -307,7 +307,10 @@ async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool
         # live ones' leases: one that dies before re-registering them may leave
         # a query running too. Before we stop accepting: a coordinator that
         # takes the path over after that owns the marker.
-        keeper.stop(server)
+        # Stopped by fail_hard(): the ledger may have lost a lease it holds no
+        # trace of; the restart must hold its grants as after a crash, not
+        # start afresh because the ledger looks empty.
+        keeper.stop(server, restart=server.fatal is not None)
         server.stopping = True
         aserver.close()
         for session in list(server.sessions.values()):

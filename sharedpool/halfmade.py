@@ -10,13 +10,16 @@ only once the server has let go (I1), as after a close.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from . import closing
 from .closing import socket_fd, start_watcher
 
 
@@ -131,12 +134,17 @@ def let_go_of(fds: list[int], on_done: Callable[[bool], object]) -> None:
     """Half-made connections nobody will use: send our FIN on each socket
     (a dup: the owner's fd stays valid until it is collected), so that the
     server ends its session now, and call ``on_done(confirmed)`` once every
-    server end is closed (from watcher threads; here if there is nothing to watch)."""
+    server end is closed (from watcher threads; here if there is nothing to watch).
+    At the open-file limit (no dup), a socket is watched on its own fd for
+    :data:`FIN_WAIT` only, then counted closed after :data:`~sharedpool.closing.LATE_TIMEOUT`."""
     socks = []
+    unwatched = 0
     for fd in fds:
         try:
             dup = os.dup(fd)
-        except OSError:
+        except OSError as exc:
+            if exc.errno != errno.EBADF and _fin_only(fd) is False:  # at the open-file limit
+                unwatched += 1
             continue
         try:
             sock = socket.socket(fileno=dup)
@@ -146,11 +154,11 @@ def let_go_of(fds: list[int], on_done: Callable[[bool], object]) -> None:
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_WR)
         socks.append(sock)
-    if not socks:
+    if not socks and not unwatched:
         on_done(True)
         return
     lock = threading.Lock()
-    left, all_confirmed = len(socks), True
+    left, all_confirmed = len(socks) + unwatched, True
 
     def one(confirmed: bool) -> None:
         nonlocal left, all_confirmed
@@ -163,3 +171,38 @@ def let_go_of(fds: list[int], on_done: Callable[[bool], object]) -> None:
 
     for sock in socks:
         start_watcher(sock, one, None)
+    if unwatched:
+        # Not seen closed within FIN_WAIT, and not to be watched on the number
+        # itself (its owner's collection may free it any moment): given back
+        # only as a watcher that timed out would.
+        def give_up() -> None:
+            for _ in range(unwatched):
+                one(False)
+
+        timer = threading.Timer(closing.LATE_TIMEOUT, give_up)
+        timer.daemon = True
+        try:
+            timer.start()
+        except RuntimeError:  # no thread to be had: as start_watcher, wait here
+            time.sleep(closing.NO_THREAD_WAIT)
+            give_up()
+
+
+#: How long a half-made socket with no fd to spare for a dup is watched on its
+#: own fd, which stays open only while the caller holds the connect's exception.
+FIN_WAIT = 0.5
+
+
+def _fin_only(fd: int) -> bool | None:
+    """Our FIN on ``fd`` itself, and whether the server end is seen closed
+    within :data:`FIN_WAIT` (None: not a socket)."""
+    try:
+        sock = closing._Borrowed(fileno=fd)
+    except OSError:
+        return None  # not a socket (a selector's epoll fd)
+    try:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+        return closing._wait_eof(sock, time.monotonic() + FIN_WAIT)
+    finally:
+        sock.close()  # lets go of the fd, never closes it

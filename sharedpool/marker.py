@@ -332,11 +332,16 @@ class MarkerKeeper:
             self._failing = False
             log.warning("restart marker %s is current again", self.path)
 
-    def stop(self, server: Any) -> None:
-        """At a clean stop: write what is handed on now, and keep no more."""
+    def stop(self, server: Any, restart: bool = False) -> None:
+        """At a clean stop: write what is handed on now, and keep no more.
+        ``restart``: a marker even with nothing to hand on, so that the next
+        start is a restart (it holds its grants while processes re-register)."""
         self._stopped = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         self._failing = False  # the last write matters most: a failure is logged at error
-        self.write(handed_on(server, self._loop.time()))
+        handed = handed_on(server, self._loop.time())
+        if handed is None and restart:
+            handed = {key: [] for key in _KEYS}
+        self.write(handed)

@@ -323,3 +323,65 @@ def test_at_the_open_file_limit_a_late_close_is_watched(monkeypatch: pytest.Monk
     assert closed == [False]  # closed once, after the server end was seen gone
     time.sleep(0.05)
     assert _open_fds() == fds - 2
+
+
+def test_at_the_open_file_limit_an_interrupted_close_lets_go_of_the_fd(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Watched on the connection's own fd (no dup), a signal's exception inside
+    # the connection's close(), after it had closed that fd, left the except
+    # path shutting down and a watcher draining whatever got the number next:
+    # another thread's socket (at the fd limit, the next open gets it).
+    ours, server = socket.socketpair()
+
+    def backend() -> None:  # like PostgreSQL: reads until our EOF, then closes its end
+        while server.recv(4096):
+            pass
+        server.close()
+
+    threading.Thread(target=backend, daemon=True).start()
+    other: list[socket.socket] = []
+
+    class Conn(_End):
+        def close(self) -> None:
+            super().close()
+            other.extend(socket.socketpair())  # another thread, given the number meanwhile
+            raise KeyboardInterrupt  # Ctrl-C as close() returns
+
+    late: list[bool] = []
+    _no_fd_for_dup(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        close_and_confirm(Conn(ours), 5.0, on_late=late.append)
+    a, b = other
+    try:
+        assert late == [True]  # the server end was seen closed before close()
+        b.sendall(b"theirs")
+        time.sleep(0.2)
+        a.setblocking(False)
+        assert a.recv(100) == b"theirs"  # not drained by a watcher
+        a.sendall(b"still open")
+        b.settimeout(1.0)
+        assert b.recv(100) == b"still open"  # not shut down by us
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_borrowed_socket_dropped_unclosed_leaves_the_fd_open(monkeypatch: pytest.MonkeyPatch) -> None:
+    # socket's finalizer closes its fd: a socket on the connection's own fd,
+    # dropped without close() (an exception before a watcher took it), closed
+    # the connection's fd under it; its own close() later closed that number again.
+    import gc
+
+    from sharedpool.closing import _dup_socket
+
+    ours, peer = socket.socketpair()
+    _no_fd_for_dup(monkeypatch)
+    borrowed = _dup_socket(_End(ours))
+    assert borrowed is not None and borrowed.fileno() == ours.fileno()
+    del borrowed
+    gc.collect()
+    try:
+        os.fstat(ours.fileno())  # still the connection's
+    finally:
+        ours.close()
+        peer.close()

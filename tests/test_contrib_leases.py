@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import pytest
 from fake_coordinator import FakeCoordinator
 from proc_helpers import interrupt_once, leased, no_leases_of, run_in_child, run_staggered, wait_leased
 
@@ -479,3 +480,45 @@ def test_a_connect_error_survives_objects_that_raise_when_looked_at(
         book.connect(connect, 3)
     assert leased(sock_path) == 0
     book.shutdown()
+
+
+def test_a_half_made_socket_at_the_open_file_limit_is_not_taken_for_closed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # No fd for the dup: the socket was skipped, nothing was left to watch, and
+    # the lease went back at once, with no FIN sent and the server session alive
+    # until the collector freed the socket (over the cap meanwhile).
+    import errno
+
+    from sharedpool import closing, halfmade
+
+    def dup(fd: int) -> int:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    ours, server = socket.socketpair()
+    monkeypatch.setattr(halfmade.os, "dup", dup)
+    monkeypatch.setattr(halfmade, "FIN_WAIT", 0.05, raising=False)
+    monkeypatch.setattr(closing, "LATE_TIMEOUT", 0.3)
+    done: list[bool] = []
+    halfmade.let_go_of([ours.fileno()], done.append)
+    assert done == []  # the server end is still open
+    server.settimeout(5)
+    assert server.recv(1) == b""  # our FIN went out on the socket's own fd
+    os.fstat(ours.fileno())  # which is still its owner's
+    deadline = time.monotonic() + 5
+    while not done and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert done == [False]  # given back as a watcher that timed out would
+    # A server that lets go within FIN_WAIT: confirmed, at once.
+    ours2, server2 = socket.socketpair()
+
+    def backend() -> None:
+        while server2.recv(4096):
+            pass
+        server2.close()
+
+    threading.Thread(target=backend, daemon=True).start()
+    monkeypatch.setattr(halfmade, "FIN_WAIT", 5.0, raising=False)
+    halfmade.let_go_of([ours2.fileno()], done.append)
+    assert done == [False, True]
+    for sock in (ours, server, ours2):
+        sock.close()

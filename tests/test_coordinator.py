@@ -980,3 +980,38 @@ def test_a_stop_that_cannot_remove_its_socket_is_still_a_clean_stop(sock_path: s
             proc.wait(5)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(sock_path)
+
+
+def test_out_of_memory_with_nothing_leased_still_hands_on_a_restart(sock_path: str) -> None:
+    # A stop by fail_hard() with a ledger that shows no lease (it may be the
+    # one that lost it) removed the marker with the socket: the next start
+    # was a fresh one, granting at once while processes re-registered what
+    # they hold. A crash (the socket left behind) would have held its grants.
+    proc = subprocess.Popen([sys.executable, "-c", _SERVE_SHORT_OF_MEMORY, "acquire", "serve",
+                             "--socket", sock_path, "--resource", "r=2"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: os.path.exists(sock_path) or proc.poll() is not None, what="the socket")
+        client = Client(sock_path, connect_timeout=2.0)
+        with contextlib.suppress(SharedPoolError):
+            client.acquire("r", 0.2)
+        client.close()
+        assert proc.wait(10) == 1
+        proc.communicate(timeout=10)
+        assert not os.path.exists(sock_path)
+        assert os.path.exists(sock_path + ".restart")  # the next start is a restart
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    proc = subprocess.Popen([sys.executable, "-m", "sharedpool", "serve", "--socket", sock_path,
+                             "--resource", "r=2"], stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: os.path.exists(sock_path) or proc.poll() is not None, what="the socket")
+        proc.terminate()
+        assert proc.wait(10) == 0
+        assert "coordinator restarted: granting nothing" in proc.communicate(timeout=10)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
