@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import resource
 import socket
 import struct
 import time
+from resource import RLIMIT_NOFILE, getrlimit
 from typing import Any
 
 from . import protocol as p
@@ -261,7 +261,7 @@ class Server:
         #: live processes keeping their connections, not dead ones to fence.
         self.stopping = False
         #: sessions beyond this many come near the open-files limit (said once)
-        self.fd_sessions = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - FD_RESERVE
+        self.fd_sessions = getrlimit(RLIMIT_NOFILE)[0] - FD_RESERVE
         self._fd_warned = False
         #: Why the coordinator must stop (see :meth:`fail_hard`); the serve loop
         #: stops on it through ``on_fatal`` and exits with an error.
