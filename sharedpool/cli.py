@@ -542,11 +542,17 @@ def demo(ctx: click.Context, workers: int, max_size: int, seconds: float, pool_s
     ctx.exit(code)
 
 
+#: click >= 8.2 raises it for a bare ``sharedpool`` (the help, exit 2); 8.1 prints the
+#: help and exits 0 by itself. Looked up once: an ``except`` naming a missing attribute
+#: turns every error into a traceback.
+_NoArgsIsHelp: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: usage errors in one line, never a traceback for them."""
     try:
         code = cli.main(args=argv, prog_name="sharedpool", standalone_mode=False)
-    except click.exceptions.NoArgsIsHelpError as exc:
+    except _NoArgsIsHelp as exc:
         exc.show()
         code = exc.exit_code
     except click.ClickException as exc:

@@ -255,6 +255,20 @@ def test_missing_coordinator_is_one_clear_line(tmp_path: Path) -> None:
         assert time.monotonic() - start < 5
 
 
+def test_errors_are_one_line_with_a_click_that_has_no_no_args_is_help_error(tmp_path: Path) -> None:
+    # click < 8.2 (click>=8.1 is admitted) has no NoArgsIsHelpError: naming it in an
+    # except clause turned every error of the CLI into a traceback there.
+    code = ("import sys, click.exceptions\n"
+            "vars(click.exceptions).pop('NoArgsIsHelpError', None)\n"
+            "from sharedpool.cli import main\n"
+            "main(sys.argv[1:])\n")
+    path = str(tmp_path / "nobody.sock")
+    out = subprocess.run([sys.executable, "-c", code, "status", "--socket", path],
+                         capture_output=True, text=True, env=ENV, timeout=30)
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.strip().count("\n") == 0 and f"no coordinator at {path}" in out.stderr, out.stderr
+
+
 def test_top_for_a_script_fails_when_its_last_refresh_got_no_answer(tmp_path: Path) -> None:
     path = str(tmp_path / "mute.sock")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as mute:

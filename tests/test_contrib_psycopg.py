@@ -115,6 +115,21 @@ def test_busy_connection_is_cancelled_and_its_lease_goes_back_after_the_backend(
     assert seen == [0], f"the lease went back while PostgreSQL still had {seen} backend(s)"
 
 
+def test_a_psycopg_pool_that_closes_connections_itself_is_refused_at_import() -> None:
+    # psycopg_pool < 3.2.8 (no _close_connection) closed connections with conn.close()
+    # on most paths: the busy one above gave its lease back with its query still
+    # running. Refused with the version to get, rather than a cap that does not hold.
+    import subprocess
+    import sys
+
+    code = ("import psycopg_pool\n"
+            "del psycopg_pool.ConnectionPool._close_connection\n"
+            "import sharedpool.contrib.psycopg\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out
+    assert "ImportError: sharedpool.contrib.psycopg needs psycopg_pool >= 3.2.8" in out.stderr, out.stderr
+
+
 def test_max_lifetime_replaces_connections_under_lease(pg: str, start_coordinator: Any,
                                                        sock_path: str, app_name: str) -> None:
     start_coordinator({"pg": Resource(max_size=2)})

@@ -566,3 +566,38 @@ def test_a_script_that_never_disconnects_exits(start_coordinator: Any, sock_path
     assert (out.returncode, out.stdout.strip()) == (0, "True"), out.stderr
     assert "garbage-collected" not in out.stderr, out.stderr
     assert wait_leased(sock_path, 0) == 0
+
+
+class _Redis60Connection(redis.connection.Connection):
+    """A connection with the API of redis-py 6.0-7.x where it differs from 8's:
+    connect_check_health() takes check_health alone (< 6.3) and connect() calls
+    it so; no is_connected (< 8.0). (should_reconnect(), < 7.0, cannot be taken
+    away: redis-py 8's own pool calls it.)"""
+
+    @property
+    def is_connected(self) -> bool:
+        raise AttributeError("is_connected")
+
+    def connect(self) -> None:
+        self.connect_check_health(check_health=True)
+
+    def connect_check_health(self, check_health: bool = True) -> None:  # type: ignore[override]
+        super().connect_check_health(check_health)
+
+
+def test_a_connection_class_with_an_older_redis_py_api_is_leased(start_coordinator: Any, sock_path: str,
+                                                                 redis_name: str) -> None:
+    # redis>=6.0 is what the redis extra admits: its connections were called with
+    # 8's arguments (TypeError at the first command) and is_connected (AttributeError).
+    start_coordinator({"redis": 1})
+    pool = make_pool(sock_path, redis_name, max_connections=2, connection_class=_Redis60Connection)
+    r = redis.Redis(connection_pool=pool)
+    try:
+        for i in range(3):
+            assert r.set(f"{redis_name}:k", i) and int(r.get(f"{redis_name}:k") or -1) == i
+        assert pool.lease_stats()["leases_held"] == 1 and leased(sock_path) == 1
+        assert clients_named(redis_name) == 1
+        r.delete(f"{redis_name}:k")
+    finally:
+        pool.disconnect()
+    assert wait_leased(sock_path, 0) == 0 and clients_named(redis_name) == 0

@@ -49,6 +49,13 @@ from ._leases import LeaseBook
 
 __all__ = ["ConnectionPool"]
 
+if not hasattr(psycopg_pool.ConnectionPool, "_close_connection"):  # pragma: no cover
+    # Older psycopg_pool closes connections itself (conn.close()) on most paths: their
+    # leases would go back unconfirmed, a busy backend still running (I1).
+    raise ImportError(f"sharedpool.contrib.psycopg needs psycopg_pool >= 3.2.8 (this is psycopg_pool "
+                      f"{psycopg_pool.__version__}, whose pools close connections past the lease "
+                      f"book); upgrade psycopg_pool")
+
 log = logging.getLogger("sharedpool.contrib.psycopg")
 
 #: Seconds before an AddConnection that found every spare worker in a lease

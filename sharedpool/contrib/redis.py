@@ -49,7 +49,7 @@ __all__ = ["BlockingConnectionPool", "LeaseRefused", "LeaseTimeout", "LeaseUnava
 
 if not hasattr(redis.connection.AbstractConnection, "connect_check_health"):  # pragma: no cover
     # Older redis-py opens sockets elsewhere: leasing would silently not happen.
-    raise ImportError(f"sharedpool.contrib.redis needs a redis-py whose connections have "
+    raise ImportError(f"sharedpool.contrib.redis needs redis-py >= 6.0, whose connections have "
                       f"connect_check_health() (this is redis-py {redis.__version__}); upgrade redis")
 
 log = logging.getLogger("sharedpool.contrib.redis")
@@ -215,7 +215,10 @@ class LeasedConnectionMixin:
         if other is not None:
             raise _UseAnother(None if other is True else other)
         try:
-            super().connect_check_health(check_health, retry_socket_connect)  # type: ignore[misc]
+            if retry_socket_connect:  # redis-py < 6.3 has no such argument (nor passes it)
+                super().connect_check_health(check_health)  # type: ignore[misc]
+            else:
+                super().connect_check_health(check_health, retry_socket_connect)  # type: ignore[misc]
         except BaseException:
             if self._sock is None:  # no socket left: the lease goes straight back
                 book.opened(self, failed=True)
@@ -337,13 +340,13 @@ class BlockingConnectionPool(redis.BlockingConnectionPool):
                 self._sp_book.count("leases_reclaimed")
                 connection.disconnect()
             elif (inner._sock is not None and self.owns_connection(connection)
-                  and not connection.should_reconnect() and self._sp_book.offer(connection, owner=self,
+                  and not _should_reconnect(connection) and self._sp_book.offer(connection, owner=self,
                                                           back=lambda: self.release(connection))):
                 return  # handed, still in use, to a thread waiting for a lease
         super().release(connection)
         if self.pid != os.getpid():
             return
-        if not getattr(connection, "_conn", connection).is_connected:
+        if not self._sp_connected(connection):
             self._sp_to_far_end(connection)  # handed out last: connected ones go first
         else:
             self._sp_book.notify_returned()
@@ -414,3 +417,9 @@ class BlockingConnectionPool(redis.BlockingConnectionPool):
                         q.queue.append(conn)
                     q.not_empty.notify()
         return len(picked)
+
+
+def _should_reconnect(connection: Any) -> bool:
+    """redis-py's mark for a connection to drop at checkin (7.0+; none before)."""
+    should = getattr(connection, "should_reconnect", None)
+    return bool(should()) if should is not None else False

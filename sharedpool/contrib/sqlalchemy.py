@@ -33,13 +33,12 @@ import logging
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy
 from sqlalchemy import exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import QueuePool
-from sqlalchemy.pool.base import ConnectionPoolEntry
 from sqlalchemy.util import queue as sqla_queue
 
 from ..client import current_pid
@@ -48,7 +47,14 @@ from ..errors import ConfigError, PoolTimeout, ResourceUnavailable, TooManyWaite
 from ..process import FORK_LOCK
 from ._leases import LeaseBook
 
+if TYPE_CHECKING:
+    from sqlalchemy.pool.base import ConnectionPoolEntry
+
 __all__ = ["LeaseRefused", "LeaseTimeout", "LeasedQueuePool", "attach", "create_engine"]
+
+if not hasattr(sqlalchemy.pool, "ConnectionPoolEntry"):  # pragma: no cover
+    raise ImportError(f"sharedpool.contrib.sqlalchemy needs SQLAlchemy >= 2.0 (this is SQLAlchemy "
+                      f"{sqlalchemy.__version__}); upgrade SQLAlchemy")
 
 log = logging.getLogger("sharedpool.contrib.sqlalchemy")
 
