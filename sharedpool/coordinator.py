@@ -459,9 +459,11 @@ class Coordinator:
         self._program = program
         return self
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM the child and wait; SIGKILL it if it does not go."""
-        check_seconds("timeout", timeout)  # before the child is let go: a refused stop changes nothing
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """SIGTERM the child and wait (None: for as long as it takes); SIGKILL it
+        if it does not go."""
+        # Before the child is let go: a refused stop changes nothing.
+        check_seconds("timeout", timeout, optional=True)
         program, self._program = self._program, None
         if program is not None:
             program.stop(timeout)

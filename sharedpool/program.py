@@ -144,10 +144,13 @@ class EmbeddedCoordinator:
         self._launch()
         return self
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float | None = 10.0) -> None:
         """SIGTERM the coordinator (it closes its sessions and removes its socket) and
-        wait; SIGKILL it if it does not go. A no-op in a forked child."""
-        check_seconds("timeout", timeout)  # before it is signalled: a refused stop changes nothing
+        wait (None: for as long as it takes); SIGKILL it if it does not go. A no-op
+        in a forked child."""
+        # Before it is signalled: a refused stop changes nothing. None is
+        # Popen.wait's "no limit", as it always was here.
+        check_seconds("timeout", timeout, optional=True)
         proc, lifeline = self._detach()
         try:
             if proc is not None and proc.poll() is None:

@@ -330,6 +330,17 @@ def test_a_bad_stop_timeout_stops_nothing(start_coordinator: Any, sock_path: str
         client.close()
 
 
+def test_a_stop_timeout_of_none_waits_without_limit(sock_path: str) -> None:
+    # None (Popen.wait's "no limit") stopped the coordinator before timeouts were checked.
+    coord = Coordinator(sock_path, {"r": 1}).start()
+    proc = coord._program._proc  # type: ignore[union-attr]
+    try:
+        coord.stop(None)
+    finally:
+        coord.stop()  # a no-op once stopped
+    assert proc.poll() is not None and not os.path.exists(sock_path)
+
+
 @pytest.mark.parametrize("bad", ["5", math.inf])
 def test_release_process_refuses_a_bad_timeout_before_releasing_anything(bad: Any) -> None:
     # "5" was a TypeError; inf failed each pool's close() (logged) and left it open.
