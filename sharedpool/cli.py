@@ -138,20 +138,33 @@ def get_resources(client: Client, timeout: float = 5.0) -> list[dict[str, Any]]:
     except SharedPoolError as exc:
         if not str(exc).startswith("reply_too_large:") or not client.limits:
             raise
-    return _resources_in_parts(client, list(client.limits), timeout)
+    # In halves at once: all the names in one request is the reply just refused.
+    return _in_halves(client, list(client.limits), timeout)
+
+
+def _in_halves(client: Client, names: list[str], timeout: float) -> list[dict[str, Any]]:
+    half = len(names) // 2
+    if not half:
+        return _resources_in_parts(client, names, timeout)
+    return (_resources_in_parts(client, names[:half], timeout)
+            + _resources_in_parts(client, names[half:], timeout))
 
 
 def _resources_in_parts(client: Client, names: list[str], timeout: float) -> list[dict[str, Any]]:
     try:
         return list(client.inspect("resources", timeout, names=names)["resources"])
     except SharedPoolError as exc:
-        # 64 rows fit many times over: still too large, the coordinator ignores
-        # ``names`` (an older one), and halving again would never end better.
-        if not str(exc).startswith("reply_too_large:") or len(names) <= 64:
+        if not str(exc).startswith("reply_too_large:"):
             raise
-    half = len(names) // 2
-    return (_resources_in_parts(client, names[:half], timeout)
-            + _resources_in_parts(client, names[half:], timeout))
+        if len(names) <= 64:
+            # 64 rows fit many times over: the coordinator ignores ``names``
+            # (one older than this client, as during a rolling upgrade), and
+            # halving again would never end better.
+            raise SharedPoolError(
+                f"reply_too_large: the {len(client.limits)} resources of the coordinator at "
+                f"{client.socket_path} do not fit in one reply, and it does not list them in "
+                "parts (it is older than this client): upgrade the coordinator") from None
+    return _in_halves(client, names, timeout)
 
 
 def get_sessions(client: Client) -> list[dict[str, Any]]:

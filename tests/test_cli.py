@@ -590,6 +590,42 @@ def test_status_of_more_resources_than_one_reply_holds(start_coordinator: Any, s
     assert [r["name"] for r in rows] == names
 
 
+class _ListingClient:
+    """A Client's inspect("resources") as a coordinator answers it: a reply
+    of more than ``fits`` rows is reply_too_large; ``names`` is taken only if
+    ``takes_names`` (a coordinator older than that filter ignores it)."""
+
+    def __init__(self, count: int, fits: int, takes_names: bool) -> None:
+        self.limits = {f"tenant-{i:04d}": {} for i in range(count)}
+        self.socket_path = "/run/sp.sock"
+        self.fits, self.takes_names = fits, takes_names
+        self.asked: list[int | None] = []
+
+    def inspect(self, what: str, timeout: float, names: list[str] | None = None) -> dict[str, Any]:
+        self.asked.append(None if names is None else len(names))
+        rows = [{"name": n} for n in (names if self.takes_names and names is not None else self.limits)]
+        if len(rows) > self.fits:
+            raise SharedPoolError("reply_too_large: the reply is too large")
+        return {"resources": rows}
+
+
+def test_status_in_parts_against_an_older_coordinator_says_so() -> None:
+    """Rolling upgrade: a coordinator from before the ``names`` filter ignores
+    it, and the parts were all refused as the whole was, with the hint of the
+    whole (``leases --resource``), which did not help. Each listing also asked
+    first for every name at once: the very reply just refused."""
+    from sharedpool.cli import get_resources
+
+    older = _ListingClient(2100, 1900, takes_names=False)
+    with pytest.raises(SharedPoolError, match="older than this client.*upgrade the coordinator"):
+        get_resources(older)  # type: ignore[arg-type]
+    assert 2100 not in older.asked and len(older.asked) <= 8, older.asked
+    newer = _ListingClient(2100, 1900, takes_names=True)
+    rows = get_resources(newer)  # type: ignore[arg-type]
+    assert [r["name"] for r in rows] == list(newer.limits)
+    assert newer.asked == [None, 1050, 1050], newer.asked
+
+
 def test_status_shows_a_restart_hold(tmp_path: Path) -> None:
     """Inside a restart's grace nothing is granted; status said "active" (an
     operator could not tell why every acquire waited)."""
