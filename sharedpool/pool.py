@@ -414,6 +414,11 @@ class ConnectionPool(Generic[T]):
                 if waiter.error is not None:
                     self._m["request_errors"] += 1
                     self._m["requests_wait_ms"] += int((now - start) * 1000)
+                    if isinstance(waiter.error, PoolTimeout) and waiter.leasing:
+                        # Its lease wait ran out, by the coordinator's clock a hair
+                        # before ours: said as our own timeout is, with its reason.
+                        self._m["acquire_timeouts"] += 1
+                        raise self._timed_out(start, deadline, self._lease_wait_note(waiter.error)) from None
                     raise waiter.error
                 connect_late = waiter.connect_deadline is not None and now >= waiter.connect_deadline
                 if now < deadline and not connect_late:
@@ -438,12 +443,19 @@ class ConnectionPool(Generic[T]):
                     # not tried yet, or being connected to, is not "unreachable").
                     away = f"; coordinator at {client.socket_path} unreachable: {client.last_error}"
                 elif self._lease_requests or waiter.leasing:
-                    away = (f"; still waiting for a lease of resource {self.resource!r} from the "
-                            "coordinator (the global cap is taken)")
-                raise PoolTimeout(
-                    f"pool {self.name!r}: no connection within {deadline - start:.3g}s "
-                    f"({len(self._all)} open, {len(self._all) - len(self._idle)} in use, "
-                    f"max_size={self.config.max_size}){away}")
+                    away = self._lease_wait_note()
+                raise self._timed_out(start, deadline, away)
+
+    def _lease_wait_note(self, reason: object = None) -> str:
+        why = "the global cap is taken" if reason is None else f"the global cap is taken: {reason}"
+        return f"; still waiting for a lease of resource {self.resource!r} from the coordinator ({why})"
+
+    def _timed_out(self, start: float, deadline: float, note: str) -> PoolTimeout:
+        """Under the lock: the PoolTimeout of a checkout that waited from ``start``."""
+        return PoolTimeout(
+            f"pool {self.name!r}: no connection within {deadline - start:.3g}s "
+            f"({len(self._all)} open, {len(self._all) - len(self._idle)} in use, "
+            f"max_size={self.config.max_size}){note}")
 
     def _forsake(self, waiter: _Waiter, checking: ConnectionWrapper[T] | None) -> None:
         """The caller of ``waiter`` left with an exception. Dequeue it; check in

@@ -1045,6 +1045,27 @@ def _times_out_waiting_for_a_lease(holder: ConnectionPool[Any], pool: Connection
     holder.release(held)
 
 
+def test_a_lease_wait_denied_before_the_waiters_deadline_says_it_waited_for_a_lease(
+        start_coordinator: Any, sock_path: str, monkeypatch: Any) -> None:
+    # The coordinator times the lease request out by its own clock, a hair
+    # before the waiter's deadline on a loaded machine (once in a CI run): the
+    # waiter then raised the coordinator's bare "all 1 leases of 'r' are held",
+    # with nothing of the pool. Made deterministic: the denial comes 0.3 s early.
+    from sharedpool import opening
+
+    take_lease = opening.take_lease
+    monkeypatch.setattr(opening, "take_lease",
+                        lambda pool, client, deadline: take_lease(pool, client, deadline - 0.3))
+    start_coordinator({"r": 1})
+    holder, pool = _holder_and_pool(sock_path, max_size=1)
+    try:
+        _times_out_waiting_for_a_lease(holder, pool)
+        assert pool.get_stats()["requests_errors"] == 1
+    finally:
+        pool.close()
+        holder.close()
+
+
 def test_a_timeout_as_the_lease_request_ends_still_says_it_waited_for_a_lease(
         start_coordinator: Any, sock_path: str, monkeypatch: Any) -> None:
     # The opener's lease request times out at the same deadline as its waiter:
