@@ -32,7 +32,7 @@ from typing import Any
 from . import background
 from . import protocol as p
 from .background import BACKOFF_MAX, BACKOFF_MIN, PARK_RECHECK
-from .config import MAX_INT, check_resource_name, check_socket_path, default_socket_path
+from .config import check_resource_name, check_seconds, check_socket_path, default_socket_path
 from .errors import (
     AccessDenied,
     AcquireCancelled,
@@ -274,9 +274,7 @@ class Client:
         so that a caller interrupted right after (a signal handler's exception
         lands between any two instructions) can still withdraw it."""
         self._checkpid()
-        if timeout is not None and not _seconds(timeout, 0.0):  # NaN fails too
-            raise ConfigError("timeout", f"must be a number of seconds >= 0 (an integer at most "
-                              f"{MAX_INT}) or None, got {timeout!r}")
+        check_seconds("timeout", timeout, optional=True, forever=True)
         # Refused here: a frame the coordinator refuses ends the session, and the
         # reconnect would send it again, and again.
         check_resource_name(resource)
@@ -542,9 +540,7 @@ class Client:
 
     def _call(self, make: Callable[[int], p.Message], timeout: float) -> Any:
         self._checkpid()
-        if not _seconds(timeout, 0.0, strict=True):
-            raise ConfigError("timeout", f"must be a number of seconds > 0 (an integer at most "
-                              f"{MAX_INT}), got {timeout!r}")
+        check_seconds("timeout", timeout, forever=True, positive=True)
         req = next(self._reqs)
         pending = _Pending(make(req))
         deadline = time.monotonic() + timeout
@@ -1035,16 +1031,6 @@ def _bound(timeout: float | None, deadline: float | None) -> float | None:
     if deadline is not None:
         left = deadline - time.monotonic() if timeout is None else min(timeout, deadline - time.monotonic())
     return None if left is not None and left >= threading.TIMEOUT_MAX else left
-
-
-def _seconds(value: Any, minimum: float, strict: bool = False) -> bool:
-    """A number of seconds >= ``minimum`` (> with ``strict``; inf included)
-    that the wire carries: no NaN, bool or string, no integer beyond int64."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return False
-    if isinstance(value, int) and value > MAX_INT:
-        return False
-    return value > minimum if strict else value >= minimum
 
 
 _REGISTRY_LOCK = threading.RLock()

@@ -251,12 +251,14 @@ def check_socket_path(name: str, value: Any) -> str:
     return value
 
 
-def check_seconds(name: str, value: Any, *, optional: bool = False, forever: bool = False) -> Any:
-    """A finite number of seconds >= 0 (or None when ``optional``, or inf when
-    ``forever``: a wait with no end); else a ConfigError naming ``name``."""
+def check_seconds(name: str, value: Any, *, optional: bool = False, forever: bool = False,
+                  positive: bool = False) -> Any:
+    """A finite number of seconds >= 0 (> 0 when ``positive``; or None when
+    ``optional``, or inf when ``forever``: a wait with no end); else a
+    ConfigError naming ``name``."""
     if forever and value == math.inf and not isinstance(value, bool):
         return value
-    return _number(name, value, optional=optional)
+    return _number(name, value, optional=optional, strict_min=positive)
 
 
 def env_socket_path() -> str | None:

@@ -4,7 +4,8 @@ threads hammering a pool, a worker exiting mid-query, a thread whose
 exception the test looks at, reading a raw socket until the peer closes it, a
 SIGALRM that raises (a signal handler's exception, as celery's soft time
 limit), an exception injected once where a signal could land, threads started
-a moment apart, and a server slow to let go of a closed client."""
+a moment apart, a server slow to let go of a closed client, and an import
+refused in a fresh interpreter."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import multiprocessing
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -267,3 +270,11 @@ class HoldingServer:
     def close(self) -> None:
         self.let_go()
         self.listener.close()
+
+
+def import_refused(code: str) -> str:
+    """Run ``code`` (it ends with an import, after faking an older library) in
+    a fresh interpreter: the stderr of its exit with code 1."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out
+    return out.stderr

@@ -11,7 +11,15 @@ from typing import Any
 import psycopg
 import pytest
 from pg_helpers import BackendSampler, pg_dsn
-from proc_helpers import exit_mid_query, hammer, held_once_confirmed, leased, run_forked, wait_leased
+from proc_helpers import (
+    exit_mid_query,
+    hammer,
+    held_once_confirmed,
+    import_refused,
+    leased,
+    run_forked,
+    wait_leased,
+)
 from psycopg_pool import PoolClosed
 
 from sharedpool import Client, Resource
@@ -119,15 +127,10 @@ def test_a_psycopg_pool_that_closes_connections_itself_is_refused_at_import() ->
     # psycopg_pool < 3.2.8 (no _close_connection) closed connections with conn.close()
     # on most paths: the busy one above gave its lease back with its query still
     # running. Refused with the version to get, rather than a cap that does not hold.
-    import subprocess
-    import sys
-
-    code = ("import psycopg_pool\n"
-            "del psycopg_pool.ConnectionPool._close_connection\n"
-            "import sharedpool.contrib.psycopg\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 1, out
-    assert "ImportError: sharedpool.contrib.psycopg needs psycopg_pool >= 3.2.8" in out.stderr, out.stderr
+    err = import_refused("import psycopg_pool\n"
+                         "del psycopg_pool.ConnectionPool._close_connection\n"
+                         "import sharedpool.contrib.psycopg\n")
+    assert "ImportError: sharedpool.contrib.psycopg needs psycopg_pool >= 3.2.8" in err, err
 
 
 def test_max_lifetime_replaces_connections_under_lease(pg: str, start_coordinator: Any,

@@ -17,6 +17,7 @@ from proc_helpers import (
     exit_mid_query,
     hammer,
     held_once_confirmed,
+    import_refused,
     interrupt_once,
     leased,
     no_leases_of,
@@ -572,12 +573,7 @@ def test_two_threads_of_a_child_meeting_the_fork_at_once_lose_nothing(
 def test_sqlalchemy_1_is_refused_at_import_with_the_version_to_get() -> None:
     # SQLAlchemy 1.4 (no ConnectionPoolEntry) failed with "cannot import name
     # 'ConnectionPoolEntry'", which does not say that an upgrade is the way out.
-    import subprocess
-    import sys
-
-    code = ("import sqlalchemy.pool, sqlalchemy.pool.base\n"
-            "del sqlalchemy.pool.ConnectionPoolEntry, sqlalchemy.pool.base.ConnectionPoolEntry\n"
-            "import sharedpool.contrib.sqlalchemy\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 1, out
-    assert "ImportError: sharedpool.contrib.sqlalchemy needs SQLAlchemy >= 2.0" in out.stderr, out.stderr
+    err = import_refused("import sqlalchemy.pool, sqlalchemy.pool.base\n"
+                         "del sqlalchemy.pool.ConnectionPoolEntry, sqlalchemy.pool.base.ConnectionPoolEntry\n"
+                         "import sharedpool.contrib.sqlalchemy\n")
+    assert "ImportError: sharedpool.contrib.sqlalchemy needs SQLAlchemy >= 2.0" in err, err

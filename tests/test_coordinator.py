@@ -819,6 +819,23 @@ main()
 """
 
 
+@contextlib.contextmanager
+def _serving(sock_path: str, script: str | None = None, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """``sharedpool serve --resource r=2`` on ``sock_path`` in a child, through
+    ``script`` (given ``args`` first) if any; yielded once its socket is there
+    (or it has exited), killed if still running at the end."""
+    head = ["-m", "sharedpool"] if script is None else ["-c", script, *args]
+    proc = subprocess.Popen([sys.executable, *head, "serve", "--socket", sock_path, "--resource", "r=2"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: os.path.exists(sock_path) or proc.poll() is not None, what="the socket")
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
 @pytest.mark.parametrize("where", ["close_session", "release"])
 def test_out_of_memory_mid_change_stops_the_coordinator(sock_path: str, where: str) -> None:
     # Out of memory in the middle of a ledger change (a session's end: a
@@ -827,11 +844,7 @@ def test_out_of_memory_mid_change_stops_the_coordinator(sock_path: str, where: s
     # returned (a slot lost for good) with only asyncio's "Exception in callback"
     # in the log. It stops now (exit 1, said why), for a restart to rebuild the
     # ledger from what the processes re-register.
-    proc = subprocess.Popen([sys.executable, "-c", _SERVE_SHORT_OF_MEMORY, where, "serve",
-                             "--socket", sock_path, "--resource", "r=2"],
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: os.path.exists(sock_path) or proc.poll() is not None, what="the socket")
+    with _serving(sock_path, _SERVE_SHORT_OF_MEMORY, where) as proc:
         client = Client(sock_path, connect_timeout=2.0)
         lease = client.acquire("r", 2.0)
         if where == "release":
@@ -842,10 +855,6 @@ def test_out_of_memory_mid_change_stops_the_coordinator(sock_path: str, where: s
         assert "CRITICAL" in err and "out of memory" in err, err
         assert "coordinator stopped: out of memory" in err.splitlines()[-1]
         assert not os.path.exists(sock_path)  # a clean stop: its socket removed
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
 
 
 _SERVE_NO_MEMORY_FOR_ONE_FRAME = """
@@ -866,11 +875,7 @@ def test_out_of_memory_decoding_a_frame_ends_that_session_only(sock_path: str) -
     # Decoding changes nothing: the session whose frame could not be read ends
     # (as before), the coordinator serves on; but its log no longer blames the
     # peer's frame ("bad frame: frame is not valid msgpack: ").
-    proc = subprocess.Popen([sys.executable, "-c", _SERVE_NO_MEMORY_FOR_ONE_FRAME, "serve",
-                             "--socket", sock_path, "--resource", "r=2"],
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: os.path.exists(sock_path) or proc.poll() is not None, what="the socket")
+    with _serving(sock_path, _SERVE_NO_MEMORY_FOR_ONE_FRAME) as proc:
         victim, other = Client(sock_path, connect_timeout=2.0), Client(sock_path, connect_timeout=2.0)
         other.release(other.acquire("r", 2.0))
         with pytest.raises(SharedPoolError):
@@ -888,10 +893,6 @@ def test_out_of_memory_decoding_a_frame_ends_that_session_only(sock_path: str) -
         # 40 ms, ... between them, as after a bad frame from the coordinator.
         sessions = err.count("ending the session")
         assert 1 <= sessions <= 12, sessions
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
 
 
 #: ``sharedpool serve`` with its open-file limits set to argv[1] (soft) and argv[2] (hard).
@@ -904,49 +905,38 @@ main()
 """
 
 
-def _serve_with_file_limit(sock_path: str, soft: int, hard: int) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([sys.executable, "-c", _SERVE_WITH_FILE_LIMIT, str(soft), str(hard), "serve",
-                             "--socket", sock_path, "--resource", "r=2"],
-                            stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: os.path.exists(sock_path) or proc.poll() is not None, what="the socket")
-    return proc
-
-
 def test_at_its_open_file_limit_the_refused_clients_are_told_why(sock_path: str) -> None:
     # At the limit uvloop (libuv) accepts each new session and closes it at
     # once: no spin, and the sessions in hand go on; but the refused saw
     # "[Errno 32] Broken pipe" (or "Connection reset by peer"), after their timeout.
     from sharedpool.handshake import shake_hands
 
-    proc = _serve_with_file_limit(sock_path, 48, 48)  # no room to raise it
     sessions: list[socket.socket] = []
-    try:
-        refused = None
-        for _ in range(60):
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                shake_hands(sock, sock_path, 2.0, lambda: p.Hello(p.PROTOCOL_VERSION, os.getpid(), "t", []))
-            except CoordinatorUnavailable as exc:
-                refused = exc
-                break
-            sessions.append(sock)
-        assert refused is not None and "open-file limit" in str(refused), refused
-        for sock in sessions[-5:]:  # room again: served at once
-            sock.close()
-        client = Client(sock_path, connect_timeout=2.0)
-        client.release(client.acquire("r", 2.0))
-        client.close()
-        proc.terminate()
-        assert proc.wait(10) == 0
-        err = proc.communicate(timeout=10)[1]
-        assert err.count("near the open-files limit") == 1, err
-    finally:
-        for sock in sessions:
-            sock.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-
+    with _serving(sock_path, _SERVE_WITH_FILE_LIMIT, "48", "48") as proc:
+        try:
+            refused = None
+            for _ in range(60):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    shake_hands(sock, sock_path, 2.0,
+                                lambda: p.Hello(p.PROTOCOL_VERSION, os.getpid(), "t", []))
+                except CoordinatorUnavailable as exc:
+                    refused = exc
+                    break
+                sessions.append(sock)
+            assert refused is not None and "open-file limit" in str(refused), refused
+            for sock in sessions[-5:]:  # room again: served at once
+                sock.close()
+            client = Client(sock_path, connect_timeout=2.0)
+            client.release(client.acquire("r", 2.0))
+            client.close()
+            proc.terminate()
+            assert proc.wait(10) == 0
+            err = proc.communicate(timeout=10)[1]
+            assert err.count("near the open-files limit") == 1, err
+        finally:
+            for sock in sessions:
+                sock.close()
 
 
 _SERVE_ON_A_DISK_GONE_READ_ONLY = """
@@ -965,19 +955,13 @@ main()
 def test_a_stop_that_cannot_remove_its_socket_is_still_a_clean_stop(sock_path: str) -> None:
     # A disk gone read-only: the stop went fine but ended with "sharedpool
     # serve: error: cannot serve: [Errno 30] Read-only file system" and exit 1.
-    proc = subprocess.Popen([sys.executable, "-c", _SERVE_ON_A_DISK_GONE_READ_ONLY, "serve",
-                             "--socket", sock_path, "--resource", "r=2"],
-                            stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: os.path.exists(sock_path) or proc.poll() is not None, what="the socket")
-        proc.terminate()
-        assert proc.wait(10) == 0
-        err = proc.communicate(timeout=10)[1]
-        assert "cannot remove the socket" in err and "cannot serve" not in err, err
+        with _serving(sock_path, _SERVE_ON_A_DISK_GONE_READ_ONLY) as proc:
+            proc.terminate()
+            assert proc.wait(10) == 0
+            err = proc.communicate(timeout=10)[1]
+            assert "cannot remove the socket" in err and "cannot serve" not in err, err
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(sock_path)
 
@@ -987,11 +971,7 @@ def test_out_of_memory_with_nothing_leased_still_hands_on_a_restart(sock_path: s
     # one that lost it) removed the marker with the socket: the next start
     # was a fresh one, granting at once while processes re-registered what
     # they hold. A crash (the socket left behind) would have held its grants.
-    proc = subprocess.Popen([sys.executable, "-c", _SERVE_SHORT_OF_MEMORY, "acquire", "serve",
-                             "--socket", sock_path, "--resource", "r=2"],
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: os.path.exists(sock_path) or proc.poll() is not None, what="the socket")
+    with _serving(sock_path, _SERVE_SHORT_OF_MEMORY, "acquire") as proc:
         client = Client(sock_path, connect_timeout=2.0)
         with contextlib.suppress(SharedPoolError):
             client.acquire("r", 0.2)
@@ -1000,18 +980,7 @@ def test_out_of_memory_with_nothing_leased_still_hands_on_a_restart(sock_path: s
         proc.communicate(timeout=10)
         assert not os.path.exists(sock_path)
         assert os.path.exists(sock_path + ".restart")  # the next start is a restart
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-    proc = subprocess.Popen([sys.executable, "-m", "sharedpool", "serve", "--socket", sock_path,
-                             "--resource", "r=2"], stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: os.path.exists(sock_path) or proc.poll() is not None, what="the socket")
+    with _serving(sock_path) as proc:
         proc.terminate()
         assert proc.wait(10) == 0
         assert "coordinator restarted: granting nothing" in proc.communicate(timeout=10)[1]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)

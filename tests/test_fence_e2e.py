@@ -178,6 +178,17 @@ def test_terminate_spares_a_backend_a_dead_worker_reported_but_did_not_open(
         assert other.execute("SELECT 1").fetchone() == (1,), "the fence ended another connection"
 
 
+def _kill_once_back(probe: Client, worker: subprocess.Popen[str]) -> None:
+    """SIGKILL ``worker`` once it has a session on the restarted coordinator
+    (its leases re-registered), and reap it."""
+    deadline = time.monotonic() + 10
+    while not any(s["pid"] == worker.pid for s in probe.inspect("sessions")["sessions"]):
+        assert time.monotonic() < deadline, "the worker never re-registered"
+        time.sleep(0.05)
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait(10)
+
+
 @pytest.mark.parametrize("how", ["stop", "kill"])
 def test_terminate_spares_a_backend_outside_its_lease_across_a_coordinator_restart(
         pg: str, start_coordinator: Any, sock_path: str, app_name: str, how: str) -> None:
@@ -204,12 +215,7 @@ def test_terminate_spares_a_backend_outside_its_lease_across_a_coordinator_resta
             start_coordinator(limits, restart_grace=1.5)
             probe = Client(sock_path)
             try:
-                deadline = time.monotonic() + 10
-                while not any(s["pid"] == worker.pid for s in probe.inspect("sessions")["sessions"]):
-                    assert time.monotonic() < deadline, "the worker never re-registered"
-                    time.sleep(0.05)
-                os.kill(worker.pid, signal.SIGKILL)
-                worker.wait(10)
+                _kill_once_back(probe, worker)
                 probe.release(probe.acquire("pg", timeout=20))  # the slot comes back at fence_timeout
             finally:
                 probe.close()
@@ -236,12 +242,7 @@ def test_terminate_ends_a_dead_workers_backend_across_a_coordinator_restart(
         start_coordinator(limits, restart_grace=1.0)
         probe = Client(sock_path)
         try:
-            deadline = time.monotonic() + 10
-            while not any(s["pid"] == worker.pid for s in probe.inspect("sessions")["sessions"]):
-                assert time.monotonic() < deadline, "the worker never re-registered"
-                time.sleep(0.05)
-            os.kill(worker.pid, signal.SIGKILL)
-            worker.wait(10)
+            _kill_once_back(probe, worker)
             t0 = time.monotonic()
             probe.release(probe.acquire("pg", timeout=40))
             assert time.monotonic() - t0 < 10, "the worker's backend was waited for, not terminated"
