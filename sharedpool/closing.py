@@ -64,8 +64,49 @@ class NotClosable(TypeError):
     """The object has neither ``close()`` nor ``disconnect()``: nothing was done."""
 
 
+def keep_socket(conn: object) -> socket.socket | None:
+    """A dup of ``conn``'s socket, taken when the connection is made and handed
+    to :func:`close_and_confirm` as ``kept``: a user who closes the connection
+    (``conn.close()`` inside the checkout) closes its fd, and without a dup
+    nothing would be left to see the server let go by. None when ``conn`` has
+    no socket, or no fd is to be had (the close then dups, as without one)."""
+    fd = socket_fd(conn)
+    if fd is None:
+        return None
+    try:
+        dupfd = os.dup(fd)
+    except OSError:
+        return None
+    try:
+        return socket.socket(fileno=dupfd)  # owns dupfd; never setblocking(): shared O_NONBLOCK
+    except OSError:
+        os.close(dupfd)  # not a socket
+        return None
+
+
+def _same_socket(fd: int, sock: socket.socket) -> bool:
+    try:
+        a, b = os.fstat(fd), os.fstat(sock.fileno())
+    except (OSError, ValueError):  # ValueError: sock already closed
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _watched(conn: object, kept: socket.socket | None) -> socket.socket | None:
+    """The socket to see the server's EOF on: ``kept`` if the connection's own
+    fd is gone (its user closed it) or is the same socket; else a fresh dup
+    (a client that reconnected in place, redis-py's, has a new socket)."""
+    if kept is not None:
+        fd = socket_fd(conn)
+        if fd is None or _same_socket(fd, kept):
+            return kept
+        kept.close()
+    return _dup_socket(conn)
+
+
 def close_and_confirm(conn: object, timeout: float, *,
-                      on_late: Callable[[bool], object] | None = None) -> bool:
+                      on_late: Callable[[bool], object] | None = None,
+                      kept: socket.socket | None = None) -> bool:
     """Close ``conn``; return True once the server side is confirmed gone.
 
     Returns True when the server closed its end within ``timeout`` seconds, or
@@ -84,6 +125,8 @@ def close_and_confirm(conn: object, timeout: float, *,
     soft time limit, Ctrl-C): our end is shut for writing, the watcher takes
     over, and the exception goes on. With ``on_late``, anything raised but
     :class:`NotClosable` means ``on_late`` has been or will be called.
+    ``kept``: the connection's socket from :func:`keep_socket`; it is ours to
+    close from here on, whatever happens.
     """
     close = getattr(conn, "close", None)
     # redis-py's Connection has disconnect(), which does shutdown(SHUT_RDWR): after
@@ -93,12 +136,14 @@ def close_and_confirm(conn: object, timeout: float, *,
     if close_after:
         close = getattr(conn, "disconnect", None)
     if not callable(close):
+        if kept is not None:
+            kept.close()
         raise NotClosable(f"close_and_confirm: {type(conn).__name__} has no close() method")
     deadline = time.monotonic() + max(timeout, 0.0)
-    sock = None
+    sock = kept
     handed = False  # to a watcher thread, which calls on_late
     try:
-        sock = _dup_socket(conn)
+        sock = _watched(conn, kept)
         if isinstance(sock, _Borrowed):
             # No fd to spare for a dup: we watch the connection's own, which
             # must then stay open until the server end is seen closed.
@@ -148,7 +193,7 @@ def close_and_confirm(conn: object, timeout: float, *,
         # Cut short (a signal handler's exception): the lease must neither leak
         # nor go back before the server lets go.
         if on_late is not None and not handed:
-            if sock is None:
+            if sock is None or sock.fileno() < 0:  # closed: a kept socket _watched let go of
                 on_late(True)  # no socket: nothing to confirm
             else:
                 with contextlib.suppress(OSError):

@@ -789,8 +789,8 @@ class ConnectionPool(Generic[T]):
             self._start_openers(openers, deadline)
 
     def _close_counted(self, wrapper: ConnectionWrapper[T], giving: bool) -> None:
-        lease, client = wrapper.lease, self._client
-        wrapper.lease = None
+        lease, client, kept = wrapper.lease, self._client, wrapper.kept
+        wrapper.lease = wrapper.kept = None
         pid = self._pid
 
         keep = lease is not None and client is not None
@@ -809,7 +809,7 @@ class ConnectionPool(Generic[T]):
         t0 = time.monotonic()
         try:
             confirmed = close_and_confirm(wrapper.conn, self.config.close_confirm_timeout,
-                                          on_late=late if keep else None)
+                                          on_late=late if keep else None, kept=kept)
         except NotClosable:  # nothing to close: give the lease back
             log.exception("pool %r: closing connection %s failed", self.name, wrapper.id[:8])
             confirmed = True
@@ -980,6 +980,10 @@ class ConnectionPool(Generic[T]):
             if self._pid == _PID[0]:
                 return
             _INHERITED.extend(self._all.values())
+            for wrapper in self._all.values():
+                if wrapper.kept is not None:  # our copy only: no shutdown, the parent's socket goes on
+                    wrapper.kept.close()
+                    wrapper.kept = None
             # A pool closed before the fork stays closed. An open one starts its
             # maintenance (min_size top-ups) at its first checkout here, not now:
             # a child that only closes it (a worker's exit) must open nothing.
@@ -987,6 +991,8 @@ class ConnectionPool(Generic[T]):
             self._init_state(PoolStatus.CLOSED if closed else PoolStatus.ACTIVE, maintain=False)
 
     def connections_at_fork(self) -> list[Any]:
-        """The connections this pool holds (in a forked child: the parent's)."""
-        return [wrapper.conn for wrapper in list(self._all.values())]
+        """The connections this pool holds (in a forked child: the parent's),
+        and the dups of their sockets kept for closing them."""
+        wrappers = list(self._all.values())
+        return [w.conn for w in wrappers] + [w.kept for w in wrappers if w.kept is not None]
 

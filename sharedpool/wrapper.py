@@ -11,6 +11,8 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from .closing import keep_socket
+
 if TYPE_CHECKING:
     from .client import Lease
     from .pool import ConnectionPool
@@ -25,7 +27,7 @@ class ConnectionWrapper(Generic[T]):
     __slots__ = (
         "id", "conn", "created_at", "last_used", "in_use", "pool", "lease",
         "backend_pid", "checked_out_at", "site", "health_check_count", "warned", "checked_at",
-        "txn",
+        "txn", "kept",
     )
 
     def __init__(self, conn: T, pool: ConnectionPool[T], lease: Lease | None) -> None:
@@ -45,6 +47,8 @@ class ConnectionWrapper(Generic[T]):
         self.checked_at = now  # last validated (or connected): validation recency, not idleness
         #: reads libpq's transaction status at checkin (0: at rest), None for other connections
         self.txn = _txn_probe(conn)
+        #: a dup of its socket: a close is confirmed even after its user closed it
+        self.kept = keep_socket(conn)
 
     def __repr__(self) -> str:
         state = "in use" if self.in_use else "idle"

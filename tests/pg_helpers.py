@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Any
 
 import pytest
 
@@ -98,3 +99,11 @@ class BackendSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(10)
+
+
+def slow_exit(conn: Any, tables: int = 200) -> None:
+    """Make ``conn``'s backend take ~20 ms to exit (it drops its temp tables
+    before it leaves ``pg_stat_activity``): a lease given back before the
+    server let go then shows every time, not only when the timing says so."""
+    conn.execute(f"DO $$ BEGIN FOR i IN 1..{tables} LOOP "
+                 "EXECUTE format('CREATE TEMP TABLE sp_slow_exit_%s (x int)', i); END LOOP; END $$")

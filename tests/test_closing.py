@@ -21,7 +21,7 @@ import psycopg
 import pytest
 from pg_helpers import require_pg
 
-from sharedpool.closing import close_and_confirm, socket_fd
+from sharedpool.closing import close_and_confirm, keep_socket, socket_fd
 
 
 def _app() -> str:
@@ -385,3 +385,42 @@ def test_a_borrowed_socket_dropped_unclosed_leaves_the_fd_open(monkeypatch: pyte
     finally:
         ours.close()
         peer.close()
+
+
+@pytest.mark.pg
+def test_a_kept_socket_confirms_a_connection_its_user_closed(dsn: str, monitor: psycopg.Connection) -> None:
+    """keep_socket's dup outlives the user's close(): the close is confirmed
+    by the server's EOF, not assumed (there was no fd left to watch)."""
+    app = _app()
+    before = _open_fds()
+    for _ in range(50):
+        conn = psycopg.connect(dsn, application_name=app, autocommit=True)
+        pid = conn.info.backend_pid
+        kept = keep_socket(conn)
+        assert kept is not None
+        conn.close()
+        assert close_and_confirm(conn, 5.0, kept=kept)
+        assert not _visible(monitor, pid)
+        assert kept.fileno() == -1  # ours to close, and closed
+    assert _open_fds() == before
+
+
+def test_a_kept_socket_of_a_socket_replaced_since_is_let_go() -> None:
+    """A client that reconnected in place (redis-py) has a new socket: the
+    close watches that one, and the old dup is closed, not leaked."""
+    old_ours, old_theirs = socket.socketpair()
+    new_ours, new_theirs = socket.socketpair()
+    conn = _End(old_ours)
+    kept = keep_socket(conn)
+    assert kept is not None
+    old_ours.close()
+    old_theirs.close()
+    conn.sock = new_ours
+    threading.Timer(0.05, new_theirs.close).start()
+    assert close_and_confirm(conn, 5.0, kept=kept)
+    assert kept.fileno() == -1
+    assert new_ours.fileno() == -1
+
+
+def test_keep_socket_of_what_has_none() -> None:
+    assert keep_socket(sqlite3.connect(":memory:")) is None

@@ -10,7 +10,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from pg_helpers import BackendSampler, pg_dsn
+from pg_helpers import BackendSampler, pg_dsn, slow_exit
 from proc_helpers import (
     exit_mid_query,
     hammer,
@@ -378,3 +378,29 @@ def test_callers_that_gave_up_are_not_kept_as_waiting_for_a_lease(
     finally:
         pool.close()
         other.close()
+
+
+def test_a_connection_its_user_closed_keeps_its_lease_until_the_backend_is_gone(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    """psycopg_pool discards a connection checked in closed; its socket was
+    gone with the user's close(), so the lease went back at once while the
+    backend was still exiting (another process could connect: over the cap).
+    The book keeps a dup of the socket and confirms that close too."""
+    start_coordinator({"pg": Resource(max_size=1)})
+    with make_pool(sock_path, app_name, min_size=0, max_size=1) as pool, \
+            psycopg.connect(pg, autocommit=True) as monitor:
+        for _ in range(10):
+            with pool.connection() as conn:
+                pid = conn.info.backend_pid
+                slow_exit(conn)
+                conn.close()
+            deadline = time.monotonic() + 10
+            while True:
+                held = pool.get_stats()["leases_held"]  # first: a lease back means the backend went before
+                row = monitor.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
+                                      (pid,)).fetchone()
+                assert not (held == 0 and row and row[0]), f"lease back while backend {pid} still runs"
+                if held == 0 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.001)
+            assert held == 0, "the lease of a closed connection never went back"

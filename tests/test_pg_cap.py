@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pg_helpers import BackendSampler, pg_dsn
+from pg_helpers import BackendSampler, pg_dsn, slow_exit
 
 from sharedpool import Client, Resource
 
@@ -88,3 +88,32 @@ def test_sigkilled_worker_slot_goes_to_a_waiting_worker(pg: str, start_coordinat
     assert result["done"] == 5 and result["n_errors"] == 0
     assert sampler.peak <= 2, f"PostgreSQL saw {sampler.peak} connections with a cap of 2"
     c.close()
+
+
+def test_a_connection_its_user_closed_goes_back_only_once_its_backend_is_gone(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    """``conn.close()`` inside the block (a user's habit with psycopg) left the
+    pool no socket to watch: the lease went back at once while the backend was
+    still exiting, and the next connect put PostgreSQL over the cap. The pool
+    keeps a dup of each connection's socket, so the checkin waits for the
+    server to let go as for any other close."""
+    import psycopg
+
+    from sharedpool import ConnectionPool, PoolConfig
+
+    start_coordinator({"pg": Resource(max_size=1)})
+    dsn = f"{pg} application_name={app_name}"
+    with psycopg.connect(pg, autocommit=True) as monitor, \
+            ConnectionPool(lambda: psycopg.connect(dsn, autocommit=True), PoolConfig(min_size=0, max_size=1),
+                           resource="pg", coordinator=sock_path) as pool:
+        seen = []
+        for _ in range(10):
+            with pool.connection() as conn:
+                pid = conn.info.backend_pid
+                slow_exit(conn)
+                conn.close()
+            # The lease is back: the backend must be gone from PostgreSQL's view.
+            row = monitor.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
+            seen.append(row[0] if row else None)
+        assert seen == [0] * 10, f"backends still there after their lease went back: {seen}"
+        assert pool.get_stats()["leases_held"] == 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import socket
 import threading
 import time
 import weakref
@@ -24,7 +25,7 @@ from typing import Any, TypeVar
 
 from .. import process
 from ..client import AcquireRequest, Client, Lease, current_pid
-from ..closing import NotClosable, close_and_confirm, socket_fd
+from ..closing import NotClosable, close_and_confirm, keep_socket, socket_fd
 from ..config import SOCKET_ENV, check_resource_name, check_seconds, check_socket_path, env_socket_path
 from ..errors import AcquireCancelled, PoolClosed, PoolTimeout
 from ..halfmade import half_made_sockets, let_go_of, open_fds
@@ -53,6 +54,9 @@ class _Entry:
     pid: int = field(default_factory=current_pid)
     #: the coordinator did not take the lease back after a restart: close at checkin
     revoked: bool = False
+    #: a dup of the connection's socket (closing.keep_socket): its close is
+    #: confirmed even after its user closed it
+    kept: socket.socket | None = None
 
 
 @dataclass(eq=False)
@@ -279,6 +283,10 @@ class LeaseBook:
                     self._inherited[id(entry.key)] = weakref.ref(entry.key)
                 except TypeError:
                     self._inherited[id(entry.key)] = entry.key
+                if entry.kept is not None:
+                    # Our copy only: no shutdown, the parent's socket goes on.
+                    entry.kept.close()
+                    entry.kept = None
             if self._admin_state == "draining":
                 # The parent's session heard the drain; the child's may never
                 # hear its end (a resume pushed before it connected).
@@ -287,8 +295,11 @@ class LeaseBook:
             self._reset()
 
     def connections_at_fork(self) -> list[Any]:
-        """The connections tracked here (in a forked child: the parent's)."""
-        return [e.key for e in list(self._entries.values()) if closable(e.key)]
+        """The connections tracked here (in a forked child: the parent's), and
+        the dups of their sockets kept for closing them."""
+        entries = list(self._entries.values())
+        return ([e.key for e in entries if closable(e.key)]
+                + [e.kept for e in entries if e.kept is not None])
 
     def inherited(self, key: Any) -> bool:
         """Whether ``key`` was opened by a parent process before a fork (I7)."""
@@ -689,6 +700,8 @@ class LeaseBook:
         entry = self._entries.get(id(key))
         if entry is not None:
             entry.backend_pid = backend_pid(key)
+            if entry.kept is None:
+                entry.kept = keep_socket(key)
             self._handoff.connected(time.monotonic() - entry.since)
             self._handoff.tell(client, self.resource)
         if client is not None:
@@ -768,7 +781,7 @@ class LeaseBook:
             del self._entries[id(key)]
             self._revoked -= entry.revoked
             popped = replace(entry)
-            entry.lease = None
+            entry.lease = entry.kept = None
         return popped
 
     def close(self, key: Any, closer: Callable[[], object] | None = None, *,
@@ -792,6 +805,7 @@ class LeaseBook:
             target = _CloseVia(key, closer)
         client = entry.client if entry is not None and entry.client is not None else self._client
         lease = entry.lease if entry is not None else None
+        kept = entry.kept if entry is not None else None
         if lease is not None:
             self._count_closing(1)
         released = False
@@ -808,7 +822,7 @@ class LeaseBook:
         t0 = time.monotonic()
         try:
             confirmed = close_and_confirm(target, self.confirm_timeout,
-                                          on_late=late if lease is not None else None)
+                                          on_late=late if lease is not None else None, kept=kept)
         except NotClosable:
             late(True)  # nothing was closed, nor will be: the lease must not leak
             raise

@@ -59,8 +59,9 @@ def close_left(left: Left) -> None:
             if not closable(entry.key):  # a lease taken for a connection never opened
                 back(True)
                 continue
+            kept, entry.kept = entry.kept, None
             try:
-                if close_and_confirm(entry.key, left.confirm_timeout, on_late=back):
+                if close_and_confirm(entry.key, left.confirm_timeout, on_late=back, kept=kept):
                     back(True)
             except Exception:  # noqa: BLE001 - the session's end covers the rest
                 log.exception("closing a connection of a collected %r pool failed", left.resource)
@@ -78,13 +79,15 @@ def close_orphan(entry: _Entry, sock: Any, resource: str, confirm_timeout: float
     thread: a finalizer must neither block nor take the client's lock, which
     the collecting thread may hold. The caller has detached ``sock`` from its
     connection and must not shut it down for reading (that fakes the EOF)."""
-    lease, client = entry.lease, entry.client
-    entry.lease = None
+    lease, client, kept = entry.lease, entry.client, entry.kept
+    entry.lease = entry.kept = None
     # At interpreter exit (module globals collected): a thread started now never
     # runs, and Thread.start() waited for it forever (3.11; 3.12+ refuses). The
     # process is ending: so is its session, and the coordinator fences the lease.
     if lease is None or client is None or entry.pid != current_pid() or sys.is_finalizing():
         sock.close()
+        if kept is not None:
+            kept.close()
         return
     level = logging.DEBUG if resource in _orphans_warned else logging.WARNING
     _orphans_warned.add(resource)
@@ -97,7 +100,7 @@ def close_orphan(entry: _Entry, sock: Any, resource: str, confirm_timeout: float
     def run() -> None:
         try:
             # A socket's close() leaves the dup open: the FIN goes out, the EOF is real.
-            if close_and_confirm(sock, confirm_timeout, on_late=back):
+            if close_and_confirm(sock, confirm_timeout, on_late=back, kept=kept):
                 back(True)
         except Exception:  # noqa: BLE001 - the session's end covers the rest
             log.exception("closing a connection of a collected %r pool failed", resource)
@@ -106,3 +109,5 @@ def close_orphan(entry: _Entry, sock: Any, resource: str, confirm_timeout: float
         threading.Thread(target=run, name=f"sharedpool-orphan-{resource}", daemon=True).start()
     except RuntimeError:  # no thread to be had: the lease stays held until the session ends
         sock.close()
+        if kept is not None:
+            kept.close()
