@@ -97,9 +97,12 @@ def _watched(conn: object, kept: socket.socket | None) -> socket.socket | None:
     fd is gone (its user closed it) or is the same socket; else a fresh dup
     (a client that reconnected in place, redis-py's, has a new socket)."""
     if kept is not None:
-        fd = socket_fd(conn)
-        if fd is None or _same_socket(fd, kept):
-            return kept
+        # Closed already when it was collected with its connection (the
+        # finalizers of a garbage cycle all run: a pool dropped without close).
+        if kept.fileno() >= 0:
+            fd = socket_fd(conn)
+            if fd is None or _same_socket(fd, kept):
+                return kept
         kept.close()
     return _dup_socket(conn)
 

@@ -424,3 +424,18 @@ def test_a_kept_socket_of_a_socket_replaced_since_is_let_go() -> None:
 
 def test_keep_socket_of_what_has_none() -> None:
     assert keep_socket(sqlite3.connect(":memory:")) is None
+
+
+def test_a_kept_socket_closed_by_the_collector_is_not_watched() -> None:
+    """A pool dropped without close() is collected with its connections, and
+    the finalizer of a kept dup may run first: with the connection's own fd
+    gone too, a closed dup was watched (ValueError in the close). Now the
+    close goes on as without a dup."""
+    ours, theirs = socket.socketpair()
+    conn = _End(ours)
+    kept = keep_socket(conn)
+    assert kept is not None
+    kept.close()  # what the garbage collector's finalizer does
+    ours.close()
+    theirs.close()
+    assert close_and_confirm(conn, 1.0, kept=kept)

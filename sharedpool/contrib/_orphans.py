@@ -81,13 +81,15 @@ def close_orphan(entry: _Entry, sock: Any, resource: str, confirm_timeout: float
     connection and must not shut it down for reading (that fakes the EOF)."""
     lease, client, kept = entry.lease, entry.client, entry.kept
     entry.lease = entry.kept = None
+    if kept is not None:
+        # Not used: collected in the same garbage cycle, its finalizer may close
+        # it under the thread below. ``sock`` is still open: a dup of it is watched.
+        kept.close()
     # At interpreter exit (module globals collected): a thread started now never
     # runs, and Thread.start() waited for it forever (3.11; 3.12+ refuses). The
     # process is ending: so is its session, and the coordinator fences the lease.
     if lease is None or client is None or entry.pid != current_pid() or sys.is_finalizing():
         sock.close()
-        if kept is not None:
-            kept.close()
         return
     level = logging.DEBUG if resource in _orphans_warned else logging.WARNING
     _orphans_warned.add(resource)
@@ -100,7 +102,7 @@ def close_orphan(entry: _Entry, sock: Any, resource: str, confirm_timeout: float
     def run() -> None:
         try:
             # A socket's close() leaves the dup open: the FIN goes out, the EOF is real.
-            if close_and_confirm(sock, confirm_timeout, on_late=back, kept=kept):
+            if close_and_confirm(sock, confirm_timeout, on_late=back):
                 back(True)
         except Exception:  # noqa: BLE001 - the session's end covers the rest
             log.exception("closing a connection of a collected %r pool failed", resource)
@@ -109,5 +111,3 @@ def close_orphan(entry: _Entry, sock: Any, resource: str, confirm_timeout: float
         threading.Thread(target=run, name=f"sharedpool-orphan-{resource}", daemon=True).start()
     except RuntimeError:  # no thread to be had: the lease stays held until the session ends
         sock.close()
-        if kept is not None:
-            kept.close()
