@@ -212,6 +212,31 @@ def test_recycle_and_pool_events_still_work(pg: str, start_coordinator: Any, soc
     assert seen[-1] == "close" and leased(sock_path) == 0
 
 
+def test_a_connect_event_that_raises_leaks_no_lease(pg: str, start_coordinator: Any, sock_path: str,
+                                                    app_name: str) -> None:
+    # SQLAlchemy < 2.0.53 leaves a new connection whose connect event raised (a
+    # failing SET) to the garbage collector, which the lease book's reference
+    # kept from it: its backend and lease stayed, and the cap shrank for good.
+    start_coordinator({"pg": Resource(max_size=2)})
+    engine = engine_for(sock_path, app_name, pool_timeout=3)
+    failures = [3]
+
+    @event.listens_for(engine, "connect")
+    def set_up(dbapi_connection: Any, record: Any) -> None:
+        if failures[0]:
+            failures[0] -= 1
+            raise RuntimeError("SET failed")
+
+    for _ in range(3):
+        with pytest.raises(RuntimeError, match="SET failed"):
+            engine.connect()
+    assert wait_leased(sock_path, 0) == 0
+    assert BackendSampler(app_name).count_now() == 0
+    assert backend_pid(engine) > 0  # and the cap is whole: a connect gets a lease
+    engine.dispose()
+    assert wait_leased(sock_path, 0) == 0
+
+
 def _child_query(engine: Engine, dispose: bool) -> dict[str, Any]:
     if dispose:
         engine.dispose(close=False)

@@ -130,9 +130,12 @@ class LeasedQueuePool(QueuePool):
             key = getattr(self._sp_local, "lease_key", None)
             if key is None:  # a reconnect (recycle, invalidation): lease here and now
                 with _lease_timeout(book, self._sp_timeout()):
-                    return book.connect(lambda: invoke(record), self._sp_timeout())
-            self._sp_local.lease_key = None  # taken by _create_connection just before
-            return book.open_under(key, lambda: invoke(record))
+                    conn = book.connect(lambda: invoke(record), self._sp_timeout())
+            else:
+                self._sp_local.lease_key = None  # taken by _create_connection just before
+                conn = book.open_under(key, lambda: invoke(record))
+            self._sp_local.made = conn  # for _create_connection, if the connect events fail
+            return conn
 
         return leased_creator
 
@@ -172,13 +175,30 @@ class LeasedQueuePool(QueuePool):
                 self._dec_overflow()  # we did not grow after all
                 return live
             try:
-                record = super()._create_connection()
+                record = self._sp_new_record()
             finally:
                 self._sp_unused_lease()
         else:
-            record = super()._create_connection()
+            record = self._sp_new_record()
         record._sp_pid = current_pid()  # type: ignore[attr-defined]
         return record
+
+    def _sp_new_record(self) -> ConnectionPoolEntry:
+        """A new record, connected. SQLAlchemy < 2.0.53 leaves a connection whose
+        ``connect`` / ``first_connect`` event raised to the garbage collector,
+        which the book's reference keeps from it: its backend and lease would
+        stay for good. Close it here (SQLAlchemy's own close, if it made one,
+        already took it out of the book)."""
+        self._sp_local.made = None
+        try:
+            return super()._create_connection()
+        except BaseException:
+            made = getattr(self._sp_local, "made", None)
+            if made is not None and self._sp_book is not None and self._sp_book.owns(made):
+                self._close_connection(made, terminate=True)
+            raise
+        finally:
+            self._sp_local.made = None
 
     def _sp_take_live(self) -> ConnectionPoolEntry | None:
         """Take a record with an open connection from the queue, if there is one."""
