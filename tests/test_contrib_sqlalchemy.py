@@ -237,6 +237,42 @@ def test_a_connect_event_that_raises_leaks_no_lease(pg: str, start_coordinator: 
     assert wait_leased(sock_path, 0) == 0
 
 
+def test_a_thread_waiting_on_a_disposed_pool_gets_the_connection_checked_in(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    # The replaced pool closed the connections checked in after engine.dispose()
+    # and dropped their slots: a thread already waiting on its queue waited out
+    # pool_timeout, then connected anyway or raised TimeoutError. QueuePool
+    # hands it the connection checked in.
+    start_coordinator({"pg": Resource(max_size=3)})
+    engine = engine_for(sock_path, app_name, pool_size=1, max_overflow=0, pool_timeout=20)
+    held = engine.connect()
+    outcome: list[object] = []
+
+    def waiter() -> None:
+        try:
+            outcome.append(backend_pid(engine))
+        except Exception as e:  # noqa: BLE001 - reported below
+            outcome.append(e)
+
+    thread = threading.Thread(target=waiter, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 5
+        queue: Any = engine.pool._pool  # type: ignore[attr-defined]
+        while not queue.not_empty._waiters and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the waiter waits in the exhausted pool's queue
+        engine.dispose()
+        held.close()
+        thread.join(10)
+        assert not thread.is_alive(), "the waiter still waits for a connection checked in 10s ago"
+        assert isinstance(outcome[0], int), outcome
+    finally:
+        thread.join(20)
+    engine.dispose()
+    assert wait_leased(sock_path, 0) == 0
+    assert BackendSampler(app_name).count_now() == 0
+
+
 def _child_query(engine: Engine, dispose: bool) -> dict[str, Any]:
     if dispose:
         engine.dispose(close=False)

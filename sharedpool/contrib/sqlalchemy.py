@@ -271,7 +271,14 @@ class LeasedQueuePool(QueuePool):
         if book is None:
             super()._do_return_conn(record)
         elif self._sp_retired:
-            record.close()  # 'close' event, then close, confirm, release
+            # 'close' event, then close, confirm, release. The slot stays, empty: a
+            # thread waiting on this replaced pool's queue (it was exhausted at
+            # engine.dispose()) takes it and reconnects, as QueuePool would hand
+            # it this connection, rather than wait out its pool_timeout.
+            try:
+                record.close()
+            finally:
+                self._sp_put_back_empty(record)
         elif conn is not None and book.owes_back(conn):
             # The coordinator wants a lease back: this connection pays; its
             # slot stays, empty, and reconnects (under a new lease) when needed.
