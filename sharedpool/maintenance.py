@@ -131,10 +131,14 @@ def fill(pool: ConnectionPool[Any], count: int) -> None:
             pool._opening += 1
             pool._stalled += 1  # no waiter counts on a top-up
         client = lease = None
+        attempted = False
         try:
             client = pool._get_client()  # a bad $SHAREDPOOL_SOCKET raises: undo the counts
             if client is not None:
                 lease = client.acquire(pool.resource, 0)
+            with pool._lock:
+                pool._m["connect_attempts"] += 1
+            attempted = True
             t0 = time.monotonic()
             conn = pool.factory()
         except Exception as exc:  # noqa: BLE001 - retried next round
@@ -148,7 +152,7 @@ def fill(pool: ConnectionPool[Any], count: int) -> None:
             # The factory failed, not the lease: a failed connect. A lease refused
             # for good (a resource name the coordinator does not know, a peer it
             # does not admit) is said as loudly: no checkout will get one either.
-            _top_up_failed(pool, "stopped", exc, connect=lease is not None or client is None,
+            _top_up_failed(pool, "stopped", exc, connect=attempted,
                            loud=isinstance(exc, (UnknownResource, AccessDenied)))
             return
         wrapper = ConnectionWrapper(conn, pool, lease)

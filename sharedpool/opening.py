@@ -66,6 +66,7 @@ def run(pool: ConnectionPool[Any], waiter: _Waiter, deadline: float) -> None:
                 pool._m["leases_acquired"] += 1
                 pool._m["lease_wait_ms"] += int((t1 - t0) * 1000)
             waiter.connect_deadline = t1 + pool.config.connection_timeout
+            pool._m["connect_attempts"] += 1  # psycopg_pool's connections_num: failed ones too
             waiter.event.set()  # the waiter re-arms its wait with the connect deadline
         try:
             conn = pool.factory()
@@ -199,7 +200,7 @@ def failed(pool: ConnectionPool[Any], waiter: _Waiter, exc: BaseException, conne
     with pool._lock:
         pool._opening -= 1
         pool._returned.notify_all()  # a close() may be waiting for this opener
-        if connected:
+        if connected and not waiter.abandoned:  # an abandoned one was counted at its ConnectTimeout
             pool._m["connect_errors"] += 1
         target = waiter if waiter in pool._waiters else None
         if target is None and pool._waiters and not expired and not isinstance(

@@ -201,7 +201,7 @@ class ConnectionPool(Generic[T]):
         self._client: Client | None = None
         self._handlers: tuple[Any, ...] = ()
         self._m = dict.fromkeys((
-            "total_created", "total_closed",
+            "total_created", "total_closed", "connect_attempts",
             "acquire_timeouts", "connect_errors", "request_errors", "validation_failures", "reclaimed",
             "leases_acquired", "lease_wait_ms", "requests_queued", "requests_wait_ms",
             "connections_ms", "leaks_suspected",
@@ -271,7 +271,7 @@ class ConnectionPool(Generic[T]):
                 "requests_queued": m["requests_queued"],
                 "requests_wait_ms": m["requests_wait_ms"],
                 "requests_errors": m["request_errors"],
-                "connections_num": m["total_created"],
+                "connections_num": m["connect_attempts"],
                 "connections_ms": m["connections_ms"],
                 "connections_errors": m["connect_errors"],
                 "connections_lost": m["validation_failures"],

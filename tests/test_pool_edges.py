@@ -1192,6 +1192,62 @@ def test_a_connect_that_overran_its_timeout_is_counted_created_and_closed() -> N
         pool.close()
 
 
+def test_connections_num_counts_every_connect_attempt_as_psycopg_pool_does() -> None:
+    # Before: connections_num counted connections made only: 3 failed connects
+    # gave connections_num 0 beside connections_errors 3 (psycopg_pool: 3 and 3).
+    factory = FakeFactory(fail=OSError("connection refused"))
+    pool = ConnectionPool(factory, PoolConfig(min_size=0, max_size=1))
+    try:
+        for _ in range(3):
+            with pytest.raises(OSError):
+                pool.acquire(timeout=5)
+        factory.fail = None
+        with pool.connection(timeout=5):
+            pass
+        stats = pool.get_stats()
+        assert factory.calls == 4
+        assert (stats["connections_num"], stats["connections_errors"]) == (4, 3)
+    finally:
+        pool.close()
+
+
+def test_a_failed_top_up_counts_as_an_attempt() -> None:
+    factory = FakeFactory(fail=OSError("connection refused"))
+    pool = ConnectionPool(factory, PoolConfig(min_size=1, max_size=1, validation_interval=0.05))
+    try:
+        deadline = time.monotonic() + 5
+        while pool.get_stats()["connections_errors"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        pool.close()  # no more rounds
+        # The last round's error is counted a moment after its opening ends.
+        while (pool.get_stats()["connections_errors"] != factory.calls
+               and time.monotonic() < deadline):
+            time.sleep(0.02)
+        stats = pool.get_stats()
+        assert stats["connections_errors"] >= 2
+        assert stats["connections_num"] == stats["connections_errors"] == factory.calls
+    finally:
+        pool.close()
+
+
+def test_a_connect_that_overran_its_timeout_then_failed_is_one_error() -> None:
+    # Before: connections_errors 2 for one factory call, counted at the caller's
+    # ConnectTimeout and again when the abandoned connect raised.
+    factory = FakeFactory(delay=0.4, fail=OSError("connection refused"))
+    pool = ConnectionPool(factory, PoolConfig(min_size=0, max_size=1, connection_timeout=0.1))
+    try:
+        with pytest.raises(ConnectTimeout):
+            pool.acquire(timeout=5)
+        deadline = time.monotonic() + 5
+        while pool.get_stats()["pool_size"] and time.monotonic() < deadline:
+            time.sleep(0.02)  # the abandoned connect has raised by then
+        stats = pool.get_stats()
+        assert factory.calls == 1 and stats["pool_size"] == 0
+        assert (stats["connections_num"], stats["connections_errors"]) == (1, 1)
+    finally:
+        pool.close()
+
+
 def _leases_held_settles(pool: ConnectionPool[Any], timeout: float = 3.0) -> tuple[int, int]:
     """(leases_held, leases_closing) once they stop changing (at most ``timeout``)."""
     deadline = time.monotonic() + timeout
