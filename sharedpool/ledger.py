@@ -384,6 +384,7 @@ class Ledger:
                 self._awaited[fence] = (name, pid)
             lease = _restored(lease_id, name, token, backend_pid, now, ages)
             self._fence(res, Fenced(lease, pid, self.hold_until + after, fence))
+            res.peak = max(res.peak, res.leased)  # they count: the peak must not read below them
             self._next_id = max(self._next_id, lease_id + 1, token + 1)
         return []
 
@@ -419,6 +420,7 @@ class Ledger:
             fence = serials[key]
             # min() before float(): an int too big for a float (a hand-written marker).
             self._fence(res, Fenced(lease, pid, now + float(min(left, longest)), fence))
+            res.peak = max(res.peak, res.leased)
             self._next_id = max(self._next_id, lease_id + 1, token + 1)
             groups.setdefault(key, []).append(lease)
         return [_fence_of(name, pid, leases, serials[(name, pid, is_late)], terminate=not is_late)

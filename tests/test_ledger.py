@@ -395,6 +395,16 @@ def test_a_restart_hands_on_when_each_backend_can_have_started() -> None:
     assert fence.started == {9002: (None, T0 + 5)}
 
 
+def test_leases_handed_on_by_a_restart_count_in_the_peak() -> None:
+    # Before: peak 0 beside leased 3 (sharedpool_peak_leases below sharedpool_leases)
+    # until a process re-registered, and for good for a process that died meanwhile.
+    new = Ledger({"pg": Resource(4)}, hold_until=T0 + 1.5)
+    new.restore_held([["pg", 10, 10, 900, None], ["pg", 11, 11, 900, None]], T0)
+    new.restore_fenced([["pg", 12, 12, 901, 5.0, None]], T0)
+    [row] = new.snapshot_resources(T0 + 0.1)
+    assert (row["leased"], row["fenced"], row["peak"]) == (3, 3, 3)
+
+
 def test_unfence_frees_early() -> None:
     lg = ledger(pg=Resource(1, quarantine_delay=30))
     a, b = session(lg), session(lg)
@@ -1478,6 +1488,12 @@ class LedgerMachine(RuleBasedStateMachine):
             else:
                 event("over the cap after resize/re-registration")
                 assert r in self.over, f"{r} over its cap without a resize or re-registration"
+
+    @invariant()
+    def peak_is_never_below_leased(self) -> None:
+        # sharedpool_peak_leases is "most leases held at once since start".
+        for res in self.lg.resources.values():
+            assert res.peak >= res.leased, (res.name, res.peak, res.leased)
 
     @invariant()
     def waiters_are_served_when_there_is_room(self) -> None:  # I3
