@@ -465,7 +465,9 @@ class Ledger:
         ):  # nobody queued could take the slot: only waiters blocked by max_per_process
             return [self._grant(res, session, req, now, _site(site))]
         if timeout <= 0:
-            res.timeouts += 1
+            # A try that never waited is no timeout: a pool below min_size tries
+            # once per maintenance round, and at a full cap that counted as one
+            # timeout per process per second, for as long as the cap stayed full.
             return [Denied(sid, req, "timeout", self._why_full(res, session, now))]
         if len(session.waiting) >= MAX_SESSION_WAITING:
             res.denials += 1

@@ -86,9 +86,14 @@ def test_metrics_follow_the_ledger(tmp_path: Path) -> None:
         assert sp("pause", "demo", "--socket", server.socket).returncode == 0
         second.send("acquire 0")
         assert second.expect().startswith("error")
-        # The pool's zero deadline passes before its lease request reaches the coordinator.
+        # Its lease request did not wait (timeout 0): no timeout. One that waits
+        # and runs out, sent after it on the same socket, is the second.
+        second.send("acquire 0.3")
+        assert second.expect().startswith("error PoolTimeout")
         m = wait_for(lambda: (m := scrape(port)) and value(
-            m, "sharedpool_timeouts_total", resource="demo") == 2 and m, what="the second timeout")
+            m, "sharedpool_timeouts_total", resource="demo") >= 2 and value(
+            m, "sharedpool_waiting", resource="demo") == 0 and m, what="the second timeout")
+        assert value(m, "sharedpool_timeouts_total", resource="demo") == 2
         assert value(m, "sharedpool_peak_leases", resource="demo") == 2
     finally:
         for worker in workers:

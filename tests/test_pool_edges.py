@@ -1248,6 +1248,42 @@ def test_a_connect_that_overran_its_timeout_then_failed_is_one_error() -> None:
         pool.close()
 
 
+def test_top_ups_at_a_full_cap_are_no_coordinator_timeouts(start_coordinator: Any, sock_path: str) -> None:
+    # Before: each maintenance round's top-up try (a lease with timeout 0, at the
+    # cap) was one more `timeouts` / sharedpool_timeouts_total, once a second per
+    # process for as long as the cap stayed full, with nobody waiting.
+    start_coordinator({"r": 2})
+    holder = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=2), resource="r",
+                            coordinator=sock_path)
+    tries: list[float] = []
+    filler = None
+    try:
+        held = [holder.acquire(timeout=5) for _ in range(2)]
+        filler = ConnectionPool(FakeFactory(), PoolConfig(min_size=1, max_size=1, validation_interval=0.05),
+                                resource="r", coordinator=sock_path)
+        client = filler._get_client()
+        assert client is not None
+        real = client.acquire
+
+        def counted(resource: str, timeout: float | None = None, **kw: Any) -> Any:
+            tries.append(time.monotonic())
+            return real(resource, timeout, **kw)
+
+        client.acquire = counted  # type: ignore[method-assign]
+        deadline = time.monotonic() + 5
+        while len(tries) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(tries) >= 3  # refused at the cap, each
+        [row] = client.inspect("resources")["resources"]
+        assert (row["timeouts"], row["denials"], row["grants"], row["waiting"]) == (0, 0, 2, 0)
+        for wrapper in held:
+            holder.release(wrapper)
+    finally:
+        if filler is not None:
+            filler.close()
+        holder.close()
+
+
 def _leases_held_settles(pool: ConnectionPool[Any], timeout: float = 3.0) -> tuple[int, int]:
     """(leases_held, leases_closing) once they stop changing (at most ``timeout``)."""
     deadline = time.monotonic() + timeout
