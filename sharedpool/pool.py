@@ -91,7 +91,7 @@ _UNSETTLED = {
 
 class _Waiter:
     __slots__ = ("event", "wrapper", "error", "connect_deadline", "abandoned", "has_opener",
-                 "planned", "leasing")
+                 "planned", "leasing", "counted")
 
     def __init__(self) -> None:
         self.event = threading.Event()
@@ -104,6 +104,7 @@ class _Waiter:
         #: its opener asked the coordinator for a lease and got none (yet): what a
         #: timeout says, even when that request timed out a moment before it
         self.leasing = False
+        self.counted = False  # its checkout's failure is in requests_errors already
 
 
 class ConnectionPool(Generic[T]):
@@ -382,6 +383,7 @@ class ConnectionPool(Generic[T]):
                 # time limit, KeyboardInterrupt): no connection may stay handed
                 # to a caller that is gone.
                 self._forsake(waiter, checking)
+                self._count_failed(waiter, start)
                 if not started:  # cut short before its openers ran: uncount them, with our waiter gone
                     self._unplan(openers)
                 raise
@@ -412,6 +414,7 @@ class ConnectionPool(Generic[T]):
                     return waiter.wrapper
                 now = time.monotonic()
                 if waiter.error is not None:
+                    waiter.counted = True
                     self._m["request_errors"] += 1
                     self._m["requests_wait_ms"] += int((now - start) * 1000)
                     if isinstance(waiter.error, PoolTimeout) and waiter.leasing:
@@ -425,6 +428,7 @@ class ConnectionPool(Generic[T]):
                     waiter.event.clear()  # every set() happens under the lock: none is lost
                     continue
                 self._waiters.remove(waiter)
+                waiter.counted = True
                 self._m["request_errors"] += 1
                 self._m["requests_wait_ms"] += int((now - start) * 1000)
                 if connect_late:
@@ -445,6 +449,16 @@ class ConnectionPool(Generic[T]):
                 elif self._lease_requests or waiter.leasing:
                     away = self._lease_wait_note()
                 raise self._timed_out(start, deadline, away)
+
+    def _count_failed(self, waiter: _Waiter, start: float) -> None:
+        """A checkout that ends in an exception :meth:`_wait` did not count (one a
+        signal handler raised while it waited or validated: celery's soft time
+        limit) failed too: in requests_errors, with its wait, as psycopg_pool counts it."""
+        with self._lock:
+            if not waiter.counted:
+                waiter.counted = True
+                self._m["request_errors"] += 1
+                self._m["requests_wait_ms"] += int((time.monotonic() - start) * 1000)
 
     def _lease_wait_note(self, reason: object = None) -> str:
         why = "the global cap is taken" if reason is None else f"the global cap is taken: {reason}"

@@ -1284,6 +1284,28 @@ def test_top_ups_at_a_full_cap_are_no_coordinator_timeouts(start_coordinator: An
         holder.close()
 
 
+def test_a_checkout_a_signal_cuts_short_while_it_waits_is_a_failed_request() -> None:
+    # Before: counted in requests_queued only (requests_num 1 beside requests_queued 2,
+    # requests_errors 0, requests_wait_ms 0): a celery soft time limit in the queue
+    # vanished from the stats. psycopg_pool counts it in all four.
+    class SoftLimit(Exception):
+        pass
+
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1))
+    try:
+        held = pool.acquire(timeout=5)
+        with alarm_raises(SoftLimit):
+            signal.setitimer(signal.ITIMER_REAL, 0.2)
+            with pytest.raises(SoftLimit):
+                pool.acquire(timeout=5)
+        stats = pool.get_stats()
+        assert (stats["requests_num"], stats["requests_errors"], stats["requests_queued"]) == (2, 1, 2)
+        assert stats["requests_wait_ms"] >= 150 and stats["requests_waiting"] == 0
+        pool.release(held)
+    finally:
+        pool.close()
+
+
 def _leases_held_settles(pool: ConnectionPool[Any], timeout: float = 3.0) -> tuple[int, int]:
     """(leases_held, leases_closing) once they stop changing (at most ``timeout``)."""
     deadline = time.monotonic() + timeout
