@@ -205,7 +205,7 @@ class ConnectionPool(Generic[T]):
             "total_created", "total_closed", "connect_attempts",
             "acquire_timeouts", "connect_errors", "request_errors", "validation_failures", "reclaimed",
             "leases_acquired", "lease_wait_ms", "requests_queued", "requests_wait_ms",
-            "connections_ms", "leaks_suspected",
+            "connections_ms", "leaks_suspected", "returns_bad",
         ), 0)
         # Set last: a thread of a forked child that sees it current (and so
         # skips _after_fork's lock) must find the child's state all made.
@@ -276,6 +276,7 @@ class ConnectionPool(Generic[T]):
                 "connections_ms": m["connections_ms"],
                 "connections_errors": m["connect_errors"],
                 "connections_lost": m["validation_failures"],
+                "returns_bad": m["returns_bad"],
                 "leases_held": self._leased,
                 "leases_closing": self._leases_closing(),
                 "leases_acquired": m["leases_acquired"],
@@ -598,7 +599,7 @@ class ConnectionPool(Generic[T]):
         status = _txn_status(wrapper)
         closed = getattr(wrapper.conn, "closed", False)  # psycopg: bool, psycopg2: 0/1/2
         if status == UNKNOWN or (isinstance(closed, int) and closed):
-            self._discard(wrapper, validation=False)  # broken: no use keeping it
+            self._discard(wrapper, validation=False, bad=True)  # broken: no use keeping it
             return
         if status in (INTRANS, INERROR):
             try:
@@ -744,15 +745,18 @@ class ConnectionPool(Generic[T]):
 
     # ------------------------------------------------------------------ closing
 
-    def _discard(self, wrapper: ConnectionWrapper[T], validation: bool = True) -> None:
+    def _discard(self, wrapper: ConnectionWrapper[T], validation: bool = True, bad: bool = False) -> None:
         """Forget a checked-out connection and close it (it failed validation,
-        or the pool stopped being active); its slot may serve a waiter."""
+        or the pool stopped being active); its slot may serve a waiter.
+        ``bad``: checked in closed or broken (psycopg_pool's returns_bad)."""
         with self._lock:
             self._all.pop(wrapper.id, None)
             self._closing += 1
             wrapper.in_use = False
             if validation:
                 self._m["validation_failures"] += 1
+            if bad:
+                self._m["returns_bad"] += 1
             openers = self._plan_growth()
         self._close_then_open(wrapper, openers, time.monotonic() + self.config.acquire_timeout)
 

@@ -448,6 +448,8 @@ def test_a_connection_checked_in_not_at_rest_without_an_exception_is_reset(
         assert {"open transaction": "rolled back", "failed transaction": "rolled back",
                 "closed": "discarded", "terminated": "discarded"}[left] in warned[0].getMessage()
         assert pool.get_stats()["pool_size"] == 1
+        # psycopg_pool's returns_bad: the closed or broken ones (was counted nowhere)
+        assert pool.get_stats()["returns_bad"] == (left in ("closed", "terminated"))
     finally:
         pool.close()
 
@@ -1302,6 +1304,21 @@ def test_a_checkout_a_signal_cuts_short_while_it_waits_is_a_failed_request() -> 
         assert (stats["requests_num"], stats["requests_errors"], stats["requests_queued"]) == (2, 1, 2)
         assert stats["requests_wait_ms"] >= 150 and stats["requests_waiting"] == 0
         pool.release(held)
+    finally:
+        pool.close()
+
+
+def test_a_connection_returned_broken_counts_in_returns_bad() -> None:
+    # Before: discarded and counted nowhere (psycopg_pool: returns_bad).
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1))
+    try:
+        with pytest.raises(ConnectionError), pool.connection(timeout=5) as conn:
+            conn.close()
+            conn.execute()
+        with pool.connection(timeout=5) as conn:
+            conn.execute()  # a new one
+        stats = pool.get_stats()
+        assert (stats["returns_bad"], stats["connections_lost"], stats["connections_num"]) == (1, 0, 2)
     finally:
         pool.close()
 
