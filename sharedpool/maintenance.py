@@ -130,6 +130,7 @@ def fill(pool: ConnectionPool[Any], count: int) -> None:
                 return
             pool._opening += 1
             pool._stalled += 1  # no waiter counts on a top-up
+            pool._lease_waits += 1  # not connecting until its lease is in
         client = lease = None
         attempted = False
         try:
@@ -137,6 +138,7 @@ def fill(pool: ConnectionPool[Any], count: int) -> None:
             if client is not None:
                 lease = client.acquire(pool.resource, 0)
             with pool._lock:
+                pool._lease_waits -= 1
                 pool._m["connect_attempts"] += 1
             attempted = True
             t0 = time.monotonic()
@@ -147,6 +149,7 @@ def fill(pool: ConnectionPool[Any], count: int) -> None:
             with pool._lock:
                 pool._opening -= 1
                 pool._stalled -= 1
+                pool._lease_waits -= not attempted
                 pool._returned.notify_all()  # a close() or drain() may be waiting for it
             pool._end_session_if_done()
             # The factory failed, not the lease: a failed connect. A lease refused

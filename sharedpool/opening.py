@@ -45,10 +45,15 @@ def run(pool: ConnectionPool[Any], waiter: _Waiter, deadline: float) -> None:
     except BaseException as exc:  # noqa: BLE001 - a $SHAREDPOOL_SOCKET gone bad: to the waiter
         failed(pool, waiter, exc, connected=False)
         return
+    waiting = False  # counted in pool._lease_waits: no connection is being made yet
     try:
         t0 = time.monotonic()
         while client is not None and not fallback:
             waiter.leasing = True
+            if not waiting:
+                with pool._lock:
+                    pool._lease_waits += 1
+                waiting = True
             try:
                 lease = take_lease(pool, client, deadline)
                 waiter.leasing = False
@@ -62,6 +67,8 @@ def run(pool: ConnectionPool[Any], waiter: _Waiter, deadline: float) -> None:
                 fallback = pool._use_fallback(client)
         t1 = time.monotonic()
         with pool._lock:
+            pool._lease_waits -= waiting
+            waiting = False
             if lease is not None:
                 pool._m["leases_acquired"] += 1
                 pool._m["lease_wait_ms"] += int((t1 - t0) * 1000)
@@ -88,7 +95,8 @@ def run(pool: ConnectionPool[Any], waiter: _Waiter, deadline: float) -> None:
         # an error for the next waiter, however late it came.
         expired = (client is not None and lease is None and not fallback
                    and time.monotonic() >= deadline)
-        failed(pool, waiter, exc, connected=lease is not None or client is None, expired=expired)
+        failed(pool, waiter, exc, connected=lease is not None or client is None, expired=expired,
+               lease_wait=waiting)
         return
     wrapper = ConnectionWrapper(conn, pool, lease)
     pool._handoff.connected(time.monotonic() - t1)
@@ -194,11 +202,13 @@ def setup(pool: ConnectionPool[Any], wrapper: ConnectionWrapper[Any],
 
 
 def failed(pool: ConnectionPool[Any], waiter: _Waiter, exc: BaseException, connected: bool,
-           expired: bool = False) -> None:
+           expired: bool = False, lease_wait: bool = False) -> None:
+    """``lease_wait``: it failed waiting for its lease (counted in ``_lease_waits``)."""
     if not isinstance(exc, SharedPoolError):
         log.warning("pool %r: opening a connection failed (connect or configure): %s", pool.name, exc)
     with pool._lock:
         pool._opening -= 1
+        pool._lease_waits -= lease_wait
         pool._returned.notify_all()  # a close() may be waiting for this opener
         if connected and not waiter.abandoned:  # an abandoned one was counted at its ConnectTimeout
             pool._m["connect_errors"] += 1

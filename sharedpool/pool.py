@@ -185,6 +185,8 @@ class ConnectionPool(Generic[T]):
         self._handoff = HandOffCost()
         self._fallback_opening = 0
         self._opening = 0
+        #: openings in _opening still waiting for their lease: no connection yet
+        self._lease_waits = 0
         #: openings in _opening that no waiter may count on: connects whose
         #: caller gave up (connection_timeout) and min_size top-ups
         self._stalled = 0
@@ -265,7 +267,9 @@ class ConnectionPool(Generic[T]):
             return {
                 "pool_min": self.config.min_size,
                 "pool_max": self.config.max_size,
-                "pool_size": len(self._all) + self._opening,
+                # As psycopg_pool's: connections open or being made, not the
+                # openings still waiting for a lease (none exists for them yet).
+                "pool_size": len(self._all) + self._opening - self._lease_waits,
                 "pool_available": len(self._idle),
                 "requests_waiting": len(self._waiters),
                 "requests_num": self._acquired + m["request_errors"],

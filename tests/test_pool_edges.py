@@ -1323,6 +1323,42 @@ def test_a_connection_returned_broken_counts_in_returns_bad() -> None:
         pool.close()
 
 
+def test_pool_size_leaves_out_openings_still_waiting_for_a_lease(start_coordinator: Any,
+                                                                 sock_path: str) -> None:
+    # Before: pool_size 2 for a pool with no connection at all, its two checkouts
+    # queued at the coordinator behind another pool's lease (cap 1): summed over
+    # processes, pool_size read above the cap that PostgreSQL saw held.
+    start_coordinator({"r": 1})
+    holder = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1), resource="r",
+                            coordinator=sock_path)
+    factory = FakeFactory()
+    pool = ConnectionPool(factory, PoolConfig(min_size=0, max_size=2), resource="r", coordinator=sock_path)
+    client = Client(sock_path)
+    threads: list[threading.Thread] = []
+    try:
+        held = holder.acquire(timeout=5)  # in use: not reclaimed while the test looks
+        threads = [threading.Thread(target=lambda: pool.release(pool.acquire(timeout=10)))
+                   for _ in range(2)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 5
+        while _waiting(client, "r") < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        stats = pool.get_stats()
+        assert _waiting(client, "r") == 2 and stats["requests_waiting"] == 2
+        assert (stats["pool_size"], pool.get_size(), factory.calls) == (0, 0, 0)
+        holder.release(held)
+        holder.close()  # its lease goes to the waiters: one connection, made, serves both
+        for t in threads:
+            t.join(10)
+        stats = pool.get_stats()
+        assert (stats["pool_size"], pool.get_size(), factory.calls, stats["requests_num"]) == (1, 1, 1, 2)
+    finally:
+        client.close()
+        pool.close()
+        holder.close()
+
+
 def _leases_held_settles(pool: ConnectionPool[Any], timeout: float = 3.0) -> tuple[int, int]:
     """(leases_held, leases_closing) once they stop changing (at most ``timeout``)."""
     deadline = time.monotonic() + timeout
