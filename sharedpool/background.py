@@ -15,13 +15,13 @@ import contextlib
 import heapq
 import logging
 import os
-import select
 import socket
 import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
 from . import protocol as p
+from .readable import wait_readable
 
 if TYPE_CHECKING:
     from .client import Client
@@ -43,7 +43,6 @@ BACKOFF_MIN, BACKOFF_MAX = 0.02, 1.0
 
 
 def run(ref: weakref.ref[Client]) -> None:
-    poller = select.poll()
     while True:
         client = ref()
         if client is None or client._pid != os.getpid():
@@ -54,22 +53,12 @@ def run(ref: weakref.ref[Client]) -> None:
         wake = client._wake_r
         sock, timeout = plan_sleep(client)
         del client  # the client may be collected while we sleep
-        # By fd number: unregister(sock) after another thread closed the
-        # socket during the poll would look up fileno() -1, fail, and leave
-        # the dead fd registered; every later poll() would then return
-        # POLLNVAL at once and this thread would spin.
+        # By fd number, taken now: a socket another thread closes during the
+        # wait is then a dead number, not fileno() -1 looked up again.
         watched = [wake.fileno()] if sock is None else [wake.fileno(), sock.fileno()]
-        try:
-            for fd in watched:
-                poller.register(fd, select.POLLIN)
-            if timeout > 0:
-                poller.poll(timeout * 1000.0)
-        except (OSError, ValueError):  # a socket closed under us: look again
-            pass
-        finally:
-            for fd in watched:
-                with contextlib.suppress(OSError, ValueError, KeyError):
-                    poller.unregister(fd)
+        if timeout > 0:
+            with contextlib.suppress(OSError, ValueError):  # a socket closed under us: look again
+                wait_readable(watched, timeout)
         client = ref()
         if client is None:
             return

@@ -11,6 +11,7 @@ parent's socket: it closes its copy and starts its own session lazily (I7).
 
 from __future__ import annotations
 
+import _socket  # the C socket type, which gevent and eventlet never replace
 import collections
 import contextlib
 import errno
@@ -631,7 +632,11 @@ class Client:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return
-                lead = self._sock is not None and self._read_lock.acquire(blocking=False)
+                sock = self._sock
+                # Greenlets do not lead: the background one already waits on the
+                # socket, and eventlet refuses a second reader of an fd.
+                lead = (sock is not None and not _cooperative(sock)
+                        and self._read_lock.acquire(blocking=False))
                 if not lead:
                     # Not connected, or another thread reads: wait to be told.
                     self._cond.wait(FOLLOW_WAIT if remaining is None else min(remaining, FOLLOW_WAIT))
@@ -658,7 +663,7 @@ class Client:
     def _read_available(self, sock: socket.socket, block: bool) -> bool:
         """Read what is there and dispatch it; False if the session died."""
         try:
-            data = sock.recv(65536) if block else sock.recv(65536, socket.MSG_DONTWAIT)
+            data = _recv(sock, block)
         except BlockingIOError:
             return True
         except OSError as exc:
@@ -1016,6 +1021,29 @@ class Client:
         if closed:
             self._closed = True
             self._close_wake()
+
+
+def _cooperative(sock: socket.socket) -> bool:
+    """Whether ``sock`` is gevent's or eventlet's (``socket.socket`` monkey-patched)."""
+    return not isinstance(sock, _socket.socket)
+
+
+def _recv(sock: socket.socket, block: bool) -> bytes:
+    """One read of the session socket; BlockingIOError when nothing came (at
+    once, or with ``block`` within the SO_RCVTIMEO slice)."""
+    if not _cooperative(sock):
+        return sock.recv(65536) if block else sock.recv(65536, socket.MSG_DONTWAIT)
+    # Read by the background greenlet only, never blocking (see _wait). The fd is
+    # non-blocking underneath and the library parks the greenlet on EAGAIN whatever
+    # the flags: a "non-blocking" read waited there for the next frame, holding the
+    # read lock, and no report (idle states, backend pids), timer or reclaim ran
+    # meanwhile. Its own timeout 0 returns at once; set and put back with no
+    # switch in between, so a send another greenlet makes keeps the default.
+    sock.settimeout(0.0)
+    try:
+        return sock.recv(65536)
+    finally:
+        sock.settimeout(None)
 
 
 def _socket_path(given: Any) -> str:

@@ -22,11 +22,12 @@ import errno
 import inspect
 import logging
 import os
-import select
 import socket
 import threading
 import time
 from collections.abc import Callable
+
+from .readable import wait_readable
 
 log = logging.getLogger(__name__)
 
@@ -337,12 +338,11 @@ WAIT_SLICE = 3600.0
 
 def _wait_eof(sock: socket.socket, deadline: float) -> bool:
     """Drain ``sock`` until the peer closes it (True) or ``deadline`` passes (False)."""
-    poller = select.poll()
-    poller.register(sock.fileno(), select.POLLIN)  # POLLHUP / POLLERR come unasked
+    fd = sock.fileno()
     while True:
         remaining = deadline - time.monotonic()
         # poll() takes milliseconds in a C int (24.8 days at most): wait in slices.
-        if not poller.poll(min(max(remaining, 0.0), WAIT_SLICE) * 1000.0):
+        if not wait_readable([fd], min(max(remaining, 0.0), WAIT_SLICE)):
             if remaining > WAIT_SLICE:
                 continue
             return False

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -218,7 +219,14 @@ def assert_shut_down_clean(server: Gunicorn, sampler: BackendSampler) -> None:
     assert not os.path.exists(server.sock), "the coordinator left its socket behind"
 
 
-@pytest.mark.parametrize("worker_class", ["sync", "gthread"])
+#: gevent's workers run the client's background thread as a greenlet (its idle
+#: reports are what lets the coordinator reclaim a slot for another worker).
+GEVENT = pytest.param("gevent", marks=pytest.mark.skipif(
+    importlib.util.find_spec("gevent") is None,
+    reason="gevent is not installed: pip install gevent to test gunicorn's gevent workers"))
+
+
+@pytest.mark.parametrize("worker_class", ["sync", "gthread", GEVENT])
 def test_eight_workers_share_a_cap_of_three(gunicorn: Callable[..., Gunicorn], app_name: str,
                                             worker_class: str) -> None:
     server = gunicorn(worker_class)

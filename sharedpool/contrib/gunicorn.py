@@ -41,7 +41,8 @@ already listening. The coordinator is not started when the config is read:
 gunicorn also reads it for ``--check-config`` and before ``--daemon`` forks the
 master away from the process that would own the coordinator.
 
-Works with any worker class that forks from the master (``sync``, ``gthread``...).
+Works with any worker class that forks from the master (``sync``, ``gthread``,
+``gevent``...).
 This module does not import gunicorn.
 """
 

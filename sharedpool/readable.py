@@ -1,0 +1,25 @@
+"""Waiting until a file descriptor has something to read, whatever ``select``
+is: the standard module, or the one gevent or eventlet monkey-patched in.
+
+eventlet's green ``select`` has ``select()`` only, no ``poll()``: the client's
+background thread died at start on it (no report, timer or reclaim ever ran)
+and a close could never be confirmed (its lease kept until the process exits).
+"""
+
+from __future__ import annotations
+
+import select
+from collections.abc import Sequence
+
+
+def wait_readable(fds: Sequence[int], timeout: float) -> bool:
+    """Wait at most ``timeout`` seconds for one of ``fds`` to be readable, hung
+    up or in error; True if one is. OSError / ValueError for a closed fd."""
+    poll = getattr(select, "poll", None)
+    if poll is None:
+        # No FD_SETSIZE limit here: this select() waits in the library's hub.
+        return bool(select.select(list(fds), [], [], max(timeout, 0.0))[0])
+    poller = poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)  # POLLHUP / POLLERR come unasked
+    return bool(poller.poll(max(timeout, 0.0) * 1000.0))

@@ -1,0 +1,112 @@
+"""Under gevent and eventlet (monkey-patched, as gunicorn's gevent worker and
+celery's -P gevent / -P eventlet run): the client's background thread is a
+greenlet, its socket a cooperative one and its select() the library's.
+
+Each case runs in a child process that patches first; the test reads the
+coordinator's ledger from outside. Skipped, saying so, without the library."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sharedpool import Client
+
+PATCH = {
+    "gevent": "from gevent import monkey; monkey.patch_all()",
+    "eventlet": "import eventlet; eventlet.monkey_patch()",
+}
+
+#: The child: a pool of fake connections and one of socket-backed connections
+#: (their close is confirmed by an EOF, as a database connection's is). It checks
+#: one of each out and in, drains the socket pool, says so, and lives on.
+CHILD = """
+import socket, sys, time
+from sharedpool import ConnectionPool, PoolConfig
+from sharedpool.testing import FakeFactory
+
+class SocketConnection:
+    def __init__(self):
+        self.ours, self.server = socket.socketpair()
+    def fileno(self):
+        return self.ours.fileno()
+    def ping(self):
+        pass
+    def close(self):  # the server end goes with it: the EOF confirms the close
+        self.ours.close()
+        self.server.close()
+
+sock = sys.argv[1]
+fake = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1), resource="fake",
+                      coordinator=sock)
+real = ConnectionPool(SocketConnection, PoolConfig(min_size=0, max_size=1), resource="sock",
+                      coordinator=sock)
+with fake.connection():
+    pass
+with real.connection():
+    pass
+real.drain(5)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def _library(name: str) -> Any:
+    if importlib.util.find_spec(name) is None:
+        return pytest.param(name, marks=pytest.mark.skip(
+            reason=f"{name} is not installed: pip install {name} to test sharedpool under it"))
+    return name
+
+
+def _wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.mark.parametrize("library", [_library("gevent"), _library("eventlet")])
+def test_a_patched_process_reports_and_gives_back(start_coordinator: Any, sock_path: str,
+                                                  tmp_path: Path, library: str) -> None:
+    """The lease of a connection checked in reaches the coordinator as idle
+    (reclaim needs it: a waiter elsewhere starved for a lease held "in use"
+    by an idle gevent worker), and a drained connection's lease goes back once
+    its close is confirmed (eventlet: it was kept until the process exited)."""
+    start_coordinator({"fake": 1, "sock": 1})
+    script = tmp_path / "child.py"
+    script.write_text(PATCH[library] + "\n" + textwrap.dedent(CHILD))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("SHAREDPOOL_SOCKET", None)
+    child = subprocess.Popen([sys.executable, str(script), sock_path], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
+    client = Client(sock_path)
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline()  # bounded: the child sleeps 60 s at most after it
+        assert line.strip() == "ready", child.stderr.read() if child.poll() is not None else line
+
+        def states() -> dict[str, str]:
+            return {row["resource"]: row["state"] for row in client.inspect("leases")["leases"]}
+
+        try:
+            _wait_for(lambda: states() == {"fake": "idle"}, 10, "the fake lease idle, the drained one back")
+        except AssertionError:
+            raise AssertionError(f"the coordinator sees {states()}") from None
+    finally:
+        client.close()
+        child.send_signal(signal.SIGKILL)
+        _, err = child.communicate(timeout=10)
+    assert "Traceback" not in err, err[-3000:]
