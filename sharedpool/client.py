@@ -934,7 +934,8 @@ class Client:
             try:
                 sock.sendall(data)
             except OSError as exc:  # a frame half out is a broken stream: the session ends
-                if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                # EAGAIN past SO_SNDTIMEO; a gevent / eventlet socket's own timeout
+                if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK) or isinstance(exc, TimeoutError):
                     log.warning("coordinator %s has not read for %gs; dropping the session",
                                 self.socket_path, SEND_TIMEOUT)
                 elif exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.EBADF):
@@ -1038,12 +1039,13 @@ def _recv(sock: socket.socket, block: bool) -> bytes:
     # the flags: a "non-blocking" read waited there for the next frame, holding the
     # read lock, and no report (idle states, backend pids), timer or reclaim ran
     # meanwhile. Its own timeout 0 returns at once; set and put back with no
-    # switch in between, so a send another greenlet makes keeps the default.
+    # switch in between, so a send another greenlet makes keeps its bound.
+    bound = sock.gettimeout()
     sock.settimeout(0.0)
     try:
         return sock.recv(65536)
     finally:
-        sock.settimeout(None)
+        sock.settimeout(bound)
 
 
 def _socket_path(given: Any) -> str:

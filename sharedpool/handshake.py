@@ -9,6 +9,7 @@ for :data:`SEND_TIMEOUT` fails instead of hanging.
 
 from __future__ import annotations
 
+import _socket  # the C socket type, which gevent and eventlet never replace
 import socket
 import struct
 import time
@@ -78,6 +79,11 @@ def shake_hands(sock: socket.socket, path: str, limit: float | None, hello: Call
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _RCV_SLICE)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
                         struct.pack("ll", int(SEND_TIMEOUT), int(SEND_TIMEOUT % 1 * 1_000_000)))
+        if not isinstance(sock, _socket.socket):
+            # gevent's or eventlet's socket: its fd is non-blocking underneath and
+            # only its own timeout bounds a wait (it ignores SO_SNDTIMEO). Its reads
+            # never wait (the client's _recv), so this bounds the sends.
+            sock.settimeout(SEND_TIMEOUT)
     except BaseException:
         sock.close()
         raise

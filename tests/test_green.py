@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -110,3 +111,55 @@ def test_a_patched_process_reports_and_gives_back(start_coordinator: Any, sock_p
         child.send_signal(signal.SIGKILL)
         _, err = child.communicate(timeout=10)
     assert "Traceback" not in err, err[-3000:]
+
+
+#: The child: a session up, then (once the test stopped the coordinator) frames
+#: sent until the socket buffer is full; a send must give up, not wait for ever.
+SENDER = """
+import sys
+import sharedpool.handshake as handshake
+from sharedpool import Client
+from sharedpool import protocol as p
+
+handshake.SEND_TIMEOUT = 0.5
+client = Client(sys.argv[1])
+client.inspect("resources")
+print("up", flush=True)
+sys.stdin.readline()
+big = p.Inspect(0, "resources", {"pad": "x" * 500_000})
+for _ in range(200):  # 100 MB at most: far beyond any socket buffer
+    client._send_quiet(big)  # what a release or a report goes through
+    if not client.connected:
+        break
+print("lost" if not client.connected else "still connected", flush=True)
+"""
+
+
+def _read_line(child: subprocess.Popen[str], timeout: float) -> str:
+    assert child.stdout is not None
+    ready, _, _ = select.select([child.stdout], [], [], timeout)
+    return child.stdout.readline().strip() if ready else f"nothing within {timeout}s"
+
+
+@pytest.mark.parametrize("library", [_library("gevent"), _library("eventlet")])
+def test_a_coordinator_that_stops_reading_cannot_hold_a_patched_sender(
+        start_coordinator: Any, sock_path: str, tmp_path: Path, library: str) -> None:
+    """SO_SNDTIMEO bounds a plain socket's send; a cooperative socket ignores it
+    and waited for as long as the coordinator did not read."""
+    coord = start_coordinator({"r": 1})
+    script = tmp_path / "sender.py"
+    script.write_text(PATCH[library] + "\n" + textwrap.dedent(SENDER))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    child = subprocess.Popen([sys.executable, str(script), sock_path], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        assert _read_line(child, 30) == "up"
+        os.kill(coord.pid, signal.SIGSTOP)  # accepts (the kernel does), never reads
+        assert child.stdin is not None
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert _read_line(child, 15) == "lost"
+    finally:
+        os.kill(coord.pid, signal.SIGCONT)
+        child.kill()
+        child.communicate(timeout=10)
