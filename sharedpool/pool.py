@@ -852,6 +852,24 @@ class ConnectionPool(Generic[T]):
         elif giving:
             late(False)  # no lease to keep: only the give-back count to settle
 
+    def _close_each(self, wrappers: deque[ConnectionWrapper[T]]) -> None:
+        """Close ``wrappers`` (out of _all, counted in _closing), one after the
+        other. Cut short (a signal handler's exception in close() or drain()),
+        the rest are closed on a thread of their own: nothing else would ever
+        close them, and their leases would stay held until the process exits."""
+        try:
+            while wrappers:
+                # Subscript and del, not popleft(): no call between taking it
+                # and the close, which settles a close cut short by itself.
+                wrapper = wrappers[0]
+                del wrappers[0]
+                self._close(wrapper)
+        except BaseException:
+            if wrappers:
+                threading.Thread(target=self._close_each, args=(wrappers,), daemon=True,
+                                 name=f"sharedpool-close-{self.resource}").start()
+            raise
+
     def drain(self, timeout: float = 30.0) -> None:
         """Stop handing out connections; wait (up to ``timeout``) for those in
         use to come back, and close them all. :meth:`resume` reopens."""
@@ -873,10 +891,15 @@ class ConnectionPool(Generic[T]):
         if not _valid_timeout(timeout):  # before anything stops: a refused close changes nothing
             raise ConfigError("timeout", f"must be a number of seconds >= 0, got {timeout!r}")
         self._stop.set()
-        self._shut(PoolStatus.CLOSED, timeout)
-        if self._client is not None:
-            self._client.remove_handlers(*self._handlers)
-            self._client.close_if_unused()
+        try:
+            self._shut(PoolStatus.CLOSED, timeout)
+        finally:
+            # Also when the wait is cut short (a signal handler's exception) once
+            # the pool is closed: a closed pool's handlers kept the process's
+            # session open for good (a second close() returns at once).
+            if self._client is not None and self.status is PoolStatus.CLOSED:
+                self._client.remove_handlers(*self._handlers)
+                self._client.close_if_unused()
 
     def _shut(self, status: PoolStatus, timeout: float) -> None:
         if not _valid_timeout(timeout):  # NaN would spin below, inf overflows the wait
@@ -898,8 +921,7 @@ class ConnectionPool(Generic[T]):
                 waiter.event.set()
         for ticket in requests:  # a closed pool must not take grants ahead of others
             ticket.cancel()
-        for wrapper in idle:
-            self._close(wrapper)
+        self._close_each(deque(idle))
         deadline = time.monotonic() + timeout
         with self._lock:
             # Done once every connection is closed and its lease released,

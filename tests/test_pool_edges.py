@@ -208,6 +208,51 @@ def test_a_closed_pool_ends_its_session_once_its_last_connection_comes_back(
         assert not thread.is_alive()
 
 
+def test_a_close_cut_short_still_closes_the_other_idle_connections(
+        interrupt: Callable[[float], None], start_coordinator: Any, sock_path: str) -> None:
+    """A signal handler's exception (Ctrl-C, a SIGTERM handler's SystemExit)
+    during the close of the first idle connection left the others out of the
+    pool but never closed: open, their leases held until the process exited,
+    and a second close() returned at once."""
+    start_coordinator({"r": 3})
+    pool = ConnectionPool(SlowClose, PoolConfig(min_size=0, max_size=3), resource="r",
+                          coordinator=sock_path)
+    out = [pool.acquire(timeout=5) for _ in range(3)]
+    for w in out:
+        pool.release(w)
+    client = pool._client
+    assert client is not None
+    interrupt(0.1)  # inside the first close's 0.3 s
+    with pytest.raises(Interrupted):
+        pool.close(timeout=5)
+    deadline = time.monotonic() + 5
+    while (client.held or client.connected) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    # The first one's close() was cut short (a real socket's end is shut by a watcher).
+    assert [w.conn.closed for w in out] == [False, True, True]
+    assert client.held == {}
+    assert not client.connected  # and the session ended with the last close
+
+
+def test_a_close_cut_short_while_it_waits_still_ends_the_session(
+        interrupt: Callable[[float], None], start_coordinator: Any, sock_path: str) -> None:
+    """A close() cut short while it waited for a connection in use left the
+    pool's handlers registered: the process's session stayed open for good,
+    even once that connection came back and was closed."""
+    start_coordinator({"r": 1})
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1), resource="r",
+                          coordinator=sock_path)
+    w = pool.acquire(timeout=5)
+    client = pool._client
+    assert client is not None
+    interrupt(0.2)
+    with pytest.raises(Interrupted):
+        pool.close(timeout=5)  # waits for w
+    pool.release(w)
+    assert w.conn.closed and client.held == {}
+    assert not client.connected
+
+
 def test_a_fallback_checkin_does_not_wait_for_a_hung_coordinator(
         start_coordinator: Any, sock_path: str) -> None:
     coord = start_coordinator({"r": 1})
