@@ -320,13 +320,23 @@ class Client:
     def release(self, lease: Lease) -> None:
         """Give a lease back. Its connection must already be closed. No reply."""
         self._checkpid()
-        with self._cond:
-            if self._held.pop(lease.id, None) is None:
-                return  # already released, or lost with a previous coordinator
-            owed = self._owed.get(lease.resource, 0)
-            if owed:
-                self._owed[lease.resource] = owed - 1
-        self._send_quiet(p.Release(lease.id))
+        forgotten = False
+        try:
+            with self._cond:
+                if lease.id not in self._held:
+                    return  # already released, or lost with a previous coordinator
+                # del, not pop(): no call between forgetting the lease and
+                # marking it to be sent, so no signal handler runs there.
+                del self._held[lease.id]
+                forgotten = True
+                owed = self._owed.get(lease.resource, 0)
+                if owed:
+                    self._owed[lease.resource] = owed - 1
+        finally:
+            # Also when cut short (a signal handler's exception) once forgotten:
+            # unsent, the coordinator would count the lease for the rest of the session.
+            if forgotten:
+                self._send_quiet(p.Release(lease.id))
 
     def ensure_connected(self) -> bool:
         """Whether a session is up, trying to connect first (unless in a backoff)."""

@@ -639,73 +639,95 @@ class ConnectionPool(Generic[T]):
             # Before anything touches the connection: in a forked child it is
             # the parent's, and must not be used here (I7).
             raise PoolMisuse(f"{wrapper!r} was already released (or made in another process)")
-        # Decided before taking the lock, which then only guards the hand-over.
-        expired = now - wrapper.created_at > self._max_lifetime
-        lost = not expired and self._test_on_release and not self._validate(wrapper)
-        keep = not expired and not lost
         client = self._client
         owed = young = False
         quantum = 0.0
-        if client is not None and keep:
-            if wrapper.lease is None:
-                # A fallback connection goes once the coordinator is back. Not
-                # reconnected here: a hung coordinator would hold up a checkin
-                # for its connect timeout; the client's thread tries instead.
-                keep = not client.connected
-                if keep:
-                    client.reconnect_soon()
-            elif client.owes(self.resource):
-                owed = True
-                # Counted from when the connection became usable, not from the
-                # grant: connecting can take a good part of a short quantum.
-                quantum = self._quantum(client)
-                young = now - wrapper.created_at < quantum
+        try:  # decided before taking the lock, which then only guards the hand-over
+            expired = now - wrapper.created_at > self._max_lifetime
+            lost = not expired and self._test_on_release and not self._validate(wrapper)
+            keep = not expired and not lost
+            if client is not None and keep:
+                if wrapper.lease is None:
+                    # A fallback connection goes once the coordinator is back. Not
+                    # reconnected here: a hung coordinator would hold up a checkin
+                    # for its connect timeout; the client's thread tries instead.
+                    keep = not client.connected
+                    if keep:
+                        client.reconnect_soon()
+                elif client.owes(self.resource):
+                    owed = True
+                    # Counted from when the connection became usable, not from the
+                    # grant: connecting can take a good part of a short quantum.
+                    quantum = self._quantum(client)
+                    young = now - wrapper.created_at < quantum
+        except BaseException:
+            # Cut short before the checkin took effect (a signal handler's
+            # exception; mid-validation it may be mid-query): closed, never
+            # left in use for good with its lease.
+            self._discard(wrapper, validation=False)
+            raise
         stale: set[AcquireRequest] = set()
         recheck = arm = kept = False
-        with self._lock:
-            if not wrapper.in_use or self._all.get(wrapper.id) is not wrapper:
-                raise PoolMisuse(f"{wrapper!r} was already released (or made in another process)")
-            self._released += 1
-            wrapper.last_used = now
-            wrapper.warned = False
-            # Owed to the coordinator: give it back now if it is older than the
-            # fairness quantum. A younger one stays; should it still be idle a
-            # moment later (nobody here wanted it again), it goes then.
-            if owed and young:
-                owed = False
-                recheck = True
-            elif owed and client is not None:
-                # Concurrent checkins read the same count: only as many give
-                # back as are owed beyond the give-backs already under way.
-                owed = client.owes(self.resource) > self._giving
-                if owed:
-                    self._giving += 1
-            if keep and not owed and self.status is PoolStatus.ACTIVE:
-                kept = True
-                if not self._waiters:
-                    wrapper.in_use = False
-                    self._idle.append(wrapper)
-                    # One timer at a time per pool, only while leases are owed.
-                    arm = recheck and not self._recheck_pending
-                    if arm:
-                        self._recheck_pending, self._armed_quantum = True, quantum
+        placed = to_close = False  # idle or a waiter's / out of _all, to be closed
+        openers: list[_Waiter] = []
+        try:
+            with self._lock:
+                if not wrapper.in_use or self._all.get(wrapper.id) is not wrapper:
+                    raise PoolMisuse(f"{wrapper!r} was already released (or made in another process)")
+                self._released += 1
+                wrapper.last_used = now
+                wrapper.warned = False
+                # Owed to the coordinator: give it back now if it is older than the
+                # fairness quantum. A younger one stays; should it still be idle a
+                # moment later (nobody here wanted it again), it goes then.
+                if owed and young:
+                    owed = False
+                    recheck = True
+                elif owed and client is not None:
+                    # Concurrent checkins read the same count: only as many give
+                    # back as are owed beyond the give-backs already under way.
+                    owed = client.owes(self.resource) > self._giving
+                    if owed:
+                        self._giving += 1
+                if keep and not owed and self.status is PoolStatus.ACTIVE:
+                    kept = True
+                    # No call between a hand-over and its flag: a signal handler's
+                    # exception sees either the connection placed or still ours.
+                    if not self._waiters:
+                        placed = True
+                        wrapper.in_use = False
+                        self._idle.append(wrapper)
+                        # One timer at a time per pool, only while leases are owed.
+                        arm = recheck and not self._recheck_pending
+                        if arm:
+                            self._recheck_pending, self._armed_quantum = True, quantum
+                    else:
+                        waiter = self._waiters[0]
+                        del self._waiters[0]
+                        waiter.wrapper = wrapper
+                        placed = True
+                        waiter.event.set()
+                        if not self._waiters and self._lease_requests:
+                            # Nobody waits any more: withdraw the openers' lease requests,
+                            # or this process would stay queued at the coordinator.
+                            stale, self._lease_requests = self._lease_requests, set()
                 else:
-                    waiter = self._waiters.popleft()
-                    waiter.wrapper = wrapper
-                    waiter.event.set()
-                    if not self._waiters and self._lease_requests:
-                        # Nobody waits any more: withdraw the openers' lease requests,
-                        # or this process would stay queued at the coordinator.
-                        stale, self._lease_requests = self._lease_requests, set()
-            else:
-                if owed:
-                    self._m["reclaimed"] += 1
-                if lost:
-                    self._m["validation_failures"] += 1
-                wrapper.in_use = False
-                del self._all[wrapper.id]
-                self._closing += 1
-                openers = self._plan_growth()
+                    if owed:
+                        self._m["reclaimed"] += 1
+                    if lost:
+                        self._m["validation_failures"] += 1
+                    wrapper.in_use = False
+                    del self._all[wrapper.id]
+                    self._closing += 1
+                    to_close = True
+                    openers = self._plan_growth()
+        except BaseException:
+            # Cut short at a call inside the hand-over (a signal handler's exception).
+            if to_close:
+                self._close_then_open(wrapper, openers, now + self.config.acquire_timeout, giving=owed)
+            elif not placed and wrapper.in_use and self._all.get(wrapper.id) is wrapper:
+                self._discard(wrapper, validation=False)
+            raise
         # Outside the lock: arming the timer wakes the client's thread (a send),
         # and a cancel sends a frame.
         if arm and client is not None:
@@ -818,13 +840,15 @@ class ConnectionPool(Generic[T]):
         keep = lease is not None and client is not None
 
         def late(confirmed: bool) -> None:
-            if client is not None and lease is not None:
-                client.release(lease)
-            if keep or giving:
-                with self._lock:
-                    if self._pid == pid:  # not reset by a fork meanwhile
-                        self._leased -= keep
-                        self._giving -= giving
+            try:
+                if client is not None and lease is not None:
+                    client.release(lease)
+            finally:  # released (or cut short, then sent anyway): uncounted either way
+                if keep or giving:
+                    with self._lock:
+                        if self._pid == pid:  # not reset by a fork meanwhile
+                            self._leased -= keep
+                            self._giving -= giving
             if self._pid == pid:
                 self._end_session_if_done()
 
@@ -843,9 +867,11 @@ class ConnectionPool(Generic[T]):
                 late(False)
             raise
         if confirmed:
-            self._handoff.closed(time.monotonic() - t0)
-            self._handoff.tell(client, self.resource)
-            late(True)
+            try:
+                self._handoff.closed(time.monotonic() - t0)
+                self._handoff.tell(client, self.resource)
+            finally:  # a signal handler's exception here must not keep the lease for good
+                late(True)
         elif keep:
             log.warning("pool %r: server has not dropped connection %s after %.1fs; its lease is "
                         "kept until it does", self.name, wrapper.id[:8], self.config.close_confirm_timeout)

@@ -253,6 +253,87 @@ def test_a_close_cut_short_while_it_waits_still_ends_the_session(
     assert not client.connected
 
 
+def test_a_lease_release_cut_short_still_reaches_the_coordinator(
+        start_coordinator: Any, sock_path: str) -> None:
+    """A signal handler's exception between the client forgetting a lease and
+    sending its release (the close of a connection past max_lifetime at a
+    checkin, a close()) left the coordinator counting it for the rest of the
+    session: a slot of the cap gone with no connection behind it."""
+    start_coordinator({"r": 1})
+    client = Client(sock_path)
+    try:
+        lease = client.acquire("r", timeout=5)
+
+        class CutShort(dict[str, int]):
+            def get(self, *args: Any) -> Any:  # what release() calls once the lease is forgotten
+                raise Interrupted("the signal handler raised")
+
+        owed, client._owed = client._owed, CutShort()
+        with pytest.raises(Interrupted):
+            client.release(lease)
+        client._owed = owed
+        assert client.held == {}
+        assert wait_leased(sock_path, 0) == 0
+    finally:
+        client.close()
+
+
+def test_a_close_cut_short_after_its_confirmation_still_gives_the_lease_back(
+        start_coordinator: Any, sock_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A signal handler's exception between a confirmed close and the lease's
+    release (while the hand-off cost is reported) kept the lease for good."""
+    from proc_helpers import interrupt_once
+
+    from sharedpool.handoff import HandOffCost
+
+    start_coordinator({"r": 2})
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=2), resource="r",
+                          coordinator=sock_path)
+    try:
+        pool.release(pool.acquire(timeout=5))
+        client = pool._client
+        assert client is not None
+        interrupt_once(monkeypatch, HandOffCost, "tell", Interrupted("the signal handler raised"))
+        with pytest.raises(Interrupted):
+            pool.close()
+        assert client.held == {} and pool.get_stats()["leases_held"] == 0
+        assert wait_leased(sock_path, 0) == 0
+    finally:
+        pool.close()
+
+
+def test_a_checkin_cut_short_before_the_hand_over_closes_the_connection(
+        start_coordinator: Any, sock_path: str) -> None:
+    """A signal handler's exception in a slow checkin before the hand-over (a
+    test_on_release check, a checkin owed to the coordinator, waiters queued)
+    left the connection in use for good, its lease held: the pool one smaller
+    until the process exited."""
+    start_coordinator({"r": 1})
+    cut = [False]
+
+    def check(conn: FakeConnection) -> bool:
+        if cut[0]:
+            cut[0] = False
+            raise Interrupted("the signal handler raised")  # as one landing mid-check
+        return True
+
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1, test_on_release=True),
+                          resource="r", coordinator=sock_path, check=check)
+    try:
+        w = pool.acquire(timeout=5)
+        client = pool._client
+        assert client is not None
+        cut[0] = True
+        with pytest.raises(Interrupted):
+            pool.release(w)
+        assert pool.get_in_use() == 0 and w.conn.closed  # it may have been mid-query: closed
+        assert client.held == {}
+        with pool.connection(timeout=2):  # the slot serves again
+            pass
+    finally:
+        pool.close()
+
+
 def test_a_fallback_checkin_does_not_wait_for_a_hung_coordinator(
         start_coordinator: Any, sock_path: str) -> None:
     coord = start_coordinator({"r": 1})
