@@ -58,6 +58,16 @@ class StartFence:
     started: dict[int, tuple[float | None, float]] = field(default_factory=dict, compare=False)
 
 
+@dataclass(frozen=True, slots=True)
+class StillHeld:
+    """A restart's hold ended, and a process that held ``count`` leases of
+    ``resource`` has not re-registered them, yet still runs: they stay counted."""
+
+    resource: str
+    pid: int
+    count: int
+
+
 @dataclass(slots=True)
 class Problem:
     """A request that made no sense (unknown lease, duplicate req): an error reply."""
@@ -78,4 +88,4 @@ class Notify:
     args: dict[str, Any] = field(default_factory=dict)
 
 
-Effect = Granted | Denied | AskReclaim | StartFence | Problem | Notify
+Effect = Granted | Denied | AskReclaim | StartFence | StillHeld | Problem | Notify

@@ -30,11 +30,12 @@ import heapq
 import itertools
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 from .config import Resource
-from .effects import AskReclaim, Denied, Effect, Granted, Notify, Problem, StartFence
+from .effects import AskReclaim, Denied, Effect, Granted, Notify, Problem, StartFence, StillHeld
 from .handoff import MAX_COST, auto_quantum
 from .protocol import brief
 from .reclaim import rebalance, servable
@@ -69,6 +70,9 @@ MAX_NAME = 256
 #: each queued acquire makes every later one walk the queue, so a single peer
 #: queueing tens of thousands would stall the coordinator for seconds.
 MAX_SESSION_WAITING = 1024
+#: How often a live process that has not re-registered its leases since a
+#: restart is looked at again (are they still its, or is it gone?).
+ALIVE_RECHECK = 1.0
 
 
 def _refused(sid: int, resource: Any, lease_id: Any, why: str) -> list[Effect]:
@@ -147,11 +151,15 @@ class Ledger:
     """Every lease of every resource on one coordinator."""
 
     def __init__(self, resources: dict[str, Resource], *, id_base: int = 1,
-                 hold_until: float | None = None) -> None:
+                 hold_until: float | None = None,
+                 alive: Callable[[int], bool] | None = None) -> None:
         """``hold_until``: grant nothing before this time. A restarted coordinator
         uses it so that every process still holding leases re-registers them
-        before anything new is handed out (I1 across a restart)."""
+        before anything new is handed out (I1 across a restart). ``alive(pid)``:
+        whether the process that held leases handed on from the previous
+        coordinator still runs (None: taken as gone when the hold ends)."""
         self.hold_until = hold_until
+        self._alive = alive
         self.resources = {name: ResourceState(name, r) for name, r in resources.items()}
         self.sessions: dict[int, Session] = {}
         self._next_id = id_base
@@ -167,7 +175,8 @@ class Ledger:
         self._fences = itertools.count(1)
         #: fence serial -> (resource, pid): leases live processes held when the
         #: previous coordinator stopped, fenced to their process until it
-        #: re-registers them; fenced as a dead session's when the hold ends
+        #: re-registers them; fenced as a dead session's once the hold has
+        #: ended and their process is gone
         self._awaited: dict[int, tuple[str, int]] = {}
         #: fence serials of such leases fenced when the hold ended: their process
         #: may be alive, only late; a clean stop hands that on (``late_state``)
@@ -199,12 +208,21 @@ class Ledger:
         session = Session(sid, pid, name, uid, now)
         self.sessions[sid] = session
         try:
-            return sid, self._register_held(session, held, now)
+            effects = self._register_held(session, held, now)
         except BaseException:
             # Half-registered (an entry that could not even be described): the
             # server never learns this sid, so no one would ever close it.
             self.close_session(sid, now)
             raise
+        # Leases handed on from the previous coordinator as this process's that
+        # it did not bring back: it no longer has them (closed while no
+        # coordinator was up: that release never arrived). Fenced as a dead
+        # process's would be: they count until their backends are seen gone.
+        for fence, (name, holder) in list(self._awaited.items()):
+            if holder == pid:
+                del self._awaited[fence]
+                effects += self._settle_unclaimed(fence, name, pid, now, may_hold=False)
+        return sid, effects
 
     def _register_held(self, session: Session, held: list[Any], now: float) -> list[Effect]:
         sid = session.id
@@ -632,28 +650,53 @@ class Ledger:
         if self.hold_until is not None and now >= self.hold_until:
             self.hold_until = None  # re-registration window over: serve the queues
             touched.update(self.resources)
-            effects += self._fence_unclaimed()
+            awaited, self._awaited = self._awaited, {}
+            for fence, (name, pid) in awaited.items():
+                effects += self._settle_unclaimed(fence, name, pid, now, first=True)
         ends = self._fence_ends
+        rechecks: dict[int, tuple[str, int]] = {}
         while ends and ends[0][0] <= now:
             entry = heapq.heappop(ends)
             if self._fence_current(entry):
-                del self.resources[entry[2]].fenced[entry[3].lease.id]
+                fenced = entry[3]
+                if fenced.fence in self._awaited and self.hold_until is None:
+                    rechecks[fenced.fence] = (entry[2], fenced.pid)  # a live holder's: look again
+                    continue
+                del self.resources[entry[2]].fenced[fenced.lease.id]
                 touched.add(entry[2])
+        for fence, (name, pid) in rechecks.items():
+            del self._awaited[fence]
+            effects += self._settle_unclaimed(fence, name, pid, now)
         for name in touched:
             effects += self._pump(self.resources[name], now)
         return effects
 
-    def _fence_unclaimed(self) -> list[Effect]:
-        """The restart hold ended: leases handed on as held that no process
-        re-registered are a dead process's; its backends may still be busy."""
-        effects: list[Effect] = []
-        awaited, self._awaited = self._awaited, {}
-        for fence, (name, pid) in awaited.items():
-            left = [f.lease for f in self.resources[name].fenced.values() if f.fence == fence]
-            if left:
-                self._late.add(fence)
-                effects.append(_fence_of(name, pid, left, fence, terminate=False))
-        return effects
+    def _settle_unclaimed(self, fence: int, name: str, pid: int, now: float,
+                          first: bool = False, may_hold: bool = True) -> list[Effect]:
+        """Leases handed on as held that their process has not re-registered,
+        the hold being over. Its process gone, they are a dead process's (its
+        backends may still be busy): fenced as such. Still running (stopped,
+        frozen, a gevent hub blocked past the hold), it still has their
+        connections: freed, they would put the resource over its cap (I1).
+        They stay counted for it, looked at again every ALIVE_RECHECK seconds,
+        until it re-registers them or exits. ``may_hold=False``: the process
+        said it does not have them (a hello without them): fenced at once."""
+        res = self.resources[name]
+        left = [f for f in res.fenced.values() if f.fence == fence]
+        if not left:
+            return []  # all re-registered
+        if may_hold and self._alive is not None and self._alive(pid):
+            self._awaited[fence] = (name, pid)
+            for f in left:
+                self._fence(res, Fenced(f.lease, pid, now + ALIVE_RECHECK, fence))
+            return [StillHeld(name, pid, len(left))] if first else []
+        limits = res.limits
+        after = limits.fence_timeout if limits.monitor_dsn else limits.quarantine_delay
+        if not first:  # their time as a dead process's fence starts now
+            for f in left:
+                self._fence(res, Fenced(f.lease, pid, now + after, fence))
+        self._late.add(fence)
+        return [_fence_of(name, pid, [f.lease for f in left], fence, terminate=False)]
 
     def next_deadline(self) -> float | None:
         """When :meth:`tick` next has something to do."""

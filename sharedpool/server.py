@@ -18,9 +18,11 @@ import time
 from resource import RLIMIT_NOFILE, getrlimit
 from typing import Any
 
+import psutil
+
 from . import protocol as p
 from .config import CoordinatorConfig, Resource
-from .effects import AskReclaim, Denied, Effect, Granted, Notify, Problem, StartFence
+from .effects import AskReclaim, Denied, Effect, Granted, Notify, Problem, StartFence, StillHeld
 from .errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
 from .ledger import Ledger
 
@@ -56,6 +58,20 @@ def peer_groups(sock: Any) -> tuple[int, ...]:
     except (OSError, AttributeError):
         return ()
     return struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
+
+
+def holder_alive(pid: int, before: float) -> bool:
+    """Whether ``pid`` is still the process that held leases when the previous
+    coordinator stopped: running (stopped counts; a zombie does not), and made
+    before ``before`` (wall clock: this coordinator's start), so not a later
+    process given the same pid."""
+    try:
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE and proc.create_time() <= before
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:  # not ours to look at (AccessDenied): it may be the holder
+        return not _pid_gone(pid)
 
 
 def _pid_gone(pid: int) -> bool:
@@ -245,8 +261,10 @@ class Server:
         self.loop = loop
         # Lease ids and fencing tokens only grow, across restarts too: start
         # from the wall clock in microseconds.
+        started = time.time()
         self.ledger = Ledger(dict(config.resources), id_base=time.time_ns() // 1000,
-                             hold_until=loop.time() + hold if hold > 0 else None)
+                             hold_until=loop.time() + hold if hold > 0 else None,
+                             alive=lambda pid: holder_alive(pid, started))
         self.sessions: dict[int, SessionProtocol] = {}
         self.dirty: set[SessionProtocol] = set()
         self.max_buffer = 2 * config.max_frame  # unread replies beyond this: the peer is not reading
@@ -371,6 +389,10 @@ class Server:
                 self._send(eff.session, p.Error(eff.code, eff.message, eff.req))
             elif isinstance(eff, StartFence):
                 self._start_fence(eff)
+            elif isinstance(eff, StillHeld):
+                log.warning("pid %s still runs but has not re-registered its %d lease(s) of %s since "
+                            "the restart (stopped? blocked?): they stay counted until it does or exits",
+                            eff.pid, eff.count, eff.resource)
         self._reschedule()
 
     def _pid(self, sid: int) -> int | None:

@@ -19,7 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from sharedpool import protocol as p
 from sharedpool.config import Resource
-from sharedpool.effects import AskReclaim, Denied, Effect, Granted, Notify, Problem, StartFence
+from sharedpool.effects import AskReclaim, Denied, Effect, Granted, Notify, Problem, StartFence, StillHeld
 from sharedpool.errors import ConfigError
 from sharedpool.handoff import AUTO_MAX, AUTO_MIN, auto_quantum
 from sharedpool.ledger import FAILURE_BACKOFF, FAILURE_THRESHOLD, MAX_HELD_ID, MAX_ID, MAX_SITE, Ledger
@@ -404,6 +404,56 @@ def test_leases_handed_on_by_a_restart_count_in_the_peak() -> None:
     new.restore_fenced([["pg", 12, 12, 901, 5.0, None]], T0)
     [row] = new.snapshot_resources(T0 + 0.1)
     assert (row["leased"], row["fenced"], row["peak"]) == (3, 3, 3)
+
+
+def test_a_live_holder_that_has_not_re_registered_keeps_its_leases_counted() -> None:
+    """Before: when a restart's hold ended, leases handed on for a process that
+    had not re-registered them were fenced as a dead process's and freed after
+    quarantine_delay (or fence_timeout), though the process still ran (stopped,
+    a gevent hub blocked) with their connections open: PostgreSQL saw 3 at a
+    cap of 2. Now they stay counted while it runs, and are fenced once it is gone."""
+    running = {900}
+    lg = Ledger({"pg": Resource(1, quarantine_delay=0.5)}, hold_until=T0 + 1.5,
+                alive=lambda pid: pid in running)
+    lg.restore_held([["pg", 10, 10, 900, 4242]], T0)
+    b = session(lg, pid=901)
+    assert queued(lg.acquire(b, 1, "pg", T0, timeout=60))
+    still = only(StillHeld, lg.tick(T0 + 1.5))
+    assert (still.resource, still.pid, still.count) == ("pg", 900, 1)
+    for t in (3.0, 10.0, 30.0):  # looked at again every second: still running
+        assert lg.tick(T0 + t) == []
+        assert lg.resources["pg"].leased == 1
+    assert lg.held_state() == [["pg", 10, 10, 900, 4242]]  # a clean stop hands it on as held
+    assert lg.fenced_state(T0 + 30) == []
+    running.clear()  # it exits
+    fence = only(StartFence, lg.tick(T0 + 31.0))
+    assert (fence.pid, fence.leases, fence.terminate) == (900, (10,), False)
+    assert lg.tick(T0 + 31.4) == []  # its quarantine_delay, from when it was seen gone
+    assert granted(lg.tick(T0 + 31.6)).session == b
+
+
+def test_a_live_holder_re_registering_after_the_hold_takes_its_leases_back() -> None:
+    lg = Ledger({"pg": Resource(1, quarantine_delay=0.5)}, hold_until=T0 + 1.5, alive=lambda pid: True)
+    lg.restore_held([["pg", 10, 10, 900, None]], T0)
+    only(StillHeld, lg.tick(T0 + 1.5))
+    a = session(lg, pid=900, now=T0 + 5, held=[["pg", 10, 10, IDLE, None]])
+    assert list(lg.sessions[a].leases) == [10] and not lg.resources["pg"].fenced
+    assert lg.tick(T0 + 10) == []
+    assert lg.resources["pg"].leased == 1
+
+
+def test_a_hello_without_the_leases_handed_on_lets_them_go_through_a_fence() -> None:
+    """A process that closed its connections while no coordinator was up (the
+    releases never arrived) says so by a hello without them: fenced then, not
+    kept for as long as it runs."""
+    lg = Ledger({"pg": Resource(1, quarantine_delay=0.5)}, hold_until=T0 + 1.5, alive=lambda pid: True)
+    lg.restore_held([["pg", 10, 10, 900, 4242]], T0)
+    only(StillHeld, lg.tick(T0 + 1.5))
+    sid, effects = lg.open_session(900, "w", T0 + 5)
+    fence = only(StartFence, effects)
+    assert (fence.pid, fence.leases) == (900, (10,))
+    assert queued(lg.acquire(sid, 1, "pg", T0 + 5, timeout=60))
+    assert granted(lg.tick(T0 + 5.6)).session == sid
 
 
 def test_unfence_frees_early() -> None:

@@ -602,3 +602,44 @@ def test_a_marker_write_that_fails_leaves_no_part_behind(tmp_path: Any,
     path = str(tmp_path / "c.sock.restart")
     assert not marker.write_marker(path, {"held": [["r", 7, 7, 12345, None]]})
     assert os.listdir(tmp_path) == []  # the .tmp's blocks are not kept on a full disk
+
+
+def test_a_process_stopped_across_a_restart_keeps_its_leases_counted(
+        start_coordinator: Any, sock_path: str) -> None:
+    """A process holding a lease is stopped (SIGSTOP: a debugger, a frozen
+    container, a gevent hub blocked) while the coordinator is killed and
+    restarted: it cannot re-register within the grace, yet its connection is
+    open. Its lease was fenced as a dead process's and handed on after
+    quarantine_delay: two connections at a cap of 1. Now it stays counted while
+    the process runs; resumed, the process re-registers it and gives it back
+    to the waiter when asked (it sits idle)."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from sharedpool import Resource
+
+    limits = Resource(max_size=1, quarantine_delay=0.3)
+    first = start_coordinator({"r": limits})
+    holder_py = str(Path(__file__).with_name("pool_holder.py"))
+    holder = subprocess.Popen([sys.executable, holder_py, sock_path, "r", "1", "1", "idle", "60"],
+                              stdout=subprocess.PIPE, text=True)
+    newcomer = Client(sock_path)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().startswith("ready")
+        os.kill(holder.pid, signal.SIGSTOP)
+        time.sleep(0.3)  # the restart marker is written 20 ms behind
+        first.kill()
+        start_coordinator({"r": limits}, restart_grace=0.5)
+        with pytest.raises(PoolTimeout):  # the grace, then as long as the holder runs
+            newcomer.acquire("r", timeout=3)
+        os.kill(holder.pid, signal.SIGCONT)
+        lease = newcomer.acquire("r", timeout=10)  # re-registered, then given back (idle)
+        assert leased(newcomer) == 1
+        newcomer.release(lease)
+    finally:
+        newcomer.close()
+        os.kill(holder.pid, signal.SIGCONT)
+        holder.kill()
+        holder.wait(10)
