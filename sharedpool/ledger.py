@@ -654,19 +654,19 @@ class Ledger:
             for fence, (name, pid) in awaited.items():
                 effects += self._settle_unclaimed(fence, name, pid, now, first=True)
         ends = self._fence_ends
-        rechecks: dict[int, tuple[str, int]] = {}
         while ends and ends[0][0] <= now:
             entry = heapq.heappop(ends)
-            if self._fence_current(entry):
-                fenced = entry[3]
-                if fenced.fence in self._awaited and self.hold_until is None:
-                    rechecks[fenced.fence] = (entry[2], fenced.pid)  # a live holder's: look again
-                    continue
-                del self.resources[entry[2]].fenced[fenced.lease.id]
-                touched.add(entry[2])
-        for fence, (name, pid) in rechecks.items():
-            del self._awaited[fence]
-            effects += self._settle_unclaimed(fence, name, pid, now)
+            if not self._fence_current(entry):
+                continue
+            fenced = entry[3]
+            if fenced.fence in self._awaited and self.hold_until is None:
+                # A live holder's, after the hold: look again. Fenced afresh
+                # either way (a fence with no delay ends in this same loop).
+                name, pid = self._awaited.pop(fenced.fence)
+                effects += self._settle_unclaimed(fenced.fence, name, pid, now)
+                continue
+            del self.resources[entry[2]].fenced[fenced.lease.id]
+            touched.add(entry[2])
         for name in touched:
             effects += self._pump(self.resources[name], now)
         return effects
