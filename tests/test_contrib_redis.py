@@ -601,3 +601,81 @@ def test_a_connection_class_with_an_older_redis_py_api_is_leased(start_coordinat
     finally:
         pool.disconnect()
     assert wait_leased(sock_path, 0) == 0 and clients_named(redis_name) == 0
+
+
+class _SlowToDropProxy:
+    """A TCP proxy to Redis that drops a client only ``delay`` seconds after
+    the client's FIN (a server slow to let go): a lease given back before the
+    server side closed shows as leased < ``open`` for that long."""
+
+    def __init__(self, delay: float) -> None:
+        import socket
+
+        self.delay, self.open = delay, 0
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            upstream = socket.create_connection((HOST, PORT))
+            with self._lock:
+                self.open += 1
+            threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
+            threading.Thread(target=self._serve, args=(client, upstream), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: Any, dst: Any) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+
+    def _serve(self, client: Any, upstream: Any) -> None:
+        self._pipe(client, upstream)  # until the client's FIN
+        time.sleep(self.delay)
+        with self._lock:
+            self.open -= 1
+        client.close()
+        upstream.close()
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def test_pools_dropped_without_disconnect_give_leases_back_only_once_the_server_let_go(
+        start_coordinator: Any, sock_path: str, redis_name: str) -> None:
+    """A connection collected with its pool is closed from its own __del__, in
+    the garbage cycle that also holds its socket and the kept dup: either one's
+    finalizer could close it under the orphan close's thread, which then had
+    nothing to watch and gave the lease back at once (about 1 in 5 orphan
+    closes), while the server still held the client. The orphan close now dups
+    the socket in the finalizer itself, before any of that cycle's others run."""
+    import gc
+
+    start_coordinator({"redis": Resource(max_size=100)})
+    proxy = _SlowToDropProxy(delay=3.0)
+    try:
+        for _ in range(8):
+            pool = BlockingConnectionPool(host="127.0.0.1", port=proxy.port, client_name=redis_name,
+                                          resource="redis", coordinator=sock_path, max_connections=3)
+            conns = [pool.get_connection() for _ in range(3)]
+            for conn in conns:
+                conn.send_command("PING")
+                conn.read_response()
+                pool.release(conn)
+            del pool, conns, conn
+            gc.collect()  # redis-py's connections refer to their pool: a cycle
+        time.sleep(0.3)  # the orphan closes have sent their FINs and wait for the proxy
+        held, still_open = leased(sock_path), proxy.open  # in this order: open only goes down
+        assert still_open == 24, "the proxy dropped clients early: the test is not testing"
+        assert held >= still_open, f"{still_open - held} lease(s) back before the server let go"
+        assert wait_leased(sock_path, 0, timeout=10) == 0
+    finally:
+        proxy.close()

@@ -30,7 +30,7 @@ from ..config import SOCKET_ENV, check_resource_name, check_seconds, check_socke
 from ..errors import AcquireCancelled, PoolClosed, PoolTimeout
 from ..halfmade import half_made_sockets, let_go_of, open_fds
 from ..handoff import HandOffCost
-from ._orphans import Left, closable, close_left, close_orphan
+from ._orphans import Left, closable, close_left, close_orphan, hold, let_go
 
 __all__ = ["LeaseBook"]
 
@@ -515,6 +515,10 @@ class LeaseBook:
             log.warning("%r lease %s revoked by the coordinator as it was granted: the connection "
                         "counts against no cap; it is closed at its checkin", self.resource,
                         lease.id if lease is not None else None)
+        if old is not None and old.kept is not None:  # its old socket's: no close will take it
+            let_go(old.kept)
+            old.kept.close()
+            old.kept = None
         if old is not None and old.key is key and old.lease is not None and client is not None:
             log.warning("a %r connection re-opened without being closed; releasing its old lease",
                         self.resource)
@@ -768,6 +772,7 @@ class LeaseBook:
         entry = self._entries.get(id(key))
         if entry is None or entry.key is not key:
             return None
+        hold(entry.kept)  # until the close takes it: it must outlive a garbage cycle
         return functools.partial(close_orphan, entry, resource=self.resource,
                                  confirm_timeout=self.confirm_timeout)
 
@@ -781,6 +786,7 @@ class LeaseBook:
             del self._entries[id(key)]
             self._revoked -= entry.revoked
             popped = replace(entry)
+            let_go(entry.kept)  # the caller's to close
             entry.lease = entry.kept = None
         return popped
 

@@ -6,12 +6,14 @@ released in a thread, never blocking the finalizer that finds them (I1, I2).
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
 from ..client import Client, Lease, current_pid
-from ..closing import close_and_confirm
+from ..closing import close_and_confirm, keep_socket
 
 if TYPE_CHECKING:
     from ._leases import _Entry
@@ -60,6 +62,7 @@ def close_left(left: Left) -> None:
                 back(True)
                 continue
             kept, entry.kept = entry.kept, None
+            let_go(kept)
             try:
                 if close_and_confirm(entry.key, left.confirm_timeout, on_late=back, kept=kept):
                     back(True)
@@ -71,6 +74,35 @@ def close_left(left: Left) -> None:
 
 _orphans_warned: set[str] = set()
 
+#: The kept dups of connections that close themselves from their own
+#: ``__del__`` once their book is gone (:func:`close_orphan`), held outside any
+#: garbage cycle: collected with its connection, a dup's own finalizer could
+#: close it first and leave that close nothing to watch (the lease back at once).
+_HELD: set[socket.socket] = set()
+
+
+def hold(kept: socket.socket | None) -> None:
+    """Keep ``kept`` from the garbage collector until :func:`let_go`."""
+    if kept is not None:
+        _HELD.add(kept)
+
+
+def let_go(kept: socket.socket | None) -> None:
+    """``kept`` is closed or owned by a close from here on."""
+    if kept is not None:
+        _HELD.discard(kept)
+
+
+def _close_held_in_child() -> None:
+    # The parent's dups (cut by process._cut_inherited): never closed through a
+    # close_orphan here (the parent's), they would stay open for good.
+    for kept in list(_HELD):
+        kept.close()
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
+
 
 def close_orphan(entry: _Entry, sock: Any, resource: str, confirm_timeout: float) -> None:
     """Close ``sock``, the socket of a connection whose book is gone (its pool
@@ -81,15 +113,21 @@ def close_orphan(entry: _Entry, sock: Any, resource: str, confirm_timeout: float
     connection and must not shut it down for reading (that fakes the EOF)."""
     lease, client, kept = entry.lease, entry.client, entry.kept
     entry.lease = entry.kept = None
-    if kept is not None:
-        # Not used: collected in the same garbage cycle, its finalizer may close
-        # it under the thread below. ``sock`` is still open: a dup of it is watched.
-        kept.close()
+    let_go(kept)
     # At interpreter exit (module globals collected): a thread started now never
     # runs, and Thread.start() waited for it forever (3.11; 3.12+ refuses). The
     # process is ending: so is its session, and the coordinator fences the lease.
-    if lease is None or client is None or entry.pid != current_pid() or sys.is_finalizing():
-        sock.close()
+    live = entry.pid == current_pid() and not sys.is_finalizing()
+    ours = live and lease is not None and client is not None
+    # ``sock`` is in the garbage cycle being collected: its finalizer may close
+    # it under the thread below, which then had nothing to watch and gave the
+    # lease back at once. ``kept`` was held outside the cycle (hold()); without
+    # one, a dup made now, in the finalizer, is no part of the cycle either.
+    watched = (kept if kept is not None else keep_socket(sock)) if ours else None
+    if kept is not None and watched is not kept:
+        kept.close()
+    sock.close()  # no shutdown: the dup holds the socket; the FIN goes out at its close
+    if lease is None or client is None or not live:
         return
     level = logging.DEBUG if resource in _orphans_warned else logging.WARNING
     _orphans_warned.add(resource)
@@ -101,8 +139,7 @@ def close_orphan(entry: _Entry, sock: Any, resource: str, confirm_timeout: float
 
     def run() -> None:
         try:
-            # A socket's close() leaves the dup open: the FIN goes out, the EOF is real.
-            if close_and_confirm(sock, confirm_timeout, on_late=back):
+            if close_and_confirm(sock, confirm_timeout, on_late=back, kept=watched):
                 back(True)
         except Exception:  # noqa: BLE001 - the session's end covers the rest
             log.exception("closing a connection of a collected %r pool failed", resource)
@@ -110,4 +147,5 @@ def close_orphan(entry: _Entry, sock: Any, resource: str, confirm_timeout: float
     try:
         threading.Thread(target=run, name=f"sharedpool-orphan-{resource}", daemon=True).start()
     except RuntimeError:  # no thread to be had: the lease stays held until the session ends
-        sock.close()
+        if watched is not None:
+            watched.close()
