@@ -79,10 +79,23 @@ def keep_socket(conn: object) -> socket.socket | None:
     except OSError:
         return None
     try:
-        return socket.socket(fileno=dupfd)  # owns dupfd; never setblocking(): shared O_NONBLOCK
+        return _socket_on(dupfd)  # owns dupfd
     except OSError:
         os.close(dupfd)  # not a socket
         return None
+
+
+def _socket_on(fd: int, cls: type[socket.socket] | None = None) -> socket.socket:
+    """A ``cls`` object on ``fd`` that leaves O_NONBLOCK as it was: it lives in
+    the open file description the connection shares with us, and socket() sets
+    it under socket.setdefaulttimeout(), which broke a blocking client's next
+    read (EAGAIN: PyMySQL's "Lost connection"). We never call setblocking()."""
+    blocking = os.get_blocking(fd)
+    sock = (cls or socket.socket)(fileno=fd)  # looked up now: gevent may have patched it since
+    if blocking and not os.get_blocking(fd):
+        with contextlib.suppress(OSError):  # then as socket() left it: nothing more to do
+            os.set_blocking(fd, True)
+    return sock
 
 
 def _same_socket(fd: int, sock: socket.socket) -> bool:
@@ -304,13 +317,11 @@ def _dup_socket(conn: object) -> socket.socket | None:
         # EMFILE: no fd for a dup. "Nothing to watch" would confirm a close
         # the server has not seen (a busy backend runs on: over the cap).
         try:
-            return _Borrowed(fileno=fd)
+            return _socket_on(fd, _Borrowed)
         except OSError:
             return None  # not a socket
     try:
-        # Takes ownership of dupfd. We never call setblocking(): O_NONBLOCK lives
-        # in the open file description the connection still shares with us.
-        return socket.socket(fileno=dupfd)
+        return _socket_on(dupfd)  # takes ownership of dupfd
     except OSError:
         os.close(dupfd)  # not a socket (e.g. a pipe): no EOF we can rely on
         return None

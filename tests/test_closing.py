@@ -439,3 +439,29 @@ def test_a_kept_socket_closed_by_the_collector_is_not_watched() -> None:
     ours.close()
     theirs.close()
     assert close_and_confirm(conn, 1.0, kept=kept)
+
+
+def test_a_kept_socket_leaves_a_blocking_connection_blocking() -> None:
+    """With socket.setdefaulttimeout() in effect, the socket object made on the
+    dup set O_NONBLOCK on the file description it shares with the connection:
+    kept from the connect on, that broke a client whose socket is blocking and
+    set once (PyMySQL: its next read got EAGAIN, 'Lost connection to MySQL
+    server during query'). Nothing else here changes the mode."""
+    ours, theirs = socket.socketpair()
+    ours.settimeout(None)  # blocking, as PyMySQL leaves its socket after the connect
+    before = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(5.0)
+    try:
+        kept = keep_socket(_End(ours))
+    finally:
+        socket.setdefaulttimeout(before)
+    try:
+        assert kept is not None
+        assert os.get_blocking(ours.fileno())
+        threading.Timer(0.05, theirs.sendall, args=(b"pong",)).start()
+        assert ours.recv(4) == b"pong"  # not BlockingIOError
+        theirs.close()
+        assert close_and_confirm(_End(ours), 5.0, kept=kept)
+    finally:
+        ours.close()
+        theirs.close()
