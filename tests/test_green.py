@@ -163,3 +163,65 @@ def test_a_coordinator_that_stops_reading_cannot_hold_a_patched_sender(
         os.kill(coord.pid, signal.SIGCONT)
         child.kill()
         child.communicate(timeout=10)
+
+
+#: The child: the redis integration's pool, shared by more greenlets than it has
+#: connections (redis-py's LifoQueue is then the library's, with no mutex and no
+#: condition); its connections left idle, holding the whole cap.
+REDIS_CHILD = """
+import sys, threading, time
+import redis
+from sharedpool.contrib.redis import BlockingConnectionPool
+
+sock, name = sys.argv[1], sys.argv[2]
+pool = BlockingConnectionPool(host="127.0.0.1", port=6379, client_name=name, resource="rd",
+                              coordinator=sock, max_connections=2, timeout=10)
+r = redis.Redis(connection_pool=pool)
+errors = []
+
+def work():
+    for _ in range(20):
+        try:
+            r.incr(name + ":n")
+        except Exception as exc:
+            errors.append(repr(exc))
+
+greenlets = [threading.Thread(target=work) for _ in range(6)]
+for g in greenlets:
+    g.start()
+for g in greenlets:
+    g.join(30)
+print("ready", len(errors), errors[:1], flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("library", [_library("gevent"), _library("eventlet")])
+def test_the_redis_pool_serves_greenlets_and_gives_back_idle_connections(
+        start_coordinator: Any, sock_path: str, tmp_path: Path, redis_name: str, library: str) -> None:
+    """Its checkins, its idle report and its reclaim took the standard queue's
+    mutex: AttributeError on a green queue, commands failed, idle connections
+    were reported as nothing and never given back to a waiter elsewhere."""
+    start_coordinator({"rd": 2})
+    script = tmp_path / "redis_child.py"
+    script.write_text(PATCH[library] + "\n" + textwrap.dedent(REDIS_CHILD))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("SHAREDPOOL_SOCKET", None)
+    child = subprocess.Popen([sys.executable, str(script), sock_path, redis_name], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
+    client = Client(sock_path)
+    try:
+        assert _read_line(child, 60) == "ready 0 []"
+
+        def idle() -> bool:
+            return [row["state"] for row in client.inspect("leases")["leases"]] == ["idle", "idle"]
+
+        _wait_for(idle, 10, "the child's two leases reported idle")
+        got = [client.acquire("rd", timeout=10) for _ in range(2)]  # only a reclaim frees them
+        for lease in got:
+            client.release(lease)
+    finally:
+        client.close()
+        child.kill()
+        _, err = child.communicate(timeout=10)
+    assert "Traceback" not in err, err[-3000:]

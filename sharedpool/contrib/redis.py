@@ -28,6 +28,7 @@ connections and leases are left alone and the child opens its own.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -353,15 +354,12 @@ class BlockingConnectionPool(redis.BlockingConnectionPool):
 
     def _sp_to_far_end(self, connection: Any) -> None:
         q: Any = self.pool
-        with q.mutex:
+        with _locked(q):
             try:
                 q.queue.remove(connection)
             except ValueError:
                 return  # taken already, or not put back (pool reset)
-            if isinstance(q, queue.LifoQueue):
-                q.queue.insert(0, connection)
-            else:
-                q.queue.append(connection)
+            _insert_far(q, connection)
 
     # ------------------------------------------------------------------ reclaim
 
@@ -386,11 +384,11 @@ class BlockingConnectionPool(redis.BlockingConnectionPool):
     def _sp_idle(self) -> Iterable[Any]:
         if self.pid != os.getpid():
             return []
-        with self.pool.mutex:
+        with _locked(self.pool):
             return [getattr(c, "_conn", c) for c in self.pool.queue if self._sp_connected(c)]
 
     def _sp_connected_idle(self) -> bool | None:
-        with self.pool.mutex:
+        with _locked(self.pool):
             return True if any(self._sp_connected(c) for c in self.pool.queue) else None
 
     def _sp_reclaim(self, count: int) -> int:
@@ -398,7 +396,7 @@ class BlockingConnectionPool(redis.BlockingConnectionPool):
         if self.pid != os.getpid():
             return 0
         q: Any = self.pool
-        with q.mutex:
+        with _locked(q):
             order = list(q.queue) if isinstance(q, queue.LifoQueue) else list(reversed(q.queue))
             book = self._sp_book
             order.sort(key=lambda c: not book.revoked(getattr(c, "_conn", c)))  # revoked ones first
@@ -410,13 +408,39 @@ class BlockingConnectionPool(redis.BlockingConnectionPool):
                 conn.disconnect()
                 self._sp_book.count("leases_reclaimed")
             finally:
-                with q.mutex:
-                    if isinstance(q, queue.LifoQueue):
-                        q.queue.insert(0, conn)
-                    else:
-                        q.queue.append(conn)
-                    q.not_empty.notify()
+                _put_back_far(q, conn)
         return len(picked)
+
+
+def _locked(q: Any) -> contextlib.AbstractContextManager[Any]:
+    """``q``'s lock. A queue gevent or eventlet monkey-patched in (redis-py's
+    LifoQueue then) has none: its greenlets switch only where one waits, and
+    nothing waits inside these blocks."""
+    mutex = getattr(q, "mutex", None)
+    return contextlib.nullcontext() if mutex is None else mutex
+
+
+def _insert_far(q: Any, conn: Any) -> None:
+    """Put ``conn`` where ``q`` hands out last (under :func:`_locked`)."""
+    if isinstance(q, queue.LifoQueue):
+        q.queue.insert(0, conn)
+    else:
+        q.queue.append(conn)
+
+
+def _put_back_far(q: Any, conn: Any) -> None:
+    """Put ``conn``, taken out of ``q``, back at its far end and wake a waiter."""
+    not_empty = getattr(q, "not_empty", None)
+    if not_empty is not None:  # the standard queue
+        with q.mutex:
+            _insert_far(q, conn)
+            not_empty.notify()
+        return
+    # A green queue (no mutex, no condition): its put() wakes a getter, which runs
+    # only once we switch; moved to the far end before that.
+    q.put_nowait(conn)
+    q.queue.remove(conn)
+    _insert_far(q, conn)
 
 
 def _should_reconnect(connection: Any) -> bool:
