@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import inspect
 import logging
 import os
@@ -57,6 +58,9 @@ def socket_fd(conn: object) -> int | None:
 LATE_TIMEOUT = 60.0
 #: After a busy connection's cancel, how long before it is cancelled once more.
 RECANCEL_AFTER = 0.2
+#: The least time a busy connection's cancel gets, whatever is left of its close's
+#: bound: a reachable server answers it in a round trip or two.
+CANCEL_MIN = 1.0
 #: How long it is watched in the caller's thread instead when no thread can be started.
 NO_THREAD_WAIT = 5.0
 
@@ -165,7 +169,7 @@ def close_and_confirm(conn: object, timeout: float, *,
             # No fd to spare for a dup: we watch the connection's own, which
             # must then stay open until the server end is seen closed.
             close_after = True
-        again = _cancel_if_busy(conn)
+        again = _cancel_if_busy(conn, deadline)
         if not close_after:
             _call_close(close, conn)
         if sock is None:
@@ -264,11 +268,14 @@ def transaction_status(conn: object) -> int | None:
         return None
 
 
-def _cancel_if_busy(conn: object) -> Callable[[], object] | None:
+def _cancel_if_busy(conn: object, deadline: float) -> Callable[[], object] | None:
     """Cancel a query in flight (transaction status ACTIVE), so that its
     backend reads a Terminate sent next now rather than when the query ends.
     Anything else (no ``info``, not busy) is left alone. Returns how to cancel
-    again once the connection is closed (psycopg 3's ``PGcancel``), or None."""
+    again once the connection is closed (psycopg 3's ``PGcancel``), or None.
+    psycopg 3's ``cancel_safe`` waits until ``deadline`` (at least
+    :data:`CANCEL_MIN`), not its own 30 s: a server that does not answer held
+    the close, and a request cut short by a time limit, that long."""
     if transaction_status(conn) != ACTIVE:
         return None
     again = None
@@ -278,9 +285,13 @@ def _cancel_if_busy(conn: object) -> Callable[[], object] | None:
             again = get_cancel().cancel  # works without the connection: taken before the close
         except Exception:  # noqa: BLE001 - then only the one cancel below
             again = None
-    cancel = getattr(conn, "cancel_safe", None) or getattr(conn, "cancel", None)
-    if callable(cancel):
-        _best_effort(cancel)
+    safe = getattr(conn, "cancel_safe", None)
+    if callable(safe):
+        _best_effort(functools.partial(safe, timeout=max(deadline - time.monotonic(), CANCEL_MIN)))
+    else:
+        cancel = getattr(conn, "cancel", None)
+        if callable(cancel):
+            _best_effort(cancel)
     return again
 
 

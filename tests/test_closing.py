@@ -8,6 +8,7 @@ per close (the backend's own exit time).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -105,7 +106,7 @@ def test_a_cancel_that_came_before_the_query_began_is_sent_again(
     conn.pgconn.send_query(b"SELECT pg_sleep(10)")
     conn.pgconn.flush()
     time.sleep(0.2)  # running now
-    conn.cancel_safe = lambda: None  # type: ignore[method-assign]  # the first cancel is lost
+    conn.cancel_safe = lambda **_: None  # type: ignore[method-assign]  # the first cancel is lost
     start = time.monotonic()
     assert close_and_confirm(conn, 3.0)
     assert time.monotonic() - start < 1.5
@@ -120,12 +121,81 @@ def test_a_cancel_that_came_before_the_query_began_is_sent_again(
     conn.pgconn.send_query(b"SELECT pg_sleep(10)")
     conn.pgconn.flush()
     time.sleep(0.2)
-    conn.cancel_safe = lambda: None  # type: ignore[method-assign]
+    conn.cancel_safe = lambda **_: None  # type: ignore[method-assign]
     start = time.monotonic()
     assert book.close(conn, conn.close)
     assert time.monotonic() - start < 1.5
     assert not _visible(monitor, pid)
     book.shutdown()
+
+
+class _SilentProxy:
+    """A loopback TCP forwarder to PostgreSQL that can go silent: from
+    :meth:`silence` on, it forwards nothing and new connections (a cancel's)
+    are accepted and never answered, as behind a network that dropped."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.upstream = (host, port)
+        self.silent = threading.Event()
+        self.stopped = threading.Event()
+        self.socks: list[socket.socket] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.socks.append(client)
+            if self.silent.is_set():
+                continue  # held, never answered
+            server = socket.create_connection(self.upstream)
+            self.socks.append(server)
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, a: socket.socket, b: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := a.recv(65536):
+                if self.silent.is_set():
+                    self.stopped.wait()
+                    return
+                b.sendall(data)
+
+    def silence(self) -> None:
+        self.silent.set()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        for sock in [self.listener, *self.socks]:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+@pytest.mark.pg
+def test_a_busy_close_is_bounded_when_the_server_does_not_answer_its_cancel(dsn: str) -> None:
+    # The cancel_safe() of a busy connection waited psycopg's own 30 s for a
+    # server that does not answer: a request cut short by a time limit (celery's
+    # soft one, a gevent.Timeout) then hung 31 s in its checkin, past
+    # close_confirm_timeout (2 s) and gunicorn's worker timeout.
+    info = psycopg.conninfo.conninfo_to_dict(dsn)
+    proxy = _SilentProxy(str(info.get("host", "127.0.0.1")), int(info.get("port", 5432)))
+    try:
+        conn = psycopg.connect(dsn, host="127.0.0.1", port=proxy.port, application_name=_app(),
+                               autocommit=True)
+        conn.pgconn.send_query(b"SELECT pg_sleep(3)")
+        conn.pgconn.flush()
+        time.sleep(0.2)  # the query runs
+        proxy.silence()
+        start = time.monotonic()
+        assert not close_and_confirm(conn, 1.0)  # nothing can be confirmed through silence
+        assert time.monotonic() - start < 10.0
+    finally:
+        proxy.stop()
 
 
 @pytest.mark.pg
@@ -286,7 +356,7 @@ def test_at_the_open_file_limit_a_close_is_still_confirmed(
     _no_fd_for_dup(monkeypatch)
     import sharedpool.closing as closing
 
-    monkeypatch.setattr(closing, "_cancel_if_busy", lambda conn: None)  # its connect fails too
+    monkeypatch.setattr(closing, "_cancel_if_busy", lambda conn, deadline: None)  # its connect fails too
     assert not close_and_confirm(conn, 0.3)  # the backend is still there
     assert _visible(monitor, pid)
     # Watched on the connection's own fd, closed once (no double close).
