@@ -244,10 +244,19 @@ def _serve_with_fd_limit(sock_path: str, soft: int, hard: int) -> subprocess.Pop
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)))
     deadline = time.monotonic() + 10
-    while not os.path.exists(sock_path):
+    while not _listening(sock_path):  # not the file alone: it is there from bind(), before listen()
         assert time.monotonic() < deadline and proc.poll() is None, "sharedpool serve did not start"
         time.sleep(0.02)
     return proc
+
+
+def _listening(sock_path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(sock_path)
+        except OSError:  # not there yet, or bound but not yet listening (ECONNREFUSED)
+            return False
+    return True
 
 
 def _welcomed(s: socket.socket) -> bool:
