@@ -878,23 +878,41 @@ class ConnectionPool(Generic[T]):
         elif giving:
             late(False)  # no lease to keep: only the give-back count to settle
 
-    def _close_each(self, wrappers: deque[ConnectionWrapper[T]]) -> None:
-        """Close ``wrappers`` (out of _all, counted in _closing), one after the
-        other. Cut short (a signal handler's exception in close() or drain()),
-        the rest are closed on a thread of their own: nothing else would ever
-        close them, and their leases would stay held until the process exits."""
-        try:
-            while wrappers:
-                # Subscript and del, not popleft(): no call between taking it
-                # and the close, which settles a close cut short by itself.
-                wrapper = wrappers[0]
-                del wrappers[0]
-                self._close(wrapper)
-        except BaseException:
-            if wrappers:
-                threading.Thread(target=self._close_each, args=(wrappers,), daemon=True,
-                                 name=f"sharedpool-close-{self.resource}").start()
-            raise
+    def _evict(self, idle: deque[ConnectionWrapper[T]], waiters: deque[_Waiter],
+               status: PoolStatus) -> None:
+        """Under the lock: what a close() or drain() took out of the pool leaves
+        it: the idle connections out of _all (counted in _closing until closed),
+        the waiters failed. Can run again (a wrapper leaves _all once)."""
+        for wrapper in idle:
+            if self._all.get(wrapper.id) is wrapper:
+                del self._all[wrapper.id]
+                self._closing += 1
+        for waiter in waiters:
+            if waiter.error is None:
+                waiter.error = PoolClosed(f"pool {self.name!r} is {status.value}")
+            waiter.event.set()
+
+    def _let_go(self, idle: deque[ConnectionWrapper[T]], requests: set[AcquireRequest]) -> None:
+        """Withdraw the openers' lease requests, close the idle connections
+        (evicted). Can run again: both are consumed as they go."""
+        for ticket in list(requests):  # a closed pool must not take grants ahead of others
+            ticket.cancel()
+            requests.discard(ticket)
+        while idle:
+            # Subscript and del, not popleft(): no call between taking it
+            # and the close, which settles a close cut short by itself.
+            wrapper = idle[0]
+            del idle[0]
+            self._close(wrapper)
+
+    def _let_go_later(self, idle: deque[ConnectionWrapper[T]], waiters: deque[_Waiter],
+                      requests: set[AcquireRequest], status: PoolStatus) -> None:
+        """Thread: the rest of a close() or drain() cut short by a signal handler's
+        exception. Nothing else would ever close those connections (a second
+        close() returns at once), and their leases would stay held."""
+        with self._lock:
+            self._evict(idle, waiters, status)
+        self._let_go(idle, requests)
 
     def drain(self, timeout: float = 30.0) -> None:
         """Stop handing out connections; wait (up to ``timeout``) for those in
@@ -930,24 +948,26 @@ class ConnectionPool(Generic[T]):
     def _shut(self, status: PoolStatus, timeout: float) -> None:
         if not _valid_timeout(timeout):  # NaN would spin below, inf overflows the wait
             raise ConfigError("timeout", f"must be a number of seconds >= 0, got {timeout!r}")
-        with self._lock:
-            if self.status is PoolStatus.CLOSED:
-                return
-            self.status = status
-            idle = list(self._idle)
-            self._idle.clear()
-            for w in idle:
-                del self._all[w.id]
-            self._closing += len(idle)
-            waiters = list(self._waiters)
-            self._waiters.clear()
-            requests, self._lease_requests = self._lease_requests, set()
-            for waiter in waiters:
-                waiter.error = PoolClosed(f"pool {self.name!r} is {status.value}")
-                waiter.event.set()
-        for ticket in requests:  # a closed pool must not take grants ahead of others
-            ticket.cancel()
-        self._close_each(deque(idle))
+        idle: deque[ConnectionWrapper[T]] | None = None
+        try:
+            with self._lock:
+                if self.status is PoolStatus.CLOSED:
+                    return
+                # Made first: a signal handler's exception in a call leaves the
+                # pool as it was (still open) or all taken out at once, never half.
+                fresh: tuple[deque[ConnectionWrapper[T]], deque[_Waiter], set[AcquireRequest]]
+                fresh = deque(), deque(), set()
+                idle, waiters, requests = self._idle, self._waiters, self._lease_requests
+                self._idle, self._waiters, self._lease_requests = fresh
+                self.status = status
+                # Under this lock: no waiter sees itself dropped unanswered.
+                self._evict(idle, waiters, status)
+            self._let_go(idle, requests)
+        except BaseException:
+            if idle is not None:  # taken out of the pool: the rest goes on
+                threading.Thread(target=self._let_go_later, args=(idle, waiters, requests, status),
+                                 daemon=True, name=f"sharedpool-close-{self.resource}").start()
+            raise
         deadline = time.monotonic() + timeout
         with self._lock:
             # Done once every connection is closed and its lease released,

@@ -25,6 +25,7 @@ from sharedpool import (
     PoolClosed,
     PoolConfig,
     PoolMisuse,
+    PoolStatus,
     PoolTimeout,
     handshake,
 )
@@ -232,6 +233,112 @@ def test_a_close_cut_short_still_closes_the_other_idle_connections(
     assert [w.conn.closed for w in out] == [False, True, True]
     assert client.held == {}
     assert not client.connected  # and the session ended with the last close
+
+
+#: Where a signal handler may run: after a call returns (C calls) or a backward jump.
+_HANDLER_POINTS = {"CALL", "CALL_FUNCTION_EX", "JUMP_BACKWARD"}
+
+
+def _interrupting_at(codes: list[Any], k: int) -> tuple[Callable[..., Any], list[str]]:
+    """A tracer raising Interrupted in the main thread at the ``k``-th instant a
+    signal handler could run inside a frame of ``codes`` (not in their callees)."""
+    import dis
+
+    after = {c: {i.offset for i in dis.get_instructions(c) if i.opname in _HANDLER_POINTS} for c in codes}
+    seen, fired, last = [0], [], {}
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        if fired or event != "opcode":
+            return None if fired else local
+        prev, last[id(frame)] = last.get(id(frame)), frame.f_lasti
+        if prev in after[frame.f_code]:
+            if seen[0] == k:
+                fired.append(f"{frame.f_code.co_name}+{frame.f_lasti}")
+                raise Interrupted("the signal handler raised")
+            seen[0] += 1
+        return local
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if fired or frame.f_code not in after or threading.current_thread() is not threading.main_thread():
+            return None
+        frame.f_trace_opcodes = True
+        return local
+
+    return tracer, fired
+
+
+def _check_out_and_in(pool: ConnectionPool[Any], got: list[str]) -> None:
+    try:
+        pool.release(pool.acquire(timeout=5))
+        got.append("served")
+    except PoolClosed:
+        got.append("PoolClosed")
+    except Exception as exc:  # noqa: BLE001 - what the test looks at
+        got.append(repr(exc))
+
+
+@pytest.mark.parametrize("waiting", [False, True])
+def test_a_close_cut_short_anywhere_closes_every_connection(
+        start_coordinator: Any, sock_path: str, waiting: bool) -> None:
+    """A signal handler's exception wherever one can land in close() (Ctrl-C,
+    a SIGTERM handler's SystemExit). Before, one landing as close() took the
+    idle connections out of the pool (at a call in its locked section, or
+    while it withdrew the openers' lease requests, each a send) left them out
+    of the pool, never closed: open, their leases held for good, a second
+    close() a no-op; waiters of other threads got ValueError or
+    AcquireCancelled instead of PoolClosed."""
+    import sys
+
+    start_coordinator({"r": 2})
+    codes = [getattr(ConnectionPool, n).__code__ for n in ("_shut", "_evict", "_let_go", "_close_each")
+             if hasattr(ConnectionPool, n)]
+    k = 0
+    while True:
+        factory = FakeFactory()
+        pool = ConnectionPool(factory, PoolConfig(min_size=0, max_size=3), resource="r",
+                              coordinator=sock_path)
+        held = [pool.acquire(timeout=5) for _ in range(2)]  # the cap
+        client = pool._client
+        assert client is not None
+        got: list[str] = []
+        thread = threading.Thread(target=_check_out_and_in, args=(pool, got))
+        if waiting:  # all in use: one waits, its opener's lease request queued at the coordinator
+            thread.start()
+            deadline = time.monotonic() + 5
+            while not (pool._waiters and pool._lease_requests) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert pool._waiters and pool._lease_requests, (k, got, repr(pool))
+        else:
+            for w in held:
+                pool.release(w)
+        tracer, fired = _interrupting_at(codes, k)
+        sys.settrace(tracer)
+        try:
+            pool.close(timeout=0)
+        except Interrupted:
+            pass
+        finally:
+            sys.settrace(None)
+        took_effect = pool.status is not PoolStatus.ACTIVE  # cut short at its first calls: still open
+        if waiting:
+            if took_effect:
+                thread.join(5)
+                assert got == ["PoolClosed"], (fired, got)
+            for w in held:
+                pool.release(w)  # closed at checkin, or (still open) handed to the waiter
+            thread.join(5)
+            assert not thread.is_alive() and got in (["PoolClosed"], ["served"]), (fired, got)
+        pool.close(timeout=5)  # as a user (or release_process at exit) would: again
+        deadline = time.monotonic() + 5
+        while ((factory.open or client.held or pool._closing or pool._leased)
+               and time.monotonic() < deadline):
+            time.sleep(0.01)
+        assert factory.open == [] and client.held == {}, fired
+        assert (pool._closing, pool._leased, len(pool._all)) == (0, 0, 0), fired
+        if not fired:
+            break
+        k += 1
+    assert k > 5  # the points were reached
 
 
 def test_a_close_cut_short_while_it_waits_still_ends_the_session(
