@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from enum import Enum
 from functools import partial
 from typing import Any, Generic, TypeVar
@@ -635,14 +635,15 @@ class ConnectionPool(Generic[T]):
             raise
 
     def _release_slow(self, wrapper: ConnectionWrapper[T], now: float) -> None:
-        if not wrapper.in_use or self._all.get(wrapper.id) is not wrapper:
-            # Before anything touches the connection: in a forked child it is
-            # the parent's, and must not be used here (I7).
-            raise PoolMisuse(f"{wrapper!r} was already released (or made in another process)")
         client = self._client
         owed = young = False
         quantum = 0.0
+        stale: Iterable[AcquireRequest] = ()  # no call (set()) between the two try blocks: it would strand it
         try:  # decided before taking the lock, which then only guards the hand-over
+            if not wrapper.in_use or self._all.get(wrapper.id) is not wrapper:
+                # Before anything touches the connection: in a forked child it is
+                # the parent's, and must not be used here (I7).
+                raise PoolMisuse(f"{wrapper!r} was already released (or made in another process)")
             expired = now - wrapper.created_at > self._max_lifetime
             lost = not expired and self._test_on_release and not self._validate(wrapper)
             keep = not expired and not lost
@@ -663,10 +664,10 @@ class ConnectionPool(Generic[T]):
         except BaseException:
             # Cut short before the checkin took effect (a signal handler's
             # exception; mid-validation it may be mid-query): closed, never
-            # left in use for good with its lease.
-            self._discard(wrapper, validation=False)
+            # left in use for good with its lease. (Not a misuse: not ours.)
+            if wrapper.in_use and self._all.get(wrapper.id) is wrapper:
+                self._discard(wrapper, validation=False)
             raise
-        stale: set[AcquireRequest] = set()
         recheck = arm = kept = False
         placed = to_close = False  # idle or a waiter's / out of _all, to be closed
         openers: list[_Waiter] = []

@@ -341,6 +341,50 @@ def test_a_close_cut_short_anywhere_closes_every_connection(
     assert k > 5  # the points were reached
 
 
+@pytest.mark.parametrize("why", ["test_on_release", "max_lifetime", "owed"])
+def test_a_slow_checkin_cut_short_anywhere_leaves_no_connection_in_use(
+        start_coordinator: Any, sock_path: str, why: str) -> None:
+    """A signal handler's exception wherever one can land in a slow checkin.
+    Before, one landing after its first misuse check (a dict lookup) or
+    between its decision and its hand-over (a set() made there) left the
+    connection in use for good, its lease held: a second close() waited for
+    it in vain."""
+    import sys
+
+    start_coordinator({"r": 1})
+    config = PoolConfig(min_size=0, max_size=1, test_on_release=why == "test_on_release",
+                        max_lifetime=0.01 if why == "max_lifetime" else 3600.0)
+    k = 0
+    while True:
+        factory = FakeFactory()
+        pool = ConnectionPool(factory, config, resource="r", coordinator=sock_path)
+        w = pool.acquire(timeout=5)
+        client = pool._client
+        assert client is not None
+        if why == "owed":
+            with client._cond:
+                client._owed["r"] = 1
+        time.sleep(0.02)  # past max_lifetime
+        tracer, fired = _interrupting_at([ConnectionPool._release_slow.__code__], k)
+        sys.settrace(tracer)
+        try:
+            pool.release(w)
+        except Interrupted:
+            pass
+        finally:
+            sys.settrace(None)
+        pool.close(timeout=2)
+        deadline = time.monotonic() + 5
+        while (factory.open or client.held or pool._closing or pool._leased) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert factory.open == [] and client.held == {}, fired
+        assert (pool._closing, pool._leased, len(pool._all)) == (0, 0, 0), fired
+        if not fired:
+            break
+        k += 1
+    assert k > 3  # the points were reached
+
+
 def test_a_close_cut_short_while_it_waits_still_ends_the_session(
         interrupt: Callable[[float], None], start_coordinator: Any, sock_path: str) -> None:
     """A close() cut short while it waited for a connection in use left the
