@@ -360,20 +360,23 @@ class ConnectionPool(Generic[T]):
             waiter = _Waiter()
             openers: list[_Waiter] = []
             started = False
-            with self._lock:
-                if self.status is not PoolStatus.ACTIVE:
-                    self._m["request_errors"] += 1  # a refused checkout is a failed request too
-                    raise PoolClosed(f"pool {self.name!r} is {self.status.value}")
-                wrapper = None
-                if self._idle and not self._waiters:
-                    wrapper = self._idle.pop()
-                    wrapper.in_use = True
-                else:
-                    self._waiters.append(waiter)
-                    self._m["requests_queued"] += 1
-                    openers = self._plan_growth()
-            checking = wrapper
+            wrapper = checking = None
             try:
+                # In the try: a signal handler's exception as the waiter is queued
+                # or its opener planned must not leave it queued for a caller that
+                # is gone (the next connection would be handed to it, for good).
+                with self._lock:
+                    if self.status is not PoolStatus.ACTIVE:
+                        waiter.counted = True
+                        self._m["request_errors"] += 1  # a refused checkout is a failed request too
+                        raise PoolClosed(f"pool {self.name!r} is {self.status.value}")
+                    if self._idle and not self._waiters:
+                        wrapper = checking = self._idle.pop()
+                        wrapper.in_use = True
+                    else:
+                        self._waiters.append(waiter)
+                        self._m["requests_queued"] += 1
+                        openers = self._plan_growth()
                 if wrapper is None:
                     self._start_openers(openers, deadline, replan=False)
                     started = True
@@ -496,13 +499,16 @@ class ConnectionPool(Generic[T]):
         n = min(room, need)
         if n <= 0:
             return []
-        self._opening += n
         chosen = [w for w in self._waiters if not w.has_opener][:n]
         # An opener always delivers to the oldest waiter; its own waiter only
         # decides where a connect error or timeout is reported.
         openers = chosen + [_Waiter() for _ in range(n - len(chosen))]
         for w in openers:
             w.has_opener = w.planned = True
+        # Counted last, with no call after it: a signal handler's exception
+        # earlier leaves no opening counted that no opener will ever settle
+        # (a phantom that took a slot of max_size for good).
+        self._opening += n
         return openers
 
     def _unplan(self, openers: list[_Waiter], replan: bool = True) -> None:
@@ -834,6 +840,7 @@ class ConnectionPool(Generic[T]):
             self._start_openers(openers, deadline)
 
     def _close_counted(self, wrapper: ConnectionWrapper[T], giving: bool) -> None:
+        t0 = time.monotonic()  # before the lease is taken off: no call between that and the try
         lease, client, kept = wrapper.lease, self._client, wrapper.kept
         wrapper.lease = wrapper.kept = None
         pid = self._pid
@@ -853,7 +860,6 @@ class ConnectionPool(Generic[T]):
             if self._pid == pid:
                 self._end_session_if_done()
 
-        t0 = time.monotonic()
         try:
             confirmed = close_and_confirm(wrapper.conn, self.config.close_confirm_timeout,
                                           on_late=late if keep else None, kept=kept)

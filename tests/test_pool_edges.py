@@ -385,6 +385,36 @@ def test_a_slow_checkin_cut_short_anywhere_leaves_no_connection_in_use(
     assert k > 3  # the points were reached
 
 
+def test_a_checkout_cut_short_while_it_plans_an_opener_leaves_no_phantom_opening() -> None:
+    """A signal handler's exception wherever one can land in _plan_growth.
+    Before, it left the caller's waiter queued (the next connection was handed
+    to it, a caller gone: in use for good) and, once the opening was counted,
+    an opening no opener would ever settle: with max_size 1, every later
+    checkout waited its whole timeout, and close() waited for it too."""
+    import sys
+
+    k = 0
+    while True:
+        factory = FakeFactory()
+        pool = ConnectionPool(factory, PoolConfig(min_size=0, max_size=1), coordinator=None)
+        tracer, fired = _interrupting_at([ConnectionPool._plan_growth.__code__], k)
+        sys.settrace(tracer)
+        try:
+            pool.release(pool.acquire(timeout=2))
+        except Interrupted:
+            pass
+        finally:
+            sys.settrace(None)
+        assert pool._opening == 0, fired
+        pool.release(pool.acquire(timeout=2))  # the slot serves
+        pool.close(timeout=2)
+        assert factory.open == [], fired
+        if not fired:
+            break
+        k += 1
+    assert k > 3  # the points were reached
+
+
 def test_a_close_cut_short_while_it_waits_still_ends_the_session(
         interrupt: Callable[[float], None], start_coordinator: Any, sock_path: str) -> None:
     """A close() cut short while it waited for a connection in use left the
