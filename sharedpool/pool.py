@@ -738,7 +738,12 @@ class ConnectionPool(Generic[T]):
         # Outside the lock: arming the timer wakes the client's thread (a send),
         # and a cancel sends a frame.
         if arm and client is not None:
-            client.call_later(self._recheck_delay, partial(giveback.recheck_owed, self))
+            try:
+                client.call_later(self._recheck_delay, partial(giveback.recheck_owed, self))
+            except BaseException:  # a signal handler's: not armed after all, so let a later checkin arm it
+                with self._lock:
+                    self._recheck_pending = False
+                raise
         for ticket in stale:
             ticket.cancel()
         if kept:

@@ -415,6 +415,36 @@ def test_a_checkout_cut_short_while_it_plans_an_opener_leaves_no_phantom_opening
     assert k > 3  # the points were reached
 
 
+def test_a_checkin_cut_short_as_it_arms_the_give_back_recheck_lets_a_later_one_arm_it(
+        monkeypatch: pytest.MonkeyPatch, start_coordinator: Any, sock_path: str) -> None:
+    """A lease owed to the coordinator, its connection checked in young: the
+    checkin arms a recheck. A signal handler's exception in that call left
+    the pool believing one armed: no checkin armed one again, and the owed
+    lease sat idle until the coordinator asked once more."""
+    from proc_helpers import interrupt_once
+
+    start_coordinator({"r": 1})
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1), resource="r",
+                          coordinator=sock_path)
+    try:
+        w = pool.acquire(timeout=5)
+        client = pool._client
+        assert client is not None
+        with client._cond:
+            client._owed["r"] = 1
+        interrupt_once(monkeypatch, type(client), "call_later", Interrupted("the signal handler raised"))
+        with pytest.raises(Interrupted):
+            pool.release(w)
+        assert not pool._recheck_pending
+        pool.release(pool.acquire(timeout=5))  # this checkin arms it: the owed lease goes back
+        deadline = time.monotonic() + 5
+        while client.held and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert client.held == {}
+    finally:
+        pool.close()
+
+
 def test_a_close_cut_short_while_it_waits_still_ends_the_session(
         interrupt: Callable[[float], None], start_coordinator: Any, sock_path: str) -> None:
     """A close() cut short while it waited for a connection in use left the
