@@ -11,7 +11,6 @@ parent's socket: it closes its copy and starts its own session lazily (I7).
 
 from __future__ import annotations
 
-import _socket  # the C socket type, which gevent and eventlet never replace
 import collections
 import contextlib
 import errno
@@ -46,6 +45,7 @@ from .errors import (
 )
 from .handoff import MAX_COST
 from .handshake import SEND_TIMEOUT, error_from, shake_hands
+from .readable import cooperative
 
 log = logging.getLogger("sharedpool.client")
 
@@ -645,7 +645,7 @@ class Client:
                 sock = self._sock
                 # Greenlets do not lead: the background one already waits on the
                 # socket, and eventlet refuses a second reader of an fd.
-                lead = (sock is not None and not _cooperative(sock)
+                lead = (sock is not None and not cooperative(sock)
                         and self._read_lock.acquire(blocking=False))
                 if not lead:
                     # Not connected, or another thread reads: wait to be told.
@@ -1034,15 +1034,10 @@ class Client:
             self._close_wake()
 
 
-def _cooperative(sock: socket.socket) -> bool:
-    """Whether ``sock`` is gevent's or eventlet's (``socket.socket`` monkey-patched)."""
-    return not isinstance(sock, _socket.socket)
-
-
 def _recv(sock: socket.socket, block: bool) -> bytes:
     """One read of the session socket; BlockingIOError when nothing came (at
     once, or with ``block`` within the SO_RCVTIMEO slice)."""
-    if not _cooperative(sock):
+    if not cooperative(sock):
         return sock.recv(65536) if block else sock.recv(65536, socket.MSG_DONTWAIT)
     # Read by the background greenlet only, never blocking (see _wait). The fd is
     # non-blocking underneath and the library parks the greenlet on EAGAIN whatever

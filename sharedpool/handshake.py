@@ -9,7 +9,6 @@ for :data:`SEND_TIMEOUT` fails instead of hanging.
 
 from __future__ import annotations
 
-import _socket  # the C socket type, which gevent and eventlet never replace
 import socket
 import struct
 import time
@@ -17,6 +16,7 @@ from collections.abc import Callable
 
 from . import protocol as p
 from .errors import AccessDenied, CoordinatorUnavailable, SharedPoolError
+from .readable import cooperative
 
 #: SO_RCVTIMEO of the session socket: how long one blocking read may last.
 _RCV_SLICE = struct.pack("ll", 0, 50_000)
@@ -79,7 +79,7 @@ def shake_hands(sock: socket.socket, path: str, limit: float | None, hello: Call
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _RCV_SLICE)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
                         struct.pack("ll", int(SEND_TIMEOUT), int(SEND_TIMEOUT % 1 * 1_000_000)))
-        if not isinstance(sock, _socket.socket):
+        if cooperative(sock):
             # gevent's or eventlet's socket: its fd is non-blocking underneath and
             # only its own timeout bounds a wait (it ignores SO_SNDTIMEO). Its reads
             # never wait (the client's _recv), so this bounds the sends.

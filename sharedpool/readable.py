@@ -1,5 +1,6 @@
 """Waiting until a file descriptor has something to read, whatever ``select``
-is: the standard module, or the one gevent or eventlet monkey-patched in.
+is: the standard module, or the one gevent or eventlet monkey-patched in; and
+telling their sockets from the standard ones.
 
 eventlet's green ``select`` has ``select()`` only, no ``poll()``: the client's
 background thread died at start on it (no report, timer or reclaim ever ran)
@@ -8,8 +9,15 @@ and a close could never be confirmed (its lease kept until the process exits).
 
 from __future__ import annotations
 
+import _socket  # the C socket type, which gevent and eventlet never replace
 import select
+import socket
 from collections.abc import Sequence
+
+
+def cooperative(sock: socket.socket) -> bool:
+    """Whether ``sock`` is gevent's or eventlet's (``socket.socket`` monkey-patched)."""
+    return not isinstance(sock, _socket.socket)
 
 
 def wait_readable(fds: Sequence[int], timeout: float) -> bool:
