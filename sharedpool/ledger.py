@@ -30,7 +30,7 @@ import heapq
 import itertools
 import math
 import statistics
-from collections.abc import Callable
+from collections.abc import Collection
 from dataclasses import replace
 from typing import Any
 
@@ -151,15 +151,11 @@ class Ledger:
     """Every lease of every resource on one coordinator."""
 
     def __init__(self, resources: dict[str, Resource], *, id_base: int = 1,
-                 hold_until: float | None = None,
-                 alive: Callable[[int], bool] | None = None) -> None:
+                 hold_until: float | None = None) -> None:
         """``hold_until``: grant nothing before this time. A restarted coordinator
         uses it so that every process still holding leases re-registers them
-        before anything new is handed out (I1 across a restart). ``alive(pid)``:
-        whether the process that held leases handed on from the previous
-        coordinator still runs (None: taken as gone when the hold ends)."""
+        before anything new is handed out (I1 across a restart)."""
         self.hold_until = hold_until
-        self._alive = alive
         self.resources = {name: ResourceState(name, r) for name, r in resources.items()}
         self.sessions: dict[int, Session] = {}
         self._next_id = id_base
@@ -221,7 +217,7 @@ class Ledger:
         for fence, (name, holder) in list(self._awaited.items()):
             if holder == pid:
                 del self._awaited[fence]
-                effects += self._settle_unclaimed(fence, name, pid, now, may_hold=False)
+                effects += self._settle_unclaimed(fence, name, pid, now, running=())
         return sid, effects
 
     def _register_held(self, session: Session, held: list[Any], now: float) -> list[Effect]:
@@ -632,8 +628,16 @@ class Ledger:
                 del res.fenced[lease_id]
         return self._pump(res, now)
 
-    def tick(self, now: float) -> list[Effect]:
-        """Time passed: expire waiters and fences that are due."""
+    def awaited_pids(self) -> set[int]:
+        """The processes whose leases were handed on from the previous
+        coordinator and are not re-registered yet: :meth:`tick` wants to
+        know which of them still run."""
+        return {pid for _, pid in self._awaited.values()}
+
+    def tick(self, now: float, running: Collection[int] = ()) -> list[Effect]:
+        """Time passed: expire waiters and fences that are due. ``running``:
+        of the :meth:`awaited_pids`, those whose process still runs (as time,
+        passed in: the server looks; none named are taken as gone)."""
         effects: list[Effect] = []
         touched: set[str] = set()
         # Waiters first, while the hold is still known: one whose time ran out
@@ -652,7 +656,7 @@ class Ledger:
             touched.update(self.resources)
             awaited, self._awaited = self._awaited, {}
             for fence, (name, pid) in awaited.items():
-                effects += self._settle_unclaimed(fence, name, pid, now, first=True)
+                effects += self._settle_unclaimed(fence, name, pid, now, running, first=True)
         ends = self._fence_ends
         while ends and ends[0][0] <= now:
             entry = heapq.heappop(ends)
@@ -663,7 +667,7 @@ class Ledger:
                 # A live holder's, after the hold: look again. Fenced afresh
                 # either way (a fence with no delay ends in this same loop).
                 name, pid = self._awaited.pop(fenced.fence)
-                effects += self._settle_unclaimed(fenced.fence, name, pid, now)
+                effects += self._settle_unclaimed(fenced.fence, name, pid, now, running)
                 continue
             del self.resources[entry[2]].fenced[fenced.lease.id]
             touched.add(entry[2])
@@ -672,20 +676,20 @@ class Ledger:
         return effects
 
     def _settle_unclaimed(self, fence: int, name: str, pid: int, now: float,
-                          first: bool = False, may_hold: bool = True) -> list[Effect]:
+                          running: Collection[int], first: bool = False) -> list[Effect]:
         """Leases handed on as held that their process has not re-registered,
         the hold being over. Its process gone, they are a dead process's (its
         backends may still be busy): fenced as such. Still running (stopped,
         frozen, a gevent hub blocked past the hold), it still has their
         connections: freed, they would put the resource over its cap (I1).
         They stay counted for it, looked at again every ALIVE_RECHECK seconds,
-        until it re-registers them or exits. ``may_hold=False``: the process
-        said it does not have them (a hello without them): fenced at once."""
+        until it re-registers them or exits. A process that said it does not
+        have them (a hello without them) is passed as not running: fenced at once."""
         res = self.resources[name]
         left = [f for f in res.fenced.values() if f.fence == fence]
         if not left:
             return []  # all re-registered
-        if may_hold and self._alive is not None and self._alive(pid):
+        if pid in running:
             self._awaited[fence] = (name, pid)
             for f in left:
                 self._fence(res, Fenced(f.lease, pid, now + ALIVE_RECHECK, fence))

@@ -261,10 +261,9 @@ class Server:
         self.loop = loop
         # Lease ids and fencing tokens only grow, across restarts too: start
         # from the wall clock in microseconds.
-        started = time.time()
         self.ledger = Ledger(dict(config.resources), id_base=time.time_ns() // 1000,
-                             hold_until=loop.time() + hold if hold > 0 else None,
-                             alive=lambda pid: holder_alive(pid, started))
+                             hold_until=loop.time() + hold if hold > 0 else None)
+        self._started = time.time()  # a process started since cannot hold a lease handed on
         self.sessions: dict[int, SessionProtocol] = {}
         self.dirty: set[SessionProtocol] = set()
         self.max_buffer = 2 * config.max_frame  # unread replies beyond this: the peer is not reading
@@ -434,7 +433,10 @@ class Server:
 
     def _on_timer(self) -> None:
         self._timer = self._timer_at = None
-        self.apply(self.ledger.tick(self.loop.time()))
+        # Looked at here, not by the ledger (no I/O there): a few /proc reads,
+        # only while leases handed on by the previous coordinator are awaited.
+        running = {pid for pid in self.ledger.awaited_pids() if holder_alive(pid, self._started)}
+        self.apply(self.ledger.tick(self.loop.time(), running))
         self.flush()
         self._changed()
 

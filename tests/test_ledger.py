@@ -421,30 +421,31 @@ def test_a_live_holder_that_has_not_re_registered_keeps_its_leases_counted() -> 
     quarantine_delay (or fence_timeout), though the process still ran (stopped,
     a gevent hub blocked) with their connections open: PostgreSQL saw 3 at a
     cap of 2. Now they stay counted while it runs, and are fenced once it is gone."""
-    running = {900}
-    lg = Ledger({"pg": Resource(1, quarantine_delay=0.5)}, hold_until=T0 + 1.5,
-                alive=lambda pid: pid in running)
+    running = {900}  # what the server finds running among the awaited pids
+    lg = Ledger({"pg": Resource(1, quarantine_delay=0.5)}, hold_until=T0 + 1.5)
     lg.restore_held([["pg", 10, 10, 900, 4242]], T0)
+    assert lg.awaited_pids() == {900}
     b = session(lg, pid=901)
     assert queued(lg.acquire(b, 1, "pg", T0, timeout=60))
-    still = only(StillHeld, lg.tick(T0 + 1.5))
+    still = only(StillHeld, lg.tick(T0 + 1.5, running))
     assert (still.resource, still.pid, still.count) == ("pg", 900, 1)
     for t in (3.0, 10.0, 30.0):  # looked at again every second: still running
-        assert lg.tick(T0 + t) == []
+        assert lg.tick(T0 + t, running) == []
         assert lg.resources["pg"].leased == 1
     assert lg.held_state() == [["pg", 10, 10, 900, 4242]]  # a clean stop hands it on as held
     assert lg.fenced_state(T0 + 30) == []
     running.clear()  # it exits
-    fence = only(StartFence, lg.tick(T0 + 31.0))
+    fence = only(StartFence, lg.tick(T0 + 31.0, running))
     assert (fence.pid, fence.leases, fence.terminate) == (900, (10,), False)
+    assert lg.awaited_pids() == set()
     assert lg.tick(T0 + 31.4) == []  # its quarantine_delay, from when it was seen gone
     assert granted(lg.tick(T0 + 31.6)).session == b
 
 
 def test_a_live_holder_re_registering_after_the_hold_takes_its_leases_back() -> None:
-    lg = Ledger({"pg": Resource(1, quarantine_delay=0.5)}, hold_until=T0 + 1.5, alive=lambda pid: True)
+    lg = Ledger({"pg": Resource(1, quarantine_delay=0.5)}, hold_until=T0 + 1.5)
     lg.restore_held([["pg", 10, 10, 900, None]], T0)
-    only(StillHeld, lg.tick(T0 + 1.5))
+    only(StillHeld, lg.tick(T0 + 1.5, {900}))
     a = session(lg, pid=900, now=T0 + 5, held=[["pg", 10, 10, IDLE, None]])
     assert list(lg.sessions[a].leases) == [10] and not lg.resources["pg"].fenced
     assert lg.tick(T0 + 10) == []
@@ -455,9 +456,9 @@ def test_a_hello_without_the_leases_handed_on_lets_them_go_through_a_fence() -> 
     """A process that closed its connections while no coordinator was up (the
     releases never arrived) says so by a hello without them: fenced then, not
     kept for as long as it runs."""
-    lg = Ledger({"pg": Resource(1, quarantine_delay=0.5)}, hold_until=T0 + 1.5, alive=lambda pid: True)
+    lg = Ledger({"pg": Resource(1, quarantine_delay=0.5)}, hold_until=T0 + 1.5)
     lg.restore_held([["pg", 10, 10, 900, 4242]], T0)
-    only(StillHeld, lg.tick(T0 + 1.5))
+    only(StillHeld, lg.tick(T0 + 1.5, {900}))
     sid, effects = lg.open_session(900, "w", T0 + 5)
     fence = only(StartFence, effects)
     assert (fence.pid, fence.leases) == (900, (10,))
@@ -1489,7 +1490,10 @@ class LedgerMachine(RuleBasedStateMachine):
             event("fence expired")
             del self.fenced[lid]
             self.unclaimed.discard(lid)
-        effects = self.lg.tick(self.now)
+        # What the server finds running among the awaited pids: the processes away
+        # (alive, not reconnected); one that came back reconnected, one that vanished died.
+        assert self.lg.awaited_pids() <= set(self.away) | set(self.vanished)
+        effects = self.lg.tick(self.now, set(self.away) & self.lg.awaited_pids())
         fences = of(StartFence, effects)
         assert {(f.resource, f.pid, tuple(sorted(f.leases))) for f in fences} == unclaimed, effects
         assert len(fences) == len(unclaimed) and not any(f.terminate for f in fences)
@@ -1680,10 +1684,8 @@ class RestartMachine(LedgerMachine):
         config = self.new_config(data)
         hold = grace if restarted else 0.0
         # Server(): ids from the wall clock in microseconds, ahead of every id out.
-        # The server's probe: the process runs. Here: a process away (alive,
-        # not reconnected); one that came back reconnected, one that vanished died.
         self.lg = Ledger(dict(config), id_base=self.max_id + gap,
-                         hold_until=now + hold if hold > 0 else None, alive=lambda pid: pid in self.away)
+                         hold_until=now + hold if hold > 0 else None)
         # Every process keeps what it holds; its requests went with its session.
         for lid, (sid, r, token) in self.held.items():
             self.away.setdefault(self.sessions[sid], {})[lid] = (r, token)
