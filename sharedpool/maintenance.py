@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from . import giveback, opening
 from .client import current_pid
 from .errors import AccessDenied, UnknownResource
+from .status import PoolStatus
 from .wrapper import ConnectionWrapper
 
 if TYPE_CHECKING:
@@ -64,7 +65,6 @@ def _run(ref: weakref.ref[ConnectionPool[Any]], stop: threading.Event) -> None:
 
 def maintain_once(pool: ConnectionPool[Any]) -> None:
     """One round: expiry, validation, top-up, leak warnings."""
-    from .pool import PoolStatus
 
     now = time.monotonic()
     cfg = pool.config
@@ -121,7 +121,6 @@ def _fill_in_background(pool: ConnectionPool[Any], count: int) -> None:
 
 def fill(pool: ConnectionPool[Any], count: int) -> None:
     """Top up to min_size, taking a lease only if one is free right now."""
-    from .pool import PoolStatus
 
     for _ in range(count):
         with pool._lock:

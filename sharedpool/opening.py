@@ -27,7 +27,8 @@ from .wrapper import ConnectionWrapper
 
 if TYPE_CHECKING:
     from .client import Client, Lease
-    from .pool import ConnectionPool, _Waiter
+    from .pool import ConnectionPool
+    from .waiting import _Waiter
 
 log = logging.getLogger("sharedpool.pool")
 
@@ -41,7 +42,7 @@ def run(pool: ConnectionPool[Any], waiter: _Waiter, deadline: float) -> None:
     lease = None
     try:
         client = pool._get_client()
-        fallback = client is not None and pool._use_fallback(client)
+        fallback = client is not None and use_fallback(pool, client)
     except BaseException as exc:  # noqa: BLE001 - a $SHAREDPOOL_SOCKET gone bad: to the waiter
         failed(pool, waiter, exc, connected=False)
         return
@@ -64,7 +65,7 @@ def run(pool: ConnectionPool[Any], waiter: _Waiter, deadline: float) -> None:
                 if (pool.config.coordinator_away != "fallback" or client.closed
                         or time.monotonic() >= deadline):
                     raise
-                fallback = pool._use_fallback(client)
+                fallback = use_fallback(pool, client)
         t1 = time.monotonic()
         with pool._lock:
             pool._lease_waits -= waiting
@@ -154,6 +155,23 @@ def run(pool: ConnectionPool[Any], waiter: _Waiter, deadline: float) -> None:
             pool._park(wrapper)  # handed out, or closed if the pool closed meanwhile
     finally:  # whatever failed above, the openers planned must run
         pool._start_openers(openers, deadline)
+
+
+def use_fallback(pool: ConnectionPool[Any], client: Client) -> bool:
+    """coordinator_away="fallback": with the coordinator unreachable, open
+    up to ``fallback_max_size`` connections without a lease."""
+    if pool.config.coordinator_away != "fallback" or client.ensure_connected():
+        return False
+    with pool._lock:
+        # Counted with the fallback connects still under way: concurrent
+        # openers must not each see room for one more.
+        unleased = sum(1 for w in pool._all.values() if w.lease is None) + pool._fallback_opening
+        if unleased >= pool.config.fallback_max_size:
+            return False  # wait for the coordinator like everyone else
+        pool._fallback_opening += 1
+    log.warning("pool %r: coordinator %s unreachable; opening a connection without a lease "
+                "(coordinator_away=fallback)", pool.name, pool.coordinator)
+    return True
 
 
 def take_lease(pool: ConnectionPool[Any], client: Client, deadline: float) -> Lease:

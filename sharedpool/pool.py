@@ -1,46 +1,35 @@
 """The local pool: this process's real connections, each covered by a lease.
 
 Checkout and checkin of a connection already open touch one lock and one
-deque, nothing else. Opening (lease round trip + factory), closing (close,
-confirm the server let go, release the lease) and validation happen outside
-the lock: the locked sections only decide, and return what to do.
+deque, nothing else: their fast paths are here. Opening (lease round trip +
+factory: sharedpool.opening), closing (close, confirm the server let go,
+release the lease) and validation happen outside the lock: the locked sections
+only decide, and return what to do. The slow paths live beside this module:
+sharedpool.waiting (a checkout that waits), sharedpool.checkin (a checkin that
+gives back, hands over or closes), sharedpool.shutdown (close() and drain()),
+sharedpool.giveback (what the coordinator asks), sharedpool.maintenance.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
-from enum import Enum
+from collections.abc import Callable
 from functools import partial
 from typing import Any, Generic, TypeVar
 
-from . import giveback, maintenance, opening, process
+from . import checkin, giveback, maintenance, opening, process, shutdown, waiting
 from .client import _PID, AcquireRequest, Client, current_pid
-from .closing import (
-    ACTIVE,
-    INERROR,
-    INTRANS,
-    UNKNOWN,
-    WAIT_SLICE,
-    NotClosable,
-    close_and_confirm,
-    transaction_status,
-)
-from .config import MAX_INT, SOCKET_ENV, PoolConfig, check_resource_name, check_socket_path, env_socket_path
-from .errors import (
-    ConfigError,
-    ConnectTimeout,
-    PoolClosed,
-    PoolMisuse,
-    PoolTimeout,
-)
+from .closing import ACTIVE, INERROR, INTRANS, UNKNOWN, transaction_status
+from .config import SOCKET_ENV, PoolConfig, check_resource_name, check_socket_path, env_socket_path
+from .errors import ConfigError, PoolMisuse
 from .giveback import IDLE_GIVE_BACK
 from .handoff import HandOffCost
+from .status import PoolStatus, valid_timeout
+from .waiting import _Waiter
 from .wrapper import ConnectionWrapper, _call_site, _Checkout
 
 log = logging.getLogger("sharedpool.pool")
@@ -50,19 +39,6 @@ T = TypeVar("T")
 #: Connections abandoned in a forked child: the parent's, kept referenced so
 #: that no destructor ever closes them from the child (I7).
 _INHERITED: list[Any] = []
-
-
-def _valid_timeout(value: Any) -> bool:
-    """A finite number of seconds >= 0 (NaN, inf, bools and strings are not, nor
-    an integer too large for a float deadline)."""
-    return (isinstance(value, int | float) and not isinstance(value, bool)
-            and 0 <= value < math.inf and (isinstance(value, float) or value <= MAX_INT))
-
-
-class PoolStatus(Enum):
-    ACTIVE = "active"
-    DRAINING = "draining"
-    CLOSED = "closed"
 
 
 _ACTIVE = PoolStatus.ACTIVE
@@ -78,33 +54,6 @@ def _txn_status(wrapper: ConnectionWrapper[Any]) -> int | None:
         return wrapper.txn()
     except Exception:  # noqa: BLE001 - psycopg2 raises for a closed connection
         return UNKNOWN
-
-
-#: What a normal checkin does with a connection not at rest, by libpq transaction status.
-_UNSETTLED = {
-    ACTIVE: "with a query still running: closed",
-    INTRANS: "inside a transaction: rolled back (commit inside the block, or use autocommit)",
-    INERROR: "inside a failed transaction: rolled back",
-    UNKNOWN: "closed or broken: discarded",
-}
-
-
-class _Waiter:
-    __slots__ = ("event", "wrapper", "error", "connect_deadline", "abandoned", "has_opener",
-                 "planned", "leasing", "counted")
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.wrapper: ConnectionWrapper[Any] | None = None
-        self.error: BaseException | None = None
-        self.connect_deadline: float | None = None  # set while our opener runs the factory
-        self.abandoned = False  # gave up on a connect that overran connection_timeout
-        self.has_opener = False
-        self.planned = False  # an opener for it is counted in _opening and has not run yet
-        #: its opener asked the coordinator for a lease and got none (yet): what a
-        #: timeout says, even when that request timed out a moment before it
-        self.leasing = False
-        self.counted = False  # its checkout's failure is in requests_errors already
 
 
 class ConnectionPool(Generic[T]):
@@ -304,7 +253,7 @@ class ConnectionPool(Generic[T]):
         # processes in SELECT 1 loops lose ~2 % of throughput per microsecond).
         if self._pid != _PID[0]:
             self._after_fork()
-        if timeout is not None and not _valid_timeout(timeout):  # bad input fails whatever the pool holds
+        if timeout is not None and not valid_timeout(timeout):  # bad input fails whatever the pool holds
             raise ConfigError("timeout", f"must be a number of seconds >= 0 or None, got {timeout!r}")
         wrapper = None
         try:  # free unless raised: an exception from a signal handler must not strand the connection
@@ -332,7 +281,7 @@ class ConnectionPool(Generic[T]):
                         wrapper = None
                         with self._lock:
                             self._acquired -= 1  # counted again by the retry, served or not
-                        return self._acquire_slow(timeout, now, retry=True)
+                        return waiting.acquire_slow(self, timeout, now, retry=True)
                 if self._leaks:
                     wrapper.site = _call_site()
                 return wrapper
@@ -340,157 +289,7 @@ class ConnectionPool(Generic[T]):
             if wrapper is not None and wrapper.in_use and self._all.get(wrapper.id) is wrapper:
                 self.release(wrapper)  # taken for a caller that is gone: check it back in
             raise
-        return self._acquire_slow(timeout, _monotonic())
-
-    def _acquire_slow(self, timeout: float | None, start: float, retry: bool = False) -> ConnectionWrapper[T]:
-        if self._maintenance is None:  # a forked child's first checkout
-            self._start_maintenance()
-        wait = self.config.acquire_timeout if timeout is None else timeout
-        deadline = start + wait
-        while True:  # one deadline for every retry (a failed validation loops)
-            if retry and wait > 0 and time.monotonic() >= deadline:
-                # Idle connections kept failing validation until the time was up
-                # (with no time to wait, each idle one is still tried once).
-                with self._lock:
-                    self._m["acquire_timeouts"] += 1
-                    self._m["request_errors"] += 1
-                raise PoolTimeout(f"pool {self.name!r}: no valid connection within {wait:.3g}s "
-                                  "(idle connections failed validation)")
-            retry = True
-            waiter = _Waiter()
-            openers: list[_Waiter] = []
-            started = False
-            wrapper = checking = None
-            try:
-                # In the try: a signal handler's exception as the waiter is queued
-                # or its opener planned must not leave it queued for a caller that
-                # is gone (the next connection would be handed to it, for good).
-                with self._lock:
-                    if self.status is not PoolStatus.ACTIVE:
-                        waiter.counted = True
-                        self._m["request_errors"] += 1  # a refused checkout is a failed request too
-                        raise PoolClosed(f"pool {self.name!r} is {self.status.value}")
-                    if self._idle and not self._waiters:
-                        wrapper = checking = self._idle.pop()
-                        wrapper.in_use = True
-                    else:
-                        self._waiters.append(waiter)
-                        self._m["requests_queued"] += 1
-                        openers = self._plan_growth()
-                if wrapper is None:
-                    self._start_openers(openers, deadline, replan=False)
-                    started = True
-                    wrapper = checking = self._wait(waiter, deadline, start)
-                now = time.monotonic()
-                fresh = wrapper.last_used == wrapper.created_at  # never checked in: just connected
-                valid = (not self.config.test_on_acquire or fresh
-                         or now - max(wrapper.last_used, wrapper.checked_at) <= self.config.validation_bypass
-                         or self._validate(wrapper))
-            except BaseException:
-                # Also what a signal handler raises while we wait (celery's soft
-                # time limit, KeyboardInterrupt): no connection may stay handed
-                # to a caller that is gone.
-                self._forsake(waiter, checking)
-                self._count_failed(waiter, start)
-                if not started:  # cut short before its openers ran: uncount them, with our waiter gone
-                    self._unplan(openers)
-                raise
-            if not valid:
-                self._discard(wrapper)
-                continue
-            try:  # as in acquire(): a signal here must not strand the connection
-                with self._lock:
-                    self._acquired += 1
-                    self._m["requests_wait_ms"] += int((now - start) * 1000)
-                wrapper.checked_out_at = now
-                if self.config.leak_detection_threshold is not None:
-                    wrapper.site = _call_site()
-                return wrapper
-            except BaseException:
-                self.release(wrapper)
-                raise
-
-    def _wait(self, waiter: _Waiter, deadline: float, start: float) -> ConnectionWrapper[T]:
-        while True:
-            until = deadline
-            if waiter.connect_deadline is not None:
-                until = min(until, waiter.connect_deadline)
-            # In slices: a wait beyond threading.TIMEOUT_MAX raises OverflowError.
-            waiter.event.wait(min(max(0.0, until - time.monotonic()), WAIT_SLICE))
-            with self._lock:
-                if waiter.wrapper is not None:
-                    return waiter.wrapper
-                now = time.monotonic()
-                if waiter.error is not None:
-                    waiter.counted = True
-                    self._m["request_errors"] += 1
-                    self._m["requests_wait_ms"] += int((now - start) * 1000)
-                    if isinstance(waiter.error, PoolTimeout) and waiter.leasing:
-                        # Its lease wait ran out, by the coordinator's clock a hair
-                        # before ours: said as our own timeout is, with its reason.
-                        self._m["acquire_timeouts"] += 1
-                        raise self._timed_out(start, deadline, self._lease_wait_note(waiter.error)) from None
-                    raise waiter.error
-                connect_late = waiter.connect_deadline is not None and now >= waiter.connect_deadline
-                if now < deadline and not connect_late:
-                    waiter.event.clear()  # every set() happens under the lock: none is lost
-                    continue
-                self._waiters.remove(waiter)
-                waiter.counted = True
-                self._m["request_errors"] += 1
-                self._m["requests_wait_ms"] += int((now - start) * 1000)
-                if connect_late:
-                    waiter.abandoned = True
-                    self._stalled += 1  # its opener no longer serves anyone: new waiters get their own
-                    self._m["connect_errors"] += 1
-                    raise ConnectTimeout(
-                        f"pool {self.name!r}: the connection factory did not return within "
-                        f"connection_timeout={self.config.connection_timeout:g}s")
-                self._m["acquire_timeouts"] += 1
-                client = self._client
-                away = ""
-                # (attributes only: no client lock is taken under the pool's lock)
-                if client is not None and not client.closed and client._sock is None and client.last_error:
-                    # Why no lease came: a wrong or dead socket must say so (one
-                    # not tried yet, or being connected to, is not "unreachable").
-                    away = f"; coordinator at {client.socket_path} unreachable: {client.last_error}"
-                elif self._lease_requests or waiter.leasing:
-                    away = self._lease_wait_note()
-                raise self._timed_out(start, deadline, away)
-
-    def _count_failed(self, waiter: _Waiter, start: float) -> None:
-        """A checkout that ends in an exception :meth:`_wait` did not count (one a
-        signal handler raised while it waited or validated: celery's soft time
-        limit) failed too: in requests_errors, with its wait, as psycopg_pool counts it."""
-        with self._lock:
-            if not waiter.counted:
-                waiter.counted = True
-                self._m["request_errors"] += 1
-                self._m["requests_wait_ms"] += int((time.monotonic() - start) * 1000)
-
-    def _lease_wait_note(self, reason: object = None) -> str:
-        why = "the global cap is taken" if reason is None else f"the global cap is taken: {reason}"
-        return f"; still waiting for a lease of resource {self.resource!r} from the coordinator ({why})"
-
-    def _timed_out(self, start: float, deadline: float, note: str) -> PoolTimeout:
-        """Under the lock: the PoolTimeout of a checkout that waited from ``start``."""
-        return PoolTimeout(
-            f"pool {self.name!r}: no connection within {deadline - start:.3g}s "
-            f"({len(self._all)} open, {len(self._all) - len(self._idle)} in use, "
-            f"max_size={self.config.max_size}){note}")
-
-    def _forsake(self, waiter: _Waiter, checking: ConnectionWrapper[T] | None) -> None:
-        """The caller of ``waiter`` left with an exception. Dequeue it; check in
-        a connection that reached it meanwhile, or close the one whose
-        validation was cut short (it may be mid-query)."""
-        with self._lock:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
-            handed = waiter.wrapper if checking is None else None
-        if checking is not None:
-            self._discard(checking, validation=False)
-        elif handed is not None:
-            self.release(handed)
+        return waiting.acquire_slow(self, timeout, _monotonic())
 
     def _plan_growth(self) -> list[_Waiter]:
         """Under the lock: which waiters get a new connection opened for them."""
@@ -564,7 +363,7 @@ class ConnectionPool(Generic[T]):
         if wrapper.txn is not None and wrapper.in_use and self._all.get(wrapper.id) is wrapper:
             status = _txn_status(wrapper)
             if status:  # not at rest (libpq's IDLE is 0)
-                self._check_in_unsettled(wrapper, status)
+                checkin.check_in_unsettled(self, wrapper, status)
                 return
         done = False
         try:  # free unless raised: a signal before the checkin took effect must not strand it
@@ -589,9 +388,9 @@ class ConnectionPool(Generic[T]):
                         return
         except BaseException:
             if not done:  # nothing happened yet: check it in the slow way, then let the exception go on
-                self._release_slow(wrapper, _monotonic())
+                checkin.release_slow(self, wrapper, _monotonic())
             raise
-        self._release_slow(wrapper, now)
+        checkin.release_slow(self, wrapper, now)
 
     def release_after_error(self, wrapper: ConnectionWrapper[T]) -> None:
         """Check in a connection whose ``with`` block ended in an exception.
@@ -622,152 +421,8 @@ class ConnectionPool(Generic[T]):
         else:
             self.release(wrapper)
 
-    def _check_in_unsettled(self, wrapper: ConnectionWrapper[T], status: int) -> None:
-        # Checked in without an exception, yet not at rest: the next caller must
-        # not inherit an open transaction (its locks, its uncommitted rows) nor
-        # a dead connection. As psycopg_pool's putconn does, and SQLAlchemy's
-        # reset on return: roll back, or close.
-        first = not self._told_unsettled
-        self._told_unsettled = True
-        log.log(logging.WARNING if first else logging.DEBUG,
-                "pool %r: connection %s checked in %s%s", self.name, wrapper.id[:8],
-                _UNSETTLED.get(status, f"with transaction status {status}: closed"),
-                " (later ones are logged at debug level)" if first else "")
-        try:
-            self.release_after_error(wrapper)
-        except BaseException:  # cut short (a signal mid-rollback): closed, never stranded
-            if wrapper.in_use and self._all.get(wrapper.id) is wrapper:
-                self._discard(wrapper, validation=False)
-            raise
-
-    def _release_slow(self, wrapper: ConnectionWrapper[T], now: float) -> None:
-        client = self._client
-        owed = young = False
-        quantum = 0.0
-        stale: Iterable[AcquireRequest] = ()  # no call (set()) between the two try blocks: it would strand it
-        try:  # decided before taking the lock, which then only guards the hand-over
-            if not wrapper.in_use or self._all.get(wrapper.id) is not wrapper:
-                # Before anything touches the connection: in a forked child it is
-                # the parent's, and must not be used here (I7).
-                raise PoolMisuse(f"{wrapper!r} was already released (or made in another process)")
-            expired = now - wrapper.created_at > self._max_lifetime
-            lost = not expired and self._test_on_release and not self._validate(wrapper)
-            keep = not expired and not lost
-            if client is not None and keep:
-                if wrapper.lease is None:
-                    # A fallback connection goes once the coordinator is back. Not
-                    # reconnected here: a hung coordinator would hold up a checkin
-                    # for its connect timeout; the client's thread tries instead.
-                    keep = not client.connected
-                    if keep:
-                        client.reconnect_soon()
-                elif client.owes(self.resource):
-                    owed = True
-                    # Counted from when the connection became usable, not from the
-                    # grant: connecting can take a good part of a short quantum.
-                    quantum = self._quantum(client)
-                    young = now - wrapper.created_at < quantum
-        except BaseException:
-            # Cut short before the checkin took effect (a signal handler's
-            # exception; mid-validation it may be mid-query): closed, never
-            # left in use for good with its lease. (Not a misuse: not ours.)
-            if wrapper.in_use and self._all.get(wrapper.id) is wrapper:
-                self._discard(wrapper, validation=False)
-            raise
-        recheck = arm = kept = False
-        placed = to_close = False  # idle or a waiter's / out of _all, to be closed
-        openers: list[_Waiter] = []
-        try:
-            with self._lock:
-                if not wrapper.in_use or self._all.get(wrapper.id) is not wrapper:
-                    raise PoolMisuse(f"{wrapper!r} was already released (or made in another process)")
-                self._released += 1
-                wrapper.last_used = now
-                wrapper.warned = False
-                # Owed to the coordinator: give it back now if it is older than the
-                # fairness quantum. A younger one stays; should it still be idle a
-                # moment later (nobody here wanted it again), it goes then.
-                if owed and young:
-                    owed = False
-                    recheck = True
-                elif owed and client is not None:
-                    # Concurrent checkins read the same count: only as many give
-                    # back as are owed beyond the give-backs already under way.
-                    owed = client.owes(self.resource) > self._giving
-                    if owed:
-                        self._giving += 1
-                if keep and not owed and self.status is PoolStatus.ACTIVE:
-                    kept = True
-                    # No call between a hand-over and its flag: a signal handler's
-                    # exception sees either the connection placed or still ours.
-                    if not self._waiters:
-                        placed = True
-                        wrapper.in_use = False
-                        self._idle.append(wrapper)
-                        # One timer at a time per pool, only while leases are owed.
-                        arm = recheck and not self._recheck_pending
-                        if arm:
-                            self._recheck_pending, self._armed_quantum = True, quantum
-                    else:
-                        waiter = self._waiters[0]
-                        del self._waiters[0]
-                        waiter.wrapper = wrapper
-                        placed = True
-                        waiter.event.set()
-                        if not self._waiters and self._lease_requests:
-                            # Nobody waits any more: withdraw the openers' lease requests,
-                            # or this process would stay queued at the coordinator.
-                            stale, self._lease_requests = self._lease_requests, set()
-                else:
-                    if owed:
-                        self._m["reclaimed"] += 1
-                    if lost:
-                        self._m["validation_failures"] += 1
-                    wrapper.in_use = False
-                    del self._all[wrapper.id]
-                    self._closing += 1
-                    to_close = True
-                    openers = self._plan_growth()
-        except BaseException:
-            # Cut short at a call inside the hand-over (a signal handler's exception).
-            if to_close:
-                self._close_then_open(wrapper, openers, now + self.config.acquire_timeout, giving=owed)
-            elif not placed and wrapper.in_use and self._all.get(wrapper.id) is wrapper:
-                self._discard(wrapper, validation=False)
-            raise
-        # Outside the lock: arming the timer wakes the client's thread (a send),
-        # and a cancel sends a frame.
-        if arm and client is not None:
-            try:
-                client.call_later(self._recheck_delay, partial(giveback.recheck_owed, self))
-            except BaseException:  # a signal handler's: not armed after all, so let a later checkin arm it
-                with self._lock:
-                    self._recheck_pending = False
-                raise
-        for ticket in stale:
-            ticket.cancel()
-        if kept:
-            return
-        self._close_then_open(wrapper, openers, now + self.config.acquire_timeout, giving=owed)
-
     def _quantum(self, client: Client) -> float:
         return self._handoff.quantum_for(client, self.resource)
-
-    def _use_fallback(self, client: Client) -> bool:
-        """coordinator_away="fallback": with the coordinator unreachable, open
-        up to ``fallback_max_size`` connections without a lease."""
-        if self.config.coordinator_away != "fallback" or client.ensure_connected():
-            return False
-        with self._lock:
-            # Counted with the fallback connects still under way: concurrent
-            # openers must not each see room for one more.
-            unleased = sum(1 for w in self._all.values() if w.lease is None) + self._fallback_opening
-            if unleased >= self.config.fallback_max_size:
-                return False  # wait for the coordinator like everyone else
-            self._fallback_opening += 1
-        log.warning("pool %r: coordinator %s unreachable; opening a connection without a lease "
-                    "(coordinator_away=fallback)", self.name, self.coordinator)
-        return True
 
     # ------------------------------------------------------------------ context managers
 
@@ -815,7 +470,7 @@ class ConnectionPool(Generic[T]):
         the coordinator, counted in ``_giving`` until its lease is released.
         The caller counted ``wrapper`` in ``_closing`` when it took it out of ``_all``."""
         try:
-            self._close_counted(wrapper, giving)
+            shutdown.close_counted(self, wrapper, giving)
         finally:
             with self._lock:
                 if self._pid == _PID[0]:  # not reset by a fork meanwhile
@@ -844,93 +499,11 @@ class ConnectionPool(Generic[T]):
         finally:
             self._start_openers(openers, deadline)
 
-    def _close_counted(self, wrapper: ConnectionWrapper[T], giving: bool) -> None:
-        t0 = time.monotonic()  # before the lease is taken off: no call between that and the try
-        lease, client, kept = wrapper.lease, self._client, wrapper.kept
-        wrapper.lease = wrapper.kept = None
-        pid = self._pid
-
-        keep = lease is not None and client is not None
-
-        def late(confirmed: bool) -> None:
-            try:
-                if client is not None and lease is not None:
-                    client.release(lease)
-            finally:  # released (or cut short, then sent anyway): uncounted either way
-                if keep or giving:
-                    with self._lock:
-                        if self._pid == pid:  # not reset by a fork meanwhile
-                            self._leased -= keep
-                            self._giving -= giving
-            if self._pid == pid:
-                self._end_session_if_done()
-
-        try:
-            confirmed = close_and_confirm(wrapper.conn, self.config.close_confirm_timeout,
-                                          on_late=late if keep else None, kept=kept)
-        except NotClosable:  # nothing to close: give the lease back
-            log.exception("pool %r: closing connection %s failed", self.name, wrapper.id[:8])
-            confirmed = True
-        except BaseException:
-            # Cut short (a signal handler's exception): close_and_confirm left
-            # the confirmation to a watcher, which calls late(); the caller
-            # gets the exception.
-            if not keep and giving:
-                late(False)
-            raise
-        if confirmed:
-            try:
-                self._handoff.closed(time.monotonic() - t0)
-                self._handoff.tell(client, self.resource)
-            finally:  # a signal handler's exception here must not keep the lease for good
-                late(True)
-        elif keep:
-            log.warning("pool %r: server has not dropped connection %s after %.1fs; its lease is "
-                        "kept until it does", self.name, wrapper.id[:8], self.config.close_confirm_timeout)
-        elif giving:
-            late(False)  # no lease to keep: only the give-back count to settle
-
-    def _evict(self, idle: deque[ConnectionWrapper[T]], waiters: deque[_Waiter],
-               status: PoolStatus) -> None:
-        """Under the lock: what a close() or drain() took out of the pool leaves
-        it: the idle connections out of _all (counted in _closing until closed),
-        the waiters failed. Can run again (a wrapper leaves _all once)."""
-        for wrapper in idle:
-            if self._all.get(wrapper.id) is wrapper:
-                del self._all[wrapper.id]
-                self._closing += 1
-        for waiter in waiters:
-            if waiter.error is None:
-                waiter.error = PoolClosed(f"pool {self.name!r} is {status.value}")
-            waiter.event.set()
-
-    def _let_go(self, idle: deque[ConnectionWrapper[T]], requests: set[AcquireRequest]) -> None:
-        """Withdraw the openers' lease requests, close the idle connections
-        (evicted). Can run again: both are consumed as they go."""
-        for ticket in list(requests):  # a closed pool must not take grants ahead of others
-            ticket.cancel()
-            requests.discard(ticket)
-        while idle:
-            # Subscript and del, not popleft(): no call between taking it
-            # and the close, which settles a close cut short by itself.
-            wrapper = idle[0]
-            del idle[0]
-            self._close(wrapper)
-
-    def _let_go_later(self, idle: deque[ConnectionWrapper[T]], waiters: deque[_Waiter],
-                      requests: set[AcquireRequest], status: PoolStatus) -> None:
-        """Thread: the rest of a close() or drain() cut short by a signal handler's
-        exception. Nothing else would ever close those connections (a second
-        close() returns at once), and their leases would stay held."""
-        with self._lock:
-            self._evict(idle, waiters, status)
-        self._let_go(idle, requests)
-
     def drain(self, timeout: float = 30.0) -> None:
         """Stop handing out connections; wait (up to ``timeout``) for those in
         use to come back, and close them all. :meth:`resume` reopens."""
         self._checkpid()
-        self._shut(PoolStatus.DRAINING, timeout)
+        shutdown.shut(self, PoolStatus.DRAINING, timeout)
 
     def resume(self) -> None:
         """After :meth:`drain`: hand out connections again."""
@@ -944,11 +517,11 @@ class ConnectionPool(Generic[T]):
         """Close the pool: waiters fail with PoolClosed, idle connections close
         now, in-use ones when they come back (waiting up to ``timeout``)."""
         self._checkpid()
-        if not _valid_timeout(timeout):  # before anything stops: a refused close changes nothing
+        if not valid_timeout(timeout):  # before anything stops: a refused close changes nothing
             raise ConfigError("timeout", f"must be a number of seconds >= 0, got {timeout!r}")
         self._stop.set()
         try:
-            self._shut(PoolStatus.CLOSED, timeout)
+            shutdown.shut(self, PoolStatus.CLOSED, timeout)
         finally:
             # Also when the wait is cut short (a signal handler's exception) once
             # the pool is closed: a closed pool's handlers kept the process's
@@ -956,46 +529,6 @@ class ConnectionPool(Generic[T]):
             if self._client is not None and self.status is PoolStatus.CLOSED:
                 self._client.remove_handlers(*self._handlers)
                 self._client.close_if_unused()
-
-    def _shut(self, status: PoolStatus, timeout: float) -> None:
-        if not _valid_timeout(timeout):  # NaN would spin below, inf overflows the wait
-            raise ConfigError("timeout", f"must be a number of seconds >= 0, got {timeout!r}")
-        idle: deque[ConnectionWrapper[T]] | None = None
-        try:
-            with self._lock:
-                if self.status is PoolStatus.CLOSED:
-                    return
-                # Made first: a signal handler's exception in a call leaves the
-                # pool as it was (still open) or all taken out at once, never half.
-                fresh: tuple[deque[ConnectionWrapper[T]], deque[_Waiter], set[AcquireRequest]]
-                fresh = deque(), deque(), set()
-                idle, waiters, requests = self._idle, self._waiters, self._lease_requests
-                self._idle, self._waiters, self._lease_requests = fresh
-                self.status = status
-                # Under this lock: no waiter sees itself dropped unanswered.
-                self._evict(idle, waiters, status)
-            self._let_go(idle, requests)
-        except BaseException:
-            if idle is not None:  # taken out of the pool: the rest goes on
-                threading.Thread(target=self._let_go_later, args=(idle, waiters, requests, status),
-                                 daemon=True, name=f"sharedpool-close-{self.resource}").start()
-            raise
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            # Done once every connection is closed and its lease released,
-            # not merely checked in.
-            # A connection still being opened is closed once made: waited for too.
-            while (self._all or self._closing or self._opening) and self.status is status:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    # timeout=0 (an admin drain or end-session pushed by the
-                    # coordinator, or asked so): not waiting was the request.
-                    log.log(logging.WARNING if timeout > 0 else logging.DEBUG,
-                            "pool %r: %d connection(s) still in use, %d closing, %d opening, "
-                            "after %.1fs", self.name, len(self._all), self._closing,
-                            self._opening, timeout)
-                    break
-                self._returned.wait(min(remaining, WAIT_SLICE))
 
     # ------------------------------------------------------------------ validation
 

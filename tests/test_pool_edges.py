@@ -29,6 +29,7 @@ from sharedpool import (
     PoolTimeout,
     handshake,
 )
+from sharedpool import checkin, shutdown
 from sharedpool import protocol as p
 from sharedpool.testing import FakeConnection, FakeFactory
 
@@ -290,8 +291,7 @@ def test_a_close_cut_short_anywhere_closes_every_connection(
     import sys
 
     start_coordinator({"r": 2})
-    codes = [getattr(ConnectionPool, n).__code__ for n in ("_shut", "_evict", "_let_go", "_close_each")
-             if hasattr(ConnectionPool, n)]
+    codes = [shutdown.shut.__code__, shutdown.evict.__code__, shutdown.let_go.__code__]
     k = 0
     while True:
         factory = FakeFactory()
@@ -365,7 +365,7 @@ def test_a_slow_checkin_cut_short_anywhere_leaves_no_connection_in_use(
             with client._cond:
                 client._owed["r"] = 1
         time.sleep(0.02)  # past max_lifetime
-        tracer, fired = _interrupting_at([ConnectionPool._release_slow.__code__], k)
+        tracer, fired = _interrupting_at([checkin.release_slow.__code__], k)
         sys.settrace(tracer)
         try:
             pool.release(w)
@@ -1003,19 +1003,21 @@ def test_an_exception_between_checkout_and_caller_checks_the_connection_back_in(
     site, and while a checkin is under way. The connection must not stay
     'in use' for ever, with its lease."""
     from sharedpool import pool as pool_module
+    from sharedpool import waiting
 
     pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=2,
                                                     leak_detection_threshold=30))
     real_site, real_clock = pool_module._call_site, pool_module._monotonic
     try:
-        for path in ("slow", "fast"):  # the first checkout opens, the second reuses
+        # The first checkout opens (the slow path's module), the second reuses.
+        for path, module in (("slow", waiting), ("fast", pool_module)):
             def raising_site() -> str:
                 raise Interrupted("the signal handler raised")
 
-            monkeypatch.setattr(pool_module, "_call_site", raising_site)
+            monkeypatch.setattr(module, "_call_site", raising_site)
             with pytest.raises(Interrupted):
                 pool.acquire()
-            monkeypatch.setattr(pool_module, "_call_site", real_site)
+            monkeypatch.setattr(module, "_call_site", real_site)
             assert pool.get_in_use() == 0 and pool.get_size() == 1, path
         wrapper = pool.acquire()
         calls = [0]

@@ -1,0 +1,158 @@
+"""Closing a pool's connections: one (close, confirm the server let go, then
+release its lease: I1), or all of them, as close() and drain() do (take every
+idle connection and waiter out at once under the lock, close and fail them
+outside it, and wait for the connections in use). A signal handler's
+exception anywhere in a close() leaves the pool either as it was or all taken
+out, the rest finished by a thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING, TypeVar
+
+from .client import AcquireRequest
+from .closing import WAIT_SLICE, NotClosable, close_and_confirm
+from .errors import ConfigError, PoolClosed
+from .status import PoolStatus, valid_timeout
+from .wrapper import ConnectionWrapper
+
+if TYPE_CHECKING:
+    from .pool import ConnectionPool
+    from .waiting import _Waiter
+
+log = logging.getLogger("sharedpool.pool")
+
+T = TypeVar("T")
+
+
+def evict(pool: ConnectionPool[T], idle: deque[ConnectionWrapper[T]], waiters: deque[_Waiter],
+           status: PoolStatus) -> None:
+    """Under the lock: what a close() or drain() took out of the pool leaves
+    it: the idle connections out of _all (counted in _closing until closed),
+    the waiters failed. Can run again (a wrapper leaves _all once)."""
+    for wrapper in idle:
+        if pool._all.get(wrapper.id) is wrapper:
+            del pool._all[wrapper.id]
+            pool._closing += 1
+    for waiter in waiters:
+        if waiter.error is None:
+            waiter.error = PoolClosed(f"pool {pool.name!r} is {status.value}")
+        waiter.event.set()
+
+
+def let_go(pool: ConnectionPool[T], idle: deque[ConnectionWrapper[T]], requests: set[AcquireRequest]) -> None:
+    """Withdraw the openers' lease requests, close the idle connections
+    (evicted). Can run again: both are consumed as they go."""
+    for ticket in list(requests):  # a closed pool must not take grants ahead of others
+        ticket.cancel()
+        requests.discard(ticket)
+    while idle:
+        # Subscript and del, not popleft(): no call between taking it
+        # and the close, which settles a close cut short by itself.
+        wrapper = idle[0]
+        del idle[0]
+        pool._close(wrapper)
+
+
+def let_go_later(pool: ConnectionPool[T], idle: deque[ConnectionWrapper[T]], waiters: deque[_Waiter],
+                  requests: set[AcquireRequest], status: PoolStatus) -> None:
+    """Thread: the rest of a close() or drain() cut short by a signal handler's
+    exception. Nothing else would ever close those connections (a second
+    close() returns at once), and their leases would stay held."""
+    with pool._lock:
+        evict(pool, idle, waiters, status)
+    let_go(pool, idle, requests)
+
+
+def shut(pool: ConnectionPool[T], status: PoolStatus, timeout: float) -> None:
+    if not valid_timeout(timeout):  # NaN would spin below, inf overflows the wait
+        raise ConfigError("timeout", f"must be a number of seconds >= 0, got {timeout!r}")
+    idle: deque[ConnectionWrapper[T]] | None = None
+    try:
+        with pool._lock:
+            if pool.status is PoolStatus.CLOSED:
+                return
+            # Made first: a signal handler's exception in a call leaves the
+            # pool as it was (still open) or all taken out at once, never half.
+            fresh: tuple[deque[ConnectionWrapper[T]], deque[_Waiter], set[AcquireRequest]]
+            fresh = deque(), deque(), set()
+            idle, waiters, requests = pool._idle, pool._waiters, pool._lease_requests
+            pool._idle, pool._waiters, pool._lease_requests = fresh
+            pool.status = status
+            # Under this lock: no waiter sees itself dropped unanswered.
+            evict(pool, idle, waiters, status)
+        let_go(pool, idle, requests)
+    except BaseException:
+        if idle is not None:  # taken out of the pool: the rest goes on
+            threading.Thread(target=let_go_later, args=(pool, idle, waiters, requests, status),
+                             daemon=True, name=f"sharedpool-close-{pool.resource}").start()
+        raise
+    deadline = time.monotonic() + timeout
+    with pool._lock:
+        # Done once every connection is closed and its lease released,
+        # not merely checked in.
+        # A connection still being opened is closed once made: waited for too.
+        while (pool._all or pool._closing or pool._opening) and pool.status is status:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                # timeout=0 (an admin drain or end-session pushed by the
+                # coordinator, or asked so): not waiting was the request.
+                log.log(logging.WARNING if timeout > 0 else logging.DEBUG,
+                        "pool %r: %d connection(s) still in use, %d closing, %d opening, "
+                        "after %.1fs", pool.name, len(pool._all), pool._closing,
+                        pool._opening, timeout)
+                break
+            pool._returned.wait(min(remaining, WAIT_SLICE))
+
+
+def close_counted(pool: ConnectionPool[T], wrapper: ConnectionWrapper[T], giving: bool) -> None:
+    """Close ``wrapper``, confirm the server let go, then release its lease
+    (late, from a watcher, if the confirmation is late). See ConnectionPool._close."""
+    t0 = time.monotonic()  # before the lease is taken off: no call between that and the try
+    lease, client, kept = wrapper.lease, pool._client, wrapper.kept
+    wrapper.lease = wrapper.kept = None
+    pid = pool._pid
+
+    keep = lease is not None and client is not None
+
+    def late(confirmed: bool) -> None:
+        try:
+            if client is not None and lease is not None:
+                client.release(lease)
+        finally:  # released (or cut short, then sent anyway): uncounted either way
+            if keep or giving:
+                with pool._lock:
+                    if pool._pid == pid:  # not reset by a fork meanwhile
+                        pool._leased -= keep
+                        pool._giving -= giving
+        if pool._pid == pid:
+            pool._end_session_if_done()
+
+    try:
+        confirmed = close_and_confirm(wrapper.conn, pool.config.close_confirm_timeout,
+                                      on_late=late if keep else None, kept=kept)
+    except NotClosable:  # nothing to close: give the lease back
+        log.exception("pool %r: closing connection %s failed", pool.name, wrapper.id[:8])
+        confirmed = True
+    except BaseException:
+        # Cut short (a signal handler's exception): close_and_confirm left
+        # the confirmation to a watcher, which calls late(); the caller
+        # gets the exception.
+        if not keep and giving:
+            late(False)
+        raise
+    if confirmed:
+        try:
+            pool._handoff.closed(time.monotonic() - t0)
+            pool._handoff.tell(client, pool.resource)
+        finally:  # a signal handler's exception here must not keep the lease for good
+            late(True)
+    elif keep:
+        log.warning("pool %r: server has not dropped connection %s after %.1fs; its lease is "
+                    "kept until it does", pool.name, wrapper.id[:8], pool.config.close_confirm_timeout)
+    elif giving:
+        late(False)  # no lease to keep: only the give-back count to settle

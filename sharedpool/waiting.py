@@ -1,0 +1,199 @@
+"""A checkout that finds no idle connection: it queues a waiter, has
+connections opened for it (sharedpool.opening) while the pool has room, and
+waits for one to be handed over, for its error, or for its deadline. Every way
+out, a signal handler's exception included, leaves no waiter queued and no
+connection handed to a caller that is gone.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .closing import WAIT_SLICE
+from .errors import ConnectTimeout, PoolClosed, PoolTimeout
+from .status import PoolStatus
+from .wrapper import ConnectionWrapper, _call_site
+
+if TYPE_CHECKING:
+    from .pool import ConnectionPool
+
+T = TypeVar("T")
+
+
+class _Waiter:
+    __slots__ = ("event", "wrapper", "error", "connect_deadline", "abandoned", "has_opener",
+                 "planned", "leasing", "counted")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.wrapper: ConnectionWrapper[Any] | None = None
+        self.error: BaseException | None = None
+        self.connect_deadline: float | None = None  # set while our opener runs the factory
+        self.abandoned = False  # gave up on a connect that overran connection_timeout
+        self.has_opener = False
+        self.planned = False  # an opener for it is counted in _opening and has not run yet
+        #: its opener asked the coordinator for a lease and got none (yet): what a
+        #: timeout says, even when that request timed out a moment before it
+        self.leasing = False
+        self.counted = False  # its checkout's failure is in requests_errors already
+
+
+def acquire_slow(pool: ConnectionPool[T], timeout: float | None, start: float,
+                 retry: bool = False) -> ConnectionWrapper[T]:
+    """A checkout the fast path could not serve: queue, have connections
+    opened, wait until ``start`` + the timeout (one deadline for every retry)."""
+    if pool._maintenance is None:  # a forked child's first checkout
+        pool._start_maintenance()
+    wait = pool.config.acquire_timeout if timeout is None else timeout
+    deadline = start + wait
+    while True:  # one deadline for every retry (a failed validation loops)
+        if retry and wait > 0 and time.monotonic() >= deadline:
+            # Idle connections kept failing validation until the time was up
+            # (with no time to wait, each idle one is still tried once).
+            with pool._lock:
+                pool._m["acquire_timeouts"] += 1
+                pool._m["request_errors"] += 1
+            raise PoolTimeout(f"pool {pool.name!r}: no valid connection within {wait:.3g}s "
+                              "(idle connections failed validation)")
+        retry = True
+        waiter = _Waiter()
+        openers: list[_Waiter] = []
+        started = False
+        wrapper = checking = None
+        try:
+            # In the try: a signal handler's exception as the waiter is queued
+            # or its opener planned must not leave it queued for a caller that
+            # is gone (the next connection would be handed to it, for good).
+            with pool._lock:
+                if pool.status is not PoolStatus.ACTIVE:
+                    waiter.counted = True
+                    pool._m["request_errors"] += 1  # a refused checkout is a failed request too
+                    raise PoolClosed(f"pool {pool.name!r} is {pool.status.value}")
+                if pool._idle and not pool._waiters:
+                    wrapper = checking = pool._idle.pop()
+                    wrapper.in_use = True
+                else:
+                    pool._waiters.append(waiter)
+                    pool._m["requests_queued"] += 1
+                    openers = pool._plan_growth()
+            if wrapper is None:
+                pool._start_openers(openers, deadline, replan=False)
+                started = True
+                wrapper = checking = wait_for(pool, waiter, deadline, start)
+            now = time.monotonic()
+            fresh = wrapper.last_used == wrapper.created_at  # never checked in: just connected
+            valid = (not pool.config.test_on_acquire or fresh
+                     or now - max(wrapper.last_used, wrapper.checked_at) <= pool.config.validation_bypass
+                     or pool._validate(wrapper))
+        except BaseException:
+            # Also what a signal handler raises while we wait (celery's soft
+            # time limit, KeyboardInterrupt): no connection may stay handed
+            # to a caller that is gone.
+            forsake(pool, waiter, checking)
+            count_failed(pool, waiter, start)
+            if not started:  # cut short before its openers ran: uncount them, with our waiter gone
+                pool._unplan(openers)
+            raise
+        if not valid:
+            pool._discard(wrapper)
+            continue
+        try:  # as in acquire(): a signal here must not strand the connection
+            with pool._lock:
+                pool._acquired += 1
+                pool._m["requests_wait_ms"] += int((now - start) * 1000)
+            wrapper.checked_out_at = now
+            if pool.config.leak_detection_threshold is not None:
+                wrapper.site = _call_site()
+            return wrapper
+        except BaseException:
+            pool.release(wrapper)
+            raise
+
+
+def wait_for(pool: ConnectionPool[T], waiter: _Waiter, deadline: float, start: float) -> ConnectionWrapper[T]:
+    while True:
+        until = deadline
+        if waiter.connect_deadline is not None:
+            until = min(until, waiter.connect_deadline)
+        # In slices: a wait beyond threading.TIMEOUT_MAX raises OverflowError.
+        waiter.event.wait(min(max(0.0, until - time.monotonic()), WAIT_SLICE))
+        with pool._lock:
+            if waiter.wrapper is not None:
+                return waiter.wrapper
+            now = time.monotonic()
+            if waiter.error is not None:
+                waiter.counted = True
+                pool._m["request_errors"] += 1
+                pool._m["requests_wait_ms"] += int((now - start) * 1000)
+                if isinstance(waiter.error, PoolTimeout) and waiter.leasing:
+                    # Its lease wait ran out, by the coordinator's clock a hair
+                    # before ours: said as our own timeout is, with its reason.
+                    pool._m["acquire_timeouts"] += 1
+                    raise timed_out(pool, start, deadline, lease_wait_note(pool, waiter.error)) from None
+                raise waiter.error
+            connect_late = waiter.connect_deadline is not None and now >= waiter.connect_deadline
+            if now < deadline and not connect_late:
+                waiter.event.clear()  # every set() happens under the lock: none is lost
+                continue
+            pool._waiters.remove(waiter)
+            waiter.counted = True
+            pool._m["request_errors"] += 1
+            pool._m["requests_wait_ms"] += int((now - start) * 1000)
+            if connect_late:
+                waiter.abandoned = True
+                pool._stalled += 1  # its opener no longer serves anyone: new waiters get their own
+                pool._m["connect_errors"] += 1
+                raise ConnectTimeout(
+                    f"pool {pool.name!r}: the connection factory did not return within "
+                    f"connection_timeout={pool.config.connection_timeout:g}s")
+            pool._m["acquire_timeouts"] += 1
+            client = pool._client
+            away = ""
+            # (attributes only: no client lock is taken under the pool's lock)
+            if client is not None and not client.closed and client._sock is None and client.last_error:
+                # Why no lease came: a wrong or dead socket must say so (one
+                # not tried yet, or being connected to, is not "unreachable").
+                away = f"; coordinator at {client.socket_path} unreachable: {client.last_error}"
+            elif pool._lease_requests or waiter.leasing:
+                away = lease_wait_note(pool)
+            raise timed_out(pool, start, deadline, away)
+
+
+def count_failed(pool: ConnectionPool[T], waiter: _Waiter, start: float) -> None:
+    """A checkout that ends in an exception :meth:`_wait` did not count (one a
+    signal handler raised while it waited or validated: celery's soft time
+    limit) failed too: in requests_errors, with its wait, as psycopg_pool counts it."""
+    with pool._lock:
+        if not waiter.counted:
+            waiter.counted = True
+            pool._m["request_errors"] += 1
+            pool._m["requests_wait_ms"] += int((time.monotonic() - start) * 1000)
+
+
+def lease_wait_note(pool: ConnectionPool[T], reason: object = None) -> str:
+    why = "the global cap is taken" if reason is None else f"the global cap is taken: {reason}"
+    return f"; still waiting for a lease of resource {pool.resource!r} from the coordinator ({why})"
+
+
+def timed_out(pool: ConnectionPool[T], start: float, deadline: float, note: str) -> PoolTimeout:
+    """Under the lock: the PoolTimeout of a checkout that waited from ``start``."""
+    return PoolTimeout(
+        f"pool {pool.name!r}: no connection within {deadline - start:.3g}s "
+        f"({len(pool._all)} open, {len(pool._all) - len(pool._idle)} in use, "
+        f"max_size={pool.config.max_size}){note}")
+
+
+def forsake(pool: ConnectionPool[T], waiter: _Waiter, checking: ConnectionWrapper[T] | None) -> None:
+    """The caller of ``waiter`` left with an exception. Dequeue it; check in
+    a connection that reached it meanwhile, or close the one whose
+    validation was cut short (it may be mid-query)."""
+    with pool._lock:
+        if waiter in pool._waiters:
+            pool._waiters.remove(waiter)
+        handed = waiter.wrapper if checking is None else None
+    if checking is not None:
+        pool._discard(checking, validation=False)
+    elif handed is not None:
+        pool.release(handed)
