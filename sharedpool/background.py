@@ -20,6 +20,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from . import handshake, receiving
 from . import protocol as p
 from .readable import wait_readable
 
@@ -112,10 +113,10 @@ def tick(client: Client) -> None:
     sock = client._sock
     if sock is None:
         if client._wants_session():
-            client._try_connect(None)
+            handshake.try_connect(client, None)
     elif client._read_lock.acquire(blocking=False):
         try:
-            client._read_available(sock, block=False)
+            receiving.read_available(client, sock, block=False)
         finally:
             client._read_lock.release()
             client._done_reading()

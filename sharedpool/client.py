@@ -1,12 +1,13 @@
 """One process's session to the coordinator: leases over a Unix socket.
 
 Threads share one socket. Whoever waits for a reply reads the socket itself
-(leader/follower), so a lease round trip costs no thread hand-off. A small
-background thread (:mod:`sharedpool.background`) picks up what arrives
-unasked while no caller is reading, runs timers and handler jobs, sends
-coalesced reports, and reconnects with backoff — re-registering the leases
-this process still holds (I4). After ``fork()`` the child never touches the
-parent's socket: it closes its copy and starts its own session lazily (I7).
+(leader/follower, :mod:`sharedpool.receiving`), so a lease round trip costs no
+thread hand-off. A small background thread (:mod:`sharedpool.background`)
+picks up what arrives unasked while no caller is reading, runs timers and
+handler jobs, sends coalesced reports, and reconnects with backoff
+(:mod:`sharedpool.handshake`) — re-registering the leases this process still
+holds (I4). After ``fork()`` the child never touches the parent's socket: it
+closes its copy and starts its own session lazily (I7).
 """
 
 from __future__ import annotations
@@ -26,113 +27,21 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from . import background
+from . import background, handshake, receiving
 from . import protocol as p
-from .background import BACKOFF_MAX, BACKOFF_MIN, PARK_RECHECK
+from .background import BACKOFF_MIN, PARK_RECHECK
 from .config import check_resource_name, check_seconds, check_socket_path, default_socket_path
-from .errors import (
-    AccessDenied,
-    AcquireCancelled,
-    ConfigError,
-    CoordinatorUnavailable,
-    PoolTimeout,
-    RemoteProtocolError,
-    SharedPoolError,
-    denial_error,
-)
+from .errors import ConfigError, CoordinatorUnavailable, PoolTimeout
 from .handoff import MAX_COST
-from .handshake import SEND_TIMEOUT, error_from, shake_hands
-from .readable import cooperative
+from .handshake import SEND_TIMEOUT
+from .lease import AcquireRequest, Lease, _Pending
+from .receiving import GRACE
+
+__all__ = ["AcquireRequest", "Client", "Lease", "current_pid"]
 
 log = logging.getLogger("sharedpool.client")
-
-#: How long a follower waits before looking again whether it should lead.
-FOLLOW_WAIT = 0.02
-#: How long a reply may lag behind the coordinator's own deadline.
-GRACE = 0.5
-
-
-@dataclass(eq=False)
-class Lease:
-    """A granted lease, as this process sees it."""
-
-    id: int
-    resource: str
-    token: int
-    granted_at: float = field(default_factory=time.monotonic)
-
-    def __repr__(self) -> str:
-        age = time.monotonic() - self.granted_at
-        return f"<Lease {self.id} {self.resource!r} token={self.token} age={age:.3f}s>"
-
-
-@dataclass(eq=False)
-class _Pending:
-    msg: p.Message
-    done: bool = False
-    result: Any = None
-    error: BaseException | None = None
-    abandoned: bool = False
-    taken: bool = False  # the lease was handed to the caller: too late to cancel
-    fail_if_lost: bool = False  # fails when its session is lost, rather than waiting for the next
-
-
-class AcquireRequest:
-    """An acquire sent to the coordinator: :meth:`wait` for its lease, or
-    :meth:`cancel` it from another thread."""
-
-    __slots__ = ("client", "req", "_pending", "_deadline")
-
-    def __init__(self, client: Client, req: int, pending: _Pending, deadline: float | None) -> None:
-        self.client, self.req = client, req
-        self._pending, self._deadline = pending, deadline
-
-    def __repr__(self) -> str:
-        state = "done" if self._pending.done else "waiting"
-        return f"<AcquireRequest {self.req} {self._pending.msg.resource!r} {state}>"  # type: ignore[attr-defined]
-
-    def wait(self) -> Lease:
-        """The lease; raises PoolTimeout, a LeaseDenied subclass,
-        CoordinatorUnavailable, or AcquireCancelled."""
-        client, pending = self.client, self._pending
-        client._finish(self.req, pending, self._deadline, "acquire")
-        with client._cond:
-            if pending.error is None:
-                pending.taken = True
-                lease: Lease = pending.result
-                return lease
-        raise pending.error
-
-    def cancel(self) -> bool:
-        """Withdraw the request. False if :meth:`wait` already returned its
-        lease; otherwise :meth:`wait` raises AcquireCancelled and a lease
-        granted meanwhile goes straight back to the coordinator."""
-        client, pending = self.client, self._pending
-        with client._cond:
-            if pending.taken:
-                return False
-            granted = pending.result if pending.done and pending.error is None else None
-            pending.result, pending.error = None, AcquireCancelled("acquire cancelled")
-            pending.done = True
-            client._cond.notify_all()
-        if granted is not None:
-            client.release(granted)
-        elif client._sock is not None:
-            client._send_quiet(p.Cancel(self.req))
-        return True
-
-    def _drop(self) -> None:
-        """Its caller is gone (an exception): withdraw it unless it is settled
-        (its lease handed over, or :meth:`wait` gave up and withdrew it)."""
-        with self.client._cond:
-            pending = self._pending
-            settled = pending.taken or pending.abandoned or pending.error is not None
-            self.client._pending.pop(self.req, None)
-        if not settled:
-            self.cancel()
 
 
 class Client:
@@ -291,7 +200,7 @@ class Client:
                 # "The resource's default", as the coordinator announced it (known
                 # once connected): without a bound, a coordinator that stops
                 # answering holds this acquire for ever. Doubled: a reload may have
-                # raised the default since the welcome. Not known yet: _wait bounds it.
+                # raised the default since the welcome. Not known yet: receiving.wait_reply bounds it.
                 default = self._default_timeout(resource)
                 if default is not None:
                     local = time.monotonic() + 2 * default + GRACE
@@ -303,7 +212,7 @@ class Client:
             # Cut short once the acquire may be out (a signal handler's exception:
             # celery's soft time limit, Ctrl-C): nobody holds a ticket to wait for
             # or cancel it. Withdrawn here: a grant already in goes back, and one
-            # still to come finds no pending request, so _dispatch hands it back.
+            # still to come finds no pending request, so receiving.dispatch hands it back.
             if not _into:  # not yet handed to the caller: withdrawn here
                 AcquireRequest(self, req, pending, None).cancel()
                 with self._cond:
@@ -343,7 +252,7 @@ class Client:
         self._checkpid()
         if self._sock is None and not self._closed:
             self._ensure_thread()  # a session needs its reader: reclaims and pushes come unasked
-            self._try_connect(None)
+            handshake.try_connect(self, None)
         return self._sock is not None
 
     def reconnect_soon(self) -> None:
@@ -360,7 +269,7 @@ class Client:
     def _reconnect_job(self) -> None:
         with self._cond:
             self._reconnect_asked = False
-        self._try_connect(None)
+        handshake.try_connect(self, None)
 
     def owes(self, resource: str) -> int:
         """How many leases of ``resource`` the coordinator asked us to give back."""
@@ -576,14 +485,14 @@ class Client:
             if self._closed:  # close() ran since the check above: its _fail_all missed us
                 raise CoordinatorUnavailable("client is closed")
             self._pending[req] = pending
-            # Decided under the same lock as _connect's re-send snapshot, so a
+            # Decided under the same lock as handshake.connect's re-send snapshot, so a
             # request is sent exactly once per session: on this socket, or by
             # the re-send of a session made since (never by both).
             sock = self._sock
         if sock is not None:
             self._send_quiet(pending.msg, sock, data)
         else:
-            self._try_connect(deadline, force=not patient)
+            handshake.try_connect(self, deadline, force=not patient)
             if not patient and self._sock is None:
                 with self._cond:
                     self._pending.pop(req, None)
@@ -596,7 +505,7 @@ class Client:
     def _finish(self, req: int, pending: _Pending, deadline: float | None, what: str) -> None:
         """Wait for the reply; on a lost or late one, withdraw and say why."""
         try:
-            self._wait(pending, deadline)
+            receiving.wait_reply(self, pending, deadline)
         finally:  # also when cut short (a signal handler's exception): withdrawn
             with self._cond:
                 self._pending.pop(req, None)
@@ -614,284 +523,7 @@ class Client:
                 pending.error = PoolTimeout(
                     f"{what} got no reply in time from the coordinator at {self.socket_path}{maybe}")
 
-    def _wait(self, pending: _Pending, deadline: float | None) -> None:
-        """Leader/follower: read the socket ourselves unless another thread is.
-
-        No ``deadline``: an acquire with the resource's default timeout, sent
-        before any session announced it. It gets that default (doubled, as in
-        :meth:`request`) once a session does, and ends when no session could
-        be had for ``connect_timeout`` (then CoordinatorUnavailable)."""
-        resource = pending.msg.resource if deadline is None and isinstance(pending.msg, p.Acquire) else None
-        since = time.monotonic()
-        while True:
-            with self._cond:
-                if pending.done:
-                    return
-                if self._closed:
-                    pending.error, pending.done = CoordinatorUnavailable("client closed"), True
-                    return
-                if deadline is None and resource is not None:
-                    now = time.monotonic()
-                    default = self._default_timeout(resource)
-                    if default is not None:
-                        deadline = since + 2 * default + GRACE
-                    elif self._sock is not None:
-                        since = now  # a session is up: the unreachable clock starts afresh
-                    elif self.connect_timeout is not None and now - since > self.connect_timeout + GRACE:
-                        return  # _finish says why: unreachable
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return
-                sock = self._sock
-                # Greenlets do not lead: the background one already waits on the
-                # socket, and eventlet refuses a second reader of an fd.
-                lead = (sock is not None and not cooperative(sock)
-                        and self._read_lock.acquire(blocking=False))
-                if not lead:
-                    # Not connected, or another thread reads: wait to be told.
-                    self._cond.wait(FOLLOW_WAIT if remaining is None else min(remaining, FOLLOW_WAIT))
-                    continue
-            try:
-                self._read_until(pending, deadline)
-            finally:
-                self._read_lock.release()
-                self._done_reading()
-
-    def _read_until(self, pending: _Pending, deadline: float | None) -> None:
-        sock = self._sock
-        if sock is None:
-            return
-        while not pending.done:
-            if deadline is not None and time.monotonic() >= deadline:
-                return
-            # A blocking recv, bounded by the socket's SO_RCVTIMEO slice (no
-            # poll() first: one syscall per reply); between slices we look at
-            # the deadline and at a reconnect made elsewhere.
-            if not self._read_available(sock, block=True) or self._sock is not sock:
-                return
-
-    def _read_available(self, sock: socket.socket, block: bool) -> bool:
-        """Read what is there and dispatch it; False if the session died."""
-        try:
-            data = _recv(sock, block)
-        except BlockingIOError:
-            return True
-        except OSError as exc:
-            self._disconnect(f"read failed: {exc}", only=sock)
-            return False
-        if not data:
-            self._disconnect("coordinator closed the connection", only=sock)
-            return False
-        with self._cond:
-            # The session may have ended, and a new one begun, while we read:
-            # what the old one sent goes with it, never into the new parser.
-            conn = self._conn if self._sock is sock else None
-        if conn is None:
-            return False
-        conn.receive_data(data)
-        try:
-            messages = conn.events()
-        except RemoteProtocolError as exc:
-            self._disconnect(f"coordinator sent a bad frame: {exc}", only=sock)
-            self._sick = True
-            self._next_attempt = time.monotonic() + self._backoff
-            self._backoff = min(self._backoff * 2, BACKOFF_MAX)
-            return False
-        if self._sick and any(not (isinstance(m, p.Error) and m.fatal) for m in messages):
-            self._sick, self._backoff = False, BACKOFF_MIN
-        for msg in messages:
-            self._dispatch(msg)
-        return True
-
-    def _dispatch(self, msg: p.Message) -> None:
-        if isinstance(msg, p.Grant):
-            lease = Lease(msg.lease, msg.resource, msg.token)
-            with self._cond:
-                pending = self._pending.get(msg.req)
-                if pending is not None and not pending.done and not pending.abandoned:
-                    self._held[lease.id] = lease
-                    pending.result, pending.done = lease, True
-                    self._cond.notify_all()
-                    return
-            # Granted after the caller gave up: hand it straight back (no leak).
-            self._send_quiet(p.Release(msg.lease))
-        elif isinstance(msg, p.Deny | p.Reply | p.Error) and msg.req is not None:
-            with self._cond:
-                pending = self._pending.get(msg.req)
-                if pending is None or pending.done:  # cancelled or failed meanwhile: that stands
-                    return
-                if isinstance(msg, p.Reply):
-                    pending.result = msg.data
-                elif isinstance(msg, p.Deny):
-                    pending.error = denial_error(msg.reason, msg.message)
-                else:
-                    pending.error = error_from(msg)
-                pending.done = True
-                self._cond.notify_all()
-        elif isinstance(msg, p.Reclaim):
-            with self._cond:
-                self._owed[msg.resource] = max(0, msg.count)
-                if msg.count > 0:
-                    # No figure (or a senseless one): the pool decides itself.
-                    quantum = msg.quantum
-                    if quantum is not None and 0 <= quantum < math.inf:
-                        self._quanta[msg.resource] = float(quantum)
-                    else:
-                        self._quanta.pop(msg.resource, None)
-                    self._jobs.extend(self._reclaim_handlers.get(msg.resource, ()))
-            self._notify()
-        elif isinstance(msg, p.Push):
-            with self._cond:
-                lease_id = msg.args.get("lease")
-                if msg.verb == "revoke" and isinstance(lease_id, int):
-                    # Not counted by the coordinator: never re-registered nor
-                    # released again (its id may be another process's now).
-                    self._held.pop(lease_id, None)
-                for handler in self._push_handlers:
-                    self._jobs.append(functools.partial(handler, msg.verb, msg.resource, msg.args))
-            self._notify()
-        elif isinstance(msg, p.Error):
-            log.warning("coordinator error: %s: %s", msg.code, msg.message)
-            if msg.fatal:
-                self.last_error = f"{msg.code}: {msg.message}"
-                if msg.code == "access_denied":
-                    self._fail_all(AccessDenied(msg.message))
-                # The coordinator ends this session (a frame it could not handle,
-                # out of memory): the reconnect re-sends what is pending, which
-                # may end the next one too. Backed off as after a bad frame, or
-                # it would be a session every millisecond, each logged there.
-                self._sick = True
-                self._next_attempt = time.monotonic() + self._backoff
-                self._backoff = min(self._backoff * 2, BACKOFF_MAX)
-
     # ---------------------------------------------------------------- connection
-
-    def _try_connect(self, deadline: float | None, force: bool = False) -> None:
-        """Connect now unless a backoff is running (then the thread retries);
-        ``force`` tries regardless of the backoff. A caller's ``deadline``
-        bounds the wait for another thread's attempt and, while this process
-        holds no leases, the handshake too: a coordinator that accepts but
-        does not answer must not hold an acquire(timeout=0.1) for
-        connect_timeout. A hello that re-registers held leases is never cut
-        short: the coordinator would fence leases whose connections live on."""
-        if self._closed or (time.monotonic() < self._next_attempt and not force):
-            return
-        wait = _bound(self.connect_timeout, deadline)
-        if wait is not None and wait <= 0:
-            return
-        if not self._send_lock.acquire(timeout=-1 if wait is None else wait):
-            return  # another thread's attempt runs on; it re-sends our request
-        early: list[p.Message] = []
-        try:
-            if self._sock is not None or self._closed:
-                return
-            if time.monotonic() < self._next_attempt and not force:
-                return  # the attempt we waited behind failed: its backoff holds for us too
-            limit = _bound(self.connect_timeout, None if self._held else deadline)
-            if limit is not None and limit <= 0:
-                return
-            try:
-                sock, early = self._connect(limit)
-            except (OSError, SharedPoolError) as exc:
-                self.last_error = str(exc)
-                self._next_attempt = time.monotonic() + self._backoff
-                self._backoff = min(self._backoff * 2, BACKOFF_MAX)
-                if isinstance(exc, AccessDenied):
-                    self._fail_all(exc)
-                return
-        finally:
-            self._send_lock.release()
-        if not self._sick:  # a coordinator that welcomes, then sends garbage, is not hammered
-            self._backoff = BACKOFF_MIN
-        # Frames that came in the welcome's recv() (a reclaim, a push, an
-        # error): dispatched now, outside the send lock (a dispatch may send),
-        # and only while that session lasts (not into a later one).
-        for msg in early:
-            if self._sock is not sock:
-                break
-            self._dispatch(msg)
-
-    def _connect(self, limit: float | None) -> tuple[socket.socket, list[p.Message]]:
-        # Called with the send lock held: nothing is sent on a half-made session.
-        # Returns the session's socket and what arrived behind the welcome, for
-        # the caller to dispatch. ``limit`` bounds the whole handshake (None: no bound).
-        held_ids: list[int] = []
-        held: list[Any] = []
-        dropped: list[Lease] = []
-
-        def hello() -> p.Hello:
-            with self._cond:
-                leases = list(self._held.values())
-            msg = p.Hello(p.PROTOCOL_VERSION, os.getpid(), self.name,
-                          [[lease.resource, lease.id, lease.token, "idle", None] for lease in leases])
-            # A hello over the frame limit could never be sent: the process
-            # would stay without a session for good, every lease it holds
-            # uncounted. What does not fit is given up below instead.
-            fits = p.held_that_fits(msg)
-            msg.held[fits:] = []
-            held.extend(msg.held)
-            held_ids.extend(lease.id for lease in leases[:fits])
-            dropped.extend(leases[fits:])
-            return msg
-
-        # Kept where a fork finds it: the child must close its copy of a
-        # half-made session too, or the parent's death would go unseen.
-        sock = self._connecting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            conn, welcome, early = shake_hands(sock, self.socket_path, limit, hello)
-        except BaseException:
-            self._connecting = None
-            raise
-        with self._cond:
-            if self._closed:
-                # close() ran during the handshake: it saw no session to end,
-                # so this one must not start (it would hold the re-registered
-                # leases until the process exits).
-                self._connecting = None
-                sock.close()
-                raise CoordinatorUnavailable("client closed during the handshake")
-            # Never in neither attribute, for the same reason.
-            self._sock, self._conn, self._connecting = sock, conn, None
-            self.session_id, self.server_pid = welcome.session, welcome.server_pid
-            self.limits = welcome.resources
-            if self.reconnects:
-                # A new session after a lost one: what was pushed on the old one
-                # may no longer hold (a drain the restarted coordinator knows nothing of).
-                for handler in self._push_handlers:
-                    self._jobs.append(functools.partial(handler, "welcome", None,
-                                                        {"resources": welcome.resources}))
-            self._last_report = None
-            self._sent_costs = {}  # a new coordinator knows none of them
-            # Re-send what was waiting when the old session died, and release
-            # what was let go while the handshake ran (its Release was dropped:
-            # there was no session to send it on).
-            resend: list[p.Message] = [pd.msg for pd in self._pending.values() if not pd.done]
-            resend += [p.Release(lid) for lid in held_ids if lid not in self._held]
-            # Leases the hello had no room for count against no cap now: their
-            # connections are closed, as those of leases the coordinator revoked.
-            revoked = [lease for lease in dropped if self._held.pop(lease.id, None) is not None]
-            why = "the hello that re-registers held leases had no room for it"
-            for lease in revoked:
-                for handler in self._push_handlers:
-                    self._jobs.append(functools.partial(handler, "revoke", lease.resource,
-                                                        {"lease": lease.id, "why": why}))
-            self._cond.notify_all()
-        if revoked:
-            log.warning("coordinator %s: %d held lease(s) did not fit in the hello (frame limit %d "
-                        "bytes) and were not re-registered; their connections are closed",
-                        self.socket_path, len(revoked), p.DEFAULT_MAX_FRAME)
-        if held or self.reconnects:
-            log.warning("reconnected to coordinator %s (session %s), re-registered %d lease(s)",
-                        self.socket_path, welcome.session, len(held))
-        self.reconnects += 1
-        try:
-            for msg in resend:
-                sock.sendall(p.encode(msg))
-        except OSError as exc:  # not reading, or gone again: this session is over
-            self._disconnect(f"send failed: {exc}")
-            return sock, []
-        self._notify()  # the background thread watches the new socket from now on
-        return sock, early
 
     def _wants_session(self) -> bool:
         """Whether a lost session is to be made again by the background thread:
@@ -1034,38 +666,9 @@ class Client:
             self._close_wake()
 
 
-def _recv(sock: socket.socket, block: bool) -> bytes:
-    """One read of the session socket; BlockingIOError when nothing came (at
-    once, or with ``block`` within the SO_RCVTIMEO slice)."""
-    if not cooperative(sock):
-        return sock.recv(65536) if block else sock.recv(65536, socket.MSG_DONTWAIT)
-    # Read by the background greenlet only, never blocking (see _wait). The fd is
-    # non-blocking underneath and the library parks the greenlet on EAGAIN whatever
-    # the flags: a "non-blocking" read waited there for the next frame, holding the
-    # read lock, and no report (idle states, backend pids), timer or reclaim ran
-    # meanwhile. Its own timeout 0 returns at once; set and put back with no
-    # switch in between, so a send another greenlet makes keeps its bound.
-    bound = sock.gettimeout()
-    sock.settimeout(0.0)
-    try:
-        return sock.recv(65536)
-    finally:
-        sock.settimeout(bound)
-
-
 def _socket_path(given: Any) -> str:
     """The path given (checked, as a str), else the default one."""
     return check_socket_path("socket_path", default_socket_path() if given is None else given)
-
-
-def _bound(timeout: float | None, deadline: float | None) -> float | None:
-    """Seconds left under both ``timeout`` and ``deadline`` (None: unbounded,
-    as is a wait too long for a lock or a socket timeout: they raise
-    OverflowError beyond threading.TIMEOUT_MAX, some 292 years)."""
-    left = timeout
-    if deadline is not None:
-        left = deadline - time.monotonic() if timeout is None else min(timeout, deadline - time.monotonic())
-    return None if left is not None and left >= threading.TIMEOUT_MAX else left
 
 
 _REGISTRY_LOCK = threading.RLock()

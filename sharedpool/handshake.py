@@ -1,6 +1,7 @@
 """Opening a session: connect to the coordinator's socket, say HELLO (with the
 leases this process still holds, so that a restarted coordinator takes them
-back, I4) and read up to the WELCOME.
+back, I4) and read up to the WELCOME; then install the session in its client
+(:func:`connect`), when no backoff holds it back (:func:`try_connect`).
 
 The session's socket options are set here too: reads come in bounded slices
 (a reader looks at its deadline between them) and a send that cannot go out
@@ -9,14 +10,26 @@ for :data:`SEND_TIMEOUT` fails instead of hanging.
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
+from . import background, receiving
 from . import protocol as p
 from .errors import AccessDenied, CoordinatorUnavailable, SharedPoolError
 from .readable import cooperative
+
+if TYPE_CHECKING:
+    from .client import Client
+    from .lease import Lease
+
+log = logging.getLogger("sharedpool.client")
 
 #: SO_RCVTIMEO of the session socket: how long one blocking read may last.
 _RCV_SLICE = struct.pack("ll", 0, 50_000)
@@ -82,7 +95,7 @@ def shake_hands(sock: socket.socket, path: str, limit: float | None, hello: Call
         if cooperative(sock):
             # gevent's or eventlet's socket: its fd is non-blocking underneath and
             # only its own timeout bounds a wait (it ignores SO_SNDTIMEO). Its reads
-            # never wait (the client's _recv), so this bounds the sends.
+            # never wait (receiving.recv), so this bounds the sends.
             sock.settimeout(SEND_TIMEOUT)
     except BaseException:
         sock.close()
@@ -106,3 +119,142 @@ def error_from(msg: p.Error) -> SharedPoolError:
     if msg.code in ("protocol_error", "hello_timeout", "not_reading"):
         return CoordinatorUnavailable(f"{msg.code}: {msg.message}")
     return SharedPoolError(f"{msg.code}: {msg.message}")
+
+
+def try_connect(client: Client, deadline: float | None, force: bool = False) -> None:
+    """Connect now unless a backoff is running (then the thread retries);
+    ``force`` tries regardless of the backoff. A caller's ``deadline``
+    bounds the wait for another thread's attempt and, while this process
+    holds no leases, the handshake too: a coordinator that accepts but
+    does not answer must not hold an acquire(timeout=0.1) for
+    connect_timeout. A hello that re-registers held leases is never cut
+    short: the coordinator would fence leases whose connections live on."""
+    if client._closed or (time.monotonic() < client._next_attempt and not force):
+        return
+    wait = bound(client.connect_timeout, deadline)
+    if wait is not None and wait <= 0:
+        return
+    if not client._send_lock.acquire(timeout=-1 if wait is None else wait):
+        return  # another thread's attempt runs on; it re-sends our request
+    early: list[p.Message] = []
+    try:
+        if client._sock is not None or client._closed:
+            return
+        if time.monotonic() < client._next_attempt and not force:
+            return  # the attempt we waited behind failed: its backoff holds for us too
+        limit = bound(client.connect_timeout, None if client._held else deadline)
+        if limit is not None and limit <= 0:
+            return
+        try:
+            sock, early = connect(client, limit)
+        except (OSError, SharedPoolError) as exc:
+            client.last_error = str(exc)
+            client._next_attempt = time.monotonic() + client._backoff
+            client._backoff = min(client._backoff * 2, background.BACKOFF_MAX)
+            if isinstance(exc, AccessDenied):
+                client._fail_all(exc)
+            return
+    finally:
+        client._send_lock.release()
+    if not client._sick:  # a coordinator that welcomes, then sends garbage, is not hammered
+        client._backoff = background.BACKOFF_MIN
+    # Frames that came in the welcome's recv() (a reclaim, a push, an
+    # error): dispatched now, outside the send lock (a dispatch may send),
+    # and only while that session lasts (not into a later one).
+    for msg in early:
+        if client._sock is not sock:
+            break
+        receiving.dispatch(client, msg)
+
+
+def connect(client: Client, limit: float | None) -> tuple[socket.socket, list[p.Message]]:
+    # Called with the send lock held: nothing is sent on a half-made session.
+    # Returns the session's socket and what arrived behind the welcome, for
+    # the caller to dispatch. ``limit`` bounds the whole handshake (None: no bound).
+    held_ids: list[int] = []
+    held: list[Any] = []
+    dropped: list[Lease] = []
+
+    def hello() -> p.Hello:
+        with client._cond:
+            leases = list(client._held.values())
+        msg = p.Hello(p.PROTOCOL_VERSION, os.getpid(), client.name,
+                      [[lease.resource, lease.id, lease.token, "idle", None] for lease in leases])
+        # A hello over the frame limit could never be sent: the process
+        # would stay without a session for good, every lease it holds
+        # uncounted. What does not fit is given up below instead.
+        fits = p.held_that_fits(msg)
+        msg.held[fits:] = []
+        held.extend(msg.held)
+        held_ids.extend(lease.id for lease in leases[:fits])
+        dropped.extend(leases[fits:])
+        return msg
+
+    # Kept where a fork finds it: the child must close its copy of a
+    # half-made session too, or the parent's death would go unseen.
+    sock = client._connecting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn, welcome, early = shake_hands(sock, client.socket_path, limit, hello)
+    except BaseException:
+        client._connecting = None
+        raise
+    with client._cond:
+        if client._closed:
+            # close() ran during the handshake: it saw no session to end,
+            # so this one must not start (it would hold the re-registered
+            # leases until the process exits).
+            client._connecting = None
+            sock.close()
+            raise CoordinatorUnavailable("client closed during the handshake")
+        # Never in neither attribute, for the same reason.
+        client._sock, client._conn, client._connecting = sock, conn, None
+        client.session_id, client.server_pid = welcome.session, welcome.server_pid
+        client.limits = welcome.resources
+        if client.reconnects:
+            # A new session after a lost one: what was pushed on the old one
+            # may no longer hold (a drain the restarted coordinator knows nothing of).
+            for handler in client._push_handlers:
+                client._jobs.append(functools.partial(handler, "welcome", None,
+                                                    {"resources": welcome.resources}))
+        client._last_report = None
+        client._sent_costs = {}  # a new coordinator knows none of them
+        # Re-send what was waiting when the old session died, and release
+        # what was let go while the handshake ran (its Release was dropped:
+        # there was no session to send it on).
+        resend: list[p.Message] = [pd.msg for pd in client._pending.values() if not pd.done]
+        resend += [p.Release(lid) for lid in held_ids if lid not in client._held]
+        # Leases the hello had no room for count against no cap now: their
+        # connections are closed, as those of leases the coordinator revoked.
+        revoked = [lease for lease in dropped if client._held.pop(lease.id, None) is not None]
+        why = "the hello that re-registers held leases had no room for it"
+        for lease in revoked:
+            for handler in client._push_handlers:
+                client._jobs.append(functools.partial(handler, "revoke", lease.resource,
+                                                    {"lease": lease.id, "why": why}))
+        client._cond.notify_all()
+    if revoked:
+        log.warning("coordinator %s: %d held lease(s) did not fit in the hello (frame limit %d "
+                    "bytes) and were not re-registered; their connections are closed",
+                    client.socket_path, len(revoked), p.DEFAULT_MAX_FRAME)
+    if held or client.reconnects:
+        log.warning("reconnected to coordinator %s (session %s), re-registered %d lease(s)",
+                    client.socket_path, welcome.session, len(held))
+    client.reconnects += 1
+    try:
+        for msg in resend:
+            sock.sendall(p.encode(msg))
+    except OSError as exc:  # not reading, or gone again: this session is over
+        client._disconnect(f"send failed: {exc}")
+        return sock, []
+    client._notify()  # the background thread watches the new socket from now on
+    return sock, early
+
+
+def bound(timeout: float | None, deadline: float | None) -> float | None:
+    """Seconds left under both ``timeout`` and ``deadline`` (None: unbounded,
+    as is a wait too long for a lock or a socket timeout: they raise
+    OverflowError beyond threading.TIMEOUT_MAX, some 292 years)."""
+    left = timeout
+    if deadline is not None:
+        left = deadline - time.monotonic() if timeout is None else min(timeout, deadline - time.monotonic())
+    return None if left is not None and left >= threading.TIMEOUT_MAX else left

@@ -162,7 +162,7 @@ def wait_for(pool: ConnectionPool[T], waiter: _Waiter, deadline: float, start: f
 
 
 def count_failed(pool: ConnectionPool[T], waiter: _Waiter, start: float) -> None:
-    """A checkout that ends in an exception :meth:`_wait` did not count (one a
+    """A checkout that ends in an exception :func:`wait_for` did not count (one a
     signal handler raised while it waited or validated: celery's soft time
     limit) failed too: in requests_errors, with its wait, as psycopg_pool counts it."""
     with pool._lock:

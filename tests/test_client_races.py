@@ -19,7 +19,7 @@ import pytest
 from fake_coordinator import FakeCoordinator
 from proc_helpers import interrupt_once
 
-from sharedpool import ConnectionPool, Coordinator, PoolConfig, Resource
+from sharedpool import ConnectionPool, Coordinator, PoolConfig, Resource, handshake, receiving
 from sharedpool import protocol as p
 from sharedpool.client import Client, Lease
 from sharedpool.errors import ConfigError, CoordinatorUnavailable, PoolTimeout, SharedPoolError
@@ -312,7 +312,7 @@ def test_a_reader_of_an_old_socket_leaves_the_new_session_alone(
         assert client.ensure_connected()
         new, session = client._sock, client.session_id
         assert new is not None and new is not old
-        assert client._read_available(old, block=False) is False  # the old one: read fails
+        assert receiving.read_available(client, old, block=False) is False  # the old one: read fails
         assert client._sock is new and client.session_id == session
         lease = client.acquire("r", timeout=2)  # and the new session still works
         client.release(lease)
@@ -385,7 +385,7 @@ def test_a_hello_that_re_registers_leases_is_not_cut_short(sock_path: str) -> No
     client = Client(sock_path)
     try:
         client._held[7] = Lease(7, "r", 7)  # kept across a coordinator restart
-        client._try_connect(time.monotonic() + 0.1, force=True)
+        handshake.try_connect(client, time.monotonic() + 0.1, force=True)
         assert client._sock is not None, "the handshake was given up after the hello went out"
         assert fake.conns[0][1]["eof"] is None
     finally:

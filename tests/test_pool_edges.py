@@ -27,9 +27,10 @@ from sharedpool import (
     PoolMisuse,
     PoolStatus,
     PoolTimeout,
+    checkin,
     handshake,
+    shutdown,
 )
-from sharedpool import checkin, shutdown
 from sharedpool import protocol as p
 from sharedpool.testing import FakeConnection, FakeFactory
 

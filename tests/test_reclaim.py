@@ -25,6 +25,7 @@ from sharedpool import (
     Resource,
     TooManyWaiters,
     giveback,
+    receiving,
 )
 from sharedpool import protocol as p
 from sharedpool.handoff import AUTO_MAX
@@ -203,11 +204,11 @@ def test_a_senseless_quantum_or_cost_is_ignored(start_coordinator: Any, sock_pat
     client = Client(sock_path)
     try:
         assert client.ensure_connected()
-        client._dispatch(p.Reclaim("r", 1, 0.5))
+        receiving.dispatch(client, p.Reclaim("r", 1, 0.5))
         assert client.quantum("r") == 0.5
         for bad in (math.inf, math.nan, -1.0, None):
-            client._dispatch(p.Reclaim("r", 1, 0.5))
-            client._dispatch(p.Reclaim("r", 1, bad))
+            receiving.dispatch(client, p.Reclaim("r", 1, 0.5))
+            receiving.dispatch(client, p.Reclaim("r", 1, bad))
             assert client.quantum("r") is None, bad
         for cost in (math.nan, math.inf, -0.1):
             client.report_cost("r", cost)

@@ -1,0 +1,95 @@
+"""What a request to the coordinator is, as a client sees it: the reply it
+waits for (``_Pending``), an acquire's ticket (:class:`AcquireRequest`), and
+the :class:`Lease` it yields."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from . import protocol as p
+from .errors import AcquireCancelled
+
+if TYPE_CHECKING:
+    from .client import Client
+
+
+@dataclass(eq=False)
+class Lease:
+    """A granted lease, as this process sees it."""
+
+    id: int
+    resource: str
+    token: int
+    granted_at: float = field(default_factory=time.monotonic)
+
+    def __repr__(self) -> str:
+        age = time.monotonic() - self.granted_at
+        return f"<Lease {self.id} {self.resource!r} token={self.token} age={age:.3f}s>"
+
+
+@dataclass(eq=False)
+class _Pending:
+    msg: p.Message
+    done: bool = False
+    result: Any = None
+    error: BaseException | None = None
+    abandoned: bool = False
+    taken: bool = False  # the lease was handed to the caller: too late to cancel
+    fail_if_lost: bool = False  # fails when its session is lost, rather than waiting for the next
+
+
+class AcquireRequest:
+    """An acquire sent to the coordinator: :meth:`wait` for its lease, or
+    :meth:`cancel` it from another thread."""
+
+    __slots__ = ("client", "req", "_pending", "_deadline")
+
+    def __init__(self, client: Client, req: int, pending: _Pending, deadline: float | None) -> None:
+        self.client, self.req = client, req
+        self._pending, self._deadline = pending, deadline
+
+    def __repr__(self) -> str:
+        state = "done" if self._pending.done else "waiting"
+        return f"<AcquireRequest {self.req} {self._pending.msg.resource!r} {state}>"  # type: ignore[attr-defined]
+
+    def wait(self) -> Lease:
+        """The lease; raises PoolTimeout, a LeaseDenied subclass,
+        CoordinatorUnavailable, or AcquireCancelled."""
+        client, pending = self.client, self._pending
+        client._finish(self.req, pending, self._deadline, "acquire")
+        with client._cond:
+            if pending.error is None:
+                pending.taken = True
+                lease: Lease = pending.result
+                return lease
+        raise pending.error
+
+    def cancel(self) -> bool:
+        """Withdraw the request. False if :meth:`wait` already returned its
+        lease; otherwise :meth:`wait` raises AcquireCancelled and a lease
+        granted meanwhile goes straight back to the coordinator."""
+        client, pending = self.client, self._pending
+        with client._cond:
+            if pending.taken:
+                return False
+            granted = pending.result if pending.done and pending.error is None else None
+            pending.result, pending.error = None, AcquireCancelled("acquire cancelled")
+            pending.done = True
+            client._cond.notify_all()
+        if granted is not None:
+            client.release(granted)
+        elif client._sock is not None:
+            client._send_quiet(p.Cancel(self.req))
+        return True
+
+    def _drop(self) -> None:
+        """Its caller is gone (an exception): withdraw it unless it is settled
+        (its lease handed over, or :meth:`wait` gave up and withdrew it)."""
+        with self.client._cond:
+            pending = self._pending
+            settled = pending.taken or pending.abandoned or pending.error is not None
+            self.client._pending.pop(self.req, None)
+        if not settled:
+            self.cancel()
