@@ -96,6 +96,7 @@ def release_slow(pool: ConnectionPool[T], wrapper: ConnectionWrapper[T], now: fl
             if not wrapper.in_use or pool._all.get(wrapper.id) is not wrapper:
                 raise PoolMisuse(f"{wrapper!r} was already released (or made in another process)")
             pool._released += 1
+            pool._usage += now - wrapper.checked_out_at
             wrapper.last_used = now
             wrapper.warned = False
             # Owed to the coordinator: give it back now if it is older than the

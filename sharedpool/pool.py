@@ -129,6 +129,9 @@ class ConnectionPool(Generic[T]):
         self._armed_quantum = 0.0
         self._recheck_delay = IDLE_GIVE_BACK
         self._acquired = self._released = 0  # counters of the fast paths
+        self._usage = 0.0  # seconds connections spent checked out, up to their checkin
+        #: get_stats()'s counters as of the last pop_stats(): reported as what came since
+        self._popped: dict[str, int] = {}
         self._giving = 0  # give-backs to the coordinator closing, their leases not yet released
         self._drained_by_coordinator = False  # by a drain push (not by our own drain())
         self._handoff = HandOffCost()
@@ -209,33 +212,55 @@ class ConnectionPool(Generic[T]):
         return m
 
     def get_stats(self) -> dict[str, int]:
-        """psycopg_pool-style figures (``pool_size``, ``requests_waiting``...)."""
+        """psycopg_pool-style figures (``pool_size``, ``requests_waiting``...):
+        its measures as they are now, its counters since the pool was made or
+        since the last :meth:`pop_stats`."""
         self._checkpid()
         with self._lock:
-            m = self._m
-            return {
-                "pool_min": self.config.min_size,
-                "pool_max": self.config.max_size,
-                # As psycopg_pool's: connections open or being made, not the
-                # openings still waiting for a lease (none exists for them yet).
-                "pool_size": len(self._all) + self._opening - self._lease_waits,
-                "pool_available": len(self._idle),
-                "requests_waiting": len(self._waiters),
-                "requests_num": self._acquired + m["request_errors"],
-                "requests_queued": m["requests_queued"],
-                "requests_wait_ms": m["requests_wait_ms"],
-                "requests_errors": m["request_errors"],
-                "connections_num": m["connect_attempts"],
-                "connections_ms": m["connections_ms"],
-                "connections_errors": m["connect_errors"],
-                "connections_lost": m["validation_failures"],
-                "returns_bad": m["returns_bad"],
-                "leases_held": self._leased,
-                "leases_closing": self._leases_closing(),
-                "leases_acquired": m["leases_acquired"],
-                "lease_wait_ms": m["lease_wait_ms"],
-                "leases_reclaimed": m["reclaimed"],
-            }
+            return self._stats(pop=False)
+
+    def pop_stats(self) -> dict[str, int]:
+        """:meth:`get_stats`, then its counters start again from 0 (psycopg_pool's
+        ``pop_stats()``, for a metrics exporter that sends what came since its
+        last call). The totals of :meth:`get_metrics` go on."""
+        self._checkpid()
+        with self._lock:
+            return self._stats(pop=True)
+
+    def _stats(self, pop: bool) -> dict[str, int]:
+        # Under the lock.
+        m = self._m
+        counters = {
+            "requests_num": self._acquired + m["request_errors"],
+            "requests_queued": m["requests_queued"],
+            "requests_wait_ms": m["requests_wait_ms"],
+            "requests_errors": m["request_errors"],
+            "usage_ms": int(self._usage * 1000),
+            "connections_num": m["connect_attempts"],
+            "connections_ms": m["connections_ms"],
+            "connections_errors": m["connect_errors"],
+            "connections_lost": m["validation_failures"],
+            "returns_bad": m["returns_bad"],
+            "leases_acquired": m["leases_acquired"],
+            "lease_wait_ms": m["lease_wait_ms"],
+            "leases_reclaimed": m["reclaimed"],
+        }
+        since = self._popped
+        if pop:
+            self._popped = counters
+        stats = {
+            "pool_min": self.config.min_size,
+            "pool_max": self.config.max_size,
+            # As psycopg_pool's: connections open or being made, not the
+            # openings still waiting for a lease (none exists for them yet).
+            "pool_size": len(self._all) + self._opening - self._lease_waits,
+            "pool_available": len(self._idle),
+            "requests_waiting": len(self._waiters),
+            "leases_held": self._leased,
+            "leases_closing": self._leases_closing(),
+        }
+        stats.update((name, value - since.get(name, 0)) for name, value in counters.items())
+        return stats
 
     def _leases_closing(self) -> int:
         # Leases of connections out of _all, closed or being closed, whose
@@ -381,6 +406,7 @@ class ConnectionPool(Generic[T]):
                             and self._all.get(wrapper.id) is wrapper):
                         done = True  # no call from here to the append: no signal handler runs between
                         self._released += 1
+                        self._usage += now - wrapper.checked_out_at
                         wrapper.last_used = now
                         wrapper.warned = False
                         wrapper.in_use = False

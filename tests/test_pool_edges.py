@@ -1498,6 +1498,32 @@ def test_stats_count_failed_requests_and_their_wait_as_psycopg_pool_does() -> No
         pool.close()
 
 
+def test_stats_count_usage_and_pop_stats_starts_the_counters_again() -> None:
+    # Before: get_stats() had no usage_ms and the pool no pop_stats(), both
+    # psycopg_pool's (an exporter sending what came since its last call).
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=2))
+    try:
+        with pool.connection(timeout=5):  # the slow path: opened for it
+            time.sleep(0.2)
+        wrapper = pool.acquire(timeout=5)  # the fast path: the idle one
+        time.sleep(0.1)
+        pool.release(wrapper)
+        stats = pool.get_stats()
+        assert 300 <= stats["usage_ms"] < 5000, stats
+        assert stats["requests_num"] == 2 and stats["connections_num"] == 1
+        popped = pool.pop_stats()
+        assert popped["usage_ms"] == stats["usage_ms"] and popped["requests_num"] == 2
+        after = pool.get_stats()
+        assert (after["usage_ms"], after["requests_num"], after["connections_num"]) == (0, 0, 0)
+        assert (after["pool_size"], after["pool_available"], after["pool_max"]) == (1, 1, 2)  # measures stay
+        with pool.connection(timeout=5):
+            pass
+        assert pool.get_stats()["requests_num"] == 1
+        assert pool.get_metrics()["total_acquired"] == 3  # the totals go on
+    finally:
+        pool.close()
+
+
 def test_stats_count_a_checkout_refused_by_a_draining_or_closed_pool() -> None:
     # Before: a checkout that raised PoolClosed (drained, or `sharedpool drain`)
     # was counted in neither requests_num nor requests_errors.
