@@ -187,7 +187,8 @@ class ResourceState:
             "peak": self.peak,
             "paused": self.paused,
             "draining": self.draining,
-            "failing": self.failing_until is not None,
+            # Past its backoff a resource is no longer refused (the next acquire probes).
+            "failing": self.failing_until is not None and now < self.failing_until,
             "fairness_quantum_s": quantum,
             "limits": self.limits.as_dict(),
             "wait_histogram": {

@@ -907,6 +907,9 @@ def test_failure_reports_past_the_threshold_fail_fast_then_recover() -> None:
     assert (deny.session, deny.reason) == (b, "failing")
     assert only(Denied, lg.acquire(c, 1, "pg", T0 + 0.5)).reason == "failing"
     assert lg.snapshot_resources(T0)[0]["failing"] is True
+    # Past the backoff nothing is refused any more: not shown failing (before:
+    # shown so until the next acquire came, for as long as none did).
+    assert lg.snapshot_resources(T0 + 0.1 + FAILURE_BACKOFF)[0]["failing"] is False
     # After the backoff one acquire is let through to probe.
     lg.release(a, next(iter(lg.sessions[a].leases)), T0 + 0.5)
     assert granted(lg.acquire(c, 2, "pg", T0 + 0.1 + FAILURE_BACKOFF)).session == c
