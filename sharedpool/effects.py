@@ -1,6 +1,7 @@
 """What the ledger returns for its server to carry out: grant or deny a
 request, ask a session to give leases back, start a fence, answer with an
-error, push an admin decision. Plain data, so that tests read them directly.
+error, push an admin decision. Plain data, so that tests read them directly;
+:func:`start_fence` makes the StartFence of a dead process's leases.
 """
 
 from __future__ import annotations
@@ -56,6 +57,25 @@ class StartFence:
     #: backend started outside that is not the lease's (its pid was reused, or
     #: reported wrongly): the fence never terminates it.
     started: dict[int, tuple[float | None, float]] = field(default_factory=dict, compare=False)
+
+
+def start_fence(name: str, pid: int, leases: list[Lease], fence: int, terminate: bool = True) -> StartFence:
+    """The StartFence of a dead process's ``leases``, with when each backend can
+    have started: a reused pid, or one reported wrongly, must not get some
+    other connection terminated."""
+    started: dict[int, tuple[float | None, float]] = {}
+    for lease in leases:
+        if lease.backend_pid:
+            earliest, latest = lease.opened_after, lease.pid_since
+            if lease.backend_pid in started:  # one pid for two leases: one is wrong; both must fit
+                was_earliest, was_latest = started[lease.backend_pid]
+                if earliest is None or (was_earliest is not None and was_earliest > earliest):
+                    earliest = was_earliest
+                latest = min(latest, was_latest)
+            started[lease.backend_pid] = (earliest, latest)
+    return StartFence(name, pid, tuple(x.id for x in leases),
+                      tuple(x.backend_pid for x in leases if x.backend_pid), fence,
+                      terminate=terminate, started=started)
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,8 @@
 and resource, and how each looks in an ``inspect`` reply.
 
 Plain data with no rules of their own beyond bookkeeping that must stay in
-step (a session's per-resource counts); the rules live in :mod:`.ledger`.
+step (a session's per-resource counts) and the bounds of what a peer may put
+in them; the rules live in :mod:`.ledger`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,24 @@ IDLE, BUSY, NEW = "idle", "busy", "new"
 STATES = (IDLE, BUSY)
 #: Upper bounds (seconds) of the lease wait histogram's buckets.
 WAIT_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
+#: Re-registered lease ids and tokens must stay below this, so that the ids
+#: granted after them still fit a msgpack integer.
+MAX_ID = 1 << 63
+#: A call site is kept to this many characters: a peer's megabyte-long site
+#: must not make every ``leases`` listing too large for a frame.
+MAX_SITE = 4096
+
+
+def is_id(value: Any, bound: int = MAX_ID) -> bool:
+    """Whether a peer's ``value`` can be a lease id, token or pid (a bool is not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < bound
+
+
+def clip_site(value: Any) -> str | None:
+    """A peer's call site as a lease keeps it: a string of at most MAX_SITE characters."""
+    if not isinstance(value, str):
+        return None
+    return value if len(value) <= MAX_SITE else value[: MAX_SITE - 3] + "..."
 
 
 @dataclass(eq=False, slots=True)

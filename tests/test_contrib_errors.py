@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from sharedpool import Client, ResourceUnavailable
-from sharedpool.ledger import FAILURE_THRESHOLD
+from sharedpool.reports import FAILURE_THRESHOLD
 
 
 @pytest.fixture

@@ -589,7 +589,7 @@ def test_unknown_inspect_gets_one_error_and_no_reply(start_coordinator: Any, soc
 
 def test_reply_over_the_frame_limit_fails_that_request_not_the_session(
         start_coordinator: Any, sock_path: str) -> None:
-    from sharedpool.ledger import MAX_SITE
+    from sharedpool.records import MAX_SITE
 
     start_coordinator({"r": 10}, max_frame=16384)
     holder_s, buf = _raw_session(sock_path), bytearray()

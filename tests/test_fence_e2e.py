@@ -293,7 +293,7 @@ def test_failures_reported_on_a_bare_client_reach_the_coordinator(start_coordina
                                                                   sock_path: str) -> None:
     # A client that never made a request has no background thread yet: the
     # report must start it, or the failures wait for a request that may never come.
-    from sharedpool.ledger import FAILURE_THRESHOLD
+    from sharedpool.reports import FAILURE_THRESHOLD
 
     start_coordinator({"pg": 2})
     reporter, probe = Client(sock_path), Client(sock_path)

@@ -23,16 +23,10 @@ from sharedpool.config import Resource
 from sharedpool.effects import AskReclaim, Denied, Effect, Granted, Notify, Problem, StartFence, StillHeld
 from sharedpool.errors import ConfigError
 from sharedpool.handoff import AUTO_MAX, AUTO_MIN, auto_quantum
-from sharedpool.ledger import (
-    ALIVE_RECHECK,
-    FAILURE_BACKOFF,
-    FAILURE_THRESHOLD,
-    MAX_HELD_ID,
-    MAX_ID,
-    MAX_SITE,
-    Ledger,
-)
-from sharedpool.records import BUSY, IDLE, NEW
+from sharedpool.ledger import Ledger
+from sharedpool.records import BUSY, IDLE, MAX_ID, MAX_SITE, NEW
+from sharedpool.reports import FAILURE_BACKOFF, FAILURE_THRESHOLD
+from sharedpool.restart import ALIVE_RECHECK, MAX_HELD_ID
 
 T0 = 1000.0
 E = TypeVar("E")
@@ -1530,7 +1524,7 @@ class LedgerMachine(RuleBasedStateMachine):
         """The fence-expiry heap is rebuilt (without its lifted and taken-back
         entries) once it has doubled: only at scale, so forced here. Every fence
         in force must stay in it (the checks after tick and of next_deadline)."""
-        self.lg._fence_ends_max = 0
+        self.lg._deadlines.fences_max = 0
         self.lg.next_deadline()
         event("fence heap rebuilt")
 
@@ -1970,7 +1964,7 @@ def test_withdrawn_waiters_do_not_pile_up_in_the_deadline_heap() -> None:
         assert queued(lg.acquire(churn, req, "pg", T0, timeout=3600))
         lg.cancel(churn, req, T0)
         lg.next_deadline()
-    assert len(lg._deadlines) < 200
+    assert len(lg._deadlines.waiters) < 200
     assert lg.next_deadline() == T0 + 100
 
 
@@ -2085,7 +2079,7 @@ def test_a_lease_fenced_again_keeps_its_later_fence_end() -> None:
     lg.close_session(again, T0 + 0.5)  # fenced again, until T0 + 1.5
     other = session(lg, pid=8, now=T0 + 0.5)
     assert queued(lg.acquire(other, 1, "pg", T0 + 0.5))
-    assert lg._fence_ends[0][0] == T0 + 1.0  # the first fence's entry, still on top
+    assert lg._deadlines.fences[0][0] == T0 + 1.0  # the first fence's entry, still on top
     assert not of(Granted, lg.tick(T0 + 1.0))  # its end is not the later fence's
     assert list(lg.resources["pg"].fenced) == [lease]
     assert lg.next_deadline() == T0 + 1.5
@@ -2104,7 +2098,7 @@ def test_lifted_fences_do_not_pile_up_in_the_expiry_heap() -> None:
         [fence] = of(StartFence, lg.close_session(sid, T0))
         lg.unfence("pg", [lease], T0, fence.fence)
         lg.next_deadline()
-    assert len(lg._fence_ends) < 200
+    assert len(lg._deadlines.fences) < 200
     assert lg.next_deadline() == T0 - 1 + 3600.0
 
 
