@@ -60,6 +60,7 @@ class Client:
             raise ConfigError("connect_timeout", f"must be a number of seconds > 0 or None, "
                               f"got {connect_timeout!r}")
         self.connect_timeout = connect_timeout
+        self._shared_key: str | None = None  # its key in the registry of for_path(), if there
         self._init_state()
         _ALL.add(self)
 
@@ -130,10 +131,17 @@ class Client:
     def for_path(cls, socket_path: str | None = None) -> Client:
         """This process's shared client for ``socket_path`` (made on first use)."""
         path = _socket_path(socket_path)
+        # Keyed by the file, not the spelling: pools given "run/sp.sock" and
+        # "/app/run/sp.sock" (or a symlink) share one session. Two sessions of
+        # one process would each say hello after a coordinator restart, and
+        # the first would speak for the process: the other's leases, not yet
+        # re-registered, would be taken as closed while it was away (I1).
+        key = os.path.realpath(path)
         with _REGISTRY_LOCK:
-            client = _SHARED.get(path)
+            client = _SHARED.get(key)
             if client is None or client._closed:
-                client = _SHARED[path] = cls(path)
+                client = _SHARED[key] = cls(path)
+                client._shared_key = key
             return client
 
     @property
@@ -453,8 +461,9 @@ class Client:
         if thread is None or not thread.is_alive():
             self._close_wake()  # else the background thread does, on its way out
         with _REGISTRY_LOCK:
-            if _SHARED.get(self.socket_path) is self:
-                del _SHARED[self.socket_path]
+            key = self._shared_key
+            if key is not None and _SHARED.get(key) is self:
+                del _SHARED[key]
 
     # ---------------------------------------------------------------- requests
 

@@ -680,3 +680,33 @@ def test_a_handler_change_that_fails_fails_once(tmp_path: Any) -> None:
         assert client._state_providers == [] and not client._handler_changes
     finally:
         client.close()
+
+
+def test_pools_naming_one_socket_differently_share_one_session(
+        start_coordinator: Any, sock_path: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: a pool given the socket as "sp.sock" (relative), another through a
+    symlinked directory and a third by its absolute path each had a session of
+    their own. After a coordinator restart the first of them to say hello spoke
+    for the process: the others' leases, not yet re-registered, were taken as
+    closed while it was away and freed (PostgreSQL over the cap)."""
+    start_coordinator({"r": 3})
+    os.symlink(tmp_path, tmp_path / "link")
+    monkeypatch.chdir(tmp_path)
+    pools = [ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1), resource="r",
+                            coordinator=path)
+             for path in (sock_path, "sp.sock", str(tmp_path / "link" / "sp.sock"))]
+    try:
+        held = [pool.acquire(timeout=5) for pool in pools]
+        assert len({id(pool._client) for pool in pools}) == 1
+        probe = Client(sock_path, name="probe")
+        try:
+            mine = [s for s in probe.inspect("sessions")["sessions"] if s.get("pid") == os.getpid()
+                    and s.get("name") != "probe"]
+        finally:
+            probe.close()
+        assert len(mine) == 1, mine
+        for pool, wrapper in zip(pools, held, strict=True):
+            pool.release(wrapper)
+    finally:
+        for pool in pools:
+            pool.close()
