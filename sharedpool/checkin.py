@@ -105,10 +105,11 @@ def release_slow(pool: ConnectionPool[T], wrapper: ConnectionWrapper[T], now: fl
             if owed and young:
                 owed = False
                 recheck = True
-            elif owed and client is not None:
-                # Concurrent checkins read the same count: only as many give
-                # back as are owed beyond the give-backs already under way.
-                owed = client.owes(pool.resource) > pool._giving
+            elif owed and client is not None and wrapper.lease is not None:
+                # Concurrent checkins, of this pool or another of the process,
+                # read the same count: only as many give back as are owed
+                # beyond the give-backs already under way.
+                owed = client.take_owed(wrapper.lease)
                 if owed:
                     pool._giving += 1
             if keep and not owed and pool.status is PoolStatus.ACTIVE:

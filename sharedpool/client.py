@@ -75,6 +75,13 @@ class Client:
         self._reqs = itertools.count(1)
         self._held: dict[int, Lease] = {}
         self._owed: dict[str, int] = {}
+        #: resource -> leases being given back (closing) for what is owed, by
+        #: any pool of this process: what is owed is the process's, so is the
+        #: count of what is already on its way (claimed by take_owed, settled
+        #: by any release of the lease). Guarded, with _owed, by _owed_lock.
+        self._giving: dict[str, set[int]] = {}
+        #: taken last (under a pool's lock or _cond), nothing taken inside it
+        self._owed_lock = threading.Lock()
         #: resource -> fairness quantum the coordinator sent with its reclaim
         self._quanta: dict[str, float] = {}
         #: resource -> this process's hand-off cost (seconds), and the last sent
@@ -241,14 +248,17 @@ class Client:
         try:
             with self._cond:
                 if lease.id not in self._held:
+                    self._forget_giving(lease)  # a give-back claimed for it is over all the same
                     return  # already released, or lost with a previous coordinator
                 # del, not pop(): no call between forgetting the lease and
                 # marking it to be sent, so no signal handler runs there.
                 del self._held[lease.id]
                 forgotten = True
-                owed = self._owed.get(lease.resource, 0)
-                if owed:
-                    self._owed[lease.resource] = owed - 1
+                with self._owed_lock:
+                    owed = self._owed.get(lease.resource, 0)
+                    if owed:
+                        self._owed[lease.resource] = owed - 1
+                    self._settle_giving(lease)
         finally:
             # Also when cut short (a signal handler's exception) once forgotten:
             # unsent, the coordinator would count the lease for the rest of the session.
@@ -282,6 +292,40 @@ class Client:
     def owes(self, resource: str) -> int:
         """How many leases of ``resource`` the coordinator asked us to give back."""
         return self._owed.get(resource, 0)
+
+    def take_owed(self, lease: Lease) -> bool:
+        """Claim ``lease`` as one of those the coordinator asked back, its
+        give-back about to start: False when as many are on their way already,
+        from whichever pool of this process. Settled by any :meth:`release` of
+        the lease (a give-back cut short and closed otherwise settles it too);
+        asking again for a lease already claimed says True."""
+        with self._owed_lock:
+            giving = self._giving.get(lease.resource)
+            if giving is not None and lease.id in giving:
+                return True
+            if self._owed.get(lease.resource, 0) <= (0 if giving is None else len(giving)):
+                return False
+            if giving is None:
+                giving = self._giving[lease.resource] = set()
+            giving.add(lease.id)
+            return True
+
+    def owed_left(self, resource: str) -> int:
+        """Leases of ``resource`` owed and not yet on their way back."""
+        return max(0, self._owed.get(resource, 0) - len(self._giving.get(resource, ())))
+
+    def _forget_giving(self, lease: Lease) -> None:
+        """``lease`` was revoked: no release will settle its give-back."""
+        with self._owed_lock:
+            self._settle_giving(lease)
+
+    def _settle_giving(self, lease: Lease) -> None:
+        # Under _owed_lock.
+        giving = self._giving.get(lease.resource)
+        if giving is not None:
+            giving.discard(lease.id)
+            if not giving:
+                del self._giving[lease.resource]
 
     def quantum(self, resource: str) -> float | None:
         """The fairness quantum the coordinator last asked for with a reclaim of
@@ -551,7 +595,8 @@ class Client:
                 return
             sock, self._sock, self._conn = self._sock, None, None
             self.session_id = None
-            self._owed.clear()
+            with self._owed_lock:
+                self._owed.clear()
             self._quanta.clear()
             if retry and not self._closed:
                 self.last_error = why

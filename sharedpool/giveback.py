@@ -40,9 +40,8 @@ def reclaim_idle(pool: ConnectionPool[Any]) -> int:
     with pool._lock:
         if pool._recheck_pending:  # a reclaim also brings a quantum that moved
             pool._armed_quantum = pool._quantum(client)
-        owed = client.owes(pool.resource) - pool._giving
         for wrapper in list(pool._idle):  # the coldest first
-            if len(victims) >= owed:
+            if not client.owed_left(pool.resource):  # given back, by this pool or another
                 break
             if now - wrapper.last_used < IDLE_GIVE_BACK:
                 # Checked in a moment ago: in a busy loop it is out again
@@ -52,7 +51,9 @@ def reclaim_idle(pool: ConnectionPool[Any]) -> int:
                 if arm:
                     pool._recheck_pending, pool._armed_quantum = True, pool._quantum(client)
                 break
-            if wrapper.lease is not None:  # a fallback connection frees no lease
+            # A fallback connection frees no lease; each victim claims one owed
+            # lease, which no other pool of this process gives back then.
+            if wrapper.lease is not None and client.take_owed(wrapper.lease):
                 pool._idle.remove(wrapper)
                 del pool._all[wrapper.id]
                 pool._closing += 1

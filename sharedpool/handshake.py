@@ -226,6 +226,8 @@ def connect(client: Client, limit: float | None) -> tuple[socket.socket, list[p.
         # Leases the hello had no room for count against no cap now: their
         # connections are closed, as those of leases the coordinator revoked.
         revoked = [lease for lease in dropped if client._held.pop(lease.id, None) is not None]
+        for lease in revoked:
+            client._forget_giving(lease)
         why = "the hello that re-registers held leases had no room for it"
         for lease in revoked:
             for handler in client._push_handlers:

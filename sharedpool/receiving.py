@@ -153,7 +153,8 @@ def dispatch(client: Client, msg: p.Message) -> None:
             client._cond.notify_all()
     elif isinstance(msg, p.Reclaim):
         with client._cond:
-            client._owed[msg.resource] = max(0, msg.count)
+            with client._owed_lock:
+                client._owed[msg.resource] = max(0, msg.count)
             if msg.count > 0:
                 # No figure (or a senseless one): the pool decides itself.
                 quantum = msg.quantum
@@ -169,7 +170,9 @@ def dispatch(client: Client, msg: p.Message) -> None:
             if msg.verb == "revoke" and isinstance(lease_id, int):
                 # Not counted by the coordinator: never re-registered nor
                 # released again (its id may be another process's now).
-                client._held.pop(lease_id, None)
+                gone = client._held.pop(lease_id, None)
+                if gone is not None:  # a give-back claimed for it will release nothing
+                    client._forget_giving(gone)
             for handler in client._push_handlers:
                 client._jobs.append(functools.partial(handler, msg.verb, msg.resource, msg.args))
         client._notify()

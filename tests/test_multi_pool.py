@@ -50,7 +50,6 @@ def _wait_for(what: Any, why: str, timeout: float = 5.0) -> None:
         time.sleep(0.005)
 
 
-@pytest.mark.xfail(strict=True, reason=SHARED_GIVE_BACKS)
 def test_two_pools_on_one_resource_give_back_one_lease_for_one_owed(
         start_coordinator: Any, sock_path: str) -> None:
     # One lease owed; pool A's checkin starts giving one back (its close is slow),
