@@ -56,7 +56,7 @@ def check_in_unsettled(pool: ConnectionPool[T], wrapper: ConnectionWrapper[T], s
 
 def release_slow(pool: ConnectionPool[T], wrapper: ConnectionWrapper[T], now: float) -> None:
     client = pool._client
-    owed = young = False
+    owed = young = sibling = False
     quantum = 0.0
     stale: Iterable[AcquireRequest] = ()  # no call (set()) between the two try blocks: it would strand it
     try:  # decided before taking the lock, which then only guards the hand-over
@@ -79,6 +79,15 @@ def release_slow(pool: ConnectionPool[T], wrapper: ConnectionWrapper[T], now: fl
                 owed = True
                 # Counted from when the connection became usable, not from the
                 # grant: connecting can take a good part of a short quantum.
+                quantum = pool._quantum(client)
+                young = now - wrapper.created_at < quantum
+            elif client._pending and not pool._lease_requests and client.waits_for(pool.resource):
+                # Another pool of this process waits for a lease of this
+                # resource, and the coordinator cannot tell it from this one's
+                # waiters (it asks a waiting process only for idle leases): as
+                # to a waiter of another process, a slot goes to it once it
+                # has served here for a fairness quantum.
+                sibling = True
                 quantum = pool._quantum(client)
                 young = now - wrapper.created_at < quantum
     except BaseException:
@@ -112,7 +121,10 @@ def release_slow(pool: ConnectionPool[T], wrapper: ConnectionWrapper[T], now: fl
                 owed = client.take_owed(wrapper.lease)
                 if owed:
                     pool._giving += 1
-            if keep and not owed and pool.status is PoolStatus.ACTIVE:
+            # For a sibling pool only while this one waits for nothing itself
+            # (else the hand-over below serves its own waiter).
+            sibling = sibling and not young and not pool._waiters and not pool._lease_requests
+            if keep and not owed and not sibling and pool.status is PoolStatus.ACTIVE:
                 kept = True
                 # No call between a hand-over and its flag: a signal handler's
                 # exception sees either the connection placed or still ours.
@@ -135,7 +147,7 @@ def release_slow(pool: ConnectionPool[T], wrapper: ConnectionWrapper[T], now: fl
                         # or this process would stay queued at the coordinator.
                         stale, pool._lease_requests = pool._lease_requests, set()
             else:
-                if owed:
+                if owed or sibling:
                     pool._m["reclaimed"] += 1
                 if lost:
                     pool._m["validation_failures"] += 1

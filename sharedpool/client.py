@@ -310,6 +310,13 @@ class Client:
             giving.add(lease.id)
             return True
 
+    def waits_for(self, resource: str) -> bool:
+        """Whether an acquire of ``resource`` is still waiting for its lease
+        (a pool of this process, or a caller of :meth:`request`)."""
+        with self._cond:
+            return any(isinstance(pd.msg, p.Acquire) and pd.msg.resource == resource and not pd.done
+                       for pd in self._pending.values())
+
     def owed_left(self, resource: str) -> int:
         """Leases of ``resource`` owed and not yet on their way back."""
         return max(0, self._owed.get(resource, 0) - len(self._giving.get(resource, ())))

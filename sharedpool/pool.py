@@ -395,10 +395,11 @@ class ConnectionPool(Generic[T]):
             now = _monotonic()
             client = self._client
             age = now - wrapper.created_at
-            # The fast path: kept, nobody waits here, and nothing owed to the
-            # coordinator (or owed, but still young and a recheck already armed).
+            # The fast path: kept, nobody waits here, nothing owed to the
+            # coordinator (or owed, but still young and a recheck already armed)
+            # and no request of this process pending (another pool may wait).
             if age <= self._max_lifetime and not self._test_on_release and (
-                    client is None or (wrapper.lease is not None and (
+                    client is None or (wrapper.lease is not None and not client._pending and (
                         not client._owed.get(self.resource)
                         or (self._recheck_pending and age < self._armed_quantum)))):
                 with self._lock:

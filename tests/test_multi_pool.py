@@ -130,7 +130,6 @@ def test_psycopg_pool_checkins_give_back_only_what_is_owed(
         pool.close()
 
 
-@pytest.mark.xfail(strict=True, reason=SIBLING_STARVES)
 def test_a_pool_is_served_beside_a_busy_sibling_pool_on_its_resource(
         start_coordinator: Any, sock_path: str) -> None:
     # A web app's two engines on one database, or an engine and a psycopg_pool:
