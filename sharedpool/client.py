@@ -312,10 +312,11 @@ class Client:
 
     def waits_for(self, resource: str) -> bool:
         """Whether an acquire of ``resource`` is still waiting for its lease
-        (a pool of this process, or a caller of :meth:`request`)."""
+        (a pool of this process, or a caller of :meth:`request`). One that does
+        not queue (timeout 0: a min_size top-up) waits for nothing."""
         with self._cond:
-            return any(isinstance(pd.msg, p.Acquire) and pd.msg.resource == resource and not pd.done
-                       for pd in self._pending.values())
+            return any(isinstance(pd.msg, p.Acquire) and pd.msg.resource == resource
+                       and pd.msg.timeout != 0 and not pd.done for pd in self._pending.values())
 
     def owed_left(self, resource: str) -> int:
         """Leases of ``resource`` owed and not yet on their way back."""

@@ -162,3 +162,30 @@ def test_a_pool_is_served_beside_a_busy_sibling_pool_on_its_resource(
             thread.join(5)
         waiting.close()
         busy.close()
+
+
+@pytest.mark.parametrize("timeout", [0, 5.0])
+def test_only_an_acquire_that_queues_takes_a_busy_pools_slot(
+        start_coordinator: Any, sock_path: str, timeout: float) -> None:
+    # A min_size top-up asks with timeout 0 and waits for nothing: a checkin that
+    # happened to land while it was in flight must not give its connection back.
+    from sharedpool import protocol as p
+    from sharedpool.lease import _Pending
+
+    start_coordinator({"r": Resource(max_size=2, fairness_quantum=0)})
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1, test_on_acquire=False),
+                          resource="r", coordinator=sock_path)
+    try:
+        wrapper = pool.acquire(timeout=5)
+        client = pool._client
+        assert client is not None
+        with client._cond:  # as if another pool's acquire were on its way
+            client._pending[10**6] = _Pending(p.Acquire(10**6, "r", timeout))
+        try:
+            pool.release(wrapper)
+        finally:
+            with client._cond:
+                client._pending.pop(10**6, None)
+        assert pool.get_size() == (1 if timeout == 0 else 0)
+    finally:
+        pool.close()
