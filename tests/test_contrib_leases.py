@@ -184,12 +184,12 @@ def test_an_acquire_interrupted_as_it_returns_is_forgotten_too(
     # not end with the last pool, and it was made again after every restart.
     import pytest
 
-    from sharedpool.contrib import _leases
+    from sharedpool.contrib import _acquiring
 
     start_coordinator({"r": 1})
     book = LeaseBook("r", sock_path)
     # After request() returned, before the caller holds the ticket.
-    interrupt_once(monkeypatch, _leases._CancellableAcquire, "__init__", KeyboardInterrupt(), after=True)
+    interrupt_once(monkeypatch, _acquiring._CancellableAcquire, "__init__", KeyboardInterrupt(), after=True)
     with pytest.raises(KeyboardInterrupt):
         book.acquire(object(), 3, local=lambda: None)
     client = book.client
@@ -232,7 +232,7 @@ def test_a_thread_of_a_child_arriving_mid_reset_waits_for_it(start_coordinator: 
     import threading
     import types
 
-    from sharedpool.contrib import _leases
+    from sharedpool.contrib import _book
     from sharedpool.testing import FakeConnection
 
     start_coordinator({"r": 5})
@@ -240,7 +240,7 @@ def test_a_thread_of_a_child_arriving_mid_reset_waits_for_it(start_coordinator: 
     parents = book.connect(FakeConnection, 3)
 
     def child() -> int:
-        real_threading = _leases.threading
+        real_threading = _book.threading
         paused: list[int] = []
 
         class Slow(types.ModuleType):
@@ -253,14 +253,14 @@ def test_a_thread_of_a_child_arriving_mid_reset_waits_for_it(start_coordinator: 
                     time.sleep(0.5)
                 return real_threading.Lock()
 
-        _leases.threading = Slow("threading")  # type: ignore[assignment]
+        _book.threading = Slow("threading")  # type: ignore[assignment]
         got: dict[str, Any] = {}
 
         def run(name: str) -> None:
             got[name] = book.connect(FakeConnection, 3)
 
         run_staggered(run, "AB", 0.1)
-        _leases.threading = real_threading
+        _book.threading = real_threading
         for conn in got.values():
             book.close(conn, conn.close)
         return 0 if no_leases_of(sock_path, os.getpid()) else 7  # 7: a lease kept after both were closed

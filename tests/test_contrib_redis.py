@@ -411,12 +411,12 @@ def test_a_signal_as_the_lease_wait_starts_leaks_no_lease(start_coordinator: Any
     good, with no connection under it."""
     import sys
 
-    from sharedpool.contrib import _leases
+    from sharedpool.contrib import _acquiring
 
     start_coordinator({"redis": 2})
     pool = make_pool(sock_path, redis_name, max_connections=2, timeout=2)
     client = redis.Redis(connection_pool=pool)
-    waiting_code = _leases.LeaseBook._lease_or_local.__code__
+    waiting_code = _acquiring._Acquiring._lease_or_local.__code__
     fired = []
 
     def tracer(frame: Any, event: str, arg: Any) -> Any:

@@ -515,14 +515,14 @@ def test_a_signal_around_the_acquire_leaks_no_lease(
     held by the process and owned by nobody, for good: with a cap of 1, the
     resource was dead for every process."""
     import sharedpool.client as client_module
-    from sharedpool.contrib import _leases
+    from sharedpool.contrib import _acquiring
 
     start_coordinator({"pg": Resource(max_size=1, acquire_timeout=3)})
     engine = engine_for(sock_path, app_name, pool_timeout=3)
     if where == "as the acquire is sent":  # AcquireRequest() runs in request(), after the send
         interrupt_once(monkeypatch, client_module.AcquireRequest, "__init__", _SoftLimit())
     else:
-        interrupt_once(monkeypatch, _leases._CancellableAcquire, "__init__", _SoftLimit(), after=True)
+        interrupt_once(monkeypatch, _acquiring._CancellableAcquire, "__init__", _SoftLimit(), after=True)
     try:
         with pytest.raises(_SoftLimit):
             engine.connect()
@@ -584,7 +584,7 @@ def test_two_threads_of_a_child_meeting_the_fork_at_once_lose_nothing(
     new connection as the parent's (never closed here: its lease held for the
     child's life), or reset the pool's checkouts away (checkedout() -1, over
     pool_size). The child's figures also start from zero, not the parent's."""
-    from sharedpool.contrib import _leases
+    from sharedpool.contrib import _book
     from sharedpool.contrib import sqlalchemy as sp_sqlalchemy
 
     start_coordinator({"pg": 5})
@@ -592,7 +592,7 @@ def test_two_threads_of_a_child_meeting_the_fork_at_once_lose_nothing(
     assert backend_pid(engine)  # the parent used it: one idle connection, counters > 0
 
     def child() -> int:
-        module = _leases if pause == "book" else sp_sqlalchemy
+        module = _book if pause == "book" else sp_sqlalchemy
         real = module.current_pid
         paused: list[int] = []
 

@@ -16,7 +16,7 @@ from ..client import Client, Lease, current_pid
 from ..closing import close_and_confirm, keep_socket
 
 if TYPE_CHECKING:
-    from ._leases import _Entry
+    from ._book import _Entry
 
 log = logging.getLogger("sharedpool.contrib")
 

@@ -1,0 +1,352 @@
+"""Taking a lease before a connect (the LeaseBook's open side): the wait at
+the coordinator, which a connection checked in locally can end first, and
+the connect's outcome under the lease (a failed one gives it back).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ..client import AcquireRequest, Client, Lease
+from ..closing import keep_socket
+from ..errors import AcquireCancelled, PoolClosed, PoolTimeout
+from ..halfmade import half_made_sockets, let_go_of, open_fds
+from ._book import _Book, _Entry, backend_pid
+from ._orphans import let_go
+
+log = logging.getLogger("sharedpool.contrib")
+
+T = TypeVar("T")
+
+
+@dataclass(eq=False)
+class _Wait:
+    owner: Any = None
+    offered: Any = None
+    #: how to put ``offered`` back where it came from, if the waiter never takes it
+    back: Callable[[], object] | None = None
+    lease: Lease | None = None
+    error: BaseException | None = None
+    done: bool = False
+    abandoned: bool = False
+
+
+@dataclass(frozen=True)
+class _Granted:
+    lease: Lease
+
+
+class _CancellableAcquire:
+    """``client.request()``: an acquire another thread can withdraw."""
+
+    def __init__(self, client: Client, resource: str, timeout: float | None,
+                 into: list[AcquireRequest]) -> None:
+        self.ticket = client.request(resource, timeout, _into=into)
+
+    def run(self) -> Lease:
+        return self.ticket.wait()
+
+    def withdraw(self) -> None:
+        """Stop waiting (from another thread); ``run()`` then raises
+        AcquireCancelled, and a lease granted meanwhile goes back."""
+        self.ticket.cancel()
+
+
+class _Acquiring(_Book):
+    """A LeaseBook's open side (see :class:`~sharedpool.contrib._leases.LeaseBook`)."""
+
+    # ------------------------------------------------------------------ open
+
+    def acquire(self, key: Any, timeout: float | None = None,
+                local: Callable[[], Any] | None = None, owner: Any = None) -> Any:
+        """Take a lease for ``key`` before its socket is opened (waits up to
+        ``timeout``; None: the resource's default). Raises what the client
+        raises (PoolTimeout, LeaseDenied, CoordinatorUnavailable).
+
+        With ``local``, the wait also ends when ``local()`` returns something
+        other than None — a connection of the same pool came back, so the
+        caller needs no new one: that value is returned, and the lease, when
+        it comes, goes straight back. ``local()`` is called with the book's
+        condition held; the pool calls :meth:`notify_returned` at checkin, or
+        hands a connection over with :meth:`offer` (same ``owner``: the pool).
+        Returns None once the lease is held under ``key``."""
+        if self._admin_state == "ended":
+            raise PoolClosed(f"{self.resource!r}: this process's session was ended by an admin "
+                             "(sharedpool end-session); restart the process")
+        client = self.client
+        lease = None
+        if client is not None:
+            if local is None:
+                lease = self._acquire(client, timeout)
+            else:
+                got = self._lease_or_local(client, timeout, local, owner)
+                if not isinstance(got, _Granted):
+                    return got
+                lease = got.lease
+        try:
+            with self._lock:
+                old = self._entries.pop(id(key), None)
+                entry = _Entry(key, lease, client=client if lease is not None else None)
+                self._entries[id(key)] = entry
+                # Revoked between the grant and here: _revoke() found no entry
+                # to mark (the client forgets the lease before its job runs).
+                revoked = lease is not None and client is not None and lease.id not in client._held
+                if revoked:
+                    entry.lease, entry.revoked = None, True
+                    self._revoked += 1
+        except BaseException:
+            # Cut short before the lease was recorded (a signal handler's exception):
+            # nothing will open under it, nor release it.
+            if lease is not None and client is not None and id(key) not in self._entries:
+                self._release(client, lease)
+            raise
+        if revoked:
+            log.warning("%r lease %s revoked by the coordinator as it was granted: the connection "
+                        "counts against no cap; it is closed at its checkin", self.resource,
+                        lease.id if lease is not None else None)
+        if old is not None and old.kept is not None:  # its old socket's: no close will take it
+            let_go(old.kept)
+            old.kept.close()
+            old.kept = None
+        if old is not None and old.key is key and old.lease is not None and client is not None:
+            log.warning("a %r connection re-opened without being closed; releasing its old lease",
+                        self.resource)
+            self._release(client, old.lease)
+        return None
+
+    def _acquire(self, client: Client, timeout: float | None) -> Lease:
+        t0 = time.monotonic()
+        try:
+            lease = client.acquire(self.resource, timeout)
+        except PoolTimeout:
+            self.count("lease_timeouts")
+            raise
+        except Exception:
+            self.count("lease_errors")
+            raise
+        self.count("leases_acquired")
+        self.count("lease_wait_ms", int((time.monotonic() - t0) * 1000))
+        return lease
+
+    def _lease_or_local(self, client: Client, timeout: float | None,
+                        local: Callable[[], Any], owner: Any) -> Any:
+        """Wait for a lease in a helper thread while watching ``local()``. When
+        ``local()`` wins, the acquire is withdrawn at the coordinator: a process
+        whose own connections serve it must not stay queued there (a waiting
+        session is never asked to give leases back)."""
+        wait = _Wait(owner=owner)
+        cond = self._returned
+        withdraw = False
+
+        def helper(request: _CancellableAcquire) -> None:
+            t0 = time.monotonic()
+            try:
+                lease = request.run()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                if isinstance(exc, PoolTimeout):
+                    self.count("lease_timeouts")
+                elif not isinstance(exc, AcquireCancelled):
+                    self.count("lease_errors")
+                with cond:
+                    wait.error, wait.done = exc, True
+                    cond.notify_all()
+                if self._shut:
+                    # Withdrawn by a pool closing meanwhile: shutdown() found this
+                    # acquire pending and left the session open; it may end now.
+                    client.close_if_unused()
+                return
+            self.count("leases_acquired")
+            self.count("lease_wait_ms", int((time.monotonic() - t0) * 1000))
+            with cond:
+                unused = wait.abandoned
+                wait.lease, wait.done = lease, True
+                cond.notify_all()
+            if unused:  # granted just as we withdrew: no connection was opened under it
+                self._release(client, lease)
+                self.count("leases_unused")
+
+        # A waiting session is asked for the leases it last reported idle
+        # (another of its pools may sit on them). This pool's own are all out
+        # now, or it would not wait: say so first. Else a report from a moment
+        # ago, when they were idle, has this wait (served here a moment later)
+        # answered by the close of one of ours and a reconnect for nobody.
+        client.report_now()
+        # Sends the acquire. From here on in the try: Thread.start() waits for the
+        # thread, and signal handlers run there; a lease granted after such an
+        # exception goes back.
+        tickets: list[AcquireRequest] = []  # the acquire, once sent: withdrawable before we hold it
+        try:
+            request = _CancellableAcquire(client, self.resource, timeout, tickets)
+            threading.Thread(target=helper, args=(request,), name=f"sharedpool-lease-{self.resource}",
+                             daemon=True).start()
+            return self._wait_lease_or_local(wait, local, request, client)
+        except BaseException:
+            # Interrupted (a signal handler's exception: celery's soft time limit,
+            # KeyboardInterrupt...): nobody will take a lease granted from now on,
+            # nor the connection a checkin handed us a moment ago.
+            lease_back = None
+            with cond:
+                offered, back, wait.offered = wait.offered, wait.back, None
+                if not wait.abandoned:
+                    wait.abandoned = True
+                    if not wait.done:
+                        withdraw = True
+                    elif wait.lease is not None:
+                        lease_back = wait.lease
+            if withdraw:
+                for ticket in tickets:
+                    ticket._drop()  # withdrawn and forgotten: no wait() will ever pop it
+            if lease_back is not None:
+                self._release(client, lease_back)
+                self.count("leases_unused")
+            if offered is not None and back is not None:
+                try:
+                    back()  # checked in again: to another waiter, or to the pool
+                except Exception:  # noqa: BLE001 - the caller's exception goes on
+                    log.exception("returning a connection handed to an interrupted wait failed")
+            raise
+
+    def _wait_lease_or_local(self, wait: _Wait, local: Callable[[], Any],
+                             request: _CancellableAcquire, client: Client) -> Any:
+        cond = self._returned
+        withdraw = False
+        with cond:
+            self._waits.append(wait)
+            self._waiting += 1
+            try:
+                while True:
+                    got, wait.offered = wait.offered, None  # an offer is ours from here
+                    if got is None and not wait.done:
+                        got = local()
+                    if got is not None:
+                        # Served here: withdraw the acquire, or give back a
+                        # lease that came at the same moment.
+                        wait.abandoned = True
+                        if wait.done and wait.lease is not None:
+                            lease_back = wait.lease
+                        else:
+                            # Withdrawn below, outside the lock (it sends a frame).
+                            # A grant arriving meanwhile finds us abandoned and
+                            # goes back from the helper.
+                            lease_back, withdraw = None, True
+                        self.count("lease_waits_served_locally")
+                        break
+                    if wait.done:
+                        if wait.error is not None:
+                            raise wait.error
+                        assert wait.lease is not None
+                        return _Granted(wait.lease)
+                    cond.wait(0.25)  # notified on checkin, offers and the helper's answer
+            finally:
+                self._waiting -= 1
+                self._waits.remove(wait)
+        if withdraw:
+            request.withdraw()
+        if lease_back is not None:
+            self._release(client, lease_back)
+            self.count("leases_unused")
+        return got
+
+    def offer(self, conn: Any, owner: Any = None, back: Callable[[], object] | None = None) -> bool:
+        """Hand a connection being checked in straight to the oldest acquire
+        waiting with ``local`` (it returns it). Without this, the thread that
+        checks in takes its connection straight back, the waiter never gets
+        one, and its process stays queued at the coordinator, never asked to
+        give back. False (nearly free) when nobody waits. ``back``: checks the
+        connection in again if the waiter is interrupted before it takes it."""
+        if not self._waiting:
+            return False
+        with self._returned:
+            for wait in self._waits:
+                if (wait.owner is owner and not wait.done and not wait.abandoned
+                        and wait.offered is None):
+                    wait.offered, wait.back = conn, back
+                    self._returned.notify_all()
+                    return True
+        return False
+
+    def notify_returned(self) -> None:
+        """A connection was checked in: wake the acquires waiting with ``local``.
+        Nearly free when nobody waits (the checkin fast path calls it)."""
+        if self._waiting:
+            with self._returned:
+                self._returned.notify_all()
+
+    def opened(self, key: Any, failed: bool = False, stray: list[int] | None = None) -> None:
+        """``key``'s connect finished: report the outcome to the coordinator.
+        A failed connect gives its lease back: at once with no socket left, else
+        once the server has let go of the ``stray`` sockets it left open (a
+        connect cut short, its half-made connection held by the exception's
+        frames until collected), as after a close (I1)."""
+        client = self._client
+        if failed:
+            entry = self._pop(key)
+            if entry is not None and entry.client is not None:
+                client = entry.client
+            if client is not None and entry is not None and entry.lease is not None:
+                client.report_failure(self.resource)
+                if stray:
+                    self._release_after(client, entry.lease, stray)
+                else:
+                    self._release(client, entry.lease)
+            return
+        entry = self._entries.get(id(key))
+        if entry is not None:
+            entry.backend_pid = backend_pid(key)
+            if entry.kept is None:
+                entry.kept = keep_socket(key)
+            self._handoff.connected(time.monotonic() - entry.since)
+            self._handoff.tell(client, self.resource)
+        if client is not None:
+            client.report_success(self.resource)
+            if entry is not None and entry.backend_pid is not None:
+                client.report_now()  # the fence must know it before any query runs
+
+    def connect(self, factory: Callable[[], T], timeout: float | None = None) -> T:
+        """Take a lease, then call ``factory``; the connection it returns is the key.
+        If the factory fails, the lease goes straight back and the error propagates."""
+        placeholder = object()
+        self.acquire(placeholder, timeout)
+        return self.open_under(placeholder, factory)
+
+    def open_under(self, key: Any, factory: Callable[[], T]) -> T:
+        """Call ``factory`` under the lease taken for ``key`` (a placeholder); the
+        connection it returns becomes the key. If the factory fails, the error
+        propagates and the lease goes back (see :meth:`opened`)."""
+        before: frozenset[tuple[int, int, int]] | None = None
+        try:
+            before = open_fds()  # in the try: a signal's exception here must give the lease back
+            conn = factory()
+        except BaseException as exc:
+            try:
+                stray = half_made_sockets(exc, before)
+            except Exception:  # noqa: BLE001 - never in place of the connect's own error
+                stray = []
+            self.opened(key, failed=True, stray=stray)  # stray: cut short, a socket left open
+            raise
+        self.rekey(key, conn)
+        self.opened(conn)
+        return conn
+
+    def _release_after(self, client: Client, lease: Lease, fds: list[int]) -> None:
+        self._count_closing(1)  # counted as closing until the server lets go
+
+        def done(confirmed: bool) -> None:
+            self._release(client, lease)
+            self._count_closing(-1)
+
+        let_go_of(fds, done)
+
+    def rekey(self, old: Any, new: Any) -> None:
+        """The lease taken under ``old`` (a placeholder) now covers ``new``."""
+        with self._lock:
+            entry = self._entries.get(id(old))
+            if entry is not None and entry.key is old:
+                del self._entries[id(old)]
+                entry.key = new
+                self._entries[id(new)] = entry

@@ -1,0 +1,434 @@
+"""The state of a LeaseBook (sharedpool/contrib/_leases.py): its records,
+fork safety, its place in the process's client (reclaim, idle / busy
+reports, admin pushes, revokes) and its counters.
+
+Everything in this file reads or changes the book's state; taking leases
+(_acquiring.py) and giving them back (_leases.py) build on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from .. import process
+from ..client import Client, Lease, current_pid
+from ..config import SOCKET_ENV, check_resource_name, check_seconds, check_socket_path, env_socket_path
+from ..handoff import HandOffCost
+from ._orphans import Left, closable, close_left, let_go
+
+if TYPE_CHECKING:
+    from ._acquiring import _Wait
+
+log = logging.getLogger("sharedpool.contrib")
+
+_COUNTERS = ("leases_acquired", "lease_wait_ms", "lease_timeouts", "lease_errors",
+             "leases_released", "leases_reclaimed", "leases_unused", "lease_waits_served_locally",
+             "closes_unconfirmed")
+
+
+@dataclass(eq=False)
+class _Entry:
+    key: Any
+    lease: Lease | None
+    backend_pid: int | None = None
+    #: the client the lease came from: it goes back there even after shutdown()
+    client: Client | None = None
+    since: float = field(default_factory=time.monotonic)  # leased (before the connect)
+    pid: int = field(default_factory=current_pid)
+    #: the coordinator did not take the lease back after a restart: close at checkin
+    revoked: bool = False
+    #: a dup of the connection's socket (closing.keep_socket): its close is
+    #: confirmed even after its user closed it
+    kept: socket.socket | None = None
+
+
+def backend_pid(conn: Any) -> int | None:
+    """The PostgreSQL backend pid of a psycopg 3 / psycopg2 connection, else None."""
+    pid = getattr(getattr(conn, "info", None), "backend_pid", None)
+    if isinstance(pid, int):
+        return pid
+    getter = getattr(conn, "get_backend_pid", None)
+    if callable(getter):
+        try:
+            value = getter()
+        except Exception:  # noqa: BLE001 - a closed connection has none
+            return None
+        return value if isinstance(value, int) else None
+    return None
+
+
+class _Book:
+    """What every part of a LeaseBook shares; only LeaseBook is made."""
+
+    def __init__(self, resource: str, coordinator: str | None = None, *,
+                 confirm_timeout: float = 2.0,
+                 idle: Callable[[], Iterable[Any]] | None = None,
+                 reclaim: Callable[[int], int] | None = None,
+                 close_when_collected: bool = True) -> None:
+        check_seconds("confirm_timeout", confirm_timeout)  # NaN, inf and True are no timeouts
+        self.resource = check_resource_name(resource)
+        self._coordinator = None if coordinator is None else check_socket_path("coordinator", coordinator)
+        self.confirm_timeout = float(confirm_timeout)
+        self._idle = idle
+        self._reclaim = reclaim
+        #: What an admin push said: "draining" (until resume) or "ended" (for good).
+        self._admin_state: str | None = None
+        self._counters = dict.fromkeys(_COUNTERS, 0)
+        self._inherited: dict[int, Any] = {}
+        self._said_standalone = False
+        self._left = Left(self.resource, self.confirm_timeout)
+        self._reset()
+        if close_when_collected:
+            # Holds the tracked connections: only for pools whose connections do
+            # not refer back to the pool (else the pool is never collected).
+            weakref.finalize(self, close_left, self._left).atexit = False
+        process.register(self)
+
+    if TYPE_CHECKING:  # LeaseBook's, in _leases.py: process.register() calls it at exit
+        def release_for_exit(self, timeout: float) -> None: ...
+
+    @property
+    def coordinator(self) -> str | None:
+        """The socket given, else ``$SHAREDPOOL_SOCKET`` as it is when first needed."""
+        if self._client is not None:
+            return self._client.socket_path
+        return self._coordinator if self._coordinator is not None else os.environ.get(SOCKET_ENV) or None
+
+    def _reset(self) -> None:
+        # _pid is set last: a thread of a forked child that sees it current
+        # (and skips _checkpid's lock) must find the child's state all made.
+        pid = current_pid()
+        self._lock = threading.Lock()
+        self._entries: dict[int, _Entry] = {}
+        left = getattr(self, "_left", None)
+        if left is not None:  # after fork: the finalizer sees the child's entries
+            left.entries, left.pid = self._entries, pid
+        self._returned = threading.Condition(threading.Lock())
+        self._waiting = 0
+        self._waits: list[_Wait] = []
+        self._recheck = False  # a recheck is scheduled
+        self._closing = 0  # leases of closed connections, kept until the server lets go
+        self._revoked = 0  # tracked connections whose lease was revoked
+        self._handoff = HandOffCost()
+        self._client: Client | None = None
+        self._handlers: tuple[Any, ...] = ()
+        self._shut = False  # shutdown(): the last lease back may end the session
+        self._pid = pid
+
+    def __repr__(self) -> str:
+        return (f"<LeaseBook {self.resource!r} coordinator={self.coordinator!r} "
+                f"connections={len(self._entries)}>")
+
+    def __len__(self) -> int:
+        self._checkpid()
+        return len(self._entries)
+
+    def _idle_ids(self) -> set[int] | None:
+        """The ids of the pool's idle connections; None when it cannot tell."""
+        if self._idle is None:
+            return None
+        try:
+            return {id(c) for c in self._idle()}
+        except Exception:  # noqa: BLE001 - exiting: treat everything as idle
+            log.exception("listing the idle connections at exit failed")
+            return None
+
+    # ------------------------------------------------------------------ fork
+
+    def _checkpid(self) -> None:
+        if self._pid == current_pid():
+            return
+        # Serialized: a second thread that noticed the fork too must not file
+        # the first one's new connections as the parent's, nor reset them away.
+        with process.FORK_LOCK[0]:
+            if self._pid == current_pid():
+                return
+            # Everything we tracked is the parent's: never close it, never
+            # release its lease. Weak references where possible, so that the
+            # child does not keep the parent's connections alive.
+            for entry in self._entries.values():
+                try:
+                    self._inherited[id(entry.key)] = weakref.ref(entry.key)
+                except TypeError:
+                    self._inherited[id(entry.key)] = entry.key
+                if entry.kept is not None:
+                    # Our copy only: no shutdown, the parent's socket goes on.
+                    entry.kept.close()
+                    entry.kept = None
+            if self._admin_state == "draining":
+                # The parent's session heard the drain; the child's may never
+                # hear its end (a resume pushed before it connected).
+                self._admin_state = None
+            self._counters = dict.fromkeys(_COUNTERS, 0)  # the parent's counts are not ours
+            self._reset()
+
+    def connections_at_fork(self) -> list[Any]:
+        """The connections tracked here (in a forked child: the parent's), and
+        the dups of their sockets kept for closing them."""
+        entries = list(self._entries.values())
+        return ([e.key for e in entries if closable(e.key)]
+                + [e.kept for e in entries if e.kept is not None])
+
+    def inherited(self, key: Any) -> bool:
+        """Whether ``key`` was opened by a parent process before a fork (I7)."""
+        self._checkpid()
+        ref = self._inherited.get(id(key))
+        if ref is None:
+            return False
+        obj = ref() if isinstance(ref, weakref.ref) else ref
+        return obj is key
+
+    # ------------------------------------------------------------------ coordinator
+
+    @property
+    def client(self) -> Client | None:
+        """This process's client for the coordinator (None without one)."""
+        self._checkpid()
+        # Checked here (a bad $SHAREDPOOL_SOCKET names itself), not in the property.
+        path = self._coordinator if self._client is None else self._client.socket_path
+        if path is None and (path := env_socket_path()) is None:
+            if not self._said_standalone:
+                self._said_standalone = True
+                log.warning("%r: no coordinator (neither coordinator= nor $%s): connections "
+                            "are opened without leases, capped only by the pool's own size",
+                            self.resource, SOCKET_ENV)
+            return None
+        client = Client.for_path(path)
+        while client is not self._client or client.closed:
+            self._register(client)
+            if not client.closed:
+                break
+            # Another pool's shutdown() ended the shared session (close_if_unused)
+            # between for_path() and our handlers going in: take a new one.
+            client = Client.for_path(path)
+        return client
+
+    def bind(self, idle: Callable[[], Iterable[Any]] | None,
+             reclaim: Callable[[int], int] | None) -> None:
+        """Point the idle / reclaim callbacks at a (new) pool."""
+        self._idle, self._reclaim = idle, reclaim
+
+    def _register(self, client: Client) -> None:
+        ref = weakref.ref(self)
+
+        def on_reclaim() -> None:
+            book = ref()
+            if book is not None:
+                book._on_reclaim()
+
+        def states() -> list[list[Any]]:
+            book = ref()
+            return [] if book is None else book._states()
+
+        def on_push(verb: str, resource: str | None, args: dict[str, Any]) -> None:
+            book = ref()
+            if book is None or resource not in (None, book.resource):
+                return
+            if verb == "revoke":
+                book._revoke(args.get("lease"), args.get("why"))
+            elif verb in ("drain", "end_session", "resume"):
+                book._on_admin(verb)
+            elif verb == "welcome":  # a new session: a drain the coordinator no longer knows is over
+                state = args.get("resources", {}).get(book.resource)
+                if isinstance(state, dict) and state.get("draining") is False:
+                    book._on_admin("resume")
+                elif isinstance(state, dict) and state.get("draining") is True and book._admin_state is None:
+                    book._on_admin("drain")  # ordered while we had no session
+
+        with self._lock:
+            if self._client is client:
+                return
+            if self._client is not None:
+                self._client.remove_handlers(*self._handlers)
+            client.on_reclaim(self.resource, on_reclaim)
+            client.add_state_provider(states)
+            client.on_push(on_push)
+            self._client, self._handlers = client, (on_reclaim, states, on_push)
+        # A book collected with its pool (engines made and dropped by the hundred)
+        # must not leave its handlers behind in the process's client: every
+        # reclaim and report would walk them, and the session would never end.
+        weakref.finalize(self, client.forget_later, on_reclaim, states, on_push).atexit = False
+
+    def shutdown(self) -> None:
+        """Stop answering reclaims and reporting states (the pool is closed)."""
+        self._checkpid()
+        with self._lock:
+            client, handlers = self._client, self._handlers
+            self._client, self._handlers = None, ()
+            self._shut = True
+        if client is not None:
+            client.remove_handlers(*handlers)
+            # As our own pools do: the process's session ends with its last
+            # user (else the coordinator counts it, and logs it lost at a stop).
+            client.close_if_unused()
+
+    def _on_reclaim(self) -> None:
+        client = self._client
+        if client is None or self._reclaim is None or self._pid != current_pid():
+            return
+        owed = client.owes(self.resource)
+        if owed > 0:
+            given = self._reclaim(owed)
+            if given:
+                log.debug("gave back %d %r lease(s) on reclaim", given, self.resource)
+
+    def _on_admin(self, verb: str) -> None:
+        """drain / end_session: idle connections close now (leases back), in-use
+        ones at checkin (owes_back); after end_session no new lease is taken."""
+        if self._pid != current_pid():
+            return
+        if verb == "resume":
+            if self._admin_state == "draining":
+                self._admin_state = None
+            return
+        if self._admin_state != "ended":
+            self._admin_state = "ended" if verb == "end_session" else "draining"
+        if self._reclaim is not None:
+            with self._lock:
+                count = len(self._entries)
+            given = self._reclaim(count) if count else 0
+            log.log(logging.WARNING if verb == "end_session" else logging.INFO,
+                    "%r: coordinator says %s; closed %d idle connection(s), in-use ones close "
+                    "at checkin", self.resource, verb, given)
+
+    def revoked(self, key: Any) -> bool:
+        """Whether ``key``'s lease was revoked: the host pool's reclaim closes
+        such idle connections before any other (see :meth:`_revoke`)."""
+        if not self._revoked or self._pid != current_pid():
+            return False
+        entry = self._entries.get(id(key))
+        return entry is not None and entry.key is key and entry.revoked
+
+    def _revoke(self, lease_id: Any, why: Any) -> None:
+        """The coordinator did not take this lease back after a restart: its
+        connection counts against no cap now. It is tracked without a lease
+        (not reported, never released) and closed at its checkin
+        (:meth:`owes_back`); if idle, it is closed now, through the host
+        pool's reclaim, which takes revoked connections first (a count alone
+        would close the coldest idle one: another, still leased connection,
+        leaving the revoked one open, idle, counted nowhere)."""
+        if self._pid != current_pid():
+            return
+        with self._lock:
+            found = [e for e in self._entries.values() if e.lease is not None and e.lease.id == lease_id]
+            for entry in found:
+                entry.lease, entry.revoked = None, True
+            self._revoked += len(found)
+        if not found:
+            return
+        closed = 0
+        if self._reclaim is not None:
+            idle = self._idle_ids()
+            count = len(found) if idle is None else sum(1 for e in found if id(e.key) in idle)
+            closed = self._reclaim(count) if count else 0
+        log.warning("%r lease %s revoked by the coordinator (%s): its connection counts against no "
+                    "cap; %s", self.resource, lease_id, why,
+                    "an idle connection was closed" if closed else "it is closed at its checkin")
+
+    def _states(self) -> list[list[Any]]:
+        if self._pid != current_pid():
+            return []
+        idle_ids = {id(c) for c in self._idle()} if self._idle is not None else set()
+        with self._lock:
+            entries = list(self._entries.values())
+        return [[e.lease.id, "idle" if id(e.key) in idle_ids else "busy", e.backend_pid, None]
+                for e in entries if e.lease is not None]
+
+    # ------------------------------------------------------------------ records (both sides use)
+
+    def _pop(self, key: Any) -> _Entry | None:
+        """Stop tracking ``key``; the record returned is the only one left
+        holding its lease (a connection keeping it sees it no longer does)."""
+        with self._lock:
+            entry = self._entries.get(id(key))
+            if entry is None or entry.key is not key:
+                return None
+            del self._entries[id(key)]
+            self._revoked -= entry.revoked
+            popped = replace(entry)
+            let_go(entry.kept)  # the caller's to close
+            entry.lease = entry.kept = None
+        return popped
+
+    def _release(self, client: Client, lease: Lease) -> None:
+        client.release(lease)
+        self.count("leases_released")
+        if self._shut:  # a connection still out at shutdown() came back: maybe the last
+            client.close_if_unused()
+
+    # ------------------------------------------------------------------ reclaim
+
+    def owes_back(self, key: Any) -> bool:
+        """Whether ``key`` should be closed at checkin instead of pooled: the
+        coordinator asked for leases back and this one is older than the
+        resource's fairness quantum. Cheap: the checkin fast path calls it."""
+        client = self._client
+        if self._revoked and self._pid == current_pid():
+            entry = self._entries.get(id(key))
+            if entry is not None and entry.key is key and entry.revoked:
+                return True
+        if self._admin_state is not None and self._pid == current_pid():
+            entry = self._entries.get(id(key))
+            return entry is not None and entry.key is key and entry.lease is not None
+        if client is None or not client.owes(self.resource) or self._pid != current_pid():
+            return False
+        entry = self._entries.get(id(key))
+        if entry is None or entry.key is not key or entry.lease is None:
+            return False
+        quantum = self._handoff.quantum_for(client, self.resource)
+        age = time.monotonic() - entry.lease.granted_at
+        if age >= quantum:
+            return True
+        # Too young to pay now; it may sit idle from here on, and the reclaim
+        # request came once: look again when the quantum has passed.
+        self._recheck_after(quantum - age)
+        return False
+
+    def _recheck_after(self, delay: float) -> None:
+        client = self._client
+        with self._lock:
+            if self._recheck or client is None:
+                return
+            self._recheck = True
+        client.call_later(delay + 0.001, self._recheck_now)  # on the client's thread
+
+    def _recheck_now(self) -> None:
+        with self._lock:
+            self._recheck = False
+        try:
+            self._on_reclaim()
+        except Exception:  # noqa: BLE001 - the client's thread has nobody to raise to
+            log.exception("sharedpool: giving back leases on reclaim failed")
+
+    # ------------------------------------------------------------------ stats
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to one of the lease counters (see :meth:`stats`)."""
+        with self._lock:
+            self._counters[name] += n
+
+    def _count_closing(self, n: int) -> None:
+        with self._lock:
+            self._closing += n
+
+    def stats(self, reset: bool = False) -> dict[str, int]:
+        """Lease counters plus two measures, never reset: ``leases_held`` (as
+        the coordinator counts them: including ``leases_closing``, those of
+        connections closed whose server has not let go yet)."""
+        self._checkpid()
+        with self._lock:
+            out = dict(self._counters)
+            out["leases_closing"] = self._closing
+            out["leases_held"] = self._closing + sum(
+                1 for e in self._entries.values() if e.lease is not None)
+            if reset:
+                self._counters = dict.fromkeys(_COUNTERS, 0)
+        return out
