@@ -50,6 +50,18 @@ class _Entry:
     kept: socket.socket | None = None
 
 
+@dataclass(eq=False)
+class _Loose:
+    """A connection its host pool let go of, still leased: SQLAlchemy's
+    ``detach()`` makes it its user's to close. Held weakly, so that one
+    dropped unclosed is collected, as in plain SQLAlchemy; ``finalizer`` then
+    gives the lease back once the server let go (_orphans.close_collected)."""
+
+    ref: weakref.ref[Any]
+    entry: _Entry  # its key None: the connection is held by ``ref`` alone
+    finalizer: weakref.finalize[Any, Any]
+
+
 def backend_pid(conn: Any) -> int | None:
     """The PostgreSQL backend pid of a psycopg 3 / psycopg2 connection, else None."""
     pid = getattr(getattr(conn, "info", None), "backend_pid", None)
@@ -108,6 +120,7 @@ class _Book:
         pid = current_pid()
         self._lock = threading.Lock()
         self._entries: dict[int, _Entry] = {}
+        self._detached: dict[int, _Loose] = {}  # by id(connection); see LeaseBook.detached()
         left = getattr(self, "_left", None)
         if left is not None:  # after fork: the finalizer sees the child's entries
             left.entries, left.pid = self._entries, pid
@@ -129,7 +142,7 @@ class _Book:
 
     def __len__(self) -> int:
         self._checkpid()
-        return len(self._entries)
+        return len(self._entries) + len(self._detached)
 
     def _idle_ids(self) -> set[int] | None:
         """The ids of the pool's idle connections; None when it cannot tell."""
@@ -163,6 +176,11 @@ class _Book:
                     # Our copy only: no shutdown, the parent's socket goes on.
                     entry.kept.close()
                     entry.kept = None
+            for key_id, loose in self._detached.items():
+                self._inherited[key_id] = loose.ref  # its finalizer here does nothing (pid)
+                if loose.entry.kept is not None:
+                    loose.entry.kept.close()
+                    loose.entry.kept = None
             if self._admin_state == "draining":
                 # The parent's session heard the drain; the child's may never
                 # hear its end (a resume pushed before it connected).
@@ -174,8 +192,11 @@ class _Book:
         """The connections tracked here (in a forked child: the parent's), and
         the dups of their sockets kept for closing them."""
         entries = list(self._entries.values())
+        loose = [(x.ref(), x.entry) for x in list(self._detached.values())]
         return ([e.key for e in entries if closable(e.key)]
-                + [e.kept for e in entries if e.kept is not None])
+                + [e.kept for e in entries if e.kept is not None]
+                + [conn for conn, _ in loose if closable(conn)]
+                + [e.kept for _, e in loose if e.kept is not None])
 
     def inherited(self, key: Any) -> bool:
         """Whether ``key`` was opened by a parent process before a fork (I7)."""
@@ -339,6 +360,7 @@ class _Book:
         idle_ids = {id(c) for c in self._idle()} if self._idle is not None else set()
         with self._lock:
             entries = list(self._entries.values())
+            entries += [x.entry for x in self._detached.values()]  # busy: their users'
         return [[e.lease.id, "idle" if id(e.key) in idle_ids else "busy", e.backend_pid, None]
                 for e in entries if e.lease is not None]
 
@@ -349,11 +371,17 @@ class _Book:
         holding its lease (a connection keeping it sees it no longer does)."""
         with self._lock:
             entry = self._entries.get(id(key))
-            if entry is None or entry.key is not key:
-                return None
-            del self._entries[id(key)]
-            self._revoked -= entry.revoked
-            popped = replace(entry)
+            if entry is not None and entry.key is key:
+                del self._entries[id(key)]
+                self._revoked -= entry.revoked
+            else:
+                loose = self._detached.get(id(key))
+                if loose is None or loose.ref() is not key:
+                    return None
+                del self._detached[id(key)]
+                loose.finalizer.detach()  # closed by its user: nothing left for the collector
+                entry = loose.entry
+            popped = replace(entry, key=key)
             let_go(entry.kept)  # the caller's to close
             entry.lease = entry.kept = None
         return popped
@@ -428,7 +456,8 @@ class _Book:
             out = dict(self._counters)
             out["leases_closing"] = self._closing
             out["leases_held"] = self._closing + sum(
-                1 for e in self._entries.values() if e.lease is not None)
+                1 for e in self._entries.values() if e.lease is not None) + sum(
+                1 for x in self._detached.values() if x.entry.lease is not None)
             if reset:
                 self._counters = dict.fromkeys(_COUNTERS, 0)
         return out

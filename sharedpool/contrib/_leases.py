@@ -27,7 +27,8 @@ from typing import Any
 from ..client import current_pid
 from ..closing import NotClosable, close_and_confirm, socket_fd
 from ._acquiring import _Acquiring
-from ._orphans import closable, close_orphan, hold
+from ._book import _Entry, _Loose
+from ._orphans import closable, close_collected, close_orphan, hold, start_collector
 
 __all__ = ["LeaseBook"]
 
@@ -83,7 +84,51 @@ class LeaseBook(_Acquiring):
         """Whether this process opened ``key`` through this book (leased or not)."""
         self._checkpid()
         entry = self._entries.get(id(key))
-        return entry is not None and entry.key is key
+        if entry is not None and entry.key is key:
+            return True
+        loose = self._detached.get(id(key))
+        return loose is not None and loose.ref() is key
+
+    def detached(self, key: Any) -> None:
+        """The host pool let go of ``key`` for good (SQLAlchemy's ``detach()``):
+        still leased, but its user's to close, and no longer kept alive here.
+        Closed (:meth:`close`), its lease comes back as ever; dropped unclosed,
+        once it is garbage-collected, its socket is shut and the lease released
+        after the server let go (I1), in a thread (:func:`close_collected`).
+        Without a kept dup of its socket to see that by, or a connection that
+        cannot be held weakly, it stays tracked as before (closed at exit)."""
+        self._checkpid()
+        if self.inherited(key):
+            return
+        try:
+            ref = weakref.ref(key)
+        except TypeError:
+            return
+        if not start_collector():  # the thread the finalizer hands the close to
+            return
+        no_socket = socket_fd(key) is None  # nothing to confirm: none, or closed already
+        with self._lock:
+            entry = self._entries.get(id(key))
+            if entry is None or entry.key is not key or (entry.kept is None and not no_socket):
+                return
+            del self._entries[id(key)]
+            self._revoked -= entry.revoked
+            entry.key = None
+            # Holds the record (lease, client, kept dup), never the connection.
+            finalizer = weakref.finalize(key, close_collected, weakref.ref(self), id(key), entry,
+                                         self.resource, self.confirm_timeout)
+            finalizer.atexit = False  # at exit: release_for_exit, or the session's end
+            self._detached[id(key)] = _Loose(ref, entry, finalizer)
+
+    def _forget_collected(self, key_id: int, entry: _Entry) -> None:
+        """A detached connection was collected: its lease counts as closing
+        from here until the server lets go (close_collected releases it)."""
+        with self._lock:
+            loose = self._detached.get(key_id)
+            if loose is not None and loose.entry is entry:  # not a later one under a reused id
+                del self._detached[key_id]
+            if entry.lease is not None:
+                self._closing += 1
 
     def orphan_closer(self, key: Any) -> Callable[[Any], None] | None:
         """For a connection to keep (None if ``key`` is not tracked): called with
@@ -215,6 +260,7 @@ class LeaseBook(_Acquiring):
         """Close the idle connections; return those still in use."""
         with self._lock:
             keys = [e.key for e in self._entries.values() if closable(e.key)]
+            keys += [c for c in (x.ref() for x in self._detached.values()) if closable(c)]
         idle = self._idle_ids()
         in_use = []
         for key in keys:

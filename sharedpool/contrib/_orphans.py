@@ -1,15 +1,20 @@
 """What is left when a host-library pool goes without close(): the
 connections its LeaseBook still tracks, closed (confirmed) and their leases
-released in a thread, never blocking the finalizer that finds them (I1, I2).
+released in a thread, never blocking the finalizer that finds them (I1, I2);
+and the same for one connection its user was given for good (detached) and
+dropped unclosed.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
 import socket
 import sys
 import threading
+import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..client import Client, Lease, current_pid
@@ -17,6 +22,7 @@ from ..closing import close_and_confirm, keep_socket
 
 if TYPE_CHECKING:
     from ._book import _Entry
+    from ._leases import LeaseBook
 
 log = logging.getLogger("sharedpool.contrib")
 
@@ -149,3 +155,101 @@ def close_orphan(entry: _Entry, sock: Any, resource: str, confirm_timeout: float
     except RuntimeError:  # no thread to be had: the lease stays held until the session ends
         if watched is not None:
             watched.close()
+
+
+class _Collected:
+    """What close_and_confirm closes for a connection already collected:
+    nothing (its own finalizer closed its fd, or the kept dup's shutdown
+    stands in); the kept dup is what it watches."""
+
+    def close(self) -> None:
+        pass
+
+
+#: Jobs from close_collected, run each in a thread of its own by the
+#: collector thread. A finalizer may only put() here: SimpleQueue.put is
+#: re-entrant, and starting a thread waits on locks the collecting thread may
+#: hold (threading's own).
+_jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+_collector_pid = 0  # the process the collector thread runs in
+_collector_lock = threading.Lock()
+
+
+def _run_jobs(jobs: queue.SimpleQueue[Callable[[], None]]) -> None:
+    while True:
+        job = jobs.get()
+        try:
+            threading.Thread(target=job, name="sharedpool-collected", daemon=True).start()
+        except RuntimeError:  # no thread to be had: here, then (bounded by the confirm)
+            job()
+
+
+def start_collector() -> bool:
+    """Make sure this process's collector thread runs, before a finalizer may
+    need it (LeaseBook.detached calls this). False when no thread is to be had."""
+    global _collector_pid
+    pid = current_pid()
+    if _collector_pid == pid:
+        return True
+    with _collector_lock:
+        if _collector_pid != pid:
+            try:
+                threading.Thread(target=_run_jobs, args=(_jobs,), name="sharedpool-collector",
+                                 daemon=True).start()
+            except RuntimeError:
+                return False
+            _collector_pid = pid
+    return True
+
+
+def _collector_in_child() -> None:
+    # The parent's thread is not here, its lock may have been held at the fork,
+    # and its queued jobs are the parent's.
+    global _jobs, _collector_pid, _collector_lock
+    _jobs, _collector_pid, _collector_lock = queue.SimpleQueue(), 0, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_collector_in_child)
+
+
+def close_collected(book: weakref.ref[LeaseBook], key_id: int, entry: _Entry,
+                    resource: str, confirm_timeout: float) -> None:
+    """Finalizer of a detached connection (LeaseBook.detached) collected
+    unclosed. Queues the close for the collector thread, no more: a finalizer
+    must neither block nor take a lock the collecting thread may hold (the
+    book's, the client's). There the kept dup of its socket is shut for
+    writing (the server sees EOF even if the connection's own finalizer sent
+    no Terminate), the server's end is seen closed, then the lease released."""
+    # The parent's (I7); or at interpreter exit, when a thread started now never
+    # runs: the process is ending, so is its session, and the coordinator fences.
+    if entry.pid != current_pid() or sys.is_finalizing():
+        return
+
+    def run() -> None:
+        owner = book()
+        if owner is not None:
+            owner._forget_collected(key_id, entry)  # counted as closing until released
+        lease, client, kept = entry.lease, entry.client, entry.kept
+        entry.lease = entry.kept = None
+        done = False
+
+        def back(confirmed: bool) -> None:
+            nonlocal done
+            if done:
+                return
+            done = True
+            if lease is not None and client is not None:
+                if owner is not None:
+                    owner._release(client, lease)
+                else:
+                    client.release(lease)
+            if owner is not None and lease is not None:
+                owner._count_closing(-1)
+
+        try:
+            if close_and_confirm(_Collected(), confirm_timeout, on_late=back, kept=kept):
+                back(True)
+        except Exception:  # noqa: BLE001 - the session's end covers the rest
+            log.exception("closing a detached %r connection collected unclosed failed", resource)
+
+    _jobs.put(run)

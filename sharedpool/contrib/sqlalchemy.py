@@ -25,6 +25,10 @@ are owed; the pool slot stays and reconnects (under a new lease) when needed.
 A thread that waits for a lease is handed the next connection a peer thread
 checks in (and its queued acquire is withdrawn), so threads of one process
 share its connections before asking the coordinator for more.
+
+A connection ``detach()``ed is its user's: closed, its lease comes back at
+once; dropped unclosed, it is closed once garbage-collected and its lease
+comes back after the server let go (the pool no longer keeps it alive).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy
-from sqlalchemy import exc
+from sqlalchemy import event, exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import QueuePool
 from sqlalchemy.util import queue as sqla_queue
@@ -181,6 +185,7 @@ class LeasedQueuePool(QueuePool):
         else:
             record = self._sp_new_record()
         record._sp_pid = current_pid()  # type: ignore[attr-defined]
+        record._sp_book = self._sp_book  # type: ignore[attr-defined]  # for _sp_detached
         return record
 
     def _sp_new_record(self) -> ConnectionPoolEntry:
@@ -373,6 +378,16 @@ class LeasedQueuePool(QueuePool):
             finally:
                 self._sp_put_back_empty(record)
         return len(picked)
+
+
+@event.listens_for(LeasedQueuePool, "detach")
+def _sp_detached(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+    """``detach()``: the DBAPI connection is its user's now, to close (its lease
+    back then), or to drop: the book stops keeping it alive, so that it is
+    collected as in plain SQLAlchemy, and its lease comes back then."""
+    book = getattr(record, "_sp_book", None)
+    if book is not None:
+        book.detached(dbapi_connection)
 
 
 @contextmanager

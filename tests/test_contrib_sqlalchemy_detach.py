@@ -1,0 +1,175 @@
+"""sharedpool.contrib.sqlalchemy: a connection detach()ed from the pool is its
+user's to close, as in plain SQLAlchemy. Closed, its lease comes back at once;
+dropped unclosed, its backend goes once it is garbage-collected, and its lease
+after the server let go (I1) — never while the user still holds it."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import pytest
+from pg_helpers import BackendSampler
+from proc_helpers import held_once_confirmed, leased, wait_leased
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+from sharedpool import Client, Resource
+from sharedpool.contrib.sqlalchemy import LeasedQueuePool, create_engine
+
+pytestmark = pytest.mark.pg
+
+URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def engine_for(sock: str, app: str, **kw: Any) -> Engine:
+    return create_engine(URL, resource="pg", coordinator=sock, pool_timeout=5,
+                         connect_args={"application_name": app}, **kw)
+
+
+def held(engine: Engine) -> int:
+    pool = engine.pool
+    assert isinstance(pool, LeasedQueuePool)
+    return held_once_confirmed(lambda: pool.lease_stats()["leases_held"])
+
+
+def backends_settle(app: str, want: int, timeout: float = 10.0) -> int:
+    """This test's backends in pg_stat_activity, once they number ``want`` (or the time is up)."""
+    sampler = BackendSampler(app)
+    deadline = time.monotonic() + timeout
+    while (n := sampler.count_now()) != want and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return n
+
+
+def collect_until(done: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """gc.collect() until ``done()`` (the close and release run in a thread)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        gc.collect()
+        if done() or time.monotonic() > deadline:
+            return done()
+        time.sleep(0.05)
+
+
+def first_grant_sees(sock: str, app: str) -> tuple[threading.Thread, list[int]]:
+    """A thread of another session waiting for the (only) lease; once granted, it
+    counts our backends in pg_stat_activity: with the cap at 1, it must see 0."""
+    seen: list[int] = []
+
+    def wait() -> None:
+        c = Client(sock)
+        try:
+            lease = c.acquire("pg", 15)
+            seen.append(BackendSampler(app).count_now())
+            c.release(lease)
+        finally:
+            c.close()
+
+    t = threading.Thread(target=wait)
+    t.start()
+    return t, seen
+
+
+def test_a_detached_connection_dropped_unclosed_gives_its_backend_and_lease_back(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    """Before, the lease book's reference kept the DBAPI connection from the
+    garbage collector: its backend and lease stayed until the process exited
+    (with max_size 1, every other connect of every process timed out)."""
+    start_coordinator({"pg": Resource(max_size=1, acquire_timeout=5)})
+    engine = engine_for(sock_path, app_name, pool_size=1, max_overflow=0)
+    conn = engine.connect()
+    conn.execute(text("SELECT 1"))
+    conn.detach()
+    assert leased(sock_path) == 1
+    assert backends_settle(app_name, 1) == 1
+    waiter, seen = first_grant_sees(sock_path, app_name)  # queued behind our lease
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)  # psycopg's "deleted while still open"
+        del conn
+        assert collect_until(lambda: not waiter.is_alive())
+    assert seen == [0], f"the lease went back while PostgreSQL still had {seen} backend(s)"
+    assert backends_settle(app_name, 0) == 0
+    assert held(engine) == 0
+    with engine.connect() as again:  # cap 1: only with that lease back
+        assert again.execute(text("SELECT 1")).scalar_one() == 1
+    engine.dispose()
+    assert wait_leased(sock_path, 0) == 0
+
+
+def test_a_detached_connection_closed_gives_its_lease_back_at_once(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    start_coordinator({"pg": Resource(max_size=1, acquire_timeout=5)})
+    engine = engine_for(sock_path, app_name, pool_size=1, max_overflow=0)
+    conn = engine.connect()
+    pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+    conn.detach()
+    conn.close()  # no gc.collect(): the close itself gives the lease back
+    pool = engine.pool
+    assert isinstance(pool, LeasedQueuePool)
+    stats = pool.lease_stats()
+    assert (stats["leases_held"], stats["leases_released"]) == (0, 1)
+    assert wait_leased(sock_path, 0) == 0
+    assert backends_settle(app_name, 0) == 0
+    with engine.connect() as again:
+        assert again.execute(text("SELECT pg_backend_pid()")).scalar_one() != pid
+    engine.dispose()
+    assert wait_leased(sock_path, 0) == 0
+
+
+def test_a_detached_connection_its_user_still_holds_stays_open_and_leased(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    """The SQLAlchemy wrapper dropped, the DBAPI connection kept: it is the
+    user's, and works on, under its lease, until they close it."""
+    start_coordinator({"pg": Resource(max_size=1, acquire_timeout=5)})
+    engine = engine_for(sock_path, app_name, pool_size=1, max_overflow=0)
+    raw = engine.raw_connection()
+    raw.detach()
+    dbapi = raw.dbapi_connection
+    assert isinstance(dbapi, psycopg.Connection)
+    del raw
+    gc.collect()
+    time.sleep(0.2)  # a wrongful close would run in a thread
+    assert dbapi.execute("SELECT 1").fetchone() == (1,)
+    assert leased(sock_path) == 1
+    dbapi.close()  # behind SQLAlchemy's back: the lease comes back once it is collected
+    del dbapi
+    assert collect_until(lambda: leased(sock_path) == 0)
+    assert backends_settle(app_name, 0) == 0
+    assert held(engine) == 0
+    engine.dispose()
+
+
+def test_a_forked_child_dropping_the_parents_detached_connection_leaves_it_alone(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    """I7: the child's copy of a detached connection is cut at the fork (its
+    collection there sends nothing down the parent's socket), and the child
+    releases nothing of the parent's."""
+    from proc_helpers import run_in_child
+
+    start_coordinator({"pg": Resource(max_size=1, acquire_timeout=5)})
+    engine = engine_for(sock_path, app_name, pool_size=1, max_overflow=0)
+    held_here = [engine.connect()]
+    held_here[0].detach()
+
+    def child() -> int:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            held_here.clear()
+            gc.collect()
+        time.sleep(0.5)  # a wrongful close or release would run in a thread
+        return 0
+
+    assert run_in_child(child) == 0
+    conn = held_here.pop()
+    assert conn.execute(text("SELECT 1")).scalar_one() == 1
+    assert leased(sock_path) == 1
+    conn.close()
+    assert wait_leased(sock_path, 0) == 0
+    assert backends_settle(app_name, 0) == 0
+    engine.dispose()
