@@ -81,12 +81,13 @@ def release_slow(pool: ConnectionPool[T], wrapper: ConnectionWrapper[T], now: fl
                 # grant: connecting can take a good part of a short quantum.
                 quantum = pool._quantum(client)
                 young = now - wrapper.created_at < quantum
-            elif client._pending and not pool._lease_requests and client.waits_for(pool.resource):
+            elif client._pending and client.waits_for(pool.resource, besides=pool):
                 # Another pool of this process waits for a lease of this
                 # resource, and the coordinator cannot tell it from this one's
                 # waiters (it asks a waiting process only for idle leases): as
                 # to a waiter of another process, a slot goes to it once it
-                # has served here for a fairness quantum.
+                # has served here for a fairness quantum, even if waiters of
+                # this pool then wait for a lease in their turn.
                 sibling = True
                 quantum = pool._quantum(client)
                 young = now - wrapper.created_at < quantum
@@ -121,9 +122,7 @@ def release_slow(pool: ConnectionPool[T], wrapper: ConnectionWrapper[T], now: fl
                 owed = client.take_owed(wrapper.lease)
                 if owed:
                     pool._giving += 1
-            # For a sibling pool only while this one waits for nothing itself
-            # (else the hand-over below serves its own waiter).
-            sibling = sibling and not young and not pool._waiters and not pool._lease_requests
+            sibling = sibling and not young
             if keep and not owed and not sibling and pool.status is PoolStatus.ACTIVE:
                 kept = True
                 # No call between a hand-over and its flag: a signal handler's

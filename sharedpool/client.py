@@ -143,7 +143,9 @@ class Client:
         # one process would each say hello after a coordinator restart, and
         # the first would speak for the process: the other's leases, not yet
         # re-registered, would be taken as closed while it was away (I1).
-        key = os.path.realpath(path)
+        key = _KEYS.get(path)
+        if key is None:  # resolved once per spelling: for_path() is on every connect's path
+            key = _KEYS[path] = os.path.realpath(path)
         with _REGISTRY_LOCK:
             client = _SHARED.get(key)
             if client is None or client._closed:
@@ -167,7 +169,8 @@ class Client:
         self._checkpid()
         return dict(self._held)
 
-    def acquire(self, resource: str, timeout: float | None = None, *, site: str | None = None) -> Lease:
+    def acquire(self, resource: str, timeout: float | None = None, *, site: str | None = None,
+                _owner: object = None) -> Lease:
         """Block until the coordinator grants a lease of ``resource``.
 
         ``timeout`` None waits the resource's default; 0 does not queue.
@@ -175,7 +178,7 @@ class Client:
         (the coordinator could not be reached before the deadline)."""
         tickets: list[AcquireRequest] = []
         try:
-            return self.request(resource, timeout, site=site, _into=tickets).wait()
+            return self.request(resource, timeout, site=site, _into=tickets, _owner=_owner).wait()
         except BaseException:
             # Also a signal handler's exception between request() and the end of
             # wait(): the acquire is withdrawn, or a lease granted meanwhile goes back.
@@ -185,7 +188,7 @@ class Client:
 
     def request(self, resource: str, timeout: float | None = None, *,
                 site: str | None = None, fail_if_lost: bool = False,
-                _into: list[AcquireRequest] | None = None) -> AcquireRequest:
+                _into: list[AcquireRequest] | None = None, _owner: object = None) -> AcquireRequest:
         """Send an acquire now; :meth:`AcquireRequest.wait` for the lease, or
         :meth:`AcquireRequest.cancel` it from any thread (a pool whose waiter
         was served by a checkin withdraws its request this way).
@@ -197,7 +200,8 @@ class Client:
 
         ``_into`` (internal): the ticket is appended to it before this returns,
         so that a caller interrupted right after (a signal handler's exception
-        lands between any two instructions) can still withdraw it."""
+        lands between any two instructions) can still withdraw it. ``_owner``
+        (internal): the pool asking, for :meth:`waits_for`."""
         self._checkpid()
         check_seconds("timeout", timeout, optional=True, forever=True)
         # Refused here: a frame the coordinator refuses ends the session, and the
@@ -206,7 +210,7 @@ class Client:
         if site is not None and not isinstance(site, str):
             raise ConfigError("site", f"must be a string or None, got {site!r}")
         req = next(self._reqs)
-        pending = _Pending(p.Acquire(req, resource, timeout, site), fail_if_lost=fail_if_lost)
+        pending = _Pending(p.Acquire(req, resource, timeout, site), fail_if_lost=fail_if_lost, owner=_owner)
         # The coordinator keeps the real deadline; ours only guards a lost reply.
         local = None if timeout is None else time.monotonic() + timeout + GRACE
         try:
@@ -310,13 +314,15 @@ class Client:
             giving.add(lease.id)
             return True
 
-    def waits_for(self, resource: str) -> bool:
-        """Whether an acquire of ``resource`` is still waiting for its lease
-        (a pool of this process, or a caller of :meth:`request`). One that does
-        not queue (timeout 0: a min_size top-up) waits for nothing."""
+    def waits_for(self, resource: str, besides: object = None) -> bool:
+        """Whether an acquire of ``resource`` is still waiting for its lease,
+        other than those of ``besides`` (a pool: another pool of this process,
+        or a caller of :meth:`request`, waits). One that does not queue
+        (timeout 0: a min_size top-up) waits for nothing."""
         with self._cond:
             return any(isinstance(pd.msg, p.Acquire) and pd.msg.resource == resource
-                       and pd.msg.timeout != 0 and not pd.done for pd in self._pending.values())
+                       and pd.msg.timeout != 0 and not pd.done and pd.owner is not besides
+                       for pd in self._pending.values())
 
     def owed_left(self, resource: str) -> int:
         """Leases of ``resource`` owed and not yet on their way back."""
@@ -735,6 +741,8 @@ def _socket_path(given: Any) -> str:
 
 _REGISTRY_LOCK = threading.RLock()
 _SHARED: dict[str, Client] = {}
+#: socket path as given -> the file's real path, the key of _SHARED
+_KEYS: dict[str, str] = {}
 _ALL: weakref.WeakSet[Client] = weakref.WeakSet()
 
 

@@ -38,6 +38,7 @@ class _Pending:
     abandoned: bool = False
     taken: bool = False  # the lease was handed to the caller: too late to cancel
     fail_if_lost: bool = False  # fails when its session is lost, rather than waiting for the next
+    owner: object = None  # the pool (or lease book) that asked, if one did
 
 
 class AcquireRequest:

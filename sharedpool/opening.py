@@ -178,7 +178,7 @@ def take_lease(pool: ConnectionPool[Any], client: Client, deadline: float) -> Le
     """Opener thread: a lease for one more connection. Withdrawn if the pool
     closes meanwhile; one granted as it closed goes back unused (PoolClosed)."""
     ticket = client.request(pool.resource, max(0.0, deadline - time.monotonic()),
-                            fail_if_lost=pool.config.coordinator_away == "fallback")
+                            fail_if_lost=pool.config.coordinator_away == "fallback", _owner=pool)
     with pool._lock:
         # A close() that ran since the request went out did not see it.
         active = pool._active

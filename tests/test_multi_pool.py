@@ -93,7 +93,6 @@ class _GatedPgConnection(psycopg.Connection):  # type: ignore[type-arg]
         super().close()
 
 
-@pytest.mark.xfail(strict=True, reason=SHARED_GIVE_BACKS)
 def test_psycopg_pool_checkins_give_back_only_what_is_owed(
         start_coordinator: Any, sock_path: str, pg: str, app_name: str) -> None:
     # Measured: one psycopg_pool integration pool with 4 threads in a loop gave back
@@ -130,8 +129,9 @@ def test_psycopg_pool_checkins_give_back_only_what_is_owed(
         pool.close()
 
 
+@pytest.mark.parametrize("threads_of_busy", [2, 3])  # 3: the busy pool has waiters of its own
 def test_a_pool_is_served_beside_a_busy_sibling_pool_on_its_resource(
-        start_coordinator: Any, sock_path: str) -> None:
+        start_coordinator: Any, sock_path: str, threads_of_busy: int) -> None:
     # A web app's two engines on one database, or an engine and a psycopg_pool:
     # pool B's threads keep both slots of the cap busy, back to back. Pool A of
     # the same process waits. Another process waiting would get a slot within
@@ -147,7 +147,7 @@ def test_a_pool_is_served_beside_a_busy_sibling_pool_on_its_resource(
             with busy.connection():
                 time.sleep(0.005)
 
-    threads = [threading.Thread(target=loop, daemon=True) for _ in range(2)]
+    threads = [threading.Thread(target=loop, daemon=True) for _ in range(threads_of_busy)]
     try:
         for thread in threads:
             thread.start()
@@ -189,3 +189,37 @@ def test_only_an_acquire_that_queues_takes_a_busy_pools_slot(
         assert pool.get_size() == (1 if timeout == 0 else 0)
     finally:
         pool.close()
+
+
+def test_a_pool_is_served_beside_a_busy_psycopg_pool_of_its_process(
+        start_coordinator: Any, sock_path: str, pg: str, app_name: str) -> None:
+    # As above, the busy pool a psycopg_pool integration (its checkins go through
+    # the lease book's owes_back). Before: the core pool waited out its timeout.
+    start_coordinator({"r": Resource(max_size=2, fairness_quantum=0.1)})
+    busy = PsycopgPool(pg, resource="r", coordinator=sock_path, min_size=0, max_size=2, timeout=5,
+                       open=True, kwargs={"autocommit": True, "application_name": app_name})
+    waiting = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1, test_on_acquire=False),
+                             resource="r", coordinator=sock_path, name="waiting")
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            with busy.connection() as conn:
+                conn.execute("SELECT 1")
+                time.sleep(0.005)
+
+    threads = [threading.Thread(target=loop, daemon=True) for _ in range(3)]  # more threads than slots
+    try:
+        for thread in threads:
+            thread.start()
+        _wait_for(lambda: busy.get_stats()["pool_size"] == 2, "the busy pool never took the cap")
+        t0 = time.monotonic()
+        with waiting.connection(timeout=3):
+            pass
+        assert time.monotonic() - t0 < 2.5
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(5)
+        waiting.close()
+        busy.close()

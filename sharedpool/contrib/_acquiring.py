@@ -45,8 +45,8 @@ class _CancellableAcquire:
     """``client.request()``: an acquire another thread can withdraw."""
 
     def __init__(self, client: Client, resource: str, timeout: float | None,
-                 into: list[AcquireRequest]) -> None:
-        self.ticket = client.request(resource, timeout, _into=into)
+                 into: list[AcquireRequest], owner: object) -> None:
+        self.ticket = client.request(resource, timeout, _into=into, _owner=owner)
 
     def run(self) -> Lease:
         return self.ticket.wait()
@@ -122,7 +122,7 @@ class _Acquiring(_Book):
     def _acquire(self, client: Client, timeout: float | None) -> Lease:
         t0 = time.monotonic()
         try:
-            lease = client.acquire(self.resource, timeout)
+            lease = client.acquire(self.resource, timeout, _owner=self)
         except PoolTimeout:
             self.count("lease_timeouts")
             raise
@@ -181,7 +181,7 @@ class _Acquiring(_Book):
         # exception goes back.
         tickets: list[AcquireRequest] = []  # the acquire, once sent: withdrawable before we hold it
         try:
-            request = _CancellableAcquire(client, self.resource, timeout, tickets)
+            request = _CancellableAcquire(client, self.resource, timeout, tickets, self)
             threading.Thread(target=helper, args=(request,), name=f"sharedpool-lease-{self.resource}",
                              daemon=True).start()
             return self._wait_lease_or_local(wait, local, request, client)

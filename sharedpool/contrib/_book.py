@@ -295,7 +295,7 @@ class _Book:
         client = self._client
         if client is None or self._reclaim is None or self._pid != current_pid():
             return
-        owed = client.owes(self.resource)
+        owed = client.owed_left(self.resource)  # less what checkins of any pool are giving back
         if owed > 0:
             given = self._reclaim(owed)
             if given:
@@ -361,8 +361,9 @@ class _Book:
         with self._lock:
             entries = list(self._entries.values())
             entries += [x.entry for x in self._detached.values()]  # busy: their users'
-        return [[e.lease.id, "idle" if id(e.key) in idle_ids else "busy", e.backend_pid, None]
-                for e in entries if e.lease is not None]
+        # Each lease read once: a close on another thread may take it away meanwhile.
+        return [[lease.id, "idle" if id(e.key) in idle_ids else "busy", e.backend_pid, None]
+                for e in entries if (lease := e.lease) is not None]
 
     # ------------------------------------------------------------------ records (both sides use)
 
@@ -406,18 +407,28 @@ class _Book:
         if self._admin_state is not None and self._pid == current_pid():
             entry = self._entries.get(id(key))
             return entry is not None and entry.key is key and entry.lease is not None
-        if client is None or not client.owes(self.resource) or self._pid != current_pid():
+        if client is None or self._pid != current_pid():
+            return False
+        owed = client.owes(self.resource)
+        # Another pool of this process waits for this resource: the coordinator
+        # cannot tell it from this pool's own waiters (it asks a waiting process
+        # only for idle leases), so the slot goes to it as to another process's.
+        sibling = not owed and bool(client._pending) and client.waits_for(self.resource, besides=self)
+        if not owed and not sibling:
             return False
         entry = self._entries.get(id(key))
-        if entry is None or entry.key is not key or entry.lease is None:
+        if entry is None or entry.key is not key or (lease := entry.lease) is None:
             return False
         quantum = self._handoff.quantum_for(client, self.resource)
-        age = time.monotonic() - entry.lease.granted_at
+        age = time.monotonic() - lease.granted_at
         if age >= quantum:
-            return True
-        # Too young to pay now; it may sit idle from here on, and the reclaim
-        # request came once: look again when the quantum has passed.
-        self._recheck_after(quantum - age)
+            # One give-back per lease owed, across every pool of this process:
+            # concurrent checkins (of this pool or another) must not each pay.
+            return sibling or client.take_owed(lease)
+        if owed:
+            # Too young to pay now; it may sit idle from here on, and the reclaim
+            # request came once: look again when the quantum has passed.
+            self._recheck_after(quantum - age)
         return False
 
     def _recheck_after(self, delay: float) -> None:
