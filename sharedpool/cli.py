@@ -15,6 +15,7 @@ import math
 import os
 import select
 import shlex
+import signal
 import socket
 import sys
 import termios
@@ -335,9 +336,17 @@ def serve(socket_path: str | None, resource_flags: tuple[str, ...], config_file:
           group: str | None, allow_uid: tuple[int, ...], allow_gid: tuple[int, ...],
           admin_uid: tuple[int, ...], metrics_port: int | None, metrics_host: str | None,
           log_level: str) -> None:
-    """Run the coordinator in the foreground (SIGTERM stops it, SIGHUP reloads --config)."""
-    from .coordinator import CoordinatorFailed, CoordinatorRunning, run
+    """Run the coordinator in the foreground (SIGTERM, SIGINT or SIGQUIT stops it, exit
+    code 0; SIGHUP reloads --config)."""
+    from .coordinator import HANDLED_SIGNALS, CoordinatorFailed, CoordinatorRunning, run
 
+    # Blocked from here to the exit, except while run() serves (it takes them
+    # then): one sent while the configuration loads is handled once serving (a
+    # stop: not started at all) instead of by its default action (SIGHUP's killed
+    # serve, SIGINT's was a KeyboardInterrupt), and a second stop signal as serve
+    # ends (a supervisor's, a second Ctrl-C) no longer kills it on its way out
+    # (exit -15 or a KeyboardInterrupt traceback instead of 0).
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

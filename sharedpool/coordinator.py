@@ -40,6 +40,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("sharedpool.coordinator")
 
 
+#: Each stops a coordinator the same way: sessions closed, what processes still
+#: hold handed on in the restart marker, the socket removed; exit code 0. SIGQUIT
+#: too, gunicorn's "quick" and PgBouncer's "immediate" shutdown: ours is already
+#: immediate (processes keep their connections, nothing is waited for), and left
+#: to its default action it killed the coordinator with its socket left behind.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+#: What a coordinator takes over from the default actions: the stops and SIGHUP (a reload).
+HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP)
+
+
 class CoordinatorRunning(SharedPoolError, OSError):
     """Another coordinator is live on that socket path."""
 
@@ -286,20 +296,26 @@ async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool
         keeper = MarkerKeeper(restart_marker(config), loop)
         keeper.write(handed_on(server, loop.time()))
         server.on_change.append(keeper.changed)
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_signal_handler(signal.SIGINT, stop.set)
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: _reload(server))
-        if early:  # asked for before the handlers above existed
-            if signal.SIGTERM in early or signal.SIGINT in early:
+        if early:  # caught by run()'s handlers, in a thread that did not block them
+            if any(sig in early for sig in STOP_SIGNALS):
                 stop.set()
             elif signal.SIGHUP in early:
-                _reload(server)
+                loop.call_soon(_reload, server)  # once serving, as a SIGHUP from now on
+        # Blocked by run() since before the bind: one sent meanwhile is handled
+        # now, once, by the handlers above.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         log.info("coordinator pid=%s serving %s: %s", os.getpid(), config.socket_path,
                  ", ".join(f"{n}={r.max_size}" for n, r in config.resources.items()))
         if ready is not None:
             ready()
         served = True
         await stop.wait()
+        # Blocked again for the rest of the stop: a second one changes nothing
+        # (nor does a reload now) and waits, pending, for run() to leave it to the caller.
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         log.info("coordinator stopping: %d session(s) open", len(server.sessions))
         # Processes keep their connections: the next coordinator must wait for
         # them. Dead ones' fenced slots are handed over: their backends may
@@ -381,16 +397,29 @@ def raise_fd_limit() -> int:
 
 
 def run(config: CoordinatorConfig, ready: Any = None) -> None:
-    """Bind and serve in this process until SIGTERM/SIGINT."""
+    """Bind and serve in this process until SIGTERM, SIGINT or SIGQUIT; SIGHUP reloads."""
     raise_fd_limit()
     # The socket is connectable from bind_socket() on, before the loop's own
-    # handlers exist: a SIGTERM then must still stop us cleanly (socket
-    # removed, marker written), not kill us with the socket left behind; a
-    # SIGHUP (a reload: SIG_DFL would kill us the same way) is done once serving.
+    # handlers exist: a stop signal then must still stop us cleanly (socket
+    # removed, marker written), not kill us with the socket left behind (the
+    # next start took it for a crash: a restart, granting nothing for a while),
+    # and a SIGHUP reload once we serve. The signals are blocked in this thread
+    # until the loop's handlers are in, then taken by them alone: caught by a
+    # handler here while uvloop (listening from the moment it runs) saw it too,
+    # a SIGHUP was a reload twice. The handlers here catch what goes to a thread
+    # of the caller's that does not block them. The caller's handlers and mask
+    # are back at the end, the signals blocked in between (else a SIGINT there
+    # met Python's own handler: a KeyboardInterrupt): what is still pending
+    # then is the caller's (`sharedpool serve` keeps them blocked: exit 0).
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     early: list[int] = []
     previous = {sig: signal.signal(sig, lambda signum, frame: early.append(signum))
-                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+                for sig in HANDLED_SIGNALS}
     try:
+        if any(sig in signal.sigpending() for sig in STOP_SIGNALS):
+            # Sent while `sharedpool serve` loaded its configuration: nothing bound yet.
+            log.info("stop signal before the coordinator served: not started")
+            return
         sock, restarted, handed = bind_socket(config)
         loop = _new_loop()
         try:
@@ -398,8 +427,10 @@ def run(config: CoordinatorConfig, ready: Any = None) -> None:
         finally:
             loop.close()
     finally:
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 class Coordinator:
@@ -475,7 +506,7 @@ class Coordinator:
             program.kill()
 
     def serve_forever(self) -> None:
-        """Serve in this process until SIGTERM or SIGINT."""
+        """Serve in this process until SIGTERM, SIGINT or SIGQUIT (SIGHUP reloads)."""
         run(self.config)
 
     def __enter__(self) -> Coordinator:

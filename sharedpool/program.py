@@ -370,8 +370,14 @@ def _error_from_status(status: str) -> SharedPoolError:
 
 def _child_main() -> None:
     """Entry point of the coordinator program: config on stdin, then stdin is the lifeline."""
-    from .coordinator import run
+    from .coordinator import HANDLED_SIGNALS, run
 
+    # Blocked before the lifeline thread starts (it inherits the mask): they go to
+    # this thread alone, where run() takes them once it serves (caught by run()'s
+    # handler in the lifeline thread while the loop saw it too, a SIGHUP was a
+    # reload twice); before that, while the configuration is read, they wait
+    # instead of killing us; after it, a second SIGTERM is no death by signal.
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     ready_fd = int(sys.argv[1])
     # Raw reads on fd 0 only: a thread blocked in a buffered read would hold the
     # buffer's lock at interpreter exit (a fatal error). In chunks: read byte by

@@ -525,13 +525,21 @@ def test_serve_refuses_a_second_coordinator(serve: Serve, tmp_path: Path) -> Non
     assert "already serving" in out.stderr
 
 
-def test_sigterm_stops_serve_and_removes_socket(tmp_path: Path, workers: list[Worker]) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGQUIT],
+                         ids=["SIGTERM", "SIGINT", "SIGQUIT"])
+def test_a_stop_signal_stops_serve_and_removes_socket(tmp_path: Path, workers: list[Worker],
+                                                      sig: int) -> None:
+    # SIGQUIT (gunicorn's quick shutdown, PgBouncer's immediate one) was left to
+    # its default action: serve died (exit -3, a core dump where allowed) with its
+    # socket left, and the next start took it for a crash. It is the same stop now.
     server = Serve(tmp_path)
     try:
         workers.append(worker := Worker(server))
-        os.kill(server.proc.pid, signal.SIGTERM)
-        assert server.proc.wait(10) == 0
+        os.kill(server.proc.pid, sig)
+        assert server.proc.wait(10) == 0, server.log.read_text()
         assert not os.path.exists(server.socket)
+        # What the worker holds is handed on: the next start counts it.
+        assert os.path.exists(server.socket + ".restart")
         log = server.log.read_text()
         assert "Traceback" not in log
         # The worker lives on with its connection (handed on to the next start):
@@ -541,7 +549,8 @@ def test_sigterm_stops_serve_and_removes_socket(tmp_path: Path, workers: list[Wo
         stop(server.proc)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGQUIT, signal.SIGHUP],
+                         ids=["SIGTERM", "SIGQUIT", "SIGHUP"])
 def test_a_signal_as_soon_as_serve_accepts_is_handled(tmp_path: Path, sig: int) -> None:
     """The socket accepts before the event loop's signal handlers exist: a
     SIGTERM in that window killed serve outright, and so did a SIGHUP (a
@@ -560,6 +569,49 @@ def test_a_signal_as_soon_as_serve_accepts_is_handled(tmp_path: Path, sig: int) 
             assert not os.path.exists(server.socket)
         finally:
             stop(server.proc)
+
+
+#: Runs argv[1:] with the terminal on stdin as its controlling terminal, as a shell would.
+_IN_A_TERMINAL = """
+import fcntl, os, sys, termios
+os.setsid()
+fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+"""
+
+
+def test_ctrl_c_pressed_until_serve_is_gone_stops_it_cleanly(tmp_path: Path) -> None:
+    # Ctrl-C is SIGINT to the terminal's foreground processes. One more as serve
+    # ended met Python's own SIGINT handler again: a KeyboardInterrupt traceback
+    # at exit, or exit by SIGINT instead of 0.
+    sock = str(tmp_path / "sp.sock")
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _IN_A_TERMINAL, "-m", "sharedpool", "serve", "--socket", sock,
+         "--resource", "demo=1"], stdin=slave, stdout=slave, stderr=slave, env=ENV)
+    os.close(slave)
+    seen = bytearray()
+
+    def screen() -> str:
+        if select.select([master], [], [], 0.05)[0]:
+            with contextlib.suppress(OSError):  # EIO: the child closed the terminal
+                seen.extend(os.read(master, 65536))
+        return seen.decode("utf-8", "replace")
+
+    try:
+        wait_for(lambda: "serving" in screen() or proc.poll() is not None, 15, "serve")
+        deadline = time.monotonic() + 10
+        while proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(OSError):  # EIO: the child closed the terminal
+                os.write(master, b"\x03")
+            screen()
+            time.sleep(0.01)
+        assert proc.returncode == 0, screen()
+        assert "Traceback" not in screen() and "KeyboardInterrupt" not in screen()
+        assert not os.path.exists(sock)
+    finally:
+        stop(proc)
+        os.close(master)
 
 
 def _serve_restarted(tmp_path: Path, grace: float) -> Serve:

@@ -37,6 +37,7 @@ from sharedpool import (
     background,
 )
 from sharedpool import protocol as p
+from sharedpool.program import coordinator_listening
 
 
 def leased(client: Client, resource: str = "r") -> int:
@@ -984,3 +985,67 @@ def test_out_of_memory_with_nothing_leased_still_hands_on_a_restart(sock_path: s
         proc.terminate()
         assert proc.wait(10) == 0
         assert "coordinator restarted: granting nothing" in proc.communicate(timeout=10)[1]
+
+
+#: ``sharedpool serve --config CONFIG`` sending itself SIGNUM once, where argv says:
+#: "config" as it reads its flags, before anything is bound; "bound" between the
+#: bind and the event loop's signal handlers (uvloop already listening); "end"
+#: as it ends, once its stop is done (a second stop signal, a late SIGHUP).
+_SERVE_SIGNALLED = """
+import os, sys
+where, signum, config = sys.argv.pop(1), int(sys.argv.pop(1)), sys.argv.pop(1)
+sys.argv += ["--config", config]
+import sharedpool.cli, sharedpool.coordinator, sharedpool.server
+def signalled(real, before):
+    def call(*args, **kwargs):
+        if before:
+            os.kill(os.getpid(), signum)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            if not before:
+                os.kill(os.getpid(), signum)
+    return call
+if where == "config":
+    sharedpool.cli.parse_resource_flags = signalled(sharedpool.cli.parse_resource_flags, True)
+elif where == "bound":
+    sharedpool.server.Server.warm_monitors = signalled(sharedpool.server.Server.warm_monitors, True)
+else:
+    sharedpool.coordinator.run = signalled(sharedpool.coordinator.run, False)
+sharedpool.cli.main()
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP],
+                         ids=["SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP"])
+@pytest.mark.parametrize("where", ["config", "bound", "end"])
+def test_a_signal_while_serve_starts_or_ends_is_handled_once(sock_path: str, tmp_path: Any,
+                                                            where: str, sig: int) -> None:
+    # Each was its default action or handled twice: SIGQUIT killed serve (its
+    # socket left: the next start held its grants as after a crash), and so did
+    # any of them before serve's handlers were in (SIGHUP, a reload, killed it;
+    # SIGINT was a KeyboardInterrupt) or once its stop was done (a second SIGTERM:
+    # exit -15; a second Ctrl-C: a KeyboardInterrupt traceback at exit). A SIGHUP
+    # between the bind and the loop's handlers reloaded twice: caught by the
+    # early handler, and seen by uvloop too. Now a stop signal stops it cleanly
+    # (before the bind: not started at all), exit 0; a SIGHUP reloads once.
+    config = tmp_path / "sp.toml"
+    config.write_text("[resources]\nr = 2\n")
+    with _serving(sock_path, _SERVE_SIGNALLED, where, str(int(sig)), str(config)) as proc:
+        if sig == signal.SIGHUP or where == "end":
+            wait_for(lambda: coordinator_listening(sock_path) or proc.poll() is not None,
+                     15, "it to serve")
+            time.sleep(1.0)  # a second reload came at once
+            assert proc.poll() is None, proc.communicate(timeout=10)[1]
+            proc.terminate()
+        code = proc.wait(15)
+        err = proc.communicate(timeout=10)[1]
+    assert code == 0, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert not os.path.exists(sock_path)
+    assert err.count("reloaded") == (1 if sig == signal.SIGHUP and where != "end" else 0), err
+    if sig != signal.SIGHUP and where == "config":
+        assert "not started" in err and "serving" not in err, err
+    if sig != signal.SIGHUP and where == "bound":
+        assert "coordinator stopping" in err, err
+    assert not os.path.exists(sock_path + ".restart")  # nothing held: the next start is a fresh one
