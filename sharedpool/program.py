@@ -290,6 +290,12 @@ class EmbeddedCoordinator:
             proc, delay = new, RESTART_MIN
             code = proc.wait()
 
+    def _running(self) -> bool:
+        """Whether this process owns the coordinator and it still runs (it did not
+        die on its own; reaped here if it did)."""
+        proc = self._proc
+        return os.getpid() == self._owner and proc is not None and proc.poll() is None
+
     def _forget(self) -> None:
         """In a forked child: drop our copy of the lifeline; never touch the process."""
         if os.getpid() == self._owner:
@@ -439,7 +445,35 @@ def _forget_in_child() -> None:
         inst._forget()
 
 
+class _QuietLossAtExit(logging.Filter):
+    """At a normal exit, the coordinators this process started are stopped by
+    :func:`_stop_at_exit` while its pools may still be open (their client has no
+    exit hook; its thread, a daemon, runs through the exit handlers): each client
+    then saw its session end and said so at warning ("lost coordinator ...; will
+    reconnect", sharedpool.client), alarming at an exit that went well. Such a
+    line about one of those paths is a debug one from then on. Only those: a
+    coordinator that died on its own (before this exit stops it) is a real loss,
+    and stays a warning."""
+
+    def __init__(self, paths: set[str]) -> None:
+        super().__init__()
+        self.paths = paths
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if (record.levelno == logging.WARNING and str(record.msg).startswith("lost coordinator ")
+                and isinstance(args, tuple) and args and isinstance(args[0], str)
+                and os.path.realpath(args[0]) in self.paths):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
 def _stop_at_exit() -> None:
+    live = [inst.socket_path for inst in list(_INSTANCES) if inst._running()]
+    if live:  # left on: the client's thread may tell of the end after we return
+        logging.getLogger("sharedpool.client").addFilter(
+            _QuietLossAtExit({os.path.realpath(path) for path in live}))
     for inst in list(_INSTANCES):
         inst.stop(timeout=5.0)
 

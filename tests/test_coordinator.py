@@ -1049,3 +1049,46 @@ def test_a_signal_while_serve_starts_or_ends_is_handled_once(sock_path: str, tmp
     if sig != signal.SIGHUP and where == "bound":
         assert "coordinator stopping" in err, err
     assert not os.path.exists(sock_path + ".restart")  # nothing held: the next start is a fresh one
+
+
+#: An owner that starts a Coordinator, keeps a pool open (a connection idle, its
+#: lease held) and exits normally; "killed": its coordinator dies first, on its own.
+_OWNER_WITH_A_POOL_OPEN = """
+import logging, os, signal, sqlite3, sys, threading
+from sharedpool import ConnectionPool, Coordinator, PoolConfig
+path, how = sys.argv[1], sys.argv[2]
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+lost = threading.Event()
+class Seen(logging.Handler):
+    def emit(self, record):
+        if "lost coordinator" in record.getMessage():
+            lost.set()
+logging.getLogger("sharedpool.client").addHandler(Seen())
+coordinator = Coordinator(path, {"r": 2}).start()
+pool = ConnectionPool(lambda: sqlite3.connect(":memory:", check_same_thread=False),
+                      PoolConfig(min_size=0, max_size=2, test_on_acquire=False),
+                      resource="r", coordinator=path)
+pool.release(pool.acquire(timeout=10))
+if how == "killed":
+    os.kill(coordinator.pid, signal.SIGKILL)
+    assert lost.wait(10), "the loss was not seen"
+print("exiting", flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["normal", "killed"])
+def test_a_normal_exit_with_a_pool_open_does_not_tell_of_a_lost_coordinator(
+        sock_path: str, how: str) -> None:
+    # The exit handler stops the coordinator while the pool is still open (its
+    # client's thread runs on through the exit handlers): the client saw its
+    # session end and logged "lost coordinator ...; will reconnect" at warning,
+    # at every normal exit. A coordinator that dies on its own is still told of.
+    out = subprocess.run([sys.executable, "-c", _OWNER_WITH_A_POOL_OPEN, sock_path, how],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout == "exiting\n", out
+    assert "Traceback" not in out.stderr, out.stderr
+    if how == "normal":
+        assert "lost coordinator" not in out.stderr, out.stderr
+        assert not os.path.exists(sock_path)  # it was stopped, cleanly
+    else:
+        assert "WARNING sharedpool.client: lost coordinator" in out.stderr, out.stderr
