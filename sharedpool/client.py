@@ -622,7 +622,10 @@ class Client:
             self._cond.notify_all()
         if sock is not None:
             if not self._closed:
-                log.warning("lost coordinator %s: %s; will reconnect", self.socket_path, why)
+                # A coordinator this process is stopping itself (at its exit) is no loss to warn of.
+                expected = self._shared_key is not None and self._shared_key in _STOPPING
+                log.log(logging.DEBUG if expected else logging.WARNING,
+                        "lost coordinator %s: %s; will reconnect", self.socket_path, why)
             with contextlib.suppress(OSError):
                 sock.close()
             self._notify()  # the background thread may be polling the closed socket
@@ -743,6 +746,14 @@ _REGISTRY_LOCK = threading.RLock()
 _SHARED: dict[str, Client] = {}
 #: socket path as given -> the file's real path, the key of _SHARED
 _KEYS: dict[str, str] = {}
+#: real paths of coordinators this process is stopping itself (see expect_end)
+_STOPPING: set[str] = set()
+
+
+def expect_end(socket_path: str) -> None:
+    """This process is about to stop the coordinator at ``socket_path`` (an
+    embedded one, at exit): its clients' sessions ending is no loss to warn of."""
+    _STOPPING.add(os.path.realpath(socket_path))
 _ALL: weakref.WeakSet[Client] = weakref.WeakSet()
 
 

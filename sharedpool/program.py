@@ -35,6 +35,7 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
+from .client import expect_end
 from .config import CoordinatorConfig, check_seconds, config_from_parts
 from .coordinator import CoordinatorRunning
 from .errors import ConfigError, SharedPoolError
@@ -445,35 +446,14 @@ def _forget_in_child() -> None:
         inst._forget()
 
 
-class _QuietLossAtExit(logging.Filter):
-    """At a normal exit, the coordinators this process started are stopped by
-    :func:`_stop_at_exit` while its pools may still be open (their client has no
-    exit hook; its thread, a daemon, runs through the exit handlers): each client
-    then saw its session end and said so at warning ("lost coordinator ...; will
-    reconnect", sharedpool.client), alarming at an exit that went well. Such a
-    line about one of those paths is a debug one from then on. Only those: a
-    coordinator that died on its own (before this exit stops it) is a real loss,
-    and stays a warning."""
-
-    def __init__(self, paths: set[str]) -> None:
-        super().__init__()
-        self.paths = paths
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args
-        if (record.levelno == logging.WARNING and str(record.msg).startswith("lost coordinator ")
-                and isinstance(args, tuple) and args and isinstance(args[0], str)
-                and os.path.realpath(args[0]) in self.paths):
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
-        return True
-
-
 def _stop_at_exit() -> None:
-    live = [inst.socket_path for inst in list(_INSTANCES) if inst._running()]
-    if live:  # left on: the client's thread may tell of the end after we return
-        logging.getLogger("sharedpool.client").addFilter(
-            _QuietLossAtExit({os.path.realpath(path) for path in live}))
+    # Pools may still be open (their client has no exit hook; its thread, a
+    # daemon, runs through the exit handlers): each would see its session end
+    # and warn of a lost coordinator at an exit that went well. Only for the
+    # ones still running: one that died on its own before is a real loss.
+    for inst in list(_INSTANCES):
+        if inst._running():
+            expect_end(inst.socket_path)
     for inst in list(_INSTANCES):
         inst.stop(timeout=5.0)
 
