@@ -244,7 +244,9 @@ class LeaseBook(_Acquiring):
         (it is exiting too), each confirmed, then its lease released.
 
         Idle connections are closed at once; one in use (another thread is
-        mid-query) is closed once checked in, or when ``timeout`` has passed."""
+        mid-query) is closed once checked in, or when ``timeout`` has passed.
+        Detached ones (SQLAlchemy's ``detach()``) never come back: closed
+        last, without waiting for them."""
         self._checkpid()  # made before fork: the parent's connections are not ours (I7)
         deadline = time.monotonic() + max(timeout, 0.0)
         while True:
@@ -253,14 +255,15 @@ class LeaseBook(_Acquiring):
             if not in_use or remaining <= 0:
                 break
             self._wait_returned(min(remaining, 0.05))
-        for key in in_use:  # out of time: their queries fail, the leases come back
+        with self._lock:
+            detached = [c for c in (x.ref() for x in self._detached.values()) if closable(c)]
+        for key in in_use + detached:  # out of time: their queries fail, the leases come back
             self._close_for_exit(key)
 
     def _close_idle_for_exit(self) -> list[Any]:
         """Close the idle connections; return those still in use."""
         with self._lock:
             keys = [e.key for e in self._entries.values() if closable(e.key)]
-            keys += [c for c in (x.ref() for x in self._detached.values()) if closable(c)]
         idle = self._idle_ids()
         in_use = []
         for key in keys:
