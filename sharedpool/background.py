@@ -44,9 +44,21 @@ BACKOFF_MIN, BACKOFF_MAX = 0.02, 1.0
 
 
 def run(ref: weakref.ref[Client]) -> None:
+    client = ref()
+    if client is None:
+        return
+    # The wake pair is this thread's to close on its way out, also when the
+    # client is collected before it looks again (dropped right after a close()
+    # from another thread, or never closed): else its finalizer closes the pair.
+    pair = (client._wake_r, client._wake_w)
     while True:
         client = ref()
-        if client is None or client._pid != os.getpid():
+        if client is None:
+            for end in pair:
+                with contextlib.suppress(OSError):
+                    end.close()
+            return
+        if client._pid != os.getpid():
             return
         if client._closed:
             client._close_wake()
@@ -62,7 +74,7 @@ def run(ref: weakref.ref[Client]) -> None:
                 wait_readable(watched, timeout)
         client = ref()
         if client is None:
-            return
+            continue  # the wake pair closed at the top
         try:
             tick(client)
         except Exception:  # noqa: BLE001

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from functools import partial
 from typing import TYPE_CHECKING, TypeVar
 
 from . import giveback
@@ -166,7 +165,7 @@ def release_slow(pool: ConnectionPool[T], wrapper: ConnectionWrapper[T], now: fl
     # and a cancel sends a frame.
     if arm and client is not None:
         try:
-            client.call_later(pool._recheck_delay, partial(giveback.recheck_owed, pool))
+            client.call_later(pool._recheck_delay, giveback.recheck_job(pool))
         except BaseException:  # a signal handler's: not armed after all, so let a later checkin arm it
             with pool._lock:
                 pool._recheck_pending = False

@@ -687,6 +687,14 @@ class Client:
         if first:
             self._notify()
 
+    def run_soon(self, job: Callable[[], object]) -> None:
+        """:meth:`call_later` for a finalizer: takes no lock (the thread the
+        garbage collector interrupted may hold any) and starts no thread.
+        Dropped if the client closes first."""
+        self._jobs.append(job)  # one step under the GIL: the background thread's swap keeps it
+        with contextlib.suppress(Exception):  # a finalizer must not raise (closed, forked)
+            self._notify()
+
     def _close_wake(self) -> None:
         for sock in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from functools import partial
+import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .wrapper import ConnectionWrapper
@@ -61,7 +62,7 @@ def reclaim_idle(pool: ConnectionPool[Any]) -> int:
         pool._m["reclaimed"] += len(victims)
         pool._giving += len(victims)
     if arm:
-        client.call_later(IDLE_GIVE_BACK, partial(recheck_owed, pool))
+        client.call_later(IDLE_GIVE_BACK, recheck_job(pool))
     for wrapper in victims:
         pool._close(wrapper, giving=True)
     return len(victims)
@@ -116,6 +117,7 @@ def revoke(pool: ConnectionPool[Any], lease_id: Any, why: Any) -> None:
         for wrapper in found:
             wrapper.lease = None
             pool._leased -= 1
+            pool._left.revoked(wrapper)
             if not wrapper.in_use:
                 pool._idle.remove(wrapper)
                 del pool._all[wrapper.id]
@@ -140,6 +142,7 @@ def drop_revoked(pool: ConnectionPool[Any], wrapper: ConnectionWrapper[Any], cli
     if lease is not None and client is not None and lease.id not in client._held:
         wrapper.lease = None
         pool._leased -= 1
+        pool._left.revoked(wrapper)
         return True
     return False
 
@@ -158,6 +161,18 @@ def lease_states(pool: ConnectionPool[Any]) -> list[list[Any]]:
              w.in_use and w.warned]
             for w in pool._all.values() if w.lease is not None
         ]
+
+
+def recheck_job(pool: ConnectionPool[Any]) -> Callable[[], None]:
+    """:func:`recheck_owed` as a timer's job, holding ``pool`` weakly: a timer
+    armed for up to a fairness quantum must not keep a dropped pool alive."""
+    ref = weakref.ref(pool)
+
+    def job() -> None:
+        found = ref()
+        if found is not None:
+            recheck_owed(found)
+    return job
 
 
 def recheck_owed(pool: ConnectionPool[Any]) -> None:

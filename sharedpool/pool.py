@@ -7,7 +7,8 @@ release the lease) and validation happen outside the lock: the locked sections
 only decide, and return what to do. The slow paths live beside this module:
 sharedpool.waiting (a checkout that waits), sharedpool.checkin (a checkin that
 gives back, hands over or closes), sharedpool.shutdown (close() and drain()),
-sharedpool.giveback (what the coordinator asks), sharedpool.maintenance.
+sharedpool.giveback (what the coordinator asks), sharedpool.maintenance,
+sharedpool.dropped (a pool collected without close()).
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
-from functools import partial
 from typing import Any, Generic, TypeVar
 
-from . import checkin, giveback, maintenance, opening, process, shutdown, waiting
+from . import checkin, dropped, maintenance, opening, process, shutdown, waiting
 from .client import _PID, AcquireRequest, Client, current_pid
 from .closing import ACTIVE, INERROR, INTRANS, UNKNOWN, transaction_status
 from .config import SOCKET_ENV, PoolConfig, check_resource_name, check_socket_path, env_socket_path
@@ -38,7 +39,7 @@ T = TypeVar("T")
 
 #: Connections abandoned in a forked child: the parent's, kept referenced so
 #: that no destructor ever closes them from the child (I7).
-_INHERITED: list[Any] = []
+_INHERITED = dropped.INHERITED
 
 
 _ACTIVE = PoolStatus.ACTIVE
@@ -94,7 +95,10 @@ class ConnectionPool(Generic[T]):
         #: connection's backend pid has reached the coordinator by then, so
         #: the fence covers a worker killed during it.
         self.configure = configure
+        #: what the garbage collector closes if the pool is dropped without close()
+        self._left = dropped.Left(self.name, self.config.close_confirm_timeout)
         self._init_state()
+        weakref.finalize(self, dropped.reap, self._left).atexit = False
         process.register(self)
 
     @property
@@ -155,6 +159,7 @@ class ConnectionPool(Generic[T]):
         self._maintenance: threading.Thread | None = None
         self._client: Client | None = None
         self._handlers: tuple[Any, ...] = ()
+        self._left.reset()
         self._m = dict.fromkeys((
             "total_created", "total_closed", "connect_attempts",
             "acquire_timeouts", "connect_errors", "request_errors", "validation_failures", "reclaimed",
@@ -601,14 +606,15 @@ class ConnectionPool(Generic[T]):
                 # pool's close_if_unused() before our handlers went in is lost.
                 while self._client is None or self._client_lost():
                     client = Client.for_path(path)
-                    reclaim = partial(giveback.reclaim_idle, self)
-                    push = partial(giveback.on_push, self)
-                    states = partial(giveback.lease_states, self)
+                    # Weak: the client lives as long as the process, and a pool
+                    # dropped without close() must still be collected.
+                    reclaim, push, states = dropped.weak_handlers(self)
                     client.on_reclaim(self.resource, reclaim)
                     client.on_push(push)
                     client.add_state_provider(states)
                     self._handlers = (reclaim, push, states)
                     self._client = client
+                    self._left.client, self._left.handlers = client, self._handlers
         return self._client
 
     def _client_lost(self) -> bool:
@@ -641,7 +647,9 @@ class ConnectionPool(Generic[T]):
         with process.FORK_LOCK[0]:
             if self._pid == _PID[0]:
                 return
-            _INHERITED.extend(self._all.values())
+            # The connections, not their wrappers: a wrapper holds its pool,
+            # which the child may drop like any other.
+            _INHERITED.extend(w.conn for w in self._all.values())
             for wrapper in self._all.values():
                 if wrapper.kept is not None:  # our copy only: no shutdown, the parent's socket goes on
                     wrapper.kept.close()

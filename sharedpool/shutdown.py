@@ -115,6 +115,9 @@ def close_counted(pool: ConnectionPool[T], wrapper: ConnectionWrapper[T], giving
     t0 = time.monotonic()  # before the lease is taken off: no call between that and the try
     lease, client, kept = wrapper.lease, pool._client, wrapper.kept
     wrapper.lease = wrapper.kept = None
+    left = pool._left.entries
+    if wrapper.id in left:  # this close's from here, no longer the pool finalizer's (no call either)
+        del left[wrapper.id]
     pid = pool._pid
 
     keep = lease is not None and client is not None

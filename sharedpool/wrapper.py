@@ -49,6 +49,7 @@ class ConnectionWrapper(Generic[T]):
         self.txn = _txn_probe(conn)
         #: a dup of its socket: a close is confirmed even after its user closed it
         self.kept = keep_socket(conn)
+        pool._left.track(self)  # closed if the pool is collected before a close takes it
 
     def __repr__(self) -> str:
         state = "in use" if self.in_use else "idle"
