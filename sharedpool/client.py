@@ -12,10 +12,8 @@ closes its copy and starts its own session lazily (I7).
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import errno
-import functools
 import heapq
 import itertools
 import logging
@@ -36,7 +34,9 @@ from .config import check_resource_name, check_seconds, check_socket_path, defau
 from .errors import ConfigError, CoordinatorUnavailable, PoolTimeout
 from .handoff import MAX_COST
 from .handshake import SEND_TIMEOUT
+from .hooks import Hooks
 from .lease import AcquireRequest, Lease, _Pending
+from .owed import Owed
 from .receiving import GRACE
 
 __all__ = ["AcquireRequest", "Client", "Lease", "current_pid"]
@@ -44,7 +44,7 @@ __all__ = ["AcquireRequest", "Client", "Lease", "current_pid"]
 log = logging.getLogger("sharedpool.client")
 
 
-class Client:
+class Client(Owed, Hooks):
     """A session to one coordinator, shared by every pool of this process.
 
     Use :meth:`for_path` to get the process's shared client for a socket.
@@ -74,26 +74,11 @@ class Client:
         self._pending: dict[int, _Pending] = {}
         self._reqs = itertools.count(1)
         self._held: dict[int, Lease] = {}
-        self._owed: dict[str, int] = {}
-        #: resource -> leases being given back (closing) for what is owed, by
-        #: any pool of this process: what is owed is the process's, so is the
-        #: count of what is already on its way (claimed by take_owed, settled
-        #: by any release of the lease). Guarded, with _owed, by _owed_lock.
-        self._giving: dict[str, set[int]] = {}
-        #: taken last (under a pool's lock or _cond), nothing taken inside it
-        self._owed_lock = threading.Lock()
-        #: resource -> fairness quantum the coordinator sent with its reclaim
-        self._quanta: dict[str, float] = {}
+        self._init_owed()
         #: resource -> this process's hand-off cost (seconds), and the last sent
         self._costs: dict[str, float] = {}
         self._sent_costs: dict[str, float] = {}
-        self._reclaim_handlers: dict[str, list[Callable[[], object]]] = {}
-        self._push_handlers: list[Callable[[str, str | None, dict[str, Any]], None]] = []
-        self._state_providers: list[Callable[[], list[list[Any]]]] = []
-        self._handlers_lock = threading.RLock()
-        #: changes to the handler lists not applied yet (see _change_handlers)
-        self._handler_changes: collections.deque[Callable[[], None]] = collections.deque()
-        self._changing_handlers = False
+        self._init_hooks()
         self._failures: dict[str, int] = {}
         self._successes: set[str] = set()
         self._last_report: Any = None
@@ -293,27 +278,6 @@ class Client:
             self._reconnect_asked = False
         handshake.try_connect(self, None)
 
-    def owes(self, resource: str) -> int:
-        """How many leases of ``resource`` the coordinator asked us to give back."""
-        return self._owed.get(resource, 0)
-
-    def take_owed(self, lease: Lease) -> bool:
-        """Claim ``lease`` as one of those the coordinator asked back, its
-        give-back about to start: False when as many are on their way already,
-        from whichever pool of this process. Settled by any :meth:`release` of
-        the lease (a give-back cut short and closed otherwise settles it too);
-        asking again for a lease already claimed says True."""
-        with self._owed_lock:
-            giving = self._giving.get(lease.resource)
-            if giving is not None and lease.id in giving:
-                return True
-            if self._owed.get(lease.resource, 0) <= (0 if giving is None else len(giving)):
-                return False
-            if giving is None:
-                giving = self._giving[lease.resource] = set()
-            giving.add(lease.id)
-            return True
-
     def waits_for(self, resource: str, besides: object = None) -> bool:
         """Whether an acquire of ``resource`` is still waiting for its lease,
         other than those of ``besides`` (a pool: another pool of this process,
@@ -323,28 +287,6 @@ class Client:
             return any(isinstance(pd.msg, p.Acquire) and pd.msg.resource == resource
                        and pd.msg.timeout != 0 and not pd.done and pd.owner is not besides
                        for pd in self._pending.values())
-
-    def owed_left(self, resource: str) -> int:
-        """Leases of ``resource`` owed and not yet on their way back."""
-        return max(0, self._owed.get(resource, 0) - len(self._giving.get(resource, ())))
-
-    def _forget_giving(self, lease: Lease) -> None:
-        """``lease`` was revoked: no release will settle its give-back."""
-        with self._owed_lock:
-            self._settle_giving(lease)
-
-    def _settle_giving(self, lease: Lease) -> None:
-        # Under _owed_lock.
-        giving = self._giving.get(lease.resource)
-        if giving is not None:
-            giving.discard(lease.id)
-            if not giving:
-                del self._giving[lease.resource]
-
-    def quantum(self, resource: str) -> float | None:
-        """The fairness quantum the coordinator last asked for with a reclaim of
-        ``resource`` (None: it has not said; the pool decides)."""
-        return self._quanta.get(resource)
 
     def report_cost(self, resource: str, seconds: float) -> None:
         """What moving a slot of ``resource`` costs this process (connect +
@@ -398,89 +340,6 @@ class Client:
         new connection's backend pid matters to the fence)."""
         self._reported_at = 0.0
         self._notify()
-
-    # The handler lists are replaced, never changed in place: a loop over them
-    # in progress is not disturbed. Each change is queued, then applied by
-    # whichever thread is not already applying changes: the garbage collector
-    # runs finalizers at any allocation, inside a change too, and one that
-    # closes a pool (or a lease book's, forget_later) must neither wait for the
-    # lock its own thread holds nor have its change overwritten by the change
-    # it interrupted. Its change waits in the queue for the outer one to apply.
-
-    def on_reclaim(self, resource: str, handler: Callable[[], object]) -> None:
-        """``handler()`` is called from the background thread when the
-        coordinator asks for leases of ``resource`` back."""
-        def add() -> None:
-            handlers = self._reclaim_handlers
-            if not any(h is handler for h in handlers.get(resource, ())):
-                self._reclaim_handlers = {**handlers, resource: [*handlers.get(resource, ()), handler]}
-
-        self._change_handlers(add)
-
-    def on_push(self, handler: Callable[[str, str | None, dict[str, Any]], None]) -> None:
-        """``handler(verb, resource, args)`` is called from the background thread
-        for what the coordinator pushes: drain, resume, resize, end_session, and
-        revoke (``args["lease"]`` was not re-registered after a restart: close
-        its connection; the client has already forgotten the lease). After a
-        reconnect, ``"welcome"`` with ``args["resources"]``: the new session's
-        limits and state (``"draining"``), for what the old session pushed."""
-        def add() -> None:
-            if not any(h is handler for h in self._push_handlers):
-                self._push_handlers = [*self._push_handlers, handler]
-
-        self._change_handlers(add)
-
-    def add_state_provider(self, provider: Callable[[], list[list[Any]]]) -> None:
-        """``provider()`` returns ``[lease, state, backend_pid, site]`` rows for reports."""
-        def add() -> None:
-            if not any(h is provider for h in self._state_providers):
-                self._state_providers = [*self._state_providers, provider]
-
-        self._change_handlers(add)
-
-    def remove_handlers(self, *handlers: Any) -> None:
-        """Forget handlers and state providers given to the methods above."""
-        self._change_handlers(functools.partial(self._remove_handlers, handlers))
-
-    def forget_later(self, *handlers: Any) -> None:
-        """:meth:`remove_handlers` for a finalizer: takes no lock and builds
-        nothing; the background thread, woken here, applies it (or the next
-        change of the lists, or close_if_unused)."""
-        self._handler_changes.append(functools.partial(self._remove_handlers, handlers))
-        with contextlib.suppress(Exception):  # a finalizer must not raise (closed, forked)
-            self._notify()
-
-    def _change_handlers(self, change: Callable[[], None] | None = None) -> bool:
-        """Queue ``change``, then apply every queued change unless this thread
-        is already doing so (re-entered by a finalizer): False then."""
-        if change is not None:
-            self._handler_changes.append(change)
-        with self._handlers_lock:  # re-entrant: a finalizer on this thread never waits for it
-            if self._changing_handlers:
-                return False
-            self._changing_handlers = True
-            try:
-                while self._handler_changes:
-                    # Dequeued once applied: cut short by a signal handler's
-                    # exception, it stays for the next applier (each change can
-                    # be applied twice), never lost to the thread that queued it.
-                    try:
-                        self._handler_changes[0]()
-                    except Exception:  # a change that fails fails once (not a signal's exception)
-                        self._handler_changes.popleft()
-                        raise
-                    self._handler_changes.popleft()
-            finally:
-                self._changing_handlers = False
-        return True
-
-    def _remove_handlers(self, gone: tuple[Any, ...]) -> None:
-        # By identity: a handler's own __eq__ is not ours to call.
-        ids = {id(h) for h in gone}
-        self._reclaim_handlers = {resource: [h for h in hs if id(h) not in ids]
-                                  for resource, hs in self._reclaim_handlers.items()}
-        self._push_handlers = [h for h in self._push_handlers if id(h) not in ids]
-        self._state_providers = [h for h in self._state_providers if id(h) not in ids]
 
     def close_if_unused(self) -> bool:
         """Close the session if no pool uses it and it holds and awaits nothing

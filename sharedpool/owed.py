@@ -1,0 +1,73 @@
+"""What the coordinator asked this process to give back, per resource, and
+what is already on its way back (a part of :class:`~sharedpool.client.Client`).
+
+What is owed is the process's, not a pool's: every pool of the process on a
+resource answers the same reclaim, so the give-backs under way are counted
+here too, by lease, and no two pools pay for one lease owed.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from .lease import Lease
+
+
+class Owed:
+    """The owed-lease bookkeeping of a Client (a mixin: its state is made by
+    :meth:`_init_owed`, from the client's own state reset)."""
+
+    def _init_owed(self) -> None:
+        self._owed: dict[str, int] = {}
+        #: resource -> leases being given back (closing) for what is owed, by
+        #: any pool of this process: what is owed is the process's, so is the
+        #: count of what is already on its way (claimed by take_owed, settled
+        #: by any release of the lease). Guarded, with _owed, by _owed_lock.
+        self._giving: dict[str, set[int]] = {}
+        #: taken last (under a pool's lock or _cond), nothing taken inside it
+        self._owed_lock = threading.Lock()
+        #: resource -> fairness quantum the coordinator sent with its reclaim
+        self._quanta: dict[str, float] = {}
+
+    def owes(self, resource: str) -> int:
+        """How many leases of ``resource`` the coordinator asked us to give back."""
+        return self._owed.get(resource, 0)
+
+    def take_owed(self, lease: Lease) -> bool:
+        """Claim ``lease`` as one of those the coordinator asked back, its
+        give-back about to start: False when as many are on their way already,
+        from whichever pool of this process. Settled by any :meth:`release` of
+        the lease (a give-back cut short and closed otherwise settles it too);
+        asking again for a lease already claimed says True."""
+        with self._owed_lock:
+            giving = self._giving.get(lease.resource)
+            if giving is not None and lease.id in giving:
+                return True
+            if self._owed.get(lease.resource, 0) <= (0 if giving is None else len(giving)):
+                return False
+            if giving is None:
+                giving = self._giving[lease.resource] = set()
+            giving.add(lease.id)
+            return True
+
+    def owed_left(self, resource: str) -> int:
+        """Leases of ``resource`` owed and not yet on their way back."""
+        return max(0, self._owed.get(resource, 0) - len(self._giving.get(resource, ())))
+
+    def _forget_giving(self, lease: Lease) -> None:
+        """``lease`` was revoked: no release will settle its give-back."""
+        with self._owed_lock:
+            self._settle_giving(lease)
+
+    def _settle_giving(self, lease: Lease) -> None:
+        # Under _owed_lock.
+        giving = self._giving.get(lease.resource)
+        if giving is not None:
+            giving.discard(lease.id)
+            if not giving:
+                del self._giving[lease.resource]
+
+    def quantum(self, resource: str) -> float | None:
+        """The fairness quantum the coordinator last asked for with a reclaim of
+        ``resource`` (None: it has not said; the pool decides)."""
+        return self._quanta.get(resource)
