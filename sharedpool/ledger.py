@@ -17,7 +17,8 @@ Rules of this module:
   at its cap, sessions that hold leases (preferring reported-idle ones) are
   asked to give some back, at checkin once their connection is older than
   the resource's fairness quantum (a number, or with "auto" one quantum for
-  every holder from the median hand-off cost the sessions report).
+  every holder from the median hand-off cost the sessions report, shortened
+  while the queue is too long for its tail to be served within half its timeout).
 
 Everything that decides a grant, a denial, a reclaim or a fence is in this
 module or one of its parts, each pure and called only from here:
@@ -49,7 +50,7 @@ from .deadlines import Deadlines
 from .effects import AskReclaim, Denied, Effect, Granted, Notify, Problem, start_fence
 from .handoff import auto_quantum
 from .protocol import brief
-from .reclaim import rebalance, servable
+from .reclaim import paced, rebalance, servable
 from .records import (
     NEW,
     WAIT_BUCKETS,
@@ -446,7 +447,8 @@ class Ledger:
         """Rows of ``inspect resources``; ``names``: only those resources."""
         # Inside a restart's grace nothing is granted: seconds left of it, else None.
         hold = round(self.hold_until - now, 3) if self._holding(now) and self.hold_until else None
-        return [{**res.snapshot(now, self.quantum(res.name)), "restart_hold_s": hold}
+        return [{**res.snapshot(now, paced(res, self.sessions, self.quantum(res.name))),
+                 "restart_hold_s": hold}
                 for res in self.resources.values() if names is None or res.name in names]
 
     def snapshot_sessions(self, now: float) -> list[dict[str, Any]]:
@@ -577,7 +579,7 @@ class Ledger:
     def _rebalance(self, res: ResourceState) -> list[Effect]:
         # While a restart's hold lasts nothing can be granted: as when paused,
         # holders are not asked to give back for waiters (only any excess).
-        return rebalance(res, self.sessions, lambda: self.quantum(res.name),
+        return rebalance(res, self.sessions, lambda: paced(res, self.sessions, self.quantum(res.name)),
                          holding=self.hold_until is not None)
 
     def _notify_holders(

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .effects import AskReclaim, Effect
+from .handoff import AUTO_MIN
 from .records import IDLE, ResourceState, Session
 
 #: Askees are sent a new quantum when it moves by more than this fraction
@@ -32,6 +33,32 @@ def servable(res: ResourceState, sessions: dict[int, Session]) -> tuple[int, int
             if head is None:
                 head = w.session
     return count, head, seen
+
+
+def paced(res: ResourceState, sessions: dict[int, Session], quantum: float | None) -> float | None:
+    """The "auto" ``quantum``, shortened so that every servable waiter gets a
+    turn within half its timeout: each quantum, about ``max_size`` leases
+    change hands, so the n-th waiter in line waits ceil(n / max_size) turns.
+    Turns of a second (PostgreSQL's auto quantum) and 40 processes at a cap of
+    4 made each waiter wait 9.4 s of its 10; with a few more, every acquire at
+    the tail timed out while slots moved ahead of it. Never below the auto
+    floor (hand-offs would cost more than they serve); a configured number is
+    kept as given."""
+    if quantum is None or not isinstance(res.limits.fairness_quantum, str) or not res.waiters:
+        return quantum
+    best = quantum
+    seen: dict[int, int] = {}
+    cap, size = res.limits.max_per_process, res.limits.max_size
+    position = 0
+    for w in res.waiters:  # in queue order, as servable() counts them
+        n = seen.get(w.session, 0)
+        if cap is not None and sessions[w.session].held(res.name) + n >= cap:
+            continue
+        seen[w.session] = n + 1
+        position += 1
+        turns = -(-position // size)
+        best = min(best, (w.deadline - w.since) / (2 * turns))
+    return max(min(AUTO_MIN, quantum), best)
 
 
 def rebalance(

@@ -1,0 +1,95 @@
+"""The "auto" fairness quantum against a long queue (I3): every servable waiter
+gets a turn within half its timeout. Pure ledger tests, as in test_ledger.py."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from sharedpool.config import Resource
+from sharedpool.effects import AskReclaim, Granted
+from sharedpool.handoff import AUTO_MAX, AUTO_MIN, auto_quantum
+from sharedpool.ledger import Ledger
+from sharedpool.reclaim import QUANTUM_STEP
+
+T0 = 1000.0
+
+
+def fleet(processes: int, resource: Resource, timeout: float = 10.0,
+          cost: float = 0.01) -> tuple[Ledger, list[AskReclaim]]:
+    """``processes`` sessions that all reported ``cost``, one acquire each with
+    ``timeout``: the first ``max_size`` hold a lease, the rest queue. Returns
+    the ledger and the reclaim asks of the last acquire."""
+    lg = Ledger({"pg": resource})
+    sids = [lg.open_session(100 + i, "w", T0)[0] for i in range(processes)]
+    for sid in sids:
+        lg.report(sid, [], T0, costs={"pg": cost})
+    asks: list[AskReclaim] = []
+    for sid in sids:
+        effects = lg.acquire(sid, 1, "pg", T0, timeout=timeout)
+        asks = [e for e in effects if isinstance(e, AskReclaim)]
+    return lg, asks
+
+
+def tail_wait(lg: Ledger) -> float:
+    """About how long the last waiter waits: its turns times the quantum holders were sent."""
+    res = lg.resources["pg"]
+    assert res.quantum_sent is not None
+    return math.ceil(len(res.waiters) / res.limits.max_size) * res.quantum_sent
+
+
+def test_the_tail_of_a_long_queue_is_served_within_its_timeout() -> None:
+    """Before: 48 processes at a cap of 4 and PostgreSQL's auto quantum (1 s):
+    every holder was asked to keep its connection a second, so the 44th waiter
+    waited 11 turns, 11 s, past its 10 s timeout, while slots moved every
+    second to the waiters ahead of it (measured with 40 processes: 9.4 s of
+    10 for every acquire at the tail)."""
+    lg, _ = fleet(48, Resource(max_size=4))
+    assert auto_quantum(0.01) == AUTO_MAX  # what the holders were asked for before
+    # Within half the timeout, give or take the step that is worth a frame to holders.
+    assert tail_wait(lg) <= 10.0 / 2 / (1 - QUANTUM_STEP)
+    turns = math.ceil(44 / 4)
+    assert lg.snapshot_resources(T0)[0]["fairness_quantum_s"] * turns == pytest.approx(10.0 / 2)
+    assert len(lg.resources["pg"].askees) == 4  # every holder takes turns of it
+
+
+def test_a_short_queue_keeps_the_auto_quantum_and_it_comes_back() -> None:
+    lg, asks = fleet(6, Resource(max_size=4))
+    assert {a.quantum for a in asks if a.count} <= {AUTO_MAX}
+    assert lg.resources["pg"].quantum_sent == AUTO_MAX
+    # Grow the queue: holders hear a shorter turn; drain it: the full one again.
+    more = [lg.open_session(900 + i, "w", T0)[0] for i in range(40)]
+    for sid in more:
+        lg.acquire(sid, 1, "pg", T0, timeout=10.0)
+    assert tail_wait(lg) <= 10.0 / 2 / (1 - QUANTUM_STEP)
+    for sid in more:
+        lg.cancel(sid, 1, T0)
+    assert lg.resources["pg"].quantum_sent == AUTO_MAX
+
+
+def test_pacing_has_a_floor_and_leaves_a_fixed_quantum_alone() -> None:
+    # Timeouts too short to be served in any turn: the auto floor, no less.
+    lg, _ = fleet(40, Resource(max_size=2), timeout=0.2)
+    assert lg.resources["pg"].quantum_sent == pytest.approx(AUTO_MIN)
+    assert lg.snapshot_resources(T0)[0]["fairness_quantum_s"] == AUTO_MIN
+    # A configured number is what the operator chose: sent as it is.
+    fixed, asks = fleet(48, Resource(max_size=4, fairness_quantum=0.8))
+    assert fixed.resources["pg"].quantum_sent == 0.8
+    assert {a.quantum for a in asks if a.count} <= {0.8}
+
+
+def test_waiters_held_back_by_max_per_process_do_not_shorten_turns() -> None:
+    # One process queueing 40 acquires past its own max_per_process waits for
+    # its own leases, not for a turn: it must not shorten everyone's.
+    lg = Ledger({"pg": Resource(max_size=4, max_per_process=1)})
+    sids = [lg.open_session(100 + i, "w", T0)[0] for i in range(5)]
+    for sid in sids:
+        lg.report(sid, [], T0, costs={"pg": 0.01})
+    for sid in sids[:4]:
+        assert any(isinstance(e, Granted) for e in lg.acquire(sid, 1, "pg", T0, timeout=10.0))
+    greedy = sids[0]
+    for req in range(2, 42):
+        lg.acquire(greedy, req, "pg", T0, timeout=10.0)
+    lg.acquire(sids[4], 1, "pg", T0, timeout=10.0)
+    assert lg.resources["pg"].quantum_sent == AUTO_MAX
