@@ -15,7 +15,9 @@ contrib integrations too); the coordinator takes the median over the
 processes and sends that quantum with its reclaim requests, and again to the
 holders already asked whenever it moves by more than a fifth, so every holder
 of a resource takes turns of the same length. A pool uses its own figure only
-until the coordinator has one.
+until the coordinator has one. While more processes wait than turns of that
+length could serve within half their acquire timeout, the coordinator sends a
+shorter one (:func:`sharedpool.reclaim.paced`, never below the floor).
 
 A hand-off costs much more than its own connect + close time. Measured on a
 2-core machine with PostgreSQL 15 on loopback (8 processes in ``SELECT 1``
