@@ -223,3 +223,40 @@ def test_a_pool_is_served_beside_a_busy_psycopg_pool_of_its_process(
             thread.join(5)
         waiting.close()
         busy.close()
+
+
+def test_an_integration_reclaim_and_a_checkin_give_back_one_lease_for_one_owed(
+        start_coordinator: Any, sock_path: str, pg: str, app_name: str) -> None:
+    # One lease owed. A psycopg_pool integration's reclaim closes its idle
+    # connection (slowly); meanwhile a core pool's checkin: it must see that
+    # give-back under way. Before: the integrations' reclaims claimed nothing
+    # (sized by owed_left only), so the checkin's take_owed paid the same lease again.
+    start_coordinator({"r": Resource(max_size=3, fairness_quantum=0)})
+    gate = _GatedPgConnection.gate = threading.Event()
+    closes = _GatedPgConnection.closes = []
+    idle = PsycopgPool(pg, resource="r", coordinator=sock_path, min_size=1, max_size=1, timeout=5,
+                       connection_class=_GatedPgConnection, open=True,
+                       kwargs={"autocommit": True, "application_name": app_name})
+    core = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1, test_on_acquire=False),
+                          resource="r", coordinator=sock_path, name="core")
+    reclaiming = None
+    try:
+        idle.wait(5)
+        wrapper = core.acquire(timeout=5)
+        client = Client.for_path(sock_path)
+        client._owed["r"] = 1  # as if the coordinator had asked this process for one lease back
+        client._quanta["r"] = 0.0
+        reclaiming = threading.Thread(target=idle._sp_book._on_reclaim)  # the client thread's job
+        reclaiming.start()
+        _wait_for(lambda: len(closes) == 1, "the reclaim never started giving back")
+        core.release(wrapper)  # while the reclaim's give-back is still closing
+        gate.set()
+        reclaiming.join(5)
+        assert core.get_size() == 1, "the checkin gave back a lease the reclaim was paying"
+        assert client.owes("r") == 0
+    finally:
+        gate.set()
+        if reclaiming is not None:
+            reclaiming.join(5)
+        core.close()
+        idle.close()

@@ -431,6 +431,23 @@ class _Book:
             self._recheck_after(quantum - age)
         return False
 
+    def pays_back(self, key: Any) -> bool:
+        """For the host pool's reclaim, as it picks idle ``key`` to close: whether
+        closing it now is asked for. Revoked, or an admin drain / end: yes.
+        Else it must pay one of the leases the coordinator asked back, and is
+        claimed for it here (Client.take_owed), so that no checkin or reclaim
+        of another pool of this process pays the same lease again; its
+        release settles the claim. Called by the pool under its own lock."""
+        if self._pid != current_pid():
+            return False
+        entry = self._entries.get(id(key))
+        if entry is None or entry.key is not key:
+            return False
+        if entry.revoked or self._admin_state is not None:
+            return True
+        lease, client = entry.lease, entry.client
+        return lease is not None and client is not None and client.take_owed(lease)
+
     def _recheck_after(self, delay: float) -> None:
         client = self._client
         with self._lock:

@@ -306,9 +306,13 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
                 self._pool.remove(conn)
                 victims.append(conn)
                 self._nconns -= 1
-            while len(victims) < count and self._pool:
-                victims.append(self._pool.popleft())  # the one idle longest
-                self._nconns -= 1
+            for conn in list(self._pool):  # the one idle longest first
+                if len(victims) >= count:
+                    break
+                if book.pays_back(conn):  # claimed: no other pool of the process pays it too
+                    self._pool.remove(conn)
+                    victims.append(conn)
+                    self._nconns -= 1
             self._nconns_min = min(self._nconns_min, len(self._pool))
         for conn in victims:
             self._close_connection(conn)

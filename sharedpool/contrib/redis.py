@@ -400,7 +400,13 @@ class BlockingConnectionPool(redis.BlockingConnectionPool):
             order = list(q.queue) if isinstance(q, queue.LifoQueue) else list(reversed(q.queue))
             book = self._sp_book
             order.sort(key=lambda c: not book.revoked(getattr(c, "_conn", c)))  # revoked ones first
-            picked = [c for c in order if self._sp_connected(c)][:count]
+            picked: list[Any] = []
+            for conn in order:
+                if len(picked) >= count:
+                    break
+                # pays_back claims an owed lease: no other pool of the process pays it too
+                if self._sp_connected(conn) and book.pays_back(getattr(conn, "_conn", conn)):
+                    picked.append(conn)
             for conn in picked:
                 q.queue.remove(conn)
         for conn in picked:

@@ -367,7 +367,8 @@ class LeasedQueuePool(QueuePool):
             for record in order:
                 if len(picked) >= count:
                     break
-                if record.dbapi_connection is not None and book.owns(record.dbapi_connection):
+                # pays_back claims an owed lease: no other pool of the process pays it too
+                if record.dbapi_connection is not None and book.pays_back(record.dbapi_connection):
                     picked.append(record)
             for record in picked:
                 queue.queue.remove(record)
