@@ -100,10 +100,10 @@ def acquire_slow(pool: ConnectionPool[T], timeout: float | None, start: float,
             pool._discard(wrapper)
             continue
         try:  # as in acquire(): a signal here must not strand the connection
+            wrapper.checked_out_at = now  # first: a checkin cut short here counts from now
             with pool._lock:
                 pool._acquired += 1
                 pool._m["requests_wait_ms"] += int((now - start) * 1000)
-            wrapper.checked_out_at = now
             if pool.config.leak_detection_threshold is not None:
                 wrapper.site = _call_site()
             return wrapper
@@ -189,10 +189,15 @@ def forsake(pool: ConnectionPool[T], waiter: _Waiter, checking: ConnectionWrappe
     """The caller of ``waiter`` left with an exception. Dequeue it; check in
     a connection that reached it meanwhile, or close the one whose
     validation was cut short (it may be mid-query)."""
+    now = time.monotonic()
     with pool._lock:
         if waiter in pool._waiters:
             pool._waiters.remove(waiter)
         handed = waiter.wrapper if checking is None else None
+        if handed is not None:
+            # Never its caller's: no usage to count at its checkin (it holds
+            # the last user's checkout time, or configure's inf).
+            handed.checked_out_at = now
     if checking is not None:
         pool._discard(checking, validation=False)
     elif handed is not None:

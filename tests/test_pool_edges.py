@@ -1524,6 +1524,55 @@ def test_stats_count_usage_and_pop_stats_starts_the_counters_again() -> None:
         pool.close()
 
 
+@pytest.mark.parametrize("configured", [True, False])
+def test_stats_usage_of_a_connection_handed_to_a_checkout_cut_short(configured: bool) -> None:
+    # A new connection is handed to a waiting checkout, whose caller is gone
+    # (a signal handler's exception): forsake() checks it back in. Before: its
+    # checked_out_at was configure's mark (inf), so usage_ms became -inf and
+    # get_stats() raised OverflowError for good; without configure, 0.0: usage_ms
+    # jumped by the monotonic clock's value. The caller never had it: no usage.
+    main = threading.main_thread().ident
+    assert main is not None
+    pool: ConnectionPool[Any] | None = None
+
+    def handed() -> bool:
+        assert pool is not None
+        with pool._lock:
+            return not pool._waiters and bool(pool._all)
+
+    def raise_once_handed(*_: object) -> None:
+        deadline = time.monotonic() + 5
+        while not handed() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        raise Interrupted("the signal handler raised")
+
+    factory = FakeFactory()
+
+    def connect() -> Any:
+        conn = factory()
+        if not configured:
+            signal.pthread_kill(main, signal.SIGUSR1)
+        return conn
+
+    def configure(conn: Any) -> None:
+        signal.pthread_kill(main, signal.SIGUSR1)
+
+    old = signal.signal(signal.SIGUSR1, raise_once_handed)
+    try:
+        pool = ConnectionPool(connect, PoolConfig(min_size=0, max_size=1),
+                              configure=configure if configured else None)
+        with pytest.raises(Interrupted):
+            pool.acquire(timeout=5)
+        assert handed()
+        stats = pool.get_stats()
+        assert 0 <= stats["usage_ms"] < 1000, stats
+        assert (stats["pool_size"], stats["pool_available"]) == (1, 1)
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+        if pool is not None:
+            pool.close()
+
+
 def test_stats_count_a_checkout_refused_by_a_draining_or_closed_pool() -> None:
     # Before: a checkout that raised PoolClosed (drained, or `sharedpool drain`)
     # was counted in neither requests_num nor requests_errors.
