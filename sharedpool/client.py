@@ -30,7 +30,13 @@ from typing import Any
 from . import background, handshake, receiving
 from . import protocol as p
 from .background import BACKOFF_MIN, PARK_RECHECK
-from .config import check_resource_name, check_seconds, check_socket_path, default_socket_path
+from .config import (
+    MAX_SOCKET_PATH,
+    check_resource_name,
+    check_seconds,
+    check_socket_path,
+    default_socket_path,
+)
 from .errors import ConfigError, CoordinatorUnavailable, PoolTimeout
 from .handoff import MAX_COST
 from .handshake import SEND_TIMEOUT
@@ -129,12 +135,19 @@ class Client(Owed, Hooks):
         # the first would speak for the process: the other's leases, not yet
         # re-registered, would be taken as closed while it was away (I1).
         key = _KEYS.get(path)
-        if key is None:  # resolved once per spelling: for_path() is on every connect's path
-            key = _KEYS[path] = os.path.realpath(path)
+        if key is None:
+            key = os.path.realpath(path)
+            # Resolved once per absolute spelling (for_path() is on every
+            # connect's path); a relative one names another file after a chdir.
+            if os.path.isabs(path):
+                _KEYS[path] = key
         with _REGISTRY_LOCK:
             client = _SHARED.get(key)
             if client is None or client._closed:
-                client = _SHARED[key] = cls(path)
+                # Kept absolute: a reconnect after a chdir (a coordinator
+                # restart) must reach the same coordinator, not re-register
+                # this process's leases with another one.
+                client = _SHARED[key] = cls(_anchored(path))
                 client._shared_key = key
             return client
 
@@ -607,6 +620,15 @@ class Client(Owed, Hooks):
 def _socket_path(given: Any) -> str:
     """The path given (checked, as a str), else the default one."""
     return check_socket_path("socket_path", default_socket_path() if given is None else given)
+
+
+def _anchored(path: str) -> str:
+    """``path`` joined to the working directory if relative (unless that is
+    too long for a Unix socket: then as given)."""
+    if os.path.isabs(path):
+        return path
+    full = os.path.join(os.getcwd(), path)
+    return full if len(os.fsencode(full)) <= MAX_SOCKET_PATH else path
 
 
 _REGISTRY_LOCK = threading.RLock()

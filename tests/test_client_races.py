@@ -710,3 +710,32 @@ def test_pools_naming_one_socket_differently_share_one_session(
     finally:
         for pool in pools:
             pool.close()
+
+
+def test_a_relative_socket_path_names_the_file_of_the_working_directory_of_the_time(
+        start_coordinator: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: for_path() cached the key of the spelling "sp.sock", so after a chdir
+    it returned the client of the first directory's coordinator (leases of the
+    wrong cap); and that client kept the relative spelling, so a reconnect after
+    a chdir (a coordinator restart) went to the other coordinator, re-registering
+    this process's leases there."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    start_coordinator({"r": 1}, path=str(one / "sp.sock"))
+    start_coordinator({"r": 1}, path=str(two / "sp.sock"))
+    monkeypatch.chdir(one)
+    first = Client.for_path("sp.sock")
+    second = None
+    try:
+        lease = first.acquire("r", timeout=5)
+        monkeypatch.chdir(two)
+        second = Client.for_path("sp.sock")
+        assert second is not first
+        assert first.socket_path == str(one / "sp.sock")  # where its reconnects go
+        second.release(second.acquire("r", timeout=2))  # the second coordinator's slot
+        first.release(lease)
+    finally:
+        first.close()
+        if second is not None:
+            second.close()
