@@ -49,6 +49,11 @@ __all__ = ["AcquireRequest", "Client", "Lease", "current_pid"]
 
 log = logging.getLogger("sharedpool.client")
 
+#: An acquire pending this long is taken as queued at the coordinator (one a
+#: free slot serves is answered within a round trip, well under a millisecond
+#: here): only then does another pool of the process give a slot back for it.
+QUEUED_AFTER = 0.01
+
 
 class Client(Owed, Hooks):
     """A session to one coordinator, shared by every pool of this process.
@@ -296,10 +301,13 @@ class Client(Owed, Hooks):
         other than those of ``besides`` (a pool: another pool of this process,
         or a caller of :meth:`request`, waits). One that does not queue
         (timeout 0: a min_size top-up) waits for nothing."""
+        # One younger than QUEUED_AFTER is most likely being granted from a free
+        # slot this moment: no reason for another pool to give one back for it.
+        made_before = time.monotonic() - QUEUED_AFTER
         with self._cond:
             return any(isinstance(pd.msg, p.Acquire) and pd.msg.resource == resource
                        and pd.msg.timeout != 0 and not pd.done and pd.owner is not besides
-                       for pd in self._pending.values())
+                       and pd.since <= made_before for pd in self._pending.values())
 
     def report_cost(self, resource: str, seconds: float) -> None:
         """What moving a slot of ``resource`` costs this process (connect +

@@ -180,7 +180,8 @@ def test_only_an_acquire_that_queues_takes_a_busy_pools_slot(
         client = pool._client
         assert client is not None
         with client._cond:  # as if another pool's acquire were on its way
-            client._pending[10**6] = _Pending(p.Acquire(10**6, "r", timeout))
+            # made a while ago: queued at the coordinator, not on its way to a free slot
+            client._pending[10**6] = _Pending(p.Acquire(10**6, "r", timeout), since=time.monotonic() - 1)
         try:
             pool.release(wrapper)
         finally:
@@ -260,3 +261,30 @@ def test_an_integration_reclaim_and_a_checkin_give_back_one_lease_for_one_owed(
             reclaiming.join(5)
         core.close()
         idle.close()
+
+
+def test_a_sibling_acquire_a_free_slot_is_serving_takes_no_busy_pools_slot(
+        start_coordinator: Any, sock_path: str) -> None:
+    # A sibling pool's acquire on its way to a free slot (answered within a round
+    # trip) is no waiter: a checkin landing meanwhile gave its connection back
+    # for nothing (review: 1 needless give-back in 3 s at cap 10).
+    from sharedpool import protocol as p
+    from sharedpool.lease import _Pending
+
+    start_coordinator({"r": Resource(max_size=4, fairness_quantum=0)})
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1, test_on_acquire=False),
+                          resource="r", coordinator=sock_path)
+    try:
+        wrapper = pool.acquire(timeout=5)
+        client = pool._client
+        assert client is not None
+        with client._cond:  # just sent
+            client._pending[10**6] = _Pending(p.Acquire(10**6, "r", 5.0))
+        try:
+            pool.release(wrapper)
+        finally:
+            with client._cond:
+                client._pending.pop(10**6, None)
+        assert pool.get_size() == 1
+    finally:
+        pool.close()
