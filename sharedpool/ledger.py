@@ -579,7 +579,8 @@ class Ledger:
     def _rebalance(self, res: ResourceState) -> list[Effect]:
         # While a restart's hold lasts nothing can be granted: as when paused,
         # holders are not asked to give back for waiters (only any excess).
-        return rebalance(res, self.sessions, lambda: paced(res, self.sessions, self.quantum(res.name)),
+        return rebalance(res, self.sessions,
+                         lambda longer: paced(res, self.sessions, self.quantum(res.name), longer),
                          holding=self.hold_until is not None)
 
     def _notify_holders(

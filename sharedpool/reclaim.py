@@ -35,10 +35,12 @@ def servable(res: ResourceState, sessions: dict[int, Session]) -> tuple[int, int
     return count, head, seen
 
 
-def paced(res: ResourceState, sessions: dict[int, Session], quantum: float | None) -> float | None:
+def paced(res: ResourceState, sessions: dict[int, Session], quantum: float | None,
+          longer: bool = False) -> float | None:
     """The "auto" ``quantum``, shortened so that every servable waiter gets a
     turn within half its timeout: each quantum, about ``max_size`` leases
     change hands, so the n-th waiter in line waits ceil(n / max_size) turns.
+    ``longer``: the figure for a queue half a turn longer (see :func:`to_send`).
     Turns of a second (PostgreSQL's auto quantum) and 40 processes at a cap of
     4 made each waiter wait 9.4 s of its 10; with a few more, every acquire at
     the tail timed out while slots moved ahead of it. Never below the auto
@@ -49,7 +51,7 @@ def paced(res: ResourceState, sessions: dict[int, Session], quantum: float | Non
     best = quantum
     seen: dict[int, int] = {}
     cap, size = res.limits.max_per_process, res.limits.max_size
-    position = 0
+    position = -(-size // 2) if longer else 0
     for w in res.waiters:  # in queue order, as servable() counts them
         n = seen.get(w.session, 0)
         if cap is not None and sessions[w.session].held(res.name) + n >= cap:
@@ -62,13 +64,14 @@ def paced(res: ResourceState, sessions: dict[int, Session], quantum: float | Non
 
 
 def rebalance(
-    res: ResourceState, sessions: dict[int, Session], current_quantum: Callable[[], float | None],
+    res: ResourceState, sessions: dict[int, Session], current_quantum: Callable[[bool], float | None],
     holding: bool = False,
 ) -> list[Effect]:
     """Decide how many leases each holder should give back, and tell those
     whose share changed. Need = servable waiters + excess over the cap,
     less the free slots and the fenced leases that will free up.
-    ``current_quantum``: the fairness quantum now (asked for only when needed)."""
+    ``current_quantum(longer)``: the fairness quantum now (asked for only
+    when needed), ``longer``: paced as for a queue half a turn longer."""
     if not res.waiters and not res.askees and res.leased <= res.limits.max_size:
         return []  # the common case: nobody waits, nobody was asked
     waiting_sessions = {w.session for w in res.waiters}
@@ -123,7 +126,7 @@ def rebalance(
         plan[head] = 1
     effects: list[Effect] = []
     quantum = res.quantum_sent
-    if plan and _moved(quantum, new := current_quantum()):
+    if plan and (new := to_send(quantum, current_quantum)) is not None:
         quantum = res.quantum_sent = new
         # Holders asked before the figure was known (or before it moved)
         # hear it again; they keep their count.
@@ -140,8 +143,21 @@ def rebalance(
     return effects
 
 
-def _moved(old: float | None, new: float | None) -> bool:
-    """Whether askees told ``old`` should now hear ``new``."""
+def to_send(old: float | None, current: Callable[[bool], float | None]) -> float | None:
+    """The quantum askees told ``old`` should now hear, or None to leave them
+    be: the current one when it is shorter by more than a fifth; when it is
+    longer, the one for a queue half a turn longer (``current(True)``), if that
+    is longer by more than a fifth. Paced, the figure follows the queue's
+    length: at a turn boundary (cap 8, 2 s timeouts: 8 waiters 1 s, 9 waiters
+    0.5 s) every arrival and every grant flipped it, and each flip was a frame
+    to every askee (8.5 Reclaim frames an event instead of 1; at a cap of
+    100, 100), and each one resets the count its holder owes, even if it
+    crossed a give-back. A longer turn now waits for the queue to be half a
+    turn shorter."""
+    new = current(False)
     if old is None or new is None:
-        return new is not None
-    return abs(new - old) > QUANTUM_STEP * old
+        return new
+    if new <= old:
+        return new if old - new > QUANTUM_STEP * old else None
+    longer = current(True)
+    return longer if longer is not None and longer - old > QUANTUM_STEP * old else None

@@ -93,3 +93,38 @@ def test_waiters_held_back_by_max_per_process_do_not_shorten_turns() -> None:
         lg.acquire(greedy, req, "pg", T0, timeout=10.0)
     lg.acquire(sids[4], 1, "pg", T0, timeout=10.0)
     assert lg.resources["pg"].quantum_sent == AUTO_MAX
+
+
+def test_a_queue_at_a_turn_boundary_does_not_resend_the_quantum_at_every_event() -> None:
+    """Before: with 2 s timeouts at a cap of 8, 8 waiters are one turn (1 s) and
+    9 are two (0.5 s); a queue going 8, 9, 8, 9 (an acquire, a grant, ...)
+    moved the paced figure by half at every event, and each move was a
+    Reclaim frame to every holder asked: 8.5 frames an event instead of 1 (at
+    a cap of 100 with 1 s timeouts, 100). The shorter figure stays until the
+    queue is half a turn shorter."""
+    cap = 8
+    lg, _ = fleet(2 * cap, Resource(max_size=cap), timeout=2.0)
+    res = lg.resources["pg"]
+    assert len(res.waiters) == cap and len(res.askees) == cap
+    holders = [(sid, lid) for sid, s in lg.sessions.items() for lid in s.leases]
+    asks = events = 0
+    for i in range(40):
+        sid = lg.open_session(5000 + i, "w", T0)[0]
+        asks += len(of_asks(lg.acquire(sid, 1, "pg", T0, timeout=2.0)))  # cap + 1 waiting
+        holder, lease = holders.pop(0)
+        effects = lg.release(holder, lease, T0)  # the head is granted: cap waiting
+        asks += len(of_asks(effects))
+        holders += [(g.session, g.lease.id) for g in effects if isinstance(g, Granted)]
+        events += 2
+    assert asks / events <= 1.5, f"{asks / events:.1f} Reclaim frames an event"
+    assert res.quantum_sent == pytest.approx(0.5)  # what cap + 1 waiters need
+    # Half a turn shorter, the queue gets the longer turn back.
+    for w in list(res.waiters)[:cap // 2 - 1]:
+        lg.cancel(w.session, w.req, T0)
+    assert res.quantum_sent == pytest.approx(0.5)
+    lg.cancel(res.waiters[0].session, res.waiters[0].req, T0)
+    assert len(res.waiters) == cap // 2 and res.quantum_sent == pytest.approx(AUTO_MAX)
+
+
+def of_asks(effects: list[object]) -> list[AskReclaim]:
+    return [e for e in effects if isinstance(e, AskReclaim)]
