@@ -413,9 +413,13 @@ def run(config: CoordinatorConfig, ready: Any = None) -> None:
     # then is the caller's (`sharedpool serve` keeps them blocked: exit 0).
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     early: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: early.append(signum))
-                for sig in HANDLED_SIGNALS}
+    previous: dict[signal.Signals, Any] = {}
     try:
+        # Inside the try: signal.signal() refuses a thread other than the main
+        # one (ValueError), and that thread must not be left with the signals
+        # blocked (a subprocess it starts inherits the mask: SIGTERM-proof).
+        for sig in HANDLED_SIGNALS:
+            previous[sig] = signal.signal(sig, lambda signum, frame: early.append(signum))
         if any(sig in signal.sigpending() for sig in STOP_SIGNALS):
             # Sent while `sharedpool serve` loaded its configuration: nothing bound yet.
             log.info("stop signal before the coordinator served: not started")

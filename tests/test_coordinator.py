@@ -1123,3 +1123,40 @@ def test_a_reclaim_is_logged_at_info_when_first_asked_not_at_every_change(
     finally:
         asyncio.set_event_loop(None)
         loop.close()
+
+
+def test_run_refused_outside_the_main_thread_leaves_that_threads_signal_mask_alone(
+        sock_path: str) -> None:
+    """run() blocks the signals it handles before installing its handlers, which
+    signal.signal() refuses outside the main thread. Before, the ValueError left
+    SIGTERM, SIGINT, SIGQUIT and SIGHUP blocked in the caller's thread, and every
+    process it started from then on (the mask is inherited across fork and
+    exec) ignored a SIGTERM. Nothing is bound either."""
+    from sharedpool.config import CoordinatorConfig
+    from sharedpool.coordinator import HANDLED_SIGNALS, run
+
+    config = CoordinatorConfig(socket_path=sock_path, resources={"r": 1})
+    seen: dict[str, Any] = {}
+    handlers = [signal.getsignal(sig) for sig in HANDLED_SIGNALS]
+
+    def in_thread() -> None:
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        try:
+            run(config)
+        except ValueError as exc:
+            seen["error"] = exc
+        seen["mask"] = (before, signal.pthread_sigmask(signal.SIG_BLOCK, []))
+        child = subprocess.run(["grep", "SigBlk", "/proc/self/status"], capture_output=True,
+                               text=True, timeout=30, check=True)
+        seen["child"] = int(child.stdout.split()[1], 16)
+
+    thread = threading.Thread(target=in_thread)
+    thread.start()
+    thread.join(30)
+    assert isinstance(seen.get("error"), ValueError)
+    before, after = seen["mask"]
+    assert after == before
+    assert not any(seen["child"] & (1 << (sig - 1)) for sig in HANDLED_SIGNALS), \
+        f"a process started by that thread blocks {seen['child']:#x}"
+    assert not os.path.exists(sock_path)
+    assert [signal.getsignal(sig) for sig in HANDLED_SIGNALS] == handlers
