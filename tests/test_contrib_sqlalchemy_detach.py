@@ -196,3 +196,36 @@ def test_a_live_detached_connection_does_not_hold_up_the_exit(
         assert wait_leased(sock_path, 0) == 0
     finally:
         engine.dispose()
+
+
+def test_a_detached_connections_revoked_lease_is_no_longer_counted_nor_reported(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    """A coordinator restarted without the resource revokes the leases it cannot
+    take back. A detached connection is its user's: it stays open, but its lease
+    is gone. Before, the book's revoke looked only at the pool's connections:
+    the detached one's lease was still counted in leases_held, reported busy to
+    the coordinator under an id it no longer knew, and its close counted a
+    release that released nothing."""
+    first = start_coordinator({"pg": 2})
+    engine = engine_for(sock_path, app_name, pool_size=2, max_overflow=0)
+    try:
+        conn = engine.connect()
+        conn.execute(text("SELECT 1"))
+        conn.detach()
+        pool = engine.pool
+        assert isinstance(pool, LeasedQueuePool)
+        assert held(engine) == 1
+        first.kill()
+        start_coordinator({"other": 2})  # "pg" is gone from the new configuration
+        book = pool.lease_book
+        deadline = time.monotonic() + 10
+        while book.stats()["leases_held"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert book.stats()["leases_held"] == 0, "the revoked lease is still counted"
+        assert book._states() == []  # nothing reported under the revoked id
+        assert conn.execute(text("SELECT 1")).scalar_one() == 1  # its user's, still open
+        conn.close()
+        assert book.stats()["leases_released"] == 0
+        assert backends_settle(app_name, 0) == 0
+    finally:
+        engine.dispose()

@@ -343,6 +343,15 @@ class _Book:
             for entry in found:
                 entry.lease, entry.revoked = None, True
             self._revoked += len(found)
+            # A detached connection is its user's to close: it stays open,
+            # neither counted, reported, nor released from here on.
+            loose = [x.entry for x in self._detached.values()
+                     if x.entry.lease is not None and x.entry.lease.id == lease_id]
+            for entry in loose:
+                entry.lease = None
+        if loose:
+            log.warning("%r lease %s revoked by the coordinator (%s): its connection, detached, "
+                        "counts against no cap until its user closes it", self.resource, lease_id, why)
         if not found:
             return
         closed = 0
