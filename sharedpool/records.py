@@ -15,6 +15,9 @@ from typing import Any
 
 from .config import Resource
 
+#: Connect failures in a row, across all sessions, before waiters are failed fast.
+FAILURE_THRESHOLD = 5
+
 IDLE, BUSY, NEW = "idle", "busy", "new"
 #: The states a process may report for a lease (NEW is the ledger's own).
 STATES = (IDLE, BUSY)
@@ -206,8 +209,10 @@ class ResourceState:
             "peak": self.peak,
             "paused": self.paused,
             "draining": self.draining,
-            # Past its backoff a resource is no longer refused (the next acquire probes).
-            "failing": self.failing_until is not None and now < self.failing_until,
+            # Its connects failing, none succeeding since: refused fast, or
+            # past the backoff with the next acquire to probe (a rare one in a
+            # long outage: shown failing all the same, until a connect succeeds).
+            "failing": self.fail_streak >= FAILURE_THRESHOLD,
             "fairness_quantum_s": quantum,
             "limits": self.limits.as_dict(),
             "wait_histogram": {

@@ -15,13 +15,11 @@ from typing import TYPE_CHECKING, Any
 from .effects import Effect, Problem
 from .handoff import MAX_COST
 from .protocol import brief
-from .records import STATES, clip_site, is_id
+from .records import FAILURE_THRESHOLD, STATES, clip_site, is_id
 
 if TYPE_CHECKING:
     from .ledger import Ledger
 
-#: Connect failures in a row, across all sessions, before waiters are failed fast.
-FAILURE_THRESHOLD = 5
 #: How long a failing resource denies acquires before letting one try again.
 FAILURE_BACKOFF = 1.0
 

@@ -902,9 +902,8 @@ def test_failure_reports_past_the_threshold_fail_fast_then_recover() -> None:
     assert (deny.session, deny.reason) == (b, "failing")
     assert only(Denied, lg.acquire(c, 1, "pg", T0 + 0.5)).reason == "failing"
     assert lg.snapshot_resources(T0)[0]["failing"] is True
-    # Past the backoff nothing is refused any more: not shown failing (before:
-    # shown so until the next acquire came, for as long as none did).
-    assert lg.snapshot_resources(T0 + 0.1 + FAILURE_BACKOFF)[0]["failing"] is False
+    # Past the backoff, with no connect succeeding since: still failing.
+    assert lg.snapshot_resources(T0 + 0.1 + FAILURE_BACKOFF)[0]["failing"] is True
     # After the backoff one acquire is let through to probe.
     lg.release(a, next(iter(lg.sessions[a].leases)), T0 + 0.5)
     assert granted(lg.acquire(c, 2, "pg", T0 + 0.1 + FAILURE_BACKOFF)).session == c
@@ -914,6 +913,7 @@ def test_failure_reports_past_the_threshold_fail_fast_then_recover() -> None:
     # A success resets the streak: acquires wait normally again.
     lg.report(c, [], T0 + 2, ok=["pg", "nope", 5])
     assert lg.resources["pg"].fail_streak == 0
+    assert lg.snapshot_resources(T0 + 2)[0]["failing"] is False
     assert queued(lg.acquire(b, 4, "pg", T0 + 2, timeout=30))
 
 
