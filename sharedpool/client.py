@@ -303,8 +303,13 @@ class Client(Owed, Hooks):
         (timeout 0: a min_size top-up) waits for nothing."""
         # One younger than QUEUED_AFTER is most likely being granted from a free
         # slot this moment: no reason for another pool to give one back for it.
+        # Without a session none is queued anywhere: a slot given back now would
+        # serve nobody, and the giver could not get one again until the
+        # coordinator is back (I4: held connections keep working meanwhile).
         made_before = time.monotonic() - QUEUED_AFTER
         with self._cond:
+            if self._sock is None:
+                return False
             return any(isinstance(pd.msg, p.Acquire) and pd.msg.resource == resource
                        and pd.msg.timeout != 0 and not pd.done and pd.owner is not besides
                        and pd.since <= made_before for pd in self._pending.values())

@@ -4,6 +4,7 @@ answers it, and no pool of the process starves beside another of its pools."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from sharedpool import Client, ConnectionPool, PoolConfig, Resource
+from sharedpool import Client, ConnectionPool, PoolConfig, PoolTimeout, Resource
 from sharedpool.contrib.psycopg import ConnectionPool as PsycopgPool
 from sharedpool.testing import FakeFactory
 
@@ -288,3 +289,41 @@ def test_a_sibling_acquire_a_free_slot_is_serving_takes_no_busy_pools_slot(
         assert pool.get_size() == 1
     finally:
         pool.close()
+
+
+def _try_acquire(pool: ConnectionPool[Any], timeout: float) -> None:
+    with contextlib.suppress(PoolTimeout):
+        pool.release(pool.acquire(timeout=timeout))
+
+
+def test_no_slot_is_given_back_for_a_sibling_while_the_coordinator_is_away(
+        start_coordinator: Any, sock_path: str) -> None:
+    # I4: held connections keep working while the coordinator is away. A sibling
+    # pool's acquire then waits for the coordinator, queued nowhere: a busy pool's
+    # checkin closed its connection for it (served to nobody, and the busy pool
+    # could not open one again until the coordinator came back).
+    coord = start_coordinator({"r": Resource(max_size=1, fairness_quantum=0)})
+    config = PoolConfig(min_size=0, max_size=1, test_on_acquire=False)
+    factory = FakeFactory()
+    busy = ConnectionPool(factory, config, resource="r", coordinator=sock_path, name="busy")
+    waiting = ConnectionPool(FakeFactory(), config, resource="r", coordinator=sock_path, name="waiting")
+    asking = None
+    try:
+        wrapper = busy.acquire(timeout=5)
+        client = busy._client
+        assert client is not None
+        coord.kill()
+        _wait_for(lambda: not client.connected, "the client never saw the coordinator go")
+        asking = threading.Thread(target=_try_acquire, args=(waiting, 1.0))
+        asking.start()
+        _wait_for(lambda: any(pd.owner is waiting for pd in list(client._pending.values())),
+                  "the sibling's acquire never went pending")
+        time.sleep(0.05)  # well past QUEUED_AFTER
+        busy.release(wrapper)
+        assert busy.get_size() == 1 and len(factory.open) == 1, "closed for a sibling nobody could serve"
+    finally:
+        if asking is not None:
+            asking.join(5)
+        waiting.close()
+        busy.close(timeout=1)
+
