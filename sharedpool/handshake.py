@@ -221,7 +221,12 @@ def connect(client: Client, limit: float | None) -> tuple[socket.socket, list[p.
         # Re-send what was waiting when the old session died, and release
         # what was let go while the handshake ran (its Release was dropped:
         # there was no session to send it on).
-        resend: list[p.Message] = [pd.msg for pd in client._pending.values() if not pd.done]
+        now = time.monotonic()
+        resend: list[p.Message] = []
+        for pd in client._pending.values():
+            if not pd.done:
+                pd.since = now  # queued at this coordinator from now on, if at all (Client.waits_for)
+                resend.append(pd.msg)
         resend += [p.Release(lid) for lid in held_ids if lid not in client._held]
         # Leases the hello had no room for count against no cap now: their
         # connections are closed, as those of leases the coordinator revoked.

@@ -39,7 +39,7 @@ class _Pending:
     taken: bool = False  # the lease was handed to the caller: too late to cancel
     fail_if_lost: bool = False  # fails when its session is lost, rather than waiting for the next
     owner: object = None  # the pool (or lease book) that asked, if one did
-    since: float = field(default_factory=time.monotonic)  # when it was made
+    since: float = field(default_factory=time.monotonic)  # when it was made, or re-sent on a new session
 
 
 class AcquireRequest:

@@ -327,3 +327,36 @@ def test_no_slot_is_given_back_for_a_sibling_while_the_coordinator_is_away(
         waiting.close()
         busy.close(timeout=1)
 
+
+def test_an_acquire_re_sent_to_a_new_coordinator_counts_as_queued_from_then(
+        start_coordinator: Any, sock_path: str) -> None:
+    # Client.waits_for takes an acquire as queued once pending QUEUED_AFTER: one
+    # made while the coordinator was away is re-sent at the reconnect, where a
+    # free slot may serve it within a round trip; it was counted from its first send.
+    coord = start_coordinator({"r": Resource(max_size=1, fairness_quantum=0)})
+    config = PoolConfig(min_size=0, max_size=1, test_on_acquire=False)
+    busy = ConnectionPool(FakeFactory(), config, resource="r", coordinator=sock_path, name="busy")
+    waiting = ConnectionPool(FakeFactory(), config, resource="r", coordinator=sock_path, name="waiting")
+    asking = None
+    try:
+        wrapper = busy.acquire(timeout=5)
+        client = busy._client
+        assert client is not None
+        coord.kill()
+        _wait_for(lambda: not client.connected, "the client never saw the coordinator go")
+        asking = threading.Thread(target=_try_acquire, args=(waiting, 5.0))
+        asking.start()
+        _wait_for(lambda: any(pd.owner is waiting for pd in list(client._pending.values())),
+                  "the sibling's acquire never went pending")
+        time.sleep(0.2)
+        restarted = time.monotonic()
+        start_coordinator({"r": Resource(max_size=1, fairness_quantum=0)})
+        _wait_for(lambda: client.connected, "the client never reconnected", timeout=10)
+        sent = [pd.since for pd in list(client._pending.values()) if pd.owner is waiting]
+        assert sent and sent[0] >= restarted, "counted from its first send, not its re-send"
+        busy.release(wrapper)  # queued behind the busy pool's re-registered lease: it gets it
+    finally:
+        if asking is not None:
+            asking.join(10)
+        waiting.close()
+        busy.close(timeout=1)
