@@ -140,8 +140,13 @@ class Client(Owed, Hooks):
         # the first would speak for the process: the other's leases, not yet
         # re-registered, would be taken as closed while it was away (I1).
         key = _KEYS.get(path)
+        anchored = path
         if key is None:
-            key = os.path.realpath(path)
+            # Joined to the working directory once, then resolved: another
+            # thread's chdir in between must not key one file's client to
+            # another's socket.
+            anchored = _anchored(path)
+            key = os.path.realpath(anchored)
             # Resolved once per absolute spelling (for_path() is on every
             # connect's path); a relative one names another file after a chdir.
             if os.path.isabs(path):
@@ -152,7 +157,7 @@ class Client(Owed, Hooks):
                 # Kept absolute: a reconnect after a chdir (a coordinator
                 # restart) must reach the same coordinator, not re-register
                 # this process's leases with another one.
-                client = _SHARED[key] = cls(_anchored(path))
+                client = _SHARED[key] = cls(anchored)
                 client._shared_key = key
             return client
 

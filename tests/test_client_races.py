@@ -739,3 +739,36 @@ def test_a_relative_socket_path_names_the_file_of_the_working_directory_of_the_t
         first.close()
         if second is not None:
             second.close()
+
+
+def test_a_relative_socket_path_is_resolved_once_against_a_concurrent_chdir(
+        start_coordinator: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another thread's chdir between for_path()'s two readings of the working
+    directory (its key, then the path the client connects to): the client of
+    the first directory's file connected to the second directory's coordinator.
+    The chdir is made where it would land, inside the key's resolution."""
+    import sharedpool.client as client_module
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    start_coordinator({"r": 1}, path=str(one / "sp.sock"))
+    start_coordinator({"r": 1}, path=str(two / "sp.sock"))
+    monkeypatch.chdir(one)
+    real = os.path.realpath
+
+    def resolve_then_chdir(path: Any, *args: Any, **kwargs: Any) -> Any:
+        resolved = real(path, *args, **kwargs)
+        os.chdir(two)  # as another thread would, right after
+        return resolved
+
+    monkeypatch.setattr(client_module.os.path, "realpath", resolve_then_chdir)
+    try:
+        client = Client.for_path("sp.sock")
+    finally:
+        monkeypatch.setattr(client_module.os.path, "realpath", real)
+    try:
+        assert client._shared_key is not None
+        assert real(client.socket_path) == client._shared_key, "keyed by one file, connects to another"
+    finally:
+        client.close()
