@@ -51,7 +51,9 @@ def paced(res: ResourceState, sessions: dict[int, Session], quantum: float | Non
     best = quantum
     seen: dict[int, int] = {}
     cap, size = res.limits.max_per_process, res.limits.max_size
-    position = -(-size // 2) if longer else 0
+    # Rounded down: at a cap of 1, rounded up, it was a whole turn, and a turn
+    # shortened for two waiters never came back, even for a lone one.
+    position = size // 2 if longer else 0
     for w in res.waiters:  # in queue order, as servable() counts them
         n = seen.get(w.session, 0)
         if cap is not None and sessions[w.session].held(res.name) + n >= cap:

@@ -128,3 +128,20 @@ def test_a_queue_at_a_turn_boundary_does_not_resend_the_quantum_at_every_event()
 
 def of_asks(effects: list[object]) -> list[AskReclaim]:
     return [e for e in effects if isinstance(e, AskReclaim)]
+
+
+def test_at_a_cap_of_one_the_full_turn_comes_back() -> None:
+    """Before: half a turn, rounded up, is a whole turn at a cap of 1: a turn
+    shortened for two waiters (2 s timeouts: 0.5 s) stayed shortened for a lone
+    waiter, for an empty queue and every queue after it, for good."""
+    lg, _ = fleet(3, Resource(max_size=1), timeout=2.0)
+    res = lg.resources["pg"]
+    assert len(res.waiters) == 2 and res.quantum_sent == pytest.approx(0.5)
+    last = res.waiters[-1]
+    lg.cancel(last.session, last.req, T0)
+    assert res.quantum_sent == pytest.approx(AUTO_MAX)  # one waiter: a whole turn of 1 s is in time
+    last = res.waiters[-1]
+    lg.cancel(last.session, last.req, T0)
+    sid = lg.open_session(7777, "w", T0)[0]
+    asks = of_asks(lg.acquire(sid, 1, "pg", T0, timeout=2.0))
+    assert [a.quantum for a in asks] == [pytest.approx(AUTO_MAX)]
