@@ -350,10 +350,14 @@ class Client(Owed, Hooks):
         self._notify()
 
     def report_success(self, resource: str) -> None:
-        if resource in self._successes and not self._failures:
+        """Say a connect worked; sent with the next coalesced report. The
+        failures counted before it are dropped: the coordinator clears the
+        streak first, then adds a report's failures (those come after it)."""
+        if resource in self._successes and resource not in self._failures:
             return
         with self._cond:
             self._successes.add(resource)
+            self._failures.pop(resource, None)
 
     def report_now(self) -> None:
         """Send a report from the calling thread now, if a session is up (the

@@ -66,3 +66,25 @@ def test_redis_raises_connection_error(failing: str) -> None:
         assert err.value.reason == "failing"
     finally:
         pool.disconnect()
+
+
+def test_a_connect_that_works_after_failures_in_one_report_ends_the_streak(
+        start_coordinator: Any, sock_path: str) -> None:
+    """Connects failing, then one that works, within one report window (0.2 s:
+    a recovery, a pool's threads all retrying): the report carried both, the
+    coordinator cleared the streak then added the failures, so the resource was
+    failing (acquires refused for a second, status 'failing' until another
+    connect worked) right after it had come back."""
+    start_coordinator({"r": 2})
+    client = Client(sock_path)
+    try:
+        assert client.ensure_connected()
+        with client._report_lock:  # one report window: nothing goes out meanwhile
+            for _ in range(FAILURE_THRESHOLD):
+                client.report_failure("r")
+            client.report_success("r")
+        client.report_now()
+        assert not client.inspect("resources")["resources"][0]["failing"]
+        client.release(client.acquire("r", timeout=2))
+    finally:
+        client.close()
