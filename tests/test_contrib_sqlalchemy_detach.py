@@ -102,6 +102,30 @@ def test_a_detached_connection_dropped_unclosed_gives_its_backend_and_lease_back
     assert wait_leased(sock_path, 0) == 0
 
 
+def test_a_detached_connection_of_a_reconnected_slot_dropped_unclosed_gives_its_lease_back(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    """As above, the connection made by a reconnect of an empty slot (the one a
+    detach, a give-back or a recycle leaves): the connecting thread kept a
+    reference to it (the pool's 'made', meant for a failed first connect), so
+    it was never collected: backend and lease stayed until that thread
+    connected again."""
+    start_coordinator({"pg": Resource(max_size=1, acquire_timeout=5)})
+    engine = engine_for(sock_path, app_name, pool_size=1, max_overflow=0)
+    first = engine.connect()
+    first.detach()  # its record goes back to the pool empty
+    first.close()
+    conn = engine.connect()  # the empty slot reconnects
+    conn.execute(text("SELECT 1"))
+    conn.detach()
+    assert leased(sock_path) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)  # psycopg's "deleted while still open"
+        del conn
+        assert collect_until(lambda: leased(sock_path) == 0), "the dropped connection was never collected"
+    assert backends_settle(app_name, 0) == 0
+    engine.dispose()
+
+
 def test_a_detached_connection_closed_gives_its_lease_back_at_once(
         pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
     start_coordinator({"pg": Resource(max_size=1, acquire_timeout=5)})

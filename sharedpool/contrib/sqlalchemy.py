@@ -138,7 +138,12 @@ class LeasedQueuePool(QueuePool):
             else:
                 self._sp_local.lease_key = None  # taken by _create_connection just before
                 conn = book.open_under(key, lambda: invoke(record))
-            self._sp_local.made = conn  # for _create_connection, if the connect events fail
+            if getattr(self._sp_local, "making", False):
+                # For _sp_new_record, if the connect events fail. Not kept
+                # otherwise (a reconnect of an empty slot): this thread's
+                # reference would keep a detach()ed connection dropped unclosed
+                # from the collector, its backend and lease with it.
+                self._sp_local.made = conn
             return conn
 
         return leased_creator
@@ -194,7 +199,7 @@ class LeasedQueuePool(QueuePool):
         which the book's reference keeps from it: its backend and lease would
         stay for good. Close it here (SQLAlchemy's own close, if it made one,
         already took it out of the book)."""
-        self._sp_local.made = None
+        self._sp_local.made, self._sp_local.making = None, True
         try:
             return super()._create_connection()
         except BaseException:
@@ -203,7 +208,7 @@ class LeasedQueuePool(QueuePool):
                 self._close_connection(made, terminate=True)
             raise
         finally:
-            self._sp_local.made = None
+            self._sp_local.made, self._sp_local.making = None, False
 
     def _sp_take_live(self) -> ConnectionPoolEntry | None:
         """Take a record with an open connection from the queue, if there is one."""
