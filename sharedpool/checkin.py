@@ -56,6 +56,7 @@ def check_in_unsettled(pool: ConnectionPool[T], wrapper: ConnectionWrapper[T], s
 def release_slow(pool: ConnectionPool[T], wrapper: ConnectionWrapper[T], now: float) -> None:
     client = pool._client
     owed = young = sibling = False
+    siblings = 0
     quantum = 0.0
     stale: Iterable[AcquireRequest] = ()  # no call (set()) between the two try blocks: it would strand it
     try:  # decided before taking the lock, which then only guards the hand-over
@@ -80,7 +81,7 @@ def release_slow(pool: ConnectionPool[T], wrapper: ConnectionWrapper[T], now: fl
                 # grant: connecting can take a good part of a short quantum.
                 quantum = pool._quantum(client)
                 young = now - wrapper.created_at < quantum
-            elif client._pending and client.waits_for(pool.resource, besides=pool):
+            elif client._pending and (siblings := client.siblings_waiting(pool.resource, besides=pool)):
                 # Another pool of this process waits for a lease of this
                 # resource, and the coordinator cannot tell it from this one's
                 # waiters (it asks a waiting process only for idle leases): as
@@ -121,7 +122,10 @@ def release_slow(pool: ConnectionPool[T], wrapper: ConnectionWrapper[T], now: fl
                 owed = client.take_owed(wrapper.lease)
                 if owed:
                     pool._giving += 1
-            sibling = sibling and not young
+            # One slot per waiting acquire: checkins before the first give-back
+            # has served it must not each pay.
+            sibling = (sibling and not young and wrapper.lease is not None
+                       and client is not None and client.take_for_siblings(wrapper.lease, siblings))
             if keep and not owed and not sibling and pool.status is PoolStatus.ACTIVE:
                 kept = True
                 # No call between a hand-over and its flag: a signal handler's

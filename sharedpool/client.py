@@ -209,7 +209,7 @@ class Client(Owed, Hooks):
         ``_into`` (internal): the ticket is appended to it before this returns,
         so that a caller interrupted right after (a signal handler's exception
         lands between any two instructions) can still withdraw it. ``_owner``
-        (internal): the pool asking, for :meth:`waits_for`."""
+        (internal): the pool asking, for :meth:`siblings_waiting`."""
         self._checkpid()
         check_seconds("timeout", timeout, optional=True, forever=True)
         # Refused here: a frame the coordinator refuses ends the session, and the
@@ -301,11 +301,11 @@ class Client(Owed, Hooks):
             self._reconnect_asked = False
         handshake.try_connect(self, None)
 
-    def waits_for(self, resource: str, besides: object = None) -> bool:
-        """Whether an acquire of ``resource`` is still waiting for its lease,
-        other than those of ``besides`` (a pool: another pool of this process,
-        or a caller of :meth:`request`, waits). One that does not queue
-        (timeout 0: a min_size top-up) waits for nothing."""
+    def siblings_waiting(self, resource: str, besides: object = None) -> int:
+        """How many acquires of ``resource`` are queued for their lease, other
+        than those of ``besides`` (a pool: other pools of this process, or
+        callers of :meth:`request`, wait). One that does not queue (timeout 0:
+        a min_size top-up) waits for nothing."""
         # One younger than QUEUED_AFTER is most likely being granted from a free
         # slot this moment: no reason for another pool to give one back for it.
         # Without a session none is queued anywhere: a slot given back now would
@@ -314,10 +314,11 @@ class Client(Owed, Hooks):
         made_before = time.monotonic() - QUEUED_AFTER
         with self._cond:
             if self._sock is None:
-                return False
-            return any(isinstance(pd.msg, p.Acquire) and pd.msg.resource == resource
+                return 0
+            return sum(1 for pd in self._pending.values()
+                       if isinstance(pd.msg, p.Acquire) and pd.msg.resource == resource
                        and pd.msg.timeout != 0 and not pd.done and pd.owner is not besides
-                       and pd.since <= made_before for pd in self._pending.values())
+                       and pd.since <= made_before)
 
     def report_cost(self, resource: str, seconds: float) -> None:
         """What moving a slot of ``resource`` costs this process (connect +

@@ -225,7 +225,7 @@ def connect(client: Client, limit: float | None) -> tuple[socket.socket, list[p.
         resend: list[p.Message] = []
         for pd in client._pending.values():
             if not pd.done:
-                pd.since = now  # queued at this coordinator from now on, if at all (Client.waits_for)
+                pd.since = now  # queued at this coordinator from now on, if at all (Client.siblings_waiting)
                 resend.append(pd.msg)
         resend += [p.Release(lid) for lid in held_ids if lid not in client._held]
         # Leases the hello had no room for count against no cap now: their

@@ -9,8 +9,15 @@ here too, by lease, and no two pools pay for one lease owed.
 from __future__ import annotations
 
 import threading
+import time
 
 from .lease import Lease
+
+#: A slot given back for another pool of the process counts as on its way to
+#: it for this long after its lease is released: the coordinator's grant
+#: reaches that pool's acquire within a round trip (well under this), and a
+#: checkin meanwhile must not pay again for the same acquire.
+SIBLING_SETTLE = 0.01
 
 
 class Owed:
@@ -26,6 +33,11 @@ class Owed:
         self._giving: dict[str, set[int]] = {}
         #: taken last (under a pool's lock or _cond), nothing taken inside it
         self._owed_lock = threading.Lock()
+        #: resource -> leases being given back for other pools of this process
+        #: that wait (see take_for_siblings), settled as those above, then
+        #: counted SIBLING_SETTLE longer (release times, oldest first)
+        self._for_siblings: dict[str, set[int]] = {}
+        self._sibling_settled: dict[str, list[float]] = {}
         #: resource -> fairness quantum the coordinator sent with its reclaim
         self._quanta: dict[str, float] = {}
 
@@ -50,6 +62,27 @@ class Owed:
             giving.add(lease.id)
             return True
 
+    def take_for_siblings(self, lease: Lease, waiting: int) -> bool:
+        """Claim ``lease`` as a slot given back for one of ``waiting`` acquires
+        of other pools of this process: False when as many slots are on their
+        way to them already (checkins landing before the first give-back has
+        served its waiter must not each pay). Settled as :meth:`take_owed`'s."""
+        now = time.monotonic()
+        with self._owed_lock:
+            giving = self._for_siblings.get(lease.resource)
+            if giving is not None and lease.id in giving:
+                return True
+            settled = self._sibling_settled.get(lease.resource)
+            if settled:
+                del settled[:sum(1 for t in settled if t <= now - SIBLING_SETTLE)]
+            on_way = (0 if giving is None else len(giving)) + (len(settled) if settled else 0)
+            if waiting <= on_way:
+                return False
+            if giving is None:
+                giving = self._for_siblings[lease.resource] = set()
+            giving.add(lease.id)
+            return True
+
     def owed_left(self, resource: str) -> int:
         """Leases of ``resource`` owed and not yet on their way back."""
         return max(0, self._owed.get(resource, 0) - len(self._giving.get(resource, ())))
@@ -61,11 +94,14 @@ class Owed:
 
     def _settle_giving(self, lease: Lease) -> None:
         # Under _owed_lock.
-        giving = self._giving.get(lease.resource)
-        if giving is not None:
-            giving.discard(lease.id)
-            if not giving:
-                del self._giving[lease.resource]
+        for claims in (self._giving, self._for_siblings):
+            giving = claims.get(lease.resource)
+            if giving is not None and lease.id in giving:
+                giving.remove(lease.id)
+                if not giving:
+                    del claims[lease.resource]
+                if claims is self._for_siblings:
+                    self._sibling_settled.setdefault(lease.resource, []).append(time.monotonic())
 
     def quantum(self, resource: str) -> float | None:
         """The fairness quantum the coordinator last asked for with a reclaim of

@@ -360,3 +360,33 @@ def test_an_acquire_re_sent_to_a_new_coordinator_counts_as_queued_from_then(
             asking.join(10)
         waiting.close()
         busy.close(timeout=1)
+
+
+def test_one_slot_goes_to_one_waiting_sibling_acquire_not_one_per_checkin(
+        start_coordinator: Any, sock_path: str) -> None:
+    # Three connections older than the quantum checked in while one acquire of
+    # another pool waits: one slot is given for it. Before, each checkin before
+    # the first give-back had served it gave one back (3 for 1).
+    from sharedpool import protocol as p
+    from sharedpool.lease import _Pending
+
+    start_coordinator({"r": Resource(max_size=4)})
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=3, test_on_acquire=False),
+                          resource="r", coordinator=sock_path)
+    try:
+        held = [pool.acquire(timeout=5) for _ in range(3)]
+        client = pool._client
+        assert client is not None
+        time.sleep(1.1)  # past any quantum (auto is at most 1 s)
+        with client._cond:
+            client._pending[10**6] = _Pending(p.Acquire(10**6, "r", 5.0), since=time.monotonic() - 1)
+        try:
+            for wrapper in held:
+                pool.release(wrapper)
+        finally:
+            with client._cond:
+                client._pending.pop(10**6, None)
+        _wait_for(lambda: pool.get_stats()["leases_held"] == 2, "the give-back never completed")
+        assert pool.get_size() == 2
+    finally:
+        pool.close()

@@ -422,8 +422,8 @@ class _Book:
         # Another pool of this process waits for this resource: the coordinator
         # cannot tell it from this pool's own waiters (it asks a waiting process
         # only for idle leases), so the slot goes to it as to another process's.
-        sibling = not owed and bool(client._pending) and client.waits_for(self.resource, besides=self)
-        if not owed and not sibling:
+        siblings = 0 if owed or not client._pending else client.siblings_waiting(self.resource, besides=self)
+        if not owed and not siblings:
             return False
         entry = self._entries.get(id(key))
         if entry is None or entry.key is not key or (lease := entry.lease) is None:
@@ -433,7 +433,7 @@ class _Book:
         if age >= quantum:
             # One give-back per lease owed, across every pool of this process:
             # concurrent checkins (of this pool or another) must not each pay.
-            return sibling or client.take_owed(lease)
+            return client.take_owed(lease) if owed else client.take_for_siblings(lease, siblings)
         if owed:
             # Too young to pay now; it may sit idle from here on, and the reclaim
             # request came once: look again when the quantum has passed.
