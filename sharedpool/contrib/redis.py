@@ -410,9 +410,13 @@ class BlockingConnectionPool(redis.BlockingConnectionPool):
             for conn in picked:
                 q.queue.remove(conn)
         for conn in picked:
+            # One disconnect that raises must not leave the rest picked and
+            # never closed (their leases claimed as given back).
             try:
                 conn.disconnect()
                 self._sp_book.count("leases_reclaimed")
+            except Exception:  # noqa: BLE001 - logged; the others still go
+                log.exception("sharedpool: disconnecting an idle connection given back on reclaim failed")
             finally:
                 _put_back_far(q, conn)
         return len(picked)
