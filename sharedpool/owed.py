@@ -52,15 +52,7 @@ class Owed:
         the lease (a give-back cut short and closed otherwise settles it too);
         asking again for a lease already claimed says True."""
         with self._owed_lock:
-            giving = self._giving.get(lease.resource)
-            if giving is not None and lease.id in giving:
-                return True
-            if self._owed.get(lease.resource, 0) <= (0 if giving is None else len(giving)):
-                return False
-            if giving is None:
-                giving = self._giving[lease.resource] = set()
-            giving.add(lease.id)
-            return True
+            return self._claim(self._giving, lease, self._owed.get(lease.resource, 0))
 
     def take_for_siblings(self, lease: Lease, waiting: int) -> bool:
         """Claim ``lease`` as a slot given back for one of ``waiting`` acquires
@@ -69,19 +61,22 @@ class Owed:
         served its waiter must not each pay). Settled as :meth:`take_owed`'s."""
         now = time.monotonic()
         with self._owed_lock:
-            giving = self._for_siblings.get(lease.resource)
-            if giving is not None and lease.id in giving:
-                return True
             settled = self._sibling_settled.get(lease.resource)
             if settled:
                 del settled[:sum(1 for t in settled if t <= now - SIBLING_SETTLE)]
-            on_way = (0 if giving is None else len(giving)) + (len(settled) if settled else 0)
-            if waiting <= on_way:
-                return False
-            if giving is None:
-                giving = self._for_siblings[lease.resource] = set()
-            giving.add(lease.id)
+            return self._claim(self._for_siblings, lease, waiting, len(settled) if settled else 0)
+
+    @staticmethod
+    def _claim(claims: dict[str, set[int]], lease: Lease, limit: int, also: int = 0) -> bool:
+        # Under _owed_lock: claim ``lease`` in ``claims`` if fewer than ``limit``
+        # are on their way (its resource's claims, and ``also`` more); again: True.
+        giving = claims.get(lease.resource)
+        if giving is not None and lease.id in giving:
             return True
+        if limit <= (0 if giving is None else len(giving)) + also:
+            return False
+        claims.setdefault(lease.resource, set()).add(lease.id)
+        return True
 
     def owed_left(self, resource: str) -> int:
         """Leases of ``resource`` owed and not yet on their way back."""
