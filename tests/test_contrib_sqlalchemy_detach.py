@@ -5,6 +5,7 @@ after the server let go (I1) — never while the user still holds it."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import threading
 import time
@@ -283,5 +284,68 @@ def test_a_reclaim_goes_on_past_a_close_that_raises(
         pool._sp_reclaim(2)
         assert raised
         assert backends_settle(app_name, 1) <= 1  # the other one was closed all the same
+    finally:
+        engine.dispose()
+
+
+def test_a_connection_whose_close_listener_raises_is_closed_all_the_same_when_given_back(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    """A close listener raising as a reclaim gives a connection back: SQLAlchemy
+    skips the close, and the connection went back open into its slot, its lease
+    claimed as on its way for good: another process's acquire waited out its
+    timeout beside two idle connections. Now it is closed all the same."""
+    from sqlalchemy import event
+
+    start_coordinator({"pg": Resource(max_size=2)})
+    engine = engine_for(sock_path, app_name, pool_size=2)
+    pool = engine.pool
+    assert isinstance(pool, LeasedQueuePool)
+    raised: list[int] = []
+
+    def close(dbapi_connection: Any, record: Any) -> None:
+        if not raised:
+            raised.append(1)
+            raise RuntimeError("a listener that fails")
+
+    other = Client(sock_path)
+    try:
+        first, second = engine.connect(), engine.connect()
+        first.close()
+        second.close()
+        event.listen(pool, "close", close)
+        lease = other.acquire("pg", timeout=5)  # the coordinator reclaims one of the idle two
+        other.release(lease)
+        assert raised
+        assert not Client.for_path(sock_path)._giving
+    finally:
+        other.close()
+        engine.dispose()
+
+
+def test_a_connection_owed_back_at_checkin_is_closed_though_its_close_listener_raises(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    """The same at a checkin that pays a lease owed: before, the connection
+    stayed open in its slot and its lease claimed as given back."""
+    from sqlalchemy import event
+
+    start_coordinator({"pg": Resource(max_size=2)})
+    engine = engine_for(sock_path, app_name, pool_size=2)
+    pool = engine.pool
+    assert isinstance(pool, LeasedQueuePool)
+
+    def close(dbapi_connection: Any, record: Any) -> None:
+        raise RuntimeError("a listener that fails")
+
+    try:
+        conn = engine.connect()
+        conn.exec_driver_sql("select 1")
+        event.listen(pool, "close", close)
+        client = Client.for_path(sock_path)
+        client._owed["pg"], client._quanta["pg"] = 1, 0.0  # as a reclaim with a quantum of 0 would
+        with contextlib.suppress(RuntimeError):
+            conn.close()
+        assert not client._giving
+        assert backends_settle(app_name, 0) == 0
+        event.remove(pool, "close", close)
     finally:
         engine.dispose()

@@ -238,6 +238,21 @@ class LeasedQueuePool(QueuePool):
 
     # ------------------------------------------------------------------ close
 
+    def _sp_close(self, record: ConnectionPoolEntry) -> None:
+        """``record.close()``, its connection closed even if a close listener
+        raised first (SQLAlchemy then skips the close): given back, its lease
+        is claimed as on its way (owed, or for a sibling pool's acquire), and
+        open in its slot it would stay claimed, the process giving back one
+        less until that connection happens to be checked out and in again."""
+        try:
+            record.close()
+        except BaseException:
+            conn = record.dbapi_connection
+            if conn is not None:
+                record.dbapi_connection = None  # type: ignore[misc]  # _ConnectionRecord has it
+                self._close_connection(conn)
+            raise
+
     def _close_connection(self, connection: Any, *, terminate: bool = False) -> None:
         book = self._sp_book
         close = super()._close_connection
@@ -286,7 +301,7 @@ class LeasedQueuePool(QueuePool):
             # engine.dispose()) takes it and reconnects, as QueuePool would hand
             # it this connection, rather than wait out its pool_timeout.
             try:
-                record.close()
+                self._sp_close(record)
             finally:
                 self._sp_put_back_empty(record)
         elif conn is not None and book.owes_back(conn):
@@ -294,7 +309,7 @@ class LeasedQueuePool(QueuePool):
             # slot stays, empty, and reconnects (under a new lease) when needed.
             book.count("leases_reclaimed")
             try:
-                record.close()
+                self._sp_close(record)
             finally:
                 self._sp_put_back_empty(record)
         elif conn is None or not book.offer(record, owner=self,  # to a thread waiting for a lease first
@@ -382,7 +397,7 @@ class LeasedQueuePool(QueuePool):
             # leave the rest picked and never closed: their leases claimed as
             # given back, the process would give back less from then on.
             try:
-                record.close()
+                self._sp_close(record)
                 book.count("leases_reclaimed")
             except Exception:  # noqa: BLE001 - logged; the others still go
                 log.exception("sharedpool: closing an idle connection given back on reclaim failed")
