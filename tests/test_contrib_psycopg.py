@@ -404,3 +404,29 @@ def test_a_connection_its_user_closed_keeps_its_lease_until_the_backend_is_gone(
                     break
                 time.sleep(0.001)
             assert held == 0, "the lease of a closed connection never went back"
+
+
+def test_a_top_up_waiting_at_release_process_opens_nothing_after_it(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A celery child exiting while its pool's min_size top-up waits for a lease:
+    # the ended session failed that wait, psycopg_pool retried it a second later
+    # on a new session, and the exiting process took a lease and a connection.
+    from sharedpool import release_process
+
+    start_coordinator({"pg": Resource(max_size=1)})
+    holder = Client(sock_path)
+    lease = holder.acquire("pg", 5)
+    pool = make_pool(sock_path, app_name, min_size=1, max_size=1, open=False)
+    try:
+        pool.open(wait=False)
+        time.sleep(0.3)  # the top-up waits for the only lease
+        release_process(1.0)  # also ends the holder's session: the lease is free
+        assert lease is not None
+        time.sleep(2.5)  # past psycopg_pool's first retry
+        assert pool.get_stats()["leases_held"] == 0
+        assert leased(sock_path) == 0
+        assert BackendSampler(app_name).count_now() == 0
+        assert "error connecting" not in caplog.text  # the wait ended as not needed
+    finally:
+        pool.close()

@@ -78,6 +78,10 @@ class _Acquiring(_Book):
         if self._admin_state == "ended":
             raise PoolClosed(f"{self.resource!r}: this process's session was ended by an admin "
                              "(sharedpool end-session); restart the process")
+        if self.exited:
+            # A new session now would hold its leases until the fence frees them.
+            raise PoolClosed(f"{self.resource!r}: this process released its leases for exit "
+                             "(release_process)")
         client = self.client
         lease = None
         if client is not None:

@@ -134,6 +134,8 @@ class _Book:
         self._client: Client | None = None
         self._handlers: tuple[Any, ...] = ()
         self._shut = False  # shutdown(): the last lease back may end the session
+        #: release_for_exit() ran: the process is leaving, no lease is taken after it
+        self.exited = False
         self._pid = pid
 
     def __repr__(self) -> str:

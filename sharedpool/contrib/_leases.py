@@ -248,6 +248,10 @@ class LeaseBook(_Acquiring):
         Detached ones (SQLAlchemy's ``detach()``) never come back: closed
         last, without waiting for them."""
         self._checkpid()  # made before fork: the parent's connections are not ours (I7)
+        # Before anything closes: a host pool's own connect (psycopg_pool's top-up,
+        # retried after the session ends) would open a new session and lease.
+        self.exited = True
+        self.notify_returned()  # lease waits with ``local`` look again: no longer needed
         deadline = time.monotonic() + max(timeout, 0.0)
         while True:
             in_use = self._close_idle_for_exit()

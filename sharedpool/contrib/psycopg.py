@@ -238,7 +238,9 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
                 self._maybe_grow_pool()
 
     def _sp_not_needed(self) -> bool | None:
-        if self._sp_closing or self._closed or (not self._sp_waiting() and self._nconns > self._min_size):
+        if self._sp_closing or self._closed or self._sp_book.exited:
+            return True
+        if not self._sp_waiting() and self._nconns > self._min_size:
             return True
         return None
 
