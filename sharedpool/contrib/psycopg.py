@@ -91,13 +91,6 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
         self._sp_opened_in: int | None = None
         self._sp_local = threading.local()
         self._sp_closing = False
-        #: a lease of this pool went back to the coordinator (a reclaim, or a
-        #: checkin that paid): growing back to min_size waits for a caller from
-        #: then on. Growth for nobody queues this process at the coordinator,
-        #: which then asks it for its idle leases, and this pool's own idle one
-        #: paid for its own growth: a close and a connect per round, for good
-        #: (measured at idle beside a sibling pool: ~120 a second).
-        self._sp_gave_back = False
         #: connections put back and queued for a worker to return (with reset=)
         self._sp_returning: dict[int, Any] = {}
         # Lease waits run on psycopg_pool's workers, which also return
@@ -247,7 +240,7 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
     def _sp_not_needed(self) -> bool | None:
         if self._sp_closing or self._closed or self._sp_book.exited:
             return True
-        if not self._sp_waiting() and (self._nconns > self._min_size or self._sp_gave_back):
+        if not self._sp_waiting() and self._nconns > self._min_size:
             return True
         return None
 
@@ -290,7 +283,6 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
             # The coordinator wants a lease back: this connection pays, and the
             # pool shrinks by one (it grows again if clients are waiting).
             self._sp_book.count("leases_reclaimed")
-            self._sp_gave_back = True
             self._close_connection(conn)
             with self._lock:
                 self._nconns -= 1
@@ -324,9 +316,6 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
                     victims.append(conn)
                     self._nconns -= 1
             self._nconns_min = min(self._nconns_min, len(self._pool))
-        if victims:
-            self._sp_gave_back = True
-            self._sp_book.notify_returned()  # a growth's lease wait ends: nobody needs it now
         for conn in victims:
             self._close_connection(conn)
         self._sp_book.count("leases_reclaimed", len(victims))
