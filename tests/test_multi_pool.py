@@ -390,3 +390,35 @@ def test_one_slot_goes_to_one_waiting_sibling_acquire_not_one_per_checkin(
         assert pool.get_size() == 2
     finally:
         pool.close()
+
+
+def test_a_psycopg_pool_growing_for_nobody_does_not_pay_its_own_growth(
+        start_coordinator: Any, sock_path: str, pg: str, app_name: str) -> None:
+    # Cap 2: a core pool holds one lease idle, a psycopg_pool pool (min_size 2)
+    # gets the other and queues for its second (growth for nobody): the process
+    # waits, so the coordinator asks it for its idle leases, and the psycopg
+    # pool's own idle connection paid for its own growth, which was granted it
+    # again: a close and a connect per round for as long as it stayed idle
+    # (hunt: ~120 a second, a new backend each). Now a growth nobody waits for
+    # takes a lease only if one is free at once.
+    start_coordinator({"r": Resource(max_size=2)})
+    pool = PsycopgPool(pg, resource="r", coordinator=sock_path, min_size=2, max_size=2, timeout=5,
+                       open=True, kwargs={"autocommit": True, "application_name": app_name})
+    pool.wait(5)  # both leases, idle
+    core = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1, test_on_acquire=False),
+                          resource="r", coordinator=sock_path)
+    try:
+        core.release(core.acquire(timeout=5))  # served by the psycopg pool's idle one; then idle
+        assert pool.get_stats()["leases_reclaimed"] == 1
+        with pool._lock:  # psycopg_pool grows back towards min_size, for nobody
+            pool._maybe_grow_pool()
+        time.sleep(1.0)
+        first = pool.get_stats()["leases_reclaimed"]
+        time.sleep(2.0)
+        later = pool.get_stats()
+        assert later["leases_reclaimed"] - first <= 1, later  # quiet, not a loop
+        with pool.connection(timeout=5) as conn:  # a caller is served as before
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        pool.close()
+        core.close()

@@ -45,6 +45,7 @@ from psycopg_pool.pool import AddConnection
 
 from ..client import current_pid
 from ..config import check_seconds
+from ..errors import PoolTimeout
 from ._leases import LeaseBook
 
 __all__ = ["ConnectionPool"]
@@ -205,12 +206,26 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
                 self.schedule_task(AddConnection(self, attempt, growing=growing), WAIT_SLOT_RETRY)
             return
         key = object()
+        # Growing on towards min_size with no caller waiting (psycopg_pool keeps
+        # a growth going until min_size): a lease only if one is free now, as
+        # the local pool's top-up takes one. Queued, it made the process a
+        # waiter; the coordinator asks a waiting process for its idle leases,
+        # and this pool paid its own growth with its own idle connection, granted
+        # back to that growth: a close and a connect per round for as long as it
+        # stayed idle (servers hunt: ~120 a second in a celery child).
+        quick = growing and not self._sp_waiting()
         try:
             # Looked at first too: a retry (psycopg_pool's backoff, after a lease
             # wait that timed out) may come when the callers it was for are gone,
             # and a grant that comes at once is taken before the wait looks.
-            not_needed = self._sp_not_needed() or book.acquire(key, self._sp_timeout(),
+            not_needed = self._sp_not_needed() or book.acquire(key, 0 if quick else self._sp_timeout(),
                                                                local=self._sp_not_needed)
+        except PoolTimeout as exc:
+            if not quick:
+                self._sp_local.lease_error = exc
+            else:  # no free slot for a growth nobody waits for: it ends here, quietly
+                self._sp_not_adding(growing)
+                return
         except Exception as exc:  # noqa: BLE001 - psycopg_pool's retry and backoff handle it
             self._sp_local.lease_error = exc
         else:
