@@ -430,3 +430,39 @@ def test_a_top_up_waiting_at_release_process_opens_nothing_after_it(
         assert "error connecting" not in caplog.text  # the wait ended as not needed
     finally:
         pool.close()
+
+
+def test_a_getconn_after_release_process_fails_at_once(pg: str, start_coordinator: Any,
+                                                         sock_path: str, app_name: str) -> None:
+    # After release_process() no lease is taken: each growth for a waiting caller
+    # ended as not needed and started the next one (~100k tasks a second, two
+    # workers busy) until the caller's getconn() timed out.
+    from sharedpool import release_process
+
+    start_coordinator({"pg": Resource(max_size=1)})
+    holder = Client(sock_path)
+    assert holder.acquire("pg", 5) is not None
+    pool = make_pool(sock_path, app_name, min_size=0, max_size=1)
+    errors: list[BaseException] = []
+
+    def caller() -> None:
+        try:
+            pool.getconn(timeout=8)
+        except BaseException as exc:  # noqa: BLE001 - looked at below
+            errors.append(exc)
+
+    waiter = threading.Thread(target=caller)
+    try:
+        waiter.start()
+        time.sleep(0.3)  # waits for the only lease
+        t0 = time.monotonic()
+        release_process(1.0)
+        waiter.join(10)
+        with pytest.raises(PoolClosed, match="release_process"):
+            pool.getconn(timeout=8)  # a caller after it
+        assert time.monotonic() - t0 < 5  # not its timeout
+        assert len(errors) == 1 and isinstance(errors[0], PoolClosed), errors
+        assert pool.get_stats()["leases_held"] == 0
+        assert BackendSampler(app_name).count_now() == 0
+    finally:
+        pool.close()

@@ -249,7 +249,15 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
             self._nconns -= 1
             if growing:
                 self._growing = False
-            if self._sp_prune_waiting() and not self._closed:
+            if self._sp_book.exited:
+                # release_process() ran: no lease is taken any more. A waiting
+                # getconn() would grow the pool again, each task ending here at
+                # once: a busy loop until its timeout. It fails now instead.
+                while self._waiting:
+                    self._waiting.popleft().fail(psycopg_pool.PoolClosed(
+                        f"the pool {self.name!r} released its leases for process exit "
+                        "(release_process)"))
+            elif self._sp_prune_waiting() and not self._closed:
                 self._maybe_grow_pool()
 
     def _sp_not_needed(self) -> bool | None:
