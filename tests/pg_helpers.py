@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from typing import Any
 
 import pytest
+
+from sharedpool import Client
 
 
 def pg_dsn() -> str:
@@ -107,3 +110,23 @@ def slow_exit(conn: Any, tables: int = 200) -> None:
     server let go then shows every time, not only when the timing says so."""
     conn.execute(f"DO $$ BEGIN FOR i IN 1..{tables} LOOP "
                  "EXECUTE format('CREATE TEMP TABLE sp_slow_exit_%s (x int)', i); END LOOP; END $$")
+
+
+def first_grant_sees(sock: str, app: str, timeout: float = 10.0) -> tuple[threading.Thread, list[int]]:
+    """A thread of another session waiting for the (only) lease of "pg"; once
+    granted, it counts ``app``'s backends in pg_stat_activity: with the cap at
+    1, it must see 0."""
+    seen: list[int] = []
+
+    def wait() -> None:
+        c = Client(sock)
+        try:
+            lease = c.acquire("pg", timeout)
+            seen.append(BackendSampler(app).count_now())
+            c.release(lease)
+        finally:
+            c.close()
+
+    t = threading.Thread(target=wait)
+    t.start()
+    return t, seen

@@ -712,6 +712,15 @@ def test_pools_naming_one_socket_differently_share_one_session(
             pool.close()
 
 
+def _two_coordinators(start_coordinator: Any, tmp_path: Any) -> tuple[Any, Any]:
+    """Directories one/ and two/, each with a coordinator at sp.sock (cap 1 of "r")."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    for where in (one, two):
+        where.mkdir()
+        start_coordinator({"r": 1}, path=str(where / "sp.sock"))
+    return one, two
+
+
 def test_a_relative_socket_path_names_the_file_of_the_working_directory_of_the_time(
         start_coordinator: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Before: for_path() cached the key of the spelling "sp.sock", so after a chdir
@@ -719,11 +728,7 @@ def test_a_relative_socket_path_names_the_file_of_the_working_directory_of_the_t
     wrong cap); and that client kept the relative spelling, so a reconnect after
     a chdir (a coordinator restart) went to the other coordinator, re-registering
     this process's leases there."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    one.mkdir()
-    two.mkdir()
-    start_coordinator({"r": 1}, path=str(one / "sp.sock"))
-    start_coordinator({"r": 1}, path=str(two / "sp.sock"))
+    one, two = _two_coordinators(start_coordinator, tmp_path)
     monkeypatch.chdir(one)
     first = Client.for_path("sp.sock")
     second = None
@@ -749,11 +754,7 @@ def test_a_relative_socket_path_is_resolved_once_against_a_concurrent_chdir(
     The chdir is made where it would land, inside the key's resolution."""
     import sharedpool.client as client_module
 
-    one, two = tmp_path / "one", tmp_path / "two"
-    one.mkdir()
-    two.mkdir()
-    start_coordinator({"r": 1}, path=str(one / "sp.sock"))
-    start_coordinator({"r": 1}, path=str(two / "sp.sock"))
+    one, two = _two_coordinators(start_coordinator, tmp_path)
     monkeypatch.chdir(one)
     real = os.path.realpath
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from pg_helpers import BackendSampler, pg_dsn
+from pg_helpers import BackendSampler, first_grant_sees, pg_dsn
 from proc_helpers import (
     alarm_raises,
     exit_mid_query,
@@ -152,25 +152,6 @@ def test_pre_ping_replaces_a_terminated_backend_without_leaking_its_lease(
     engine.dispose()
     assert leased(sock_path) == 0
     assert BackendSampler(app_name).count_now() == 0
-
-
-def first_grant_sees(sock: str, app: str) -> tuple[threading.Thread, list[int]]:
-    """A thread of another session waiting for the (only) lease; once granted, it
-    counts our backends in pg_stat_activity: with the cap at 1, it must see 0."""
-    seen: list[int] = []
-
-    def wait() -> None:
-        c = Client(sock)
-        try:
-            lease = c.acquire("pg", 10)
-            seen.append(BackendSampler(app).count_now())
-            c.release(lease)
-        finally:
-            c.close()
-
-    t = threading.Thread(target=wait)
-    t.start()
-    return t, seen
 
 
 def test_busy_connection_is_cancelled_and_its_lease_goes_back_after_the_backend(

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -15,7 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from pg_helpers import BackendSampler
+from pg_helpers import BackendSampler, first_grant_sees
 from proc_helpers import held_once_confirmed, leased, wait_leased
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
@@ -58,25 +57,6 @@ def collect_until(done: Callable[[], bool], timeout: float = 10.0) -> bool:
         time.sleep(0.05)
 
 
-def first_grant_sees(sock: str, app: str) -> tuple[threading.Thread, list[int]]:
-    """A thread of another session waiting for the (only) lease; once granted, it
-    counts our backends in pg_stat_activity: with the cap at 1, it must see 0."""
-    seen: list[int] = []
-
-    def wait() -> None:
-        c = Client(sock)
-        try:
-            lease = c.acquire("pg", 15)
-            seen.append(BackendSampler(app).count_now())
-            c.release(lease)
-        finally:
-            c.close()
-
-    t = threading.Thread(target=wait)
-    t.start()
-    return t, seen
-
-
 def test_a_detached_connection_dropped_unclosed_gives_its_backend_and_lease_back(
         pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
     """Before, the lease book's reference kept the DBAPI connection from the
@@ -89,7 +69,7 @@ def test_a_detached_connection_dropped_unclosed_gives_its_backend_and_lease_back
     conn.detach()
     assert leased(sock_path) == 1
     assert backends_settle(app_name, 1) == 1
-    waiter, seen = first_grant_sees(sock_path, app_name)  # queued behind our lease
+    waiter, seen = first_grant_sees(sock_path, app_name, 15)  # queued behind our lease
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)  # psycopg's "deleted while still open"
         del conn
@@ -256,17 +236,11 @@ def test_a_detached_connections_revoked_lease_is_no_longer_counted_nor_reported(
         engine.dispose()
 
 
-def test_a_reclaim_goes_on_past_a_close_that_raises(
-        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
-    """A user's close listener raising on one connection given back on reclaim:
-    before, the rest picked with it were never closed, their leases claimed as
-    given back for good (the process gave back less from then on)."""
+def _close_listener_raising_once(pool: LeasedQueuePool) -> list[int]:
+    """A user's "close" listener on ``pool`` that raises the first time; the
+    list returned says whether it did."""
     from sqlalchemy import event
 
-    start_coordinator({"pg": Resource(max_size=3)})
-    engine = engine_for(sock_path, app_name, pool_size=2)
-    pool = engine.pool
-    assert isinstance(pool, LeasedQueuePool)
     raised: list[int] = []
 
     def close(dbapi_connection: Any, record: Any) -> None:
@@ -274,11 +248,24 @@ def test_a_reclaim_goes_on_past_a_close_that_raises(
             raised.append(1)
             raise RuntimeError("a listener that fails")
 
+    event.listen(pool, "close", close)
+    return raised
+
+
+def test_a_reclaim_goes_on_past_a_close_that_raises(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    """A user's close listener raising on one connection given back on reclaim:
+    before, the rest picked with it were never closed, their leases claimed as
+    given back for good (the process gave back less from then on)."""
+    start_coordinator({"pg": Resource(max_size=3)})
+    engine = engine_for(sock_path, app_name, pool_size=2)
+    pool = engine.pool
+    assert isinstance(pool, LeasedQueuePool)
     try:
         first, second = engine.connect(), engine.connect()
         first.close()
         second.close()
-        event.listen(pool, "close", close)
+        raised = _close_listener_raising_once(pool)
         client = Client.for_path(sock_path)
         client._owed["pg"] = 2  # as if the coordinator had asked for both back
         pool._sp_reclaim(2)
@@ -294,25 +281,16 @@ def test_a_connection_whose_close_listener_raises_is_closed_all_the_same_when_gi
     skips the close, and the connection went back open into its slot, its lease
     claimed as on its way for good: another process's acquire waited out its
     timeout beside two idle connections. Now it is closed all the same."""
-    from sqlalchemy import event
-
     start_coordinator({"pg": Resource(max_size=2)})
     engine = engine_for(sock_path, app_name, pool_size=2)
     pool = engine.pool
     assert isinstance(pool, LeasedQueuePool)
-    raised: list[int] = []
-
-    def close(dbapi_connection: Any, record: Any) -> None:
-        if not raised:
-            raised.append(1)
-            raise RuntimeError("a listener that fails")
-
     other = Client(sock_path)
     try:
         first, second = engine.connect(), engine.connect()
         first.close()
         second.close()
-        event.listen(pool, "close", close)
+        raised = _close_listener_raising_once(pool)
         lease = other.acquire("pg", timeout=5)  # the coordinator reclaims one of the idle two
         other.release(lease)
         assert raised

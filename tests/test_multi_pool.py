@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -49,6 +50,24 @@ def _wait_for(what: Any, why: str, timeout: float = 5.0) -> None:
     while not what():
         assert time.monotonic() < deadline, why
         time.sleep(0.005)
+
+
+@contextlib.contextmanager
+def _sibling_acquire(client: Client, timeout: float, queued: bool = True) -> Iterator[None]:
+    """As if another pool of the process had an acquire of "r" on its way:
+    ``queued``, made a while ago (waiting at the coordinator), else just sent
+    (on its way to a free slot)."""
+    from sharedpool import protocol as p
+    from sharedpool.lease import _Pending
+
+    since = time.monotonic() - (1 if queued else 0)
+    with client._cond:
+        client._pending[10**6] = _Pending(p.Acquire(10**6, "r", timeout), since=since)
+    try:
+        yield
+    finally:
+        with client._cond:
+            client._pending.pop(10**6, None)
 
 
 def test_two_pools_on_one_resource_give_back_one_lease_for_one_owed(
@@ -94,6 +113,19 @@ class _GatedPgConnection(psycopg.Connection):  # type: ignore[type-arg]
         super().close()
 
 
+def _gated_pool(pg: str, sock_path: str, app_name: str, min_size: int, max_size: int
+                ) -> tuple[PsycopgPool, threading.Event, list[int]]:
+    """A psycopg_pool integration pool on "r" whose closes wait for the gate
+    returned (a give-back stays under way), and the list of closes begun."""
+    gate = _GatedPgConnection.gate = threading.Event()
+    closes: list[int] = []
+    _GatedPgConnection.closes = closes
+    pool = PsycopgPool(pg, resource="r", coordinator=sock_path, min_size=min_size, max_size=max_size,
+                       timeout=5, connection_class=_GatedPgConnection, open=True,
+                       kwargs={"autocommit": True, "application_name": app_name})
+    return pool, gate, closes
+
+
 def test_psycopg_pool_checkins_give_back_only_what_is_owed(
         start_coordinator: Any, sock_path: str, pg: str, app_name: str) -> None:
     # Measured: one psycopg_pool integration pool with 4 threads in a loop gave back
@@ -101,11 +133,7 @@ def test_psycopg_pool_checkins_give_back_only_what_is_owed(
     # every checkin while a lease was owed closed its connection, with nothing to
     # say that a give-back was already under way.
     start_coordinator({"r": Resource(max_size=2, fairness_quantum=0)})
-    gate = _GatedPgConnection.gate = threading.Event()
-    closes = _GatedPgConnection.closes = []
-    pool = PsycopgPool(pg, resource="r", coordinator=sock_path, min_size=0, max_size=2, timeout=5,
-                       connection_class=_GatedPgConnection, open=True,
-                       kwargs={"autocommit": True, "application_name": app_name})
+    pool, gate, closes = _gated_pool(pg, sock_path, app_name, min_size=0, max_size=2)
     threads: list[threading.Thread] = []
     try:
         a, b = pool.getconn(), pool.getconn()
@@ -170,9 +198,6 @@ def test_only_an_acquire_that_queues_takes_a_busy_pools_slot(
         start_coordinator: Any, sock_path: str, timeout: float) -> None:
     # A min_size top-up asks with timeout 0 and waits for nothing: a checkin that
     # happened to land while it was in flight must not give its connection back.
-    from sharedpool import protocol as p
-    from sharedpool.lease import _Pending
-
     start_coordinator({"r": Resource(max_size=2, fairness_quantum=0)})
     pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1, test_on_acquire=False),
                           resource="r", coordinator=sock_path)
@@ -180,14 +205,8 @@ def test_only_an_acquire_that_queues_takes_a_busy_pools_slot(
         wrapper = pool.acquire(timeout=5)
         client = pool._client
         assert client is not None
-        with client._cond:  # as if another pool's acquire were on its way
-            # made a while ago: queued at the coordinator, not on its way to a free slot
-            client._pending[10**6] = _Pending(p.Acquire(10**6, "r", timeout), since=time.monotonic() - 1)
-        try:
+        with _sibling_acquire(client, timeout):
             pool.release(wrapper)
-        finally:
-            with client._cond:
-                client._pending.pop(10**6, None)
         assert pool.get_size() == (1 if timeout == 0 else 0)
     finally:
         pool.close()
@@ -234,11 +253,7 @@ def test_an_integration_reclaim_and_a_checkin_give_back_one_lease_for_one_owed(
     # give-back under way. Before: the integrations' reclaims claimed nothing
     # (sized by owed_left only), so the checkin's take_owed paid the same lease again.
     start_coordinator({"r": Resource(max_size=3, fairness_quantum=0)})
-    gate = _GatedPgConnection.gate = threading.Event()
-    closes = _GatedPgConnection.closes = []
-    idle = PsycopgPool(pg, resource="r", coordinator=sock_path, min_size=1, max_size=1, timeout=5,
-                       connection_class=_GatedPgConnection, open=True,
-                       kwargs={"autocommit": True, "application_name": app_name})
+    idle, gate, closes = _gated_pool(pg, sock_path, app_name, min_size=1, max_size=1)
     core = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1, test_on_acquire=False),
                           resource="r", coordinator=sock_path, name="core")
     reclaiming = None
@@ -269,9 +284,6 @@ def test_a_sibling_acquire_a_free_slot_is_serving_takes_no_busy_pools_slot(
     # A sibling pool's acquire on its way to a free slot (answered within a round
     # trip) is no waiter: a checkin landing meanwhile gave its connection back
     # for nothing (review: 1 needless give-back in 3 s at cap 10).
-    from sharedpool import protocol as p
-    from sharedpool.lease import _Pending
-
     start_coordinator({"r": Resource(max_size=4, fairness_quantum=0)})
     pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1, test_on_acquire=False),
                           resource="r", coordinator=sock_path)
@@ -279,13 +291,8 @@ def test_a_sibling_acquire_a_free_slot_is_serving_takes_no_busy_pools_slot(
         wrapper = pool.acquire(timeout=5)
         client = pool._client
         assert client is not None
-        with client._cond:  # just sent
-            client._pending[10**6] = _Pending(p.Acquire(10**6, "r", 5.0))
-        try:
+        with _sibling_acquire(client, 5.0, queued=False):
             pool.release(wrapper)
-        finally:
-            with client._cond:
-                client._pending.pop(10**6, None)
         assert pool.get_size() == 1
     finally:
         pool.close()
@@ -367,9 +374,6 @@ def test_one_slot_goes_to_one_waiting_sibling_acquire_not_one_per_checkin(
     # Three connections older than the quantum checked in while one acquire of
     # another pool waits: one slot is given for it. Before, each checkin before
     # the first give-back had served it gave one back (3 for 1).
-    from sharedpool import protocol as p
-    from sharedpool.lease import _Pending
-
     start_coordinator({"r": Resource(max_size=4)})
     pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=3, test_on_acquire=False),
                           resource="r", coordinator=sock_path)
@@ -378,14 +382,9 @@ def test_one_slot_goes_to_one_waiting_sibling_acquire_not_one_per_checkin(
         client = pool._client
         assert client is not None
         time.sleep(1.1)  # past any quantum (auto is at most 1 s)
-        with client._cond:
-            client._pending[10**6] = _Pending(p.Acquire(10**6, "r", 5.0), since=time.monotonic() - 1)
-        try:
+        with _sibling_acquire(client, 5.0):
             for wrapper in held:
                 pool.release(wrapper)
-        finally:
-            with client._cond:
-                client._pending.pop(10**6, None)
         _wait_for(lambda: pool.get_stats()["leases_held"] == 2, "the give-back never completed")
         assert pool.get_size() == 2
     finally:
