@@ -33,7 +33,7 @@ from rich.text import Text
 from .client import Client
 from .config import PoolConfig, Resource, check_socket_path
 from .coordinator import Coordinator
-from .errors import PoolTimeout
+from .errors import ConfigError, PoolTimeout
 from .pool import ConnectionPool
 
 RESOURCE = "demo"
@@ -252,6 +252,15 @@ def run_demo(*, workers: int = 8, max_size: int = 3, seconds: float = 5.0, pool_
     console = console or Console()
     if socket_path is not None:  # '' is a blank left by a script, not "a temp dir"
         socket_path = check_socket_path("socket", socket_path)
+    if dsn:
+        # Before anything starts, and imported once here, inherited by every
+        # worker. `pip install sharedpool` does not bring psycopg: say so in
+        # one line, not with a traceback from inside the run.
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            raise ConfigError("--dsn", "needs psycopg, which `pip install sharedpool` does not "
+                              "bring: pip install 'sharedpool[pg]'") from None
     workdir = tempfile.mkdtemp(prefix="sharedpool-demo-")  # 0700: a private socket directory
     sock = socket_path or os.path.join(workdir, "sharedpool.sock")
     db_path = os.path.join(workdir, "demo.sqlite3")
@@ -275,8 +284,6 @@ def run_demo(*, workers: int = 8, max_size: int = 3, seconds: float = 5.0, pool_
     previous_term = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main else None
     try:
         coordinator.start()
-        if dsn:
-            import psycopg  # noqa: F401 - imported once here, inherited by every worker
         # Fork every worker before this process starts any thread. SIGTERM is
         # held back meanwhile: its handler would otherwise run inside an at-fork
         # hook, where the SystemExit it raises is printed and dropped.

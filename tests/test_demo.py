@@ -159,3 +159,13 @@ def test_demo_sigterm_while_forking_workers_still_stops_it() -> None:
     out = subprocess.run([sys.executable, "-c", _TERM_DURING_FORK], capture_output=True, text=True,
                          env=ENV, timeout=60)
     assert out.stdout.strip() == "exit 143", out.stdout + out.stderr
+
+
+def test_demo_with_a_dsn_but_no_psycopg_says_so_in_one_line() -> None:
+    # `pip install sharedpool` brings no psycopg: --dsn was a ModuleNotFoundError traceback.
+    code = ("import sys; sys.modules['psycopg'] = None; from sharedpool.cli import main; "
+            "main(['demo', '--dsn', 'host=127.0.0.1 dbname=test', '--workers', '1', '--seconds', '0.1'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=60)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "--dsn" in out.stderr and "sharedpool[pg]" in out.stderr, out.stderr
