@@ -86,6 +86,11 @@ class AcquireRequest:
             client._send_quiet(p.Cancel(self.req))
         return True
 
+    @property
+    def since(self) -> float:
+        """When it was sent (or sent again on a new session), ``time.monotonic()``."""
+        return self._pending.since
+
     def _drop(self) -> None:
         """Its caller is gone (an exception): withdraw it unless it is settled
         (its lease handed over, or :meth:`wait` gave up and withdrew it)."""

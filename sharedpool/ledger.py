@@ -372,7 +372,9 @@ class Ledger:
         for waiter in self._deadlines.expired_waiters(now):
             res = self.resources[waiter.resource]
             res.timeouts += 1
-            why = self._why_full(res, None, waiter.deadline)
+            # Its session: a waiter held back by its own max_per_process is told
+            # so, not that every lease of the resource is held.
+            why = self._why_full(res, self.sessions.get(waiter.session), waiter.deadline)
             effects.append(self._drop_waiter(res, waiter, "timeout", why))
             touched.add(res.name)
         if self.hold_until is not None and now >= self.hold_until:

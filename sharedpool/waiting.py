@@ -7,10 +7,12 @@ connection handed to a caller that is gone.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .client import QUEUED_AFTER
 from .closing import WAIT_SLICE
 from .errors import ConnectTimeout, PoolClosed, PoolTimeout
 from .status import PoolStatus
@@ -157,7 +159,7 @@ def wait_for(pool: ConnectionPool[T], waiter: _Waiter, deadline: float, start: f
                 # not tried yet, or being connected to, is not "unreachable").
                 away = f"; coordinator at {client.socket_path} unreachable: {client.last_error}"
             elif pool._lease_requests or waiter.leasing:
-                away = lease_wait_note(pool)
+                away = lease_wait_note(pool, waited=deadline - start)
             raise timed_out(pool, start, deadline, away)
 
 
@@ -172,9 +174,28 @@ def count_failed(pool: ConnectionPool[T], waiter: _Waiter, start: float) -> None
             pool._m["requests_wait_ms"] += int((time.monotonic() - start) * 1000)
 
 
-def lease_wait_note(pool: ConnectionPool[T], reason: object = None) -> str:
-    why = "the global cap is taken" if reason is None else f"the global cap is taken: {reason}"
+def lease_wait_note(pool: ConnectionPool[T], reason: object = None, waited: float = math.inf) -> str:
+    """``reason``: the coordinator's, when its timeout came first; else what
+    this process can tell by itself (under the pool's lock: attributes only)."""
+    why = no_lease_why(pool, waited) if reason is None else reason
     return f"; still waiting for a lease of resource {pool.resource!r} from the coordinator ({why})"
+
+
+def no_lease_why(pool: ConnectionPool[T], waited: float) -> str:
+    # Not "the global cap is taken" whatever held it back: a wait too short for
+    # any reply (timeout=0 with the cap free), or this process's own
+    # max_per_process, sent operators to raise the wrong limit.
+    now = time.monotonic()
+    requests = list(pool._lease_requests)
+    if waited < QUEUED_AFTER or (requests and all(now - t.since < QUEUED_AFTER for t in requests)):
+        return "asked, no answer yet"
+    client = pool._client
+    if client is not None:
+        cap = client.limits.get(pool.resource, {}).get("max_per_process")
+        held = sum(1 for lease in client._held.copy().values() if lease.resource == pool.resource)
+        if cap is not None and held >= cap:
+            return f"this process holds max_per_process={cap} leases of {pool.resource!r}"
+    return "its cap is taken, or it is paused or restarting: `sharedpool status` says which"
 
 
 def timed_out(pool: ConnectionPool[T], start: float, deadline: float, note: str) -> PoolTimeout:

@@ -205,6 +205,23 @@ def test_max_per_process_skips_a_blocked_head_waiter() -> None:
     assert [w.req for w in lg.resources["pg"].waiters] == [2]
 
 
+def test_a_wait_held_back_by_max_per_process_times_out_saying_so() -> None:
+    # Was "all 5 leases of 'pg' are held" with 1 of 5 held: the wrong limit to raise.
+    lg = ledger(pg=Resource(5, max_per_process=1))
+    a = session(lg)
+    grant(lg, a, 1)
+    assert queued(lg.acquire(a, 2, "pg", T0, timeout=1))
+    [deny] = of(Denied, lg.tick(T0 + 1))
+    assert deny.reason == "timeout" and "max_per_process=1" in deny.message, deny.message
+    # A wait at the global cap still says that.
+    b = session(lg)
+    for req in range(1, 5):
+        grant(lg, session(lg), req)
+    assert queued(lg.acquire(b, 1, "pg", T0 + 1, timeout=1))
+    [deny] = of(Denied, lg.tick(T0 + 2))
+    assert "all 5 leases of 'pg' are held" in deny.message, deny.message
+
+
 def test_blocked_head_waiter_is_not_starved() -> None:
     lg = ledger(pg=Resource(2, max_per_process=1))
     a, b, c = session(lg), session(lg), session(lg)

@@ -1963,3 +1963,33 @@ def test_a_min_size_top_up_refused_an_unknown_resource_is_said_once(
         assert pool.get_size() == 0
     finally:
         pool.close()
+
+
+def test_a_lease_wait_timeout_names_what_held_it_back(start_coordinator: Any, sock_path: str) -> None:
+    # Every timeout said "the global cap is taken", even with 1 of 5 leases
+    # held (this process at its max_per_process) or none (timeout=0, no reply
+    # possible yet): the wrong limit for an operator to raise.
+    start_coordinator({"r": {"max_size": 5, "max_per_process": 1}, "free": 5})
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=3), resource="r",
+                          coordinator=sock_path)
+    try:
+        held = pool.acquire(timeout=10)
+        with pytest.raises(PoolTimeout) as info:
+            pool.acquire(timeout=0.5)
+        assert "max_per_process=1" in str(info.value), info.value
+        assert "cap is taken" not in str(info.value) and "all 5 leases" not in str(info.value)
+        pool.release(held)
+    finally:
+        pool.close()
+    timeouts = 0
+    for _ in range(5):  # timeout=0 may still be served, by an opener faster than its caller
+        free = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=3), resource="free",
+                              coordinator=sock_path)
+        try:
+            free.release(free.acquire(timeout=0))
+        except PoolTimeout as exc:
+            timeouts += 1
+            assert "cap is taken" not in str(exc) and "held" not in str(exc), exc
+        finally:
+            free.close()
+    assert timeouts
