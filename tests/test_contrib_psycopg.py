@@ -466,3 +466,22 @@ def test_a_getconn_after_release_process_fails_at_once(pg: str, start_coordinato
         assert BackendSampler(app_name).count_now() == 0
     finally:
         pool.close()
+
+
+def test_a_getconn_after_release_process_hands_out_no_closed_connection(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    # The pool's idle connection, closed by release_process(), stayed in
+    # psycopg_pool's queue: the next getconn() returned it closed ([BAD]).
+    from sharedpool import release_process
+
+    start_coordinator({"pg": Resource(max_size=2)})
+    pool = make_pool(sock_path, app_name, min_size=1, max_size=1)
+    try:
+        pool.wait(10)
+        release_process(1.0)
+        with pytest.raises(PoolClosed, match="release_process"):
+            pool.getconn(timeout=2)
+        assert leased(sock_path) == 0
+        assert BackendSampler(app_name).count_now() == 0
+    finally:
+        pool.close()

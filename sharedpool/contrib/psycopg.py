@@ -137,6 +137,12 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
             raise psycopg_pool.PoolClosed(
                 f"the pool {self.name!r} was opened in process {self._sp_opened_in}, before a fork: "
                 "psycopg_pool pools do not survive fork(); make or open() the pool in the child")
+        if self._sp_book.exited:
+            # release_process() closed its connections but psycopg_pool keeps them
+            # queued: the next getconn() handed one out closed ("the connection is
+            # closed" at its first query). No lease is taken after it: refused here.
+            raise psycopg_pool.PoolClosed(
+                f"the pool {self.name!r} released its leases for process exit (release_process)")
         if self._waiting:  # nearly free when nobody waits
             with self._lock:
                 self._sp_prune_waiting()
