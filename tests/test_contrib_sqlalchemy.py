@@ -619,3 +619,25 @@ def test_sqlalchemy_1_is_refused_at_import_with_the_version_to_get() -> None:
                          "del sqlalchemy.pool.ConnectionPoolEntry, sqlalchemy.pool.base.ConnectionPoolEntry\n"
                          "import sharedpool.contrib.sqlalchemy\n")
     assert "ImportError: sharedpool.contrib.sqlalchemy needs SQLAlchemy >= 2.0" in err, err
+
+
+def test_a_checkout_after_release_process_fails_at_once(pg: str, start_coordinator: Any,
+                                                       sock_path: str, app_name: str) -> None:
+    # The pooled connection release_process() closed kept its QueuePool record:
+    # without pool_pre_ping the next checkout handed it out closed ("the
+    # connection is closed" at its first query) instead of PoolClosed, as the
+    # local pool, redis-py and a pre-pinging engine say.
+    from sharedpool import PoolClosed, release_process
+
+    start_coordinator({"pg": Resource(max_size=2)})
+    engine = engine_for(sock_path, app_name, pool_size=1, max_overflow=0)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        release_process(1.0)
+        with pytest.raises(PoolClosed, match="release_process"):
+            engine.connect()
+        assert wait_leased(sock_path, 0) == 0
+        assert BackendSampler(app_name).count_now() == 0
+    finally:
+        engine.dispose()

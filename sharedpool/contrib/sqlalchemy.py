@@ -47,7 +47,7 @@ from sqlalchemy.util import queue as sqla_queue
 
 from ..client import current_pid
 from ..config import check_seconds
-from ..errors import ConfigError, PoolTimeout, ResourceUnavailable, TooManyWaiters
+from ..errors import ConfigError, PoolClosed, PoolTimeout, ResourceUnavailable, TooManyWaiters
 from ..process import FORK_LOCK
 from ._leases import LeaseBook
 
@@ -270,6 +270,11 @@ class LeasedQueuePool(QueuePool):
     def _do_get(self) -> ConnectionPoolEntry:
         if self._sp_pid != current_pid():
             self._sp_after_fork()
+        if self._sp_book is not None and self._sp_book.exited:
+            # release_process() closed the pooled connections but QueuePool keeps
+            # their records: without pool_pre_ping one was handed out closed.
+            raise PoolClosed(f"{self._sp_book.resource!r}: this process released its leases "
+                             "for exit (release_process)")
         record = super()._do_get()
         if record.dbapi_connection is None and self._sp_leased():
             # An empty slot (its connection was given back): it reconnects in
