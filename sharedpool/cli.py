@@ -305,9 +305,12 @@ class _Seconds(click.FloatRange):
             self.fail(f"{value!r} is not a finite number of seconds.", param, ctx)
         return super().convert(rv, param, ctx)
 
+#: The default socket path, as the README gives it (serve --config: the file's first).
+_SOCKET_DEFAULT = ("$SHAREDPOOL_SOCKET, else $XDG_RUNTIME_DIR/sharedpool/sharedpool.sock, "
+                   "else /tmp/sharedpool-<uid>/sharedpool.sock")
 _socket_option = click.option(
     "--socket", "socket_path", metavar="PATH", default=None,
-    help="Coordinator socket (default: $SHAREDPOOL_SOCKET, else the per-user runtime dir).",
+    help=f"Coordinator socket (default: {_SOCKET_DEFAULT}).",
 )
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
@@ -319,7 +322,8 @@ def cli() -> None:
 
 
 @cli.command()
-@_socket_option
+@click.option("--socket", "socket_path", metavar="PATH", default=None,
+              help=f"Socket to serve on (default: with --config, the file's socket; else {_SOCKET_DEFAULT}).")
 @click.option("--resource", "resource_flags", multiple=True, metavar="NAME=MAX[,key=value...]",
               help="A resource and its limits (repeatable); with --config, the fields given "
                    "override that resource's table and the rest come from the file.")

@@ -15,3 +15,19 @@ def test_the_layout_names_every_module_and_only_those() -> None:
     modules = {p.name for p in (ROOT / "sharedpool").rglob("*.py")}
     assert modules - named == set(), "modules the README's Layout does not name"
     assert named - modules == set(), "the README's Layout names modules that are gone"
+
+
+def test_the_socket_flags_help_gives_the_readmes_default_path() -> None:
+    # serve --help said "$SHAREDPOOL_SOCKET, else the per-user runtime dir",
+    # while with --config the file's socket comes first (as the README says).
+    import subprocess
+    import sys
+
+    text = " ".join((ROOT / "README.md").read_text().split())
+    assert "else (for `serve --config`) the file's `socket`, else `$SHAREDPOOL_SOCKET`" in text
+    default = ("$SHAREDPOOL_SOCKET, else $XDG_RUNTIME_DIR/sharedpool/sharedpool.sock, "
+               "else /tmp/sharedpool-<uid>/sharedpool.sock")
+    for command, first in (("serve", "with --config, the file's socket; else "), ("status", "")):
+        out = subprocess.run([sys.executable, "-m", "sharedpool", command, "--help"],
+                             capture_output=True, text=True, timeout=60, env={"COLUMNS": "400"})
+        assert f"(default: {first}{default})" in " ".join(out.stdout.split()), out.stdout
