@@ -485,3 +485,31 @@ def test_a_getconn_after_release_process_hands_out_no_closed_connection(
         assert BackendSampler(app_name).count_now() == 0
     finally:
         pool.close()
+
+
+def test_a_pool_dropped_without_close_ends_the_session_with_its_leases(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    # Its connections were closed and their leases given back, but the session
+    # stayed (counted by the coordinator, a lost coordinator logged at its stop),
+    # unlike a dropped ConnectionPool's or a close()d one's.
+    import gc
+
+    start_coordinator({"pg": Resource(max_size=2)})
+    pool = make_pool(sock_path, app_name, min_size=1, max_size=2)
+    pool.wait(10)
+    watch = Client(sock_path, name="watch")
+
+    def sessions() -> list[str]:
+        return [s["name"] for s in watch.inspect("sessions")["sessions"] if s["name"] != "watch"]
+
+    try:
+        assert len(sessions()) == 1
+        del pool
+        gc.collect()
+        deadline = time.monotonic() + 5
+        while sessions() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sessions() == []
+        assert leased(sock_path) == 0
+    finally:
+        watch.close()

@@ -681,3 +681,30 @@ def test_pools_dropped_without_disconnect_give_leases_back_only_once_the_server_
         assert wait_leased(sock_path, 0, timeout=20) == 0
     finally:
         proxy.close()
+
+
+def test_a_pool_dropped_without_disconnect_ends_the_session_with_its_leases(
+        start_coordinator: Any, sock_path: str, redis_name: str) -> None:
+    # Its lease came back, but the session stayed (counted by the coordinator,
+    # a lost coordinator logged at its stop), unlike a dropped ConnectionPool's.
+    import gc
+
+    start_coordinator({"redis": Resource(max_size=1)})
+    pool = make_pool(sock_path, redis_name, max_connections=1)
+    assert redis.Redis(connection_pool=pool).ping()
+    watch = Client(sock_path, name="watch")
+
+    def sessions() -> list[str]:
+        return [s["name"] for s in watch.inspect("sessions")["sessions"] if s["name"] != "watch"]
+
+    try:
+        assert len(sessions()) == 1
+        del pool
+        gc.collect()  # redis-py's connections refer to their pool: a cycle
+        deadline = time.monotonic() + 5
+        while sessions() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sessions() == []
+        assert wait_leased(sock_path, 0) == 0
+    finally:
+        watch.close()

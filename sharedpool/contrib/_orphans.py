@@ -55,6 +55,9 @@ def close_left(left: Left) -> None:
         return
     log.warning("%r: a pool was garbage-collected without close()/dispose(); closing its %d "
                 "connection(s) and returning their leases", left.resource, len(entries))
+    clients = {id(e.client): e.client for e in entries if e.client is not None}
+    count = [len(entries)]
+    lock = threading.Lock()
 
     def run() -> None:
         for entry in entries:
@@ -62,8 +65,16 @@ def close_left(left: Left) -> None:
 
             def back(confirmed: bool, client: Client | None = client,
                      lease: Lease | None = lease) -> None:
-                if client is not None and lease is not None:
-                    client.release(lease)
+                try:
+                    if client is not None and lease is not None:
+                        client.release(lease)
+                finally:
+                    with lock:
+                        count[0] -= 1
+                        last = count[0] == 0
+                    if last:  # as for a dropped ConnectionPool: the session ends with its last user
+                        for used in clients.values():
+                            used.close_if_unused()
             if not closable(entry.key):  # a lease taken for a connection never opened
                 back(True)
                 continue
@@ -142,6 +153,7 @@ def close_orphan(entry: _Entry, sock: Any, resource: str, confirm_timeout: float
 
     def back(confirmed: bool) -> None:
         client.release(lease)
+        client.close_if_unused()  # the pool's last lease back: the session ends with its last user
 
     def run() -> None:
         try:
