@@ -220,3 +220,29 @@ def test_an_operators_drain_is_info_in_each_worker_and_end_session_a_warning(
     finally:
         book.shutdown()
         pool.close()
+
+
+def test_end_session_ends_a_psycopg_pool_for_good_at_once(admin: Client, sock_path: str,
+                                                          app_name: str) -> None:
+    # Its getconn() waited out its timeout, psycopg_pool logging "error connecting",
+    # and raised PoolTimeout: the README says later checkouts raise PoolClosed.
+    import os
+
+    from psycopg_pool import PoolClosed as PsycopgPoolClosed
+
+    from sharedpool.contrib.psycopg import ConnectionPool as PsycopgPool
+
+    pool = PsycopgPool(f"{pg_dsn()} application_name={app_name}", resource="pg", coordinator=sock_path,
+                       min_size=0, max_size=2, timeout=3, open=True)
+    try:
+        with pool.connection() as conn:
+            conn.execute("SELECT 1")
+        admin.admin("end_session", pid=os.getpid(), timeout=5)  # this process: the admin client too
+        assert _until(lambda: _leased(admin, "pg") == 0), "the lease was kept"
+        t0 = time.monotonic()
+        with pytest.raises(PsycopgPoolClosed, match="end-session"):
+            pool.getconn()
+        assert time.monotonic() - t0 < 1, "waited out its timeout"
+        assert _until(lambda: _backends(app_name) == 0)
+    finally:
+        pool.close()

@@ -62,6 +62,15 @@ class _Acquiring(_Book):
 
     # ------------------------------------------------------------------ open
 
+    def closed_reason(self) -> str | None:
+        """Why no lease is taken any more (end-session, release_process), or None."""
+        if self._admin_state == "ended":
+            return (f"{self.resource!r}: this process's session was ended by an admin "
+                    "(sharedpool end-session); restart the process")
+        if self.exited:  # a new session now would hold its leases until the fence frees them
+            return f"{self.resource!r}: this process released its leases for exit (release_process)"
+        return None
+
     def acquire(self, key: Any, timeout: float | None = None,
                 local: Callable[[], Any] | None = None, owner: Any = None) -> Any:
         """Take a lease for ``key`` before its socket is opened (waits up to
@@ -75,13 +84,9 @@ class _Acquiring(_Book):
         condition held; the pool calls :meth:`notify_returned` at checkin, or
         hands a connection over with :meth:`offer` (same ``owner``: the pool).
         Returns None once the lease is held under ``key``."""
-        if self._admin_state == "ended":
-            raise PoolClosed(f"{self.resource!r}: this process's session was ended by an admin "
-                             "(sharedpool end-session); restart the process")
-        if self.exited:
-            # A new session now would hold its leases until the fence frees them.
-            raise PoolClosed(f"{self.resource!r}: this process released its leases for exit "
-                             "(release_process)")
+        why = self.closed_reason()
+        if why is not None:
+            raise PoolClosed(why)
         client = self.client
         lease = None
         if client is not None:

@@ -137,12 +137,12 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
             raise psycopg_pool.PoolClosed(
                 f"the pool {self.name!r} was opened in process {self._sp_opened_in}, before a fork: "
                 "psycopg_pool pools do not survive fork(); make or open() the pool in the child")
-        if self._sp_book.exited:
-            # release_process() closed its connections but psycopg_pool keeps them
-            # queued: the next getconn() handed one out closed ("the connection is
-            # closed" at its first query). No lease is taken after it: refused here.
-            raise psycopg_pool.PoolClosed(
-                f"the pool {self.name!r} released its leases for process exit (release_process)")
+        why = self._sp_book.closed_reason()
+        if why is not None:
+            # No lease is taken any more: refused here. After release_process()
+            # psycopg_pool still queued the connections it closed (handed out
+            # closed); after end-session getconn() waited out its timeout.
+            raise psycopg_pool.PoolClosed(f"pool {self.name!r}: {why}")
         if self._waiting:  # nearly free when nobody waits
             with self._lock:
                 self._sp_prune_waiting()
@@ -255,19 +255,18 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
             self._nconns -= 1
             if growing:
                 self._growing = False
-            if self._sp_book.exited:
-                # release_process() ran: no lease is taken any more. A waiting
-                # getconn() would grow the pool again, each task ending here at
-                # once: a busy loop until its timeout. It fails now instead.
+            why = self._sp_book.closed_reason()
+            if why is not None:
+                # release_process() or end-session: no lease is taken any more. A
+                # waiting getconn() would grow the pool again, each task ending
+                # here at once: a busy loop until its timeout. It fails now instead.
                 while self._waiting:
-                    self._waiting.popleft().fail(psycopg_pool.PoolClosed(
-                        f"the pool {self.name!r} released its leases for process exit "
-                        "(release_process)"))
+                    self._waiting.popleft().fail(psycopg_pool.PoolClosed(f"pool {self.name!r}: {why}"))
             elif self._sp_prune_waiting() and not self._closed:
                 self._maybe_grow_pool()
 
     def _sp_not_needed(self) -> bool | None:
-        if self._sp_closing or self._closed or self._sp_book.exited:
+        if self._sp_closing or self._closed or self._sp_book.closed_reason() is not None:
             return True
         if not self._sp_waiting() and self._nconns > self._min_size:
             return True
