@@ -246,3 +246,30 @@ def test_end_session_ends_a_psycopg_pool_for_good_at_once(admin: Client, sock_pa
         assert _until(lambda: _backends(app_name) == 0)
     finally:
         pool.close()
+
+
+def test_end_session_ends_a_sqlalchemy_engine_for_good_at_once(admin: Client, sock_path: str,
+                                                              app_name: str) -> None:
+    # QueuePool keeps the records of the connections end-session closed: without
+    # pool_pre_ping a checkout then got one of them closed, its first query failing.
+    import os
+
+    from sqlalchemy import text
+
+    from sharedpool.contrib.sqlalchemy import create_engine
+
+    engine = create_engine(f"postgresql+psycopg://root@127.0.0.1:5432/test?application_name={app_name}",
+                           resource="pg", coordinator=sock_path, pool_size=2, max_overflow=0,
+                           pool_timeout=3)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        admin.admin("end_session", pid=os.getpid(), timeout=5)  # this process: the admin client too
+        assert _until(lambda: _leased(admin, "pg") == 0), "the lease was kept"
+        t0 = time.monotonic()
+        with pytest.raises(PoolClosed, match="end-session"):
+            engine.connect()
+        assert time.monotonic() - t0 < 1, "waited out its timeout"
+        assert _until(lambda: _backends(app_name) == 0)
+    finally:
+        engine.dispose()

@@ -270,11 +270,11 @@ class LeasedQueuePool(QueuePool):
     def _do_get(self) -> ConnectionPoolEntry:
         if self._sp_pid != current_pid():
             self._sp_after_fork()
-        if self._sp_book is not None and self._sp_book.exited:
-            # release_process() closed the pooled connections but QueuePool keeps
-            # their records: without pool_pre_ping one was handed out closed.
-            raise PoolClosed(f"{self._sp_book.resource!r}: this process released its leases "
-                             "for exit (release_process)")
+        why = None if self._sp_book is None else self._sp_book.closed_reason()
+        if why is not None:
+            # release_process() or end-session closed the pooled connections but
+            # QueuePool keeps their records: without pool_pre_ping one was handed out closed.
+            raise PoolClosed(why)
         record = super()._do_get()
         if record.dbapi_connection is None and self._sp_leased():
             # An empty slot (its connection was given back): it reconnects in
