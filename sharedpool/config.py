@@ -343,6 +343,11 @@ class CoordinatorConfig:
         if self.max_frame > MAX_FRAME_LIMIT:  # the length prefix is 4 bytes
             raise ConfigError("max_frame", f"must be at most {MAX_FRAME_LIMIT}, got {self.max_frame!r}")
         check_welcome_fits(self.resources, self.max_frame)
+        for name, res in self.resources.items():
+            if res.monitor_dsn is not None:
+                from .fence import check_monitor_dsn  # imports psycopg: only when asked for
+
+                check_monitor_dsn(f"resources.{name}.monitor_dsn", res.monitor_dsn)
         _number("restart_grace", self.restart_grace)
         _number("hello_timeout", self.hello_timeout, strict_min=True)
         _number("frame_timeout", self.frame_timeout, strict_min=True)

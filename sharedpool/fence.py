@@ -297,6 +297,22 @@ async def _terminate(psycopg: Any, conn: Any, pids: set[int],
                         "not terminated, only waited for", pid)
 
 
+def check_monitor_dsn(field: str, dsn: str) -> None:
+    """At start-up and reload: a ``monitor_dsn`` the fence could never use (no
+    psycopg, or not a connection string) is refused, as a ConfigError naming
+    ``field``, not found out at the first dead worker, whose slots would then
+    stay fenced for all of ``fence_timeout``."""
+    try:
+        import psycopg
+    except ImportError:
+        raise ConfigError(field, "needs psycopg to check that backends are gone: "
+                          "pip install 'sharedpool[pg]'") from None
+    try:
+        _parse_dsn(psycopg, dsn)
+    except ConfigError as exc:
+        raise ConfigError(field, exc.detail) from None
+
+
 def _parse_dsn(psycopg: Any, dsn: str) -> dict[str, Any]:
     """``dsn`` as a dict; a malformed DSN is a ConfigError naming ``monitor_dsn``."""
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -506,3 +507,18 @@ def test_a_max_frame_too_small_for_the_welcome_is_refused(tmp_path: Path) -> Non
     # welcome of 1,021 bytes) still fit in 1024, as a coordinator serves them.
     five = {f"database{i}": Resource(max_size=5) for i in range(5)}
     CoordinatorConfig(socket_path=str(tmp_path / "s.sock"), resources=five, max_frame=1024)
+
+
+def test_a_monitor_dsn_the_fence_cannot_use_is_refused_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Not a connection string, or no psycopg: before, taken, and each dead
+    # worker's slots stayed fenced for all of fence_timeout ("fence check failed").
+    with pytest.raises(ConfigError) as info:
+        CoordinatorConfig(socket_path="/tmp/x.sock",
+                          resources={"pg": Resource(2, monitor_dsn="host='x password=s3cret")})
+    assert info.value.field == "resources.pg.monitor_dsn" and "s3cret" not in str(info.value)
+    CoordinatorConfig(socket_path="/tmp/x.sock", resources={"pg": Resource(2, monitor_dsn="dbname=test")})
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # makes "import psycopg" fail
+    with pytest.raises(ConfigError, match="sharedpool\\[pg\\]") as info:
+        CoordinatorConfig(socket_path="/tmp/x.sock", resources={"pg": Resource(2, monitor_dsn="dbname=test")})
+    assert info.value.field == "resources.pg.monitor_dsn"
+    CoordinatorConfig(socket_path="/tmp/x.sock", resources={"pg": Resource(2)})  # not asked for: not needed
