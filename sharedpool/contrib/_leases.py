@@ -58,15 +58,6 @@ class _CloseVia:
         return fd
 
 
-class _DisconnectVia:
-    """Like :class:`_CloseVia`, for closers that shut the socket down both ways
-    (redis-py's ``disconnect()``): close_and_confirm half-closes and waits first."""
-
-    def __init__(self, key: Any, closer: Callable[[], object]) -> None:
-        self._sock = getattr(key, "_sock", None)
-        self.disconnect = closer
-
-
 class LeaseBook(_Acquiring):
     """The leases of one host-library pool, keyed by connection object.
 
@@ -142,24 +133,19 @@ class LeaseBook(_Acquiring):
                                  confirm_timeout=self.confirm_timeout)
 
     def close(self, key: Any, closer: Callable[[], object] | None = None, *,
-              half_close_first: bool = False, reclaimed: bool = False) -> bool:
+              reclaimed: bool = False) -> bool:
         """Close ``key`` (``closer()``, default ``key.close()``), confirm the
         server let go (bounded by ``confirm_timeout``), then release its lease.
 
         A connection inherited across fork is never touched (returns False).
-        ``half_close_first`` is for closers that shut the socket down both ways
-        (redis-py): we send our FIN and wait for the server's before calling it.
+        ``closer`` must not shut the socket down (that would fake the server's
+        EOF): redis-py's connections disarm their ``shutdown()`` first.
         Returns whether the close was confirmed."""
         self._checkpid()
         if self.inherited(key):
             return False
         entry = self._pop(key)
-        if closer is None:
-            target: Any = key
-        elif half_close_first:
-            target = _DisconnectVia(key, closer)
-        else:
-            target = _CloseVia(key, closer)
+        target: Any = key if closer is None else _CloseVia(key, closer)
         client = entry.client if entry is not None and entry.client is not None else self._client
         lease = entry.lease if entry is not None else None
         kept = entry.kept if entry is not None else None

@@ -77,6 +77,23 @@ class LeaseUnavailable(redis.ConnectionError, ResourceUnavailable):
     :class:`~sharedpool.ResourceUnavailable`."""
 
 
+class _NoShutdown:
+    """A connection's socket whose ``shutdown()`` does nothing (see ``disconnect``)."""
+
+    __slots__ = ("_sock",)
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+
+    def shutdown(self, how: int) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_sock":  # not set yet (copy.copy): no recursion
+            raise AttributeError(name)
+        return getattr(self._sock, name)
+
+
 class _UseAnother(Exception):  # noqa: N818 - internal signal, never escapes get_connection
     """A connected connection came back while we waited for a lease: use it
     (``connection``, when it was handed to us; else take one from the queue)."""
@@ -256,8 +273,13 @@ class LeasedConnectionMixin:
             parent(*args, **kwargs)
             return
         # redis-py's disconnect() shuts the socket down both ways, which would
-        # fake the server's EOF: send our FIN and wait for the server's first.
-        book.close(self, lambda: parent(*args, **kwargs), half_close_first=True)
+        # fake the server's EOF to the close's confirmation; so would a later one
+        # while a watcher still waits for an unconfirmed close (redis-py calls it
+        # again for the same error: its connect's cleanup, its retry's). With a
+        # shutdown() that does nothing, it just closes the fd and the socket leaves
+        # the connection at once; the confirmation sends our FIN on its dup.
+        self._sock = _NoShutdown(self._sock)
+        book.close(self, lambda: parent(*args, **kwargs))
 
 
 class BlockingConnectionPool(redis.BlockingConnectionPool):
