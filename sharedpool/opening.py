@@ -231,7 +231,10 @@ def failed(pool: ConnectionPool[Any], waiter: _Waiter, exc: BaseException, conne
         if connected and not waiter.abandoned:  # an abandoned one was counted at its ConnectTimeout
             pool._m["connect_errors"] += 1
         target = waiter if waiter in pool._waiters else None
-        if target is None and pool._waiters and not expired and not isinstance(
+        # An abandoned connect's caller had its ConnectTimeout: its late
+        # failure is no one else's (a waiter for a checkin would fail with
+        # it); a new opener is planned below instead.
+        if target is None and pool._waiters and not expired and not waiter.abandoned and not isinstance(
                 exc, (AcquireCancelled, PoolTimeout, ConnectTimeout)):
             # Our waiter was served meanwhile: the error (a denial, a failed
             # connect) goes to the oldest waiter rather than nowhere, or a

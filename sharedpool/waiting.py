@@ -200,9 +200,14 @@ def no_lease_why(pool: ConnectionPool[T], waited: float) -> str:
 
 def timed_out(pool: ConnectionPool[T], start: float, deadline: float, note: str) -> PoolTimeout:
     """Under the lock: the PoolTimeout of a checkout that waited from ``start``."""
+    # Connects under way (the factory called, not returned: top-ups, and those
+    # past connection_timeout too) take their slots: said, or "0 open, 0 in use,
+    # max_size=2" would not tell what was waited for.
+    running = pool._opening - pool._lease_waits
+    connects = f", {running} connect(s) still running" if running > 0 else ""
     return PoolTimeout(
         f"pool {pool.name!r}: no connection within {deadline - start:.3g}s "
-        f"({len(pool._all)} open, {len(pool._all) - len(pool._idle)} in use, "
+        f"({len(pool._all)} open, {len(pool._all) - len(pool._idle)} in use{connects}, "
         f"max_size={pool.config.max_size}){note}")
 
 

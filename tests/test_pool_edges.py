@@ -1667,6 +1667,52 @@ def test_a_connect_that_overran_its_timeout_then_failed_is_one_error() -> None:
         pool.close()
 
 
+def test_an_abandoned_connects_late_failure_is_no_other_waiters_error() -> None:
+    # Before: A's connect overran connection_timeout (A had its ConnectTimeout),
+    # then failed 1 s later; that failure went to C, queued for B's checkin, at
+    # 2.0 s ("connect to db failed late"). Now C gets a connect of its own.
+    calls = []
+
+    def factory() -> FakeConnection:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            time.sleep(1.0)
+            raise OSError("connect to db failed late")
+        return FakeConnection()
+
+    pool = ConnectionPool(factory, PoolConfig(min_size=0, max_size=2, connection_timeout=0.2))
+    try:
+        with pytest.raises(ConnectTimeout):
+            pool.acquire(timeout=5)
+        b = pool.acquire(timeout=5)  # the stalled connect's slot is not B's to wait for
+        threading.Timer(3.0, pool.release, args=(b,)).start()
+        c = pool.acquire(timeout=5)  # served when the stalled connect ends, by a connect of its own
+        assert len(calls) == 3
+        pool.release(c)
+    finally:
+        pool.close()
+
+
+@pytest.mark.parametrize("overran", [True, False])
+def test_a_timeout_behind_running_connects_says_so(overran: bool) -> None:
+    # Before: "no connection within 0.3s (0 open, 0 in use, max_size=1)", with
+    # the one slot taken by a connect still running (past connection_timeout,
+    # or merely slower than the acquire timeout).
+    release = threading.Event()
+    pool = ConnectionPool(lambda: release.wait(10) and FakeConnection(),
+                          PoolConfig(min_size=0, max_size=1, connection_timeout=0.1 if overran else 30))
+    try:
+        if overran:
+            with pytest.raises(ConnectTimeout):
+                pool.acquire(timeout=5)
+        said = r"\(0 open, 0 in use, 1 connect\(s\) still running, max_size=1\)$"
+        with pytest.raises(PoolTimeout, match=said):
+            pool.acquire(timeout=0.3)
+    finally:
+        release.set()
+        pool.close()
+
+
 def test_top_ups_at_a_full_cap_are_no_coordinator_timeouts(start_coordinator: Any, sock_path: str) -> None:
     # Before: each maintenance round's top-up try (a lease with timeout 0, at the
     # cap) was one more `timeouts` / sharedpool_timeouts_total, once a second per
