@@ -761,3 +761,29 @@ def test_a_timed_out_connection_keeps_its_lease_while_the_server_holds_it(
         server.close()
     assert wait_leased(sock_path, 0) == 0  # the server let go: the lease is back
     pool.disconnect()
+
+
+def test_connects_failing_in_the_handshake_make_the_resource_fail_fast(
+        start_coordinator: Any, sock_path: str) -> None:
+    """A connect whose handshake fails (a wrong username: AUTH refused) is
+    disconnected by redis-py before it raises, and that close took the lease
+    record: the failure was never reported, so the coordinator never failed
+    waiters fast (4 processes, a bad username: 290 grants in 3 s, `failing`
+    never true, 0 denials). Now it is reported as a refused TCP connect is."""
+    start_coordinator({"redis": Resource(max_size=3)})
+    pool = BlockingConnectionPool(host=HOST, port=PORT, username="sp-no-such-user", password="x",
+                                  resource="redis", coordinator=sock_path, max_connections=1, timeout=2)
+    client = Client(sock_path)
+    try:
+        for _ in range(5):  # FAILURE_THRESHOLD
+            with pytest.raises(redis.AuthenticationError):
+                redis.Redis(connection_pool=pool, retry=None).ping()
+        deadline = time.monotonic() + 5
+        while (not client.inspect("resources")["resources"][0]["failing"]
+               and time.monotonic() < deadline):
+            time.sleep(0.05)  # reports are coalesced: one in a moment
+        assert client.inspect("resources")["resources"][0]["failing"]
+    finally:
+        client.close()
+        pool.disconnect()
+    assert wait_leased(sock_path, 0) == 0

@@ -303,6 +303,11 @@ class _Acquiring(_Book):
                     self._release_after(client, entry.lease, stray)
                 else:
                     self._release(client, entry.lease)
+            elif client is not None and entry is None:
+                # Closed already, its lease with it (redis-py disconnects a
+                # connect whose handshake failed before raising): still a
+                # failed connect, or a refused AUTH would never fail fast.
+                client.report_failure(self.resource)
             return
         entry = self._entries.get(id(key))
         if entry is not None:
