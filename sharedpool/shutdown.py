@@ -44,7 +44,8 @@ def evict(pool: ConnectionPool[T], idle: deque[ConnectionWrapper[T]], waiters: d
         waiter.event.set()
 
 
-def let_go(pool: ConnectionPool[T], idle: deque[ConnectionWrapper[T]], requests: set[AcquireRequest]) -> None:
+def let_go(pool: ConnectionPool[T], idle: deque[ConnectionWrapper[T]], requests: set[AcquireRequest],
+           hand_off: bool = True) -> None:
     """Withdraw the openers' lease requests, close the idle connections
     (evicted). Can run again: both are consumed as they go."""
     for ticket in list(requests):  # a closed pool must not take grants ahead of others
@@ -55,7 +56,19 @@ def let_go(pool: ConnectionPool[T], idle: deque[ConnectionWrapper[T]], requests:
         # and the close, which settles a close cut short by itself.
         wrapper = idle[0]
         del idle[0]
-        pool._close(wrapper)
+        if not pool._close(wrapper) and idle and hand_off:
+            # Not confirmed in close_confirm_timeout (a server that hangs): each
+            # of the rest would wait as long in turn (5 idle: close(timeout=5)
+            # took 10 s; an admin drain held the session's thread as long). They
+            # are closed in a thread, each lease kept until its server lets go;
+            # close() and drain() wait for them up to their timeout, as for
+            # connections in use.
+            try:
+                threading.Thread(target=let_go, args=(pool, idle, set(), False), daemon=True,
+                                 name=f"sharedpool-close-{pool.resource}").start()
+                return
+            except RuntimeError:  # no thread to be had: closed here, in turn
+                hand_off = False
 
 
 def let_go_later(pool: ConnectionPool[T], idle: deque[ConnectionWrapper[T]], waiters: deque[_Waiter],
@@ -71,6 +84,7 @@ def let_go_later(pool: ConnectionPool[T], idle: deque[ConnectionWrapper[T]], wai
 def shut(pool: ConnectionPool[T], status: PoolStatus, timeout: float) -> None:
     if not valid_timeout(timeout):  # NaN would spin below, inf overflows the wait
         raise ConfigError("timeout", f"must be a number of seconds >= 0, got {timeout!r}")
+    deadline = time.monotonic() + timeout  # from the call: the idle closes count too
     idle: deque[ConnectionWrapper[T]] | None = None
     try:
         with pool._lock:
@@ -91,7 +105,6 @@ def shut(pool: ConnectionPool[T], status: PoolStatus, timeout: float) -> None:
             threading.Thread(target=let_go_later, args=(pool, idle, waiters, requests, status),
                              daemon=True, name=f"sharedpool-close-{pool.resource}").start()
         raise
-    deadline = time.monotonic() + timeout
     with pool._lock:
         # Done once every connection is closed and its lease released,
         # not merely checked in.
@@ -109,9 +122,10 @@ def shut(pool: ConnectionPool[T], status: PoolStatus, timeout: float) -> None:
             pool._returned.wait(min(remaining, WAIT_SLICE))
 
 
-def close_counted(pool: ConnectionPool[T], wrapper: ConnectionWrapper[T], giving: bool) -> None:
+def close_counted(pool: ConnectionPool[T], wrapper: ConnectionWrapper[T], giving: bool) -> bool:
     """Close ``wrapper``, confirm the server let go, then release its lease
-    (late, from a watcher, if the confirmation is late). See ConnectionPool._close."""
+    (late, from a watcher, if the confirmation is late). See ConnectionPool._close.
+    Returns whether the server's let-go was confirmed in time."""
     t0 = time.monotonic()  # before the lease is taken off: no call between that and the try
     lease, client, kept = wrapper.lease, pool._client, wrapper.kept
     wrapper.lease = wrapper.kept = None
@@ -159,3 +173,4 @@ def close_counted(pool: ConnectionPool[T], wrapper: ConnectionWrapper[T], giving
                     "kept until it does", pool.name, wrapper.id[:8], pool.config.close_confirm_timeout)
     elif giving:
         late(False)  # no lease to keep: only the give-back count to settle
+    return confirmed

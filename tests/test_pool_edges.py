@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from proc_helpers import HoldingServer, alarm_raises, start_recording, wait_leased
+from proc_helpers import HoldingServer, alarm_raises, leased, start_recording, wait_leased
 
 from sharedpool import (
     Client,
@@ -1711,6 +1711,37 @@ def test_a_timeout_behind_running_connects_says_so(overran: bool) -> None:
     finally:
         release.set()
         pool.close()
+
+
+@pytest.mark.parametrize("how", ["close", "drain"])
+def test_closing_idle_connections_to_a_server_that_hangs_keeps_to_the_timeout(
+        start_coordinator: Any, sock_path: str, how: str) -> None:
+    """Each idle connection's close waited its own close_confirm_timeout in
+    turn: 4 of them to a server that does not let go made close(timeout=0.5)
+    take 4 x 0.4 s (and an admin drain, timeout=0, hold the session's thread
+    as long). After the first unconfirmed one the rest are closed in a thread;
+    every lease is still kept until the server lets go (I1)."""
+    start_coordinator({"r": 4})
+    server = HoldingServer()
+    pool = ConnectionPool(server.connect, PoolConfig(min_size=0, max_size=4, close_confirm_timeout=0.4),
+                          resource="r", coordinator=sock_path)
+    try:
+        held = [pool.acquire(timeout=5) for _ in range(4)]
+        for _ in held:
+            server.accept()
+        for wrapper in held:
+            pool.release(wrapper)
+        t0 = time.monotonic()
+        getattr(pool, how)(timeout=0.5)
+        took = time.monotonic() - t0
+        assert took < 1.0, f"{how}(timeout=0.5) took {took:.2f}s"
+        assert leased(sock_path) == 4  # the server holds all 4: no lease back yet
+        server.let_go()
+        assert wait_leased(sock_path, 0) == 0
+    finally:
+        server.let_go()
+        pool.close()
+        server.close()
 
 
 def test_top_ups_at_a_full_cap_are_no_coordinator_timeouts(start_coordinator: Any, sock_path: str) -> None:
