@@ -787,3 +787,32 @@ def test_connects_failing_in_the_handshake_make_the_resource_fail_fast(
         client.close()
         pool.disconnect()
     assert wait_leased(sock_path, 0) == 0
+
+
+def test_disconnecting_from_a_server_slow_to_let_go_waits_once_not_per_connection(
+        start_coordinator: Any, sock_path: str, redis_name: str) -> None:
+    """pool.disconnect() closed its connections in turn, each waiting the whole
+    confirm_timeout for a server that does not let go: 4 connections, 4 x 0.4 s
+    (SQLAlchemy's dispose() and psycopg_pool's close() alike). After one close
+    went unconfirmed the next ones do not wait; each lease is still kept until
+    the server lets go."""
+    start_coordinator({"redis": Resource(max_size=4)})
+    proxy = _SlowToDropProxy(delay=3.0)
+    pool = BlockingConnectionPool(host="127.0.0.1", port=proxy.port, client_name=redis_name,
+                                  resource="redis", coordinator=sock_path, max_connections=4,
+                                  confirm_timeout=0.4)
+    try:
+        conns = [pool.get_connection() for _ in range(4)]
+        for conn in conns:
+            conn.send_command("PING")
+            conn.read_response()
+            pool.release(conn)
+        t0 = time.monotonic()
+        pool.disconnect()
+        took = time.monotonic() - t0
+        assert took < 1.0, f"disconnect() took {took:.2f}s"
+        held, still_open = leased(sock_path), proxy.open  # in this order: open only goes down
+        assert still_open == 4 and held >= still_open
+        assert wait_leased(sock_path, 0, timeout=10) == 0
+    finally:
+        proxy.close()

@@ -129,6 +129,7 @@ class _Book:
         self._waits: list[_Wait] = []
         self._recheck = False  # a recheck is scheduled
         self._closing = 0  # leases of closed connections, kept until the server lets go
+        self._hung_until = 0.0  # a close went unconfirmed: the next ones until then do not wait
         self._revoked = 0  # tracked connections whose lease was revoked
         self._handoff = HandOffCost()
         self._client: Client | None = None

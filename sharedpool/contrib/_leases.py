@@ -163,8 +163,13 @@ class LeaseBook(_Acquiring):
             self._count_closing(-1)
 
         t0 = time.monotonic()
+        # A server that left a close unconfirmed (hung) would have each close of
+        # a row (dispose(), disconnect(), close()) wait confirm_timeout in turn:
+        # for that long after one, the next ones do not wait here. Their
+        # watchers still keep each lease until the server lets go (I1).
+        wait = 0.0 if t0 < self._hung_until else self.confirm_timeout
         try:
-            confirmed = close_and_confirm(target, self.confirm_timeout,
+            confirmed = close_and_confirm(target, wait,
                                           on_late=late if lease is not None else None, kept=kept)
         except NotClosable:
             late(True)  # nothing was closed, nor will be: the lease must not leak
@@ -177,10 +182,13 @@ class LeaseBook(_Acquiring):
             late(True)
         if reclaimed and lease is not None:
             self.count("leases_reclaimed")
+        if wait:
+            self._hung_until = 0.0 if confirmed else time.monotonic() + wait
         if not confirmed:
             self.count("closes_unconfirmed")
-            log.warning("%r: the server has not dropped a connection after %.1fs; its lease is "
-                        "kept until it does", self.resource, self.confirm_timeout)
+            log.log(logging.WARNING if wait else logging.DEBUG,
+                    "%r: the server has not dropped a connection after %.1fs; its lease is "
+                    "kept until it does", self.resource, wait)
         return confirmed
 
     def sweep(self, gone: Callable[[Any], bool]) -> int:
