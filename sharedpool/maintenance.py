@@ -144,6 +144,8 @@ def fill(pool: ConnectionPool[Any], count: int) -> None:
             conn = pool.factory()
         except Exception as exc:  # noqa: BLE001 - retried next round
             if lease is not None and client is not None:
+                # As an opener's: counted for the coordinator's "failing" back-off.
+                client.report_failure(pool.resource)
                 client.release(lease)
             with pool._lock:
                 pool._opening -= 1
@@ -160,6 +162,8 @@ def fill(pool: ConnectionPool[Any], count: int) -> None:
         wrapper = ConnectionWrapper(conn, pool, lease)
         pool._handoff.connected(time.monotonic() - t0)
         pool._handoff.tell(client, pool.resource)
+        if client is not None:  # ends a "failing" streak, as an opener's connect does
+            client.report_success(pool.resource)
         with pool._lock:
             pool._opening -= 1
             pool._stalled -= 1

@@ -1744,6 +1744,44 @@ def test_closing_idle_connections_to_a_server_that_hangs_keeps_to_the_timeout(
         server.close()
 
 
+def test_top_up_connects_tell_the_coordinator_how_they_went(start_coordinator: Any, sock_path: str) -> None:
+    """A min_size top-up reported neither outcome: a pool filled by top-ups
+    left a resource "failing" after the database was back (a streak at the
+    threshold: the next single failure denied every waiter at once), and its
+    failing top-ups never counted. Now reported as a checkout's connect is."""
+    from sharedpool.reports import FAILURE_THRESHOLD
+
+    start_coordinator({"r": 2})
+    reporter = Client(sock_path)
+    factory = FakeFactory(fail=OSError("connection refused"))
+    pool = None
+    try:
+        assert reporter.ensure_connected()
+        for _ in range(FAILURE_THRESHOLD):
+            reporter.report_failure("r")
+
+        def failing() -> bool:
+            return bool(reporter.inspect("resources")["resources"][0]["failing"])
+
+        deadline = time.monotonic() + 5
+        while not failing() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert failing()
+        pool = ConnectionPool(factory, PoolConfig(min_size=1, max_size=1, validation_interval=0.05),
+                              resource="r", coordinator=sock_path)
+        deadline = time.monotonic() + 5
+        while factory.calls < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)  # the back-off over, a top-up probes: it fails
+        factory.fail = None
+        while (pool.get_stats()["pool_size"] < 1 or failing()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert pool.get_stats()["pool_size"] == 1 and not failing()
+    finally:
+        if pool is not None:
+            pool.close()
+        reporter.close()
+
+
 def test_top_ups_at_a_full_cap_are_no_coordinator_timeouts(start_coordinator: Any, sock_path: str) -> None:
     # Before: each maintenance round's top-up try (a lease with timeout 0, at the
     # cap) was one more `timeouts` / sharedpool_timeouts_total, once a second per
