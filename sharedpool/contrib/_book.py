@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from .. import process
 from ..client import Client, Lease, current_pid
 from ..config import SOCKET_ENV, check_resource_name, check_seconds, check_socket_path, env_socket_path
+from ..giveback import IDLE_GIVE_BACK
 from ..handoff import HandOffCost
 from ._orphans import Left, closable, close_left, let_go
 
@@ -48,6 +49,8 @@ class _Entry:
     #: a dup of the connection's socket (closing.keep_socket): its close is
     #: confirmed even after its user closed it
     kept: socket.socket | None = None
+    #: last checked in while a lease was owed and too young to pay (owes_back)
+    owed_checkin: float = 0.0
 
 
 @dataclass(eq=False)
@@ -128,6 +131,8 @@ class _Book:
         self._waiting = 0
         self._waits: list[_Wait] = []
         self._recheck = False  # a recheck is scheduled
+        self._recheck_delay = IDLE_GIVE_BACK  # doubles while an owed lease stays in use
+        self._recent = False  # a reclaim passed over a connection checked in a moment ago
         self._closing = 0  # leases of closed connections, kept until the server lets go
         self._hung_until = 0.0  # a close went unconfirmed: the next ones until then do not wait
         self._revoked = 0  # tracked connections whose lease was revoked
@@ -294,15 +299,20 @@ class _Book:
             # user (else the coordinator counts it, and logs it lost at a stop).
             client.close_if_unused()
 
-    def _on_reclaim(self) -> None:
+    def _on_reclaim(self) -> int:
         client = self._client
         if client is None or self._reclaim is None or self._pid != current_pid():
-            return
+            return 0
+        given = 0
         owed = client.owed_left(self.resource)  # less what checkins of any pool are giving back
         if owed > 0:
+            self._recent = False
             given = self._reclaim(owed)
             if given:
                 log.debug("gave back %d %r lease(s) on reclaim", given, self.resource)
+            if self._recent:  # one checked in a moment ago: look again once it sat idle
+                self._recheck_after(IDLE_GIVE_BACK)
+        return given
 
     def _on_admin(self, verb: str) -> None:
         """drain / end_session: idle connections close now (leases back), in-use
@@ -438,9 +448,11 @@ class _Book:
             # concurrent checkins (of this pool or another) must not each pay.
             return client.take_owed(lease) if owed else client.take_for_siblings(lease, siblings)
         if owed:
-            # Too young to pay now; it may sit idle from here on, and the reclaim
-            # request came once: look again when the quantum has passed.
-            self._recheck_after(quantum - age)
+            # Too young to pay at checkin; if it sits idle from here on it goes as
+            # an idle lease does (the local pool's rule), not at the quantum's end
+            # while a waiter elsewhere waits for it: look again in a moment.
+            entry.owed_checkin = time.monotonic()
+            self._recheck_after(self._recheck_delay)
         return False
 
     def pays_back(self, key: Any) -> bool:
@@ -457,6 +469,11 @@ class _Book:
             return False
         if entry.revoked or self._admin_state is not None:
             return True
+        if time.monotonic() - entry.owed_checkin < IDLE_GIVE_BACK:
+            # Checked in a moment ago while owed: in a busy loop it is out again at
+            # once, and taking it would cut its turn short (_on_reclaim looks again).
+            self._recent = True
+            return False
         lease, client = entry.lease, entry.client
         return lease is not None and client is not None and client.take_owed(lease)
 
@@ -471,10 +488,17 @@ class _Book:
     def _recheck_now(self) -> None:
         with self._lock:
             self._recheck = False
+        given = 0
         try:
-            self._on_reclaim()
+            given = self._on_reclaim()
         except Exception:  # noqa: BLE001 - the client's thread has nobody to raise to
             log.exception("sharedpool: giving back leases on reclaim failed")
+        client = self._client
+        if given or client is None or not client.owes(self.resource):
+            self._recheck_delay = IDLE_GIVE_BACK
+        else:  # still in use here: the next checkin looks again later, and less often
+            quantum = self._handoff.quantum_for(client, self.resource)
+            self._recheck_delay = max(IDLE_GIVE_BACK, min(self._recheck_delay * 2, quantum))
 
     # ------------------------------------------------------------------ stats
 
