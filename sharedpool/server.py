@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import socket
 import struct
@@ -34,6 +35,8 @@ _PEERCRED = struct.Struct("iII")
 #: Open files the coordinator keeps besides its sessions (its socket, monitor
 #: connections, the marker, logs, metrics).
 FD_RESERVE = 64
+#: A reclaim is logged at info at most this often per resource (the rest at debug).
+RECLAIM_INFO_EVERY = 60.0
 
 
 def peer_credentials(sock: Any) -> tuple[int, int, int] | None:
@@ -286,6 +289,8 @@ class Server:
         #: stops on it through ``on_fatal`` and exits with an error.
         self.fatal: str | None = None
         self.on_fatal: list[Any] = []
+        #: resource -> (when a reclaim was last logged at info, asks since at debug)
+        self._reclaims_said: dict[str, tuple[float, int]] = {}
         self._reschedule()  # a restart hold ends on its own timer
 
     def fail_hard(self, why: str) -> None:
@@ -362,6 +367,21 @@ class Server:
             session.send(p.Error("unexpected_op", f"op {msg.op!r} is not handled", None))
         self._changed()
 
+    def _reclaim_loud(self, resource: str) -> bool:
+        """Whether a first ask of a session is logged at info (once a minute per resource)."""
+        said, unsaid = self._reclaims_said.get(resource, (-math.inf, 0))
+        if self.loop.time() - said >= RECLAIM_INFO_EVERY:
+            return True
+        self._reclaims_said[resource] = (said, unsaid + 1)
+        return False
+
+    def _reclaims_unsaid(self, resource: str) -> str:
+        """The tail of an info reclaim line: the asks logged at debug since the last one."""
+        said, unsaid = self._reclaims_said.get(resource, (-math.inf, 0))
+        now = self.loop.time()
+        self._reclaims_said[resource] = (now, 0)
+        return f" ({unsaid} more in the last {now - said:.0f}s, at debug)" if unsaid else ""
+
     def apply(self, effects: list[Effect]) -> None:
         debug = log.isEnabledFor(logging.DEBUG)
         for eff in effects:
@@ -377,9 +397,10 @@ class Server:
                               eff.reason, eff.message)
                 self._send(eff.session, p.Deny(eff.req, eff.reason, eff.message))
             elif isinstance(eff, AskReclaim):
-                # At info when a session is first asked; its count moving while it
-                # gives back (2, 1, 2... within milliseconds under contention: ~90
-                # lines/s, most of a busy coordinator's log) and "nothing owed now"
+                # At info when a session is first asked, at most once a minute per
+                # resource: slots moving is routine under contention (gunicorn
+                # gthread at the cap: ~30 asks/s). Its count moving while it gives
+                # back (2, 1, 2... within milliseconds) and "nothing owed now"
                 # after every completed give-back, at debug.
                 target = self.sessions.get(eff.session)
                 before = 0 if target is None else target.asked.get(eff.resource, 0)
@@ -388,12 +409,13 @@ class Server:
                         target.asked[eff.resource] = eff.count
                     else:
                         target.asked.pop(eff.resource, None)
-                first = eff.count > 0 and before == 0
-                if first or debug:
-                    log.log(logging.INFO if first else logging.DEBUG,
-                            "reclaim pid=%s resource=%s: give back %d lease(s), quantum %s",
+                loud = eff.count > 0 and before == 0 and self._reclaim_loud(eff.resource)
+                if loud or debug:
+                    log.log(logging.INFO if loud else logging.DEBUG,
+                            "reclaim pid=%s resource=%s: give back %d lease(s), quantum %s%s",
                             self._pid(eff.session), eff.resource, eff.count,
-                            "unknown" if eff.quantum is None else f"{eff.quantum:.3g}s")
+                            "unknown" if eff.quantum is None else f"{eff.quantum:.3g}s",
+                            self._reclaims_unsaid(eff.resource) if loud else "")
                 self._send(eff.session, p.Reclaim(eff.resource, eff.count, eff.quantum))
             elif isinstance(eff, Notify):
                 self._send(eff.session, p.Push(eff.verb, eff.resource, eff.args))
