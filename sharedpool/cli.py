@@ -32,7 +32,14 @@ from rich.table import Table
 from rich.text import Text
 
 from .client import Client
-from .config import SOCKET_ENV, CoordinatorConfig, default_socket_path, parse_resource_flags, tmp_socket_path
+from .config import (
+    SOCKET_ENV,
+    CoordinatorConfig,
+    check_socket_path,
+    default_socket_path,
+    parse_resource_flags,
+    tmp_socket_path,
+)
 from .errors import AccessDenied, ConfigError, CoordinatorUnavailable, SharedPoolError
 
 #: Lease states as the CLI shows them (the wire says busy / new).
@@ -88,7 +95,10 @@ def connect(socket_path: str | None) -> Iterator[Client]:
         raise BadConfig("--socket: must be the coordinator's socket path, got ''")
     try:
         path = _default_path() if socket_path is None else socket_path
-    except ConfigError as exc:  # $SHAREDPOOL_SOCKET set but empty
+        # As serve checks it: a path no socket can have is a bad flag (exit 2), not "cannot use".
+        check_socket_path("--socket" if socket_path is not None else
+                          SOCKET_ENV if os.environ.get(SOCKET_ENV) else "socket", path)
+    except ConfigError as exc:  # $SHAREDPOOL_SOCKET set but empty, a path too long
         raise BadConfig(str(exc)) from None
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(2.0)

@@ -64,6 +64,9 @@ class Client(Owed, Hooks):
     def __init__(self, socket_path: str | None = None, *, name: str | None = None,
                  connect_timeout: float | None = 5.0) -> None:
         self.socket_path = _socket_path(socket_path)
+        if name is not None and not isinstance(name, str):  # sent in the hello: refused there,
+            # it read as "coordinator unreachable" at the first acquire
+            raise ConfigError("name", f"must be a string or None, got {name!r}")
         self.name = name or os.path.basename(sys.argv[0] or "python")
         if connect_timeout is not None and (  # NaN fails too; "5" and True are no seconds
                 isinstance(connect_timeout, bool) or not isinstance(connect_timeout, int | float)
@@ -255,6 +258,8 @@ class Client(Owed, Hooks):
 
     def release(self, lease: Lease) -> None:
         """Give a lease back. Its connection must already be closed. No reply."""
+        if not isinstance(lease, Lease):  # not an AttributeError from inside
+            raise ConfigError("lease", f"must be a Lease from acquire(), got {lease!r}")
         self._checkpid()
         forgotten = False
         try:

@@ -358,6 +358,8 @@ class CoordinatorConfig:
             raise ConfigError("metrics_host", f"must be a host name or address, got {self.metrics_host!r}")
         if not isinstance(self.overrides, dict):
             raise ConfigError("overrides", f"must be a mapping, got {self.overrides!r}")
+        if self.config_file is not None:  # read again by every reload
+            object.__setattr__(self, "config_file", _config_path("config_file", self.config_file))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], **overrides: Any) -> CoordinatorConfig:
@@ -369,6 +371,7 @@ class CoordinatorConfig:
         :attr:`overrides` so that a reload applies them again.
         """
         kept = {k: v for k, v in overrides.items() if v is not None}
+        path = _config_path("config", path)
         try:
             with open(path, "rb") as f:
                 data = tomllib.load(f)
@@ -408,6 +411,17 @@ class CoordinatorConfig:
             if name in {"socket" if k == "socket_path" else k for k in kept}:
                 raise ConfigError(name, exc.detail) from None
             raise
+
+
+def _config_path(name: str, value: Any) -> str:
+    """A TOML file's path as a str. Not an int: open() takes one for a file
+    descriptor, and reading the config (at each reload too) then closed that fd
+    of the process (the coordinator's listening socket: no new sessions)."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise ConfigError(name, f"must be the path of a TOML file, got {value!r}")
+    return value
 
 
 def check_welcome_fits(resources: dict[str, Resource], max_frame: int) -> None:

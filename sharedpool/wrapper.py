@@ -140,6 +140,14 @@ class PooledConnection(Generic[T]):
 
 def pooled(pool: ConnectionPool[Any], timeout: float | None = None) -> Callable[[F], F]:
     """Decorator: call the function with a checked-out connection as its first argument."""
+    from .errors import ConfigError
+    from .status import valid_timeout
+
+    # Checked where it is written, not at each call (for a pool, an AttributeError from inside).
+    if not callable(getattr(pool, "connection", None)):
+        raise ConfigError("pool", f"must be a ConnectionPool, got {pool!r}")
+    if timeout is not None and not valid_timeout(timeout):
+        raise ConfigError("timeout", f"must be a number of seconds >= 0 or None, got {timeout!r}")
 
     def decorator(func: F) -> F:
         @functools.wraps(func)

@@ -10,6 +10,7 @@ import os
 import pathlib
 import time
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from sharedpool import (
     Coordinator,
     PoolConfig,
     PoolStatus,
+    pooled,
     release_process,
 )
 from sharedpool.config import MAX_SOCKET_PATH, SOCKET_ENV
@@ -353,3 +355,60 @@ def test_release_process_refuses_a_bad_timeout_before_releasing_anything(bad: An
     finally:
         pool.release(held)
         pool.close()
+
+
+@pytest.mark.parametrize("bad", [0, 6, True, 3.5, ["x.toml"], "", "a\0b"])
+def test_a_config_file_that_is_no_path_is_refused_when_made(tmp_path: pathlib.Path, bad: Any) -> None:
+    """Before: accepted, and each reload gave it to open(), which took an int for
+    a file descriptor of the coordinator and closed it (its listening socket:
+    `sharedpool status` refused; another fd: a coordinator that ignored SIGTERM)."""
+    from sharedpool.config import CoordinatorConfig
+
+    with pytest.raises(ConfigError) as err:
+        Coordinator(str(tmp_path / "s.sock"), {"pg": 1}, config_file=bad)
+    assert err.value.field == "config_file"
+    with pytest.raises(ConfigError) as err:
+        CoordinatorConfig.load(bad)
+    assert err.value.field == "config"
+
+
+def test_loading_a_config_by_fd_number_closes_no_fd_of_ours() -> None:
+    from sharedpool.config import CoordinatorConfig
+
+    r, w = os.pipe()
+    os.close(w)  # the old code read it to its end: no hang, just the fd gone
+    try:
+        with pytest.raises(ConfigError):
+            CoordinatorConfig.load(r)  # type: ignore[arg-type]
+        os.fstat(r)  # still ours (was closed by the failed load)
+    finally:
+        os.close(r)
+
+
+def test_a_config_file_path_object_is_kept_as_a_str(tmp_path: pathlib.Path) -> None:
+    from sharedpool.config import CoordinatorConfig
+
+    cfg = CoordinatorConfig(str(tmp_path / "s.sock"), {"pg": 1}, config_file=tmp_path / "x.toml")
+    assert cfg.config_file == str(tmp_path / "x.toml")
+
+
+def _attach(bad: Any) -> Any:
+    from sharedpool.contrib.sqlalchemy import attach
+
+    return attach(bad, "pg", "/tmp/sp-args.sock")
+
+
+@pytest.mark.parametrize(("call", "field"), [
+    (lambda: Client("/tmp/sp-args.sock", name=5), "name"),  # was "coordinator unreachable" at acquire
+    (lambda: Client("/tmp/sp-args.sock", name=["w"]), "name"),
+    (lambda: Client("/tmp/sp-args.sock").release(5), "lease"),  # an AttributeError: no .id
+    (lambda: pooled(5), "pool"),  # an AttributeError at each call
+    (lambda: pooled(SimpleNamespace(connection=lambda timeout: None), timeout="5"), "timeout"),
+    (lambda: _attach(5), "engine"),  # an AttributeError: no .pool
+    (lambda: _redis(connection_class=5), "connection_class"),  # an AttributeError: no __name__
+], ids=["client-name-int", "client-name-list", "release-int", "pooled-int", "pooled-timeout-str",
+        "attach-int", "redis-connection-class-int"])
+def test_arguments_of_the_wrong_kind_are_named_where_written(call: Callable[[], Any], field: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        call()
+    assert err.value.field == field, err.value

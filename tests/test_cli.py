@@ -954,3 +954,14 @@ def test_a_reload_with_a_monitor_dsn_the_fence_cannot_use_is_refused(tmp_path: P
         assert [r["max_size"] for r in sp_json("status", "--socket", server.socket)["resources"]] == [1]
     finally:
         stop(server.proc)
+
+
+def test_a_socket_path_too_long_is_a_bad_flag_naming_where_it_came_from(tmp_path: Path) -> None:
+    # Before: exit 1, "cannot use the coordinator at ...: AF_UNIX path too long", while
+    # serve says exit 2 and names the flag for the same path.
+    long = "/tmp/" + "x" * 120
+    out = sp("status", "--socket", long)
+    assert out.returncode == 2 and "--socket" in out.stderr and "too long" in out.stderr, out
+    out = subprocess.run([sys.executable, "-m", "sharedpool", "leases"], capture_output=True, text=True,
+                         env={**ENV, "SHAREDPOOL_SOCKET": long}, timeout=30)
+    assert out.returncode == 2 and "SHAREDPOOL_SOCKET" in out.stderr and "too long" in out.stderr, out

@@ -42,7 +42,7 @@ import redis
 from redis.connection import Connection
 
 from ..config import check_seconds
-from ..errors import PoolTimeout, ResourceUnavailable, TooManyWaiters
+from ..errors import ConfigError, PoolTimeout, ResourceUnavailable, TooManyWaiters
 from ._leases import LeaseBook
 
 __all__ = ["BlockingConnectionPool", "LeaseRefused", "LeaseTimeout", "LeaseUnavailable",
@@ -296,6 +296,9 @@ class BlockingConnectionPool(redis.BlockingConnectionPool):
                  resource: str, coordinator: str | None = None, lease_timeout: float | None = None,
                  confirm_timeout: float = 2.0, connection_class: type[Any] = Connection,
                  **kwargs: Any) -> None:
+        if not isinstance(connection_class, type):  # not an AttributeError from inside
+            raise ConfigError("connection_class", f"must be a redis-py connection class, "
+                              f"got {connection_class!r}")
         # redis-py's connections refer to their pool (maint_notifications handler):
         # a book finalizer holding them would keep the pool alive for ever.
         self._sp_book = LeaseBook(resource, coordinator, confirm_timeout=confirm_timeout,

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy
 from sqlalchemy import event, exc
 from sqlalchemy.engine import Engine
-from sqlalchemy.pool import QueuePool
+from sqlalchemy.pool import Pool, QueuePool
 from sqlalchemy.util import queue as sqla_queue
 
 from ..client import current_pid
@@ -449,6 +449,8 @@ def attach(engine: Engine, resource: str, coordinator: str | None = None, *,
     settings and events (as ``engine.dispose()`` does); the idle connections
     the old pool had (unleased) are closed. Attach before the engine is used:
     it refuses while connections are checked out. Returns ``engine``."""
+    if not isinstance(getattr(engine, "pool", None), Pool):  # an AsyncEngine is refused below
+        raise ConfigError("engine", f"must be a SQLAlchemy Engine, got {engine!r}")
     pool = engine.pool
     if isinstance(pool, LeasedQueuePool):
         raise ConfigError("engine", "already leases its connections (attach() was called before)")
