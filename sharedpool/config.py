@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
@@ -373,8 +374,7 @@ class CoordinatorConfig:
         kept = {k: v for k, v in overrides.items() if v is not None}
         path = _config_path("config", path)
         try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
+            data = tomllib.loads(_read_config(path).decode())
         except OSError as exc:
             raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:  # TOML is UTF-8 only
@@ -422,6 +422,19 @@ def _config_path(name: str, value: Any) -> str:
     if not isinstance(value, str) or not value or "\0" in value:
         raise ConfigError(name, f"must be the path of a TOML file, got {value!r}")
     return value
+
+
+def _read_config(path: str) -> bytes:
+    """The file's bytes. Opened without blocking: a named pipe with no writer
+    blocked open() for ever, in `serve` with its stop signals blocked (only
+    SIGKILL ended it) and in a running coordinator's reload (every session hung)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb") as f:
+        os.set_blocking(fd, True)  # a pipe's writer, if it has one, is waited for
+        data = f.read()
+        if not data and stat.S_ISFIFO(os.fstat(fd).st_mode):
+            raise ConfigError("config", f"{path} is a named pipe with nothing written to it")
+    return data
 
 
 def check_welcome_fits(resources: dict[str, Resource], max_frame: int) -> None:

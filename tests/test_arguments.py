@@ -412,3 +412,43 @@ def test_arguments_of_the_wrong_kind_are_named_where_written(call: Callable[[], 
     with pytest.raises(ConfigError) as err:
         call()
     assert err.value.field == field, err.value
+
+
+def test_a_config_that_is_a_pipe_nobody_writes_is_an_error_not_a_hang(tmp_path: pathlib.Path) -> None:
+    """Before: open() waited for a writer for ever; in `serve` with its stop
+    signals blocked (only SIGKILL ended it), in a running coordinator's reload
+    with every session hung."""
+    import threading
+
+    from sharedpool.config import CoordinatorConfig
+
+    fifo = tmp_path / "sp.toml"
+    os.mkfifo(fifo)
+    raised: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            CoordinatorConfig.load(fifo)
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(5)
+    if thread.is_alive():  # let the old code's open() go, then fail
+        os.close(os.open(fifo, os.O_WRONLY))
+        thread.join(5)
+        pytest.fail("loading a config from a pipe with no writer blocked")
+    assert isinstance(raised[0], ConfigError) and "named pipe" in str(raised[0]), raised
+
+
+def test_a_config_from_a_pipe_with_a_writer_is_read(tmp_path: pathlib.Path) -> None:
+    from sharedpool.config import CoordinatorConfig
+
+    r, w = os.pipe()  # as `serve --config <(...)` gives it: /dev/fd/N
+    os.write(w, f'[coordinator]\nsocket = "{tmp_path}/s.sock"\n[resources]\npg = 2\n'.encode())
+    os.close(w)
+    try:
+        assert CoordinatorConfig.load(f"/dev/fd/{r}").resources["pg"].max_size == 2
+    finally:
+        os.close(r)
