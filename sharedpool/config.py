@@ -273,10 +273,17 @@ def env_socket_path() -> str | None:
     return None if value is None else check_socket_path(SOCKET_ENV, value)
 
 
+#: Longest resource name; uid_t / gid_t are 32 bits.
+MAX_NAME = 200
+MAX_ID = 2**32 - 1
+
+
 def check_resource_name(name: Any) -> str:
     """A resource name is a non-empty string of at most 200 characters."""
-    if not isinstance(name, str) or not name or len(name) > 200:
-        raise ConfigError("resource", f"must be a non-empty name, got {name!r}")
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME:
+        shown = f"{len(name)} characters" if isinstance(name, str) and name else repr(name)
+        raise ConfigError("resource", f"must be a non-empty name of at most {MAX_NAME} characters, "
+                          f"got {shown}")
     return name
 
 
@@ -334,9 +341,9 @@ class CoordinatorConfig:
         for name in ("allowed_uids", "allowed_gids", "admin_uids"):
             value = getattr(self, name)
             if not isinstance(value, (list, tuple)) or not all(
-                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
-            ):
-                raise ConfigError(name, f"must be a list of ids >= 0, got {value!r}")
+                isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_ID for v in value
+            ):  # a uid past 32 bits matches no peer: a typo, not a setting
+                raise ConfigError(name, f"must be a list of ids from 0 to {MAX_ID}, got {value!r}")
             object.__setattr__(self, name, tuple(value))
         if self.group is not None and (not isinstance(self.group, str) or not self.group):
             raise ConfigError("group", f"must be a group name or None, got {self.group!r}")
@@ -539,9 +546,9 @@ def resource_flag_fields(text: str) -> tuple[str, dict[str, Any]]:
         ) from None
     for part in parts[1:]:
         key, sep, value = part.partition("=")
-        if not sep:
-            raise ConfigError(f"--resource {name}", f"expected key=value, got {part!r}")
         key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--resource {name}", f"expected key=value, got {part!r}")
         if key in spec:  # which one was meant? say so rather than keep the last
             raise ConfigError(f"--resource {name}", f"{key} given twice in {text!r}")
         spec[key] = _scalar(value.strip())

@@ -452,3 +452,24 @@ def test_a_config_from_a_pipe_with_a_writer_is_read(tmp_path: pathlib.Path) -> N
         assert CoordinatorConfig.load(f"/dev/fd/{r}").resources["pg"].max_size == 2
     finally:
         os.close(r)
+
+
+@pytest.mark.parametrize(("call", "field", "says"), [
+    # Was "must be a non-empty name, got 'nnn...'" for a name that is not empty.
+    (lambda: Coordinator("/tmp/sp-args.sock", {"n" * 201: 1}), "resource", "at most 200 characters"),
+    # Was accepted: a uid past 32 bits admits no peer.
+    (lambda: Coordinator("/tmp/sp-args.sock", {"pg": 1}, allowed_uids=[2**32]), "allowed_uids", "4294967295"),
+    (lambda: Coordinator("/tmp/sp-args.sock", {"pg": 1}, admin_uids=[10**20]), "admin_uids", "4294967295"),
+], ids=["name-201", "uid-2**32", "admin-uid-10**20"])
+def test_values_out_of_range_say_the_range(call: Callable[[], Any], field: str, says: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        call()
+    assert err.value.field == field and says in str(err.value), err.value
+
+
+def test_a_resource_flag_with_an_empty_key_says_key_value() -> None:
+    from sharedpool.config import parse_resource_flags
+
+    with pytest.raises(ConfigError) as err:  # was "resources.pg.: unknown setting"
+        parse_resource_flags(["pg=3,=4"])
+    assert err.value.field == "--resource pg" and "key=value" in str(err.value), err.value
