@@ -67,7 +67,8 @@ class Client(Owed, Hooks):
         if name is not None and not isinstance(name, str):  # sent in the hello: refused there,
             # it read as "coordinator unreachable" at the first acquire
             raise ConfigError("name", f"must be a string or None, got {name!r}")
-        self.name = name or os.path.basename(sys.argv[0] or "python")
+        # A label sent in the hello: a script path that is not UTF-8 refused every session.
+        self.name = p.wire_text(name or os.path.basename(sys.argv[0] or "python"))
         if connect_timeout is not None and (  # NaN fails too; "5" and True are no seconds
                 isinstance(connect_timeout, bool) or not isinstance(connect_timeout, int | float)
                 or not 0 < connect_timeout < math.inf):

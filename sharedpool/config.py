@@ -284,6 +284,10 @@ def check_resource_name(name: Any) -> str:
         shown = f"{len(name)} characters" if isinstance(name, str) and name else repr(name)
         raise ConfigError("resource", f"must be a non-empty name of at most {MAX_NAME} characters, "
                           f"got {shown}")
+    try:  # sent in every welcome: a traceback from its encoding before
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError("resource", f"must be UTF-8 text, got {name!r}") from None
     return name
 
 

@@ -43,6 +43,12 @@ _REPR.maxlevel = 3
 _REPR.maxstring = _REPR.maxother = 80
 
 
+def wire_text(text: str) -> str:
+    """``text`` as msgpack can carry it: a path or argv[0] that is not UTF-8
+    (Python keeps its bytes as lone surrogates) has them written as escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def brief(value: Any, limit: int = 60) -> str:
     """A repr of a peer's value for messages and logs: its 1 MB string must not
     make a frame over the limit, nor its 1000-deep list a RecursionError."""

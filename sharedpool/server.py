@@ -583,7 +583,7 @@ class Server:
                 raise ValueError(f"pid {p.brief(pid)} is not a process id")  # not "none held"
             return {"leases": ledger.snapshot_leases(now, resource, pid)}
         if what == "server":
-            return {"pid": os.getpid(), "socket": self.config.socket_path,
+            return {"pid": os.getpid(), "socket": p.wire_text(self.config.socket_path),
                     "uptime_s": round(time.time() - self.started, 3), "sessions": len(self.sessions)}
         raise ValueError(f"cannot inspect {what[:60]!r}; use resources, sessions, leases or server")
 

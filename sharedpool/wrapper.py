@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .closing import keep_socket
+from .protocol import wire_text
 
 if TYPE_CHECKING:
     from .client import Lease
@@ -92,7 +93,8 @@ def _call_site() -> str:
     # by the path the checkout took) go with the filter below.
     stack = traceback.extract_stack(limit=12)[:-1]
     frames = [f for f in stack if "sharedpool" not in f.filename and "contextlib" not in f.filename]
-    return "".join(traceback.format_list(frames[-6:] or stack[-3:]))
+    # Reported to the coordinator: a script path that is not UTF-8 must not make the report unsendable.
+    return wire_text("".join(traceback.format_list(frames[-6:] or stack[-3:])))
 
 
 class _Checkout(Generic[T]):

@@ -473,3 +473,60 @@ def test_a_resource_flag_with_an_empty_key_says_key_value() -> None:
     with pytest.raises(ConfigError) as err:  # was "resources.pg.: unknown setting"
         parse_resource_flags(["pg=3,=4"])
     assert err.value.field == "--resource pg" and "key=value" in str(err.value), err.value
+
+
+def test_a_script_path_that_is_not_utf8_still_gets_a_session(start_coordinator: Any, sock_path: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # The default session name is argv[0]'s basename; not UTF-8, Python keeps
+    # its bytes as surrogates, and every hello failed: "coordinator unreachable".
+    start_coordinator({"r": 1})
+    monkeypatch.setattr("sys.argv", ["/srv/w\udcff.py"])
+    client = Client(sock_path)
+    try:
+        client.release(client.acquire("r", 5))
+        assert client.inspect("server")["pid"] > 0
+    finally:
+        client.close()
+
+
+def test_a_socket_path_that_is_not_utf8_can_be_inspected(tmp_path: pathlib.Path) -> None:
+    # The "server" reply carries the path: "reply_unencodable" made `status` fail.
+    path = str(tmp_path / "\udcff.sock")
+    with Coordinator(path, {"r": 1}):
+        client = Client(path)
+        try:
+            assert client.inspect("server")["socket"] == str(tmp_path / "\\udcff.sock")
+        finally:
+            client.close()
+
+
+def test_a_resource_name_that_is_not_utf8_is_named_not_a_traceback() -> None:
+    with pytest.raises(ConfigError) as err:  # was a LocalProtocolError from encoding the welcome
+        Coordinator("/tmp/sp-args.sock", {"\udcff": 1})
+    assert err.value.field == "resource" and "UTF-8" in str(err.value)
+
+
+def test_a_leak_site_in_a_file_whose_path_is_not_utf8_is_reported(start_coordinator: Any,
+                                                                   sock_path: str) -> None:
+    # The call site goes into the client's reports: one that cannot be encoded
+    # lost the report (the lease's site and state never reached the coordinator).
+    start_coordinator({"r": 1})
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1, leak_detection_threshold=0.05),
+                          resource="r", coordinator=sock_path)
+    try:
+        scope: dict[str, Any] = {"pool": pool}
+        exec(compile("conn = pool.acquire()", "/srv/w\udcff.py", "exec"), scope)
+        client = Client(sock_path)
+        try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                rows = client.inspect("leases")["leases"]
+                if rows and rows[0].get("site"):
+                    break
+                time.sleep(0.05)
+            assert rows and "w\\udcff.py" in (rows[0].get("site") or ""), rows
+        finally:
+            client.close()
+        pool.release(scope["conn"])
+    finally:
+        pool.close()
