@@ -165,6 +165,7 @@ def _redis(**kw: Any) -> Any:
     (_psycopg, "confirm_timeout", float("inf")),
     # The pool's own timeout is the lease wait: -1 and nan failed every connect
     # (seen as a PoolTimeout), and made the redis pool's lease wait 0.
+    (_psycopg, "configure", 5),  # every connect failed: "'int' object is not callable", a PoolTimeout
     (_psycopg, "timeout", -1),
     (_psycopg, "timeout", float("nan")),
     (_redis, "timeout", "5"),

@@ -45,7 +45,7 @@ from psycopg_pool.pool import AddConnection
 
 from ..client import current_pid
 from ..config import check_seconds
-from ..errors import PoolTimeout
+from ..errors import ConfigError, PoolTimeout
 from ._leases import LeaseBook
 
 __all__ = ["ConnectionPool"]
@@ -78,6 +78,8 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
     def __init__(self, conninfo: Any = "", *, resource: str, coordinator: str | None = None,
                  lease_timeout: float | None = None, confirm_timeout: float = 2.0,
                  configure: Any = None, **kwargs: Any) -> None:
+        if configure is not None and not callable(configure):  # else every connect failed, a PoolTimeout
+            raise ConfigError("configure", f"must be callable, got {configure!r}")
         # Ready before psycopg_pool's __init__, which may open the pool and
         # start connecting in its workers at once.
         self._sp_book = LeaseBook(resource, coordinator, confirm_timeout=confirm_timeout,
