@@ -76,12 +76,7 @@ def _private_dir(path: str, gid: int | None = None) -> None:
     its members must be able to reach the 0660 socket in it, and still may not
     write there (replace the socket, say)."""
     directory = os.path.dirname(os.path.abspath(path))
-    created = not os.path.isdir(directory)
-    if created:
-        try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-        except FileExistsError:  # makedirs says "File exists" of a file where the directory goes
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), directory) from None
+    created = _make_missing(directory)
     # Another user who can swap a component of the path (its own symlink in a
     # sticky /tmp, a directory it owns or can write above ours) can move the
     # socket out from under us later: check the path as spelled and as resolved.
@@ -104,11 +99,42 @@ def _private_dir(path: str, gid: int | None = None) -> None:
         except ConfigError:
             os.rmdir(directory)  # made here a moment ago: not left behind
             raise
-        os.chmod(directory, 0o750)  # explicit: makedirs' mode is cut by the umask
+        os.chmod(directory, 0o750)  # explicit: mkdir's mode is cut by the umask
     elif not (st.st_mode & stat.S_IXOTH or (st.st_gid == gid and st.st_mode & stat.S_IXGRP)):
         log.warning("socket directory %s (mode %o, gid %d) cannot be entered by group %d: "
                     "its members will not reach the socket", directory,
                     stat.S_IMODE(st.st_mode), st.st_gid, gid)
+
+
+def _make_missing(directory: str) -> bool:
+    """Create what does not exist of ``directory`` (True if it did not), once the
+    part that exists has passed :func:`_check_chain`: made before the checks, a
+    root coordinator followed another user's symlink and left directories
+    wherever it pointed, then refused. Directories above it are 0755, never
+    writable by others whatever the umask (makedirs made them 0777 & ~umask)."""
+    missing = []
+    existing = directory
+    while not os.path.lexists(existing):
+        missing.append(existing)
+        existing = os.path.dirname(existing)
+    if not missing:
+        if not os.path.isdir(directory):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), directory)
+        return False
+    _check_chain(existing)
+    _check_chain(os.path.realpath(existing))
+    _check_parent(existing)  # where the first mkdir goes
+    for part in reversed(missing):
+        try:
+            os.mkdir(part, 0o700 if part == directory else 0o755)
+        except FileExistsError:  # made meanwhile: by a racing starter, or by another user
+            if not os.path.isdir(part):
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), part) from None
+        if part != directory:  # checked again before the next mkdir goes into it
+            _check_chain(part)
+            _check_chain(os.path.realpath(part))
+            _check_parent(part)
+    return True
 
 
 def _check_chain(directory: str) -> None:
@@ -120,17 +146,24 @@ def _check_chain(directory: str) -> None:
     for part in [p for p in directory.split("/") if p]:
         entry = os.path.join(parent, part)
         st_entry = os.lstat(entry)
-        st_parent = os.stat(parent)
-        open_parent = st_parent.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-        if st_parent.st_uid not in trusted or (open_parent and not st_parent.st_mode & stat.S_ISVTX):
-            raise ConfigError("socket", f"{parent} can be changed by others; "
-                              f"put the socket where only its owner and root can change the path")
+        open_parent = _check_parent(parent)
         if stat.S_ISLNK(st_entry.st_mode) and st_entry.st_uid not in trusted:
             raise ConfigError("socket", f"{entry} is a symlink of uid {st_entry.st_uid}, not ours")
         if open_parent and st_entry.st_uid not in trusted:
             raise ConfigError("socket", f"{entry} belongs to uid {st_entry.st_uid} in a shared "
                               f"directory {parent}")
         parent = entry
+
+
+def _check_parent(parent: str) -> int:
+    """``parent`` is ours or root's, and sticky if others may write it: no one
+    else can rename what is in it. Returns its group/other write bits."""
+    st = os.stat(parent)
+    open_parent = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    if st.st_uid not in (0, os.getuid()) or (open_parent and not st.st_mode & stat.S_ISVTX):
+        raise ConfigError("socket", f"{parent} can be changed by others; "
+                          f"put the socket where only its owner and root can change the path")
+    return open_parent
 
 
 def _group_id(config: CoordinatorConfig) -> int | None:

@@ -668,6 +668,44 @@ def test_a_socket_directory_others_can_swap_is_refused(tmp_path: Any) -> None:
             Coordinator(str(link / "sp.sock"), {"r": 1}).start()
 
 
+def test_a_refused_socket_directory_is_not_made_first(tmp_path: Any) -> None:
+    # Before, the missing directories were made, then the path checked: refused,
+    # but "new" was left in a directory anyone can rename things in, and a root
+    # coordinator followed another user's symlink to make "planted" where it pointed.
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    with pytest.raises(ConfigError, match="can be changed by others"):
+        Coordinator(str(open_dir / "new" / "sp.sock"), {"r": 1}).start()
+    assert not (open_dir / "new").exists()
+    if os.getuid() == 0:  # a symlink owned by someone else needs root to make
+        real = tmp_path / "real"
+        real.mkdir(mode=0o755)
+        link = tmp_path / "link"
+        link.symlink_to(real)
+        os.lchown(link, 65534, 65534)
+        with pytest.raises(ConfigError, match="symlink of uid 65534"):
+            Coordinator(str(link / "planted" / "sp.sock"), {"r": 1}).start()
+        assert not (real / "planted").exists()
+
+
+def test_directories_made_above_the_socket_are_not_open_to_others(tmp_path: Any) -> None:
+    # Before, makedirs made them 0777 & ~umask: under umask 0 the start refused
+    # the world-writable directories it had just made itself, and left them.
+    from sharedpool.config import CoordinatorConfig
+    from sharedpool.coordinator import bind_socket
+
+    path = tmp_path / "a" / "b" / "sp.sock"
+    old = os.umask(0)
+    try:
+        sock, _, _ = bind_socket(CoordinatorConfig(socket_path=str(path), resources={"r": 1}))
+    finally:
+        os.umask(old)
+    sock.close()
+    assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "a" / "b").stat().st_mode) == 0o700
+
+
 def test_a_start_that_fails_after_binding_leaves_no_socket(tmp_path: Any) -> None:
     # Before, the socket file stayed: the next start took it for a dead
     # coordinator's and held every grant for restart_grace.
