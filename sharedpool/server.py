@@ -37,6 +37,11 @@ _PEERCRED = struct.Struct("iII")
 FD_RESERVE = 64
 #: A reclaim is logged at info at most this often per resource (the rest at debug).
 RECLAIM_INFO_EVERY = 60.0
+#: A refused uid is logged at warning at most once in this many seconds (the
+#: rest at debug, counted in its next warning): one line per refusal let a peer
+#: the coordinator refuses fill its log by connecting in a loop, and the CLI's
+#: probe made every refused command two lines.
+REFUSED_LOG_EVERY = 60.0
 
 
 def peer_credentials(sock: Any) -> tuple[int, int, int] | None:
@@ -120,8 +125,7 @@ class SessionProtocol(asyncio.Protocol):
             self.pid, self.uid, self.gid = creds
         groups = peer_groups(transport.get_extra_info("socket")) if self.server.config.allowed_gids else ()
         if not self.server.peer_allowed(self.uid, self.gid, groups):
-            log.warning("refused peer pid=%s uid=%s gid=%s: not in allowed uids/gids",
-                        self.pid, self.uid, self.gid)
+            self.server.log_refused(self.pid, self.uid, self.gid)
             self.fail("access_denied", f"uid {self.uid} / gid {self.gid} may not use this coordinator")
             return
         wait = self.server.config.hello_timeout
@@ -277,6 +281,8 @@ class Server:
         self._fences: set[asyncio.Task[Any]] = set()
         self.monitors: Any = None  # fence.MonitorConnections, made by warm_monitors() or a fence
         self.own_uid = os.getuid()
+        #: uid -> (when last logged as refused, refusals since, not logged)
+        self._refused: dict[int | None, tuple[float, int]] = {}
         self.started = time.time()
         self.on_change: list[Any] = []  # observers (metrics)
         #: Set once the stop has handed the leases on: sessions we close then are
@@ -313,6 +319,20 @@ class Server:
         uids = self.config.allowed_uids or (self.own_uid,)
         gids = self.config.allowed_gids
         return uid in uids or (gid is not None and gid in gids) or any(g in gids for g in groups)
+
+    def log_refused(self, pid: int, uid: int | None, gid: int | None) -> None:
+        now = self.loop.time()
+        last, quiet = self._refused.get(uid, (None, 0))
+        if last is not None and now - last < REFUSED_LOG_EVERY:
+            self._refused[uid] = (last, quiet + 1)
+            log.debug("refused peer pid=%s uid=%s gid=%s", pid, uid, gid)
+            return
+        if len(self._refused) >= 1024:  # bounded, however many uids try
+            self._refused.clear()
+        self._refused[uid] = (now, 0)
+        more = f" ({quiet} more refused since the last such line)" if quiet else ""
+        log.warning("refused peer pid=%s uid=%s gid=%s: not in allowed uids/gids%s",
+                    pid, uid, gid, more)
 
     def is_admin(self, uid: int | None) -> bool:
         return uid is None or uid in (self.config.admin_uids or (self.own_uid,))

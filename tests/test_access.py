@@ -97,6 +97,35 @@ def test_an_allowed_gid_counts_as_a_supplementary_group_too(start_coordinator: A
     assert "GRANTED" in out.stdout, out.stdout + out.stderr
 
 
+_FLOOD = """
+import socket, sys
+for _ in range(50):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(sys.argv[1])
+    s.recv(4096)  # the error frame, then the close
+    s.close()
+print("DONE")
+"""
+
+
+def test_a_refused_peer_connecting_in_a_loop_is_logged_once(start_coordinator: Any, shared_dir: str,
+                                                             capfd: pytest.CaptureFixture[str]) -> None:
+    # Before, every refusal was a warning line: 50 connects, 50 lines (and a
+    # peer in a loop filled the disk); each refused CLI command was two (its probe).
+    sock = os.path.join(shared_dir, "sp.sock")
+    coord = start_coordinator({"r": 1}, path=sock, group="nogroup")  # nobody reaches it, is refused
+    out = subprocess.run(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+         sys.executable, "-c", _FLOOD, sock],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert "DONE" in out.stdout, out.stdout + out.stderr
+    coord.stop()  # its stderr is ours: all written once it has exited
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if "refused peer" in ln]
+    assert len(lines) == 1 and "uid=65534" in lines[0], lines
+
+
 _REACH = """
 import os, sys
 from sharedpool import Client
