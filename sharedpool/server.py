@@ -10,6 +10,8 @@ leases are fenced like any dead session's); nobody else notices.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import errno
 import logging
 import math
 import os
@@ -56,6 +58,8 @@ def peer_credentials(sock: Any) -> tuple[int, int, int] | None:
 
 #: Linux's SO_PEERGROUPS (4.13+): the peer's supplementary groups at connect time.
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+#: Linux's most supplementary groups a process can have.
+_NGROUPS_MAX = 65536
 
 
 def peer_groups(sock: Any) -> tuple[int, ...]:
@@ -63,9 +67,24 @@ def peer_groups(sock: Any) -> tuple[int, ...]:
     try:
         # Python caps the buffer at 1024 bytes: 256 groups.
         raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 1024)
-    except (OSError, AttributeError):
+    except OSError as exc:
+        if exc.errno != errno.ERANGE:
+            return ()
+        # More groups than that: read as () before, a peer allowed by one of
+        # them was refused. libc's getsockopt() takes a buffer of any size.
+        raw = _peer_groups_unbounded(sock.fileno())
+    except AttributeError:
         return ()
     return struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
+
+
+def _peer_groups_unbounded(fd: int) -> bytes:
+    size = ctypes.c_uint32(_NGROUPS_MAX * 4)
+    buf = ctypes.create_string_buffer(size.value)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.getsockopt(fd, socket.SOL_SOCKET, _SO_PEERGROUPS, buf, ctypes.byref(size)) != 0:
+        return b""
+    return buf.raw[: size.value]
 
 
 def holder_alive(pid: int, before: float) -> bool:

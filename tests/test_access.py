@@ -97,6 +97,18 @@ def test_an_allowed_gid_counts_as_a_supplementary_group_too(start_coordinator: A
     assert "GRANTED" in out.stdout, out.stdout + out.stderr
 
 
+def test_an_allowed_gid_counts_among_hundreds_of_groups(start_coordinator: Any, shared_dir: str) -> None:
+    # Before, a peer in more than 256 groups was read as in none (Python's
+    # getsockopt() takes at most 1024 bytes: ERANGE) and refused.
+    sock = os.path.join(shared_dir, "sp.sock")
+    start_coordinator({"r": 1}, path=sock, group="nogroup", allowed_gids=[NOBODY])
+    groups = ",".join(str(g) for g in [*range(20000, 20300), NOBODY])
+    out = run_as_nobody(sock, """
+        print("GRANTED", c.acquire("r", timeout=2).id)
+    """, ids=(f"--reuid={NOBODY - 1}", f"--regid={NOBODY - 1}", f"--groups={groups}"))
+    assert "GRANTED" in out.stdout, out.stdout + out.stderr
+
+
 _FLOOD = """
 import socket, sys
 for _ in range(50):
