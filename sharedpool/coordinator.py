@@ -194,6 +194,10 @@ def _clear_stale(path: str) -> bool:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             return True
+        if exc.errno == errno.EAGAIN:  # its queue of connections is full: alive, not accepting
+            raise CoordinatorRunning(f"a coordinator is already serving {path} (not accepting: its "
+                                     "queue of new connections is full, is it stopped or stuck?); "
+                                     "refusing to start a second one") from None
         raise
     finally:
         probe.close()

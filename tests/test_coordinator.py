@@ -706,6 +706,27 @@ def test_directories_made_above_the_socket_are_not_open_to_others(tmp_path: Any)
     assert stat.S_IMODE((tmp_path / "a" / "b").stat().st_mode) == 0o700
 
 
+def test_a_live_socket_with_a_full_queue_is_a_running_coordinator(tmp_path: Any) -> None:
+    # Before: "cannot serve: [Errno 11] Resource temporarily unavailable", of a
+    # coordinator that is stopped (SIGSTOP) or stuck with its backlog full.
+    from sharedpool.config import CoordinatorConfig
+    from sharedpool.coordinator import CoordinatorRunning, bind_socket
+
+    path = str(tmp_path / "sp.sock")
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(path)
+    live.listen(0)
+    queued = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    queued.connect(path)  # the one place in its queue: never accepted
+    try:
+        with pytest.raises(CoordinatorRunning, match="queue of new connections is full"):
+            bind_socket(CoordinatorConfig(socket_path=path, resources={"r": 1}))
+        assert os.path.exists(path)
+    finally:
+        queued.close()
+        live.close()
+
+
 def test_a_start_that_fails_after_binding_leaves_no_socket(tmp_path: Any) -> None:
     # Before, the socket file stayed: the next start took it for a dead
     # coordinator's and held every grant for restart_grace.
