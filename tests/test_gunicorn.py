@@ -723,3 +723,36 @@ def test_a_daemonized_master_keeps_the_start_timeout(monkeypatch: pytest.MonkeyP
         assert [e.start_timeout for e in started] == [77]
     finally:
         integration._EMBEDDED.pop(sock_path, None)
+
+
+@pytest.mark.parametrize("options, warned", [
+    ({}, "pass allowed_uids=[65534]"),
+    ({"allowed_uids": [os.getuid(), 65534]}, "pass group="),
+    ({"allowed_uids": [os.getuid(), 65534], "group": "nogroup"}, None),
+])
+def test_workers_run_as_another_user_are_told_at_start(
+        monkeypatch: pytest.MonkeyPatch, sock_path: str, caplog: pytest.LogCaptureFixture,
+        options: dict[str, Any], warned: str | None) -> None:
+    """gunicorn --user: before, nothing said at the start that the workers could
+    not use the master's coordinator; each checkout failed on "Permission
+    denied" (the 0600 socket) or AccessDenied."""
+    import types
+
+    from sharedpool.contrib import gunicorn as integration
+
+    if options.get("group") and os.getuid() != 0:
+        pytest.skip("giving the socket to group nogroup needs root")
+    monkeypatch.setenv("SHAREDPOOL_SOCKET", sock_path)  # hooks() sets it: put back after
+    master = _FakeMaster()
+    master.cfg = types.SimpleNamespace(env_orig={}, uid=65534, gid=65534, initgroups=False)
+    on_starting, _, _, on_exit = integration.hooks({"r": 1}, socket=sock_path, **options)
+    with caplog.at_level("WARNING", logger=master.log.name):
+        try:
+            on_starting(master)
+        finally:
+            on_exit(master)
+    said = [r.getMessage() for r in caplog.records if "every checkout in the workers" in r.getMessage()]
+    if warned is None:
+        assert said == []
+    else:
+        assert len(said) == 1 and warned in said[0], said

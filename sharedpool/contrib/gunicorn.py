@@ -51,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pwd
 import queue
 import signal
 import threading
@@ -196,6 +197,9 @@ def hooks(
         _EMBEDDED[path] = embedded
         limits = ", ".join(f"{n}={r.max_size}" for n, r in embedded.config.resources.items())
         server.log.info("sharedpool: coordinator pid %s serving %s (%s)", embedded.pid, path, limits)
+        shut_out = _workers_shut_out(server, embedded.config)
+        if shut_out:
+            server.log.warning("sharedpool: %s: every checkout in the workers will fail", shut_out)
 
     def post_fork(server: Any, worker: Any) -> None:
         # The client is fork-aware and connects on first use; only make sure the
@@ -230,6 +234,29 @@ def hooks(
             server.log.info("sharedpool: coordinator for %s stopped", path)
 
     return GunicornHooks(on_starting, post_fork, worker_exit, on_exit)
+
+
+def _workers_shut_out(server: Any, config: CoordinatorConfig) -> str | None:
+    """Why workers that gunicorn runs as another user (``--user``) cannot use the
+    coordinator the master starts as its own, or None. Without this said at the
+    start, each worker's first checkout failed on "Permission denied" (the
+    socket is 0600) or AccessDenied, with nothing pointing at the settings."""
+    cfg = getattr(server, "cfg", None)
+    uid, gid = getattr(cfg, "uid", None), getattr(cfg, "gid", None)
+    if not isinstance(uid, int) or not isinstance(gid, int) or uid == os.getuid():
+        return None
+    gids = {gid}
+    if getattr(cfg, "initgroups", False):  # --initgroups: the user's supplementary groups too
+        with contextlib.suppress(KeyError, OSError):
+            gids.update(os.getgrouplist(pwd.getpwuid(uid).pw_name, gid))
+    if not (uid in (config.allowed_uids or (os.getuid(),)) or gids & set(config.allowed_gids)):
+        return (f"the workers run as uid {uid} and the coordinator admits only uids "
+                f"{list(config.allowed_uids or (os.getuid(),))} and gids {list(config.allowed_gids)}; "
+                f"pass allowed_uids=[{uid}] (or allowed_gids) to hooks()")
+    if config.group is None:
+        return (f"the workers run as uid {uid} and the coordinator's socket is 0600, uid "
+                f"{os.getuid()}'s; pass group= a group of the workers to hooks()")
+    return None
 
 
 def _changed_settings(running: CoordinatorConfig, fresh: CoordinatorConfig) -> list[str]:
