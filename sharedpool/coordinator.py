@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import functools
 import grp
 import logging
@@ -33,6 +32,7 @@ from .marker import (
     time_left_now,
     write_marker,
 )
+from .startlock import start_lock
 
 if TYPE_CHECKING:
     from .program import EmbeddedCoordinator
@@ -230,10 +230,7 @@ def bind_socket(config: CoordinatorConfig) -> tuple[socket.socket, bool, dict[st
     _private_dir(path, gid)
     # Probe, unlink and bind under one lock: two starters that both found a dead
     # coordinator's socket must not both bind (the second unlinking the first's).
-    # The lock is on the (private, checked) directory: no lock file left behind.
-    lock = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with start_lock(path):
         restarted = _clear_stale(path)
         marker = restart_marker(config)
         handed: dict[str, list[Any]] = {}
@@ -269,8 +266,6 @@ def bind_socket(config: CoordinatorConfig) -> tuple[socket.socket, bool, dict[st
             if restarted:  # this start took the evidence of a restart away: put it back
                 write_marker(marker, handed)
             raise
-    finally:
-        os.close(lock)  # releases the flock
     sock.setblocking(False)
     return sock, restarted, handed
 

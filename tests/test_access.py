@@ -138,6 +138,37 @@ def test_a_refused_peer_connecting_in_a_loop_is_logged_once(start_coordinator: A
     assert len(lines) == 1 and "uid=65534" in lines[0], lines
 
 
+_HOLD_DIR_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("LOCKED", flush=True)
+time.sleep(20)
+"""
+
+
+def test_a_group_member_cannot_hold_up_a_start(start_coordinator: Any, shared_dir: str) -> None:
+    # Before, a start locked the socket's directory, which anyone who may read
+    # it can lock too (here a member of its group): the start waited as long as
+    # they held it, for ever if they liked.
+    run = os.path.join(shared_dir, "run")
+    os.mkdir(run, 0o750)
+    os.chown(run, -1, NOBODY)
+    holder = subprocess.Popen(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+         sys.executable, "-c", _HOLD_DIR_LOCK, run],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "LOCKED"
+        coord = start_coordinator({"r": 1}, path=os.path.join(run, "sp.sock"), group="nogroup")
+        assert coord.pid is not None
+        assert os.listdir(run) == ["sp.sock"]  # no lock file left behind
+    finally:
+        holder.kill()
+        holder.wait(10)
+
+
 _REACH = """
 import os, sys
 from sharedpool import Client
