@@ -240,7 +240,9 @@ def _write_marker(path: str, handed: dict[str, Any]) -> None:
     data = json.dumps({"pid": os.getpid(), "boot": boot, "mono": mono,
                        **{k: handed.get(k, []) for k in _KEYS}}, separators=(",", ":"))
     try:
-        with open(tmp, "w") as f:
+        # 0600: in a socket directory made for a group (0750), its members, admitted
+        # or not, read which processes hold what (the umask left it 0644).
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "w") as f:
             f.write(data)
         os.replace(tmp, path)
     except OSError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import threading
 import time
 from typing import Any
@@ -643,3 +644,17 @@ def test_a_process_stopped_across_a_restart_keeps_its_leases_counted(
         os.kill(holder.pid, signal.SIGCONT)
         holder.kill()
         holder.wait(10)
+
+
+def test_the_marker_is_for_the_owner_only(tmp_path: Any) -> None:
+    # Before, 0644 under the usual umask: in a socket directory made for a group
+    # (0750), every member read which processes held which leases.
+    from sharedpool import marker
+
+    path = str(tmp_path / "c.sock.restart")
+    old = os.umask(0o022)
+    try:
+        assert marker.write_marker(path, {"held": [["r", 7, 7, 12345, None]]})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
