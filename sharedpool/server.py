@@ -13,7 +13,6 @@ import asyncio
 import ctypes
 import errno
 import logging
-import math
 import os
 import socket
 import struct
@@ -28,6 +27,7 @@ from .config import CoordinatorConfig, Resource
 from .effects import AskReclaim, Denied, Effect, Granted, Notify, Problem, StartFence, StillHeld
 from .errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
 from .ledger import Ledger
+from .lograte import OncePer
 
 log = logging.getLogger("sharedpool.coordinator")
 
@@ -300,8 +300,8 @@ class Server:
         self._fences: set[asyncio.Task[Any]] = set()
         self.monitors: Any = None  # fence.MonitorConnections, made by warm_monitors() or a fence
         self.own_uid = os.getuid()
-        #: uid -> (when last logged as refused, refusals since, not logged)
-        self._refused: dict[int | None, tuple[float, int]] = {}
+        #: a refused uid's warning, once a minute (a peer refused in a loop)
+        self._refused = OncePer(REFUSED_LOG_EVERY, loop.time)
         self.started = time.time()
         self.on_change: list[Any] = []  # observers (metrics)
         #: Set once the stop has handed the leases on: sessions we close then are
@@ -314,8 +314,8 @@ class Server:
         #: stops on it through ``on_fatal`` and exits with an error.
         self.fatal: str | None = None
         self.on_fatal: list[Any] = []
-        #: resource -> (when a reclaim was last logged at info, asks since at debug)
-        self._reclaims_said: dict[str, tuple[float, int]] = {}
+        #: a reclaim at info, once a minute per resource (routine under contention)
+        self._reclaims_said = OncePer(RECLAIM_INFO_EVERY, loop.time)
         self._reschedule()  # a restart hold ends on its own timer
 
     def fail_hard(self, why: str) -> None:
@@ -340,16 +340,11 @@ class Server:
         return uid in uids or (gid is not None and gid in gids) or any(g in gids for g in groups)
 
     def log_refused(self, pid: int, uid: int | None, gid: int | None) -> None:
-        now = self.loop.time()
-        last, quiet = self._refused.get(uid, (None, 0))
-        if last is not None and now - last < REFUSED_LOG_EVERY:
-            self._refused[uid] = (last, quiet + 1)
+        due = self._refused.due(uid)
+        if due is None:
             log.debug("refused peer pid=%s uid=%s gid=%s", pid, uid, gid)
             return
-        if len(self._refused) >= 1024:  # bounded, however many uids try
-            self._refused.clear()
-        self._refused[uid] = (now, 0)
-        more = f" ({quiet} more refused since the last such line)" if quiet else ""
+        more = f" ({due[0]} more refused since the last such line)" if due[0] else ""
         log.warning("refused peer pid=%s uid=%s gid=%s: not in allowed uids/gids%s",
                     pid, uid, gid, more)
 
@@ -406,21 +401,6 @@ class Server:
             session.send(p.Error("unexpected_op", f"op {msg.op!r} is not handled", None))
         self._changed()
 
-    def _reclaim_loud(self, resource: str) -> bool:
-        """Whether a first ask of a session is logged at info (once a minute per resource)."""
-        said, unsaid = self._reclaims_said.get(resource, (-math.inf, 0))
-        if self.loop.time() - said >= RECLAIM_INFO_EVERY:
-            return True
-        self._reclaims_said[resource] = (said, unsaid + 1)
-        return False
-
-    def _reclaims_unsaid(self, resource: str) -> str:
-        """The tail of an info reclaim line: the asks logged at debug since the last one."""
-        said, unsaid = self._reclaims_said.get(resource, (-math.inf, 0))
-        now = self.loop.time()
-        self._reclaims_said[resource] = (now, 0)
-        return f" ({unsaid} more in the last {now - said:.0f}s, at debug)" if unsaid else ""
-
     def apply(self, effects: list[Effect]) -> None:
         debug = log.isEnabledFor(logging.DEBUG)
         for eff in effects:
@@ -448,13 +428,13 @@ class Server:
                         target.asked[eff.resource] = eff.count
                     else:
                         target.asked.pop(eff.resource, None)
-                loud = eff.count > 0 and before == 0 and self._reclaim_loud(eff.resource)
-                if loud or debug:
-                    log.log(logging.INFO if loud else logging.DEBUG,
+                due = self._reclaims_said.due(eff.resource) if eff.count > 0 and before == 0 else None
+                if due is not None or debug:
+                    log.log(logging.INFO if due is not None else logging.DEBUG,
                             "reclaim pid=%s resource=%s: give back %d lease(s), quantum %s%s",
                             self._pid(eff.session), eff.resource, eff.count,
                             "unknown" if eff.quantum is None else f"{eff.quantum:.3g}s",
-                            self._reclaims_unsaid(eff.resource) if loud else "")
+                            f" ({due[0]} more in the last {due[1]:.0f}s, at debug)" if due and due[0] else "")
                 self._send(eff.session, p.Reclaim(eff.resource, eff.count, eff.quantum))
             elif isinstance(eff, Notify):
                 self._send(eff.session, p.Push(eff.verb, eff.resource, eff.args))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import multiprocessing
 import os
 import signal
@@ -1171,13 +1172,13 @@ def test_a_reclaim_is_logged_at_info_when_first_asked_not_at_every_change(
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
+        clock = [1000.0]
+        loop.time = lambda: clock[0]  # type: ignore[method-assign]
         server = Server(CoordinatorConfig(socket_path=sock_path, resources={"r": 2}))  # type: ignore[dict-item]
         session = SessionProtocol(server)
         session.sid, session.pid = 1, 4242
         server.sessions[1] = session
         caplog.set_level(logging.INFO, logger="sharedpool.coordinator")
-        clock = [1000.0]
-        loop.time = lambda: clock[0]  # type: ignore[method-assign]
 
         def infos() -> list[str]:
             return [r.getMessage() for r in caplog.records
@@ -1230,3 +1231,19 @@ def test_run_refused_outside_the_main_thread_leaves_that_threads_signal_mask_alo
         f"a process started by that thread blocks {seen['child']:#x}"
     assert not os.path.exists(sock_path)
     assert [signal.getsignal(sig) for sig in HANDLED_SIGNALS] == handlers
+
+
+def test_once_per_says_a_line_once_per_interval_and_counts_the_rest() -> None:
+    from sharedpool.lograte import OncePer
+
+    clock = [0.0]
+    once = OncePer(60.0, lambda: clock[0], max_keys=2)
+    assert once.due("a") == (0, math.inf)
+    assert once.due("a") is None and once.due("a") is None
+    clock[0] = 59.9
+    assert once.due("a") is None
+    clock[0] = 60.0
+    assert once.due("a") == (3, 60.0)
+    assert once.due("b") == (0, math.inf)
+    assert once.due("c") == (0, math.inf)  # a third key: the others forgotten (bounded, whatever peers do)
+    assert once.due("a") == (0, math.inf)
