@@ -495,15 +495,15 @@ class ConnectionPool(Generic[T]):
         if not active:
             self._discard(wrapper, validation=False)
 
-    def _close(self, wrapper: ConnectionWrapper[T], giving: bool = False) -> bool:
+    def _close(self, wrapper: ConnectionWrapper[T], giving: bool = False, wait: float | None = None) -> bool:
         """Close, confirm the server let go, then give the lease back (I1). A
-        close not confirmed within close_confirm_timeout keeps its lease until
-        it is (watched in the background, bounded): then False. ``giving``: a
+        close not confirmed within ``wait`` (None: close_confirm_timeout) keeps its
+        lease until it is (watched in the background, bounded): then False. ``giving``: a
         give-back to the coordinator, counted in ``_giving`` until its lease is
         released. The caller counted ``wrapper`` in ``_closing`` when it took it
         out of ``_all``."""
         try:
-            return shutdown.close_counted(self, wrapper, giving)
+            return shutdown.close_counted(self, wrapper, giving, wait)
         finally:
             with self._lock:
                 if self._pid == _PID[0]:  # not reset by a fork meanwhile

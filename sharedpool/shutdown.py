@@ -45,9 +45,10 @@ def evict(pool: ConnectionPool[T], idle: deque[ConnectionWrapper[T]], waiters: d
 
 
 def let_go(pool: ConnectionPool[T], idle: deque[ConnectionWrapper[T]], requests: set[AcquireRequest],
-           hand_off: bool = True) -> None:
+           hand_off: bool = True, wait: float | None = None) -> None:
     """Withdraw the openers' lease requests, close the idle connections
-    (evicted). Can run again: both are consumed as they go."""
+    (evicted), each confirmed within ``wait`` (None: close_confirm_timeout).
+    Can run again: both are consumed as they go."""
     for ticket in list(requests):  # a closed pool must not take grants ahead of others
         ticket.cancel()
         requests.discard(ticket)
@@ -56,15 +57,16 @@ def let_go(pool: ConnectionPool[T], idle: deque[ConnectionWrapper[T]], requests:
         # and the close, which settles a close cut short by itself.
         wrapper = idle[0]
         del idle[0]
-        if not pool._close(wrapper) and idle and hand_off:
+        if not pool._close(wrapper, wait=wait) and idle and hand_off:
             # Not confirmed in close_confirm_timeout (a server that hangs): each
             # of the rest would wait as long in turn (5 idle: close(timeout=5)
             # took 10 s; an admin drain held the session's thread as long). They
-            # are closed in a thread, each lease kept until its server lets go;
-            # close() and drain() wait for them up to their timeout, as for
-            # connections in use.
+            # are closed in a thread, and without that wait (as the integrations'
+            # LeaseBook does after one): waited each in turn there, the last was
+            # only closed (n - 1) x close_confirm_timeout later and close() waited
+            # for that. Each lease is still kept until its server lets go (I1).
             try:
-                threading.Thread(target=let_go, args=(pool, idle, set(), False), daemon=True,
+                threading.Thread(target=let_go, args=(pool, idle, set(), False, 0.0), daemon=True,
                                  name=f"sharedpool-close-{pool.resource}").start()
                 return
             except RuntimeError:  # no thread to be had: closed here, in turn
@@ -122,10 +124,14 @@ def shut(pool: ConnectionPool[T], status: PoolStatus, timeout: float) -> None:
             pool._returned.wait(min(remaining, WAIT_SLICE))
 
 
-def close_counted(pool: ConnectionPool[T], wrapper: ConnectionWrapper[T], giving: bool) -> bool:
-    """Close ``wrapper``, confirm the server let go, then release its lease
-    (late, from a watcher, if the confirmation is late). See ConnectionPool._close.
+def close_counted(pool: ConnectionPool[T], wrapper: ConnectionWrapper[T], giving: bool,
+                  wait: float | None = None) -> bool:
+    """Close ``wrapper``, confirm the server let go (within ``wait``, None:
+    close_confirm_timeout), then release its lease (late, from a watcher, if
+    the confirmation is late). See ConnectionPool._close.
     Returns whether the server's let-go was confirmed in time."""
+    if wait is None:
+        wait = pool.config.close_confirm_timeout
     t0 = time.monotonic()  # before the lease is taken off: no call between that and the try
     lease, client, kept = wrapper.lease, pool._client, wrapper.kept
     wrapper.lease = wrapper.kept = None
@@ -150,7 +156,7 @@ def close_counted(pool: ConnectionPool[T], wrapper: ConnectionWrapper[T], giving
             pool._end_session_if_done()
 
     try:
-        confirmed = close_and_confirm(wrapper.conn, pool.config.close_confirm_timeout,
+        confirmed = close_and_confirm(wrapper.conn, wait,
                                       on_late=late if keep else None, kept=kept)
     except NotClosable:  # nothing to close: give the lease back
         log.exception("pool %r: closing connection %s failed", pool.name, wrapper.id[:8])
@@ -168,9 +174,10 @@ def close_counted(pool: ConnectionPool[T], wrapper: ConnectionWrapper[T], giving
             pool._handoff.tell(client, pool.resource)
         finally:  # a signal handler's exception here must not keep the lease for good
             late(True)
-    elif keep:
-        log.warning("pool %r: server has not dropped connection %s after %.1fs; its lease is "
-                    "kept until it does", pool.name, wrapper.id[:8], pool.config.close_confirm_timeout)
+    elif keep:  # not waited for (wait=0): the first close of the row said so
+        log.log(logging.WARNING if wait else logging.DEBUG,
+                "pool %r: server has not dropped connection %s after %.1fs; its lease is "
+                "kept until it does", pool.name, wrapper.id[:8], wait)
     elif giving:
         late(False)  # no lease to keep: only the give-back count to settle
     return confirmed

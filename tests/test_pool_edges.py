@@ -1744,6 +1744,40 @@ def test_closing_idle_connections_to_a_server_that_hangs_keeps_to_the_timeout(
         server.close()
 
 
+@pytest.mark.parametrize("how", ["close", "drain"])
+def test_after_one_unconfirmed_close_the_rest_close_at_once(
+        start_coordinator: Any, sock_path: str, how: str) -> None:
+    """The thread that took over after the first unconfirmed close still waited
+    close_confirm_timeout on each of the rest in turn: 4 idle connections to a
+    server that does not let go made close(timeout=5) take 4 x 0.4 s, and the
+    last connection was only closed 1.2 s after the call. The rest are closed
+    at once now, each lease still kept until its server lets go (I1)."""
+    start_coordinator({"r": 4})
+    server = HoldingServer()
+    pool = ConnectionPool(server.connect, PoolConfig(min_size=0, max_size=4, close_confirm_timeout=0.4),
+                          resource="r", coordinator=sock_path)
+    try:
+        held = [pool.acquire(timeout=5) for _ in range(4)]
+        for _ in held:
+            server.accept()
+        for wrapper in held:
+            pool.release(wrapper)
+        t0 = time.monotonic()
+        getattr(pool, how)(timeout=5)
+        took = time.monotonic() - t0
+        assert took < 1.0, f"{how}(timeout=5) took {took:.2f}s"
+        for end in server.ends:  # every connection closed (our FIN is there), not queued behind a wait
+            end.settimeout(0.5)
+            assert end.recv(1) == b""
+        assert leased(sock_path) == 4  # the server holds all 4: no lease back yet
+        server.let_go()
+        assert wait_leased(sock_path, 0) == 0
+    finally:
+        server.let_go()
+        pool.close()
+        server.close()
+
+
 def test_top_up_connects_tell_the_coordinator_how_they_went(start_coordinator: Any, sock_path: str) -> None:
     """A min_size top-up reported neither outcome: a pool filled by top-ups
     left a resource "failing" after the database was back (a streak at the
