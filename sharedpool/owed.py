@@ -8,6 +8,7 @@ here too, by lease, and no two pools pay for one lease owed.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -18,6 +19,10 @@ from .lease import Lease
 #: reaches that pool's acquire within a round trip (well under this), and a
 #: checkin meanwhile must not pay again for the same acquire.
 SIBLING_SETTLE = 0.01
+
+#: Numbers the rounds of asking (a resource owed from nothing), unique for the
+#: process: a client's state reset (a new session) must not repeat one.
+_ROUNDS = itertools.count(1)
 
 
 class Owed:
@@ -40,10 +45,23 @@ class Owed:
         self._sibling_settled: dict[str, list[float]] = {}
         #: resource -> fairness quantum the coordinator sent with its reclaim
         self._quanta: dict[str, float] = {}
+        #: resource -> the round of asking it is owed in (see owed_round)
+        self._owed_rounds: dict[str, int] = {}
 
     def owes(self, resource: str) -> int:
         """How many leases of ``resource`` the coordinator asked us to give back."""
         return self._owed.get(resource, 0)
+
+    def owed_round(self, resource: str) -> int:
+        """Which round of asking ``resource`` is owed in: a new one each time the
+        coordinator asks for leases of it after it was owed none."""
+        return self._owed_rounds.get(resource, 0)
+
+    def _set_owed(self, resource: str, count: int) -> None:
+        # Under _owed_lock.
+        if count > 0 and not self._owed.get(resource):
+            self._owed_rounds[resource] = next(_ROUNDS)
+        self._owed[resource] = max(0, count)
 
     def take_owed(self, lease: Lease) -> bool:
         """Claim ``lease`` as one of those the coordinator asked back, its

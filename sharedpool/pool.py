@@ -132,6 +132,7 @@ class ConnectionPool(Generic[T]):
         # path compares with it instead of asking the client each time.
         self._armed_quantum = 0.0
         self._recheck_delay = IDLE_GIVE_BACK
+        self._recheck_round = 0  # the round of asking _recheck_pending and _recheck_delay are of
         self._acquired = self._released = 0  # counters of the fast paths
         self._usage = 0.0  # seconds connections spent checked out, up to their checkin
         #: get_stats()'s counters as of the last pop_stats(): reported as what came since

@@ -154,7 +154,7 @@ def dispatch(client: Client, msg: p.Message) -> None:
     elif isinstance(msg, p.Reclaim):
         with client._cond:
             with client._owed_lock:
-                client._owed[msg.resource] = max(0, msg.count)
+                client._set_owed(msg.resource, msg.count)
             if msg.count > 0:
                 # No figure (or a senseless one): the pool decides itself.
                 quantum = msg.quantum

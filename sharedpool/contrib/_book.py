@@ -132,6 +132,7 @@ class _Book:
         self._waits: list[_Wait] = []
         self._recheck = False  # a recheck is scheduled
         self._recheck_delay = IDLE_GIVE_BACK  # doubles while an owed lease stays in use
+        self._recheck_round = 0  # the round of asking _recheck and _recheck_delay are of
         self._recent = False  # a reclaim passed over a connection checked in a moment ago
         self._closing = 0  # leases of closed connections, kept until the server lets go
         self._hung_until = 0.0  # a close went unconfirmed: the next ones until then do not wait
@@ -304,6 +305,11 @@ class _Book:
         if client is None or self._reclaim is None or self._pid != current_pid():
             return 0
         given = 0
+        if self._recheck_round != (asked := client.owed_round(self.resource)):
+            # A new round of asking: a look armed (and a delay doubled) in the last
+            # one, up to a quantum away, must not hold this round's idle lease (as giveback's).
+            with self._lock:
+                self._recheck_round, self._recheck, self._recheck_delay = asked, False, IDLE_GIVE_BACK
         owed = client.owed_left(self.resource)  # less what checkins of any pool are giving back
         if owed > 0:
             self._recent = False
