@@ -338,7 +338,7 @@ def cli() -> None:
               help="A resource and its limits (repeatable); with --config, the fields given "
                    "override that resource's table and the rest come from the file.")
 @click.option("--config", "config_file", metavar="FILE.toml", help="TOML file; flags override it.")
-@click.option("--group", help="Make the socket 0660, owned by this group.")
+@click.option("--group", help="Make the socket 0660, owned by this group (a name or a gid).")
 @click.option("--allow-uid", multiple=True, type=int, help="Admit peers with this uid (repeatable).")
 @click.option("--allow-gid", multiple=True, type=int, help="Admit peers with this gid (repeatable).")
 @click.option("--admin-uid", multiple=True, type=int, help="Allow admin verbs to this uid (repeatable).")

@@ -172,7 +172,13 @@ def _group_id(config: CoordinatorConfig) -> int | None:
     try:
         return grp.getgrnam(config.group).gr_gid
     except KeyError:
-        raise ConfigError("group", f"no group named {config.group!r}") from None
+        pass
+    if config.group.isdigit():  # a gid, as chown and setpriv take one
+        try:
+            return grp.getgrgid(int(config.group)).gr_gid
+        except (KeyError, OverflowError):
+            raise ConfigError("group", f"no group named {config.group!r}, nor with that gid") from None
+    raise ConfigError("group", f"no group named {config.group!r}")
 
 
 def _clear_stale(path: str) -> bool:

@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from sharedpool import ConfigError
+
 NOBODY = 65534
 
 pytestmark = pytest.mark.skipif(
@@ -62,6 +64,23 @@ def test_socket_mode_with_group(start_coordinator: Any, shared_dir: str) -> None
     start_coordinator({"r": 1}, path=sock, group="nogroup")
     st = os.stat(sock)
     assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == NOBODY
+
+
+def test_a_group_given_by_its_gid(start_coordinator: Any, shared_dir: str) -> None:
+    # As chown and setpriv take one; before: "no group named '65534'".
+    import grp
+
+    from sharedpool.config import CoordinatorConfig
+    from sharedpool.coordinator import _group_id
+
+    sock = os.path.join(shared_dir, "sp.sock")
+    start_coordinator({"r": 1}, path=sock, group=str(NOBODY))
+    assert os.stat(sock).st_gid == NOBODY
+    unused = next(g for g in range(60000, 65000) if g not in {e.gr_gid for e in grp.getgrall()})
+    for name in (str(unused), "99999999999999999999"):
+        with pytest.raises(ConfigError, match="nor with that gid") as info:
+            _group_id(CoordinatorConfig(socket_path=sock, resources={"r": 1}, group=name))  # type: ignore[dict-item]
+        assert info.value.field == "group"
 
 
 def test_peer_with_wrong_uid_is_refused(start_coordinator: Any, shared_dir: str) -> None:
