@@ -102,7 +102,8 @@ def reload_config(server: Server, now: float) -> tuple[Any, list[Effect]]:
     if kept:
         log.warning("reload of %s: resources no longer configured are still served with their "
                     "current limits until a restart: %s", path, ", ".join(kept))
-    return {"reloaded": path, "resources": sorted(fresh.resources), "changed": changed,
+    # The path may not be UTF-8 (its bytes kept as surrogates): the reply must still go out.
+    return {"reloaded": p.wire_text(path), "resources": sorted(fresh.resources), "changed": changed,
             "needs_restart": needs_restart, "kept": kept}, effects
 
 

@@ -616,7 +616,8 @@ class Server:
         try:
             data, effects = run_admin(self, msg.verb, msg.args, now)
         except (KeyError, ValueError, TypeError, OSError) as exc:
-            session.send(p.Error("bad_request", f"{msg.verb}: {exc}", msg.req))
+            # A reload's error names the file, whose path may not be UTF-8.
+            session.send(p.Error("bad_request", p.wire_text(f"{msg.verb}: {exc}"), msg.req))
             return
         log.warning("admin %s %s by pid=%s", msg.verb, p.brief(msg.args, 200), session.pid)
         self.apply(effects)

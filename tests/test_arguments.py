@@ -25,8 +25,8 @@ from sharedpool import (
     pooled,
     release_process,
 )
-from sharedpool.config import MAX_SOCKET_PATH, SOCKET_ENV
-from sharedpool.errors import LocalProtocolError
+from sharedpool.config import MAX_SOCKET_PATH, SOCKET_ENV, CoordinatorConfig
+from sharedpool.errors import LocalProtocolError, SharedPoolError
 from sharedpool.testing import FakeFactory
 
 TOO_LONG = "/tmp/" + "x" * MAX_SOCKET_PATH
@@ -531,3 +531,21 @@ def test_a_leak_site_in_a_file_whose_path_is_not_utf8_is_reported(start_coordina
         pool.release(scope["conn"])
     finally:
         pool.close()
+
+
+def test_a_reload_of_a_config_whose_path_is_not_utf8_is_answered(tmp_path: pathlib.Path) -> None:
+    # The reply names the file, and so does a failed reload's error: before, both
+    # were "reply_unencodable" (a reload that had taken effect read as failed).
+    conf = str(tmp_path / "c\udcff.toml")
+    with open(conf, "w") as f:
+        f.write("[resources.r]\nmax_size = 1\n")
+    with Coordinator(config=CoordinatorConfig.load(conf, socket_path=str(tmp_path / "sp.sock"))):
+        client = Client(str(tmp_path / "sp.sock"))
+        try:
+            assert client.admin("reload")["reloaded"] == str(tmp_path / "c\\udcff.toml")
+            os.unlink(conf)
+            with pytest.raises(SharedPoolError, match=r"cannot read .*c\\udcff\.toml") as err:
+                client.admin("reload")
+            assert "unencodable" not in str(err.value)
+        finally:
+            client.close()
