@@ -127,6 +127,8 @@ def _make_missing(directory: str) -> bool:
     for part in reversed(missing):
         try:
             os.mkdir(part, 0o700 if part == directory else 0o755)
+            if part != directory:  # explicit: under umask 027 a group's members could not reach its socket
+                os.chmod(part, 0o755)
         except FileExistsError:  # made meanwhile: by a racing starter, or by another user
             if not os.path.isdir(part):
                 raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), part) from None

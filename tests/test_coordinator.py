@@ -690,14 +690,17 @@ def test_a_refused_socket_directory_is_not_made_first(tmp_path: Any) -> None:
         assert not (real / "planted").exists()
 
 
-def test_directories_made_above_the_socket_are_not_open_to_others(tmp_path: Any) -> None:
+@pytest.mark.parametrize("umask", [0, 0o027])
+def test_directories_made_above_the_socket_are_not_open_to_others(tmp_path: Any, umask: int) -> None:
     # Before, makedirs made them 0777 & ~umask: under umask 0 the start refused
-    # the world-writable directories it had just made itself, and left them.
+    # the world-writable directories it had just made itself, and left them;
+    # under umask 027 "a" was 0750, ours: a socket given to a group was out of
+    # its members' reach (Permission denied), and the start said nothing.
     from sharedpool.config import CoordinatorConfig
     from sharedpool.coordinator import bind_socket
 
     path = tmp_path / "a" / "b" / "sp.sock"
-    old = os.umask(0)
+    old = os.umask(umask)
     try:
         sock, _, _ = bind_socket(CoordinatorConfig(socket_path=str(path), resources={"r": 1}))
     finally:
