@@ -729,6 +729,8 @@ def test_a_daemonized_master_keeps_the_start_timeout(monkeypatch: pytest.MonkeyP
     ({}, "pass allowed_uids=[65534]"),
     ({"allowed_uids": [os.getuid(), 65534]}, "pass group="),
     ({"allowed_uids": [os.getuid(), 65534], "group": "nogroup"}, None),
+    ({"allowed_uids": [os.getuid(), 65534], "group": "daemon"}, "group 'daemon'"),  # not the workers'
+    ({"allowed_uids": [os.getuid(), 65534], "group": "65534"}, None),  # nogroup by its gid
 ])
 def test_workers_run_as_another_user_are_told_at_start(
         monkeypatch: pytest.MonkeyPatch, sock_path: str, caplog: pytest.LogCaptureFixture,

@@ -256,6 +256,17 @@ def _workers_shut_out(server: Any, config: CoordinatorConfig) -> str | None:
     if config.group is None:
         return (f"the workers run as uid {uid} and the coordinator's socket is 0600, uid "
                 f"{os.getuid()}'s; pass group= a group of the workers to hooks()")
+    from ..coordinator import _group_id  # a name or a gid, as the start read it
+
+    try:
+        socket_gid = _group_id(config)
+    except ConfigError:  # the start has refused it already
+        return None
+    # Without --initgroups gunicorn keeps the master's supplementary groups.
+    reach = gids if getattr(cfg, "initgroups", False) else gids | set(os.getgroups())
+    if socket_gid not in reach:  # a 0660 socket of a group they are not in: Permission denied
+        return (f"the workers run as uid {uid}, gids {sorted(reach)}, and the coordinator's socket "
+                f"is 0660, group {config.group!r}'s (gid {socket_gid}); pass group= a group of the workers")
     return None
 
 
