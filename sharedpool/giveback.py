@@ -28,16 +28,36 @@ log = logging.getLogger("sharedpool.pool")
 #: pays a handful of wake-ups per quantum, not one per 10 ms.
 IDLE_GIVE_BACK = 0.01
 
+#: ... and one younger than this share of the fairness quantum (10 hand-off
+#: times under the auto quantum's 120) stays even when idle, until it is that
+#: old: each move costs a close and a connect, and without a floor two bursty
+#: processes at the cap moved the slot at every idle gap of 10 ms or more
+#: (cap 1, 5 ms bursts every 25 ms: 59 reconnects/s, 59 queries/s; with it
+#: 9 reconnects/s, 731 queries/s; a waiter waits up to a turn more).
+MIN_TURN_SHARE = 1 / 12
+
+
+def min_turn(quantum: float) -> float:
+    """How old a lease owed back must be before it goes for sitting idle."""
+    return quantum * MIN_TURN_SHARE  # (a quantum of 0 protects nothing: no turn either)
+
 
 def reclaim_idle(pool: ConnectionPool[Any]) -> int:
     """Background thread: the coordinator wants leases back; give idle ones
     now. Returns how many were given back."""
+    return _give_idle(pool)[0]
+
+
+def _give_idle(pool: ConnectionPool[Any]) -> tuple[int, bool]:
+    """reclaim_idle, and whether it passed over an idle connection as too
+    young for its turn to be over (a look is armed for then)."""
     client = pool._client
     if client is None:
-        return 0
+        return 0, False
     victims: list[ConnectionWrapper[Any]] = []
     now = time.monotonic()
     arm = False
+    delay = IDLE_GIVE_BACK
     with pool._lock:
         if pool._recheck_round != (asked := client.owed_round(pool.resource)):
             # A new round of asking: a look armed (and a delay doubled) in the
@@ -46,6 +66,9 @@ def reclaim_idle(pool: ConnectionPool[Any]) -> int:
             pool._recheck_round, pool._recheck_pending, pool._recheck_delay = asked, False, IDLE_GIVE_BACK
         if pool._recheck_pending:  # a reclaim also brings a quantum that moved
             pool._armed_quantum = pool._quantum(client)
+        turn = min_turn(pool._quantum(client))
+        young = 0.0  # the soonest a connection passed over as too young is old enough
+        in_turn = False
         for wrapper in list(pool._idle):  # the coldest first
             if not client.owed_left(pool.resource):  # given back, by this pool or another
                 break
@@ -53,10 +76,12 @@ def reclaim_idle(pool: ConnectionPool[Any]) -> int:
                 # Checked in a moment ago: in a busy loop it is out again
                 # in microseconds, and taking it would cut its turn short.
                 # Look again once it has sat idle for a while.
-                arm = not pool._recheck_pending
-                if arm:
-                    pool._recheck_pending, pool._armed_quantum = True, pool._quantum(client)
+                young = min(young or IDLE_GIVE_BACK, IDLE_GIVE_BACK)
                 break
+            if (left := turn - (now - wrapper.created_at)) > 0:
+                # Young: its turn is not over, though it is idle between bursts.
+                young, in_turn = min(young or left, left), True
+                continue
             # A fallback connection frees no lease; each victim claims one owed
             # lease, which no other pool of this process gives back then.
             if wrapper.lease is not None and client.take_owed(wrapper.lease):
@@ -64,13 +89,18 @@ def reclaim_idle(pool: ConnectionPool[Any]) -> int:
                 del pool._all[wrapper.id]
                 pool._closing += 1
                 victims.append(wrapper)
+        if young and client.owed_left(pool.resource):  # look again once it sat idle / is old enough
+            arm = not pool._recheck_pending
+            if arm:
+                pool._recheck_pending, pool._armed_quantum = True, pool._quantum(client)
+                delay = max(IDLE_GIVE_BACK, young)
         pool._m["reclaimed"] += len(victims)
         pool._giving += len(victims)
     if arm:
-        client.call_later(IDLE_GIVE_BACK, recheck_job(pool))
+        client.call_later(delay, recheck_job(pool))
     for wrapper in victims:
         pool._close(wrapper, giving=True)
-    return len(victims)
+    return len(victims), in_turn
 
 
 def on_push(pool: ConnectionPool[Any], verb: str, resource: str | None, args: dict[str, Any]) -> None:
@@ -185,10 +215,11 @@ def recheck_owed(pool: ConnectionPool[Any]) -> None:
     else look again later, and less often."""
     with pool._lock:
         pool._recheck_pending = False
-    gave = reclaim_idle(pool)
+    gave, in_turn = _give_idle(pool)
     client = pool._client
     with pool._lock:
         if gave or client is None or not client.owes(pool.resource):
             pool._recheck_delay = IDLE_GIVE_BACK
-        else:  # still in use here: look again later, and less often
+        elif not in_turn:  # (idle in its first turn: not in use, and looked at then)
+            # still in use here: look again later, and less often
             pool._recheck_delay = max(IDLE_GIVE_BACK, min(pool._recheck_delay * 2, pool._quantum(client)))

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from .. import process
 from ..client import Client, Lease, current_pid
 from ..config import SOCKET_ENV, check_resource_name, check_seconds, check_socket_path, env_socket_path
-from ..giveback import IDLE_GIVE_BACK
+from ..giveback import IDLE_GIVE_BACK, min_turn
 from ..handoff import HandOffCost
 from ._orphans import Left, closable, close_left, let_go
 
@@ -133,7 +133,8 @@ class _Book:
         self._recheck = False  # a recheck is scheduled
         self._recheck_delay = IDLE_GIVE_BACK  # doubles while an owed lease stays in use
         self._recheck_round = 0  # the round of asking _recheck and _recheck_delay are of
-        self._recent = False  # a reclaim passed over a connection checked in a moment ago
+        self._recent = 0.0  # a reclaim passed over a young connection: when to look again
+        self._in_turn = False  # ... an idle one, its first turn not over (pays_back)
         self._closing = 0  # leases of closed connections, kept until the server lets go
         self._hung_until = 0.0  # a close went unconfirmed: the next ones until then do not wait
         self._revoked = 0  # tracked connections whose lease was revoked
@@ -312,12 +313,13 @@ class _Book:
                 self._recheck_round, self._recheck, self._recheck_delay = asked, False, IDLE_GIVE_BACK
         owed = client.owed_left(self.resource)  # less what checkins of any pool are giving back
         if owed > 0:
-            self._recent = False
+            self._recent, self._in_turn = 0.0, False
             given = self._reclaim(owed)
             if given:
                 log.debug("gave back %d %r lease(s) on reclaim", given, self.resource)
-            if self._recent:  # one checked in a moment ago: look again once it sat idle
-                self._recheck_after(IDLE_GIVE_BACK)
+            if self._recent and client.owed_left(self.resource):
+                # One checked in a moment ago, or in its first turn: look again then.
+                self._recheck_after(self._recent)
         return given
 
     def _on_admin(self, verb: str) -> None:
@@ -478,10 +480,19 @@ class _Book:
         if time.monotonic() - entry.owed_checkin < IDLE_GIVE_BACK:
             # Checked in a moment ago while owed: in a busy loop it is out again at
             # once, and taking it would cut its turn short (_on_reclaim looks again).
-            self._recent = True
+            self._recent = min(self._recent or IDLE_GIVE_BACK, IDLE_GIVE_BACK)
             return False
         lease, client = entry.lease, entry.client
-        return lease is not None and client is not None and client.take_owed(lease)
+        if lease is None or client is None:
+            return False
+        # Idle, but within its first turn: a slot that just moved stays a turn
+        # (giveback.min_turn), or bursty processes pass it back and forth.
+        turn = min_turn(self._handoff.quantum_for(client, self.resource))
+        left = turn - (time.monotonic() - lease.granted_at)
+        if left > 0:
+            self._recent, self._in_turn = min(self._recent or left, left), True
+            return False
+        return client.take_owed(lease)
 
     def _recheck_after(self, delay: float) -> None:
         client = self._client
@@ -502,7 +513,8 @@ class _Book:
         client = self._client
         if given or client is None or not client.owes(self.resource):
             self._recheck_delay = IDLE_GIVE_BACK
-        else:  # still in use here: the next checkin looks again later, and less often
+        elif not self._in_turn:  # (idle in its first turn: not in use, and looked at then)
+            # still in use here: the next checkin looks again later, and less often
             quantum = self._handoff.quantum_for(client, self.resource)
             self._recheck_delay = max(IDLE_GIVE_BACK, min(self._recheck_delay * 2, quantum))
 
