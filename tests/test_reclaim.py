@@ -619,3 +619,13 @@ def test_bursty_processes_at_the_cap_do_not_pass_the_slot_at_every_idle_gap(
                 proc.wait()
     assert all(proc.returncode == 0 for proc in procs)
     assert moves <= 40, f"the slot moved {moves} times in 1.5 s"
+
+
+def test_a_long_quantum_set_by_hand_keeps_an_idle_slot_no_more_than_the_auto_ceilings_turn() -> None:
+    # The first turn is for bursty processes; a 30 s quantum is for busy
+    # holders, and must not keep an idle young slot 2.5 s from a waiter.
+    from sharedpool.giveback import min_turn
+
+    assert min_turn(0) == 0
+    assert min_turn(0.6) == pytest.approx(0.05)
+    assert min_turn(1.0) == min_turn(30.0) == pytest.approx(1 / 12)
