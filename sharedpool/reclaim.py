@@ -6,6 +6,7 @@ change that can move what is owed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from .effects import AskReclaim, Effect
@@ -99,17 +100,23 @@ def rebalance(
     # event cost a pass over all of them, and serving the queue O(n^2).
     held: dict[int, int] = {}
     idle: dict[int, int] = {}
+    oldest: dict[int, float] = {}  # session -> when its oldest idle lease was granted
     for lease in res.live.values():
         if lease.session not in sessions:  # never so today; asked below, it must exist
             continue
         held[lease.session] = held.get(lease.session, 0) + 1
         if lease.state == IDLE:
             idle[lease.session] = idle.get(lease.session, 0) + 1
+            oldest[lease.session] = min(oldest.get(lease.session, lease.granted_at), lease.granted_at)
     floor = res.limits.min_per_process
     holders = [sid for sid, n in held.items() if n > floor and (sid != head or excess or idle.get(sid))]
     # Idle leases first (free to give), then sessions not waiting themselves
-    # (no churn), then the largest holders.
-    holders.sort(key=lambda sid: (-idle.get(sid, 0), sid in waiting_sessions, -held[sid], sid))
+    # (no churn), then the largest holders, then the oldest idle lease: one
+    # younger than its first turn (giveback.min_turn) is kept up to 83 ms, so
+    # asking its holder first kept a waiter that long while a slot idle for
+    # seconds sat in another process.
+    holders.sort(key=lambda sid: (-idle.get(sid, 0), sid in waiting_sessions, -held[sid],
+                                  oldest.get(sid, math.inf), sid))
     plan: dict[int, int] = {}
     for sid in holders:
         if need <= 0:

@@ -629,3 +629,56 @@ def test_a_long_quantum_set_by_hand_keeps_an_idle_slot_no_more_than_the_auto_cei
     assert min_turn(0) == 0
     assert min_turn(0.6) == pytest.approx(0.05)
     assert min_turn(1.0) == min_turn(30.0) == pytest.approx(1 / 12)
+
+
+_SLOT = """
+import sys, time
+from sharedpool import ConnectionPool, PoolConfig
+from sharedpool.testing import FakeFactory
+sock, late = sys.argv[1], sys.argv[2] == "late"
+def pool(res):
+    return ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1), resource=res, coordinator=sock)
+keep, r = pool("k"), pool("r")
+keep.release(keep.acquire(timeout=5))  # the session starts here (the late one's first)
+if not late:
+    r.release(r.acquire(timeout=5))  # idle from now on: old when A takes its own
+print("ready", flush=True)
+if late:
+    sys.stdin.readline()
+    r.release(r.acquire(timeout=5))  # idle, and young (in its first turn) from here on
+time.sleep(20)
+"""
+
+
+def test_an_old_idle_slot_goes_before_one_in_its_first_turn(start_coordinator: Any, sock_path: str) -> None:
+    """Cap 2: process A (the older session) took its slot a moment ago (both
+    reported idle, A's 30-50 ms old), C a second ago. The coordinator asked the first session with an
+    idle lease, A, which keeps a slot in its first turn: the waiter waited
+    35-50 ms for it while C's idle slot sat (3-6 ms before the first turn,
+    and now). The holder of the oldest idle lease is asked first."""
+    start_coordinator({"r": Resource(max_size=2, fairness_quantum=1.0), "k": 2})
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        for late in ("late", "early"):
+            procs.append(subprocess.Popen([sys.executable, "-c", _SLOT, sock_path, late],
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+            assert procs[-1].stdout is not None and procs[-1].stdout.readline().strip() == "ready"
+        assert procs[0].stdin is not None
+        procs[0].stdin.write("go\n")
+        procs[0].stdin.flush()
+        client = Client.for_path(sock_path)
+        deadline = time.time() + 5
+        while time.time() < deadline and not (
+                (rows := client.inspect("leases", resource="r")["leases"])
+                and len(rows) == 2 and all(row["state"] == "idle" and row["age_s"] > 0.01 for row in rows)):
+            time.sleep(0.002)  # until A's lease is reported idle (and past 10 ms), well within its 83 ms
+        pool = local_pool(sock_path, size=1)
+        try:
+            pool.release(pool.acquire(timeout=5))
+            assert [held_by(client, proc.pid) for proc in procs] == [2, 1]  # A: k and r; C: k
+        finally:
+            pool.close()
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(10)
