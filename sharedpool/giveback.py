@@ -33,7 +33,7 @@ IDLE_GIVE_BACK = 0.01
 #: times under the auto quantum's 120) stays even when idle, until it is that
 #: old: each move costs a close and a connect, and without a floor two bursty
 #: processes at the cap moved the slot at every idle gap of 10 ms or more
-#: (cap 1, 5 ms bursts every 25 ms: 59 reconnects/s, 59 queries/s; with it
+#: (cap 1, 5 ms bursts every 25 ms: 58 reconnects/s, 58 queries/s; with it
 #: 9 reconnects/s, 731 queries/s; a waiter waits up to a turn more).
 MIN_TURN_SHARE = 1 / 12
 
