@@ -522,3 +522,26 @@ def test_a_half_made_socket_at_the_open_file_limit_is_not_taken_for_closed(
     assert done == [False, True]
     for sock in (ours, server, ours2):
         sock.close()
+
+
+def test_a_reclaim_is_counted_before_its_lease_goes(start_coordinator: Any, sock_path: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # Counted after the release: a waiter elsewhere could be served, and read
+    # get_stats(), while leases_reclaimed still said 0 (a CI flake of
+    # test_a_psycopg_pool_growing_for_nobody_does_not_pay_its_own_growth).
+    start_coordinator({"pg": Resource(max_size=1)})
+    book = LeaseBook("pg", sock_path, confirm_timeout=2.0)
+    seen: list[int] = []
+    with leased_socket(book) as (conn, peer):
+        client = Client.for_path(sock_path)
+        release = client.release
+
+        def spy(lease: Any) -> None:
+            seen.append(book.stats()["leases_reclaimed"])
+            release(lease)
+
+        monkeypatch.setattr(client, "release", spy)
+        peer.close()  # the server lets go at once: the close is confirmed
+        assert book.close(conn, reclaimed=True)
+    assert seen == [1], seen
+    book.shutdown()

@@ -162,6 +162,10 @@ class LeaseBook(_Acquiring):
                 self._release(client, lease)
             self._count_closing(-1)
 
+        if reclaimed and lease is not None:
+            # Before the lease goes: counted once the waiter elsewhere can have it
+            # (get_stats() read then showed 0 given back).
+            self.count("leases_reclaimed")
         t0 = time.monotonic()
         # A server that left a close unconfirmed (hung) would have each close of
         # a row (dispose(), disconnect(), close()) wait confirm_timeout in turn:
@@ -180,8 +184,6 @@ class LeaseBook(_Acquiring):
             self._handoff.closed(time.monotonic() - t0)
             self._handoff.tell(client, self.resource)
             late(True)
-        if reclaimed and lease is not None:
-            self.count("leases_reclaimed")
         if wait:
             self._hung_until = 0.0 if confirmed else time.monotonic() + wait
         if not confirmed:
