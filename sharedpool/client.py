@@ -41,7 +41,7 @@ from .errors import ConfigError, CoordinatorUnavailable, PoolTimeout
 from .handoff import MAX_COST
 from .handshake import SEND_TIMEOUT
 from .hooks import Hooks
-from .lease import AcquireRequest, Lease, _Pending
+from .lease import AcquireRequest, Lease, _Pending, note_withdrawn
 from .owed import Owed
 from .receiving import GRACE
 
@@ -87,6 +87,8 @@ class Client(Owed, Hooks):
         self._read_lock = threading.Lock()
         self._cond = threading.Condition(threading.Lock())
         self._pending: dict[int, _Pending] = {}
+        #: acquires withdrawn while out: request -> weakref to the pool that asked (see lease.py)
+        self._withdrawn: dict[int, Any] = {}
         self._reqs = itertools.count(1)
         self._held: dict[int, Lease] = {}
         self._init_owed()
@@ -480,6 +482,8 @@ class Client(Owed, Hooks):
                 lost = not pending.done
                 if lost:
                     pending.abandoned = True
+                    if self._sock is not None:
+                        note_withdrawn(self, req, pending)
             if lost and self._sock is not None and isinstance(pending.msg, p.Acquire):
                 self._send_quiet(p.Cancel(req))
         if not pending.done:

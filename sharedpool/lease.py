@@ -5,6 +5,7 @@ the :class:`Lease` it yields."""
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +14,36 @@ from .errors import AcquireCancelled
 
 if TYPE_CHECKING:
     from .client import Client
+
+
+#: Withdrawn acquires remembered for a grant that crossed the withdrawal. Bounded:
+#: one the coordinator dropped while still queued gets no reply, so its entry stays.
+WITHDRAWN_KEEP = 256
+
+
+def note_withdrawn(client: Client, req: int, pending: _Pending) -> None:
+    """An acquire withdrawn while still out (under ``client._cond``): a grant
+    that crossed the withdrawal goes back unused, and its pool is told so
+    (:func:`owner_of_late_grant`); else the coordinator's grants exceed what
+    the pools say they took or gave back unused, with nothing to tell why."""
+    if pending.owner is None or not isinstance(pending.msg, p.Acquire):
+        return
+    try:
+        ref = weakref.ref(pending.owner)  # a dropped pool must still be collected
+    except TypeError:
+        return
+    withdrawn = client._withdrawn
+    withdrawn[req] = ref
+    if len(withdrawn) > WITHDRAWN_KEEP:
+        del withdrawn[next(iter(withdrawn))]
+
+
+def owner_of_late_grant(client: Client, req: int, pending: _Pending | None) -> Any:
+    """Who asked for a lease that came after its acquire was given up (under ``client._cond``)."""
+    ref = client._withdrawn.pop(req, None)
+    if pending is not None:
+        return pending.owner
+    return ref() if ref is not None else None
 
 
 @dataclass(eq=False)
@@ -76,6 +107,8 @@ class AcquireRequest:
         with client._cond:
             if pending.taken:
                 return False
+            if not pending.done and client._sock is not None:
+                note_withdrawn(client, self.req, pending)
             granted = pending.result if pending.done and pending.error is None else None
             pending.result, pending.error = None, AcquireCancelled("acquire cancelled")
             pending.done = True

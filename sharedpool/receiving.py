@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from . import background, handshake
 from . import protocol as p
 from .errors import AccessDenied, CoordinatorUnavailable, RemoteProtocolError, denial_error
-from .lease import Lease, _Pending
+from .lease import Lease, _Pending, owner_of_late_grant
 from .readable import cooperative
 
 if TYPE_CHECKING:
@@ -136,11 +136,17 @@ def dispatch(client: Client, msg: p.Message) -> None:
                 pending.result, pending.done = lease, True
                 client._cond.notify_all()
                 return
-        # Granted after the caller gave up: hand it straight back (no leak).
+            owner = owner_of_late_grant(client, msg.req, pending)
+        # Granted after the caller gave up: hand it straight back (no leak),
+        # and count it where its pool counts leases it never used.
         client._send_quiet(p.Release(msg.lease))
+        unused = getattr(owner, "grant_unused", None)
+        if callable(unused):
+            unused()
     elif isinstance(msg, p.Deny | p.Reply | p.Error) and msg.req is not None:
         with client._cond:
             pending = client._pending.get(msg.req)
+            client._withdrawn.pop(msg.req, None)  # answered: no grant will follow
             if pending is None or pending.done:  # cancelled or failed meanwhile: that stands
                 return
             if isinstance(msg, p.Reply):

@@ -525,6 +525,14 @@ class _Book:
         with self._lock:
             self._counters[name] += n
 
+    def grant_unused(self) -> None:
+        """A lease granted after its acquire was withdrawn (served here meanwhile):
+        the client gave it straight back. Counted as any lease granted and never
+        used, so that the pools' leases_acquired add up to the coordinator's grants."""
+        with self._lock:
+            self._counters["leases_acquired"] += 1
+            self._counters["leases_unused"] += 1
+
     def _count_closing(self, n: int) -> None:
         with self._lock:
             self._closing += n
