@@ -46,6 +46,13 @@ def owner_of_late_grant(client: Client, req: int, pending: _Pending | None) -> A
     return ref() if ref is not None else None
 
 
+def tell_unused(owner: Any) -> None:
+    """Tell the pool that asked that a lease granted to it went straight back unused."""
+    unused = getattr(owner, "grant_unused", None)
+    if callable(unused):
+        unused()
+
+
 @dataclass(eq=False)
 class Lease:
     """A granted lease, as this process sees it."""
@@ -114,7 +121,10 @@ class AcquireRequest:
             pending.done = True
             client._cond.notify_all()
         if granted is not None:
+            # Granted, but the waiter never took it (its wait() now raises
+            # AcquireCancelled, so counts nothing): counted here, as a late grant is.
             client.release(granted)
+            tell_unused(pending.owner)
         elif client._sock is not None:
             client._send_quiet(p.Cancel(self.req))
         return True

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from . import background, handshake
 from . import protocol as p
 from .errors import AccessDenied, CoordinatorUnavailable, RemoteProtocolError, denial_error
-from .lease import Lease, _Pending, owner_of_late_grant
+from .lease import Lease, _Pending, owner_of_late_grant, tell_unused
 from .readable import cooperative
 
 if TYPE_CHECKING:
@@ -140,9 +140,7 @@ def dispatch(client: Client, msg: p.Message) -> None:
         # Granted after the caller gave up: hand it straight back (no leak),
         # and count it where its pool counts leases it never used.
         client._send_quiet(p.Release(msg.lease))
-        unused = getattr(owner, "grant_unused", None)
-        if callable(unused):
-            unused()
+        tell_unused(owner)
     elif isinstance(msg, p.Deny | p.Reply | p.Error) and msg.req is not None:
         with client._cond:
             pending = client._pending.get(msg.req)

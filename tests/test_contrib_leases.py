@@ -593,3 +593,59 @@ def test_a_grant_crossing_the_withdrawal_of_a_wait_served_locally_counts_as_unus
         served.cancel()
         book.shutdown()
         fake.stop()
+
+
+class _GrantAtOnce(FakeCoordinator):
+    """Grants each acquire at once; records the releases."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.released: list[int] = []
+
+    def on_message(self, idx: int, s: socket.socket, conn: p.Connection, msg: p.Message) -> None:
+        if isinstance(msg, p.Release):
+            self.released.append(msg.lease)
+        elif not isinstance(msg, p.Cancel):
+            super().on_message(idx, s, conn, msg)
+
+
+def test_a_grant_not_yet_taken_when_the_wait_is_served_locally_counts_as_unused(
+        sock_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The grant is in, but the helper thread has not yet taken it when a
+    checkin serves the wait: cancel() gives it back and the helper sees
+    AcquireCancelled. Before: leases_acquired 0, leases_unused 0 for a grant
+    the coordinator counted."""
+    from sharedpool import lease as lease_mod
+    from sharedpool import receiving
+
+    fake = _GrantAtOnce(sock_path)
+    granted, cancelled = threading.Event(), threading.Event()
+    wait_reply, cancel = receiving.wait_reply, lease_mod.AcquireRequest.cancel
+
+    def slow_wait(client: Any, pending: Any, deadline: Any) -> None:  # descheduled after the grant
+        wait_reply(client, pending, deadline)
+        if pending.done and pending.error is None:
+            granted.set()
+            cancelled.wait(3)
+
+    def cancel_then_go(self: Any) -> bool:
+        try:
+            return cancel(self)
+        finally:
+            cancelled.set()
+
+    monkeypatch.setattr(receiving, "wait_reply", slow_wait)
+    monkeypatch.setattr(lease_mod.AcquireRequest, "cancel", cancel_then_go)
+    book = LeaseBook("r", coordinator=sock_path)
+    try:
+        assert book.acquire(object(), 5, local=lambda: True if granted.is_set() else None)
+        deadline = time.monotonic() + 5
+        while not fake.released and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert fake.released, "the grant was not given back"
+        stats = book.stats()
+        assert stats["leases_acquired"] == 1 and stats["leases_unused"] == 1, stats
+        assert stats["leases_held"] == 0, stats
+    finally:
+        book.shutdown()
+        fake.stop()

@@ -526,8 +526,8 @@ class _Book:
             self._counters[name] += n
 
     def grant_unused(self) -> None:
-        """A lease granted after its acquire was withdrawn (served here meanwhile):
-        the client gave it straight back. Counted as any lease granted and never
+        """A lease granted to a wait given up (served here meanwhile) before
+        it was taken: the client gave it straight back. Counted as any lease granted and never
         used, so that the pools' leases_acquired add up to the coordinator's grants."""
         with self._lock:
             self._counters["leases_acquired"] += 1
