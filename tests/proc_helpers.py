@@ -80,6 +80,22 @@ def wait_leased(sock: str, want: int, timeout: float = 5.0) -> int:
     return n
 
 
+def other_sessions(sock: str) -> list[str]:
+    """Names of the coordinator's sessions, less this look's own."""
+    watch = Client(sock, name="watch")
+    try:
+        return [s["name"] for s in watch.inspect("sessions")["sessions"] if s["name"] != "watch"]
+    finally:
+        watch.close()
+
+
+def wait_no_other_sessions(sock: str, timeout: float = 5.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while (names := other_sessions(sock)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return names
+
+
 def no_leases_of(sock: str, pid: int, timeout: float = 3.0) -> bool:
     """Whether the coordinator holds no lease of ``pid`` (waiting up to ``timeout``)."""
     client = Client(sock)
@@ -262,6 +278,18 @@ class HoldingServer:
 
     def accept(self) -> None:
         self.ends.append(self.listener.accept()[0])
+
+    def accept_all(self) -> None:
+        """Accept every connection from now on, in a thread (a server that
+        never answers, as a stalled Redis), until :meth:`close`."""
+        def run() -> None:
+            while True:
+                try:
+                    self.accept()
+                except OSError:
+                    return  # closed
+
+        threading.Thread(target=run, daemon=True).start()
 
     def let_go(self) -> None:
         while self.ends:

@@ -567,6 +567,18 @@ class _GrantCrossingCancel(FakeCoordinator):
             super().on_message(idx, s, conn, msg)
 
 
+def _assert_given_back_unused(fake: Any, book: LeaseBook) -> None:
+    """The one lease granted went back to the coordinator, counted by the book
+    as granted (as the coordinator counts it) and never used."""
+    deadline = time.monotonic() + 5
+    while not fake.released and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert fake.released, "the grant was not given back"
+    stats = book.stats()
+    assert stats["leases_acquired"] == 1 and stats["leases_unused"] == 1, stats
+    assert stats["leases_held"] == 0, stats
+
+
 def test_a_grant_crossing_the_withdrawal_of_a_wait_served_locally_counts_as_unused(
         sock_path: str) -> None:
     """The coordinator counts such a grant; the pool counted it nowhere: under
@@ -580,15 +592,7 @@ def test_a_grant_crossing_the_withdrawal_of_a_wait_served_locally_counts_as_unus
         start = time.monotonic()
         served.start()
         assert book.acquire(object(), 5, local=lambda: True if time.monotonic() - start > 0.2 else None)
-        deadline = time.monotonic() + 5
-        while not fake.released and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert fake.released, "the late grant was not given back"
-        stats = book.stats()
-        # Granted (as the coordinator counts it) and never used, as a lease
-        # granted just as the wait was served is counted.
-        assert stats["leases_acquired"] == 1 and stats["leases_unused"] == 1, stats
-        assert stats["leases_held"] == 0, stats
+        _assert_given_back_unused(fake, book)
     finally:
         served.cancel()
         book.shutdown()
@@ -639,13 +643,7 @@ def test_a_grant_not_yet_taken_when_the_wait_is_served_locally_counts_as_unused(
     book = LeaseBook("r", coordinator=sock_path)
     try:
         assert book.acquire(object(), 5, local=lambda: True if granted.is_set() else None)
-        deadline = time.monotonic() + 5
-        while not fake.released and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert fake.released, "the grant was not given back"
-        stats = book.stats()
-        assert stats["leases_acquired"] == 1 and stats["leases_unused"] == 1, stats
-        assert stats["leases_held"] == 0, stats
+        _assert_given_back_unused(fake, book)
     finally:
         book.shutdown()
         fake.stop()

@@ -17,8 +17,10 @@ from proc_helpers import (
     held_once_confirmed,
     import_refused,
     leased,
+    other_sessions,
     run_forked,
     wait_leased,
+    wait_no_other_sessions,
 )
 from psycopg_pool import PoolClosed
 
@@ -497,19 +499,8 @@ def test_a_pool_dropped_without_close_ends_the_session_with_its_leases(
     start_coordinator({"pg": Resource(max_size=2)})
     pool = make_pool(sock_path, app_name, min_size=1, max_size=2)
     pool.wait(10)
-    watch = Client(sock_path, name="watch")
-
-    def sessions() -> list[str]:
-        return [s["name"] for s in watch.inspect("sessions")["sessions"] if s["name"] != "watch"]
-
-    try:
-        assert len(sessions()) == 1
-        del pool
-        gc.collect()
-        deadline = time.monotonic() + 5
-        while sessions() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert sessions() == []
-        assert leased(sock_path) == 0
-    finally:
-        watch.close()
+    assert len(other_sessions(sock_path)) == 1
+    del pool
+    gc.collect()
+    assert wait_no_other_sessions(sock_path) == []
+    assert leased(sock_path) == 0

@@ -12,7 +12,16 @@ from typing import Any
 
 import pytest
 import redis
-from proc_helpers import hammer, held_once_confirmed, leased, run_forked, wait_leased
+from proc_helpers import (
+    HoldingServer,
+    hammer,
+    held_once_confirmed,
+    leased,
+    other_sessions,
+    run_forked,
+    wait_leased,
+    wait_no_other_sessions,
+)
 
 from sharedpool import Client, PoolTimeout, Resource
 from sharedpool.contrib.redis import BlockingConnectionPool, LeaseTimeout
@@ -692,47 +701,11 @@ def test_a_pool_dropped_without_disconnect_ends_the_session_with_its_leases(
     start_coordinator({"redis": Resource(max_size=1)})
     pool = make_pool(sock_path, redis_name, max_connections=1)
     assert redis.Redis(connection_pool=pool).ping()
-    watch = Client(sock_path, name="watch")
-
-    def sessions() -> list[str]:
-        return [s["name"] for s in watch.inspect("sessions")["sessions"] if s["name"] != "watch"]
-
-    try:
-        assert len(sessions()) == 1
-        del pool
-        gc.collect()  # redis-py's connections refer to their pool: a cycle
-        deadline = time.monotonic() + 5
-        while sessions() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert sessions() == []
-        assert wait_leased(sock_path, 0) == 0
-    finally:
-        watch.close()
-
-
-class _SilentServer:
-    """Accepts and never answers, reads nothing and never closes: a Redis stalled
-    (a slow script, DEBUG SLEEP, a stopped process) holding every client it took."""
-
-    def __init__(self) -> None:
-        import socket
-
-        self.held: list[Any] = []
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                self.held.append(self._listener.accept()[0])
-            except OSError:
-                return  # closed
-
-    def close(self) -> None:
-        self._listener.close()
-        for client in self.held:
-            client.close()
+    assert len(other_sessions(sock_path)) == 1
+    del pool
+    gc.collect()  # redis-py's connections refer to their pool: a cycle
+    assert wait_no_other_sessions(sock_path) == []
+    assert wait_leased(sock_path, 0) == 0
 
 
 def test_a_timed_out_connection_keeps_its_lease_while_the_server_holds_it(
@@ -744,19 +717,20 @@ def test_a_timed_out_connection_keeps_its_lease_while_the_server_holds_it(
     lease went back at once. Three pings left the server holding 3 clients
     under a cap of 1; now each keeps its lease until the server lets go."""
     start_coordinator({"redis": Resource(max_size=1)})
-    server = _SilentServer()
-    pool = BlockingConnectionPool(host="127.0.0.1", port=server.port, resource="redis",
+    server = HoldingServer()  # a Redis stalled (a slow script, a stopped process): never answers
+    server.accept_all()
+    pool = BlockingConnectionPool(host="127.0.0.1", port=server.address[1], resource="redis",
                                   coordinator=sock_path, max_connections=1, timeout=0.5,
                                   socket_timeout=0.3, confirm_timeout=0.3)
     try:
         with pytest.raises(redis.TimeoutError):
             redis.Redis(connection_pool=pool).ping()
         time.sleep(0.2)  # a lease given back early is back by now
-        assert len(server.held) == 1
+        assert len(server.ends) == 1
         assert leased(sock_path) == 1, "lease back while the server still holds the connection"
         with pytest.raises(LeaseTimeout):  # the cap is taken by the connection not let go of
             redis.Redis(connection_pool=pool).ping()
-        assert len(server.held) == 1
+        assert len(server.ends) == 1
     finally:
         server.close()
     assert wait_leased(sock_path, 0) == 0  # the server let go: the lease is back

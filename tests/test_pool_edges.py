@@ -1713,14 +1713,12 @@ def test_a_timeout_behind_running_connects_says_so(overran: bool) -> None:
         pool.close()
 
 
-@pytest.mark.parametrize("how", ["close", "drain"])
-def test_closing_idle_connections_to_a_server_that_hangs_keeps_to_the_timeout(
-        start_coordinator: Any, sock_path: str, how: str) -> None:
-    """Each idle connection's close waited its own close_confirm_timeout in
-    turn: 4 of them to a server that does not let go made close(timeout=0.5)
-    take 4 x 0.4 s (and an admin drain, timeout=0, hold the session's thread
-    as long). After the first unconfirmed one the rest are closed in a thread;
-    every lease is still kept until the server lets go (I1)."""
+@contextlib.contextmanager
+def _four_idle_to_a_holding_server(start_coordinator: Any, sock_path: str) -> Iterator[
+        tuple[ConnectionPool[Any], HoldingServer]]:
+    """A pool of 4 idle connections (close_confirm_timeout 0.4 s) to a server
+    that does not let go; on the way out, the server held all 4 leases until it
+    let go (I1), and then none is left."""
     start_coordinator({"r": 4})
     server = HoldingServer()
     pool = ConnectionPool(server.connect, PoolConfig(min_size=0, max_size=4, close_confirm_timeout=0.4),
@@ -1731,10 +1729,7 @@ def test_closing_idle_connections_to_a_server_that_hangs_keeps_to_the_timeout(
             server.accept()
         for wrapper in held:
             pool.release(wrapper)
-        t0 = time.monotonic()
-        getattr(pool, how)(timeout=0.5)
-        took = time.monotonic() - t0
-        assert took < 1.0, f"{how}(timeout=0.5) took {took:.2f}s"
+        yield pool, server
         assert leased(sock_path) == 4  # the server holds all 4: no lease back yet
         server.let_go()
         assert wait_leased(sock_path, 0) == 0
@@ -1742,6 +1737,21 @@ def test_closing_idle_connections_to_a_server_that_hangs_keeps_to_the_timeout(
         server.let_go()
         pool.close()
         server.close()
+
+
+@pytest.mark.parametrize("how", ["close", "drain"])
+def test_closing_idle_connections_to_a_server_that_hangs_keeps_to_the_timeout(
+        start_coordinator: Any, sock_path: str, how: str) -> None:
+    """Each idle connection's close waited its own close_confirm_timeout in
+    turn: 4 of them to a server that does not let go made close(timeout=0.5)
+    take 4 x 0.4 s (and an admin drain, timeout=0, hold the session's thread
+    as long). After the first unconfirmed one the rest are closed in a thread;
+    every lease is still kept until the server lets go (I1)."""
+    with _four_idle_to_a_holding_server(start_coordinator, sock_path) as (pool, server):
+        t0 = time.monotonic()
+        getattr(pool, how)(timeout=0.5)
+        took = time.monotonic() - t0
+        assert took < 1.0, f"{how}(timeout=0.5) took {took:.2f}s"
 
 
 @pytest.mark.parametrize("how", ["close", "drain"])
@@ -1752,16 +1762,7 @@ def test_after_one_unconfirmed_close_the_rest_close_at_once(
     server that does not let go made close(timeout=5) take 4 x 0.4 s, and the
     last connection was only closed 1.2 s after the call. The rest are closed
     at once now, each lease still kept until its server lets go (I1)."""
-    start_coordinator({"r": 4})
-    server = HoldingServer()
-    pool = ConnectionPool(server.connect, PoolConfig(min_size=0, max_size=4, close_confirm_timeout=0.4),
-                          resource="r", coordinator=sock_path)
-    try:
-        held = [pool.acquire(timeout=5) for _ in range(4)]
-        for _ in held:
-            server.accept()
-        for wrapper in held:
-            pool.release(wrapper)
+    with _four_idle_to_a_holding_server(start_coordinator, sock_path) as (pool, server):
         t0 = time.monotonic()
         getattr(pool, how)(timeout=5)
         took = time.monotonic() - t0
@@ -1769,13 +1770,6 @@ def test_after_one_unconfirmed_close_the_rest_close_at_once(
         for end in server.ends:  # every connection closed (our FIN is there), not queued behind a wait
             end.settimeout(0.5)
             assert end.recv(1) == b""
-        assert leased(sock_path) == 4  # the server holds all 4: no lease back yet
-        server.let_go()
-        assert wait_leased(sock_path, 0) == 0
-    finally:
-        server.let_go()
-        pool.close()
-        server.close()
 
 
 def test_top_up_connects_tell_the_coordinator_how_they_went(start_coordinator: Any, sock_path: str) -> None:

@@ -360,6 +360,18 @@ def _acquire_elsewhere(sock: str, timeout: float = 20) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
 
 
+def _asked_back_by_another(sock: str) -> subprocess.Popen[str]:
+    """Another process waits for a lease of "r"; returns once the coordinator
+    has asked this one for a lease back."""
+    other = _acquire_elsewhere(sock)
+    client = Client.for_path(sock)
+    deadline = time.monotonic() + 10
+    while client.owes("r") == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return other
+
+
 def _waited(proc: subprocess.Popen[str]) -> float:
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0
@@ -372,12 +384,7 @@ def test_young_lease_checked_in_idle_is_given_back_at_once(start_coordinator: An
     pool = local_pool(sock_path, size=1)
     try:
         w = pool.acquire(timeout=5)
-        other = _acquire_elsewhere(sock_path)
-        client = Client.for_path(sock_path)
-        deadline = time.monotonic() + 10
-        while client.owes("r") == 0:  # the coordinator asked us for the lease back
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        other = _asked_back_by_another(sock_path)
         pool.release(w)  # young (< 5 s), but nobody here needs it: it goes
         assert _waited(other) < 3.0
         assert w.conn.closed
@@ -516,12 +523,7 @@ def test_young_lease_of_an_integration_checked_in_idle_is_given_back_at_once(
         checkout, close = pool.getconn, pool.close
     try:
         conn = checkout()
-        other = _acquire_elsewhere(sock_path)
-        client = Client.for_path(sock_path)
-        deadline = time.monotonic() + 10
-        while client.owes("r") == 0:  # the coordinator asked us for the lease back
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        other = _asked_back_by_another(sock_path)
         if integration == "sqlalchemy":
             conn.close()  # checked in: young (< 5 s), and nobody here wants it
         elif integration == "redis":
@@ -556,12 +558,7 @@ def test_a_new_round_of_asking_looks_at_a_young_idle_lease_at_once(
         pool._recheck_delay = 5.0
     try:
         conn = checkout()
-        other = _acquire_elsewhere(sock_path)
-        client = Client.for_path(sock_path)
-        deadline = time.monotonic() + 10
-        while client.owes("r") == 0:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        other = _asked_back_by_another(sock_path)
         checkin(conn)  # young (< 5 s), and nobody here wants it: it goes in a moment
         assert _waited(other) < 3.0
     finally:
