@@ -31,6 +31,11 @@ from .lograte import OncePer
 
 log = logging.getLogger("sharedpool.coordinator")
 
+#: The filters each kind of inspect takes.
+_INSPECT_FILTERS: dict[str, frozenset[str]] = {
+    "resources": frozenset({"names"}), "sessions": frozenset(), "leases": frozenset({"resource", "pid"}),
+    "server": frozenset()}
+
 #: struct ucred: a signed pid_t, then unsigned uid_t and gid_t (a uid of 2**31 or
 #: more, as user namespaces hand out, must not read as negative and never match)
 _PEERCRED = struct.Struct("iII")
@@ -582,6 +587,13 @@ class Server:
     def inspect(self, what: str, filters: dict[str, Any], now: float) -> Any:
         """The data an inspect asks for; ValueError for what there is none of."""
         ledger = self.ledger
+        allowed = _INSPECT_FILTERS.get(what)
+        if allowed is not None and (unknown := sorted(map(repr, filters.keys() - allowed))):
+            # A misspelt filter (resourse=) answered with everything, as if it
+            # had matched; say which names there are.
+            names = ", ".join(sorted(allowed)) or "none"
+            raise ValueError(p.wire_text(f"cannot filter {what[:60]!r} by {', '.join(unknown)[:200]}; "
+                                         f"filters: {names}"))
         if what == "resources":
             names = filters.get("names")
             if names is not None and (not isinstance(names, list)
