@@ -435,6 +435,10 @@ def _config_path(name: str, value: Any) -> str:
     return value
 
 
+#: Far above any real config (1,900 resources, near the most a welcome frame holds, take ~150 kB).
+_CONFIG_MAX = 16 << 20
+
+
 def _read_config(path: str) -> bytes:
     """The file's bytes. Opened without blocking: a named pipe with no writer
     blocked open() for ever, in `serve` with its stop signals blocked (only
@@ -442,7 +446,11 @@ def _read_config(path: str) -> bytes:
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     with open(fd, "rb") as f:
         os.set_blocking(fd, True)  # a pipe's writer, if it has one, is waited for
-        data = f.read()
+        # Bounded: `--config /dev/zero` read until memory ran out.
+        data = f.read(_CONFIG_MAX + 1)
+        if len(data) > _CONFIG_MAX:
+            raise ConfigError("config", f"{path} is larger than {_CONFIG_MAX >> 20} MiB; "
+                              "is it the config file?")
         if not data and stat.S_ISFIFO(os.fstat(fd).st_mode):
             raise ConfigError("config", f"{path} is a named pipe with nothing written to it")
     return data

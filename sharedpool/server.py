@@ -591,9 +591,9 @@ class Server:
         if allowed is not None and (unknown := sorted(map(repr, filters.keys() - allowed))):
             # A misspelt filter (resourse=) answered with everything, as if it
             # had matched; say which names there are.
-            names = ", ".join(sorted(allowed)) or "none"
+            takes = ", ".join(sorted(allowed)) or "none"
             raise ValueError(p.wire_text(f"cannot filter {what[:60]!r} by {', '.join(unknown)[:200]}; "
-                                         f"filters: {names}"))
+                                         f"filters: {takes}"))
         if what == "resources":
             names = filters.get("names")
             if names is not None and (not isinstance(names, list)

@@ -455,6 +455,24 @@ def test_a_config_from_a_pipe_with_a_writer_is_read(tmp_path: pathlib.Path) -> N
         os.close(r)
 
 
+def test_a_config_that_never_ends_is_refused_by_its_size(tmp_path: pathlib.Path) -> None:
+    """Before: `serve --config /dev/zero` read until memory ran out (here capped
+    at 2 GiB, a MemoryError); now it stops past 16 MiB and says so."""
+    import resource
+    import subprocess
+    import sys
+
+    def cap_memory() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+    proc = subprocess.run([sys.executable, "-m", "sharedpool", "serve", "--config", "/dev/zero",
+                           "--socket", str(tmp_path / "s.sock")], capture_output=True, text=True,
+                          timeout=60, preexec_fn=cap_memory)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().endswith("config: /dev/zero is larger than 16 MiB; is it the config file?"), \
+        proc.stderr
+
+
 @pytest.mark.parametrize(("call", "field", "says"), [
     # Was "must be a non-empty name, got 'nnn...'" for a name that is not empty.
     (lambda: Coordinator("/tmp/sp-args.sock", {"n" * 201: 1}), "resource", "at most 200 characters"),
