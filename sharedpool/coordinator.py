@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from .background import BACKOFF_MAX
 from .config import CoordinatorConfig, Resource, check_seconds, config_from_parts
-from .errors import ConfigError, SharedPoolError
+from .errors import ConfigError, CoordinatorRunning, SharedPoolError
 from .fence import MonitorConnections
 from .marker import (
     MarkerKeeper,
@@ -48,10 +48,6 @@ log = logging.getLogger("sharedpool.coordinator")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 #: What a coordinator takes over from the default actions: the stops and SIGHUP (a reload).
 HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP)
-
-
-class CoordinatorRunning(SharedPoolError, OSError):
-    """Another coordinator is live on that socket path."""
 
 
 class CoordinatorFailed(SharedPoolError, RuntimeError):

@@ -79,6 +79,10 @@ class CoordinatorUnavailable(SharedPoolError, ConnectionError):
     """The coordinator could not be reached, or the session to it was lost."""
 
 
+class CoordinatorRunning(SharedPoolError, OSError):
+    """Another coordinator is live (or starting) on that socket path."""
+
+
 class AccessDenied(SharedPoolError, PermissionError):
     """The coordinator refused this peer (uid/gid not allowed, or not an admin)."""
 

@@ -526,6 +526,43 @@ def test_serve_refuses_a_second_coordinator(serve: Serve, tmp_path: Path) -> Non
     assert "already serving" in out.stderr
 
 
+_SERVE_WAITING_LESS = """
+import sys
+import sharedpool.startlock
+sharedpool.startlock.WAIT = 1.0
+from sharedpool.cli import main
+sys.argv[0] = "sharedpool"
+main()
+"""
+
+
+def test_serve_gives_up_on_a_start_that_is_stuck(tmp_path: Path) -> None:
+    """Before: a start stopped (SIGSTOP, a debugger) or stuck while it held the
+    start lock made every later `serve` on that path wait for ever, with no
+    word. Now it says whom it waits for, gives up (30 s; 1 s here) naming
+    the holder, and starts once the lock is let go."""
+    from sharedpool.startlock import start_lock
+
+    sock = str(tmp_path / "sp.sock")
+    argv = [sys.executable, "-c", _SERVE_WAITING_LESS, "serve", "--socket", sock, "--resource", "demo=1"]
+    with start_lock(sock):  # a start of ours, stuck
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=ENV)
+    assert out.returncode == 1, out.stderr
+    assert f"waiting for another start on {sock} (held by pid {os.getpid()})" in out.stderr
+    assert out.stderr.strip().endswith(f"another coordinator has been starting on {sock} for 1s (held by "
+                                       f"pid {os.getpid()}, lock file {tmp_path}/.sp.sock.lock); "
+                                       "is it stopped or stuck?"), out.stderr
+    assert "Traceback" not in out.stderr and os.listdir(tmp_path) == []
+    with start_lock(sock):  # let go in time: the start goes on
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+        time.sleep(0.3)
+    try:
+        wait_for(lambda: connectable(sock) or proc.poll() is not None, 15, "serve")
+        assert proc.poll() is None
+    finally:
+        stop(proc)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGQUIT],
                          ids=["SIGTERM", "SIGINT", "SIGQUIT"])
 def test_a_stop_signal_stops_serve_and_removes_socket(tmp_path: Path, workers: list[Worker],
