@@ -164,7 +164,7 @@ def try_connect(client: Client, deadline: float | None, force: bool = False) -> 
     for msg in early:
         if client._sock is not sock:
             break
-        receiving.dispatch(client, msg)
+        receiving.dispatch(client, msg, sock)
 
 
 def connect(client: Client, limit: float | None) -> tuple[socket.socket, list[p.Message]]:

@@ -122,27 +122,39 @@ def read_available(client: Client, sock: socket.socket, block: bool) -> bool:
     if client._sick and any(not (isinstance(m, p.Error) and m.fatal) for m in messages):
         client._sick, client._backoff = False, background.BACKOFF_MIN
     for msg in messages:
-        dispatch(client, msg)
+        dispatch(client, msg, sock)
     return True
 
 
-def dispatch(client: Client, msg: p.Message) -> None:
+def dispatch(client: Client, msg: p.Message, sock: socket.socket | None = None) -> None:
+    """``sock``: the socket ``msg`` was read from. The session may have ended
+    since the reader looked (a send failed in another thread) and a new one
+    begun, its requests re-sent: the old session's frames are dropped, looked
+    at under the lock that the new session is published under."""
     if isinstance(msg, p.Grant):
         lease = Lease(msg.lease, msg.resource, msg.token)
         with client._cond:
+            stale = sock is not None and client._sock is not sock
             pending = client._pending.get(msg.req)
-            if pending is not None and not pending.done and not pending.abandoned:
+            if not stale and pending is not None and not pending.done and not pending.abandoned:
                 client._held[lease.id] = lease
                 pending.result, pending.done = lease, True
                 client._cond.notify_all()
                 return
             owner = owner_of_late_grant(client, msg.req, pending)
         # Granted after the caller gave up: hand it straight back (no leak),
-        # and count it where its pool counts leases it never used.
-        client._send_quiet(p.Release(msg.lease))
+        # and count it where its pool counts leases it never used. One of an
+        # ended session went with it (taken, it answered the acquire re-sent
+        # on the new one with a lease no session holds: I1).
+        if not stale:
+            client._send_quiet(p.Release(msg.lease), sock)
         tell_unused(owner)
+    elif sock is not None and client._sock is not sock:
+        return  # an ended session's reply, reclaim or push: its requests went out again
     elif isinstance(msg, p.Deny | p.Reply | p.Error) and msg.req is not None:
         with client._cond:
+            if sock is not None and client._sock is not sock:
+                return
             pending = client._pending.get(msg.req)
             client._withdrawn.pop(msg.req, None)  # answered: no grant will follow
             if pending is None or pending.done:  # cancelled or failed meanwhile: that stands

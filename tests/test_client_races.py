@@ -773,3 +773,58 @@ def test_a_relative_socket_path_is_resolved_once_against_a_concurrent_chdir(
         assert real(client.socket_path) == client._shared_key, "keyed by one file, connects to another"
     finally:
         client.close()
+
+
+class _GrantThenHoldOn(FakeCoordinator):
+    """Session 1 grants lease 77 at once; later sessions grant from 2001 on.
+    Records the releases."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.next_lease = 2000
+        self.released: list[int] = []
+
+    def on_message(self, idx: int, s: socket.socket, conn: p.Connection, msg: p.Message) -> None:
+        if isinstance(msg, p.Acquire) and idx == 0:
+            s.sendall(p.encode(p.Grant(msg.req, 77, msg.resource, 77)))
+        elif isinstance(msg, p.Release):
+            self.released.append(msg.lease)
+        else:
+            super().on_message(idx, s, conn, msg)
+
+
+def test_a_grant_read_from_a_session_that_ended_meanwhile_is_not_taken_on_the_next(
+        sock_path: str) -> None:
+    # The reader checks that its socket is still the session's, parses, then
+    # dispatches. A session that ended in between (a send failed in another
+    # thread) and a new one made (the acquire re-sent on it): the old session's
+    # grant answered the re-sent acquire. Before: the caller got lease 77,
+    # which no live session holds (the coordinator freed it with session 1:
+    # a connection under no cap), and the new session's grant went back.
+    fake = _GrantThenHoldOn(sock_path)
+    client = Client(sock_path)
+    try:
+        assert client.ensure_connected()
+        old_sock, old_conn = client._sock, client._conn
+        assert old_sock is not None and old_conn is not None
+        events = old_conn.events
+
+        def events_then_a_new_session() -> list[p.Message]:
+            msgs = events()
+            if any(isinstance(m, p.Grant) for m in msgs):  # as if descheduled here
+                client._disconnect("a send failed elsewhere", only=old_sock)
+                assert client.ensure_connected()
+            return msgs
+
+        old_conn.events = events_then_a_new_session  # type: ignore[method-assign]
+        lease = client.acquire("r", timeout=5)
+        assert lease.id == 2001, lease
+        assert client.session_id == 2 and list(client.held) == [2001]
+        client.release(lease)
+        deadline = time.monotonic() + 5
+        while fake.released != [2001]:
+            assert time.monotonic() < deadline, fake.released
+            time.sleep(0.01)
+    finally:
+        client.close()
+        fake.stop()
