@@ -4,7 +4,11 @@ plain TCP sockets as connections: what it reports while a close is unconfirmed."
 from __future__ import annotations
 
 import contextlib
+import gc
+import logging
+import logging.handlers
 import os
+import queue
 import socket
 import threading
 import time
@@ -647,3 +651,77 @@ def test_a_grant_not_yet_taken_when_the_wait_is_served_locally_counts_as_unused(
     finally:
         book.shutdown()
         fake.stop()
+
+
+def _a_collected_book_with_a_lease(sock_path: str, server: socket.socket) -> socket.socket:
+    """A book, in a garbage cycle (as a host pool and its connections are),
+    holding one leased connection to ``server``; dropped. The server's end comes back."""
+    book = LeaseBook("r", sock_path, confirm_timeout=2)
+    book.connect(lambda: socket.create_connection(server.getsockname()))
+    peer, _ = server.accept()
+    book.cycle = book  # type: ignore[attr-defined]
+    return peer
+
+
+def _collect_until_leased(sock_path: str, want: int, timeout: float = 10.0) -> int:
+    deadline = time.monotonic() + timeout
+    while (n := leased(sock_path)) != want and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.05)
+    return n
+
+
+def test_a_collected_books_finalizer_logs_nothing_where_the_collection_ran(
+        start_coordinator: Any, sock_path: str) -> None:
+    """The finalizer runs in whatever thread the garbage collector interrupted,
+    which may hold any lock: here a logging.QueueHandler's queue lock (a plain
+    Lock, taken again by the warning's put). Before: that thread hung for good,
+    and the lease stayed out (leased 1 after 10 s). As for a dropped
+    ConnectionPool, the warning comes from another thread."""
+    start_coordinator({"r": Resource(max_size=1)})
+    q: queue.Queue[logging.LogRecord] = queue.Queue()
+    handler = logging.handlers.QueueHandler(q)
+    logging.getLogger("sharedpool").addHandler(handler)
+    gc.disable()
+    try:
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            peer = _a_collected_book_with_a_lease(sock_path, server)
+            assert leased(sock_path) == 1
+            collected = threading.Event()
+
+            def collect() -> None:
+                with q.mutex:  # the collection ran inside a put() of another record
+                    gc.collect()
+                collected.set()
+
+            threading.Thread(target=collect, daemon=True).start()
+            assert collected.wait(5), "the collection hung in the book's finalizer"
+            peer.close()
+            assert _collect_until_leased(sock_path, 0) == 0
+        assert any("garbage-collected" in r.getMessage() for r in list(q.queue)), list(q.queue)
+    finally:
+        gc.enable()
+        logging.getLogger("sharedpool").removeHandler(handler)
+
+
+def test_a_collected_books_leases_go_back_with_no_thread_to_be_had(
+        start_coordinator: Any, sock_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No thread to be had for the closes (the process at its thread limit):
+    before, the finalizer's Thread.start() raised (ignored, in a finalizer) and
+    the lease stayed out for as long as the process lived (leased 1 after 10 s).
+    As for a dropped ConnectionPool, the connections are closed in the
+    client's own thread instead."""
+    start_coordinator({"r": Resource(max_size=1)})
+    start = threading.Thread.start
+
+    def no_closing_thread(self: threading.Thread) -> None:
+        if self.name.startswith(("sharedpool-orphans", "sharedpool-dropped")):
+            raise RuntimeError("can't start new thread")
+        start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", no_closing_thread)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        peer = _a_collected_book_with_a_lease(sock_path, server)
+        assert leased(sock_path) == 1
+        peer.close()  # the server lets go at once: the close is confirmed
+        assert _collect_until_leased(sock_path, 0) == 0

@@ -7,6 +7,7 @@ dropped unclosed.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -45,48 +46,70 @@ class Left:
 
 
 def close_left(left: Left) -> None:
-    """Finalizer of a collected book: close its connections (confirmed), then
-    release their leases, in a thread (a finalizer must not block)."""
+    """Finalizer of a collected book: hand its connections to the client's
+    background thread, which closes them (confirmed), then releases their
+    leases, in a thread of its own. As :func:`sharedpool.dropped.reap`: run
+    inside the garbage collector, in whatever thread it interrupted (which may
+    hold any lock: a logging handler's queue, say), it takes no lock, starts
+    no thread and logs nothing."""
     if left.pid != current_pid():
         return  # the parent's (I7)
     entries = [e for e in left.entries.values() if e.lease is not None or closable(e.key)]
     left.entries = {}
-    if not entries:
+    runner = next((e.client for e in entries if e.client is not None and not e.client.closed), None)
+    if runner is None:
+        # No session: no lease to give back (its end returned them). The
+        # connections close with their objects; the dups here.
+        for entry in entries:
+            kept, entry.kept = entry.kept, None
+            let_go(kept)
+            if kept is not None:
+                kept.close()  # our dup only: no shutdown, nothing sent
         return
+    runner.run_soon(functools.partial(_start, entries, left.resource, left.confirm_timeout))
+
+
+def _start(entries: list[_Entry], resource: str, timeout: float) -> None:
+    """On the client's background thread: closing may take each connection
+    up to ``timeout``, too long for that thread to wait."""
+    try:
+        threading.Thread(target=_close_all, args=(entries, resource, timeout),
+                         name=f"sharedpool-orphans-{resource}", daemon=True).start()
+    except RuntimeError:  # no thread to be had: closed here, each close bounded
+        _close_all(entries, resource, timeout)
+
+
+def _close_all(entries: list[_Entry], resource: str, timeout: float) -> None:
     log.warning("%r: a pool was garbage-collected without close()/dispose(); closing its %d "
-                "connection(s) and returning their leases", left.resource, len(entries))
+                "connection(s) and returning their leases", resource, len(entries))
     clients = {id(e.client): e.client for e in entries if e.client is not None}
     count = [len(entries)]
     lock = threading.Lock()
+    for entry in entries:
+        client, lease = entry.client, entry.lease
 
-    def run() -> None:
-        for entry in entries:
-            client, lease = entry.client, entry.lease
-
-            def back(confirmed: bool, client: Client | None = client,
-                     lease: Lease | None = lease) -> None:
-                try:
-                    if client is not None and lease is not None:
-                        client.release(lease)
-                finally:
-                    with lock:
-                        count[0] -= 1
-                        last = count[0] == 0
-                    if last:  # as for a dropped ConnectionPool: the session ends with its last user
-                        for used in clients.values():
-                            used.close_if_unused()
-            if not closable(entry.key):  # a lease taken for a connection never opened
-                back(True)
-                continue
-            kept, entry.kept = entry.kept, None
-            let_go(kept)
+        def back(confirmed: bool, client: Client | None = client,
+                 lease: Lease | None = lease) -> None:
             try:
-                if close_and_confirm(entry.key, left.confirm_timeout, on_late=back, kept=kept):
-                    back(True)
-            except Exception:  # noqa: BLE001 - the session's end covers the rest
-                log.exception("closing a connection of a collected %r pool failed", left.resource)
-
-    threading.Thread(target=run, name=f"sharedpool-orphans-{left.resource}", daemon=True).start()
+                if client is not None and lease is not None:
+                    client.release(lease)
+            finally:
+                with lock:
+                    count[0] -= 1
+                    last = count[0] == 0
+                if last:  # as for a dropped ConnectionPool: the session ends with its last user
+                    for used in clients.values():
+                        used.close_if_unused()
+        if not closable(entry.key):  # a lease taken for a connection never opened
+            back(True)
+            continue
+        kept, entry.kept = entry.kept, None
+        let_go(kept)
+        try:
+            if close_and_confirm(entry.key, timeout, on_late=back, kept=kept):
+                back(True)
+        except Exception:  # noqa: BLE001 - the session's end covers the rest
+            log.exception("closing a connection of a collected %r pool failed", resource)
 
 
 _orphans_warned: set[str] = set()
