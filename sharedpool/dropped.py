@@ -131,8 +131,9 @@ def reap(left: Left) -> None:
         _close_kept(entries)
         return
     client.forget_later(*handlers)
-    job = (partial(_start, entries, client, left.name, left.confirm_timeout) if entries
-           else client.close_if_unused)  # nothing left to close: the session may end now
+    job = (partial(in_a_thread, "sharedpool-dropped",
+                   partial(close_all, entries, client, left.name, left.confirm_timeout))
+           if entries else client.close_if_unused)  # nothing left to close: the session may end now
     client.run_soon(job)
 
 
@@ -142,14 +143,14 @@ def _close_kept(entries: list[_Entry]) -> None:
             entry.kept.close()  # our dup only: no shutdown, nothing sent
 
 
-def _start(entries: list[_Entry], client: Client, name: str, timeout: float) -> None:
-    """On the client's background thread: closing may take each connection
-    up to ``timeout``, too long for that thread to wait."""
+def in_a_thread(name: str, job: Callable[[], object]) -> None:
+    """On the client's background thread, where a finalizer handed ``job`` (a
+    pool's or a lease book's closes): each close may take up to its confirm
+    timeout, too long for that thread to wait. Here when no thread is to be had."""
     try:
-        threading.Thread(target=close_all, args=(entries, client, name, timeout),
-                         name="sharedpool-dropped", daemon=True).start()
+        threading.Thread(target=job, name=name, daemon=True).start()
     except RuntimeError:  # no thread to be had: closed here, each close bounded
-        close_all(entries, client, name, timeout)
+        job()
 
 
 def close_all(entries: list[_Entry], client: Client, name: str, timeout: float) -> None:

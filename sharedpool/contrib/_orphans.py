@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..client import Client, Lease, current_pid
 from ..closing import close_and_confirm, keep_socket
+from ..dropped import in_a_thread
 
 if TYPE_CHECKING:
     from ._book import _Entry
@@ -66,17 +67,9 @@ def close_left(left: Left) -> None:
             if kept is not None:
                 kept.close()  # our dup only: no shutdown, nothing sent
         return
-    runner.run_soon(functools.partial(_start, entries, left.resource, left.confirm_timeout))
-
-
-def _start(entries: list[_Entry], resource: str, timeout: float) -> None:
-    """On the client's background thread: closing may take each connection
-    up to ``timeout``, too long for that thread to wait."""
-    try:
-        threading.Thread(target=_close_all, args=(entries, resource, timeout),
-                         name=f"sharedpool-orphans-{resource}", daemon=True).start()
-    except RuntimeError:  # no thread to be had: closed here, each close bounded
-        _close_all(entries, resource, timeout)
+    runner.run_soon(functools.partial(
+        in_a_thread, f"sharedpool-orphans-{left.resource}",
+        functools.partial(_close_all, entries, left.resource, left.confirm_timeout)))
 
 
 def _close_all(entries: list[_Entry], resource: str, timeout: float) -> None:
