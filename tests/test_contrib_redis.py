@@ -790,3 +790,42 @@ def test_disconnecting_from_a_server_slow_to_let_go_waits_once_not_per_connectio
         assert wait_leased(sock_path, 0, timeout=10) == 0
     finally:
         proxy.close()
+
+
+def test_a_dropped_pools_connection_closes_itself_without_logging_where_the_collection_ran(
+        start_coordinator: Any, sock_path: str, redis_name: str) -> None:
+    """The connection's own finalizer gives its lease back (close_orphan); the
+    garbage collector runs it in whatever thread it interrupted, which may hold
+    any lock: here a logging.QueueHandler's queue lock (a plain Lock, taken
+    again by the first such warning's put). Before: that thread hung for good
+    and the lease stayed out; as for a dropped ConnectionPool, the warning now
+    comes from another thread."""
+    import gc
+    import logging.handlers
+    import queue
+
+    start_coordinator({redis_name: Resource(max_size=1)})  # its own name: warned once per resource
+    q: queue.Queue[logging.LogRecord] = queue.Queue()
+    handler = logging.handlers.QueueHandler(q)
+    logging.getLogger("sharedpool").addHandler(handler)
+    gc.disable()
+    try:
+        pool = BlockingConnectionPool(host=HOST, port=PORT, client_name=redis_name, resource=redis_name,
+                                      coordinator=sock_path, max_connections=1, timeout=3)
+        assert redis.Redis(connection_pool=pool).ping()
+        assert leased(sock_path) == 1
+        del pool  # redis-py's connections refer to their pool: a cycle
+        collected = threading.Event()
+
+        def collect() -> None:
+            with q.mutex:  # the collection ran inside a put() of another record
+                gc.collect()
+            collected.set()
+
+        threading.Thread(target=collect, daemon=True).start()
+        assert collected.wait(5), "the collection hung in the connection's finalizer"
+        assert wait_leased(sock_path, 0) == 0 and clients_named(redis_name) == 0
+        assert any("garbage-collected" in r.getMessage() for r in list(q.queue)), list(q.queue)
+    finally:
+        gc.enable()
+        logging.getLogger("sharedpool").removeHandler(handler)

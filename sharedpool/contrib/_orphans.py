@@ -140,18 +140,21 @@ os.register_at_fork(after_in_child=_close_held_in_child)
 def close_orphan(entry: _Entry, sock: Any, resource: str, confirm_timeout: float) -> None:
     """Close ``sock``, the socket of a connection whose book is gone (its pool
     was garbage-collected with it: the connection's own ``__del__`` calls this),
-    then release ``entry``'s lease once the server has let go. All of it in a
-    thread: a finalizer must neither block nor take the client's lock, which
-    the collecting thread may hold. The caller has detached ``sock`` from its
-    connection and must not shut it down for reading (that fakes the EOF)."""
+    then release ``entry``'s lease once the server has let go. All of that on
+    the client's background thread, which starts a thread for it: a finalizer
+    must neither block, nor take a lock (the client's, a logging handler's: the
+    collecting thread may hold any), nor start a thread. The caller has
+    detached ``sock`` from its connection and must not shut it down for
+    reading (that fakes the EOF)."""
     lease, client, kept = entry.lease, entry.client, entry.kept
     entry.lease = entry.kept = None
     let_go(kept)
     # At interpreter exit (module globals collected): a thread started now never
     # runs, and Thread.start() waited for it forever (3.11; 3.12+ refuses). The
     # process is ending: so is its session, and the coordinator fences the lease.
+    # A closed client's session returned the lease already.
     live = entry.pid == current_pid() and not sys.is_finalizing()
-    ours = live and lease is not None and client is not None
+    ours = live and lease is not None and client is not None and not client.closed
     # ``sock`` is in the garbage cycle being collected: its finalizer may close
     # it under the thread below, which then had nothing to watch and gave the
     # lease back at once. ``kept`` was held outside the cycle (hold()); without
@@ -160,29 +163,25 @@ def close_orphan(entry: _Entry, sock: Any, resource: str, confirm_timeout: float
     if kept is not None and watched is not kept:
         kept.close()
     sock.close()  # no shutdown: the dup holds the socket; the FIN goes out at its close
-    if lease is None or client is None or not live:
+    if not ours or lease is None or client is None:
         return
-    level = logging.DEBUG if resource in _orphans_warned else logging.WARNING
-    _orphans_warned.add(resource)
-    log.log(level, "%r: a pool was garbage-collected without disconnect(); closing its "
-            "connection and returning its lease", resource)
 
     def back(confirmed: bool) -> None:
         client.release(lease)
         client.close_if_unused()  # the pool's last lease back: the session ends with its last user
 
     def run() -> None:
+        level = logging.DEBUG if resource in _orphans_warned else logging.WARNING
+        _orphans_warned.add(resource)
+        log.log(level, "%r: a pool was garbage-collected without disconnect(); closing its "
+                "connection and returning its lease", resource)
         try:
             if close_and_confirm(sock, confirm_timeout, on_late=back, kept=watched):
                 back(True)
         except Exception:  # noqa: BLE001 - the session's end covers the rest
             log.exception("closing a connection of a collected %r pool failed", resource)
 
-    try:
-        threading.Thread(target=run, name=f"sharedpool-orphan-{resource}", daemon=True).start()
-    except RuntimeError:  # no thread to be had: the lease stays held until the session ends
-        if watched is not None:
-            watched.close()
+    client.run_soon(functools.partial(in_a_thread, f"sharedpool-orphan-{resource}", run))
 
 
 class _Collected:
