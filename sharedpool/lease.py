@@ -119,6 +119,9 @@ class AcquireRequest:
             granted = pending.result if pending.done and pending.error is None else None
             pending.result, pending.error = None, AcquireCancelled("acquire cancelled")
             pending.done = True
+            # Settled: forgotten now, not at a wait() that may never come (it
+            # kept the session wanted, and close_if_unused() refusing, for good).
+            client._pending.pop(self.req, None)
             client._cond.notify_all()
         if granted is not None:
             # Granted, but the waiter never took it (its wait() now raises

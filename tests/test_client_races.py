@@ -22,7 +22,13 @@ from proc_helpers import interrupt_once
 from sharedpool import ConnectionPool, Coordinator, PoolConfig, Resource, handshake, receiving
 from sharedpool import protocol as p
 from sharedpool.client import Client, Lease
-from sharedpool.errors import ConfigError, CoordinatorUnavailable, PoolTimeout, SharedPoolError
+from sharedpool.errors import (
+    AcquireCancelled,
+    ConfigError,
+    CoordinatorUnavailable,
+    PoolTimeout,
+    SharedPoolError,
+)
 from sharedpool.testing import FakeFactory
 
 
@@ -828,3 +834,24 @@ def test_a_grant_read_from_a_session_that_ended_meanwhile_is_not_taken_on_the_ne
     finally:
         client.close()
         fake.stop()
+
+
+def test_a_request_cancelled_and_never_waited_for_lets_the_session_end(
+        start_coordinator: Any, sock_path: str) -> None:
+    # cancel() says wait() then raises AcquireCancelled; a caller that withdraws
+    # and never waits (it no longer wants the lease) left the request pending for
+    # good: close_if_unused() refused (False) and a lost session was made again
+    # for it. Now: forgotten at the cancel, the session ends (True).
+    start_coordinator({"r": Resource(max_size=1)})
+    client = Client(sock_path)
+    try:
+        first = client.acquire("r", timeout=5)
+        ticket = client.request("r", 30)  # queued at the cap
+        assert ticket.cancel()
+        client.release(first)
+        assert client._pending == {}
+        assert client.close_if_unused() and client.closed
+        with pytest.raises(AcquireCancelled):  # as before
+            ticket.wait()
+    finally:
+        client.close()
