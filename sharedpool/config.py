@@ -6,6 +6,7 @@ was written, with a :class:`~sharedpool.errors.ConfigError` naming the field.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import stat
@@ -260,6 +261,30 @@ def check_seconds(name: str, value: Any, *, optional: bool = False, forever: boo
     if forever and value == math.inf and not isinstance(value, bool):
         return value
     return _number(name, value, optional=optional, strict_min=positive)
+
+
+#: What an asyncio user is told: the pools are synchronous, used from a thread.
+NO_ASYNCIO = ("sharedpool's pools are synchronous (there is no asyncio API): pass a sync "
+              "callable (psycopg.connect, not psycopg.AsyncConnection.connect) and use the "
+              "pool from async code in a thread (asyncio.to_thread)")
+
+
+def check_sync_callable(name: str, value: Any) -> None:
+    """Refuse a coroutine function where the pool calls and uses the result
+    at once: its coroutine is never awaited, and one awaited by its caller
+    later (a connection) is a connection the pool never counted (I1)."""
+    if inspect.iscoroutinefunction(value):
+        raise ConfigError(name, f"is a coroutine function ({value!r}); {NO_ASYNCIO}")
+
+
+def check_not_awaitable(name: str, result: Any) -> None:
+    """Refuse what ``name`` returned if it is awaitable (a lambda around an
+    async connect); a coroutine is closed, so it never runs."""
+    if inspect.isawaitable(result):
+        if inspect.iscoroutine(result):
+            result.close()  # never awaited: no "never awaited" warning, no connection
+        raise ConfigError(name, f"returned an awaitable ({type(result).__name__}), not a "
+                                f"connection; {NO_ASYNCIO}")
 
 
 def env_socket_path() -> str | None:

@@ -15,6 +15,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from . import giveback
+from .config import check_not_awaitable
 from .errors import (
     AcquireCancelled,
     ConnectTimeout,
@@ -78,6 +79,7 @@ def run(pool: ConnectionPool[Any], waiter: _Waiter, deadline: float) -> None:
             waiter.event.set()  # the waiter re-arms its wait with the connect deadline
         try:
             conn = pool.factory()
+            check_not_awaitable("factory", conn)  # its lease goes back below, as for a failed connect
         finally:
             with pool._lock:
                 waiter.connect_deadline = None  # done: nobody may give up on it any more

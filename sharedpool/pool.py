@@ -25,7 +25,14 @@ from typing import Any, Generic, TypeVar
 from . import checkin, dropped, maintenance, opening, process, shutdown, waiting
 from .client import _PID, AcquireRequest, Client, current_pid
 from .closing import ACTIVE, INERROR, INTRANS, UNKNOWN, transaction_status
-from .config import SOCKET_ENV, PoolConfig, check_resource_name, check_socket_path, env_socket_path
+from .config import (
+    SOCKET_ENV,
+    PoolConfig,
+    check_resource_name,
+    check_socket_path,
+    check_sync_callable,
+    env_socket_path,
+)
 from .errors import ConfigError, PoolMisuse
 from .giveback import IDLE_GIVE_BACK
 from .handoff import HandOffCost
@@ -84,6 +91,8 @@ class ConnectionPool(Generic[T]):
             raise ConfigError("config", f"must be a PoolConfig, got {type(config).__name__}")
         if check is not None and not callable(check):
             raise ConfigError("check", f"must be callable, got {check!r}")
+        for name, given in (("factory", factory), ("check", check), ("configure", configure)):
+            check_sync_callable(name, given)
         self.factory = factory
         self.config = config or PoolConfig()
         self.resource = check_resource_name(resource)
