@@ -66,3 +66,54 @@ def test_the_pool_used_from_a_running_loop_through_threads_holds_the_cap(  # the
         asyncio.run(main())
         assert len(factory.made) <= 2 and pool.get_in_use() == 0
     assert resource_row(sock_path)["peak"] <= 2
+
+
+def test_a_redis_asyncio_client_given_the_pool_is_refused_before_any_lease(
+        start_coordinator: Any, sock_path: str, redis_name: str) -> None:
+    import redis.asyncio
+
+    from sharedpool.contrib.redis import BlockingConnectionPool
+
+    start_coordinator({"redis": 2})
+    pool = BlockingConnectionPool(host="127.0.0.1", resource="redis", coordinator=sock_path,
+                                  max_connections=2, timeout=5, client_name=redis_name)
+    try:
+        async def main() -> None:
+            client = redis.asyncio.Redis(connection_pool=pool)
+            for _ in range(3):  # each was a TypeError from redis-py and one more lease held for good
+                with pytest.raises(ConfigError, match="redis.asyncio client") as err:
+                    await client.ping()
+                assert err.value.field == "connection_pool"
+
+        asyncio.run(main())
+        assert pool.lease_stats()["leases_held"] == 0
+        assert resource_row(sock_path)["leased"] == 0
+    finally:
+        pool.disconnect()
+
+
+def test_redis_asyncio_connection_class_is_refused() -> None:
+    import redis.asyncio
+
+    from sharedpool.contrib.redis import BlockingConnectionPool
+
+    with pytest.raises(ConfigError, match="redis.asyncio") as err:  # was an AttributeError at the first command
+        BlockingConnectionPool(resource="redis", connection_class=redis.asyncio.Connection)
+    assert err.value.field == "connection_class"
+
+
+@pytest.mark.parametrize("field", ["connection_class", "check", "reset", "configure"])
+def test_psycopg_pool_async_arguments_are_refused(field: str) -> None:
+    import psycopg
+
+    from sharedpool.contrib.psycopg import ConnectionPool as PsycopgPool
+
+    async def hook(conn: Any) -> None:
+        pass
+
+    given = psycopg.AsyncConnection if field == "connection_class" else hook
+    # connection_class: every connect failed, logged, then a PoolTimeout; the hooks
+    # were called and their coroutines never awaited (no check, no reset, no setup).
+    with pytest.raises(ConfigError) as err:
+        PsycopgPool("", resource="pg", open=False, **{field: given})
+    assert err.value.field == field

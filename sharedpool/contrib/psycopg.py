@@ -44,7 +44,7 @@ from psycopg_pool.abc import CT
 from psycopg_pool.pool import AddConnection
 
 from ..client import current_pid
-from ..config import check_seconds
+from ..config import check_seconds, check_sync_callable
 from ..errors import ConfigError, PoolTimeout
 from ._leases import LeaseBook
 
@@ -80,6 +80,14 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
                  configure: Any = None, **kwargs: Any) -> None:
         if configure is not None and not callable(configure):  # else every connect failed, a PoolTimeout
             raise ConfigError("configure", f"must be callable, got {configure!r}")
+        for name in ("configure", "check", "reset"):  # an async one's coroutine was never awaited
+            check_sync_callable(name, configure if name == "configure" else kwargs.get(name))
+        if isinstance(kwargs.get("connection_class"), type) and issubclass(kwargs["connection_class"],
+                                                                           psycopg.AsyncConnection):
+            # Else every connect failed ("'coroutine' object has no attribute"), a PoolTimeout.
+            raise ConfigError("connection_class", "is an asyncio connection class: this pool (a sync "
+                                                  "psycopg_pool.ConnectionPool) has no asyncio twin; use it "
+                                                  "from async code in a thread (asyncio.to_thread)")
         # Ready before psycopg_pool's __init__, which may open the pool and
         # start connecting in its workers at once.
         self._sp_book = LeaseBook(resource, coordinator, confirm_timeout=confirm_timeout,

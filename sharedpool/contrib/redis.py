@@ -29,9 +29,11 @@ connections and leases are left alone and the child opens its own.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 import weakref
@@ -54,6 +56,9 @@ if not hasattr(redis.connection.AbstractConnection, "connect_check_health"):  # 
                       f"connect_check_health() (this is redis-py {redis.__version__}); upgrade redis")
 
 log = logging.getLogger("sharedpool.contrib.redis")
+
+NOT_ASYNCIO = ("this pool serves redis.Redis only, there is no asyncio one (use redis.Redis "
+               "from async code in a thread: asyncio.to_thread)")
 
 
 class LeaseTimeout(redis.ConnectionError, PoolTimeout):
@@ -299,6 +304,8 @@ class BlockingConnectionPool(redis.BlockingConnectionPool):
         if not isinstance(connection_class, type):  # not an AttributeError from inside
             raise ConfigError("connection_class", f"must be a redis-py connection class, "
                               f"got {connection_class!r}")
+        if inspect.iscoroutinefunction(getattr(connection_class, "connect", None)):
+            raise ConfigError("connection_class", f"is redis.asyncio's {connection_class!r}: {NOT_ASYNCIO}")
         # redis-py's connections refer to their pool (maint_notifications handler):
         # a book finalizer holding them would keep the pool alive for ever.
         self._sp_book = LeaseBook(resource, coordinator, confirm_timeout=confirm_timeout,
@@ -330,6 +337,10 @@ class BlockingConnectionPool(redis.BlockingConnectionPool):
     # ------------------------------------------------------------------ checkout / checkin
 
     def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        if sys._getframe(1).f_globals.get("__name__", "").startswith("redis.asyncio"):
+            # A redis.asyncio client awaits what this returns: a TypeError, and the
+            # connection (its lease) checked out for good. Refused before either.
+            raise ConfigError("connection_pool", f"is given to a redis.asyncio client: {NOT_ASYNCIO}")
         self._sp_local.handing_out = True
         try:
             while True:
