@@ -97,7 +97,8 @@ def test_redis_asyncio_connection_class_is_refused() -> None:
 
     from sharedpool.contrib.redis import BlockingConnectionPool
 
-    with pytest.raises(ConfigError, match="redis.asyncio") as err:  # was an AttributeError at the first command
+    # It was an AttributeError from release() at the first command.
+    with pytest.raises(ConfigError, match="redis.asyncio") as err:
         BlockingConnectionPool(resource="redis", connection_class=redis.asyncio.Connection)
     assert err.value.field == "connection_class"
 

@@ -522,6 +522,70 @@ def test_stop_during_worker_birth_is_not_lost(tmp_path: Path, sock_path: str, lo
             proc.wait(10)
 
 
+_SIG_DFL_WORKER = """
+import signal, time
+from gunicorn.workers.base import Worker
+from sharedpool import ConnectionPool, PoolConfig
+from sharedpool.testing import FakeFactory
+
+
+class SigDflWorker(Worker):
+    \"\"\"As uvicorn_worker's UvicornWorker: stop signals at their default action, caught
+    while it serves, and the one it stopped for raised again once it has shut down.\"\"\"
+
+    def init_signals(self):
+        for s in self.SIGNALS:
+            signal.signal(s, signal.SIG_DFL)
+
+    def run(self):
+        caught = []
+        before = signal.signal(signal.SIGTERM, lambda signum, frame: caught.append(signum))
+        pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1), resource="r")
+        with pool.connection():
+            pass  # one idle connection, leased, left in the pool
+        print("sharedpool-test: leased", flush=True)
+        while not caught:
+            self.notify()
+            time.sleep(0.05)
+        signal.signal(signal.SIGTERM, before)
+        signal.raise_signal(caught[0])
+"""
+
+
+def test_a_worker_class_that_dies_by_its_stop_signal_still_runs_worker_exit(
+        tmp_path: Path, sock_path: str) -> None:
+    # UvicornWorker re-raised SIGTERM at SIG_DFL after its shutdown: every worker
+    # died by it (master: "was sent SIGTERM!"), worker_exit never ran, and each
+    # session's leases went back through the fence ("quarantined"), not at once.
+    (tmp_path / "hello.py").write_text(_HELLO_APP)
+    (tmp_path / "sigdfl_worker.py").write_text(_SIG_DFL_WORKER)
+    conf = tmp_path / "gunicorn.conf.py"
+    conf.write_text(f"from sharedpool.contrib.gunicorn import hooks\n"
+                    f"control_socket_disable = True\n"
+                    f"on_starting, post_fork, worker_exit, on_exit = hooks(resources={{'r': 2}}, "
+                    f"socket={sock_path!r}, log_level='info')\n")
+    log_path = tmp_path / "gunicorn.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", str(conf), "-b", f"127.0.0.1:{free_port()}",
+             "-w", "2", "-k", "sigdfl_worker.SigDflWorker", "--chdir", str(tmp_path), "hello:app"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
+    try:
+        wait_for(lambda: log_path.read_text().count("sharedpool-test: leased") == 2, 30,
+                 "both workers to hold a lease")
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(30) == 0
+        text = log_path.read_text()
+        assert "was sent SIGTERM" not in text and "quarantined" not in text, text[-3000:]
+        assert text.count(", 1 lease(s) returned") == 0 and "0 session(s) open" in text, text[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
 class _FakeMaster:
     """What the hooks read of gunicorn's Arbiter."""
 

@@ -54,6 +54,7 @@ import os
 import pwd
 import queue
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -425,8 +426,27 @@ def _keep_early_stop_signals(server: Any, worker: Any) -> None:
 
     def init_signals_then_replay() -> None:
         init_signals()
+        _exit_through_hooks_on_default_stop()
         for signum in dict.fromkeys(pending):  # once each, in order of arrival
             if signum in _STOP_SIGNALS:
                 os.kill(os.getpid(), signum)
 
     worker.init_signals = init_signals_then_replay
+
+
+def _exit_through_hooks_on_default_stop() -> None:
+    """Make a stop signal left at its default action exit the worker through gunicorn.
+
+    uvicorn's ``UvicornWorker`` sets them to SIG_DFL, catches them while it serves,
+    and once it has shut down raises the one it stopped for again: the worker
+    died by it, and gunicorn's ``finally`` never ran ``worker_exit`` (its leases
+    went back through the fence, not at once; their connections never closed).
+    A handler set now is the one uvicorn restores before raising: it exits as
+    gunicorn's own workers do on SIGINT / SIGQUIT (``sys.exit(0)``)."""
+    for signum in _STOP_SIGNALS:
+        if signal.getsignal(signum) == signal.SIG_DFL:
+            signal.signal(signum, _exit_through_hooks)
+
+
+def _exit_through_hooks(signum: int, frame: Any) -> None:
+    sys.exit(0)  # SystemExit: gunicorn's spawn_worker runs worker_exit on its way out
