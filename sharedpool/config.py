@@ -264,9 +264,10 @@ def check_seconds(name: str, value: Any, *, optional: bool = False, forever: boo
 
 
 #: What an asyncio user is told: the pools are synchronous, used from a thread.
-NO_ASYNCIO = ("sharedpool's pools are synchronous (there is no asyncio API): pass a sync "
-              "callable (psycopg.connect, not psycopg.AsyncConnection.connect) and use the "
-              "pool from async code in a thread (asyncio.to_thread)")
+NO_ASYNCIO = ("sharedpool's pools are synchronous (there is no asyncio API): use one from "
+              "async code in a thread (asyncio.to_thread)")
+#: ... and what to give them instead.
+SYNC_INSTEAD = f"pass a sync one (psycopg.connect, not psycopg.AsyncConnection.connect); {NO_ASYNCIO}"
 
 
 def check_sync_callable(name: str, value: Any) -> None:
@@ -274,7 +275,7 @@ def check_sync_callable(name: str, value: Any) -> None:
     at once: its coroutine is never awaited, and one awaited by its caller
     later (a connection) is a connection the pool never counted (I1)."""
     if inspect.iscoroutinefunction(value):
-        raise ConfigError(name, f"is a coroutine function ({value!r}); {NO_ASYNCIO}")
+        raise ConfigError(name, f"is a coroutine function ({value!r}): {SYNC_INSTEAD}")
 
 
 def check_not_awaitable(name: str, result: Any) -> None:
@@ -284,7 +285,7 @@ def check_not_awaitable(name: str, result: Any) -> None:
         if inspect.iscoroutine(result):
             result.close()  # never awaited: no "never awaited" warning, no connection
         raise ConfigError(name, f"returned an awaitable ({type(result).__name__}), not a "
-                                f"connection; {NO_ASYNCIO}")
+                                f"connection: {SYNC_INSTEAD}")
 
 
 def env_socket_path() -> str | None:

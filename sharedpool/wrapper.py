@@ -4,6 +4,7 @@ the decorator over a pool."""
 from __future__ import annotations
 
 import functools
+import inspect
 import operator
 import time
 import traceback
@@ -142,6 +143,7 @@ class PooledConnection(Generic[T]):
 
 def pooled(pool: ConnectionPool[Any], timeout: float | None = None) -> Callable[[F], F]:
     """Decorator: call the function with a checked-out connection as its first argument."""
+    from .config import NO_ASYNCIO
     from .errors import ConfigError
     from .status import valid_timeout
 
@@ -152,6 +154,12 @@ def pooled(pool: ConnectionPool[Any], timeout: float | None = None) -> Callable[
         raise ConfigError("timeout", f"must be a number of seconds >= 0 or None, got {timeout!r}")
 
     def decorator(func: F) -> F:
+        if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
+            # Its body runs after the wrapper returned: on a connection checked in
+            # already, shared with whoever checks it out next.
+            raise ConfigError("func", f"{func!r} is async: the connection would be checked in "
+                                      f"before its body runs: {NO_ASYNCIO}")
+
         @functools.wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             with pool.connection(timeout) as conn:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from proc_helpers import resource_row
 
-from sharedpool import ConfigError, ConnectionPool, PoolConfig
+from sharedpool import ConfigError, ConnectionPool, PoolConfig, pooled
 from sharedpool.testing import FakeConnection, FakeFactory
 
 
@@ -30,6 +30,22 @@ def test_a_coroutine_function_is_refused_where_it_is_given(field: str, make: Any
     with pytest.raises(ConfigError, match="coroutine function.*asyncio.to_thread") as err:
         ConnectionPool(kwargs.pop("factory"), PoolConfig(min_size=0), **kwargs)
     assert err.value.field == field
+
+
+def test_pooled_refuses_an_async_function() -> None:
+    # Its coroutine ran after the wrapper had checked the connection in: four
+    # concurrent calls shared one connection, get_in_use() 0 while they used it.
+    async def handler(conn: Any) -> None:
+        pass
+
+    async def rows(conn: Any) -> Any:
+        yield conn
+
+    with ConnectionPool(FakeFactory(), PoolConfig(min_size=0)) as pool:
+        for func in (handler, rows):
+            with pytest.raises(ConfigError, match="checked in before its body runs") as err:
+                pooled(pool)(func)
+            assert err.value.field == "func"
 
 
 def test_an_awaitable_from_the_factory_is_refused_and_its_lease_goes_back(
