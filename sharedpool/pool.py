@@ -91,8 +91,8 @@ class ConnectionPool(Generic[T]):
             raise ConfigError("config", f"must be a PoolConfig, got {type(config).__name__}")
         if check is not None and not callable(check):
             raise ConfigError("check", f"must be callable, got {check!r}")
-        for name, given in (("factory", factory), ("check", check), ("configure", configure)):
-            check_sync_callable(name, given)
+        for field, given in (("factory", factory), ("check", check), ("configure", configure)):
+            check_sync_callable(field, given)
         self.factory = factory
         self.config = config or PoolConfig()
         self.resource = check_resource_name(resource)

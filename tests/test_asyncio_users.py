@@ -30,6 +30,8 @@ def test_a_coroutine_function_is_refused_where_it_is_given(field: str, make: Any
     with pytest.raises(ConfigError, match="coroutine function.*asyncio.to_thread") as err:
         ConnectionPool(kwargs.pop("factory"), PoolConfig(min_size=0), **kwargs)
     assert err.value.field == field
+    with ConnectionPool(FakeFactory(), PoolConfig(min_size=0), resource="pg") as pool:
+        assert pool.name == "pool-pg"  # the checks leave the name alone
 
 
 def test_pooled_refuses_an_async_function() -> None:

@@ -80,8 +80,8 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
                  configure: Any = None, **kwargs: Any) -> None:
         if configure is not None and not callable(configure):  # else every connect failed, a PoolTimeout
             raise ConfigError("configure", f"must be callable, got {configure!r}")
-        for name in ("configure", "check", "reset"):  # an async one's coroutine was never awaited
-            check_sync_callable(name, configure if name == "configure" else kwargs.get(name))
+        for field in ("configure", "check", "reset"):  # an async one's coroutine was never awaited
+            check_sync_callable(field, configure if field == "configure" else kwargs.get(field))
         if isinstance(kwargs.get("connection_class"), type) and issubclass(kwargs["connection_class"],
                                                                            psycopg.AsyncConnection):
             # Else every connect failed ("'coroutine' object has no attribute"), a PoolTimeout.
