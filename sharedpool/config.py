@@ -6,6 +6,7 @@ was written, with a :class:`~sharedpool.errors.ConfigError` naming the field.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import math
 import os
@@ -268,6 +269,16 @@ NO_ASYNCIO = ("sharedpool's pools are synchronous (there is no asyncio API): use
               "async code in a thread (asyncio.to_thread)")
 #: ... and what to give them instead.
 SYNC_INSTEAD = f"pass a sync one (psycopg.connect, not psycopg.AsyncConnection.connect); {NO_ASYNCIO}"
+
+
+def blocked_loop_note() -> str:
+    """For a timeout: what it cost if the wait ran on an asyncio event loop's
+    thread (an ``async def`` calling the pool): the whole loop stood still, so
+    its tasks holding connections could not give them back; else ""."""
+    if asyncio._get_running_loop() is None:
+        return ""
+    return ("; this wait blocked a running asyncio event loop, whose tasks could not return "
+            "their connections meanwhile (call the pool from a thread: asyncio.to_thread)")
 
 
 def check_sync_callable(name: str, value: Any) -> None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .client import QUEUED_AFTER
 from .closing import WAIT_SLICE
+from .config import blocked_loop_note
 from .errors import ConnectTimeout, PoolClosed, PoolTimeout
 from .status import PoolStatus
 from .wrapper import ConnectionWrapper, _call_site
@@ -208,7 +209,7 @@ def timed_out(pool: ConnectionPool[T], start: float, deadline: float, note: str)
     return PoolTimeout(
         f"pool {pool.name!r}: no connection within {deadline - start:.3g}s "
         f"({len(pool._all)} open, {len(pool._all) - len(pool._idle)} in use{connects}, "
-        f"max_size={pool.config.max_size}){note}")
+        f"max_size={pool.config.max_size}){note}{blocked_loop_note()}")
 
 
 def forsake(pool: ConnectionPool[T], waiter: _Waiter, checking: ConnectionWrapper[T] | None) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from proc_helpers import resource_row
 
-from sharedpool import ConfigError, ConnectionPool, PoolConfig, PoolMisuse, pooled
+from sharedpool import ConfigError, ConnectionPool, PoolConfig, PoolMisuse, PoolTimeout, pooled
 from sharedpool.testing import FakeConnection, FakeFactory
 
 
@@ -84,6 +84,32 @@ def test_an_awaited_acquire_gives_its_checkout_back(start_coordinator: Any, sock
         with pool.connection(timeout=5):
             pass
     assert resource_row(sock_path)["in_use"] == 0
+
+
+def test_a_timeout_inside_a_running_loop_says_the_loop_was_blocked() -> None:
+    # A task holds the one connection across an await; another calls the pool
+    # in the loop: the wait stops the loop, so the holder cannot give it back.
+    # The PoolTimeout said only "(1 open, 1 in use, max_size=1)".
+    with ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1)) as pool:
+        async def holder() -> None:
+            with pool.connection(timeout=5):
+                await asyncio.sleep(0.5)
+
+        async def waiter() -> str:
+            await asyncio.sleep(0.05)
+            with pytest.raises(PoolTimeout) as err:
+                pool.acquire(timeout=0.2)
+            return str(err.value)
+
+        async def main() -> str:
+            return (await asyncio.gather(holder(), waiter()))[1]
+
+        assert "blocked a running asyncio event loop" in asyncio.run(main())
+        held = pool.acquire(timeout=5)
+        with pytest.raises(PoolTimeout) as err:  # outside a loop: no such note
+            pool.acquire(timeout=0.1)
+        assert "event loop" not in str(err.value)
+        pool.release(held)
 
 
 def test_the_pool_used_from_a_running_loop_through_threads_holds_the_cap(  # the README's way

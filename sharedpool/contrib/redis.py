@@ -43,7 +43,7 @@ from typing import Any
 import redis
 from redis.connection import Connection
 
-from ..config import check_seconds
+from ..config import blocked_loop_note, check_seconds
 from ..errors import ConfigError, PoolTimeout, ResourceUnavailable, TooManyWaiters
 from ._leases import LeaseBook
 
@@ -121,7 +121,7 @@ def _lease_timeout(resource: str, exc: PoolTimeout) -> LeaseTimeout:
     if isinstance(exc, LeaseTimeout):
         return exc
     # A plain PoolTimeout would slip past `except redis.RedisError`.
-    error = LeaseTimeout(f"no {resource!r} lease in time: {exc}")
+    error = LeaseTimeout(f"no {resource!r} lease in time: {exc}{blocked_loop_note()}")
     error.__cause__ = exc
     return error
 

@@ -46,7 +46,7 @@ from sqlalchemy.pool import Pool, QueuePool
 from sqlalchemy.util import queue as sqla_queue
 
 from ..client import current_pid
-from ..config import check_seconds
+from ..config import blocked_loop_note, check_seconds
 from ..errors import ConfigError, PoolClosed, PoolTimeout, ResourceUnavailable, TooManyWaiters
 from ..process import FORK_LOCK
 from ._leases import LeaseBook
@@ -430,7 +430,7 @@ def _lease_timeout(book: LeaseBook, timeout: float) -> Iterator[None]:
         if isinstance(e, LeaseTimeout):
             raise
         within = "the resource's acquire_timeout" if timeout is None else f"{timeout:g}s"
-        raise LeaseTimeout(f"no {book.resource!r} lease within {within}: {e}") from e
+        raise LeaseTimeout(f"no {book.resource!r} lease within {within}: {e}{blocked_loop_note()}") from e
     except TooManyWaiters as e:  # an exhausted pool to whoever catches SQLAlchemy's error
         if isinstance(e, LeaseRefused):
             raise
