@@ -180,3 +180,12 @@ def test_psycopg_pool_async_arguments_are_refused(field: str) -> None:
     with pytest.raises(ConfigError) as err:
         PsycopgPool("", resource="pg", open=False, **{field: given})
     assert err.value.field == field
+
+
+def test_sqlalchemy_async_creator_is_refused() -> None:
+    from sharedpool.contrib.sqlalchemy import create_engine
+
+    # It was "'coroutine' object has no attribute 'add_notice_handler'" at the first connect.
+    with pytest.raises(ConfigError, match="coroutine function") as err:
+        create_engine("postgresql+psycopg://", creator=_async_connect, resource="pg")
+    assert err.value.field == "creator"

@@ -46,7 +46,7 @@ from sqlalchemy.pool import Pool, QueuePool
 from sqlalchemy.util import queue as sqla_queue
 
 from ..client import current_pid
-from ..config import blocked_loop_note, check_seconds
+from ..config import blocked_loop_note, check_seconds, check_sync_callable
 from ..errors import ConfigError, PoolClosed, PoolTimeout, ResourceUnavailable, TooManyWaiters
 from ..process import FORK_LOCK
 from ._leases import LeaseBook
@@ -500,5 +500,6 @@ def create_engine(url: Any, *, resource: str, coordinator: str | None = None,
         raise ConfigError("poolclass", f"only QueuePool can be leased, got {poolclass!r}")
     if "pool" in kwargs:
         raise ConfigError("pool", "pass a URL and pool arguments, or use attach() on your engine")
+    check_sync_callable("creator", kwargs.get("creator"))  # else an AttributeError from the dialect
     return attach(sqlalchemy.create_engine(url, **kwargs), resource, coordinator,
                   lease_timeout=lease_timeout, confirm_timeout=confirm_timeout)
