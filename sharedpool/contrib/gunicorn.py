@@ -42,7 +42,7 @@ gunicorn also reads it for ``--check-config`` and before ``--daemon`` forks the
 master away from the process that would own the coordinator.
 
 Works with any worker class that forks from the master (``sync``, ``gthread``,
-``gevent``...).
+``gevent``, uvicorn's ``UvicornWorker``...).
 This module does not import gunicorn.
 """
 
