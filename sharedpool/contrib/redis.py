@@ -337,7 +337,7 @@ class BlockingConnectionPool(redis.BlockingConnectionPool):
     # ------------------------------------------------------------------ checkout / checkin
 
     def get_connection(self, *args: Any, **kwargs: Any) -> Any:
-        if sys._getframe(1).f_globals.get("__name__", "").startswith("redis.asyncio"):
+        if sys._getframe(1).f_globals.get("__name__", "").startswith("redis.asyncio."):
             # A redis.asyncio client awaits what this returns: a TypeError, and the
             # connection (its lease) checked out for good. Refused before either.
             raise ConfigError("connection_pool", f"is given to a redis.asyncio client: {NOT_ASYNCIO}")
