@@ -127,6 +127,16 @@ class _Checkout(Generic[T]):
         else:
             self.pool.release_after_error(self.wrapper)
 
+    async def __aenter__(self) -> T:  # `async with pool.connection()`: said what to do instead
+        from .config import NO_ASYNCIO
+        from .errors import PoolMisuse
+
+        raise PoolMisuse(f"pool {self.pool.name!r}: connection() is a sync context manager "
+                         f"(`with`, not `async with`): {NO_ASYNCIO}")
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        pass  # never entered
+
 
 class PooledConnection(Generic[T]):
     """Context manager over a checked-out wrapper: ``with PooledConnection(pool, w) as conn``.

@@ -112,6 +112,18 @@ def test_a_timeout_inside_a_running_loop_says_the_loop_was_blocked() -> None:
         pool.release(held)
 
 
+def test_async_with_a_checkout_says_what_to_do() -> None:
+    # It was "'_Checkout' object does not support the asynchronous context manager protocol".
+    with ConnectionPool(FakeFactory(), PoolConfig(min_size=0)) as pool:
+        async def main() -> None:
+            with pytest.raises(PoolMisuse, match="sync context manager.*asyncio.to_thread"):
+                async with pool.connection():
+                    pass
+
+        asyncio.run(main())
+        assert pool.get_in_use() == 0
+
+
 def test_the_pool_used_from_a_running_loop_through_threads_holds_the_cap(  # the README's way
         start_coordinator: Any, sock_path: str) -> None:
     start_coordinator({"pg": 2})
