@@ -456,7 +456,9 @@ def attach(engine: Engine, resource: str, coordinator: str | None = None, *,
         raise ConfigError("engine", "already leases its connections (attach() was called before)")
     if getattr(pool, "_is_asyncio", False):  # an AsyncAdaptedQueuePool, or an AsyncEngine's
         raise ConfigError("engine", "is an asyncio engine (create_async_engine, an async driver): "
-                                    "only engines with a synchronous driver lease their connections")
+                                    "only engines with a synchronous driver (postgresql+psycopg://) "
+                                    "lease their connections; use one from async code in a thread "
+                                    "(asyncio.to_thread)")
     if type(pool) is not QueuePool:
         raise ConfigError("engine", f"needs a QueuePool (the default for server databases), "
                                     f"has {type(pool).__name__}")
