@@ -53,17 +53,6 @@ class ConnectionWrapper(Generic[T]):
         self.kept = keep_socket(conn)
         pool._left.track(self)  # closed if the pool is collected before a close takes it
 
-    def __await__(self) -> Any:
-        # `await pool.acquire()`: acquire() is synchronous and has checked this out
-        # already; Python's TypeError left it (and its lease) checked out for good.
-        from .config import NO_ASYNCIO
-        from .errors import PoolMisuse
-
-        if self.in_use:
-            self.pool.release(self)
-        raise PoolMisuse(f"pool {self.pool.name!r}: acquire() is synchronous, not to be awaited "
-                         f"(its connection went back to the pool): {NO_ASYNCIO}")
-
     def __repr__(self) -> str:
         state = "in use" if self.in_use else "idle"
         lease = f" lease={self.lease.id}" if self.lease else ""

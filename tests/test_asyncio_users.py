@@ -68,24 +68,6 @@ def test_an_awaitable_from_the_factory_is_refused_and_its_lease_goes_back(
     assert resource_row(sock_path)["leased"] == 0
 
 
-def test_an_awaited_acquire_gives_its_checkout_back(start_coordinator: Any, sock_path: str) -> None:
-    # It was Python's "can't be used in 'await' expression" TypeError, and the
-    # connection stayed checked out (in_use 1, its lease in use) for good.
-    start_coordinator({"pg": 1})
-    with ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1),
-                        resource="pg", coordinator=sock_path) as pool:
-        async def main() -> None:
-            for _ in range(2):  # the second got a PoolTimeout: the first one's connection was lost
-                with pytest.raises(PoolMisuse, match="acquire.. is synchronous"):
-                    await pool.acquire(timeout=5)
-
-        asyncio.run(main())
-        assert pool.get_in_use() == 0
-        with pool.connection(timeout=5):
-            pass
-    assert resource_row(sock_path)["in_use"] == 0
-
-
 def test_a_timeout_inside_a_running_loop_says_the_loop_was_blocked() -> None:
     # A task holds the one connection across an await; another calls the pool
     # in the loop: the wait stops the loop, so the holder cannot give it back.
