@@ -21,10 +21,12 @@ from proc_helpers import (
     interrupt_once,
     leased,
     no_leases_of,
+    other_sessions,
     run_forked,
     run_in_child,
     run_staggered,
     wait_leased,
+    wait_no_other_sessions,
 )
 from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
@@ -554,6 +556,23 @@ def test_engines_made_and_dropped_leave_no_handlers_behind(
     del engines, engine
     gc.collect()
     assert client.close_if_unused()  # the session ends: nothing of the dropped engines is left
+
+
+def test_an_engine_disposed_then_dropped_ends_the_session(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    # Its book held no connection, so nothing was closed at its collection and
+    # the process's session stayed open for good (a dropped ConnectionPool's
+    # ends, as a dropped engine's with connections does).
+    import gc
+
+    start_coordinator({"pg": 2})
+    engine = engine_for(sock_path, app_name)
+    assert backend_pid(engine)
+    engine.dispose()
+    assert len(other_sessions(sock_path)) == 1
+    del engine
+    gc.collect()
+    assert wait_no_other_sessions(sock_path) == []
 
 
 @pytest.mark.parametrize("pause", ["book", "pool"])
