@@ -85,7 +85,18 @@ def rebalance(
         takers, head, per_session = servable(res, sessions)
     excess = max(0, res.leased - res.limits.max_size)
     need = max(0, takers - res.free - len(res.fenced)) + excess
-    if need == 0 and not res.askees:  # the common case: nothing asked, nothing to ask
+    # Waiters held back only by their own process's max_per_process (left out
+    # of takers) wait for that process's own leases: another pool of it (two
+    # engines, an engine and a psycopg pool) sitting on idle ones kept them
+    # while these timed out, with slots free. That process is asked for its
+    # idle ones, as the head is for another of its pools.
+    blocked: dict[int, int] = {}
+    if res.limits.max_per_process is not None and not res.paused and not holding:
+        for w in res.waiters:
+            blocked[w.session] = blocked.get(w.session, 0) + 1
+        blocked = {sid: n - per_session.get(sid, 0) for sid, n in blocked.items()
+                   if n > per_session.get(sid, 0)}
+    if need == 0 and not res.askees and not blocked:  # the common case: nothing asked, nothing to ask
         return []
     # Every holder above its floor may be asked, waiting or not: a busy
     # process that also queues for more must not starve one that holds
@@ -133,6 +144,11 @@ def rebalance(
     if (need > 0 and not plan and head is not None and len(per_session) > 1
             and sessions[head].held(res.name) > res.limits.min_per_process):
         plan[head] = 1
+    for sid, n in blocked.items():  # idle ones only: a busy one goes at its checkin (checkin.py)
+        asked = plan.get(sid, 0)
+        extra = min(n, idle.get(sid, 0) - asked, held.get(sid, 0) - floor - asked)
+        if extra > 0:
+            plan[sid] = asked + extra
     effects: list[Effect] = []
     quantum = res.quantum_sent
     if plan and (new := to_send(quantum, current_quantum)) is not None:

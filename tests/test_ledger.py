@@ -792,6 +792,23 @@ def test_the_head_session_is_asked_for_what_it_holds_idle() -> None:
     assert lg.sessions[a].asked.get("pg", 0) == 0
 
 
+def test_a_session_at_max_per_process_is_asked_for_what_it_holds_idle() -> None:
+    """Two pools of one process, at its max_per_process: one sits on idle
+    connections, the other waits (not servable: held back by its own cap). The
+    process is asked for its idle leases, and what it gives back comes back to
+    its waiter; a busy lease is not asked for (it goes at its checkin)."""
+    lg = ledger(pg=Resource(4, max_per_process=2))
+    a = session(lg)
+    l1, l2 = grant(lg, a, 1), grant(lg, a, 2)
+    lg.report(a, [[l1, IDLE, None, None], [l2, BUSY, None, None]], T0)
+    assert of(AskReclaim, lg.acquire(a, 3, "pg", T0, timeout=5)) == [AskReclaim(a, "pg", 1)]
+    assert of(AskReclaim, lg.acquire(a, 4, "pg", T0, timeout=5)) == []  # one idle: one asked
+    assert granted(lg.release(a, l1, T0 + 0.01)).req == 3
+    assert lg.sessions[a].asked.get("pg", 0) == 0
+    lg.report(a, [[l2, BUSY, None, None]], T0 + 0.01)
+    assert lg.sessions[a].asked.get("pg", 0) == 0
+
+
 def test_busy_holders_that_also_wait_cannot_starve_an_empty_session() -> None:
     """Three sessions hold a lease each and queue for more; a fourth holds none.
     Each give-back serves the head waiter, so the fourth is served in turn."""

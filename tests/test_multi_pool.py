@@ -193,6 +193,31 @@ def test_a_pool_is_served_beside_a_busy_sibling_pool_on_its_resource(
         busy.close()
 
 
+def test_a_pool_at_max_per_process_gets_an_idle_slot_of_its_sibling_pool(
+        start_coordinator: Any, sock_path: str) -> None:
+    # A celery -P threads worker (or a gthread worker) with an engine and a psycopg
+    # pool on one resource: one pool sits on the process's max_per_process idle
+    # connections while the other waits, two slots of the cap free. Before: nobody
+    # was asked (the waiter was not servable), it waited out its whole timeout.
+    start_coordinator({"r": Resource(max_size=4, max_per_process=2)})
+    config = PoolConfig(min_size=0, max_size=2, test_on_acquire=False, acquire_timeout=3,
+                        idle_timeout=60)
+    idle = ConnectionPool(FakeFactory(), config, resource="r", coordinator=sock_path, name="idle")
+    waiting = ConnectionPool(FakeFactory(), config, resource="r", coordinator=sock_path, name="waiting")
+    try:
+        held = [idle.acquire(timeout=5) for _ in range(2)]
+        for wrapper in held:
+            idle.release(wrapper)
+        t0 = time.monotonic()
+        with waiting.connection(timeout=3):
+            pass
+        assert time.monotonic() - t0 < 2.5
+        assert idle.get_size() == 1
+    finally:
+        waiting.close()
+        idle.close()
+
+
 @pytest.mark.parametrize("timeout", [0, 5.0])
 def test_only_an_acquire_that_queues_takes_a_busy_pools_slot(
         start_coordinator: Any, sock_path: str, timeout: float) -> None:
