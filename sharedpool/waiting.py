@@ -12,7 +12,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .client import QUEUED_AFTER
+from .client import QUEUED_AFTER, AcquireRequest
 from .closing import WAIT_SLICE
 from .config import blocked_loop_note
 from .errors import ConnectTimeout, PoolClosed, PoolTimeout
@@ -217,14 +217,23 @@ def forsake(pool: ConnectionPool[T], waiter: _Waiter, checking: ConnectionWrappe
     a connection that reached it meanwhile, or close the one whose
     validation was cut short (it may be mid-query)."""
     now = time.monotonic()
+    stale: set[AcquireRequest] = set()
     with pool._lock:
         if waiter in pool._waiters:
             pool._waiters.remove(waiter)
+        if not pool._waiters and pool._lease_requests:
+            # Nobody waits any more: withdraw the openers' lease requests, as a
+            # checkin does. Left, a wait cut short (celery's soft time limit)
+            # kept the process queued at the coordinator until the deadline,
+            # ahead of other processes, for a connection nobody wanted.
+            stale, pool._lease_requests = pool._lease_requests, set()
         handed = waiter.wrapper if checking is None else None
         if handed is not None:
             # Never its caller's: no usage to count at its checkin (it holds
             # the last user's checkout time, or configure's inf).
             handed.checked_out_at = now
+    for ticket in stale:
+        ticket.cancel()
     if checking is not None:
         pool._discard(checking, validation=False)
     elif handed is not None:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from proc_helpers import HoldingServer, alarm_raises, leased, start_recording, wait_leased
+from proc_helpers import HoldingServer, alarm_raises, leased, resource_row, start_recording, wait_leased
 
 from sharedpool import (
     Client,
@@ -1217,6 +1217,33 @@ def test_a_connection_handed_to_a_waiter_whose_caller_is_gone_is_checked_back_in
         pool.release(again)
     finally:
         pool.close()
+
+
+def test_a_wait_cut_short_withdraws_its_lease_request(start_coordinator: Any, sock_path: str) -> None:
+    """celery's soft time limit fires while a checkout waits at the cap: the
+    opener's lease request stayed queued at the coordinator until the wait's
+    deadline (ahead of other processes, for a connection nobody wanted, opened
+    once granted). Withdrawn as a checkin withdraws it once nobody waits."""
+    start_coordinator({"r": 1})
+    holder = Client(sock_path)
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1, acquire_timeout=30),
+                          resource="r", coordinator=sock_path)
+    try:
+        lease = holder.acquire("r", timeout=5)
+        with alarm_raises(Interrupted):
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            with pytest.raises(Interrupted):
+                pool.acquire(timeout=30)
+        deadline = time.monotonic() + 5
+        while (waiting := resource_row(sock_path)["waiting"]) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert waiting == 0
+        holder.release(lease)
+        time.sleep(0.3)
+        assert pool.get_size() == 0  # nothing opened for the caller that left
+    finally:
+        pool.close()
+        holder.close()
 
 
 def test_no_thread_for_the_close_watcher_still_gives_the_lease_back(
