@@ -123,6 +123,16 @@ class ConnectionPool(Generic[T]):
         """At process exit: close every connection (see :func:`sharedpool.release_process`)."""
         self.close(timeout)
 
+    def session_kept(self) -> Client | None:
+        """After :meth:`release_for_exit`: the session, while connections of this
+        pool still hold leases (in use past its timeout, a close not yet
+        confirmed). Ended now, their slots would go to other processes while
+        PostgreSQL still counts them (I1); they go back as those close (their
+        checkin closes them), the session then, or with the process."""
+        with self._lock:
+            kept = self._pid == _PID[0] and self._leased > 0
+        return self._client if kept else None
+
     def _init_state(self, status: PoolStatus = PoolStatus.ACTIVE, maintain: bool = True) -> None:
         # Config read on every checkout, kept as plain attributes.
         self._bypass = self.config.validation_bypass if self.config.test_on_acquire else None

@@ -43,6 +43,8 @@ class _Releasable(Protocol):
 
     def connections_at_fork(self) -> list[Any]: ...
 
+    def session_kept(self) -> Any: ...
+
 
 _POOLS: weakref.WeakSet[Any] = weakref.WeakSet()
 
@@ -64,13 +66,19 @@ def release_process(timeout: float = 5.0) -> None:
     # the pool left open), "5" would release nothing.
     check_seconds("timeout", timeout)
     deadline = time.monotonic() + timeout
+    kept: set[int] = set()
     for pool in list(_POOLS):
         try:
             pool.release_for_exit(max(0.0, deadline - time.monotonic()))
+            if (client := pool.session_kept()) is not None:
+                kept.add(id(client))
         except Exception:  # noqa: BLE001 - release the rest whatever one pool does
             log.exception("releasing %r at exit failed", pool)
     for client in list(_ALL):
-        client.close()
+        # A gthread worker past its graceful_timeout: a thread still runs its query.
+        # Its session ends once that connection is closed (or with the process).
+        if id(client) not in kept:
+            client.close()
 
 
 def _cut_inherited() -> None:

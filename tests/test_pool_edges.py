@@ -15,7 +15,15 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from proc_helpers import HoldingServer, alarm_raises, leased, resource_row, start_recording, wait_leased
+from proc_helpers import (
+    HoldingServer,
+    alarm_raises,
+    leased,
+    resource_row,
+    run_forked,
+    start_recording,
+    wait_leased,
+)
 
 from sharedpool import (
     Client,
@@ -1217,6 +1225,55 @@ def test_a_connection_handed_to_a_waiter_whose_caller_is_gone_is_checked_back_in
         pool.release(again)
     finally:
         pool.close()
+
+
+def _exit_with_a_query_running(sock: str) -> dict[str, Any]:
+    """A worker's exit hook (release_process) while one of its threads still
+    uses a connection, past the hook's timeout; then whether another session
+    can lease the cap's one slot, before and after that thread checks in."""
+    from sharedpool import release_process
+
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1), resource="r",
+                          coordinator=sock)
+    checked_out, done = threading.Event(), threading.Event()
+
+    def query() -> None:
+        with pool.connection():
+            checked_out.set()
+            done.wait(10)
+
+    thread = threading.Thread(target=query)
+    thread.start()
+    assert checked_out.wait(10)
+    release_process(0.2)
+    other = Client(sock)
+    out: dict[str, Any] = {}
+    try:
+        try:
+            other.release(other.acquire("r", timeout=0.5))
+            out["while_in_use"] = "granted"
+        except PoolTimeout:
+            out["while_in_use"] = "timeout"
+        done.set()
+        thread.join(10)
+        other.release(other.acquire("r", timeout=5))
+        out["after_checkin"] = "granted"
+    finally:
+        done.set()
+        other.close()
+    return out
+
+
+def test_an_exit_hook_keeps_the_session_of_a_connection_still_in_use(
+        start_coordinator: Any, sock_path: str) -> None:
+    """A gthread worker past its graceful_timeout: worker_exit's release_process
+    ends after its timeout while a thread still runs its query. It ended the
+    session anyway: the lease was freed (fenced for quarantine_delay only) and
+    handed on with the connection still open, PostgreSQL over the cap (cap 1:
+    2 backends). The session now lasts until that connection is closed."""
+    start_coordinator({"r": 1})
+    [child] = run_forked(_exit_with_a_query_running, sock_path)
+    assert child == {"while_in_use": "timeout", "after_checkin": "granted"}
 
 
 def test_a_wait_cut_short_withdraws_its_lease_request(start_coordinator: Any, sock_path: str) -> None:

@@ -110,6 +110,8 @@ class _Book:
     if TYPE_CHECKING:  # LeaseBook's, in _leases.py: process.register() calls it at exit
         def release_for_exit(self, timeout: float) -> None: ...
 
+        def session_kept(self) -> None: ...
+
     @property
     def coordinator(self) -> str | None:
         """The socket given, else ``$SHAREDPOOL_SOCKET`` as it is when first needed."""

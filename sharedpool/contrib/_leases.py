@@ -260,6 +260,11 @@ class LeaseBook(_Acquiring):
         for key in in_use + detached:  # out of time: their queries fail, the leases come back
             self._close_for_exit(key)
 
+    def session_kept(self) -> None:
+        """Nothing holds the session here: :meth:`release_for_exit` closed every
+        connection, in use or not (:func:`sharedpool.release_process`)."""
+        return None
+
     def _close_idle_for_exit(self) -> list[Any]:
         """Close the idle connections; return those still in use."""
         with self._lock:
