@@ -58,8 +58,10 @@ def release_process(timeout: float = 5.0) -> None:
     """Close this process's leased connections and end its coordinator sessions.
 
     Pools wait up to ``timeout`` in all (one deadline, however many pools)
-    for connections in use. Pools inherited across ``fork()`` release nothing
-    of the parent's (I7)."""
+    for connections in use. A session that a :class:`~sharedpool.ConnectionPool`
+    connection still in use then holds (its lease) stays until that connection
+    is closed. Pools inherited across ``fork()`` release nothing of the
+    parent's (I7)."""
     from .client import _ALL
 
     # Before anything is released: inf would fail each pool's close() (logged,
