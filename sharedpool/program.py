@@ -42,6 +42,21 @@ from .errors import ConfigError, SharedPoolError
 
 log = logging.getLogger("sharedpool.program")
 
+#: Held while the program is spawned, and by every fork of this process (at-fork
+#: hooks below): a child that another thread forked meanwhile (celery's prefork
+#: pool replacing a child, a gunicorn master forking a worker) inherited the
+#: spawn's pipes: subprocess's exec-status pipe, on which Popen then waited until
+#: that child exited (a coordinator restart held up for the child's lifetime,
+#: every checkout failing), and the lifeline's write end (the coordinator would
+#: outlive its owner as long as that child). A spawn takes milliseconds.
+#: Re-entrant: a signal handler that forks while its thread spawns must not hang.
+_SPAWNING = threading.RLock()
+#: Lifelines spawned and not yet an instance's: a forked child closes them too.
+_UNOWNED_LIFELINES: set[int] = set()
+# In the child too the forking thread, which took it, lets it go.
+os.register_at_fork(before=_SPAWNING.acquire, after_in_parent=_SPAWNING.release,
+                    after_in_child=_SPAWNING.release)
+
 #: Restart back-off bounds (seconds) after an unexpected coordinator death.
 RESTART_MIN, RESTART_MAX = 0.2, 30.0
 
@@ -194,6 +209,7 @@ class EmbeddedCoordinator:
         proc, lifeline = self._spawn()
         with self._lock:
             self._proc, self._lifeline = proc, lifeline
+        _UNOWNED_LIFELINES.discard(lifeline)
         if self.restart:
             threading.Thread(target=self._watch, args=(proc,), daemon=True,
                              name="sharedpool-coordinator-watch").start()
@@ -202,21 +218,23 @@ class EmbeddedCoordinator:
         """Start the program; return it and the write end of its lifeline (raw fds
         only: a forked child closes its copy without touching any lock)."""
         payload = json.dumps({**dataclasses.asdict(self.config), "log_level": self.log_level})
-        ready_r, ready_w = os.pipe()  # both close-on-exec; pass_fds hands ready_w over
-        life_r, life_w = os.pipe()
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-P", "-c", _CHILD_CODE, str(ready_w), "sharedpool-coordinator",
-                 self.socket_path],
-                stdin=life_r, pass_fds=(ready_w,), start_new_session=True, env=_child_env(),
-            )
-        except BaseException:
-            for fd in (ready_r, life_w):
-                os.close(fd)
-            raise
-        finally:
-            os.close(ready_w)
-            os.close(life_r)
+        with _SPAWNING:  # no fork of this process meanwhile: see _SPAWNING
+            ready_r, ready_w = os.pipe()  # both close-on-exec; pass_fds hands ready_w over
+            life_r, life_w = os.pipe()
+            try:
+                proc = subprocess.Popen(
+                    [sys.executable, "-P", "-c", _CHILD_CODE, str(ready_w), "sharedpool-coordinator",
+                     self.socket_path],
+                    stdin=life_r, pass_fds=(ready_w,), start_new_session=True, env=_child_env(),
+                )
+            except BaseException:
+                for fd in (ready_r, life_w):
+                    os.close(fd)
+                raise
+            finally:
+                os.close(ready_w)
+                os.close(life_r)
+            _UNOWNED_LIFELINES.add(life_w)  # a child forked from now on closes its copy
         try:
             # A pipe buffer holds it. If the program died at once, the status says so.
             with contextlib.suppress(BrokenPipeError):
@@ -235,7 +253,7 @@ class EmbeddedCoordinator:
                 _signal(proc, signal.SIGKILL)
                 proc.wait(5)
             finally:
-                os.close(life_w)  # its lifeline ends: it stops even if we were cut short here
+                _close_fd(life_w)  # its lifeline ends: it stops even if we were cut short here
             raise
         finally:
             os.close(ready_r)
@@ -249,7 +267,7 @@ class EmbeddedCoordinator:
             code = proc.wait(5)
         except subprocess.TimeoutExpired:
             code = None
-        os.close(life_w)
+        _close_fd(life_w)
         if status is None:
             raise EmbeddedStartError(
                 f"coordinator for {self.socket_path} did not start within {self.start_timeout:g}s"
@@ -282,6 +300,7 @@ class EmbeddedCoordinator:
                 else:
                     stale, old = False, self._lifeline
                     self._proc, self._lifeline = new, lifeline
+                    _UNOWNED_LIFELINES.discard(lifeline)
             _close_fd(old)
             if stale:  # stop() ran meanwhile: do not leave it behind
                 _signal(new, signal.SIGTERM)
@@ -317,6 +336,7 @@ def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
 
 def _close_fd(fd: int | None) -> None:
     if fd is not None:
+        _UNOWNED_LIFELINES.discard(fd)
         with contextlib.suppress(OSError):
             os.close(fd)
 
@@ -442,8 +462,12 @@ _INSTANCES: weakref.WeakSet[EmbeddedCoordinator] = weakref.WeakSet()
 
 
 def _forget_in_child() -> None:
+    unowned = set(_UNOWNED_LIFELINES)
     for inst in list(_INSTANCES):
+        unowned.discard(inst._lifeline)  # closed once, by _forget
         inst._forget()
+    for fd in unowned:
+        _close_fd(fd)
 
 
 def _stop_at_exit() -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -425,6 +426,59 @@ def test_embedded_coordinator_restarts_and_dies_with_its_master(sock_path: str) 
         if master.poll() is None:
             master.kill()
             master.wait(10)
+
+
+_FORKING_MASTER = """
+import os, subprocess, sys, threading, time
+from sharedpool.contrib._embedded import EmbeddedCoordinator
+real = subprocess._fork_exec
+
+def forking_meanwhile(*args):
+    # Another thread of the master forks as the coordinator is spawned (a gunicorn
+    # worker, a celery pool child replacing one); that child lives on.
+    forked = threading.Event()
+
+    def fork():
+        if os.fork() == 0:
+            time.sleep(60)
+            os._exit(0)
+        forked.set()
+
+    threading.Thread(target=fork, daemon=True).start()
+    forked.wait(0.5)
+    return real(*args)
+
+coordinator = EmbeddedCoordinator(sys.argv[1], {"r": 2}, log_level="info").start()
+subprocess._fork_exec = forking_meanwhile
+print(coordinator.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_restart_is_not_held_up_by_a_child_forked_meanwhile(sock_path: str) -> None:
+    """The watch thread restarts the coordinator while the master's other thread
+    forks a worker. That child inherited the spawn's pipes: Popen waited on its
+    exec-status pipe until the child exited (the restart held up for the child's
+    lifetime: 60 s here, hours for a celery child), and the coordinator would
+    outlive a SIGKILLed master as long as the child kept the lifeline."""
+    master = subprocess.Popen([sys.executable, "-c", _FORKING_MASTER, sock_path],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True,
+                              preexec_fn=die_with_parent)
+    try:
+        assert master.stdout is not None
+        first = int(master.stdout.readline())
+        client = Client(sock_path)
+        os.kill(first, signal.SIGKILL)
+        second = wait_for(lambda: (_server_pid(client) or first) != first and _server_pid(client),
+                          15, "a restarted coordinator")
+        client.close()
+        os.kill(master.pid, signal.SIGKILL)  # its forked child lives on
+        master.wait(10)
+        wait_for(lambda: not pid_alive(second), 10, "the coordinator to follow its master")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(master.pid, signal.SIGKILL)  # the forked children
+        master.wait(10)
 
 
 def test_bad_limits_fail_when_gunicorn_reads_its_config(monkeypatch: pytest.MonkeyPatch,
