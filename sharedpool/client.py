@@ -226,7 +226,8 @@ class Client(Owed, Hooks):
         req = next(self._reqs)
         pending = _Pending(p.Acquire(req, resource, timeout, site), fail_if_lost=fail_if_lost, owner=_owner)
         # The coordinator keeps the real deadline; ours only guards a lost reply.
-        local = None if timeout is None else time.monotonic() + timeout + GRACE
+        expires = None if timeout is None else time.monotonic() + timeout
+        local = None if expires is None else expires + GRACE
         try:
             self._submit(req, pending, local, patient=True)
             if local is None:
@@ -237,7 +238,7 @@ class Client(Owed, Hooks):
                 default = self._default_timeout(resource)
                 if default is not None:
                     local = time.monotonic() + 2 * default + GRACE
-            ticket = AcquireRequest(self, req, pending, local)
+            ticket = AcquireRequest(self, req, pending, local, expires)
             if _into is not None:
                 _into.append(ticket)
             return ticket

@@ -24,6 +24,10 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+#: A lease request left to time out at the coordinator when a wait is given
+#: up within this much of its deadline (see forsake).
+_EXPIRING = 0.05
+
 
 class _Waiter:
     __slots__ = ("event", "wrapper", "error", "connect_deadline", "abandoned", "has_opener",
@@ -225,8 +229,12 @@ def forsake(pool: ConnectionPool[T], waiter: _Waiter, checking: ConnectionWrappe
             # Nobody waits any more: withdraw the openers' lease requests, as a
             # checkin does. Left, a wait cut short (celery's soft time limit)
             # kept the process queued at the coordinator until the deadline,
-            # ahead of other processes, for a connection nobody wanted.
-            stale, pool._lease_requests = pool._lease_requests, set()
+            # ahead of other processes, for a connection nobody wanted. One
+            # about to time out is left to: the coordinator then counts the
+            # timeout (withdrawn a few ms before its own, it counted none).
+            stale = {t for t in pool._lease_requests
+                     if t.expires is None or t.expires > now + _EXPIRING}
+            pool._lease_requests -= stale
         handed = waiter.wrapper if checking is None else None
         if handed is not None:
             # Never its caller's: no usage to count at its checkin (it holds
