@@ -22,6 +22,7 @@ from proc_helpers import (
     leased,
     no_leases_of,
     other_sessions,
+    resource_row,
     run_forked,
     run_in_child,
     run_staggered,
@@ -556,6 +557,36 @@ def test_engines_made_and_dropped_leave_no_handlers_behind(
     del engines, engine
     gc.collect()
     assert client.close_if_unused()  # the session ends: nothing of the dropped engines is left
+
+
+def test_a_connection_being_opened_shows_as_connecting(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    # It was reported "in use" from the lease on (status: in_use 1 while the
+    # connect ran), where the core pool's shows as connecting until it is made.
+    import threading
+
+    start_coordinator({"pg": 2})
+    go = threading.Event()
+
+    def creator() -> Any:
+        go.wait(10)
+        return psycopg.connect(pg_dsn(), application_name=app_name)
+
+    engine = engine_for(sock_path, app_name, creator=creator)
+    try:
+        opening = threading.Thread(target=backend_pid, args=(engine,))
+        opening.start()
+        deadline = time.monotonic() + 5
+        while resource_row(sock_path)["leased"] != 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)  # reports are coalesced: one would have come by now
+        row = resource_row(sock_path)
+        go.set()
+        opening.join(10)
+        assert (row["leased"], row["connecting"], row["in_use"]) == (1, 1, 0), row
+    finally:
+        go.set()
+        engine.dispose()
 
 
 def test_an_engine_disposed_then_dropped_ends_the_session(

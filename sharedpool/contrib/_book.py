@@ -394,8 +394,11 @@ class _Book:
             entries = list(self._entries.values())
             entries += [x.entry for x in self._detached.values()]  # busy: their users'
         # Each lease read once: a close on another thread may take it away meanwhile.
+        # A lease whose connection is still being opened (a placeholder) is left
+        # out: the coordinator shows it as connecting, as our own pool's (it read
+        # "in use").
         return [[lease.id, "idle" if id(e.key) in idle_ids else "busy", e.backend_pid, None]
-                for e in entries if (lease := e.lease) is not None]
+                for e in entries if (lease := e.lease) is not None and closable(e.key)]
 
     # ------------------------------------------------------------------ records (both sides use)
 
