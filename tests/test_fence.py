@@ -26,7 +26,13 @@ import pytest
 from pg_helpers import require_pg
 
 from sharedpool.errors import ConfigError
-from sharedpool.fence import FenceCheck, backends_started_since, pg_fence_check, wait_backends_gone
+from sharedpool.fence import (
+    FenceCheck,
+    MonitorConnections,
+    backends_started_since,
+    pg_fence_check,
+    wait_backends_gone,
+)
 
 pytestmark = pytest.mark.pg
 
@@ -182,13 +188,15 @@ async def _terminate_if_started(dsn: str, pid: int, earliest_ago: float | None,
     (-1.0, -1.0),  # its lease was granted after the backend started: reported wrongly
 ])
 def test_terminate_spares_a_backend_started_outside_its_lease(
-        dsn: str, monkeypatch: pytest.MonkeyPatch, earliest_ago: float | None,
-        latest_ago: float) -> None:
+        dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        earliest_ago: float | None, latest_ago: float) -> None:
     monkeypatch.setattr("sharedpool.fence.START_SLACK", 0.0)
     with psycopg.connect(dsn, application_name=_app()) as conn:
         pid = conn.info.backend_pid
-        assert asyncio.run(_terminate_if_started(dsn, pid, earliest_ago, latest_ago)) == {pid}
+        with caplog.at_level(logging.WARNING, logger="sharedpool.fence"):
+            assert asyncio.run(_terminate_if_started(dsn, pid, earliest_ago, latest_ago)) == {pid}
         conn.execute("SELECT 1")  # not terminated: another connection's backend
+    assert f"backend {pid} started outside the lease" in caplog.text
 
 
 def test_terminate_ends_a_backend_started_within_its_lease(dsn: str) -> None:
@@ -197,6 +205,61 @@ def test_terminate_ends_a_backend_started_within_its_lease(dsn: str) -> None:
         assert asyncio.run(_terminate_if_started(dsn, pid, 5.0, 0.0)) == set()
         with pytest.raises(psycopg.OperationalError):
             conn.execute("SELECT 1")
+
+
+@pytest.mark.parametrize("earliest_ago,latest_ago", [
+    (-0.5, -0.5),  # half a second outside both bounds: within START_SLACK (two clocks)
+    (2000.0, 2.5),  # reported 2.5 s ago, started now: within a thousandth of a 2000 s lease
+])
+def test_terminate_ends_a_backend_within_the_slack_of_its_lease(
+        dsn: str, caplog: pytest.LogCaptureFixture, earliest_ago: float, latest_ago: float) -> None:
+    with psycopg.connect(dsn, application_name=_app()) as conn:
+        pid = conn.info.backend_pid
+        with caplog.at_level(logging.WARNING, logger="sharedpool.fence"):
+            assert asyncio.run(_terminate_if_started(dsn, pid, earliest_ago, latest_ago)) == set()
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("SELECT 1")
+    assert "started outside" not in caplog.text
+
+
+def test_the_monitor_never_terminates_its_own_backend(dsn: str) -> None:
+    """A dead worker's reported pid that is now the monitor connection's own
+    (reused, or reported wrongly): waited for, never terminated, and the
+    monitor connection is kept."""
+    async def run() -> tuple[bool, bool]:
+        monitors = MonitorConnections()
+        try:
+            conn = await monitors.get(psycopg, dsn, application_name=_app())
+            pid = conn.info.backend_pid
+            # Its last poll well before the deadline: a query the deadline cut
+            # would drop the monitor connection too (as a fence should).
+            left = await wait_backends_gone(dsn, {pid}, action="terminate", timeout=0.5,
+                                            poll_interval=0.1, monitors=monitors)
+            return left == {pid}, await monitors.get(psycopg, dsn) is conn and not conn.broken
+        finally:
+            await monitors.aclose()
+
+    assert asyncio.run(run()) == (True, True)
+
+
+def test_a_fence_that_runs_out_its_time_keeps_the_monitor_connection(dsn: str) -> None:
+    """A live backend (a query longer than fence_timeout): the wait ends on
+    time without cutting a query short, and the next fence does not pay a
+    reconnect (4-20 ms, most of a dead worker's slot-return time)."""
+    with psycopg.connect(dsn, application_name=_app()) as other:
+        pid = other.info.backend_pid
+
+        async def run() -> tuple[bool, bool]:
+            monitors = MonitorConnections()
+            try:
+                conn = await monitors.get(psycopg, dsn, application_name=_app())
+                left = await wait_backends_gone(dsn, {pid}, timeout=0.5, poll_interval=0.1,
+                                                monitors=monitors)
+                return left == {pid}, await monitors.get(psycopg, dsn) is conn
+            finally:
+                await monitors.aclose()
+
+        assert asyncio.run(run()) == (True, True)
 
 
 def test_unknown_and_empty_pids(dsn: str) -> None:

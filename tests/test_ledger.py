@@ -346,6 +346,39 @@ def test_quarantine_delay_zero_frees_at_once() -> None:
     assert of(StartFence, effects) == [] and granted(effects).session == b
 
 
+def test_a_dead_holder_never_asked_to_give_back_still_frees_its_slots() -> None:
+    """Its lease at the min_per_process floor, the holder was never asked (so
+    not an askee) and had no waiter of its own: its death must still serve
+    the waiter, not leave it queued beside a free slot until it times out."""
+    lg = ledger(pg=Resource(1, min_per_process=1, quarantine_delay=0))
+    a, b = session(lg), session(lg)
+    grant(lg, a, 1)
+    assert queued(lg.acquire(b, 1, "pg", T0, timeout=5))
+    assert not lg.resources["pg"].askees
+    assert granted(lg.close_session(a, T0)).session == b
+
+
+def test_a_wait_that_runs_out_is_a_timeout_not_a_denial() -> None:
+    lg = ledger(pg=1)
+    a, b = session(lg), session(lg)
+    grant(lg, a, 1)
+    assert queued(lg.acquire(b, 1, "pg", T0, timeout=2))
+    assert [d.reason for d in of(Denied, lg.tick(T0 + 2))] == ["timeout"]
+    row = lg.snapshot_resources(T0 + 2)[0]
+    assert (row["timeouts"], row["denials"]) == (1, 0)
+
+
+def test_a_wait_of_exactly_a_bucket_bound_counts_in_that_bucket() -> None:
+    """Prometheus buckets are "le": a wait of 0.5 s is one of those <= 0.5."""
+    lg = ledger(pg=1)
+    a, b = session(lg), session(lg)
+    lease = grant(lg, a, 1)
+    assert queued(lg.acquire(b, 1, "pg", T0, timeout=5))
+    assert granted(lg.release(a, lease, T0 + 0.5)).session == b
+    buckets = dict(lg.snapshot_resources(T0 + 1)[0]["wait_histogram"]["buckets"])
+    assert (buckets[0.1], buckets[0.5]) == (1, 2)
+
+
 def test_monitor_dsn_fences_for_fence_timeout() -> None:
     lg = ledger(pg=Resource(1, quarantine_delay=0, monitor_dsn="postgresql:///x", fence_timeout=7))
     a = session(lg, pid=5)
@@ -807,6 +840,43 @@ def test_a_session_at_max_per_process_is_asked_for_what_it_holds_idle() -> None:
     assert lg.sessions[a].asked.get("pg", 0) == 0
     lg.report(a, [[l2, BUSY, None, None]], T0 + 0.01)
     assert lg.sessions[a].asked.get("pg", 0) == 0
+
+
+def test_the_head_session_is_asked_for_no_more_than_it_holds_idle() -> None:
+    """As above, with two waiting: the head is still asked for its one idle
+    lease only; a busy one given back would come straight back to it."""
+    lg = ledger(pg=3)
+    a, b = session(lg), session(lg)
+    l1, l2, l3 = grant(lg, a, 1), grant(lg, a, 2), grant(lg, a, 3)
+    lg.report(a, [[l1, IDLE, None, None], [l2, BUSY, None, None], [l3, BUSY, None, None]], T0)
+    assert of(AskReclaim, lg.acquire(a, 4, "pg", T0, timeout=5)) == [AskReclaim(a, "pg", 1)]
+    assert of(AskReclaim, lg.acquire(b, 1, "pg", T0, timeout=5)) == []
+    assert lg.sessions[a].asked["pg"] == 1
+
+
+def test_a_shrink_asks_the_head_session_for_its_excess_even_if_all_busy() -> None:
+    """Over the cap after a resize, the process first in line, holding every
+    lease busy, is asked for the excess as any holder is: spared, the cap
+    would stay broken until it happened to let go."""
+    lg = ledger(pg=2)
+    a = session(lg)
+    leases = [grant(lg, a, 1), grant(lg, a, 2)]
+    lg.report(a, [[lid, BUSY, None, None] for lid in leases], T0)
+    assert queued(lg.acquire(a, 3, "pg", T0, timeout=5))
+    assert AskReclaim(a, "pg", 2) in of(AskReclaim, lg.resize("pg", 1, T0))
+
+
+def test_reclaim_asks_first_the_holder_of_the_oldest_idle_lease() -> None:
+    """Equal holders, each with two idle leases: the one whose oldest idle lease
+    is older is asked, though its newest is the newest of all (a lease in its
+    first turn is kept a while; the old one goes at once)."""
+    lg = ledger(pg=4)
+    a, b, c = session(lg, pid=1), session(lg, pid=2), session(lg, pid=3)
+    for sid, times in ((a, (T0 + 2, T0 + 3)), (b, (T0, T0 + 5))):
+        for req, t in enumerate(times):
+            grant(lg, sid, req, now=t)
+        idle(lg, sid, T0 + 5)
+    assert of(AskReclaim, lg.acquire(c, 1, "pg", T0 + 6, timeout=5)) == [AskReclaim(b, "pg", 1)]
 
 
 def test_busy_holders_that_also_wait_cannot_starve_an_empty_session() -> None:
@@ -2205,6 +2275,20 @@ def test_the_only_holder_is_asked_even_when_it_is_next_in_line() -> None:
     # Its give-back goes to b, past its own waiter (which would only reconnect).
     assert granted(lg.release(a, leases[0], T0 + 1)).session == b
     assert asked(lg)[a] == 0
+
+
+def test_the_head_is_asked_when_every_other_holder_is_at_its_floor() -> None:
+    """As above, with another process holding only its min_per_process floor:
+    that holder has nothing to give, and must not stand in for one asked."""
+    lg = ledger(pg=Resource(3, min_per_process=1))
+    a, b, c = session(lg, pid=1), session(lg, pid=2), session(lg, pid=3)
+    grant(lg, c, 1)
+    leases = [grant(lg, a, 1), grant(lg, a, 2)]
+    lg.report(a, [[lid, BUSY, None, None] for lid in leases], T0)
+    lg.acquire(a, 3, "pg", T0, timeout=60)
+    effects = lg.acquire(b, 1, "pg", T0 + 0.001, timeout=60)
+    assert only(AskReclaim, effects) == AskReclaim(a, "pg", 1)
+    assert granted(lg.release(a, leases[0], T0 + 1)).session == b
 
 
 def test_the_head_gives_back_once_however_many_acquires_it_has_queued() -> None:

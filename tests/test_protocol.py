@@ -655,3 +655,67 @@ def test_out_of_memory_decoding_is_not_a_bad_frame(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(p.msgpack, "unpackb", unpackb)
     with pytest.raises(MemoryError):
         p.decode_body(frame[4:], p.CLIENT)
+
+
+def _frames(data: bytes) -> list[bytes]:
+    out = []
+    while data:
+        size = int.from_bytes(data[:4], "big")
+        out.append(data[4:4 + size])
+        data = data[4 + size:]
+    return out
+
+
+@FUZZ
+@given(names=st.lists(st.text(min_size=1, max_size=40), min_size=1, max_size=300),
+       limit=st.integers(200, 2000))
+def test_a_split_report_keeps_every_frame_within_the_limit_and_fills_them(
+        names: list[str], limit: int) -> None:
+    """However the entries fall (the four fields' headers growing from 1 to 3
+    bytes past 15 entries included), no frame is over the limit; and the frames are
+    filled, not one per entry once the first is full."""
+    states = [[i, "idle", None, None] for i in range(len(names))]
+    report = p.Report(states, {n: 1 for n in names}, names, {n: 0.5 for n in names})
+    frames = _frames(p.encode_report(report, limit))
+    assert all(len(body) <= limit for body in frames)
+    got = [msgpack.unpackb(body) for body in frames]
+    assert [n for f in got for n in f["ok"]] == names
+    assert [row for f in got for row in f["states"]] == states
+    assert {n: c for f in got for n, c in f["costs"].items()} == report.costs
+    assert {n: c for f in got for n, c in f["failures"].items()} == report.failures
+    # An entry is at most ~130 bytes here, so each full frame holds more than half the limit.
+    total = sum(len(body) for body in frames)
+    assert len(frames) <= 1 + 2 * total // limit
+
+
+@FUZZ
+@given(held=st.lists(st.tuples(st.text(max_size=30), st.integers(1, 2**40)), max_size=200),
+       limit=st.integers(100, 3000))
+def test_the_held_leases_that_fit_make_a_hello_within_the_limit(
+        held: list[tuple[str, int]], limit: int) -> None:
+    rows = [[name, lid, lid, "idle", None] for name, lid in held]
+    hello = p.Hello(p.PROTOCOL_VERSION, 4242, "worker-1", rows)
+    fits = p.held_that_fits(hello, limit)
+    assert 0 <= fits <= len(rows)
+    p.encode(p.Hello(hello.version, hello.pid, hello.name, rows[:fits]), limit)  # does not raise
+    if fits < len(rows):  # and one more would not fit beside the headers' allowance
+        more = p.encode(p.Hello(hello.version, hello.pid, hello.name, rows[:fits + 1]), 1 << 30)
+        assert len(more) - 4 > limit - 10
+
+
+def test_brief_keeps_to_its_limit() -> None:
+    for value in ("x" * 1000, {f"key{i}": "v" * 70 for i in range(10)}, [[["deep"] * 9] * 9] * 9):
+        assert len(p.brief(value)) <= 60
+        assert len(p.brief(value, limit=20)) <= 20 and p.brief(value, limit=20).endswith("...")
+
+
+def test_a_split_report_of_many_small_entries_is_never_over_the_limit() -> None:
+    """Frames full of small entries, every field past 15 of them: each header
+    is 3 bytes, not 1, and the room left for them must allow for it."""
+    for n in (16, 40):
+        names = [f"r{i}" for i in range(n)]
+        states = [[i, "idle", None, None] for i in range(n)]
+        report = p.Report(states, dict.fromkeys(names, 1), names, dict.fromkeys(names, 0.5))
+        for limit in range(300, 700):
+            frames = _frames(p.encode_report(report, limit))
+            assert all(len(body) <= limit for body in frames), (n, limit)

@@ -242,6 +242,35 @@ def test_a_connection_checked_in_a_moment_ago_is_not_taken_at_once(start_coordin
         pool.close()
 
 
+def test_an_old_connection_checked_in_a_moment_ago_is_not_taken_at_once(
+        start_coordinator: Any, sock_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As above, for a connection past its first turn (its age alone would not
+    # keep it): only the moment since its checkin does. The moment is made
+    # long (0.3 s) so that a loaded machine cannot stretch the test past it.
+    monkeypatch.setattr(giveback, "IDLE_GIVE_BACK", 0.3)
+    start_coordinator({"r": 1})
+    pool = local_pool(sock_path, 1)
+    try:
+        with pool.connection():
+            pass
+        client = pool._client
+        assert client is not None
+        with pool._lock:
+            for wrapper in pool._all.values():
+                wrapper.created_at -= 60  # its turn is long over
+        with client._cond:
+            client._owed["r"] = 1  # stands in for a Reclaim frame
+        assert giveback.reclaim_idle(pool) == 0
+        assert pool.get_size() == 1
+        deadline = time.monotonic() + 10
+        while pool.get_size():
+            assert time.monotonic() < deadline, "the idle connection was never given back"
+            time.sleep(0.005)
+        assert pool.get_metrics()["reclaimed"] == 1
+    finally:
+        pool.close()
+
+
 def test_max_waiting_fails_fast(start_coordinator: Any, sock_path: str) -> None:
     start_coordinator({"r": Resource(max_size=1, max_waiting=1)})
     a, b, c = Client(sock_path), Client(sock_path), Client(sock_path)

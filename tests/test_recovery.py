@@ -475,6 +475,27 @@ def test_a_drain_ends_with_the_coordinator_that_ordered_it(start_coordinator: An
         admin.close()
 
 
+def test_a_resume_push_does_not_end_a_drain_of_the_pools_own() -> None:
+    """``sharedpool resume`` ends the coordinator's drain, never one the
+    application ordered itself (it may be shutting down)."""
+    from sharedpool import giveback
+
+    pool = make_pool("/nonexistent/sp.sock", FakeFactory())
+    try:
+        pool.drain(timeout=0)  # the application's own
+        giveback.on_push(pool, "resume", "r", {})
+        assert pool.status.value == "draining"
+        giveback.on_push(pool, "drain", "r", {})  # the coordinator's on top of it
+        giveback.on_push(pool, "resume", "r", {})
+        assert pool.status.value == "draining"
+        pool.resume()
+        giveback.on_push(pool, "drain", "r", {})  # the coordinator's alone
+        giveback.on_push(pool, "resume", "r", {})
+        assert pool.status.value == "active"
+    finally:
+        pool.close()
+
+
 def test_a_drain_of_the_pools_own_is_not_ended_by_a_new_session() -> None:
     from sharedpool import giveback
 
