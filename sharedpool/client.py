@@ -306,6 +306,13 @@ class Client(Owed, Hooks):
         self.call_later(0.0, self._reconnect_job)
 
     def _reconnect_job(self) -> None:
+        wait = self._next_attempt - time.monotonic()
+        if wait > 0 and self._sock is None and not self._closed:
+            # A backoff runs: try when it ends. Skipped, nothing else tried
+            # where no session is wanted (a fallback connection, no lease):
+            # it was never handed back, however long the coordinator was up.
+            self.call_later(wait, self._reconnect_job)
+            return
         with self._cond:
             self._reconnect_asked = False
         handshake.try_connect(self, None)

@@ -74,11 +74,13 @@ def maintain_once(pool: ConnectionPool[Any]) -> None:
     # Fallback connections (opened without a lease while the coordinator
     # was away) go once it is back, idle ones here, in-use ones at checkin.
     back = client is not None and client.connected
+    unleased = False
     with pool._lock:
         if pool.status is not PoolStatus.ACTIVE:
             return
         keep = len(pool._all)
         for wrapper in list(pool._idle):
+            unleased = unleased or wrapper.lease is None
             too_old = now - wrapper.created_at > cfg.max_lifetime or (back and wrapper.lease is None)
             too_idle = now - wrapper.last_used > cfg.idle_timeout and keep > cfg.min_size
             if too_old or too_idle:
@@ -93,6 +95,10 @@ def maintain_once(pool: ConnectionPool[Any]) -> None:
             pool._idle.remove(wrapper)
             wrapper.in_use = True
         missing = cfg.min_size - len(pool._all) - pool._opening
+    if unleased and not back and client is not None:
+        # Asked at their checkin, once: if the coordinator was still away
+        # then, nothing asked again, and they stayed however long it was back.
+        client.reconnect_soon()
     for wrapper in expired:
         pool._close(wrapper)
     for wrapper in to_check:

@@ -162,6 +162,34 @@ def test_fallback_policy_opens_a_local_cap_then_hands_back(start_coordinator: An
         pool.close()
 
 
+@pytest.mark.parametrize("when", ["backoff running at the checkin", "still away at the checkin"])
+def test_a_fallback_connection_is_handed_back_whenever_the_coordinator_comes(
+        start_coordinator: Any, sock_path: str, when: str) -> None:
+    """The checkin asked for one reconnect. Made while a backoff ran (a failed
+    attempt a moment before: under load, in CI), it was dropped; made while the
+    coordinator was still away, it failed; either way nothing asked again and
+    the connection without a lease stayed for good."""
+    pool = make_pool(sock_path, FakeFactory(), coordinator_away="fallback", fallback_max_size=1,
+                     validation_interval=0.2)
+    try:
+        w = pool.acquire(timeout=2)
+        assert w.lease is None and pool._client is not None
+        if when == "backoff running at the checkin":
+            pool._client._next_attempt = time.monotonic() + 0.5
+            start_coordinator({"r": 2})
+            pool.release(w)
+        else:
+            pool.release(w)
+            time.sleep(0.5)  # the reconnect it asked for has failed
+            start_coordinator({"r": 2})
+        deadline = time.monotonic() + 5
+        while not w.conn.closed and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert w.conn.closed, "the fallback connection was never handed back"
+    finally:
+        pool.close()
+
+
 @pytest.mark.parametrize("policy", ["fallback", "wait"])
 def test_an_acquire_queued_when_the_coordinator_dies_falls_back_only_if_asked(
         start_coordinator: Any, sock_path: str, policy: str) -> None:
