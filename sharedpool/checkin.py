@@ -80,7 +80,7 @@ def release_slow(pool: ConnectionPool[T], wrapper: ConnectionWrapper[T], now: fl
                 # Counted from when the connection became usable, not from the
                 # grant: connecting can take a good part of a short quantum.
                 quantum = pool._quantum(client)
-                young = now - wrapper.created_at < quantum
+                young = now - wrapper.created_at < quantum or client.owes_idle_only(pool.resource)
             elif client._pending and (siblings := client.siblings_waiting(pool.resource, besides=pool)):
                 # Another pool of this process waits for a lease of this
                 # resource, and the coordinator cannot tell it from this one's

@@ -525,6 +525,7 @@ class Client(Owed, Hooks):
             with self._owed_lock:
                 self._owed.clear()
             self._quanta.clear()
+            self._idle_only.clear()
             if retry and not self._closed:
                 self.last_error = why
             if sock is not None:

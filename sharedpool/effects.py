@@ -31,7 +31,8 @@ class Denied:
 class AskReclaim:
     """Ask ``session`` to hold ``count`` fewer leases of ``resource`` (0 withdraws);
     busy ones go at checkin once older than ``quantum`` seconds (None: the
-    session's own choice, as no hand-off cost is known yet)."""
+    session's own choice, as no hand-off cost is known yet; infinity: none
+    goes, only idle ones)."""
 
     session: int
     resource: str

@@ -47,10 +47,17 @@ class Owed:
         self._quanta: dict[str, float] = {}
         #: resource -> the round of asking it is owed in (see owed_round)
         self._owed_rounds: dict[str, int] = {}
+        #: resources last asked for idle leases only (an infinite quantum)
+        self._idle_only: set[str] = set()
 
     def owes(self, resource: str) -> int:
         """How many leases of ``resource`` the coordinator asked us to give back."""
         return self._owed.get(resource, 0)
+
+    def owes_idle_only(self, resource: str) -> bool:
+        """Whether what is owed of ``resource`` is idle leases only: none goes
+        at its checkin (the asking process's own acquire waits for it)."""
+        return resource in self._idle_only
 
     def owed_round(self, resource: str) -> int:
         """Which round of asking ``resource`` is owed in: a new one each time the

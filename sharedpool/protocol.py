@@ -196,7 +196,7 @@ class Deny(Message):
 class Reclaim(Message):
     """Give back ``count`` leases of ``resource``: idle ones now, else at checkin
     once the connection is older than ``quantum`` seconds (None: the pool's own
-    choice). ``count`` 0 withdraws an earlier request."""
+    choice; infinity: idle ones only). ``count`` 0 withdraws an earlier request."""
 
     op = "reclaim"
     sender = SERVER

@@ -174,6 +174,10 @@ def dispatch(client: Client, msg: p.Message, sock: socket.socket | None = None) 
             if msg.count > 0:
                 # No figure (or a senseless one): the pool decides itself.
                 quantum = msg.quantum
+                if quantum == math.inf:  # idle ones only: the quantum known stays
+                    client._idle_only.add(msg.resource)
+                else:
+                    client._idle_only.discard(msg.resource)
                 if quantum is not None and 0 <= quantum < math.inf:
                     client._quanta[msg.resource] = float(quantum)
                 else:

@@ -17,6 +17,10 @@ from .records import IDLE, ResourceState, Session
 #: (costs are moving averages; every small step would be a frame to each).
 QUANTUM_STEP = 0.2
 
+#: The quantum of an ask for idle leases only: no busy one is ever old enough
+#: to go at its checkin (protocol.Reclaim).
+IDLE_ONLY = math.inf
+
 
 def servable(res: ResourceState, sessions: dict[int, Session]) -> tuple[int, int | None, dict[int, int]]:
     """The waiters a free slot could go to, in queue order: how many, the
@@ -144,11 +148,19 @@ def rebalance(
     if (need > 0 and not plan and head is not None and len(per_session) > 1
             and sessions[head].held(res.name) > res.limits.min_per_process):
         plan[head] = 1
-    for sid, n in blocked.items():  # idle ones only: a busy one goes at its checkin (checkin.py)
+    # Asked for these alone, a blocked process gives back idle connections only
+    # (IDLE_ONLY): what it reports idle may be a moment old (reports are
+    # coalesced), and a busy one given back at its checkin would come straight
+    # back to its own waiter: a close and a connect for nothing, at every idle
+    # gap of one busy pool with more threads than max_per_process.
+    idle_only: set[int] = set()
+    for sid, n in blocked.items():
         asked = plan.get(sid, 0)
         extra = min(n, idle.get(sid, 0) - asked, held.get(sid, 0) - floor - asked)
         if extra > 0:
             plan[sid] = asked + extra
+            if not asked:
+                idle_only.add(sid)
     effects: list[Effect] = []
     quantum = res.quantum_sent
     if plan and (new := to_send(quantum, current_quantum)) is not None:
@@ -156,14 +168,20 @@ def rebalance(
         # Holders asked before the figure was known (or before it moved)
         # hear it again; they keep their count.
         for sid in res.askees & plan.keys():
-            if sessions[sid].asked.get(res.name, 0) == plan[sid]:
+            if sessions[sid].asked.get(res.name, 0) == plan[sid] and sid not in idle_only:
                 effects.append(AskReclaim(sid, res.name, plan[sid], quantum))
     for sid in res.askees | plan.keys():
         s = sessions[sid]
         want = plan.get(sid, 0)
-        if s.asked.get(res.name, 0) != want:
+        only = sid in idle_only
+        if s.asked.get(res.name, 0) != want or (want and only != (res.name in s.idle_only)):
             s.asked[res.name] = want
-            effects.append(AskReclaim(sid, res.name, want, quantum if want else None))
+            if only:
+                s.idle_only.add(res.name)
+            else:
+                s.idle_only.discard(res.name)
+            effects.append(AskReclaim(sid, res.name, want,
+                                      None if not want else IDLE_ONLY if only else quantum))
     res.askees = {sid for sid, n in plan.items() if n > 0}
     return effects
 

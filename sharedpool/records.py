@@ -110,6 +110,8 @@ class Session:
     waiting: dict[int, Waiter] = field(default_factory=dict)
     #: resource -> leases we asked this session to give back
     asked: dict[str, int] = field(default_factory=dict)
+    #: resources it was asked for idle leases only (reclaim.IDLE_ONLY)
+    idle_only: set[str] = field(default_factory=set)
     #: resource -> leases held (kept in step with ``leases``)
     counts: dict[str, int] = field(default_factory=dict)
     #: resource -> seconds a hand-off costs this session, as last reported

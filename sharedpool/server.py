@@ -13,6 +13,7 @@ import asyncio
 import ctypes
 import errno
 import logging
+import math
 import os
 import socket
 import struct
@@ -438,7 +439,8 @@ class Server:
                     log.log(logging.INFO if due is not None else logging.DEBUG,
                             "reclaim pid=%s resource=%s: give back %d lease(s), quantum %s%s",
                             self._pid(eff.session), eff.resource, eff.count,
-                            "unknown" if eff.quantum is None else f"{eff.quantum:.3g}s",
+                            "unknown" if eff.quantum is None else
+                            "none (idle ones only)" if eff.quantum == math.inf else f"{eff.quantum:.3g}s",
                             f" ({due[0]} more in the last {due[1]:.0f}s, at debug)" if due and due[0] else "")
                 self._send(eff.session, p.Reclaim(eff.resource, eff.count, eff.quantum))
             elif isinstance(eff, Notify):

@@ -24,7 +24,7 @@ from sharedpool.effects import AskReclaim, Denied, Effect, Granted, Notify, Prob
 from sharedpool.errors import ConfigError
 from sharedpool.handoff import AUTO_MAX, AUTO_MIN, auto_quantum
 from sharedpool.ledger import Ledger
-from sharedpool.reclaim import paced, to_send
+from sharedpool.reclaim import IDLE_ONLY, paced, to_send
 from sharedpool.records import BUSY, IDLE, MAX_ID, MAX_SITE, NEW
 from sharedpool.reports import FAILURE_BACKOFF, FAILURE_THRESHOLD
 from sharedpool.restart import ALIVE_RECHECK, MAX_HELD_ID
@@ -829,12 +829,14 @@ def test_a_session_at_max_per_process_is_asked_for_what_it_holds_idle() -> None:
     """Two pools of one process, at its max_per_process: one sits on idle
     connections, the other waits (not servable: held back by its own cap). The
     process is asked for its idle leases, and what it gives back comes back to
-    its waiter; a busy lease is not asked for (it goes at its checkin)."""
+    its waiter; a busy lease is not asked for, and the ask is for idle ones only
+    (IDLE_ONLY): an idle report may be a moment old, and a busy one given back
+    at its checkin would only come back to this waiter."""
     lg = ledger(pg=Resource(4, max_per_process=2))
     a = session(lg)
     l1, l2 = grant(lg, a, 1), grant(lg, a, 2)
     lg.report(a, [[l1, IDLE, None, None], [l2, BUSY, None, None]], T0)
-    assert of(AskReclaim, lg.acquire(a, 3, "pg", T0, timeout=5)) == [AskReclaim(a, "pg", 1)]
+    assert of(AskReclaim, lg.acquire(a, 3, "pg", T0, timeout=5)) == [AskReclaim(a, "pg", 1, IDLE_ONLY)]
     assert of(AskReclaim, lg.acquire(a, 4, "pg", T0, timeout=5)) == []  # one idle: one asked
     assert granted(lg.release(a, l1, T0 + 0.01)).req == 3
     assert lg.sessions[a].asked.get("pg", 0) == 0
@@ -877,6 +879,23 @@ def test_reclaim_asks_first_the_holder_of_the_oldest_idle_lease() -> None:
             grant(lg, sid, req, now=t)
         idle(lg, sid, T0 + 5)
     assert of(AskReclaim, lg.acquire(c, 1, "pg", T0 + 6, timeout=5)) == [AskReclaim(b, "pg", 1)]
+
+
+def test_an_idle_only_ask_becomes_a_plain_one_when_another_process_waits() -> None:
+    """Asked for its idle lease only (its own waiter is held back by its
+    max_per_process), a process is asked again, for the same count, once a
+    waiter of another process needs that lease: then a busy one may go at its
+    checkin, or the other waits on a report of an idle lease that never comes."""
+    lg = ledger(pg=Resource(3, max_per_process=2))
+    a, b = session(lg), session(lg)
+    l1, l2 = grant(lg, a, 1), grant(lg, a, 2)
+    grant(lg, b, 1)
+    lg.report(a, [[l1, IDLE, None, None], [l2, BUSY, None, None]], T0)
+    assert of(AskReclaim, lg.acquire(a, 3, "pg", T0, timeout=5)) == [AskReclaim(a, "pg", 1, IDLE_ONLY)]
+    asks = of(AskReclaim, lg.acquire(b, 2, "pg", T0, timeout=5))
+    assert [(e.session, e.count) for e in asks] == [(a, 1)]
+    assert asks[0].quantum != IDLE_ONLY
+    assert not lg.sessions[a].idle_only
 
 
 def test_busy_holders_that_also_wait_cannot_starve_an_empty_session() -> None:
