@@ -1321,6 +1321,13 @@ class LedgerMachine(RuleBasedStateMachine):
                 setting = self.limits(e.resource).fairness_quantum
                 if e.count == 0:
                     assert e.quantum is None, e
+                elif e.quantum == IDLE_ONLY:
+                    # For its own waiters held back by its max_per_process: no more
+                    # than it reports idle (none of them busy), and it does wait.
+                    idle = sum(1 for lease in self.lg.sessions[e.session].leases.values()
+                               if lease.resource == e.resource and lease.state == IDLE)
+                    assert e.count <= idle, e
+                    assert any(w.session == e.session for w in self.lg.resources[e.resource].waiters), e
                 elif isinstance(setting, str):  # auto: none known yet, or within the bounds
                     assert e.quantum is None or AUTO_MIN <= e.quantum <= AUTO_MAX, e
                 else:
