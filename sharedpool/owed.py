@@ -126,4 +126,9 @@ class Owed:
     def quantum(self, resource: str) -> float | None:
         """The fairness quantum the coordinator last asked for with a reclaim of
         ``resource`` (None: it has not said; the pool decides)."""
-        return self._quanta.get(resource)
+        quantum = self._quanta.get(resource)
+        if quantum == 0 and not self._owed.get(resource):
+            # 0 comes with the excess over a shrunk cap (due at once): all given
+            # back, it must not make sibling pools pass a slot at every checkin.
+            return None
+        return quantum

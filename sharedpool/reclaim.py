@@ -163,7 +163,22 @@ def rebalance(
                 idle_only.add(sid)
     effects: list[Effect] = []
     quantum = res.quantum_sent
-    if plan and (new := to_send(quantum, current_quantum)) is not None:
+    # Over the cap (a resize or reload shrank it, leases re-registered after a
+    # restart): what is owed goes at its next checkin, whatever its age. The
+    # quantum paces turns between waiters; kept here, a busy connection stayed
+    # over the new cap until it was a quantum old (fairness_quantum = 10, a
+    # resize from 8 to 2: PostgreSQL at 8 backends for 7.8 s).
+    if excess:
+        current_quantum = _no_quantum
+    moved, new = False, None
+    if plan:
+        new = to_send(quantum, current_quantum)
+        moved = new is not None
+        if not moved and quantum == 0 and not excess and (new := current_quantum(False)) != 0:
+            # The excess is given back: its "at once" must not pace the waiters'
+            # turns, even while no hand-off cost is known yet (then no figure).
+            moved = True
+    if moved:
         quantum = res.quantum_sent = new
         # Holders asked before the figure was known (or before it moved)
         # hear it again; they keep their count.
@@ -204,3 +219,8 @@ def to_send(old: float | None, current: Callable[[bool], float | None]) -> float
         return new if old - new > QUANTUM_STEP * old else None
     longer = current(True)
     return longer if longer is not None and longer - old > QUANTUM_STEP * old else None
+
+
+def _no_quantum(longer: bool) -> float:
+    """The quantum while a resource is over its cap: none, every give-back is due."""
+    return 0.0

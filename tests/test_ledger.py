@@ -552,7 +552,7 @@ def test_reregistration_beyond_the_cap_blocks_grants_until_below() -> None:
     lg = ledger(pg=2)
     held = [["pg", 501, 501, IDLE, 11], ["pg", 502, 502, BUSY, None], ["pg", 503, 503, "new", None]]
     a, effects = lg.open_session(1, "w", T0, held=held)
-    assert effects == [AskReclaim(a, "pg", 1)]  # the excess is asked back at once
+    assert effects == [AskReclaim(a, "pg", 1, 0.0)]  # the excess is asked back at once
     b = session(lg, pid=2)
     res = lg.resources["pg"]
     assert res.leased == 3 and res.peak == 3
@@ -865,7 +865,7 @@ def test_a_shrink_asks_the_head_session_for_its_excess_even_if_all_busy() -> Non
     leases = [grant(lg, a, 1), grant(lg, a, 2)]
     lg.report(a, [[lid, BUSY, None, None] for lid in leases], T0)
     assert queued(lg.acquire(a, 3, "pg", T0, timeout=5))
-    assert AskReclaim(a, "pg", 2) in of(AskReclaim, lg.resize("pg", 1, T0))
+    assert AskReclaim(a, "pg", 2, 0.0) in of(AskReclaim, lg.resize("pg", 1, T0))
 
 
 def test_reclaim_asks_first_the_holder_of_the_oldest_idle_lease() -> None:
@@ -936,13 +936,46 @@ def test_resize_down_asks_for_the_excess() -> None:
     effects = lg.resize("pg", 2, T0)
     assert {e.session for e in of(Notify, effects)} == {a, b, w}
     assert of(Notify, effects)[0].args == {"max_size": 2} and of(Notify, effects)[0].verb == "resize"
-    assert of(AskReclaim, effects) == [AskReclaim(a, "pg", 2)]
+    assert of(AskReclaim, effects) == [AskReclaim(a, "pg", 2, 0.0)]
     assert lg.resources["pg"].limits.max_size == 2
     lg.acquire(w, 1, "pg", T0, timeout=5)
     assert of(Granted, lg.release(a, la[0], T0)) == []  # 3 of 2
     assert of(Granted, lg.release(a, la[1], T0)) == []  # 2 of 2
     assert granted(lg.release(a, la[2], T0)).session == w
 
+
+def test_an_excess_over_a_shrunk_cap_is_asked_back_with_no_quantum() -> None:
+    """Over the cap, a busy lease goes at its next checkin, not once it is a
+    fairness quantum old: with fairness_quantum = 10, a resize from 8 to 2
+    kept PostgreSQL at 8 backends for 7.8 s. Back under the cap, waiters'
+    turns take the configured quantum again."""
+    lg = ledger(pg=Resource(max_size=4, fairness_quantum=10))
+    a, w = session(lg), session(lg)
+    leases = [grant(lg, a, i) for i in range(4)]
+    lg.report(a, [[lid, BUSY, None, None] for lid in leases], T0)
+    lg.acquire(w, 1, "pg", T0, timeout=60)
+    assert of(AskReclaim, lg.resize("pg", 2, T0)) == [AskReclaim(a, "pg", 3, 0.0)]
+    assert lg.release(a, leases[0], T0) == []  # still over: one give-back less owed, no frame
+    # At the cap: what is still owed is the waiter's turn, a quantum again.
+    assert lg.release(a, leases[1], T0) == [AskReclaim(a, "pg", 1, 10.0)]
+    assert of(Granted, lg.release(a, leases[2], T0))[0].session == w
+    # A reload that shrinks the cap does the same.
+    assert of(AskReclaim, lg.set_limits("pg", Resource(max_size=1, fairness_quantum=10), T0)) == [
+        AskReclaim(a, "pg", 1, 0.0)]
+
+
+
+def test_the_no_quantum_of_an_excess_does_not_outlive_it() -> None:
+    """Back under the cap, a waiter's turn is asked with the quantum in force,
+    not the 0 of the excess: none while no hand-off cost is known."""
+    lg = ledger(pg=1)
+    held = [["pg", 501, 501, BUSY, None], ["pg", 502, 502, BUSY, None]]
+    a, effects = lg.open_session(1, "w", T0, held=held)
+    assert effects == [AskReclaim(a, "pg", 1, 0.0)]
+    assert lg.release(a, 501, T0) == [AskReclaim(a, "pg", 0, None)]  # at the cap: nothing owed
+    w = session(lg, pid=2)
+    assert only(AskReclaim, lg.acquire(w, 1, "pg", T0, timeout=5)) == AskReclaim(a, "pg", 1, None)
+    assert lg.report(w, [], T0, costs={"pg": 0.004}) == [AskReclaim(a, "pg", 1, auto_quantum(0.004))]
 
 def test_resize_up_serves_waiters_and_bad_sizes_are_config_errors() -> None:
     lg = ledger(pg=Resource(1, min_per_process=1))
@@ -1328,6 +1361,8 @@ class LedgerMachine(RuleBasedStateMachine):
                                if lease.resource == e.resource and lease.state == IDLE)
                     assert e.count <= idle, e
                     assert any(w.session == e.session for w in self.lg.resources[e.resource].waiters), e
+                elif self.leased(e.resource) > self.limits(e.resource).max_size:
+                    assert e.quantum == 0.0, e  # over the cap: every give-back is due at once
                 elif isinstance(setting, str):  # auto: none known yet, or within the bounds
                     assert e.quantum is None or AUTO_MIN <= e.quantum <= AUTO_MAX, e
                 else:
@@ -1707,7 +1742,9 @@ class LedgerMachine(RuleBasedStateMachine):
         # fifth of it, or a shorter one the queue would need half a turn longer.
         for r, res in self.lg.resources.items():
             quantum = paced(res, self.lg.sessions, self.lg.quantum(r))
-            if res.askees and quantum is not None:
+            if res.askees and res.leased > res.limits.max_size:
+                assert res.quantum_sent == 0.0, (r, res.quantum_sent)  # over the cap: no turns
+            elif res.askees and quantum is not None:
                 sent = res.quantum_sent
                 longer = paced(res, self.lg.sessions, self.lg.quantum(r), longer=True)
                 figures = {False: quantum, True: longer}
