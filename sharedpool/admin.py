@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import protocol as p
 from .config import CoordinatorConfig, Resource, check_welcome_fits
+from .effects import Notify
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -84,11 +85,17 @@ def reload_config(server: Server, now: float) -> tuple[Any, list[Effect]]:
     # What the reload changes in the live limits: the file's edits, and also
     # what a `resize` set since (the file's value wins; said, not silent).
     changed: dict[str, dict[str, list[Any]]] = {}
+    added = [name for name in fresh.resources if name not in server.ledger.resources]
     for name, limits in fresh.resources.items():
         res = server.ledger.resources.get(name)
         if res is not None and (diff := limits_changed(res.limits, limits)):
             changed[name] = diff
         effects += server.ledger.set_limits(name, limits, now)
+    # Sessions know the limits from their welcome: told, or an acquire given no
+    # timeout after a reload that raised acquire_timeout gave up on its own (at
+    # twice the old one, "no reply in time") while the coordinator still queued it.
+    if told := {name: server.ledger.resources[name].welcome_state() for name in [*changed, *added]}:
+        effects += [Notify(sid, "limits", None, {"resources": told}) for sid in server.ledger.sessions]
     if changed:
         log.info("reload of %s changed %s", path, "; ".join(
             f"{name}: " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in diff.items())

@@ -207,7 +207,8 @@ class Reclaim(Message):
 
 @dataclass(slots=True)
 class Push(Message):
-    """An admin decision the pools must act on: drain, pause, resume, resize, end_session."""
+    """An admin decision the pools must act on: drain, pause, resume, resize, end_session;
+    or limits a reload changed (``limits``: ``{"resources": {name: limits as in a welcome}}``)."""
 
     op = "push"
     sender = SERVER

@@ -186,6 +186,12 @@ def dispatch(client: Client, msg: p.Message, sock: socket.socket | None = None) 
         client._notify()
     elif isinstance(msg, p.Push):
         with client._cond:
+            if msg.verb == "limits":  # a reload changed them: what a welcome would say now
+                told = msg.args.get("resources")
+                if isinstance(told, dict):
+                    client.limits = {**client.limits,
+                                     **{k: v for k, v in told.items() if isinstance(v, dict)}}
+                return
             lease_id = msg.args.get("lease")
             if msg.verb == "revoke" and isinstance(lease_id, int):
                 # Not counted by the coordinator: never re-registered nor

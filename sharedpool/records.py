@@ -191,6 +191,10 @@ class ResourceState:
     def free(self) -> int:
         return max(0, self.limits.max_size - self.leased)
 
+    def welcome_state(self) -> dict[str, Any]:
+        """What a session is told of this resource: its limits, and whether it drains."""
+        return {**self.limits.as_dict(), "draining": self.draining}
+
     def snapshot(self, now: float, quantum: float | None) -> dict[str, Any]:
         """A row of ``inspect resources``; ``quantum``: the fairness quantum in force."""
         states = [lease.state for lease in self.live.values()]

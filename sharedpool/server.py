@@ -381,8 +381,7 @@ class Server:
             # Limits, and whether a drain is on: after a reconnect, a pool learns
             # here that a drain it was told of is over (a restarted coordinator),
             # or that one was ordered while it had no session.
-            state = {name: {**r.limits.as_dict(), "draining": r.draining}
-                     for name, r in ledger.resources.items()}
+            state = {name: r.welcome_state() for name, r in ledger.resources.items()}
             session.send(p.Welcome(p.PROTOCOL_VERSION, new_sid, os.getpid(), state))
             self.apply(effects)
             return

@@ -456,6 +456,37 @@ def test_a_sighup_reload_that_grants_is_on_the_restart_marker(tmp_path: Path) ->
         stop(server.proc)
 
 
+def test_a_reload_that_raises_acquire_timeout_reaches_sessions_already_open(tmp_path: Path) -> None:
+    """Sessions learn the limits from their welcome. An acquire given no
+    timeout by a process connected before a reload that raised the resource's
+    acquire_timeout (1 -> 10) gave up on its own after 2.5 s, "no reply in
+    time from the coordinator", while the coordinator still held it queued."""
+    from sharedpool import Client
+
+    config = tmp_path / "sp.toml"
+    config.write_text("[resources.demo]\nmax_size = 1\nacquire_timeout = 1.0\n")
+    server = Serve(tmp_path, "--config", str(config), resource="")
+    holder, waiter = Client(server.socket), Client(server.socket)
+    try:
+        lease = holder.acquire("demo", timeout=5)
+        assert waiter.ensure_connected() and waiter.limits["demo"]["acquire_timeout"] == 1.0
+        config.write_text("[resources.demo]\nmax_size = 1\nacquire_timeout = 10.0\n"
+                          "[resources.extra]\nmax_size = 2\n")
+        assert sp("reload", "--socket", server.socket).returncode == 0
+        wait_for(lambda: waiter.limits["demo"]["acquire_timeout"] == 10.0, what="the new limits")
+        assert waiter.limits["extra"]["max_size"] == 2 and waiter.limits["demo"]["draining"] is False
+        release = threading.Timer(4.0, holder.release, [lease])
+        release.start()
+        t0 = time.monotonic()
+        got = waiter.acquire("demo")  # the resource's default: now 10 s
+        assert time.monotonic() - t0 >= 3.5
+        waiter.release(got)
+        release.join()
+    finally:
+        holder.close()
+        waiter.close()
+        stop(server.proc)
+
 def test_reload_keeps_flags_and_reports_what_it_did_not_apply(tmp_path: Path) -> None:
     config = tmp_path / "sp.toml"
     config.write_text("[resources.demo]\nmax_size = 20\nmax_per_process = 4\n"
