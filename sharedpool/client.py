@@ -226,8 +226,7 @@ class Client(Owed, Hooks):
         req = next(self._reqs)
         pending = _Pending(p.Acquire(req, resource, timeout, site), fail_if_lost=fail_if_lost, owner=_owner)
         # The coordinator keeps the real deadline; ours only guards a lost reply.
-        expires = None if timeout is None else time.monotonic() + timeout
-        local = None if expires is None else expires + GRACE
+        local = None if timeout is None else time.monotonic() + timeout + GRACE
         try:
             self._submit(req, pending, local, patient=True)
             if local is None:
@@ -238,7 +237,7 @@ class Client(Owed, Hooks):
                 default = self._default_timeout(resource)
                 if default is not None:
                     local = time.monotonic() + 2 * default + GRACE
-            ticket = AcquireRequest(self, req, pending, local, expires)
+            ticket = AcquireRequest(self, req, pending, local)
             if _into is not None:
                 _into.append(ticket)
             return ticket

@@ -84,14 +84,11 @@ class AcquireRequest:
     """An acquire sent to the coordinator: :meth:`wait` for its lease, or
     :meth:`cancel` it from another thread."""
 
-    __slots__ = ("client", "req", "_pending", "_deadline", "expires")
+    __slots__ = ("client", "req", "_pending", "_deadline")
 
-    def __init__(self, client: Client, req: int, pending: _Pending, deadline: float | None,
-                 expires: float | None = None) -> None:
+    def __init__(self, client: Client, req: int, pending: _Pending, deadline: float | None) -> None:
         self.client, self.req = client, req
-        self._pending, self._deadline = pending, deadline  # ours: a guard against a lost reply
-        #: When the coordinator times the request out (``time.monotonic()``), None for never.
-        self.expires = expires
+        self._pending, self._deadline = pending, deadline
 
     def __repr__(self) -> str:
         state = "done" if self._pending.done else "waiting"

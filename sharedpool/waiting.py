@@ -24,10 +24,6 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-#: A lease request left to time out at the coordinator when a wait is given
-#: up within this much of its deadline (see forsake).
-_EXPIRING = 0.05
-
 
 class _Waiter:
     __slots__ = ("event", "wrapper", "error", "connect_deadline", "abandoned", "has_opener",
@@ -94,11 +90,11 @@ def acquire_slow(pool: ConnectionPool[T], timeout: float | None, start: float,
             valid = (not pool.config.test_on_acquire or fresh
                      or now - max(wrapper.last_used, wrapper.checked_at) <= pool.config.validation_bypass
                      or pool._validate(wrapper))
-        except BaseException:
+        except BaseException as exc:
             # Also what a signal handler raises while we wait (celery's soft
             # time limit, KeyboardInterrupt): no connection may stay handed
             # to a caller that is gone.
-            forsake(pool, waiter, checking)
+            forsake(pool, waiter, checking, withdraw=not isinstance(exc, PoolTimeout))
             count_failed(pool, waiter, start)
             if not started:  # cut short before its openers ran: uncount them, with our waiter gone
                 pool._unplan(openers)
@@ -216,25 +212,26 @@ def timed_out(pool: ConnectionPool[T], start: float, deadline: float, note: str)
         f"max_size={pool.config.max_size}){note}{blocked_loop_note()}")
 
 
-def forsake(pool: ConnectionPool[T], waiter: _Waiter, checking: ConnectionWrapper[T] | None) -> None:
+def forsake(pool: ConnectionPool[T], waiter: _Waiter, checking: ConnectionWrapper[T] | None,
+            withdraw: bool = True) -> None:
     """The caller of ``waiter`` left with an exception. Dequeue it; check in
     a connection that reached it meanwhile, or close the one whose
-    validation was cut short (it may be mid-query)."""
+    validation was cut short (it may be mid-query). ``withdraw``: the lease
+    requests too, if nobody waits any more. Not after a timeout: a request
+    of the caller's own runs out with it (the coordinator counts that
+    timeout: withdrawn a moment before, it counted none), and one of a
+    timeout=0 checkout opens its connection for later, as promised."""
     now = time.monotonic()
     stale: set[AcquireRequest] = set()
     with pool._lock:
         if waiter in pool._waiters:
             pool._waiters.remove(waiter)
-        if not pool._waiters and pool._lease_requests:
+        if withdraw and not pool._waiters and pool._lease_requests:
             # Nobody waits any more: withdraw the openers' lease requests, as a
             # checkin does. Left, a wait cut short (celery's soft time limit)
             # kept the process queued at the coordinator until the deadline,
-            # ahead of other processes, for a connection nobody wanted. One
-            # about to time out is left to: the coordinator then counts the
-            # timeout (withdrawn a few ms before its own, it counted none).
-            stale = {t for t in pool._lease_requests
-                     if t.expires is None or t.expires > now + _EXPIRING}
-            pool._lease_requests -= stale
+            # ahead of other processes, for a connection nobody wanted.
+            stale, pool._lease_requests = pool._lease_requests, set()
         handed = waiter.wrapper if checking is None else None
         if handed is not None:
             # Never its caller's: no usage to count at its checkin (it holds
