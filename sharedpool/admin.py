@@ -25,7 +25,8 @@ log = logging.getLogger("sharedpool.coordinator")
 
 def _resource(server: Server, args: dict[str, Any]) -> str:
     name = args.get("resource")
-    if name not in server.ledger.resources:
+    # Not hashable (a list from a hand-made frame): "unhashable type: 'list'" before.
+    if not isinstance(name, str) or name not in server.ledger.resources:
         known = ", ".join(sorted(server.ledger.resources))
         raise ValueError(f"no resource {p.brief(name)} (known: {known})")
     return str(name)

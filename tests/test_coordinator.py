@@ -156,6 +156,20 @@ def test_an_inspect_refuses_a_filter_it_does_not_take(start_coordinator: Any, so
         c.close()
 
 
+def test_an_admin_verb_given_a_resource_that_is_not_a_name_says_so(start_coordinator: Any,
+                                                                  sock_path: str) -> None:
+    # Before: "pause: unhashable type: 'list'" (a hand-made frame; the CLI sends names).
+    start_coordinator({"r": 1})
+    c = Client(sock_path)
+    try:
+        for bad in (["r"], {"r": 1}, 5, None):
+            with pytest.raises(SharedPoolError, match=r"pause: no resource .* \(known: r\)"):
+                c.admin("pause", resource=bad)
+        assert c.admin("pause", resource="r") == {"resource": "r", "paused": True}
+    finally:
+        c.close()
+
+
 def test_waiters_served_first_come_first_served(start_coordinator: Any, sock_path: str) -> None:
     start_coordinator({"r": 1})
     owner = Client(sock_path)
