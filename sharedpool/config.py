@@ -275,7 +275,9 @@ def blocked_loop_note() -> str:
     """For a timeout: what it cost if the wait ran on an asyncio event loop's
     thread (an ``async def`` calling the pool): the whole loop stood still, so
     its tasks holding connections could not give them back; else ""."""
-    if asyncio._get_running_loop() is None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
         return ""
     return ("; this wait blocked a running asyncio event loop, whose tasks could not return "
             "their connections meanwhile (call the pool from a thread: asyncio.to_thread)")

@@ -4,13 +4,18 @@ threads hammering a pool, a worker exiting mid-query, a thread whose
 exception the test looks at, reading a raw socket until the peer closes it, a
 SIGALRM that raises (a signal handler's exception, as celery's soft time
 limit), an exception injected once where a signal could land, threads started
-a moment apart, a server slow to let go of a closed client, and an import
-refused in a fresh interpreter."""
+a moment apart, a server slow to let go of a closed client, an import
+refused in a fresh interpreter, and a garbage collection run where a logging
+queue's lock is held."""
 
 from __future__ import annotations
 
+import gc
+import logging
+import logging.handlers
 import multiprocessing
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -306,3 +311,33 @@ def import_refused(code: str) -> str:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 1, out
     return out.stderr
+
+
+@contextmanager
+def sharedpool_logs_queued_gc_off() -> Iterator[queue.Queue[logging.LogRecord]]:
+    """sharedpool's log records go to a queue (a logging.QueueHandler), and the
+    garbage collector runs only when :func:`collect_inside_a_put` runs it."""
+    q: queue.Queue[logging.LogRecord] = queue.Queue()
+    handler = logging.handlers.QueueHandler(q)
+    logging.getLogger("sharedpool").addHandler(handler)
+    gc.disable()
+    try:
+        yield q
+    finally:
+        gc.enable()
+        logging.getLogger("sharedpool").removeHandler(handler)
+
+
+def collect_inside_a_put(q: queue.Queue[Any], timeout: float = 5.0) -> bool:
+    """Collect garbage in a thread that holds the queue's lock, as a collection
+    inside a put() of another record would (a plain Lock, taken again by a
+    finalizer that logs); whether it returned within ``timeout``."""
+    collected = threading.Event()
+
+    def collect() -> None:
+        with q.mutex:
+            gc.collect()
+        collected.set()
+
+    threading.Thread(target=collect, daemon=True).start()
+    return collected.wait(timeout)

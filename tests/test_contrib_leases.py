@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import logging
-import logging.handlers
 import os
-import queue
 import socket
 import threading
 import time
@@ -17,7 +14,16 @@ from typing import Any
 
 import pytest
 from fake_coordinator import FakeCoordinator
-from proc_helpers import interrupt_once, leased, no_leases_of, run_in_child, run_staggered, wait_leased
+from proc_helpers import (
+    collect_inside_a_put,
+    interrupt_once,
+    leased,
+    no_leases_of,
+    run_in_child,
+    run_staggered,
+    sharedpool_logs_queued_gc_off,
+    wait_leased,
+)
 
 from sharedpool import Client, Resource
 from sharedpool import protocol as p
@@ -679,29 +685,14 @@ def test_a_collected_books_finalizer_logs_nothing_where_the_collection_ran(
     and the lease stayed out (leased 1 after 10 s). As for a dropped
     ConnectionPool, the warning comes from another thread."""
     start_coordinator({"r": Resource(max_size=1)})
-    q: queue.Queue[logging.LogRecord] = queue.Queue()
-    handler = logging.handlers.QueueHandler(q)
-    logging.getLogger("sharedpool").addHandler(handler)
-    gc.disable()
-    try:
+    with sharedpool_logs_queued_gc_off() as q:
         with socket.create_server(("127.0.0.1", 0)) as server:
             peer = _a_collected_book_with_a_lease(sock_path, server)
             assert leased(sock_path) == 1
-            collected = threading.Event()
-
-            def collect() -> None:
-                with q.mutex:  # the collection ran inside a put() of another record
-                    gc.collect()
-                collected.set()
-
-            threading.Thread(target=collect, daemon=True).start()
-            assert collected.wait(5), "the collection hung in the book's finalizer"
+            assert collect_inside_a_put(q), "the collection hung in the book's finalizer"
             peer.close()
             assert _collect_until_leased(sock_path, 0) == 0
         assert any("garbage-collected" in r.getMessage() for r in list(q.queue)), list(q.queue)
-    finally:
-        gc.enable()
-        logging.getLogger("sharedpool").removeHandler(handler)
 
 
 def test_a_collected_books_leases_go_back_with_no_thread_to_be_had(

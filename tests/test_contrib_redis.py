@@ -14,11 +14,13 @@ import pytest
 import redis
 from proc_helpers import (
     HoldingServer,
+    collect_inside_a_put,
     hammer,
     held_once_confirmed,
     leased,
     other_sessions,
     run_forked,
+    sharedpool_logs_queued_gc_off,
     wait_leased,
     wait_no_other_sessions,
 )
@@ -800,32 +802,13 @@ def test_a_dropped_pools_connection_closes_itself_without_logging_where_the_coll
     again by the first such warning's put). Before: that thread hung for good
     and the lease stayed out; as for a dropped ConnectionPool, the warning now
     comes from another thread."""
-    import gc
-    import logging.handlers
-    import queue
-
     start_coordinator({redis_name: Resource(max_size=1)})  # its own name: warned once per resource
-    q: queue.Queue[logging.LogRecord] = queue.Queue()
-    handler = logging.handlers.QueueHandler(q)
-    logging.getLogger("sharedpool").addHandler(handler)
-    gc.disable()
-    try:
+    with sharedpool_logs_queued_gc_off() as q:
         pool = BlockingConnectionPool(host=HOST, port=PORT, client_name=redis_name, resource=redis_name,
                                       coordinator=sock_path, max_connections=1, timeout=3)
         assert redis.Redis(connection_pool=pool).ping()
         assert leased(sock_path) == 1
         del pool  # redis-py's connections refer to their pool: a cycle
-        collected = threading.Event()
-
-        def collect() -> None:
-            with q.mutex:  # the collection ran inside a put() of another record
-                gc.collect()
-            collected.set()
-
-        threading.Thread(target=collect, daemon=True).start()
-        assert collected.wait(5), "the collection hung in the connection's finalizer"
+        assert collect_inside_a_put(q), "the collection hung in the connection's finalizer"
         assert wait_leased(sock_path, 0) == 0 and clients_named(redis_name) == 0
         assert any("garbage-collected" in r.getMessage() for r in list(q.queue)), list(q.queue)
-    finally:
-        gc.enable()
-        logging.getLogger("sharedpool").removeHandler(handler)

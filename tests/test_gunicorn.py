@@ -540,6 +540,28 @@ def app(environ, start_response):
 """
 
 
+@contextlib.contextmanager
+def _hello_under_gunicorn(tmp_path: Path, conf: Path,
+                          *args: str) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """hello:app (written to tmp_path) under 2 gunicorn workers with config
+    ``conf``, in its own session; yields (master, log file). What is left of
+    its process group is SIGKILLed on the way out."""
+    log_path = tmp_path / "gunicorn.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", str(conf), "-b", f"127.0.0.1:{free_port()}",
+             "-w", "2", *args, "--chdir", str(tmp_path), "hello:app"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
+    try:
+        yield proc, log_path
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
 @pytest.mark.parametrize("lose", [False, True], ids=["queued-by-the-arbiter", "lost"])
 def test_stop_during_worker_birth_is_not_lost(tmp_path: Path, sock_path: str, lose: bool) -> None:
     # A SIGTERM that reaches a worker before its init_signals() goes to the
@@ -550,15 +572,7 @@ def test_stop_during_worker_birth_is_not_lost(tmp_path: Path, sock_path: str, lo
     (tmp_path / "hello.py").write_text(_HELLO_APP)
     conf = tmp_path / "gunicorn.conf.py"
     conf.write_text(_SLOW_BORN.format(sock=sock_path, lose=lose))
-    log_path = tmp_path / "gunicorn.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", str(conf), "-b", f"127.0.0.1:{free_port()}",
-             "-w", "2", "--graceful-timeout", "20", "--chdir", str(tmp_path), "hello:app"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=die_with_parent,
-        )
-    try:
+    with _hello_under_gunicorn(tmp_path, conf, "--graceful-timeout", "20") as (proc, log_path):
         wait_for(lambda: log_path.read_text().count("sharedpool-test: worker born") == 2, 30,
                  "both workers to be forked")
         os.kill(proc.pid, signal.SIGTERM)  # the master passes it on while both are being born
@@ -570,10 +584,6 @@ def test_stop_during_worker_birth_is_not_lost(tmp_path: Path, sock_path: str, lo
         text = log_path.read_text()
         assert status == 0 and time.monotonic() - started < 10, text[-3000:]
         assert "SIGKILL" not in text and "coordinator stopping: 0 session(s) open" in text, text
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
 
 
 _SIG_DFL_WORKER = """
@@ -618,15 +628,7 @@ def test_a_worker_class_that_dies_by_its_stop_signal_still_runs_worker_exit(
                     f"control_socket_disable = True\n"
                     f"on_starting, post_fork, worker_exit, on_exit = hooks(resources={{'r': 2}}, "
                     f"socket={sock_path!r}, log_level='info')\n")
-    log_path = tmp_path / "gunicorn.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", str(conf), "-b", f"127.0.0.1:{free_port()}",
-             "-w", "2", "-k", "sigdfl_worker.SigDflWorker", "--chdir", str(tmp_path), "hello:app"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=die_with_parent,
-        )
-    try:
+    with _hello_under_gunicorn(tmp_path, conf, "-k", "sigdfl_worker.SigDflWorker") as (proc, log_path):
         wait_for(lambda: log_path.read_text().count("sharedpool-test: leased") == 2, 30,
                  "both workers to hold a lease")
         os.kill(proc.pid, signal.SIGTERM)
@@ -634,10 +636,6 @@ def test_a_worker_class_that_dies_by_its_stop_signal_still_runs_worker_exit(
         text = log_path.read_text()
         assert "was sent SIGTERM" not in text and "quarantined" not in text, text[-3000:]
         assert text.count(", 1 lease(s) returned") == 0 and "0 session(s) open" in text, text[-3000:]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
 
 
 class _FakeMaster:

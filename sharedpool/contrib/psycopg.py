@@ -44,7 +44,7 @@ from psycopg_pool.abc import CT
 from psycopg_pool.pool import AddConnection
 
 from ..client import current_pid
-from ..config import check_seconds, check_sync_callable
+from ..config import NO_ASYNCIO, check_seconds, check_sync_callable
 from ..errors import ConfigError, PoolTimeout
 from ._leases import LeaseBook
 
@@ -85,9 +85,8 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
         if isinstance(kwargs.get("connection_class"), type) and issubclass(kwargs["connection_class"],
                                                                            psycopg.AsyncConnection):
             # Else every connect failed ("'coroutine' object has no attribute"), a PoolTimeout.
-            raise ConfigError("connection_class", "is an asyncio connection class: this pool (a sync "
-                                                  "psycopg_pool.ConnectionPool) has no asyncio twin; use it "
-                                                  "from async code in a thread (asyncio.to_thread)")
+            raise ConfigError("connection_class", f"is an asyncio connection class: this pool is a sync "
+                                                  f"psycopg_pool.ConnectionPool; {NO_ASYNCIO}")
         # Ready before psycopg_pool's __init__, which may open the pool and
         # start connecting in its workers at once.
         self._sp_book = LeaseBook(resource, coordinator, confirm_timeout=confirm_timeout,

@@ -43,7 +43,7 @@ from typing import Any
 import redis
 from redis.connection import Connection
 
-from ..config import blocked_loop_note, check_seconds
+from ..config import NO_ASYNCIO, blocked_loop_note, check_seconds
 from ..errors import ConfigError, PoolTimeout, ResourceUnavailable, TooManyWaiters
 from ._leases import LeaseBook
 
@@ -57,8 +57,7 @@ if not hasattr(redis.connection.AbstractConnection, "connect_check_health"):  # 
 
 log = logging.getLogger("sharedpool.contrib.redis")
 
-NOT_ASYNCIO = ("this pool serves redis.Redis only, there is no asyncio one (use redis.Redis "
-               "from async code in a thread: asyncio.to_thread)")
+NOT_ASYNCIO = f"this pool serves redis.Redis only; {NO_ASYNCIO}"
 
 
 class LeaseTimeout(redis.ConnectionError, PoolTimeout):

@@ -46,7 +46,7 @@ from sqlalchemy.pool import Pool, QueuePool
 from sqlalchemy.util import queue as sqla_queue
 
 from ..client import current_pid
-from ..config import blocked_loop_note, check_seconds, check_sync_callable
+from ..config import NO_ASYNCIO, blocked_loop_note, check_seconds, check_sync_callable
 from ..errors import ConfigError, PoolClosed, PoolTimeout, ResourceUnavailable, TooManyWaiters
 from ..process import FORK_LOCK
 from ._leases import LeaseBook
@@ -457,8 +457,7 @@ def attach(engine: Engine, resource: str, coordinator: str | None = None, *,
     if getattr(pool, "_is_asyncio", False):  # an AsyncAdaptedQueuePool, or an AsyncEngine's
         raise ConfigError("engine", "is an asyncio engine (create_async_engine, an async driver): "
                                     "only engines with a synchronous driver (postgresql+psycopg://) "
-                                    "lease their connections; use one from async code in a thread "
-                                    "(asyncio.to_thread)")
+                                    f"lease their connections; {NO_ASYNCIO}")
     if type(pool) is not QueuePool:
         raise ConfigError("engine", f"needs a QueuePool (the default for server databases), "
                                     f"has {type(pool).__name__}")
