@@ -17,6 +17,7 @@ import collections
 import json
 import os
 import random
+import shutil
 import signal
 import statistics
 import sys
@@ -27,10 +28,14 @@ import uuid
 from typing import Any
 
 DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres"
+REPORT_EVERY = 0.2  # seconds between two reports of a worker's counts
 
 
-def _worker(sock: str, app: str, stop_at: float, out: Any) -> None:
-    """One worker process: 2 threads of checkouts; reports failures by reason."""
+def _worker(sock: str, app: str, stop_at: float, report_dir: str) -> None:
+    """One worker process: 2 threads of checkouts. Its counts (checkouts done,
+    failures by reason) are written to ``report_dir/<pid>.json`` every
+    REPORT_EVERY seconds and at the end: a worker SIGKILLed mid-run has its
+    counts up to its last report in the table, not only the survivors'."""
     import psycopg
 
     from sharedpool import ConnectionPool, PoolConfig
@@ -43,6 +48,14 @@ def _worker(sock: str, app: str, stop_at: float, out: Any) -> None:
     done = [0]
     failures: collections.Counter[str] = collections.Counter()
     lock = threading.Lock()
+    path = os.path.join(report_dir, f"{os.getpid()}.json")
+
+    def report(final: bool = False) -> None:
+        with lock:
+            counts = {"pid": os.getpid(), "done": done[0], "failures": dict(failures), "final": final}
+        with open(path + ".tmp", "w") as f:
+            json.dump(counts, f)
+        os.replace(path + ".tmp", path)  # a kill mid-write leaves the last whole report
 
     def loop() -> None:
         rnd = random.Random()
@@ -63,10 +76,23 @@ def _worker(sock: str, app: str, stop_at: float, out: Any) -> None:
     threads = [threading.Thread(target=loop) for _ in range(2)]
     for t in threads:
         t.start()
+    while any(t.is_alive() for t in threads):
+        report()
+        threads[0].join(REPORT_EVERY)
     for t in threads:
         t.join()
     pool.close()
-    out.put({"pid": os.getpid(), "done": done[0], "failures": dict(failures)})
+    report(final=True)
+
+
+def _collect(report_dir: str) -> list[dict[str, Any]]:
+    """Every worker's last report (killed ones included)."""
+    reports = []
+    for name in os.listdir(report_dir):
+        if name.endswith(".json"):
+            with open(os.path.join(report_dir, name)) as f:
+                reports.append(json.load(f))
+    return reports
 
 
 class Sampler(threading.Thread):
@@ -118,7 +144,10 @@ def run(workers: int, cap: int, seconds: float, coord_restarts: int, seed: int) 
     rnd = random.Random(seed)
     # Not fork: the sampler thread may be inside libpq when we fork a worker.
     ctx = multiprocess.get_context("spawn")
-    sock = os.path.join(tempfile.mkdtemp(prefix="sp-chaos-"), "sp.sock")
+    tmp = tempfile.mkdtemp(prefix="sp-chaos-")
+    sock = os.path.join(tmp, "sp.sock")
+    report_dir = os.path.join(tmp, "counts")
+    os.mkdir(report_dir)
     app = f"sp-chaos-{uuid.uuid4().hex[:8]}"
     resources = {"pg": Resource(max_size=cap, monitor_dsn=DSN, fence_action="terminate",
                                 fence_timeout=5, acquire_timeout=5)}
@@ -126,12 +155,11 @@ def run(workers: int, cap: int, seconds: float, coord_restarts: int, seed: int) 
     sampler = Sampler(app)
     sampler.cap = cap
     sampler.start()
-    out = ctx.Queue()
     stop_at = time.monotonic() + seconds
     procs: dict[int, Any] = {}
 
     def spawn() -> None:
-        p = ctx.Process(target=_worker, args=(sock, app, stop_at, out), daemon=True)
+        p = ctx.Process(target=_worker, args=(sock, app, stop_at, report_dir), daemon=True)
         p.start()
         procs[p.pid] = p
 
@@ -140,7 +168,6 @@ def run(workers: int, cap: int, seconds: float, coord_restarts: int, seed: int) 
     client = Client(sock)
     kills, restarts, slot_times = 0, 0, []
     restart_at = sorted(rnd.uniform(0.2, 0.8) * seconds for _ in range(coord_restarts))
-    results: list[dict[str, Any]] = []
     try:
         while time.monotonic() < stop_at - 1.0:
             time.sleep(rnd.uniform(0.2, 0.6))
@@ -166,11 +193,6 @@ def run(workers: int, cap: int, seconds: float, coord_restarts: int, seed: int) 
             spawn()
         for p in procs.values():
             p.join(seconds + 30)
-        while True:
-            try:
-                results.append(out.get(timeout=1))
-            except Exception:  # noqa: BLE001 - queue drained
-                break
         time.sleep(0.2)
         leased_end = sum(r["leased"] for r in client.inspect("resources")["resources"])
     finally:
@@ -182,6 +204,9 @@ def run(workers: int, cap: int, seconds: float, coord_restarts: int, seed: int) 
         sampler.join(5)
         client.close()
         coord.stop()
+    results = _collect(report_dir)
+    finished = {r["pid"] for r in results if r["final"]}
+    shutil.rmtree(tmp, ignore_errors=True)
     failures: collections.Counter[str] = collections.Counter()
     for r in results:
         failures.update(r["failures"])
@@ -199,6 +224,8 @@ def run(workers: int, cap: int, seconds: float, coord_restarts: int, seed: int) 
         "slot_return_ms_p99": round(slot_ms[min(len(slot_ms) - 1, int(len(slot_ms) * 0.99))], 1)
         if slot_ms else None,
         "checkouts": sum(r["done"] for r in results),
+        # Workers alive at the end that did not finish on their own (hung, so killed).
+        "workers_unfinished": sum(1 for pid in procs if pid not in finished),
         "failed_checkouts": dict(failures),
         "leases_held_at_end": leased_end,
     }
@@ -224,13 +251,14 @@ def main(argv: list[str] | None = None) -> int:
     table.add_column("value", justify="right")
     for key in ("cap", "pg_peak", "moments_over_cap", "samples", "worker_kills", "coordinator_restarts",
                 "slot_return_ms_p50", "slot_return_ms_p99", "checkouts", "failed_checkouts",
-                "leases_held_at_end"):
+                "workers_unfinished", "leases_held_at_end"):
         table.add_row(key, str(res[key]))
     Console().print(table)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)
-    ok = res["moments_over_cap"] == 0 and res["leases_held_at_end"] == 0
+    ok = (res["moments_over_cap"] == 0 and res["leases_held_at_end"] == 0
+          and res["workers_unfinished"] == 0)
     return 0 if ok else 1
 
 
