@@ -1,0 +1,1 @@
+"""A Django database ENGINE: Django's PostgreSQL backend, its pool leased (see base.py)."""
