@@ -1,6 +1,6 @@
 """Django (5.1+, psycopg 3) end to end: examples/django_app under real gunicorn,
 4 workers, Django's OPTIONS["pool"] made by sharedpool.contrib.psycopg through
-the example's ENGINE, a global cap of 2 checked from pg_stat_activity."""
+the ENGINE sharedpool.contrib.django, a global cap of 2 checked from pg_stat_activity."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ class DjangoServer:
         env = {**os.environ, "EXAMPLE_BIND": f"unix:{self.bind}", "EXAMPLE_WORKERS": str(WORKERS),
                "EXAMPLE_CAP": str(CAP), "EXAMPLE_APP_NAME": app_name,
                "EXAMPLE_SOCKET": str(tmp_path / "sp.sock"), "EXAMPLE_WORKER_CLASS": worker_class,
-               "EXAMPLE_THREADS": "4" if worker_class == "gthread" else "1"}
+               "EXAMPLE_THREADS": "4" if worker_class == "gthread" else "1", "EXAMPLE_CLOSE_TIMEOUT": "20"}
         env.pop("SHAREDPOOL_SOCKET", None)
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
@@ -143,7 +143,8 @@ def test_a_quick_stop_mid_request_does_not_wait_for_djangos_connection(server: D
     # Django checks a request's connection back in only when the request ends:
     # a sync worker stopped in the middle still holds it, and without the example's
     # worker_exit, sharedpool's waited close_timeout (5 s) for it (measured: 5.6 s;
-    # with it 0.6 s, as gunicorn takes without sharedpool).
+    # with it 0.6 s, as gunicorn takes without sharedpool). close_timeout is
+    # raised to 20 s here, so the old wait cannot pass for a slow machine.
     def cut_short() -> None:
         with contextlib.suppress(Exception):  # the worker stops mid-request: no answer
             server.get(10.0)
@@ -160,5 +161,5 @@ def test_a_quick_stop_mid_request_does_not_wait_for_djangos_connection(server: D
     os.kill(server.proc.pid, signal.SIGQUIT)
     server.proc.wait(30)
     took = time.monotonic() - t0
-    assert took < 4.0, f"gunicorn took {took:.1f} s to stop\n{server.log()[-3000:]}"
+    assert took < 10.0, f"gunicorn took {took:.1f} s to stop\n{server.log()[-3000:]}"
     assert _gone(sampler, 5.0) == 0, "a stopped worker's query still runs"

@@ -26,7 +26,7 @@ settings.configure(
     USE_TZ=True,
     DATABASES={
         "default": {
-            "ENGINE": "sharedpool_postgresql",  # the package next to this file
+            "ENGINE": "sharedpool.contrib.django",  # Django's PostgreSQL backend, pool leased
             "NAME": PG_URL.path.lstrip("/"),
             "USER": PG_URL.username or "",
             "HOST": PG_URL.hostname or "",

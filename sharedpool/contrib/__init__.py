@@ -2,6 +2,7 @@
 
 * :mod:`sharedpool.contrib.sqlalchemy` — an Engine whose QueuePool leases every DBAPI connection.
 * :mod:`sharedpool.contrib.psycopg` — a ``psycopg_pool.ConnectionPool`` whose connections are leased.
+* :mod:`sharedpool.contrib.django` — Django's PostgreSQL backend whose ``OPTIONS["pool"]`` is that class.
 * :mod:`sharedpool.contrib.redis` — a ``redis.BlockingConnectionPool`` whose connections are leased.
 * :mod:`sharedpool.contrib.gunicorn`, :mod:`sharedpool.contrib.celery` — hooks that run the
   coordinator in the master / parent process and attach the workers.

@@ -1,0 +1,40 @@
+"""The ``DatabaseWrapper`` Django loads for ``ENGINE = "sharedpool.contrib.django"``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+from django.db.backends.base.base import NO_DB_ALIAS
+from django.db.backends.postgresql import base
+
+from ..psycopg import ConnectionPool
+
+
+class DatabaseWrapper(base.DatabaseWrapper):  # type: ignore[misc]  # Django ships no types
+    """Django's PostgreSQL wrapper whose pool is sharedpool's psycopg_pool class.
+
+    Overrides Django's ``pool`` property (the same in Django 5.1 and 5.2): the
+    same arguments, this class instead of ``psycopg_pool.ConnectionPool``.
+    """
+
+    @property
+    def pool(self) -> ConnectionPool | None:
+        options = self.settings_dict["OPTIONS"].get("pool")
+        if self.alias == NO_DB_ALIAS or not options:
+            return None
+        if self.alias not in self._connection_pools:
+            if self.settings_dict.get("CONN_MAX_AGE", 0) != 0:
+                # A connection kept between requests keeps its lease: the other
+                # workers would wait for it at the cap, idle or not.
+                raise ImproperlyConfigured("Pooling doesn't support persistent connections.")
+            kwargs: dict[str, Any] = {} if options is True else dict(options)
+            pool = ConnectionPool(
+                kwargs={**self.get_connection_params(), "autocommit": True},
+                open=False,  # opened at the first query: in the worker, not a preloading master
+                configure=self._configure_connection,
+                check=ConnectionPool.check_connection if self.settings_dict["CONN_HEALTH_CHECKS"] else None,
+                **kwargs,
+            )
+            self._connection_pools.setdefault(self.alias, pool)
+        return self._connection_pools[self.alias]
