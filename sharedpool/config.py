@@ -14,7 +14,6 @@ import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
@@ -450,7 +449,9 @@ class CoordinatorConfig:
         section.update({k: v for k, v in overrides.items() if v is not None})
         # Coerced here, so a bad limit is named resources.NAME.FIELD as the file spells it.
         section["resources"] = coerce_resources(resources)
-        section["config_file"] = str(Path(path).resolve())
+        # Absolute, symlinks kept: a reload reads what the path names then (a release or a
+        # ConfigMap swapped in by a symlink), not the file it named at start.
+        section["config_file"] = os.path.abspath(path)
         section["overrides"] = kept
         try:
             return _from_mapping(cls, section, "coordinator")

@@ -519,6 +519,26 @@ def test_reload_keeps_flags_and_reports_what_it_did_not_apply(tmp_path: Path) ->
         stop(server.proc)
 
 
+def test_reload_reads_the_path_given_when_a_symlink_on_it_moves(tmp_path: Path) -> None:
+    """A release swapped in by a symlink (`current -> releases/2`, a Kubernetes
+    ConfigMap's `..data`): a reload reads the new target, not the one at start."""
+    for release, size in (("1", 5), ("2", 9)):
+        (tmp_path / release).mkdir()
+        (tmp_path / release / "sp.toml").write_text(f"[resources]\ndemo = {size}\n")
+    (tmp_path / "current").symlink_to("1")
+    server = Serve(tmp_path, "--config", str(tmp_path / "current" / "sp.toml"), resource="")
+    try:
+        assert server.status()["max_size"] == 5
+        (tmp_path / "next").symlink_to("2")
+        os.replace(tmp_path / "next", tmp_path / "current")
+        out = sp("reload", "--socket", server.socket)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith(f"reloaded {tmp_path / 'current' / 'sp.toml'}:"), out.stdout
+        assert server.status()["max_size"] == 9
+    finally:
+        stop(server.proc)
+
+
 # ------------------------------------------------------------------ serve
 
 
