@@ -426,8 +426,14 @@ class CoordinatorConfig:
             data = tomllib.loads(_read_config(path).decode())
         except OSError as exc:
             raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:  # TOML is UTF-8 only
-            raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+        except ConfigError:
+            raise
+        except (ValueError, RecursionError) as exc:
+            # TOMLDecodeError, UnicodeDecodeError (TOML is UTF-8 only), and what tomllib lets
+            # through: int()'s refusal of an integer past 4,300 digits, a RecursionError for
+            # arrays nested thousands deep (a traceback from serve, an internal_error for reload).
+            why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split("; use sys.")[0]
+            raise ConfigError("config", f"{path} is not valid TOML: {why}") from None
         unknown = sorted(set(data) - {"coordinator", "resources"})
         if unknown:
             raise ConfigError(

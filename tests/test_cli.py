@@ -571,6 +571,18 @@ def test_serve_bad_config_file_names_the_field(tmp_path: Path) -> None:
     assert out.returncode == 2 and "cannot read" in out.stderr
 
 
+@pytest.mark.parametrize("toml", [
+    "[resources]\npg = 2\nx = " + "[" * 3000 + "]" * 3000 + "\n",  # tomllib: RecursionError
+    "[resources]\npg = " + "1" * 5000 + "\n",  # int(): past the 4,300 digits Python converts
+])
+def test_serve_a_config_file_tomllib_chokes_on_is_one_line(tmp_path: Path, toml: str) -> None:
+    config = tmp_path / "sp.toml"
+    config.write_text(toml)
+    out = sp("serve", "--socket", str(tmp_path / "sp.sock"), "--config", str(config))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr[-500:]
+    assert "is not valid TOML" in out.stderr
+
+
 def test_serve_refuses_a_second_coordinator(serve: Serve, tmp_path: Path) -> None:
     out = sp("serve", "--socket", serve.socket, "--resource", "demo=1")
     assert out.returncode == 1 and out.stderr.count("\n") == 1
