@@ -431,8 +431,37 @@ def sessions(socket_path: str | None, as_json: bool) -> None:
 @click.option("--iterations", type=click.IntRange(min=1), help="Stop after this many refreshes.")
 def top(socket_path: str | None, interval: float, iterations: int | None) -> None:
     """A live view of resources and sessions; q or Ctrl-C quits."""
-    with connect(socket_path) as client, contextlib.suppress(KeyboardInterrupt):
+    with _unwind_on_stop_signals(), connect(socket_path) as client, contextlib.suppress(KeyboardInterrupt):
         run_top(client, interval, iterations)
+
+
+class _StopSignal(BaseException):
+    """SIGTERM or SIGHUP in ``top``: unwinds as Ctrl-C does."""
+
+
+@contextlib.contextmanager
+def _unwind_on_stop_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP (`timeout 60 sharedpool top`, a closed tmux pane) unwind
+    the view first, then the process dies of the signal as before: by their default
+    action it died at once, its terminal left in cbreak mode, no echo, cursor hidden."""
+    # One ignored (nohup) stays so.
+    caught = [sig for sig in (signal.SIGTERM, signal.SIGHUP) if signal.getsignal(sig) == signal.SIG_DFL]
+
+    def unwind(signum: int, frame: Any) -> None:
+        for sig in caught:  # a second one, while it unwinds, kills it at once
+            signal.signal(sig, signal.SIG_DFL)
+        raise _StopSignal(signum)
+
+    try:
+        for sig in caught:
+            signal.signal(sig, unwind)
+        yield
+    except _StopSignal as exc:
+        sys.stdout.flush()
+        os.kill(os.getpid(), exc.args[0])
+    finally:
+        for sig in caught:
+            signal.signal(sig, signal.SIG_DFL)
 
 
 def _frame(client: Client, interval: float) -> tuple[RenderableType, SharedPoolError | None]:

@@ -866,6 +866,43 @@ def test_top_in_a_terminal_refreshes_and_quits_on_q(serve: Serve, workers: list[
         os.close(master)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_top_stopped_by_a_signal_gives_the_terminal_back(serve: Serve, sig: int) -> None:
+    """`timeout 60 sharedpool top`: it still dies of the signal, but echo, line
+    mode and the cursor are back (by the default action they stayed off)."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sharedpool", "top", "--socket", serve.socket, "--interval", "0.2"],
+        stdin=slave, stdout=slave, stderr=slave, env={**ENV, "TERM": "xterm-256color"},
+        start_new_session=True)
+    seen = bytearray()
+
+    def read() -> bytes:
+        if select.select([master], [], [], 0.1)[0]:
+            with contextlib.suppress(OSError):  # EIO: the child closed the terminal
+                seen.extend(os.read(master, 65536))
+        return bytes(seen)
+
+    try:
+        wait_for(lambda: b"sharedpool top" in read() and
+                 not termios.tcgetattr(slave)[3] & termios.ICANON, 15, "top in cbreak mode")
+        proc.send_signal(sig)
+        deadline = time.monotonic() + 10
+        while proc.poll() is None and time.monotonic() < deadline:
+            read()  # keep draining the terminal while it exits
+        read()
+        assert proc.returncode == -sig
+        lflag = termios.tcgetattr(slave)[3]
+        assert lflag & termios.ECHO and lflag & termios.ICANON
+        assert seen.rfind(b"\x1b[?25h") > seen.rfind(b"\x1b[?25l") >= 0, bytes(seen[-300:])
+        assert b"Traceback" not in seen
+    finally:
+        stop(proc)
+        os.close(master)
+        os.close(slave)
+
+
 def test_top_without_a_terminal_runs_n_iterations(serve: Serve) -> None:
     out = sp("top", "--socket", serve.socket, "--interval", "0.1", "--iterations", "3")
     assert out.returncode == 0, out.stderr
