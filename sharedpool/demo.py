@@ -252,6 +252,8 @@ def run_demo(*, workers: int = 8, max_size: int = 3, seconds: float = 5.0, pool_
     console = console or Console()
     if socket_path is not None:  # '' is a blank left by a script, not "a temp dir"
         socket_path = check_socket_path("socket", socket_path)
+    if dsn is not None and not dsn.strip():  # as blank: libpq's defaults, yet SQLite's query
+        raise ConfigError("--dsn", f"must be a PostgreSQL connection string, got {dsn!r}")
     if dsn:
         # Before anything starts, and imported once here, inherited by every
         # worker. `pip install sharedpool` does not bring psycopg: say so in

@@ -67,6 +67,10 @@ def test_demo_bad_arguments_exit_2() -> None:
     # As for serve and status: an empty --socket is a blank, not "a temp dir" (it ran one).
     out = sp("demo", "--socket", "", "--seconds", "0.1")
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "socket" in out.stderr, out
+    # So is an empty --dsn (`--dsn "$DATABASE_URL"`, unset): it ran half as PostgreSQL
+    # (libpq's defaults) and half as SQLite (its query, no count by PostgreSQL).
+    out = sp("demo", "--dsn", "", "--seconds", "0.1", timeout=60)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "--dsn" in out.stderr, out
 
 
 def test_demo_with_postgresql_unreachable_fails_in_a_few_clear_lines() -> None:
