@@ -21,7 +21,7 @@ on_starting, post_fork, sharedpool_worker_exit, on_exit = hooks(
     resources={"pg": Resource(max_size=CAP, acquire_timeout=30, monitor_dsn=PG_URL)},
     socket=os.environ.get("EXAMPLE_SOCKET"),  # None: $SHAREDPOOL_SOCKET, else a private path
     log_level=os.environ.get("EXAMPLE_COORDINATOR_LOG", "warning"),
-    close_timeout=float(os.environ.get("EXAMPLE_CLOSE_TIMEOUT", "5")),  # worker_exit's wait for busy connections
+    close_timeout=float(os.environ.get("EXAMPLE_CLOSE_TIMEOUT", "5")),  # worker_exit waits this for busy ones
 )
 
 
