@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import background, receiving
 from . import protocol as p
-from .errors import AccessDenied, CoordinatorUnavailable, SharedPoolError
+from .errors import AccessDenied, CoordinatorUnavailable, RemoteProtocolError, SharedPoolError
 from .readable import cooperative
 
 if TYPE_CHECKING:
@@ -81,13 +81,21 @@ def shake_hands(sock: socket.socket, path: str, limit: float | None, hello: Call
             if not data:
                 raise _hung_up(cut)
             conn.receive_data(data)
-            for msg in conn.events():
+            try:
+                for msg in conn.events():
+                    if welcome is not None:
+                        early.append(msg)
+                    elif isinstance(msg, p.Error):
+                        raise error_from(msg)
+                    elif isinstance(msg, p.Welcome):
+                        welcome = msg
+            except RemoteProtocolError as exc:
                 if welcome is not None:
-                    early.append(msg)
-                elif isinstance(msg, p.Error):
-                    raise error_from(msg)
-                elif isinstance(msg, p.Welcome):
-                    welcome = msg
+                    raise
+                # Something else listens there (a --socket naming PostgreSQL's socket):
+                # its bytes read as a huge frame, which alone said nothing useful.
+                raise RemoteProtocolError("what answers there is no sharedpool coordinator "
+                                          f"(its first reply is no sharedpool frame: {exc})") from None
         sock.settimeout(None)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _RCV_SLICE)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,

@@ -1102,3 +1102,28 @@ def test_a_socket_path_too_long_is_a_bad_flag_naming_where_it_came_from(tmp_path
     out = subprocess.run([sys.executable, "-m", "sharedpool", "leases"], capture_output=True, text=True,
                          env={**ENV, "SHAREDPOOL_SOCKET": long}, timeout=30)
     assert out.returncode == 2 and "SHAREDPOOL_SOCKET" in out.stderr and "too long" in out.stderr, out
+
+
+def test_a_socket_where_something_else_listens_says_it_is_no_coordinator(tmp_path: Path) -> None:
+    # Before: "frame of 1157627904 bytes exceeds the limit of 1048576" for
+    # --socket naming PostgreSQL's socket (its error reply read as a frame header).
+    path = str(tmp_path / "other.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(4)
+
+    def answer_like_postgres() -> None:
+        with contextlib.suppress(OSError):  # the listener closed
+            while True:
+                conn, _ = listener.accept()
+                with conn, contextlib.suppress(OSError):  # the CLI's probe connects and hangs up
+                    if conn.recv(1024):
+                        conn.sendall(b"E\x00\x00\x00\x6bSFATAL\x00C08P01\x00Minvalid length\x00\x00")
+
+    threading.Thread(target=answer_like_postgres, daemon=True).start()
+    try:
+        out = sp("status", "--socket", path)
+    finally:
+        listener.close()
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    assert f"at {path}: what answers there is no sharedpool coordinator" in out.stderr, out.stderr
