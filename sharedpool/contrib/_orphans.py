@@ -8,6 +8,7 @@ dropped unclosed.
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import os
 import queue
@@ -229,11 +230,37 @@ def start_collector() -> bool:
     return True
 
 
+#: The thread running a garbage collection (its finalizers), else 0.
+_collecting = 0
+
+
+def _track_collection(phase: str, info: dict[str, int]) -> None:
+    global _collecting
+    _collecting = threading.get_ident() if phase == "start" else 0
+
+
+gc.callbacks.append(_track_collection)
+
+
+def collecting() -> bool:
+    """Whether this thread runs a garbage collection (a host library's
+    finalizer called us: SQLAlchemy checks in a connection dropped unclosed),
+    and the collector thread runs (start_collector()) to take the work: here,
+    it may wait for good on a lock the interrupted thread holds, the book's."""
+    return _collecting == threading.get_ident() and _collector_pid == current_pid() and \
+        not sys.is_finalizing()
+
+
+def put_off(job: Callable[[], None]) -> None:
+    """Run ``job`` in a thread of the collector's (see :func:`collecting`)."""
+    _jobs.put(job)
+
+
 def _collector_in_child() -> None:
     # The parent's thread is not here, its lock may have been held at the fork,
     # and its queued jobs are the parent's.
-    global _jobs, _collector_pid, _collector_lock
-    _jobs, _collector_pid, _collector_lock = queue.SimpleQueue(), 0, threading.Lock()
+    global _jobs, _collector_pid, _collector_lock, _collecting
+    _jobs, _collector_pid, _collector_lock, _collecting = queue.SimpleQueue(), 0, threading.Lock(), 0
 
 
 os.register_at_fork(after_in_child=_collector_in_child)

@@ -33,9 +33,10 @@ comes back after the server let go (the pool no longer keeps it alive).
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +51,7 @@ from ..config import NO_ASYNCIO, blocked_loop_note, check_seconds, check_sync_ca
 from ..errors import ConfigError, PoolClosed, PoolTimeout, ResourceUnavailable, TooManyWaiters
 from ..process import FORK_LOCK
 from ._leases import LeaseBook
+from ._orphans import collecting, put_off, start_collector
 
 if TYPE_CHECKING:
     from sqlalchemy.pool.base import ConnectionPoolEntry
@@ -178,6 +180,7 @@ class LeasedQueuePool(QueuePool):
 
     def _create_connection(self) -> ConnectionPoolEntry:
         # QueuePool._do_get counted us as one more connection.
+        start_collector()  # before a collection checks one in (_do_return_conn)
         if self._sp_leased():
             live = self._sp_lease_first()
             if live is not None:
@@ -262,6 +265,9 @@ class LeasedQueuePool(QueuePool):
             log.debug("not closing a connection inherited across fork: the parent's (I7)")
         elif not book.owns(connection):
             close(connection, terminate=terminate)  # opened before attach(): no lease
+        elif collecting():  # a reset that failed in a collection's checkin: see _do_return_conn
+            put_off(_logged(functools.partial(self._close_connection, connection, terminate=terminate),
+                            "close"))
         else:
             book.close(connection, lambda: close(connection, terminate=terminate))
 
@@ -291,6 +297,13 @@ class LeasedQueuePool(QueuePool):
         return record
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
+        if collecting():
+            # A connection dropped unclosed, checked in by a collection (a cycle:
+            # its autobegun transaction) in whatever thread it interrupted: one
+            # holding the book's condition in a lease wait, whose offer() this
+            # checkin waited on for good, or its lock (the client's thread).
+            put_off(_logged(functools.partial(self._do_return_conn, record), "checkin"))
+            return
         pid = current_pid()
         if self._sp_pid != pid:
             self._sp_after_fork()
@@ -419,6 +432,17 @@ def _sp_detached(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
     book = getattr(record, "_sp_book", None)
     if book is not None:
         book.detached(dbapi_connection)
+
+
+def _logged(job: Callable[[], object], what: str) -> Callable[[], None]:
+    """``job`` for the collector thread, its failure logged."""
+    def run() -> None:
+        try:
+            job()
+        except Exception:  # noqa: BLE001 - nobody to raise it to
+            log.exception("sharedpool: a %s put off from a garbage collection failed", what)
+
+    return run
 
 
 @contextmanager
