@@ -4,6 +4,7 @@ across forked workers, fork safety, reclaim, errors and lazy connects."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import threading
 import time
@@ -20,6 +21,7 @@ from proc_helpers import (
     leased,
     other_sessions,
     run_forked,
+    run_in_child,
     sharedpool_logs_queued_gc_off,
     wait_leased,
     wait_no_other_sessions,
@@ -812,3 +814,49 @@ def test_a_dropped_pools_connection_closes_itself_without_logging_where_the_coll
         assert collect_inside_a_put(q), "the collection hung in the connection's finalizer"
         assert wait_leased(sock_path, 0) == 0 and clients_named(redis_name) == 0
         assert any("garbage-collected" in r.getMessage() for r in list(q.queue)), list(q.queue)
+
+
+def test_a_pubsub_collected_inside_the_books_lock_does_not_hang(start_coordinator: Any, sock_path: str,
+                                                                  redis_name: str) -> None:
+    # A PubSub dropped in a reference cycle is reset by its __del__ inside a
+    # collection, in whatever thread the collection interrupted: its
+    # disconnect() took the lease book's lock, which that very thread held (a
+    # collection inside one of the book's own steps): that thread, and with it
+    # every checkout and checkin of the process, waited for good. Plain redis-py
+    # does not hang there.
+    start_coordinator({"redis": Resource(max_size=1, acquire_timeout=10)})
+
+    def child() -> int:
+        pool = make_pool(sock_path, redis_name, max_connections=2, timeout=10)
+        book = pool.lease_book
+        gc.disable()
+        ps = redis.Redis(connection_pool=pool).pubsub()
+        ps.subscribe(f"{redis_name}-channel")
+        ps.cycle = ps  # type: ignore[attr-defined]  # freed by a collection only
+        del ps
+        got: list[Any] = []
+        waiter = threading.Thread(target=lambda: got.append(redis.Redis(connection_pool=pool).ping()),
+                                  daemon=True)
+        waiter.start()  # waits at the cap for the PubSub's lease
+        deadline = time.monotonic() + 5
+        while not book._waiting and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not book._waiting:
+            return 3
+        collected = threading.Event()
+
+        def collect() -> None:
+            with book._lock:  # as a collection inside one of the book's steps
+                gc.collect()
+            collected.set()
+
+        threading.Thread(target=collect, daemon=True).start()
+        if not collected.wait(5):
+            return 2  # hung in the PubSub's __del__
+        waiter.join(10)
+        gc.enable()
+        pool.disconnect()
+        return 0 if got == [True] else 4
+
+    assert run_in_child(child) == 0  # 2: the collection hung, 3: no lease wait, 4: no ping
+    assert wait_leased(sock_path, 0) == 0

@@ -203,9 +203,29 @@ _collector_pid = 0  # the process the collector thread runs in
 _collector_lock = threading.Lock()
 
 
+class _InOrder:
+    """A job :func:`put_off` from a garbage collection: run by the collector
+    thread itself, in the order put (a redis connection's disconnect() before
+    the release() that follows it), its failure logged (nobody to raise it to)."""
+
+    __slots__ = ("job", "what")
+
+    def __init__(self, job: Callable[[], object], what: str) -> None:
+        self.job, self.what = job, what
+
+    def __call__(self) -> None:
+        try:
+            self.job()
+        except Exception:  # noqa: BLE001
+            log.exception("sharedpool: a %s put off from a garbage collection failed", self.what)
+
+
 def _run_jobs(jobs: queue.SimpleQueue[Callable[[], None]]) -> None:
     while True:
         job = jobs.get()
+        if isinstance(job, _InOrder):
+            job()
+            continue
         try:
             threading.Thread(target=job, name="sharedpool-collected", daemon=True).start()
         except RuntimeError:  # no thread to be had: here, then (bounded by the confirm)
@@ -251,9 +271,10 @@ def collecting() -> bool:
         not sys.is_finalizing()
 
 
-def put_off(job: Callable[[], None]) -> None:
-    """Run ``job`` in a thread of the collector's (see :func:`collecting`)."""
-    _jobs.put(job)
+def put_off(job: Callable[[], object], what: str) -> None:
+    """Have the collector thread run ``job`` (``what`` names it in a log line if
+    it fails), after the jobs put off before it (see :func:`collecting`)."""
+    _jobs.put(_InOrder(job, what))
 
 
 def _collector_in_child() -> None:

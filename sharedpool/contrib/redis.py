@@ -29,6 +29,7 @@ connections and leases are left alone and the child opens its own.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import os
@@ -46,6 +47,7 @@ from redis.connection import Connection
 from ..config import NO_ASYNCIO, blocked_loop_note, check_seconds
 from ..errors import ConfigError, PoolTimeout, ResourceUnavailable, TooManyWaiters
 from ._leases import LeaseBook
+from ._orphans import collecting, put_off, start_collector
 
 __all__ = ["BlockingConnectionPool", "LeaseRefused", "LeaseTimeout", "LeaseUnavailable",
            "LeasedConnectionMixin"]
@@ -246,6 +248,7 @@ class LeasedConnectionMixin:
                 book.opened(self, failed=True)
             raise
         book.opened(self)
+        start_collector()  # before a collection's disconnect() or release() (put_off)
         self._sp_orphan = book.orphan_closer(self)
         # That wait is over: a drop later in the same call (a command that
         # connected lazily, then ran a while) waits afresh.
@@ -275,6 +278,13 @@ class LeasedConnectionMixin:
         book = pool.lease_book
         if not book.owns(self):
             parent(*args, **kwargs)
+            return
+        if collecting():
+            # A PubSub (or client) dropped in a reference cycle, reset by its
+            # __del__ inside a collection, in whatever thread it interrupted: one
+            # holding the book's lock waited on itself for good. Its release()
+            # that follows is put off as well, so the two keep their order.
+            put_off(functools.partial(self.disconnect, *args, **kwargs), "disconnect")
             return
         # redis-py's disconnect() shuts the socket down both ways, which would
         # fake the server's EOF to the close's confirmation; so would a later one
@@ -363,6 +373,9 @@ class BlockingConnectionPool(redis.BlockingConnectionPool):
         return connection
 
     def release(self, connection: Any) -> None:
+        if self.pid == os.getpid() and collecting():  # see LeasedConnectionMixin.disconnect
+            put_off(functools.partial(self.release, connection), "release")
+            return
         if self.pid == os.getpid():
             inner = getattr(connection, "_conn", connection)  # CacheProxyConnection wraps one
             if getattr(connection, "_sp_generation", self._sp_generation) != self._sp_generation:

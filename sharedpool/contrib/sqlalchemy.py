@@ -36,7 +36,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -266,8 +266,7 @@ class LeasedQueuePool(QueuePool):
         elif not book.owns(connection):
             close(connection, terminate=terminate)  # opened before attach(): no lease
         elif collecting():  # a reset that failed in a collection's checkin: see _do_return_conn
-            put_off(_logged(functools.partial(self._close_connection, connection, terminate=terminate),
-                            "close"))
+            put_off(functools.partial(self._close_connection, connection, terminate=terminate), "close")
         else:
             book.close(connection, lambda: close(connection, terminate=terminate))
 
@@ -302,7 +301,7 @@ class LeasedQueuePool(QueuePool):
             # its autobegun transaction) in whatever thread it interrupted: one
             # holding the book's condition in a lease wait, whose offer() this
             # checkin waited on for good, or its lock (the client's thread).
-            put_off(_logged(functools.partial(self._do_return_conn, record), "checkin"))
+            put_off(functools.partial(self._do_return_conn, record), "checkin")
             return
         pid = current_pid()
         if self._sp_pid != pid:
@@ -432,17 +431,6 @@ def _sp_detached(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
     book = getattr(record, "_sp_book", None)
     if book is not None:
         book.detached(dbapi_connection)
-
-
-def _logged(job: Callable[[], object], what: str) -> Callable[[], None]:
-    """``job`` for the collector thread, its failure logged."""
-    def run() -> None:
-        try:
-            job()
-        except Exception:  # noqa: BLE001 - nobody to raise it to
-            log.exception("sharedpool: a %s put off from a garbage collection failed", what)
-
-    return run
 
 
 @contextmanager
