@@ -225,3 +225,51 @@ def test_the_redis_pool_serves_greenlets_and_gives_back_idle_connections(
         child.kill()
         _, err = child.communicate(timeout=10)
     assert "Traceback" not in err, err[-3000:]
+
+
+#: The child: a gunicorn -k gevent --preload worker in small. The app (and with it
+#: the SQLAlchemy integration) is imported, then the process forks, and only the
+#: child patches; there a connection is detach()ed, then closed by its user.
+DETACHER = """
+import os, sys
+import sharedpool.contrib.sqlalchemy as integration
+from sqlalchemy import text
+
+sock, app, url = sys.argv[1], sys.argv[2], sys.argv[3]
+if os.fork():
+    os.wait()
+    sys.exit(0)
+PATCH
+engine = integration.create_engine(url, resource="pg", coordinator=sock, pool_size=1, max_overflow=0,
+                                   connect_args={"application_name": app})
+with engine.connect() as conn:
+    conn.execute(text("SELECT 1"))
+    conn.detach()
+print("detached", flush=True)
+os._exit(0)
+"""
+
+
+@pytest.mark.pg
+@pytest.mark.parametrize("library", [_library("gevent"), _library("eventlet")])
+def test_a_detach_in_a_worker_forked_before_the_patching_does_not_hang(
+        start_coordinator: Any, sock_path: str, tmp_path: Path, pg: str, app_name: str,
+        library: str) -> None:
+    """The collector's queue and lock, made by the at-fork hook before the patching,
+    were the C ones: the first detach() started the collector greenlet, whose get()
+    blocked the hub for ever (gunicorn's timeout then killed the worker, and the
+    next one hung at its first detach())."""
+    start_coordinator({"pg": 2})
+    script = tmp_path / "detacher.py"
+    script.write_text(textwrap.dedent(DETACHER).replace("PATCH", PATCH[library]))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("SHAREDPOOL_SOCKET", None)
+    url = "postgresql+psycopg://postgres@127.0.0.1:5432/test"  # pg_dsn()'s database
+    child = subprocess.Popen([sys.executable, str(script), sock_path, app_name, url], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        assert _read_line(child, 20) == "detached"
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)  # the forked child too, hung or not
+        _, err = child.communicate(timeout=10)
+    assert "Traceback" not in err, err[-3000:]

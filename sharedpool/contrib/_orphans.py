@@ -235,10 +235,16 @@ def _run_jobs(jobs: queue.SimpleQueue[Callable[[], None]]) -> None:
 def start_collector() -> bool:
     """Make sure this process's collector thread runs, before a finalizer may
     need it (LeaseBook.detached calls this). False when no thread is to be had."""
-    global _collector_pid
+    global _collector_pid, _jobs, _collector_lock
     pid = current_pid()
     if _collector_pid == pid:
         return True
+    if not (isinstance(_jobs, queue.SimpleQueue) and isinstance(_collector_lock, type(threading.Lock()))):
+        # Made before gevent / eventlet patched queue and threading (at import, or
+        # by the at-fork hook in a gunicorn worker, which patches after the fork):
+        # the C queue's get() and the real lock would block the whole hub for ever.
+        # Remade here, with no switch in between (nothing else runs meanwhile).
+        _jobs, _collector_lock = queue.SimpleQueue(), threading.Lock()
     with _collector_lock:
         if _collector_pid != pid:
             try:
