@@ -113,6 +113,7 @@ class Client(Owed, Hooks):
         self._report_lock = threading.Lock()
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._starting = False  # _ensure_thread() is in the thread's start()
         self._next_attempt = 0.0
         self._backoff = BACKOFF_MIN
         #: the last session ended on a bad frame from the coordinator: its
@@ -582,11 +583,21 @@ class Client(Owed, Hooks):
             return
         if self._thread is None or not self._thread.is_alive():
             with _REGISTRY_LOCK:
-                if self._thread is None or not self._thread.is_alive():
-                    self._thread = threading.Thread(
-                        target=background.run, args=(weakref.ref(self),),
-                        name=f"sharedpool-client-{os.getpid()}", daemon=True)
+                # Starting counts as running: under gevent start() waits for the
+                # new greenlet, and another one gets here meanwhile. The lock does
+                # not keep it out: made at the fork, before a gunicorn worker
+                # patches (gevent leaves existing locks real), it is a real RLock,
+                # which every greenlet of the thread holds at once: each started a reader.
+                if self._starting or (self._thread is not None and self._thread.is_alive()):
+                    return
+                self._thread = threading.Thread(
+                    target=background.run, args=(weakref.ref(self),),
+                    name=f"sharedpool-client-{os.getpid()}", daemon=True)
+                self._starting = True
+                try:
                     self._thread.start()
+                finally:
+                    self._starting = False
 
     def call_later(self, delay: float, job: Callable[[], object]) -> None:
         """Run ``job()`` on the background thread after ``delay`` seconds (one

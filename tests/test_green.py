@@ -273,3 +273,57 @@ def test_a_detach_in_a_worker_forked_before_the_patching_does_not_hang(
         os.killpg(child.pid, signal.SIGKILL)  # the forked child too, hung or not
         _, err = child.communicate(timeout=10)
     assert "Traceback" not in err, err[-3000:]
+
+
+#: The child: sharedpool imported, then a fork, and only the child patches (a
+#: gunicorn worker: its config imports the hooks). Greenlets check out at once
+#: (SPAWN: the library's own spawn, which queues them all before the first runs).
+FIRST_USERS = """
+import os, sys
+import sharedpool  # before the fork, as gunicorn.conf.py imports the hooks
+
+sock = sys.argv[1]
+if os.fork():
+    os.wait()
+    sys.exit(0)
+PATCH
+import threading
+from sharedpool import Client
+
+client = Client.for_path(sock)
+
+def work():
+    client.release(client.acquire("r", 10))
+
+greenlets = [SPAWN(work) for _ in range(10)]  # all queued before the first runs
+for g in greenlets:
+    g.wait() if hasattr(g, "wait") else g.join(20)
+for _ in range(3):
+    work()
+print("readers", sum(t.name.startswith("sharedpool-client") for t in threading.enumerate()), flush=True)
+os._exit(0)
+"""
+
+
+@pytest.mark.parametrize("library", [_library("gevent"), _library("eventlet")])
+def test_greenlets_first_using_a_client_after_a_fork_start_one_reader(
+        start_coordinator: Any, sock_path: str, tmp_path: Path, library: str) -> None:
+    """gevent: the registry lock, made at the fork before the patching, is a real
+    RLock that every greenlet holds at once: each first checkout started a
+    background reader of its own (10). eventlet greens existing locks as it
+    patches: there, a check that one reader stays one."""
+    start_coordinator({"r": 3})
+    script = tmp_path / "first_users.py"
+    spawn = {"gevent": "import gevent; SPAWN = gevent.spawn", "eventlet": "SPAWN = eventlet.spawn"}[library]
+    script.write_text(textwrap.dedent(FIRST_USERS).replace("PATCH", PATCH[library] + "\n" + spawn))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("SHAREDPOOL_SOCKET", None)
+    child = subprocess.Popen([sys.executable, str(script), sock_path], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        line = _read_line(child, 30)
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)
+        _, err = child.communicate(timeout=10)
+    assert line == "readers 1", line
+    assert "Traceback" not in err, err[-3000:]
