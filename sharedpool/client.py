@@ -83,6 +83,8 @@ class Client(Owed, Hooks):
         self._sock: socket.socket | None = None
         self._connecting: socket.socket | None = None  # a session still in its handshake
         self._conn: p.Connection | None = None
+        #: the lock factory these locks were made by (see _checkpid)
+        self._lock_factory = threading.Lock
         self._send_lock = threading.Lock()
         self._read_lock = threading.Lock()
         self._cond = threading.Condition(threading.Lock())
@@ -647,10 +649,27 @@ class Client(Owed, Hooks):
     # ---------------------------------------------------------------- fork
 
     def _checkpid(self) -> None:
-        if self._pid != _PID[0]:
+        if self._pid != _PID[0] or self._lock_factory is not threading.Lock:
             with _REGISTRY_LOCK:
                 if self._pid != _PID[0]:
                     self._after_fork()
+                elif self._lock_factory is not threading.Lock:
+                    self._green_locks()
+
+    def _green_locks(self) -> None:
+        """gevent patched threading after our locks were made: at the fork, in a
+        gunicorn worker that patches once forked, by a client the master used
+        (--preload). A real lock held across a switch (the send lock, over a
+        handshake or a full socket) blocked the whole hub for good once another
+        greenlet waited for it. Remade at the first call since the patching: none
+        is held then (what can switch holding one, a send, comes through here first)."""
+        self._lock_factory = threading.Lock
+        self._send_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())
+        self._report_lock = threading.Lock()
+        self._owed_lock = threading.Lock()
+        self._handlers_lock = threading.RLock()
 
     def _after_fork(self) -> None:
         # The inherited socket is the parent's session: close our copy of the

@@ -327,3 +327,55 @@ def test_greenlets_first_using_a_client_after_a_fork_start_one_reader(
         _, err = child.communicate(timeout=10)
     assert line == "readers 1", line
     assert "Traceback" not in err, err[-3000:]
+
+
+#: The child: gunicorn --preload with a coordinator already up (`sharedpool
+#: serve`): the master checks out at import, then forks; the worker patches and
+#: its greenlets make the worker's first checkouts at once.
+USED_BEFORE_FORK = """
+import os, sys
+from sharedpool import Client
+
+sock = sys.argv[1]
+client = Client.for_path(sock)
+client.release(client.acquire("r", 10))
+if os.fork():
+    os.wait()
+    sys.exit(0)
+PATCH
+done = []
+
+def work():
+    client.release(client.acquire("r", 10))
+    done.append(1)
+
+greenlets = [SPAWN(work) for _ in range(10)]
+for g in greenlets:
+    g.wait() if hasattr(g, "wait") else g.join(20)
+print("done", len(done), flush=True)
+os._exit(0)
+"""
+
+
+@pytest.mark.parametrize("library", [_library("gevent"), _library("eventlet")])
+def test_a_client_used_before_the_fork_does_not_block_the_patched_worker(
+        start_coordinator: Any, sock_path: str, tmp_path: Path, library: str) -> None:
+    """gevent: the client's locks, remade at the fork before the patching, were
+    real: the first greenlet's handshake held the send lock across its switches,
+    the next one waited for it on the real lock, and the whole worker hung.
+    eventlet greens existing locks as it patches: there, a guard."""
+    start_coordinator({"r": 3})
+    script = tmp_path / "used_before_fork.py"
+    spawn = {"gevent": "import gevent; SPAWN = gevent.spawn", "eventlet": "SPAWN = eventlet.spawn"}[library]
+    script.write_text(textwrap.dedent(USED_BEFORE_FORK).replace("PATCH", PATCH[library] + "\n" + spawn))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("SHAREDPOOL_SOCKET", None)
+    child = subprocess.Popen([sys.executable, str(script), sock_path], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        line = _read_line(child, 20)
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)
+        _, err = child.communicate(timeout=10)
+    assert line == "done 10", line
+    assert "Traceback" not in err, err[-3000:]
