@@ -23,6 +23,7 @@ import socket
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from .closing import socket_fd
@@ -54,6 +55,19 @@ def register(pool: _Releasable) -> None:
     _POOLS.add(pool)
 
 
+#: Run first by release_process(): a host library's own hold on a checkout
+#: (Django's connection of the request being cut short) let go of.
+_BEFORE_RELEASE: list[Callable[[], None]] = []
+
+
+def before_release(hook: Callable[[], None]) -> None:
+    """Have :func:`release_process` call ``hook()`` first (once, however often
+    registered): an integration whose host library holds a checkout of ours
+    past its use gives it back here, or the release waits its timeout for it."""
+    if hook not in _BEFORE_RELEASE:
+        _BEFORE_RELEASE.append(hook)
+
+
 def release_process(timeout: float = 5.0) -> None:
     """Close this process's leased connections and end its coordinator sessions.
 
@@ -68,6 +82,11 @@ def release_process(timeout: float = 5.0) -> None:
     # the pool left open), "5" would release nothing.
     check_seconds("timeout", timeout)
     deadline = time.monotonic() + timeout
+    for hook in list(_BEFORE_RELEASE):
+        try:
+            hook()
+        except Exception:  # noqa: BLE001 - the release goes on; it waits for that checkout then
+            log.exception("sharedpool: %r before the release at exit failed", hook)
     kept: set[int] = set()
     for pool in list(_POOLS):
         try:

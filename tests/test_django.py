@@ -141,9 +141,10 @@ def test_django_pool_workers_hold_the_cap(server: DjangoServer, app_name: str) -
 def test_a_quick_stop_mid_request_does_not_wait_for_djangos_connection(server: DjangoServer,
                                                                       app_name: str) -> None:
     # Django checks a request's connection back in only when the request ends:
-    # a sync worker stopped in the middle still holds it, and without the example's
-    # worker_exit, sharedpool's waited close_timeout (5 s) for it (measured: 5.6 s;
-    # with it 0.6 s, as gunicorn takes without sharedpool). close_timeout is
+    # a sync worker stopped in the middle still holds it, and release_process()
+    # (worker_exit) waited close_timeout (5 s) for it (measured: 5.6 s; now 0.6 s,
+    # as gunicorn takes without sharedpool: the ENGINE closes the thread's
+    # connections first, process.before_release). close_timeout is
     # raised to 20 s here, so the old wait cannot pass for a slow machine.
     def cut_short() -> None:
         with contextlib.suppress(Exception):  # the worker stops mid-request: no answer

@@ -890,6 +890,36 @@ def test_release_process_waits_one_timeout_in_all_not_one_per_pool() -> None:
     assert os.waitstatus_to_exitcode(status) == 0  # 1: it took a timeout per pool (3 s)
 
 
+def test_release_process_runs_its_before_release_hooks_first_once_each() -> None:
+    pid = os.fork()
+    if pid == 0:  # a worker at exit whose host library holds a checkout (Django's request)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.alarm(10)
+        from sharedpool.process import before_release, release_process
+
+        pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1), coordinator=None)
+        held = [pool.acquire()]
+        calls: list[str] = []
+
+        def broken() -> None:
+            calls.append("broken")
+            raise RuntimeError("a hook that fails")
+
+        def give_back() -> None:
+            calls.append("give_back")
+            pool.release(held.pop())
+
+        for hook in (broken, give_back, give_back):
+            before_release(hook)
+        t0 = time.monotonic()
+        release_process(5.0)
+        took = time.monotonic() - t0
+        os._exit(0 if took < 2.5 and calls == ["broken", "give_back"]
+                 and pool.status is not PoolStatus.ACTIVE else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0  # 1: a hook not run, run twice, or the wait
+
+
 def test_a_connection_broken_in_a_failing_block_is_not_kept() -> None:
     factory = FakeFactory()
     pool = ConnectionPool(factory, PoolConfig(min_size=0, max_size=1), coordinator=None)

@@ -17,23 +17,10 @@ control_socket_disable = True  # gunicorn >= 24: no shared ~/.gunicorn/gunicorn.
 CAP = int(os.environ.get("EXAMPLE_CAP", "4"))
 PG_URL = os.environ.get("EXAMPLE_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
-on_starting, post_fork, sharedpool_worker_exit, on_exit = hooks(
+on_starting, post_fork, worker_exit, on_exit = hooks(
     resources={"pg": Resource(max_size=CAP, acquire_timeout=30, monitor_dsn=PG_URL)},
     socket=os.environ.get("EXAMPLE_SOCKET"),  # None: $SHAREDPOOL_SOCKET, else a private path
     log_level=os.environ.get("EXAMPLE_COORDINATOR_LOG", "warning"),
     close_timeout=float(os.environ.get("EXAMPLE_CLOSE_TIMEOUT", "5")),  # worker_exit waits this for busy ones
 )
 
-
-def worker_exit(server, worker):
-    # Django returns a request's connection to the pool only when the request
-    # ends: one cut short in a sync worker (Ctrl-C, SIGQUIT, gunicorn's timeout) still holds it,
-    # and sharedpool's worker_exit would wait close_timeout (5 s) for it.
-    try:
-        from django.conf import settings
-        from django.db import connections
-
-        if settings.configured:  # else the app failed to load: nothing to close
-            connections.close_all()
-    finally:
-        sharedpool_worker_exit(server, worker)

@@ -8,6 +8,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.postgresql import base
 
+from ...process import before_release
 from ..psycopg import ConnectionPool
 
 
@@ -38,3 +39,17 @@ class DatabaseWrapper(base.DatabaseWrapper):  # type: ignore[misc]  # Django shi
             )
             self._connection_pools.setdefault(self.alias, pool)
         return self._connection_pools[self.alias]
+
+
+def _close_this_threads_connections() -> None:
+    # Django checks a request's connection back in only when the request ends: a
+    # sync worker stopped mid-request (SIGQUIT, gunicorn's timeout, Ctrl-C) still
+    # held it at worker_exit, and release_process() waited close_timeout for it
+    # (a quick stop: 5.6 s instead of 0.6 s). Django's connections are per thread:
+    # this closes the exiting thread's only.
+    from django.db import connections
+
+    connections.close_all()
+
+
+before_release(_close_this_threads_connections)
