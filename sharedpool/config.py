@@ -456,8 +456,9 @@ class CoordinatorConfig:
         # Coerced here, so a bad limit is named resources.NAME.FIELD as the file spells it.
         section["resources"] = coerce_resources(resources)
         # Absolute, symlinks kept: a reload reads what the path names then (a release or a
-        # ConfigMap swapped in by a symlink), not the file it named at start.
-        section["config_file"] = os.path.abspath(path)
+        # ConfigMap swapped in by a symlink), not the file it named at start. Joined, not
+        # abspath()'d: its lexical ".." would drop a symlink before it (`current/../sp.toml`).
+        section["config_file"] = os.path.join(os.getcwd(), path)
         section["overrides"] = kept
         try:
             return _from_mapping(cls, section, "coordinator")

@@ -291,6 +291,21 @@ api = 3
     assert config.config_file == os.path.abspath(path)
 
 
+def test_config_file_keeps_a_symlink_before_dotdot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--config conf/../sp.toml`, conf a symlink to releases/1/conf: read at start
+    as the OS resolves it (releases/1/sp.toml), it must be that file at a reload too.
+    abspath()'s lexical ".." named ./sp.toml: another file, or none (reload failed)."""
+    (tmp_path / "releases" / "1" / "conf").mkdir(parents=True)
+    (tmp_path / "releases" / "1" / "sp.toml").write_text("[resources]\npg = 3\n")
+    (tmp_path / "sp.toml").write_text("[resources]\npg = 9\n")
+    (tmp_path / "conf").symlink_to(tmp_path / "releases" / "1" / "conf")
+    monkeypatch.chdir(tmp_path)
+    config = CoordinatorConfig.load(os.path.join("conf", "..", "sp.toml"))
+    assert config.resources["pg"].max_size == 3
+    assert os.path.isabs(config.config_file)
+    assert CoordinatorConfig.load(config.config_file).resources["pg"].max_size == 3  # what a reload reads
+
+
 def test_load_toml_overrides_win(tmp_path: Path) -> None:
     path = _write(tmp_path, '[coordinator]\nsocket = "/a.sock"\n[resources]\npg = 2\napi = 1\n')
     config = CoordinatorConfig.load(
