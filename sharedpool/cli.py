@@ -19,6 +19,7 @@ import signal
 import socket
 import sys
 import termios
+import threading
 import time
 import tty
 from collections.abc import Callable, Iterator
@@ -444,8 +445,10 @@ def _unwind_on_stop_signals() -> Iterator[None]:
     """SIGTERM and SIGHUP (`timeout 60 sharedpool top`, a closed tmux pane) unwind
     the view first, then the process dies of the signal as before: by their default
     action it died at once, its terminal left in cbreak mode, no echo, cursor hidden."""
-    # One ignored (nohup) stays so.
-    caught = [sig for sig in (signal.SIGTERM, signal.SIGHUP) if signal.getsignal(sig) == signal.SIG_DFL]
+    # One ignored (nohup) stays so. Off the main thread (top invoked from a tool's
+    # thread) no handler can be set: signal.signal() raised, and top ran no more.
+    caught = [sig for sig in (signal.SIGTERM, signal.SIGHUP) if signal.getsignal(sig) == signal.SIG_DFL] \
+        if threading.current_thread() is threading.main_thread() else []
 
     def unwind(signum: int, frame: Any) -> None:
         for sig in caught:  # a second one, while it unwinds, kills it at once

@@ -903,6 +903,22 @@ def test_top_stopped_by_a_signal_gives_the_terminal_back(serve: Serve, sig: int)
         os.close(slave)
 
 
+def test_top_off_the_main_thread_runs(serve: Serve) -> None:
+    """Its stop-signal handlers are the main thread's to set: off it (top invoked from
+    a tool's thread), signal.signal() raised ValueError and top showed nothing."""
+    from click.testing import CliRunner
+
+    from sharedpool.cli import cli
+
+    got: list[Any] = []
+    thread = threading.Thread(target=lambda: got.append(CliRunner().invoke(
+        cli, ["top", "--socket", serve.socket, "--interval", "0.1", "--iterations", "2"])))
+    thread.start()
+    thread.join(30)
+    assert got and got[0].exit_code == 0, got and got[0].exception
+    assert got[0].output.count("sharedpool top") == 2
+
+
 def test_top_without_a_terminal_runs_n_iterations(serve: Serve) -> None:
     out = sp("top", "--socket", serve.socket, "--interval", "0.1", "--iterations", "3")
     assert out.returncode == 0, out.stderr
