@@ -504,3 +504,43 @@ def test_a_pool_dropped_without_close_ends_the_session_with_its_leases(
     gc.collect()
     assert wait_no_other_sessions(sock_path) == []
     assert leased(sock_path) == 0
+
+
+def test_a_connection_dropped_unreturned_gives_its_backend_and_lease_back(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    # As with plain psycopg_pool, whose getconn() keeps no hold on what it hands
+    # out: a connection never put back (an exception path that forgets putconn)
+    # is closed once collected. The lease book held it: its backend and its
+    # lease stayed for the life of the process, pool.close() or not.
+    import gc
+
+    start_coordinator({"pg": Resource(max_size=1, acquire_timeout=5)})
+    sampler = BackendSampler(app_name)
+    with make_pool(sock_path, app_name, min_size=0, max_size=2, timeout=5) as pool:
+        def forgets_putconn() -> None:
+            conn = pool.getconn()
+            conn.execute("SELECT 1")
+            raise RuntimeError("no putconn on this path")
+
+        with pytest.raises(RuntimeError):
+            forgets_putconn()
+        gc.collect()
+        assert wait_leased(sock_path, 0) == 0
+        assert sampler.count_now() == 0
+        assert pool.get_stats()["leases_held"] == 0
+        # Returned ones are held and pooled as ever: the same backend again.
+        with pool.connection() as conn:
+            first = conn.info.backend_pid
+        gc.collect()
+        with pool.connection() as conn:
+            assert conn.info.backend_pid == first
+        assert leased(sock_path) == 1 and sampler.count_now() == 1
+        del conn
+        out = [pool.getconn()]
+    # Still out at pool.close(), then dropped: it goes too, and the session with it.
+    assert leased(sock_path) == 1
+    out.clear()
+    gc.collect()
+    assert wait_leased(sock_path, 0) == 0
+    assert sampler.count_now() == 0
+    assert wait_no_other_sessions(sock_path) == []

@@ -16,7 +16,7 @@ from ..client import AcquireRequest, Client, Lease
 from ..closing import keep_socket
 from ..errors import AcquireCancelled, PoolClosed, PoolTimeout
 from ..halfmade import half_made_sockets, let_go_of, open_fds
-from ._book import _Book, _Entry, backend_pid
+from ._book import _Book, _Lendable, backend_pid
 from ._orphans import let_go
 
 log = logging.getLogger("sharedpool.contrib")
@@ -100,7 +100,7 @@ class _Acquiring(_Book):
         try:
             with self._lock:
                 old = self._entries.pop(id(key), None)
-                entry = _Entry(key, lease, client=client if lease is not None else None)
+                entry = self._entry_class(key, lease, client=client if lease is not None else None)
                 self._entries[id(key)] = entry
                 # Revoked between the grant and here: _revoke() found no entry
                 # to mark (the client forgets the lease before its job runs).
@@ -118,6 +118,8 @@ class _Acquiring(_Book):
             log.warning("%r lease %s revoked by the coordinator as it was granted: the connection "
                         "counts against no cap; it is closed at its checkin", self.resource,
                         lease.id if lease is not None else None)
+        if old is not None and old.collected:
+            old = None  # another connection's, under a reused id: its queued close takes all
         if old is not None and old.kept is not None:  # its old socket's: no close will take it
             let_go(old.kept)
             old.kept.close()
@@ -314,6 +316,8 @@ class _Acquiring(_Book):
             entry.backend_pid = backend_pid(key)
             if entry.kept is None:
                 entry.kept = keep_socket(key)
+            if isinstance(entry, _Lendable):
+                self._arm(key, entry)
             self._handoff.connected(time.monotonic() - entry.since)
             self._handoff.tell(client, self.resource)
         if client is not None:

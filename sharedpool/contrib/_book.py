@@ -52,6 +52,40 @@ class _Entry:
     #: last checked in while a lease was owed and too young to pay (owes_back)
     owed_checkin: float = 0.0
 
+    @property
+    def collected(self) -> bool:
+        """Its connection was collected unclosed (see _Lendable): never here."""
+        return False
+
+
+class _Lendable(_Entry):
+    """The record of a connection its host pool lends out and holds no longer
+    (psycopg_pool keeps no hold on a connection checked out): while lent, the
+    book holds it weakly too, so that one its user drops unreturned is
+    collected, as with the plain pool, and its lease comes back then
+    (``finalizer``: _orphans.close_collected). Armed once per connection
+    (LeaseBook.opened); a checkout and a checkin only swap a reference."""
+
+    _strong: Any = None  # the connection, held: None while lent
+    _ref: weakref.ref[Any] | None = None  # set once armed
+    finalizer: weakref.finalize[Any, Any] | None = None
+
+    @property  # type: ignore[override]
+    def key(self) -> Any:
+        held = self._strong
+        if held is not None or self._ref is None:
+            return held
+        return self._ref()  # lent: None once collected
+
+    @key.setter
+    def key(self, value: Any) -> None:  # a new key (rekey, _pop): held, and disarmed
+        self._strong, self._ref = value, None
+
+    @property
+    def collected(self) -> bool:
+        """Lent and dropped: close_collected owns its lease and kept socket."""
+        return self._strong is None and self._ref is not None and self._ref() is None
+
 
 @dataclass(eq=False)
 class _Loose:
@@ -87,13 +121,15 @@ class _Book:
                  confirm_timeout: float = 2.0,
                  idle: Callable[[], Iterable[Any]] | None = None,
                  reclaim: Callable[[int], int] | None = None,
-                 close_when_collected: bool = True) -> None:
+                 close_when_collected: bool = True, lends: bool = False) -> None:
         check_seconds("confirm_timeout", confirm_timeout)  # NaN, inf and True are no timeouts
         self.resource = check_resource_name(resource)
         self._coordinator = None if coordinator is None else check_socket_path("coordinator", coordinator)
         self.confirm_timeout = float(confirm_timeout)
         self._idle = idle
         self._reclaim = reclaim
+        #: the host pool holds no checked-out connection: records are _Lendable (see lend())
+        self._entry_class = _Lendable if lends else _Entry
         #: What an admin push said: "draining" (until resume) or "ended" (for good).
         self._admin_state: str | None = None
         self._counters = dict.fromkeys(_COUNTERS, 0)
@@ -111,6 +147,8 @@ class _Book:
         def release_for_exit(self, timeout: float) -> None: ...
 
         def session_kept(self) -> None: ...
+
+        def _arm(self, key: Any, entry: _Lendable) -> None: ...
 
     @property
     def coordinator(self) -> str | None:
@@ -180,6 +218,8 @@ class _Book:
             # release its lease. Weak references where possible, so that the
             # child does not keep the parent's connections alive.
             for entry in self._entries.values():
+                if entry.collected:
+                    continue  # nothing left to inherit (its finalizer does nothing here)
                 try:
                     self._inherited[id(entry.key)] = weakref.ref(entry.key)
                 except TypeError:
@@ -417,6 +457,8 @@ class _Book:
                 del self._detached[id(key)]
                 loose.finalizer.detach()  # closed by its user: nothing left for the collector
                 entry = loose.entry
+            if isinstance(entry, _Lendable) and entry.finalizer is not None:
+                entry.finalizer.detach()  # closed: never lent out again
             popped = replace(entry, key=key)
             let_go(entry.kept)  # the caller's to close
             entry.lease = entry.kept = None

@@ -27,7 +27,7 @@ from typing import Any
 from ..client import current_pid
 from ..closing import NotClosable, close_and_confirm, socket_fd
 from ._acquiring import _Acquiring
-from ._book import _Entry, _Loose
+from ._book import _Entry, _Lendable, _Loose
 from ._orphans import closable, close_collected, close_orphan, hold, start_collector
 
 __all__ = ["LeaseBook"]
@@ -104,6 +104,8 @@ class LeaseBook(_Acquiring):
                 return
             del self._entries[id(key)]
             self._revoked -= entry.revoked
+            if isinstance(entry, _Lendable) and entry.finalizer is not None:
+                entry.finalizer.detach()  # the one below takes over
             entry.key = None
             # Holds the record (lease, client, kept dup), never the connection.
             finalizer = weakref.finalize(key, close_collected, weakref.ref(self), id(key), entry,
@@ -111,13 +113,49 @@ class LeaseBook(_Acquiring):
             finalizer.atexit = False  # at exit: release_for_exit, or the session's end
             self._detached[id(key)] = _Loose(ref, entry, finalizer)
 
+    def _arm(self, key: Any, entry: _Lendable) -> None:
+        """``key`` just opened: from here on :meth:`lend` may hold it weakly.
+        Not without a kept dup of its socket (nothing to see the server let go
+        by once it is collected): then it stays held, as before."""
+        if entry.kept is None or entry.finalizer is not None or not start_collector():
+            return
+        try:
+            ref = weakref.ref(key)
+        except TypeError:
+            return
+        # Holds the record (lease, client, kept dup), and the connection while not lent.
+        finalizer = weakref.finalize(key, close_collected, weakref.ref(self), id(key), entry,
+                                     self.resource, self.confirm_timeout)
+        finalizer.atexit = False  # at exit: release_for_exit, or the session's end
+        entry.finalizer, entry._ref = finalizer, ref
+
+    def lend(self, key: Any) -> None:
+        """``key`` is checked out, and its host pool holds it no longer: held
+        weakly here until :meth:`lent_back`, so that one its user drops
+        unreturned is closed once collected and its lease comes back after the
+        server let go (close_collected), not at the process's exit. Cheap: the
+        checkout path calls it."""
+        entry = self._entries.get(id(key))
+        if type(entry) is _Lendable and entry._strong is key and entry._ref is not None:
+            entry._strong = None
+
+    def lent_back(self, key: Any) -> None:
+        """``key`` comes back from its user (checkin): held again. Cheap."""
+        entry = self._entries.get(id(key))
+        if type(entry) is _Lendable and entry._strong is None and entry._ref is not None \
+                and entry._ref() is key:
+            entry._strong = key
+
     def _forget_collected(self, key_id: int, entry: _Entry) -> None:
-        """A detached connection was collected: its lease counts as closing
-        from here until the server lets go (close_collected releases it)."""
+        """A detached or lent connection was collected: its lease counts as
+        closing from here until the server lets go (close_collected releases it)."""
         with self._lock:
             loose = self._detached.get(key_id)
             if loose is not None and loose.entry is entry:  # not a later one under a reused id
                 del self._detached[key_id]
+            elif self._entries.get(key_id) is entry:  # lent
+                del self._entries[key_id]
+                self._revoked -= entry.revoked
             if entry.lease is not None:
                 self._closing += 1
 

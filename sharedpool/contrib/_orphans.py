@@ -56,7 +56,9 @@ def close_left(left: Left) -> None:
     no thread and logs nothing."""
     if left.pid != current_pid():
         return  # the parent's (I7)
-    entries = [e for e in left.entries.values() if e.lease is not None or closable(e.key)]
+    # A connection lent out and collected unclosed is its own finalizer's (close_collected).
+    entries = [e for e in left.entries.values()
+               if (e.lease is not None or closable(e.key)) and not e.collected]
     left.entries = {}
     runner = next((e.client for e in entries if e.client is not None and not e.client.closed), None)
     if runner is None:
@@ -99,6 +101,9 @@ def _close_all(entries: list[_Entry], resource: str, timeout: float) -> None:
             continue
         kept, entry.kept = entry.kept, None
         let_go(kept)
+        finalizer = getattr(entry, "finalizer", None)  # a _Lendable's: closed here, not once collected
+        if finalizer is not None:
+            finalizer.detach()
         try:
             if close_and_confirm(entry.key, timeout, on_late=back, kept=kept):
                 back(True)
@@ -295,12 +300,13 @@ os.register_at_fork(after_in_child=_collector_in_child)
 
 def close_collected(book: weakref.ref[LeaseBook], key_id: int, entry: _Entry,
                     resource: str, confirm_timeout: float) -> None:
-    """Finalizer of a detached connection (LeaseBook.detached) collected
-    unclosed. Queues the close for the collector thread, no more: a finalizer
-    must neither block nor take a lock the collecting thread may hold (the
-    book's, the client's). There the kept dup of its socket is shut for
-    writing (the server sees EOF even if the connection's own finalizer sent
-    no Terminate), the server's end is seen closed, then the lease released."""
+    """Finalizer of a detached connection (LeaseBook.detached), or of one lent
+    out (LeaseBook.lend) and never returned, collected unclosed. Queues the
+    close for the collector thread, no more: a finalizer must neither block
+    nor take a lock the collecting thread may hold (the book's, the client's).
+    There the kept dup of its socket is shut for writing (the server sees EOF
+    even if the connection's own finalizer sent no Terminate), the server's
+    end is seen closed, then the lease released."""
     # The parent's (I7); or at interpreter exit, when a thread started now never
     # runs: the process is ending, so is its session, and the coordinator fences.
     if entry.pid != current_pid() or sys.is_finalizing():
@@ -331,6 +337,6 @@ def close_collected(book: weakref.ref[LeaseBook], key_id: int, entry: _Entry,
             if close_and_confirm(_Collected(), confirm_timeout, on_late=back, kept=kept):
                 back(True)
         except Exception:  # noqa: BLE001 - the session's end covers the rest
-            log.exception("closing a detached %r connection collected unclosed failed", resource)
+            log.exception("closing a %r connection collected unclosed failed", resource)
 
     _jobs.put(run)

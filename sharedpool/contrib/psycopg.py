@@ -15,7 +15,9 @@ that does not come in time counts as a failed connect attempt, so psycopg_pool
 retries with its backoff as it would for an unreachable server. A connection
 is closed (and the close confirmed) before its lease goes back, on every path
 the pool closes one; a broken connection the pool merely drops gives its
-lease back before the pool opens the replacement.
+lease back before the pool opens the replacement. One its user drops without
+``putconn()`` is closed once garbage-collected, as with psycopg_pool, and its
+lease goes back once the server let go.
 
 With a global cap smaller than the sum of the pools' ``min_size``, pools wait
 for leases rather than fail (``open(wait=True)`` may time out, as it would on
@@ -89,8 +91,10 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
                                                   f"psycopg_pool.ConnectionPool; {NO_ASYNCIO}")
         # Ready before psycopg_pool's __init__, which may open the pool and
         # start connecting in its workers at once.
+        # lends: psycopg_pool holds no connection it hands out; neither does the
+        # book, so that one dropped unreturned goes (its backend, its lease).
         self._sp_book = LeaseBook(resource, coordinator, confirm_timeout=confirm_timeout,
-                                  idle=self._sp_idle, reclaim=self._sp_reclaim)
+                                  idle=self._sp_idle, reclaim=self._sp_reclaim, lends=True)
         self._sp_lease_timeout = check_seconds("lease_timeout", lease_timeout, optional=True, forever=True)
         if lease_timeout is None and "timeout" in kwargs:
             # The lease wait is the pool's timeout: a bad one (-1, nan, "5") failed
@@ -155,7 +159,9 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
         if self._waiting:  # nearly free when nobody waits
             with self._lock:
                 self._sp_prune_waiting()
-        return super().getconn(timeout)
+        conn = super().getconn(timeout)
+        self._sp_book.lend(conn)
+        return conn
 
     def _sp_waiting(self) -> bool:
         """Whether a getconn() still waits (a copy of the queue: no lock taken)."""
@@ -193,6 +199,7 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
     # ------------------------------------------------------------------ connect / close
 
     def _putconn(self, conn: CT, from_getconn: bool) -> None:
+        self._sp_book.lent_back(conn)
         if self._reset:  # returned by a worker task, which a close() may skip
             with self._lock:
                 self._sp_returning[id(conn)] = conn
