@@ -436,6 +436,7 @@ class Ledger:
             self.resources[resource] = ResourceState(resource, limits)
             return []
         res.limits = limits
+        res.over_per_process = limits.max_per_process is not None  # rebalance looks, and clears it
         self._quanta.pop(resource, None)
         return self._pump(res, now)
 

@@ -79,7 +79,7 @@ def rebalance(
     less the free slots and the fenced leases that will free up.
     ``current_quantum(longer)``: the fairness quantum now (asked for only
     when needed), ``longer``: paced as for a queue half a turn longer."""
-    if not res.waiters and not res.askees and res.leased <= res.limits.max_size:
+    if not res.waiters and not res.askees and res.leased <= res.limits.max_size and not res.over_per_process:
         return []  # the common case: nobody waits, nobody was asked
     waiting_sessions = {w.session for w in res.waiters}
     takers = 0  # waiters a free slot could go to
@@ -100,7 +100,8 @@ def rebalance(
             blocked[w.session] = blocked.get(w.session, 0) + 1
         blocked = {sid: n - per_session.get(sid, 0) for sid, n in blocked.items()
                    if n > per_session.get(sid, 0)}
-    if need == 0 and not res.askees and not blocked:  # the common case: nothing asked, nothing to ask
+    if need == 0 and not res.askees and not blocked and not res.over_per_process:
+        # the common case: nothing asked, nothing to ask
         return []
     # Every holder above its floor may be asked, waiting or not: a busy
     # process that also queues for more must not starve one that holds
@@ -148,6 +149,17 @@ def rebalance(
     if (need > 0 and not plan and head is not None and len(per_session) > 1
             and sessions[head].held(res.name) > res.limits.min_per_process):
         plan[head] = 1
+    # Over max_per_process (lowered by a reload, re-registered after a restart):
+    # the excess goes at checkin after the quantum, as for waiters; not at once,
+    # as over the cap: the global cap holds.
+    over = 0
+    if res.over_per_process:
+        cap = res.limits.max_per_process
+        for sid, n in held.items():
+            if cap is not None and n > cap:
+                over += 1
+                plan[sid] = max(plan.get(sid, 0), n - max(cap, floor))
+        res.over_per_process = over > 0
     # Asked for these alone, a blocked process gives back idle connections only
     # (IDLE_ONLY): what it reports idle may be a moment old (reports are
     # coalesced), and a busy one given back at its checkin would come straight

@@ -179,6 +179,9 @@ class ResourceState:
     askees: set[int] = field(default_factory=set)
     #: the fairness quantum those askees were last sent
     quantum_sent: float | None = None
+    #: a session may hold more than max_per_process (lowered by a reload, or
+    #: leases re-registered after a restart): rebalance asks the excess back
+    over_per_process: bool = False
     #: lease waits: count per WAIT_BUCKETS bound (+ one for larger), and their sum
     wait_counts: list[int] = field(default_factory=lambda: [0] * (len(WAIT_BUCKETS) + 1))
     wait_sum: float = 0.0

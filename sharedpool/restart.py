@@ -218,7 +218,9 @@ def register_held(ledger: Ledger, session: Session, held: list[Any], now: float)
     # lease moved here no longer counts there, leases kept across a restart
     # may push the resource over its cap: what is owed has changed.
     for name in touched:
-        effects += ledger._pump(ledger.resources[name], now)
+        res = ledger.resources[name]
+        res.over_per_process = res.limits.max_per_process is not None  # rebalance looks
+        effects += ledger._pump(res, now)
     return effects
 
 

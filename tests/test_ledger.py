@@ -2609,3 +2609,26 @@ def test_acquires_refused_while_queued_count_as_denials() -> None:
     assert queued(lg.acquire(b, 1, "pg", T0, timeout=10))
     assert of(Denied, lg.report(a, [], T0, failures={"pg": 5}))[0].reason == "failing"
     assert (lg.resources["pg"].denials, lg.resources["pg"].timeouts) == (1, 0)
+
+
+def test_a_reload_lowering_max_per_process_asks_the_excess_back() -> None:
+    """A process over a lowered max_per_process gave nothing back: it kept 3 of
+    a cap of 4 under max_per_process = 1 until it let go of them by itself.
+    Its excess is asked for (at checkin, after the quantum, as for waiters),
+    and once it is down to the limit nothing more is asked of it."""
+    lg = ledger(pg=Resource(max_size=4, fairness_quantum=0.5))
+    a, b = session(lg), session(lg)
+    la = [grant(lg, a, i) for i in range(3)]
+    grant(lg, b, 1)
+    effects = lg.set_limits("pg", Resource(max_size=4, max_per_process=1, fairness_quantum=0.5), T0)
+    assert of(AskReclaim, effects) == [AskReclaim(a, "pg", 2, 0.5)]
+    assert of(AskReclaim, lg.release(a, la[0], T0)) == []  # one more owed, as it knows
+    assert of(AskReclaim, lg.release(a, la[1], T0)) == [AskReclaim(a, "pg", 0, None)]
+    assert of(AskReclaim, lg.release(b, 4, T0)) == []  # nobody over it any more
+    assert lg.resources["pg"].over_per_process is False
+
+
+def test_leases_re_registered_over_max_per_process_are_asked_back() -> None:
+    lg = ledger(pg=Resource(max_size=4, max_per_process=1, fairness_quantum=0.5))
+    sid, effects = lg.open_session(99, "w", T0, held=[["pg", i, i, "busy", None] for i in (1, 2, 3)])
+    assert of(AskReclaim, effects) == [AskReclaim(sid, "pg", 2, 0.5)]
