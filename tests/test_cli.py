@@ -487,6 +487,32 @@ def test_a_reload_that_raises_acquire_timeout_reaches_sessions_already_open(tmp_
         waiter.close()
         stop(server.proc)
 
+def test_a_reload_lowering_max_per_process_gets_the_excess_back(tmp_path: Path) -> None:
+    # Before: a pool holding 3 idle connections kept all 3 under the new
+    # max_per_process = 1 (until its idle_timeout, or for good if in use).
+    from sharedpool import ConnectionPool, PoolConfig
+    from sharedpool.testing import FakeFactory
+
+    config = tmp_path / "sp.toml"
+    config.write_text("[resources.demo]\nmax_size = 4\n")
+    server = Serve(tmp_path, "--config", str(config), resource="")
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=4),
+                          resource="demo", coordinator=server.socket)
+    try:
+        held = [pool.acquire(timeout=5) for _ in range(3)]
+        for w in held:
+            pool.release(w)
+        assert pool.get_stats()["leases_held"] == 3
+        config.write_text("[resources.demo]\nmax_size = 4\nmax_per_process = 1\n")
+        assert sp("reload", "--socket", server.socket).returncode == 0
+        wait_for(lambda: pool.get_stats()["leases_held"] == 1, what="the excess given back")
+        status = sp_json("status", "--socket", server.socket)["resources"]
+        assert [r["leased"] for r in status] == [1]
+    finally:
+        pool.close()
+        stop(server.proc)
+
+
 def test_reload_keeps_flags_and_reports_what_it_did_not_apply(tmp_path: Path) -> None:
     config = tmp_path / "sp.toml"
     config.write_text("[resources.demo]\nmax_size = 20\nmax_per_process = 4\n"
