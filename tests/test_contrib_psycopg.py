@@ -544,3 +544,30 @@ def test_a_connection_dropped_unreturned_gives_its_backend_and_lease_back(
     assert wait_leased(sock_path, 0) == 0
     assert sampler.count_now() == 0
     assert wait_no_other_sessions(sock_path) == []
+
+
+def test_a_pool_without_coordinator_dropped_without_close_lets_its_backends_go(
+        pg: str, app_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # No session to give leases back to: the connections close with their
+    # objects, as plain psycopg_pool's. The finalizer armed for lending them
+    # held each idle one (its record's strong hold): kept open for good.
+    import gc
+
+    from sharedpool.config import SOCKET_ENV
+
+    monkeypatch.delenv(SOCKET_ENV, raising=False)
+    sampler = BackendSampler(app_name)
+
+    def use_and_drop() -> None:
+        pool = ConnectionPool(pg_dsn(), resource="pg", min_size=2, max_size=2, open=True,
+                              kwargs={"application_name": app_name, "autocommit": True})
+        pool.wait(10)
+        with pool.connection() as conn:
+            conn.execute("SELECT 1")
+
+    use_and_drop()
+    deadline = time.monotonic() + 5
+    while sampler.count_now() and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.05)
+    assert sampler.count_now() == 0

@@ -69,6 +69,9 @@ def close_left(left: Left) -> None:
             let_go(kept)
             if kept is not None:
                 kept.close()  # our dup only: no shutdown, nothing sent
+            finalizer = getattr(entry, "finalizer", None)  # a _Lendable's holds its idle connection
+            if finalizer is not None:
+                finalizer.detach()
         return
     runner.run_soon(functools.partial(
         in_a_thread, f"sharedpool-orphans-{left.resource}",
