@@ -571,3 +571,29 @@ def test_a_pool_without_coordinator_dropped_without_close_lets_its_backends_go(
         gc.collect()
         time.sleep(0.05)
     assert sampler.count_now() == 0
+
+
+def test_a_connection_out_at_close_dropped_with_its_pool_ends_the_session(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    # The pool closed, then collected along with a connection still out: the
+    # book's finalizer left the session open (that lease was still held); the
+    # lease came back once the server let go, and the session stayed, counted
+    # by the coordinator for the life of the process.
+    import gc
+
+    start_coordinator({"pg": Resource(max_size=2, acquire_timeout=5)})
+
+    def close_then_drop() -> None:
+        pool = make_pool(sock_path, app_name, min_size=0, max_size=1, timeout=5)
+        conn = pool.getconn()
+        slow_exit(conn)  # its server lets go well after the book is gone
+        pool.close()
+        assert leased(sock_path) == 1
+        cycle: list[Any] = [pool, conn]
+        cycle.append(cycle)  # both collected at once (as in an exception's traceback cycle)
+
+    close_then_drop()
+    gc.collect()
+    assert wait_leased(sock_path, 0) == 0
+    assert BackendSampler(app_name).count_now() == 0
+    assert wait_no_other_sessions(sock_path, 3) == []

@@ -333,6 +333,9 @@ def close_collected(book: weakref.ref[LeaseBook], key_id: int, entry: _Entry,
                     owner._release(client, lease)
                 else:
                     client.release(lease)
+                    # Its book went first (the pool dropped with it): its session
+                    # ended only if unused then, and this lease was still held.
+                    client.close_if_unused()
             if owner is not None and lease is not None:
                 owner._count_closing(-1)
 
