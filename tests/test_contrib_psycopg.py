@@ -597,3 +597,31 @@ def test_a_connection_out_at_close_dropped_with_its_pool_ends_the_session(
     assert wait_leased(sock_path, 0) == 0
     assert BackendSampler(app_name).count_now() == 0
     assert wait_no_other_sessions(sock_path, 3) == []
+
+
+def test_a_forked_child_does_not_keep_its_parents_connections_alive(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    # The finalizer armed for lending a connection holds its record, which
+    # holds the connection while idle: in a child (where it does nothing) it
+    # kept every idle connection of the parent alive, the pool dropped or not.
+    import gc
+    import weakref
+
+    from proc_helpers import run_in_child
+
+    start_coordinator({"pg": Resource(max_size=2)})
+    held = [make_pool(sock_path, app_name, min_size=2, max_size=2)]
+    try:
+        held[0].wait(10)
+        refs = [weakref.ref(c) for c in held[0]._sp_idle()]
+        assert len(refs) == 2
+
+        def child() -> int:
+            assert not held[0].lease_book.owns(refs[0]())  # the parent's from here on
+            held.clear()
+            gc.collect()
+            return sum(1 for r in refs if r() is not None)
+
+        assert run_in_child(child) == 0
+    finally:
+        held[0].close()

@@ -218,8 +218,10 @@ class _Book:
             # release its lease. Weak references where possible, so that the
             # child does not keep the parent's connections alive.
             for entry in self._entries.values():
+                if isinstance(entry, _Lendable) and entry.finalizer is not None:
+                    entry.finalizer.detach()  # it holds its idle connection; does nothing here
                 if entry.collected:
-                    continue  # nothing left to inherit (its finalizer does nothing here)
+                    continue  # nothing left to inherit
                 try:
                     self._inherited[id(entry.key)] = weakref.ref(entry.key)
                 except TypeError:
