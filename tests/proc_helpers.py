@@ -328,16 +328,22 @@ def sharedpool_logs_queued_gc_off() -> Iterator[queue.Queue[logging.LogRecord]]:
         logging.getLogger("sharedpool").removeHandler(handler)
 
 
-def collect_inside_a_put(q: queue.Queue[Any], timeout: float = 5.0) -> bool:
-    """Collect garbage in a thread that holds the queue's lock, as a collection
-    inside a put() of another record would (a plain Lock, taken again by a
-    finalizer that logs); whether it returned within ``timeout``."""
+def collect_holding(lock: Any, timeout: float = 5.0) -> bool:
+    """Collect garbage in a thread that holds ``lock``, as a collection inside
+    one of the lock holder's own steps would; whether it returned within
+    ``timeout`` (a finalizer that takes the lock again hangs it)."""
     collected = threading.Event()
 
     def collect() -> None:
-        with q.mutex:
+        with lock:
             gc.collect()
         collected.set()
 
     threading.Thread(target=collect, daemon=True).start()
     return collected.wait(timeout)
+
+
+def collect_inside_a_put(q: queue.Queue[Any], timeout: float = 5.0) -> bool:
+    """As a collection inside a put() of another record would (the queue's
+    plain Lock, taken again by a finalizer that logs)."""
+    return collect_holding(q.mutex, timeout)

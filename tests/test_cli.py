@@ -854,14 +854,20 @@ def test_a_restart_with_a_grace_below_the_reconnect_backoff_is_warned(tmp_path: 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\r")
 
 
-def test_top_in_a_terminal_refreshes_and_quits_on_q(serve: Serve, workers: list[Worker]) -> None:
-    workers.append(worker := Worker(serve))
+def _top_in_a_pty(serve: Serve) -> tuple[subprocess.Popen[bytes], int, int]:
+    """`sharedpool top` on a 200x50 pseudo-terminal: the process, the master and slave fds."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
     proc = subprocess.Popen(
         [sys.executable, "-m", "sharedpool", "top", "--socket", serve.socket, "--interval", "0.2"],
         stdin=slave, stdout=slave, stderr=slave, env={**ENV, "TERM": "xterm-256color"},
         start_new_session=True)
+    return proc, master, slave
+
+
+def test_top_in_a_terminal_refreshes_and_quits_on_q(serve: Serve, workers: list[Worker]) -> None:
+    workers.append(worker := Worker(serve))
+    proc, master, slave = _top_in_a_pty(serve)
     os.close(slave)
     seen = bytearray()
 
@@ -896,12 +902,7 @@ def test_top_in_a_terminal_refreshes_and_quits_on_q(serve: Serve, workers: list[
 def test_top_stopped_by_a_signal_gives_the_terminal_back(serve: Serve, sig: int) -> None:
     """`timeout 60 sharedpool top`: it still dies of the signal, but echo, line
     mode and the cursor are back (by the default action they stayed off)."""
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sharedpool", "top", "--socket", serve.socket, "--interval", "0.2"],
-        stdin=slave, stdout=slave, stderr=slave, env={**ENV, "TERM": "xterm-256color"},
-        start_new_session=True)
+    proc, master, slave = _top_in_a_pty(serve)
     seen = bytearray()
 
     def read() -> bytes:

@@ -15,6 +15,7 @@ import pytest
 import redis
 from proc_helpers import (
     HoldingServer,
+    collect_holding,
     collect_inside_a_put,
     hammer,
     held_once_confirmed,
@@ -843,15 +844,7 @@ def test_a_pubsub_collected_inside_the_books_lock_does_not_hang(start_coordinato
             time.sleep(0.01)
         if not book._waiting:
             return 3
-        collected = threading.Event()
-
-        def collect() -> None:
-            with book._lock:  # as a collection inside one of the book's steps
-                gc.collect()
-            collected.set()
-
-        threading.Thread(target=collect, daemon=True).start()
-        if not collected.wait(5):
+        if not collect_holding(book._lock):  # as a collection inside one of the book's steps
             return 2  # hung in the PubSub's __del__
         waiter.join(10)
         gc.enable()

@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 import pytest
-from proc_helpers import run_in_child
+from proc_helpers import collect_holding, run_in_child
 from sqlalchemy import text
 
 from sharedpool import Resource
@@ -55,15 +55,7 @@ def test_a_collection_inside_a_lease_wait_checks_in_without_hanging(
             time.sleep(0.01)
         if not book._waiting:
             return 3
-        collected = threading.Event()
-
-        def collect() -> None:
-            with book._returned:  # as a collection inside the wait's look at the pool
-                gc.collect()
-            collected.set()
-
-        threading.Thread(target=collect, daemon=True).start()
-        if not collected.wait(5):
+        if not collect_holding(book._returned):  # as a collection inside the wait's look at the pool
             return 2  # hung in the finalizer's checkin
         waiter.join(10)
         gc.enable()

@@ -141,6 +141,27 @@ def _read_line(child: subprocess.Popen[str], timeout: float) -> str:
     return child.stdout.readline().strip() if ready else f"nothing within {timeout}s"
 
 
+def _run_forked_script(tmp_path: Path, name: str, text: str, library: str, args: list[str],
+                       timeout: float) -> tuple[str, str]:
+    """Run ``text`` (PATCH replaced by ``library``'s patching, SPAWN its spawn) as a
+    script in a session of its own; its first line of output (or why none came
+    within ``timeout``) and its stderr. The whole group is killed after: the
+    forked child too, hung or not."""
+    spawn = {"gevent": "import gevent; SPAWN = gevent.spawn", "eventlet": "SPAWN = eventlet.spawn"}[library]
+    script = tmp_path / name
+    script.write_text(textwrap.dedent(text).replace("PATCH", PATCH[library] + "\n" + spawn))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("SHAREDPOOL_SOCKET", None)
+    child = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        line = _read_line(child, timeout)
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)
+        _, err = child.communicate(timeout=10)
+    return line, err
+
+
 @pytest.mark.parametrize("library", [_library("gevent"), _library("eventlet")])
 def test_a_coordinator_that_stops_reading_cannot_hold_a_patched_sender(
         start_coordinator: Any, sock_path: str, tmp_path: Path, library: str) -> None:
@@ -260,18 +281,9 @@ def test_a_detach_in_a_worker_forked_before_the_patching_does_not_hang(
     blocked the hub for ever (gunicorn's timeout then killed the worker, and the
     next one hung at its first detach())."""
     start_coordinator({"pg": 2})
-    script = tmp_path / "detacher.py"
-    script.write_text(textwrap.dedent(DETACHER).replace("PATCH", PATCH[library]))
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    env.pop("SHAREDPOOL_SOCKET", None)
     url = "postgresql+psycopg://postgres@127.0.0.1:5432/test"  # pg_dsn()'s database
-    child = subprocess.Popen([sys.executable, str(script), sock_path, app_name, url], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    try:
-        assert _read_line(child, 20) == "detached"
-    finally:
-        os.killpg(child.pid, signal.SIGKILL)  # the forked child too, hung or not
-        _, err = child.communicate(timeout=10)
+    line, err = _run_forked_script(tmp_path, "detacher.py", DETACHER, library, [sock_path, app_name, url], 20)
+    assert line == "detached"
     assert "Traceback" not in err, err[-3000:]
 
 
@@ -313,18 +325,7 @@ def test_greenlets_first_using_a_client_after_a_fork_start_one_reader(
     background reader of its own (10). eventlet greens existing locks as it
     patches: there, a check that one reader stays one."""
     start_coordinator({"r": 3})
-    script = tmp_path / "first_users.py"
-    spawn = {"gevent": "import gevent; SPAWN = gevent.spawn", "eventlet": "SPAWN = eventlet.spawn"}[library]
-    script.write_text(textwrap.dedent(FIRST_USERS).replace("PATCH", PATCH[library] + "\n" + spawn))
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    env.pop("SHAREDPOOL_SOCKET", None)
-    child = subprocess.Popen([sys.executable, str(script), sock_path], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    try:
-        line = _read_line(child, 30)
-    finally:
-        os.killpg(child.pid, signal.SIGKILL)
-        _, err = child.communicate(timeout=10)
+    line, err = _run_forked_script(tmp_path, "first_users.py", FIRST_USERS, library, [sock_path], 30)
     assert line == "readers 1", line
     assert "Traceback" not in err, err[-3000:]
 
@@ -365,17 +366,7 @@ def test_a_client_used_before_the_fork_does_not_block_the_patched_worker(
     the next one waited for it on the real lock, and the whole worker hung.
     eventlet greens existing locks as it patches: there, a guard."""
     start_coordinator({"r": 3})
-    script = tmp_path / "used_before_fork.py"
-    spawn = {"gevent": "import gevent; SPAWN = gevent.spawn", "eventlet": "SPAWN = eventlet.spawn"}[library]
-    script.write_text(textwrap.dedent(USED_BEFORE_FORK).replace("PATCH", PATCH[library] + "\n" + spawn))
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    env.pop("SHAREDPOOL_SOCKET", None)
-    child = subprocess.Popen([sys.executable, str(script), sock_path], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    try:
-        line = _read_line(child, 20)
-    finally:
-        os.killpg(child.pid, signal.SIGKILL)
-        _, err = child.communicate(timeout=10)
+    line, err = _run_forked_script(tmp_path, "used_before_fork.py", USED_BEFORE_FORK, library,
+                                   [sock_path], 20)
     assert line == "done 10", line
     assert "Traceback" not in err, err[-3000:]

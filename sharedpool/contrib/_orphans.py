@@ -281,8 +281,9 @@ def collecting() -> bool:
     finalizer called us: SQLAlchemy checks in a connection dropped unclosed),
     and the collector thread runs (start_collector()) to take the work: here,
     it may wait for good on a lock the interrupted thread holds, the book's."""
-    return _collecting == threading.get_ident() and _collector_pid == current_pid() and \
-        not sys.is_finalizing()
+    # Every checkin of SQLAlchemy's and redis's pools asks: 0 (no collection) first, no call.
+    return _collecting != 0 and _collecting == threading.get_ident() and _collector_pid == current_pid() \
+        and not sys.is_finalizing()
 
 
 def put_off(job: Callable[[], object], what: str) -> None:
