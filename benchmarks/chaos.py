@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
 import os
 import random
@@ -31,9 +32,9 @@ DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres"
 REPORT_EVERY = 0.2  # seconds between two reports of a worker's counts
 
 
-def _worker(sock: str, app: str, stop_at: float, report_dir: str) -> None:
+def _worker(sock: str, app: str, stop_at: float, report_dir: str, wid: int) -> None:
     """One worker process: 2 threads of checkouts. Its counts (checkouts done,
-    failures by reason) are written to ``report_dir/<pid>.json`` every
+    failures by reason) are written to ``report_dir/<wid>.json`` every
     REPORT_EVERY seconds and at the end: a worker SIGKILLed mid-run has its
     counts up to its last report in the table, not only the survivors'."""
     import psycopg
@@ -48,11 +49,13 @@ def _worker(sock: str, app: str, stop_at: float, report_dir: str) -> None:
     done = [0]
     failures: collections.Counter[str] = collections.Counter()
     lock = threading.Lock()
-    path = os.path.join(report_dir, f"{os.getpid()}.json")
+    # Filed by the run's own worker number: a pid the kernel hands out again in a
+    # long run would overwrite a killed worker's counts.
+    path = os.path.join(report_dir, f"{wid}.json")
 
     def report(final: bool = False) -> None:
         with lock:
-            counts = {"pid": os.getpid(), "done": done[0], "failures": dict(failures), "final": final}
+            counts = {"worker": wid, "done": done[0], "failures": dict(failures), "final": final}
         with open(path + ".tmp", "w") as f:
             json.dump(counts, f)
         os.replace(path + ".tmp", path)  # a kill mid-write leaves the last whole report
@@ -157,11 +160,15 @@ def run(workers: int, cap: int, seconds: float, coord_restarts: int, seed: int) 
     sampler.start()
     stop_at = time.monotonic() + seconds
     procs: dict[int, Any] = {}
+    wids: dict[int, int] = {}  # pid -> the run's number for that worker
+    numbers = itertools.count()
 
     def spawn() -> None:
-        p = ctx.Process(target=_worker, args=(sock, app, stop_at, report_dir), daemon=True)
+        wid = next(numbers)
+        p = ctx.Process(target=_worker, args=(sock, app, stop_at, report_dir, wid), daemon=True)
         p.start()
         procs[p.pid] = p
+        wids[p.pid] = wid
 
     for _ in range(workers):
         spawn()
@@ -190,6 +197,7 @@ def run(workers: int, cap: int, seconds: float, coord_restarts: int, seed: int) 
             if took is not None:
                 slot_times.append(took)
             procs.pop(victim).join(5)
+            del wids[victim]
             spawn()
         for p in procs.values():
             p.join(seconds + 30)
@@ -205,7 +213,7 @@ def run(workers: int, cap: int, seconds: float, coord_restarts: int, seed: int) 
         client.close()
         coord.stop()
     results = _collect(report_dir)
-    finished = {r["pid"] for r in results if r["final"]}
+    finished = {r["worker"] for r in results if r["final"]}
     shutil.rmtree(tmp, ignore_errors=True)
     failures: collections.Counter[str] = collections.Counter()
     for r in results:
@@ -225,7 +233,7 @@ def run(workers: int, cap: int, seconds: float, coord_restarts: int, seed: int) 
         if slot_ms else None,
         "checkouts": sum(r["done"] for r in results),
         # Workers alive at the end that did not finish on their own (hung, so killed).
-        "workers_unfinished": sum(1 for pid in procs if pid not in finished),
+        "workers_unfinished": sum(1 for pid in procs if wids[pid] not in finished),
         "failed_checkouts": dict(failures),
         "leases_held_at_end": leased_end,
     }
