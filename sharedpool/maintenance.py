@@ -141,10 +141,13 @@ def fill(pool: ConnectionPool[Any], count: int) -> None:
         try:
             client = pool._get_client()  # a bad $SHAREDPOOL_SOCKET raises: undo the counts
             if client is not None:
-                lease = client.acquire(pool.resource, 0)
+                # The pool as owner: a grant that comes after this gave up counts as unused.
+                lease = client.acquire(pool.resource, 0, _owner=pool)
             with pool._lock:
                 pool._lease_waits -= 1
                 pool._m["connect_attempts"] += 1
+                # Once in, as an opener's: a failed connect's lease was granted all the same.
+                pool._m["leases_acquired"] += lease is not None
             attempted = True
             t0 = time.monotonic()
             conn = pool.factory()
@@ -175,7 +178,6 @@ def fill(pool: ConnectionPool[Any], count: int) -> None:
             pool._stalled -= 1
             pool._m["total_created"] += 1
             pool._m["connections_ms"] += int((time.monotonic() - t0) * 1000)
-            pool._m["leases_acquired"] += lease is not None  # as an opener's lease is counted
             pool._all[wrapper.id] = wrapper
             pool._leased += lease is not None
             revoked = giveback.drop_revoked(pool, wrapper, client)

@@ -196,6 +196,7 @@ def take_lease(pool: ConnectionPool[Any], client: Client, deadline: float) -> Le
             active = pool._active
     if not active:
         client.release(lease)
+        pool.grant_unused()  # the coordinator counted it: so do we, as never used
         raise PoolClosed(f"pool {pool.name!r} is {pool.status.value}")
     return lease
 

@@ -183,7 +183,7 @@ class ConnectionPool(Generic[T]):
         self._m = dict.fromkeys((
             "total_created", "total_closed", "connect_attempts",
             "acquire_timeouts", "connect_errors", "request_errors", "validation_failures", "reclaimed",
-            "leases_acquired", "lease_wait_ms", "requests_queued", "requests_wait_ms",
+            "leases_acquired", "leases_unused", "lease_wait_ms", "requests_queued", "requests_wait_ms",
             "connections_ms", "leaks_suspected", "returns_bad",
         ), 0)
         # Set last: a thread of a forked child that sees it current (and so
@@ -267,6 +267,7 @@ class ConnectionPool(Generic[T]):
             "connections_lost": m["validation_failures"],
             "returns_bad": m["returns_bad"],
             "leases_acquired": m["leases_acquired"],
+            "leases_unused": m["leases_unused"],
             "lease_wait_ms": m["lease_wait_ms"],
             "leases_reclaimed": m["reclaimed"],
         }
@@ -286,6 +287,16 @@ class ConnectionPool(Generic[T]):
         }
         stats.update((name, value - since.get(name, 0)) for name, value in counters.items())
         return stats
+
+    def grant_unused(self) -> None:
+        """A lease granted to this pool went straight back unused (it crossed the
+        withdrawal of its request, or came as the pool closed): counted in
+        ``leases_acquired`` as the coordinator counts it in ``grants``, and in
+        ``leases_unused``. Called with no pool lock held (as the integrations' is)."""
+        self._checkpid()
+        with self._lock:
+            self._m["leases_acquired"] += 1
+            self._m["leases_unused"] += 1
 
     def _leases_closing(self) -> int:
         # Leases of connections out of _all, closed or being closed, whose

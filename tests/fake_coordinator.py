@@ -76,3 +76,31 @@ class FakeCoordinator:
         for s, _ in self.conns:
             with contextlib.suppress(OSError):
                 s.close()
+
+
+class GrantCrossingCancel(FakeCoordinator):
+    """Queues each acquire, and grants it as its cancel arrives: the grant a
+    real coordinator sends when a slot frees just before the cancel reaches it.
+    ``at_once``: this many acquires are granted as they come, first. Records
+    the acquires and releases it got."""
+
+    def __init__(self, path: str, at_once: int = 0) -> None:
+        super().__init__(path)
+        self.at_once = at_once
+        self.acquires: list[int] = []
+        self.released: list[int] = []
+
+    def on_message(self, idx: int, s: socket.socket, conn: p.Connection, msg: p.Message) -> None:
+        if isinstance(msg, p.Acquire):
+            self.acquires.append(msg.req)
+            if len(self.acquires) <= self.at_once:
+                super().on_message(idx, s, conn, msg)
+        elif isinstance(msg, p.Cancel):
+            with self.lock:
+                self.next_lease += 1
+                lease = self.next_lease
+            s.sendall(p.encode(p.Grant(msg.req, lease, "r", lease)))
+        elif isinstance(msg, p.Release):
+            self.released.append(msg.lease)
+        else:
+            super().on_message(idx, s, conn, msg)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from fake_coordinator import FakeCoordinator
+from fake_coordinator import FakeCoordinator, GrantCrossingCancel
 from proc_helpers import (
     collect_inside_a_put,
     interrupt_once,
@@ -557,26 +557,6 @@ def test_a_reclaim_is_counted_before_its_lease_goes(start_coordinator: Any, sock
     book.shutdown()
 
 
-class _GrantCrossingCancel(FakeCoordinator):
-    """Queues each acquire, and grants it as its cancel arrives: the grant a
-    real coordinator sends when a slot frees just before the cancel reaches it."""
-
-    def __init__(self, path: str) -> None:
-        super().__init__(path)
-        self.released: list[int] = []
-
-    def on_message(self, idx: int, s: socket.socket, conn: p.Connection, msg: p.Message) -> None:
-        if isinstance(msg, p.Cancel):
-            with self.lock:
-                self.next_lease += 1
-                lease = self.next_lease
-            s.sendall(p.encode(p.Grant(msg.req, lease, "r", lease)))
-        elif isinstance(msg, p.Release):
-            self.released.append(msg.lease)
-        elif not isinstance(msg, p.Acquire):
-            super().on_message(idx, s, conn, msg)
-
-
 def _assert_given_back_unused(fake: Any, book: LeaseBook) -> None:
     """The one lease granted went back to the coordinator, counted by the book
     as granted (as the coordinator counts it) and never used."""
@@ -595,7 +575,7 @@ def test_a_grant_crossing_the_withdrawal_of_a_wait_served_locally_counts_as_unus
     contention (3 redis-py processes, cap 2) grants read 402 against 399
     leases_acquired and 0 leases_unused, the gap exactly the 3 grants that
     crossed a withdrawal."""
-    fake = _GrantCrossingCancel(sock_path)
+    fake = GrantCrossingCancel(sock_path)
     book = LeaseBook("r", coordinator=sock_path)
     try:
         served = threading.Timer(0.2, book.notify_returned)
