@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -41,6 +41,16 @@ SNAPSHOT_TIMEOUT = 2.0
 #: Lease states as the ``state`` label of ``sharedpool_leases``, and the
 #: ``snapshot_resources`` key each is read from.
 LEASE_STATES = {"idle": "idle", "in_use": "in_use", "connecting": "connecting", "fenced": "fenced"}
+
+#: The ``state`` label of ``sharedpool_resource_state`` -> whether a snapshot row is in it:
+#: the flags of ``sharedpool status``'s state column. Without them a paused resource,
+#: or one in a restart's hold, read as waiters queued behind free or idle leases.
+RESOURCE_STATES: dict[str, Callable[[dict[str, Any]], bool]] = {
+    "paused": lambda res: bool(res.get("paused")),
+    "draining": lambda res: bool(res.get("draining")),
+    "failing": lambda res: bool(res.get("failing")),
+    "restart_hold": lambda res: res.get("restart_hold_s") is not None,
+}
 
 #: Counters: metric name (without ``_total``) -> snapshot key, help text.
 COUNTERS = {
@@ -101,9 +111,9 @@ class LedgerCollector(Collector):
         snap = take_snapshot(self.server, self.timeout)
         resources: list[dict[str, Any]] = snap["resources"]
         families = _families()
-        leases, max_size, waiting, longest, peak, waits, sessions = (families[name] for name in (
+        leases, max_size, waiting, longest, peak, states, waits, sessions = (families[name] for name in (
             "sharedpool_leases", "sharedpool_max_size", "sharedpool_waiting",
-            "sharedpool_longest_wait_seconds", "sharedpool_peak_leases",
+            "sharedpool_longest_wait_seconds", "sharedpool_peak_leases", "sharedpool_resource_state",
             "sharedpool_lease_wait_seconds", "sharedpool_sessions"))
         counters = {name: families[name] for name in COUNTERS}
         have_waits = False
@@ -115,6 +125,8 @@ class LedgerCollector(Collector):
             waiting.add_metric([name], float(res["waiting"]))
             longest.add_metric([name], float(res.get("longest_wait_s", 0.0)))
             peak.add_metric([name], float(res.get("peak", 0)))
+            for state, is_in in RESOURCE_STATES.items():
+                states.add_metric([name, state], 1.0 if is_in(res) else 0.0)
             for metric, (key, _) in COUNTERS.items():
                 counters[metric].add_metric([name], float(res.get(key, 0)))
             hist = res.get("wait_histogram")
@@ -122,7 +134,7 @@ class LedgerCollector(Collector):
                 have_waits = True
                 buckets = [(_le(le), float(count)) for le, count in hist["buckets"]]
                 waits.add_metric([name], buckets, float(hist["sum"]))
-        yield from (leases, max_size, waiting, longest, peak, *counters.values())
+        yield from (leases, max_size, waiting, longest, peak, states, *counters.values())
         if have_waits:
             yield waits
         sessions.add_metric([], float(snap["sessions"]))
@@ -141,6 +153,10 @@ def _families() -> dict[str, Any]:
                           labels=resource),
         GaugeMetricFamily("sharedpool_peak_leases", "Most leases held at once since start",
                           labels=resource),
+        GaugeMetricFamily("sharedpool_resource_state",
+                          "1 while a resource is paused, draining, failing (connects failing: "
+                          "acquires refused at once) or in a restart's hold (nothing granted)",
+                          labels=["resource", "state"]),
         *(CounterMetricFamily(name, text, labels=resource) for name, (_, text) in COUNTERS.items()),
         HistogramMetricFamily("sharedpool_lease_wait_seconds", "Time from acquire to grant",
                               labels=resource),

@@ -123,14 +123,13 @@ def test_metrics_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
     assert not (tmp_path / "sp.sock").exists()
 
 
-def test_collector_reads_the_ledger_on_the_loop_thread(tmp_path: Path) -> None:
-    """In process: a real Server on a real event loop in its own thread; scrapes come
-    from other threads and get a copy taken on the loop, or an error once it stops."""
+def _server_on_a_loop(tmp_path: Path, resources: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """A real Server (no socket) on a real event loop run by a thread of its own:
+    (server, loop, thread). ``on_loop(loop, fn)`` runs a ledger change there."""
     import asyncio
     import threading
 
     from sharedpool.config import CoordinatorConfig
-    from sharedpool.metrics import serve_metrics, take_snapshot
     from sharedpool.server import Server
 
     loop = asyncio.new_event_loop()
@@ -138,16 +137,33 @@ def test_collector_reads_the_ledger_on_the_loop_thread(tmp_path: Path) -> None:
     thread.start()
 
     async def make() -> Server:
-        return Server(CoordinatorConfig(socket_path=str(tmp_path / "unused.sock"),
-                                        resources={"r": 2}))
+        return Server(CoordinatorConfig(socket_path=str(tmp_path / "unused.sock"), resources=resources))
 
-    server = asyncio.run_coroutine_threadsafe(make(), loop).result(5)
+    return asyncio.run_coroutine_threadsafe(make(), loop).result(5), loop, thread
 
-    async def grant() -> None:
+
+def on_loop(loop: Any, fn: Any) -> Any:
+    """Run ``fn()`` on the loop's thread (the ledger is that thread's) and return its result."""
+    import asyncio
+
+    async def run() -> Any:
+        return fn()
+
+    return asyncio.run_coroutine_threadsafe(run(), loop).result(5)
+
+
+def test_collector_reads_the_ledger_on_the_loop_thread(tmp_path: Path) -> None:
+    """In process: a real Server on a real event loop in its own thread; scrapes come
+    from other threads and get a copy taken on the loop, or an error once it stops."""
+    from sharedpool.metrics import serve_metrics, take_snapshot
+
+    server, loop, thread = _server_on_a_loop(tmp_path, {"r": 2})
+
+    def grant() -> None:
         sid, _ = server.ledger.open_session(4242, "t", loop.time())
         server.ledger.acquire(sid, 1, "r", loop.time())
 
-    asyncio.run_coroutine_threadsafe(grant(), loop).result(5)
+    on_loop(loop, grant)
     metrics = serve_metrics(server, "127.0.0.1", 0)  # port 0: the OS picks, .port tells
     try:
         m = scrape(metrics.port)
@@ -190,3 +206,40 @@ def test_an_ipv6_metrics_address_is_logged_as_a_url(tmp_path: Path,
         pytest.skip(f"no IPv6 loopback here: {exc}")
     metrics.shutdown()
     assert f"metrics on http://[::1]:{metrics.port}/metrics" in caplog.text
+
+
+def test_a_resources_state_is_a_metric(tmp_path: Path) -> None:
+    """Paused, draining, failing or in a restart's hold, as `sharedpool status`
+    says. Before: none of them was exported: a paused resource, or one in a
+    restart's hold, read as waiters queued behind idle leases and no grants, and
+    a failing one only as denials (which draining and max_waiting count too)."""
+    from sharedpool.metrics import serve_metrics
+    from sharedpool.records import FAILURE_THRESHOLD
+
+    server, loop, thread = _server_on_a_loop(tmp_path, {"a": 2, "b": 2, "c": 2, "d": 2})
+    ledger = server.ledger
+    metrics = serve_metrics(server, "127.0.0.1", 0)
+
+    def states() -> dict[str, set[str]]:
+        m = scrape(metrics.port)
+        return {r: {s for s in ("paused", "draining", "failing", "restart_hold")
+                    if value(m, "sharedpool_resource_state", resource=r, state=s) == 1}
+                for r in "abcd"}
+
+    try:
+        assert states() == {r: set() for r in "abcd"}  # every series there, at 0
+        on_loop(loop, lambda: ledger.pause("a"))
+        on_loop(loop, lambda: ledger.drain("b"))
+        sid = on_loop(loop, lambda: ledger.open_session(4242, "t", loop.time())[0])
+        on_loop(loop, lambda: ledger.report(sid, [], loop.time(), failures={"c": FAILURE_THRESHOLD}))
+        assert states() == {"a": {"paused"}, "b": {"draining"}, "c": {"failing"}, "d": set()}
+        on_loop(loop, lambda: setattr(ledger, "hold_until", loop.time() + 60))
+        assert all("restart_hold" in s for s in states().values())
+        on_loop(loop, lambda: ledger.resume("a", loop.time()))
+        on_loop(loop, lambda: setattr(ledger, "hold_until", None))
+        assert states()["a"] == set()
+    finally:
+        metrics.shutdown()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
