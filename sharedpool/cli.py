@@ -204,13 +204,15 @@ def duration(seconds: float | None) -> str:
     """``850ms``, ``12.3s``, ``4m05s``, ``2h10m``; ``-`` for None."""
     if seconds is None:
         return "-"
-    if seconds < 1:
+    # The unit is chosen for the figure as printed: 0.9996 s read "1000ms", 59.96 s "60.0s".
+    if round(seconds * 1000) < 1000:
         return f"{seconds * 1000:.0f}ms"
-    if seconds < 60:
+    if round(seconds, 1) < 60:
         return f"{seconds:.1f}s"
-    if seconds < 3600:
-        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
-    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+    if (whole := round(seconds)) < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    minutes = round(seconds / 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m"
 
 
 def _table(title: str, columns: str, rows: list[list[Any]]) -> Table:

@@ -1170,3 +1170,14 @@ def test_a_socket_where_something_else_listens_says_it_is_no_coordinator(tmp_pat
         listener.close()
     assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
     assert f"at {path}: what answers there is no sharedpool coordinator" in out.stderr, out.stderr
+
+
+def test_durations_take_the_unit_of_the_figure_as_printed() -> None:
+    # Before: 0.9996 s read "1000ms", 59.96 s "60.0s" (a longest wait in `top`,
+    # a lease's age), and 3599.6 s "59m59s" beside 3600 s "1h00m".
+    from sharedpool.cli import duration
+
+    cases = {0.0004: "0ms", 0.9994: "999ms", 0.9996: "1.0s", 12.34: "12.3s", 59.94: "59.9s",
+             59.96: "1m00s", 245.2: "4m05s", 3599.4: "59m59s", 3599.6: "1h00m", 7800: "2h10m"}
+    assert {s: duration(s) for s in cases} == cases
+    assert duration(None) == "-"
