@@ -153,6 +153,12 @@ class ConnectionPool(Generic[T]):
         self._recheck_delay = IDLE_GIVE_BACK
         self._recheck_round = 0  # the round of asking _recheck_pending and _recheck_delay are of
         self._acquired = self._released = 0  # counters of the fast paths
+        # requests_num is counted as a checkout is asked for, as psycopg_pool's is, and
+        # only ever goes up: checkouts taken by the fast path, plus those the slow path
+        # was asked for (_slow_asked), less those it served (in _acquired too, so
+        # counted once). A fast-path take that failed validation goes on in the slow
+        # path as the same request (_retried: not a checkout served after all).
+        self._slow_asked = self._slow_served = self._retried = 0
         self._usage = 0.0  # seconds connections spent checked out, up to their checkin
         #: get_stats()'s counters as of the last pop_stats(): reported as what came since
         self._popped: dict[str, int] = {}
@@ -222,7 +228,8 @@ class ConnectionPool(Generic[T]):
         """The seed's counters plus lease figures."""
         self._checkpid()
         with self._lock:
-            m: dict[str, Any] = dict(self._m, total_acquired=self._acquired, total_released=self._released)
+            m: dict[str, Any] = dict(self._m, total_acquired=self._acquired - self._retried,
+                                     total_released=self._released)
             m.update(
                 current_size=len(self._all),
                 in_use=len(self._all) - len(self._idle),
@@ -256,7 +263,7 @@ class ConnectionPool(Generic[T]):
         # Under the lock.
         m = self._m
         counters = {
-            "requests_num": self._acquired + m["request_errors"],
+            "requests_num": self._acquired - self._slow_served + self._slow_asked,
             "requests_queued": m["requests_queued"],
             "requests_wait_ms": m["requests_wait_ms"],
             "requests_errors": m["request_errors"],
@@ -341,7 +348,9 @@ class ConnectionPool(Generic[T]):
                         self._discard(wrapper)
                         wrapper = None
                         with self._lock:
-                            self._acquired -= 1  # counted again by the retry, served or not
+                            # Not "_acquired -= 1": requests_num went down with it (a
+                            # pop_stats() during the validation, then -1 in the next).
+                            self._retried += 1
                         return waiting.acquire_slow(self, timeout, now, retry=True)
                 if self._leaks:
                     wrapper.site = _call_site()

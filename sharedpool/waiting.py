@@ -47,6 +47,9 @@ def acquire_slow(pool: ConnectionPool[T], timeout: float | None, start: float,
                  retry: bool = False) -> ConnectionWrapper[T]:
     """A checkout the fast path could not serve: queue, have connections
     opened, wait until ``start`` + the timeout (one deadline for every retry)."""
+    if not retry:  # asked for now (a retry was counted by the fast path): requests_num
+        with pool._lock:
+            pool._slow_asked += 1
     if pool._maintenance is None:  # a forked child's first checkout
         pool._start_maintenance()
     wait = pool.config.acquire_timeout if timeout is None else timeout
@@ -106,6 +109,7 @@ def acquire_slow(pool: ConnectionPool[T], timeout: float | None, start: float,
             wrapper.checked_out_at = now  # first: a checkin cut short here counts from now
             with pool._lock:
                 pool._acquired += 1
+                pool._slow_served += 1  # counted in requests_num when asked for
                 pool._m["requests_wait_ms"] += int((now - start) * 1000)
             if pool.config.leak_detection_threshold is not None:
                 wrapper.site = _call_site()

@@ -1,6 +1,7 @@
-"""A local pool's lease figures add up to the coordinator's: the pools'
-``leases_acquired`` sum to its ``grants`` (README, Metrics), also for grants
-that went straight back unused."""
+"""A local pool's figures: its lease counters add up to the coordinator's (the
+pools' ``leases_acquired`` sum to its ``grants``, README, Metrics), also for
+grants that went straight back unused; its request counters are counted as
+psycopg_pool's are, and never go down."""
 
 from __future__ import annotations
 
@@ -95,3 +96,73 @@ def test_a_lease_granted_as_the_pool_closes_counts_as_unused(
     stats = pool.get_stats()
     assert stats["leases_acquired"] == 1, stats
     assert stats["leases_unused"] == 1, stats
+
+
+def test_requests_num_never_goes_down_when_a_checkout_fails_validation() -> None:
+    """A fast-path checkout whose idle connection fails validation goes on in the
+    slow path. Before: requests_num was counted at the take, taken back when the
+    validation failed and counted again once served, so a pop_stats() while the
+    check ran, and the next while the new connection was made, read 1 then -1
+    (prometheus_client's Counter.inc(-1) raises)."""
+    failing, checking, checked, connecting, connected = (threading.Event() for _ in range(5))
+
+    def check(conn: Any) -> bool:
+        if not failing.is_set():
+            return True
+        checking.set()
+        assert checked.wait(5)
+        return False
+
+    factory = FakeFactory()
+
+    def gated() -> Any:
+        if failing.is_set():
+            connecting.set()
+            assert connected.wait(5)
+        return factory()
+
+    pool = ConnectionPool(gated, PoolConfig(min_size=0, max_size=2, validation_bypass=0.0),
+                          check=check)
+    try:
+        pool.release(pool.acquire(timeout=5))
+        pool.pop_stats()
+        failing.set()
+        checkout = threading.Thread(target=lambda: pool.release(pool.acquire(timeout=5)))
+        checkout.start()
+        assert checking.wait(5)
+        during_check = pool.pop_stats()["requests_num"]
+        checked.set()  # fails: the checkout goes on in the slow path, and a connection is made
+        assert connecting.wait(5)
+        while_connecting = pool.pop_stats()["requests_num"]
+        connected.set()
+        checkout.join(5)
+        after = pool.pop_stats()
+        assert (during_check, while_connecting, after["requests_num"]) == (1, 0, 0)
+        assert after["requests_errors"] == 0, after
+        assert pool.get_metrics()["total_acquired"] == 2  # the warm-up and the one served
+    finally:
+        checked.set()
+        connected.set()
+        pool.close()
+
+
+def test_a_waiting_checkout_counts_in_requests_num_as_it_is_asked_for() -> None:
+    """As psycopg_pool's requests_num (counted before the wait): requests_queued
+    never exceeds it. Before: counted once served or failed, so a pool with
+    checkouts waiting read requests_queued 4 against requests_num 1, and here 2
+    against 1."""
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1))
+    try:
+        held = pool.acquire(timeout=5)
+        waiter = threading.Thread(target=lambda: pool.release(pool.acquire(timeout=5)))
+        waiter.start()
+        _until(lambda: pool.get_stats()["requests_waiting"] == 1, "the checkout to wait")
+        stats = pool.get_stats()
+        # Both queued: the first found the pool empty (min_size=0) and had one made.
+        assert (stats["requests_num"], stats["requests_queued"]) == (2, 2), stats
+        pool.release(held)
+        waiter.join(5)
+        stats = pool.get_stats()
+        assert (stats["requests_num"], stats["requests_queued"], stats["requests_errors"]) == (2, 2, 0)
+    finally:
+        pool.close()
