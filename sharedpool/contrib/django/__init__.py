@@ -11,8 +11,12 @@ the arguments Django passes, so every connection the pool opens holds a lease::
         "OPTIONS": {"pool": {"resource": "pg", "min_size": 0, "max_size": 4}},
     }}
 
-``OPTIONS["pool"]`` takes that class's arguments (``resource``, ``coordinator``,
-``min_size``, ``max_size``, ``timeout``, ...); ``True`` means its defaults. The
+``OPTIONS["pool"]`` takes that class's arguments (``resource``, required,
+``coordinator``, ``min_size``, ``max_size``, ``timeout``, ...; ``check`` too, as
+in Django 6, in place of ``CONN_HEALTH_CHECKS``'s): not ``True``, which gives no
+resource. A missing, misspelt or bad one raises ``ImproperlyConfigured`` naming
+``DATABASES[alias]['OPTIONS']['pool'][key]`` (and the arguments allowed); so
+do psycopg2 in place of psycopg 3, and psycopg without psycopg_pool. The
 backend module is :mod:`sharedpool.contrib.django.base` (Django loads
 ``<ENGINE>.base``); it imports Django only when Django loads it.
 """

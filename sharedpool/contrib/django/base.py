@@ -2,21 +2,34 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.postgresql import base
 
 from ...process import before_release
-from ..psycopg import ConnectionPool
+from .options import make_pool
+
+if not base.is_psycopg3:
+    # Else Django loaded psycopg2 and the import below failed with "No module named
+    # 'psycopg'", shown under "isn't an available database backend".
+    raise ImproperlyConfigured(
+        f"ENGINE 'sharedpool.contrib.django' needs psycopg 3 and psycopg_pool (Django's connection "
+        f"pool): Django found psycopg2 {base.Database.__version__.split()[0]} only; "
+        f"pip install 'psycopg[binary,pool]'")
+try:
+    from ..psycopg import ConnectionPool
+except ImportError as exc:  # no psycopg_pool (psycopg without [pool]), or one too old
+    raise ImproperlyConfigured(
+        f"ENGINE 'sharedpool.contrib.django' needs psycopg_pool (Django's connection pool): "
+        f"{exc}; pip install 'psycopg[pool]'") from exc
 
 
 class DatabaseWrapper(base.DatabaseWrapper):  # type: ignore[misc]  # Django ships no types
     """Django's PostgreSQL wrapper whose pool is sharedpool's psycopg_pool class.
 
-    Overrides Django's ``pool`` property (the same in Django 5.1 and 5.2): the
-    same arguments, this class instead of ``psycopg_pool.ConnectionPool``.
+    Overrides Django's ``pool`` property (the same in Django 5.1 and 5.2; 6.x
+    only lets ``OPTIONS["pool"]`` set ``check``, as this one does): the same
+    arguments, this class instead of ``psycopg_pool.ConnectionPool``.
     """
 
     @property
@@ -29,13 +42,13 @@ class DatabaseWrapper(base.DatabaseWrapper):  # type: ignore[misc]  # Django shi
                 # A connection kept between requests keeps its lease: the other
                 # workers would wait for it at the cap, idle or not.
                 raise ImproperlyConfigured("Pooling doesn't support persistent connections.")
-            kwargs: dict[str, Any] = {} if options is True else dict(options)
-            pool = ConnectionPool(
-                kwargs={**self.get_connection_params(), "autocommit": True},
-                open=False,  # opened at the first query: in the worker, not a preloading master
-                configure=self._configure_connection,
-                check=ConnectionPool.check_connection if self.settings_dict["CONN_HEALTH_CHECKS"] else None,
-                **kwargs,
+            check = ConnectionPool.check_connection if self.settings_dict["CONN_HEALTH_CHECKS"] else None
+            pool = make_pool(
+                ConnectionPool, self.alias, options,
+                fixed={"kwargs": {**self.get_connection_params(), "autocommit": True},
+                       "open": False,  # opened at the first query: in the worker, not a preloading master
+                       "configure": self._configure_connection},
+                defaults={"check": check},
             )
             self._connection_pools.setdefault(self.alias, pool)
         return self._connection_pools[self.alias]
