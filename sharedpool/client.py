@@ -180,6 +180,14 @@ class Client(Owed, Hooks):
         self._checkpid()
         return self._sock is not None
 
+    def unreachable_note(self) -> str:
+        """``"; coordinator at <path> unreachable: <why>"`` while no session is up
+        after a failed attempt (one not tried yet, or being connected to, is not
+        "unreachable"); else ``""``. Attributes only: no lock taken."""
+        if not self._closed and self._sock is None and self.last_error:
+            return f"; coordinator at {self.socket_path} unreachable: {self.last_error}"
+        return ""
+
     @property
     def held(self) -> dict[int, Lease]:
         """Leases this process holds, by id."""

@@ -158,11 +158,10 @@ def wait_for(pool: ConnectionPool[T], waiter: _Waiter, deadline: float, start: f
             pool._m["acquire_timeouts"] += 1
             client = pool._client
             away = ""
-            # (attributes only: no client lock is taken under the pool's lock)
-            if client is not None and not client.closed and client._sock is None and client.last_error:
-                # Why no lease came: a wrong or dead socket must say so (one
-                # not tried yet, or being connected to, is not "unreachable").
-                away = f"; coordinator at {client.socket_path} unreachable: {client.last_error}"
+            # Why no lease came: a wrong or dead socket must say so (attributes
+            # only: no client lock is taken under the pool's lock).
+            if client is not None and (note := client.unreachable_note()):
+                away = note
             elif pool._lease_requests or waiter.leasing:
                 away = lease_wait_note(pool, waited=deadline - start)
             raise timed_out(pool, start, deadline, away)

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import psycopg
+import psycopg_pool
 import pytest
 from pg_helpers import BackendSampler, pg_dsn, slow_exit
 from proc_helpers import (
@@ -133,6 +134,20 @@ def test_a_psycopg_pool_that_closes_connections_itself_is_refused_at_import() ->
                          "del psycopg_pool.ConnectionPool._close_connection\n"
                          "import sharedpool.contrib.psycopg\n")
     assert "ImportError: sharedpool.contrib.psycopg needs psycopg_pool >= 3.2.8" in err, err
+
+
+def test_a_timeout_with_the_coordinator_unreachable_says_so(tmp_path: Any) -> None:
+    # The lease wait (lease_timeout: the pool's timeout) starts after getconn()'s
+    # and ended after it: psycopg_pool's "error connecting ... unreachable" came
+    # too late, and a short-lived process (Django's manage.py migrate with a dead
+    # $SHAREDPOOL_SOCKET) saw only "couldn't get a connection after 30.00 sec".
+    dead = str(tmp_path / "none.sock")
+    with (ConnectionPool(pg_dsn(), resource="pg", coordinator=dead, min_size=0, max_size=1,
+                         timeout=1) as pool,
+          pytest.raises(psycopg_pool.PoolTimeout) as err):
+        pool.getconn()
+    assert str(err.value).startswith(f"couldn't get a connection after 1.00 sec; coordinator at {dead} "
+                                     f"unreachable: "), err.value
 
 
 def test_max_lifetime_replaces_connections_under_lease(pg: str, start_coordinator: Any,

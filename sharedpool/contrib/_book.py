@@ -157,6 +157,11 @@ class _Book:
             return self._client.socket_path
         return self._coordinator if self._coordinator is not None else os.environ.get(SOCKET_ENV) or None
 
+    def unreachable_note(self) -> str:
+        """Why a lease wait may have timed out: :meth:`Client.unreachable_note`, or ``""``."""
+        client = self._client
+        return "" if client is None else client.unreachable_note()
+
     def _reset(self) -> None:
         # _pid is set last: a thread of a forked child that sees it current
         # (and skips _checkpid's lock) must find the child's state all made.

@@ -159,7 +159,15 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
         if self._waiting:  # nearly free when nobody waits
             with self._lock:
                 self._sp_prune_waiting()
-        conn = super().getconn(timeout)
+        try:
+            conn = super().getconn(timeout)
+        except psycopg_pool.PoolTimeout as exc:
+            # The lease wait, as long as this one and started after it, had not
+            # ended yet: its "error connecting" came after the caller's timeout (a
+            # manage.py migrate with a dead $SHAREDPOOL_SOCKET said nothing else).
+            if note := self._sp_book.unreachable_note():
+                raise psycopg_pool.PoolTimeout(f"{exc}{note}") from None
+            raise
         self._sp_book.lend(conn)
         return conn
 
