@@ -2,7 +2,7 @@
 (alias, key, the arguments allowed) in Django's ImproperlyConfigured, not a
 TypeError from deep inside the pool. Each case runs in a fresh interpreter:
 Django's settings are configured once per process. No database is reached
-(the pool opens at the first query)."""
+(the pool opens at the first query; without a pool, the connect is refused)."""
 
 from __future__ import annotations
 
@@ -31,10 +31,12 @@ said = []
 for i in range(len(OPTIONS)):
     try:
         pool = connections[f"shop{i}"].pool
+        if pool is None:  # what the first query does then
+            connections[f"shop{i}"].ensure_connection()
     except ImproperlyConfigured as exc:
         said.append(f"ImproperlyConfigured: {exc}")
     else:
-        said.append(f"made, check={pool._check!r}")
+        said.append("connected without a pool" if pool is None else f"made, check={pool._check!r}")
 print(json.dumps(said))
 """
 
@@ -69,6 +71,9 @@ BAD = [
     # Was: TypeError: '<' not supported between instances of 'str' and 'int'
     ("{'resource': 'pg', 'max_size': '2'}", "{} = {{'resource': 'pg', 'max_size': '2'}}: '<' not"),
     ("'pg'", "{}: must be a dict of ConnectionPool's arguments, got 'pg'"),
+    # Was: connected, outside the pool, with no lease (no cap, no word said).
+    ("None", "{} is not set: ENGINE 'sharedpool.contrib.django' leases only the connections of Django's "
+              "pool"),
 ]
 
 

@@ -11,7 +11,8 @@ the arguments Django passes, so every connection the pool opens holds a lease::
         "OPTIONS": {"pool": {"resource": "pg", "min_size": 0, "max_size": 4}},
     }}
 
-``OPTIONS["pool"]`` takes that class's arguments (``resource``, required,
+``OPTIONS["pool"]`` is required (without it Django would connect unleased,
+outside the cap: refused). It takes that class's arguments (``resource``, required,
 ``coordinator``, ``min_size``, ``max_size``, ``timeout``, ...; ``check`` too, as
 in Django 6, in place of ``CONN_HEALTH_CHECKS``'s): not ``True``, which gives no
 resource. A missing, misspelt or bad one raises ``ImproperlyConfigured`` naming

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.postgresql import base
@@ -31,6 +33,18 @@ class DatabaseWrapper(base.DatabaseWrapper):  # type: ignore[misc]  # Django shi
     only lets ``OPTIONS["pool"]`` set ``check``, as this one does): the same
     arguments, this class instead of ``psycopg_pool.ConnectionPool``.
     """
+
+    def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
+        if self.alias != NO_DB_ALIAS and not self.settings_dict["OPTIONS"].get("pool"):
+            # Django would connect without its pool: no lease, silently outside
+            # the cap this ENGINE was named for. (NO_DB_ALIAS: Django's own
+            # connection to the "postgres" database, to make the test database.)
+            raise ImproperlyConfigured(
+                f"DATABASES[{self.alias!r}]['OPTIONS']['pool'] is not set: ENGINE "
+                f"'sharedpool.contrib.django' leases only the connections of Django's pool, e.g. "
+                f"{{'resource': 'pg'}} (for connections outside any cap, ENGINE "
+                f"'django.db.backends.postgresql')")
+        return super().get_new_connection(conn_params)
 
     @property
     def pool(self) -> ConnectionPool | None:
