@@ -150,6 +150,19 @@ def test_a_timeout_with_the_coordinator_unreachable_says_so(tmp_path: Any) -> No
                                      f"unreachable: "), err.value
 
 
+def test_a_timeout_after_a_refused_lease_says_why(start_coordinator: Any, sock_path: str) -> None:
+    # A misspelt resource (Django's OPTIONS["pool"]["resource"]): each lease is
+    # refused at once, psycopg_pool logs "error connecting" and retries until the
+    # timeout, which said only "couldn't get a connection after 1.00 sec".
+    start_coordinator({"pg": Resource(max_size=1)})
+    with (ConnectionPool(pg_dsn(), resource="pgg", coordinator=sock_path, min_size=0, max_size=1,
+                         timeout=1) as pool,
+          pytest.raises(psycopg_pool.PoolTimeout) as err):
+        pool.getconn()
+    assert str(err.value).startswith("couldn't get a connection after 1.00 sec; no lease: no resource "
+                                     "'pgg' (known: pg)"), err.value
+
+
 def test_max_lifetime_replaces_connections_under_lease(pg: str, start_coordinator: Any,
                                                        sock_path: str, app_name: str) -> None:
     start_coordinator({"pg": Resource(max_size=2)})

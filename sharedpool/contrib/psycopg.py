@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -105,6 +106,9 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
         self._sp_opened_in: int | None = None
         self._sp_local = threading.local()
         self._sp_closing = False
+        #: (monotonic time, error) of the last lease attempt that failed: said by a
+        #: getconn() timeout, since psycopg_pool only logs it ("error connecting")
+        self._sp_lease_failed: tuple[float, BaseException] | None = None
         #: connections put back and queued for a worker to return (with reset=)
         self._sp_returning: dict[int, Any] = {}
         # Lease waits run on psycopg_pool's workers, which also return
@@ -159,17 +163,26 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
         if self._waiting:  # nearly free when nobody waits
             with self._lock:
                 self._sp_prune_waiting()
+        start = time.monotonic()
         try:
             conn = super().getconn(timeout)
         except psycopg_pool.PoolTimeout as exc:
-            # The lease wait, as long as this one and started after it, had not
-            # ended yet: its "error connecting" came after the caller's timeout (a
-            # manage.py migrate with a dead $SHAREDPOOL_SOCKET said nothing else).
-            if note := self._sp_book.unreachable_note():
+            if note := self._sp_timeout_note(start):
                 raise psycopg_pool.PoolTimeout(f"{exc}{note}") from None
             raise
         self._sp_book.lend(conn)
         return conn
+
+    def _sp_timeout_note(self, since: float) -> str:
+        """Why a getconn() that waited since ``since`` got no connection, as far as
+        leases tell: psycopg_pool only logs a failed connect ("error connecting"),
+        and a short-lived process (Django's manage.py migrate) showed only
+        "couldn't get a connection after 30.00 sec"."""
+        failed = self._sp_lease_failed
+        if failed is not None and failed[0] >= since:  # refused at once: an unknown resource...
+            return f"; no lease: {failed[1]}"
+        # A lease wait as long as getconn()'s, started after it, has not ended yet.
+        return self._sp_book.unreachable_note()
 
     def _sp_waiting(self) -> bool:
         """Whether a getconn() still waits (a copy of the queue: no lock taken)."""
@@ -253,11 +266,13 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
         except PoolTimeout as exc:
             if not quick:
                 self._sp_local.lease_error = exc
+                self._sp_lease_failed = (time.monotonic(), exc)
             else:  # no free slot for a growth nobody waits for: it ends here, quietly
                 self._sp_not_adding(growing)
                 return
         except Exception as exc:  # noqa: BLE001 - psycopg_pool's retry and backoff handle it
             self._sp_local.lease_error = exc
+            self._sp_lease_failed = (time.monotonic(), exc)
         else:
             if not_needed is not None:
                 self._sp_not_adding(growing)
