@@ -832,7 +832,10 @@ def test_a_restart_with_a_grace_below_the_reconnect_backoff_is_warned(tmp_path: 
     newcomers in before a process holding connections is back: said at start."""
     server = _serve_restarted(tmp_path, 0.2)
     try:
-        time.sleep(0.5)  # past the grace: stopped inside it, the next start would be a restart too
+        # Past the grace (stopped inside it, the next start would be a restart too),
+        # asked, not slept: the socket listens before the hold starts, which under
+        # load came more than 0.5 s after the socket answered.
+        wait_for(lambda: server.status().get("restart_hold_s", 0) is None, 15, "the hold's end")
         os.kill(server.proc.pid, signal.SIGTERM)
         assert server.proc.wait(10) == 0
         log = server.log.read_text()
