@@ -29,6 +29,7 @@ from typing import Any
 
 from . import background, handshake, receiving
 from . import protocol as p
+from .atfork import in_child, warn_thread_in_uwsgi_master
 from .background import BACKOFF_MIN, PARK_RECHECK
 from .config import (
     MAX_SOCKET_PATH,
@@ -600,6 +601,7 @@ class Client(Owed, Hooks):
                 # which every greenlet of the thread holds at once: each started a reader.
                 if self._starting or (self._thread is not None and self._thread.is_alive()):
                     return
+                warn_thread_in_uwsgi_master()
                 self._thread = threading.Thread(
                     target=background.run, args=(weakref.ref(self),),
                     name=f"sharedpool-client-{os.getpid()}", daemon=True)
@@ -745,4 +747,4 @@ def _reset_after_fork() -> None:
             log.exception("resetting %r after fork failed", client)
 
 
-os.register_at_fork(after_in_child=_reset_after_fork)
+in_child(_reset_after_fork)

@@ -26,6 +26,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from .atfork import in_child
 from .closing import socket_fd
 from .config import check_seconds
 
@@ -34,7 +35,7 @@ from .config import check_seconds
 #: must not reset away what the first did since. Re-entrant (one reset may lead
 #: to another); a fresh lock in each child (a parent thread may have held it).
 FORK_LOCK = [threading.RLock()]
-os.register_at_fork(after_in_child=lambda: FORK_LOCK.__setitem__(0, threading.RLock()))
+in_child(lambda: FORK_LOCK.__setitem__(0, threading.RLock()))
 
 log = logging.getLogger("sharedpool")
 
@@ -132,4 +133,4 @@ def _cut_inherited() -> None:
                 os.dup2(dead.fileno(), fd, inheritable=False)
 
 
-os.register_at_fork(after_in_child=_cut_inherited)
+in_child(_cut_inherited)

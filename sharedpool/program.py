@@ -35,6 +35,7 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
+from .atfork import in_child
 from .client import expect_end
 from .config import CoordinatorConfig, check_seconds, config_from_parts
 from .coordinator import CoordinatorRunning
@@ -482,5 +483,5 @@ def _stop_at_exit() -> None:
         inst.stop(timeout=5.0)
 
 
-os.register_at_fork(after_in_child=_forget_in_child)
+in_child(_forget_in_child)
 atexit.register(_stop_at_exit)

@@ -166,6 +166,7 @@ class Load:
         self.left = total
         self.lock = threading.Lock()
         self.ok: Counter[int] = Counter()  # worker pid -> requests served
+        self.answers: list[dict[str, Any]] = []  # the JSON bodies, in order of arrival
         self.errors: list[str] = []
         self.threads = [threading.Thread(target=self._run) for _ in range(threads)]
 
@@ -180,6 +181,7 @@ class Load:
                     body = json.loads(resp.read())
                 with self.lock:
                     self.ok[body["worker"]] += 1
+                    self.answers.append(body)
             except Exception as exc:  # noqa: BLE001 - counted, asserted by the test
                 with self.lock:
                     self.errors.append(f"{type(exc).__name__}: {exc}")

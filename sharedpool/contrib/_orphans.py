@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import gc
 import logging
-import os
 import queue
 import socket
 import sys
@@ -19,6 +18,7 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ..atfork import in_child
 from ..client import Client, Lease, current_pid
 from ..closing import close_and_confirm, keep_socket
 from ..dropped import in_a_thread
@@ -143,7 +143,7 @@ def _close_held_in_child() -> None:
     _HELD.clear()
 
 
-os.register_at_fork(after_in_child=_close_held_in_child)
+in_child(_close_held_in_child)
 
 
 def close_orphan(entry: _Entry, sock: Any, resource: str, confirm_timeout: float) -> None:
@@ -299,7 +299,7 @@ def _collector_in_child() -> None:
     _jobs, _collector_pid, _collector_lock, _collecting = queue.SimpleQueue(), 0, threading.Lock(), 0
 
 
-os.register_at_fork(after_in_child=_collector_in_child)
+in_child(_collector_in_child)
 
 
 def close_collected(book: weakref.ref[LeaseBook], key_id: int, entry: _Entry,

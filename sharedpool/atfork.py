@@ -1,0 +1,140 @@
+"""What sharedpool does in a forked child, and what runs it there.
+
+Python's ``os.fork()`` runs the at-fork hooks (``os.register_at_fork``). uWSGI
+forks its workers in C, from a master that loaded the app, and runs them only
+with ``py-call-osafterfork`` or ``py-call-uwsgi-fork-hooks``. Without them, every
+worker took the master's pools and clients for its own: a connection the master
+had opened (a query at import) served four workers at once, on one PostgreSQL
+backend (I7). So, imported in a uWSGI master, this module also has uWSGI's
+post-fork hook run the same hooks, once per child (not again where uWSGI ran
+Python's own).
+
+That does not make threads in such a master safe: uWSGI forks without the
+interpreter lock unless ``py-call-uwsgi-fork-hooks``, and a worker forked while
+a thread of the master (sharedpool's, once the master used a pool) takes or
+drops it hangs for good. Said once, at warning, when sharedpool starts one there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["in_child", "run_in_forked_child", "warn_thread_in_uwsgi_master"]
+
+log = logging.getLogger("sharedpool")
+
+_IN_CHILD: list[Callable[[], None]] = []
+#: The pid the hooks last ran for (or this module was imported in).
+_RAN_FOR = [os.getpid()]
+
+
+def _ran() -> None:
+    _RAN_FOR[0] = os.getpid()
+
+
+os.register_at_fork(after_in_child=_ran)
+
+
+def in_child(fn: Callable[[], None]) -> Callable[[], None]:
+    """Run ``fn`` in every forked child, first thing: registered with
+    ``os.register_at_fork``, and run by uWSGI's post-fork hook too."""
+    _IN_CHILD.append(fn)
+    os.register_at_fork(after_in_child=fn)
+    return fn
+
+
+def run_in_forked_child() -> None:
+    """Run the hooks, if no fork ran them in this process yet (a uWSGI worker
+    forked in C). Each runs even if one before it failed, as Python runs its own."""
+    if _RAN_FOR[0] == os.getpid():
+        return
+    _RAN_FOR[0] = os.getpid()
+    for fn in list(_IN_CHILD):
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - the others must still run; said so
+            log.exception("sharedpool: the after-fork hook %r failed", fn)
+
+
+def _hook_uwsgi(uwsgi: Any) -> None:
+    """Have uWSGI run :func:`run_in_forked_child` in each process it forks, first
+    among its post-fork hooks (a ``@postfork`` function may use a pool).
+
+    Through uwsgidecorators' chain when it is there: importing it later would
+    replace a ``uwsgi.post_fork_hook`` set here. Its import sets
+    ``uwsgi.post_fork_hook``, ``spooler`` and ``mule_msg_hook``: ones the app
+    had set itself before are kept."""
+    names = ("post_fork_hook", "spooler", "mule_msg_hook")
+    before = {name: getattr(uwsgi, name) for name in names if hasattr(uwsgi, name)}
+    try:
+        import uwsgidecorators
+    except ImportError:
+        earlier = before.get("post_fork_hook")
+
+        def chained() -> None:
+            run_in_forked_child()
+            if earlier is not None:
+                earlier()
+
+        uwsgi.post_fork_hook = chained
+        return
+    chain = uwsgidecorators.postfork_chain
+    if "post_fork_hook" in before and before["post_fork_hook"] is not uwsgidecorators.postfork_chain_hook:
+        chain.append(before.pop("post_fork_hook"))  # the app's own, set before the import
+        uwsgi.post_fork_hook = uwsgidecorators.postfork_chain_hook
+    before.pop("post_fork_hook", None)
+    for name, value in before.items():
+        setattr(uwsgi, name, value)
+    if run_in_forked_child not in chain:
+        chain.insert(0, run_in_forked_child)
+
+
+#: The pid of a uWSGI master that forks its workers without the interpreter
+#: lock (no py-call-uwsgi-fork-hooks, no lazy-apps), or 0.
+_UNSAFE_MASTER = [0]
+
+
+def warn_thread_in_uwsgi_master() -> None:
+    """Before sharedpool starts a thread: in a uWSGI master that forks without
+    the interpreter lock, say once what to set."""
+    if _UNSAFE_MASTER[0] != os.getpid():
+        return
+    _UNSAFE_MASTER[0] = 0
+    log.warning("sharedpool: a pool is in use in the uWSGI master, whose workers are forked "
+                "without Python's fork hooks: one forked while sharedpool's threads take the "
+                "interpreter lock hangs for good. Set py-call-uwsgi-fork-hooks = true (or "
+                "lazy-apps = true), or use the pools in the workers only (no query at import)")
+
+
+def _option(uwsgi: Any, name: str) -> bool:
+    """Whether uWSGI's boolean option ``name`` is on (given as a flag or a value)."""
+    value = uwsgi.opt.get(name)
+    if isinstance(value, bytes):
+        return value.strip().lower() not in (b"", b"0", b"false", b"off", b"no")
+    return bool(value)
+
+
+def _in_uwsgi_master() -> Any:
+    """The ``uwsgi`` module if this is a uWSGI process that has not forked off a
+    worker yet (where the app is loaded unless ``lazy-apps``), else None."""
+    uwsgi = sys.modules.get("uwsgi")
+    if uwsgi is None or not callable(getattr(uwsgi, "worker_id", None)):
+        return None
+    try:
+        return uwsgi if uwsgi.worker_id() == 0 else None
+    except Exception:  # noqa: BLE001 - some other module named uwsgi
+        return None
+
+
+if (_uwsgi := _in_uwsgi_master()) is not None:
+    _hook_uwsgi(_uwsgi)
+    try:
+        _safe = any(_option(_uwsgi, name) for name in ("py-call-uwsgi-fork-hooks", "lazy-apps", "lazy"))
+    except Exception:  # noqa: BLE001 - no options to read: nothing said
+        _safe = True
+    if not _safe:
+        _UNSAFE_MASTER[0] = os.getpid()

@@ -1,0 +1,253 @@
+"""uWSGI, end to end: the example app (and a test app) under a real uWSGI
+master with 4 workers at a global PostgreSQL cap of 2, checked from
+pg_stat_activity, with a coordinator of the test's own (as `sharedpool serve`
+would run beside uWSGI).
+
+uWSGI loads the app in its master and forks the workers in C, without
+Python's at-fork hooks (unless ``py-call-osafterfork``); it recycles workers
+(``max-requests``), kills stuck ones (``harakiri``: SIGKILL) and reloads on
+SIGHUP by exec'ing its master again."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pg_helpers import BackendSampler, pg_dsn
+from proc_helpers import settled, wait_leased, wait_no_other_sessions
+from test_gunicorn import Load, die_with_parent, free_port, leases, pid_alive, wait_for
+
+from sharedpool import Resource
+
+BIN = Path(sys.executable).parent
+UWSGI = shutil.which("uwsgi", path=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+pytestmark = pytest.mark.skipif(UWSGI is None, reason="uWSGI is not installed: pip install uwsgi "
+                                "(or pip install -e '.[test]') to run the uWSGI tests")
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "uwsgi_app"
+TESTS = Path(__file__).resolve().parent
+CAP = 2
+WORKERS = 4
+PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+#: The example, with its ini.
+EXAMPLE_INI = ["--ini", str(EXAMPLE / "uwsgi.ini"), "--chdir", str(EXAMPLE)]
+#: The test app that queries in the master.
+MASTER_APP = ["--master", "--wsgi-file", str(TESTS / "uwsgi_master_app.py")]
+
+
+class Uwsgi:
+    """uWSGI in its own session, 4 workers; its log under tmp_path."""
+
+    def __init__(self, tmp_path: Path, sock: str, app_name: str, app: list[str],
+                 extra: list[str]) -> None:
+        self.port = free_port()
+        self.sock = sock
+        self.log_path = tmp_path / "uwsgi.log"
+        env = {
+            **os.environ,
+            "SHAREDPOOL_SOCKET": sock,
+            "EXAMPLE_APP_NAME": app_name,
+            "EXAMPLE_PG_URL": PG_URL,
+        }
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [str(UWSGI), *app, "--processes", str(WORKERS), "--http-socket", f"127.0.0.1:{self.port}",
+                 "--disable-logging", *extra],
+                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def get(self, sleep: float = 0.0) -> dict[str, Any]:
+        with urllib.request.urlopen(f"{self.url}?sleep={sleep}", timeout=30) as resp:
+            return dict(json.loads(resp.read()))
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        def ready() -> bool:
+            assert self.proc.poll() is None, f"uWSGI exited:\n{self.log()[-3000:]}"
+            try:
+                self.get()
+            except OSError:
+                return False
+            return True
+
+        wait_for(ready, timeout, "uWSGI to answer")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGINT the master (uWSGI's stop; SIGTERM reloads it) and wait for it."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGINT)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"uWSGI did not stop in {timeout} s\n{self.log()[-4000:]}") from None
+
+    def kill_group(self) -> None:
+        """Teardown: SIGKILL what is left of uWSGI's own process group."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def uwsgi(pg: str, tmp_path: Path, sock_path: str, app_name: str,
+          start_coordinator: Callable[..., Any]) -> Iterator[Callable[..., Uwsgi]]:
+    start_coordinator({"pg": Resource(max_size=CAP, acquire_timeout=30, monitor_dsn=pg_dsn())})
+    started: list[Uwsgi] = []
+
+    def start(*extra: str, app: list[str] = EXAMPLE_INI) -> Uwsgi:
+        server = Uwsgi(tmp_path, sock_path, app_name, app, list(extra))
+        started.append(server)
+        server.wait_ready()
+        return server
+
+    yield start
+    for server in started:
+        server.kill_group()
+
+
+def assert_quiet(server: Uwsgi) -> None:
+    """No line in uWSGI's log (its own and the workers') from Python: no
+    traceback, no sharedpool warning. (The app does not log.)"""
+    noise = [line for line in server.log().splitlines()
+             if "Traceback" in line or "Error" in line or "sharedpool" in line
+             or "coordinator" in line]
+    assert not noise, "\n".join(noise[:20])
+
+
+def assert_stopped_clean(server: Uwsgi, sampler: BackendSampler) -> None:
+    """uWSGI stops with exit code 0, and leaves no connection in PostgreSQL,
+    no session nor lease with the coordinator."""
+    assert server.stop() == 0, server.log()[-3000:]
+    assert sampler.count_now() == 0, "connections left after uWSGI stopped"
+    assert wait_no_other_sessions(server.sock) == []
+    assert wait_leased(server.sock, 0) == 0
+
+
+@pytest.mark.parametrize("extra", [[], ["--threads", "4"], ["--lazy-apps"]],
+                         ids=["processes", "threads", "lazy-apps"])
+def test_four_workers_share_a_cap_of_two(uwsgi: Callable[..., Uwsgi], app_name: str, extra: list[str],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    if "--threads" in extra:
+        monkeypatch.setenv("EXAMPLE_THREADS", "4")  # the engine's pool_size: one per thread
+    server = uwsgi(*extra)
+    with BackendSampler(app_name) as sampler:
+        load = Load(server.url, total=300, threads=8).start().join()
+        row = wait_for(lambda: settled(server.sock), 5, "the leases to settle idle")
+        assert row["leased"] <= CAP and row["waiting"] == 0, row
+        assert_stopped_clean(server, sampler)
+    assert load.errors == [], load.errors[:5]
+    assert len(load.ok) > CAP, f"only workers {sorted(load.ok)} served: the cap was not shared"
+    assert sampler.samples > 50
+    assert sampler.peak <= CAP, f"PostgreSQL saw {sampler.peak} connections with a cap of {CAP}"
+    assert sampler.peak == CAP, "the cap was never reached: the test proves nothing"
+    assert_quiet(server)
+
+
+@pytest.mark.parametrize("fork_hooks", [False, True], ids=["default", "py-call-uwsgi-fork-hooks"])
+def test_workers_never_use_the_masters_connection(uwsgi: Callable[..., Uwsgi], app_name: str,
+                                                 fork_hooks: bool) -> None:
+    # The app queries at import, in the master: its pool holds a leased connection
+    # when uWSGI forks the workers in C, by default with no at-fork hook of
+    # Python's run. Each worker must open (and lease) its own; before, all four
+    # used the master's backend at once (its session too), and PostgreSQL's
+    # protocol broke (DuplicatePreparedStatement, answers of another worker's query).
+    with BackendSampler(app_name) as sampler:
+        server = uwsgi(*(["--py-call-uwsgi-fork-hooks"] if fork_hooks else []), app=MASTER_APP)
+        load = Load(server.url, total=200, threads=8).start().join()
+        assert_stopped_clean(server, sampler)
+    assert load.errors == [], load.errors[:5]
+    master_backend = load.answers[0]["master_backend"]
+    workers_of: dict[int, set[int]] = {}
+    for answer in load.answers:
+        workers_of.setdefault(answer["backend"], set()).add(answer["worker"])
+    assert master_backend not in workers_of, "a worker used the master's connection"
+    shared = {backend: sorted(w) for backend, w in workers_of.items() if len(w) > 1}
+    assert not shared, f"backends used by several workers: {shared}"
+    assert len(load.ok) > 1
+    assert sampler.peak <= CAP, f"PostgreSQL saw {sampler.peak} connections with a cap of {CAP}"
+    # The threads the master started are a hazard only without the fork hooks: said once.
+    assert server.log().count("py-call-uwsgi-fork-hooks = true") == (0 if fork_hooks else 1)
+
+
+def test_recycled_workers_give_their_slots_back(uwsgi: Callable[..., Uwsgi], app_name: str) -> None:
+    # max-requests: each worker exits after 5 requests (uWSGI's graceful
+    # worker reload; not before min-worker-lifetime, 10 s by default) and a
+    # fresh fork of the master replaces it.
+    server = uwsgi("--max-requests", "5", "--min-worker-lifetime", "0")
+    with BackendSampler(app_name) as sampler:
+        load = Load(server.url, total=200, threads=8).start().join()
+        # Stopped only once every recycled worker was replaced: a master stopped
+        # while it respawns one (after "respawning too fast", 2 s) forks it after
+        # its SIGINT to the workers, and waits for it (uWSGI's own race).
+        wait_for(lambda: server.log().count("Respawned uWSGI worker")
+                 >= server.log().count("The work of process"), 15, "the recycled workers' replacements")
+        row = wait_for(lambda: settled(server.sock), 10, "the leases to settle idle")
+        assert row["leased"] <= CAP and row["fenced"] == 0 and row["waiting"] == 0, row
+        assert_stopped_clean(server, sampler)
+    assert load.errors == [], load.errors[:5]
+    assert len(load.ok) >= 2 * WORKERS, "workers were not recycled"
+    assert sampler.peak <= CAP, f"PostgreSQL saw {sampler.peak} connections with a cap of {CAP}"
+    assert_quiet(server)
+
+
+def test_harakiri_worker_gives_its_slots_back(uwsgi: Callable[..., Uwsgi], app_name: str) -> None:
+    # One request outlives harakiri: uWSGI SIGKILLs its worker, whose backend
+    # runs on in pg_sleep(); its slot stays fenced until PostgreSQL shows it gone.
+    server = uwsgi("--harakiri", "2")
+    with BackendSampler(app_name) as sampler:
+        stuck = Load(server.url, total=1, threads=1, sleep=4).start()
+        load = Load(server.url, total=200, threads=2, sleep=0.01).start()
+        stuck.join()
+        load.join()
+        found = re.search(r"HARAKIRI ON WORKER \d+ \(pid: (\d+)", server.log())
+        assert found, server.log()[-3000:]
+        victim = int(found.group(1))
+        assert not pid_alive(victim)
+        row = wait_for(lambda: settled(server.sock), 15, "the leases to settle idle")
+        assert row["leased"] <= CAP and row["fenced"] == 0, row
+        assert not leases(server.sock, pid=victim)
+        assert_stopped_clean(server, sampler)
+    assert stuck.done == 0 and len(stuck.errors) == 1, "the stuck request should have failed"
+    assert load.errors == [], load.errors[:5]
+    assert sampler.peak <= CAP, f"PostgreSQL saw {sampler.peak} connections with a cap of {CAP}"
+
+
+def test_graceful_reload_under_load(uwsgi: Callable[..., Uwsgi], app_name: str) -> None:
+    # SIGHUP: uWSGI lets the workers finish, exec's its master again (the
+    # master's sessions end with the fds it closes), reloads the app and forks
+    # new workers.
+    server = uwsgi()
+    with BackendSampler(app_name) as sampler:
+        load = Load(server.url, total=300, threads=4, sleep=0.01).start()
+        wait_for(lambda: load.done >= 50, 30, "some requests served")
+        before = set(load.ok)
+        os.kill(server.proc.pid, signal.SIGHUP)
+        load.join()
+        wait_for(lambda: "binary reloading uWSGI" in server.log(), 10, "the reload")
+        server.wait_ready()
+        after = {server.get()["worker"] for _ in range(20)}
+        assert not after & before, "the workers were not replaced"
+        row = wait_for(lambda: settled(server.sock), 15, "the leases to settle idle")
+        assert row["leased"] <= CAP and row["fenced"] == 0, row
+        assert_stopped_clean(server, sampler)
+    assert load.errors == [], load.errors[:5]
+    assert sampler.peak <= CAP, f"PostgreSQL saw {sampler.peak} connections with a cap of {CAP}"
