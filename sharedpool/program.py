@@ -224,7 +224,7 @@ class EmbeddedCoordinator:
             life_r, life_w = os.pipe()
             try:
                 proc = subprocess.Popen(
-                    [sys.executable, "-P", "-c", _CHILD_CODE, str(ready_w), "sharedpool-coordinator",
+                    [_python(), "-P", "-c", _CHILD_CODE, str(ready_w), "sharedpool-coordinator",
                      self.socket_path],
                     stdin=life_r, pass_fds=(ready_w,), start_new_session=True, env=_child_env(),
                 )
@@ -340,6 +340,21 @@ def _close_fd(fd: int | None) -> None:
         _UNOWNED_LIFELINES.discard(fd)
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+def _python() -> str:
+    """The interpreter that runs the program: ``sys.executable``, unless this is
+    Python embedded in uWSGI, where that is the uwsgi binary (unless its option
+    ``py-executable`` says otherwise), which took ``-P`` for an option of its own
+    and exited: then this installation's ``pythonX.Y`` (a venv's, in a venv)."""
+    if "uwsgi" not in sys.modules or os.path.basename(sys.executable).startswith("python"):
+        return sys.executable
+    bindir = os.path.join(sys.exec_prefix, "bin")
+    for name in (f"python{sys.version_info[0]}.{sys.version_info[1]}", f"python{sys.version_info[0]}"):
+        path = os.path.join(bindir, name)
+        if os.access(path, os.X_OK):
+            return path
+    return sys.executable
 
 
 def _child_env() -> dict[str, str]:

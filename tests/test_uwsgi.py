@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 from pg_helpers import BackendSampler, pg_dsn
-from proc_helpers import settled, wait_leased, wait_no_other_sessions
+from proc_helpers import resource_row, settled, wait_leased, wait_no_other_sessions
 from test_gunicorn import Load, die_with_parent, free_port, leases, pid_alive, wait_for
 
 from sharedpool import Resource
@@ -113,8 +113,8 @@ def uwsgi(pg: str, tmp_path: Path, sock_path: str, app_name: str,
     start_coordinator({"pg": Resource(max_size=CAP, acquire_timeout=30, monitor_dsn=pg_dsn())})
     started: list[Uwsgi] = []
 
-    def start(*extra: str, app: list[str] = EXAMPLE_INI) -> Uwsgi:
-        server = Uwsgi(tmp_path, sock_path, app_name, app, list(extra))
+    def start(*extra: str, app: list[str] = EXAMPLE_INI, sock: str = sock_path) -> Uwsgi:
+        server = Uwsgi(tmp_path, sock, app_name, app, list(extra))
         started.append(server)
         server.wait_ready()
         return server
@@ -186,6 +186,31 @@ def test_workers_never_use_the_masters_connection(uwsgi: Callable[..., Uwsgi], a
     assert sampler.peak <= CAP, f"PostgreSQL saw {sampler.peak} connections with a cap of {CAP}"
     # The threads the master started are a hazard only without the fork hooks: said once.
     assert server.log().count("py-call-uwsgi-fork-hooks = true") == (0 if fork_hooks else 1)
+
+
+def test_coordinator_started_in_the_master(uwsgi: Callable[..., Uwsgi], app_name: str, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # Coordinator.start() in the app, so in the uWSGI master: its program was run
+    # with sys.executable, there the uwsgi binary ("invalid option -- 'P'"), and the
+    # app failed to load. Workers recycled meanwhile must not take it down at
+    # their exit either. (py-call-uwsgi-fork-hooks: the master runs threads.)
+    own = str(tmp_path / "embedded.sock")
+    monkeypatch.setenv("EXAMPLE_EMBEDDED", "1")
+    monkeypatch.setenv("EXAMPLE_CAP", str(CAP))
+    with BackendSampler(app_name) as sampler:
+        server = uwsgi("--py-call-uwsgi-fork-hooks", "--max-requests", "5", "--min-worker-lifetime", "0",
+                       app=MASTER_APP, sock=own)
+        load = Load(server.url, total=100, threads=4).start().join()
+        wait_for(lambda: server.log().count("Respawned uWSGI worker")
+                 >= server.log().count("The work of process"), 15, "the recycled workers' replacements")
+        assert server.log().count("Respawned uWSGI worker") >= WORKERS, "workers were not recycled"
+        assert resource_row(own)["max_size"] == CAP, "the master's coordinator is not serving"
+        assert server.stop() == 0, server.log()[-3000:]
+        assert sampler.count_now() == 0, "connections left after uWSGI stopped"
+    assert load.errors == [], load.errors[:5]
+    assert sampler.peak <= CAP, f"PostgreSQL saw {sampler.peak} connections with a cap of {CAP}"
+    # The uWSGI master runs no exit handler: its coordinator stops with it (its lifeline).
+    wait_for(lambda: not os.path.exists(own), 10, "the master's coordinator to stop")
 
 
 def test_recycled_workers_give_their_slots_back(uwsgi: Callable[..., Uwsgi], app_name: str) -> None:

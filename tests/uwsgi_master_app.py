@@ -1,6 +1,7 @@
 """A WSGI app for tests/test_uwsgi.py that queries PostgreSQL at import, so in
 the uWSGI master before it forks the workers (a warm-up, a table reflected):
-the master's pool then holds a leased connection every worker inherits.
+the master's pool then holds a leased connection every worker inherits. With
+EXAMPLE_EMBEDDED=1, the master first starts a coordinator of its own.
 
 ``GET /?sleep=0.01`` answers ``{"worker": <pid>, "backend": <backend pid>,
 "master_backend": <the master's backend pid>}``."""
@@ -15,7 +16,13 @@ from urllib.parse import parse_qs
 
 import psycopg
 
-from sharedpool import ConnectionPool, PoolConfig
+from sharedpool import ConnectionPool, Coordinator, PoolConfig, Resource
+
+if os.environ.get("EXAMPLE_EMBEDDED") == "1":
+    # The master runs the coordinator itself, as a program of its own.
+    coordinator = Coordinator(os.environ["SHAREDPOOL_SOCKET"], {"pg": Resource(
+        max_size=int(os.environ["EXAMPLE_CAP"]), acquire_timeout=30,
+        monitor_dsn="host=127.0.0.1 dbname=test user=postgres")}).start()
 
 DSN = f"host=127.0.0.1 dbname=test user=postgres application_name={os.environ['EXAMPLE_APP_NAME']}"
 
