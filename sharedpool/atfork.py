@@ -64,15 +64,16 @@ def _hook_uwsgi(uwsgi: Any) -> None:
     """Have uWSGI run :func:`run_in_forked_child` in each process it forks, first
     among its post-fork hooks (a ``@postfork`` function may use a pool).
 
-    Through uwsgidecorators' chain when it is there: importing it later would
-    replace a ``uwsgi.post_fork_hook`` set here. Its import sets
+    Through uwsgidecorators' chain when it loads: importing it later would
+    replace a ``uwsgi.post_fork_hook`` set here (and it raises without a
+    master process: then ``uwsgi.post_fork_hook`` itself, chained). Its import sets
     ``uwsgi.post_fork_hook``, ``spooler`` and ``mule_msg_hook``: ones the app
     had set itself before are kept."""
     names = ("post_fork_hook", "spooler", "mule_msg_hook")
     before = {name: getattr(uwsgi, name) for name in names if hasattr(uwsgi, name)}
     try:
         import uwsgidecorators
-    except ImportError:
+    except Exception:  # noqa: BLE001 - not installed, or (no master process) it refuses to load
         earlier = before.get("post_fork_hook")
 
         def chained() -> None:

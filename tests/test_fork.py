@@ -3,12 +3,17 @@ or connections; the child starts its own session lazily."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 from pg_helpers import pg_dsn
 from proc_helpers import run_in_child, run_staggered
 
@@ -420,3 +425,25 @@ def test_a_thread_that_finds_the_fork_reset_begun_waits_for_it_to_end() -> None:
         assert run_in_child(child) == 0  # 7: the parent's connection was handed out here
     finally:
         pool.close()
+
+
+@pytest.mark.parametrize(("masterpid", "hooks"), [(1, ""), (0, "hooks")],
+                         ids=["uwsgidecorators", "no-master-fork-hooks"])
+def test_a_fork_without_pythons_hooks_is_reset_by_uwsgis_post_fork_hook(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str, masterpid: int,
+        hooks: str) -> None:
+    # uWSGI forks its workers in C, without Python's at-fork hooks, from a master
+    # whose pool holds a connection (a query at import): the child used it (and
+    # the master's session) as its own. sharedpool has uWSGI's post-fork hook run
+    # its hooks: through uwsgidecorators' chain, or (no master process, where
+    # uwsgidecorators refuses to import) uwsgi.post_fork_hook itself. The pool's
+    # threads in such a master are a hazard unless py-call-uwsgi-fork-hooks: said once.
+    start_coordinator({"pg": 2})
+    proc = subprocess.run([sys.executable, str(Path(__file__).parent / "uwsgi_fork_script.py"),
+                           sock_path, app_name, str(masterpid), hooks],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "error" not in out, out
+    assert out["child_backend"] != out["parent_backend"], f"the child used the parent's connection: {out}"
+    assert proc.stderr.count("Set py-call-uwsgi-fork-hooks = true") == (0 if hooks else 1), proc.stderr
