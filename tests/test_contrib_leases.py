@@ -19,6 +19,9 @@ from proc_helpers import (
     interrupt_once,
     leased,
     no_leases_of,
+    other_sessions,
+    resource_row,
+    run_forked,
     run_in_child,
     run_staggered,
     sharedpool_logs_queued_gc_off,
@@ -555,6 +558,46 @@ def test_a_reclaim_is_counted_before_its_lease_goes(start_coordinator: Any, sock
         assert book.close(conn, reclaimed=True)
     assert seen == [1], seen
     book.shutdown()
+
+
+def _exit_while_a_reclaim_closes(sock: str) -> dict[str, Any]:
+    """A worker's exit (release_process) while another thread of it (the
+    client's, giving a lease back on a reclaim) is closing a connection whose
+    server lets go a moment later."""
+    from sharedpool import release_process
+
+    book = LeaseBook("pg", sock, confirm_timeout=5.0)
+    with leased_socket(book) as (conn, peer):
+        closer = threading.Thread(target=book.close, args=(conn,))
+        closer.start()
+        deadline = time.monotonic() + 5
+        while not book.stats()["leases_closing"] and time.monotonic() < deadline:
+            time.sleep(0.005)
+        closing = book.stats()["leases_closing"]
+        server_lets_go = threading.Timer(0.3, peer.close)
+        server_lets_go.start()
+        release_process(5.0)
+        left = book.stats()["leases_closing"]
+        server_lets_go.join(5)
+        closer.join(5)
+    return {"closing": closing, "closing_after_release": left}
+
+
+def test_an_exit_waits_for_a_close_another_thread_has_in_flight(start_coordinator: Any,
+                                                                sock_path: str) -> None:
+    """A recycled gunicorn gthread worker whose client thread was closing a
+    reclaimed connection as worker_exit ran: release_process() ended the session
+    with that lease still closing, and the coordinator fenced its slot (a normal
+    exit, logged as a dead pid's 'fence' lines; quarantine_delay without
+    monitor_dsn). It now waits (within its timeout) for that close."""
+    start_coordinator({"pg": Resource(max_size=1, quarantine_delay=30)})
+    [child] = run_forked(_exit_while_a_reclaim_closes, sock_path)
+    assert child == {"closing": 1, "closing_after_release": 0}
+    deadline = time.monotonic() + 5
+    while other_sessions(sock_path) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    row = resource_row(sock_path)
+    assert row["fenced"] == 0 and row["leased"] == 0, row
 
 
 def _assert_given_back_unused(fake: Any, book: LeaseBook) -> None:

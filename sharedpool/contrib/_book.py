@@ -181,6 +181,7 @@ class _Book:
         self._recent = 0.0  # a reclaim passed over a young connection: when to look again
         self._in_turn = False  # ... an idle one, its first turn not over (pays_back)
         self._closing = 0  # leases of closed connections, kept until the server lets go
+        self._none_closing = threading.Condition(self._lock)  # notified as _closing drops to 0
         self._hung_until = 0.0  # a close went unconfirmed: the next ones until then do not wait
         self._revoked = 0  # tracked connections whose lease was revoked
         self._handoff = HandOffCost()
@@ -449,9 +450,11 @@ class _Book:
 
     # ------------------------------------------------------------------ records (both sides use)
 
-    def _pop(self, key: Any) -> _Entry | None:
+    def _pop(self, key: Any, closing: bool = False) -> _Entry | None:
         """Stop tracking ``key``; the record returned is the only one left
-        holding its lease (a connection keeping it sees it no longer does)."""
+        holding its lease (a connection keeping it sees it no longer does).
+        ``closing``: its lease counts as closing from the same step (an exit
+        looking meanwhile must see it closing, not gone: see release_for_exit)."""
         with self._lock:
             entry = self._entries.get(id(key))
             if entry is not None and entry.key is key:
@@ -467,6 +470,8 @@ class _Book:
             if isinstance(entry, _Lendable) and entry.finalizer is not None:
                 entry.finalizer.detach()  # closed: never lent out again
             popped = replace(entry, key=key)
+            if closing and popped.lease is not None:
+                self._closing += 1
             let_go(entry.kept)  # the caller's to close
             entry.lease = entry.kept = None
         return popped
@@ -590,6 +595,8 @@ class _Book:
     def _count_closing(self, n: int) -> None:
         with self._lock:
             self._closing += n
+            if not self._closing:  # an exit may wait for that (LeaseBook._wait_closed)
+                self._none_closing.notify_all()
 
     def stats(self, reset: bool = False) -> dict[str, int]:
         """Lease counters plus two measures, never reset: ``leases_held`` (as

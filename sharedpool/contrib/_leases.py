@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..client import current_pid
-from ..closing import NotClosable, close_and_confirm, socket_fd
+from ..closing import WAIT_SLICE, NotClosable, close_and_confirm, socket_fd
 from ._acquiring import _Acquiring
 from ._book import _Entry, _Lendable, _Loose
 from ._orphans import closable, close_collected, close_orphan, hold, start_collector
@@ -182,13 +182,11 @@ class LeaseBook(_Acquiring):
         self._checkpid()
         if self.inherited(key):
             return False
-        entry = self._pop(key)
+        entry = self._pop(key, closing=True)  # its lease counted as closing from here
         target: Any = key if closer is None else _CloseVia(key, closer)
         client = entry.client if entry is not None and entry.client is not None else self._client
         lease = entry.lease if entry is not None else None
         kept = entry.kept if entry is not None else None
-        if lease is not None:
-            self._count_closing(1)
         released = False
 
         def late(confirmed: bool) -> None:
@@ -297,6 +295,7 @@ class LeaseBook(_Acquiring):
             detached = [c for c in (x.ref() for x in self._detached.values()) if closable(c)]
         for key in in_use + detached:  # out of time: their queries fail, the leases come back
             self._close_for_exit(key)
+        self._wait_closed(deadline)
 
     def session_kept(self) -> None:
         """Nothing holds the session here: :meth:`release_for_exit` closed every
@@ -315,6 +314,15 @@ class LeaseBook(_Acquiring):
             else:
                 in_use.append(key)
         return in_use
+
+    def _wait_closed(self, deadline: float) -> None:
+        """Until no lease of this book is closing, or ``deadline``. Another
+        thread's close (the client's, giving a lease back on a reclaim) waits
+        for its server to let go: the session ended under it took that lease
+        along, and the coordinator fenced the slot of a normal exit."""
+        with self._lock:
+            while self._closing and (remaining := deadline - time.monotonic()) > 0:
+                self._none_closing.wait(min(remaining, WAIT_SLICE))
 
     def _wait_returned(self, timeout: float) -> None:
         """Sleep until a connection is checked in (:meth:`notify_returned`) or ``timeout``."""
