@@ -27,7 +27,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from . import background, handshake, receiving
+from . import background, goodbye, handshake, receiving
 from . import protocol as p
 from .atfork import in_child, warn_thread_in_uwsgi_master
 from .background import BACKOFF_MIN, PARK_RECHECK
@@ -429,21 +429,31 @@ class Client(Owed, Hooks):
         self.close()
         return True
 
-    def close(self) -> None:
-        """End the session; the coordinator returns (fences) any lease still held."""
+    def close(self, timeout: float = goodbye.GOODBYE_WAIT) -> None:
+        """End the session; the coordinator returns (fences) any lease still held.
+
+        Waits up to ``timeout`` for the coordinator to close its end, so that it
+        has read every frame sent before (a release just sent is not lost)."""
+        check_seconds("timeout", timeout)
         if self._pid != os.getpid():
             self._after_fork()
         self._closed = True
         self._notify()
-        self._disconnect("client closed", retry=False)
-        self._fail_all(CoordinatorUnavailable("client closed"))
-        thread = self._thread
-        if thread is None or not thread.is_alive():
-            self._close_wake()  # else the background thread does, on its way out
-        with _REGISTRY_LOCK:
-            key = self._shared_key
-            if key is not None and _SHARED.get(key) is self:
-                del _SHARED[key]
+        sock = self._sock
+        kept = None if sock is None else goodbye.keep(sock)
+        try:
+            self._disconnect("client closed", retry=False)
+            self._fail_all(CoordinatorUnavailable("client closed"))
+            thread = self._thread
+            if thread is None or not thread.is_alive():
+                self._close_wake()  # else the background thread does, on its way out
+            with _REGISTRY_LOCK:
+                key = self._shared_key
+                if key is not None and _SHARED.get(key) is self:
+                    del _SHARED[key]
+        finally:
+            if kept is not None:
+                goodbye.say(kept, self._send_lock, timeout)
 
     # ---------------------------------------------------------------- requests
 

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 from .atfork import in_child
 from .closing import socket_fd
 from .config import check_seconds
+from .goodbye import GOODBYE_WAIT
 
 #: Guards the reset of a pool (ours, or an integration's book and pool) in a
 #: forked child: two of its threads may notice the fork at once, and the second
@@ -100,7 +101,8 @@ def release_process(timeout: float = 5.0) -> None:
         # A gthread worker past its graceful_timeout: a thread still runs its query.
         # Its session ends once that connection is closed (or with the process).
         if id(client) not in kept:
-            client.close()
+            # Its releases read by the coordinator before the session ends (see goodbye.py).
+            client.close(min(GOODBYE_WAIT, max(0.0, deadline - time.monotonic())))
 
 
 def _cut_inherited() -> None:

@@ -46,6 +46,8 @@ class FakeCoordinator:
                 data = b""
             if not data:
                 state["eof"] = time.monotonic()
+                with contextlib.suppress(OSError):  # our end too, as the real one closes it:
+                    s.shutdown(socket.SHUT_WR)  # a client's close() waits for that
                 return
             conn.receive_data(data)
             for msg in conn.events():

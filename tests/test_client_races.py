@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from fake_coordinator import FakeCoordinator
-from proc_helpers import interrupt_once
+from proc_helpers import interrupt_once, other_sessions, resource_row
 
 from sharedpool import ConnectionPool, Coordinator, PoolConfig, Resource, handshake, receiving
 from sharedpool import protocol as p
@@ -855,3 +855,40 @@ def test_a_request_cancelled_and_never_waited_for_lets_the_session_end(
             ticket.wait()
     finally:
         client.close()
+
+
+def test_a_release_just_before_close_is_read_while_the_coordinator_writes(
+        start_coordinator: Any, sock_path: str) -> None:
+    """A worker's exit: release() then close(), while the coordinator writes to
+    that session (a reclaim, a push; here the pushes of resizes asked by another
+    session). The close came first, the coordinator's write failed (EPIPE), and
+    asyncio ended the session without reading the release: the lease was fenced
+    as a dead process's (332 of 500 sessions). close() now waits until the
+    coordinator has closed its end of the session."""
+    start_coordinator({"r": Resource(max_size=100, quarantine_delay=60)})
+    stop = threading.Event()
+
+    def push() -> None:
+        admin, size = Client(sock_path, name="pusher"), 100
+        try:
+            while not stop.is_set():
+                size = 201 - size
+                admin.admin("resize", resource="r", max_size=size)
+        finally:
+            admin.close()
+
+    pusher = threading.Thread(target=push)
+    pusher.start()
+    try:
+        for _ in range(50):
+            client = Client(sock_path, name="exiting")
+            client.release(client.acquire("r", timeout=5))
+            client.close()
+    finally:
+        stop.set()
+        pusher.join(10)
+    deadline = time.monotonic() + 5
+    while other_sessions(sock_path) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    row = resource_row(sock_path)
+    assert row["fenced"] == 0 and row["leased"] == 0, row
