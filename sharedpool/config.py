@@ -163,7 +163,9 @@ class Resource:
 
     ``max_size`` is the hard cap on leases (so on open connections).
     ``max_per_process`` caps one session; ``min_per_process`` is a floor that
-    reclaim never takes from a session; ``max_waiting`` bounds the acquires
+    reclaim never takes from a session (the process's, not a pool's: one of its
+    pools gives an idle lease up for another of its pools that waits);
+    ``max_waiting`` bounds the acquires
     queued for a free lease (``None``: unbounded; one that waits only because
     its own process holds ``max_per_process`` is not counted: a process may
     queue that many of those itself).

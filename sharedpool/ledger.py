@@ -323,7 +323,13 @@ class Ledger:
         # A give-back goes past the giver's own waiters: handed straight back
         # to it, it would only be a close and a reconnect in that process (the
         # head, asked because nobody else could give), and it would be asked again.
-        return effects + self._pump(res, now, giver=sid if asked else None)
+        # But one that leaves the giver under its min_per_process floor goes to
+        # a waiter of its own if it has one: the floor is the process's, not a
+        # pool's. Another pool of the process waiting for the resource takes it
+        # (an idle connection of one pool given up for another's acquire, see
+        # reclaim.rebalance), and no other process takes it from under the floor.
+        keeper = sid if session.held(lease.resource) < res.limits.min_per_process else None
+        return effects + self._pump(res, now, giver=sid if asked else None, keeper=keeper)
 
     def report(
         self,
@@ -534,16 +540,24 @@ class Ledger:
         del self.sessions[waiter.session].waiting[waiter.req]
         return Denied(waiter.session, waiter.req, reason, message)
 
-    def _pump(self, res: ResourceState, now: float, giver: int | None = None) -> list[Effect]:
+    def _pump(self, res: ResourceState, now: float, giver: int | None = None,
+              keeper: int | None = None) -> list[Effect]:
         """Serve waiters in order while there is room, then rebalance reclaims.
         ``giver``: the session that gave a lease back; the first grant skips its
-        own waiters unless nobody else can take it."""
+        own waiters unless nobody else can take it. ``keeper``: a session that
+        let a lease go under its floor; the first grant goes to its first
+        waiter, if it has one."""
         effects: list[Effect] = []
         if not res.paused and not self._holding(now):
             blocked: set[int] = set()
             while res.waiters and res.leased < res.limits.max_size:
-                waiter = next((w for w in res.waiters
-                               if w.session not in blocked and w.session != giver), None)
+                waiter = None
+                if keeper is not None:
+                    waiter = next((w for w in res.waiters if w.session == keeper), None)
+                    keeper = None
+                if waiter is None:
+                    waiter = next((w for w in res.waiters
+                                   if w.session not in blocked and w.session != giver), None)
                 if waiter is None:
                     if giver is None:
                         break

@@ -125,7 +125,18 @@ def rebalance(
             idle[lease.session] = idle.get(lease.session, 0) + 1
             oldest[lease.session] = min(oldest.get(lease.session, lease.granted_at), lease.granted_at)
     floor = res.limits.min_per_process
-    holders = [sid for sid, n in held.items() if n > floor and (sid != head or excess or idle.get(sid))]
+    # A process's floor is its own, not a pool's: a lease it gives back under
+    # its floor goes to a waiter of its own (Ledger.release), so it may give as
+    # many under its floor as it has waiters that take them back: another pool
+    # of it waiting beside one that holds the floor idle (an engine and a
+    # psycopg pool) was never asked, and timed out. For the need above, only
+    # the head's give-backs serve waiters of its own (another session's would
+    # come back to it, serving nobody ahead); over the cap, nothing is granted
+    # back, and the floor holds.
+    own = 0 if excess or head is None else per_session.get(head, 0)
+    head_floor = max(0, floor - own)
+    holders = [sid for sid, n in held.items()
+               if n > (head_floor if sid == head else floor) and (sid != head or excess or idle.get(sid))]
     # Idle leases first (free to give), then sessions not waiting themselves
     # (no churn), then the largest holders, then the oldest idle lease: one
     # younger than its first turn (giveback.min_turn) is kept up to 83 ms, so
@@ -137,7 +148,7 @@ def rebalance(
     for sid in holders:
         if need <= 0:
             break
-        give = min(need, held[sid] - floor)
+        give = min(need, held[sid] - (head_floor if sid == head else floor))
         if sid == head and not excess:
             give = min(give, idle.get(sid, 0))
         plan[sid] = give
@@ -168,7 +179,9 @@ def rebalance(
     idle_only: set[int] = set()
     for sid, n in blocked.items():
         asked = plan.get(sid, 0)
-        extra = min(n, idle.get(sid, 0) - asked, held.get(sid, 0) - floor - asked)
+        # Under its floor as many as its own waiters (these, and the head's) take back.
+        low = floor if excess else max(0, floor - n - (own if sid == head else 0))
+        extra = min(n, idle.get(sid, 0) - asked, held.get(sid, 0) - low - asked)
         if extra > 0:
             plan[sid] = asked + extra
             if not asked:

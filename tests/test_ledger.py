@@ -794,6 +794,64 @@ def test_min_per_process_is_never_asked_for() -> None:
     assert lg2.acquire(b, 1, "pg", T0, timeout=5) == [AskReclaim(a, "pg", 1)]
 
 
+@pytest.mark.parametrize("limits", [Resource(1, min_per_process=1),
+                                    Resource(3, max_per_process=1, min_per_process=1)])
+def test_a_process_at_its_floor_gives_an_idle_lease_to_its_own_waiter(limits: Resource) -> None:
+    """min_per_process is the process's floor, not a pool's: one pool sits on the
+    floor's lease idle while another pool of the process waits (at the cap, or
+    at max_per_process). It gives the idle one up for that acquire and keeps its
+    floor; before, it was never asked, and the other pool's acquire timed out."""
+    lg = ledger(pg=limits)
+    a, b = session(lg, pid=1), session(lg, pid=2)
+    lease = grant(lg, a, 1)
+    idle(lg, a)
+    assert queued(lg.acquire(a, 2, "pg", T0, timeout=5))
+    assert asked(lg) == {a: 1, b: 0}
+    if limits.max_size == 1:  # another process behind it waits; it takes no floor
+        assert queued(lg.acquire(b, 1, "pg", T0 + 0.001, timeout=5))
+    assert granted(lg.release(a, lease, T0 + 0.1)).session == a
+    assert asked(lg) == {a: 0, b: 0}
+
+
+def test_a_lease_let_go_under_the_floor_goes_to_its_holders_own_waiter() -> None:
+    """A process under its floor that lets a lease go while a pool of it waits
+    (a sibling pool's give-back at checkin, a broken connection) gets it back
+    for that waiter: another process queued ahead took it from under the floor."""
+    lg = ledger(pg=Resource(2, min_per_process=1))
+    a, b, c = session(lg, pid=1), session(lg, pid=2), session(lg, pid=3)
+    lease = grant(lg, a, 1)
+    grant(lg, c, 1)
+    assert queued(lg.acquire(b, 1, "pg", T0, timeout=5))
+    assert queued(lg.acquire(a, 2, "pg", T0 + 0.001, timeout=5))
+    assert granted(lg.release(a, lease, T0 + 0.1)).session == a
+
+
+def test_a_process_at_its_floor_is_asked_only_for_its_own_waiters() -> None:
+    """Only the head's and a blocked process's waiters take back a lease given
+    under the floor: asked for the head's need, a waiter behind it would give
+    back a lease that comes back to it, serving nobody ahead."""
+    lg = ledger(pg=Resource(2, min_per_process=1))
+    a, b, c = session(lg, pid=1), session(lg, pid=2), session(lg, pid=3)
+    grant(lg, a, 1)
+    grant(lg, c, 1)
+    idle(lg, c)
+    assert queued(lg.acquire(a, 2, "pg", T0, timeout=5))
+    assert queued(lg.acquire(b, 1, "pg", T0 + 0.001, timeout=5))
+    assert queued(lg.acquire(c, 2, "pg", T0 + 0.002, timeout=5))
+    assert asked(lg) == {a: 0, b: 0, c: 0}
+    # Held back by its own max_per_process, one is asked for its idle lease for
+    # its own waiter only (not for the head's need): it comes back to it.
+    lg = ledger(pg=Resource(2, max_per_process=1, min_per_process=1))
+    a, b, c = session(lg, pid=1), session(lg, pid=2), session(lg, pid=3)
+    lease = grant(lg, a, 1)
+    grant(lg, c, 1)
+    idle(lg, a)
+    assert queued(lg.acquire(b, 1, "pg", T0, timeout=5))
+    assert of(AskReclaim, lg.acquire(a, 2, "pg", T0 + 0.001, timeout=5)) == [
+        AskReclaim(a, "pg", 1, IDLE_ONLY)]
+    assert granted(lg.release(a, lease, T0 + 0.1)).session == a
+
+
 def test_a_waiting_holder_is_asked_unless_it_is_next_in_line() -> None:
     lg = ledger(pg=2)
     a, b = session(lg), session(lg)
@@ -1272,6 +1330,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.max_id = 0
         self.over: set[str] = set()  # resources a resize or re-registration pushed over the cap
         self.giver: int | None = None  # the session whose give-back is being granted
+        self.keeper: int | None = None  # one that let a lease go under its floor, its own waiting
         # -- restarts (I4)
         self.base: dict[str, Resource] = {}  # the config file's resources, as first written
         self.hold: float | None = None  # the ledger's restart hold, until a tick ends it
@@ -1368,7 +1427,21 @@ class LedgerMachine(RuleBasedStateMachine):
                 else:
                     assert e.quantum == setting, e
                 floor = self.limits(e.resource).min_per_process
-                assert 0 <= e.count <= max(0, self.count(e.session, e.resource) - floor), e
+                held = self.count(e.session, e.resource)
+                assert 0 <= e.count <= held, e
+                if (below := e.count - max(0, held - floor)) > 0:
+                    # Under its floor only for waiters of its own (another pool of
+                    # the process), which take back what it gives there: as many as
+                    # it has, and for the need of others only if it is the head.
+                    own = [q.seq for (sid, _), q in self.outstanding.items()
+                           if sid == e.session and q.resource == e.resource]
+                    assert below <= len(own), e
+                    cap = self.limits(e.resource).max_per_process
+                    ahead = sorted((math.inf if q.seq is None else q.seq, sid)
+                                   for (sid, _), q in self.outstanding.items() if q.resource == e.resource
+                                   and (cap is None or self.count(sid, e.resource) < cap))
+                    head = ahead[0][1] if ahead else None
+                    assert e.session == head or e.quantum == IDLE_ONLY or held > floor, e
                 if e.count and self.leased(e.resource) <= self.limits(e.resource).max_size:
                     # Only the head waiter's session is spared (its give-back would
                     # come straight back to it); other waiting holders may be asked.
@@ -1409,15 +1482,22 @@ class LedgerMachine(RuleBasedStateMachine):
         assert self.leased(r) < self.limits(r).max_size, f"grant over the cap: {e}"
         assert not self.blocked(e.session, r), f"grant past max_per_process: {e}"
         assert not self.lg.resources[r].paused
+        # A lease let go under its holder's min_per_process floor goes to that
+        # holder's first waiter: the floor is the process's (a sibling pool waits).
+        if self.keeper is not None:
+            first = min((q.seq for (sid, _), q in self.outstanding.items()
+                         if sid == self.keeper and q.resource == r and q.seq is not None), default=None)
+            assert e.session == self.keeper and req.seq is not None and req.seq < (
+                first if first is not None else math.inf), f"{e}: the floor of {self.keeper} was taken"
         # FIFO: everyone queued ahead (or, for an immediate grant, anyone queued)
         # is blocked by their own max_per_process.
-        for sid, other in self.queued(r):
+        for sid, other in [] if self.keeper is not None else self.queued(r):
             if req.seq is not None and self.outstanding[(sid, other)].seq > req.seq:  # type: ignore[operator]
                 break
             if sid == self.giver:
                 continue  # its own give-back does not come straight back to it
             assert self.blocked(sid, r), f"{e} overtook waiting request {(sid, other)}"
-        self.giver = None  # only the first grant after a give-back may pass the giver
+        self.giver = self.keeper = None  # only the first grant after a give-back may pass the giver
         self.held[lease.id] = (e.session, r, lease.token)
         event("grant of a queued request" if req.seq is not None else "grant at once")
         if self.away and any(r == res for ls in self.away.values() for res, _ in ls.values()):
@@ -1561,10 +1641,13 @@ class LedgerMachine(RuleBasedStateMachine):
         sid, r, _ = self.held.pop(lid)
         # A give-back (the session was asked) may pass the giver's own waiters.
         self.giver = sid if self.lg.sessions[sid].asked.get(r, 0) else None
+        if self.count(sid, r) < self.limits(r).min_per_process and any(
+                s == sid for s, _ in self.queued(r)):
+            self.keeper = sid
         try:
             self.apply(self.lg.release(sid, lid, self.now))
         finally:
-            self.giver = None
+            self.giver = self.keeper = None
 
     @precondition(lambda self: self.sessions)
     @rule(data=st.data())

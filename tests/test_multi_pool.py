@@ -12,6 +12,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from proc_helpers import leased
 
 from sharedpool import Client, ConnectionPool, PoolConfig, PoolTimeout, Resource
 from sharedpool.contrib.psycopg import ConnectionPool as PsycopgPool
@@ -483,3 +484,39 @@ def test_a_psycopg_pool_growing_for_nobody_does_not_pay_its_own_growth(
     finally:
         pool.close()
         core.close()
+
+
+@pytest.mark.parametrize("kind", ["core", "psycopg"])
+@pytest.mark.parametrize("limits", [Resource(max_size=1, min_per_process=1),
+                                    Resource(max_size=4, max_per_process=1, min_per_process=1)],
+                         ids=["at-the-cap", "at-max_per_process"])
+def test_a_pool_holding_the_floor_idle_gives_it_to_a_waiting_sibling_pool(
+        start_coordinator: Any, sock_path: str, pg: str, app_name: str, kind: str,
+        limits: Resource) -> None:
+    # min_per_process is the process's floor, not a pool's: an engine and a
+    # psycopg_pool on one database, the process at its floor of 1 with the one
+    # lease idle in the first pool while the second waits. Before: the process
+    # was never asked (its lease was its floor), and the waiting pool timed out
+    # (3.0 s of 3, at the cap and at max_per_process alike); now it is served
+    # once the idle connection's first turn is over (~0.1 s).
+    start_coordinator({"r": limits})
+    config = PoolConfig(min_size=0, max_size=1, test_on_acquire=False, idle_timeout=60)
+    holder: Any
+    if kind == "core":
+        holder = ConnectionPool(FakeFactory(), config, resource="r", coordinator=sock_path, name="holder")
+        holder.release(holder.acquire(timeout=5))
+    else:
+        holder = PsycopgPool(pg, resource="r", coordinator=sock_path, min_size=1, max_size=1, timeout=5,
+                             open=True, kwargs={"autocommit": True, "application_name": app_name})
+        holder.wait(5)
+    waiting = ConnectionPool(FakeFactory(), config, resource="r", coordinator=sock_path, name="waiting")
+    try:
+        t0 = time.monotonic()
+        with waiting.connection(timeout=3):
+            pass
+        assert time.monotonic() - t0 < 2.5
+        # The process kept its floor all along: the slot moved between its pools.
+        assert leased(sock_path) == 1
+    finally:
+        waiting.close()
+        holder.close()
