@@ -813,6 +813,20 @@ def test_a_process_at_its_floor_gives_an_idle_lease_to_its_own_waiter(limits: Re
     assert asked(lg) == {a: 0, b: 0}
 
 
+def test_the_head_alone_in_line_is_asked_for_idle_leases_only() -> None:
+    """Its give-back comes back to it whatever it gives: a busy one given at
+    checkin would be a close and a connect for its own waiter (one pool with
+    more threads than the cap). With another process in line it is asked with
+    the quantum, as before: a give-back then goes to that one."""
+    lg = ledger(pg=Resource(2, fairness_quantum=0.1))
+    a, b = session(lg, pid=1), session(lg, pid=2)
+    grant(lg, a, 1), grant(lg, a, 2)
+    lg.report(a, [[lid, IDLE if lid == min(lg.sessions[a].leases) else BUSY, None, None]
+                  for lid in lg.sessions[a].leases], T0)
+    assert of(AskReclaim, lg.acquire(a, 3, "pg", T0, timeout=5)) == [AskReclaim(a, "pg", 1, IDLE_ONLY)]
+    assert of(AskReclaim, lg.acquire(b, 1, "pg", T0 + 0.001, timeout=5)) == [AskReclaim(a, "pg", 1, 0.1)]
+
+
 def test_a_lease_let_go_under_the_floor_goes_to_its_holders_own_waiter() -> None:
     """A process under its floor that lets a lease go while a pool of it waits
     (a sibling pool's give-back at checkin, a broken connection) gets it back
@@ -867,14 +881,16 @@ def test_a_waiting_holder_is_asked_unless_it_is_next_in_line() -> None:
 def test_the_head_session_is_asked_for_what_it_holds_idle() -> None:
     """Two pools of one process on one resource: one sits on idle connections
     while the other waits. The process is asked for its idle leases (not its
-    busy ones), and the lease it gives back goes to its own waiter."""
+    busy ones), idle ones only (its own waiter is alone in line: a busy one
+    given at checkin would come straight back), and the lease it gives back
+    goes to its own waiter."""
     lg = ledger(pg=3)
     a, b = session(lg), session(lg)
     l1, l2 = grant(lg, a, 1), grant(lg, a, 2)
     grant(lg, b, 1)
     lg.report(a, [[l1, IDLE, None, None], [l2, BUSY, None, None]], T0)
     lg.report(b, [[lid, BUSY, None, None] for lid in lg.sessions[b].leases], T0)
-    assert of(AskReclaim, lg.acquire(a, 3, "pg", T0, timeout=5)) == [AskReclaim(a, "pg", 1)]
+    assert of(AskReclaim, lg.acquire(a, 3, "pg", T0, timeout=5)) == [AskReclaim(a, "pg", 1, IDLE_ONLY)]
     assert granted(lg.release(a, l1, T0 + 0.01)).session == a
     assert lg.sessions[a].asked.get("pg", 0) == 0
     # With nothing idle, the waiting session is not asked for its busy leases
@@ -904,13 +920,15 @@ def test_a_session_at_max_per_process_is_asked_for_what_it_holds_idle() -> None:
 
 def test_the_head_session_is_asked_for_no_more_than_it_holds_idle() -> None:
     """As above, with two waiting: the head is still asked for its one idle
-    lease only; a busy one given back would come straight back to it."""
+    lease only. Alone in line, idle ones only (a busy one given back would come
+    straight back to it); with another behind it, with the quantum: what it
+    gives then goes to that one."""
     lg = ledger(pg=3)
     a, b = session(lg), session(lg)
     l1, l2, l3 = grant(lg, a, 1), grant(lg, a, 2), grant(lg, a, 3)
     lg.report(a, [[l1, IDLE, None, None], [l2, BUSY, None, None], [l3, BUSY, None, None]], T0)
-    assert of(AskReclaim, lg.acquire(a, 4, "pg", T0, timeout=5)) == [AskReclaim(a, "pg", 1)]
-    assert of(AskReclaim, lg.acquire(b, 1, "pg", T0, timeout=5)) == []
+    assert of(AskReclaim, lg.acquire(a, 4, "pg", T0, timeout=5)) == [AskReclaim(a, "pg", 1, IDLE_ONLY)]
+    assert of(AskReclaim, lg.acquire(b, 1, "pg", T0, timeout=5)) == [AskReclaim(a, "pg", 1)]
     assert lg.sessions[a].asked["pg"] == 1
 
 
