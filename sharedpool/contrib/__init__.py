@@ -6,6 +6,7 @@
 * :mod:`sharedpool.contrib.redis` — a ``redis.BlockingConnectionPool`` whose connections are leased.
 * :mod:`sharedpool.contrib.gunicorn`, :mod:`sharedpool.contrib.celery` — hooks that run the
   coordinator in the master / parent process and attach the workers.
+* :mod:`sharedpool.contrib.rq` — an RQ ``Worker`` whose work horses give their leases back before they exit.
 
 Each module imports its host library only when imported itself.
 """

@@ -1,0 +1,133 @@
+"""sharedpool.contrib.rq end to end: two real forking ``rq worker --burst``
+processes on the real Redis, jobs taking a connection from a pool made at
+import of the job module (in the worker, by ``-c``), a cap of 1 checked from
+pg_stat_activity, and the coordinator's log read for fences."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import REDIS_HOST, REDIS_PORT
+from pg_helpers import BackendSampler, pg_dsn
+from proc_helpers import import_refused, resource_row, wait_leased
+from redis import Redis
+
+JOBS = 30
+WORKERS = 2
+
+# Made at import, in the worker (``-c`` imports it): every horse inherits the
+# pool (with no connection) and opens a session and a connection of its own.
+_JOB_MODULE = """
+import os
+
+import psycopg
+
+from sharedpool import ConnectionPool, PoolConfig
+
+POOL = ConnectionPool(lambda: psycopg.connect(os.environ["SP_TEST_DSN"], autocommit=True),
+                      PoolConfig(min_size=0, max_size=1, acquire_timeout=60), resource="pg")
+
+
+def query():
+    with POOL.connection() as conn:
+        conn.execute("SELECT pg_sleep(0.02)")
+    return os.getpid()
+"""
+
+
+@pytest.fixture
+def rq_queue(redis_name: str) -> Iterator[Any]:
+    """An RQ queue of this test's own; every key naming it is deleted after."""
+    pytest.importorskip("rq", reason="rq is not installed: pip install -e '.[test]'")
+    from rq import Queue
+
+    r = Redis(host=REDIS_HOST, port=REDIS_PORT)
+    yield Queue(redis_name, connection=r)
+    keys = list(r.scan_iter(f"*{redis_name}*"))
+    if keys:
+        r.delete(*keys)
+    for index in ("rq:queues", "rq:workers"):  # sets naming our queue and workers
+        stale = [m for m in r.smembers(index) if redis_name.encode() in m]
+        if stale:
+            r.srem(index, *stale)
+    r.close()
+
+
+def run_workers(tmp_path: Path, queue: Any, sock: str, app_name: str, worker_class: str) -> list[str]:
+    """JOBS jobs through WORKERS ``rq worker --burst -w worker_class``; what they logged."""
+    from rq.job import Job, JobStatus
+
+    (tmp_path / "sp_rq_jobs.py").write_text(_JOB_MODULE)
+    jobs = [queue.enqueue("sp_rq_jobs.query", job_id=f"{queue.name}-{i}") for i in range(JOBS)]
+    env = {**os.environ, "SHAREDPOOL_SOCKET": sock, "SP_TEST_DSN": f"{pg_dsn()} application_name={app_name}"}
+    procs: list[subprocess.Popen[bytes]] = []
+    logs = [tmp_path / f"worker{i}.log" for i in range(WORKERS)]
+    try:
+        for i, log in enumerate(logs):
+            with open(log, "wb") as out:
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "rq.cli", "worker", "--burst", "-w", worker_class,
+                     "-c", "sp_rq_jobs", "-P", str(tmp_path), "--url", f"redis://{REDIS_HOST}:{REDIS_PORT}",
+                     "-n", f"{queue.name}-w{i}", "-q", queue.name],
+                    cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT))
+        codes = [proc.wait(120) for proc in procs]  # burst: each exits once the queue is empty
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    texts = [log.read_text(errors="replace") for log in logs]
+    assert codes == [0] * WORKERS, texts
+    statuses = [job.get_status() for job in Job.fetch_many([j.id for j in jobs], connection=queue.connection)
+                if job is not None]
+    assert statuses == [JobStatus.FINISHED] * JOBS, texts
+    horses = {job.return_value() for job in Job.fetch_many([j.id for j in jobs], connection=queue.connection)
+              if job is not None}
+    assert len(horses) == JOBS  # a horse forked for each job
+    return texts
+
+
+def fences_logged(capfd: pytest.CaptureFixture[str], coord: Any) -> list[str]:
+    """The fences the coordinator logged (its stderr is ours)."""
+    coord.stop()  # all written once it has exited
+    err = capfd.readouterr().err
+    return [line for line in err.splitlines() if "quarantined" in line]
+
+
+@pytest.mark.pg
+def test_horses_give_their_leases_back_before_they_exit(
+        pg: str, tmp_path: Path, start_coordinator: Any, sock_path: str, app_name: str, rq_queue: Any,
+        caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -> None:
+    caplog.set_level(logging.INFO, logger="sharedpool")  # the coordinator logs at this level
+    coord = start_coordinator({"pg": 1})
+    with BackendSampler(app_name) as sampler:
+        run_workers(tmp_path, rq_queue, sock_path, app_name, "sharedpool.contrib.rq.Worker")
+    row = resource_row(sock_path)
+    assert sampler.peak == 1, sampler.peak  # the cap held, as PostgreSQL saw it
+    assert row["leased"] == 0 and row["grants"] >= JOBS, row
+    assert sampler.count_now() == 0
+    assert fences_logged(capfd, coord) == []  # every horse gave its lease back itself
+
+
+@pytest.mark.pg
+def test_a_plain_rq_worker_leaves_its_leases_to_the_fence(
+        pg: str, tmp_path: Path, start_coordinator: Any, sock_path: str, app_name: str, rq_queue: Any,
+        caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -> None:
+    # The counterpart of the test above: what it would see without the release.
+    caplog.set_level(logging.INFO, logger="sharedpool")
+    coord = start_coordinator({"pg": 1})
+    run_workers(tmp_path, rq_queue, sock_path, app_name, "rq.Worker")
+    assert wait_leased(sock_path, 0, timeout=30) == 0  # the last fence may still run
+    assert fences_logged(capfd, coord)
+
+
+def test_without_rq_the_import_says_what_to_install() -> None:
+    err = import_refused("import sys\nsys.modules['rq'] = None\nimport sharedpool.contrib.rq\n")
+    assert "sharedpool.contrib.rq needs RQ" in err and "pip install rq" in err, err
