@@ -38,6 +38,9 @@ def say(kept: socket.socket, send_lock: threading.Lock, timeout: float) -> bool:
     """Shut ``kept`` (from :func:`keep`) for writing, once no frame is half out,
     and wait up to ``timeout`` for the coordinator's EOF; then close it.
     True if the coordinator was seen to close its end."""
+    # One bound for both waits: a frame let go late in the first one left the
+    # whole of ``timeout`` again for the EOF (release_process past its own).
+    deadline = time.monotonic() + timeout
     try:
         # A frame another thread is sending goes out whole first; one stuck on
         # a coordinator that does not read is not waited for beyond the bound.
@@ -48,6 +51,6 @@ def say(kept: socket.socket, send_lock: threading.Lock, timeout: float) -> bool:
                 kept.shutdown(socket.SHUT_WR)
         finally:
             send_lock.release()
-        return timeout > 0 and closing._wait_eof(kept, time.monotonic() + timeout)
+        return timeout > 0 and closing._wait_eof(kept, deadline)
     finally:
         kept.close()

@@ -892,3 +892,36 @@ def test_a_release_just_before_close_is_read_while_the_coordinator_writes(
         time.sleep(0.02)
     row = resource_row(sock_path)
     assert row["fenced"] == 0 and row["leased"] == 0, row
+
+
+def test_close_waits_its_timeout_in_all_with_a_frame_going_out(
+        start_coordinator: Any, sock_path: str) -> None:
+    """close(timeout) against a coordinator that does not answer (stopped),
+    while another thread's frame is going out: the wait for that frame and the
+    wait for the coordinator's EOF each took the whole timeout (3.5 s for a
+    2 s one here; release_process(1.0) took 1.85 s), now one bound for both."""
+    coord = start_coordinator({"r": Resource(max_size=1)})
+    client = Client(sock_path)
+    client.ensure_connected()
+    assert coord.pid is not None
+    held, let_go = threading.Event(), threading.Event()
+
+    def sending() -> None:  # as a sendall() to a coordinator not reading holds it
+        with client._send_lock:
+            held.set()
+            let_go.wait(10)
+
+    sender = threading.Thread(target=sending)
+    os.kill(coord.pid, signal.SIGSTOP)
+    try:
+        sender.start()
+        assert held.wait(5)
+        threading.Timer(1.5, let_go.set).start()  # the frame is out 1.5 s into the close
+        t0 = time.monotonic()
+        client.close(timeout=2.0)
+        took = time.monotonic() - t0
+    finally:
+        let_go.set()
+        os.kill(coord.pid, signal.SIGCONT)
+        sender.join(10)
+    assert took < 2.9, f"close(timeout=2.0) took {took:.2f}s (was 3.5 s)"
