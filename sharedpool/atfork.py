@@ -73,7 +73,10 @@ def _hook_uwsgi(uwsgi: Any) -> None:
     before = {name: getattr(uwsgi, name) for name in names if hasattr(uwsgi, name)}
     try:
         import uwsgidecorators
-    except Exception:  # noqa: BLE001 - not installed, or (no master process) it refuses to load
+
+        chain = uwsgidecorators.postfork_chain
+    except Exception:  # noqa: BLE001 - not installed, (no master process) it refuses to load,
+        # or a stub of an app's tests has no chain
         earlier = before.get("post_fork_hook")
 
         def chained() -> None:
@@ -83,7 +86,6 @@ def _hook_uwsgi(uwsgi: Any) -> None:
 
         uwsgi.post_fork_hook = chained
         return
-    chain = uwsgidecorators.postfork_chain
     if "post_fork_hook" in before and before["post_fork_hook"] is not uwsgidecorators.postfork_chain_hook:
         chain.append(before.pop("post_fork_hook"))  # the app's own, set before the import
         uwsgi.post_fork_hook = uwsgidecorators.postfork_chain_hook
@@ -132,7 +134,11 @@ def _in_uwsgi_master() -> Any:
 
 
 if (_uwsgi := _in_uwsgi_master()) is not None:
-    _hook_uwsgi(_uwsgi)
+    try:
+        _hook_uwsgi(_uwsgi)
+    except Exception as _exc:  # noqa: BLE001 - some other "uwsgi" (a test's fake): importing must not fail
+        log.warning("sharedpool: uWSGI's post-fork hook could not be set (%r): a worker forked "
+                    "without Python's fork hooks would use the master's sessions", _exc)
     try:
         _safe = any(_option(_uwsgi, name) for name in ("py-call-uwsgi-fork-hooks", "lazy-apps", "lazy"))
     except Exception:  # noqa: BLE001 - no options to read: nothing said

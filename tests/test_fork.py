@@ -447,3 +447,21 @@ def test_a_fork_without_pythons_hooks_is_reset_by_uwsgis_post_fork_hook(
     assert "error" not in out, out
     assert out["child_backend"] != out["parent_backend"], f"the child used the parent's connection: {out}"
     assert proc.stderr.count("Set py-call-uwsgi-fork-hooks = true") == (0 if hooks else 1), proc.stderr
+
+
+_FAKE_UWSGI = {
+    # An app's tests stub uwsgidecorators (``postfork`` only, no chain).
+    "stub-uwsgidecorators": "m = types.ModuleType('uwsgi'); m.worker_id = lambda: 0\n"
+                            "sys.modules['uwsgidecorators'] = types.ModuleType('uwsgidecorators')\n",
+    # Some other object named uwsgi, which takes no new attribute.
+    "no-setattr": "class F:\n    __slots__ = ()\n    def worker_id(self): return 0\nm = F()\n",
+}
+
+
+@pytest.mark.parametrize("fake", list(_FAKE_UWSGI))
+def test_some_other_uwsgi_module_does_not_fail_the_import(fake: str) -> None:
+    # Not a uWSGI process, but a "uwsgi" in sys.modules that looks like a master's:
+    # hooking its post-fork raised out of the import of sharedpool (AttributeError).
+    code = f"import sys, types\n{_FAKE_UWSGI[fake]}sys.modules['uwsgi'] = m\nimport sharedpool\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
