@@ -128,7 +128,15 @@ def _in_uwsgi_master() -> Any:
     if uwsgi is None or not callable(getattr(uwsgi, "worker_id", None)):
         return None
     try:
-        return uwsgi if uwsgi.worker_id() == 0 else None
+        if uwsgi.worker_id() != 0:
+            return None
+        # A mule or the spooler is worker 0 too, and forks no worker: sharedpool
+        # imported there (mule = script.py, spooler-import) is no master's, and a
+        # pool used there was warned of as if it were.
+        mule, spooler = getattr(uwsgi, "mule_id", None), getattr(uwsgi, "i_am_the_spooler", None)
+        if (callable(mule) and mule() != 0) or (callable(spooler) and spooler()):
+            return None
+        return uwsgi
     except Exception:  # noqa: BLE001 - some other module named uwsgi
         return None
 

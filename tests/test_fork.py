@@ -465,3 +465,19 @@ def test_some_other_uwsgi_module_does_not_fail_the_import(fake: str) -> None:
     code = f"import sys, types\n{_FAKE_UWSGI[fake]}sys.modules['uwsgi'] = m\nimport sharedpool\n"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("role", ["uwsgi.mule_id = lambda: 1", "uwsgi.i_am_the_spooler = lambda: True"],
+                         ids=["mule", "spooler"])
+def test_a_uwsgi_mule_or_spooler_is_not_warned_of_as_a_master(tmp_path: Path, role: str) -> None:
+    # A mule (mule = script.py) or the spooler (spooler-import) imports sharedpool
+    # itself; uWSGI says worker_id() 0 there too. A client's thread started there
+    # was warned of as a pool in a master whose workers would hang (measured under
+    # uWSGI 2.0: a mule script's client logged it). No worker is forked from either.
+    code = ("import sys, types\nuwsgi = types.ModuleType('uwsgi')\nuwsgi.worker_id = lambda: 0\n"
+            f"uwsgi.opt = {{}}\n{role}\nsys.modules['uwsgi'] = uwsgi\n"
+            "from sharedpool import Client\n"
+            f"Client({str(tmp_path / 'none.sock')!r}).call_later(0.0, lambda: None)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "py-call-uwsgi-fork-hooks" not in out.stderr, out.stderr
