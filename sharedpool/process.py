@@ -1,10 +1,11 @@
 """This process's pools, so that a worker about to exit can give everything back,
 and a forked child cannot touch the parent's connections.
 
-gunicorn's ``worker_exit`` and celery's ``worker_process_shutdown`` call
-:func:`release_process`: every pool closes its connections (each close
-confirmed, then its lease released) and the process's coordinator sessions
-end. Pools register themselves when made; the registry holds them weakly.
+gunicorn's ``worker_exit``, celery's ``worker_process_shutdown`` and the work
+horses of :class:`sharedpool.contrib.rq.Worker` call :func:`release_process`:
+every pool closes its connections (each close confirmed, then its lease
+released) and the process's coordinator sessions end. Pools register
+themselves when made; the registry holds them weakly.
 
 In a forked child, the sockets of the connections every pool held at the fork
 are made dead ends (:func:`_cut_inherited`): the child's copy of such a socket
@@ -77,7 +78,9 @@ def release_process(timeout: float = 5.0) -> None:
     for connections in use. A session that a :class:`~sharedpool.ConnectionPool`
     connection still in use then holds (its lease) stays until that connection
     is closed. Pools inherited across ``fork()`` release nothing of the
-    parent's (I7)."""
+    parent's (I7). Hooks given to :func:`before_release` (the Django ENGINE's:
+    this thread's Django connections) run first. Afterwards no lease is taken
+    and a checkout raises ``PoolClosed``."""
     from .client import _ALL
 
     # Before anything is released: inf would fail each pool's close() (logged,
