@@ -12,7 +12,9 @@ ledger itself: it schedules :func:`_snapshot` on the loop with
 :class:`concurrent.futures.Future` for the copy. The snapshot is taken between
 two loop callbacks, so it is consistent, and the loop never blocks on a lock
 held by a scrape. A loop that does not answer in time (stopping, or stuck)
-makes the scrape fail with an error rather than hang or read torn state.
+makes the scrape fail with an error rather than hang or read torn state: an
+HTTP 500 naming the cause, logged at most once a minute (wsgiref's own handler
+printed a full traceback to stderr for every scrape).
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-from collections.abc import Callable, Iterator
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -32,11 +37,15 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from .errors import SharedPoolError
+from .lograte import OncePer
 
 log = logging.getLogger("sharedpool.metrics")
 
 #: How long a scrape waits for the event loop to hand over a snapshot.
 SNAPSHOT_TIMEOUT = 2.0
+
+#: A failing scrape is logged at most this often per cause, the repeats counted.
+SCRAPE_ERROR_LOG_EVERY = 60.0
 
 #: Lease states as the ``state`` label of ``sharedpool_leases``, and the
 #: ``snapshot_resources`` key each is read from.
@@ -90,6 +99,9 @@ def take_snapshot(server: Any, timeout: float = SNAPSHOT_TIMEOUT) -> dict[str, A
     server.loop.call_soon_threadsafe(run)  # RuntimeError once the loop is closed
     try:
         return future.result(timeout)
+    except concurrent.futures.TimeoutError:
+        raise TimeoutError(f"the coordinator's event loop did not hand over a snapshot within "
+                           f"{timeout:g}s (stuck, or stopping)") from None
     finally:
         future.cancel()
 
@@ -169,6 +181,32 @@ def _le(bound: Any) -> str:
     return "+Inf" if bound is None or bound == float("inf") else repr(float(bound))
 
 
+class _ScrapeErrors:
+    """WSGI middleware: a scrape that raises is a 500 naming the cause and one
+    log line (rate-limited), not wsgiref's traceback on stderr per scrape."""
+
+    def __init__(self, app: Callable[..., Iterable[bytes]], every: float = SCRAPE_ERROR_LOG_EVERY) -> None:
+        self.app = app
+        self._said = OncePer(every, time.monotonic)
+        self._lock = threading.Lock()  # scrapes run in threads of their own
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        try:
+            return self.app(environ, start_response)
+        except Exception as exc:  # noqa: BLE001 - answered as a 500 and logged, once per interval
+            cause = f"{type(exc).__name__}: {exc}"
+            with self._lock:
+                due = self._said.due(type(exc).__name__)
+            if due is None:
+                log.debug("metrics scrape failed: %s", cause)
+            else:
+                more = f" ({due[0]} more failed since the last such line)" if due[0] else ""
+                log.warning("metrics scrape failed (HTTP 500): %s%s", cause, more)
+            start_response("500 Internal Server Error", [("Content-Type", "text/plain; charset=utf-8")],
+                           sys.exc_info())
+            return [f"sharedpool metrics unavailable: {cause}\n".encode()]
+
+
 class MetricsUnavailable(SharedPoolError, OSError):
     """The metrics endpoint could not listen (port in use, bad address)."""
 
@@ -202,6 +240,10 @@ def serve_metrics(server: Any, host: str, port: int) -> MetricsServer:
     except OSError as exc:
         raise MetricsUnavailable(
             f"metrics_port {port}: cannot listen on {host}: {exc.strerror or exc}") from None
+    # Swapped in as it starts serving (a scrape that early would fail loudly, once).
+    app = httpd.get_app()
+    assert app is not None  # make_server set it
+    httpd.set_app(_ScrapeErrors(app))
     metrics = MetricsServer(httpd, thread, registry)
     # An IPv6 address goes in brackets, or the URL logged is not one to paste.
     log.info("metrics on http://%s:%d/metrics", f"[{host}]" if ":" in host else host, metrics.port)

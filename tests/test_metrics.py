@@ -243,3 +243,41 @@ def test_a_resources_state_is_a_metric(tmp_path: Path) -> None:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
         loop.close()
+
+
+def test_a_stuck_loop_fails_each_scrape_with_one_log_line_not_a_traceback(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    """A stuck event loop makes each scrape a 500 (by design). Before: wsgiref
+    also printed a full traceback to stderr for every scrape (240 an hour with
+    a scraper every 15 s); now one rate-limited log line names the cause."""
+    import logging
+    import threading
+    import urllib.error
+
+    from sharedpool.metrics import serve_metrics
+
+    server, loop, thread = _server_on_a_loop(tmp_path, {"r": 1})
+    unstick = threading.Event()
+    loop.call_soon_threadsafe(unstick.wait, 60)  # the loop's thread blocks: no snapshot comes
+    metrics = serve_metrics(server, "127.0.0.1", 0)
+    caplog.set_level(logging.DEBUG, "sharedpool.metrics")
+    answers = []
+    try:
+        for _ in range(3):  # each waits SNAPSHOT_TIMEOUT (2 s)
+            with pytest.raises(urllib.error.HTTPError) as failed:
+                scrape(metrics.port)
+            answers.append((failed.value.code, failed.value.read().decode()))
+    finally:
+        metrics.shutdown()
+        unstick.set()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+    assert "Traceback" not in capsys.readouterr().err
+    assert all(code == 500 and "event loop did not hand over a snapshot within 2s" in body
+               for code, body in answers), answers
+    said = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 1, caplog.text
+    assert said[0].getMessage().startswith(
+        "metrics scrape failed (HTTP 500): TimeoutError: the coordinator's event loop")
+    assert sum("metrics scrape failed" in r.getMessage() for r in caplog.records) == 3  # the repeats at debug
