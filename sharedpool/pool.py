@@ -396,10 +396,16 @@ class ConnectionPool(Generic[T]):
 
     def _start_openers(self, waiters: list[_Waiter], deadline: float, replan: bool = True) -> None:
         """``replan``: if cut short, plan again for the waiters (False: the caller
-        does, once its own waiter is out of the queue)."""
+        does, once its own waiter is out of the queue). An opener planned for a
+        checkout's waiter asks with that waiter's deadline, not ``deadline``
+        (the planner's: a checkin's, a failed opener's now + acquire_timeout):
+        else, once that waiter had its PoolTimeout, its lease request stayed
+        queued at the coordinator for a connection nobody wanted, and the
+        coordinator counted no timeout for it."""
         try:
             for waiter in waiters:
-                threading.Thread(target=opening.run, args=(self, waiter, deadline),
+                until = deadline if waiter.deadline is None else waiter.deadline
+                threading.Thread(target=opening.run, args=(self, waiter, until),
                                  name=f"sharedpool-open-{self.resource}", daemon=True).start()
         except BaseException:
             self._unplan(waiters, replan)

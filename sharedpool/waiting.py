@@ -27,9 +27,9 @@ T = TypeVar("T")
 
 class _Waiter:
     __slots__ = ("event", "wrapper", "error", "connect_deadline", "abandoned", "has_opener",
-                 "planned", "leasing", "counted")
+                 "planned", "leasing", "counted", "deadline")
 
-    def __init__(self) -> None:
+    def __init__(self, deadline: float | None = None) -> None:
         self.event = threading.Event()
         self.wrapper: ConnectionWrapper[Any] | None = None
         self.error: BaseException | None = None
@@ -41,6 +41,9 @@ class _Waiter:
         #: timeout says, even when that request timed out a moment before it
         self.leasing = False
         self.counted = False  # its checkout's failure is in requests_errors already
+        #: when its checkout gives up: what an opener planned for it asks the
+        #: coordinator with, whoever planned it (None: a top-up's, no checkout)
+        self.deadline = deadline
 
 
 def acquire_slow(pool: ConnectionPool[T], timeout: float | None, start: float,
@@ -64,7 +67,7 @@ def acquire_slow(pool: ConnectionPool[T], timeout: float | None, start: float,
             raise PoolTimeout(f"pool {pool.name!r}: no valid connection within {wait:.3g}s "
                               "(idle connections failed validation)")
         retry = True
-        waiter = _Waiter()
+        waiter = _Waiter(deadline)
         openers: list[_Waiter] = []
         started = False
         wrapper = checking = None

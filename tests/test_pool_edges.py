@@ -1333,6 +1333,42 @@ def test_a_wait_cut_short_withdraws_its_lease_request(start_coordinator: Any, so
         holder.close()
 
 
+def test_a_lease_request_planned_for_a_waiter_carries_that_waiters_deadline(
+        start_coordinator: Any, sock_path: str) -> None:
+    """At the cap, W1's lease request times out with W1 while W2 (a pool of one:
+    no room for an opener of its own) waits on. The opener planned for W2 then
+    asked with now + acquire_timeout (30 s), not W2's deadline: once W2 had its
+    PoolTimeout, that request stayed queued at the coordinator for half a
+    minute, ahead of other processes, for a connection nobody wanted, and the
+    coordinator counted 1 timeout for 2 PoolTimeouts. Before: waiting 1,
+    timeouts 1 after both PoolTimeouts; now 0 and 2."""
+    start_coordinator({"r": 1})
+    holder = Client(sock_path)
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1, acquire_timeout=30),
+                          resource="r", coordinator=sock_path)
+    errors: list[BaseException] = []
+    try:
+        lease = holder.acquire("r", timeout=5)
+        first = start_recording(lambda: pool.acquire(timeout=1.0), errors)
+        deadline = time.monotonic() + 5
+        while resource_row(sock_path)["waiting"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)  # W1's opener has its request queued: W2 gets no opener now
+        second = start_recording(lambda: pool.acquire(timeout=2.5), errors)
+        first.join(10)
+        second.join(10)
+        assert [type(e) for e in errors] == [PoolTimeout, PoolTimeout], errors
+        deadline = time.monotonic() + 5
+        while (row := resource_row(sock_path))["waiting"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert (row["waiting"], row["timeouts"]) == (0, 2), row
+        holder.release(lease)
+        time.sleep(0.3)
+        assert pool.get_size() == 0  # nothing opened for the callers that left
+    finally:
+        pool.close()
+        holder.close()
+
+
 def test_no_thread_for_the_close_watcher_still_gives_the_lease_back(
         start_coordinator: Any, sock_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A close not confirmed in time is watched in a background thread; when no
