@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import giveback
@@ -27,11 +29,16 @@ from .errors import (
 from .wrapper import ConnectionWrapper
 
 if TYPE_CHECKING:
-    from .client import Client, Lease
+    from .client import AcquireRequest, Client, Lease
     from .pool import ConnectionPool
     from .waiting import _Waiter
 
 log = logging.getLogger("sharedpool.pool")
+
+#: How long before the coordinator would time it out a lease request is
+#: withdrawn if its waiter was served meanwhile while others of the pool wait:
+#: that timeout was no caller's, yet counted in timeouts_total.
+WITHDRAW_EARLY = 0.1
 
 
 def run(pool: ConnectionPool[Any], waiter: _Waiter, deadline: float) -> None:
@@ -57,7 +64,7 @@ def run(pool: ConnectionPool[Any], waiter: _Waiter, deadline: float) -> None:
                     pool._lease_waits += 1
                 waiting = True
             try:
-                lease = take_lease(pool, client, deadline)
+                lease = take_lease(pool, client, deadline, waiter=waiter)
                 waiter.leasing = False
                 break
             except CoordinatorUnavailable:
@@ -176,10 +183,14 @@ def use_fallback(pool: ConnectionPool[Any], client: Client) -> bool:
     return True
 
 
-def take_lease(pool: ConnectionPool[Any], client: Client, deadline: float) -> Lease:
+def take_lease(pool: ConnectionPool[Any], client: Client, deadline: float,
+               waiter: _Waiter | None = None) -> Lease:
     """Opener thread: a lease for one more connection. Withdrawn if the pool
-    closes meanwhile; one granted as it closed goes back unused (PoolClosed)."""
-    ticket = client.request(pool.resource, max(0.0, deadline - time.monotonic()),
+    closes meanwhile; one granted as it closed goes back unused (PoolClosed).
+    Withdrawn too just before its deadline if ``waiter`` was served (or left)
+    meanwhile while others wait: see :func:`withdraw_if_served`."""
+    timeout = max(0.0, deadline - time.monotonic())
+    ticket = client.request(pool.resource, timeout,
                             fail_if_lost=pool.config.coordinator_away == "fallback", _owner=pool)
     with pool._lock:
         # A close() that ran since the request went out did not see it.
@@ -188,6 +199,8 @@ def take_lease(pool: ConnectionPool[Any], client: Client, deadline: float) -> Le
             pool._lease_requests.add(ticket)
     if not active:
         ticket.cancel()
+    elif waiter is not None and timeout > 2 * WITHDRAW_EARLY:
+        client.call_later(timeout - WITHDRAW_EARLY, withdraw_if_served(pool, waiter, ticket))
     try:
         lease = ticket.wait()
     finally:
@@ -199,6 +212,33 @@ def take_lease(pool: ConnectionPool[Any], client: Client, deadline: float) -> Le
         pool.grant_unused()  # the coordinator counted it: so do we, as never used
         raise PoolClosed(f"pool {pool.name!r} is {pool.status.value}")
     return lease
+
+
+def withdraw_if_served(pool: ConnectionPool[Any], waiter: _Waiter,
+                       ticket: AcquireRequest) -> Callable[[], None]:
+    """A timer's job, just before ``ticket`` times out at the coordinator: if
+    ``waiter`` (whose deadline it carries) was served by a checkin, or left,
+    while others wait, the request stayed for them (a checkin withdraws it only
+    once nobody waits), and its timeout would be counted in timeouts_total
+    with no caller's PoolTimeout. Withdrawn instead: the opener fails with
+    AcquireCancelled, which reaches no waiter, and the opener planned then
+    asks with the next waiter's own deadline. (Its place in the
+    coordinator's line goes, as it did at the timeout: the protocol cannot
+    move a queued request's deadline.) Holds the pool weakly."""
+    ref = weakref.ref(pool)
+
+    def job() -> None:
+        found = ref()
+        if found is None:
+            return
+        with found._lock:
+            stale = (ticket in found._lease_requests and waiter not in found._waiters
+                     and bool(found._waiters))
+            if stale:
+                found._lease_requests.discard(ticket)
+        if stale:
+            ticket.cancel()
+    return job
 
 
 def setup(pool: ConnectionPool[Any], wrapper: ConnectionWrapper[Any],
