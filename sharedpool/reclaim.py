@@ -184,7 +184,12 @@ def rebalance(
     # quantum, for its own opener to connect again (0.1 s: 9-16 connects in
     # 3 s instead of 2). A busy sibling gives its slot at checkin by itself
     # (checkin.release_slow, Client.siblings_waiting).
-    if head is not None and plan.get(head) and not excess and per_session.keys() == {head}:
+    # And so is a head at or under its floor, whoever waits behind it: each
+    # lease it lets go there comes back to its own waiter (Ledger.release's
+    # keeper). Asked with the quantum once another process queued, a busy one
+    # went at its checkin and was granted straight back.
+    if head is not None and plan.get(head) and not excess and (
+            per_session.keys() == {head} or held.get(head, 0) <= floor):
         idle_only.add(head)
     for sid, n in blocked.items():
         asked = plan.get(sid, 0)

@@ -840,6 +840,32 @@ def test_a_lease_let_go_under_the_floor_goes_to_its_holders_own_waiter() -> None
     assert granted(lg.release(a, lease, T0 + 0.1)).session == a
 
 
+def test_the_head_at_its_floor_is_asked_for_idle_leases_only_whoever_waits_behind() -> None:
+    """A lease it gives back under its floor comes back to its own waiter
+    (the keeper), so the head at its floor is asked for idle ones only, as when
+    alone in line. Asked with the quantum once another process queued behind
+    it, a busy pool whose idle report was a moment old gave a busy connection
+    back at its checkin and was granted the slot straight back: a close and a
+    connect for nothing, the process behind served no sooner."""
+    lg = ledger(pg=Resource(2, min_per_process=1, fairness_quantum=0.1))
+    a, b, c = session(lg, pid=1), session(lg, pid=2), session(lg, pid=3)
+    lease = grant(lg, a, 1)
+    grant(lg, b, 1)
+    idle(lg, a)  # a moment old: reports are coalesced
+    assert of(AskReclaim, lg.acquire(a, 2, "pg", T0, timeout=5)) == [AskReclaim(a, "pg", 1, IDLE_ONLY)]
+    assert of(AskReclaim, lg.acquire(c, 1, "pg", T0 + 0.001, timeout=5)) == []
+    assert lg.sessions[a].idle_only == {"pg"}
+    assert granted(lg.release(a, lease, T0 + 0.2)).session == a
+    # Above its floor, what it gives first goes to the process behind it: the quantum.
+    lg = ledger(pg=Resource(3, min_per_process=1, fairness_quantum=0.1))
+    a, b, c = session(lg, pid=1), session(lg, pid=2), session(lg, pid=3)
+    grant(lg, a, 1), grant(lg, a, 2)
+    grant(lg, b, 1)
+    idle(lg, a)
+    assert queued(lg.acquire(a, 3, "pg", T0, timeout=5))
+    assert of(AskReclaim, lg.acquire(c, 1, "pg", T0 + 0.001, timeout=5)) == [AskReclaim(a, "pg", 2, 0.1)]
+
+
 def test_a_process_at_its_floor_is_asked_only_for_its_own_waiters() -> None:
     """Only the head's and a blocked process's waiters take back a lease given
     under the floor: asked for the head's need, a waiter behind it would give
@@ -1460,6 +1486,9 @@ class LedgerMachine(RuleBasedStateMachine):
                                    and (cap is None or self.count(sid, e.resource) < cap))
                     head = ahead[0][1] if ahead else None
                     assert e.session == head or e.quantum == IDLE_ONLY or held > floor, e
+                    # Every lease it gives back comes back to it: never one busy at
+                    # its checkin (a close and a connect for its own waiter).
+                    assert e.quantum == IDLE_ONLY or held > floor, f"a quantum ask under the floor: {e}"
                 if e.count and self.leased(e.resource) <= self.limits(e.resource).max_size:
                     # Only the head waiter's session is spared (its give-back would
                     # come straight back to it); other waiting holders may be asked.
