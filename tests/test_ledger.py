@@ -1505,6 +1505,16 @@ class LedgerMachine(RuleBasedStateMachine):
                                    if lease.resource == e.resource and lease.state == IDLE)
                     assert e.session != head or e.count <= idle_now or (
                         not others and e.count == 1), f"asked the next-in-line session: {e}"
+                    # The head with no other process a free slot could serve gets
+                    # back whatever it gives: idle leases only, never a busy one.
+                    seen: dict[int, int] = {}
+                    line = sorted((math.inf if q.seq is None else q.seq, sid)  # one being queued: last
+                                  for (sid, _), q in self.outstanding.items() if q.resource == e.resource)
+                    for _, sid in line:
+                        if cap is None or self.count(sid, e.resource) + seen.get(sid, 0) < cap:
+                            seen[sid] = seen.get(sid, 0) + 1
+                    assert seen.keys() != {e.session} or e.quantum == IDLE_ONLY, (
+                        f"the head alone in line asked with the quantum: {e}")
             elif isinstance(e, Notify):
                 assert e.session in self.sessions, e
             elif isinstance(e, Problem):
