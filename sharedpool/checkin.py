@@ -45,12 +45,7 @@ def check_in_unsettled(pool: ConnectionPool[T], wrapper: ConnectionWrapper[T], s
             "pool %r: connection %s checked in %s%s", pool.name, wrapper.id[:8],
             _UNSETTLED.get(status, f"with transaction status {status}: closed"),
             " (later ones are logged at debug level)" if first else "")
-    try:
-        pool.release_after_error(wrapper)
-    except BaseException:  # cut short (a signal mid-rollback): closed, never stranded
-        if wrapper.in_use and pool._all.get(wrapper.id) is wrapper:
-            pool._discard(wrapper, validation=False)
-        raise
+    pool.release_after_error(wrapper)  # cut short (a signal here, mid-rollback): the caller closes it
 
 
 def release_slow(pool: ConnectionPool[T], wrapper: ConnectionWrapper[T], now: float) -> None:

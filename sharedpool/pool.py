@@ -437,10 +437,15 @@ class ConnectionPool(Generic[T]):
         if self._pid != _PID[0]:
             self._after_fork()
         if wrapper.txn is not None and wrapper.in_use and self._all.get(wrapper.id) is wrapper:
-            status = _txn_status(wrapper)
-            if status:  # not at rest (libpq's IDLE is 0)
-                checkin.check_in_unsettled(self, wrapper, status)
-                return
+            out = wrapper.checked_out_at
+            try:  # a signal handler's exception in the check, its warning or a rollback must not strand it
+                status = _txn_status(wrapper)
+                if status:  # not at rest (libpq's IDLE is 0)
+                    checkin.check_in_unsettled(self, wrapper, status)
+                    return
+            except BaseException:
+                self._close_if_still_out(wrapper, out)
+                raise
         done = False
         try:  # free unless raised: a signal before the checkin took effect must not strand it
             now = _monotonic()
@@ -483,21 +488,35 @@ class ConnectionPool(Generic[T]):
                 and self._all.get(wrapper.id) is wrapper):
             self.release(wrapper)  # raises PoolMisuse, touching nothing
             return
-        status = _txn_status(wrapper)
-        closed = getattr(wrapper.conn, "closed", False)  # psycopg: bool, psycopg2: 0/1/2
-        if status == UNKNOWN or (isinstance(closed, int) and closed):
-            self._discard(wrapper, validation=False, bad=True)  # broken: no use keeping it
-            return
-        if status in (INTRANS, INERROR):
-            try:
-                wrapper.conn.rollback()  # type: ignore[attr-defined]
-                status = _txn_status(wrapper)
-            except Exception as exc:  # noqa: BLE001 - then it is closed instead
-                log.info("pool %r: rollback of connection %s failed: %s", self.name, wrapper.id[:8], exc)
-        if status in (ACTIVE, INTRANS, INERROR):
+        out = wrapper.checked_out_at
+        try:  # a second signal (Ctrl-C twice, a stop signal resent) mid-rollback must not strand it
+            status = _txn_status(wrapper)
+            closed = getattr(wrapper.conn, "closed", False)  # psycopg: bool, psycopg2: 0/1/2
+            if status == UNKNOWN or (isinstance(closed, int) and closed):
+                self._discard(wrapper, validation=False, bad=True)  # broken: no use keeping it
+                return
+            if status in (INTRANS, INERROR):
+                try:
+                    wrapper.conn.rollback()  # type: ignore[attr-defined]
+                    status = _txn_status(wrapper)
+                except Exception as exc:  # noqa: BLE001 - then it is closed instead
+                    log.info("pool %r: rollback of connection %s failed: %s", self.name, wrapper.id[:8], exc)
+            if status in (ACTIVE, INTRANS, INERROR):
+                self._discard(wrapper, validation=False)
+            else:
+                self.release(wrapper)
+        except BaseException:
+            self._close_if_still_out(wrapper, out)
+            raise
+
+    def _close_if_still_out(self, wrapper: ConnectionWrapper[T], out: float) -> None:
+        """A checkin was cut short: close ``wrapper`` (it may be mid-query or
+        mid-transaction) if it is still out on the checkout that began at
+        ``out``, not checked in already, nor out again to another caller."""
+        with self._lock:
+            mine = wrapper.in_use and wrapper.checked_out_at == out and self._all.get(wrapper.id) is wrapper
+        if mine:
             self._discard(wrapper, validation=False)
-        else:
-            self.release(wrapper)
 
     def _quantum(self, client: Client) -> float:
         return self._handoff.quantum_for(client, self.resource)

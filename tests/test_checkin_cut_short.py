@@ -1,0 +1,87 @@
+"""A checkin cut short by a signal handler's exception (KeyboardInterrupt,
+celery's soft time limit, gunicorn's SystemExit) in its transaction check,
+its unsettled-connection warning or its rollback: the connection must not stay
+checked out for good, its lease held (found by tests/fuzz_signals.py)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import psycopg
+import pytest
+from proc_helpers import wait_leased
+
+from sharedpool import ConnectionPool, PoolConfig, checkin
+from sharedpool import pool as pool_module
+
+pytestmark = pytest.mark.pg
+
+
+class Interrupted(Exception):
+    """What a signal handler raises."""
+
+
+def _pool(pg: str, app: str, sock: str) -> ConnectionPool[Any]:
+    dsn = f"{pg} application_name={app}"
+    return ConnectionPool(lambda: psycopg.connect(dsn, autocommit=False), PoolConfig(min_size=0, max_size=1),
+                          resource="pg", coordinator=sock)
+
+
+def _raise_once(monkeypatch: Any, owner: Any, name: str, exc: BaseException) -> list[bool]:
+    """``owner.name`` (a module function or a bound method) raises ``exc`` at its next call."""
+    real = getattr(owner, name)
+    fired: list[bool] = []
+
+    def once(*args: Any, **kwargs: Any) -> Any:
+        if not fired:
+            fired.append(True)
+            raise exc
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, once)
+    return fired
+
+
+@pytest.mark.parametrize("where", ["status-at-checkin", "status-after-error", "warning", "rollback"])
+def test_a_checkin_cut_short_does_not_strand_the_connection(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str, monkeypatch: Any, where: str) -> None:
+    start_coordinator({"pg": 1})
+    pool = _pool(pg, app_name, sock_path)
+    try:
+        with pool.connection() as conn:  # a connection to interrupt the checkin of
+            conn.execute("SELECT 1")
+            conn.commit()
+        if where.startswith("status"):
+            fired = _raise_once(monkeypatch, pool_module, "_txn_status", Interrupted())
+        elif where == "warning":
+            fired = _raise_once(monkeypatch, checkin.log, "log", KeyboardInterrupt())
+        else:
+            fired = _raise_once(monkeypatch, psycopg.Connection, "rollback", KeyboardInterrupt())
+        with pytest.raises((Interrupted, KeyboardInterrupt)), pool.connection() as conn:
+            if where != "status-at-checkin":
+                conn.execute("SELECT 1")  # in a transaction: checked in unsettled
+            if where in ("status-after-error", "rollback"):
+                raise ValueError("the with block failed")
+        assert fired
+        assert pool.get_in_use() == 0, repr(pool)
+        with pool.connection(timeout=5) as conn:  # max_size 1: only if it came back
+            conn.execute("SELECT 1")
+            conn.commit()
+    finally:
+        pool.close()
+    assert wait_leased(sock_path, 0) == 0
+
+
+def test_the_warning_is_still_said(pg: str, start_coordinator: Any, sock_path: str, app_name: str,
+                                   caplog: Any) -> None:
+    """The unsettled checkin's warning, moved under the guard, is still logged once."""
+    start_coordinator({"pg": 1})
+    pool = _pool(pg, app_name, sock_path)
+    try:
+        with caplog.at_level(logging.WARNING, logger="sharedpool"), pool.connection() as conn:
+            conn.execute("SELECT 1")
+        assert "checked in" in caplog.text
+        assert pool.get_in_use() == 0
+    finally:
+        pool.close()
