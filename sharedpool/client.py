@@ -31,6 +31,7 @@ from . import background, goodbye, handshake, receiving
 from . import protocol as p
 from .atfork import in_child, warn_thread_in_uwsgi_master
 from .background import BACKOFF_MIN, PARK_RECHECK
+from .condition import Condition
 from .config import (
     MAX_SOCKET_PATH,
     check_resource_name,
@@ -88,7 +89,7 @@ class Client(Owed, Hooks):
         self._lock_factory = threading.Lock
         self._send_lock = threading.Lock()
         self._read_lock = threading.Lock()
-        self._cond = threading.Condition(threading.Lock())
+        self._cond = Condition(threading.Lock())
         self._pending: dict[int, _Pending] = {}
         #: acquires withdrawn while out: request -> weakref to the pool that asked (see lease.py)
         self._withdrawn: dict[int, Any] = {}
@@ -686,7 +687,7 @@ class Client(Owed, Hooks):
         self._lock_factory = threading.Lock
         self._send_lock = threading.Lock()
         self._read_lock = threading.Lock()
-        self._cond = threading.Condition(threading.Lock())
+        self._cond = Condition(threading.Lock())
         self._report_lock = threading.Lock()
         self._owed_lock = threading.Lock()
         self._handlers_lock = threading.RLock()

@@ -25,6 +25,7 @@ from typing import Any, Generic, TypeVar
 from . import checkin, dropped, maintenance, opening, process, shutdown, waiting
 from .client import _PID, AcquireRequest, Client, current_pid
 from .closing import ACTIVE, INERROR, INTRANS, UNKNOWN, transaction_status
+from .condition import Condition
 from .config import (
     SOCKET_ENV,
     PoolConfig,
@@ -142,7 +143,7 @@ class ConnectionPool(Generic[T]):
         self._test_on_release = self.config.test_on_release
         self._max_lifetime = self.config.max_lifetime
         self._lock = threading.Lock()
-        self._returned = threading.Condition(self._lock)
+        self._returned = Condition(self._lock)
         self._idle: deque[ConnectionWrapper[T]] = deque()
         self._all: dict[str, ConnectionWrapper[T]] = {}
         self._waiters: deque[_Waiter] = deque()

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import process
 from ..client import Client, Lease, current_pid
+from ..condition import Condition
 from ..config import SOCKET_ENV, check_resource_name, check_seconds, check_socket_path, env_socket_path
 from ..giveback import IDLE_GIVE_BACK, min_turn
 from ..handoff import HandOffCost
@@ -172,7 +173,7 @@ class _Book:
         left = getattr(self, "_left", None)
         if left is not None:  # after fork: the finalizer sees the child's entries
             left.entries, left.pid = self._entries, pid
-        self._returned = threading.Condition(threading.Lock())
+        self._returned = Condition(threading.Lock())
         self._waiting = 0
         self._waits: list[_Wait] = []
         self._recheck = False  # a recheck is scheduled
@@ -181,7 +182,7 @@ class _Book:
         self._recent = 0.0  # a reclaim passed over a young connection: when to look again
         self._in_turn = False  # ... an idle one, its first turn not over (pays_back)
         self._closing = 0  # leases of closed connections, kept until the server lets go
-        self._none_closing = threading.Condition(self._lock)  # notified as _closing drops to 0
+        self._none_closing = Condition(self._lock)  # notified as _closing drops to 0
         self._hung_until = 0.0  # a close went unconfirmed: the next ones until then do not wait
         self._revoked = 0  # tracked connections whose lease was revoked
         self._handoff = HandOffCost()

@@ -1,0 +1,34 @@
+"""A :class:`threading.Condition` whose ``with`` cannot be cut short holding its lock.
+
+``threading.Condition``'s ``__enter__`` and ``__exit__`` are Python functions:
+a signal handler's exception (KeyboardInterrupt, celery's soft time limit, a
+SIGTERM handler's SystemExit) can land just after ``__enter__`` took the lock,
+before the ``with`` block (whose ``__exit__`` then never runs), or at
+``__exit__``'s first instruction, before it lets go. Either way the lock stays
+held for good, and every later user of the condition (a client's every lease
+call, a pool's every checkout) blocks for ever. Here the ``with`` statement
+gets the lock's own C-level methods: nothing runs between the acquire and the
+block, nor between the block and the release.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+
+def _enter(cond: Any) -> Any:
+    return cond._lock.__enter__  # looked up before the acquire: cut short here, nothing is held
+
+
+def _exit(cond: Any) -> Any:
+    return cond._lock.__exit__
+
+
+class Condition(threading.Condition):
+    """:class:`threading.Condition`, safe to use in ``with`` under signal handlers that raise."""
+
+    # Properties: the with statement looks both up on the type, then calls the
+    # bound C methods with no Python frame between them and the block.
+    __enter__ = property(_enter)  # type: ignore[assignment]
+    __exit__ = property(_exit)  # type: ignore[assignment]
