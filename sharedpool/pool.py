@@ -437,18 +437,16 @@ class ConnectionPool(Generic[T]):
             raise PoolMisuse(f"{wrapper!r} does not belong to pool {self.name!r}")
         if self._pid != _PID[0]:
             self._after_fork()
-        if wrapper.txn is not None and wrapper.in_use and self._all.get(wrapper.id) is wrapper:
-            out = wrapper.checked_out_at
-            try:  # a signal handler's exception in the check, its warning or a rollback must not strand it
+        out = wrapper.checked_out_at
+        at_rest = wrapper.txn is None  # else known once its transaction status is read
+        done = False
+        try:  # free unless raised: a signal before the checkin took effect must not strand it
+            if not at_rest and wrapper.in_use and self._all.get(wrapper.id) is wrapper:
                 status = _txn_status(wrapper)
                 if status:  # not at rest (libpq's IDLE is 0)
                     checkin.check_in_unsettled(self, wrapper, status)
                     return
-            except BaseException:
-                self._close_if_still_out(wrapper, out)
-                raise
-        done = False
-        try:  # free unless raised: a signal before the checkin took effect must not strand it
+            at_rest = True
             now = _monotonic()
             client = self._client
             age = now - wrapper.created_at
@@ -471,7 +469,9 @@ class ConnectionPool(Generic[T]):
                         self._idle.append(wrapper)
                         return
         except BaseException:
-            if not done:  # nothing happened yet: check it in the slow way, then let the exception go on
+            if not at_rest:  # cut short in the transaction check, its warning or a rollback
+                self._close_if_still_out(wrapper, out)
+            elif not done:  # nothing happened yet: check it in the slow way, then let the exception go on
                 checkin.release_slow(self, wrapper, _monotonic())
             raise
         checkin.release_slow(self, wrapper, now)

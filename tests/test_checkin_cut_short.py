@@ -6,11 +6,14 @@ checked out for good, its lease held (found by tests/fuzz_signals.py)."""
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 import psycopg
 import pytest
 from proc_helpers import wait_leased
+from test_pool_edges import Interrupted as Traced
+from test_pool_edges import _interrupting_at
 
 from sharedpool import ConnectionPool, PoolConfig, checkin
 from sharedpool import pool as pool_module
@@ -85,3 +88,37 @@ def test_the_warning_is_still_said(pg: str, start_coordinator: Any, sock_path: s
         assert pool.get_in_use() == 0
     finally:
         pool.close()
+
+
+@pytest.mark.parametrize("in_transaction", [False, True])
+def test_a_checkin_cut_short_anywhere_in_release_leaves_nothing_in_use(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str, in_transaction: bool) -> None:
+    """Wherever a signal handler can run in release() and check_in_unsettled()
+    (not in their callees): before, at the dict lookup and the status read
+    ahead of the guarded part, the connection stayed in use for good."""
+    start_coordinator({"pg": 1})
+    codes = [ConnectionPool.release.__code__, checkin.check_in_unsettled.__code__]
+    k = 0
+    while True:
+        pool = _pool(pg, app_name, sock_path)
+        try:
+            wrapper = pool.acquire(timeout=5)
+            wrapper.conn.execute("SELECT 1")
+            if not in_transaction:
+                wrapper.conn.commit()
+            tracer, fired = _interrupting_at(codes, k)
+            sys.settrace(tracer)
+            try:
+                pool.release(wrapper)
+            except Traced:
+                pass
+            finally:
+                sys.settrace(None)
+            assert pool.get_in_use() == 0, (fired, repr(pool))
+        finally:
+            pool.close(timeout=2)
+        assert wait_leased(sock_path, 0) == 0, fired
+        if not fired:
+            break
+        k += 1
+    assert k > 3  # the points were reached
