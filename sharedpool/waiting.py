@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .client import QUEUED_AFTER, AcquireRequest
@@ -100,10 +101,14 @@ def acquire_slow(pool: ConnectionPool[T], timeout: float | None, start: float,
             # Also what a signal handler raises while we wait (celery's soft
             # time limit, KeyboardInterrupt): no connection may stay handed
             # to a caller that is gone.
-            forsake(pool, waiter, checking, withdraw=not isinstance(exc, PoolTimeout))
-            count_failed(pool, waiter, start)
-            if not started:  # cut short before its openers ran: uncount them, with our waiter gone
-                pool._unplan(openers)
+            try:  # each part even if another signal cuts the one before short
+                forsake(pool, waiter, checking, withdraw=not isinstance(exc, PoolTimeout))
+            finally:
+                try:
+                    if not started:  # cut short before its openers ran: uncount them, with our waiter gone
+                        pool._unplan(openers)
+                finally:
+                    count_failed(pool, waiter, start)
             raise
         if not valid:
             pool._discard(wrapper)
@@ -227,25 +232,29 @@ def forsake(pool: ConnectionPool[T], waiter: _Waiter, checking: ConnectionWrappe
     of the caller's own runs out with it (the coordinator counts that
     timeout: withdrawn a moment before, it counted none), and one of a
     timeout=0 checkout opens its connection for later, as promised."""
-    now = time.monotonic()
-    stale: set[AcquireRequest] = set()
-    with pool._lock:
-        if waiter in pool._waiters:
-            pool._waiters.remove(waiter)
-        if withdraw and not pool._waiters and pool._lease_requests:
-            # Nobody waits any more: withdraw the openers' lease requests, as a
-            # checkin does. Left, a wait cut short (celery's soft time limit)
-            # kept the process queued at the coordinator until the deadline,
-            # ahead of other processes, for a connection nobody wanted.
-            stale, pool._lease_requests = pool._lease_requests, set()
-        handed = waiter.wrapper if checking is None else None
-        if handed is not None:
-            # Never its caller's: no usage to count at its checkin (it holds
-            # the last user's checkout time, or configure's inf).
-            handed.checked_out_at = now
-    for ticket in stale:
-        ticket.cancel()
-    if checking is not None:
-        pool._discard(checking, validation=False)
-    elif handed is not None:
-        pool.release(handed)
+    handed = None
+    stale: Iterable[AcquireRequest] = ()  # not set(): no call before the try
+    try:  # a second signal handler's exception (Ctrl-C twice) in here must not strand the connection
+        with pool._lock:
+            # Read first, with no call before it (a handler runs after one);
+            # under the lock: once out of the queue nothing is handed to it.
+            handed = waiter.wrapper if checking is None else None
+            if waiter in pool._waiters:
+                pool._waiters.remove(waiter)
+            if handed is not None:
+                # Never its caller's: no usage to count at its checkin (it holds
+                # the last user's checkout time, or configure's inf).
+                handed.checked_out_at = time.monotonic()
+            if withdraw and not pool._waiters and pool._lease_requests:
+                # Nobody waits any more: withdraw the openers' lease requests, as a
+                # checkin does. Left, a wait cut short (celery's soft time limit)
+                # kept the process queued at the coordinator until the deadline,
+                # ahead of other processes, for a connection nobody wanted.
+                stale, pool._lease_requests = pool._lease_requests, set()
+        for ticket in stale:
+            ticket.cancel()
+    finally:
+        if checking is not None:
+            pool._discard(checking, validation=False)
+        elif handed is not None:
+            pool.release(handed)
