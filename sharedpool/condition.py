@@ -32,3 +32,14 @@ class Condition(threading.Condition):
     # bound C methods with no Python frame between them and the block.
     __enter__ = property(_enter)  # type: ignore[assignment]
     __exit__ = property(_exit)  # type: ignore[assignment]
+
+
+class Event(threading.Event):
+    """:class:`threading.Event` whose lock a signal handler's exception in
+    :meth:`wait` cannot leave held: a later :meth:`set` (a pool hands a
+    connection over under its own lock) would block for ever, and with it
+    every thread that takes that lock."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cond = Condition(threading.Lock())  # threading.Event's own, made safe

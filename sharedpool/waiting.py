@@ -8,13 +8,13 @@ connection handed to a caller that is gone.
 from __future__ import annotations
 
 import math
-import threading
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .client import QUEUED_AFTER, AcquireRequest
 from .closing import WAIT_SLICE
+from .condition import Event
 from .config import blocked_loop_note
 from .errors import ConnectTimeout, PoolClosed, PoolTimeout
 from .status import PoolStatus
@@ -31,7 +31,7 @@ class _Waiter:
                  "planned", "leasing", "counted", "deadline")
 
     def __init__(self, deadline: float | None = None) -> None:
-        self.event = threading.Event()
+        self.event = Event()  # a signal handler's exception in its wait cannot leave it locked
         self.wrapper: ConnectionWrapper[Any] | None = None
         self.error: BaseException | None = None
         self.connect_deadline: float | None = None  # set while our opener runs the factory

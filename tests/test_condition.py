@@ -9,24 +9,51 @@ import sys
 import threading
 from typing import Any
 
+from test_pool_edges import _HANDLER_POINTS
+
 from sharedpool import Client, ConnectionPool, PoolConfig
 from sharedpool.contrib._leases import LeaseBook
 from sharedpool.testing import FakeFactory
+from sharedpool.waiting import _Waiter
+
+
+def _at_instant(instant: int) -> tuple[Any, list[int]]:
+    """A tracer raising KeyboardInterrupt at the ``instant``-th place a signal
+    handler can run: a function's entry, or just after a call or a backward
+    jump (not at a tracer's line events elsewhere, where none can)."""
+    import dis
+
+    points: dict[Any, set[int]] = {}
+    seen, last = [0], {}
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        if event != "opcode":
+            return local
+        code = frame.f_code
+        if code not in points:
+            points[code] = {i.offset for i in dis.get_instructions(code) if i.opname in _HANDLER_POINTS}
+        prev, last[id(frame)] = last.get(id(frame)), frame.f_lasti
+        if prev in points[code]:
+            seen[0] += 1
+            if seen[0] == instant:
+                raise KeyboardInterrupt
+        return local
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if event == "call":
+            seen[0] += 1  # its entry
+            if seen[0] == instant:
+                raise KeyboardInterrupt
+        frame.f_trace_opcodes = True
+        return local
+
+    return tracer, seen
 
 
 def _held_after_cut(cond: Any, instant: int) -> tuple[bool, bool]:
-    """Raise KeyboardInterrupt at the ``instant``-th trace event (a call, line
-    or return: where a signal handler can run) under ``with cond: pass``.
-    Whether it fired, and whether the lock is left held."""
-    seen = [0]
-
-    def tracer(frame: Any, event: str, arg: Any) -> Any:
-        if frame.f_code is enter.__code__:
-            return tracer  # the with statement's own frame: its instants are in the block
-        seen[0] += 1
-        if seen[0] == instant:
-            raise KeyboardInterrupt
-        return tracer
+    """Cut ``with cond: pass`` short at the ``instant``-th place a handler can
+    run. Whether it was reached, and whether the lock is left held."""
+    tracer, seen = _at_instant(instant)
 
     def enter() -> None:
         with cond:
@@ -74,3 +101,26 @@ def test_no_signal_leaves_a_condition_held(start_coordinator: Any, sock_path: st
         pool.close()
         book.shutdown()
         client.close()
+
+
+def test_no_signal_in_a_waiters_wait_leaves_its_event_locked() -> None:
+    """A checkout's wait cut short at any instant inside Event.wait: the
+    event's lock must be free, so the set() of a hand-over (made under the
+    pool's lock) cannot block for ever, and with it every thread of the pool."""
+    for instant in range(1, 200):
+        event = _Waiter().event
+        tracer, seen = _at_instant(instant)
+        sys.settrace(tracer)
+        try:
+            event.wait(0.001)
+        except (KeyboardInterrupt, RuntimeError):  # RuntimeError: threading's own, lock released twice
+            pass
+        finally:
+            sys.settrace(None)
+        if seen[0] < instant:
+            break
+        setter = threading.Thread(target=event.set, daemon=True)
+        setter.start()
+        setter.join(2)
+        assert not setter.is_alive(), f"set() blocked: cut at instant {instant}"
+    assert instant > 5  # the instants were reached
