@@ -13,7 +13,6 @@ import logging
 import math
 import time
 import weakref
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import giveback
@@ -188,7 +187,7 @@ def take_lease(pool: ConnectionPool[Any], client: Client, deadline: float,
     """Opener thread: a lease for one more connection. Withdrawn if the pool
     closes meanwhile; one granted as it closed goes back unused (PoolClosed).
     Withdrawn too just before its deadline if ``waiter`` was served (or left)
-    meanwhile while others wait: see :func:`withdraw_if_served`."""
+    meanwhile while others wait: see :class:`WithdrawIfServed`."""
     timeout = max(0.0, deadline - time.monotonic())
     ticket = client.request(pool.resource, timeout,
                             fail_if_lost=pool.config.coordinator_away == "fallback", _owner=pool)
@@ -199,11 +198,14 @@ def take_lease(pool: ConnectionPool[Any], client: Client, deadline: float,
             pool._lease_requests.add(ticket)
     if not active:
         ticket.cancel()
-    elif waiter is not None and timeout > 2 * WITHDRAW_EARLY:
-        client.call_later(timeout - WITHDRAW_EARLY, withdraw_if_served(pool, waiter, ticket))
+    withdraw = WithdrawIfServed(pool, waiter, ticket) if waiter is not None else None
     try:
+        if active and withdraw is not None and timeout > 2 * WITHDRAW_EARLY:
+            client.call_later(timeout - WITHDRAW_EARLY, withdraw)
         lease = ticket.wait()
     finally:
+        if withdraw is not None:
+            withdraw.forget()  # the timer may be due long after: it must hold nothing
         with pool._lock:
             pool._lease_requests.discard(ticket)
             active = pool._active
@@ -214,8 +216,7 @@ def take_lease(pool: ConnectionPool[Any], client: Client, deadline: float,
     return lease
 
 
-def withdraw_if_served(pool: ConnectionPool[Any], waiter: _Waiter,
-                       ticket: AcquireRequest) -> Callable[[], None]:
+class WithdrawIfServed:
     """A timer's job, just before ``ticket`` times out at the coordinator: if
     ``waiter`` (whose deadline it carries) was served by a checkin, or left,
     while others wait, the request stayed for them (a checkin withdraws it only
@@ -224,12 +225,28 @@ def withdraw_if_served(pool: ConnectionPool[Any], waiter: _Waiter,
     AcquireCancelled, which reaches no waiter, and the opener planned then
     asks with the next waiter's own deadline. (Its place in the
     coordinator's line goes, as it did at the timeout: the protocol cannot
-    move a queued request's deadline.) Holds the pool weakly."""
-    ref = weakref.ref(pool)
+    move a queued request's deadline.)
 
-    def job() -> None:
-        found = ref()
-        if found is None:
+    Holds the pool weakly, and the waiter and ticket only until the lease
+    wait ends (:meth:`forget`): the waiter's wrapper and the ticket's owner
+    hold the pool, and the timer may be due as late as the checkout's
+    timeout; a pool dropped meanwhile must be collected, its connections
+    closed and their leases released, without waiting for it."""
+
+    __slots__ = ("_pool", "_waiter", "_ticket")
+
+    def __init__(self, pool: ConnectionPool[Any], waiter: _Waiter, ticket: AcquireRequest) -> None:
+        self._pool = weakref.ref(pool)
+        self._waiter: _Waiter | None = waiter
+        self._ticket: AcquireRequest | None = ticket
+
+    def forget(self) -> None:
+        """The lease wait ended: nothing is left to withdraw."""
+        self._waiter = self._ticket = None
+
+    def __call__(self) -> None:
+        found, waiter, ticket = self._pool(), self._waiter, self._ticket
+        if found is None or waiter is None or ticket is None:
             return
         with found._lock:
             stale = (ticket in found._lease_requests and waiter not in found._waiters
@@ -238,7 +255,6 @@ def withdraw_if_served(pool: ConnectionPool[Any], waiter: _Waiter,
                 found._lease_requests.discard(ticket)
         if stale:
             ticket.cancel()
-    return job
 
 
 def setup(pool: ConnectionPool[Any], wrapper: ConnectionWrapper[Any],
