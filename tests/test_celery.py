@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import Any
 import pytest
 from pg_helpers import BackendSampler
 from proc_helpers import settled
+from servers import SessionServer, die_with_parent, pid_alive, wait_for
 
 from sharedpool import Client, ConfigError
 
@@ -42,38 +41,14 @@ def require_redis() -> None:
         pytest.skip(problem)
 
 
-def die_with_parent() -> None:
-    """preexec_fn: SIGTERM this child when the test process dies (no orphaned workers)."""
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-class CeleryWorker:
+class CeleryWorker(SessionServer):
     """``celery -A tasks worker`` on a queue of its own, in its own session."""
+
+    name = "celery"
 
     def __init__(self, tmp_path: Path, sock: str, app_name: str, extra: tuple[str, ...] = ()) -> None:
         self.sock = sock
         self.queue = f"sp-test-{uuid.uuid4().hex[:10]}"
-        self.log_path = tmp_path / "celery.log"
         self.env = {
             **os.environ,
             "EXAMPLE_REDIS_URL": REDIS_URL,
@@ -85,17 +60,11 @@ class CeleryWorker:
             "EXAMPLE_COORDINATOR_LOG": "info",
         }
         self.env.pop("SHAREDPOOL_SOCKET", None)
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-P", "prefork",
-                 "-c", str(CONCURRENCY), "-n", f"{self.queue}@%h", "--without-gossip",
-                 "--without-mingle", "--without-heartbeat", "--loglevel=info", *extra],
-                cwd=EXAMPLE, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, preexec_fn=die_with_parent,
-            )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        super().__init__(tmp_path / "celery.log",
+                         [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-P", "prefork",
+                          "-c", str(CONCURRENCY), "-n", f"{self.queue}@%h", "--without-gossip",
+                          "--without-mingle", "--without-heartbeat", "--loglevel=info", *extra],
+                         self.env, cwd=EXAMPLE)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         def ready() -> bool:
@@ -113,14 +82,10 @@ class CeleryWorker:
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM (warm shutdown) to the worker's main process, by pid, and wait."""
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-        return self.proc.wait(timeout)
+        return super().stop(timeout)
 
     def cleanup(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        self.kill_group()
         import redis
 
         r = redis.Redis.from_url(REDIS_URL)

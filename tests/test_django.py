@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -20,6 +19,7 @@ from typing import Any
 
 import pytest
 from pg_helpers import BackendSampler
+from servers import SessionServer
 
 pytest.importorskip("django")
 pytest.importorskip("gunicorn")
@@ -42,25 +42,21 @@ class _UnixHTTP(http.client.HTTPConnection):
         self.sock.connect(self.unix_path)
 
 
-class DjangoServer:
+class DjangoServer(SessionServer):
     """The example under gunicorn, in its own session, listening on a Unix socket."""
+
+    name = "gunicorn"
 
     def __init__(self, tmp_path: Path, app_name: str, worker_class: str) -> None:
         self.bind = str(tmp_path / "http.sock")
-        self.log_path = tmp_path / "gunicorn.log"
         env = {**os.environ, "EXAMPLE_BIND": f"unix:{self.bind}", "EXAMPLE_WORKERS": str(WORKERS),
                "EXAMPLE_CAP": str(CAP), "EXAMPLE_APP_NAME": app_name,
                "EXAMPLE_SOCKET": str(tmp_path / "sp.sock"), "EXAMPLE_WORKER_CLASS": worker_class,
                "EXAMPLE_THREADS": "4" if worker_class == "gthread" else "1", "EXAMPLE_CLOSE_TIMEOUT": "20"}
         env.pop("SHAREDPOOL_SOCKET", None)
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gunicorn", "-c", str(EXAMPLE / "gunicorn.conf.py"),
-                 "--chdir", str(EXAMPLE), "app:application"],
-                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        super().__init__(tmp_path / "gunicorn.log",
+                         [sys.executable, "-m", "gunicorn", "-c", str(EXAMPLE / "gunicorn.conf.py"),
+                          "--chdir", str(EXAMPLE), "app:application"], env)
 
     def get(self, sleep: float = 0.0, timeout: float = 30.0) -> dict[str, Any]:
         conn = _UnixHTTP(self.bind, timeout)
@@ -94,9 +90,7 @@ def server(request: pytest.FixtureRequest, pg: str, tmp_path: Path, app_name: st
         srv.wait_ready()
         yield srv
     finally:
-        if srv.proc.poll() is None:
-            os.killpg(srv.proc.pid, signal.SIGKILL)
-            srv.proc.wait(10)
+        srv.kill_group()
 
 
 def _gone(sampler: BackendSampler, timeout: float) -> int:

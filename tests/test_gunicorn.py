@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ import psutil
 import pytest
 from pg_helpers import BackendSampler
 from proc_helpers import resource_row, settled
+from servers import SessionServer, die_with_parent, free_port, pid_alive, wait_for
 
 from sharedpool import Client, ConfigError, SharedPoolError
 
@@ -35,50 +35,15 @@ WORKERS = 8
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
-def die_with_parent() -> None:
-    """preexec_fn: SIGTERM this child when the test process dies (no orphaned servers)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead for our purposes (its parent has not reaped it yet).
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-class Gunicorn:
+class Gunicorn(SessionServer):
     """The example app under gunicorn, in its own session; logs under tmp_path."""
+
+    name = "gunicorn"
 
     def __init__(self, tmp_path: Path, sock: str, app_name: str, worker_class: str,
                  extra: list[str] | None = None) -> None:
         self.port = free_port()
         self.sock = sock
-        self.log_path = tmp_path / "gunicorn.log"
         env = {
             **os.environ,
             "EXAMPLE_BIND": f"127.0.0.1:{self.port}",
@@ -92,20 +57,13 @@ class Gunicorn:
             "EXAMPLE_COORDINATOR_LOG": "info",
         }
         env.pop("SHAREDPOOL_SOCKET", None)
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gunicorn", "-c", str(EXAMPLE / "gunicorn.conf.py"),
-                 "--chdir", str(EXAMPLE), *(extra or []), "app:app"],
-                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                preexec_fn=die_with_parent,
-            )
+        super().__init__(tmp_path / "gunicorn.log",
+                         [sys.executable, "-m", "gunicorn", "-c", str(EXAMPLE / "gunicorn.conf.py"),
+                          "--chdir", str(EXAMPLE), *(extra or []), "app:app"], env)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
     def coordinator_pid(self) -> int:
         found = re.search(r"sharedpool: coordinator pid (\d+) serving", self.log())
@@ -123,23 +81,6 @@ class Gunicorn:
 
         wait_for(ready, timeout, "gunicorn to answer")
         wait_for(lambda: self.log().count("Booting worker") >= WORKERS, timeout, "8 workers")
-
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM the master (by pid) and wait for it."""
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            left = [f"{p.pid} {p.name()} {p.status()}" for p in psutil.Process(self.proc.pid).children(True)]
-            raise AssertionError(f"gunicorn did not stop in {timeout} s; its processes left: "
-                                 f"{left}\n{self.log()[-4000:]}") from None
-
-    def kill_group(self) -> None:
-        """Teardown: SIGKILL what is left of gunicorn's own process group."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
 
 
 @pytest.fixture

@@ -10,13 +10,8 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from servers import free_port
 from test_cli import Serve, Worker, sp, stop, wait_for
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def scrape(port: int, query: str = "") -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -71,6 +71,23 @@ def _sibling_acquire(client: Client, timeout: float, queued: bool = True) -> Ite
             client._pending.pop(10**6, None)
 
 
+@contextlib.contextmanager
+def _one_out(start_coordinator: Any, sock_path: str,
+             max_size: int) -> Iterator[tuple[ConnectionPool[Any], Any, Client]]:
+    """A pool of one connection, that connection checked out, on a resource "r"
+    of cap ``max_size`` without a quantum: (pool, the checkout, its client)."""
+    start_coordinator({"r": Resource(max_size=max_size, fairness_quantum=0)})
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1, test_on_acquire=False),
+                          resource="r", coordinator=sock_path)
+    try:
+        wrapper = pool.acquire(timeout=5)
+        client = pool._client
+        assert client is not None
+        yield pool, wrapper, client
+    finally:
+        pool.close()
+
+
 def test_two_pools_on_one_resource_give_back_one_lease_for_one_owed(
         start_coordinator: Any, sock_path: str) -> None:
     # One lease owed; pool A's checkin starts giving one back (its close is slow),
@@ -266,18 +283,10 @@ def test_only_an_acquire_that_queues_takes_a_busy_pools_slot(
         start_coordinator: Any, sock_path: str, timeout: float) -> None:
     # A min_size top-up asks with timeout 0 and waits for nothing: a checkin that
     # happened to land while it was in flight must not give its connection back.
-    start_coordinator({"r": Resource(max_size=2, fairness_quantum=0)})
-    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1, test_on_acquire=False),
-                          resource="r", coordinator=sock_path)
-    try:
-        wrapper = pool.acquire(timeout=5)
-        client = pool._client
-        assert client is not None
+    with _one_out(start_coordinator, sock_path, 2) as (pool, wrapper, client):
         with _sibling_acquire(client, timeout):
             pool.release(wrapper)
         assert pool.get_size() == (1 if timeout == 0 else 0)
-    finally:
-        pool.close()
 
 
 def test_a_pool_is_served_beside_a_busy_psycopg_pool_of_its_process(
@@ -357,21 +366,13 @@ def test_a_slot_owed_idle_only_goes_at_checkin_only_to_a_waiting_sibling_pool(
     # while the others waited (quantum 0.1 s: worst waits 0.9-1.4 s, 29-130
     # checkouts each in 4 s; now 0.2-0.3 s, 88-96 each). To the pool's own opener
     # it still does not go: a close and a connect for nothing.
-    start_coordinator({"r": Resource(max_size=2, fairness_quantum=0)})
-    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1, test_on_acquire=False),
-                          resource="r", coordinator=sock_path)
-    try:
-        wrapper = pool.acquire(timeout=5)
-        client = pool._client
-        assert client is not None
+    with _one_out(start_coordinator, sock_path, 2) as (pool, wrapper, client):
         with client._owed_lock:  # as if asked for one lease back, idle ones only
             client._set_owed("r", 1)
             client._idle_only.add("r")
         with _sibling_acquire(client, 5.0) if sibling else contextlib.nullcontext():
             pool.release(wrapper)
         assert pool.get_size() == (0 if sibling else 1)
-    finally:
-        pool.close()
 
 
 def test_a_sibling_acquire_a_free_slot_is_serving_takes_no_busy_pools_slot(
@@ -379,18 +380,10 @@ def test_a_sibling_acquire_a_free_slot_is_serving_takes_no_busy_pools_slot(
     # A sibling pool's acquire on its way to a free slot (answered within a round
     # trip) is no waiter: a checkin landing meanwhile gave its connection back
     # for nothing (review: 1 needless give-back in 3 s at cap 10).
-    start_coordinator({"r": Resource(max_size=4, fairness_quantum=0)})
-    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1, test_on_acquire=False),
-                          resource="r", coordinator=sock_path)
-    try:
-        wrapper = pool.acquire(timeout=5)
-        client = pool._client
-        assert client is not None
+    with _one_out(start_coordinator, sock_path, 4) as (pool, wrapper, client):
         with _sibling_acquire(client, 5.0, queued=False):
             pool.release(wrapper)
         assert pool.get_size() == 1
-    finally:
-        pool.close()
 
 
 def _try_acquire(pool: ConnectionPool[Any], timeout: float) -> None:

@@ -1333,6 +1333,34 @@ def test_a_wait_cut_short_withdraws_its_lease_request(start_coordinator: Any, so
         holder.close()
 
 
+@contextlib.contextmanager
+def _pool_beside_a_holder(start_coordinator: Any, sock_path: str, cap: int,
+                          max_size: int) -> Iterator[tuple[ConnectionPool[Any], Callable[[], None]]]:
+    """Resource "r" of cap ``cap``, one lease of it held by another client, and a
+    pool of ``max_size`` (acquire_timeout 30) on it: (pool, let the lease go)."""
+    start_coordinator({"r": cap})
+    holder = Client(sock_path)
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=max_size, acquire_timeout=30),
+                          resource="r", coordinator=sock_path)
+    try:
+        lease = holder.acquire("r", timeout=5)
+        yield pool, lambda: holder.release(lease)
+    finally:
+        pool.close()
+        holder.close()
+
+
+def _start_queued(sock_path: str, target: Callable[[], object],
+                  errors: list[BaseException]) -> threading.Thread:
+    """``target`` (a checkout) in a thread, once its opener's lease request is
+    queued at the coordinator."""
+    thread = start_recording(target, errors)
+    deadline = time.monotonic() + 5
+    while resource_row(sock_path)["waiting"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return thread
+
+
 def test_a_lease_request_planned_for_a_waiter_carries_that_waiters_deadline(
         start_coordinator: Any, sock_path: str) -> None:
     """At the cap, W1's lease request times out with W1 while W2 (a pool of one:
@@ -1342,17 +1370,10 @@ def test_a_lease_request_planned_for_a_waiter_carries_that_waiters_deadline(
     minute, ahead of other processes, for a connection nobody wanted, and the
     coordinator counted 1 timeout for 2 PoolTimeouts. Before: waiting 1,
     timeouts 1 after both PoolTimeouts; now 0 and 2."""
-    start_coordinator({"r": 1})
-    holder = Client(sock_path)
-    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1, acquire_timeout=30),
-                          resource="r", coordinator=sock_path)
     errors: list[BaseException] = []
-    try:
-        lease = holder.acquire("r", timeout=5)
-        first = start_recording(lambda: pool.acquire(timeout=1.0), errors)
-        deadline = time.monotonic() + 5
-        while resource_row(sock_path)["waiting"] == 0 and time.monotonic() < deadline:
-            time.sleep(0.02)  # W1's opener has its request queued: W2 gets no opener now
+    with _pool_beside_a_holder(start_coordinator, sock_path, cap=1, max_size=1) as (pool, let_go):
+        # W1's opener has its request queued: W2 gets no opener now.
+        first = _start_queued(sock_path, lambda: pool.acquire(timeout=1.0), errors)
         second = start_recording(lambda: pool.acquire(timeout=2.5), errors)
         first.join(10)
         second.join(10)
@@ -1361,12 +1382,9 @@ def test_a_lease_request_planned_for_a_waiter_carries_that_waiters_deadline(
         while (row := resource_row(sock_path))["waiting"] and time.monotonic() < deadline:
             time.sleep(0.02)
         assert (row["waiting"], row["timeouts"]) == (0, 2), row
-        holder.release(lease)
+        let_go()
         time.sleep(0.3)
         assert pool.get_size() == 0  # nothing opened for the callers that left
-    finally:
-        pool.close()
-        holder.close()
 
 
 def test_a_lease_request_whose_waiter_a_checkin_served_does_not_time_out_at_the_coordinator(
@@ -1377,20 +1395,14 @@ def test_a_lease_request_whose_waiter_a_checkin_served_does_not_time_out_at_the_
     timeouts_total that no caller saw (about 1 in 600 grants under load).
     Withdrawn just before, and asked again with W2's deadline. Before:
     coordinator timeouts 1, PoolTimeouts 0; now 0 and 0."""
-    start_coordinator({"r": 2})
-    holder = Client(sock_path)
-    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=2, acquire_timeout=30),
-                          resource="r", coordinator=sock_path)
     errors: list[BaseException] = []
     got: list[Any] = []
-    try:
-        lease = holder.acquire("r", timeout=5)
+    with _pool_beside_a_holder(start_coordinator, sock_path, cap=2, max_size=2) as (pool, let_go):
         mine = pool.acquire(timeout=10)  # the pool's one lease: the cap is full
-        first = start_recording(lambda: got.append(pool.acquire(timeout=1.0)), errors)
-        deadline = time.monotonic() + 5
-        while resource_row(sock_path)["waiting"] == 0 and time.monotonic() < deadline:
-            time.sleep(0.02)  # W1's opener has its request queued: W2 gets no opener now
+        # W1's opener has its request queued: W2 gets no opener now.
+        first = _start_queued(sock_path, lambda: got.append(pool.acquire(timeout=1.0)), errors)
         second = start_recording(lambda: got.append(pool.acquire(timeout=10)), errors)
+        deadline = time.monotonic() + 5
         while pool.get_stats()["requests_queued"] < 2 and time.monotonic() < deadline:
             time.sleep(0.02)
         pool.release(mine)  # to W1
@@ -1398,15 +1410,12 @@ def test_a_lease_request_whose_waiter_a_checkin_served_does_not_time_out_at_the_
         assert len(got) == 1 and not errors, errors
         time.sleep(1.5)  # past W1's deadline, with W2 still waiting
         assert resource_row(sock_path)["timeouts"] == 0
-        holder.release(lease)  # W2's lease
+        let_go()  # W2's lease
         second.join(10)
         assert len(got) == 2 and not errors, errors
         assert resource_row(sock_path)["timeouts"] == 0
         for wrapper in got:
             pool.release(wrapper)
-    finally:
-        pool.close()
-        holder.close()
 
 
 def test_no_thread_for_the_close_watcher_still_gives_the_lease_back(

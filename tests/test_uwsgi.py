@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -25,7 +24,8 @@ from typing import Any
 import pytest
 from pg_helpers import BackendSampler, pg_dsn
 from proc_helpers import resource_row, settled, wait_leased, wait_no_other_sessions
-from test_gunicorn import Load, die_with_parent, free_port, leases, pid_alive, wait_for
+from servers import SessionServer, free_port, pid_alive, wait_for
+from test_gunicorn import Load, leases
 
 from sharedpool import Resource
 
@@ -47,34 +47,29 @@ EXAMPLE_INI = ["--ini", str(EXAMPLE / "uwsgi.ini"), "--chdir", str(EXAMPLE)]
 MASTER_APP = ["--master", "--wsgi-file", str(TESTS / "uwsgi_master_app.py")]
 
 
-class Uwsgi:
+class Uwsgi(SessionServer):
     """uWSGI in its own session, 4 workers; its log under tmp_path."""
+
+    name = "uWSGI"
+    stop_signal = signal.SIGINT  # uWSGI's stop; SIGTERM reloads it
 
     def __init__(self, tmp_path: Path, sock: str, app_name: str, app: list[str],
                  extra: list[str]) -> None:
         self.port = free_port()
         self.sock = sock
-        self.log_path = tmp_path / "uwsgi.log"
         env = {
             **os.environ,
             "SHAREDPOOL_SOCKET": sock,
             "EXAMPLE_APP_NAME": app_name,
             "EXAMPLE_PG_URL": PG_URL,
         }
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [str(UWSGI), *app, "--processes", str(WORKERS), "--http-socket", f"127.0.0.1:{self.port}",
-                 "--disable-logging", *extra],
-                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                preexec_fn=die_with_parent,
-            )
+        super().__init__(tmp_path / "uwsgi.log",
+                         [str(UWSGI), *app, "--processes", str(WORKERS), "--http-socket",
+                          f"127.0.0.1:{self.port}", "--disable-logging", *extra], env)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
     def get(self, sleep: float = 0.0) -> dict[str, Any]:
         with urllib.request.urlopen(f"{self.url}?sleep={sleep}", timeout=30) as resp:
@@ -90,21 +85,6 @@ class Uwsgi:
             return True
 
         wait_for(ready, timeout, "uWSGI to answer")
-
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGINT the master (uWSGI's stop; SIGTERM reloads it) and wait for it."""
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGINT)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"uWSGI did not stop in {timeout} s\n{self.log()[-4000:]}") from None
-
-    def kill_group(self) -> None:
-        """Teardown: SIGKILL what is left of uWSGI's own process group."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
 
 
 @pytest.fixture

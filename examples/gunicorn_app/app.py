@@ -1,5 +1,7 @@
 """A WSGI app whose every request queries PostgreSQL through SQLAlchemy, with the
-engine's connections leased from sharedpool: one cap across all workers.
+engine's connections leased from sharedpool: one cap across all workers. Served
+by gunicorn (``app``, with gunicorn.conf.py here) and by uWSGI (the same
+callable, with ../uwsgi_app/uwsgi.ini).
 
 ``GET /?sleep=0.01`` runs ``SELECT pg_backend_pid(), pg_sleep(0.01)`` and answers
 ``{"worker": <pid>, "backend": <backend pid>}``.
@@ -20,10 +22,11 @@ from sharedpool.contrib.sqlalchemy import create_engine
 PG_URL = os.environ.get("EXAMPLE_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 APP_NAME = os.environ.get("EXAMPLE_APP_NAME", "sharedpool-gunicorn-example")
 
-# Made at import, in each worker (or once in the master with preload_app, and
-# each worker then opens its own connections). The gunicorn hooks have already
-# set $SHAREDPOOL_SOCKET, so the engine finds the coordinator by itself; its
-# pool is SQLAlchemy's QueuePool, each connection covered by a lease of "pg".
+# Made at import, in each worker (or once in the master: gunicorn's preload_app,
+# uWSGI without lazy-apps; each worker then opens its own connections). The
+# gunicorn hooks or the uWSGI ini have set $SHAREDPOOL_SOCKET, so the engine
+# finds the coordinator by itself; its pool is SQLAlchemy's QueuePool, each
+# connection covered by a lease of "pg".
 engine = create_engine(
     PG_URL.replace("postgresql://", "postgresql+psycopg://", 1),
     resource="pg",

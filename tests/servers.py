@@ -1,0 +1,90 @@
+"""Servers the integration tests run as real programs (gunicorn, uWSGI, celery,
+`sharedpool serve`): a free loopback port, waiting for a condition, a child
+that dies with the test process, whether a pid still runs, and a base for a
+program started in its own session with its output in one log file."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
+    """``cond()``'s first true value, polled every 50 ms; fails after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def die_with_parent() -> None:
+    """preexec_fn: SIGTERM this child when the test process dies (no orphaned servers)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes (its parent has not reaped it yet).
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+class SessionServer:
+    """A program under test in its own session (so :meth:`kill_group` reaches
+    every process it forked), killed with the test process, its output in
+    ``log_path``. Subclasses build the command and say how it is stopped."""
+
+    #: The signal :meth:`stop` sends the main process.
+    stop_signal = signal.SIGTERM
+    name = "the server"
+
+    def __init__(self, log_path: Path, argv: list[str], env: dict[str, str],
+                 cwd: Path | None = None) -> None:
+        self.log_path = log_path
+        with open(log_path, "wb") as log:
+            self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True, preexec_fn=die_with_parent)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """:attr:`stop_signal` to the main process (by pid); its exit code."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, self.stop_signal)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            left = [f"{p.pid} {p.name()} {p.status()}" for p in psutil.Process(self.proc.pid).children(True)]
+            raise AssertionError(f"{self.name} did not stop in {timeout} s; its processes left: "
+                                 f"{left}\n{self.log()[-4000:]}") from None
+
+    def kill_group(self) -> None:
+        """Teardown: SIGKILL what is left of the program's process group."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
