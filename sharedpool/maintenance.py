@@ -1,6 +1,7 @@
 """What a local pool's background thread does, once a second or so: close idle
 connections past ``max_lifetime`` or ``idle_timeout`` (and fallback ones once
 the coordinator is back), validate those idle past ``validation_interval``,
+check in checkouts dropped without a checkin (sharedpool.unowned),
 top up to ``min_size`` (on a thread of its own: a hanging factory must not
 stall the rest), and warn of connections checked out past
 ``leak_detection_threshold``.
@@ -17,7 +18,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from . import giveback, opening
+from . import giveback, opening, unowned
 from .client import current_pid
 from .errors import AccessDenied, UnknownResource
 from .status import PoolStatus
@@ -64,8 +65,8 @@ def _run(ref: weakref.ref[ConnectionPool[Any]], stop: threading.Event) -> None:
 
 
 def maintain_once(pool: ConnectionPool[Any]) -> None:
-    """One round: expiry, validation, top-up, leak warnings."""
-
+    """One round: dropped checkouts, expiry, validation, top-up, leak warnings."""
+    unowned.take_back(pool)  # draining too: checked in, they close
     now = time.monotonic()
     cfg = pool.config
     expired = []

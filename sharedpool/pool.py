@@ -139,6 +139,7 @@ class ConnectionPool(Generic[T]):
         self._bypass = self.config.validation_bypass if self.config.test_on_acquire else None
         self._leaks = self.config.leak_detection_threshold is not None
         self._told_unsettled = False  # the first connection checked in not at rest is logged at warning
+        self._told_dropped = False  # the first checkout dropped without a checkin is logged at warning
         self._top_up_failing = False  # the first failed min_size top-up is logged at warning
         self._test_on_release = self.config.test_on_release
         self._max_lifetime = self.config.max_lifetime

@@ -18,6 +18,7 @@ from .client import AcquireRequest
 from .closing import WAIT_SLICE, NotClosable, close_and_confirm
 from .errors import ConfigError, PoolClosed
 from .status import PoolStatus, valid_timeout
+from .unowned import take_back
 from .wrapper import ConnectionWrapper
 
 if TYPE_CHECKING:
@@ -107,6 +108,7 @@ def shut(pool: ConnectionPool[T], status: PoolStatus, timeout: float) -> None:
             threading.Thread(target=let_go_later, args=(pool, idle, waiters, requests, status),
                              daemon=True, name=f"sharedpool-close-{pool.resource}").start()
         raise
+    take_back(pool)  # checkouts dropped without a checkin: none will ever come back by itself
     with pool._lock:
         # Done once every connection is closed and its lease released,
         # not merely checked in.
