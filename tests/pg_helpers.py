@@ -104,6 +104,26 @@ class BackendSampler:
         self._thread.join(10)
 
 
+def backend_pids(app_name: str) -> list[int]:
+    """The pids of the backends with ``application_name`` ``app_name``: a test's own."""
+    import psycopg
+
+    with psycopg.connect(pg_dsn(), autocommit=True) as conn:
+        rows = conn.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s",
+                            (app_name,)).fetchall()
+    return [int(row[0]) for row in rows]
+
+
+def signal_backends(app_name: str, signum: int) -> list[int]:
+    """Send ``signum`` to the test's own backends (``app_name``): SIGSTOP makes a
+    server that hangs (a close it never confirms), SIGCONT (always, in a finally)
+    lets it go on."""
+    pids = backend_pids(app_name)
+    for pid in pids:
+        os.kill(pid, signum)
+    return pids
+
+
 def slow_exit(conn: Any, tables: int = 200) -> None:
     """Make ``conn``'s backend take ~20 ms to exit (it drops its temp tables
     before it leaves ``pg_stat_activity``): a lease given back before the

@@ -147,7 +147,7 @@ class _Book:
     if TYPE_CHECKING:  # LeaseBook's, in _leases.py: process.register() calls it at exit
         def release_for_exit(self, timeout: float) -> None: ...
 
-        def session_kept(self) -> None: ...
+        def session_kept(self) -> Client | None: ...
 
         def _arm(self, key: Any, entry: _Lendable) -> None: ...
 
@@ -182,7 +182,9 @@ class _Book:
         self._recent = 0.0  # a reclaim passed over a young connection: when to look again
         self._in_turn = False  # ... an idle one, its first turn not over (pays_back)
         self._closing = 0  # leases of closed connections, kept until the server lets go
-        self._none_closing = Condition(self._lock)  # notified as _closing drops to 0
+        #: of _closing: closes left to a watcher (not confirmed in time; the server may hang)
+        self._unconfirmed = 0
+        self._none_closing = Condition(self._lock)  # notified as closes end or are left to a watcher
         self._hung_until = 0.0  # a close went unconfirmed: the next ones until then do not wait
         self._revoked = 0  # tracked connections whose lease was revoked
         self._handoff = HandOffCost()
@@ -593,10 +595,11 @@ class _Book:
             self._counters["leases_acquired"] += 1
             self._counters["leases_unused"] += 1
 
-    def _count_closing(self, n: int) -> None:
+    def _count_closing(self, n: int, unconfirmed: int = 0) -> None:
         with self._lock:
             self._closing += n
-            if not self._closing:  # an exit may wait for that (LeaseBook._wait_closed)
+            self._unconfirmed += unconfirmed
+            if self._closing <= self._unconfirmed:  # an exit may wait for that (LeaseBook._wait_closed)
                 self._none_closing.notify_all()
 
     def stats(self, reset: bool = False) -> dict[str, int]:

@@ -24,7 +24,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from ..client import current_pid
+from ..client import Client, current_pid
 from ..closing import WAIT_SLICE, NotClosable, close_and_confirm, socket_fd
 from ._acquiring import _Acquiring
 from ._book import _Entry, _Lendable, _Loose
@@ -173,7 +173,8 @@ class LeaseBook(_Acquiring):
     def close(self, key: Any, closer: Callable[[], object] | None = None, *,
               reclaimed: bool = False) -> bool:
         """Close ``key`` (``closer()``, default ``key.close()``), confirm the
-        server let go (bounded by ``confirm_timeout``), then release its lease.
+        server let go (bounded by ``confirm_timeout``), then release its lease;
+        unconfirmed by then, a watcher releases it later.
 
         A connection inherited across fork is never touched (returns False).
         ``closer`` must not shut the socket down (that would fake the server's
@@ -187,16 +188,17 @@ class LeaseBook(_Acquiring):
         client = entry.client if entry is not None and entry.client is not None else self._client
         lease = entry.lease if entry is not None else None
         kept = entry.kept if entry is not None else None
-        released = False
+        released = watched = False
 
         def late(confirmed: bool) -> None:
             nonlocal released
-            if lease is None or released:
-                return
-            released = True
+            with self._lock:  # against the watcher's own call
+                if lease is None or released:
+                    return
+                released, left_to_watcher = True, watched
             if client is not None:
                 self._release(client, lease)
-            self._count_closing(-1)
+            self._count_closing(-1, unconfirmed=-1 if left_to_watcher else 0)
 
         if reclaimed and lease is not None:
             # Before the lease goes: counted once the waiter elsewhere can have it
@@ -224,6 +226,11 @@ class LeaseBook(_Acquiring):
             self._hung_until = 0.0 if confirmed else time.monotonic() + wait
         if not confirmed:
             self.count("closes_unconfirmed")
+            with self._lock:
+                if lease is not None and not released:  # a watcher has it: no exit waits for it
+                    watched = True
+                    self._unconfirmed += 1
+                    self._none_closing.notify_all()
             log.log(logging.WARNING if wait else logging.DEBUG,
                     "%r: the server has not dropped a connection after %.1fs; its lease is "
                     "kept until it does", self.resource, wait)
@@ -296,11 +303,29 @@ class LeaseBook(_Acquiring):
         for key in in_use + detached:  # out of time: their queries fail, the leases come back
             self._close_for_exit(key)
         self._wait_closed(deadline)
+        self._answer_nothing()
 
-    def session_kept(self) -> None:
-        """Nothing holds the session here: :meth:`release_for_exit` closed every
-        connection, in use or not (:func:`sharedpool.release_process`)."""
-        return None
+    def _answer_nothing(self) -> None:
+        """After the exit's closes: no reclaim nor state to answer any more, and
+        a lease given back late (by a watcher) may end the session, as after
+        :meth:`shutdown`. The session is not ended here: release_process() does
+        that, within its deadline, unless :meth:`session_kept`."""
+        with self._lock:
+            client, handlers = self._client, self._handlers
+            self._handlers, self._shut = (), True
+        if client is not None:
+            client.remove_handlers(*handlers)
+
+    def session_kept(self) -> Client | None:
+        """After :meth:`release_for_exit`, which closed every connection, in
+        use or not: the session, while a close its server has not confirmed
+        keeps its lease (watched in the background). Ended now, the slot would
+        go to another process while PostgreSQL still counts the backend (I1);
+        it ends once the last such lease is given back, or with the process."""
+        with self._lock:
+            kept = self._pid == current_pid() and self._closing > 0
+        client = self._client
+        return client if kept and client is not None and not client.closed else None
 
     def _close_idle_for_exit(self) -> list[Any]:
         """Close the idle connections; return those still in use."""
@@ -316,12 +341,15 @@ class LeaseBook(_Acquiring):
         return in_use
 
     def _wait_closed(self, deadline: float) -> None:
-        """Until no lease of this book is closing, or ``deadline``. Another
+        """Until no lease of this book is being closed, or ``deadline``. Another
         thread's close (the client's, giving a lease back on a reclaim) waits
         for its server to let go: the session ended under it took that lease
-        along, and the coordinator fenced the slot of a normal exit."""
+        along, and the coordinator fenced the slot of a normal exit. Closes
+        left to a watcher (their server hangs) are not waited for: they keep
+        their lease, and the session (:meth:`session_kept`)."""
         with self._lock:
-            while self._closing and (remaining := deadline - time.monotonic()) > 0:
+            while (self._closing > self._unconfirmed
+                   and (remaining := deadline - time.monotonic()) > 0):
                 self._none_closing.wait(min(remaining, WAIT_SLICE))
 
     def _wait_returned(self, timeout: float) -> None:
