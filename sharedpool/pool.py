@@ -121,8 +121,11 @@ class ConnectionPool(Generic[T]):
         return self._coordinator if self._coordinator is not None else os.environ.get(SOCKET_ENV) or None
 
     def release_for_exit(self, timeout: float) -> None:
-        """At process exit: close every connection (see :func:`sharedpool.release_process`)."""
-        self.close(timeout)
+        """At process exit: close every connection (see :func:`sharedpool.release_process`),
+        the idle ones' server let-go waited for only within ``timeout``."""
+        self._checkpid()
+        confirm = process.confirm_at_exit(self.config.close_confirm_timeout, time.monotonic() + timeout)
+        self._close_pool(timeout, confirm)
 
     def session_kept(self) -> Client | None:
         """After :meth:`release_for_exit`: the session, while connections of this
@@ -617,11 +620,16 @@ class ConnectionPool(Generic[T]):
         """Close the pool: waiters fail with PoolClosed, idle connections close
         now, in-use ones when they come back (waiting up to ``timeout``)."""
         self._checkpid()
+        self._close_pool(timeout)
+
+    def _close_pool(self, timeout: float, confirm: float | None = None) -> None:
+        """close(); the idle connections' closes confirmed within ``confirm``
+        (None: close_confirm_timeout)."""
         if not valid_timeout(timeout):  # before anything stops: a refused close changes nothing
             raise ConfigError("timeout", f"must be a number of seconds >= 0, got {timeout!r}")
         self._stop.set()
         try:
-            shutdown.shut(self, PoolStatus.CLOSED, timeout)
+            shutdown.shut(self, PoolStatus.CLOSED, timeout, confirm)
         finally:
             # Also when the wait is cut short (a signal handler's exception) once
             # the pool is closed: a closed pool's handlers kept the process's

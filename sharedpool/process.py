@@ -71,11 +71,29 @@ def before_release(hook: Callable[[], None]) -> None:
         _BEFORE_RELEASE.append(hook)
 
 
+#: The least a close at exit waits for its server to let go, once the exit's
+#: own deadline has passed: a live backend exits in milliseconds (its lease is
+#: then given back, not fenced), a hung one is left to a watcher, its lease held.
+EXIT_CONFIRM_MIN = 0.1
+
+
+def confirm_at_exit(confirm_timeout: float, deadline: float) -> float:
+    """How long a close made by :func:`release_process` waits for the server to
+    let go: its pool's ``confirm_timeout``, within what is left until the exit's
+    ``deadline`` (at least :data:`EXIT_CONFIRM_MIN`). Not confirmed by then, the
+    lease stays held (I1) until a watcher sees the server let go, or the process
+    ends and the coordinator's fence takes over: several pools whose server
+    hangs no longer wait a ``confirm_timeout`` each past the exit's timeout."""
+    return min(confirm_timeout, max(deadline - time.monotonic(), EXIT_CONFIRM_MIN))
+
+
 def release_process(timeout: float = 5.0) -> None:
     """Close this process's leased connections and end its coordinator sessions.
 
     Pools wait up to ``timeout`` in all (one deadline, however many pools)
-    for connections in use. A session that a :class:`~sharedpool.ConnectionPool`
+    for connections in use and for their servers to let go of those closed
+    (:func:`confirm_at_exit`): a close still unconfirmed then keeps its lease,
+    and the process's session, until its server lets go. A session that a :class:`~sharedpool.ConnectionPool`
     connection still in use then holds (its lease) stays until that connection
     is closed. Pools inherited across ``fork()`` release nothing of the
     parent's (I7). Hooks given to :func:`before_release` (the Django ENGINE's:

@@ -84,7 +84,11 @@ def let_go_later(pool: ConnectionPool[T], idle: deque[ConnectionWrapper[T]], wai
     let_go(pool, idle, requests)
 
 
-def shut(pool: ConnectionPool[T], status: PoolStatus, timeout: float) -> None:
+def shut(pool: ConnectionPool[T], status: PoolStatus, timeout: float,
+         confirm: float | None = None) -> None:
+    """Take ``status`` (DRAINING or CLOSED): close the idle connections (each
+    confirmed within ``confirm``, None: close_confirm_timeout) and wait up to
+    ``timeout`` for those in use, closing or opening."""
     if not valid_timeout(timeout):  # NaN would spin below, inf overflows the wait
         raise ConfigError("timeout", f"must be a number of seconds >= 0, got {timeout!r}")
     deadline = time.monotonic() + timeout  # from the call: the idle closes count too
@@ -102,7 +106,7 @@ def shut(pool: ConnectionPool[T], status: PoolStatus, timeout: float) -> None:
             pool.status = status
             # Under this lock: no waiter sees itself dropped unanswered.
             evict(pool, idle, waiters, status)
-        let_go(pool, idle, requests)
+        let_go(pool, idle, requests, wait=confirm)
     except BaseException:
         if idle is not None:  # taken out of the pool: the rest goes on
             threading.Thread(target=let_go_later, args=(pool, idle, waiters, requests, status),

@@ -83,6 +83,18 @@ def test_an_exit_waits_one_confirmation_for_a_hung_idle_close_not_its_timeout(
     assert BackendSampler(app_name).count_now() == 0
 
 
+def test_several_pools_whose_server_hangs_exit_within_one_timeout(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    # Each pool's first close waited its whole confirm timeout (2 s), however
+    # little was left of release_process's: 3 pools, release_process(1) took 6 s.
+    start_coordinator({"pg": Resource(max_size=3)})
+    got = _exit_then(sock_path, app_name, "own,own,psycopg", 1.0, lambda: leased(sock_path))
+    assert got["took"] < 3, got  # 1 s and a moment per pool after it
+    assert got["seen"] == 3, got
+    assert wait_leased(sock_path, 0) == 0
+    assert wait_no_other_sessions(sock_path) == []
+
+
 def test_a_lease_whose_close_hangs_at_exit_is_not_handed_on(
         pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
     # The integration's exit ended the session with the unconfirmed lease in it:

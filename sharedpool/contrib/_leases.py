@@ -24,6 +24,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from .. import process
 from ..client import Client, current_pid
 from ..closing import WAIT_SLICE, NotClosable, close_and_confirm, socket_fd
 from ._acquiring import _Acquiring
@@ -171,10 +172,10 @@ class LeaseBook(_Acquiring):
                                  confirm_timeout=self.confirm_timeout)
 
     def close(self, key: Any, closer: Callable[[], object] | None = None, *,
-              reclaimed: bool = False) -> bool:
+              reclaimed: bool = False, confirm: float | None = None) -> bool:
         """Close ``key`` (``closer()``, default ``key.close()``), confirm the
-        server let go (bounded by ``confirm_timeout``), then release its lease;
-        unconfirmed by then, a watcher releases it later.
+        server let go (bounded by ``confirm``, None: ``confirm_timeout``), then
+        release its lease; unconfirmed by then, a watcher releases it later.
 
         A connection inherited across fork is never touched (returns False).
         ``closer`` must not shut the socket down (that would fake the server's
@@ -209,7 +210,7 @@ class LeaseBook(_Acquiring):
         # a row (dispose(), disconnect(), close()) wait confirm_timeout in turn:
         # for that long after one, the next ones do not wait here. Their
         # watchers still keep each lease until the server lets go (I1).
-        wait = 0.0 if t0 < self._hung_until else self.confirm_timeout
+        wait = 0.0 if t0 < self._hung_until else self.confirm_timeout if confirm is None else confirm
         try:
             confirmed = close_and_confirm(target, wait,
                                           on_late=late if lease is not None else None, kept=kept)
@@ -293,7 +294,7 @@ class LeaseBook(_Acquiring):
         self.notify_returned()  # lease waits with ``local`` look again: no longer needed
         deadline = time.monotonic() + max(timeout, 0.0)
         while True:
-            in_use = self._close_idle_for_exit()
+            in_use = self._close_idle_for_exit(deadline)
             remaining = deadline - time.monotonic()
             if not in_use or remaining <= 0:
                 break
@@ -301,7 +302,7 @@ class LeaseBook(_Acquiring):
         with self._lock:
             detached = [c for c in (x.ref() for x in self._detached.values()) if closable(c)]
         for key in in_use + detached:  # out of time: their queries fail, the leases come back
-            self._close_for_exit(key)
+            self._close_for_exit(key, deadline)
         self._wait_closed(deadline)
         self._answer_nothing()
 
@@ -327,7 +328,7 @@ class LeaseBook(_Acquiring):
         client = self._client
         return client if kept and client is not None and not client.closed else None
 
-    def _close_idle_for_exit(self) -> list[Any]:
+    def _close_idle_for_exit(self, deadline: float) -> list[Any]:
         """Close the idle connections; return those still in use."""
         with self._lock:
             keys = [e.key for e in self._entries.values() if closable(e.key)]
@@ -335,7 +336,7 @@ class LeaseBook(_Acquiring):
         in_use = []
         for key in keys:
             if idle is None or id(key) in idle:
-                self._close_for_exit(key)
+                self._close_for_exit(key, deadline)
             else:
                 in_use.append(key)
         return in_use
@@ -361,8 +362,8 @@ class LeaseBook(_Acquiring):
             finally:
                 self._waiting -= 1
 
-    def _close_for_exit(self, key: Any) -> None:
+    def _close_for_exit(self, key: Any, deadline: float) -> None:
         try:
-            self.close(key)
+            self.close(key, confirm=process.confirm_at_exit(self.confirm_timeout, deadline))
         except Exception:  # noqa: BLE001 - exiting; the fence covers the rest
             log.exception("closing a leased connection at exit failed")
