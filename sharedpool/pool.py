@@ -120,12 +120,12 @@ class ConnectionPool(Generic[T]):
             return self._client.socket_path
         return self._coordinator if self._coordinator is not None else os.environ.get(SOCKET_ENV) or None
 
-    def release_for_exit(self, timeout: float) -> None:
+    def release_for_exit(self, timeout: float, wait_in_use: bool = True) -> None:
         """At process exit: close every connection (see :func:`sharedpool.release_process`),
         the idle ones' server let-go waited for only within ``timeout``."""
         self._checkpid()
         confirm = process.confirm_at_exit(self.config.close_confirm_timeout, time.monotonic() + timeout)
-        self._close_pool(timeout, confirm)
+        self._close_pool(timeout, confirm, wait_in_use)
 
     def session_kept(self) -> Client | None:
         """After :meth:`release_for_exit`: the session, while connections of this
@@ -622,14 +622,15 @@ class ConnectionPool(Generic[T]):
         self._checkpid()
         self._close_pool(timeout)
 
-    def _close_pool(self, timeout: float, confirm: float | None = None) -> None:
+    def _close_pool(self, timeout: float, confirm: float | None = None, wait_in_use: bool = True) -> None:
         """close(); the idle connections' closes confirmed within ``confirm``
-        (None: close_confirm_timeout)."""
+        (None: close_confirm_timeout); without ``wait_in_use``, those in use
+        are not waited for (see :func:`sharedpool.release_process`)."""
         if not valid_timeout(timeout):  # before anything stops: a refused close changes nothing
             raise ConfigError("timeout", f"must be a number of seconds >= 0, got {timeout!r}")
         self._stop.set()
         try:
-            shutdown.shut(self, PoolStatus.CLOSED, timeout, confirm)
+            shutdown.shut(self, PoolStatus.CLOSED, timeout, confirm, wait_in_use)
         finally:
             # Also when the wait is cut short (a signal handler's exception) once
             # the pool is closed: a closed pool's handlers kept the process's

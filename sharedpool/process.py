@@ -43,7 +43,7 @@ log = logging.getLogger("sharedpool")
 
 
 class _Releasable(Protocol):
-    def release_for_exit(self, timeout: float) -> None: ...
+    def release_for_exit(self, timeout: float, wait_in_use: bool = True) -> None: ...
 
     def connections_at_fork(self) -> list[Any]: ...
 
@@ -87,18 +87,23 @@ def confirm_at_exit(confirm_timeout: float, deadline: float) -> float:
     return min(confirm_timeout, max(deadline - time.monotonic(), EXIT_CONFIRM_MIN))
 
 
-def release_process(timeout: float = 5.0) -> None:
+def release_process(timeout: float = 5.0, *, wait_in_use: bool = True) -> None:
     """Close this process's leased connections and end its coordinator sessions.
 
     Pools wait up to ``timeout`` in all (one deadline, however many pools)
     for connections in use and for their servers to let go of those closed
     (:func:`confirm_at_exit`): a close still unconfirmed then keeps its lease,
-    and the process's session, until its server lets go. A session that a :class:`~sharedpool.ConnectionPool`
-    connection still in use then holds (its lease) stays until that connection
-    is closed. Pools inherited across ``fork()`` release nothing of the
-    parent's (I7). Hooks given to :func:`before_release` (the Django ENGINE's:
-    this thread's Django connections) run first. Afterwards no lease is taken
-    and a checkout raises ``PoolClosed``."""
+    and the process's session, until its server lets go. A session that a
+    :class:`~sharedpool.ConnectionPool` connection still in use then holds (its
+    lease) stays until that connection is closed. ``wait_in_use=False`` is for
+    a caller that knows no thread will check one in (an RQ work horse whose job
+    has returned): they are not waited for, the integrations' pools close them
+    at once and a ``ConnectionPool``'s keep their leases until the process
+    ends; ``timeout`` still bounds the closes and the session's end. Pools
+    inherited across ``fork()`` release nothing of the parent's (I7). Hooks
+    given to :func:`before_release` (the Django ENGINE's: this thread's Django
+    connections) run first. Afterwards no lease is taken and a checkout raises
+    ``PoolClosed``."""
     from .client import _ALL
 
     # Before anything is released: inf would fail each pool's close() (logged,
@@ -113,7 +118,7 @@ def release_process(timeout: float = 5.0) -> None:
     kept: set[int] = set()
     for pool in list(_POOLS):
         try:
-            pool.release_for_exit(max(0.0, deadline - time.monotonic()))
+            pool.release_for_exit(max(0.0, deadline - time.monotonic()), wait_in_use)
             if (client := pool.session_kept()) is not None:
                 kept.add(id(client))
         except Exception:  # noqa: BLE001 - release the rest whatever one pool does

@@ -85,10 +85,10 @@ def let_go_later(pool: ConnectionPool[T], idle: deque[ConnectionWrapper[T]], wai
 
 
 def shut(pool: ConnectionPool[T], status: PoolStatus, timeout: float,
-         confirm: float | None = None) -> None:
+         confirm: float | None = None, wait_in_use: bool = True) -> None:
     """Take ``status`` (DRAINING or CLOSED): close the idle connections (each
     confirmed within ``confirm``, None: close_confirm_timeout) and wait up to
-    ``timeout`` for those in use, closing or opening."""
+    ``timeout`` for those in use (unless not ``wait_in_use``), closing or opening."""
     if not valid_timeout(timeout):  # NaN would spin below, inf overflows the wait
         raise ConfigError("timeout", f"must be a number of seconds >= 0, got {timeout!r}")
     deadline = time.monotonic() + timeout  # from the call: the idle closes count too
@@ -117,7 +117,8 @@ def shut(pool: ConnectionPool[T], status: PoolStatus, timeout: float,
         # Done once every connection is closed and its lease released,
         # not merely checked in.
         # A connection still being opened is closed once made: waited for too.
-        while (pool._all or pool._closing or pool._opening) and pool.status is status:
+        # One in use, unless no one would check it in (see release_process).
+        while (pool._all and wait_in_use or pool._closing or pool._opening) and pool.status is status:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 # timeout=0 (an admin drain or end-session pushed by the
@@ -128,6 +129,10 @@ def shut(pool: ConnectionPool[T], status: PoolStatus, timeout: float,
                         pool._opening, timeout)
                 break
             pool._returned.wait(min(remaining, WAIT_SLICE))
+        if pool._all and not wait_in_use:
+            log.warning("pool %r: %d connection(s) still checked out at exit, not waited for "
+                        "(no thread would check them in): their leases go back when the process ends",
+                        pool.name, len(pool._all))
 
 
 def close_counted(pool: ConnectionPool[T], wrapper: ConnectionWrapper[T], giving: bool,

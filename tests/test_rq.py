@@ -9,6 +9,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ WORKERS = 2
 # pool (with no connection) and opens a session and a connection of its own.
 _JOB_MODULE = """
 import os
+import threading
 
 import psycopg
 
@@ -38,6 +40,29 @@ POOL = ConnectionPool(lambda: psycopg.connect(os.environ["SP_TEST_DSN"], autocom
 def query():
     with POOL.connection() as conn:
         conn.execute("SELECT pg_sleep(0.02)")
+    return os.getpid()
+
+
+_KEPT = []
+
+
+def leak():
+    # A checkout never given back (kept: no finalizer gives it back either).
+    _KEPT.append(POOL.acquire())
+    return os.getpid()
+
+
+def query_in_thread():
+    # Returns while a thread it started still runs its query.
+    started = threading.Event()
+
+    def run():
+        with POOL.connection() as conn:
+            started.set()
+            conn.execute("SELECT pg_sleep(0.5)")
+
+    threading.Thread(target=run, daemon=True).start()  # a daemon, waited for all the same
+    started.wait(30)
     return os.getpid()
 """
 
@@ -60,15 +85,17 @@ def rq_queue(redis_name: str) -> Iterator[Any]:
     r.close()
 
 
-def run_workers(tmp_path: Path, queue: Any, sock: str, app_name: str, worker_class: str) -> list[str]:
-    """JOBS jobs through WORKERS ``rq worker --burst -w worker_class``; what they logged."""
+def run_workers(tmp_path: Path, queue: Any, sock: str, app_name: str, worker_class: str,
+                func: str = "query", count: int = JOBS, workers: int = WORKERS) -> list[str]:
+    """``count`` jobs calling ``func`` of the job module through ``workers``
+    ``rq worker --burst -w worker_class``; what they logged."""
     from rq.job import Job, JobStatus
 
     (tmp_path / "sp_rq_jobs.py").write_text(_JOB_MODULE)
-    jobs = [queue.enqueue("sp_rq_jobs.query", job_id=f"{queue.name}-{i}") for i in range(JOBS)]
+    jobs = [queue.enqueue(f"sp_rq_jobs.{func}", job_id=f"{queue.name}-{i}") for i in range(count)]
     env = {**os.environ, "SHAREDPOOL_SOCKET": sock, "SP_TEST_DSN": f"{pg_dsn()} application_name={app_name}"}
     procs: list[subprocess.Popen[bytes]] = []
-    logs = [tmp_path / f"worker{i}.log" for i in range(WORKERS)]
+    logs = [tmp_path / f"worker{i}.log" for i in range(workers)]
     try:
         for i, log in enumerate(logs):
             with open(log, "wb") as out:
@@ -84,13 +111,13 @@ def run_workers(tmp_path: Path, queue: Any, sock: str, app_name: str, worker_cla
                 proc.kill()
                 proc.wait(10)
     texts = [log.read_text(errors="replace") for log in logs]
-    assert codes == [0] * WORKERS, texts
+    assert codes == [0] * workers, texts
     statuses = [job.get_status() for job in Job.fetch_many([j.id for j in jobs], connection=queue.connection)
                 if job is not None]
-    assert statuses == [JobStatus.FINISHED] * JOBS, texts
+    assert statuses == [JobStatus.FINISHED] * count, texts
     horses = {job.return_value() for job in Job.fetch_many([j.id for j in jobs], connection=queue.connection)
               if job is not None}
-    assert len(horses) == JOBS  # a horse forked for each job
+    assert len(horses) == count  # a horse forked for each job
     return texts
 
 
@@ -126,6 +153,38 @@ def test_a_plain_rq_worker_leaves_its_leases_to_the_fence(
     run_workers(tmp_path, rq_queue, sock_path, app_name, "rq.Worker")
     assert wait_leased(sock_path, 0, timeout=30) == 0  # the last fence may still run
     assert fences_logged(capfd, coord)
+
+
+@pytest.mark.pg
+def test_a_checkout_the_job_never_gave_back_does_not_hold_its_horse(
+        pg: str, tmp_path: Path, start_coordinator: Any, sock_path: str, app_name: str,
+        rq_queue: Any) -> None:
+    # Nothing can check it in once the job has returned: release_process()
+    # waited its 5 s for it in each horse, the slot held (4 jobs: 20 s and more).
+    start_coordinator({"pg": 1})
+    start = time.monotonic()
+    with BackendSampler(app_name) as sampler:
+        texts = run_workers(tmp_path, rq_queue, sock_path, app_name, "sharedpool.contrib.rq.Worker",
+                            func="leak", count=4, workers=1)
+    took = time.monotonic() - start
+    assert sum(text.count("not waited for") for text in texts) == 4, texts
+    assert took < 15, (took, texts)
+    assert sampler.peak == 1, sampler.peak
+    assert wait_leased(sock_path, 0, timeout=30) == 0  # each through the fence, as the horse exits
+
+
+@pytest.mark.pg
+def test_a_thread_the_job_left_running_is_waited_for(
+        pg: str, tmp_path: Path, start_coordinator: Any, sock_path: str, app_name: str, rq_queue: Any,
+        caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -> None:
+    # The counterpart of the test above: that thread checks its connection in,
+    # and the horse gives its lease back itself.
+    caplog.set_level(logging.INFO, logger="sharedpool")
+    coord = start_coordinator({"pg": 1})
+    run_workers(tmp_path, rq_queue, sock_path, app_name, "sharedpool.contrib.rq.Worker",
+                func="query_in_thread", count=2, workers=1)
+    assert resource_row(sock_path)["leased"] == 0
+    assert fences_logged(capfd, coord) == []
 
 
 def test_without_rq_the_import_says_what_to_install() -> None:

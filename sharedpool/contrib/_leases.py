@@ -279,12 +279,13 @@ class LeaseBook(_Acquiring):
 
     # ------------------------------------------------------------------ exit
 
-    def release_for_exit(self, timeout: float) -> None:
+    def release_for_exit(self, timeout: float, wait_in_use: bool = True) -> None:
         """At process exit: close every tracked connection under the host pool
         (it is exiting too), each confirmed, then its lease released.
 
         Idle connections are closed at once; one in use (another thread is
-        mid-query) is closed once checked in, or when ``timeout`` has passed.
+        mid-query) is closed once checked in, or when ``timeout`` has passed
+        (at once without ``wait_in_use``).
         Detached ones (SQLAlchemy's ``detach()``) never come back: closed
         last, without waiting for them."""
         self._checkpid()  # made before fork: the parent's connections are not ours (I7)
@@ -296,7 +297,7 @@ class LeaseBook(_Acquiring):
         while True:
             in_use = self._close_idle_for_exit(deadline)
             remaining = deadline - time.monotonic()
-            if not in_use or remaining <= 0:
+            if not in_use or remaining <= 0 or not wait_in_use:
                 break
             self._wait_returned(min(remaining, 0.05))
         with self._lock:
