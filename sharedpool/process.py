@@ -87,6 +87,18 @@ def confirm_at_exit(confirm_timeout: float, deadline: float) -> float:
     return min(confirm_timeout, max(deadline - time.monotonic(), EXIT_CONFIRM_MIN))
 
 
+def release_host_checkouts() -> None:
+    """Run the :func:`before_release` hooks alone, the pools left open: the
+    checkouts a host library holds past their use (the Django ENGINE's: this
+    thread's Django connections) go back to their pools, where a reclaim can
+    take them. For a process that runs job after job itself (RQ's SimpleWorker)."""
+    for hook in list(_BEFORE_RELEASE):
+        try:
+            hook()
+        except Exception:  # noqa: BLE001 - the release goes on; it waits for that checkout then
+            log.exception("sharedpool: %r before the release failed", hook)
+
+
 def release_process(timeout: float = 5.0, *, wait_in_use: bool = True) -> None:
     """Close this process's leased connections and end its coordinator sessions.
 
@@ -110,11 +122,7 @@ def release_process(timeout: float = 5.0, *, wait_in_use: bool = True) -> None:
     # the pool left open), "5" would release nothing.
     check_seconds("timeout", timeout)
     deadline = time.monotonic() + timeout
-    for hook in list(_BEFORE_RELEASE):
-        try:
-            hook()
-        except Exception:  # noqa: BLE001 - the release goes on; it waits for that checkout then
-            log.exception("sharedpool: %r before the release at exit failed", hook)
+    release_host_checkouts()
     kept: set[int] = set()
     for pool in list(_POOLS):
         try:

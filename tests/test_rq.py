@@ -67,6 +67,30 @@ def query_in_thread():
 """
 
 
+# The Django ENGINE's pool: Django holds a thread's connection checked out until
+# it closes it, at a request's end; a job is no request.
+_DJANGO_JOB_MODULE = """
+import os
+
+import django
+from django.conf import settings
+
+settings.configure(DATABASES={"default": {
+    "ENGINE": "sharedpool.contrib.django", "HOST": "127.0.0.1", "NAME": "test", "USER": "postgres",
+    "OPTIONS": {"application_name": os.environ["SP_TEST_APP"],
+                "pool": {"resource": "pg", "min_size": 0, "max_size": 1, "timeout": 5}}}})
+django.setup()
+
+from django.db import connection
+
+
+def query():
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+    return os.getpid()
+"""
+
+
 @pytest.fixture
 def rq_queue(redis_name: str) -> Iterator[Any]:
     """An RQ queue of this test's own; every key naming it is deleted after."""
@@ -85,6 +109,20 @@ def rq_queue(redis_name: str) -> Iterator[Any]:
     r.close()
 
 
+def start_worker(tmp_path: Path, queue_name: str, name: str, sock: str, app_name: str, worker_class: str,
+                 module: str = "sp_rq_jobs", burst: bool = True) -> subprocess.Popen[bytes]:
+    """``rq worker -w worker_class -c module`` on ``queue_name``, logging to
+    ``tmp_path/name.log``; with ``burst``, it exits once the queue is empty."""
+    env = {**os.environ, "SHAREDPOOL_SOCKET": sock, "SP_TEST_APP": app_name,
+           "SP_TEST_DSN": f"{pg_dsn()} application_name={app_name}"}
+    with open(tmp_path / f"{name}.log", "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "rq.cli", "worker", *(["--burst"] if burst else []), "-w", worker_class,
+             "-c", module, "-P", str(tmp_path), "--url", f"redis://{REDIS_HOST}:{REDIS_PORT}",
+             "-n", name, "-q", queue_name],
+            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
 def run_workers(tmp_path: Path, queue: Any, sock: str, app_name: str, worker_class: str,
                 func: str = "query", count: int = JOBS, workers: int = WORKERS) -> list[str]:
     """``count`` jobs calling ``func`` of the job module through ``workers``
@@ -93,24 +131,18 @@ def run_workers(tmp_path: Path, queue: Any, sock: str, app_name: str, worker_cla
 
     (tmp_path / "sp_rq_jobs.py").write_text(_JOB_MODULE)
     jobs = [queue.enqueue(f"sp_rq_jobs.{func}", job_id=f"{queue.name}-{i}") for i in range(count)]
-    env = {**os.environ, "SHAREDPOOL_SOCKET": sock, "SP_TEST_DSN": f"{pg_dsn()} application_name={app_name}"}
     procs: list[subprocess.Popen[bytes]] = []
-    logs = [tmp_path / f"worker{i}.log" for i in range(workers)]
+    names = [f"{queue.name}-w{i}" for i in range(workers)]
     try:
-        for i, log in enumerate(logs):
-            with open(log, "wb") as out:
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "rq.cli", "worker", "--burst", "-w", worker_class,
-                     "-c", "sp_rq_jobs", "-P", str(tmp_path), "--url", f"redis://{REDIS_HOST}:{REDIS_PORT}",
-                     "-n", f"{queue.name}-w{i}", "-q", queue.name],
-                    cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT))
+        for name in names:
+            procs.append(start_worker(tmp_path, queue.name, name, sock, app_name, worker_class))
         codes = [proc.wait(120) for proc in procs]  # burst: each exits once the queue is empty
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
-    texts = [log.read_text(errors="replace") for log in logs]
+    texts = [(tmp_path / f"{name}.log").read_text(errors="replace") for name in names]
     assert codes == [0] * workers, texts
     statuses = [job.get_status() for job in Job.fetch_many([j.id for j in jobs], connection=queue.connection)
                 if job is not None]
@@ -185,6 +217,44 @@ def test_a_thread_the_job_left_running_is_waited_for(
                 func="query_in_thread", count=2, workers=1)
     assert resource_row(sock_path)["leased"] == 0
     assert fences_logged(capfd, coord) == []
+
+
+@pytest.mark.pg
+@pytest.mark.parametrize(("worker_class", "second"), [("sharedpool.contrib.rq.SimpleWorker", "finished"),
+                                                      ("rq.SimpleWorker", "failed")])
+def test_a_simple_worker_gives_djangos_connection_back_after_each_job(
+        pg: str, tmp_path: Path, start_coordinator: Any, sock_path: str, app_name: str, rq_queue: Any,
+        worker_class: str, second: str) -> None:
+    # A worker idle after its job kept Django's connection checked out, and
+    # its lease: no reclaim takes a connection in use, and another worker's
+    # job waited for it (the pool's timeout, 5 s) and failed.
+    pytest.importorskip("django")
+    from rq import Queue
+
+    start_coordinator({"pg": 1})
+    (tmp_path / "sp_rq_django.py").write_text(_DJANGO_JOB_MODULE)
+    first, other = (Queue(f"{rq_queue.name}-{x}", connection=rq_queue.connection) for x in "ab")
+    job = first.enqueue("sp_rq_django.query", job_id=f"{first.name}-1")  # named: the fixture deletes it
+    idle = start_worker(tmp_path, first.name, f"{first.name}-w", sock_path, app_name, worker_class,
+                        module="sp_rq_django", burst=False)
+    try:
+        deadline = time.monotonic() + 60
+        while job.get_status() != "finished" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert job.get_status() == "finished", (tmp_path / f"{first.name}-w.log").read_text()
+        later = other.enqueue("sp_rq_django.query", job_id=f"{other.name}-1")
+        busy = start_worker(tmp_path, other.name, f"{other.name}-w", sock_path, app_name, worker_class,
+                            module="sp_rq_django")
+        assert busy.wait(60) == 0
+        assert later.get_status() == second, (tmp_path / f"{other.name}-w.log").read_text()
+    finally:
+        idle.terminate()  # a warm shutdown
+        try:
+            idle.wait(30)
+        except subprocess.TimeoutExpired:
+            idle.kill()
+            idle.wait(10)
+    assert wait_leased(sock_path, 0, timeout=30) == 0
 
 
 def test_without_rq_the_import_says_what_to_install() -> None:

@@ -1,4 +1,4 @@
-"""rq: a forking worker whose work horses give their leases back before they exit.
+"""rq: workers that give back what a job leaves held.
 
 ::
 
@@ -21,8 +21,15 @@ Nothing else changes: pools made at import (in the worker, e.g. by the module
 ``-c`` names, or in each horse) work as usual. A horse killed mid-job (RQ's
 stop-job command, its SIGKILL past ``job_timeout``) still goes through the fence.
 
-``rq.SimpleWorker`` runs jobs in the worker itself: there is nothing to give
-back after each job (its connections serve job after job), so use it as is.
+``rq.SimpleWorker`` runs jobs in the worker itself, and its pools' connections
+serve job after job. But a host library may hold a checkout past the job:
+Django checks its connections back in only when a request ends, and a job is
+no request, so under the Django ENGINE each worker kept its connection, and
+its lease, for good (no reclaim can take a connection in use: with more
+workers than the cap, the others' jobs waited for it and failed).
+:class:`SimpleWorker` has those given back to their pools after each job
+(:func:`sharedpool.process.release_host_checkouts`); use it in place of
+``rq.SimpleWorker`` (``-w sharedpool.contrib.rq.SimpleWorker``).
 For another forking subclass of ``rq.Worker``, subclass both:
 ``class MyWorker(sharedpool.contrib.rq.Worker, rq.worker.HerokuWorker)``.
 Tested with RQ 1.16, 2.12 and 3.0 (``tests/test_rq.py``).
@@ -38,9 +45,9 @@ try:
 except ImportError as exc:
     raise ImportError(f"sharedpool.contrib.rq needs RQ ({exc}); pip install rq") from exc
 
-from ..process import release_process
+from ..process import release_host_checkouts, release_process
 
-__all__ = ["Worker"]
+__all__ = ["SimpleWorker", "Worker"]
 
 
 def _threads_left() -> bool:
@@ -54,14 +61,24 @@ def _threads_left() -> bool:
                for t in threading.enumerate())
 
 
-class Worker(rq.Worker):
-    """``rq.Worker`` whose work horse calls :func:`sharedpool.release_process` after its job."""
+class _GivesBack:
+    """What a job leaves held given back once it is done, whatever its outcome."""
 
     def perform_job(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            return super().perform_job(*args, **kwargs)
+            return super().perform_job(*args, **kwargs)  # type: ignore[misc]  # rq's
         finally:
-            # perform_job runs in the worker itself only under a non-forking
-            # subclass; that process keeps its pools for the next job.
-            if self.is_horse:
+            if self.is_horse:  # type: ignore[attr-defined]  # rq's
                 release_process(wait_in_use=_threads_left())
+            else:
+                # In the worker itself (no fork): its pools serve the next job.
+                release_host_checkouts()
+
+
+class Worker(_GivesBack, rq.Worker):
+    """``rq.Worker`` whose work horse calls :func:`sharedpool.release_process` after its job."""
+
+
+class SimpleWorker(_GivesBack, rq.SimpleWorker):
+    """``rq.SimpleWorker`` that gives back the checkouts a host library (Django)
+    holds past each job; its pools stay open for the next one."""
