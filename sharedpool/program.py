@@ -219,14 +219,15 @@ class EmbeddedCoordinator:
         """Start the program; return it and the write end of its lifeline (raw fds
         only: a forked child closes its copy without touching any lock)."""
         payload = json.dumps({**dataclasses.asdict(self.config), "log_level": self.log_level})
+        python = _python()
         with _SPAWNING:  # no fork of this process meanwhile: see _SPAWNING
             ready_r, ready_w = os.pipe()  # both close-on-exec; pass_fds hands ready_w over
             life_r, life_w = os.pipe()
             try:
                 proc = subprocess.Popen(
-                    [_python(), "-P", "-c", _CHILD_CODE, str(ready_w), "sharedpool-coordinator",
+                    [python, "-P", "-c", _CHILD_CODE, str(ready_w), "sharedpool-coordinator",
                      self.socket_path],
-                    stdin=life_r, pass_fds=(ready_w,), start_new_session=True, env=_child_env(),
+                    stdin=life_r, pass_fds=(ready_w,), start_new_session=True, env=_child_env(python),
                 )
             except BaseException:
                 for fd in (ready_r, life_w):
@@ -357,11 +358,21 @@ def _python() -> str:
     return sys.executable
 
 
-def _child_env() -> dict[str, str]:
-    """The master's environment, with this copy of sharedpool importable first."""
+def _child_env(python: str = sys.executable) -> dict[str, str]:
+    """The master's environment, with this copy of sharedpool importable first.
+
+    Run by another interpreter than this process's (``python`` from
+    :func:`_python`: Python embedded in uWSGI), the program is given this
+    process's import path too: uWSGI's ``pythonpath`` (or an app's own
+    ``sys.path``) is where sharedpool's dependencies may be, and that
+    interpreter knew none of it (``No module named 'msgpack'``)."""
     env = dict(os.environ)
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    paths = [here, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]]
+    paths = [here]
+    if python != sys.executable:
+        # Absolute entries only, in order: "" and "." would be the program's cwd (-P).
+        paths += [p for p in sys.path if isinstance(p, str) and os.path.isabs(p)]
+    paths += [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     return env
 

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import site
 import sys
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ from proc_helpers import resource_row, settled, wait_leased, wait_no_other_sessi
 from servers import SessionServer, free_port, pid_alive, wait_for
 from test_gunicorn import Load, leases
 
+import sharedpool
 from sharedpool import Resource
 
 BIN = Path(sys.executable).parent
@@ -54,7 +56,7 @@ class Uwsgi(SessionServer):
     stop_signal = signal.SIGINT  # uWSGI's stop; SIGTERM reloads it
 
     def __init__(self, tmp_path: Path, sock: str, app_name: str, app: list[str],
-                 extra: list[str]) -> None:
+                 extra: list[str], binary: str) -> None:
         self.port = free_port()
         self.sock = sock
         env = {
@@ -64,7 +66,7 @@ class Uwsgi(SessionServer):
             "EXAMPLE_PG_URL": PG_URL,
         }
         super().__init__(tmp_path / "uwsgi.log",
-                         [str(UWSGI), *app, "--processes", str(WORKERS), "--http-socket",
+                         [binary, *app, "--processes", str(WORKERS), "--http-socket",
                           f"127.0.0.1:{self.port}", "--disable-logging", *extra], env)
 
     @property
@@ -93,8 +95,9 @@ def uwsgi(pg: str, tmp_path: Path, sock_path: str, app_name: str,
     start_coordinator({"pg": Resource(max_size=CAP, acquire_timeout=30, monitor_dsn=pg_dsn())})
     started: list[Uwsgi] = []
 
-    def start(*extra: str, app: list[str] = EXAMPLE_INI, sock: str = sock_path) -> Uwsgi:
-        server = Uwsgi(tmp_path, sock, app_name, app, list(extra))
+    def start(*extra: str, app: list[str] = EXAMPLE_INI, sock: str = sock_path,
+              binary: str = str(UWSGI)) -> Uwsgi:
+        server = Uwsgi(tmp_path, sock, app_name, app, list(extra), binary)
         started.append(server)
         server.wait_ready()
         return server
@@ -191,6 +194,25 @@ def test_coordinator_started_in_the_master(uwsgi: Callable[..., Uwsgi], app_name
     assert sampler.peak <= CAP, f"PostgreSQL saw {sampler.peak} connections with a cap of {CAP}"
     # The uWSGI master runs no exit handler: its coordinator stops with it (its lifeline).
     wait_for(lambda: not os.path.exists(own), 10, "the master's coordinator to stop")
+
+
+def test_coordinator_started_by_a_uwsgi_given_its_packages_by_pythonpath(
+        uwsgi: Callable[..., Uwsgi], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A uWSGI binary of no virtualenv (a distro's) finds the app's packages through
+    # its pythonpath option. The coordinator's program, run by that Python's own
+    # pythonX.Y, had none of them on its path ("No module named 'msgpack'"): the
+    # app failed to load. A copy of the binary outside the venv is such a uWSGI.
+    binary = tmp_path / "bin" / "uwsgi"
+    binary.parent.mkdir()
+    shutil.copy2(str(UWSGI), binary)
+    packages = [str(Path(sharedpool.__file__).resolve().parent.parent), *site.getsitepackages()]
+    own = str(tmp_path / "embedded.sock")
+    monkeypatch.setenv("EXAMPLE_EMBEDDED", "1")
+    monkeypatch.setenv("EXAMPLE_CAP", str(CAP))
+    server = uwsgi("--py-call-uwsgi-fork-hooks", "--need-app", *[f"--pythonpath={p}" for p in packages],
+                   app=MASTER_APP, sock=own, binary=str(binary))
+    assert resource_row(own)["max_size"] == CAP, "the master's coordinator is not serving"
+    assert server.stop() == 0, server.log()[-3000:]
 
 
 def test_recycled_workers_give_their_slots_back(uwsgi: Callable[..., Uwsgi], app_name: str) -> None:
