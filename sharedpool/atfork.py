@@ -107,6 +107,10 @@ def warn_thread_in_uwsgi_master() -> None:
     if _UNSAFE_MASTER[0] != os.getpid():
         return
     _UNSAFE_MASTER[0] = 0
+    if _in_uwsgi_master() is None:
+        # No master process: the one that loaded the app is worker 1 now, and
+        # forks no more (it forked the others before its first request).
+        return
     log.warning("sharedpool: a pool is in use in the uWSGI master, whose workers are forked "
                 "without Python's fork hooks: one forked while sharedpool's threads take the "
                 "interpreter lock hangs for good. Set py-call-uwsgi-fork-hooks = true (or "

@@ -145,6 +145,24 @@ def test_four_workers_share_a_cap_of_two(uwsgi: Callable[..., Uwsgi], app_name: 
     assert_quiet(server)
 
 
+def test_no_master_process_is_not_warned_of(uwsgi: Callable[..., Uwsgi], app_name: str) -> None:
+    # Without a master, the process that loads the app forks the other workers
+    # and then serves as worker 1: its pools, used in requests only, were taken
+    # for a master's, and it warned to set py-call-uwsgi-fork-hooks.
+    server = uwsgi(app=["--module", "app:application", "--chdir", str(EXAMPLE)])
+    with BackendSampler(app_name) as sampler:
+        load = Load(server.url, total=200, threads=8).start().join()
+        os.killpg(server.proc.pid, signal.SIGINT)  # no master to stop the others
+        server.proc.wait(30)
+        wait_for(lambda: not any(pid_alive(pid) for pid in load.ok), 30, "the workers to stop")
+        assert wait_no_other_sessions(server.sock) == []
+        assert wait_leased(server.sock, 0) == 0
+    assert load.errors == [], load.errors[:5]
+    assert server.proc.pid in load.ok, "worker 1 (the app's loader) served nothing: nothing tested"
+    assert sampler.peak <= CAP, f"PostgreSQL saw {sampler.peak} connections with a cap of {CAP}"
+    assert_quiet(server)
+
+
 def test_workers_never_use_the_masters_connection(uwsgi: Callable[..., Uwsgi], app_name: str) -> None:
     # The app queries at import, in the master: its pool holds a leased connection
     # when uWSGI forks the workers. Each worker must open (and lease) its own.
