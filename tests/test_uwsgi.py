@@ -149,7 +149,7 @@ def test_no_master_process_is_not_warned_of(uwsgi: Callable[..., Uwsgi], app_nam
     # Without a master, the process that loads the app forks the other workers
     # and then serves as worker 1: its pools, used in requests only, were taken
     # for a master's, and it warned to set py-call-uwsgi-fork-hooks.
-    server = uwsgi(app=["--module", "app:application", "--chdir", str(EXAMPLE)])
+    server = uwsgi(app=["--wsgi-file", str(EXAMPLE.parent / "gunicorn_app" / "app.py"), "--callable", "app"])
     with BackendSampler(app_name) as sampler:
         load = Load(server.url, total=200, threads=8).start().join()
         os.killpg(server.proc.pid, signal.SIGINT)  # no master to stop the others
