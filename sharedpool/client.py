@@ -89,7 +89,7 @@ class Client(Owed, Hooks):
         self._lock_factory = threading.Lock
         self._send_lock = threading.Lock()
         self._read_lock = threading.Lock()
-        self._cond = Condition(threading.Lock())
+        self._cond = Condition()
         self._pending: dict[int, _Pending] = {}
         #: acquires withdrawn while out: request -> weakref to the pool that asked (see lease.py)
         self._withdrawn: dict[int, Any] = {}
@@ -687,7 +687,7 @@ class Client(Owed, Hooks):
         self._lock_factory = threading.Lock
         self._send_lock = threading.Lock()
         self._read_lock = threading.Lock()
-        self._cond = Condition(threading.Lock())
+        self._cond = Condition()
         self._report_lock = threading.Lock()
         self._owed_lock = threading.Lock()
         self._handlers_lock = threading.RLock()

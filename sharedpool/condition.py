@@ -9,6 +9,14 @@ held for good, and every later user of the condition (a client's every lease
 call, a pool's every checkout) blocks for ever. Here the ``with`` statement
 gets the lock's own C-level methods: nothing runs between the acquire and the
 block, nor between the block and the release.
+
+Its lock is an ``RLock``, never a ``Lock``: ``wait()`` lets go of the lock and
+takes it back, and over a ``Lock`` (Python ``_release_save`` and
+``_acquire_restore``) a handler's exception while it took it back (a blocking
+acquire, interrupted) left it unheld, and the ``with`` then released another
+thread's hold on it: that thread ran on unguarded, and raised "release unlocked
+lock" at its own exit. An ``RLock``'s own are C, owner-checked, and take it
+back uninterrupted.
 """
 
 from __future__ import annotations
@@ -26,7 +34,13 @@ def _exit(cond: Any) -> Any:
 
 
 class Condition(threading.Condition):
-    """:class:`threading.Condition`, safe to use in ``with`` under signal handlers that raise."""
+    """:class:`threading.Condition`, safe to use in ``with`` (and ``wait()``) under
+    signal handlers that raise. Over an ``RLock`` only (the default)."""
+
+    def __init__(self, lock: Any = None) -> None:
+        if lock is not None and not hasattr(lock, "_acquire_restore"):
+            raise TypeError("sharedpool.condition.Condition needs an RLock (see the module's docstring)")
+        super().__init__(lock)
 
     # Properties: the with statement looks both up on the type, then calls the
     # bound C methods with no Python frame between them and the block.
@@ -42,4 +56,4 @@ class Event(threading.Event):
 
     def __init__(self) -> None:
         super().__init__()
-        self._cond = Condition(threading.Lock())  # threading.Event's own, made safe
+        self._cond = Condition()  # threading.Event's own, made safe

@@ -146,7 +146,7 @@ class ConnectionPool(Generic[T]):
         self._top_up_failing = False  # the first failed min_size top-up is logged at warning
         self._test_on_release = self.config.test_on_release
         self._max_lifetime = self.config.max_lifetime
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # an RLock: _returned waits on it (see condition.py)
         self._returned = Condition(self._lock)
         self._idle: deque[ConnectionWrapper[T]] = deque()
         self._all: dict[str, ConnectionWrapper[T]] = {}

@@ -124,3 +124,69 @@ def test_no_signal_in_a_waiters_wait_leaves_its_event_locked() -> None:
         setter.join(2)
         assert not setter.is_alive(), f"set() blocked: cut at instant {instant}"
     assert instant > 5  # the instants were reached
+
+
+def _wait_cut_while_taking_back(cond: Any) -> tuple[BaseException | None, list[BaseException]]:
+    """``with cond: cond.wait()`` in the main thread, notified by another thread
+    that then holds the lock; a signal handler raises while the wait takes the
+    lock back (blocked on that hold). What the wait raised, and what the other
+    thread's ``with`` raised."""
+    import signal
+    import time
+
+    def alarm(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    errors: list[BaseException] = []
+    main = threading.get_ident()
+
+    def notifier() -> None:
+        try:
+            with cond:
+                cond.notify_all()
+                time.sleep(0.5)  # the waiter, woken, now blocks taking the lock back
+                signal.pthread_kill(main, signal.SIGALRM)
+                time.sleep(0.5)  # still ours: a wait cut short must not have let it go
+        except BaseException as exc:  # noqa: BLE001 - what the test looks at
+            errors.append(exc)
+
+    before = signal.signal(signal.SIGALRM, alarm)
+    thread = threading.Thread(target=notifier, daemon=True)
+    raised = None
+    try:
+        with cond:
+            thread.start()
+            cond.wait(10)
+    except KeyboardInterrupt as exc:
+        raised = exc
+    finally:
+        thread.join(10)
+        signal.signal(signal.SIGALRM, before)
+    return raised, errors
+
+
+def test_a_wait_cut_short_taking_its_lock_back_leaves_no_other_hold_released(
+        start_coordinator: Any, sock_path: str) -> None:
+    """A signal handler's exception while a wait() takes its lock back: over a
+    Lock, the wait gave up unheld and its ``with`` released the notifier's hold
+    (which raised "release unlocked lock" at its own exit: a lease call, a
+    pool's checkin or an opener, unguarded meanwhile). Over an RLock the lock
+    is taken back whatever the handler does."""
+    start_coordinator({"r": 1})
+    client = Client(sock_path)
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1))
+    book = LeaseBook("r", sock_path)
+    try:
+        for name, cond in [("client", client._cond), ("pool", pool._returned),
+                           ("book returned", book._returned), ("book closing", book._none_closing),
+                           ("waiter's event", _Waiter().event._cond)]:  # type: ignore[attr-defined]
+            raised, errors = _wait_cut_while_taking_back(cond)
+            assert errors == [], name
+            assert isinstance(raised, KeyboardInterrupt), name
+        with pool.connection(timeout=1):  # all still usable
+            pass
+        client.release(client.acquire("r", timeout=5))
+    finally:
+        pool.close()
+        book.shutdown()
+        client.close()

@@ -167,13 +167,13 @@ class _Book:
         # _pid is set last: a thread of a forked child that sees it current
         # (and skips _checkpid's lock) must find the child's state all made.
         pid = current_pid()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # an RLock: _none_closing waits on it (see condition.py)
         self._entries: dict[int, _Entry] = {}
         self._detached: dict[int, _Loose] = {}  # by id(connection); see LeaseBook.detached()
         left = getattr(self, "_left", None)
         if left is not None:  # after fork: the finalizer sees the child's entries
             left.entries, left.pid = self._entries, pid
-        self._returned = Condition(threading.Lock())
+        self._returned = Condition()
         self._waiting = 0
         self._waits: list[_Wait] = []
         self._recheck = False  # a recheck is scheduled
