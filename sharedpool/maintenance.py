@@ -65,7 +65,9 @@ def _run(ref: weakref.ref[ConnectionPool[Any]], stop: threading.Event) -> None:
 
 
 def maintain_once(pool: ConnectionPool[Any]) -> None:
-    """One round: dropped checkouts, expiry, validation, top-up, leak warnings."""
+    """One round: connections no checkin will come for (dropped checkouts),
+    expiry, validation, top-up, leak warnings."""
+    pool._close_dropped()
     unowned.take_back(pool)  # draining too: checked in, they close
     now = time.monotonic()
     cfg = pool.config

@@ -158,6 +158,8 @@ class ConnectionPool(Generic[T]):
         self._recheck_delay = IDLE_GIVE_BACK
         self._recheck_round = 0  # the round of asking _recheck_pending and _recheck_delay are of
         self._acquired = self._released = 0  # counters of the fast paths
+        #: (wrapper, checkout time) of with checkouts never checked in: see _close_dropped
+        self._dropped: list[tuple[ConnectionWrapper[T], float]] = []
         # requests_num is counted as a checkout is asked for, as psycopg_pool's is, and
         # only ever goes up: checkouts taken by the fast path, plus those the slow path
         # was asked for (_slow_asked), less those it served (in _acquired too, so
@@ -433,6 +435,9 @@ class ConnectionPool(Generic[T]):
         """Check a connection back in (closed instead if expired, invalid,
         owed to the coordinator, or the pool is draining/closed)."""
         try:
+            # First, with no call before it: a checkin of this checkout began
+            # (else, at a signal handler's exception here, _Checkout.__del__ closes it).
+            wrapper.checkin_of = wrapper.checked_out_at
             mine = wrapper.pool is self
         except AttributeError:
             raise PoolMisuse(f"release() takes the ConnectionWrapper that acquire() returned, got "
@@ -488,13 +493,18 @@ class ConnectionPool(Generic[T]):
         query; one left in a transaction (psycopg, psycopg2) is rolled back, or
         closed if that fails. The next caller gets a connection at rest.
         """
-        self._checkpid()
-        if not (getattr(wrapper, "pool", None) is self and wrapper.in_use
-                and self._all.get(wrapper.id) is wrapper):
-            self.release(wrapper)  # raises PoolMisuse, touching nothing
-            return
-        out = wrapper.checked_out_at
-        try:  # a second signal (Ctrl-C twice, a stop signal resent) mid-rollback must not strand it
+        try:  # first, with no call before it: as in release()
+            out = wrapper.checkin_of = wrapper.checked_out_at
+        except AttributeError:
+            out = None  # not a wrapper: release() says so
+        # A signal (a second one: Ctrl-C twice, a stop signal resent) anywhere
+        # from here, mid-rollback too, must not strand it.
+        try:
+            self._checkpid()
+            if out is None or not (getattr(wrapper, "pool", None) is self and wrapper.in_use
+                                   and self._all.get(wrapper.id) is wrapper):
+                self.release(wrapper)  # raises PoolMisuse, touching nothing
+                return
             status = _txn_status(wrapper)
             closed = getattr(wrapper.conn, "closed", False)  # psycopg: bool, psycopg2: 0/1/2
             if status == UNKNOWN or (isinstance(closed, int) and closed):
@@ -511,17 +521,32 @@ class ConnectionPool(Generic[T]):
             else:
                 self.release(wrapper)
         except BaseException:
-            self._close_if_still_out(wrapper, out)
+            if out is not None:
+                self._close_if_still_out(wrapper, out)
             raise
 
-    def _close_if_still_out(self, wrapper: ConnectionWrapper[T], out: float) -> None:
+    def _close_if_still_out(self, wrapper: ConnectionWrapper[T], out: float) -> bool:
         """A checkin was cut short: close ``wrapper`` (it may be mid-query or
         mid-transaction) if it is still out on the checkout that began at
-        ``out``, not checked in already, nor out again to another caller."""
+        ``out``, not checked in already, nor out again to another caller.
+        Whether it was."""
         with self._lock:
             mine = wrapper.in_use and wrapper.checked_out_at == out and self._all.get(wrapper.id) is wrapper
         if mine:
             self._discard(wrapper, validation=False)
+        return mine
+
+    def _close_dropped(self) -> None:
+        """Close the connections of ``with`` checkouts whose checkin never began
+        (see ``wrapper._Checkout.__del__``): nobody can check them in."""
+        while self._dropped:
+            try:
+                wrapper, out = self._dropped.pop()
+            except IndexError:  # taken by another thread meanwhile
+                return
+            if self._close_if_still_out(wrapper, out):
+                log.warning("pool %r: connection %s was never checked in (its with statement's exit "
+                            "was cut short by an exception, or never run): closed", self.name, wrapper.id[:8])
 
     def _quantum(self, client: Client) -> float:
         return self._handoff.quantum_for(client, self.resource)

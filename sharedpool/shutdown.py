@@ -112,6 +112,7 @@ def shut(pool: ConnectionPool[T], status: PoolStatus, timeout: float,
             threading.Thread(target=let_go_later, args=(pool, idle, waiters, requests, status),
                              daemon=True, name=f"sharedpool-close-{pool.resource}").start()
         raise
+    pool._close_dropped()  # out for good, no checkin to wait for (see _Checkout.__del__)
     take_back(pool)  # checkouts dropped without a checkin: none will ever come back by itself
     with pool._lock:
         # Done once every connection is closed and its lease released,

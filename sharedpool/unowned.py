@@ -1,10 +1,11 @@
 """Checkouts nobody can check in any more, taken back.
 
-A wrapper from ``acquire()`` (or the connection from ``connection().__enter__()``)
-that its caller dropped without a checkin: typically an asyncio task cancelled
-while a thread checked out for it (``await asyncio.wait_for(loop.run_in_executor(
-None, pool.acquire), 1)``): the thread finishes the checkout, the cancelled
-future drops its result. Nothing could release it again: it stayed in use, its
+A wrapper from ``acquire()`` that its caller dropped without a checkin:
+typically an asyncio task cancelled while a thread checked out for it (``await
+asyncio.wait_for(loop.run_in_executor(None, pool.acquire), 1)``): the thread
+finishes the checkout, the cancelled future drops its result. (A
+``connection()`` context manager dropped unexited is wrapper._Checkout.__del__'s:
+closed, whoever still refers to its connection.) Nothing could release it again: it stayed in use, its
 lease held, until the process exited, and the cap was that much smaller for
 every process (psycopg_pool loses the slot the same way; SQLAlchemy checks a
 collected connection back in).

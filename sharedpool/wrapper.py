@@ -29,7 +29,7 @@ class ConnectionWrapper(Generic[T]):
     __slots__ = (
         "id", "conn", "created_at", "last_used", "in_use", "pool", "lease",
         "backend_pid", "checked_out_at", "site", "health_check_count", "warned", "checked_at",
-        "txn", "kept",
+        "txn", "kept", "checkin_of",
     )
 
     def __init__(self, conn: T, pool: ConnectionPool[T], lease: Lease | None) -> None:
@@ -51,6 +51,8 @@ class ConnectionWrapper(Generic[T]):
         self.txn = _txn_probe(conn)
         #: a dup of its socket: a close is confirmed even after its user closed it
         self.kept = keep_socket(conn)
+        #: the checkout (its checked_out_at) whose checkin began last: see _Checkout.__del__
+        self.checkin_of: float | None = None
         pool._left.track(self)  # closed if the pool is collected before a close takes it
 
     def __repr__(self) -> str:
@@ -100,21 +102,39 @@ def _call_site() -> str:
 
 class _Checkout(Generic[T]):
     # A plain class, not @contextmanager: this is on the checkout fast path.
-    __slots__ = ("pool", "timeout", "wrapper")
+    __slots__ = ("pool", "timeout", "wrapper", "out")
 
     def __init__(self, pool: ConnectionPool[T], timeout: float | None) -> None:
         self.pool = pool
         self.timeout = timeout
+        self.wrapper: ConnectionWrapper[T] | None = None
 
     def __enter__(self) -> T:
         wrapper = self.wrapper = self.pool.acquire(self.timeout)
+        self.out = wrapper.checked_out_at
         return wrapper.conn
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        assert self.wrapper is not None
         if exc_type is None:
             self.pool.release(self.wrapper)
         else:
             self.pool.release_after_error(self.wrapper)
+
+    def __del__(self) -> None:
+        # No checkin of this checkout ever began: a signal handler's exception
+        # landed at the first instruction of __exit__ or of the release() it
+        # calls, where no guard can be (or __enter__ was called by hand and
+        # this dropped). Nobody can check the connection in: the pool's
+        # maintenance closes it (it may be mid-query), and its lease goes.
+        # A finalizer: one append, no lock taken.
+        try:
+            wrapper = self.wrapper  # set, then out, with nothing between
+        except AttributeError:  # its __init__ cut short (at its first instruction)
+            return
+        if (wrapper is not None and wrapper.in_use
+                and wrapper.checked_out_at == self.out != wrapper.checkin_of):
+            self.pool._dropped.append((wrapper, self.out))
 
     async def __aenter__(self) -> T:  # `async with pool.connection()`: said what to do instead
         from .config import NO_ASYNCIO

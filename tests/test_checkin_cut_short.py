@@ -122,3 +122,64 @@ def test_a_checkin_cut_short_anywhere_in_release_leaves_nothing_in_use(
             break
         k += 1
     assert k > 3  # the points were reached
+
+
+def _interrupting_at_entry(code: Any) -> tuple[Any, list[str]]:
+    """A tracer raising Interrupted at the entry of ``code`` in the main thread
+    (a signal handler runs at every function's first instruction)."""
+    import threading
+
+    fired: list[str] = []
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if (not fired and event == "call" and frame.f_code is code
+                and threading.current_thread() is threading.main_thread()):
+            fired.append(f"{code.co_name} entry")
+            raise Traced("the signal handler raised")
+        return None
+
+    return tracer, fired
+
+
+_WITH_EXITS = [
+    ("clean", "__exit__"), ("clean", "release"), ("error", "__exit__"), ("error", "release_after_error"),
+    *(("error", k) for k in range(4)),  # the calls ahead of release_after_error's guarded part
+]
+
+
+@pytest.mark.parametrize(("how", "where"), _WITH_EXITS)
+def test_a_with_exit_cut_short_at_its_entry_leaves_nothing_in_use(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str, how: str, where: Any) -> None:
+    """``with pool.connection()``'s exit cut short where no guard can be: at the
+    first instruction of its __exit__, or of the release()/release_after_error()
+    it calls (and at the calls ahead of release_after_error's guard). Before,
+    the connection stayed checked out for good, its lease held (max_size 1:
+    every later checkout timed out). Now it is closed (it may be mid-query)
+    and its lease released once the context manager is dropped."""
+    from sharedpool.wrapper import _Checkout
+
+    start_coordinator({"pg": 1})
+    pool = _pool(pg, app_name, sock_path)
+    try:
+        if isinstance(where, int):
+            tracer, fired = _interrupting_at([ConnectionPool.release_after_error.__code__], where)
+        else:
+            owner = _Checkout if where == "__exit__" else ConnectionPool
+            tracer, fired = _interrupting_at_entry(getattr(owner, where).__code__)
+        try:
+            with pool.connection(timeout=5) as conn:
+                conn.execute("SELECT 1")
+                sys.settrace(tracer)
+                if how == "error":
+                    raise ValueError("the with block failed")
+        except (Traced, ValueError):
+            pass
+        finally:
+            sys.settrace(None)
+        assert fired, where
+        with pool.connection(timeout=5) as conn:  # max_size 1: only if it came back
+            conn.execute("SELECT 1")
+            conn.commit()
+    finally:
+        pool.close(timeout=2)
+    assert wait_leased(sock_path, 0) == 0
