@@ -27,6 +27,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from .readable import wait_readable
 
@@ -127,7 +128,7 @@ def _watched(conn: object, kept: socket.socket | None) -> socket.socket | None:
 
 def close_and_confirm(conn: object, timeout: float, *,
                       on_late: Callable[[bool], object] | None = None,
-                      kept: socket.socket | None = None) -> bool:
+                      kept: socket.socket | None = None, begun: list[bool | None] | None = None) -> bool:
     """Close ``conn``; return True once the server side is confirmed gone.
 
     Returns True when the server closed its end within ``timeout`` seconds, or
@@ -147,23 +148,29 @@ def close_and_confirm(conn: object, timeout: float, *,
     over, and the exception goes on. With ``on_late``, anything raised but
     :class:`NotClosable` means ``on_late`` has been or will be called.
     ``kept``: the connection's socket from :func:`keep_socket`; it is ours to
-    close from here on, whatever happens.
+    close from here on, whatever happens. ``begun``: its first item (None
+    before) is set to False as this begins, with no call before (from then on
+    ``on_late`` is seen to, unless confirmed), then to what it returns: a
+    caller cut short (a signal handler's exception) can tell where.
     """
-    close = getattr(conn, "close", None)
-    # redis-py's Connection has disconnect(), which does shutdown(SHUT_RDWR): after
-    # that our dup would read EOF at once whatever the server does. So for it we
-    # half-close and wait first, and disconnect afterwards.
-    close_after = not callable(close)
-    if close_after:
-        close = getattr(conn, "disconnect", None)
-    if not callable(close):
-        if kept is not None:
-            kept.close()
-        raise NotClosable(f"close_and_confirm: {type(conn).__name__} has no close() method")
-    deadline = time.monotonic() + max(timeout, 0.0)
+    if begun is not None:
+        begun[0] = False
     sock = kept
     handed = False  # to a watcher thread, which calls on_late
+    close: Any = None
+    close_after = False
     try:
+        close = getattr(conn, "close", None)
+        # redis-py's Connection has disconnect(), which does shutdown(SHUT_RDWR): after
+        # that our dup would read EOF at once whatever the server does. So for it we
+        # half-close and wait first, and disconnect afterwards.
+        close_after = not callable(close)
+        if close_after:
+            close = getattr(conn, "disconnect", None)
+        if not callable(close):
+            close_after = False
+            raise NotClosable(f"close_and_confirm: {type(conn).__name__} has no close() method")
+        deadline = time.monotonic() + max(timeout, 0.0)
         sock = _watched(conn, kept)
         if isinstance(sock, _Borrowed):
             # No fd to spare for a dup: we watch the connection's own, which
@@ -209,7 +216,14 @@ def close_and_confirm(conn: object, timeout: float, *,
                 sock.close()
                 sock = None
             _call_close(close, conn)
+        if begun is not None:
+            begun[0] = confirmed
+        if sock is not None:  # closed here, not in the finally: a signal's exception
+            done, sock = sock, None  # after it must still see to on_late (below)
+            done.close()
         return confirmed
+    except NotClosable:
+        raise  # nothing was closed: the caller's lease to give back
     except BaseException:
         # Cut short (a signal handler's exception): the lease must neither leak
         # nor go back before the server lets go.

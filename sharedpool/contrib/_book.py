@@ -453,30 +453,39 @@ class _Book:
 
     # ------------------------------------------------------------------ records (both sides use)
 
-    def _pop(self, key: Any, closing: bool = False) -> _Entry | None:
+    def _pop(self, key: Any, closing: bool = False, into: list[_Entry | None] | None = None) -> _Entry | None:
         """Stop tracking ``key``; the record returned is the only one left
         holding its lease (a connection keeping it sees it no longer does).
         ``closing``: its lease counts as closing from the same step (an exit
-        looking meanwhile must see it closing, not gone: see release_for_exit)."""
+        looking meanwhile must see it closing, not gone: see release_for_exit).
+        ``into``: its first item is set to that record in the step that stops
+        tracking ``key``, with no call between (a signal handler's exception
+        in here or just after leaves it tracked, or there for the caller)."""
         with self._lock:
+            loose = None
             entry = self._entries.get(id(key))
-            if entry is not None and entry.key is key:
-                del self._entries[id(key)]
-                self._revoked -= entry.revoked
-            else:
+            if entry is None or entry.key is not key:
                 loose = self._detached.get(id(key))
                 if loose is None or loose.ref() is not key:
                     return None
-                del self._detached[id(key)]
-                loose.finalizer.detach()  # closed by its user: nothing left for the collector
                 entry = loose.entry
-            if isinstance(entry, _Lendable) and entry.finalizer is not None:
-                entry.finalizer.detach()  # closed: never lent out again
             popped = replace(entry, key=key)
+            # From here to the end of the step, no call: either all of it, or none.
+            if into is not None:
+                into[0] = popped
+            if loose is None:
+                del self._entries[id(key)]
+                self._revoked -= entry.revoked
+            else:
+                del self._detached[id(key)]
             if closing and popped.lease is not None:
                 self._closing += 1
-            let_go(entry.kept)  # the caller's to close
             entry.lease = entry.kept = None
+            if loose is not None:
+                loose.finalizer.detach()  # closed by its user: nothing left for the collector
+            if isinstance(entry, _Lendable) and entry.finalizer is not None:
+                entry.finalizer.detach()  # closed: never lent out again
+            let_go(popped.kept)  # the caller's to close
         return popped
 
     def _release(self, client: Client, lease: Lease) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 from .. import process
 from ..client import Client, current_pid
 from ..closing import WAIT_SLICE, NotClosable, close_and_confirm, socket_fd
+from ..dropped import in_a_thread
 from ._acquiring import _Acquiring
 from ._book import _Entry, _Lendable, _Loose
 from ._orphans import closable, close_collected, close_orphan, hold, start_collector
@@ -34,6 +35,19 @@ from ._orphans import closable, close_collected, close_orphan, hold, start_colle
 __all__ = ["LeaseBook"]
 
 log = logging.getLogger("sharedpool.contrib")
+
+
+def close_in_background(target: Any, kept: Any, late: Callable[[bool], None], timeout: float) -> None:
+    """A close cut short before it began (a signal handler's exception): closed,
+    confirmed and ``late`` called in a thread (here, if none is to be had)."""
+    def run() -> None:
+        try:
+            if close_and_confirm(target, timeout, on_late=late, kept=kept):
+                late(True)
+        except NotClosable:
+            late(True)  # nothing to close: the lease must not leak
+
+    in_a_thread("sharedpool-close", run)
 
 
 class _CloseVia:
@@ -184,45 +198,60 @@ class LeaseBook(_Acquiring):
         self._checkpid()
         if self.inherited(key):
             return False
-        entry = self._pop(key, closing=True)  # its lease counted as closing from here
-        target: Any = key if closer is None else _CloseVia(key, closer)
-        client = entry.client if entry is not None and entry.client is not None else self._client
-        lease = entry.lease if entry is not None else None
-        kept = entry.kept if entry is not None else None
-        released = watched = False
+        # From taking key out of the book to the start of its close, a signal
+        # handler's exception would leave its lease held by nobody: _pop puts
+        # the record here as it lets go, close_and_confirm says when it began
+        # (False) and whether it confirmed.
+        popped: list[_Entry | None] = [None]
+        begun: list[bool | None] = [None]
+        released = watched = confirmed = False
 
         def late(confirmed: bool) -> None:
             nonlocal released
+            entry = popped[0]
             with self._lock:  # against the watcher's own call
-                if lease is None or released:
+                if entry is None or entry.lease is None or released:
                     return
                 released, left_to_watcher = True, watched
+            client = entry.client if entry.client is not None else self._client
             if client is not None:
-                self._release(client, lease)
+                self._release(client, entry.lease)
             self._count_closing(-1, unconfirmed=-1 if left_to_watcher else 0)
 
-        if reclaimed and lease is not None:
-            # Before the lease goes: counted once the waiter elsewhere can have it
-            # (get_stats() read then showed 0 given back).
-            self.count("leases_reclaimed")
-        t0 = time.monotonic()
-        # A server that left a close unconfirmed (hung) would have each close of
-        # a row (dispose(), disconnect(), close()) wait confirm_timeout in turn:
-        # for that long after one, the next ones do not wait here. Their
-        # watchers still keep each lease until the server lets go (I1).
-        wait = 0.0 if t0 < self._hung_until else self.confirm_timeout if confirm is None else confirm
         try:
-            confirmed = close_and_confirm(target, wait,
-                                          on_late=late if lease is not None else None, kept=kept)
+            entry = self._pop(key, closing=True, into=popped)  # its lease counted as closing from here
+            target: Any = key if closer is None else _CloseVia(key, closer)
+            client = entry.client if entry is not None and entry.client is not None else self._client
+            lease = entry.lease if entry is not None else None
+            if reclaimed and lease is not None:
+                # Before the lease goes: counted once the waiter elsewhere can have it
+                # (get_stats() read then showed 0 given back).
+                self.count("leases_reclaimed")
+            t0 = time.monotonic()
+            # A server that left a close unconfirmed (hung) would have each close of
+            # a row (dispose(), disconnect(), close()) wait confirm_timeout in turn:
+            # for that long after one, the next ones do not wait here. Their
+            # watchers still keep each lease until the server lets go (I1).
+            wait = 0.0 if t0 < self._hung_until else self.confirm_timeout if confirm is None else confirm
+            confirmed = close_and_confirm(target, wait, on_late=late if lease is not None else None,
+                                          kept=entry.kept if entry is not None else None, begun=begun)
+            if confirmed:
+                late(True)
+                self._handoff.closed(time.monotonic() - t0)
+                self._handoff.tell(client, self.resource)
         except NotClosable:
             late(True)  # nothing was closed, nor will be: the lease must not leak
             raise
-        # Anything else cut the close short (a signal handler's exception):
-        # close_and_confirm left the confirmation, and late(), to a watcher.
-        if confirmed:
-            self._handoff.closed(time.monotonic() - t0)
-            self._handoff.tell(client, self.resource)
-            late(True)
+        except BaseException:
+            # Begun, close_and_confirm left the confirmation, and late(), to a
+            # watcher, unless it confirmed (then late() here). Cut short before,
+            # the close goes on in the background.
+            if confirmed or begun[0]:
+                late(True)
+            elif begun[0] is None and (entry := popped[0]) is not None:
+                close_in_background(key if closer is None else _CloseVia(key, closer), entry.kept,
+                                    late, self.confirm_timeout)
+            raise
         if wait:
             self._hung_until = 0.0 if confirmed else time.monotonic() + wait
         if not confirmed:

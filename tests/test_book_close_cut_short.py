@@ -1,0 +1,59 @@
+"""A lease book's close() cut short by a signal handler's exception (celery's
+soft time limit, Ctrl-C) in the main thread, where the integrations close
+connections (SQLAlchemy's and redis-py's pools): the lease must come back once
+the server has let go, never stay held for good."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import psycopg
+import pytest
+from proc_helpers import wait_leased
+from test_pool_edges import Interrupted, _interrupting_at
+
+from sharedpool import closing
+from sharedpool.contrib._leases import LeaseBook
+
+pytestmark = pytest.mark.pg
+
+
+@pytest.mark.parametrize("via", [False, True])
+def test_a_close_cut_short_anywhere_still_gives_the_lease_back(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str, via: bool) -> None:
+    """Wherever a handler can run in LeaseBook.close() and close_and_confirm()
+    (not in their callees), ``via``: with a closer, as SQLAlchemy's pool
+    closes. Before, at the calls between taking the lease out of the book and
+    the guarded close (a closer's _CloseVia, time.monotonic(), the close
+    method's lookup), and at the close of the dup once confirmed, nobody held
+    the lease any more: it stayed taken for the process's life."""
+    start_coordinator({"pg": 60})  # room for the leases a failure leaves taken: all the points are seen
+    codes = [LeaseBook.close.__code__, closing.close_and_confirm.__code__]
+    dsn = f"{pg} application_name={app_name}"
+    kept_taken = []
+    k = 0
+    while True:
+        book = LeaseBook("pg", sock_path)
+        try:
+            conn = book.connect(lambda: psycopg.connect(dsn), timeout=5)
+            tracer, fired = _interrupting_at(codes, k)
+            sys.settrace(tracer)
+            try:
+                book.close(conn, (lambda c=conn: c.close()) if via else None)
+            except Interrupted:
+                pass
+            finally:
+                sys.settrace(None)
+            if any(e.key is conn for e in list(book._entries.values())):
+                book.close(conn)  # cut short before it took anything: still tracked, as if not called
+            del conn
+            if wait_leased(sock_path, len(kept_taken), timeout=10) > len(kept_taken):
+                kept_taken.append(fired)
+        finally:
+            book.shutdown()
+        if not fired:
+            break
+        k += 1
+    assert kept_taken == []
+    assert k > 15, k  # the points were reached (23 and 25 in 3.11)
