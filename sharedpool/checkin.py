@@ -48,7 +48,12 @@ def check_in_unsettled(pool: ConnectionPool[T], wrapper: ConnectionWrapper[T], s
     pool.release_after_error(wrapper)  # cut short (a signal here, mid-rollback): the caller closes it
 
 
-def release_slow(pool: ConnectionPool[T], wrapper: ConnectionWrapper[T], now: float) -> None:
+def release_slow(pool: ConnectionPool[T], wrapper: ConnectionWrapper[T], now: float,
+                 began: list[bool] | None = None) -> None:
+    """``began``: its first item is set as this begins, with no call before (from
+    then on this sees to the connection, whatever cuts it short)."""
+    if began is not None:
+        began[0] = True
     client = pool._client
     owed = young = sibling = False
     siblings = 0

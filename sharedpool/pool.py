@@ -449,6 +449,7 @@ class ConnectionPool(Generic[T]):
         out = wrapper.checked_out_at
         at_rest = wrapper.txn is None  # else known once its transaction status is read
         done = False
+        began: list[bool] | None = None  # release_slow's: set as it begins (then it sees to it)
         try:  # free unless raised: a signal before the checkin took effect must not strand it
             if not at_rest and wrapper.in_use and self._all.get(wrapper.id) is wrapper:
                 status = _txn_status(wrapper)
@@ -477,13 +478,17 @@ class ConnectionPool(Generic[T]):
                         wrapper.in_use = False
                         self._idle.append(wrapper)
                         return
+            # In here: a signal handler's exception at its first instruction
+            # (before it began) would otherwise strand the connection.
+            began = [False]
+            checkin.release_slow(self, wrapper, now, began)
         except BaseException:
             if not at_rest:  # cut short in the transaction check, its warning or a rollback
                 self._close_if_still_out(wrapper, out)
-            elif not done:  # nothing happened yet: check it in the slow way, then let the exception go on
+            elif not done and not (began and began[0]):
+                # Nothing happened yet: check it in the slow way, then let the exception go on.
                 checkin.release_slow(self, wrapper, _monotonic())
             raise
-        checkin.release_slow(self, wrapper, now)
 
     def release_after_error(self, wrapper: ConnectionWrapper[T]) -> None:
         """Check in a connection whose ``with`` block ended in an exception.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import Any
 
 import psycopg
@@ -143,6 +144,7 @@ def _interrupting_at_entry(code: Any) -> tuple[Any, list[str]]:
 
 _WITH_EXITS = [
     ("clean", "__exit__"), ("clean", "release"), ("error", "__exit__"), ("error", "release_after_error"),
+    ("clean", "release_slow"),  # release() hands an expired connection to it, past its own guard
     *(("error", k) for k in range(4)),  # the calls ahead of release_after_error's guarded part
 ]
 
@@ -160,15 +162,20 @@ def test_a_with_exit_cut_short_at_its_entry_leaves_nothing_in_use(
 
     start_coordinator({"pg": 1})
     pool = _pool(pg, app_name, sock_path)
+    if where == "release_slow":
+        pool._max_lifetime = 0.05  # expired at its checkin: the slow way
     try:
         if isinstance(where, int):
             tracer, fired = _interrupting_at([ConnectionPool.release_after_error.__code__], where)
         else:
-            owner = _Checkout if where == "__exit__" else ConnectionPool
+            owner = {"__exit__": _Checkout, "release_slow": checkin}.get(where, ConnectionPool)
             tracer, fired = _interrupting_at_entry(getattr(owner, where).__code__)
         try:
             with pool.connection(timeout=5) as conn:
                 conn.execute("SELECT 1")
+                if where == "release_slow":
+                    conn.commit()
+                    time.sleep(0.1)
                 sys.settrace(tracer)
                 if how == "error":
                     raise ValueError("the with block failed")
