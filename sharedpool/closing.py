@@ -241,6 +241,23 @@ def close_and_confirm(conn: object, timeout: float, *,
             sock.close()  # the dup must never leak, whatever happened above
 
 
+def close_in_background(conn: object, kept: socket.socket | None, on_late: Callable[[bool], object],
+                        timeout: float) -> None:
+    """A close cut short before :func:`close_and_confirm` began (a signal
+    handler's exception at its first instruction): closed, confirmed and
+    ``on_late`` called in a thread (here, if none is to be had)."""
+    from .dropped import in_a_thread  # dropped imports this module
+
+    def run() -> None:
+        try:
+            if close_and_confirm(conn, timeout, on_late=on_late, kept=kept):
+                on_late(True)
+        except NotClosable:
+            on_late(True)  # nothing to close: the lease must not leak
+
+    in_a_thread("sharedpool-close", run)
+
+
 def start_watcher(sock: socket.socket, on_late: Callable[[bool], object],
                    after: tuple[Callable[[], object], object] | None) -> None:
     """Watch in the background; with no thread to be had, here, for at most

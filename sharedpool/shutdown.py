@@ -15,7 +15,7 @@ from collections import deque
 from typing import TYPE_CHECKING, TypeVar
 
 from .client import AcquireRequest
-from .closing import WAIT_SLICE, NotClosable, close_and_confirm
+from .closing import WAIT_SLICE, NotClosable, close_and_confirm, close_in_background
 from .errors import ConfigError, PoolClosed
 from .status import PoolStatus, valid_timeout
 from .unowned import take_back
@@ -167,17 +167,21 @@ def close_counted(pool: ConnectionPool[T], wrapper: ConnectionWrapper[T], giving
         if pool._pid == pid:
             pool._end_session_if_done()
 
+    begun: list[bool | None] = [None]  # see close_and_confirm
     try:
         confirmed = close_and_confirm(wrapper.conn, wait,
-                                      on_late=late if keep else None, kept=kept)
+                                      on_late=late if keep else None, kept=kept, begun=begun)
     except NotClosable:  # nothing to close: give the lease back
         log.exception("pool %r: closing connection %s failed", pool.name, wrapper.id[:8])
         confirmed = True
     except BaseException:
         # Cut short (a signal handler's exception): close_and_confirm left
         # the confirmation to a watcher, which calls late(); the caller
-        # gets the exception.
-        if not keep and giving:
+        # gets the exception. Cut short at its first instruction, nothing was
+        # closed yet: the close goes on in the background.
+        if begun[0] is None:
+            close_in_background(wrapper.conn, kept, late, wait)
+        elif not keep and giving:
             late(False)
         raise
     if confirmed:

@@ -26,8 +26,7 @@ from typing import Any
 
 from .. import process
 from ..client import Client, current_pid
-from ..closing import WAIT_SLICE, NotClosable, close_and_confirm, socket_fd
-from ..dropped import in_a_thread
+from ..closing import WAIT_SLICE, NotClosable, close_and_confirm, close_in_background, socket_fd
 from ._acquiring import _Acquiring
 from ._book import _Entry, _Lendable, _Loose
 from ._orphans import closable, close_collected, close_orphan, hold, start_collector
@@ -35,19 +34,6 @@ from ._orphans import closable, close_collected, close_orphan, hold, start_colle
 __all__ = ["LeaseBook"]
 
 log = logging.getLogger("sharedpool.contrib")
-
-
-def close_in_background(target: Any, kept: Any, late: Callable[[bool], None], timeout: float) -> None:
-    """A close cut short before it began (a signal handler's exception): closed,
-    confirmed and ``late`` called in a thread (here, if none is to be had)."""
-    def run() -> None:
-        try:
-            if close_and_confirm(target, timeout, on_late=late, kept=kept):
-                late(True)
-        except NotClosable:
-            late(True)  # nothing to close: the lease must not leak
-
-    in_a_thread("sharedpool-close", run)
 
 
 class _CloseVia:
