@@ -158,6 +158,12 @@ def close_counted(pool: ConnectionPool[T], wrapper: ConnectionWrapper[T], giving
         try:
             if client is not None and lease is not None:
                 client.release(lease)
+        except BaseException:
+            # Cut short before it took the lease off (a signal handler's exception at
+            # its first instructions), it is still held: once more (else a no-op).
+            if client is not None and lease is not None:
+                client.release(lease)
+            raise
         finally:  # released (or cut short, then sent anyway): uncounted either way
             if keep or giving:
                 with pool._lock:

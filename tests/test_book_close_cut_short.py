@@ -57,3 +57,30 @@ def test_a_close_cut_short_anywhere_still_gives_the_lease_back(
         k += 1
     assert kept_taken == []
     assert k > 15, k  # the points were reached (23 and 25 in 3.11)
+
+
+def test_a_close_cut_short_as_it_gives_the_lease_back_still_does(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    """A signal handler's exception at Client.release()'s first instruction,
+    once the close is confirmed: the lease, still held, is released again
+    (before, it stayed taken for the process's life)."""
+    from test_checkin_cut_short import _interrupting_at_entry
+
+    from sharedpool import Client
+
+    start_coordinator({"pg": 1})
+    book = LeaseBook("pg", sock_path)
+    try:
+        conn = book.connect(lambda: psycopg.connect(f"{pg} application_name={app_name}"), timeout=5)
+        tracer, fired = _interrupting_at_entry(Client.release.__code__)
+        sys.settrace(tracer)
+        try:
+            book.close(conn)
+        except Interrupted:
+            pass
+        finally:
+            sys.settrace(None)
+        assert fired
+        assert wait_leased(sock_path, 0) == 0
+    finally:
+        book.shutdown()

@@ -16,7 +16,7 @@ from proc_helpers import wait_leased
 from test_pool_edges import Interrupted as Traced
 from test_pool_edges import _interrupting_at
 
-from sharedpool import ConnectionPool, PoolConfig, checkin, closing
+from sharedpool import Client, ConnectionPool, PoolConfig, checkin, closing
 from sharedpool import pool as pool_module
 
 pytestmark = pytest.mark.pg
@@ -146,6 +146,7 @@ _WITH_EXITS = [
     ("clean", "__exit__"), ("clean", "release"), ("error", "__exit__"), ("error", "release_after_error"),
     ("clean", "release_slow"),  # release() hands an expired connection to it, past its own guard
     ("clean", "close_and_confirm"),  # ... which closes it, then gives its lease back
+    ("clean", "Client.release"),
     *(("error", k) for k in range(4)),  # the calls ahead of release_after_error's guarded part
 ]
 
@@ -163,16 +164,16 @@ def test_a_with_exit_cut_short_at_its_entry_leaves_nothing_in_use(
 
     start_coordinator({"pg": 1})
     pool = _pool(pg, app_name, sock_path)
-    slow = where in ("release_slow", "close_and_confirm")
+    slow = where in ("release_slow", "close_and_confirm", "Client.release")
     if slow:
         pool._max_lifetime = 0.05  # expired at its checkin: the slow way, closed
     try:
         if isinstance(where, int):
             tracer, fired = _interrupting_at([ConnectionPool.release_after_error.__code__], where)
         else:
-            owner = {"__exit__": _Checkout, "release_slow": checkin, "close_and_confirm": closing}.get(
-                where, ConnectionPool)
-            tracer, fired = _interrupting_at_entry(getattr(owner, where).__code__)
+            owner = {"__exit__": _Checkout, "release_slow": checkin, "close_and_confirm": closing,
+                     "Client.release": Client}.get(where, ConnectionPool)
+            tracer, fired = _interrupting_at_entry(getattr(owner, where.split(".")[-1]).__code__)
         try:
             with pool.connection(timeout=5) as conn:
                 conn.execute("SELECT 1")

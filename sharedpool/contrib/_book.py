@@ -489,7 +489,13 @@ class _Book:
         return popped
 
     def _release(self, client: Client, lease: Lease) -> None:
-        client.release(lease)
+        try:
+            client.release(lease)
+        except BaseException:
+            # Cut short before it took the lease off (a signal handler's exception
+            # at its first instructions), it is still held: once more (else a no-op).
+            client.release(lease)
+            raise
         self.count("leases_released")
         if self._shut:  # a connection still out at shutdown() came back: maybe the last
             client.close_if_unused()
