@@ -592,8 +592,15 @@ class ConnectionPool(Generic[T]):
             active = self.status is PoolStatus.ACTIVE
             if active:
                 self._hand_over(wrapper)
+            idle = active and not wrapper.in_use
         if not active:
             self._discard(wrapper, validation=False)
+        elif (idle and self._handlers and (client := self._client) is not None
+              and client.owed_left(self.resource)):
+            # A reclaim that came while it was out (validated, set up) found
+            # nothing idle, and nothing asks again: the other process's acquire
+            # timed out beside this idle lease. Looked at as a reclaim does.
+            client.call_later(0.0, self._handlers[0])
 
     def _close(self, wrapper: ConnectionWrapper[T], giving: bool = False, wait: float | None = None) -> bool:
         """Close, confirm the server let go, then give the lease back (I1). A

@@ -753,3 +753,45 @@ def test_an_old_idle_slot_goes_before_one_in_its_first_turn(start_coordinator: A
         for proc in procs:
             proc.kill()
             proc.wait(10)
+
+
+def test_an_idle_slot_being_validated_when_asked_for_goes_once_checked(start_coordinator: Any,
+                                                                      sock_path: str) -> None:
+    # Before: the reclaim found nothing idle (maintenance had the one idle
+    # connection out for validation); parked back, it stayed, owed, and the
+    # other process's acquire timed out beside it (nothing asks again; a fixed
+    # quantum: under "auto", its first figure re-sent the ask by chance).
+    start_coordinator({"r": Resource(max_size=1, fairness_quantum=0.05)})
+    hold, checking, go = threading.Event(), threading.Event(), threading.Event()
+
+    def check(conn: Any) -> bool:
+        if hold.is_set():
+            checking.set()
+            go.wait(10)
+        return True
+
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1, validation_interval=0.05),
+                          resource="r", coordinator=sock_path, check=check)
+    other = Client(sock_path)
+    got: list[Any] = []
+    errors: list[BaseException] = []
+    try:
+        pool.release(pool.acquire(timeout=5))
+        hold.set()
+        assert checking.wait(5), "maintenance never validated the idle connection"
+        waiter = start_recording(lambda: got.append(other.acquire("r", timeout=5)), errors)
+        client = pool._client
+        assert client is not None
+        deadline = time.monotonic() + 5
+        while not client.owes("r"):  # asked while the connection is out
+            assert time.monotonic() < deadline, "the pool was never asked"
+            time.sleep(0.01)
+        hold.clear()
+        go.set()
+        waiter.join(10)
+        assert not errors and len(got) == 1, errors
+        other.release(got[0])
+    finally:
+        go.set()
+        pool.close()
+        other.close()
