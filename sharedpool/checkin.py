@@ -163,26 +163,28 @@ def release_slow(pool: ConnectionPool[T], wrapper: ConnectionWrapper[T], now: fl
                 wrapper.in_use = False
                 del pool._all[wrapper.id]
                 pool._closing += 1
-                to_close = True
+                to_close = True  # no call since it left _all: the guard below sees it out
                 openers = pool._plan_growth()
+        # Outside the lock: arming the timer wakes the client's thread (a send),
+        # and a cancel sends a frame.
+        if arm and client is not None:
+            try:
+                client.call_later(pool._recheck_delay, giveback.recheck_job(pool))
+            except BaseException:  # a signal handler's: not armed after all, so let a later checkin arm it
+                with pool._lock:
+                    pool._recheck_pending = False
+                raise
+        for ticket in stale:
+            ticket.cancel()
+        if kept:
+            return
+        pool._close_then_open(wrapper, openers, now + pool.config.acquire_timeout, giving=owed)
     except BaseException:
-        # Cut short at a call inside the hand-over (a signal handler's exception).
+        # Cut short (a signal handler's exception) inside the hand-over, or on
+        # the way to the close (at _close_then_open's or _close's first
+        # instruction...): out of _all, it must still be closed.
         if to_close:
-            pool._close_then_open(wrapper, openers, now + pool.config.acquire_timeout, giving=owed)
+            pool._close_cut_short(wrapper, openers, giving=owed)
         elif not placed and wrapper.in_use and pool._all.get(wrapper.id) is wrapper:
             pool._discard(wrapper, validation=False)
         raise
-    # Outside the lock: arming the timer wakes the client's thread (a send),
-    # and a cancel sends a frame.
-    if arm and client is not None:
-        try:
-            client.call_later(pool._recheck_delay, giveback.recheck_job(pool))
-        except BaseException:  # a signal handler's: not armed after all, so let a later checkin arm it
-            with pool._lock:
-                pool._recheck_pending = False
-            raise
-    for ticket in stale:
-        ticket.cancel()
-    if kept:
-        return
-    pool._close_then_open(wrapper, openers, now + pool.config.acquire_timeout, giving=owed)

@@ -574,16 +574,25 @@ class ConnectionPool(Generic[T]):
         """Forget a checked-out connection and close it (it failed validation,
         or the pool stopped being active); its slot may serve a waiter.
         ``bad``: checked in closed or broken (psycopg_pool's returns_bad)."""
-        with self._lock:
-            self._all.pop(wrapper.id, None)
-            self._closing += 1
-            wrapper.in_use = False
-            if validation:
-                self._m["validation_failures"] += 1
-            if bad:
-                self._m["returns_bad"] += 1
-            openers = self._plan_growth()
-        self._close_then_open(wrapper, openers, time.monotonic() + self.config.acquire_timeout)
+        out = False
+        openers: list[_Waiter] = []
+        try:
+            with self._lock:
+                if wrapper.id in self._all:  # not pop(): no call between taking it out and out = True
+                    del self._all[wrapper.id]
+                self._closing += 1
+                out = True
+                wrapper.in_use = False
+                if validation:
+                    self._m["validation_failures"] += 1
+                if bad:
+                    self._m["returns_bad"] += 1
+                openers = self._plan_growth()
+            self._close_then_open(wrapper, openers, time.monotonic() + self.config.acquire_timeout)
+        except BaseException:
+            if out:
+                self._close_cut_short(wrapper, openers)
+            raise
 
     def _park(self, wrapper: ConnectionWrapper[T]) -> None:
         """Hand a connection made or checked by maintenance to a waiter, or idle;
@@ -609,15 +618,24 @@ class ConnectionPool(Generic[T]):
         give-back to the coordinator, counted in ``_giving`` until its lease is
         released. The caller counted ``wrapper`` in ``_closing`` when it took it
         out of ``_all``."""
+        took = [False]  # see close_counted: from then on, counted closed here
         try:
-            return shutdown.close_counted(self, wrapper, giving, wait)
+            # Not "return close_counted(...)": the finally's copy run on return is
+            # outside the try, and an exception as it returns would skip the count.
+            confirmed = shutdown.close_counted(self, wrapper, giving, wait, took)
         finally:
-            with self._lock:
-                if self._pid == _PID[0]:  # not reset by a fork meanwhile
-                    self._closing -= 1
-                    self._m["total_closed"] += 1
-                self._returned.notify_all()
-            self._end_session_if_done()
+            if not took[0]:
+                # Cut short before close_counted took it (else another close did,
+                # and counts it): the close goes on in a thread, which counts it.
+                shutdown.close_if_untaken(self, wrapper, giving)
+            else:
+                with self._lock:
+                    if self._pid == _PID[0]:  # not reset by a fork meanwhile
+                        self._closing -= 1
+                        self._m["total_closed"] += 1
+                    self._returned.notify_all()
+                self._end_session_if_done()
+        return confirmed
 
     def _end_session_if_done(self) -> None:
         """A closed pool's last connection is gone (closed and its lease given
@@ -638,6 +656,17 @@ class ConnectionPool(Generic[T]):
             self._close(wrapper, giving)
         finally:
             self._start_openers(openers, deadline)
+
+    def _close_cut_short(self, wrapper: ConnectionWrapper[T], openers: list[_Waiter],
+                         giving: bool = False) -> None:
+        """The guard of a caller that took ``wrapper`` out of ``_all`` to close it,
+        then planned ``openers`` with its slot, and was cut short (a signal
+        handler's exception) anywhere from there, maybe at the first instruction
+        of _close_then_open or _close: the close goes on in a thread unless one
+        took it, and openers not yet run are uncounted (their waiters planned
+        for again), or they would hold slots of max_size for good."""
+        shutdown.close_if_untaken(self, wrapper, giving)
+        self._unplan(openers)
 
     def drain(self, timeout: float = 30.0) -> None:
         """Stop handing out connections; wait (up to ``timeout``) for those in

@@ -8,14 +8,16 @@ out, the rest finished by a thread.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from collections import deque
 from typing import TYPE_CHECKING, TypeVar
 
-from .client import AcquireRequest
+from .client import _PID, AcquireRequest
 from .closing import WAIT_SLICE, NotClosable, close_and_confirm, close_in_background
+from .dropped import in_a_thread
 from .errors import ConfigError, PoolClosed
 from .status import PoolStatus, valid_timeout
 from .unowned import take_back
@@ -54,11 +56,16 @@ def let_go(pool: ConnectionPool[T], idle: deque[ConnectionWrapper[T]], requests:
         ticket.cancel()
         requests.discard(ticket)
     while idle:
-        # Subscript and del, not popleft(): no call between taking it
-        # and the close, which settles a close cut short by itself.
+        # Subscript and del, not popleft(): no call between taking it and
+        # the guard of its close (a close cut short settles itself once begun).
         wrapper = idle[0]
         del idle[0]
-        if not pool._close(wrapper, wait=wait) and idle and hand_off:
+        try:
+            confirmed = pool._close(wrapper, wait=wait)
+        except BaseException:
+            close_if_untaken(pool, wrapper)  # cut short at _close's entry: not closed yet
+            raise
+        if not confirmed and idle and hand_off:
             # Not confirmed in close_confirm_timeout (a server that hangs): each
             # of the rest would wait as long in turn (5 idle: close(timeout=5)
             # took 10 s; an admin drain held the session's thread as long). They
@@ -136,25 +143,49 @@ def shut(pool: ConnectionPool[T], status: PoolStatus, timeout: float,
                         pool.name, len(pool._all))
 
 
+def close_if_untaken(pool: ConnectionPool[T], wrapper: ConnectionWrapper[T], giving: bool = False) -> None:
+    """The guard of a close: its caller took ``wrapper`` out of ``_all`` (counting
+    it in ``_closing``) and was cut short (a signal handler's exception) maybe
+    before :func:`close_counted` took the connection, at any call on the way
+    (``_close``'s first instruction...). If none took it, closed in a thread
+    (here if none is to be had), which counts it as ``_close`` does: else it
+    stayed open for good, its lease held. Nothing if a close took it."""
+    if pool._pid == _PID[0] and wrapper.id in pool._left.entries:
+        in_a_thread(f"sharedpool-close-{pool.resource}", functools.partial(pool._close, wrapper, giving))
+
+
 def close_counted(pool: ConnectionPool[T], wrapper: ConnectionWrapper[T], giving: bool,
-                  wait: float | None = None) -> bool:
+                  wait: float | None = None, took: list[bool] | None = None) -> bool:
     """Close ``wrapper``, confirm the server let go (within ``wait``, None:
     close_confirm_timeout), then release its lease (late, from a watcher, if
     the confirmation is late). See ConnectionPool._close.
-    Returns whether the server's let-go was confirmed in time."""
+    Returns whether the server's let-go was confirmed in time. ``took``: its
+    first item is set as this takes the connection, with no call between (from
+    then on this sees to it, whatever cuts it short). One another close took
+    already (see :func:`close_if_untaken`) is left to that one: True."""
     if wait is None:
         wait = pool.config.close_confirm_timeout
     t0 = time.monotonic()  # before the lease is taken off: no call between that and the try
+    left = pool._left.entries
+    # Taken from the pool finalizer's record (its connections not yet taken by a
+    # close): one step with no call in it, so two closes of it never both take it.
+    if wrapper.id not in left:
+        return True
     lease, client, kept = wrapper.lease, pool._client, wrapper.kept
     wrapper.lease = wrapper.kept = None
-    left = pool._left.entries
-    if wrapper.id in left:  # this close's from here, no longer the pool finalizer's (no call either)
-        del left[wrapper.id]
+    del left[wrapper.id]
+    if took is not None:
+        took[0] = True
     pid = pool._pid
 
     keep = lease is not None and client is not None
 
+    settled = [False]
+
     def late(confirmed: bool) -> None:
+        if settled[0]:  # once: a close cut short may be settled both by close_and_confirm and below
+            return
+        settled[0] = True
         try:
             if client is not None and lease is not None:
                 client.release(lease)
@@ -184,11 +215,12 @@ def close_counted(pool: ConnectionPool[T], wrapper: ConnectionWrapper[T], giving
         # Cut short (a signal handler's exception): close_and_confirm left
         # the confirmation to a watcher, which calls late(); the caller
         # gets the exception. Cut short at its first instruction, nothing was
-        # closed yet: the close goes on in the background.
+        # closed yet: the close goes on in the background. Cut short once it
+        # confirmed (as it returned), the lease goes back here.
         if begun[0] is None:
             close_in_background(wrapper.conn, kept, late, wait)
-        elif not keep and giving:
-            late(False)
+        elif begun[0] or (not keep and giving):
+            late(bool(begun[0]))
         raise
     if confirmed:
         try:

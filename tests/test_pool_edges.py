@@ -245,13 +245,18 @@ def test_a_close_cut_short_still_closes_the_other_idle_connections(
     assert not client.connected  # and the session ended with the last close
 
 
+#: A close from a checkin that took the connection out of _all, on its way.
+_CLOSE_ON_THE_WAY = [ConnectionPool._close_then_open.__code__, ConnectionPool._close.__code__,
+                     shutdown.close_counted.__code__]
+
 #: Where a signal handler may run: after a call returns (C calls) or a backward jump.
 _HANDLER_POINTS = {"CALL", "CALL_FUNCTION_EX", "JUMP_BACKWARD"}
 
 
-def _interrupting_at(codes: list[Any], k: int) -> tuple[Callable[..., Any], list[str]]:
+def _interrupting_at(codes: list[Any], k: int, entries: bool = False) -> tuple[Callable[..., Any], list[str]]:
     """A tracer raising Interrupted in the main thread at the ``k``-th instant a
-    signal handler could run inside a frame of ``codes`` (not in their callees)."""
+    signal handler could run inside a frame of ``codes`` (not in their callees);
+    with ``entries``, their first instructions count too."""
     import dis
 
     after = {c: {i.offset for i in dis.get_instructions(c) if i.opname in _HANDLER_POINTS} for c in codes}
@@ -271,6 +276,11 @@ def _interrupting_at(codes: list[Any], k: int) -> tuple[Callable[..., Any], list
     def tracer(frame: Any, event: str, arg: Any) -> Any:
         if fired or frame.f_code not in after or threading.current_thread() is not threading.main_thread():
             return None
+        if entries:
+            if seen[0] == k:
+                fired.append(f"{frame.f_code.co_name} entry")
+                raise Interrupted("the signal handler raised")
+            seen[0] += 1
         frame.f_trace_opcodes = True
         return local
 
@@ -285,7 +295,7 @@ def _assert_all_let_go(pool: ConnectionPool[Any], factory: FakeFactory, client: 
     while (factory.open or client.held or pool._closing or pool._leased) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert factory.open == [] and client.held == {}, fired
-    assert (pool._closing, pool._leased, len(pool._all)) == (0, 0, 0), fired
+    assert (pool._closing, pool._leased, pool._giving, len(pool._all)) == (0, 0, 0, 0), fired
 
 
 def _check_out_and_in(pool: ConnectionPool[Any], got: list[str]) -> None:
@@ -307,11 +317,14 @@ def test_a_close_cut_short_anywhere_closes_every_connection(
     while it withdrew the openers' lease requests, each a send) left them out
     of the pool, never closed: open, their leases held for good, a second
     close() a no-op; waiters of other threads got ValueError or
-    AcquireCancelled instead of PoolClosed."""
+    AcquireCancelled instead of PoolClosed. One landing at the first
+    instruction of a connection's _close (entries count too) left it open,
+    its lease held, as close() went on in a thread with the rest."""
     import sys
 
     start_coordinator({"r": 2})
-    codes = [shutdown.shut.__code__, shutdown.evict.__code__, shutdown.let_go.__code__]
+    codes = [shutdown.shut.__code__, shutdown.evict.__code__, shutdown.let_go.__code__,
+             ConnectionPool._close.__code__]
     k = 0
     while True:
         factory = FakeFactory()
@@ -331,7 +344,7 @@ def test_a_close_cut_short_anywhere_closes_every_connection(
         else:
             for w in held:
                 pool.release(w)
-        tracer, fired = _interrupting_at(codes, k)
+        tracer, fired = _interrupting_at(codes, k, entries=True)
         sys.settrace(tracer)
         try:
             pool.close(timeout=0)
@@ -363,10 +376,13 @@ def test_a_slow_checkin_cut_short_anywhere_leaves_no_connection_in_use(
     Before, one landing after its first misuse check (a dict lookup) or
     between its decision and its hand-over (a set() made there) left the
     connection in use for good, its lease held: a second close() waited for
-    it in vain."""
+    it in vain. One landing on the way to its close (the first instruction of
+    _close_then_open, _close or close_counted; its time.monotonic()) left it
+    out of the pool, never closed, its lease held (a give-back: counted giving)."""
     import sys
 
-    start_coordinator({"r": 1})
+    # Owed: given back at once (a quantum of 0), the close counted as a give-back.
+    start_coordinator({"r": {"max_size": 1, "fairness_quantum": 0.0}} if why == "owed" else {"r": 1})
     config = PoolConfig(min_size=0, max_size=1, test_on_release=why == "test_on_release",
                         max_lifetime=0.01 if why == "max_lifetime" else 3600.0)
     k = 0
@@ -380,7 +396,7 @@ def test_a_slow_checkin_cut_short_anywhere_leaves_no_connection_in_use(
             with client._cond:
                 client._owed["r"] = 1
         time.sleep(0.02)  # past max_lifetime
-        tracer, fired = _interrupting_at([checkin.release_slow.__code__], k)
+        tracer, fired = _interrupting_at([checkin.release_slow.__code__, *_CLOSE_ON_THE_WAY], k, entries=True)
         sys.settrace(tracer)
         try:
             pool.release(w)
