@@ -530,13 +530,14 @@ class ConnectionPool(Generic[T]):
                 self._close_if_still_out(wrapper, out)
             raise
 
-    def _close_if_still_out(self, wrapper: ConnectionWrapper[T], out: float) -> bool:
+    def _close_if_still_out(self, wrapper: ConnectionWrapper[T], out: float, unbegun: bool = False) -> bool:
         """A checkin was cut short: close ``wrapper`` (it may be mid-query or
         mid-transaction) if it is still out on the checkout that began at
         ``out``, not checked in already, nor out again to another caller.
-        Whether it was."""
+        ``unbegun``: only if no checkin of that checkout began either. Whether it was."""
         with self._lock:
-            mine = wrapper.in_use and wrapper.checked_out_at == out and self._all.get(wrapper.id) is wrapper
+            mine = (wrapper.in_use and wrapper.checked_out_at == out and self._all.get(wrapper.id) is wrapper
+                    and not (unbegun and wrapper.checkin_of == out))
         if mine:
             self._discard(wrapper, validation=False)
         return mine
@@ -549,7 +550,9 @@ class ConnectionPool(Generic[T]):
                 wrapper, out = self._dropped.pop()
             except IndexError:  # taken by another thread meanwhile
                 return
-            if self._close_if_still_out(wrapper, out):
+            # Checked in after all (its generator's close ran after it was
+            # finalized): it may be a waiter's now, its checkout time not yet set.
+            if self._close_if_still_out(wrapper, out, unbegun=True):
                 log.warning("pool %r: connection %s was never checked in (its with statement's exit "
                             "was cut short by an exception, or never run): closed", self.name, wrapper.id[:8])
 

@@ -13,9 +13,10 @@ closed instead (its with statement is over: see tests/test_checkin_cut_short.py)
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -201,3 +202,68 @@ def test_busy_checkouts_are_never_taken_back(
         pool.close(timeout=5)
     assert (done, errors, shared) == (600, [], [])
     assert len(taken) > 0 and sum(taken) == 0
+
+
+def test_a_with_checked_in_after_its_context_manager_was_finalized_is_not_closed_later(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A generator cycle collected: the _Checkout made before the generator is
+    # finalized first (its __del__ finds no checkin begun and records it as
+    # dropped), then the generator's close runs its with's exit, which checks
+    # the connection in, handing it to a waiter. The maintenance round, while
+    # that waiter validated it (its checkout time not yet set), closed it under it.
+    start_coordinator({"pg": 1})
+    handed = threading.Event()
+    go_on = threading.Event()
+    armed = [False]
+
+    def check(conn: psycopg.Connection[Any]) -> None:
+        if armed[0]:
+            armed[0] = False
+            handed.set()
+            go_on.wait(10)
+        conn.execute("SELECT 1")
+
+    pool = ConnectionPool(lambda: psycopg.connect(pg_dsn(), application_name=app_name, autocommit=True),
+                          PoolConfig(min_size=0, max_size=1, test_on_acquire=True, validation_bypass=0.0),
+                          resource="pg", coordinator=sock_path, check=check)
+    pids: list[int] = []
+    try:
+        with pool.connection(timeout=10) as conn:  # checked in once: validated when handed over
+            pids.append(conn.info.backend_pid)
+        gc.disable()  # the cycle goes in the one collect() below
+        try:
+            cm = pool.connection(timeout=10)
+            box: list[Any] = []
+            gen = _in_a_generator(cm, box)
+            box.append(gen)
+            next(gen)
+            del gen, box, cm
+            waiter = threading.Thread(target=lambda: _pids_of(pool, pids))
+            waiter.start()
+            deadline = time.monotonic() + 10
+            while pool.get_stats()["requests_waiting"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            armed[0] = True
+            gc.collect()
+        finally:
+            gc.enable()
+        assert handed.wait(10)
+        maintain_once(pool)  # as the maintenance thread may, while the waiter validates
+        go_on.set()
+        waiter.join(10)
+        assert pids[1:] == pids[:1]  # the same connection, not closed and replaced
+        assert NEVER_CHECKED_IN not in caplog.text
+    finally:
+        go_on.set()
+        pool.close(timeout=5)
+
+
+def _in_a_generator(cm: Any, box: list[Any]) -> Iterator[None]:
+    with cm:
+        yield
+
+
+def _pids_of(pool: ConnectionPool[Any], pids: list[int]) -> None:
+    with pool.connection(timeout=10) as conn:
+        pids.append(conn.info.backend_pid)
