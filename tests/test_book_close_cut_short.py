@@ -84,3 +84,47 @@ def test_a_close_cut_short_as_it_gives_the_lease_back_still_does(
         assert wait_leased(sock_path, 0) == 0
     finally:
         book.shutdown()
+
+
+def test_a_close_cut_short_as_it_counts_the_lease_given_back_leaves_none_closing(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    """Wherever a handler can run in the close's late() (the confirmed close's
+    lease given back and uncounted) and at _release()'s entry: the lease comes
+    back and no close stays counted. Before, late() marked itself done first,
+    and cut short after that, the book counted a close for good (an exit
+    waited its whole timeout for it, and kept the session) and, at
+    _release()'s entry, nobody gave the lease back."""
+    from test_checkin_cut_short import _interrupting_at_entry
+
+    from sharedpool.contrib._book import _Book
+
+    start_coordinator({"pg": 60})
+    late = next(c for c in LeaseBook.close.__code__.co_consts if getattr(c, "co_name", "") == "late")
+    dsn = f"{pg} application_name={app_name}"
+    left: list[tuple[list[str], int]] = []
+    taken = 0
+    k = 0
+    while True:
+        book = LeaseBook("pg", sock_path)
+        try:
+            conn = book.connect(lambda: psycopg.connect(dsn), timeout=5)
+            at_entry = k == 0  # then each instant inside late()
+            tracer, fired = (_interrupting_at_entry(_Book._release.__code__) if at_entry
+                             else _interrupting_at([late], k - 1))
+            sys.settrace(tracer)
+            try:
+                book.close(conn)
+            except Interrupted:
+                pass
+            finally:
+                sys.settrace(None)
+            if book._closing or wait_leased(sock_path, taken, timeout=10) > taken:
+                left.append((fired, book._closing))
+                taken = wait_leased(sock_path, taken, timeout=0)
+        finally:
+            book.shutdown()
+        if not fired:
+            break
+        k += 1
+    assert left == []
+    assert k > 2, k  # the points were reached

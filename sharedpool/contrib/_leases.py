@@ -194,15 +194,32 @@ class LeaseBook(_Acquiring):
 
         def late(confirmed: bool) -> None:
             nonlocal released
-            entry = popped[0]
-            with self._lock:  # against the watcher's own call
-                if entry is None or entry.lease is None or released:
-                    return
-                released, left_to_watcher = True, watched
-            client = entry.client if entry.client is not None else self._client
-            if client is not None:
-                self._release(client, entry.lease)
-            self._count_closing(-1, unconfirmed=-1 if left_to_watcher else 0)
+            entry, mine, left_to_watcher = popped[0], False, False
+            try:
+                with self._lock:  # against the watcher's own call
+                    if entry is None or entry.lease is None or released:
+                        return
+                    # No call between: from here this call sees it through, whatever
+                    # cuts it short (a later call returns above).
+                    released, mine, left_to_watcher = True, True, watched
+                client = entry.client if entry.client is not None else self._client
+                if client is not None:
+                    self._release(client, entry.lease)
+            except BaseException:
+                # Cut short (a signal handler's exception) before _release took the
+                # lease off, at its entry: once more (else a no-op).
+                if mine and entry is not None and entry.lease is not None:
+                    client = entry.client if entry.client is not None else self._client
+                    if client is not None:
+                        client.release(entry.lease)
+                raise
+            finally:
+                if mine:  # inline, not _count_closing: no call (no handler) before it counts
+                    with self._lock:
+                        self._closing -= 1
+                        self._unconfirmed -= left_to_watcher
+                        if self._closing <= self._unconfirmed:
+                            self._none_closing.notify_all()
 
         try:
             entry = self._pop(key, closing=True, into=popped)  # its lease counted as closing from here
