@@ -179,13 +179,13 @@ def close_counted(pool: ConnectionPool[T], wrapper: ConnectionWrapper[T], giving
     pid = pool._pid
 
     keep = lease is not None and client is not None
-
-    settled = [False]
+    done = False  # late() ran: a second call is a no-op
 
     def late(confirmed: bool) -> None:
-        if settled[0]:  # once: a close cut short may be settled both by close_and_confirm and below
+        nonlocal done
+        if done:
             return
-        settled[0] = True
+        done = True  # no call before: cut short at its entry, it did nothing (its caller calls again)
         try:
             if client is not None and lease is not None:
                 client.release(lease)
@@ -227,7 +227,11 @@ def close_counted(pool: ConnectionPool[T], wrapper: ConnectionWrapper[T], giving
             pool._handoff.closed(time.monotonic() - t0)
             pool._handoff.tell(client, pool.resource)
         finally:  # a signal handler's exception here must not keep the lease for good
-            late(True)
+            try:
+                late(True)
+            except BaseException:
+                late(True)  # cut short at its entry, it did nothing (else a no-op)
+                raise
     elif keep:  # not waited for (wait=0): the first close of the row said so
         log.log(logging.WARNING if wait else logging.DEBUG,
                 "pool %r: server has not dropped connection %s after %.1fs; its lease is "

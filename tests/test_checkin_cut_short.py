@@ -16,7 +16,7 @@ from proc_helpers import wait_leased
 from test_pool_edges import Interrupted as Traced
 from test_pool_edges import _interrupting_at
 
-from sharedpool import Client, ConnectionPool, PoolConfig, checkin, closing
+from sharedpool import Client, ConnectionPool, PoolConfig, checkin, closing, shutdown
 from sharedpool import pool as pool_module
 
 pytestmark = pytest.mark.pg
@@ -125,6 +125,11 @@ def test_a_checkin_cut_short_anywhere_in_release_leaves_nothing_in_use(
     assert k > 3  # the points were reached
 
 
+def _nested(func: Any, name: str) -> Any:
+    """The code of the function ``name`` defined in ``func``."""
+    return next(c for c in func.__code__.co_consts if getattr(c, "co_name", None) == name)
+
+
 def _interrupting_at_entry(code: Any) -> tuple[Any, list[str]]:
     """A tracer raising Interrupted at the entry of ``code`` in the main thread
     (a signal handler runs at every function's first instruction)."""
@@ -147,6 +152,7 @@ _WITH_EXITS = [
     ("clean", "release_slow"),  # release() hands an expired connection to it, past its own guard
     ("clean", "close_and_confirm"),  # ... which closes it, then gives its lease back
     ("clean", "Client.release"),
+    ("clean", "close_counted.late"),  # ... which gives the lease back once confirmed
     *(("error", k) for k in range(4)),  # the calls ahead of release_after_error's guarded part
 ]
 
@@ -164,12 +170,14 @@ def test_a_with_exit_cut_short_at_its_entry_leaves_nothing_in_use(
 
     start_coordinator({"pg": 1})
     pool = _pool(pg, app_name, sock_path)
-    slow = where in ("release_slow", "close_and_confirm", "Client.release")
+    slow = where in ("release_slow", "close_and_confirm", "Client.release", "close_counted.late")
     if slow:
         pool._max_lifetime = 0.05  # expired at its checkin: the slow way, closed
     try:
         if isinstance(where, int):
             tracer, fired = _interrupting_at([ConnectionPool.release_after_error.__code__], where)
+        elif where == "close_counted.late":
+            tracer, fired = _interrupting_at_entry(_nested(shutdown.close_counted, "late"))
         else:
             owner = {"__exit__": _Checkout, "release_slow": checkin, "close_and_confirm": closing,
                      "Client.release": Client}.get(where, ConnectionPool)
