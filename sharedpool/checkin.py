@@ -148,6 +148,10 @@ def release_slow(pool: ConnectionPool[T], wrapper: ConnectionWrapper[T], now: fl
                 else:
                     waiter = pool._waiters[0]
                     del pool._waiters[0]
+                    # The waiter's checkout from here (it sets its own time as it
+                    # wakes): a guard of this checkin, cut short after, must not
+                    # take it for still ours (_close_if_still_out) and close it.
+                    wrapper.checked_out_at = now
                     waiter.wrapper = wrapper
                     placed = True
                     waiter.event.set()

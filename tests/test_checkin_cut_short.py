@@ -202,3 +202,49 @@ def test_a_with_exit_cut_short_at_its_entry_leaves_nothing_in_use(
     finally:
         pool.close(timeout=2)
     assert wait_leased(sock_path, 0) == 0
+
+
+def test_a_checkin_cut_short_once_it_handed_the_connection_over_leaves_it_to_the_waiter(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    """A with block's exit after an error (release_after_error), cut short by a
+    signal handler's exception once its checkin handed the connection to a
+    waiting thread (at the waiter's wake-up call): before, the checkin's guard
+    found the connection still in use on its own checkout (the waiter had not
+    set its checkout time yet) and closed it, the waiter's connection."""
+    import threading
+
+    start_coordinator({"pg": 1})
+    pool = _pool(pg, app_name, sock_path)
+    got: list[Any] = []
+
+    def waiter() -> None:
+        try:
+            # Woken at its deadline at the latest (the wake-up call was cut short).
+            with pool.connection(timeout=3) as conn:
+                got.append(conn.execute("SELECT 1").fetchone())
+                conn.commit()
+        except Exception as exc:  # noqa: BLE001 - reported below
+            got.append(exc)
+
+    thread = threading.Thread(target=waiter)
+    try:
+        tracer, fired = _interrupting_at_entry(threading.Event.set.__code__)
+        try:
+            with pool.connection(timeout=5) as conn:
+                conn.execute("SELECT 1")
+                thread.start()
+                deadline = time.monotonic() + 10
+                while pool.get_stats()["requests_waiting"] == 0 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                sys.settrace(tracer)
+                raise ValueError("the with block failed")
+        except (Traced, ValueError):
+            pass
+        finally:
+            sys.settrace(None)
+        assert fired
+        thread.join(15)
+        assert got == [(1,)]
+    finally:
+        pool.close(timeout=2)
+    assert wait_leased(sock_path, 0) == 0
