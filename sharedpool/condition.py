@@ -16,11 +16,15 @@ takes it back, and over a ``Lock`` (Python ``_release_save`` and
 acquire, interrupted) left it unheld, and the ``with`` then released another
 thread's hold on it: that thread ran on unguarded, and raised "release unlocked
 lock" at its own exit. An ``RLock``'s own are C, owner-checked, and take it
-back uninterrupted.
+back uninterrupted. And ``wait()`` takes it back even when the exception lands
+just after it let go, before its ``try`` (threading's left it let go: the
+``with`` then raised "cannot release un-acquired lock" in place of the
+handler's exception).
 """
 
 from __future__ import annotations
 
+import _thread
 import threading
 from typing import Any
 
@@ -41,6 +45,36 @@ class Condition(threading.Condition):
         if lock is not None and not hasattr(lock, "_acquire_restore"):
             raise TypeError("sharedpool.condition.Condition needs an RLock (see the module's docstring)")
         super().__init__(lock)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """:meth:`threading.Condition.wait`, the lock let go inside its ``try``."""
+        if not self._is_owned():  # type: ignore[attr-defined]
+            raise RuntimeError("cannot wait on un-acquired lock")
+        held = self._lock._recursion_count()  # type: ignore[attr-defined]
+        waiter = _thread.allocate_lock()
+        waiter.acquire()
+        saved: Any = None
+        gotit = False
+        try:
+            self._waiters.append(waiter)  # type: ignore[attr-defined]
+            saved = self._release_save()  # type: ignore[attr-defined]
+            if timeout is None:
+                gotit = waiter.acquire()
+            elif timeout > 0:
+                gotit = waiter.acquire(True, timeout)
+            else:
+                gotit = waiter.acquire(False)
+            return gotit
+        finally:
+            if saved is None and not self._is_owned():  # type: ignore[attr-defined]
+                saved = (held, threading.get_ident())  # let go, and cut short before it said how
+            if saved is not None:
+                self._acquire_restore(saved)  # type: ignore[attr-defined]  # C: uninterrupted
+            if not gotit:
+                try:  # noqa: SIM105 - not suppress(): its Python frames are more places a handler runs
+                    self._waiters.remove(waiter)  # type: ignore[attr-defined]
+                except ValueError:
+                    pass
 
     # Properties: the with statement looks both up on the type, then calls the
     # bound C methods with no Python frame between them and the block.

@@ -190,3 +190,37 @@ def test_a_wait_cut_short_taking_its_lock_back_leaves_no_other_hold_released(
         pool.close()
         book.shutdown()
         client.close()
+
+
+def test_a_wait_cut_short_anywhere_raises_the_handlers_exception_and_holds_nothing() -> None:
+    """``with cond: cond.wait()`` cut short at any instant (a waiter's event,
+    the pool's, the client's and the lease book's conditions are all this
+    class): the handler's exception comes out, and the lock is free after.
+    Before, at the instant just after threading's wait() let go of the lock
+    (ahead of its try), the wait left it let go and the ``with`` raised
+    "cannot release un-acquired lock" in place of KeyboardInterrupt (celery's
+    soft time limit, a SIGTERM handler's SystemExit became a RuntimeError)."""
+    from sharedpool.condition import Condition
+
+    wrong = []
+    for instant in range(1, 100):
+        cond = Condition()
+        tracer, seen = _at_instant(instant)
+        raised: BaseException | None = None
+        sys.settrace(tracer)
+        try:
+            with cond:
+                cond.wait(0.001)
+        except BaseException as exc:  # noqa: BLE001 - what the test looks at
+            raised = exc
+        finally:
+            sys.settrace(None)
+        if seen[0] < instant:
+            break
+        free = cond.acquire(timeout=0.5)
+        if free:
+            cond.release()
+        if not isinstance(raised, KeyboardInterrupt) or not free:
+            wrong.append((instant, repr(raised), free))
+    assert wrong == []
+    assert instant > 5  # the instants were reached
