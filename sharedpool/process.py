@@ -2,7 +2,8 @@
 and a forked child cannot touch the parent's connections.
 
 gunicorn's ``worker_exit``, celery's ``worker_process_shutdown`` and the work
-horses of :class:`sharedpool.contrib.rq.Worker` call :func:`release_process`:
+horses of :class:`sharedpool.contrib.rq.Worker` call :func:`release_process`,
+and uWSGI's processes as they exit (:mod:`sharedpool.uwsgi_exit`):
 every pool closes its connections (each close confirmed, then its lease
 released) and the process's coordinator sessions end. Pools register
 themselves when made; the registry holds them weakly.
@@ -31,6 +32,7 @@ from .atfork import in_child
 from .closing import socket_fd
 from .config import check_seconds
 from .goodbye import GOODBYE_WAIT
+from .uwsgi_exit import install_uwsgi_exit
 
 #: Guards the reset of a pool (ours, or an integration's book and pool) in a
 #: forked child: two of its threads may notice the fork at once, and the second
@@ -170,3 +172,6 @@ def _cut_inherited() -> None:
 
 
 in_child(_cut_inherited)
+
+# A uWSGI process has no exit hook of ours to call release_process() from.
+install_uwsgi_exit(release_process)

@@ -9,12 +9,15 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psutil
+
+from sharedpool.program import coordinator_listening
 
 
 def free_port() -> int:
@@ -88,3 +91,19 @@ class SessionServer:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
+
+
+class Serve(SessionServer):
+    """``sharedpool serve`` beside a server under test, as a user runs it: its
+    log (at info: each session's end, each fence) in ``tmp_path/serve.log``."""
+
+    name = "sharedpool serve"
+
+    def __init__(self, tmp_path: Path, resource: str) -> None:
+        self.socket = str(tmp_path / "serve.sock")
+        super().__init__(tmp_path / "serve.log",
+                         [sys.executable, "-m", "sharedpool", "serve", "--socket", self.socket,
+                          "--resource", resource, "--log-level", "info"], dict(os.environ))
+        wait_for(lambda: self.proc.poll() is not None or coordinator_listening(self.socket), 15,
+                 "sharedpool serve to listen")
+        assert self.proc.poll() is None, self.log()

@@ -17,15 +17,17 @@ import shutil
 import signal
 import site
 import sys
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from pg_helpers import BackendSampler, pg_dsn
 from proc_helpers import resource_row, settled, wait_leased, wait_no_other_sessions
-from servers import SessionServer, free_port, pid_alive, wait_for
+from servers import Serve, SessionServer, free_port, pid_alive, wait_for
 from test_gunicorn import Load, leases
 
 import sharedpool
@@ -105,6 +107,38 @@ def uwsgi(pg: str, tmp_path: Path, sock_path: str, app_name: str,
     yield start
     for server in started:
         server.kill_group()
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Serve]:
+    """``sharedpool serve`` at a cap of 2, its log (each fence) under tmp_path."""
+    server = Serve(tmp_path, f"pg={CAP},acquire_timeout=30,monitor_dsn={PG_URL}")
+    yield server
+    server.kill_group()
+
+
+def assert_no_fence(serve: Serve) -> None:
+    """No session's leases went back through the coordinator's fence."""
+    fenced = [line for line in serve.log().splitlines() if "quarantined" in line]
+    assert not fenced, "\n".join(fenced[:10])
+
+
+def wait_respawned(server: Uwsgi, lazy: bool = False) -> None:
+    """Until every worker recycled was replaced: a master stopped while it
+    respawns one (after "respawning too fast", 2 s) forks it after its SIGINT
+    to the workers, and waits for it (uWSGI's own race). And until each is
+    past its start: a SIGINT that lands on a worker just forked (the master's
+    handler still in place), or loading the app (``lazy``), is lost, and the
+    stop waits for worker-reload-mercy (60 s), with or without sharedpool."""
+    def replaced() -> bool:
+        log = server.log()
+        respawned = log.count("Respawned uWSGI worker")
+        born = [p.create_time() for p in psutil.Process(server.proc.pid).children()]
+        return respawned >= log.count("The work of process") and (
+            not lazy or log.count(") ready in ") >= WORKERS + respawned) and (
+            time.time() - max(born, default=0.0) > 1.0)
+
+    wait_for(replaced, 30, "the recycled workers' replacements")
 
 
 def assert_quiet(server: Uwsgi) -> None:
@@ -294,5 +328,82 @@ def test_graceful_reload_under_load(uwsgi: Callable[..., Uwsgi], app_name: str) 
         row = wait_for(lambda: settled(server.sock), 15, "the leases to settle idle")
         assert row["leased"] <= CAP and row["fenced"] == 0, row
         assert_stopped_clean(server, sampler)
+    assert load.errors == [], load.errors[:5]
+    assert sampler.peak <= CAP, f"PostgreSQL saw {sampler.peak} connections with a cap of {CAP}"
+
+
+#: uWSGI's graceful worker exits: the options that make them happen (the rest
+#: are signals to the master; every test ends with a SIGINT stop too).
+GRACEFUL_EXITS = {
+    "max-requests": ["--max-requests", "5", "--min-worker-lifetime", "0"],
+    "SIGINT": [],
+    "SIGQUIT": [],
+    "SIGHUP": [],
+    "cheaper": ["--cheaper", "1", "--cheaper-initial", str(WORKERS), "--cheaper-overload", "1"],
+}
+
+
+@pytest.mark.parametrize("how", list(GRACEFUL_EXITS))
+def test_graceful_worker_exits_give_their_slots_back_themselves(
+        uwsgi: Callable[..., Uwsgi], serve: Serve, app_name: str, how: str) -> None:
+    # uWSGI has no worker_exit to configure: every worker it let exit gracefully
+    # (recycled, cheaped, reloaded, stopped) left its leases to the coordinator's
+    # fence, one "quarantined" line per exit, the slot unusable until PostgreSQL
+    # showed its backend gone. sharedpool sets uwsgi.atexit, which uWSGI runs in
+    # each worker as it exits.
+    server = uwsgi(*GRACEFUL_EXITS[how], sock=serve.socket)
+    if how == "SIGQUIT":
+        server.stop_signal = signal.SIGQUIT
+    with BackendSampler(app_name) as sampler:
+        load = Load(server.url, total=100, threads=8).start().join()
+        wait_for(lambda: settled(serve.socket), 10, "the leases to settle idle")
+        holders = {lease["pid"] for lease in leases(serve.socket)}
+        assert holders, "no worker holds a lease: nothing tested"
+        if how == "max-requests":
+            assert server.log().count("The work of process") >= WORKERS, "workers were not recycled"
+            wait_respawned(server)
+        elif how == "cheaper":
+            # Down to one worker, and each holds at most one lease: a holder went.
+            wait_for(lambda: server.log().count("cheaped.") >= WORKERS - 1, 60, "idle workers to be cheaped")
+        elif how == "SIGHUP":
+            os.kill(server.proc.pid, signal.SIGHUP)
+            wait_for(lambda: "binary reloading uWSGI" in server.log(), 10, "the reload")
+            server.wait_ready()
+        if how in ("cheaper", "SIGHUP"):
+            wait_for(lambda: not all(pid_alive(pid) for pid in holders), 30, "a lease holder to exit")
+            assert_no_fence(serve)
+        assert_stopped_clean(server, sampler)
+    assert_no_fence(serve)
+    assert load.errors == [], load.errors[:5]
+    assert sampler.peak <= CAP, f"PostgreSQL saw {sampler.peak} connections with a cap of {CAP}"
+    assert_quiet(server)
+
+
+@pytest.mark.parametrize(("order", "extra"), [("before", []), ("after", []),
+                                              ("after", ["--skip-atexit-teardown"]),
+                                              ("after", ["--lazy-apps"])],
+                         ids=["before", "after", "after-skip-atexit-teardown", "after-lazy-apps"])
+def test_the_apps_own_uwsgi_atexit_runs_first_with_its_pools(
+        uwsgi: Callable[..., Uwsgi], serve: Serve, app_name: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, order: str, extra: list[str]) -> None:
+    # An app's uwsgi.atexit, set before sharedpool's import or after it (in the
+    # master): it still runs in each exiting worker, first, and can still query.
+    # Without Python's atexit (skip-atexit-teardown), one set after is chained
+    # in each worker as it is forked; one set after in a worker (lazy-apps)
+    # replaces sharedpool's, and Python's atexit releases.
+    ran = tmp_path / "atexit.log"
+    monkeypatch.setenv("EXAMPLE_ATEXIT", order)
+    monkeypatch.setenv("EXAMPLE_ATEXIT_LOG", str(ran))
+    server = uwsgi("--max-requests", "5", "--min-worker-lifetime", "0", *extra, sock=serve.socket,
+                   app=["--master", "--wsgi-file", str(TESTS / "uwsgi_atexit_app.py")])
+    with BackendSampler(app_name) as sampler:
+        load = Load(server.url, total=60, threads=4).start().join()
+        wait_respawned(server, lazy="--lazy-apps" in extra)
+        assert_stopped_clean(server, sampler)
+    outcomes = ran.read_text().splitlines()
+    exits = server.log().count("The work of process") + WORKERS  # recycled, then stopped
+    assert len(outcomes) == exits and all(line.endswith(" ok") for line in outcomes), (
+        outcomes, server.log()[-6000:])
+    assert_no_fence(serve)
     assert load.errors == [], load.errors[:5]
     assert sampler.peak <= CAP, f"PostgreSQL saw {sampler.peak} connections with a cap of {CAP}"
