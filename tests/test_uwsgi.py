@@ -363,8 +363,14 @@ def test_graceful_worker_exits_give_their_slots_back_themselves(
             assert server.log().count("The work of process") >= WORKERS, "workers were not recycled"
             wait_respawned(server)
         elif how == "cheaper":
-            # Down to one worker, and each holds at most one lease: a holder went.
+            # Down to one worker (each holds at most one lease): the cheaped ones exit.
             wait_for(lambda: server.log().count("cheaped.") >= WORKERS - 1, 60, "idle workers to be cheaped")
+            wait_for(lambda: len(workers := [c for c in psutil.Process(server.proc.pid).children()
+                                             if c.status() != psutil.STATUS_ZOMBIE]) == 1 and workers,
+                     30, "the cheaped workers to exit")
+            if all(pid_alive(pid) for pid in holders):
+                # Under load the leases can settle on the one worker kept (seen once in CI).
+                pytest.skip("only the worker cheaper kept held a lease this run: no cheaped holder to check")
         elif how == "SIGHUP":
             os.kill(server.proc.pid, signal.SIGHUP)
             wait_for(lambda: "binary reloading uWSGI" in server.log(), 10, "the reload")
