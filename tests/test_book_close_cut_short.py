@@ -5,13 +5,12 @@ the server has let go, never stay held for good."""
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import psycopg
 import pytest
 from proc_helpers import wait_leased
-from test_pool_edges import Interrupted, _interrupting_at
+from test_pool_edges import _interrupting_at, run_traced
 
 from sharedpool import closing
 from sharedpool.contrib._leases import LeaseBook
@@ -38,13 +37,7 @@ def test_a_close_cut_short_anywhere_still_gives_the_lease_back(
         try:
             conn = book.connect(lambda: psycopg.connect(dsn), timeout=5)
             tracer, fired = _interrupting_at(codes, k)
-            sys.settrace(tracer)
-            try:
-                book.close(conn, (lambda c=conn: c.close()) if via else None)
-            except Interrupted:
-                pass
-            finally:
-                sys.settrace(None)
+            run_traced(tracer, book.close, conn, (lambda c=conn: c.close()) if via else None)
             if any(e.key is conn for e in list(book._entries.values())):
                 book.close(conn)  # cut short before it took anything: still tracked, as if not called
             del conn
@@ -73,13 +66,7 @@ def test_a_close_cut_short_as_it_gives_the_lease_back_still_does(
     try:
         conn = book.connect(lambda: psycopg.connect(f"{pg} application_name={app_name}"), timeout=5)
         tracer, fired = _interrupting_at_entry(Client.release.__code__)
-        sys.settrace(tracer)
-        try:
-            book.close(conn)
-        except Interrupted:
-            pass
-        finally:
-            sys.settrace(None)
+        run_traced(tracer, book.close, conn)
         assert fired
         assert wait_leased(sock_path, 0) == 0
     finally:
@@ -111,13 +98,7 @@ def test_a_close_cut_short_as_it_counts_the_lease_given_back_leaves_none_closing
             at_entry = k == 0  # then each instant inside late()
             tracer, fired = (_interrupting_at_entry(_Book._release.__code__) if at_entry
                              else _interrupting_at([late], k - 1))
-            sys.settrace(tracer)
-            try:
-                book.close(conn)
-            except Interrupted:
-                pass
-            finally:
-                sys.settrace(None)
+            run_traced(tracer, book.close, conn)
             if book._closing or wait_leased(sock_path, taken, timeout=10) > taken:
                 left.append((fired, book._closing))
                 taken = wait_leased(sock_path, taken, timeout=0)

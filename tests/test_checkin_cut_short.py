@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from proc_helpers import wait_leased
 from test_pool_edges import Interrupted as Traced
-from test_pool_edges import _interrupting_at
+from test_pool_edges import _interrupting_at, run_traced
 
 from sharedpool import Client, ConnectionPool, PoolConfig, checkin, closing, shutdown
 from sharedpool import pool as pool_module
@@ -108,13 +108,7 @@ def test_a_checkin_cut_short_anywhere_in_release_leaves_nothing_in_use(
             if not in_transaction:
                 wrapper.conn.commit()
             tracer, fired = _interrupting_at(codes, k)
-            sys.settrace(tracer)
-            try:
-                pool.release(wrapper)
-            except Traced:
-                pass
-            finally:
-                sys.settrace(None)
+            run_traced(tracer, pool.release, wrapper)
             assert pool.get_in_use() == 0, (fired, repr(pool))
         finally:
             pool.close(timeout=2)

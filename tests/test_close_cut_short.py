@@ -9,14 +9,13 @@ tests/fuzz_signals.py core --threads 1, seeds 47 and 41)."""
 from __future__ import annotations
 
 import functools
-import sys
 from typing import Any
 
 import psycopg
 import pytest
 from pg_helpers import backend_pids
 from proc_helpers import leased, wait_leased
-from test_pool_edges import _CLOSE_ON_THE_WAY, Interrupted, _interrupting_at
+from test_pool_edges import _CLOSE_ON_THE_WAY, _interrupting_at, run_traced
 
 from sharedpool import ConnectionPool, PoolConfig, checkin
 
@@ -59,13 +58,7 @@ def test_a_close_cut_short_on_its_way_leaves_nothing_open_nor_leased(
             if how == "closed":
                 wrapper.conn.close()
             tracer, fired = _interrupting_at([first, *_CLOSE_ON_THE_WAY], k, entries=True)
-            sys.settrace(tracer)
-            try:
-                _check_in(pool, wrapper, how)
-            except Interrupted:
-                pass
-            finally:
-                sys.settrace(None)
+            run_traced(tracer, _check_in, pool, wrapper, how)
             del wrapper
             with pool.connection(timeout=5) as conn:  # the pool goes on
                 conn.execute("SELECT 1")

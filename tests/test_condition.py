@@ -5,11 +5,12 @@ instants: every later lease call, checkout or checkin of the process hung)."""
 
 from __future__ import annotations
 
-import sys
+import contextlib
 import threading
+from collections.abc import Iterator
 from typing import Any
 
-from test_pool_edges import _HANDLER_POINTS
+from test_pool_edges import _HANDLER_POINTS, run_traced
 
 from sharedpool import Client, ConnectionPool, PoolConfig
 from sharedpool.contrib._leases import LeaseBook
@@ -59,13 +60,7 @@ def _held_after_cut(cond: Any, instant: int) -> tuple[bool, bool]:
         with cond:
             pass
 
-    sys.settrace(tracer)
-    try:
-        enter()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        sys.settrace(None)
+    run_traced(tracer, enter, catch=(KeyboardInterrupt,))
     free = cond.acquire(timeout=0.5)
     if free:
         cond.release()
@@ -85,15 +80,17 @@ def _cut_everywhere(cond: Any) -> list[int]:
     return stuck
 
 
-def test_no_signal_leaves_a_condition_held(start_coordinator: Any, sock_path: str) -> None:
+@contextlib.contextmanager
+def _conditions(start_coordinator: Any, sock_path: str) -> Iterator[list[tuple[str, Any]]]:
+    """The conditions of a client, a pool and a lease book, by name; after the
+    test's look at them, all must still be usable."""
     start_coordinator({"r": 1})
     client = Client(sock_path)
     pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1))
     book = LeaseBook("r", sock_path)
     try:
-        for name, cond in [("client", client._cond), ("pool", pool._returned),
-                           ("book returned", book._returned), ("book closing", book._none_closing)]:
-            assert _cut_everywhere(cond) == [], name
+        yield [("client", client._cond), ("pool", pool._returned),
+               ("book returned", book._returned), ("book closing", book._none_closing)]
         with pool.connection(timeout=1):  # all still usable
             pass
         client.release(client.acquire("r", timeout=5))
@@ -103,6 +100,12 @@ def test_no_signal_leaves_a_condition_held(start_coordinator: Any, sock_path: st
         client.close()
 
 
+def test_no_signal_leaves_a_condition_held(start_coordinator: Any, sock_path: str) -> None:
+    with _conditions(start_coordinator, sock_path) as conditions:
+        for name, cond in conditions:
+            assert _cut_everywhere(cond) == [], name
+
+
 def test_no_signal_in_a_waiters_wait_leaves_its_event_locked() -> None:
     """A checkout's wait cut short at any instant inside Event.wait: the
     event's lock must be free, so the set() of a hand-over (made under the
@@ -110,13 +113,8 @@ def test_no_signal_in_a_waiters_wait_leaves_its_event_locked() -> None:
     for instant in range(1, 200):
         event = _Waiter().event
         tracer, seen = _at_instant(instant)
-        sys.settrace(tracer)
-        try:
-            event.wait(0.001)
-        except (KeyboardInterrupt, RuntimeError):  # RuntimeError: threading's own, lock released twice
-            pass
-        finally:
-            sys.settrace(None)
+        # RuntimeError: threading's own, lock released twice
+        run_traced(tracer, event.wait, 0.001, catch=(KeyboardInterrupt, RuntimeError))
         if seen[0] < instant:
             break
         setter = threading.Thread(target=event.set, daemon=True)
@@ -172,24 +170,17 @@ def test_a_wait_cut_short_taking_its_lock_back_leaves_no_other_hold_released(
     (which raised "release unlocked lock" at its own exit: a lease call, a
     pool's checkin or an opener, unguarded meanwhile). Over an RLock the lock
     is taken back whatever the handler does."""
-    start_coordinator({"r": 1})
-    client = Client(sock_path)
-    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1))
-    book = LeaseBook("r", sock_path)
-    try:
-        for name, cond in [("client", client._cond), ("pool", pool._returned),
-                           ("book returned", book._returned), ("book closing", book._none_closing),
-                           ("waiter's event", _Waiter().event._cond)]:  # type: ignore[attr-defined]
+    with _conditions(start_coordinator, sock_path) as conditions:
+        event = _Waiter().event._cond  # type: ignore[attr-defined]
+        for name, cond in [*conditions, ("waiter's event", event)]:
             raised, errors = _wait_cut_while_taking_back(cond)
             assert errors == [], name
             assert isinstance(raised, KeyboardInterrupt), name
-        with pool.connection(timeout=1):  # all still usable
-            pass
-        client.release(client.acquire("r", timeout=5))
-    finally:
-        pool.close()
-        book.shutdown()
-        client.close()
+
+
+def _wait_briefly(cond: Any) -> None:
+    with cond:
+        cond.wait(0.001)
 
 
 def test_a_wait_cut_short_anywhere_raises_the_handlers_exception_and_holds_nothing() -> None:
@@ -206,15 +197,7 @@ def test_a_wait_cut_short_anywhere_raises_the_handlers_exception_and_holds_nothi
     for instant in range(1, 100):
         cond = Condition()
         tracer, seen = _at_instant(instant)
-        raised: BaseException | None = None
-        sys.settrace(tracer)
-        try:
-            with cond:
-                cond.wait(0.001)
-        except BaseException as exc:  # noqa: BLE001 - what the test looks at
-            raised = exc
-        finally:
-            sys.settrace(None)
+        raised = run_traced(tracer, _wait_briefly, cond, catch=(BaseException,))
         if seen[0] < instant:
             break
         free = cond.acquire(timeout=0.5)

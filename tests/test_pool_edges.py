@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -287,6 +288,20 @@ def _interrupting_at(codes: list[Any], k: int, entries: bool = False) -> tuple[C
     return tracer, fired
 
 
+def run_traced(tracer: Callable[..., Any], fn: Callable[..., object], *args: Any,
+               catch: tuple[type[BaseException], ...] = (Interrupted,)) -> BaseException | None:
+    """``fn(*args)`` with ``tracer`` set (a signal handler's exception where it
+    fires), unset after; what it raised of ``catch``, or None."""
+    sys.settrace(tracer)
+    try:
+        fn(*args)
+    except catch as exc:
+        return exc
+    finally:
+        sys.settrace(None)
+    return None
+
+
 def _assert_all_let_go(pool: ConnectionPool[Any], factory: FakeFactory, client: Any,
                        fired: list[str]) -> None:
     """Within 5 s: every connection closed, every lease released, nothing
@@ -320,7 +335,6 @@ def test_a_close_cut_short_anywhere_closes_every_connection(
     AcquireCancelled instead of PoolClosed. One landing at the first
     instruction of a connection's _close (entries count too) left it open,
     its lease held, as close() went on in a thread with the rest."""
-    import sys
 
     start_coordinator({"r": 2})
     codes = [shutdown.shut.__code__, shutdown.evict.__code__, shutdown.let_go.__code__,
@@ -345,13 +359,7 @@ def test_a_close_cut_short_anywhere_closes_every_connection(
             for w in held:
                 pool.release(w)
         tracer, fired = _interrupting_at(codes, k, entries=True)
-        sys.settrace(tracer)
-        try:
-            pool.close(timeout=0)
-        except Interrupted:
-            pass
-        finally:
-            sys.settrace(None)
+        run_traced(tracer, pool.close, 0)
         took_effect = pool.status is not PoolStatus.ACTIVE  # cut short at its first calls: still open
         if waiting:
             if took_effect:
@@ -379,7 +387,6 @@ def test_a_slow_checkin_cut_short_anywhere_leaves_no_connection_in_use(
     it in vain. One landing on the way to its close (the first instruction of
     _close_then_open, _close or close_counted; its time.monotonic()) left it
     out of the pool, never closed, its lease held (a give-back: counted giving)."""
-    import sys
 
     # Owed: given back at once (a quantum of 0), the close counted as a give-back.
     start_coordinator({"r": {"max_size": 1, "fairness_quantum": 0.0}} if why == "owed" else {"r": 1})
@@ -397,13 +404,7 @@ def test_a_slow_checkin_cut_short_anywhere_leaves_no_connection_in_use(
                 client._owed["r"] = 1
         time.sleep(0.02)  # past max_lifetime
         tracer, fired = _interrupting_at([checkin.release_slow.__code__, *_CLOSE_ON_THE_WAY], k, entries=True)
-        sys.settrace(tracer)
-        try:
-            pool.release(w)
-        except Interrupted:
-            pass
-        finally:
-            sys.settrace(None)
+        run_traced(tracer, pool.release, w)
         pool.close(timeout=2)
         _assert_all_let_go(pool, factory, client, fired)
         if not fired:
@@ -418,20 +419,13 @@ def test_a_checkout_cut_short_while_it_plans_an_opener_leaves_no_phantom_opening
     to it, a caller gone: in use for good) and, once the opening was counted,
     an opening no opener would ever settle: with max_size 1, every later
     checkout waited its whole timeout, and close() waited for it too."""
-    import sys
 
     k = 0
     while True:
         factory = FakeFactory()
         pool = ConnectionPool(factory, PoolConfig(min_size=0, max_size=1), coordinator=None)
         tracer, fired = _interrupting_at([ConnectionPool._plan_growth.__code__], k)
-        sys.settrace(tracer)
-        try:
-            pool.release(pool.acquire(timeout=2))
-        except Interrupted:
-            pass
-        finally:
-            sys.settrace(None)
+        run_traced(tracer, lambda p=pool: p.release(p.acquire(timeout=2)))
         assert pool._opening == 0, fired
         pool.release(pool.acquire(timeout=2))  # the slot serves
         pool.close(timeout=2)

@@ -157,6 +157,8 @@ def fences_logged(capfd: pytest.CaptureFixture[str], coord: Any) -> list[str]:
     """The fences the coordinator logged (its stderr is ours)."""
     coord.stop()  # all written once it has exited
     err = capfd.readouterr().err
+    # Its log seen (every horse's session ends in it): else "no fence" would prove nothing.
+    assert " ended: pid=" in err, "the coordinator's log was not captured"
     return [line for line in err.splitlines() if "quarantined" in line]
 
 

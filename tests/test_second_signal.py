@@ -5,12 +5,11 @@ connection handed to it meanwhile must not stay checked out for good."""
 from __future__ import annotations
 
 import signal
-import sys
 import time
 from typing import Any
 
 from proc_helpers import wait_leased
-from test_pool_edges import Interrupted, _interrupting_at
+from test_pool_edges import Interrupted, _interrupting_at, run_traced
 
 from sharedpool import ConnectionPool, PoolConfig, waiting
 from sharedpool.testing import FakeFactory
@@ -44,13 +43,7 @@ def test_a_checkout_cleanup_cut_short_anywhere_leaves_nothing_in_use(
         try:
             deadline = time.monotonic() + 5
             signal.setitimer(signal.ITIMER_REAL, 0.3)
-            sys.settrace(tracer)
-            try:
-                pool.acquire(timeout=5)
-            except (SoftLimit, Interrupted):
-                pass
-            finally:
-                sys.settrace(None)
+            run_traced(tracer, pool.acquire, 5, catch=(SoftLimit, Interrupted))
             assert time.monotonic() < deadline
             assert pool.get_in_use() == 0, (fired, repr(pool))
             again = pool.acquire(timeout=2)
