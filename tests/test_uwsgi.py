@@ -89,6 +89,11 @@ class Uwsgi(SessionServer):
             return True
 
         wait_for(ready, timeout, "uWSGI to answer")
+        # And every worker spawned: a SIGINT reaching the master while it still
+        # forks them was taken by Python's at-fork hooks there (KeyboardInterrupt
+        # in logging's _releaseLock), and uWSGI never stopped (CI, once).
+        wait_for(lambda: "spawned uWSGI master" not in (log := self.log())
+                 or log.count("spawned uWSGI worker") >= WORKERS, timeout, "every worker spawned")
 
 
 @pytest.fixture
