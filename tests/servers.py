@@ -26,15 +26,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    """``cond()``'s first true value, polled every 50 ms; fails after ``timeout``."""
+def wait_for(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition",
+             every: float = 0.05) -> Any:
+    """``cond()``'s first true value, polled every ``every`` seconds; fails after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
         value = cond()
         if value:
             return value
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+        time.sleep(every)
 
 
 def die_with_parent() -> None:
@@ -94,16 +95,18 @@ class SessionServer:
 
 
 class Serve(SessionServer):
-    """``sharedpool serve`` beside a server under test, as a user runs it: its
-    log (at info: each session's end, each fence) in ``tmp_path/serve.log``."""
+    """``sharedpool serve`` as a user runs it, on ``tmp_path/sp.sock`` with
+    ``--resource resource`` (none if empty) and ``args``; its log in
+    ``tmp_path/serve.log``."""
 
     name = "sharedpool serve"
 
-    def __init__(self, tmp_path: Path, resource: str) -> None:
-        self.socket = str(tmp_path / "serve.sock")
-        super().__init__(tmp_path / "serve.log",
-                         [sys.executable, "-m", "sharedpool", "serve", "--socket", self.socket,
-                          "--resource", resource, "--log-level", "info"], dict(os.environ))
+    def __init__(self, tmp_path: Path, *args: str, resource: str = "demo=3",
+                 env: dict[str, str] | None = None) -> None:
+        self.socket = str(tmp_path / "sp.sock")
+        extra = ["--resource", resource] if resource else []
+        argv = [sys.executable, "-m", "sharedpool", "serve", "--socket", self.socket, *extra, *args]
+        super().__init__(tmp_path / "serve.log", argv, dict(os.environ) if env is None else env)
         wait_for(lambda: self.proc.poll() is not None or coordinator_listening(self.socket), 15,
                  "sharedpool serve to listen")
         assert self.proc.poll() is None, self.log()

@@ -23,13 +23,16 @@ import sys
 import termios
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import servers
+from servers import wait_for
 
 from sharedpool import Client, SharedPoolError
+from sharedpool.program import coordinator_listening
 
 ENV = {**os.environ, "COLUMNS": "200", "PYTHONIOENCODING": "utf-8", "PYTHONUNBUFFERED": "1"}
 ENV.pop("SHAREDPOOL_SOCKET", None)
@@ -88,41 +91,11 @@ def stop(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM) -> None:
             proc.wait(10)
 
 
-def wait_for(check: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def connectable(path: str) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
-
-
-class Serve:
-    """``sharedpool serve`` as a subprocess; its log goes to a file."""
+class Serve(servers.Serve):
+    """``sharedpool serve`` with the CLI tests' environment (no $SHAREDPOOL_SOCKET)."""
 
     def __init__(self, tmp_path: Path, *args: str, resource: str = "demo=3") -> None:
-        self.socket = str(tmp_path / "sp.sock")
-        self.log = tmp_path / "serve.log"
-        extra = ["--resource", resource] if resource else []
-        with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "sharedpool", "serve", "--socket", self.socket, *extra, *args],
-                stdout=log, stderr=subprocess.STDOUT, env=ENV, text=True)
-        wait_for(lambda: connectable(self.socket) or self.proc.poll() is not None, 15, "serve")
-        assert self.proc.poll() is None, self.log.read_text()
+        super().__init__(tmp_path, *args, resource=resource, env=ENV)
 
     def status(self, name: str = "demo") -> dict[str, Any]:
         rows = sp_json("status", "--socket", self.socket)["resources"]
@@ -421,7 +394,7 @@ def test_reload_and_sighup(tmp_path: Path) -> None:
         config.write_text('[resources.demo]\nmax_size = 7\nmonitor_dsn = "postgresql://u:s3cret@h/db"\n')
         out = sp("reload", "--socket", server.socket)
         assert "changed demo: monitor_dsn (hidden) -> (hidden)" in out.stdout.splitlines()
-        assert "s3cret" not in out.stdout + server.log.read_text()
+        assert "s3cret" not in out.stdout + server.log()
     finally:
         stop(server.proc)
 
@@ -546,7 +519,7 @@ def test_reload_keeps_flags_and_reports_what_it_did_not_apply(tmp_path: Path) ->
         data = sp_json("reload", "--socket", server.socket)
         assert sorted(data["needs_restart"]) == ["admin_uids", "hello_timeout"] and data["kept"] == ["old"]
         os.kill(server.proc.pid, signal.SIGHUP)
-        wait_for(lambda: server.log.read_text().count("take a restart") >= 3, what="SIGHUP's warning")
+        wait_for(lambda: server.log().count("take a restart") >= 3, what="SIGHUP's warning")
     finally:
         stop(server.proc)
 
@@ -652,7 +625,7 @@ def test_serve_gives_up_on_a_start_that_is_stuck(tmp_path: Path) -> None:
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
         time.sleep(0.3)
     try:
-        wait_for(lambda: connectable(sock) or proc.poll() is not None, 15, "serve")
+        wait_for(lambda: coordinator_listening(sock) or proc.poll() is not None, 15, "serve")
         assert proc.poll() is None
     finally:
         stop(proc)
@@ -669,11 +642,11 @@ def test_a_stop_signal_stops_serve_and_removes_socket(tmp_path: Path, workers: l
     try:
         workers.append(worker := Worker(server))
         os.kill(server.proc.pid, sig)
-        assert server.proc.wait(10) == 0, server.log.read_text()
+        assert server.proc.wait(10) == 0, server.log()
         assert not os.path.exists(server.socket)
         # What the worker holds is handed on: the next start counts it.
         assert os.path.exists(server.socket + ".restart")
-        log = server.log.read_text()
+        log = server.log()
         assert "Traceback" not in log
         # The worker lives on with its connection (handed on to the next start):
         # the log must not call it dead, nor its lease returned and fenced.
@@ -696,9 +669,9 @@ def test_a_signal_as_soon_as_serve_accepts_is_handled(tmp_path: Path, sig: int) 
             os.kill(server.proc.pid, sig)
             if sig == signal.SIGHUP:
                 time.sleep(0.5)
-                assert server.proc.poll() is None, server.log.read_text()
+                assert server.proc.poll() is None, server.log()
                 os.kill(server.proc.pid, signal.SIGTERM)
-            assert server.proc.wait(10) == 0, server.log.read_text()
+            assert server.proc.wait(10) == 0, server.log()
             assert not os.path.exists(server.socket)
         finally:
             stop(server.proc)
@@ -844,7 +817,7 @@ def test_a_restart_with_a_grace_below_the_reconnect_backoff_is_warned(tmp_path: 
         wait_for(lambda: server.status().get("restart_hold_s", 0) is None, 15, "the hold's end")
         os.kill(server.proc.pid, signal.SIGTERM)
         assert server.proc.wait(10) == 0
-        log = server.log.read_text()
+        log = server.log()
         assert "restart_grace=0.2s is shorter than the clients' longest reconnect backoff" in log
     finally:
         stop(server.proc)
@@ -852,7 +825,7 @@ def test_a_restart_with_a_grace_below_the_reconnect_backoff_is_warned(tmp_path: 
     try:
         os.kill(server.proc.pid, signal.SIGTERM)
         assert server.proc.wait(10) == 0
-        assert "reconnect backoff" not in server.log.read_text()
+        assert "reconnect backoff" not in server.log()
     finally:
         stop(server.proc)
 

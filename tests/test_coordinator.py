@@ -17,7 +17,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -25,6 +25,7 @@ import msgpack
 import psutil
 import pytest
 from proc_helpers import read_until_closed
+from servers import wait_for
 
 from sharedpool import (
     Client,
@@ -47,14 +48,6 @@ def leased(client: Client, resource: str = "r") -> int:
         if row["name"] == resource:
             return int(row["leased"])
     raise AssertionError(f"no resource {resource}")
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 @contextmanager

@@ -117,7 +117,8 @@ def uwsgi(pg: str, tmp_path: Path, sock_path: str, app_name: str,
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[Serve]:
     """``sharedpool serve`` at a cap of 2, its log (each fence) under tmp_path."""
-    server = Serve(tmp_path, f"pg={CAP},acquire_timeout=30,monitor_dsn={PG_URL}")
+    server = Serve(tmp_path, "--log-level", "info",
+                   resource=f"pg={CAP},acquire_timeout=30,monitor_dsn={PG_URL}")
     yield server
     server.kill_group()
 
