@@ -454,11 +454,30 @@ class Ledger:
 
     def snapshot_resources(self, now: float, names: set[str] | None = None) -> list[dict[str, Any]]:
         """Rows of ``inspect resources``; ``names``: only those resources."""
-        # Inside a restart's grace nothing is granted: seconds left of it, else None.
-        hold = round(self.hold_until - now, 3) if self._holding(now) and self.hold_until else None
+        hold = self.restart_hold_s(now)
         return [{**res.snapshot(now, paced(res, self.sessions, self.quantum(res.name))),
                  "restart_hold_s": hold}
                 for res in self.resources.values() if names is None or res.name in names]
+
+    def snapshot_figures(self, now: float) -> list[dict[str, Any]]:
+        """For a metrics scrape, a cheap copy per resource: the figures of its
+        ``inspect resources`` row with ``restart_hold_s``, and its raw
+        ``wait_counts`` and ``wait_sum`` (see :func:`.records.wait_histogram`).
+        The rest of the row is left out: building it for thousands of resources
+        held the event loop for tens of milliseconds."""
+        hold = self.restart_hold_s(now)
+        rows = []
+        for res in self.resources.values():
+            row = res.figures(now)
+            row["restart_hold_s"] = hold
+            row["wait_counts"] = tuple(res.wait_counts)
+            row["wait_sum"] = res.wait_sum
+            rows.append(row)
+        return rows
+
+    def restart_hold_s(self, now: float) -> float | None:
+        """Inside a restart's grace nothing is granted: seconds left of it, else None."""
+        return round(self.hold_until - now, 3) if self._holding(now) and self.hold_until else None
 
     def snapshot_sessions(self, now: float) -> list[dict[str, Any]]:
         return [s.snapshot(now) for s in self.sessions.values()]

@@ -38,6 +38,7 @@ from prometheus_client.registry import Collector
 
 from .errors import SharedPoolError
 from .lograte import OncePer
+from .records import wait_histogram
 
 log = logging.getLogger("sharedpool.metrics")
 
@@ -71,19 +72,29 @@ COUNTERS = {
 
 
 def _snapshot(server: Any) -> dict[str, Any]:
-    """Copy what the metrics need; runs on the event loop's thread."""
+    """Copy what the metrics need; runs on the event loop's thread, which waits
+    meanwhile: only plain figures are copied (see :func:`_finish`)."""
     now = server.loop.time()
     return {
-        "resources": server.ledger.snapshot_resources(now),
+        "resources": server.ledger.snapshot_figures(now),
         "sessions": len(server.sessions),
     }
 
 
+def _finish(snap: dict[str, Any]) -> dict[str, Any]:
+    """Off the loop: each resource's ``wait_histogram``, as ``inspect resources`` has it."""
+    for row in snap["resources"]:
+        row["wait_histogram"] = wait_histogram(row.pop("wait_counts"), row.pop("wait_sum"))
+    return snap
+
+
 def take_snapshot(server: Any, timeout: float = SNAPSHOT_TIMEOUT) -> dict[str, Any]:
-    """From any thread: a consistent copy of the ledger's figures, taken on the loop."""
+    """From any thread: a consistent copy of the ledger's figures, taken on the loop:
+    ``{"resources": rows, "sessions": n}``, each row one of ``inspect resources``
+    without its ``limits`` and ``fairness_quantum_s``."""
     try:
         if asyncio.get_running_loop() is server.loop:
-            return _snapshot(server)  # already on the loop: waiting would deadlock
+            return _finish(_snapshot(server))  # already on the loop: waiting would deadlock
     except RuntimeError:
         pass  # not on any loop: the usual case, a scrape thread
     future: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
@@ -98,12 +109,13 @@ def take_snapshot(server: Any, timeout: float = SNAPSHOT_TIMEOUT) -> dict[str, A
 
     server.loop.call_soon_threadsafe(run)  # RuntimeError once the loop is closed
     try:
-        return future.result(timeout)
+        snap = future.result(timeout)
     except concurrent.futures.TimeoutError:
         raise TimeoutError(f"the coordinator's event loop did not hand over a snapshot within "
                            f"{timeout:g}s (stuck, or stopping)") from None
     finally:
         future.cancel()
+    return _finish(snap)
 
 
 class LedgerCollector(Collector):

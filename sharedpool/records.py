@@ -200,6 +200,17 @@ class ResourceState:
 
     def snapshot(self, now: float, quantum: float | None) -> dict[str, Any]:
         """A row of ``inspect resources``; ``quantum``: the fairness quantum in force."""
+        return {
+            **self.figures(now),
+            "fairness_quantum_s": quantum,
+            "limits": self.limits.as_dict(),
+            "wait_histogram": wait_histogram(self.wait_counts, self.wait_sum),
+        }
+
+    def figures(self, now: float) -> dict[str, Any]:
+        """The counts and flags of :meth:`snapshot`, without what is costly to
+        build (limits, histogram, quantum): a metrics scrape copies these for
+        every resource while the event loop waits."""
         states = [lease.state for lease in self.live.values()]
         return {
             "name": self.name,
@@ -222,13 +233,14 @@ class ResourceState:
             # past the backoff with the next acquire to probe (a rare one in a
             # long outage: shown failing all the same, until a connect succeeds).
             "failing": self.fail_streak >= FAILURE_THRESHOLD,
-            "fairness_quantum_s": quantum,
-            "limits": self.limits.as_dict(),
-            "wait_histogram": {
-                "buckets": [
-                    [bound, count] for bound, count in zip(
-                        [*WAIT_BUCKETS, None], itertools.accumulate(self.wait_counts), strict=True)
-                ],
-                "sum": self.wait_sum,
-            },
         }
+
+
+def wait_histogram(counts: list[int] | tuple[int, ...], total: float) -> dict[str, Any]:
+    """The ``wait_histogram`` of a resource row: cumulative counts per bound of
+    WAIT_BUCKETS (None: +Inf), from the per-bucket ``counts``, and their sum."""
+    return {
+        "buckets": [[bound, count] for bound, count in zip(
+            [*WAIT_BUCKETS, None], itertools.accumulate(counts), strict=True)],
+        "sum": total,
+    }
