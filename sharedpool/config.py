@@ -539,6 +539,16 @@ def _merge_resources(from_file: dict[str, Any], flags: Any) -> dict[str, Any]:
     return merged
 
 
+def check_option_names(options: Mapping[str, Any], also: tuple[str, ...] = ()) -> None:
+    """``options`` are :class:`CoordinatorConfig` fields (or one of ``also``, the
+    caller's own keywords): a name that is none of them, a typo, is refused, naming it."""
+    allowed = sorted({f.name for f in fields(CoordinatorConfig)
+                      if f.name not in ("socket_path", "resources", "overrides")} | set(also))
+    unknown = sorted(map(str, set(options) - set(allowed)))
+    if unknown:
+        raise ConfigError("options", f"unknown option {unknown[0]!r}; allowed: {', '.join(allowed)}")
+
+
 def config_from_parts(socket_path: Any, resources: Any, config: Any,
                       options: dict[str, Any]) -> CoordinatorConfig:
     """The config of ``Coordinator(...)`` and the embedded program: a whole
@@ -553,11 +563,7 @@ def config_from_parts(socket_path: Any, resources: Any, config: Any,
     if resources is not None and not isinstance(resources, Mapping):
         raise ConfigError("resources", "must be a mapping of name to limits, e.g. {'pg': 20}, "
                           f"got {resources!r}")
-    allowed = sorted(f.name for f in fields(CoordinatorConfig)
-                     if f.name not in ("socket_path", "resources", "overrides"))
-    unknown = sorted(map(str, set(options) - set(allowed)))
-    if unknown:
-        raise ConfigError("options", f"unknown option {unknown[0]!r}; allowed: {', '.join(allowed)}")
+    check_option_names(options)
     return CoordinatorConfig(socket_path=socket_path or default_socket_path(),
                              resources=dict(resources or {}), **options)
 

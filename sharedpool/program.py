@@ -37,7 +37,7 @@ from typing import Any
 
 from .atfork import in_child
 from .client import expect_end
-from .config import CoordinatorConfig, check_seconds, config_from_parts
+from .config import CoordinatorConfig, check_option_names, check_seconds, config_from_parts
 from .coordinator import CoordinatorRunning
 from .errors import ConfigError, SharedPoolError
 
@@ -96,13 +96,17 @@ def coordinator_listening(path: str, timeout: float = 1.0) -> bool:
     return True
 
 
-def check_embedded_options(options: Mapping[str, Any]) -> None:
+def check_embedded_options(options: Mapping[str, Any], keywords: tuple[str, ...] = ()) -> None:
     """The integrations' ``**options`` are CoordinatorConfig fields; the path is their
-    ``socket=`` (else a TypeError from deep inside), and ``config=`` is not taken."""
+    ``socket=`` (else a TypeError from deep inside), and ``config=`` is not taken.
+    ``keywords``: the integration's own, listed as allowed should a name be unknown."""
     for name, instead in (("socket_path", "give the path as socket="),
                           ("config", "give the resources and options themselves")):
         if name in options:
             raise ConfigError(name, f"not an option here: {instead}")
+    # Checked even without resources= (nothing started then): a typo such as
+    # resorces= was silently dropped, and read later as "got no resources".
+    check_option_names(options, ("start_timeout", *keywords))
 
 
 class EmbeddedCoordinator:

@@ -263,6 +263,33 @@ def test_embedded_coordinator_options_are_checked(tmp_path: pathlib.Path) -> Non
         assert err.value.field == field
 
 
+@pytest.mark.parametrize("integration", ["gunicorn", "celery"])
+def test_a_misspelt_integration_option_is_refused_without_resources_too(
+        integration: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without resources= (a `sharedpool serve` already listening) the options were
+    # never looked at: resorces= or allowed_uid= passed without a word.
+    if integration == "gunicorn":
+        from sharedpool.contrib.gunicorn import hooks as make
+    else:
+        pytest.importorskip("celery")
+        from celery import Celery
+
+        from sharedpool.contrib.celery import setup
+
+        def make(**kw: Any) -> Any:
+            return setup(Celery("sp-test-typo"), **kw)
+    monkeypatch.setenv(SOCKET_ENV, "unset")  # so that the hooks' own setting is undone too
+    monkeypatch.delenv(SOCKET_ENV)
+    for typo in ("resorces", "allowed_uid"):
+        with pytest.raises(ConfigError) as err:
+            make(socket=tmp_path / "sp.sock", **{typo: {"pg": 1}})
+        assert err.value.field == "options" and repr(typo) in str(err.value), err.value
+        assert "resources" in str(err.value) and "allowed_uids" in str(err.value)  # what is allowed
+    state = make(socket=tmp_path / "sp.sock", allowed_uids=[os.getuid()], start_timeout=5.0)
+    if integration == "celery":
+        state.disconnect()
+
+
 def test_a_request_that_cannot_be_framed_fails_alone(sock_path: str) -> None:
     """It used to stay pending: at the next session the re-send stopped at it,
     and the requests behind it were never sent (an inspect timed out with the

@@ -171,7 +171,7 @@ def setup(
     if not isinstance(app, Celery):
         raise ConfigError("app", f"must be a Celery app, got {type(app).__name__}")
     check_seconds("close_timeout", close_timeout)
-    check_embedded_options(options)
+    check_embedded_options(options, ("app", "resources", "socket", "restart", "close_timeout", "log_level"))
     given = None if socket is None else check_socket_path("socket", socket)
     embedded = None
     if resources is not None:

@@ -119,7 +119,7 @@ def hooks(
     the coordinator's stderr logging. Other keywords go to
     :class:`~sharedpool.CoordinatorConfig` (``allowed_uids``, ``metrics_port``...).
     """
-    check_embedded_options(options)
+    check_embedded_options(options, ("resources", "socket", "restart", "close_timeout", "log_level"))
     given = None if socket is None else check_socket_path("socket", socket)
     path = given or os.environ.get(SOCKET_ENV) or private_socket_path("gunicorn")
     # Or the one a USR2 take-over is waiting to start (registered once it has).
