@@ -38,6 +38,7 @@ from .config import (
     CoordinatorConfig,
     check_socket_path,
     default_socket_path,
+    not_a_socket,
     parse_resource_flags,
     tmp_socket_path,
 )
@@ -106,6 +107,9 @@ def connect(socket_path: str | None) -> Iterator[Client]:
     try:  # fail fast: the client itself would retry until its timeout
         probe.connect(path)
     except (FileNotFoundError, ConnectionRefusedError) as exc:
+        if (kind := not_a_socket(path)) is not None:  # a --socket naming the config file, its directory
+            raise Failed(f"no coordinator at {path}: it is {kind}, not a socket; give the "
+                         "coordinator's socket path") from None
         _unavailable(path, exc.strerror or exc)
     except OSError as exc:  # there is something, but not for us (EACCES, not a socket...)
         _unusable(path, exc)

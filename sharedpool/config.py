@@ -255,6 +255,20 @@ def check_socket_path(name: str, value: Any) -> str:
     return value
 
 
+def not_a_socket(path: str) -> str | None:
+    """What ``path`` is if it exists and is no socket ("a regular file", "a
+    directory"), else None: connecting to one says only "Connection refused",
+    which reads as a coordinator that is not running."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISSOCK(mode):
+        return None
+    return ("a directory" if stat.S_ISDIR(mode) else "a regular file" if stat.S_ISREG(mode)
+            else "a fifo" if stat.S_ISFIFO(mode) else "no socket")
+
+
 def check_seconds(name: str, value: Any, *, optional: bool = False, forever: bool = False,
                   positive: bool = False) -> Any:
     """A finite number of seconds >= 0 (> 0 when ``positive``; or None when

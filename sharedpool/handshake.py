@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import background, receiving
 from . import protocol as p
+from .config import not_a_socket
 from .errors import AccessDenied, CoordinatorUnavailable, RemoteProtocolError, SharedPoolError
 from .readable import cooperative
 
@@ -55,7 +56,12 @@ def shake_hands(sock: socket.socket, path: str, limit: float | None, hello: Call
     end = None if limit is None else time.monotonic() + limit
     try:
         sock.settimeout(limit)
-        sock.connect(path)
+        try:
+            sock.connect(path)
+        except ConnectionRefusedError as exc:
+            if (kind := not_a_socket(path)) is None:
+                raise
+            raise ConnectionRefusedError(exc.errno, f"the path is {kind}, not a socket") from None
         conn = p.Connection(p.CLIENT)
         data = conn.send(hello())
         try:

@@ -263,6 +263,17 @@ def test_embedded_coordinator_options_are_checked(tmp_path: pathlib.Path) -> Non
         assert err.value.field == field
 
 
+def test_a_pool_whose_coordinator_path_is_no_socket_says_so(tmp_path: pathlib.Path) -> None:
+    conf = tmp_path / "sharedpool.toml"
+    conf.write_text("")
+    with ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1, acquire_timeout=0.2),
+                        resource="pg", coordinator=str(conf)) as pool, pytest.raises(SharedPoolError) as err:
+        pool.acquire()
+    # Not only "Connection refused", which reads as a coordinator not running.
+    assert f"coordinator at {conf} unreachable" in str(err.value), err.value
+    assert "is a regular file, not a socket" in str(err.value), err.value
+
+
 @pytest.mark.parametrize("integration", ["gunicorn", "celery"])
 def test_a_misspelt_integration_option_is_refused_without_resources_too(
         integration: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -228,6 +228,19 @@ def test_missing_coordinator_is_one_clear_line(tmp_path: Path) -> None:
         assert time.monotonic() - start < 5
 
 
+def test_a_socket_path_that_is_no_socket_says_so(tmp_path: Path) -> None:
+    # Connecting to a file or a directory is "Connection refused": it read as a
+    # coordinator not running, and `sharedpool serve` there then refused the path.
+    conf = tmp_path / "sharedpool.toml"
+    conf.write_text("[resources.pg]\nmax_size = 2\n")
+    for path, kind in ((str(conf), "a regular file"), (str(tmp_path), "a directory")):
+        out = sp("status", "--socket", path)
+        assert out.returncode == 1, out.stderr
+        assert out.stderr.strip().count("\n") == 0, out.stderr
+        assert f"no coordinator at {path}: it is {kind}, not a socket" in out.stderr, out.stderr
+        assert "start one" not in out.stderr and "Traceback" not in out.stderr
+
+
 def test_errors_are_one_line_with_a_click_that_has_no_no_args_is_help_error(tmp_path: Path) -> None:
     # click < 8.2 (click>=8.1 is admitted) has no NoArgsIsHelpError: naming it in an
     # except clause turned every error of the CLI into a traceback there.
