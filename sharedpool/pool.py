@@ -84,6 +84,11 @@ class ConnectionPool(Generic[T]):
         configure: Callable[[T], Any] | None = None,
         name: str | None = None,
     ) -> None:
+        if isinstance(factory, str | bytes):
+            # psycopg_pool's habit: a connection string. Not echoed: it may hold a password.
+            raise ConfigError("factory", "must be a callable that opens a connection, got a "
+                              "connection string: pass lambda: psycopg.connect(dsn), or use "
+                              "sharedpool.contrib.psycopg.ConnectionPool(dsn, ...)")
         if not callable(factory):
             raise ConfigError("factory", f"must be callable, got {factory!r}")
         if configure is not None and not callable(configure):

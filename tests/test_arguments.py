@@ -263,6 +263,17 @@ def test_embedded_coordinator_options_are_checked(tmp_path: pathlib.Path) -> Non
         assert err.value.field == field
 
 
+def test_a_connection_string_as_factory_says_what_to_pass_and_not_the_string() -> None:
+    # psycopg_pool's ConnectionPool takes a DSN; ours a factory. The error echoed
+    # the DSN, password included, and said only "must be callable".
+    dsn = "host=127.0.0.1 dbname=test password=hunter2"
+    with pytest.raises(ConfigError) as err:
+        ConnectionPool(dsn, resource="pg")  # type: ignore[arg-type]
+    assert err.value.field == "factory"
+    assert "lambda: psycopg.connect(dsn)" in str(err.value) and "contrib.psycopg" in str(err.value)
+    assert "hunter2" not in str(err.value)
+
+
 def test_a_pool_whose_coordinator_path_is_no_socket_says_so(tmp_path: pathlib.Path) -> None:
     conf = tmp_path / "sharedpool.toml"
     conf.write_text("")
