@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from proc_helpers import import_refused
 
 from sharedpool import Client, ResourceUnavailable
 from sharedpool.reports import FAILURE_THRESHOLD
@@ -88,3 +89,18 @@ def test_a_connect_that_works_after_failures_in_one_report_ends_the_streak(
         client.release(client.acquire("r", timeout=2))
     finally:
         client.close()
+
+
+@pytest.mark.parametrize(("module", "host", "extra"), [
+    ("sqlalchemy", "sqlalchemy", "sqlalchemy"),
+    ("psycopg", "psycopg_pool", "psycopg-pool"),
+    ("redis", "redis", "redis"),
+    ("celery", "celery", "celery"),
+])
+def test_without_its_host_library_an_integration_says_what_to_install(module: str, host: str,
+                                                                      extra: str) -> None:
+    # Before: a bare "No module named 'sqlalchemy'" from the integration's first
+    # line, naming neither the integration nor the extra that installs it.
+    err = import_refused(f"import sys\nsys.modules[{host!r}] = None\nimport sharedpool.contrib.{module}\n")
+    assert f"sharedpool.contrib.{module} needs" in err and f"pip install 'sharedpool[{extra}]'" in err, err
+    assert host in err, err  # what is missing, as Python said it

@@ -37,7 +37,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from celery import Celery, signals
+try:
+    from celery import Celery, signals
+except ImportError as missing:
+    raise ImportError(f"sharedpool.contrib.celery needs Celery ({missing}); "
+                      "pip install 'sharedpool[celery]'") from missing
 
 from ..config import SOCKET_ENV, check_seconds, check_socket_path
 from ..errors import ConfigError, SharedPoolError

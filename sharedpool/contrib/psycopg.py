@@ -39,12 +39,16 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-import psycopg
-import psycopg_pool
-from psycopg import errors as e
-from psycopg.pq import TransactionStatus
-from psycopg_pool.abc import CT
-from psycopg_pool.pool import AddConnection
+try:
+    import psycopg
+    import psycopg_pool
+    from psycopg import errors as e
+    from psycopg.pq import TransactionStatus
+    from psycopg_pool.abc import CT
+    from psycopg_pool.pool import AddConnection
+except ImportError as missing:
+    raise ImportError(f"sharedpool.contrib.psycopg needs psycopg and psycopg_pool ({missing}); "
+                      "pip install 'sharedpool[psycopg-pool]'") from missing
 
 from ..client import current_pid
 from ..config import NO_ASYNCIO, check_seconds, check_sync_callable

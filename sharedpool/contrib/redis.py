@@ -41,8 +41,12 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import redis
-from redis.connection import Connection
+try:
+    import redis
+    from redis.connection import Connection
+except ImportError as missing:
+    raise ImportError(f"sharedpool.contrib.redis needs redis-py ({missing}); "
+                      "pip install 'sharedpool[redis]'") from missing
 
 from ..config import NO_ASYNCIO, blocked_loop_note, check_seconds
 from ..errors import ConfigError, PoolTimeout, ResourceUnavailable, TooManyWaiters

@@ -40,11 +40,15 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-import sqlalchemy
-from sqlalchemy import event, exc
-from sqlalchemy.engine import Engine
-from sqlalchemy.pool import Pool, QueuePool
-from sqlalchemy.util import queue as sqla_queue
+try:
+    import sqlalchemy
+    from sqlalchemy import event, exc
+    from sqlalchemy.engine import Engine
+    from sqlalchemy.pool import Pool, QueuePool
+    from sqlalchemy.util import queue as sqla_queue
+except ImportError as missing:
+    raise ImportError(f"sharedpool.contrib.sqlalchemy needs SQLAlchemy ({missing}); "
+                      "pip install 'sharedpool[sqlalchemy]'") from missing
 
 from ..client import current_pid
 from ..config import NO_ASYNCIO, blocked_loop_note, check_seconds, check_sync_callable
