@@ -817,3 +817,30 @@ def test_workers_run_as_another_user_are_told_at_start(
         assert said == []
     else:
         assert len(said) == 1 and warned in said[0], said
+
+
+def test_what_a_sighup_reread_does_not_apply_is_said_in_gunicorns_error_log(
+        tmp_path: Path, sock_path: str) -> None:
+    # Before: hooks()'s warning at a re-read went through Python's last-resort
+    # handler: bare on stderr, not in gunicorn's format nor in --error-logfile.
+    (tmp_path / "hello.py").write_text(_HELLO_APP)
+    conf = tmp_path / "gunicorn.conf.py"
+    cap = tmp_path / "cap"
+    cap.write_text("2")
+    conf.write_text(f"from pathlib import Path\n"
+                    f"from sharedpool.contrib.gunicorn import hooks\n"
+                    f"control_socket_disable = True\n"
+                    f"on_starting, post_fork, worker_exit, on_exit = hooks(\n"
+                    f"    resources={{'r': int(Path({str(cap)!r}).read_text())}}, socket={sock_path!r})\n")
+    errors = tmp_path / "errors.log"
+    with _hello_under_gunicorn(tmp_path, conf, "--error-logfile", str(errors)) as (proc, log_path):
+        wait_for(lambda: errors.exists() and errors.read_text().count("Booting worker") == 2, 30,
+                 "both workers")
+        cap.write_text("3")
+        os.kill(proc.pid, signal.SIGHUP)
+        said = wait_for(lambda: [line for line in errors.read_text().splitlines()
+                                 if "keeps its settings" in line], 30, "the re-read's warning")
+        assert re.search(r"\[\d+\] \[WARNING\] sharedpool: .*r: max_size 2 -> 3", said[0]), said
+        assert "keeps its settings" not in log_path.read_text()
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(30) == 0

@@ -85,6 +85,14 @@ TAKEOVER_GRACE = 5.0
 log = logging.getLogger("sharedpool.gunicorn")
 
 
+def _gunicorn_log() -> logging.Logger:
+    """gunicorn's error log once gunicorn has set it up (its format, its
+    ``--error-logfile``), else ours. What ``hooks()`` says at a SIGHUP re-read
+    went to Python's last-resort stderr handler, bare, and not to that file."""
+    error_log = logging.getLogger("gunicorn.error")
+    return error_log if error_log.handlers else log
+
+
 class GunicornHooks(NamedTuple):
     """The four server hooks, in the order ``hooks()`` returns them."""
 
@@ -127,9 +135,9 @@ def hooks(
     if served is not None and path != served:
         # gunicorn's SIGHUP re-read a changed socket= in a master whose coordinator
         # serves another path: workers sent there would find nothing listening.
-        log.warning("sharedpool: gunicorn reloaded its config: socket %s not applied, the "
-                    "coordinator this master started serves %s until gunicorn restarts",
-                    path, served)
+        _gunicorn_log().warning(
+            "sharedpool: gunicorn reloaded its config: socket %s not applied, the coordinator "
+            "this master started serves %s until gunicorn restarts", path, served)
         path = served
     embedded = _EMBEDDED.get(path)
     if resources is not None:
@@ -142,17 +150,19 @@ def hooks(
                 raise
             # A SIGHUP re-read: gunicorn exits the master (and its workers) on an error
             # here, for a setting the running coordinator would not apply anyway.
-            log.warning("sharedpool: gunicorn reloaded its config, but the coordinator this "
-                        "master started keeps its settings until gunicorn restarts: %s", exc)
+            _gunicorn_log().warning(
+                "sharedpool: gunicorn reloaded its config, but the coordinator this master "
+                "started keeps its settings until gunicorn restarts: %s", exc)
         else:
             if embedded is None:
                 embedded = fresh
             else:  # a SIGHUP re-read: the running coordinator keeps its settings, said so
                 changes = _changed_settings(embedded.config, fresh.config)
                 if changes:
-                    log.warning("sharedpool: gunicorn reloaded its config, but the coordinator "
-                                "this master started keeps its settings until gunicorn restarts "
-                                "(`sharedpool resize` changes a cap live): %s", "; ".join(changes))
+                    _gunicorn_log().warning(
+                        "sharedpool: gunicorn reloaded its config, but the coordinator this master "
+                        "started keeps its settings until gunicorn restarts (`sharedpool resize` "
+                        "changes a cap live): %s", "; ".join(changes))
     check_seconds("close_timeout", close_timeout)
     os.environ[SOCKET_ENV] = path
     read_by = os.getpid()
@@ -220,7 +230,7 @@ def hooks(
         try:
             release_process(close_timeout)
         except Exception:  # noqa: BLE001 - the worker is exiting; the fence covers the rest
-            log.exception("sharedpool: releasing leases at worker exit failed")
+            _gunicorn_log().exception("sharedpool: releasing leases at worker exit failed")
 
     def on_exit(server: Any) -> None:
         takeover = _TAKEOVERS.pop(path, None)
