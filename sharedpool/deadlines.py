@@ -3,11 +3,11 @@ fences' ends, each in a heap, so that neither is found by a pass over every
 waiter or fenced lease on every call (a dead process with thousands of
 leases made each op cost thousands of steps).
 
-Entries are not removed when their waiter is granted, cancelled or dropped,
-or their fence lifted, taken back or replaced: they stay until they reach the
-top, and the heaps are rebuilt without them once most are dead. What is
-still in force is decided by the ledger's records (``Waiter.active``, the
-resource's ``fenced``), never by the heaps.
+Entries are not removed when their waiter is granted, cancelled, dropped or
+retimed, or their fence lifted, taken back or replaced: they stay until they
+reach the top, and the heaps are rebuilt without them once most are dead.
+What is still in force is decided by the ledger's records (``Waiter.active``
+and ``Waiter.deadline``, the resource's ``fenced``), never by the heaps.
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ class Deadlines:
     def expired_waiters(self, now: float) -> Iterator[Waiter]:
         """The waiters still queued whose deadline is ``now`` or before, earliest first."""
         while self.waiters and self.waiters[0][0] <= now:
-            _, _, waiter = heapq.heappop(self.waiters)
-            if waiter.active:
-                yield waiter
+            entry = heapq.heappop(self.waiters)
+            if _in_force(entry):
+                yield entry[2]
 
     def ended_fences(self, now: float, resources: dict[str, ResourceState]) -> Iterator[tuple[str, Fenced]]:
         """(resource, fenced) of the fences in force that end at ``now`` or
@@ -55,7 +55,7 @@ class Deadlines:
 
     def next(self, resources: dict[str, ResourceState]) -> float | None:
         """The earliest deadline of a waiter still queued or a fence in force."""
-        while self.waiters and not self.waiters[0][2].active:
+        while self.waiters and not _in_force(self.waiters[0]):
             heapq.heappop(self.waiters)
         if len(self.waiters) > 64:
             # Granted, cancelled and dropped waiters stay in the heap until
@@ -63,7 +63,7 @@ class Deadlines:
             # is never, and each holds its site string. Rebuild once most are dead.
             active = sum(len(r.waiters) for r in resources.values())
             if len(self.waiters) > 2 * active + 64:
-                self.waiters = [e for e in self.waiters if e[2].active]
+                self.waiters = [e for e in self.waiters if _in_force(e)]
                 heapq.heapify(self.waiters)
         ends = self.fences
         while ends and not _current(ends[0], resources):
@@ -79,6 +79,13 @@ class Deadlines:
         if ends:
             times.append(ends[0][0])
         return min(times) if times else None
+
+
+def _in_force(entry: tuple[float, int, Waiter]) -> bool:
+    """Whether a :attr:`Deadlines.waiters` entry is a queued waiter's deadline
+    (not one it had before a retime)."""
+    waiter = entry[2]
+    return waiter.active and waiter.deadline == entry[0]
 
 
 def _current(entry: tuple[float, int, str, Fenced], resources: dict[str, ResourceState]) -> bool:

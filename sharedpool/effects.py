@@ -91,12 +91,15 @@ class StillHeld:
 
 @dataclass(slots=True)
 class Problem:
-    """A request that made no sense (unknown lease, duplicate req): an error reply."""
+    """A request that made no sense (unknown lease, duplicate req): an error reply.
+    ``fatal``: one no client of ours sends (a retime of a request it never
+    made): the session is ended, as for a malformed frame (I5)."""
 
     session: int
     code: str
     message: str
     req: int | None = None
+    fatal: bool = False
 
 
 @dataclass(slots=True)

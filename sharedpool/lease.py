@@ -78,6 +78,9 @@ class _Pending:
     fail_if_lost: bool = False  # fails when its session is lost, rather than waiting for the next
     owner: object = None  # the pool (or lease book) that asked, if one did
     since: float = field(default_factory=time.monotonic)  # when it was made, or re-sent on a new session
+    #: an acquire's deadline at the coordinator as last retimed (``time.monotonic()``),
+    #: which the wait for its reply follows (None: not retimed)
+    retimed: float | None = None
 
 
 class AcquireRequest:
@@ -130,6 +133,27 @@ class AcquireRequest:
             tell_unused(pending.owner)
         elif client._sock is not None:
             client._send_quiet(p.Cancel(self.req))
+        return True
+
+    def retime(self, timeout: float) -> bool:
+        """Give the request a new deadline, ``timeout`` seconds (>= 0) from now,
+        keeping its place in the coordinator's line. False if it was answered
+        or withdrawn already (a grant crossing the retime still comes)."""
+        client, pending = self.client, self._pending
+        if not timeout >= 0:  # NaN too: the coordinator would end the session
+            raise ValueError(f"timeout must be a number >= 0, got {timeout!r}")
+        with client._cond:
+            if pending.done or pending.taken:
+                return False
+            msg = pending.msg
+            assert isinstance(msg, p.Acquire)
+            msg.timeout = timeout  # what a re-send on a new session asks for
+            pending.retimed = time.monotonic() + timeout
+            # One sent before the session's re-send of the acquire would
+            # name a request the coordinator never saw: the re-send carries it.
+            sock = client._sock if client._sock is not client._resending else None
+        if sock is not None:
+            client._send_quiet(p.Retime(self.req, timeout), sock)
         return True
 
     @property

@@ -230,6 +230,8 @@ class Ledger:
         """Grant at once, queue, or deny. ``timeout`` None: the resource's default;
         0: never queue."""
         session = self.sessions[sid]
+        if session.top_req is None or req > session.top_req:
+            session.top_req = req
         res = self.resources.get(resource)
         if res is None:
             known = ", ".join(sorted(self.resources)) or "none"
@@ -302,6 +304,30 @@ class Ledger:
         res = self.resources[waiter.resource]
         res.waiters.remove(waiter)
         return self._pump(res, now)
+
+    def retime(self, sid: int, req: int, timeout: float, now: float) -> list[Effect]:
+        """Move a queued acquire's deadline to ``now + timeout``; it keeps its
+        place in line (a pool carrying its request on for its next waiter
+        would otherwise go to the back, behind every process queued since).
+        One no longer queued was answered or cancelled as the retime came:
+        ignored. One of a req this session never sent ends it (I5)."""
+        session = self.sessions[sid]
+        waiter = session.waiting.get(req)
+        if waiter is None:
+            if session.top_req is not None and req <= session.top_req:
+                return []
+            return [Problem(sid, "unknown_request",
+                            f"retime of request {brief(req)}, which this session never sent", req,
+                            fatal=True)]
+        if not timeout >= 0:  # the protocol refuses these; a direct caller too
+            return [Problem(sid, "bad_request",
+                            f"retime timeout must be a number >= 0, got {brief(timeout)}", req,
+                            fatal=True)]
+        waiter.deadline = now + timeout
+        # Its earlier heap entry stays, and is skipped: it no longer matches.
+        self._deadlines.add_waiter(waiter)
+        # The queue's deadlines pace the fairness quantum (reclaim.paced).
+        return self._rebalance(self.resources[waiter.resource])
 
     def release(self, sid: int, lease_id: int, now: float) -> list[Effect]:
         session = self.sessions[sid]

@@ -35,9 +35,22 @@ if TYPE_CHECKING:
 log = logging.getLogger("sharedpool.pool")
 
 #: How long before the coordinator would time it out a lease request is
-#: withdrawn if its waiter was served meanwhile while others of the pool wait:
+#: retimed to the next waiter's deadline (or withdrawn, if no waiter is left
+#: for it) when its waiter was served meanwhile while others of the pool wait:
 #: that timeout was no caller's, yet counted in timeouts_total.
 WITHDRAW_EARLY = 0.1
+
+
+class Carry:
+    """Whom an opener's lease request is for: the waiter whose deadline it
+    carries, and that deadline; a retime (:class:`RetimeIfServed`) moves both
+    on to the next waiter."""
+
+    __slots__ = ("waiter", "deadline", "retimed")
+
+    def __init__(self, waiter: _Waiter, deadline: float) -> None:
+        self.waiter, self.deadline = waiter, deadline
+        self.retimed = False
 
 
 def run(pool: ConnectionPool[Any], waiter: _Waiter, deadline: float) -> None:
@@ -54,6 +67,7 @@ def run(pool: ConnectionPool[Any], waiter: _Waiter, deadline: float) -> None:
         failed(pool, waiter, exc, connected=False)
         return
     waiting = False  # counted in pool._lease_waits: no connection is being made yet
+    carry, first = Carry(waiter, deadline), waiter
     try:
         t0 = time.monotonic()
         while client is not None and not fallback:
@@ -63,10 +77,12 @@ def run(pool: ConnectionPool[Any], waiter: _Waiter, deadline: float) -> None:
                     pool._lease_waits += 1
                 waiting = True
             try:
-                lease = take_lease(pool, client, deadline, waiter=waiter)
+                lease = take_lease(pool, client, deadline, waiter=waiter, carry=carry)
+                waiter, deadline = carry.waiter, carry.deadline
                 waiter.leasing = False
                 break
             except CoordinatorUnavailable:
+                waiter, deadline = carry.waiter, carry.deadline
                 # The coordinator went away while we waited: with "fallback",
                 # open without a lease if there is room, else wait on.
                 if (pool.config.coordinator_away != "fallback" or client.closed
@@ -94,6 +110,8 @@ def run(pool: ConnectionPool[Any], waiter: _Waiter, deadline: float) -> None:
                 if fallback:  # made (then counted in _all) or failed: no longer under way
                     pool._fallback_opening -= 1
     except BaseException as exc:  # noqa: BLE001 - delivered to the waiter, not lost
+        if lease is None and carry.retimed:
+            waiter, deadline = carried_failure(pool, carry, first, exc)
         if client is not None and lease is not None:
             client.report_failure(pool.resource)
             client.release(lease)  # no connection was made: nothing to confirm
@@ -182,12 +200,26 @@ def use_fallback(pool: ConnectionPool[Any], client: Client) -> bool:
     return True
 
 
+def carried_failure(pool: ConnectionPool[Any], carry: Carry, served: _Waiter,
+                    exc: BaseException) -> tuple[_Waiter, float]:
+    """The waiter and deadline a failed lease wait that was retimed reports
+    to. A timeout before the new deadline is the old one's (the coordinator
+    timed it out as the retime was on its way): it is not the next waiter's
+    to see; that waiter gets an opener of its own again."""
+    if isinstance(exc, PoolTimeout) and time.monotonic() < carry.deadline:
+        with pool._lock:
+            carry.waiter.has_opener = False
+        return served, carry.deadline
+    return carry.waiter, carry.deadline
+
+
 def take_lease(pool: ConnectionPool[Any], client: Client, deadline: float,
-               waiter: _Waiter | None = None) -> Lease:
+               waiter: _Waiter | None = None, carry: Carry | None = None) -> Lease:
     """Opener thread: a lease for one more connection. Withdrawn if the pool
     closes meanwhile; one granted as it closed goes back unused (PoolClosed).
-    Withdrawn too just before its deadline if ``waiter`` was served (or left)
-    meanwhile while others wait: see :class:`WithdrawIfServed`."""
+    Retimed just before its deadline if ``waiter`` was served (or left)
+    meanwhile while others wait: see :class:`RetimeIfServed`, which records
+    the waiter it then serves in ``carry``."""
     timeout = max(0.0, deadline - time.monotonic())
     ticket = client.request(pool.resource, timeout,
                             fail_if_lost=pool.config.coordinator_away == "fallback", _owner=pool)
@@ -198,7 +230,7 @@ def take_lease(pool: ConnectionPool[Any], client: Client, deadline: float,
             pool._lease_requests.add(ticket)
     if not active:
         ticket.cancel()
-    withdraw = WithdrawIfServed(pool, waiter, ticket) if waiter is not None else None
+    withdraw = RetimeIfServed(pool, waiter, ticket, carry) if waiter is not None else None
     try:
         if active and withdraw is not None and timeout > 2 * WITHDRAW_EARLY:
             client.call_later(timeout - WITHDRAW_EARLY, withdraw)
@@ -216,45 +248,65 @@ def take_lease(pool: ConnectionPool[Any], client: Client, deadline: float,
     return lease
 
 
-class WithdrawIfServed:
+class RetimeIfServed:
     """A timer's job, just before ``ticket`` times out at the coordinator: if
     ``waiter`` (whose deadline it carries) was served by a checkin, or left,
     while others wait, the request stayed for them (a checkin withdraws it only
     once nobody waits), and its timeout would be counted in timeouts_total
-    with no caller's PoolTimeout. Withdrawn instead: the opener fails with
-    AcquireCancelled, which reaches no waiter, and the opener planned then
-    asks with the next waiter's own deadline. (Its place in the
-    coordinator's line goes, as it did at the timeout: the protocol cannot
-    move a queued request's deadline.)
+    with no caller's PoolTimeout. It is retimed instead to the deadline of
+    the first waiter with no opener of its own, which it now serves (it
+    keeps its place in the coordinator's line: asked again, it went behind
+    every process queued since); with no such waiter, withdrawn (the opener
+    fails with AcquireCancelled, which reaches no waiter).
 
-    Holds the pool weakly, and the waiter and ticket only until the lease
-    wait ends (:meth:`forget`): the waiter's wrapper and the ticket's owner
-    hold the pool, and the timer may be due as late as the checkout's
+    Holds the pool weakly, and the waiter, ticket and carry only until the
+    lease wait ends (:meth:`forget`): the waiter's wrapper and the ticket's
+    owner hold the pool, and the timer may be due as late as the checkout's
     timeout; a pool dropped meanwhile must be collected, its connections
     closed and their leases released, without waiting for it."""
 
-    __slots__ = ("_pool", "_waiter", "_ticket")
+    __slots__ = ("_pool", "_waiter", "_ticket", "_carry")
 
-    def __init__(self, pool: ConnectionPool[Any], waiter: _Waiter, ticket: AcquireRequest) -> None:
+    def __init__(self, pool: ConnectionPool[Any], waiter: _Waiter, ticket: AcquireRequest,
+                 carry: Carry | None = None) -> None:
         self._pool = weakref.ref(pool)
         self._waiter: _Waiter | None = waiter
         self._ticket: AcquireRequest | None = ticket
+        self._carry = carry
 
     def forget(self) -> None:
-        """The lease wait ended: nothing is left to withdraw."""
-        self._waiter = self._ticket = None
+        """The lease wait ended: nothing is left to retime or withdraw."""
+        self._waiter = self._ticket = self._carry = None
 
     def __call__(self) -> None:
         found, waiter, ticket = self._pool(), self._waiter, self._ticket
         if found is None or waiter is None or ticket is None:
             return
+        left = 0.0
         with found._lock:
             stale = (ticket in found._lease_requests and waiter not in found._waiters
                      and bool(found._waiters))
-            if stale:
+            if not stale:
+                return
+            # The waiters with openers of their own have their own requests.
+            after = next((w for w in found._waiters if not w.has_opener and w.deadline is not None), None)
+            until = after.deadline if after is not None else None
+            if until is not None:
+                left = until - time.monotonic()
+            if after is not None and until is not None and left > WITHDRAW_EARLY:
+                after.has_opener = after.leasing = True
+                self._waiter = after
+                if self._carry is not None:
+                    self._carry.waiter, self._carry.deadline = after, until
+                    self._carry.retimed = True
+            else:
                 found._lease_requests.discard(ticket)
-        if stale:
+        if left <= WITHDRAW_EARLY:
             ticket.cancel()
+        # Answered as it was retimed (False): the lease goes to the oldest waiter
+        # all the same; the one adopted here only decides where an error goes.
+        elif ticket.retime(left) and left > 2 * WITHDRAW_EARLY:
+            ticket.client.call_later(left - WITHDRAW_EARLY, self)
 
 
 def setup(pool: ConnectionPool[Any], wrapper: ConnectionWrapper[Any],

@@ -25,7 +25,8 @@ import msgpack
 from .errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
 
 #: 2: ``report`` carries hand-off ``costs``, ``reclaim`` a ``quantum``.
-PROTOCOL_VERSION = 2
+#: 3: ``retime`` moves a queued acquire's deadline, keeping its place in line.
+PROTOCOL_VERSION = 3
 DEFAULT_MAX_FRAME = 1 << 20
 _HEADER = struct.Struct(">I")
 
@@ -105,6 +106,19 @@ class Cancel(Message):
     op = "cancel"
     sender = CLIENT
     req: int
+
+
+@dataclass(slots=True)
+class Retime(Message):
+    """Give a queued acquire a new deadline, ``timeout`` seconds from now
+    (a number >= 0), keeping its place in line: a pool whose waiter was served
+    meanwhile carries the request on for its next waiter. No reply; one for a
+    request already answered is ignored (the answer crossed it)."""
+
+    op = "retime"
+    sender = CLIENT
+    req: int
+    timeout: float
 
 
 @dataclass(slots=True)
@@ -243,7 +257,7 @@ class Error(Message):
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.op: cls
     for cls in (
-        Hello, Acquire, Cancel, Release, Report, Inspect, Admin,
+        Hello, Acquire, Cancel, Retime, Release, Report, Inspect, Admin,
         Welcome, Grant, Deny, Reclaim, Push, Reply, Error,
     )
 }
@@ -253,6 +267,7 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "hello": {"version": (int,), "pid": (int,), "name": (str,), "held": (list,)},
     "acquire": {"req": (int,), "resource": (str,), "timeout": _OPT_NUM, "site": _OPT_STR},
     "cancel": {"req": (int,)},
+    "retime": {"req": (int,), "timeout": _NUM},
     "release": {"lease": (int,)},
     "report": {"states": (list,), "failures": (dict,), "ok": (list,), "costs": (dict,)},
     "inspect": {"req": (int,), "what": (str,), "filters": (dict,)},
@@ -327,6 +342,8 @@ def decode_body(body: bytes, sender: str) -> Message:
     if cls.sender != sender:
         raise RemoteProtocolError(f"op {op!r} may not be sent by the {sender}")
     _check_fields(op, data)
+    if op == "retime" and not data["timeout"] >= 0:  # NaN too: it would never expire
+        raise RemoteProtocolError(f"retime: timeout must be a number >= 0, got {brief(data['timeout'])}")
     return cls(**data)
 
 

@@ -47,6 +47,8 @@ def wait_reply(client: Client, pending: _Pending, deadline: float | None) -> Non
         with client._cond:
             if pending.done:
                 return
+            if pending.retimed is not None:  # its deadline at the coordinator moved
+                deadline = pending.retimed + GRACE
             if client._closed:
                 pending.error, pending.done = CoordinatorUnavailable("client closed"), True
                 return

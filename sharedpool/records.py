@@ -116,6 +116,10 @@ class Session:
     counts: dict[str, int] = field(default_factory=dict)
     #: resource -> seconds a hand-off costs this session, as last reported
     costs: dict[str, float] = field(default_factory=dict)
+    #: the highest req of an acquire it sent (None: none yet): a retime of a
+    #: req up to it that no longer waits was crossed by its answer; beyond
+    #: it, the request was never made
+    top_req: int | None = None
 
     def held(self, resource: str) -> int:
         return self.counts.get(resource, 0)

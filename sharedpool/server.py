@@ -393,6 +393,8 @@ class Server:
             self.apply(ledger.release(sid, msg.lease, now))
         elif isinstance(msg, p.Cancel):
             self.apply(ledger.cancel(sid, msg.req, now))
+        elif isinstance(msg, p.Retime):
+            self.apply(ledger.retime(sid, msg.req, msg.timeout, now))
         elif isinstance(msg, p.Report):
             self.apply(ledger.report(sid, msg.states, now, msg.failures, msg.ok, msg.costs))
         elif isinstance(msg, p.Inspect):
@@ -445,8 +447,13 @@ class Server:
             elif isinstance(eff, Notify):
                 self._send(eff.session, p.Push(eff.verb, eff.resource, eff.args))
             elif isinstance(eff, Problem):
-                log.warning("pid=%s: %s: %s", self._pid(eff.session), eff.code, eff.message)
-                self._send(eff.session, p.Error(eff.code, eff.message, eff.req))
+                log.warning("pid=%s: %s: %s%s", self._pid(eff.session), eff.code, eff.message,
+                            "; ending the session" if eff.fatal else "")
+                if eff.fatal:  # as for a malformed frame: the session ends (I5)
+                    if (ending := self.sessions.get(eff.session)) is not None:
+                        ending.fail(eff.code, eff.message)
+                else:
+                    self._send(eff.session, p.Error(eff.code, eff.message, eff.req))
             elif isinstance(eff, StartFence):
                 self._start_fence(eff)
             elif isinstance(eff, StillHeld):

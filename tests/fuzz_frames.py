@@ -3,8 +3,8 @@
     python tests/fuzz_frames.py SOCKET [--frames 100000] [--seed 1]
 
 Frames are a mix of: well-formed messages with random field values
-(acquire / release / cancel / report / inspect / admin with unknown leases,
-resources, verbs...), wrong types, unknown ops, truncated and oversized
+(acquire / release / cancel / retime / report / inspect / admin with unknown
+leases, requests, resources, verbs...), wrong types, unknown ops, truncated and oversized
 frames, and raw random bytes. A malformed frame ends its session (I5); the
 fuzzer then reconnects and goes on. At the end, a normal client must get a
 lease and give it back, and the coordinator must still be the same process.
@@ -35,9 +35,11 @@ def _value(rnd: random.Random) -> Any:
 
 
 def _wellformed(rnd: random.Random, req: int) -> bytes:
-    choice = rnd.randrange(7)
-    if choice == 0:
-        msg: p.Message = p.Acquire(req, rnd.choice(["r", "nope", ""]), rnd.choice([0, 0.0, 0.001, None]))
+    choice = rnd.randrange(8)
+    if choice == 7:  # mostly a req sent before (ignored), now and then one never sent (ends the session)
+        msg: p.Message = p.Retime(rnd.randrange(0, req + 2), rnd.choice([0, 0.001, 5.0]))
+    elif choice == 0:
+        msg = p.Acquire(req, rnd.choice(["r", "nope", ""]), rnd.choice([0, 0.0, 0.001, None]))
     elif choice == 1:
         msg = p.Release(rnd.randrange(-5, 2**40))
     elif choice == 2:
@@ -55,7 +57,7 @@ def _wellformed(rnd: random.Random, req: int) -> bytes:
 
 
 def _malformed(rnd: random.Random) -> bytes:
-    choice = rnd.randrange(6)
+    choice = rnd.randrange(7)
     if choice == 0:  # random bytes
         return bytes(rnd.getrandbits(8) for _ in range(rnd.randrange(1, 64)))
     if choice == 1:  # oversized header
@@ -66,6 +68,9 @@ def _malformed(rnd: random.Random) -> bytes:
         body = msgpack.packb({"op": "acquire", "req": _value(rnd), "resource": _value(rnd)})
     elif choice == 4:  # not a map
         body = msgpack.packb([_value(rnd) for _ in range(3)])
+    elif choice == 5:  # a retime with wrong types or a past / NaN deadline
+        body = msgpack.packb({"op": "retime", "req": _value(rnd),
+                              "timeout": rnd.choice([-1, -0.5, float("nan"), _value(rnd)])})
     else:  # garbage body with a right length
         body = bytes(rnd.getrandbits(8) for _ in range(rnd.randrange(1, 32)))
     return struct.pack(">I", len(body)) + body

@@ -253,3 +253,44 @@ def test_admin_with_a_deep_argument_is_carried_out_and_answered(
     events = _after_hello(sock_path, deep, until=lambda e: getattr(e, "req", None) == 1)
     assert any(isinstance(e, p.Reply) and e.req == 1 for e in events), events
     assert any(isinstance(e, p.Push) and e.verb == "pause" for e in events), events
+
+
+@pytest.mark.parametrize(("frames", "match"), [
+    ([{"op": "retime", "req": 1, "timeout": -1.0}], "retime: timeout must be a number >= 0, got -1.0"),
+    ([{"op": "retime", "req": 1, "timeout": float("nan")}], "retime: timeout must be a number >= 0, got nan"),
+    ([{"op": "retime", "req": 1, "timeout": "5"}], "retime: field 'timeout' has type str"),
+    ([{"op": "retime", "req": 1.0, "timeout": 5}], "retime: field 'req' has type float"),
+    # An acquire of its own queued (req 1), then a retime of a req it never sent:
+    # the bystander's queued request has that number in its own session.
+    ([{"op": "acquire", "req": 1, "resource": "r", "timeout": 30.0},
+      {"op": "retime", "req": 2, "timeout": 5.0}], "retime of request 2, which this session never sent"),
+], ids=["negative", "nan", "str-timeout", "float-req", "never-sent"])
+def test_a_bad_retime_ends_that_session_only(start_coordinator: Any, sock_path: str,
+                                             capfd: pytest.CaptureFixture[str],
+                                             frames: list[dict[str, Any]], match: str) -> None:
+    start_coordinator({"r": 1})
+    other = Client(sock_path)
+    try:
+        lease = other.acquire("r", timeout=2)  # req 1
+        ticket = other.request("r", timeout=30)  # req 2, queued behind its own lease
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(sock_path)
+        s.sendall(p.encode(p.Hello(p.PROTOCOL_VERSION, os.getpid(), "odd")))
+        s.sendall(b"".join(_raw_frame(f) for f in frames))
+        data = read_until_closed(s)
+        s.close()
+        conn = p.Connection(p.CLIENT)
+        conn.receive_data(data)
+        events = conn.events()
+        assert isinstance(events[-1], p.Error) and events[-1].fatal, events
+        assert match in events[-1].message
+        assert match in capfd.readouterr().err  # and a log line
+        # The bystander's lease and queued request are as they were, and its own retime works.
+        assert [r["id"] for r in other.inspect("leases")["leases"]] == [lease.id]
+        assert ticket.retime(20.0)
+        [row] = other.inspect("resources")["resources"]
+        assert row["waiting"] == 1
+        other.release(lease)
+        other.release(ticket.wait())
+    finally:
+        other.close()

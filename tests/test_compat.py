@@ -12,6 +12,10 @@ that release against this code (coordinator of one, workers and CLI of the
 other, kill -9 and restart across versions under PostgreSQL) found them
 interchangeable. Changing a message's fields needs a new PROTOCOL_VERSION,
 and then a README note: the two versions cannot share a coordinator.
+
+Protocol 3 added one op (``retime``) and changed no other frame: the
+release's frames below still decode to the same messages, but its hello and
+welcome (version 2) are refused at the handshake, with a message that says so.
 """
 
 from __future__ import annotations
@@ -19,9 +23,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
+
 from sharedpool import protocol as p
 from sharedpool.config import Resource
 from sharedpool.effects import StartFence
+from sharedpool.errors import RemoteProtocolError
 from sharedpool.ledger import Ledger
 from sharedpool.marker import handed_on, read_marker, write_marker
 from sharedpool.records import BUSY, IDLE
@@ -68,6 +75,11 @@ RELEASE_FRAMES: list[tuple[p.Message, str]] = [
      "04a5666174616cc3a26f70a56572726f72"),
 ]
 
+#: Ops protocol 3 added, as this code frames them (no release spoke them yet).
+PROTOCOL_3_FRAMES: list[tuple[p.Message, str]] = [
+    (p.Retime(1, 4.5), "0000002183a372657101a774696d656f7574cb4012000000000000a26f70a6726574696d65"),
+]
+
 #: A marker 4f8645c wrote while serving (then SIGKILLed): pid 3562 died in a
 #: query (fenced, backend 3610), pids 3568 and 3565 held a lease each.
 RELEASE_MARKER = (
@@ -80,17 +92,32 @@ RELEASE_MARKER = (
 )
 
 
-def test_frames_are_those_of_the_release_within_protocol_2() -> None:
-    """Each op frames to the release's bytes, and the release's bytes decode
-    to the same message: neither side sends a field the other refuses. A
-    failure here breaks every mixed-version deployment: bump PROTOCOL_VERSION
-    (and say in the README that the versions cannot be mixed) instead."""
-    assert p.PROTOCOL_VERSION == 2, "a new protocol: record its frames here, keep 2's history"
-    assert {msg.op for msg, _ in RELEASE_FRAMES} == set(p.MESSAGE_TYPES)
-    for msg, hexed in RELEASE_FRAMES:
+def test_frames_are_those_of_the_release_and_of_protocol_3() -> None:
+    """Each op frames to the release's bytes (protocol 2; those protocol 3
+    added, to the bytes recorded for it), and those bytes decode to the same
+    message: neither side sends a field the other refuses. A failure here
+    breaks every mixed-version deployment: bump PROTOCOL_VERSION (and say in
+    the README that the versions cannot be mixed) instead."""
+    assert p.PROTOCOL_VERSION == 3, "a new protocol: record its frames here, keep 2's and 3's history"
+    frames = RELEASE_FRAMES + PROTOCOL_3_FRAMES
+    assert sorted(msg.op for msg, _ in frames) == sorted(p.MESSAGE_TYPES)
+    for msg, hexed in frames:
         frame = bytes.fromhex(hexed)
         assert p.encode(msg) == frame, msg.op
         assert p.decode_body(frame[4:], msg.sender) == msg
+
+
+@pytest.mark.parametrize("role", [p.SERVER, p.CLIENT])
+def test_a_protocol_2_peer_is_refused_at_the_handshake_with_a_clear_message(role: str) -> None:
+    """A v2 worker's hello (or a v2 coordinator's welcome), as the release framed
+    it, ends the session at once, saying which versions met: a v2 coordinator
+    would end the session of a v3 worker at its first retime (an unknown op)."""
+    first = "hello" if role == p.SERVER else "welcome"
+    [hexed] = [h for m, h in RELEASE_FRAMES if m.op == first]
+    conn = p.Connection(role)
+    conn.receive_data(bytes.fromhex(hexed))
+    with pytest.raises(RemoteProtocolError, match="protocol version 2 not supported .this side speaks 3."):
+        conn.next_event()
 
 
 def _restored(tmp_path: Any) -> tuple[Ledger, list[Any]]:

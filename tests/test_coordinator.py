@@ -106,6 +106,34 @@ def test_cap_timeout_and_zero_timeout(start_coordinator: Any, sock_path: str) ->
         c.close()
 
 
+def test_a_retimed_acquire_waits_to_its_new_deadline_at_both_ends(
+        start_coordinator: Any, sock_path: str) -> None:
+    """AcquireRequest.retime: the coordinator moves the queued request's deadline,
+    and the client's own guard against a lost reply (the old timeout + GRACE)
+    moves with it, so a grant after the old deadline still arrives. A retime
+    of one already answered says so (False). Before: no retime at all."""
+    start_coordinator({"r": 1})
+    holder, c = Client(sock_path), Client(sock_path)
+    try:
+        lease = holder.acquire("r", timeout=2)
+        ticket = c.request("r", timeout=0.3)
+        assert ticket.retime(10.0)
+        letting_go = threading.Timer(1.2, holder.release, args=(lease,))  # past 0.3 s + GRACE
+        letting_go.start()
+        t0 = time.monotonic()
+        got = ticket.wait()
+        assert time.monotonic() - t0 > 1.0
+        letting_go.join()
+        assert not ticket.retime(10.0)  # answered
+        assert c.inspect("resources")["resources"][0]["timeouts"] == 0
+        c.release(got)
+        with pytest.raises(ValueError, match="timeout must be a number >= 0"):
+            ticket.retime(math.nan)
+    finally:
+        c.close()
+        holder.close()
+
+
 def test_unknown_resource_is_a_clear_error(start_coordinator: Any, sock_path: str) -> None:
     start_coordinator({"r": 1})
     c = Client(sock_path)

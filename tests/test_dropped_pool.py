@@ -190,7 +190,7 @@ def test_a_forked_child_dropping_an_inherited_pool_closes_nothing_of_the_parents
 
 def test_a_dropped_pool_is_collected_before_its_checkouts_deadline(
         pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
-    """Each lease request of an opener has a timer (opening.WithdrawIfServed)
+    """Each lease request of an opener has a timer (opening.RetimeIfServed)
     due just before its deadline; the timer held the waiter, whose wrapper
     holds the pool: a pool dropped after a checkout with a long timeout (60 s
     here) lived, with its backend and lease, until that timer ran. Before:

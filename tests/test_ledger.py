@@ -1725,6 +1725,18 @@ class LedgerMachine(RuleBasedStateMachine):
         del self.outstanding[(sid, req)]  # no answer may come for it now
         self.apply(self.lg.cancel(sid, req, self.now))
 
+    @precondition(lambda self: self.outstanding)
+    @rule(data=st.data(), timeout=st.sampled_from([0, 0.05, 0.3, 1.0, 4.0]))
+    def retime(self, data: st.DataObject, timeout: float) -> None:
+        """A request gets a new deadline and keeps its place in line (its seq)."""
+        sid, req = data.draw(st.sampled_from(sorted(self.outstanding)))
+        q = self.outstanding[(sid, req)]
+        assert q.seq is not None  # only queued ones are outstanding after a step
+        q.deadline = self.now + timeout
+        effects = self.lg.retime(sid, req, timeout, self.now)
+        assert not of(Granted, effects) and not of(Denied, effects), effects
+        self.apply(effects)
+
     @precondition(lambda self: self.sessions)
     @rule(
         data=st.data(),
@@ -2319,6 +2331,57 @@ def test_wait_histogram_counts_every_grant() -> None:
     assert counts[0.0005] == 1  # a: granted at once
     assert counts[0.01] == 1 and counts[0.05] == 2 and counts[None] == 2  # cumulative
     assert abs(hist["sum"] - 0.03) < 1e-9
+
+
+def test_a_retimed_request_keeps_its_place_and_times_out_at_its_new_deadline() -> None:
+    """A pool carries its queued request on for its next waiter: moved to a
+    later deadline, it stays ahead of requests queued after it (withdrawn and
+    asked again, it went behind them) and times out at the new deadline only,
+    counted once."""
+    lg = ledger(pg=1)
+    holder = session(lg, pid=1)
+    lid = grant(lg, holder, 1)
+    a, b = session(lg, pid=2), session(lg, pid=3)
+    assert queued(lg.acquire(a, 1, "pg", T0, timeout=1.0))
+    assert queued(lg.acquire(b, 1, "pg", T0 + 0.5, timeout=10.0))
+    assert lg.retime(a, 1, 2.0, T0 + 0.9) == []
+    assert lg.next_deadline() == T0 + 2.9
+    assert lg.tick(T0 + 1.5) == []  # the old deadline passed: still queued
+    assert [(w.session, w.req) for w in lg.resources["pg"].waiters] == [(a, 1), (b, 1)]
+    assert granted(lg.release(holder, lid, T0 + 2.0)).session == a  # first in line still
+    lid = next(iter(lg.sessions[a].leases))
+    lg.release(a, lid, T0 + 2.1)  # to b
+    assert queued(lg.acquire(a, 2, "pg", T0 + 2.2, timeout=5.0))
+    lg.retime(a, 2, 0.5, T0 + 2.3)  # earlier, too
+    assert lg.next_deadline() == T0 + 2.8
+    [deny] = of(Denied, lg.tick(T0 + 2.8))
+    assert (deny.session, deny.req, deny.reason) == (a, 2, "timeout")
+    assert lg.resources["pg"].timeouts == 1
+    assert lg.tick(T0 + 7.2) == [] and lg.resources["pg"].timeouts == 1  # the old entry: nothing
+    assert lg.next_deadline() is None
+
+
+def test_a_retime_crossed_by_its_answer_is_ignored_one_never_asked_ends_the_session() -> None:
+    """A retime of a request granted, timed out or cancelled as it came (the
+    client's retime and the answer crossed) changes nothing. One of a req
+    the session never sent, its own or another session's, is no client's:
+    the session is ended (I5), and the other session's waiter is untouched."""
+    lg = ledger(pg=1)
+    a, b = session(lg, pid=1), session(lg, pid=2)
+    grant(lg, a, 1)
+    assert queued(lg.acquire(a, 2, "pg", T0, timeout=1.0))
+    lg.cancel(a, 2, T0)
+    assert queued(lg.acquire(b, 7, "pg", T0, timeout=1.0))
+    assert lg.retime(a, 1, 5.0, T0) == []  # granted
+    assert lg.retime(a, 2, 5.0, T0) == []  # cancelled
+    for sid, req in ((a, 7), (a, 3), (session(lg, pid=3), 1)):  # b's req; none of a's; a session with none
+        problem = only(Problem, lg.retime(sid, req, 5.0, T0))
+        assert (problem.code, problem.fatal, problem.req) == ("unknown_request", True, req)
+        assert "never sent" in problem.message
+    bad = only(Problem, lg.retime(b, 7, math.nan, T0))
+    assert (bad.code, bad.fatal) == ("bad_request", True)
+    assert only(Problem, lg.retime(b, 7, -1.0, T0)).fatal
+    assert [(w.session, w.deadline) for w in lg.resources["pg"].waiters] == [(b, T0 + 1.0)]
 
 
 def test_withdrawn_waiters_do_not_pile_up_in_the_deadline_heap() -> None:

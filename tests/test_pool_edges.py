@@ -1428,6 +1428,55 @@ def test_a_lease_request_whose_waiter_a_checkin_served_does_not_time_out_at_the_
             pool.release(wrapper)
 
 
+def _poll(check: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_a_lease_request_carried_on_for_the_next_waiter_keeps_its_place_in_line(
+        start_coordinator: Any, sock_path: str) -> None:
+    """As above, with another process queued behind W1's request. That request,
+    withdrawn just before W1's deadline and asked again with W2's, went to the
+    back of the coordinator's line: the next free slot went to the process
+    that had queued later, and W2, waiting since before it, waited on (here
+    until its own timeout). Now it is retimed to W2's deadline in its place.
+    Before: W2 not served within 3 s of the slot coming free, the later
+    process granted; now W2 served, the later process still waiting."""
+    errors: list[BaseException] = []
+    got: list[Any] = []
+    with _pool_beside_a_holder(start_coordinator, sock_path, cap=2, max_size=2) as (pool, let_go):
+        later = Client(sock_path)
+        try:
+            mine = pool.acquire(timeout=10)  # the pool's one lease: the cap is full
+            t1 = time.monotonic()
+            first = _start_queued(sock_path, lambda: got.append(pool.acquire(timeout=1.0)), errors)
+            second = start_recording(lambda: got.append(pool.acquire(timeout=8)), errors)
+            assert _poll(lambda: pool.get_stats()["requests_queued"] >= 2, 5)
+            ticket = later.request("r", timeout=20)  # queued behind W1's request
+            assert _poll(lambda: resource_row(sock_path)["waiting"] == 2, 5)
+            pool.release(mine)  # to W1; its request stays queued for W2
+            first.join(10)
+            assert len(got) == 1 and not errors, errors
+            # Past W1's deadline (the request is carried on just before it), W2 waiting.
+            time.sleep(max(0.0, t1 + 1.3 - time.monotonic()))
+            assert resource_row(sock_path)["timeouts"] == 0
+            let_go()  # one slot comes free: for the first in line
+            assert _poll(lambda: len(got) == 2, 3), "W2 was not served: the later process went first"
+            second.join(10)
+            assert not errors, errors
+            row = resource_row(sock_path)
+            assert (row["waiting"], row["timeouts"]) == (1, 0), row  # the later process still waits
+            assert ticket.cancel()
+            for wrapper in got:
+                pool.release(wrapper)
+        finally:
+            later.close()
+
+
 def test_no_thread_for_the_close_watcher_still_gives_the_lease_back(
         start_coordinator: Any, sock_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A close not confirmed in time is watched in a background thread; when no

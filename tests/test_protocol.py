@@ -32,6 +32,7 @@ SAMPLES: dict[str, p.Message] = {
     "hello": HELLO,
     "acquire": p.Acquire(1, "pg", 2.5, "app.py:10"),
     "cancel": p.Cancel(1),
+    "retime": p.Retime(1, 4.5),
     "release": p.Release(17),
     "report": p.Report([[17, "idle", 1234, None], [18, "busy", None, "x.py:3"]], {"pg": 2}, ["api"],
                        {"pg": 0.0123}),
@@ -313,6 +314,13 @@ def test_client_refuses_client_ops(op: str) -> None:
         ({"op": "report", "failures": []}, "has type list, expected dict"),
         ({"op": "report", "costs": [0.1]}, "has type list, expected dict"),
         ({"op": "inspect", "req": 1}, "missing field 'what'"),
+        ({"op": "retime", "req": 1}, "missing field 'timeout'"),
+        ({"op": "retime", "req": 1, "timeout": None}, "has type NoneType, expected int or float"),
+        ({"op": "retime", "req": "1", "timeout": 1}, "has type str, expected int"),
+        ({"op": "retime", "req": 1, "timeout": True}, "must not be a boolean"),
+        ({"op": "retime", "req": 1, "timeout": -0.5}, "timeout must be a number >= 0, got -0.5"),
+        ({"op": "retime", "req": 1, "timeout": -1}, "timeout must be a number >= 0, got -1"),
+        ({"op": "retime", "req": 1, "timeout": float("nan")}, "timeout must be a number >= 0, got nan"),
         ({"op": "admin", "req": 1, "verb": "pause", "args": None}, "expected dict"),
     ],
 )
@@ -552,6 +560,8 @@ def messages(draw: st.DrawFn, ops: list[str] | None = None) -> p.Message:
             kwargs[f.name] = draw(_field_strategy(p.SCHEMAS[op][f.name]))
     if op in ("hello", "welcome"):
         kwargs["version"] = p.PROTOCOL_VERSION
+    if op == "retime":  # a value rule on top of the type: a deadline is never in the past
+        kwargs["timeout"] = abs(kwargs["timeout"])
     return cls(**kwargs)
 
 
