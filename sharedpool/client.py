@@ -129,6 +129,8 @@ class Client(Owed, Hooks):
         self._reconnect_asked = False
         self.session_id: int | None = None
         self.server_pid: int | None = None
+        #: the session's protocol version (an older coordinator's, in a rolling upgrade)
+        self.protocol_version: int | None = None
         #: resource name -> limits, as the coordinator announced them
         self.limits: dict[str, dict[str, Any]] = {}
         self.last_error: str | None = None
@@ -331,6 +333,13 @@ class Client(Owed, Hooks):
         with self._cond:
             self._reconnect_asked = False
         handshake.try_connect(self, None)
+
+    def speaks(self, op: str) -> bool:
+        """Whether ``op`` may be sent on this session: an older coordinator's
+        (a rolling upgrade) ends a session that sends it an op it does not know.
+        Before any session, assumed: the first one's version is not known yet."""
+        version = self.protocol_version
+        return version is None or p.ADDED_IN.get(op, 0) <= version
 
     def siblings_waiting(self, resource: str, besides: object = None) -> int:
         """How many acquires of ``resource`` are queued for their lease, other

@@ -192,7 +192,7 @@ def connect(client: Client, limit: float | None) -> tuple[socket.socket, list[p.
     def hello() -> p.Hello:
         with client._cond:
             leases = list(client._held.values())
-        msg = p.Hello(p.PROTOCOL_VERSION, os.getpid(), client.name,
+        msg = p.Hello(version, os.getpid(), client.name,
                       [[lease.resource, lease.id, lease.token, "idle", None] for lease in leases])
         # A hello over the frame limit could never be sent: the process
         # would stay without a session for good, every lease it holds
@@ -204,14 +204,29 @@ def connect(client: Client, limit: float | None) -> tuple[socket.socket, list[p.
         dropped.extend(leases[fits:])
         return msg
 
-    # Kept where a fork finds it: the child must close its copy of a
-    # half-made session too, or the parent's death would go unseen.
-    sock = client._connecting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        conn, welcome, early = shake_hands(sock, client.socket_path, limit, hello)
-    except BaseException:
-        client._connecting = None
-        raise
+    version = p.PROTOCOL_VERSION
+    while True:
+        # Kept where a fork finds it: the child must close its copy of a
+        # half-made session too, or the parent's death would go unseen.
+        sock = client._connecting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            conn, welcome, early = shake_hands(sock, client.socket_path, limit, hello)
+        except CoordinatorUnavailable as exc:
+            client._connecting = None
+            older = p.spoken_by_refuser(str(exc))
+            if older is None or older >= version:
+                raise
+            # An older coordinator (a rolling upgrade): hello again in its version.
+            log.info("coordinator %s speaks protocol %d: saying hello in it", client.socket_path, older)
+            version = older
+            held.clear()
+            held_ids.clear()
+            dropped.clear()
+            continue
+        except BaseException:
+            client._connecting = None
+            raise
+        break
     with client._cond:
         if client._closed:
             # close() ran during the handshake: it saw no session to end,
@@ -223,6 +238,7 @@ def connect(client: Client, limit: float | None) -> tuple[socket.socket, list[p.
         # Never in neither attribute, for the same reason.
         client._sock, client._conn, client._connecting = sock, conn, None
         client.session_id, client.server_pid = welcome.session, welcome.server_pid
+        client.protocol_version = welcome.version
         client.limits = welcome.resources
         if client.reconnects:
             # A new session after a lost one: what was pushed on the old one

@@ -138,12 +138,13 @@ class AcquireRequest:
     def retime(self, timeout: float) -> bool:
         """Give the request a new deadline, ``timeout`` seconds (>= 0) from now,
         keeping its place in the coordinator's line. False if it was answered
-        or withdrawn already (a grant crossing the retime still comes)."""
+        or withdrawn already (a grant crossing the retime still comes), or if
+        the coordinator speaks a protocol without ``retime`` (then nothing changed)."""
         client, pending = self.client, self._pending
         if not timeout >= 0:  # NaN too: the coordinator would end the session
             raise ValueError(f"timeout must be a number >= 0, got {timeout!r}")
         with client._cond:
-            if pending.done or pending.taken:
+            if pending.done or pending.taken or not client.speaks("retime"):
                 return False
             msg = pending.msg
             assert isinstance(msg, p.Acquire)

@@ -282,7 +282,7 @@ class RetimeIfServed:
         found, waiter, ticket = self._pool(), self._waiter, self._ticket
         if found is None or waiter is None or ticket is None:
             return
-        left = 0.0
+        left, adopted = 0.0, False
         with found._lock:
             stale = (ticket in found._lease_requests and waiter not in found._waiters
                      and bool(found._waiters))
@@ -293,15 +293,17 @@ class RetimeIfServed:
             until = after.deadline if after is not None else None
             if until is not None:
                 left = until - time.monotonic()
-            if after is not None and until is not None and left > WITHDRAW_EARLY:
-                after.has_opener = after.leasing = True
+            # A coordinator of an older protocol has no retime: withdrawn, asked again.
+            if (after is not None and until is not None and left > WITHDRAW_EARLY
+                    and ticket.client.speaks("retime")):
+                after.has_opener = after.leasing = adopted = True
                 self._waiter = after
                 if self._carry is not None:
                     self._carry.waiter, self._carry.deadline = after, until
                     self._carry.retimed = True
             else:
                 found._lease_requests.discard(ticket)
-        if left <= WITHDRAW_EARLY:
+        if not adopted:
             ticket.cancel()
         # Answered as it was retimed (False): the lease goes to the oldest waiter
         # all the same; the one adopted here only decides where an error goes.

@@ -15,6 +15,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import re
 import reprlib
 import struct
 from dataclasses import dataclass, field, fields
@@ -27,6 +28,37 @@ from .errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
 #: 2: ``report`` carries hand-off ``costs``, ``reclaim`` a ``quantum``.
 #: 3: ``retime`` moves a queued acquire's deadline, keeping its place in line.
 PROTOCOL_VERSION = 3
+#: The oldest version still spoken (rolling upgrades): a coordinator serves a
+#: worker's older hello in its version, a worker whose hello an older
+#: coordinator refuses says hello again in that one. Ops added since are
+#: refused on such a session (ADDED_IN), and not sent on it.
+OLDEST_VERSION = 2
+#: op -> the version that added it (ops of OLDEST_VERSION are not listed)
+ADDED_IN = {"retime": 3}
+
+
+def speaks(version: int) -> bool:
+    """Whether this side can hold a session in protocol ``version``."""
+    return OLDEST_VERSION <= version <= PROTOCOL_VERSION
+
+
+def _versions() -> str:
+    return (str(PROTOCOL_VERSION) if OLDEST_VERSION == PROTOCOL_VERSION
+            else f"{OLDEST_VERSION} to {PROTOCOL_VERSION}")
+
+
+_SPEAKS = re.compile(r"protocol version \d+ not supported \(this side speaks (\d+)(?: to (\d+))?\)")
+
+
+def spoken_by_refuser(message: str) -> int | None:
+    """The newest version a peer that refused our hello speaks, from its
+    refusal (``protocol version N not supported (this side speaks M)``, or
+    ``... M to K)``), if this side speaks it too; else None."""
+    found = _SPEAKS.search(message)
+    if found is None:
+        return None
+    newest = int(found.group(2) or found.group(1))
+    return newest if speaks(newest) else None
 DEFAULT_MAX_FRAME = 1 << 20
 _HEADER = struct.Struct(">I")
 
@@ -445,6 +477,8 @@ class Connection:
         self._pos = 0
         self.handshaken = False
         self.broken: str | None = None
+        #: the session's protocol version: the one of the hello (None: no hello yet)
+        self.version: int | None = None
 
     def __repr__(self) -> str:
         state = "broken" if self.broken else ("ready" if self.handshaken else "handshake")
@@ -493,14 +527,20 @@ class Connection:
             expected = "hello" if self.role == SERVER else "welcome"
             if msg.op != expected and msg.op != "error":
                 raise RemoteProtocolError(f"expected {expected!r} first, got {msg.op!r}")
-            if isinstance(msg, (Hello, Welcome)) and msg.version != PROTOCOL_VERSION:
-                raise RemoteProtocolError(
-                    f"protocol version {msg.version} not supported "
-                    f"(this side speaks {PROTOCOL_VERSION})"
-                )
+            if isinstance(msg, Hello):
+                if not speaks(msg.version):
+                    raise RemoteProtocolError(f"protocol version {msg.version} not supported "
+                                              f"(this side speaks {_versions()})")
+                self.version = msg.version
+            elif isinstance(msg, Welcome) and msg.version != (self.version or PROTOCOL_VERSION):
+                # Only the version of our hello: the session's, from here on.
+                raise RemoteProtocolError(f"protocol version {msg.version} not supported "
+                                          f"(this side speaks {self.version or PROTOCOL_VERSION})")
             self.handshaken = msg.op != "error"
         elif isinstance(msg, (Hello, Welcome)):
             raise RemoteProtocolError(f"{msg.op!r} sent twice")
+        elif ADDED_IN.get(msg.op, 0) > (self.version or PROTOCOL_VERSION):
+            raise RemoteProtocolError(f"op {msg.op!r} is not in protocol {self.version} (this session's)")
         return msg
 
     def events(self) -> list[Message]:
@@ -522,6 +562,8 @@ class Connection:
             raise LocalProtocolError(f"{first!r} must be sent first, not {message.op!r}")
         if message.op == first and self._sent_first:
             raise LocalProtocolError(f"{first!r} already sent")
+        if self.version is not None and ADDED_IN.get(message.op, 0) > self.version:
+            raise LocalProtocolError(f"{message.op!r} is not in protocol {self.version} (this session's)")
         data = encode(message, self.max_frame)
         try:
             decode_body(data[_HEADER.size :], self.role)
@@ -529,6 +571,8 @@ class Connection:
             raise LocalProtocolError(f"the peer would refuse this frame: {exc}") from None
         if message.op == first:
             self._sent_first = True
+            assert isinstance(message, (Hello, Welcome))
+            self.version = message.version
         return data
 
     _sent_first = False

@@ -382,7 +382,8 @@ class Server:
             # here that a drain it was told of is over (a restarted coordinator),
             # or that one was ordered while it had no session.
             state = {name: r.welcome_state() for name, r in ledger.resources.items()}
-            session.send(p.Welcome(p.PROTOCOL_VERSION, new_sid, os.getpid(), state))
+            # In the hello's version (an older worker's, in a rolling upgrade).
+            session.send(p.Welcome(msg.version, new_sid, os.getpid(), state))
             self.apply(effects)
             return
         sid = session.sid

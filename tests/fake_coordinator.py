@@ -55,7 +55,7 @@ class FakeCoordinator:
                     self.on_message(idx, s, conn, msg)
 
     def welcome(self, idx: int, conn: p.Connection) -> bytes:
-        return conn.send(p.Welcome(p.PROTOCOL_VERSION, idx + 1, os.getpid(), {}))
+        return conn.send(p.Welcome(conn.version or p.PROTOCOL_VERSION, idx + 1, os.getpid(), {}))
 
     def on_message(self, idx: int, s: socket.socket, conn: p.Connection, msg: p.Message) -> None:
         if isinstance(msg, p.Hello):

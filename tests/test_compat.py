@@ -14,21 +14,28 @@ interchangeable. Changing a message's fields needs a new PROTOCOL_VERSION,
 and then a README note: the two versions cannot share a coordinator.
 
 Protocol 3 added one op (``retime``) and changed no other frame: the
-release's frames below still decode to the same messages, but its hello and
-welcome (version 2) are refused at the handshake, with a message that says so.
+release's frames below still decode to the same messages, and a session says
+which version it speaks in its hello: a coordinator serves a version-2 worker
+in version 2 (refusing ``retime`` there), and a worker whose hello a version-2
+coordinator refuses says hello again in version 2 (and sends no ``retime``).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 from typing import Any
 
 import pytest
+from fake_coordinator import FakeCoordinator
+from servers import wait_for
 
+from sharedpool import Client
 from sharedpool import protocol as p
 from sharedpool.config import Resource
 from sharedpool.effects import StartFence
-from sharedpool.errors import RemoteProtocolError
+from sharedpool.errors import LocalProtocolError, RemoteProtocolError
 from sharedpool.ledger import Ledger
 from sharedpool.marker import handed_on, read_marker, write_marker
 from sharedpool.records import BUSY, IDLE
@@ -107,17 +114,39 @@ def test_frames_are_those_of_the_release_and_of_protocol_3() -> None:
         assert p.decode_body(frame[4:], msg.sender) == msg
 
 
-@pytest.mark.parametrize("role", [p.SERVER, p.CLIENT])
-def test_a_protocol_2_peer_is_refused_at_the_handshake_with_a_clear_message(role: str) -> None:
-    """A v2 worker's hello (or a v2 coordinator's welcome), as the release framed
-    it, ends the session at once, saying which versions met: a v2 coordinator
-    would end the session of a v3 worker at its first retime (an unknown op)."""
-    first = "hello" if role == p.SERVER else "welcome"
-    [hexed] = [h for m, h in RELEASE_FRAMES if m.op == first]
-    conn = p.Connection(role)
-    conn.receive_data(bytes.fromhex(hexed))
-    with pytest.raises(RemoteProtocolError, match="protocol version 2 not supported .this side speaks 3."):
-        conn.next_event()
+def test_a_protocol_2_worker_is_served_in_protocol_2() -> None:
+    """The release's hello (version 2) is taken, and answered in version 2
+    (its client refuses any other welcome); an op protocol 3 added ends that
+    session as an unknown op did there."""
+    [hello] = [h for m, h in RELEASE_FRAMES if m.op == "hello"]
+    server = p.Connection(p.SERVER)
+    server.receive_data(bytes.fromhex(hello))
+    assert isinstance(server.next_event(), p.Hello) and server.version == 2
+    welcome = server.send(p.Welcome(2, 1, 1, {}))
+    [release_welcome] = [h for m, h in RELEASE_FRAMES if m.op == "welcome"]
+    assert p.decode_body(welcome[4:], p.SERVER).version == p.decode_body(
+        bytes.fromhex(release_welcome)[4:], p.SERVER).version == 2
+    server.receive_data(p.encode(p.Retime(1, 1.0)))
+    with pytest.raises(RemoteProtocolError, match="'retime' is not in protocol 2"):
+        server.next_event()
+
+
+def test_a_worker_takes_a_protocol_2_welcome_to_its_protocol_2_hello() -> None:
+    client = p.Connection(p.CLIENT)
+    client.send(p.Hello(2, 1, "w"))
+    [welcome] = [h for m, h in RELEASE_FRAMES if m.op == "welcome"]
+    client.receive_data(bytes.fromhex(welcome))
+    assert isinstance(client.next_event(), p.Welcome) and client.version == 2
+    with pytest.raises(LocalProtocolError, match="'retime' is not in protocol 2"):
+        client.send(p.Retime(1, 1.0))
+
+
+def test_a_worker_reads_the_newest_version_a_refusing_coordinator_speaks() -> None:
+    # What the release (and this code, to a protocol 4 worker) says as it refuses a hello.
+    assert p.spoken_by_refuser("protocol_error: protocol version 3 not supported (this side speaks 2)") == 2
+    assert p.spoken_by_refuser("protocol version 4 not supported (this side speaks 2 to 3)") == 3
+    assert p.spoken_by_refuser("protocol version 3 not supported (this side speaks 1)") is None
+    assert p.spoken_by_refuser("access_denied: uid 5 may not use this coordinator") is None
 
 
 def _restored(tmp_path: Any) -> tuple[Ledger, list[Any]]:
@@ -173,3 +202,70 @@ def test_a_marker_of_this_code_has_the_release_shape(tmp_path: Any) -> None:
     assert [len(row) for row in data["held"]] == [5]
     assert [len(row) for row in data["started"]] == [3, 3]
     assert data["late"] == []
+
+
+def test_a_hello_older_than_the_oldest_version_spoken_is_refused_naming_both() -> None:
+    server = p.Connection(p.SERVER)
+    server.receive_data(p.encode(p.Hello(p.OLDEST_VERSION - 1, 1, "w")))
+    speaks = f"this side speaks {p.OLDEST_VERSION} to {p.PROTOCOL_VERSION}"
+    with pytest.raises(RemoteProtocolError, match=speaks):
+        server.next_event()
+
+
+class _Protocol2Coordinator(FakeCoordinator):
+    """A coordinator of protocol 2 as the release answers: another version's
+    hello gets its refusal and a hang-up; acquires wait (never answered)."""
+
+    def __init__(self, path: str) -> None:
+        self.hellos: list[int] = []
+        self.ops: list[str] = []
+        super().__init__(path)
+
+    def on_message(self, idx: int, s: socket.socket, conn: p.Connection, msg: p.Message) -> None:
+        self.ops.append(msg.op)
+        if isinstance(msg, p.Hello):
+            self.hellos.append(msg.version)
+            if msg.version != 2:
+                s.sendall(p.encode(p.Error("protocol_error", f"protocol version {msg.version} not "
+                                                             "supported (this side speaks 2)")))
+                s.shutdown(socket.SHUT_RDWR)
+                return
+            s.sendall(p.encode(p.Welcome(2, idx + 1, os.getpid(), {})))
+
+
+def test_a_worker_says_hello_again_to_a_protocol_2_coordinator_and_sends_it_no_retime(
+        sock_path: str) -> None:
+    # Before: a protocol 3 worker was refused by a protocol 2 coordinator (and the
+    # other way round) until both were upgraded: no new lease for the whole while.
+    old = _Protocol2Coordinator(sock_path)
+    client = Client(sock_path)
+    try:
+        assert client.ensure_connected()
+        assert old.hellos == [p.PROTOCOL_VERSION, 2] and client.protocol_version == 2
+        ticket = client.request("r", 5.0)
+        wait_for(lambda: "acquire" in old.ops, 5, "the acquire")
+        assert ticket.retime(2.0) is False  # not on this session: it would end it
+        assert not client.speaks("retime")
+        ticket.cancel()
+        wait_for(lambda: "cancel" in old.ops, 5, "the cancel")
+        assert "retime" not in old.ops and client.session_id is not None
+    finally:
+        client.close()
+        old.stop()
+
+
+def test_a_coordinator_serves_a_protocol_2_worker(start_coordinator: Any, sock_path: str) -> None:
+    start_coordinator({"r": 1})
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(sock_path)
+        conn = p.Connection(p.CLIENT)
+        s.sendall(conn.send(p.Hello(2, os.getpid(), "release-worker")))
+        s.sendall(p.encode(p.Acquire(1, "r", 2.0)))
+        got: list[p.Message] = []
+        while len(got) < 2:
+            conn.receive_data(s.recv(65536))
+            got += conn.events()
+        welcome, grant = got[:2]
+        assert isinstance(welcome, p.Welcome) and welcome.version == 2
+        assert isinstance(grant, p.Grant) and grant.resource == "r"
