@@ -33,6 +33,7 @@ process that uses it. A pool opened before a fork refuses to serve in the child.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -388,8 +389,9 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
                     self._nconns -= 1
             self._nconns_min = min(self._nconns_min, len(self._pool))
         for conn in victims:
-            self._close_connection(conn)
-        self._sp_book.count("leases_reclaimed", len(victims))
+            # Counted before its lease goes (reclaimed=True): the waiter elsewhere,
+            # served then, may read our stats at once.
+            book.close(conn, functools.partial(self._sp_close_now, conn), reclaimed=True)
         return len(victims)
 
 
