@@ -28,8 +28,9 @@ from proc_helpers import (
     wait_no_other_sessions,
 )
 
-from sharedpool import Client, PoolTimeout, Resource
+from sharedpool import Client, ConnectionPool, PoolConfig, PoolTimeout, Resource
 from sharedpool.contrib.redis import BlockingConnectionPool, LeaseTimeout
+from sharedpool.testing import FakeFactory
 
 HOST, PORT = "127.0.0.1", 6379
 
@@ -853,3 +854,31 @@ def test_a_pubsub_collected_inside_the_books_lock_does_not_hang(start_coordinato
 
     assert run_in_child(child) == 0  # 2: the collection hung, 3: no lease wait, 4: no ping
     assert wait_leased(sock_path, 0) == 0
+
+
+def test_a_reclaim_is_counted_before_its_lease_goes(
+        start_coordinator: Any, sock_path: str, redis_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Counted after the disconnect, the lease already released: the waiter was
+    # served, and could read the stats, while leases_reclaimed still said 0.
+    start_coordinator({"redis": Resource(max_size=1)})
+    pool = make_pool(sock_path, redis_name, max_connections=1)
+    redis.Redis(connection_pool=pool).ping()  # the one lease, idle
+    client = Client.for_path(sock_path)
+    release = client.release
+    seen: list[int] = []
+
+    def spy(lease: Any) -> None:
+        seen.append(pool.lease_stats()["leases_reclaimed"])
+        release(lease)
+
+    monkeypatch.setattr(client, "release", spy)
+    waiter = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1, test_on_acquire=False),
+                            resource="redis", coordinator=sock_path)
+    try:
+        conn = waiter.acquire(timeout=5)  # served by the redis pool's idle one
+        at_release = list(seen)
+        waiter.release(conn)
+    finally:
+        waiter.close()
+        pool.disconnect()
+    assert at_release == [1], at_release

@@ -32,8 +32,9 @@ from proc_helpers import (
 from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
 
-from sharedpool import Client, ConfigError, Resource
+from sharedpool import Client, ConfigError, ConnectionPool, PoolConfig, Resource
 from sharedpool.contrib.sqlalchemy import LeasedQueuePool, attach, create_engine
+from sharedpool.testing import FakeFactory
 
 pytestmark = pytest.mark.pg
 
@@ -691,3 +692,35 @@ def test_a_checkout_after_release_process_fails_at_once(pg: str, start_coordinat
         assert BackendSampler(app_name).count_now() == 0
     finally:
         engine.dispose()
+
+
+def test_a_reclaim_is_counted_before_its_lease_goes(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Counted after the close, the lease already released: the waiter was
+    # served, and could read the stats, while leases_reclaimed still said 0.
+    start_coordinator({"pg": Resource(max_size=1)})
+    engine = engine_for(sock_path, app_name, pool_size=1, max_overflow=0)
+    pool = engine.pool
+    assert isinstance(pool, LeasedQueuePool)
+    with engine.connect():
+        pass  # the one lease, idle
+    client = Client.for_path(sock_path)
+    release = client.release
+    seen: list[int] = []
+
+    def spy(lease: Any) -> None:
+        seen.append(pool.lease_stats()["leases_reclaimed"])
+        release(lease)
+
+    monkeypatch.setattr(client, "release", spy)
+    waiter = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1, test_on_acquire=False),
+                            resource="pg", coordinator=sock_path)
+    try:
+        conn = waiter.acquire(timeout=5)  # served by the engine's idle one
+        at_release = list(seen)
+        waiter.release(conn)
+    finally:
+        waiter.close()
+        engine.dispose()
+    assert at_release == [1], at_release

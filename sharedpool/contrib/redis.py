@@ -465,8 +465,10 @@ class BlockingConnectionPool(redis.BlockingConnectionPool):
             # One disconnect that raises must not leave the rest picked and
             # never closed (their leases claimed as given back).
             try:
-                conn.disconnect()
+                # Counted before the disconnect releases the lease: the waiter
+                # elsewhere, served then, may read our stats at once.
                 self._sp_book.count("leases_reclaimed")
+                conn.disconnect()
             except Exception:  # noqa: BLE001 - logged; the others still go
                 log.exception("sharedpool: disconnecting an idle connection given back on reclaim failed")
             finally:

@@ -418,8 +418,10 @@ class LeasedQueuePool(QueuePool):
             # leave the rest picked and never closed: their leases claimed as
             # given back, the process would give back less from then on.
             try:
-                self._sp_close(record)
+                # Counted before the close releases the lease: the waiter elsewhere,
+                # served then, may read our stats at once.
                 book.count("leases_reclaimed")
+                self._sp_close(record)
             except Exception:  # noqa: BLE001 - logged; the others still go
                 log.exception("sharedpool: closing an idle connection given back on reclaim failed")
             finally:
