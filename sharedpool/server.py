@@ -166,7 +166,9 @@ class SessionProtocol(asyncio.Protocol):
         completed = False
         handling = False
         try:
-            while (msg := self.conn.next_event()) is not None:
+            # Not past a frame that ended the session (a fatal Problem): what
+            # came behind it in this read is not carried out for it.
+            while not self.closing and (msg := self.conn.next_event()) is not None:
                 completed = handling = True
                 server.handle(self, msg)
                 handling = False

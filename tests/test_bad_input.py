@@ -294,3 +294,30 @@ def test_a_bad_retime_ends_that_session_only(start_coordinator: Any, sock_path: 
         other.release(ticket.wait())
     finally:
         other.close()
+
+
+def test_frames_behind_a_fatal_retime_are_not_carried_out(start_coordinator: Any, sock_path: str) -> None:
+    """A retime of a request the session never sent ends it; the frames that
+    came in the same read behind it are not carried out for a session already
+    ended. Before: an acquire there was granted to it (no one told), and its
+    lease fenced at the close, taking the slot for quarantine_delay."""
+    start_coordinator({"r": {"max_size": 1, "quarantine_delay": 60.0}})
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(sock_path)
+    s.sendall(p.encode(p.Hello(p.PROTOCOL_VERSION, os.getpid(), "odd")))
+    # One write: the coordinator reads both frames at once.
+    s.sendall(p.encode(p.Retime(5, 1.0)) + p.encode(p.Acquire(6, "r", 0.0, None)))
+    data = read_until_closed(s)
+    s.close()
+    conn = p.Connection(p.CLIENT)
+    conn.receive_data(data)
+    events = conn.events()
+    assert not any(isinstance(e, p.Grant) for e in events), events
+    assert isinstance(events[-1], p.Error) and events[-1].fatal, events
+    other = Client(sock_path)
+    try:
+        [row] = other.inspect("resources")["resources"]
+        assert (row["leased"], row["fenced"]) == (0, 0), row
+        other.release(other.acquire("r", timeout=2))
+    finally:
+        other.close()
