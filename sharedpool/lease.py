@@ -144,7 +144,10 @@ class AcquireRequest:
         if not timeout >= 0:  # NaN too: the coordinator would end the session
             raise ValueError(f"timeout must be a number >= 0, got {timeout!r}")
         with client._cond:
-            if pending.done or pending.taken or not client.speaks("retime"):
+            # Out of _pending (wait() gave up on it): not re-sent to a later
+            # coordinator, which would end the session at a retime of it.
+            if (pending.done or pending.taken or client._pending.get(self.req) is not pending
+                    or not client.speaks("retime")):
                 return False
             msg = pending.msg
             assert isinstance(msg, p.Acquire)

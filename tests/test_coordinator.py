@@ -106,6 +106,35 @@ def test_cap_timeout_and_zero_timeout(start_coordinator: Any, sock_path: str) ->
         c.close()
 
 
+def test_a_retime_of_an_acquire_given_up_on_is_not_sent_to_a_later_session(
+        start_coordinator: Any, sock_path: str, capfd: pytest.CaptureFixture[str]) -> None:
+    """An acquire whose wait() gave up while the coordinator was away is not
+    re-sent to the next one: a retime of it (False) must not go there either.
+    Before: retime() returned True and sent it, and the new coordinator, which
+    never saw that request, ended the process's session (every pool's)."""
+    first = start_coordinator({"r": 1})
+    holder, c = Client(sock_path), Client(sock_path)
+    try:
+        lease = holder.acquire("r", timeout=2)
+        ticket = c.request("r", timeout=0.2)
+        first.stop()
+        with pytest.raises(CoordinatorUnavailable):
+            ticket.wait()  # its guard ran out with no session: given up, forgotten
+        start_coordinator({"r": 1})
+        wait_for(c.ensure_connected, 10, "a session with the new coordinator")  # past its backoff
+        session = c.session_id
+        capfd.readouterr()
+        assert ticket.retime(5.0) is False
+        # Had it gone out, the coordinator would end the session: a round trip shows it did not.
+        assert c.inspect("sessions")["sessions"]
+        assert c.session_id == session
+        assert "never sent" not in capfd.readouterr().err
+        holder.release(lease)
+    finally:
+        c.close()
+        holder.close()
+
+
 def test_a_retimed_acquire_waits_to_its_new_deadline_at_both_ends(
         start_coordinator: Any, sock_path: str) -> None:
     """AcquireRequest.retime: the coordinator moves the queued request's deadline,
