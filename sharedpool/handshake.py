@@ -205,12 +205,16 @@ def connect(client: Client, limit: float | None) -> tuple[socket.socket, list[p.
         return msg
 
     version = p.PROTOCOL_VERSION
+    end = None if limit is None else time.monotonic() + limit  # the hello said again included
     while True:
+        left = None if end is None else end - time.monotonic()
+        if left is not None and left <= 0:
+            raise TimeoutError("timed out")
         # Kept where a fork finds it: the child must close its copy of a
         # half-made session too, or the parent's death would go unseen.
         sock = client._connecting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            conn, welcome, early = shake_hands(sock, client.socket_path, limit, hello)
+            conn, welcome, early = shake_hands(sock, client.socket_path, left, hello)
         except CoordinatorUnavailable as exc:
             client._connecting = None
             older = p.spoken_by_refuser(str(exc))

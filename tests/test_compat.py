@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from typing import Any
 
 import pytest
@@ -249,6 +250,30 @@ def test_a_worker_says_hello_again_to_a_protocol_2_coordinator_and_sends_it_no_r
         ticket.cancel()
         wait_for(lambda: "cancel" in old.ops, 5, "the cancel")
         assert "retime" not in old.ops and client.session_id is not None
+    finally:
+        client.close()
+        old.stop()
+
+
+class _SlowProtocol2Coordinator(_Protocol2Coordinator):
+    """As slow to answer each hello (refusal or welcome) as a busy one can be."""
+
+    def on_message(self, idx: int, s: socket.socket, conn: p.Connection, msg: p.Message) -> None:
+        if isinstance(msg, p.Hello):
+            time.sleep(0.6)
+        super().on_message(idx, s, conn, msg)
+
+
+def test_saying_hello_again_stays_within_the_handshakes_bound(sock_path: str) -> None:
+    # connect_timeout bounds the whole handshake, the hello said again included.
+    # Before: each hello had the whole bound to itself (1.2 s here, past 1 s: connected).
+    old = _SlowProtocol2Coordinator(sock_path)
+    client = Client(sock_path, connect_timeout=1.0)
+    try:
+        assert not client.ensure_connected()
+        assert client.last_error == "timed out"
+        # (Recorded once answered: the scripted coordinator is still slow at it.)
+        wait_for(lambda: old.hellos == [p.PROTOCOL_VERSION, 2], 5, "the hello said again in protocol 2")
     finally:
         client.close()
         old.stop()
