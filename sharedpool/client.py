@@ -93,9 +93,6 @@ class Client(Owed, Hooks):
         self._pending: dict[int, _Pending] = {}
         #: acquires withdrawn while out: request -> weakref to the pool that asked (see lease.py)
         self._withdrawn: dict[int, Any] = {}
-        #: the session whose re-sent requests are still going out (handshake.connect):
-        #: a retime sent on it before its acquire would name a request it never saw
-        self._resending: socket.socket | None = None
         self._reqs = itertools.count(1)
         self._held: dict[int, Lease] = {}
         self._init_owed()

@@ -262,7 +262,6 @@ def connect(client: Client, limit: float | None) -> tuple[socket.socket, list[p.
                 pd.since = now  # queued at this coordinator from now on, if at all (Client.siblings_waiting)
                 resend.append(pd.msg)
         resend += [p.Release(lid) for lid in held_ids if lid not in client._held]
-        client._resending = sock
         # Leases the hello had no room for count against no cap now: their
         # connections are closed, as those of leases the coordinator revoked.
         revoked = [lease for lease in dropped if client._held.pop(lease.id, None) is not None]
@@ -288,10 +287,6 @@ def connect(client: Client, limit: float | None) -> tuple[socket.socket, list[p.
     except OSError as exc:  # not reading, or gone again: this session is over
         client._disconnect(f"send failed: {exc}")
         return sock, []
-    finally:
-        with client._cond:
-            if client._resending is sock:
-                client._resending = None
     client._notify()  # the background thread watches the new socket from now on
     return sock, early
 

@@ -153,9 +153,9 @@ class AcquireRequest:
             assert isinstance(msg, p.Acquire)
             msg.timeout = timeout  # what a re-send on a new session asks for
             pending.retimed = time.monotonic() + timeout
-            # One sent before the session's re-send of the acquire would
-            # name a request the coordinator never saw: the re-send carries it.
-            sock = client._sock if client._sock is not client._resending else None
+            # On a session being made, the retime waits for the send lock, which
+            # the re-send of the acquire holds: the coordinator sees the acquire first.
+            sock = client._sock
         if sock is not None:
             client._send_quiet(p.Retime(self.req, timeout), sock)
         return True
