@@ -226,13 +226,18 @@ def take_lease(pool: ConnectionPool[Any], client: Client, deadline: float,
     with pool._lock:
         # A close() that ran since the request went out did not see it.
         active = pool._active
-        if active:
+        # Nor did a checkin that served the last waiter meanwhile (it withdraws
+        # only the requests registered): left, it stayed queued for nobody, and
+        # the coordinator asked for an idle lease that came straight back to it
+        # (under load: a close and a connect for nothing, 6-7 connects for 2 slots).
+        stale = waiter is not None and waiter.wrapper is not None and not pool._waiters
+        if active and not stale:
             pool._lease_requests.add(ticket)
-    if not active:
+    if not active or stale:
         ticket.cancel()
     withdraw = RetimeIfServed(pool, waiter, ticket, carry) if waiter is not None else None
     try:
-        if active and withdraw is not None and timeout > 2 * WITHDRAW_EARLY:
+        if active and not stale and withdraw is not None and timeout > 2 * WITHDRAW_EARLY:
             client.call_later(timeout - WITHDRAW_EARLY, withdraw)
         lease = ticket.wait()
     finally:

@@ -663,6 +663,57 @@ def test_a_pool_closed_while_its_lease_request_goes_out_takes_no_grant(
     holder.close()
 
 
+def test_a_lease_request_whose_waiter_was_served_as_it_went_out_is_withdrawn(
+        start_coordinator: Any, sock_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkin serves the last waiter while its opener's lease request is on
+    its way (sent, not yet registered with the pool): the checkin withdraws only
+    registered requests, so this one stayed queued at the coordinator for
+    nobody, and the idle connection went back for it and was opened again (a
+    close and a connect for nothing: test_one_busy_pool_at_max_per_process_keeps_its_connections
+    saw 6-7 connects for 2 slots under load). Before: 2 connects here; now 1."""
+    start_coordinator({"r": 2})
+    holder = Client(sock_path)  # another session holds the other slot: the opener queues
+    factory = FakeFactory()
+    pool = ConnectionPool(factory, PoolConfig(min_size=0, max_size=2, test_on_acquire=False),
+                          resource="r", coordinator=sock_path)
+    taker = None
+    try:
+        lease = holder.acquire("r", timeout=5)
+        mine = pool.acquire(timeout=5)
+        client = Client.for_path(sock_path)
+        request = client.request
+        requested, gate = threading.Event(), threading.Event()
+
+        def slow_request(*args: Any, **kwargs: Any) -> Any:
+            ticket = request(*args, **kwargs)
+            requested.set()
+            gate.wait(5)  # the opener is descheduled right after the request went out
+            return ticket
+
+        monkeypatch.setattr(client, "request", slow_request)
+        got: list[Any] = []
+        errors: list[BaseException] = []
+        taker = start_recording(lambda: got.append(pool.acquire(timeout=30)), errors)
+        assert requested.wait(5)
+        pool.release(mine)  # to the waiter: nobody waits any more
+        taker.join(5)
+        assert got and not errors, errors
+        pool.release(got[0])
+        gate.set()
+        deadline = time.monotonic() + 5
+        while _waiting(client, "r") or pool._opening:  # withdrawn, its opener done
+            assert time.monotonic() < deadline, "the request stayed queued for nobody"
+            time.sleep(0.02)
+        assert factory.calls == 1, "the idle connection went back for the request and came back"
+        assert pool.get_size() == 1
+        holder.release(lease)
+    finally:
+        if taker is not None:
+            taker.join(5)
+        pool.close()
+        holder.close()
+
+
 def _waiting(client: Client, resource: str) -> int:
     rows = client.inspect("resources")["resources"]
     return next(r["waiting"] for r in rows if r["name"] == resource)
