@@ -261,8 +261,9 @@ class RetimeIfServed:
     with no caller's PoolTimeout. It is retimed instead to the deadline of
     the first waiter with no opener of its own, which it now serves (it
     keeps its place in the coordinator's line: asked again, it went behind
-    every process queued since); with no such waiter, withdrawn (the opener
-    fails with AcquireCancelled, which reaches no waiter).
+    every process queued since); with no such waiter, or a coordinator of
+    protocol 2 (no retime), withdrawn (the opener fails with AcquireCancelled,
+    which reaches no waiter, and the opener planned then asks again).
 
     Holds the pool weakly, and the waiter, ticket and carry only until the
     lease wait ends (:meth:`forget`): the waiter's wrapper and the ticket's
