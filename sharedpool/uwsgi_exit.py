@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -51,6 +52,10 @@ _RELEASE: list[Callable[[float], None]] = []
 _RELEASED_IN = [0]
 #: Marks the ``uwsgi.atexit`` callables set here.
 _OURS = "_sharedpool_release_at_exit"
+#: uWSGI's stop and reload signals: a second one reaching an exiting process
+#: (Ctrl-C signals the whole process group, then the master signals each worker
+#: again) runs uWSGI's handler, which exits at once, mid-release.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP)
 
 
 def exit_timeout(uwsgi: Any) -> float:
@@ -68,6 +73,17 @@ def exit_timeout(uwsgi: Any) -> float:
         if mercy > 0:
             bounds.append(mercy / 2)
     return min(bounds)
+
+
+def _ignore_stop_signals() -> None:
+    """Ignore further stop signals in this exiting process, for good: uWSGI's
+    C handlers cannot be put back from Python, and the mercy's SIGKILL still
+    bounds the exit. Only the main thread may set handlers; off it, unchanged."""
+    try:
+        for signum in _STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        pass
 
 
 def _release(timeout: float) -> None:
@@ -91,6 +107,7 @@ def release_at_exit() -> None:
     except Exception:  # noqa: BLE001 - not uWSGI's module after all: nothing of ours to do
         return
     _RELEASED_IN[0] = pid
+    _ignore_stop_signals()
     # uWSGI exits from its signal handler, on a thread it may have cut short
     # inside a pool (a mule's loop, a lazy app's import) holding that pool's
     # lock: released in a thread of its own, waited for no longer than the bound.

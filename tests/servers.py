@@ -64,6 +64,8 @@ class SessionServer:
 
     #: The signal :meth:`stop` sends the main process.
     stop_signal = signal.SIGTERM
+    #: Whether :meth:`stop` sends it to the whole process group instead, as a terminal's Ctrl-C does.
+    stop_group = False
     name = "the server"
 
     def __init__(self, log_path: Path, argv: list[str], env: dict[str, str],
@@ -77,9 +79,10 @@ class SessionServer:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout: float = 30.0) -> int:
-        """:attr:`stop_signal` to the main process (by pid); its exit code."""
+        """:attr:`stop_signal` to the main process (by pid), or its group
+        (:attr:`stop_group`); its exit code."""
         if self.proc.poll() is None:
-            os.kill(self.proc.pid, self.stop_signal)
+            (os.killpg if self.stop_group else os.kill)(self.proc.pid, self.stop_signal)
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

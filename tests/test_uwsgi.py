@@ -116,8 +116,11 @@ def uwsgi(pg: str, tmp_path: Path, sock_path: str, app_name: str,
 
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[Serve]:
-    """``sharedpool serve`` at a cap of 2, its log (each fence) under tmp_path."""
-    server = Serve(tmp_path, "--log-level", "info",
+    """``sharedpool serve`` at a cap of 2, its log (each fence) under tmp_path/serve."""
+    # Not on tmp_path/sp.sock, where the uwsgi fixture's coordinator already
+    # listens: this one then exited at once, and its log had no fence to find.
+    (tmp_path / "serve").mkdir()
+    server = Serve(tmp_path / "serve", "--log-level", "info",
                    resource=f"pg={CAP},acquire_timeout=30,monitor_dsn={PG_URL}")
     yield server
     server.kill_group()
@@ -392,6 +395,9 @@ def test_graceful_worker_exits_give_their_slots_back_themselves(
             os.kill(server.proc.pid, signal.SIGHUP)
             wait_for(lambda: "binary reloading uWSGI" in server.log(), 10, "the reload")
             server.wait_ready()
+            # wait_ready's request done: a worker still in it as the stop comes
+            # runs no exit hook (uWSGI's busy check), and its lease is fenced.
+            wait_for(lambda: settled(serve.socket), 10, "the leases to settle idle")
         if how in ("cheaper", "SIGHUP"):
             wait_for(lambda: not all(pid_alive(pid) for pid in holders), 30, "a lease holder to exit")
             assert_no_fence(serve)
@@ -400,6 +406,24 @@ def test_graceful_worker_exits_give_their_slots_back_themselves(
     assert load.errors == [], load.errors[:5]
     assert sampler.peak <= CAP, f"PostgreSQL saw {sampler.peak} connections with a cap of {CAP}"
     assert_quiet(server)
+
+
+def test_ctrl_c_does_not_cut_a_workers_release_short(
+        uwsgi: Callable[..., Uwsgi], serve: Serve, app_name: str) -> None:
+    # A terminal's Ctrl-C sends SIGINT to every process of uWSGI's group, and
+    # the master then sends each worker its own: that second one ran uWSGI's
+    # handler, which exits at once, in the middle of the release the first one
+    # began (its connections closing, 1 s each here), and the slots went
+    # through the fence ("quarantined"), 1 to 4 of 8 workers a stop.
+    server = uwsgi(sock=serve.socket, app=["--master", "--wsgi-file", str(TESTS / "uwsgi_slow_close_app.py")])
+    with BackendSampler(app_name) as sampler:
+        load = Load(server.url, total=40, threads=4).start().join()
+        wait_for(lambda: settled(serve.socket), 10, "the leases to settle idle")
+        assert leases(serve.socket), "no worker holds a lease: nothing tested"
+        server.stop_group = True
+        assert_stopped_clean(server, sampler)
+    assert_no_fence(serve)
+    assert load.errors == [], load.errors[:5]
 
 
 @pytest.mark.parametrize(("order", "extra"), [("before", []), ("after", []),
