@@ -225,6 +225,21 @@ def _give_to_group(path: str, gid: int) -> None:
                           f"member of it can, and uid {os.getuid()} is not one") from None
 
 
+def unreachable_peers(config: CoordinatorConfig) -> str | None:
+    """Why peers the configuration admits cannot reach its socket, or None:
+    without ``group`` it is 0600, ours, so another uid (root aside) is refused
+    "Permission denied" at connect, before its credentials are even read."""
+    if config.group is not None:
+        return None
+    others = [uid for uid in config.allowed_uids if uid not in (os.getuid(), 0)]
+    if not others and not config.allowed_gids:
+        return None
+    admitted = " and ".join(f"{name} {values}" for name, values in
+                            (("allowed_uids", others), ("allowed_gids", list(config.allowed_gids))) if values)
+    return (f"{admitted} admit peers that cannot reach {config.socket_path}: with no group "
+            f"the socket is 0600, uid {os.getuid()}'s; set group to a group of theirs")
+
+
 def bind_socket(config: CoordinatorConfig) -> tuple[socket.socket, bool, dict[str, list[Any]]]:
     """A listening Unix socket, 0600 (0660 with a group), in a private directory,
     whether this start is a restart (processes may still hold leases), and what
@@ -345,6 +360,8 @@ async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         log.info("coordinator pid=%s serving %s: %s", os.getpid(), config.socket_path,
                  ", ".join(f"{n}={r.max_size}" for n, r in config.resources.items()))
+        if (shut_out := unreachable_peers(config)) is not None:
+            log.warning("%s", shut_out)
         if ready is not None:
             ready()
         served = True

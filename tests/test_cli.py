@@ -384,6 +384,22 @@ def test_admin_refused_to_non_admin_uid(tmp_path: Path) -> None:
         stop(server.proc)
 
 
+def test_admitted_peers_that_cannot_reach_the_socket_are_warned_of(tmp_path: Path) -> None:
+    # --allow-uid without --group: the socket is 0600, so that uid got
+    # "Permission denied" at every connect, and the log said nothing.
+    server = Serve(tmp_path, "--allow-uid", "4242424")
+    try:
+        line = wait_for(lambda: next((ln for ln in server.log().splitlines() if "cannot reach" in ln), None),
+                        15, "the warning")
+        assert "allowed_uids [4242424]" in line and "0600" in line and "set group" in line, line
+    finally:
+        stop(server.proc)
+    (tmp_path / "g").mkdir()
+    with_group = Serve(tmp_path / "g", "--allow-uid", "4242424", "--group", str(os.getgid()))
+    stop(with_group.proc)  # its log complete
+    assert "serving" in with_group.log() and "cannot reach" not in with_group.log(), with_group.log()
+
+
 def test_reload_and_sighup(tmp_path: Path) -> None:
     config = tmp_path / "sp.toml"
     config.write_text("[resources]\ndemo = 3\n")
