@@ -59,6 +59,8 @@ def spoken_by_refuser(message: str) -> int | None:
         return None
     newest = int(found.group(2) or found.group(1))
     return newest if speaks(newest) else None
+
+
 DEFAULT_MAX_FRAME = 1 << 20
 _HEADER = struct.Struct(">I")
 
