@@ -347,3 +347,31 @@ def collect_inside_a_put(q: queue.Queue[Any], timeout: float = 5.0) -> bool:
     """As a collection inside a put() of another record would (the queue's
     plain Lock, taken again by a finalizer that logs)."""
     return collect_holding(q.mutex, timeout)
+
+
+def reclaimed_at_release(sock_path: str, resource: str, reclaimed: Callable[[], int],
+                         monkeypatch: Any) -> list[int]:
+    """A core pool of another process's kind takes the one lease of
+    ``resource``, which this process's integration pool holds idle: what
+    ``reclaimed()`` (its leases_reclaimed) read as each lease was released."""
+    from sharedpool import ConnectionPool, PoolConfig
+    from sharedpool.testing import FakeFactory
+
+    client = Client.for_path(sock_path)
+    release = client.release
+    seen: list[int] = []
+
+    def spy(lease: Any) -> None:
+        seen.append(reclaimed())
+        release(lease)
+
+    monkeypatch.setattr(client, "release", spy)
+    waiter = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1, test_on_acquire=False),
+                            resource=resource, coordinator=sock_path)
+    try:
+        conn = waiter.acquire(timeout=5)  # served by the integration pool's idle one
+        at_release = list(seen)
+        waiter.release(conn)
+    finally:
+        waiter.close()
+    return at_release

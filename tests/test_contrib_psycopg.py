@@ -19,17 +19,16 @@ from proc_helpers import (
     import_refused,
     leased,
     other_sessions,
+    reclaimed_at_release,
     run_forked,
     wait_leased,
     wait_no_other_sessions,
 )
 from psycopg_pool import PoolClosed
 
-from sharedpool import Client, PoolConfig, Resource
-from sharedpool import ConnectionPool as CorePool
+from sharedpool import Client, Resource
 from sharedpool.contrib.psycopg import ConnectionPool
 from sharedpool.handoff import AUTO_MAX, AUTO_MIN
-from sharedpool.testing import FakeFactory
 
 pytestmark = pytest.mark.pg
 
@@ -267,25 +266,10 @@ def test_a_reclaim_is_counted_before_its_lease_goes(
     # while leases_reclaimed still said 0 (the load flake of test_multi_pool's
     # growing-for-nobody test). LeaseBook.close(reclaimed=True) counts first.
     start_coordinator({"pg": Resource(max_size=1)})
-    client = Client.for_path(sock_path)
-    release = client.release
-    seen: list[int] = []
     with make_pool(sock_path, app_name, min_size=1, max_size=1) as pool:
         pool.wait(5)  # the one lease, idle
-
-        def spy(lease: Any) -> None:
-            seen.append(pool.get_stats()["leases_reclaimed"])
-            release(lease)
-
-        monkeypatch.setattr(client, "release", spy)
-        waiter = CorePool(FakeFactory(), PoolConfig(min_size=0, max_size=1, test_on_acquire=False),
-                          resource="pg", coordinator=sock_path)
-        try:
-            conn = waiter.acquire(timeout=5)  # served by the psycopg pool's idle one
-            at_release = list(seen)
-            waiter.release(conn)
-        finally:
-            waiter.close()
+        at_release = reclaimed_at_release(sock_path, "pg", lambda: pool.get_stats()["leases_reclaimed"],
+                                          monkeypatch)
     assert at_release == [1], at_release
 
 

@@ -21,6 +21,7 @@ from proc_helpers import (
     held_once_confirmed,
     leased,
     other_sessions,
+    reclaimed_at_release,
     run_forked,
     run_in_child,
     sharedpool_logs_queued_gc_off,
@@ -28,9 +29,8 @@ from proc_helpers import (
     wait_no_other_sessions,
 )
 
-from sharedpool import Client, ConnectionPool, PoolConfig, PoolTimeout, Resource
+from sharedpool import Client, PoolTimeout, Resource
 from sharedpool.contrib.redis import BlockingConnectionPool, LeaseTimeout
-from sharedpool.testing import FakeFactory
 
 HOST, PORT = "127.0.0.1", 6379
 
@@ -863,22 +863,9 @@ def test_a_reclaim_is_counted_before_its_lease_goes(
     start_coordinator({"redis": Resource(max_size=1)})
     pool = make_pool(sock_path, redis_name, max_connections=1)
     redis.Redis(connection_pool=pool).ping()  # the one lease, idle
-    client = Client.for_path(sock_path)
-    release = client.release
-    seen: list[int] = []
-
-    def spy(lease: Any) -> None:
-        seen.append(pool.lease_stats()["leases_reclaimed"])
-        release(lease)
-
-    monkeypatch.setattr(client, "release", spy)
-    waiter = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1, test_on_acquire=False),
-                            resource="redis", coordinator=sock_path)
     try:
-        conn = waiter.acquire(timeout=5)  # served by the redis pool's idle one
-        at_release = list(seen)
-        waiter.release(conn)
+        at_release = reclaimed_at_release(sock_path, "redis", lambda: pool.lease_stats()["leases_reclaimed"],
+                                          monkeypatch)
     finally:
-        waiter.close()
         pool.disconnect()
     assert at_release == [1], at_release

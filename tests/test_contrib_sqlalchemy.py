@@ -22,6 +22,7 @@ from proc_helpers import (
     leased,
     no_leases_of,
     other_sessions,
+    reclaimed_at_release,
     resource_row,
     run_forked,
     run_in_child,
@@ -32,9 +33,8 @@ from proc_helpers import (
 from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
 
-from sharedpool import Client, ConfigError, ConnectionPool, PoolConfig, Resource
+from sharedpool import Client, ConfigError, Resource
 from sharedpool.contrib.sqlalchemy import LeasedQueuePool, attach, create_engine
-from sharedpool.testing import FakeFactory
 
 pytestmark = pytest.mark.pg
 
@@ -705,22 +705,9 @@ def test_a_reclaim_is_counted_before_its_lease_goes(
     assert isinstance(pool, LeasedQueuePool)
     with engine.connect():
         pass  # the one lease, idle
-    client = Client.for_path(sock_path)
-    release = client.release
-    seen: list[int] = []
-
-    def spy(lease: Any) -> None:
-        seen.append(pool.lease_stats()["leases_reclaimed"])
-        release(lease)
-
-    monkeypatch.setattr(client, "release", spy)
-    waiter = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1, test_on_acquire=False),
-                            resource="pg", coordinator=sock_path)
     try:
-        conn = waiter.acquire(timeout=5)  # served by the engine's idle one
-        at_release = list(seen)
-        waiter.release(conn)
+        at_release = reclaimed_at_release(sock_path, "pg", lambda: pool.lease_stats()["leases_reclaimed"],
+                                          monkeypatch)
     finally:
-        waiter.close()
         engine.dispose()
     assert at_release == [1], at_release

@@ -25,6 +25,7 @@ from proc_helpers import (
     start_recording,
     wait_leased,
 )
+from servers import wait_for
 
 from sharedpool import (
     Client,
@@ -623,6 +624,23 @@ def test_release_of_anything_but_a_wrapper_is_a_clear_error() -> None:
     pool.close()
 
 
+def _hold_requests_after_send(client: Client, monkeypatch: pytest.MonkeyPatch
+                              ) -> tuple[threading.Event, threading.Event]:
+    """``client.request`` goes out, then its opener is held (as if descheduled)
+    until the returned gate is set; ``requested`` is set once one went out."""
+    request = client.request
+    requested, gate = threading.Event(), threading.Event()
+
+    def slow_request(*args: Any, **kwargs: Any) -> Any:
+        ticket = request(*args, **kwargs)
+        requested.set()
+        gate.wait(5)  # the opener is descheduled right after the request went out
+        return ticket
+
+    monkeypatch.setattr(client, "request", slow_request)
+    return requested, gate
+
+
 def test_a_pool_closed_while_its_lease_request_goes_out_takes_no_grant(
         start_coordinator: Any, sock_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     start_coordinator({"r": 1})
@@ -633,18 +651,7 @@ def test_a_pool_closed_while_its_lease_request_goes_out_takes_no_grant(
     pool = ConnectionPool(factory, PoolConfig(min_size=0, max_size=1), resource="r",
                           coordinator=sock_path, name="late")
     client = Client.for_path(sock_path)
-    request = client.request
-    gate = threading.Event()
-
-    requested = threading.Event()
-
-    def slow_request(*args: Any, **kwargs: Any) -> Any:
-        ticket = request(*args, **kwargs)
-        requested.set()
-        gate.wait(5)  # the opener is descheduled right after the request went out
-        return ticket
-
-    monkeypatch.setattr(client, "request", slow_request)
+    requested, gate = _hold_requests_after_send(client, monkeypatch)
     errors: list[BaseException] = []
     taker = start_recording(lambda: pool.acquire(timeout=5), errors)
     assert requested.wait(5)
@@ -681,16 +688,7 @@ def test_a_lease_request_whose_waiter_was_served_as_it_went_out_is_withdrawn(
         lease = holder.acquire("r", timeout=5)
         mine = pool.acquire(timeout=5)
         client = Client.for_path(sock_path)
-        request = client.request
-        requested, gate = threading.Event(), threading.Event()
-
-        def slow_request(*args: Any, **kwargs: Any) -> Any:
-            ticket = request(*args, **kwargs)
-            requested.set()
-            gate.wait(5)  # the opener is descheduled right after the request went out
-            return ticket
-
-        monkeypatch.setattr(client, "request", slow_request)
+        requested, gate = _hold_requests_after_send(client, monkeypatch)
         got: list[Any] = []
         errors: list[BaseException] = []
         taker = start_recording(lambda: got.append(pool.acquire(timeout=30)), errors)
@@ -1479,15 +1477,6 @@ def test_a_lease_request_whose_waiter_a_checkin_served_does_not_time_out_at_the_
             pool.release(wrapper)
 
 
-def _poll(check: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
 def test_a_lease_request_carried_on_for_the_next_waiter_keeps_its_place_in_line(
         start_coordinator: Any, sock_path: str) -> None:
     """As above, with another process queued behind W1's request. That request,
@@ -1506,9 +1495,9 @@ def test_a_lease_request_carried_on_for_the_next_waiter_keeps_its_place_in_line(
             t1 = time.monotonic()
             first = _start_queued(sock_path, lambda: got.append(pool.acquire(timeout=1.0)), errors)
             second = start_recording(lambda: got.append(pool.acquire(timeout=8)), errors)
-            assert _poll(lambda: pool.get_stats()["requests_queued"] >= 2, 5)
+            wait_for(lambda: pool.get_stats()["requests_queued"] >= 2, 5, "both requests queued")
             ticket = later.request("r", timeout=20)  # queued behind W1's request
-            assert _poll(lambda: resource_row(sock_path)["waiting"] == 2, 5)
+            wait_for(lambda: resource_row(sock_path)["waiting"] == 2, 5, "both processes waiting")
             pool.release(mine)  # to W1; its request stays queued for W2
             first.join(10)
             assert len(got) == 1 and not errors, errors
@@ -1516,7 +1505,7 @@ def test_a_lease_request_carried_on_for_the_next_waiter_keeps_its_place_in_line(
             time.sleep(max(0.0, t1 + 1.3 - time.monotonic()))
             assert resource_row(sock_path)["timeouts"] == 0
             let_go()  # one slot comes free: for the first in line
-            assert _poll(lambda: len(got) == 2, 3), "W2 was not served: the later process went first"
+            wait_for(lambda: len(got) == 2, 3, "W2 to be served (not the later process first)")
             second.join(10)
             assert not errors, errors
             row = resource_row(sock_path)
