@@ -380,6 +380,54 @@ def test_shutdown_during_a_lease_wait_still_ends_the_session(start_coordinator: 
     other.close()
 
 
+def test_a_wait_no_longer_needed_when_its_session_ends_is_not_an_error(
+        start_coordinator: Any, sock_path: str) -> None:
+    """release_process(): the book is marked exited (its lease waits are no
+    longer needed), then its session is closed. A wait that woke only after
+    the close's error came in raised that error: psycopg_pool logged "error
+    connecting in 'pool-1': client closed" for the top-up and retried it (the
+    test_contrib_psycopg flake, 1 run in 10)."""
+    from threading import Condition
+
+    start_coordinator({"r": 1})
+    other = Client(sock_path)
+    held = other.acquire("r", timeout=5)
+    book = LeaseBook("r", sock_path)
+
+    class WakesAfterTheError(Condition):
+        # The waiter, notified by release_for_exit(), is descheduled until the
+        # helper thread has recorded the session's end.
+        def wait(self, timeout: float | None = None) -> bool:
+            woke = super().wait(timeout)
+            while book.exited and not all(w.done for w in book._waits):
+                super().wait(0.05)
+            return woke
+
+    book._returned = WakesAfterTheError()
+    got: list[object] = []
+
+    def wait() -> None:
+        try:
+            got.append(book.acquire(object(), 5, local=lambda: True if book.closed_reason() else None))
+        except BaseException as exc:  # noqa: BLE001 - looked at below
+            got.append(exc)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    client = book.client
+    assert client is not None
+    deadline = time.monotonic() + 5
+    while not client._pending and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert client._pending
+    book.release_for_exit(1.0)
+    client.close(1.0)  # as release_process() ends each session
+    waiter.join(5)
+    assert got == [True], got
+    other.release(held)
+    other.close()
+
+
 class _SoftTimeLimit(Exception):
     """What a signal handler raises mid-connect (celery's SoftTimeLimitExceeded)."""
 

@@ -232,14 +232,16 @@ class _Acquiring(_Book):
             try:
                 while True:
                     got, wait.offered = wait.offered, None  # an offer is ours from here
-                    if got is None and not wait.done:
+                    if got is None and (not wait.done or wait.error is not None):
+                        # Also after an error: the session ended by release_process(),
+                        # which first made this wait not needed, is no failure.
                         got = local()
                     if got is not None:
                         # Served here: withdraw the acquire, or give back a
                         # lease that came at the same moment.
                         wait.abandoned = True
-                        if wait.done and wait.lease is not None:
-                            lease_back = wait.lease
+                        if wait.done:
+                            lease_back = wait.lease  # None after an error
                         else:
                             # Withdrawn below, outside the lock (it sends a frame).
                             # A grant arriving meanwhile finds us abandoned and
