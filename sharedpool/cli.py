@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import select
-import shlex
 import signal
 import socket
 import sys
@@ -29,7 +28,6 @@ import click
 import psutil
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
-from rich.table import Table
 from rich.text import Text
 
 from .client import Client
@@ -43,6 +41,7 @@ from .config import (
     tmp_socket_path,
 )
 from .errors import AccessDenied, ConfigError, CoordinatorUnavailable, SharedPoolError
+from .tables import Sheet, duration, leases_sheet, resources_sheet, sessions_sheet
 
 #: Lease states as the CLI shows them (the wire says busy / new).
 STATE_NAMES = {"busy": "in_use", "new": "connecting"}
@@ -201,78 +200,12 @@ def get_leases(client: Client, resource: str | None = None, pid: int | None = No
     return rows
 
 
-# ------------------------------------------------------------------ tables
-
-
-def duration(seconds: float | None) -> str:
-    """``850ms``, ``12.3s``, ``4m05s``, ``2h10m``; ``-`` for None."""
-    if seconds is None:
-        return "-"
-    # The unit is chosen for the figure as printed: 0.9996 s read "1000ms", 59.96 s "60.0s".
-    if round(seconds * 1000) < 1000:
-        return f"{seconds * 1000:.0f}ms"
-    if round(seconds, 1) < 60:
-        return f"{seconds:.1f}s"
-    if (whole := round(seconds)) < 3600:
-        return f"{whole // 60}m{whole % 60:02d}s"
-    minutes = round(seconds / 60)
-    return f"{minutes // 60}h{minutes % 60:02d}m"
-
-
-def _table(title: str, columns: str, rows: list[list[Any]]) -> Table:
-    table = Table(title=title, title_justify="left", expand=False)
-    for col in columns.split("|"):
-        wide = col in ("command", "site")
-        left = wide or col in ("resource", "name", "process", "state")
-        table.add_column(col, overflow="ellipsis" if wide else "fold", no_wrap=wide,
-                         max_width=60 if wide else None, justify="left" if left else "right")
-    for row in rows:
-        table.add_row(*(Text(str(v)) for v in row))  # data (process titles, call sites), not markup
-    return table
-
-
-def _res_state(r: dict[str, Any]) -> str:
-    flags = [f for f in ("paused", "draining", "failing") if r.get(f)]
-    if r.get("restart_hold_s") is not None:  # granting nothing while processes re-register
-        flags.append(f"restart hold {duration(r['restart_hold_s'])}")
-    return ",".join(flags) or "active"
-
-
-def resources_table(resources: list[dict[str, Any]]) -> Table:
-    """One row per resource."""
-    return _table(
-        "resources",
-        "resource|cap|leased|in use|idle|connecting|fenced|waiting|longest wait|grants|timeouts|"
-        "reclaims|state",
-        [[r["name"], r["max_size"], r["leased"], r["in_use"], r["idle"], r.get("connecting", 0),
-          r.get("fenced", 0), r["waiting"], duration(r.get("longest_wait_s") or 0.0) if r["waiting"] else "-",
-          r["grants"], r["timeouts"], r["reclaims"], _res_state(r)] for r in resources],
-    )
-
-
-def sessions_table(sessions: list[dict[str, Any]]) -> Table:
-    """One row per connected process."""
-    return _table(
-        "sessions", "pid|name|leases|waiters|connected|last report",
-        [[s["pid"], s["name"], s["leases"], s["waiters"], duration(s["connected_s"]) + " ago",
-          "-" if s["last_report_s"] is None else duration(s["last_report_s"]) + " ago"] for s in sessions],
-    )
-
-
-def leases_table(leases: list[dict[str, Any]]) -> Table:
-    """One row per lease."""
-    return _table(
-        "leases", "lease|resource|pid|process|command|state|age|in state|site",
-        [[lease["id"], lease["resource"], lease["pid"], lease["process_name"] or "?",
-          shlex.join(lease["cmdline"]) if lease["cmdline"] else "?",
-          lease["state"] + (" (leak?)" if lease.get("suspected_leak") else ""),
-          duration(lease["age_s"]), duration(lease["state_s"]), lease.get("site") or "-"]
-         for lease in leases],
-    )
+# ------------------------------------------------------------------ output
 
 
 def make_console() -> Console:
-    """A console for stdout; wide when not a terminal so that tables keep their rows."""
+    """A console for stdout; when not a terminal, $COLUMNS wide, else 200 (``show()``
+    widens it further for a table that needs it)."""
     # A size that is no positive number ("abc", 0, "²", which str.isdigit() takes
     # for one) is ignored, not a traceback from inside rich, which reads both
     # itself, nor a table cut down to nothing.
@@ -293,11 +226,39 @@ def _positive_int(text: str) -> int | None:
     return value if value > 0 else None
 
 
-def _emit(as_json: bool, data: dict[str, Any], *tables: RenderableType) -> None:
+def fit_width(console: Console, wide: bool = False) -> int | None:
+    """The width tables are fitted to; None: every column at its full width.
+
+    A terminal's own width (rich reads $COLUMNS first); not a terminal, $COLUMNS
+    if set (`watch` sets it to its screen's), else none: one line per row with
+    every column, for grep, awk and ``less -S``."""
+    if wide:
+        return None
+    return console.width if console.is_terminal or _positive_int(os.environ.get("COLUMNS", "")) else None
+
+
+def show(console: Console, width: int | None, *parts: RenderableType) -> None:
+    """Print ``parts``; with no width to fit, on lines as long as the widest needs."""
+    if width is None:  # not cut or folded to the console's width
+        unbounded = console.options.update_width(1 << 20)
+        console.width = max(console.width, *(console.measure(p, options=unbounded).maximum for p in parts))
+    console.print(*parts)
+
+
+def _emit(as_json: bool, wide: bool, data: dict[str, Any], head: list[RenderableType],
+          *sheets: Sheet) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2))
-    else:
-        make_console().print(*tables)
+        return
+    console = make_console()
+    width = fit_width(console, wide)
+    show(console, width, *head, *(part for sheet in sheets for part in sheet.render(width, WIDE_HINT)))
+
+
+#: Said under a table some columns of which did not fit.
+WIDE_HINT = "--wide shows all"
+#: ``top``'s: it has no --wide (a live view wider than its terminal would scroll away).
+TOP_HINT = "widen to see"
 
 
 # ------------------------------------------------------------------ commands
@@ -330,6 +291,9 @@ _socket_option = click.option(
     help=f"Coordinator socket (default: {_SOCKET_DEFAULT}).",
 )
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+_wide_option = click.option(
+    "--wide", is_flag=True,
+    help="Every column, however wide the table (narrower terminals wrap it: pipe into `less -S`).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -397,7 +361,8 @@ def serve(socket_path: str | None, resource_flags: tuple[str, ...], config_file:
 @cli.command()
 @_socket_option
 @_json_option
-def status(socket_path: str | None, as_json: bool) -> None:
+@_wide_option
+def status(socket_path: str | None, as_json: bool, wide: bool) -> None:
     """One row per resource: cap, leased, in use, idle, waiting, counters."""
     with connect(socket_path) as client:
         info = client.inspect("server")
@@ -406,29 +371,32 @@ def status(socket_path: str | None, as_json: bool) -> None:
     # sharedpool_sessions metric do not.
     info = {**info, "sessions": max(0, int(info["sessions"]) - 1)}
     title = Text(f"coordinator pid {info['pid']} at {info['socket']}, up {duration(info['uptime_s'])}")
-    _emit(as_json, {"coordinator": info, "resources": resources}, title, resources_table(resources))
+    _emit(as_json, wide, {"coordinator": info, "resources": resources}, [title], resources_sheet(resources))
 
 
 @cli.command()
 @_socket_option
 @_json_option
+@_wide_option
 @click.option("--resource", help="Only leases of this resource.")
 @click.option("--pid", type=_pid_type, help="Only leases held by this process.")
-def leases(socket_path: str | None, as_json: bool, resource: str | None, pid: int | None) -> None:
+def leases(socket_path: str | None, as_json: bool, wide: bool, resource: str | None,
+           pid: int | None) -> None:
     """One row per lease, with the holding process's name and command line."""
     with connect(socket_path) as client:
         rows = get_leases(client, resource, pid)
-    _emit(as_json, {"leases": rows}, leases_table(rows))
+    _emit(as_json, wide, {"leases": rows}, [], leases_sheet(rows))
 
 
 @cli.command()
 @_socket_option
 @_json_option
-def sessions(socket_path: str | None, as_json: bool) -> None:
+@_wide_option
+def sessions(socket_path: str | None, as_json: bool, wide: bool) -> None:
     """One row per connected process."""
     with connect(socket_path) as client:
         rows = get_sessions(client)
-    _emit(as_json, {"sessions": rows}, sessions_table(rows))
+    _emit(as_json, wide, {"sessions": rows}, [], sessions_sheet(rows))
 
 
 @cli.command()
@@ -473,17 +441,20 @@ def _unwind_on_stop_signals() -> Iterator[None]:
             signal.signal(sig, signal.SIG_DFL)
 
 
-def _frame(client: Client, interval: float) -> tuple[RenderableType, SharedPoolError | None]:
-    """One refresh, and the error if the coordinator did not answer it."""
+def _frame(client: Client, interval: float, width: int | None) -> tuple[list[RenderableType],
+                                                                        SharedPoolError | None]:
+    """One refresh fitted to ``width``, and the error if the coordinator did not answer it."""
     stamp = time.strftime("%H:%M:%S")
     try:
         res, ses = get_resources(client), get_sessions(client)
     except AccessDenied:
         raise  # not a state to watch: it will not change while we look
     except SharedPoolError as exc:
-        return Text(f"sharedpool top  {client.socket_path}  {stamp}  coordinator unreachable: {exc}"), exc
-    head = Text(f"sharedpool top  {client.socket_path}  {stamp}  every {interval:g}s  (q quits)")
-    return Group(head, resources_table(res), sessions_table(ses)), None
+        return [Text(f"sharedpool top  {stamp}  {client.socket_path}  coordinator unreachable: {exc}")], exc
+    # The path last: a long one wraps, not the time and the keys.
+    head = Text(f"sharedpool top  {stamp}  every {interval:g}s  (q quits)  {client.socket_path}")
+    sheets = (resources_sheet(res), sessions_sheet(ses))
+    return [head, *(part for sheet in sheets for part in sheet.render(width, TOP_HINT))], None
 
 
 def run_top(client: Client, interval: float, iterations: int | None) -> None:
@@ -507,10 +478,11 @@ def run_top(client: Client, interval: float, iterations: int | None) -> None:
                 return False
         return True
 
-    def step(show: Callable[[RenderableType], None]) -> bool:
+    def step(put: Callable[[list[RenderableType], int | None], None]) -> bool:
         nonlocal count, failed
-        view, failed = _frame(client, interval)
-        show(view)
+        width = fit_width(console)  # at each refresh: a resized terminal is fitted anew
+        view, failed = _frame(client, interval, width)
+        put(view, width)
         count += 1
         return (iterations is None or count < iterations) and wait()
 
@@ -519,10 +491,10 @@ def run_top(client: Client, interval: float, iterations: int | None) -> None:
             tty.setcbreak(fd)
         if console.is_terminal:
             with Live(console=console, auto_refresh=False, transient=False) as live:
-                while step(lambda r: live.update(r, refresh=True)):
+                while step(lambda view, _: live.update(Group(*view), refresh=True)):
                     pass
         else:
-            while step(console.print):
+            while step(lambda view, width: show(console, width, *view)):
                 pass
     finally:
         if fd is not None and saved is not None:

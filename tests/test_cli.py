@@ -1041,11 +1041,13 @@ def test_table_cells_are_data_not_markup() -> None:
     # "[/health]" made `sharedpool leases` fail with a rich MarkupError.
     from rich.console import Console
 
-    from sharedpool.cli import _table
+    from sharedpool.tables import Column, Sheet
 
     console = Console(record=True, width=200)
-    console.print(_table("leases", "process|site", [["gunicorn: worker [myapp]", "w = pools[i].acquire()"],
-                                                     ["celery [/health]", "[bold]x[/bold]"]]))
+    sheet = Sheet("leases", (Column("process", "text"), Column("site", "long")),
+                  [["gunicorn: worker [myapp]", "w = pools[i].acquire()"],
+                   ["celery [/health]", "[bold]x[/bold]"]])
+    console.print(*sheet.render(200, ""))
     text = console.export_text()
     for shown in ("gunicorn: worker [myapp]", "pools[i]", "celery [/health]", "[bold]x[/bold]"):
         assert shown in text, text
