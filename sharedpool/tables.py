@@ -1,16 +1,18 @@
 """The CLI's tables (status, sessions, leases, top), fitted to the width at hand.
 
 A column the width cannot hold is left out whole, the least important first,
-and named under its table; the key ones always stay. No header or number is
-ever split across lines: only names and states wrap (at spaces), and command
-lines and call sites are cut with "…". With no width (``--wide``, or output
-that is not a terminal), every column is shown at its full width.
+and named under its table; the key ones stay down to some 70 columns. No
+header or number is split across lines: only names and states wrap (at
+spaces), and command lines and call sites are cut with "…". With no width
+(``--wide``, or output that is not a terminal), every column is shown at its
+full width.
 """
 
 from __future__ import annotations
 
 import re
 import shlex
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -37,7 +39,9 @@ class Column:
 
     header: str
     kind: Kind = "number"
-    #: 0: always shown; else left out when the width cannot hold it, highest first.
+    #: Above 0: left out when the width cannot hold it, highest first; below 0: a key
+    #: column, left out only when the key columns cannot fit even narrowed to their
+    #: headers (under some 70 columns), -1 first; 0: always shown.
     drop: int = 0
 
 
@@ -65,10 +69,12 @@ class Sheet:
         if width is None:
             widths = {i: full[i] for i in shown}
         else:
-            for i in sorted((i for i in shown if self.columns[i].drop), key=lambda i: -self.columns[i].drop):
-                if _table_width(fit[j] for j in shown) <= width:
-                    break
-                shown.remove(i)
+            for least, sign in ((fit, 1), (floor, -1)):
+                for i in sorted((i for i in shown if self.columns[i].drop * sign > 0),
+                                key=lambda i: -self.columns[i].drop):
+                    if _table_width(least[j] for j in shown) <= width:
+                        break
+                    shown.remove(i)
             widths = _allot(shown, fit, full, floor, width)
         table = Table(title=self.title, title_justify="left", expand=False)
         for i in shown:
@@ -88,10 +94,10 @@ class Sheet:
         return [table, Text(f"hidden: {', '.join(hidden)} ({hint})", style="dim")]
 
 
-def _table_width(widths: Any) -> int:
+def _table_width(widths: Iterable[int]) -> int:
     """A table's width from its columns' text widths: one space each side, and the rules."""
-    widths = list(widths)
-    return sum(widths) + 3 * len(widths) + 1
+    listed = list(widths)
+    return sum(listed) + 3 * len(listed) + 1
 
 
 def _allot(shown: list[int], fit: list[int], full: list[int], floor: list[int],
@@ -108,7 +114,7 @@ def _allot(shown: list[int], fit: list[int], full: list[int], floor: list[int],
     while spare < 0:
         narrower = [i for i in shown if widths[i] > floor[i]]
         if not narrower:
-            break  # below the key columns' headers: rich crops what it must
+            break  # narrower than the columns always shown: rich crops what it must
         widest = max(narrower, key=lambda i: widths[i] - floor[i])
         widths[widest] -= 1
         spare += 1
@@ -143,21 +149,23 @@ def _sheet(title: str, columns: tuple[Column, ...], rows: list[list[Any]]) -> Sh
     return Sheet(title, columns, [[_CONTROL.sub("?", str(v)) for v in row] for row in rows])
 
 
-#: Left out when narrow: the counters first, then the gauges fewer look at.
+#: Left out when narrow: the counters first, then the gauges fewer look at; under
+#: some 70 columns, the key ones too, the figures derived from others first.
 RESOURCE_COLUMNS = (
-    Column("resource", "text"), Column("cap"), Column("leased"), Column("in use"), Column("idle"),
-    Column("connecting", drop=3), Column("fenced"), Column("waiting"), Column("longest wait", drop=1),
+    Column("resource", "text"), Column("cap", drop=-7), Column("leased", drop=-6),
+    Column("in use", drop=-3), Column("idle", drop=-2), Column("connecting", drop=3),
+    Column("fenced", drop=-1), Column("waiting", drop=-4), Column("longest wait", drop=1),
     Column("grants", drop=5), Column("timeouts", drop=2), Column("reclaims", drop=4),
-    Column("state", "text"),
+    Column("state", "text", drop=-5),
 )
 SESSION_COLUMNS = (
-    Column("pid"), Column("name", "text"), Column("leases"), Column("waiters"),
+    Column("pid"), Column("name", "text", drop=-3), Column("leases", drop=-2), Column("waiters", drop=-1),
     Column("connected", drop=2), Column("last report", drop=1),
 )
 LEASE_COLUMNS = (
-    Column("lease"), Column("resource", "text"), Column("pid"), Column("process", "text"),
-    Column("command", "long", drop=1), Column("state", "text"), Column("age"),
-    Column("in state", drop=2), Column("site", "long", drop=3),
+    Column("lease", drop=-1), Column("resource", "text", drop=-4), Column("pid"),
+    Column("process", "text", drop=-3), Column("command", "long", drop=1), Column("state", "text", drop=-5),
+    Column("age", drop=-2), Column("in state", drop=2), Column("site", "long", drop=3),
 )
 
 
