@@ -634,13 +634,20 @@ class Server:
             log.warning("refused admin %r from pid=%s uid=%s", msg.verb, session.pid, session.uid)
             session.send(p.Error("access_denied", f"uid {session.uid} may not use admin verbs", msg.req))
             return
-        from .admin import run_admin  # admin verbs live beside the CLI's
+        from .admin import VERBS, run_admin  # admin verbs live beside the CLI's
 
         try:
             data, effects = run_admin(self, msg.verb, msg.args, now)
         except (KeyError, ValueError, TypeError, OSError) as exc:
+            # Logged as a SIGHUP's failed reload is: else the journal kept no trace of a
+            # `sharedpool reload` that met a broken file, only the operator's terminal did.
+            why = f"reload failed, limits unchanged: {exc}" if msg.verb == "reload" else str(exc)
+            verb = msg.verb if msg.verb in VERBS else p.brief(msg.verb)  # a peer's, maybe huge
+            log.log(logging.ERROR if msg.verb == "reload" else logging.WARNING,
+                    "admin %s %s by pid=%s refused: %s", verb, p.brief(msg.args, 200), session.pid, why)
+            what = why if msg.verb == "reload" else f"{msg.verb}: {exc}"
             # A reload's error names the file, whose path may not be UTF-8.
-            session.send(p.Error("bad_request", p.wire_text(f"{msg.verb}: {exc}"), msg.req))
+            session.send(p.Error("bad_request", p.wire_text(what), msg.req))
             return
         log.warning("admin %s %s by pid=%s", msg.verb, p.brief(msg.args, 200), session.pid)
         self.apply(effects)

@@ -553,6 +553,31 @@ def test_reload_keeps_flags_and_reports_what_it_did_not_apply(tmp_path: Path) ->
         stop(server.proc)
 
 
+def test_a_failed_reload_is_in_the_coordinators_log_and_says_nothing_changed(tmp_path: Path) -> None:
+    """An operator's `sharedpool reload` of a broken file: the journal had no line
+    for it (a SIGHUP's had one), and the reply did not say the running limits stay."""
+    config = tmp_path / "sp.toml"
+    config.write_text("[resources.demo]\nmax_size = 3\n")
+    server = Serve(tmp_path, "--config", str(config), resource="")
+    try:
+        config.write_text('[resources.demo]\nmax_size = "4"\n')
+        out = sp("reload", "--socket", server.socket)
+        assert out.returncode == 1, out
+        assert "reload failed, limits unchanged: resources.demo.max_size: must be an integer" in out.stderr
+        assert server.status()["max_size"] == 3
+        line = wait_for(lambda: [ln for ln in server.log().splitlines() if "refused" in ln],
+                        what="the failed reload's log line")[0]
+        assert "ERROR" in line and "admin reload" in line and "by pid=" in line, line
+        assert "limits unchanged: resources.demo.max_size" in line, line
+        # Any other verb refused for bad input is logged too, once, at warning.
+        assert sp("pause", "nosuch", "--socket", server.socket).returncode == 1
+        line = wait_for(lambda: [ln for ln in server.log().splitlines() if "admin pause" in ln],
+                        what="the refused pause's log line")[0]
+        assert "WARNING" in line and "refused: no resource 'nosuch'" in line, line
+    finally:
+        stop(server.proc)
+
+
 def test_reload_reads_the_path_given_when_a_symlink_on_it_moves(tmp_path: Path) -> None:
     """A release swapped in by a symlink (`current -> releases/2`, a Kubernetes
     ConfigMap's `..data`): a reload reads the new target, not the one at start."""
