@@ -451,6 +451,10 @@ class CoordinatorConfig:
             why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split("; use sys.")[0]
             raise ConfigError("config", f"{path} is not valid TOML: {why}") from None
         unknown = sorted(set(data) - {"coordinator", "resources"})
+        if unknown and not isinstance(data[unknown[0]], dict):
+            # `max_size = 5` above any header: "unknown table" named no table there.
+            raise ConfigError(unknown[0], f"is outside any table in {path}; settings go under "
+                              "[coordinator] or [resources.NAME] (is a table header missing above it?)")
         if unknown:
             raise ConfigError(
                 unknown[0], f"unknown table in {path}; allowed: coordinator, resources"
@@ -483,6 +487,8 @@ class CoordinatorConfig:
             # without a file (``socket``, ``metrics_port``), not as a [coordinator] key.
             name = exc.field.removeprefix("coordinator.")
             if name in {"socket" if k == "socket_path" else k for k in kept}:
+                raise ConfigError(name, exc.detail) from None
+            if name.startswith("resources."):  # a monitor_dsn checked here: the file's [resources.NAME]
                 raise ConfigError(name, exc.detail) from None
             raise
 

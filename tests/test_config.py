@@ -360,6 +360,8 @@ def test_load_keeps_none_overrides_out_and_refuses_them_in_the_file(tmp_path: Pa
         ('[coordinatr]\nsocket = "/a.sock"\n[resources]\npg = 2\n', "coordinatr"),
         ('coordinator = 5\n[resources]\npg = 2\n', "coordinator"),
         ('resources = 5\n', "resources"),
+        # Before: "coordinator.resources.pg.monitor_dsn", a key the file does not have.
+        ('[resources.pg]\nmax_size = 2\nmonitor_dsn = "nonsense"\n', "resources.pg.monitor_dsn"),
         ('[coordinator]\nsocket = "/a.sock"\n', "resources"),
         ('[coordinator]\nmax_frame = 10\n[resources]\npg = 2\n', "coordinator.max_frame"),
         ('[coordinator]\nsocket = ""\n[resources]\npg = 2\n', "coordinator.socket"),
@@ -399,6 +401,16 @@ def test_socket_path_too_long_names_the_limit() -> None:
     exc = _raises_field("socket", CoordinatorConfig, socket_path="/tmp/" + "s" * 200,
                         resources={"pg": 1})
     assert "at most 107" in str(exc)
+
+
+def test_a_setting_above_every_table_header_is_not_called_a_table(tmp_path: Path) -> None:
+    # Before: "max_size: unknown table in ...": the header above it is what is missing.
+    exc = _raises_field("max_size", CoordinatorConfig.load,
+                        _write(tmp_path, "max_size = 5\n[resources]\npg = 2\n"))
+    assert "outside any table" in str(exc) and "[resources.NAME]" in str(exc)
+    exc = _raises_field("resourcez", CoordinatorConfig.load,
+                        _write(tmp_path, "[resourcez.pg]\nmax_size = 2\n"))
+    assert "unknown table" in str(exc)
 
 
 def test_load_bad_toml(tmp_path: Path) -> None:
