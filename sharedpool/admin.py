@@ -97,6 +97,10 @@ def reload_config(server: Server, now: float) -> tuple[Any, list[Effect]]:
     # twice the old one, "no reply in time") while the coordinator still queued it.
     if told := {name: server.ledger.resources[name].welcome_state() for name in [*changed, *added]}:
         effects += [Notify(sid, "limits", None, {"resources": told}) for sid in server.ledger.sessions]
+    if added:  # its limits on record: "resources pg, redis" said only that it is served
+        log.info("reload of %s added %s", path, "; ".join(
+            f"{name}: " + ", ".join(f"{k}={v!r}" for k, v in fresh.resources[name].as_dict().items())
+            for name in added))
     if changed:
         log.info("reload of %s changed %s", path, "; ".join(
             f"{name}: " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in diff.items())
@@ -111,8 +115,8 @@ def reload_config(server: Server, now: float) -> tuple[Any, list[Effect]]:
         log.warning("reload of %s: resources no longer configured are still served with their "
                     "current limits until a restart: %s", path, ", ".join(kept))
     # The path may not be UTF-8 (its bytes kept as surrogates): the reply must still go out.
-    return {"reloaded": p.wire_text(path), "resources": sorted(fresh.resources), "changed": changed,
-            "needs_restart": needs_restart, "kept": kept}, effects
+    return {"reloaded": p.wire_text(path), "resources": sorted(fresh.resources), "added": sorted(added),
+            "changed": changed, "needs_restart": needs_restart, "kept": kept}, effects
 
 
 def limits_changed(was: Resource, now: Resource) -> dict[str, list[Any]]:

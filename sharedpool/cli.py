@@ -546,6 +546,8 @@ _admin_command("end-session", "end_session", "Close process PID's pools for good
 def _said_reload(data: dict[str, Any]) -> str:
     """The reload's reply, with what it did not apply on lines of their own."""
     lines = [f"reloaded {data['reloaded']}: resources {', '.join(data['resources'])}"]
+    if data.get("added"):  # absent from a coordinator older than this CLI
+        lines.append("added: " + ", ".join(data["added"]))
     for name, diff in sorted((data.get("changed") or {}).items()):
         lines.append(f"changed {name}: " + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in diff.items()))
     if data.get("needs_restart"):

@@ -410,6 +410,9 @@ def test_reload_and_sighup(tmp_path: Path) -> None:
         assert out.returncode == 0, out.stderr
         assert "extra" in out.stdout
         assert server.status()["max_size"] == 5 and server.status("extra")["max_size"] == 2
+        # A resource added is said so, its limits on record (before: only the list of names).
+        assert "added: extra" in out.stdout.splitlines(), out.stdout
+        assert "added extra: max_size=2, " in wait_for(lambda: server.log(), what="log"), server.log()
         config.write_text("[resources]\ndemo = 7\n")
         os.kill(server.proc.pid, signal.SIGHUP)
         wait_for(lambda: server.status()["max_size"] == 7, what="SIGHUP reload")
@@ -419,7 +422,8 @@ def test_reload_and_sighup(tmp_path: Path) -> None:
         assert out.returncode == 0, out.stderr
         assert "changed demo: max_size 9 -> 7" in out.stdout.splitlines()
         assert server.status()["max_size"] == 7
-        assert sp_json("reload", "--socket", server.socket)["changed"] == {}
+        data = sp_json("reload", "--socket", server.socket)
+        assert (data["changed"], data["added"]) == ({}, [])
         config.write_text('[resources.demo]\nmax_size = 7\nmonitor_dsn = "postgresql://u:s3cret@h/db"\n')
         out = sp("reload", "--socket", server.socket)
         assert "changed demo: monitor_dsn (hidden) -> (hidden)" in out.stdout.splitlines()
