@@ -347,3 +347,7 @@ class MarkerKeeper:
         if handed is None and restart:
             handed = {key: [] for key in _KEYS}
         self.write(handed)
+        if handed is not None and not self._failing:
+            # Why the next start holds its grants ("coordinator restarted: granting nothing").
+            log.info("handed on to the next start in %s: %d lease(s) of live processes, %d fenced",
+                     self.path, len(handed["held"]), len(handed["fenced"]))

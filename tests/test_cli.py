@@ -709,6 +709,9 @@ def test_a_stop_signal_stops_serve_and_removes_socket(tmp_path: Path, workers: l
         # The worker lives on with its connection (handed on to the next start):
         # the log must not call it dead, nor its lease returned and fenced.
         assert f"dead pid {worker.pid}" not in log and "1 lease(s) returned" not in log, log
+        # ... and says so: before, "coordinator stopping" was its last line.
+        assert f"handed on to the next start in {server.socket}.restart: 1 lease(s) of live " \
+               "processes, 0 fenced" in log, log
     finally:
         stop(server.proc)
 
