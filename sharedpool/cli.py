@@ -41,6 +41,7 @@ from .config import (
     tmp_socket_path,
 )
 from .errors import AccessDenied, ConfigError, CoordinatorUnavailable, SharedPoolError
+from .protocol import CLI_NAME
 from .tables import Sheet, duration, leases_sheet, resources_sheet, sessions_sheet
 
 #: Lease states as the CLI shows them (the wire says busy / new).
@@ -114,7 +115,7 @@ def connect(socket_path: str | None) -> Iterator[Client]:
         _unusable(path, exc)
     finally:
         probe.close()
-    client = Client(path, name="sharedpool-cli", connect_timeout=2.0)
+    client = Client(path, name=CLI_NAME, connect_timeout=2.0)
     try:
         yield client
     except AccessDenied as exc:

@@ -62,6 +62,8 @@ def spoken_by_refuser(message: str) -> int | None:
 
 
 DEFAULT_MAX_FRAME = 1 << 20
+#: The hello name of the `sharedpool` commands (status, leases, admin verbs...).
+CLI_NAME = "sharedpool-cli"
 _HEADER = struct.Struct(">I")
 
 CLIENT = "client"

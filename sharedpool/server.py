@@ -137,6 +137,8 @@ class SessionProtocol(asyncio.Protocol):
         self._lost = False
         #: resource -> leases this session was last asked to give back (for the log)
         self.asked: dict[str, int] = {}
+        #: The CLI's: its connecting and ending logged at debug.
+        self.quiet = False
 
     def __repr__(self) -> str:
         return f"<SessionProtocol session={self.sid} pid={self.pid} uid={self.uid}>"
@@ -373,8 +375,12 @@ class Server:
             self.sessions[new_sid] = session
             # The name as a short repr: a peer's megabyte of name (or its line
             # breaks) would otherwise go into the log at every reconnect.
-            log.info("session %s connected: pid=%s name=%s re-registered=%d",
-                     new_sid, session.pid or msg.pid, p.brief(msg.name, 100), len(msg.held))
+            # A `sharedpool status` run every few seconds by a monitor: two lines a
+            # run at info filled the log; admin verbs are logged on their own.
+            session.quiet = msg.name == p.CLI_NAME and not msg.held
+            log.log(logging.DEBUG if session.quiet else logging.INFO,
+                    "session %s connected: pid=%s name=%s re-registered=%d",
+                    new_sid, session.pid or msg.pid, p.brief(msg.name, 100), len(msg.held))
             if len(self.sessions) >= self.fd_sessions and not self._fd_warned:
                 self._fd_warned = True  # past the limit, sessions are dropped unseen: say so now
                 log.warning("%d sessions: near the open-files limit (%d); sessions past it are "
@@ -486,7 +492,8 @@ class Server:
         if self.stopping:
             return
         held = len(self.ledger.sessions[session.sid].leases)
-        log.info("session %s ended: pid=%s, %d lease(s) returned", session.sid, session.pid, held)
+        log.log(logging.DEBUG if session.quiet and not held else logging.INFO,
+                "session %s ended: pid=%s, %d lease(s) returned", session.sid, session.pid, held)
         self.apply(self.ledger.close_session(session.sid, self.loop.time()))
         self.flush()
         self._changed()

@@ -582,6 +582,23 @@ def test_a_failed_reload_is_in_the_coordinators_log_and_says_nothing_changed(tmp
         stop(server.proc)
 
 
+def test_the_commands_own_sessions_are_not_logged_at_info(tmp_path: Path, workers: list[Worker]) -> None:
+    """A monitor running `sharedpool status` every few seconds put two info lines
+    a run into the coordinator's log; a worker's session is still logged."""
+    server = Serve(tmp_path)
+    try:
+        for _ in range(3):
+            assert sp("status", "--socket", server.socket).returncode == 0
+        assert sp("resize", "demo", "--max-size", "4", "--socket", server.socket).returncode == 0
+        workers.append(worker := Worker(server))
+        wait_for(lambda: f"connected: pid={worker.pid} " in server.log(), what="the worker's session")
+        lines = [ln for ln in server.log().splitlines() if "session " in ln]
+        assert len(lines) == 1 and "INFO" in lines[0], lines
+        assert "admin resize" in server.log()  # the verb itself is still on record
+    finally:
+        stop(server.proc)
+
+
 def test_reload_reads_the_path_given_when_a_symlink_on_it_moves(tmp_path: Path) -> None:
     """A release swapped in by a symlink (`current -> releases/2`, a Kubernetes
     ConfigMap's `..data`): a reload reads the new target, not the one at start."""
