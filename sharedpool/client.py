@@ -242,6 +242,8 @@ class Client(Owed, Hooks):
         pending = _Pending(p.Acquire(req, resource, timeout, site), fail_if_lost=fail_if_lost, owner=_owner)
         # The coordinator keeps the real deadline; ours only guards a lost reply.
         local = None if timeout is None else time.monotonic() + timeout + GRACE
+        if timeout is not None and 0 < timeout < math.inf:  # a try (0) is re-sent as one
+            pending.ends = time.monotonic() + timeout
         try:
             self._submit(req, pending, local, patient=True)
             if local is None:

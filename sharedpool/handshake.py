@@ -38,6 +38,8 @@ _RCV_SLICE = struct.pack("ll", 0, 50_000)
 #: not read (stopped, wedged) would otherwise, once the socket buffer is full,
 #: hold a checkin or a release forever; past this, the session counts as lost.
 SEND_TIMEOUT = 10.0
+#: The timeout of an acquire re-sent on a new session when its own has run out.
+MIN_RESENT_WAIT = 0.001
 
 
 def shake_hands(sock: socket.socket, path: str, limit: float | None, hello: Callable[[], p.Hello]
@@ -260,6 +262,12 @@ def connect(client: Client, limit: float | None) -> tuple[socket.socket, list[p.
         for pd in client._pending.values():
             if not pd.done:
                 pd.since = now  # queued at this coordinator from now on, if at all (Client.siblings_waiting)
+                if isinstance(pd.msg, p.Acquire) and pd.ends is not None:
+                    # What is left of its wait: with its whole timeout again, the new
+                    # coordinator held it past the caller's own deadline, which read as
+                    # a coordinator that never answered, and counted no timeout. Queued
+                    # however briefly: it has waited, and a timeout of 0 is a mere try.
+                    pd.msg.timeout = max(MIN_RESENT_WAIT, pd.ends - now)
                 resend.append(pd.msg)
         resend += [p.Release(lid) for lid in held_ids if lid not in client._held]
         # Leases the hello had no room for count against no cap now: their

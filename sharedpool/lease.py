@@ -81,6 +81,9 @@ class _Pending:
     #: an acquire's deadline at the coordinator as last retimed (``time.monotonic()``),
     #: which the wait for its reply follows (None: not retimed)
     retimed: float | None = None
+    #: an acquire's deadline at the coordinator as asked (``time.monotonic()``; None:
+    #: the resource's default, or none): a re-send on a new session asks for what is left
+    ends: float | None = None
 
 
 class AcquireRequest:
@@ -151,8 +154,8 @@ class AcquireRequest:
                 return False
             msg = pending.msg
             assert isinstance(msg, p.Acquire)
-            msg.timeout = timeout  # what a re-send on a new session asks for
-            pending.retimed = time.monotonic() + timeout
+            msg.timeout = timeout
+            pending.retimed = pending.ends = time.monotonic() + timeout  # what a re-send asks for
             # On a session being made, the retime waits for the send lock, which
             # the re-send of the acquire holds: the coordinator sees the acquire first.
             sock = client._sock

@@ -247,6 +247,31 @@ def test_restart_waits_for_reregistration_before_granting(start_coordinator: Any
         newcomer.close()
 
 
+def test_an_acquire_re_sent_after_a_restart_asks_for_what_is_left_of_its_wait(
+        start_coordinator: Any, sock_path: str) -> None:
+    """Re-sent to the restarted coordinator with its whole timeout, an acquire
+    stayed queued there past its caller's own deadline: the caller read "got no
+    reply in time from the coordinator" (a coordinator that seemed hung), and
+    the coordinator counted no timeout (seen with the psycopg_pool integration
+    when an operator restarted the coordinator)."""
+    first = start_coordinator({"r": 1})
+    holder, waiter = Client(sock_path), Client(sock_path)
+    try:
+        holder.acquire("r", timeout=1)  # the only slot, re-registered after the restart
+        ticket = waiter.request("r", 4)
+        time.sleep(1.0)  # queued at the first coordinator
+        first.kill()
+        start_coordinator({"r": 1})
+        with pytest.raises(PoolTimeout) as info:
+            ticket.wait()
+        # The coordinator's answer at the end of its own 4 s, counted from the first send.
+        assert "no reply in time" not in str(info.value), info.value
+        assert holder.inspect("resources")["resources"][0]["timeouts"] == 1
+    finally:
+        holder.close()
+        waiter.close()
+
+
 def test_clean_stop_with_leases_out_is_a_restart_too(start_coordinator: Any, sock_path: str) -> None:
     first = start_coordinator({"r": 1})
     keeper, newcomer = Client(sock_path), Client(sock_path)
