@@ -379,6 +379,9 @@ class Client(Owed, Hooks):
 
     def admin(self, verb: str, timeout: float = 5.0, **args: Any) -> Any:
         """Run an admin verb (pause, resume, drain, resize, end_session, reload)."""
+        if not isinstance(verb, str):  # refused here, as inspect's ``what``: the coordinator ends the session
+            raise ConfigError("verb", f"must be pause, resume, drain, resize, end_session or reload, "
+                                      f"got {verb!r}")
         return self._call(lambda req: p.Admin(req, verb, args), timeout)
 
     def report_failure(self, resource: str) -> None:

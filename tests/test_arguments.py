@@ -221,8 +221,11 @@ def test_integration_socket_paths_may_be_path_objects(tmp_path: pathlib.Path,
     # PoolTimeout for an admin verb that may have been carried out.
     (lambda c: c.admin("pause", timeout=0, resource="r"), "timeout"),
     (lambda c: c.inspect("server", timeout=math.nan), "timeout"),
+    # Was sent: the coordinator ended the session for it, and the call failed
+    # after connect_timeout with "read failed: Connection reset by peer".
+    (lambda c: c.admin(5), "verb"),
 ], ids=["resource-int", "resource-empty", "timeout-str", "site-int", "what-int", "timeout-2**64",
-        "inspect-timeout-str", "admin-timeout-0", "inspect-timeout-nan"])
+        "inspect-timeout-str", "admin-timeout-0", "inspect-timeout-nan", "admin-verb-int"])
 def test_client_arguments_are_refused_before_anything_is_sent(
         start_coordinator: Any, sock_path: str, call: Callable[[Client], Any], field: str) -> None:
     # Before, the frame went out, the coordinator ended the session for it, and
