@@ -196,6 +196,33 @@ def test_a_lease_wait_may_be_forever_but_not_nan() -> None:
         _redis(lease_timeout=math.nan)
 
 
+@pytest.mark.parametrize("bad", ["5", math.inf, math.nan])
+def test_a_psycopg_pool_close_with_a_bad_timeout_closes_nothing(
+        bad: Any, pg: str, start_coordinator: Any, sock_path: str) -> None:
+    """Before: psycopg_pool marked the pool closed, then its wait raised a
+    TypeError or OverflowError, and the idle connections kept their leases for
+    good (a second close() returned at once). A wait beyond threading's longest
+    (1e300) is that longest."""
+    from sharedpool.contrib.psycopg import ConnectionPool as PsycopgPool
+
+    start_coordinator({"pg": 2})
+    pool = PsycopgPool(pg, resource="pg", coordinator=sock_path, min_size=2, max_size=2, open=True)
+    client = Client(sock_path)
+    try:
+        pool.wait(10)
+        with pytest.raises(ConfigError) as err:
+            pool.close(bad)
+        assert err.value.field == "timeout" and not pool.closed
+        with pool.connection(timeout=5) as conn:  # still serves
+            conn.execute("SELECT 1")
+        pool.close(1e300)
+        assert pool.closed
+        assert client.inspect("resources")["resources"][0]["leased"] == 0
+    finally:
+        pool.close()
+        client.close()
+
+
 def test_integration_socket_paths_may_be_path_objects(tmp_path: pathlib.Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from sharedpool.contrib.gunicorn import hooks

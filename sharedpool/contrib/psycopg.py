@@ -207,6 +207,11 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
         return bool(live)
 
     def close(self, timeout: float = 5.0) -> None:
+        # Checked before anything closes: psycopg_pool's close() marks the pool
+        # closed, then its threading wait raised on "5", inf or 1e300, and the
+        # idle connections' leases, given back below, were held for good
+        # (a second close() returns at once). Beyond TIMEOUT_MAX: that long.
+        timeout = min(check_seconds("timeout", timeout), threading.TIMEOUT_MAX)
         self._sp_closing = True  # ends the workers' lease waits, so they stop in time
         self._sp_book.notify_returned()
         super().close(timeout)
