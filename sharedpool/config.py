@@ -11,6 +11,7 @@ import inspect
 import math
 import os
 import stat
+import threading
 import tomllib
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
@@ -270,13 +271,18 @@ def not_a_socket(path: str) -> str | None:
 
 
 def check_seconds(name: str, value: Any, *, optional: bool = False, forever: bool = False,
-                  positive: bool = False) -> Any:
+                  positive: bool = False, host_wait: bool = False) -> Any:
     """A finite number of seconds >= 0 (> 0 when ``positive``; or None when
     ``optional``, or inf when ``forever``: a wait with no end); else a
-    ConfigError naming ``name``."""
+    ConfigError naming ``name``. ``host_wait``: a host library's pool waits
+    this long on a lock, which raises OverflowError beyond threading.TIMEOUT_MAX."""
     if forever and value == math.inf and not isinstance(value, bool):
         return value
-    return _number(name, value, optional=optional, strict_min=positive)
+    value = _number(name, value, optional=optional, strict_min=positive)
+    if host_wait and value is not None and value > threading.TIMEOUT_MAX:
+        raise ConfigError(name, f"must be at most {threading.TIMEOUT_MAX:.0f} seconds (the longest "
+                                f"wait a lock takes), got {value!r}")
+    return value
 
 
 #: What an asyncio user is told: the pools are synchronous, used from a thread.

@@ -174,6 +174,11 @@ def _redis(**kw: Any) -> Any:
     (_psycopg, "timeout", math.inf),
     (_redis, "timeout", math.inf),
     (_sqlalchemy, "pool_timeout", math.inf),
+    # Finite, but past threading.TIMEOUT_MAX (~292 years): the same OverflowError
+    # from the host pool's wait, at the first checkout that had to wait.
+    (_psycopg, "timeout", 1e300),
+    (_redis, "timeout", 1e10),
+    (_sqlalchemy, "pool_timeout", 1e300),
     (_sqlalchemy, "confirm_timeout", True),
     # Before: a TypeError (EmbeddedCoordinator got multiple values for socket_path).
     (_gunicorn, "socket_path", "/tmp/sp-args.sock"),

@@ -106,7 +106,7 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
             # The lease wait is the pool's timeout: a bad one (-1, nan, "5") failed
             # every connect, seen only as a PoolTimeout. Named as the user gave it;
             # not inf, with which psycopg_pool's own wait raises OverflowError.
-            check_seconds("timeout", kwargs["timeout"])
+            check_seconds("timeout", kwargs["timeout"], host_wait=True)
         self._sp_configure = configure
         self._sp_opened_in: int | None = None
         self._sp_local = threading.local()

@@ -329,7 +329,7 @@ class BlockingConnectionPool(redis.BlockingConnectionPool):
             # The lease wait is the pool's timeout (None: the resource's default):
             # nan made it 0, -1 and "5" failed at the first command, deep inside.
             # Not inf: redis-py's own wait raises OverflowError with it (None waits).
-            check_seconds("timeout", timeout, optional=True)
+            check_seconds("timeout", timeout, optional=True, host_wait=True)
         self._sp_local = threading.local()
         leased = type(f"Leased{connection_class.__name__}", (LeasedConnectionMixin, connection_class),
                       {"_sp_pool": weakref.ref(self), "__module__": __name__})

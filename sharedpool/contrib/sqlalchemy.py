@@ -107,7 +107,7 @@ class LeasedQueuePool(QueuePool):
             if lease_timeout is None:  # the lease wait is pool_timeout's: named as the user gave it
                 # None (QueuePool: no limit) is the resource's acquire_timeout; not
                 # inf, with which QueuePool's own wait raises OverflowError
-                check_seconds("pool_timeout", self._timeout, optional=True)
+                check_seconds("pool_timeout", self._timeout, optional=True, host_wait=True)
             book.bind(self._sp_idle, self._sp_reclaim)
 
     @property
