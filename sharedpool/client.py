@@ -55,6 +55,9 @@ log = logging.getLogger("sharedpool.client")
 #: free slot serves is answered within a round trip, well under a millisecond
 #: here): only then does another pool of the process give a slot back for it.
 QUEUED_AFTER = 0.01
+#: A hello unanswered this long (a coordinator answers in milliseconds) is
+#: said to be a stopped coordinator, or something else on the socket.
+HELLO_SLOW = 0.5
 
 
 class Client(Owed, Hooks):
@@ -84,6 +87,7 @@ class Client(Owed, Hooks):
     def _init_state(self) -> None:
         self._sock: socket.socket | None = None
         self._connecting: socket.socket | None = None  # a session still in its handshake
+        self._connecting_since = 0.0  # when that handshake began (monotonic)
         self._conn: p.Connection | None = None
         #: the lock factory these locks were made by (see _checkpid)
         self._lock_factory = threading.Lock
@@ -186,10 +190,21 @@ class Client(Owed, Hooks):
 
     def unreachable_note(self) -> str:
         """``"; coordinator at <path> unreachable: <why>"`` while no session is up
-        after a failed attempt (one not tried yet, or being connected to, is not
-        "unreachable"); else ``""``. Attributes only: no lock taken."""
-        if not self._closed and self._sock is None and self.last_error:
+        after a failed attempt (one not tried yet is not "unreachable"); for a
+        first attempt still under way, how long it has had no answer; else
+        ``""``. Attributes only: no lock taken."""
+        if self._closed or self._sock is not None:
+            return ""
+        if self.last_error:
             return f"; coordinator at {self.socket_path} unreachable: {self.last_error}"
+        since = self._connecting_since
+        if self._connecting is not None and since:
+            # Something that accepts and never welcomes (a stopped coordinator, another
+            # program's socket) read as a cap taken: "still waiting for a lease".
+            age = time.monotonic() - since
+            why = (" (a coordinator that is stopped or overloaded, or no sharedpool coordinator "
+                   "listening there)" if age >= HELLO_SLOW else "")
+            return f"; coordinator at {self.socket_path} has not answered our hello yet ({age:.2g}s){why}"
         return ""
 
     @property

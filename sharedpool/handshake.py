@@ -214,6 +214,7 @@ def connect(client: Client, limit: float | None) -> tuple[socket.socket, list[p.
             raise TimeoutError("timed out")
         # Kept where a fork finds it: the child must close its copy of a
         # half-made session too, or the parent's death would go unseen.
+        client._connecting_since = time.monotonic()
         sock = client._connecting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             conn, welcome, early = shake_hands(sock, client.socket_path, left, hello)

@@ -1586,6 +1586,29 @@ def test_a_pool_timeout_with_no_coordinator_says_so(tmp_path: Any) -> None:
         pool.close()
 
 
+def test_a_pool_timeout_at_a_socket_that_never_answers_says_so(tmp_path: Any) -> None:
+    """Before: within the client's connect_timeout (5 s), a socket that accepts
+    and never says a word (a coordinator stopped with SIGSTOP, another program's
+    socket) read as the global cap taken: "still waiting for a lease of resource
+    'r' (its cap is taken, or it is paused or restarting)"."""
+    import socket
+
+    path = str(tmp_path / "mute.sock")
+    mute = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    mute.bind(path)
+    mute.listen(8)  # connects succeed; nobody ever answers
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1), resource="r", coordinator=path)
+    try:
+        with pytest.raises(PoolTimeout) as err:
+            pool.acquire(timeout=1)
+        assert f"coordinator at {path} has not answered our hello yet" in str(err.value), err.value
+        assert "or no sharedpool coordinator listening there" in str(err.value), err.value
+        assert "cap is taken" not in str(err.value), err.value
+    finally:
+        pool.close()
+        mute.close()
+
+
 def test_every_acquire_with_no_coordinator_waits_its_timeout_and_raises_pool_timeout(tmp_path: Any) -> None:
     # Before: the acquires alternated: PoolTimeout after the timeout, then
     # CoordinatorUnavailable after 0.5 s (the first one's opener, failing after
