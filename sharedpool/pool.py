@@ -97,6 +97,8 @@ class ConnectionPool(Generic[T]):
             raise ConfigError("config", f"must be a PoolConfig, got {type(config).__name__}")
         if check is not None and not callable(check):
             raise ConfigError("check", f"must be callable, got {check!r}")
+        if name is not None and not isinstance(name, str):  # as Client's: a label in logs and errors
+            raise ConfigError("name", f"must be a string or None, got {name!r}")
         for field, given in (("factory", factory), ("check", check), ("configure", configure)):
             check_sync_callable(field, given)
         self.factory = factory

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 from .atfork import in_child
 from .closing import socket_fd
 from .config import check_seconds
+from .errors import ConfigError
 from .goodbye import GOODBYE_WAIT
 from .uwsgi_exit import install_uwsgi_exit
 
@@ -123,6 +124,8 @@ def release_process(timeout: float = 5.0, *, wait_in_use: bool = True) -> None:
     # Before anything is released: inf would fail each pool's close() (logged,
     # the pool left open), "5" would release nothing.
     check_seconds("timeout", timeout)
+    if not isinstance(wait_in_use, bool):  # "no" is true: it would wait for them
+        raise ConfigError("wait_in_use", f"must be True or False, got {wait_in_use!r}")
     deadline = time.monotonic() + timeout
     release_host_checkouts()
     kept: set[int] = set()

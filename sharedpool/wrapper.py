@@ -152,6 +152,14 @@ class PooledConnection(Generic[T]):
     Attribute access is passed through to the raw connection."""
 
     def __init__(self, pool: ConnectionPool[T], wrapper: ConnectionWrapper[T]) -> None:
+        from .errors import ConfigError
+
+        # Checked where it is written: else an AttributeError from __enter__ or __exit__.
+        if not callable(getattr(pool, "release", None)):
+            raise ConfigError("pool", f"must be a ConnectionPool, got {pool!r}")
+        if not isinstance(wrapper, ConnectionWrapper):
+            raise ConfigError("wrapper", f"must be the ConnectionWrapper that pool.acquire() returned, "
+                                         f"got {wrapper!r}")
         self.pool = pool
         self.wrapper = wrapper
 
@@ -184,6 +192,8 @@ def pooled(pool: ConnectionPool[Any], timeout: float | None = None) -> Callable[
         raise ConfigError("timeout", f"must be a number of seconds >= 0 or None, got {timeout!r}")
 
     def decorator(func: F) -> F:
+        if not callable(func):  # else a TypeError at each call, after a checkout
+            raise ConfigError("func", f"must be a function, got {func!r}")
         if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
             # Its body runs after the wrapper returned: on a connection checked in
             # already, shared with whoever checks it out next.

@@ -21,6 +21,7 @@ from sharedpool import (
     ConnectionPool,
     Coordinator,
     PoolConfig,
+    PooledConnection,
     PoolStatus,
     pooled,
     release_process,
@@ -491,8 +492,17 @@ def _attach(bad: Any) -> Any:
     (lambda: pooled(SimpleNamespace(connection=lambda timeout: None), timeout="5"), "timeout"),
     (lambda: _attach(5), "engine"),  # an AttributeError: no .pool
     (lambda: _redis(connection_class=5), "connection_class"),  # an AttributeError: no __name__
+    # An AttributeError ('int' object has no attribute 'conn') at the with statement.
+    (lambda: PooledConnection(SimpleNamespace(release=lambda w: None), 5), "wrapper"),
+    (lambda: PooledConnection(5, 5), "pool"),  # was accepted
+    # A TypeError at each call, after a checkout.
+    (lambda: pooled(SimpleNamespace(connection=lambda timeout: None))(5), "func"),
+    (lambda: release_process(1, wait_in_use="no"), "wait_in_use"),  # was taken as True
+    (lambda: ConnectionPool(FakeFactory(), name=5), "name"),  # was kept as the pool's name
 ], ids=["client-name-int", "client-name-list", "release-int", "pooled-int", "pooled-timeout-str",
-        "attach-int", "redis-connection-class-int"])
+        "attach-int", "redis-connection-class-int", "pooled-connection-wrapper-int",
+        "pooled-connection-pool-int", "pooled-func-int", "release-process-wait-in-use-str",
+        "pool-name-int"])
 def test_arguments_of_the_wrong_kind_are_named_where_written(call: Callable[[], Any], field: str) -> None:
     with pytest.raises(ConfigError) as err:
         call()
