@@ -217,9 +217,13 @@ def timed_out(pool: ConnectionPool[T], start: float, deadline: float, note: str)
     # max_size=2" would not tell what was waited for.
     running = pool._opening - pool._lease_waits
     connects = f", {running} connect(s) still running" if running > 0 else ""
+    # A configure= that hangs (setup SQL on a server that stopped answering) holds
+    # a new connection the pool marks in use: said, or it reads as a caller's.
+    setting_up = sum(1 for w in pool._all.values() if w.in_use and w.checked_out_at == math.inf)
+    in_configure = f" ({setting_up} of them still in configure=)" if setting_up else ""
     return PoolTimeout(
         f"pool {pool.name!r}: no connection within {deadline - start:.3g}s "
-        f"({len(pool._all)} open, {len(pool._all) - len(pool._idle)} in use{connects}, "
+        f"({len(pool._all)} open, {len(pool._all) - len(pool._idle)} in use{in_configure}{connects}, "
         f"max_size={pool.config.max_size}){note}{blocked_loop_note()}")
 
 

@@ -931,6 +931,21 @@ def test_a_connection_being_configured_is_no_suspected_leak() -> None:
         pool.close()
 
 
+def test_a_timeout_behind_a_configure_that_hangs_says_so() -> None:
+    # Before: "(1 open, 1 in use, max_size=1)", as if a caller held the connection
+    # that configure= was still setting up (setup SQL on a server that hangs).
+    release = threading.Event()
+    pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1), coordinator=None,
+                          configure=lambda conn: release.wait(10))
+    try:
+        with pytest.raises(PoolTimeout) as err:
+            pool.acquire(timeout=0.5)
+        assert "1 in use (1 of them still in configure=)" in str(err.value), err.value
+    finally:
+        release.set()
+        pool.close()
+
+
 def test_release_process_waits_one_timeout_in_all_not_one_per_pool() -> None:
     pid = os.fork()
     if pid == 0:  # a worker at exit, three pools each with a connection that never comes back
