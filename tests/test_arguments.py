@@ -180,6 +180,18 @@ def _redis(**kw: Any) -> Any:
     (_psycopg, "timeout", 1e300),
     (_redis, "timeout", 1e10),
     (_sqlalchemy, "pool_timeout", 1e300),
+    # psycopg_pool's own arguments, by kind: a string was "'<' not supported between
+    # instances of 'str' and 'int'", or failed later: max_waiting at the first
+    # checkout, max_lifetime every connect unseen (a bare PoolTimeout), max_idle
+    # (inf too) its scheduler thread.
+    (_psycopg, "max_size", "4"),
+    (_psycopg, "min_size", 1.5),
+    (_psycopg, "num_workers", "3"),
+    (_psycopg, "max_waiting", "x"),
+    (_psycopg, "max_lifetime", "x"),
+    (_psycopg, "max_lifetime", 1e300),
+    (_psycopg, "max_idle", math.inf),
+    (_psycopg, "reconnect_timeout", math.nan),
     (_sqlalchemy, "confirm_timeout", True),
     # Before: a TypeError (EmbeddedCoordinator got multiple values for socket_path).
     (_gunicorn, "socket_path", "/tmp/sp-args.sock"),
@@ -191,6 +203,21 @@ def test_integration_arguments_are_checked_when_made(make: Callable[..., Any], f
     with pytest.raises(ConfigError) as err:
         make(**{field: bad})
     assert err.value.field == field, err.value
+
+
+def test_a_psycopg_pool_resize_of_the_wrong_kind_is_named() -> None:
+    pool = _psycopg(min_size=0, max_size=2)
+    try:
+        with pytest.raises(ConfigError) as err:  # was a TypeError from psycopg_pool's comparison
+            pool.resize("3")
+        assert err.value.field == "min_size" and pool.max_size == 2
+        pool.resize(0, 3)
+        assert pool.max_size == 3
+        never = _psycopg(max_lifetime=math.inf, min_size=0, max_size=1)  # psycopg_pool's "never": kept
+        assert never.max_lifetime == math.inf
+        never.close()
+    finally:
+        pool.close()
 
 
 def test_a_lease_wait_may_be_forever_but_not_nan() -> None:

@@ -69,7 +69,9 @@ BAD = [
     # Was: sharedpool.errors.ConfigError: timeout: must be >= 0, got -1 (no alias, no setting)
     ("{'resource': 'pg', 'timeout': -1}", "{}['timeout']: must be >= 0, got -1"),
     # Was: TypeError: '<' not supported between instances of 'str' and 'int'
-    ("{'resource': 'pg', 'max_size': '2'}", "{} = {{'resource': 'pg', 'max_size': '2'}}: '<' not"),
+    ("{'resource': 'pg', 'max_size': '2'}", "{}['max_size']: must be an integer or None, got '2'"),
+    # psycopg_pool's own check, said with the options it was given.
+    ("{'resource': 'pg', 'min_size': -1}", "{} = {{'resource': 'pg', 'min_size': -1}}: min_size cannot be "),
     ("'pg'", "{}: must be a dict of ConnectionPool's arguments, got 'pg'"),
     # Was: connected, outside the pool, with no lease (no cap, no word said).
     ("None", "{} is not set: ENGINE 'sharedpool.contrib.django' leases only the connections of Django's "

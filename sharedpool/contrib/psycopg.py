@@ -72,6 +72,28 @@ log = logging.getLogger("sharedpool.contrib.psycopg")
 WAIT_SLOT_RETRY = 0.1
 
 
+#: psycopg_pool's sizes (None: max_size is min_size) ...
+_SIZES = {"min_size": False, "max_size": True, "num_workers": False, "max_waiting": False}
+#: ... and its times, inf being "never" where psycopg_pool takes it so; max_idle
+#: is a wait of its scheduler thread, which inf or 1e300 killed (OverflowError).
+_TIMES = {"max_lifetime": True, "max_idle": False, "reconnect_timeout": True}
+
+
+def _check_kinds(args: dict[str, Any]) -> None:
+    """psycopg_pool's numeric arguments in ``args``, by kind (its own checks say
+    what range): a string was a TypeError from inside it, at the first checkout
+    (max_waiting), or in its worker threads, every connect failing unseen
+    (max_lifetime: a bare PoolTimeout)."""
+    for name, none_ok in _SIZES.items():
+        value = args.get(name)
+        if name in args and not (value is None and none_ok) and (
+                isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(name, f"must be an integer{' or None' if none_ok else ''}, got {value!r}")
+    for name, forever in _TIMES.items():
+        if name in args:
+            check_seconds(name, args[name], forever=forever, host_wait=True)
+
+
 class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
     """:class:`psycopg_pool.ConnectionPool` with leased connections.
 
@@ -102,6 +124,7 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
         self._sp_book = LeaseBook(resource, coordinator, confirm_timeout=confirm_timeout,
                                   idle=self._sp_idle, reclaim=self._sp_reclaim, lends=True)
         self._sp_lease_timeout = check_seconds("lease_timeout", lease_timeout, optional=True, forever=True)
+        _check_kinds(kwargs)
         if lease_timeout is None and "timeout" in kwargs:
             # The lease wait is the pool's timeout: a bad one (-1, nan, "5") failed
             # every connect, seen only as a PoolTimeout. Named as the user gave it;
@@ -126,6 +149,12 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
     @property
     def lease_book(self) -> LeaseBook:
         return self._sp_book
+
+    def _check_size(self, min_size: int, max_size: int | None) -> tuple[int, int]:
+        # At __init__ and resize(): psycopg_pool's own checks say which range,
+        # but a string was "'<' not supported between instances of 'str' and 'int'".
+        _check_kinds({"min_size": min_size, "max_size": max_size})
+        return super()._check_size(min_size, max_size)
 
     # ------------------------------------------------------------------ stats
 
