@@ -192,6 +192,10 @@ def _redis(**kw: Any) -> Any:
     (_psycopg, "max_lifetime", 1e300),
     (_psycopg, "max_idle", math.inf),
     (_psycopg, "reconnect_timeout", math.nan),
+    # Passed create_engine(); each connect then failed with a TypeError from inside QueuePool.
+    (_sqlalchemy, "pool_size", "5"),
+    (_sqlalchemy, "max_overflow", "x"),
+    (_sqlalchemy, "pool_recycle", "3600"),
     (_sqlalchemy, "confirm_timeout", True),
     # Before: a TypeError (EmbeddedCoordinator got multiple values for socket_path).
     (_gunicorn, "socket_path", "/tmp/sp-args.sock"),

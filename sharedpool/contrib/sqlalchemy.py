@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -520,5 +521,13 @@ def create_engine(url: Any, *, resource: str, coordinator: str | None = None,
     if "pool" in kwargs:
         raise ConfigError("pool", "pass a URL and pool arguments, or use attach() on your engine")
     check_sync_callable("creator", kwargs.get("creator"))  # else an AttributeError from the dialect
+    # By kind only (0 and -1 mean "no limit" / "never" to QueuePool): a string
+    # passed create_engine() and failed each connect with a TypeError from inside QueuePool.
+    for name in ("pool_size", "max_overflow", "pool_recycle"):
+        value = kwargs.get(name, 0)
+        if (isinstance(value, bool) or not isinstance(value, int | float)
+                or (name != "pool_recycle" and not isinstance(value, int)) or math.isnan(value)):
+            want = "a number of seconds (-1: never)" if name == "pool_recycle" else "an integer"
+            raise ConfigError(name, f"must be {want}, got {value!r}")
     return attach(sqlalchemy.create_engine(url, **kwargs), resource, coordinator,
                   lease_timeout=lease_timeout, confirm_timeout=confirm_timeout)
