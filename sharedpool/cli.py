@@ -407,6 +407,9 @@ def sessions(socket_path: str | None, as_json: bool, wide: bool) -> None:
 @click.option("--iterations", type=click.IntRange(min=1), help="Stop after this many refreshes.")
 def top(socket_path: str | None, interval: float, iterations: int | None) -> None:
     """A live view of resources and sessions; q or Ctrl-C quits."""
+    # Its frames say when the coordinator is unreachable; the client's own warnings
+    # of it (lost, reconnected) went to stderr too, printed over the live view.
+    logging.getLogger("sharedpool").addHandler(logging.NullHandler())
     with _unwind_on_stop_signals(), connect(socket_path) as client, contextlib.suppress(KeyboardInterrupt):
         run_top(client, interval, iterations)
 

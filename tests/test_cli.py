@@ -267,6 +267,30 @@ def test_top_for_a_script_fails_when_its_last_refresh_got_no_answer(tmp_path: Pa
     assert "Traceback" not in out.stderr
 
 
+def test_top_shows_a_coordinator_restart_in_its_frames_not_in_log_lines(
+        start_coordinator: Any, sock_path: str) -> None:
+    # The view says "coordinator unreachable" itself; the client's own warnings
+    # ("lost coordinator ...", "reconnected to ...") went to stderr as well,
+    # which in a terminal print over the live view.
+    first = start_coordinator({"r": 1})
+    top = subprocess.Popen([sys.executable, "-m", "sharedpool", "top", "--socket", sock_path,
+                            "--iterations", "8", "--interval", "0.4"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        time.sleep(1.0)  # a frame or two of the first coordinator
+        first.kill()
+        time.sleep(0.9)
+        start_coordinator({"r": 1})
+        out, err = top.communicate(timeout=30)
+    finally:
+        if top.poll() is None:
+            top.kill()
+            top.wait()
+    assert top.returncode == 0, (out, err)
+    assert "coordinator unreachable" in out
+    assert "lost coordinator" not in err and "reconnected" not in err, err
+
+
 def test_a_refusing_coordinator_is_named_as_such_not_as_missing(start_coordinator: Any,
                                                                  sock_path: str) -> None:
     start_coordinator({"r": 1}, allowed_uids=[os.getuid() + 12345])  # not us
