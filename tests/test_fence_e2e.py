@@ -481,10 +481,10 @@ def test_a_late_process_that_dies_after_the_restart_grace_is_terminated(
     was it checked, then the whole fence_timeout waited out and the slot
     handed on beside the still-running query)."""
     limits = {"pg": Resource(max_size=1, monitor_dsn=pg_dsn(), fence_action="terminate",
-                             fence_timeout=3, acquire_timeout=60)}
+                             fence_timeout=20, acquire_timeout=60)}
     first = start_coordinator(limits)
     # A query longer than fence_timeout.
-    with BackendSampler(app_name) as sampler, busy_worker(sock_path, app_name, 15.0) as victim:
+    with BackendSampler(app_name) as sampler, busy_worker(sock_path, app_name, 30.0) as victim:
         assert victim.stdout is not None and victim.stdout.readline().startswith("querying")
         time.sleep(0.3)  # its backend pid has reached the coordinator
         os.kill(victim.pid, signal.SIGSTOP)  # late: it will not re-register in time
@@ -497,7 +497,9 @@ def test_a_late_process_that_dies_after_the_restart_grace_is_terminated(
         result = finish(spawn(sock_path, app_name, 3, "1", "1", "0"), timeout=60)
     assert result["n_errors"] == 0, result["errors"]
     assert sampler.peak <= 1, f"PostgreSQL saw {sampler.peak} connections with a cap of 1"
-    assert time.monotonic() - t0 < 2.5  # ended when the process went, not at fence_timeout
+    # Ended when the process went, not at fence_timeout (20 s): a generous bound, as
+    # the spawned worker's own start takes seconds on a loaded machine (5.4 s seen).
+    assert time.monotonic() - t0 < 10
 
 
 def _restart_from_marker(start_coordinator: Any, sock: str, resource: str = "pg",
