@@ -90,6 +90,8 @@ def plan_sleep(client: Client) -> tuple[socket.socket | None, float]:
     with client._cond:
         if client._jobs:
             return None, 0.0
+        while client._timers and client._timers[0][2].cancelled:  # no wake-up for a cancelled one
+            heapq.heappop(client._timers)
         if client._timers:
             due = min(due, client._timers[0][0])
         sock = client._sock

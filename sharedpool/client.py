@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import heapq
 import itertools
 import logging
 import math
@@ -27,7 +26,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from . import background, goodbye, handshake, receiving
+from . import background, goodbye, handshake, receiving, timers
 from . import protocol as p
 from .atfork import in_child, warn_thread_in_uwsgi_master
 from .background import BACKOFF_MIN, PARK_RECHECK
@@ -108,7 +107,8 @@ class Client(Owed, Hooks):
         self._successes: set[str] = set()
         self._last_report: Any = None
         self._jobs: list[Callable[[], object]] = []
-        self._timers: list[tuple[float, int, Callable[[], object]]] = []
+        self._timers: list[timers.Entry] = []
+        self._timers_limit = timers.SWEEP_MIN  # swept of cancelled timers at this length
         self._timer_seq = itertools.count()
         # The background thread sleeps in poll() on this pair's read end.
         self._wake_r, self._wake_w = socket.socketpair()
@@ -651,17 +651,21 @@ class Client(Owed, Hooks):
                 finally:
                     self._starting = False
 
-    def call_later(self, delay: float, job: Callable[[], object]) -> None:
+    def call_later(self, delay: float, job: Callable[[], object]) -> timers.Timer:
         """Run ``job()`` on the background thread after ``delay`` seconds (one
-        thread for every timer of the process: no thread per timer)."""
+        thread for every timer of the process: no thread per timer). The
+        :class:`~sharedpool.timers.Timer` returned can be cancelled."""
         self._checkpid()
         when = time.monotonic() + max(0.0, delay)
+        timer = timers.Timer(job)
         with self._cond:
             first = not self._timers or when < self._timers[0][0]
-            heapq.heappush(self._timers, (when, next(self._timer_seq), job))
+            self._timers_limit = timers.push(self._timers, (when, next(self._timer_seq), timer),
+                                             self._timers_limit)
         self._ensure_thread()
         if first:
             self._notify()
+        return timer
 
     def run_soon(self, job: Callable[[], object]) -> None:
         """:meth:`call_later` for a finalizer: takes no lock (the thread the

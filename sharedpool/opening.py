@@ -30,6 +30,7 @@ from .wrapper import ConnectionWrapper
 if TYPE_CHECKING:
     from .client import AcquireRequest, Client, Lease
     from .pool import ConnectionPool
+    from .timers import Timer
     from .waiting import _Waiter
 
 log = logging.getLogger("sharedpool.pool")
@@ -238,11 +239,11 @@ def take_lease(pool: ConnectionPool[Any], client: Client, deadline: float,
     withdraw = RetimeIfServed(pool, waiter, ticket, carry) if waiter is not None else None
     try:
         if active and not stale and withdraw is not None and timeout > 2 * WITHDRAW_EARLY:
-            client.call_later(timeout - WITHDRAW_EARLY, withdraw)
+            withdraw.arm(timeout - WITHDRAW_EARLY)
         lease = ticket.wait()
     finally:
         if withdraw is not None:
-            withdraw.forget()  # the timer may be due long after: it must hold nothing
+            withdraw.forget()  # the timer may be due long after: cancelled, it holds nothing
         with pool._lock:
             pool._lease_requests.discard(ticket)
             active = pool._active
@@ -269,9 +270,11 @@ class RetimeIfServed:
     lease wait ends (:meth:`forget`): the waiter's wrapper and the ticket's
     owner hold the pool, and the timer may be due as late as the checkout's
     timeout; a pool dropped meanwhile must be collected, its connections
-    closed and their leases released, without waiting for it."""
+    closed and their leases released, without waiting for it. :meth:`forget`
+    cancels the timer too: left in the client's heap until its deadline, one
+    per connection opened piled up (acquire_timeout x connects per second)."""
 
-    __slots__ = ("_pool", "_waiter", "_ticket", "_carry")
+    __slots__ = ("_pool", "_waiter", "_ticket", "_carry", "_timer")
 
     def __init__(self, pool: ConnectionPool[Any], waiter: _Waiter, ticket: AcquireRequest,
                  carry: Carry | None = None) -> None:
@@ -279,10 +282,23 @@ class RetimeIfServed:
         self._waiter: _Waiter | None = waiter
         self._ticket: AcquireRequest | None = ticket
         self._carry = carry
+        self._timer: Timer | None = None
+
+    def arm(self, delay: float) -> None:
+        """Run on the client's thread in ``delay`` seconds (unless forgotten first)."""
+        ticket = self._ticket
+        if ticket is None:
+            return
+        self._timer = timer = ticket.client.call_later(delay, self)
+        if self._ticket is None:  # forgotten meanwhile (the wait ended on another thread)
+            timer.cancel()
 
     def forget(self) -> None:
         """The lease wait ended: nothing is left to retime or withdraw."""
         self._waiter = self._ticket = self._carry = None
+        timer = self._timer
+        if timer is not None:
+            timer.cancel()
 
     def __call__(self) -> None:
         found, waiter, ticket = self._pool(), self._waiter, self._ticket
@@ -314,7 +330,7 @@ class RetimeIfServed:
         # Answered as it was retimed (False): the lease goes to the oldest waiter
         # all the same; the one adopted here only decides where an error goes.
         elif ticket.retime(left) and left > 2 * WITHDRAW_EARLY:
-            ticket.client.call_later(left - WITHDRAW_EARLY, self)
+            self.arm(left - WITHDRAW_EARLY)
 
 
 def setup(pool: ConnectionPool[Any], wrapper: ConnectionWrapper[Any],
