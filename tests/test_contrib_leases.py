@@ -27,6 +27,7 @@ from proc_helpers import (
     sharedpool_logs_queued_gc_off,
     wait_leased,
 )
+from servers import wait_for
 
 from sharedpool import Client, Resource
 from sharedpool import protocol as p
@@ -342,6 +343,24 @@ def test_a_book_replaces_a_shared_client_closed_under_it(
     assert client.closed
 
 
+def _queued_lease_wait(book: LeaseBook, local: Any, got: list[object]) -> tuple[threading.Thread, Client]:
+    """``book.acquire(local=local)`` in a thread, its outcome (or exception) put in
+    ``got``; returned once its acquire is queued at the coordinator, with the book's client."""
+
+    def wait() -> None:
+        try:
+            got.append(book.acquire(object(), 5, local=local))
+        except BaseException as exc:  # noqa: BLE001 - looked at by the caller
+            got.append(exc)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    client = book.client
+    assert client is not None
+    wait_for(lambda: client._pending, 5, "the acquire to be queued")
+    return waiter, client
+
+
 def test_shutdown_during_a_lease_wait_still_ends_the_session(start_coordinator: Any, sock_path: str) -> None:
     # A pool closed while one of its lease waits was queued (a psycopg_pool
     # worker at close): shutdown()'s close_if_unused() found the acquire pending,
@@ -351,22 +370,8 @@ def test_shutdown_during_a_lease_wait_still_ends_the_session(start_coordinator: 
     held = other.acquire("r", timeout=5)
     book = LeaseBook("r", sock_path)
     closing = threading.Event()
-    errors: list[BaseException] = []
-
-    def wait() -> None:
-        try:
-            book.acquire(object(), 5, local=lambda: True if closing.is_set() else None)
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-
-    waiter = threading.Thread(target=wait)
-    waiter.start()
-    client = book.client
-    assert client is not None
-    deadline = time.monotonic() + 5
-    while not client._pending and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert client._pending
+    got: list[object] = []
+    waiter, client = _queued_lease_wait(book, lambda: True if closing.is_set() else None, got)
     book.shutdown()  # the acquire is still queued: the session stays for now
     closing.set()
     book.notify_returned()
@@ -374,7 +379,7 @@ def test_shutdown_during_a_lease_wait_still_ends_the_session(start_coordinator: 
     deadline = time.monotonic() + 3
     while not client.closed and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert not errors
+    assert got == [True], got
     assert client.closed, "the session outlived the book's last lease wait"
     other.release(held)
     other.close()
@@ -405,21 +410,7 @@ def test_a_wait_no_longer_needed_when_its_session_ends_is_not_an_error(
 
     book._returned = WakesAfterTheError()
     got: list[object] = []
-
-    def wait() -> None:
-        try:
-            got.append(book.acquire(object(), 5, local=lambda: True if book.closed_reason() else None))
-        except BaseException as exc:  # noqa: BLE001 - looked at below
-            got.append(exc)
-
-    waiter = threading.Thread(target=wait)
-    waiter.start()
-    client = book.client
-    assert client is not None
-    deadline = time.monotonic() + 5
-    while not client._pending and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert client._pending
+    waiter, client = _queued_lease_wait(book, lambda: True if book.closed_reason() else None, got)
     book.release_for_exit(1.0)
     client.close(1.0)  # as release_process() ends each session
     waiter.join(5)
