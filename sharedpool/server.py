@@ -50,6 +50,8 @@ RECLAIM_INFO_EVERY = 60.0
 #: the coordinator refuses fill its log by connecting in a loop, and the CLI's
 #: probe made every refused command two lines.
 REFUSED_LOG_EVERY = 60.0
+#: A fence that ran out its fence_timeout is logged this long after (the ledger lifts it first).
+FENCE_LOG_AFTER = 0.1
 
 
 def peer_credentials(sock: Any) -> tuple[int, int, int] | None:
@@ -587,6 +589,14 @@ class Server:
             # connect: fence.py said so above): the slots wait either way.
             log.warning("fence: backends %s of dead pid %s not confirmed gone; slots stay fenced "
                         "until fence_timeout (%gs)", sorted(remaining), eff.pid, limits.fence_timeout)
+            # The ledger lifts them then, silently: say so, or the operator told they
+            # wait never learns when (nor that those backends were never seen to go).
+            await asyncio.sleep(max(0.0, started + limits.fence_timeout - self.loop.time()) + FENCE_LOG_AFTER)
+            res = self.ledger.resources.get(eff.resource)
+            if res is not None and not any(lease in res.fenced for lease in eff.leases):
+                log.warning("fence: fence_timeout (%gs) passed for dead pid %s: %d slot(s) of %s free "
+                            "again; backends %s were never confirmed gone", limits.fence_timeout,
+                            eff.pid, len(eff.leases), eff.resource, sorted(remaining))
             return
         unknown = len(eff.leases) - len(eff.backend_pids)
         if unknown > 0:

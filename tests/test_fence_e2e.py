@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from pg_helpers import BackendSampler, pg_dsn
+from servers import wait_for
 from test_pg_cap import finish, spawn
 
 from sharedpool import Client, Resource
@@ -99,6 +100,30 @@ def test_worker_killed_mid_query_never_puts_pg_over_the_cap(
         assert time.monotonic() < deadline, "the fenced slot was never freed"
         time.sleep(0.05)
     probe.close()
+
+
+def test_a_fence_that_runs_out_its_fence_timeout_says_so(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """The log said the slots "stay fenced until fence_timeout"; when that came,
+    the ledger freed them with no line at all: an operator never learned when,
+    nor that the backends were never seen to go."""
+    start_coordinator({"pg": Resource(max_size=1, monitor_dsn=pg_dsn(), fence_action="wait",
+                                      fence_timeout=1.5, acquire_timeout=60)})
+    with busy_worker(sock_path, app_name, 6.0) as victim:  # its backend outlives the fence
+        assert victim.stdout is not None and victim.stdout.readline().startswith("querying")
+        time.sleep(0.3)  # its backend pid has reached the coordinator
+        victim.kill()
+        victim.wait(10)
+        seen: list[str] = []
+
+        def said() -> bool:
+            seen.append(capfd.readouterr().err)
+            return "fence_timeout (1.5s) passed for dead pid" in "".join(seen)
+
+        wait_for(said, 10, "the fence's end in the coordinator's log")
+    text = "".join(seen)
+    assert "not confirmed gone" in text and "1 slot(s) of pg free again" in text, text
 
 
 _BARE = """
