@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import math
+import numbers
 import os
 import stat
 import threading
@@ -283,6 +284,19 @@ def check_seconds(name: str, value: Any, *, optional: bool = False, forever: boo
         raise ConfigError(name, f"must be at most {threading.TIMEOUT_MAX:.0f} seconds (the longest "
                                 f"wait a lock takes), got {value!r}")
     return value
+
+
+def check_host_number(name: str, value: Any, *, integer: bool = False, optional: bool = False) -> None:
+    """A host library's size or time, by kind only (its own checks say what range):
+    a real number, numpy's too (a float where the library only compares it); an
+    integer with ``integer`` (it counts with it: range()); None when ``optional``.
+    Else a ConfigError naming ``name``: a string failed deep inside the library."""
+    if value is None and optional:
+        return
+    if (isinstance(value, bool) or not isinstance(value, numbers.Integral if integer else numbers.Real)
+            or (not integer and math.isnan(value))):
+        want = ("an integer" if integer else "a number") + (" or None" if optional else "")
+        raise ConfigError(name, f"must be {want}, got {value!r}")
 
 
 #: What an asyncio user is told: the pools are synchronous, used from a thread.

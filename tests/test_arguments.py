@@ -224,6 +224,34 @@ def test_a_psycopg_pool_resize_of_the_wrong_kind_is_named() -> None:
         pool.close()
 
 
+def test_host_pool_numbers_they_took_as_floats_are_still_taken(
+        pg: str, start_coordinator: Any, sock_path: str) -> None:
+    """psycopg_pool only compares max_size and max_waiting, QueuePool pool_size and
+    max_overflow: a float (or a number that is neither int nor float, as numpy's:
+    a Fraction here) served there, and was refused by the kind checks ("must be
+    an integer, got 2.0"). A string still is (test above)."""
+    from fractions import Fraction
+
+    from sharedpool.contrib.psycopg import ConnectionPool as PsycopgPool
+    from sharedpool.contrib.sqlalchemy import create_engine
+
+    start_coordinator({"pg": 4})
+    pool = PsycopgPool(pg, resource="pg", coordinator=sock_path, min_size=1, max_size=2.0,
+                       max_waiting=3.0, max_lifetime=Fraction(3600), open=True)
+    try:
+        with pool.connection(timeout=10) as conn:
+            conn.execute("SELECT 1")
+    finally:
+        pool.close()
+    engine = create_engine("postgresql+psycopg://postgres@127.0.0.1/test", resource="pg",
+                           coordinator=sock_path, pool_size=1.0, max_overflow=1.0)
+    try:
+        with engine.connect() as one, engine.connect() as two:
+            assert one.exec_driver_sql("SELECT 1").scalar() == two.exec_driver_sql("SELECT 1").scalar()
+    finally:
+        engine.dispose()
+
+
 def test_a_lease_wait_may_be_forever_but_not_nan() -> None:
     import math
 

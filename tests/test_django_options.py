@@ -69,7 +69,7 @@ BAD = [
     # Was: sharedpool.errors.ConfigError: timeout: must be >= 0, got -1 (no alias, no setting)
     ("{'resource': 'pg', 'timeout': -1}", "{}['timeout']: must be >= 0, got -1"),
     # Was: TypeError: '<' not supported between instances of 'str' and 'int'
-    ("{'resource': 'pg', 'max_size': '2'}", "{}['max_size']: must be an integer or None, got '2'"),
+    ("{'resource': 'pg', 'max_size': '2'}", "{}['max_size']: must be a number or None, got '2'"),
     # psycopg_pool's own check, said with the options it was given.
     ("{'resource': 'pg', 'min_size': -1}", "{} = {{'resource': 'pg', 'min_size': -1}}: min_size cannot be "),
     ("'pg'", "{}: must be a dict of ConnectionPool's arguments, got 'pg'"),

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import numbers
 import threading
 import time
 from collections.abc import Iterable
@@ -52,7 +53,7 @@ except ImportError as missing:
                       "pip install 'sharedpool[psycopg-pool]'") from missing
 
 from ..client import current_pid
-from ..config import NO_ASYNCIO, check_seconds, check_sync_callable
+from ..config import NO_ASYNCIO, check_host_number, check_seconds, check_sync_callable
 from ..errors import ConfigError, PoolTimeout
 from ._leases import LeaseBook
 
@@ -72,8 +73,9 @@ log = logging.getLogger("sharedpool.contrib.psycopg")
 WAIT_SLOT_RETRY = 0.1
 
 
-#: psycopg_pool's sizes (None: max_size is min_size) ...
-_SIZES = {"min_size": False, "max_size": True, "num_workers": False, "max_waiting": False}
+#: psycopg_pool's sizes: True where it counts with one (range(): an integer), False
+#: where it only compares it (a float was fine there); max_size may be None (min_size) ...
+_SIZES = {"min_size": True, "max_size": False, "num_workers": True, "max_waiting": False}
 #: ... and its times, inf being "never" where psycopg_pool takes it so; max_idle
 #: is a wait of its scheduler thread, which inf or 1e300 killed (OverflowError).
 _TIMES = {"max_lifetime": True, "max_idle": False, "reconnect_timeout": True}
@@ -84,14 +86,15 @@ def _check_kinds(args: dict[str, Any]) -> None:
     what range): a string was a TypeError from inside it, at the first checkout
     (max_waiting), or in its worker threads, every connect failing unseen
     (max_lifetime: a bare PoolTimeout)."""
-    for name, none_ok in _SIZES.items():
-        value = args.get(name)
-        if name in args and not (value is None and none_ok) and (
-                isinstance(value, bool) or not isinstance(value, int)):
-            raise ConfigError(name, f"must be an integer{' or None' if none_ok else ''}, got {value!r}")
+    for name, integer in _SIZES.items():
+        if name in args:
+            check_host_number(name, args[name], integer=integer, optional=name == "max_size")
     for name, forever in _TIMES.items():
         if name in args:
-            check_seconds(name, args[name], forever=forever, host_wait=True)
+            value = args[name]
+            if isinstance(value, numbers.Real) and not isinstance(value, int | float):
+                value = float(value)  # numpy's: psycopg_pool takes it, check_seconds would not
+            check_seconds(name, value, forever=forever, host_wait=True)
 
 
 class ConnectionPool(psycopg_pool.ConnectionPool[CT]):

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -52,7 +51,7 @@ except ImportError as missing:
                       "pip install 'sharedpool[sqlalchemy]'") from missing
 
 from ..client import current_pid
-from ..config import NO_ASYNCIO, blocked_loop_note, check_seconds, check_sync_callable
+from ..config import NO_ASYNCIO, blocked_loop_note, check_host_number, check_seconds, check_sync_callable
 from ..errors import ConfigError, PoolClosed, PoolTimeout, ResourceUnavailable, TooManyWaiters
 from ..process import FORK_LOCK
 from ._leases import LeaseBook
@@ -521,13 +520,10 @@ def create_engine(url: Any, *, resource: str, coordinator: str | None = None,
     if "pool" in kwargs:
         raise ConfigError("pool", "pass a URL and pool arguments, or use attach() on your engine")
     check_sync_callable("creator", kwargs.get("creator"))  # else an AttributeError from the dialect
-    # By kind only (0 and -1 mean "no limit" / "never" to QueuePool): a string
-    # passed create_engine() and failed each connect with a TypeError from inside QueuePool.
+    # By kind only (0 and -1 mean "no limit" / "never" to QueuePool, which takes a float
+    # too): a string passed create_engine() and failed each connect with a TypeError from inside QueuePool.
     for name in ("pool_size", "max_overflow", "pool_recycle"):
-        value = kwargs.get(name, 0)
-        if (isinstance(value, bool) or not isinstance(value, int | float)
-                or (name != "pool_recycle" and not isinstance(value, int)) or math.isnan(value)):
-            want = "a number of seconds (-1: never)" if name == "pool_recycle" else "an integer"
-            raise ConfigError(name, f"must be {want}, got {value!r}")
+        if name in kwargs:
+            check_host_number(name, kwargs[name])
     return attach(sqlalchemy.create_engine(url, **kwargs), resource, coordinator,
                   lease_timeout=lease_timeout, confirm_timeout=confirm_timeout)
