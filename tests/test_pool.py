@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import pytest
 from proc_helpers import start_recording
@@ -309,6 +310,28 @@ def test_pooled_decorator_and_pooled_connection() -> None:
         pc = PooledConnection(pool, w)
         assert pc.execute() == 1  # attribute access goes to the connection
         pool.release(w)
+
+
+def test_a_pooled_connection_is_made_with_no_import(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `with PooledConnection(pool, pool.acquire())` is a checkout's fast path: an
+    # import in its __init__ (for the error of a wrong argument) tripled its cost.
+    import builtins
+
+    with make_pool() as pool:
+        w = pool.acquire()
+        imported: list[str] = []
+        real = builtins.__import__
+
+        def counting(name: str, *args: Any, **kwargs: Any) -> Any:
+            imported.append(name)
+            return real(name, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "__import__", counting)
+        with PooledConnection(pool, w):
+            pass
+        monkeypatch.undo()
+        assert imported == []
+        assert pool.get_in_use() == 0
 
 
 def test_exception_inside_connection_block_still_returns_it() -> None:
