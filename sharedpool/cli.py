@@ -408,10 +408,16 @@ def sessions(socket_path: str | None, as_json: bool, wide: bool) -> None:
 def top(socket_path: str | None, interval: float, iterations: int | None) -> None:
     """A live view of resources and sessions; q or Ctrl-C quits."""
     # Its frames say when the coordinator is unreachable; the client's own warnings
-    # of it (lost, reconnected) went to stderr too, printed over the live view.
-    logging.getLogger("sharedpool").addHandler(logging.NullHandler())
-    with _unwind_on_stop_signals(), connect(socket_path) as client, contextlib.suppress(KeyboardInterrupt):
-        run_top(client, interval, iterations)
+    # of it (lost, reconnected) went to stderr too, printed over the live view. Only
+    # while it runs: top run from a tool's thread left the tool's own warnings unsaid.
+    logger, quiet = logging.getLogger("sharedpool"), logging.NullHandler()
+    logger.addHandler(quiet)
+    try:
+        with (_unwind_on_stop_signals(), connect(socket_path) as client,
+              contextlib.suppress(KeyboardInterrupt)):
+            run_top(client, interval, iterations)
+    finally:
+        logger.removeHandler(quiet)
 
 
 class _StopSignal(BaseException):

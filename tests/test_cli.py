@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import pty
 import queue
@@ -1042,6 +1043,9 @@ def test_top_off_the_main_thread_runs(serve: Serve) -> None:
     thread.join(30)
     assert got and got[0].exit_code == 0, got and got[0].exception
     assert got[0].output.count("sharedpool top") == 2
+    # Its frames stand for the client's warnings only while it runs: the NullHandler
+    # it set stayed, and the tool's own sharedpool warnings went unsaid from then on.
+    assert not any(isinstance(h, logging.NullHandler) for h in logging.getLogger("sharedpool").handlers)
 
 
 def test_top_without_a_terminal_runs_n_iterations(serve: Serve) -> None:
