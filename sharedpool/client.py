@@ -204,7 +204,7 @@ class Client(Owed, Hooks):
             age = time.monotonic() - since
             why = (" (a coordinator that is stopped or overloaded, or no sharedpool coordinator "
                    "listening there)" if age >= HELLO_SLOW else "")
-            return f"; coordinator at {self.socket_path} has not answered our hello yet ({age:.2g}s){why}"
+            return f"; coordinator at {self.socket_path} has not answered our hello yet ({age:.1f}s){why}"
         return ""
 
     @property

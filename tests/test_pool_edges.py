@@ -1624,6 +1624,26 @@ def test_a_pool_timeout_at_a_socket_that_never_answers_says_so(tmp_path: Any) ->
         mute.close()
 
 
+def test_a_hello_long_unanswered_says_its_seconds_plainly(tmp_path: Any) -> None:
+    # With connect_timeout=None a handshake may go unanswered for minutes: its
+    # age read "(1.5e+02s)".
+    import socket
+
+    path = str(tmp_path / "mute.sock")
+    mute = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    mute.bind(path)
+    mute.listen(8)  # connects succeed; nobody ever answers
+    client = Client(path, connect_timeout=None)
+    try:
+        client.reconnect_soon()
+        wait_for(lambda: client._connecting is not None, 10, "the handshake under way")
+        client._connecting_since -= 150  # as if it had waited that long
+        assert "has not answered our hello yet (150." in client.unreachable_note(), client.unreachable_note()
+    finally:
+        client.close(1)
+        mute.close()
+
+
 def test_every_acquire_with_no_coordinator_waits_its_timeout_and_raises_pool_timeout(tmp_path: Any) -> None:
     # Before: the acquires alternated: PoolTimeout after the timeout, then
     # CoordinatorUnavailable after 0.5 s (the first one's opener, failing after
