@@ -269,6 +269,8 @@ class Client(Owed, Hooks):
                 default = self._default_timeout(resource)
                 if default is not None:
                     local = time.monotonic() + 2 * default + GRACE
+                    if default > 0:  # re-sent after a restart, it asks for what is left of it
+                        pending.ends = time.monotonic() + default
             ticket = AcquireRequest(self, req, pending, local)
             if _into is not None:
                 _into.append(ticket)

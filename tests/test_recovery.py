@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import pytest
+from servers import wait_for
 
 from sharedpool import (
     Client,
@@ -267,6 +268,35 @@ def test_an_acquire_re_sent_after_a_restart_asks_for_what_is_left_of_its_wait(
         # The coordinator's answer at the end of its own 4 s, counted from the first send.
         assert "no reply in time" not in str(info.value), info.value
         assert holder.inspect("resources")["resources"][0]["timeouts"] == 1
+    finally:
+        holder.close()
+        waiter.close()
+
+
+def test_an_acquire_of_the_default_wait_re_sent_after_a_restart_asks_for_what_is_left(
+        start_coordinator: Any, sock_path: str) -> None:
+    """An acquire given no timeout (the resource's acquire_timeout, 3 s) was
+    re-sent asking for the whole default again: a coordinator away late in the
+    wait, or two restarts in it, held it past the client's own bound (twice the
+    default), which read "acquire got no reply in time from the coordinator"."""
+    first = start_coordinator({"r": {"max_size": 1, "acquire_timeout": 3}})
+    holder, waiter = Client(sock_path), Client(sock_path)
+    try:
+        holder.acquire("r", timeout=1)  # the only slot, re-registered after each restart
+        waiter.ensure_connected()  # the default known: given no timeout, the wait is 3 s
+        start = time.monotonic()
+        ticket = waiter.request("r")
+        time.sleep(1.0)  # queued at the first coordinator
+        first.kill()
+        second = start_coordinator({"r": {"max_size": 1, "acquire_timeout": 3}})
+        wait_for(lambda: waiter._sock is not None, 10, "the waiter back")
+        # Past its 3 s, but within the first re-send's whole 3 s: away again.
+        time.sleep(max(0.0, start + 3.7 - time.monotonic()))
+        second.kill()
+        start_coordinator({"r": {"max_size": 1, "acquire_timeout": 3}})
+        with pytest.raises(PoolTimeout) as info:
+            ticket.wait()
+        assert "no reply in time" not in str(info.value), info.value
     finally:
         holder.close()
         waiter.close()
