@@ -299,6 +299,12 @@ def check_host_number(name: str, value: Any, *, integer: bool = False, optional:
         raise ConfigError(name, f"must be {want}, got {value!r}")
 
 
+def _is_table(value: Any) -> bool:
+    """A TOML table, or an array of tables (``[[name]]``), as tomllib reads them."""
+    return isinstance(value, dict) or (isinstance(value, list) and bool(value)
+                                       and all(isinstance(v, dict) for v in value))
+
+
 #: What an asyncio user is told: the pools are synchronous, used from a thread.
 NO_ASYNCIO = ("sharedpool's pools are synchronous (there is no asyncio API): use one from "
               "async code in a thread (asyncio.to_thread)")
@@ -471,7 +477,7 @@ class CoordinatorConfig:
             why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split("; use sys.")[0]
             raise ConfigError("config", f"{path} is not valid TOML: {why}") from None
         unknown = sorted(set(data) - {"coordinator", "resources"})
-        if unknown and not isinstance(data[unknown[0]], dict):
+        if unknown and not _is_table(data[unknown[0]]):
             # `max_size = 5` above any header: "unknown table" named no table there.
             raise ConfigError(unknown[0], f"is outside any table in {path}; settings go under "
                               "[coordinator] or [resources.NAME] (is a table header missing above it?)")

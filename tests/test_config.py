@@ -411,6 +411,9 @@ def test_a_setting_above_every_table_header_is_not_called_a_table(tmp_path: Path
     exc = _raises_field("resourcez", CoordinatorConfig.load,
                         _write(tmp_path, "[resourcez.pg]\nmax_size = 2\n"))
     assert "unknown table" in str(exc)
+    exc = _raises_field("resource", CoordinatorConfig.load,  # an array of tables is a table too
+                        _write(tmp_path, "[[resource]]\nmax_size = 2\n"))
+    assert "unknown table" in str(exc)
 
 
 def test_load_bad_toml(tmp_path: Path) -> None:
