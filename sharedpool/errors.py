@@ -51,7 +51,9 @@ class LeaseDenied(SharedPoolError):
     def __init__(self, reason: str, message: str) -> None:
         self.reason = reason
         self.detail = message
-        super().__init__(f"{message} ({reason})")
+        # The code is appended unless the message says it already ("is draining").
+        said = reason.replace("_", " ") in message
+        super().__init__(message if said else f"{message} ({reason})")
 
     def __reduce__(self) -> tuple[type, tuple[str, str]]:
         return type(self), (self.reason, self.detail)

@@ -17,9 +17,13 @@ from hypothesis import strategies as st
 from sharedpool import protocol as p
 from sharedpool.errors import (
     LocalProtocolError,
+    PoolClosed,
     ProtocolError,
     RemoteProtocolError,
+    ResourceDraining,
     SharedPoolError,
+    UnknownResource,
+    denial_error,
 )
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -116,6 +120,17 @@ def test_error_hierarchy() -> None:
         assert issubclass(cls, ProtocolError) and issubclass(cls, SharedPoolError)
     assert not issubclass(LocalProtocolError, RemoteProtocolError)
 
+
+
+def test_a_denial_names_its_reason_once() -> None:
+    # A drain refusal read "resource 'pg' is draining (draining)".
+    drain = denial_error("draining", "resource 'pg' is draining")
+    assert isinstance(drain, ResourceDraining) and isinstance(drain, PoolClosed)
+    assert str(drain) == "resource 'pg' is draining" and drain.reason == "draining"
+    unknown = denial_error("unknown_resource", "no resource 'pgg' (known: pg)")
+    assert isinstance(unknown, UnknownResource)
+    assert str(unknown) == "no resource 'pgg' (known: pg) (unknown_resource)"  # the code is news there
+    assert repr(type(drain)(*drain.__reduce__()[1])) == repr(drain)  # still pickles as it was made
 
 # ------------------------------------------------------------------- round trips
 
