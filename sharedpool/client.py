@@ -54,6 +54,8 @@ log = logging.getLogger("sharedpool.client")
 #: free slot serves is answered within a round trip, well under a millisecond
 #: here): only then does another pool of the process give a slot back for it.
 QUEUED_AFTER = 0.01
+#: The longest ``name`` a Client takes: a label, sent in the hello.
+MAX_NAME = 1000
 #: A hello unanswered this long (a coordinator answers in milliseconds) is
 #: said to be a stopped coordinator, or something else on the socket.
 HELLO_SLOW = 0.5
@@ -71,6 +73,9 @@ class Client(Owed, Hooks):
         if name is not None and not isinstance(name, str):  # sent in the hello: refused there,
             # it read as "coordinator unreachable" at the first acquire
             raise ConfigError("name", f"must be a string or None, got {name!r}")
+        if name is not None and len(name) > MAX_NAME:  # else "hello frame of N bytes exceeds ..."
+            raise ConfigError("name", f"must be at most {MAX_NAME} characters (a label in the "
+                                      f"coordinator's log and tables), got {len(name)}")
         # A label sent in the hello: a script path that is not UTF-8 refused every session.
         self.name = p.wire_text(name or os.path.basename(sys.argv[0] or "python"))
         if connect_timeout is not None and (  # NaN fails too; "5" and True are no seconds

@@ -558,10 +558,12 @@ def _attach(bad: Any) -> Any:
     (lambda: pooled(SimpleNamespace(connection=lambda timeout: None))(5), "func"),
     (lambda: release_process(1, wait_in_use="no"), "wait_in_use"),  # was taken as True
     (lambda: ConnectionPool(FakeFactory(), name=5), "name"),  # was kept as the pool's name
+    # Each hello refused: "hello frame of 2097194 bytes exceeds 1048576", naming no argument.
+    (lambda: Client("/tmp/sp-args.sock", name="w" * 2_000_000), "name"),
 ], ids=["client-name-int", "client-name-list", "release-int", "pooled-int", "pooled-timeout-str",
         "attach-int", "redis-connection-class-int", "pooled-connection-wrapper-int",
         "pooled-connection-pool-int", "pooled-func-int", "release-process-wait-in-use-str",
-        "pool-name-int"])
+        "pool-name-int", "client-name-huge"])
 def test_arguments_of_the_wrong_kind_are_named_where_written(call: Callable[[], Any], field: str) -> None:
     with pytest.raises(ConfigError) as err:
         call()
