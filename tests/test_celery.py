@@ -180,6 +180,26 @@ def test_setup_checks_limits_when_the_app_is_made() -> None:
         state.disconnect()
 
 
+def test_a_second_setup_of_an_app_replaces_the_first(caplog: pytest.LogCaptureFixture) -> None:
+    # A celery module imported twice ran setup() twice: both states' handlers
+    # were connected, and at worker start each ran (two coordinators tried).
+    from celery import Celery, signals
+
+    from sharedpool.contrib.celery import setup
+
+    app = Celery("sp-test-twice")
+    first = setup(app, resources={"pg": 2})
+    second = setup(app, resources={"pg": 2})
+    try:
+        receivers = [r for _, r in signals.worker_init.receivers]
+        assert not any(getattr(r, "__self__", None) is first for r in receivers)
+        assert any(getattr(r, "__self__", None) is second for r in receivers)
+        assert "setup() called again" in caplog.text
+    finally:
+        first.disconnect()
+        second.disconnect()
+
+
 def test_worker_without_resources_or_coordinator_fails_clearly(sock_path: str) -> None:
     from celery import Celery
 

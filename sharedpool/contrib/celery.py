@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -147,10 +148,14 @@ class CelerySharedPool:
             log.info("sharedpool: coordinator for %s stopped", running.socket_path)
 
     def disconnect(self) -> None:
-        """Disconnect the signal handlers (tests, or an app set up twice)."""
+        """Disconnect the signal handlers (tests; a second setup() of the app does it itself)."""
         for sig, handler in self.handlers:
             sig.disconnect(handler)
         self.handlers.clear()
+
+
+#: The last setup() of each app: a second one replaces it.
+_SET_UP: weakref.WeakKeyDictionary[Celery, CelerySharedPool] = weakref.WeakKeyDictionary()
 
 
 def setup(
@@ -183,6 +188,14 @@ def setup(
         embedded = EmbeddedCoordinator(given or "unset.sock", resources, restart=restart,
                                        log_level=log_level, **options)
     state = CelerySharedPool(app, given, embedded, close_timeout)
+    earlier = _SET_UP.get(app)
+    if earlier is not None and earlier.handlers:
+        # Its module imported twice (`proj.celery` and `celery`): both states'
+        # handlers ran, the second worker_init starting a second coordinator.
+        log.warning("sharedpool: setup() called again for the Celery app %r: the earlier "
+                    "setup's signal handlers are replaced", app.main)
+        earlier.disconnect()
+    _SET_UP[app] = state
     for sig, handler in (
         (signals.worker_init, state.worker_init),
         (signals.worker_ready, state.worker_ready),
