@@ -75,6 +75,14 @@ def sp(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
                           text=True, env=ENV, timeout=timeout)
 
 
+def serve_config(tmp_path: Path, text: str) -> tuple[Path, Serve]:
+    """``sharedpool serve --config tmp_path/sp.toml``, the file holding ``text``
+    (rewrite it to reload): the file and the server."""
+    config = tmp_path / "sp.toml"
+    config.write_text(text)
+    return config, Serve(tmp_path, "--config", str(config), resource="")
+
+
 def sp_json(*args: str) -> Any:
     out = sp(*args, "--json")
     assert out.returncode == 0, out.stderr
@@ -440,9 +448,7 @@ def test_admitted_peers_that_cannot_reach_the_socket_are_warned_of(tmp_path: Pat
 
 
 def test_reload_and_sighup(tmp_path: Path) -> None:
-    config = tmp_path / "sp.toml"
-    config.write_text("[resources]\ndemo = 3\n")
-    server = Serve(tmp_path, "--config", str(config), resource="")
+    config, server = serve_config(tmp_path, "[resources]\ndemo = 3\n")
     try:
         config.write_text("[resources]\ndemo = 5\nextra = { max_size = 2 }\n")
         out = sp("reload", "--socket", server.socket)
@@ -477,9 +483,7 @@ def test_a_sighup_reload_that_grants_is_on_the_restart_marker(tmp_path: Path) ->
     without waiting for some later message."""
     from sharedpool import Client
 
-    config = tmp_path / "sp.toml"
-    config.write_text("[resources]\ndemo = 1\n")
-    server = Serve(tmp_path, "--config", str(config), resource="")
+    config, server = serve_config(tmp_path, "[resources]\ndemo = 1\n")
     holder, waiter = Client(server.socket), Client(server.socket)
     try:
         holder.acquire("demo", timeout=5)
@@ -508,9 +512,7 @@ def test_a_reload_that_raises_acquire_timeout_reaches_sessions_already_open(tmp_
     time from the coordinator", while the coordinator still held it queued."""
     from sharedpool import Client
 
-    config = tmp_path / "sp.toml"
-    config.write_text("[resources.demo]\nmax_size = 1\nacquire_timeout = 1.0\n")
-    server = Serve(tmp_path, "--config", str(config), resource="")
+    config, server = serve_config(tmp_path, "[resources.demo]\nmax_size = 1\nacquire_timeout = 1.0\n")
     holder, waiter = Client(server.socket), Client(server.socket)
     try:
         lease = holder.acquire("demo", timeout=5)
@@ -543,10 +545,8 @@ def test_a_reload_lowering_max_per_process_gets_the_excess_back(tmp_path: Path) 
     # the count re-sent with it did not know of the releases on their way: the
     # pool gave back one more (0 leases, not 1: made to happen with report_now()
     # from a second thread; the likely cause of a failure in a full -n auto run).
-    config = tmp_path / "sp.toml"
     limits = "[resources.demo]\nmax_size = 4\nfairness_quantum = 0.05\n"
-    config.write_text(limits)
-    server = Serve(tmp_path, "--config", str(config), resource="")
+    config, server = serve_config(tmp_path, limits)
     pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=4),
                           resource="demo", coordinator=server.socket)
     try:
@@ -599,9 +599,7 @@ def test_reload_keeps_flags_and_reports_what_it_did_not_apply(tmp_path: Path) ->
 def test_a_failed_reload_is_in_the_coordinators_log_and_says_nothing_changed(tmp_path: Path) -> None:
     """An operator's `sharedpool reload` of a broken file: the journal had no line
     for it (a SIGHUP's had one), and the reply did not say the running limits stay."""
-    config = tmp_path / "sp.toml"
-    config.write_text("[resources.demo]\nmax_size = 3\n")
-    server = Serve(tmp_path, "--config", str(config), resource="")
+    config, server = serve_config(tmp_path, "[resources.demo]\nmax_size = 3\n")
     try:
         config.write_text('[resources.demo]\nmax_size = "4"\n')
         out = sp("reload", "--socket", server.socket)
@@ -1210,9 +1208,7 @@ def test_a_reload_whose_welcome_would_not_fit_the_running_frame_size_is_refused(
     """max_frame takes a restart: a reload that adds resources must fit the one in
     force, not the file's new one. Before, it was applied, and from then on every
     new session was refused ("could not send welcome")."""
-    config = tmp_path / "sp.toml"
-    config.write_text("[coordinator]\nmax_frame = 1024\n[resources]\ndemo = 1\n")
-    server = Serve(tmp_path, "--config", str(config), resource="")
+    config, server = serve_config(tmp_path, "[coordinator]\nmax_frame = 1024\n[resources]\ndemo = 1\n")
     try:
         many = "".join(f"resource_number_{i} = {{ max_size = 5, acquire_timeout = 3.5 }}\n"
                        for i in range(40))
@@ -1227,9 +1223,7 @@ def test_a_reload_whose_welcome_would_not_fit_the_running_frame_size_is_refused(
 def test_a_reload_with_a_monitor_dsn_the_fence_cannot_use_is_refused(tmp_path: Path) -> None:
     # Taken before, and found out only at the next dead worker: its slots then
     # stayed fenced for all of fence_timeout, the warning naming no field.
-    config = tmp_path / "sp.toml"
-    config.write_text("[resources]\ndemo = 1\n")
-    server = Serve(tmp_path, "--config", str(config), resource="")
+    config, server = serve_config(tmp_path, "[resources]\ndemo = 1\n")
     try:
         config.write_text("[resources]\ndemo = { max_size = 2, monitor_dsn = \"host='x password=s3cret\" }\n")
         out = sp("reload", "--socket", server.socket)
