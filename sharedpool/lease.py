@@ -132,8 +132,10 @@ class AcquireRequest:
         if granted is not None:
             # Granted, but the waiter never took it (its wait() now raises
             # AcquireCancelled, so counts nothing): counted here, as a late grant is.
-            client.release(granted)
-            tell_unused(pending.owner)
+            try:
+                tell_unused(pending.owner)  # first: whoever sees the release sees it counted
+            finally:
+                client.release(granted)
         elif client._sock is not None:
             client._send_quiet(p.Cancel(self.req))
         return True

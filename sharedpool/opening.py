@@ -248,8 +248,10 @@ def take_lease(pool: ConnectionPool[Any], client: Client, deadline: float,
             pool._lease_requests.discard(ticket)
             active = pool._active
     if not active:
-        client.release(lease)
-        pool.grant_unused()  # the coordinator counted it: so do we, as never used
+        try:
+            pool.grant_unused()  # the coordinator counted it: so do we, as never used, before it goes back
+        finally:
+            client.release(lease)
         raise PoolClosed(f"pool {pool.name!r} is {pool.status.value}")
     return lease
 

@@ -148,9 +148,11 @@ def dispatch(client: Client, msg: p.Message, sock: socket.socket | None = None) 
         # and count it where its pool counts leases it never used. One of an
         # ended session went with it (taken, it answered the acquire re-sent
         # on the new one with a lease no session holds: I1).
-        if not stale:
-            client._send_quiet(p.Release(msg.lease), sock)
-        tell_unused(owner)
+        try:
+            tell_unused(owner)  # first: whoever sees the release sees it counted
+        finally:
+            if not stale:
+                client._send_quiet(p.Release(msg.lease), sock)
     elif sock is not None and client._sock is not sock:
         return  # an ended session's reply, reclaim or push: its requests went out again
     elif isinstance(msg, p.Deny | p.Reply | p.Error) and msg.req is not None:

@@ -13,7 +13,7 @@ import pytest
 from fake_coordinator import GrantCrossingCancel
 from proc_helpers import resource_row
 
-from sharedpool import ConnectionPool, PoolClosed, PoolConfig, PoolStatus
+from sharedpool import ConnectionPool, PoolClosed, PoolConfig, PoolStatus, receiving
 from sharedpool.lease import AcquireRequest
 from sharedpool.testing import FakeFactory
 
@@ -25,11 +25,16 @@ def _until(check: Any, what: str, timeout: float = 5.0) -> None:
         time.sleep(0.01)
 
 
-def test_a_grant_crossing_the_withdrawal_of_a_served_wait_counts_as_unused(sock_path: str) -> None:
+def test_a_grant_crossing_the_withdrawal_of_a_served_wait_counts_as_unused(
+        sock_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A waiter served by a checkin while its opener's lease request was out: the
     request is withdrawn, and a grant that crossed the withdrawal goes back. Before:
     the pool counted it nowhere (6 processes x 4 threads, cap 4, 8 s: grants 642
-    against 636 leases_acquired summed over the pools, the gap exactly such grants)."""
+    against 636 leases_acquired summed over the pools, the gap exactly such grants).
+    The count is made before the release goes out (slowed here): before, a loaded
+    CI saw the release and read the figures between the two."""
+    told = receiving.tell_unused
+    monkeypatch.setattr(receiving, "tell_unused", lambda owner: (time.sleep(0.3), told(owner)))
     fake = GrantCrossingCancel(sock_path, at_once=1)
     pool = ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=2, test_on_acquire=False),
                           resource="r", coordinator=sock_path)
