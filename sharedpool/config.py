@@ -42,15 +42,28 @@ def default_socket_path() -> str:
                           "or set it to the coordinator's socket path")
     if env:
         return env
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and os.path.isdir(runtime):
-        return os.path.join(runtime, "sharedpool", "sharedpool.sock")
-    return tmp_socket_path()
+    return runtime_socket_path("sharedpool.sock")
 
 
 def tmp_socket_path() -> str:
     """The default socket path without ``$XDG_RUNTIME_DIR`` (a systemd service, cron)."""
     return os.path.join("/tmp", f"sharedpool-{os.getuid()}", "sharedpool.sock")
+
+
+def runtime_socket_path(name: str) -> str:
+    """``name`` in the per-user socket directory: ``$XDG_RUNTIME_DIR/sharedpool``
+    if that variable names a directory, else ``/tmp/sharedpool-<uid>``."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if not (runtime and os.path.isdir(runtime)):
+        return os.path.join("/tmp", f"sharedpool-{os.getuid()}", name)
+    path = os.path.join(runtime, "sharedpool", name)
+    size = len(os.fsencode(path))
+    if size > MAX_SOCKET_PATH:
+        # Else the error named the socket path only: nobody had given one.
+        raise ConfigError("XDG_RUNTIME_DIR", f"{runtime} makes the default socket path {path} too "
+                          f"long for a Unix socket ({size} bytes, at most {MAX_SOCKET_PATH}): set "
+                          f"${SOCKET_ENV} or give the socket path")
+    return path
 
 
 def _number(

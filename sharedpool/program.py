@@ -37,7 +37,13 @@ from typing import Any
 
 from .atfork import in_child
 from .client import expect_end
-from .config import CoordinatorConfig, check_option_names, check_seconds, config_from_parts
+from .config import (
+    CoordinatorConfig,
+    check_option_names,
+    check_seconds,
+    config_from_parts,
+    runtime_socket_path,
+)
 from .coordinator import CoordinatorRunning
 from .errors import ConfigError, SharedPoolError
 
@@ -75,12 +81,7 @@ class CoordinatorStartError(SharedPoolError, OSError):
 
 def private_socket_path(prefix: str) -> str:
     """A fresh socket path for one server's coordinator, in the per-user runtime dir."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and os.path.isdir(runtime):
-        base = os.path.join(runtime, "sharedpool")
-    else:
-        base = os.path.join("/tmp", f"sharedpool-{os.getuid()}")
-    return os.path.join(base, f"{prefix}-{os.getpid()}-{secrets.token_hex(3)}.sock")
+    return runtime_socket_path(f"{prefix}-{os.getpid()}-{secrets.token_hex(3)}.sock")
 
 
 def coordinator_listening(path: str, timeout: float = 1.0) -> bool:

@@ -509,6 +509,23 @@ def test_default_socket_path_falls_back_to_tmp(clean_env: pytest.MonkeyPatch, tm
     assert default_socket_path() == fallback
 
 
+def test_a_runtime_dir_too_long_for_a_socket_is_named(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Before: "socket: <path> is too long", for a path nobody had given (the
+    # coordinator, the CLI and the gunicorn/celery private sockets alike).
+    from sharedpool.program import private_socket_path
+
+    runtime = tmp_path / ("x" * 100)
+    runtime.mkdir()
+    clean_env.setenv("XDG_RUNTIME_DIR", str(runtime))
+    for make in (default_socket_path, lambda: private_socket_path("gunicorn")):
+        with pytest.raises(ConfigError) as err:
+            make()
+        assert err.value.field == "XDG_RUNTIME_DIR" and "too long" in str(err.value), err.value
+        assert SOCKET_ENV in str(err.value)
+    clean_env.setenv(SOCKET_ENV, "/run/app/sp.sock")  # the way out it names
+    assert default_socket_path() == "/run/app/sp.sock"
+
+
 def test_load_toml_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "latin1.toml"
     path.write_bytes("# caf\xe9\n[resources]\npg = 2\n".encode("latin-1"))
