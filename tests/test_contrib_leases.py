@@ -721,6 +721,35 @@ def test_a_grant_not_yet_taken_when_the_wait_is_served_locally_counts_as_unused(
         fake.stop()
 
 
+def test_a_grant_taken_as_the_wait_is_served_locally_is_counted_before_it_goes_back(
+        sock_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The helper thread has taken the grant when a checkin serves the wait: the
+    helper gives it back, counted as unused first (slowed here). Before: released
+    first, so a reader that saw the release could read leases_unused 0 (CI did,
+    for the core pool's counterpart)."""
+    fake = _GrantAtOnce(sock_path)
+    book = LeaseBook("r", coordinator=sock_path)
+    taken = threading.Event()
+    count = book.count
+
+    def slow_count(name: str, n: int = 1) -> None:
+        if name == "leases_acquired":  # the helper holds the lease: the wait is served meanwhile
+            taken.set()
+            book.notify_returned()
+            time.sleep(1.0)
+        elif name == "leases_unused":
+            time.sleep(0.3)
+        count(name, n)
+
+    monkeypatch.setattr(book, "count", slow_count)
+    try:
+        assert book.acquire(object(), 5, local=lambda: True if taken.is_set() else None)
+        _assert_given_back_unused(fake, book)
+    finally:
+        book.shutdown()
+        fake.stop()
+
+
 def _a_collected_book_with_a_lease(sock_path: str, server: socket.socket) -> socket.socket:
     """A book, in a garbage cycle (as a host pool and its connections are),
     holding one leased connection to ``server``; dropped. The server's end comes back."""

@@ -178,8 +178,7 @@ class _Acquiring(_Book):
                 wait.lease, wait.done = lease, True
                 cond.notify_all()
             if unused:  # granted just as we withdrew: no connection was opened under it
-                self._release(client, lease)
-                self.count("leases_unused")
+                self._unused(client, lease)
 
         # A waiting session is asked for the leases it last reported idle
         # (another of its pools may sit on them). This pool's own are all out
@@ -213,8 +212,7 @@ class _Acquiring(_Book):
                 for ticket in tickets:
                     ticket._drop()  # withdrawn and forgotten: no wait() will ever pop it
             if lease_back is not None:
-                self._release(client, lease_back)
-                self.count("leases_unused")
+                self._unused(client, lease_back)
             if offered is not None and back is not None:
                 try:
                     back()  # checked in again: to another waiter, or to the pool
@@ -261,8 +259,7 @@ class _Acquiring(_Book):
         if withdraw:
             request.withdraw()
         if lease_back is not None:
-            self._release(client, lease_back)
-            self.count("leases_unused")
+            self._unused(client, lease_back)
         return got
 
     def offer(self, conn: Any, owner: Any = None, back: Callable[[], object] | None = None) -> bool:
@@ -352,6 +349,12 @@ class _Acquiring(_Book):
         self.rekey(key, conn)
         self.opened(conn)
         return conn
+
+    def _unused(self, client: Client, lease: Lease) -> None:
+        """Give back a lease granted to a wait given up: counted first, so that
+        whoever sees it released (the coordinator's figures) sees it counted."""
+        self.count("leases_unused")
+        self._release(client, lease)
 
     def _release_after(self, client: Client, lease: Lease, fds: list[int]) -> None:
         self._count_closing(1)  # counted as closing until the server lets go
