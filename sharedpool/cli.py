@@ -190,11 +190,18 @@ def get_sessions(client: Client) -> list[dict[str, Any]]:
 
 
 def get_leases(client: Client, resource: str | None = None, pid: int | None = None) -> list[dict[str, Any]]:
-    """Leases with the holder's process name and command line (looked up locally)."""
+    """Leases with the holder's process name and command line (looked up locally),
+    then the fenced ones (``status`` counts them: their slots are not free yet)."""
     filters: dict[str, Any] = {k: v for k, v in (("resource", resource), ("pid", pid)) if v is not None}
     cache: dict[int, _ProcInfo] = {}
     rows = []
-    for lease in client.inspect("leases", **filters)["leases"]:
+    try:
+        fenced = client.inspect("fenced", **filters)["fenced"]
+    except SharedPoolError as exc:  # a coordinator older than the view
+        if "cannot inspect" not in str(exc):
+            raise
+        fenced = []
+    for lease in client.inspect("leases", **filters)["leases"] + fenced:
         name, cmdline = _process(int(lease["pid"]), cache)
         state = STATE_NAMES.get(lease["state"], lease["state"])
         rows.append({**lease, "state": state, "process_name": name, "cmdline": cmdline})

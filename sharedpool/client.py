@@ -394,9 +394,11 @@ class Client(Owed, Hooks):
             self._notify()
 
     def inspect(self, what: str, timeout: float = 5.0, **filters: Any) -> Any:
-        """Ask the coordinator for resources, sessions, leases or server info."""
+        """Ask the coordinator for resources, sessions, leases, fenced (leases
+        of dead or not yet re-registered processes, whose slots still count) or
+        server info."""
         if not isinstance(what, str):
-            raise ConfigError("what", f"must be resources, sessions, leases or server, got {what!r}")
+            raise ConfigError("what", f"must be resources, sessions, leases, fenced or server, got {what!r}")
         return self._call(lambda req: p.Inspect(req, what, filters), timeout)
 
     def admin(self, verb: str, timeout: float = 5.0, **args: Any) -> Any:

@@ -517,6 +517,20 @@ class Ledger:
             for lease in s.leases.values() if resource is None or lease.resource == resource
         ]
 
+    def snapshot_fenced(
+        self, now: float, resource: str | None = None, pid: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Rows of ``inspect fenced``: leases whose slots count but no session
+        holds: a dead process's, quarantined until its server lets go
+        (``fenced``), or one the previous coordinator handed on, waiting for its
+        process to re-register it (``awaited``). ``ends_in_s``: the fence's bound."""
+        return [
+            {**f.lease.snapshot(now, f.pid), "state": "awaited" if f.fence in self._awaited else "fenced",
+             "state_s": None, "ends_in_s": round(max(0.0, f.until - now), 6)}
+            for res in self.resources.values() if resource is None or res.name == resource
+            for f in res.fenced.values() if pid is None or f.pid == pid
+        ]
+
     # ------------------------------------------------------------- internals
 
     def _res(self, name: str) -> ResourceState:

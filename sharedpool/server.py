@@ -35,7 +35,7 @@ log = logging.getLogger("sharedpool.coordinator")
 #: The filters each kind of inspect takes.
 _INSPECT_FILTERS: dict[str, frozenset[str]] = {
     "resources": frozenset({"names"}), "sessions": frozenset(), "leases": frozenset({"resource", "pid"}),
-    "server": frozenset()}
+    "fenced": frozenset({"resource", "pid"}), "server": frozenset()}
 
 #: struct ucred: a signed pid_t, then unsigned uid_t and gid_t (a uid of 2**31 or
 #: more, as user namespaces hand out, must not read as negative and never match)
@@ -631,7 +631,7 @@ class Server:
             return {"resources": ledger.snapshot_resources(now, None if names is None else set(names))}
         if what == "sessions":
             return {"sessions": ledger.snapshot_sessions(now)}
-        if what == "leases":
+        if what in ("leases", "fenced"):
             resource = filters.get("resource")
             if resource is not None and (not isinstance(resource, str) or resource not in ledger.resources):
                 # An empty list would read as "none held"; a typo must say so.
@@ -640,11 +640,13 @@ class Server:
             pid = filters.get("pid")
             if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int)):
                 raise ValueError(f"pid {p.brief(pid)} is not a process id")  # not "none held"
+            if what == "fenced":
+                return {"fenced": ledger.snapshot_fenced(now, resource, pid)}
             return {"leases": ledger.snapshot_leases(now, resource, pid)}
         if what == "server":
             return {"pid": os.getpid(), "socket": p.wire_text(self.config.socket_path),
                     "uptime_s": round(time.time() - self.started, 3), "sessions": len(self.sessions)}
-        raise ValueError(f"cannot inspect {what[:60]!r}; use resources, sessions, leases or server")
+        raise ValueError(f"cannot inspect {what[:60]!r}; use resources, sessions, leases, fenced or server")
 
     def admin(self, session: SessionProtocol, msg: p.Admin, now: float) -> None:
         if not self.is_admin(session.uid):

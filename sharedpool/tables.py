@@ -191,11 +191,17 @@ def sessions_sheet(sessions: list[dict[str, Any]]) -> Sheet:
          "-" if s["last_report_s"] is None else duration(s["last_report_s"]) + " ago"] for s in sessions])
 
 
+def _lease_state(lease: dict[str, Any]) -> str:
+    if "ends_in_s" in lease:  # fenced: the longest its slot stays taken
+        return f"{lease['state']} (<= {duration(lease['ends_in_s'])})"
+    return str(lease["state"]) + (" (leak?)" if lease.get("suspected_leak") else "")
+
+
 def leases_sheet(leases: list[dict[str, Any]]) -> Sheet:
     """One row per lease."""
     return _sheet("leases", LEASE_COLUMNS, [
         [lease["id"], lease["resource"], lease["pid"], lease["process_name"] or "?",
          shlex.join(lease["cmdline"]) if lease["cmdline"] else "?",
-         lease["state"] + (" (leak?)" if lease.get("suspected_leak") else ""),
-         duration(lease["age_s"]), duration(lease["state_s"]), lease.get("site") or "-"]
+         _lease_state(lease), duration(lease["age_s"]),
+         duration(lease["state_s"]), lease.get("site") or "-"]
         for lease in leases])

@@ -224,6 +224,27 @@ def test_status_leases_sessions_json_and_tables(serve: Serve, workers: list[Work
     assert row[2:4] == ["2", "0"]
 
 
+def test_leases_lists_the_fenced_slots_status_counts(tmp_path: Path, workers: list[Worker]) -> None:
+    # Before: status said fenced 2 after a worker died, and `leases` listed nothing.
+    server = Serve(tmp_path, resource="demo=3,quarantine_delay=60")
+    try:
+        workers.append(worker := Worker(server, hold=2))
+        ids = sorted(row["id"] for row in sp_json("leases", "--socket", server.socket)["leases"])
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.proc.wait(10)
+        wait_for(lambda: server.status()["fenced"] == 2, what="the dead worker's leases fenced")
+        rows = sp_json("leases", "--socket", server.socket)["leases"]
+        assert sorted(r["id"] for r in rows) == ids, rows
+        assert {(r["pid"], r["state"]) for r in rows} == {(worker.pid, "fenced")}
+        assert all(0 < r["ends_in_s"] <= 60 and r["state_s"] is None for r in rows), rows
+        assert sp_json("leases", "--socket", server.socket, "--pid", "1")["leases"] == []
+        out = sp("leases", "--socket", server.socket)
+        states = [r[5] for r in table_rows(out.stdout) if r and r[0].isdigit()]
+        assert len(states) == 2 and all(s.startswith("fenced (<= ") for s in states), out.stdout
+    finally:
+        stop(server.proc)
+
+
 def test_missing_coordinator_is_one_clear_line(tmp_path: Path) -> None:
     path = str(tmp_path / "nobody.sock")
     for command in ("status", "leases", "sessions", "top"):

@@ -460,6 +460,23 @@ def test_leases_handed_on_by_a_restart_count_in_the_peak() -> None:
     assert (row["leased"], row["fenced"], row["peak"]) == (3, 3, 3)
 
 
+def test_inspect_fenced_lists_the_slots_status_counts_as_fenced() -> None:
+    # Before: status said fenced 3 while `sharedpool leases` listed none of them.
+    lg = Ledger({"pg": Resource(4, quarantine_delay=5.0)}, hold_until=T0 + 1.5)
+    lg.restore_held([["pg", 10, 10, 900, 4242]], T0)  # a live holder, not re-registered yet
+    a = session(lg, pid=901)
+    granted(lg.acquire(a, 1, "pg", T0 + 2))
+    lg.close_session(a, T0 + 2)  # died holding it: quarantined
+    rows = sorted(lg.snapshot_fenced(T0 + 3), key=lambda r: r["id"])
+    [res] = lg.snapshot_resources(T0 + 3)
+    assert len(rows) == res["fenced"] == 2, (rows, res)
+    assert [(r["pid"], r["state"]) for r in rows] == [(900, "awaited"), (901, "fenced")]
+    assert rows[0]["id"] == 10
+    assert rows[1]["ends_in_s"] == pytest.approx(4.0) and rows[0]["backend_pid"] == 4242
+    assert lg.snapshot_fenced(T0 + 3, pid=901) == rows[1:] and lg.snapshot_fenced(T0 + 3, "pg", 7) == []
+    assert lg.snapshot_leases(T0 + 3) == []  # no session holds them
+
+
 def test_a_live_holder_that_has_not_re_registered_keeps_its_leases_counted() -> None:
     """Before: when a restart's hold ended, leases handed on for a process that
     had not re-registered them were fenced as a dead process's and freed after
