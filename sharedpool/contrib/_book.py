@@ -68,6 +68,8 @@ class _Lendable(_Entry):
     (LeaseBook.opened); a checkout and a checkin only swap a reference."""
 
     _strong: Any = None  # the connection, held: None while lent
+    #: the thread it was handed to, until checked in (see LeaseBook.handed)
+    thread: int | None = None
     _ref: weakref.ref[Any] | None = None  # set once armed
     finalizer: weakref.finalize[Any, Any] | None = None
 

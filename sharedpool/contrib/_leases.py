@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -143,9 +144,25 @@ class LeaseBook(_Acquiring):
     def lent_back(self, key: Any) -> None:
         """``key`` comes back from its user (checkin): held again. Cheap."""
         entry = self._entries.get(id(key))
-        if type(entry) is _Lendable and entry._strong is None and entry._ref is not None \
-                and entry._ref() is key:
+        if type(entry) is not _Lendable:
+            return
+        if entry._strong is None and entry._ref is not None and entry._ref() is key:
             entry._strong = key
+        if entry._strong is key:
+            entry.thread = None
+
+    def handed(self, key: Any, thread: int | None) -> None:
+        """The host pool hands ``key`` to a caller on ``thread`` (None: it took
+        it back before the caller had it), as it leaves the pool: if that very
+        thread exits the process, nobody checks it in (release_for_exit). Cheap."""
+        entry = self._entries.get(id(key))
+        if type(entry) is _Lendable and entry.key is key:
+            entry.thread = thread
+
+    def handed_to(self, key: Any) -> int | None:
+        """The thread :meth:`handed` ``key`` to, while it is out; else None."""
+        entry = self._entries.get(id(key))
+        return entry.thread if type(entry) is _Lendable and entry.key is key else None
 
     def _forget_collected(self, key_id: int, entry: _Entry) -> None:
         """A detached or lent connection was collected: its lease counts as
@@ -317,7 +334,10 @@ class LeaseBook(_Acquiring):
 
         Idle connections are closed at once; one in use (another thread is
         mid-query) is closed once checked in, or when ``timeout`` has passed
-        (at once without ``wait_in_use``).
+        (at once without ``wait_in_use``). One handed to the thread calling
+        this (:meth:`handed`) is closed at once: that thread is exiting (a
+        sync worker's, cut short mid-request or in its ``getconn()``), and
+        nobody else checks it in.
         Detached ones (SQLAlchemy's ``detach()``) never come back: closed
         last, without waiting for them."""
         self._checkpid()  # made before fork: the parent's connections are not ours (I7)
@@ -326,8 +346,14 @@ class LeaseBook(_Acquiring):
         self.exited = True
         self.notify_returned()  # lease waits with ``local`` look again: no longer needed
         deadline = time.monotonic() + max(timeout, 0.0)
+        exiting = threading.get_ident()
         while True:
             in_use = self._close_idle_for_exit(deadline)
+            for key in [k for k in in_use if self.handed_to(k) == exiting]:
+                # Waited for, it kept the exit close_timeout long (a SystemExit in a
+                # sync worker's getconn(): its connection came to nobody).
+                self._close_for_exit(key, deadline)
+                in_use.remove(key)
             remaining = deadline - time.monotonic()
             if not in_use or remaining <= 0 or not wait_in_use:
                 break

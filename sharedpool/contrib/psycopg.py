@@ -56,6 +56,7 @@ from ..client import current_pid
 from ..config import NO_ASYNCIO, check_host_number, check_seconds, check_sync_callable
 from ..errors import ConfigError, PoolTimeout
 from ._leases import LeaseBook
+from ._waiters import Waiters
 
 __all__ = ["ConnectionPool"]
 
@@ -148,6 +149,10 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
         spare = workers - 1 if isinstance(workers, int) else 2
         self._sp_wait_slots = threading.BoundedSemaphore(max(1, spare))
         super().__init__(conninfo, configure=self._sp_configure_conn if configure else None, **kwargs)
+        # Replaced before any getconn(): psycopg_pool left a caller whose wait
+        # ended on a BaseException queued, and handed it the next connection.
+        with self._lock:
+            self._waiting = Waiters(self._sp_book, self._sp_local)  # type: ignore[assignment]
 
     @property
     def lease_book(self) -> LeaseBook:
@@ -201,13 +206,32 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
             with self._lock:
                 self._sp_prune_waiting()
         start = time.monotonic()
+        local = self._sp_local
+        local.waiter = None  # set by psycopg_pool's queueing us (Waiters.append)
         try:
             conn = super().getconn(timeout)
         except psycopg_pool.PoolTimeout as exc:
+            local.waiter = None
             if note := self._sp_timeout_note(start):
                 raise psycopg_pool.PoolTimeout(f"{exc}{note}") from None
             raise
+        except BaseException as exc:
+            waiter, local.waiter = local.waiter, None
+            if waiter is not None and not isinstance(exc, Exception):
+                # Cut short by a SystemExit, KeyboardInterrupt...: psycopg_pool
+                # keeps waiting for us (see _waiters.py).
+                lost = waiter.give_up(exc)
+                if lost is not None:
+                    self._putconn(lost, from_getconn=True)
+            raise
+        local.waiter = None  # its connection held here no longer (a dropped one is collected)
         self._sp_book.lend(conn)
+        return conn
+
+    def _get_ready_connection(self, timeout: float | None) -> CT | None:
+        conn = super()._get_ready_connection(timeout)
+        if conn is not None:  # out of the pool, to the caller's thread (ours: it takes it)
+            self._sp_book.handed(conn, threading.get_ident())
         return conn
 
     def _sp_timeout_note(self, since: float) -> str:
