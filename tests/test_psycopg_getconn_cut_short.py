@@ -18,6 +18,7 @@ import threading
 import time
 from typing import Any
 
+import psycopg_pool
 import pytest
 from pg_helpers import BackendSampler, pg_dsn
 from proc_helpers import run_forked, wait_leased
@@ -97,3 +98,21 @@ def test_release_process_closes_at_once_a_checkout_of_the_exiting_thread(
     assert child["closed"] and child["held"] == 0, child
     assert wait_leased(sock_path, 0) == 0
     assert BackendSampler(app_name).count_now() == 0
+
+
+def test_a_pool_made_with_open_false_under_psycopg_pool_3_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """psycopg_pool 3.2 (pyproject: >= 3.2.8) makes its lock at open(), not in
+    __init__ as 3.3 does; emulated here. Before: ConnectionPool(open=False)
+    raised AttributeError '_lock' (the queue swapped under it), as did get_stats()
+    and close() of a pool never opened."""
+    init = psycopg_pool.ConnectionPool.__init__
+
+    def lock_made_at_open(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        if self._closed:
+            self.__dict__.pop("_lock", None)  # as psycopg_pool 3.2.8's __init__ leaves it
+
+    monkeypatch.setattr(psycopg_pool.ConnectionPool, "__init__", lock_made_at_open)
+    pool = ConnectionPool("dbname=test", resource="pg", coordinator="/tmp/sp-no.sock", open=False)
+    assert pool.get_stats()["requests_waiting"] == 0
+    pool.close()

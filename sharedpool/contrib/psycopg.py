@@ -149,6 +149,10 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
         spare = workers - 1 if isinstance(workers, int) else 2
         self._sp_wait_slots = threading.BoundedSemaphore(max(1, spare))
         super().__init__(conninfo, configure=self._sp_configure_conn if configure else None, **kwargs)
+        if not hasattr(self, "_lock"):
+            # psycopg_pool 3.2 makes it at open() (it keeps one made before): with
+            # open=False, this and get_stats() or close() raised AttributeError.
+            self._lock = threading.RLock()  # psycopg_pool's own kind (_acompat.Lock)
         # Replaced before any getconn(): psycopg_pool left a caller whose wait
         # ended on a BaseException queued, and handed it the next connection.
         with self._lock:
