@@ -523,13 +523,20 @@ class Ledger:
         """Rows of ``inspect fenced``: leases whose slots count but no session
         holds: a dead process's, quarantined until its server lets go
         (``fenced``), or one the previous coordinator handed on, waiting for its
-        process to re-register it (``awaited``). ``ends_in_s``: the fence's bound."""
-        return [
-            {**f.lease.snapshot(now, f.pid), "state": "awaited" if f.fence in self._awaited else "fenced",
-             "state_s": None, "ends_in_s": round(max(0.0, f.until - now), 6)}
-            for res in self.resources.values() if resource is None or res.name == resource
-            for f in res.fenced.values() if pid is None or f.pid == pid
-        ]
+        process to re-register it (``awaited``). ``ends_in_s``: the fence's bound;
+        None for an awaited one, counted for as long as its process runs (its
+        fence's time is only when the coordinator looks again)."""
+        rows = []
+        for res in self.resources.values():
+            if resource is not None and res.name != resource:
+                continue
+            for f in res.fenced.values():
+                if pid is None or f.pid == pid:
+                    awaited = f.fence in self._awaited
+                    rows.append({**f.lease.snapshot(now, f.pid), "state": "awaited" if awaited else "fenced",
+                                 "state_s": None,
+                                 "ends_in_s": None if awaited else round(max(0.0, f.until - now), 6)})
+        return rows
 
     # ------------------------------------------------------------- internals
 

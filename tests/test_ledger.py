@@ -28,6 +28,7 @@ from sharedpool.reclaim import IDLE_ONLY, paced, to_send
 from sharedpool.records import BUSY, IDLE, MAX_ID, MAX_SITE, NEW
 from sharedpool.reports import FAILURE_BACKOFF, FAILURE_THRESHOLD
 from sharedpool.restart import ALIVE_RECHECK, MAX_HELD_ID
+from sharedpool.tables import leases_sheet
 
 T0 = 1000.0
 E = TypeVar("E")
@@ -473,8 +474,15 @@ def test_inspect_fenced_lists_the_slots_status_counts_as_fenced() -> None:
     assert [(r["pid"], r["state"]) for r in rows] == [(900, "awaited"), (901, "fenced")]
     assert rows[0]["id"] == 10
     assert rows[1]["ends_in_s"] == pytest.approx(4.0) and rows[0]["backend_pid"] == 4242
+    # Awaited: no bound while its process runs (before: the hold's end plus the
+    # delay, shown as "awaited (<= 3.5s)" and then moved on a second at a time).
+    assert rows[0]["ends_in_s"] is None
+    assert leases_sheet([{**r, "process_name": None, "cmdline": None} for r in rows]).rows[0][5] == "awaited"
     assert lg.snapshot_fenced(T0 + 3, pid=901) == rows[1:] and lg.snapshot_fenced(T0 + 3, "pg", 7) == []
     assert lg.snapshot_leases(T0 + 3) == []  # no session holds them
+    lg.tick(T0 + 10, running={900})  # past the hold, its process still runs: still counted
+    [row] = lg.snapshot_fenced(T0 + 10)
+    assert (row["state"], row["ends_in_s"]) == ("awaited", None), row
 
 
 def test_a_live_holder_that_has_not_re_registered_keeps_its_leases_counted() -> None:
