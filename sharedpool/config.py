@@ -527,6 +527,8 @@ class CoordinatorConfig:
             name = exc.field.removeprefix("coordinator.")
             if name in {"socket" if k == "socket_path" else k for k in kept}:
                 raise ConfigError(name, exc.detail) from None
+            if name in (SOCKET_ENV, "XDG_RUNTIME_DIR"):  # the default socket path's: not a file key
+                raise ConfigError(name, exc.detail) from None
             if name.startswith("resources."):  # a monitor_dsn checked here: the file's [resources.NAME]
                 raise ConfigError(name, exc.detail) from None
             raise

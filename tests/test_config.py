@@ -522,6 +522,12 @@ def test_a_runtime_dir_too_long_for_a_socket_is_named(clean_env: pytest.MonkeyPa
             make()
         assert err.value.field == "XDG_RUNTIME_DIR" and "too long" in str(err.value), err.value
         assert SOCKET_ENV in str(err.value)
+    # A config file without ``socket``: the same field, not a [coordinator]
+    # key ("coordinator.XDG_RUNTIME_DIR", before).
+    (tmp_path / "sp.toml").write_text("[resources]\npg = 2\n")
+    with pytest.raises(ConfigError) as err:
+        CoordinatorConfig.load(tmp_path / "sp.toml")
+    assert err.value.field == "XDG_RUNTIME_DIR", err.value
     clean_env.setenv(SOCKET_ENV, "/run/app/sp.sock")  # the way out it names
     assert default_socket_path() == "/run/app/sp.sock"
 
