@@ -116,3 +116,29 @@ def test_a_pool_made_with_open_false_under_psycopg_pool_3_2(monkeypatch: pytest.
     pool = ConnectionPool("dbname=test", resource="pg", coordinator="/tmp/sp-no.sock", open=False)
     assert pool.get_stats()["requests_waiting"] == 0
     pool.close()
+
+
+def test_a_waiter_given_up_never_marks_a_connection_as_its_threads() -> None:
+    """psycopg_pool pops a waiter its caller gave up (a SystemExit in getconn())
+    and tries to set it a connection, then the next caller. Before: the book was
+    told the connection was the gone caller's thread's until set() failed, and
+    that thread's release_for_exit(), reading the book without the pool's lock,
+    could close it at once on its way to the next caller."""
+    from psycopg_pool.pool import WaitingClient
+
+    from sharedpool.contrib._leases import LeaseBook
+    from sharedpool.contrib._waiters import Waiter
+
+    book = LeaseBook("r", None, lends=True)
+    conn = book.connect(object, 1.0)
+    seen: list[int | None] = []
+
+    class Watched(WaitingClient[Any]):
+        def set(self, conn: Any) -> bool:
+            seen.append(book.handed_to(conn))
+            return super().set(conn)
+
+    waiter = Waiter(Watched(), book)
+    assert waiter.give_up(SystemExit(0)) is None
+    assert not waiter.set(conn)  # psycopg_pool's _return_connection, in another thread
+    assert threading.get_ident() not in seen and book.handed_to(conn) is None, seen

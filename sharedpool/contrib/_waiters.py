@@ -39,6 +39,11 @@ class Waiter:
         return self.client.error  # type: ignore[no-any-return]
 
     def set(self, conn: Any) -> bool:
+        if self.client.conn is not None or self.client.error is not None:
+            # Given up (or served): not told even for a moment. Its thread, exiting,
+            # reads the book without the pool's lock (release_for_exit) and would
+            # close a connection on its way to the next caller.
+            return False
         # Told first: once set, the caller may check it in at once (which untells it).
         self.book.handed(conn, self.thread)
         if self.client.set(conn):
