@@ -193,7 +193,7 @@ def sessions_sheet(sessions: list[dict[str, Any]]) -> Sheet:
 
 def _lease_state(lease: dict[str, Any]) -> str:
     if lease.get("ends_in_s") is not None:  # fenced: the longest its slot stays taken
-        return f"{lease['state']} (<= {duration(lease['ends_in_s'])})"
+        return f"{lease['state']} <={duration(lease['ends_in_s'])}"
     return str(lease["state"]) + (" (leak?)" if lease.get("suspected_leak") else "")
 
 

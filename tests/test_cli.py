@@ -240,7 +240,7 @@ def test_leases_lists_the_fenced_slots_status_counts(tmp_path: Path, workers: li
         assert sp_json("leases", "--socket", server.socket, "--pid", "1")["leases"] == []
         out = sp("leases", "--socket", server.socket)
         states = [r[5] for r in table_rows(out.stdout) if r and r[0].isdigit()]
-        assert len(states) == 2 and all(s.startswith("fenced (<= ") for s in states), out.stdout
+        assert len(states) == 2 and all(s.startswith("fenced <=") for s in states), out.stdout
     finally:
         stop(server.proc)
 
