@@ -287,24 +287,27 @@ class _Acquiring(_Book):
             with self._returned:
                 self._returned.notify_all()
 
-    def opened(self, key: Any, failed: bool = False, stray: list[int] | None = None) -> None:
+    def opened(self, key: Any, failed: bool = False, stray: list[int] | None = None,
+               report: bool = True) -> None:
         """``key``'s connect finished: report the outcome to the coordinator.
         A failed connect gives its lease back: at once with no socket left, else
         once the server has let go of the ``stray`` sockets it left open (a
         connect cut short, its half-made connection held by the exception's
-        frames until collected), as after a close (I1)."""
+        frames until collected), as after a close (I1). ``report`` False: not
+        a failed connect (cut short by a SystemExit or KeyboardInterrupt)."""
         client = self._client
         if failed:
             entry = self._pop(key)
             if entry is not None and entry.client is not None:
                 client = entry.client
             if client is not None and entry is not None and entry.lease is not None:
-                client.report_failure(self.resource)
+                if report:
+                    client.report_failure(self.resource)
                 if stray:
                     self._release_after(client, entry.lease, stray)
                 else:
                     self._release(client, entry.lease)
-            elif client is not None and entry is None:
+            elif client is not None and entry is None and report:
                 # Closed already, its lease with it (redis-py disconnects a
                 # connect whose handshake failed before raising): still a
                 # failed connect, or a refused AUTH would never fail fast.
@@ -328,8 +331,14 @@ class _Acquiring(_Book):
         """Take a lease, then call ``factory``; the connection it returns is the key.
         If the factory fails, the lease goes straight back and the error propagates."""
         placeholder = object()
-        self.acquire(placeholder, timeout)
-        return self.open_under(placeholder, factory)
+        try:
+            self.acquire(placeholder, timeout)
+            return self.open_under(placeholder, factory)
+        except BaseException:
+            # A signal handler's exception between the grant and open_under's own
+            # try: nothing opens under that lease (else a no-op: open_under took it).
+            self.unused(placeholder)
+            raise
 
     def open_under(self, key: Any, factory: Callable[[], T]) -> T:
         """Call ``factory`` under the lease taken for ``key`` (a placeholder); the
@@ -344,11 +353,24 @@ class _Acquiring(_Book):
                 stray = half_made_sockets(exc, before)
             except Exception:  # noqa: BLE001 - never in place of the connect's own error
                 stray = []
-            self.opened(key, failed=True, stray=stray)  # stray: cut short, a socket left open
+            # stray: cut short, a socket left open. A connect cut short by the
+            # process's exit (gunicorn's SIGQUIT: sys.exit) is no failed connect:
+            # five such (workers stopped mid-connect) had the coordinator refuse
+            # every process's leases as failing.
+            self.opened(key, failed=True, stray=stray, report=isinstance(exc, Exception))
             raise
         self.rekey(key, conn)
         self.opened(conn)
         return conn
+
+    def unused(self, key: Any) -> None:
+        """Give back the lease taken under ``key`` (a placeholder) that nothing
+        will open under: its caller was cut short (a signal handler's exception)
+        after the grant. Not a failed connect: none is reported. Nothing if no
+        lease is held under ``key`` (never granted, or open_under took it)."""
+        entry = self._pop(key)
+        if entry is not None and entry.client is not None and entry.lease is not None:
+            self._unused(entry.client, entry.lease)
 
     def _unused(self, client: Client, lease: Lease) -> None:
         """Give back a lease granted to a wait given up: counted first, so that

@@ -247,9 +247,11 @@ class LeasedConnectionMixin:
                 super().connect_check_health(check_health)  # type: ignore[misc]
             else:
                 super().connect_check_health(check_health, retry_socket_connect)  # type: ignore[misc]
-        except BaseException:
+        except BaseException as exc:
             if self._sock is None:  # no socket left: the lease goes straight back
-                book.opened(self, failed=True)
+                # Cut short by the process's exit (SystemExit, KeyboardInterrupt):
+                # no failed connect (see open_under).
+                book.opened(self, failed=True, report=isinstance(exc, Exception))
             raise
         book.opened(self)
         start_collector()  # before a collection's disconnect() or release() (put_off)

@@ -142,7 +142,8 @@ class LeasedQueuePool(QueuePool):
                 with _lease_timeout(book, self._sp_timeout()):
                     conn = book.connect(lambda: invoke(record), self._sp_timeout())
             else:
-                self._sp_local.lease_key = None  # taken by _create_connection just before
+                # Taken by _create_connection or _do_get just before.
+                self._sp_local.lease_key = self._sp_local.lease_record = None
                 conn = book.open_under(key, lambda: invoke(record))
             if getattr(self._sp_local, "making", False):
                 # For _sp_new_record, if the connect events fail. Not kept
@@ -157,30 +158,40 @@ class LeasedQueuePool(QueuePool):
     def _sp_leased(self) -> bool:
         return self._sp_book is not None and self._sp_book.coordinator is not None
 
-    def _sp_lease_first(self) -> ConnectionPoolEntry | None:
+    def _sp_lease_first(self, record: ConnectionPoolEntry | None = None) -> ConnectionPoolEntry | None:
         """Take a lease for the connection the caller is about to open, and
         leave it for the creator. If a peer thread checks a live connection in
         meanwhile, return that record instead (the local queue must not sit
-        idle while we wait at the global cap)."""
+        idle while we wait at the global cap). ``record``: the empty slot it
+        is for (see _do_return_conn)."""
         book = self._sp_book
         assert book is not None
         key = object()
-        # Always watched, even when no peer seems to hold a connection: one may
-        # be opening right now, and a wait nothing local can end keeps this
-        # process queued at the coordinator, where it is not asked to give back.
-        with _lease_timeout(book, self._sp_timeout()):
-            returned = book.acquire(key, self._sp_timeout(), local=self._sp_take_live, owner=self)
-        if returned is not None:
-            return returned  # type: ignore[no-any-return]
-        self._sp_local.lease_key = key
-        return None
+        try:
+            # Always watched, even when no peer seems to hold a connection: one may
+            # be opening right now, and a wait nothing local can end keeps this
+            # process queued at the coordinator, where it is not asked to give back.
+            with _lease_timeout(book, self._sp_timeout()):
+                returned = book.acquire(key, self._sp_timeout(), local=self._sp_take_live, owner=self)
+            if returned is None:
+                self._sp_local.lease_key, self._sp_local.lease_record = key, record
+        except BaseException:
+            # A signal handler's exception as the lease came (gunicorn's SIGQUIT
+            # when the master stops every worker: one's exit frees the slot
+            # another waits for), before the creator could find it: it held the
+            # lease for the life of the process.
+            book.unused(key)
+            raise
+        return returned  # type: ignore[no-any-return]
 
     def _sp_unused_lease(self) -> None:
-        """The connect failed before the creator took the lease: give it back."""
+        """The checkout ended before its connect took the lease left for it (a
+        signal handler's exception in SQLAlchemy's code before the creator):
+        back, unused. Not a failed connect: the creator never ran."""
         key = getattr(self._sp_local, "lease_key", None)
+        self._sp_local.lease_key = self._sp_local.lease_record = None
         if key is not None and self._sp_book is not None:
-            self._sp_local.lease_key = None
-            self._sp_book.opened(key, failed=True)
+            self._sp_book.unused(key)
 
     def _create_connection(self) -> ConnectionPoolEntry:
         # QueuePool._do_get counted us as one more connection.
@@ -290,7 +301,7 @@ class LeasedQueuePool(QueuePool):
             # get_connection() right after this, under a lease taken here, or
             # gives way to a live connection a peer checks in meanwhile.
             try:
-                live = self._sp_lease_first()
+                live = self._sp_lease_first(record)
             except BaseException:
                 self._sp_put_back_empty(record)
                 raise
@@ -312,6 +323,11 @@ class LeasedQueuePool(QueuePool):
             self._sp_after_fork()
         if getattr(record, "_sp_pid", pid) != pid:
             return  # the parent's, checked in by the child: neither pooled nor closed (I7)
+        if record is getattr(self._sp_local, "lease_record", None):
+            # Its checkout failed before the connect took the lease _do_get left
+            # for it (a signal handler's exception in SQLAlchemy's checkout, which
+            # checks the record in): nothing opens under it now.
+            self._sp_unused_lease()
         conn = record.dbapi_connection
         book = self._sp_book
         if book is None:
