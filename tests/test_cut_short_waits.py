@@ -438,3 +438,83 @@ def test_connects_cut_short_by_the_exit_are_no_failed_connects(
     finally:
         client.close()
     assert wait_leased(sock_path, 0) == 0
+
+
+# ---------------------------------------------------------------- cut short as the book's own steps start
+
+
+def _book_step_cut(sock: str, app: str, exit_name: str, step: str, kind: str) -> dict[str, Any]:
+    """The exit lands as a LeaseBook step starts (its first line, where a signal
+    handler runs): ``open_under`` (the lease granted, nothing opened yet) or
+    ``rekey`` (the connection made, not yet under its own key). The exception
+    is kept a moment, as a handler up the stack would: its frames hold the
+    connection made."""
+    import gc
+
+    from sqlalchemy import text
+
+    from sharedpool.contrib._leases import LeaseBook
+    from sharedpool.contrib.sqlalchemy import create_engine
+
+    exc = EXITS[exit_name]
+    fire = [False]
+    real = getattr(LeaseBook, step)
+
+    def cut(self: LeaseBook, *args: Any, **kwargs: Any) -> Any:
+        if fire[0]:
+            fire[0] = False
+            raise exc
+        return real(self, *args, **kwargs)
+
+    setattr(LeaseBook, step, cut)  # this forked child's own
+    engine = create_engine(URL, resource="pg", coordinator=sock, pool_size=1, max_overflow=0,
+                           pool_timeout=10, connect_args={"application_name": app},
+                           pool_recycle=0.2 if kind == "reconnect" else -1)
+    pool: Any = engine.pool
+    if kind != "new":
+        with engine.connect() as conn:
+            if kind == "empty_slot":
+                conn.invalidate()
+    if kind == "reconnect":
+        time.sleep(0.3)  # past pool_recycle: LeaseBook.connect, inside SQLAlchemy's checkout
+    time.sleep(0.3)  # the previous connection's close confirmed, its lease back
+    fire[0] = True
+    out: dict[str, Any] = {}
+    kept: BaseException | None = None
+    try:
+        engine.connect()
+    except exc as e:
+        kept = e
+    out["cut_short"] = kept is not None
+    time.sleep(0.3)  # a lease given back reaches the coordinator
+    out["backends"] = BackendSampler(app).count_now()
+    out["leased"] = resource_row(sock)["leased"]
+    kept = None
+    gc.collect()  # the connection made (if any) closed: its lease goes back after
+    out["book_held"] = pool.lease_stats()["leases_held"]
+    out["leased_after"] = wait_leased(sock, 0)
+    with engine.connect() as conn:
+        out["next"] = conn.execute(text("SELECT 1")).scalar_one()
+    _exit(out)
+    out["held"] = pool.lease_stats()["leases_held"]
+    return out
+
+
+@pytest.mark.parametrize("exit_name", ["system_exit"])  # KeyboardInterrupt: the same paths
+@pytest.mark.parametrize(("step", "kind"), [("open_under", "new"), ("open_under", "empty_slot"),
+                                            ("rekey", "new"), ("rekey", "reconnect")])
+def test_sqlalchemy_cut_short_as_a_book_step_starts(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str, exit_name: str, step: str,
+        kind: str) -> None:
+    # Before: open_under, from the creator: the lease under a placeholder nobody
+    # referred to, held for the life of the process. rekey, from LeaseBook.connect:
+    # the lease given back at once, the connection made still open (1 backend, 0
+    # leased); from the creator: held for the life of the process.
+    start_coordinator({"pg": Resource(max_size=3)})
+    [child] = run_forked(_book_step_cut, sock_path, app_name, exit_name, step, kind)
+    assert child["cut_short"], child
+    assert child["leased"] >= child["backends"], child
+    assert child["book_held"] == child["leased_after"] == 0, child
+    assert child["next"] == 1 and child["took"] < 2 and child["held"] == 0, child
+    assert wait_leased(sock_path, 0) == 0
+    assert BackendSampler(app_name).count_now() == 0

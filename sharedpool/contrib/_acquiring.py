@@ -22,6 +22,7 @@ from ._orphans import let_go
 log = logging.getLogger("sharedpool.contrib")
 
 T = TypeVar("T")
+_NOT_MADE: Any = object()  # open_under: no connection made yet
 
 
 @dataclass(eq=False)
@@ -345,9 +346,15 @@ class _Acquiring(_Book):
         connection it returns becomes the key. If the factory fails, the error
         propagates and the lease goes back (see :meth:`opened`)."""
         before: frozenset[tuple[int, int, int]] | None = None
+        conn: Any = _NOT_MADE
         try:
             before = open_fds()  # in the try: a signal's exception here must give the lease back
             conn = factory()
+            # In the try too: cut short just before (a signal handler's exception
+            # as rekey starts), the connection made is open under key's lease,
+            # its socket held by this frame: the lease goes back once the server
+            # let go of it (I1), not at once (connect()'s unused()).
+            self.rekey(key, conn)
         except BaseException as exc:
             try:
                 stray = half_made_sockets(exc, before)
@@ -356,10 +363,12 @@ class _Acquiring(_Book):
             # stray: cut short, a socket left open. A connect cut short by the
             # process's exit (gunicorn's SIGQUIT: sys.exit) is no failed connect:
             # five such (workers stopped mid-connect) had the coordinator refuse
-            # every process's leases as failing.
-            self.opened(key, failed=True, stray=stray, report=isinstance(exc, Exception))
+            # every process's leases as failing. Nor is one that was made.
+            made = conn is not _NOT_MADE
+            self.opened(key, failed=True, stray=stray, report=not made and isinstance(exc, Exception))
+            if made:  # rekeyed before the exception (as rekey's lock was let go): under conn
+                self.opened(conn, failed=True, stray=stray, report=False)
             raise
-        self.rekey(key, conn)
         self.opened(conn)
         return conn
 

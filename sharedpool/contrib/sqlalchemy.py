@@ -144,7 +144,14 @@ class LeasedQueuePool(QueuePool):
             else:
                 # Taken by _create_connection or _do_get just before.
                 self._sp_local.lease_key = self._sp_local.lease_record = None
-                conn = book.open_under(key, lambda: invoke(record))
+                try:
+                    conn = book.open_under(key, lambda: invoke(record))
+                except BaseException:
+                    # Cut short as open_under starts (a signal handler's exception),
+                    # before its try: nothing else refers to the lease now. Else a
+                    # no-op: open_under gave it back.
+                    book.unused(key)
+                    raise
             if getattr(self._sp_local, "making", False):
                 # For _sp_new_record, if the connect events fail. Not kept
                 # otherwise (a reconnect of an empty slot): this thread's
