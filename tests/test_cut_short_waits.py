@@ -518,3 +518,38 @@ def test_sqlalchemy_cut_short_as_a_book_step_starts(
     assert child["next"] == 1 and child["took"] < 2 and child["held"] == 0, child
     assert wait_leased(sock_path, 0) == 0
     assert BackendSampler(app_name).count_now() == 0
+
+
+@pytest.mark.parametrize(("raised", "failing"), [("Timeout", True), ("GreenletExit", False)])
+def test_a_gevent_timeout_on_a_connect_is_a_failed_connect_a_greenlet_killed_is_not(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str, raised: str, failing: bool) -> None:
+    # gevent.Timeout is a BaseException a user puts around a connect that hangs:
+    # as celery's soft limit it counts for fail-fast (before the review, any
+    # BaseException was left out). A greenlet killed (GreenletExit) is the
+    # worker going away, as a SystemExit.
+    gevent = pytest.importorskip("gevent")
+    from sqlalchemy import event
+
+    from sharedpool.contrib.sqlalchemy import create_engine
+    from sharedpool.records import FAILURE_THRESHOLD
+
+    start_coordinator({"pg": Resource(max_size=3)})
+    engine = create_engine(URL, resource="pg", coordinator=sock_path, pool_size=2, max_overflow=0,
+                           pool_timeout=10, connect_args={"application_name": app_name})
+
+    @event.listens_for(engine, "do_connect")
+    def _cut(*args: Any) -> None:
+        raise getattr(gevent, raised)()
+
+    try:
+        for _ in range(FAILURE_THRESHOLD):
+            with pytest.raises(BaseException) as err:
+                engine.connect()
+            assert type(err.value).__name__ == raised
+        deadline = time.monotonic() + (3 if failing else 1)  # the reports go out in the background
+        while not resource_row(sock_path)["failing"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert resource_row(sock_path)["failing"] is failing
+    finally:
+        engine.dispose()
+    assert wait_leased(sock_path, 0) == 0

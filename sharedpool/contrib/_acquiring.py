@@ -25,6 +25,16 @@ T = TypeVar("T")
 _NOT_MADE: Any = object()  # open_under: no connection made yet
 
 
+def connect_failed(exc: BaseException) -> bool:
+    """Whether a connect that raised ``exc`` counts as a failed connect (fail-fast):
+    not when the process or greenlet was going away (SystemExit of gunicorn's
+    SIGQUIT, KeyboardInterrupt, gevent's GreenletExit); five workers stopped
+    mid-connect had the coordinator refuse every process's leases as failing.
+    A user's timeout (celery's soft limit, gevent.Timeout) on a connect that
+    hangs still counts."""
+    return not isinstance(exc, SystemExit | KeyboardInterrupt) and type(exc).__name__ != "GreenletExit"
+
+
 @dataclass(eq=False)
 class _Wait:
     owner: Any = None
@@ -365,7 +375,7 @@ class _Acquiring(_Book):
             # five such (workers stopped mid-connect) had the coordinator refuse
             # every process's leases as failing. Nor is one that was made.
             made = conn is not _NOT_MADE
-            self.opened(key, failed=True, stray=stray, report=not made and isinstance(exc, Exception))
+            self.opened(key, failed=True, stray=stray, report=not made and connect_failed(exc))
             if made:  # rekeyed before the exception (as rekey's lock was let go): under conn
                 self.opened(conn, failed=True, stray=stray, report=False)
             raise
@@ -401,6 +411,7 @@ class _Acquiring(_Book):
         with self._lock:
             entry = self._entries.get(id(old))
             if entry is not None and entry.key is old:
+                new_id = id(new)  # before the del: no call between it and the re-insert
                 del self._entries[id(old)]
                 entry.key = new
-                self._entries[id(new)] = entry
+                self._entries[new_id] = entry

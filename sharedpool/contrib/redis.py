@@ -50,6 +50,7 @@ except ImportError as missing:
 
 from ..config import NO_ASYNCIO, blocked_loop_note, check_seconds
 from ..errors import ConfigError, PoolTimeout, ResourceUnavailable, TooManyWaiters
+from ._acquiring import connect_failed
 from ._leases import LeaseBook
 from ._orphans import collecting, put_off, start_collector
 
@@ -251,7 +252,7 @@ class LeasedConnectionMixin:
             if self._sock is None:  # no socket left: the lease goes straight back
                 # Cut short by the process's exit (SystemExit, KeyboardInterrupt):
                 # no failed connect (see open_under).
-                book.opened(self, failed=True, report=isinstance(exc, Exception))
+                book.opened(self, failed=True, report=connect_failed(exc))
             raise
         book.opened(self)
         start_collector()  # before a collection's disconnect() or release() (put_off)
