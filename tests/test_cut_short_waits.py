@@ -70,6 +70,29 @@ def _exit(out: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _after_the_cut(out: dict[str, Any], sock: str, lease_stats: Callable[[], dict[str, int]],
+                   checkout: Callable[[], object]) -> dict[str, Any]:
+    """The figures once a wait was cut short: the pool's leases and the
+    coordinator's, the next checkout (its result and time), then the exit."""
+    out["book_held"] = lease_stats()["leases_held"]
+    row = resource_row(sock)
+    out["leased"], out["waiting"] = row["leased"], row["waiting"]
+    t0 = time.monotonic()
+    out["next"] = checkout()
+    out["next_took"] = time.monotonic() - t0
+    _exit(out)
+    out["held"] = lease_stats()["leases_held"]
+    return out
+
+
+def _assert_served_after_the_cut(child: dict[str, Any], sock: str) -> None:
+    """Nobody left waiting; the next checkout and the exit quick; no lease left."""
+    assert child["waiting"] == 0, child
+    assert child["next"] and child["next_took"] < 2, child
+    assert child["took"] < 2 and child["held"] == 0, child
+    assert wait_leased(sock, 0) == 0
+
+
 # ---------------------------------------------------------------- SQLAlchemy
 
 
@@ -111,16 +134,12 @@ def _sqlalchemy(sock: str, app: str, exit_name: str, where: str, handed: bool) -
     out["leased_during"] = resource_row(sock)["leased"]
     give_back()
     out["checkedout"], out["checkedin"] = pool.checkedout(), pool.checkedin()
-    out["book_held"] = pool.lease_stats()["leases_held"]
-    out["leased"] = resource_row(sock)["leased"]
-    out["waiting"] = resource_row(sock)["waiting"]
-    t0 = time.monotonic()
-    with engine.connect() as conn:
-        out["next"] = conn.execute(text("SELECT 1")).scalar_one()
-    out["next_took"] = time.monotonic() - t0
-    _exit(out)
-    out["held"] = pool.lease_stats()["leases_held"]
-    return out
+
+    def select_1() -> object:
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT 1")).scalar_one()
+
+    return _after_the_cut(out, sock, pool.lease_stats, select_1)
 
 
 @pytest.mark.parametrize("exit_name", ["system_exit"])  # KeyboardInterrupt: the same paths
@@ -134,10 +153,8 @@ def test_sqlalchemy_checkout_cut_short(pg: str, start_coordinator: Any, sock_pat
     assert child["cut_short"], child
     assert child["checkedout"] == 0 and child["checkedin"] == (0 if where == "connect" else 1), child
     assert child["book_held"] == child["leased"] == (0 if where == "connect" else 1), child
-    assert child["waiting"] == 0, child
-    assert child["next"] == 1 and child["next_took"] < 2, child
-    assert child["took"] < 2 and child["held"] == 0, child
-    assert wait_leased(sock_path, 0) == 0
+    assert child["next"] == 1, child
+    _assert_served_after_the_cut(child, sock_path)
     assert BackendSampler(app_name).count_now() == 0
 
 
@@ -170,16 +187,7 @@ def _redis(sock: str, name: str, exit_name: str, where: str, handed: bool) -> di
     out["cut_short"] = _cut_short(exit_name, pool.get_connection, give_back if handed else None)
     give_back()
     out["in_use"] = len(pool._get_in_use_connections())
-    out["book_held"] = pool.lease_stats()["leases_held"]
-    out["leased"] = resource_row(sock)["leased"]
-    out["waiting"] = resource_row(sock)["waiting"]
-    t0 = time.monotonic()
-    r = redis.Redis(connection_pool=pool)
-    out["next"] = r.ping()
-    out["next_took"] = time.monotonic() - t0
-    _exit(out)
-    out["held"] = pool.lease_stats()["leases_held"]
-    return out
+    return _after_the_cut(out, sock, pool.lease_stats, redis.Redis(connection_pool=pool).ping)
 
 
 @pytest.mark.parametrize("exit_name", ["system_exit"])  # KeyboardInterrupt: the same paths
@@ -193,10 +201,7 @@ def test_redis_get_connection_cut_short(start_coordinator: Any, sock_path: str, 
     assert child["cut_short"], child
     assert child["in_use"] == 0, child
     assert child["book_held"] == child["leased"] == 1, child
-    assert child["waiting"] == 0, child
-    assert child["next"] and child["next_took"] < 2, child
-    assert child["took"] < 2 and child["held"] == 0, child
-    assert wait_leased(sock_path, 0) == 0
+    _assert_served_after_the_cut(child, sock_path)
     assert _clients_named(redis_name) == 0
 
 
