@@ -807,3 +807,37 @@ def test_a_collected_books_leases_go_back_with_no_thread_to_be_had(
         assert leased(sock_path) == 1
         peer.close()  # the server lets go at once: the close is confirmed
         assert _collect_until_leased(sock_path, 0) == 0
+
+
+def test_a_connect_cut_short_inside_rekey_of_a_lent_connection_gives_its_lease_back(
+        start_coordinator: Any, sock_path: str, monkeypatch: Any) -> None:
+    """psycopg_pool's book (lends): rekey's ``entry.key = new`` is a property
+    setter, a Python call where a signal handler's exception can land. Between
+    rekey's del and its re-insert, the lease was under neither key: held for
+    the life of the process."""
+    from sharedpool.contrib._book import _Lendable
+
+    real = _Lendable.key
+    assert isinstance(real, property) and real.fset is not None
+    fire = [True]
+
+    def set_key(entry: Any, value: Any) -> None:
+        if fire[0] and isinstance(value, socket.socket):  # rekey's: at the setter's first line
+            fire[0] = False
+            raise KeyboardInterrupt
+        real.fset(entry, value)  # type: ignore[misc]
+
+    monkeypatch.setattr(_Lendable, "key", property(real.fget, set_key))
+    start_coordinator({"pg": Resource(max_size=1)})
+    book = LeaseBook("pg", sock_path, confirm_timeout=0.2, lends=True)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        with pytest.raises(KeyboardInterrupt):
+            book.connect(lambda: socket.create_connection(server.getsockname()), 3)
+        peer, _ = server.accept()
+        peer.settimeout(5)
+        with peer:
+            assert peer.recv(1) == b"", "the server was not told the connection is over"
+        gc.collect()
+        assert wait_leased(sock_path, 0) == 0
+        assert book.stats()["leases_held"] == 0
+    book.shutdown()

@@ -411,7 +411,11 @@ class _Acquiring(_Book):
         with self._lock:
             entry = self._entries.get(id(old))
             if entry is not None and entry.key is old:
-                new_id = id(new)  # before the del: no call between it and the re-insert
-                del self._entries[id(old)]
+                old_id, new_id = id(old), id(new)
+                # Before the del: a _Lendable's key is a property, its setter a
+                # call where a signal handler's exception can land (at its first
+                # line: the key not set). From the del on, no call: the entry
+                # is always under one key or the other, its lease never lost.
                 entry.key = new
+                del self._entries[old_id]
                 self._entries[new_id] = entry
