@@ -9,7 +9,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -639,16 +639,22 @@ def test_an_exit_waits_for_a_close_another_thread_has_in_flight(start_coordinato
     assert row["fenced"] == 0 and row["leased"] == 0, row
 
 
-def _assert_given_back_unused(fake: Any, book: LeaseBook) -> None:
-    """The one lease granted went back to the coordinator, counted by the book
-    as granted (as the coordinator counts it) and never used."""
-    deadline = time.monotonic() + 5
-    while not fake.released and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert fake.released, "the grant was not given back"
-    stats = book.stats()
-    assert stats["leases_acquired"] == 1 and stats["leases_unused"] == 1, stats
-    assert stats["leases_held"] == 0, stats
+def _served_locally_goes_back_unused(fake: Any, book: LeaseBook, served: Callable[[], bool]) -> None:
+    """An acquire whose wait a local checkin serves once ``served()``: the one
+    lease granted went back to the coordinator, counted by the book as granted
+    (as the coordinator counts it) and never used. Shuts the book and ``fake`` down."""
+    try:
+        assert book.acquire(object(), 5, local=lambda: True if served() else None)
+        deadline = time.monotonic() + 5
+        while not fake.released and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert fake.released, "the grant was not given back"
+        stats = book.stats()
+        assert stats["leases_acquired"] == 1 and stats["leases_unused"] == 1, stats
+        assert stats["leases_held"] == 0, stats
+    finally:
+        book.shutdown()
+        fake.stop()
 
 
 def test_a_grant_crossing_the_withdrawal_of_a_wait_served_locally_counts_as_unused(
@@ -659,16 +665,13 @@ def test_a_grant_crossing_the_withdrawal_of_a_wait_served_locally_counts_as_unus
     crossed a withdrawal."""
     fake = GrantCrossingCancel(sock_path)
     book = LeaseBook("r", coordinator=sock_path)
+    served = threading.Timer(0.2, book.notify_returned)
+    start = time.monotonic()
+    served.start()
     try:
-        served = threading.Timer(0.2, book.notify_returned)
-        start = time.monotonic()
-        served.start()
-        assert book.acquire(object(), 5, local=lambda: True if time.monotonic() - start > 0.2 else None)
-        _assert_given_back_unused(fake, book)
+        _served_locally_goes_back_unused(fake, book, lambda: time.monotonic() - start > 0.2)
     finally:
         served.cancel()
-        book.shutdown()
-        fake.stop()
 
 
 class _GrantAtOnce(FakeCoordinator):
@@ -712,13 +715,7 @@ def test_a_grant_not_yet_taken_when_the_wait_is_served_locally_counts_as_unused(
 
     monkeypatch.setattr(receiving, "wait_reply", slow_wait)
     monkeypatch.setattr(lease_mod.AcquireRequest, "cancel", cancel_then_go)
-    book = LeaseBook("r", coordinator=sock_path)
-    try:
-        assert book.acquire(object(), 5, local=lambda: True if granted.is_set() else None)
-        _assert_given_back_unused(fake, book)
-    finally:
-        book.shutdown()
-        fake.stop()
+    _served_locally_goes_back_unused(fake, LeaseBook("r", coordinator=sock_path), granted.is_set)
 
 
 def test_a_grant_taken_as_the_wait_is_served_locally_is_counted_before_it_goes_back(
@@ -742,12 +739,7 @@ def test_a_grant_taken_as_the_wait_is_served_locally_is_counted_before_it_goes_b
         count(name, n)
 
     monkeypatch.setattr(book, "count", slow_count)
-    try:
-        assert book.acquire(object(), 5, local=lambda: True if taken.is_set() else None)
-        _assert_given_back_unused(fake, book)
-    finally:
-        book.shutdown()
-        fake.stop()
+    _served_locally_goes_back_unused(fake, book, taken.is_set)
 
 
 def _a_collected_book_with_a_lease(sock_path: str, server: socket.socket) -> socket.socket:
