@@ -77,23 +77,26 @@ def test_a_getconn_cut_short_by_system_exit_leaves_no_connection_to_nobody(
     assert BackendSampler(app_name).count_now() == 0
 
 
-def _exit_holding_a_checkout(sock: str, app: str) -> dict[str, Any]:
+def _exit_holding_a_checkout(sock: str, app: str, ready: bool) -> dict[str, Any]:
     from sharedpool import release_process
 
     pool = _pool(sock, app)
+    if ready:  # taken from the pool's idle ones, not opened for this caller's wait
+        pool.putconn(pool.getconn())
     conn = pool.getconn()  # this thread's, as a sync worker's request cut short after getconn()
     t0 = time.monotonic()
     release_process(5.0)
     return {"took": time.monotonic() - t0, "closed": conn.closed, "held": pool.get_stats()["leases_held"]}
 
 
+@pytest.mark.parametrize("ready", [False, True], ids=["opened_for_it", "ready_in_the_pool"])
 def test_release_process_closes_at_once_a_checkout_of_the_exiting_thread(
-        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str, ready: bool) -> None:
     # Nobody checks it in while this thread waits in release_process(): it
     # waited the whole timeout. Another thread's checkout is still waited for
     # (test_release_process_waits_for_a_query_in_flight).
     start_coordinator({"pg": Resource(max_size=2)})
-    [child] = run_forked(_exit_holding_a_checkout, sock_path, app_name)
+    [child] = run_forked(_exit_holding_a_checkout, sock_path, app_name, ready)
     assert child["took"] < 2, child
     assert child["closed"] and child["held"] == 0, child
     assert wait_leased(sock_path, 0) == 0

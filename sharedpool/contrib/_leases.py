@@ -136,10 +136,11 @@ class LeaseBook(_Acquiring):
         weakly here until :meth:`lent_back`, so that one its user drops
         unreturned is closed once collected and its lease comes back after the
         server let go (close_collected), not at the process's exit. Cheap: the
-        checkout path calls it."""
+        checkout path calls it, in the thread it hands ``key`` to (see :meth:`handed`)."""
         entry = self._entries.get(id(key))
         if type(entry) is _Lendable and entry._strong is key and entry._ref is not None:
             entry._strong = None
+            entry.thread = threading.get_ident()
 
     def lent_back(self, key: Any) -> None:
         """``key`` comes back from its user (checkin): held again. Cheap."""

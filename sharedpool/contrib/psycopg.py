@@ -232,12 +232,6 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
         self._sp_book.lend(conn)
         return conn
 
-    def _get_ready_connection(self, timeout: float | None) -> CT | None:
-        conn = super()._get_ready_connection(timeout)
-        if conn is not None:  # out of the pool, to the caller's thread (ours: it takes it)
-            self._sp_book.handed(conn, threading.get_ident())
-        return conn
-
     def _sp_timeout_note(self, since: float) -> str:
         """Why a getconn() that waited since ``since`` got no connection, as far as
         leases tell: psycopg_pool only logs a failed connect ("error connecting"),
