@@ -669,3 +669,39 @@ def test_a_forked_child_does_not_keep_its_parents_connections_alive(
         assert run_in_child(child) == 0
     finally:
         held[0].close()
+
+
+class _SoftLimit(Exception):
+    """What a signal handler raises (celery's soft time limit is an Exception)."""
+
+
+def test_a_lease_whose_connect_never_ran_goes_back_unused_not_as_a_failed_connect(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An AddConnection task cut short after its lease came, before psycopg_pool's
+    _add_connection called _connect: the lease went back reported as a failed
+    connect. No connect failed, and enough such reports have the coordinator
+    fail every process's waiters fast (its connect-failure burst). It goes back
+    unused now, nothing reported."""
+    from proc_helpers import interrupt_once
+
+    start_coordinator({"pg": Resource(max_size=1, acquire_timeout=5)})
+    failures: list[str] = []
+    real_failure = Client.report_failure
+    monkeypatch.setattr(Client, "report_failure",
+                        lambda client, resource: (failures.append(resource), real_failure(client, resource)))
+    # psycopg_pool's own: the first statements of the task, before its _connect.
+    interrupt_once(monkeypatch, psycopg_pool.ConnectionPool, "_add_connection", _SoftLimit())
+    pool = make_pool(sock_path, app_name, min_size=1, max_size=1, open=False)
+    try:
+        pool.open(wait=False)
+        deadline = time.monotonic() + 5
+        while (stats := pool.lease_book.stats())["leases_released"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert failures == [], "reported as a failed connect"
+        assert (stats["leases_acquired"], stats["leases_unused"], stats["leases_held"]) == (1, 1, 0), stats
+        assert wait_leased(sock_path, 0) == 0
+        assert BackendSampler(app_name).count_now() == 0
+    finally:
+        pool.close()
+    assert wait_leased(sock_path, 0) == 0

@@ -349,8 +349,11 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
         finally:
             self._sp_local.lease_error = None
             if getattr(self._sp_local, "lease_key", None) is key:  # _connect never ran
+                # Nothing was opened under it: back unused, not reported as a failed
+                # connect (an exception before the connect is none; enough such
+                # reports have the coordinator fail every process's waiters fast).
                 self._sp_local.lease_key = None
-                book.opened(key, failed=True)
+                book.unused(key)
 
     def _sp_not_adding(self, growing: bool) -> None:
         """An AddConnection task ends without a connection: uncount it."""
