@@ -833,3 +833,102 @@ def test_a_connect_cut_short_inside_rekey_of_a_lent_connection_gives_its_lease_b
         assert wait_leased(sock_path, 0) == 0
         assert book.stats()["leases_held"] == 0
     book.shutdown()
+
+
+def _cut_short_in_opened(monkeypatch: Any, at: str) -> None:
+    """Make a step of LeaseBook.opened() (or open_under's ``took``) raise once,
+    as a signal handler's exception would land there."""
+    import weakref
+
+    from sharedpool.contrib import _acquiring
+    from sharedpool.contrib._orphans import close_collected
+    from sharedpool.handoff import HandOffCost
+
+    if at == "first line":  # its first call: nothing of it done
+        real_pid = _acquiring.backend_pid
+        fire = [True]
+
+        def pid(conn: Any) -> Any:
+            if fire[0]:
+                fire[0] = False
+                raise _SoftTimeLimit()
+            return real_pid(conn)
+
+        monkeypatch.setattr(_acquiring, "backend_pid", pid)
+    elif at == "socket kept":  # a dup of its socket kept, armed if lent
+        interrupt_once(monkeypatch, HandOffCost, "connected", _SoftTimeLimit())
+    elif at == "success reported":  # all of it but report_now()
+        interrupt_once(monkeypatch, Client, "report_success", _SoftTimeLimit(), after=True)
+    elif at == "finalizer made":  # in _arm: made, not yet recorded on the entry
+        real_finalize = weakref.finalize
+        fire = [True]
+
+        def finalize(obj: Any, func: Any, *args: Any, **kwargs: Any) -> Any:
+            made = real_finalize(obj, func, *args, **kwargs)
+            if fire[0] and func is close_collected:
+                fire[0] = False
+                raise _SoftTimeLimit()
+            return made
+
+        monkeypatch.setattr(weakref, "finalize", finalize)
+    else:
+        assert at == "took"
+
+
+@pytest.mark.parametrize("lends", [False, True], ids=["plain", "lends"])
+@pytest.mark.parametrize("at", ["first line", "socket kept", "finalizer made", "success reported", "took"])
+def test_a_connect_cut_short_in_opened_gives_its_lease_back_once_the_server_let_go(
+        start_coordinator: Any, sock_path: str, monkeypatch: Any, at: str, lends: bool) -> None:
+    """open_under's ``opened(conn)`` ran outside its try: a signal handler's
+    exception at any of its steps (celery's soft time limit, in a child that
+    lives on) left the new connection and its lease in the book until the
+    process's exit. Now undone as a connection made and cut short: the lease
+    goes back once, after the server let go (I1), not reported as a failed
+    connect; a finalizer opened() armed for a lent connection (psycopg_pool's
+    book) neither releases it again nor keeps the connection from the collector."""
+    import weakref
+
+    if at == "finalizer made" and not lends:
+        pytest.skip("only a lent connection's record is armed")
+    start_coordinator({"pg": Resource(max_size=1)})
+    book = LeaseBook("pg", sock_path, confirm_timeout=0.2, lends=lends)
+    failures: list[str] = []
+    real_failure = Client.report_failure
+    monkeypatch.setattr(Client, "report_failure",
+                        lambda client, resource: (failures.append(resource), real_failure(client, resource)))
+    _cut_short_in_opened(monkeypatch, at)
+    made: list[weakref.ref[socket.socket]] = []
+
+    def took(conn: socket.socket) -> None:
+        raise _SoftTimeLimit()
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        def connect() -> socket.socket:
+            conn = socket.create_connection(server.getsockname())
+            made.append(weakref.ref(conn))
+            return conn
+
+        with pytest.raises(_SoftTimeLimit) as err:
+            book.connect(connect, 3, **({"took": took} if at == "took" else {}))
+        peer, _ = server.accept()
+        peer.settimeout(5)
+        with peer:
+            time.sleep(0.2)
+            assert leased(sock_path) == 1, "the lease went back while the server still had the connection"
+            assert peer.recv(1) == b"", "the server was not told the connection is over"
+        assert wait_leased(sock_path, 0) == 0
+        err.value.__traceback__ = None  # interrupt_once raises the same instance: its frames hold conn
+        del err
+        gc.collect()
+        assert made[0]() is None, "the connection cut short is kept from the collector"
+        time.sleep(0.2)  # a finalizer's close_collected, if any, has run by now
+        stats = book.stats()
+        assert len(book) == 0
+        assert (stats["leases_held"], stats["leases_closing"], stats["leases_released"]) == (0, 0, 1), stats
+        assert failures == [], "reported as a failed connect"
+        # The slot is free and the book serves on.
+        with leased_socket(book) as (conn, _):
+            assert book.owns(conn) and leased(sock_path) == 1
+            book.close(conn)
+        assert wait_leased(sock_path, 0) == 0
+    book.shutdown()

@@ -11,7 +11,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from pg_helpers import BackendSampler, first_grant_sees, pg_dsn
+from pg_helpers import BackendSampler, backend_pids, first_grant_sees, pg_dsn
 from proc_helpers import (
     alarm_raises,
     exit_mid_query,
@@ -515,6 +515,60 @@ def test_a_signal_around_the_acquire_leaks_no_lease(
         assert backend_pid(engine)  # the next checkout is served
         client = engine.pool._sp_book._client  # type: ignore[attr-defined]
         assert client is not None and not client._pending
+    finally:
+        engine.dispose()
+    assert wait_leased(sock_path, 0) == 0
+
+
+@pytest.mark.parametrize("slot", ["new", "empty slot", "soft-invalidated"])
+@pytest.mark.parametrize("where", ["as open_under returns", "as the creator returns"])
+def test_a_signal_as_the_connect_returns_leaks_neither_connection_nor_lease(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str,
+        monkeypatch: pytest.MonkeyPatch, slot: str, where: str) -> None:
+    """The exception lands once the connection is made and in the book, before
+    SQLAlchemy holds it: as open_under returns to leased_creator, or as the
+    creator returns, before __connect stores it on the record. Before, nothing
+    but the book held it: its backend open and its lease held until the
+    process's exit (with a cap of 1, every process's checkouts timed out).
+    A new record's connection, a reconnect of an empty slot (lease taken in
+    _do_get), a soft-invalidated one's (leased in the creator: book.connect)."""
+    from sharedpool.contrib._leases import LeaseBook
+
+    start_coordinator({"pg": Resource(max_size=1, acquire_timeout=3)})
+    engine = engine_for(sock_path, app_name, pool_size=1, max_overflow=0, pool_timeout=3)
+    pool = engine.pool
+    assert isinstance(pool, LeasedQueuePool)
+    try:
+        if slot != "new":
+            raw = engine.raw_connection()
+            soft = slot == "soft-invalidated"  # kept open until the next checkout replaces it
+            raw.invalidate(soft=soft)
+            raw.close()
+            assert wait_leased(sock_path, int(soft)) == int(soft)
+        if where == "as open_under returns":
+            interrupt_once(monkeypatch, LeaseBook, "open_under", _SoftLimit(), after=True)
+        else:
+            creator, fire = pool._invoke_creator, [True]
+
+            def invoke(record: Any) -> Any:
+                conn = creator(record)
+                if fire[0]:
+                    fire[0] = False
+                    raise _SoftLimit()
+                return conn
+
+            monkeypatch.setattr(pool, "_invoke_creator", invoke)
+        with pytest.raises(_SoftLimit) as err:
+            engine.connect()
+        err.value.__traceback__ = None  # the same instance raised again: its frames would hold the connection
+        del err
+        deadline = time.monotonic() + 5
+        while backend_pids(app_name) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert backend_pids(app_name) == [], "the connection made is still open"
+        assert wait_leased(sock_path, 0) == 0
+        assert pool.lease_stats()["leases_held"] == 0
+        assert backend_pid(engine)  # the next checkout is served
     finally:
         engine.dispose()
     assert wait_leased(sock_path, 0) == 0

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ..client import AcquireRequest, Client, Lease
-from ..closing import keep_socket
+from ..closing import keep_socket, socket_fd
 from ..errors import AcquireCancelled, PoolClosed, PoolTimeout
 from ..halfmade import half_made_sockets, let_go_of, open_fds
 from ._book import _Book, _Lendable, backend_pid
@@ -308,21 +308,36 @@ class _Acquiring(_Book):
         a failed connect (cut short by a SystemExit or KeyboardInterrupt)."""
         client = self._client
         if failed:
+            record = self._entries.get(id(key))
             entry = self._pop(key)
-            if entry is not None and entry.client is not None:
-                client = entry.client
-            if client is not None and entry is not None and entry.lease is not None:
-                if report:
+            if isinstance(record, _Lendable) and record.key is key and record.finalizer is None:
+                # A finalizer _arm made but did not record (cut short in between:
+                # _pop cannot detach it) holds the record: not the connection too,
+                # for good. Collected, it finds no lease there (_pop took it).
+                record._strong = None
+            kept = entry.kept if entry is not None else None
+            if kept is not None:
+                # Cut short in opened(), after it kept a dup of the socket: watched
+                # with the stray ones (our FIN, the server's end seen closed), then closed.
+                stray = [*(stray or []), kept.fileno()]
+            try:
+                if entry is not None and entry.client is not None:
+                    client = entry.client
+                if client is not None and entry is not None and entry.lease is not None:
+                    if report:
+                        client.report_failure(self.resource)
+                    if stray:
+                        self._release_after(client, entry.lease, stray)
+                    else:
+                        self._release(client, entry.lease)
+                elif client is not None and entry is None and report:
+                    # Closed already, its lease with it (redis-py disconnects a
+                    # connect whose handshake failed before raising): still a
+                    # failed connect, or a refused AUTH would never fail fast.
                     client.report_failure(self.resource)
-                if stray:
-                    self._release_after(client, entry.lease, stray)
-                else:
-                    self._release(client, entry.lease)
-            elif client is not None and entry is None and report:
-                # Closed already, its lease with it (redis-py disconnects a
-                # connect whose handshake failed before raising): still a
-                # failed connect, or a refused AUTH would never fail fast.
-                client.report_failure(self.resource)
+            finally:
+                if kept is not None:
+                    kept.close()  # let_go_of watches a dup of its own
             return
         entry = self._entries.get(id(key))
         if entry is not None:
@@ -338,23 +353,31 @@ class _Acquiring(_Book):
             if entry is not None and entry.backend_pid is not None:
                 client.report_now()  # the fence must know it before any query runs
 
-    def connect(self, factory: Callable[[], T], timeout: float | None = None) -> T:
+    def connect(self, factory: Callable[[], T], timeout: float | None = None,
+                took: Callable[[T], object] | None = None) -> T:
         """Take a lease, then call ``factory``; the connection it returns is the key.
-        If the factory fails, the lease goes straight back and the error propagates."""
+        If the factory fails, the lease goes straight back and the error propagates.
+        ``took``: as for :meth:`open_under`."""
         placeholder = object()
         try:
             self.acquire(placeholder, timeout)
-            return self.open_under(placeholder, factory)
+            return self.open_under(placeholder, factory, took)
         except BaseException:
             # A signal handler's exception between the grant and open_under's own
             # try: nothing opens under that lease (else a no-op: open_under took it).
             self.unused(placeholder)
             raise
 
-    def open_under(self, key: Any, factory: Callable[[], T]) -> T:
+    def open_under(self, key: Any, factory: Callable[[], T],
+                   took: Callable[[T], object] | None = None) -> T:
         """Call ``factory`` under the lease taken for ``key`` (a placeholder); the
         connection it returns becomes the key. If the factory fails, the error
-        propagates and the lease goes back (see :meth:`opened`)."""
+        propagates and the lease goes back (see :meth:`opened`). ``took(conn)``,
+        called once the connection is registered and before this returns, is
+        where the caller stores it for its own exception handling to find: a
+        signal handler's exception as this returns, before the caller's store,
+        would leave the connection to the book alone, open and leased until
+        the process's exit. An exception in ``took`` undoes the connection."""
         before: frozenset[tuple[int, int, int]] | None = None
         conn: Any = _NOT_MADE
         try:
@@ -365,9 +388,19 @@ class _Acquiring(_Book):
             # its socket held by this frame: the lease goes back once the server
             # let go of it (I1), not at once (connect()'s unused()).
             self.rekey(key, conn)
+            # In the try as well: cut short at any step of opened(), the record was
+            # left, connection and lease held until the exit. Undone below as one
+            # made and cut short: popped (a finalizer opened() armed detached),
+            # the kept dup watched then closed, the lease back once the server
+            # let go, never reported as a failed connect.
+            self.opened(conn)
+            if took is not None:
+                took(conn)
         except BaseException as exc:
             try:
                 stray = half_made_sockets(exc, before)
+                if conn is not _NOT_MADE and (fd := socket_fd(conn)) is not None and fd not in stray:
+                    stray.append(fd)  # made: its socket is ours to watch even if no frame showed it
             except Exception:  # noqa: BLE001 - never in place of the connect's own error
                 stray = []
             # stray: cut short, a socket left open. A connect cut short by the
@@ -379,7 +412,6 @@ class _Acquiring(_Book):
             if made:  # rekeyed before the exception (as rekey's lock was let go): under conn
                 self.opened(conn, failed=True, stray=stray, report=False)
             raise
-        self.opened(conn)
         return conn
 
     def unused(self, key: Any) -> None:

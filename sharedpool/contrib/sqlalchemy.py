@@ -137,28 +137,37 @@ class LeasedQueuePool(QueuePool):
             book = self._sp_book
             if book is None:
                 raise ConfigError("resource", "this LeasedQueuePool was made without a resource")
+            making = getattr(self._sp_local, "making", False)
+
+            def took(conn: Any) -> None:
+                # Before open_under returns: a signal handler's exception from its
+                # return to SQLAlchemy's store (here, or in its __connect) left the
+                # connection to the book alone, open and leased until the exit.
+                if making:
+                    # For _sp_new_record, which closes it if anything after fails (the
+                    # connect events too). Not kept otherwise (a reconnect of an
+                    # empty slot): this thread's reference would keep a detach()ed
+                    # connection dropped unclosed from the collector, its backend
+                    # and lease with it.
+                    self._sp_local.made = conn
+                # Where SQLAlchemy stores it as the creator returns: a reconnect
+                # whose checkout fails from here invalidates the record, closing it.
+                record.dbapi_connection = conn  # type: ignore[misc]  # _ConnectionRecord has it
+
             key = getattr(self._sp_local, "lease_key", None)
             if key is None:  # a reconnect (recycle, invalidation): lease here and now
                 with _lease_timeout(book, self._sp_timeout()):
-                    conn = book.connect(lambda: invoke(record), self._sp_timeout())
-            else:
-                # Taken by _create_connection or _do_get just before.
-                self._sp_local.lease_key = self._sp_local.lease_record = None
-                try:
-                    conn = book.open_under(key, lambda: invoke(record))
-                except BaseException:
-                    # Cut short as open_under starts (a signal handler's exception),
-                    # before its try: nothing else refers to the lease now. Else a
-                    # no-op: open_under gave it back.
-                    book.unused(key)
-                    raise
-            if getattr(self._sp_local, "making", False):
-                # For _sp_new_record, if the connect events fail. Not kept
-                # otherwise (a reconnect of an empty slot): this thread's
-                # reference would keep a detach()ed connection dropped unclosed
-                # from the collector, its backend and lease with it.
-                self._sp_local.made = conn
-            return conn
+                    return book.connect(lambda: invoke(record), self._sp_timeout(), took)
+            # Taken by _create_connection or _do_get just before.
+            self._sp_local.lease_key = self._sp_local.lease_record = None
+            try:
+                return book.open_under(key, lambda: invoke(record), took)
+            except BaseException:
+                # Cut short as open_under starts (a signal handler's exception),
+                # before its try: nothing else refers to the lease now. Else a
+                # no-op: open_under gave it back, or took() stored the connection.
+                book.unused(key)
+                raise
 
         return leased_creator
 
