@@ -6,7 +6,8 @@ the session socket and the client's wake-up pair, never in a polling loop: it
 picks up what arrives unasked (reclaims, admin pushes, a dead coordinator)
 while no caller is reading, runs timers and handler jobs, sends reports, and
 reconnects with backoff. The thread holds the client weakly: a client dropped
-without ``close()`` is collected, and its thread ends.
+without ``close()`` is collected, its finalizer closes its sockets (the
+session ends), and its thread, woken by the wake pair's close, ends.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def run(ref: weakref.ref[Client]) -> None:
         return
     # The wake pair is this thread's to close on its way out, also when the
     # client is collected before it looks again (dropped right after a close()
-    # from another thread, or never closed): else its finalizer closes the pair.
+    # from another thread); one never closed has it closed by its finalizer too.
     pair = (client._wake_r, client._wake_w)
     while True:
         client = ref()

@@ -22,6 +22,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -85,7 +86,12 @@ class Client(Owed, Hooks):
                               f"got {connect_timeout!r}")
         self.connect_timeout = connect_timeout
         self._shared_key: str | None = None  # its key in the registry of for_path(), if there
+        #: the wake pair and the last session socket: what _collected closes
+        self._ends: list[socket.socket | None] = []
         self._init_state()
+        # Not __del__: in a garbage cycle the sockets' own finalizers may run first
+        # (each a ResourceWarning); weakref callbacks run before any of them.
+        weakref.finalize(self, _collected, self._ends, self.socket_path).atexit = False
         _ALL.add(self)
 
     def _init_state(self) -> None:
@@ -119,6 +125,7 @@ class Client(Owed, Hooks):
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
+        self._ends[:] = [self._wake_r, self._wake_w, None]  # the parent's are closed after a fork
         self._woken = False
         self._parked = False  # the background thread waits for a leader to finish reading
         self._parked_since = self._park_wait = 0.0
@@ -749,6 +756,25 @@ class Client(Owed, Hooks):
         if closed:
             self._closed = True
             self._close_wake()
+
+
+def _collected(ends: list[socket.socket | None], path: str) -> None:
+    """Finalizer of a client collected without :meth:`Client.close`: close its
+    sockets now (no shutdown, no goodbye: it takes no lock, waits for nothing).
+    The coordinator then ends the session, its leases returned through the
+    fence (I2). Closing the wake pair also ends the background thread at once.
+    A session left open is the caller's leak: a ResourceWarning names it, as
+    psycopg's for a connection deleted while open; nothing of ours warns."""
+    session = ends[2]
+    was_open = session is not None and session.fileno() != -1
+    for end in (session, ends[1], ends[0]):
+        if end is not None:
+            with contextlib.suppress(OSError):
+                end.close()
+    if was_open:
+        warnings.warn(f"sharedpool Client for {path} was deleted with its session open: "
+                      "closed now, any lease it held goes back through the fence; call close()",
+                      ResourceWarning, stacklevel=1)  # a finalizer: no caller to point at
 
 
 def _socket_path(given: Any) -> str:

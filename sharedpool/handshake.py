@@ -215,7 +215,8 @@ def connect(client: Client, limit: float | None) -> tuple[socket.socket, list[p.
         # Kept where a fork finds it: the child must close its copy of a
         # half-made session too, or the parent's death would go unseen.
         client._connecting_since = time.monotonic()
-        sock = client._connecting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # In _ends too: what the client's finalizer closes if it is collected unclosed.
+        sock = client._connecting = client._ends[2] = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             conn, welcome, early = shake_hands(sock, client.socket_path, left, hello)
         except CoordinatorUnavailable as exc:
