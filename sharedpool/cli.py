@@ -310,6 +310,15 @@ def cli() -> None:
     """One global connection cap across many worker processes."""
 
 
+#: A ConfigError's field -> the serve flag that sets it, and its key in serve's options.
+_SERVE_FLAGS = {
+    "socket": ("--socket", "socket_path"), "group": ("--group", "group"),
+    "allowed_uids": ("--allow-uid", "allowed_uids"), "allowed_gids": ("--allow-gid", "allowed_gids"),
+    "admin_uids": ("--admin-uid", "admin_uids"), "metrics_port": ("--metrics-port", "metrics_port"),
+    "metrics_host": ("--metrics-host", "metrics_host"),
+}
+
+
 @cli.command()
 @click.option("--socket", "socket_path", metavar="PATH", default=None,
               help=f"Socket to serve on (default: with --config, the file's socket; else {_SOCKET_DEFAULT}).")
@@ -342,14 +351,14 @@ def serve(socket_path: str | None, resource_flags: tuple[str, ...], config_file:
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options: dict[str, Any] = {
+        "socket_path": socket_path, "group": group, "allowed_uids": list(allow_uid) or None,
+        "allowed_gids": list(allow_gid) or None, "admin_uids": list(admin_uid) or None,
+        "metrics_port": metrics_port, "metrics_host": metrics_host,
+    }
+    options = {k: v for k, v in options.items() if v is not None}
     try:
         resources = parse_resource_flags(resource_flags)
-        options: dict[str, Any] = {
-            "socket_path": socket_path, "group": group, "allowed_uids": allow_uid or None,
-            "allowed_gids": allow_gid or None, "admin_uids": admin_uid or None,
-            "metrics_port": metrics_port, "metrics_host": metrics_host,
-        }
-        options = {k: v for k, v in options.items() if v is not None}
         if config_file is not None:
             config = CoordinatorConfig.load(config_file, resources=resources, **options)
         elif not resources:
@@ -359,6 +368,9 @@ def serve(socket_path: str | None, resource_flags: tuple[str, ...], config_file:
             config = CoordinatorConfig(resources=resources, **options)  # type: ignore[arg-type]
         run(config)
     except ConfigError as exc:
+        flag = _SERVE_FLAGS.get(exc.field)
+        if flag is not None and flag[1] in options:  # a flag's value: named as typed, not as its field
+            raise BadConfig(f"{flag[0]}: {exc.detail}") from None
         raise BadConfig(str(exc)) from None
     except (CoordinatorRunning, CoordinatorFailed) as exc:
         raise Failed(str(exc)) from None

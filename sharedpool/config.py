@@ -41,7 +41,9 @@ def default_socket_path() -> str:
         raise ConfigError(SOCKET_ENV, "is set but empty: unset it for the default path, "
                           "or set it to the coordinator's socket path")
     if env:
-        return env
+        # Named as the variable: checked later as ``socket`` it read as a setting
+        # of the file's [coordinator] table ("coordinator.socket"), which had none.
+        return check_socket_path(SOCKET_ENV, env)
     return runtime_socket_path("sharedpool.sock")
 
 
@@ -372,11 +374,14 @@ MAX_ID = 2**32 - 1
 
 
 def check_resource_name(name: Any) -> str:
-    """A resource name is a non-empty string of at most 200 characters."""
+    """A resource name is a non-empty string of at most 200 characters, with no
+    whitespace at either end."""
     if not isinstance(name, str) or not name or len(name) > MAX_NAME:
         shown = f"{len(name)} characters" if isinstance(name, str) and name else repr(name)
         raise ConfigError("resource", f"must be a non-empty name of at most {MAX_NAME} characters, "
                           f"got {shown}")
+    if name != name.strip():  # `--resource " pg=3"`: served as " pg", every pool's "pg" unknown
+        raise ConfigError("resource", f"must not begin or end with whitespace, got {name!r}")
     try:  # sent in every welcome: a traceback from its encoding before
         name.encode("utf-8")
     except UnicodeEncodeError:
@@ -475,6 +480,11 @@ class CoordinatorConfig:
         integer or a :class:`Resource` replaces it. The overrides are kept in
         :attr:`overrides` so that a reload applies them again.
         """
+        # Not config_file nor overrides: load() sets them itself, and one given was dropped.
+        allowed = sorted({f.name for f in fields(cls)} - {"config_file", "overrides"})
+        unknown = sorted(map(str, set(overrides) - set(allowed)))
+        if unknown:
+            raise ConfigError(unknown[0], f"unknown setting; allowed: {', '.join(allowed)}")
         kept = {k: v for k, v in overrides.items() if v is not None}
         path = _config_path("config", path)
         try:

@@ -246,6 +246,11 @@ def bind_socket(config: CoordinatorConfig) -> tuple[socket.socket, bool, dict[st
     the previous coordinator handed on when it stopped (see :func:`~sharedpool.marker.read_marker`)."""
     path = config.socket_path
     gid = _group_id(config)
+    if os.path.isdir(path) and not os.path.islink(path):
+        # Said before the directory checks: `--socket /tmp/x`, a directory, was told
+        # that /tmp is writable by others, a reason that hid the mistake.
+        raise ConfigError("socket", f"{path} is a directory; give the socket's own path, "
+                          f"e.g. {os.path.join(path, 'sharedpool.sock')}")
     _private_dir(path, gid)
     # Probe, unlink and bind under one lock: two starters that both found a dead
     # coordinator's socket must not both bind (the second unlinking the first's).

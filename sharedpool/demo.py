@@ -251,7 +251,7 @@ def run_demo(*, workers: int = 8, max_size: int = 3, seconds: float = 5.0, pool_
 
     console = console or Console()
     if socket_path is not None:  # '' is a blank left by a script, not "a temp dir"
-        socket_path = check_socket_path("socket", socket_path)
+        socket_path = check_socket_path("--socket", socket_path)
     if dsn is not None and not dsn.strip():  # as blank: libpq's defaults, yet SQLite's query
         raise ConfigError("--dsn", f"must be a PostgreSQL connection string, got {dsn!r}")
     if dsn:
@@ -263,6 +263,11 @@ def run_demo(*, workers: int = 8, max_size: int = 3, seconds: float = 5.0, pool_
         except ImportError:
             raise ConfigError("--dsn", "needs psycopg, which `pip install sharedpool` does not "
                               "bring: pip install 'sharedpool[pg]'") from None
+        from .fence import check_monitor_dsn
+
+        # Now, not after the whole run (exit 1, "check --dsn"), whose sampler line
+        # quoted libpq's parse error, a piece of the DSN: maybe of its password.
+        check_monitor_dsn("--dsn", dsn)
     workdir = tempfile.mkdtemp(prefix="sharedpool-demo-")  # 0700: a private socket directory
     sock = socket_path or os.path.join(workdir, "sharedpool.sock")
     db_path = os.path.join(workdir, "demo.sqlite3")

@@ -38,9 +38,12 @@ from typing import Any
 from .atfork import in_child
 from .client import expect_end
 from .config import (
+    SOCKET_ENV,
     CoordinatorConfig,
+    Resource,
     check_option_names,
     check_seconds,
+    check_socket_path,
     config_from_parts,
     runtime_socket_path,
 )
@@ -110,6 +113,40 @@ def check_embedded_options(options: Mapping[str, Any], keywords: tuple[str, ...]
     check_option_names(options, ("start_timeout", *keywords))
 
 
+def check_unused_settings(options: Mapping[str, Any], *, restart: Any, log_level: Any) -> None:
+    """An integration given no ``resources=`` starts no coordinator, so its
+    settings were never looked at: ``metrics_port="9100"`` or ``restart="no"``
+    passed without a word. Checked as they would be with resources, naming them."""
+    settings = dict(options)
+    start_timeout = settings.pop("start_timeout", 30.0)
+    _run_settings(restart, log_level, start_timeout)
+    CoordinatorConfig(socket_path="unused.sock", resources={"unused": Resource(1)}, **settings)
+
+
+def integration_socket_path(given: str | None, prefix: str) -> str:
+    """The socket an integration uses: ``given`` (checked by the caller), else
+    ``$SHAREDPOOL_SOCKET`` if set (checked, named as the variable: one too long
+    was said to be the ``socket`` argument, which nobody gave), else a fresh
+    private path. Set but empty is unset here: the integration then starts its
+    own coordinator and sets the variable for its workers."""
+    if given:
+        return given
+    env = os.environ.get(SOCKET_ENV)
+    if env:
+        return check_socket_path(SOCKET_ENV, env)
+    return private_socket_path(prefix)
+
+
+def _run_settings(restart: Any, log_level: Any, start_timeout: Any) -> tuple[bool, str, float]:
+    """``restart``, ``log_level`` (as logging names it) and ``start_timeout``, checked."""
+    level = logging.getLevelName(str(log_level).upper())
+    if not isinstance(level, int):
+        raise ConfigError("log_level", f"must be debug, info, warning or error, got {log_level!r}")
+    if not isinstance(restart, bool):  # "no" would mean yes
+        raise ConfigError("restart", f"must be True or False, got {restart!r}")
+    return restart, str(log_level).upper(), check_seconds("start_timeout", start_timeout)
+
+
 class EmbeddedCoordinator:
     """``sharedpool serve`` as a child program of this (owner) process.
 
@@ -123,14 +160,7 @@ class EmbeddedCoordinator:
                  *, config: CoordinatorConfig | None = None, restart: bool = True,
                  log_level: str = "warning", start_timeout: float = 30.0, **options: Any) -> None:
         self.config = config_from_parts(socket_path, resources, config, options)
-        level = logging.getLevelName(str(log_level).upper())
-        if not isinstance(level, int):
-            raise ConfigError("log_level", f"must be debug, info, warning or error, got {log_level!r}")
-        self.log_level = str(log_level).upper()
-        if not isinstance(restart, bool):  # "no" would mean yes
-            raise ConfigError("restart", f"must be True or False, got {restart!r}")
-        self.restart = restart
-        self.start_timeout = check_seconds("start_timeout", start_timeout)
+        self.restart, self.log_level, self.start_timeout = _run_settings(restart, log_level, start_timeout)
         self.restarts = 0
         self._owner = os.getpid()
         self._lock = threading.Lock()

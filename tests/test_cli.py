@@ -684,9 +684,13 @@ def test_reload_reads_the_path_given_when_a_symlink_on_it_moves(tmp_path: Path) 
     (["--resource", "demo=lots"], "--resource demo"),
     (["--resource", "demo=0"], "max_size"),
     (["--resource", "demo=2,max_waitng=3"], "max_waitng"),
-    (["--resource", "demo=2", "--metrics-port", "99999"], "metrics_port"),
+    (["--resource", "demo=2", "--metrics-port", "99999"], "--metrics-port: must be <= 65535"),
     (["--resource", "demo=2", "--metrics-port", "many"], "--metrics-port"),
-    (["--resource", "demo=2", "--allow-uid", "-1"], "allowed_uids"),
+    (["--resource", "demo=2", "--allow-uid", "-1"], "--allow-uid: must be a list of ids from 0 to"),
+    (["--resource", "demo=2", "--admin-uid", str(2**32)], "--admin-uid: "),
+    (["--resource", "demo=2", "--metrics-host", ""], "--metrics-host: "),
+    (["--resource", "demo=2", "--group", "sp-no-such-group"], "--group: no group named"),
+    (["--resource", " demo=2"], "resource: must not begin or end with whitespace, got ' demo'"),
     (["--resource", "demo=2", "--bogus"], "--bogus"),
     (["--resource", "demo=2,monitor_dsn=host='x"], "resources.demo.monitor_dsn"),
     ([], "resources"),
@@ -697,6 +701,43 @@ def test_serve_bad_flags_exit_2_with_one_line(tmp_path: Path, args: list[str], f
     assert out.stderr.count("\n") == 1, out.stderr
     assert field in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "sp.sock").exists()
+
+
+def test_serve_names_the_flag_or_variable_a_bad_socket_came_from(tmp_path: Path) -> None:
+    # Before: "socket: ..." for --socket (the flag is what was typed), "coordinator.socket"
+    # for a $SHAREDPOOL_SOCKET with a config file that has no socket, and for a
+    # --socket naming a directory in /tmp, "directory /tmp is writable by others".
+    config = tmp_path / "sp.toml"
+    config.write_text("[resources]\npg = 2\n")
+    long = "/tmp/" + "x" * 120
+    out = sp("serve", "--socket", long, "--config", str(config))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "serve: error: --socket: " in out.stderr and "too long" in out.stderr, out.stderr
+    for args in (["--config", str(config)], ["--resource", "pg=2"]):
+        out = subprocess.run([sys.executable, "-m", "sharedpool", "serve", *args], capture_output=True,
+                             text=True, env={**ENV, "SHAREDPOOL_SOCKET": long}, timeout=30)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+        assert "serve: error: SHAREDPOOL_SOCKET: " in out.stderr and "too long" in out.stderr, out.stderr
+    shared = Path(f"/tmp/sp-test-dir-{os.getpid()}-{time.monotonic_ns()}")
+    shared.mkdir()
+    try:
+        out = sp("serve", "--socket", str(shared), "--resource", "pg=2")
+        assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+        assert f"--socket: {shared} is a directory; give the socket's own path" in out.stderr, out.stderr
+    finally:
+        shared.rmdir()
+
+
+def test_demo_refuses_a_dsn_that_is_no_connection_string_before_it_runs(tmp_path: Path) -> None:
+    # Before: the whole run, exit 1 "check --dsn", its sampler line quoting
+    # libpq's parse error: 'missing "=" after "er2"', a piece of the password.
+    pytest.importorskip("psycopg")
+    start = time.monotonic()
+    out = sp("demo", "--dsn", "host=127.0.0.1 password=s3cr et2", "--seconds", "5", timeout=60)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stdout + out.stderr
+    assert "demo: error: --dsn: not a valid PostgreSQL connection string" in out.stderr, out.stderr
+    assert "et2" not in out.stdout + out.stderr and "s3cr" not in out.stdout + out.stderr
+    assert time.monotonic() - start < 5  # refused at once, not after the run
 
 
 def test_serve_bad_config_file_names_the_field(tmp_path: Path) -> None:

@@ -575,3 +575,94 @@ def test_a_monitor_dsn_the_fence_cannot_use_is_refused_at_start(monkeypatch: pyt
         CoordinatorConfig(socket_path="/tmp/x.sock", resources={"pg": Resource(2, monitor_dsn="dbname=test")})
     assert info.value.field == "resources.pg.monitor_dsn"
     CoordinatorConfig(socket_path="/tmp/x.sock", resources={"pg": Resource(2)})  # not asked for: not needed
+
+
+def test_a_socket_env_var_no_socket_can_have_is_named_as_the_variable(
+        clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Before: "socket: ... too long" for serve, and "coordinator.socket" with a
+    # config file that has no socket: a file key nobody had written.
+    clean_env.setenv(SOCKET_ENV, "/x" * 80)
+    _raises_field(SOCKET_ENV, default_socket_path)
+    exc = _raises_field(SOCKET_ENV, CoordinatorConfig.load, _write(tmp_path, "[resources]\npg = 2\n"))
+    assert "too long" in str(exc)
+    _raises_field(SOCKET_ENV, CoordinatorConfig, resources={"pg": 2})
+    # A socket given wins over the variable, which is then not looked at.
+    sock = str(tmp_path / "s.sock")
+    assert CoordinatorConfig(socket_path=sock, resources={"pg": 2}).socket_path == sock
+
+
+@pytest.mark.parametrize("name", [" pg", "pg ", "\tpg", "pg\n"])
+def test_a_resource_name_with_whitespace_at_an_end_is_refused(tmp_path: Path, name: str) -> None:
+    # Before: `--resource " pg=3"` served " pg", and every pool asking for "pg"
+    # was refused as unknown_resource.
+    exc = _raises_field("resource", parse_resource_flags, [f"{name}=3"])
+    assert repr(name) in str(exc) and "whitespace" in str(exc)
+    _raises_field("resource", coerce_resources, {name: 3})
+    _raises_field("resource", check_resource_name, name)
+    toml = _write(tmp_path, f'[resources."{name.strip()} "]\nmax_size = 2\n')
+    _raises_field("resource", CoordinatorConfig.load, toml)
+    assert check_resource_name("pg db") == "pg db"  # inside a name it is the user's own
+
+
+@pytest.mark.parametrize("name", ["config_file", "overrides"])
+def test_load_refuses_the_keywords_it_sets_itself(tmp_path: Path, name: str) -> None:
+    # Before: taken and dropped without a word (load() sets both itself), and
+    # listed as allowed when another keyword was unknown.
+    path = _write(tmp_path, "[resources]\npg = 2\n")
+    exc = _raises_field(name, CoordinatorConfig.load, path, socket_path=str(tmp_path / "s.sock"),
+                        **{name: {}})
+    assert "unknown setting" in str(exc) and "metrics_port" in str(exc)
+    exc = _raises_field("bogus", CoordinatorConfig.load, path, bogus=1)
+    assert "config_file" not in str(exc) and "overrides" not in str(exc)
+
+
+@pytest.mark.parametrize("integration", ["gunicorn", "celery"])
+@pytest.mark.parametrize(("field", "kw"), [
+    ("metrics_port", {"metrics_port": "9100"}),
+    ("allowed_uids", {"allowed_uids": [-1]}),
+    ("restart", {"restart": "no"}),
+    ("log_level", {"log_level": "loud"}),
+    ("start_timeout", {"start_timeout": "30"}),
+])
+def test_integration_settings_are_checked_without_resources_too(
+        clean_env: pytest.MonkeyPatch, tmp_path: Path, integration: str, field: str,
+        kw: dict[str, Any]) -> None:
+    # Without resources= (a `sharedpool serve` listening) they were never looked
+    # at: metrics_port="9100" or restart="no" passed without a word.
+    make = _integration(integration)
+    clean_env.setenv(SOCKET_ENV, "unset")  # so that the hooks' own setting is undone too
+    clean_env.delenv(SOCKET_ENV)
+    _raises_field(field, make, socket=str(tmp_path / "sp.sock"), **kw)
+
+
+@pytest.mark.parametrize("integration", ["gunicorn", "celery"])
+def test_integration_names_a_socket_env_var_no_socket_can_have(
+        clean_env: pytest.MonkeyPatch, integration: str) -> None:
+    # Before: "socket: ... too long", an argument nobody had given (celery: as
+    # the worker started).
+    make = _integration(integration)
+    clean_env.setenv(SOCKET_ENV, "/x" * 80)
+    if integration == "gunicorn":
+        _raises_field(SOCKET_ENV, make, resources={"pg": 1})
+    else:
+        state = make(resources={"pg": 1})
+        with pytest.raises(SystemExit, match=f"^{SOCKET_ENV}: .*too long"):
+            state.worker_init()
+
+
+def _integration(name: str) -> Any:
+    """gunicorn's hooks() or celery's setup() of a fresh app (its handlers disconnected)."""
+    if name == "gunicorn":
+        from sharedpool.contrib.gunicorn import hooks
+
+        return hooks
+    pytest.importorskip("celery")
+    from celery import Celery
+
+    from sharedpool.contrib.celery import setup
+
+    def make(**kw: Any) -> Any:
+        state = setup(Celery("sp-test-config"), **kw)
+        state.disconnect()
+        return state
+    return make

@@ -15,7 +15,9 @@ from ..program import (
     EmbeddedCoordinator,
     EmbeddedStartError,
     check_embedded_options,
+    check_unused_settings,
     coordinator_listening,
+    integration_socket_path,
     private_socket_path,
 )
 
@@ -23,8 +25,10 @@ __all__ = [
     "EmbeddedCoordinator",
     "EmbeddedStartError",
     "check_embedded_options",
+    "check_unused_settings",
     "compare_served",
     "coordinator_listening",
+    "integration_socket_path",
     "private_socket_path",
     "release_process",
     "wait_for_fences",

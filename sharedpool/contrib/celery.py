@@ -50,9 +50,10 @@ from ._embedded import (
     EmbeddedCoordinator,
     EmbeddedStartError,
     check_embedded_options,
+    check_unused_settings,
     compare_served,
     coordinator_listening,
-    private_socket_path,
+    integration_socket_path,
     release_process,
     wait_for_fences,
 )
@@ -96,7 +97,7 @@ class CelerySharedPool:
             raise SystemExit(f"sharedpool: cannot start the coordinator: {exc!r}") from exc
 
     def _start(self) -> None:
-        path = self.socket or os.environ.get(SOCKET_ENV) or private_socket_path("celery")
+        path = integration_socket_path(self.socket, "celery")
         if coordinator_listening(path):
             self.started_line = f"sharedpool: using the coordinator already serving {path}"
             log.info("%s", self.started_line)
@@ -183,7 +184,9 @@ def setup(
     check_embedded_options(options, ("app", "resources", "socket", "restart", "close_timeout", "log_level"))
     given = None if socket is None else check_socket_path("socket", socket)
     embedded = None
-    if resources is not None:
+    if resources is None:
+        check_unused_settings(options, restart=restart, log_level=log_level)
+    else:
         # Checked now; the path is decided when the worker starts.
         embedded = EmbeddedCoordinator(given or "unset.sock", resources, restart=restart,
                                        log_level=log_level, **options)

@@ -67,9 +67,10 @@ from ._embedded import (
     EmbeddedCoordinator,
     EmbeddedStartError,
     check_embedded_options,
+    check_unused_settings,
     compare_served,
     coordinator_listening,
-    private_socket_path,
+    integration_socket_path,
     release_process,
     wait_for_fences,
 )
@@ -129,7 +130,7 @@ def hooks(
     """
     check_embedded_options(options, ("resources", "socket", "restart", "close_timeout", "log_level"))
     given = None if socket is None else check_socket_path("socket", socket)
-    path = given or os.environ.get(SOCKET_ENV) or private_socket_path("gunicorn")
+    path = integration_socket_path(given, "gunicorn")
     # Or the one a USR2 take-over is waiting to start (registered once it has).
     served = next(iter(_EMBEDDED), None) or next(iter(_TAKEOVERS), None)
     if served is not None and path != served:
@@ -140,7 +141,10 @@ def hooks(
             "this master started serves %s until gunicorn restarts", path, served)
         path = served
     embedded = _EMBEDDED.get(path)
-    if resources is not None:
+    if resources is None:
+        if embedded is None:  # not at a SIGHUP re-read: gunicorn would exit the master on it
+            check_unused_settings(options, restart=restart, log_level=log_level)
+    else:
         # Checked now: a bad limit fails when gunicorn reads its config, naming the field.
         try:
             fresh = EmbeddedCoordinator(path, resources, restart=restart,
