@@ -257,14 +257,19 @@ class Resource:
 
 
 def check_socket_path(name: str, value: Any) -> str:
-    """A path a Unix socket can have (str or os.PathLike, no NUL, at most
-    MAX_SOCKET_PATH bytes), as a str; else a ConfigError naming ``name``."""
+    """A path a Unix socket can have (str or os.PathLike, no NUL, no leading ~,
+    at most MAX_SOCKET_PATH bytes), as a str; else a ConfigError naming ``name``."""
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
     if not isinstance(value, str) or not value:
         raise ConfigError(name, f"must be a path, got {value!r}")
     if "\0" in value:
         raise ConfigError(name, f"must not contain a NUL byte, got {value!r}")
+    if value.startswith("~"):
+        # Only a shell expands it: from a TOML file or an environment file, serve made a
+        # directory named "~" in its working directory and listened there, unfound.
+        raise ConfigError(name, f"{value} starts with ~, which is not expanded here (only a shell "
+                          f"does that): give the absolute path, e.g. {os.path.expanduser(value)}")
     size = len(os.fsencode(value))
     if size > MAX_SOCKET_PATH:
         raise ConfigError(name, f"{value} is too long for a Unix socket "

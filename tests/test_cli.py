@@ -728,6 +728,16 @@ def test_serve_names_the_flag_or_variable_a_bad_socket_came_from(tmp_path: Path)
         shared.rmdir()
 
 
+def test_serve_refuses_a_socket_path_with_a_tilde_and_makes_no_directory_for_it(tmp_path: Path) -> None:
+    # Before: it served at ./~/run/sp.sock, a directory named "~" made in its cwd.
+    (tmp_path / "sp.toml").write_text('[coordinator]\nsocket = "~/run/sp.sock"\n[resources]\npg = 2\n')
+    out = subprocess.run([sys.executable, "-m", "sharedpool", "serve", "--config", "sp.toml"],
+                         capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=30)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "coordinator.socket: ~/run/sp.sock starts with ~, which is not expanded" in out.stderr
+    assert not (tmp_path / "~").exists()
+
+
 def test_demo_refuses_a_dsn_that_is_no_connection_string_before_it_runs(tmp_path: Path) -> None:
     # Before: the whole run, exit 1 "check --dsn", its sampler line quoting
     # libpq's parse error: 'missing "=" after "er2"', a piece of the password.

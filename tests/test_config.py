@@ -666,3 +666,18 @@ def _integration(name: str) -> Any:
         state.disconnect()
         return state
     return make
+
+
+def test_a_socket_path_starting_with_a_tilde_is_refused(
+        clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Only a shell expands ~: from a TOML file, serve made a directory named "~" in
+    # its working directory and listened there, where no one looked.
+    from sharedpool import ConnectionPool
+
+    exc = _raises_field("coordinator.socket", CoordinatorConfig.load,
+                        _write(tmp_path, '[coordinator]\nsocket = "~/run/sp.sock"\n[resources]\npg = 2\n'))
+    assert os.path.expanduser("~/run/sp.sock") in str(exc)
+    clean_env.setenv(SOCKET_ENV, "~/sp.sock")
+    _raises_field(SOCKET_ENV, default_socket_path)
+    _raises_field("coordinator", ConnectionPool, lambda: None, coordinator="~app/sp.sock")
+    assert CoordinatorConfig(socket_path="./~/sp.sock", resources={"pg": 2}).socket_path == "./~/sp.sock"
