@@ -7,6 +7,7 @@ was written, with a :class:`~sharedpool.errors.ConfigError` naming the field.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import math
 import numbers
@@ -16,9 +17,11 @@ import threading
 import tomllib
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import ConfigError
+
+_T = TypeVar("_T")
 
 SOCKET_ENV = "SHAREDPOOL_SOCKET"
 AWAY_POLICIES = ("wait", "fallback")
@@ -108,6 +111,26 @@ def _bool(name: str, value: Any) -> bool:
     return value
 
 
+def _named_keywords(cls: type[_T]) -> type[_T]:
+    """A misspelt keyword (``PoolConfig(max_szie=3)``) is a ConfigError naming it
+    and listing the fields, as in a TOML table, not Python's TypeError, which
+    named it and said nothing of what was allowed."""
+    init = cls.__init__
+    known = frozenset(f.name for f in fields(cls))  # type: ignore[arg-type]
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        if not kwargs.keys() <= known:
+            unknown = sorted(set(kwargs) - known)
+            raise ConfigError(unknown[0], f"unknown setting of {cls.__name__}; allowed: "
+                              f"{', '.join(sorted(known))}")
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    return cls
+
+
+@_named_keywords
 @dataclass(frozen=True)
 class PoolConfig:
     """Knobs of one process's local pool (the seed's names and defaults).
@@ -174,6 +197,7 @@ class PoolConfig:
         return _from_mapping(cls, data, where)
 
 
+@_named_keywords
 @dataclass(frozen=True)
 class Resource:
     """A named global budget, enforced by the coordinator across all processes.
@@ -403,6 +427,7 @@ def coerce_resources(resources: Any) -> dict[str, Resource]:
     return {check_resource_name(k): Resource.coerce(k, v) for k, v in resources.items()}
 
 
+@_named_keywords
 @dataclass(frozen=True)
 class CoordinatorConfig:
     """Everything ``sharedpool serve`` needs; loadable from TOML.

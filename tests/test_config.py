@@ -681,3 +681,16 @@ def test_a_socket_path_starting_with_a_tilde_is_refused(
     _raises_field(SOCKET_ENV, default_socket_path)
     _raises_field("coordinator", ConnectionPool, lambda: None, coordinator="~app/sp.sock")
     assert CoordinatorConfig(socket_path="./~/sp.sock", resources={"pg": 2}).socket_path == "./~/sp.sock"
+
+
+@pytest.mark.parametrize(("make", "typo", "allowed"), [
+    (lambda **kw: PoolConfig(**kw), "max_szie", "max_size"),
+    (lambda **kw: Resource(3, **kw), "max_per_proces", "max_per_process"),
+    (lambda **kw: CoordinatorConfig(socket_path="/tmp/x.sock", resources={"pg": 1}, **kw), "sockt",
+     "socket_path"),
+])
+def test_a_misspelt_keyword_is_named_with_what_is_allowed(make: Any, typo: str, allowed: str) -> None:
+    # Before: Python's TypeError ("unexpected keyword argument 'max_szie'"), which
+    # said nothing of what was allowed; a TOML table's typo listed it.
+    exc = _raises_field(typo, make, **{typo: 1})
+    assert "unknown setting" in str(exc) and allowed in str(exc)
