@@ -87,12 +87,15 @@ def _number(
         or not isinstance(value, (int, float))
         or (integer and not isinstance(value, int))
     ):
-        want = "an integer" if integer else "a number"
+        # With its range: "must be a number, got '10'" left the user to find out
+        # the next rule by the next error.
+        want = ("an integer" if integer else "a number") + f" {'>' if strict_min else '>='} {minimum:g}"
         if optional:
             want += " or None"
         raise ConfigError(name, f"must be {want}, got {value!r}")
     if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(name, f"must be finite, got {value!r}")
+        raise ConfigError(name, f"must be finite (a number {'>' if strict_min else '>='} {minimum:g}), "
+                          f"got {value!r}")
     if value < minimum or (strict_min and value == minimum):
         op = ">" if strict_min else ">="
         raise ConfigError(name, f"must be {op} {minimum:g}, got {value!r}")

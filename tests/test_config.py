@@ -694,3 +694,14 @@ def test_a_misspelt_keyword_is_named_with_what_is_allowed(make: Any, typo: str, 
     # said nothing of what was allowed; a TOML table's typo listed it.
     exc = _raises_field(typo, make, **{typo: 1})
     assert "unknown setting" in str(exc) and allowed in str(exc)
+
+
+@pytest.mark.parametrize(("make", "field", "said"), [
+    (lambda: PoolConfig(max_size="3"), "max_size", "must be an integer >= 1, got '3'"),
+    (lambda: PoolConfig(acquire_timeout=None), "acquire_timeout", "must be a number >= 0, got None"),
+    (lambda: PoolConfig(connection_timeout=NAN), "connection_timeout", "a number > 0), got nan"),
+    (lambda: Resource(3, max_per_process="4"), "max_per_process", "an integer >= 1 or None, got '4'"),
+])
+def test_a_value_of_the_wrong_kind_is_told_the_range_too(make: Any, field: str, said: str) -> None:
+    # Before: "must be a number, got None", and the range only at the next error.
+    assert said in str(_raises_field(field, make))
