@@ -406,8 +406,8 @@ MAX_ID = 2**32 - 1
 
 
 def check_resource_name(name: Any) -> str:
-    """A resource name is a non-empty string of at most 200 characters, with no
-    whitespace at either end."""
+    """A resource name is a non-empty string of printable characters, at most
+    200 of them, with no whitespace at either end."""
     if not isinstance(name, str) or not name or len(name) > MAX_NAME:
         shown = f"{len(name)} characters" if isinstance(name, str) and name else repr(name)
         raise ConfigError("resource", f"must be a non-empty name of at most {MAX_NAME} characters, "
@@ -418,6 +418,8 @@ def check_resource_name(name: Any) -> str:
         name.encode("utf-8")
     except UnicodeEncodeError:
         raise ConfigError("resource", f"must be UTF-8 text, got {name!r}") from None
+    if not name.isprintable():  # "pg\x00x" from a TOML escape: served, and written raw to the log
+        raise ConfigError("resource", f"must be printable text (no control characters), got {name!r}")
     return name
 
 

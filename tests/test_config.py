@@ -604,6 +604,17 @@ def test_a_resource_name_with_whitespace_at_an_end_is_refused(tmp_path: Path, na
     assert check_resource_name("pg db") == "pg db"  # inside a name it is the user's own
 
 
+@pytest.mark.parametrize("name", ["pg\x00x", "pg\x1b[31m", "pg\x7f", "pg\u200b"])
+def test_a_resource_name_with_control_characters_is_refused(tmp_path: Path, name: str) -> None:
+    # Before: '[resources]\n"pg\\u0000x" = 3' was served, and written raw to the log.
+    exc = _raises_field("resource", check_resource_name, name)
+    assert "printable" in str(exc) and repr(name) in str(exc)
+    toml = _write(tmp_path, '[resources]\n"' + name.encode("unicode_escape").decode().replace("\\x", "\\u00")
+                  + '" = 3\n')
+    _raises_field("resource", CoordinatorConfig.load, toml)
+    assert check_resource_name("café-db") == "café-db"
+
+
 @pytest.mark.parametrize("name", ["config_file", "overrides"])
 def test_load_refuses_the_keywords_it_sets_itself(tmp_path: Path, name: str) -> None:
     # Before: taken and dropped without a word (load() sets both itself), and
