@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import json
 import math
 import numbers
 import os
+import re
 import stat
 import threading
 import tomllib
@@ -537,11 +539,11 @@ class CoordinatorConfig:
         unknown = sorted(set(data) - {"coordinator", "resources"})
         if unknown and not _is_table(data[unknown[0]]):
             # `max_size = 5` above any header: "unknown table" named no table there.
-            raise ConfigError(unknown[0], f"is outside any table in {path}; settings go under "
+            raise ConfigError(_toml_key(unknown[0]), f"is outside any table in {path}; settings go under "
                               "[coordinator] or [resources.NAME] (is a table header missing above it?)")
         if unknown:
             raise ConfigError(
-                unknown[0], f"unknown table in {path}; allowed: coordinator, resources"
+                _toml_key(unknown[0]), f"unknown table in {path}; allowed: coordinator, resources"
             )
         for table in ("coordinator", "resources"):
             if not isinstance(data.get(table, {}), dict):
@@ -552,7 +554,8 @@ class CoordinatorConfig:
         allowed = sorted({f.name for f in fields(cls)} - _NOT_IN_FILE | {"socket"})
         unknown = sorted(map(str, set(section) - set(allowed)))
         if unknown:
-            raise ConfigError(f"coordinator.{unknown[0]}", f"unknown setting; allowed: {', '.join(allowed)}")
+            raise ConfigError(f"coordinator.{_toml_key(unknown[0])}",
+                              f"unknown setting; allowed: {', '.join(allowed)}")
         if "socket" in section:
             section["socket_path"] = section.pop("socket")
         resources = _merge_resources(data.get("resources", {}), overrides.pop("resources", None) or {})
@@ -577,6 +580,12 @@ class CoordinatorConfig:
             if name.startswith("resources."):  # a monitor_dsn checked here: the file's [resources.NAME]
                 raise ConfigError(name, exc.detail) from None
             raise
+
+
+def _toml_key(key: str) -> str:
+    """``key`` as TOML would spell it: bare, or quoted (``""``, ``"a b"``), so that
+    an empty or odd key reads as a key in a message ("coordinator.: unknown", before)."""
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
 
 
 def _config_path(name: str, value: Any) -> str:
@@ -681,7 +690,7 @@ def _from_mapping(cls: Any, data: dict[str, Any], where: str) -> Any:
     unknown = sorted(map(str, set(data) - known))
     if unknown:
         raise ConfigError(
-            f"{where}.{unknown[0]}", f"unknown setting; allowed: {', '.join(sorted(known))}"
+            f"{where}.{_toml_key(unknown[0])}", f"unknown setting; allowed: {', '.join(sorted(known))}"
         )
     required = [
         f.name for f in fields(cls)

@@ -716,3 +716,14 @@ def test_a_misspelt_keyword_is_named_with_what_is_allowed(make: Any, typo: str, 
 def test_a_value_of_the_wrong_kind_is_told_the_range_too(make: Any, field: str, said: str) -> None:
     # Before: "must be a number, got None", and the range only at the next error.
     assert said in str(_raises_field(field, make))
+
+
+@pytest.mark.parametrize(("toml", "field"), [
+    ('"" = 1\n[resources]\npg = 2\n', '""'),
+    ('[""]\nx = 1\n[resources]\npg = 2\n', '""'),
+    ('[coordinator]\n"" = 1\n[resources]\npg = 2\n', 'coordinator.""'),
+    ('[resources.pg]\nmax_size = 2\n"max size" = 1\n', 'resources.pg."max size"'),
+])
+def test_an_odd_unknown_key_is_quoted_as_toml_spells_it(tmp_path: Path, toml: str, field: str) -> None:
+    # Before: ": is outside any table", "coordinator.: unknown setting".
+    _raises_field(field, CoordinatorConfig.load, _write(tmp_path, toml))
