@@ -20,7 +20,7 @@ from sharedpool.records import BUSY, FAILURE_THRESHOLD, IDLE
 #: Prometheus's own Accept header (2.x/3.x scrape default).
 PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
                      "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
-WEIRD = 'we"ird\\name\nline'
+WEIRD = 'we"ird\\name'  # " and \ need escaping (a newline is no resource name)
 
 
 def _busy_ledger(tmp_path: Path) -> tuple[Any, Any, Any]:
