@@ -15,7 +15,8 @@ from typing import Any
 
 from .config import Resource
 
-#: Connect failures in a row, across all sessions, before waiters are failed fast.
+#: Connect failures in a row, across all sessions, before waiters are failed fast
+#: (when they come from more than one process, or from the only one connected).
 FAILURE_THRESHOLD = 5
 
 IDLE, BUSY, NEW = "idle", "busy", "new"
@@ -173,6 +174,10 @@ class ResourceState:
     paused: bool = False
     draining: bool = False
     fail_streak: int = 0
+    #: the sessions whose failures make up fail_streak
+    fail_sessions: set[int] = field(default_factory=set)
+    #: the streak failed waiters fast (until a connect succeeds)
+    failing: bool = False
     failing_until: float | None = None
     grants: int = 0
     timeouts: int = 0
@@ -236,7 +241,7 @@ class ResourceState:
             # Its connects failing, none succeeding since: refused fast, or
             # past the backoff with the next acquire to probe (a rare one in a
             # long outage: shown failing all the same, until a connect succeeds).
-            "failing": self.fail_streak >= FAILURE_THRESHOLD,
+            "failing": self.failing,
         }
 
 

@@ -3,7 +3,8 @@
 suspicions (for listings), its hand-off costs (for the "auto" fairness
 quantum) and its connect outcomes: connect failures in a row, across all
 sessions, put a resource in a short back-off in which acquires are denied at
-once instead of queueing for a connection that cannot be made.
+once instead of queueing for a connection that cannot be made (if they come
+from more than one process, or from the only one with connections of it).
 
 Pure, as the ledger is; :meth:`Ledger.report` calls :func:`apply`.
 """
@@ -15,10 +16,11 @@ from typing import TYPE_CHECKING, Any
 from .effects import Effect, Problem
 from .handoff import MAX_COST
 from .protocol import brief
-from .records import FAILURE_THRESHOLD, STATES, clip_site, is_id
+from .records import FAILURE_THRESHOLD, NEW, STATES, clip_site, is_id
 
 if TYPE_CHECKING:
     from .ledger import Ledger
+    from .records import ResourceState
 
 #: How long a failing resource denies acquires before letting one try again.
 FAILURE_BACKOFF = 1.0
@@ -70,14 +72,16 @@ def apply(
     for name in ok:
         res = ledger.resources.get(name) if isinstance(name, str) else None
         if res is not None:
-            res.fail_streak, res.failing_until = 0, None
+            res.fail_streak, res.failing, res.failing_until = 0, False, None
+            res.fail_sessions.clear()
     for name, count in (failures or {}).items():
         res = ledger.resources.get(name)
         if res is None or not isinstance(count, int) or count <= 0:
             continue
         res.fail_streak += count
-        if res.fail_streak >= FAILURE_THRESHOLD and res.failing_until is None:
-            res.failing_until = now + FAILURE_BACKOFF
+        res.fail_sessions.add(sid)
+        if res.fail_streak >= FAILURE_THRESHOLD and res.failing_until is None and _everywhere(res):
+            res.failing, res.failing_until = True, now + FAILURE_BACKOFF
             for waiter in list(res.waiters):
                 effects.append(ledger._drop_waiter(res, waiter, "failing",
                                                    f"connections to {name!r} are failing"))
@@ -85,3 +89,13 @@ def apply(
     for name in touched:
         effects += ledger._rebalance(ledger.resources[name])
     return effects
+
+
+def _everywhere(res: ResourceState) -> bool:
+    """The streak's failures are the resource's, not one process's: they come
+    from two processes or more, or no other process has a connection of it.
+    One misconfigured worker (a bad DSN, a wrong password in its environment)
+    failing connect after connect had every process's leases refused, while
+    their own connects worked."""
+    return len(res.fail_sessions) > 1 or all(
+        lease.state == NEW or lease.session in res.fail_sessions for lease in res.live.values())

@@ -319,6 +319,71 @@ def test_failing_connects_fail_waiters_fast_and_recover(start_coordinator: Any, 
         pool.close()
 
 
+_MISCONFIGURED = """
+import sys, time, psycopg
+from pg_helpers import pg_dsn
+from sharedpool import ConnectionPool, PoolConfig
+sock, app, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+dsn = pg_dsn().replace("dbname=test", "dbname=sharedpool_no_such_db")
+pool = ConnectionPool(lambda: psycopg.connect(dsn, application_name=app), PoolConfig(min_size=0, max_size=1),
+                      resource="pg", coordinator=sock)
+failed, end = 0, time.monotonic() + seconds
+print("started", flush=True)
+while time.monotonic() < end and failed < 500:
+    try:
+        pool.acquire(timeout=5)
+    except Exception as exc:
+        failed += 1
+        time.sleep(0.005)
+pool.close()
+print("failed", failed, flush=True)
+"""
+
+
+def test_one_misconfigured_process_does_not_fail_the_others_fast(start_coordinator: Any, sock_path: str,
+                                                                 app_name: str) -> None:
+    """A worker whose DSN names a database that does not exist fails connect
+    after connect, while this process's connects work: its failures are its
+    own. Before, the coordinator called the resource failing for a second at
+    a time and refused this process's new connections too."""
+    import psycopg
+
+    from sharedpool import ConnectionPool, PoolConfig
+
+    start_coordinator({"pg": Resource(max_size=4, acquire_timeout=30)})
+
+    def connect() -> Any:
+        return psycopg.connect(pg_dsn(), application_name=app_name, autocommit=True)
+
+    good = ConnectionPool(connect, PoolConfig(min_size=0, max_size=1), resource="pg", coordinator=sock_path)
+    # Closed at each checkin (older than its max_lifetime): a new lease for every checkout.
+    churn = ConnectionPool(connect, PoolConfig(min_size=0, max_size=1, max_lifetime=1e-6), resource="pg",
+                           coordinator=sock_path)
+    probe = Client(sock_path)
+    try:
+        with good.connection(timeout=10) as conn:
+            conn.execute("SELECT 1")  # connected, and reported so: idle in the pool from here
+        opened, seen_failing = 0, False
+        with child(_MISCONFIGURED, sock_path, app_name + "-bad", "2.0") as bad:
+            assert bad.stdout is not None and bad.stdout.readline().strip() == "started"
+            end = time.monotonic() + 2.0
+            while time.monotonic() < end:
+                seen_failing |= bool(probe.inspect("resources")["resources"][0]["failing"])
+                with churn.connection(timeout=10) as conn:  # refused "failing" before
+                    conn.execute("SELECT 1")
+                opened += 1
+                time.sleep(0.01)
+            line = bad.stdout.readline().split()
+            assert bad.wait(15) == 0
+        assert line[0] == "failed" and int(line[1]) >= 20, line  # it did fail, many times
+        assert not seen_failing, "one process's bad DSN made the resource failing for all"
+        assert opened > 10 and churn.get_stats()["connections_num"] >= opened
+    finally:
+        churn.close()
+        good.close()
+        probe.close()
+
+
 def test_failures_reported_on_a_bare_client_reach_the_coordinator(start_coordinator: Any,
                                                                   sock_path: str) -> None:
     # A client that never made a request has no background thread yet: the

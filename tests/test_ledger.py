@@ -1200,6 +1200,45 @@ def test_failure_reports_past_the_threshold_fail_fast_then_recover() -> None:
     assert queued(lg.acquire(b, 4, "pg", T0 + 2, timeout=30))
 
 
+def test_one_process_failing_alone_fails_nobody_else_fast() -> None:
+    """One misconfigured worker (a bad DSN in its environment) failing connect
+    after connect, while another process has a connection of the resource:
+    its failures are its own, not the resource's. Before, they had every
+    process's leases refused as "failing" for a second at a time."""
+    lg = ledger(pg=2)
+    good, bad, waiter = session(lg), session(lg), session(lg)
+    held = grant(lg, good, 1)
+    lg.report(good, [[held, IDLE, 55, None]], T0)  # connected: its connect worked
+    grant(lg, bad, 1)
+    assert queued(lg.acquire(waiter, 1, "pg", T0, timeout=30))
+    assert lg.report(bad, [], T0, failures={"pg": FAILURE_THRESHOLD * 3}) == []
+    assert lg.snapshot_resources(T0)[0]["failing"] is False
+    assert queued(lg.acquire(good, 2, "pg", T0, timeout=30))  # waits as usual, not refused
+    # A second process's connects fail too: the resource's, now.
+    effects = lg.report(waiter, [], T0 + 0.1, failures={"pg": 1})
+    assert sorted(d.session for d in of(Denied, effects)) == [good, waiter]
+    assert all(d.reason == "failing" for d in of(Denied, effects))
+    assert lg.snapshot_resources(T0)[0]["failing"] is True
+    # A success ends it, and the next streak starts from nobody.
+    lg.report(good, [], T0 + 0.2, ok=["pg"])
+    assert lg.snapshot_resources(T0)[0]["failing"] is False
+    assert lg.report(bad, [], T0 + 0.3, failures={"pg": FAILURE_THRESHOLD}) == []
+
+
+def test_the_only_process_connected_failing_is_the_resource_failing() -> None:
+    """One process alone (a lone worker, or the others hold nothing connected
+    yet: a lease still connecting says nothing of the server): its failures
+    are enough, as before."""
+    lg = ledger(pg=1)
+    bad, other, waiter = session(lg), session(lg), session(lg)
+    grant(lg, other, 1)  # granted, never reported connected
+    assert queued(lg.acquire(waiter, 1, "pg", T0, timeout=30))
+    [deny] = of(Denied, lg.report(bad, [], T0, failures={"pg": FAILURE_THRESHOLD}))
+    assert (deny.session, deny.reason) == (waiter, "failing")
+    assert lg.snapshot_resources(T0)[0]["failing"] is True
+    assert only(Denied, lg.acquire(bad, 1, "pg", T0 + 0.1)).reason == "failing"
+
+
 def test_auto_quantum_is_one_figure_from_the_median_reported_cost() -> None:
     # Every holder is asked to keep to the same quantum, so turns are even:
     # the one implied by the median hand-off cost the sessions report.
@@ -2674,7 +2713,8 @@ def test_asks_are_withdrawn_when_nothing_may_be_granted(verb: str) -> None:
     lg.report(a, [[lease, BUSY, None, None]], T0)
     assert only(AskReclaim, lg.acquire(b, 1, "pg", T0, timeout=10)).count == 1
     if verb == "failing":
-        effects = lg.report(c, [], T0, failures={"pg": FAILURE_THRESHOLD})
+        assert lg.report(c, [], T0, failures={"pg": FAILURE_THRESHOLD}) == []  # a's connect works
+        effects = lg.report(b, [], T0, failures={"pg": 1})  # a second process's fails too
     else:
         effects = getattr(lg, verb)("pg")
     assert AskReclaim(a, "pg", 0) in of(AskReclaim, effects)
