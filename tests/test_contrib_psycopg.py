@@ -705,3 +705,31 @@ def test_a_lease_whose_connect_never_ran_goes_back_unused_not_as_a_failed_connec
     finally:
         pool.close()
     assert wait_leased(sock_path, 0) == 0
+
+
+@pytest.mark.parametrize(("conninfo", "kwargs", "field"), [
+    (3, None, "conninfo"),
+    (b"dbname=test", None, "conninfo"),
+    ("dbname=test password=sEcr3t user", None, "conninfo"),  # libpq: missing "=" after "user"
+    ("dbname=test", 3, "kwargs"),
+], ids=["int", "bytes", "malformed", "kwargs-int"])
+def test_a_conninfo_psycopg_could_never_use_is_refused_naming_it(
+        conninfo: Any, kwargs: Any, field: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Before: taken, then every connect failed in psycopg_pool's workers, seen as
+    a bare PoolTimeout at the first getconn(); the malformed one was logged with
+    a piece of the string (here the password's neighbour) each attempt."""
+    from sharedpool import ConfigError
+    from sharedpool.contrib.psycopg import ConnectionPool
+
+    extra = {} if kwargs is None else {"kwargs": kwargs}
+    with pytest.raises(ConfigError) as err:
+        pool = ConnectionPool(conninfo, resource="pg", min_size=0, max_size=1, open=False, timeout=0.5,
+                              **extra)
+        try:
+            pool.open()
+            with pool.connection():
+                pass
+        finally:
+            pool.close()
+    assert err.value.field == field, err.value
+    assert "sEcr3t" not in str(err.value) and "sEcr3t" not in caplog.text

@@ -38,7 +38,7 @@ import logging
 import numbers
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 try:
@@ -80,6 +80,23 @@ _SIZES = {"min_size": True, "max_size": False, "num_workers": True, "max_waiting
 #: ... and its times, inf being "never" where psycopg_pool takes it so; max_idle
 #: is a wait of its scheduler thread, which inf or 1e300 killed (OverflowError).
 _TIMES = {"max_lifetime": True, "max_idle": False, "reconnect_timeout": True}
+
+
+def _check_conninfo(conninfo: Any, kwargs: Any) -> None:
+    """psycopg_pool takes any ``conninfo`` and ``kwargs`` and connects in its
+    worker threads: ``conninfo=3`` or ``kwargs=3`` failed every connect unseen
+    (a bare PoolTimeout), and a malformed string was logged with libpq's parse
+    error, which quotes a piece of it (maybe of the password). Neither value
+    is shown here."""
+    if not isinstance(conninfo, str):
+        raise ConfigError("conninfo", f"must be a connection string (a str), got a {type(conninfo).__name__}")
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise ConfigError("kwargs", f"must be a dict of connection parameters, got a {type(kwargs).__name__}")
+    try:
+        psycopg.conninfo.conninfo_to_dict(conninfo)
+    except psycopg.Error:
+        raise ConfigError("conninfo", "not a valid PostgreSQL connection string (not shown: it may hold "
+                          "a password)") from None
 
 
 def _check_kinds(args: dict[str, Any]) -> None:
@@ -128,6 +145,7 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
         self._sp_book = LeaseBook(resource, coordinator, confirm_timeout=confirm_timeout,
                                   idle=self._sp_idle, reclaim=self._sp_reclaim, lends=True)
         self._sp_lease_timeout = check_seconds("lease_timeout", lease_timeout, optional=True, forever=True)
+        _check_conninfo(conninfo, kwargs.get("kwargs"))
         _check_kinds(kwargs)
         if lease_timeout is None and "timeout" in kwargs:
             # The lease wait is the pool's timeout: a bad one (-1, nan, "5") failed
