@@ -574,6 +574,47 @@ def test_a_signal_as_the_connect_returns_leaks_neither_connection_nor_lease(
     assert wait_leased(sock_path, 0) == 0
 
 
+@pytest.mark.parametrize("given_up", ["the lease wait failed", "a live one came instead"])
+def test_a_signal_as_an_empty_slot_goes_back_loses_no_slot(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str,
+        monkeypatch: pytest.MonkeyPatch, given_up: str) -> None:
+    """_do_get puts an empty slot back when its checkout gives way (its lease wait
+    failed, or a live connection checked in meanwhile went out in its place). A
+    signal handler's exception at the put-back's entry lost the slot for good,
+    and the live record with it: with pool_size 1 every later checkout timed out
+    (tests/fuzz_signals.py sqlalchemy --threads 1 --seed 7: "stranded at
+    _sp_put_back_empty"); the live one's connection stayed open and leased."""
+    start_coordinator({"pg": Resource(max_size=2, acquire_timeout=3)})
+    size = 1 if given_up == "the lease wait failed" else 2
+    engine = engine_for(sock_path, app_name, pool_size=size, max_overflow=0, pool_timeout=3)
+    pool = engine.pool
+    assert isinstance(pool, LeasedQueuePool)
+    try:
+        raws = [engine.raw_connection() for _ in range(size)]
+        raws[-1].invalidate()  # its slot empty, first in the queue (FIFO)
+        for raw in reversed(raws):
+            raw.close()
+        if given_up == "the lease wait failed":
+            interrupt_once(monkeypatch, LeasedQueuePool, "_sp_lease_first", _SoftLimit())
+        else:  # as its lease wait does when a peer checks one in: that one out instead
+            monkeypatch.setattr(LeasedQueuePool, "_sp_lease_first",
+                                lambda self, record=None: self._sp_take_live())
+        interrupt_once(monkeypatch, LeasedQueuePool, "_sp_put_back_empty", _SoftLimit())
+        with pytest.raises(_SoftLimit):
+            engine.connect()
+        monkeypatch.undo()
+        assert pool.checkedout() == 0, "a record went out with the checkout cut short"
+        conns = [engine.connect() for _ in range(size)]  # every slot serves: none timed out
+        for conn in conns:
+            conn.execute(text("SELECT 1"))
+            conn.close()
+        assert pool.lease_stats()["leases_held"] == size
+    finally:
+        engine.dispose()
+    assert wait_leased(sock_path, 0) == 0
+    assert BackendSampler(app_name).count_now() == 0
+
+
 def test_pool_timeout_none_at_the_cap_is_a_lease_timeout(
         pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
     # pool_timeout=None (QueuePool: wait without a limit) raised TypeError

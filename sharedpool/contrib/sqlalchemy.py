@@ -255,20 +255,38 @@ class LeasedQueuePool(QueuePool):
                     return record  # type: ignore[no-any-return]
         return None
 
-    def _sp_put_back_empty(self, record: ConnectionPoolEntry) -> None:
+    def _sp_put_back_empty(self, record: ConnectionPoolEntry, back: list[Any] | None = None,
+                           upto: int | None = None) -> None:
         """Park a record whose connection was closed (its slot stays, as after an
-        invalidation) where it is handed out last: live ones go first."""
+        invalidation) where it is handed out last: live ones go first.
+
+        ``back``: the records of a checkout given up (``upto``: its first ones
+        only), live ones put back where they are handed out first; each is taken
+        off the list in the step that parks it (no call between), so that a second
+        call after one cut short (a signal handler's exception) parks none twice."""
         queue: Any = self._pool
+        if back is None:
+            back = [record]
+        dropped = []
         with queue.mutex:
-            full = queue.maxsize > 0 and len(queue.queue) >= queue.maxsize
-            if not full:
-                if queue.use_lifo:
-                    queue.queue.appendleft(record)
+            for i in range(len(back) if upto is None else upto):
+                rec = back[i]
+                if rec is None:
+                    continue
+                back[i] = None
+                if queue.maxsize > 0 and len(queue.queue) >= queue.maxsize:
+                    dropped.append(rec)  # the slot goes, as QueuePool's checkin of one too many
+                elif (rec.dbapi_connection is None) == queue.use_lifo:
+                    queue.queue.appendleft(rec)
                 else:
-                    queue.queue.append(record)
+                    queue.queue.append(rec)
                 queue.not_empty.notify()
-        if full:
-            self._dec_overflow()
+        for rec in dropped:
+            try:
+                if rec.dbapi_connection is not None:
+                    self._sp_close(rec)
+            finally:
+                self._dec_overflow()
 
     # ------------------------------------------------------------------ close
 
@@ -312,19 +330,29 @@ class LeasedQueuePool(QueuePool):
             # QueuePool keeps their records: without pool_pre_ping one was handed out closed.
             raise PoolClosed(why)
         record = super()._do_get()
-        if record.dbapi_connection is None and self._sp_leased():
-            # An empty slot (its connection was given back): it reconnects in
-            # get_connection() right after this, under a lease taken here, or
-            # gives way to a live connection a peer checks in meanwhile.
+        # Out of the queue, and nobody else's: whatever cuts this checkout short
+        # (a failed lease wait, a signal handler's exception anywhere, also at the
+        # entry of the put-back itself) puts it back, and the live one taken in its
+        # place; else its slot was lost for good (pool_size 1: every later checkout
+        # timed out; a live one's connection open, leased, until the exit).
+        back: list[Any] = [record, None]
+        try:
+            if record.dbapi_connection is None and self._sp_leased():
+                # An empty slot (its connection was given back): it reconnects in
+                # get_connection() right after this, under a lease taken here, or
+                # gives way to a live connection a peer checks in meanwhile.
+                live = back[1] = self._sp_lease_first(record)
+                if live is not None:
+                    self._sp_put_back_empty(record, back, 1)
+                    return live
+            return record
+        except BaseException:
             try:
-                live = self._sp_lease_first(record)
+                self._sp_put_back_empty(record, back)
             except BaseException:
-                self._sp_put_back_empty(record)
+                self._sp_put_back_empty(record, back)  # cut short in turn: what did not go back
                 raise
-            if live is not None:
-                self._sp_put_back_empty(record)
-                return live
-        return record
+            raise
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
         if collecting():
