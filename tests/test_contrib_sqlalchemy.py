@@ -574,7 +574,8 @@ def test_a_signal_as_the_connect_returns_leaks_neither_connection_nor_lease(
     assert wait_leased(sock_path, 0) == 0
 
 
-@pytest.mark.parametrize("given_up", ["the lease wait failed", "a live one came instead"])
+@pytest.mark.parametrize("given_up", ["the lease wait failed", "a live one came instead",
+                                      "cut short as a live one came"])
 def test_a_signal_as_an_empty_slot_goes_back_loses_no_slot(
         pg: str, start_coordinator: Any, sock_path: str, app_name: str,
         monkeypatch: pytest.MonkeyPatch, given_up: str) -> None:
@@ -583,26 +584,38 @@ def test_a_signal_as_an_empty_slot_goes_back_loses_no_slot(
     signal handler's exception at the put-back's entry lost the slot for good,
     and the live record with it: with pool_size 1 every later checkout timed out
     (tests/fuzz_signals.py sqlalchemy --threads 1 --seed 7: "stranded at
-    _sp_put_back_empty"); the live one's connection stayed open and leased."""
+    _sp_put_back_empty"); the live one's connection stayed open and leased.
+    So was the live one alone when the exception landed as the lease wait
+    returned it (taken out of the queue, not yet _do_get's)."""
+    from sharedpool.contrib._leases import LeaseBook
+
     start_coordinator({"pg": Resource(max_size=2, acquire_timeout=3)})
     size = 1 if given_up == "the lease wait failed" else 2
     engine = engine_for(sock_path, app_name, pool_size=size, max_overflow=0, pool_timeout=3)
     pool = engine.pool
     assert isinstance(pool, LeasedQueuePool)
+    hog = Client(sock_path, name="hog")
     try:
         raws = [engine.raw_connection() for _ in range(size)]
         raws[-1].invalidate()  # its slot empty, first in the queue (FIFO)
         for raw in reversed(raws):
             raw.close()
-        if given_up == "the lease wait failed":
-            interrupt_once(monkeypatch, LeasedQueuePool, "_sp_lease_first", _SoftLimit())
-        else:  # as its lease wait does when a peer checks one in: that one out instead
-            monkeypatch.setattr(LeasedQueuePool, "_sp_lease_first",
-                                lambda self, record=None: self._sp_take_live())
-        interrupt_once(monkeypatch, LeasedQueuePool, "_sp_put_back_empty", _SoftLimit())
+        if given_up == "cut short as a live one came":
+            # The real wait, served by the live one (the spare lease held elsewhere:
+            # no grant wins the race), cut short as it returns.
+            hog.acquire("pg", timeout=5)
+            interrupt_once(monkeypatch, LeaseBook, "acquire", _SoftLimit(), after=True)
+        else:
+            if given_up == "the lease wait failed":
+                interrupt_once(monkeypatch, LeasedQueuePool, "_sp_lease_first", _SoftLimit())
+            else:  # as its lease wait does when a peer checks one in: that one out instead
+                monkeypatch.setattr(LeasedQueuePool, "_sp_lease_first",
+                                    lambda self, record=None, live=None: self._sp_take_live(live))
+            interrupt_once(monkeypatch, LeasedQueuePool, "_sp_put_back_empty", _SoftLimit())
         with pytest.raises(_SoftLimit):
             engine.connect()
         monkeypatch.undo()
+        hog.close()
         assert pool.checkedout() == 0, "a record went out with the checkout cut short"
         conns = [engine.connect() for _ in range(size)]  # every slot serves: none timed out
         for conn in conns:
@@ -610,6 +623,7 @@ def test_a_signal_as_an_empty_slot_goes_back_loses_no_slot(
             conn.close()
         assert pool.lease_stats()["leases_held"] == size
     finally:
+        hog.close()
         engine.dispose()
     assert wait_leased(sock_path, 0) == 0
     assert BackendSampler(app_name).count_now() == 0

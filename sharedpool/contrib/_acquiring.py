@@ -83,7 +83,8 @@ class _Acquiring(_Book):
         return None
 
     def acquire(self, key: Any, timeout: float | None = None,
-                local: Callable[[], Any] | None = None, owner: Any = None) -> Any:
+                local: Callable[[], Any] | None = None, owner: Any = None,
+                taken: list[Any] | None = None) -> Any:
         """Take a lease for ``key`` before its socket is opened (waits up to
         ``timeout``; None: the resource's default). Raises what the client
         raises (PoolTimeout, LeaseDenied, CoordinatorUnavailable).
@@ -94,7 +95,12 @@ class _Acquiring(_Book):
         it comes, goes straight back. ``local()`` is called with the book's
         condition held; the pool calls :meth:`notify_returned` at checkin, or
         hands a connection over with :meth:`offer` (same ``owner``: the pool).
-        Returns None once the lease is held under ``key``."""
+        Returns None once the lease is held under ``key``.
+
+        ``taken``: a one-item list an offer taken is put in, in the step that
+        takes it (``local()`` is to put what it takes there the same way): the
+        caller's to give back if it is cut short (a signal handler's exception)
+        before it holds what this returns."""
         why = self.closed_reason()
         if why is not None:
             raise PoolClosed(why)
@@ -104,7 +110,7 @@ class _Acquiring(_Book):
             if local is None:
                 lease = self._acquire(client, timeout)
             else:
-                got = self._lease_or_local(client, timeout, local, owner)
+                got = self._lease_or_local(client, timeout, local, owner, taken)
                 if not isinstance(got, _Granted):
                     return got
                 lease = got.lease
@@ -156,7 +162,7 @@ class _Acquiring(_Book):
         return lease
 
     def _lease_or_local(self, client: Client, timeout: float | None,
-                        local: Callable[[], Any], owner: Any) -> Any:
+                        local: Callable[[], Any], owner: Any, taken: list[Any] | None = None) -> Any:
         """Wait for a lease in a helper thread while watching ``local()``. When
         ``local()`` wins, the acquire is withdrawn at the coordinator: a process
         whose own connections serve it must not stay queued there (a waiting
@@ -205,7 +211,7 @@ class _Acquiring(_Book):
             request = _CancellableAcquire(client, self.resource, timeout, tickets, self)
             threading.Thread(target=helper, args=(request,), name=f"sharedpool-lease-{self.resource}",
                              daemon=True).start()
-            return self._wait_lease_or_local(wait, local, request, client)
+            return self._wait_lease_or_local(wait, local, request, client, taken)
         except BaseException:
             # Interrupted (a signal handler's exception: celery's soft time limit,
             # KeyboardInterrupt...): nobody will take a lease granted from now on,
@@ -232,7 +238,8 @@ class _Acquiring(_Book):
             raise
 
     def _wait_lease_or_local(self, wait: _Wait, local: Callable[[], Any],
-                             request: _CancellableAcquire, client: Client) -> Any:
+                             request: _CancellableAcquire, client: Client,
+                             taken: list[Any] | None = None) -> Any:
         cond = self._returned
         withdraw = False
         with cond:
@@ -241,6 +248,8 @@ class _Acquiring(_Book):
             try:
                 while True:
                     got, wait.offered = wait.offered, None  # an offer is ours from here
+                    if got is not None and taken is not None:
+                        taken[0] = got  # no call since the take: the caller gives it back if cut short
                     if got is None and (not wait.done or wait.error is not None):
                         # Also after an error: the session ended by release_process(),
                         # which first made this wait not needed, is no failure.

@@ -174,12 +174,14 @@ class LeasedQueuePool(QueuePool):
     def _sp_leased(self) -> bool:
         return self._sp_book is not None and self._sp_book.coordinator is not None
 
-    def _sp_lease_first(self, record: ConnectionPoolEntry | None = None) -> ConnectionPoolEntry | None:
+    def _sp_lease_first(self, record: ConnectionPoolEntry | None = None,
+                        live: list[Any] | None = None) -> ConnectionPoolEntry | None:
         """Take a lease for the connection the caller is about to open, and
         leave it for the creator. If a peer thread checks a live connection in
         meanwhile, return that record instead (the local queue must not sit
         idle while we wait at the global cap). ``record``: the empty slot it
-        is for (see _do_return_conn)."""
+        is for (see _do_return_conn). ``live``: a one-item list the live record
+        is put in as it is taken, for the caller to put back if cut short."""
         book = self._sp_book
         assert book is not None
         key = object()
@@ -188,7 +190,8 @@ class LeasedQueuePool(QueuePool):
             # be opening right now, and a wait nothing local can end keeps this
             # process queued at the coordinator, where it is not asked to give back.
             with _lease_timeout(book, self._sp_timeout()):
-                returned = book.acquire(key, self._sp_timeout(), local=self._sp_take_live, owner=self)
+                returned = book.acquire(key, self._sp_timeout(), local=lambda: self._sp_take_live(live),
+                                        owner=self, taken=live)
             if returned is None:
                 self._sp_local.lease_key, self._sp_local.lease_record = key, record
         except BaseException:
@@ -213,7 +216,18 @@ class LeasedQueuePool(QueuePool):
         # QueuePool._do_get counted us as one more connection.
         start_collector()  # before a collection checks one in (_do_return_conn)
         if self._sp_leased():
-            live = self._sp_lease_first()
+            taken: list[Any] = [None]
+            try:
+                live = self._sp_lease_first(None, taken)
+            except BaseException:
+                # A live one taken as this was cut short: back to the queue (QueuePool
+                # uncounts this connection itself), or it was lost, open and leased.
+                try:
+                    self._sp_put_back_empty(None, taken)
+                except BaseException:
+                    self._sp_put_back_empty(None, taken)  # cut short in turn
+                    raise
+                raise
             if live is not None:
                 self._dec_overflow()  # we did not grow after all
                 return live
@@ -244,32 +258,34 @@ class LeasedQueuePool(QueuePool):
         finally:
             self._sp_local.made, self._sp_local.making = None, False
 
-    def _sp_take_live(self) -> ConnectionPoolEntry | None:
-        """Take a record with an open connection from the queue, if there is one."""
+    def _sp_take_live(self, live: list[Any] | None = None) -> ConnectionPoolEntry | None:
+        """Take a record with an open connection from the queue, if there is one
+        (put in ``live`` first, with no call before it leaves the queue)."""
         queue: Any = self._pool
         with queue.mutex:
             for record in reversed(queue.queue) if queue.use_lifo else queue.queue:
                 if record.dbapi_connection is not None:
+                    if live is not None:
+                        live[0] = record
                     queue.queue.remove(record)
                     queue.not_full.notify()
                     return record  # type: ignore[no-any-return]
         return None
 
-    def _sp_put_back_empty(self, record: ConnectionPoolEntry, back: list[Any] | None = None,
-                           upto: int | None = None) -> None:
+    def _sp_put_back_empty(self, record: ConnectionPoolEntry | None, back: list[Any] | None = None) -> None:
         """Park a record whose connection was closed (its slot stays, as after an
         invalidation) where it is handed out last: live ones go first.
 
-        ``back``: the records of a checkout given up (``upto``: its first ones
-        only), live ones put back where they are handed out first; each is taken
-        off the list in the step that parks it (no call between), so that a second
+        ``back`` (in place of ``record``): the records of a checkout given up,
+        live ones put back where they are handed out first; each is taken off
+        the list in the step that parks it (no call between), so that a second
         call after one cut short (a signal handler's exception) parks none twice."""
         queue: Any = self._pool
         if back is None:
             back = [record]
         dropped = []
         with queue.mutex:
-            for i in range(len(back) if upto is None else upto):
+            for i in range(len(back)):
                 rec = back[i]
                 if rec is None:
                     continue
@@ -335,18 +351,20 @@ class LeasedQueuePool(QueuePool):
         # entry of the put-back itself) puts it back, and the live one taken in its
         # place; else its slot was lost for good (pool_size 1: every later checkout
         # timed out; a live one's connection open, leased, until the exit).
-        back: list[Any] = [record, None]
+        back: list[Any] = [record]
+        live: list[Any] = [None]  # the live one taken in its place, put there as it is taken
         try:
             if record.dbapi_connection is None and self._sp_leased():
                 # An empty slot (its connection was given back): it reconnects in
                 # get_connection() right after this, under a lease taken here, or
                 # gives way to a live connection a peer checks in meanwhile.
-                live = back[1] = self._sp_lease_first(record)
-                if live is not None:
-                    self._sp_put_back_empty(record, back, 1)
-                    return live
+                got = self._sp_lease_first(record, live)
+                if got is not None:
+                    self._sp_put_back_empty(record, back)
+                    return got
             return record
         except BaseException:
+            back += live  # no call: cut short here too, both still go back
             try:
                 self._sp_put_back_empty(record, back)
             except BaseException:
