@@ -416,11 +416,16 @@ class Client(Owed, Hooks):
         return self._call(lambda req: p.Admin(req, verb, args), timeout)
 
     def report_failure(self, resource: str) -> None:
-        """Count a failed connect; sent with the next coalesced report."""
+        """Count a failed connect; sent with the next coalesced report. Raises no
+        Exception: it is called where a connect failed, before that connect's
+        lease goes back and its caller hears the connect's own error."""
         self._checkpid()
         with self._cond:
             self._failures[resource] = self._failures.get(resource, 0) + 1
-        self._ensure_thread()  # the reports go out from the background thread
+        try:
+            self._ensure_thread()  # the reports go out from the background thread
+        except Exception:  # noqa: BLE001 - counted: sent once a thread runs again
+            log.exception("sharedpool: no thread to report a failed connect of %r", resource)
         self._notify()
 
     def report_success(self, resource: str) -> None:

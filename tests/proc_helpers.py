@@ -5,8 +5,9 @@ exception the test looks at, reading a raw socket until the peer closes it, a
 SIGALRM that raises (a signal handler's exception, as celery's soft time
 limit), an exception injected once where a signal could land, threads started
 a moment apart, a server slow to let go of a closed client, an import
-refused in a fresh interpreter, and a garbage collection run where a logging
-queue's lock is held."""
+refused in a fresh interpreter, a garbage collection run where a logging
+queue's lock is held, and a client that cannot start a thread to report a
+failed connect."""
 
 from __future__ import annotations
 
@@ -375,3 +376,16 @@ def reclaimed_at_release(sock_path: str, resource: str, reclaimed: Callable[[], 
     finally:
         waiter.close()
     return at_release
+
+
+def no_thread_for_reports(monkeypatch: Any) -> None:
+    """Clients cannot start a thread for a failed connect's report ("can't start
+    new thread", as at a process's thread limit); their other calls are unchanged."""
+    ensure = Client._ensure_thread
+
+    def ensure_thread(self: Client) -> None:
+        if sys._getframe(1).f_code.co_name == "report_failure":
+            raise RuntimeError("can't start new thread")
+        ensure(self)
+
+    monkeypatch.setattr(Client, "_ensure_thread", ensure_thread)

@@ -19,6 +19,7 @@ from proc_helpers import (
     interrupt_once,
     leased,
     no_leases_of,
+    no_thread_for_reports,
     other_sessions,
     resource_row,
     run_forked,
@@ -464,6 +465,26 @@ def test_a_connect_failing_on_its_own_gives_the_lease_back_at_once(
     with pytest.raises(ConnectionRefusedError):
         book.connect(lambda: socket.create_connection(("127.0.0.1", port)), 3)
     assert leased(sock_path) == 0
+    book.shutdown()
+
+
+def test_a_failed_connect_whose_report_fails_still_gives_the_lease_back(
+        start_coordinator: Any, sock_path: str, monkeypatch: Any) -> None:
+    """The failure's report can raise (a thread that cannot start, a signal
+    handler's exception at its entry): before, the lease, reported first, then
+    stayed held by nothing for the life of the process."""
+    import pytest
+
+    start_coordinator({"pg": Resource(max_size=1)})
+    book = LeaseBook("pg", sock_path, confirm_timeout=0.2)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+    no_thread_for_reports(monkeypatch)
+    with pytest.raises(ConnectionRefusedError):  # the connect's own error, not the report's
+        book.connect(lambda: socket.create_connection(("127.0.0.1", port)), 3)
+    monkeypatch.undo()
+    assert book.stats()["leases_held"] == 0
+    assert wait_leased(sock_path, 0) == 0
     book.shutdown()
 
 

@@ -20,6 +20,7 @@ from proc_helpers import (
     HoldingServer,
     alarm_raises,
     leased,
+    no_thread_for_reports,
     resource_row,
     run_forked,
     start_recording,
@@ -2126,6 +2127,31 @@ def test_after_one_unconfirmed_close_the_rest_close_at_once(
         for end in server.ends:  # every connection closed (our FIN is there), not queued behind a wait
             end.settimeout(0.5)
             assert end.recv(1) == b""
+
+
+@pytest.mark.parametrize("how", ["checkout", "top-up"])
+def test_a_failed_connect_whose_report_fails_still_gives_its_lease_back(
+        start_coordinator: Any, sock_path: str, monkeypatch: Any, how: str) -> None:
+    """The report of a failed connect raised (no thread to be had): the opener
+    died before giving the lease back and telling the waiter, who waited its
+    whole timeout for a PoolTimeout; a top-up's lease stayed held for good."""
+    start_coordinator({"r": 2})
+    factory = FakeFactory(fail=OSError("connection refused"))
+    no_thread_for_reports(monkeypatch)
+    config = PoolConfig(min_size=1 if how == "top-up" else 0, max_size=1, validation_interval=0.05)
+    pool = ConnectionPool(factory, config, resource="r", coordinator=sock_path)
+    try:
+        if how == "checkout":
+            t0 = time.monotonic()
+            with pytest.raises(OSError, match="connection refused"):
+                pool.acquire(timeout=10)
+            assert time.monotonic() - t0 < 5, "the caller waited out its timeout"
+        else:
+            wait_for(lambda: factory.calls >= 2, 5, "no top-up tried twice")
+        assert wait_leased(sock_path, 0) == 0
+        assert pool.get_stats()["leases_acquired"] >= 1
+    finally:
+        pool.close()
 
 
 def test_top_up_connects_tell_the_coordinator_how_they_went(start_coordinator: Any, sock_path: str) -> None:

@@ -333,12 +333,15 @@ class _Acquiring(_Book):
                 if entry is not None and entry.client is not None:
                     client = entry.client
                 if client is not None and entry is not None and entry.lease is not None:
-                    if report:
-                        client.report_failure(self.resource)
-                    if stray:
-                        self._release_after(client, entry.lease, stray)
-                    else:
-                        self._release(client, entry.lease)
+                    try:
+                        if report:
+                            client.report_failure(self.resource)
+                    finally:
+                        # Even if a signal handler's exception cut the report short.
+                        if stray:
+                            self._release_after(client, entry.lease, stray)
+                        else:
+                            self._release(client, entry.lease)
                 elif client is not None and entry is None and report:
                     # Closed already, its lease with it (redis-py disconnects a
                     # connect whose handshake failed before raising): still a
