@@ -733,3 +733,40 @@ def test_a_conninfo_psycopg_could_never_use_is_refused_naming_it(
             pool.close()
     assert err.value.field == field, err.value
     assert "sEcr3t" not in str(err.value) and "sEcr3t" not in caplog.text
+
+
+@pytest.mark.skipif(not hasattr(psycopg_pool.ConnectionPool, "_resolve_conninfo"),
+                    reason="psycopg_pool < 3.3 takes no callable conninfo / kwargs")
+def test_a_callable_conninfo_and_kwargs_are_psycopg_pools_to_call(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    """psycopg_pool 3.3 calls them at each connect (a token that expires, made
+    anew): refused as 'not a str' / 'not a dict' since 0f65a05."""
+    start_coordinator({"pg": 2})
+    calls: list[str] = []
+
+    def conninfo() -> str:
+        calls.append("conninfo")
+        return pg_dsn()
+
+    def kwargs() -> dict[str, Any]:
+        calls.append("kwargs")
+        return {"application_name": app_name, "autocommit": True}
+
+    with ConnectionPool(conninfo, resource="pg", coordinator=sock_path, kwargs=kwargs, min_size=0,
+                        max_size=1, timeout=20) as pool, pool.connection() as conn:
+        assert conn.execute("SELECT current_setting('application_name')").fetchone() == (app_name,)
+    assert calls == ["conninfo", "kwargs"]
+
+
+@pytest.mark.parametrize("field", ["conninfo", "kwargs"])
+def test_an_async_conninfo_or_kwargs_callable_is_refused_naming_it(field: str) -> None:
+    """Its coroutine is what this sync pool would connect with."""
+    from sharedpool import ConfigError
+
+    async def made() -> Any:
+        return {}
+
+    args: dict[str, Any] = {"conninfo": "", "kwargs": None, field: made}
+    with pytest.raises(ConfigError) as err:
+        ConnectionPool(args.pop("conninfo"), resource="pg", min_size=0, max_size=1, open=False, **args)
+    assert err.value.field == field

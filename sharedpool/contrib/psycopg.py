@@ -82,21 +82,32 @@ _SIZES = {"min_size": True, "max_size": False, "num_workers": True, "max_waiting
 _TIMES = {"max_lifetime": True, "max_idle": False, "reconnect_timeout": True}
 
 
+#: psycopg_pool 3.3 takes a callable conninfo / kwargs, called at each connect.
+_CALLABLE_PARAMS = hasattr(psycopg_pool.ConnectionPool, "_resolve_conninfo")
+
+
 def _check_conninfo(conninfo: Any, kwargs: Any) -> None:
     """psycopg_pool takes any ``conninfo`` and ``kwargs`` and connects in its
     worker threads: ``conninfo=3`` or ``kwargs=3`` failed every connect unseen
     (a bare PoolTimeout), and a malformed string was logged with libpq's parse
     error, which quotes a piece of it (maybe of the password). Neither value
-    is shown here."""
-    if not isinstance(conninfo, str):
+    is shown here. A callable (psycopg_pool 3.3: parameters made at each
+    connect, e.g. a token that expires) is its to call: only an async one is
+    refused, whose coroutine this sync pool would connect with."""
+    if _CALLABLE_PARAMS and callable(conninfo) and not isinstance(conninfo, str):
+        check_sync_callable("conninfo", conninfo)
+    elif not isinstance(conninfo, str):
         raise ConfigError("conninfo", f"must be a connection string (a str), got a {type(conninfo).__name__}")
-    if kwargs is not None and not isinstance(kwargs, Mapping):
+    else:
+        try:
+            psycopg.conninfo.conninfo_to_dict(conninfo)
+        except psycopg.Error:
+            raise ConfigError("conninfo", "not a valid PostgreSQL connection string (not shown: it may "
+                              "hold a password)") from None
+    if _CALLABLE_PARAMS and callable(kwargs) and not isinstance(kwargs, Mapping):
+        check_sync_callable("kwargs", kwargs)
+    elif kwargs is not None and not isinstance(kwargs, Mapping):
         raise ConfigError("kwargs", f"must be a dict of connection parameters, got a {type(kwargs).__name__}")
-    try:
-        psycopg.conninfo.conninfo_to_dict(conninfo)
-    except psycopg.Error:
-        raise ConfigError("conninfo", "not a valid PostgreSQL connection string (not shown: it may hold "
-                          "a password)") from None
 
 
 def _check_kinds(args: dict[str, Any]) -> None:
