@@ -629,6 +629,48 @@ def test_a_signal_as_an_empty_slot_goes_back_loses_no_slot(
     assert BackendSampler(app_name).count_now() == 0
 
 
+def test_a_signal_inside_the_put_back_loses_no_slot(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """_sp_put_back_empty took a record off its list, then asked len() whether
+    the queue had room: a signal handler's exception after that call (where
+    one runs) left the record on neither, and the second call parked nothing.
+    The slot was lost for good: with pool_size 1 every later checkout timed out."""
+    import sys
+
+    import sharedpool.contrib.sqlalchemy as module
+
+    start_coordinator({"pg": Resource(max_size=2, acquire_timeout=3)})
+    engine = engine_for(sock_path, app_name, pool_size=1, max_overflow=0, pool_timeout=3)
+    pool = engine.pool
+    assert isinstance(pool, LeasedQueuePool)
+    raised: list[Any] = []
+
+    def signalled_len(obj: Any) -> int:
+        # The queue's room asked in the put-back: the handler runs as the call returns.
+        if not raised and obj is pool._pool.queue and sys._getframe(1).f_code.co_name == "_sp_put_back_empty":
+            raised.append(obj)
+            raise _SoftLimit()
+        return len(obj)
+
+    try:
+        raw = engine.raw_connection()
+        raw.invalidate()  # its slot empty: the next checkout takes a lease for it
+        raw.close()
+        interrupt_once(monkeypatch, LeasedQueuePool, "_sp_lease_first", _SoftLimit())
+        monkeypatch.setattr(module, "len", signalled_len, raising=False)
+        with pytest.raises(_SoftLimit):
+            engine.connect()
+        monkeypatch.undo()
+        assert raised, "the put-back never asked for the queue's room"
+        assert pool.checkedout() == 0, "the empty slot went out with the checkout cut short"
+        with engine.connect() as conn:  # the slot serves: no timeout
+            conn.execute(text("SELECT 1"))
+    finally:
+        engine.dispose()
+    assert wait_leased(sock_path, 0) == 0
+
+
 def test_pool_timeout_none_at_the_cap_is_a_lease_timeout(
         pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
     # pool_timeout=None (QueuePool: wait without a limit) raised TypeError

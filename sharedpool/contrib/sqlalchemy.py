@@ -283,19 +283,23 @@ class LeasedQueuePool(QueuePool):
         queue: Any = self._pool
         if back is None:
             back = [record]
-        dropped = []
+        dropped: list[Any] = []
         with queue.mutex:
             for i in range(len(back)):
                 rec = back[i]
                 if rec is None:
                     continue
-                back[i] = None
+                # Where it goes, decided first: a signal handler's exception runs
+                # after a call (len()), and one between the take-off and the park
+                # lost the record (its slot; a live one's connection, leased).
                 if queue.maxsize > 0 and len(queue.queue) >= queue.maxsize:
-                    dropped.append(rec)  # the slot goes, as QueuePool's checkin of one too many
+                    park = dropped.append  # the slot goes, as QueuePool's checkin of one too many
                 elif (rec.dbapi_connection is None) == queue.use_lifo:
-                    queue.queue.appendleft(rec)
+                    park = queue.queue.appendleft
                 else:
-                    queue.queue.append(rec)
+                    park = queue.queue.append
+                back[i] = None
+                park(rec)
                 queue.not_empty.notify()
         for rec in dropped:
             try:
