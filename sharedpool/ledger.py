@@ -143,6 +143,7 @@ class Ledger:
         for name in session.costs:
             self._quanta.pop(name, None)
         for res in self.resources.values():
+            res.fail_sessions.discard(sid)
             if sid in res.askees:
                 res.askees.discard(sid)
                 touched.add(res.name)
@@ -242,7 +243,10 @@ class Ledger:
         if res.draining:
             res.denials += 1
             return [Denied(sid, req, "draining", f"resource {resource!r} is draining")]
-        if res.failing_until is not None:
+        if res.failing_until is not None and sid in res.fail_sessions:
+            # Only a process whose own connects failed in the streak: one that
+            # has not tried may connect (a misconfigured worker's failures are
+            # not the others'); in an outage its first connect fails too.
             if now < res.failing_until:
                 res.denials += 1
                 why = f"connections to {resource!r} are failing; retry later"

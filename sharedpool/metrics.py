@@ -178,8 +178,9 @@ def _families() -> dict[str, Any]:
         GaugeMetricFamily("sharedpool_peak_leases", "Most leases held at once since start",
                           labels=resource),
         GaugeMetricFamily("sharedpool_resource_state",
-                          "1 while a resource is paused, draining, failing (connects failing: "
-                          "acquires refused at once) or in a restart's hold (nothing granted)",
+                          "1 while a resource is paused, draining, failing (connects failing: the "
+                          "acquires of the processes they failed in refused at once) or in a "
+                          "restart's hold (nothing granted)",
                           labels=["resource", "state"]),
         *(CounterMetricFamily(name, text, labels=resource) for name, (_, text) in COUNTERS.items()),
         HistogramMetricFamily("sharedpool_lease_wait_seconds", "Time from acquire to grant",

@@ -15,8 +15,8 @@ from typing import Any
 
 from .config import Resource
 
-#: Connect failures in a row, across all sessions, before waiters are failed fast
-#: (when they come from more than one process, or from the only one connected).
+#: Connect failures in a row, across all sessions, before the waiters of the
+#: processes whose connects failed are failed fast.
 FAILURE_THRESHOLD = 5
 
 IDLE, BUSY, NEW = "idle", "busy", "new"
@@ -174,7 +174,7 @@ class ResourceState:
     paused: bool = False
     draining: bool = False
     fail_streak: int = 0
-    #: the sessions whose failures make up fail_streak
+    #: the sessions whose failures make up fail_streak (refused fast in the back-off)
     fail_sessions: set[int] = field(default_factory=set)
     #: the streak failed waiters fast (until a connect succeeds)
     failing: bool = False

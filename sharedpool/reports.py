@@ -3,8 +3,9 @@
 suspicions (for listings), its hand-off costs (for the "auto" fairness
 quantum) and its connect outcomes: connect failures in a row, across all
 sessions, put a resource in a short back-off in which acquires are denied at
-once instead of queueing for a connection that cannot be made (if they come
-from more than one process, or from the only one with connections of it).
+once instead of queueing for a connection that cannot be made: the acquires
+of the processes whose connects failed, so that one misconfigured worker's
+failures do not turn the others away.
 
 Pure, as the ledger is; :meth:`Ledger.report` calls :func:`apply`.
 """
@@ -16,11 +17,10 @@ from typing import TYPE_CHECKING, Any
 from .effects import Effect, Problem
 from .handoff import MAX_COST
 from .protocol import brief
-from .records import FAILURE_THRESHOLD, NEW, STATES, clip_site, is_id
+from .records import FAILURE_THRESHOLD, STATES, clip_site, is_id
 
 if TYPE_CHECKING:
     from .ledger import Ledger
-    from .records import ResourceState
 
 #: How long a failing resource denies acquires before letting one try again.
 FAILURE_BACKOFF = 1.0
@@ -80,22 +80,16 @@ def apply(
             continue
         res.fail_streak += count
         res.fail_sessions.add(sid)
-        if res.fail_streak >= FAILURE_THRESHOLD and res.failing_until is None and _everywhere(res):
-            res.failing, res.failing_until = True, now + FAILURE_BACKOFF
-            for waiter in list(res.waiters):
+        if res.fail_streak >= FAILURE_THRESHOLD:
+            if res.failing_until is None or now >= res.failing_until:
+                res.failing, res.failing_until = True, now + FAILURE_BACKOFF
+            # The waiters of the processes whose connects failed: refused now,
+            # not left to time out. Another process's wait goes on; its own
+            # first failure (in an outage) puts it among them.
+            for waiter in [w for w in res.waiters if w.session in res.fail_sessions]:
                 effects.append(ledger._drop_waiter(res, waiter, "failing",
                                                    f"connections to {name!r} are failing"))
-            touched.add(name)  # the waiters are gone: withdraw what was asked for them
+            touched.add(name)  # withdraw what was asked for the waiters gone
     for name in touched:
         effects += ledger._rebalance(ledger.resources[name])
     return effects
-
-
-def _everywhere(res: ResourceState) -> bool:
-    """The streak's failures are the resource's, not one process's: they come
-    from two processes or more, or no other process has a connection of it.
-    One misconfigured worker (a bad DSN, a wrong password in its environment)
-    failing connect after connect had every process's leases refused, while
-    their own connects worked."""
-    return len(res.fail_sessions) > 1 or all(
-        lease.state == NEW or lease.session in res.fail_sessions for lease in res.live.values())

@@ -18,9 +18,11 @@ from sharedpool.reports import FAILURE_THRESHOLD
 
 @pytest.fixture
 def failing(start_coordinator: Any, sock_path: str) -> Iterator[str]:
-    """A coordinator whose resources 'pg' and 'redis' are failing (for the next second)."""
+    """A coordinator whose resources 'pg' and 'redis' are failing (for the next
+    second) for this process: the failures are reported by the session its
+    integrations share (a process whose own connects failed is refused fast)."""
     start_coordinator({"pg": 2, "redis": 2})
-    reporter = Client(sock_path)
+    reporter = Client.for_path(sock_path)
     try:
         assert reporter.ensure_connected()
         for resource in ("pg", "redis"):

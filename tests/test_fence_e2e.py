@@ -344,8 +344,8 @@ def test_one_misconfigured_process_does_not_fail_the_others_fast(start_coordinat
                                                                  app_name: str) -> None:
     """A worker whose DSN names a database that does not exist fails connect
     after connect, while this process's connects work: its failures are its
-    own. Before, the coordinator called the resource failing for a second at
-    a time and refused this process's new connections too."""
+    own. Before, the coordinator refused this process's new connections too,
+    for a second at a time; now only the failing process's."""
     import psycopg
 
     from sharedpool import ConnectionPool, PoolConfig
@@ -359,16 +359,14 @@ def test_one_misconfigured_process_does_not_fail_the_others_fast(start_coordinat
     # Closed at each checkin (older than its max_lifetime): a new lease for every checkout.
     churn = ConnectionPool(connect, PoolConfig(min_size=0, max_size=1, max_lifetime=1e-6), resource="pg",
                            coordinator=sock_path)
-    probe = Client(sock_path)
     try:
         with good.connection(timeout=10) as conn:
             conn.execute("SELECT 1")  # connected, and reported so: idle in the pool from here
-        opened, seen_failing = 0, False
+        opened = 0
         with child(_MISCONFIGURED, sock_path, app_name + "-bad", "2.0") as bad:
             assert bad.stdout is not None and bad.stdout.readline().strip() == "started"
             end = time.monotonic() + 2.0
             while time.monotonic() < end:
-                seen_failing |= bool(probe.inspect("resources")["resources"][0]["failing"])
                 with churn.connection(timeout=10) as conn:  # refused "failing" before
                     conn.execute("SELECT 1")
                 opened += 1
@@ -376,12 +374,10 @@ def test_one_misconfigured_process_does_not_fail_the_others_fast(start_coordinat
             line = bad.stdout.readline().split()
             assert bad.wait(15) == 0
         assert line[0] == "failed" and int(line[1]) >= 20, line  # it did fail, many times
-        assert not seen_failing, "one process's bad DSN made the resource failing for all"
         assert opened > 10 and churn.get_stats()["connections_num"] >= opened
     finally:
         churn.close()
         good.close()
-        probe.close()
 
 
 def test_failures_reported_on_a_bare_client_reach_the_coordinator(start_coordinator: Any,

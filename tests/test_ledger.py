@@ -1180,7 +1180,7 @@ def test_failure_reports_past_the_threshold_fail_fast_then_recover() -> None:
     grant(lg, a, 1)
     lg.acquire(b, 1, "pg", T0, timeout=30)
     assert lg.report(c, [], T0, failures={"pg": FAILURE_THRESHOLD - 2}) == []
-    effects = lg.report(a, [], T0 + 0.1, failures={"pg": 2, "nope": 5})  # streak crosses it
+    effects = lg.report(b, [], T0 + 0.1, failures={"pg": 2, "nope": 5})  # streak crosses it
     [deny] = of(Denied, effects)
     assert (deny.session, deny.reason) == (b, "failing")
     assert only(Denied, lg.acquire(c, 1, "pg", T0 + 0.5)).reason == "failing"
@@ -1202,41 +1202,46 @@ def test_failure_reports_past_the_threshold_fail_fast_then_recover() -> None:
 
 def test_one_process_failing_alone_fails_nobody_else_fast() -> None:
     """One misconfigured worker (a bad DSN in its environment) failing connect
-    after connect, while another process has a connection of the resource:
-    its failures are its own, not the resource's. Before, they had every
-    process's leases refused as "failing" for a second at a time."""
+    after connect: its failures are its own. Before, they had every process's
+    leases refused as "failing" for a second at a time, while their own
+    connects worked. Now the back-off refuses the processes whose connects
+    failed; another one may try, and joins them if its connect fails too."""
     lg = ledger(pg=2)
     good, bad, waiter = session(lg), session(lg), session(lg)
     held = grant(lg, good, 1)
-    lg.report(good, [[held, IDLE, 55, None]], T0)  # connected: its connect worked
+    lg.report(good, [[held, IDLE, 55, None]], T0)
     grant(lg, bad, 1)
     assert queued(lg.acquire(waiter, 1, "pg", T0, timeout=30))
-    assert lg.report(bad, [], T0, failures={"pg": FAILURE_THRESHOLD * 3}) == []
-    assert lg.snapshot_resources(T0)[0]["failing"] is False
+    assert lg.report(bad, [], T0, failures={"pg": FAILURE_THRESHOLD * 3}) == []  # waiter's wait goes on
+    assert lg.snapshot_resources(T0)[0]["failing"] is True  # connects to it fail (somewhere)
+    assert only(Denied, lg.acquire(bad, 2, "pg", T0)).reason == "failing"
     assert queued(lg.acquire(good, 2, "pg", T0, timeout=30))  # waits as usual, not refused
-    # A second process's connects fail too: the resource's, now.
-    effects = lg.report(waiter, [], T0 + 0.1, failures={"pg": 1})
-    assert sorted(d.session for d in of(Denied, effects)) == [good, waiter]
-    assert all(d.reason == "failing" for d in of(Denied, effects))
-    assert lg.snapshot_resources(T0)[0]["failing"] is True
-    # A success ends it, and the next streak starts from nobody.
-    lg.report(good, [], T0 + 0.2, ok=["pg"])
-    assert lg.snapshot_resources(T0)[0]["failing"] is False
-    assert lg.report(bad, [], T0 + 0.3, failures={"pg": FAILURE_THRESHOLD}) == []
-
-
-def test_the_only_process_connected_failing_is_the_resource_failing() -> None:
-    """One process alone (a lone worker, or the others hold nothing connected
-    yet: a lease still connecting says nothing of the server): its failures
-    are enough, as before."""
-    lg = ledger(pg=1)
-    bad, other, waiter = session(lg), session(lg), session(lg)
-    grant(lg, other, 1)  # granted, never reported connected
-    assert queued(lg.acquire(waiter, 1, "pg", T0, timeout=30))
-    [deny] = of(Denied, lg.report(bad, [], T0, failures={"pg": FAILURE_THRESHOLD}))
+    # The waiter's own connect fails too (an outage): its waits are refused now.
+    [deny] = of(Denied, lg.report(waiter, [], T0 + 0.1, failures={"pg": 1}))
     assert (deny.session, deny.reason) == (waiter, "failing")
-    assert lg.snapshot_resources(T0)[0]["failing"] is True
-    assert only(Denied, lg.acquire(bad, 1, "pg", T0 + 0.1)).reason == "failing"
+    assert only(Denied, lg.acquire(waiter, 3, "pg", T0 + 0.2)).reason == "failing"
+    assert good in {w.session for w in lg.resources["pg"].waiters}
+    # A success ends it for everybody.
+    lg.report(good, [], T0 + 0.3, ok=["pg"])
+    assert lg.snapshot_resources(T0)[0]["failing"] is False
+    assert not lg.resources["pg"].fail_sessions
+    assert queued(lg.acquire(bad, 4, "pg", T0 + 0.3, timeout=30))
+
+
+def test_a_failed_session_that_ends_leaves_the_streak_to_the_others() -> None:
+    """A worker respawned after its predecessor failed (a new session): it may
+    try; the ended one is no longer counted among those refused."""
+    lg = ledger(pg=1)
+    old, other = session(lg), session(lg)
+    lg.report(old, [], T0, failures={"pg": FAILURE_THRESHOLD})
+    assert old in lg.resources["pg"].fail_sessions
+    lg.close_session(old, T0 + 0.1)
+    assert old not in lg.resources["pg"].fail_sessions
+    new = session(lg)
+    assert granted(lg.acquire(new, 1, "pg", T0 + 0.2)).session == new  # within the back-off
+    assert queued(lg.acquire(other, 1, "pg", T0 + 0.2, timeout=30))
+    [deny] = of(Denied, lg.report(other, [], T0 + 0.3, failures={"pg": 1}))
+    assert deny.session == other
 
 
 def test_auto_quantum_is_one_figure_from_the_median_reported_cost() -> None:
@@ -1985,8 +1990,11 @@ class LedgerMachine(RuleBasedStateMachine):
     @invariant()
     def waiters_are_served_when_there_is_room(self) -> None:  # I3
         for r, res in self.lg.resources.items():
-            if res.draining or res.failing_until is not None and self.now < res.failing_until:
+            if res.draining:
                 assert not res.waiters
+            if res.failing_until is not None and self.now < res.failing_until:
+                # Refused fast: the waits of the processes whose connects failed.
+                assert not [w for w in res.waiters if w.session in res.fail_sessions]
             if res.paused or self.hold is not None or res.leased >= res.limits.max_size:
                 continue
             stuck = [key for key in self.queued(r) if not self.blocked(key[0], r)]
@@ -2875,7 +2883,7 @@ def test_acquires_refused_while_queued_count_as_denials() -> None:
     a, b = session(lg), session(lg)
     grant(lg, a, 1)
     assert queued(lg.acquire(b, 1, "pg", T0, timeout=10))
-    assert of(Denied, lg.report(a, [], T0, failures={"pg": 5}))[0].reason == "failing"
+    assert of(Denied, lg.report(b, [], T0, failures={"pg": 5}))[0].reason == "failing"
     assert (lg.resources["pg"].denials, lg.resources["pg"].timeouts) == (1, 0)
 
 
