@@ -421,7 +421,9 @@ def check_resource_name(name: Any) -> str:
     except UnicodeEncodeError:
         raise ConfigError("resource", f"must be UTF-8 text, got {name!r}") from None
     if not name.isprintable():  # "pg\x00x" from a TOML escape: served, and written raw to the log
-        raise ConfigError("resource", f"must be printable text (no control characters), got {name!r}")
+        # Invisible ones too (U+200B...): "pg\u200b" looks like "pg" in every listing.
+        raise ConfigError("resource", f"must be printable text (no control, line-break or invisible "
+                          f"formatting characters), got {name!r}")
     return name
 
 
