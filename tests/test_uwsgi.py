@@ -94,6 +94,11 @@ class Uwsgi(SessionServer):
         # in logging's _releaseLock), and uWSGI never stopped (CI, once).
         wait_for(lambda: "spawned uWSGI master" not in (log := self.log())
                  or log.count("spawned uWSGI worker") >= WORKERS, timeout, "every worker spawned")
+        # And past Python's at-fork hooks, which each worker runs after its
+        # "spawned" line: a stop landing in them (KeyboardInterrupt in random's
+        # reseed, printed; in another one, none) left two workers hung, and uWSGI
+        # did not stop in 30 s (CI, once). They take milliseconds; this is slack.
+        time.sleep(1.0)
 
 
 @pytest.fixture
