@@ -176,8 +176,6 @@ class ResourceState:
     fail_streak: int = 0
     #: the sessions whose failures make up fail_streak (refused fast in the back-off)
     fail_sessions: set[int] = field(default_factory=set)
-    #: the streak failed waiters fast (until a connect succeeds)
-    failing: bool = False
     failing_until: float | None = None
     grants: int = 0
     timeouts: int = 0
@@ -241,7 +239,7 @@ class ResourceState:
             # Its connects failing, none succeeding since: refused fast, or
             # past the backoff with the next acquire to probe (a rare one in a
             # long outage: shown failing all the same, until a connect succeeds).
-            "failing": self.failing,
+            "failing": self.fail_streak >= FAILURE_THRESHOLD,
         }
 
 

@@ -72,7 +72,7 @@ def apply(
     for name in ok:
         res = ledger.resources.get(name) if isinstance(name, str) else None
         if res is not None:
-            res.fail_streak, res.failing, res.failing_until = 0, False, None
+            res.fail_streak, res.failing_until = 0, None
             res.fail_sessions.clear()
     for name, count in (failures or {}).items():
         res = ledger.resources.get(name)
@@ -82,7 +82,7 @@ def apply(
         res.fail_sessions.add(sid)
         if res.fail_streak >= FAILURE_THRESHOLD:
             if res.failing_until is None or now >= res.failing_until:
-                res.failing, res.failing_until = True, now + FAILURE_BACKOFF
+                res.failing_until = now + FAILURE_BACKOFF
             # The waiters of the processes whose connects failed: refused now,
             # not left to time out. Another process's wait goes on; its own
             # first failure (in an outage) puts it among them.
