@@ -25,6 +25,7 @@ handler's exception).
 from __future__ import annotations
 
 import _thread
+import re
 import threading
 from typing import Any
 
@@ -35,6 +36,17 @@ def _enter(cond: Any) -> Any:
 
 def _exit(cond: Any) -> Any:
     return cond._lock.__exit__
+
+
+def _held(lock: Any) -> int:
+    """How many times this thread holds ``lock`` (an RLock it owns). The C
+    RLock's ``_recursion_count()`` is missing from early 3.11 releases
+    (Debian's 3.11.2: every wait raised AttributeError); its repr says it."""
+    count = getattr(lock, "_recursion_count", None)
+    if count is not None:
+        return int(count())
+    found = re.search(r" count=(\d+)", repr(lock))
+    return int(found.group(1)) if found else 1
 
 
 class Condition(threading.Condition):
@@ -50,7 +62,7 @@ class Condition(threading.Condition):
         """:meth:`threading.Condition.wait`, the lock let go inside its ``try``."""
         if not self._is_owned():  # type: ignore[attr-defined]
             raise RuntimeError("cannot wait on un-acquired lock")
-        held = self._lock._recursion_count()  # type: ignore[attr-defined]
+        held = _held(self._lock)  # type: ignore[attr-defined]
         waiter = _thread.allocate_lock()
         waiter.acquire()
         saved: Any = None
