@@ -209,6 +209,48 @@ def test_integration_arguments_are_checked_when_made(make: Callable[..., Any], f
     assert err.value.field == field, err.value
 
 
+@pytest.mark.parametrize(("make", "field"), [
+    (_psycopg, "timeout"), (_redis, "timeout"), (_sqlalchemy, "pool_timeout")])
+@pytest.mark.parametrize("bad", [1e300, 1e10, math.inf])
+def test_a_host_pool_wait_past_timeout_max_is_refused_with_lease_timeout_too(
+        make: Callable[..., Any], field: str, bad: float) -> None:
+    """With lease_timeout given, the host pool's own timeout was not checked: its
+    wait for a connection (another thread's to come back) raised OverflowError
+    ("timestamp out of range for platform time_t") from inside psycopg_pool,
+    redis-py's queue or QueuePool, at the first checkout that had to wait."""
+    with pytest.raises(ConfigError) as err:
+        make(lease_timeout=5, **{field: bad})
+    assert err.value.field == field, err.value
+    assert "at most" in err.value.detail or "finite" in err.value.detail
+
+
+def test_psycopg_pool_waits_past_timeout_max_are_refused_before_they_start(
+        pg: str, start_coordinator: Any, sock_path: str) -> None:
+    """getconn(timeout=1e300) at the cap, wait(1e300) and open(wait=True,
+    timeout=1e300) raised OverflowError from psycopg_pool's threading waits
+    (open() after opening the pool). Refused first; the pool serves on."""
+    from sharedpool.contrib.psycopg import ConnectionPool as PsycopgPool
+
+    start_coordinator({"pg": 2})
+    pool = PsycopgPool(pg, resource="pg", coordinator=sock_path, min_size=0, max_size=1, open=False)
+    try:
+        with pytest.raises(ConfigError) as err:
+            pool.open(wait=True, timeout=1e300)
+        assert err.value.field == "timeout" and pool.closed
+        pool.open(wait=True, timeout=10)
+        held = pool.getconn(timeout=5)
+        for call in (lambda: pool.getconn(timeout=1e300), lambda: pool.wait(1e300)):
+            with pytest.raises(ConfigError) as err:
+                call()
+            assert err.value.field == "timeout" and "at most" in err.value.detail
+        pool.putconn(held)
+        with pool.connection(timeout=5) as conn:  # nothing queued by the refused getconn
+            conn.execute("SELECT 1")
+        assert pool.get_stats().get("requests_waiting", 0) == 0
+    finally:
+        pool.close()
+
+
 def test_a_psycopg_pool_resize_of_the_wrong_kind_is_named() -> None:
     pool = _psycopg(min_size=0, max_size=2)
     try:

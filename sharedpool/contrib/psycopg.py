@@ -158,10 +158,10 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
         self._sp_lease_timeout = check_seconds("lease_timeout", lease_timeout, optional=True, forever=True)
         _check_conninfo(conninfo, kwargs.get("kwargs"))
         _check_kinds(kwargs)
-        if lease_timeout is None and "timeout" in kwargs:
-            # The lease wait is the pool's timeout: a bad one (-1, nan, "5") failed
-            # every connect, seen only as a PoolTimeout. Named as the user gave it;
-            # not inf, with which psycopg_pool's own wait raises OverflowError.
+        if "timeout" in kwargs:
+            # Without lease_timeout, the lease wait is the pool's timeout: a bad one (-1,
+            # nan, "5") failed every connect, seen only as a PoolTimeout. With it too: not
+            # inf nor past TIMEOUT_MAX, with which psycopg_pool's own wait raises OverflowError.
             check_seconds("timeout", kwargs["timeout"], host_wait=True)
         self._sp_configure = configure
         self._sp_opened_in: int | None = None
@@ -219,12 +219,25 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
 
     # ------------------------------------------------------------------ open / use
 
+    def open(self, wait: bool = False, timeout: float = 30.0) -> None:
+        if wait:  # before it opens: a refused open() changes nothing
+            check_seconds("timeout", timeout, host_wait=True)
+        super().open(wait, timeout)
+
+    def wait(self, timeout: float = 30.0) -> None:
+        # Past TIMEOUT_MAX psycopg_pool's Event.wait raised OverflowError (not its
+        # PoolTimeout, which closes the pool).
+        check_seconds("timeout", timeout, host_wait=True)
+        super().wait(timeout)
+
     def _open(self) -> None:
         if self._closed:
             self._sp_opened_in = current_pid()
         super()._open()
 
     def getconn(self, timeout: float | None = None) -> CT:
+        if timeout is not None:  # past TIMEOUT_MAX psycopg_pool's wait raised OverflowError, at the cap
+            check_seconds("timeout", timeout, host_wait=True)
         if self._sp_opened_in not in (None, current_pid()):
             raise psycopg_pool.PoolClosed(
                 f"the pool {self.name!r} was opened in process {self._sp_opened_in}, before a fork: "

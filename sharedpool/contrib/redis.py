@@ -328,11 +328,11 @@ class BlockingConnectionPool(redis.BlockingConnectionPool):
                                   idle=self._sp_idle, reclaim=self._sp_reclaim,
                                   close_when_collected=False)
         self._sp_lease_timeout = check_seconds("lease_timeout", lease_timeout, optional=True, forever=True)
-        if lease_timeout is None:
-            # The lease wait is the pool's timeout (None: the resource's default):
-            # nan made it 0, -1 and "5" failed at the first command, deep inside.
-            # Not inf: redis-py's own wait raises OverflowError with it (None waits).
-            check_seconds("timeout", timeout, optional=True, host_wait=True)
+        # Without lease_timeout, the lease wait is the pool's timeout (None: the resource's
+        # default): nan made it 0, -1 and "5" failed at the first command, deep inside.
+        # With it too: not inf nor past TIMEOUT_MAX, with which redis-py's own wait
+        # raises OverflowError at the cap (None waits).
+        check_seconds("timeout", timeout, optional=True, host_wait=True)
         self._sp_local = threading.local()
         leased = type(f"Leased{connection_class.__name__}", (LeasedConnectionMixin, connection_class),
                       {"_sp_pool": weakref.ref(self), "__module__": __name__})

@@ -104,10 +104,10 @@ class LeasedQueuePool(QueuePool):
         self._sp_local = threading.local()
         super().__init__(creator, **kw)
         if book is not None:
-            if lease_timeout is None:  # the lease wait is pool_timeout's: named as the user gave it
-                # None (QueuePool: no limit) is the resource's acquire_timeout; not
-                # inf, with which QueuePool's own wait raises OverflowError
-                check_seconds("pool_timeout", self._timeout, optional=True, host_wait=True)
+            # Without lease_timeout, the lease wait is pool_timeout's: named as the user gave
+            # it; None (QueuePool: no limit) is the resource's acquire_timeout. With it too:
+            # not inf nor past TIMEOUT_MAX, with which QueuePool's own wait raises OverflowError.
+            check_seconds("pool_timeout", self._timeout, optional=True, host_wait=True)
             book.bind(self._sp_idle, self._sp_reclaim)
 
     @property
