@@ -13,6 +13,9 @@ sharedpool.dropped (a pool collected without close()).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import logging
 import os
 import threading
@@ -65,6 +68,36 @@ def _txn_status(wrapper: ConnectionWrapper[Any]) -> int | None:
         return UNKNOWN
 
 
+#: psycopg_pool's names for what PoolConfig calls otherwise.
+_PSYCOPG_NAMES = {"timeout": "acquire_timeout", "max_idle": "idle_timeout"}
+_F = TypeVar("_F", bound=Callable[..., None])
+
+
+def _named_keywords(init: _F) -> _F:
+    """A keyword ConnectionPool does not take is a ConfigError naming it, not
+    Python's TypeError: psycopg_pool's habit (``min_size=2``, ``timeout=5``, ``open=True``)
+    was told "unexpected keyword argument", and not that sizes and times live in PoolConfig."""
+    known = frozenset(inspect.signature(init).parameters) - {"self"}
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        if not kwargs.keys() <= known:
+            _refuse_keyword(next(k for k in kwargs if k not in known), sorted(known))
+        init(self, *args, **kwargs)
+
+    return __init__  # type: ignore[return-value]
+
+
+def _refuse_keyword(name: str, known: list[str]) -> None:
+    setting = _PSYCOPG_NAMES.get(name, name)
+    if setting in {f.name for f in dataclasses.fields(PoolConfig)}:
+        raise ConfigError(name, f"is no argument of ConnectionPool: sizes and times live in its "
+                          f"PoolConfig, e.g. ConnectionPool(factory, PoolConfig({setting}=...))")
+    raise ConfigError(name, f"unknown argument of ConnectionPool; allowed: {', '.join(known)} (sizes "
+                      "and times live in PoolConfig; for psycopg_pool's arguments, use "
+                      "sharedpool.contrib.psycopg.ConnectionPool)")
+
+
 class ConnectionPool(Generic[T]):
     """A pool of connections made by ``factory``, capped locally by
     ``config.max_size`` and globally by the coordinator's ``resource``.
@@ -73,6 +106,7 @@ class ConnectionPool(Generic[T]):
     and without either the pool is standalone (process-local, no leases).
     """
 
+    @_named_keywords
     def __init__(
         self,
         factory: Callable[[], T],

@@ -33,6 +33,30 @@ from sharedpool.testing import FakeFactory
 TOO_LONG = "/tmp/" + "x" * MAX_SOCKET_PATH
 
 
+@pytest.mark.parametrize(("given", "field", "says"), [
+    ({"min_size": 2}, "min_size", "PoolConfig(min_size=...)"),
+    ({"max_size": 8, "min_size": 2}, "max_size", "PoolConfig(max_size=...)"),
+    ({"timeout": 5}, "timeout", "PoolConfig(acquire_timeout=...)"),  # psycopg_pool's names
+    ({"max_idle": 60}, "max_idle", "PoolConfig(idle_timeout=...)"),
+    ({"max_lifetime": 60}, "max_lifetime", "PoolConfig(max_lifetime=...)"),
+    ({"open": True}, "open", "allowed: check, config, configure, coordinator, factory, name, resource"),
+    ({"num_workers": 3}, "num_workers", "sharedpool.contrib.psycopg.ConnectionPool"),
+])
+def test_psycopg_pool_style_keywords_of_a_pool_say_where_they_go(given: dict[str, Any], field: str,
+                                                                says: str) -> None:
+    """ConnectionPool(factory, min_size=2), psycopg_pool's habit, was Python's
+    TypeError ("unexpected keyword argument"), which did not say that sizes and
+    times live in PoolConfig."""
+    with pytest.raises(ConfigError) as err:
+        ConnectionPool(FakeFactory(), **given)
+    assert err.value.field == field and says in err.value.detail, err.value
+    # The arguments it takes are taken as before, by position or keyword.
+    with ConnectionPool(FakeFactory(), PoolConfig(min_size=0), resource="r", name="n") as pool:
+        assert pool.name == "n" and pool.resource == "r"
+    with ConnectionPool(factory=FakeFactory(), config=PoolConfig(min_size=0, max_size=2)) as pool:
+        assert pool.config.max_size == 2
+
+
 @pytest.mark.parametrize("bad", [5, b"/tmp/x.sock", "", "/tmp/a\0b", TOO_LONG])
 def test_a_pool_coordinator_that_is_no_socket_path_is_refused(bad: Any) -> None:
     with pytest.raises(ConfigError) as err:
