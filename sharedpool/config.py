@@ -487,7 +487,9 @@ class CoordinatorConfig:
                 raise ConfigError(name, f"must be a list of ids from 0 to {MAX_ID}, got {value!r}")
             object.__setattr__(self, name, tuple(value))
         if self.group is not None and (not isinstance(self.group, str) or not self.group):
-            raise ConfigError("group", f"must be a group name or None, got {self.group!r}")
+            # Not "or None": neither a flag nor a TOML file can say None (leave it out there).
+            raise ConfigError("group", f'must be a group name or gid as a non-empty string (e.g. '
+                              f'"www-data" or "1000"), got {self.group!r}')
         _number("max_frame", self.max_frame, integer=True, minimum=1024)
         if self.max_frame > MAX_FRAME_LIMIT:  # the length prefix is 4 bytes
             raise ConfigError("max_frame", f"must be at most {MAX_FRAME_LIMIT}, got {self.max_frame!r}")

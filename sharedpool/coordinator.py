@@ -65,7 +65,7 @@ def _on_loop_error(server: Any, loop: asyncio.AbstractEventLoop, context: dict[s
         loop.default_exception_handler(context)
 
 
-def _private_dir(path: str, gid: int | None = None) -> None:
+def _private_dir(path: str, gid: int | None = None, group: str = "group") -> None:
     """Make sure the socket's directory exists and only its owner can write it (I6).
 
     With a group (``gid``), a directory made here is 0750 and that group's:
@@ -91,7 +91,7 @@ def _private_dir(path: str, gid: int | None = None) -> None:
         return
     if created:
         try:
-            _give_to_group(directory, gid)
+            _give_to_group(directory, gid, group)
         except ConfigError:
             os.rmdir(directory)  # made here a moment ago: not left behind
             raise
@@ -164,6 +164,14 @@ def _check_parent(parent: str) -> int:
     return open_parent
 
 
+def _group_field(config: CoordinatorConfig) -> str:
+    """``group`` as the user wrote it: the file's ``coordinator.group`` when it came
+    from a TOML file (as the load names its other keys), else ``group`` (a keyword,
+    or ``--group``, which the CLI names as its flag)."""
+    from_file = config.config_file is not None and "group" not in config.overrides
+    return "coordinator.group" if from_file else "group"
+
+
 def _group_id(config: CoordinatorConfig) -> int | None:
     if config.group is None:
         return None
@@ -175,8 +183,9 @@ def _group_id(config: CoordinatorConfig) -> int | None:
         try:
             return grp.getgrgid(int(config.group)).gr_gid
         except (KeyError, OverflowError):
-            raise ConfigError("group", f"no group named {config.group!r}, nor with that gid") from None
-    raise ConfigError("group", f"no group named {config.group!r}")
+            raise ConfigError(_group_field(config), f"no group named {config.group!r}, "
+                              "nor with that gid") from None
+    raise ConfigError(_group_field(config), f"no group named {config.group!r}")
 
 
 def _clear_stale(path: str) -> bool:
@@ -213,7 +222,7 @@ def restart_marker(config: CoordinatorConfig) -> str:
     return marker_path(config.socket_path)
 
 
-def _give_to_group(path: str, gid: int) -> None:
+def _give_to_group(path: str, gid: int, field: str) -> None:
     try:
         os.chown(path, -1, gid)
     except PermissionError:
@@ -221,7 +230,7 @@ def _give_to_group(path: str, gid: int) -> None:
             name = repr(grp.getgrgid(gid).gr_name)
         except KeyError:
             name = "that group"
-        raise ConfigError("group", f"cannot give {path} to group {name} (gid {gid}): only root or a "
+        raise ConfigError(field, f"cannot give {path} to group {name} (gid {gid}): only root or a "
                           f"member of it can, and uid {os.getuid()} is not one") from None
 
 
@@ -251,7 +260,7 @@ def bind_socket(config: CoordinatorConfig) -> tuple[socket.socket, bool, dict[st
         # that /tmp is writable by others, a reason that hid the mistake.
         raise ConfigError("socket", f"{path} is a directory; give the socket's own path, "
                           f"e.g. {os.path.join(path, 'sharedpool.sock')}")
-    _private_dir(path, gid)
+    _private_dir(path, gid, _group_field(config))
     # Probe, unlink and bind under one lock: two starters that both found a dead
     # coordinator's socket must not both bind (the second unlinking the first's).
     with start_lock(path):
@@ -278,7 +287,7 @@ def bind_socket(config: CoordinatorConfig) -> tuple[socket.socket, bool, dict[st
             os.umask(old)
         try:
             if gid is not None:
-                _give_to_group(path, gid)
+                _give_to_group(path, gid, _group_field(config))
                 os.chmod(path, 0o660)
             sock.listen(512)
         except BaseException:

@@ -728,6 +728,33 @@ def test_serve_names_the_flag_or_variable_a_bad_socket_came_from(tmp_path: Path)
         shared.rmdir()
 
 
+@pytest.mark.parametrize(("group", "file_says", "flag_says"), [
+    ('""', 'coordinator.group: must be a group name or gid as a non-empty string', None),
+    ("1000", 'coordinator.group: must be a group name or gid as a non-empty string (e.g. "www-data" '
+             'or "1000"), got 1000', None),
+    ('"sp-no-such-group"', "coordinator.group: no group named 'sp-no-such-group'",
+     "--group: no group named 'sp-no-such-group'"),
+])
+def test_serve_names_a_bad_group_as_the_file_or_the_flag_wrote_it(
+        tmp_path: Path, group: str, file_says: str, flag_says: str | None) -> None:
+    """Before: a file's unknown group was "group: no group named ..." (its other
+    keys are named coordinator.KEY), and `--group ""` or a file's `group = ""`
+    said "must be a group name or None": neither can say None."""
+    config = tmp_path / "sp.toml"
+    config.write_text(f"[coordinator]\ngroup = {group}\n[resources]\npg = 2\n")
+    out = sp("serve", "--socket", str(tmp_path / "sp.sock"), "--config", str(config))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert f"serve: error: {file_says}" in out.stderr and "None" not in out.stderr, out.stderr
+    if flag_says is not None:  # the flag over the file's: named as the flag
+        out = sp("serve", "--socket", str(tmp_path / "sp.sock"), "--config", str(config),
+                 "--group", "sp-no-such-group")
+        assert f"serve: error: {flag_says}" in out.stderr, out.stderr
+    out = sp("serve", "--socket", str(tmp_path / "sp.sock"), "--resource", "pg=2", "--group", "")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "serve: error: --group: must be a group name or gid as a non-empty string" in out.stderr
+    assert "None" not in out.stderr and not (tmp_path / "sp.sock").exists()
+
+
 def test_serve_refuses_a_socket_path_with_a_tilde_and_makes_no_directory_for_it(tmp_path: Path) -> None:
     # Before: it served at ./~/run/sp.sock, a directory named "~" made in its cwd.
     (tmp_path / "sp.toml").write_text('[coordinator]\nsocket = "~/run/sp.sock"\n[resources]\npg = 2\n')
