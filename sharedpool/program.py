@@ -127,11 +127,15 @@ def integration_socket_path(given: str | None, prefix: str) -> str:
     """The socket an integration uses: ``given`` (checked by the caller), else
     ``$SHAREDPOOL_SOCKET`` if set (checked, named as the variable: one too long
     was said to be the ``socket`` argument, which nobody gave), else a fresh
-    private path. Set but empty is unset here: the integration then starts its
-    own coordinator and sets the variable for its workers."""
+    private path. Set but empty is an error naming it, as for a pool, ``serve``
+    and the CLI: a blank left by a template that meant a shared coordinator's
+    path started a private one instead, a second budget for the same database."""
     if given:
         return given
     env = os.environ.get(SOCKET_ENV)
+    if env == "":
+        raise ConfigError(SOCKET_ENV, f"is set but empty: unset it (the {prefix} integration then "
+                          "starts a coordinator of its own), or set it to the coordinator's socket path")
     if env:
         return check_socket_path(SOCKET_ENV, env)
     return private_socket_path(prefix)

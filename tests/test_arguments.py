@@ -354,6 +354,35 @@ def test_a_psycopg_pool_close_with_a_bad_timeout_closes_nothing(
         client.close()
 
 
+def test_an_empty_socket_variable_is_an_error_for_the_integrations_too(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
+    """As for a pool, serve and the CLI: set but empty is a mistake naming the
+    variable. Before, gunicorn's hooks() and celery's worker_init took it for
+    unset and started a private coordinator (a second budget, where a template
+    had meant the shared coordinator's path), or, given no resources, said
+    "no coordinator is listening on /tmp/sharedpool-.../gunicorn-...sock"."""
+    pytest.importorskip("celery")
+    from celery import Celery
+
+    from sharedpool.contrib.celery import setup
+    from sharedpool.contrib.gunicorn import hooks
+
+    monkeypatch.setenv(SOCKET_ENV, "")
+    with pytest.raises(ConfigError) as err:
+        hooks(resources={"pg": 1})
+    assert err.value.field == SOCKET_ENV and "set but empty" in err.value.detail, err.value
+    assert os.environ[SOCKET_ENV] == ""  # not replaced by a private path for the workers
+    state = setup(Celery("sp-test-empty-env"))
+    try:
+        with pytest.raises(SystemExit) as stop:  # celery's worker stops, one line on stderr
+            state.worker_init()
+        assert f"{SOCKET_ENV}: is set but empty" in str(stop.value), stop.value
+    finally:
+        state.disconnect()
+    given = str(tmp_path / "sp.sock")  # a socket given wins, as a pool's coordinator= does
+    assert hooks(resources={"pg": 1}, socket=given) and os.environ[SOCKET_ENV] == given
+
+
 def test_integration_socket_paths_may_be_path_objects(tmp_path: pathlib.Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from sharedpool.contrib.gunicorn import hooks
