@@ -275,6 +275,58 @@ def test_psycopg_pool_waits_past_timeout_max_are_refused_before_they_start(
         pool.close()
 
 
+@pytest.mark.parametrize(("given", "field", "says"), [
+    ({"hots": "127.0.0.1"}, "hots", "unknown keyword for Connection"),
+    ({"host": "127.0.0.1", "socket_timout": 5}, "socket_timout", "allowed: "),
+    ({"ssl_certfile": "/etc/c.pem"}, "ssl_certfile", "connection_class=redis.SSLConnection"),
+    ({"path": "/tmp/r.sock"}, "path", "connection_class=redis.UnixDomainSocketConnection"),
+])
+def test_a_redis_keyword_no_connection_takes_is_refused_when_the_pool_is_made(
+        given: dict[str, Any], field: str, says: str) -> None:
+    """redis-py hands every keyword it does not take itself to each connection:
+    a typo (or an SSL one without SSLConnection) passed the constructor and was
+    a TypeError from inside redis-py at the first command."""
+    with pytest.raises(ConfigError) as err:
+        _redis(**given)
+    assert err.value.field == field and says in err.value.detail, err.value
+
+
+def test_redis_keywords_its_classes_take_are_still_taken(start_coordinator: Any, sock_path: str,
+                                                        redis_name: str) -> None:
+    import queue
+
+    import redis
+
+    from sharedpool.contrib.redis import BlockingConnectionPool
+
+    class Custom(redis.Connection):  # takes keywords of its own through **kwargs: not second-guessed
+        def __init__(self, *args: Any, flavour: str = "", **kwargs: Any) -> None:
+            super().__init__(*args, **{k: v for k, v in kwargs.items() if k != "extra"})
+
+    start_coordinator({"redis": 3})
+    pools = [
+        BlockingConnectionPool(resource="redis", coordinator=sock_path, host="127.0.0.1", port=6379, db=0,
+                               client_name=redis_name, socket_timeout=5, socket_connect_timeout=5,
+                               socket_keepalive=True, health_check_interval=30, retry_on_timeout=True,
+                               decode_responses=True, encoding="utf-8", queue_class=queue.LifoQueue,
+                               max_connections=1, timeout=5, lease_timeout=5, confirm_timeout=2),
+        BlockingConnectionPool.from_url("redis://127.0.0.1:6379/0?socket_timeout=5", resource="redis",
+                                        coordinator=sock_path, client_name=redis_name),
+        BlockingConnectionPool(resource="redis", coordinator=sock_path, connection_class=Custom,
+                               host="127.0.0.1", client_name=redis_name, flavour="x", extra=1),
+    ]
+    try:
+        for pool in pools:
+            assert redis.Redis(connection_pool=pool).ping()
+    finally:
+        for pool in pools:
+            pool.disconnect()
+    with pytest.raises(ConfigError) as err:  # the URL's query too
+        BlockingConnectionPool.from_url("redis://127.0.0.1/0?sockettimeout=5", resource="redis",
+                                        coordinator=sock_path)
+    assert err.value.field == "sockettimeout"
+
+
 def test_a_psycopg_pool_resize_of_the_wrong_kind_is_named() -> None:
     pool = _psycopg(min_size=0, max_size=2)
     try:

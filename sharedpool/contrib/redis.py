@@ -303,6 +303,50 @@ class LeasedConnectionMixin:
         book.close(self, lambda: parent(*args, **kwargs))
 
 
+#: Keywords redis-py's pool takes out of its connection keywords itself (client-side caching).
+_POOL_TAKES = frozenset({"cache", "cache_config"})
+
+
+def _keywords(cls: type) -> tuple[frozenset[str], bool]:
+    """The keywords ``cls(...)`` names: its ``__init__``'s and its bases' as far as
+    each passes ``**kwargs`` on; and whether that is all it takes (False if an
+    ``__init__`` outside redis-py, or the last one, takes any ``**kwargs``)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None or klass is object:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return frozenset(names - {"self"}), True
+        if not klass.__module__.startswith("redis."):
+            break
+    return frozenset(names - {"self"}), False
+
+
+def _check_connection_keywords(connection_class: type, kwargs: dict[str, Any]) -> None:
+    """Every keyword not the pool's is one ``connection_class`` takes: redis-py
+    passes them to each connection it makes, so a typo (``hots=``) or one of
+    another class (``ssl_certfile=`` without SSLConnection) was a TypeError
+    from inside redis-py at the first command, not at construction."""
+    takes, known = _keywords(connection_class)
+    if not known or not kwargs:  # a class of the user's that takes any **kwargs: it may use them
+        return
+    allowed = (takes | _keywords(redis.BlockingConnectionPool)[0] | _POOL_TAKES) - {"connection_class"}
+    unknown = [k for k in kwargs if k not in allowed]
+    if not unknown:
+        return
+    name = unknown[0]
+    hint = {"ssl": "; TLS settings need connection_class=redis.SSLConnection",
+            "path": "; a Unix socket path needs connection_class=redis.UnixDomainSocketConnection",
+            "host": "; a Unix socket connection takes path= instead",
+            "port": "; a Unix socket connection takes path= instead"}.get(name.partition("_")[0], "")
+    raise ConfigError(name, f"unknown keyword for {connection_class.__name__} (redis-py passes every "
+                      f"keyword it does not take itself to each connection){hint}; allowed: "
+                      f"{', '.join(sorted(allowed))}")
+
+
 class BlockingConnectionPool(redis.BlockingConnectionPool):
     """:class:`redis.BlockingConnectionPool` whose connections each hold a lease of ``resource``.
 
@@ -322,6 +366,7 @@ class BlockingConnectionPool(redis.BlockingConnectionPool):
                               f"got {connection_class!r}")
         if inspect.iscoroutinefunction(getattr(connection_class, "connect", None)):
             raise ConfigError("connection_class", f"is redis.asyncio's {connection_class!r}: {NOT_ASYNCIO}")
+        _check_connection_keywords(connection_class, kwargs)
         # redis-py's connections refer to their pool (maint_notifications handler):
         # a book finalizer holding them would keep the pool alive for ever.
         self._sp_book = LeaseBook(resource, coordinator, confirm_timeout=confirm_timeout,
