@@ -259,7 +259,7 @@ class Client(Owed, Hooks):
         lands between any two instructions) can still withdraw it. ``_owner``
         (internal): the pool asking, for :meth:`siblings_waiting`."""
         self._checkpid()
-        check_seconds("timeout", timeout, optional=True, forever=True)
+        timeout = check_seconds("timeout", timeout, optional=True, forever=True)
         # Refused here: a frame the coordinator refuses ends the session, and the
         # reconnect would send it again, and again.
         check_resource_name(resource)
@@ -485,7 +485,7 @@ class Client(Owed, Hooks):
 
         Waits up to ``timeout`` for the coordinator to close its end, so that it
         has read every frame sent before (a release just sent is not lost)."""
-        check_seconds("timeout", timeout)
+        timeout = check_seconds("timeout", timeout)
         if self._pid != os.getpid():
             self._after_fork()
         self._closed = True
@@ -510,7 +510,7 @@ class Client(Owed, Hooks):
 
     def _call(self, make: Callable[[int], p.Message], timeout: float) -> Any:
         self._checkpid()
-        check_seconds("timeout", timeout, forever=True, positive=True)
+        timeout = check_seconds("timeout", timeout, forever=True, positive=True)
         req = next(self._reqs)
         pending = _Pending(make(req))
         deadline = time.monotonic() + timeout

@@ -325,13 +325,27 @@ def check_seconds(name: str, value: Any, *, optional: bool = False, forever: boo
     """A finite number of seconds >= 0 (> 0 when ``positive``; or None when
     ``optional``, or inf when ``forever``: a wait with no end); else a
     ConfigError naming ``name``. ``host_wait``: a host library's pool waits
-    this long on a lock, which raises OverflowError beyond threading.TIMEOUT_MAX."""
+    this long on a lock, which raises OverflowError beyond threading.TIMEOUT_MAX.
+    Returns the value, a numpy-like real (numbers.Real: numpy's float32, int64) as
+    a float or int: "must be a number, got np.int64(5)" was no reason, and such a
+    number cannot go on the wire (msgpack) nor into a message's {:g}."""
+    value = _plain_real(value)
     if forever and value == math.inf and not isinstance(value, bool):
         return value
     value = _number(name, value, optional=optional, strict_min=positive)
     if host_wait and value is not None and value > threading.TIMEOUT_MAX:
         raise ConfigError(name, f"must be at most {threading.TIMEOUT_MAX:.0f} seconds (the longest "
                                 f"wait a lock takes), got {value!r}")
+    return value
+
+
+def _plain_real(value: Any) -> Any:
+    """A numbers.Real that is neither int nor float (nor bool) as one of them; else ``value``."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool | int | float):
+        try:
+            return int(value) if isinstance(value, numbers.Integral) else float(value)
+        except (TypeError, ValueError, OverflowError):
+            return value  # refused below, as it was given
     return value
 
 

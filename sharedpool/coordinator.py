@@ -565,7 +565,7 @@ class Coordinator:
         """SIGTERM the child and wait (None: for as long as it takes); SIGKILL it
         if it does not go."""
         # Before the child is let go: a refused stop changes nothing.
-        check_seconds("timeout", timeout, optional=True)
+        timeout = check_seconds("timeout", timeout, optional=True)
         program, self._program = self._program, None
         if program is not None:
             program.stop(timeout)

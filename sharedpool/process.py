@@ -123,7 +123,7 @@ def release_process(timeout: float = 5.0, *, wait_in_use: bool = True) -> None:
 
     # Before anything is released: inf would fail each pool's close() (logged,
     # the pool left open), "5" would release nothing.
-    check_seconds("timeout", timeout)
+    timeout = check_seconds("timeout", timeout)
     if not isinstance(wait_in_use, bool):  # "no" is true: it would wait for them
         raise ConfigError("wait_in_use", f"must be True or False, got {wait_in_use!r}")
     deadline = time.monotonic() + timeout

@@ -206,7 +206,7 @@ class EmbeddedCoordinator:
         in a forked child."""
         # Before it is signalled: a refused stop changes nothing. None is
         # Popen.wait's "no limit", as it always was here.
-        check_seconds("timeout", timeout, optional=True)
+        timeout = check_seconds("timeout", timeout, optional=True)
         proc, lifeline = self._detach()
         try:
             if proc is not None and proc.poll() is None:

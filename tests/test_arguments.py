@@ -370,6 +370,33 @@ def test_host_pool_numbers_they_took_as_floats_are_still_taken(
         engine.dispose()
 
 
+def test_numpy_like_seconds_are_taken_where_times_are_checked(start_coordinator: Any,
+                                                              sock_path: str) -> None:
+    """A numbers.Real that is neither int nor float (numpy's float32 and int64;
+    a Fraction here) was refused: "timeout: must be a number >= 0, got
+    Fraction(3, 2)". It is taken as a float, also on the wire (msgpack cannot
+    pack the number itself)."""
+    from fractions import Fraction
+
+    from sharedpool.contrib.gunicorn import hooks
+
+    half = Fraction(3, 2)
+    start_coordinator({"pg": 1})
+    client = Client(sock_path)
+    try:
+        client.release(client.acquire("pg", timeout=half))
+        assert client.inspect("server", timeout=half)["pid"]
+        with pytest.raises(ConfigError, match="got -1"):  # still checked, by value
+            client.acquire("pg", timeout=Fraction(-1))
+        release_process(half)
+    finally:
+        client.close(timeout=half)
+    assert hooks(resources={"pg": 1}, socket=sock_path, close_timeout=half)
+    pool = _redis(lease_timeout=half)
+    assert pool._sp_lease_timeout == 1.5 and type(pool._sp_lease_timeout) is float
+    pool.disconnect()
+
+
 def test_a_lease_wait_may_be_forever_but_not_nan() -> None:
     import math
 

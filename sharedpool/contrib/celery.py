@@ -180,7 +180,7 @@ def setup(
     Limits are checked here, so a bad one fails when the app is imported."""
     if not isinstance(app, Celery):
         raise ConfigError("app", f"must be a Celery app, got {type(app).__name__}")
-    check_seconds("close_timeout", close_timeout)
+    close_timeout = check_seconds("close_timeout", close_timeout)
     check_embedded_options(options, ("app", "resources", "socket", "restart", "close_timeout", "log_level"))
     given = None if socket is None else check_socket_path("socket", socket)
     embedded = None

@@ -167,7 +167,7 @@ def hooks(
                         "sharedpool: gunicorn reloaded its config, but the coordinator this master "
                         "started keeps its settings until gunicorn restarts (`sharedpool resize` "
                         "changes a cap live): %s", "; ".join(changes))
-    check_seconds("close_timeout", close_timeout)
+    close_timeout = check_seconds("close_timeout", close_timeout)
     os.environ[SOCKET_ENV] = path
     read_by = os.getpid()
 
