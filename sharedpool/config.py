@@ -17,13 +17,14 @@ import re
 import stat
 import threading
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from .errors import ConfigError
 
 _T = TypeVar("_T")
+_F = TypeVar("_F", bound=Callable[..., None])
 
 SOCKET_ENV = "SHAREDPOOL_SOCKET"
 AWAY_POLICIES = ("wait", "fallback")
@@ -116,22 +117,29 @@ def _bool(name: str, value: Any) -> bool:
     return value
 
 
-def _named_keywords(cls: type[_T]) -> type[_T]:
-    """A misspelt keyword (``PoolConfig(max_szie=3)``) is a ConfigError naming it
-    and listing the fields, as in a TOML table, not Python's TypeError, which
-    named it and said nothing of what was allowed."""
-    init = cls.__init__
-    known = frozenset(f.name for f in fields(cls))  # type: ignore[arg-type]
+def keywords_checked(init: _F, known: frozenset[str], refuse: Callable[[str], NoReturn]) -> _F:
+    """``init`` (an ``__init__``) wrapped so that a keyword not in ``known`` goes to
+    ``refuse`` (which raises a ConfigError naming it) before ``init`` runs."""
 
     @functools.wraps(init)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         if not kwargs.keys() <= known:
-            unknown = sorted(set(kwargs) - known)
-            raise ConfigError(unknown[0], f"unknown setting of {cls.__name__}; allowed: "
-                              f"{', '.join(sorted(known))}")
+            refuse(min(set(kwargs) - known))
         init(self, *args, **kwargs)
 
-    cls.__init__ = __init__  # type: ignore[method-assign]
+    return __init__  # type: ignore[return-value]
+
+
+def _named_keywords(cls: type[_T]) -> type[_T]:
+    """A misspelt keyword (``PoolConfig(max_szie=3)``) is a ConfigError naming it
+    and listing the fields, as in a TOML table, not Python's TypeError, which
+    named it and said nothing of what was allowed."""
+    known = frozenset(f.name for f in fields(cls))  # type: ignore[arg-type]
+
+    def refuse(name: str) -> NoReturn:
+        raise ConfigError(name, f"unknown setting of {cls.__name__}; allowed: {', '.join(sorted(known))}")
+
+    cls.__init__ = keywords_checked(cls.__init__, known, refuse)  # type: ignore[method-assign]
     return cls
 
 

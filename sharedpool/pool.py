@@ -14,7 +14,6 @@ sharedpool.dropped (a pool collected without close()).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 import logging
 import os
@@ -23,7 +22,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar
 
 from . import checkin, dropped, maintenance, opening, process, shutdown, waiting
 from .client import _PID, AcquireRequest, Client, current_pid
@@ -36,6 +35,7 @@ from .config import (
     check_socket_path,
     check_sync_callable,
     env_socket_path,
+    keywords_checked,
 )
 from .errors import ConfigError, PoolMisuse
 from .giveback import IDLE_GIVE_BACK
@@ -79,23 +79,16 @@ def _named_keywords(init: _F) -> _F:
     was told "unexpected keyword argument", and not that sizes and times live in PoolConfig."""
     known = frozenset(inspect.signature(init).parameters) - {"self"}
 
-    @functools.wraps(init)
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        if not kwargs.keys() <= known:
-            _refuse_keyword(next(k for k in kwargs if k not in known), sorted(known))
-        init(self, *args, **kwargs)
+    def refuse(name: str) -> NoReturn:
+        setting = _PSYCOPG_NAMES.get(name, name)
+        if setting in {f.name for f in dataclasses.fields(PoolConfig)}:
+            raise ConfigError(name, f"is no argument of ConnectionPool: sizes and times live in its "
+                              f"PoolConfig, e.g. ConnectionPool(factory, PoolConfig({setting}=...))")
+        raise ConfigError(name, f"unknown argument of ConnectionPool; allowed: {', '.join(sorted(known))} "
+                          "(sizes and times live in PoolConfig; for psycopg_pool's arguments, use "
+                          "sharedpool.contrib.psycopg.ConnectionPool)")
 
-    return __init__  # type: ignore[return-value]
-
-
-def _refuse_keyword(name: str, known: list[str]) -> None:
-    setting = _PSYCOPG_NAMES.get(name, name)
-    if setting in {f.name for f in dataclasses.fields(PoolConfig)}:
-        raise ConfigError(name, f"is no argument of ConnectionPool: sizes and times live in its "
-                          f"PoolConfig, e.g. ConnectionPool(factory, PoolConfig({setting}=...))")
-    raise ConfigError(name, f"unknown argument of ConnectionPool; allowed: {', '.join(known)} (sizes "
-                      "and times live in PoolConfig; for psycopg_pool's arguments, use "
-                      "sharedpool.contrib.psycopg.ConnectionPool)")
+    return keywords_checked(init, known, refuse)
 
 
 class ConnectionPool(Generic[T]):
