@@ -291,6 +291,61 @@ def test_a_redis_keyword_no_connection_takes_is_refused_when_the_pool_is_made(
     assert err.value.field == field and says in err.value.detail, err.value
 
 
+@pytest.mark.parametrize(("class_name", "given", "says", "not_says"), [
+    # A typo of a keyword the class given takes was told to change the class.
+    ("SSLConnection", "ssl_certfiel", "", "connection_class=redis.SSLConnection"),
+    ("Connection", "host_addr", "", "Unix socket"),
+    ("Connection", "port_number", "", "Unix socket"),
+    ("UnixDomainSocketConnection", "path_name", "", "needs connection_class"),
+    # The hints where the class is the mistake stay.
+    ("UnixDomainSocketConnection", "host", "takes path= instead", "needs connection_class"),
+    ("SSLConnection", "ssl", "ssl=True is redis.Redis's", "need connection_class"),
+])
+def test_a_redis_keyword_hint_fits_the_connection_class_given(class_name: str, given: str, says: str,
+                                                              not_says: str) -> None:
+    import redis
+
+    with pytest.raises(ConfigError) as err:
+        _redis(connection_class=getattr(redis, class_name), **{given: 1})
+    hint = err.value.detail.partition("; allowed: ")[0]
+    assert err.value.field == given and says in hint and not_says not in hint, err.value
+
+
+def test_a_host_pool_timeout_taken_as_a_real_is_passed_on_as_checked(pg: str, start_coordinator: Any,
+                                                                    sock_path: str) -> None:
+    """A numbers.Real timeout (a Fraction here), taken by check_seconds as a float,
+    went on to the host pool as given: at the end of its wait the timeout's
+    message (ours "within {:g}s", psycopg_pool's "after {:.2f} sec") raised
+    TypeError in place of the timeout error."""
+    from fractions import Fraction
+
+    import psycopg_pool
+    import sqlalchemy.exc
+
+    from sharedpool.contrib.psycopg import ConnectionPool as PsycopgPool
+    from sharedpool.contrib.sqlalchemy import create_engine
+
+    start_coordinator({"pg": 1})
+    quarter = Fraction(1, 4)
+    engine = create_engine("postgresql+psycopg://postgres@127.0.0.1/test", resource="pg",
+                           coordinator=sock_path, pool_size=2, pool_timeout=quarter)
+    try:
+        with engine.connect(), pytest.raises(sqlalchemy.exc.TimeoutError, match=r"within 0\.25s"):
+            engine.connect()  # no lease: the only one is held
+    finally:
+        engine.dispose()
+    pool = PsycopgPool(pg, resource="pg", coordinator=sock_path, min_size=0, max_size=2,
+                       timeout=quarter, open=True)
+    try:
+        held = pool.getconn()
+        for call in (pool.getconn, lambda: pool.getconn(quarter)):
+            with pytest.raises(psycopg_pool.PoolTimeout, match=r"after 0\.25 sec"):
+                call()
+        pool.putconn(held)
+    finally:
+        pool.close()
+
+
 def test_redis_keywords_its_classes_take_are_still_taken(start_coordinator: Any, sock_path: str,
                                                         redis_name: str) -> None:
     import queue

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import numbers
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -120,10 +119,8 @@ def _check_kinds(args: dict[str, Any]) -> None:
             check_host_number(name, args[name], integer=integer, optional=name == "max_size")
     for name, forever in _TIMES.items():
         if name in args:
-            value = args[name]
-            if isinstance(value, numbers.Real) and not isinstance(value, int | float):
-                value = float(value)  # numpy's: psycopg_pool takes it, check_seconds would not
-            check_seconds(name, value, forever=forever, host_wait=True)
+            # As a float or int (a Fraction would fail psycopg_pool's own messages' formats).
+            args[name] = check_seconds(name, args[name], forever=forever, host_wait=True)
 
 
 class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
@@ -162,7 +159,9 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
             # Without lease_timeout, the lease wait is the pool's timeout: a bad one (-1,
             # nan, "5") failed every connect, seen only as a PoolTimeout. With it too: not
             # inf nor past TIMEOUT_MAX, with which psycopg_pool's own wait raises OverflowError.
-            check_seconds("timeout", kwargs["timeout"], host_wait=True)
+            # Passed on as checked: a Fraction was taken, then psycopg_pool's "couldn't get
+            # a connection after {:.2f} sec" raised TypeError in place of its PoolTimeout.
+            kwargs["timeout"] = check_seconds("timeout", kwargs["timeout"], host_wait=True)
         self._sp_configure = configure
         self._sp_opened_in: int | None = None
         self._sp_local = threading.local()
@@ -221,13 +220,13 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
 
     def open(self, wait: bool = False, timeout: float = 30.0) -> None:
         if wait:  # before it opens: a refused open() changes nothing
-            check_seconds("timeout", timeout, host_wait=True)
+            timeout = check_seconds("timeout", timeout, host_wait=True)
         super().open(wait, timeout)
 
     def wait(self, timeout: float = 30.0) -> None:
         # Past TIMEOUT_MAX psycopg_pool's Event.wait raised OverflowError (not its
         # PoolTimeout, which closes the pool).
-        check_seconds("timeout", timeout, host_wait=True)
+        timeout = check_seconds("timeout", timeout, host_wait=True)
         super().wait(timeout)
 
     def _open(self) -> None:
@@ -237,7 +236,7 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
 
     def getconn(self, timeout: float | None = None) -> CT:
         if timeout is not None:  # past TIMEOUT_MAX psycopg_pool's wait raised OverflowError, at the cap
-            check_seconds("timeout", timeout, host_wait=True)
+            timeout = check_seconds("timeout", timeout, host_wait=True)
         if self._sp_opened_in not in (None, current_pid()):
             raise psycopg_pool.PoolClosed(
                 f"the pool {self.name!r} was opened in process {self._sp_opened_in}, before a fork: "

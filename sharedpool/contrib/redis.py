@@ -338,13 +338,26 @@ def _check_connection_keywords(connection_class: type, kwargs: dict[str, Any]) -
     if not unknown:
         return
     name = unknown[0]
-    hint = {"ssl": "; TLS settings need connection_class=redis.SSLConnection",
-            "path": "; a Unix socket path needs connection_class=redis.UnixDomainSocketConnection",
-            "host": "; a Unix socket connection takes path= instead",
-            "port": "; a Unix socket connection takes path= instead"}.get(name.partition("_")[0], "")
     raise ConfigError(name, f"unknown keyword for {connection_class.__name__} (redis-py passes every "
-                      f"keyword it does not take itself to each connection){hint}; allowed: "
-                      f"{', '.join(sorted(allowed))}")
+                      f"keyword it does not take itself to each connection){_hint(name, connection_class)}; "
+                      f"allowed: {', '.join(sorted(allowed))}")
+
+
+def _hint(name: str, connection_class: type) -> str:
+    """What an unknown keyword suggests, by the class given: a typo (``ssl_certfiel=``
+    with SSLConnection, ``host_addr=`` with Connection) was told to change the class."""
+    kind = name.partition("_")[0]
+    if kind == "ssl":
+        if not issubclass(connection_class, redis.SSLConnection):
+            return "; TLS settings need connection_class=redis.SSLConnection"
+        if name == "ssl":
+            return "; ssl=True is redis.Redis's: connection_class=redis.SSLConnection is TLS already"
+    unix = issubclass(connection_class, redis.UnixDomainSocketConnection)
+    if kind == "path" and not unix:
+        return "; a Unix socket path needs connection_class=redis.UnixDomainSocketConnection"
+    if kind in ("host", "port") and unix:
+        return "; a Unix socket connection takes path= instead"
+    return ""
 
 
 class BlockingConnectionPool(redis.BlockingConnectionPool):
@@ -377,7 +390,7 @@ class BlockingConnectionPool(redis.BlockingConnectionPool):
         # default): nan made it 0, -1 and "5" failed at the first command, deep inside.
         # With it too: not inf nor past TIMEOUT_MAX, with which redis-py's own wait
         # raises OverflowError at the cap (None waits).
-        check_seconds("timeout", timeout, optional=True, host_wait=True)
+        timeout = check_seconds("timeout", timeout, optional=True, host_wait=True)
         self._sp_local = threading.local()
         leased = type(f"Leased{connection_class.__name__}", (LeasedConnectionMixin, connection_class),
                       {"_sp_pool": weakref.ref(self), "__module__": __name__})

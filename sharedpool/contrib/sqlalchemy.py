@@ -107,7 +107,9 @@ class LeasedQueuePool(QueuePool):
             # Without lease_timeout, the lease wait is pool_timeout's: named as the user gave
             # it; None (QueuePool: no limit) is the resource's acquire_timeout. With it too:
             # not inf nor past TIMEOUT_MAX, with which QueuePool's own wait raises OverflowError.
-            check_seconds("pool_timeout", self._timeout, optional=True, host_wait=True)
+            # Kept as checked: a Fraction was taken, then the lease wait's "within {:g}s"
+            # raised TypeError in place of the LeaseTimeout.
+            self._timeout = check_seconds("pool_timeout", self._timeout, optional=True, host_wait=True)
             book.bind(self._sp_idle, self._sp_reclaim)
 
     @property
