@@ -240,7 +240,8 @@ class Resource:
     acquire_timeout: float = 10.0
     fairness_quantum: float | str = "auto"
     quarantine_delay: float = 0.05
-    monitor_dsn: str | None = None
+    # Not in repr: it may hold a password, and a config is shown whole in some errors.
+    monitor_dsn: str | None = field(default=None, repr=False)
     fence_action: str = "wait"
     fence_timeout: float = 10.0
 
@@ -701,6 +702,9 @@ def config_from_parts(socket_path: Any, resources: Any, config: Any,
         if not isinstance(config, CoordinatorConfig):
             raise ConfigError("config", f"must be a CoordinatorConfig, got {config!r}")
         return config
+    if isinstance(socket_path, CoordinatorConfig):  # Coordinator(config): not "must be a path, got <it all>"
+        raise ConfigError("socket", "is a CoordinatorConfig: pass it as config=, "
+                          "e.g. Coordinator(config=config)")
     if resources is not None and not isinstance(resources, Mapping):
         raise ConfigError("resources", "must be a mapping of name to limits, e.g. {'pg': 20}, "
                           f"got {resources!r}")

@@ -186,6 +186,22 @@ def test_resource_defaults_and_as_dict_hides_the_dsn() -> None:
     assert data["max_size"] == 4 and data["fence_action"] == "wait"
 
 
+def test_a_config_shown_in_an_error_hides_the_monitor_dsn() -> None:
+    """Coordinator(config), the config where the socket path goes, said "socket:
+    must be a path, got CoordinatorConfig(...)", its resources' monitor_dsn (and
+    its password) written out whole; any repr of a Resource did too."""
+    from sharedpool import Coordinator
+
+    secret = Resource(max_size=2, monitor_dsn="postgresql://u:s3cret@127.0.0.1/test")
+    config = CoordinatorConfig(socket_path="/tmp/sp-unused.sock", resources={"pg": secret})
+    assert "s3cret" not in repr(config) and "s3cret" not in repr(secret)
+    with pytest.raises(ConfigError) as err:
+        Coordinator(config)
+    assert err.value.field == "socket" and "config=" in err.value.detail, err.value
+    assert "s3cret" not in str(err.value)
+    assert Coordinator(config=config).config.resources["pg"].monitor_dsn == secret.monitor_dsn
+
+
 def test_resource_coerce() -> None:
     assert Resource.coerce("pg", 4) == Resource(max_size=4)
     r = Resource(max_size=2, max_per_process=1)
