@@ -134,8 +134,9 @@ def integration_socket_path(given: str | None, prefix: str) -> str:
         return given
     env = os.environ.get(SOCKET_ENV)
     if env == "":
-        raise ConfigError(SOCKET_ENV, f"is set but empty: unset it (the {prefix} integration then "
-                          "starts a coordinator of its own), or set it to the coordinator's socket path")
+        raise ConfigError(SOCKET_ENV, f"is set but empty: set it to the coordinator's socket path, or "
+                          f"unset it (given resources=, the {prefix} integration then starts a "
+                          "coordinator of its own)")
     if env:
         return check_socket_path(SOCKET_ENV, env)
     return private_socket_path(prefix)

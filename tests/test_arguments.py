@@ -951,3 +951,31 @@ def test_a_reload_of_a_config_whose_path_is_not_utf8_is_answered(tmp_path: pathl
             assert "unencodable" not in str(err.value)
         finally:
             client.close()
+
+
+def test_a_redis_class_whose_init_a_decorator_hides_is_not_second_guessed() -> None:
+    from sharedpool.contrib.redis import _keywords
+
+    def hide(init: Any) -> Any:  # a decorator without functools.wraps
+        def wrapper(*args: Any, **kwargs: Any) -> None:
+            init(*args, **kwargs)
+        return wrapper
+
+    class Base:
+        def __init__(self, db: int = 0) -> None:
+            pass
+
+    class Middle(Base):
+        @hide
+        def __init__(self, password: str = "", **kwargs: Any) -> None:  # takes password=: unseen
+            super().__init__(**kwargs)
+
+    class Top(Middle):
+        def __init__(self, host: str = "", **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+
+    for cls in (Base, Middle, Top):
+        cls.__module__ = "redis.connection"  # as if redis-py's own
+    names, complete = _keywords(Top)
+    assert "host" in names and not complete  # Base's fixed signature would refuse password=
+    assert _keywords(Base) == (frozenset({"db"}), True)

@@ -310,13 +310,18 @@ _POOL_TAKES = frozenset({"cache", "cache_config"})
 def _keywords(cls: type) -> tuple[frozenset[str], bool]:
     """The keywords ``cls(...)`` names: its ``__init__``'s and its bases' as far as
     each passes ``**kwargs`` on; and whether that is all it takes (False if an
-    ``__init__`` outside redis-py, or the last one, takes any ``**kwargs``)."""
+    ``__init__`` outside redis-py, or the last one, takes any ``**kwargs``, or
+    one takes ``*args``)."""
     names: set[str] = set()
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
         if init is None or klass is object:
             continue
         params = inspect.signature(init).parameters.values()
+        if any(p.kind is p.VAR_POSITIONAL for p in params):
+            # A decorator that hides the signature (no functools.wraps): what it
+            # takes is not known here, and the next class up would answer wrongly.
+            break
         names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
         if not any(p.kind is p.VAR_KEYWORD for p in params):
             return frozenset(names - {"self"}), True
