@@ -700,7 +700,9 @@ def config_from_parts(socket_path: Any, resources: Any, config: Any,
         if socket_path is not None or resources is not None or options:
             raise ConfigError("config", "give either config= or socket_path/resources/options")
         if not isinstance(config, CoordinatorConfig):
-            raise ConfigError("config", f"must be a CoordinatorConfig, got {config!r}")
+            # Its type only: a dict of settings may hold a monitor_dsn's password.
+            raise ConfigError("config", f"must be a CoordinatorConfig (e.g. CoordinatorConfig.load(path)), "
+                              f"got a {type(config).__name__}")
         return config
     if isinstance(socket_path, CoordinatorConfig):  # Coordinator(config): not "must be a path, got <it all>"
         raise ConfigError("socket", "is a CoordinatorConfig: pass it as config=, "

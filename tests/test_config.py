@@ -200,6 +200,10 @@ def test_a_config_shown_in_an_error_hides_the_monitor_dsn() -> None:
     assert err.value.field == "socket" and "config=" in err.value.detail, err.value
     assert "s3cret" not in str(err.value)
     assert Coordinator(config=config).config.resources["pg"].monitor_dsn == secret.monitor_dsn
+    # config= given its settings as a dict: its type named, not its values.
+    with pytest.raises(ConfigError) as err:
+        Coordinator(config={"resources": {"pg": {"max_size": 2, "monitor_dsn": secret.monitor_dsn}}})
+    assert err.value.field == "config" and "dict" in err.value.detail and "s3cret" not in str(err.value)
 
 
 def test_resource_coerce() -> None:
