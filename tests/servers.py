@@ -38,11 +38,11 @@ def wait_for(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condit
         time.sleep(every)
 
 
-def die_with_parent() -> None:
-    """preexec_fn: SIGTERM this child when the test process dies (no orphaned servers)."""
+def die_with_parent(signum: int = signal.SIGTERM) -> None:
+    """preexec_fn: ``signum`` to this child when the test process dies (no orphaned servers)."""
     import ctypes
 
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    ctypes.CDLL(None, use_errno=True).prctl(1, signum)  # PR_SET_PDEATHSIG
 
 
 def pid_alive(pid: int) -> bool:
@@ -66,6 +66,8 @@ class SessionServer:
     stop_signal = signal.SIGTERM
     #: Whether :meth:`stop` sends it to the whole process group instead, as a terminal's Ctrl-C does.
     stop_group = False
+    #: What the main process gets when the test process dies (a timeout's kill): one that stops it.
+    death_signal = signal.SIGTERM
     name = "the server"
 
     def __init__(self, log_path: Path, argv: list[str], env: dict[str, str],
@@ -73,7 +75,8 @@ class SessionServer:
         self.log_path = log_path
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True, preexec_fn=die_with_parent)
+                                         start_new_session=True,
+                                         preexec_fn=lambda: die_with_parent(self.death_signal))
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -90,11 +93,39 @@ class SessionServer:
             raise AssertionError(f"{self.name} did not stop in {timeout} s; its processes left: "
                                  f"{left}\n{self.log()[-4000:]}") from None
 
-    def kill_group(self) -> None:
-        """Teardown: SIGKILL what is left of the program's process group."""
+    def kill_group(self, timeout: float = 10.0) -> None:
+        """Teardown: SIGKILL what is left of the program's process group, and
+        wait (at most ``timeout``) until it is gone. Its main process may have
+        exited and left children behind (a uWSGI stop that timed out, a master
+        killed): they are killed too, by the group its pid still names."""
+        pgid = self.proc.pid
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+            os.killpg(pgid, signal.SIGKILL)
+            self.proc.wait(timeout)
+        elif pid_alive(pgid):
+            return  # reaped, and its pid reused since: that group is not this server's
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                # Linux reuses no pid that is still a group's id: while one of its
+                # processes is left, this group is this server's.
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                return
+            if not _group_alive(pgid):
+                return
+            time.sleep(0.05)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` runs (zombies, awaiting their reaper, do not)."""
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return False
 
 
 class Serve(SessionServer):

@@ -10,14 +10,15 @@ SIGHUP by exec'ing its master again."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import signal
 import site
+import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -49,6 +50,11 @@ PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 EXAMPLE_INI = ["--ini", str(EXAMPLE / "uwsgi.ini"), "--chdir", str(EXAMPLE)]
 #: The test app that queries in the master.
 MASTER_APP = ["--master", "--wsgi-file", str(TESTS / "uwsgi_master_app.py")]
+#: Lines uWSGI's hooks print once the master runs its loop, and once each
+#: worker accepts requests: past Python's at-fork hooks and the app's loading
+#: (lazy-apps), with uWSGI's own handlers for its stop signals in place.
+MASTER_LOOPING = "test: uWSGI master looping"
+WORKER_ACCEPTING = "test: uWSGI worker accepting"
 
 
 class Uwsgi(SessionServer):
@@ -56,6 +62,9 @@ class Uwsgi(SessionServer):
 
     name = "uWSGI"
     stop_signal = signal.SIGINT  # uWSGI's stop; SIGTERM reloads it
+    # SIGTERM reloaded a uWSGI whose test process was killed (a CI job's timeout):
+    # it ran on. Its workers exit when the master dies.
+    death_signal = signal.SIGKILL
 
     def __init__(self, tmp_path: Path, sock: str, app_name: str, app: list[str],
                  extra: list[str], binary: str) -> None:
@@ -69,7 +78,9 @@ class Uwsgi(SessionServer):
         }
         super().__init__(tmp_path / "uwsgi.log",
                          [binary, *app, "--processes", str(WORKERS), "--http-socket",
-                          f"127.0.0.1:{self.port}", "--disable-logging", *extra], env)
+                          f"127.0.0.1:{self.port}", "--disable-logging",
+                          "--hook-master-start", f"print:{MASTER_LOOPING}",
+                          "--hook-accepting", f"print:{WORKER_ACCEPTING}", *extra], env)
 
     @property
     def url(self) -> str:
@@ -89,16 +100,37 @@ class Uwsgi(SessionServer):
             return True
 
         wait_for(ready, timeout, "uWSGI to answer")
-        # And every worker spawned: a SIGINT reaching the master while it still
-        # forks them was taken by Python's at-fork hooks there (KeyboardInterrupt
-        # in logging's _releaseLock), and uWSGI never stopped (CI, once).
         wait_for(lambda: "spawned uWSGI master" not in (log := self.log())
                  or log.count("spawned uWSGI worker") >= WORKERS, timeout, "every worker spawned")
-        # And past Python's at-fork hooks, which each worker runs after its
-        # "spawned" line: a stop landing in them (KeyboardInterrupt in random's
-        # reseed, printed; in another one, none) left two workers hung, and uWSGI
-        # did not stop in 30 s (CI, once). They take milliseconds; this is slack.
-        time.sleep(1.0)
+        self.wait_accepting(timeout)
+
+    def accepting(self) -> bool:
+        """Whether the master runs its loop and every worker it forked so far
+        ("spawned", "Respawned") accepts requests."""
+        lines = self.log().splitlines()
+        forked = sum("spawned uWSGI worker" in line for line in lines)  # "Respawned" too
+        masters = sum("spawned uWSGI master" in line for line in lines)  # one more each reload
+        return lines.count(WORKER_ACCEPTING) >= forked and lines.count(MASTER_LOOPING) >= masters
+
+    def wait_accepting(self, timeout: float = 60.0) -> None:
+        """Until :meth:`accepting`. Until then a stop signal can be lost: uWSGI
+        puts its handlers in place only after Python's at-fork hooks (and a lazy
+        app's loading), in the master (as it first forks the workers) and in each
+        worker. Until then Python's handler took it (the master, a worker first
+        forked), and the KeyboardInterrupt it raised in an at-fork hook (random's,
+        logging's, sharedpool's: any) was printed and ignored; or the master's
+        (a worker it respawned), which only logs. That process served on, and
+        the stop waited for uWSGI's mercy (60 s): "did not stop in 30 s" (CI,
+        once). Stops sent within 4 ms: 8 in 40 hung after the last "spawned"
+        line, 4 in 40 with an app without sharedpool, 6 in 30 after the last
+        "Respawned" one; none in 60 and 30 once every worker accepted."""
+        wait_for(lambda: self.proc.poll() is not None or self.accepting(), timeout,
+                 "uWSGI's master to loop and every worker forked to accept")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """uWSGI's stop, once no process of it would lose the signal."""
+        self.wait_accepting()
+        return super().stop(timeout)
 
 
 @pytest.fixture
@@ -140,17 +172,14 @@ def assert_no_fence(serve: Serve) -> None:
 def wait_respawned(server: Uwsgi, lazy: bool = False) -> None:
     """Until every worker recycled was replaced: a master stopped while it
     respawns one (after "respawning too fast", 2 s) forks it after its SIGINT
-    to the workers, and waits for it (uWSGI's own race). And until each is
-    past its start: a SIGINT that lands on a worker just forked (the master's
-    handler still in place), or loading the app (``lazy``), is lost, and the
-    stop waits for worker-reload-mercy (60 s), with or without sharedpool."""
+    to the workers, and waits for it (uWSGI's own race). And until each
+    accepts: a SIGINT that lands on a worker still in Python's at-fork hooks,
+    or loading the app (``lazy``), is lost (:meth:`Uwsgi.wait_accepting`)."""
     def replaced() -> bool:
         log = server.log()
         respawned = log.count("Respawned uWSGI worker")
-        born = [p.create_time() for p in psutil.Process(server.proc.pid).children()]
         return respawned >= log.count("The work of process") and (
-            not lazy or log.count(") ready in ") >= WORKERS + respawned) and (
-            time.time() - max(born, default=0.0) > 1.0)
+            not lazy or log.count(") ready in ") >= WORKERS + respawned) and server.accepting()
 
     wait_for(replaced, 30, "the recycled workers' replacements")
 
@@ -250,8 +279,7 @@ def test_coordinator_started_in_the_master(uwsgi: Callable[..., Uwsgi], app_name
         server = uwsgi("--py-call-uwsgi-fork-hooks", "--max-requests", "5", "--min-worker-lifetime", "0",
                        app=MASTER_APP, sock=own)
         load = Load(server.url, total=100, threads=4).start().join()
-        wait_for(lambda: server.log().count("Respawned uWSGI worker")
-                 >= server.log().count("The work of process"), 15, "the recycled workers' replacements")
+        wait_respawned(server)
         assert server.log().count("Respawned uWSGI worker") >= WORKERS, "workers were not recycled"
         assert resource_row(own)["max_size"] == CAP, "the master's coordinator is not serving"
         assert server.stop() == 0, server.log()[-3000:]
@@ -291,8 +319,7 @@ def test_recycled_workers_give_their_slots_back(uwsgi: Callable[..., Uwsgi], app
         # Stopped only once every recycled worker was replaced: a master stopped
         # while it respawns one (after "respawning too fast", 2 s) forks it after
         # its SIGINT to the workers, and waits for it (uWSGI's own race).
-        wait_for(lambda: server.log().count("Respawned uWSGI worker")
-                 >= server.log().count("The work of process"), 15, "the recycled workers' replacements")
+        wait_respawned(server)
         row = wait_for(lambda: settled(server.sock), 10, "the leases to settle idle")
         assert row["leased"] <= CAP and row["fenced"] == 0 and row["waiting"] == 0, row
         assert_stopped_clean(server, sampler)
@@ -471,3 +498,36 @@ def test_the_apps_own_uwsgi_atexit_runs_first_with_its_pools(
     assert_no_fence(serve)
     assert load.errors == [], load.errors[:5]
     assert sampler.peak <= CAP, f"PostgreSQL saw {sampler.peak} connections with a cap of {CAP}"
+
+
+def test_a_uwsgi_does_not_outlive_its_killed_test_process(uwsgi: Callable[..., Uwsgi], tmp_path: Path,
+                                                        sock_path: str, app_name: str) -> None:
+    # A test process killed (a CI job's timeout) sent its uWSGI SIGTERM, which
+    # reloads uWSGI: its whole process group ran on (CI, once, after a suite
+    # cut short at 97%). The test process here is a child that starts uWSGI
+    # (the uwsgi fixture's coordinator serving it).
+    code = ("import sys, time; from pathlib import Path; sys.path.insert(0, sys.argv[1]);"
+            "from test_uwsgi import EXAMPLE_INI, UWSGI, Uwsgi;"
+            "server = Uwsgi(Path(sys.argv[2]), sys.argv[3], sys.argv[4], EXAMPLE_INI, [], str(UWSGI));"
+            "server.wait_ready(); print(server.proc.pid, flush=True); time.sleep(120)")
+    (tmp_path / "child").mkdir()
+    child = subprocess.Popen([sys.executable, "-c", code, str(TESTS), str(tmp_path / "child"), sock_path,
+                              app_name], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    group: list[psutil.Process] = []
+    try:
+        assert child.stdout is not None
+        master = int(child.stdout.readline() or 0)
+        assert master, "the child did not start uWSGI"
+        group = [psutil.Process(master), *psutil.Process(master).children()]
+        assert len(group) == 1 + WORKERS
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(10)
+        wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in group),
+                 20, "uWSGI to die with its test process")
+    finally:
+        for proc in group:  # what is left of it, if the test failed (its own session: not the child's group)
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait(10)
