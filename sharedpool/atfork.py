@@ -17,9 +17,13 @@ drops it hangs for good. Said once, at warning, when sharedpool starts one there
 
 from __future__ import annotations
 
+import _signal  # signal.pthread_sigmask is a Python wrapper: see _let_through
+import functools
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -31,33 +35,87 @@ _IN_CHILD: list[Callable[[], None]] = []
 #: The pid the hooks last ran for (or this module was imported in).
 _RAN_FOR = [os.getpid()]
 
+#: Held back in the forking thread from just before a fork until the child has
+#: run the hooks: a signal whose handler raises (Ctrl-C's KeyboardInterrupt,
+#: celery's soft limit) landing in them cut them short, and Python prints and
+#: ignores it there: a child left with the parent's pid as current_pid() and
+#: its clients not reset used the parent's pooled connections and coordinator
+#: session (I7; 9-12 of 300 children forked under a stream of SIGINT). Held
+#: back, such a signal reaches the child's own code once the hooks ran. Not the
+#: synchronous ones (a fault with its signal blocked kills the process).
+_HELD = frozenset(signal.valid_signals()) - {
+    signal.SIGKILL, signal.SIGSTOP, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL,
+    signal.SIGTRAP, signal.SIGSYS, signal.SIGABRT}
+#: Those of _HELD the forking thread had not blocked itself (a thread waiting in
+#: sigwait() keeps its own): blocked by _hold, unblocked after the fork. One set
+#: for the process: two threads forking at once with different masks of their
+#: own may unblock each other's.
+_UNBLOCK: set[int] = set()
+#: Per thread: whether _hold ran for the fork under way (uWSGI's
+#: py-call-osafterfork runs the child's hooks after a fork that ran none before).
+_HOLDING = threading.local()
 
-def _ran() -> None:
+
+def _hold() -> None:
+    # Each step cut short (a handler run for a signal another thread took) leaves
+    # _UNBLOCK no more than what is unblocked already, or all that was blocked.
+    _HOLDING.on = True
+    _UNBLOCK.clear()
+    _UNBLOCK.update(_HELD - _signal.pthread_sigmask(signal.SIG_BLOCK, ()))
+    _signal.pthread_sigmask(signal.SIG_BLOCK, _UNBLOCK)
+
+
+#: A C call, registered as is (no Python frame): in the parent, a Python
+#: function could be cut short at its start and leave the thread deaf to signals
+#: for good; in the child, the signal held back is let through here and its
+#: handler runs in the child's next Python code (its own, after os.fork()), not
+#: in a hook of ours, where Python would print and drop its exception.
+_let_through = functools.partial(_signal.pthread_sigmask, signal.SIG_UNBLOCK, _UNBLOCK)
+
+
+def _in_child() -> None:
+    # Not cut short: this thread, the child's only one, holds the signals back,
+    # and Python drops those the parent had not handled yet.
+    if not getattr(_HOLDING, "on", False):
+        _UNBLOCK.clear()  # nothing held for this fork: nothing (stale) to let through
+    _HOLDING.on = False
     _RAN_FOR[0] = os.getpid()
+    _run_hooks()
 
 
-os.register_at_fork(after_in_child=_ran)
+def _run_hooks() -> None:
+    # Each runs even if one before it failed, as Python runs its own.
+    for fn in list(_IN_CHILD):
+        try:
+            fn()
+        except BaseException:  # noqa: BLE001 - the others must still run; said so
+            log.exception("sharedpool: the after-fork hook %r failed", fn)
+
+
+os.register_at_fork(before=_hold, after_in_parent=_let_through, after_in_child=_in_child)
+# After those: the parent's flag reset by a C call too; the child's signals let through
+# once _in_child ran.
+os.register_at_fork(after_in_parent=functools.partial(setattr, _HOLDING, "on", False),
+                    after_in_child=_let_through)
 
 
 def in_child(fn: Callable[[], None]) -> Callable[[], None]:
-    """Run ``fn`` in every forked child, first thing: registered with
-    ``os.register_at_fork``, and run by uWSGI's post-fork hook too."""
+    """Run ``fn`` in every forked child, first thing, with signals held back:
+    at ``os.fork()`` (Python's at-fork hooks), and from uWSGI's post-fork hook."""
     _IN_CHILD.append(fn)
-    os.register_at_fork(after_in_child=fn)
     return fn
 
 
 def run_in_forked_child() -> None:
     """Run the hooks, if no fork ran them in this process yet (a uWSGI worker
-    forked in C). Each runs even if one before it failed, as Python runs its own."""
+    forked in C), with signals held back."""
     if _RAN_FOR[0] == os.getpid():
         return
-    _RAN_FOR[0] = os.getpid()
-    for fn in list(_IN_CHILD):
-        try:
-            fn()
-        except Exception:  # noqa: BLE001 - the others must still run; said so
-            log.exception("sharedpool: the after-fork hook %r failed", fn)
+    _hold()
+    try:
+        _in_child()
+    finally:
+        _let_through()
 
 
 def _hook_uwsgi(uwsgi: Any) -> None:

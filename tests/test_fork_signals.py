@@ -1,0 +1,122 @@
+"""A signal landing in a fork's hooks: sharedpool's child hooks run whole.
+
+Each test runs its forks in a child of its own session (its own process
+group), so the signals sent reach no other test."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+# Forks while a sibling sends SIGINT to the group every 0.2 ms; each child
+# reports whether sharedpool's hooks ran for it (exit 0), did not (3), or a
+# KeyboardInterrupt cut its own code short (4: the signal reached it, not lost).
+STORM = textwrap.dedent("""
+    import os, signal, sys, time
+    import sharedpool
+    from sharedpool import atfork
+    from sharedpool.client import _PID
+
+    parent = os.getpid()
+    def interrupt(signum, frame):  # the parent carries on; its children get Ctrl-C's exception
+        if os.getpid() != parent:
+            raise KeyboardInterrupt
+    signal.signal(signal.SIGINT, interrupt)
+    group = os.getpgrp()
+    sender = os.fork()
+    if sender == 0:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            os.killpg(group, signal.SIGINT)
+            time.sleep(0.0002)
+        os._exit(0)
+    counts = {0: 0, 3: 0, 4: 0, "other": 0}
+    forks, deadline = 0, time.monotonic() + 20
+    while forks < int(sys.argv[1]) and time.monotonic() < deadline:
+        stale = None
+        try:
+            pid = os.fork()
+            if pid == 0:
+                stale = not _PID[0] == os.getpid() == atfork._RAN_FOR[0]
+                time.sleep(0.002)  # a signal held back during the hooks arrives by now
+                os._exit(3 if stale else 0)
+        except KeyboardInterrupt:
+            if os.getpid() != parent:
+                os._exit(3 if stale else 4)
+            continue
+        forks += 1
+        while True:
+            try:
+                status = os.waitpid(pid, 0)[1]
+                break
+            except KeyboardInterrupt:
+                continue
+        code = os.waitstatus_to_exitcode(status)
+        counts[code if code in counts else "other"] += 1
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.kill(sender, signal.SIGKILL)
+    os.waitpid(sender, 0)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    print(forks, counts[0], counts[3], counts[4], counts["other"], len(mask))
+""")
+
+
+def test_a_signal_landing_in_the_fork_hooks_does_not_cut_sharedpools_short() -> None:
+    """Under a stream of SIGINT, some children were cut short in Python's
+    at-fork hooks (printed and ignored): 5 of 300 kept the parent's pid as
+    current_pid(), their clients not reset, the parent's connections and
+    coordinator session theirs to use (I7). Now held back until the hooks ran."""
+    done = subprocess.run([sys.executable, "-c", STORM, "300"], capture_output=True, text=True,
+                          timeout=60, start_new_session=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    forks, ran, stale, interrupted, other, parent_mask = map(int, done.stdout.split())
+    assert forks == 300, done.stdout
+    assert stale == 0, f"{stale} of {forks} children ran without sharedpool's fork hooks"
+    assert interrupted > 0, "no child got the signal: the test proved nothing"  # not lost, either
+    # other: a second SIGINT in the child's own except clause (exit 1), its state unknown
+    assert ran + interrupted + other == forks and other < forks // 10, done.stdout
+    assert parent_mask == 0, "the parent kept signals blocked after its forks"
+    assert "sharedpool" not in done.stderr, done.stderr[-3000:]  # no hook of ours cut short
+
+
+MASKS = textwrap.dedent("""
+    import os, signal, subprocess, threading
+    import sharedpool
+
+    def blocked():
+        return sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+    def fork_and_report(tag):
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.write(write, repr(blocked()).encode())
+            os._exit(0)
+        os.close(write)
+        child = os.read(read, 4096).decode()
+        os.waitpid(pid, 0)
+        print(tag, blocked(), child)
+
+    fork_and_report("plain")
+    def in_thread():  # a thread that blocks SIGUSR1 itself (a sigwait() user) and forks
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+        fork_and_report("thread")
+    t = threading.Thread(target=in_thread)
+    t.start()
+    t.join()
+    out = subprocess.run(["grep", "SigBlk", "/proc/self/status"], preexec_fn=lambda: None,
+                         capture_output=True, text=True).stdout.split()[1]
+    print("exec", int(out, 16))
+""")
+
+
+def test_a_fork_leaves_each_threads_own_signal_mask_as_it_was() -> None:
+    done = subprocess.run([sys.executable, "-c", MASKS], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    assert lines["plain"] == "[] []", lines  # parent, child
+    usr1 = "[10]"
+    assert lines["thread"] == f"{usr1} {usr1}", lines  # kept blocked: not unblocked by ours
+    assert lines["exec"] == "0", lines  # a program exec'd after a preexec_fn gets no mask of ours
