@@ -42,6 +42,7 @@ from .config import (
 )
 from .errors import AccessDenied, ConfigError, CoordinatorUnavailable, SharedPoolError
 from .protocol import CLI_NAME
+from .redact import redact_argv
 from .tables import Sheet, duration, leases_sheet, resources_sheet, sessions_sheet
 
 #: Lease states as the CLI shows them (the wire says busy / new).
@@ -139,7 +140,9 @@ def _process(pid: int, cache: dict[int, _ProcInfo]) -> _ProcInfo:
         try:
             proc = psutil.Process(pid)
             with proc.oneshot():
-                cache[pid] = (proc.name(), proc.cmdline())
+                # Passwords hidden: `rq worker --url redis://:pw@host` is a common one,
+                # and this table is pasted into tickets (ps shows it only to this host).
+                cache[pid] = (proc.name(), redact_argv(proc.cmdline()))
         except psutil.Error:
             cache[pid] = (None, None)
     return cache[pid]

@@ -267,7 +267,9 @@ class Resource:
         _number("fence_timeout", self.fence_timeout, strict_min=True)
         dsn = self.monitor_dsn
         if dsn is not None and (not isinstance(dsn, str) or not dsn):
-            raise ConfigError("monitor_dsn", f"must be a non-empty string or None, got {dsn!r}")
+            # Its kind only: a list or table holding the DSN (a TOML typo) holds its password.
+            got = "an empty string" if isinstance(dsn, str) else f"a {type(dsn).__name__}"
+            raise ConfigError("monitor_dsn", f"must be a non-empty string or None, got {got}")
         if self.fence_action not in ("wait", "terminate"):
             raise ConfigError(
                 "fence_action", f"must be 'wait' or 'terminate', got {self.fence_action!r}"
@@ -752,6 +754,7 @@ def resource_flag_fields(text: str) -> tuple[str, dict[str, Any]]:
         raise ConfigError("--resource", f"expected NAME=MAX_SIZE[,key=value...], got {text!r}")
     parts = rest.split(",")
     spec: dict[str, Any] = {}
+    known = {f.name for f in fields(Resource)}
     try:
         spec["max_size"] = int(parts[0])
     except ValueError:
@@ -761,6 +764,13 @@ def resource_flag_fields(text: str) -> tuple[str, dict[str, Any]]:
     for part in parts[1:]:
         key, sep, value = part.partition("=")
         key = key.strip()
+        if "monitor_dsn" in spec and (not sep or key not in known):
+            # The rest of a DSN with a comma in it ("password=a,b", "@h1,h2"): not
+            # quoted, it may be a piece of the password.
+            raise ConfigError(f"--resource {name}", "a part after monitor_dsn is no key=value of a "
+                              "resource (not shown: it may be a piece of the DSN, which a comma split "
+                              "here); give a DSN with a comma in the --config file; keys: "
+                              f"{', '.join(sorted(known))}")
         if not sep or not key:
             raise ConfigError(f"--resource {name}", f"expected key=value, got {part!r}")
         if key in spec:  # which one was meant? say so rather than keep the last

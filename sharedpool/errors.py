@@ -8,18 +8,25 @@ builtin a user's existing ``except`` clause would name: a timeout is a
 
 from __future__ import annotations
 
+from .redact import redact
+
 
 class SharedPoolError(Exception):
     """Root of every error raised by sharedpool."""
 
 
 class ConfigError(SharedPoolError, ValueError):
-    """A configuration value or argument is invalid; ``field`` names it."""
+    """A configuration value or argument is invalid; ``field`` names it.
+
+    A password the message quotes is hidden (``password=***``): the bad value
+    may be a DSN given in the wrong place (``--resource pg=<dsn>``, a table's
+    ``pg = "postgresql://..."``), and the message reaches a terminal, the
+    coordinator's log (a failed reload) and the admin peer's reply."""
 
     def __init__(self, field: str, message: str) -> None:
-        self.field = field
-        self.detail = message
-        super().__init__(f"{field}: {message}")
+        self.field = redact(field)
+        self.detail = message = redact(message)
+        super().__init__(f"{self.field}: {message}")
 
     def __reduce__(self) -> tuple[type, tuple[str, str]]:  # picklable across processes
         return type(self), (self.field, self.detail)

@@ -772,6 +772,14 @@ def _attach(bad: Any) -> Any:
     return attach(bad, "pg", "/tmp/sp-args.sock")
 
 
+def test_attach_given_a_url_hides_its_password() -> None:
+    # attach(url) for create_engine(url): quoted whole, password and all.
+    with pytest.raises(ConfigError) as err:
+        _attach("postgresql+psycopg://postgres:hunter2@127.0.0.1:5432/test")
+    assert err.value.field == "engine" and "hunter2" not in str(err.value), err.value
+    assert "'postgresql+psycopg://postgres:***@127.0.0.1:5432/test'" in str(err.value)
+
+
 @pytest.mark.parametrize(("call", "field"), [
     (lambda: Client("/tmp/sp-args.sock", name=5), "name"),  # was "coordinator unreachable" at acquire
     (lambda: Client("/tmp/sp-args.sock", name=["w"]), "name"),

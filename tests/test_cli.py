@@ -114,9 +114,9 @@ class Serve(servers.Serve):
 class Worker:
     """A worker process holding leases, driven line by line over stdin/stdout."""
 
-    def __init__(self, serve: Serve, hold: int = 1) -> None:
+    def __init__(self, serve: Serve, hold: int = 1, extra: tuple[str, ...] = ()) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", WORKER, serve.socket, str(hold)], stdin=subprocess.PIPE,
+            [sys.executable, "-c", WORKER, serve.socket, str(hold), *extra], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV)
         self.pid = self.proc.pid
         self.lines: queue.Queue[str] = queue.Queue()
@@ -222,6 +222,21 @@ def test_status_leases_sessions_json_and_tables(serve: Serve, workers: list[Work
     out = sp("sessions", "--socket", serve.socket)
     (row,) = [r for r in table_rows(out.stdout) if r and r[0] == str(worker.pid)]
     assert row[2:4] == ["2", "0"]
+
+
+def test_leases_shows_a_command_line_with_its_passwords_hidden(serve: Serve, workers: list[Worker]) -> None:
+    # `rq worker --url redis://:pw@host`: the command column (and --json's cmdline)
+    # showed the password to whoever ran `sharedpool leases`, and wherever it was pasted.
+    extra = ("--url", "redis://:hunter2@127.0.0.1:6379/0", "--dsn", "host=h password=hunter3 dbname=d",
+             "--password", "hunter4")
+    workers.append(worker := Worker(serve, extra=extra))
+    (lease,) = sp_json("leases", "--socket", serve.socket)["leases"]
+    assert lease["pid"] == worker.pid
+    assert lease["cmdline"][-6:] == ["--url", "redis://:***@127.0.0.1:6379/0", "--dsn",
+                                     "host=h password=*** dbname=d", "--password", "***"], lease["cmdline"]
+    # The table's command column is these rows' cmdline (here cut short by the -c script's width).
+    out = sp("leases", "--socket", serve.socket, "--wide")
+    assert out.returncode == 0 and str(worker.pid) in out.stdout and "hunter" not in out.stdout, out
 
 
 def test_leases_lists_the_fenced_slots_status_counts(tmp_path: Path, workers: list[Worker]) -> None:
@@ -1331,6 +1346,34 @@ def test_a_reload_with_a_monitor_dsn_the_fence_cannot_use_is_refused(tmp_path: P
         assert [r["max_size"] for r in sp_json("status", "--socket", server.socket)["resources"]] == [1]
     finally:
         stop(server.proc)
+
+
+def test_a_reload_quoting_a_misplaced_dsn_hides_its_password(tmp_path: Path) -> None:
+    # The DSN written where the resource's table goes: the reply and the
+    # coordinator's log (ERROR, "reload failed") quoted it, password and all.
+    config, server = serve_config(tmp_path, "[resources]\ndemo = 1\n")
+    try:
+        config.write_text('[resources]\ndemo = "postgresql://u:hunter2@127.0.0.1:5432/test"\n')
+        out = sp("reload", "--socket", server.socket)
+        assert out.returncode == 1 and "resources.demo: must be a max_size integer" in out.stderr, out
+        assert "'postgresql://u:***@127.0.0.1:5432/test'" in out.stderr and "hunter2" not in out.stderr, out
+        config.write_text('[resources]\ndemo = { max_size = 2, monitor_dsn = ["host=h password=hunter3"] }\n')
+        out = sp("reload", "--socket", server.socket)
+        assert out.returncode == 1, out
+        assert "monitor_dsn: must be a non-empty string or None, got a list" in out.stderr, out
+        wait_for(lambda: server.log().count("reload failed") >= 2, what="both failed reloads logged")
+        assert "hunter" not in server.log() and "hunter" not in out.stderr, server.log()
+    finally:
+        stop(server.proc)
+
+
+@pytest.mark.parametrize("flag", ["demo=monitor_dsn=postgresql://u:hunter2@h/d",
+                                  "demo=2,monitor_dsn=postgresql://u:hunter2@h/d,max_size=3",
+                                  "demo=2,monitor_dsn=host=h password=hunter,2 dbname=d"])
+def test_serve_refusing_a_resource_flag_hides_its_dsns_password(tmp_path: Path, flag: str) -> None:
+    out = sp("serve", "--socket", str(tmp_path / "sp.sock"), "--resource", flag)
+    assert out.returncode == 2 and "--resource demo" in out.stderr, out
+    assert "hunter" not in out.stderr and "2 dbname" not in out.stderr, out.stderr
 
 
 def test_a_socket_path_too_long_is_a_bad_flag_naming_where_it_came_from(tmp_path: Path) -> None:

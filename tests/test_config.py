@@ -206,6 +206,52 @@ def test_a_config_shown_in_an_error_hides_the_monitor_dsn() -> None:
     assert err.value.field == "config" and "dict" in err.value.detail and "s3cret" not in str(err.value)
 
 
+DSN = "postgresql://u:hunter2@127.0.0.1:5432/test"
+
+
+@pytest.mark.parametrize("make, field", [
+    # Each quoted the bad value whole, a DSN given in the wrong place with its password.
+    (lambda: Resource.coerce("pg", DSN), "resources.pg"),  # `pg = "postgresql://..."` in the file
+    (lambda: coerce_resources({"pg": {"max_size": 2, "fence_action": DSN}}), "resources.pg.fence_action"),
+    (lambda: parse_resource_flag(f"pg=monitor_dsn={DSN}"), "--resource pg"),  # max_size left out
+    (lambda: parse_resource_flag(f"pg=2,monitor_dsn={DSN},max_size=3"), "--resource pg"),  # given twice
+    (lambda: parse_resource_flag(f"=2,monitor_dsn={DSN}"), "--resource"),  # no name
+    (lambda: coerce_resources({"pg": {"max_size": "host=h password=hunter2"}}), "resources.pg.max_size"),
+    # Its kind only: a TOML array or inline table around the DSN.
+    (lambda: Resource(max_size=2, monitor_dsn=[DSN]), "monitor_dsn"),  # type: ignore[arg-type]
+    (lambda: Resource(max_size=2, monitor_dsn={"url": "host=h password=hunter2"}), "monitor_dsn"),  # type: ignore[arg-type]
+])
+def test_a_dsn_quoted_in_a_config_error_has_its_password_hidden(make: Any, field: str) -> None:
+    exc = _raises_field(field, make)
+    assert "hunter2" not in str(exc) and "hunter2" not in exc.detail, exc
+    assert "hunter2" not in repr(exc) and "hunter2" not in str(pickle.loads(pickle.dumps(exc)))
+
+
+def test_a_dsn_in_a_config_error_keeps_what_is_not_secret() -> None:
+    exc = _raises_field("resources.pg", Resource.coerce, "pg", DSN)
+    assert "'postgresql://u:***@127.0.0.1:5432/test'" in exc.detail, exc
+    exc = _raises_field("monitor_dsn", Resource, max_size=2, monitor_dsn=[DSN])
+    assert exc.detail == "must be a non-empty string or None, got a list"
+    exc = _raises_field("monitor_dsn", Resource, max_size=2, monitor_dsn="")
+    assert exc.detail.endswith("got an empty string")
+
+
+@pytest.mark.parametrize("flag", [
+    "pg=2,monitor_dsn=host=h password=hun,ter2 dbname=d",  # "ter2 dbname" was named as a key
+    "pg=2,monitor_dsn=host=h password=hun,ter2",  # "ter2" was quoted: expected key=value
+    "pg=2,monitor_dsn=postgresql://u:hun,ter2@h/d",
+])
+def test_a_comma_in_a_monitor_dsn_flag_quotes_no_piece_of_it(flag: str) -> None:
+    exc = _raises_field("--resource pg", parse_resource_flag, flag)
+    assert "ter2" not in str(exc) and "a part after monitor_dsn" in exc.detail, exc
+    assert "--config" in exc.detail and "fence_action" in exc.detail  # the keys it could have been
+
+
+def test_the_monitor_dsn_flag_still_takes_keys_after_it() -> None:
+    name, res = parse_resource_flag("pg=2,monitor_dsn=host=h password=x,fence_action=terminate")
+    assert (name, res.monitor_dsn, res.fence_action) == ("pg", "host=h password=x", "terminate")
+
+
 def test_resource_coerce() -> None:
     assert Resource.coerce("pg", 4) == Resource(max_size=4)
     r = Resource(max_size=2, max_per_process=1)

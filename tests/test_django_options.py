@@ -72,6 +72,9 @@ BAD = [
     ("{'resource': 'pg', 'max_size': '2'}", "{}['max_size']: must be a number or None, got '2'"),
     # psycopg_pool's own check, said with the options it was given.
     ("{'resource': 'pg', 'min_size': -1}", "{} = {{'resource': 'pg', 'min_size': -1}}: min_size cannot be "),
+    # Was: the conninfo quoted whole, password included.
+    ("{'resource': 'pg', 'min_size': -1, 'conninfo': 'postgresql://u:hunter2@h/d'}",
+     "{} = {{'resource': 'pg', 'min_size': -1, 'conninfo': 'postgresql://u:***@h/d'}}: min_size cannot be "),
     ("'pg'", "{}: must be a dict of ConnectionPool's arguments, got 'pg'"),
     # Was: connected, outside the pool, with no lease (no cap, no word said).
     ("None", "{} is not set: ENGINE 'sharedpool.contrib.django' leases only the connections of Django's "

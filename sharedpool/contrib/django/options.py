@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from django.core.exceptions import ImproperlyConfigured
 
 from ...errors import ConfigError
+from ...redact import redact
 
 P = TypeVar("P")
 
@@ -53,7 +54,8 @@ def make_pool(cls: type[P], alias: str, options: Any, fixed: dict[str, Any],
         field = f"[{exc.field!r}]" if exc.field in options else f": {exc.field}"
         raise ImproperlyConfigured(f"{where}{field}: {exc.detail}") from exc
     except (TypeError, ValueError) as exc:  # psycopg_pool's own checks: "max_size must be ...", "'<' not ..."
-        raise ImproperlyConfigured(f"{where} = {dict(options)!r}: {exc}") from exc
+        # Its password hidden: OPTIONS["pool"] may hold a conninfo.
+        raise ImproperlyConfigured(redact(f"{where} = {dict(options)!r}: {exc}")) from exc
 
 
 def _arguments(cls: type) -> set[str]:
