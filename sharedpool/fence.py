@@ -316,10 +316,30 @@ def check_monitor_dsn(field: str, dsn: str) -> None:
 def _parse_dsn(psycopg: Any, dsn: str) -> dict[str, Any]:
     """``dsn`` as a dict; a malformed DSN is a ConfigError naming ``monitor_dsn``."""
     try:
-        return dict(psycopg.conninfo.conninfo_to_dict(dsn))
+        params = dict(psycopg.conninfo.conninfo_to_dict(dsn))
     except psycopg.Error:
         # Not chained: libpq's parse error quotes pieces of the DSN (maybe the password).
         raise ConfigError("monitor_dsn", "not a valid PostgreSQL connection string") from None
+    if (spill := password_spill(params)) is not None:
+        raise ConfigError("monitor_dsn", f"not a valid PostgreSQL connection string: {spill}")
+    return params
+
+
+def password_spill(params: Mapping[str, Any]) -> str | None:
+    """Why a parsed connection string's host or port may be a piece of its password
+    (said without quoting either), else None. A URL's password with an ``@``, ``/``
+    or ``:`` not percent-encoded is read by libpq as host or port (``u:p@ss@h``:
+    host "ss@h"; ``u:pa/ss@h``: port "pa"), which every connect error and the
+    fence's log lines then quoted, where no host and no port can be that anyway."""
+    hosts = str(params.get("host") or "").split(",")
+    if any("@" in host and not host.startswith("/") for host in hosts):  # a socket directory may hold one
+        return ("its host has an '@' in it: an '@' in the password must be percent-encoded "
+                "as %40 (host not shown: it may hold a piece of the password)")
+    port = str(params.get("port") or "")
+    if port and not all(part.strip().isdigit() for part in port.split(",") if part.strip()):
+        return ("its port is not a number: a '/', ':' or '@' in the password must be percent-encoded "
+                "(%2F, %3A, %40) (port not shown: it may hold a piece of the password)")
+    return None
 
 
 def _host_of(params: dict[str, Any]) -> str:

@@ -712,7 +712,11 @@ def test_a_lease_whose_connect_never_ran_goes_back_unused_not_as_a_failed_connec
     (b"dbname=test", None, "conninfo"),
     ("dbname=test password=sEcr3t user", None, "conninfo"),  # libpq: missing "=" after "user"
     ("dbname=test", 3, "kwargs"),
-], ids=["int", "bytes", "malformed", "kwargs-int"])
+    # A password's '@' or '/' not percent-encoded: libpq read a piece of it as the host
+    # ("CRET@127.0.0.1") or the port ("sEcr3t"), quoted by each connect's error.
+    ("postgresql://postgres:sEcr3t@CRET@127.0.0.1:5432/test", None, "conninfo"),
+    ("postgresql://postgres:sEcr3t/CRET@127.0.0.1:5432/test", None, "conninfo"),
+], ids=["int", "bytes", "malformed", "kwargs-int", "at-in-password", "slash-in-password"])
 def test_a_conninfo_psycopg_could_never_use_is_refused_naming_it(
         conninfo: Any, kwargs: Any, field: str, caplog: pytest.LogCaptureFixture) -> None:
     """Before: taken, then every connect failed in psycopg_pool's workers, seen as
@@ -733,6 +737,7 @@ def test_a_conninfo_psycopg_could_never_use_is_refused_naming_it(
             pool.close()
     assert err.value.field == field, err.value
     assert "sEcr3t" not in str(err.value) and "sEcr3t" not in caplog.text
+    assert "CRET" not in str(err.value) and "CRET" not in caplog.text
 
 
 @pytest.mark.skipif(not hasattr(psycopg_pool.ConnectionPool, "_resolve_conninfo"),

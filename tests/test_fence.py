@@ -30,8 +30,10 @@ from sharedpool.fence import (
     FenceCheck,
     MonitorConnections,
     backends_started_since,
+    check_monitor_dsn,
     pg_fence_check,
     wait_backends_gone,
+    warm_monitor,
 )
 
 pytestmark = pytest.mark.pg
@@ -293,6 +295,40 @@ def test_monitor_unreachable_returns_pids_and_hides_password(
     caplog.clear()
     assert asyncio.run(wait_backends_gone(bad, set())) == set()
     assert caplog.text == ""
+
+
+@pytest.mark.parametrize("dsn", [
+    "postgresql://postgres:s3cr@PIECE@127.0.0.1:5432/test",  # libpq's host: "PIECE@127.0.0.1"
+    "postgresql://postgres:PIECE/s3cr@127.0.0.1:5432/test",  # host "postgres", port "PIECE"
+])
+def test_a_password_libpq_reads_as_host_or_port_is_refused_unquoted(
+        dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    """An '@' or '/' in a URL's password not percent-encoded: the DSN parsed, so it was
+    taken, and the warm-up's and every fence's warning named the "host" or "port" it
+    read, a piece of the password, with libpq's error quoting it again."""
+    with pytest.raises(ConfigError) as info:
+        check_monitor_dsn("resources.pg.monitor_dsn", dsn)
+    assert info.value.field == "resources.pg.monitor_dsn" and "percent-encoded" in info.value.detail
+    assert "PIECE" not in str(info.value) and "s3cr" not in str(info.value), info.value
+
+    async def warm() -> bool:
+        monitors = MonitorConnections()
+        try:
+            return await warm_monitor(monitors, dsn, timeout=3.0)
+        finally:
+            await monitors.aclose()
+
+    with caplog.at_level(logging.WARNING, logger="sharedpool.fence"):
+        assert asyncio.run(warm()) is False
+        with pytest.raises(ConfigError) as info:  # as for any malformed DSN
+            asyncio.run(wait_backends_gone(dsn, {1}, timeout=3.0))
+    assert "PIECE" not in str(info.value)
+    assert "PIECE" not in caplog.text and "s3cr" not in caplog.text, caplog.text
+
+
+def test_a_monitor_dsn_with_encoded_characters_or_several_hosts_is_taken() -> None:
+    check_monitor_dsn("monitor_dsn", "postgresql://u:p%40s%2Fs@127.0.0.1:5432,127.0.0.1:5433/test")
+    check_monitor_dsn("monitor_dsn", "host=/run/pg@x,127.0.0.1 port=5432,5433 dbname=test")
 
 
 def test_monitor_connect_timeout_returns_pids(caplog: pytest.LogCaptureFixture) -> None:

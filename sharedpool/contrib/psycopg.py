@@ -54,6 +54,7 @@ except ImportError as missing:
 from ..client import current_pid
 from ..config import NO_ASYNCIO, check_host_number, check_seconds, check_sync_callable
 from ..errors import ConfigError, PoolTimeout
+from ..fence import password_spill
 from ._leases import LeaseBook
 from ._waiters import Waiters
 
@@ -99,10 +100,12 @@ def _check_conninfo(conninfo: Any, kwargs: Any) -> None:
         raise ConfigError("conninfo", f"must be a connection string (a str), got a {type(conninfo).__name__}")
     else:
         try:
-            psycopg.conninfo.conninfo_to_dict(conninfo)
+            params = psycopg.conninfo.conninfo_to_dict(conninfo)
         except psycopg.Error:
             raise ConfigError("conninfo", "not a valid PostgreSQL connection string (not shown: it may "
                               "hold a password)") from None
+        if (spill := password_spill(params)) is not None:  # else each connect's error quoted a piece
+            raise ConfigError("conninfo", f"not a valid PostgreSQL connection string: {spill}")
     if _CALLABLE_PARAMS and callable(kwargs) and not isinstance(kwargs, Mapping):
         check_sync_callable("kwargs", kwargs)
     elif kwargs is not None and not isinstance(kwargs, Mapping):
