@@ -332,7 +332,8 @@ def password_spill(params: Mapping[str, Any]) -> str | None:
     host "ss@h"; ``u:pa/ss@h``: port "pa"), which every connect error and the
     fence's log lines then quoted, where no host and no port can be that anyway."""
     hosts = str(params.get("host") or "").split(",")
-    if any("@" in host and not host.startswith("/") for host in hosts):  # a socket directory may hold one
+    # A socket directory may hold one; "@name" is a socket in Linux's abstract namespace (libpq 14+).
+    if any("@" in host and not host.startswith(("/", "@")) for host in hosts):
         return ("its host has an '@' in it: an '@' in the password must be percent-encoded "
                 "as %40 (host not shown: it may hold a piece of the password)")
     port = str(params.get("port") or "")

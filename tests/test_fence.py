@@ -329,6 +329,7 @@ def test_a_password_libpq_reads_as_host_or_port_is_refused_unquoted(
 def test_a_monitor_dsn_with_encoded_characters_or_several_hosts_is_taken() -> None:
     check_monitor_dsn("monitor_dsn", "postgresql://u:p%40s%2Fs@127.0.0.1:5432,127.0.0.1:5433/test")
     check_monitor_dsn("monitor_dsn", "host=/run/pg@x,127.0.0.1 port=5432,5433 dbname=test")
+    check_monitor_dsn("monitor_dsn", "host=@pg.abstract dbname=test")  # Linux's abstract namespace
 
 
 def test_monitor_connect_timeout_returns_pids(caplog: pytest.LogCaptureFixture) -> None:
