@@ -57,19 +57,31 @@ _HOLDING = threading.local()
 
 
 def _hold() -> None:
-    # Each step cut short (a handler run for a signal another thread took) leaves
-    # _UNBLOCK no more than what is unblocked already, or all that was blocked.
-    _HOLDING.on = True
-    _UNBLOCK.clear()
-    _UNBLOCK.update(_HELD - _signal.pthread_sigmask(signal.SIG_BLOCK, ()))
-    _signal.pthread_sigmask(signal.SIG_BLOCK, _UNBLOCK)
+    # A handler may run (and fork: a SIGCHLD handler respawning) at each call here
+    # and in the other hooks of this fork. A fork inside this thread's hold keeps
+    # the set to let through: recomputed from a mask blocked here it would be
+    # empty, and this fork's parent and child kept every signal blocked for good.
+    if getattr(_HOLDING, "on", False):
+        return
+    unblock = _HELD - _signal.pthread_sigmask(signal.SIG_BLOCK, ())
+    if unblock != _UNBLOCK:  # in one call: another thread's fork never lets through half of it
+        _UNBLOCK.symmetric_difference_update(_UNBLOCK ^ unblock)
+    for _ in range(8):
+        _HOLDING.on = True
+        _signal.pthread_sigmask(signal.SIG_BLOCK, _UNBLOCK)
+        # A fork run by a handler in that call let it all through again and reset
+        # the flag (its parent's hooks): block again, else this fork's child took
+        # the flag unset for "nothing held" and kept the signals blocked.
+        if _HOLDING.on:
+            return
 
 
 #: A C call, registered as is (no Python frame): in the parent, a Python
 #: function could be cut short at its start and leave the thread deaf to signals
-#: for good; in the child, the signal held back is let through here and its
-#: handler runs in the child's next Python code (its own, after os.fork()), not
-#: in a hook of ours, where Python would print and drop its exception.
+#: for good. It runs the handler of a signal held back itself, once unblocked
+#: (pthread_sigmask checks for signals): an exception it raises is printed and
+#: dropped, as in any at-fork hook (Ctrl-C sent while the child was forked is
+#: lost to it), but no hook is cut short by it, ours or another's after it.
 _let_through = functools.partial(_signal.pthread_sigmask, signal.SIG_UNBLOCK, _UNBLOCK)
 
 
@@ -111,11 +123,17 @@ def run_in_forked_child() -> None:
     forked in C), with signals held back."""
     if _RAN_FOR[0] == os.getpid():
         return
-    _hold()
+    # No hold of ours is under way in this new process; a handler's exception in
+    # _hold (a signal the master had not handled yet) leaves nothing blocked.
     try:
-        _in_child()
+        _HOLDING.on = False
+        _UNBLOCK.clear()
+        _hold()
     finally:
-        _let_through()
+        try:
+            _in_child()
+        finally:
+            _let_through()
 
 
 def _hook_uwsgi(uwsgi: Any) -> None:

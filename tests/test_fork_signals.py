@@ -120,3 +120,116 @@ def test_a_fork_leaves_each_threads_own_signal_mask_as_it_was() -> None:
     usr1 = "[10]"
     assert lines["thread"] == f"{usr1} {usr1}", lines  # kept blocked: not unblocked by ours
     assert lines["exec"] == "0", lines  # a program exec'd after a preexec_fn gets no mask of ours
+
+
+# A signal handler runs wherever Python checks for one: at the start of a Python
+# function and after a C call returns. A profiler (sys.setprofile: the same
+# places) stands in for one that forks (a SIGCHLD handler that respawns a
+# worker) at each such place of a fork's hooks in turn, in the parent.
+NESTED = textwrap.dedent("""
+    import os, signal, sys
+    import sharedpool  # noqa: F401
+
+    parent = os.getpid()
+
+    def blocked():
+        return len(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+    def handler_forks():
+        pid = os.fork()
+        if pid == 0:
+            os._exit(blocked())
+        return pid
+
+    found = []
+    for place in range(200):
+        seen, inner = [0, False], []
+
+        def profile(frame, event, arg):
+            if os.getpid() != parent or not seen[1] or event not in ("call", "c_return"):
+                return
+            seen[0] += 1
+            if seen[0] == place + 1:
+                inner.append(handler_forks())
+
+        def start(frame, event, arg):  # counting starts inside os.fork()
+            if event == "c_call" and arg is os.fork:
+                seen[1] = True
+            elif event == "c_return" and arg is os.fork:
+                seen[1] = False
+            profile(frame, event, arg)
+
+        sys.setprofile(start)
+        pid = os.fork()
+        if pid == 0:
+            sys.setprofile(None)
+            os._exit(blocked())
+        sys.setprofile(None)
+        codes = [os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in [pid] + inner]
+        if blocked() or any(codes):
+            found.append((place, blocked(), codes))
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        if not inner:  # past the fork's last place
+            break
+    print(place, found)
+""")
+
+
+def test_a_handler_forking_inside_a_forks_hooks_leaves_no_process_deaf() -> None:
+    """A handler that forks (a SIGCHLD handler respawning) run in the hooks of a
+    fork under way: the hold recomputed its set of signals to let through from a
+    mask it had blocked itself, or the nested fork's parent hook reset the flag
+    saying one was held. 7 of 2000 real children (SIGCHLD respawning) kept every
+    asynchronous signal blocked for good, deaf to SIGTERM."""
+    done = subprocess.run([sys.executable, "-c", NESTED], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    places, found = done.stdout.split(" ", 1)
+    assert int(places) > 3, done.stdout  # the hooks were walked through, not skipped
+    assert found.strip() == "[]", f"(place, parent's blocked, [child's, nested child's]): {found}"
+
+
+# A uWSGI worker forked in C runs the hooks from uWSGI's post-fork hook; a
+# handler raising there (a signal the master had not handled yet) is stood in
+# for by a profiler raising KeyboardInterrupt at each place in turn.
+UWSGI_CUT = textwrap.dedent("""
+    import signal, sys
+    from sharedpool import atfork
+
+    def blocked():
+        return len(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+    found = []
+    for place in range(300):
+        seen = [0, False]
+
+        def profile(frame, event, arg):
+            if event in ("call", "c_return"):
+                seen[0] += 1
+                if seen[0] == place + 1:
+                    seen[1] = True
+                    raise KeyboardInterrupt
+
+        atfork._RAN_FOR[0] = 0  # as in a process uWSGI forked
+        sys.setprofile(profile)
+        try:
+            atfork.run_in_forked_child()
+        except KeyboardInterrupt:
+            pass
+        sys.setprofile(None)
+        if blocked():
+            found.append(place)
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        if not seen[1]:  # past its last place
+            break
+    print(place, found)
+""")
+
+
+def test_a_handler_raising_in_uwsgis_post_fork_hook_leaves_no_signal_blocked() -> None:
+    """run_in_forked_child blocked the signals before its try: a handler's
+    exception raised once they were blocked left the worker deaf for good."""
+    done = subprocess.run([sys.executable, "-c", UWSGI_CUT], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    places, found = done.stdout.split(" ", 1)
+    assert int(places) > 3, done.stdout
+    assert found.strip() == "[]", f"places left with signals blocked: {found}"
