@@ -19,7 +19,8 @@ _URL_PASSWORD = re.compile(r"(://[^\s:/?#@]*:)[^\s/?#]*@")
 #: ``'password': 'x'`` (a dict's repr), ``--password=x``.
 _KEY_PASSWORD = re.compile(
     r"""(password(?:\s*=|['"]\s*:)\s*)(?!\*\*\*(?:[\s&,'"]|$))"""  # not again: a dict's "***,"
-    r"""('(?:[^'\\]|\\.)*'?|"(?:[^"\\]|\\.)*"?|[^\s&'"]+)""",
+    # Quoted (a bytes repr's b'' too), or bare with libpq's backslash escapes (``pass\ word``).
+    r"""([bB]?'(?:[^'\\]|\\.)*'?|[bB]?"(?:[^"\\]|\\.)*"?|(?:[^\s&'"\\]|\\.)+)""",
     re.IGNORECASE)
 #: An argument whose next one is a password (``--password x``, ``--redis-password x``).
 _PASSWORD_FLAG = re.compile(r"--?(?:[\w-]*[-_])?pass(?:word)?", re.IGNORECASE)

@@ -22,6 +22,9 @@ from sharedpool.redact import redact, redact_argv
     ("{'password': 'hunter2', 'host': 'h'}", "{'password': ***, 'host': 'h'}"),
     ("PGPASSWORD=hunter2 psql", "PGPASSWORD=*** psql"),
     ("got 'host=h password=hunter2'", "got 'host=h password=***'"),
+    # libpq's unquoted value takes a backslash escape; a bytes value's repr has a b before its quote.
+    (r"host=h password=hun\ ter2 dbname=d", "host=h password=*** dbname=d"),
+    ("{'password': b'hunter2', 'host': 'h'}", "{'password': ***, 'host': 'h'}"),
 ])
 def test_a_password_is_hidden_and_the_rest_kept(text: str, shown: str) -> None:
     assert redact(text) == shown
