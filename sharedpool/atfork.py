@@ -18,6 +18,7 @@ drops it hangs for good. Said once, at warning, when sharedpool starts one there
 from __future__ import annotations
 
 import _signal  # signal.pthread_sigmask is a Python wrapper: see _let_through
+import ctypes
 import functools
 import logging
 import os
@@ -66,6 +67,7 @@ def _hold() -> None:
     unblock = _HELD - _signal.pthread_sigmask(signal.SIG_BLOCK, ())
     if unblock != _UNBLOCK:  # in one call: another thread's fork never lets through half of it
         _UNBLOCK.symmetric_difference_update(_UNBLOCK ^ unblock)
+        _as_sigset(_UNBLOCK)
     for _ in range(8):
         _HOLDING.on = True
         _signal.pthread_sigmask(signal.SIG_BLOCK, _UNBLOCK)
@@ -76,13 +78,30 @@ def _hold() -> None:
             return
 
 
-#: A C call, registered as is (no Python frame): in the parent, a Python
-#: function could be cut short at its start and leave the thread deaf to signals
-#: for good. It runs the handler of a signal held back itself, once unblocked
-#: (pthread_sigmask checks for signals): an exception it raises is printed and
-#: dropped, as in any at-fork hook (Ctrl-C sent while the child was forked is
-#: lost to it), but no hook is cut short by it, ours or another's after it.
-_let_through = functools.partial(_signal.pthread_sigmask, signal.SIG_UNBLOCK, _UNBLOCK)
+class _Sigset(ctypes.Structure):
+    _fields_ = [("bits", ctypes.c_ulong * (1024 // (8 * ctypes.sizeof(ctypes.c_ulong))))]  # glibc's
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.pthread_sigmask.argtypes = [ctypes.c_int, ctypes.POINTER(_Sigset), ctypes.POINTER(_Sigset)]
+#: _UNBLOCK as libc's sigset_t, for _let_through.
+_UNBLOCK_SET = _Sigset()
+
+
+def _as_sigset(signals: set[int]) -> None:
+    _libc.sigemptyset(ctypes.byref(_UNBLOCK_SET))
+    for signum in signals:
+        _libc.sigaddset(ctypes.byref(_UNBLOCK_SET), int(signum))
+
+
+#: libc's pthread_sigmask, called as is (no Python frame, and not Python's
+#: signal.pthread_sigmask, which runs the handler of a signal it unblocks at
+#: once: an exception raised there, in an at-fork hook, was printed and dropped,
+#: Ctrl-C lost). The handler of a signal held back runs at the next Python code:
+#: the process's own after os.fork() returns (or a later library's fork hook).
+#: In the parent a Python function could also be cut short at its start and
+#: leave the thread deaf to signals for good.
+_let_through = functools.partial(_libc.pthread_sigmask, signal.SIG_UNBLOCK, ctypes.byref(_UNBLOCK_SET), None)
 
 
 def _in_child() -> None:
@@ -90,6 +109,7 @@ def _in_child() -> None:
     # and Python drops those the parent had not handled yet.
     if not getattr(_HOLDING, "on", False):
         _UNBLOCK.clear()  # nothing held for this fork: nothing (stale) to let through
+        _as_sigset(_UNBLOCK)
     _HOLDING.on = False
     _RAN_FOR[0] = os.getpid()
     _run_hooks()
@@ -128,6 +148,7 @@ def run_in_forked_child() -> None:
     try:
         _HOLDING.on = False
         _UNBLOCK.clear()
+        _as_sigset(_UNBLOCK)
         _hold()
     finally:
         try:
