@@ -65,7 +65,7 @@ def _hold() -> None:
     if getattr(_HOLDING, "on", False):
         return
     unblock = _HELD - _signal.pthread_sigmask(signal.SIG_BLOCK, ())
-    if unblock != _UNBLOCK:  # in one call: another thread's fork never lets through half of it
+    if unblock != _UNBLOCK:  # only when it changes (threads with masks of their own, see _UNBLOCK)
         _UNBLOCK.symmetric_difference_update(_UNBLOCK ^ unblock)
         _as_sigset(_UNBLOCK)
     for _ in range(8):
