@@ -21,7 +21,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from . import handshake, receiving
+from . import handshake, outbox, receiving
 from . import protocol as p
 from .readable import wait_readable
 
@@ -66,13 +66,18 @@ def run(ref: weakref.ref[Client]) -> None:
             return
         wake = client._wake_r
         sock, timeout = plan_sleep(client)
+        # Frames the coordinator did not take at once: sent when it can take them
+        # (also while a leader reads: its reply may wait on one of them).
+        out = outbox.waiting(client)
         del client  # the client may be collected while we sleep
         # By fd number, taken now: a socket another thread closes during the
         # wait is then a dead number, not fileno() -1 looked up again.
         watched = [wake.fileno()] if sock is None else [wake.fileno(), sock.fileno()]
+        writable = [] if out is None else [out.fileno()]
+        del out
         if timeout > 0:
             with contextlib.suppress(OSError, ValueError):  # a socket closed under us: look again
-                wait_readable(watched, timeout)
+                wait_readable(watched, timeout, writable)
         client = ref()
         if client is None:
             continue  # the wake pair closed at the top
@@ -112,6 +117,9 @@ def plan_sleep(client: Client) -> tuple[socket.socket | None, float]:
             due, sock = min(due, now + client._park_wait), None
         else:
             client._parked = False
+    out_due = outbox.deadline(client, handshake.SEND_TIMEOUT)
+    if out_due is not None:
+        due = min(due, out_due)
     return sock, max(0.0, due - now)
 
 
@@ -129,7 +137,10 @@ def tick(client: Client) -> None:
     if sock is None:
         if client._wants_session():
             handshake.try_connect(client, None)
-    elif client._read_lock.acquire(blocking=False):
+    else:
+        outbox.flush(client, handshake.SEND_TIMEOUT)
+    sock = client._sock
+    if sock is not None and client._read_lock.acquire(blocking=False):
         try:
             receiving.read_available(client, sock, block=False)
         finally:

@@ -27,7 +27,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from . import background, goodbye, handshake, receiving, timers
+from . import background, goodbye, handshake, outbox, receiving, timers
 from . import protocol as p
 from .atfork import in_child, warn_thread_in_uwsgi_master
 from .background import BACKOFF_MIN, PARK_RECHECK
@@ -45,6 +45,7 @@ from .handshake import SEND_TIMEOUT
 from .hooks import Hooks
 from .lease import AcquireRequest, Lease, _Pending, note_withdrawn
 from .owed import Owed
+from .readable import cooperative
 from .receiving import GRACE
 
 __all__ = ["AcquireRequest", "Client", "Lease", "current_pid"]
@@ -102,6 +103,10 @@ class Client(Owed, Hooks):
         #: the lock factory these locks were made by (see _checkpid)
         self._lock_factory = threading.Lock
         self._send_lock = threading.Lock()
+        #: frames the coordinator has not taken yet, for the session on that socket (outbox.py)
+        self._outbox = bytearray()
+        self._outbox_sock: socket.socket | None = None
+        self._outbox_since = 0.0
         self._read_lock = threading.Lock()
         self._cond = Condition()
         self._pending: dict[int, _Pending] = {}
@@ -504,7 +509,7 @@ class Client(Owed, Hooks):
                     del _SHARED[key]
         finally:
             if kept is not None:
-                goodbye.say(kept, self._send_lock, timeout)
+                goodbye.say(kept, self._send_lock, timeout, lambda: outbox.take(self, sock))
 
     # ---------------------------------------------------------------- requests
 
@@ -627,19 +632,28 @@ class Client(Owed, Hooks):
             return
         if data is None:
             data = p.encode(msg)
+        queued = False
         with self._send_lock:
             if self._sock is not sock:
                 return
             try:
-                sock.sendall(data)
+                if cooperative(sock):
+                    sock.sendall(data)
+                else:  # never waits for the coordinator: what it does not take yet waits in order
+                    queued = outbox.send(self, sock, data)
             except OSError as exc:  # a frame half out is a broken stream: the session ends
                 # EAGAIN past SO_SNDTIMEO; a gevent / eventlet socket's own timeout
-                if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK) or isinstance(exc, TimeoutError):
+                if isinstance(exc, outbox.NotReading):
+                    log.warning("coordinator %s does not read (%s); dropping the session",
+                                self.socket_path, exc.strerror)
+                elif exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK) or isinstance(exc, TimeoutError):
                     log.warning("coordinator %s has not read for %gs; dropping the session",
                                 self.socket_path, SEND_TIMEOUT)
                 elif exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.EBADF):
                     log.warning("send to coordinator failed: %s", exc)
                 self._disconnect(f"send failed: {exc}", only=sock)
+        if queued:
+            self._notify()  # the background thread sends it once the socket is writable
 
     def _fail_all(self, error: BaseException) -> None:
         with self._cond:

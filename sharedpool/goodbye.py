@@ -17,6 +17,7 @@ import contextlib
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 from . import closing
 
@@ -34,10 +35,12 @@ def keep(sock: socket.socket) -> socket.socket | None:
         return None
 
 
-def say(kept: socket.socket, send_lock: threading.Lock, timeout: float) -> bool:
-    """Shut ``kept`` (from :func:`keep`) for writing, once no frame is half out,
-    and wait up to ``timeout`` for the coordinator's EOF; then close it.
-    True if the coordinator was seen to close its end."""
+def say(kept: socket.socket, send_lock: threading.Lock, timeout: float,
+        unsent: Callable[[], bytes] = bytes) -> bool:
+    """Shut ``kept`` (from :func:`keep`) for writing, once no frame is half out
+    and what ``unsent()`` returns (frames the coordinator had not taken yet,
+    outbox.py) went out, and wait up to ``timeout`` for the coordinator's EOF;
+    then close it. True if the coordinator was seen to close its end."""
     # One bound for both waits: a frame let go late in the first one left the
     # whole of ``timeout`` again for the EOF (release_process past its own).
     deadline = time.monotonic() + timeout
@@ -47,6 +50,11 @@ def say(kept: socket.socket, send_lock: threading.Lock, timeout: float) -> bool:
         if not send_lock.acquire(timeout=timeout):
             return False
         try:
+            rest = unsent()
+            if rest:  # a worker's last releases: not lost to the close (bounded like the rest)
+                with contextlib.suppress(OSError):
+                    kept.settimeout(max(deadline - time.monotonic(), 0.001))
+                    kept.sendall(rest)
             with contextlib.suppress(OSError):  # reset already: nothing more to wait for
                 kept.shutdown(socket.SHUT_WR)
         finally:

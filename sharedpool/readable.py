@@ -20,14 +20,19 @@ def cooperative(sock: socket.socket) -> bool:
     return not isinstance(sock, _socket.socket)
 
 
-def wait_readable(fds: Sequence[int], timeout: float) -> bool:
+def wait_readable(fds: Sequence[int], timeout: float, writable: Sequence[int] = ()) -> bool:
     """Wait at most ``timeout`` seconds for one of ``fds`` to be readable, hung
-    up or in error; True if one is. OSError / ValueError for a closed fd."""
+    up or in error (or one of ``writable`` writable); True if one is. OSError /
+    ValueError for a closed fd."""
     poll = getattr(select, "poll", None)
     if poll is None:
         # No FD_SETSIZE limit here: this select() waits in the library's hub.
-        return bool(select.select(list(fds), [], [], max(timeout, 0.0))[0])
+        ready = select.select(list(fds), list(writable), [], max(timeout, 0.0))
+        return bool(ready[0] or ready[1])
     poller = poll()
     for fd in fds:
-        poller.register(fd, select.POLLIN)  # POLLHUP / POLLERR come unasked
+        poller.register(fd, select.POLLIN | (select.POLLOUT if fd in writable else 0))
+    for fd in writable:
+        if fd not in fds:
+            poller.register(fd, select.POLLOUT)  # POLLHUP / POLLERR come unasked
     return bool(poller.poll(max(timeout, 0.0) * 1000.0))
