@@ -42,13 +42,19 @@ class NotReading(OSError):
 
 
 def _send_some(sock: socket.socket, data: memoryview) -> int:
-    """Send what the socket takes now; how many bytes went."""
+    """Send what the socket takes now; how many bytes went. OSError only if
+    none went: bytes that went and were then not counted stayed in the outbox
+    and went again (close() sends its rest), two frames' bytes mixed."""
     sent = 0
     while sent < len(data):
         try:
             sent += sock.send(data[sent:], socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             break
+        except OSError:
+            if not sent:
+                raise
+            break  # the error comes again at the next send, which ends the session
     return sent
 
 
