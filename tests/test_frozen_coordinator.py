@@ -58,9 +58,11 @@ def test_sends_do_not_wait_for_a_stopped_coordinator(
         os.kill(coord.pid, signal.SIGCONT)
         stopped = False
         assert not other, other[:3]
-        # (old code: 2.6-3.0 s, until the SIGCONT; 10 s with a longer stop)
-        assert worst[0] < 0.01 + GRACE + 0.5, f"acquire(timeout=0.01) took {worst[0]:.2f}s"
-        assert release_took < 0.2, f"release took {release_took:.2f}s"
+        # Generous bounds (a loaded machine): the old code took 2.6-3.0 s for the
+        # acquire (until the SIGCONT; 10 s with a longer stop), and the release
+        # waited SEND_TIMEOUT (10 s); now they take the timeout + GRACE and ~0 s.
+        assert worst[0] < 0.01 + GRACE + 1.5, f"acquire(timeout=0.01) took {worst[0]:.2f}s"
+        assert release_took < 2.0, f"release took {release_took:.2f}s"
         # Everything sent during the stop reaches it, in order, on the same session.
         deadline = time.monotonic() + 5
         while leased(sock_path) != 1 and time.monotonic() < deadline:
