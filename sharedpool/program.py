@@ -208,19 +208,7 @@ class EmbeddedCoordinator:
         # Before it is signalled: a refused stop changes nothing. None is
         # Popen.wait's "no limit", as it always was here.
         timeout = check_seconds("timeout", timeout, optional=True)
-        proc, lifeline = self._detach()
-        try:
-            if proc is not None and proc.poll() is None:
-                _signal(proc, signal.SIGTERM)
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    log.warning("coordinator pid %s ignored SIGTERM for %.0fs; killing it",
-                                proc.pid, timeout)
-                    _signal(proc, signal.SIGKILL)
-                    proc.wait(5)
-        finally:
-            _close_fd(lifeline)  # EOF on its stdin: it stops even if the waits failed
+        _end(*self._detach(), timeout)
 
     def kill(self) -> None:
         """SIGKILL the coordinator at once and do not restart it; its socket file
@@ -244,12 +232,14 @@ class EmbeddedCoordinator:
         with self._lock:
             proc, self._proc = self._proc, None
             lifeline, self._lifeline = self._lifeline, None
+        _STARTED.discard(self)
         return proc, lifeline
 
     def _launch(self) -> None:
         proc, lifeline = self._spawn()
         with self._lock:
             self._proc, self._lifeline = proc, lifeline
+        _STARTED.add(self)
         _UNOWNED_LIFELINES.discard(lifeline)
         if self.restart:
             threading.Thread(target=self._watch, args=(proc,), daemon=True,
@@ -368,6 +358,37 @@ class EmbeddedCoordinator:
         if proc is not None:
             proc.returncode = 0  # not ours to wait for: no poll/kill from this process
         self._lock = threading.Lock()
+
+
+def _end(proc: subprocess.Popen[bytes] | None, lifeline: int | None, timeout: float | None,
+         *, through_interrupts: bool = False) -> None:
+    """SIGTERM ``proc``, wait up to ``timeout`` (None: no limit), SIGKILL it if it
+    is still there; end its lifeline in any case."""
+    try:
+        if proc is not None and proc.poll() is None:
+            _signal(proc, signal.SIGTERM)
+            if not _waited(proc, timeout, through_interrupts):
+                log.warning("coordinator pid %s ignored SIGTERM for %.0fs; killing it",
+                            proc.pid, timeout)
+                _signal(proc, signal.SIGKILL)
+                proc.wait(5)
+    finally:
+        _close_fd(lifeline)  # EOF on its stdin: it stops even if the waits failed
+
+
+def _waited(proc: subprocess.Popen[bytes], timeout: float | None, through_interrupts: bool) -> bool:
+    """Whether ``proc`` exited within ``timeout``; ``through_interrupts``: a
+    KeyboardInterrupt meanwhile does not end the wait."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            proc.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+        except KeyboardInterrupt:
+            if not through_interrupts:
+                raise
 
 
 def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
@@ -526,10 +547,19 @@ def _child_main() -> None:
 # ---------------------------------------------------------------------- fork and exit
 
 _INSTANCES: weakref.WeakSet[EmbeddedCoordinator] = weakref.WeakSet()
+#: Started and not stopped: held here, as threading holds a started thread, so
+#: that the exit stops them even when the caller kept no reference
+#: (``Coordinator(...).start()``): else they only saw their lifeline end after
+#: this process was gone, and stopped, warning, while their socket was still
+#: there for whoever started the next one.
+_STARTED: set[EmbeddedCoordinator] = set()
+#: How long the exit waits for each of its coordinators to stop.
+EXIT_WAIT = 5.0
 
 
 def _forget_in_child() -> None:
     unowned = set(_UNOWNED_LIFELINES)
+    _STARTED.clear()  # the parent's to stop
     for inst in list(_INSTANCES):
         unowned.discard(inst._lifeline)  # closed once, by _forget
         inst._forget()
@@ -542,11 +572,15 @@ def _stop_at_exit() -> None:
     # daemon, runs through the exit handlers): each would see its session end
     # and warn of a lost coordinator at an exit that went well. Only for the
     # ones still running: one that died on its own before is a real loss.
-    for inst in list(_INSTANCES):
+    # A Ctrl-C now (the program ending, or ended by it) does not cut the wait
+    # short: the socket would outlive this process, and Python print its
+    # KeyboardInterrupt from here. The wait is bounded.
+    started = list(_STARTED)
+    for inst in started:
         if inst._running():
             expect_end(inst.socket_path)
-    for inst in list(_INSTANCES):
-        inst.stop(timeout=5.0)
+    for inst in started:
+        _end(*inst._detach(), EXIT_WAIT, through_interrupts=True)
 
 
 in_child(_forget_in_child)

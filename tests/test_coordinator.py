@@ -539,26 +539,112 @@ from sharedpool import Coordinator
 try:
     Coordinator(sys.argv[1], {"r": 1}).start()
 except KeyboardInterrupt:
-    pass
+    print("interrupted")
 """
 
 
 def test_a_start_interrupted_in_its_owner_leaves_no_socket(tmp_path: Any) -> None:
     """Ctrl-C in the owner while start() waits: the program was SIGKILLed, its
     socket (bound already) left behind; the next start took it for a crash."""
-    for i in range(3):
+    interrupted = 0
+    for i in range(12):  # until three were cut short in start(), not after it
+        if interrupted == 3:
+            break
         path = str(tmp_path / f"c{i}.sock")
         owner = subprocess.Popen([sys.executable, "-c", _OWNER_INTERRUPTED, path],
-                                 stderr=subprocess.DEVNULL)
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         try:
-            wait_for(lambda: os.path.exists(path) or owner.poll() is not None, 15, "the bind")  # noqa: B023
-            os.kill(owner.pid, signal.SIGINT)
-            owner.wait(20)
+            # Polled often: the start returns a few milliseconds after the bind.
+            wait_for(lambda: os.path.exists(path) or owner.poll() is not None, 15, "the bind",  # noqa: B023
+                     every=0.001)
+            with contextlib.suppress(ProcessLookupError):  # it may have ended meanwhile
+                os.kill(owner.pid, signal.SIGINT)
+            out, _ = owner.communicate(timeout=20)
+            interrupted += out == b"interrupted\n"
             assert not os.path.exists(path)
         finally:
             if owner.poll() is None:
                 owner.kill()
-                owner.wait(10)
+                owner.communicate(timeout=10)
+    assert interrupted, "no SIGINT landed in start()"
+
+
+_OWNER_DROPS_ITS_HANDLE = """
+import gc, sys
+from sharedpool import Coordinator
+print(Coordinator(sys.argv[1], {"r": 1}).start().pid, flush=True)
+gc.collect()
+"""
+
+
+def test_a_started_coordinator_whose_handle_was_dropped_stops_at_exit(tmp_path: Any) -> None:
+    """``Coordinator(...).start()`` with no reference kept: the exit forgot it (a
+    weak reference); it stopped only once its lifeline ended with the owner,
+    warning that its owner was gone, its socket still there when the owner
+    had exited."""
+    path = str(tmp_path / "c.sock")
+    err = tmp_path / "err"
+    with open(err, "wb") as errf:
+        owner = subprocess.Popen([sys.executable, "-c", _OWNER_DROPS_ITS_HANDLE, path],
+                                 stdout=subprocess.PIPE, stderr=errf)
+    child = psutil.Process(int(owner.stdout.readline()))  # type: ignore[union-attr]
+    try:
+        assert owner.wait(20) == 0
+        assert not os.path.exists(path)
+        assert not child.is_running()  # waited for, by the owner
+        assert "gone; stopping" not in err.read_text()
+    finally:
+        owner.stdout.close()  # type: ignore[union-attr]
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+
+
+_OWNER_AT_EXIT = """
+import sys
+from sharedpool import Coordinator
+coordinator = Coordinator(sys.argv[1], {"r": 1}).start()
+print(coordinator.pid, flush=True)
+sys.stdin.readline()
+"""
+
+
+def _pending(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("ShdPnd:")).split()[1], 16)
+
+
+def test_a_ctrl_c_while_the_exit_waits_for_the_coordinator_leaves_no_socket(tmp_path: Any) -> None:
+    """The exit's wait for the coordinator it stopped, cut short by a
+    KeyboardInterrupt (printed from sharedpool's exit hook): the owner was
+    gone before its coordinator, whose socket stayed behind a while."""
+    path = str(tmp_path / "c.sock")
+    owner = subprocess.Popen([sys.executable, "-c", _OWNER_AT_EXIT, path], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child = psutil.Process(int(owner.stdout.readline()))  # type: ignore[union-attr]
+    try:
+        child.suspend()  # it stops only once let go: the owner waits meanwhile
+        # Stopped before the owner's SIGTERM is sent (both pending, SIGTERM was taken first).
+        wait_for(lambda: child.status() == psutil.STATUS_STOPPED, 15, "the SIGSTOP")
+        owner.stdin.close()  # type: ignore[union-attr]  # the program ends
+        wait_for(lambda: _pending(child.pid) & (1 << (signal.SIGTERM - 1)), 15, "the stop")
+        os.kill(owner.pid, signal.SIGINT)
+        time.sleep(0.3)
+        assert owner.poll() is None, "the owner left before its coordinator"
+        child.resume()
+        assert owner.wait(20) == 0
+        assert not os.path.exists(path)
+        child.wait(15)  # the last writer of the pipe
+        err = owner.stderr.read()  # type: ignore[union-attr]
+        assert b"KeyboardInterrupt" not in err, err.decode()
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait(10)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.resume()
+            child.kill()
+        for f in (owner.stdout, owner.stderr):
+            f.close()  # type: ignore[union-attr]
 
 
 def test_an_owner_gone_while_its_coordinator_starts_stops_it_cleanly(tmp_path: Any) -> None:
