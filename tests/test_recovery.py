@@ -26,6 +26,16 @@ def leased(client: Client) -> int:
     return int(client.inspect("resources")["resources"][0]["leased"])
 
 
+def wait_marker(sock_path: str, key: str, count: int) -> None:
+    """Until the coordinator's restart marker lists ``count`` entries under
+    ``key``: its keeper writes 20 ms after a change, on its own event loop,
+    so a fixed sleep before a SIGKILL could beat it on a loaded machine."""
+    from sharedpool.marker import marker_path, read_marker
+
+    wait_for(lambda: len(read_marker(marker_path(sock_path))[key]) == count, 10,
+             f"the restart marker to list {count} {key} lease(s)")
+
+
 def make_pool(sock: str, factory: FakeFactory, **cfg: Any) -> ConnectionPool[Any]:
     cfg.setdefault("min_size", 0)
     cfg.setdefault("max_size", 2)
@@ -407,7 +417,7 @@ def test_a_restart_keeps_the_fence_of_a_dead_process(start_coordinator: Any, soc
         if how == "stop":
             first.stop()  # SIGTERM: a clean stop, no session holds a lease
         else:
-            time.sleep(0.3)  # the fence is on the marker within 20 ms
+            wait_marker(sock_path, "fenced", 1)
             first.kill()
         t0 = time.monotonic()
         start_coordinator({"r": Resource(max_size=1, quarantine_delay=6)}, restart_grace=0.5)
@@ -432,7 +442,7 @@ def test_a_sigkilled_coordinator_hands_on_the_leases_of_a_process_dying_meanwhil
     holder, newcomer = Client(sock_path), Client(sock_path)
     try:
         holder.acquire("r", timeout=5)
-        time.sleep(0.3)
+        wait_marker(sock_path, "held", 1)
         first.kill()
         holder.close()  # dies while no coordinator is up
         t0 = time.monotonic()
@@ -454,11 +464,10 @@ def test_a_clean_stop_with_nothing_out_leaves_no_marker(start_coordinator: Any, 
     client = Client(sock_path)
     try:
         lease = client.acquire("r", timeout=5)
-        time.sleep(0.2)
-        assert os.path.exists(sock_path + ".restart")
+        wait_for(lambda: os.path.exists(sock_path + ".restart"), 10, "the marker of the lease")
         client.release(lease)
-        time.sleep(0.2)
-        assert not os.path.exists(sock_path + ".restart")
+        wait_for(lambda: not os.path.exists(sock_path + ".restart"), 10,
+                 "the marker to go with the last lease")
         first.stop()
         assert not os.path.exists(sock_path + ".restart")
         start_coordinator({"r": 1}, restart_grace=30)
@@ -734,7 +743,7 @@ def test_a_process_stopped_across_a_restart_keeps_its_leases_counted(
     try:
         assert holder.stdout is not None and holder.stdout.readline().startswith("ready")
         os.kill(holder.pid, signal.SIGSTOP)
-        time.sleep(0.3)  # the restart marker is written 20 ms behind
+        wait_marker(sock_path, "held", 1)
         first.kill()
         start_coordinator({"r": limits}, restart_grace=0.5)
         with pytest.raises(PoolTimeout):  # the grace, then as long as the holder runs
