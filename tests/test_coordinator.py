@@ -934,7 +934,7 @@ def test_a_start_that_fails_after_binding_leaves_no_socket(tmp_path: Any) -> Non
     assert restarted
 
 
-def _start_racing(config: Any, go: Any, results: Any) -> None:
+def _start_racing(config: Any, go: Any, results: Any, done: Any) -> None:
     from sharedpool.coordinator import bind_socket
 
     go.wait(5)
@@ -944,7 +944,10 @@ def _start_racing(config: Any, go: Any, results: Any) -> None:
         results.put(f"refused: {type(exc).__name__}")
         return
     results.put("bound")
-    time.sleep(0.3)  # alive (listening) while the other tries
+    # Alive (listening) until the other has tried: closed after a fixed 0.3 s,
+    # a loser descheduled that long on a loaded machine found a dead socket
+    # and rightly took the path over ("both bound", CI flake).
+    done.wait(20)
     sock.close()
 
 
@@ -961,12 +964,15 @@ def test_two_starters_on_a_dead_coordinators_socket_never_both_bind(tmp_path: An
         dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         dead.bind(path)
         dead.close()  # a dead coordinator's socket file
-        go, results = ctx.Event(), ctx.Queue()
-        procs = [ctx.Process(target=_start_racing, args=(config, go, results)) for _ in range(2)]
+        go, results, done = ctx.Event(), ctx.Queue(), ctx.Event()
+        procs = [ctx.Process(target=_start_racing, args=(config, go, results, done)) for _ in range(2)]
         for proc in procs:
             proc.start()
         go.set()
-        outcome = [results.get(timeout=10) for _ in procs]
+        try:
+            outcome = [results.get(timeout=10) for _ in procs]
+        finally:
+            done.set()
         for proc in procs:
             proc.join(10)
         both += outcome.count("bound") == 2
