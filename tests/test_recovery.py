@@ -222,7 +222,8 @@ def test_an_acquire_queued_when_the_coordinator_dies_falls_back_only_if_asked(
     try:
         t = threading.Thread(target=want)
         t.start()
-        time.sleep(0.3)  # queued at the coordinator
+        wait_for(lambda: holder.inspect("resources")["resources"][0]["waiting"] == 1, 10,
+                 "the acquire to queue at the coordinator")
         t0 = time.monotonic()
         coord.kill()
         t.join(10)
