@@ -284,7 +284,9 @@ def test_sigkilled_worker_slots_go_to_a_waiter(start_coordinator: Any, sock_path
 
 
 def test_fenced_slots_count_against_the_cap(start_coordinator: Any, sock_path: str) -> None:
-    start_coordinator({"r": Resource(max_size=1, quarantine_delay=1.0)})
+    # A quarantine long enough that the acquire below still meets the fence
+    # when this process is descheduled a while after seeing it (1 s was not).
+    start_coordinator({"r": Resource(max_size=1, quarantine_delay=4.0)})
     c = Client(sock_path)
     try:
         with holder(sock_path, "r", 1) as proc:
@@ -293,7 +295,7 @@ def test_fenced_slots_count_against_the_cap(start_coordinator: Any, sock_path: s
         wait_for(lambda: c.inspect("resources")["resources"][0]["fenced"] == 1)
         with pytest.raises(PoolTimeout):  # still fenced: the cap holds
             c.acquire("r", timeout=0)
-        assert c.acquire("r", timeout=5)  # after the delay the slot is free
+        assert c.acquire("r", timeout=10)  # after the delay the slot is free
     finally:
         c.close()
 
