@@ -559,8 +559,9 @@ def test_a_start_interrupted_in_its_owner_leaves_no_socket(tmp_path: Any) -> Non
             # Polled often: the start returns a few milliseconds after the bind.
             wait_for(lambda: os.path.exists(path) or owner.poll() is not None, 15, "the bind",  # noqa: B023
                      every=0.001)
-            with contextlib.suppress(ProcessLookupError):  # it may have ended meanwhile
-                os.kill(owner.pid, signal.SIGINT)
+            # It may have ended meanwhile, and been reaped by poll() above: its
+            # pid is free then (send_signal leaves it alone; os.kill did not).
+            owner.send_signal(signal.SIGINT)
             out, _ = owner.communicate(timeout=20)
             interrupted += out == b"interrupted\n"
             assert not os.path.exists(path)
