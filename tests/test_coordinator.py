@@ -476,9 +476,13 @@ def test_background_thread_sleeps_while_idle_and_runs_timers(
         c.close()
 
 
-def test_unasked_reclaim_is_seen_at_once_by_an_idle_client(start_coordinator: Any, sock_path: str) -> None:
+def test_unasked_reclaim_is_seen_at_once_by_an_idle_client(start_coordinator: Any, sock_path: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     # Nobody reads the socket in the idle holder: its background thread must
     # wake on the coordinator's Reclaim (poll on the socket, not a timer).
+    # The idle timer pushed out of reach (1 s by default): a bound generous
+    # enough for a loaded machine still fails a thread that waits for it.
+    monkeypatch.setattr(background, "IDLE_WAKE", 60.0)
     start_coordinator({"r": 1})
     holder_client, waiter = Client(sock_path), Client(sock_path)
     try:
@@ -487,11 +491,11 @@ def test_unasked_reclaim_is_seen_at_once_by_an_idle_client(start_coordinator: An
         holder_client.on_reclaim("r", asked.set)
         t0 = time.monotonic()
         ticket = waiter.request("r", timeout=5)
-        assert asked.wait(2.0), "reclaim never reached the idle holder"
+        assert asked.wait(10.0), "reclaim never reached the idle holder"
         noticed = time.monotonic() - t0
         holder_client.release(lease)
         ticket.wait()
-        assert noticed < 0.5, f"reclaim noticed after {noticed:.3f}s"
+        assert noticed < 5.0, f"reclaim noticed after {noticed:.3f}s"
     finally:
         holder_client.close()
         waiter.close()
