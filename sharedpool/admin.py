@@ -111,6 +111,7 @@ def reload_config(server: Server, now: float) -> tuple[Any, list[Effect]]:
     if needs_restart:
         log.warning("reload of %s: changed [coordinator] fields not applied, they take a restart: %s",
                     path, ", ".join(needs_restart))
+    server.monitors_reloaded()
     if kept:
         log.warning("reload of %s: resources no longer configured are still served with their "
                     "current limits until a restart: %s", path, ", ".join(kept))

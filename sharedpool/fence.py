@@ -74,6 +74,12 @@ class MonitorConnections:
         with contextlib.suppress(Exception):
             await conn.close()
 
+    async def close_except(self, wanted: Collection[str]) -> None:
+        """Close the connections of every DSN not in ``wanted`` (a reload changed
+        or dropped it): kept, each stayed open until the coordinator stopped."""
+        for dsn, conn in [(d, c) for d, c in self._conns.items() if d not in wanted]:
+            await self.discard(dsn, conn)
+
     async def aclose(self) -> None:
         conns, self._conns = list(self._conns.values()), {}
         for conn in conns:

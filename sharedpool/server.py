@@ -311,6 +311,7 @@ class Server:
         self._timer_at: float | None = None
         self._fences: set[asyncio.Task[Any]] = set()
         self.monitors: Any = None  # fence.MonitorConnections, made by warm_monitors() or a fence
+        self._fencing: dict[str, int] = {}  # monitor DSN -> fences checking on it now
         self.own_uid = os.getuid()
         #: a refused uid's warning, once a minute (a peer refused in a loop)
         self._refused = OncePer(REFUSED_LOG_EVERY, loop.time)
@@ -533,12 +534,36 @@ class Server:
     def warm_monitors(self) -> None:
         """Open the fence's monitor connections now: the first dead worker
         must not also pay for a connect (4-20 ms here, far more at start-up)."""
+        self._warm_monitors()
+
+    def monitors_reloaded(self) -> None:
+        """After a reload: a changed or dropped ``monitor_dsn``'s connection closed
+        (else kept until the stop: a PostgreSQL connection more per change), the new one warmed."""
+        self.retire_monitors()
+        self._warm_monitors()
+
+    def _warm_monitors(self) -> None:
         from .fence import MonitorConnections, warm_monitor
 
         if self.monitors is None:
             self.monitors = MonitorConnections()
-        for dsn in {r.limits.monitor_dsn for r in self.ledger.resources.values() if r.limits.monitor_dsn}:
-            self._track(warm_monitor(self.monitors, dsn))
+        monitors = self.monitors
+
+        async def warm(dsn: str) -> None:
+            await warm_monitor(monitors, dsn)
+            self.retire_monitors()  # a reload may have dropped it meanwhile
+
+        for dsn in self._monitor_dsns():
+            self._track(warm(dsn))
+
+    def retire_monitors(self) -> None:
+        """Close the monitor connections of DSNs that no resource names now (a
+        reload changed or dropped them) and that no running fence still uses."""
+        if self.monitors is not None:
+            self._track(self.monitors.close_except(self._monitor_dsns() | set(self._fencing)))
+
+    def _monitor_dsns(self) -> set[str]:
+        return {r.limits.monitor_dsn for r in self.ledger.resources.values() if r.limits.monitor_dsn}
 
     def _track(self, coro: Any) -> None:
         """Run ``coro`` as a task kept until it ends (cancelled at shutdown)."""
@@ -548,12 +573,24 @@ class Server:
 
     async def cancel_tasks(self) -> None:
         """At shutdown: end fence checks and monitor warm-ups still running."""
-        tasks = list(self._fences)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # Again until none is left: a fence's end, cancelled, starts a retire_monitors().
+        while tasks := list(self._fences):
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _fence(self, eff: StartFence, limits: Resource) -> None:
+        dsn = limits.monitor_dsn or ""
+        self._fencing[dsn] = self._fencing.get(dsn, 0) + 1
+        try:
+            await self._check_fence(eff, limits)
+        finally:
+            self._fencing[dsn] -= 1
+            if not self._fencing[dsn]:
+                del self._fencing[dsn]
+                self.retire_monitors()  # its DSN may be one a reload replaced meanwhile
+
+    async def _check_fence(self, eff: StartFence, limits: Resource) -> None:
         from .fence import MonitorConnections, wait_backends_gone
 
         if self.monitors is None:

@@ -1,0 +1,53 @@
+"""A live reload (``sharedpool reload``, SIGHUP) of a real ``sharedpool serve
+--config`` against a real PostgreSQL: what it leaves behind on the server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+from pathlib import Path
+
+import psycopg
+from pg_helpers import pg_dsn
+from servers import wait_for
+from test_cli import serve_config, sp, stop
+
+
+def _monitors(tag: str) -> list[str]:
+    """The application names of the coordinator's monitor connections, as PostgreSQL lists them."""
+    with psycopg.connect(pg_dsn(), autocommit=True) as conn:
+        rows = conn.execute("SELECT application_name FROM pg_stat_activity "
+                            "WHERE application_name LIKE %s ORDER BY 1", (f"{tag}-%",)).fetchall()
+    return [row[0] for row in rows]
+
+
+def test_a_reload_that_changes_or_drops_monitor_dsn_closes_the_old_monitor_connection(
+        tmp_path: Path, pg: str) -> None:
+    """The fence's monitor connections are kept per DSN. A reload that changed
+    `monitor_dsn` (a password rotated, another host) left the old one open until
+    the coordinator stopped: one PostgreSQL connection more per change, taken
+    from the max_connections the cap is there to protect, and one to a server
+    the operator had just told it to leave alone when the DSN was dropped."""
+    tag = f"sp-mon-{uuid.uuid4().hex[:8]}"
+
+    def limits(n: int | None) -> str:
+        dsn = "" if n is None else f'monitor_dsn = "{pg} application_name={tag}-{n}"\n'
+        return f"[resources.demo]\nmax_size = 3\n{dsn}"
+
+    config, server = serve_config(tmp_path, limits(0))
+    try:
+        wait_for(lambda: _monitors(tag) == [f"{tag}-0"], what="the warmed monitor connection")
+        config.write_text(limits(1))
+        out = sp("reload", "--socket", server.socket)
+        assert out.returncode == 0, out.stderr
+        # The new one is warmed as at start; the old one goes.
+        wait_for(lambda: _monitors(tag) == [f"{tag}-1"], what="the old monitor connection closed")
+        config.write_text(limits(2))
+        os.kill(server.proc.pid, signal.SIGHUP)
+        wait_for(lambda: _monitors(tag) == [f"{tag}-2"], what="SIGHUP's reload doing the same")
+        config.write_text(limits(None))
+        assert sp("reload", "--socket", server.socket).returncode == 0
+        wait_for(lambda: _monitors(tag) == [], what="no monitor connection once none is configured")
+    finally:
+        stop(server.proc)
