@@ -1442,6 +1442,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.outstanding: dict[tuple[int, int], Req] = {}  # (sid, req) -> request
         self.max_id = 0
         self.over: set[str] = set()  # resources a resize or re-registration pushed over the cap
+        self.delays: dict[str, float] = {}  # resource -> longest fence delay before a reload
         self.giver: int | None = None  # the session whose give-back is being granted
         self.keeper: int | None = None  # one that let a lease go under its floor, its own waiting
         # -- restarts (I4)
@@ -1922,6 +1923,17 @@ class LedgerMachine(RuleBasedStateMachine):
         self.apply(self.lg.resize(r, size, self.now))
         self.note_over(r)
 
+    @rule(data=st.data(), limits=resource_limits(), quantum=st.sampled_from(["auto", "auto", 0.0, 0.5]))
+    def reload(self, data: st.DataObject, limits: Resource, quantum: float | str) -> None:
+        """A config reload: every limit of a resource replaced at once, while
+        leases are out and acquires wait, or a resource added."""
+        r = data.draw(st.sampled_from([*self.names(), "r9"]))
+        if r in self.lg.resources:  # fences already set keep the delay they were set with
+            was = self.limits(r)
+            self.delays[r] = max(self.delays.get(r, 0.0), was.fence_timeout, was.quarantine_delay)
+        self.apply(self.lg.set_limits(r, replace(limits, fairness_quantum=quantum), self.now))
+        self.note_over(r)
+
     @rule(data=st.data(), verb=st.sampled_from(["pause", "resume", "resume", "pause", "drain"]))
     def admin(self, data: st.DataObject, verb: str) -> None:
         r = data.draw(st.sampled_from(self.names()))
@@ -2246,7 +2258,8 @@ class RestartMachine(LedgerMachine):
         # beyond its fence: its leases are only fenced, until the grace's end
         # plus the fence delay at most.
         for res in lg.resources.values():
-            longest = max(res.limits.fence_timeout, res.limits.quarantine_delay)
+            longest = max(res.limits.fence_timeout, res.limits.quarantine_delay,
+                          self.delays.get(res.name, 0.0))
             for lid, f in res.fenced.items():
                 if f.pid not in self.vanished:
                     continue
