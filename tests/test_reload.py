@@ -9,9 +9,10 @@ import uuid
 from pathlib import Path
 
 import psycopg
-from pg_helpers import pg_dsn
+from pg_helpers import BackendSampler, pg_dsn
 from servers import wait_for
-from test_cli import serve_config, sp, stop
+from test_cli import serve_config, sp, sp_json, stop
+from test_pg_cap import finish, spawn
 
 
 def _monitors(tag: str) -> list[str]:
@@ -50,4 +51,36 @@ def test_a_reload_that_changes_or_drops_monitor_dsn_closes_the_old_monitor_conne
         assert sp("reload", "--socket", server.socket).returncode == 0
         wait_for(lambda: _monitors(tag) == [], what="no monitor connection once none is configured")
     finally:
+        stop(server.proc)
+
+
+def test_a_reload_lowering_max_size_under_running_queries_settles_postgresql_at_the_new_cap(
+        tmp_path: Path, pg: str, app_name: str) -> None:
+    """Four connections busy in queries, the cap lowered to 2 by a SIGHUP: no
+    query is cut short (the excess goes at checkin) and, once the leases are
+    down to the new cap, PostgreSQL never shows more than 2 of them again."""
+    config, server = serve_config(tmp_path, "[resources.pg]\nmax_size = 4\nacquire_timeout = 60\n")
+
+    def leased() -> tuple[int, int]:
+        row = next(r for r in sp_json("status", "--socket", server.socket)["resources"])
+        return row["leased"], row["max_size"]
+
+    # Each: 2 threads, 10 checkouts each holding its connection 0.2 s.
+    procs = [spawn(server.socket, app_name, 10, "2", "2", "0.2") for _ in range(2)]
+    try:
+        wait_for(lambda: leased()[0] == 4, 30, "all four connections in use")
+        config.write_text("[resources.pg]\nmax_size = 2\nacquire_timeout = 60\n")
+        os.kill(server.proc.pid, signal.SIGHUP)
+        wait_for(lambda: leased()[0] <= 2, 30, "the leases down to the new cap")
+        assert leased()[1] == 2
+        with BackendSampler(app_name) as sampler:
+            results = [finish(p) for p in procs]
+        assert sampler.samples > 0 and sampler.peak <= 2, sampler.peak
+        assert all(r["n_errors"] == 0 for r in results), [r["errors"] for r in results]
+        assert sum(r["done"] for r in results) == 2 * 2 * 10
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
         stop(server.proc)
