@@ -319,6 +319,7 @@ class EmbeddedCoordinator:
                       proc.pid, self.socket_path, code, delay)
             if self._stopping.wait(delay):
                 return
+            self._reread_config()
             try:
                 new, lifeline = self._spawn()
             except (SharedPoolError, OSError) as exc:
@@ -341,6 +342,22 @@ class EmbeddedCoordinator:
             self.restarts += 1
             proc, delay = new, RESTART_MIN
             code = proc.wait()
+
+    def _reread_config(self) -> None:
+        """Before a restart: with a config file, its limits as they are now, the
+        flags laid over them again (as ``serve --config`` restarted reads it, and as
+        a reload did: the limits the coordinator served). The socket stays the one
+        the workers use. Unreadable or invalid: the configuration held here, said so."""
+        path = self.config.config_file
+        if path is None:
+            return
+        try:
+            fresh = CoordinatorConfig.load(path, **self.config.overrides)
+        except ConfigError as exc:
+            log.error("coordinator for %s restarts with the configuration it started with: %s",
+                      self.socket_path, exc)
+            return
+        self.config = dataclasses.replace(fresh, socket_path=self.config.socket_path)
 
     def _running(self) -> bool:
         """Whether this process owns the coordinator and it still runs (it did not

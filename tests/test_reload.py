@@ -84,3 +84,39 @@ def test_a_reload_lowering_max_size_under_running_queries_settles_postgresql_at_
                 proc.kill()
                 proc.wait(10)
         stop(server.proc)
+
+
+def test_an_embedded_coordinator_restarted_after_a_reload_serves_the_files_limits(tmp_path: Path) -> None:
+    """An embedded coordinator given a config file (``hooks(config_file=...)``,
+    ``EmbeddedCoordinator(config=CoordinatorConfig.load(path))``) is reloaded as
+    ``serve --config`` is. Restarted after a crash, it came back with the limits
+    it was first started with (6), not the file's it had been serving (2): as
+    ``serve --config`` restarted by systemd does, it reads the file again."""
+    from sharedpool import Client, CoordinatorConfig
+    from sharedpool.program import EmbeddedCoordinator
+
+    sock = str(tmp_path / "sp.sock")
+    config = tmp_path / "sp.toml"
+    config.write_text("[resources.demo]\nmax_size = 6\n")
+    embedded = EmbeddedCoordinator(config=CoordinatorConfig.load(config, socket_path=sock)).start()
+
+    def cap() -> int | None:
+        client = Client(sock)
+        try:
+            return int(client.inspect("resources")["resources"][0]["max_size"])
+        except Exception:  # noqa: BLE001 - not back yet
+            return None
+        finally:
+            client.close()
+
+    try:
+        config.write_text("[resources.demo]\nmax_size = 2\n")
+        assert sp("reload", "--socket", sock).returncode == 0
+        assert cap() == 2
+        pid = embedded.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: embedded.restarts == 1 and embedded.pid not in (None, pid), 30, what="the restart")
+        assert wait_for(cap, 10, what="the restarted coordinator") == 2
+    finally:
+        embedded.stop()
