@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Literal, Protocol
 
 from sharedpool.errors import ConfigError
@@ -74,10 +74,13 @@ class MonitorConnections:
         with contextlib.suppress(Exception):
             await conn.close()
 
-    async def close_except(self, wanted: Collection[str]) -> None:
-        """Close the connections of every DSN not in ``wanted`` (a reload changed
-        or dropped it): kept, each stayed open until the coordinator stopped."""
-        for dsn, conn in [(d, c) for d, c in self._conns.items() if d not in wanted]:
+    async def close_except(self, wanted: Callable[[], Collection[str]]) -> None:
+        """Close the connections of every DSN not in ``wanted()`` (a reload changed
+        or dropped it): kept, each stayed open until the coordinator stopped.
+        Asked when this runs, not when it was scheduled: a reload back to a DSN,
+        or a fence started on it, since then keeps it."""
+        keep = set(wanted())
+        for dsn, conn in [(d, c) for d, c in self._conns.items() if d not in keep]:
             await self.discard(dsn, conn)
 
     async def aclose(self) -> None:

@@ -560,7 +560,7 @@ class Server:
         """Close the monitor connections of DSNs that no resource names now (a
         reload changed or dropped them) and that no running fence still uses."""
         if self.monitors is not None:
-            self._track(self.monitors.close_except(self._monitor_dsns() | set(self._fencing)))
+            self._track(self.monitors.close_except(lambda: self._monitor_dsns() | set(self._fencing)))
 
     def _monitor_dsns(self) -> set[str]:
         return {r.limits.monitor_dsn for r in self.ledger.resources.values() if r.limits.monitor_dsn}
