@@ -40,6 +40,28 @@ def child(code: str, *args: str) -> Iterator[subprocess.Popen[str]]:
             proc.wait(10)
 
 
+def pid_known(sock: str, backend: int) -> None:
+    """Wait until the coordinator shows ``backend`` as a lease's backend pid: a
+    clean stop hands on only what it has read (a fixed 0.3 s was a guess)."""
+    probe = Client(sock, name="pid-known")
+    try:
+        wait_for(lambda: any(row["backend_pid"] == backend for row in probe.inspect("leases")["leases"]),
+                 20, f"backend pid {backend} at the coordinator", every=0.02)
+    finally:
+        probe.close()
+
+
+def pid_handed_on(sock: str, backend: int) -> None:
+    """Wait until the restart marker names ``backend``: what a SIGKILLed
+    coordinator hands on is what it last wrote."""
+    from sharedpool.marker import backends_named, marker_path, read_marker
+
+    def named() -> bool:
+        return any(backend in pids for pids in backends_named(read_marker(marker_path(sock))).values())
+
+    wait_for(named, 20, f"backend pid {backend} in the restart marker", every=0.02)
+
+
 _BUSY = """
 import sys, psycopg
 from pg_helpers import pg_dsn
@@ -232,7 +254,7 @@ def test_terminate_spares_a_backend_outside_its_lease_across_a_coordinator_resta
         time.sleep(1.3)  # it started before the worker's lease, by more than the fence's 1 s slack
         with child(_WRONG_PID, sock_path, str(other.info.backend_pid)) as worker:
             assert worker.stdout is not None and worker.stdout.readline().strip() == "reported"
-            time.sleep(0.2)  # the report has reached the coordinator, and the marker
+            pid_handed_on(sock_path, other.info.backend_pid)  # for a SIGKILL, the marker must have it
             if how == "stop":
                 first.stop()
             else:
@@ -546,9 +568,15 @@ def test_a_worker_that_dies_while_the_coordinator_restarts_is_fenced(
     limits = {"pg": Resource(max_size=1, monitor_dsn=pg_dsn(), fence_action="terminate",
                              fence_timeout=20, acquire_timeout=60)}
     first = start_coordinator(limits)
-    with BackendSampler(app_name) as sampler, busy_worker(sock_path, app_name, 5.0) as victim:
-        assert victim.stdout is not None and victim.stdout.readline().startswith("querying")
-        time.sleep(0.3)  # its backend pid has reached the coordinator
+    # A query longer than fence_timeout: waited out, the slot would come back
+    # after 20 s, well apart from a terminate's seconds even on a loaded machine
+    # (a 5 s query ended 4.2 s after t0: inside the old 4.5 s bound, so a fence
+    # that waited passed, and a spawn slow to start failed one that did not).
+    with BackendSampler(app_name) as sampler, busy_worker(sock_path, app_name, 30.0) as victim:
+        assert victim.stdout is not None
+        line = victim.stdout.readline().split()
+        assert line and line[0] == "querying", line
+        pid_known(sock_path, int(line[1]))
         first.stop()  # a clean stop: a deploy, a config change
         victim.kill()  # and the worker dies meanwhile
         victim.wait(10)
@@ -557,7 +585,8 @@ def test_a_worker_that_dies_while_the_coordinator_restarts_is_fenced(
         result = finish(spawn(sock_path, app_name, 3, "1", "1", "0"), timeout=60)
     assert result["n_errors"] == 0, result["errors"]
     assert sampler.peak <= 1, f"PostgreSQL saw {sampler.peak} connections with a cap of 1"
-    assert time.monotonic() - t0 < 4.5  # the dead worker's backend was ended, not waited out
+    # Ended, not waited out (20 s): a generous bound, the spawned worker's start included.
+    assert time.monotonic() - t0 < 10, "the dead worker's backend was waited out, not ended"
 
 
 def test_a_late_process_that_dies_after_the_restart_grace_is_terminated(
@@ -571,8 +600,10 @@ def test_a_late_process_that_dies_after_the_restart_grace_is_terminated(
     first = start_coordinator(limits)
     # A query longer than fence_timeout.
     with BackendSampler(app_name) as sampler, busy_worker(sock_path, app_name, 30.0) as victim:
-        assert victim.stdout is not None and victim.stdout.readline().startswith("querying")
-        time.sleep(0.3)  # its backend pid has reached the coordinator
+        assert victim.stdout is not None
+        line = victim.stdout.readline().split()
+        assert line and line[0] == "querying", line
+        pid_known(sock_path, int(line[1]))
         os.kill(victim.pid, signal.SIGSTOP)  # late: it will not re-register in time
         first.stop()
         start_coordinator(limits, restart_grace=0.5)
