@@ -492,8 +492,12 @@ def _book_step_cut(sock: str, app: str, exit_name: str, step: str, kind: str) ->
         kept = e
     out["cut_short"] = kept is not None
     time.sleep(0.3)  # a lease given back reaches the coordinator
-    out["backends"] = BackendSampler(app).count_now()
+    # Leases first: a close under way (its lease goes back once the backend is
+    # gone, I1) can end between the two reads; read the other way round, a
+    # backend seen just before it left and its lease back just after broke
+    # leased >= backends with nothing wrong.
     out["leased"] = resource_row(sock)["leased"]
+    out["backends"] = BackendSampler(app).count_now()
     kept = None
     gc.collect()  # the connection made (if any) closed: its lease goes back after
     out["book_held"] = pool.lease_stats()["leases_held"]
