@@ -6,7 +6,7 @@ that is down, so that `except OperationalError` / `except redis.ConnectionError`
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -17,13 +17,17 @@ from sharedpool.reports import FAILURE_THRESHOLD
 
 
 @pytest.fixture
-def failing(start_coordinator: Any, sock_path: str) -> Iterator[str]:
-    """A coordinator whose resources 'pg' and 'redis' are failing (for the next
-    second) for this process: the failures are reported by the session its
-    integrations share (a process whose own connects failed is refused fast)."""
+def failing(start_coordinator: Any, sock_path: str) -> Iterator[Callable[[], None]]:
+    """A coordinator with resources 'pg' and 'redis', and how to make them failing
+    for this process: the failures are reported by the session its integrations
+    share (a process whose own connects failed is refused fast). Refused for
+    FAILURE_BACKOFF (1 s) only, then one acquire may probe: so called last, once
+    the test's imports are done and its pool made (a first import of SQLAlchemy
+    took the test past that second on a loaded machine, and its connect worked)."""
     start_coordinator({"pg": 2, "redis": 2})
     reporter = Client.for_path(sock_path)
-    try:
+
+    def fail() -> None:
         assert reporter.ensure_connected()
         for resource in ("pg", "redis"):
             for _ in range(FAILURE_THRESHOLD):
@@ -32,19 +36,22 @@ def failing(start_coordinator: Any, sock_path: str) -> Iterator[str]:
         while not all(r["failing"] for r in reporter.inspect("resources")["resources"]):
             assert time.monotonic() < deadline, "the failures never reached the coordinator"
             time.sleep(0.01)
-        yield sock_path
+
+    try:
+        yield fail
     finally:
         reporter.close()
 
 
-def test_sqlalchemy_raises_operational_error(failing: str) -> None:
+def test_sqlalchemy_raises_operational_error(failing: Callable[[], None], sock_path: str) -> None:
     import sqlalchemy
 
     from sharedpool.contrib.sqlalchemy import create_engine
 
     engine = create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/test", resource="pg",
-                           coordinator=failing, pool_timeout=5)
+                           coordinator=sock_path, pool_timeout=5)
     try:
+        failing()
         with pytest.raises(sqlalchemy.exc.OperationalError) as err, engine.connect():
             pass
         assert isinstance(err.value.orig, ResourceUnavailable)
@@ -54,15 +61,16 @@ def test_sqlalchemy_raises_operational_error(failing: str) -> None:
         engine.dispose()
 
 
-def test_redis_raises_connection_error(failing: str) -> None:
+def test_redis_raises_connection_error(failing: Callable[[], None], sock_path: str) -> None:
     import redis
 
     from sharedpool.contrib.redis import BlockingConnectionPool, LeaseUnavailable
 
     pool = BlockingConnectionPool(host="127.0.0.1", port=6379, resource="redis",
-                                  coordinator=failing, timeout=5)
+                                  coordinator=sock_path, timeout=5)
     client = redis.Redis(connection_pool=pool, retry=None)
     try:
+        failing()
         with pytest.raises(redis.ConnectionError) as err:
             client.ping()
         assert isinstance(err.value, LeaseUnavailable) and isinstance(err.value, ResourceUnavailable)
