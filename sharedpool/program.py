@@ -344,20 +344,28 @@ class EmbeddedCoordinator:
             code = proc.wait()
 
     def _reread_config(self) -> None:
-        """Before a restart: with a config file, its limits as they are now, the
-        flags laid over them again (as ``serve --config`` restarted reads it, and as
-        a reload did: the limits the coordinator served). The socket stays the one
-        the workers use. Unreadable or invalid: the configuration held here, said so."""
+        """Before a restart: with a config file, its resource limits as they are
+        now, the flags laid over them again, as a reload applies them (and as
+        ``serve --config`` restarted reads them). The rest stays as it was
+        started: settings given as keywords beside ``config_file=`` (``hooks(
+        resources, config_file=..., group=...)``) are in no file nor override,
+        and a whole new config lost them (workers shut out of the socket, a
+        resource gone whose leases were out); a reload keeps them too, and the
+        resources the file dropped (until the owner restarts). Unreadable or
+        invalid: the configuration held here, said so."""
         path = self.config.config_file
         if path is None:
             return
         try:
-            fresh = CoordinatorConfig.load(path, **self.config.overrides)
+            # The socket stays the one the workers use (the file's is never looked at).
+            fresh = CoordinatorConfig.load(path, **{**self.config.overrides, "socket_path": self.socket_path})
+            config = dataclasses.replace(self.config, resources={**self.config.resources,
+                                                                 **fresh.resources})
         except ConfigError as exc:
             log.error("coordinator for %s restarts with the configuration it started with: %s",
                       self.socket_path, exc)
             return
-        self.config = dataclasses.replace(fresh, socket_path=self.config.socket_path)
+        self.config = config
 
     def _running(self) -> bool:
         """Whether this process owns the coordinator and it still runs (it did not

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import uuid
 from pathlib import Path
 
@@ -118,5 +119,42 @@ def test_an_embedded_coordinator_restarted_after_a_reload_serves_the_files_limit
         os.kill(pid, signal.SIGKILL)
         wait_for(lambda: embedded.restarts == 1 and embedded.pid not in (None, pid), 30, what="the restart")
         assert wait_for(cap, 10, what="the restarted coordinator") == 2
+    finally:
+        embedded.stop()
+
+
+def test_an_embedded_coordinator_restarted_keeps_the_settings_given_beside_its_config_file(
+        tmp_path: Path) -> None:
+    """``hooks(resources, config_file=..., group=...)``: the keywords are in no
+    file and no override. Restarted after a crash, the coordinator was the
+    file's alone: its socket 0600 (the group's workers shut out), the resource
+    given only in code gone (a reload keeps both). The file's limits still apply."""
+    from sharedpool import Client
+    from sharedpool.program import EmbeddedCoordinator
+
+    sock = str(tmp_path / "sp.sock")
+    config = tmp_path / "sp.toml"
+    config.write_text("[resources.demo]\nmax_size = 6\n")
+    embedded = EmbeddedCoordinator(sock, {"demo": 6, "extra": 1}, config_file=str(config),
+                                   group=str(os.getgid())).start()
+
+    def served() -> dict[str, int] | None:
+        client = Client(sock)
+        try:
+            return {r["name"]: int(r["max_size"]) for r in client.inspect("resources")["resources"]}
+        except Exception:  # noqa: BLE001 - not back yet
+            return None
+        finally:
+            client.close()
+
+    try:
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o660
+        config.write_text("[resources.demo]\nmax_size = 2\n")
+        pid = embedded.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: embedded.restarts == 1 and embedded.pid not in (None, pid), 30, what="the restart")
+        assert wait_for(served, 10, what="the restarted coordinator") == {"demo": 2, "extra": 1}
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o660
     finally:
         embedded.stop()
