@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from .atfork import in_child
@@ -385,14 +385,15 @@ class EmbeddedCoordinator:
         self._lock = threading.Lock()
 
 
-def _end(proc: subprocess.Popen[bytes] | None, lifeline: int | None, timeout: float | None,
-         *, through_interrupts: bool = False) -> None:
+def _end(proc: subprocess.Popen[bytes] | None, lifeline: int | None, timeout: float | None) -> None:
     """SIGTERM ``proc``, wait up to ``timeout`` (None: no limit), SIGKILL it if it
     is still there; end its lifeline in any case."""
     try:
         if proc is not None and proc.poll() is None:
             _signal(proc, signal.SIGTERM)
-            if not _waited(proc, timeout, through_interrupts):
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
                 log.warning("coordinator pid %s ignored SIGTERM for %.0fs; killing it",
                             proc.pid, timeout)
                 _signal(proc, signal.SIGKILL)
@@ -401,19 +402,25 @@ def _end(proc: subprocess.Popen[bytes] | None, lifeline: int | None, timeout: fl
         _close_fd(lifeline)  # EOF on its stdin: it stops even if the waits failed
 
 
-def _waited(proc: subprocess.Popen[bytes], timeout: float | None, through_interrupts: bool) -> bool:
-    """Whether ``proc`` exited within ``timeout``; ``through_interrupts``: a
-    KeyboardInterrupt meanwhile does not end the wait."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        try:
-            proc.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
-            return True
-        except subprocess.TimeoutExpired:
-            return False
-        except KeyboardInterrupt:
-            if not through_interrupts:
-                raise
+@contextlib.contextmanager
+def _interrupts_ignored() -> Iterator[None]:
+    """A Python SIGINT handler (KeyboardInterrupt's, or the program's own) that
+    does nothing, meanwhile. Caught around the wait, a KeyboardInterrupt still
+    landed elsewhere under a burst of them: out of the exit handler (the owner
+    gone before its coordinator, which warned of it, its socket still there), or
+    in Popen.wait between its lock's acquire and its try, the lock then held for
+    good (every wait ran out its timeout, poll() said running: 5 s, a SIGKILL,
+    5 s more and a TimeoutExpired printed). Only from the main thread
+    (signal.signal refuses others); SIG_DFL and SIG_IGN raise nothing, kept."""
+    previous: Any = None
+    with contextlib.suppress(ValueError):  # not the main thread
+        if callable(signal.getsignal(signal.SIGINT)):
+            previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
@@ -601,11 +608,16 @@ def _stop_at_exit() -> None:
     # short: the socket would outlive this process, and Python print its
     # KeyboardInterrupt from here. The wait is bounded.
     started = list(_STARTED)
-    for inst in started:
-        if inst._running():
-            expect_end(inst.socket_path)
-    for inst in started:
-        _end(*inst._detach(), EXIT_WAIT, through_interrupts=True)
+    if not started:  # SIGINT's handler left alone (a uWSGI worker's is uWSGI's own)
+        return
+    with _interrupts_ignored():
+        for inst in started:
+            if inst._running():
+                expect_end(inst.socket_path)
+        for inst in started:
+            # One that outlived even its SIGKILL's wait leaves the others to stop.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                _end(*inst._detach(), EXIT_WAIT)
 
 
 in_child(_forget_in_child)

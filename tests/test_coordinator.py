@@ -654,6 +654,43 @@ def test_a_ctrl_c_while_the_exit_waits_for_the_coordinator_leaves_no_socket(tmp_
             f.close()  # type: ignore[union-attr]
 
 
+def test_a_burst_of_ctrl_c_while_the_exit_waits_cuts_nothing_short(tmp_path: Any) -> None:
+    """A KeyboardInterrupt caught around the exit's wait still landed elsewhere
+    under a burst of SIGINTs (measured: 4 owners of 8): out of the exit handler,
+    the owner gone before its coordinator; or inside Popen.wait, whose lock it
+    left held: the exit waited out 5 s, SIGKILLed the coordinator (which had
+    stopped) and waited 5 s more, printing a TimeoutExpired."""
+    for i in range(6):  # each owner had about an even chance
+        path = str(tmp_path / f"c{i}.sock")
+        owner = subprocess.Popen([sys.executable, "-c", _OWNER_AT_EXIT, path], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        child = psutil.Process(int(owner.stdout.readline()))  # type: ignore[union-attr]
+        try:
+            child.suspend()  # the owner's exit waits for it meanwhile
+            wait_for(lambda: child.status() == psutil.STATUS_STOPPED, 15, "the SIGSTOP")  # noqa: B023
+            owner.stdin.close()  # type: ignore[union-attr]
+            wait_for(lambda: _pending(child.pid) & (1 << (signal.SIGTERM - 1)), 15, "the stop")  # noqa: B023
+            end = time.monotonic() + 0.5
+            while time.monotonic() < end:  # as fast as they go: bounded, half a second
+                os.kill(owner.pid, signal.SIGINT)
+            assert owner.poll() is None, "the owner left before its coordinator"
+            child.resume()
+            assert owner.wait(20) == 0
+            assert not os.path.exists(path)
+            child.wait(15)  # the last writer of the pipe
+            err = owner.stderr.read().decode()  # type: ignore[union-attr]
+            assert "Traceback" not in err and "ignored SIGTERM" not in err, err
+        finally:
+            if owner.poll() is None:
+                owner.kill()
+                owner.wait(10)
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.resume()
+                child.kill()
+            for f in (owner.stdin, owner.stdout, owner.stderr):
+                f.close()  # type: ignore[union-attr]
+
+
 def test_an_owner_gone_while_its_coordinator_starts_stops_it_cleanly(tmp_path: Any) -> None:
     """Its status pipe has no reader left: the write failed (BrokenPipeError),
     the start with it, a traceback and exit 1 instead of the lifeline's clean stop."""
