@@ -535,7 +535,11 @@ class CoordinatorConfig:
         if not isinstance(self.overrides, dict):
             raise ConfigError("overrides", f"must be a mapping, got {self.overrides!r}")
         if self.config_file is not None:  # read again by every reload
-            object.__setattr__(self, "config_file", _config_path("config_file", self.config_file))
+            # Absolute now, as load() makes it: the program runs in the owner's cwd when
+            # it starts, gunicorn's --chdir applied after its config file (where hooks()
+            # was called) was read; a reload, or a restart, read another file or none.
+            path = _config_path("config_file", self.config_file)
+            object.__setattr__(self, "config_file", os.path.join(os.getcwd(), path))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], **overrides: Any) -> CoordinatorConfig:

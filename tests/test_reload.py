@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 
 import psycopg
+import pytest
 from pg_helpers import BackendSampler, pg_dsn
 from servers import wait_for
 from test_cli import serve_config, sp, sp_json, stop
@@ -22,6 +23,19 @@ def _monitors(tag: str) -> list[str]:
         rows = conn.execute("SELECT application_name FROM pg_stat_activity "
                             "WHERE application_name LIKE %s ORDER BY 1", (f"{tag}-%",)).fetchall()
     return [row[0] for row in rows]
+
+
+def _served(sock: str) -> dict[str, int] | None:
+    """Each resource's max_size, as the coordinator at ``sock`` serves it (None: not up)."""
+    from sharedpool import Client
+
+    client = Client(sock)
+    try:
+        return {r["name"]: int(r["max_size"]) for r in client.inspect("resources")["resources"]}
+    except Exception:  # noqa: BLE001 - not back yet
+        return None
+    finally:
+        client.close()
 
 
 def test_a_reload_that_changes_or_drops_monitor_dsn_closes_the_old_monitor_connection(
@@ -129,7 +143,6 @@ def test_an_embedded_coordinator_restarted_keeps_the_settings_given_beside_its_c
     file and no override. Restarted after a crash, the coordinator was the
     file's alone: its socket 0600 (the group's workers shut out), the resource
     given only in code gone (a reload keeps both). The file's limits still apply."""
-    from sharedpool import Client
     from sharedpool.program import EmbeddedCoordinator
 
     sock = str(tmp_path / "sp.sock")
@@ -138,15 +151,6 @@ def test_an_embedded_coordinator_restarted_keeps_the_settings_given_beside_its_c
     embedded = EmbeddedCoordinator(sock, {"demo": 6, "extra": 1}, config_file=str(config),
                                    group=str(os.getgid())).start()
 
-    def served() -> dict[str, int] | None:
-        client = Client(sock)
-        try:
-            return {r["name"]: int(r["max_size"]) for r in client.inspect("resources")["resources"]}
-        except Exception:  # noqa: BLE001 - not back yet
-            return None
-        finally:
-            client.close()
-
     try:
         assert stat.S_IMODE(os.stat(sock).st_mode) == 0o660
         config.write_text("[resources.demo]\nmax_size = 2\n")
@@ -154,7 +158,40 @@ def test_an_embedded_coordinator_restarted_keeps_the_settings_given_beside_its_c
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
         wait_for(lambda: embedded.restarts == 1 and embedded.pid not in (None, pid), 30, what="the restart")
-        assert wait_for(served, 10, what="the restarted coordinator") == {"demo": 2, "extra": 1}
+        served = wait_for(lambda: _served(sock), 10, what="the restarted coordinator")
+        assert served == {"demo": 2, "extra": 1}
         assert stat.S_IMODE(os.stat(sock).st_mode) == 0o660
+    finally:
+        embedded.stop()
+
+
+def test_a_relative_config_file_is_the_one_named_before_the_owner_changed_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``hooks(resources, config_file="sp.toml")`` in a gunicorn config file:
+    gunicorn applies ``--chdir`` after reading it, and the coordinator starts
+    (in the owner's cwd) after that. The relative path was kept: a reload read
+    the file beside the new cwd (here none: "reload failed"), and so did the
+    owner's restart after a crash (the configuration it started with, at error)."""
+    from sharedpool.program import EmbeddedCoordinator
+
+    sock = str(tmp_path / "sp.sock")
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "app").mkdir()
+    config = tmp_path / "conf" / "sp.toml"
+    config.write_text("[resources.demo]\nmax_size = 6\n")
+    monkeypatch.chdir(tmp_path / "conf")
+    embedded = EmbeddedCoordinator(sock, {"demo": 6}, config_file="sp.toml")
+    monkeypatch.chdir(tmp_path / "app")  # gunicorn's --chdir
+    embedded.start()
+    try:
+        config.write_text("[resources.demo]\nmax_size = 2\n")
+        reloaded = sp("reload", "--socket", sock)
+        assert reloaded.returncode == 0, reloaded.stderr
+        config.write_text("[resources.demo]\nmax_size = 3\n")
+        pid = embedded.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: embedded.restarts == 1 and embedded.pid not in (None, pid), 30, what="the restart")
+        assert wait_for(lambda: _served(sock), 10, what="the restarted coordinator") == {"demo": 3}
     finally:
         embedded.stop()
