@@ -67,8 +67,12 @@ def test_sigkilled_worker_slot_goes_to_a_waiting_worker(pg: str, start_coordinat
     start_coordinator({"pg": Resource(max_size=2, monitor_dsn=pg_dsn(), acquire_timeout=60)})
     c = Client(sock_path)
     with BackendSampler(app_name) as sampler:
-        # Two workers hold both slots for a long time; a third waits.
-        holders = [spawn(sock_path, app_name, 1, "1", "1", "30") for _ in range(2)]
+        # Two workers hold both slots for longer than the test; a third waits. The
+        # killed one's slot is the only one that can serve it (held 30 s, the
+        # other holder's came free within the waiter's time, and it passed with
+        # a coordinator that never returned a dead session's leases).
+        holders = [spawn(sock_path, app_name, 1, "1", "1", "300") for _ in range(2)]
+        waiter = None
         try:
             deadline = time.monotonic() + 20
             while c.inspect("resources")["resources"][0]["leased"] < 2:
@@ -81,7 +85,7 @@ def test_sigkilled_worker_slot_goes_to_a_waiting_worker(pg: str, start_coordinat
             os.kill(holders[0].pid, signal.SIGKILL)
             result = finish(waiter, timeout=30)
         finally:
-            for p in holders:
+            for p in [*holders, *([waiter] if waiter else [])]:
                 if p.poll() is None:
                     p.kill()
                 p.wait(10)
