@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from pg_helpers import BackendSampler, pg_dsn
 from servers import wait_for
@@ -799,3 +800,31 @@ def test_a_malformed_marker_or_monitor_does_not_stop_a_restart(
         t0 = time.monotonic()
         assert asyncio.run(forget_reused(many, hung, MonitorConnections(), timeout=0.3)) == many
         assert time.monotonic() - t0 < 1.2  # 0.3 s for all, not 8 x 0.3 s
+
+
+def test_a_late_process_handed_on_alive_keeps_its_backend(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    """A fence handed on as late (its process alive but late to re-register
+    when the previous coordinator stopped) ends its backends only once the
+    process is gone: while it runs it may still be using them. Terminated at
+    once, a live process's connection was ended under it."""
+    from sharedpool.marker import marker_path, write_marker
+
+    ours = psycopg.connect(pg_dsn(), application_name=app_name, autocommit=True)
+    try:
+        lease_id = 1_700_000_000_000_000
+        # This test's own process stands for the late one: alive throughout.
+        write_marker(marker_path(sock_path),
+                     {"fenced": [["pg", lease_id, lease_id, os.getpid(), 20.0, ours.info.backend_pid]],
+                      "late": [lease_id], "mono": time.monotonic()})
+        start_coordinator({"pg": Resource(max_size=1, monitor_dsn=pg_dsn(), fence_action="terminate",
+                                          fence_timeout=20)}, restart_grace=0.2)
+        probe = Client(sock_path, name="probe")
+        try:  # the fence is in place, and its check running
+            wait_for(lambda: len(probe.inspect("fenced")["fenced"]) == 1, 20, "the restored fence")
+        finally:
+            probe.close()
+        time.sleep(1.5)
+        assert ours.execute("SELECT 1").fetchone() == (1,)  # not terminated
+    finally:
+        ours.close()
