@@ -620,29 +620,20 @@ def _pending(pid: int) -> int:
         return int(next(line for line in f if line.startswith("ShdPnd:")).split()[1], 16)
 
 
-def test_a_ctrl_c_while_the_exit_waits_for_the_coordinator_leaves_no_socket(tmp_path: Any) -> None:
-    """The exit's wait for the coordinator it stopped, cut short by a
-    KeyboardInterrupt (printed from sharedpool's exit hook): the owner was
-    gone before its coordinator, whose socket stayed behind a while."""
-    path = str(tmp_path / "c.sock")
+@contextmanager
+def _exit_waiting(path: str) -> Iterator[tuple[subprocess.Popen[bytes], psutil.Process]]:
+    """An owner at its exit, waiting for its coordinator: stopped (SIGSTOP) and
+    sent the exit's SIGTERM, which it takes once let go (``child.resume()``)."""
     owner = subprocess.Popen([sys.executable, "-c", _OWNER_AT_EXIT, path], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     child = psutil.Process(int(owner.stdout.readline()))  # type: ignore[union-attr]
     try:
-        child.suspend()  # it stops only once let go: the owner waits meanwhile
+        child.suspend()
         # Stopped before the owner's SIGTERM is sent (both pending, SIGTERM was taken first).
         wait_for(lambda: child.status() == psutil.STATUS_STOPPED, 15, "the SIGSTOP")
         owner.stdin.close()  # type: ignore[union-attr]  # the program ends
         wait_for(lambda: _pending(child.pid) & (1 << (signal.SIGTERM - 1)), 15, "the stop")
-        os.kill(owner.pid, signal.SIGINT)
-        time.sleep(0.3)
-        assert owner.poll() is None, "the owner left before its coordinator"
-        child.resume()
-        assert owner.wait(20) == 0
-        assert not os.path.exists(path)
-        child.wait(15)  # the last writer of the pipe
-        err = owner.stderr.read()  # type: ignore[union-attr]
-        assert b"KeyboardInterrupt" not in err, err.decode()
+        yield owner, child
     finally:
         if owner.poll() is None:
             owner.kill()
@@ -650,8 +641,30 @@ def test_a_ctrl_c_while_the_exit_waits_for_the_coordinator_leaves_no_socket(tmp_
         with contextlib.suppress(psutil.NoSuchProcess):
             child.resume()
             child.kill()
-        for f in (owner.stdout, owner.stderr):
+        for f in (owner.stdin, owner.stdout, owner.stderr):
             f.close()  # type: ignore[union-attr]
+
+
+def _stopped_cleanly(owner: subprocess.Popen[bytes], child: psutil.Process, path: str) -> str:
+    """Let the coordinator go; check the owner waited for it; its stderr."""
+    assert owner.poll() is None, "the owner left before its coordinator"
+    child.resume()
+    assert owner.wait(20) == 0
+    assert not os.path.exists(path)
+    child.wait(15)  # the last writer of the pipe
+    return owner.stderr.read().decode()  # type: ignore[union-attr]
+
+
+def test_a_ctrl_c_while_the_exit_waits_for_the_coordinator_leaves_no_socket(tmp_path: Any) -> None:
+    """The exit's wait for the coordinator it stopped, cut short by a
+    KeyboardInterrupt (printed from sharedpool's exit hook): the owner was
+    gone before its coordinator, whose socket stayed behind a while."""
+    path = str(tmp_path / "c.sock")
+    with _exit_waiting(path) as (owner, child):
+        os.kill(owner.pid, signal.SIGINT)
+        time.sleep(0.3)
+        err = _stopped_cleanly(owner, child, path)
+        assert "KeyboardInterrupt" not in err, err
 
 
 def test_a_burst_of_ctrl_c_while_the_exit_waits_cuts_nothing_short(tmp_path: Any) -> None:
@@ -662,33 +675,12 @@ def test_a_burst_of_ctrl_c_while_the_exit_waits_cuts_nothing_short(tmp_path: Any
     stopped) and waited 5 s more, printing a TimeoutExpired."""
     for i in range(6):  # each owner had about an even chance
         path = str(tmp_path / f"c{i}.sock")
-        owner = subprocess.Popen([sys.executable, "-c", _OWNER_AT_EXIT, path], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        child = psutil.Process(int(owner.stdout.readline()))  # type: ignore[union-attr]
-        try:
-            child.suspend()  # the owner's exit waits for it meanwhile
-            wait_for(lambda: child.status() == psutil.STATUS_STOPPED, 15, "the SIGSTOP")  # noqa: B023
-            owner.stdin.close()  # type: ignore[union-attr]
-            wait_for(lambda: _pending(child.pid) & (1 << (signal.SIGTERM - 1)), 15, "the stop")  # noqa: B023
+        with _exit_waiting(path) as (owner, child):
             end = time.monotonic() + 0.5
             while time.monotonic() < end:  # as fast as they go: bounded, half a second
                 os.kill(owner.pid, signal.SIGINT)
-            assert owner.poll() is None, "the owner left before its coordinator"
-            child.resume()
-            assert owner.wait(20) == 0
-            assert not os.path.exists(path)
-            child.wait(15)  # the last writer of the pipe
-            err = owner.stderr.read().decode()  # type: ignore[union-attr]
+            err = _stopped_cleanly(owner, child, path)
             assert "Traceback" not in err and "ignored SIGTERM" not in err, err
-        finally:
-            if owner.poll() is None:
-                owner.kill()
-                owner.wait(10)
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.resume()
-                child.kill()
-            for f in (owner.stdin, owner.stdout, owner.stderr):
-                f.close()  # type: ignore[union-attr]
 
 
 def test_an_owner_gone_while_its_coordinator_starts_stops_it_cleanly(tmp_path: Any) -> None:
