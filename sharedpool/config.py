@@ -538,8 +538,8 @@ class CoordinatorConfig:
             # Absolute now, as load() makes it: the program runs in the owner's cwd when
             # it starts, gunicorn's --chdir applied after its config file (where hooks()
             # was called) was read; a reload, or a restart, read another file or none.
-            path = _config_path("config_file", self.config_file)
-            object.__setattr__(self, "config_file", os.path.join(os.getcwd(), path))
+            object.__setattr__(self, "config_file",
+                               _absolute("config_file", _config_path("config_file", self.config_file)))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], **overrides: Any) -> CoordinatorConfig:
@@ -598,7 +598,7 @@ class CoordinatorConfig:
         # Absolute, symlinks kept: a reload reads what the path names then (a release or a
         # ConfigMap swapped in by a symlink), not the file it named at start. Joined, not
         # abspath()'d: its lexical ".." would drop a symlink before it (`current/../sp.toml`).
-        section["config_file"] = os.path.join(os.getcwd(), path)
+        section["config_file"] = _absolute("config", path)
         section["overrides"] = kept
         try:
             return _from_mapping(cls, section, "coordinator")
@@ -630,6 +630,20 @@ def _config_path(name: str, value: Any) -> str:
     if not isinstance(value, str) or not value or "\0" in value:
         raise ConfigError(name, f"must be the path of a TOML file, got {value!r}")
     return value
+
+
+def _absolute(name: str, path: str) -> str:
+    """``path`` joined to the working directory if relative. An absolute one is
+    never joined: getcwd() fails once the cwd is deleted (a release directory
+    cleaned up under a running master), and every config (the program's own,
+    a restart's re-read) then failed with a FileNotFoundError."""
+    if os.path.isabs(path):
+        return path
+    try:
+        return os.path.join(os.getcwd(), path)
+    except FileNotFoundError:
+        raise ConfigError(name, f"{path} is relative and the working directory is gone; "
+                          "give an absolute path") from None
 
 
 #: Far above any real config (1,900 resources, near the most a welcome frame holds, take ~150 kB).

@@ -372,6 +372,29 @@ def test_config_file_keeps_a_symlink_before_dotdot(tmp_path: Path, monkeypatch: 
     assert CoordinatorConfig.load(config.config_file).resources["pg"].max_size == 3  # what a reload reads
 
 
+def test_an_absolute_config_file_needs_no_working_directory(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cwd deleted under a running process (a release directory cleaned up):
+    getcwd() raised FileNotFoundError for every config naming a file, an absolute
+    one too (the embedded program's own, a restart's re-read, a reload). A
+    relative one is a ConfigError naming the field."""
+    path = tmp_path / "sp.toml"
+    path.write_text("[resources]\npg = 3\n")
+    (tmp_path / "gone").mkdir()
+    monkeypatch.chdir(tmp_path / "gone")
+    (tmp_path / "gone").rmdir()
+    sock = str(tmp_path / "s.sock")
+    given = CoordinatorConfig(socket_path=sock, resources={"pg": 1}, config_file=str(path))
+    assert given.config_file == str(path)
+    assert CoordinatorConfig.load(str(path)).config_file == str(path)
+    with pytest.raises(ConfigError) as exc:
+        CoordinatorConfig(socket_path=sock, resources={"pg": 1}, config_file="sp.toml")
+    assert exc.value.field == "config_file"
+    with pytest.raises(ConfigError) as exc:
+        CoordinatorConfig.load("sp.toml")
+    assert exc.value.field == "config"
+
+
 def test_load_toml_overrides_win(tmp_path: Path) -> None:
     path = _write(tmp_path, '[coordinator]\nsocket = "/a.sock"\n[resources]\npg = 2\napi = 1\n')
     config = CoordinatorConfig.load(

@@ -195,3 +195,35 @@ def test_a_relative_config_file_is_the_one_named_before_the_owner_changed_direct
         assert wait_for(lambda: _served(sock), 10, what="the restarted coordinator") == {"demo": 3}
     finally:
         embedded.stop()
+
+
+def test_an_embedded_coordinator_whose_owners_cwd_is_gone_restarts_and_reloads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The owner's cwd deleted (a release directory cleaned up under a running
+    master), its config file absolute: the config called getcwd() all the same,
+    so the coordinator did not start (FileNotFoundError); before that, its
+    restart after a crash killed the watch thread (never restarted), and a
+    reload in it failed."""
+    from sharedpool.program import EmbeddedCoordinator
+
+    sock = str(tmp_path / "sp.sock")
+    config = tmp_path / "sp.toml"
+    config.write_text("[resources.demo]\nmax_size = 6\n")
+    (tmp_path / "gone").mkdir()
+    monkeypatch.chdir(tmp_path / "gone")
+    (tmp_path / "gone").rmdir()
+    embedded = EmbeddedCoordinator(sock, {"demo": 6}, config_file=str(config)).start()
+    try:
+        config.write_text("[resources.demo]\nmax_size = 2\n")
+        pid = embedded.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: embedded.restarts == 1 and embedded.pid not in (None, pid), 30, what="the restart")
+        assert wait_for(lambda: _served(sock), 10, what="the restarted coordinator") == {"demo": 2}
+        monkeypatch.chdir(tmp_path)  # the CLI's own; the coordinator's cwd is still gone
+        config.write_text("[resources.demo]\nmax_size = 3\n")
+        reloaded = sp("reload", "--socket", sock)
+        assert reloaded.returncode == 0, reloaded.stderr
+        assert wait_for(lambda: _served(sock) == {"demo": 3}, 10, what="the reloaded limits")
+    finally:
+        embedded.stop()
