@@ -361,7 +361,7 @@ class EmbeddedCoordinator:
             fresh = CoordinatorConfig.load(path, **{**self.config.overrides, "socket_path": self.socket_path})
             config = dataclasses.replace(self.config, resources={**self.config.resources,
                                                                  **fresh.resources})
-        except ConfigError as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever it is, the restart must still happen
             log.error("coordinator for %s restarts with the configuration it started with: %s",
                       self.socket_path, exc)
             return

@@ -8,6 +8,7 @@ import signal
 import stat
 import uuid
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -225,5 +226,31 @@ def test_an_embedded_coordinator_whose_owners_cwd_is_gone_restarts_and_reloads(
         reloaded = sp("reload", "--socket", sock)
         assert reloaded.returncode == 0, reloaded.stderr
         assert wait_for(lambda: _served(sock) == {"demo": 3}, 10, what="the reloaded limits")
+    finally:
+        embedded.stop()
+
+
+def test_an_embedded_coordinator_restarts_even_if_rereading_its_file_raises(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Re-reading the config file before a restart must not end the watcher:
+    an error other than ConfigError (any bug, a MemoryError) killed its thread,
+    and the coordinator was never restarted. It restarts as it started."""
+    from sharedpool import CoordinatorConfig
+    from sharedpool.program import EmbeddedCoordinator
+
+    sock = str(tmp_path / "sp.sock")
+    config = tmp_path / "sp.toml"
+    config.write_text("[resources.demo]\nmax_size = 6\n")
+    embedded = EmbeddedCoordinator(config=CoordinatorConfig.load(config, socket_path=sock)).start()
+    try:
+        def broken(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("the re-read went wrong")
+
+        monkeypatch.setattr(CoordinatorConfig, "load", broken)
+        pid = embedded.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: embedded.restarts == 1 and embedded.pid not in (None, pid), 30, what="the restart")
+        assert wait_for(lambda: _served(sock), 10, what="the restarted coordinator") == {"demo": 6}
     finally:
         embedded.stop()
