@@ -39,6 +39,15 @@ def _served(sock: str) -> dict[str, int] | None:
         client.close()
 
 
+def _crashed_and_restarted(embedded: Any) -> dict[str, int] | None:
+    """SIGKILL ``embedded``'s coordinator; what its restart serves (see :func:`_served`)."""
+    pid = embedded.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: embedded.restarts == 1 and embedded.pid not in (None, pid), 30, what="the restart")
+    return wait_for(lambda: _served(embedded.socket_path), 10, what="the restarted coordinator")
+
+
 def test_a_reload_that_changes_or_drops_monitor_dsn_closes_the_old_monitor_connection(
         tmp_path: Path, pg: str) -> None:
     """The fence's monitor connections are kept per DSN. A reload that changed
@@ -108,32 +117,18 @@ def test_an_embedded_coordinator_restarted_after_a_reload_serves_the_files_limit
     ``serve --config`` is. Restarted after a crash, it came back with the limits
     it was first started with (6), not the file's it had been serving (2): as
     ``serve --config`` restarted by systemd does, it reads the file again."""
-    from sharedpool import Client, CoordinatorConfig
+    from sharedpool import CoordinatorConfig
     from sharedpool.program import EmbeddedCoordinator
 
     sock = str(tmp_path / "sp.sock")
     config = tmp_path / "sp.toml"
     config.write_text("[resources.demo]\nmax_size = 6\n")
     embedded = EmbeddedCoordinator(config=CoordinatorConfig.load(config, socket_path=sock)).start()
-
-    def cap() -> int | None:
-        client = Client(sock)
-        try:
-            return int(client.inspect("resources")["resources"][0]["max_size"])
-        except Exception:  # noqa: BLE001 - not back yet
-            return None
-        finally:
-            client.close()
-
     try:
         config.write_text("[resources.demo]\nmax_size = 2\n")
         assert sp("reload", "--socket", sock).returncode == 0
-        assert cap() == 2
-        pid = embedded.pid
-        assert pid is not None
-        os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: embedded.restarts == 1 and embedded.pid not in (None, pid), 30, what="the restart")
-        assert wait_for(cap, 10, what="the restarted coordinator") == 2
+        assert _served(sock) == {"demo": 2}
+        assert _crashed_and_restarted(embedded) == {"demo": 2}
     finally:
         embedded.stop()
 
@@ -155,12 +150,7 @@ def test_an_embedded_coordinator_restarted_keeps_the_settings_given_beside_its_c
     try:
         assert stat.S_IMODE(os.stat(sock).st_mode) == 0o660
         config.write_text("[resources.demo]\nmax_size = 2\n")
-        pid = embedded.pid
-        assert pid is not None
-        os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: embedded.restarts == 1 and embedded.pid not in (None, pid), 30, what="the restart")
-        served = wait_for(lambda: _served(sock), 10, what="the restarted coordinator")
-        assert served == {"demo": 2, "extra": 1}
+        assert _crashed_and_restarted(embedded) == {"demo": 2, "extra": 1}
         assert stat.S_IMODE(os.stat(sock).st_mode) == 0o660
     finally:
         embedded.stop()
@@ -189,11 +179,7 @@ def test_a_relative_config_file_is_the_one_named_before_the_owner_changed_direct
         reloaded = sp("reload", "--socket", sock)
         assert reloaded.returncode == 0, reloaded.stderr
         config.write_text("[resources.demo]\nmax_size = 3\n")
-        pid = embedded.pid
-        assert pid is not None
-        os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: embedded.restarts == 1 and embedded.pid not in (None, pid), 30, what="the restart")
-        assert wait_for(lambda: _served(sock), 10, what="the restarted coordinator") == {"demo": 3}
+        assert _crashed_and_restarted(embedded) == {"demo": 3}
     finally:
         embedded.stop()
 
@@ -216,11 +202,7 @@ def test_an_embedded_coordinator_whose_owners_cwd_is_gone_restarts_and_reloads(
     embedded = EmbeddedCoordinator(sock, {"demo": 6}, config_file=str(config)).start()
     try:
         config.write_text("[resources.demo]\nmax_size = 2\n")
-        pid = embedded.pid
-        assert pid is not None
-        os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: embedded.restarts == 1 and embedded.pid not in (None, pid), 30, what="the restart")
-        assert wait_for(lambda: _served(sock), 10, what="the restarted coordinator") == {"demo": 2}
+        assert _crashed_and_restarted(embedded) == {"demo": 2}
         monkeypatch.chdir(tmp_path)  # the CLI's own; the coordinator's cwd is still gone
         config.write_text("[resources.demo]\nmax_size = 3\n")
         reloaded = sp("reload", "--socket", sock)
@@ -247,10 +229,6 @@ def test_an_embedded_coordinator_restarts_even_if_rereading_its_file_raises(
             raise RuntimeError("the re-read went wrong")
 
         monkeypatch.setattr(CoordinatorConfig, "load", broken)
-        pid = embedded.pid
-        assert pid is not None
-        os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: embedded.restarts == 1 and embedded.pid not in (None, pid), 30, what="the restart")
-        assert wait_for(lambda: _served(sock), 10, what="the restarted coordinator") == {"demo": 6}
+        assert _crashed_and_restarted(embedded) == {"demo": 6}
     finally:
         embedded.stop()
