@@ -572,8 +572,14 @@ def test_a_half_made_socket_at_the_open_file_limit_is_not_taken_for_closed(
     monkeypatch.setattr(halfmade, "FIN_WAIT", 0.05, raising=False)
     monkeypatch.setattr(closing, "LATE_TIMEOUT", 0.3)
     done: list[bool] = []
-    halfmade.let_go_of([ours.fileno()], done.append)
-    assert done == []  # the server end is still open
+    at: list[float] = []
+
+    def on_done(confirmed: bool) -> None:
+        at.append(time.monotonic())
+        done.append(confirmed)
+
+    started = time.monotonic()
+    halfmade.let_go_of([ours.fileno()], on_done)
     server.settimeout(5)
     assert server.recv(1) == b""  # our FIN went out on the socket's own fd
     os.fstat(ours.fileno())  # which is still its owner's
@@ -581,6 +587,9 @@ def test_a_half_made_socket_at_the_open_file_limit_is_not_taken_for_closed(
     while not done and time.monotonic() < deadline:
         time.sleep(0.01)
     assert done == [False]  # given back as a watcher that timed out would
+    # Not before LATE_TIMEOUT, though the server end is still open (a lower
+    # bound: a stall here must not read as a give-back come too early).
+    assert at[0] - started >= 0.3, at[0] - started
     # A server that lets go within FIN_WAIT: confirmed, at once.
     ours2, server2 = socket.socketpair()
 
@@ -591,7 +600,7 @@ def test_a_half_made_socket_at_the_open_file_limit_is_not_taken_for_closed(
 
     threading.Thread(target=backend, daemon=True).start()
     monkeypatch.setattr(halfmade, "FIN_WAIT", 5.0, raising=False)
-    halfmade.let_go_of([ours2.fileno()], done.append)
+    halfmade.let_go_of([ours2.fileno()], on_done)
     assert done == [False, True]
     for sock in (ours, server, ours2):
         sock.close()
