@@ -82,7 +82,8 @@ def test_client_that_stops_reading_is_ended(start_coordinator: Any, sock_path: s
 def test_frame_timeout_is_per_frame(start_coordinator: Any, sock_path: str) -> None:
     """A peer whose frames each arrive within frame_timeout is not cut off
     because the reads, over a longer time, kept ending in the middle of one."""
-    start_coordinator({"r": 1}, frame_timeout=0.5)
+    # 1.5 s: a stall of the test or coordinator on a loaded machine stays far inside it.
+    start_coordinator({"r": 1}, frame_timeout=1.5)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(sock_path)
     try:
@@ -90,7 +91,7 @@ def test_frame_timeout_is_per_frame(start_coordinator: Any, sock_path: str) -> N
         report = p.encode(p.Report([], {}, ["r"], {}))
         half = len(report) // 2
         s.sendall(report[:half])
-        for _ in range(30):  # 1.5 s, 3 frame_timeouts: each frame completes in 50 ms
+        for _ in range(70):  # 3.5 s, over 2 frame_timeouts: each frame completes in 50 ms
             time.sleep(0.05)
             s.sendall(report[half:] + report[:half])
         time.sleep(0.05)
