@@ -22,18 +22,21 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import socket
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
 )
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from .errors import SharedPoolError
@@ -44,6 +47,14 @@ log = logging.getLogger("sharedpool.metrics")
 
 #: How long a scrape waits for the event loop to hand over a snapshot.
 SNAPSHOT_TIMEOUT = 2.0
+
+#: A metrics client silent this long (connected, request unsent) is dropped.
+CLIENT_TIMEOUT = 10.0
+
+#: Metrics connections served at once; more are closed at once. Each holds a
+#: thread and a file descriptor of the coordinator's process, whose descriptors
+#: are also its sessions' (see FD_RESERVE in server.py).
+MAX_CLIENTS = 16
 
 #: A failing scrape is logged at most this often per cause, the repeats counted.
 SCRAPE_ERROR_LOG_EVERY = 60.0
@@ -244,19 +255,73 @@ class MetricsServer:
         self.thread.join(5)
 
 
+class _Handler(WSGIRequestHandler):
+    """prometheus_client's handler (no access log), with a read timeout: a client that
+    connects and never sends its request no longer holds its thread and socket forever."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(getattr(self.server, "client_timeout", None))
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except OSError:  # timed out, or reset: that client is gone, nothing to answer
+            self.close_connection = True
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
+        """Log nothing (a scrape every 15 s)."""
+
+
+class _MetricsHTTPServer(ThreadingWSGIServer):
+    """A thread per connection, as prometheus_client's, but at most ``max_clients``
+    of them: an idle-connection flood must not take the coordinator's threads and
+    file descriptors (its sessions' too). Connections over the cap are closed."""
+
+    def __init__(self, host: str, port: int, max_clients: int, client_timeout: float) -> None:
+        # As prometheus_client's start_http_server: the family the address is of (IPv6 too).
+        family, _, _, _, sockaddr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        self.address_family = family
+        self.client_timeout = client_timeout
+        self._slots = threading.BoundedSemaphore(max_clients)
+        super().__init__((str(sockaddr[0]), port), _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: nobody else frees the slot
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """No traceback on stderr for a client that misbehaved (socketserver's default)."""
+        log.debug("metrics client %s: %s", client_address, sys.exc_info()[1])
+
+
 def serve_metrics(server: Any, host: str, port: int) -> MetricsServer:
-    """Serve ``/metrics`` for ``server`` (a :class:`sharedpool.server.Server`) on host:port."""
+    """Serve ``/metrics`` for ``server`` (a :class:`sharedpool.server.Server`) on host:port,
+    to at most :data:`MAX_CLIENTS` clients at once, each dropped after
+    :data:`CLIENT_TIMEOUT` without a byte."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(LedgerCollector(server))
     try:
-        httpd, thread = start_http_server(port, addr=host, registry=registry)
+        httpd = _MetricsHTTPServer(host, port, MAX_CLIENTS, CLIENT_TIMEOUT)
     except OSError as exc:
         raise MetricsUnavailable(
             f"metrics_port {port}: cannot listen on {host}: {exc.strerror or exc}") from None
-    # Swapped in as it starts serving (a scrape that early would fail loudly, once).
-    app = httpd.get_app()
-    assert app is not None  # make_server set it
-    httpd.set_app(_ScrapeErrors(app))
+    httpd.set_app(_ScrapeErrors(make_wsgi_app(registry)))
+    thread = threading.Thread(target=httpd.serve_forever, name="sharedpool-metrics", daemon=True)
+    thread.start()
     metrics = MetricsServer(httpd, thread, registry)
     # An IPv6 address goes in brackets, or the URL logged is not one to paste.
     log.info("metrics on http://%s:%d/metrics", f"[{host}]" if ":" in host else host, metrics.port)

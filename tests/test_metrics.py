@@ -276,3 +276,40 @@ def test_a_stuck_loop_fails_each_scrape_with_one_log_line_not_a_traceback(
     assert said[0].getMessage().startswith(
         "metrics scrape failed (HTTP 500): TimeoutError: the coordinator's event loop")
     assert sum("metrics scrape failed" in r.getMessage() for r in caplog.records) == 3  # the repeats at debug
+
+
+def test_idle_metrics_connections_are_capped_and_timed_out(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that connects and never sends held one thread and one file
+    descriptor of the coordinator's process for ever (no read timeout, no cap):
+    enough of them and the coordinator's own sessions run out of descriptors.
+    Now they are dropped after ``client_timeout``, and those over ``max_clients``
+    at once, while a scrape that comes after them is answered."""
+    import threading
+    import time
+
+    from sharedpool import metrics as module
+
+    monkeypatch.setattr(module, "MAX_CLIENTS", 4, raising=False)
+    monkeypatch.setattr(module, "CLIENT_TIMEOUT", 1.0, raising=False)
+    server, loop, thread = _server_on_a_loop(tmp_path, {"r": 1})
+    metrics = module.serve_metrics(server, "127.0.0.1", 0)
+    base = threading.active_count()
+    idle = []
+    try:
+        for _ in range(12):
+            idle.append(socket.create_connection(("127.0.0.1", metrics.port), timeout=10))
+        time.sleep(0.5)  # accepted by now
+        assert threading.active_count() - base <= 4
+        # Each idle connection is closed by the server (b"") well within 10 s.
+        for sock in idle:
+            assert sock.recv(1) == b""
+        assert value(scrape(metrics.port), "sharedpool_max_size", resource="r") == 1
+        assert wait_for(lambda: threading.active_count() <= base or None, what="handler threads gone")
+    finally:
+        for sock in idle:
+            sock.close()
+        metrics.shutdown()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
