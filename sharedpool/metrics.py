@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import io
 import logging
 import socket
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, TextIO
 from wsgiref.simple_server import WSGIRequestHandler
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
@@ -259,6 +260,8 @@ class _Handler(WSGIRequestHandler):
     """prometheus_client's handler (no access log), with a read timeout: a client that
     connects and never sends its request no longer holds its thread and socket forever."""
 
+    _stderr: io.StringIO | None = None
+
     def setup(self) -> None:
         super().setup()
         self.connection.settimeout(getattr(self.server, "client_timeout", None))
@@ -268,6 +271,15 @@ class _Handler(WSGIRequestHandler):
             super().handle()
         except OSError:  # timed out, or reset: that client is gone, nothing to answer
             self.close_connection = True
+        finally:
+            if said := (self._stderr.getvalue().strip() if self._stderr else ""):
+                log.debug("metrics client %s: %s", self.client_address, said.splitlines()[-1])
+
+    def get_stderr(self) -> TextIO:
+        """wsgiref's traceback for a client that stops reading mid-response (the write
+        timed out) goes to the debug log, not stderr: the app's own errors never get here."""
+        self._stderr = io.StringIO()
+        return self._stderr
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
         """Log nothing (a scrape every 15 s)."""

@@ -313,3 +313,39 @@ def test_idle_metrics_connections_are_capped_and_timed_out(
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
         loop.close()
+
+
+def test_a_client_that_stops_reading_times_out_without_a_traceback(
+        capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    """The write that times out (a client that sent its request, then never read
+    a reply larger than the socket buffers) raised inside wsgiref, which printed
+    its traceback on stderr: now one debug line, and the slot is freed."""
+    import logging
+    import threading
+
+    from sharedpool.metrics import _MetricsHTTPServer
+
+    body = b"x" * (64 << 20)  # well over any socket buffers
+
+    def app(environ: Any, start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [body]
+
+    caplog.set_level(logging.DEBUG, logger="sharedpool.metrics")
+    httpd = _MetricsHTTPServer("127.0.0.1", 0, 2, 0.5)
+    httpd.set_app(app)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with socket.create_connection(("127.0.0.1", httpd.server_address[1]), timeout=10) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            slots = httpd._slots  # type: ignore[attr-defined]
+            assert wait_for(lambda: slots._value == 1 or None, what="the reply under way")
+            assert wait_for(lambda: slots._value == 2 or None, what="the slot freed")
+        assert "Traceback" not in capfd.readouterr().err
+        assert any("timed out" in r.getMessage() for r in caplog.records)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)
