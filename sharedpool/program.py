@@ -31,7 +31,6 @@ import subprocess
 import sys
 import threading
 import time
-import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -172,7 +171,6 @@ class EmbeddedCoordinator:
         self._stopping = threading.Event()
         self._proc: subprocess.Popen[bytes] | None = None
         self._lifeline: int | None = None  # write end of the coordinator's stdin
-        _INSTANCES.add(self)
 
     @property
     def socket_path(self) -> str:
@@ -237,9 +235,9 @@ class EmbeddedCoordinator:
 
     def _launch(self) -> None:
         proc, lifeline = self._spawn()
+        _STARTED.add(self)  # first: an instance with a lifeline is one a forked child forgets
         with self._lock:
             self._proc, self._lifeline = proc, lifeline
-        _STARTED.add(self)
         _UNOWNED_LIFELINES.discard(lifeline)
         if self.restart:
             threading.Thread(target=self._watch, args=(proc,), daemon=True,
@@ -578,12 +576,12 @@ def _child_main() -> None:
 
 # ---------------------------------------------------------------------- fork and exit
 
-_INSTANCES: weakref.WeakSet[EmbeddedCoordinator] = weakref.WeakSet()
 #: Started and not stopped: held here, as threading holds a started thread, so
 #: that the exit stops them even when the caller kept no reference
 #: (``Coordinator(...).start()``): else they only saw their lifeline end after
 #: this process was gone, and stopped, warning, while their socket was still
-#: there for whoever started the next one.
+#: there for whoever started the next one. The ones a forked child forgets too:
+#: one never started or stopped holds no process nor lifeline.
 _STARTED: set[EmbeddedCoordinator] = set()
 #: How long the exit waits for each of its coordinators to stop.
 EXIT_WAIT = 5.0
@@ -591,8 +589,9 @@ EXIT_WAIT = 5.0
 
 def _forget_in_child() -> None:
     unowned = set(_UNOWNED_LIFELINES)
+    started = list(_STARTED)
     _STARTED.clear()  # the parent's to stop
-    for inst in list(_INSTANCES):
+    for inst in started:
         unowned.discard(inst._lifeline)  # closed once, by _forget
         inst._forget()
     for fd in unowned:
