@@ -171,6 +171,7 @@ class EmbeddedCoordinator:
         self._stopping = threading.Event()
         self._proc: subprocess.Popen[bytes] | None = None
         self._lifeline: int | None = None  # write end of the coordinator's stdin
+        self._watcher: threading.Thread | None = None
 
     @property
     def socket_path(self) -> str:
@@ -206,7 +207,10 @@ class EmbeddedCoordinator:
         # Before it is signalled: a refused stop changes nothing. None is
         # Popen.wait's "no limit", as it always was here.
         timeout = check_seconds("timeout", timeout, optional=True)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        watcher = self._watcher
         _end(*self._detach(), timeout)
+        _join(watcher, deadline)
 
     def kill(self) -> None:
         """SIGKILL the coordinator at once and do not restart it; its socket file
@@ -240,8 +244,9 @@ class EmbeddedCoordinator:
             self._proc, self._lifeline = proc, lifeline
         _UNOWNED_LIFELINES.discard(lifeline)
         if self.restart:
-            threading.Thread(target=self._watch, args=(proc,), daemon=True,
-                             name="sharedpool-coordinator-watch").start()
+            self._watcher = threading.Thread(target=self._watch, args=(proc,), daemon=True,
+                                             name="sharedpool-coordinator-watch")
+            self._watcher.start()
 
     def _spawn(self) -> tuple[subprocess.Popen[bytes], int]:
         """Start the program; return it and the write end of its lifeline (raw fds
@@ -332,11 +337,10 @@ class EmbeddedCoordinator:
                     stale, old = False, self._lifeline
                     self._proc, self._lifeline = new, lifeline
                     _UNOWNED_LIFELINES.discard(lifeline)
-            _close_fd(old)
-            if stale:  # stop() ran meanwhile: do not leave it behind
-                _signal(new, signal.SIGTERM)
-                new.wait(10)
+            if stale:  # stop() ran meanwhile: do not leave it behind (its lifeline
+                _end(new, lifeline, 10)  # ended after the SIGTERM: a stop, not an owner lost)
                 return
+            _close_fd(old)
             self.restarts += 1
             proc, delay = new, RESTART_MIN
             code = proc.wait()
@@ -377,6 +381,7 @@ class EmbeddedCoordinator:
             return
         proc, self._proc = self._proc, None
         lifeline, self._lifeline = self._lifeline, None
+        self._watcher = None  # the parent's thread, not running here
         _close_fd(lifeline)
         if proc is not None:
             proc.returncode = 0  # not ours to wait for: no poll/kill from this process
@@ -392,12 +397,21 @@ def _end(proc: subprocess.Popen[bytes] | None, lifeline: int | None, timeout: fl
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                log.warning("coordinator pid %s ignored SIGTERM for %.0fs; killing it",
-                            proc.pid, timeout)
+                log.warning("coordinator pid %s ignored SIGTERM; killing it", proc.pid)
                 _signal(proc, signal.SIGKILL)
                 proc.wait(5)
     finally:
         _close_fd(lifeline)  # EOF on its stdin: it stops even if the waits failed
+
+
+def _join(watcher: threading.Thread | None, deadline: float | None) -> None:
+    """Wait, up to ``deadline`` (None: no limit), for a watcher that may be
+    starting a restart as it is stopped: it stops what it started, but stop()
+    and the exit returned first, leaving a coordinator on the socket (the next
+    start() refused) or one that outlived its owner, warning."""
+    if watcher is None or watcher is threading.current_thread():
+        return
+    watcher.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
 
 @contextlib.contextmanager
@@ -613,10 +627,18 @@ def _stop_at_exit() -> None:
         for inst in started:
             if inst._running():
                 expect_end(inst.socket_path)
-        for inst in started:
+        # All told to stop first, then waited for within one bound: one stuck
+        # coordinator no longer holds the next one's stop back by its wait.
+        deadline = time.monotonic() + EXIT_WAIT
+        ending = [(inst._watcher, *inst._detach()) for inst in started]
+        for _, proc, _ in ending:
+            if proc is not None:
+                _signal(proc, signal.SIGTERM)
+        for watcher, proc, lifeline in ending:
             # One that outlived even its SIGKILL's wait leaves the others to stop.
             with contextlib.suppress(subprocess.TimeoutExpired):
-                _end(*inst._detach(), EXIT_WAIT)
+                _end(proc, lifeline, max(0.0, deadline - time.monotonic()))
+            _join(watcher, deadline)
 
 
 in_child(_forget_in_child)

@@ -683,6 +683,123 @@ def test_a_burst_of_ctrl_c_while_the_exit_waits_cuts_nothing_short(tmp_path: Any
             assert "Traceback" not in err and "ignored SIGTERM" not in err, err
 
 
+_OWNER_OF_TWO = """
+import sys
+from sharedpool import Coordinator
+first = Coordinator(sys.argv[1], {"r": 1}).start()
+second = Coordinator(sys.argv[2], {"r": 1}).start()
+print(first.pid, second.pid, flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_the_exit_stops_its_coordinators_side_by_side(tmp_path: Any) -> None:
+    """One after another, each waited for up to 5 s: a stuck first one held the
+    second's SIGTERM back by its whole wait (and a SIGKILL's)."""
+    paths = [str(tmp_path / "a.sock"), str(tmp_path / "b.sock")]
+    owner = subprocess.Popen([sys.executable, "-c", _OWNER_OF_TWO, *paths], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    children = [psutil.Process(int(pid)) for pid in owner.stdout.readline().split()]  # type: ignore[union-attr]
+    try:
+        for child in children:
+            child.suspend()
+        wait_for(lambda: all(c.status() == psutil.STATUS_STOPPED for c in children), 15, "the SIGSTOPs")
+        owner.stdin.close()  # type: ignore[union-attr]  # the program ends
+        # Well inside the exit's 5 s: both told to stop while both are stuck.
+        wait_for(lambda: all(_pending(c.pid) & (1 << (signal.SIGTERM - 1)) for c in children), 4,
+                 "both stops")
+        assert owner.poll() is None
+        for child in children:
+            child.resume()
+        assert owner.wait(20) == 0
+        assert not any(os.path.exists(path) for path in paths)
+        assert "ignored SIGTERM" not in owner.stderr.read().decode()  # type: ignore[union-attr]
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait(10)
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.resume()
+                child.kill()
+        for f in (owner.stdin, owner.stdout, owner.stderr):
+            f.close()  # type: ignore[union-attr]
+
+
+def _coordinators_on(path: str) -> list[psutil.Process]:
+    """Our coordinator programs serving ``path`` (its argv names it), whoever started them."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if "sharedpool-coordinator" in cmdline and path in cmdline:
+            found.append(proc)
+    return found
+
+
+_OWNER_EXITS_AS_IT_RESTARTS = """
+import os, signal, sys, threading
+from sharedpool.program import EmbeddedCoordinator
+coordinator = EmbeddedCoordinator(sys.argv[1], {"r": 1}).start()
+spawning = threading.Event()
+spawn = coordinator._spawn
+def restart():
+    spawning.set()
+    return spawn()
+coordinator._spawn = restart
+os.kill(coordinator.pid, signal.SIGKILL)
+assert spawning.wait(30)
+"""
+
+
+def test_the_exit_waits_for_a_restart_it_caught_starting(tmp_path: Any) -> None:
+    """The exit returned while its watcher started the crashed coordinator again:
+    the new one outlived its owner (stopping on its lifeline, warning), or,
+    cut short sooner, the dead one's socket file stayed behind."""
+    path = str(tmp_path / "c.sock")
+    owner = subprocess.run([sys.executable, "-c", _OWNER_EXITS_AS_IT_RESTARTS, path],
+                           capture_output=True, text=True, timeout=60)
+    left = _coordinators_on(path)
+    try:
+        assert owner.returncode == 0, owner.stderr
+        assert not left
+        assert not os.path.exists(path)
+        assert "gone; stopping" not in owner.stderr
+    finally:
+        for proc in left:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+
+
+def test_a_stop_while_a_restart_is_starting_waits_for_it(tmp_path: Any) -> None:
+    """stop() returned while its watcher started the crashed coordinator again:
+    that one then held the socket, and a start() right after was refused."""
+    from sharedpool.program import EmbeddedCoordinator
+
+    path = str(tmp_path / "c.sock")
+    coordinator = EmbeddedCoordinator(path, {"r": 1}).start()
+    spawning = threading.Event()
+    spawn = coordinator._spawn
+
+    def restart() -> Any:
+        spawning.set()
+        return spawn()
+
+    coordinator._spawn = restart  # type: ignore[method-assign]
+    try:
+        os.kill(coordinator.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        assert spawning.wait(30)
+        coordinator.stop()
+        assert not _coordinators_on(path)
+        assert not os.path.exists(path)
+        again = Coordinator(path, {"r": 1}).start()
+        again.stop()
+    finally:
+        coordinator.stop()
+        for proc in _coordinators_on(path):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+
+
 def test_an_owner_gone_while_its_coordinator_starts_stops_it_cleanly(tmp_path: Any) -> None:
     """Its status pipe has no reader left: the write failed (BrokenPipeError),
     the start with it, a traceback and exit 1 instead of the lifeline's clean stop."""
