@@ -426,6 +426,45 @@ def test_callers_that_gave_up_are_not_kept_as_waiting_for_a_lease(
         other.close()
 
 
+def test_growth_that_finds_no_free_slot_is_no_lease_timeout(pg: str, start_coordinator: Any,
+                                                              sock_path: str, app_name: str) -> None:
+    """psycopg_pool grows on towards min_size after serving a waiter; sharedpool
+    lets such a growth take only a slot free at once (timeout 0). Finding none
+    timed nobody out (the coordinator counts no timeout, the caller was served),
+    yet the pool's lease_timeouts counted it: 8 busy processes at a cap of 3
+    showed 13 lease_timeouts against 0 failed checkouts."""
+    start_coordinator({"pg": Resource(max_size=3, fairness_quantum=0.05)})
+    other = Client(sock_path, name="other")
+    pool = make_pool(sock_path, app_name, min_size=3, max_size=3, timeout=10)
+    try:
+        pool.wait(10)
+        # Two of the pool's idle slots are reclaimed for the other session: 1 left.
+        held = [other.acquire("pg", timeout=5) for _ in range(2)]
+        first = pool.getconn()  # the pool's last connection, in use
+        served: list[Any] = []
+        waiter = threading.Thread(target=lambda: served.append(pool.getconn(timeout=10)))
+        waiter.start()  # no connection: psycopg_pool grows for it, and waits for a lease
+        deadline = time.monotonic() + 5
+        while not pool._sp_waiting() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        other.release(held.pop())  # the growth's lease: the waiter is served, and
+        waiter.join(10)            # psycopg_pool grows on towards min_size (3): no slot free
+        assert served, "the waiting getconn() was not served"
+        deadline = time.monotonic() + 5
+        while pool._growing and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not pool._growing
+        stats = pool.get_stats()
+        assert stats.get("requests_errors", 0) == 0
+        assert stats.get("lease_timeouts", 0) == 0, stats
+        assert other.inspect("resources")["resources"][0]["timeouts"] == 0
+        pool.putconn(first)
+        pool.putconn(served[0])
+    finally:
+        pool.close()
+        other.close()
+
+
 def test_a_connection_its_user_closed_keeps_its_lease_until_the_backend_is_gone(
         pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
     """psycopg_pool discards a connection checked in closed; its socket was

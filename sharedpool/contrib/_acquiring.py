@@ -84,7 +84,7 @@ class _Acquiring(_Book):
 
     def acquire(self, key: Any, timeout: float | None = None,
                 local: Callable[[], Any] | None = None, owner: Any = None,
-                taken: list[Any] | None = None) -> Any:
+                taken: list[Any] | None = None, probe: bool = False) -> Any:
         """Take a lease for ``key`` before its socket is opened (waits up to
         ``timeout``; None: the resource's default). Raises what the client
         raises (PoolTimeout, LeaseDenied, CoordinatorUnavailable).
@@ -100,7 +100,11 @@ class _Acquiring(_Book):
         ``taken``: a one-item list an offer taken is put in, in the step that
         takes it (``local()`` is to put what it takes there the same way): the
         caller's to give back if it is cut short (a signal handler's exception)
-        before it holds what this returns."""
+        before it holds what this returns.
+
+        ``probe``: a try (``timeout`` 0) for a slot free now that no caller
+        waits for: finding none is no timeout, here as at the coordinator
+        (``lease_timeouts`` counted every such miss of psycopg_pool's growth)."""
         why = self.closed_reason()
         if why is not None:
             raise PoolClosed(why)
@@ -108,9 +112,9 @@ class _Acquiring(_Book):
         lease = None
         if client is not None:
             if local is None:
-                lease = self._acquire(client, timeout)
+                lease = self._acquire(client, timeout, probe)
             else:
-                got = self._lease_or_local(client, timeout, local, owner, taken)
+                got = self._lease_or_local(client, timeout, local, owner, taken, probe)
                 if not isinstance(got, _Granted):
                     return got
                 lease = got.lease
@@ -147,12 +151,13 @@ class _Acquiring(_Book):
             self._release(client, old.lease)
         return None
 
-    def _acquire(self, client: Client, timeout: float | None) -> Lease:
+    def _acquire(self, client: Client, timeout: float | None, probe: bool = False) -> Lease:
         t0 = time.monotonic()
         try:
             lease = client.acquire(self.resource, timeout, _owner=self)
         except PoolTimeout:
-            self.count("lease_timeouts")
+            if not probe:
+                self.count("lease_timeouts")
             raise
         except Exception:
             self.count("lease_errors")
@@ -162,7 +167,8 @@ class _Acquiring(_Book):
         return lease
 
     def _lease_or_local(self, client: Client, timeout: float | None,
-                        local: Callable[[], Any], owner: Any, taken: list[Any] | None = None) -> Any:
+                        local: Callable[[], Any], owner: Any, taken: list[Any] | None = None,
+                        probe: bool = False) -> Any:
         """Wait for a lease in a helper thread while watching ``local()``. When
         ``local()`` wins, the acquire is withdrawn at the coordinator: a process
         whose own connections serve it must not stay queued there (a waiting
@@ -177,7 +183,8 @@ class _Acquiring(_Book):
                 lease = request.run()
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 if isinstance(exc, PoolTimeout):
-                    self.count("lease_timeouts")
+                    if not probe:
+                        self.count("lease_timeouts")
                 elif not isinstance(exc, AcquireCancelled):
                     self.count("lease_errors")
                 with cond:

@@ -370,7 +370,7 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
             # wait that timed out) may come when the callers it was for are gone,
             # and a grant that comes at once is taken before the wait looks.
             not_needed = self._sp_not_needed() or book.acquire(key, 0 if quick else self._sp_timeout(),
-                                                               local=self._sp_not_needed)
+                                                               local=self._sp_not_needed, probe=quick)
         except PoolTimeout as exc:
             if not quick:
                 self._sp_local.lease_error = exc
