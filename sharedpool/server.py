@@ -525,7 +525,13 @@ class Server:
 
     def _start_fence(self, eff: StartFence) -> None:
         limits = self.ledger.resources[eff.resource].limits
-        log.info("fence: %d lease(s) of %s from dead pid %s quarantined (backends %s)",
+        # Not terminate: leases handed on by a restart that their process did not
+        # re-register. It may be alive (its hello came without them: it closed
+        # their connections while no coordinator ran); "dead" sent users looking
+        # for a crashed worker that was serving on.
+        whose = ("from dead pid %s" if eff.terminate
+                 else "that pid %s held before the restart and did not re-register")
+        log.info("fence: %d lease(s) of %s " + whose + " quarantined (backends %s)",
                  len(eff.leases), eff.resource, eff.pid, list(eff.backend_pids))
         if limits.monitor_dsn is None:
             return  # the ledger's quarantine delay ends the fence

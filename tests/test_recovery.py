@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import threading
@@ -429,6 +430,35 @@ def test_a_restart_keeps_the_fence_of_a_dead_process(start_coordinator: Any, soc
         newcomer.release(lease)
     finally:
         newcomer.close()
+
+
+def test_leases_a_live_process_let_go_of_across_a_restart_are_not_logged_as_a_dead_ones(
+        start_coordinator: Any, sock_path: str, caplog: pytest.LogCaptureFixture,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """A process that closed its connection while no coordinator ran says hello
+    to the new one without its lease: the lease is fenced, rightly, but the log
+    said "from dead pid N" of a process serving on (seen with gunicorn workers
+    after a `sharedpool serve` was SIGKILLed and started again)."""
+    caplog.set_level(logging.INFO, logger="sharedpool")  # the coordinator logs at this level
+    first = start_coordinator({"r": 1})
+    holder = Client(sock_path)
+    holder.acquire("r", timeout=5)
+    wait_marker(sock_path, "held", 1)
+    first.kill()
+    holder.close()  # its connection closed while the coordinator is away
+    second = start_coordinator({"r": 1}, restart_grace=0.5)
+    again = Client(sock_path)
+    try:
+        again.inspect("server")  # this pid's hello, without the lease
+        wait_for(lambda: again.inspect("resources")["resources"][0]["fenced"] == 0, 10,
+                 "the lease not re-registered to be fenced and freed")
+    finally:
+        again.close()
+    second.stop()  # its log is ours once it has exited
+    mine = [line for line in capfd.readouterr().err.splitlines()
+            if "quarantined" in line and f"pid {os.getpid()} " in line]
+    assert mine, "the lease was not fenced"
+    assert all("dead" not in line for line in mine), mine
 
 
 def test_a_sigkilled_coordinator_hands_on_the_leases_of_a_process_dying_meanwhile(
