@@ -109,6 +109,16 @@ def holder_alive(pid: int, before: float) -> bool:
         return not _pid_gone(pid)
 
 
+def _whose(eff: StartFence) -> str:
+    """Whose leases a fence holds, for its log lines. Not ``terminate``: handed on
+    by a restart and not re-registered; the process may be serving on (it
+    closed their connections while no coordinator ran), and "dead" sent
+    operators looking for a crashed worker."""
+    if eff.terminate:
+        return f"dead pid {eff.pid}"
+    return f"pid {eff.pid} (held before the restart, not re-registered)"
+
+
 def _pid_gone(pid: int) -> bool:
     """True only if no process has ``pid`` (a pid in use, or one we may not
     signal, may still be the process: not gone)."""
@@ -525,14 +535,8 @@ class Server:
 
     def _start_fence(self, eff: StartFence) -> None:
         limits = self.ledger.resources[eff.resource].limits
-        # Not terminate: leases handed on by a restart that their process did not
-        # re-register. It may be alive (its hello came without them: it closed
-        # their connections while no coordinator ran); "dead" sent users looking
-        # for a crashed worker that was serving on.
-        whose = ("from dead pid %s" if eff.terminate
-                 else "that pid %s held before the restart and did not re-register")
-        log.info("fence: %d lease(s) of %s " + whose + " quarantined (backends %s)",
-                 len(eff.leases), eff.resource, eff.pid, list(eff.backend_pids))
+        log.info("fence: %d lease(s) of %s from %s quarantined (backends %s)",
+                 len(eff.leases), eff.resource, _whose(eff), list(eff.backend_pids))
         if limits.monitor_dsn is None:
             return  # the ledger's quarantine delay ends the fence
         self._track(self._fence(eff, limits))
@@ -630,25 +634,25 @@ class Server:
         if remaining:
             # Either seen still there or never checked (the monitor could not
             # connect: fence.py said so above): the slots wait either way.
-            log.warning("fence: backends %s of dead pid %s not confirmed gone; slots stay fenced "
-                        "until fence_timeout (%gs)", sorted(remaining), eff.pid, limits.fence_timeout)
+            log.warning("fence: backends %s of %s not confirmed gone; slots stay fenced "
+                        "until fence_timeout (%gs)", sorted(remaining), _whose(eff), limits.fence_timeout)
             # The ledger lifts them then, silently: say so, or the operator told they
             # wait never learns when (nor that those backends were never seen to go).
             await asyncio.sleep(max(0.0, started + limits.fence_timeout - self.loop.time()) + FENCE_LOG_AFTER)
             res = self.ledger.resources.get(eff.resource)
             if res is not None and not any(lease in res.fenced for lease in eff.leases):
-                log.warning("fence: fence_timeout (%gs) passed for dead pid %s: %d slot(s) of %s free "
+                log.warning("fence: fence_timeout (%gs) passed for %s: %d slot(s) of %s free "
                             "again; backends %s were never confirmed gone", limits.fence_timeout,
-                            eff.pid, len(eff.leases), eff.resource, sorted(remaining))
+                            _whose(eff), len(eff.leases), eff.resource, sorted(remaining))
             return
         unknown = len(eff.leases) - len(eff.backend_pids)
         if unknown > 0:
             # Some connections never reported a backend pid (still connecting,
             # or opened just before the death): for them, the quarantine delay.
             await asyncio.sleep(max(0.0, started + limits.quarantine_delay - self.loop.time()))
-        log.info("fence: dead pid %s: backends %s gone, %d lease(s) with no backend pid known "
+        log.info("fence: %s: backends %s gone, %d lease(s) with no backend pid known "
                  "freed after quarantine_delay; %d slot(s) of %s free",
-                 eff.pid, sorted(eff.backend_pids), max(0, unknown), len(eff.leases), eff.resource)
+                 _whose(eff), sorted(eff.backend_pids), max(0, unknown), len(eff.leases), eff.resource)
         self.apply(self.ledger.unfence(eff.resource, eff.leases, self.loop.time(), eff.fence))
         self.flush()
         self._changed()
