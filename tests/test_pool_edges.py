@@ -2465,7 +2465,7 @@ def test_a_named_resource_with_no_coordinator_is_said_once(caplog: Any, monkeypa
     said = [r.getMessage() for r in caplog.records if "no coordinator" in r.getMessage()]
     assert len(said) == 2, said
     assert "pool 'pool-pg'" in said[0] and "capped only by its own max_size" in said[0]
-    assert said[1].startswith("'pg': no coordinator")
+    assert said[1].startswith("sharedpool: 'pg': no coordinator")
 
 
 def test_a_min_size_top_up_refused_an_unknown_resource_is_said_once(

@@ -136,8 +136,8 @@ class _Acquiring(_Book):
                 self._release(client, lease)
             raise
         if revoked:
-            log.warning("%r lease %s revoked by the coordinator as it was granted: the connection "
-                        "counts against no cap; it is closed at its checkin", self.resource,
+            log.warning("sharedpool: %r lease %s revoked by the coordinator as it was granted: the "
+                        "connection counts against no cap; it is closed at its checkin", self.resource,
                         lease.id if lease is not None else None)
         if old is not None and old.collected:
             old = None  # another connection's, under a reused id: its queued close takes all

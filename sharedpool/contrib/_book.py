@@ -283,7 +283,7 @@ class _Book:
         if path is None and (path := env_socket_path()) is None:
             if not self._said_standalone:
                 self._said_standalone = True
-                log.warning("%r: no coordinator (neither coordinator= nor $%s): connections "
+                log.warning("sharedpool: %r: no coordinator (neither coordinator= nor $%s): connections "
                             "are opened without leases, capped only by the pool's own size",
                             self.resource, SOCKET_ENV)
             return None
@@ -393,7 +393,7 @@ class _Book:
                 count = len(self._entries)
             given = self._reclaim(count) if count else 0
             log.log(logging.WARNING if verb == "end_session" else logging.INFO,
-                    "%r: coordinator says %s; closed %d idle connection(s), in-use ones close "
+                    "sharedpool: %r: coordinator says %s; closed %d idle connection(s), in-use ones close "
                     "at checkin", self.resource, verb, given)
 
     def revoked(self, key: Any) -> bool:
@@ -426,7 +426,7 @@ class _Book:
             for entry in loose:
                 entry.lease = None
         if loose:
-            log.warning("%r lease %s revoked by the coordinator (%s): its connection, detached, "
+            log.warning("sharedpool: %r lease %s revoked by the coordinator (%s): its connection, detached, "
                         "counts against no cap until its user closes it", self.resource, lease_id, why)
         if not found:
             return
@@ -435,8 +435,8 @@ class _Book:
             idle = self._idle_ids()
             count = len(found) if idle is None else sum(1 for e in found if id(e.key) in idle)
             closed = self._reclaim(count) if count else 0
-        log.warning("%r lease %s revoked by the coordinator (%s): its connection counts against no "
-                    "cap; %s", self.resource, lease_id, why,
+        log.warning("sharedpool: %r lease %s revoked by the coordinator (%s): its connection counts "
+                    "against no cap; %s", self.resource, lease_id, why,
                     "an idle connection was closed" if closed else "it is closed at its checkin")
 
     def _states(self) -> list[list[Any]]:

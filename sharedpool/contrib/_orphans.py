@@ -79,7 +79,7 @@ def close_left(left: Left) -> None:
 
 
 def _close_all(entries: list[_Entry], resource: str, timeout: float) -> None:
-    log.warning("%r: a pool was garbage-collected without close()/dispose(); closing its %d "
+    log.warning("sharedpool: %r: a pool was garbage-collected without close()/dispose(); closing its %d "
                 "connection(s) and returning their leases", resource, len(entries))
     clients = {id(e.client): e.client for e in entries if e.client is not None}
     count = [len(entries)]

@@ -107,7 +107,8 @@ class CelerySharedPool:
         elif self.embedded is None:
             raise EmbeddedStartError(
                 f"sharedpool: no coordinator is listening on {path}, and setup() got no "
-                "resources to start one with; pass resources={'name': max_size, ...}")
+                "resources to start one with: pass resources={'name': max_size, ...}, or start "
+                "`sharedpool serve` on that path first")
         else:
             self.embedded.move(path)
             try:

@@ -203,7 +203,8 @@ def hooks(
         if embedded is None:
             raise EmbeddedStartError(
                 f"sharedpool: no coordinator is listening on {path}, and hooks() got no "
-                "resources to start one with; pass resources={'name': max_size, ...}")
+                "resources to start one with: pass resources={'name': max_size, ...}, or start "
+                "`sharedpool serve` on that path first")
         try:
             embedded.start()
         except SharedPoolError as exc:
