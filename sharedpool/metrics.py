@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import io
 import logging
+import resource
 import socket
 import sys
 import threading
@@ -59,6 +61,16 @@ MAX_CLIENTS = 16
 
 #: A failing scrape is logged at most this often per cause, the repeats counted.
 SCRAPE_ERROR_LOG_EVERY = 60.0
+
+#: accept() errors that say the process (or the host) is out of descriptors or
+#: memory: the connection stays queued, and the listening socket stays readable.
+OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+#: How long accepting pauses after such an error (asyncio's own accept loop waits 1 s).
+ACCEPT_RETRY = 1.0
+
+#: Out of descriptors, said at most this often (the repeats counted).
+ACCEPT_ERROR_LOG_EVERY = 60.0
 
 #: Lease states as the ``state`` label of ``sharedpool_leases``, and the
 #: ``snapshot_resources`` key each is read from.
@@ -290,14 +302,49 @@ class _MetricsHTTPServer(ThreadingWSGIServer):
     of them: an idle-connection flood must not take the coordinator's threads and
     file descriptors (its sessions' too). Connections over the cap are closed."""
 
-    def __init__(self, host: str, port: int, max_clients: int, client_timeout: float) -> None:
+    def __init__(self, host: str, port: int, max_clients: int, client_timeout: float,
+                 accept_retry: float = ACCEPT_RETRY) -> None:
         # As prometheus_client's start_http_server: the family the address is of (IPv6 too).
         family, _, _, _, sockaddr = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
         self.address_family = family
         self.client_timeout = client_timeout
         self._slots = threading.BoundedSemaphore(max_clients)
+        self._accept_retry = accept_retry
+        self._stopping = threading.Event()
+        self._accept_said = OncePer(ACCEPT_ERROR_LOG_EVERY, time.monotonic)
         super().__init__((str(sockaddr[0]), port), _Handler)
+
+    def get_request(self) -> tuple[Any, Any]:
+        """accept(), paused a while after running out of descriptors: socketserver
+        drops the error and selects again, and the queued connection keeps the
+        listening socket readable. That spun a core (95% CPU) for as long as the
+        coordinator stayed at its open-file limit, and took the descriptor libuv
+        keeps in reserve to turn sessions away there, each one freed (the
+        coordinator's loop then spun too, and sessions hung instead of being refused)."""
+        try:
+            return super().get_request()
+        except OSError as exc:
+            if exc.errno in OUT_OF_RESOURCES:
+                self._out_of_resources(exc)
+            raise
+
+    def _out_of_resources(self, exc: OSError) -> None:
+        due = self._accept_said.due(exc.errno)
+        if due is None:
+            log.debug("metrics: cannot accept a connection: %s", exc)
+        else:
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            more = f" ({due[0]} more since the last such line)" if due[0] else ""
+            log.warning("metrics: cannot accept a connection: %s (open-file limit %s); scrapes wait, "
+                        "retried every %gs%s", exc.strerror or exc,
+                        "unlimited" if soft == resource.RLIM_INFINITY else soft, self._accept_retry, more)
+        self._stopping.wait(self._accept_retry)
+
+    def shutdown(self) -> None:
+        """Stop serve_forever() (not held up by a pause in accepting)."""
+        self._stopping.set()
+        super().shutdown()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):

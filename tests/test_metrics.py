@@ -349,3 +349,90 @@ def test_a_client_that_stops_reading_times_out_without_a_traceback(
         httpd.shutdown()
         httpd.server_close()
         thread.join(5)
+
+
+#: ``sharedpool serve`` with its open-file limits (soft and hard) set to argv[1].
+_SERVE_WITH_FILE_LIMIT = """
+import resource, sys
+limit = int(sys.argv.pop(1))
+resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+from sharedpool.cli import main
+main()
+"""
+
+
+def test_at_the_open_file_limit_a_pending_scrape_neither_spins_nor_starves_the_sessions(
+        tmp_path: Path) -> None:
+    """At the coordinator's open-file limit, a scrape waiting to be accepted made
+    socketserver's accept loop spin (accept() failed with EMFILE, the error was
+    dropped, the socket was still readable): 95% of a core for as long as the
+    limit lasted, not a log line. Spinning, it took the descriptor libuv keeps in
+    reserve to turn sessions away at the limit, each time it was freed: the
+    coordinator's own loop then spun too, and new sessions hung until their
+    connect_timeout instead of being refused at once. Now accepting pauses, says
+    why once, and the scrape is answered once a descriptor is free."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from sharedpool import protocol as p
+    from sharedpool.errors import CoordinatorUnavailable
+    from sharedpool.handshake import shake_hands
+
+    def session() -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            shake_hands(sock, path, 5.0, lambda: p.Hello(p.PROTOCOL_VERSION, 1, "t", []))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    path, port, log_path = str(tmp_path / "sp.sock"), free_port(), tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", _SERVE_WITH_FILE_LIMIT, "40", "serve",
+                                 "--socket", path, "--resource", "r=2", "--metrics-port", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT)
+    sessions: list[socket.socket] = []
+    pending = None
+    try:
+        from sharedpool.program import coordinator_listening
+
+        wait_for(lambda: proc.poll() is not None or coordinator_listening(path), 15, "the coordinator")
+        assert proc.poll() is None, log_path.read_text()
+        for _ in range(60):  # sessions until the coordinator turns one away: its limit
+            try:
+                sessions.append(session())
+            except CoordinatorUnavailable:
+                break
+        else:
+            raise AssertionError("no session was turned away at an open-file limit of 40")
+        coordinator = psutil.Process(proc.pid)
+        # Turning that session away, libuv lent it its reserve descriptor: taken
+        # back before the scrape comes (which could otherwise take it meanwhile).
+        wait_for(lambda: coordinator.num_fds() == 40, 10, "the coordinator at its limit again")
+        pending = socket.create_connection(("127.0.0.1", port), timeout=10)
+        pending.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        before, start = coordinator.cpu_times(), time.monotonic()
+        time.sleep(2.0)
+        after = coordinator.cpu_times()
+        busy = (after.user + after.system - before.user - before.system) / (time.monotonic() - start)
+        assert busy < 0.3, f"the coordinator used {busy:.0%} of a core with one scrape pending"
+        for _ in range(5):  # still turned away at once, not left hanging
+            with pytest.raises(CoordinatorUnavailable, match="open-file limit"):
+                session().close()
+        for sock in sessions[-3:]:
+            sock.close()
+        assert pending.recv(12) == b"HTTP/1.0 200"  # answered, once there is room
+        text = log_path.read_text()
+        assert text.count("metrics: cannot accept a connection: Too many open files") == 1, text
+    finally:
+        if pending is not None:
+            pending.close()
+        for sock in sessions:
+            sock.close()
+        proc.terminate()
+        proc.wait(10)
+
