@@ -51,7 +51,8 @@ log = logging.getLogger("sharedpool.metrics")
 #: How long a scrape waits for the event loop to hand over a snapshot.
 SNAPSHOT_TIMEOUT = 2.0
 
-#: A metrics client silent this long (connected, request unsent) is dropped.
+#: A metrics client silent this long, or whose request is not all in this long
+#: after it connected (one byte every few seconds is never silent), is dropped.
 CLIENT_TIMEOUT = 10.0
 
 #: Metrics connections served at once; more are closed at once. Each holds a
@@ -268,15 +269,48 @@ class MetricsServer:
         self.thread.join(5)
 
 
+class _RequestReader(io.RawIOBase):
+    """A client socket's bytes, each read bounded by what is left of a deadline
+    for the whole request: a per-read timeout alone let a client that sends a
+    byte every few seconds (never silent for ``timeout``) hold its slot for ever."""
+
+    def __init__(self, sock: socket.socket, timeout: float | None) -> None:
+        super().__init__()
+        self._sock = sock
+        self._timeout = timeout
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+
+    def readable(self) -> bool:
+        """Always: this is the read side."""
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        """Read what has come, waiting at most until the deadline."""
+        if self._deadline is None:
+            return self._sock.recv_into(buffer)
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"request not complete within {self._timeout:g}s")
+        self._sock.settimeout(left)
+        try:
+            return self._sock.recv_into(buffer)
+        finally:
+            self._sock.settimeout(self._timeout)  # the reply's writes: their own timeout
+
+
 class _Handler(WSGIRequestHandler):
-    """prometheus_client's handler (no access log), with a read timeout: a client that
-    connects and never sends its request no longer holds its thread and socket forever."""
+    """prometheus_client's handler (no access log), with a deadline for the request:
+    a client that connects and never sends it, or sends it a byte at a time, no
+    longer holds its thread and socket forever."""
 
     _stderr: io.StringIO | None = None
 
     def setup(self) -> None:
         super().setup()
-        self.connection.settimeout(getattr(self.server, "client_timeout", None))
+        timeout = getattr(self.server, "client_timeout", None)
+        self.connection.settimeout(timeout)
+        self.rfile.close()  # the base's makefile(): kept open, it would hold the socket open too
+        self.rfile = io.BufferedReader(_RequestReader(self.connection, timeout))
 
     def handle(self) -> None:
         try:
@@ -370,7 +404,7 @@ class _MetricsHTTPServer(ThreadingWSGIServer):
 def serve_metrics(server: Any, host: str, port: int) -> MetricsServer:
     """Serve ``/metrics`` for ``server`` (a :class:`sharedpool.server.Server`) on host:port,
     to at most :data:`MAX_CLIENTS` clients at once, each dropped after
-    :data:`CLIENT_TIMEOUT` without a byte."""
+    :data:`CLIENT_TIMEOUT` without a byte or with its request not all in by then."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(LedgerCollector(server))
     try:

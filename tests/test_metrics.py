@@ -436,3 +436,52 @@ def test_at_the_open_file_limit_a_pending_scrape_neither_spins_nor_starves_the_s
         proc.terminate()
         proc.wait(10)
 
+
+def test_a_metrics_client_that_trickles_its_request_is_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    """A client sending its request a byte at a time, never silent for the read
+    timeout, held its thread and slot for ever (``max_clients`` of them: no more
+    scrapes). The whole request must now come within ``client_timeout``."""
+    import threading
+    import time
+
+    from sharedpool.metrics import _MetricsHTTPServer
+
+    def app(environ: Any, start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok\n"]
+
+    httpd = _MetricsHTTPServer("127.0.0.1", 0, 2, 1.0)
+    httpd.set_app(app)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with socket.create_connection(("127.0.0.1", httpd.server_address[1]), timeout=10) as sock:
+            start = time.monotonic()
+            dropped = False
+            for byte in b"GET /metrics HTTP/1.0\r\nX-Slow: " + b"x" * 40:  # 0.2 s apart: 10 s
+                try:
+                    sock.sendall(bytes([byte]))
+                except OSError:  # reset: dropped
+                    dropped = True
+                    break
+                time.sleep(0.2)
+                sock.setblocking(False)
+                try:
+                    dropped = sock.recv(1) == b""
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    dropped = True
+                finally:
+                    sock.setblocking(True)
+                if dropped:
+                    break
+            assert dropped, "a client trickling its request was never dropped"
+            assert time.monotonic() - start < 5.0
+        with socket.create_connection(("127.0.0.1", httpd.server_address[1]), timeout=10) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")  # a scrape as usual: answered
+            assert sock.recv(12) == b"HTTP/1.0 200"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)
