@@ -54,13 +54,22 @@ class CoordinatorFailed(SharedPoolError, RuntimeError):
     """The coordinator stopped on its own: it could not go on safely (out of memory)."""
 
 
+#: What asyncio's own accept loop (no uvloop) reports when accept() fails for
+#: want of descriptors or memory.
+_ACCEPT_FAILED = "socket.accept() out of system resource"
+
+
 def _on_loop_error(server: Any, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
     """The event loop's exception handler. Out of memory in a callback (a
     session's end, a timer, a fence) may have left the ledger half-changed:
-    the coordinator stops, rather than serve on half-alive. Anything else is
-    logged as asyncio does."""
-    if isinstance(context.get("exception"), MemoryError):
+    the coordinator stops, rather than serve on half-alive. A failed accept()
+    is the server's to say (rate-limited). Anything else is logged as asyncio does."""
+    exc = context.get("exception")
+    if isinstance(exc, MemoryError):
         server.fail_hard(f"out of memory ({context.get('message') or 'in a callback'})")
+    elif isinstance(exc, OSError) and context.get("message") == _ACCEPT_FAILED:
+        server.accept_failed(exc)
+        return
     with contextlib.suppress(MemoryError):
         loop.default_exception_handler(context)
 

@@ -52,6 +52,10 @@ RECLAIM_INFO_EVERY = 60.0
 REFUSED_LOG_EVERY = 60.0
 #: A fence that ran out its fence_timeout is logged this long after (the ledger lifts it first).
 FENCE_LOG_AFTER = 0.1
+#: Sessions not accepted for want of descriptors (asyncio's loop, no uvloop) are
+#: logged at warning at most once in this many seconds, the rest at debug: asyncio
+#: logged a traceback per failed accept(), thousands a second, more each second.
+ACCEPT_FAILED_LOG_EVERY = 60.0
 
 
 def peer_credentials(sock: Any) -> tuple[int, int, int] | None:
@@ -325,6 +329,7 @@ class Server:
         self.own_uid = os.getuid()
         #: a refused uid's warning, once a minute (a peer refused in a loop)
         self._refused = OncePer(REFUSED_LOG_EVERY, loop.time)
+        self._accept_failed = OncePer(ACCEPT_FAILED_LOG_EVERY, loop.time)
         self.started = time.time()
         self.on_change: list[Any] = []  # observers (metrics)
         #: Set once the stop has handed the leases on: sessions we close then are
@@ -370,6 +375,19 @@ class Server:
         more = f" ({due[0]} more refused since the last such line)" if due[0] else ""
         log.warning("refused peer pid=%s uid=%s gid=%s: not in allowed uids/gids%s",
                     pid, uid, gid, more)
+
+    def accept_failed(self, exc: OSError) -> None:
+        """asyncio's accept loop (uvloop's turns the session away unlogged) could
+        not accept a session: out of descriptors or memory. It tries again in a
+        second; the session waits in the socket's queue meanwhile."""
+        due = self._accept_failed.due(exc.errno)
+        if due is None:
+            log.debug("cannot accept a session: %s", exc)
+            return
+        more = f" ({due[0]} more since the last such line)" if due[0] else ""
+        log.warning("cannot accept sessions: %s (open-file limit %s); they wait, tried again every "
+                    "second; raise the limit (ulimit -n, systemd LimitNOFILE=)%s",
+                    exc.strerror or exc, getrlimit(RLIMIT_NOFILE)[0], more)
 
     def is_admin(self, uid: int | None) -> bool:
         return uid is None or uid in (self.config.admin_uids or (self.own_uid,))

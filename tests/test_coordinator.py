@@ -1330,6 +1330,47 @@ def test_at_its_open_file_limit_the_refused_clients_are_told_why(sock_path: str)
                 sock.close()
 
 
+def test_on_asyncios_loop_sessions_over_the_open_file_limit_are_one_warning_not_a_log_storm(
+        tmp_path: Any) -> None:
+    # Without uvloop (asyncio's own loop), each accept() that failed with EMFILE
+    # was logged with its traceback by asyncio, and its accept loop went on
+    # trying (CPython gh-151615): ~1,200 errors (3,700 lines) in the first second
+    # with one session waiting, more each second (13,000 lines, 25% CPU, by the 8th).
+    from sharedpool.handshake import shake_hands
+
+    sock_path, log_path = str(tmp_path / "sp.sock"), tmp_path / "serve.log"
+    script = "import sys\nsys.modules['uvloop'] = None  # asyncio's loop\n" + _SERVE_WITH_FILE_LIMIT
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", script, "40", "40", "serve", "--socket", sock_path,
+                                 "--resource", "r=2"], stdout=log, stderr=subprocess.STDOUT)
+    sessions: list[socket.socket] = []
+    try:
+        wait_for(lambda: proc.poll() is not None or coordinator_listening(sock_path), 15, "the coordinator")
+        for _ in range(60):  # until one is left waiting: the limit
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sessions.append(sock)
+            try:
+                shake_hands(sock, sock_path, 1.0, lambda: p.Hello(p.PROTOCOL_VERSION, os.getpid(), "t", []))
+            except TimeoutError:
+                break
+        else:
+            raise AssertionError("every session was accepted at an open-file limit of 40")
+        time.sleep(2.0)  # asyncio tries again every second
+        text = log_path.read_text()
+        assert text.count("cannot accept sessions: Too many open files") == 1, text[-3000:]
+        assert "out of system resource" not in text and "Traceback" not in text, text[-3000:]
+        for sock in sessions[:3]:  # room again: served (within asyncio's 1 s)
+            sock.close()
+        client = Client(sock_path, connect_timeout=10.0)
+        client.release(client.acquire("r", 10.0))
+        client.close()
+    finally:
+        for sock in sessions:
+            sock.close()
+        proc.terminate()
+        assert proc.wait(10) == 0
+
+
 _SERVE_ON_A_DISK_GONE_READ_ONLY = """
 import errno, os, signal, sys
 real = os.unlink
