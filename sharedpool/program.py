@@ -408,8 +408,10 @@ def _join(watcher: threading.Thread | None, deadline: float | None) -> None:
     """Wait, up to ``deadline`` (None: no limit), for a watcher that may be
     starting a restart as it is stopped: it stops what it started, but stop()
     and the exit returned first, leaving a coordinator on the socket (the next
-    start() refused) or one that outlived its owner, warning."""
-    if watcher is None or watcher is threading.current_thread():
+    start() refused) or one that outlived its owner, warning. One not started
+    yet (a stop signal's handler, or another thread, stopping as start() starts
+    it) is not waited for: join() refuses it, and it finds the stop when it runs."""
+    if watcher is None or watcher is threading.current_thread() or not watcher.is_alive():
         return
     watcher.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 

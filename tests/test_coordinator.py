@@ -800,6 +800,49 @@ def test_a_stop_while_a_restart_is_starting_waits_for_it(tmp_path: Any) -> None:
                 proc.kill()
 
 
+def test_a_stop_as_start_starts_its_watcher_stops_it(tmp_path: Any, monkeypatch: Any) -> None:
+    """A stop signal whose handler calls stop() (or another thread's stop())
+    landing while start() had made its restart watcher but not yet started it:
+    stop()'s wait for that watcher raised "cannot join thread before it is
+    started" (RuntimeError), out of the handler."""
+    from sharedpool.program import EmbeddedCoordinator
+
+    path = str(tmp_path / "c.sock")
+    coordinator = EmbeddedCoordinator(path, {"r": 1})
+    failed: list[BaseException] = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        try:
+            coordinator.stop()
+        except BaseException as exc:  # noqa: BLE001 - what the test looks at
+            failed.append(exc)
+
+    start = threading.Thread.start
+
+    def starting(self: threading.Thread) -> None:
+        if self.name == "sharedpool-coordinator-watch":
+            signal.raise_signal(signal.SIGUSR1)  # its handler runs here, before the watcher does
+        start(self)
+
+    previous = signal.signal(signal.SIGUSR1, on_signal)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(threading.Thread, "start", starting)
+            coordinator.start()
+        assert not failed, failed
+        assert coordinator.pid is None and not os.path.exists(path)
+        watcher = coordinator._watcher
+        assert watcher is not None
+        watcher.join(15)  # it saw the stop: no restart
+        assert not watcher.is_alive() and not _coordinators_on(path)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        coordinator.stop()
+        for proc in _coordinators_on(path):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+
+
 def test_an_owner_gone_while_its_coordinator_starts_stops_it_cleanly(tmp_path: Any) -> None:
     """Its status pipe has no reader left: the write failed (BrokenPipeError),
     the start with it, a traceback and exit 1 instead of the lifeline's clean stop."""
