@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import os
 import socket
 import threading
@@ -68,6 +69,32 @@ def test_a_lease_still_closing_counts_as_held(start_coordinator: Any, sock_path:
     assert stats["closes_unconfirmed"] == 1 and stats["leases_released"] == 1
     assert wait_leased(sock_path, 0) == 0
     book.shutdown()
+
+
+def test_the_books_warnings_say_they_are_sharedpools(start_coordinator: Any, sock_path: str,
+                                                     caplog: Any) -> None:
+    """gunicorn's and celery's log formats show no logger name: the integrations'
+    warnings lead with 'sharedpool: ', but a connection opened again under its
+    lease, and a close the server had not confirmed, still read "a 'pg'
+    connection re-opened..." and "'pg': the server has not dropped...", pointing nowhere."""
+    caplog.set_level(logging.WARNING, logger="sharedpool")
+    start_coordinator({"pg": Resource(max_size=2)})
+    book = LeaseBook("pg", sock_path, confirm_timeout=0.2)
+    key = object()
+    try:
+        book.acquire(key, timeout=5)
+        book.acquire(key, timeout=5)  # opened again with no close: its old lease goes back
+        book.unused(key)
+        with leased_socket(book) as (conn, _):
+            assert not book.close(conn)  # the server has not let go
+        said = [r.getMessage() for r in caplog.records
+                if r.name.startswith("sharedpool") and r.levelno >= logging.WARNING]
+        assert any("re-opened without being closed" in m for m in said), said
+        assert any("has not dropped a connection" in m for m in said), said
+        assert all(m.startswith("sharedpool: ") for m in said), said
+    finally:
+        book.shutdown()
+    assert wait_leased(sock_path, 0) == 0
 
 
 def test_a_lease_the_restarted_coordinator_refuses_is_dropped(start_coordinator: Any,

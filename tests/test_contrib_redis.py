@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import os
 import threading
 import time
@@ -28,6 +29,7 @@ from proc_helpers import (
     wait_leased,
     wait_no_other_sessions,
 )
+from servers import wait_for
 
 from sharedpool import Client, PoolTimeout, Resource
 from sharedpool.contrib.redis import BlockingConnectionPool, LeaseTimeout
@@ -473,6 +475,29 @@ def test_a_pool_dropped_without_disconnect_gives_its_leases_back(
             del pool, r
             gc.collect()  # redis-py's connections refer to their pool: a cycle
     assert sampler.peak == 1
+    assert wait_leased(sock_path, 0) == 0 and clients_named(redis_name) == 0
+
+
+def test_a_pool_dropped_without_disconnect_says_it_is_sharedpools(
+        start_coordinator: Any, sock_path: str, redis_name: str, caplog: Any) -> None:
+    """Its warning read "'redis': a pool was garbage-collected without
+    disconnect()...": in gunicorn's and celery's log formats (no logger name)
+    nothing said whose; the same warning for SQLAlchemy and psycopg pools
+    leads with 'sharedpool: '. (Said once per resource at warning, then at debug.)"""
+    caplog.set_level(logging.DEBUG, logger="sharedpool")
+    start_coordinator({"redis": Resource(max_size=1)})
+    pool = make_pool(sock_path, redis_name, max_connections=1, timeout=3)
+    r = redis.Redis(connection_pool=pool)
+    assert r.ping()
+    del pool, r
+    gc.collect()  # redis-py's connections refer to their pool: a cycle
+
+    def said() -> list[str]:
+        return [m for m in (rec.getMessage() for rec in list(caplog.records))
+                if "garbage-collected without disconnect()" in m]
+
+    wait_for(lambda: said(), 10, "the collected pool's log line")
+    assert said()[0].startswith("sharedpool: 'redis': a pool was garbage-collected"), said()
     assert wait_leased(sock_path, 0) == 0 and clients_named(redis_name) == 0
 
 

@@ -146,8 +146,8 @@ class _Acquiring(_Book):
             old.kept.close()
             old.kept = None
         if old is not None and old.key is key and old.lease is not None and client is not None:
-            log.warning("a %r connection re-opened without being closed; releasing its old lease",
-                        self.resource)
+            log.warning("sharedpool: a %r connection re-opened without being closed; releasing its old "
+                        "lease", self.resource)
             self._release(client, old.lease)
         return None
 
@@ -241,7 +241,7 @@ class _Acquiring(_Book):
                 try:
                     back()  # checked in again: to another waiter, or to the pool
                 except Exception:  # noqa: BLE001 - the caller's exception goes on
-                    log.exception("returning a connection handed to an interrupted wait failed")
+                    log.exception("sharedpool: returning a connection handed to an interrupted wait failed")
             raise
 
     def _wait_lease_or_local(self, wait: _Wait, local: Callable[[], Any],

@@ -212,7 +212,7 @@ class _Book:
         try:
             return {id(c) for c in self._idle()}
         except Exception:  # noqa: BLE001 - exiting: treat everything as idle
-            log.exception("listing the idle connections at exit failed")
+            log.exception("sharedpool: listing the idle connections at exit failed")
             return None
 
     # ------------------------------------------------------------------ fork

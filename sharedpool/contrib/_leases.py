@@ -283,8 +283,8 @@ class LeaseBook(_Acquiring):
                     self._unconfirmed += 1
                     self._none_closing.notify_all()
             log.log(logging.WARNING if wait else logging.DEBUG,
-                    "%r: the server has not dropped a connection after %.1fs; its lease is "
-                    "kept until it does", self.resource, wait)
+                    "sharedpool: %r: the server has not dropped a connection after %.1fs; its "
+                    "lease is kept until it does", self.resource, wait)
         return confirmed
 
     def sweep(self, gone: Callable[[Any], bool]) -> int:
@@ -426,4 +426,4 @@ class LeaseBook(_Acquiring):
         try:
             self.close(key, confirm=process.confirm_at_exit(self.confirm_timeout, deadline))
         except Exception:  # noqa: BLE001 - exiting; the fence covers the rest
-            log.exception("closing a leased connection at exit failed")
+            log.exception("sharedpool: closing a leased connection at exit failed")

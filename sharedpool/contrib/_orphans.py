@@ -111,7 +111,7 @@ def _close_all(entries: list[_Entry], resource: str, timeout: float) -> None:
             if close_and_confirm(entry.key, timeout, on_late=back, kept=kept):
                 back(True)
         except Exception:  # noqa: BLE001 - the session's end covers the rest
-            log.exception("closing a connection of a collected %r pool failed", resource)
+            log.exception("sharedpool: closing a connection of a collected %r pool failed", resource)
 
 
 _orphans_warned: set[str] = set()
@@ -182,13 +182,13 @@ def close_orphan(entry: _Entry, sock: Any, resource: str, confirm_timeout: float
     def run() -> None:
         level = logging.DEBUG if resource in _orphans_warned else logging.WARNING
         _orphans_warned.add(resource)
-        log.log(level, "%r: a pool was garbage-collected without disconnect(); closing its "
-                "connection and returning its lease", resource)
+        log.log(level, "sharedpool: %r: a pool was garbage-collected without disconnect(); closing "
+                "its connection and returning its lease", resource)
         try:
             if close_and_confirm(sock, confirm_timeout, on_late=back, kept=watched):
                 back(True)
         except Exception:  # noqa: BLE001 - the session's end covers the rest
-            log.exception("closing a connection of a collected %r pool failed", resource)
+            log.exception("sharedpool: closing a connection of a collected %r pool failed", resource)
 
     client.run_soon(functools.partial(in_a_thread, f"sharedpool-orphan-{resource}", run))
 
@@ -344,6 +344,6 @@ def close_collected(book: weakref.ref[LeaseBook], key_id: int, entry: _Entry,
             if close_and_confirm(_Collected(), confirm_timeout, on_late=back, kept=kept):
                 back(True)
         except Exception:  # noqa: BLE001 - the session's end covers the rest
-            log.exception("closing a %r connection collected unclosed failed", resource)
+            log.exception("sharedpool: closing a %r connection collected unclosed failed", resource)
 
     _jobs.put(run)

@@ -494,7 +494,7 @@ class BlockingConnectionPool(redis.BlockingConnectionPool):
                 try:
                     conn.disconnect()
                 except Exception:  # noqa: BLE001 - reset the rest whatever one does
-                    log.exception("disconnecting a connection at reset failed")
+                    log.exception("sharedpool: disconnecting a connection at reset failed")
         # Those checked out now are closed when they come back (see release()).
         self._sp_generation = getattr(self, "_sp_generation", 0) + 1
         super().reset()
