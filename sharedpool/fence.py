@@ -55,17 +55,31 @@ class MonitorConnections:
 
     def __init__(self) -> None:
         self._conns: dict[str, Any] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        #: DSN -> its lock and how many get() calls are using it; kept only
+        #: while some are: kept for good, each DSN a reload ever named (a
+        #: password rotated, another host) left a lock behind for the
+        #: coordinator's lifetime
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
     async def get(self, psycopg: Any, dsn: str, **extra: Any) -> Any:
         # One connect at a time per DSN: a fence starting while the warm-up
         # connects waits for it instead of opening a second connection.
-        async with self._locks.setdefault(dsn, asyncio.Lock()):
-            conn = self._conns.get(dsn)
-            if conn is None or conn.closed or conn.broken:
-                conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True, **extra)
-                self._conns[dsn] = conn
-            return conn
+        lock, users = self._locks.get(dsn) or (asyncio.Lock(), 0)
+        self._locks[dsn] = (lock, users + 1)
+        try:
+            async with lock:
+                conn = self._conns.get(dsn)
+                if conn is None or conn.closed or conn.broken:
+                    conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True, **extra)
+                    self._conns[dsn] = conn
+                return conn
+        finally:
+            # One event loop: nobody gets in between the read and the write.
+            lock, users = self._locks[dsn]
+            if users > 1:
+                self._locks[dsn] = (lock, users - 1)
+            else:
+                del self._locks[dsn]
 
     async def discard(self, dsn: str, conn: Any) -> None:
         """A connection in an unknown state (an error, a timeout mid-query): drop it."""

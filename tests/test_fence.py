@@ -264,6 +264,29 @@ def test_a_fence_that_runs_out_its_time_keeps_the_monitor_connection(dsn: str) -
         assert asyncio.run(run()) == (True, True)
 
 
+def test_monitor_connections_keep_no_lock_per_dsn_once_done(dsn: str) -> None:
+    """A lock per DSN was kept for the coordinator's lifetime: every
+    ``monitor_dsn`` a reload ever named (a password rotated each day, another
+    host) left one behind, its connection closed. Kept only while in use now,
+    and two fences asking at once still share one connect."""
+    async def run() -> tuple[bool, int, int]:
+        monitors = MonitorConnections()
+        app = _app()
+        shared = True
+        try:
+            for n in range(20):
+                each = f"{dsn} application_name={app}-{n}"
+                first, second = await asyncio.gather(monitors.get(psycopg, each),
+                                                     monitors.get(psycopg, each))
+                shared = shared and first is second
+                await monitors.close_except(lambda: ())  # a reload dropped it
+            return shared, len(monitors._conns), len(monitors._locks)
+        finally:
+            await monitors.aclose()
+
+    assert asyncio.run(run()) == (True, 0, 0)
+
+
 def test_unknown_and_empty_pids(dsn: str) -> None:
     assert asyncio.run(wait_backends_gone(dsn, [os.getpid()], timeout=2.0)) == set()
     assert asyncio.run(wait_backends_gone(dsn, [], timeout=2.0)) == set()
