@@ -79,6 +79,51 @@ def test_client_that_stops_reading_is_ended(start_coordinator: Any, sock_path: s
         bystander.close()
 
 
+def _peak_rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
+def test_one_read_of_many_requests_does_not_build_all_their_replies(
+        start_coordinator: Any, sock_path: str) -> None:
+    """The replies to the frames of one read were all built before any went
+    out: one write of 1,000 `inspect sessions` (45 KB) with 1,000 sessions
+    listed took the coordinator from 35 to 204 MB. They go out once they pass
+    the unread-reply bound, where a peer that does not read is ended."""
+    coord = start_coordinator({"r": 1})
+    assert coord.pid is not None
+    bystander = Client(sock_path)
+    peers = []
+    try:
+        for n in range(300):  # a listing of ~26 KB
+            peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            peer.connect(sock_path)
+            peer.sendall(p.encode(p.Hello(p.PROTOCOL_VERSION, os.getpid(), f"listed-{n}")))
+            peers.append(peer)
+        deadline = time.monotonic() + 20
+        while len(bystander.inspect("sessions")["sessions"]) < 301:
+            assert time.monotonic() < deadline, "the listed sessions never all said hello"
+            time.sleep(0.05)
+        before = _peak_rss_kb(coord.pid)
+        deaf = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        deaf.connect(sock_path)
+        peers.append(deaf)
+        deaf.sendall(p.encode(p.Hello(p.PROTOCOL_VERSION, os.getpid(), "deaf"))
+                     + p.encode(p.Inspect(1, "sessions", {})) * 1300)  # ~60 KB, never read
+        # Ended (not reading), and the coordinator serves on.
+        deadline = time.monotonic() + 20
+        while any(row["name"] == "deaf" for row in bystander.inspect("sessions")["sessions"]):
+            assert time.monotonic() < deadline, "the peer that does not read was never ended"
+            time.sleep(0.05)
+        grown = _peak_rss_kb(coord.pid) - before
+        # 1,300 listings are 34 MB: built at once, the peak grew by twice that.
+        assert grown < 20_000, f"the coordinator's peak memory grew by {grown} kB"
+    finally:
+        for peer in peers:
+            peer.close()
+        bystander.close()
+
+
 def test_frame_timeout_is_per_frame(start_coordinator: Any, sock_path: str) -> None:
     """A peer whose frames each arrive within frame_timeout is not cut off
     because the reads, over a longer time, kept ending in the middle of one."""
