@@ -50,6 +50,12 @@ RECLAIM_INFO_EVERY = 60.0
 #: the coordinator refuses fill its log by connecting in a loop, and the CLI's
 #: probe made every refused command two lines.
 REFUSED_LOG_EVERY = 60.0
+#: A request refused without ending its session (a release of a lease not
+#: held, a reply too large to send) is logged at warning at most once in this
+#: many seconds per process and kind (the rest at debug, counted in its next
+#: warning): one line per frame let a single peer write 20,000 lines (2.5 MB)
+#: to the log in 0.4 s, its session untouched.
+REQUEST_LOG_EVERY = 60.0
 #: A fence that ran out its fence_timeout is logged this long after (the ledger lifts it first).
 FENCE_LOG_AFTER = 0.1
 #: Sessions not accepted for want of descriptors (asyncio's loop, no uvloop) are
@@ -262,7 +268,8 @@ class SessionProtocol(asyncio.Protocol):
         fails its request, not the session: the peer asked nothing wrong, and a
         dropped session would only reconnect and ask again."""
         req = getattr(msg, "req", None)
-        log.warning("session %s pid=%s: cannot send %s: %s", self.sid, self.pid, msg.op, exc)
+        self.server.log_request(self.pid, "unsendable", "session %s pid=%s: cannot send %s: %s",
+                                self.sid, self.pid, msg.op, exc)
         if req is None:  # no request to fail: the session cannot go on without this message
             self.fail("internal_error", f"the coordinator could not send {msg.op}: {exc}")
         elif isinstance(exc, FrameTooLarge):
@@ -343,6 +350,8 @@ class Server:
         #: a refused uid's warning, once a minute (a peer refused in a loop)
         self._refused = OncePer(REFUSED_LOG_EVERY, loop.time)
         self._accept_failed = OncePer(ACCEPT_FAILED_LOG_EVERY, loop.time)
+        #: a refused request's warning, once a minute per process and kind
+        self._requests_said = OncePer(REQUEST_LOG_EVERY, loop.time)
         self.started = time.time()
         self.on_change: list[Any] = []  # observers (metrics)
         #: Set once the stop has handed the leases on: sessions we close then are
@@ -401,6 +410,16 @@ class Server:
         log.warning("cannot accept sessions: %s (open-file limit %s); they wait, tried again every "
                     "second; raise the limit (ulimit -n, systemd LimitNOFILE=)%s",
                     exc.strerror or exc, getrlimit(RLIMIT_NOFILE)[0], more)
+
+    def log_request(self, pid: int | None, kind: str, fmt: str, *args: Any) -> None:
+        """Log a request refused without ending its session: at warning once
+        per :data:`REQUEST_LOG_EVERY` per ``(pid, kind)``, else at debug."""
+        due = self._requests_said.due((pid, kind))
+        if due is None:
+            log.debug(fmt, *args)
+            return
+        more = f" ({due[0]} more in the last {due[1]:.0f}s, at debug)" if due[0] else ""
+        log.warning(fmt + "%s", *args, more)
 
     def is_admin(self, uid: int | None) -> bool:
         return uid is None or uid in (self.config.admin_uids or (self.own_uid,))
@@ -500,12 +519,14 @@ class Server:
             elif isinstance(eff, Notify):
                 self._send(eff.session, p.Push(eff.verb, eff.resource, eff.args))
             elif isinstance(eff, Problem):
-                log.warning("pid=%s: %s: %s%s", self._pid(eff.session), eff.code, eff.message,
-                            "; ending the session" if eff.fatal else "")
                 if eff.fatal:  # as for a malformed frame: the session ends (I5)
+                    log.warning("pid=%s: %s: %s; ending the session", self._pid(eff.session),
+                                eff.code, eff.message)
                     if (ending := self.sessions.get(eff.session)) is not None:
                         ending.fail(eff.code, eff.message)
                 else:
+                    pid = self._pid(eff.session)
+                    self.log_request(pid, eff.code, "pid=%s: %s: %s", pid, eff.code, eff.message)
                     self._send(eff.session, p.Error(eff.code, eff.message, eff.req))
             elif isinstance(eff, StartFence):
                 self._start_fence(eff)
@@ -728,7 +749,8 @@ class Server:
 
     def admin(self, session: SessionProtocol, msg: p.Admin, now: float) -> None:
         if not self.is_admin(session.uid):
-            log.warning("refused admin %r from pid=%s uid=%s", msg.verb, session.pid, session.uid)
+            self.log_request(session.pid, "admin", "refused admin %s from pid=%s uid=%s",
+                             p.brief(msg.verb), session.pid, session.uid)
             session.send(p.Error("access_denied", f"uid {session.uid} may not use admin verbs", msg.req))
             return
         from .admin import VERBS, run_admin  # admin verbs live beside the CLI's

@@ -124,6 +124,35 @@ def test_one_read_of_many_requests_does_not_build_all_their_replies(
         bystander.close()
 
 
+def test_requests_refused_in_a_loop_do_not_fill_the_log(
+        start_coordinator: Any, sock_path: str, capfd: pytest.CaptureFixture[str]) -> None:
+    """A request refused without ending its session was one warning each: a
+    peer releasing leases it does not hold in a loop wrote 20,000 lines (2.5 MB)
+    in 0.4 s. Once a minute per process and kind now, the rest counted; each
+    request is still answered with its error."""
+    start_coordinator({"r": 1})
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(sock_path)
+    s.settimeout(10)
+    try:
+        s.sendall(p.encode(p.Hello(p.PROTOCOL_VERSION, os.getpid(), "careless")))
+        s.sendall(b"".join(p.encode(p.Release(10**9 + n)) for n in range(500)))
+        s.sendall(p.encode(p.Inspect(1, "server", {})))  # answered after all of them
+        conn = p.Connection(p.CLIENT)
+        seen: list[Any] = []
+        while not any(isinstance(m, p.Reply) for m in seen):
+            data = s.recv(65536)
+            assert data, "the session was ended"
+            conn.receive_data(data)
+            seen += list(conn.events())
+    finally:
+        s.close()
+    assert sum(isinstance(m, p.Error) and m.code == "unknown_lease" for m in seen) == 500
+    lines = [line for line in capfd.readouterr().err.splitlines()
+             if "WARNING" in line and "unknown_lease" in line]
+    assert len(lines) == 1, f"{len(lines)} lines logged for 500 refused releases"
+
+
 def test_frame_timeout_is_per_frame(start_coordinator: Any, sock_path: str) -> None:
     """A peer whose frames each arrive within frame_timeout is not cut off
     because the reads, over a longer time, kept ending in the middle of one."""
