@@ -112,6 +112,8 @@ def connect(socket_path: str | None) -> Iterator[Client]:
             raise Failed(f"no coordinator at {path}: it is {kind}, not a socket; give the "
                          "coordinator's socket path") from None
         _unavailable(path, exc.strerror or exc)
+    except BlockingIOError:
+        pass  # its queue of new connections is full: the client waits for room, within its timeout
     except OSError as exc:  # there is something, but not for us (EACCES, not a socket...)
         _unusable(path, exc)
     finally:

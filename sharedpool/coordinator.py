@@ -54,6 +54,12 @@ class CoordinatorFailed(SharedPoolError, RuntimeError):
     """The coordinator stopped on its own: it could not go on safely (out of memory)."""
 
 
+#: Connections queued for accept(): a gunicorn or celery fleet starting, or
+#: reconnecting after a restart, connects all at once. The event loop listened
+#: again with its default of 100: past that, a worker's connect failed at once
+#: (EAGAIN on a Unix socket, no wait as with TCP).
+LISTEN_BACKLOG = 512
+
 #: What asyncio's own accept loop (no uvloop) reports when accept() fails for
 #: want of descriptors or memory.
 _ACCEPT_FAILED = "socket.accept() out of system resource"
@@ -298,7 +304,7 @@ def bind_socket(config: CoordinatorConfig) -> tuple[socket.socket, bool, dict[st
             if gid is not None:
                 _give_to_group(path, gid, _group_field(config))
                 os.chmod(path, 0o660)
-            sock.listen(512)
+            sock.listen(LISTEN_BACKLOG)
         except BaseException:
             # Bound but never served: left there, it would pass for a dead
             # coordinator's socket and make the next start hold its grants.
@@ -358,7 +364,9 @@ async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool
             # otherwise be granted before the fences below count.
             server.monitors = server.monitors or MonitorConnections()
             handed = time_left_now(await forget_reused(handed, config.resources, server.monitors))
-        aserver = await loop.create_unix_server(lambda: SessionProtocol(server), sock=sock)
+        # backlog= too: the loop listens again, with its own default of 100.
+        aserver = await loop.create_unix_server(lambda: SessionProtocol(server), sock=sock,
+                                                backlog=LISTEN_BACKLOG)
         server.warm_monitors()
         if handed.get("held"):  # live processes' leases: counted until re-registered
             server.apply(server.ledger.restore_held(handed["held"], loop.time(),

@@ -38,6 +38,10 @@ _RCV_SLICE = struct.pack("ll", 0, 50_000)
 #: not read (stopped, wedged) would otherwise, once the socket buffer is full,
 #: hold a checkin or a release forever; past this, the session counts as lost.
 SEND_TIMEOUT = 10.0
+#: A connect that found the coordinator's listen queue full is tried again
+#: after this, doubling up to CONNECT_RETRY_MAX (within the handshake's limit).
+CONNECT_RETRY_MIN = 0.001
+CONNECT_RETRY_MAX = 0.05
 #: The timeout of an acquire re-sent on a new session when its own has run out.
 MIN_RESENT_WAIT = 0.001
 
@@ -59,7 +63,7 @@ def shake_hands(sock: socket.socket, path: str, limit: float | None, hello: Call
     try:
         sock.settimeout(limit)
         try:
-            sock.connect(path)
+            _connect(sock, path, end)
         except ConnectionRefusedError as exc:
             if (kind := not_a_socket(path)) is None:
                 raise
@@ -135,6 +139,24 @@ def error_from(msg: p.Error) -> SharedPoolError:
     if msg.code in ("protocol_error", "hello_timeout", "not_reading"):
         return CoordinatorUnavailable(f"{msg.code}: {msg.message}")
     return SharedPoolError(f"{msg.code}: {msg.message}")
+
+
+def _connect(sock: socket.socket, path: str, end: float | None) -> None:
+    """``sock.connect(path)``, tried again until ``end`` while the coordinator's
+    listen queue is full: a Unix socket with a timeout fails at once then
+    (EAGAIN, not TCP's EINPROGRESS), and a burst of workers starting or
+    reconnecting after a restart met "Resource temporarily unavailable"."""
+    pause = CONNECT_RETRY_MIN
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            if end is not None and time.monotonic() + pause >= end:
+                raise TimeoutError("timed out: the coordinator's queue of connections "
+                                   "stayed full") from None
+            time.sleep(pause)
+            pause = min(pause * 2, CONNECT_RETRY_MAX)
 
 
 def try_connect(client: Client, deadline: float | None, force: bool = False) -> None:

@@ -92,6 +92,8 @@ def coordinator_listening(path: str, timeout: float = 1.0) -> bool:
     probe.settimeout(timeout)
     try:
         probe.connect(path)
+    except BlockingIOError:
+        return True  # its queue of new connections is full: a live listener (not accepting yet)
     except OSError:
         return False
     finally:

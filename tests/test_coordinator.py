@@ -1660,3 +1660,89 @@ def test_once_per_says_a_line_once_per_interval_and_counts_the_rest() -> None:
     assert once.due("b") == (0, math.inf)
     assert once.due("c") == (0, math.inf)  # a third key: the others forgotten (bounded, whatever peers do)
     assert once.due("a") == (0, math.inf)
+
+
+def _queue_connects(path: str, most: int) -> list[socket.socket]:
+    """Connections queued on ``path``'s listen queue (not accepted: its
+    coordinator is stopped), as many as fit, up to ``most``."""
+    queued = []
+    try:
+        for _ in range(most):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            try:
+                s.connect(path)
+            except BlockingIOError:  # full: a Unix socket says so at once
+                s.close()
+                break
+            queued.append(s)
+    except BaseException:
+        for s in queued:
+            s.close()
+        raise
+    return queued
+
+
+def test_the_listen_queue_holds_a_fleet_connecting_at_once(start_coordinator: Any, sock_path: str) -> None:
+    """The event loop listened again with its default backlog of 100 (bind
+    asked for 512): a fleet of workers connecting while the coordinator was
+    busy got EAGAIN past the 101st."""
+    coord = start_coordinator({"r": 1})
+    proc = psutil.Process(coord.pid)
+    proc.suspend()
+    queued: list[socket.socket] = []
+    try:
+        queued = _queue_connects(sock_path, 300)
+        assert len(queued) == 300
+    finally:
+        proc.resume()
+        for s in queued:
+            s.close()
+
+
+def test_a_client_waits_for_room_in_a_full_listen_queue(start_coordinator: Any, sock_path: str) -> None:
+    """A connect with a timeout to a Unix socket whose queue is full fails at
+    once (EAGAIN), where TCP's waits: a client met "[Errno 11] Resource
+    temporarily unavailable" as a coordinator unreachable, the CLI's probe said
+    it could not use the socket, and the integrations' probe took a busy
+    coordinator for none."""
+    coord = start_coordinator({"r": 1})
+    proc = psutil.Process(coord.pid)
+    client = Client(sock_path)
+    got: list[Any] = []
+    asking = threading.Thread(target=lambda: got.append(client.inspect("server", timeout=20)))
+    status: subprocess.Popen[str] | None = None
+    queued: list[socket.socket] = []
+    proc.suspend()
+    try:
+        queued = _queue_connects(sock_path, 1000)
+        assert len(queued) < 1000, "the queue never filled"
+        assert coordinator_listening(sock_path)  # alive, if not accepting
+        asking.start()
+        status = subprocess.Popen([sys.executable, "-m", "sharedpool", "status", "--socket", sock_path],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: status.poll() is not None or _has_unix_socket(status.pid), 30,  # type: ignore[union-attr]
+                 "the CLI's probe")
+        time.sleep(0.5)  # both try meanwhile
+        assert not got
+        proc.resume()
+        asking.join(30)
+        assert got and got[0]["pid"] == coord.pid, got
+        _, err = status.communicate(timeout=30)
+        assert status.returncode == 0, err
+    finally:
+        proc.resume()
+        for s in queued:
+            s.close()
+        client.close()
+        if status is not None and status.poll() is None:
+            status.kill()
+            status.communicate(timeout=10)
+
+
+def _has_unix_socket(pid: int) -> bool:
+    """Whether process ``pid`` holds a Unix socket (the CLI's first is its probe)."""
+    try:
+        return bool(psutil.Process(pid).net_connections(kind="unix"))
+    except psutil.NoSuchProcess:
+        return False
