@@ -21,6 +21,7 @@ from .background import BACKOFF_MAX
 from .config import CoordinatorConfig, Resource, check_seconds, config_from_parts
 from .errors import ConfigError, CoordinatorRunning, SharedPoolError
 from .fence import MonitorConnections
+from .listener import listener_for
 from .marker import (
     MarkerKeeper,
     forget_backends,
@@ -364,9 +365,11 @@ async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool
             # otherwise be granted before the fences below count.
             server.monitors = server.monitors or MonitorConnections()
             handed = time_left_now(await forget_reused(handed, config.resources, server.monitors))
-        # backlog= too: the loop listens again, with its own default of 100.
-        aserver = await loop.create_unix_server(lambda: SessionProtocol(server), sock=sock,
-                                                backlog=LISTEN_BACKLOG)
+        # backlog= too: the loop listens again, with its own default of 100. On
+        # asyncio's own loop, one retry a second at the open-file limit, not a
+        # multiplying storm.
+        aserver = await loop.create_unix_server(lambda: SessionProtocol(server),
+                                                sock=listener_for(sock, loop), backlog=LISTEN_BACKLOG)
         server.warm_monitors()
         if handed.get("held"):  # live processes' leases: counted until re-registered
             server.apply(server.ledger.restore_held(handed["held"], loop.time(),

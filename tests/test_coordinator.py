@@ -1414,6 +1414,47 @@ def test_on_asyncios_loop_sessions_over_the_open_file_limit_are_one_warning_not_
         assert proc.wait(10) == 0
 
 
+
+def test_on_asyncios_loop_a_failed_accept_is_retried_once_a_second_not_multiplied(tmp_path: Any) -> None:
+    # asyncio's accept loop (3.11-3.13) goes on calling accept() after EMFILE,
+    # each failure scheduling a retry of its own: the failed accepts multiplied
+    # at the limit (~500 a second, ~3,500 a minute later, CPU climbing). Each
+    # is one debug line: their count is that of the failed accepts.
+    from sharedpool.handshake import shake_hands
+
+    sock_path, log_path = str(tmp_path / "sp.sock"), tmp_path / "serve.log"
+    script = "import sys\nsys.modules['uvloop'] = None  # asyncio's loop\n" + _SERVE_WITH_FILE_LIMIT
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", script, "40", "40", "serve", "--socket", sock_path,
+                                 "--resource", "r=2", "--log-level", "debug"],
+                                stdout=log, stderr=subprocess.STDOUT)
+    sessions: list[socket.socket] = []
+    try:
+        wait_for(lambda: proc.poll() is not None or coordinator_listening(sock_path), 15, "the coordinator")
+        for _ in range(60):  # until one is left waiting: the limit
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sessions.append(sock)
+            try:
+                shake_hands(sock, sock_path, 1.0, lambda: p.Hello(p.PROTOCOL_VERSION, os.getpid(), "t", []))
+            except TimeoutError:
+                break
+        else:
+            raise AssertionError("every session was accepted at an open-file limit of 40")
+        time.sleep(4.0)  # four of asyncio's retries
+        failed = log_path.read_text().count("cannot accept a session: [Errno 24]")
+        assert failed <= 12, f"{failed} failed accept()s in ~5s with one session waiting"
+        for sock in sessions[:3]:  # room again: served (within asyncio's 1 s)
+            sock.close()
+        client = Client(sock_path, connect_timeout=10.0)
+        client.release(client.acquire("r", 10.0))
+        client.close()
+    finally:
+        for sock in sessions:
+            sock.close()
+        proc.terminate()
+        assert proc.wait(10) == 0
+
+
 _SERVE_ON_A_DISK_GONE_READ_ONLY = """
 import errno, os, signal, sys
 real = os.unlink
