@@ -375,6 +375,15 @@ class _MetricsHTTPServer(ThreadingWSGIServer):
                         "unlimited" if soft == resource.RLIM_INFINITY else soft, self._accept_retry, more)
         self._stopping.wait(self._accept_retry)
 
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """socketserver's; once stopped, ready to serve again: left set by the
+        shutdown(), the wake-up made each pause none, and a second
+        serve_forever() at the open-file limit spun a core."""
+        try:
+            super().serve_forever(poll_interval)
+        finally:
+            self._stopping.clear()
+
     def shutdown(self) -> None:
         """Stop serve_forever() (not held up by a pause in accepting)."""
         self._stopping.set()

@@ -485,3 +485,45 @@ def test_a_metrics_client_that_trickles_its_request_is_dropped(caplog: pytest.Lo
         httpd.shutdown()
         httpd.server_close()
         thread.join(5)
+
+
+#: A metrics server at the open-file limit, one scrape queued, served twice
+#: (a shutdown between): prints the share of a core the second serving used.
+_SERVE_TWICE_AT_THE_LIMIT = """
+import os, resource, socket, threading, time
+from sharedpool.metrics import _MetricsHTTPServer
+httpd = _MetricsHTTPServer("127.0.0.1", 0, 4, 2.0)
+httpd.set_app(lambda environ, start_response: [])
+client = socket.create_connection(("127.0.0.1", httpd.server_address[1]))
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+fill = []
+while True:
+    try:
+        fill.append(os.dup(0))
+    except OSError:
+        break
+for _ in range(2):
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    before, start = sum(os.times()[:2]), time.monotonic()
+    time.sleep(1.5)
+    busy = (sum(os.times()[:2]) - before) / (time.monotonic() - start)
+    httpd.shutdown()
+    thread.join(5)
+print(f"{busy:.2f}")
+"""
+
+
+def test_a_metrics_server_served_again_after_a_shutdown_still_pauses_at_the_open_file_limit() -> None:
+    """shutdown() wakes a pause in accepting and left that wake-up on: a second
+    serve_forever() of the same server, at the open-file limit with a scrape
+    queued, retried accept() without pausing, a core's worth (in a child: the
+    limit is lowered there)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _SERVE_TWICE_AT_THE_LIMIT],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    busy = float(out.stdout.split()[-1])
+    assert busy < 0.3, f"served again, the metrics server used {busy:.0%} of a core at the limit"
