@@ -407,9 +407,16 @@ class Server:
             log.debug("cannot accept a session: %s", exc)
             return
         more = f" ({due[0]} more since the last such line)" if due[0] else ""
-        log.warning("cannot accept sessions: %s (open-file limit %s); they wait, tried again every "
-                    "second; raise the limit (ulimit -n, systemd LimitNOFILE=)%s",
-                    exc.strerror or exc, getrlimit(RLIMIT_NOFILE)[0], more)
+        # The advice fits the cause: the process's limit, the host's file table, or memory.
+        if exc.errno == errno.EMFILE:
+            soft = getrlimit(RLIMIT_NOFILE)[0]
+            advice = f"; raise the open-file limit ({soft}: ulimit -n, systemd LimitNOFILE=)"
+        elif exc.errno == errno.ENFILE:
+            advice = "; the host's file table is full (sysctl fs.file-max)"
+        else:
+            advice = ""
+        log.warning("cannot accept sessions: %s; they wait, tried again every second%s%s",
+                    exc.strerror or exc, advice, more)
 
     def log_request(self, pid: int | None, kind: str, fmt: str, *args: Any) -> None:
         """Log a request refused without ending its session: at warning once

@@ -1401,6 +1401,7 @@ def test_on_asyncios_loop_sessions_over_the_open_file_limit_are_one_warning_not_
         time.sleep(2.0)  # asyncio tries again every second
         text = log_path.read_text()
         assert text.count("cannot accept sessions: Too many open files") == 1, text[-3000:]
+        assert "raise the open-file limit (40:" in text, text[-3000:]
         assert "out of system resource" not in text and "Traceback" not in text, text[-3000:]
         for sock in sessions[:3]:  # room again: served (within asyncio's 1 s)
             sock.close()
