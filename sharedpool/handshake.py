@@ -146,17 +146,30 @@ def _connect(sock: socket.socket, path: str, end: float | None) -> None:
     listen queue is full: a Unix socket with a timeout fails at once then
     (EAGAIN, not TCP's EINPROGRESS), and a burst of workers starting or
     reconnecting after a restart met "Resource temporarily unavailable"."""
+    green = cooperative(sock)
+    timeout = sock.gettimeout()
+    if green:
+        # gevent's and eventlet's connect meets EAGAIN by waiting for the socket
+        # to be writable, which an unconnected Unix socket always is: it called
+        # connect() some 50,000 times a second, a core's worth, until its
+        # timeout. Without a timeout their connect is the plain one, paced here
+        # (their sleep lets the other greenlets run).
+        sock.settimeout(0.0)
     pause = CONNECT_RETRY_MIN
-    while True:
-        try:
-            sock.connect(path)
-            return
-        except BlockingIOError:
-            if end is not None and time.monotonic() + pause >= end:
-                raise TimeoutError("timed out: the coordinator's queue of connections "
-                                   "stayed full") from None
-            time.sleep(pause)
-            pause = min(pause * 2, CONNECT_RETRY_MAX)
+    try:
+        while True:
+            try:
+                sock.connect(path)
+                return
+            except BlockingIOError:
+                if end is not None and time.monotonic() + pause >= end:
+                    raise TimeoutError("timed out: the coordinator's queue of connections "
+                                       "stayed full") from None
+                time.sleep(pause)
+                pause = min(pause * 2, CONNECT_RETRY_MAX)
+    finally:
+        if green:
+            sock.settimeout(timeout)
 
 
 def try_connect(client: Client, deadline: float | None, force: bool = False) -> None:

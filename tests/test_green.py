@@ -7,15 +7,17 @@ coordinator's ledger from outside. Skipped, saying so, without the library."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -370,3 +372,84 @@ def test_a_client_used_before_the_fork_does_not_block_the_patched_worker(
                                    [sock_path], 20)
     assert line == "done 10", line
     assert "Traceback" not in err, err[-3000:]
+
+
+#: The child: connects (a bare handshake) to a coordinator whose listen queue
+#: the test filled, counting its connect() calls; then, told the queue has
+#: room, connects again.
+FULL_QUEUE_CHILD = """
+import os, socket, sys, time
+from sharedpool import protocol as p
+from sharedpool.handshake import shake_hands
+
+calls = [0]
+sys.addaudithook(lambda event, args: event == "socket.connect" and calls.__setitem__(0, calls[0] + 1))
+
+def hello():
+    return p.Hello(p.PROTOCOL_VERSION, os.getpid(), "t", [])
+
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+try:
+    shake_hands(sock, sys.argv[1], 1.0, hello)
+    print("connected to a full queue", flush=True)
+except TimeoutError as exc:
+    print(calls[0], exc, flush=True)
+sys.stdin.readline()
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+shake_hands(sock, sys.argv[1], 30.0, hello)
+print("welcomed", flush=True)
+"""
+
+
+@contextlib.contextmanager
+def _full_listen_queue(pid: int, path: str) -> Iterator[None]:
+    """The coordinator ``pid`` stopped and its listen queue at ``path`` filled
+    (513 with a backlog of 512); both undone after."""
+    queued: list[socket.socket] = []
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for _ in range(2000):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            try:
+                s.connect(path)
+            except BlockingIOError:
+                s.close()
+                break
+            queued.append(s)
+        assert len(queued) < 2000, "the queue never filled"
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        for s in queued:
+            s.close()
+
+
+@pytest.mark.parametrize("library", [_library("gevent"), _library("eventlet")])
+def test_a_patched_connect_to_a_full_listen_queue_is_paced_not_spun(
+        start_coordinator: Any, sock_path: str, tmp_path: Path, library: str) -> None:
+    """gevent's and eventlet's connect meet a full queue (EAGAIN) by waiting
+    for the socket to be writable, which an unconnected Unix socket always is:
+    each reconnecting worker called connect() again and again, a core's worth,
+    until its timeout, taking the CPU the stopped or busy coordinator needed."""
+    coord = start_coordinator({"r": 1})
+    script = tmp_path / "full_queue.py"
+    script.write_text(PATCH[library] + "\n" + textwrap.dedent(FULL_QUEUE_CHILD))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    child = None
+    try:
+        with _full_listen_queue(coord.pid, sock_path):
+            child = subprocess.Popen([sys.executable, str(script), sock_path], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            line = _read_line(child, 30)
+            calls, _, why = line.partition(" ")
+            assert why == "timed out: the coordinator's queue of connections stayed full", line
+            assert int(calls) < 100, f"{calls} connect() calls in 1 s"  # ~25 at 1 ms doubling to 50 ms
+        assert child.stdin is not None
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert _read_line(child, 30) == "welcomed"
+    finally:
+        if child is not None:
+            child.kill()
+            child.communicate(timeout=10)
