@@ -48,6 +48,7 @@ from .config import (
 )
 from .coordinator import CoordinatorRunning
 from .errors import ConfigError, SharedPoolError
+from .readable import cooperative
 
 log = logging.getLogger("sharedpool.program")
 
@@ -89,7 +90,11 @@ def private_socket_path(prefix: str) -> str:
 def coordinator_listening(path: str, timeout: float = 1.0) -> bool:
     """Whether something accepts connections on the Unix socket ``path``."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(timeout)
+    # gevent's and eventlet's connect, given a timeout, meets a full queue by
+    # trying again until it runs out (an unconnected Unix socket is always
+    # writable): a busy coordinator read as none. Without one it is the plain
+    # connect, which never waits on a Unix socket (queued, refused or EAGAIN).
+    probe.settimeout(0.0 if cooperative(probe) else timeout)
     try:
         probe.connect(path)
     except BlockingIOError:

@@ -453,3 +453,21 @@ def test_a_patched_connect_to_a_full_listen_queue_is_paced_not_spun(
         if child is not None:
             child.kill()
             child.communicate(timeout=10)
+
+
+@pytest.mark.parametrize("library", [_library("gevent"), _library("eventlet")])
+def test_a_patched_probe_takes_a_full_listen_queue_for_a_live_coordinator(
+        start_coordinator: Any, sock_path: str, tmp_path: Path, library: str) -> None:
+    """The integrations' probe (celery -P gevent / -P eventlet runs it patched,
+    at worker_init): gevent's and eventlet's connect spun on a full queue until
+    the probe's timeout, which read as nothing listening there (the integration
+    then sets out to start a coordinator of its own on that path)."""
+    coord = start_coordinator({"r": 1})
+    script = tmp_path / "probe.py"
+    script.write_text(PATCH[library] + "\nimport sys\nfrom sharedpool.program import coordinator_listening\n"
+                      "print(coordinator_listening(sys.argv[1], timeout=1.0), flush=True)\n")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    with _full_listen_queue(coord.pid, sock_path):
+        probe = subprocess.run([sys.executable, str(script), sock_path], capture_output=True, text=True,
+                               env=env, timeout=60)
+    assert probe.stdout.strip() == "True", probe.stdout + probe.stderr[-2000:]
