@@ -1373,19 +1373,19 @@ def test_at_its_open_file_limit_the_refused_clients_are_told_why(sock_path: str)
                 sock.close()
 
 
-def test_on_asyncios_loop_sessions_over_the_open_file_limit_are_one_warning_not_a_log_storm(
-        tmp_path: Any) -> None:
-    # Without uvloop (asyncio's own loop), each accept() that failed with EMFILE
-    # was logged with its traceback by asyncio, and its accept loop went on
-    # trying (CPython gh-151615): ~1,200 errors (3,700 lines) in the first second
-    # with one session waiting, more each second (13,000 lines, 25% CPU, by the 8th).
+@contextmanager
+def _asyncio_serve_at_the_limit(tmp_path: Any, *flags: str) -> Iterator[Any]:
+    """``sharedpool serve`` on asyncio's own loop at an open-file limit of 40,
+    sessions connected until one is left waiting to be accepted: the log's
+    path. On leaving, three are let go, a client is served (within asyncio's
+    1 s retry), and the coordinator stops cleanly."""
     from sharedpool.handshake import shake_hands
 
     sock_path, log_path = str(tmp_path / "sp.sock"), tmp_path / "serve.log"
     script = "import sys\nsys.modules['uvloop'] = None  # asyncio's loop\n" + _SERVE_WITH_FILE_LIMIT
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-c", script, "40", "40", "serve", "--socket", sock_path,
-                                 "--resource", "r=2"], stdout=log, stderr=subprocess.STDOUT)
+                                 "--resource", "r=2", *flags], stdout=log, stderr=subprocess.STDOUT)
     sessions: list[socket.socket] = []
     try:
         wait_for(lambda: proc.poll() is not None or coordinator_listening(sock_path), 15, "the coordinator")
@@ -1398,12 +1398,8 @@ def test_on_asyncios_loop_sessions_over_the_open_file_limit_are_one_warning_not_
                 break
         else:
             raise AssertionError("every session was accepted at an open-file limit of 40")
-        time.sleep(2.0)  # asyncio tries again every second
-        text = log_path.read_text()
-        assert text.count("cannot accept sessions: Too many open files") == 1, text[-3000:]
-        assert "raise the open-file limit (40:" in text, text[-3000:]
-        assert "out of system resource" not in text and "Traceback" not in text, text[-3000:]
-        for sock in sessions[:3]:  # room again: served (within asyncio's 1 s)
+        yield log_path
+        for sock in sessions[:3]:  # room again: served
             sock.close()
         client = Client(sock_path, connect_timeout=10.0)
         client.release(client.acquire("r", 10.0))
@@ -1414,6 +1410,19 @@ def test_on_asyncios_loop_sessions_over_the_open_file_limit_are_one_warning_not_
         proc.terminate()
         assert proc.wait(10) == 0
 
+
+def test_on_asyncios_loop_sessions_over_the_open_file_limit_are_one_warning_not_a_log_storm(
+        tmp_path: Any) -> None:
+    # Without uvloop (asyncio's own loop), each accept() that failed with EMFILE
+    # was logged with its traceback by asyncio: ~1,200 errors (3,700 lines) in
+    # the first second with one session waiting, more each second (13,000
+    # lines, 25% CPU, by the 8th).
+    with _asyncio_serve_at_the_limit(tmp_path) as log_path:
+        time.sleep(2.0)  # asyncio tries again every second
+        text = log_path.read_text()
+        assert text.count("cannot accept sessions: Too many open files") == 1, text[-3000:]
+        assert "raise the open-file limit (40:" in text, text[-3000:]
+        assert "out of system resource" not in text and "Traceback" not in text, text[-3000:]
 
 
 def test_on_asyncios_loop_a_failed_accept_is_retried_once_a_second_not_multiplied(tmp_path: Any) -> None:
@@ -1421,39 +1430,10 @@ def test_on_asyncios_loop_a_failed_accept_is_retried_once_a_second_not_multiplie
     # each failure scheduling a retry of its own: the failed accepts multiplied
     # at the limit (~500 a second, ~3,500 a minute later, CPU climbing). Each
     # is one debug line: their count is that of the failed accepts.
-    from sharedpool.handshake import shake_hands
-
-    sock_path, log_path = str(tmp_path / "sp.sock"), tmp_path / "serve.log"
-    script = "import sys\nsys.modules['uvloop'] = None  # asyncio's loop\n" + _SERVE_WITH_FILE_LIMIT
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-c", script, "40", "40", "serve", "--socket", sock_path,
-                                 "--resource", "r=2", "--log-level", "debug"],
-                                stdout=log, stderr=subprocess.STDOUT)
-    sessions: list[socket.socket] = []
-    try:
-        wait_for(lambda: proc.poll() is not None or coordinator_listening(sock_path), 15, "the coordinator")
-        for _ in range(60):  # until one is left waiting: the limit
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sessions.append(sock)
-            try:
-                shake_hands(sock, sock_path, 1.0, lambda: p.Hello(p.PROTOCOL_VERSION, os.getpid(), "t", []))
-            except TimeoutError:
-                break
-        else:
-            raise AssertionError("every session was accepted at an open-file limit of 40")
+    with _asyncio_serve_at_the_limit(tmp_path, "--log-level", "debug") as log_path:
         time.sleep(4.0)  # four of asyncio's retries
         failed = log_path.read_text().count("cannot accept a session: [Errno 24]")
         assert failed <= 12, f"{failed} failed accept()s in ~5s with one session waiting"
-        for sock in sessions[:3]:  # room again: served (within asyncio's 1 s)
-            sock.close()
-        client = Client(sock_path, connect_timeout=10.0)
-        client.release(client.acquire("r", 10.0))
-        client.close()
-    finally:
-        for sock in sessions:
-            sock.close()
-        proc.terminate()
-        assert proc.wait(10) == 0
 
 
 _SERVE_ON_A_DISK_GONE_READ_ONLY = """
