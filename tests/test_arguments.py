@@ -191,6 +191,11 @@ def _redis(**kw: Any) -> Any:
     # The pool's own timeout is the lease wait: -1 and nan failed every connect
     # (seen as a PoolTimeout), and made the redis pool's lease wait 0.
     (_psycopg, "configure", 5),  # every connect failed: "'int' object is not callable", a PoolTimeout
+    # Called in psycopg_pool's threads: every checkout failed its check unseen (a bare
+    # PoolTimeout), every return failed its reset (the connection discarded).
+    (_psycopg, "check", "yes"),
+    (_psycopg, "reset", 5),
+    (_psycopg, "reconnect_failed", "x"),
     (_psycopg, "timeout", -1),
     (_psycopg, "timeout", float("nan")),
     (_redis, "timeout", "5"),

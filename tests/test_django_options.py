@@ -75,6 +75,9 @@ BAD = [
     # Was: the conninfo quoted whole, password included.
     ("{'resource': 'pg', 'min_size': -1, 'conninfo': 'postgresql://u:hunter2@h/d'}",
      "{} = {{'resource': 'pg', 'min_size': -1, 'conninfo': 'postgresql://u:***@h/d'}}: min_size cannot be "),
+    # Was: made; every query then waited the pool's timeout, "couldn't get a
+    # connection after 30.00 sec" and no reason (each checkout's check failed unseen).
+    ("{'resource': 'pg', 'check': 'yes'}", "{}['check']: must be callable, got 'yes'"),
     ("'pg'", "{}: must be a dict of ConnectionPool's arguments, got 'pg'"),
     # Was: connected, outside the pool, with no lease (no cap, no word said).
     ("None", "{} is not set: ENGINE 'sharedpool.contrib.django' leases only the connections of Django's "

@@ -140,8 +140,14 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
     def __init__(self, conninfo: Any = "", *, resource: str, coordinator: str | None = None,
                  lease_timeout: float | None = None, confirm_timeout: float = 2.0,
                  configure: Any = None, **kwargs: Any) -> None:
-        if configure is not None and not callable(configure):  # else every connect failed, a PoolTimeout
-            raise ConfigError("configure", f"must be callable, got {configure!r}")
+        # Else psycopg_pool called them in its threads: every connect (configure) or
+        # checkout (check: Django's OPTIONS["pool"]["check"] = "yes") failed unseen, a
+        # bare PoolTimeout after timeout; every return discarded its connection (reset).
+        for field, value in (("configure", configure), ("check", kwargs.get("check")),
+                             ("reset", kwargs.get("reset")),
+                             ("reconnect_failed", kwargs.get("reconnect_failed"))):
+            if value is not None and not callable(value):
+                raise ConfigError(field, f"must be callable, got {value!r}")
         for field in ("configure", "check", "reset"):  # an async one's coroutine was never awaited
             check_sync_callable(field, configure if field == "configure" else kwargs.get(field))
         if isinstance(kwargs.get("connection_class"), type) and issubclass(kwargs["connection_class"],
