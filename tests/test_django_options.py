@@ -22,7 +22,7 @@ from django.conf import settings
 OPTIONS = %s
 settings.configure(USE_TZ=True, DATABASES={"default": {}, **{f"shop{i}": {
     "ENGINE": "sharedpool.contrib.django", "NAME": "test", "HOST": "127.0.0.1", "USER": "postgres",
-    "CONN_MAX_AGE": 0, "OPTIONS": {"pool": options}} for i, options in enumerate(OPTIONS)}})
+    "CONN_MAX_AGE": %s, "OPTIONS": {"pool": options}} for i, options in enumerate(OPTIONS)}})
 import django
 django.setup()
 from django.core.exceptions import ImproperlyConfigured
@@ -41,12 +41,12 @@ print(json.dumps(said))
 """
 
 
-def _pools_made(*options: str) -> list[str]:
+def _pools_made(*options: str, conn_max_age: str = "0") -> list[str]:
     """Make a pool for each ``OPTIONS["pool"]`` given (a Python literal), alias
     "shop0", "shop1"...: what each said. One interpreter for all (Django's
     import is slow on a loaded machine); no coordinator."""
     env = {k: v for k, v in os.environ.items() if k not in ("SHAREDPOOL_SOCKET", "DJANGO_SETTINGS_MODULE")}
-    code = SETUP % f"[{', '.join(options)}]"
+    code = SETUP % (f"[{', '.join(options)}]", conn_max_age)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out
     return list(json.loads(out.stdout))
@@ -104,6 +104,15 @@ def test_check_in_options_replaces_the_health_check_as_django_6_lets_it() -> Non
     assert _pools_made("{'resource': 'pg', 'min_size': 0, 'max_size': 2, 'check': print}",
                        "{'resource': 'pg', 'min_size': 0, 'max_size': 2}") == [
         "made, check=<built-in function print>", "made, check=None"]
+
+
+def test_a_persistent_connection_is_refused_naming_the_alias_and_conn_max_age() -> None:
+    # Was Django's "Pooling doesn't support persistent connections.": which alias,
+    # which setting, unsaid.
+    for conn_max_age in ("None", "60"):
+        [said] = _pools_made("{'resource': 'pg'}", conn_max_age=conn_max_age)
+        assert said.startswith(f"ImproperlyConfigured: DATABASES['shop0']['CONN_MAX_AGE'] = {conn_max_age}: "
+                               "Django's pool takes no persistent connections"), said
 
 
 def test_the_engine_without_psycopg_pool_says_so() -> None:

@@ -55,7 +55,10 @@ class DatabaseWrapper(base.DatabaseWrapper):  # type: ignore[misc]  # Django shi
             if self.settings_dict.get("CONN_MAX_AGE", 0) != 0:
                 # A connection kept between requests keeps its lease: the other
                 # workers would wait for it at the cap, idle or not.
-                raise ImproperlyConfigured("Pooling doesn't support persistent connections.")
+                # Django's own words named neither the alias nor the setting.
+                raise ImproperlyConfigured(
+                    f"DATABASES[{self.alias!r}]['CONN_MAX_AGE'] = {self.settings_dict['CONN_MAX_AGE']!r}: "
+                    f"Django's pool takes no persistent connections (OPTIONS['pool'] is set): set it to 0")
             check = ConnectionPool.check_connection if self.settings_dict["CONN_HEALTH_CHECKS"] else None
             pool = make_pool(
                 ConnectionPool, self.alias, options,
