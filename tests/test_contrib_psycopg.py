@@ -164,6 +164,21 @@ def test_a_timeout_after_a_refused_lease_says_why(start_coordinator: Any, sock_p
                                      "'pgg' (known: pg)"), err.value
 
 
+def test_a_timeout_at_the_cap_says_it_waited_for_a_lease(pg: str, start_coordinator: Any,
+                                                         sock_path: str, app_name: str) -> None:
+    # The one lease in use elsewhere: the timeout said only psycopg_pool's "couldn't
+    # get a connection after 1.00 sec", as if this pool's own max_size were taken
+    # (a Django view, or manage.py migrate, while gunicorn's workers held the cap).
+    start_coordinator({"pg": Resource(max_size=1, acquire_timeout=30)})
+    with (make_pool(sock_path, app_name, min_size=0, max_size=1) as holder, holder.connection(),
+          make_pool(sock_path, app_name, min_size=0, max_size=1, timeout=1) as pool,
+          pytest.raises(psycopg_pool.PoolTimeout) as err):
+        pool.getconn()
+    assert str(err.value).startswith(f"couldn't get a connection after 1.00 sec; still waiting for a lease "
+                                     f"of 'pg' from the coordinator at {sock_path}: none granted in "
+                                     f"time"), err.value
+
+
 def test_max_lifetime_replaces_connections_under_lease(pg: str, start_coordinator: Any,
                                                        sock_path: str, app_name: str) -> None:
     start_coordinator({"pg": Resource(max_size=2)})

@@ -178,6 +178,8 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
         #: (monotonic time, error) of the last lease attempt that failed: said by a
         #: getconn() timeout, since psycopg_pool only logs it ("error connecting")
         self._sp_lease_failed: tuple[float, BaseException] | None = None
+        #: keys of the lease waits under way (AddConnection tasks queued at the cap)
+        self._sp_lease_waits: set[object] = set()
         #: connections put back and queued for a worker to return (with reset=)
         self._sp_returning: dict[int, Any] = {}
         # Lease waits run on psycopg_pool's workers, which also return
@@ -291,7 +293,16 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
         if failed is not None and failed[0] >= since:  # refused at once: an unknown resource...
             return f"; no lease: {failed[1]}"
         # A lease wait as long as getconn()'s, started after it, has not ended yet.
-        return self._sp_book.unreachable_note()
+        if note := self._sp_book.unreachable_note():
+            return note
+        if self._sp_lease_waits:
+            # Else only psycopg_pool's words, as if this pool's own max_size were
+            # taken: a Django view at the cap said "couldn't get a connection".
+            book = self._sp_book
+            return (f"; still waiting for a lease of {book.resource!r} from the coordinator at "
+                    f"{book.coordinator}: none granted in time (its cap taken, or the resource paused: "
+                    "`sharedpool status`)")
+        return ""
 
     def _sp_waiting(self) -> bool:
         """Whether a getconn() still waits (a copy of the queue: no lock taken)."""
@@ -371,6 +382,8 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
         # back to that growth: a close and a connect per round for as long as it
         # stayed idle (servers hunt: ~120 a second in a celery child).
         quick = growing and not self._sp_waiting()
+        if not quick:
+            self._sp_lease_waits.add(key)
         try:
             # Looked at first too: a retry (psycopg_pool's backoff, after a lease
             # wait that timed out) may come when the callers it was for are gone,
@@ -393,6 +406,7 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
                 return
             self._sp_local.lease_key = key
         finally:
+            self._sp_lease_waits.discard(key)
             self._sp_wait_slots.release()
         try:
             super()._add_connection(attempt, growing)
