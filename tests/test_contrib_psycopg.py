@@ -350,6 +350,40 @@ def test_release_process_waits_for_a_query_in_flight(pg: str, start_coordinator:
     assert BackendSampler(app_name).count_now() == 0
 
 
+def _exit_with_a_checkout_never_returned(sock: str, app: str) -> dict[str, Any]:
+    import logging
+
+    from sharedpool import release_process
+
+    said: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("sharedpool").addHandler(handler)
+    pool = make_pool(sock, app, min_size=0, max_size=1)
+    # A thread of the app's own that took a connection and ended without giving
+    # it back (Django's connections in a thread the view started, never closed).
+    kept: list[Any] = []  # as Django's DatabaseWrapper of that thread keeps it
+    taker = threading.Thread(target=lambda: kept.append(pool.getconn()))
+    taker.start()
+    taker.join()
+    t0 = time.monotonic()
+    release_process(0.5)
+    return {"said": said, "took": time.monotonic() - t0, "held": pool.get_stats()["leases_held"]}
+
+
+def test_an_exit_that_waits_out_its_timeout_for_a_checkout_says_so(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    # The exit waited its whole timeout (gunicorn's close_timeout: each worker's stop
+    # took 5 s) and told nothing; sharedpool's own pool says so at warning.
+    start_coordinator({"pg": Resource(max_size=1)})
+    [child] = run_forked(_exit_with_a_checkout_never_returned, sock_path, app_name)
+    assert child.get("took", 0) >= 0.4 and child["held"] == 0, child
+    assert any(m.startswith("sharedpool: 'pg': 1 connection(s) still in use after 0.5s at exit: closed "
+                            "under their users") for m in child["said"]), child
+    assert wait_leased(sock_path, 0) == 0
+    assert BackendSampler(app_name).count_now() == 0
+
+
 def test_close_with_a_connection_checked_out_gives_its_lease_back(
         pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
     """App shutdown while a request still runs: close(), then the request

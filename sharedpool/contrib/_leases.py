@@ -359,6 +359,13 @@ class LeaseBook(_Acquiring):
             if not in_use or remaining <= 0 or not wait_in_use:
                 break
             self._wait_returned(min(remaining, 0.05))
+        if in_use and wait_in_use and timeout > 0:
+            # As sharedpool's own pool says: else an exit that waited its whole timeout
+            # (a Django connection taken in a thread of the app's own, never closed:
+            # every gunicorn worker's stop took close_timeout) told nothing.
+            log.warning("sharedpool: %r: %d connection(s) still in use after %.1fs at exit: closed "
+                        "under their users (a thread that never gives its connection back keeps "
+                        "every exit waiting that long)", self.resource, len(in_use), timeout)
         with self._lock:
             detached = [c for c in (x.ref() for x in self._detached.values()) if closable(c)]
         for key in in_use + detached:  # out of time: their queries fail, the leases come back
