@@ -159,7 +159,7 @@ def test_redis_asyncio_connection_class_is_refused() -> None:
     assert err.value.field == "connection_class"
 
 
-@pytest.mark.parametrize("field", ["connection_class", "check", "reset", "configure"])
+@pytest.mark.parametrize("field", ["connection_class", "check", "reset", "configure", "reconnect_failed"])
 def test_psycopg_pool_async_arguments_are_refused(field: str) -> None:
     import psycopg
 
@@ -170,7 +170,8 @@ def test_psycopg_pool_async_arguments_are_refused(field: str) -> None:
 
     given = psycopg.AsyncConnection if field == "connection_class" else hook
     # connection_class: every connect failed, logged, then a PoolTimeout; the hooks
-    # were called and their coroutines never awaited (no check, no reset, no setup).
+    # were called and their coroutines never awaited (no check, no reset, no setup;
+    # reconnect_failed's alert never ran once reconnect_timeout had passed).
     with pytest.raises(ConfigError) as err:
         PsycopgPool("", resource="pg", open=False, **{field: given})
     assert err.value.field == field

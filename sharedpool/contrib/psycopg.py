@@ -148,7 +148,9 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
                              ("reconnect_failed", kwargs.get("reconnect_failed"))):
             if value is not None and not callable(value):
                 raise ConfigError(field, f"must be callable, got {value!r}")
-        for field in ("configure", "check", "reset"):  # an async one's coroutine was never awaited
+        # An async one's coroutine was never awaited: no setup, no check, no reset, and
+        # reconnect_failed's alert never ran (a RuntimeWarning only).
+        for field in ("configure", "check", "reset", "reconnect_failed"):
             check_sync_callable(field, configure if field == "configure" else kwargs.get(field))
         if isinstance(kwargs.get("connection_class"), type) and issubclass(kwargs["connection_class"],
                                                                            psycopg.AsyncConnection):
