@@ -182,6 +182,24 @@ def test_a_timeout_at_the_cap_says_it_waited_for_a_lease(pg: str, start_coordina
                                      f"time"), err.value
 
 
+def test_a_timeout_between_lease_attempts_at_a_cap_held_on_says_why(pg: str, start_coordinator: Any,
+                                                                     sock_path: str, app_name: str) -> None:
+    # After a lease wait timed out, psycopg_pool retries after a backoff (1, 2, 4... s):
+    # no lease wait under way then, and a getconn() timing out in it said only
+    # "couldn't get a connection after ..." (10 of 20 in a row, a cap held for 30 s).
+    start_coordinator({"pg": Resource(max_size=1, acquire_timeout=30)})
+    with (make_pool(sock_path, app_name, min_size=0, max_size=1) as holder, holder.connection(),
+          make_pool(sock_path, app_name, min_size=0, max_size=1, timeout=10, lease_timeout=0.2) as pool):
+        with pytest.raises(psycopg_pool.PoolTimeout):
+            pool.getconn(timeout=0.5)
+        deadline = time.monotonic() + 10
+        while (pool._sp_lease_waits or pool._sp_lease_failed is None) and time.monotonic() < deadline:
+            time.sleep(0.01)  # the first attempt refused, its retry not started yet
+        with pytest.raises(psycopg_pool.PoolTimeout) as err:
+            pool.getconn(timeout=0.1)  # within psycopg_pool's first backoff (~1 s)
+    assert str(err.value).startswith("couldn't get a connection after 0.10 sec; "), err.value
+
+
 def test_max_lifetime_replaces_connections_under_lease(pg: str, start_coordinator: Any,
                                                        sock_path: str, app_name: str) -> None:
     start_coordinator({"pg": Resource(max_size=2)})

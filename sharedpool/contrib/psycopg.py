@@ -177,8 +177,9 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
         self._sp_opened_in: int | None = None
         self._sp_local = threading.local()
         self._sp_closing = False
-        #: (monotonic time, error) of the last lease attempt that failed: said by a
-        #: getconn() timeout, since psycopg_pool only logs it ("error connecting")
+        #: (monotonic time, error) of the last lease attempt that failed, until a lease
+        #: is granted: said by a getconn() timeout, since psycopg_pool only logs it
+        #: ("error connecting")
         self._sp_lease_failed: tuple[float, BaseException] | None = None
         #: keys of the lease waits under way (AddConnection tasks queued at the cap)
         self._sp_lease_waits: set[object] = set()
@@ -292,7 +293,10 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
         and a short-lived process (Django's manage.py migrate) showed only
         "couldn't get a connection after 30.00 sec"."""
         failed = self._sp_lease_failed
-        if failed is not None and failed[0] >= since:  # refused at once: an unknown resource...
+        # Refused at once (an unknown resource...), or refused before and no lease
+        # granted since: psycopg_pool's backoff between attempts (1, 2, 4... s) leaves
+        # no lease wait under way, and a timeout in it said nothing at a cap held on.
+        if failed is not None and (failed[0] >= since or not self._sp_lease_waits):
             return f"; no lease: {failed[1]}"
         # A lease wait as long as getconn()'s, started after it, has not ended yet.
         if note := self._sp_book.unreachable_note():
@@ -406,6 +410,7 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
             if not_needed is not None:
                 self._sp_not_adding(growing)
                 return
+            self._sp_lease_failed = None  # granted: an earlier refusal says nothing now
             self._sp_local.lease_key = key
         finally:
             self._sp_lease_waits.discard(key)
