@@ -685,7 +685,9 @@ def test_a_burst_of_ctrl_c_while_the_exit_waits_cuts_nothing_short(tmp_path: Any
 
 _OWNER_OF_TWO = """
 import sys
+import sharedpool.program
 from sharedpool import Coordinator
+sharedpool.program.EXIT_WAIT = 60.0  # the test's polls and resumes fit well inside it, loaded or not
 first = Coordinator(sys.argv[1], {"r": 1}).start()
 second = Coordinator(sys.argv[2], {"r": 1}).start()
 print(first.pid, second.pid, flush=True)
@@ -694,8 +696,10 @@ sys.stdin.readline()
 
 
 def test_the_exit_stops_its_coordinators_side_by_side(tmp_path: Any) -> None:
-    """One after another, each waited for up to 5 s: a stuck first one held the
-    second's SIGTERM back by its whole wait (and a SIGKILL's)."""
+    """One after another, each waited for up to EXIT_WAIT (5 s): a stuck first
+    one held the second's SIGTERM back by its whole wait (and a SIGKILL's). The
+    owner's EXIT_WAIT is 60 s here: with 5 s, a test stalled ~4 s on a loaded
+    machine failed (both SIGKILLed before it saw or resumed them)."""
     paths = [str(tmp_path / "a.sock"), str(tmp_path / "b.sock")]
     owner = subprocess.Popen([sys.executable, "-c", _OWNER_OF_TWO, *paths], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -705,8 +709,9 @@ def test_the_exit_stops_its_coordinators_side_by_side(tmp_path: Any) -> None:
             child.suspend()
         wait_for(lambda: all(c.status() == psutil.STATUS_STOPPED for c in children), 15, "the SIGSTOPs")
         owner.stdin.close()  # type: ignore[union-attr]  # the program ends
-        # Well inside the exit's 5 s: both told to stop while both are stuck.
-        wait_for(lambda: all(_pending(c.pid) & (1 << (signal.SIGTERM - 1)) for c in children), 4,
+        # Well inside the exit's 60 s: both told to stop while both are stuck
+        # (one after another, the second's stop came after the first's 60 s).
+        wait_for(lambda: all(_pending(c.pid) & (1 << (signal.SIGTERM - 1)) for c in children), 30,
                  "both stops")
         assert owner.poll() is None
         for child in children:
