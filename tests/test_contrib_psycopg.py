@@ -169,15 +169,17 @@ def test_a_timeout_at_the_cap_says_it_waited_for_a_lease(pg: str, start_coordina
     # The one lease in use elsewhere: the timeout said only psycopg_pool's "couldn't
     # get a connection after 1.00 sec", as if this pool's own max_size were taken
     # (a Django view, or manage.py migrate, while gunicorn's workers held the cap).
+    # 3 s: the note needs the pool's worker to have begun its lease wait by then
+    # (with 1 s, a worker stalled 1.2 s on a loaded machine left psycopg_pool's words only).
     start_coordinator({"pg": Resource(max_size=1, acquire_timeout=30)})
     # lease_timeout past getconn()'s: with the lease wait as long (it starts a little
     # later), a loaded machine woke the lease wait's timeout first now and then, and
     # the note was the (also true) "no lease: all 1 leases of 'pg' are held".
     with (make_pool(sock_path, app_name, min_size=0, max_size=1) as holder, holder.connection(),
-          make_pool(sock_path, app_name, min_size=0, max_size=1, timeout=1, lease_timeout=30) as pool,
+          make_pool(sock_path, app_name, min_size=0, max_size=1, timeout=3, lease_timeout=30) as pool,
           pytest.raises(psycopg_pool.PoolTimeout) as err):
         pool.getconn()
-    assert str(err.value).startswith(f"couldn't get a connection after 1.00 sec; still waiting for a lease "
+    assert str(err.value).startswith(f"couldn't get a connection after 3.00 sec; still waiting for a lease "
                                      f"of 'pg' from the coordinator at {sock_path}: none granted in "
                                      f"time"), err.value
 
@@ -514,8 +516,9 @@ def test_growth_that_finds_no_free_slot_is_no_lease_timeout(pg: str, start_coord
         served: list[Any] = []
         waiter = threading.Thread(target=lambda: served.append(pool.getconn(timeout=10)))
         waiter.start()  # no connection: psycopg_pool grows for it, and waits for a lease
-        deadline = time.monotonic() + 5
-        while not pool._sp_waiting() and time.monotonic() < deadline:
+        deadline = time.monotonic() + 10
+        while not pool._sp_waiting():  # else the release below could come before the wait it is for
+            assert time.monotonic() < deadline, "the waiting getconn()'s growth never waited for a lease"
             time.sleep(0.01)
         other.release(held.pop())  # the growth's lease: the waiter is served, and
         waiter.join(10)            # psycopg_pool grows on towards min_size (3): no slot free
