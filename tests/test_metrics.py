@@ -434,7 +434,12 @@ def test_at_the_open_file_limit_a_pending_scrape_neither_spins_nor_starves_the_s
         for sock in sessions:
             sock.close()
         proc.terminate()
-        proc.wait(10)
+        try:
+            proc.wait(10)
+        finally:
+            if proc.poll() is None:  # not left behind, at its limit, when its stop failed
+                proc.kill()
+                proc.wait(10)
 
 
 def test_a_metrics_client_that_trickles_its_request_is_dropped(caplog: pytest.LogCaptureFixture) -> None:
