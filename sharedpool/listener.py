@@ -16,7 +16,9 @@ import errno
 import socket
 from typing import Any
 
-#: accept() errors asyncio answers by pausing accepting for a second.
+#: accept() errors that say the process (or the host) is out of descriptors or
+#: memory: the connection stays queued, the listening socket readable (asyncio
+#: pauses accepting for a second; the metrics server too).
 OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import errno
 import io
 import logging
 import resource
@@ -43,6 +42,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from .errors import SharedPoolError
+from .listener import OUT_OF_RESOURCES
 from .lograte import OncePer
 from .records import wait_histogram
 
@@ -63,9 +63,6 @@ MAX_CLIENTS = 16
 #: A failing scrape is logged at most this often per cause, the repeats counted.
 SCRAPE_ERROR_LOG_EVERY = 60.0
 
-#: accept() errors that say the process (or the host) is out of descriptors or
-#: memory: the connection stays queued, and the listening socket stays readable.
-OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 #: How long accepting pauses after such an error (asyncio's own accept loop waits 1 s).
 ACCEPT_RETRY = 1.0

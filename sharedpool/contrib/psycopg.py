@@ -143,15 +143,14 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
         # Else psycopg_pool called them in its threads: every connect (configure) or
         # checkout (check: Django's OPTIONS["pool"]["check"] = "yes") failed unseen, a
         # bare PoolTimeout after timeout; every return discarded its connection (reset).
+        # An async one's coroutine was never awaited: no setup, no check, no reset, and
+        # reconnect_failed's alert never ran (a RuntimeWarning only).
         for field, value in (("configure", configure), ("check", kwargs.get("check")),
                              ("reset", kwargs.get("reset")),
                              ("reconnect_failed", kwargs.get("reconnect_failed"))):
             if value is not None and not callable(value):
                 raise ConfigError(field, f"must be callable, got {value!r}")
-        # An async one's coroutine was never awaited: no setup, no check, no reset, and
-        # reconnect_failed's alert never ran (a RuntimeWarning only).
-        for field in ("configure", "check", "reset", "reconnect_failed"):
-            check_sync_callable(field, configure if field == "configure" else kwargs.get(field))
+            check_sync_callable(field, value)
         if isinstance(kwargs.get("connection_class"), type) and issubclass(kwargs["connection_class"],
                                                                            psycopg.AsyncConnection):
             # Else every connect failed ("'coroutine' object has no attribute"), a PoolTimeout.
