@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import socket
 from typing import Any
 
@@ -48,6 +49,13 @@ class RetryOnceListener(socket.socket):
 
     def _resume(self) -> None:
         self._failed = False
+
+    def dup(self) -> socket.socket:
+        """A plain socket on a duplicate descriptor (``asyncio.Server.sockets``
+        hands out dup(); socket's own would call this class with its arguments)."""
+        sock = socket.socket(self.family, self.type, self.proto, fileno=os.dup(self.fileno()))
+        sock.settimeout(self.gettimeout())
+        return sock
 
 
 def listener_for(sock: socket.socket, loop: asyncio.AbstractEventLoop) -> socket.socket:

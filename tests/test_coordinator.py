@@ -1452,6 +1452,31 @@ def test_on_asyncios_loop_a_failed_accept_is_retried_once_a_second_not_multiplie
         assert failed <= 12, f"{failed} failed accept()s in ~5s with one session waiting"
 
 
+def test_asyncios_listening_socket_dup_is_a_working_socket(tmp_path: Any) -> None:
+    # asyncio.Server.sockets hands out dup(); socket.dup() calls the class with
+    # socket's own arguments, which the wrapper's constructor does not take.
+    import asyncio
+
+    from sharedpool.listener import RetryOnceListener
+
+    loop = asyncio.new_event_loop()
+    plain = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    plain.bind(str(tmp_path / "l.sock"))
+    plain.listen(1)
+    listener = RetryOnceListener(plain, loop)
+    try:
+        copy = listener.dup()
+        try:
+            assert copy.fileno() != listener.fileno()
+            assert copy.getsockname() == listener.getsockname()
+        finally:
+            copy.close()
+        assert listener.fileno() >= 0  # its own descriptor still open
+    finally:
+        listener.close()
+        loop.close()
+
+
 _SERVE_ON_A_DISK_GONE_READ_ONLY = """
 import errno, os, signal, sys
 real = os.unlink
