@@ -50,12 +50,13 @@ class RetryOnceListener(socket.socket):
     def _resume(self) -> None:
         self._failed = False
 
-    def dup(self) -> socket.socket:
-        """A plain socket on a duplicate descriptor (``asyncio.Server.sockets``
-        hands out dup(); socket's own would call this class with its arguments)."""
-        sock = socket.socket(self.family, self.type, self.proto, fileno=os.dup(self.fileno()))
-        sock.settimeout(self.gettimeout())
-        return sock
+    def dup(self) -> RetryOnceListener:
+        """The same on a duplicate descriptor (``asyncio.Server.sockets`` hands
+        out dup(); socket's own would call this class with its arguments)."""
+        plain = socket.socket(self.family, self.type, self.proto, fileno=os.dup(self.fileno()))
+        copy = RetryOnceListener(plain, self._loop)
+        copy.settimeout(self.gettimeout())
+        return copy
 
 
 def listener_for(sock: socket.socket, loop: asyncio.AbstractEventLoop) -> socket.socket:

@@ -1464,11 +1464,13 @@ def test_asyncios_listening_socket_dup_is_a_working_socket(tmp_path: Any) -> Non
     plain.bind(str(tmp_path / "l.sock"))
     plain.listen(1)
     listener = RetryOnceListener(plain, loop)
+    listener.setblocking(False)
     try:
         copy = listener.dup()
         try:
             assert copy.fileno() != listener.fileno()
             assert copy.getsockname() == listener.getsockname()
+            assert copy.gettimeout() == 0.0
         finally:
             copy.close()
         assert listener.fileno() >= 0  # its own descriptor still open
