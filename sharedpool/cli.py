@@ -491,24 +491,53 @@ def _frame(client: Client, interval: float, width: int | None) -> tuple[list[Ren
     return [head, *(part for sheet in sheets for part in sheet.render(width, TOP_HINT))], None
 
 
+#: How often a ``top`` in the background of its terminal looks whether it has come to the foreground.
+_BACKGROUND_LOOK = 0.25
+
+
+def _in_the_foreground(fd: int) -> bool:
+    """Whether the terminal ``fd`` is ours to set modes of and read: we are in its
+    foreground process group. From the background (`sharedpool top &`, a script's
+    `timeout 5 sharedpool top`) setting a mode stops the process (SIGTTOU), and so
+    does a read (SIGTTIN), for ever. A terminal that is not our controlling one
+    sends neither (ENOTTY)."""
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError as exc:
+        return exc.errno == errno.ENOTTY
+
+
 def run_top(client: Client, interval: float, iterations: int | None) -> None:
-    """Refresh until q, Ctrl-C or ``iterations``; keys are read only from a terminal.
+    """Refresh until q, Ctrl-C or ``iterations``; keys are read only from a terminal,
+    while in its foreground (in the background it only refreshes).
 
     With ``iterations`` (a script's use), a last refresh the coordinator did not
     answer raises it, so the exit code says so."""
     console = make_console()
     fd = sys.stdin.fileno() if sys.stdin is not None and sys.stdin.isatty() else None
-    saved = termios.tcgetattr(fd) if fd is not None else None
+    saved: list[Any] | None = None  # the modes cbreak replaced, once set
     count = 0
     failed: SharedPoolError | None = None
 
+    def keyboard() -> int | None:
+        """The terminal to read keys from now, in cbreak mode (set the first time);
+        None while there is none, or it is not ours to read (in the background)."""
+        nonlocal saved
+        if fd is None or not _in_the_foreground(fd):
+            return None
+        if saved is None:  # the modes of when it came to the foreground, not of its start
+            saved = termios.tcgetattr(fd)
+            tty.setcbreak(fd)
+        return fd
+
     def wait() -> bool:  # False: quit
-        if fd is None:
-            time.sleep(interval)
-            return True
         deadline = time.monotonic() + interval
         while (left := deadline - time.monotonic()) > 0:
-            if select.select([fd], [], [], left)[0] and os.read(fd, 64).lower().count(b"q"):
+            keys = keyboard()
+            if keys is None:  # in the background looked at again shortly: `fg` brings it forward
+                time.sleep(left if fd is None else min(left, _BACKGROUND_LOOK))
+            elif (select.select([keys], [], [], left)[0] and _in_the_foreground(keys)
+                  and os.read(keys, 64).lower().count(b"q")):
                 return False
         return True
 
@@ -521,8 +550,7 @@ def run_top(client: Client, interval: float, iterations: int | None) -> None:
         return (iterations is None or count < iterations) and wait()
 
     try:
-        if fd is not None:
-            tty.setcbreak(fd)
+        keyboard()
         if console.is_terminal:
             with Live(console=console, auto_refresh=False, transient=False) as live:
                 while step(lambda view, _: live.update(Group(*view), refresh=True)):
@@ -532,7 +560,13 @@ def run_top(client: Client, interval: float, iterations: int | None) -> None:
                 pass
     finally:
         if fd is not None and saved is not None:
-            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+            # Put back even if sent to the background since (Ctrl-Z, bg): SIGTTOU
+            # blocked, which would stop it there for good.
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTTOU})
+            try:
+                termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     if iterations is not None and count == iterations and failed is not None:
         raise failed
 

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import servers
 from servers import wait_for
@@ -1161,6 +1162,59 @@ def test_top_off_the_main_thread_runs(serve: Serve) -> None:
     # Its frames stand for the client's warnings only while it runs: the NullHandler
     # it set stayed, and the tool's own sharedpool warnings went unsaid from then on.
     assert not any(isinstance(h, logging.NullHandler) for h in logging.getLogger("sharedpool").handlers)
+
+
+#: A shell's background job (`sharedpool top &`): the terminal on stdin becomes
+#: this session's controlling terminal, its foreground group this one; argv[1:]
+#: runs in a process group of its own, not the foreground one.
+_IN_THE_BACKGROUND = """
+import fcntl, os, subprocess, sys, termios
+os.setsid()
+fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+sys.exit(subprocess.Popen([sys.executable, *sys.argv[1:]], process_group=0).wait())
+"""
+
+
+def test_top_in_the_background_of_its_terminal_runs_not_stopped(serve: Serve) -> None:
+    # Before: setting cbreak mode from a background process group raised SIGTTOU,
+    # and top stayed stopped for ever (`timeout 5 sharedpool top` in a script).
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
+    job = subprocess.Popen(
+        [sys.executable, "-c", _IN_THE_BACKGROUND, "-m", "sharedpool", "top", "--socket", serve.socket,
+         "--interval", "0.1", "--iterations", "5"],
+        stdin=slave, stdout=slave, stderr=slave, env={**ENV, "TERM": "xterm-256color"})
+    seen = bytearray()
+    top: psutil.Process | None = None
+
+    def screen() -> str:
+        if select.select([master], [], [], 0.05)[0]:
+            with contextlib.suppress(OSError):  # EIO: the terminal was closed
+                seen.extend(os.read(master, 65536))
+        return ANSI.sub("", seen.decode("utf-8", "replace"))
+
+    try:
+        wait_for(lambda: job.poll() is not None or bool(psutil.Process(job.pid).children()), 15, "top")
+        with contextlib.suppress(psutil.Error, IndexError):  # gone already: it did not stop
+            top = psutil.Process(job.pid).children()[0]
+            assert os.getpgid(top.pid) != os.tcgetpgrp(master) == job.pid  # in the background
+        deadline = time.monotonic() + 30
+        while job.poll() is None and time.monotonic() < deadline:
+            screen()
+            with contextlib.suppress(psutil.NoSuchProcess):
+                assert top is None or top.status() != psutil.STATUS_STOPPED, screen()[-2000:]
+        screen()
+        assert job.returncode == 0, screen()[-2000:]
+        assert screen().count("sharedpool top") >= 5 and "Traceback" not in screen()
+        lflag = termios.tcgetattr(slave)[3]  # the foreground's terminal modes, left alone
+        assert lflag & termios.ECHO and lflag & termios.ICANON
+    finally:
+        if top is not None:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                top.kill()
+        stop(job)
+        os.close(master)
+        os.close(slave)
 
 
 def test_top_without_a_terminal_runs_n_iterations(serve: Serve) -> None:
