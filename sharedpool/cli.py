@@ -36,6 +36,7 @@ from .config import (
     CoordinatorConfig,
     check_socket_path,
     default_socket_path,
+    denied_at,
     not_a_socket,
     parse_resource_flags,
     tmp_socket_path,
@@ -114,7 +115,12 @@ def connect(socket_path: str | None) -> Iterator[Client]:
         _unavailable(path, exc.strerror or exc)
     except BlockingIOError:
         pass  # its queue of new connections is full: the client waits for room, within its timeout
-    except OSError as exc:  # there is something, but not for us (EACCES, not a socket...)
+    except PermissionError as exc:  # a directory on the way, or the socket, is not ours to use
+        if exc.errno != errno.EACCES:
+            _unusable(path, exc)
+        raise Failed(f"cannot use the coordinator socket {path}: permission denied "
+                     f"({denied_at(path)})") from None
+    except OSError as exc:  # there is something, but not for us (not a socket...)
         _unusable(path, exc)
     finally:
         probe.close()
@@ -379,6 +385,11 @@ def serve(socket_path: str | None, resource_flags: tuple[str, ...], config_file:
         raise BadConfig(str(exc)) from None
     except (CoordinatorRunning, CoordinatorFailed) as exc:
         raise Failed(str(exc)) from None
+    except PermissionError as exc:
+        if exc.errno != errno.EACCES or not isinstance(exc.filename, str):
+            raise Failed(f"cannot serve: {exc}") from None
+        # Its strerror names what denied it (bind_socket): said without "[Errno 13]".
+        raise Failed(f"cannot serve: {exc.filename}: {exc.strerror}") from None
     except OSError as exc:
         raise Failed(f"cannot serve: {exc}") from None
 

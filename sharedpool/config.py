@@ -7,12 +7,14 @@ was written, with a :class:`~sharedpool.errors.ConfigError` naming the field.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import inspect
 import json
 import math
 import numbers
 import os
+import pwd
 import re
 import stat
 import threading
@@ -329,6 +331,51 @@ def not_a_socket(path: str) -> str | None:
         return None
     return ("a directory" if stat.S_ISDIR(mode) else "a regular file" if stat.S_ISREG(mode)
             else "a fifo" if stat.S_ISFIFO(mode) else "no socket")
+
+
+def denied_at(path: str) -> str:
+    """What refuses this process ``path`` for lack of permission, with its mode and
+    owner: the first directory on the way it may not enter, else ``path`` itself if it
+    exists (a socket it may not write), else the directory it would be made in. E.g.
+    "directory /run/x is drwx------ (mode 0700) owned by postgres": "[Errno 13]
+    Permission denied" alone did not say where, nor whose it was."""
+    path = os.path.abspath(path)
+    # As the kernel checks it: with the effective ids (a setuid program), where it can.
+    effective = os.access in os.supports_effective_ids
+    parent = "/"
+    for part in [p for p in os.path.dirname(path).split("/") if p]:
+        entry = os.path.join(parent, part)
+        if not os.path.isdir(entry):
+            return _mode_and_owner(parent)  # the rest is to be made in ``parent``
+        if not os.access(entry, os.X_OK, effective_ids=effective):
+            return _mode_and_owner(entry)
+        parent = entry
+    return _mode_and_owner(path if os.path.lexists(path) else parent)
+
+
+def _mode_and_owner(path: str) -> str:
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        return f"{path}: {exc.strerror}"
+    try:
+        owner = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:  # a uid no user has (a container's, a removed user's)
+        owner = f"uid {st.st_uid}"
+    kind = ("directory" if stat.S_ISDIR(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode)
+            else "symlink" if stat.S_ISLNK(st.st_mode) else "file")
+    return (f"{kind} {path} is {stat.filemode(st.st_mode)} (mode {stat.S_IMODE(st.st_mode):04o}) "
+            f"owned by {owner}")
+
+
+def explain_denied(exc: OSError, path: str | None = None) -> OSError:
+    """``exc``, if a "Permission denied" at ``path`` (else its own filename), as one
+    that says what denied it (:func:`denied_at`); any other error as it is."""
+    where = path if path is not None else exc.filename
+    if exc.errno != errno.EACCES or not isinstance(where, str):
+        return exc
+    return OSError(exc.errno, f"{exc.strerror} ({denied_at(where)})", *(
+        (exc.filename,) if exc.filename is not None else ()))
 
 
 def check_seconds(name: str, value: Any, *, optional: bool = False, forever: bool = False,

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .background import BACKOFF_MAX
-from .config import CoordinatorConfig, Resource, check_seconds, config_from_parts
+from .config import CoordinatorConfig, Resource, check_seconds, config_from_parts, explain_denied
 from .errors import ConfigError, CoordinatorRunning, SharedPoolError
 from .fence import MonitorConnections
 from .listener import listener_for
@@ -268,7 +268,16 @@ def unreachable_peers(config: CoordinatorConfig) -> str | None:
 def bind_socket(config: CoordinatorConfig) -> tuple[socket.socket, bool, dict[str, list[Any]]]:
     """A listening Unix socket, 0600 (0660 with a group), in a private directory,
     whether this start is a restart (processes may still hold leases), and what
-    the previous coordinator handed on when it stopped (see :func:`~sharedpool.marker.read_marker`)."""
+    the previous coordinator handed on when it stopped (see :func:`~sharedpool.marker.read_marker`).
+    A "Permission denied" on the way says which directory (or socket) denied it,
+    its mode and its owner."""
+    try:
+        return _bind_socket(config)
+    except PermissionError as exc:
+        raise explain_denied(exc) from None
+
+
+def _bind_socket(config: CoordinatorConfig) -> tuple[socket.socket, bool, dict[str, list[Any]]]:
     path = config.socket_path
     gid = _group_id(config)
     if os.path.isdir(path) and not os.path.islink(path):

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import background, receiving
 from . import protocol as p
-from .config import not_a_socket
+from .config import explain_denied, not_a_socket
 from .errors import AccessDenied, CoordinatorUnavailable, RemoteProtocolError, SharedPoolError
 from .readable import cooperative
 
@@ -68,6 +68,8 @@ def shake_hands(sock: socket.socket, path: str, limit: float | None, hello: Call
             if (kind := not_a_socket(path)) is None:
                 raise
             raise ConnectionRefusedError(exc.errno, f"the path is {kind}, not a socket") from None
+        except PermissionError as exc:  # it names no path: say which directory (or socket) denied it
+            raise explain_denied(exc, path) from None
         conn = p.Connection(p.CLIENT)
         data = conn.send(hello())
         try:

@@ -252,6 +252,46 @@ def test_a_group_the_user_cannot_give_files_to_is_a_config_error(shared_dir: str
     assert not os.path.exists(sock)
 
 
+_POOL_AS_NOBODY = """
+import sqlite3, sys
+from sharedpool import ConnectionPool, PoolConfig, PoolTimeout
+with ConnectionPool(lambda: sqlite3.connect(":memory:"), PoolConfig(min_size=0, acquire_timeout=1),
+                    resource="r", coordinator=sys.argv[1]) as pool:
+    try:
+        pool.acquire()
+    except PoolTimeout as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize("command", ["status", "top", "serve", "pool"])
+def test_a_permission_denied_says_on_what(start_coordinator: Any, shared_dir: str, command: str) -> None:
+    # Before: "cannot use the coordinator at ...: [Errno 13] Permission denied", and
+    # "cannot serve: [Errno 13] Permission denied: '.../run'": not which directory
+    # refused, nor whose it was, nor its mode.
+    private = os.path.join(shared_dir, "private")
+    os.mkdir(private, 0o700)  # root's, as the coordinator running as root makes it
+    sock = os.path.join(private, "sp.sock")
+    start_coordinator({"r": 1}, path=sock)
+    nobody = ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable)
+    denied, mode = private, "drwx------ (mode 0700)"
+    if command == "serve":  # a directory to be made in one it may not write (root's, 0711)
+        argv = [*nobody, "-m", "sharedpool", "serve", "--socket", os.path.join(shared_dir, "run", "sp.sock"),
+                "--resource", "r=1"]
+        denied, mode = shared_dir, "drwx--x--x (mode 0711)"
+    elif command == "pool":
+        argv = [*nobody, "-c", _POOL_AS_NOBODY, sock]
+    else:
+        argv = [*nobody, "-m", "sharedpool", command, "--socket", sock, "--iterations", "1"][
+            :None if command == "top" else -2]
+    env = {k: v for k, v in os.environ.items() if k != "SHAREDPOOL_SOCKET"}
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 1, out
+    assert f"directory {denied} is {mode} owned by root" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1, out.stderr
+
+
 def test_peer_credentials_read_uid_and_gid_unsigned() -> None:
     # Before ("3i"), a uid or gid of 2**31 or more (user namespaces hand them
     # out) read as negative and could never match allowed_uids / allowed_gids.
