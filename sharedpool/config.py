@@ -358,14 +358,19 @@ def _mode_and_owner(path: str) -> str:
         st = os.lstat(path)
     except OSError as exc:
         return f"{path}: {exc.strerror}"
-    try:
-        owner = pwd.getpwuid(st.st_uid).pw_name
-    except KeyError:  # a uid no user has (a container's, a removed user's)
-        owner = f"uid {st.st_uid}"
+    owner = user_name(st.st_uid)
     kind = ("directory" if stat.S_ISDIR(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode)
             else "symlink" if stat.S_ISLNK(st.st_mode) else "file")
     return (f"{kind} {path} is {stat.filemode(st.st_mode)} (mode {stat.S_IMODE(st.st_mode):04o}) "
             f"owned by {owner}")
+
+
+def user_name(uid: int) -> str:
+    """``uid``'s user name, or "uid N" for a uid no user has (a container's, a removed user's)."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 def explain_denied(exc: OSError, path: str | None = None) -> OSError:

@@ -18,7 +18,14 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .background import BACKOFF_MAX
-from .config import CoordinatorConfig, Resource, check_seconds, config_from_parts, explain_denied
+from .config import (
+    CoordinatorConfig,
+    Resource,
+    check_seconds,
+    config_from_parts,
+    explain_denied,
+    user_name,
+)
 from .errors import ConfigError, CoordinatorRunning, SharedPoolError
 from .fence import MonitorConnections
 from .listener import listener_for
@@ -96,7 +103,10 @@ def _private_dir(path: str, gid: int | None = None, group: str = "group") -> Non
     _check_chain(os.path.realpath(directory))
     st = os.stat(directory)
     if st.st_uid != os.getuid():
-        raise ConfigError("socket", f"directory {directory} belongs to uid {st.st_uid}, not to us")
+        # Said by name, both: "uid 0, not to us" left the operator to look up who "us" was.
+        raise ConfigError("socket", f"directory {directory} belongs to {user_name(st.st_uid)}, not to "
+                          f"this coordinator's user {user_name(os.getuid())} (mode "
+                          f"{stat.S_IMODE(st.st_mode):04o}): the socket's directory must be its own")
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise ConfigError(
             "socket",
@@ -162,9 +172,9 @@ def _check_chain(directory: str) -> None:
         st_entry = os.lstat(entry)
         open_parent = _check_parent(parent)
         if stat.S_ISLNK(st_entry.st_mode) and st_entry.st_uid not in trusted:
-            raise ConfigError("socket", f"{entry} is a symlink of uid {st_entry.st_uid}, not ours")
+            raise ConfigError("socket", f"{entry} is a symlink of {user_name(st_entry.st_uid)}, not ours")
         if open_parent and st_entry.st_uid not in trusted:
-            raise ConfigError("socket", f"{entry} belongs to uid {st_entry.st_uid} in a shared "
+            raise ConfigError("socket", f"{entry} belongs to {user_name(st_entry.st_uid)} in a shared "
                               f"directory {parent}")
         parent = entry
 

@@ -7,6 +7,7 @@ connect and the coordinator's SO_PEERCRED check is what decides."""
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import stat
 import subprocess
@@ -304,3 +305,18 @@ def test_peer_credentials_read_uid_and_gid_unsigned() -> None:
             return struct.pack("iII", 4242, 2**32 - 2, 2**31)
 
     assert peer_credentials(Peer()) == (4242, 2**32 - 2, 2**31)
+
+
+def test_a_socket_directory_of_another_user_is_named_with_both_users(shared_dir: str) -> None:
+    # Before: "directory D belongs to uid 0, not to us": neither user by name, nor the mode.
+    theirs = os.path.join(shared_dir, "roots")
+    os.mkdir(theirs, 0o755)
+    argv = ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable,
+            "-m", "sharedpool", "serve", "--socket", os.path.join(theirs, "sp.sock"), "--resource", "r=1")
+    env = {k: v for k, v in os.environ.items() if k != "SHAREDPOOL_SOCKET"}
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode != 0, out
+    nobody = pwd.getpwuid(NOBODY).pw_name
+    assert (f"directory {theirs} belongs to root, not to this coordinator's user {nobody} (mode 0755)"
+            in out.stderr), out.stderr
+    assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1, out.stderr

@@ -1033,7 +1033,7 @@ def test_a_socket_directory_others_can_swap_is_refused(tmp_path: Any) -> None:
         link = tmp_path / "link"
         link.symlink_to(real)
         os.lchown(link, 65534, 65534)
-        with pytest.raises(ConfigError, match="symlink of uid 65534"):
+        with pytest.raises(ConfigError, match="symlink of (nobody|uid 65534)"):
             Coordinator(str(link / "sp.sock"), {"r": 1}).start()
 
 
@@ -1053,7 +1053,7 @@ def test_a_refused_socket_directory_is_not_made_first(tmp_path: Any) -> None:
         link = tmp_path / "link"
         link.symlink_to(real)
         os.lchown(link, 65534, 65534)
-        with pytest.raises(ConfigError, match="symlink of uid 65534"):
+        with pytest.raises(ConfigError, match="symlink of (nobody|uid 65534)"):
             Coordinator(str(link / "planted" / "sp.sock"), {"r": 1}).start()
         assert not (real / "planted").exists()
 
