@@ -58,9 +58,13 @@ class StartFence:
     #: backend started outside that is not the lease's (its pid was reused, or
     #: reported wrongly): the fence never terminates it.
     started: dict[int, tuple[float | None, float]] = field(default_factory=dict, compare=False)
+    #: why the coordinator ended the session of ``pid`` while it still ran
+    #: (None: its process went, or a restart handed the leases on), for the log
+    ended: str | None = field(default=None, compare=False)
 
 
-def start_fence(name: str, pid: int, leases: list[Lease], fence: int, terminate: bool = True) -> StartFence:
+def start_fence(name: str, pid: int, leases: list[Lease], fence: int, terminate: bool = True,
+                ended: str | None = None) -> StartFence:
     """The StartFence of a dead process's ``leases``, with when each backend can
     have started: a reused pid, or one reported wrongly, must not get some
     other connection terminated."""
@@ -76,7 +80,7 @@ def start_fence(name: str, pid: int, leases: list[Lease], fence: int, terminate:
             started[lease.backend_pid] = (earliest, latest)
     return StartFence(name, pid, tuple(x.id for x in leases),
                       tuple(x.backend_pid for x in leases if x.backend_pid), fence,
-                      terminate=terminate, started=started)
+                      terminate=terminate, started=started, ended=ended)
 
 
 @dataclass(frozen=True, slots=True)

@@ -94,6 +94,9 @@ class Ledger:
         #: fence serials of such leases fenced when the hold ended: their process
         #: may be alive, only late; a clean stop hands that on (``late_state``)
         self._late: set[int] = set()
+        #: fence serial -> why: awaited leases of a live process whose session
+        #: the coordinator ended (see :meth:`close_session`), for the log
+        self._ended: dict[int, str] = {}
         #: resource -> quantum() as last computed; dropped when costs, sessions or limits change
         self._quanta: dict[str, float | None] = {}
 
@@ -130,9 +133,13 @@ class Ledger:
         # What was awaited from this process and it did not bring back, it no longer has.
         return sid, effects + restart.settle_unbrought(self, pid, now)
 
-    def close_session(self, sid: int, now: float) -> list[Effect]:
+    def close_session(self, sid: int, now: float, ended: str | None = None) -> list[Effect]:
         """The session ended (clean exit, crash, socket closed): withdraw its
-        waiters and fence its leases."""
+        waiters and fence its leases. ``ended``: why the coordinator ended it
+        while its process still runs (a bad frame, not reading, a timeout):
+        that process still has the connections, so its leases stay counted
+        for it, as a live holder's after a restart, until it re-registers
+        them, connects without them, or exits (then fenced as a dead one's)."""
         session = self.sessions.pop(sid, None)
         if session is None:
             return []
@@ -159,6 +166,19 @@ class Ledger:
             limits = res.limits
             delay = limits.fence_timeout if limits.monitor_dsn else limits.quarantine_delay
             fence = next(self._fences)
+            if ended is not None:
+                # Freed after a delay (or a fence_action="terminate" on them),
+                # PostgreSQL would count them and their successors (I1).
+                self._awaited[fence] = (name, session.pid)
+                self._ended[fence] = ended
+                until = now + restart.ALIVE_RECHECK
+                if self.hold_until is not None:  # a hold lifts no awaited fence before its end
+                    until = max(until, self.hold_until + delay)
+                for lease in leases:
+                    del res.live[lease.id]
+                    self._fence(res, Fenced(lease, session.pid, until, fence))
+                touched.add(name)
+                continue
             for lease in leases:
                 del res.live[lease.id]
                 if delay > 0:

@@ -297,16 +297,18 @@ def settle_unclaimed(ledger: Ledger, fence: int, name: str, pid: int, now: float
     res = ledger.resources[name]
     left = [f for f in res.fenced.values() if f.fence == fence]
     if not left:
+        ledger._ended.pop(fence, None)
         return []  # all re-registered
     if pid in running:
         ledger._awaited[fence] = (name, pid)
         for f in left:
             ledger._fence(res, Fenced(f.lease, pid, now + ALIVE_RECHECK, fence))
         return [StillHeld(name, pid, len(left))] if first else []
+    ended = ledger._ended.pop(fence, None)
     limits = res.limits
     after = limits.fence_timeout if limits.monitor_dsn else limits.quarantine_delay
     if not first:  # their time as a dead process's fence starts now
         for f in left:
             ledger._fence(res, Fenced(f.lease, pid, now + after, fence))
     ledger._late.add(fence)
-    return [start_fence(name, pid, [f.lease for f in left], fence, terminate=False)]
+    return [start_fence(name, pid, [f.lease for f in left], fence, terminate=False, ended=ended)]

@@ -121,9 +121,12 @@ def holder_alive(pid: int, before: float) -> bool:
 
 def _whose(eff: StartFence) -> str:
     """Whose leases a fence holds, for its log lines. Not ``terminate``: handed on
-    by a restart and not re-registered; the process may be serving on (it
-    closed their connections while no coordinator ran), and "dead" sent
-    operators looking for a crashed worker."""
+    by a restart, or kept for a live process whose session the coordinator
+    ended, and not re-registered; the process may be serving on (it closed
+    their connections meanwhile), and "dead" sent operators looking for a
+    crashed worker."""
+    if eff.ended is not None:
+        return f"pid {eff.pid} (its session ended: {eff.ended}; not re-registered)"
     if eff.terminate:
         return f"dead pid {eff.pid}"
     return f"pid {eff.pid} (held before the restart, not re-registered)"
@@ -163,6 +166,8 @@ class SessionProtocol(asyncio.Protocol):
         self.asked: dict[str, int] = {}
         #: The CLI's: its connecting and ending logged at debug.
         self.quiet = False
+        #: The error code this coordinator ended the session with (see :meth:`fail`).
+        self.ended: str | None = None
 
     def __repr__(self) -> str:
         return f"<SessionProtocol session={self.sid} pid={self.pid} uid={self.uid}>"
@@ -302,6 +307,7 @@ class SessionProtocol(asyncio.Protocol):
         if self.closing or self.transport is None:
             return
         self.closing = True
+        self.ended = code
         self.server.dirty.discard(self)
         try:
             # What was already decided (a welcome, grants) goes out before the error.
@@ -338,6 +344,9 @@ class Server:
         self.ledger = Ledger(dict(config.resources), id_base=time.time_ns() // 1000,
                              hold_until=loop.time() + hold if hold > 0 else None)
         self._started = time.time()  # a process started since cannot hold a lease handed on
+        #: pid -> when this coordinator ended its session while it ran (wall clock):
+        #: a process started after that cannot hold the leases it kept
+        self._ended_alive: dict[int, float] = {}
         self.sessions: dict[int, SessionProtocol] = {}
         self.dirty: set[SessionProtocol] = set()
         self.max_buffer = 2 * config.max_frame  # unread replies beyond this: the peer is not reading
@@ -564,9 +573,18 @@ class Server:
         if self.stopping:
             return
         held = len(self.ledger.sessions[session.sid].leases)
-        log.log(logging.DEBUG if session.quiet and not held else logging.INFO,
-                "session %s ended: pid=%s, %d lease(s) returned", session.sid, session.pid, held)
-        self.apply(self.ledger.close_session(session.sid, self.loop.time()))
+        ended = None
+        if session.ended is not None and held and session.pid > 0 and holder_alive(session.pid, time.time()):
+            # Ended by us, not by its process: that still has the connections.
+            ended = session.ended
+            self._ended_alive[session.pid] = time.time()  # a process made after is another
+            log.warning("session %s ended (%s) while pid %s still runs: its %d lease(s) stay counted "
+                        "until it reconnects and re-registers them, or exits", session.sid, ended,
+                        session.pid, held)
+        else:
+            log.log(logging.DEBUG if session.quiet and not held else logging.INFO,
+                    "session %s ended: pid=%s, %d lease(s) returned", session.sid, session.pid, held)
+        self.apply(self.ledger.close_session(session.sid, self.loop.time(), ended))
         self.flush()
         self._changed()
 
@@ -585,7 +603,11 @@ class Server:
         self._timer = self._timer_at = None
         # Looked at here, not by the ledger (no I/O there): a few /proc reads,
         # only while leases handed on by the previous coordinator are awaited.
-        running = {pid for pid in self.ledger.awaited_pids() if holder_alive(pid, self._started)}
+        awaited = self.ledger.awaited_pids()
+        for pid in self._ended_alive.keys() - awaited:
+            del self._ended_alive[pid]
+        running = {pid for pid in awaited
+                   if holder_alive(pid, max(self._started, self._ended_alive.get(pid, 0.0)))}
         self.apply(self.ledger.tick(self.loop.time(), running))
         self.flush()
         self._changed()

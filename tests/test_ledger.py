@@ -562,6 +562,30 @@ def test_fenced_leases_about_to_come_free_spare_the_live_holders() -> None:
     assert granted(lg.tick(T0 + 1.0)).session == b
 
 
+def test_a_session_ended_while_its_process_runs_keeps_its_leases_counted() -> None:
+    """The coordinator ended the session (a bad frame, not reading), not its
+    process: that still has the connections. Fenced for quarantine_delay, the
+    slot went to a waiter while PostgreSQL still counted the old backend."""
+    lg = ledger(pg=Resource(1, quarantine_delay=0.05))
+    a, b = session(lg, pid=41), session(lg, pid=42)
+    lease = granted(lg.acquire(a, 1, "pg", T0)).lease
+    lg.report(a, [[lease.id, BUSY, 9001, None]], T0)
+    assert queued(lg.acquire(b, 1, "pg", T0, timeout=60))
+    assert of(StartFence, lg.close_session(a, T0 + 1, ended="not_reading")) == []
+    res = lg.resources["pg"]
+    assert res.leased == 1 and lg.snapshot_fenced(T0 + 1)[0]["state"] == "awaited"
+    assert not of(Granted, lg.tick(T0 + 1 + ALIVE_RECHECK, running={41}))  # still runs: still its
+    # It reconnects and re-registers the lease: its own again, the waiter still waits.
+    again, effects = lg.open_session(41, "w", T0 + 3, held=[["pg", lease.id, lease.token, IDLE, 9001]])
+    assert not of(Granted, effects) and res.fenced == {} and lg.sessions[again].leases
+    # Ended again, then it exits: fenced as a dead process's, terminated only once gone.
+    lg.close_session(again, T0 + 4, ended="protocol_error")
+    [fence] = of(StartFence, lg.tick(T0 + 4 + ALIVE_RECHECK, running=()))
+    assert (fence.pid, fence.backend_pids, fence.terminate, fence.ended) == (41, (9001,), False,
+                                                                              "protocol_error")
+    assert granted(lg.tick(T0 + 4 + ALIVE_RECHECK + 0.05)).session == b
+
+
 def test_close_session_withdraws_its_waiters() -> None:
     lg = ledger(pg=1)
     a, b, c = session(lg), session(lg), session(lg)

@@ -1,0 +1,151 @@
+"""A live process whose session the coordinator ended (a bad frame, a half-sent
+frame, not reading its replies): it still has its connections, so its slots
+must not go to anyone else (I1), nor its backends be terminated under it; it
+reconnects and re-registers them, and when it exits they come back (I2)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from pg_helpers import pg_dsn
+from servers import wait_for
+from test_fence_e2e import pid_known
+
+from sharedpool import Client, PoolTimeout, Resource
+
+_LIVE = """
+import os, signal, sys, psycopg
+from pg_helpers import pg_dsn
+from sharedpool import Client, ConnectionPool, PoolConfig
+sock, app = sys.argv[1], sys.argv[2]
+pool = ConnectionPool(lambda: psycopg.connect(pg_dsn(), application_name=app, autocommit=True),
+                      PoolConfig(min_size=0, max_size=1), resource="pg", coordinator=sock)
+with pool.connection(timeout=30) as conn:
+    print("holding", conn.info.backend_pid, flush=True)
+    sys.stdin.readline()
+    # Half a frame, then stopped: the coordinator ends the session (frame_timeout)
+    # while this process lives on, its connection open.
+    Client.for_path(sock)._sock.sendall(b"\\x00\\x00\\x00\\x10")
+    os.kill(os.getpid(), signal.SIGSTOP)
+    sys.stdin.readline()
+    try:
+        conn.execute("SELECT 1")
+        print("used", flush=True)
+    except psycopg.Error as exc:
+        print("broken", type(exc).__name__, flush=True)
+    sys.stdin.readline()
+"""
+
+
+@contextlib.contextmanager
+def live_process(sock: str, app: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """The process of ``_LIVE``, holding one connection, and its backend pid
+    (known at the coordinator); killed (by pid) on the way out."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    proc = subprocess.Popen([sys.executable, "-c", _LIVE, sock, app], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().split()
+        assert line and line[0] == "holding", line
+        backend = int(line[1])
+        pid_known(sock, backend)
+        yield proc, backend
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def tell(proc: subprocess.Popen[str], what: str) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write(what + "\n")
+    proc.stdin.flush()
+
+
+def session_ended(probe: Client, pid: int) -> None:
+    wait_for(lambda: not any(s["pid"] == pid for s in probe.inspect("sessions")["sessions"]),
+             10, "the coordinator to end the stopped process's session")
+
+
+def _backend_present(backend: int) -> bool:
+    with psycopg.connect(pg_dsn(), autocommit=True) as conn:
+        return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
+                            (backend,)).fetchone() == (1,)
+
+
+@pytest.mark.parametrize("action", ["none", "wait", "terminate"])
+def test_a_live_process_whose_session_was_ended_keeps_its_slot_and_backend(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str, action: str,
+        caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -> None:
+    """Fenced as a dead process's, its slot went to a waiter after
+    quarantine_delay (no monitor_dsn) or fence_timeout ("wait") while PostgreSQL
+    still counted its backend, or its backend was terminated under it
+    ("terminate"); the log called it a dead pid."""
+    caplog.set_level(logging.INFO, logger="sharedpool")  # the coordinator logs at this level
+    fence: dict[str, Any] = {} if action == "none" else {
+        "monitor_dsn": pg_dsn(), "fence_action": action, "fence_timeout": 1.0}
+    start_coordinator({"pg": Resource(max_size=1, acquire_timeout=30, **fence)}, frame_timeout=0.3)
+    probe = Client(sock_path, name="probe")
+    if action == "none":
+        # Made well after the coordinator started (process start times are known
+        # to a second or so): one that predates it is not all that runs.
+        time.sleep(2.5)
+    try:
+        with live_process(sock_path, app_name) as (live, backend):
+            tell(live, "stop")
+            session_ended(probe, live.pid)
+            # Longer than quarantine_delay and fence_timeout: the slot stays its.
+            with pytest.raises(PoolTimeout):
+                lease = probe.acquire("pg", timeout=2.0)
+                probe.release(lease)
+            assert _backend_present(backend), "the live process's backend was terminated"
+            os.kill(live.pid, signal.SIGCONT)
+            wait_for(lambda: probe.inspect("leases", pid=live.pid)["leases"], 10,
+                     "the process to re-register its lease")
+            tell(live, "use")
+            assert live.stdout is not None and live.stdout.readline().strip() == "used"
+            text = capfd.readouterr().err  # while it lived: the log must not call it dead
+            live.kill()
+            live.wait(10)
+        lease = probe.acquire("pg", timeout=10)  # its exit gives the slot back
+        probe.release(lease)
+    finally:
+        probe.close()
+    assert f"ended (frame_timeout) while pid {live.pid} still runs" in text, text
+    assert f"dead pid {live.pid}" not in text, text
+
+
+def test_a_live_process_that_exits_before_it_reconnects_gives_its_slot_back(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str,
+        caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -> None:
+    """Its leases kept for it while it ran, then fenced when it is gone, the
+    fence's log lines say how its session ended, not "dead pid"."""
+    caplog.set_level(logging.INFO, logger="sharedpool")
+    start_coordinator({"pg": Resource(max_size=1, acquire_timeout=30, monitor_dsn=pg_dsn(),
+                                      fence_action="wait", fence_timeout=1.0)}, frame_timeout=0.3)
+    probe = Client(sock_path, name="probe")
+    try:
+        with live_process(sock_path, app_name) as (live, _):
+            tell(live, "stop")
+            session_ended(probe, live.pid)
+            live.kill()  # stopped: it never reconnected
+            live.wait(10)
+        lease = probe.acquire("pg", timeout=10)
+        probe.release(lease)
+    finally:
+        probe.close()
+    text = capfd.readouterr().err
+    assert f"dead pid {live.pid}" not in text, text
+    assert f"pid {live.pid} (its session ended: frame_timeout; not re-registered)" in text, text
