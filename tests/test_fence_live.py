@@ -149,3 +149,28 @@ def test_a_live_process_that_exits_before_it_reconnects_gives_its_slot_back(
     text = capfd.readouterr().err
     assert f"dead pid {live.pid}" not in text, text
     assert f"pid {live.pid} (its session ended: frame_timeout; not re-registered)" in text, text
+
+
+def test_a_process_killed_as_its_session_ends_is_not_taken_for_alive() -> None:
+    # A SIGKILLed process's sockets close before it becomes a zombie: at its
+    # session's end it read as running (2 in 5 on this machine), and a session
+    # the coordinator ended just then kept its slots counted for a second more.
+    import socket
+
+    from sharedpool.server import holder_alive
+
+    taken_for_alive = 0
+    for _ in range(100):
+        ours, theirs = socket.socketpair()
+        with ours:
+            with theirs:
+                proc = subprocess.Popen(["sleep", "60"], pass_fds=[theirs.fileno()])
+            try:
+                ours.settimeout(10)
+                os.kill(proc.pid, signal.SIGKILL)
+                assert ours.recv(1) == b""  # its end closed: it is on its way out
+                taken_for_alive += holder_alive(proc.pid, time.time())
+            finally:
+                proc.kill()
+                proc.wait(10)
+    assert taken_for_alive == 0
