@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 VERBS = ("pause", "resume", "drain", "resize", "end_session", "reload")
 #: What a reload applies (resources) or that is not a setting (the file, the flags).
-_LIVE_FIELDS = ("resources", "config_file", "overrides")
+_LIVE_FIELDS = ("resources", "config_file", "overrides", "beside_file")
 
 log = logging.getLogger("sharedpool.coordinator")
 
@@ -67,8 +67,9 @@ def reload_config(server: Server, now: float) -> tuple[Any, list[Effect]]:
     """Re-read the config file, with the flags the coordinator was started with
     laid over it again; resources are added or their limits replaced.
 
-    Only resource limits change live. A changed ``[coordinator]`` field, and a
-    resource gone from the file, are reported (reply and log), not applied."""
+    A resource gone from the file is removed: no new leases, the held ones valid
+    until released, then it is forgotten. A changed ``[coordinator]`` field is
+    reported (reply and log), not applied."""
     running = server.config
     path = running.config_file
     if not path:
@@ -86,10 +87,13 @@ def reload_config(server: Server, now: float) -> tuple[Any, list[Effect]]:
     # What the reload changes in the live limits: the file's edits, and also
     # what a `resize` set since (the file's value wins; said, not silent).
     changed: dict[str, dict[str, list[Any]]] = {}
-    added = [name for name in fresh.resources if name not in server.ledger.resources]
+    ledger = server.ledger
+    # One removed by an earlier reload and still held is added back.
+    added = [name for name in fresh.resources
+             if name not in ledger.resources or ledger.resources[name].removed]
     for name, limits in fresh.resources.items():
         res = server.ledger.resources.get(name)
-        if res is not None and (diff := limits_changed(res.limits, limits)):
+        if res is not None and name not in added and (diff := limits_changed(res.limits, limits)):
             changed[name] = diff
         effects += server.ledger.set_limits(name, limits, now)
     # Sessions know the limits from their welcome: told, or an acquire given no
@@ -106,18 +110,24 @@ def reload_config(server: Server, now: float) -> tuple[Any, list[Effect]]:
             f"{name}: " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in diff.items())
             for name, diff in changed.items()))
     needs_restart = fixed_fields_changed(running, fresh)
-    # Leases of a resource may be out; dropping it would strand them. It stays.
-    kept = sorted(set(server.ledger.resources) - set(fresh.resources))
+    # Not one given beside config_file= (in code, in no file): kept, as a restart keeps it.
+    removed = sorted(name for name, res in ledger.resources.items() if name not in fresh.resources
+                     and not res.removed and f"resources.{name}" not in running.beside_file)
+    # Held leases of one are never cut: their connections exist (counted until released).
+    held = {name: ledger.resources[name].leased for name in removed}
+    for name in removed:
+        effects += ledger.remove(name, now)
     if needs_restart:
         log.warning("reload of %s: changed [coordinator] fields not applied, they take a restart: %s",
                     path, ", ".join(needs_restart))
     server.monitors_reloaded()
-    if kept:
-        log.warning("reload of %s: resources no longer configured are still served with their "
-                    "current limits until a restart: %s", path, ", ".join(kept))
+    if removed:
+        log.warning("reload of %s removed %s: no new leases; those held stay valid until released, "
+                    "then it is gone", path,
+                    ", ".join(f"{name} ({held[name]} lease(s) held)" for name in removed))
     # The path may not be UTF-8 (its bytes kept as surrogates): the reply must still go out.
     return {"reloaded": p.wire_text(path), "resources": sorted(fresh.resources), "added": sorted(added),
-            "changed": changed, "needs_restart": needs_restart, "kept": kept}, effects
+            "changed": changed, "needs_restart": needs_restart, "removed": removed}, effects
 
 
 def limits_changed(was: Resource, now: Resource) -> dict[str, list[Any]]:

@@ -632,9 +632,9 @@ def _said_reload(data: dict[str, Any]) -> str:
     if data.get("needs_restart"):
         lines.append("not applied, changed [coordinator] settings take a restart: "
                      + ", ".join(data["needs_restart"]))
-    if data.get("kept"):
-        lines.append("no longer in the file, still served with their current limits until a "
-                     "restart: " + ", ".join(data["kept"]))
+    if data.get("removed"):
+        lines.append("removed (no new leases; those held stay valid until released): "
+                     + ", ".join(data["removed"]))
     return "\n".join(lines)
 
 

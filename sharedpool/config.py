@@ -552,6 +552,12 @@ class CoordinatorConfig:
     frame_timeout: float = 30.0
     #: What :meth:`load` took from flags over the file; a reload applies them again.
     overrides: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    #: The settings given as keywords beside ``config_file=`` (``hooks(resources,
+    #: config_file=..., group=...)``), in no file nor override: ``resources.NAME``
+    #: for a resource, else the field's name. A reload or restart keeps them: a
+    #: resource until the file names it (then the file's limits apply), a
+    #: ``[coordinator]`` setting as given.
+    beside_file: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "socket_path", check_socket_path("socket", self.socket_path))
@@ -586,6 +592,10 @@ class CoordinatorConfig:
             raise ConfigError("metrics_host", f"must be a host name or address, got {self.metrics_host!r}")
         if not isinstance(self.overrides, dict):
             raise ConfigError("overrides", f"must be a mapping, got {self.overrides!r}")
+        beside = self.beside_file
+        if not isinstance(beside, (list, tuple)) or not all(isinstance(x, str) for x in beside):
+            raise ConfigError("beside_file", f"must be a list of setting names, got {self.beside_file!r}")
+        object.__setattr__(self, "beside_file", tuple(self.beside_file))  # a list from the program's JSON
         if self.config_file is not None:  # read again by every reload
             # Absolute now, as load() makes it: the program runs in the owner's cwd when
             # it starts, gunicorn's --chdir applied after its config file (where hooks()
@@ -603,7 +613,7 @@ class CoordinatorConfig:
         :attr:`overrides` so that a reload applies them again.
         """
         # Not config_file nor overrides: load() sets them itself, and one given was dropped.
-        allowed = sorted({f.name for f in fields(cls)} - {"config_file", "overrides"})
+        allowed = sorted({f.name for f in fields(cls)} - {"config_file", "overrides", "beside_file"})
         unknown = sorted(map(str, set(overrides) - set(allowed)))
         if unknown:
             raise ConfigError(unknown[0], f"unknown setting; allowed: {', '.join(allowed)}")
@@ -734,7 +744,7 @@ def check_welcome_fits(resources: dict[str, Resource], max_frame: int) -> None:
 
 
 #: CoordinatorConfig fields a ``[coordinator]`` table may not set.
-_NOT_IN_FILE = {"socket_path", "resources", "config_file", "overrides"}
+_NOT_IN_FILE = {"socket_path", "resources", "config_file", "overrides", "beside_file"}
 
 
 def _merge_resources(from_file: dict[str, Any], flags: Any) -> dict[str, Any]:
@@ -757,7 +767,7 @@ def check_option_names(options: Mapping[str, Any], also: tuple[str, ...] = ()) -
     """``options`` are :class:`CoordinatorConfig` fields (or one of ``also``, the
     caller's own keywords): a name that is none of them, a typo, is refused, naming it."""
     allowed = sorted({f.name for f in fields(CoordinatorConfig)
-                      if f.name not in ("socket_path", "resources", "overrides")} | set(also))
+                      if f.name not in ("socket_path", "resources", "overrides", "beside_file")} | set(also))
     unknown = sorted(map(str, set(options) - set(allowed)))
     if unknown:
         raise ConfigError("options", f"unknown option {unknown[0]!r}; allowed: {', '.join(allowed)}")
@@ -783,8 +793,12 @@ def config_from_parts(socket_path: Any, resources: Any, config: Any,
         raise ConfigError("resources", "must be a mapping of name to limits, e.g. {'pg': 20}, "
                           f"got {resources!r}")
     check_option_names(options)
+    beside: tuple[str, ...] = ()
+    if options.get("config_file") is not None:  # kept by a reload or restart (see beside_file)
+        beside = (*(f"resources.{name}" for name in resources or {}),
+                  *(name for name in options if name != "config_file"))
     return CoordinatorConfig(socket_path=socket_path or default_socket_path(),
-                             resources=dict(resources or {}), **options)
+                             resources=dict(resources or {}), beside_file=beside, **options)
 
 
 def _from_mapping(cls: Any, data: dict[str, Any], where: str) -> Any:

@@ -91,4 +91,5 @@ def _in_force(entry: tuple[float, int, Waiter]) -> bool:
 def _current(entry: tuple[float, int, str, Fenced], resources: dict[str, ResourceState]) -> bool:
     """Whether a :attr:`Deadlines.fences` entry is still a fence in force."""
     fenced = entry[3]
-    return resources[entry[2]].fenced.get(fenced.lease.id) is fenced
+    res = resources.get(entry[2])  # None: a resource a reload removed, forgotten since
+    return res is not None and res.fenced.get(fenced.lease.id) is fenced

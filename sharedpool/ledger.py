@@ -65,6 +65,12 @@ from .records import (
 #: A session's name is kept to this many characters: one peer's near-1 MB
 #: name must not make every ``sessions`` listing too large for a frame.
 MAX_NAME = 256
+def removed_why(resource: str) -> str:
+    """Why an acquire of a resource a reload removed is refused."""
+    return (f"resource {resource!r} was removed from the configuration by a reload: no new "
+            "leases (those held stay valid until released)")
+
+
 #: Acquires one session may have queued at once (whatever max_waiting says):
 #: each queued acquire makes every later one walk the queue, so a single peer
 #: queueing tens of thousands would stall the coordinator for seconds.
@@ -145,7 +151,7 @@ class Ledger:
             return []
         effects: list[Effect] = []
         # The median moves: askees may need the new quantum. (Costs are kept
-        # only for known resources, and resources are never removed.)
+        # only for known resources; a removed one's are dropped when it is forgotten.)
         touched = set(session.costs)
         for name in session.costs:
             self._quanta.pop(name, None)
@@ -255,9 +261,12 @@ class Ledger:
             session.top_req = req
         res = self.resources.get(resource)
         if res is None:
-            known = ", ".join(sorted(self.resources)) or "none"
+            known = ", ".join(sorted(n for n, r in self.resources.items() if not r.removed)) or "none"
             why = f"no resource {brief(resource)} (known: {known})"
             return [Denied(sid, req, "unknown_resource", why)]
+        if res.removed:
+            res.denials += 1
+            return [Denied(sid, req, "unknown_resource", removed_why(resource))]
         if req in session.waiting:
             return [Problem(sid, "duplicate_request", f"request {req} is already waiting", req)]
         if res.draining:
@@ -486,15 +495,30 @@ class Ledger:
         return self._notify_holders(res, "resize", {"max_size": max_size}) + self._pump(res, now)
 
     def set_limits(self, resource: str, limits: Resource, now: float) -> list[Effect]:
-        """Add a resource or replace its limits (config reload)."""
+        """Add a resource or replace its limits (config reload); one removed by
+        an earlier reload and still held is served again."""
         res = self.resources.get(resource)
         if res is None:
             self.resources[resource] = ResourceState(resource, limits)
             return []
         res.limits = limits
+        res.removed = False
         res.over_per_process = limits.max_per_process is not None  # rebalance looks, and clears it
         self._quanta.pop(resource, None)
         return self._pump(res, now)
+
+    def remove(self, resource: str, now: float) -> list[Effect]:
+        """A reload dropped ``resource`` from the configuration. Nothing new is
+        granted (its waiters are refused, as later acquires are); the leases out
+        stay valid until released, the fences until they end: their connections
+        exist, and a reload never cuts them. Then it is forgotten (gone from
+        status and metrics)."""
+        res = self._res(resource)
+        res.removed = True
+        why = removed_why(resource)
+        effects: list[Effect] = [self._drop_waiter(res, w, "unknown_resource", why)
+                                 for w in list(res.waiters)]
+        return effects + self._pump(res, now)
 
     def end_session(self, pid: int) -> list[Effect]:
         """Tell every session of ``pid`` to close its connections and let go."""
@@ -663,7 +687,24 @@ class Ledger:
                 effects.append(
                     self._grant(res, session, waiter.req, now, waiter.site, now - waiter.since))
                 giver = None  # only the slot given back passes the giver by
-        return effects + self._rebalance(res)
+        effects += self._rebalance(res)
+        if res.removed and not res.live and not res.fenced:
+            self._forget(res)
+        return effects
+
+    def _forget(self, res: ResourceState) -> None:
+        """A removed resource's last lease and fence are gone: drop it, and what
+        sessions and the restart bookkeeping keep by its name."""
+        name = res.name
+        del self.resources[name]
+        self._quanta.pop(name, None)
+        for session in self.sessions.values():
+            session.costs.pop(name, None)
+            session.asked.pop(name, None)
+            session.counts.pop(name, None)
+            session.idle_only.discard(name)
+        # Awaited fences of it with no lease left (all re-registered, then released).
+        self._awaited = {k: v for k, v in self._awaited.items() if v[0] != name}
 
     def quantum(self, resource: str) -> float | None:
         """The fairness quantum holders of ``resource`` are asked to keep to: the

@@ -81,6 +81,7 @@ RESOURCE_STATES: dict[str, Callable[[dict[str, Any]], bool]] = {
     "paused": lambda res: bool(res.get("paused")),
     "draining": lambda res: bool(res.get("draining")),
     "failing": lambda res: bool(res.get("failing")),
+    "removed": lambda res: bool(res.get("removed")),
     "restart_hold": lambda res: res.get("restart_hold_s") is not None,
 }
 

@@ -173,6 +173,9 @@ class ResourceState:
     waiters: deque[Waiter] = field(default_factory=deque)
     paused: bool = False
     draining: bool = False
+    #: dropped from the configuration by a reload: no new grants; forgotten once
+    #: its last lease is released and its last fence ended
+    removed: bool = False
     fail_streak: int = 0
     #: the sessions whose failures make up fail_streak (refused fast in the back-off)
     fail_sessions: set[int] = field(default_factory=set)
@@ -236,6 +239,7 @@ class ResourceState:
             "peak": self.peak,
             "paused": self.paused,
             "draining": self.draining,
+            "removed": self.removed,
             # Its connects failing, none succeeding since: refused fast, or
             # past the backoff with the next acquire to probe (a rare one in a
             # long outage: shown failing all the same, until a connect succeeds).

@@ -294,7 +294,9 @@ def settle_unclaimed(ledger: Ledger, fence: int, name: str, pid: int, now: float
     They stay counted for it, looked at again every ALIVE_RECHECK seconds,
     until it re-registers them or exits. A process that said it does not
     have them (a hello without them) is passed as not running: fenced at once."""
-    res = ledger.resources[name]
+    res = ledger.resources.get(name)
+    if res is None:  # removed by a reload, and forgotten: nothing of it is left
+        return []
     left = [f for f in res.fenced.values() if f.fence == fence]
     if not left:
         ledger._ended.pop(fence, None)

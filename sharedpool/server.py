@@ -486,7 +486,8 @@ class Server:
             # Limits, and whether a drain is on: after a reconnect, a pool learns
             # here that a drain it was told of is over (a restarted coordinator),
             # or that one was ordered while it had no session.
-            state = {name: r.welcome_state() for name, r in ledger.resources.items()}
+            # Not a removed one: it grants nothing new, and is soon gone.
+            state = {name: r.welcome_state() for name, r in ledger.resources.items() if not r.removed}
             # In the hello's version (an older worker's, in a rolling upgrade).
             session.send(p.Welcome(msg.version, new_sid, os.getpid(), state))
             self.apply(effects)

@@ -170,7 +170,7 @@ LEASE_COLUMNS = (
 
 
 def _res_state(r: dict[str, Any]) -> str:
-    flags = [f for f in ("paused", "draining", "failing") if r.get(f)]
+    flags = [f for f in ("removed", "paused", "draining", "failing") if r.get(f)]
     if r.get("restart_hold_s") is not None:  # granting nothing while processes re-register
         flags.append(f"restart hold {duration(r['restart_hold_s'])}")
     return ", ".join(flags) or "active"  # wraps at its spaces when narrow

@@ -624,15 +624,46 @@ def test_reload_keeps_flags_and_reports_what_it_did_not_apply(tmp_path: Path) ->
         said = {line.split(":")[0]: line for line in out.stdout.splitlines()}
         restart = said["not applied, changed [coordinator] settings take a restart"]
         assert "hello_timeout" in restart and "admin_uids" in restart
-        assert said["no longer in the file, still served with their current limits until a "
-                    "restart"].endswith(": old")
+        assert said["removed (no new leases; those held stay valid until released)"].endswith(": old")
         assert server.status()["max_size"] == 5 and server.status()["limits"]["max_per_process"] == 3
-        assert server.status("old")["max_size"] == 2  # kept until a restart, as said
+        # No lease held: gone at once (see test_a_reload_removes_a_resource_...).
+        assert [r["name"] for r in sp_json("status", "--socket", server.socket)["resources"]] == ["demo"]
         data = sp_json("reload", "--socket", server.socket)
-        assert sorted(data["needs_restart"]) == ["admin_uids", "hello_timeout"] and data["kept"] == ["old"]
+        assert sorted(data["needs_restart"]) == ["admin_uids", "hello_timeout"] and data["removed"] == []
         os.kill(server.proc.pid, signal.SIGHUP)
         wait_for(lambda: server.log().count("take a restart") >= 3, what="SIGHUP's warning")
     finally:
+        stop(server.proc)
+
+
+def test_a_reload_removes_a_resource_once_its_last_lease_is_released(tmp_path: Path) -> None:
+    """A resource dropped from the file stayed in the ledger, in status and in the
+    metrics, granting new leases with its old limits, until a restart. Now a
+    reload refuses new acquires of it, naming it; a lease held stays valid
+    (its connection is never cut) and, once released, the resource is gone."""
+    from sharedpool import Client
+    from sharedpool.errors import UnknownResource
+
+    config, server = serve_config(tmp_path, "[resources]\ndemo = 3\nold = 2\n")
+    client = Client(server.socket)
+    try:
+        lease = client.acquire("old", timeout=5)
+        config.write_text("[resources]\ndemo = 3\n")
+        data = sp_json("reload", "--socket", server.socket)
+        assert data["removed"] == ["old"] and data["resources"] == ["demo"]
+        assert "removed old (1 lease(s) held)" in server.log()
+        with pytest.raises(UnknownResource, match="'old' was removed from the configuration by a reload"):
+            client.acquire("old", timeout=5)
+        row = server.status("old")
+        assert (row["leased"], row["removed"]) == (1, True)
+        assert "removed" in sp("status", "--socket", server.socket).stdout  # the table's state column
+        assert [x.id for x in client.held.values()] == [lease.id]  # still held, still counted
+        client.release(lease)
+        wait_for(lambda: [r["name"] for r in sp_json("status", "--socket", server.socket)["resources"]]
+                 == ["demo"], what="the removed resource gone after its last release")
+        assert client.acquire("demo", timeout=5)
+    finally:
+        client.close()
         stop(server.proc)
 
 

@@ -1195,6 +1195,57 @@ def test_set_limits_adds_or_replaces() -> None:
     assert granted(lg.set_limits("pg", Resource(2), T0)).session == b
 
 
+def test_a_resource_a_reload_removed_grants_nothing_keeps_its_leases_then_is_gone() -> None:
+    """A reload removed it: it stayed in the ledger (and status, metrics), served
+    with its old limits, until a restart. Now: waiters and new acquires are
+    refused naming it, the held lease and the fence count on until released or
+    ended, then it is forgotten; a session's welcome no longer lists it."""
+    lg = ledger(pg=2, old=2)
+    a, b = session(lg), session(lg, pid=200)
+    held = grant(lg, a, 1, "old")
+    dead = grant(lg, b, 1, "old")
+    effects = lg.remove("old", T0)
+    assert of(Denied, effects) == []
+    refused = only(Denied, lg.acquire(a, 4, "old", T0, timeout=5))
+    assert refused.reason == "unknown_resource" and "'old'" in refused.message
+    assert "removed" in refused.message and "reload" in refused.message
+    assert "old" not in only(Denied, lg.acquire(a, 5, "nope", T0)).message  # not offered as known
+    fence = only(StartFence, lg.close_session(b, T0))  # its lease fenced: it still counts
+    assert [r["name"] for r in lg.snapshot_resources(T0)] == ["pg", "old"]
+    assert lg.snapshot_resources(T0, {"old"})[0]["removed"] is True
+    lg.release(a, held, T0)
+    assert "old" in lg.resources  # the fence still counts
+    lg.unfence("old", [dead], T0, fence.fence)
+    assert "old" not in lg.resources
+    assert [r["name"] for r in lg.snapshot_resources(T0)] == ["pg"]
+    assert lg.next_deadline() is None or lg.tick(T0 + 60) == []  # its old fence's deadline is no error
+    assert only(Denied, lg.acquire(a, 6, "old", T0)).reason == "unknown_resource"
+
+
+def test_waiters_of_a_removed_resource_are_refused_and_a_reload_can_bring_it_back() -> None:
+    lg = ledger(old=1)
+    a, b = session(lg), session(lg, pid=200)
+    held = grant(lg, a, 1, "old")
+    assert queued(lg.acquire(b, 1, "old", T0, timeout=5))
+    effects = lg.remove("old", T0)
+    [refused] = of(Denied, effects)
+    assert (refused.session, refused.req, refused.reason) == (b, 1, "unknown_resource")
+    assert of(AskReclaim, effects) == [AskReclaim(a, "old", 0)]  # nobody waits for its lease now
+    assert lg.set_limits("old", Resource(2), T0) == []  # added back before its last release
+    assert grant(lg, b, 2, "old")
+    lg.release(a, held, T0)
+    assert "old" in lg.resources
+
+
+def test_a_removed_resource_with_no_lease_is_gone_at_once() -> None:
+    lg = ledger(pg=1, old=1)
+    a = session(lg)
+    lg.report(a, [], T0, costs={"old": 0.01})
+    assert lg.remove("old", T0) == []
+    assert "old" not in lg.resources
+    assert lg.close_session(a, T0) == []  # its hand-off cost of the resource is gone too
+
+
 # ------------------------------------------------------------------- failures
 
 

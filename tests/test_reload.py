@@ -150,6 +150,9 @@ def test_an_embedded_coordinator_restarted_keeps_the_settings_given_beside_its_c
     try:
         assert stat.S_IMODE(os.stat(sock).st_mode) == 0o660
         config.write_text("[resources.demo]\nmax_size = 2\n")
+        # A reload does not remove the resource given in code: it is in no file to remove it from.
+        data = sp_json("reload", "--socket", sock)
+        assert data["removed"] == [] and _served(sock) == {"demo": 2, "extra": 1}
         assert _crashed_and_restarted(embedded) == {"demo": 2, "extra": 1}
         assert stat.S_IMODE(os.stat(sock).st_mode) == 0o660
     finally:
