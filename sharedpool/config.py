@@ -20,7 +20,7 @@ import stat
 import threading
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, NoReturn, TypeVar
 
 from .errors import ConfigError
@@ -727,6 +727,22 @@ def _read_config(path: str) -> bytes:
         if not data and stat.S_ISFIFO(os.fstat(fd).st_mode):
             raise ConfigError("config", f"{path} is a named pipe with nothing written to it")
     return data
+
+
+def reread(config: CoordinatorConfig) -> CoordinatorConfig:
+    """What a restart of ``config``'s coordinator serves: its file's resources as
+    the file says now, the flags laid over them again (as a reload reads them),
+    and the resources given beside the file (``beside_file``) that it does not
+    name. The rest stays as started. Without a file, ``config`` itself. A file
+    that does not load raises its ConfigError."""
+    path = config.config_file
+    if path is None:
+        return config
+    # The socket stays the one the workers use (the file's is never looked at).
+    fresh = CoordinatorConfig.load(path, **{**config.overrides, "socket_path": config.socket_path})
+    given = {name: res for name, res in config.resources.items()
+             if f"resources.{name}" in config.beside_file and name not in fresh.resources}
+    return replace(config, resources={**given, **fresh.resources})
 
 
 def check_welcome_fits(resources: dict[str, Resource], max_frame: int) -> None:

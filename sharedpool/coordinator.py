@@ -24,6 +24,7 @@ from .config import (
     check_seconds,
     config_from_parts,
     explain_denied,
+    reread,
     user_name,
 )
 from .errors import ConfigError, CoordinatorRunning, SharedPoolError
@@ -566,6 +567,7 @@ class Coordinator:
     ) -> None:
         self.config = config_from_parts(socket_path, resources, config, options)
         self._program: EmbeddedCoordinator | None = None
+        self._started = False
 
     @property
     def socket_path(self) -> str:
@@ -588,8 +590,16 @@ class Coordinator:
         :class:`ConfigError` for a bad socket directory, an error that is both a
         :class:`SharedPoolError` and an :class:`OSError` (with the child's
         ``errno``) if binding fails, and :class:`SharedPoolError` if it does not
-        start within ``timeout`` seconds."""
+        start within ``timeout`` seconds.
+
+        Started again after a stop, it serves what its config file says now (a
+        reload since changed what it served), as ``serve --config`` restarted
+        does; keyword overrides stay. A file that no longer loads raises its
+        :class:`ConfigError`."""
         from .program import EmbeddedCoordinator
+
+        if self._started and self._program is None:
+            self.config = reread(self.config)
 
         level = logging.getLevelName(logging.getLogger("sharedpool").getEffectiveLevel())
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -598,6 +608,7 @@ class Coordinator:
                                       start_timeout=timeout)
         program.start()
         self._program = program
+        self._started = True
         return self
 
     def stop(self, timeout: float | None = 10.0) -> None:

@@ -44,6 +44,7 @@ from .config import (
     check_seconds,
     check_socket_path,
     config_from_parts,
+    reread,
     runtime_socket_path,
 )
 from .coordinator import CoordinatorRunning
@@ -353,23 +354,15 @@ class EmbeddedCoordinator:
             code = proc.wait()
 
     def _reread_config(self) -> None:
-        """Before a restart: with a config file, its resource limits as they are
-        now, the flags laid over them again, as a reload applies them (and as
-        ``serve --config`` restarted reads them). The rest stays as it was
-        started: settings given as keywords beside ``config_file=`` (``hooks(
-        resources, config_file=..., group=...)``) are in no file nor override,
-        and a whole new config lost them (workers shut out of the socket, a
-        resource gone whose leases were out); a reload keeps them too, and the
-        resources the file dropped (until the owner restarts). Unreadable or
-        invalid: the configuration held here, said so."""
-        path = self.config.config_file
-        if path is None:
-            return
+        """Before a restart: with a config file, what it says now (see
+        :func:`~sharedpool.config.reread`), as ``serve --config`` restarted reads
+        it. Settings given as keywords beside ``config_file=`` (``hooks(
+        resources, config_file=..., group=...)``) are in no file nor override: a
+        whole new config lost them (workers shut out of the socket, a resource
+        gone whose leases were out). A resource a reload removed stays removed.
+        Unreadable or invalid: the configuration held here, said so."""
         try:
-            # The socket stays the one the workers use (the file's is never looked at).
-            fresh = CoordinatorConfig.load(path, **{**self.config.overrides, "socket_path": self.socket_path})
-            config = dataclasses.replace(self.config, resources={**self.config.resources,
-                                                                 **fresh.resources})
+            config = reread(self.config)
         except Exception as exc:  # noqa: BLE001 - whatever it is, the restart must still happen
             log.error("coordinator for %s restarts with the configuration it started with: %s",
                       self.socket_path, exc)

@@ -122,15 +122,47 @@ def test_an_embedded_coordinator_restarted_after_a_reload_serves_the_files_limit
 
     sock = str(tmp_path / "sp.sock")
     config = tmp_path / "sp.toml"
-    config.write_text("[resources.demo]\nmax_size = 6\n")
+    config.write_text("[resources.demo]\nmax_size = 6\n[resources.old]\nmax_size = 1\n")
     embedded = EmbeddedCoordinator(config=CoordinatorConfig.load(config, socket_path=sock)).start()
     try:
         config.write_text("[resources.demo]\nmax_size = 2\n")
         assert sp("reload", "--socket", sock).returncode == 0
         assert _served(sock) == {"demo": 2}
-        assert _crashed_and_restarted(embedded) == {"demo": 2}
+        assert _crashed_and_restarted(embedded) == {"demo": 2}  # the resource removed stays removed
     finally:
         embedded.stop()
+
+
+def test_a_coordinator_started_again_serves_what_its_file_says_now(tmp_path: Path) -> None:
+    """``Coordinator(config=CoordinatorConfig.load(path))``, reloaded, stopped and
+    started again: the second start served the config given at construction
+    (6, and the resource the reload removed), losing what the reloads had set.
+    Now it reads the file again, with the keyword overrides laid over it again."""
+    from sharedpool import Coordinator, CoordinatorConfig
+    from sharedpool.errors import ConfigError
+
+    sock = str(tmp_path / "sp.sock")
+    config = tmp_path / "sp.toml"
+    config.write_text("[resources]\ndemo = 6\nold = 1\n")
+    coordinator = Coordinator(config=CoordinatorConfig.load(config, socket_path=sock,
+                                                            resources={"pinned": 3}))
+    coordinator.start()
+    try:
+        config.write_text("[resources]\ndemo = 2\n")
+        assert sp_json("reload", "--socket", sock)["removed"] == ["old"]
+        assert _served(sock) == {"demo": 2, "pinned": 3}
+        coordinator.stop()
+        coordinator.start()
+        assert _served(sock) == {"demo": 2, "pinned": 3}
+        coordinator.stop()
+        config.write_text("[resources]\ndemo = -1\n")
+        with pytest.raises(ConfigError, match="max_size"):  # named, not the old limits served silently
+            coordinator.start()
+        config.write_text("[resources]\ndemo = 4\n")
+        coordinator.start()
+        assert _served(sock) == {"demo": 4, "pinned": 3}
+    finally:
+        coordinator.stop()
 
 
 def test_an_embedded_coordinator_restarted_keeps_the_settings_given_beside_its_config_file(
