@@ -4,7 +4,7 @@ end_session, reload. Each returns a reply payload and the ledger's effects."""
 from __future__ import annotations
 
 import logging
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import TYPE_CHECKING, Any
 
 from . import protocol as p
@@ -19,6 +19,13 @@ if TYPE_CHECKING:
 VERBS = ("pause", "resume", "drain", "resize", "end_session", "reload")
 #: What a reload applies (resources) or that is not a setting (the file, the flags).
 _LIVE_FIELDS = ("resources", "config_file", "overrides", "beside_file")
+#: ``[coordinator]`` settings a reload applies: read at each use (a peer's
+#: access at its connect or admin verb, a session's timeouts as it runs, the
+#: grace at the next start). Sessions already open stay open. The others take
+#: a restart: the socket, its group and the metrics listener are bound at
+#: start, and max_frame is each open session's frame limit.
+LIVE_SETTINGS = ("allowed_uids", "allowed_gids", "admin_uids", "hello_timeout", "frame_timeout",
+                 "restart_grace")
 
 log = logging.getLogger("sharedpool.coordinator")
 
@@ -69,7 +76,8 @@ def reload_config(server: Server, now: float) -> tuple[Any, list[Effect]]:
 
     A resource gone from the file is removed: no new leases, the held ones valid
     until released, then it is forgotten. A changed ``[coordinator]`` field is
-    reported (reply and log), not applied."""
+    applied if it is one of :data:`LIVE_SETTINGS`, else reported (reply and
+    log) as taking a restart. One given in code beside ``config_file=`` is kept."""
     running = server.config
     path = running.config_file
     if not path:
@@ -110,6 +118,13 @@ def reload_config(server: Server, now: float) -> tuple[Any, list[Effect]]:
             f"{name}: " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in diff.items())
             for name, diff in changed.items()))
     needs_restart = fixed_fields_changed(running, fresh)
+    settings = {name: [getattr(running, name), getattr(fresh, name)] for name in needs_restart
+                if name in LIVE_SETTINGS}
+    needs_restart = [name for name in needs_restart if name not in settings]
+    if settings:
+        server.config = replace(running, **{name: new for name, (_, new) in settings.items()})
+        log.info("reload of %s changed [coordinator] %s", path,
+                 ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in settings.items()))
     # Not one given beside config_file= (in code, in no file): kept, as a restart keeps it.
     removed = sorted(name for name, res in ledger.resources.items() if name not in fresh.resources
                      and not res.removed and f"resources.{name}" not in running.beside_file)
@@ -127,7 +142,8 @@ def reload_config(server: Server, now: float) -> tuple[Any, list[Effect]]:
                     ", ".join(f"{name} ({held[name]} lease(s) held)" for name in removed))
     # The path may not be UTF-8 (its bytes kept as surrogates): the reply must still go out.
     return {"reloaded": p.wire_text(path), "resources": sorted(fresh.resources), "added": sorted(added),
-            "changed": changed, "needs_restart": needs_restart, "removed": removed}, effects
+            "changed": changed, "settings": settings, "needs_restart": needs_restart,
+            "removed": removed}, effects
 
 
 def limits_changed(was: Resource, now: Resource) -> dict[str, list[Any]]:
@@ -141,11 +157,13 @@ def limits_changed(was: Resource, now: Resource) -> dict[str, list[Any]]:
 
 
 def fixed_fields_changed(running: CoordinatorConfig, fresh: CoordinatorConfig) -> list[str]:
-    """The ``[coordinator]`` fields (as the file names them) whose new value
-    differs: they were read once, at start (socket, access lists, frame size...)."""
+    """The ``[coordinator]`` fields whose new value differs (named as the field,
+    the socket as the file names it). Not one given in code beside ``config_file=``:
+    the file does not set it (it is kept, see ``beside_file``)."""
     changed = []
     for f in fields(CoordinatorConfig):
-        if f.name in _LIVE_FIELDS or getattr(running, f.name) == getattr(fresh, f.name):
+        if (f.name in _LIVE_FIELDS or f.name in running.beside_file
+                or getattr(running, f.name) == getattr(fresh, f.name)):
             continue
         changed.append("socket" if f.name == "socket_path" else f.name)
     return changed

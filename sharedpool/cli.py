@@ -629,6 +629,9 @@ def _said_reload(data: dict[str, Any]) -> str:
         lines.append("added: " + ", ".join(data["added"]))
     for name, diff in sorted((data.get("changed") or {}).items()):
         lines.append(f"changed {name}: " + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in diff.items()))
+    if data.get("settings"):
+        lines.append("changed [coordinator]: " + ", ".join(
+            f"{k} {old} -> {new}" for k, (old, new) in sorted(data["settings"].items())))
     if data.get("needs_restart"):
         lines.append("not applied, changed [coordinator] settings take a restart: "
                      + ", ".join(data["needs_restart"]))
@@ -639,7 +642,8 @@ def _said_reload(data: dict[str, Any]) -> str:
 
 
 _admin_command("reload", "reload", "Re-read the coordinator's --config file, with its --resource and "
-               "other flags laid over it again (as SIGHUP does). Only resource limits change live.",
+               "other flags laid over it again (as SIGHUP does). Resource limits, access lists and "
+               "timeouts change live; the socket, group, max_frame and metrics take a restart.",
                _said_reload)
 
 

@@ -729,20 +729,38 @@ def _read_config(path: str) -> bytes:
     return data
 
 
-def reread(config: CoordinatorConfig) -> CoordinatorConfig:
-    """What a restart of ``config``'s coordinator serves: its file's resources as
-    the file says now, the flags laid over them again (as a reload reads them),
-    and the resources given beside the file (``beside_file``) that it does not
-    name. The rest stays as started. Without a file, ``config`` itself. A file
-    that does not load raises its ConfigError."""
+#: CoordinatorConfig fields that are no settings of the file: a re-read keeps them.
+_BOOKKEEPING = ("config_file", "overrides", "beside_file")
+#: ``[coordinator]`` settings a restart keeps whatever the file says: the socket
+#: is what every process connects to (they would be left at the old path).
+KEPT_ON_RESTART = ("socket_path",)
+
+
+def reread(config: CoordinatorConfig) -> tuple[CoordinatorConfig, list[str]]:
+    """What a restart of ``config``'s coordinator serves, and the ``[coordinator]``
+    settings (as the file names them) the file changed but the restart keeps
+    (:data:`KEPT_ON_RESTART`). The file as it says now, the flags laid over it
+    again (as a reload reads it); of what was given beside the file
+    (``beside_file``), the resources it does not name and every other setting.
+    Without a file, ``config`` itself. A file that does not load raises its ConfigError."""
     path = config.config_file
     if path is None:
-        return config
-    # The socket stays the one the workers use (the file's is never looked at).
-    fresh = CoordinatorConfig.load(path, **{**config.overrides, "socket_path": config.socket_path})
+        return config, []
+    fresh = CoordinatorConfig.load(path, **config.overrides)
     given = {name: res for name, res in config.resources.items()
              if f"resources.{name}" in config.beside_file and name not in fresh.resources}
-    return replace(config, resources={**given, **fresh.resources})
+    settings: dict[str, Any] = {"resources": {**given, **fresh.resources}}
+    kept = []
+    for f in fields(CoordinatorConfig):
+        if f.name in ("resources", *_BOOKKEEPING) or f.name in config.beside_file:
+            continue
+        new = getattr(fresh, f.name)
+        if f.name in KEPT_ON_RESTART:
+            if new != getattr(config, f.name):
+                kept.append("socket" if f.name == "socket_path" else f.name)
+            continue
+        settings[f.name] = new
+    return replace(config, **settings), kept
 
 
 def check_welcome_fits(resources: dict[str, Resource], max_frame: int) -> None:
@@ -812,7 +830,8 @@ def config_from_parts(socket_path: Any, resources: Any, config: Any,
     beside: tuple[str, ...] = ()
     if options.get("config_file") is not None:  # kept by a reload or restart (see beside_file)
         beside = (*(f"resources.{name}" for name in resources or {}),
-                  *(name for name in options if name != "config_file"))
+                  *(name for name in options if name != "config_file"),
+                  *(("socket_path",) if socket_path is not None else ()))
     return CoordinatorConfig(socket_path=socket_path or default_socket_path(),
                              resources=dict(resources or {}), beside_file=beside, **options)
 

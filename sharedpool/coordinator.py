@@ -594,12 +594,17 @@ class Coordinator:
 
         Started again after a stop, it serves what its config file says now (a
         reload since changed what it served), as ``serve --config`` restarted
-        does; keyword overrides stay. A file that no longer loads raises its
+        does; keyword overrides stay, and so does the socket (logged if the file
+        names another). A file that no longer loads raises its
         :class:`ConfigError`."""
         from .program import EmbeddedCoordinator
 
         if self._started and self._program is None:
-            self.config = reread(self.config)
+            self.config, kept = reread(self.config)
+            if kept:
+                log.warning("coordinator for %s starts again with [coordinator] %s of %s changed and "
+                            "not applied: it is what the processes connect to", self.socket_path,
+                            ", ".join(kept), self.config.config_file)
 
         level = logging.getLevelName(logging.getLogger("sharedpool").getEffectiveLevel())
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):

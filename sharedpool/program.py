@@ -198,7 +198,9 @@ class EmbeddedCoordinator:
         """Serve on another path (before :meth:`start`)."""
         if self._proc is not None:
             raise SharedPoolError("move() a coordinator before starting it")
-        self.config = dataclasses.replace(self.config, socket_path=socket_path)
+        # Given here, in code: a re-read of a config file keeps it (see beside_file).
+        self.config = dataclasses.replace(self.config, socket_path=socket_path,
+                                          beside_file=(*self.config.beside_file, "socket_path"))
 
     def start(self) -> EmbeddedCoordinator:
         """Start the coordinator; return once it accepts sessions."""
@@ -356,13 +358,18 @@ class EmbeddedCoordinator:
     def _reread_config(self) -> None:
         """Before a restart: with a config file, what it says now (see
         :func:`~sharedpool.config.reread`), as ``serve --config`` restarted reads
-        it. Settings given as keywords beside ``config_file=`` (``hooks(
-        resources, config_file=..., group=...)``) are in no file nor override: a
-        whole new config lost them (workers shut out of the socket, a resource
+        it: resources and ``[coordinator]`` settings, but for the socket. Settings
+        given as keywords beside ``config_file=`` (``hooks(resources,
+        config_file=..., group=...)``) are in no file nor override: a whole new
+        config lost them (workers shut out of the socket, a resource
         gone whose leases were out). A resource a reload removed stays removed.
         Unreadable or invalid: the configuration held here, said so."""
         try:
-            config = reread(self.config)
+            config, kept = reread(self.config)
+            if kept:
+                log.warning("coordinator for %s restarts with [coordinator] %s of %s changed and not "
+                            "applied: it is what the processes connect to", self.socket_path,
+                            ", ".join(kept), self.config.config_file)
         except Exception as exc:  # noqa: BLE001 - whatever it is, the restart must still happen
             log.error("coordinator for %s restarts with the configuration it started with: %s",
                       self.socket_path, exc)

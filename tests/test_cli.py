@@ -617,19 +617,21 @@ def test_reload_keeps_flags_and_reports_what_it_did_not_apply(tmp_path: Path) ->
         assert out.returncode == 0, out.stderr
         assert server.status()["max_size"] == 5  # not the file's 20: the flag is applied again
         assert "restart" not in out.stdout  # nothing changed that a reload cannot apply
-        config.write_text("[coordinator]\nhello_timeout = 3\nadmin_uids = [0, 4242]\n"
-                          "[resources.demo]\nmax_size = 20\nmax_per_process = 3\n")
+        config.write_text(f"[coordinator]\nhello_timeout = 3\nadmin_uids = [{os.getuid()}, 4242]\n"
+                          "max_frame = 2048\n[resources.demo]\nmax_size = 20\nmax_per_process = 3\n")
         out = sp("reload", "--socket", server.socket)
         assert out.returncode == 0, out.stderr
         said = {line.split(":")[0]: line for line in out.stdout.splitlines()}
         restart = said["not applied, changed [coordinator] settings take a restart"]
-        assert "hello_timeout" in restart and "admin_uids" in restart
+        assert restart.endswith(": max_frame")
+        assert said["changed [coordinator]"] == (f"changed [coordinator]: admin_uids [] -> [{os.getuid()}, "
+                                                 "4242], hello_timeout 10.0 -> 3")
         assert said["removed (no new leases; those held stay valid until released)"].endswith(": old")
         assert server.status()["max_size"] == 5 and server.status()["limits"]["max_per_process"] == 3
         # No lease held: gone at once (see test_a_reload_removes_a_resource_...).
         assert [r["name"] for r in sp_json("status", "--socket", server.socket)["resources"]] == ["demo"]
         data = sp_json("reload", "--socket", server.socket)
-        assert sorted(data["needs_restart"]) == ["admin_uids", "hello_timeout"] and data["removed"] == []
+        assert (data["needs_restart"], data["settings"], data["removed"]) == (["max_frame"], {}, [])
         os.kill(server.proc.pid, signal.SIGHUP)
         wait_for(lambda: server.log().count("take a restart") >= 3, what="SIGHUP's warning")
     finally:
@@ -664,6 +666,40 @@ def test_a_reload_removes_a_resource_once_its_last_lease_is_released(tmp_path: P
         assert client.acquire("demo", timeout=5)
     finally:
         client.close()
+        stop(server.proc)
+
+
+def test_a_reload_applies_access_lists_and_timeouts_at_once(tmp_path: Path) -> None:
+    """A changed [coordinator] setting was only reported ("takes a restart"),
+    even those the coordinator reads at each use. Now a reload (or SIGHUP)
+    applies the access lists and timeouts; the socket, group, max_frame and
+    metrics still take a restart, said so."""
+    config, server = serve_config(tmp_path, "[resources]\ndemo = 3\n")
+    try:
+        config.write_text("[coordinator]\nhello_timeout = 0.5\n[resources]\ndemo = 3\n")
+        data = sp_json("reload", "--socket", server.socket)
+        assert (data["settings"], data["needs_restart"]) == ({"hello_timeout": [10.0, 0.5]}, [])
+        silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        silent.settimeout(8)  # the old hello_timeout, 10 s, would outlast it
+        silent.connect(server.socket)
+        try:
+            while silent.recv(4096):
+                pass  # the hello_timeout error, then the end
+        finally:
+            silent.close()
+        assert "no hello within 0.5s" in server.log()
+        # Not us: from now on our admin verbs are refused.
+        config.write_text("[coordinator]\nadmin_uids = [4242424]\n[resources]\ndemo = 3\n")
+        assert sp("reload", "--socket", server.socket).returncode == 0
+        out = sp("pause", "demo", "--socket", server.socket)
+        assert out.returncode == 1 and "access denied" in out.stderr, out.stderr
+        config.write_text("[coordinator]\nmetrics_host = \"127.0.0.2\"\n[resources]\ndemo = 3\n")
+        os.kill(server.proc.pid, signal.SIGHUP)  # admin_uids back to the default (us), at once
+        wait_for(lambda: sp("pause", "demo", "--socket", server.socket).returncode == 0,
+                 what="admin verbs allowed again after the SIGHUP")
+        assert "changed [coordinator] admin_uids (4242424,) -> ()" in server.log()
+        assert "take a restart: metrics_host" in server.log()
+    finally:
         stop(server.proc)
 
 

@@ -165,6 +165,42 @@ def test_a_coordinator_started_again_serves_what_its_file_says_now(tmp_path: Pat
         coordinator.stop()
 
 
+@pytest.mark.parametrize("how", ["crash", "stop_start"])
+def test_a_restart_applies_the_files_coordinator_settings_but_not_its_socket(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, how: str) -> None:
+    """A restart's re-read of the config file (an embedded coordinator restarted
+    after a crash, a Coordinator started again) took only the resource limits:
+    a changed [coordinator] setting (admin_uids here) was ignored. Now every one
+    applies but the socket, which the processes connect to: kept, and the
+    warning names it."""
+    from sharedpool import Coordinator, CoordinatorConfig
+    from sharedpool.program import EmbeddedCoordinator
+
+    sock, other = str(tmp_path / "sp.sock"), str(tmp_path / "other.sock")
+    config = tmp_path / "sp.toml"
+    config.write_text(f'[coordinator]\nsocket = "{sock}"\n[resources]\ndemo = 2\n')
+    loaded = CoordinatorConfig.load(config)
+    owner = EmbeddedCoordinator(config=loaded) if how == "crash" else Coordinator(config=loaded)
+    owner.start()
+    try:
+        assert sp("pause", "demo", "--socket", sock).returncode == 0
+        config.write_text(f'[coordinator]\nsocket = "{other}"\nadmin_uids = [4242424]\n'
+                          "[resources]\ndemo = 3\n")
+        with caplog.at_level("WARNING", logger="sharedpool"):
+            if isinstance(owner, EmbeddedCoordinator):
+                assert _crashed_and_restarted(owner) == {"demo": 3}
+            else:
+                owner.stop()
+                owner.start()
+                assert _served(sock) == {"demo": 3}
+        out = sp("resume", "demo", "--socket", sock)
+        assert out.returncode == 1 and "access denied" in out.stderr, out.stderr
+        assert not os.path.exists(other)
+        assert f"[coordinator] socket of {config} changed and not applied" in caplog.text
+    finally:
+        owner.stop()
+
+
 def test_an_embedded_coordinator_restarted_keeps_the_settings_given_beside_its_config_file(
         tmp_path: Path) -> None:
     """``hooks(resources, config_file=..., group=...)``: the keywords are in no
