@@ -65,6 +65,8 @@ from .records import (
 #: A session's name is kept to this many characters: one peer's near-1 MB
 #: name must not make every ``sessions`` listing too large for a frame.
 MAX_NAME = 256
+
+
 def removed_why(resource: str) -> str:
     """Why an acquire of a resource a reload removed is refused."""
     return (f"resource {resource!r} was removed from the configuration by a reload: no new "
@@ -705,6 +707,7 @@ class Ledger:
             session.idle_only.discard(name)
         # Awaited fences of it with no lease left (all re-registered, then released).
         self._awaited = {k: v for k, v in self._awaited.items() if v[0] != name}
+        self._ended = {k: v for k, v in self._ended.items() if k in self._awaited}
 
     def quantum(self, resource: str) -> float | None:
         """The fairness quantum holders of ``resource`` are asked to keep to: the

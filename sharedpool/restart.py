@@ -296,6 +296,7 @@ def settle_unclaimed(ledger: Ledger, fence: int, name: str, pid: int, now: float
     have them (a hello without them) is passed as not running: fenced at once."""
     res = ledger.resources.get(name)
     if res is None:  # removed by a reload, and forgotten: nothing of it is left
+        ledger._ended.pop(fence, None)
         return []
     left = [f for f in res.fenced.values() if f.fence == fence]
     if not left:
