@@ -4,6 +4,7 @@ end_session, reload. Each returns a reply payload and the ledger's effects."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import fields, replace
 from typing import TYPE_CHECKING, Any
 
@@ -117,7 +118,7 @@ def reload_config(server: Server, now: float) -> tuple[Any, list[Effect]]:
         log.info("reload of %s changed %s", path, "; ".join(
             f"{name}: " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in diff.items())
             for name, diff in changed.items()))
-    needs_restart = fixed_fields_changed(running, fresh)
+    needs_restart = fixed_fields_changed(running, fresh, running.beside_file)
     settings = {name: [getattr(running, name), getattr(fresh, name)] for name in needs_restart
                 if name in LIVE_SETTINGS}
     needs_restart = [name for name in needs_restart if name not in settings]
@@ -156,13 +157,15 @@ def limits_changed(was: Resource, now: Resource) -> dict[str, list[Any]]:
     return diff
 
 
-def fixed_fields_changed(running: CoordinatorConfig, fresh: CoordinatorConfig) -> list[str]:
+def fixed_fields_changed(running: CoordinatorConfig, fresh: CoordinatorConfig,
+                         kept: Collection[str] = ()) -> list[str]:
     """The ``[coordinator]`` fields whose new value differs (named as the field,
-    the socket as the file names it). Not one given in code beside ``config_file=``:
-    the file does not set it (it is kept, see ``beside_file``)."""
+    the socket as the file names it), but for ``kept``: a reload passes those
+    given in code beside ``config_file=``, which the file does not set (see
+    ``beside_file``); a gunicorn re-read compares code with code, all of it."""
     changed = []
     for f in fields(CoordinatorConfig):
-        if (f.name in _LIVE_FIELDS or f.name in running.beside_file
+        if (f.name in _LIVE_FIELDS or f.name in kept
                 or getattr(running, f.name) == getattr(fresh, f.name)):
             continue
         changed.append("socket" if f.name == "socket_path" else f.name)

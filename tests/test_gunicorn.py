@@ -700,6 +700,38 @@ def test_sighup_reread_keeps_the_coordinator_the_master_started(
             leftover.stop()
 
 
+def test_sighup_reread_says_a_changed_keyword_given_beside_config_file_is_not_applied(
+        sock_path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """``hooks(resources, config_file=..., admin_uids=...)``, the keyword changed
+    in gunicorn's config and SIGHUP: the running coordinator keeps the old
+    value until gunicorn restarts. That was said; with config_file= given it
+    was silent (the keywords beside the file were skipped as a reload skips
+    them, though here code is compared with code)."""
+    import logging
+
+    from sharedpool.contrib import gunicorn
+
+    config = tmp_path / "sp.toml"
+    config.write_text("[resources]\nr = 1\n")
+    monkeypatch.setenv("SHAREDPOOL_SOCKET", sock_path)  # hooks() sets it: restored after the test
+    master = _FakeMaster()
+    on_starting, _, _, _ = gunicorn.hooks(resources={"r": 1}, socket=sock_path, config_file=str(config),
+                                          admin_uids=[os.getuid()])
+    try:
+        on_starting(master)
+        with caplog.at_level(logging.WARNING, logger="sharedpool.gunicorn"):
+            _, _, _, on_exit = gunicorn.hooks(resources={"r": 1}, socket=sock_path,
+                                              config_file=str(config), admin_uids=[os.getuid(), 4242])
+        assert "keeps its settings until gunicorn restarts" in caplog.text, caplog.text
+        assert "admin_uids changed" in caplog.text, caplog.text
+        on_exit(master)
+    finally:
+        leftover = gunicorn._EMBEDDED.pop(sock_path, None)
+        if leftover is not None:
+            leftover.stop()
+
+
 def test_sighup_reread_with_a_bad_limit_keeps_the_master(
         sock_path: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """A bad limit in a SIGHUP re-read is not applied (the coordinator keeps its
