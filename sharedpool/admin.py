@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import protocol as p
 from .config import CoordinatorConfig, Resource, check_welcome_fits
+from .coordinator import unreachable_peers
 from .effects import Notify
 from .errors import ConfigError
 
@@ -126,6 +127,9 @@ def reload_config(server: Server, now: float) -> tuple[Any, list[Effect]]:
         server.config = replace(running, **{name: new for name, (_, new) in settings.items()})
         log.info("reload of %s changed [coordinator] %s", path,
                  ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in settings.items()))
+        # As at start: peers admitted now may still be shut out by the socket's mode.
+        if (shut_out := unreachable_peers(server.config)) is not None:
+            log.warning("reload of %s: %s (the group takes a restart)", path, shut_out)
     # Not one given beside config_file= (in code, in no file): kept, as a restart keeps it.
     removed = sorted(name for name, res in ledger.resources.items() if name not in fresh.resources
                      and not res.removed and f"resources.{name}" not in running.beside_file)

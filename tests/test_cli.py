@@ -703,6 +703,21 @@ def test_a_reload_applies_access_lists_and_timeouts_at_once(tmp_path: Path) -> N
         stop(server.proc)
 
 
+def test_a_reload_admitting_peers_the_socket_shuts_out_says_so(tmp_path: Path) -> None:
+    """A reload applies allowed_uids at once. Started with other uids allowed and
+    no group, the coordinator warns that its 0600 socket shuts them out; a reload
+    that allowed them said only "changed", as if they could now connect."""
+    config, server = serve_config(tmp_path, "[resources]\ndemo = 3\n")
+    try:
+        config.write_text(f"[coordinator]\nallowed_uids = [{os.getuid()}, 4242]\n[resources]\ndemo = 3\n")
+        data = sp_json("reload", "--socket", server.socket)
+        assert data["settings"] == {"allowed_uids": [[], [os.getuid(), 4242]]}
+        wait_for(lambda: "allowed_uids [4242] admit peers that cannot reach" in server.log(),
+                 what="the warning that uid 4242 cannot reach the socket")
+    finally:
+        stop(server.proc)
+
+
 def test_a_failed_reload_is_in_the_coordinators_log_and_says_nothing_changed(tmp_path: Path) -> None:
     """An operator's `sharedpool reload` of a broken file: the journal had no line
     for it (a SIGHUP's had one), and the reply did not say the running limits stay."""
