@@ -513,6 +513,10 @@ def coerce_resources(resources: Any) -> dict[str, Resource]:
     return {check_resource_name(k): Resource.coerce(k, v) for k, v in resources.items()}
 
 
+#: ``CoordinatorConfig.beside_file`` not given (see there).
+_UNSTATED: tuple[str, ...] = ("<not given>",)
+
+
 @_named_keywords
 @dataclass(frozen=True)
 class CoordinatorConfig:
@@ -556,8 +560,10 @@ class CoordinatorConfig:
     #: config_file=..., group=...)``), in no file nor override: ``resources.NAME``
     #: for a resource, else the field's name. A reload or restart keeps them: a
     #: resource until the file names it (then the file's limits apply), a
-    #: ``[coordinator]`` setting as given.
-    beside_file: tuple[str, ...] = field(default=(), repr=False, compare=False)
+    #: ``[coordinator]`` setting as given. Not given (a config made in code with a
+    #: ``config_file``, not by :meth:`load`): its resources and every setting but
+    #: the socket that is not the default, as ``Coordinator(..., config_file=...)`` keeps them.
+    beside_file: tuple[str, ...] = field(default=_UNSTATED, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "socket_path", check_socket_path("socket", self.socket_path))
@@ -593,15 +599,18 @@ class CoordinatorConfig:
         if not isinstance(self.overrides, dict):
             raise ConfigError("overrides", f"must be a mapping, got {self.overrides!r}")
         beside = self.beside_file
-        if not isinstance(beside, (list, tuple)) or not all(isinstance(x, str) for x in beside):
-            raise ConfigError("beside_file", f"must be a list of setting names, got {self.beside_file!r}")
-        object.__setattr__(self, "beside_file", tuple(self.beside_file))  # a list from the program's JSON
+        if beside is not _UNSTATED:
+            if not isinstance(beside, (list, tuple)) or not all(isinstance(x, str) for x in beside):
+                raise ConfigError("beside_file", f"must be a list of setting names, got {beside!r}")
+            object.__setattr__(self, "beside_file", tuple(beside))  # a list from the program's JSON
         if self.config_file is not None:  # read again by every reload
             # Absolute now, as load() makes it: the program runs in the owner's cwd when
             # it starts, gunicorn's --chdir applied after its config file (where hooks()
             # was called) was read; a reload, or a restart, read another file or none.
             object.__setattr__(self, "config_file",
                                _absolute("config_file", _config_path("config_file", self.config_file)))
+        if self.beside_file is _UNSTATED:  # after the coercions above: [] is the default ()
+            object.__setattr__(self, "beside_file", _given_in_code(self))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], **overrides: Any) -> CoordinatorConfig:
@@ -662,6 +671,7 @@ class CoordinatorConfig:
         # abspath()'d: its lexical ".." would drop a symlink before it (`current/../sp.toml`).
         section["config_file"] = _absolute("config", path)
         section["overrides"] = kept
+        section["beside_file"] = ()  # all of it is the file's, or an override
         try:
             return _from_mapping(cls, section, "coordinator")
         except ConfigError as exc:
@@ -731,6 +741,16 @@ def _read_config(path: str) -> bytes:
 
 #: CoordinatorConfig fields that are no settings of the file: a re-read keeps them.
 _BOOKKEEPING = ("config_file", "overrides", "beside_file")
+
+
+def _given_in_code(config: CoordinatorConfig) -> tuple[str, ...]:
+    """``beside_file`` of a config made in code: none without a file, else its
+    resources and the settings it does not leave at their default (which were given)."""
+    if config.config_file is None:
+        return ()
+    given = [f.name for f in fields(config) if f.name not in ("socket_path", "resources", *_BOOKKEEPING)
+             and getattr(config, f.name) != f.default]  # every other field has a plain default
+    return (*(f"resources.{name}" for name in config.resources), *given)
 #: ``[coordinator]`` settings a restart keeps whatever the file says: the socket
 #: is what every process connects to (they would be left at the old path).
 KEPT_ON_RESTART = ("socket_path",)

@@ -227,6 +227,27 @@ def test_an_embedded_coordinator_restarted_keeps_the_settings_given_beside_its_c
         embedded.stop()
 
 
+def test_a_reload_keeps_the_resources_of_a_config_made_in_code_beside_its_file(tmp_path: Path) -> None:
+    """``Coordinator(config=CoordinatorConfig(sock, resources, config_file=...))``:
+    as ``Coordinator(sock, resources, config_file=...)``, the resources given in
+    code are in no file to remove them from. Built directly, the config said
+    nothing was given beside its file: a reload removed them (their leases
+    refused from then on, the resource gone)."""
+    from sharedpool import Coordinator, CoordinatorConfig
+
+    sock = str(tmp_path / "sp.sock")
+    config = tmp_path / "sp.toml"
+    config.write_text("[resources.demo]\nmax_size = 6\n")
+    coordinator = Coordinator(config=CoordinatorConfig(sock, {"demo": 6, "extra": 1},
+                                                       config_file=str(config))).start()
+    try:
+        config.write_text("[resources.demo]\nmax_size = 2\n")
+        data = sp_json("reload", "--socket", sock)
+        assert data["removed"] == [] and _served(sock) == {"demo": 2, "extra": 1}
+    finally:
+        coordinator.stop()
+
+
 def test_a_relative_config_file_is_the_one_named_before_the_owner_changed_directory(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``hooks(resources, config_file="sp.toml")`` in a gunicorn config file:
