@@ -751,6 +751,8 @@ def _given_in_code(config: CoordinatorConfig) -> tuple[str, ...]:
     given = [f.name for f in fields(config) if f.name not in ("socket_path", "resources", *_BOOKKEEPING)
              and getattr(config, f.name) != f.default]  # every other field has a plain default
     return (*(f"resources.{name}" for name in config.resources), *given)
+
+
 #: ``[coordinator]`` settings a restart keeps whatever the file says: the socket
 #: is what every process connects to (they would be left at the old path).
 KEPT_ON_RESTART = ("socket_path",)
