@@ -36,7 +36,9 @@ def _resource(server: Server, args: dict[str, Any]) -> str:
     name = args.get("resource")
     # Not hashable (a list from a hand-made frame): "unhashable type: 'list'" before.
     if not isinstance(name, str) or name not in server.ledger.resources:
-        known = ", ".join(sorted(server.ledger.resources))
+        # A removed one is still there (its leases out): said so, as an acquire of it is refused.
+        known = ", ".join(name + (" (removed by a reload)" if res.removed else "")
+                          for name, res in sorted(server.ledger.resources.items()))
         raise ValueError(f"no resource {p.brief(name)} (known: {known})")
     return str(name)
 

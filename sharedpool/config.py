@@ -11,6 +11,7 @@ import errno
 import functools
 import inspect
 import json
+import logging
 import math
 import numbers
 import os
@@ -758,16 +759,18 @@ def _given_in_code(config: CoordinatorConfig) -> tuple[str, ...]:
 KEPT_ON_RESTART = ("socket_path",)
 
 
-def reread(config: CoordinatorConfig) -> tuple[CoordinatorConfig, list[str]]:
+def reread(config: CoordinatorConfig, log: logging.Logger, how: str) -> CoordinatorConfig:
     """What a restart of ``config``'s coordinator serves, and the ``[coordinator]``
     settings (as the file names them) the file changed but the restart keeps
     (:data:`KEPT_ON_RESTART`). The file as it says now, the flags laid over it
     again (as a reload reads it); of what was given beside the file
     (``beside_file``), the resources it does not name and every other setting.
-    Without a file, ``config`` itself. A file that does not load raises its ConfigError."""
+    Without a file, ``config`` itself. A file that does not load raises its ConfigError.
+    A setting kept against the file is logged on ``log``, the coordinator ``how``
+    ("restarts", "starts again")."""
     path = config.config_file
     if path is None:
-        return config, []
+        return config
     fresh = CoordinatorConfig.load(path, **config.overrides)
     given = {name: res for name, res in config.resources.items()
              if f"resources.{name}" in config.beside_file and name not in fresh.resources}
@@ -782,7 +785,10 @@ def reread(config: CoordinatorConfig) -> tuple[CoordinatorConfig, list[str]]:
                 kept.append("socket" if f.name == "socket_path" else f.name)
             continue
         settings[f.name] = new
-    return replace(config, **settings), kept
+    if kept:
+        log.warning("coordinator for %s %s with [coordinator] %s of %s changed and not applied: it "
+                    "is what the processes connect to", config.socket_path, how, ", ".join(kept), path)
+    return replace(config, **settings)
 
 
 def check_welcome_fits(resources: dict[str, Resource], max_frame: int) -> None:

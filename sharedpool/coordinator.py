@@ -600,11 +600,7 @@ class Coordinator:
         from .program import EmbeddedCoordinator
 
         if self._started and self._program is None:
-            self.config, kept = reread(self.config)
-            if kept:
-                log.warning("coordinator for %s starts again with [coordinator] %s of %s changed and "
-                            "not applied: it is what the processes connect to", self.socket_path,
-                            ", ".join(kept), self.config.config_file)
+            self.config = reread(self.config, log, "starts again")
 
         level = logging.getLevelName(logging.getLogger("sharedpool").getEffectiveLevel())
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):

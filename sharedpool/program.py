@@ -180,6 +180,7 @@ class EmbeddedCoordinator:
         self._proc: subprocess.Popen[bytes] | None = None
         self._lifeline: int | None = None  # write end of the coordinator's stdin
         self._watcher: threading.Thread | None = None
+        self._launched = False
 
     @property
     def socket_path(self) -> str:
@@ -203,11 +204,17 @@ class EmbeddedCoordinator:
                                           beside_file=(*self.config.beside_file, "socket_path"))
 
     def start(self) -> EmbeddedCoordinator:
-        """Start the coordinator; return once it accepts sessions."""
+        """Start the coordinator; return once it accepts sessions. Started again
+        after :meth:`stop`, it serves what its config file says now (a reload since
+        changed what it served; see :func:`~sharedpool.config.reread`); a file that
+        no longer loads raises its :class:`ConfigError`."""
         if os.getpid() != self._owner:
             raise SharedPoolError("an embedded coordinator belongs to the process that made it")
+        if self._launched:
+            self.config = reread(self.config, log, "starts again")
         self._stopping.clear()
         self._launch()
+        self._launched = True
         return self
 
     def stop(self, timeout: float | None = 10.0) -> None:
@@ -365,11 +372,7 @@ class EmbeddedCoordinator:
         gone whose leases were out). A resource a reload removed stays removed.
         Unreadable or invalid: the configuration held here, said so."""
         try:
-            config, kept = reread(self.config)
-            if kept:
-                log.warning("coordinator for %s restarts with [coordinator] %s of %s changed and not "
-                            "applied: it is what the processes connect to", self.socket_path,
-                            ", ".join(kept), self.config.config_file)
+            config = reread(self.config, log, "restarts")
         except Exception as exc:  # noqa: BLE001 - whatever it is, the restart must still happen
             log.error("coordinator for %s restarts with the configuration it started with: %s",
                       self.socket_path, exc)

@@ -659,6 +659,8 @@ def test_a_reload_removes_a_resource_once_its_last_lease_is_released(tmp_path: P
         row = server.status("old")
         assert (row["leased"], row["removed"]) == (1, True)
         assert "removed" in sp("status", "--socket", server.socket).stdout  # the table's state column
+        typo = sp("pause", "olf", "--socket", server.socket)  # the known list says which is removed
+        assert "(known: demo, old (removed by a reload))" in typo.stderr, typo.stderr
         assert [x.id for x in client.held.values()] == [lease.id]  # still held, still counted
         client.release(lease)
         wait_for(lambda: [r["name"] for r in sp_json("status", "--socket", server.socket)["resources"]]

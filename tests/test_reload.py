@@ -133,19 +133,23 @@ def test_an_embedded_coordinator_restarted_after_a_reload_serves_the_files_limit
         embedded.stop()
 
 
-def test_a_coordinator_started_again_serves_what_its_file_says_now(tmp_path: Path) -> None:
-    """``Coordinator(config=CoordinatorConfig.load(path))``, reloaded, stopped and
-    started again: the second start served the config given at construction
-    (6, and the resource the reload removed), losing what the reloads had set.
-    Now it reads the file again, with the keyword overrides laid over it again."""
+@pytest.mark.parametrize("kind", ["Coordinator", "EmbeddedCoordinator"])
+def test_a_coordinator_started_again_serves_what_its_file_says_now(tmp_path: Path, kind: str) -> None:
+    """``Coordinator(config=CoordinatorConfig.load(path))`` (or an
+    ``EmbeddedCoordinator``), reloaded, stopped and started again: the second
+    start served the config given at construction (6, and the resource the
+    reload removed), losing what the reloads had set. Now it reads the file
+    again, with the keyword overrides laid over it again."""
     from sharedpool import Coordinator, CoordinatorConfig
     from sharedpool.errors import ConfigError
+    from sharedpool.program import EmbeddedCoordinator
 
     sock = str(tmp_path / "sp.sock")
     config = tmp_path / "sp.toml"
     config.write_text("[resources]\ndemo = 6\nold = 1\n")
-    coordinator = Coordinator(config=CoordinatorConfig.load(config, socket_path=sock,
-                                                            resources={"pinned": 3}))
+    loaded = CoordinatorConfig.load(config, socket_path=sock, resources={"pinned": 3})
+    coordinator: Any = (Coordinator(config=loaded) if kind == "Coordinator"
+                        else EmbeddedCoordinator(config=loaded, restart=False))
     coordinator.start()
     try:
         config.write_text("[resources]\ndemo = 2\n")
