@@ -740,10 +740,13 @@ class Server:
             # wait never learns when (nor that those backends were never seen to go).
             await asyncio.sleep(max(0.0, started + limits.fence_timeout - self.loop.time()) + FENCE_LOG_AFTER)
             res = self.ledger.resources.get(eff.resource)
-            if res is not None and not any(lease in res.fenced for lease in eff.leases):
+            # Not those its process re-registered meanwhile (live again, never freed).
+            held = {} if res is None else {**res.fenced, **res.live}
+            freed = [lease for lease in eff.leases if lease not in held]
+            if res is not None and freed and not any(lease in res.fenced for lease in eff.leases):
                 log.warning("fence: fence_timeout (%gs) passed for %s: %d slot(s) of %s free "
                             "again; backends %s were never confirmed gone", limits.fence_timeout,
-                            _whose(eff), len(eff.leases), eff.resource, sorted(remaining))
+                            _whose(eff), len(freed), eff.resource, sorted(remaining))
             return
         unknown = len(eff.leases) - len(eff.backend_pids)
         if unknown > 0:

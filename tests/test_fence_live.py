@@ -174,3 +174,54 @@ def test_a_process_killed_as_its_session_ends_is_not_taken_for_alive() -> None:
                 proc.kill()
                 proc.wait(10)
     assert taken_for_alive == 0
+
+
+_DROPS = """
+import socket, sys, psycopg
+from pg_helpers import pg_dsn
+from sharedpool import Client, ConnectionPool, PoolConfig
+sock, app = sys.argv[1], sys.argv[2]
+pool = ConnectionPool(lambda: psycopg.connect(pg_dsn(), application_name=app, autocommit=True),
+                      PoolConfig(min_size=0, max_size=1), resource="pg", coordinator=sock)
+with pool.connection(timeout=30) as conn:
+    print("holding", conn.info.backend_pid, flush=True)
+    sys.stdin.readline()
+    # Its session cut under it: the coordinator sees it end as a crash's would; this
+    # process reconnects at once and re-registers the lease its connection still has.
+    Client.for_path(sock)._sock.shutdown(socket.SHUT_RDWR)
+    sys.stdin.readline()
+"""
+
+
+def test_a_fence_whose_leases_were_taken_back_does_not_say_it_freed_them(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str,
+        caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -> None:
+    """A fence that never saw its backend go logged, at fence_timeout, "1 slot(s)
+    of pg free again" although the process had re-registered the lease meanwhile
+    (its slot never freed)."""
+    caplog.set_level(logging.INFO, logger="sharedpool")
+    start_coordinator({"pg": Resource(max_size=1, acquire_timeout=30, monitor_dsn=pg_dsn(),
+                                      fence_action="wait", fence_timeout=1.0)})
+    probe = Client(sock_path, name="probe")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    proc = subprocess.Popen([sys.executable, "-c", _DROPS, sock_path, app_name], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().split()
+        assert line and line[0] == "holding", line
+        pid_known(sock_path, int(line[1]))
+        tell(proc, "drop")
+        wait_for(lambda: "not confirmed gone" in capfd.readouterr().err or None, 10,
+                 "the fence to wait for the backend it never sees go")
+        wait_for(lambda: probe.inspect("leases", pid=proc.pid)["leases"], 10,
+                 "the process to re-register its lease")
+        time.sleep(1.5)  # past fence_timeout (1 s) and the fence's last log line
+        text = capfd.readouterr().err
+        with pytest.raises(PoolTimeout):  # still its: not free again
+            probe.release(probe.acquire("pg", timeout=0.5))
+    finally:
+        probe.close()
+        proc.kill()
+        proc.wait(10)
+    assert "free again" not in text, text
