@@ -1520,6 +1520,10 @@ class LedgerMachine(RuleBasedStateMachine):
         self.delays: dict[str, float] = {}  # resource -> longest fence delay before a reload
         self.giver: int | None = None  # the session whose give-back is being granted
         self.keeper: int | None = None  # one that let a lease go under its floor, its own waiting
+        self.configured: set[str] = set()  # resources the config in force names
+        #: resources a reload removed (and none re-added since) -> their limits then:
+        #: kept by the ledger while a lease or fence of them is out, then forgotten
+        self.removed: dict[str, Resource] = {}
         # -- restarts (I4)
         self.base: dict[str, Resource] = {}  # the config file's resources, as first written
         self.hold: float | None = None  # the ledger's restart hold, until a tick ends it
@@ -1533,7 +1537,9 @@ class LedgerMachine(RuleBasedStateMachine):
     # -- model helpers
 
     def limits(self, r: str) -> Resource:
-        return self.lg.resources[r].limits
+        res = self.lg.resources.get(r)
+        # One forgotten in this very step may still be named by an effect of it.
+        return res.limits if res is not None else self.removed[r]
 
     def leased(self, r: str) -> int:
         return sum(1 for _, res, _ in self.held.values() if res == r) + sum(
@@ -1684,6 +1690,7 @@ class LedgerMachine(RuleBasedStateMachine):
         assert self.leased(r) < self.limits(r).max_size, f"grant over the cap: {e}"
         assert not self.blocked(e.session, r), f"grant past max_per_process: {e}"
         assert not self.lg.resources[r].paused
+        assert r in self.configured, f"grant of a resource a reload removed: {e}"
         # A lease let go under its holder's min_per_process floor goes to that
         # holder's first waiter: the floor is the process's (a sibling pool waits).
         if self.keeper is not None:
@@ -1713,11 +1720,14 @@ class LedgerMachine(RuleBasedStateMachine):
     def setup(self, configs: list[Resource], n: int) -> None:
         self.base = {f"r{i}": r for i, r in enumerate(configs)}
         self.lg = Ledger(dict(self.base))
+        self.configured = set(self.base)
         for _ in range(n):
             self.open_session()
 
     def names(self) -> list[str]:
-        return sorted(self.lg.resources)
+        """The resources the ledger must know: those configured, and those
+        removed while leases or fences of them are still out."""
+        return sorted(self.configured | {r for r in self.removed if self.leased(r)})
 
     @rule()
     def open_session(self) -> None:
@@ -1765,18 +1775,27 @@ class LedgerMachine(RuleBasedStateMachine):
         entries: list[list[Any]] = [[self.held[lid][1], lid, self.held[lid][2], IDLE, None] for lid in mine]
         if not early:
             self.close(old)
+        # A removed resource whose last leases the close freed (no fence delay)
+        # is forgotten: what the process brings back of it is revoked.
+        gone = {lid for r, lid, *_ in entries if r not in self.names()}
         sid, effects = self.lg.open_session(pid, f"w{pid}", self.now, held=entries)
         self.sessions[sid] = pid
         for r, lid, token, _, _ in entries:
+            if lid in gone:
+                event("reconnect: a lease of a forgotten resource revoked")
+                continue
             if self.fenced.pop(lid, None):
                 event("reconnect took a fenced lease back")
             self.held[lid] = (sid, r, token)
             self.max_id = max(self.max_id, lid)
             self.note_over(r)
-        self.apply(effects)
+        revokes = [n for n in of(Notify, effects) if n.verb == "revoke"]
+        assert sorted(n.args["lease"] for n in revokes) == sorted(gone), effects
+        self.apply(effects, problems=("bad_held",) if gone else ())
         if early:
             self.close(old)
 
+    @precondition(lambda self: self.names())
     @rule(data=st.data(), n=st.integers(1, 2))
     def register_foreign(self, data: st.DataObject, n: int) -> None:
         """Leases kept across a coordinator restart: may push a resource over its cap."""
@@ -1798,18 +1817,20 @@ class LedgerMachine(RuleBasedStateMachine):
         """A few acquires at the same instant, from random sessions."""
         for _ in range(n):
             sid = data.draw(st.sampled_from(sorted(self.sessions)))
-            r = data.draw(st.sampled_from([*self.names() * 4, "nope"]))
+            r = data.draw(st.sampled_from([*sorted(self.configured) * 4, *sorted(self.removed), "nope"]))
             timeout = data.draw(st.none() | st.sampled_from([0, -1, 0.05, 0.3, 1.0, 4.0]))
             self.acquire_one(sid, r, timeout)
 
     def acquire_one(self, sid: int, r: str, timeout: float | None) -> None:
         req = next(self.reqs)
-        wait = (self.limits(r).acquire_timeout if timeout is None else timeout) if r != "nope" else 0
+        # Never configured, or removed by a reload (its leases maybe still out): refused.
+        unknown = r not in self.configured
+        wait = (self.limits(r).acquire_timeout if timeout is None else timeout) if not unknown else 0
         self.outstanding[(sid, req)] = Req(r, self.now + wait)
-        ahead, own = self.servable_ahead(sid, r) if r != "nope" else (0, True)
-        mine = sum(1 for s, _ in self.queued(r) if s == sid) if r != "nope" else 0
-        most = self.limits(r).max_waiting if r != "nope" else None
-        if own and self.hold is not None and r != "nope":  # those the free slots serve at the hold's end
+        ahead, own = self.servable_ahead(sid, r) if not unknown else (0, True)
+        mine = sum(1 for s, _ in self.queued(r) if s == sid) if not unknown else 0
+        most = self.limits(r).max_waiting if not unknown else None
+        if own and self.hold is not None and not unknown:  # those the free slots serve at the hold's end
             ahead -= max(0, self.limits(r).max_size - self.leased(r))
         full = most is not None and (ahead >= most if own else mine >= most)
         effects = self.lg.acquire(sid, req, r, self.now, timeout)
@@ -1826,7 +1847,12 @@ class LedgerMachine(RuleBasedStateMachine):
                 assert res is not None and res.limits.max_waiting is not None
                 assert full, (ahead, own, mine)
             elif deny.reason == "unknown_resource":
-                assert r == "nope"
+                assert unknown, deny
+        if unknown:
+            event("acquire: of a removed resource" if r in self.removed else "acquire: of no resource")
+            [refusal] = effects
+            assert isinstance(refusal, Denied), effects
+            assert (refusal.req, refusal.reason) == (req, "unknown_resource"), refusal
         if of(Granted, effects):
             event("acquire: granted")
         self.apply(effects)
@@ -1882,7 +1908,7 @@ class LedgerMachine(RuleBasedStateMachine):
         assert not of(Granted, effects) and not of(Denied, effects), effects
         self.apply(effects)
 
-    @precondition(lambda self: self.sessions)
+    @precondition(lambda self: self.sessions and self.names())
     @rule(
         data=st.data(),
         fail=st.sampled_from([0] * 6 + [1, FAILURE_THRESHOLD]),
@@ -1964,8 +1990,8 @@ class LedgerMachine(RuleBasedStateMachine):
         self.apply(effects)
         late = [k for k, q in self.outstanding.items() if q.deadline <= self.now]
         assert not late, f"requests past their deadline still unanswered: {late}"
-        for r in self.names():
-            assert all(f.until > self.now for f in self.lg.resources[r].fenced.values())
+        for res in self.lg.resources.values():
+            assert all(f.until > self.now for f in res.fenced.values())
 
     @precondition(lambda self: set(self.fenced) - self.awaited)
     @rule(data=st.data())
@@ -1991,6 +2017,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.lg.next_deadline()
         event("fence heap rebuilt")
 
+    @precondition(lambda self: self.names())
     @rule(data=st.data())
     def resize(self, data: st.DataObject) -> None:
         r = data.draw(st.sampled_from(self.names()))
@@ -2001,14 +2028,39 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(data=st.data(), limits=resource_limits(), quantum=st.sampled_from(["auto", "auto", 0.0, 0.5]))
     def reload(self, data: st.DataObject, limits: Resource, quantum: float | str) -> None:
         """A config reload: every limit of a resource replaced at once, while
-        leases are out and acquires wait, or a resource added."""
-        r = data.draw(st.sampled_from([*self.names(), "r9"]))
+        leases are out and acquires wait, or a resource added: a new one, or
+        one an earlier reload removed (still held, or forgotten), served again."""
+        r = data.draw(st.sampled_from([*self.names(), *sorted(self.removed), "r9"]))
         if r in self.lg.resources:  # fences already set keep the delay they were set with
             was = self.limits(r)
             self.delays[r] = max(self.delays.get(r, 0.0), was.fence_timeout, was.quarantine_delay)
+        if r in self.removed:
+            event("reload: a removed resource added back" + (" while held" if self.leased(r) else ""))
+        self.configured.add(r)
+        self.removed.pop(r, None)
         self.apply(self.lg.set_limits(r, replace(limits, fairness_quantum=quantum), self.now))
         self.note_over(r)
 
+    @precondition(lambda self: self.configured)
+    @rule(data=st.data())
+    def remove(self, data: st.DataObject) -> None:
+        """A reload drops a resource from the config: its waiters are refused
+        (as every later acquire of it), nothing more of it is granted; the
+        leases and fences out stay counted until released or ended, then the
+        ledger forgets it (``removed_resources_go_when_let_go``)."""
+        r = data.draw(st.sampled_from(sorted(self.configured)))
+        waiting = set(self.queued(r))
+        event("remove: while held" if self.leased(r) else "remove: nothing held")
+        if waiting:
+            event("remove: waiters refused")
+        self.configured.discard(r)
+        self.removed[r] = self.limits(r)
+        effects = self.lg.remove(r, self.now)
+        assert not of(Granted, effects), effects
+        assert {(d.session, d.req) for d in of(Denied, effects) if d.reason == "unknown_resource"} == waiting
+        self.apply(effects)
+
+    @precondition(lambda self: self.names())
     @rule(data=st.data(), verb=st.sampled_from(["pause", "resume", "resume", "pause", "drain"]))
     def admin(self, data: st.DataObject, verb: str) -> None:
         r = data.draw(st.sampled_from(self.names()))
@@ -2058,6 +2110,15 @@ class LedgerMachine(RuleBasedStateMachine):
                 figures = {False: quantum, True: longer}
                 now = to_send(sent, figures.__getitem__)
                 assert sent is not None and now is None, (r, sent, quantum, now)
+
+    @invariant()
+    def removed_resources_go_when_let_go(self) -> None:
+        # Kept, marked removed, while a lease or fence of it is out (still
+        # counted against its cap: I1); forgotten once the last is gone.
+        assert sorted(self.lg.resources) == self.names()
+        for r, res in self.lg.resources.items():
+            assert res.removed == (r in self.removed), r
+        self.over &= set(self.lg.resources)  # a forgotten one added back starts afresh
 
     @invariant()
     def cap_holds(self) -> None:  # I1
@@ -2174,6 +2235,7 @@ class RestartMachine(LedgerMachine):
         self.fenced, self.awaited, self.unclaimed = {}, set(), set()
         self.over, self.giver = set(), None
         self.hold, self.grace_end = self.lg.hold_until, now + hold
+        self.configured, self.removed = set(config), {}
         if handed.get("held"):
             assert self.lg.restore_held(handed["held"], now) == []
             if self.hold is not None:  # counted, fenced to their process, until it re-registers
@@ -2269,6 +2331,31 @@ class RestartMachine(LedgerMachine):
         assert len(of(Problem, effects)) == len(revoked), effects
         assert not of(Granted, effects), "a re-registration never frees a slot"
         self.apply(effects, problems=("bad_held",) if revoked else ())
+
+    @precondition(lambda self: self.sessions)
+    @rule(data=st.data())
+    def end_session(self, data: st.DataObject) -> None:
+        """The coordinator ends a session whose process runs on (a bad frame,
+        not reading): it keeps its connections, so its leases stay counted,
+        awaited from it as a live holder's after a restart, until it
+        re-registers them (``come_back``) or exits (``vanish``: fenced then)."""
+        sid = data.draw(st.sampled_from(sorted(self.sessions)))
+        pid = self.sessions.pop(sid)
+        mine = self.away.setdefault(pid, {})
+        for lid in sorted(lid for lid, (s, _, _) in self.held.items() if s == sid):
+            _, r, token = self.held.pop(lid)
+            until = self.now + ALIVE_RECHECK
+            if self.hold is not None:  # a hold lifts no awaited fence before its end
+                until = max(until, self.hold + self.delay(self.limits(r)))
+            mine[lid] = (r, token)
+            self.fenced[lid] = (r, until, pid, token)
+            self.awaited.add(lid)
+        event("end session: leases awaited from the live process" if mine else "end session: none held")
+        for key in [k for k in self.outstanding if k[0] == sid]:
+            del self.outstanding[key]
+        effects = self.lg.close_session(sid, self.now, ended="not reading")
+        assert not of(StartFence, effects) and not of(Granted, effects), effects
+        self.apply(effects)
 
     @precondition(lambda self: any(self.away.values()))
     @rule(data=st.data())
