@@ -24,8 +24,9 @@ from test_fence_e2e import pid_known
 
 from sharedpool import Client, PoolTimeout, Resource
 
-_LIVE = """
-import os, signal, sys, psycopg
+#: A process holding one pooled connection, told by lines on stdin what to do next.
+_HOLDING = """
+import os, signal, socket, sys, psycopg
 from pg_helpers import pg_dsn
 from sharedpool import Client, ConnectionPool, PoolConfig
 sock, app = sys.argv[1], sys.argv[2]
@@ -34,6 +35,9 @@ pool = ConnectionPool(lambda: psycopg.connect(pg_dsn(), application_name=app, au
 with pool.connection(timeout=30) as conn:
     print("holding", conn.info.backend_pid, flush=True)
     sys.stdin.readline()
+"""
+
+_LIVE = _HOLDING + """
     # Half a frame, then stopped: the coordinator ends the session (frame_timeout)
     # while this process lives on, its connection open.
     Client.for_path(sock)._sock.sendall(b"\\x00\\x00\\x00\\x10")
@@ -49,11 +53,12 @@ with pool.connection(timeout=30) as conn:
 
 
 @contextlib.contextmanager
-def live_process(sock: str, app: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    """The process of ``_LIVE``, holding one connection, and its backend pid
-    (known at the coordinator); killed (by pid) on the way out."""
+def live_process(sock: str, app: str, script: str = _LIVE) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """The process of ``script`` (one of :data:`_HOLDING`'s), holding one
+    connection, and its backend pid (known at the coordinator); killed (by
+    pid) on the way out."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-    proc = subprocess.Popen([sys.executable, "-c", _LIVE, sock, app], stdin=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", script, sock, app], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert proc.stdout is not None
@@ -176,16 +181,7 @@ def test_a_process_killed_as_its_session_ends_is_not_taken_for_alive() -> None:
     assert taken_for_alive == 0
 
 
-_DROPS = """
-import socket, sys, psycopg
-from pg_helpers import pg_dsn
-from sharedpool import Client, ConnectionPool, PoolConfig
-sock, app = sys.argv[1], sys.argv[2]
-pool = ConnectionPool(lambda: psycopg.connect(pg_dsn(), application_name=app, autocommit=True),
-                      PoolConfig(min_size=0, max_size=1), resource="pg", coordinator=sock)
-with pool.connection(timeout=30) as conn:
-    print("holding", conn.info.backend_pid, flush=True)
-    sys.stdin.readline()
+_DROPS = _HOLDING + """
     # Its session cut under it: the coordinator sees it end as a crash's would; this
     # process reconnects at once and re-registers the lease its connection still has.
     Client.for_path(sock)._sock.shutdown(socket.SHUT_RDWR)
@@ -203,25 +199,17 @@ def test_a_fence_whose_leases_were_taken_back_does_not_say_it_freed_them(
     start_coordinator({"pg": Resource(max_size=1, acquire_timeout=30, monitor_dsn=pg_dsn(),
                                       fence_action="wait", fence_timeout=1.0)})
     probe = Client(sock_path, name="probe")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-    proc = subprocess.Popen([sys.executable, "-c", _DROPS, sock_path, app_name], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env=env)
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline().split()
-        assert line and line[0] == "holding", line
-        pid_known(sock_path, int(line[1]))
-        tell(proc, "drop")
-        wait_for(lambda: "not confirmed gone" in capfd.readouterr().err or None, 10,
-                 "the fence to wait for the backend it never sees go")
-        wait_for(lambda: probe.inspect("leases", pid=proc.pid)["leases"], 10,
-                 "the process to re-register its lease")
-        time.sleep(1.5)  # past fence_timeout (1 s) and the fence's last log line
-        text = capfd.readouterr().err
-        with pytest.raises(PoolTimeout):  # still its: not free again
-            probe.release(probe.acquire("pg", timeout=0.5))
+        with live_process(sock_path, app_name, _DROPS) as (proc, _):
+            tell(proc, "drop")
+            wait_for(lambda: "not confirmed gone" in capfd.readouterr().err or None, 10,
+                     "the fence to wait for the backend it never sees go")
+            wait_for(lambda: probe.inspect("leases", pid=proc.pid)["leases"], 10,
+                     "the process to re-register its lease")
+            time.sleep(1.5)  # past fence_timeout (1 s) and the fence's last log line
+            text = capfd.readouterr().err
+            with pytest.raises(PoolTimeout):  # still its: not free again
+                probe.release(probe.acquire("pg", timeout=0.5))
     finally:
         probe.close()
-        proc.kill()
-        proc.wait(10)
     assert "free again" not in text, text
