@@ -37,8 +37,8 @@ def _resource(server: Server, args: dict[str, Any]) -> str:
     # Not hashable (a list from a hand-made frame): "unhashable type: 'list'" before.
     if not isinstance(name, str) or name not in server.ledger.resources:
         # A removed one is still there (its leases out): said so, as an acquire of it is refused.
-        known = ", ".join(name + (" (removed by a reload)" if res.removed else "")
-                          for name, res in sorted(server.ledger.resources.items()))
+        known = ", ".join(known_name + (" (removed by a reload)" if res.removed else "")
+                          for known_name, res in sorted(server.ledger.resources.items()))
         raise ValueError(f"no resource {p.brief(name)} (known: {known})")
     return str(name)
 
