@@ -25,6 +25,7 @@ from proc_helpers import (
     wait_no_other_sessions,
 )
 from psycopg_pool import PoolClosed
+from servers import wait_for
 
 from sharedpool import Client, Resource
 from sharedpool.contrib.psycopg import ConnectionPool
@@ -420,7 +421,7 @@ def test_close_with_a_connection_checked_out_gives_its_lease_back(
     pool.putconn(conn)
     assert conn.closed
     assert wait_leased(sock_path, 0) == 0
-    assert pool.get_stats()["leases_held"] == 0
+    _wait_none_held(pool)
 
 
 def test_a_connection_closed_by_its_user_after_the_pool_closed_gives_its_lease_back(
@@ -436,7 +437,13 @@ def test_a_connection_closed_by_its_user_after_the_pool_closed_gives_its_lease_b
     assert leased(sock_path) == 1
     conn.close()
     assert wait_leased(sock_path, 0, timeout=3) == 0
-    assert pool.get_stats()["leases_held"] == 0
+    _wait_none_held(pool)
+
+
+def _wait_none_held(pool: ConnectionPool) -> None:
+    # The closing thread uncounts its lease just after the release went out: the
+    # coordinator can show 0 a moment before get_stats() does (failed once in CI).
+    wait_for(lambda: pool.get_stats()["leases_held"] == 0, 3, "the pool's leases_held to reach 0")
 
 
 def test_closing_the_pool_ends_the_process_session(
