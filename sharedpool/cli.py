@@ -385,12 +385,10 @@ def serve(socket_path: str | None, resource_flags: tuple[str, ...], config_file:
         raise BadConfig(str(exc)) from None
     except (CoordinatorRunning, CoordinatorFailed) as exc:
         raise Failed(str(exc)) from None
-    except PermissionError as exc:
-        if exc.errno != errno.EACCES or not isinstance(exc.filename, str):
-            raise Failed(f"cannot serve: {exc}") from None
-        # Its strerror names what denied it (bind_socket): said without "[Errno 13]".
-        raise Failed(f"cannot serve: {exc.filename}: {exc.strerror}") from None
     except OSError as exc:
+        if exc.errno == errno.EACCES and isinstance(exc.filename, str):
+            # Its strerror names what denied it (bind_socket): said without "[Errno 13]".
+            raise Failed(f"cannot serve: {exc.filename}: {exc.strerror}") from None
         raise Failed(f"cannot serve: {exc}") from None
 
 

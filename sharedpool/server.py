@@ -741,9 +741,8 @@ class Server:
             await asyncio.sleep(max(0.0, started + limits.fence_timeout - self.loop.time()) + FENCE_LOG_AFTER)
             res = self.ledger.resources.get(eff.resource)
             # Not those its process re-registered meanwhile (live again, never freed).
-            held = {} if res is None else {**res.fenced, **res.live}
-            freed = [lease for lease in eff.leases if lease not in held]
-            if res is not None and freed and not any(lease in res.fenced for lease in eff.leases):
+            if (res is not None and not any(lease in res.fenced for lease in eff.leases)
+                    and (freed := [x for x in eff.leases if x not in res.live])):
                 log.warning("fence: fence_timeout (%gs) passed for %s: %d slot(s) of %s free "
                             "again; backends %s were never confirmed gone", limits.fence_timeout,
                             _whose(eff), len(freed), eff.resource, sorted(remaining))
