@@ -529,7 +529,9 @@ class CoordinatorConfig:
     ``restart_grace``: after a restart (a dead coordinator's socket found, or
     a clean stop with leases out), grant nothing for this long, so that every
     process still holding connections re-registers them first. It must
-    exceed the clients' longest reconnect backoff (1 s).
+    exceed the clients' longest reconnect backoff (1 s). Also how long the
+    leases of a session its process dropped (no goodbye; the process runs on)
+    stay counted for it to reconnect and re-register them.
     ``max_frame``: the largest frame accepted from a peer; replies stay within
     1 MiB, what clients read (a larger one is refused as ``reply_too_large``),
     and the welcome listing every resource must fit. Clients do not learn it:

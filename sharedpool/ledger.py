@@ -54,6 +54,7 @@ from .reclaim import paced, rebalance, servable
 from .records import (
     NEW,
     WAIT_BUCKETS,
+    Awaited,
     Fenced,
     Lease,
     ResourceState,
@@ -94,17 +95,14 @@ class Ledger:
         self._session_ids = itertools.count(1)
         self._deadlines = Deadlines()
         self._fences = itertools.count(1)
-        #: fence serial -> (resource, pid): leases live processes held when the
-        #: previous coordinator stopped, fenced to their process until it
-        #: re-registers them; fenced as a dead session's once the hold has
-        #: ended and their process is gone
-        self._awaited: dict[int, tuple[str, int]] = {}
+        #: fence serial -> whose: leases live processes held when the previous
+        #: coordinator stopped (or when their session ended, close_session),
+        #: fenced to their process until it re-registers them; fenced as a dead
+        #: session's once the hold has ended and their process is gone
+        self._awaited: dict[int, Awaited] = {}
         #: fence serials of such leases fenced when the hold ended: their process
         #: may be alive, only late; a clean stop hands that on (``late_state``)
         self._late: set[int] = set()
-        #: fence serial -> why: awaited leases of a live process whose session
-        #: the coordinator ended (see :meth:`close_session`), for the log
-        self._ended: dict[int, str] = {}
         #: resource -> quantum() as last computed; dropped when costs, sessions or limits change
         self._quanta: dict[str, float | None] = {}
 
@@ -141,13 +139,16 @@ class Ledger:
         # What was awaited from this process and it did not bring back, it no longer has.
         return sid, effects + restart.settle_unbrought(self, pid, now)
 
-    def close_session(self, sid: int, now: float, ended: str | None = None) -> list[Effect]:
+    def close_session(self, sid: int, now: float, ended: str | None = None,
+                      grace: float | None = None) -> list[Effect]:
         """The session ended (clean exit, crash, socket closed): withdraw its
-        waiters and fence its leases. ``ended``: why the coordinator ended it
-        while its process still runs (a bad frame, not reading, a timeout):
-        that process still has the connections, so its leases stay counted
-        for it, as a live holder's after a restart, until it re-registers
-        them, connects without them, or exits (then fenced as a dead one's)."""
+        waiters and fence its leases. ``ended``: why it ended while its
+        process still runs (the coordinator ended it: a bad frame, not
+        reading, a timeout; or its process dropped it to reconnect): that
+        process still has the connections, so its leases stay counted for
+        it, as a live holder's after a restart, until it re-registers them,
+        connects without them, or exits (then fenced as a dead one's).
+        ``grace``: for at most this many seconds (None: as long as it runs)."""
         session = self.sessions.pop(sid, None)
         if session is None:
             return []
@@ -177,9 +178,9 @@ class Ledger:
             if ended is not None:
                 # Freed after a delay (or a fence_action="terminate" on them),
                 # PostgreSQL would count them and their successors (I1).
-                self._awaited[fence] = (name, session.pid)
-                self._ended[fence] = ended
-                until = now + restart.ALIVE_RECHECK
+                awaited = self._awaited[fence] = Awaited(name, session.pid, ended,
+                                                         None if grace is None else now + grace)
+                until = restart.recheck_at(awaited, now)
                 if self.hold_until is not None:  # a hold lifts no awaited fence before its end
                     until = max(until, self.hold_until + delay)
                 for lease in leases:
@@ -426,7 +427,7 @@ class Ledger:
         """The processes whose leases were handed on from the previous
         coordinator and are not re-registered yet: :meth:`tick` wants to
         know which of them still run."""
-        return {pid for _, pid in self._awaited.values()}
+        return {awaited.pid for awaited in self._awaited.values()}
 
     def tick(self, now: float, running: Collection[int] = ()) -> list[Effect]:
         """Time passed: expire waiters and fences that are due. ``running``:
@@ -452,8 +453,8 @@ class Ledger:
             if fenced.fence in self._awaited and self.hold_until is None:
                 # A live holder's, after the hold: look again. Fenced afresh
                 # either way (a fence with no delay ends in this same loop).
-                name, pid = self._awaited.pop(fenced.fence)
-                effects += restart.settle_unclaimed(self, fenced.fence, name, pid, now, running)
+                effects += restart.settle_unclaimed(self, fenced.fence, self._awaited.pop(fenced.fence),
+                                                    now, running)
                 continue
             del self.resources[name].fenced[fenced.lease.id]
             touched.add(name)
@@ -706,8 +707,7 @@ class Ledger:
             session.counts.pop(name, None)
             session.idle_only.discard(name)
         # Awaited fences of it with no lease left (all re-registered, then released).
-        self._awaited = {k: v for k, v in self._awaited.items() if v[0] != name}
-        self._ended = {k: v for k, v in self._ended.items() if k in self._awaited}
+        self._awaited = {k: v for k, v in self._awaited.items() if v.resource != name}
 
     def quantum(self, resource: str) -> float | None:
         """The fairness quantum holders of ``resource`` are asked to keep to: the

@@ -164,6 +164,22 @@ class Fenced:
     fence: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class Awaited:
+    """Leases (one fence's) counted for a process that runs but has no session
+    holding them: handed on by a restart, or kept after its session ended,
+    until it re-registers them, connects without them, or exits."""
+
+    resource: str
+    pid: int
+    #: why its session ended while it ran (for the log); None: handed on by a restart
+    ended: str | None = None
+    #: fenced as a dead process's at this time even if it still runs (None: not
+    #: while it runs). A session its process dropped: it was reconnecting (it
+    #: re-registers them well within), or it no longer has their connections.
+    until: float | None = None
+
+
 @dataclass(eq=False, slots=True)
 class ResourceState:
     name: str

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from .effects import Effect, Notify, Problem, StillHeld, start_fence
 from .protocol import brief
-from .records import NEW, STATES, Fenced, Lease, ResourceState, Session, is_id
+from .records import NEW, STATES, Awaited, Fenced, Lease, ResourceState, Session, is_id
 
 if TYPE_CHECKING:
     from .ledger import Ledger
@@ -102,7 +102,7 @@ def restore_held(ledger: Ledger, entries: list[Any], now: float, started: Any = 
         fence = serials.get((name, pid))
         if fence is None:
             fence = serials[(name, pid)] = next(ledger._fences)
-            ledger._awaited[fence] = (name, pid)
+            ledger._awaited[fence] = Awaited(name, pid)
         lease = _restored(lease_id, name, token, backend_pid, now, ages)
         ledger._fence(res, Fenced(lease, pid, ledger.hold_until + after, fence))
         res.peak = max(res.peak, res.leased)  # they count: the peak must not read below them
@@ -262,15 +262,16 @@ def _refused(sid: int, resource: Any, lease_id: Any, why: str) -> list[Effect]:
 
 
 def settle_unbrought(ledger: Ledger, pid: int, now: float) -> list[Effect]:
-    """Leases handed on from the previous coordinator as ``pid``'s that its
-    hello did not bring back: it no longer has them (closed while no
-    coordinator was up: that release never arrived). Fenced as a dead
-    process's would be: they count until their backends are seen gone."""
+    """Leases awaited as ``pid``'s (handed on from the previous coordinator,
+    or kept after its session ended) that its hello did not bring back: it
+    no longer has them (closed while it had no session: that release never
+    arrived). Fenced as a dead process's would be: they count until their
+    backends are seen gone."""
     effects: list[Effect] = []
-    for fence, (name, holder) in list(ledger._awaited.items()):
-        if holder == pid:
+    for fence, awaited in list(ledger._awaited.items()):
+        if awaited.pid == pid:
             del ledger._awaited[fence]
-            effects += settle_unclaimed(ledger, fence, name, pid, now, running=())
+            effects += settle_unclaimed(ledger, fence, awaited, now, running=())
     return effects
 
 
@@ -279,39 +280,45 @@ def end_hold(ledger: Ledger, now: float, running: Collection[int]) -> list[Effec
     ledger.hold_until = None
     awaited, ledger._awaited = ledger._awaited, {}
     effects: list[Effect] = []
-    for fence, (name, pid) in awaited.items():
-        effects += settle_unclaimed(ledger, fence, name, pid, now, running, first=True)
+    for fence, whose in awaited.items():
+        effects += settle_unclaimed(ledger, fence, whose, now, running, first=True)
     return effects
 
 
-def settle_unclaimed(ledger: Ledger, fence: int, name: str, pid: int, now: float,
+def recheck_at(awaited: Awaited, now: float) -> float:
+    """When awaited leases are looked at again: in ALIVE_RECHECK, or at their
+    bound if that comes first."""
+    at = now + ALIVE_RECHECK
+    return at if awaited.until is None else min(at, awaited.until)
+
+
+def settle_unclaimed(ledger: Ledger, fence: int, awaited: Awaited, now: float,
                      running: Collection[int], first: bool = False) -> list[Effect]:
-    """Leases handed on as held that their process has not re-registered,
+    """Awaited leases (``fence``'s) that their process has not re-registered,
     the hold being over. Its process gone, they are a dead process's (its
     backends may still be busy): fenced as such. Still running (stopped,
     frozen, a gevent hub blocked past the hold), it still has their
     connections: freed, they would put the resource over its cap (I1).
     They stay counted for it, looked at again every ALIVE_RECHECK seconds,
-    until it re-registers them or exits. A process that said it does not
-    have them (a hello without them) is passed as not running: fenced at once."""
+    until it re-registers them or exits, or their bound
+    (:attr:`Awaited.until`) passes. A process that said it does not have
+    them (a hello without them) is passed as not running: fenced at once."""
+    name, pid = awaited.resource, awaited.pid
     res = ledger.resources.get(name)
     if res is None:  # removed by a reload, and forgotten: nothing of it is left
-        ledger._ended.pop(fence, None)
         return []
     left = [f for f in res.fenced.values() if f.fence == fence]
     if not left:
-        ledger._ended.pop(fence, None)
         return []  # all re-registered
-    if pid in running:
-        ledger._awaited[fence] = (name, pid)
+    if pid in running and (awaited.until is None or now < awaited.until):
+        ledger._awaited[fence] = awaited
         for f in left:
-            ledger._fence(res, Fenced(f.lease, pid, now + ALIVE_RECHECK, fence))
+            ledger._fence(res, Fenced(f.lease, pid, recheck_at(awaited, now), fence))
         return [StillHeld(name, pid, len(left))] if first else []
-    ended = ledger._ended.pop(fence, None)
     limits = res.limits
     after = limits.fence_timeout if limits.monitor_dsn else limits.quarantine_delay
     if not first:  # their time as a dead process's fence starts now
         for f in left:
             ledger._fence(res, Fenced(f.lease, pid, now + after, fence))
     ledger._late.add(fence)
-    return [start_fence(name, pid, [f.lease for f in left], fence, terminate=False, ended=ended)]
+    return [start_fence(name, pid, [f.lease for f in left], fence, terminate=False, ended=awaited.ended)]

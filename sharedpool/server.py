@@ -10,18 +10,13 @@ leases are fenced like any dead session's); nobody else notices.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
 import logging
 import math
 import os
-import socket
-import struct
 import time
 from resource import RLIMIT_NOFILE, getrlimit
 from typing import Any
-
-import psutil
 
 from . import protocol as p
 from .config import CoordinatorConfig, Resource
@@ -29,6 +24,7 @@ from .effects import AskReclaim, Denied, Effect, Granted, Notify, Problem, Start
 from .errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
 from .ledger import Ledger
 from .lograte import OncePer
+from .peers import holder_alive, peer_closed, peer_credentials, peer_groups, pid_gone
 
 log = logging.getLogger("sharedpool.coordinator")
 
@@ -37,9 +33,6 @@ _INSPECT_FILTERS: dict[str, frozenset[str]] = {
     "resources": frozenset({"names"}), "sessions": frozenset(), "leases": frozenset({"resource", "pid"}),
     "fenced": frozenset({"resource", "pid"}), "server": frozenset()}
 
-#: struct ucred: a signed pid_t, then unsigned uid_t and gid_t (a uid of 2**31 or
-#: more, as user namespaces hand out, must not read as negative and never match)
-_PEERCRED = struct.Struct("iII")
 #: Open files the coordinator keeps besides its sessions (its socket, monitor
 #: connections, the marker, logs, metrics).
 FD_RESERVE = 64
@@ -64,79 +57,6 @@ FENCE_LOG_AFTER = 0.1
 ACCEPT_FAILED_LOG_EVERY = 60.0
 
 
-def peer_credentials(sock: Any) -> tuple[int, int, int] | None:
-    """(pid, uid, gid) of a Unix-socket peer, from SO_PEERCRED."""
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-    except (OSError, AttributeError):
-        return None
-    pid, uid, gid = _PEERCRED.unpack(raw)
-    return pid, uid, gid
-
-
-#: Linux's SO_PEERGROUPS (4.13+): the peer's supplementary groups at connect time.
-_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
-#: Linux's most supplementary groups a process can have.
-_NGROUPS_MAX = 65536
-
-
-def peer_groups(sock: Any) -> tuple[int, ...]:
-    """The supplementary gids of a Unix-socket peer (() where unknown)."""
-    try:
-        # Python caps the buffer at 1024 bytes: 256 groups.
-        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 1024)
-    except OSError as exc:
-        if exc.errno != errno.ERANGE:
-            return ()
-        # More groups than that: read as () before, a peer allowed by one of
-        # them was refused. libc's getsockopt() takes a buffer of any size.
-        raw = _peer_groups_unbounded(sock.fileno())
-    except AttributeError:
-        return ()
-    return struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
-
-
-def _peer_groups_unbounded(fd: int) -> bytes:
-    size = ctypes.c_uint32(_NGROUPS_MAX * 4)
-    buf = ctypes.create_string_buffer(size.value)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.getsockopt(fd, socket.SOL_SOCKET, _SO_PEERGROUPS, buf, ctypes.byref(size)) != 0:
-        return b""
-    return buf.raw[: size.value]
-
-
-def holder_alive(pid: int, before: float) -> bool:
-    """Whether ``pid`` is still the process that held leases when the previous
-    coordinator stopped: running (stopped counts; a zombie does not), and made
-    before ``before`` (wall clock: this coordinator's start), so not a later
-    process given the same pid."""
-    try:
-        proc = psutil.Process(pid)
-        return (proc.status() != psutil.STATUS_ZOMBIE and not _exiting(pid)
-                and proc.create_time() <= before)
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.Error:  # not ours to look at (AccessDenied): it may be the holder
-        return not _pid_gone(pid)
-
-
-#: The kernel's task flag set as a process starts to exit (include/linux/sched.h).
-_PF_EXITING = 0x4
-
-
-def _exiting(pid: int) -> bool:
-    """Whether ``pid`` is on its way out (SIGKILLed, exiting): its sockets close
-    before it becomes a zombie, so at its session's end it still reads as
-    running (measured: 2 in 5 SIGKILLs); the kernel's PF_EXITING says so from
-    the start of its exit."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-        return bool(int(data[data.rindex(b")") + 2:].split()[6]) & _PF_EXITING)
-    except (OSError, ValueError, IndexError):  # gone, or not Linux's /proc: psutil's answer stands
-        return False
-
-
 def _whose(eff: StartFence) -> str:
     """Whose leases a fence holds, for its log lines. Not ``terminate``: handed on
     by a restart, or kept for a live process whose session the coordinator
@@ -148,18 +68,6 @@ def _whose(eff: StartFence) -> str:
     if eff.terminate:
         return f"dead pid {eff.pid}"
     return f"pid {eff.pid} (held before the restart, not re-registered)"
-
-
-def _pid_gone(pid: int) -> bool:
-    """True only if no process has ``pid`` (a pid in use, or one we may not
-    signal, may still be the process: not gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False
-    return False
 
 
 class SessionProtocol(asyncio.Protocol):
@@ -186,6 +94,8 @@ class SessionProtocol(asyncio.Protocol):
         self.quiet = False
         #: The error code this coordinator ended the session with (see :meth:`fail`).
         self.ended: str | None = None
+        #: Its process closed the socket outright (no goodbye: dropped to reconnect).
+        self.dropped = False
 
     def __repr__(self) -> str:
         return f"<SessionProtocol session={self.sid} pid={self.pid} uid={self.uid}>"
@@ -257,7 +167,15 @@ class SessionProtocol(asyncio.Protocol):
             self._frame_timer.cancel()
             self._frame_timer = None
 
+    def eof_received(self) -> bool | None:
+        # Looked at before our end closes: after that the fd is gone.
+        if self.transport is not None:
+            self.dropped = peer_closed(self.transport.get_extra_info("socket"))
+        return None  # our end closes too
+
     def connection_lost(self, exc: Exception | None) -> None:
+        if isinstance(exc, BrokenPipeError | ConnectionResetError):
+            self.dropped = True  # a reply written to a peer that closed outright (a goodbye still reads)
         for timer in (self._hello_timer, self._frame_timer):
             if timer is not None:
                 timer.cancel()
@@ -592,18 +510,30 @@ class Server:
         if self.stopping:
             return
         held = len(self.ledger.sessions[session.sid].leases)
-        ended = None
-        if session.ended is not None and held and session.pid > 0 and holder_alive(session.pid, time.time()):
-            # Ended by us, not by its process: that still has the connections.
-            ended = session.ended
+        ended = grace = None
+        if (held and session.pid > 0 and (session.ended is not None or session.dropped)
+                and holder_alive(session.pid, time.time())):
             self._ended_alive[session.pid] = time.time()  # a process made after is another
-            log.warning("session %s ended (%s) while pid %s still runs: its %d lease(s) stay counted "
-                        "until it reconnects and re-registers them, or exits", session.sid, ended,
-                        session.pid, held)
+            if session.ended is not None:
+                # Ended by us, not by its process: that still has the connections.
+                ended = session.ended
+                log.warning("session %s ended (%s) while pid %s still runs: its %d lease(s) stay counted "
+                            "until it reconnects and re-registers them, or exits", session.sid, ended,
+                            session.pid, held)
+            else:
+                # Dropped by a process that lives on, no goodbye said: it is
+                # reconnecting (a coordinator that did not read for seconds; a
+                # hello it stopped waiting for, read only now). Fenced, its
+                # backends would be terminated under it, or its slots given
+                # to others while it still has their connections (I1).
+                ended, grace = "closed by its process without a goodbye", self.config.restart_grace
+                log.info("session %s %s while pid %s still runs: its %d lease(s) stay counted for up "
+                         "to %gs for it to reconnect and re-register them", session.sid, ended,
+                         session.pid, held, grace)
         else:
             log.log(logging.DEBUG if session.quiet and not held else logging.INFO,
                     "session %s ended: pid=%s, %d lease(s) returned", session.sid, session.pid, held)
-        self.apply(self.ledger.close_session(session.sid, self.loop.time(), ended))
+        self.apply(self.ledger.close_session(session.sid, self.loop.time(), ended, grace))
         self.flush()
         self._changed()
 
@@ -710,7 +640,7 @@ class Server:
         if eff.backend_pids:
             try:
                 deadline = started + limits.fence_timeout
-                gone = eff.terminate or _pid_gone(eff.pid)
+                gone = eff.terminate or pid_gone(eff.pid)
                 while True:
                     # A live but late process keeps its backends; one that dies
                     # meanwhile gets the configured action as soon as it is gone.
@@ -727,7 +657,7 @@ class Server:
                     # Done, out of time, or back early unconfirmed (no monitor: logged).
                     if gone or not remaining or now >= deadline or now < slice_end - 0.05:
                         break
-                    gone = _pid_gone(eff.pid)
+                    gone = pid_gone(eff.pid)
             except Exception as exc:  # noqa: BLE001 - keep the fence; its timeout ends it
                 log.warning("fence check for %s failed: %s", eff.resource, exc)
                 return

@@ -298,7 +298,7 @@ def test_peer_credentials_read_uid_and_gid_unsigned() -> None:
     # out) read as negative and could never match allowed_uids / allowed_gids.
     import struct
 
-    from sharedpool.server import peer_credentials
+    from sharedpool.peers import peer_credentials
 
     class Peer:
         def getsockopt(self, level: int, option: int, size: int) -> bytes:

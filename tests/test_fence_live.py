@@ -162,7 +162,7 @@ def test_a_process_killed_as_its_session_ends_is_not_taken_for_alive() -> None:
     # the coordinator ended just then kept its slots counted for a second more.
     import socket
 
-    from sharedpool.server import holder_alive
+    from sharedpool.peers import holder_alive
 
     taken_for_alive = 0
     for _ in range(100):
@@ -182,9 +182,12 @@ def test_a_process_killed_as_its_session_ends_is_not_taken_for_alive() -> None:
 
 
 _DROPS = _HOLDING + """
-    # Its session cut under it: the coordinator sees it end as a crash's would; this
-    # process reconnects at once and re-registers the lease its connection still has.
+    # Its session cut under it, and stopped before it reconnects: past the
+    # coordinator's restart_grace its lease is fenced (not terminated: it may
+    # be a late live process's); on SIGCONT it re-registers the lease its
+    # connection still has.
     Client.for_path(sock)._sock.shutdown(socket.SHUT_RDWR)
+    os.kill(os.getpid(), signal.SIGSTOP)
     sys.stdin.readline()
 """
 
@@ -197,13 +200,14 @@ def test_a_fence_whose_leases_were_taken_back_does_not_say_it_freed_them(
     (its slot never freed)."""
     caplog.set_level(logging.INFO, logger="sharedpool")
     start_coordinator({"pg": Resource(max_size=1, acquire_timeout=30, monitor_dsn=pg_dsn(),
-                                      fence_action="wait", fence_timeout=1.0)})
+                                      fence_action="wait", fence_timeout=1.0)}, restart_grace=0.2)
     probe = Client(sock_path, name="probe")
     try:
         with live_process(sock_path, app_name, _DROPS) as (proc, _):
             tell(proc, "drop")
             wait_for(lambda: "not confirmed gone" in capfd.readouterr().err or None, 10,
                      "the fence to wait for the backend it never sees go")
+            os.kill(proc.pid, signal.SIGCONT)
             wait_for(lambda: probe.inspect("leases", pid=proc.pid)["leases"], 10,
                      "the process to re-register its lease")
             time.sleep(1.5)  # past fence_timeout (1 s) and the fence's last log line
@@ -213,3 +217,76 @@ def test_a_fence_whose_leases_were_taken_back_does_not_say_it_freed_them(
     finally:
         probe.close()
     assert "free again" not in text, text
+
+
+_FLOODS = _HOLDING + """
+    # The coordinator is stopped (SIGSTOP, by the test): what this process sends
+    # piles up until its client drops the session (outbox.MAX_BYTES) and
+    # reconnects; each hello it sends then goes unanswered past connect_timeout
+    # and is given up, to be read (hello, then end of file) once the coordinator
+    # runs again, as the last attempt's is, which is answered.
+    from sharedpool import protocol as p
+    client = Client.for_path(sock)
+    client.connect_timeout = 0.3
+    report = p.Report(ok=["pg"] * 100)
+    for _ in range(200_000):
+        if client.session_id is None:
+            break
+        client._send_quiet(report)
+    print("dropped" if client.session_id is None else "not dropped", flush=True)
+    sys.stdin.readline()
+    try:
+        conn.execute("SELECT 1")
+        print("used", flush=True)
+    except psycopg.Error as exc:
+        print("broken", type(exc).__name__, flush=True)
+    sys.stdin.readline()
+"""
+
+
+@pytest.mark.parametrize("action", ["none", "terminate"])
+def test_a_process_that_dropped_its_session_to_reconnect_keeps_its_slot_and_backend(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str, action: str,
+        caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -> None:
+    """A coordinator that did not run for seconds: the process dropped its session
+    and the hellos it gave up on were read only afterwards, each followed by its
+    end of file. Each end was taken for a dead process's: the leases its hello
+    had just re-registered were fenced, its backend terminated under it
+    ("terminate"), or its slot free to others after quarantine_delay while its
+    connection stayed open (I1)."""
+    caplog.set_level(logging.INFO, logger="sharedpool")  # the coordinator logs at this level
+    fence: dict[str, Any] = {} if action == "none" else {
+        "monitor_dsn": pg_dsn(), "fence_action": action, "fence_timeout": 1.0}
+    coord = start_coordinator({"pg": Resource(max_size=1, acquire_timeout=30, **fence)})
+    assert coord.pid is not None
+    probe = Client(sock_path, name="probe")
+    probe.inspect("server")  # its session up before the stop
+    stopped = False
+    try:
+        with live_process(sock_path, app_name, _FLOODS) as (live, backend):
+            os.kill(coord.pid, signal.SIGSTOP)
+            stopped = True
+            tell(live, "flood")
+            assert live.stdout is not None
+            assert live.stdout.readline().strip() == "dropped"
+            time.sleep(1.0)  # hellos given up on at connect_timeout (0.3 s)
+            os.kill(coord.pid, signal.SIGCONT)
+            stopped = False
+            wait_for(lambda: probe.inspect("leases", pid=live.pid)["leases"], 10,
+                     "the process to re-register its lease")
+            # Past restart_grace (1.5 s) and quarantine_delay / fence_timeout: still its.
+            with pytest.raises(PoolTimeout):
+                probe.release(probe.acquire("pg", timeout=3.0))
+            assert _backend_present(backend), "the live process's backend was terminated"
+            tell(live, "use")
+            assert live.stdout.readline().split() == ["used"]
+            tell(live, "exit")
+            live.wait(10)
+            # Gone, its slot comes back.
+            probe.release(probe.acquire("pg", timeout=10))
+    finally:
+        if stopped:
+            os.kill(coord.pid, signal.SIGCONT)
+        probe.close()
+    text = capfd.readouterr().err
+    assert "closed by its process without a goodbye" in text, text

@@ -586,6 +586,34 @@ def test_a_session_ended_while_its_process_runs_keeps_its_leases_counted() -> No
     assert granted(lg.tick(T0 + 4 + ALIVE_RECHECK + 0.05)).session == b
 
 
+def test_a_session_its_live_process_dropped_is_kept_for_the_grace_only() -> None:
+    """Its process dropped the session to reconnect (a coordinator that had not
+    read for seconds): fenced at once, its backend was terminated under it or
+    its slot given to a waiter while its connection stayed open. Kept for the
+    grace; a process still away past it (an exec, a hung reconnect) is fenced
+    as a late live one's: not terminated, freed after the fence delay."""
+    lg = ledger(pg=Resource(1, quarantine_delay=0.05))
+    a, b = session(lg, pid=41), session(lg, pid=42)
+    lease = granted(lg.acquire(a, 1, "pg", T0)).lease
+    lg.report(a, [[lease.id, BUSY, 9001, None]], T0)
+    assert queued(lg.acquire(b, 1, "pg", T0, timeout=60))
+    why = "closed by its process without a goodbye"
+    assert lg.close_session(a, T0 + 1, ended=why, grace=1.5) == []
+    assert lg.next_deadline() == T0 + 1 + ALIVE_RECHECK  # looked at within the grace
+    assert lg.tick(T0 + 1 + ALIVE_RECHECK, running={41}) == []
+    assert lg.next_deadline() == T0 + 2.5  # then at its end
+    # Back within it: its own again, no fence, the waiter still waits.
+    again, effects = lg.open_session(41, "w", T0 + 2, held=[["pg", lease.id, lease.token, IDLE, 9001]])
+    assert not of(Granted, effects) and lg.resources["pg"].fenced == {} and lg.sessions[again].leases
+    # Dropped again, and not back: at the grace's end, though it runs, fenced.
+    assert lg.close_session(again, T0 + 3, ended=why, grace=1.5) == []
+    assert lg.tick(T0 + 3 + ALIVE_RECHECK, running={41}) == []
+    [fence] = of(StartFence, lg.tick(T0 + 4.5, running={41}))
+    assert (fence.pid, fence.backend_pids, fence.terminate, fence.ended) == (41, (9001,), False, why)
+    assert not of(Granted, lg.tick(T0 + 4.54))
+    assert granted(lg.tick(T0 + 4.55)).session == b
+
+
 def test_close_session_withdraws_its_waiters() -> None:
     lg = ledger(pg=1)
     a, b, c = session(lg), session(lg), session(lg)
@@ -1530,6 +1558,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.grace_end = T0  # when the current coordinator's grace ended (or ends)
         self.away: dict[int, dict[int, tuple[str, int]]] = {}  # pid -> lease -> (resource, token)
         self.awaited: set[int] = set()  # fenced: handed on as held, awaited from their process
+        self.bounds: dict[int, float] = {}  # awaited lease -> fenced then even if its process runs
         self.unclaimed: set[int] = set()  # fenced when a hold ended unclaimed (the process may be late)
         self.vanished: dict[int, float] = {}  # pids that died while away (never come back) -> when
         self.settled: dict[int, float] = {}  # lease -> when a look after the hold found its holder gone
@@ -1584,6 +1613,14 @@ class LedgerMachine(RuleBasedStateMachine):
             f = self.fenced[lid]
             groups.setdefault((f[0], f[2]), []).append(lid)
         return {key: ids for key, ids in groups.items() if any(which(self.fenced[lid]) for lid in ids)}
+
+    def kept(self, ids: list[int], pid: int) -> bool:
+        """Whether awaited leases stay counted for their process at a look now:
+        it runs (away), and their bound (a session it dropped) has not passed."""
+        return pid in self.away and all(self.now < self.bounds.get(lid, math.inf) for lid in ids)
+
+    def recheck(self, ids: list[int]) -> float:
+        return min(self.now + ALIVE_RECHECK, *(self.bounds.get(lid, math.inf) for lid in ids))
 
     def refence(self, ids: list[int], until: float) -> None:
         for lid in ids:
@@ -1948,9 +1985,9 @@ class LedgerMachine(RuleBasedStateMachine):
             # process still running (away) keeps its leases counted, looked
             # at again every ALIVE_RECHECK seconds.
             for (r, pid), ids in self.awaited_groups(lambda f: True).items():
-                if pid in self.away:
+                if self.kept(ids, pid):
                     still.add((r, pid, len(ids)))
-                    self.refence(ids, self.now + ALIVE_RECHECK)
+                    self.refence(ids, self.recheck(ids))
                     event("restart hold ended: a live process's leases kept")
                 else:
                     unclaimed.add((r, pid, tuple(sorted(ids))))
@@ -1963,10 +2000,11 @@ class LedgerMachine(RuleBasedStateMachine):
         elif self.hold is None:
             # Live holders looked at again: still running, kept; gone, fenced from now.
             for (r, pid), ids in self.awaited_groups(lambda f: f[1] <= self.now).items():
-                if pid in self.away:
-                    self.refence(ids, self.now + ALIVE_RECHECK)
+                if self.kept(ids, pid):
+                    self.refence(ids, self.recheck(ids))
                 else:
-                    event("a live holder that never came back died: fenced")
+                    event("a live holder that never came back died: fenced" if pid not in self.away
+                          else "a process that dropped its session is not back in its bound: fenced")
                     self.settled.update(dict.fromkeys(ids, self.now))
                     unclaimed.add((r, pid, tuple(sorted(ids))))
                     self.refence(ids, self.now + self.delay(self.limits(r)))
@@ -2232,7 +2270,7 @@ class RestartMachine(LedgerMachine):
             self.away.setdefault(self.sessions[sid], {})[lid] = (r, token)
         old_fenced, old_awaited, old_unclaimed = self.fenced, self.awaited, self.unclaimed
         self.sessions, self.held, self.outstanding = {}, {}, {}
-        self.fenced, self.awaited, self.unclaimed = {}, set(), set()
+        self.fenced, self.awaited, self.unclaimed, self.bounds = {}, set(), set(), {}
         self.over, self.giver = set(), None
         self.hold, self.grace_end = self.lg.hold_until, now + hold
         self.configured, self.removed = set(config), {}
@@ -2333,11 +2371,12 @@ class RestartMachine(LedgerMachine):
         self.apply(effects, problems=("bad_held",) if revoked else ())
 
     @precondition(lambda self: self.sessions)
-    @rule(data=st.data())
-    def end_session(self, data: st.DataObject) -> None:
+    @rule(data=st.data(), grace=st.sampled_from([None, None, 0.0, 0.5, 1.5]))
+    def end_session(self, data: st.DataObject, grace: float | None) -> None:
         """The coordinator ends a session whose process runs on (a bad frame,
-        not reading): it keeps its connections, so its leases stay counted,
-        awaited from it as a live holder's after a restart, until it
+        not reading), or its process drops it to reconnect (``grace``: kept
+        for that long at most): it keeps its connections, so its leases stay
+        counted, awaited from it as a live holder's after a restart, until it
         re-registers them (``come_back``) or exits (``vanish``: fenced then)."""
         sid = data.draw(st.sampled_from(sorted(self.sessions)))
         pid = self.sessions.pop(sid)
@@ -2345,6 +2384,9 @@ class RestartMachine(LedgerMachine):
         for lid in sorted(lid for lid, (s, _, _) in self.held.items() if s == sid):
             _, r, token = self.held.pop(lid)
             until = self.now + ALIVE_RECHECK
+            if grace is not None:
+                self.bounds[lid] = self.now + grace
+                until = min(until, self.bounds[lid])
             if self.hold is not None:  # a hold lifts no awaited fence before its end
                 until = max(until, self.hold + self.delay(self.limits(r)))
             mine[lid] = (r, token)
@@ -2353,7 +2395,7 @@ class RestartMachine(LedgerMachine):
         event("end session: leases awaited from the live process" if mine else "end session: none held")
         for key in [k for k in self.outstanding if k[0] == sid]:
             del self.outstanding[key]
-        effects = self.lg.close_session(sid, self.now, ended="not reading")
+        effects = self.lg.close_session(sid, self.now, ended="not reading", grace=grace)
         assert not of(StartFence, effects) and not of(Granted, effects), effects
         self.apply(effects)
 
