@@ -36,10 +36,7 @@ def _resource(server: Server, args: dict[str, Any]) -> str:
     name = args.get("resource")
     # Not hashable (a list from a hand-made frame): "unhashable type: 'list'" before.
     if not isinstance(name, str) or name not in server.ledger.resources:
-        # A removed one is still there (its leases out): said so, as an acquire of it is refused.
-        known = ", ".join(known_name + (" (removed by a reload)" if res.removed else "")
-                          for known_name, res in sorted(server.ledger.resources.items()))
-        raise ValueError(f"no resource {p.brief(name)} (known: {known})")
+        raise ValueError(server.ledger.no_such_resource(name))
     return str(name)
 
 

@@ -264,9 +264,7 @@ class Ledger:
             session.top_req = req
         res = self.resources.get(resource)
         if res is None:
-            known = ", ".join(sorted(n for n, r in self.resources.items() if not r.removed)) or "none"
-            why = f"no resource {brief(resource)} (known: {known})"
-            return [Denied(sid, req, "unknown_resource", why)]
+            return [Denied(sid, req, "unknown_resource", self.no_such_resource(resource))]
         if res.removed:
             res.denials += 1
             return [Denied(sid, req, "unknown_resource", removed_why(resource))]
@@ -422,6 +420,13 @@ class Ledger:
             if fenced is not None and (fence is None or fenced.fence == fence):
                 del res.fenced[lease_id]
         return self._pump(res, now)
+
+    def no_such_resource(self, name: Any) -> str:
+        """What a request naming ``name``, no resource here, is told: the names
+        there are (a removed one, its leases still out, marked so)."""
+        known = ", ".join(n + (" (removed by a reload)" if res.removed else "")
+                          for n, res in sorted(self.resources.items())) or "none"
+        return f"no resource {brief(name)} (known: {known})"
 
     def awaited_pids(self) -> set[int]:
         """The processes whose leases were handed on from the previous

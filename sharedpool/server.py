@@ -714,8 +714,7 @@ class Server:
             resource = filters.get("resource")
             if resource is not None and (not isinstance(resource, str) or resource not in ledger.resources):
                 # An empty list would read as "none held"; a typo must say so.
-                known = ", ".join(sorted(ledger.resources))
-                raise ValueError(f"no resource {p.brief(resource)} (known: {known})")
+                raise ValueError(ledger.no_such_resource(resource))
             pid = filters.get("pid")
             if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int)):
                 raise ValueError(f"pid {p.brief(pid)} is not a process id")  # not "none held"
