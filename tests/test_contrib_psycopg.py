@@ -27,7 +27,7 @@ from proc_helpers import (
 from psycopg_pool import PoolClosed
 from servers import wait_for
 
-from sharedpool import Client, Resource
+from sharedpool import Client, ConfigError, Resource
 from sharedpool.contrib.psycopg import ConnectionPool
 from sharedpool.handoff import AUTO_MAX, AUTO_MIN
 
@@ -894,3 +894,20 @@ def test_an_async_conninfo_or_kwargs_callable_is_refused_naming_it(field: str) -
     with pytest.raises(ConfigError) as err:
         ConnectionPool(args.pop("conninfo"), resource="pg", min_size=0, max_size=1, open=False, **args)
     assert err.value.field == field
+
+
+def test_callbacks_given_as_falsy_are_none_as_psycopg_pool_takes_them(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    """psycopg_pool skips a falsy check / reset / configure / reconnect_failed
+    ("if self._check:"); ours refused ``check=False`` as "must be callable", so
+    a pool that worked with psycopg_pool failed when made through ours."""
+    start_coordinator({"pg": Resource(max_size=1, acquire_timeout=5)})
+    falsy: dict[str, Any] = {"check": False, "reset": 0, "configure": False, "reconnect_failed": ""}
+    psycopg_pool.ConnectionPool(pg_dsn(), open=False, **falsy)  # what it takes, ours takes
+    with make_pool(sock_path, app_name, min_size=0, max_size=1, timeout=10, **falsy) as pool:
+        for _ in range(2):
+            with pool.connection() as conn:
+                assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert wait_leased(sock_path, 0) == 0
+    with pytest.raises(ConfigError, match="check: must be callable, got 'yes'"):
+        ConnectionPool(pg_dsn(), resource="pg", coordinator=sock_path, open=False, check="yes")

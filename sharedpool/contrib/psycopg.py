@@ -148,7 +148,8 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
         for field, value in (("configure", configure), ("check", kwargs.get("check")),
                              ("reset", kwargs.get("reset")),
                              ("reconnect_failed", kwargs.get("reconnect_failed"))):
-            if value is not None and not callable(value):
+            # A falsy one (False, 0, ""): none, as psycopg_pool takes it ("if self._check:").
+            if value and not callable(value):
                 raise ConfigError(field, f"must be callable, got {value!r}")
             check_sync_callable(field, value)
         if isinstance(kwargs.get("connection_class"), type) and issubclass(kwargs["connection_class"],
