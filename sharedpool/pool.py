@@ -154,12 +154,14 @@ class ConnectionPool(Generic[T]):
             return self._client.socket_path
         return self._coordinator if self._coordinator is not None else os.environ.get(SOCKET_ENV) or None
 
-    def release_for_exit(self, timeout: float, wait_in_use: bool = True) -> None:
+    def release_for_exit(self, timeout: float, wait_in_use: bool = True, *,
+                         exit_timeout: float | None = None) -> None:
         """At process exit: close every connection (see :func:`sharedpool.release_process`),
-        the idle ones' server let-go waited for only within ``timeout``."""
+        the idle ones' server let-go waited for only within ``timeout`` (what
+        is left of the whole exit's ``exit_timeout``)."""
         self._checkpid()
         confirm = process.confirm_at_exit(self.config.close_confirm_timeout, time.monotonic() + timeout)
-        self._close_pool(timeout, confirm, wait_in_use)
+        self._close_pool(timeout, confirm, wait_in_use, exit_timeout)
 
     def session_kept(self) -> Client | None:
         """After :meth:`release_for_exit`: the session, while connections of this
@@ -725,7 +727,8 @@ class ConnectionPool(Generic[T]):
         self._checkpid()
         self._close_pool(timeout)
 
-    def _close_pool(self, timeout: float, confirm: float | None = None, wait_in_use: bool = True) -> None:
+    def _close_pool(self, timeout: float, confirm: float | None = None, wait_in_use: bool = True,
+                    exit_timeout: float | None = None) -> None:
         """close(); the idle connections' closes confirmed within ``confirm``
         (None: close_confirm_timeout); without ``wait_in_use``, those in use
         are not waited for (see :func:`sharedpool.release_process`)."""
@@ -733,7 +736,7 @@ class ConnectionPool(Generic[T]):
             raise ConfigError("timeout", f"must be a number of seconds >= 0, got {timeout!r}")
         self._stop.set()
         try:
-            shutdown.shut(self, PoolStatus.CLOSED, timeout, confirm, wait_in_use)
+            shutdown.shut(self, PoolStatus.CLOSED, timeout, confirm, wait_in_use, exit_timeout)
         finally:
             # Also when the wait is cut short (a signal handler's exception) once
             # the pool is closed: a closed pool's handlers kept the process's

@@ -46,7 +46,8 @@ log = logging.getLogger("sharedpool")
 
 
 class _Releasable(Protocol):
-    def release_for_exit(self, timeout: float, wait_in_use: bool = True) -> None: ...
+    def release_for_exit(self, timeout: float, wait_in_use: bool = True, *,
+                         exit_timeout: float | None = None) -> None: ...
 
     def connections_at_fork(self) -> list[Any]: ...
 
@@ -80,6 +81,15 @@ def before_release(hook: Callable[[], None]) -> None:
 EXIT_CONFIRM_MIN = 0.1
 
 
+def short_of(timeout: float, exit_timeout: float | None) -> str:
+    """For a warning of connections still in use at exit: why ``timeout`` is
+    less than the exit's (pools released before this one waited for theirs)."""
+    if exit_timeout is None or timeout >= exit_timeout - 0.05:
+        return ""
+    took = exit_timeout - timeout
+    return f" (of the exit's {exit_timeout:g}s, the pools released before it took {took:.1f}s)"
+
+
 def confirm_at_exit(confirm_timeout: float, deadline: float) -> float:
     """How long a close made by :func:`release_process` waits for the server to
     let go: its pool's ``confirm_timeout``, within what is left until the exit's
@@ -105,10 +115,11 @@ def release_host_checkouts() -> None:
 def release_process(timeout: float = 5.0, *, wait_in_use: bool = True) -> None:
     """Close this process's leased connections and end its coordinator sessions.
 
-    Pools wait up to ``timeout`` in all (one deadline, however many pools)
-    for connections in use and for their servers to let go of those closed
-    (:func:`confirm_at_exit`): a close still unconfirmed then keeps its lease,
-    and the process's session, until its server lets go. A session that a
+    Pools wait up to ``timeout`` in all (one deadline, however many pools;
+    one left less by those before it says so when it warns of connections
+    still in use) for connections in use and for their servers to let go of
+    those closed (:func:`confirm_at_exit`): a close still unconfirmed then
+    keeps its lease, and the process's session, until its server lets go. A session that a
     :class:`~sharedpool.ConnectionPool` connection still in use then holds (its
     lease) stays until that connection is closed. ``wait_in_use=False`` is for
     a caller that knows no thread will check one in (an RQ work horse whose job
@@ -131,7 +142,9 @@ def release_process(timeout: float = 5.0, *, wait_in_use: bool = True) -> None:
     kept: set[int] = set()
     for pool in list(_POOLS):
         try:
-            pool.release_for_exit(max(0.0, deadline - time.monotonic()), wait_in_use)
+            # What is left of the one deadline: 0 once a pool before it waited it all
+            # out, said in its warning (it was no request not to wait).
+            pool.release_for_exit(max(0.0, deadline - time.monotonic()), wait_in_use, exit_timeout=timeout)
             if (client := pool.session_kept()) is not None:
                 kept.add(id(client))
         except Exception:  # noqa: BLE001 - release the rest whatever one pool does

@@ -19,6 +19,7 @@ from .client import _PID, AcquireRequest
 from .closing import WAIT_SLICE, NotClosable, close_and_confirm, close_in_background
 from .dropped import in_a_thread
 from .errors import ConfigError, PoolClosed
+from .process import short_of
 from .status import PoolStatus, valid_timeout
 from .unowned import take_back
 from .wrapper import ConnectionWrapper
@@ -92,10 +93,11 @@ def let_go_later(pool: ConnectionPool[T], idle: deque[ConnectionWrapper[T]], wai
 
 
 def shut(pool: ConnectionPool[T], status: PoolStatus, timeout: float,
-         confirm: float | None = None, wait_in_use: bool = True) -> None:
+         confirm: float | None = None, wait_in_use: bool = True, exit_timeout: float | None = None) -> None:
     """Take ``status`` (DRAINING or CLOSED): close the idle connections (each
     confirmed within ``confirm``, None: close_confirm_timeout) and wait up to
-    ``timeout`` for those in use (unless not ``wait_in_use``), closing or opening."""
+    ``timeout`` for those in use (unless not ``wait_in_use``), closing or opening.
+    ``exit_timeout``: release_process()'s, of which ``timeout`` is what is left."""
     if not valid_timeout(timeout):  # NaN would spin below, inf overflows the wait
         raise ConfigError("timeout", f"must be a number of seconds >= 0, got {timeout!r}")
     deadline = time.monotonic() + timeout  # from the call: the idle closes count too
@@ -130,11 +132,12 @@ def shut(pool: ConnectionPool[T], status: PoolStatus, timeout: float,
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 # timeout=0 (an admin drain or end-session pushed by the
-                # coordinator, or asked so): not waiting was the request.
-                log.log(logging.WARNING if timeout > 0 else logging.DEBUG,
+                # coordinator, or asked so): not waiting was the request. Not
+                # at an exit whose time pools released before this one took.
+                log.log(logging.WARNING if timeout > 0 or exit_timeout else logging.DEBUG,
                         "pool %r: %d connection(s) still in use, %d closing, %d opening, "
-                        "after %.1fs", pool.name, len(pool._all), pool._closing,
-                        pool._opening, timeout)
+                        "after %.1fs%s", pool.name, len(pool._all), pool._closing,
+                        pool._opening, timeout, short_of(timeout, exit_timeout))
                 break
             pool._returned.wait(min(remaining, WAIT_SLICE))
         if pool._all and not wait_in_use:

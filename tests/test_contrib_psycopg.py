@@ -374,7 +374,7 @@ def test_release_process_waits_for_a_query_in_flight(pg: str, start_coordinator:
     assert BackendSampler(app_name).count_now() == 0
 
 
-def _exit_with_a_checkout_never_returned(sock: str, app: str) -> dict[str, Any]:
+def _exit_with_a_checkout_never_returned(sock: str, app: str, pools: int = 1) -> dict[str, Any]:
     import logging
 
     from sharedpool import release_process
@@ -383,16 +383,18 @@ def _exit_with_a_checkout_never_returned(sock: str, app: str) -> dict[str, Any]:
     handler = logging.Handler(logging.WARNING)
     handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
     logging.getLogger("sharedpool").addHandler(handler)
-    pool = make_pool(sock, app, min_size=0, max_size=1)
+    made = [make_pool(sock, app, min_size=0, max_size=1) for _ in range(pools)]
     # A thread of the app's own that took a connection and ended without giving
     # it back (Django's connections in a thread the view started, never closed).
     kept: list[Any] = []  # as Django's DatabaseWrapper of that thread keeps it
-    taker = threading.Thread(target=lambda: kept.append(pool.getconn()))
-    taker.start()
-    taker.join()
+    for pool in made:
+        taker = threading.Thread(target=lambda pool=pool: kept.append(pool.getconn()))  # type: ignore[misc]
+        taker.start()
+        taker.join()
     t0 = time.monotonic()
     release_process(0.5)
-    return {"said": said, "took": time.monotonic() - t0, "held": pool.get_stats()["leases_held"]}
+    return {"said": said, "took": time.monotonic() - t0,
+            "held": sum(pool.get_stats()["leases_held"] for pool in made)}
 
 
 def test_an_exit_that_waits_out_its_timeout_for_a_checkout_says_so(
@@ -404,6 +406,23 @@ def test_an_exit_that_waits_out_its_timeout_for_a_checkout_says_so(
     assert child.get("took", 0) >= 0.4 and child["held"] == 0, child
     assert any(m.startswith("sharedpool: 'pg': 1 connection(s) still in use after 0.5s at exit: closed "
                             "under their users") for m in child["said"]), child
+    assert wait_leased(sock_path, 0) == 0
+    assert BackendSampler(app_name).count_now() == 0
+
+
+def test_an_exit_whose_time_an_earlier_pool_took_says_so_for_the_next(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str) -> None:
+    """One deadline for every pool: the first waited it all out for its checkout,
+    and the second's, given 0 s, was closed under its user with nothing said
+    (timeout 0 read as a request not to wait)."""
+    start_coordinator({"pg": Resource(max_size=2)})
+    [child] = run_forked(_exit_with_a_checkout_never_returned, sock_path, app_name, 2)
+    assert child.get("took", 0) >= 0.4 and child["held"] == 0, child
+    said = [m for m in child["said"] if "still in use" in m]
+    assert len(said) == 2, child
+    assert said[0].startswith("sharedpool: 'pg': 1 connection(s) still in use after 0.5s at exit: "), said
+    assert said[1].startswith("sharedpool: 'pg': 1 connection(s) still in use after 0.0s at exit (of the "
+                              "exit's 0.5s, the pools released before it took 0.5s): closed"), said
     assert wait_leased(sock_path, 0) == 0
     assert BackendSampler(app_name).count_now() == 0
 

@@ -2518,3 +2518,29 @@ def test_a_lease_wait_timeout_names_what_held_it_back(start_coordinator: Any, so
         finally:
             free.close()
     assert timeouts
+
+
+def _two_pools_exit_with_checkouts_out(sock: str) -> dict[str, Any]:
+    from sharedpool import release_process
+
+    said: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("sharedpool").addHandler(handler)
+    pools = [ConnectionPool(FakeFactory(), PoolConfig(min_size=0, max_size=1), resource="r",
+                            coordinator=sock, name=f"p{i}") for i in range(2)]
+    out = [pool.acquire(timeout=5) for pool in pools]  # in use by a thread that never checks in
+    release_process(0.4)
+    return {"said": [m for m in said if "still in use" in m], "out": len(out)}
+
+
+def test_an_exit_whose_time_an_earlier_pool_took_warns_for_the_next(
+        start_coordinator: Any, sock_path: str) -> None:
+    """The second pool of an exit got the 0 s the first left it, and logged its
+    connection still in use at debug: timeout 0 read as a request not to wait."""
+    start_coordinator({"r": 2})
+    [child] = run_forked(_two_pools_exit_with_checkouts_out, sock_path)
+    said = child["said"]
+    assert len(said) == 2, child
+    assert "after 0.4s" in said[0] and "(of the exit" not in said[0], said
+    assert said[1].endswith("after 0.0s (of the exit's 0.4s, the pools released before it took 0.4s)"), said

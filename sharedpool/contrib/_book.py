@@ -147,7 +147,8 @@ class _Book:
         process.register(self)
 
     if TYPE_CHECKING:  # LeaseBook's, in _leases.py: process.register() calls it at exit
-        def release_for_exit(self, timeout: float, wait_in_use: bool = True) -> None: ...
+        def release_for_exit(self, timeout: float, wait_in_use: bool = True, *,
+                             exit_timeout: float | None = None) -> None: ...
 
         def session_kept(self) -> Client | None: ...
 

@@ -329,7 +329,8 @@ class LeaseBook(_Acquiring):
 
     # ------------------------------------------------------------------ exit
 
-    def release_for_exit(self, timeout: float, wait_in_use: bool = True) -> None:
+    def release_for_exit(self, timeout: float, wait_in_use: bool = True, *,
+                         exit_timeout: float | None = None) -> None:
         """At process exit: close every tracked connection under the host pool
         (it is exiting too), each confirmed, then its lease released.
 
@@ -340,7 +341,8 @@ class LeaseBook(_Acquiring):
         sync worker's, cut short mid-request or in its ``getconn()``), and
         nobody else checks it in.
         Detached ones (SQLAlchemy's ``detach()``) never come back: closed
-        last, without waiting for them."""
+        last, without waiting for them. ``exit_timeout``: the whole exit's
+        (release_process), of which ``timeout`` is what is left."""
         self._checkpid()  # made before fork: the parent's connections are not ours (I7)
         # Before anything closes: a host pool's own connect (psycopg_pool's top-up,
         # retried after the session ends) would open a new session and lease.
@@ -359,13 +361,14 @@ class LeaseBook(_Acquiring):
             if not in_use or remaining <= 0 or not wait_in_use:
                 break
             self._wait_returned(min(remaining, 0.05))
-        if in_use and wait_in_use and timeout > 0:
+        if in_use and wait_in_use and (timeout > 0 or exit_timeout):
             # As sharedpool's own pool says: else an exit that waited its whole timeout
             # (a Django connection taken in a thread of the app's own, never closed:
             # every gunicorn worker's stop took close_timeout) told nothing.
-            log.warning("sharedpool: %r: %d connection(s) still in use after %.1fs at exit: closed "
+            log.warning("sharedpool: %r: %d connection(s) still in use after %.1fs at exit%s: closed "
                         "under their users (a thread that never gives its connection back keeps "
-                        "every exit waiting that long)", self.resource, len(in_use), timeout)
+                        "every exit waiting that long)", self.resource, len(in_use), timeout,
+                        process.short_of(timeout, exit_timeout))
         with self._lock:
             detached = [c for c in (x.ref() for x in self._detached.values()) if closable(c)]
         for key in in_use + detached:  # out of time: their queries fail, the leases come back
