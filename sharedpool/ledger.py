@@ -578,20 +578,23 @@ class Ledger:
     ) -> list[dict[str, Any]]:
         """Rows of ``inspect fenced``: leases whose slots count but no session
         holds: a dead process's, quarantined until its server lets go
-        (``fenced``), or one the previous coordinator handed on, waiting for its
-        process to re-register it (``awaited``). ``ends_in_s``: the fence's bound;
-        None for an awaited one, counted for as long as its process runs (its
-        fence's time is only when the coordinator looks again)."""
+        (``fenced``), or one the previous coordinator handed on (or kept for a
+        live process whose session ended), waiting for its process to
+        re-register it (``awaited``). ``ends_in_s``: the fence's bound; for an
+        awaited one, that of a session its process dropped (kept for
+        ``restart_grace``), else None: counted for as long as its process runs
+        (its fence's time is only when the coordinator looks again)."""
         rows = []
         for res in self.resources.values():
             if resource is not None and res.name != resource:
                 continue
             for f in res.fenced.values():
                 if pid is None or f.pid == pid:
-                    awaited = f.fence in self._awaited
-                    rows.append({**f.lease.snapshot(now, f.pid), "state": "awaited" if awaited else "fenced",
-                                 "state_s": None,
-                                 "ends_in_s": None if awaited else round(max(0.0, f.until - now), 6)})
+                    awaited = self._awaited.get(f.fence)
+                    until = f.until if awaited is None else awaited.until
+                    rows.append({**f.lease.snapshot(now, f.pid),
+                                 "state": "fenced" if awaited is None else "awaited", "state_s": None,
+                                 "ends_in_s": None if until is None else round(max(0.0, until - now), 6)})
         return rows
 
     # ------------------------------------------------------------- internals

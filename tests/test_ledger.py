@@ -599,6 +599,8 @@ def test_a_session_its_live_process_dropped_is_kept_for_the_grace_only() -> None
     assert queued(lg.acquire(b, 1, "pg", T0, timeout=60))
     why = "closed by its process without a goodbye"
     assert lg.close_session(a, T0 + 1, ended=why, grace=1.5) == []
+    [row] = lg.snapshot_fenced(T0 + 1.5)  # `inspect fenced`: awaited, until the grace's end
+    assert (row["state"], row["ends_in_s"]) == ("awaited", 1.0)
     assert lg.next_deadline() == T0 + 1 + ALIVE_RECHECK  # looked at within the grace
     assert lg.tick(T0 + 1 + ALIVE_RECHECK, running={41}) == []
     assert lg.next_deadline() == T0 + 2.5  # then at its end
