@@ -61,10 +61,10 @@ def _peer_groups_unbounded(fd: int) -> bytes:
 
 
 def holder_alive(pid: int, before: float) -> bool:
-    """Whether ``pid`` is still the process that held leases when the previous
-    coordinator stopped: running (stopped counts; a zombie does not), and made
-    before ``before`` (wall clock: this coordinator's start), so not a later
-    process given the same pid."""
+    """Whether ``pid`` is still the process that held leases: running (stopped
+    counts; a zombie or one exiting does not), and made before ``before``
+    (wall clock: when they were last known its: this coordinator's start, or
+    the end of its session), so not a later process given the same pid."""
     try:
         proc = psutil.Process(pid)
         return (proc.status() != psutil.STATUS_ZOMBIE and not _exiting(pid)

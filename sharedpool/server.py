@@ -59,10 +59,10 @@ ACCEPT_FAILED_LOG_EVERY = 60.0
 
 def _whose(eff: StartFence) -> str:
     """Whose leases a fence holds, for its log lines. Not ``terminate``: handed on
-    by a restart, or kept for a live process whose session the coordinator
-    ended, and not re-registered; the process may be serving on (it closed
-    their connections meanwhile), and "dead" sent operators looking for a
-    crashed worker."""
+    by a restart, or kept for a live process whose session ended (the
+    coordinator ended it, or the process dropped it), and not re-registered;
+    the process may be serving on (it closed their connections meanwhile),
+    and "dead" sent operators looking for a crashed worker."""
     if eff.ended is not None:
         return f"pid {eff.pid} (its session ended: {eff.ended}; not re-registered)"
     if eff.terminate:
