@@ -9,7 +9,7 @@ from dataclasses import fields, replace
 from typing import TYPE_CHECKING, Any
 
 from . import protocol as p
-from .config import CoordinatorConfig, Resource, check_welcome_fits
+from .config import CODE_OPTIONS, CoordinatorConfig, Resource, check_welcome_fits
 from .coordinator import unreachable_peers
 from .effects import Notify
 from .errors import ConfigError
@@ -19,8 +19,10 @@ if TYPE_CHECKING:
     from .server import Server
 
 VERBS = ("pause", "resume", "drain", "resize", "end_session", "reload")
-#: What a reload applies (resources) or that is not a setting (the file, the flags).
-_LIVE_FIELDS = ("resources", "config_file", "overrides", "beside_file")
+#: Compared by :func:`fixed_fields_changed`: resources are compared one by one,
+#: overrides and beside_file are no settings. ``config_file`` is the same in a
+#: reload (the file read again); a gunicorn re-read of ``hooks()`` may name another.
+_COMPARED = frozenset(("socket_path", *CODE_OPTIONS))
 #: ``[coordinator]`` settings a reload applies: read at each use (a peer's
 #: access at its connect or admin verb, a session's timeouts as it runs, the
 #: grace at the next start). Sessions already open stay open. The others take
@@ -168,7 +170,7 @@ def fixed_fields_changed(running: CoordinatorConfig, fresh: CoordinatorConfig,
     ``beside_file``); a gunicorn re-read compares code with code, all of it."""
     changed = []
     for f in fields(CoordinatorConfig):
-        if (f.name in _LIVE_FIELDS or f.name in kept
+        if (f.name not in _COMPARED or f.name in kept
                 or getattr(running, f.name) == getattr(fresh, f.name)):
             continue
         changed.append("socket" if f.name == "socket_path" else f.name)

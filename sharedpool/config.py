@@ -624,8 +624,8 @@ class CoordinatorConfig:
         integer or a :class:`Resource` replaces it. The overrides are kept in
         :attr:`overrides` so that a reload applies them again.
         """
-        # Not config_file nor overrides: load() sets them itself, and one given was dropped.
-        allowed = sorted({f.name for f in fields(cls)} - {"config_file", "overrides", "beside_file"})
+        # Not config_file, overrides nor beside_file: load() sets them itself, and one given was dropped.
+        allowed = sorted({*_STRUCTURAL, *PLAIN_SETTINGS})
         unknown = sorted(map(str, set(overrides) - set(allowed)))
         if unknown:
             raise ConfigError(unknown[0], f"unknown setting; allowed: {', '.join(allowed)}")
@@ -657,8 +657,8 @@ class CoordinatorConfig:
                 raise ConfigError(table, f"must be a table, got {data[table]!r}")
         section = dict(data.get("coordinator", {}))
         # The file's own vocabulary: ``socket``, not the field name ``socket_path``;
-        # ``resources`` is its own table; ``config_file`` and ``overrides`` are not settings.
-        allowed = sorted({f.name for f in fields(cls)} - _NOT_IN_FILE | {"socket"})
+        # ``resources`` is its own table; the bookkeeping fields are not settings.
+        allowed = sorted({*PLAIN_SETTINGS, "socket"})
         unknown = sorted(map(str, set(section) - set(allowed)))
         if unknown:
             raise ConfigError(f"coordinator.{_toml_key(unknown[0])}",
@@ -742,8 +742,18 @@ def _read_config(path: str) -> bytes:
     return data
 
 
-#: CoordinatorConfig fields that are no settings of the file: a re-read keeps them.
+#: CoordinatorConfig fields the file spells its own way: ``socket`` in
+#: ``[coordinator]``, ``[resources]`` its own table. Neither has a plain default.
+_STRUCTURAL = ("socket_path", "resources")
+#: CoordinatorConfig fields that are no settings at all (the file, the flags laid
+#: over it, what was given beside it): a re-read keeps them.
 _BOOKKEEPING = ("config_file", "overrides", "beside_file")
+#: The settings but the socket and resources: ``[coordinator]`` keys spelled as
+#: their field, each with a plain default. Every other list of fields derives from it.
+PLAIN_SETTINGS = tuple(f.name for f in fields(CoordinatorConfig)
+                       if f.name not in (*_STRUCTURAL, *_BOOKKEEPING))
+#: What ``Coordinator(socket_path, resources, **options)`` takes as ``options``.
+CODE_OPTIONS = ("config_file", *PLAIN_SETTINGS)
 
 
 def _given_in_code(config: CoordinatorConfig) -> tuple[str, ...]:
@@ -751,8 +761,8 @@ def _given_in_code(config: CoordinatorConfig) -> tuple[str, ...]:
     resources and the settings it does not leave at their default (which were given)."""
     if config.config_file is None:
         return ()
-    given = [f.name for f in fields(config) if f.name not in ("socket_path", "resources", *_BOOKKEEPING)
-             and getattr(config, f.name) != f.default]  # every other field has a plain default
+    given = [f.name for f in fields(config) if f.name in PLAIN_SETTINGS
+             and getattr(config, f.name) != f.default]
     return (*(f"resources.{name}" for name in config.resources), *given)
 
 
@@ -779,7 +789,7 @@ def reread(config: CoordinatorConfig, log: logging.Logger, how: str) -> Coordina
     settings: dict[str, Any] = {"resources": {**given, **fresh.resources}}
     kept = []
     for f in fields(CoordinatorConfig):
-        if f.name in ("resources", *_BOOKKEEPING) or f.name in config.beside_file:
+        if f.name not in PLAIN_SETTINGS + KEPT_ON_RESTART or f.name in config.beside_file:
             continue
         new = getattr(fresh, f.name)
         if f.name in KEPT_ON_RESTART:
@@ -807,10 +817,6 @@ def check_welcome_fits(resources: dict[str, Resource], max_frame: int) -> None:
                           f"{len(resources)} resource(s), got {max_frame}")
 
 
-#: CoordinatorConfig fields a ``[coordinator]`` table may not set.
-_NOT_IN_FILE = {"socket_path", "resources", "config_file", "overrides", "beside_file"}
-
-
 def _merge_resources(from_file: dict[str, Any], flags: Any) -> dict[str, Any]:
     """The file's resources with the overrides laid over them, field by field
     where both are tables (a flag names only the limits it changes)."""
@@ -830,8 +836,7 @@ def _merge_resources(from_file: dict[str, Any], flags: Any) -> dict[str, Any]:
 def check_option_names(options: Mapping[str, Any], also: tuple[str, ...] = ()) -> None:
     """``options`` are :class:`CoordinatorConfig` fields (or one of ``also``, the
     caller's own keywords): a name that is none of them, a typo, is refused, naming it."""
-    allowed = sorted({f.name for f in fields(CoordinatorConfig)
-                      if f.name not in ("socket_path", "resources", "overrides", "beside_file")} | set(also))
+    allowed = sorted({*CODE_OPTIONS, *also})
     unknown = sorted(map(str, set(options) - set(allowed)))
     if unknown:
         raise ConfigError("options", f"unknown option {unknown[0]!r}; allowed: {', '.join(allowed)}")
@@ -860,7 +865,7 @@ def config_from_parts(socket_path: Any, resources: Any, config: Any,
     beside: tuple[str, ...] = ()
     if options.get("config_file") is not None:  # kept by a reload or restart (see beside_file)
         beside = (*(f"resources.{name}" for name in resources or {}),
-                  *(name for name in options if name != "config_file"),
+                  *(name for name in options if name in PLAIN_SETTINGS),
                   *(("socket_path",) if socket_path is not None else ()))
     return CoordinatorConfig(socket_path=socket_path or default_socket_path(),
                              resources=dict(resources or {}), beside_file=beside, **options)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import sys
@@ -476,6 +477,17 @@ def test_a_bad_value_from_a_flag_is_not_blamed_on_the_file(tmp_path: Path) -> No
     _raises_field("metrics_port", CoordinatorConfig.load, path, metrics_port=99999)
     _raises_field("socket", CoordinatorConfig.load, path, socket_path="")
     _raises_field("allowed_uids", CoordinatorConfig.load, path, allowed_uids=(-1,))
+
+
+def test_the_field_lists_cover_every_field_once() -> None:
+    # Each list of fields (file keys, code options, what a re-read keeps) derives from
+    # these: a field renamed or added must land in exactly one of them.
+    from sharedpool import config as c
+
+    names = [f.name for f in dataclasses.fields(CoordinatorConfig)]
+    assert sorted([*c._STRUCTURAL, *c._BOOKKEEPING, *c.PLAIN_SETTINGS]) == sorted(names)
+    assert all(f.default is not dataclasses.MISSING for f in dataclasses.fields(CoordinatorConfig)
+               if f.name in c.PLAIN_SETTINGS)  # what _given_in_code compares with
 
 
 def test_unknown_coordinator_setting_lists_the_files_own_names(tmp_path: Path) -> None:
