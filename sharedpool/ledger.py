@@ -264,7 +264,7 @@ class Ledger:
             session.top_req = req
         res = self.resources.get(resource)
         if res is None:
-            return [Denied(sid, req, "unknown_resource", self.no_such_resource(resource))]
+            return [Denied(sid, req, "unknown_resource", self.no_such_resource(resource, removed=False))]
         if res.removed:
             res.denials += 1
             return [Denied(sid, req, "unknown_resource", removed_why(resource))]
@@ -421,12 +421,13 @@ class Ledger:
                 del res.fenced[lease_id]
         return self._pump(res, now)
 
-    def no_such_resource(self, name: Any) -> str:
+    def no_such_resource(self, name: Any, removed: bool = True) -> str:
         """What a request naming ``name``, no resource here, is told: the names
-        there are (a removed one, its leases still out, marked so)."""
+        there are. A removed one, its leases still out, is marked so, or with
+        ``removed`` False left out (an acquire: nothing grants it any more)."""
         known = ", ".join(n + (" (removed by a reload)" if res.removed else "")
-                          for n, res in sorted(self.resources.items())) or "none"
-        return f"no resource {brief(name)} (known: {known})"
+                          for n, res in sorted(self.resources.items()) if removed or not res.removed)
+        return f"no resource {brief(name)} (known: {known or 'none'})"
 
     def awaited_pids(self) -> set[int]:
         """The processes whose leases were handed on from the previous

@@ -38,6 +38,11 @@ MAX_HELD_ID = 1 << 62
 #: How often a live process that has not re-registered its leases since a
 #: restart is looked at again (are they still its, or is it gone?).
 ALIVE_RECHECK = 1.0
+#: How often the leases of a session its process closed without a goodbye are
+#: looked at within their bound: a process at exit closes it so too (Python's
+#: finalizers close its sockets before the kernel marks it exiting), and its
+#: slots came back only at the next ALIVE_RECHECK (~1 s after every such exit).
+DROPPED_RECHECK = 0.05
 
 # ------------------------------------------------------------- hand-on
 
@@ -286,10 +291,11 @@ def end_hold(ledger: Ledger, now: float, running: Collection[int]) -> list[Effec
 
 
 def recheck_at(awaited: Awaited, now: float) -> float:
-    """When awaited leases are looked at again: in ALIVE_RECHECK, or at their
-    bound if that comes first."""
-    at = now + ALIVE_RECHECK
-    return at if awaited.until is None else min(at, awaited.until)
+    """When awaited leases are looked at again: in ALIVE_RECHECK; bounded ones
+    (a dropped session's) in DROPPED_RECHECK, or at their bound if sooner."""
+    if awaited.until is None:
+        return now + ALIVE_RECHECK
+    return min(now + DROPPED_RECHECK, awaited.until)
 
 
 def settle_unclaimed(ledger: Ledger, fence: int, awaited: Awaited, now: float,

@@ -27,7 +27,7 @@ from sharedpool.ledger import Ledger
 from sharedpool.reclaim import IDLE_ONLY, paced, to_send
 from sharedpool.records import BUSY, IDLE, MAX_ID, MAX_SITE, NEW
 from sharedpool.reports import FAILURE_BACKOFF, FAILURE_THRESHOLD
-from sharedpool.restart import ALIVE_RECHECK, MAX_HELD_ID
+from sharedpool.restart import ALIVE_RECHECK, DROPPED_RECHECK, MAX_HELD_ID
 from sharedpool.tables import leases_sheet
 
 T0 = 1000.0
@@ -601,19 +601,37 @@ def test_a_session_its_live_process_dropped_is_kept_for_the_grace_only() -> None
     assert lg.close_session(a, T0 + 1, ended=why, grace=1.5) == []
     [row] = lg.snapshot_fenced(T0 + 1.5)  # `inspect fenced`: awaited, until the grace's end
     assert (row["state"], row["ends_in_s"]) == ("awaited", 1.0)
-    assert lg.next_deadline() == T0 + 1 + ALIVE_RECHECK  # looked at within the grace
-    assert lg.tick(T0 + 1 + ALIVE_RECHECK, running={41}) == []
-    assert lg.next_deadline() == T0 + 2.5  # then at its end
+    assert lg.next_deadline() == T0 + 1 + DROPPED_RECHECK  # looked at often within the grace
+    assert lg.tick(T0 + 1 + DROPPED_RECHECK, running={41}) == []
+    assert lg.next_deadline() == T0 + 1 + DROPPED_RECHECK + DROPPED_RECHECK
     # Back within it: its own again, no fence, the waiter still waits.
     again, effects = lg.open_session(41, "w", T0 + 2, held=[["pg", lease.id, lease.token, IDLE, 9001]])
     assert not of(Granted, effects) and lg.resources["pg"].fenced == {} and lg.sessions[again].leases
     # Dropped again, and not back: at the grace's end, though it runs, fenced.
     assert lg.close_session(again, T0 + 3, ended=why, grace=1.5) == []
-    assert lg.tick(T0 + 3 + ALIVE_RECHECK, running={41}) == []
+    while (at := lg.next_deadline()) is not None and at < T0 + 4.5:
+        assert lg.tick(at, running={41}) == []
+    assert lg.next_deadline() == T0 + 4.5  # then at its end
     [fence] = of(StartFence, lg.tick(T0 + 4.5, running={41}))
     assert (fence.pid, fence.backend_pids, fence.terminate, fence.ended) == (41, (9001,), False, why)
     assert not of(Granted, lg.tick(T0 + 4.54))
     assert granted(lg.tick(T0 + 4.55)).session == b
+
+
+def test_a_process_that_drops_its_session_as_it_exits_gets_its_slots_back_promptly() -> None:
+    """Python's finalizers close a client's socket outright at exit, before the
+    kernel marks the process exiting: the coordinator reads it as a drop to
+    reconnect. Looked at again only after ALIVE_RECHECK, the slot of every such
+    exit came back a second late (I2)."""
+    lg = ledger(pg=Resource(1, quarantine_delay=0.05))
+    a, b = session(lg, pid=41), session(lg, pid=42)
+    granted(lg.acquire(a, 1, "pg", T0))
+    assert queued(lg.acquire(b, 1, "pg", T0, timeout=60))
+    assert lg.close_session(a, T0, ended="closed by its process without a goodbye", grace=1.5) == []
+    # Gone at the first look, well within ALIVE_RECHECK: fenced then.
+    [fence] = of(StartFence, lg.tick(T0 + 0.1, running=()))
+    assert (fence.pid, fence.terminate) == (41, False)
+    assert granted(lg.tick(T0 + 0.1 + 0.05)).session == b
 
 
 def test_close_session_withdraws_its_waiters() -> None:
@@ -1622,7 +1640,8 @@ class LedgerMachine(RuleBasedStateMachine):
         return pid in self.away and all(self.now < self.bounds.get(lid, math.inf) for lid in ids)
 
     def recheck(self, ids: list[int]) -> float:
-        return min(self.now + ALIVE_RECHECK, *(self.bounds.get(lid, math.inf) for lid in ids))
+        bounds = [self.bounds[lid] for lid in ids if lid in self.bounds]
+        return min(self.now + DROPPED_RECHECK, *bounds) if bounds else self.now + ALIVE_RECHECK
 
     def refence(self, ids: list[int], until: float) -> None:
         for lid in ids:
@@ -2386,9 +2405,9 @@ class RestartMachine(LedgerMachine):
         for lid in sorted(lid for lid, (s, _, _) in self.held.items() if s == sid):
             _, r, token = self.held.pop(lid)
             until = self.now + ALIVE_RECHECK
-            if grace is not None:
+            if grace is not None:  # looked at often: a process at exit drops its session too
                 self.bounds[lid] = self.now + grace
-                until = min(until, self.bounds[lid])
+                until = min(self.now + DROPPED_RECHECK, self.bounds[lid])
             if self.hold is not None:  # a hold lifts no awaited fence before its end
                 until = max(until, self.hold + self.delay(self.limits(r)))
             mine[lid] = (r, token)
