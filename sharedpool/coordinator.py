@@ -393,7 +393,7 @@ async def _serve(config: CoordinatorConfig, sock: socket.socket, restarted: bool
         server.warm_monitors()
         if handed.get("held"):  # live processes' leases: counted until re-registered
             server.apply(server.ledger.restore_held(handed["held"], loop.time(),
-                                                    handed.get("started", [])))
+                                                    handed.get("started", []), handed.get("dropped", [])))
         if handed.get("fenced"):  # a dead process's backend may still count on the server
             server.apply(server.ledger.restore_fenced(handed["fenced"], loop.time(),
                                                       handed.get("late", []), handed.get("started", [])))

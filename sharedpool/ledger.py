@@ -215,6 +215,11 @@ class Ledger:
         them (a pid reused before the restart is someone else's)."""
         return restart.started_state(self, now)
 
+    def dropped_state(self) -> list[int]:
+        """Lease ids of :meth:`held_state` awaited from a session their process
+        dropped (kept for a bounded time only, see :meth:`close_session`)."""
+        return restart.dropped_state(self)
+
     def late_state(self) -> list[int]:
         """Lease ids of :meth:`fenced_state` whose process may still be alive
         (handed on as held, never re-registered): terminated only once its pid
@@ -228,15 +233,18 @@ class Ledger:
         the next coordinator may leave a query running; they are fenced then."""
         return restart.held_state(self)
 
-    def restore_held(self, entries: list[Any], now: float, started: Any = ()) -> list[Effect]:
+    def restore_held(self, entries: list[Any], now: float, started: Any = (),
+                     dropped: Any = ()) -> list[Effect]:
         """What live processes held when the previous coordinator stopped: each
         lease counts, fenced to its process, until that process re-registers it
         (:func:`.restart.register_held`). One not re-registered when the restart hold ends was a
         process that died meanwhile: its leases are fenced then as a dead
         session's (terminated only once its pid is gone: it may merely be
         late). Nothing is restored outside a hold. ``started``: the previous
-        coordinator's :meth:`started_state`, its ages counted to ``now``."""
-        return restart.restore_held(self, entries, now, started)
+        coordinator's :meth:`started_state`, its ages counted to ``now``.
+        ``dropped``: its :meth:`dropped_state`: those are fenced at the hold's
+        end even if their process still runs."""
+        return restart.restore_held(self, entries, now, started, dropped)
 
     def restore_fenced(self, entries: list[Any], now: float, late: Any = (),
                        started: Any = ()) -> list[Effect]:

@@ -42,7 +42,7 @@ KEEP_DUTY = 10
 #: with no change a marker left stale was never written once the disk came back.
 RETRY_EVERY = 1.0
 
-_KEYS = ("fenced", "held", "late", "started")
+_KEYS = ("fenced", "held", "late", "started", "dropped")
 
 _BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
@@ -262,7 +262,7 @@ def handed_on(server: Any, now: float) -> dict[str, list[Any]] | None:
     out, no fence, not inside a restart's grace: the next start is a fresh one)."""
     ledger = server.ledger
     handed = {"fenced": ledger.fenced_state(now), "held": ledger.held_state(),
-              "late": ledger.late_state()}
+              "late": ledger.late_state(), "dropped": ledger.dropped_state()}
     # Inside a restart's grace: processes may hold leases not re-registered yet.
     holding = ledger.hold_until is not None and now < ledger.hold_until
     if not (holding or any(handed.values())):
@@ -278,7 +278,8 @@ def _without_time_left(handed: dict[str, list[Any]] | None) -> Any:
     if handed is None:
         return None
     # The ages in "started" grow by themselves too (what else changes them changes a row).
-    return (handed["held"], handed["late"], [entry[:4] + entry[5:] for entry in handed["fenced"]])
+    return (handed["held"], handed["late"], handed.get("dropped", []),
+            [entry[:4] + entry[5:] for entry in handed["fenced"]])
 
 
 class MarkerKeeper:

@@ -43,6 +43,8 @@ ALIVE_RECHECK = 1.0
 #: finalizers close its sockets before the kernel marks it exiting), and its
 #: slots came back only at the next ALIVE_RECHECK (~1 s after every such exit).
 DROPPED_RECHECK = 0.05
+#: Why such leases are awaited (the ``ended`` of their fence, for the log).
+DROPPED = "closed by its process without a goodbye"
 
 # ------------------------------------------------------------- hand-on
 
@@ -62,6 +64,12 @@ def started_state(ledger: Ledger, now: float) -> list[list[Any]]:
     # To the millisecond (the fence allows a second): the marker is rewritten often.
     return [[x.id, None if x.opened_after is None else round(max(0.0, now - x.opened_after), 3),
              round(max(0.0, now - x.pid_since), 3)] for x in leases if x.backend_pid]
+
+
+def dropped_state(ledger: Ledger) -> list[int]:
+    """See :meth:`Ledger.dropped_state`."""
+    return [f.lease.id for res in ledger.resources.values() for f in res.fenced.values()
+            if (awaited := ledger._awaited.get(f.fence)) is not None and awaited.until is not None]
 
 
 def late_state(ledger: Ledger) -> list[int]:
@@ -85,11 +93,13 @@ def held_state(ledger: Ledger) -> list[list[Any]]:
 # ------------------------------------------------------------- restore
 
 
-def restore_held(ledger: Ledger, entries: list[Any], now: float, started: Any = ()) -> list[Effect]:
+def restore_held(ledger: Ledger, entries: list[Any], now: float, started: Any = (),
+                 dropped: Any = ()) -> list[Effect]:
     """See :meth:`Ledger.restore_held`."""
     if ledger.hold_until is None:
         return []
-    serials: dict[tuple[str, int], int] = {}
+    dropped_ids = {x for x in dropped if is_id(x)} if isinstance(dropped, list | tuple | set) else set()
+    serials: dict[tuple[str, int, bool], int] = {}
     ages = _started_ages(started)
     known = ledger._lease_ids()
     for entry in entries:
@@ -104,10 +114,14 @@ def restore_held(ledger: Ledger, entries: list[Any], now: float, started: Any = 
         known.add(lease_id)
         limits = res.limits
         after = limits.fence_timeout if limits.monitor_dsn else limits.quarantine_delay
-        fence = serials.get((name, pid))
+        was_dropped = lease_id in dropped_ids
+        fence = serials.get((name, pid, was_dropped))
         if fence is None:
-            fence = serials[(name, pid)] = next(ledger._fences)
-            ledger._awaited[fence] = Awaited(name, pid)
+            fence = serials[(name, pid, was_dropped)] = next(ledger._fences)
+            # A dropped session's keep their bound: the hold is its process's time to
+            # re-register them (else one that exec'd kept its slots while it ran).
+            ledger._awaited[fence] = (Awaited(name, pid, DROPPED, ledger.hold_until) if was_dropped
+                                      else Awaited(name, pid))
         lease = _restored(lease_id, name, token, backend_pid, now, ages)
         ledger._fence(res, Fenced(lease, pid, ledger.hold_until + after, fence))
         res.peak = max(res.peak, res.leased)  # they count: the peak must not read below them

@@ -19,6 +19,7 @@ from resource import RLIMIT_NOFILE, getrlimit
 from typing import Any
 
 from . import protocol as p
+from . import restart
 from .config import CoordinatorConfig, Resource
 from .effects import AskReclaim, Denied, Effect, Granted, Notify, Problem, StartFence, StillHeld
 from .errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
@@ -526,7 +527,7 @@ class Server:
                 # hello it stopped waiting for, read only now). Fenced, its
                 # backends would be terminated under it, or its slots given
                 # to others while it still has their connections (I1).
-                ended, grace = "closed by its process without a goodbye", self.config.restart_grace
+                ended, grace = restart.DROPPED, self.config.restart_grace
                 log.info("session %s %s while pid %s still runs: its %d lease(s) stay counted for up "
                          "to %gs for it to reconnect and re-register them", session.sid, ended,
                          session.pid, held, grace)

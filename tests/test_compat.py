@@ -198,7 +198,10 @@ def test_a_marker_of_this_code_has_the_release_shape(tmp_path: Any) -> None:
     assert write_marker(path, handed)
     with open(path) as f:
         data = json.load(f)
-    assert set(data) == {"pid", "boot", "mono", "fenced", "held", "late", "started"}
+    # "dropped" is new: the release's reader takes only the keys it knows (a
+    # downgrade counts such leases as any live process's, for as long as it runs).
+    assert set(data) == {"pid", "boot", "mono", "fenced", "held", "late", "started", "dropped"}
+    assert data["dropped"] == []
     assert [len(row) for row in data["fenced"]] == [6]
     assert [len(row) for row in data["held"]] == [5]
     assert [len(row) for row in data["started"]] == [3, 3]

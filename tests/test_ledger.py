@@ -634,6 +634,26 @@ def test_a_process_that_drops_its_session_as_it_exits_gets_its_slots_back_prompt
     assert granted(lg.tick(T0 + 0.1 + 0.05)).session == b
 
 
+def test_a_dropped_sessions_leases_keep_their_bound_across_a_clean_stop() -> None:
+    """Handed on as plain held leases, a dropped session's were counted by the
+    next coordinator for as long as their process ran: one that exec'd (its
+    connections closed) kept its slot for good. Now the restart hold is its
+    time to re-register them; a plain live holder's are still kept."""
+    old = ledger(pg=Resource(2, quarantine_delay=0.05))
+    dropper, holder = session(old, pid=41), session(old, pid=42)
+    dropped = granted(old.acquire(dropper, 1, "pg", T0)).lease
+    granted(old.acquire(holder, 1, "pg", T0))
+    old.close_session(dropper, T0 + 1, ended="closed by its process without a goodbye", grace=1.5)
+    assert old.dropped_state() == [dropped.id]
+    new = Ledger({"pg": Resource(2, quarantine_delay=0.05)}, hold_until=T0 + 3)
+    assert new.restore_held(old.held_state(), T0 + 1.5, dropped=old.dropped_state()) == []
+    effects = new.tick(T0 + 3, running={41, 42})  # both still run at the hold's end
+    assert [e.pid for e in of(StillHeld, effects)] == [42]
+    [fence] = of(StartFence, effects)
+    assert (fence.pid, fence.leases, fence.terminate) == (41, (dropped.id,), False)
+    assert "without a goodbye" in (fence.ended or "")
+
+
 def test_close_session_withdraws_its_waiters() -> None:
     lg = ledger(pg=1)
     a, b, c = session(lg), session(lg), session(lg)
@@ -2262,6 +2282,8 @@ class RestartMachine(LedgerMachine):
         handed: dict[str, Any] = {}
         if clean:
             fenced_now, held_now, late_now = old.fenced_state(now), old.held_state(), old.late_state()
+            dropped_now = old.dropped_state()
+            assert set(dropped_now) == self.awaited & set(self.bounds), (dropped_now, self.bounds)
             holding = old.hold_until is not None and now < old.hold_until
             # What a clean stop hands on: every lease a live process holds or is
             # awaited from, and every other fence with the time it has left.
@@ -2277,7 +2299,8 @@ class RestartMachine(LedgerMachine):
             restarted = bool(fenced_now or holding or held_now)  # else no marker, no socket left
             if restarted:
                 # Through JSON, as the restart marker carries it.
-                handed = json.loads(json.dumps({"fenced": fenced_now, "held": held_now, "late": late_now}))
+                handed = json.loads(json.dumps({"fenced": fenced_now, "held": held_now, "late": late_now,
+                                                "dropped": dropped_now}))
         else:
             restarted = True  # the dead coordinator's socket is found
         event(f"restart: {'clean' if clean else 'crash'}{'' if restarted else ' (nothing out)'}")
@@ -2290,18 +2313,22 @@ class RestartMachine(LedgerMachine):
         for lid, (sid, r, token) in self.held.items():
             self.away.setdefault(self.sessions[sid], {})[lid] = (r, token)
         old_fenced, old_awaited, old_unclaimed = self.fenced, self.awaited, self.unclaimed
+        old_bounds = self.bounds
         self.sessions, self.held, self.outstanding = {}, {}, {}
         self.fenced, self.awaited, self.unclaimed, self.bounds = {}, set(), set(), {}
         self.over, self.giver = set(), None
         self.hold, self.grace_end = self.lg.hold_until, now + hold
         self.configured, self.removed = set(config), {}
         if handed.get("held"):
-            assert self.lg.restore_held(handed["held"], now) == []
+            assert self.lg.restore_held(handed["held"], now, dropped=handed["dropped"]) == []
             if self.hold is not None:  # counted, fenced to their process, until it re-registers
                 for r, lid, token, pid, _ in handed["held"]:
                     if r in config:
                         self.fenced[lid] = (r, self.hold + self.delay(config[r]), pid, token)
                         self.awaited.add(lid)
+                        if lid in old_bounds and lid in old_awaited:  # dropped: the hold is its time
+                            self.bounds[lid] = self.hold
+                            event("restart: a dropped session's leases handed on with their bound")
         if handed.get("fenced"):
             effects = self.lg.restore_fenced(handed["fenced"], now, handed.get("late", []))
             groups: dict[tuple[str, int, bool], list[int]] = {}

@@ -713,8 +713,8 @@ def test_a_marker_that_cannot_be_written_is_said_once_and_tried_again(
     path = str(tmp_path / "missing" / "c.sock.restart")
     held: list[list[Any]] = []
     ledger = types.SimpleNamespace(fenced_state=lambda now: [], held_state=lambda: list(held),
-                                   late_state=lambda: [], started_state=lambda now: [],
-                                   hold_until=None)
+                                   late_state=lambda: [], dropped_state=lambda: [],
+                                   started_state=lambda now: [], hold_until=None)
     server = types.SimpleNamespace(ledger=ledger)
     loop = asyncio.new_event_loop()
     try:
