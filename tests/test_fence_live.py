@@ -37,11 +37,8 @@ with pool.connection(timeout=30) as conn:
     sys.stdin.readline()
 """
 
-_LIVE = _HOLDING + """
-    # Half a frame, then stopped: the coordinator ends the session (frame_timeout)
-    # while this process lives on, its connection open.
-    Client.for_path(sock)._sock.sendall(b"\\x00\\x00\\x00\\x10")
-    os.kill(os.getpid(), signal.SIGSTOP)
+#: Told to go on: uses its connection, says whether it still works, waits to be told to end.
+_THEN_USES = """
     sys.stdin.readline()
     try:
         conn.execute("SELECT 1")
@@ -50,6 +47,13 @@ _LIVE = _HOLDING + """
         print("broken", type(exc).__name__, flush=True)
     sys.stdin.readline()
 """
+
+_LIVE = _HOLDING + """
+    # Half a frame, then stopped: the coordinator ends the session (frame_timeout)
+    # while this process lives on, its connection open.
+    Client.for_path(sock)._sock.sendall(b"\\x00\\x00\\x00\\x10")
+    os.kill(os.getpid(), signal.SIGSTOP)
+""" + _THEN_USES
 
 
 @contextlib.contextmanager
@@ -236,14 +240,7 @@ _FLOODS = _HOLDING + """
             break
         client._send_quiet(report)
     print("dropped" if client.session_id is None else "not dropped", flush=True)
-    sys.stdin.readline()
-    try:
-        conn.execute("SELECT 1")
-        print("used", flush=True)
-    except psycopg.Error as exc:
-        print("broken", type(exc).__name__, flush=True)
-    sys.stdin.readline()
-"""
+""" + _THEN_USES
 
 
 @pytest.mark.parametrize("action", ["none", "terminate"])
