@@ -438,9 +438,9 @@ class Ledger:
         return f"no resource {brief(name)} (known: {known or 'none'})"
 
     def awaited_pids(self) -> set[int]:
-        """The processes whose leases were handed on from the previous
-        coordinator and are not re-registered yet: :meth:`tick` wants to
-        know which of them still run."""
+        """The processes whose leases are awaited (handed on from the previous
+        coordinator, or kept after their session ended) and not re-registered
+        yet: :meth:`tick` wants to know which of them still run."""
         return {awaited.pid for awaited in self._awaited.values()}
 
     def tick(self, now: float, running: Collection[int] = ()) -> list[Effect]:
