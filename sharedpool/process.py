@@ -83,11 +83,11 @@ EXIT_CONFIRM_MIN = 0.1
 
 def short_of(timeout: float, exit_timeout: float | None) -> str:
     """For a warning of connections still in use at exit: why ``timeout`` is
-    less than the exit's (pools released before this one waited for theirs)."""
+    less than the exit's (pools released before this one waited for theirs,
+    or the before_release hooks took it)."""
     if exit_timeout is None or timeout >= exit_timeout - 0.05:
         return ""
-    took = exit_timeout - timeout
-    return f" (of the exit's {exit_timeout:g}s, the pools released before it took {took:.1f}s)"
+    return f" (the exit's {exit_timeout:g}s: {exit_timeout - timeout:.1f}s spent before this pool)"
 
 
 def confirm_at_exit(confirm_timeout: float, deadline: float) -> float:

@@ -421,8 +421,8 @@ def test_an_exit_whose_time_an_earlier_pool_took_says_so_for_the_next(
     said = [m for m in child["said"] if "still in use" in m]
     assert len(said) == 2, child
     assert said[0].startswith("sharedpool: 'pg': 1 connection(s) still in use after 0.5s at exit: "), said
-    assert said[1].startswith("sharedpool: 'pg': 1 connection(s) still in use after 0.0s at exit (of the "
-                              "exit's 0.5s, the pools released before it took 0.5s): closed"), said
+    assert said[1].startswith("sharedpool: 'pg': 1 connection(s) still in use after 0.0s at exit (the "
+                              "exit's 0.5s: 0.5s spent before this pool): closed"), said
     assert wait_leased(sock_path, 0) == 0
     assert BackendSampler(app_name).count_now() == 0
 

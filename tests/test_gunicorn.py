@@ -711,7 +711,8 @@ def test_sighup_reread_says_a_changed_config_file_is_not_applied(tmp_path: Path)
         return CoordinatorConfig(socket_path=str(tmp_path / "s.sock"), resources={"r": 1},
                                  config_file=str(tmp_path / name))
 
-    assert gunicorn._changed_settings(config("a.toml"), config("b.toml")) == ["config_file changed"]
+    assert gunicorn._changed_settings(config("a.toml"), config("b.toml")) == [
+        f"config_file {str(tmp_path / 'a.toml')!r} -> {str(tmp_path / 'b.toml')!r}"]
     assert gunicorn._changed_settings(config("a.toml"), config("a.toml")) == []
 
 

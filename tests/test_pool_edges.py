@@ -2543,4 +2543,4 @@ def test_an_exit_whose_time_an_earlier_pool_took_warns_for_the_next(
     said = child["said"]
     assert len(said) == 2, child
     assert "after 0.4s" in said[0] and "(of the exit" not in said[0], said
-    assert said[1].endswith("after 0.0s (of the exit's 0.4s, the pools released before it took 0.4s)"), said
+    assert said[1].endswith("after 0.0s (the exit's 0.4s: 0.4s spent before this pool)"), said

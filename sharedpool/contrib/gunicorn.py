@@ -297,7 +297,9 @@ def _changed_settings(running: CoordinatorConfig, fresh: CoordinatorConfig) -> l
         elif diff := limits_changed(was, limits):
             out.append(f"{name}: " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in diff.items()))
     out += [f"resource {name!r} removed" for name in running.resources if name not in fresh.resources]
-    out += [f"{field} changed" for field in fixed_fields_changed(running, fresh) if field != "socket"]
+    # The file by name: a relative one re-read under --chdir is another path, not another file.
+    out += [f"config_file {running.config_file!r} -> {fresh.config_file!r}" if field == "config_file"
+            else f"{field} changed" for field in fixed_fields_changed(running, fresh) if field != "socket"]
     return out
 
 
