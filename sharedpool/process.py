@@ -85,7 +85,7 @@ def short_of(timeout: float, exit_timeout: float | None) -> str:
     """For a warning of connections still in use at exit: why ``timeout`` is
     less than the exit's (pools released before this one waited for theirs,
     or the before_release hooks took it)."""
-    if exit_timeout is None or timeout >= exit_timeout - 0.05:
+    if exit_timeout is None or timeout >= exit_timeout - 0.05:  # a few ms of closes: nothing to explain
         return ""
     return f" (the exit's {exit_timeout:g}s: {exit_timeout - timeout:.1f}s spent before this pool)"
 
@@ -119,13 +119,14 @@ def release_process(timeout: float = 5.0, *, wait_in_use: bool = True) -> None:
     one left less by those before it says so when it warns of connections
     still in use) for connections in use and for their servers to let go of
     those closed (:func:`confirm_at_exit`): a close still unconfirmed then
-    keeps its lease, and the process's session, until its server lets go. A session that a
-    :class:`~sharedpool.ConnectionPool` connection still in use then holds (its
-    lease) stays until that connection is closed. ``wait_in_use=False`` is for
-    a caller that knows no thread will check one in (an RQ work horse whose job
-    has returned): they are not waited for, the integrations' pools close them
-    at once and a ``ConnectionPool``'s keep their leases until the process
-    ends; ``timeout`` still bounds the closes and the session's end. Pools
+    keeps its lease, and the process's session, until its server lets go. A
+    session that a :class:`~sharedpool.ConnectionPool` connection still in
+    use then holds (its lease) stays until that connection is closed.
+    ``wait_in_use=False`` is for a caller that knows no thread will check one
+    in (an RQ work horse whose job has returned): they are not waited for,
+    the integrations' pools close them at once and a ``ConnectionPool``'s
+    keep their leases until the process ends; ``timeout`` still bounds the
+    closes and the session's end. Pools
     inherited across ``fork()`` release nothing of the parent's (I7). Hooks
     given to :func:`before_release` (the Django ENGINE's: this thread's Django
     connections) run first. Afterwards no lease is taken and a checkout raises
