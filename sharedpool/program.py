@@ -172,6 +172,9 @@ class EmbeddedCoordinator:
                  *, config: CoordinatorConfig | None = None, restart: bool = True,
                  log_level: str = "warning", start_timeout: float = 30.0, **options: Any) -> None:
         self.config = config_from_parts(socket_path, resources, config, options)
+        #: The config as made, in code; ``config`` is what it serves, which a
+        #: restart reads from its file again (see :func:`~sharedpool.config.reread`).
+        self.given = self.config
         self.restart, self.log_level, self.start_timeout = _run_settings(restart, log_level, start_timeout)
         self.restarts = 0
         self._owner = os.getpid()
@@ -200,8 +203,8 @@ class EmbeddedCoordinator:
         if self._proc is not None:
             raise SharedPoolError("move() a coordinator before starting it")
         # Given here, in code: a re-read of a config file keeps it (see beside_file).
-        self.config = dataclasses.replace(self.config, socket_path=socket_path,
-                                          beside_file=(*self.config.beside_file, "socket_path"))
+        self.config = self.given = dataclasses.replace(self.config, socket_path=socket_path,
+                                                       beside_file=(*self.config.beside_file, "socket_path"))
 
     def start(self) -> EmbeddedCoordinator:
         """Start the coordinator; return once it accepts sessions. Started again

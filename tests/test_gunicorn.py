@@ -748,6 +748,36 @@ def test_sighup_reread_says_a_changed_keyword_given_beside_config_file_is_not_ap
             leftover.stop()
 
 
+def test_sighup_after_a_coordinator_restart_says_only_what_the_config_changed(
+        tmp_path: Path, sock_path: str) -> None:
+    """``hooks(resources, config_file=...)``, the coordinator restarted after a crash
+    (it read the file, which sets more than the code), then a SIGHUP re-read that
+    changes only admin_uids: the file's settings were said to be changed too
+    ("resource 'extra' removed; hello_timeout changed"), compared with what the
+    restart read from the file instead of with the hooks() the master read."""
+    (tmp_path / "hello.py").write_text(_HELLO_APP)
+    (tmp_path / "sp.toml").write_text("[coordinator]\nhello_timeout = 5.0\n[resources]\nr = 1\nextra = 2\n")
+    conf = tmp_path / "gunicorn.conf.py"
+    template = ("from sharedpool.contrib.gunicorn import hooks\n"
+                "control_socket_disable = True\n"
+                "on_starting, post_fork, worker_exit, on_exit = hooks(resources={{'r': 1}}, "
+                f"socket={sock_path!r}, config_file={str(tmp_path / 'sp.toml')!r}, "
+                "log_level='info'{admin})\n")
+    conf.write_text(template.format(admin=""))
+    with _hello_under_gunicorn(tmp_path, conf) as (proc, log_path):
+        found = wait_for(lambda: re.search(r"sharedpool: coordinator pid (\d+) serving",
+                                           log_path.read_text()), 30, "the coordinator")
+        os.kill(int(found.group(1)), signal.SIGKILL)
+        wait_for(lambda: f"serving {sock_path}: r=1, extra=2" in log_path.read_text(), 30,
+                 "the coordinator restarted from its file")
+        conf.write_text(template.format(admin=f", admin_uids=[{os.getuid()}, 4242]"))
+        os.kill(proc.pid, signal.SIGHUP)
+        warned = wait_for(lambda: re.search(r"keeps its settings until gunicorn restarts .*",
+                                            log_path.read_text()), 30, "the re-read's warning")
+        text = log_path.read_text()[-3000:]
+        assert warned.group(0).endswith("changes a cap live): admin_uids changed"), text
+
+
 def test_sighup_reread_with_a_bad_limit_keeps_the_master(
         sock_path: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """A bad limit in a SIGHUP re-read is not applied (the coordinator keeps its

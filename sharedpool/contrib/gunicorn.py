@@ -161,7 +161,9 @@ def hooks(
             if embedded is None:
                 embedded = fresh
             else:  # a SIGHUP re-read: the running coordinator keeps its settings, said so
-                changes = _changed_settings(embedded.config, fresh.config)
+                # Code with code: a restart after a crash took embedded.config from the
+                # file, whose settings then read as changed by this unchanged config.
+                changes = _changed_settings(embedded.given, fresh.config)
                 if changes:
                     _gunicorn_log().warning(
                         "sharedpool: gunicorn reloaded its config, but the coordinator this master "
@@ -287,8 +289,9 @@ def _workers_shut_out(server: Any, config: CoordinatorConfig) -> str | None:
 
 
 def _changed_settings(running: CoordinatorConfig, fresh: CoordinatorConfig) -> list[str]:
-    """What a re-read config changes against the coordinator's: one entry per
-    resource added, removed or with other limits, and per other setting."""
+    """What a re-read config changes against the one the coordinator was made
+    with: one entry per resource added, removed or with other limits, and per
+    other setting."""
     out = []
     for name, limits in fresh.resources.items():
         was = running.resources.get(name)
