@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -70,6 +71,7 @@ class BackendSampler:
         self.samples = 0
         self.over: list[int] = []
         self._stop = threading.Event()
+        self._first = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
@@ -84,6 +86,7 @@ class BackendSampler:
                 n = int(row[0]) if row else 0
                 self.peak = max(self.peak, n)
                 self.samples += 1
+                self._first.set()
                 self._stop.wait(self.interval)
 
     def count_now(self) -> int:
@@ -97,6 +100,12 @@ class BackendSampler:
 
     def __enter__(self) -> BackendSampler:
         self._thread.start()
+        # Sampling from the block's start: a block over before the sampler's
+        # own connect was up (a busy machine) had no sample at all.
+        deadline = time.monotonic() + 30
+        while not self._first.wait(0.05):
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise AssertionError("the backend sampler took no sample (its thread's error above, if any)")
         return self
 
     def __exit__(self, *exc: object) -> None:
