@@ -116,19 +116,23 @@ class Ledger:
     # ------------------------------------------------------------- sessions
 
     def open_session(
-        self, pid: int, name: str, now: float, *, uid: int | None = None, held: list[Any] = ()  # type: ignore[assignment]
+        self, pid: int, name: str, now: float, *, uid: int | None = None, held: list[Any] = (),  # type: ignore[assignment]
+        grace: float = 0.0,
     ) -> tuple[int, list[Effect]]:
         """Register a process. ``held`` re-registers leases it kept across a
         coordinator restart: ``[resource, lease, token, state, backend_pid]``.
         They are accepted even beyond the cap (the connections exist); the cap
         then blocks grants until the resource is back under it. One that cannot
         be (its resource is gone, another process holds its id) is revoked: the
-        process is told to close its connection."""
+        process is told to close its connection. ``grace``: how long leases
+        awaited from another session of this process, none of which this hello
+        brought, stay counted (see :func:`.restart.settle_unbrought`)."""
         sid = next(self._session_ids)
         if len(name) > MAX_NAME:
             name = name[: MAX_NAME - 3] + "..."
         session = Session(sid, pid, name, uid, now)
         self.sessions[sid] = session
+        origins = restart.awaited_origins(self, pid)
         try:
             effects = restart.register_held(self, session, held, now)
         except BaseException:
@@ -136,8 +140,9 @@ class Ledger:
             # server never learns this sid, so no one would ever close it.
             self.close_session(sid, now)
             raise
+        brought = {origins[lease] for lease in session.leases if lease in origins}
         # What was awaited from this process and it did not bring back, it no longer has.
-        return sid, effects + restart.settle_unbrought(self, pid, now)
+        return sid, effects + restart.settle_unbrought(self, pid, now, brought, grace)
 
     def close_session(self, sid: int, now: float, ended: str | None = None,
                       grace: float | None = None) -> list[Effect]:
@@ -179,10 +184,8 @@ class Ledger:
                 # Freed after a delay (or a fence_action="terminate" on them),
                 # PostgreSQL would count them and their successors (I1).
                 awaited = self._awaited[fence] = Awaited(name, session.pid, ended,
-                                                         None if grace is None else now + grace)
-                until = restart.recheck_at(awaited, now)
-                if self.hold_until is not None:  # a hold lifts no awaited fence before its end
-                    until = max(until, self.hold_until + delay)
+                                                         None if grace is None else now + grace, sid)
+                until = restart.look_again_at(self, awaited, now, res)
                 for lease in leases:
                     del res.live[lease.id]
                     self._fence(res, Fenced(lease, session.pid, until, fence))

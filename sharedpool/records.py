@@ -178,6 +178,10 @@ class Awaited:
     #: while it runs). A session its process dropped: it was reconnecting (it
     #: re-registers them well within), or it no longer has their connections.
     until: float | None = None
+    #: the session they were counted for (None: handed on by a restart): a
+    #: hello of the same process that brings none of that session's leases
+    #: may be another ``Client`` of it (see :func:`.restart.settle_unbrought`)
+    session: int | None = None
 
 
 @dataclass(eq=False, slots=True)

@@ -22,6 +22,7 @@ Pure functions over a :class:`~sharedpool.ledger.Ledger`, which calls them.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
@@ -280,17 +281,39 @@ def _refused(sid: int, resource: Any, lease_id: Any, why: str) -> list[Effect]:
 # ------------------------------------------------------------- awaited leases
 
 
-def settle_unbrought(ledger: Ledger, pid: int, now: float) -> list[Effect]:
+def awaited_origins(ledger: Ledger, pid: int) -> dict[int, int | None]:
+    """Lease id -> the session it is awaited from (:attr:`Awaited.session`),
+    for every lease awaited as ``pid``'s."""
+    mine = {fence: awaited.session for fence, awaited in ledger._awaited.items() if awaited.pid == pid}
+    if not mine:
+        return {}
+    return {lease_id: mine[f.fence] for res in ledger.resources.values()
+            for lease_id, f in res.fenced.items() if f.fence in mine}
+
+
+def settle_unbrought(ledger: Ledger, pid: int, now: float, brought: Collection[int | None] = (),
+                     grace: float = 0.0) -> list[Effect]:
     """Leases awaited as ``pid``'s (handed on from the previous coordinator,
     or kept after its session ended) that its hello did not bring back: it
     no longer has them (closed while it had no session: that release never
     arrived). Fenced as a dead process's would be: they count until their
-    backends are seen gone."""
+    backends are seen gone. ``brought``: the sessions (:attr:`Awaited.session`)
+    the hello brought some leases of. Those of a session it brought none of
+    may be another ``Client``'s of the same process (made by hand beside the
+    pools' shared one) that has yet to reconnect: they stay counted for at
+    most ``grace`` seconds more."""
     effects: list[Effect] = []
     for fence, awaited in list(ledger._awaited.items()):
-        if awaited.pid == pid:
+        if awaited.pid != pid:
+            continue
+        if awaited.session is None or awaited.session in brought or grace <= 0:
             del ledger._awaited[fence]
             effects += settle_unclaimed(ledger, fence, awaited, now, running=())
+        elif awaited.until is None or awaited.until > now + grace:
+            bounded = ledger._awaited[fence] = dataclasses.replace(awaited, until=now + grace)
+            res = ledger.resources[awaited.resource]
+            for f in [f for f in res.fenced.values() if f.fence == fence]:
+                ledger._fence(res, Fenced(f.lease, pid, look_again_at(ledger, bounded, now, res), fence))
     return effects
 
 
@@ -310,6 +333,17 @@ def recheck_at(awaited: Awaited, now: float) -> float:
     if awaited.until is None:
         return now + ALIVE_RECHECK
     return min(now + DROPPED_RECHECK, awaited.until)
+
+
+def look_again_at(ledger: Ledger, awaited: Awaited, now: float, res: ResourceState) -> float:
+    """When awaited leases (of ``res``) are next looked at: :func:`recheck_at`,
+    but within a restart's hold not before it ends (it lifts no awaited fence)."""
+    at = recheck_at(awaited, now)
+    if ledger.hold_until is not None:
+        limits = res.limits
+        after = limits.fence_timeout if limits.monitor_dsn else limits.quarantine_delay
+        at = max(at, ledger.hold_until + after)
+    return at
 
 
 def settle_unclaimed(ledger: Ledger, fence: int, awaited: Awaited, now: float,

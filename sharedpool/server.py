@@ -385,7 +385,8 @@ class Server:
         if isinstance(msg, p.Hello):
             session.hello_done()
             new_sid, effects = ledger.open_session(
-                session.pid or msg.pid, msg.name, now, uid=session.uid, held=msg.held
+                session.pid or msg.pid, msg.name, now, uid=session.uid, held=msg.held,
+                grace=self.config.restart_grace,
             )
             session.sid = new_sid
             self.sessions[new_sid] = session

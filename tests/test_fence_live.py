@@ -322,3 +322,44 @@ def test_a_process_that_exits_after_dropping_its_session_gets_its_slot_back_prom
         probe.close()
     # The old code: ALIVE_RECHECK after the drop, ~0.9 s after the exit.
     assert took < 0.6, f"the exited process's slot came back only after {took:.2f}s"
+
+
+_TWO_CLIENTS = _HOLDING + """
+    # A Client made by hand beside the pool's shared one, holding a lease too.
+    mine = Client(sock, name="made by hand")
+    lease = mine.acquire("pg", timeout=30)
+    print("both", flush=True)
+    sys.stdin.readline()
+    # Half a frame on each session, then stopped: the coordinator ends both.
+    for client in (Client.for_path(sock), mine):
+        client._sock.sendall(b"\\x00\\x00\\x00\\x10")
+    os.kill(os.getpid(), signal.SIGSTOP)
+""" + _THEN_USES
+
+
+def test_two_clients_of_one_process_each_take_their_own_leases_back(
+        pg: str, start_coordinator: Any, sock_path: str, app_name: str,
+        caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -> None:
+    """Both sessions of a process ended while it ran; the first client to say
+    hello again brought only its own lease, and the other one's was taken as
+    closed: fenced, its slot was handed on once the fence ended even if that
+    client still had its connection. Now each client takes its own back."""
+    caplog.set_level(logging.INFO, logger="sharedpool")  # the coordinator logs at this level
+    start_coordinator({"pg": Resource(max_size=2, acquire_timeout=30)}, frame_timeout=0.3)
+    probe = Client(sock_path, name="probe")
+    try:
+        with live_process(sock_path, app_name, _TWO_CLIENTS) as (live, _):
+            tell(live, "go")
+            assert live.stdout is not None and live.stdout.readline().strip() == "both"
+            tell(live, "stop")
+            session_ended(probe, live.pid)
+            os.kill(live.pid, signal.SIGCONT)
+            wait_for(lambda: len(probe.inspect("leases", pid=live.pid)["leases"]) == 2, 10,
+                     "both clients to re-register their leases")
+            tell(live, "use")
+            assert live.stdout.readline().strip() == "used"
+            text = capfd.readouterr().err
+    finally:
+        probe.close()
+    assert f"ended (frame_timeout) while pid {live.pid} still runs" in text, text
+    assert "fence:" not in text, text

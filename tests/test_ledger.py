@@ -618,6 +618,58 @@ def test_a_session_its_live_process_dropped_is_kept_for_the_grace_only() -> None
     assert granted(lg.tick(T0 + 4.55)).session == b
 
 
+def test_a_hello_leaves_another_clients_awaited_leases_of_its_process_alone_for_the_grace() -> None:
+    """Two clients in one process (a Client made by hand beside the pools'
+    shared one) both lost their sessions. The first one's hello brought only
+    its own leases, and the other's were taken as closed: fenced, the slot
+    went to a waiter while that client still had its connection. Now they
+    stay counted for the grace, for that client to bring them back."""
+    lg = ledger(pg=Resource(3, quarantine_delay=0.05))
+    pools, mine, other = session(lg, pid=41), session(lg, pid=41), session(lg, pid=42)
+    theirs = granted(lg.acquire(pools, 1, "pg", T0)).lease
+    own = [granted(lg.acquire(mine, 1 + i, "pg", T0)).lease for i in range(2)]
+    assert queued(lg.acquire(other, 1, "pg", T0, timeout=60))
+    for sid, ended in ((pools, DROPPED), (mine, "not_reading")):  # a bound, or none
+        effects = lg.close_session(sid, T0 + 1, ended=ended, grace=1.5 if ended == DROPPED else None)
+        assert not of(StartFence, effects) and not of(Granted, effects)
+    # The hand-made client comes back first, with one of its two (it closed the other).
+    back, effects = lg.open_session(41, "w", T0 + 1.2, held=[["pg", own[0].id, own[0].token, IDLE, None]],
+                                    grace=1.5)
+    [closed] = of(StartFence, effects)
+    assert closed.leases == (own[1].id,) and not of(Granted, effects)
+    fenced = lg.resources["pg"].fenced
+    assert set(fenced) == {theirs.id, own[1].id}
+    # The closed one's slot goes to the waiter after its fence; the other stays counted.
+    effects = lg.tick(T0 + 1.3, running={41})
+    assert granted(effects).session == other and not of(StartFence, effects)
+    assert set(fenced) == {theirs.id}
+    # The pools' client, within the grace: its lease taken back.
+    again, effects = lg.open_session(41, "w", T0 + 1.4, held=[["pg", theirs.id, theirs.token, IDLE, None]],
+                                     grace=1.5)
+    assert effects == [] and set(lg.sessions[again].leases) == {theirs.id} and fenced == {}
+
+
+def test_leases_awaited_from_a_session_no_hello_brings_back_are_fenced_at_the_grace_end() -> None:
+    """A hello that brings none of a session's awaited leases bounds them (it
+    may be another client of the process): not back within the grace, they
+    are fenced though the process runs, as a late live process's. With no
+    grace (restart_grace = 0) they are fenced at once, as before."""
+    for grace in (1.5, 0.0):
+        lg = ledger(pg=Resource(1, quarantine_delay=0.05))
+        a, b = session(lg, pid=41), session(lg, pid=42)
+        lease = granted(lg.acquire(a, 1, "pg", T0)).lease
+        assert queued(lg.acquire(b, 1, "pg", T0, timeout=60))
+        assert lg.close_session(a, T0, ended="not_reading") == []  # counted while it runs
+        _, effects = lg.open_session(41, "other client", T0 + 1, grace=grace)
+        if grace:
+            assert effects == []
+            while (at := lg.next_deadline()) is not None and at < T0 + 2.5:
+                assert lg.tick(at, running={41}) == []
+            effects = lg.tick(T0 + 2.5, running={41})
+        [fence] = of(StartFence, effects)
+        assert (fence.leases, fence.terminate, fence.ended) == ((lease.id,), False, "not_reading")
+
+
 def test_a_process_that_drops_its_session_as_it_exits_gets_its_slots_back_promptly() -> None:
     """Python's finalizers close a client's socket outright at exit, before the
     kernel marks the process exiting: the coordinator reads it as a drop to
@@ -1599,6 +1651,9 @@ class LedgerMachine(RuleBasedStateMachine):
         self.away: dict[int, dict[int, tuple[str, int]]] = {}  # pid -> lease -> (resource, token)
         self.awaited: set[int] = set()  # fenced: handed on as held, awaited from their process
         self.bounds: dict[int, float] = {}  # awaited lease -> fenced then even if its process runs
+        #: awaited lease -> the session it is awaited from, or ("handed", bounded)
+        #: for one a restart handed on: the ledger fences by resource, pid and this
+        self.origin: dict[int, Any] = {}
         self.unclaimed: set[int] = set()  # fenced when a hold ended unclaimed (the process may be late)
         self.vanished: dict[int, float] = {}  # pids that died while away (never come back) -> when
         self.settled: dict[int, float] = {}  # lease -> when a look after the hold found its holder gone
@@ -1645,14 +1700,20 @@ class LedgerMachine(RuleBasedStateMachine):
         return limits.fence_timeout if limits.monitor_dsn else limits.quarantine_delay
 
     def awaited_groups(self, which: Callable[[tuple[str, float, int, int]], bool]
-                       ) -> dict[tuple[str, int], list[int]]:
-        """Awaited leases by (resource, pid), the groups the ledger fences by;
-        only groups with a lease ``which`` picks (all of a group go together)."""
-        groups: dict[tuple[str, int], list[int]] = {}
+                       ) -> dict[tuple[str, int, Any], list[int]]:
+        """Awaited leases by (resource, pid, origin), the groups the ledger
+        fences by; only groups with a lease ``which`` picks (all of a group go
+        together)."""
+        groups: dict[tuple[str, int, Any], list[int]] = {}
         for lid in self.awaited:
             f = self.fenced[lid]
-            groups.setdefault((f[0], f[2]), []).append(lid)
+            groups.setdefault((f[0], f[2], self.origin[lid]), []).append(lid)
         return {key: ids for key, ids in groups.items() if any(which(self.fenced[lid]) for lid in ids)}
+
+    def bounded_pids(self) -> set[int]:
+        """Processes with bounded awaited leases (looked at by their bound):
+        one may run on without them (it came back without them)."""
+        return {self.fenced[lid][2] for lid in self.awaited if lid in self.bounds}
 
     def kept(self, ids: list[int], pid: int) -> bool:
         """Whether awaited leases stay counted for their process at a look now:
@@ -1662,6 +1723,18 @@ class LedgerMachine(RuleBasedStateMachine):
     def recheck(self, ids: list[int]) -> float:
         bounds = [self.bounds[lid] for lid in ids if lid in self.bounds]
         return min(self.now + DROPPED_RECHECK, *bounds) if bounds else self.now + ALIVE_RECHECK
+
+    def bound_by_grace(self, ids: list[int], grace: float) -> None:
+        """A hello of their process brought none of these awaited leases (one
+        group): the ledger keeps them counted for ``grace`` more at most."""
+        bound = self.now + grace
+        if self.bounds.get(ids[0], math.inf) <= bound:
+            return  # bounded sooner already: left as it is
+        self.bounds.update(dict.fromkeys(ids, bound))
+        until = self.recheck(ids)
+        if self.hold is not None:  # a hold lifts no awaited fence before its end
+            until = max(until, self.hold + self.delay(self.limits(self.fenced[ids[0]][0])))
+        self.refence(ids, until)
 
     def refence(self, ids: list[int], until: float) -> None:
         for lid in ids:
@@ -1856,8 +1929,14 @@ class LedgerMachine(RuleBasedStateMachine):
         # A removed resource whose last leases the close freed (no fence delay)
         # is forgotten: what the process brings back of it is revoked.
         gone = {lid for r, lid, *_ in entries if r not in self.names()}
-        sid, effects = self.lg.open_session(pid, f"w{pid}", self.now, held=entries)
+        # Leases awaited from another session of the process (RestartMachine:
+        # a second client's): not brought, so kept for the grace at most.
+        others = self.awaited_groups(lambda f: f[2] == pid)
+        assert not any(isinstance(origin, tuple) for _, _, origin in others), others
+        sid, effects = self.lg.open_session(pid, f"w{pid}", self.now, held=entries, grace=1.5)
         self.sessions[sid] = pid
+        for ids in others.values():
+            self.bound_by_grace(ids, 1.5)
         for r, lid, token, _, _ in entries:
             if lid in gone:
                 event("reconnect: a lease of a forgotten resource revoked")
@@ -2025,7 +2104,7 @@ class LedgerMachine(RuleBasedStateMachine):
             # process's, for its fence delay from the hold's end at most; a
             # process still running (away) keeps its leases counted, looked
             # at again every ALIVE_RECHECK seconds.
-            for (r, pid), ids in self.awaited_groups(lambda f: True).items():
+            for (r, pid, _), ids in self.awaited_groups(lambda f: True).items():
                 if self.kept(ids, pid):
                     still.add((r, pid, len(ids)))
                     self.refence(ids, self.recheck(ids))
@@ -2040,7 +2119,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 event("restart hold ended with a process still away")
         elif self.hold is None:
             # Live holders looked at again: still running, kept; gone, fenced from now.
-            for (r, pid), ids in self.awaited_groups(lambda f: f[1] <= self.now).items():
+            for (r, pid, _), ids in self.awaited_groups(lambda f: f[1] <= self.now).items():
                 if self.kept(ids, pid):
                     self.refence(ids, self.recheck(ids))
                 else:
@@ -2057,7 +2136,7 @@ class LedgerMachine(RuleBasedStateMachine):
             self.unclaimed.discard(lid)
         # What the server finds running among the awaited pids: the processes away
         # (alive, not reconnected); one that came back reconnected, one that vanished died.
-        assert self.lg.awaited_pids() <= set(self.away) | set(self.vanished)
+        assert self.lg.awaited_pids() <= set(self.away) | set(self.vanished) | self.bounded_pids()
         effects = self.lg.tick(self.now, set(self.away) & self.lg.awaited_pids())
         fences = of(StartFence, effects)
         assert {(f.resource, f.pid, tuple(sorted(f.leases))) for f in fences} == unclaimed, effects
@@ -2316,6 +2395,7 @@ class RestartMachine(LedgerMachine):
         old_bounds = self.bounds
         self.sessions, self.held, self.outstanding = {}, {}, {}
         self.fenced, self.awaited, self.unclaimed, self.bounds = {}, set(), set(), {}
+        self.origin = {}
         self.over, self.giver = set(), None
         self.hold, self.grace_end = self.lg.hold_until, now + hold
         self.configured, self.removed = set(config), {}
@@ -2329,6 +2409,7 @@ class RestartMachine(LedgerMachine):
                         if lid in old_bounds and lid in old_awaited:  # dropped: the hold is its time
                             self.bounds[lid] = self.hold
                             event("restart: a dropped session's leases handed on with their bound")
+                        self.origin[lid] = ("handed", lid in self.bounds)
         if handed.get("fenced"):
             effects = self.lg.restore_fenced(handed["fenced"], now, handed.get("late", []))
             groups: dict[tuple[str, int, bool], list[int]] = {}
@@ -2366,28 +2447,38 @@ class RestartMachine(LedgerMachine):
         self.restart(data, True, grace, 1)
 
     @precondition(lambda self: self.away)
-    @rule(data=st.data())
-    def come_back(self, data: st.DataObject) -> None:
+    @rule(data=st.data(), grace=st.sampled_from([0.0, 1.5]))
+    def come_back(self, data: st.DataObject, grace: float) -> None:
         """A process that kept its connections across a restart reconnects and
         re-registers them, as the client's hello does (state idle, no backend
         pid), in the grace or late. A lease of a resource the new config does
-        not have is revoked: the process closes its connection."""
+        not have is revoked: the process closes its connection. ``grace``: the
+        server's restart_grace (see :meth:`second_client`)."""
         pid = data.draw(st.sampled_from(sorted(self.away)))
         mine = self.away.pop(pid)
         entries: list[list[Any]] = data.draw(st.permutations(
             [[r, lid, token, IDLE, None] for lid, (r, token) in sorted(mine.items())]))
         event("come back: in the grace" if self.hold is not None else "come back: late")
-        sid, effects = self.lg.open_session(pid, f"w{pid}", self.now, held=entries)
+        sid, effects = self.lg.open_session(pid, f"w{pid}", self.now, held=entries, grace=grace)
         self.sessions[sid] = pid
-        # Handed on as its own, not brought back (closed while away): fenced now.
+        # Handed on as its own, or of a session it brought some of, not brought
+        # back (closed while away): fenced now. Of a session it brought none of
+        # (all closed while away): bounded by the grace (another client's?).
         brought = {lid for _, lid, _, _, _ in entries}
-        dropped = {key: [lid for lid in ids if lid not in brought]
-                   for key, ids in self.awaited_groups(lambda f: f[2] == pid).items()}
-        dropped = {key: ids for key, ids in dropped.items() if ids}
+        groups = self.awaited_groups(lambda f: f[2] == pid)
+        origins = {origin for (_, _, origin), ids in groups.items() if set(ids) & brought}
+        dropped = {}
+        for key, ids in groups.items():
+            origin = key[2]
+            if grace > 0 and not isinstance(origin, tuple) and origin not in origins:
+                event("come back: none of a session's leases brought: bounded by the grace")
+                self.bound_by_grace(ids, grace)
+            elif left := [lid for lid in ids if lid not in brought]:
+                dropped[key] = left
         fences = of(StartFence, effects)
         assert {(f.resource, f.pid, tuple(sorted(f.leases))) for f in fences} == {
-            (r, p_, tuple(sorted(ids))) for (r, p_), ids in dropped.items()}, effects
-        for (r, _), ids in dropped.items():
+            (r, p_, tuple(sorted(ids))) for (r, p_, _), ids in dropped.items()}, effects
+        for (r, _, _), ids in dropped.items():
             event("come back: a lease closed while away fenced at the hello")
             self.refence(ids, self.now + self.delay(self.limits(r)))
             self.unclaimed |= set(ids)
@@ -2432,6 +2523,7 @@ class RestartMachine(LedgerMachine):
         for lid in sorted(lid for lid, (s, _, _) in self.held.items() if s == sid):
             _, r, token = self.held.pop(lid)
             until = self.now + ALIVE_RECHECK
+            self.bounds.pop(lid, None)  # an earlier time away's, if any
             if grace is not None:  # looked at often: a process at exit drops its session too
                 self.bounds[lid] = self.now + grace
                 until = min(self.now + DROPPED_RECHECK, self.bounds[lid])
@@ -2440,6 +2532,7 @@ class RestartMachine(LedgerMachine):
             mine[lid] = (r, token)
             self.fenced[lid] = (r, until, pid, token)
             self.awaited.add(lid)
+            self.origin[lid] = sid
         event("end session: leases awaited from the live process" if mine else "end session: none held")
         for key in [k for k in self.outstanding if k[0] == sid]:
             del self.outstanding[key]
@@ -2457,11 +2550,43 @@ class RestartMachine(LedgerMachine):
         lid = data.draw(st.sampled_from(sorted(self.away[pid])))
         del self.away[pid][lid]
 
-    @precondition(lambda self: self.away)
+    @precondition(lambda self: any(self.second_clients()))
+    @rule(data=st.data())
+    def second_client(self, data: st.DataObject) -> None:
+        """Another ``Client`` of a process whose leases are awaited from a
+        session that ended while it ran (one made by hand beside the pools'
+        shared one) connects first, with none of them: they stay counted, for
+        restart_grace more at most, for the client that has them to come back
+        (``come_back``). (Leases a restart handed on have no session to tell
+        clients apart: the first hello speaks for all of them, as the README
+        says; not drawn here.)"""
+        pid = data.draw(st.sampled_from(self.second_clients()))
+        groups = self.awaited_groups(lambda f: f[2] == pid)
+        sid, effects = self.lg.open_session(pid, f"w{pid}b", self.now, grace=1.5)
+        assert effects == [], effects
+        event("second client: another session's awaited leases bounded")
+        for ids in groups.values():
+            self.bound_by_grace(ids, 1.5)
+        self.sessions[sid] = pid
+
+    def second_clients(self) -> list[int]:
+        """Processes away whose awaited leases all come from their sessions."""
+        pids = {self.fenced[lid][2] for lid in self.awaited}
+        return sorted(pid for pid in pids if pid in self.away and not any(
+            isinstance(self.origin[lid], tuple) for lid in self.awaited if self.fenced[lid][2] == pid))
+
+    def dying(self) -> list[int]:
+        """Processes away that may die: none with a session open (a session
+        closed after its process died would be fenced later than the model's
+        bounds on a dead process's leases allow)."""
+        live = set(self.sessions.values())
+        return sorted(pid for pid in self.away if pid not in live)
+
+    @precondition(lambda self: self.dying())
     @rule(data=st.data())
     def vanish(self, data: st.DataObject) -> None:
         """A process dies before it reconnects: it never comes back."""
-        self.vanish_pid(data.draw(st.sampled_from(sorted(self.away))))
+        self.vanish_pid(data.draw(st.sampled_from(self.dying())))
 
     def vanish_pid(self, pid: int) -> None:
         del self.away[pid]
@@ -2474,7 +2599,7 @@ class RestartMachine(LedgerMachine):
         had not re-registered) dies: at the next look they are fenced. Rare
         among ``vanish``'s draws, so made a rule of its own."""
         pid = data.draw(st.sampled_from(sorted({self.fenced[lid][2] for lid in self.awaited})))
-        if pid in self.away:
+        if pid in self.dying():
             self.vanish_pid(pid)
             self.now += ALIVE_RECHECK
             self.advance()
@@ -2500,7 +2625,7 @@ class RestartMachine(LedgerMachine):
         assert self.awaited <= set(self.fenced)
         if self.hold is None:  # after the hold, awaited only from processes running when last looked at
             assert all(self.fenced[lid][2] in self.away or self.fenced[lid][2] in self.vanished
-                       for lid in self.awaited)
+                       or lid in self.bounds for lid in self.awaited)
         # The ledger tells a fence awaited from a running process (handed on as
         # held), one settled late, and a dead session's apart as the model does.
         fenced = {lid for res in lg.resources.values() for lid in res.fenced}
