@@ -495,8 +495,14 @@ class Client(Owed, Hooks):
             self._after_fork()
         self._closed = True
         self._notify()
-        sock = self._sock
-        kept = None if sock is None else goodbye.keep(sock)
+        # Read and dup'd under the lock _disconnect takes it out under (it closes
+        # it only then): a close() on another thread (two watchers giving a closed
+        # pool's last leases back, each ending the session) closed it between the
+        # dup's fileno() and dup(), and the number dup'd and shut for writing was
+        # by then another socket's (another client's, mid-hello: hung up on).
+        with self._cond:
+            sock = self._sock
+            kept = None if sock is None else goodbye.keep(sock)
         try:
             self._disconnect("client closed", retry=False)
             self._fail_all(CoordinatorUnavailable("client closed"))

@@ -5,6 +5,7 @@ in with the welcome. Each test failed before its fix."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import random
@@ -925,3 +926,63 @@ def test_close_waits_its_timeout_in_all_with_a_frame_going_out(
         os.kill(coord.pid, signal.SIGCONT)
         sender.join(10)
     assert took < 2.9, f"close(timeout=2.0) took {took:.2f}s (was 3.5 s)"
+
+
+def test_two_closes_at_once_never_shut_another_socket(
+        start_coordinator: Any, sock_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two threads closed one client at once (two watchers each giving a closed
+    pool's last lease back, then ending the session): one took the session
+    socket's fd number for its goodbye's dup, the other closed that socket, and
+    the number, given meanwhile to another thread's new socket (a second
+    client's, mid-hello), was dup'd and shut for writing: the coordinator hung
+    up on that hello. Here the first close stops inside the dup, the number
+    taken, until new sockets are made; none of them may be shut."""
+    start_coordinator({"r": 1})
+    client = Client(sock_path)
+    assert client.ensure_connected()
+    assert client._sock is not None
+    fd, ino = client._sock.fileno(), os.fstat(client._sock.fileno()).st_ino
+    inside, go = threading.Event(), threading.Event()
+    real_dup = socket.dup
+
+    def dup(number: int) -> int:  # socket.socket.dup(): dup(self.fileno())
+        if threading.current_thread().name == "first-close":
+            inside.set()
+            go.wait(5)
+        return real_dup(number)
+
+    monkeypatch.setattr(socket, "dup", dup)
+    first = threading.Thread(target=client.close, name="first-close", daemon=True)
+    second = threading.Thread(target=client.close, daemon=True)
+    pairs: list[tuple[socket.socket, socket.socket]] = []
+    try:
+        first.start()
+        assert inside.wait(5)
+        second.start()
+        deadline = time.monotonic() + 1.0  # until the second close lets the number go (it did)
+        while time.monotonic() < deadline:
+            try:
+                if os.fstat(fd).st_ino != ino:
+                    break
+            except OSError:
+                break
+            time.sleep(0.01)
+        for _ in range(32):  # new sockets, until one has the number (the lowest free)
+            pairs.append(socket.socketpair())
+            if fd in (pairs[-1][0].fileno(), pairs[-1][1].fileno()):
+                break
+        go.set()
+        first.join(5)
+        second.join(5)
+        shut = []
+        for a, b in pairs:  # nothing shut them: no end of file on either end
+            for end in (a, b):
+                end.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    shut += [end.fileno()] if end.recv(1) == b"" else []
+        assert not shut, f"the close's goodbye shut other sockets (fd {shut}): the number was reused"
+    finally:
+        go.set()
+        for a, b in pairs:
+            a.close()
+            b.close()
