@@ -62,6 +62,23 @@ def register(pool: _Releasable) -> None:
     _POOLS.add(pool)
 
 
+def held_connections() -> dict[str, int]:
+    """How many connections this process's pools hold now, by resource (the
+    dups of their sockets kept for closing them not counted). For a server
+    that starts its coordinator after the app was imported: any held then were
+    opened before it, without a lease."""
+    held: dict[str, int] = {}
+    for pool in list(_POOLS):
+        try:
+            conns = [c for c in pool.connections_at_fork() if not isinstance(c, socket.socket)]
+        except Exception:  # noqa: BLE001 - a count for a warning: one pool must not fail it
+            continue
+        if conns:
+            resource = str(getattr(pool, "resource", "?"))
+            held[resource] = held.get(resource, 0) + len(conns)
+    return held
+
+
 #: Run first by release_process(): a host library's own hold on a checkout
 #: (Django's connection of the request being cut short) let go of.
 _BEFORE_RELEASE: list[Callable[[], None]] = []

@@ -216,6 +216,50 @@ def test_worker_without_resources_or_coordinator_fails_clearly(sock_path: str) -
         state.disconnect()
 
 
+def test_a_query_at_import_in_the_worker_parent_is_said_to_be_outside_the_cap(
+        sock_path: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A tasks module that queries at import (create_all(), reflection) opens a
+    # connection in the worker's main process before worker_init starts the
+    # coordinator: unleased, kept idle for the worker's whole life, and counted by
+    # PostgreSQL beside the children's cap (a trial: 4 backends at a cap of 3).
+    # The only line about it was the import's "no coordinator" warning.
+    import logging
+    import sqlite3
+
+    from celery import Celery
+
+    from sharedpool import ConnectionPool, PoolConfig
+    from sharedpool.config import SOCKET_ENV
+    from sharedpool.contrib.celery import setup
+
+    monkeypatch.delenv(SOCKET_ENV, raising=False)
+    resource = f"imp-{uuid.uuid4().hex[:8]}"  # other tests' pools in this process: not counted
+    app = Celery("sp-test-import-query")
+    state = setup(app, resources={resource: 2, "idle": 1}, socket=sock_path)
+    worker = type("Worker", (), {"app": app})()
+    pool = ConnectionPool(lambda: sqlite3.connect(":memory:", check_same_thread=False),
+                          PoolConfig(min_size=0, max_size=2), resource=resource)
+    unused = ConnectionPool(lambda: sqlite3.connect(":memory:", check_same_thread=False),
+                            PoolConfig(min_size=0, max_size=2), resource="idle")
+    try:
+        with pool.connection() as conn:  # the query at import: no coordinator yet
+            conn.execute("SELECT 1")
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="sharedpool"):
+            state.worker_init(sender=worker)
+            state.worker_ready(sender=worker)
+        warned = [r for r in caplog.records
+                  if r.levelno == logging.WARNING and "opened before its coordinator" in r.getMessage()]
+        assert len(warned) == 1, caplog.text
+        said = warned[0].getMessage()
+        assert f"1 of {resource!r}" in said and "'idle'" not in said and "engine.dispose()" in said, said
+    finally:
+        unused.close()
+        pool.close()
+        state.worker_shutdown(sender=worker)
+        state.disconnect()
+
+
 _FAILING_APP = """
 from celery import Celery
 from sharedpool.contrib.celery import setup

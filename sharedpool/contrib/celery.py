@@ -46,6 +46,7 @@ except ImportError as missing:
 
 from ..config import SOCKET_ENV, check_seconds, check_socket_path
 from ..errors import ConfigError, SharedPoolError
+from ..process import held_connections
 from ._embedded import (
     EmbeddedCoordinator,
     EmbeddedStartError,
@@ -76,6 +77,9 @@ class CelerySharedPool:
     #: What worker_init had to say; logged again at worker_ready (celery's logging
     #: is not set up yet at worker_init, so an info line there is dropped).
     started_line: str | None = None
+    #: Connections this process opened before the coordinator we started (a query
+    #: at import time): not leased, so beyond the cap. Logged at worker_ready.
+    unleased_line: str | None = None
 
     @property
     def socket_path(self) -> str | None:
@@ -120,14 +124,34 @@ class CelerySharedPool:
                                for n, r in self.embedded.config.resources.items())
             self.started_line = f"sharedpool: coordinator pid {self.embedded.pid} serving {path} ({limits})"
             log.info("%s", self.started_line)
+            self._check_unleased()
         # Pools made at import time (before this) read the socket when they first
         # open a connection, so they lease from this coordinator too.
         os.environ[SOCKET_ENV] = path
         self.socket = path
 
+    def _check_unleased(self) -> None:
+        # Logged at worker_ready, once celery's logging is up (as started_line).
+        # Nothing could lease from the coordinator we have just started: whatever
+        # the pools hold now was opened at import (create_all(), reflection, a
+        # settings query) without a lease. The parent keeps it, idle, for the
+        # worker's whole life, and PostgreSQL counts it beside the children's cap.
+        held = held_connections()
+        if held:
+            counts = ", ".join(f"{n} of {r!r}" for r, n in sorted(held.items()))
+            self.unleased_line = (
+                f"sharedpool: the worker's main process holds connections opened before its "
+                f"coordinator started ({counts}), e.g. by a query at import time: they hold no "
+                "lease, so PostgreSQL counts them beyond the cap for as long as they stay open; "
+                "run no query at import, or close them after it (engine.dispose(), pool.close())")
+
     def worker_ready(self, sender: Any = None, **_: Any) -> None:
-        if getattr(sender, "app", self.app) is self.app and self.started_line:
+        if getattr(sender, "app", self.app) is not self.app:
+            return
+        if self.started_line:
             log.info("%s", self.started_line)
+        if self.unleased_line:
+            log.warning("%s", self.unleased_line)
 
     def worker_process_init(self, **_: Any) -> None:
         if self.socket is not None:
