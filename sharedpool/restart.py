@@ -12,7 +12,8 @@
   (:func:`register_held`): its own leases are moved to its new session,
   others accepted even beyond the cap; what it cannot have is revoked. What
   was awaited from it and it did not bring back is fenced as a dead
-  process's (:func:`settle_unbrought`).
+  process's, but for the leases of an ended session it brought none of
+  (another client's): kept for the grace more (:func:`settle_unbrought`).
 * The hold's end: awaited leases not re-registered are fenced as a dead
   process's if it is gone, or kept counted for it while it still runs
   (:func:`settle_unclaimed`; which run is passed in, as the time is).
