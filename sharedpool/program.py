@@ -49,6 +49,7 @@ from .config import (
 )
 from .coordinator import CoordinatorRunning
 from .errors import ConfigError, SharedPoolError
+from .marker import marker_path, remove_marker
 from .readable import cooperative
 
 log = logging.getLogger("sharedpool.program")
@@ -83,9 +84,16 @@ class CoordinatorStartError(SharedPoolError, OSError):
     ``errno`` and ``strerror`` are the child's."""
 
 
+#: Paths :func:`private_socket_path` made: no coordinator starts on one once its
+#: owner is gone, so a restart marker left there would never be read.
+_PRIVATE_PATHS: set[str] = set()
+
+
 def private_socket_path(prefix: str) -> str:
     """A fresh socket path for one server's coordinator, in the per-user runtime dir."""
-    return runtime_socket_path(f"{prefix}-{os.getpid()}-{secrets.token_hex(3)}.sock")
+    path = runtime_socket_path(f"{prefix}-{os.getpid()}-{secrets.token_hex(3)}.sock")
+    _PRIVATE_PATHS.add(path)
+    return path
 
 
 def coordinator_listening(path: str, timeout: float = 1.0) -> bool:
@@ -271,7 +279,8 @@ class EmbeddedCoordinator:
     def _spawn(self) -> tuple[subprocess.Popen[bytes], int]:
         """Start the program; return it and the write end of its lifeline (raw fds
         only: a forked child closes its copy without touching any lock)."""
-        payload = json.dumps({**dataclasses.asdict(self.config), "log_level": self.log_level})
+        payload = json.dumps({**dataclasses.asdict(self.config), "log_level": self.log_level,
+                              "private": self.config.socket_path in _PRIVATE_PATHS})
         python = _python()
         with _SPAWNING:  # no fork of this process meanwhile: see _SPAWNING
             ready_r, ready_w = os.pipe()  # both close-on-exec; pass_fds hands ready_w over
@@ -565,6 +574,7 @@ def _child_main() -> None:
             sys.exit("sharedpool-coordinator: no configuration on stdin")
         chunks.append(chunk)
     data = json.loads(b"".join(chunks).partition(b"\n")[0])
+    private, owner = data.pop("private", False), os.getppid()
     logging.basicConfig(
         level=data.pop("log_level", "WARNING"), stream=sys.stderr,
         format="%(asctime)s [%(process)d] [sharedpool-coordinator] %(levelname)s %(message)s")
@@ -593,6 +603,13 @@ def _child_main() -> None:
     try:
         config = CoordinatorConfig(**data)
         run(config, ready=lambda: report({"ok": os.getpid()}))
+        if private and os.getppid() != owner:
+            # Stopped because its owner died (a SIGKILLed celery or gunicorn
+            # master): nothing starts on a private path again, and the marker
+            # handing on what was still out would stay in the runtime dir for good.
+            remove_marker(marker_path(config.socket_path))
+            log.info("the owner of %s is gone: its restart marker removed (no coordinator "
+                     "starts on this private path again)", config.socket_path)
     except ConfigError as exc:
         report({"type": "ConfigError", "field": exc.field, "detail": exc.detail,
                 "error": str(exc)})

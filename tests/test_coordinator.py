@@ -539,6 +539,49 @@ def test_coordinator_stops_when_its_owner_is_killed(sock_path: str) -> None:
             owner.wait(10)
 
 
+_OWNER_OF = """
+import sys, time
+from sharedpool.program import EmbeddedCoordinator, private_socket_path
+path = private_socket_path("test") if sys.argv[1] == "private" else sys.argv[2]
+coordinator = EmbeddedCoordinator(path, {"r": 1}).start()
+print(coordinator.pid, path, flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("path", ["private", "given"])
+def test_an_owner_killed_leaves_a_restart_marker_only_where_a_coordinator_may_start_again(
+        tmp_path: Any, path: str) -> None:
+    """A SIGKILLed celery or gunicorn master: its coordinator stops on its
+    lifeline, handing on the leases still out in a restart marker. On a
+    private path (made for that master, never used again) the marker stayed
+    in the runtime directory for good; on a path given, the next coordinator
+    started there reads it (I4)."""
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)}
+    given = str(tmp_path / "given.sock")
+    owner = subprocess.Popen([sys.executable, "-c", _OWNER_OF, path, given], stdout=subprocess.PIPE,
+                             text=True, env=env)
+    c = None
+    try:
+        assert owner.stdout is not None
+        pid, sock = owner.stdout.readline().split()
+        assert sock.startswith(str(tmp_path)) and (sock == given) == (path == "given")
+        c = Client(sock)
+        assert c.acquire("r", timeout=5)  # held: the stop hands it on
+        owner.kill()
+        owner.wait(10)
+        wait_for(lambda: not psutil.pid_exists(int(pid)) or psutil.Process(int(pid)).status() == "zombie",
+                 timeout=10, what="the coordinator to follow its owner")
+        assert not os.path.exists(sock)
+        assert os.path.exists(sock + ".restart") == (path == "given")
+    finally:
+        if c is not None:
+            c.close(timeout=0)
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait(10)
+
+
 _OWNER_INTERRUPTED = """
 import sys
 from sharedpool import Coordinator
