@@ -16,6 +16,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import sys
 import termios
 import threading
@@ -67,8 +68,42 @@ class BadConfig(Failed):
     exit_code = 2
 
 
-def _unavailable(path: str, why: object) -> NoReturn:
-    raise Failed(f"no coordinator at {path}: {why}; start one with `sharedpool serve`")
+#: At most this many other coordinators are named when the default path has none.
+_NEARBY_NAMED = 5
+
+
+def _unavailable(path: str, why: object, default: bool = False) -> NoReturn:
+    """``default``: ``path`` is the default one (no --socket, no $SHAREDPOOL_SOCKET):
+    the coordinators listening beside it are named (a gunicorn or celery master's
+    own, ``celery-<pid>-<hex>.sock``, logged at info only, which celery's default
+    log level leaves out)."""
+    nearby = _listening_beside(path) if default else []
+    also = f", or give --socket: {', '.join(nearby)} accepts connections" if nearby else ""
+    raise Failed(f"no coordinator at {path}: {why}; start one with `sharedpool serve`{also}")
+
+
+def _listening_beside(path: str) -> list[str]:
+    """Other sockets in ``path``'s directory that accept connections (a few)."""
+    from .program import coordinator_listening
+
+    folder = os.path.dirname(path)
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        other = os.path.join(folder, name)
+        try:
+            if other == path or not stat.S_ISSOCK(os.lstat(other).st_mode):
+                continue
+        except OSError:
+            continue
+        if coordinator_listening(other, timeout=0.5):
+            found.append(other)
+            if len(found) == _NEARBY_NAMED:
+                break
+    return found
 
 
 def _unusable(path: str, exc: Exception) -> NoReturn:
@@ -112,7 +147,8 @@ def connect(socket_path: str | None) -> Iterator[Client]:
         if (kind := not_a_socket(path)) is not None:  # a --socket naming the config file, its directory
             raise Failed(f"no coordinator at {path}: it is {kind}, not a socket; give the "
                          "coordinator's socket path") from None
-        _unavailable(path, exc.strerror or exc)
+        default = socket_path is None and not os.environ.get(SOCKET_ENV)
+        _unavailable(path, exc.strerror or exc, default)
     except BlockingIOError:
         pass  # its queue of new connections is full: the client waits for room, within its timeout
     except PermissionError as exc:  # a directory on the way, or the socket, is not ours to use

@@ -1334,6 +1334,35 @@ def test_default_socket_falls_back_to_the_tmp_one_a_service_would_use(
     assert cli._default_path() == str(tmp_path / "given.sock")
 
 
+def test_no_coordinator_at_the_default_path_names_those_listening_beside_it(
+        tmp_path: Path, start_coordinator: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A celery or gunicorn master's own coordinator is at a path of its making
+    (celery-<pid>-<hex>.sock), logged at info only: celery's default log level
+    leaves the line out, and `sharedpool status` said only that the default
+    path had nothing (a trial user could not find it)."""
+    from click.testing import CliRunner
+
+    from sharedpool import cli as cli_module
+    from sharedpool.cli import cli
+
+    runtime = tmp_path / "r"  # short: a socket path has 107 bytes at most
+    folder = runtime / "sharedpool"
+    folder.mkdir(parents=True, mode=0o700)
+    private = folder / "celery-9-ab.sock"
+    start_coordinator({"pg": 2}, str(private))
+    (folder / "dead-1-000000.sock").write_text("")  # not a socket: not named
+    monkeypatch.delenv("SHAREDPOOL_SOCKET", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    monkeypatch.setattr(cli_module, "tmp_socket_path", lambda: str(tmp_path / "none" / "sharedpool.sock"))
+    out = CliRunner().invoke(cli, ["status"])
+    assert out.exit_code == 1, out.output
+    assert f"no coordinator at {folder / 'sharedpool.sock'}" in out.output, out.output
+    assert f"or give --socket: {private} accepts connections" in out.output, out.output
+    assert "dead-1" not in out.output
+    given = CliRunner().invoke(cli, ["status", "--socket", str(folder / "sharedpool.sock")])
+    assert given.exit_code == 1 and str(private) not in given.output, given.output  # one given: only it
+
+
 @pytest.mark.parametrize(("args", "name"), [
     (["demo", "--seconds", "nan"], "--seconds"),  # (inf would run for ever where it is taken)
     (["top", "--interval", "nan"], "--interval"),
