@@ -50,6 +50,7 @@ from .config import (
 from .coordinator import CoordinatorRunning
 from .errors import ConfigError, SharedPoolError
 from .marker import marker_path, remove_marker
+from .peers import holder_alive
 from .readable import cooperative
 
 log = logging.getLogger("sharedpool.program")
@@ -87,6 +88,12 @@ class CoordinatorStartError(SharedPoolError, OSError):
 #: Paths :func:`private_socket_path` made: no coordinator starts on one once its
 #: owner is gone, so a restart marker left there would never be read.
 _PRIVATE_PATHS: set[str] = set()
+
+
+def hand_on_socket_path(path: str) -> None:
+    """``path`` is given to a successor (a gunicorn USR2 master): no longer
+    private, its restart marker stays for the successor's coordinator."""
+    _PRIVATE_PATHS.discard(path)
 
 
 def private_socket_path(prefix: str) -> str:
@@ -603,7 +610,8 @@ def _child_main() -> None:
     try:
         config = CoordinatorConfig(**data)
         run(config, ready=lambda: report({"ok": os.getpid()}))
-        if private and os.getppid() != owner:
+        # Its exit begun (PF_EXITING), the owner may not have handed us to init yet.
+        if private and (os.getppid() != owner or not holder_alive(owner, time.time())):
             # Stopped because its owner died (a SIGKILLed celery or gunicorn
             # master): nothing starts on a private path again, and the marker
             # handing on what was still out would stay in the runtime dir for good.

@@ -922,3 +922,24 @@ def test_what_a_sighup_reread_does_not_apply_is_said_in_gunicorns_error_log(
         assert "keeps its settings" not in log_path.read_text()
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(30) == 0
+
+
+def test_usr2_handed_path_keeps_its_restart_marker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A private path gunicorn hands on to a USR2 successor (env_orig) is no
+    longer private: if this master is SIGKILLed, the successor starts its
+    coordinator there and must read the restart marker, so the stopped
+    coordinator must not remove it."""
+    from sharedpool.contrib.gunicorn import hooks
+    from sharedpool.program import _PRIVATE_PATHS
+
+    monkeypatch.delenv("SHAREDPOOL_SOCKET", raising=False)
+    monkeypatch.delenv("GUNICORN_PID", raising=False)
+    master = _FakeMaster()
+    on_starting, _, _, on_exit = hooks(resources={"r": 1})
+    try:
+        on_starting(master)
+        path = master.cfg.env_orig["SHAREDPOOL_SOCKET"]
+        assert path not in _PRIVATE_PATHS
+    finally:
+        on_exit(master)
+        os.environ.pop("SHAREDPOOL_SOCKET", None)

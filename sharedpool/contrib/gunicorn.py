@@ -63,6 +63,7 @@ from typing import Any, NamedTuple
 from ..admin import fixed_fields_changed, limits_changed
 from ..config import SOCKET_ENV, CoordinatorConfig, check_seconds, check_socket_path
 from ..errors import ConfigError, SharedPoolError
+from ..program import hand_on_socket_path
 from ._embedded import (
     EmbeddedCoordinator,
     EmbeddedStartError,
@@ -187,6 +188,10 @@ def hooks(
         env_orig = getattr(getattr(server, "cfg", None), "env_orig", None)
         if isinstance(env_orig, dict):
             env_orig[SOCKET_ENV] = path
+            # A USR2 successor starts its coordinator on this path once ours
+            # stops, even when this master is SIGKILLed: the restart marker
+            # must stay for it to read (not a private path any more).
+            hand_on_socket_path(path)
         if path in _EMBEDDED:
             return
         if coordinator_listening(path):
