@@ -2770,15 +2770,9 @@ class _Drawn:
         return self.values.pop(0)
 
 
-def test_restart_machine_a_fence_from_before_its_process_died_is_its_own(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """The restart state machine's shrunk case, replayed without hypothesis. A
-    process reconnects before its old session is noticed gone: the re-registration
-    frees the old session's max_per_process slot, its queued acquire is granted
-    (into a dead socket) and fenced when it closes, a dead session's lease of a
-    process that runs on. A clean stop hands it on with the time it has left;
-    the process then dies, never back. That fence is neither awaited nor settled
-    late, and it need not be: it ends at its own time, which the stop kept."""
+def _replayed(monkeypatch: pytest.MonkeyPatch) -> tuple[RestartMachine, Callable[..., None]]:
+    """A RestartMachine to replay a case by hand, and ``step``: a rule (or
+    helper) called, then the machine's checks, as hypothesis runs them."""
     monkeypatch.setitem(globals(), "event", lambda *a, **k: None)  # outside a hypothesis run
     m = RestartMachine()
 
@@ -2788,6 +2782,20 @@ def test_restart_machine_a_fence_from_before_its_process_died_is_its_own(
                       m.no_lease_lost_or_duplicated, m.peak_is_never_below_leased,
                       m.waiters_are_served_when_there_is_room):
             check()
+
+    return m, step
+
+
+def test_restart_machine_a_fence_from_before_its_process_died_is_its_own(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The restart state machine's shrunk case, replayed without hypothesis. A
+    process reconnects before its old session is noticed gone: the re-registration
+    frees the old session's max_per_process slot, its queued acquire is granted
+    (into a dead socket) and fenced when it closes, a dead session's lease of a
+    process that runs on. A clean stop hands it on with the time it has left;
+    the process then dies, never back. That fence is neither awaited nor settled
+    late, and it need not be: it ends at its own time, which the stop kept."""
+    m, step = _replayed(monkeypatch)
 
     step(m.setup, [Resource(3, max_per_process=1, quarantine_delay=0.1, fence_timeout=0.2)], 1)
     step(m.acquire_one, 1, "r0", None)  # lease 1
@@ -2813,14 +2821,7 @@ def test_restart_machine_two_clients_of_one_process_each_bring_their_own(
     two sessions' leases away): both sessions of one process ended while it
     ran; one client brings its lease back, the other's stays counted for it
     (looked at as the process runs) and is taken back within the grace."""
-    monkeypatch.setitem(globals(), "event", lambda *a, **k: None)  # outside a hypothesis run
-    m = RestartMachine()
-
-    def step(call: Callable[..., Any], *args: Any, **kw: Any) -> None:
-        call(*args, **kw)
-        for check in (m.ledger_matches_the_model, m.cap_holds, m.no_lease_lost_or_duplicated,
-                      m.waiters_are_served_when_there_is_room):
-            check()
+    m, step = _replayed(monkeypatch)
 
     step(m.setup, [Resource(3, quarantine_delay=0.1)], 1)
     step(m.acquire_one, 1, "r0", None)  # lease 1, the pools' client's
@@ -2846,14 +2847,7 @@ def test_restart_machine_a_process_back_without_its_leases_is_looked_at_once_mor
     in the model: taken as gone) settles it in the model before the ledger's
     tick, which was then asked about a pid neither away, vanished nor (any
     more) bounded: the model's check failed, the ledger was right."""
-    monkeypatch.setitem(globals(), "event", lambda *a, **k: None)  # outside a hypothesis run
-    m = RestartMachine()
-
-    def step(call: Callable[..., Any], *args: Any, **kw: Any) -> None:
-        call(*args, **kw)
-        for check in (m.ledger_matches_the_model, m.cap_holds, m.no_lease_lost_or_duplicated,
-                      m.waiters_are_served_when_there_is_room):
-            check()
+    m, step = _replayed(monkeypatch)
 
     step(m.setup, [Resource(1, acquire_timeout=0.0, quarantine_delay=0.0, fence_timeout=0.2)], 2)
     step(m.resize, _Drawn("r0", 2))
